@@ -1,0 +1,202 @@
+// The file protocol: a regular file or a host block device (QEMU's file and
+// host_device drivers). It knows nothing of formats.
+import fs from 'node:fs';
+import path from 'node:path';
+import { constants as osc } from 'node:os';
+import type { BlockNode, Extent } from '../types.js';
+import { IoError, ReadOnlyError, UsageError } from '../errors.js';
+import {
+  blockDeviceSize,
+  fallocate,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+  SysError,
+} from './sys.js';
+import { ImageLock, type LockRequest } from './lock.js';
+
+const E = osc.errno;
+
+function pread(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+export interface FileOpenOptions {
+  readOnly: boolean;
+  /** Lock as QEMU does; undefined means no locking (locking=off). */
+  lock?: LockRequest;
+  /** cache=unsafe: flush() does nothing until close. */
+  ignoreFlush?: boolean;
+}
+
+function ioError(what: string, file: string, err: unknown): IoError {
+  const e = err as NodeJS.ErrnoException;
+  const code = e.code ?? 'EIO';
+  const errno = (E as Record<string, number>)[code] ?? E.EIO;
+  return new IoError(`${file}: ${what} failed: ${code}`, errno);
+}
+
+export class FileNode implements BlockNode {
+  private closed = false;
+  private extentHint: { punch: boolean; zeroRange: boolean } = { punch: true, zeroRange: true };
+
+  private constructor(
+    readonly name: string,
+    readonly fd: number,
+    private currentSize: number,
+    readonly readOnly: boolean,
+    readonly isBlockDevice: boolean,
+    private readonly lock: ImageLock | undefined,
+    private readonly ignoreFlush: boolean,
+  ) {}
+
+  static async open(filename: string, opts: FileOpenOptions): Promise<FileNode> {
+    const name = filename;
+    let st: fs.Stats;
+    try {
+      st = await fs.promises.stat(filename);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw new UsageError(`${name}: no such file`);
+      throw ioError('stat', name, err);
+    }
+    if (st.isDirectory()) throw new UsageError(`${name}: is a directory, not an image`);
+    if (!st.isFile() && !st.isBlockDevice()) throw new UsageError(`${name}: not a regular file or block device`);
+    let fd: number;
+    try {
+      fd = fs.openSync(filename, opts.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR);
+    } catch (err) {
+      throw ioError('open', name, err);
+    }
+    let lock: ImageLock | undefined;
+    try {
+      const size = st.isBlockDevice() ? blockDeviceSize(fd) : st.size;
+      if (opts.lock) lock = ImageLock.acquire(fd, name, opts.lock);
+      return new FileNode(path.resolve(name), fd, size, opts.readOnly, st.isBlockDevice(), lock, !!opts.ignoreFlush);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  get size(): number {
+    return this.currentSize;
+  }
+
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < dst.length) {
+      let n: number;
+      try {
+        n = await pread(this.fd, dst, done, dst.length - done, offset + done);
+      } catch (err) {
+        throw ioError('read', this.name, err);
+      }
+      if (n === 0) {
+        // Past the end of file reads as zeros, as QEMU's file-posix does.
+        dst.fill(0, done);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    let done = 0;
+    while (done < src.length) {
+      try {
+        done += await pwrite(this.fd, src, done, src.length - done, offset + done);
+      } catch (err) {
+        throw ioError('write', this.name, err);
+      }
+    }
+    if (offset + src.length > this.currentSize && !this.isBlockDevice) this.currentSize = offset + src.length;
+  }
+
+  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    if (!this.isBlockDevice && offset + length > this.currentSize) {
+      // Zeroing past the end is growing the file: the new part reads as zeros anyway.
+      const inside = Math.max(0, this.currentSize - offset);
+      if (inside > 0) await this.zero(offset, inside, unmap);
+      await this.truncate(offset + length);
+      return;
+    }
+    if (!this.isBlockDevice) {
+      // Punching a hole both frees the space and reads back as zeros.
+      if (unmap && this.extentHint.punch && this.tryFallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, 'punch')) return;
+      if (this.extentHint.zeroRange && this.tryFallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, 'zeroRange')) return;
+    }
+    const chunk = Buffer.alloc(Math.min(length, 1 << 20));
+    for (let done = 0; done < length; done += chunk.length) {
+      const n = Math.min(chunk.length, length - done);
+      await this.write(offset + done, n === chunk.length ? chunk : chunk.subarray(0, n));
+    }
+  }
+
+  private tryFallocate(mode: number, offset: number, length: number, kind: 'punch' | 'zeroRange'): boolean {
+    try {
+      fallocate(this.fd, mode, offset, length);
+      return true;
+    } catch (err) {
+      if (err instanceof SysError && (err.errno === E.EOPNOTSUPP || err.errno === E.ENOSYS || err.errno === E.EINVAL)) {
+        this.extentHint[kind] = false;
+        return false;
+      }
+      throw new IoError(`${this.name}: fallocate failed: errno ${(err as SysError).errno}`, (err as SysError).errno ?? E.EIO);
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    if (this.isBlockDevice) throw new UsageError(`${this.name}: cannot resize a block device`);
+    try {
+      await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (e) => (e ? reject(e) : resolve())));
+    } catch (err) {
+      throw ioError('truncate', this.name, err);
+    }
+    this.currentSize = size;
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly || this.ignoreFlush) return;
+    try {
+      await fdatasync(this.fd);
+    } catch (err) {
+      throw ioError('fdatasync', this.name, err);
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, kind: 'data' }];
+  }
+
+  /** The lock held on this file, to change when a node is reopened read-write. */
+  get imageLock(): ImageLock | undefined {
+    return this.lock;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (!this.readOnly) await fdatasync(this.fd);
+    } finally {
+      this.lock?.release();
+      fs.closeSync(this.fd);
+    }
+  }
+}

@@ -1,0 +1,100 @@
+// The few system calls Node does not offer, through koffi (an FFI that ships prebuilt
+// binaries, so nothing is compiled at install): fcntl locks, ioctl for block device
+// sizes, fallocate for holes and zeroes, umount2. Linux x86_64/aarch64 layouts.
+import koffi from 'koffi';
+
+const libc = koffi.load('libc.so.6');
+
+// struct flock (asm-generic/fcntl.h): short l_type, short l_whence, off_t l_start,
+// off_t l_len, pid_t l_pid. koffi lays it out with the C padding.
+const Flock = koffi.struct('tsmount_flock', {
+  l_type: 'short',
+  l_whence: 'short',
+  l_start: 'int64_t',
+  l_len: 'int64_t',
+  l_pid: 'int',
+});
+
+interface FlockValue {
+  l_type: number;
+  l_whence: number;
+  l_start: number;
+  l_len: number;
+  l_pid: number;
+}
+
+const fcntlLock = libc.func('int fcntl(int fd, int cmd, _Inout_ tsmount_flock *lock)');
+const ioctlU64 = libc.func('int ioctl(int fd, unsigned long req, _Out_ uint64_t *out)');
+const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
+const umount2Fn = libc.func('int umount2(const char *target, int flags)');
+
+
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;
+const F_GETLK = 5;
+const F_SETLK = 6;
+const F_OFD_GETLK = 36;
+const F_OFD_SETLK = 37;
+const SEEK_SET = 0;
+
+const BLKGETSIZE64 = 0x80081272;
+
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+export const MNT_DETACH = 2;
+
+function errno(): number {
+  return koffi.errno();
+}
+
+/** Thrown with the C errno, so callers can tell EAGAIN from EINVAL. */
+export class SysError extends Error {
+  constructor(readonly call: string, readonly errno: number) {
+    super(`${call} failed: errno ${errno}`);
+  }
+}
+
+export type LockFlavour = 'ofd' | 'posix';
+
+/**
+ * Take or drop a one-byte lock without waiting. Returns false if another open file
+ * description holds a conflicting lock (EAGAIN/EACCES).
+ */
+export function setByteLock(fd: number, flavour: LockFlavour, start: number, type: number): boolean {
+  const lock: FlockValue = { l_type: type, l_whence: SEEK_SET, l_start: start, l_len: 1, l_pid: 0 };
+  const r = fcntlLock(fd, flavour === 'ofd' ? F_OFD_SETLK : F_SETLK, lock) as number;
+  if (r === 0) return true;
+  const e = errno();
+  if (e === 11 /* EAGAIN */ || e === 13 /* EACCES */) return false;
+  throw new SysError('fcntl(SETLK)', e);
+}
+
+/** True if someone else holds a lock on the byte that conflicts with `type`. */
+export function testByteLock(fd: number, flavour: LockFlavour, start: number, type: number): boolean {
+  const lock: FlockValue = { l_type: type, l_whence: SEEK_SET, l_start: start, l_len: 1, l_pid: 0 };
+  const r = fcntlLock(fd, flavour === 'ofd' ? F_OFD_GETLK : F_GETLK, lock) as number;
+  if (r !== 0) throw new SysError('fcntl(GETLK)', errno());
+  return lock.l_type !== F_UNLCK;
+}
+
+/** Size of a block device in bytes (BLKGETSIZE64). */
+export function blockDeviceSize(fd: number): number {
+  const out: (number | bigint)[] = [0];
+  const r = ioctlU64(fd, BLKGETSIZE64, out) as number;
+  if (r !== 0) throw new SysError('ioctl(BLKGETSIZE64)', errno());
+  return Number(out[0] ?? 0);
+}
+
+/** fallocate(2); throws SysError (EOPNOTSUPP where the file system cannot). */
+export function fallocate(fd: number, mode: number, offset: number, length: number): void {
+  const r = fallocateFn(fd, mode, offset, length) as number;
+  if (r !== 0) throw new SysError('fallocate', errno());
+}
+
+export function umount2(target: string, flags: number): void {
+  const r = umount2Fn(target, flags) as number;
+  if (r !== 0) throw new SysError('umount2', errno());
+}
