@@ -48,13 +48,16 @@ async function openChain(
   if (depth > MAX_BACKING_DEPTH) throw new CorruptImageError(`${filename}: backing chain deeper than ${MAX_BACKING_DEPTH}`);
   seen.add(real);
 
-  const lock =
+  const policy =
     opts.locking === 'off'
       ? undefined
-      : lockRequestFor({ readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking });
+      : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
+  const lock = policy && lockRequestFor(policy);
   const file = await FileNode.open(filename, { readOnly, lock, ignoreFlush: opts.cache === 'unsafe' });
   try {
     const driver = await chooseDriver(file, filename, format);
+    // Locked before probing as if raw; any other format refuses writers (--share-rw).
+    if (policy && format === undefined) file.imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
     const openOpts: OpenOptions = {
       readOnly,
       cache: opts.cache,

@@ -59,25 +59,54 @@ export class SysError extends Error {
 
 export type LockFlavour = 'ofd' | 'posix';
 
+const EINTR = 4;
+const EAGAIN = 11;
+const EACCES = 13;
+const EINVAL = 22;
+
+function fcntlRetry(fd: number, cmd: number, lock: FlockValue): number {
+  for (;;) {
+    const r = fcntlLock(fd, cmd, lock) as number;
+    if (r === 0) return 0;
+    const e = errno();
+    if (e !== EINTR) return e;
+  }
+}
+
 /**
  * Take or drop a one-byte lock without waiting. Returns false if another open file
- * description holds a conflicting lock (EAGAIN/EACCES).
+ * description (for 'posix': another process) holds a conflicting lock (EAGAIN/EACCES).
  */
 export function setByteLock(fd: number, flavour: LockFlavour, start: number, type: number): boolean {
   const lock: FlockValue = { l_type: type, l_whence: SEEK_SET, l_start: start, l_len: 1, l_pid: 0 };
-  const r = fcntlLock(fd, flavour === 'ofd' ? F_OFD_SETLK : F_SETLK, lock) as number;
-  if (r === 0) return true;
-  const e = errno();
-  if (e === 11 /* EAGAIN */ || e === 13 /* EACCES */) return false;
+  const e = fcntlRetry(fd, flavour === 'ofd' ? F_OFD_SETLK : F_SETLK, lock);
+  if (e === 0) return true;
+  if (e === EAGAIN || e === EACCES) return false;
   throw new SysError('fcntl(SETLK)', e);
 }
 
-/** True if someone else holds a lock on the byte that conflicts with `type`. */
+/**
+ * True if someone else holds a lock on the byte that conflicts with `type`. Locks of
+ * this open file description ('ofd') or of this process ('posix') never count.
+ */
 export function testByteLock(fd: number, flavour: LockFlavour, start: number, type: number): boolean {
+  // F_OFD_GETLK requires l_pid == 0 on input.
   const lock: FlockValue = { l_type: type, l_whence: SEEK_SET, l_start: start, l_len: 1, l_pid: 0 };
-  const r = fcntlLock(fd, flavour === 'ofd' ? F_OFD_GETLK : F_GETLK, lock) as number;
-  if (r !== 0) throw new SysError('fcntl(GETLK)', errno());
+  const e = fcntlRetry(fd, flavour === 'ofd' ? F_OFD_GETLK : F_GETLK, lock);
+  if (e !== 0) throw new SysError('fcntl(GETLK)', e);
   return lock.l_type !== F_UNLCK;
+}
+
+/**
+ * Whether the kernel has OFD locks (Linux 3.15+): F_OFD_GETLK fails with EINVAL where
+ * it does not, as QEMU's qemu_probe_lock_ops finds out.
+ */
+export function hasOfdLocks(fd: number): boolean {
+  const lock: FlockValue = { l_type: F_WRLCK, l_whence: SEEK_SET, l_start: 0, l_len: 0, l_pid: 0 };
+  const e = fcntlRetry(fd, F_OFD_GETLK, lock);
+  if (e === 0) return true;
+  if (e === EINVAL) return false;
+  throw new SysError('fcntl(F_OFD_GETLK)', e);
 }
 
 /** Size of a block device in bytes (BLKGETSIZE64). */
