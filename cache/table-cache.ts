@@ -146,9 +146,14 @@ export class TableCache {
       throw err;
     }
     if (dirty.length === 0) return;
-    await this.flushDependency();
     dirty.sort((a, b) => a.offset - b.offset);
-    await Promise.all(dirty.map((t) => this.writeTable(t)));
+    // Snapshot before writing the dependency: a table change made while the
+    // dependency is being written (a new L2 entry whose refcount was raised after
+    // the refcount blocks were taken) must not reach the disk in this round.
+    // Everything the dependency held when a snapshot was taken is written first.
+    const snapshots = dirty.map((t) => ({ table: t, generation: t.generation, data: Buffer.from(t.data) }));
+    await this.flushDependency();
+    await Promise.all(snapshots.map((s) => this.writeSnapshot(s.table, s.generation, s.data)));
   }
 
   private async flushDependency(): Promise<void> {
@@ -158,11 +163,11 @@ export class TableCache {
     if (this.opts.barriers) await this.opts.file.flush();
   }
 
-  private async writeTable(table: Table): Promise<void> {
-    const generation = table.generation;
-    // Copy, so that a change made while the write is in flight is not half-written
-    // and stays marked dirty.
-    const snapshot = Buffer.from(table.data);
+  /**
+   * Write a copy taken at `generation`, so that a change made after the copy is not
+   * half-written and stays marked dirty.
+   */
+  private async writeSnapshot(table: Table, generation: number, snapshot: Buffer): Promise<void> {
     await this.opts.file.write(table.offset, snapshot);
     if (generation > table.savedGeneration) table.savedGeneration = generation;
     if (!table.dirty && this.spilled.get(table.offset) === table) this.spilled.delete(table.offset);

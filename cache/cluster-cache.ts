@@ -1,0 +1,180 @@
+// The data cluster cache: a filter node between fs/ and the format node. It keeps
+// recently read blocks of guest data in an LRU bounded in bytes, and implements
+// QEMU's cache modes at this one place for every driver.
+//
+// Writes pass straight down to the format node (which allocates and orders its own
+// metadata) and update the cached copies, so a killed process never loses a write
+// that was acknowledged; what "writeback" defers is the format's metadata, kept in
+// its TableCaches until flush. A read that raced a write never inserts stale data.
+import { LRUCache } from 'lru-cache';
+import type { BlockNode, CacheMode, Extent } from '../drivers/types.js';
+
+export interface ClusterCacheOptions {
+  mode: CacheMode;
+  /** Bytes of guest data to keep; 0 disables the data cache. */
+  maxBytes: number;
+  /** Power of two; the unit of caching. */
+  blockSize: number;
+}
+
+export const DEFAULT_BLOCK_SIZE = 64 * 1024;
+
+export class ClusterCache implements BlockNode {
+  private readonly lru: LRUCache<number, Buffer> | undefined;
+  private readonly shift: number;
+  private writesInFlight = 0;
+  /** Bumped when a write or zero finishes; fills that saw it change are dropped. */
+  private writeSeq = 0;
+
+  constructor(private readonly inner: BlockNode, private readonly opts: ClusterCacheOptions) {
+    if (!Number.isInteger(Math.log2(opts.blockSize))) throw new Error('cache block size must be a power of two');
+    this.shift = Math.log2(opts.blockSize);
+    // cache=none and directsync bypass host caches in QEMU; we bypass ours.
+    const bypass = opts.mode === 'none' || opts.mode === 'directsync';
+    if (!bypass && opts.maxBytes >= opts.blockSize) {
+      this.lru = new LRUCache<number, Buffer>({ maxSize: opts.maxBytes, sizeCalculation: (b) => b.length });
+    }
+  }
+
+  get size(): number {
+    return this.inner.size;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+  get name(): string {
+    return this.inner.name;
+  }
+
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    const lru = this.lru;
+    if (!lru) return this.inner.read(offset, dst);
+    const bs = this.opts.blockSize;
+    const end = offset + dst.length;
+    let block = Math.floor(offset / bs);
+    const lastBlock = Math.floor((end - 1) / bs);
+    while (block <= lastBlock) {
+      const cached = lru.get(block);
+      if (cached) {
+        copyOut(cached, block * bs, offset, dst);
+        block++;
+        continue;
+      }
+      // A run of missing blocks is read with one request.
+      let runEnd = block + 1;
+      while (runEnd <= lastBlock && !lru.has(runEnd)) runEnd++;
+      await this.fill(block, runEnd, offset, dst);
+      block = runEnd;
+    }
+  }
+
+  private async fill(first: number, endBlock: number, offset: number, dst: Uint8Array): Promise<void> {
+    const bs = this.opts.blockSize;
+    const start = first * bs;
+    const stop = Math.min(endBlock * bs, this.inner.size);
+    const seq = this.writeSeq;
+    const reqStart = Math.max(start, offset);
+    const reqEnd = Math.min(stop, offset + dst.length);
+    // Whole blocks are read, so that they can be cached; the request is copied out.
+    const buf = Buffer.allocUnsafe(stop - start);
+    await this.inner.read(start, buf);
+    dst.set(buf.subarray(reqStart - start, reqEnd - start), reqStart - offset);
+    if (this.writesInFlight > 0 || this.writeSeq !== seq) return;
+    for (let b = first; b < endBlock; b++) {
+      const from = b * bs - start;
+      if (from >= buf.length) break;
+      this.lru!.set(b, buf.subarray(from, Math.min(from + bs, buf.length)));
+    }
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    this.writesInFlight++;
+    try {
+      await this.inner.write(offset, src);
+      this.patch(offset, src);
+    } catch (err) {
+      this.invalidate(offset, src.length);
+      throw err;
+    } finally {
+      this.writesInFlight--;
+      this.writeSeq++;
+    }
+    if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await this.inner.flush();
+  }
+
+  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+    this.writesInFlight++;
+    try {
+      this.invalidate(offset, length);
+      if (this.inner.zero) await this.inner.zero(offset, length, unmap);
+      else await this.writeZeros(offset, length);
+    } finally {
+      this.invalidate(offset, length);
+      this.writesInFlight--;
+      this.writeSeq++;
+    }
+    if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await this.inner.flush();
+  }
+
+  private async writeZeros(offset: number, length: number): Promise<void> {
+    const chunk = new Uint8Array(Math.min(length, 1 << 20));
+    for (let done = 0; done < length; done += chunk.length) {
+      const n = Math.min(chunk.length, length - done);
+      await this.inner.write(offset + done, chunk.subarray(0, n));
+    }
+  }
+
+  /** Copy freshly written bytes into blocks that are cached. */
+  private patch(offset: number, src: Uint8Array): void {
+    const lru = this.lru;
+    if (!lru) return;
+    const bs = this.opts.blockSize;
+    const end = offset + src.length;
+    for (let b = Math.floor(offset / bs); b * bs < end; b++) {
+      const cached = lru.peek(b);
+      if (!cached) continue;
+      const blockStart = b * bs;
+      const from = Math.max(offset, blockStart);
+      const to = Math.min(end, blockStart + cached.length);
+      if (to > from) cached.set(src.subarray(from - offset, to - offset), from - blockStart);
+    }
+  }
+
+  private invalidate(offset: number, length: number): void {
+    const lru = this.lru;
+    if (!lru) return;
+    const bs = this.opts.blockSize;
+    for (let b = Math.floor(offset / bs); b * bs < offset + length; b++) lru.delete(b);
+  }
+
+  /** cache=unsafe ignores flushes, as QEMU does; close() still writes everything. */
+  async flush(): Promise<void> {
+    if (this.opts.mode === 'unsafe') return;
+    await this.inner.flush();
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.inner.blockStatus(offset, length);
+  }
+
+  async truncate(size: number): Promise<void> {
+    if (!this.inner.truncate) throw new Error(`${this.name}: this format cannot be resized`);
+    this.lru?.clear();
+    await this.inner.truncate(size);
+  }
+
+  get hasTruncate(): boolean {
+    return typeof this.inner.truncate === 'function';
+  }
+
+  async close(): Promise<void> {
+    this.lru?.clear();
+    await this.inner.close();
+  }
+}
+
+function copyOut(block: Buffer, blockStart: number, offset: number, dst: Uint8Array): void {
+  const from = Math.max(blockStart, offset);
+  const to = Math.min(blockStart + block.length, offset + dst.length);
+  if (to > from) dst.set(block.subarray(from - blockStart, to - blockStart), from - offset);
+}

@@ -1,0 +1,172 @@
+// The file system tsmount presents: each image as one flat file, MOUNTPOINT/<stem>.raw,
+// or the mountpoint itself when it is a regular file. Turns typed errors into errno.
+import { constants as osc } from 'node:os';
+import createDebug from 'debug';
+import type { BlockNode } from '../drivers/types.js';
+import { ReadOnlyError, TsmountError, messageOf } from '../drivers/errors.js';
+import type { FsOps, Stat } from './fuse.js';
+
+const debug = createDebug('tsmount:fs');
+const E = osc.errno;
+
+class ErrnoError extends TsmountError {
+  constructor(message: string, override readonly errno: number) {
+    super(message);
+  }
+}
+
+export interface FlatFile {
+  /** File name inside the mount, e.g. "disk.raw"; '' for a mount over a regular file. */
+  name: string;
+  node: BlockNode;
+  writable: boolean;
+  uid: number;
+  gid: number;
+  mtime: Date;
+}
+
+const O_ACCMODE = 3;
+const O_RDONLY = 0;
+
+export class FlatFs implements FsOps {
+  private readonly byPath = new Map<string, FlatFile>();
+  private nextFd = 1;
+  /** Files with writes not yet flushed, so a close(2) after reads costs nothing. */
+  private readonly dirty = new Set<FlatFile>();
+  private readonly mountTime = new Date();
+
+  /** overFile: the mountpoint is a regular file and '/' is the one image. */
+  constructor(private readonly files: FlatFile[], private readonly overFile: boolean, private readonly onIoError: (msg: string) => void = () => {}) {
+    for (const f of files) this.byPath.set(overFile ? '/' : `/${f.name}`, f);
+  }
+
+  private file(path: string): FlatFile {
+    const f = this.byPath.get(path);
+    if (!f) throw new ErrnoError(`${path}: no such file`, E.ENOENT);
+    return f;
+  }
+
+  async getattr(path: string): Promise<Stat> {
+    if (path === '/' && !this.overFile) {
+      const anyWritable = this.files.some((f) => f.writable);
+      const t = this.mountTime;
+      return { mode: 0o040000 | (anyWritable ? 0o755 : 0o555), size: 4096, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mtime: t, atime: t, ctime: t, nlink: 2 };
+    }
+    const f = this.file(path);
+    const size = f.node.size;
+    return {
+      mode: 0o100000 | (f.writable ? 0o644 : 0o444),
+      size,
+      uid: f.uid,
+      gid: f.gid,
+      mtime: f.mtime,
+      atime: f.mtime,
+      ctime: f.mtime,
+      nlink: 1,
+      blksize: 4096,
+      blocks: Math.ceil(size / 512),
+    };
+  }
+
+  async readdir(path: string): Promise<string[]> {
+    if (path !== '/' || this.overFile) throw new ErrnoError(`${path}: not a directory`, E.ENOTDIR);
+    return ['.', '..', ...this.files.map((f) => f.name)];
+  }
+
+  async open(path: string, flags: number): Promise<number> {
+    const f = this.file(path);
+    if ((flags & O_ACCMODE) !== O_RDONLY && !f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
+    return this.nextFd++;
+  }
+
+  async release(): Promise<void> {}
+
+  async read(path: string, _fd: number, buf: Buffer, length: number, position: number): Promise<number> {
+    const f = this.file(path);
+    const size = f.node.size;
+    if (position >= size) return 0;
+    const n = Math.min(length, size - position);
+    try {
+      await f.node.read(position, buf.subarray(0, n));
+    } catch (err) {
+      this.report('read', f, position, n, err);
+      throw err;
+    }
+    return n;
+  }
+
+  async write(path: string, _fd: number, buf: Buffer, length: number, position: number): Promise<number> {
+    const f = this.file(path);
+    if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
+    const size = f.node.size;
+    // The flat file has the disk's size: a write past the end is a full disk.
+    if (position >= size) throw new ErrnoError(`${path}: write past the end of the disk`, E.ENOSPC);
+    const n = Math.min(length, size - position);
+    this.dirty.add(f);
+    try {
+      await f.node.write(position, buf.subarray(0, n));
+    } catch (err) {
+      this.report('write', f, position, n, err);
+      throw err;
+    }
+    return n;
+  }
+
+  async truncate(path: string, size: number): Promise<void> {
+    const f = this.file(path);
+    if (size === f.node.size) return;
+    if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
+    // Shrinking a disk through `>` or O_TRUNC would destroy it: never.
+    throw new ErrnoError(`${path}: the disk cannot be resized through this mount`, E.EPERM);
+  }
+
+  async flush(path: string): Promise<void> {
+    const f = this.byPath.get(path);
+    if (f && this.dirty.has(f)) await this.flushFile(f);
+  }
+
+  async fsync(path: string): Promise<void> {
+    const f = this.file(path);
+    if (f.writable) await this.flushFile(f);
+  }
+
+  private async flushFile(f: FlatFile): Promise<void> {
+    this.dirty.delete(f);
+    try {
+      await f.node.flush();
+    } catch (err) {
+      this.dirty.add(f);
+      this.report('flush', f, 0, 0, err);
+      throw err;
+    }
+  }
+
+  /** Flush every file; used before unmounting and on exit. */
+  async flushAll(): Promise<void> {
+    for (const f of this.files) if (f.writable) await this.flushFile(f);
+  }
+
+  async statfs(): Promise<Record<string, number>> {
+    const total = this.files.reduce((a, f) => a + f.node.size, 0);
+    const blocks = Math.ceil(total / 4096);
+    return { bsize: 4096, frsize: 4096, blocks, bfree: 0, bavail: 0, files: this.files.length, ffree: 0, favail: 0, fsid: 0, flag: 0, namemax: 255 };
+  }
+
+  async utimens(): Promise<void> {}
+
+  async chmod(path: string): Promise<void> {
+    this.file(path);
+    throw new ErrnoError(`${path}: mode is fixed`, E.EPERM);
+  }
+
+  async chown(path: string): Promise<void> {
+    this.file(path);
+    throw new ErrnoError(`${path}: owner is fixed`, E.EPERM);
+  }
+
+  private report(op: string, f: FlatFile, offset: number, length: number, err: unknown): void {
+    const msg = `${f.node.name}: ${op} at ${offset}+${length}: ${messageOf(err)}`;
+    debug(msg);
+    this.onIoError(msg);
+  }
+}

@@ -1,0 +1,152 @@
+#!/usr/bin/env node
+// tsmount [options] IMAGE... MOUNTPOINT   |   tsmount -u MOUNTPOINT
+//
+// Without --foreground the command starts a detached server and returns only once
+// the flat files exist (or with the server's one-line error). The server is started
+// before anything is mounted: libfuse2 opens /dev/fuse without close-on-exec, so the
+// serving process itself must never spawn a child.
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Command, Option } from 'commander';
+import type { CacheMode } from '../drivers/types.js';
+import { messageOf, UsageError } from '../drivers/errors.js';
+import type { LockingMode } from '../drivers/protocol/lock.js';
+import { planMount, Server } from '../fs/server.js';
+import { unmount } from './unmount.js';
+import { parseSize } from './size.js';
+
+const DEFAULT_CACHE_SIZE = 64 << 20;
+
+interface CliOptions {
+  unmount?: boolean;
+  rw?: boolean;
+  format?: string;
+  foreground?: boolean;
+  cache: CacheMode;
+  cacheSize: string;
+  locking: LockingMode;
+  forceShare?: boolean;
+  shareRw?: boolean;
+  secret?: string;
+  secretFile?: string;
+  option: string[];
+  log?: string;
+  readyFd?: string;
+}
+
+function fail(msg: string, code = 1): never {
+  process.stderr.write(`tsmount: ${msg}\n`);
+  process.exit(code);
+}
+
+function program(): Command {
+  return new Command('tsmount')
+    .usage('[options] IMAGE... MOUNTPOINT\n       tsmount -u MOUNTPOINT')
+    .description('Present disk images as flat raw files: MOUNTPOINT/<stem>.raw')
+    .argument('<paths...>', 'images, then the mountpoint')
+    .option('-u, --unmount', 'unmount MOUNTPOINT; returns once every write is on disk and the server has exited')
+    .option('--rw', 'mount read-write (default: read-only)')
+    .option('-f, --format <fmt>', 'image format (raw, qcow2); probed when absent')
+    .option('--foreground', 'keep the server attached to this terminal')
+    .addOption(new Option('--cache <mode>', 'cache mode, as QEMU').choices(['writeback', 'writethrough', 'none', 'directsync', 'unsafe']).default('writeback'))
+    .option('--cache-size <bytes>', 'bytes of cache for data and metadata (suffixes K, M, G)', '64M')
+    .addOption(new Option('--locking <mode>', 'image locking, as QEMU').choices(['on', 'off', 'auto']).default('auto'))
+    .option('-U, --force-share', 'open read-only even while another process writes the image (like qemu-img -U)')
+    .option('--share-rw', 'let other writers use the image too (like share-rw=on)')
+    .option('--secret <pass>', 'passphrase for encrypted images')
+    .option('--secret-file <file>', 'read the passphrase from a file')
+    .option('-o, --option <opt>', 'extra libfuse mount option (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--log <file>', 'where the detached server writes its messages')
+    .addOption(new Option('--ready-fd <fd>').hideHelp())
+    .showHelpAfterError(false)
+    .configureOutput({ outputError: (str, write) => write(`tsmount: ${str.replace(/^error: /, '').trim()}\n`) })
+    .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1));
+}
+
+async function main(argv: string[]): Promise<void> {
+  const cmd = program();
+  cmd.parse(argv);
+  const opts = cmd.opts<CliOptions>();
+  const paths = cmd.args;
+
+  if (opts.unmount) {
+    if (paths.length !== 1) fail('-u takes exactly one MOUNTPOINT');
+    await unmount(paths[0]!);
+    return;
+  }
+  if (paths.length < 2) fail('need at least one IMAGE and a MOUNTPOINT (see --help)');
+  const images = paths.slice(0, -1);
+  const mountpoint = paths[paths.length - 1]!;
+  if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
+  const cacheSize = parseSize(opts.cacheSize, '--cache-size');
+  if (cacheSize < 1 << 20) fail('--cache-size must be at least 1M');
+  // Cheap checks before a server is started, so a typo fails fast.
+  planMount(images, mountpoint);
+  for (const img of images) if (!fs.existsSync(img)) fail(`${img}: no such file`);
+
+  if (!opts.foreground) {
+    await daemonize(argv, opts.log);
+    return;
+  }
+
+  const readyFd = opts.readyFd !== undefined ? Number(opts.readyFd) : undefined;
+  let server: Server;
+  try {
+    server = await Server.start({
+      images,
+      mountpoint,
+      format: opts.format,
+      rw: !!opts.rw,
+      cache: opts.cache,
+      cacheSize: cacheSize || DEFAULT_CACHE_SIZE,
+      locking: opts.locking,
+      forceShare: !!opts.forceShare,
+      shareRw: !!opts.shareRw,
+      fuseOptions: opts.option,
+    });
+  } catch (err) {
+    if (readyFd !== undefined) {
+      fs.writeSync(readyFd, `ERR ${messageOf(err)}\n`);
+      process.exit(1);
+    }
+    fail(messageOf(err));
+  }
+  for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void server.shutdown(true));
+  if (readyFd !== undefined) {
+    fs.writeSync(readyFd, 'OK\n');
+    fs.closeSync(readyFd);
+  }
+  const code = await server.exited;
+  process.exit(code);
+}
+
+/** Start the server detached and wait for its first word: OK, or ERR and a reason. */
+async function daemonize(argv: string[], log: string | undefined): Promise<void> {
+  const script = fileURLToPath(import.meta.url);
+  const args = [...process.execArgv, script, ...argv.slice(2), '--foreground', '--ready-fd', '3'];
+  const logFd = log ? fs.openSync(path.resolve(log), 'a') : 'ignore';
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd, logFd, 'pipe'] });
+  const channel = child.stdio[3] as NodeJS.ReadableStream;
+  let said = '';
+  channel.setEncoding('utf8');
+  channel.on('data', (chunk: string) => (said += chunk));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  const answered = new Promise<void>((resolve) => channel.on('end', resolve));
+  await Promise.race([answered, exited]);
+  const line = said.split('\n')[0] ?? '';
+  if (line === 'OK') {
+    child.unref();
+    (channel as unknown as { destroy(): void }).destroy();
+    process.exit(0);
+  }
+  if (line.startsWith('ERR ')) fail(line.slice(4));
+  const code = await exited;
+  fail(`the server exited before the mount was ready (status ${code ?? 'killed'})${log ? `; see ${log}` : ''}`);
+}
+
+main(process.argv).catch((err: unknown) => {
+  if (!(err instanceof UsageError) && process.env.DEBUG) process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
+  fail(messageOf(err));
+});

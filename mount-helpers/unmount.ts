@@ -1,0 +1,40 @@
+// tsmount -u: unmount, then wait until the server has written everything and exited.
+import path from 'node:path';
+import { UsageError, IoError } from '../drivers/errors.js';
+import { umount2, SysError } from '../drivers/protocol/sys.js';
+import { findMount } from '../fs/mounts.js';
+
+const EBUSY = 16;
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+export async function unmount(mountpoint: string, timeoutMs = 300_000): Promise<void> {
+  const mp = path.resolve(mountpoint);
+  const m = findMount(mp);
+  if (!m) throw new UsageError(`${mountpoint}: not a tsmount mount`);
+  try {
+    umount2(mp, 0);
+  } catch (err) {
+    if (err instanceof SysError && err.errno === EBUSY) throw new IoError(`${mountpoint}: busy (a file on it is still open)`, EBUSY);
+    throw new IoError(`${mountpoint}: unmount failed: ${(err as Error).message}`);
+  }
+  if (m.pid <= 0) return;
+  // The server notices the unmount by itself; the signal only saves it the wait.
+  try {
+    process.kill(m.pid, 'SIGTERM');
+  } catch {
+    /* already gone */
+  }
+  const deadline = Date.now() + timeoutMs;
+  while (alive(m.pid)) {
+    if (Date.now() > deadline) throw new IoError(`${mountpoint}: unmounted, but the server (pid ${m.pid}) is still writing after ${timeoutMs / 1000} s`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
