@@ -1,0 +1,277 @@
+// Host cluster allocation and refcounts (qcow2.txt, "Host cluster management";
+// QEMU's qcow2-refcount.c). Callers hold the node's allocation mutex.
+//
+// Crash safety, by the order in which things reach the disk:
+// - a refcount is incremented (in the cache) before anything points at the cluster,
+//   and the L2 cache depends on this cache, so the increment lands first;
+// - a new refcount block is placed at the first cluster of the range it describes
+//   (so it counts itself), written, and only then entered in the refcount table;
+// - a grown refcount table is written complete, with the blocks that count it,
+//   before the header points at it; the old table is freed after that;
+// - decrements wait until the L2 change that dropped the reference is on disk
+//   (queueFree / takeFrees / applyFrees, driven by the node's flush).
+import type { BlockNode } from '../../types.js';
+import { CorruptImageError, IoError } from '../../errors.js';
+import type { Table, TableCache } from '../../../cache/table-cache.js';
+import { constants as osc } from 'node:os';
+import { decodeReftable, encodeReftable } from './entries.js';
+import { encodeRefcountTableFields, HDR, LIMITS } from './header.js';
+
+const TWO32 = 2 ** 32;
+
+export interface RefcountOptions {
+  file: BlockNode;
+  name: string;
+  clusterBits: number;
+  refcountOrder: number;
+  table: Buffer;
+  tableOffset: number;
+  cache: TableCache;
+  /** Flush the file between dependent writes (false for cache=unsafe). */
+  barriers: boolean;
+}
+
+export class Refcounts {
+  private readonly file: BlockNode;
+  private readonly name: string;
+  private readonly clusterSize: number;
+  private readonly order: number;
+  private readonly bits: number;
+  /** 2^bits - 1; for 64-bit refcounts only compared against, never reached. */
+  private readonly maxRefcount: number;
+  /** Refcounts per block. */
+  readonly perBlock: number;
+  private table: Buffer;
+  private tableView: DataView;
+  private tableOffset: number;
+  private readonly cache: TableCache;
+  private readonly barriers: boolean;
+  /** No free cluster below this index. */
+  private freeHint = 0;
+  private pendingFrees: number[] = [];
+  /** Refcount table entries set in memory whose block is not yet on disk. */
+  private newBlocks: number[] = [];
+
+  constructor(o: RefcountOptions) {
+    this.file = o.file;
+    this.name = o.name;
+    this.clusterSize = 2 ** o.clusterBits;
+    this.order = o.refcountOrder;
+    this.bits = 2 ** o.refcountOrder;
+    this.maxRefcount = 2 ** this.bits - 1;
+    this.perBlock = (this.clusterSize * 8) / this.bits;
+    this.table = o.table;
+    this.tableView = viewOf(o.table);
+    this.tableOffset = o.tableOffset;
+    this.cache = o.cache;
+    this.barriers = o.barriers;
+  }
+
+  get tableEntries(): number {
+    return this.table.length / 8;
+  }
+
+  /** The refcount of one host cluster. */
+  async refcount(cluster: number): Promise<number> {
+    const r = Math.floor(cluster / this.perBlock);
+    const block = await this.block(r);
+    return block ? this.entry(block, cluster - r * this.perBlock) : 0;
+  }
+
+  /**
+   * Allocate up to `max` contiguous free clusters (at least one) and count them;
+   * returns the first cluster index and how many were allocated.
+   */
+  async allocate(max: number): Promise<{ start: number; count: number }> {
+    let c = this.freeHint;
+    for (;;) {
+      const r = Math.floor(c / this.perBlock);
+      if (r >= this.tableEntries) await this.grow(r);
+      const block = (await this.block(r)) ?? this.createBlock(r);
+      const base = r * this.perBlock;
+      const end = base + this.perBlock;
+      while (c < end && this.entry(block, c - base) !== 0) c++;
+      if (c === end) continue;
+      let n = 1;
+      while (n < max && c + n < end && this.entry(block, c + n - base) === 0) n++;
+      for (let i = 0; i < n; i++) this.setEntry(block, c + i - base, 1);
+      this.cache.markDirty(block);
+      this.freeHint = c + n;
+      await this.commitNewBlocks();
+      return { start: c, count: n };
+    }
+  }
+
+  /** Add `delta` to the refcount of cluster (whose block must exist). */
+  async adjust(cluster: number, delta: number): Promise<void> {
+    const r = Math.floor(cluster / this.perBlock);
+    const block = await this.block(r);
+    if (!block) throw new CorruptImageError(`${this.name}: qcow2 cluster 0x${(cluster * this.clusterSize).toString(16)} is in use but has no refcount block`);
+    const i = cluster - r * this.perBlock;
+    const v = this.entry(block, i) + delta;
+    if (v < 0) throw new CorruptImageError(`${this.name}: qcow2 refcount of cluster 0x${(cluster * this.clusterSize).toString(16)} would drop below zero`);
+    if (v > this.maxRefcount) throw new IoError(`${this.name}: qcow2 refcount overflow for cluster 0x${(cluster * this.clusterSize).toString(16)}`, osc.errno.EOVERFLOW);
+    this.setEntry(block, i, v);
+    this.cache.markDirty(block);
+    if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
+  }
+
+  /** Remember a host cluster to free once the reference dropped from it is on disk. */
+  queueFree(hostOffset: number): void {
+    this.pendingFrees.push(hostOffset / this.clusterSize);
+  }
+
+  hasPendingFrees(): boolean {
+    return this.pendingFrees.length > 0;
+  }
+
+  takeFrees(): number[] {
+    const f = this.pendingFrees;
+    this.pendingFrees = [];
+    return f;
+  }
+
+  async applyFrees(clusters: number[]): Promise<void> {
+    for (const c of clusters) await this.adjust(c, -1);
+  }
+
+  private async block(r: number): Promise<Table | undefined> {
+    if (r >= this.tableEntries) return undefined;
+    const off = decodeReftable(this.tableView, r, this.clusterSize, this.blockLimit(), this.name);
+    return off === 0 ? undefined : this.cache.get(off);
+  }
+
+  /** Blocks may lie past the end of the file only while being created. */
+  private blockLimit(): number {
+    return this.newBlocks.length > 0 ? Number.MAX_SAFE_INTEGER : this.file.size;
+  }
+
+  /** A block for range r, at the first cluster of that range (so it counts itself). */
+  private createBlock(r: number): Table {
+    const off = r * this.perBlock * this.clusterSize;
+    const block = this.cache.getNew(off);
+    this.setEntry(block, 0, 1);
+    this.cache.markDirty(block);
+    encodeReftable(this.tableView, r, off);
+    this.newBlocks.push(r);
+    return block;
+  }
+
+  /** Write new blocks, then the refcount table entries that point at them. */
+  private async commitNewBlocks(): Promise<void> {
+    if (this.newBlocks.length === 0) return;
+    await this.cache.flush();
+    await this.barrier();
+    const indices = [...new Set(this.newBlocks)].sort((a, b) => a - b);
+    for (const r of indices) {
+      await this.file.write(this.tableOffset + r * 8, Buffer.from(this.table.subarray(r * 8, r * 8 + 8)));
+    }
+    await this.barrier();
+    this.newBlocks = [];
+  }
+
+  /**
+   * Grow the refcount table so that entry `needed` exists. The new table and the
+   * blocks that count it go right after the clusters the old table covers (all free).
+   */
+  private async grow(needed: number): Promise<void> {
+    const cs = this.clusterSize;
+    const oldEntries = this.tableEntries;
+    const base = oldEntries * this.perBlock;
+    let want = Math.max(needed + 1, Math.ceil(oldEntries * 1.5));
+    let tableClusters = 0;
+    let blocks = 0;
+    for (;;) {
+      tableClusters = Math.ceil((want * 8) / cs);
+      blocks = 1;
+      while (blocks * this.perBlock < tableClusters + blocks) blocks++;
+      const entries = (tableClusters * cs) / 8;
+      if (entries >= oldEntries + blocks && entries >= needed + 1) break;
+      want = Math.max(oldEntries + blocks, needed + 1);
+    }
+    if (tableClusters * cs > LIMITS.maxRefcountTableBytes) {
+      throw new IoError(`${this.name}: qcow2 image has outgrown the 8 MiB refcount table limit`, osc.errno.ENOSPC);
+    }
+    const newTable = Buffer.alloc(tableClusters * cs);
+    this.table.copy(newTable);
+    const newView = viewOf(newTable);
+    const metaEnd = base + tableClusters + blocks;
+    for (let b = 0; b < blocks; b++) {
+      const r = oldEntries + b;
+      const blockCluster = base + tableClusters + b;
+      const block = this.cache.getNew(blockCluster * cs);
+      const from = Math.max(base, r * this.perBlock);
+      const to = Math.min(metaEnd, (r + 1) * this.perBlock);
+      for (let c = from; c < to; c++) this.setEntry(block, c - r * this.perBlock, 1);
+      this.cache.markDirty(block);
+      encodeReftable(newView, r, blockCluster * cs);
+    }
+    const newOffset = base * cs;
+    await this.cache.flush();
+    await this.file.write(newOffset, newTable);
+    await this.barrier();
+    await this.file.write(HDR.refcountTableOffset, encodeRefcountTableFields(newOffset, tableClusters));
+    await this.barrier();
+
+    const oldOffset = this.tableOffset;
+    const oldClusters = this.table.length / cs;
+    this.table = newTable;
+    this.tableView = newView;
+    this.tableOffset = newOffset;
+    // The header no longer points at the old table: free it now.
+    for (let i = 0; i < oldClusters; i++) await this.adjust(oldOffset / cs + i, -1);
+  }
+
+  private async barrier(): Promise<void> {
+    if (this.barriers) await this.file.flush();
+  }
+
+  /** Refcount entry i of a block (qcow2.txt, "Refcount block entry"). */
+  private entry(block: Table, i: number): number {
+    const d = block.data;
+    switch (this.order) {
+      case 3:
+        return d[i]!;
+      case 4:
+        return d.readUInt16BE(i * 2);
+      case 5:
+        return d.readUInt32BE(i * 4);
+      case 6:
+        return d.readUInt32BE(i * 8) * TWO32 + d.readUInt32BE(i * 8 + 4);
+      default: {
+        // Sub-byte widths: bit 0 is the least significant bit of the byte.
+        const bit = i * this.bits;
+        return (d[bit >> 3]! >> (bit & 7)) & this.maxRefcount;
+      }
+    }
+  }
+
+  private setEntry(block: Table, i: number, v: number): void {
+    const d = block.data;
+    switch (this.order) {
+      case 3:
+        d[i] = v;
+        return;
+      case 4:
+        d.writeUInt16BE(v, i * 2);
+        return;
+      case 5:
+        d.writeUInt32BE(v, i * 4);
+        return;
+      case 6:
+        d.writeUInt32BE(Math.floor(v / TWO32), i * 8);
+        d.writeUInt32BE(v % TWO32, i * 8 + 4);
+        return;
+      default: {
+        const bit = i * this.bits;
+        const shift = bit & 7;
+        const byte = bit >> 3;
+        d[byte] = (d[byte]! & ~(this.maxRefcount << shift)) | (v << shift);
+      }
+    }
+  }
+}
+
+function viewOf(b: Buffer): DataView {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength);
+}
