@@ -1,4 +1,5 @@
 // tsmount -u: unmount, then wait until the server has written everything and exited.
+import fs from 'node:fs';
 import path from 'node:path';
 import { UsageError, IoError } from '../drivers/errors.js';
 import { umount2, SysError } from '../drivers/protocol/sys.js';
@@ -6,7 +7,14 @@ import { findMount } from '../fs/mounts.js';
 
 const EBUSY = 16;
 
+/** A zombie has finished: the server is detached, and whoever reaps it may be slow. */
 function alive(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    if (/\) Z /.test(stat)) return false;
+  } catch {
+    return false;
+  }
   try {
     process.kill(pid, 0);
     return true;

@@ -1,0 +1,132 @@
+// Running tsmount as a user would, and never leaving a mount behind.
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { run, type RunResult } from './qemu.js';
+
+export const TSMOUNT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../mount-helpers/tsmount.js');
+
+export function tsmount(args: string[], opts: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
+  return run(process.execPath, [TSMOUNT, ...args], { cwd: opts.cwd, timeoutMs: opts.timeoutMs ?? 120_000 });
+}
+
+/** The serving pid of a tsmount mount, or undefined when nothing is mounted there. */
+export function mountedPid(mountpoint: string): number | undefined {
+  const mp = path.resolve(mountpoint);
+  for (const line of fs.readFileSync('/proc/mounts', 'utf8').split('\n')) {
+    const [src, target, type] = line.split(' ');
+    if (target === mp && type?.startsWith('fuse')) return Number(/^tsmount:(\d+)$/.exec(src ?? '')?.[1] ?? 0);
+  }
+  return undefined;
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    // A detached server's zombie counts as gone: the reaper may be slow.
+    if (/\) Z /.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'))) return false;
+  } catch {
+    return false;
+  }
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Forcefully end a mount: lazy unmount and kill its server. For cleanup only. */
+export function forceUnmount(mountpoint: string): void {
+  const pid = mountedPid(mountpoint);
+  if (pid === undefined) return;
+  try {
+    execFileSync('umount', ['-l', path.resolve(mountpoint)], { stdio: 'ignore' });
+  } catch {
+    /* gone */
+  }
+  if (pid > 0 && isAlive(pid)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+}
+
+/**
+ * Tracks the mounts a test file makes; `cleanup()` (in an afterEach) unmounts what a
+ * failed test left, gracefully first. A process exit hook catches the rest.
+ */
+export class MountTracker {
+  private readonly mountpoints = new Set<string>();
+  private readonly children = new Set<ChildProcess>();
+
+  constructor() {
+    process.once('exit', () => {
+      for (const mp of this.mountpoints) forceUnmount(mp);
+      for (const c of this.children) c.kill('SIGKILL');
+    });
+  }
+
+  /** tsmount ARGS...; the last argument is the mountpoint. Throws if it fails. */
+  async mount(args: string[], opts: { cwd?: string } = {}): Promise<string> {
+    const mp = path.resolve(opts.cwd ?? '.', args[args.length - 1]!);
+    this.mountpoints.add(mp);
+    const r = await tsmount(args, opts);
+    if (r.code !== 0) throw new Error(`tsmount ${args.join(' ')} failed (${r.code}): ${r.stderr.trim()}`);
+    return mp;
+  }
+
+  /** Register a mountpoint made some other way (foreground, qemu-storage-daemon...). */
+  track(mountpoint: string): void {
+    this.mountpoints.add(path.resolve(mountpoint));
+  }
+
+  trackChild(child: ChildProcess): void {
+    this.children.add(child);
+    child.on('exit', () => this.children.delete(child));
+  }
+
+  /** tsmount -u; throws if it fails. */
+  async unmount(mountpoint: string): Promise<void> {
+    const r = await tsmount(['-u', mountpoint]);
+    if (r.code !== 0) throw new Error(`tsmount -u ${mountpoint} failed: ${r.stderr.trim()}`);
+    this.mountpoints.delete(path.resolve(mountpoint));
+  }
+
+  /** Start tsmount --foreground ARGS and wait for the mount to appear. */
+  async foreground(args: string[]): Promise<ChildProcess> {
+    const mp = path.resolve(args[args.length - 1]!);
+    this.mountpoints.add(mp);
+    const child = spawn(process.execPath, [TSMOUNT, '--foreground', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.trackChild(child);
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    await waitFor(() => mountedPid(mp) !== undefined || child.exitCode !== null, 30_000, `mount at ${mp}`);
+    if (mountedPid(mp) === undefined) throw new Error(`tsmount --foreground exited: ${stderr.trim()}`);
+    return child;
+  }
+
+  async cleanup(): Promise<void> {
+    for (const mp of [...this.mountpoints]) {
+      if (mountedPid(mp) !== undefined) {
+        const r = await tsmount(['-u', mp], { timeoutMs: 30_000 });
+        if (r.code !== 0) forceUnmount(mp);
+      }
+      this.mountpoints.delete(mp);
+    }
+    for (const c of [...this.children]) c.kill('SIGKILL');
+  }
+}
+
+/** Where the test fixtures live; kept between runs so that they are made once. */
+export const FIXTURE_DIR = process.env.TSMOUNT_FIXTURES ?? '/tmp/tsmount-fixtures';
