@@ -3,8 +3,9 @@ import type { BlockNode, Extent, FormatDriver } from '../types.js';
 
 class RawNode implements BlockNode {
   constructor(private readonly file: BlockNode) {}
+  /** QEMU counts every node in 512-byte sectors, rounding a file's length up. */
   get size(): number {
-    return this.file.size;
+    return Math.ceil(this.file.size / 512) * 512;
   }
   get readOnly(): boolean {
     return this.file.readOnly;
