@@ -95,7 +95,6 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     map,
     refcounts,
     refcountCache,
-    writethrough: opts.cache === 'writethrough' || opts.cache === 'directsync',
     barriers,
   });
 }

@@ -19,8 +19,6 @@ export interface Qcow2NodeOptions {
   map: ClusterMap;
   refcounts: Refcounts;
   refcountCache: TableCache;
-  /** cache=writethrough/directsync: every write is flushed before it completes. */
-  writethrough: boolean;
   /** Flush the file between dependent metadata writes (false for cache=unsafe). */
   barriers: boolean;
 }
@@ -38,7 +36,6 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private readonly map: ClusterMap;
   private readonly refcounts: Refcounts;
   private readonly refcountCache: TableCache;
-  private readonly writethrough: boolean;
   private readonly barriers: boolean;
   private readonly mutex = new Mutex();
   /** In-place writes in flight; freed clusters are not handed out again until they end. */
@@ -55,7 +52,6 @@ export class Qcow2Node implements BlockNode, HasBacking {
     this.cs = o.map.clusterSize;
     this.refcounts = o.refcounts;
     this.refcountCache = o.refcountCache;
-    this.writethrough = o.writethrough;
     this.barriers = o.barriers;
   }
 
@@ -99,7 +95,6 @@ export class Qcow2Node implements BlockNode, HasBacking {
       this.inflight.delete(inPlace);
     }
     if (!done) await this.mutex.run(() => this.writeLocked(offset, src));
-    if (this.writethrough) await this.flush();
   }
 
   /** The common case, without the mutex: every cluster is allocated and ours alone. */
@@ -252,7 +247,6 @@ export class Qcow2Node implements BlockNode, HasBacking {
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.mutex.run(() => this.zeroLocked(offset, length, unmap));
-    if (this.writethrough) await this.flush();
   }
 
   private async zeroLocked(offset: number, length: number, unmap: boolean): Promise<void> {
