@@ -1,10 +1,9 @@
 // Building the block graph for one image: protocol node, format node, backing chain.
-import path from 'node:path';
 import fs from 'node:fs';
 import type { BlockNode, CacheMode, FormatDriver, OpenOptions } from './types.js';
-import { CorruptImageError, UsageError } from './errors.js';
-import { FileNode } from './protocol/file.js';
+import { CorruptImageError, TsmountError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';
+import { hasOwnProtocol, protocolFor } from './protocol/index.js';
 import { formatByName, probeFormat, PROBE_BYTES } from './format/index.js';
 
 export interface ImageOptions {
@@ -19,91 +18,98 @@ export interface ImageOptions {
   forceShare: boolean;
   /** Like share-rw=on: let other writers in. */
   shareRw: boolean;
+  /** Passphrase for encrypted images (--secret, --secret-file). */
+  secret?: string;
+}
+
+const formats = new WeakMap<BlockNode, string>();
+
+/** The format driver that opened a node (for tsimg info and messages). */
+export function formatOf(node: BlockNode): string | undefined {
+  return formats.get(node);
 }
 
 /** Backing chains deeper than this are taken for a loop or a mistake. */
 export const MAX_BACKING_DEPTH = 256;
 
-/** Open an image file and its backing chain; returns the top format node. */
-export async function openImage(filename: string, opts: ImageOptions): Promise<BlockNode> {
-  return openChain(filename, opts.format, opts, 0, new Set());
+/** Open an image (a path or a URI) and its backing chain; returns the top format node. */
+export async function openImage(spec: string, opts: ImageOptions): Promise<BlockNode> {
+  return openChain(spec, opts.format, opts, 0, new Set());
 }
 
-async function openChain(
-  filename: string,
-  format: string | undefined,
-  opts: ImageOptions,
-  depth: number,
-  seen: Set<string>,
-): Promise<BlockNode> {
+/** One identity per object, so a loop in the chain is seen whatever the spelling. */
+function identity(spec: string): string {
+  try {
+    return fs.realpathSync(spec);
+  } catch {
+    return spec;
+  }
+}
+
+async function openChain(spec: string, format: string | undefined, opts: ImageOptions, depth: number, seen: Set<string>): Promise<BlockNode> {
   const isBacking = depth > 0;
   const readOnly = opts.readOnly || isBacking;
-  let real: string;
-  try {
-    real = fs.realpathSync(filename);
-  } catch {
-    real = path.resolve(filename);
-  }
-  if (seen.has(real)) throw new CorruptImageError(`${filename}: backing chain loops back to this file`);
-  if (depth > MAX_BACKING_DEPTH) throw new CorruptImageError(`${filename}: backing chain deeper than ${MAX_BACKING_DEPTH}`);
-  seen.add(real);
+  const id = identity(spec);
+  if (seen.has(id)) throw new CorruptImageError(`${spec}: backing chain loops back to this file`);
+  if (depth > MAX_BACKING_DEPTH) throw new CorruptImageError(`${spec}: backing chain deeper than ${MAX_BACKING_DEPTH}`);
+  seen.add(id);
 
+  const protocol = protocolFor(spec);
   const policy =
     opts.locking === 'off'
       ? undefined
       : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
   const lock = policy && lockRequestFor(policy);
-  const file = await FileNode.open(filename, { readOnly, lock, ignoreFlush: opts.cache === 'unsafe' });
+  const file = await protocol.open(spec, { readOnly, lock, cache: opts.cache });
   try {
-    const driver = await chooseDriver(file, filename, format);
+    const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
-    if (policy && format === undefined) file.imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
+    const imageLock = (file as { imageLock?: { update(r: ReturnType<typeof lockRequestFor>): void } }).imageLock;
+    if (policy && format === undefined) imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
     const openOpts: OpenOptions = {
       readOnly,
       cache: opts.cache,
       metadataCacheBytes: opts.metadataCacheBytes,
-      openBacking: (name, fmt, from) => {
-        const resolved = resolveBackingName(name, from.name);
-        return openChain(resolved, fmt, opts, depth + 1, seen).catch((err: unknown) => {
-          if (err instanceof UsageError && !fs.existsSync(resolved)) {
-            throw new UsageError(`${filename}: backing file '${name}' not found (looked for ${resolved})`);
-          }
-          throw err;
-        });
+      secret: opts.secret,
+      openBacking: async (name, fmt) => {
+        const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
+        try {
+          return await openChain(resolved, fmt, opts, depth + 1, seen);
+        } catch (err) {
+          if (err instanceof CorruptImageError && /backing chain/.test(err.message)) throw err;
+          const why = messageOf(err).replace(`${resolved}: `, '');
+          const wrapped = new UsageError(`${spec}: cannot open backing file '${name}' (${resolved}): ${why}`);
+          throw err instanceof TsmountError ? Object.assign(wrapped, { errno: err.errno }) : wrapped;
+        }
       },
     };
-    return await driver.open(file, openOpts);
+    const node = await driver.open(file, openOpts);
+    formats.set(node, driver.name);
+    return node;
   } catch (err) {
     await file.close().catch(() => undefined);
     throw err;
   }
 }
 
-/** QEMU resolves a relative backing name against the overlay's directory. */
-export function resolveBackingName(name: string, overlay: string): string {
-  if (name.startsWith('json:')) throw new UsageError(`backing file '${name}': json: names are not supported yet`);
-  const plain = name.startsWith('file:') ? name.slice(5) : name;
-  return path.isAbsolute(plain) ? plain : path.join(path.dirname(overlay), plain);
-}
-
-async function chooseDriver(file: BlockNode, filename: string, format: string | undefined): Promise<FormatDriver> {
-  if (file.size === 0) throw new UsageError(`${filename}: empty file, not a disk image`);
+async function chooseDriver(file: BlockNode, spec: string, format: string | undefined): Promise<FormatDriver> {
+  if (file.size === 0) throw new UsageError(`${spec}: empty file, not a disk image`);
   const head = new Uint8Array(Math.min(PROBE_BYTES, file.size));
   await file.read(0, head);
   if (format !== undefined) {
     const driver = formatByName(format);
-    if (driver.name !== 'raw' && driver.probe(head, filename) === 0) {
-      const probed = safeProbe(head, filename);
-      throw new UsageError(`${filename}: not a ${format} image${probed && probed !== 'raw' ? ` (it looks like ${probed})` : ''}`);
+    if (driver.name !== 'raw' && driver.probe(head, spec) === 0) {
+      const probed = safeProbe(head, spec);
+      throw new UsageError(`${spec}: not a ${format} image${probed && probed !== 'raw' ? ` (it looks like ${probed})` : ''}`);
     }
     return driver;
   }
-  return probeFormat(head, filename);
+  return probeFormat(head, spec);
 }
 
-function safeProbe(head: Uint8Array, filename: string): string | undefined {
+function safeProbe(head: Uint8Array, spec: string): string | undefined {
   try {
-    return probeFormat(head, filename).name;
+    return probeFormat(head, spec).name;
   } catch {
     return undefined;
   }

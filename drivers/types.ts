@@ -45,8 +45,10 @@ export interface OpenOptions {
   cache: CacheMode;
   /** Bytes of metadata cache a format node may use. */
   metadataCacheBytes: number;
-  /** Opens a backing file by name, relative names resolved against the overlay. */
-  openBacking(name: string, format: string | undefined, from: BlockNode): Promise<BlockNode>;
+  /** Opens a backing file by name, relative names resolved against the overlay, on its protocol. */
+  openBacking(name: string, format: string | undefined): Promise<BlockNode>;
+  /** Passphrase for encrypted images. */
+  secret?: string;
   /** Skip backing files entirely (qemu-img info's view). */
   noBacking?: boolean;
 }
@@ -66,3 +68,53 @@ export interface HasBacking {
 
 /** 2^53: the largest size any node may claim, so every offset is an exact number. */
 export const MAX_NODE_SIZE = Number.MAX_SAFE_INTEGER + 1;
+
+/** What a protocol node is opened with; protocols that cannot lock ignore `lock`. */
+export interface ProtocolOpenOptions {
+  readOnly: boolean;
+  lock?: import('./protocol/lock.js').LockRequest;
+  cache: CacheMode;
+}
+
+/**
+ * Where bytes live: a local file, NBD, SSH... A spec is what the user typed (a path,
+ * a URI); each protocol claims the specs it understands, the file protocol the rest.
+ */
+export interface ProtocolDriver {
+  readonly name: string;
+  claims(spec: string): boolean;
+  open(spec: string, opts: ProtocolOpenOptions): Promise<BlockNode>;
+  /** `name` (a backing file, an extent) relative to `base`, on the same protocol and with its options. */
+  resolveRelative(base: string, name: string): string;
+  /** Make an empty object to create an image in (tsimg create); open it with open(). */
+  create?(spec: string): Promise<void>;
+  /** Remove what create() made, when creating the image failed. */
+  remove?(spec: string): Promise<void>;
+  /** The stem of the flat file name for this spec (`disk` for .../disk.qcow2). */
+  stem?(spec: string): string;
+}
+
+/** What `tsimg create` hands a format driver. */
+export interface CreateRequest {
+  /** The spec of the image to create; its protocol object exists and is empty. */
+  spec: string;
+  /** The image's protocol node, opened read-write. */
+  file: BlockNode;
+  /** Virtual size; undefined when not given (then a backing file's size). */
+  size: number | undefined;
+  options: import('./options.js').CreateOptions;
+  /** Passphrase from --secret/--secret-file or key-secret. */
+  secret: string | undefined;
+  /** Create another object (an extent, a data file) beside the image and open it read-write. */
+  createFile(name: string): Promise<BlockNode>;
+  /** A name relative to the image, as backing names are resolved. */
+  resolve(name: string): string;
+  /** Open an image read-only (to size or probe a backing file); returns the node and its format. */
+  openImage(spec: string, format?: string): Promise<{ node: BlockNode; format: string }>;
+}
+
+export interface Creatable {
+  /** Option names that create() accepts, as qemu-block-drivers(7) lists them. */
+  readonly createOptions: readonly string[];
+  create(req: CreateRequest): Promise<void>;
+}

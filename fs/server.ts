@@ -7,6 +7,7 @@ import createDebug from 'debug';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
 import { openImage } from '../drivers/open.js';
+import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
 import { umount2, MNT_DETACH, SysError } from '../drivers/protocol/sys.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
@@ -29,6 +30,8 @@ export interface ServeOptions {
   shareRw: boolean;
   /** Extra libfuse -o options. */
   fuseOptions: string[];
+  /** Passphrase for encrypted images. */
+  secret?: string;
 }
 
 export interface MountTarget {
@@ -61,10 +64,9 @@ export function planMount(images: string[], mountpoint: string): MountTarget {
   return { mountpoint: mp, overFile: false, names };
 }
 
-export function stemOf(image: string): string {
-  const base = path.basename(image.replace(/\/+$/, ''));
-  const dot = base.lastIndexOf('.');
-  return dot > 0 ? base.slice(0, dot) : base || 'disk';
+export function stemOf(spec: string): string {
+  const p = protocolFor(spec);
+  return (p.stem ?? fileProtocol.stem!)(spec);
 }
 
 /** Split --cache-size between guest data and per-node metadata tables. */
@@ -102,6 +104,7 @@ export class Server {
           locking: opts.locking,
           forceShare: opts.forceShare,
           shareRw: opts.shareRw,
+          secret: opts.secret,
         });
         nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
       }
@@ -110,8 +113,9 @@ export class Server {
       throw err;
     }
     const files: FlatFile[] = nodes.map((node, i) => {
-      const st = fs.statSync(opts.images[i]!);
-      return { name: target.names[i]!, node, writable: opts.rw, uid: st.uid, gid: st.gid, mtime: st.mtime };
+      // A local image lends its owner and time to the flat file; a remote one, the server's.
+      const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
+      return { name: target.names[i]!, node, writable: opts.rw, uid: st?.uid ?? process.getuid?.() ?? 0, gid: st?.gid ?? process.getgid?.() ?? 0, mtime: st?.mtime ?? new Date() };
     });
     const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`));
     const server = new Server(target, nodes, flat);

@@ -14,8 +14,9 @@ import type { CacheMode } from '../drivers/types.js';
 import { messageOf, UsageError } from '../drivers/errors.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
 import { planMount, Server } from '../fs/server.js';
+import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import { unmount } from './unmount.js';
-import { parseSize } from './size.js';
+import { parseSize } from '../drivers/options.js';
 
 const DEFAULT_CACHE_SIZE = 64 << 20;
 
@@ -34,6 +35,16 @@ interface CliOptions {
   option: string[];
   log?: string;
   readyFd?: string;
+}
+
+function readSecret(opts: CliOptions): string | undefined {
+  if (opts.secret !== undefined && opts.secretFile !== undefined) fail('give --secret or --secret-file, not both');
+  if (opts.secretFile === undefined) return opts.secret;
+  try {
+    return fs.readFileSync(opts.secretFile, 'utf8').replace(/\r?\n$/, '');
+  } catch {
+    fail(`${opts.secretFile}: cannot read the secret file`);
+  }
 }
 
 function fail(msg: string, code = 1): never {
@@ -84,7 +95,8 @@ async function main(argv: string[]): Promise<void> {
   if (cacheSize < 1 << 20) fail('--cache-size must be at least 1M');
   // Cheap checks before a server is started, so a typo fails fast.
   planMount(images, mountpoint);
-  for (const img of images) if (!fs.existsSync(img)) fail(`${img}: no such file`);
+  for (const img of images) if (protocolFor(img) === fileProtocol && !fs.existsSync(img.replace(/^file:/, ''))) fail(`${img}: no such file`);
+  const secret = readSecret(opts);
 
   if (!opts.foreground) {
     await daemonize(argv, opts.log);
@@ -105,6 +117,7 @@ async function main(argv: string[]): Promise<void> {
       forceShare: !!opts.forceShare,
       shareRw: !!opts.shareRw,
       fuseOptions: opts.option,
+      secret,
     });
   } catch (err) {
     if (readyFd !== undefined) {

@@ -84,7 +84,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 
   let backing: BlockNode | undefined;
   if (h.backingFile !== undefined && !opts.noBacking) {
-    backing = await opts.openBacking(h.backingFile, h.backingFormat, file);
+    backing = await opts.openBacking(h.backingFile, h.backingFormat);
   }
   return new Qcow2Node({
     file,

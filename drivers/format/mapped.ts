@@ -1,0 +1,74 @@
+// The shared read path of formats that map guest offsets through a table (vdi, vhdx,
+// parallels, qed, bochs, cloop, dmg, vmdk, vpc): a driver says where each run of the
+// request lives; this reads the runs, with one file read per stretch that is
+// contiguous on disk, falls through to the backing node for unallocated runs, and
+// fills zeros (also past the end of a shorter backing node).
+import type { BlockNode, Extent } from '../types.js';
+import { readFromBacking } from './backing.js';
+
+export type MappedRun =
+  /** The guest bytes are at `host` in `file` (the image's file unless an extent says otherwise). */
+  | { kind: 'data'; offset: number; length: number; host: number; file?: BlockNode }
+  | { kind: 'zero'; offset: number; length: number }
+  /** Not in this layer: the backing node answers, or zeros. */
+  | { kind: 'unallocated'; offset: number; length: number }
+  /** The driver produces the bytes itself (compressed grains, encrypted sectors...). */
+  | { kind: 'custom'; offset: number; length: number; read(dst: Uint8Array): Promise<void> };
+
+export interface Mapper {
+  /** Runs covering exactly [offset, offset + length), in order, without gaps. */
+  mapRange(offset: number, length: number): Promise<MappedRun[]>;
+}
+
+/** Read [offset, offset + dst.length) through a mapper. */
+export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing: BlockNode | undefined, offset: number, dst: Uint8Array): Promise<void> {
+  const runs = await mapper.mapRange(offset, dst.length);
+  const pending: Promise<void>[] = [];
+  let i = 0;
+  while (i < runs.length) {
+    const run = runs[i]!;
+    const at = run.offset - offset;
+    // Merge neighbours of the same kind (and, for data, contiguous on the same file).
+    let end = i + 1;
+    let length = run.length;
+    while (end < runs.length) {
+      const next = runs[end]!;
+      if (next.kind !== run.kind || run.kind === 'custom') break;
+      if (run.kind === 'data') {
+        const n = next as typeof run;
+        if ((n.file ?? defaultFile) !== (run.file ?? defaultFile) || n.host !== run.host + length) break;
+      }
+      length += next.length;
+      end++;
+    }
+    const part = dst.subarray(at, at + length);
+    switch (run.kind) {
+      case 'data':
+        pending.push((run.file ?? defaultFile).read(run.host, part));
+        break;
+      case 'zero':
+        part.fill(0);
+        break;
+      case 'unallocated':
+        pending.push(readFromBacking(backing, run.offset, part));
+        break;
+      case 'custom':
+        pending.push(run.read(part));
+        break;
+    }
+    i = end;
+  }
+  await Promise.all(pending);
+}
+
+/** Block status from the same runs: this layer only. */
+export async function mappedStatus(mapper: Mapper, offset: number, length: number): Promise<Extent[]> {
+  const out: Extent[] = [];
+  for (const r of await mapper.mapRange(offset, length)) {
+    const kind = r.kind === 'zero' ? 'zero' : r.kind === 'unallocated' ? 'unallocated' : 'data';
+    const last = out[out.length - 1];
+    if (last && last.kind === kind && last.offset + last.length === r.offset) last.length += r.length;
+    else out.push({ offset: r.offset, length: r.length, kind });
+  }
+  return out;
+}

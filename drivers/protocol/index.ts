@@ -1,0 +1,54 @@
+// The protocol registry: which driver a spec (path or URI) belongs to.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { ProtocolDriver } from '../types.js';
+import { UsageError } from '../errors.js';
+import { FileNode } from './file.js';
+
+/** Local files and host block devices: every spec no other protocol claims. */
+export const fileProtocol: ProtocolDriver = {
+  name: 'file',
+  claims: (spec) => spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec),
+  open: (spec, opts) => FileNode.open(stripFile(spec), { readOnly: opts.readOnly, lock: opts.lock, ignoreFlush: opts.cache === 'unsafe' }),
+  resolveRelative: (base, name) => {
+    const plain = stripFile(name);
+    return path.isAbsolute(plain) ? plain : path.join(path.dirname(stripFile(base)), plain);
+  },
+  create: async (spec) => {
+    const p = stripFile(spec);
+    try {
+      fs.closeSync(fs.openSync(p, 'w'));
+    } catch (err) {
+      throw new UsageError(`${p}: cannot create: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+    }
+  },
+  remove: async (spec) => fs.rmSync(stripFile(spec), { force: true }),
+  stem: (spec) => {
+    const base = path.basename(stripFile(spec).replace(/\/+$/, ''));
+    const dot = base.lastIndexOf('.');
+    return dot > 0 ? base.slice(0, dot) : base || 'disk';
+  },
+};
+
+function stripFile(spec: string): string {
+  return spec.startsWith('file:') ? spec.slice(5) : spec;
+}
+
+/** Remote and other protocols register here; the file protocol comes last. */
+const protocols: ProtocolDriver[] = [];
+
+export function registerProtocol(p: ProtocolDriver): void {
+  protocols.push(p);
+}
+
+export function protocolFor(spec: string): ProtocolDriver {
+  for (const p of protocols) if (p.claims(spec)) return p;
+  if (fileProtocol.claims(spec)) return fileProtocol;
+  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(spec)?.[1];
+  throw new UsageError(`${spec}: unknown protocol '${scheme}'`);
+}
+
+/** True when a name carries its own protocol (a URI), so it is not relative to anything. */
+export function hasOwnProtocol(name: string): boolean {
+  return protocols.some((p) => p.claims(name));
+}
