@@ -4,10 +4,14 @@ import { UnsupportedError, UsageError } from '../errors.js';
 import { rawDriver } from './raw.js';
 import { qcow2Driver } from './qcow2/index.js';
 
+/** Formats tsmount can open; one line each. */
+const drivers: FormatDriver[] = [
+  rawDriver,
+  qcow2Driver,
+];
+
 /** Formats tsmount can open, by QEMU's driver name. */
-export const formatDrivers: ReadonlyMap<string, FormatDriver> = new Map(
-  [rawDriver, qcow2Driver].map((d) => [d.name, d]),
-);
+export const formatDrivers: ReadonlyMap<string, FormatDriver> = new Map(drivers.map((d) => [d.name, d]));
 
 /** Bytes read from the start of an image for probing. */
 export const PROBE_BYTES = 4096;
