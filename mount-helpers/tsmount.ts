@@ -127,6 +127,14 @@ async function main(argv: string[]): Promise<void> {
     fail(messageOf(err));
   }
   for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void server.shutdown(true));
+  // A bug must not leave a dead mount behind: write out what we can, unmount, exit.
+  const crash = (err: unknown): void => {
+    process.stderr.write(`tsmount: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    setTimeout(() => process.exit(1), 10_000).unref();
+    void server.shutdown(true).finally(() => process.exit(1));
+  };
+  process.on('uncaughtException', crash);
+  process.on('unhandledRejection', crash);
   if (readyFd !== undefined) {
     fs.writeSync(readyFd, 'OK\n');
     fs.closeSync(readyFd);
@@ -148,6 +156,8 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   const answered = new Promise<void>((resolve) => channel.on('end', resolve));
   await Promise.race([answered, exited]);
+  // 'exit' can come before the last bytes of the pipe are read: let them arrive.
+  await Promise.race([answered, new Promise((r) => setTimeout(r, 2000).unref())]);
   const line = said.split('\n')[0] ?? '';
   if (line === 'OK') {
     child.unref();

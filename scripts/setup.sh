@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for tsmount: system packages, npm packages, build,
+# and `tsmount`/`tsimg` on PATH. Run as root (or with sudo). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Everything the tool and its tests use. The oracle is QEMU itself (qemu-utils:
+# qemu-img, qemu-io, qemu-nbd; qemu-system-common: qemu-storage-daemon).
+PACKAGES=(
+  libfuse2 fuse3                    # FUSE: fuse-native links libfuse2; fusermount
+  qemu-utils qemu-system-common     # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
+  fdisk util-linux                  # fdisk -l, losetup in the tests
+  fio                               # benchmarks
+  ca-certificates
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (sudo $0)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+# /dev/fuse must exist; on most machines the module is built in or already loaded.
+[ -e /dev/fuse ] || modprobe fuse || true
+
+npm ci --no-audit --no-fund
+npm run build
+npm link --no-audit --no-fund >/dev/null
+echo "setup.sh: done; try: tsmount --help"
