@@ -16,6 +16,7 @@ import type { LockingMode } from '../drivers/protocol/lock.js';
 import { planMount, Server } from '../fs/server.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import { unmount } from './unmount.js';
+import { imageOptsToSpec } from '../drivers/protocol/remote.js';
 import { parseSize } from '../drivers/options.js';
 
 const DEFAULT_CACHE_SIZE = 64 << 20;
@@ -35,6 +36,7 @@ interface CliOptions {
   option: string[];
   log?: string;
   readyFd?: string;
+  imageOpts?: boolean;
 }
 
 function readSecret(opts: CliOptions): string | undefined {
@@ -66,6 +68,7 @@ function program(): Command {
     .addOption(new Option('--locking <mode>', 'image locking, as QEMU').choices(['on', 'off', 'auto']).default('auto'))
     .option('-U, --force-share', 'open read-only even while another process writes the image (like qemu-img -U)')
     .option('--share-rw', 'let other writers use the image too (like share-rw=on)')
+    .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-o, --option <opt>', 'extra libfuse mount option (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
@@ -88,7 +91,8 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (paths.length < 2) fail('need at least one IMAGE and a MOUNTPOINT (see --help)');
-  const images = paths.slice(0, -1);
+  let images = paths.slice(0, -1);
+  if (opts.imageOpts) ({ images, format: opts.format } = fromImageOpts(images, opts.format));
   const mountpoint = paths[paths.length - 1]!;
   if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
   const cacheSize = parseSize(opts.cacheSize, '--cache-size');
@@ -141,6 +145,14 @@ async function main(argv: string[]): Promise<void> {
   }
   const code = await server.exited;
   process.exit(code);
+}
+
+/** --image-opts: each IMAGE becomes a name (a URI carrying its options) and one format for all. */
+function fromImageOpts(lists: string[], format: string | undefined): { images: string[]; format: string | undefined } {
+  const parsed = lists.map(imageOptsToSpec);
+  const formats = new Set(parsed.map((p) => p.format));
+  if (formats.size > 1 || (format !== undefined && !formats.has(format))) fail('--image-opts: every image needs the same driver, and -f must agree with it');
+  return { images: parsed.map((p) => p.spec), format: parsed[0]?.format ?? format };
 }
 
 /** Start the server detached and wait for its first word: OK, or ERR and a reason. */

@@ -11,6 +11,8 @@ PACKAGES=(
   qemu-utils qemu-system-common     # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
   fdisk util-linux                  # fdisk -l, losetup in the tests
   fio                               # benchmarks
+  nbdkit                            # NBD tests (memory, file plugins)
+  openssh-server openssh-client     # SSH/SFTP tests: sshd, ssh-agent, ssh-keygen
   ca-certificates
 )
 

@@ -13,8 +13,9 @@ function fuseMountsUnder(prefix: string): string[] {
 
 export const mochaHooks = {
   afterAll(): void {
-    // Test mounts live under the temp dir; anything left there is a bug in a test.
-    const stale = fuseMountsUnder('/tmp/tsmount-');
+    // This run's mounts live under its temp dirs (tempDir puts the pid in the name);
+    // anything left there is a bug in a test. Other runs' mounts are theirs to judge.
+    const stale = fuseMountsUnder(`/tmp/tsmount-${process.pid}-`);
     for (const m of stale) {
       try {
         execFileSync('umount', ['-l', m]);

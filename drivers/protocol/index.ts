@@ -4,6 +4,7 @@ import path from 'node:path';
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
 import { FileNode } from './file.js';
+import { nbdProtocol, sshProtocol } from './remote.js';
 
 /** Local files and host block devices: every spec no other protocol claims. */
 export const fileProtocol: ProtocolDriver = {
@@ -40,6 +41,8 @@ const protocols: ProtocolDriver[] = [];
 export function registerProtocol(p: ProtocolDriver): void {
   protocols.push(p);
 }
+registerProtocol(nbdProtocol);
+registerProtocol(sshProtocol);
 
 export function protocolFor(spec: string): ProtocolDriver {
   for (const p of protocols) if (p.claims(spec)) return p;

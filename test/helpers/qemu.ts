@@ -128,7 +128,8 @@ export async function imageInfo(file: string, format?: string): Promise<ImageInf
 
 /** A fresh folder under the system temp dir, removed by the returned function. */
 export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `tsmount-${prefix}-`));
+  // The pid in the name lets the root hook judge only this run's mounts.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `tsmount-${process.pid}-${prefix}-`));
   return { dir, cleanup: () => fs.rmSync(dir, { recursive: true, force: true }) };
 }
 

@@ -1,0 +1,289 @@
+// The NBD protocol node: one export, over one connection or (where the server
+// advertises multi-conn) several. Large requests are split at the server's block
+// limits and kept in flight together; holes and zeros come from base:allocation.
+import type { BlockNode, CacheMode, Extent } from '../../types.js';
+import { IoError, ReadOnlyError, UsageError } from '../../errors.js';
+import { AlignFilter } from '../../filters/align.js';
+import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_ZERO } from './constants.js';
+import { NbdConnection, type ConnectOptions } from './client.js';
+import type { ExportInfo } from './handshake.js';
+import { parseNbdSpec, type NbdTarget } from './uri.js';
+
+export interface NbdOpenOptions {
+  readOnly: boolean;
+  cache: CacheMode;
+  /** Where connection trouble is reported (default: stderr, as tsmount's other warnings). */
+  log?: (msg: string) => void;
+  /** Connect + handshake limit; wrong hosts and exports fail within it. */
+  timeoutMs?: number;
+  /** At most this many connections when the server allows multi-conn. */
+  maxConnections?: number;
+}
+
+const DEFAULT_TIMEOUT_MS = 8000;
+const DEFAULT_CONNECTIONS = 4;
+/** One request carries at most this much; a larger read or write becomes several in flight. */
+const MAX_REQUEST = 2 << 20;
+/** Requests in flight for one call (a 1 GiB read is not 512 requests at once). */
+const WINDOW = 16;
+/** Zeroing and block status have no payload; the length field is 32 bits. */
+const MAX_NO_PAYLOAD = 1 << 30;
+/** After a failed reconnect, wait this long before the next try (requests fail meanwhile). */
+const RECONNECT_BACKOFF_MS = 1000;
+
+const defaultLog = (msg: string): void => void process.stderr.write(`tsmount: ${msg}\n`);
+
+/** Run fn over items with at most `limit` in flight; rejects with the first failure after all settle. */
+async function inParallel<T>(items: T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let firstError: unknown;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const item = items[next++]!;
+      try {
+        await fn(item);
+      } catch (err) {
+        firstError ??= err;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (firstError !== undefined) throw firstError;
+}
+
+interface Slot {
+  conn: NbdConnection | undefined;
+  reconnecting: Promise<NbdConnection> | undefined;
+  failedAt: number;
+}
+
+export class NbdNode implements BlockNode {
+  private readonly slots: Slot[];
+  private dirty = false;
+  private closed = false;
+  private readonly useFua: boolean;
+  private readonly contextId: number | undefined;
+  private readonly piece: number;
+
+  private constructor(
+    readonly name: string,
+    private readonly info: ExportInfo,
+    conns: NbdConnection[],
+    readonly readOnly: boolean,
+    cache: CacheMode,
+    private readonly connectOpts: ConnectOptions,
+  ) {
+    this.slots = conns.map((conn) => ({ conn, reconnecting: undefined, failedAt: 0 }));
+    // Writethrough modes flush after every write; FUA makes each write durable by itself.
+    this.useFua = (cache === 'writethrough' || cache === 'directsync') && !!(info.flags & NBD_FLAG.SEND_FUA);
+    this.contextId = info.metaContexts.get(BASE_ALLOCATION);
+    const max = Math.min(info.maxBlock, MAX_REQUEST);
+    this.piece = Math.max(info.minBlock, max - (max % info.minBlock));
+  }
+
+  static async open(spec: string, opts: NbdOpenOptions): Promise<BlockNode> {
+    return NbdNode.openTarget(spec, parseNbdSpec(spec), opts);
+  }
+
+  static async openTarget(name: string, target: NbdTarget, opts: NbdOpenOptions): Promise<BlockNode> {
+    const connectOpts: ConnectOptions = {
+      address: target.address,
+      exportName: target.exportName,
+      structuredReplies: true,
+      metaContexts: [BASE_ALLOCATION],
+      timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+      name,
+      log: opts.log ?? defaultLog,
+    };
+    const first = await NbdConnection.connect(connectOpts);
+    const conns = [first];
+    try {
+      const info = first.info;
+      if (!opts.readOnly && info.flags & NBD_FLAG.READ_ONLY) throw new UsageError(`${name}: the NBD export is read-only (mount without --rw)`);
+      // proto.md: without CAN_MULTI_CONN, writes on one connection may not be seen on another.
+      const want = info.flags & NBD_FLAG.CAN_MULTI_CONN ? Math.max(1, opts.maxConnections ?? DEFAULT_CONNECTIONS) : 1;
+      for (let i = 1; i < want; i++) {
+        const c = await NbdConnection.connect(connectOpts);
+        conns.push(c);
+        if (c.info.size !== info.size) throw new IoError(`${name}: the export changed size between two connections`);
+      }
+      const node = new NbdNode(name, info, conns, opts.readOnly, opts.cache, connectOpts);
+      return info.minBlock > 1 ? new AlignFilter(node, info.minBlock) : node;
+    } catch (err) {
+      await Promise.allSettled(conns.map((c) => c.close()));
+      throw err;
+    }
+  }
+
+  get size(): number {
+    return this.info.size;
+  }
+
+  /** How many connections are open (tests and messages). */
+  get connections(): number {
+    return this.slots.filter((s) => s.conn?.alive).length;
+  }
+
+  /** What the server advertised. */
+  get exportInfo(): ExportInfo {
+    return this.info;
+  }
+
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    // Past the export's end (raw rounds sizes up to 512) reads as zeros, as for files.
+    const inside = Math.max(0, Math.min(dst.length, this.size - offset));
+    if (inside < dst.length) dst.fill(0, inside);
+    await inParallel(this.split(offset, inside, this.piece), WINDOW, async ([o, n]) => {
+      const conn = await this.pick();
+      await conn.request(NBD_CMD.READ, 0, o, n, { dst: dst.subarray(o - offset, o - offset + n) });
+    });
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    this.writable();
+    if (!this.useFua) this.dirty = true;
+    const flags = this.useFua ? NBD_CMD_FLAG.FUA : 0;
+    await inParallel(this.split(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
+      const conn = await this.pick();
+      await conn.request(NBD_CMD.WRITE, flags, o, n, { payload: src.subarray(o - offset, o - offset + n) });
+    });
+  }
+
+  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+    this.writable();
+    if (!(this.info.flags & NBD_FLAG.SEND_WRITE_ZEROES)) {
+      const zeros = new Uint8Array(Math.min(length, this.piece));
+      for (let done = 0; done < length; done += zeros.length) {
+        await this.write(offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)));
+      }
+      return;
+    }
+    if (!this.useFua) this.dirty = true;
+    // NO_HOLE keeps the range allocated unless the caller lets the server unmap.
+    const flags = (unmap ? 0 : NBD_CMD_FLAG.NO_HOLE) | (this.useFua ? NBD_CMD_FLAG.FUA : 0);
+    await inParallel(this.split(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
+      const conn = await this.pick();
+      await conn.request(NBD_CMD.WRITE_ZEROES, flags, o, n);
+    });
+  }
+
+  /** NBD_CMD_TRIM: the server may drop the range (reads then return anything). */
+  async discard(offset: number, length: number): Promise<void> {
+    this.writable();
+    if (!(this.info.flags & NBD_FLAG.SEND_TRIM)) return;
+    this.dirty = true;
+    await inParallel(this.split(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
+      const conn = await this.pick();
+      await conn.request(NBD_CMD.TRIM, 0, o, n);
+    });
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly || !this.dirty || !(this.info.flags & NBD_FLAG.SEND_FLUSH)) return;
+    this.dirty = false;
+    try {
+      // With multi-conn, a flush on one connection covers writes completed on all of them
+      // (proto.md, NBD_FLAG_CAN_MULTI_CONN); without it there is only one connection.
+      await (await this.pick()).request(NBD_CMD.FLUSH, 0, 0, 0);
+    } catch (err) {
+      this.dirty = true;
+      throw err;
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const end = Math.min(offset + length, this.size);
+    if (this.contextId === undefined || offset >= end) return [{ offset, length, kind: 'data' }];
+    const out: Extent[] = [];
+    const push = (o: number, n: number, kind: Extent['kind']): void => {
+      const last = out[out.length - 1];
+      if (last && last.kind === kind && last.offset + last.length === o) last.length += n;
+      else out.push({ offset: o, length: n, kind });
+    };
+    let pos = offset;
+    while (pos < end) {
+      const n = Math.min(end - pos, this.alignedLimit());
+      const conn = await this.pick();
+      const { status } = await conn.request(NBD_CMD.BLOCK_STATUS, 0, pos, n);
+      if (!status || status.contextId !== this.contextId) throw new IoError(`${this.name}: block status for an unknown meta context`);
+      const before = pos;
+      for (const e of status.extents) {
+        if (pos >= end) break;
+        if (e.length === 0) break;
+        const len = Math.min(e.length, end - pos);
+        push(pos, len, e.flags & NBD_STATE_ZERO ? 'zero' : 'data');
+        pos += len;
+      }
+      if (pos === before) throw new IoError(`${this.name}: the NBD server's block status made no progress at ${pos}`);
+    }
+    if (offset + length > end) push(end, offset + length - end, 'zero');
+    return out;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      await this.flush();
+    } finally {
+      this.closed = true;
+      await Promise.allSettled(this.slots.map(async (s) => {
+        if (s.reconnecting) await s.reconnecting.catch(() => undefined);
+        await s.conn?.close();
+      }));
+    }
+  }
+
+  private writable(): void {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+  }
+
+  private alignedLimit(): number {
+    const a = this.info.minBlock;
+    return MAX_NO_PAYLOAD - (MAX_NO_PAYLOAD % a);
+  }
+
+  private split(offset: number, length: number, piece: number): [number, number][] {
+    const out: [number, number][] = [];
+    for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
+    return out;
+  }
+
+  /** The live connection with the fewest requests in flight; reconnects a dead one. */
+  private async pick(): Promise<NbdConnection> {
+    if (this.closed) throw new IoError(`${this.name}: closed`);
+    let best: NbdConnection | undefined;
+    for (const s of this.slots) if (s.conn?.alive && (!best || s.conn.inFlight < best.inFlight)) best = s.conn;
+    if (best) return best;
+    return this.reconnect(this.slots[0]!);
+  }
+
+  /**
+   * A new connection in place of one that died. Safe: requests that were in flight
+   * have already failed with EIO; only later requests use the new connection, and
+   * only if the server still offers the same export.
+   */
+  private reconnect(slot: Slot): Promise<NbdConnection> {
+    if (slot.reconnecting) return slot.reconnecting;
+    if (Date.now() - slot.failedAt < RECONNECT_BACKOFF_MS) return Promise.reject(new IoError(`${this.name}: the NBD server is unreachable`));
+    const log = this.connectOpts.log;
+    slot.reconnecting = (async () => {
+      try {
+        const c = await NbdConnection.connect(this.connectOpts);
+        if (c.info.size !== this.info.size || c.info.structuredReplies !== this.info.structuredReplies || (c.info.flags & NBD_FLAG.READ_ONLY && !this.readOnly)) {
+          await c.close();
+          throw new IoError(`${this.name}: the export changed while disconnected; not reconnecting`);
+        }
+        log(`${this.name}: reconnected to the NBD server`);
+        slot.conn = c;
+        return c;
+      } catch (err) {
+        slot.failedAt = Date.now();
+        log(`${this.name}: reconnecting failed: ${err instanceof Error ? err.message : String(err)}`);
+        throw err instanceof IoError ? err : new IoError(`${this.name}: the NBD server is unreachable`);
+      } finally {
+        slot.reconnecting = undefined;
+      }
+    })();
+    return slot.reconnecting;
+  }
+}

@@ -1,0 +1,140 @@
+// Remote protocol drivers (NBD, SSH) for the registry in index.ts, and QEMU's
+// --image-opts property syntax turned into an image name these drivers claim.
+import type { ProtocolDriver } from '../types.js';
+import { UsageError } from '../errors.js';
+import { NbdNode } from './nbd/node.js';
+import { formatNbdUri, isNbdSpec, nbdStem, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
+import { SshNode, SshSessions } from './ssh/node.js';
+import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
+
+export const nbdProtocol: ProtocolDriver = {
+  name: 'nbd',
+  claims: isNbdSpec,
+  open: (spec, opts) => NbdNode.open(spec, { readOnly: opts.readOnly, cache: opts.cache }),
+  resolveRelative: resolveNbdRelative,
+  stem: nbdStem,
+};
+
+/** The ssh driver with its sessions: nodes of one chain on one server share a connection. */
+export function makeSshProtocol(sessions = new SshSessions()): ProtocolDriver {
+  return {
+    name: 'ssh',
+    claims: isSshSpec,
+    open: (spec, opts) => SshNode.open(spec, { readOnly: opts.readOnly, ignoreFlush: opts.cache === 'unsafe' }, sessions),
+    resolveRelative: resolveSshRelative,
+    create: (spec) => SshNode.create(spec, sessions),
+    remove: (spec) => SshNode.remove(spec, sessions),
+    stem: sshStem,
+  };
+}
+
+export const sshProtocol = makeSshProtocol();
+
+/** QEMU's option list: key=value pairs split at commas, ',,' standing for a comma. */
+export function parseOptionList(text: string): Map<string, string> {
+  const out = new Map<string, string>();
+  let i = 0;
+  while (i < text.length) {
+    let item = '';
+    for (; i < text.length; i++) {
+      if (text[i] === ',') {
+        if (text[i + 1] === ',') {
+          item += ',';
+          i++;
+          continue;
+        }
+        break;
+      }
+      item += text[i];
+    }
+    i++;
+    if (!item) continue;
+    const eq = item.indexOf('=');
+    if (eq <= 0) throw new UsageError(`--image-opts: '${item}' is not key=value`);
+    const k = item.slice(0, eq);
+    if (out.has(k)) throw new UsageError(`--image-opts: '${k}' given twice`);
+    out.set(k, item.slice(eq + 1));
+  }
+  return out;
+}
+
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh']);
+
+/**
+ * `driver=qcow2,file.driver=ssh,file.host=...,file.path=...` -> an image name and a
+ * format. The options become part of the name (a URI), so every file of the chain
+ * opened relative to it keeps them.
+ */
+export function imageOptsToSpec(text: string): { spec: string; format: string | undefined } {
+  const o = parseOptionList(text);
+  const driver = o.get('driver');
+  if (!driver) throw new UsageError(`--image-opts: 'driver' is required`);
+  o.delete('driver');
+  let format: string | undefined;
+  let prefix = '';
+  if (PROTOCOL_DRIVERS.has(driver)) {
+    // A protocol node alone: its bytes are the disk.
+    format = 'raw';
+    o.set('driver', driver);
+  } else {
+    format = driver;
+    prefix = 'file.';
+    // A plain `file=NAME` is QEMU's shorthand for a file by name.
+    const plain = o.get('file');
+    if (plain !== undefined) {
+      o.delete('file');
+      if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
+      return { spec: plain, format };
+    }
+  }
+  const take = (k: string): string | undefined => {
+    const v = o.get(prefix + k);
+    o.delete(prefix + k);
+    return v;
+  };
+  const proto = take('driver');
+  let spec: string;
+  switch (proto) {
+    case 'ssh': {
+      const host = take('host') ?? take('server.host');
+      const path = take('path');
+      if (!host || !path) throw new UsageError(`--image-opts: ssh needs ${prefix}host and ${prefix}path`);
+      const port = Number(take('port') ?? take('server.port') ?? SSH_DEFAULT_PORT);
+      if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`--image-opts: bad ssh port`);
+      spec = formatSshUri({ user: take('user') ?? localUser(), host, port, path: path.startsWith('/') ? path : `/${path}`, hostKeyCheck: take('host_key_check') ?? 'yes' });
+      break;
+    }
+    case 'nbd': {
+      const type = take('server.type') ?? (o.has(`${prefix}server.path`) ? 'unix' : 'inet');
+      const exportName = take('export') ?? '';
+      let t: NbdTarget;
+      if (type === 'unix') {
+        const p = take('server.path') ?? take('path');
+        if (!p) throw new UsageError(`--image-opts: nbd over unix needs ${prefix}server.path`);
+        t = { address: { kind: 'unix', path: p }, exportName };
+      } else if (type === 'inet') {
+        const host = take('server.host') ?? take('host');
+        if (!host) throw new UsageError(`--image-opts: nbd needs ${prefix}server.host`);
+        const port = Number(take('server.port') ?? take('port') ?? NBD_DEFAULT_PORT);
+        if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`--image-opts: bad nbd port`);
+        t = { address: { kind: 'tcp', host, port }, exportName };
+      } else {
+        throw new UsageError(`--image-opts: unsupported nbd server.type '${type}'`);
+      }
+      spec = formatNbdUri(t);
+      break;
+    }
+    case 'file':
+    case 'host_device':
+    case undefined: {
+      const f = take('filename');
+      if (!f) throw new UsageError(`--image-opts: ${prefix}filename is required`);
+      spec = f.includes(':') ? `file:${f}` : f;
+      break;
+    }
+    default:
+      throw new UsageError(`--image-opts: protocol driver '${proto}' is not supported here`);
+  }
+  if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
+  return { spec, format };
+}

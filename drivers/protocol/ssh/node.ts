@@ -1,0 +1,369 @@
+// The SSH protocol node: a file on an SFTP server (ssh2, pure JavaScript), authenticated
+// through ssh-agent as QEMU's ssh driver is. One SSH session per server, user and
+// host_key_check is shared by every node of a chain, so a backing file on the same
+// server reuses the connection and its options. Reads and writes are split into SFTP
+// requests that are all kept in flight, so throughput is not one round trip per request.
+import { Client, type ServerHostKeyAlgorithm, type SFTPWrapper } from 'ssh2';
+import { constants as osc } from 'node:os';
+import type { BlockNode, Extent } from '../../types.js';
+import { IoError, ReadOnlyError, UsageError } from '../../errors.js';
+import { checkHostKey, parseHostKeyCheck, preferredAlgorithms } from './hostkey.js';
+import { formatSshUri, parseSshSpec, type SshTarget } from './uri.js';
+
+const E = osc.errno;
+
+/** Connect, key exchange and authentication must finish within this time. */
+const READY_TIMEOUT_MS = 8000;
+/** One SFTP read or write request; OpenSSH's limit is 255 KiB, 64 KiB keeps many in flight. */
+const SFTP_PIECE = 64 << 10;
+/** SFTP requests in flight per call. */
+const WINDOW = 32;
+
+const defaultLog = (msg: string): void => void process.stderr.write(`${msg}\n`);
+
+/** ssh2's default host key algorithms, in its order. */
+const DEFAULT_HOST_KEY_ALGORITHMS = ['ssh-ed25519', 'ecdsa-sha2-nistp256', 'ecdsa-sha2-nistp384', 'ecdsa-sha2-nistp521', 'rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'];
+
+/** SFTP status codes (draft-ietf-secsh-filexfer-02) to errno. */
+function sftpErrno(err: unknown): number {
+  const code = (err as { code?: number | string }).code;
+  switch (code) {
+    case 2:
+      return E.ENOENT;
+    case 3:
+      return E.EACCES;
+    case 8:
+      return E.ENOTSUP;
+    default:
+      return E.EIO;
+  }
+}
+
+function sftpMessage(err: unknown): string {
+  const code = (err as { code?: number | string }).code;
+  const names: Record<number, string> = { 1: 'end of file', 2: 'no such file', 3: 'permission denied', 4: 'failure', 5: 'bad message', 6: 'no connection', 7: 'connection lost', 8: 'operation unsupported' };
+  return (typeof code === 'number' && names[code]) || (err instanceof Error ? err.message : String(err));
+}
+
+interface Session {
+  key: string;
+  client: Client;
+  sftp: SFTPWrapper;
+  refs: number;
+  hostport: string;
+  fsyncWarned: boolean;
+  dead: string | undefined;
+}
+
+/**
+ * The open SSH sessions of one process, by server, port, user and host_key_check.
+ * Owned by the ssh protocol driver (one per registry), not module state.
+ */
+export class SshSessions {
+  private readonly sessions = new Map<string, Promise<Session>>();
+
+  constructor(private readonly log: (msg: string) => void = defaultLog) {}
+
+  async acquire(t: SshTarget, name: string): Promise<Session> {
+    const key = `${t.user}@${t.host}:${t.port}?${t.hostKeyCheck}`;
+    let p = this.sessions.get(key);
+    if (p) {
+      const s = await p.catch(() => undefined);
+      if (s && !s.dead) {
+        s.refs++;
+        return s;
+      }
+      if (this.sessions.get(key) === p) this.sessions.delete(key);
+    }
+    p = this.connect(t, key, name);
+    this.sessions.set(key, p);
+    p.catch(() => {
+      if (this.sessions.get(key) === p) this.sessions.delete(key);
+    });
+    const s = await p;
+    s.refs++;
+    return s;
+  }
+
+  release(s: Session): void {
+    if (--s.refs > 0) return;
+    this.sessions.delete(s.key);
+    s.client.end();
+  }
+
+  warnNoFsync(s: Session): void {
+    if (s.fsyncWarned) return;
+    s.fsyncWarned = true;
+    // The text qemu-block-drivers(7) quotes.
+    this.log(`warning: ssh server ${s.hostport} does not support fsync`);
+  }
+
+  private connect(t: SshTarget, key: string, name: string): Promise<Session> {
+    const policy = parseHostKeyCheck(t.hostKeyCheck, name);
+    const agent = process.env.SSH_AUTH_SOCK;
+    if (!agent) return Promise.reject(new UsageError(`${name}: SSH_AUTH_SOCK is not set: tsmount authenticates through ssh-agent`));
+    const hostport = `${t.host}:${t.port}`;
+    return new Promise((resolve, reject) => {
+      const client = new Client();
+      let refusal: string | undefined;
+      let settled = false;
+      const fail = (msg: string, errno?: number): void => {
+        if (settled) return;
+        settled = true;
+        client.end();
+        reject(errno === undefined ? new UsageError(`${name}: ${msg}`) : new IoError(`${name}: ${msg}`, errno));
+      };
+      client.on('error', (err: Error & { level?: string; code?: string }) => {
+        if (refusal) return fail(refusal);
+        if (err.level === 'client-authentication') return fail(`ssh-agent has no key that ${t.user}@${hostport} accepts (authentication failed)`);
+        if (err.level === 'client-timeout') return fail(`no answer from ssh server ${hostport} within ${READY_TIMEOUT_MS / 1000} s`, E.ETIMEDOUT);
+        if (err.level === 'agent') return fail(`ssh-agent at ${agent} failed: ${err.message}`);
+        const code = err.code;
+        if (code === 'ECONNREFUSED') return fail(`cannot connect to ssh server ${hostport}: connection refused`);
+        if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return fail(`cannot connect to ssh server ${hostport}: unknown host`);
+        return fail(`ssh connection to ${hostport} failed: ${code ?? err.message}`);
+      });
+      client.on('close', () => {
+        if (!settled) fail(refusal ?? `the ssh server ${hostport} closed the connection`);
+      });
+      client.on('ready', () => {
+        client.sftp((err, sftp) => {
+          if (err) return fail(`the ssh server ${hostport} refused the SFTP subsystem: ${err.message}`);
+          settled = true;
+          const s: Session = { key, client, sftp, refs: 0, hostport, fsyncWarned: false, dead: undefined };
+          const lost = (why: string): void => {
+            if (s.dead) return;
+            s.dead = why;
+            if (s.refs > 0) this.log(`tsmount: ssh://${hostport}: ${why}`);
+          };
+          client.on('close', () => lost('the ssh connection was closed'));
+          client.on('error', (e: Error) => lost(`ssh connection error: ${e.message}`));
+          sftp.on('close', () => lost('the SFTP session ended'));
+          resolve(s);
+        });
+      });
+      const preferred = policy.mode === 'yes' ? preferredAlgorithms(t.host, t.port) : [];
+      client.connect({
+        host: t.host,
+        port: t.port,
+        username: t.user,
+        agent,
+        readyTimeout: READY_TIMEOUT_MS,
+        // Keys of the types known_hosts holds are asked for first, as OpenSSH does.
+        ...(preferred.length ? { algorithms: { serverHostKey: [...preferred, ...DEFAULT_HOST_KEY_ALGORITHMS.filter((a) => !preferred.includes(a))] as ServerHostKeyAlgorithm[] } } : {}),
+        hostVerifier: (keyBlob: Buffer) => {
+          refusal = checkHostKey(policy, keyBlob, t.host, t.port);
+          return refusal === undefined;
+        },
+      });
+    });
+  }
+}
+
+function call<T>(fn: (cb: (err: Error | null | undefined, v: T) => void) => void): Promise<T> {
+  return new Promise((resolve, reject) => fn((err, v) => (err ? reject(err) : resolve(v))));
+}
+
+async function inParallel<T>(items: T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let firstError: unknown;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const item = items[next++]!;
+      try {
+        await fn(item);
+      } catch (err) {
+        firstError ??= err;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (firstError !== undefined) throw firstError;
+}
+
+function pieces(offset: number, length: number, piece: number): [number, number][] {
+  const out: [number, number][] = [];
+  for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
+  return out;
+}
+
+export class SshNode implements BlockNode {
+  private closed = false;
+  private dirty = false;
+
+  private constructor(
+    readonly name: string,
+    private readonly sessions: SshSessions,
+    private readonly session: Session,
+    private readonly handle: Buffer,
+    private currentSize: number,
+    readonly readOnly: boolean,
+    private readonly ignoreFlush: boolean,
+  ) {}
+
+  static async open(spec: string, opts: { readOnly: boolean; ignoreFlush?: boolean }, sessions: SshSessions): Promise<SshNode> {
+    const t = parseSshSpec(spec);
+    const name = spec;
+    const s = await sessions.acquire(t, name);
+    try {
+      let handle: Buffer;
+      try {
+        handle = await call<Buffer>((cb) => s.sftp.open(t.path, opts.readOnly ? 'r' : 'r+', cb));
+      } catch (err) {
+        const errno = sftpErrno(err);
+        if (errno === E.ENOENT) throw new UsageError(`${name}: no such file on the server`);
+        throw new IoError(`${name}: cannot open on the server: ${sftpMessage(err)}`, errno);
+      }
+      const st = await call<{ size?: number }>((cb) => s.sftp.fstat(handle, cb)).catch((err: unknown) => {
+        throw new IoError(`${name}: cannot stat on the server: ${sftpMessage(err)}`, sftpErrno(err));
+      });
+      return new SshNode(name, sessions, s, handle, st.size ?? 0, opts.readOnly, !!opts.ignoreFlush);
+    } catch (err) {
+      sessions.release(s);
+      throw err;
+    }
+  }
+
+  /** Make an empty file on the server (tsimg create); fails if the server refuses. */
+  static async create(spec: string, sessions: SshSessions): Promise<void> {
+    const t = parseSshSpec(spec);
+    const s = await sessions.acquire(t, spec);
+    try {
+      const h = await call<Buffer>((cb) => s.sftp.open(t.path, 'w', cb));
+      await call<void>((cb) => s.sftp.close(h, (e) => cb(e, undefined)));
+    } catch (err) {
+      throw new UsageError(`${spec}: cannot create on the server: ${sftpMessage(err)}`);
+    } finally {
+      sessions.release(s);
+    }
+  }
+
+  static async remove(spec: string, sessions: SshSessions): Promise<void> {
+    const t = parseSshSpec(spec);
+    const s = await sessions.acquire(t, spec);
+    try {
+      await call<void>((cb) => s.sftp.unlink(t.path, (e) => cb(e, undefined))).catch(() => undefined);
+    } finally {
+      sessions.release(s);
+    }
+  }
+
+  get size(): number {
+    return this.currentSize;
+  }
+
+  private alive(): void {
+    if (this.closed) throw new IoError(`${this.name}: closed`);
+    if (this.session.dead) throw new IoError(`${this.name}: ${this.session.dead}`);
+  }
+
+  private ioError(what: string, err: unknown): IoError {
+    if (err instanceof IoError) return err;
+    return new IoError(`${this.name}: SFTP ${what} failed: ${this.session.dead ?? sftpMessage(err)}`, this.session.dead ? E.EIO : sftpErrno(err));
+  }
+
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    this.alive();
+    const buf = Buffer.from(dst.buffer, dst.byteOffset, dst.byteLength);
+    const inside = Math.max(0, Math.min(dst.length, this.currentSize - offset));
+    if (inside < dst.length) buf.fill(0, inside);
+    await inParallel(pieces(offset, inside, SFTP_PIECE), WINDOW, async ([o, n]) => {
+      let done = 0;
+      while (done < n) {
+        const at = o - offset + done;
+        let got: number;
+        try {
+          got = await new Promise<number>((resolve, reject) =>
+            this.session.sftp.read(this.handle, buf, at, n - done, o + done, (err, nb) => (err ? reject(err) : resolve(nb))),
+          );
+        } catch (err) {
+          throw this.ioError('read', err);
+        }
+        if (got === 0) {
+          // The file is shorter than it was: the rest reads as zeros, as for local files.
+          buf.fill(0, at, o - offset + n);
+          return;
+        }
+        done += got;
+      }
+    });
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    this.alive();
+    this.dirty = true;
+    const buf = Buffer.from(src.buffer, src.byteOffset, src.byteLength);
+    await inParallel(pieces(offset, src.length, SFTP_PIECE), WINDOW, async ([o, n]) => {
+      try {
+        await call<void>((cb) => this.session.sftp.write(this.handle, buf, o - offset, n, o, (e) => cb(e, undefined)));
+      } catch (err) {
+        throw this.ioError('write', err);
+      }
+    });
+    if (offset + src.length > this.currentSize) this.currentSize = offset + src.length;
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    // SFTP has no way to zero or punch a range: write zeros.
+    const zeros = new Uint8Array(Math.min(length, 1 << 20));
+    for (let done = 0; done < length; done += zeros.length) {
+      await this.write(offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)));
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    this.alive();
+    try {
+      await call<void>((cb) => this.session.sftp.fsetstat(this.handle, { size }, (e) => cb(e, undefined)));
+    } catch (err) {
+      throw this.ioError('truncate', err);
+    }
+    this.currentSize = size;
+    this.dirty = true;
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly || this.ignoreFlush || !this.dirty) return;
+    this.alive();
+    const ext = (this.session.sftp as unknown as { _extensions?: Record<string, string> })._extensions;
+    if (ext?.['fsync@openssh.com'] !== '1') {
+      this.sessions.warnNoFsync(this.session);
+      this.dirty = false;
+      return;
+    }
+    this.dirty = false;
+    try {
+      await call<void>((cb) => this.session.sftp.ext_openssh_fsync(this.handle, (e) => cb(e, undefined)));
+    } catch (err) {
+      this.dirty = true;
+      throw this.ioError('fsync', err);
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, kind: 'data' }];
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (!this.session.dead) {
+        const wasIgnoring = this.ignoreFlush;
+        // cache=unsafe skips flushes, but close still makes writes durable.
+        if (wasIgnoring && this.dirty) await call<void>((cb) => this.session.sftp.ext_openssh_fsync(this.handle, (e) => cb(e, undefined))).catch(() => undefined);
+        else await this.flush();
+      }
+    } finally {
+      this.closed = true;
+      if (!this.session.dead) await call<void>((cb) => this.session.sftp.close(this.handle, (e) => cb(e, undefined))).catch(() => undefined);
+      this.sessions.release(this.session);
+    }
+  }
+
+  /** The target with every option, for messages. */
+  static describe(spec: string): string {
+    return formatSshUri(parseSshSpec(spec));
+  }
+}
