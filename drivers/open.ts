@@ -71,6 +71,11 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       cache: opts.cache,
       metadataCacheBytes: opts.metadataCacheBytes,
       secret: opts.secret,
+      openFile: async (name) => {
+        const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
+        const p = protocolFor(resolved);
+        return p.open(resolved, { readOnly, lock: policy && lockRequestFor({ ...policy, format: 'qcow2' }), cache: opts.cache });
+      },
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         try {
@@ -97,7 +102,7 @@ async function chooseDriver(file: BlockNode, spec: string, format: string | unde
   const head = new Uint8Array(Math.min(PROBE_BYTES, file.size));
   await file.read(0, head);
   if (format !== undefined) {
-    const driver = formatByName(format);
+    const driver = driverNamed(format, spec);
     if (driver.name !== 'raw' && driver.probe(head, spec) === 0) {
       const probed = safeProbe(head, spec);
       throw new UsageError(`${spec}: not a ${format} image${probed && probed !== 'raw' ? ` (it looks like ${probed})` : ''}`);
@@ -105,6 +110,16 @@ async function chooseDriver(file: BlockNode, spec: string, format: string | unde
     return driver;
   }
   return probeFormat(head, spec);
+}
+
+/** formatByName, with the image named: `-f` and a backing_fmt apply to one file. */
+function driverNamed(format: string, spec: string): FormatDriver {
+  try {
+    return formatByName(format);
+  } catch (err) {
+    if (err instanceof TsmountError) throw Object.assign(err, { message: `${spec}: ${err.message}` });
+    throw err;
+  }
 }
 
 function safeProbe(head: Uint8Array, spec: string): string | undefined {

@@ -37,6 +37,11 @@ export interface BlockNode {
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   /** Change the size; only protocol nodes and formats that can grow implement it. */
   truncate?(size: number): Promise<void>;
+  /**
+   * Read-only views of the image's internal snapshots (qcow2), which fs/ shows as
+   * <stem>@<name>.raw; owned by this node (closing them is a no-op).
+   */
+  snapshots?(): { name: string; node: BlockNode }[];
   close(): Promise<void>;
 }
 
@@ -47,6 +52,11 @@ export interface OpenOptions {
   metadataCacheBytes: number;
   /** Opens a backing file by name, relative names resolved against the overlay, on its protocol. */
   openBacking(name: string, format: string | undefined): Promise<BlockNode>;
+  /**
+   * Opens a plain file (a qcow2 external data file) by name, relative names resolved
+   * against the image, on its protocol, read-only when the image is.
+   */
+  openFile?(name: string): Promise<BlockNode>;
   /** Passphrase for encrypted images. */
   secret?: string;
   /** Skip backing files entirely (qemu-img info's view). */

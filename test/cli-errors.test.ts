@@ -129,7 +129,7 @@ describe('tsmount: bad input gets a one-line error and changes nothing', functio
     const t0 = Date.now();
     const res = await tsmount(r.args, { cwd: dir, timeoutMs: TIMEOUT_MS });
     const took = Date.now() - t0;
-    const what = `tsmount ${r.args.map((a) => path.relative(dir, a) || a).join(' ')}`;
+    const what = `tsmount ${r.args.map((a) => (path.isAbsolute(a) ? path.relative(dir, a) : a)).join(' ')}`;
     expect(took, `${what} took ${took} ms`).to.be.below(BOUND_MS);
     expect(res.code, `${what}: exit status`).to.not.equal(0);
     const err = res.stderr.replace(/\n$/, '');
@@ -254,6 +254,20 @@ describe('tsmount: bad input gets a one-line error and changes nothing', functio
       await runOk('qemu-img', ['bitmap', '--add', f, 'b0']);
       fs.rmSync(base);
       await expectRefusedBothWays([f, mp], [/bm-base\.qcow2/, /not found|no such file/i]);
+    });
+
+    it('a missing backing file under an image left dirty (lazy refcounts): --rw repairs nothing before refusing', async () => {
+      const base = at('dirty-base.qcow2');
+      const f = at('dirty.qcow2');
+      await createImage(base, 'qcow2', 16 * MiB);
+      await createImage(f, 'qcow2', 16 * MiB, { lazy_refcounts: 'on' }, { file: 'dirty-base.qcow2', format: 'qcow2' });
+      // qemu-io's abort leaves the dirty bit set and the refcounts stale.
+      await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 64k', '-c', 'abort', f], { cwd: dir });
+      expect(readAt(f, 72, 8).readBigUInt64BE(0) & 1n, 'dirty bit').to.equal(1n);
+      fs.rmSync(base);
+      await expectRefused({ args: [f, mp], says: [/dirty-base\.qcow2/, /not found|no such file/i] });
+      // Refused for the backing file, or for the dirty bit itself: either way, unchanged.
+      await expectRefused({ args: ['--rw', f, mp], says: [/dirty-base\.qcow2.*(not found|no such file)|dirty|not closed cleanly/i] });
     });
 
     it('a backing chain that loops: a.qcow2 -> b.qcow2 -> a.qcow2', async () => {
