@@ -13,6 +13,7 @@ PACKAGES=(
   fio                               # benchmarks
   nbdkit                            # NBD tests (memory, file plugins)
   openssh-server openssh-client     # SSH/SFTP tests: sshd, ssh-agent, ssh-keygen
+  bximage                           # bochs, VMware4 vmdk and VHD images made by bochs' tool
   ca-certificates
 )
 

@@ -3,11 +3,15 @@ import type { FormatDriver } from '../types.js';
 import { UnsupportedError, UsageError } from '../errors.js';
 import { rawDriver } from './raw.js';
 import { qcow2Driver } from './qcow2/index.js';
+import { vpcDriver } from './vpc/index.js';
+import { vhdxDriver } from './vhdx/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
   rawDriver,
   qcow2Driver,
+  vpcDriver,
+  vhdxDriver,
 ];
 
 /** Formats tsmount can open, by QEMU's driver name. */
@@ -25,8 +29,6 @@ const knownSignatures: { name: string; test: (h: Uint8Array) => boolean }[] = [
   { name: 'qed', test: (h) => ascii(h, 0, 4) === 'QED\0' },
   { name: 'vdi', test: (h) => be32(h, 64) === 0x7f10dabe },
   { name: 'vmdk', test: (h) => ascii(h, 0, 4) === 'KDMV' || ascii(h, 0, 4) === 'COWD' || ascii(h, 0, 21) === '# Disk DescriptorFile' },
-  { name: 'vpc', test: (h) => ascii(h, 0, 8) === 'conectix' },
-  { name: 'vhdx', test: (h) => ascii(h, 0, 8) === 'vhdxfile' },
   { name: 'parallels', test: (h) => ascii(h, 0, 16) === 'WithoutFreeSpace' || ascii(h, 0, 16) === 'WithouFreSpacExt' },
   { name: 'bochs', test: (h) => ascii(h, 0, 22) === 'Bochs Virtual HD Image' },
   { name: 'cloop', test: (h) => ascii(h, 0, 22) === '#!/bin/sh\n#V2.0 Format' },

@@ -1,0 +1,281 @@
+// The vhdx format node: payload blocks mapped through the BAT (specification
+// section 2.5), with every BAT change made durable through the metadata log first,
+// as QEMU's vhdx_co_writev does with vhdx_log_write_and_flush.
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { Mutex } from '../qcow2/mutex.js';
+import { BAT_OFFSET_MASK, encodeHeader, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SIZE, LOG_SECTOR, MiB, newGuid, PAYLOAD, type Header } from './layout.js';
+import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
+
+/** The two header copies; updates always go to the older one (section 2.2.2.1). */
+export class Headers {
+  constructor(
+    private readonly file: BlockNode,
+    private readonly copies: [Header, Header],
+    private current: 0 | 1,
+    private readonly sessionGuid: Buffer,
+    private readonly barriers: boolean,
+  ) {}
+
+  get active(): Header {
+    return this.copies[this.current];
+  }
+
+  /** Write the non-current copy with the next sequence number; it becomes current. */
+  private async updateOne(newDataGuid: Buffer | undefined, logGuid: Buffer | undefined): Promise<void> {
+    const next: 0 | 1 = this.current === 0 ? 1 : 0;
+    const a = this.active;
+    const h: Header = {
+      ...a,
+      sequenceNumber: a.sequenceNumber + 1n,
+      fileWriteGuid: this.sessionGuid,
+      dataWriteGuid: newDataGuid ?? a.dataWriteGuid,
+      logGuid: logGuid ?? a.logGuid,
+    };
+    const at = next === 0 ? HEADER1_OFFSET : HEADER2_OFFSET;
+    // Keep whatever the reserved rest of the 4 KiB holds, as QEMU does.
+    const old = Buffer.alloc(HEADER_SIZE);
+    await this.file.read(at, old);
+    const block = encodeHeader(h, old);
+    await this.file.write(at, block);
+    if (this.barriers) await this.file.flush();
+    this.copies[next] = { ...h, raw: block.subarray(0, 80) };
+    this.current = next;
+  }
+
+  /** Both copies, so that either one read alone is up to date (QEMU's vhdx_update_headers). */
+  async update(o: { newDataGuid?: boolean; logGuid?: Buffer }): Promise<void> {
+    const data = o.newDataGuid ? newGuid() : undefined;
+    await this.updateOne(data, o.logGuid);
+    await this.updateOne(data, o.logGuid);
+  }
+}
+
+export interface VhdxNodeOptions {
+  file: BlockNode;
+  size: number;
+  readOnly: boolean;
+  blockSize: number;
+  chunkRatio: number;
+  bat: BigUint64Array;
+  batOffset: number;
+  headers: Headers | undefined;
+  logOffset: number;
+  logLength: number;
+  barriers: boolean;
+}
+
+export class VhdxNode implements BlockNode, Mapper {
+  readonly size: number;
+  readonly readOnly: boolean;
+  private readonly file: BlockNode;
+  private readonly bs: number;
+  private readonly chunkRatio: number;
+  private readonly bat: BigUint64Array;
+  private readonly batOffset: number;
+  private readonly headers: Headers | undefined;
+  private readonly logOffset: number;
+  private readonly logLength: number;
+  private readonly barriers: boolean;
+  private readonly mutex = new Mutex();
+  private visibleWrite: Promise<void> | undefined;
+  private logSequence = 1n;
+
+  constructor(o: VhdxNodeOptions) {
+    this.file = o.file;
+    this.size = o.size;
+    this.readOnly = o.readOnly;
+    this.bs = o.blockSize;
+    this.chunkRatio = o.chunkRatio;
+    this.bat = o.bat;
+    this.batOffset = o.batOffset;
+    this.headers = o.headers;
+    this.logOffset = o.logOffset;
+    this.logLength = o.logLength;
+    this.barriers = o.barriers;
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  /** BAT index of payload block `block`: a sector bitmap entry follows every chunk. */
+  private batIndex(block: number): number {
+    return block + Math.floor(block / this.chunkRatio);
+  }
+
+  private entry(block: number): { state: number; offset: number } {
+    const e = this.bat[this.batIndex(block)] ?? 0n;
+    return { state: Number(e & 7n), offset: Number(e & BAT_OFFSET_MASK) };
+  }
+
+  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    const runs: MappedRun[] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const block = Math.floor(pos / this.bs);
+      const inBlock = pos - block * this.bs;
+      const n = Math.min(end - pos, this.bs - inBlock);
+      const { state, offset: host } = this.entry(block);
+      switch (state) {
+        case PAYLOAD.fullyPresent:
+          runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
+          break;
+        case PAYLOAD.notPresent:
+        case PAYLOAD.undefined:
+        case PAYLOAD.zero:
+        case PAYLOAD.unmapped:
+        case PAYLOAD.unmappedV095:
+          runs.push({ kind: 'zero', offset: pos, length: n });
+          break;
+        default: {
+          const at = pos;
+          const why = state === PAYLOAD.partiallyPresent ? 'partially present (differencing images are not supported)' : `in unknown state ${state}`;
+          runs.push({
+            kind: 'custom',
+            offset: pos,
+            length: n,
+            read: () => Promise.reject(new CorruptImageError(`${this.name}: VHDX payload block at guest offset 0x${at.toString(16)} is ${why}`)),
+          });
+        }
+      }
+      pos += n;
+    }
+    return runs;
+  }
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return readMapped(this, this.file, undefined, offset, dst);
+  }
+
+  /** The open already changed the data write GUID (replaying a log). */
+  markVisibleWriteDone(): void {
+    this.visibleWrite = Promise.resolve();
+  }
+
+  /** Per the spec, the data write GUID changes before the first guest-visible write. */
+  private firstWrite(): Promise<void> {
+    if (!this.visibleWrite) {
+      this.visibleWrite = this.mutex.run(() => this.headers!.update({ newDataGuid: true }));
+      this.visibleWrite.catch(() => (this.visibleWrite = undefined));
+    }
+    return this.visibleWrite;
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    await this.firstWrite();
+    const runs = await this.mapRange(offset, src.length);
+    if (runs.every((r) => r.kind === 'data')) return this.writeRuns(runs, offset, src);
+    await this.mutex.run(() => this.writeLocked(offset, src));
+  }
+
+  private async writeRuns(runs: MappedRun[], offset: number, src: Uint8Array): Promise<void> {
+    await Promise.all(runs.map((r) => (r.kind === 'data' ? this.file.write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : Promise.resolve())));
+  }
+
+  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    const changes = new Map<number, bigint>();
+    const olds = new Map<number, bigint>();
+    const end = offset + src.length;
+    let pos = offset;
+    while (pos < end) {
+      const block = Math.floor(pos / this.bs);
+      const inBlock = pos - block * this.bs;
+      const n = Math.min(end - pos, this.bs - inBlock);
+      const data = src.subarray(pos - offset, pos - offset + n);
+      const { state, offset: host } = this.entry(block);
+      if (state === PAYLOAD.fullyPresent) {
+        await this.file.write(host + inBlock, data);
+      } else if (state === PAYLOAD.partiallyPresent || state === 4 || state > 7) {
+        throw new CorruptImageError(`${this.name}: cannot write VHDX payload block ${block}: its state (${state}) is not supported`);
+      } else {
+        // A new block at the next MiB past the end; the rest of it reads as zeros.
+        const start = Math.ceil(this.file.size / MiB) * MiB;
+        if (this.file.truncate) await this.file.truncate(start + this.bs);
+        else await this.file.write(start, Buffer.alloc(this.bs));
+        await this.file.write(start + inBlock, data);
+        changes.set(this.batIndex(block), BigInt(start) | BigInt(PAYLOAD.fullyPresent));
+        // Later parts of this request may land in the same block: map it now.
+        olds.set(this.batIndex(block), this.bat[this.batIndex(block)]!);
+        this.bat[this.batIndex(block)] = BigInt(start) | BigInt(PAYLOAD.fullyPresent);
+      }
+      pos += n;
+    }
+    if (changes.size === 0) return;
+    try {
+      await this.commitBat(changes);
+    } catch (err) {
+      // The blocks are not mapped on disk: forget them here too.
+      for (const [idx, e] of olds) this.bat[idx] = e;
+      throw err;
+    }
+  }
+
+  /**
+   * Make BAT changes durable through the log: data already written is flushed,
+   * the log entry holding the new BAT sectors is written and flushed, then the
+   * sectors are written in place and the log is emptied (QEMU's
+   * vhdx_log_write_and_flush). A crash at any point leaves either the old BAT or
+   * a log whose replay gives the new one.
+   */
+  private async commitBat(changes: Map<number, bigint>): Promise<void> {
+    const sectors = new Map<number, Buffer>();
+    for (const idx of changes.keys()) {
+      const at = this.batOffset + idx * 8;
+      const sectorAt = at - (at % LOG_SECTOR);
+      if (!sectors.has(sectorAt)) {
+        const b = Buffer.alloc(LOG_SECTOR);
+        await this.file.read(sectorAt, b);
+        sectors.set(sectorAt, b);
+      }
+    }
+    for (const [sectorAt, b] of sectors) {
+      // Every entry the sector holds, from memory: the on-disk copy may predate earlier commits of this session.
+      const firstIdx = (sectorAt - this.batOffset) / 8;
+      for (let k = 0; k < LOG_SECTOR / 8; k++) {
+        const e = this.bat[firstIdx + k];
+        if (e !== undefined) b.writeBigUInt64LE(e, k * 8);
+      }
+    }
+    const all = [...sectors.entries()].sort((a, b) => a[0] - b[0]).map(([fileOffset, data]) => ({ fileOffset, data }));
+    const per = maxSectorsPerEntry(this.logLength);
+    await this.barrier();
+    for (let i = 0; i < all.length; i += per) await this.logTransaction(all.slice(i, i + per));
+  }
+
+  private async logTransaction(sectors: { fileOffset: number; data: Buffer }[]): Promise<void> {
+    const headers = this.headers!;
+    const guid = newGuid();
+    await headers.update({ logGuid: guid });
+    const entry = encodeLogEntry({ sequenceNumber: this.logSequence++, logGuid: guid, tail: 0, fileSize: this.file.size, sectors });
+    await this.file.write(this.logOffset, entry);
+    await this.barrier();
+    for (const s of sectors) await this.file.write(s.fileOffset, s.data);
+    await this.barrier();
+    await headers.update({ logGuid: Buffer.alloc(16) });
+  }
+
+  private async barrier(): Promise<void> {
+    if (this.barriers) await this.file.flush();
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.mutex.run(() => this.file.flush());
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return mappedStatus(this, offset, length);
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.flush();
+    } finally {
+      await this.file.close();
+    }
+  }
+}

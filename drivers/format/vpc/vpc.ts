@@ -1,0 +1,226 @@
+// The vpc (VHD) format node: fixed disks are the file's bytes; dynamic disks map
+// 2 MiB-ish blocks through the BAT, each block preceded by its sector bitmap
+// (QEMU's block/vpc.c). Reads go through the shared mapped-read path.
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { Mutex } from '../qcow2/mutex.js';
+import { FOOTER_SIZE } from './footer.js';
+
+export const BAT_UNUSED = 0xffffffff;
+
+/** Zeros written per request when zeroing allocated blocks. */
+const ZERO_CHUNK = 1 << 20;
+
+export class VpcFixedNode implements BlockNode {
+  constructor(
+    private readonly file: BlockNode,
+    readonly size: number,
+    readonly readOnly: boolean,
+  ) {}
+  get name(): string {
+    return this.file.name;
+  }
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return this.file.read(offset, dst);
+  }
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    // A geometry larger than the file would put guest data over the footer.
+    if (offset + src.length > this.file.size - FOOTER_SIZE) {
+      throw new CorruptImageError(`${this.name}: fixed VHD is shorter than its disk size; write at 0x${offset.toString(16)} would overwrite the footer`);
+    }
+    await this.file.write(offset, src);
+  }
+  flush(): Promise<void> {
+    return this.readOnly ? Promise.resolve() : this.file.flush();
+  }
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, kind: 'data' }];
+  }
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}
+
+export interface VpcDynamicOptions {
+  file: BlockNode;
+  size: number;
+  readOnly: boolean;
+  /** The footer as on disk (rewritten at the end of the file as it grows). */
+  footer: Uint8Array;
+  bat: Uint32Array;
+  batOffset: number;
+  blockSize: number;
+  bitmapSize: number;
+  /** Where the next block goes: past the BAT and every allocated block. */
+  freeOffset: number;
+  barriers: boolean;
+}
+
+export class VpcDynamicNode implements BlockNode, Mapper {
+  readonly size: number;
+  readonly readOnly: boolean;
+  private readonly file: BlockNode;
+  private readonly footer: Uint8Array;
+  private readonly bat: Uint32Array;
+  private readonly batOffset: number;
+  private readonly blockSize: number;
+  private readonly bitmapSize: number;
+  private freeOffset: number;
+  private readonly barriers: boolean;
+  private readonly mutex = new Mutex();
+  /**
+   * Blocks whose bitmap this session has set to all ones. Other tools may leave
+   * bits clear; QEMU sets them all before its first write to a block, so that
+   * Virtual PC never takes written sectors for unused ones.
+   */
+  private readonly bitmapSet = new Set<number>();
+
+  constructor(o: VpcDynamicOptions) {
+    this.file = o.file;
+    this.size = o.size;
+    this.readOnly = o.readOnly;
+    this.footer = o.footer;
+    this.bat = o.bat;
+    this.batOffset = o.batOffset;
+    this.blockSize = o.blockSize;
+    this.bitmapSize = o.bitmapSize;
+    this.freeOffset = o.freeOffset;
+    this.barriers = o.barriers;
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  private blockHost(idx: number): number | undefined {
+    const e = idx < this.bat.length ? this.bat[idx]! : BAT_UNUSED;
+    return e === BAT_UNUSED ? undefined : e * 512 + this.bitmapSize;
+  }
+
+  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    const runs: MappedRun[] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const idx = Math.floor(pos / this.blockSize);
+      const inBlock = pos - idx * this.blockSize;
+      const n = Math.min(end - pos, this.blockSize - inBlock);
+      const host = this.blockHost(idx);
+      if (host === undefined) runs.push({ kind: 'zero', offset: pos, length: n });
+      else runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
+      pos += n;
+    }
+    return runs;
+  }
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return readMapped(this, this.file, undefined, offset, dst);
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    const first = Math.floor(offset / this.blockSize);
+    const last = Math.floor((offset + src.length - 1) / this.blockSize);
+    let ready = true;
+    for (let i = first; i <= last && ready; i++) ready = this.blockHost(i) !== undefined && this.bitmapSet.has(i);
+    if (ready) return this.writeInPlace(offset, src);
+    await this.mutex.run(() => this.writeLocked(offset, src));
+  }
+
+  private async writeInPlace(offset: number, src: Uint8Array): Promise<void> {
+    const runs = await this.mapRange(offset, src.length);
+    await Promise.all(
+      runs.map((r) => (r.kind === 'data' ? this.file.write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : Promise.resolve())),
+    );
+  }
+
+  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    const end = offset + src.length;
+    let pos = offset;
+    while (pos < end) {
+      const idx = Math.floor(pos / this.blockSize);
+      const inBlock = pos - idx * this.blockSize;
+      const n = Math.min(end - pos, this.blockSize - inBlock);
+      const data = src.subarray(pos - offset, pos - offset + n);
+      const host = this.blockHost(idx);
+      if (host === undefined) {
+        await this.allocate(idx, inBlock, data);
+      } else {
+        if (!this.bitmapSet.has(idx)) {
+          await this.file.write(host - this.bitmapSize, Buffer.alloc(this.bitmapSize, 0xff));
+          await this.barrier();
+          this.bitmapSet.add(idx);
+        }
+        await this.file.write(host + inBlock, data);
+      }
+      pos += n;
+    }
+  }
+
+  /**
+   * A new block at the end of the file, where the footer was: bitmap and data
+   * first, then the footer after the block, then the BAT entry that makes the
+   * block live. A crash before the BAT entry leaves the block unreferenced.
+   */
+  private async allocate(idx: number, inBlock: number, data: Uint8Array): Promise<void> {
+    const start = this.freeOffset;
+    const next = start + this.bitmapSize + this.blockSize;
+    if (next / 512 > BAT_UNUSED) throw new CorruptImageError(`${this.name}: VHD is full (block offsets are 32-bit sector numbers)`);
+    const bitmap = Buffer.alloc(this.bitmapSize, 0xff);
+    if (this.file.size > start + FOOTER_SIZE) {
+      // Something lies past the footer: the unwritten part of the block would not read as zeros.
+      const whole = Buffer.alloc(this.bitmapSize + this.blockSize);
+      whole.set(bitmap, 0);
+      whole.set(data, this.bitmapSize + inBlock);
+      await this.file.write(start, whole);
+    } else {
+      await Promise.all([this.file.write(start, bitmap), this.file.write(start + this.bitmapSize + inBlock, data)]);
+    }
+    await this.barrier();
+    await this.file.write(next, this.footer);
+    await this.barrier();
+    const entry = Buffer.alloc(4);
+    entry.writeUInt32BE(start / 512, 0);
+    await this.file.write(this.batOffset + idx * 4, entry);
+    this.bat[idx] = start / 512;
+    this.freeOffset = next;
+    this.bitmapSet.add(idx);
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    // Unallocated blocks read as zeros already; only allocated ones are written.
+    await this.mutex.run(async () => {
+      for (const r of await this.mapRange(offset, length)) {
+        if (r.kind !== 'data') continue;
+        for (let done = 0; done < r.length; done += ZERO_CHUNK) {
+          const n = Math.min(ZERO_CHUNK, r.length - done);
+          await this.writeLocked(r.offset + done, Buffer.alloc(n));
+        }
+      }
+    });
+  }
+
+  private async barrier(): Promise<void> {
+    if (this.barriers) await this.file.flush();
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.mutex.run(() => this.file.flush());
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return mappedStatus(this, offset, length);
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.flush();
+    } finally {
+      await this.file.close();
+    }
+  }
+}

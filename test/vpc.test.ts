@@ -1,0 +1,437 @@
+// The vpc (VHD) driver against QEMU's own tools and bochs' bximage: images they
+// make read identically through tsmount; tsmount's writes read back in qemu-img;
+// tsimg create makes the images qemu-img makes; broken images fail cleanly.
+import { expect } from 'chai';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { formatOf, openImage } from '../drivers/open.js';
+import { CorruptImageError, ReadOnlyError, TsmountError } from '../drivers/errors.js';
+import type { BlockNode } from '../drivers/types.js';
+import { calculateGeometry, roundedImageSize, vpcChecksum } from '../drivers/format/vpc/footer.js';
+import { convertToRaw, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
+import { MountTracker } from './helpers/mount.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const TSIMG = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../mount-helpers/tsimg.js');
+
+function open(file: string, rw = false, format?: string): Promise<BlockNode> {
+  return openImage(file, { readOnly: !rw, format, cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false });
+}
+
+async function nodeMd5(node: BlockNode): Promise<string> {
+  const h = crypto.createHash('md5');
+  const buf = Buffer.alloc(1 * MiB);
+  for (let off = 0; off < node.size; off += buf.length) {
+    const n = Math.min(buf.length, node.size - off);
+    await node.read(off, buf.subarray(0, n));
+    h.update(buf.subarray(0, n));
+  }
+  return h.digest('hex');
+}
+
+function pattern(length: number, seed: number): Buffer {
+  const b = Buffer.alloc(length);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    b[i] = x & 0xff;
+  }
+  return b;
+}
+
+function patch(file: string, offset: number, data: Uint8Array): void {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    fs.writeSync(fd, data, 0, data.length, offset);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function readBytes(file: string, offset: number, length: number): Buffer {
+  const b = Buffer.alloc(length);
+  const fd = fs.openSync(file, 'r');
+  try {
+    fs.readSync(fd, b, 0, length, offset);
+  } finally {
+    fs.closeSync(fd);
+  }
+  return b;
+}
+
+/** Rewrite the footer (at `at`) with `edit` applied and a correct checksum. */
+function editFooter(file: string, at: number, edit: (b: Buffer) => void): void {
+  const b = readBytes(file, at, 512);
+  edit(b);
+  b.writeUInt32BE(vpcChecksum(b, 64), 64);
+  patch(file, at, b);
+}
+
+async function tsimg(args: string[], cwd: string): Promise<{ code: number; stderr: string }> {
+  return run(process.execPath, [TSIMG, ...args], { cwd });
+}
+
+describe('vpc: reading VHD images', function () {
+  this.timeout(120_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('vpc-read')));
+  after(() => t.cleanup());
+
+  const writes = ['write -P 0x11 0 64k', 'write -P 0x22 2047k 2k', 'write -P 0x33 5M 3M', 'write -z 6M 512'];
+  const cases: { name: string; size: number | string; options: Record<string, string>; io: string[] }[] = [
+    { name: 'dynamic (default), empty', size: '10M', options: {}, io: [] },
+    { name: 'dynamic, data across block boundaries', size: '20M', options: {}, io: writes },
+    { name: 'dynamic with force_size', size: 20 * MiB + 512, options: { force_size: 'on' }, io: writes },
+    { name: 'fixed', size: '20M', options: { subformat: 'fixed' }, io: writes },
+    { name: 'fixed with force_size', size: '20M', options: { subformat: 'fixed', force_size: 'on' }, io: writes },
+    { name: 'dynamic, sparse 1.1 GiB with data near the end', size: '1100M', options: {}, io: ['write -P 0x44 1099M 1M', 'write -P 0x55 1M 4k'] },
+  ];
+  for (const c of cases) {
+    it(`reads a qemu-img ${c.name} image byte-identically to qemu-img convert`, async () => {
+      const f = path.join(t.dir, `${c.name.replace(/\W+/g, '_')}.vhd`);
+      await createImage(f, 'vpc', c.size, c.options);
+      if (c.io.length) await qemuIo(f, 'vpc', c.io);
+      const info = await imageInfo(f, 'vpc');
+      const node = await open(f, false, 'vpc');
+      try {
+        expect(node.size).to.equal(info['virtual-size']);
+        expect(await nodeMd5(node)).to.equal(await rawMd5(f, 'vpc'));
+      } finally {
+        await node.close();
+      }
+    });
+  }
+
+  it('probes a dynamic VHD as vpc (and opens a fixed one with -f vpc)', async () => {
+    const f = path.join(t.dir, 'probe.vhd');
+    await createImage(f, 'vpc', '4M');
+    const node = await open(f);
+    expect(formatOf(node)).to.equal('vpc');
+    expect(node.size).to.equal((await imageInfo(f))['virtual-size']);
+    await node.close();
+    const fixed = path.join(t.dir, 'probe-fixed.vhd');
+    await createImage(fixed, 'vpc', '4M', { subformat: 'fixed' });
+    const n2 = await open(fixed, false, 'vpc');
+    expect(n2.size).to.equal((await imageInfo(fixed, 'vpc'))['virtual-size']);
+    await n2.close();
+  });
+
+  it('reads images made by bochs bximage (empty, and converted from raw data)', async () => {
+    const empty = path.join(t.dir, 'bx-empty.vhd');
+    await runOk('bximage', ['-func=create', '-hd=10M', '-imgmode=vpc', '-q', empty]);
+    // bximage sizes a disk by its own CHS geometry; give it a raw file of exactly that size.
+    const raw = path.join(t.dir, 'bx.raw');
+    fs.writeFileSync(raw, Buffer.concat([pattern(3 * MiB, 7), Buffer.alloc(4 * MiB), pattern(10321920 - 7 * MiB, 8)]));
+    const conv = path.join(t.dir, 'bx-data.vhd');
+    await run('bximage', ['-func=convert', '-imgmode=vpc', '-q', raw, conv]);
+    for (const f of [empty, conv]) {
+      expect(readBytes(f, 28, 4).toString('latin1')).to.equal('bxic');
+      const node = await open(f);
+      try {
+        expect(node.size).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
+        expect(await nodeMd5(node)).to.equal(await rawMd5(f, 'vpc'));
+      } finally {
+        await node.close();
+      }
+    }
+    expect(await rawMd5(conv, 'vpc')).to.equal(await md5File(raw));
+  });
+
+  // How the guest-visible size follows the creator application (vpc_open's table).
+  const apps = ['vpc ', 'qemu', 'qem2', 'win ', 'd2v ', 'CTXS', 'tap\0', 'bxic', 'XYZ '];
+  for (const app of apps) {
+    it(`sizes a disk whose creator is '${app.replace('\0', '\\0')}' as qemu-img does`, async () => {
+      const f = path.join(t.dir, `app-${apps.indexOf(app)}.vhd`);
+      await createImage(f, 'vpc', '10M');
+      const end = fs.statSync(f).size - 512;
+      const edit = (b: Buffer): void => {
+        b.write(app, 28, 'latin1');
+        // current_size larger than the geometry says, as Hyper-V writes it.
+        b.writeBigUInt64BE(BigInt(10 * MiB + 64 * KiB), 48);
+      };
+      editFooter(f, 0, edit);
+      editFooter(f, end, edit);
+      const node = await open(f);
+      try {
+        expect(node.size).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
+      } finally {
+        await node.close();
+      }
+    });
+  }
+
+  it('uses current_size when the geometry is the CHS maximum', async () => {
+    const f = path.join(t.dir, 'maxchs.vhd');
+    await createImage(f, 'vpc', '10M', { force_size: 'on' });
+    const edit = (b: Buffer): void => {
+      b.write('qemu', 28, 'latin1');
+    };
+    editFooter(f, 0, edit);
+    editFooter(f, fs.statSync(f).size - 512, edit);
+    const node = await open(f);
+    expect(node.size).to.equal(10 * MiB);
+    expect(node.size).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
+    await node.close();
+  });
+});
+
+describe('vpc: CHS geometry matches QEMU', function () {
+  this.timeout(120_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('vpc-chs')));
+  after(() => t.cleanup());
+
+  it('rounds requested sizes up to the geometry qemu-img picks', async () => {
+    const sizes = [512, 1000000, 10 * MiB, 127 * MiB + 1, 500 * MiB, 2 * 1024 * MiB + 3, 40 * 1024 * MiB, 127 * 1024 * MiB, 130 * 1024 * MiB, 1500 * 1024 * MiB];
+    for (const s of sizes) {
+      const f = path.join(t.dir, `chs-${s}.vhd`);
+      await createImage(f, 'vpc', s);
+      const r = roundedImageSize(Math.ceil(s / 512) * 512, false)!;
+      expect(r.totalSectors * 512, `size ${s}`).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
+      const footer = readBytes(f, 0, 512);
+      const g = calculateGeometry(r.totalSectors);
+      expect([footer.readUInt16BE(56), footer[58], footer[59]], `geometry of ${s}`).to.deep.equal([g.cylinders, g.heads, g.sectorsPerTrack]);
+      fs.rmSync(f);
+    }
+  });
+});
+
+describe('vpc: writing', function () {
+  this.timeout(180_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('vpc-write')));
+  after(() => t.cleanup());
+
+  const variants: { name: string; options: Record<string, string>; bx?: boolean }[] = [
+    { name: 'dynamic', options: {} },
+    { name: 'fixed', options: { subformat: 'fixed' } },
+    { name: 'dynamic force_size', options: { force_size: 'on' } },
+    { name: 'bximage-made', options: {}, bx: true },
+  ];
+  for (const v of variants) {
+    it(`unaligned writes to a ${v.name} image read back in qemu-img exactly as written`, async () => {
+      const f = path.join(t.dir, `w-${v.name.replace(/\W+/g, '_')}.vhd`);
+      if (v.bx) await runOk('bximage', ['-func=create', '-hd=10M', '-imgmode=vpc', '-q', f]);
+      else await createImage(f, 'vpc', '10M', v.options);
+      if (!v.bx) await qemuIo(f, 'vpc', ['write -P 0x77 3M 1M']);
+      const model = Buffer.alloc((await imageInfo(f, 'vpc'))['virtual-size']);
+      const before = path.join(t.dir, 'before.raw');
+      await convertToRaw(f, before, 'vpc');
+      fs.readFileSync(before).copy(model);
+      const node = await open(f, true, 'vpc');
+      const ops: [number, number][] = [
+        [1, 100],
+        [2 * MiB - 300, 700],
+        [3 * MiB + 17, 5000],
+        [5 * MiB - 1, 2 * MiB + 2],
+        [model.length - 1000, 1000],
+      ];
+      try {
+        let seed = 1;
+        for (const [off, len] of ops) {
+          const data = pattern(len, seed++);
+          await node.write(off, data);
+          data.copy(model, off);
+        }
+        // Concurrent writes into one new block must not allocate it twice.
+        const a = pattern(4096, 90);
+        const b = pattern(4096, 91);
+        await Promise.all([node.write(8 * MiB, a), node.write(8 * MiB + 8192, b)]);
+        a.copy(model, 8 * MiB);
+        b.copy(model, 8 * MiB + 8192);
+        const back = Buffer.alloc(model.length);
+        await node.read(0, back);
+        expect(back.equals(model)).to.equal(true);
+      } finally {
+        await node.close();
+      }
+      const out = path.join(t.dir, 'after.raw');
+      await convertToRaw(f, out, 'vpc');
+      expect(fs.readFileSync(out).equals(model)).to.equal(true);
+    });
+  }
+
+  it('refuses writes on a read-only open', async () => {
+    const f = path.join(t.dir, 'ro.vhd');
+    await createImage(f, 'vpc', '4M');
+    const node = await open(f);
+    try {
+      await node.write(0, Buffer.alloc(512)).then(
+        () => expect.fail('write succeeded'),
+        (e: unknown) => expect(e).to.be.instanceOf(ReadOnlyError),
+      );
+    } finally {
+      await node.close();
+    }
+  });
+});
+
+describe('tsimg create -f vpc', function () {
+  this.timeout(120_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('vpc-create')));
+  after(() => t.cleanup());
+
+  const cases: { options: string; size: string }[] = [
+    { options: '', size: '10M' },
+    { options: 'subformat=dynamic', size: '1000000' },
+    { options: 'subformat=fixed', size: '10M' },
+    { options: 'force_size=on', size: '10M' },
+    { options: 'subformat=fixed,force_size=on', size: '1000000' },
+    { options: 'force_size=off', size: '5G' },
+  ];
+  for (const c of cases) {
+    it(`makes the image qemu-img makes with -o '${c.options}' ${c.size}`, async () => {
+      const ours = path.join(t.dir, 'ours.vhd');
+      const theirs = path.join(t.dir, 'theirs.vhd');
+      fs.rmSync(ours, { force: true });
+      fs.rmSync(theirs, { force: true });
+      const args = ['create', '-q', '-f', 'vpc', ...(c.options ? ['-o', c.options] : []), ours, c.size];
+      const r = await tsimg(args, t.dir);
+      expect(r.code, r.stderr).to.equal(0);
+      await runOk('qemu-img', ['create', '-q', '-f', 'vpc', ...(c.options ? ['-o', c.options] : []), theirs, c.size]);
+      const a = await imageInfo(ours, 'vpc');
+      const b = await imageInfo(theirs, 'vpc');
+      expect(a['virtual-size']).to.equal(b['virtual-size']);
+      expect(a['cluster-size']).to.equal(b['cluster-size']);
+      expect(fs.statSync(ours).size).to.equal(fs.statSync(theirs).size);
+      // Footers agree but for timestamp, uuid and checksum.
+      const fa = readBytes(ours, fs.statSync(ours).size - 512, 64);
+      const fb = readBytes(theirs, fs.statSync(theirs).size - 512, 64);
+      fa.fill(0, 24, 28);
+      fb.fill(0, 24, 28);
+      expect(fa.equals(fb)).to.equal(true);
+      // qemu-io writes into ours, and tsmount reads what it wrote.
+      await qemuIo(ours, 'vpc', ['write -P 0x61 64k 64k']);
+      const node = await open(ours, false, 'vpc');
+      try {
+        if (node.size <= 64 * MiB) {
+          expect(await nodeMd5(node)).to.equal(await rawMd5(ours, 'vpc'));
+        } else {
+          const got = Buffer.alloc(256 * KiB);
+          await node.read(0, got);
+          const want = Buffer.alloc(256 * KiB);
+          want.fill(0x61, 64 * KiB, 128 * KiB);
+          expect(got.equals(want)).to.equal(true);
+        }
+      } finally {
+        await node.close();
+      }
+    });
+  }
+
+  it('rejects unknown options, bad subformats and sizes above 2040 GiB with one line', async () => {
+    for (const args of [
+      ['-o', 'cluster_size=64k', 'x.vhd', '1M'],
+      ['-o', 'subformat=sparse', 'x.vhd', '1M'],
+      ['-o', 'force_size=on', 'x.vhd', '2041G'],
+    ]) {
+      const r = await tsimg(['create', '-q', '-f', 'vpc', ...args], t.dir);
+      expect(r.code).to.not.equal(0);
+      expect(r.stderr.trim().split('\n')).to.have.length(1);
+      expect(fs.existsSync(path.join(t.dir, 'x.vhd'))).to.equal(false);
+    }
+  });
+});
+
+describe('vpc: broken images', function () {
+  this.timeout(120_000);
+  let t: ReturnType<typeof tempDir>;
+  let good: string;
+  before(async () => {
+    t = tempDir('vpc-bad');
+    good = path.join(t.dir, 'good.vhd');
+    await createImage(good, 'vpc', '10M');
+    await qemuIo(good, 'vpc', ['write -P 0x42 0 3M']);
+  });
+  after(() => t.cleanup());
+
+  const breakers: { name: string; apply: (f: string) => void }[] = [
+    { name: 'a footer checksum that does not match', apply: (f) => patch(f, 40, Buffer.from([0x99])) },
+    { name: 'a dynamic header with the wrong magic', apply: (f) => patch(f, 512, Buffer.from('cxsparsX')) },
+    { name: 'a block size that is not a power of two', apply: (f) => patch(f, 512 + 32, Buffer.from([0, 0x20, 0, 1])) },
+    { name: 'a BAT entry pointing past the end of the file', apply: (f) => patch(f, 1536 + 4, Buffer.from([0x00, 0x10, 0, 0])) },
+    { name: 'a table offset outside the file', apply: (f) => patch(f, 512 + 16, Buffer.from([0, 0, 0, 1, 0, 0, 0, 0])) },
+    { name: 'a truncated file', apply: (f) => fs.truncateSync(f, fs.statSync(f).size - 1024 * 1024) },
+    { name: 'nothing but a few bytes', apply: (f) => fs.truncateSync(f, 100) },
+  ];
+  for (const b of breakers) {
+    it(`refuses an image with ${b.name}: one-line error, file unchanged`, async () => {
+      const f = path.join(t.dir, 'bad.vhd');
+      fs.copyFileSync(good, f);
+      b.apply(f);
+      const before = await md5File(f);
+      for (const rw of [false, true]) {
+        let err: unknown;
+        try {
+          const node = await open(f, rw, 'vpc');
+          await nodeMd5(node);
+          await node.close();
+        } catch (e) {
+          err = e;
+        }
+        expect(err, `${b.name} (rw=${rw})`).to.be.instanceOf(TsmountError);
+        expect((err as Error).message.split('\n')).to.have.length(1);
+      }
+      expect(await md5File(f)).to.equal(before);
+    });
+  }
+
+  it('survives random corruption of the metadata: an error or data, never a crash or hang', async () => {
+    const f = path.join(t.dir, 'random.vhd');
+    const rnd = pattern(4096, 1234);
+    for (let i = 0; i < 60; i++) {
+      fs.copyFileSync(good, f);
+      const at = rnd.readUInt16LE(i * 2) % 2048;
+      patch(f, at, Buffer.from([rnd[i * 2 + 1000]!]));
+      try {
+        const node = await open(f, false, 'vpc');
+        try {
+          await nodeMd5(node);
+        } finally {
+          await node.close();
+        }
+      } catch (e) {
+        expect(e).to.be.instanceOf(TsmountError);
+        expect(e instanceof CorruptImageError || (e as Error).message.length > 0).to.equal(true);
+      }
+    }
+  });
+});
+
+describe('vpc: through a real FUSE mount', function () {
+  this.timeout(120_000);
+  const mounts = new MountTracker();
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('vpc-mount')));
+  afterEach(() => mounts.cleanup());
+  after(() => t.cleanup());
+
+  it('serves a dynamic VHD as a flat file and writes through it with --rw', async () => {
+    const f = path.join(t.dir, 'disk.vhd');
+    await createImage(f, 'vpc', '10M');
+    await qemuIo(f, 'vpc', ['write -P 0x5c 1M 1M']);
+    const mp = path.join(t.dir, 'mnt');
+    fs.mkdirSync(mp);
+    await mounts.mount(['--rw', f, mp]);
+    const flat = path.join(mp, 'disk.raw');
+    expect(fs.statSync(flat).size).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
+    expect(await md5File(flat)).to.equal(await rawMd5(f, 'vpc'));
+    const data = pattern(10000, 3);
+    const fd = fs.openSync(flat, 'r+');
+    fs.writeSync(fd, data, 0, data.length, 4 * MiB + 3);
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    const expected = fs.readFileSync(flat);
+    await mounts.unmount(mp);
+    const out = path.join(t.dir, 'out.raw');
+    await convertToRaw(f, out, 'vpc');
+    expect(fs.readFileSync(out).equals(expected)).to.equal(true);
+    expect(expected.subarray(4 * MiB + 3, 4 * MiB + 3 + data.length).equals(data)).to.equal(true);
+  });
+});
