@@ -108,6 +108,8 @@ async function main(argv: string[]): Promise<void> {
   }
 
   const readyFd = opts.readyFd !== undefined ? Number(opts.readyFd) : undefined;
+  // Once the starting command is gone, its end of our stderr is closed.
+  process.stderr.on('error', () => undefined);
   let server: Server;
   try {
     server = await Server.start({
@@ -159,12 +161,16 @@ function fromImageOpts(lists: string[], format: string | undefined): { images: s
 async function daemonize(argv: string[], log: string | undefined): Promise<void> {
   const script = fileURLToPath(import.meta.url);
   const args = [...process.execArgv, script, ...argv.slice(2), '--foreground', '--ready-fd', '3'];
-  const logFd = log ? fs.openSync(path.resolve(log), 'a') : 'ignore';
-  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd, logFd, 'pipe'] });
+  const logFd = log ? fs.openSync(path.resolve(log), 'a') : undefined;
+  // Without --log, the server's stderr comes here until it is ready, so a crash at
+  // startup still explains itself; after that it writes into a closed pipe, harmlessly.
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd ?? 'ignore', logFd ?? 'pipe', 'pipe'] });
   const channel = child.stdio[3] as NodeJS.ReadableStream;
   let said = '';
+  let stderr = '';
   channel.setEncoding('utf8');
   channel.on('data', (chunk: string) => (said += chunk));
+  child.stderr?.on('data', (chunk: Buffer) => (stderr = (stderr + chunk.toString()).slice(-4096)));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   const answered = new Promise<void>((resolve) => channel.on('end', resolve));
   await Promise.race([answered, exited]);
@@ -174,11 +180,13 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   if (line === 'OK') {
     child.unref();
     (channel as unknown as { destroy(): void }).destroy();
+    child.stderr?.destroy();
     process.exit(0);
   }
   if (line.startsWith('ERR ')) fail(line.slice(4));
   const code = await exited;
-  fail(`the server exited before the mount was ready (status ${code ?? 'killed'})${log ? `; see ${log}` : ''}`);
+  const last = stderr.trim().split('\n').filter(Boolean).pop();
+  fail(`the server exited before the mount was ready (status ${code ?? 'killed'})${last ? `: ${last.replace(/^tsmount: /, '')}` : ''}${log ? `; see ${log}` : ''}`);
 }
 
 main(process.argv).catch((err: unknown) => {
