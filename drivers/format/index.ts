@@ -5,6 +5,10 @@ import { rawDriver } from './raw.js';
 import { qcow2Driver } from './qcow2/index.js';
 import { vpcDriver } from './vpc/index.js';
 import { vhdxDriver } from './vhdx/index.js';
+import { qedDriver } from './qed/index.js';
+import { qcowDriver } from './qcow/index.js';
+import { vdiDriver } from './vdi/index.js';
+import { parallelsDriver } from './parallels/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
@@ -12,6 +16,10 @@ const drivers: FormatDriver[] = [
   qcow2Driver,
   vpcDriver,
   vhdxDriver,
+  qedDriver,
+  qcowDriver,
+  vdiDriver,
+  parallelsDriver,
 ];
 
 /** Formats tsmount can open, by QEMU's driver name. */
@@ -25,11 +33,7 @@ export const PROBE_BYTES = 4096;
  * keeps such an image from being taken for raw (and written to as raw).
  */
 const knownSignatures: { name: string; test: (h: Uint8Array) => boolean }[] = [
-  { name: 'qcow', test: (h) => ascii(h, 0, 4) === 'QFI\xfb' && be32(h, 4) === 1 },
-  { name: 'qed', test: (h) => ascii(h, 0, 4) === 'QED\0' },
-  { name: 'vdi', test: (h) => be32(h, 64) === 0x7f10dabe },
   { name: 'vmdk', test: (h) => ascii(h, 0, 4) === 'KDMV' || ascii(h, 0, 4) === 'COWD' || ascii(h, 0, 21) === '# Disk DescriptorFile' },
-  { name: 'parallels', test: (h) => ascii(h, 0, 16) === 'WithoutFreeSpace' || ascii(h, 0, 16) === 'WithouFreSpacExt' },
   { name: 'bochs', test: (h) => ascii(h, 0, 22) === 'Bochs Virtual HD Image' },
   { name: 'cloop', test: (h) => ascii(h, 0, 22) === '#!/bin/sh\n#V2.0 Format' },
   { name: 'luks', test: (h) => ascii(h, 0, 6) === 'LUKS\xba\xbe' },

@@ -1,0 +1,72 @@
+// The parallels driver: probe, open and create (QEMU's block/parallels.c).
+import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
+import { CorruptImageError, UsageError } from '../../errors.js';
+import { AlignFilter } from '../../filters/align.js';
+import { DEFAULT_CLUSTER_SIZE, HDR, HEADER_BYTES, HEADER_VERSION, INUSE_MAGIC, MAGIC_V1, MAGIC_V2, MAX_IMAGE_FACTOR, magicOf, parseHeader, SECTOR } from './header.js';
+import { ParallelsNode } from './parallels.js';
+
+function probe(head: Uint8Array): number {
+  if (head.length < HEADER_BYTES) return 0;
+  const magic = magicOf(head);
+  const version = new DataView(head.buffer, head.byteOffset, head.byteLength).getUint32(HDR.version, true);
+  return (magic === MAGIC_V1 || magic === MAGIC_V2) && version === HEADER_VERSION ? 100 : 0;
+}
+
+async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
+  const name = file.name;
+  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${name}: file too short for a parallels header`);
+  const head = Buffer.alloc(HEADER_BYTES);
+  await file.read(0, head);
+  const h = parseHeader(head, file.size, name);
+  if (!opts.readOnly && h.inuse === INUSE_MAGIC) {
+    throw new CorruptImageError(`${name}: parallels image was not closed correctly; it cannot be opened read/write (repair with 'qemu-img check -r all')`);
+  }
+  const raw = Buffer.alloc(h.batEntries * 4);
+  await file.read(HEADER_BYTES, raw);
+  const bat = new Uint32Array(h.batEntries);
+  for (let i = 0; i < h.batEntries; i++) bat[i] = raw.readUInt32LE(i * 4);
+  if (!opts.readOnly) {
+    // In use until closed: a crash leaves the mark for qemu-img check to see.
+    const mark = Buffer.alloc(4);
+    mark.writeUInt32LE(INUSE_MAGIC);
+    await file.write(HDR.inuse, mark);
+    await file.flush();
+  }
+  // Parallels works in sectors: unaligned writes become read-modify-write.
+  return new AlignFilter(new ParallelsNode(file, h, bat, opts.readOnly, opts.cache !== 'unsafe'), SECTOR);
+}
+
+async function create(req: CreateRequest): Promise<void> {
+  const requested = req.options.size('cluster_size') ?? DEFAULT_CLUSTER_SIZE;
+  req.options.finish('parallels');
+  if (req.size === undefined) throw new UsageError(`${req.spec}: parallels images need a size`);
+  // parallels_co_create_opts rounds both up to a sector silently.
+  const size = Math.ceil(req.size / SECTOR) * SECTOR;
+  const cs = Math.ceil(requested / SECTOR) * SECTOR;
+  if (cs === 0 || cs / SECTOR > Math.floor(0x7fffffff / 513)) throw new UsageError('Cluster size is too large');
+  if (size >= MAX_IMAGE_FACTOR * cs) throw new UsageError('Image size is too large for this cluster size');
+  const batEntries = Math.ceil(size / cs);
+  const batSectors = (Math.ceil((HEADER_BYTES + batEntries * 4) / cs) * cs) / SECTOR;
+  const h = Buffer.alloc(SECTOR);
+  h.write(MAGIC_V2, HDR.magic, 'latin1');
+  h.writeUInt32LE(HEADER_VERSION, HDR.version);
+  h.writeUInt32LE(16, HDR.heads);
+  h.writeUInt32LE(Math.floor(size / SECTOR / 16 / 32), HDR.cylinders);
+  h.writeUInt32LE(cs / SECTOR, HDR.tracks);
+  h.writeUInt32LE(batEntries, HDR.batEntries);
+  h.writeBigUInt64LE(BigInt(size / SECTOR), HDR.nbSectors);
+  h.writeUInt32LE(batSectors, HDR.dataOff);
+  const file = req.file;
+  await file.write(0, h);
+  if (file.truncate) await file.truncate(batSectors * SECTOR);
+  else await file.write(SECTOR, Buffer.alloc((batSectors - 1) * SECTOR));
+  await file.flush();
+}
+
+export const parallelsDriver: FormatDriver & Creatable = {
+  name: 'parallels',
+  probe,
+  open,
+  createOptions: ['cluster_size'],
+  create,
+};

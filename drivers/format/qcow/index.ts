@@ -1,0 +1,118 @@
+// The qcow (version 1) driver: probe, open and create (QEMU's block/qcow.c).
+import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
+import { BadPassphraseError, CorruptImageError, UsageError } from '../../errors.js';
+import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCOW_VERSION, type QcowHeader } from './header.js';
+import { QcowCipher } from './crypto.js';
+import { QcowNode } from './qcow.js';
+import { AlignFilter } from '../../filters/align.js';
+
+function probe(head: Uint8Array): number {
+  if (head.length < HEADER_BYTES) return 0;
+  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+  return dv.getUint32(0, false) === QCOW_MAGIC && dv.getUint32(4, false) === QCOW_VERSION ? 100 : 0;
+}
+
+async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
+  const name = file.name;
+  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${name}: file too short for a qcow header`);
+  const head = Buffer.alloc(HEADER_BYTES);
+  await file.read(0, head);
+  const h = parseHeader(head, file.size, name);
+  let cipher: QcowCipher | undefined;
+  if (h.cryptMethod === CRYPT.aes) {
+    // qcow stores nothing to check a key against: any key opens, a wrong one reads garbage.
+    if (opts.secret === undefined) throw new BadPassphraseError(`${name}: the qcow image is encrypted (AES); give the key with --secret`);
+    cipher = new QcowCipher(opts.secret);
+  }
+  const l1buf = Buffer.alloc(h.l1Size * 8);
+  await file.read(h.l1TableOffset, l1buf);
+  const l1: number[] = [];
+  for (let i = 0; i < h.l1Size; i++) {
+    const v = l1buf.readBigUInt64BE(i * 8);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new CorruptImageError(`${name}: qcow L1 entry ${i} (0x${v.toString(16)}) is out of range`);
+    l1.push(Number(v));
+  }
+  let backing: BlockNode | undefined;
+  if (h.backingFileOffset !== 0 && h.backingFileSize > 0 && !opts.noBacking) {
+    const b = Buffer.alloc(h.backingFileSize);
+    await file.read(h.backingFileOffset, b);
+    // Version 1 stores no backing format: it is probed.
+    backing = await opts.openBacking(b.toString('utf8'), undefined);
+  }
+  try {
+    const node = new QcowNode({
+      file,
+      header: h,
+      l1,
+      readOnly: opts.readOnly,
+      backing,
+      cipher,
+      metadataCacheBytes: opts.metadataCacheBytes,
+      barriers: opts.cache !== 'unsafe',
+    });
+    // Encryption works on whole sectors: unaligned writes become read-modify-write.
+    return cipher ? new AlignFilter(node, 512) : node;
+  } catch (err) {
+    await backing?.close();
+    throw err;
+  }
+}
+
+async function create(req: CreateRequest): Promise<void> {
+  const o = req.options;
+  const backingFile = o.string('backing_file');
+  const backingFmt = o.string('backing_fmt');
+  const legacy = o.bool('encryption');
+  const format = o.choice('encrypt.format', ['aes'] as const);
+  const keySecret = o.string('encrypt.key-secret');
+  o.finish('qcow');
+  if (legacy !== undefined && format !== undefined) throw new UsageError("encryption and encrypt.format may not both be given (use encrypt.format=aes)");
+  const encrypted = legacy === true || format === 'aes';
+  // Without secret objects, encrypt.key-secret carries the key when --secret does not.
+  const secret = req.secret ?? keySecret;
+  if (encrypted && secret === undefined) throw new UsageError('encrypted qcow images need a key: --secret or encrypt.key-secret');
+  if (backingFmt !== undefined && backingFile === undefined) throw new UsageError('backing_fmt needs a backing_file');
+  const nameBytes = Buffer.from(backingFile ?? '', 'utf8');
+  if (nameBytes.length > LIMITS.maxBackingNameLength) throw new UsageError('backing file name too long');
+
+  let size = req.size;
+  if (backingFile !== undefined) {
+    const { node } = await req.openImage(backingFile, backingFmt);
+    size ??= node.size;
+  }
+  if (size === undefined) throw new UsageError(`${req.spec}: qcow images need a size`);
+  size = Math.floor(size / 512) * 512;
+
+  // QEMU's choice: with a backing file, 512-byte clusters so nothing need be copied.
+  const clusterBits = backingFile !== undefined ? 9 : 12;
+  const l2Bits = backingFile !== undefined ? 12 : 9;
+  let headerSize = HEADER_BYTES + nameBytes.length;
+  headerSize = Math.ceil(headerSize / 8) * 8;
+  const l1Size = Math.ceil(size / 2 ** (clusterBits + l2Bits));
+  const h: QcowHeader = {
+    backingFileOffset: backingFile !== undefined ? HEADER_BYTES : 0,
+    backingFileSize: nameBytes.length,
+    mtime: 0,
+    size,
+    clusterBits,
+    l2Bits,
+    cryptMethod: encrypted ? CRYPT.aes : CRYPT.none,
+    l1TableOffset: headerSize,
+    l1Size,
+  };
+  const file = req.file;
+  await file.write(0, encodeHeader(h));
+  if (nameBytes.length) await file.write(HEADER_BYTES, nameBytes);
+  // The L1 table, zeroed in whole sectors.
+  const l1Bytes = Math.ceil((l1Size * 8) / 512) * 512;
+  if (l1Bytes > 0) await file.write(headerSize, Buffer.alloc(l1Bytes));
+  await file.flush();
+}
+
+export const qcowDriver: FormatDriver & Creatable = {
+  name: 'qcow',
+  probe,
+  open,
+  createOptions: ['backing_file', 'backing_fmt', 'encryption', 'encrypt.format', 'encrypt.key-secret'],
+  create,
+};

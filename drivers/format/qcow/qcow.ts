@@ -1,0 +1,318 @@
+// The qcow (version 1) format node (QEMU's block/qcow.c): one L1 table in memory, L2
+// tables in an LRU, clusters plain, deflate-compressed or AES-encrypted. New clusters
+// and L2 tables go at the end of the file, cluster aligned; each is written whole
+// (copied from what the guest saw before) before the L2 or L1 entry points at it.
+import zlib from 'node:zlib';
+import { LRUCache } from 'lru-cache';
+import type { BlockNode, Extent, HasBacking } from '../../types.js';
+import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { readFromBacking } from '../backing.js';
+import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { Mutex } from '../qcow2/mutex.js';
+import { COMPRESSED, type QcowHeader } from './header.js';
+import type { QcowCipher } from './crypto.js';
+
+export interface QcowNodeOptions {
+  file: BlockNode;
+  header: QcowHeader;
+  l1: number[];
+  readOnly: boolean;
+  backing: BlockNode | undefined;
+  cipher: QcowCipher | undefined;
+  metadataCacheBytes: number;
+  barriers: boolean;
+}
+
+/** Where one guest cluster lives. */
+type Where =
+  | { kind: 'unallocated' }
+  | { kind: 'data'; host: number }
+  | { kind: 'compressed'; host: number; length: number };
+
+export class QcowNode implements BlockNode, HasBacking, Mapper {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly backing: BlockNode | undefined;
+  private readonly file: BlockNode;
+  private readonly cs: number;
+  private readonly clusterBits: number;
+  private readonly l2Entries: number;
+  private readonly l2Span: number;
+  private readonly l1: number[];
+  private readonly l1Offset: number;
+  private readonly cipher: QcowCipher | undefined;
+  private readonly barriers: boolean;
+  private readonly l2Cache: LRUCache<number, Buffer>;
+  private readonly mutex = new Mutex();
+  /** The last cluster decompressed (QEMU's cluster_cache). */
+  private inflated: { host: number; data: Buffer } | undefined;
+  private closed = false;
+
+  constructor(o: QcowNodeOptions) {
+    this.file = o.file;
+    this.size = Math.floor(o.header.size / 512) * 512;
+    this.readOnly = o.readOnly;
+    this.backing = o.backing;
+    this.clusterBits = o.header.clusterBits;
+    this.cs = 2 ** o.header.clusterBits;
+    this.l2Entries = 2 ** o.header.l2Bits;
+    this.l2Span = this.l2Entries * this.cs;
+    this.l1 = o.l1;
+    this.l1Offset = o.header.l1TableOffset;
+    this.cipher = o.cipher;
+    this.barriers = o.barriers;
+    this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  private corrupt(msg: string): CorruptImageError {
+    return new CorruptImageError(`${this.name}: ${msg}`);
+  }
+
+  private async l2Table(l2Offset: number): Promise<Buffer> {
+    let t = this.l2Cache.get(l2Offset);
+    if (t) return t;
+    const bytes = this.l2Entries * 8;
+    if (l2Offset + bytes > this.file.size) throw this.corrupt(`qcow L2 table at 0x${l2Offset.toString(16)} lies outside the file`);
+    t = Buffer.alloc(bytes);
+    await this.file.read(l2Offset, t);
+    this.l2Cache.set(l2Offset, t);
+    return t;
+  }
+
+  /** The L2 entry of guest cluster gc, decoded and checked. */
+  private decode(raw: bigint, gc: number): Where {
+    if (raw === 0n) return { kind: 'unallocated' };
+    if (raw & COMPRESSED) {
+      const shift = BigInt(63 - this.clusterBits);
+      const length = Number((raw >> shift) & BigInt(this.cs - 1));
+      const host = Number(raw & ((1n << shift) - 1n));
+      if (host + length > this.file.size || length === 0) throw this.corrupt(`qcow compressed cluster ${gc} (0x${host.toString(16)}, ${length} bytes) lies outside the file`);
+      return { kind: 'compressed', host, length };
+    }
+    if (raw > BigInt(Number.MAX_SAFE_INTEGER)) throw this.corrupt(`qcow cluster offset 0x${raw.toString(16)} is out of range`);
+    const host = Number(raw);
+    if (host % 512 !== 0 || host >= this.file.size) throw this.corrupt(`qcow cluster ${gc} at 0x${host.toString(16)} is misaligned or outside the file`);
+    return { kind: 'data', host };
+  }
+
+  /** Where guest clusters [first, first + count) live; count stays inside one L2 table. */
+  private async lookup(first: number, count: number): Promise<Where[]> {
+    const l1i = Math.floor(first / this.l2Entries);
+    const l2Offset = this.l1[l1i] ?? 0;
+    if (l2Offset === 0) return new Array<Where>(count).fill({ kind: 'unallocated' });
+    const table = await this.l2Table(l2Offset);
+    const out: Where[] = [];
+    for (let k = 0; k < count; k++) {
+      const i = (first + k) % this.l2Entries;
+      out.push(this.decode(table.readBigUInt64BE(i * 8), first + k));
+    }
+    return out;
+  }
+
+  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    const out: MappedRun[] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const spanEnd = Math.min(end, (Math.floor(pos / this.l2Span) + 1) * this.l2Span);
+      const first = Math.floor(pos / this.cs);
+      const wheres = await this.lookup(first, Math.ceil(spanEnd / this.cs) - first);
+      wheres.forEach((w, k) => {
+        const a = Math.max(pos, (first + k) * this.cs);
+        const b = Math.min(spanEnd, (first + k + 1) * this.cs);
+        const last = out[out.length - 1];
+        if (w.kind === 'unallocated') {
+          if (last?.kind === 'unallocated') last.length += b - a;
+          else out.push({ kind: 'unallocated', offset: a, length: b - a });
+        } else if (w.kind === 'compressed') {
+          out.push({ kind: 'custom', offset: a, length: b - a, read: (dst) => this.readCompressed(w.host, w.length, a % this.cs, dst) });
+        } else {
+          const host = w.host + (a % this.cs);
+          if (last?.kind === 'data' && last.host + last.length === host) last.length += b - a;
+          else out.push({ kind: 'data', offset: a, length: b - a, host });
+        }
+      });
+      pos = spanEnd;
+    }
+    if (!this.cipher) return out;
+    return out.map((r) => (r.kind === 'data' ? { kind: 'custom', offset: r.offset, length: r.length, read: (dst) => this.readEncrypted(r.host, r.offset, dst) } : r));
+  }
+
+  private async readEncrypted(host: number, guest: number, dst: Uint8Array): Promise<void> {
+    // Whole sectors are read and decrypted; the request may start or end inside one.
+    const start = guest - (guest % 512);
+    const endG = Math.ceil((guest + dst.length) / 512) * 512;
+    if (start === guest && endG === guest + dst.length) {
+      await this.file.read(host, dst);
+      this.cipher!.decrypt(dst, guest);
+      return;
+    }
+    const buf = Buffer.alloc(endG - start);
+    await this.file.read(host - (guest - start), buf);
+    this.cipher!.decrypt(buf, start);
+    dst.set(buf.subarray(guest - start, guest - start + dst.length));
+  }
+
+  private async inflate(host: number, length: number): Promise<Buffer> {
+    if (this.inflated?.host === host) return this.inflated.data;
+    const comp = Buffer.alloc(length);
+    await this.file.read(host, comp);
+    let data: Buffer;
+    try {
+      data = zlib.inflateRawSync(comp, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs });
+    } catch {
+      throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} does not inflate`);
+    }
+    if (data.length !== this.cs) throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} inflates to ${data.length} bytes, not ${this.cs}`);
+    this.inflated = { host, data };
+    return data;
+  }
+
+  private async readCompressed(host: number, length: number, at: number, dst: Uint8Array): Promise<void> {
+    const data = await this.inflate(host, length);
+    dst.set(data.subarray(at, at + dst.length));
+  }
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return readMapped(this, this.file, this.backing, offset, dst);
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    await this.mutex.run(() => this.writeLocked(offset, src));
+  }
+
+  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    const end = offset + src.length;
+    let pos = offset;
+    while (pos < end) {
+      const spanEnd = Math.min(end, (Math.floor(pos / this.l2Span) + 1) * this.l2Span);
+      await this.writeInTable(pos, src.subarray(pos - offset, spanEnd - offset));
+      pos = spanEnd;
+    }
+  }
+
+  /** Bytes to put on disk for guest bytes at `guest`: encrypted when the image is. */
+  private sealed(data: Uint8Array, guest: number): Uint8Array {
+    return this.cipher ? this.cipher.encrypt(data, guest) : data;
+  }
+
+  private async writeInTable(pos: number, data: Uint8Array): Promise<void> {
+    const cs = this.cs;
+    const end = pos + data.length;
+    const first = Math.floor(pos / cs);
+    const count = Math.ceil(end / cs) - first;
+    const wheres = await this.lookup(first, count);
+    const updates: { gc: number; host: number }[] = [];
+    let i = 0;
+    while (i < count) {
+      const w = wheres[i]!;
+      if (w.kind === 'data') {
+        // Clusters that follow each other on disk too go in one write.
+        let j = i + 1;
+        while (j < count) {
+          const n = wheres[j]!;
+          if (n.kind !== 'data' || n.host !== w.host + (j - i) * cs) break;
+          j++;
+        }
+        const a = Math.max(pos, (first + i) * cs);
+        const b = Math.min(end, (first + j) * cs);
+        await this.file.write(w.host + (a - (first + i) * cs), this.sealed(data.subarray(a - pos, b - pos), a));
+        i = j;
+        continue;
+      }
+      // A run of clusters to place anew: unallocated ones, or compressed ones being overwritten.
+      let j = i + 1;
+      while (j < count && wheres[j]!.kind !== 'data') j++;
+      const g0 = (first + i) * cs;
+      const buf = Buffer.alloc((j - i) * cs);
+      for (let k = i; k < j; k++) await this.oldContent(first + k, wheres[k]!, buf.subarray((k - i) * cs, (k - i + 1) * cs));
+      const from = Math.max(pos, g0);
+      const to = Math.min(end, (first + j) * cs);
+      buf.set(data.subarray(from - pos, to - pos), from - g0);
+      const host = this.allocate();
+      await this.file.write(host, this.sealed(buf, g0));
+      for (let k = i; k < j; k++) updates.push({ gc: first + k, host: host + (k - i) * cs });
+      i = j;
+    }
+    if (updates.length === 0) return;
+    if (this.barriers) await this.file.flush();
+    await this.setEntries(updates);
+  }
+
+  /** What guest cluster gc reads as now, into dst (a whole cluster). */
+  private async oldContent(gc: number, w: Where, dst: Buffer): Promise<void> {
+    if (w.kind === 'compressed') {
+      dst.set(await this.inflate(w.host, w.length));
+      return;
+    }
+    const guest = gc * this.cs;
+    const n = Math.max(0, Math.min(this.cs, this.size - guest));
+    if (n > 0) await readFromBacking(this.backing, guest, dst.subarray(0, n));
+  }
+
+  /**
+   * The end of the file, cluster aligned (QEMU's get_cluster_offset). Writers hold
+   * the mutex and write what they allocate before allocating again.
+   */
+  private allocate(): number {
+    return Math.ceil(this.file.size / this.cs) * this.cs;
+  }
+
+  /** Point L2 entries at new clusters; a missing L2 table is written whole before the L1 entry. */
+  private async setEntries(updates: { gc: number; host: number }[]): Promise<void> {
+    const l1i = Math.floor(updates[0]!.gc / this.l2Entries);
+    let l2Offset = this.l1[l1i] ?? 0;
+    const encode = (u: { host: number }): Buffer => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(BigInt(u.host));
+      return b;
+    };
+    if (l2Offset === 0) {
+      const table = Buffer.alloc(this.l2Entries * 8);
+      for (const u of updates) encode(u).copy(table, (u.gc % this.l2Entries) * 8);
+      l2Offset = this.allocate();
+      await this.file.write(l2Offset, table);
+      if (this.barriers) await this.file.flush();
+      const e = Buffer.alloc(8);
+      e.writeBigUInt64BE(BigInt(l2Offset));
+      await this.file.write(this.l1Offset + l1i * 8, e);
+      this.l1[l1i] = l2Offset;
+      this.l2Cache.set(l2Offset, table);
+      return;
+    }
+    const table = await this.l2Table(l2Offset);
+    for (const u of updates) {
+      const b = encode(u);
+      await this.file.write(l2Offset + (u.gc % this.l2Entries) * 8, b);
+      b.copy(table, (u.gc % this.l2Entries) * 8);
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.mutex.run(() => this.file.flush());
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return mappedStatus(this, offset, length);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (!this.readOnly) await this.flush();
+    } finally {
+      try {
+        await this.backing?.close();
+      } finally {
+        await this.file.close();
+      }
+    }
+  }
+}

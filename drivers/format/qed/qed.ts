@@ -1,0 +1,317 @@
+// The QED format node (QEMU's block/qed.c): mapping through L1/L2 tables, reads via
+// the shared mapped read path, allocating writes in QEMU's order: the need-check
+// flag, then the data (and a flush when a backing file shows through), then a new
+// L2 table, then the L1 or L2 entry that points at it. The flag is cleared on flush.
+import type { BlockNode, Extent, HasBacking } from '../../types.js';
+import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { readFromBacking } from '../backing.js';
+import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { Mutex } from '../qcow2/mutex.js';
+import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
+import { entryAt, type TablePages } from './tables.js';
+
+export interface QedNodeOptions {
+  file: BlockNode;
+  header: QedHeader;
+  readOnly: boolean;
+  backing: BlockNode | undefined;
+  pages: TablePages;
+  barriers: boolean;
+}
+
+/** Bytes written per request when zeroing has to write data. */
+const ZERO_CHUNK = 1 << 20;
+
+export class QedNode implements BlockNode, HasBacking, Mapper {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly backing: BlockNode | undefined;
+  private readonly file: BlockNode;
+  private readonly h: QedHeader;
+  private readonly cs: number;
+  private readonly tableEntries: number;
+  /** Guest bytes one L2 table maps. */
+  private readonly l2Span: number;
+  private readonly headerBytes: number;
+  private readonly pages: TablePages;
+  private readonly barriers: boolean;
+  private readonly mutex = new Mutex();
+  /** Where the next cluster goes: the file size rounded down to a cluster, then grown (QEMU's s->file_size). */
+  private fileEnd: number;
+  private features: bigint;
+  private closed = false;
+
+  constructor(o: QedNodeOptions) {
+    this.file = o.file;
+    this.h = o.header;
+    this.size = o.header.imageSize;
+    this.readOnly = o.readOnly;
+    this.backing = o.backing;
+    this.cs = o.header.clusterSize;
+    this.tableEntries = (o.header.clusterSize * o.header.tableSize) / 8;
+    this.l2Span = this.tableEntries * this.cs;
+    this.headerBytes = o.header.headerSize * this.cs;
+    this.pages = o.pages;
+    this.barriers = o.barriers;
+    this.fileEnd = Math.floor(o.file.size / this.cs) * this.cs;
+    this.features = o.header.features;
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  private corrupt(what: string, value: number): CorruptImageError {
+    return new CorruptImageError(`${this.name}: qed ${what} 0x${value.toString(16)} is invalid or outside the file`);
+  }
+
+  /** The L2 table offset for L1 index l1i, 0 when unallocated; a bad one throws. */
+  private async l2Offset(l1i: number): Promise<number> {
+    const off = await this.pages.get(this.h.l1TableOffset, l1i);
+    if (off === 0) return 0;
+    const tableBytes = this.tableEntries * 8;
+    if (off % this.cs !== 0 || off < this.headerBytes || off + tableBytes > this.fileEnd) throw this.corrupt('L2 table offset', off);
+    return off;
+  }
+
+  private validCluster(off: number): boolean {
+    return off % this.cs === 0 && off >= this.headerBytes && off < this.fileEnd;
+  }
+
+  /** Runs covering [offset, offset + length): data, zero (zero clusters) or unallocated. */
+  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    const out: MappedRun[] = [];
+    const push = (r: MappedRun): void => {
+      const last = out[out.length - 1];
+      if (last && last.kind === r.kind && (r.kind !== 'data' || (last.kind === 'data' && last.host + last.length === r.host))) last.length += r.length;
+      else out.push(r);
+    };
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const l1i = Math.floor(pos / this.l2Span);
+      const spanEnd = Math.min(end, (l1i + 1) * this.l2Span);
+      const l2 = await this.l2Offset(l1i);
+      if (l2 === 0) {
+        push({ kind: 'unallocated', offset: pos, length: spanEnd - pos });
+        pos = spanEnd;
+        continue;
+      }
+      while (pos < spanEnd) {
+        const l2i = Math.floor(pos / this.cs) % this.tableEntries;
+        const page = await this.pages.page(l2, l2i);
+        const pageEnd = Math.min(spanEnd, l1i * this.l2Span + (page.first + page.count) * this.cs);
+        while (pos < pageEnd) {
+          const i = Math.floor(pos / this.cs) % this.tableEntries;
+          const e = entryAt(page, i, this.name);
+          const clusterEnd = Math.min(pageEnd, (Math.floor(pos / this.cs) + 1) * this.cs);
+          const len = clusterEnd - pos;
+          if (e === ENTRY.unallocated) push({ kind: 'unallocated', offset: pos, length: len });
+          else if (e === ENTRY.zero) push({ kind: 'zero', offset: pos, length: len });
+          else if (!this.validCluster(e)) throw this.corrupt('cluster offset', e);
+          else push({ kind: 'data', offset: pos, length: len, host: e + (pos % this.cs) });
+          pos = clusterEnd;
+        }
+      }
+    }
+    return out;
+  }
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return readMapped(this, this.file, this.backing, offset, dst);
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    // Allocated clusters never move: write them in place without the allocation lock.
+    const runs = await this.mapRange(offset, src.length);
+    if (runs.every((r) => r.kind === 'data')) {
+      await Promise.all(runs.map((r) => this.file.write((r as { host: number }).host, src.subarray(r.offset - offset, r.offset - offset + r.length))));
+      return;
+    }
+    await this.mutex.run(() => this.writeLocked(offset, src.length, src));
+  }
+
+  /**
+   * Write src at [offset, offset + length), or without src make whole clusters read
+   * as zeros; the caller holds the mutex.
+   */
+  private async writeLocked(offset: number, length: number, src: Uint8Array | undefined): Promise<void> {
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const l1i = Math.floor(pos / this.l2Span);
+      const chunkEnd = Math.min(end, (l1i + 1) * this.l2Span);
+      await this.writeInTable(l1i, pos, chunkEnd, src?.subarray(pos - offset, chunkEnd - offset));
+      pos = chunkEnd;
+    }
+  }
+
+  private async writeInTable(l1i: number, pos: number, end: number, data: Uint8Array | undefined): Promise<void> {
+    const cs = this.cs;
+    const zero = data === undefined;
+    const first = Math.floor(pos / cs);
+    const count = Math.ceil(end / cs) - first;
+    const base = l1i * this.tableEntries;
+    let l2 = await this.l2Offset(l1i);
+    if (zero && l2 === 0 && !(this.backing && this.backing.size > pos)) return;
+    const entries: number[] = [];
+    for (let k = 0; k < count; ) {
+      if (l2 === 0) {
+        entries.push(ENTRY.unallocated);
+        k++;
+        continue;
+      }
+      const page = await this.pages.page(l2, first + k - base);
+      for (; k < count && first + k - base < page.first + page.count; k++) {
+        const e = entryAt(page, first + k - base, this.name);
+        if (e > ENTRY.zero && !this.validCluster(e)) throw this.corrupt('cluster offset', e);
+        entries.push(e);
+      }
+    }
+    const part = (a: number, b: number): Uint8Array => data!.subarray(a - pos, b - pos);
+    const updates: { index: number; values: number[] }[] = [];
+    let i = 0;
+    while (i < count) {
+      const e = entries[i]!;
+      let j = i + 1;
+      const allocated = e > ENTRY.zero;
+      while (j < count && entries[j]! > ENTRY.zero === allocated) j++;
+      const from = Math.max(pos, (first + i) * cs);
+      const to = Math.min(end, (first + j) * cs);
+      if (allocated) {
+        for (let k = i; k < j; k++) {
+          const a = Math.max(from, (first + k) * cs);
+          const b = Math.min(to, (first + k + 1) * cs);
+          if (zero) await this.zeroFile(entries[k]! + (a % cs), b - a);
+          else await this.file.write(entries[k]! + (a % cs), part(a, b));
+        }
+      } else if (zero) {
+        // Whole clusters only reach here when zeroing: mark them as zero clusters.
+        const values: number[] = [];
+        for (let k = i; k < j; k++) values.push(ENTRY.zero);
+        if (entries.slice(i, j).some((v) => v !== ENTRY.zero)) updates.push({ index: first + i - base, values });
+      } else {
+        await this.markNeedCheck();
+        const host = this.fileEnd;
+        this.fileEnd += (j - i) * cs;
+        await this.fillNew(first + i, host, entries[i]!, (first + i) * cs, from);
+        await this.file.write(host + (from - (first + i) * cs), part(from, to));
+        await this.fillNew(first + j - 1, host + (j - 1 - i) * cs, entries[j - 1]!, to, (first + j) * cs);
+        const values: number[] = [];
+        for (let k = i; k < j; k++) values.push(host + (k - i) * cs);
+        updates.push({ index: first + i - base, values });
+      }
+      i = j;
+    }
+    if (updates.length === 0) return;
+    await this.markNeedCheck();
+    // The data must be on disk before a table points at it, when the old bytes came from a backing file.
+    if (this.backing && this.barriers) await this.file.flush();
+    if (l2 === 0) {
+      l2 = this.fileEnd;
+      const tableBytes = this.tableEntries * 8;
+      this.fileEnd += tableBytes;
+      await this.zeroFile(l2, tableBytes);
+      for (const u of updates) await this.file.write(l2 + u.index * 8, encodeEntries(u.values));
+      if (this.barriers) await this.file.flush();
+      await this.pages.set(this.h.l1TableOffset, l1i, l2);
+      return;
+    }
+    for (const u of updates) {
+      await this.file.write(l2 + u.index * 8, encodeEntries(u.values));
+      u.values.forEach((v, k) => this.pages.patch(l2, u.index + k, v));
+    }
+  }
+
+  /**
+   * Guest bytes [a, b) of guest cluster gc (newly placed at host) as they read before:
+   * from the backing file, or zeros (for a zero cluster, or past the backing file).
+   */
+  private async fillNew(gc: number, host: number, old: number, a: number, b: number): Promise<void> {
+    if (b <= a) return;
+    const at = host + (a - gc * this.cs);
+    const backed = old === ENTRY.unallocated && this.backing ? Math.max(0, Math.min(b, this.backing.size) - a) : 0;
+    if (backed > 0) {
+      const buf = Buffer.alloc(backed);
+      await readFromBacking(this.backing, a, buf);
+      await this.file.write(at, buf);
+    }
+    if (a + backed < b) await this.zeroFile(at + backed, b - a - backed);
+  }
+
+  private async zeroFile(at: number, length: number): Promise<void> {
+    if (this.file.zero) return this.file.zero(at, length, false);
+    const chunk = Buffer.alloc(Math.min(length, ZERO_CHUNK));
+    for (let done = 0; done < length; done += chunk.length) await this.file.write(at + done, chunk.subarray(0, Math.min(chunk.length, length - done)));
+  }
+
+  /** Set the need-check flag on disk before the first metadata change (qed_should_set_need_check). */
+  private async markNeedCheck(): Promise<void> {
+    if (this.features & FEATURE.needCheck) return;
+    this.features |= FEATURE.needCheck;
+    await this.file.write(HDR.features, encodeFeatures(this.features));
+    if (this.barriers) await this.file.flush();
+  }
+
+  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+    void unmap;
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    const cs = this.cs;
+    const end = offset + length;
+    const a = Math.ceil(offset / cs) * cs;
+    // The last, partial cluster of the disk counts as whole.
+    const b = end === this.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
+    await this.mutex.run(async () => {
+      if (a >= b) return this.zeroPartial(offset, end);
+      if (offset < a) await this.zeroPartial(offset, a);
+      // Unallocated clusters no backing file shows through stay as they are.
+      await this.writeLocked(a, b - a, undefined);
+      if (b < end) await this.zeroPartial(b, end);
+    });
+  }
+
+  private async zeroPartial(a: number, b: number): Promise<void> {
+    for (let pos = a; pos < b; pos += ZERO_CHUNK) {
+      const n = Math.min(ZERO_CHUNK, b - pos);
+      await this.writeLocked(pos, n, Buffer.alloc(n));
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.mutex.run(async () => {
+      await this.file.flush();
+      // Clean again: the next open needs no check (bdrv_qed_close, qed_need_check_timer).
+      if (this.features & FEATURE.needCheck) {
+        this.features &= ~FEATURE.needCheck;
+        await this.file.write(HDR.features, encodeFeatures(this.features));
+        await this.file.flush();
+      }
+    });
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return mappedStatus(this, offset, length);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (!this.readOnly) await this.flush();
+    } finally {
+      try {
+        await this.backing?.close();
+      } finally {
+        await this.file.close();
+      }
+    }
+  }
+}
+
+function encodeEntries(values: number[]): Buffer {
+  const b = Buffer.alloc(values.length * 8);
+  values.forEach((v, k) => b.writeBigUInt64LE(BigInt(v), k * 8));
+  return b;
+}

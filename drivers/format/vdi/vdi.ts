@@ -1,0 +1,132 @@
+// The VDI format node (QEMU's block/vdi.c): a block map of u32 entries, 1 MiB blocks.
+// A write to an unallocated block appends the whole block (written data, zeros
+// elsewhere), then points the block map at it, then counts it in the header.
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { Mutex } from '../qcow2/mutex.js';
+import { BMAP, HDR, type VdiHeader } from './header.js';
+
+export class VdiNode implements BlockNode, Mapper {
+  readonly size: number;
+  readonly readOnly: boolean;
+  private readonly bs: number;
+  private readonly mutex = new Mutex();
+  private blocksAllocated: number;
+  private closed = false;
+
+  constructor(
+    private readonly file: BlockNode,
+    private readonly h: VdiHeader,
+    private readonly bmap: Uint32Array,
+    readOnly: boolean,
+    private readonly barriers: boolean,
+  ) {
+    this.size = h.diskSize;
+    this.readOnly = readOnly;
+    this.bs = h.blockSize;
+    this.blocksAllocated = h.blocksAllocated;
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  /** Host offset of block b's data, or a kind when it has none; a bad entry throws. */
+  private where(b: number): number | 'unallocated' | 'zero' {
+    const e = this.bmap[b];
+    if (e === undefined || e === BMAP.unallocated) return 'unallocated';
+    if (e === BMAP.discarded) return 'zero';
+    const host = this.h.offsetData + e * this.bs;
+    if (e >= this.h.blocksInImage || host >= this.file.size) {
+      throw new CorruptImageError(`${this.name}: VDI block ${b} maps to block ${e}, outside the image`);
+    }
+    return host;
+  }
+
+  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    const out: MappedRun[] = [];
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      const b = Math.floor(pos / this.bs);
+      const next = Math.min(end, (b + 1) * this.bs);
+      const w = this.where(b);
+      const last = out[out.length - 1];
+      if (typeof w === 'number') {
+        const host = w + (pos % this.bs);
+        if (last?.kind === 'data' && last.host + last.length === host) last.length += next - pos;
+        else out.push({ kind: 'data', offset: pos, length: next - pos, host });
+      } else if (last?.kind === w) last.length += next - pos;
+      else out.push({ kind: w, offset: pos, length: next - pos });
+      pos = next;
+    }
+    return out;
+  }
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return readMapped(this, this.file, undefined, offset, dst);
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    const runs = await this.mapRange(offset, src.length);
+    if (runs.every((r) => r.kind === 'data')) {
+      // Allocated blocks never move: no lock needed.
+      await Promise.all(runs.map((r) => this.file.write((r as { host: number }).host, src.subarray(r.offset - offset, r.offset - offset + r.length))));
+      return;
+    }
+    await this.mutex.run(() => this.writeLocked(offset, src));
+  }
+
+  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    const end = offset + src.length;
+    for (let pos = offset; pos < end; ) {
+      const b = Math.floor(pos / this.bs);
+      const next = Math.min(end, (b + 1) * this.bs);
+      const part = src.subarray(pos - offset, next - offset);
+      const w = this.where(b);
+      if (typeof w === 'number') await this.file.write(w + (pos % this.bs), part);
+      else await this.allocate(b, pos % this.bs, part);
+      pos = next;
+    }
+  }
+
+  private async allocate(b: number, at: number, data: Uint8Array): Promise<void> {
+    if (this.blocksAllocated >= this.h.blocksInImage) {
+      throw new CorruptImageError(`${this.name}: VDI header counts ${this.blocksAllocated} allocated blocks of ${this.h.blocksInImage}; cannot allocate more`);
+    }
+    const entry = this.blocksAllocated;
+    const host = this.h.offsetData + entry * this.bs;
+    const block = Buffer.alloc(this.bs);
+    block.set(data, at);
+    await this.file.write(host, block);
+    if (this.barriers) await this.file.flush();
+    const e = Buffer.alloc(4);
+    e.writeUInt32LE(entry);
+    await this.file.write(this.h.offsetBmap + b * 4, e);
+    this.bmap[b] = entry;
+    this.blocksAllocated++;
+    const n = Buffer.alloc(4);
+    n.writeUInt32LE(this.blocksAllocated);
+    await this.file.write(HDR.blocksAllocated, n);
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.mutex.run(() => this.file.flush());
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return mappedStatus(this, offset, length);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (!this.readOnly) await this.flush();
+    } finally {
+      await this.file.close();
+    }
+  }
+}
