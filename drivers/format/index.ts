@@ -9,6 +9,7 @@ import { qedDriver } from './qed/index.js';
 import { qcowDriver } from './qcow/index.js';
 import { vdiDriver } from './vdi/index.js';
 import { parallelsDriver } from './parallels/index.js';
+import { vmdkDriver } from './vmdk/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
@@ -20,6 +21,7 @@ const drivers: FormatDriver[] = [
   qcowDriver,
   vdiDriver,
   parallelsDriver,
+  vmdkDriver,
 ];
 
 /** Formats tsmount can open, by QEMU's driver name. */
@@ -33,7 +35,6 @@ export const PROBE_BYTES = 4096;
  * keeps such an image from being taken for raw (and written to as raw).
  */
 const knownSignatures: { name: string; test: (h: Uint8Array) => boolean }[] = [
-  { name: 'vmdk', test: (h) => ascii(h, 0, 4) === 'KDMV' || ascii(h, 0, 4) === 'COWD' || ascii(h, 0, 21) === '# Disk DescriptorFile' },
   { name: 'bochs', test: (h) => ascii(h, 0, 22) === 'Bochs Virtual HD Image' },
   { name: 'cloop', test: (h) => ascii(h, 0, 22) === '#!/bin/sh\n#V2.0 Format' },
   { name: 'luks', test: (h) => ascii(h, 0, 6) === 'LUKS\xba\xbe' },

@@ -1,0 +1,430 @@
+// vmdk extents: flat (the guest bytes lie in a file at an offset) and sparse (a
+// grain directory of grain tables maps grains into the file; VMDK spec 1.1 and
+// QEMU 7.2's get_cluster_offset / vmdk_L2update / get_whole_cluster). Each extent
+// maps, reads and writes its own byte range; the node strings them together.
+import { constants } from 'node:os';
+import type { BlockNode } from '../../types.js';
+import { CorruptImageError, IoError, UnsupportedError } from '../../errors.js';
+import type { MappedRun } from '../mapped.js';
+import { FLAG_MARKER, FLAG_ZERO_GRAIN, type SparseHeader } from './header.js';
+import { encodeCompressedGrain, readCompressedGrain } from './stream.js';
+
+/** Grain table entry 1 with the zeroed-grain flag: the grain reads as zeros (VMDK_GTE_ZEROED). */
+const GTE_ZEROED = 1;
+/** Grain offsets are 32-bit sector numbers (VMDK_EXTENT_MAX_SECTORS). */
+const MAX_EXTENT_SECTORS = 2 ** 32;
+/** Decompressed grains kept per extent, so sequential small reads inflate each grain once. */
+const GRAIN_CACHE = 8;
+
+/** What an extent needs from the node above when it writes. */
+export interface WriteContext {
+  /** Guest bytes as they read below this layer (backing file, or zeros). */
+  readBacking(guestOffset: number, dst: Uint8Array): Promise<void>;
+  hasBacking: boolean;
+  /** Make everything written so far durable before metadata points at it. */
+  barrier(file: BlockNode): Promise<void>;
+}
+
+export interface VmdkExtent {
+  readonly kind: 'flat' | 'sparse';
+  readonly file: BlockNode;
+  /** Guest byte offset of the extent's first byte, and its length in bytes. */
+  readonly start: number;
+  readonly length: number;
+  /** The descriptor's extent type ('' for a monolithic sparse file), as qemu-img info shows it. */
+  readonly type: string;
+  /** Runs covering [rel, rel + length) of this extent, in guest offsets. */
+  map(rel: number, length: number): Promise<MappedRun[]>;
+  write(rel: number, src: Uint8Array, ctx: WriteContext): Promise<void>;
+  /** Zero [rel, rel+length); returns ranges (extent-relative) that still need zeros written. */
+  zero(rel: number, length: number, unmap: boolean, ctx: WriteContext): Promise<void>;
+}
+
+export class FlatExtent implements VmdkExtent {
+  readonly kind = 'flat';
+  constructor(
+    readonly file: BlockNode,
+    readonly start: number,
+    readonly length: number,
+    private readonly flatOffset: number,
+    readonly type: string,
+  ) {}
+
+  async map(rel: number, length: number): Promise<MappedRun[]> {
+    const host = this.flatOffset + rel;
+    if (host + length > this.file.size) {
+      throw new CorruptImageError(`${this.file.name}: flat extent ends at 0x${(this.flatOffset + this.length).toString(16)}, past the end of its file (0x${this.file.size.toString(16)} bytes)`);
+    }
+    return [{ kind: 'data', offset: this.start + rel, length, host, file: this.file }];
+  }
+
+  write(rel: number, src: Uint8Array): Promise<void> {
+    return this.file.write(this.flatOffset + rel, src);
+  }
+
+  async zero(rel: number, length: number, unmap: boolean): Promise<void> {
+    if (this.file.zero) return this.file.zero(this.flatOffset + rel, length, unmap);
+    const chunk = new Uint8Array(Math.min(length, 1 << 20));
+    for (let done = 0; done < length; done += chunk.length) {
+      const n = Math.min(chunk.length, length - done);
+      await this.file.write(this.flatOffset + rel + done, chunk.subarray(0, n));
+    }
+  }
+}
+
+type Entry = { kind: 'unallocated' } | { kind: 'zero' } | { kind: 'data'; host: number } | { kind: 'compressed'; host: number };
+
+export interface SparseExtentOptions {
+  file: BlockNode;
+  name: string;
+  start: number;
+  header: SparseHeader;
+  type: string;
+  /** Bytes of grain tables to keep in memory. */
+  cacheBytes: number;
+}
+
+export class SparseExtent implements VmdkExtent {
+  readonly kind = 'sparse';
+  readonly file: BlockNode;
+  readonly start: number;
+  readonly length: number;
+  readonly type: string;
+  readonly grainBytes: number;
+  readonly compressed: boolean;
+  readonly hasMarker: boolean;
+  readonly zeroGrain: boolean;
+  readonly version: number;
+  readonly gdAtEnd: boolean;
+  private readonly name: string;
+  private readonly gtEntries: number;
+  private readonly gtBytes: number;
+  private readonly maxTables: number;
+  private l1: Uint32Array = new Uint32Array(0);
+  private l1Backup: Uint32Array | undefined;
+  private readonly tables = new Map<number, Uint32Array>();
+  private readonly loading = new Map<number, Promise<Uint32Array>>();
+  /** Tables with a write to disk in flight stay cached, so a reload cannot see the old bytes. */
+  private readonly pinned = new Map<number, number>();
+  private readonly grains = new Map<number, Buffer>();
+  /** Next free sector for a new grain (QEMU's next_cluster_sector). */
+  private nextSector: number;
+
+  private constructor(private readonly h: SparseHeader, o: SparseExtentOptions) {
+    this.file = o.file;
+    this.name = o.name;
+    this.start = o.start;
+    this.length = h.sectors * 512;
+    this.type = o.type;
+    this.grainBytes = h.grainSectors * 512;
+    this.gtEntries = h.gtEntries;
+    this.gtBytes = h.gtEntries * 4;
+    this.compressed = h.compressed;
+    this.hasMarker = (h.flags & FLAG_MARKER) !== 0 && h.magic === 'KDMV';
+    this.zeroGrain = (h.flags & FLAG_ZERO_GRAIN) !== 0 && h.magic === 'KDMV';
+    this.version = h.version;
+    this.gdAtEnd = h.gdAtEnd;
+    this.maxTables = Math.max(16, Math.floor(o.cacheBytes / Math.max(1, this.gtBytes)));
+    this.nextSector = Math.ceil(Math.ceil(o.file.size / 512) / h.grainSectors) * h.grainSectors;
+  }
+
+  static async open(o: SparseExtentOptions): Promise<SparseExtent> {
+    const e = new SparseExtent(o.header, o);
+    e.l1 = await e.readDirectory(o.header.gdOffset, 'grain directory');
+    if (o.header.rgdOffset !== 0) e.l1Backup = await e.readDirectory(o.header.rgdOffset, 'redundant grain directory');
+    return e;
+  }
+
+  private async readDirectory(offset: number, what: string): Promise<Uint32Array> {
+    const bytes = this.h.l1Size * 4;
+    if (offset + bytes > this.file.size) throw new CorruptImageError(`${this.name}: VMDK ${what} at 0x${offset.toString(16)} lies outside the file`);
+    const buf = new Uint8Array(bytes);
+    if (bytes > 0) await this.file.read(offset, buf);
+    return decodeLE32(buf);
+  }
+
+  /** The grain table for L1 index l1i, or undefined when the directory has none. */
+  private async table(l1i: number): Promise<Uint32Array | undefined> {
+    if (l1i >= this.l1.length) throw new CorruptImageError(`${this.name}: VMDK grain directory index ${l1i} out of range`);
+    const sector = this.l1[l1i]!;
+    if (sector === 0) return undefined;
+    const hit = this.tables.get(sector);
+    if (hit) {
+      this.tables.delete(sector);
+      this.tables.set(sector, hit);
+      return hit;
+    }
+    let p = this.loading.get(sector);
+    if (!p) {
+      p = this.loadTable(sector).finally(() => this.loading.delete(sector));
+      this.loading.set(sector, p);
+    }
+    return p;
+  }
+
+  private async loadTable(sector: number): Promise<Uint32Array> {
+    const off = sector * 512;
+    if (off + this.gtBytes > this.file.size) throw new CorruptImageError(`${this.name}: VMDK grain table at 0x${off.toString(16)} lies outside the file`);
+    const buf = new Uint8Array(this.gtBytes);
+    await this.file.read(off, buf);
+    const t = decodeLE32(buf);
+    const again = this.tables.get(sector);
+    if (again) return again;
+    this.tables.set(sector, t);
+    while (this.tables.size > this.maxTables) {
+      const victim = [...this.tables.keys()].find((k) => !this.pinned.has(k));
+      if (victim === undefined) break;
+      this.tables.delete(victim);
+    }
+    return t;
+  }
+
+  private entry(t: Uint32Array | undefined, idx: number): Entry {
+    const v = t ? t[idx]! : 0;
+    if (v === 0) return { kind: 'unallocated' };
+    if (this.zeroGrain && v === GTE_ZEROED) return { kind: 'zero' };
+    return this.compressed ? { kind: 'compressed', host: v * 512 } : { kind: 'data', host: v * 512 };
+  }
+
+  async map(rel: number, length: number): Promise<MappedRun[]> {
+    const gb = this.grainBytes;
+    const out: MappedRun[] = [];
+    const end = rel + length;
+    let pos = rel;
+    while (pos < end) {
+      const grain = Math.floor(pos / gb);
+      const l1i = Math.floor(grain / this.gtEntries);
+      const t = await this.table(l1i);
+      const tableEnd = Math.min(end, (l1i + 1) * this.gtEntries * gb);
+      while (pos < tableEnd) {
+        const g = Math.floor(pos / gb);
+        const n = Math.min(tableEnd, (g + 1) * gb) - pos;
+        const inGrain = pos - g * gb;
+        const e = this.entry(t, g % this.gtEntries);
+        const offset = this.start + pos;
+        if (e.kind === 'data') {
+          if (e.host + inGrain + n > this.file.size) {
+            throw new CorruptImageError(`${this.name}: VMDK grain at 0x${e.host.toString(16)} (guest 0x${offset.toString(16)}) lies outside the file`);
+          }
+          out.push({ kind: 'data', offset, length: n, host: e.host + inGrain, file: this.file });
+        } else if (e.kind === 'compressed') {
+          const host = e.host;
+          out.push({ kind: 'custom', offset, length: n, read: (dst) => this.readCompressed(host, inGrain, dst) });
+        } else {
+          out.push({ kind: e.kind, offset, length: n });
+        }
+        pos += n;
+      }
+    }
+    return out;
+  }
+
+  private async grain(host: number): Promise<Buffer> {
+    const hit = this.grains.get(host);
+    if (hit) return hit;
+    const g = await readCompressedGrain(this.file, host, this.grainBytes, this.hasMarker, this.name);
+    this.grains.set(host, g);
+    if (this.grains.size > GRAIN_CACHE) this.grains.delete(this.grains.keys().next().value!);
+    return g;
+  }
+
+  private async readCompressed(host: number, inGrain: number, dst: Uint8Array): Promise<void> {
+    const g = await this.grain(host);
+    if (inGrain + dst.length > g.length) throw new CorruptImageError(`${this.name}: compressed grain at 0x${host.toString(16)} is too short`);
+    dst.set(g.subarray(inGrain, inGrain + dst.length));
+  }
+
+  /** Guest bytes [a, b) of the extent as they read now (for read-modify-write of a grain). */
+  private async current(a: number, dst: Uint8Array, ctx: WriteContext): Promise<void> {
+    const runs = await this.map(a, dst.length);
+    await Promise.all(
+      runs.map((r) => {
+        const part = dst.subarray(r.offset - this.start - a, r.offset - this.start - a + r.length);
+        switch (r.kind) {
+          case 'data':
+            return this.file.read(r.host, part);
+          case 'custom':
+            return r.read(part);
+          case 'zero':
+            part.fill(0);
+            return Promise.resolve();
+          case 'unallocated':
+            return ctx.readBacking(r.offset, part);
+        }
+      }),
+    );
+  }
+
+  private checkWritable(t: Uint32Array | undefined, l1i: number): Uint32Array {
+    if (!t) throw new UnsupportedError(`${this.name}: VMDK grain directory entry ${l1i} has no grain table; writing there is not supported`);
+    return t;
+  }
+
+  async write(rel: number, src: Uint8Array, ctx: WriteContext): Promise<void> {
+    if (this.compressed) return this.writeCompressed(rel, src, ctx);
+    const gb = this.grainBytes;
+    const end = rel + src.length;
+    let pos = rel;
+    while (pos < end) {
+      const l1i = Math.floor(Math.floor(pos / gb) / this.gtEntries);
+      const tableEnd = Math.min(end, (l1i + 1) * this.gtEntries * gb);
+      const t = this.checkWritable(await this.table(l1i), l1i);
+      const g0 = Math.floor(pos / gb);
+      const g1 = Math.ceil(tableEnd / gb);
+      let g = g0;
+      while (g < g1) {
+        const e = this.entry(t, g % this.gtEntries);
+        if (e.kind === 'data') {
+          // In place; neighbours contiguous on disk go in one write.
+          let h = g + 1;
+          while (h < g1) {
+            const n = this.entry(t, h % this.gtEntries);
+            if (n.kind !== 'data' || n.host !== e.host + (h - g) * gb) break;
+            h++;
+          }
+          const from = Math.max(pos, g * gb);
+          const to = Math.min(tableEnd, h * gb);
+          if (e.host + (to - g * gb) > this.file.size) throw new CorruptImageError(`${this.name}: VMDK grain at 0x${e.host.toString(16)} lies outside the file`);
+          await this.file.write(e.host + (from - g * gb), src.subarray(from - rel, to - rel));
+          g = h;
+          continue;
+        }
+        let h = g + 1;
+        while (h < g1 && this.entry(t, h % this.gtEntries).kind !== 'data') h++;
+        await this.allocate(g, h, l1i, Math.max(pos, g * gb), Math.min(tableEnd, h * gb), src.subarray(Math.max(pos, g * gb) - rel, Math.min(tableEnd, h * gb) - rel), ctx);
+        g = h;
+      }
+      pos = tableEnd;
+    }
+  }
+
+  /** Sectors for `sectors` more, at the end of the file; QEMU's next_cluster_sector. */
+  private claim(sectors: number): number {
+    const at = this.nextSector;
+    if (at + sectors > MAX_EXTENT_SECTORS) throw new IoError(`${this.name}: VMDK extent is full (grain offsets are 32-bit sectors)`, constants.errno.ENOSPC);
+    this.nextSector = at + sectors;
+    return at;
+  }
+
+  /**
+   * New grains [g, h) (all in table l1i) holding the guest bytes [from, to): the grains
+   * are written whole (the rest from the backing file unless zeroed, else zeros), then
+   * after a barrier the table entries, primary and redundant, point at them.
+   */
+  private async allocate(g: number, h: number, l1i: number, from: number, to: number, data: Uint8Array, ctx: WriteContext): Promise<void> {
+    const gb = this.grainBytes;
+    const t = this.checkWritable(await this.table(l1i), l1i);
+    const first = this.entry(t, g % this.gtEntries);
+    const last = this.entry(t, (h - 1) % this.gtEntries);
+    const buf = Buffer.alloc((h - g) * gb);
+    const head = from - g * gb;
+    const tailStart = to - g * gb;
+    const fill = async (e: Entry, a: number, b: number): Promise<void> => {
+      const lim = Math.min(b, this.length - g * gb);
+      if (lim <= a || e.kind !== 'unallocated' || !ctx.hasBacking) return;
+      await ctx.readBacking(this.start + g * gb + a, buf.subarray(a, lim));
+    };
+    await Promise.all([fill(first, 0, head), fill(last, tailStart, buf.length)]);
+    buf.set(data, head);
+    const sector = this.claim((h - g) * (gb / 512));
+    await this.file.write(sector * 512, buf);
+    await ctx.barrier(this.file);
+    const values: number[] = [];
+    for (let k = g; k < h; k++) values.push(sector + (k - g) * (gb / 512));
+    await this.setEntries(l1i, g % this.gtEntries, values);
+  }
+
+  /** Table entries [idx, idx + values.length) of table l1i, in memory and on disk (both copies). */
+  private async setEntries(l1i: number, idx: number, values: number[]): Promise<void> {
+    const t = this.checkWritable(await this.table(l1i), l1i);
+    const sector = this.l1[l1i]!;
+    this.pinned.set(sector, (this.pinned.get(sector) ?? 0) + 1);
+    try {
+      values.forEach((v, k) => (t[idx + k] = v));
+      const bytes = new Uint8Array(values.length * 4);
+      const v = new DataView(bytes.buffer);
+      values.forEach((x, k) => v.setUint32(k * 4, x, true));
+      await this.file.write(sector * 512 + idx * 4, bytes);
+      const backup = this.l1Backup?.[l1i] ?? 0;
+      // A redundant directory entry of 0 has no table to update (QEMU would write into the header).
+      if (backup !== 0 && backup * 512 + this.gtBytes <= this.file.size) await this.file.write(backup * 512 + idx * 4, bytes);
+    } finally {
+      const n = this.pinned.get(sector)! - 1;
+      if (n === 0) this.pinned.delete(sector);
+      else this.pinned.set(sector, n);
+    }
+  }
+
+  /**
+   * streamOptimized: every grain touched is written anew, deflated behind a marker at
+   * the end of the file, and its table entry moved there (QEMU's order: data, then
+   * entry). Partial grains are merged with what they read as now.
+   */
+  private async writeCompressed(rel: number, src: Uint8Array, ctx: WriteContext): Promise<void> {
+    const gb = this.grainBytes;
+    const end = rel + src.length;
+    const parts: Buffer[] = [];
+    const updates: { l1i: number; idx: number; offset: number }[] = [];
+    let bytes = 0;
+    for (let g = Math.floor(rel / gb); g * gb < end; g++) {
+      const gStart = g * gb;
+      const len = Math.min(gb, this.length - gStart);
+      const grain = Buffer.alloc(len);
+      const from = Math.max(rel, gStart);
+      const to = Math.min(end, gStart + len);
+      if (from > gStart) await this.current(gStart, grain.subarray(0, from - gStart), ctx);
+      if (to < gStart + len) await this.current(to, grain.subarray(to - gStart), ctx);
+      grain.set(src.subarray(from - rel, to - rel), from - gStart);
+      const l1i = Math.floor(g / this.gtEntries);
+      this.checkWritable(await this.table(l1i), l1i);
+      const enc = encodeCompressedGrain(this.start + gStart, grain);
+      parts.push(enc);
+      updates.push({ l1i, idx: g % this.gtEntries, offset: bytes });
+      bytes += enc.length;
+    }
+    const sector = this.claim(bytes / 512);
+    await this.file.write(sector * 512, Buffer.concat(parts, bytes));
+    await ctx.barrier(this.file);
+    for (const u of updates) await this.setEntries(u.l1i, u.idx, [sector + u.offset / 512]);
+  }
+
+  async zero(rel: number, length: number, _unmap: boolean, ctx: WriteContext): Promise<void> {
+    const gb = this.grainBytes;
+    const end = rel + length;
+    let pos = rel;
+    while (pos < end) {
+      const g = Math.floor(pos / gb);
+      const l1i = Math.floor(g / this.gtEntries);
+      const gEnd = Math.min(end, (g + 1) * gb);
+      const t = await this.table(l1i);
+      const e = this.entry(t, g % this.gtEntries);
+      const whole = pos === g * gb && gEnd === (g + 1) * gb;
+      if (e.kind === 'zero' || (e.kind === 'unallocated' && !ctx.hasBacking)) {
+        // Already reads as zeros.
+      } else if (whole && this.zeroGrain && t) {
+        // Batch the run of whole grains in this table (QEMU's zeroed-grain write).
+        let h = g + 1;
+        const tableEndGrain = (l1i + 1) * this.gtEntries;
+        while (h < tableEndGrain && (h + 1) * gb <= end) h++;
+        await this.setEntries(l1i, g % this.gtEntries, new Array<number>(h - g).fill(GTE_ZEROED));
+        pos = h * gb;
+        continue;
+      } else {
+        await this.write(pos, new Uint8Array(gEnd - pos), ctx);
+      }
+      pos = gEnd;
+    }
+  }
+
+  /** For qemu-img-info-like reporting and tests. */
+  get clusterSize(): number {
+    return this.grainBytes;
+  }
+}
+
+function decodeLE32(buf: Uint8Array): Uint32Array {
+  const out = new Uint32Array(buf.length / 4);
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  for (let i = 0; i < out.length; i++) out[i] = v.getUint32(i * 4, true);
+  return out;
+}

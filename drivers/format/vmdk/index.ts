@@ -1,0 +1,187 @@
+// The vmdk driver: probe and open (QEMU 7.2's vmdk_probe / vmdk_open). An image is a
+// monolithic sparse file (KDMV or COWD) or a text descriptor naming extent files,
+// each opened through the image's protocol with the image's lock (OpenOptions.openFile).
+import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
+import { MAX_NODE_SIZE } from '../../types.js';
+import { CorruptImageError, TsmountError, UnsupportedError, UsageError, messageOf } from '../../errors.js';
+import { AlignFilter } from '../../filters/align.js';
+import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, probeDescriptor, readCid } from './descriptor.js';
+import { FlatExtent, SparseExtent, type VmdkExtent } from './extent.js';
+import { parseVmdk3Header, peekVmdk4, readVmdk4Header, VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
+import { VmdkNode } from './vmdk.js';
+import { createVmdk, VMDK_CREATE_OPTIONS } from './create.js';
+
+function be32(b: Uint8Array): number {
+  return b.length < 4 ? -1 : new DataView(b.buffer, b.byteOffset, 4).getUint32(0, false);
+}
+
+function probe(head: Uint8Array): number {
+  if (head.length < 4) return 0;
+  const m = be32(head);
+  if (m === VMDK3_MAGIC || m === VMDK4_MAGIC) return 100;
+  return probeDescriptor(head) ? 100 : 0;
+}
+
+/** The node tsmount sees: sector-aligned writes below, the CID above for overlays and tsimg create. */
+export class VmdkTop extends AlignFilter {
+  constructor(readonly vmdk: VmdkNode) {
+    super(vmdk, 512);
+  }
+  get vmdkCid(): number {
+    return this.vmdk.cid;
+  }
+}
+
+interface OpenState {
+  opts: OpenOptions;
+  /** The image's file: extents named relative to it. */
+  image: BlockNode;
+  /** Extent files opened here, closed again if the open fails. */
+  opened: BlockNode[];
+  extents: VmdkExtent[];
+  /** Guest bytes so far. */
+  end: number;
+  cacheBytes: number;
+}
+
+/** Bytes of a file from `offset`, as vmdk_read_desc reads them (at most 1 MiB - 1). */
+async function readHead(file: BlockNode, offset: number): Promise<Uint8Array> {
+  const n = Math.max(0, Math.min(file.size - offset, MAX_DESC_BYTES));
+  const buf = new Uint8Array(n);
+  if (n > 0) await file.read(offset, buf);
+  return buf;
+}
+
+function addExtent(st: OpenState, e: VmdkExtent): void {
+  if (st.end + e.length > MAX_NODE_SIZE - 1) throw new CorruptImageError(`${st.image.name}: VMDK extents add up to more than 2^53 bytes`);
+  st.extents.push(e);
+  st.end += e.length;
+}
+
+/** A KDMV or COWD file; returns the create type it implies. */
+async function openSparse(st: OpenState, file: BlockNode, head: Uint8Array, type: string, depth: number): Promise<string> {
+  const name = file.name;
+  if (be32(head) === VMDK3_MAGIC) {
+    const h = parseVmdk3Header(head, name);
+    addExtent(st, await SparseExtent.open({ file, name, start: st.end, header: h, type, cacheBytes: st.cacheBytes }));
+    return 'monolithicSparse';
+  }
+  if (head.length < 79) throw new CorruptImageError(`${name}: VMDK header truncated`);
+  const peek = peekVmdk4(head);
+  if (peek.capacity === 0n && peek.descOffset !== 0n) {
+    // A sparse file whose descriptor names the extents (vmdk_open_vmdk4, capacity 0).
+    if (depth > 0) throw new UnsupportedError(`${name}: nested VMDK descriptors are not supported`);
+    if (peek.descOffset > BigInt(Math.floor(file.size / 512))) throw new CorruptImageError(`${name}: VMDK descriptor offset lies outside the file`);
+    const text = cString(await readHead(file, Number(peek.descOffset) * 512));
+    return openDescriptor(st, text, depth + 1);
+  }
+  const h = await readVmdk4Header(file, head, name);
+  const e = await SparseExtent.open({ file, name, start: st.end, header: h, type, cacheBytes: st.cacheBytes });
+  addExtent(st, e);
+  return e.compressed ? 'streamOptimized' : 'monolithicSparse';
+}
+
+async function openExtentFile(st: OpenState, fileName: string): Promise<BlockNode> {
+  const name = st.image.name;
+  if (!st.opts.openFile) throw new UnsupportedError(`${name}: this VMDK names extent files, which cannot be opened here`);
+  try {
+    const node = await st.opts.openFile(fileName);
+    st.opened.push(node);
+    return node;
+  } catch (err) {
+    const wrapped = new UsageError(`${name}: cannot open VMDK extent '${fileName}': ${messageOf(err)}`);
+    throw err instanceof TsmountError ? Object.assign(wrapped, { errno: err.errno }) : wrapped;
+  }
+}
+
+async function openDescriptor(st: OpenState, text: string, depth: number): Promise<string> {
+  const d = parseDescriptor(text, st.image.name);
+  st.cacheBytes = Math.floor(st.opts.metadataCacheBytes / Math.max(1, d.extents.length));
+  for (const line of d.extents) {
+    if (line.type === 'SESPARSE') throw new UnsupportedError(`${st.image.name}: VMDK seSparse extents are not supported yet`);
+    const file = await openExtentFile(st, line.fileName);
+    if (line.type === 'FLAT' || line.type === 'VMFS') {
+      addExtent(st, new FlatExtent(file, st.end, line.sectors * 512, line.flatOffset, line.type));
+      continue;
+    }
+    if (file.size < 4) throw new CorruptImageError(`${file.name}: file is too small, not a valid VMDK extent`);
+    const head = await readHead(file, 0);
+    const m = be32(head);
+    if (m !== VMDK3_MAGIC && m !== VMDK4_MAGIC) throw new CorruptImageError(`${file.name}: VMDK extent is not in VMDK format`);
+    await openSparse(st, file, head, line.type, depth);
+  }
+  return d.createType;
+}
+
+async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
+  const name = file.name;
+  if (file.size < 4) throw new CorruptImageError(`${name}: file is too small, not a valid VMDK image`);
+  const st: OpenState = { opts, image: file, opened: [], extents: [], end: 0, cacheBytes: opts.metadataCacheBytes };
+  let backing: BlockNode | undefined;
+  try {
+    const head = await readHead(file, 0);
+    const m = be32(head);
+    let createType: string;
+    let descOffset: number;
+    if (m === VMDK3_MAGIC || m === VMDK4_MAGIC) {
+      createType = await openSparse(st, file, head, '', 0);
+      descOffset = 0x200;
+    } else {
+      createType = await openDescriptor(st, cString(head), 0);
+      descOffset = 0;
+    }
+
+    const area = new Uint8Array(DESC_SIZE);
+    const avail = Math.max(0, Math.min(DESC_SIZE, file.size - descOffset));
+    if (avail > 0) await file.read(descOffset, area.subarray(0, avail));
+    const cid = readCid(area, false);
+    const parentCid = readCid(area, true);
+    if (cid === undefined || parentCid === undefined) throw new CorruptImageError(`${name}: VMDK descriptor has no ${cid === undefined ? 'CID' : 'parentCID'}`);
+    const hint = parentHint(area, name);
+
+    if (!opts.readOnly) {
+      for (const e of st.extents) {
+        if (!(e instanceof SparseExtent)) continue;
+        if (e.version === 3 && !e.compressed) throw new UnsupportedError(`${e.file.name}: VMDK version 3 must be read only`);
+        if (e.compressed && e.gdAtEnd) {
+          throw new UnsupportedError(`${e.file.name}: streamOptimized VMDK with its grain directory in a footer can only be opened read-only (convert it to write)`);
+        }
+        if (e.compressed && !e.hasMarker) throw new UnsupportedError(`${e.file.name}: compressed VMDK without grain markers can only be opened read-only`);
+      }
+    }
+
+    if (hint !== undefined && hint !== '' && !opts.noBacking) {
+      backing = await opts.openBacking(hint, 'vmdk');
+      const backingCid = (backing as { vmdkCid?: number }).vmdkCid;
+      if (backingCid !== parentCid) {
+        const theirs = backingCid === undefined ? 'no CID' : `CID ${backingCid.toString(16)}`;
+        throw new CorruptImageError(`${name}: parentCID ${parentCid.toString(16)} does not match ${theirs} of backing file '${hint}' (the backing file changed after this image was made)`);
+      }
+    }
+
+    const node = new VmdkNode({
+      file,
+      extents: st.extents,
+      readOnly: opts.readOnly,
+      backing,
+      descOffset,
+      cid,
+      parentCid,
+      createType,
+      barriers: opts.cache !== 'unsafe',
+    });
+    return new VmdkTop(node);
+  } catch (err) {
+    await backing?.close().catch(() => undefined);
+    for (const f of st.opened) await f.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+export const vmdkDriver: FormatDriver & Creatable = {
+  name: 'vmdk',
+  probe,
+  open,
+  createOptions: VMDK_CREATE_OPTIONS,
+  create: createVmdk,
+};

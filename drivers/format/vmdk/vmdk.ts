@@ -1,0 +1,175 @@
+// The vmdk format node: extents strung end to end, reads through the shared mapped
+// path, writes that allocate under one lock, and the CID rewritten on the first
+// write after open (QEMU 7.2's vmdk_pwritev / vmdk_write_cid).
+import crypto from 'node:crypto';
+import type { BlockNode, Extent, HasBacking } from '../../types.js';
+import { ReadOnlyError } from '../../errors.js';
+import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { readFromBacking } from '../backing.js';
+import { Mutex } from '../qcow2/mutex.js';
+import { DESC_SIZE, rewriteCid } from './descriptor.js';
+import type { VmdkExtent, WriteContext } from './extent.js';
+
+export interface VmdkNodeOptions {
+  /** The image file: the descriptor, or the monolithic sparse file. */
+  file: BlockNode;
+  extents: VmdkExtent[];
+  readOnly: boolean;
+  backing: BlockNode | undefined;
+  /** Where CID= and parentCID= are read and rewritten (0 for a descriptor file, 0x200 in a sparse file). */
+  descOffset: number;
+  cid: number;
+  parentCid: number;
+  createType: string;
+  /** Flush between data and the table entries that point at it (false for cache=unsafe). */
+  barriers: boolean;
+}
+
+export class VmdkNode implements BlockNode, HasBacking, Mapper {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly backing: BlockNode | undefined;
+  readonly extents: readonly VmdkExtent[];
+  readonly createType: string;
+  readonly parentCid: number;
+  private readonly file: BlockNode;
+  private readonly descOffset: number;
+  private readonly barriers: boolean;
+  private readonly mutex = new Mutex();
+  private readonly ctx: WriteContext;
+  private currentCid: number;
+  private cidUpdate: Promise<void> | undefined;
+  private closed = false;
+
+  constructor(o: VmdkNodeOptions) {
+    this.file = o.file;
+    this.extents = o.extents;
+    this.readOnly = o.readOnly;
+    this.backing = o.backing;
+    this.descOffset = o.descOffset;
+    this.currentCid = o.cid;
+    this.parentCid = o.parentCid;
+    this.createType = o.createType;
+    this.barriers = o.barriers;
+    const last = o.extents[o.extents.length - 1];
+    this.size = last ? last.start + last.length : 0;
+    this.ctx = {
+      hasBacking: o.backing !== undefined,
+      readBacking: (off, dst) => readFromBacking(this.backing, off, dst),
+      barrier: async (f) => {
+        if (this.barriers) await f.flush();
+      },
+    };
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  /** The image's CID as on disk now. */
+  get cid(): number {
+    return this.currentCid;
+  }
+
+  /** The extents that [offset, offset+length) touches, with extent-relative ranges. */
+  private pieces(offset: number, length: number): { e: VmdkExtent; rel: number; at: number; n: number }[] {
+    const out: { e: VmdkExtent; rel: number; at: number; n: number }[] = [];
+    const end = offset + length;
+    // Extents are few (2 GiB each at most for split images); binary search the first.
+    let lo = 0;
+    let hi = this.extents.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      const m = this.extents[mid]!;
+      if (m.start + m.length <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    for (let i = lo; i < this.extents.length; i++) {
+      const e = this.extents[i]!;
+      if (e.start >= end) break;
+      const a = Math.max(offset, e.start);
+      const b = Math.min(end, e.start + e.length);
+      if (b > a) out.push({ e, rel: a - e.start, at: a - offset, n: b - a });
+    }
+    return out;
+  }
+
+  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    const parts = await Promise.all(this.pieces(offset, length).map((p) => p.e.map(p.rel, p.n)));
+    return parts.flat();
+  }
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return readMapped(this, this.file, this.backing, offset, dst);
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    // The common case needs no lock: every byte already has a place on disk.
+    const runs = await this.mapRange(offset, src.length);
+    if (runs.every((r) => r.kind === 'data')) {
+      await Promise.all(runs.map((r) => (r.kind === 'data' ? r.file!.write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
+    } else {
+      await this.mutex.run(async () => {
+        for (const p of this.pieces(offset, src.length)) await p.e.write(p.rel, src.subarray(p.at, p.at + p.n), this.ctx);
+      });
+    }
+    await this.updateCid();
+  }
+
+  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    await this.mutex.run(async () => {
+      for (const p of this.pieces(offset, length)) await p.e.zero(p.rel, p.n, unmap, this.ctx);
+    });
+    await this.updateCid();
+  }
+
+  /** Once per open, after the first write: a new random CID (vmdk_write_cid). */
+  private updateCid(): Promise<void> {
+    this.cidUpdate ??= (async () => {
+      const len = Math.min(DESC_SIZE, Math.ceil(this.file.size / 512) * 512 - this.descOffset);
+      if (len <= 0) return;
+      const area = new Uint8Array(DESC_SIZE);
+      await this.file.read(this.descOffset, area.subarray(0, len));
+      const cid = crypto.randomBytes(4).readUInt32LE(0);
+      const next = rewriteCid(area, cid);
+      if (!next) return;
+      await this.file.write(this.descOffset, next.subarray(0, len));
+      await this.file.flush();
+      this.currentCid = cid;
+    })().catch((err: unknown) => {
+      // Try again on the next write rather than failing every write from now on.
+      this.cidUpdate = undefined;
+      throw err;
+    });
+    return this.cidUpdate;
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    const files = new Set<BlockNode>([this.file, ...this.extents.map((e) => e.file)]);
+    await Promise.all([...files].map((f) => f.flush()));
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return mappedStatus(this, offset, length);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const files = new Set<BlockNode>(this.extents.map((e) => e.file));
+    files.delete(this.file);
+    try {
+      if (!this.readOnly) await this.flush();
+    } finally {
+      for (const f of files) await f.close().catch(() => undefined);
+      try {
+        await this.backing?.close();
+      } finally {
+        await this.file.close();
+      }
+    }
+  }
+}
