@@ -63,6 +63,13 @@ export class ClusterCache implements BlockNode {
       // A run of missing blocks is read with one request.
       let runEnd = block + 1;
       while (runEnd <= lastBlock && !lru.has(runEnd)) runEnd++;
+      if (dst.length < bs && block === Math.floor(offset / bs) && block === lastBlock) {
+        // A small read inside one block (random 4 KiB reads: readahead is off) reads
+        // just its bytes, straight into dst: filling the whole block would read and
+        // copy 16 times as much, for a block the kernel's page cache already keeps
+        // the part of that was asked for. Nothing is inserted, so no staleness.
+        return this.inner.read(offset, dst);
+      }
       await this.fill(block, runEnd, offset, dst);
       block = runEnd;
     }

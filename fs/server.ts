@@ -12,10 +12,13 @@ import type { LockingMode } from '../drivers/protocol/lock.js';
 import { umount2, MNT_DETACH, SysError } from '../drivers/protocol/sys.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
-import { mount } from './fuse.js';
+import { mount, setReadahead } from './fuse.js';
 import { findMount } from './mounts.js';
 
 const debug = createDebug('tsmount:server');
+
+/** Kernel readahead per mount (fuse.ts setReadahead says why). */
+const READAHEAD_KIB = 512;
 
 export interface ServeOptions {
   images: string[];
@@ -137,6 +140,7 @@ export class Server {
     ];
     try {
       await mount(target.mountpoint, flat, { options });
+      setReadahead(target.mountpoint, READAHEAD_KIB, `tsmount:${process.pid}`);
     } catch (err) {
       await Promise.allSettled(nodes.map((n) => n.close()));
       throw err;

@@ -1,0 +1,470 @@
+// npm run bench [-- --quick] [--rows 1,2,3] [--repeat N] [--out FILE] [--images DIR] [--cold]
+//
+// tsmount against qemu-storage-daemon's FUSE export (and xmount where it reads the
+// format), on the same images, in one run (issue 6). Every measurement gets a fresh
+// mount, so no page cache of the mounted file is counted; the two systems alternate
+// and each row reports the median of the per-repetition ratios and their spread, as
+// only same-run ratios mean anything on a shared machine.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { imageInfo } from '../test/helpers/qemu.js';
+import { Images, type Sizes } from './bench/images.js';
+import { cleanupAll, liveMounts, peakRss, withMount, type MountRequest, type System } from './bench/mounts.js';
+import { GiB, MiB, ddRead, ddWrite, drop, fio, have, loadAverage, machine, median, warm, type Machine } from './bench/tools.js';
+
+export interface BenchConfig {
+  quick: boolean;
+  repeat: number;
+  rows: Set<number>;
+  out?: string;
+  imagesDir?: string;
+  keepImages: boolean;
+  cold: boolean;
+  sizes: Sizes;
+  /** Seconds per random-read fio run. */
+  fioRuntime: number;
+  /** Bytes each random-write fio run writes. */
+  fioWriteBytes: number;
+  /** Node options for the tsmount server, e.g. --cpu-prof (profiling runs). */
+  serverNodeArgs: string[];
+}
+
+export interface Row {
+  id: string;
+  what: string;
+  tsmount: string;
+  qsd: string;
+  xmount: string;
+  /** tsmount speed / qsd speed: median (min..max). */
+  ratio: string;
+  target: string;
+  note: string;
+  load: string;
+}
+
+const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8];
+export const NOTES_MARKER = '<!-- Everything below this line is kept when scripts/bench.ts rewrites the file. -->';
+
+function parseArgs(argv: string[]): BenchConfig {
+  const quick = argv.includes('--quick');
+  const value = (flag: string): string | undefined => {
+    const i = argv.indexOf(flag);
+    if (i < 0) return undefined;
+    const v = argv[i + 1];
+    if (v === undefined || v.startsWith('--')) throw new Error(`${flag} needs a value`);
+    return v;
+  };
+  const known = new Set(['--quick', '--rows', '--repeat', '--out', '--images', '--keep-images', '--cold', '--cpu-prof']);
+  for (const a of argv) if (a.startsWith('--') && !known.has(a)) throw new Error(`unknown option ${a}`);
+  const rowsArg = value('--rows');
+  const rows = new Set(rowsArg ? rowsArg.split(',').map((s) => Number(s.trim())) : ALL_ROWS);
+  for (const r of rows) if (!ALL_ROWS.includes(r)) throw new Error(`--rows: no row ${r} (rows are 1..8)`);
+  const repeat = Number(value('--repeat') ?? (quick ? 1 : 3));
+  if (!Number.isInteger(repeat) || repeat < 1 || repeat > 50) throw new Error('--repeat must be 1..50');
+  const cpuProf = value('--cpu-prof');
+  return {
+    quick,
+    repeat,
+    rows,
+    out: value('--out'),
+    imagesDir: value('--images'),
+    keepImages: argv.includes('--keep-images'),
+    cold: argv.includes('--cold'),
+    sizes: quick ? { main: 64 * MiB, big: 256 * MiB, small: 16 * MiB } : { main: GiB, big: 4 * GiB, small: 64 * MiB },
+    fioRuntime: quick ? 1 : 5,
+    fioWriteBytes: quick ? 8 * MiB : 128 * MiB,
+    serverNodeArgs: cpuProf ? ['--cpu-prof', `--cpu-prof-dir=${path.resolve(cpuProf)}`] : [],
+  };
+}
+
+const fmtSize = (b: number): string => (b >= GiB ? `${b / GiB} GiB` : `${b / MiB} MiB`);
+const mbps = (x: number): string => `${(x / 1e6).toFixed(0)} MB/s`;
+const iops = (x: number): string => `${x.toFixed(0)} IOPS`;
+const secs = (x: number): string => `${x.toFixed(3)} s`;
+const mib = (x: number): string => `${(x / MiB).toFixed(0)} MiB`;
+
+function spread(xs: number[], digits = 2): string {
+  if (xs.length === 0) return '—';
+  const m = median(xs).toFixed(digits);
+  return xs.length === 1 ? m : `${m} (${Math.min(...xs).toFixed(digits)}..${Math.max(...xs).toFixed(digits)})`;
+}
+
+/** Errors that mean "tsmount does not read this yet", as opposed to a broken benchmark. */
+function isUnsupported(msg: string): boolean {
+  return /not supported|does not open|unknown format|Input\/output error|not a .* image/i.test(msg);
+}
+
+interface Measured {
+  samples: Record<System, number[]>;
+  ratios: number[];
+  xratios: number[];
+  /** Why a system dropped out; a tsmount failure ends the row. */
+  failed: Partial<Record<System, string>>;
+}
+
+class Bench {
+  readonly rows: Row[] = [];
+  private targetSeq = 0;
+  /** Row 7 reads the big image anyway: row 8 reuses those speeds. */
+  private readonly bigSpeeds: Record<'tsmount' | 'qsd', number[]> = { tsmount: [], qsd: [] };
+  private hasXmount = false;
+
+  constructor(readonly cfg: BenchConfig, readonly images: Images, readonly work: string) {}
+
+  async init(): Promise<void> {
+    this.hasXmount = await have('xmount');
+  }
+
+  /** A fresh target for a mount: a regular file (tsmount, qsd) or a directory (xmount). */
+  private target(system: System): string {
+    const p = path.join(this.work, `mnt-${system}-${this.targetSeq++}`);
+    if (system === 'xmount') fs.mkdirSync(p);
+    else fs.writeFileSync(p, '');
+    return p;
+  }
+
+  private request(system: System, image: string, format: string, extra: Partial<MountRequest> = {}): MountRequest {
+    return { image, format, rw: false, target: this.target(system), nodeArgs: system === 'tsmount' ? this.cfg.serverNodeArgs : undefined, ...extra };
+  }
+
+  /**
+   * Measure each system `repeat` times, alternating which goes first, each time on a
+   * fresh mount. `higher`: bigger numbers are better (speeds); else times.
+   */
+  private async compare(
+    systems: System[],
+    files: string[],
+    repeat: number,
+    higher: boolean,
+    measure: (s: System) => Promise<number>,
+  ): Promise<Measured> {
+    const res: Measured = { samples: { tsmount: [], qsd: [], xmount: [] }, ratios: [], xratios: [], failed: {} };
+    let active = systems.filter((s) => s !== 'xmount' || this.hasXmount);
+    if (systems.includes('xmount') && !this.hasXmount) res.failed.xmount = 'xmount is not installed (apt-get install xmount)';
+    if (!this.cfg.cold) await warm(files);
+    for (let i = 0; i < repeat && active.includes('tsmount') && (active.includes('qsd') || !systems.includes('qsd')); i++) {
+      const order = i % 2 === 0 ? active : [...active].reverse();
+      const got: Partial<Record<System, number>> = {};
+      for (const s of order) {
+        if (this.cfg.cold) await drop(files);
+        try {
+          got[s] = await measure(s);
+          res.samples[s].push(got[s]!);
+        } catch (err) {
+          res.failed[s] = err instanceof Error ? err.message : String(err);
+          active = active.filter((x) => x !== s);
+          if (s === 'tsmount') break;
+        }
+      }
+      const t = got.tsmount;
+      const q = got.qsd;
+      const x = got.xmount;
+      if (t !== undefined && q !== undefined) res.ratios.push(higher ? t / q : q / t);
+      if (t !== undefined && x !== undefined) res.xratios.push(higher ? t / x : x / t);
+    }
+    return res;
+  }
+
+  private push(row: Omit<Row, 'load'>, load: string): void {
+    this.rows.push({ ...row, load });
+    const r = this.rows[this.rows.length - 1]!;
+    process.stderr.write(`  ${r.id} ${r.what}: ${r.ratio}  [tsmount ${r.tsmount}, qsd ${r.qsd}${r.xmount !== '—' ? `, xmount ${r.xmount}` : ''}]${r.note ? `  ${r.note}` : ''}\n`);
+  }
+
+  /** A row from a comparison: speeds, the ratio, the ≥ 1.0 target, and why anything dropped out. */
+  private report(id: string, what: string, m: Measured, fmt: (x: number) => string, load: string, target = '≥ 1.0', extraNote = ''): void {
+    const med = (s: System): string => (m.samples[s].length ? fmt(median(m.samples[s])) : '—');
+    const notes: string[] = [];
+    if (m.failed.tsmount) notes.push(`${isUnsupported(m.failed.tsmount) ? 'skipped: tsmount does not read this yet' : 'tsmount failed'}: ${m.failed.tsmount}`);
+    if (m.failed.qsd) notes.push(`qemu-storage-daemon failed: ${m.failed.qsd}`);
+    if (m.failed.xmount) notes.push(`xmount: ${m.failed.xmount}`);
+    if (m.xratios.length) notes.push(`tsmount/xmount ${spread(m.xratios)}`);
+    if (extraNote) notes.push(extraNote);
+    const r = median(m.ratios);
+    const met = m.ratios.length === 0 ? '—' : `${target}: ${r >= 1 ? 'yes' : 'no'}`;
+    this.push({ id, what, tsmount: med('tsmount'), qsd: med('qsd'), xmount: med('xmount'), ratio: spread(m.ratios), target: met, note: notes.join('; ') }, load);
+  }
+
+  /** Sequential dd read of a whole image. */
+  private async seqRead(id: string, what: string, image: string, format: string, systems: System[], files = [image]): Promise<void> {
+    const load = loadAverage();
+    const size = await virtualSize(image, format);
+    const m = await this.compare(systems, files, this.cfg.repeat, true, (s) => withMount(s, this.request(s, image, format), (mt) => ddRead(mt.file, size)));
+    this.report(id, what, m, mbps, load);
+  }
+
+  async row1(): Promise<void> {
+    const size = fmtSize(this.cfg.sizes.main);
+    await this.seqRead('1', `sequential read, dd bs=1M, fully allocated ${size} qcow2 (64 KiB clusters)`, await this.images.fullQcow2(), 'qcow2', ['tsmount', 'qsd']);
+    await this.seqRead('1r', `the same on the ${size} raw image (xmount reads raw, not qcow2)`, await this.images.dataRaw(), 'raw', ['tsmount', 'qsd', 'xmount']);
+  }
+
+  async row2(): Promise<void> {
+    const img = await this.images.fullQcow2();
+    const size = this.cfg.sizes.main;
+    for (const jobs of [1, 4]) {
+      const load = loadAverage();
+      const m = await this.compare(['tsmount', 'qsd'], [img], this.cfg.repeat, true, (s) =>
+        withMount(s, this.request(s, img, 'qcow2'), (mt) => fio({ file: mt.file, rw: 'randread', jobs, size, runtime: this.cfg.fioRuntime })),
+      );
+      this.report(`2${jobs === 1 ? 'a' : 'b'}`, `random 4 KiB reads, fio psync, ${jobs} job${jobs > 1 ? 's' : ''}, ${this.cfg.fioRuntime} s`, m, iops, load);
+    }
+    const raw = await this.images.dataRaw();
+    const load = loadAverage();
+    const m = await this.compare(['tsmount', 'qsd', 'xmount'], [raw], this.cfg.repeat, true, (s) =>
+      withMount(s, this.request(s, raw, 'raw'), (mt) => fio({ file: mt.file, rw: 'randread', jobs: 1, size, runtime: this.cfg.fioRuntime })),
+    );
+    this.report('2r', 'random 4 KiB reads, 1 job, on the raw image (with xmount)', m, iops, load);
+  }
+
+  async row3(): Promise<void> {
+    const src = await this.images.dataRaw();
+    const size = this.cfg.sizes.main;
+    const load = loadAverage();
+    const m = await this.compare(['tsmount', 'qsd'], [src], this.cfg.repeat, true, async (s) => {
+      const img = await this.images.emptyQcow2(`write-${s}.qcow2`);
+      return withMount(s, this.request(s, img, 'qcow2', { rw: true }), (mt) => ddWrite(src, mt.file, size));
+    });
+    this.report('3', `sequential write that allocates, dd bs=1M conv=fsync into an empty ${fmtSize(size)} qcow2`, m, mbps, load);
+  }
+
+  async row4(): Promise<void> {
+    const img = await this.images.writableCopy('random-write.qcow2');
+    const load = loadAverage();
+    const bytes = this.cfg.fioWriteBytes;
+    const m = await this.compare(['tsmount', 'qsd'], [img], this.cfg.repeat, true, (s) =>
+      withMount(s, this.request(s, img, 'qcow2', { rw: true }), (mt) => fio({ file: mt.file, rw: 'randwrite', jobs: 1, size: this.cfg.sizes.main, ioSize: bytes })),
+    );
+    this.report('4', `random 4 KiB writes into an allocated qcow2, fio psync, ${fmtSize(bytes)} then fsync`, m, iops, load);
+  }
+
+  async row5(): Promise<void> {
+    const size = fmtSize(this.cfg.sizes.main);
+    await this.seqRead('5a', `sequential read, ${size} vmdk (monolithicSparse)`, await this.images.vmdk(), 'vmdk', ['tsmount', 'qsd']);
+    await this.seqRead('5b', `sequential read, ${size} vhdx`, await this.images.vhdx(), 'vhdx', ['tsmount', 'qsd']);
+    await this.seqRead('5c', `sequential read, ${size} compressed qcow2`, await this.images.compressedQcow2(), 'qcow2', ['tsmount', 'qsd']);
+  }
+
+  async row6(): Promise<void> {
+    const repeat = Math.max(this.cfg.repeat * 2, this.cfg.quick ? 2 : 6);
+    const cases: [string, string, string, string[]][] = [];
+    const sparse = await this.images.sparse1T();
+    cases.push(['6a', 'time to mount a 1 TiB sparse qcow2', sparse, [sparse]]);
+    const chain = await this.images.chain();
+    cases.push(['6b', 'time to mount a qcow2 over a 4-deep backing chain', chain[chain.length - 1]!, chain]);
+    for (const [id, what, img, files] of cases) {
+      const load = loadAverage();
+      const m = await this.compare(['tsmount', 'qsd'], files, repeat, false, (s) => withMount(s, this.request(s, img, 'qcow2'), async (mt) => mt.mountSeconds));
+      const t = median(m.samples.tsmount);
+      const target = id === '6a' && m.samples.tsmount.length ? `< 0.5 s: ${t < 0.5 ? 'yes' : 'no'}; ` : '';
+      this.report(id, what, m, secs, load, `${target}≥ 1.0`, 'ratio: qsd time / tsmount time; tsmount is timed from start to its return, qsd until its mount appears');
+    }
+  }
+
+  /** Row 7: peak RSS while reading the big image; also row 8's big-image speeds. */
+  async row7(): Promise<void> {
+    const img = await this.images.allocated('big.qcow2', this.cfg.sizes.big);
+    const size = this.cfg.sizes.big;
+    for (const cacheSize of [undefined, '16M']) {
+      const load = loadAverage();
+      const rss: Record<'tsmount' | 'qsd', number[]> = { tsmount: [], qsd: [] };
+      const systems: System[] = cacheSize ? ['tsmount'] : ['tsmount', 'qsd'];
+      // With --cache-size 16M only tsmount changes; qsd is measured once, in 7a.
+      const m = await this.compare(systems, [img], this.cfg.repeat, true, async (s) => {
+        return withMount(s, this.request(s, img, 'qcow2', { cacheSize }), async (mt) => {
+          const speed = await ddRead(mt.file, size);
+          const peak = peakRss(mt.pid);
+          if (peak !== undefined && s !== 'xmount') rss[s].push(peak);
+          if (!cacheSize && s !== 'xmount') this.bigSpeeds[s].push(speed);
+          return speed;
+        });
+      });
+      const limit = (cacheSize ? 16 * MiB : 64 * MiB) + 100 * MiB;
+      const t = median(rss.tsmount);
+      const notes: string[] = [];
+      if (m.failed.tsmount) notes.push(`tsmount failed: ${m.failed.tsmount}`);
+      if (m.failed.qsd) notes.push(`qemu-storage-daemon failed: ${m.failed.qsd}`);
+      notes.push(`peak RSS (VmHWM) of the serving process while dd reads ${fmtSize(size)}; samples ${rss.tsmount.map(mib).join(', ')}`);
+      this.push(
+        {
+          id: cacheSize ? '7b' : '7a',
+          what: `peak resident memory reading ${fmtSize(size)}, ${cacheSize ? '--cache-size 16M' : 'default cache size (64M)'}`,
+          tsmount: rss.tsmount.length ? mib(t) : '—',
+          qsd: rss.qsd.length ? mib(median(rss.qsd)) : cacheSize ? '(as 7a)' : '—',
+          xmount: '—',
+          ratio: rss.qsd.length && rss.tsmount.length ? `qsd/tsmount memory ${(median(rss.qsd) / t).toFixed(2)}` : '—',
+          target: rss.tsmount.length ? `≤ ${mib(limit)}: ${t <= limit ? 'yes' : 'no'}` : '—',
+          note: notes.join('; '),
+        },
+        load,
+      );
+    }
+  }
+
+  async row8(): Promise<void> {
+    const small = await this.images.allocated('small.qcow2', this.cfg.sizes.small);
+    const big = await this.images.allocated('big.qcow2', this.cfg.sizes.big);
+    const load = loadAverage();
+    if (this.bigSpeeds.tsmount.length === 0) {
+      await this.compare(['tsmount', 'qsd'], [big], this.cfg.repeat, true, (s) =>
+        withMount(s, this.request(s, big, 'qcow2'), async (mt) => {
+          const v = await ddRead(mt.file, this.cfg.sizes.big);
+          if (s !== 'xmount') this.bigSpeeds[s].push(v);
+          return v;
+        }),
+      );
+    }
+    // The small image reads in a blink: more repeats to tame the noise.
+    const m = await this.compare(['tsmount', 'qsd'], [small], this.cfg.repeat * 3, true, (s) =>
+      withMount(s, this.request(s, small, 'qcow2'), (mt) => ddRead(mt.file, this.cfg.sizes.small)),
+    );
+    const scale = (s: 'tsmount' | 'qsd'): number => median(this.bigSpeeds[s]) / median(m.samples[s]);
+    const ts = scale('tsmount');
+    const both = (s: 'tsmount' | 'qsd'): string =>
+      m.samples[s].length && this.bigSpeeds[s].length ? `${mbps(median(this.bigSpeeds[s]))} / ${mbps(median(m.samples[s]))} = ${scale(s).toFixed(2)}` : '—';
+    this.push(
+      {
+        id: '8',
+        what: `scaling: sequential read speed, ${fmtSize(this.cfg.sizes.big)} image / ${fmtSize(this.cfg.sizes.small)} image (qcow2)`,
+        tsmount: both('tsmount'),
+        qsd: both('qsd'),
+        xmount: '—',
+        ratio: '—',
+        target: Number.isFinite(ts) ? `≥ 0.90: ${ts >= 0.9 ? 'yes' : 'no'}` : '—',
+        note: m.failed.tsmount ? `tsmount failed: ${m.failed.tsmount}` : 'each column: big-image speed / small-image speed (medians)',
+      },
+      load,
+    );
+  }
+}
+
+async function virtualSize(image: string, format: string): Promise<number> {
+  return (await imageInfo(image, format))['virtual-size'];
+}
+
+function render(mach: Machine, cfg: BenchConfig, rows: Row[], loadStart: string, loadEnd: string, seconds: number, keptNotes: string): string {
+  const esc = (s: string): string => s.replace(/\|/g, '\\|').replace(/\n/g, ' ');
+  const lines = [
+    '# tsmount benchmarks',
+    '',
+    `Written by \`npm run bench\` (scripts/bench.ts)${cfg.quick ? ' with --quick (small sizes, one repetition: a smoke run, not a result)' : ''}.`,
+    'Each measurement mounts afresh (no page cache of the mounted file is reused); tsmount and',
+    'qemu-storage-daemon (qsd) alternate which goes first; a row\'s ratio is the median of the',
+    'per-repetition ratios tsmount speed / qsd speed, with the spread (min..max) in brackets.',
+    `The image files are ${cfg.cold ? 'dropped from the host page cache before every measurement (--cold)' : 'read into the host page cache before each row (both servers start warm; --cold drops them instead)'}.`,
+    '',
+    `- date: ${mach.date}`,
+    `- machine: ${mach.nproc} CPUs (\`nproc\`), ${mach.cpu}, ${mach.memory} RAM, kernel ${mach.kernel}`,
+    `- software: node ${mach.node}, qemu-storage-daemon ${mach.qemu}, ${mach.fio}, ${mach.xmount}`,
+    `- load average (1, 5, 15 min) at start: ${loadStart}; at end: ${loadEnd}`,
+    `- repetitions: ${cfg.repeat}; rows: ${[...cfg.rows].join(',')}; run time ${(seconds / 60).toFixed(1)} min`,
+    '',
+    '| row | what | tsmount | qsd | xmount | tsmount/qsd median (min..max) | target | load avg | note |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...rows.map((r) => `| ${[r.id, r.what, r.tsmount, r.qsd, r.xmount, r.ratio, r.target, r.load, r.note].map(esc).join(' | ')} |`),
+    '',
+    NOTES_MARKER,
+    keptNotes.trimEnd(),
+    '',
+  ];
+  return lines.join('\n');
+}
+
+function keptNotesOf(out: string | undefined): string {
+  if (!out || !fs.existsSync(out)) return '\n## Notes\n\n(Analysis and profiles go here; this part survives re-runs.)\n';
+  const text = fs.readFileSync(out, 'utf8');
+  const i = text.indexOf(NOTES_MARKER);
+  return i < 0 ? '' : text.slice(i + NOTES_MARKER.length);
+}
+
+export async function runBench(cfg: BenchConfig): Promise<Row[]> {
+  const t0 = Date.now();
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-tsmount-'));
+  const imagesDir = cfg.imagesDir ? path.resolve(cfg.imagesDir) : path.join(work, 'images');
+  const onSignal = (sig: NodeJS.Signals): void => {
+    process.stderr.write(`\nbench: ${sig}, unmounting everything\n`);
+    cleanupAll();
+    removeWork(work);
+    process.exit(130);
+  };
+  const onExit = (): void => cleanupAll();
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('exit', onExit);
+  try {
+    const mach = await machine();
+    const loadStart = loadAverage();
+    const bench = new Bench(cfg, new Images(imagesDir, cfg.sizes), work);
+    await bench.init();
+    const rows: Record<number, () => Promise<void>> = {
+      1: () => bench.row1(),
+      2: () => bench.row2(),
+      3: () => bench.row3(),
+      4: () => bench.row4(),
+      5: () => bench.row5(),
+      6: () => bench.row6(),
+      7: () => bench.row7(),
+      8: () => bench.row8(),
+    };
+    for (const n of ALL_ROWS) {
+      if (!cfg.rows.has(n)) continue;
+      process.stderr.write(`row ${n} (load ${loadAverage()})\n`);
+      try {
+        await rows[n]!();
+      } catch (err) {
+        // One broken row (a missing tool, a full disk) must not lose the others.
+        bench.rows.push({ id: String(n), what: `row ${n}`, tsmount: '—', qsd: '—', xmount: '—', ratio: '—', target: '—', note: `failed: ${err instanceof Error ? err.message : String(err)}`, load: loadAverage() });
+        process.stderr.write(`  row ${n} failed: ${err instanceof Error ? err.message : String(err)}\n`);
+      }
+    }
+    const text = render(mach, cfg, bench.rows, loadStart, loadAverage(), (Date.now() - t0) / 1000, keptNotesOf(cfg.out));
+    if (cfg.out) fs.writeFileSync(cfg.out, text);
+    else process.stdout.write(text);
+    return bench.rows;
+  } finally {
+    cleanupAll();
+    if (liveMounts() === 0) {
+      if (cfg.imagesDir && !cfg.keepImages) {
+        for (const f of ['write-tsmount.qcow2', 'write-qsd.qcow2', 'random-write.qcow2']) fs.rmSync(path.join(imagesDir, f), { force: true });
+      }
+      removeWork(work);
+    }
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.off('exit', onExit);
+  }
+}
+
+/** Remove the work folder, but never while something is still mounted inside it. */
+function removeWork(work: string): void {
+  const mounts = fs.readFileSync('/proc/mounts', 'utf8');
+  if (mounts.split('\n').some((l) => (l.split(' ')[1] ?? '').startsWith(work + path.sep))) {
+    process.stderr.write(`bench: ${work} still has a mount in it; left in place\n`);
+    return;
+  }
+  fs.rmSync(work, { recursive: true, force: true });
+}
+
+async function main(): Promise<void> {
+  let cfg: BenchConfig;
+  try {
+    cfg = parseArgs(process.argv.slice(2));
+  } catch (err) {
+    process.stderr.write(`bench: ${(err as Error).message}\nusage: npm run bench -- [--quick] [--rows 1,2,...] [--repeat N] [--out FILE] [--images DIR] [--keep-images] [--cold] [--cpu-prof DIR]\n`);
+    process.exit(2);
+  }
+  if (process.getuid?.() !== 0) process.stderr.write('bench: not root; FUSE mounts may fail\n');
+  await runBench(cfg);
+}
+
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  main().catch((err: unknown) => {
+    process.stderr.write(`bench: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    cleanupAll();
+    process.exit(1);
+  });
+}
+
+export { parseArgs };

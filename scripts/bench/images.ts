@@ -1,0 +1,124 @@
+// The benchmark's images, made with qemu-img/qemu-io and reused between runs when
+// their recipe has not changed (a `.done` stamp beside each holds the recipe).
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { runOk } from '../../test/helpers/qemu.js';
+import { MiB } from './tools.js';
+
+export interface Sizes {
+  /** Rows 1-5: the "1 GiB" images. */
+  main: number;
+  /** Rows 7-8: the "4 GiB" image. */
+  big: number;
+  /** Row 8: the "64 MiB" image. */
+  small: number;
+}
+
+export class Images {
+  constructor(readonly dir: string, readonly sizes: Sizes) {
+    fs.mkdirSync(dir, { recursive: true });
+  }
+
+  private async once(name: string, recipe: string, make: (file: string) => Promise<void>): Promise<string> {
+    const file = path.join(this.dir, name);
+    const stamp = `${file}.done`;
+    if (fs.existsSync(file) && fs.existsSync(stamp) && fs.readFileSync(stamp, 'utf8') === recipe) return file;
+    fs.rmSync(stamp, { force: true });
+    fs.rmSync(file, { force: true });
+    process.stderr.write(`  making ${name}\n`);
+    await make(file);
+    fs.writeFileSync(stamp, recipe);
+    return file;
+  }
+
+  /**
+   * Guest data, half incompressible and half text-like: per MiB, 512 KiB random bytes
+   * and 512 KiB of hex digits (about 50% compressible), so that compressed formats
+   * do real work.
+   */
+  dataRaw(): Promise<string> {
+    const size = this.sizes.main;
+    return this.once('data.raw', `mixed-v1 ${size}`, async (file) => {
+      const fd = fs.openSync(file, 'w');
+      try {
+        for (let pos = 0; pos < size; pos += MiB) {
+          const block = Buffer.concat([crypto.randomBytes(MiB / 2), Buffer.from(crypto.randomBytes(MiB / 4).toString('hex'))]);
+          fs.writeSync(fd, block, 0, Math.min(MiB, size - pos), pos);
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+  }
+
+  private async fromData(name: string, args: string[]): Promise<string> {
+    const src = await this.dataRaw();
+    return this.once(name, `convert ${args.join(' ')} ${this.sizes.main}`, (file) => runOk('qemu-img', ['convert', '-f', 'raw', ...args, src, file], { timeoutMs: 900_000 }).then(() => undefined));
+  }
+
+  /** Every cluster allocated, 64 KiB clusters. */
+  fullQcow2(): Promise<string> {
+    return this.fromData('full.qcow2', ['-O', 'qcow2', '-o', 'cluster_size=65536']);
+  }
+  vmdk(): Promise<string> {
+    return this.fromData('full.vmdk', ['-O', 'vmdk', '-o', 'subformat=monolithicSparse']);
+  }
+  vhdx(): Promise<string> {
+    return this.fromData('full.vhdx', ['-O', 'vhdx']);
+  }
+  compressedQcow2(): Promise<string> {
+    return this.fromData('compressed.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536']);
+  }
+
+  /** A fresh empty qcow2 of the main size (made anew for every write measurement). */
+  async emptyQcow2(name: string): Promise<string> {
+    const file = path.join(this.dir, name);
+    fs.rmSync(file, { force: true });
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', file, String(this.sizes.main)]);
+    return file;
+  }
+
+  /** A private, fully allocated copy for random writes. */
+  async writableCopy(name: string): Promise<string> {
+    const src = await this.fullQcow2();
+    const file = path.join(this.dir, name);
+    fs.rmSync(file, { force: true });
+    await runOk('cp', ['--sparse=always', src, file], { timeoutMs: 600_000 });
+    return file;
+  }
+
+  sparse1T(): Promise<string> {
+    return this.once('sparse-1t.qcow2', 'sparse 1T v1', (file) => runOk('qemu-img', ['create', '-q', '-f', 'qcow2', file, '1T']).then(() => undefined));
+  }
+
+  /** top.qcow2 over 4 backing files (chain-0 is the base); each layer writes its own 8 MiB. */
+  async chain(): Promise<string[]> {
+    const size = this.sizes.main;
+    const files: string[] = [];
+    for (let i = 0; i <= 4; i++) {
+      const name = i === 4 ? 'chain-top.qcow2' : `chain-${i}.qcow2`;
+      const below = files[files.length - 1];
+      const f = await this.once(name, `chain v1 ${i} ${size}`, async (file) => {
+        const args = ['create', '-q', '-f', 'qcow2'];
+        if (below) args.push('-b', path.basename(below), '-F', 'qcow2');
+        await runOk('qemu-img', [...args, file, String(size)], { cwd: this.dir });
+        const at = Math.floor((size / 5) * i / MiB) * MiB;
+        await runOk('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x${(0x11 * (i + 1)).toString(16)} ${at} 8M`, file], { cwd: this.dir });
+      });
+      files.push(f);
+    }
+    return files;
+  }
+
+  /** A fully allocated qcow2 of `size` bytes, written with qemu-io in 256 MiB patterns. */
+  allocated(name: string, size: number): Promise<string> {
+    return this.once(name, `allocated v1 ${size}`, async (file) => {
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', file, String(size)]);
+      const chunk = Math.min(size, 256 * MiB);
+      const cmds: string[] = [];
+      for (let pos = 0, i = 0; pos < size; pos += chunk, i++) cmds.push('-c', `write -P 0x${(0x21 + i).toString(16)} ${pos} ${Math.min(chunk, size - pos)}`);
+      await runOk('qemu-io', ['-f', 'qcow2', ...cmds, file], { timeoutMs: 900_000 });
+    });
+  }
+}

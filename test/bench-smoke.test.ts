@@ -1,0 +1,42 @@
+// The benchmark runs end to end (--quick, two rows) and leaves no mount behind.
+// Opt-in (TSMOUNT_BENCH=1): it takes a while and the machine is shared. Performance
+// is never asserted here; only that the rows are measured and reported.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { expect } from 'chai';
+import { parseArgs, runBench } from '../scripts/bench.js';
+
+const enabled = process.env.TSMOUNT_BENCH === '1';
+
+function fuseMountsUnder(prefix: string): string[] {
+  return fs
+    .readFileSync('/proc/mounts', 'utf8')
+    .split('\n')
+    .map((l) => l.split(' '))
+    .filter((f) => (f[2] ?? '').startsWith('fuse') && (f[1] ?? '').startsWith(prefix))
+    .map((f) => f[1] ?? '');
+}
+
+(enabled ? describe : describe.skip)('benchmark smoke run (TSMOUNT_BENCH=1)', function () {
+  this.timeout(300_000);
+  let out: string;
+
+  before(() => {
+    out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bench-tsmount-smoke-')), 'BENCHMARKS.md');
+  });
+
+  after(() => fs.rmSync(path.dirname(out), { recursive: true, force: true }));
+
+  it('measures the qcow2 sequential read and mount-time rows against qemu-storage-daemon and writes the report', async () => {
+    const rows = await runBench(parseArgs(['--quick', '--rows', '1,6', '--out', out]));
+    expect(rows.map((r) => r.id)).to.include.members(['1', '6a', '6b']);
+    const seq = rows.find((r) => r.id === '1')!;
+    expect(seq.tsmount).to.match(/MB\/s/);
+    expect(seq.qsd).to.match(/MB\/s/);
+    expect(seq.ratio).to.match(/^\d+\.\d\d/);
+    const text = fs.readFileSync(out, 'utf8');
+    expect(text).to.match(/nproc/).and.match(/load average/).and.match(/\| 6a \|/);
+    expect(fuseMountsUnder(path.join(os.tmpdir(), 'bench-tsmount-'))).to.deep.equal([]);
+  });
+});
