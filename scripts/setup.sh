@@ -14,6 +14,7 @@ PACKAGES=(
   nbdkit                            # NBD tests (memory, file plugins)
   openssh-server openssh-client     # SSH/SFTP tests: sshd, ssh-agent, ssh-keygen
   bximage                           # bochs, VMware4 vmdk and VHD images made by bochs' tool
+  cryptsetup-bin                    # LUKS1/LUKS2 headers made by cryptsetup
   ca-certificates
 )
 

@@ -10,6 +10,7 @@ import { qcowDriver } from './qcow/index.js';
 import { vdiDriver } from './vdi/index.js';
 import { parallelsDriver } from './parallels/index.js';
 import { vmdkDriver } from './vmdk/index.js';
+import { luksDriver } from './luks/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
@@ -22,6 +23,7 @@ const drivers: FormatDriver[] = [
   vdiDriver,
   parallelsDriver,
   vmdkDriver,
+  luksDriver,
 ];
 
 /** Formats tsmount can open, by QEMU's driver name. */
@@ -37,7 +39,6 @@ export const PROBE_BYTES = 4096;
 const knownSignatures: { name: string; test: (h: Uint8Array) => boolean }[] = [
   { name: 'bochs', test: (h) => ascii(h, 0, 22) === 'Bochs Virtual HD Image' },
   { name: 'cloop', test: (h) => ascii(h, 0, 22) === '#!/bin/sh\n#V2.0 Format' },
-  { name: 'luks', test: (h) => ascii(h, 0, 6) === 'LUKS\xba\xbe' },
 ];
 
 function ascii(h: Uint8Array, off: number, len: number): string {

@@ -1,0 +1,116 @@
+// The luks format (QEMU block/crypto.c over crypto/block-luks.c): a LUKS header, then
+// the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
+// does; LUKS2 headers made by cryptsetup open too (QEMU 7.2 cannot open those).
+import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, OpenOptions } from '../../types.js';
+import { CorruptImageError, ReadOnlyError, UsageError } from '../../errors.js';
+import { AlignFilter } from '../../filters/align.js';
+import { createLuks1, luksVersion, unlockLuks, type SectorCipher } from '../../crypto/index.js';
+import { QEMU_HASHES } from '../../crypto/hash.js';
+import { QEMU_IVGENS } from '../../crypto/ivgen.js';
+import { CIPHER_MODES } from '../../crypto/modes.js';
+
+class LuksNode implements BlockNode {
+  private readonly unit: number;
+
+  constructor(
+    private readonly file: BlockNode,
+    private readonly payloadOffset: number,
+    readonly size: number,
+    private readonly cipher: SectorCipher,
+    readonly readOnly: boolean,
+  ) {
+    this.unit = cipher.sectorSize;
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  /** Requests arrive sector-aligned (AlignFilter). */
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    await this.file.read(this.payloadOffset + offset, dst);
+    this.cipher.decrypt(dst, offset / this.unit);
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    const buf = new Uint8Array(src);
+    this.cipher.encrypt(buf, offset / this.unit);
+    await this.file.write(this.payloadOffset + offset, buf);
+  }
+
+  flush(): Promise<void> {
+    return this.file.flush();
+  }
+
+  /** Ciphertext is never zeros: everything is data, as QEMU reports it. */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, kind: 'data' }];
+  }
+
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}
+
+function probe(head: Uint8Array): number {
+  return luksVersion(head) ? 100 : 0;
+}
+
+async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
+  const name = file.name;
+  if (opts.secret === undefined) throw new UsageError(`${name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
+  const v = await unlockLuks(file, opts.secret);
+  if (v.payloadOffset > file.size) throw new CorruptImageError(`${name}: LUKS payload offset ${v.payloadOffset} lies past the end of the file`);
+  const available = file.size - v.payloadOffset;
+  const size = v.payloadLength === undefined ? available : Math.min(v.payloadLength, available);
+  if (v.payloadLength !== undefined && v.payloadLength > available) {
+    throw new CorruptImageError(`${name}: LUKS2 segment of ${v.payloadLength} bytes runs past the end of the file`);
+  }
+  // LUKS2 devices hold whole encryption sectors only.
+  const usable = v.version === 2 ? size - (size % v.sectorSize) : size;
+  const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly);
+  return new AlignFilter(node, v.sectorSize);
+}
+
+const CIPHER_ALGS = [
+  'aes-128', 'aes-192', 'aes-256',
+  'serpent-128', 'serpent-192', 'serpent-256',
+  'twofish-128', 'twofish-192', 'twofish-256',
+  'cast5-128',
+] as const;
+
+async function create(req: CreateRequest): Promise<void> {
+  const o = req.options;
+  const keySecret = o.string('key-secret');
+  const alg = o.choice('cipher-alg', CIPHER_ALGS) ?? 'aes-256';
+  const mode = o.choice('cipher-mode', CIPHER_MODES) ?? 'xts';
+  const ivgen = o.choice('ivgen-alg', QEMU_IVGENS) ?? 'plain64';
+  let ivHash: string | undefined = o.choice('ivgen-hash-alg', QEMU_HASHES);
+  const hash = o.choice('hash-alg', QEMU_HASHES) ?? 'sha256';
+  const iterTime = o.int('iter-time', 1, 2 ** 31 - 1) ?? 2000;
+  o.finish('luks');
+  // --secret/--secret-file name the passphrase; without them, key-secret is the passphrase.
+  const secret = req.secret ?? keySecret;
+  if (secret === undefined) throw new UsageError(`${req.spec}: Parameter 'key-secret' is required for cipher (or give --secret)`);
+  if (req.size === undefined) throw new UsageError(`${req.spec}: luks images need a size`);
+  if (ivgen === 'essiv' && ivHash === undefined) ivHash = 'sha256';
+  const [family, bits] = alg.split('-') as [string, string];
+  const made = await createLuks1(
+    { cipher: family, cipherKeyBytes: Number(bits) / 8, mode, ivgen, ivHash, hash, iterTimeMs: iterTime, passphrase: Buffer.from(secret, 'utf8') },
+    req.spec,
+  );
+  const file = req.file;
+  if (!file.truncate) throw new UsageError(`${req.spec}: this protocol cannot be sized`);
+  await file.truncate(made.payloadOffset + req.size);
+  await file.write(0, made.header);
+  await file.flush();
+}
+
+export const luksDriver: FormatDriver & Creatable = {
+  name: 'luks',
+  probe,
+  open,
+  createOptions: ['key-secret', 'cipher-alg', 'cipher-mode', 'ivgen-alg', 'ivgen-hash-alg', 'hash-alg', 'iter-time'],
+  create,
+};
