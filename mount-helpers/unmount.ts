@@ -1,4 +1,5 @@
 // tsmount -u: unmount, then wait until the server has written everything and exited.
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { UsageError, IoError } from '../drivers/errors.js';
@@ -6,6 +7,16 @@ import { umount2, SysError } from '../drivers/protocol/sys.js';
 import { findMount } from '../fs/mounts.js';
 
 const EBUSY = 16;
+const EPERM = 1;
+
+function fusermount(mp: string): boolean {
+  for (const helper of ['fusermount', 'fusermount3']) {
+    const r = spawnSync(helper, ['-u', mp], { stdio: ['ignore', 'ignore', 'pipe'] });
+    if (r.status === 0) return true;
+    if (r.error === undefined && /busy/i.test(String(r.stderr))) throw new IoError(`${mp}: busy (a file on it is still open)`, EBUSY);
+  }
+  return false;
+}
 
 /** A zombie has finished: the server is detached, and whoever reaps it may be slow. */
 function alive(pid: number): boolean {
@@ -31,7 +42,11 @@ export async function unmount(mountpoint: string, timeoutMs = 300_000): Promise<
     umount2(mp, 0);
   } catch (err) {
     if (err instanceof SysError && err.errno === EBUSY) throw new IoError(`${mountpoint}: busy (a file on it is still open)`, EBUSY);
-    throw new IoError(`${mountpoint}: unmount failed: ${(err as Error).message}`);
+    // Not root: the setuid helper may unmount what this user mounted. Only this
+    // process spawns it, never the server (it would inherit /dev/fuse).
+    if (!(err instanceof SysError && err.errno === EPERM) || !fusermount(mp)) {
+      throw new IoError(`${mountpoint}: unmount failed: ${(err as Error).message}`);
+    }
   }
   if (m.pid <= 0) return;
   // The server notices the unmount by itself; the signal only saves it the wait.
