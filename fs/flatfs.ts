@@ -25,6 +25,12 @@ export interface FlatFile {
   mtime: Date;
 }
 
+/** A node that can grow; a cache in front says whether the node under it can. */
+function hasTruncate(node: BlockNode): boolean {
+  const probe = (node as { hasTruncate?: boolean }).hasTruncate;
+  return typeof node.truncate === 'function' && probe !== false;
+}
+
 const O_ACCMODE = 3;
 const O_RDONLY = 0;
 
@@ -116,8 +122,19 @@ export class FlatFs implements FsOps {
     const f = this.file(path);
     if (size === f.node.size) return;
     if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
-    // Shrinking a disk through `>` or O_TRUNC would destroy it: never.
-    throw new ErrnoError(`${path}: the disk cannot be resized through this mount`, E.EPERM);
+    // Shrinking a disk through `>` or O_TRUNC would destroy it: never. Growing is
+    // `qemu-img resize`, where the format can.
+    if (size < f.node.size) throw new ErrnoError(`${path}: the disk cannot be shrunk through this mount`, E.EPERM);
+    if (!hasTruncate(f.node)) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
+    this.dirty.add(f);
+    try {
+      // Data still in the cache first: the cache drops its blocks when the size changes.
+      await f.node.flush();
+      await f.node.truncate!(size);
+    } catch (err) {
+      this.report('truncate', f, size, 0, err);
+      throw err;
+    }
   }
 
   async flush(path: string): Promise<void> {

@@ -78,6 +78,29 @@ function cacheBudget(total: number): { data: number; metadata: number } {
   return { data: Math.max(0, total - metadata), metadata };
 }
 
+/**
+ * Internal snapshots as read-only files beside their image: MOUNTPOINT/<stem>@<name>.raw
+ * (the bytes of `qemu-img convert -l <name>`). Names that cannot be a file name, or
+ * that another file already has, are left out with a warning.
+ */
+function snapshotFiles(files: FlatFile[], formatNodes: BlockNode[]): FlatFile[] {
+  const out: FlatFile[] = [];
+  const taken = new Set(files.map((f) => f.name));
+  files.forEach((f, i) => {
+    const stem = f.name.replace(/\.raw$/, '');
+    for (const s of formatNodes[i]?.snapshots?.() ?? []) {
+      const name = `${stem}@${s.name}.raw`;
+      if (s.name === '' || /[/\0]/.test(s.name) || Buffer.byteLength(name) > 255 || taken.has(name)) {
+        process.stderr.write(`tsmount: snapshot '${s.name}' of ${f.node.name} cannot be shown as a file; skipped\n`);
+        continue;
+      }
+      taken.add(name);
+      out.push({ ...f, name, node: s.node, writable: false });
+    }
+  });
+  return out;
+}
+
 export class Server {
   private shuttingDown: Promise<void> | undefined;
   private watcher: NodeJS.Timeout | undefined;
@@ -97,6 +120,7 @@ export class Server {
     const target = planMount(opts.images, opts.mountpoint);
     const budget = cacheBudget(opts.cacheSize);
     const nodes: BlockNode[] = [];
+    const formatNodes: BlockNode[] = [];
     try {
       for (const image of opts.images) {
         const node = await openImage(image, {
@@ -109,6 +133,7 @@ export class Server {
           shareRw: opts.shareRw,
           secret: opts.secret,
         });
+        formatNodes.push(node);
         nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
       }
     } catch (err) {
@@ -120,6 +145,7 @@ export class Server {
       const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
       return { name: target.names[i]!, node, writable: opts.rw, uid: st?.uid ?? process.getuid?.() ?? 0, gid: st?.gid ?? process.getgid?.() ?? 0, mtime: st?.mtime ?? new Date() };
     });
+    if (!target.overFile) files.push(...snapshotFiles(files, formatNodes));
     const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`));
     const server = new Server(target, nodes, flat);
     const options = [

@@ -3,26 +3,26 @@ import type { FormatDriver } from '../types.js';
 import { UnsupportedError, UsageError } from '../errors.js';
 import { rawDriver } from './raw.js';
 import { qcow2Driver } from './qcow2/index.js';
-import { vpcDriver } from './vpc/index.js';
-import { vhdxDriver } from './vhdx/index.js';
+import { vmdkDriver } from './vmdk/index.js';
 import { qedDriver } from './qed/index.js';
 import { qcowDriver } from './qcow/index.js';
 import { vdiDriver } from './vdi/index.js';
 import { parallelsDriver } from './parallels/index.js';
-import { vmdkDriver } from './vmdk/index.js';
+import { vpcDriver } from './vpc/index.js';
+import { vhdxDriver } from './vhdx/index.js';
 import { luksDriver } from './luks/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
   rawDriver,
   qcow2Driver,
-  vpcDriver,
-  vhdxDriver,
+  vmdkDriver,
   qedDriver,
   qcowDriver,
   vdiDriver,
   parallelsDriver,
-  vmdkDriver,
+  vpcDriver,
+  vhdxDriver,
   luksDriver,
 ];
 

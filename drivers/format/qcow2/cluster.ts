@@ -1,8 +1,9 @@
 // Guest offset -> host mapping through the L1 and L2 tables (qcow2.txt, "Cluster
-// mapping"; QEMU's qcow2-cluster.c). Mapping only: no data I/O happens here.
+// mapping" and "Extended L2 Entries"; QEMU's qcow2-cluster.c). Mapping only: no
+// data I/O happens here.
 import type { BlockNode } from '../../types.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
-import { decodeL1, decodeL2, encodeL1, type ClusterKind, type L2Entry } from './entries.js';
+import { decodeL1, decodeL2, encodeL1, SUBCLUSTERS, subclusterKind, type ClusterKind, type L2Entry, type L2Layout } from './entries.js';
 
 /** A stretch of guest bytes that one kind of I/O answers. */
 export interface Run {
@@ -13,12 +14,22 @@ export interface Run {
   host: number;
   /** Every cluster of a data run has refcount one (may be written in place). */
   copied: boolean;
+  /** Compressed runs (one cluster or less): where the compressed data lies. */
+  cOffset: number;
+  cLength: number;
+  /** Compressed runs: the guest offset of the cluster's start. */
+  clusterGuest: number;
 }
 
 export interface ClusterMapOptions {
   file: BlockNode;
   name: string;
   clusterBits: number;
+  extendedL2: boolean;
+  /** Bound for data cluster offsets (the image file's size, or unbounded for a data file). */
+  dataLimit: () => number;
+  /** Data clusters live in an external data file. */
+  externalData?: boolean;
   l1: Buffer;
   l1Offset: number;
   l2Cache: TableCache;
@@ -26,31 +37,67 @@ export interface ClusterMapOptions {
 
 export class ClusterMap {
   readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly extended: boolean;
+  /** Bytes per subcluster (the cluster size without extended L2). */
+  readonly subclusterSize: number;
   /** Entries per L2 table. */
   readonly l2Entries: number;
   /** Guest bytes one L2 table maps. */
   readonly l2Span: number;
   private readonly file: BlockNode;
   private readonly name: string;
-  private readonly l1: Buffer;
-  private readonly l1View: DataView;
-  private readonly l1Offset: number;
+  private l1: Buffer;
+  private l1View: DataView;
+  private l1Offset: number;
+  private readonly dataLimit: () => number;
+  private readonly externalData: boolean;
   readonly l2Cache: TableCache;
 
   constructor(o: ClusterMapOptions) {
     this.file = o.file;
     this.name = o.name;
+    this.clusterBits = o.clusterBits;
     this.clusterSize = 2 ** o.clusterBits;
-    this.l2Entries = this.clusterSize / 8;
+    this.extended = o.extendedL2;
+    this.subclusterSize = o.extendedL2 ? this.clusterSize / SUBCLUSTERS : this.clusterSize;
+    this.l2Entries = this.clusterSize / (o.extendedL2 ? 16 : 8);
     this.l2Span = this.clusterSize * this.l2Entries;
     this.l1 = o.l1;
     this.l1View = new DataView(o.l1.buffer, o.l1.byteOffset, o.l1.byteLength);
     this.l1Offset = o.l1Offset;
+    this.dataLimit = o.dataLimit;
+    this.externalData = o.externalData ?? false;
     this.l2Cache = o.l2Cache;
+  }
+
+  get l1Size(): number {
+    return this.l1.length / 8;
+  }
+
+  get l1TableOffset(): number {
+    return this.l1Offset;
+  }
+
+  /** A copy of the in-memory L1 table. */
+  l1Copy(): Buffer {
+    return Buffer.from(this.l1);
+  }
+
+  /** Switch to a new (larger) L1 table, already on disk and in the header. */
+  replaceL1(l1: Buffer, offset: number): void {
+    this.l1 = l1;
+    this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    this.l1Offset = offset;
+  }
+
+  layout(): L2Layout {
+    return { clusterBits: this.clusterBits, extended: this.extended, dataLimit: this.dataLimit(), externalData: this.externalData };
   }
 
   /** The L2 table offset for L1 index i (0: none), validated. */
   l1Entry(i: number): { offset: number; copied: boolean } {
+    if (i >= this.l1Size) return { offset: 0, copied: false };
     return decodeL1(this.l1View, i, this.clusterSize, this.file.size, this.name);
   }
 
@@ -64,7 +111,7 @@ export class ClusterMap {
 
   /** Decode entry `index` of an L2 table that maps guest cluster `guestCluster`. */
   entry(table: Table, index: number, guestCluster: number): L2Entry {
-    return decodeL2(table.view(), index, this.clusterSize, this.file.size, this.name, guestCluster * this.clusterSize);
+    return decodeL2(table.view(), index, this.layout(), this.name, guestCluster * this.clusterSize);
   }
 
   /**
@@ -75,6 +122,7 @@ export class ClusterMap {
     const cs = this.clusterSize;
     const runs: Run[] = [];
     const end = offset + length;
+    const layout = this.layout();
     let pos = offset;
     while (pos < end) {
       const l1i = Math.floor(pos / this.l2Span);
@@ -90,10 +138,25 @@ export class ClusterMap {
       let gc = Math.floor(pos / cs);
       let index = gc - l1i * this.l2Entries;
       while (pos < tableEnd) {
-        const next = Math.min(tableEnd, (gc + 1) * cs);
-        const e = decodeL2(dv, index, cs, this.file.size, this.name, gc * cs);
-        const host = e.kind === 'data' ? e.host + (pos - gc * cs) : 0;
-        push(runs, pos, next - pos, e.kind, host, e.copied);
+        const cstart = gc * cs;
+        const next = Math.min(tableEnd, cstart + cs);
+        const e = decodeL2(dv, index, layout, this.name, cstart);
+        if (e.kind === 'compressed') {
+          runs.push({ guest: pos, length: next - pos, kind: 'compressed', host: 0, copied: false, cOffset: e.cOffset, cLength: e.cLength, clusterGuest: cstart });
+        } else if (!this.extended) {
+          push(runs, pos, next - pos, e.kind, e.kind === 'data' ? e.host + (pos - cstart) : 0, e.copied);
+        } else {
+          // One run per subcluster, merged by push().
+          const scs = this.subclusterSize;
+          let p = pos;
+          while (p < next) {
+            const s = Math.floor((p - cstart) / scs);
+            const sEnd = Math.min(next, cstart + (s + 1) * scs);
+            const kind = subclusterKind(e, true, s);
+            push(runs, p, sEnd - p, kind, kind === 'data' ? e.host + (p - cstart) : 0, e.copied);
+            p = sEnd;
+          }
+        }
         pos = next;
         gc++;
         index++;
@@ -114,5 +177,5 @@ function push(runs: Run[], guest: number, length: number, kind: ClusterKind, hos
     last.length += length;
     return;
   }
-  runs.push({ guest, length, kind, host, copied: kind === 'data' ? copied : false });
+  runs.push({ guest, length, kind, host, copied: kind === 'data' ? copied : false, cOffset: 0, cLength: 0, clusterGuest: 0 });
 }

@@ -24,12 +24,41 @@ export const LO = {
 
 export type ClusterKind = 'data' | 'zero' | 'unallocated' | 'compressed';
 
+/** How one L2 table's entries are laid out (qcow2.txt, "Extended L2 Entries"). */
+export interface L2Layout {
+  clusterBits: number;
+  /** 16-byte entries with subcluster bitmaps. */
+  extended: boolean;
+  /** Upper bound for data cluster offsets (the file, or the external data file). */
+  dataLimit: number;
+  /**
+   * Data clusters are in an external data file, where host offset 0 is valid: an
+   * entry with offset 0 and COPIED set is allocated (QEMU's qcow2_get_cluster_type).
+   */
+  externalData?: boolean;
+}
+
 export interface L2Entry {
+  /**
+   * Standard entries: the cluster's kind. Extended entries: 'data' when a host
+   * cluster is set (each subcluster may still be unallocated or zero, see the
+   * bitmaps), 'unallocated' when none is, 'compressed'.
+   */
   kind: ClusterKind;
   /** Host offset of the cluster (data, and zero clusters with a preallocation); 0 otherwise. */
   host: number;
   copied: boolean;
+  /** Extended L2: subclusters allocated in this layer (bit i: subcluster i). */
+  alloc: number;
+  /** Extended L2: subclusters that read as zeros. */
+  zeros: number;
+  /** Compressed clusters: byte offset and length of the compressed data. */
+  cOffset: number;
+  cLength: number;
 }
+
+export const SUBCLUSTERS = 32;
+export const ALL_SUBCLUSTERS = 0xffffffff;
 
 export function hostOffsetOf(hi: number, lo: number): number {
   return (hi & HI.offsetMask) * TWO32 + ((lo & LO.offsetMask) >>> 0);
@@ -37,32 +66,71 @@ export function hostOffsetOf(hi: number, lo: number): number {
 
 /**
  * Decode the L2 entry at `index` of a table. `where` names the guest offset in
- * messages; `fileSize` bounds data clusters (a cluster starting past the end of
- * the file is corrupt, one that the file ends inside reads zeros past the end).
+ * messages; `layout.dataLimit` bounds data clusters (a cluster starting past the
+ * end of the file is corrupt, one that the file ends inside reads zeros past the end).
  */
-export function decodeL2(dv: DataView, index: number, clusterSize: number, fileSize: number, name: string, where: number): L2Entry {
-  const hi = dv.getUint32(index * 8, false);
-  const lo = dv.getUint32(index * 8 + 4, false);
-  if (hi & HI.compressed) return { kind: 'compressed', host: 0, copied: false };
-  if (hi & HI.l2Reserved || lo & LO.l2Reserved) {
-    throw new CorruptImageError(`${name}: qcow2 L2 entry for guest offset 0x${where.toString(16)} has reserved bits set`);
+export function decodeL2(dv: DataView, index: number, layout: L2Layout, name: string, where: number): L2Entry {
+  const clusterSize = 2 ** layout.clusterBits;
+  const at = index * (layout.extended ? 16 : 8);
+  const hi = dv.getUint32(at, false);
+  const lo = dv.getUint32(at + 4, false);
+  const here = (): string => `${name}: qcow2 L2 entry for guest offset 0x${where.toString(16)}`;
+  if (hi & HI.compressed) {
+    // qcow2.txt "Compressed Clusters Descriptor": x = 62 - (cluster_bits - 8).
+    const x = 62 - (layout.clusterBits - 8);
+    const v = dv.getBigUint64(at, false);
+    const cOffset = Number(v & ((1n << BigInt(x)) - 1n));
+    const sectors = Number((v >> BigInt(x)) & ((1n << BigInt(62 - x)) - 1n)) + 1;
+    const cLength = sectors * 512 - (cOffset % 512);
+    if (cOffset === 0 || cOffset >= layout.dataLimit) throw new CorruptImageError(`${here()} points compressed data past the end of the file`);
+    if (layout.extended && (dv.getUint32(at + 8, false) | dv.getUint32(at + 12, false)) !== 0) {
+      throw new CorruptImageError(`${here()} is compressed but has a subcluster bitmap`);
+    }
+    return { kind: 'compressed', host: 0, copied: false, alloc: 0, zeros: 0, cOffset, cLength };
   }
+  if (hi & HI.l2Reserved || lo & LO.l2Reserved) throw new CorruptImageError(`${here()} has reserved bits set`);
   const host = hostOffsetOf(hi, lo);
   const copied = (hi & HI.copied) !== 0;
-  if (host % clusterSize !== 0) {
-    throw new CorruptImageError(`${name}: qcow2 L2 entry for guest offset 0x${where.toString(16)} is not cluster aligned`);
+  const allocated = host !== 0 || (copied && layout.externalData === true);
+  if (host % clusterSize !== 0) throw new CorruptImageError(`${here()} is not cluster aligned`);
+  if (host >= layout.dataLimit) throw new CorruptImageError(`${here()} points past the end of the file`);
+  if (layout.extended) {
+    const zeros = dv.getUint32(at + 8, false);
+    const alloc = dv.getUint32(at + 12, false);
+    if ((zeros & alloc) !== 0) throw new CorruptImageError(`${here()} has subclusters both allocated and zero`);
+    if (!allocated && alloc !== 0) throw new CorruptImageError(`${here()} has allocated subclusters but no host cluster`);
+    return { kind: allocated ? 'data' : 'unallocated', host, copied: allocated && copied, alloc, zeros, cOffset: 0, cLength: 0 };
   }
-  if (lo & LO.zero) return { kind: 'zero', host, copied };
-  if (host === 0) return { kind: 'unallocated', host: 0, copied: false };
-  if (host >= fileSize) {
-    throw new CorruptImageError(`${name}: qcow2 L2 entry for guest offset 0x${where.toString(16)} points past the end of the file`);
-  }
-  return { kind: 'data', host, copied };
+  const e = { host, copied, alloc: 0, zeros: 0, cOffset: 0, cLength: 0 };
+  if (lo & LO.zero) return { kind: 'zero', ...e };
+  if (!allocated) return { kind: 'unallocated', ...e, copied: false };
+  return { kind: 'data', ...e };
+}
+
+/** What subcluster `s` of an entry reads as (standard entries: the whole cluster). */
+export function subclusterKind(e: L2Entry, extended: boolean, s: number): ClusterKind {
+  if (!extended || e.kind === 'compressed') return e.kind;
+  if ((e.alloc >>> s) & 1) return 'data';
+  if ((e.zeros >>> s) & 1) return 'zero';
+  return 'unallocated';
+}
+
+/** Bits s0..s1-1 of a subcluster bitmap, as an unsigned 32-bit number. */
+export function bitRange(s0: number, s1: number): number {
+  return ((2 ** (s1 - s0) - 1) * 2 ** s0) >>> 0;
 }
 
 export function encodeL2(dv: DataView, index: number, host: number, copied: boolean, zero: boolean): void {
   dv.setUint32(index * 8, ((copied ? HI.copied : 0) | Math.floor(host / TWO32)) >>> 0, false);
   dv.setUint32(index * 8 + 4, ((host >>> 0) | (zero ? LO.zero : 0)) >>> 0, false);
+}
+
+/** An extended L2 entry (16 bytes): descriptor, then zero bitmap (high) and allocation bitmap (low). */
+export function encodeL2Ext(dv: DataView, index: number, host: number, copied: boolean, alloc: number, zeros: number): void {
+  dv.setUint32(index * 16, ((copied ? HI.copied : 0) | Math.floor(host / TWO32)) >>> 0, false);
+  dv.setUint32(index * 16 + 4, host >>> 0, false);
+  dv.setUint32(index * 16 + 8, zeros >>> 0, false);
+  dv.setUint32(index * 16 + 12, alloc >>> 0, false);
 }
 
 /** The L2 table offset in an L1 entry, validated; 0 when unallocated. */

@@ -112,6 +112,8 @@ export interface Qcow2Header {
   compressionType: number;
   backingFile: string | undefined;
   backingFormat: string | undefined;
+  /** External data file name (header extension 0x44415441). */
+  dataFile: string | undefined;
   featureNames: FeatureName[];
   extensions: HeaderExtension[];
 }
@@ -228,6 +230,7 @@ export function parseHeader(buf: Uint8Array, fileSize: number, name: string): Qc
   const extensions: HeaderExtension[] = [];
   const featureNames: FeatureName[] = [];
   let backingFormat: string | undefined;
+  let dataFile: string | undefined;
   let pos = headerLength;
   while (pos + 8 <= extEnd) {
     const type = dv.getUint32(pos, false);
@@ -239,6 +242,9 @@ export function parseHeader(buf: Uint8Array, fileSize: number, name: string): Qc
     if (type === EXT.backingFormat) {
       if (length > 1023) bad(`qcow2 backing format name is ${length} bytes long`);
       backingFormat = latin1(buf, data, length);
+    } else if (type === EXT.dataFile) {
+      if (length > 4096) bad(`qcow2 data file name is ${length} bytes long`);
+      dataFile = Buffer.from(buf.buffer, buf.byteOffset + data, length).toString('utf8');
     } else if (type === EXT.featureTable) {
       for (let e = data; e + FEATURE_ENTRY.size <= data + length; e += FEATURE_ENTRY.size) {
         const raw = latin1(buf, e + FEATURE_ENTRY.name, FEATURE_ENTRY.nameLength);
@@ -287,6 +293,7 @@ export function parseHeader(buf: Uint8Array, fileSize: number, name: string): Qc
     compressionType,
     backingFile,
     backingFormat,
+    dataFile,
     featureNames,
     extensions,
   };
@@ -297,10 +304,12 @@ export function checkSupported(h: Qcow2Header, name: string): void {
   const unsupported = (feature: string): never => {
     throw new UnsupportedError(`${name}: qcow2 feature ${feature} is not supported yet`);
   };
-  if (h.cryptMethod !== 0) unsupported(h.cryptMethod === 2 ? 'encryption (LUKS)' : h.cryptMethod === 1 ? 'encryption (AES)' : `encryption (method ${h.cryptMethod})`);
-  if (h.incompatibleFeatures & INCOMPAT.dataFile) unsupported('external data file');
-  if (h.incompatibleFeatures & INCOMPAT.extendedL2) unsupported('extended_l2');
-  if (h.extensions.some((e) => e.type === EXT.cryptoHeader)) unsupported('encryption');
+  if (h.cryptMethod > 2) unsupported(`encryption (method ${h.cryptMethod})`);
+  if (h.incompatibleFeatures & INCOMPAT.extendedL2 && h.clusterBits < 14) {
+    throw new CorruptImageError(`${name}: qcow2 extended_l2 needs clusters of at least 16 KiB`);
+  }
+  if (h.cryptMethod !== 2 && h.extensions.some((e) => e.type === EXT.cryptoHeader)) throw new CorruptImageError(`${name}: qcow2 crypto header extension without LUKS encryption`);
+  if (h.cryptMethod !== 0 && h.incompatibleFeatures & INCOMPAT.dataFile) unsupported('encryption with an external data file');
 }
 
 /** The bytes of the refcount table location fields (header bytes 48-59), for growth. */

@@ -1,10 +1,13 @@
-// The qcow2 driver: probe and open (docs/interop/qcow2.txt; QEMU's qcow2_do_open).
-import type { BlockNode, FormatDriver, OpenOptions } from '../../types.js';
+// The qcow2 driver: probe and open (docs/interop/qcow2.txt; QEMU's qcow2_do_open),
+// and create (create.ts).
+import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import {
+  AUTOCLEAR,
   checkSupported,
   encodeAutoclear,
+  EXT,
   HDR,
   HEADER_PROBE_BYTES,
   INCOMPAT,
@@ -16,6 +19,12 @@ import {
 import { ClusterMap } from './cluster.js';
 import { Refcounts } from './refcount.js';
 import { Qcow2Node } from './qcow2.js';
+import { readSnapshotTable } from './snapshot.js';
+import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
+import { rebuildRefcounts } from './repair.js';
+import { createOptions, createQcow2 } from './create.js';
+import { openCrypt, type DataCrypt } from './crypt.js';
+import { AlignFilter } from '../../filters/align.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < 8) return 0;
@@ -34,12 +43,6 @@ function refuseWritable(h: Qcow2Header, name: string): Error | undefined {
   if (h.incompatibleFeatures & INCOMPAT.corrupt) {
     return new CorruptImageError(`${name}: qcow2 image is marked corrupt; it can only be opened read-only (repair with 'qemu-img check -r all')`);
   }
-  if (h.incompatibleFeatures & INCOMPAT.dirty) {
-    return new UnsupportedError(`${name}: qcow2 image was not closed cleanly (dirty bit, lazy refcounts); run 'qemu-img check -r all' before opening it read-write`);
-  }
-  if (h.nbSnapshots > 0) {
-    return new UnsupportedError(`${name}: qcow2 image has ${h.nbSnapshots} internal snapshot(s); writing to such images is not supported yet (open it read-only)`);
-  }
   return undefined;
 }
 
@@ -55,15 +58,76 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     const refusal = refuseWritable(h, name);
     if (refusal) throw refusal;
   }
+  const extendedL2 = (h.incompatibleFeatures & INCOMPAT.extendedL2) !== 0n;
 
+  let dataFile: BlockNode | undefined;
+  if (h.incompatibleFeatures & INCOMPAT.dataFile) {
+    if (h.dataFile === undefined) throw new CorruptImageError(`${name}: qcow2 image needs an external data file but names none`);
+    if (!opts.openFile) throw new UnsupportedError(`${name}: qcow2 external data file cannot be opened on this protocol`);
+    dataFile = await opts.openFile(h.dataFile);
+  }
+  try {
+    return await openWith(file, opts, h, headerCluster, dataFile, extendedL2);
+  } catch (err) {
+    await dataFile?.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, headerCluster: Buffer, dataFile: BlockNode | undefined, extendedL2: boolean): Promise<BlockNode> {
+  const name = file.name;
+  const clusterBits = h.clusterBits;
+  const clusterSize = h.clusterSize;
+  const dataFileRaw = dataFile !== undefined && (h.autoclearFeatures & AUTOCLEAR.dataFileRaw) !== 0n;
   const l1 = await readExactly(file, h.l1TableOffset, h.l1Size * 8);
   const reftable = await readExactly(file, h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  const { entries: snaps, bytes: snapshotTableBytes } = await readSnapshotTable(file, h.snapshotsOffset, h.nbSnapshots, clusterSize, h.size, name);
+
+  // Bitmaps count only while the autoclear bit says they are consistent.
+  let bitmaps: BitmapDirectory | undefined;
+  const bitmapExt = h.extensions.find((e) => e.type === EXT.bitmaps);
+  if (bitmapExt && h.version === 3 && (h.autoclearFeatures & AUTOCLEAR.bitmaps) !== 0n) {
+    bitmaps = await readBitmapDirectory(file, headerCluster.subarray(bitmapExt.offset, bitmapExt.offset + bitmapExt.length), name);
+  }
+
+  // Not closed cleanly with lazy refcounts: QEMU repairs the refcounts on a writable
+  // open, and reads without repair on a read-only one.
+  if (!opts.readOnly && (h.incompatibleFeatures & INCOMPAT.dirty) !== 0n) {
+    const extraRanges = bitmaps ? await bitmapRanges(file, bitmaps, clusterSize, name) : [];
+    const crypto = h.extensions.find((e) => e.type === EXT.cryptoHeader);
+    if (crypto) {
+      const hc = await readExactly(file, crypto.offset, 16);
+      extraRanges.push({ offset: Number(hc.readBigUInt64BE(0)), length: Number(hc.readBigUInt64BE(8)) });
+    }
+    await rebuildRefcounts({
+      file,
+      name,
+      clusterBits,
+      refcountOrder: h.refcountOrder,
+      extendedL2,
+      externalData: dataFile !== undefined,
+      l1,
+      l1Offset: h.l1TableOffset,
+      reftable,
+      reftableOffset: h.refcountTableOffset,
+      snapshots: snaps,
+      snapshotTableOffset: h.snapshotsOffset,
+      snapshotTableBytes,
+      extraRanges,
+    });
+    const bits = Buffer.alloc(8);
+    bits.writeBigUInt64BE(h.incompatibleFeatures & ~INCOMPAT.dirty);
+    await file.write(HDR.incompatibleFeatures, bits);
+    await file.flush();
+  }
+
   const barriers = opts.cache !== 'unsafe';
   // Three quarters for L2 tables, a quarter for refcount blocks (QEMU's default ratio).
   const l2Cache = new TableCache({ name: 'l2', file, tableSize: clusterSize, maxBytes: Math.floor((opts.metadataCacheBytes * 3) / 4), barriers });
   const refcountCache = new TableCache({ name: 'refcount', file, tableSize: clusterSize, maxBytes: Math.floor(opts.metadataCacheBytes / 4), barriers });
   l2Cache.dependOn(refcountCache);
-  const map = new ClusterMap({ file, name, clusterBits, l1, l1Offset: h.l1TableOffset, l2Cache });
+  const dataLimit = dataFile ? () => Number.MAX_SAFE_INTEGER : () => file.size;
+  const map = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1, l1Offset: h.l1TableOffset, l2Cache });
   const refcounts = new Refcounts({
     file,
     name,
@@ -75,32 +139,78 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     barriers,
   });
 
-  // Autoclear bits name features whose data we would not keep up to date (bitmaps;
-  // we support none of them): clear them before the first change, as QEMU does.
-  if (!opts.readOnly && h.version === 3 && h.autoclearFeatures !== 0n) {
-    await file.write(HDR.autoclearFeatures, encodeAutoclear(0n));
-    await file.flush();
-  }
+  // Before the first change: clear the autoclear bits of features we do not keep
+  // up to date (QEMU knows only bitmaps and data_file_raw), and mark bitmaps in use.
+  const known = AUTOCLEAR.bitmaps | AUTOCLEAR.dataFileRaw;
+  const beforeFirstChange = async (): Promise<void> => {
+    let changed = false;
+    if (h.version === 3 && (h.autoclearFeatures & ~known) !== 0n) {
+      await file.write(HDR.autoclearFeatures, encodeAutoclear(h.autoclearFeatures & known));
+      changed = true;
+    }
+    if (bitmaps && (await markBitmapsInUse(file, bitmaps))) changed = true;
+    if (changed) await file.flush();
+  };
 
   let backing: BlockNode | undefined;
   if (h.backingFile !== undefined && !opts.noBacking) {
     backing = await opts.openBacking(h.backingFile, h.backingFormat);
   }
-  return new Qcow2Node({
-    file,
-    size: h.size,
-    readOnly: opts.readOnly,
-    version: h.version,
-    backing,
-    map,
-    refcounts,
-    refcountCache,
-    barriers,
-  });
+  let crypt: DataCrypt | undefined;
+  if (h.cryptMethod !== 0) {
+    const ext = h.extensions.find((e) => e.type === EXT.cryptoHeader);
+    let cryptoHeader: { offset: number; length: number } | undefined;
+    if (ext) {
+      if (ext.length < 16) throw new CorruptImageError(`${name}: qcow2 crypto header extension is too short`);
+      const dv = new DataView(headerCluster.buffer, headerCluster.byteOffset + ext.offset, 16);
+      cryptoHeader = { offset: Number(dv.getBigUint64(0, false)), length: Number(dv.getBigUint64(8, false)) };
+    }
+    try {
+      crypt = await openCrypt(file, h.cryptMethod, cryptoHeader, opts.secret);
+    } catch (err) {
+      await backing?.close().catch(() => undefined);
+      throw err;
+    }
+  }
+  const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange });
+  const views: { name: string; node: BlockNode }[] = [];
+  // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
+  for (const s of snaps) {
+    const sl1 = await readExactly(file, s.l1TableOffset, s.l1Size * 8);
+    const smap = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1: sl1, l1Offset: s.l1TableOffset, l2Cache });
+    views.push({ name: s.name, node: new Qcow2Node({ ...common, size: h.size, readOnly: true, map: smap, view: true, viewName: s.name }) });
+  }
+  if (!crypt) {
+    node.setSnapshots(views);
+    return node;
+  }
+  // Encrypted sectors are the unit: unaligned requests become aligned ones, in shared code.
+  return new EncryptedQcow2(node, views.map((v) => ({ name: v.name, node: new AlignFilter(v.node, 512) })));
 }
 
-export const qcow2Driver: FormatDriver = {
+/** An encrypted image behind AlignFilter, still offering growth and its snapshots. */
+class EncryptedQcow2 extends AlignFilter {
+  constructor(
+    private readonly qcow2: Qcow2Node,
+    private readonly views: { name: string; node: BlockNode }[],
+  ) {
+    super(qcow2, 512);
+  }
+
+  snapshots(): { name: string; node: BlockNode }[] {
+    return this.views;
+  }
+
+  truncate(size: number): Promise<void> {
+    return this.qcow2.truncate(size);
+  }
+}
+
+export const qcow2Driver: FormatDriver & Creatable = {
   name: 'qcow2',
   probe,
   open,
+  createOptions,
+  create: createQcow2,
 };

@@ -1,14 +1,18 @@
-// The qcow2 format node: read, write, zero, flush, block status (QEMU's qcow2.c).
+// The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
 import type { BlockNode, Extent, ExtentKind, HasBacking } from '../../types.js';
-import { ReadOnlyError, UnsupportedError } from '../../errors.js';
-import type { TableCache } from '../../../cache/table-cache.js';
+import { IoError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
+import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
-import { encodeL2, type L2Entry } from './entries.js';
+import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
+import { decompressCluster } from './compress.js';
+import { HDR, LIMITS } from './header.js';
 import { Mutex } from './mutex.js';
+import { SECTOR, type DataCrypt } from './crypt.js';
+import { constants as osc } from 'node:os';
 
 export interface Qcow2NodeOptions {
   file: BlockNode;
@@ -21,30 +25,60 @@ export interface Qcow2NodeOptions {
   refcountCache: TableCache;
   /** Flush the file between dependent metadata writes (false for cache=unsafe). */
   barriers: boolean;
+  /** External data file (qcow2.txt, "data file"); guest data lives there, not in `file`. */
+  dataFile?: BlockNode;
+  /** data_file_raw: the data file is a valid raw image (host offset = guest offset). */
+  dataFileRaw?: boolean;
+  /** Header compression_type: 0 zlib, 1 zstd. */
+  compressionType?: number;
+  /** A snapshot view: shares the file, caches and backing node with the active node; close() leaves them open. */
+  view?: boolean;
+  /** The snapshot name, for a view (used in its name). */
+  viewName?: string;
+  /** Encrypted data clusters (requests then arrive 512-byte aligned, through AlignFilter). */
+  crypt?: DataCrypt;
+  /** Runs once before the first change to the image (bitmaps, autoclear bits). */
+  beforeFirstChange?: () => Promise<void>;
 }
 
 /** Zeros written per request when zeroing has to write data (v2 with a backing file). */
 const ZERO_CHUNK = 1 << 20;
+/** Decompressed clusters kept per node, for sequential reads inside one cluster. */
+const DECOMPRESSED_KEEP = 8;
 
 export class Qcow2Node implements BlockNode, HasBacking {
-  readonly size: number;
+  private currentSize: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
   private readonly file: BlockNode;
+  /** Where guest data clusters live: the external data file or the image file. */
+  private readonly data: BlockNode;
+  private readonly dataFileRaw: boolean;
+  private readonly compressionType: number;
   private readonly cs: number;
   private readonly v3: boolean;
   private readonly map: ClusterMap;
   private readonly refcounts: Refcounts;
   private readonly refcountCache: TableCache;
   private readonly barriers: boolean;
+  private readonly isView: boolean;
+  private readonly viewName: string | undefined;
   private readonly mutex = new Mutex();
   /** In-place writes in flight; freed clusters are not handed out again until they end. */
   private readonly inflight = new Set<Promise<boolean>>();
+  private readonly decompressed = new Map<number, Promise<Buffer>>();
+  private snapshotViews: { name: string; node: BlockNode }[] = [];
+  private readonly beforeFirstChange: (() => Promise<void>) | undefined;
+  private readonly crypt: DataCrypt | undefined;
+  private prepared: Promise<void> | undefined;
   private closed = false;
 
   constructor(o: Qcow2NodeOptions) {
     this.file = o.file;
-    this.size = o.size;
+    this.data = o.dataFile ?? o.file;
+    this.dataFileRaw = o.dataFileRaw ?? false;
+    this.compressionType = o.compressionType ?? 0;
+    this.currentSize = o.size;
     this.readOnly = o.readOnly;
     this.v3 = o.version === 3;
     this.backing = o.backing;
@@ -53,10 +87,50 @@ export class Qcow2Node implements BlockNode, HasBacking {
     this.refcounts = o.refcounts;
     this.refcountCache = o.refcountCache;
     this.barriers = o.barriers;
+    this.isView = o.view ?? false;
+    this.viewName = o.viewName;
+    this.beforeFirstChange = o.beforeFirstChange;
+    this.crypt = o.crypt;
+  }
+
+  /** Data cluster bytes at `host` that guest offset `guest` maps to, decrypted. */
+  private async readData(host: number, guest: number, dst: Uint8Array): Promise<void> {
+    await this.data.read(host, dst);
+    if (this.crypt) this.crypt.cipher.decrypt(dst, (this.crypt.physical ? host : guest) / SECTOR);
+  }
+
+  private writeData(host: number, guest: number, src: Uint8Array): Promise<void> {
+    if (!this.crypt) return this.data.write(host, src);
+    const buf = Uint8Array.from(src);
+    this.crypt.cipher.encrypt(buf, (this.crypt.physical ? host : guest) / SECTOR);
+    return this.data.write(host, buf);
+  }
+
+  /** Run the before-first-change hook once; a failure is retried by the next change. */
+  private prepare(): Promise<void> {
+    if (!this.beforeFirstChange) return Promise.resolve();
+    this.prepared ??= this.beforeFirstChange().catch((err: unknown) => {
+      this.prepared = undefined;
+      throw err;
+    });
+    return this.prepared;
+  }
+
+  get size(): number {
+    return this.currentSize;
   }
 
   get name(): string {
-    return this.file.name;
+    return this.viewName === undefined ? this.file.name : `${this.file.name}@${this.viewName}`;
+  }
+
+  /** Internal snapshots as read-only nodes (fs/ shows them as <stem>@<name>.raw). */
+  snapshots(): { name: string; node: BlockNode }[] {
+    return this.snapshotViews;
+  }
+
+  setSnapshots(views: { name: string; node: BlockNode }[]): void {
+    this.snapshotViews = views;
   }
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
@@ -69,23 +143,38 @@ export class Qcow2Node implements BlockNode, HasBacking {
     const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
     switch (run.kind) {
       case 'data':
-        return this.file.read(run.host, sub);
+        return this.readData(run.host, run.guest, sub);
       case 'zero':
         sub.fill(0);
         return Promise.resolve();
       case 'unallocated':
         return readFromBacking(this.backing, run.guest, sub);
       case 'compressed':
-        return Promise.reject(this.compressedError(run.guest));
+        return this.readCompressed(run.cOffset, run.cLength, run.clusterGuest).then((c) => {
+          sub.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length));
+        });
     }
   }
 
-  private compressedError(guest: number): UnsupportedError {
-    return new UnsupportedError(`${this.name}: qcow2 feature compressed clusters is not supported yet (guest offset 0x${guest.toString(16)})`);
+  /** The decompressed bytes of a compressed cluster (kept for a few clusters). */
+  private readCompressed(cOffset: number, cLength: number, guest: number): Promise<Buffer> {
+    let p = this.decompressed.get(cOffset);
+    if (p) return p;
+    p = (async () => {
+      const n = Math.max(0, Math.min(cLength, this.file.size - cOffset));
+      const buf = Buffer.alloc(n);
+      if (n > 0) await this.file.read(cOffset, buf);
+      return decompressCluster(this.compressionType, buf, this.cs, `${this.name}: guest offset 0x${guest.toString(16)}`);
+    })();
+    this.decompressed.set(cOffset, p);
+    p.catch(() => this.decompressed.delete(cOffset));
+    if (this.decompressed.size > DECOMPRESSED_KEEP) this.decompressed.delete(this.decompressed.keys().next().value!);
+    return p;
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    await this.prepare();
     const inPlace = this.writeInPlace(offset, src);
     this.inflight.add(inPlace);
     let done: boolean;
@@ -102,8 +191,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
     const runs = await this.map.map(offset, src.length);
     if (!runs.every((r) => r.kind === 'data' && r.copied)) return false;
     const sub = (r: Run): Uint8Array => src.subarray(r.guest - offset, r.guest - offset + r.length);
-    if (runs.length === 1) await this.file.write(runs[0]!.host, src);
-    else await Promise.all(runs.map((r) => this.file.write(r.host, sub(r))));
+    if (runs.length === 1) await this.writeData(runs[0]!.host, offset, src);
+    else await Promise.all(runs.map((r) => this.writeData(r.host, r.guest, sub(r))));
     return true;
   }
 
@@ -129,9 +218,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
     if (e.offset !== 0) {
       if (!e.copied) {
         const rc = await this.refcounts.refcount(e.offset / this.cs);
-        if (rc !== 1) {
-          throw new UnsupportedError(`${this.name}: qcow2 L2 table at 0x${e.offset.toString(16)} is shared (refcount ${rc}); writing to shared tables is not supported yet`);
-        }
+        if (rc !== 1) return this.copyL2(l1i, e.offset);
         await this.map.setL1Entry(l1i, e.offset, true);
       }
       return e.offset;
@@ -146,106 +233,237 @@ export class Qcow2Node implements BlockNode, HasBacking {
     return offset;
   }
 
+  /**
+   * Copy an L2 table shared with a snapshot (QEMU's qcow2-cluster.c l2_allocate with
+   * an existing table): the copy's refcount, the copy, then the L1 entry; the old
+   * table loses this reference only once the L1 entry is on disk. The data clusters
+   * keep their counts: the snapshot's table and the copy each hold them once.
+   */
+  private async copyL2(l1i: number, oldOffset: number): Promise<number> {
+    const { start } = await this.refcounts.allocate(1);
+    const offset = start * this.cs;
+    const old = await this.map.l2Cache.get(oldOffset);
+    const table = this.map.l2Cache.getNew(offset);
+    old.data.copy(table.data);
+    this.map.l2Cache.markDirty(table);
+    await this.map.l2Cache.flush();
+    await this.barrier();
+    await this.map.setL1Entry(l1i, offset, true);
+    this.refcounts.queueFree(oldOffset);
+    return offset;
+  }
+
+  private snapshotEntries(table: Table, first: number, count: number, baseIndex: number): L2Entry[] {
+    const entries: L2Entry[] = [];
+    for (let k = 0; k < count; k++) entries.push(this.map.entry(table, first + k - baseIndex, first + k));
+    return entries;
+  }
+
+  /** Subclusters [s0, s1) of guest cluster gc that [pos, end) touches, as a bitmap. */
+  private touched(gc: number, pos: number, end: number): number {
+    const cs = this.cs;
+    const scs = this.map.subclusterSize;
+    const a = Math.max(pos, gc * cs) - gc * cs;
+    const b = Math.min(end, (gc + 1) * cs) - gc * cs;
+    return bitRange(Math.floor(a / scs), Math.ceil(b / scs));
+  }
+
   /** Write data that lies inside one L2 table's range. */
   private async writeInTable(l2Offset: number, l1i: number, pos: number, data: Uint8Array): Promise<void> {
     const cs = this.cs;
+    const ext = this.map.extended;
     const end = pos + data.length;
     const first = Math.floor(pos / cs);
     const count = Math.ceil(end / cs) - first;
     const baseIndex = l1i * this.map.l2Entries;
     // Tables are never held across an await: a clean table may be evicted and
     // read back as another object. Snapshot the entries, re-get to modify.
-    let table = await this.map.l2Cache.get(l2Offset);
-    const entries: L2Entry[] = [];
-    for (let k = 0; k < count; k++) entries.push(this.map.entry(table, first + k - baseIndex, first + k));
+    let entries = this.snapshotEntries(await this.map.l2Cache.get(l2Offset), first, count, baseIndex);
+
+    // A compressed cluster the write covers only in part becomes a normal one first.
+    let expanded = false;
+    for (let k = 0; k < count; k++) {
+      const gc = first + k;
+      const covered = pos <= gc * cs && end >= Math.min((gc + 1) * cs, this.size);
+      if (entries[k]!.kind === 'compressed' && !covered) {
+        await this.expandCompressed(l2Offset, baseIndex, gc, entries[k]!);
+        expanded = true;
+      }
+    }
+    if (expanded) entries = this.snapshotEntries(await this.map.l2Cache.get(l2Offset), first, count, baseIndex);
+
+    const mask = (k: number): number => (ext ? this.touched(first + k, pos, end) : ALL_SUBCLUSTERS);
+    const inPlace = (k: number): boolean => {
+      const e = entries[k]!;
+      return e.kind === 'data' && e.copied && (!ext || ((e.alloc & mask(k)) >>> 0) === mask(k));
+    };
+    // A host cluster of ours that the write may fill without moving it: a
+    // preallocated zero cluster, or (extended L2) one with unallocated subclusters.
+    const reusable = (k: number): boolean => {
+      const e = entries[k]!;
+      return hasHost(e) && e.copied && !inPlace(k);
+    };
 
     let i = 0;
     while (i < count) {
       const e = entries[i]!;
-      if (e.kind === 'compressed') throw this.compressedError((first + i) * cs);
-      if (e.kind === 'data' && e.copied) {
+      if (inPlace(i)) {
         let j = i + 1;
-        while (j < count && isInPlace(entries[j]!) && entries[j]!.host === e.host + (j - i) * cs) j++;
+        while (j < count && inPlace(j) && entries[j]!.host === e.host + (j - i) * cs) j++;
         const from = Math.max(pos, (first + i) * cs);
         const to = Math.min(end, (first + j) * cs);
-        await this.file.write(e.host + (from - (first + i) * cs), data.subarray(from - pos, to - pos));
+        await this.writeData(e.host + (from - (first + i) * cs), from, data.subarray(from - pos, to - pos));
         i = j;
         continue;
       }
+      if (reusable(i)) {
+        await this.writeUnits(first + i, first + i + 1, e.host, [e], pos, data, false);
+        const table = await this.map.l2Cache.get(l2Offset);
+        const m = mask(i);
+        if (ext) encodeL2Ext(table.view(), first + i - baseIndex, e.host, true, (e.alloc | m) >>> 0, (e.zeros & ~m) >>> 0);
+        else encodeL2(table.view(), first + i - baseIndex, e.host, true, false);
+        this.map.l2Cache.markDirty(table);
+        i++;
+        continue;
+      }
       let j = i + 1;
-      while (j < count && !isInPlace(entries[j]!) && entries[j]!.kind !== 'compressed') j++;
-      const got = await this.refcounts.allocate(j - i);
-      j = i + got.count;
-      const host = got.start * cs;
+      while (j < count && !inPlace(j) && !reusable(j)) j++;
+      let host: number;
+      if (this.data !== this.file) {
+        // With a data file, QEMU puts each data cluster at its guest offset and counts none of them.
+        host = (first + i) * cs;
+      } else {
+        const got = await this.refcounts.allocate(j - i);
+        j = i + got.count;
+        host = got.start * cs;
+      }
+      // Extended L2: a cluster shared with a snapshot is copied whole.
+      const full = ext && entries.slice(i, j).some(hasHost);
       // New data first; the L2 entries that point at it after.
-      await this.writeNewClusters(first + i, first + j, host, entries.slice(i, j), pos, data);
-      table = await this.map.l2Cache.get(l2Offset);
+      await this.writeUnits(first + i, first + j, host, entries.slice(i, j), pos, data, full);
+      const table = await this.map.l2Cache.get(l2Offset);
       const dv = table.view();
       for (let k = i; k < j; k++) {
-        encodeL2(dv, first + k - baseIndex, host + (k - i) * cs, true, false);
         const old = entries[k]!;
-        if (old.host !== 0) this.refcounts.queueFree(old.host);
+        const at = host + (k - i) * cs;
+        if (ext) {
+          const m = mask(k);
+          if (full) encodeL2Ext(dv, first + k - baseIndex, at, true, ALL_SUBCLUSTERS, 0);
+          else encodeL2Ext(dv, first + k - baseIndex, at, true, m, (old.zeros & ~m) >>> 0);
+        } else encodeL2(dv, first + k - baseIndex, at, true, false);
+        this.freeEntry(old);
       }
       this.map.l2Cache.markDirty(table);
       i = j;
     }
   }
 
+  /** Give back what an entry pointed at, once the change is on disk. */
+  private freeEntry(old: L2Entry): void {
+    if (this.data !== this.file) return; // data file clusters are not refcounted
+    if (old.kind === 'compressed') {
+      // Every host cluster the compressed bytes touch holds one reference (qcow2_free_any_cluster).
+      const firstCluster = Math.floor(old.cOffset / this.cs);
+      const lastCluster = Math.floor((old.cOffset + old.cLength - 1) / this.cs);
+      for (let c = firstCluster; c <= lastCluster; c++) this.refcounts.queueFree(c * this.cs);
+      this.decompressed.delete(old.cOffset);
+    } else if (old.host !== 0) {
+      this.refcounts.queueFree(old.host);
+    }
+  }
+
+  /** Replace compressed cluster gc by a normal cluster with the same bytes. */
+  private async expandCompressed(l2Offset: number, baseIndex: number, gc: number, e: L2Entry): Promise<void> {
+    const bytes = await this.readCompressed(e.cOffset, e.cLength, gc * this.cs);
+    const { start } = await this.refcounts.allocate(1);
+    const host = start * this.cs;
+    await this.writeData(host, gc * this.cs, bytes);
+    const table = await this.map.l2Cache.get(l2Offset);
+    if (this.map.extended) encodeL2Ext(table.view(), gc - baseIndex, host, true, ALL_SUBCLUSTERS, 0);
+    else encodeL2(table.view(), gc - baseIndex, host, true, false);
+    this.map.l2Cache.markDirty(table);
+    this.freeEntry(e);
+  }
+
   /**
-   * Fill freshly allocated clusters [c0, c1) at `host` with the written bytes, and
-   * the parts of the first and last cluster the write does not cover with what
-   * they read as before (backing file, zeros, or the old shared cluster).
+   * Write guest clusters [c0, c1) to host clusters from `host`: the written bytes,
+   * and the parts of the first and last unit (subcluster with extended L2, else
+   * cluster) the write does not cover with what they read as before. `full`
+   * widens the first and last unit to the whole cluster.
    */
-  private async writeNewClusters(c0: number, c1: number, host: number, olds: L2Entry[], pos: number, data: Uint8Array): Promise<void> {
+  private async writeUnits(c0: number, c1: number, host: number, olds: L2Entry[], pos: number, data: Uint8Array, full: boolean): Promise<void> {
     const cs = this.cs;
+    const u = full ? cs : this.map.subclusterSize;
     const from = Math.max(pos, c0 * cs);
     const to = Math.min(pos + data.length, c1 * cs);
-    const head = from - c0 * cs;
-    const tail = c1 * cs - to;
-    const body = (a: number, b: number): Uint8Array => data.subarray(a - pos, b - pos);
-    if (head === 0 && tail === 0) return this.file.write(host, body(from, to));
-    if (c1 - c0 === 1) {
-      const buf = Buffer.alloc(cs);
-      await Promise.all([this.cowFill(c0, olds[0]!, buf, 0, head), this.cowFill(c0, olds[0]!, buf, cs - tail, cs)]);
-      buf.set(body(from, to), head);
-      return this.file.write(host, buf);
+    const a = Math.floor(from / u) * u;
+    const b = Math.ceil(to / u) * u;
+    const h = (g: number): number => host + (g - c0 * cs);
+    const body = (x: number, y: number): Uint8Array => data.subarray(x - pos, y - pos);
+    if (a === from && b === to) return this.writeData(h(from), from, body(from, to));
+    const headEnd = a === from ? a : a + u;
+    const tailStart = b === to ? b : b - u;
+    if (to <= headEnd || from >= tailStart || b - a <= 2 * u) {
+      const buf = Buffer.alloc(b - a);
+      await Promise.all([this.cowFill(c0, olds, a, from, buf.subarray(0, from - a)), this.cowFill(c0, olds, to, b, buf.subarray(to - a))]);
+      buf.set(body(from, to), from - a);
+      return this.writeData(h(a), a, buf);
     }
     const writes: Promise<void>[] = [];
-    let midFrom = from;
-    let midTo = to;
-    if (head > 0) {
-      const buf = Buffer.alloc(cs);
-      midFrom = (c0 + 1) * cs;
-      await this.cowFill(c0, olds[0]!, buf, 0, head);
-      buf.set(body(from, midFrom), head);
-      writes.push(this.file.write(host, buf));
+    if (headEnd > a) {
+      const buf = Buffer.alloc(headEnd - a);
+      await this.cowFill(c0, olds, a, from, buf.subarray(0, from - a));
+      buf.set(body(from, headEnd), from - a);
+      writes.push(this.writeData(h(a), a, buf));
     }
-    if (tail > 0) {
-      const buf = Buffer.alloc(cs);
-      midTo = (c1 - 1) * cs;
-      await this.cowFill(c1 - 1, olds[olds.length - 1]!, buf, cs - tail, cs);
-      buf.set(body(midTo, to), 0);
-      writes.push(this.file.write(host + (c1 - 1 - c0) * cs, buf));
+    if (tailStart < b) {
+      const buf = Buffer.alloc(b - tailStart);
+      await this.cowFill(c0, olds, to, b, buf.subarray(to - tailStart));
+      buf.set(body(tailStart, to), 0);
+      writes.push(this.writeData(h(tailStart), tailStart, buf));
     }
-    if (midTo > midFrom) writes.push(this.file.write(host + (midFrom - c0 * cs), body(midFrom, midTo)));
+    if (tailStart > headEnd) writes.push(this.writeData(h(headEnd), headEnd, body(headEnd, tailStart)));
     await Promise.all(writes);
   }
 
-  /** Bytes [a, b) of guest cluster gc as they read before the write. */
-  private async cowFill(gc: number, old: L2Entry, buf: Buffer, a: number, b: number): Promise<void> {
-    if (b <= a) return;
-    const guest = gc * this.cs;
-    // Past the end of the disk stays zero.
-    const limit = Math.min(b, Math.max(a, this.size - guest));
-    if (limit <= a) return;
-    const dst = buf.subarray(a, limit);
-    if (old.kind === 'unallocated') await readFromBacking(this.backing, guest + a, dst);
-    else if (old.kind === 'data') await this.file.read(old.host + a, dst);
-    // zero clusters: the buffer already is.
+  /** Guest bytes [ga, gb) as they read before the write (olds: entries of clusters from c0). */
+  private async cowFill(c0: number, olds: L2Entry[], ga: number, gb: number, dst: Uint8Array): Promise<void> {
+    if (gb <= ga) return;
+    const cs = this.cs;
+    const scs = this.map.subclusterSize;
+    const parts: Promise<void>[] = [];
+    let g = ga;
+    while (g < gb) {
+      const gc = Math.floor(g / cs);
+      const s = Math.floor((g - gc * cs) / scs);
+      const next = Math.min(gb, gc * cs + (s + 1) * scs);
+      const old = olds[gc - c0]!;
+      // Past the end of the disk stays zero.
+      const limit = Math.min(next, Math.max(g, this.size));
+      const part = dst.subarray(g - ga, limit - ga);
+      if (part.length > 0) {
+        switch (subclusterKind(old, this.map.extended, s)) {
+          case 'unallocated':
+            parts.push(readFromBacking(this.backing, g, part));
+            break;
+          case 'data':
+            parts.push(this.readData(old.host + (g - gc * cs), g, part));
+            break;
+          case 'compressed':
+            parts.push(this.readCompressed(old.cOffset, old.cLength, gc * cs).then((c) => part.set(c.subarray(g - gc * cs, limit - gc * cs))));
+            break;
+          case 'zero':
+            break; // the buffer already is
+        }
+      }
+      g = next;
+    }
+    await Promise.all(parts);
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    await this.prepare();
     await this.mutex.run(() => this.zeroLocked(offset, length, unmap));
   }
 
@@ -274,6 +492,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   /** Zero whole clusters [a, b) (b may pass the disk end by less than a cluster). */
   private async zeroClusters(a: number, b: number, unmap: boolean): Promise<void> {
     const cs = this.cs;
+    const ext = this.map.extended;
     if (!this.v3 && this.backing) {
       // v2 has no zero flag, and unallocated would show the backing file.
       const limit = Math.min(b, this.size);
@@ -282,6 +501,12 @@ export class Qcow2Node implements BlockNode, HasBacking {
         await this.writeLocked(pos, Buffer.alloc(n));
       }
       return;
+    }
+    if (this.dataFileRaw) {
+      // The data file must stay a valid raw image: zero it there first, keep every mapping.
+      const limit = Math.min(b, this.size);
+      if (this.data.zero) await this.data.zero(a, limit - a, unmap);
+      else for (let pos = a; pos < limit; pos += ZERO_CHUNK) await this.data.write(pos, Buffer.alloc(Math.min(ZERO_CHUNK, limit - pos)));
     }
     let pos = a;
     while (pos < b) {
@@ -296,32 +521,82 @@ export class Qcow2Node implements BlockNode, HasBacking {
       const baseIndex = l1i * this.map.l2Entries;
       const first = here / cs;
       const last = chunkEnd / cs;
-      for (let gc = first; gc < last; gc++) {
-        if (this.map.entry(table, gc - baseIndex, gc).kind === 'compressed') throw this.compressedError(gc * cs);
-      }
       let changed = false;
       for (let gc = first; gc < last; gc++) {
         const idx = gc - baseIndex;
         const e = this.map.entry(table, idx, gc);
-        if (this.v3) {
-          if (e.kind === 'zero' && (e.host === 0 || !unmap)) continue;
+        // Keep the host cluster when not unmapping (as QEMU does) and always for a raw data file.
+        const keep = (this.v3 || this.dataFileRaw) && hasHost(e) && e.copied && (!unmap || this.dataFileRaw);
+        if (ext) {
+          if (e.kind !== 'compressed' && e.alloc === 0 && (e.zeros >>> 0 === ALL_SUBCLUSTERS || !this.backingCovers(gc * cs)) && (!hasHost(e) || keep)) continue;
+          encodeL2Ext(dv, idx, keep ? e.host : 0, keep, 0, ALL_SUBCLUSTERS);
+        } else if (this.v3) {
+          if (e.kind === 'zero' && (!hasHost(e) || keep)) continue;
           if (e.kind === 'unallocated' && !this.backingCovers(gc * cs)) continue;
-          if (!unmap && e.kind === 'data' && e.copied) {
-            // Keep the allocation, as QEMU does without unmap.
-            encodeL2(dv, idx, e.host, true, true);
-          } else {
-            encodeL2(dv, idx, 0, false, true);
-            if (e.host !== 0) this.refcounts.queueFree(e.host);
-          }
+          encodeL2(dv, idx, keep ? e.host : 0, keep, true);
         } else {
           if (e.kind === 'unallocated') continue;
           encodeL2(dv, idx, 0, false, false);
-          if (e.host !== 0) this.refcounts.queueFree(e.host);
         }
+        if (!keep) this.freeEntry(e);
         changed = true;
       }
       if (changed) this.map.l2Cache.markDirty(table);
     }
+  }
+
+  /**
+   * Grow the disk, as `qemu-img resize` does: a larger L1 table if needed (written,
+   * then the header points at it, then the old one is freed), then the size field.
+   */
+  async truncate(size: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    if (size === this.size) return;
+    if (size < this.size) throw new UnsupportedError(`${this.name}: shrinking a qcow2 image is not supported`);
+    if (size % 512 !== 0) throw new UsageError(`${this.name}: the new size must be a multiple of 512`);
+    if (this.data !== this.file) throw new UnsupportedError(`${this.name}: resizing a qcow2 image with an external data file is not supported`);
+    await this.prepare();
+    await this.mutex.run(async () => {
+      const needed = Math.ceil(size / this.map.l2Span);
+      if (needed > this.map.l1Size) await this.growL1(needed);
+      const field = Buffer.alloc(8);
+      field.writeBigUInt64BE(BigInt(size));
+      await this.file.write(HDR.size, field);
+      await this.barrier();
+      this.currentSize = size;
+    });
+  }
+
+  private async growL1(entries: number): Promise<void> {
+    const cs = this.cs;
+    if (entries * 8 > LIMITS.maxL1Bytes) throw new IoError(`${this.name}: qcow2 L1 table would exceed the 32 MiB limit`, osc.errno.EFBIG);
+    const clusters = Math.ceil((entries * 8) / cs);
+    const start = await this.refcounts.allocateContiguous(clusters);
+    const offset = start * cs;
+    const l1 = Buffer.alloc(entries * 8);
+    this.map.l1Copy().copy(l1);
+    // Every L1 entry in use is an L2 table of ours: QEMU writes them with COPIED set.
+    const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    for (let i = 0; i < this.map.l1Size; i++) {
+      const e = this.map.l1Entry(i);
+      if (e.offset !== 0) encodeL1(dv, i, e.offset, e.copied);
+    }
+    // Refcounts of the new table, the table, then the header.
+    await this.refcountCache.flush();
+    await this.barrier();
+    const padded = Buffer.alloc(clusters * cs);
+    l1.copy(padded);
+    await this.file.write(offset, padded);
+    await this.barrier();
+    const hdr = Buffer.alloc(12);
+    hdr.writeUInt32BE(entries, 0);
+    hdr.writeBigUInt64BE(BigInt(offset), 4);
+    await this.file.write(HDR.l1Size, hdr);
+    await this.barrier();
+    const oldOffset = this.map.l1TableOffset;
+    const oldClusters = Math.ceil((this.map.l1Size * 8) / cs);
+    this.map.replaceL1(l1, offset);
+    for (let c = 0; c < oldClusters; c++) await this.refcounts.adjust(oldOffset / cs + c, -1);
   }
 
   /**
@@ -333,6 +608,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
     await this.mutex.run(async () => {
       const frees = this.refcounts.takeFrees();
       await Promise.allSettled([...this.inflight]);
+      if (this.data !== this.file) await this.data.flush();
       if (this.refcountCache.hasDirty()) {
         await this.refcountCache.flush();
         await this.barrier();
@@ -366,18 +642,24 @@ export class Qcow2Node implements BlockNode, HasBacking {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.isView) return;
     try {
       if (!this.readOnly) await this.flush();
     } finally {
       try {
         await this.backing?.close();
       } finally {
-        await this.file.close();
+        try {
+          if (this.data !== this.file) await this.data.close();
+        } finally {
+          await this.file.close();
+        }
       }
     }
   }
 }
 
-function isInPlace(e: L2Entry): boolean {
-  return e.kind === 'data' && e.copied;
+/** The entry holds a host cluster (data, or a preallocated zero cluster). */
+function hasHost(e: L2Entry): boolean {
+  return e.kind === 'data' || (e.kind === 'zero' && e.host !== 0);
 }

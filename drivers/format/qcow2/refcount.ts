@@ -102,6 +102,22 @@ export class Refcounts {
     }
   }
 
+  /** Allocate exactly `n` contiguous clusters (for tables); returns the first index. */
+  async allocateContiguous(n: number): Promise<number> {
+    if (n > this.perBlock) throw new IoError(`${this.name}: qcow2 table of ${n} clusters is larger than one refcount block covers`, osc.errno.EFBIG);
+    const skipped: number[] = [];
+    try {
+      for (;;) {
+        const got = await this.allocate(n);
+        if (got.count === n) return got.start;
+        for (let i = 0; i < got.count; i++) skipped.push(got.start + i);
+      }
+    } finally {
+      // Never referenced: give the too-short runs straight back.
+      for (const c of skipped) await this.adjust(c, -1);
+    }
+  }
+
   /** Add `delta` to the refcount of cluster (whose block must exist). */
   async adjust(cluster: number, delta: number): Promise<void> {
     const r = Math.floor(cluster / this.perBlock);

@@ -1,0 +1,335 @@
+// `tsimg create -f qcow2`: a new image laid out as QEMU's qcow2_co_create lays it out
+// (header, refcount table, refcount blocks, L1 table; with preallocation the L2
+// tables and data clusters after them), with every option qemu-img 7.2 takes.
+import type { BlockNode, CreateRequest } from '../../types.js';
+import { UnsupportedError, UsageError } from '../../errors.js';
+import { AUTOCLEAR, COMPAT, EXT, HDR, INCOMPAT, LIMITS, QCOW2_MAGIC } from './header.js';
+import { encodeL1, encodeL2, encodeL2Ext, encodeReftable } from './entries.js';
+import { createLuksHeader, LUKS_CREATE_OPTIONS } from './crypt.js';
+
+export const createOptions: readonly string[] = [
+  'size',
+  'compat',
+  'backing_file',
+  'backing_fmt',
+  'data_file',
+  'data_file_raw',
+  'encryption',
+  'encrypt.format',
+  ...LUKS_CREATE_OPTIONS,
+  'cluster_size',
+  'extended_l2',
+  'preallocation',
+  'lazy_refcounts',
+  'refcount_bits',
+  'compression_type',
+  'nocow',
+];
+
+/** The v3 header QEMU 7.2 writes: 104 bytes plus compression_type, padded to 8. */
+const V3_HEADER_LENGTH = 112;
+/** Bytes written per request when preallocating. */
+const CHUNK = 1 << 20;
+
+/** Feature name table entries QEMU writes (qcow2.txt, "Feature name table"). */
+const FEATURE_NAMES: [number, number, string][] = [
+  [0, 0, 'dirty bit'],
+  [0, 1, 'corrupt bit'],
+  [0, 2, 'external data file'],
+  [0, 3, 'compression type'],
+  [0, 4, 'extended L2 entries'],
+  [1, 0, 'lazy refcounts'],
+  [2, 0, 'bitmaps'],
+  [2, 1, 'raw external data'],
+];
+
+interface Settings {
+  version: 2 | 3;
+  size: number;
+  clusterBits: number;
+  refcountOrder: number;
+  extendedL2: boolean;
+  lazyRefcounts: boolean;
+  zstd: boolean;
+  prealloc: 'off' | 'metadata' | 'falloc' | 'full';
+  backingFile: string | undefined;
+  backingFormat: string | undefined;
+  dataFile: string | undefined;
+  dataFileRaw: boolean;
+  encrypt: 'aes' | 'luks' | undefined;
+}
+
+function powerOfTwoBits(n: number): number | undefined {
+  const bits = Math.log2(n);
+  return Number.isInteger(bits) ? bits : undefined;
+}
+
+async function readSettings(req: CreateRequest): Promise<Settings & { luks: Map<string, string> }> {
+  const o = req.options;
+  const fail = (msg: string): never => {
+    throw new UsageError(`${req.spec}: ${msg}`);
+  };
+  const compat = o.choice('compat', ['0.10', '1.1', 'v2', 'v3'] as const) ?? '1.1';
+  const version: 2 | 3 = compat === '0.10' || compat === 'v2' ? 2 : 3;
+  const clusterSize = o.size('cluster_size') ?? 65536;
+  const clusterBits = powerOfTwoBits(clusterSize);
+  if (clusterBits === undefined || clusterBits < LIMITS.minClusterBits || clusterBits > LIMITS.maxClusterBits) {
+    fail(`Cluster size must be a power of two between 512 and 2048k (cluster_size=${clusterSize})`);
+  }
+  const refcountBits = o.int('refcount_bits', 1, 64) ?? 16;
+  const refcountOrder = powerOfTwoBits(refcountBits);
+  if (refcountOrder === undefined) fail(`Refcount width must be a power of two and may not exceed 64 bits (refcount_bits=${refcountBits})`);
+  if (version === 2 && refcountBits !== 16) fail('Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
+  const lazyRefcounts = o.bool('lazy_refcounts') ?? false;
+  if (lazyRefcounts && version === 2) fail('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+  const extendedL2 = o.bool('extended_l2') ?? false;
+  if (extendedL2) {
+    if (version === 2) fail('Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+    if (clusterBits! < 14) fail('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  }
+  const compression = o.choice('compression_type', ['zlib', 'zstd'] as const) ?? 'zlib';
+  if (compression !== 'zlib' && version === 2) fail('Compression type selection is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+  let prealloc = o.choice('preallocation', ['off', 'metadata', 'falloc', 'full'] as const) ?? 'off';
+  o.bool('nocow'); // btrfs NOCOW attribute: a no-op on other file systems, and here
+  const dataFile = o.string('data_file');
+  const dataFileRaw = o.bool('data_file_raw') ?? false;
+  if (dataFile !== undefined && version === 2) fail('Data file requires compatibility level 1.1 or above (use compat=1.1 or greater)');
+  if (dataFileRaw && dataFile === undefined) fail("'data-file-raw' requires 'data-file'");
+  // QEMU preallocates metadata so that a raw data file keeps data at guest offsets.
+  if (dataFileRaw && prealloc === 'off') prealloc = 'metadata';
+  const backingFile = o.string('backing_file');
+  let backingFormat = o.string('backing_fmt');
+  if (backingFormat !== undefined && backingFile === undefined) fail('backing_fmt needs backing_file');
+  if (backingFile !== undefined && dataFileRaw) fail('Backing file and data-file-raw cannot be used together');
+  if (backingFile !== undefined && prealloc !== 'off' && !extendedL2) fail('Backing file and preallocation can only be used at the same time if extended_l2 is on');
+
+  const encryption = o.bool('encryption') ?? false;
+  let encrypt = o.choice('encrypt.format', ['aes', 'luks'] as const);
+  if (encryption && encrypt === undefined) encrypt = 'aes';
+  if (encryption && encrypt === 'luks') fail("encryption=on and encrypt.format=luks conflict (encryption=on is encrypt.format=aes)");
+  const luks = new Map<string, string>();
+  for (const k of LUKS_CREATE_OPTIONS) {
+    const v = o.string(k);
+    if (v === undefined || k === 'encrypt.key-secret') continue;
+    if (encrypt !== 'luks') fail(`${k} is only valid with encrypt.format=luks`);
+    luks.set(k, v);
+  }
+  if (encrypt !== undefined && req.secret === undefined) fail('encryption needs a passphrase: encrypt.key-secret, --secret or --secret-file');
+  if (encrypt !== undefined && dataFile !== undefined) fail('external data files and encryption cannot be used together');
+
+  let size = req.size ?? o.size('size');
+  o.finish('qcow2');
+  if (backingFile !== undefined) {
+    const b = await req.openImage(backingFile, backingFormat);
+    try {
+      if (backingFormat === undefined) fail(`Backing file specified without backing format (detected format of ${b.format}; use -F ${b.format})`);
+      size ??= b.node.size;
+      backingFormat ??= b.format;
+    } finally {
+      await b.node.close();
+    }
+  }
+  if (size === undefined) fail('Image creation needs a size parameter');
+  if (size! % 512 !== 0) size = Math.ceil(size! / 512) * 512;
+  return {
+    version,
+    size: size!,
+    clusterBits: clusterBits!,
+    refcountOrder: refcountOrder!,
+    extendedL2,
+    lazyRefcounts,
+    zstd: compression === 'zstd',
+    prealloc,
+    backingFile,
+    backingFormat,
+    dataFile,
+    dataFileRaw,
+    encrypt,
+    luks,
+  };
+}
+
+/** Header extension: type, length, data padded to 8 bytes. */
+function extension(type: number, data: Uint8Array): Buffer {
+  const b = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
+  b.writeUInt32BE(type, 0);
+  b.writeUInt32BE(data.length, 4);
+  b.set(data, 8);
+  return b;
+}
+
+function featureTable(): Buffer {
+  const b = Buffer.alloc(FEATURE_NAMES.length * 48);
+  FEATURE_NAMES.forEach(([type, bit, name], i) => {
+    b[i * 48] = type;
+    b[i * 48 + 1] = bit;
+    b.write(name, i * 48 + 2, 'latin1');
+  });
+  return b;
+}
+
+export async function createQcow2(req: CreateRequest): Promise<void> {
+  const s = await readSettings(req);
+  const file = req.file;
+  const cs = 2 ** s.clusterBits;
+  const l2Entries = cs / (s.extendedL2 ? 16 : 8);
+  const l1Size = Math.ceil(s.size / (cs * l2Entries));
+  if (l1Size * 8 > LIMITS.maxL1Bytes) throw new UsageError(`${req.spec}: image size is too large for this cluster size`);
+  const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
+  const prealloc = s.prealloc !== 'off';
+  const l2Count = prealloc ? l1Size : 0;
+  const guestClusters = Math.ceil(s.size / cs);
+  const dataInFile = prealloc && s.dataFile === undefined ? guestClusters : 0;
+
+  let data: BlockNode | undefined;
+  if (s.dataFile !== undefined) {
+    data = await req.createFile(s.dataFile);
+    if (!data.truncate) throw new UnsupportedError(`${req.spec}: the data file cannot be sized on this protocol`);
+    await data.truncate(s.size);
+  }
+
+  // LUKS: the header lives in clusters of the image, right after the header cluster.
+  let luks: { header: Uint8Array } | undefined;
+  if (s.encrypt === 'luks') luks = await createLuksHeader(s.luks, req.secret!, req.spec);
+  const luksClusters = luks ? Math.ceil(luks.header.length / cs) : 0;
+
+  // Refcount table and blocks sized to count everything, themselves included.
+  const perBlock = (cs * 8) / 2 ** s.refcountOrder;
+  const fixed = 1 + luksClusters + l1Clusters + l2Count + dataInFile;
+  let rb = 1;
+  let rt = 1;
+  for (;;) {
+    const total = fixed + rb + rt;
+    const nrb = Math.ceil(total / perBlock);
+    const nrt = Math.ceil((nrb * 8) / cs);
+    if (nrb === rb && nrt === rt) break;
+    rb = Math.max(rb, nrb);
+    rt = Math.max(rt, nrt);
+  }
+  if (rt * cs > LIMITS.maxRefcountTableBytes) throw new UsageError(`${req.spec}: image would need a refcount table over 8 MiB; use larger clusters`);
+  const luksAt = 1;
+  const rtAt = luksAt + luksClusters;
+  const rbAt = rtAt + rt;
+  const l1At = rbAt + rb;
+  const l2At = l1At + l1Clusters;
+  const dataAt = l2At + l2Count;
+  const total = dataAt + dataInFile;
+
+  // Header cluster.
+  const hdr = Buffer.alloc(cs);
+  hdr.writeUInt32BE(QCOW2_MAGIC, HDR.magic);
+  hdr.writeUInt32BE(s.version, HDR.version);
+  hdr.writeUInt32BE(s.clusterBits, HDR.clusterBits);
+  hdr.writeBigUInt64BE(BigInt(s.size), HDR.size);
+  hdr.writeUInt32BE(s.encrypt === 'aes' ? 1 : s.encrypt === 'luks' ? 2 : 0, HDR.cryptMethod);
+  hdr.writeUInt32BE(l1Size, HDR.l1Size);
+  hdr.writeBigUInt64BE(BigInt(l1At * cs), HDR.l1TableOffset);
+  hdr.writeBigUInt64BE(BigInt(rtAt * cs), HDR.refcountTableOffset);
+  hdr.writeUInt32BE(rt, HDR.refcountTableClusters);
+  let pos = 72;
+  if (s.version === 3) {
+    let incompat = 0n;
+    if (s.dataFile !== undefined) incompat |= INCOMPAT.dataFile;
+    if (s.zstd) incompat |= INCOMPAT.compression;
+    if (s.extendedL2) incompat |= INCOMPAT.extendedL2;
+    hdr.writeBigUInt64BE(incompat, HDR.incompatibleFeatures);
+    hdr.writeBigUInt64BE(s.lazyRefcounts ? COMPAT.lazyRefcounts : 0n, HDR.compatibleFeatures);
+    hdr.writeBigUInt64BE(s.dataFileRaw ? AUTOCLEAR.dataFileRaw : 0n, HDR.autoclearFeatures);
+    hdr.writeUInt32BE(s.refcountOrder, HDR.refcountOrder);
+    hdr.writeUInt32BE(V3_HEADER_LENGTH, HDR.headerLength);
+    hdr[HDR.compressionType] = s.zstd ? 1 : 0;
+    pos = V3_HEADER_LENGTH;
+  }
+  const exts: Buffer[] = [];
+  if (s.backingFormat !== undefined) exts.push(extension(EXT.backingFormat, Buffer.from(s.backingFormat, 'latin1')));
+  if (s.dataFile !== undefined) exts.push(extension(EXT.dataFile, Buffer.from(s.dataFile, 'utf8')));
+  if (luks) {
+    const c = Buffer.alloc(16);
+    c.writeBigUInt64BE(BigInt(luksAt * cs), 0);
+    c.writeBigUInt64BE(BigInt(luks.header.length), 8);
+    exts.push(extension(EXT.cryptoHeader, c));
+  }
+  if (s.version === 3) exts.push(extension(EXT.featureTable, featureTable()));
+  exts.push(Buffer.alloc(8)); // end of extensions
+  const backingName = s.backingFile !== undefined ? Buffer.from(s.backingFile, 'utf8') : undefined;
+  const need = pos + exts.reduce((a, e) => a + e.length, 0) + (backingName?.length ?? 0);
+  if (need > cs) throw new UsageError(`${req.spec}: the header does not fit in one ${cs}-byte cluster (backing file name too long?)`);
+  if (backingName && backingName.length > LIMITS.maxBackingNameLength) throw new UsageError(`${req.spec}: backing file name too long`);
+  for (const e of exts) {
+    e.copy(hdr, pos);
+    pos += e.length;
+  }
+  if (backingName) {
+    hdr.writeBigUInt64BE(BigInt(pos), HDR.backingFileOffset);
+    hdr.writeUInt32BE(backingName.length, HDR.backingFileSize);
+    backingName.copy(hdr, pos);
+  }
+
+  // Refcount table and blocks: every cluster in [0, total) has refcount one.
+  const reftable = Buffer.alloc(rt * cs);
+  const rtView = new DataView(reftable.buffer, reftable.byteOffset, reftable.byteLength);
+  for (let i = 0; i < rb; i++) encodeReftable(rtView, i, (rbAt + i) * cs);
+  const blocks = Buffer.alloc(rb * cs);
+  for (let c = 0; c < total; c++) setRefcount(blocks, s.refcountOrder, c, 1);
+
+  // L1 (and with preallocation, L2) tables.
+  const l1 = Buffer.alloc(l1Clusters * cs);
+  const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  for (let i = 0; i < l2Count; i++) encodeL1(l1View, i, (l2At + i) * cs, true);
+
+  if (!file.truncate) throw new UnsupportedError(`${req.spec}: this protocol cannot be sized`);
+  await file.truncate(total * cs);
+  await file.write(0, hdr);
+  if (luks) await file.write(luksAt * cs, luks.header);
+  await file.write(rtAt * cs, reftable);
+  await file.write(rbAt * cs, blocks);
+  await file.write(l1At * cs, l1);
+  if (prealloc) {
+    const table = Buffer.alloc(cs);
+    const dv = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    for (let t = 0; t < l2Count; t++) {
+      table.fill(0);
+      for (let k = 0; k < l2Entries; k++) {
+        const gc = t * l2Entries + k;
+        if (gc >= guestClusters) break;
+        const host = s.dataFile !== undefined ? gc * cs : (dataAt + gc) * cs;
+        // QEMU leaves preallocated subclusters unallocated (the backing file shows through).
+        if (s.extendedL2) encodeL2Ext(dv, k, host, true, 0, 0);
+        else encodeL2(dv, k, host, true, false);
+      }
+      await file.write((l2At + t) * cs, table);
+    }
+    const target = data ?? file;
+    const start = data ? 0 : dataAt * cs;
+    const length = data ? s.size : dataInFile * cs;
+    if (s.prealloc === 'falloc' && target.zero) await target.zero(start, length, false);
+    else if (s.prealloc === 'full' || s.prealloc === 'falloc') {
+      const zeros = new Uint8Array(Math.min(CHUNK, length));
+      for (let off = 0; off < length; off += zeros.length) await target.write(start + off, zeros.subarray(0, Math.min(zeros.length, length - off)));
+    }
+  }
+  await data?.flush();
+  await file.flush();
+}
+
+function setRefcount(d: Buffer, order: number, i: number, v: number): void {
+  switch (order) {
+    case 3:
+      d[i] = v;
+      return;
+    case 4:
+      d.writeUInt16BE(v, i * 2);
+      return;
+    case 5:
+      d.writeUInt32BE(v, i * 4);
+      return;
+    case 6:
+      d.writeUInt32BE(0, i * 8);
+      d.writeUInt32BE(v, i * 8 + 4);
+      return;
+    default: {
+      const bit = i * 2 ** order;
+      d[bit >> 3] = d[bit >> 3]! | (v << (bit & 7));
+    }
+  }
+}

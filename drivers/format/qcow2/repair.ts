@@ -1,0 +1,133 @@
+// Rebuilding refcounts of an image whose dirty bit is set (lazy_refcounts=on and not
+// closed cleanly): QEMU runs `qemu-img check -r all`'s repair on a writable open
+// (qcow2_do_open -> qcow2_check). The references are counted from every structure
+// that holds a host cluster, and the refcount blocks are rewritten with the counts.
+import type { BlockNode } from '../../types.js';
+import { CorruptImageError, UnsupportedError } from '../../errors.js';
+import { decodeL1, decodeL2, decodeReftable, type L2Layout } from './entries.js';
+import type { SnapshotEntry } from './snapshot.js';
+
+export interface RepairInput {
+  file: BlockNode;
+  name: string;
+  clusterBits: number;
+  refcountOrder: number;
+  extendedL2: boolean;
+  /** Data clusters live in an external data file and are not counted. */
+  externalData: boolean;
+  l1: Buffer;
+  l1Offset: number;
+  reftable: Buffer;
+  reftableOffset: number;
+  snapshots: SnapshotEntry[];
+  snapshotTableOffset: number;
+  snapshotTableBytes: number;
+  /** Other byte ranges that hold a reference each (bitmap directory and tables, crypto header). */
+  extraRanges: { offset: number; length: number }[];
+}
+
+/** Clusters one rebuild may track: 2^27 (1 GiB of counters at most 512 MiB). */
+const MAX_TRACKED = 2 ** 27;
+
+export async function rebuildRefcounts(r: RepairInput): Promise<void> {
+  const cs = 2 ** r.clusterBits;
+  const bits = 2 ** r.refcountOrder;
+  const perBlock = (cs * 8) / bits;
+  const reftableEntries = r.reftable.length / 8;
+  const covered = reftableEntries * perBlock;
+  const fileClusters = Math.ceil(r.file.size / cs);
+  const tracked = Math.max(fileClusters, 1);
+  if (tracked > MAX_TRACKED) throw new UnsupportedError(`${r.name}: qcow2 image too large to rebuild its refcounts; run 'qemu-img check -r all'`);
+  const counts = new Float64Array(tracked);
+  const ref = (offset: number, length: number): void => {
+    if (length <= 0) return;
+    const a = Math.floor(offset / cs);
+    const b = Math.floor((offset + length - 1) / cs);
+    for (let c = a; c <= b; c++) {
+      if (c >= tracked) throw new CorruptImageError(`${r.name}: qcow2 metadata points past the end of the file (0x${(c * cs).toString(16)})`);
+      counts[c]! += 1;
+    }
+  };
+  ref(0, cs);
+  ref(r.reftableOffset, r.reftable.length);
+  const rtView = new DataView(r.reftable.buffer, r.reftable.byteOffset, r.reftable.byteLength);
+  const blocks: number[] = [];
+  for (let i = 0; i < reftableEntries; i++) {
+    const off = decodeReftable(rtView, i, cs, r.file.size, r.name);
+    blocks.push(off);
+    if (off) ref(off, cs);
+  }
+  ref(r.snapshotTableOffset, r.snapshotTableBytes);
+  for (const x of r.extraRanges) ref(x.offset, x.length);
+
+  const layout: L2Layout = { clusterBits: r.clusterBits, extended: r.extendedL2, dataLimit: r.externalData ? Number.MAX_SAFE_INTEGER : r.file.size, externalData: r.externalData };
+  const l2Buf = Buffer.alloc(cs);
+  const walkL1 = async (l1: Buffer, l1Offset: number): Promise<void> => {
+    ref(l1Offset, l1.length);
+    const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    const entries = cs / (r.extendedL2 ? 16 : 8);
+    for (let i = 0; i < l1.length / 8; i++) {
+      const { offset } = decodeL1(dv, i, cs, r.file.size, r.name);
+      if (offset === 0) continue;
+      ref(offset, cs);
+      await r.file.read(offset, l2Buf);
+      const l2 = new DataView(l2Buf.buffer, l2Buf.byteOffset, l2Buf.byteLength);
+      for (let k = 0; k < entries; k++) {
+        const e = decodeL2(l2, k, layout, r.name, (i * entries + k) * cs);
+        if (e.kind === 'compressed') ref(e.cOffset, e.cLength);
+        else if (e.host !== 0 && !r.externalData) ref(e.host, cs);
+      }
+    }
+  };
+  await walkL1(r.l1, r.l1Offset);
+  for (const s of r.snapshots) {
+    const l1 = Buffer.alloc(s.l1Size * 8);
+    if (l1.length) await r.file.read(s.l1TableOffset, l1);
+    await walkL1(l1, s.l1TableOffset);
+  }
+
+  // Every used cluster needs a refcount block; one missing would need a new block
+  // (and maybe a larger table): leave that to qemu-img.
+  const maxRef = 2 ** bits - 1;
+  for (let c = 0; c < tracked; c++) {
+    if (counts[c] === 0) continue;
+    if (c >= covered || blocks[Math.floor(c / perBlock)] === 0) {
+      throw new UnsupportedError(`${r.name}: qcow2 refcounts need new refcount blocks to repair; run 'qemu-img check -r all'`);
+    }
+    if (counts[c]! > maxRef) throw new UnsupportedError(`${r.name}: qcow2 refcount overflow while repairing; run 'qemu-img check -r all'`);
+  }
+  const block = Buffer.alloc(cs);
+  for (let i = 0; i < blocks.length; i++) {
+    const off = blocks[i]!;
+    if (!off) continue;
+    block.fill(0);
+    const base = i * perBlock;
+    for (let k = 0; k < perBlock && base + k < tracked; k++) setEntry(block, r.refcountOrder, k, counts[base + k]!);
+    await r.file.write(off, block);
+  }
+  await r.file.flush();
+}
+
+function setEntry(d: Buffer, order: number, i: number, v: number): void {
+  if (v === 0) return;
+  switch (order) {
+    case 3:
+      d[i] = v;
+      return;
+    case 4:
+      d.writeUInt16BE(v, i * 2);
+      return;
+    case 5:
+      d.writeUInt32BE(v, i * 4);
+      return;
+    case 6:
+      d.writeUInt32BE(Math.floor(v / 2 ** 32), i * 8);
+      d.writeUInt32BE(v % 2 ** 32, i * 8 + 4);
+      return;
+    default: {
+      const bits = 2 ** order;
+      const bit = i * bits;
+      d[bit >> 3] = d[bit >> 3]! | (v << (bit & 7));
+    }
+  }
+}
