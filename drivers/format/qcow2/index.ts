@@ -91,8 +91,10 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   }
 
   // Not closed cleanly with lazy refcounts: QEMU repairs the refcounts on a writable
-  // open, and reads without repair on a read-only one.
-  if (!opts.readOnly && (h.incompatibleFeatures & INCOMPAT.dirty) !== 0n) {
+  // open, and reads without repair on a read-only one. It runs once the backing file
+  // and the passphrase are known good, so a refused open changes nothing.
+  const repairIfDirty = async (): Promise<void> => {
+    if (opts.readOnly || (h.incompatibleFeatures & INCOMPAT.dirty) === 0n) return;
     const extraRanges = bitmaps ? await bitmapRanges(file, bitmaps, clusterSize, name) : [];
     const crypto = h.extensions.find((e) => e.type === EXT.cryptoHeader);
     if (crypto) {
@@ -119,6 +121,33 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
     bits.writeBigUInt64BE(h.incompatibleFeatures & ~INCOMPAT.dirty);
     await file.write(HDR.incompatibleFeatures, bits);
     await file.flush();
+  };
+
+  let backing: BlockNode | undefined;
+  if (h.backingFile !== undefined && !opts.noBacking) {
+    backing = await opts.openBacking(h.backingFile, h.backingFormat);
+  }
+  let crypt: DataCrypt | undefined;
+  if (h.cryptMethod !== 0) {
+    const ext = h.extensions.find((e) => e.type === EXT.cryptoHeader);
+    let cryptoHeader: { offset: number; length: number } | undefined;
+    if (ext) {
+      if (ext.length < 16) throw new CorruptImageError(`${name}: qcow2 crypto header extension is too short`);
+      const dv = new DataView(headerCluster.buffer, headerCluster.byteOffset + ext.offset, 16);
+      cryptoHeader = { offset: Number(dv.getBigUint64(0, false)), length: Number(dv.getBigUint64(8, false)) };
+    }
+    try {
+      crypt = await openCrypt(file, h.cryptMethod, cryptoHeader, opts.secret);
+    } catch (err) {
+      await backing?.close().catch(() => undefined);
+      throw err;
+    }
+  }
+  try {
+    await repairIfDirty();
+  } catch (err) {
+    await backing?.close().catch(() => undefined);
+    throw err;
   }
 
   const barriers = opts.cache !== 'unsafe';
@@ -152,26 +181,6 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
     if (changed) await file.flush();
   };
 
-  let backing: BlockNode | undefined;
-  if (h.backingFile !== undefined && !opts.noBacking) {
-    backing = await opts.openBacking(h.backingFile, h.backingFormat);
-  }
-  let crypt: DataCrypt | undefined;
-  if (h.cryptMethod !== 0) {
-    const ext = h.extensions.find((e) => e.type === EXT.cryptoHeader);
-    let cryptoHeader: { offset: number; length: number } | undefined;
-    if (ext) {
-      if (ext.length < 16) throw new CorruptImageError(`${name}: qcow2 crypto header extension is too short`);
-      const dv = new DataView(headerCluster.buffer, headerCluster.byteOffset + ext.offset, 16);
-      cryptoHeader = { offset: Number(dv.getBigUint64(0, false)), length: Number(dv.getBigUint64(8, false)) };
-    }
-    try {
-      crypt = await openCrypt(file, h.cryptMethod, cryptoHeader, opts.secret);
-    } catch (err) {
-      await backing?.close().catch(() => undefined);
-      throw err;
-    }
-  }
   const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
   const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange });
   const views: { name: string; node: BlockNode }[] = [];
