@@ -13,10 +13,10 @@ import { Command, Option } from 'commander';
 import type { CacheMode } from '../drivers/types.js';
 import { messageOf, UsageError } from '../drivers/errors.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
-import { planMount, Server } from '../fs/server.js';
-import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
+// Only light modules load up front: the command that starts a server never needs the
+// drivers (mount time is two Node start-ups; the server imports them itself).
+import type { Server } from '../fs/server.js';
 import { unmount } from './unmount.js';
-import { imageOptsToSpec } from '../drivers/protocol/remote.js';
 import { parseSize } from '../drivers/options.js';
 
 const DEFAULT_CACHE_SIZE = 64 << 20;
@@ -92,14 +92,15 @@ async function main(argv: string[]): Promise<void> {
   }
   if (paths.length < 2) fail('need at least one IMAGE and a MOUNTPOINT (see --help)');
   let images = paths.slice(0, -1);
-  if (opts.imageOpts) ({ images, format: opts.format } = fromImageOpts(images, opts.format));
+  if (opts.imageOpts) ({ images, format: opts.format } = await fromImageOpts(images, opts.format));
   const mountpoint = paths[paths.length - 1]!;
   if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
   const cacheSize = parseSize(opts.cacheSize, '--cache-size');
   if (cacheSize < 1 << 20) fail('--cache-size must be at least 1M');
-  // Cheap checks before a server is started, so a typo fails fast.
-  planMount(images, mountpoint);
-  for (const img of images) if (protocolFor(img) === fileProtocol && !fs.existsSync(img.replace(/^file:/, ''))) fail(`${img}: no such file`);
+  // Cheap checks before a server is started, so a typo fails fast; the server checks
+  // everything again (planMount) and reports through the ready channel.
+  if (!fs.existsSync(mountpoint)) fail(`${mountpoint}: mountpoint does not exist`);
+  for (const img of images) if (isLocalPath(img) && !fs.existsSync(img.replace(/^file:/, ''))) fail(`${img}: no such file`);
   const secret = readSecret(opts);
 
   if (!opts.foreground) {
@@ -112,6 +113,7 @@ async function main(argv: string[]): Promise<void> {
   process.stderr.on('error', () => undefined);
   let server: Server;
   try {
+    const { Server } = await import('../fs/server.js');
     server = await Server.start({
       images,
       mountpoint,
@@ -150,7 +152,13 @@ async function main(argv: string[]): Promise<void> {
 }
 
 /** --image-opts: each IMAGE becomes a name (a URI carrying its options) and one format for all. */
-function fromImageOpts(lists: string[], format: string | undefined): { images: string[]; format: string | undefined } {
+/** A plain path (or file:PATH), not a URI of another protocol. */
+function isLocalPath(spec: string): boolean {
+  return spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec);
+}
+
+async function fromImageOpts(lists: string[], format: string | undefined): Promise<{ images: string[]; format: string | undefined }> {
+  const { imageOptsToSpec } = await import('../drivers/protocol/remote.js');
   const parsed = lists.map(imageOptsToSpec);
   const formats = new Set(parsed.map((p) => p.format));
   if (formats.size > 1 || (format !== undefined && !formats.has(format))) fail('--image-opts: every image needs the same driver, and -f must agree with it');
