@@ -6,17 +6,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import { parseArgs, runBench } from '../scripts/bench.js';
+import { fuseMountsUnder } from './helpers/mount.js';
 
 const enabled = process.env.TSMOUNT_BENCH === '1';
-
-function fuseMountsUnder(prefix: string): string[] {
-  return fs
-    .readFileSync('/proc/mounts', 'utf8')
-    .split('\n')
-    .map((l) => l.split(' '))
-    .filter((f) => (f[2] ?? '').startsWith('fuse') && (f[1] ?? '').startsWith(prefix))
-    .map((f) => f[1] ?? '');
-}
 
 (enabled ? describe : describe.skip)('benchmark smoke run (TSMOUNT_BENCH=1)', function () {
   this.timeout(300_000);

@@ -5,49 +5,13 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
-import { isAlive, mountedPid, MountTracker, TSMOUNT, tsmount, waitFor } from './helpers/mount.js';
+import { fuseMountsUnder, isAlive, mountedPid, MountTracker, TSMOUNT, tsmount, waitFor } from './helpers/mount.js';
+import { firstL2Offset, patch, readBytes, u32be, u64be } from './helpers/images.js';
 
 const MiB = 1 << 20;
 /** A refusal must come well inside this; tsmount itself is killed at TIMEOUT_MS. */
 const BOUND_MS = 20_000;
 const TIMEOUT_MS = 30_000;
-
-function patch(file: string, offset: number, bytes: Buffer): void {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.writeSync(fd, bytes, 0, bytes.length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function readAt(file: string, offset: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.readSync(fd, b, 0, length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-  return b;
-}
-
-const u32 = (v: number): Buffer => {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(v);
-  return b;
-};
-const u64 = (v: bigint): Buffer => {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64BE(v);
-  return b;
-};
-
-/** Host offset of the first L2 table of a qcow2 image (L1 entry 0). */
-function firstL2Offset(file: string): number {
-  const l1 = Number(readAt(file, 40, 8).readBigUInt64BE(0));
-  return Number(readAt(file, l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
-}
 
 /** Processes running tsmount whose command line mentions `tag` (our temp dir). */
 function tsmountProcesses(tag: string): number[] {
@@ -63,15 +27,6 @@ function tsmountProcesses(tag: string): number[] {
     if (cmdline.includes(TSMOUNT) && cmdline.includes(tag) && isAlive(Number(entry))) out.push(Number(entry));
   }
   return out;
-}
-
-function fuseMountsUnder(dir: string): string[] {
-  return fs
-    .readFileSync('/proc/mounts', 'utf8')
-    .split('\n')
-    .map((l) => l.split(' '))
-    .filter((f) => /^fuse/.test(f[2] ?? '') && (f[1] ?? '').startsWith(dir))
-    .map((f) => f[1]!);
 }
 
 describe('tsmount: bad input gets a one-line error and changes nothing', function () {
@@ -188,13 +143,13 @@ describe('tsmount: bad input gets a one-line error and changes nothing', functio
 
   describe('corrupt qcow2 headers', function () {
     const cases: { what: string; offset: number; bytes: Buffer; says: RegExp }[] = [
-      { what: 'cluster_bits 31', offset: 20, bytes: u32(31), says: /cluster_bits 31/ },
-      { what: 'cluster_bits 8', offset: 20, bytes: u32(8), says: /cluster_bits 8/ },
-      { what: 'an L1 table of 2^28 entries', offset: 36, bytes: u32(0x10000000), says: /L1 table/ },
-      { what: 'an L1 table offset past the end of the file', offset: 40, bytes: u64(1n << 40n), says: /L1 table.*(outside|past|beyond)/ },
-      { what: 'version 4', offset: 4, bytes: u32(4), says: /version 4/ },
-      { what: 'a refcount table of 2^31 clusters', offset: 56, bytes: u32(0x80000000), says: /refcount table/ },
-      { what: 'a virtual size of 2^62', offset: 24, bytes: u64(1n << 62n), says: /size|L1 table/ },
+      { what: 'cluster_bits 31', offset: 20, bytes: u32be(31), says: /cluster_bits 31/ },
+      { what: 'cluster_bits 8', offset: 20, bytes: u32be(8), says: /cluster_bits 8/ },
+      { what: 'an L1 table of 2^28 entries', offset: 36, bytes: u32be(0x10000000), says: /L1 table/ },
+      { what: 'an L1 table offset past the end of the file', offset: 40, bytes: u64be(1n << 40n), says: /L1 table.*(outside|past|beyond)/ },
+      { what: 'version 4', offset: 4, bytes: u32be(4), says: /version 4/ },
+      { what: 'a refcount table of 2^31 clusters', offset: 56, bytes: u32be(0x80000000), says: /refcount table/ },
+      { what: 'a virtual size of 2^62', offset: 24, bytes: u64be(1n << 62n), says: /size|L1 table/ },
     ];
     for (const c of cases) {
       it(`a header with ${c.what}`, async () => {
@@ -263,7 +218,7 @@ describe('tsmount: bad input gets a one-line error and changes nothing', functio
       await createImage(f, 'qcow2', 16 * MiB, { lazy_refcounts: 'on' }, { file: 'dirty-base.qcow2', format: 'qcow2' });
       // qemu-io's abort leaves the dirty bit set and the refcounts stale.
       await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 64k', '-c', 'abort', f], { cwd: dir });
-      expect(readAt(f, 72, 8).readBigUInt64BE(0) & 1n, 'dirty bit').to.equal(1n);
+      expect(readBytes(f, 72, 8).readBigUInt64BE(0) & 1n, 'dirty bit').to.equal(1n);
       fs.rmSync(base);
       await expectRefused({ args: [f, mp], says: [/dirty-base\.qcow2/, /not found|no such file/i] });
       // Refused for the backing file, or for the dirty bit itself: either way, unchanged.
@@ -284,7 +239,7 @@ describe('tsmount: bad input gets a one-line error and changes nothing', functio
       // qemu-img refuses to make one; write the backing name into the header cluster.
       const name = Buffer.from('self.qcow2');
       patch(f, 1024, name);
-      patch(f, 8, Buffer.concat([u64(1024n), u32(name.length)]));
+      patch(f, 8, Buffer.concat([u64be(1024n), u32be(name.length)]));
       await expectRefusedBothWays([f, mp], [/self\.qcow2/, /loop/i]);
     });
   });
@@ -331,7 +286,7 @@ describe('tsmount: bad input gets a one-line error and changes nothing', functio
       await createImage(f, 'qcow2', 16 * MiB, { cluster_size: 65536 });
       await qemuIo(f, 'qcow2', ['write -P 0x21 0 64k', 'write -P 0x22 8M 64k']);
       // Guest cluster 0 now points 1 TiB into a file of a few hundred KiB.
-      patch(f, firstL2Offset(f), u64((1n << 63n) | (1n << 40n)));
+      patch(f, firstL2Offset(f), u64be((1n << 63n) | (1n << 40n)));
       const before = await md5File(f);
       const log = at('server.log');
       for (const rw of [false, true]) {

@@ -3,56 +3,17 @@
 // through tsmount read back as written and leave images `qemu-img check` passes;
 // `tsimg create` makes images qemu-img opens with the options given.
 import { expect } from 'chai';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { formatOf, openImage } from '../drivers/open.js';
+import { formatOf } from '../drivers/open.js';
 import { TsmountError } from '../drivers/errors.js';
-import type { BlockNode } from '../drivers/types.js';
 import { checkImage, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { nodeMd5, openTestImage, patch, pattern, readBytes, TSIMG, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const TSIMG = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../mount-helpers/tsimg.js');
 const SECRET = 'hunter2';
-
-function open(file: string, opts: { rw?: boolean; format?: string; secret?: string } = {}): Promise<BlockNode> {
-  return openImage(file, {
-    readOnly: !opts.rw,
-    format: opts.format,
-    secret: opts.secret,
-    cache: 'writeback',
-    metadataCacheBytes: 1 << 20,
-    locking: 'off',
-    forceShare: false,
-    shareRw: false,
-  });
-}
-
-async function nodeMd5(node: BlockNode, chunk = 256 * KiB): Promise<string> {
-  const h = crypto.createHash('md5');
-  const buf = Buffer.alloc(chunk);
-  for (let off = 0; off < node.size; off += chunk) {
-    const n = Math.min(chunk, node.size - off);
-    await node.read(off, buf.subarray(0, n));
-    h.update(buf.subarray(0, n));
-  }
-  return h.digest('hex');
-}
-
-function pattern(length: number, seed: number): Buffer {
-  const b = Buffer.alloc(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
 
 /** Writes at odd offsets and lengths: inside clusters, across them, and at the end of the disk. */
 function unalignedWrites(size: number): { offset: number; data: Buffer }[] {
@@ -87,26 +48,6 @@ async function qemuIoSecret(file: string, format: string, secret: string | undef
   args.push(`driver=${format},file.filename=${file},encrypt.key-secret=s0`);
   const out = await runOk('qemu-io', args);
   if (/failed|error/i.test(out)) throw new Error(out);
-}
-
-function patchFile(file: string, offset: number, bytes: Buffer): void {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.writeSync(fd, bytes, 0, bytes.length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function readFile(file: string, offset: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.readSync(fd, b, 0, length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-  return b;
 }
 
 interface Variant {
@@ -160,9 +101,9 @@ async function makeVariant(dir: string, v: Variant, name: string): Promise<strin
   await runOk('qemu-img', args, { cwd: dir });
   if (v.backing && v.backing.format === undefined && v.format === 'qed') {
     // Drop the "no probe" feature so that the backing format is probed.
-    const features = readFile(file, 16, 8);
+    const features = readBytes(file, 16, 8);
     features[0]! &= ~4;
-    patchFile(file, 16, features);
+    patch(file, 16, features);
   }
   if (v.io.length) await qemuIoSecret(file, v.format, v.secret, v.io);
   return file;
@@ -180,7 +121,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
     variants.forEach((v, i) => {
       it(`reads ${v.title} identically to qemu-img convert, and probes it`, async () => {
         const file = await makeVariant(tmp.dir, v, `read${i}`);
-        const node = await open(file, { secret: v.secret });
+        const node = await openTestImage(file, { secret: v.secret });
         try {
           expect(formatOf(node)).to.equal(v.format);
           expect(await nodeMd5(node)).to.equal(await oracleMd5(file, v.format, v.secret));
@@ -202,12 +143,12 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
         if (v.secret) {
           await runOk('qemu-img', ['convert', '--object', `secret,id=s0,data=${v.secret}`, '--image-opts', `driver=qcow,file.filename=${file},encrypt.key-secret=s0`, '-O', 'raw', ref]);
         } else await runOk('qemu-img', ['convert', '-O', 'raw', '-f', v.format, file, ref], { cwd: tmp.dir });
-        const node = await open(file, { rw: true, secret: v.secret });
+        const node = await openTestImage(file, { rw: true, secret: v.secret });
         const writes = unalignedWrites(node.size);
         try {
           await Promise.all(writes.slice(0, 3).map((w) => node.write(w.offset, w.data)));
           for (const w of writes.slice(3)) await node.write(w.offset, w.data);
-          for (const w of writes) patchFile(ref, w.offset, w.data);
+          for (const w of writes) patch(ref, w.offset, w.data);
           await node.flush();
         } finally {
           await node.close();
@@ -215,7 +156,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
         const want = await md5File(ref);
         fs.rmSync(ref);
         expect(await oracleMd5(file, v.format, v.secret)).to.equal(want);
-        const again = await open(file, { secret: v.secret });
+        const again = await openTestImage(file, { secret: v.secret });
         try {
           expect(await nodeMd5(again)).to.equal(want);
         } finally {
@@ -231,13 +172,13 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
     it('overwrites part of a compressed qcow cluster, keeping the rest of it', async () => {
       const v = variants.find((x) => x.format === 'qcow' && x.io.some((c) => c.includes('-c')))!;
       const file = await makeVariant(tmp.dir, v, 'ovc');
-      const node = await open(file, { rw: true });
+      const node = await openTestImage(file, { rw: true });
       try {
         await node.write(8 * MiB + 100, Buffer.alloc(10, 0xee));
       } finally {
         await node.close();
       }
-      const check = await open(file);
+      const check = await openTestImage(file);
       try {
         const b = Buffer.alloc(4096);
         await check.read(8 * MiB, b);
@@ -251,7 +192,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
 
     it('zeroes qed clusters as zero clusters that qemu-img reads as zeros', async () => {
       const file = await makeVariant(tmp.dir, variants[0]!, 'zero');
-      const node = await open(file, { rw: true });
+      const node = await openTestImage(file, { rw: true });
       try {
         await node.zero!(15 * MiB, MiB, false);
         await node.zero!(100 * KiB + 3, 1000, false);
@@ -260,10 +201,10 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       }
       const want = path.join(tmp.dir, 'zero.ref');
       await runOk('qemu-img', ['convert', '-O', 'raw', file, want]);
-      const b = readFile(want, 15 * MiB, MiB);
+      const b = readBytes(want, 15 * MiB, MiB);
       expect(b.every((x) => x === 0)).to.equal(true);
-      expect(readFile(want, 100 * KiB + 3, 1000).every((x) => x === 0)).to.equal(true);
-      expect(readFile(want, 100 * KiB, 3).every((x) => x === 0xab)).to.equal(true);
+      expect(readBytes(want, 100 * KiB + 3, 1000).every((x) => x === 0)).to.equal(true);
+      expect(readBytes(want, 100 * KiB, 3).every((x) => x === 0xab)).to.equal(true);
       fs.rmSync(want);
       expect((await checkImage(file, 'qed')).code).to.equal(0);
     });
@@ -273,16 +214,16 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
     it('checks and repairs a dirty qed image on a writable open, as QEMU does', async () => {
       const file = await makeVariant(tmp.dir, { ...variants[1]!, io: ['write -P 0x42 0 64k'] }, 'dirty');
       // Point an L2 entry past the end of the file and mark the image dirty.
-      const l1 = readFile(file, 40, 8).readBigUInt64LE();
-      const l2 = readFile(file, Number(l1), 8).readBigUInt64LE();
+      const l1 = readBytes(file, 40, 8).readBigUInt64LE();
+      const l2 = readBytes(file, Number(l1), 8).readBigUInt64LE();
       const bad = Buffer.alloc(8);
       bad.writeBigUInt64LE(BigInt(fs.statSync(file).size + 1024 * 1024));
-      patchFile(file, Number(l2) + 8 * 100, bad);
-      const features = readFile(file, 16, 8);
+      patch(file, Number(l2) + 8 * 100, bad);
+      const features = readBytes(file, 16, 8);
       features[0]! |= 2;
-      patchFile(file, 16, features);
+      patch(file, 16, features);
       // Read-only: opens as is (QEMU too), the bad cluster fails with EIO.
-      const ro = await open(file);
+      const ro = await openTestImage(file);
       try {
         const err = await ro.read(100 * 4096, Buffer.alloc(4096)).then(() => undefined, (e: unknown) => e);
         expect(err).to.be.instanceOf(TsmountError);
@@ -290,13 +231,13 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       } finally {
         await ro.close();
       }
-      const rw = await open(file, { rw: true });
+      const rw = await openTestImage(file, { rw: true });
       await rw.close();
-      expect(readFile(file, 16, 1)[0]! & 2).to.equal(0);
+      expect(readBytes(file, 16, 1)[0]! & 2).to.equal(0);
       const c = await checkImage(file, 'qed');
       expect(c.code, c.output).to.equal(0);
       expect(await rawMd5(file, 'qed')).to.equal(await (async () => {
-        const n = await open(file);
+        const n = await openTestImage(file);
         try {
           return await nodeMd5(n);
         } finally {
@@ -324,7 +265,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       hdr.copy(out);
       img.copy(out, MiB, offData);
       fs.writeFileSync(file, out);
-      const node = await open(file);
+      const node = await openTestImage(file);
       try {
         expect(await nodeMd5(node)).to.equal(await rawMd5(file, 'vdi'));
         expect(await nodeMd5(node)).to.equal(await rawMd5(src, 'vdi'));
@@ -342,7 +283,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       for (let i = 0; i < entries; i++) img.writeUInt32LE(img.readUInt32LE(64 + i * 4) * tracks, 64 + i * 4);
       const file = path.join(tmp.dir, 'old.hdd');
       fs.writeFileSync(file, img);
-      const node = await open(file);
+      const node = await openTestImage(file);
       try {
         expect(formatOf(node)).to.equal('parallels');
         expect(await nodeMd5(node)).to.equal(await rawMd5(file, 'parallels'));
@@ -350,7 +291,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       } finally {
         await node.close();
       }
-      const rw = await open(file, { rw: true });
+      const rw = await openTestImage(file, { rw: true });
       try {
         await rw.write(20 * MiB + 3, pattern(100_000, 5));
       } finally {
@@ -358,7 +299,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       }
       const c = await checkImage(file, 'parallels');
       expect(c.code, c.output).to.equal(0);
-      const n = await open(file);
+      const n = await openTestImage(file);
       try {
         expect(await nodeMd5(n)).to.equal(await rawMd5(file, 'parallels'));
       } finally {
@@ -370,11 +311,11 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       const file = await makeVariant(tmp.dir, variants[12]!, 'inuse');
       const mark = Buffer.alloc(4);
       mark.writeUInt32LE(0x746f6e59);
-      patchFile(file, 44, mark);
-      const err = await open(file, { rw: true }).then(() => undefined, (e: unknown) => e);
+      patch(file, 44, mark);
+      const err = await openTestImage(file, { rw: true }).then(() => undefined, (e: unknown) => e);
       expect(err).to.be.instanceOf(TsmountError);
       expect((err as Error).message).to.match(/not closed correctly/);
-      const node = await open(file);
+      const node = await openTestImage(file);
       await node.close();
     });
 
@@ -384,7 +325,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       const file = path.join(tmp.dir, 'big.qed');
       await createImage(file, 'qed', 256 * MiB, { cluster_size: '4M', table_size: 2 });
       await qemuIo(file, 'qed', ['write -P 0x61 1M 3M', 'write -P 0x62 130M 512']);
-      const node = await open(file);
+      const node = await openTestImage(file);
       try {
         const b = Buffer.alloc(4 * MiB);
         await node.read(0, b);
@@ -454,18 +395,18 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
           }
         }
         // And it opens here, probed, and writes round-trip.
-        const node = await open(file, { rw: true, secret: c.secret ? SECRET : undefined });
+        const node = await openTestImage(file, { rw: true, secret: c.secret ? SECRET : undefined });
         try {
           expect(formatOf(node)).to.equal(c.format);
           await node.write(5, pattern(1000, 3));
         } finally {
           await node.close();
         }
-        if (!c.secret) expect(readFile(file, 0, 0).length).to.equal(0);
+        if (!c.secret) expect(readBytes(file, 0, 0).length).to.equal(0);
         if (!c.secret) {
           const ref = path.join(dir, 'ref.raw');
           await runOk('qemu-img', ['convert', '-O', 'raw', file, ref], { cwd: dir });
-          expect(readFile(ref, 5, 1000).equals(pattern(1000, 3))).to.equal(true);
+          expect(readBytes(ref, 5, 1000).equals(pattern(1000, 3))).to.equal(true);
         }
         fs.rmSync(dir, { recursive: true, force: true });
       });
@@ -474,12 +415,12 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
     it('creates qed with table_size=1 byte for byte as qemu-img does', async () => {
       const ours = path.join(tmp.dir, 'ts1.qed');
       const theirs = path.join(tmp.dir, 'ts1-qemu.qed');
-      const r = await run(process.execPath, [TSIMG, 'create', '-q', '-f', 'qed', '-o', 'cluster_size=4k,table_size=1', ours, '32M']);
+      const r = await tsimg(['create', '-q', '-f', 'qed', '-o', 'cluster_size=4k,table_size=1', ours, '32M']);
       expect(r.code, r.stderr).to.equal(0);
       await createImage(theirs, 'qed', 32 * MiB, { cluster_size: '4k', table_size: 1 });
       expect(fs.readFileSync(ours).equals(fs.readFileSync(theirs))).to.equal(true);
       // QEMU cannot reopen these; tsmount can, and writes to it.
-      const node = await open(ours, { rw: true });
+      const node = await openTestImage(ours, { rw: true });
       try {
         await node.write(3 * MiB + 5, pattern(10_000, 4));
         const b = Buffer.alloc(10_000);
@@ -500,7 +441,7 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       ];
       for (const [fmt, o] of bad) {
         const file = path.join(tmp.dir, `bad.${fmt}`);
-        const r = await run(process.execPath, [TSIMG, 'create', '-q', '-f', fmt, '-o', o, file, '64M']);
+        const r = await tsimg(['create', '-q', '-f', fmt, '-o', o, file, '64M']);
         expect(r.code, `${fmt} ${o}`).to.not.equal(0);
         expect(r.stderr.trim().split('\n')).to.have.length(1);
         expect(fs.existsSync(file)).to.equal(false);
@@ -523,8 +464,8 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
         expect(fs.statSync(flat).size).to.equal(fs.statSync(ref).size);
         expect(await md5File(flat)).to.equal(await md5File(ref));
         for (const w of unalignedWrites(fs.statSync(ref).size)) {
-          patchFile(flat, w.offset, w.data);
-          patchFile(ref, w.offset, w.data);
+          patch(flat, w.offset, w.data);
+          patch(ref, w.offset, w.data);
         }
         await mounts.unmount(dir);
         expect(await rawMd5(file, v.format)).to.equal(await md5File(ref));

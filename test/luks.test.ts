@@ -7,9 +7,8 @@ import { openImage, type ImageOptions } from '../drivers/open.js';
 import { BadPassphraseError } from '../drivers/errors.js';
 import { run, runOk, tempDir, type RunResult } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
-import { fileURLToPath } from 'node:url';
+import { testOptions, tsimg } from './helpers/images.js';
 
-const TSIMG = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../mount-helpers/tsimg.js');
 const MiB = 1 << 20;
 const PASS = 'correct horse';
 
@@ -54,15 +53,7 @@ async function qemuInfo(file: string, pass = PASS): Promise<Record<string, unkno
   return j['format-specific'].data;
 }
 
-const opening = (secret: string | undefined, readOnly = true): ImageOptions => ({
-  readOnly,
-  cache: 'writeback',
-  metadataCacheBytes: 1 << 20,
-  locking: 'off',
-  forceShare: false,
-  shareRw: false,
-  secret,
-});
+const opening = (secret: string | undefined, readOnly = true): ImageOptions => testOptions({ readOnly, secret });
 
 async function ourRead(file: string, pass = PASS, format?: string): Promise<Buffer> {
   const node = await openImage(file, { ...opening(pass), format });
@@ -92,10 +83,6 @@ async function ourWrite(file: string, before: Buffer, pass = PASS): Promise<Buff
     await node.close();
   }
   return want;
-}
-
-async function tsimg(args: string[]): Promise<RunResult> {
-  return run(process.execPath, [TSIMG, ...args]);
 }
 
 describe('luks: images made by qemu-img', function () {

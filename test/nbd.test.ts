@@ -1,7 +1,6 @@
 // NBD against real servers on loopback (qemu-nbd, nbdkit) and a misbehaving one,
 // judged by qemu-img. Needs qemu-utils and nbdkit.
 import { expect } from 'chai';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -12,29 +11,13 @@ import { IoError, TsmountError } from '../drivers/errors.js';
 import { NBD_MAGIC, NBD_OPTS_MAGIC, NBD_REP_MAGIC, NBD_OPT, NBD_REP, NBD_INFO, NBD_SIMPLE_REPLY_MAGIC } from '../drivers/protocol/nbd/constants.js';
 import { checkImage, createImage, md5File, qemuIo, rawMd5, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { nodeMd5, pattern, testOptions } from './helpers/images.js';
 import { freePort, startServer, type RunningServer } from './helpers/servers.js';
 
 const MiB = 1 << 20;
 
-const ro: ImageOptions = { readOnly: true, cache: 'writeback', metadataCacheBytes: 4 * MiB, locking: 'off', forceShare: false, shareRw: false };
+const ro: ImageOptions = testOptions({ metadataCacheBytes: 4 * MiB });
 const rw: ImageOptions = { ...ro, readOnly: false };
-
-async function md5Node(node: BlockNode): Promise<string> {
-  const h = crypto.createHash('md5');
-  const buf = new Uint8Array(4 * MiB);
-  for (let off = 0; off < node.size; off += buf.length) {
-    const n = Math.min(buf.length, node.size - off);
-    await node.read(off, buf.subarray(0, n));
-    h.update(buf.subarray(0, n));
-  }
-  return h.digest('hex');
-}
-
-function pattern(seed: number, n: number): Buffer {
-  const b = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) b[i] = (i * 31 + seed * 7 + (i >> 9)) & 0xff;
-  return b;
-}
 
 async function timed<T>(fn: () => Promise<T>): Promise<{ ms: number; result?: T; error?: unknown }> {
   const t = Date.now();
@@ -88,7 +71,7 @@ describe('NBD: images on NBD servers', function () {
     const node = await openImage(`nbd://127.0.0.1:${port}/vm`, ro);
     try {
       expect(node.size).to.equal(64 * MiB);
-      expect(await md5Node(node)).to.equal(await rawMd5(qcow2));
+      expect(await nodeMd5(node, 4 * MiB)).to.equal(await rawMd5(qcow2));
       // qemu-nbd answers base:allocation: holes and zeros are known.
       const ext = await node.blockStatus(0, 64 * MiB);
       expect(ext.find((e) => e.offset <= 1 * MiB && e.offset + e.length > 1 * MiB)?.kind).to.equal('zero');
@@ -107,7 +90,7 @@ describe('NBD: images on NBD servers', function () {
       const node = await openImage(spec, ro);
       try {
         expect(node.size, spec).to.equal(64 * MiB);
-        expect(await md5Node(node), spec).to.equal(want);
+        expect(await nodeMd5(node, 4 * MiB), spec).to.equal(want);
       } finally {
         await node.close();
       }
@@ -119,7 +102,7 @@ describe('NBD: images on NBD servers', function () {
     await serve('nbdkit', ['-f', '-r', '--exit-with-parent', '-U', sock, 'file', `dir=${path.dirname(top)}`], { path: sock });
     const node = await openImage(`nbd+unix:///top.qcow2?socket=${sock}`, ro);
     try {
-      expect(await md5Node(node)).to.equal(await rawMd5(top));
+      expect(await nodeMd5(node, 4 * MiB)).to.equal(await rawMd5(top));
       expect((node as unknown as { backing?: BlockNode }).backing?.name).to.equal(`nbd+unix:///base.qcow2?socket=${sock}`);
     } finally {
       await node.close();
@@ -139,7 +122,7 @@ describe('NBD: images on NBD servers', function () {
       const ref = Buffer.alloc(64 * MiB);
       const writes: [number, number][] = [[0, 4096], [MiB + 17, 100_000], [7 * MiB, 9 * MiB + 3], [63 * MiB, MiB]];
       await Promise.all(writes.map(([off, n], i) => {
-        const data = pattern(i + 1, n);
+        const data = pattern(n, i + 1);
         data.copy(ref, off);
         return node.write(off, data);
       }));
@@ -167,7 +150,7 @@ describe('NBD: images on NBD servers', function () {
     await serve('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', img], { port });
     const node = await openImage(`nbd:127.0.0.1:${port}`, rw);
     try {
-      await node.write(3 * MiB, pattern(9, 2 * MiB));
+      await node.write(3 * MiB, pattern(2 * MiB, 9));
       await node.flush();
     } finally {
       await node.close();
@@ -177,7 +160,7 @@ describe('NBD: images on NBD servers', function () {
     const flat = path.join(tmp.dir, 'rw.raw');
     await runOk('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, flat]);
     const buf = fs.readFileSync(flat);
-    expect(buf.subarray(3 * MiB, 5 * MiB).equals(pattern(9, 2 * MiB))).to.equal(true);
+    expect(buf.subarray(3 * MiB, 5 * MiB).equals(pattern(2 * MiB, 9))).to.equal(true);
     expect(buf.subarray(0, 3 * MiB).every((b) => b === 0)).to.equal(true);
   });
 
@@ -188,7 +171,7 @@ describe('NBD: images on NBD servers', function () {
     for (const spec of [`nbd:127.0.0.1:${port}:exportname=named export`, `nbd://127.0.0.1:${port}/named%20export`]) {
       const node = await openImage(spec, ro);
       try {
-        expect(await md5Node(node), spec).to.equal(want);
+        expect(await nodeMd5(node, 4 * MiB), spec).to.equal(want);
       } finally {
         await node.close();
       }
@@ -343,7 +326,7 @@ describe('NBD: images on NBD servers', function () {
     expect(await md5File(flat)).to.equal(want);
     const fd = fs.openSync(flat, 'r+');
     try {
-      fs.writeSync(fd, pattern(3, 3 * MiB), 0, 3 * MiB, 40 * MiB + 512);
+      fs.writeSync(fd, pattern(3 * MiB, 3), 0, 3 * MiB, 40 * MiB + 512);
     } finally {
       fs.closeSync(fd);
     }
@@ -353,6 +336,6 @@ describe('NBD: images on NBD servers', function () {
     const flatOut = path.join(tmp.dir, 'mounted.raw');
     await runOk('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', img, flatOut]);
     const got = fs.readFileSync(flatOut);
-    expect(got.subarray(40 * MiB + 512, 43 * MiB + 512).equals(pattern(3, 3 * MiB))).to.equal(true);
+    expect(got.subarray(40 * MiB + 512, 43 * MiB + 512).equals(pattern(3 * MiB, 3))).to.equal(true);
   });
 });

@@ -2,33 +2,14 @@
 // passes qemu-img check, qemu-img info reports the options, a qemu-io write into it
 // reads back through tsmount, and a tsmount write reads back through qemu-img.
 import { expect } from 'chai';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { openImage } from '../drivers/open.js';
-import type { BlockNode } from '../drivers/types.js';
 import { createImage, md5File, run, runOk, tempDir } from './helpers/qemu.js';
+import { nodeMd5, openTestImage, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const TSIMG = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../mount-helpers/tsimg.js');
 const PASS = 'correct horse';
-
-function open(file: string, rw: boolean, secret?: string): Promise<BlockNode> {
-  return openImage(file, { readOnly: !rw, cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false, secret });
-}
-
-async function nodeMd5(node: BlockNode): Promise<string> {
-  const h = crypto.createHash('md5');
-  const buf = Buffer.alloc(256 * KiB);
-  for (let off = 0; off < node.size; off += buf.length) {
-    const n = Math.min(buf.length, node.size - off);
-    await node.read(off, buf.subarray(0, n));
-    h.update(buf.subarray(0, n));
-  }
-  return h.digest('hex');
-}
 
 /** qemu-img/qemu-io arguments that name the image, with its secret when encrypted. */
 function qemuImage(file: string, encrypted: boolean): string[] {
@@ -126,7 +107,7 @@ describe('tsimg create -f qcow2', function () {
       const file = path.join(dir, 'img.qcow2');
       const args = ['create', '-q', '-f', 'qcow2', ...row.options.flatMap((o) => ['-o', o]), ...(row.args ?? []), 'img.qcow2'];
       if (row.size !== '') args.push(row.size ?? '16M');
-      const r = await run(process.execPath, [TSIMG, ...args], { cwd: dir });
+      const r = await tsimg(args, dir);
       expect(r.code, r.stderr).to.equal(0);
 
       const check = await run('qemu-img', ['check', ...(row.encrypted ? qemuImage(file, true) : ['-f', 'qcow2', file])], { cwd: dir });
@@ -140,7 +121,7 @@ describe('tsimg create -f qcow2', function () {
 
       // qemu-io writes, tsmount reads; tsmount writes, qemu-img reads.
       await runOk('qemu-io', [...qemuImage(file, !!row.encrypted).flatMap((a) => [a]), '-c', 'write -P 0x5a 4k 100k', '-c', `write -P 0x5b ${3 * MiB} 64k`], { cwd: dir });
-      const node = await open(file, true, row.encrypted ? PASS : undefined);
+      const node = await openTestImage(file, { rw: true, secret: row.encrypted ? PASS : undefined });
       try {
         await node.write(5 * MiB + 512, Buffer.alloc(70 * KiB, 0x6c));
         await node.write(10, Buffer.alloc(1000, 0x6d));
@@ -177,7 +158,7 @@ describe('tsimg create -f qcow2', function () {
       const dir = path.join(tmp.dir, `bad-${b.title.replace(/\W+/g, '-')}`);
       fs.mkdirSync(dir);
       await createImage(path.join(dir, 'base.qcow2'), 'qcow2', MiB);
-      const r = await run(process.execPath, [TSIMG, 'create', '-f', 'qcow2', ...b.args], { cwd: dir });
+      const r = await tsimg(['create', '-f', 'qcow2', ...b.args], dir);
       expect(r.code).to.not.equal(0);
       expect(r.stderr.trim().split('\n')).to.have.length(1);
       expect(r.stderr).to.match(b.match);

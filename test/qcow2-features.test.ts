@@ -3,54 +3,19 @@
 // bitmaps, internal snapshots, growing. One table of image variants; one suite runs
 // the read, write and check cycle on every row.
 import { expect } from 'chai';
-import crypto from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import fs from 'node:fs';
 import path from 'node:path';
-import { openImage } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { checkImage, convertToRaw, createImage, imageInfo, md5File, qemuImg, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { expectClean, nodeMd5, openTestImage, pattern } from './helpers/images.js';
 import { BadPassphraseError } from '../drivers/errors.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
-
-function open(file: string, rw = false, secret?: string): Promise<BlockNode> {
-  return openImage(file, { readOnly: !rw, cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false, secret });
-}
-
-async function nodeMd5(node: BlockNode): Promise<string> {
-  const h = crypto.createHash('md5');
-  const buf = Buffer.alloc(256 * KiB);
-  for (let off = 0; off < node.size; off += buf.length) {
-    const n = Math.min(buf.length, node.size - off);
-    await node.read(off, buf.subarray(0, n));
-    h.update(buf.subarray(0, n));
-  }
-  return h.digest('hex');
-}
-
-function pattern(length: number, seed: number): Buffer {
-  const b = Buffer.alloc(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
-
-async function expectClean(file: string): Promise<void> {
-  const c = await checkImage(file, 'qcow2');
-  expect(c.code, c.output).to.equal(0);
-  expect(c.corruptions, c.output).to.equal(0);
-  expect(c.leaks, c.output).to.equal(0);
-}
 
 interface Variant {
   title: string;
@@ -158,7 +123,7 @@ describe('qcow2 features', function () {
     variants.forEach((v, idx) => {
       it(`reads an image with ${v.title} exactly as qemu-img convert does`, async function () {
         const file = await make(v, `r${idx}`);
-        const node = await open(file);
+        const node = await openTestImage(file);
         try {
           expect(await nodeMd5(node)).to.equal(await rawMd5(file, 'qcow2'));
         } finally {
@@ -170,7 +135,7 @@ describe('qcow2 features', function () {
         const file = await make(v, `w${idx}`);
         const raw = path.join(path.dirname(file), 'expect.raw');
         await convertToRaw(file, raw, 'qcow2');
-        const node = await open(file, true);
+        const node = await openTestImage(file, { rw: true });
         const fd = fs.openSync(raw, 'r+');
         try {
           for (const { offset, data } of writesFor(v.size)) {
@@ -202,7 +167,7 @@ describe('qcow2 features', function () {
       const G4 = 4 * GiB;
       await createImage(file, 'qcow2', 5 * GiB, { extended_l2: 'on', cluster_size: 32 * KiB });
       await qemuIo(file, 'qcow2', [`write -c -P 0x11 ${G4} 32k`, `write -P 0x22 ${G4 - KiB} 2k`, `write -P 0x33 ${2 * GiB - 512} 1k`]);
-      const node = await open(file, true);
+      const node = await openTestImage(file, { rw: true });
       try {
         const b = Buffer.alloc(96 * KiB);
         await node.read(G4 - 32 * KiB, b);
@@ -232,7 +197,7 @@ describe('qcow2 features', function () {
       const file = path.join(tmp.dir, 'cfree.qcow2');
       await createImage(file, 'qcow2', 16 * MiB);
       await qemuIo(file, 'qcow2', ['write -c -P 0x11 0 64k', 'write -c -P 0x12 64k 64k']);
-      const node = await open(file, true);
+      const node = await openTestImage(file, { rw: true });
       try {
         await node.write(100, Buffer.alloc(10, 0xee));
       } finally {
@@ -266,7 +231,7 @@ describe('qcow2 features', function () {
     it('reads a dirty image read-only without changing it', async function () {
       const { file, md5 } = await dirtyImage('dirty-ro.qcow2');
       const before = await md5File(file);
-      const node = await open(file);
+      const node = await openTestImage(file);
       try {
         expect(await nodeMd5(node)).to.equal(md5);
       } finally {
@@ -277,7 +242,7 @@ describe('qcow2 features', function () {
 
     it('rebuilds the refcounts of a dirty image on a writable open and clears the dirty bit', async function () {
       const { file, md5 } = await dirtyImage('dirty-rw.qcow2');
-      const node = await open(file, true);
+      const node = await openTestImage(file, { rw: true });
       try {
         expect(await nodeMd5(node)).to.equal(md5);
         await node.write(5 * MiB, pattern(128 * KiB, 3));
@@ -296,7 +261,7 @@ describe('qcow2 features', function () {
       await createImage(file, 'qcow2', 16 * MiB);
       await qemuImg('bitmap', '--add', file, 'b0');
       await qemuIo(file, 'qcow2', ['write -P 1 0 64k']);
-      const node = await open(file, true);
+      const node = await openTestImage(file, { rw: true });
       try {
         await node.write(MiB, pattern(4096, 1));
       } finally {
@@ -316,7 +281,7 @@ describe('qcow2 features', function () {
       await createImage(file, 'qcow2', 16 * MiB);
       await qemuImg('bitmap', '--add', file, 'b0');
       const before = await md5File(file);
-      const node = await open(file, true);
+      const node = await openTestImage(file, { rw: true });
       await node.close();
       expect(await md5File(file)).to.equal(before);
     });
@@ -332,7 +297,7 @@ describe('qcow2 features', function () {
       await qemuImg('snapshot', '-c', 'second one', file);
       await qemuIo(file, 'qcow2', ['write -P 0x31 0 4k']);
       await qemuImg('resize', file, '48M');
-      const node = (await open(file)) as BlockNode & { snapshots(): { name: string; node: BlockNode }[] };
+      const node = (await openTestImage(file)) as BlockNode & { snapshots(): { name: string; node: BlockNode }[] };
       try {
         expect(await nodeMd5(node)).to.equal(await rawMd5(file, 'qcow2'));
         const snaps = node.snapshots();
@@ -366,7 +331,7 @@ describe('qcow2 features', function () {
         }
         const raw = path.join(tmp.dir, 'snapw-active.raw');
         await convertToRaw(file, raw, 'qcow2');
-        const node = await open(file, true);
+        const node = await openTestImage(file, { rw: true });
         const fd = fs.openSync(raw, 'r+');
         try {
           for (const [o, l, seed] of [[100, 5000, 1], [4 * MiB + 10, 100, 2], [8 * MiB, 4096, 3], [MiB - 512, 128 * KiB, 4], [12 * MiB, MiB, 5]] as const) {
@@ -400,7 +365,7 @@ describe('qcow2 features', function () {
         const file = path.join(tmp.dir, `grow-${c.cluster}.qcow2`);
         await createImage(file, 'qcow2', c.from, { cluster_size: c.cluster });
         await qemuIo(file, 'qcow2', [`write -P 0x11 0 ${c.from / 2}`]);
-        const node = await open(file, true);
+        const node = await openTestImage(file, { rw: true });
         try {
           await node.truncate!(c.to);
           expect(node.size).to.equal(c.to);
@@ -411,7 +376,7 @@ describe('qcow2 features', function () {
         }
         expect((await imageInfo(file))['virtual-size']).to.equal(c.to);
         await expectClean(file);
-        const node2 = await open(file);
+        const node2 = await openTestImage(file);
         try {
           const b = Buffer.alloc(4096);
           await node2.read(c.to - 4096, b);
@@ -426,7 +391,7 @@ describe('qcow2 features', function () {
     it('refuses to shrink', async function () {
       const file = path.join(tmp.dir, 'shrink.qcow2');
       await createImage(file, 'qcow2', 16 * MiB);
-      const node = await open(file, true);
+      const node = await openTestImage(file, { rw: true });
       try {
         let err: unknown;
         await node.truncate!(8 * MiB).catch((e: unknown) => (err = e));
@@ -466,13 +431,13 @@ describe('qcow2 features', function () {
       it(`reads and writes an image encrypted with ${row.title}`, async function () {
         const file = path.join(tmp.dir, `enc-${i}.qcow2`);
         await makeEncrypted(file, row.options);
-        let node = await open(file, false, PASS);
+        let node = await openTestImage(file, { secret: PASS });
         try {
           expect(await nodeMd5(node)).to.equal(await qemuRawMd5(file));
         } finally {
           await node.close();
         }
-        node = await open(file, true, PASS);
+        node = await openTestImage(file, { rw: true, secret: PASS });
         let ours: string;
         try {
           await node.write(100, pattern(3000, 1));
@@ -494,7 +459,7 @@ describe('qcow2 features', function () {
       await makeEncrypted(file, 'encrypt.format=luks,encrypt.iter-time=10');
       for (const secret of [undefined, 'wrong']) {
         let err: unknown;
-        await open(file, false, secret).then((n) => n.close(), (e: unknown) => (err = e));
+        await openTestImage(file, { secret }).then((n) => n.close(), (e: unknown) => (err = e));
         expect(err).to.be.instanceOf(BadPassphraseError);
         expect(String((err as Error).message).split('\n')).to.have.length(1);
       }

@@ -14,28 +14,12 @@ import { parseSshSpec, resolveSshRelative } from '../drivers/protocol/ssh/uri.js
 import { parseHostKeyCheck } from '../drivers/protocol/ssh/hostkey.js';
 import { checkImage, createImage, md5File, qemuIo, rawMd5, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { nodeMd5, pattern, testOptions } from './helpers/images.js';
 import { freePort, startServer, type RunningServer } from './helpers/servers.js';
 
 const MiB = 1 << 20;
-const ro: ImageOptions = { readOnly: true, cache: 'writeback', metadataCacheBytes: 4 * MiB, locking: 'off', forceShare: false, shareRw: false };
+const ro: ImageOptions = testOptions({ metadataCacheBytes: 4 * MiB });
 const rw: ImageOptions = { ...ro, readOnly: false };
-
-async function md5Node(node: BlockNode): Promise<string> {
-  const h = crypto.createHash('md5');
-  const buf = new Uint8Array(4 * MiB);
-  for (let off = 0; off < node.size; off += buf.length) {
-    const n = Math.min(buf.length, node.size - off);
-    await node.read(off, buf.subarray(0, n));
-    h.update(buf.subarray(0, n));
-  }
-  return h.digest('hex');
-}
-
-function pattern(seed: number, n: number): Buffer {
-  const b = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) b[i] = (i * 13 + seed * 5 + (i >> 10)) & 0xff;
-  return b;
-}
 
 describe('SSH: images on an SFTP server', function () {
   this.timeout(120_000);
@@ -100,7 +84,7 @@ describe('SSH: images on an SFTP server', function () {
     writeKnownHosts([hostKeyLine(`[127.0.0.1]:${port}`)]);
 
     raw = path.join(d, 'disk.img');
-    fs.writeFileSync(raw, Buffer.concat([pattern(1, 3 * MiB), Buffer.alloc(2 * MiB), pattern(2, 3 * MiB + 4096)]));
+    fs.writeFileSync(raw, Buffer.concat([pattern(3 * MiB, 1), Buffer.alloc(2 * MiB), pattern(3 * MiB + 4096, 2)]));
     const chain = path.join(d, 'chain');
     fs.mkdirSync(chain);
     await createImage(path.join(chain, 'base.qcow2'), 'qcow2', '24M');
@@ -127,7 +111,7 @@ describe('SSH: images on an SFTP server', function () {
     const node = await openImage(url(raw), { ...ro, format: 'raw' });
     try {
       expect(node.size).to.equal(Math.ceil(fs.statSync(raw).size / 512) * 512);
-      expect(await md5Node(node)).to.equal(await rawMd5(raw, 'raw'));
+      expect(await nodeMd5(node, 4 * MiB)).to.equal(await rawMd5(raw, 'raw'));
     } finally {
       await node.close();
     }
@@ -138,7 +122,7 @@ describe('SSH: images on an SFTP server', function () {
     writeKnownHosts([]);
     const node = await openImage(url(top, 'no'), ro);
     try {
-      expect(await md5Node(node)).to.equal(await rawMd5(top));
+      expect(await nodeMd5(node, 4 * MiB)).to.equal(await rawMd5(top));
       const mid = (node as unknown as { backing?: BlockNode }).backing;
       expect(mid?.name).to.match(/mid\.qcow2\?host_key_check=no$/);
     } finally {
@@ -151,7 +135,7 @@ describe('SSH: images on an SFTP server', function () {
     await createImage(img, 'qcow2', '16M');
     const node = await openImage(url(img), rw);
     try {
-      await node.write(3 * MiB + 512, pattern(7, 2 * MiB));
+      await node.write(3 * MiB + 512, pattern(2 * MiB, 7));
       await node.flush();
     } finally {
       await node.close();
@@ -160,7 +144,7 @@ describe('SSH: images on an SFTP server', function () {
     expect(check.code, check.output).to.equal(0);
     const out = path.join(tmp.dir, 'rw.raw');
     await runOk('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, out]);
-    expect(fs.readFileSync(out).subarray(3 * MiB + 512, 5 * MiB + 512).equals(pattern(7, 2 * MiB))).to.equal(true);
+    expect(fs.readFileSync(out).subarray(3 * MiB + 512, 5 * MiB + 512).equals(pattern(2 * MiB, 7))).to.equal(true);
   });
 
   describe('host_key_check', () => {
@@ -289,7 +273,7 @@ describe('SSH: images on an SFTP server', function () {
     expect(await md5File(flat)).to.equal(want);
     const fd = fs.openSync(flat, 'r+');
     try {
-      fs.writeSync(fd, pattern(4, MiB + 1000), 0, MiB + 1000, 9 * MiB + 100);
+      fs.writeSync(fd, pattern(MiB + 1000, 4), 0, MiB + 1000, 9 * MiB + 100);
     } finally {
       fs.closeSync(fd);
     }
@@ -298,6 +282,6 @@ describe('SSH: images on an SFTP server', function () {
     expect(check.code, check.output).to.equal(0);
     const out = path.join(tmp.dir, 'mounted.raw');
     await runOk('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, out]);
-    expect(fs.readFileSync(out).subarray(9 * MiB + 100, 10 * MiB + 1100).equals(pattern(4, MiB + 1000))).to.equal(true);
+    expect(fs.readFileSync(out).subarray(9 * MiB + 100, 10 * MiB + 1100).equals(pattern(MiB + 1000, 4))).to.equal(true);
   });
 });

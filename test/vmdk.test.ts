@@ -6,40 +6,19 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import zlib from 'node:zlib';
-import { fileURLToPath } from 'node:url';
 import type { BlockNode } from '../drivers/types.js';
 import { openImage, formatOf, type ImageOptions } from '../drivers/open.js';
 import { probeFormat } from '../drivers/format/index.js';
 import { TsmountError, messageOf } from '../drivers/errors.js';
 import { checkImage, convertToRaw, createImage, imageInfo, lockBytes, mapImage, md5File, md5Sparse, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { nodeMd5, testOptions, TSIMG, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
-const TSIMG = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../mount-helpers/tsimg.js');
 
-const opts = (o: Partial<ImageOptions> = {}): ImageOptions => ({
-  readOnly: true,
-  cache: 'writeback',
-  metadataCacheBytes: 4 * MiB,
-  locking: 'auto',
-  forceShare: false,
-  shareRw: false,
-  ...o,
-});
-
-/** md5 of everything a node reads, in 4 MiB requests. */
-async function nodeMd5(node: BlockNode): Promise<string> {
-  const h = crypto.createHash('md5');
-  const buf = Buffer.alloc(4 * MiB);
-  for (let off = 0; off < node.size; off += buf.length) {
-    const n = Math.min(buf.length, node.size - off);
-    await node.read(off, buf.subarray(0, n));
-    h.update(buf.subarray(0, n));
-  }
-  return h.digest('hex');
-}
+const opts = (o: Partial<ImageOptions> = {}): ImageOptions => testOptions({ metadataCacheBytes: 4 * MiB, locking: 'auto', ...o });
 
 /** What qemu-img convert makes of the image: its size and md5. */
 async function qemuView(file: string, dir: string): Promise<{ size: number; md5: string }> {
@@ -58,7 +37,7 @@ async function expectReadsLikeQemu(file: string, dir: string): Promise<void> {
   try {
     expect(formatOf(node)).to.equal('vmdk');
     expect(node.size, `${file} size`).to.equal(want.size);
-    expect(await nodeMd5(node), `${file} bytes`).to.equal(want.md5);
+    expect(await nodeMd5(node, 4 * MiB), `${file} bytes`).to.equal(want.md5);
   } finally {
     await node.close();
   }
@@ -498,7 +477,7 @@ describe('vmdk', function () {
     for (const r of refusals) {
       it(`refuses ${r.name}, leaving no file behind`, async () => {
         const dir = fresh('refuse');
-        const res = await run(process.execPath, [TSIMG, 'create', '-f', 'vmdk', '-o', r.options, path.join(dir, 'img.vmdk'), '10M']);
+        const res = await tsimg(['create', '-f', 'vmdk', '-o', r.options, path.join(dir, 'img.vmdk'), '10M']);
         expect(res.code).to.equal(1);
         expect(res.stderr.trim()).to.match(r.re);
         expect(res.stderr.trim().split('\n')).to.have.length(1);
@@ -575,7 +554,7 @@ describe('vmdk', function () {
         let node: BlockNode | undefined;
         try {
           node = await openImage(img, opts({ readOnly }));
-          await nodeMd5(node);
+          await nodeMd5(node, 4 * MiB);
         } catch (e) {
           err = e;
         } finally {
@@ -631,7 +610,7 @@ describe('vmdk', function () {
         let node: BlockNode | undefined;
         try {
           node = await openImage(img, opts());
-          await nodeMd5(node);
+          await nodeMd5(node, 4 * MiB);
         } catch (e) {
           expect(e, `iteration ${i}: ${String(e)}`).to.be.instanceOf(TsmountError);
         } finally {

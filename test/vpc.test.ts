@@ -2,67 +2,17 @@
 // make read identically through tsmount; tsmount's writes read back in qemu-img;
 // tsimg create makes the images qemu-img makes; broken images fail cleanly.
 import { expect } from 'chai';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { formatOf, openImage } from '../drivers/open.js';
+import { formatOf } from '../drivers/open.js';
 import { CorruptImageError, ReadOnlyError, TsmountError } from '../drivers/errors.js';
-import type { BlockNode } from '../drivers/types.js';
 import { calculateGeometry, roundedImageSize, vpcChecksum } from '../drivers/format/vpc/footer.js';
 import { convertToRaw, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { expectCreateRefused, expectRefusedUnchanged, expectSameShape, nodeMd5, openTestImage, patch, pattern, readBytes, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const TSIMG = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../mount-helpers/tsimg.js');
-
-function open(file: string, rw = false, format?: string): Promise<BlockNode> {
-  return openImage(file, { readOnly: !rw, format, cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false });
-}
-
-async function nodeMd5(node: BlockNode): Promise<string> {
-  const h = crypto.createHash('md5');
-  const buf = Buffer.alloc(1 * MiB);
-  for (let off = 0; off < node.size; off += buf.length) {
-    const n = Math.min(buf.length, node.size - off);
-    await node.read(off, buf.subarray(0, n));
-    h.update(buf.subarray(0, n));
-  }
-  return h.digest('hex');
-}
-
-function pattern(length: number, seed: number): Buffer {
-  const b = Buffer.alloc(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
-
-function patch(file: string, offset: number, data: Uint8Array): void {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.writeSync(fd, data, 0, data.length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function readBytes(file: string, offset: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.readSync(fd, b, 0, length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-  return b;
-}
 
 /** Rewrite the footer (at `at`) with `edit` applied and a correct checksum. */
 function editFooter(file: string, at: number, edit: (b: Buffer) => void): void {
@@ -70,10 +20,6 @@ function editFooter(file: string, at: number, edit: (b: Buffer) => void): void {
   edit(b);
   b.writeUInt32BE(vpcChecksum(b, 64), 64);
   patch(file, at, b);
-}
-
-async function tsimg(args: string[], cwd: string): Promise<{ code: number; stderr: string }> {
-  return run(process.execPath, [TSIMG, ...args], { cwd });
 }
 
 describe('vpc: reading VHD images', function () {
@@ -97,10 +43,10 @@ describe('vpc: reading VHD images', function () {
       await createImage(f, 'vpc', c.size, c.options);
       if (c.io.length) await qemuIo(f, 'vpc', c.io);
       const info = await imageInfo(f, 'vpc');
-      const node = await open(f, false, 'vpc');
+      const node = await openTestImage(f, { format: 'vpc' });
       try {
         expect(node.size).to.equal(info['virtual-size']);
-        expect(await nodeMd5(node)).to.equal(await rawMd5(f, 'vpc'));
+        expect(await nodeMd5(node, MiB)).to.equal(await rawMd5(f, 'vpc'));
       } finally {
         await node.close();
       }
@@ -110,13 +56,13 @@ describe('vpc: reading VHD images', function () {
   it('probes a dynamic VHD as vpc (and opens a fixed one with -f vpc)', async () => {
     const f = path.join(t.dir, 'probe.vhd');
     await createImage(f, 'vpc', '4M');
-    const node = await open(f);
+    const node = await openTestImage(f);
     expect(formatOf(node)).to.equal('vpc');
     expect(node.size).to.equal((await imageInfo(f))['virtual-size']);
     await node.close();
     const fixed = path.join(t.dir, 'probe-fixed.vhd');
     await createImage(fixed, 'vpc', '4M', { subformat: 'fixed' });
-    const n2 = await open(fixed, false, 'vpc');
+    const n2 = await openTestImage(fixed, { format: 'vpc' });
     expect(n2.size).to.equal((await imageInfo(fixed, 'vpc'))['virtual-size']);
     await n2.close();
   });
@@ -131,10 +77,10 @@ describe('vpc: reading VHD images', function () {
     await run('bximage', ['-func=convert', '-imgmode=vpc', '-q', raw, conv]);
     for (const f of [empty, conv]) {
       expect(readBytes(f, 28, 4).toString('latin1')).to.equal('bxic');
-      const node = await open(f);
+      const node = await openTestImage(f);
       try {
         expect(node.size).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
-        expect(await nodeMd5(node)).to.equal(await rawMd5(f, 'vpc'));
+        expect(await nodeMd5(node, MiB)).to.equal(await rawMd5(f, 'vpc'));
       } finally {
         await node.close();
       }
@@ -156,7 +102,7 @@ describe('vpc: reading VHD images', function () {
       };
       editFooter(f, 0, edit);
       editFooter(f, end, edit);
-      const node = await open(f);
+      const node = await openTestImage(f);
       try {
         expect(node.size).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
       } finally {
@@ -173,7 +119,7 @@ describe('vpc: reading VHD images', function () {
     };
     editFooter(f, 0, edit);
     editFooter(f, fs.statSync(f).size - 512, edit);
-    const node = await open(f);
+    const node = await openTestImage(f);
     expect(node.size).to.equal(10 * MiB);
     expect(node.size).to.equal((await imageInfo(f, 'vpc'))['virtual-size']);
     await node.close();
@@ -223,7 +169,7 @@ describe('vpc: writing', function () {
       const before = path.join(t.dir, 'before.raw');
       await convertToRaw(f, before, 'vpc');
       fs.readFileSync(before).copy(model);
-      const node = await open(f, true, 'vpc');
+      const node = await openTestImage(f, { rw: true, format: 'vpc' });
       const ops: [number, number][] = [
         [1, 100],
         [2 * MiB - 300, 700],
@@ -259,7 +205,7 @@ describe('vpc: writing', function () {
   it('refuses writes on a read-only open', async () => {
     const f = path.join(t.dir, 'ro.vhd');
     await createImage(f, 'vpc', '4M');
-    const node = await open(f);
+    const node = await openTestImage(f);
     try {
       await node.write(0, Buffer.alloc(512)).then(
         () => expect.fail('write succeeded'),
@@ -295,11 +241,7 @@ describe('tsimg create -f vpc', function () {
       const r = await tsimg(args, t.dir);
       expect(r.code, r.stderr).to.equal(0);
       await runOk('qemu-img', ['create', '-q', '-f', 'vpc', ...(c.options ? ['-o', c.options] : []), theirs, c.size]);
-      const a = await imageInfo(ours, 'vpc');
-      const b = await imageInfo(theirs, 'vpc');
-      expect(a['virtual-size']).to.equal(b['virtual-size']);
-      expect(a['cluster-size']).to.equal(b['cluster-size']);
-      expect(fs.statSync(ours).size).to.equal(fs.statSync(theirs).size);
+      await expectSameShape(ours, theirs, 'vpc');
       // Footers agree but for timestamp, uuid and checksum.
       const fa = readBytes(ours, fs.statSync(ours).size - 512, 64);
       const fb = readBytes(theirs, fs.statSync(theirs).size - 512, 64);
@@ -308,10 +250,10 @@ describe('tsimg create -f vpc', function () {
       expect(fa.equals(fb)).to.equal(true);
       // qemu-io writes into ours, and tsmount reads what it wrote.
       await qemuIo(ours, 'vpc', ['write -P 0x61 64k 64k']);
-      const node = await open(ours, false, 'vpc');
+      const node = await openTestImage(ours, { format: 'vpc' });
       try {
         if (node.size <= 64 * MiB) {
-          expect(await nodeMd5(node)).to.equal(await rawMd5(ours, 'vpc'));
+          expect(await nodeMd5(node, MiB)).to.equal(await rawMd5(ours, 'vpc'));
         } else {
           const got = Buffer.alloc(256 * KiB);
           await node.read(0, got);
@@ -326,16 +268,16 @@ describe('tsimg create -f vpc', function () {
   }
 
   it('rejects unknown options, bad subformats and sizes above 2040 GiB with one line', async () => {
-    for (const args of [
-      ['-o', 'cluster_size=64k', 'x.vhd', '1M'],
-      ['-o', 'subformat=sparse', 'x.vhd', '1M'],
-      ['-o', 'force_size=on', 'x.vhd', '2041G'],
-    ]) {
-      const r = await tsimg(['create', '-q', '-f', 'vpc', ...args], t.dir);
-      expect(r.code).to.not.equal(0);
-      expect(r.stderr.trim().split('\n')).to.have.length(1);
-      expect(fs.existsSync(path.join(t.dir, 'x.vhd'))).to.equal(false);
-    }
+    await expectCreateRefused(
+      'vpc',
+      [
+        ['-o', 'cluster_size=64k', 'x.vhd', '1M'],
+        ['-o', 'subformat=sparse', 'x.vhd', '1M'],
+        ['-o', 'force_size=on', 'x.vhd', '2041G'],
+      ],
+      t.dir,
+      'x.vhd',
+    );
   });
 });
 
@@ -365,20 +307,7 @@ describe('vpc: broken images', function () {
       const f = path.join(t.dir, 'bad.vhd');
       fs.copyFileSync(good, f);
       b.apply(f);
-      const before = await md5File(f);
-      for (const rw of [false, true]) {
-        let err: unknown;
-        try {
-          const node = await open(f, rw, 'vpc');
-          await nodeMd5(node);
-          await node.close();
-        } catch (e) {
-          err = e;
-        }
-        expect(err, `${b.name} (rw=${rw})`).to.be.instanceOf(TsmountError);
-        expect((err as Error).message.split('\n')).to.have.length(1);
-      }
-      expect(await md5File(f)).to.equal(before);
+      await expectRefusedUnchanged(f, b.name, 'vpc');
     });
   }
 
@@ -390,9 +319,9 @@ describe('vpc: broken images', function () {
       const at = rnd.readUInt16LE(i * 2) % 2048;
       patch(f, at, Buffer.from([rnd[i * 2 + 1000]!]));
       try {
-        const node = await open(f, false, 'vpc');
+        const node = await openTestImage(f, { format: 'vpc' });
         try {
-          await nodeMd5(node);
+          await nodeMd5(node, MiB);
         } finally {
           await node.close();
         }

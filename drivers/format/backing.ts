@@ -1,4 +1,5 @@
-// Reading through to a backing node, shared by every format that has one.
+// The layers under a format node, shared by every format: reading through to the
+// backing node, and closing the backing node and files when the node closes.
 import type { BlockNode } from '../types.js';
 
 /**
@@ -9,4 +10,27 @@ export async function readFromBacking(backing: BlockNode | undefined, offset: nu
   const avail = backing ? Math.max(0, Math.min(dst.length, backing.size - offset)) : 0;
   if (avail > 0) await backing!.read(offset, avail === dst.length ? dst : dst.subarray(0, avail));
   if (avail < dst.length) dst.fill(0, avail);
+}
+
+/**
+ * The end of a format node's close(): flush when writable, then close each layer
+ * under it in order (backing node, extra files, the image file). Every step runs
+ * even when one before it failed.
+ */
+export async function closeLayers(node: { readonly readOnly: boolean; flush(): Promise<void> }, ...layers: (BlockNode | undefined)[]): Promise<void> {
+  try {
+    if (!node.readOnly) await node.flush();
+  } finally {
+    await closeInOrder(layers);
+  }
+}
+
+async function closeInOrder(layers: (BlockNode | undefined)[]): Promise<void> {
+  const [first, ...rest] = layers;
+  if (layers.length === 0) return;
+  try {
+    await first?.close();
+  } finally {
+    await closeInOrder(rest);
+  }
 }

@@ -2,7 +2,8 @@
 // parallels, qed, bochs, cloop, dmg, vmdk, vpc): a driver says where each run of the
 // request lives; this reads the runs, with one file read per stretch that is
 // contiguous on disk, falls through to the backing node for unallocated runs, and
-// fills zeros (also past the end of a shorter backing node).
+// fills zeros (also past the end of a shorter backing node). Writes to bytes that
+// already have a place on disk go straight there, without the driver's lock.
 import type { BlockNode, Extent } from '../types.js';
 import { readFromBacking } from './backing.js';
 
@@ -71,4 +72,32 @@ export async function mappedStatus(mapper: Mapper, offset: number, length: numbe
     else out.push({ offset: r.offset, length: r.length, kind });
   }
   return out;
+}
+
+/**
+ * Append `run` to a mapRange result, extending the previous run instead when it
+ * continues it: the same kind and, for data, contiguous on the same file. Custom
+ * runs always stand alone.
+ */
+export function pushRun(out: MappedRun[], run: MappedRun): void {
+  const last = out[out.length - 1];
+  const continues =
+    last !== undefined &&
+    last.kind === run.kind &&
+    run.kind !== 'custom' &&
+    (run.kind !== 'data' || (last.kind === 'data' && last.file === run.file && last.host + last.length === run.host));
+  if (continues) last.length += run.length;
+  else out.push(run);
+}
+
+/**
+ * Write [offset, offset + src.length) in place when every run of it is allocated
+ * data: allocated clusters never move, so this needs no allocation lock. Returns
+ * false, having written nothing, when some run must be allocated first.
+ */
+export async function writeInPlace(mapper: Mapper, defaultFile: BlockNode, offset: number, src: Uint8Array): Promise<boolean> {
+  const runs = await mapper.mapRange(offset, src.length);
+  if (!runs.every((r) => r.kind === 'data')) return false;
+  await Promise.all(runs.map((r) => (r.kind === 'data' ? (r.file ?? defaultFile).write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
+  return true;
 }

@@ -130,3 +130,13 @@ export class MountTracker {
 
 /** Where the test fixtures live; kept between runs so that they are made once. */
 export const FIXTURE_DIR = process.env.TSMOUNT_FIXTURES ?? '/tmp/tsmount-fixtures';
+
+/** FUSE mount points under `prefix`, from /proc/mounts (to show none is left behind). */
+export function fuseMountsUnder(prefix: string): string[] {
+  return fs
+    .readFileSync('/proc/mounts', 'utf8')
+    .split('\n')
+    .map((l) => l.split(' '))
+    .filter((f) => (f[2] ?? '').startsWith('fuse') && (f[1] ?? '').startsWith(prefix))
+    .map((f) => f[1] ?? '');
+}

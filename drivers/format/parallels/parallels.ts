@@ -3,7 +3,7 @@
 // after. The file is trimmed to data_end and the in-use mark cleared on close.
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
-import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { HDR, HEADER_BYTES, SECTOR, type ParallelsHeader } from './header.js';
 
@@ -55,15 +55,8 @@ export class ParallelsNode implements BlockNode, Mapper {
       const c = Math.floor(pos / this.cs);
       const next = Math.min(end, (c + 1) * this.cs);
       const h = this.host(c);
-      const last = out[out.length - 1];
-      if (h === undefined) {
-        if (last?.kind === 'unallocated') last.length += next - pos;
-        else out.push({ kind: 'unallocated', offset: pos, length: next - pos });
-      } else {
-        const host = h + (pos % this.cs);
-        if (last?.kind === 'data' && last.host + last.length === host) last.length += next - pos;
-        else out.push({ kind: 'data', offset: pos, length: next - pos, host });
-      }
+      if (h === undefined) pushRun(out, { kind: 'unallocated', offset: pos, length: next - pos });
+      else pushRun(out, { kind: 'data', offset: pos, length: next - pos, host: h + (pos % this.cs) });
       pos = next;
     }
     return out;
@@ -75,11 +68,7 @@ export class ParallelsNode implements BlockNode, Mapper {
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
-    const runs = await this.mapRange(offset, src.length);
-    if (runs.every((r) => r.kind === 'data')) {
-      await Promise.all(runs.map((r) => this.file.write((r as { host: number }).host, src.subarray(r.offset - offset, r.offset - offset + r.length))));
-      return;
-    }
+    if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
 

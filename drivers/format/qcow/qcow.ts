@@ -6,8 +6,8 @@ import zlib from 'node:zlib';
 import { LRUCache } from 'lru-cache';
 import type { BlockNode, Extent, HasBacking } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
-import { readFromBacking } from '../backing.js';
-import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { closeLayers, readFromBacking } from '../backing.js';
+import { mappedStatus, pushRun, readMapped, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { COMPRESSED, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
@@ -124,17 +124,9 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
       wheres.forEach((w, k) => {
         const a = Math.max(pos, (first + k) * this.cs);
         const b = Math.min(spanEnd, (first + k + 1) * this.cs);
-        const last = out[out.length - 1];
-        if (w.kind === 'unallocated') {
-          if (last?.kind === 'unallocated') last.length += b - a;
-          else out.push({ kind: 'unallocated', offset: a, length: b - a });
-        } else if (w.kind === 'compressed') {
-          out.push({ kind: 'custom', offset: a, length: b - a, read: (dst) => this.readCompressed(w.host, w.length, a % this.cs, dst) });
-        } else {
-          const host = w.host + (a % this.cs);
-          if (last?.kind === 'data' && last.host + last.length === host) last.length += b - a;
-          else out.push({ kind: 'data', offset: a, length: b - a, host });
-        }
+        if (w.kind === 'unallocated') pushRun(out, { kind: 'unallocated', offset: a, length: b - a });
+        else if (w.kind === 'compressed') pushRun(out, { kind: 'custom', offset: a, length: b - a, read: (dst) => this.readCompressed(w.host, w.length, a % this.cs, dst) });
+        else pushRun(out, { kind: 'data', offset: a, length: b - a, host: w.host + (a % this.cs) });
       });
       pos = spanEnd;
     }
@@ -305,14 +297,6 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    try {
-      if (!this.readOnly) await this.flush();
-    } finally {
-      try {
-        await this.backing?.close();
-      } finally {
-        await this.file.close();
-      }
-    }
+    await closeLayers(this, this.backing, this.file);
   }
 }

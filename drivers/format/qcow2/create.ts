@@ -4,7 +4,7 @@
 import type { BlockNode, CreateRequest } from '../../types.js';
 import { UnsupportedError, UsageError } from '../../errors.js';
 import { AUTOCLEAR, COMPAT, EXT, HDR, INCOMPAT, LIMITS, QCOW2_MAGIC } from './header.js';
-import { encodeL1, encodeL2, encodeL2Ext, encodeReftable } from './entries.js';
+import { encodeL1, encodeL2, encodeL2Ext, encodeRefcount, encodeReftable } from './entries.js';
 import { createLuksHeader, LUKS_CREATE_OPTIONS } from './crypt.js';
 
 export const createOptions: readonly string[] = [
@@ -270,7 +270,7 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
   const rtView = new DataView(reftable.buffer, reftable.byteOffset, reftable.byteLength);
   for (let i = 0; i < rb; i++) encodeReftable(rtView, i, (rbAt + i) * cs);
   const blocks = Buffer.alloc(rb * cs);
-  for (let c = 0; c < total; c++) setRefcount(blocks, s.refcountOrder, c, 1);
+  for (let c = 0; c < total; c++) encodeRefcount(blocks, s.refcountOrder, c, 1);
 
   // L1 (and with preallocation, L2) tables.
   const l1 = Buffer.alloc(l1Clusters * cs);
@@ -310,26 +310,4 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
   }
   await data?.flush();
   await file.flush();
-}
-
-function setRefcount(d: Buffer, order: number, i: number, v: number): void {
-  switch (order) {
-    case 3:
-      d[i] = v;
-      return;
-    case 4:
-      d.writeUInt16BE(v, i * 2);
-      return;
-    case 5:
-      d.writeUInt32BE(v, i * 4);
-      return;
-    case 6:
-      d.writeUInt32BE(0, i * 8);
-      d.writeUInt32BE(v, i * 8 + 4);
-      return;
-    default: {
-      const bit = i * 2 ** order;
-      d[bit >> 3] = d[bit >> 3]! | (v << (bit & 7));
-    }
-  }
 }

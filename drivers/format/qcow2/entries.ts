@@ -167,3 +167,51 @@ export function encodeReftable(dv: DataView, index: number, offset: number): voi
   dv.setUint32(index * 8, Math.floor(offset / TWO32), false);
   dv.setUint32(index * 8 + 4, offset >>> 0, false);
 }
+
+/**
+ * Refcount block entry i, 2^order bits wide (qcow2.txt, "Refcount block entry").
+ * Sub-byte widths: bit 0 is the least significant bit of the byte.
+ */
+export function decodeRefcount(d: Buffer, order: number, i: number): number {
+  switch (order) {
+    case 3:
+      return d[i]!;
+    case 4:
+      return d.readUInt16BE(i * 2);
+    case 5:
+      return d.readUInt32BE(i * 4);
+    case 6:
+      return d.readUInt32BE(i * 8) * TWO32 + d.readUInt32BE(i * 8 + 4);
+    default: {
+      const bits = 2 ** order;
+      const bit = i * bits;
+      return (d[bit >> 3]! >> (bit & 7)) & (2 ** bits - 1);
+    }
+  }
+}
+
+/** Set refcount block entry i to v (which the caller has checked fits in 2^order bits). */
+export function encodeRefcount(d: Buffer, order: number, i: number, v: number): void {
+  switch (order) {
+    case 3:
+      d[i] = v;
+      return;
+    case 4:
+      d.writeUInt16BE(v, i * 2);
+      return;
+    case 5:
+      d.writeUInt32BE(v, i * 4);
+      return;
+    case 6:
+      d.writeUInt32BE(Math.floor(v / TWO32), i * 8);
+      d.writeUInt32BE(v % TWO32, i * 8 + 4);
+      return;
+    default: {
+      const bits = 2 ** order;
+      const bit = i * bits;
+      const shift = bit & 7;
+      const byte = bit >> 3;
+      d[byte] = (d[byte]! & ~((2 ** bits - 1) << shift)) | (v << shift);
+    }
+  }
+}

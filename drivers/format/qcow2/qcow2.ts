@@ -4,7 +4,7 @@
 import type { BlockNode, Extent, ExtentKind, HasBacking } from '../../types.js';
 import { IoError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
-import { readFromBacking } from '../backing.js';
+import { closeLayers, readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
@@ -643,19 +643,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
     if (this.closed) return;
     this.closed = true;
     if (this.isView) return;
-    try {
-      if (!this.readOnly) await this.flush();
-    } finally {
-      try {
-        await this.backing?.close();
-      } finally {
-        try {
-          if (this.data !== this.file) await this.data.close();
-        } finally {
-          await this.file.close();
-        }
-      }
-    }
+    await closeLayers(this, this.backing, this.data !== this.file ? this.data : undefined, this.file);
   }
 }
 

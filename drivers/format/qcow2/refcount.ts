@@ -14,10 +14,8 @@ import type { BlockNode } from '../../types.js';
 import { CorruptImageError, IoError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { constants as osc } from 'node:os';
-import { decodeReftable, encodeReftable } from './entries.js';
+import { decodeRefcount, decodeReftable, encodeRefcount, encodeReftable } from './entries.js';
 import { encodeRefcountTableFields, HDR, LIMITS } from './header.js';
-
-const TWO32 = 2 ** 32;
 
 export interface RefcountOptions {
   file: BlockNode;
@@ -242,49 +240,13 @@ export class Refcounts {
     if (this.barriers) await this.file.flush();
   }
 
-  /** Refcount entry i of a block (qcow2.txt, "Refcount block entry"). */
+  /** Refcount entry i of a block. */
   private entry(block: Table, i: number): number {
-    const d = block.data;
-    switch (this.order) {
-      case 3:
-        return d[i]!;
-      case 4:
-        return d.readUInt16BE(i * 2);
-      case 5:
-        return d.readUInt32BE(i * 4);
-      case 6:
-        return d.readUInt32BE(i * 8) * TWO32 + d.readUInt32BE(i * 8 + 4);
-      default: {
-        // Sub-byte widths: bit 0 is the least significant bit of the byte.
-        const bit = i * this.bits;
-        return (d[bit >> 3]! >> (bit & 7)) & this.maxRefcount;
-      }
-    }
+    return decodeRefcount(block.data, this.order, i);
   }
 
   private setEntry(block: Table, i: number, v: number): void {
-    const d = block.data;
-    switch (this.order) {
-      case 3:
-        d[i] = v;
-        return;
-      case 4:
-        d.writeUInt16BE(v, i * 2);
-        return;
-      case 5:
-        d.writeUInt32BE(v, i * 4);
-        return;
-      case 6:
-        d.writeUInt32BE(Math.floor(v / TWO32), i * 8);
-        d.writeUInt32BE(v % TWO32, i * 8 + 4);
-        return;
-      default: {
-        const bit = i * this.bits;
-        const shift = bit & 7;
-        const byte = bit >> 3;
-        d[byte] = (d[byte]! & ~(this.maxRefcount << shift)) | (v << shift);
-      }
-    }
+    encodeRefcount(block.data, this.order, i, v);
   }
 }
 

@@ -4,7 +4,7 @@
 // that holds a host cluster, and the refcount blocks are rewritten with the counts.
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
-import { decodeL1, decodeL2, decodeReftable, type L2Layout } from './entries.js';
+import { decodeL1, decodeL2, decodeReftable, encodeRefcount, type L2Layout } from './entries.js';
 import type { SnapshotEntry } from './snapshot.js';
 
 export interface RepairInput {
@@ -102,32 +102,8 @@ export async function rebuildRefcounts(r: RepairInput): Promise<void> {
     if (!off) continue;
     block.fill(0);
     const base = i * perBlock;
-    for (let k = 0; k < perBlock && base + k < tracked; k++) setEntry(block, r.refcountOrder, k, counts[base + k]!);
+    for (let k = 0; k < perBlock && base + k < tracked; k++) encodeRefcount(block, r.refcountOrder, k, counts[base + k]!);
     await r.file.write(off, block);
   }
   await r.file.flush();
-}
-
-function setEntry(d: Buffer, order: number, i: number, v: number): void {
-  if (v === 0) return;
-  switch (order) {
-    case 3:
-      d[i] = v;
-      return;
-    case 4:
-      d.writeUInt16BE(v, i * 2);
-      return;
-    case 5:
-      d.writeUInt32BE(v, i * 4);
-      return;
-    case 6:
-      d.writeUInt32BE(Math.floor(v / 2 ** 32), i * 8);
-      d.writeUInt32BE(v % 2 ** 32, i * 8 + 4);
-      return;
-    default: {
-      const bits = 2 ** order;
-      const bit = i * bits;
-      d[bit >> 3] = d[bit >> 3]! | (v << (bit & 7));
-    }
-  }
 }

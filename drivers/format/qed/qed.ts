@@ -4,8 +4,8 @@
 // L2 table, then the L1 or L2 entry that points at it. The flag is cleared on flush.
 import type { BlockNode, Extent, HasBacking } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
-import { readFromBacking } from '../backing.js';
-import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { closeLayers, readFromBacking } from '../backing.js';
+import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
@@ -81,11 +81,6 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
   /** Runs covering [offset, offset + length): data, zero (zero clusters) or unallocated. */
   async mapRange(offset: number, length: number): Promise<MappedRun[]> {
     const out: MappedRun[] = [];
-    const push = (r: MappedRun): void => {
-      const last = out[out.length - 1];
-      if (last && last.kind === r.kind && (r.kind !== 'data' || (last.kind === 'data' && last.host + last.length === r.host))) last.length += r.length;
-      else out.push(r);
-    };
     const end = offset + length;
     let pos = offset;
     while (pos < end) {
@@ -93,7 +88,7 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
       const spanEnd = Math.min(end, (l1i + 1) * this.l2Span);
       const l2 = await this.l2Offset(l1i);
       if (l2 === 0) {
-        push({ kind: 'unallocated', offset: pos, length: spanEnd - pos });
+        pushRun(out, { kind: 'unallocated', offset: pos, length: spanEnd - pos });
         pos = spanEnd;
         continue;
       }
@@ -106,10 +101,10 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
           const e = entryAt(page, i, this.name);
           const clusterEnd = Math.min(pageEnd, (Math.floor(pos / this.cs) + 1) * this.cs);
           const len = clusterEnd - pos;
-          if (e === ENTRY.unallocated) push({ kind: 'unallocated', offset: pos, length: len });
-          else if (e === ENTRY.zero) push({ kind: 'zero', offset: pos, length: len });
+          if (e === ENTRY.unallocated) pushRun(out, { kind: 'unallocated', offset: pos, length: len });
+          else if (e === ENTRY.zero) pushRun(out, { kind: 'zero', offset: pos, length: len });
           else if (!this.validCluster(e)) throw this.corrupt('cluster offset', e);
-          else push({ kind: 'data', offset: pos, length: len, host: e + (pos % this.cs) });
+          else pushRun(out, { kind: 'data', offset: pos, length: len, host: e + (pos % this.cs) });
           pos = clusterEnd;
         }
       }
@@ -123,12 +118,7 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
-    // Allocated clusters never move: write them in place without the allocation lock.
-    const runs = await this.mapRange(offset, src.length);
-    if (runs.every((r) => r.kind === 'data')) {
-      await Promise.all(runs.map((r) => this.file.write((r as { host: number }).host, src.subarray(r.offset - offset, r.offset - offset + r.length))));
-      return;
-    }
+    if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src.length, src));
   }
 
@@ -298,15 +288,7 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    try {
-      if (!this.readOnly) await this.flush();
-    } finally {
-      try {
-        await this.backing?.close();
-      } finally {
-        await this.file.close();
-      }
-    }
+    await closeLayers(this, this.backing, this.file);
   }
 }
 

@@ -3,7 +3,8 @@
 // elsewhere), then points the block map at it, then counts it in the header.
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
-import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { closeLayers } from '../backing.js';
+import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { BMAP, HDR, type VdiHeader } from './header.js';
 
@@ -51,13 +52,8 @@ export class VdiNode implements BlockNode, Mapper {
       const b = Math.floor(pos / this.bs);
       const next = Math.min(end, (b + 1) * this.bs);
       const w = this.where(b);
-      const last = out[out.length - 1];
-      if (typeof w === 'number') {
-        const host = w + (pos % this.bs);
-        if (last?.kind === 'data' && last.host + last.length === host) last.length += next - pos;
-        else out.push({ kind: 'data', offset: pos, length: next - pos, host });
-      } else if (last?.kind === w) last.length += next - pos;
-      else out.push({ kind: w, offset: pos, length: next - pos });
+      if (typeof w === 'number') pushRun(out, { kind: 'data', offset: pos, length: next - pos, host: w + (pos % this.bs) });
+      else pushRun(out, { kind: w, offset: pos, length: next - pos });
       pos = next;
     }
     return out;
@@ -69,12 +65,7 @@ export class VdiNode implements BlockNode, Mapper {
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
-    const runs = await this.mapRange(offset, src.length);
-    if (runs.every((r) => r.kind === 'data')) {
-      // Allocated blocks never move: no lock needed.
-      await Promise.all(runs.map((r) => this.file.write((r as { host: number }).host, src.subarray(r.offset - offset, r.offset - offset + r.length))));
-      return;
-    }
+    if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
 
@@ -123,10 +114,6 @@ export class VdiNode implements BlockNode, Mapper {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    try {
-      if (!this.readOnly) await this.flush();
-    } finally {
-      await this.file.close();
-    }
+    await closeLayers(this, this.file);
   }
 }

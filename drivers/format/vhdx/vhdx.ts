@@ -3,7 +3,8 @@
 // as QEMU's vhdx_co_writev does with vhdx_log_write_and_flush.
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
-import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { closeLayers } from '../backing.js';
+import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { BAT_OFFSET_MASK, encodeHeader, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SIZE, LOG_SECTOR, MiB, newGuid, PAYLOAD, type Header } from './layout.js';
 import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
@@ -167,13 +168,8 @@ export class VhdxNode implements BlockNode, Mapper {
   async write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.firstWrite();
-    const runs = await this.mapRange(offset, src.length);
-    if (runs.every((r) => r.kind === 'data')) return this.writeRuns(runs, offset, src);
+    if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
-  }
-
-  private async writeRuns(runs: MappedRun[], offset: number, src: Uint8Array): Promise<void> {
-    await Promise.all(runs.map((r) => (r.kind === 'data' ? this.file.write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : Promise.resolve())));
   }
 
   private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
@@ -271,11 +267,7 @@ export class VhdxNode implements BlockNode, Mapper {
     return mappedStatus(this, offset, length);
   }
 
-  async close(): Promise<void> {
-    try {
-      await this.flush();
-    } finally {
-      await this.file.close();
-    }
+  close(): Promise<void> {
+    return closeLayers(this, this.file);
   }
 }

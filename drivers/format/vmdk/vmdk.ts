@@ -4,7 +4,7 @@
 import crypto from 'node:crypto';
 import type { BlockNode, Extent, HasBacking } from '../../types.js';
 import { ReadOnlyError } from '../../errors.js';
-import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { readFromBacking } from '../backing.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { DESC_SIZE, rewriteCid } from './descriptor.js';
@@ -106,10 +106,7 @@ export class VmdkNode implements BlockNode, HasBacking, Mapper {
   async write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     // The common case needs no lock: every byte already has a place on disk.
-    const runs = await this.mapRange(offset, src.length);
-    if (runs.every((r) => r.kind === 'data')) {
-      await Promise.all(runs.map((r) => (r.kind === 'data' ? r.file!.write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
-    } else {
+    if (!(await writeInPlace(this, this.file, offset, src))) {
       await this.mutex.run(async () => {
         for (const p of this.pieces(offset, src.length)) await p.e.write(p.rel, src.subarray(p.at, p.at + p.n), this.ctx);
       });

@@ -3,7 +3,8 @@
 // (QEMU's block/vpc.c). Reads go through the shared mapped-read path.
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
-import { mappedStatus, readMapped, type MappedRun, type Mapper } from '../mapped.js';
+import { closeLayers } from '../backing.js';
+import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { FOOTER_SIZE } from './footer.js';
 
@@ -125,15 +126,8 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const last = Math.floor((offset + src.length - 1) / this.blockSize);
     let ready = true;
     for (let i = first; i <= last && ready; i++) ready = this.blockHost(i) !== undefined && this.bitmapSet.has(i);
-    if (ready) return this.writeInPlace(offset, src);
+    if (ready && (await writeInPlace(this, this.file, offset, src))) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
-  }
-
-  private async writeInPlace(offset: number, src: Uint8Array): Promise<void> {
-    const runs = await this.mapRange(offset, src.length);
-    await Promise.all(
-      runs.map((r) => (r.kind === 'data' ? this.file.write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : Promise.resolve())),
-    );
   }
 
   private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
@@ -216,11 +210,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     return mappedStatus(this, offset, length);
   }
 
-  async close(): Promise<void> {
-    try {
-      await this.flush();
-    } finally {
-      await this.file.close();
-    }
+  close(): Promise<void> {
+    return closeLayers(this, this.file);
   }
 }

@@ -8,6 +8,7 @@ import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_ZERO } from
 import { NbdConnection, type ConnectOptions } from './client.js';
 import type { ExportInfo } from './handshake.js';
 import { parseNbdSpec, type NbdTarget } from './uri.js';
+import { inParallel } from '../parallel.js';
 
 export interface NbdOpenOptions {
   readOnly: boolean;
@@ -32,24 +33,6 @@ const MAX_NO_PAYLOAD = 1 << 30;
 const RECONNECT_BACKOFF_MS = 1000;
 
 const defaultLog = (msg: string): void => void process.stderr.write(`tsmount: ${msg}\n`);
-
-/** Run fn over items with at most `limit` in flight; rejects with the first failure after all settle. */
-async function inParallel<T>(items: T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  let firstError: unknown;
-  const worker = async (): Promise<void> => {
-    while (next < items.length) {
-      const item = items[next++]!;
-      try {
-        await fn(item);
-      } catch (err) {
-        firstError ??= err;
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  if (firstError !== undefined) throw firstError;
-}
 
 interface Slot {
   conn: NbdConnection | undefined;

@@ -9,6 +9,7 @@ import type { BlockNode, Extent } from '../../types.js';
 import { IoError, ReadOnlyError, UsageError } from '../../errors.js';
 import { checkHostKey, parseHostKeyCheck, preferredAlgorithms } from './hostkey.js';
 import { formatSshUri, parseSshSpec, type SshTarget } from './uri.js';
+import { inParallel } from '../parallel.js';
 
 const E = osc.errno;
 
@@ -162,23 +163,6 @@ export class SshSessions {
 
 function call<T>(fn: (cb: (err: Error | null | undefined, v: T) => void) => void): Promise<T> {
   return new Promise((resolve, reject) => fn((err, v) => (err ? reject(err) : resolve(v))));
-}
-
-async function inParallel<T>(items: T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  let firstError: unknown;
-  const worker = async (): Promise<void> => {
-    while (next < items.length) {
-      const item = items[next++]!;
-      try {
-        await fn(item);
-      } catch (err) {
-        firstError ??= err;
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  if (firstError !== undefined) throw firstError;
 }
 
 function pieces(offset: number, length: number, piece: number): [number, number][] {
