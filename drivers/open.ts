@@ -74,7 +74,7 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       openFile: async (name) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);
-        return p.open(resolved, { readOnly, lock: policy && lockRequestFor({ ...policy, format: 'qcow2' }), cache: opts.cache });
+        return p.open(resolved, { readOnly, lock: policy && lockRequestFor({ ...policy, format: driver.name }), cache: opts.cache });
       },
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);

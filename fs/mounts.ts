@@ -2,6 +2,24 @@
 // mount's source ("tsmount:PID"), so `tsmount -u` needs no state files.
 import fs from 'node:fs';
 
+/**
+ * Whether a server process still runs. A zombie has finished: the server is detached,
+ * and whoever reaps it may be slow.
+ */
+export function serverAlive(pid: number): boolean {
+  try {
+    if (/\) Z /.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'))) return false;
+  } catch {
+    return false;
+  }
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
 export interface TsmountMount {
   mountpoint: string;
   pid: number;

@@ -19,7 +19,6 @@ import type { Server } from '../fs/server.js';
 import { unmount } from './unmount.js';
 import { parseSize } from '../drivers/options.js';
 
-const DEFAULT_CACHE_SIZE = 64 << 20;
 
 interface CliOptions {
   unmount?: boolean;
@@ -120,7 +119,7 @@ async function main(argv: string[]): Promise<void> {
       format: opts.format,
       rw: !!opts.rw,
       cache: opts.cache,
-      cacheSize: cacheSize || DEFAULT_CACHE_SIZE,
+      cacheSize,
       locking: opts.locking,
       forceShare: !!opts.forceShare,
       shareRw: !!opts.shareRw,

@@ -1,10 +1,9 @@
 // tsmount -u: unmount, then wait until the server has written everything and exited.
 import { spawnSync } from 'node:child_process';
-import fs from 'node:fs';
 import path from 'node:path';
 import { UsageError, IoError } from '../drivers/errors.js';
 import { umount2, SysError } from '../drivers/protocol/sys.js';
-import { findMount } from '../fs/mounts.js';
+import { findMount, serverAlive } from '../fs/mounts.js';
 
 const EBUSY = 16;
 const EPERM = 1;
@@ -18,21 +17,6 @@ function fusermount(mp: string): boolean {
   return false;
 }
 
-/** A zombie has finished: the server is detached, and whoever reaps it may be slow. */
-function alive(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    if (/\) Z /.test(stat)) return false;
-  } catch {
-    return false;
-  }
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 export async function unmount(mountpoint: string, timeoutMs = 300_000): Promise<void> {
   const mp = path.resolve(mountpoint);
@@ -56,7 +40,7 @@ export async function unmount(mountpoint: string, timeoutMs = 300_000): Promise<
     /* already gone */
   }
   const deadline = Date.now() + timeoutMs;
-  while (alive(m.pid)) {
+  while (serverAlive(m.pid)) {
     if (Date.now() > deadline) throw new IoError(`${mountpoint}: unmounted, but the server (pid ${m.pid}) is still writing after ${timeoutMs / 1000} s`);
     await new Promise((r) => setTimeout(r, 20));
   }

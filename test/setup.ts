@@ -1,15 +1,7 @@
 // Root hooks for every test file: no FUSE mount may outlive the suite.
-import fs from 'node:fs';
 import { execFileSync } from 'node:child_process';
+import { fuseMountsUnder } from './helpers/mount.js';
 
-function fuseMountsUnder(prefix: string): string[] {
-  return fs
-    .readFileSync('/proc/mounts', 'utf8')
-    .split('\n')
-    .map((l) => l.split(' '))
-    .filter((f) => f.length > 2 && /^fuse(\.|$)/.test(f[2] ?? '') && (f[1] ?? '').startsWith(prefix))
-    .map((f) => (f[1] ?? '').replace(/\\040/g, ' '));
-}
 
 export const mochaHooks = {
   afterAll(): void {

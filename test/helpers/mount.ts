@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { run, type RunResult } from './qemu.js';
+import { serverAlive } from '../../fs/mounts.js';
 
 export const TSMOUNT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../mount-helpers/tsmount.js');
 
@@ -21,20 +22,8 @@ export function mountedPid(mountpoint: string): number | undefined {
   return undefined;
 }
 
-export function isAlive(pid: number): boolean {
-  try {
-    // A detached server's zombie counts as gone: the reaper may be slow.
-    if (/\) Z /.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'))) return false;
-  } catch {
-    return false;
-  }
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+/** The product's own liveness check: a zombie server counts as gone. */
+export const isAlive = serverAlive;
 
 export async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -137,6 +126,6 @@ export function fuseMountsUnder(prefix: string): string[] {
     .readFileSync('/proc/mounts', 'utf8')
     .split('\n')
     .map((l) => l.split(' '))
-    .filter((f) => (f[2] ?? '').startsWith('fuse') && (f[1] ?? '').startsWith(prefix))
-    .map((f) => f[1] ?? '');
+    .filter((f) => f.length > 2 && /^fuse(\.|$)/.test(f[2] ?? '') && (f[1] ?? '').startsWith(prefix))
+    .map((f) => (f[1] ?? '').replace(/\\040/g, ' '));
 }
