@@ -1,54 +1,15 @@
-// The only module that knows fuse-native. Everything else sees promise-based
-// operations and typed errors, so a fork or a libfuse3 binding can replace this file.
-//
-// fuse-native 2.2.6's sharp edges, handled here:
-// - every operation times out after 15 s unless `timeout: false` (a slow NBD read or
-//   a long flush must not turn into ETIMEDOUT): we pass false;
-// - its mount refuses a mountpoint that is not a directory; QEMU's FUSE export mounts
-//   over regular files and so do we, so _open is replaced (same native call);
-// - its option string is built from a fixed list without big_writes/max_write; we
-//   build the string ourselves and libfuse takes it as is;
-// - the read/write buffer is libfuse's memory, detached once we call back: handlers
-//   must finish with it before they resolve, and copy what they keep;
-// - Fuse.unmount shells out to fusermount, and a child of the serving process
-//   inherits /dev/fuse (no close-on-exec) and can keep a dead mount alive: the
-//   serving process never spawns; it unmounts with umount2(2).
+// The FUSE layer's one interface. Everything else sees promise-based, path-based
+// operations and typed errors; which FUSE implementation serves them is chosen here:
+// - fuse-dev.ts speaks the kernel protocol on /dev/fuse from Node's event loop
+//   (root: it calls mount(2) itself). 1 MiB requests, no thread hand-offs.
+// - fuse-native.ts is libfuse 2 through fuse-native, for users who cannot mount(2)
+//   (the setuid fusermount does it for libfuse). 128 KiB requests.
+// TSMOUNT_FUSE=libfuse forces the second (for comparison and tests).
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
-import path from 'node:path';
 import createDebug from 'debug';
-import { errnoOf, messageOf } from '../drivers/errors.js';
+import { messageOf } from '../drivers/errors.js';
 
-const require = createRequire(import.meta.url);
 const debug = createDebug('tsmount:fuse');
-
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const Fuse = require('fuse-native') as FuseNativeClass;
-const nativeBinding = (require('node-gyp-build') as (dir: string) => NativeBinding)(
-  path.dirname(require.resolve('fuse-native/package.json')),
-);
-
-interface NativeBinding {
-  sizeof_fuse_thread_t: number;
-  fuse_native_mount(mnt: string, opts: string, thread: Buffer, self: unknown, malloc: unknown, handlers: unknown, implemented: Uint32Array): void;
-}
-
-type Cb = (code: number, ...values: unknown[]) => void;
-
-interface FuseNativeInstance {
-  mnt: string;
-  _thread: Buffer | null;
-  _openCallback: ((err: Error | null) => void) | null;
-  _malloc: unknown;
-  _handlers: unknown;
-  _getImplementedArray(): Uint32Array;
-  mount(cb: (err: Error | null) => void): void;
-}
-
-type FuseNativeClass = {
-  new (mnt: string, ops: Record<string, unknown>, opts: Record<string, unknown>): FuseNativeInstance;
-  prototype: FuseNativeInstance & { _open(cb: (err: Error | null) => void): void };
-};
 
 export interface Stat {
   mode: number;
@@ -69,13 +30,16 @@ export interface FsOps {
   readdir(path: string): Promise<string[]>;
   open(path: string, flags: number): Promise<number>;
   release(path: string, fd: number): Promise<void>;
-  /** Fill buf (libfuse's memory: done with it when this resolves); returns bytes read. */
+  /** Fill buf (done with it when this resolves); returns bytes read. */
   read(path: string, fd: number, buf: Buffer, length: number, position: number): Promise<number>;
+  /** buf is the handler's to keep until this resolves. */
   write(path: string, fd: number, buf: Buffer, length: number, position: number): Promise<number>;
   truncate(path: string, size: number): Promise<void>;
   /** Called on every close(2) of a file descriptor. */
   flush(path: string, fd: number): Promise<void>;
   fsync(path: string, datasync: boolean, fd: number): Promise<void>;
+  /** fallocate(2) modes: 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE]. */
+  fallocate?(path: string, mode: number, offset: number, length: number): Promise<void>;
   statfs(path: string): Promise<Record<string, number>>;
   utimens(path: string): Promise<void>;
   chmod(path: string, mode: number): Promise<void>;
@@ -83,72 +47,28 @@ export interface FsOps {
 }
 
 export interface MountOptions {
-  /** libfuse -o options, e.g. ['big_writes', 'max_write=131072']. */
-  options: string[];
+  /** The mount's source as /proc/mounts shows it (tsmount:PID). */
+  fsname: string;
+  readOnly: boolean;
+  allowOther: boolean;
+  /** Extra `-o` options from the command line, libfuse's names. */
+  extra: string[];
 }
 
 export interface FuseMount {
   readonly mountpoint: string;
+  /** Resolves when the kernel ends the session (unmounted), where the backend can tell. */
+  readonly closed?: Promise<void>;
 }
 
-/** The native mount call, without fuse-native's directory-only check. */
-function openWithoutDirCheck(this: FuseNativeInstance & { _fuseOptions(): string }, cb: (err: Error | null) => void): void {
-  this._thread = Buffer.alloc(nativeBinding.sizeof_fuse_thread_t);
-  this._openCallback = cb;
-  try {
-    nativeBinding.fuse_native_mount(this.mnt, this._fuseOptions(), this._thread, this, this._malloc, this._handlers, this._getImplementedArray());
-  } catch (err) {
-    this._openCallback = null;
-    cb(err instanceof Error ? err : new Error(String(err)));
+export async function mount(mountpoint: string, ops: FsOps, opts: MountOptions): Promise<FuseMount> {
+  if (process.env.TSMOUNT_FUSE !== 'libfuse') {
+    const dev = await import('./fuse-dev.js');
+    if (dev.available()) return dev.mountDev(mountpoint, ops, opts);
+    debug('/dev/fuse cannot be mounted directly here: using libfuse');
   }
-}
-
-function adapt<A extends unknown[], R>(name: string, fn: (...args: A) => Promise<R>, reply: (cb: Cb, r: R) => void) {
-  return (...argsAndCb: [...A, Cb]): void => {
-    const cb = argsAndCb[argsAndCb.length - 1] as Cb;
-    const args = argsAndCb.slice(0, -1) as A;
-    fn(...args).then(
-      (r) => reply(cb, r),
-      (err: unknown) => {
-        const errno = errnoOf(err);
-        if (errno !== 2 /* ENOENT */) debug('%s(%o) failed: %s', name, args.filter((a) => !Buffer.isBuffer(a)), messageOf(err));
-        cb(-errno);
-      },
-    );
-  };
-}
-
-export function mount(mountpoint: string, ops: FsOps, opts: MountOptions): Promise<FuseMount> {
-  const handlers: Record<string, unknown> = {
-    getattr: adapt('getattr', ops.getattr.bind(ops), (cb, st) => cb(0, st)),
-    fgetattr: adapt('fgetattr', (p: string) => ops.getattr(p), (cb, st) => cb(0, st)),
-    readdir: adapt('readdir', ops.readdir.bind(ops), (cb, names) => cb(0, names)),
-    open: adapt('open', ops.open.bind(ops), (cb, fd) => cb(0, fd)),
-    release: adapt('release', ops.release.bind(ops), (cb) => cb(0)),
-    read: adapt('read', ops.read.bind(ops), (cb, n) => cb(n)),
-    write: adapt('write', ops.write.bind(ops), (cb, n) => cb(n)),
-    truncate: adapt('truncate', ops.truncate.bind(ops), (cb) => cb(0)),
-    ftruncate: adapt('ftruncate', (p: string, _fd: number, size: number) => ops.truncate(p, size), (cb) => cb(0)),
-    flush: adapt('flush', ops.flush.bind(ops), (cb) => cb(0)),
-    fsync: adapt('fsync', (p: string, datasync: number, fd: number) => ops.fsync(p, !!datasync, fd), (cb) => cb(0)),
-    statfs: adapt('statfs', ops.statfs.bind(ops), (cb, s) => cb(0, s)),
-    // fuse-native swaps atime and mtime; we ignore both, the image's times are its own.
-    utimens: adapt('utimens', (p: string) => ops.utimens(p), (cb) => cb(0)),
-    chmod: adapt('chmod', ops.chmod.bind(ops), (cb) => cb(0)),
-    chown: adapt('chown', ops.chown.bind(ops), (cb) => cb(0)),
-  };
-  const fuse = new Fuse(mountpoint, handlers, { timeout: false });
-  const options = opts.options.join(',');
-  Object.assign(fuse, {
-    _open: openWithoutDirCheck,
-    _fuseOptions: () => (options ? `-o${options}` : ''),
-  });
-  return new Promise((resolve, reject) => {
-    fuse.mount((err) => {
-      if (err) reject(new Error(`${mountpoint}: mount failed: ${err.message}`));
-      else resolve({ mountpoint: fuse.mnt });
-    });
-  });
+  const native = await import('./fuse-native.js');
+  return native.mountNative(mountpoint, ops, opts);
 }
 
 /** /proc/self/mountinfo escapes space, tab, newline and backslash as octal. */
@@ -157,14 +77,11 @@ function escapeMountPath(p: string): string {
 }
 
 /**
- * Widen the kernel's readahead window for this mount (/sys/class/bdi/MAJ:MIN).
- *
- * libfuse 2 cannot negotiate requests over 128 KiB (FUSE_MAX_PAGES came with
- * libfuse 3), so a 1 MiB read(2) becomes 128 KiB requests; with the default 128 KiB
- * window about one of them is ahead of the reader at a time. A wider window keeps
- * several readahead requests in flight (async_read), which the multi-threaded loop
- * and the thread pool serve in parallel. Measured on 2 cores: 512 KiB beat 128 KiB,
- * 1 MiB and 4 MiB. Needs root (sysfs); best effort, reads are correct either way.
+ * Widen the kernel's readahead window for this mount (/sys/class/bdi/MAJ:MIN). The
+ * window the kernel offers a FUSE mount at INIT is 128 KiB and INIT can only shrink
+ * it; a wider one keeps several readahead requests in flight (async_read), which the
+ * server answers concurrently. Needs root (sysfs); best effort, reads are correct
+ * either way.
  */
 export function setReadahead(mountpoint: string, kib: number, source: string): void {
   let info: string;

@@ -12,7 +12,7 @@ import type { LockingMode } from '../drivers/protocol/lock.js';
 import { umount2, MNT_DETACH, SysError } from '../drivers/protocol/sys.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
-import { mount, setReadahead } from './fuse.js';
+import { mount, setReadahead, type FuseMount } from './fuse.js';
 import { findMount } from './mounts.js';
 
 const debug = createDebug('tsmount:server');
@@ -106,6 +106,7 @@ export class Server {
   private watcher: NodeJS.Timeout | undefined;
   readonly exited: Promise<number>;
   private resolveExit!: (code: number) => void;
+  private session: FuseMount | undefined;
 
   private constructor(
     private readonly target: MountTarget,
@@ -148,25 +149,15 @@ export class Server {
     if (!target.overFile) files.push(...snapshotFiles(files, formatNodes));
     const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`));
     const server = new Server(target, nodes, flat);
-    const options = [
-      `fsname=tsmount:${process.pid}`,
-      'subtype=tsmount',
-      // 128 KiB requests instead of 4 KiB ones: the single biggest throughput lever.
-      'big_writes',
-      'max_write=131072',
-      'max_read=131072',
-      'max_readahead=131072',
-      // Only this process changes the image (it holds the lock), so the kernel may
-      // keep pages across opens.
-      'kernel_cache',
-      'default_permissions',
-      ...(process.getuid?.() === 0 ? ['allow_other'] : []),
-      ...(target.overFile ? ['nonempty'] : []),
-      ...opts.fuseOptions,
-    ];
+    const fsname = `tsmount:${process.pid}`;
     try {
-      await mount(target.mountpoint, flat, { options });
-      setReadahead(target.mountpoint, READAHEAD_KIB, `tsmount:${process.pid}`);
+      server.session = await mount(target.mountpoint, flat, {
+        fsname,
+        readOnly: !opts.rw,
+        allowOther: process.getuid?.() === 0,
+        extra: opts.fuseOptions,
+      });
+      setReadahead(target.mountpoint, READAHEAD_KIB, fsname);
     } catch (err) {
       await Promise.allSettled(nodes.map((n) => n.close()));
       throw err;
@@ -181,6 +172,10 @@ export class Server {
 
   /** A plain umount ends the FUSE session without telling us: look for it. */
   private watch(): void {
+    void this.session?.closed?.then(() => {
+      debug('FUSE session of %s ended', this.target.mountpoint);
+      void this.shutdown(false);
+    });
     this.watcher = setInterval(() => {
       if (!findMount(this.target.mountpoint, process.pid)) {
         debug('mount %s is gone', this.target.mountpoint);

@@ -27,6 +27,7 @@ const fcntlLock = libc.func('int fcntl(int fd, int cmd, _Inout_ tsmount_flock *l
 const ioctlU64 = libc.func('int ioctl(int fd, unsigned long req, _Out_ uint64_t *out)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const umount2Fn = libc.func('int umount2(const char *target, int flags)');
+const mountFn = libc.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)');
 
 
 export const F_RDLCK = 0;
@@ -45,6 +46,10 @@ export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
 
 export const MNT_DETACH = 2;
+
+export const MS_RDONLY = 1;
+export const MS_NOSUID = 2;
+export const MS_NODEV = 4;
 
 function errno(): number {
   return koffi.errno();
@@ -126,4 +131,10 @@ export function fallocate(fd: number, mode: number, offset: number, length: numb
 export function umount2(target: string, flags: number): void {
   const r = umount2Fn(target, flags) as number;
   if (r !== 0) throw new SysError('umount2', errno());
+}
+
+/** mount(2); throws SysError with the errno. */
+export function mount(source: string, target: string, fstype: string, flags: number, data: string): void {
+  const r = mountFn(source, target, fstype, flags, data) as number;
+  if (r !== 0) throw new SysError('mount', errno());
 }
