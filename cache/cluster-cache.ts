@@ -19,6 +19,9 @@ export interface ClusterCacheOptions {
 
 export const DEFAULT_BLOCK_SIZE = 64 * 1024;
 
+/** Reads of at least this many bytes bypass the LRU (see read). */
+export const SCAN_READ_MIN = 256 * 1024;
+
 export class ClusterCache implements BlockNode {
   private readonly lru: LRUCache<number, Buffer> | undefined;
   private readonly shift: number;
@@ -48,7 +51,12 @@ export class ClusterCache implements BlockNode {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     const lru = this.lru;
-    if (!lru) return this.inner.read(offset, dst);
+    // A large read is a scan (readahead of a sequential reader): it reads straight into
+    // dst and is not cached, so a scan neither evicts what the LRU holds nor pays a copy
+    // and a fresh buffer per block for data the kernel's page cache keeps anyway. This
+    // doubled sequential reads. The node below always has the newest bytes (writes
+    // pass straight down), so skipping cached blocks here is never stale.
+    if (!lru || dst.length >= SCAN_READ_MIN) return this.inner.read(offset, dst);
     const bs = this.opts.blockSize;
     const end = offset + dst.length;
     let block = Math.floor(offset / bs);

@@ -18,7 +18,7 @@ import { findMount } from './mounts.js';
 const debug = createDebug('tsmount:server');
 
 /** Kernel readahead per mount (fuse.ts setReadahead says why). */
-const READAHEAD_KIB = 512;
+const READAHEAD_KIB = Number(process.env.TSMOUNT_READAHEAD_KIB ?? 512);
 
 export interface ServeOptions {
   images: string[];

@@ -8,6 +8,7 @@ import { IoError, ReadOnlyError, UsageError } from '../errors.js';
 import {
   blockDeviceSize,
   fallocate,
+  preadNoWait,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
@@ -33,6 +34,15 @@ function fdatasync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
 }
 
+/**
+ * Reads up to this size are first tried on the JS thread with preadv2(RWF_NOWAIT):
+ * when the page cache holds the bytes (the common case for a mounted image that is
+ * being read) that saves the two thread hand-offs of the thread pool, about half the
+ * cost of a 4 KiB FUSE read. Larger reads go to the thread pool, where two cores copy
+ * in parallel. TSMOUNT_NOWAIT_READ_MAX=0 turns it off.
+ */
+const NOWAIT_READ_MAX = Number(process.env.TSMOUNT_NOWAIT_READ_MAX ?? 256 * 1024);
+
 export interface FileOpenOptions {
   readOnly: boolean;
   /** Lock as QEMU does; undefined means no locking (locking=off). */
@@ -51,6 +61,8 @@ function ioError(what: string, file: string, err: unknown): IoError {
 export class FileNode implements BlockNode {
   private closed = false;
   private extentHint: { punch: boolean; zeroRange: boolean } = { punch: true, zeroRange: true };
+  /** Cleared when preadv2(RWF_NOWAIT) is not supported for this file. */
+  private noWait = NOWAIT_READ_MAX > 0;
 
   private constructor(
     readonly name: string,
@@ -97,6 +109,13 @@ export class FileNode implements BlockNode {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     let done = 0;
+    if (this.noWait && dst.length <= NOWAIT_READ_MAX) {
+      const n = preadNoWait(this.fd, dst, offset);
+      if (n === dst.length) return;
+      if (n > 0) done = n;
+      else if (n === -E.EOPNOTSUPP || n === -E.EINVAL || n === -E.ENOSYS) this.noWait = false;
+      // EAGAIN (not cached), a short read or the end of the file: the thread pool finishes.
+    }
     while (done < dst.length) {
       let n: number;
       try {

@@ -27,6 +27,8 @@ const fcntlLock = libc.func('int fcntl(int fd, int cmd, _Inout_ tsmount_flock *l
 const ioctlU64 = libc.func('int ioctl(int fd, unsigned long req, _Out_ uint64_t *out)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const umount2Fn = libc.func('int umount2(const char *target, int flags)');
+const Iovec = koffi.struct('tsmount_iovec', { base: 'void *', len: 'size_t' });
+const preadv2Fn = libc.func('long preadv2(int fd, const tsmount_iovec *iov, int iovcnt, int64_t offset, int flags)');
 const mountFn = libc.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)');
 
 
@@ -137,4 +139,17 @@ export function umount2(target: string, flags: number): void {
 export function mount(source: string, target: string, fstype: string, flags: number, data: string): void {
   const r = mountFn(source, target, fstype, flags, data) as number;
   if (r !== 0) throw new SysError('mount', errno());
+}
+
+const RWF_NOWAIT = 0x08;
+
+/**
+ * preadv2(RWF_NOWAIT): read only what the page cache holds, without blocking. Returns
+ * the bytes read (possibly fewer than asked, 0 at the end of the file), or -errno
+ * (EAGAIN: not cached; EOPNOTSUPP: the file cannot do it).
+ */
+export function preadNoWait(fd: number, buf: Uint8Array, offset: number): number {
+  void Iovec;
+  const r = Number(preadv2Fn(fd, [{ base: buf, len: buf.length }], 1, offset, RWF_NOWAIT));
+  return r >= 0 ? r : -errno();
 }
