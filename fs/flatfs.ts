@@ -32,6 +32,9 @@ function hasTruncate(node: BlockNode): boolean {
 }
 
 const O_ACCMODE = 3;
+const FALLOC_FL_KEEP_SIZE = 0x01;
+const FALLOC_FL_PUNCH_HOLE = 0x02;
+const FALLOC_FL_ZERO_RANGE = 0x10;
 const O_RDONLY = 0;
 
 export class FlatFs implements FsOps {
@@ -133,6 +136,33 @@ export class FlatFs implements FsOps {
       await f.node.truncate!(size);
     } catch (err) {
       this.report('truncate', f, size, 0, err);
+      throw err;
+    }
+  }
+
+  /**
+   * fallocate(2) on the flat file: punching a hole or zeroing a range becomes the
+   * format's zero operation (unmapped where the format can: `fallocate -p`, `blkdiscard`
+   * on a loop device, `fstrim`); plain allocation inside the disk is a no-op, as every
+   * byte of the disk already exists. The disk never grows this way.
+   */
+  async fallocate(path: string, mode: number, offset: number, length: number): Promise<void> {
+    const f = this.file(path);
+    if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
+    const size = f.node.size;
+    const known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+    if (mode & ~known || (mode & FALLOC_FL_PUNCH_HOLE && !(mode & FALLOC_FL_KEEP_SIZE)) || (mode & FALLOC_FL_PUNCH_HOLE && mode & FALLOC_FL_ZERO_RANGE)) {
+      throw new ErrnoError(`${path}: fallocate mode ${mode} is not supported`, E.EOPNOTSUPP);
+    }
+    if (!(mode & FALLOC_FL_KEEP_SIZE) && offset + length > size) throw new ErrnoError(`${path}: fallocate past the end of the disk`, E.ENOSPC);
+    const n = Math.min(length, Math.max(0, size - offset));
+    if (n === 0 || !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))) return;
+    if (!f.node.zero) throw new ErrnoError(`${path}: this image cannot zero ranges`, E.EOPNOTSUPP);
+    this.dirty.add(f);
+    try {
+      await f.node.zero(offset, n, (mode & FALLOC_FL_PUNCH_HOLE) !== 0);
+    } catch (err) {
+      this.report('fallocate', f, offset, n, err);
       throw err;
     }
   }

@@ -31,6 +31,9 @@ const OP = {
   FSYNCDIR: 30, ACCESS: 34, INTERRUPT: 36, DESTROY: 38, BATCH_FORGET: 42, FALLOCATE: 43,
 } as const;
 
+/** symlink, mknod, mkdir, unlink, rmdir, rename, link, create, rename2, tmpfile. */
+const CHANGES_NAMES = new Set([6, 8, 9, 10, 11, 12, 13, 35, 45, 51]);
+
 // INIT flags (fuse_init_in/out.flags).
 const FUSE_ASYNC_READ = 1 << 0;
 const FUSE_BIG_WRITES = 1 << 5;
@@ -518,8 +521,10 @@ class Session implements FuseMount {
         this.send(replyBuf(0), unique);
         return;
       default:
-        // Everything else (create, mkdir, unlink, rename, xattrs, locks handled by
-        // the kernel, ...): ENOSYS tells the kernel not to ask again where it can.
+        // The set of files is fixed: no creating, linking, renaming or removing.
+        if (CHANGES_NAMES.has(opcode)) throw new FuseError(`opcode ${opcode}: the files of a tsmount mount are fixed`, E.EPERM);
+        // Everything else (xattrs, statx, ioctl, lseek, ...): ENOSYS tells the kernel
+        // not to ask again where it can, and it falls back to what it does itself.
         throw new FuseError(`opcode ${opcode}`, E.ENOSYS);
     }
   }

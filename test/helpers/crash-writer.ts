@@ -21,8 +21,15 @@ function main(flat: string, journal: string, seed: number, disk: number): void {
     x ^= x << 5;
     return (x >>> 0) % n;
   };
-  const fd = fs.openSync(flat, 'r+');
+  // The journal first: on a loaded machine the kill can come before this process has
+  // even opened the flat file, and an empty journal then says that nothing was written.
   const log = fs.openSync(journal, 'a');
+  let fd: number;
+  try {
+    fd = fs.openSync(flat, 'r+');
+  } catch {
+    process.exit(0);
+  }
   for (let i = 0; ; i++) {
     const length = 512 * (1 + rnd(128));
     const offset = 512 * rnd((disk - length) / 512);
