@@ -49,6 +49,9 @@ const DECOMPRESSED_KEEP = 8;
 const COMPRESSED_GAP = 4096;
 /** Bytes of the file one shared read of compressed clusters may cover. */
 const COMPRESSED_SPAN = 4 << 20;
+/** Shared reads up to this size use pooled buffers of this size; a few are kept per node. */
+const COMPRESSED_POOL_BYTES = 1 << 20;
+const COMPRESSED_POOL_KEEP = 4;
 
 export class Qcow2Node implements BlockNode, HasBacking {
   private currentSize: number;
@@ -71,6 +74,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
   /** In-place writes in flight; freed clusters are not handed out again until they end. */
   private readonly inflight = new Set<Promise<boolean>>();
   private readonly decompressed = new Map<number, Promise<Buffer>>();
+  /** Input buffers for shared reads of compressed clusters, reused (see readCompressedGroup). */
+  private readonly inputPool: Buffer[] = [];
   private snapshotViews: { name: string; node: BlockNode }[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
   private readonly crypt: DataCrypt | undefined;
@@ -193,26 +198,29 @@ export class Qcow2Node implements BlockNode, HasBacking {
     // Past the end of the file there is nothing to read (a corrupt length); each
     // cluster then gets what there is, and fails to decompress as it would alone.
     const stop = Math.max(start, Math.min(end, this.file.size));
-    const buf = Buffer.allocUnsafe(stop - start);
+    const pooled = stop - start <= COMPRESSED_POOL_BYTES ? this.inputPool.pop() : undefined;
+    const buf = (pooled ?? Buffer.allocUnsafe(Math.max(stop - start, stop - start <= COMPRESSED_POOL_BYTES ? COMPRESSED_POOL_BYTES : 0))).subarray(0, stop - start);
     const shared = stop > start ? this.file.read(start, buf).then(() => buf) : Promise.resolve(buf);
-    await Promise.all(
-      group.map((run) => {
-        const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
-        let p = this.decompressed.get(run.cOffset);
-        if (!p) {
-          const what = `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}`;
-          p = shared.then((b) => {
-            const from = run.cOffset - start;
-            const to = Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start);
-            return decompressCluster(this.compressionType, b.subarray(from, to), this.cs, what);
-          });
-          this.keepDecompressed(run.cOffset, p);
-        }
-        return p.then((c) => {
-          sub.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length));
+    const done = group.map((run) => {
+      const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
+      let p = this.decompressed.get(run.cOffset);
+      if (!p) {
+        const what = `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}`;
+        p = shared.then((b) => {
+          const from = run.cOffset - start;
+          const to = Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start);
+          return decompressCluster(this.compressionType, b.subarray(from, to), this.cs, what);
         });
-      }),
-    );
+        this.keepDecompressed(run.cOffset, p);
+      }
+      return p.then((c) => {
+        sub.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length));
+      });
+    });
+    // The input buffer goes back to the pool only once no inflate reads it any more.
+    const settled = await Promise.allSettled(done);
+    if (buf.buffer.byteLength === COMPRESSED_POOL_BYTES && this.inputPool.length < COMPRESSED_POOL_KEEP) this.inputPool.push(Buffer.from(buf.buffer, buf.byteOffset, COMPRESSED_POOL_BYTES));
+    for (const r of settled) if (r.status === 'rejected') throw r.reason;
   }
 
   private readRun(run: Run, base: number, dst: Uint8Array): Promise<void> {
