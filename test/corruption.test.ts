@@ -126,3 +126,83 @@ describe('corrupt images of every format', function () {
     });
   }
 });
+
+describe('qcow2 compressed clusters read together (one pread per request)', function () {
+  this.timeout(60_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let src: Buffer;
+  let image: Buffer;
+  /** Where each guest cluster's compressed bytes start (64 KiB clusters, one L2 table). */
+  let cOffsets: number[];
+  before(async () => {
+    tmp = tempDir('compressed-group');
+    // 1 MiB of hex text: each cluster compresses to about half, so the group spans ~512 KiB.
+    src = Buffer.from(Buffer.from(Array.from({ length: MiB / 2 }, (_, i) => (i * 2654435761) >>> 24)).toString('hex'));
+    const raw = path.join(tmp.dir, 'src.raw');
+    fs.writeFileSync(raw, src);
+    const file = path.join(tmp.dir, 'c.qcow2');
+    const made = await run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-c', '-o', 'cluster_size=65536', raw, file]);
+    expect(made.code, made.stderr).to.equal(0);
+    image = fs.readFileSync(file);
+    const l1 = Number(image.readBigUInt64BE(40));
+    const l2 = Number(image.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
+    cOffsets = [];
+    for (let i = 0; i < 16; i++) {
+      const e = image.readBigUInt64BE(l2 + i * 8);
+      expect(Number((e >> 62n) & 1n), `cluster ${i} is compressed`).to.equal(1);
+      cOffsets.push(Number(e & ((1n << 54n) - 1n)));
+    }
+  });
+  after(() => tmp.cleanup());
+
+  async function open(bytes: Buffer): Promise<BlockNode> {
+    const file = path.join(tmp.dir, 'mut.qcow2');
+    fs.writeFileSync(file, bytes);
+    return openImage(file, { readOnly: true, format: 'qcow2', cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false });
+  }
+
+  async function readsAs(node: BlockNode, offset: number, length: number): Promise<void> {
+    const buf = Buffer.alloc(length);
+    await node.read(offset, buf);
+    expect(buf.equals(src.subarray(offset, offset + length)), `bytes at 0x${offset.toString(16)}`).to.equal(true);
+  }
+
+  it('reads a whole request of compressed clusters as qemu-img wrote them', async function () {
+    const node = await open(image);
+    try {
+      await readsAs(node, 0, MiB);
+      await readsAs(node, 100_000, 300_000);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('a damaged cluster fails its request cleanly; its neighbours still read', async function () {
+    const bad = Buffer.from(image);
+    // Cluster 3's compressed bytes become an invalid deflate block type.
+    bad.fill(0xff, cOffsets[3]!, cOffsets[3]! + 64);
+    const node = await open(bad);
+    try {
+      for (let round = 0; round < 2; round++) {
+        const err = await withDeadline(node.read(0, Buffer.alloc(MiB)).then(() => undefined, (e: unknown) => e), 'damaged group read');
+        expect(isClean(err), String(err)).to.equal(true);
+        expect((err as Error).message).to.match(/guest offset 0x30000/);
+      }
+      await readsAs(node, 0, 3 * 64 * 1024);
+      await readsAs(node, 4 * 64 * 1024, 12 * 64 * 1024);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('compressed bytes cut off by the end of the file fail cleanly', async function () {
+    const node = await open(image.subarray(0, cOffsets[15]! + 100));
+    try {
+      const err = await withDeadline(node.read(0, Buffer.alloc(MiB)).then(() => undefined, (e: unknown) => e), 'truncated group read');
+      expect(isClean(err), String(err)).to.equal(true);
+      await readsAs(node, 0, 15 * 64 * 1024);
+    } finally {
+      await node.close();
+    }
+  });
+});

@@ -9,13 +9,20 @@ import { CorruptImageError, UnsupportedError } from '../../errors.js';
 
 export const COMPRESSION = { zlib: 0, zstd: 1 } as const;
 
+/** Output chunk room past the cluster size, so that zlib ends the stream inside the first chunk. */
+const INFLATE_SLACK = 1024;
+
 /** Decompress one cluster; the result must be exactly clusterSize bytes. */
 export async function decompressCluster(type: number, input: Uint8Array, clusterSize: number, what: string): Promise<Buffer> {
   let out: Buffer;
   try {
     if (type === COMPRESSION.zlib) {
       out = await new Promise<Buffer>((resolve, reject) =>
-        zlib.inflateRaw(input, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize }, (err, res) => (err ? reject(err) : resolve(res))),
+        // One output chunk larger than the cluster: the stream inflates in a single
+        // thread-pool pass (the default 16 KiB chunks cost a round trip and a copy
+        // each, and the zlib stream's bookkeeping per chunk). maxOutputLength still
+        // rejects a stream that inflates to more than a cluster.
+        zlib.inflateRaw(input, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize, chunkSize: clusterSize + INFLATE_SLACK }, (err, res) => (err ? reject(err) : resolve(res))),
       );
     } else if (type === COMPRESSION.zstd) {
       const frame = input.subarray(0, zstdFrameLength(input, what));

@@ -45,6 +45,13 @@ export interface Qcow2NodeOptions {
 const ZERO_CHUNK = 1 << 20;
 /** Decompressed clusters kept per node, for sequential reads inside one cluster. */
 const DECOMPRESSED_KEEP = 8;
+/** Compressed clusters of one read whose bytes are at most this far apart share one file read. */
+const COMPRESSED_GAP = 4096;
+/** Bytes of the file one shared read of compressed clusters may cover. */
+const COMPRESSED_SPAN = 4 << 20;
+/** Shared reads up to this size use pooled buffers of this size; a few are kept per node. */
+const COMPRESSED_POOL_BYTES = 1 << 20;
+const COMPRESSED_POOL_KEEP = 4;
 
 export class Qcow2Node implements BlockNode, HasBacking {
   private currentSize: number;
@@ -67,6 +74,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
   /** In-place writes in flight; freed clusters are not handed out again until they end. */
   private readonly inflight = new Set<Promise<boolean>>();
   private readonly decompressed = new Map<number, Promise<Buffer>>();
+  /** Input buffers for shared reads of compressed clusters, reused (see readCompressedGroup). */
+  private readonly inputPool: Buffer[] = [];
   private snapshotViews: { name: string; node: BlockNode }[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
   private readonly crypt: DataCrypt | undefined;
@@ -136,7 +145,82 @@ export class Qcow2Node implements BlockNode, HasBacking {
   async read(offset: number, dst: Uint8Array): Promise<void> {
     const runs = await this.map.map(offset, dst.length);
     if (runs.length === 1) return this.readRun(runs[0]!, offset, dst);
-    await Promise.all(runs.map((r) => this.readRun(r, offset, dst)));
+    const parts: Promise<void>[] = [];
+    let i = 0;
+    while (i < runs.length) {
+      const run = runs[i]!;
+      if (run.kind !== 'compressed') {
+        parts.push(this.readRun(run, offset, dst));
+        i++;
+        continue;
+      }
+      // Compressed clusters of one request whose bytes lie together in the file
+      // (qemu-img convert -c packs them back to back) are read with one pread and
+      // inflated in parallel on the thread pool.
+      const j = this.compressedGroupEnd(runs, i);
+      if (j - i === 1) parts.push(this.readRun(run, offset, dst));
+      else parts.push(this.readCompressedGroup(runs.slice(i, j), offset, dst));
+      i = j;
+    }
+    await Promise.all(parts);
+  }
+
+  /**
+   * The end (exclusive) of the group of compressed runs starting at runs[i] that one
+   * file read covers: each next cluster's bytes start at or after the previous one's,
+   * within COMPRESSED_GAP of the group's end, and the group spans at most
+   * COMPRESSED_SPAN bytes of the file. Clusters already decompressed end a group.
+   */
+  private compressedGroupEnd(runs: Run[], i: number): number {
+    const first = runs[i]!;
+    if (this.decompressed.has(first.cOffset)) return i + 1;
+    const start = first.cOffset;
+    let end = first.cOffset + first.cLength;
+    let prev = first.cOffset;
+    let j = i + 1;
+    while (j < runs.length) {
+      const r = runs[j]!;
+      if (r.kind !== 'compressed' || r.cOffset < prev || r.cOffset > end + COMPRESSED_GAP || this.decompressed.has(r.cOffset)) break;
+      const e = Math.max(end, r.cOffset + r.cLength);
+      if (e - start > COMPRESSED_SPAN) break;
+      end = e;
+      prev = r.cOffset;
+      j++;
+    }
+    return j;
+  }
+
+  /** Compressed runs (see compressedGroupEnd) read with one file read, inflated in parallel. */
+  private async readCompressedGroup(group: Run[], base: number, dst: Uint8Array): Promise<void> {
+    const start = group[0]!.cOffset;
+    let end = start;
+    for (const r of group) end = Math.max(end, r.cOffset + r.cLength);
+    // Past the end of the file there is nothing to read (a corrupt length); each
+    // cluster then gets what there is, and fails to decompress as it would alone.
+    const stop = Math.max(start, Math.min(end, this.file.size));
+    const pooled = stop - start <= COMPRESSED_POOL_BYTES ? this.inputPool.pop() : undefined;
+    const buf = (pooled ?? Buffer.allocUnsafe(Math.max(stop - start, stop - start <= COMPRESSED_POOL_BYTES ? COMPRESSED_POOL_BYTES : 0))).subarray(0, stop - start);
+    const shared = stop > start ? this.file.read(start, buf).then(() => buf) : Promise.resolve(buf);
+    const done = group.map((run) => {
+      const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
+      let p = this.decompressed.get(run.cOffset);
+      if (!p) {
+        const what = `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}`;
+        p = shared.then((b) => {
+          const from = run.cOffset - start;
+          const to = Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start);
+          return decompressCluster(this.compressionType, b.subarray(from, to), this.cs, what);
+        });
+        this.keepDecompressed(run.cOffset, p);
+      }
+      return p.then((c) => {
+        sub.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length));
+      });
+    });
+    // The input buffer goes back to the pool only once no inflate reads it any more.
+    const settled = await Promise.allSettled(done);
+    if (buf.buffer.byteLength === COMPRESSED_POOL_BYTES && this.inputPool.length < COMPRESSED_POOL_KEEP) this.inputPool.push(Buffer.from(buf.buffer, buf.byteOffset, COMPRESSED_POOL_BYTES));
+    for (const r of settled) if (r.status === 'rejected') throw r.reason;
   }
 
   private readRun(run: Run, base: number, dst: Uint8Array): Promise<void> {
@@ -162,14 +246,21 @@ export class Qcow2Node implements BlockNode, HasBacking {
     if (p) return p;
     p = (async () => {
       const n = Math.max(0, Math.min(cLength, this.file.size - cOffset));
-      const buf = Buffer.alloc(n);
+      const buf = Buffer.allocUnsafe(n);
       if (n > 0) await this.file.read(cOffset, buf);
       return decompressCluster(this.compressionType, buf, this.cs, `${this.name}: guest offset 0x${guest.toString(16)}`);
     })();
-    this.decompressed.set(cOffset, p);
-    p.catch(() => this.decompressed.delete(cOffset));
-    if (this.decompressed.size > DECOMPRESSED_KEEP) this.decompressed.delete(this.decompressed.keys().next().value!);
+    this.keepDecompressed(cOffset, p);
     return p;
+  }
+
+  /** Remember a cluster's decompression (a failed one is forgotten, so a retry reads again). */
+  private keepDecompressed(cOffset: number, p: Promise<Buffer>): void {
+    this.decompressed.set(cOffset, p);
+    p.catch(() => {
+      if (this.decompressed.get(cOffset) === p) this.decompressed.delete(cOffset);
+    });
+    if (this.decompressed.size > DECOMPRESSED_KEEP) this.decompressed.delete(this.decompressed.keys().next().value!);
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
