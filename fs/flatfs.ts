@@ -5,6 +5,7 @@ import createDebug from 'debug';
 import type { BlockNode } from '../drivers/types.js';
 import { ReadOnlyError, TsmountError, messageOf } from '../drivers/errors.js';
 import type { FsOps, Stat } from './fuse.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/protocol/sys.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
@@ -32,9 +33,7 @@ function hasTruncate(node: BlockNode): boolean {
 }
 
 const O_ACCMODE = 3;
-const FALLOC_FL_KEEP_SIZE = 0x01;
-const FALLOC_FL_PUNCH_HOLE = 0x02;
-const FALLOC_FL_ZERO_RANGE = 0x10;
+
 const O_RDONLY = 0;
 
 export class FlatFs implements FsOps {

@@ -18,7 +18,7 @@ import net from 'node:net';
 import { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { errnoOf, messageOf, TsmountError } from '../drivers/errors.js';
-import { mount as sysMount, umount2, MNT_DETACH, MS_NODEV, MS_NOSUID, MS_RDONLY } from '../drivers/protocol/sys.js';
+import { mount as sysMount, umount2, MNT_DETACH, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/protocol/sys.js';
 import type { FsOps, FuseMount, MountOptions, Stat } from './fuse.js';
 
 const debug = createDebug('tsmount:fuse');
@@ -79,11 +79,6 @@ const REPLY_POOL_KEEP = 16;
 
 const DT_DIR = 4;
 const DT_REG = 8;
-
-const MS_NOEXEC = 8;
-const MS_SYNCHRONOUS = 16;
-const MS_DIRSYNC = 128;
-const MS_NOATIME = 1024;
 
 class FuseError extends TsmountError {
   constructor(message: string, override readonly errno: number) {

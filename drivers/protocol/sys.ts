@@ -52,6 +52,10 @@ export const MNT_DETACH = 2;
 export const MS_RDONLY = 1;
 export const MS_NOSUID = 2;
 export const MS_NODEV = 4;
+export const MS_NOEXEC = 8;
+export const MS_SYNCHRONOUS = 16;
+export const MS_DIRSYNC = 128;
+export const MS_NOATIME = 1024;
 
 function errno(): number {
   return koffi.errno();
