@@ -38,7 +38,6 @@ const CHANGES_NAMES = new Set([6, 8, 9, 10, 11, 12, 13, 35, 45, 51]);
 const FUSE_ASYNC_READ = 1 << 0;
 const FUSE_BIG_WRITES = 1 << 5;
 const FUSE_ASYNC_DIO = 1 << 15;
-const FUSE_WRITEBACK_CACHE = 1 << 16;
 const FUSE_PARALLEL_DIROPS = 1 << 18;
 const FUSE_MAX_PAGES = 1 << 22;
 
@@ -75,7 +74,7 @@ const ATTR_VALID_S = 1;
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
 const REPLY_POOL_MIN = 32 * 1024;
-const REPLY_POOL_KEEP = 16;
+const REPLY_POOL_KEEP = 8;
 
 const DT_DIR = 4;
 const DT_REG = 8;
@@ -93,7 +92,6 @@ interface DevConfig {
   maxWrite: number;
   maxReadahead: number;
   openFlags: number;
-  writebackCache: boolean;
 }
 
 /** Options libfuse users know; each maps to a kernel option, a flag, or our own setting. */
@@ -104,7 +102,6 @@ function configure(opts: MountOptions): DevConfig {
     maxWrite: DEFAULT_MAX_WRITE,
     maxReadahead: DEFAULT_MAX_WRITE,
     openFlags: FOPEN_KEEP_CACHE,
-    writebackCache: false,
   };
   const flagOpts: Record<string, number> = { ro: MS_RDONLY, noexec: MS_NOEXEC, sync: MS_SYNCHRONOUS, dirsync: MS_DIRSYNC, noatime: MS_NOATIME };
   const size = (o: string, v: string | undefined, min: number, max: number): number => {
@@ -124,7 +121,6 @@ function configure(opts: MountOptions): DevConfig {
       else if (key === 'max_readahead') cfg.maxReadahead = size(key, value, 0, 1 << 30);
       else if (key === 'kernel_cache') cfg.openFlags = (cfg.openFlags & ~FOPEN_DIRECT_IO) | FOPEN_KEEP_CACHE;
       else if (key === 'direct_io') cfg.openFlags = (cfg.openFlags & ~FOPEN_KEEP_CACHE) | FOPEN_DIRECT_IO;
-      else if (key === 'writeback_cache') cfg.writebackCache = true;
       // libfuse 2 options that are how this backend always works, or mean nothing here.
       else if (['big_writes', 'async_read', 'nonempty', 'auto_cache', 'hard_remove', 'use_ino'].includes(key)) continue;
       else throw new FuseError(`-o ${o}: not a mount option tsmount knows`, E.EINVAL);
@@ -370,16 +366,15 @@ class Session implements FuseMount {
       this.send(out, unique, 0, OUT_HEADER + 8);
       return;
     }
-    let want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES;
-    if (this.cfg.writebackCache) want |= FUSE_WRITEBACK_CACHE;
+    const want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES;
     const flags = want & kernelFlags;
     const o = OUT_HEADER;
     out.writeUInt32LE(KERNEL_MAJOR, o);
     out.writeUInt32LE(Math.min(minor, OUR_MINOR), o + 4);
     out.writeUInt32LE(Math.min(kernelReadahead, this.cfg.maxReadahead), o + 8);
     out.writeUInt32LE(flags, o + 12);
-    out.writeUInt16LE(64, o + 16); // max_background: readahead requests in flight
-    out.writeUInt16LE(48, o + 18); // congestion_threshold
+    out.writeUInt16LE(16, o + 16); // max_background: readahead and other async requests in flight
+    out.writeUInt16LE(12, o + 18); // congestion_threshold
     // Without FUSE_MAX_PAGES (kernels before 4.20) the kernel caps requests at 32 pages.
     const maxWrite = flags & FUSE_MAX_PAGES ? this.cfg.maxWrite : Math.min(this.cfg.maxWrite, 32 * PAGE);
     out.writeUInt32LE(maxWrite, o + 20);
