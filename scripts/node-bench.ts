@@ -5,7 +5,7 @@
 // queue depth, writeback cache, the final flush included) as an anchor in the same run.
 // What to compare is the ratio node/qemu, not the absolute numbers.
 //
-//   node dist/scripts/node-bench.js [--workloads a,b] [--repeat 3] [--depth 1] [--dir DIR]
+//   node dist/scripts/node-bench.js [--workloads a,b (default; --list shows all)] [--repeat 3] [--depth 1] [--dir DIR]
 //                                  [--no-qemu] [--list]
 //
 // A workload is an entry in WORKLOADS: how to make its image (once, cached in --dir,
@@ -31,9 +31,8 @@ const DATA = CACHE_SIZE - METADATA;
 interface Workload {
   name: string;
   what: string;
-  /** The image to run on: made once per --dir (reused), or per run when `fresh`. */
+  /** The image to run on, called before each side's run: made afresh (workloads that allocate) or once per --dir (reused). */
   image(dir: string): Promise<string>;
-  fresh: boolean;
   format: string;
   write: boolean;
   requestSize: number;
@@ -51,13 +50,7 @@ const WORKLOADS: Workload[] = [
   {
     name: 'a',
     what: 'sequential allocating writes, 1 MiB requests, empty 1 GiB qcow2 (64 KiB clusters), then flush',
-    image: async (dir) => {
-      const f = path.join(dir, 'empty.qcow2');
-      fs.rmSync(f, { force: true });
-      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', f, String(GiB)]);
-      return f;
-    },
-    fresh: true,
+    image: (dir) => emptyQcow2(dir),
     format: 'qcow2',
     write: true,
     requestSize: MiB,
@@ -67,11 +60,22 @@ const WORKLOADS: Workload[] = [
     flush: true,
   },
   {
+    name: 'a128',
+    what: 'as a, in 128 KiB requests (what libfuse 2 delivers today)',
+    image: (dir) => emptyQcow2(dir),
+    format: 'qcow2',
+    write: true,
+    requestSize: 128 * KiB,
+    count: 8192,
+    step: 128 * KiB,
+    size: GiB,
+    flush: true,
+  },
+  {
     name: 'b',
     what: 'scattered 4 KiB writes (stride 4 KiB*40503, every block distinct), fully allocated 1 GiB qcow2, 32768 requests, then flush',
     image: (dir) =>
       once(dir, 'full.qcow2', (f) => runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536,preallocation=full', f, String(GiB)], { timeoutMs: 300_000 }).then(() => undefined)),
-    fresh: false,
     format: 'qcow2',
     write: true,
     requestSize: 4 * KiB,
@@ -81,6 +85,14 @@ const WORKLOADS: Workload[] = [
     flush: true,
   },
 ];
+
+/** A new empty 1 GiB qcow2 with 64 KiB clusters (replacing the previous run's). */
+async function emptyQcow2(dir: string): Promise<string> {
+  const f = path.join(dir, 'empty.qcow2');
+  fs.rmSync(f, { force: true });
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', f, String(GiB)]);
+  return f;
+}
 
 async function once(dir: string, name: string, make: (file: string) => Promise<void>): Promise<string> {
   const f = path.join(dir, name);
@@ -165,7 +177,7 @@ function median(xs: number[]): number {
 }
 
 function rate(w: Workload, secs: number): string {
-  return w.requestSize >= MiB ? `${((w.count * w.requestSize) / MiB / secs).toFixed(0)} MiB/s` : `${(w.count / secs).toFixed(0)} IOPS`;
+  return w.requestSize >= 64 * KiB ? `${((w.count * w.requestSize) / MiB / secs).toFixed(0)} MiB/s` : `${(w.count / secs).toFixed(0)} IOPS`;
 }
 
 function arg(name: string): string | undefined {
@@ -178,7 +190,7 @@ async function main(): Promise<void> {
     for (const w of WORKLOADS) console.log(`${w.name}\t${w.what}`);
     return;
   }
-  const names = (arg('--workloads') ?? WORKLOADS.map((w) => w.name).join(',')).split(',');
+  const names = (arg('--workloads') ?? 'a,b').split(',');
   const repeat = Number(arg('--repeat') ?? 3);
   const depth = Number(arg('--depth') ?? 1);
   const noQemu = process.argv.includes('--no-qemu');
