@@ -6,7 +6,11 @@
 // What to compare is the ratio node/qemu, not the absolute numbers.
 //
 //   node dist/scripts/node-bench.js [--workloads a,b (default; --list shows all)] [--repeat 3] [--depth 1] [--dir DIR]
-//                                  [--no-qemu] [--list]
+//                                  [--node-only] [--floor] [--list]
+//
+// --floor adds a third run: the same requests as bare fs.write calls on a raw file (the
+// libuv round trip drivers/protocol/file.ts makes per request, nothing above it).
+// --dir on tmpfs (/dev/shm/...) takes disk writeback out of the numbers.
 //
 // A workload is an entry in WORKLOADS: how to make its image (once, cached in --dir,
 // or afresh per run), what requests to send, and the matching qemu-img bench arguments.
@@ -42,6 +46,8 @@ interface Workload {
   size: number;
   /** Flush once after the last request (timed). */
   flush: boolean;
+  /** For --floor: the raw file the bare-syscall run uses (a new empty one, or a preallocated one kept in --dir). */
+  floor: 'empty' | 'full';
 }
 
 const STRIDE_4K = 4 * KiB * 40503; // odd multiple of 4 KiB: visits every 4 KiB block of 1 GiB once per 262144 requests
@@ -58,6 +64,7 @@ const WORKLOADS: Workload[] = [
     step: MiB,
     size: GiB,
     flush: true,
+    floor: 'empty',
   },
   {
     name: 'a128',
@@ -70,6 +77,7 @@ const WORKLOADS: Workload[] = [
     step: 128 * KiB,
     size: GiB,
     flush: true,
+    floor: 'empty',
   },
   {
     name: 'b',
@@ -83,8 +91,57 @@ const WORKLOADS: Workload[] = [
     step: STRIDE_4K,
     size: GiB,
     flush: true,
+    floor: 'full',
   },
 ];
+
+/** The raw file for the --floor run. */
+async function floorFile(w: Workload, dir: string): Promise<string> {
+  if (w.floor === 'full') return once(dir, 'floor-full.raw', (f) => runOk('qemu-img', ['create', '-q', '-f', 'raw', '-o', 'preallocation=full', f, String(w.size)]).then(() => undefined));
+  const f = path.join(dir, 'floor-empty.raw');
+  fs.rmSync(f, { force: true });
+  fs.writeFileSync(f, '');
+  return f;
+}
+
+/**
+ * The same requests as bare fs.write calls (libuv's thread pool, as drivers/protocol/file.ts
+ * does) on a raw file, then fdatasync: what the protocol round trip alone costs, with
+ * no format, cache or FUSE layer above it.
+ */
+async function runFloor(w: Workload, file: string, depth: number): Promise<Timing> {
+  const fd = fs.openSync(file, w.write ? 'r+' : 'r');
+  try {
+    const buffers = Array.from({ length: depth }, (_, i) => Buffer.alloc(w.requestSize, 0xa5 + i));
+    let next = 0;
+    let offset = 0;
+    const c0 = process.cpuUsage();
+    const m0 = threadCpu();
+    const t0 = process.hrtime.bigint();
+    const io = (buf: Buffer, at: number): Promise<void> =>
+      new Promise((resolve, reject) => {
+        const cb = (err: Error | null): void => (err ? reject(err) : resolve());
+        if (w.write) fs.write(fd, buf, 0, buf.length, at, cb);
+        else fs.read(fd, buf, 0, buf.length, at, cb);
+      });
+    await Promise.all(
+      buffers.map(async (buf) => {
+        while (next < w.count) {
+          next++;
+          const at = offset;
+          offset = (offset + w.step) % w.size;
+          await io(buf, at);
+        }
+      }),
+    );
+    if (w.flush) await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+    const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+    const c = process.cpuUsage(c0);
+    return { wall, cpu: (c.user + c.system) / 1e6, main: threadCpu() - m0 };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
 
 /** A new empty 1 GiB qcow2 with 64 KiB clusters (replacing the previous run's). */
 async function emptyQcow2(dir: string): Promise<string> {
@@ -122,6 +179,15 @@ interface Timing {
   wall: number;
   /** CPU seconds of the whole process (user + system, every thread). */
   cpu: number;
+  /** tsmount only: CPU seconds of the main (JavaScript) thread. */
+  main?: number;
+}
+
+/** CPU seconds the calling thread has used (/proc/thread-self/stat utime + stime; 10 ms resolution). */
+function threadCpu(): number {
+  const f = fs.readFileSync('/proc/thread-self/stat', 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 /** The workload through tsmount's node, `depth` requests in flight. */
@@ -132,6 +198,7 @@ async function runNode(w: Workload, file: string, depth: number): Promise<Timing
     let next = 0;
     let offset = 0;
     const c0 = process.cpuUsage();
+    const m0 = threadCpu();
     const t0 = process.hrtime.bigint();
     const worker = async (slot: number): Promise<void> => {
       const buf = buffers[slot]!;
@@ -147,7 +214,7 @@ async function runNode(w: Workload, file: string, depth: number): Promise<Timing
     if (w.flush) await node.flush();
     const wall = Number(process.hrtime.bigint() - t0) / 1e9;
     const c = process.cpuUsage(c0);
-    return { wall, cpu: (c.user + c.system) / 1e6 };
+    return { wall, cpu: (c.user + c.system) / 1e6, main: threadCpu() - m0 };
   } finally {
     await node.close();
   }
@@ -195,6 +262,7 @@ async function main(): Promise<void> {
   const depth = Number(arg('--depth') ?? 1);
   const noQemu = process.argv.includes('--no-qemu');
   const nodeOnly = process.argv.includes('--node-only');
+  const floor = process.argv.includes('--floor');
   const dir = arg('--dir') ?? path.join(os.tmpdir(), 'tsmount-node-bench');
   fs.mkdirSync(dir, { recursive: true });
   for (const name of names) {
@@ -202,6 +270,7 @@ async function main(): Promise<void> {
     if (!w) throw new Error(`no workload '${name}' (--list shows them)`);
     const ts: Timing[] = [];
     const qs: Timing[] = [];
+    const fl: Timing[] = [];
     let qemuBase = 0;
     if (!noQemu && !nodeOnly) qemuBase = (await runQemu(w, await w.image(dir), depth, depth)).cpu;
     for (let r = 0; r < repeat; r++) {
@@ -216,11 +285,12 @@ async function main(): Promise<void> {
           qs.push({ wall: q.wall, cpu: Math.max(0.001, q.cpu - qemuBase) });
         }
       }
+      if (floor) fl.push(await runFloor(w, await floorFile(w, dir), depth));
     }
-    const secs = (xs: Timing[], k: keyof Timing): string => xs.map((x) => x[k].toFixed(3)).join(', ');
+    const secs = (xs: Timing[], k: keyof Timing): string => xs.map((x) => (x[k] ?? 0).toFixed(3)).join(', ');
     const line = [
       `${w.name}: ${w.what}, depth ${depth}`,
-      `  tsmount node:   ${rate(w, median(ts.map((x) => x.wall)))}; wall ${secs(ts, 'wall')} s; cpu ${secs(ts, 'cpu')} s`,
+      `  tsmount node:   ${rate(w, median(ts.map((x) => x.wall)))}; wall ${secs(ts, 'wall')} s; cpu ${secs(ts, 'cpu')} s, of it main thread ${secs(ts, 'main')} s`,
     ];
     if (qs.length > 0) {
       line.push(`  qemu-img bench: ${rate(w, median(qs.map((x) => x.wall)))}; wall ${secs(qs, 'wall')} s; cpu ${secs(qs, 'cpu')} s (start-up cpu ${qemuBase.toFixed(3)} s subtracted)`);
@@ -228,6 +298,11 @@ async function main(): Promise<void> {
       const cpu = ts.map((t, i) => qs[i]!.cpu / t.cpu);
       const fmt = (r: number[]): string => `${median(r).toFixed(2)} (${Math.min(...r).toFixed(2)}..${Math.max(...r).toFixed(2)})`;
       line.push(`  ratio tsmount/qemu: speed (wall) ${fmt(wall)}; cpu efficiency (qemu cpu / tsmount cpu) ${fmt(cpu)}`);
+    }
+    if (fl.length > 0) {
+      line.push(`  bare fs.write on a raw file: ${rate(w, median(fl.map((x) => x.wall)))}; wall ${secs(fl, 'wall')} s; cpu ${secs(fl, 'cpu')} s, of it main thread ${secs(fl, 'main')} s`);
+      const r = ts.map((t, i) => fl[i]!.wall / t.wall);
+      line.push(`  ratio tsmount/bare fs.write (speed): ${median(r).toFixed(2)} (${Math.min(...r).toFixed(2)}..${Math.max(...r).toFixed(2)})`);
     }
     console.log(line.join('\n'));
   }
