@@ -193,7 +193,7 @@ describe('qcow2 format driver', function () {
   });
 
   describe('writing', function () {
-    type Op = { kind: 'write'; off: number; len: number } | { kind: 'zero'; off: number; len: number; unmap: boolean };
+    type Op = { kind: 'write'; off: number; len: number } | { kind: 'zero'; off: number; len: number; unmap: boolean } | { kind: 'flush' };
 
     /** Apply ops through tsmount and to a raw reference; then check and compare. */
     async function writeAndCompare(f: string, ops: Op[], opts: { concurrent?: boolean } = {}): Promise<void> {
@@ -202,7 +202,9 @@ describe('qcow2 format driver', function () {
       const node = await openTestImage(f, { rw: true });
       try {
         const apply = async (op: Op, i: number): Promise<void> => {
-          if (op.kind === 'write') {
+          if (op.kind === 'flush') {
+            await node.flush();
+          } else if (op.kind === 'write') {
             const data = pattern(op.len, i + 1);
             await node.write(op.off, data);
             patch(ref, op.off, data);
@@ -305,6 +307,47 @@ describe('qcow2 format driver', function () {
       const ops: Op[] = [];
       for (let i = 0; i < 96; i++) ops.push({ kind: 'write', off: i * 300 * KiB + (i % 5) * 511, len: 1 + ((i * 7919) % (128 * KiB)) });
       await writeAndCompare(f, ops, { concurrent: true });
+    });
+
+    // Allocating writes run their data I/O outside the node mutex: writes to different
+    // bytes of one cluster that is being allocated must wait for each other, not both
+    // allocate it (the one whose L2 entry lands last would hide the other's bytes).
+    const sharedClusterOps = (cs: number): Op[] => {
+      const ops: Op[] = [];
+      for (let c = 0; c < 24; c++) {
+        const base = c * 3 * cs + (c % 3) * 512;
+        const parts = 2 + (c % 4);
+        const part = Math.floor(cs / parts / 512) * 512 || 512;
+        for (let k = 0; k < parts; k++) ops.push({ kind: 'write', off: base + k * part, len: part - (k % 2) * 100 });
+        if (c % 5 === 0) ops.push({ kind: 'flush' });
+        if (c % 7 === 3) ops.push({ kind: 'zero', off: base + parts * part + 7, len: 1000, unmap: c % 2 === 0 });
+      }
+      // One request over several of those clusters at once, and one spanning an L2 table boundary.
+      ops.push({ kind: 'write', off: 80 * cs + 100, len: 5 * cs });
+      ops.push({ kind: 'write', off: 82 * cs - 4096, len: 4096 });
+      return ops;
+    };
+    const sharedCases: { title: string; opts: Record<string, string | number>; cs: number }[] = [
+      { title: '64 KiB clusters', opts: {}, cs: 64 * KiB },
+      { title: '4 KiB clusters', opts: { cluster_size: 4096 }, cs: 4096 },
+      { title: 'extended L2 (subclusters)', opts: { cluster_size: 65536, extended_l2: 'on' }, cs: 64 * KiB },
+    ];
+    for (const c of sharedCases) {
+      it(`keeps concurrent writes to different parts of one cluster being allocated (${c.title})`, async function () {
+        const f = file('cs.qcow2');
+        await createImage(f, 'qcow2', 12 * MiB, c.opts);
+        await qemuIo(f, 'qcow2', [`write -P 0x10 0 ${c.cs}`, `write -z ${9 * c.cs} ${c.cs}`]);
+        await writeAndCompare(f, sharedClusterOps(c.cs), { concurrent: true });
+      });
+    }
+
+    it('keeps concurrent partial writes over a backing file apart (copy-on-write from the backing file)', async function () {
+      const base = file('csb-base.qcow2');
+      const f = file('csb-top.qcow2');
+      await createImage(base, 'qcow2', 12 * MiB);
+      await qemuIo(base, 'qcow2', ['write -P 0x99 0 12M']);
+      await createImage(f, 'qcow2', 12 * MiB, {}, { file: path.basename(base), format: 'qcow2' });
+      await writeAndCompare(f, sharedClusterOps(64 * KiB), { concurrent: true });
     });
 
     it('grows the refcount table when the image outgrows it (512-byte clusters, refcount_bits=64)', async function () {
