@@ -40,6 +40,9 @@ const FUSE_BIG_WRITES = 1 << 5;
 const FUSE_ASYNC_DIO = 1 << 15;
 const FUSE_PARALLEL_DIROPS = 1 << 18;
 const FUSE_MAX_PAGES = 1 << 22;
+const FUSE_INIT_EXT = 1 << 30;
+/** FUSE_DIRECT_IO_ALLOW_MMAP is bit 36: bit 4 of flags2 (protocol 7.39). */
+const FUSE_DIRECT_IO_ALLOW_MMAP_HI = 1 << 4;
 
 const FOPEN_DIRECT_IO = 1 << 0;
 const FOPEN_KEEP_CACHE = 1 << 1;
@@ -91,7 +94,12 @@ interface DevConfig {
   kernelOptions: string[];
   maxWrite: number;
   maxReadahead: number;
-  openFlags: number;
+  /**
+   * How opens use the kernel's page cache: 'auto' keeps it for files that cannot
+   * change (read-only mounts, snapshots) and bypasses it for writable ones; 'kernel'
+   * and 'direct' force one way for every file (-o kernel_cache, -o direct_io).
+   */
+  pageCache: 'auto' | 'kernel' | 'direct';
 }
 
 /** Options libfuse users know; each maps to a kernel option, a flag, or our own setting. */
@@ -101,7 +109,7 @@ function configure(opts: MountOptions): DevConfig {
     kernelOptions: ['default_permissions', ...(opts.allowOther ? ['allow_other'] : [])],
     maxWrite: DEFAULT_MAX_WRITE,
     maxReadahead: DEFAULT_MAX_WRITE,
-    openFlags: FOPEN_KEEP_CACHE,
+    pageCache: 'auto',
   };
   const flagOpts: Record<string, number> = { ro: MS_RDONLY, noexec: MS_NOEXEC, sync: MS_SYNCHRONOUS, dirsync: MS_DIRSYNC, noatime: MS_NOATIME };
   const size = (o: string, v: string | undefined, min: number, max: number): number => {
@@ -119,8 +127,8 @@ function configure(opts: MountOptions): DevConfig {
       } else if (key === 'max_read') cfg.kernelOptions.push(`max_read=${size(key, value, PAGE, 1 << 30)}`);
       else if (key === 'max_write') cfg.maxWrite = size(key, value, PAGE, DEFAULT_MAX_WRITE);
       else if (key === 'max_readahead') cfg.maxReadahead = size(key, value, 0, 1 << 30);
-      else if (key === 'kernel_cache') cfg.openFlags = (cfg.openFlags & ~FOPEN_DIRECT_IO) | FOPEN_KEEP_CACHE;
-      else if (key === 'direct_io') cfg.openFlags = (cfg.openFlags & ~FOPEN_KEEP_CACHE) | FOPEN_DIRECT_IO;
+      else if (key === 'kernel_cache') cfg.pageCache = 'kernel';
+      else if (key === 'direct_io') cfg.pageCache = 'direct';
       // libfuse 2 options that are how this backend always works, or mean nothing here.
       else if (['big_writes', 'async_read', 'nonempty', 'auto_cache', 'hard_remove', 'use_ino'].includes(key)) continue;
       else throw new FuseError(`-o ${o}: not a mount option tsmount knows`, E.EINVAL);
@@ -367,7 +375,11 @@ class Session implements FuseMount {
       return;
     }
     const want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES;
-    const flags = want & kernelFlags;
+    const flags = (want & kernelFlags) | (kernelFlags & FUSE_INIT_EXT);
+    // Shared mmap of a direct_io file (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6+): without
+    // it, mmap of a writable flat file would fail with ENODEV.
+    const kernelFlags2 = minor >= 36 && kernelFlags & FUSE_INIT_EXT ? body.readUInt32LE(16) : 0;
+    const flags2 = kernelFlags2 & FUSE_DIRECT_IO_ALLOW_MMAP_HI;
     const o = OUT_HEADER;
     out.writeUInt32LE(KERNEL_MAJOR, o);
     out.writeUInt32LE(Math.min(minor, OUR_MINOR), o + 4);
@@ -380,8 +392,9 @@ class Session implements FuseMount {
     out.writeUInt32LE(maxWrite, o + 20);
     out.writeUInt32LE(1, o + 24); // time_gran: nanoseconds
     out.writeUInt16LE(Math.ceil(maxWrite / PAGE), o + 28);
+    out.writeUInt32LE(flags2, o + 32);
     this.send(out, unique, 0, minor < 23 ? OUT_HEADER + 24 : OUT_HEADER + INIT_OUT);
-    debug('FUSE %d.%d, flags %s, max_write %d', major, minor, flags.toString(16), maxWrite);
+    debug('FUSE %d.%d, flags %s/%s, max_write %d', major, minor, flags.toString(16), flags2.toString(16), maxWrite);
     this.initDone();
   }
 
@@ -453,10 +466,12 @@ class Session implements FuseMount {
         return this.attrReply(unique, nodeid, path);
       }
       case OP.OPEN: {
-        const fh = await this.ops.open(this.pathOf(nodeid), body.readUInt32LE(0));
+        const path = this.pathOf(nodeid);
+        const fh = await this.ops.open(path, body.readUInt32LE(0));
+        const writable = ((await this.ops.getattr(path)).mode & 0o222) !== 0;
         const out = replyBuf(16);
         putU64(out, OUT_HEADER, fh);
-        out.writeUInt32LE(this.cfg.openFlags, OUT_HEADER + 8);
+        out.writeUInt32LE(this.openFlags(writable), OUT_HEADER + 8);
         this.send(out, unique);
         return;
       }
@@ -517,6 +532,20 @@ class Session implements FuseMount {
         // not to ask again where it can, and it falls back to what it does itself.
         throw new FuseError(`opcode ${opcode}`, E.ENOSYS);
     }
+  }
+
+  /**
+   * A file that cannot change keeps its pages across opens (FOPEN_KEEP_CACHE): reads
+   * get the kernel's readahead and re-reads cost nothing. A writable file bypasses the
+   * page cache (FOPEN_DIRECT_IO, as qemu-storage-daemon's export does): every open of
+   * it alike, so no reader holds pages a writer made stale. A write is then one copy
+   * from the writer's buffer into the request, not a copy into page cache pages first:
+   * measured 1.6-2x on 1 MiB sequential writes. Readers of a writable file get
+   * requests as large as their read(2) calls instead of readahead.
+   */
+  private openFlags(writable: boolean): number {
+    const direct = this.cfg.pageCache === 'direct' || (this.cfg.pageCache === 'auto' && writable);
+    return direct ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE;
   }
 
   private async readdir(nodeid: number, body: Buffer, unique: number): Promise<void> {

@@ -43,7 +43,7 @@ describe('FUSE layer: /dev/fuse served directly', function () {
       else process.env.DEBUG = prev;
     }
     await mounts.unmount(path.join(tmp.dir, 'neg'));
-    expect(fs.readFileSync(log, 'utf8')).to.match(/FUSE 7\.\d+, flags [0-9a-f]+, max_write 1048576/);
+    expect(fs.readFileSync(log, 'utf8')).to.match(/FUSE 7\.\d+, flags [0-9a-f]+\/[0-9a-f]+, max_write 1048576/);
   });
 
   it('punches holes and zeroes ranges with fallocate(2): the image reads zeros there and stays clean', async () => {
