@@ -2,7 +2,6 @@
 import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { UsageError, IoError } from '../drivers/errors.js';
-import { umount2, SysError } from '../drivers/protocol/sys.js';
 import { findMount, serverAlive } from '../fs/mounts.js';
 
 const EBUSY = 16;
@@ -22,6 +21,8 @@ export async function unmount(mountpoint: string, timeoutMs = 300_000): Promise<
   const mp = path.resolve(mountpoint);
   const m = findMount(mp);
   if (!m) throw new UsageError(`${mountpoint}: not a tsmount mount`);
+  // koffi loads here, not when tsmount starts a mount (it would cost every mount ~12 ms).
+  const { umount2, SysError } = await import('../drivers/protocol/sys.js');
   try {
     umount2(mp, 0);
   } catch (err) {

@@ -22,12 +22,9 @@ export interface UnlockedLuks {
   sectorSize: number;
 }
 
-/** 1 or 2 when `head` starts with a LUKS header of that version, else 0. */
-export function luksVersion(head: Uint8Array): 0 | 1 | 2 {
-  if (head.length < 8 || !LUKS_MAGIC.every((m, i) => head[i] === m)) return 0;
-  const v = (head[6]! << 8) | head[7]!;
-  return v === 1 ? 1 : v === 2 ? 2 : 0;
-}
+import { luksVersion } from './magic.js';
+
+export { luksVersion };
 
 /**
  * Read the LUKS header through `reader`, try every key slot with the passphrase, and

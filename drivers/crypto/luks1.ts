@@ -8,7 +8,9 @@ import { makeSectorCipher, type SectorCipher } from './modes.js';
 import { parseModeSpec, type CipherSpec } from './spec.js';
 import { essivKeyLength } from './ivgen.js';
 
-export const LUKS_MAGIC = Uint8Array.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]); // "LUKS\xba\xbe"
+import { LUKS_MAGIC } from './magic.js';
+
+export { LUKS_MAGIC };
 export const SECTOR = 512;
 
 /** The phdr, big-endian throughout (spec section 2.4, table 1). */

@@ -5,8 +5,9 @@
 import { makeBlockCipher, type BlockCipher } from './cipher.js';
 import { IvGenerator, type IvGenName } from './ivgen.js';
 
-export type CipherMode = 'xts' | 'cbc' | 'ecb' | 'ctr';
-export const CIPHER_MODES: readonly CipherMode[] = ['xts', 'cbc', 'ecb', 'ctr'];
+import type { CipherMode } from './magic.js';
+
+export { CIPHER_MODES, type CipherMode } from './magic.js';
 
 export interface SectorCipherSpec {
   /** Cipher family as LUKS names it: aes, serpent, twofish, cast5... */

@@ -2,28 +2,44 @@
 // --image-opts property syntax turned into an image name these drivers claim.
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
-import { NbdNode } from './nbd/node.js';
+// The clients themselves (ssh2 alone takes ~40 ms to load) come in on first use, so
+// mounting a local image does not pay for them.
+import type { SshSessions } from './ssh/node.js';
 import { formatNbdUri, isNbdSpec, nbdStem, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
-import { SshNode, SshSessions } from './ssh/node.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
 
 export const nbdProtocol: ProtocolDriver = {
   name: 'nbd',
   claims: isNbdSpec,
-  open: (spec, opts) => NbdNode.open(spec, { readOnly: opts.readOnly, cache: opts.cache }),
+  open: async (spec, opts) => (await import('./nbd/node.js')).NbdNode.open(spec, { readOnly: opts.readOnly, cache: opts.cache }),
   resolveRelative: resolveNbdRelative,
   stem: nbdStem,
 };
 
 /** The ssh driver with its sessions: nodes of one chain on one server share a connection. */
-export function makeSshProtocol(sessions = new SshSessions()): ProtocolDriver {
+export function makeSshProtocol(given?: SshSessions): ProtocolDriver {
+  let sessions = given;
+  const load = async () => {
+    const m = await import('./ssh/node.js');
+    sessions ??= new m.SshSessions();
+    return { SshNode: m.SshNode, sessions };
+  };
   return {
     name: 'ssh',
     claims: isSshSpec,
-    open: (spec, opts) => SshNode.open(spec, { readOnly: opts.readOnly, ignoreFlush: opts.cache === 'unsafe' }, sessions),
+    open: async (spec, opts) => {
+      const { SshNode, sessions: s } = await load();
+      return SshNode.open(spec, { readOnly: opts.readOnly, ignoreFlush: opts.cache === 'unsafe' }, s);
+    },
     resolveRelative: resolveSshRelative,
-    create: (spec) => SshNode.create(spec, sessions),
-    remove: (spec) => SshNode.remove(spec, sessions),
+    create: async (spec) => {
+      const { SshNode, sessions: s } = await load();
+      return SshNode.create(spec, s);
+    },
+    remove: async (spec) => {
+      const { SshNode, sessions: s } = await load();
+      return SshNode.remove(spec, s);
+    },
     stem: sshStem,
   };
 }

@@ -4,10 +4,11 @@
 import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, ReadOnlyError, UsageError } from '../../errors.js';
 import { AlignFilter } from '../../filters/align.js';
-import { createLuks1, luksVersion, unlockLuks, type SectorCipher } from '../../crypto/index.js';
+import type { SectorCipher } from '../../crypto/index.js';
+import { luksVersion } from '../../crypto/magic.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
-import { CIPHER_MODES } from '../../crypto/modes.js';
+import { CIPHER_MODES } from '../../crypto/magic.js';
 
 class LuksNode implements BlockNode {
   private readonly unit: number;
@@ -60,6 +61,7 @@ function probe(head: Uint8Array): number {
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
   if (opts.secret === undefined) throw new UsageError(`${name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
+  const { unlockLuks } = await import('../../crypto/index.js');
   const v = await unlockLuks(file, opts.secret);
   if (v.payloadOffset > file.size) throw new CorruptImageError(`${name}: LUKS payload offset ${v.payloadOffset} lies past the end of the file`);
   const available = file.size - v.payloadOffset;
@@ -96,6 +98,7 @@ async function create(req: CreateRequest): Promise<void> {
   if (req.size === undefined) throw new UsageError(`${req.spec}: luks images need a size`);
   if (ivgen === 'essiv' && ivHash === undefined) ivHash = 'sha256';
   const [family, bits] = alg.split('-') as [string, string];
+  const { createLuks1 } = await import('../../crypto/index.js');
   const made = await createLuks1(
     { cipher: family, cipherKeyBytes: Number(bits) / 8, mode, ivgen, ivHash, hash, iterTimeMs: iterTime, passphrase: Buffer.from(secret, 'utf8') },
     req.spec,

@@ -7,10 +7,10 @@
 import crypto from 'node:crypto';
 import type { BlockNode } from '../../types.js';
 import { BadPassphraseError, CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
-import { createLuks1, unlockLuks, type SectorCipher } from '../../crypto/index.js';
+import type { SectorCipher } from '../../crypto/index.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
-import { CIPHER_MODES } from '../../crypto/modes.js';
+import { CIPHER_MODES } from '../../crypto/magic.js';
 
 export const SECTOR = 512;
 
@@ -78,6 +78,7 @@ export async function openCrypt(file: BlockNode, method: number, cryptoHeader: {
     size: cryptoHeader.length,
     read: (offset: number, dst: Uint8Array) => file.read(cryptoHeader.offset + offset, dst),
   };
+  const { unlockLuks } = await import('../../crypto/index.js');
   const v = await unlockLuks(reader, secret);
   return { cipher: v.sectorCipher, physical: true };
 }
@@ -100,6 +101,7 @@ export async function createLuksHeader(opts: Map<string, string>, secret: string
   if (!Number.isInteger(iterTime) || iterTime < 1) throw new UsageError(`invalid value '${iterText}' for encrypt.iter-time (milliseconds)`);
   if (ivgen === 'essiv' && ivHash === undefined) ivHash = 'sha256';
   const [family, bits] = alg.split('-') as [string, string];
+  const { createLuks1 } = await import('../../crypto/index.js');
   const made = await createLuks1(
     { cipher: family, cipherKeyBytes: Number(bits) / 8, mode, ivgen, ivHash, hash, iterTimeMs: iterTime, passphrase: Buffer.from(secret, 'utf8') },
     spec,
