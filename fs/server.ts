@@ -17,8 +17,12 @@ import { findMount } from './mounts.js';
 
 const debug = createDebug('tsmount:server');
 
-/** Kernel readahead per mount (fuse.ts setReadahead says why). */
-const READAHEAD_KIB = Number(process.env.TSMOUNT_READAHEAD_KIB ?? 512);
+/**
+ * Kernel readahead per mount (fuse.ts setReadahead says why): one full request. With
+ * 512 KiB, a reader's 1 MiB read(2) was served in two halves, one after the other
+ * (850 MB/s against 1.7 GB/s with 1 MiB, on the same image, same run).
+ */
+const READAHEAD_KIB = Number(process.env.TSMOUNT_READAHEAD_KIB ?? 1024);
 
 export interface ServeOptions {
   images: string[];
