@@ -8,7 +8,7 @@ import { closeLayers, readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
-import { decompressCluster } from './compress.js';
+import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
 import { HDR, LIMITS } from './header.js';
 import { Mutex } from './mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
@@ -81,6 +81,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private readonly crypt: DataCrypt | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
+  /** Releases this node's use of the inflate workers (taken at the first compressed read). */
+  private releaseInflate: (() => void) | undefined;
 
   constructor(o: Qcow2NodeOptions) {
     this.file = o.file;
@@ -198,25 +200,46 @@ export class Qcow2Node implements BlockNode, HasBacking {
     // Past the end of the file there is nothing to read (a corrupt length); each
     // cluster then gets what there is, and fails to decompress as it would alone.
     const stop = Math.max(start, Math.min(end, this.file.size));
+    // Shared memory, so that the inflate workers read the compressed bytes in place.
     const pooled = stop - start <= COMPRESSED_POOL_BYTES ? this.inputPool.pop() : undefined;
-    const buf = (pooled ?? Buffer.allocUnsafe(Math.max(stop - start, stop - start <= COMPRESSED_POOL_BYTES ? COMPRESSED_POOL_BYTES : 0))).subarray(0, stop - start);
+    const buf = (pooled ?? Buffer.from(new SharedArrayBuffer(Math.max(stop - start, COMPRESSED_POOL_BYTES)))).subarray(0, stop - start);
     const shared = stop > start ? this.file.read(start, buf).then(() => buf) : Promise.resolve(buf);
-    const done = group.map((run) => {
-      const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
+    // Each cluster's promise is made now (so that overlapping reads share it) and
+    // settled once the bytes are read and the workers have inflated them.
+    const results = new Map<number, Promise<Buffer>>();
+    const todo: { run: Run; resolve: (b: Buffer) => void; reject: (e: unknown) => void }[] = [];
+    for (const run of group) {
+      if (results.has(run.cOffset)) continue;
       let p = this.decompressed.get(run.cOffset);
       if (!p) {
-        const what = `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}`;
-        p = shared.then((b) => {
-          const from = run.cOffset - start;
-          const to = Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start);
-          return decompressCluster(this.compressionType, b.subarray(from, to), this.cs, what);
-        });
+        p = new Promise<Buffer>((resolve, reject) => todo.push({ run, resolve, reject }));
         this.keepDecompressed(run.cOffset, p);
       }
-      return p.then((c) => {
+      results.set(run.cOffset, p);
+    }
+    shared.then(
+      (b) => {
+        const parts = todo.map(({ run }) => {
+          const from = run.cOffset - start;
+          return { from, to: Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start), what: `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}` };
+        });
+        try {
+          this.useInflate();
+          decompressClusters(this.compressionType, b, parts, this.cs).forEach((p, i) => p.then(todo[i]!.resolve, todo[i]!.reject));
+        } catch (err) {
+          for (const t of todo) t.reject(err);
+        }
+      },
+      (err: unknown) => {
+        for (const t of todo) t.reject(err);
+      },
+    );
+    const done = group.map((run) =>
+      results.get(run.cOffset)!.then((c) => {
+        const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
         sub.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length));
-      });
-    });
+      }),
+    );
     // The input buffer goes back to the pool only once no inflate reads it any more.
     const settled = await Promise.allSettled(done);
     if (buf.buffer.byteLength === COMPRESSED_POOL_BYTES && this.inputPool.length < COMPRESSED_POOL_KEEP) this.inputPool.push(Buffer.from(buf.buffer, buf.byteOffset, COMPRESSED_POOL_BYTES));
@@ -248,10 +271,16 @@ export class Qcow2Node implements BlockNode, HasBacking {
       const n = Math.max(0, Math.min(cLength, this.file.size - cOffset));
       const buf = Buffer.allocUnsafe(n);
       if (n > 0) await this.file.read(cOffset, buf);
-      return decompressCluster(this.compressionType, buf, this.cs, `${this.name}: guest offset 0x${guest.toString(16)}`);
+      this.useInflate();
+      return decompressClusters(this.compressionType, buf, [{ from: 0, to: n, what: `${this.name}: guest offset 0x${guest.toString(16)}` }], this.cs)[0]!;
     })();
     this.keepDecompressed(cOffset, p);
     return p;
+  }
+
+  /** Count this node as a user of the inflate workers (until close). */
+  private useInflate(): void {
+    if (!this.releaseInflate && !this.closed) this.releaseInflate = acquireInflatePool();
   }
 
   /** Remember a cluster's decompression (a failed one is forgotten, so a retry reads again). */
@@ -733,6 +762,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.releaseInflate?.();
     if (this.isView) return;
     await closeLayers(this, this.backing, this.data !== this.file ? this.data : undefined, this.file);
   }
