@@ -135,8 +135,9 @@ const port = parentPort;
 if (port) {
   port.on('message', (job: InflateJob) => {
     const n = job.ranges.length / 2;
-    const out = new ArrayBuffer(n * job.clusterSize + INFLATE_SLACK);
-    const view = new Uint8Array(out);
+    // Not zeroed (every byte handed back is written); its own ArrayBuffer, so it can be transferred.
+    const view = Buffer.allocUnsafeSlow(n * job.clusterSize + INFLATE_SLACK);
+    const out = view.buffer as ArrayBuffer;
     const ok = new Uint8Array(n);
     for (let i = 0; i < n; i++) {
       try {
