@@ -121,6 +121,8 @@ function decompressInto(job: InflateJob, i: number, out: Uint8Array): boolean {
   }
   if (job.type === COMPRESSION.zstd) {
     const dst = out.subarray(i * cs, (i + 1) * cs);
+    // As decompressCluster's Buffer.alloc: a frame fzstd accepts short leaves zeros.
+    dst.fill(0);
     const frame = input.subarray(0, zstdFrameLength(input, ''));
     const res = zstdDecompress(frame, dst);
     if (res === dst) return true;
