@@ -106,6 +106,29 @@ describe('qcow2 inflate workers', function () {
     });
   }
 
+  it('hands each cluster to `use`, and resolves to a copy only where `keep` says so', async function () {
+    const release = acquireInflatePool();
+    try {
+      const packed = [zlib.deflateRawSync(a), zlib.deflateRawSync(b), Buffer.alloc(64, 0xff)];
+      const src = Buffer.from(new SharedArrayBuffer(packed.reduce((n, c) => n + c.length, 0)));
+      const used: Buffer[] = [];
+      let at = 0;
+      const parts = packed.map((c, i) => {
+        src.set(c, at);
+        at += c.length;
+        return { from: at - c.length, to: at, what: `c${i}`, use: (x: Uint8Array) => void (used[i] = Buffer.from(x)), keep: () => i === 0 };
+      });
+      const got = await Promise.all(decompressClusters(COMPRESSION.zlib, src, parts, CS).map(outcome));
+      expect(used[0]!.equals(a) && used[1]!.equals(b)).to.equal(true);
+      expect(used[2]).to.equal(undefined);
+      expect(got[0]).to.deep.equal({ bytes: a });
+      expect(got[1]).to.deep.equal({ bytes: Buffer.alloc(0) });
+      expect(got[2]).to.deep.equal(await outcome(decompressCluster(COMPRESSION.zlib, packed[2]!, CS, 'c2')));
+    } finally {
+      release();
+    }
+  });
+
   it('an unsupported compression type fails as decompressCluster fails', async function () {
     const release = acquireInflatePool();
     try {

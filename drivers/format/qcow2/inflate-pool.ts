@@ -11,7 +11,7 @@
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import createDebug from 'debug';
-import { COMPRESSION, decompressCluster } from './compress.js';
+import { COMPRESSION, INFLATE_SLACK, decompressCluster } from './compress.js';
 import type { InflateJob, InflateResult } from './inflate-worker.js';
 
 const debug = createDebug('tsmount:inflate');
@@ -146,7 +146,27 @@ export interface ClusterPart {
   to: number;
   /** Names the cluster in errors (see decompressCluster). */
   what: string;
+  /**
+   * Called once with the cluster's bytes before its promise settles; they are valid
+   * only during the call (the workers' output memory is reused right after).
+   */
+  use?: (bytes: Uint8Array) => void;
+  /**
+   * Asked after `use`: whether the promise must resolve to a copy of the bytes. When
+   * it says no, the promise resolves to an empty Buffer (nobody can read it any more).
+   */
+  keep?: () => boolean;
 }
+
+/**
+ * Output memory for the workers, reused: a new buffer per batch costs the main
+ * thread more in garbage collection (external memory) than the inflate machinery
+ * the workers take off it.
+ */
+const SLAB_BYTES = (1 << 20) + INFLATE_SLACK;
+const SLABS_KEPT = 16;
+const slabs: SharedArrayBuffer[] = [];
+const EMPTY = Buffer.alloc(0);
 
 /**
  * Decompress clusters whose compressed bytes lie in `src`, one promise per part, each
@@ -160,7 +180,13 @@ export function decompressClusters(type: number, src: Uint8Array, parts: Cluster
     return decompressCluster(type, src.subarray(p.from, p.to), clusterSize, p.what);
   };
   const pl = type === COMPRESSION.zlib || type === COMPRESSION.zstd ? getPool() : undefined;
-  if (!pl || parts.length === 0) return parts.map(inThread);
+  if (!pl || parts.length === 0)
+    return parts.map((p) =>
+      inThread(p).then((b) => {
+        p.use?.(b);
+        return !p.keep || p.keep() ? b : EMPTY;
+      }),
+    );
   // One batch per worker: contiguous slices of the parts, as even as can be.
   const k = Math.min(pl.size, parts.length);
   const out: Promise<Buffer>[] = [];
@@ -189,19 +215,42 @@ export function decompressClusters(type: number, src: Uint8Array, parts: Cluster
     }
     const ranges: number[] = [];
     for (const p of slice) ranges.push(base + p.from, base + Math.max(p.from, p.to));
-    const batch = pl.run({ type, clusterSize, buf, ranges }, transfer);
-    slice.forEach((p, i) => {
-      out.push(
-        batch.then(
-          (r) => {
-            if (!r.ok[i]) return inThread(p);
-            counts.workers++;
-            return Buffer.from(r.out, i * clusterSize, clusterSize);
-          },
-          () => inThread(p),
-        ),
-      );
-    });
+    const need = slice.length * clusterSize + INFLATE_SLACK;
+    const slab = (need <= SLAB_BYTES ? slabs.pop() : undefined) ?? new SharedArrayBuffer(Math.max(need, SLAB_BYTES));
+    const settle: { resolve: (b: Buffer) => void; reject: (e: unknown) => void }[] = [];
+    for (const _ of slice) out.push(new Promise<Buffer>((resolve, reject) => settle.push({ resolve, reject })));
+    // A cluster the workers could not decompress is done in-thread: its error (or, should
+    // it after all decompress, its bytes) is decompressCluster's.
+    const alone = (p: ClusterPart, i: number): void => {
+      inThread(p).then((b) => {
+        try {
+          p.use?.(b);
+        } catch (err) {
+          settle[i]!.reject(err);
+          return;
+        }
+        settle[i]!.resolve(!p.keep || p.keep() ? b : EMPTY);
+      }, settle[i]!.reject);
+    };
+    pl.run({ type, clusterSize, buf, ranges, out: slab }, transfer).then(
+      (r) => {
+        // Every cluster's bytes are used or copied before the slab goes back.
+        slice.forEach((p, i) => {
+          if (!r.ok[i]) return alone(p, i);
+          counts.workers++;
+          const bytes = new Uint8Array(slab, i * clusterSize, clusterSize);
+          try {
+            p.use?.(bytes);
+            settle[i]!.resolve(!p.keep || p.keep() ? Buffer.from(bytes) : EMPTY);
+          } catch (err) {
+            settle[i]!.reject(err);
+          }
+        });
+        if (slab.byteLength === SLAB_BYTES && slabs.length < SLABS_KEPT) slabs.push(slab);
+      },
+      // The worker died: its slab is not reused (it may still be written to).
+      () => slice.forEach(alone),
+    );
   }
   return out;
 }

@@ -15,12 +15,13 @@ export interface InflateJob {
   clusterSize: number;
   buf: ArrayBuffer | SharedArrayBuffer;
   ranges: number[];
+  /** Where cluster i goes: out[i * clusterSize, (i + 1) * clusterSize); INFLATE_SLACK bytes more past the last. */
+  out: SharedArrayBuffer;
 }
 
-/** Cluster i of a batch is out[i * clusterSize, (i + 1) * clusterSize) where ok[i] is 1. */
+/** ok[i] is 1 where cluster i is in the job's `out`. */
 export interface InflateResult {
   id: number;
-  out: ArrayBuffer;
   ok: Uint8Array;
 }
 
@@ -137,9 +138,7 @@ const port = parentPort;
 if (port) {
   port.on('message', (job: InflateJob) => {
     const n = job.ranges.length / 2;
-    // Not zeroed (every byte handed back is written); its own ArrayBuffer, so it can be transferred.
-    const view = Buffer.allocUnsafeSlow(n * job.clusterSize + INFLATE_SLACK);
-    const out = view.buffer as ArrayBuffer;
+    const view = new Uint8Array(job.out, 0, n * job.clusterSize + INFLATE_SLACK);
     const ok = new Uint8Array(n);
     for (let i = 0; i < n; i++) {
       try {
@@ -148,7 +147,7 @@ if (port) {
         ok[i] = 0;
       }
     }
-    const res: InflateResult = { id: job.id, out, ok };
-    port.postMessage(res, [out]);
+    const res: InflateResult = { id: job.id, ok };
+    port.postMessage(res);
   });
 }

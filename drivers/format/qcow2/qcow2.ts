@@ -74,6 +74,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
   /** In-place writes in flight; freed clusters are not handed out again until they end. */
   private readonly inflight = new Set<Promise<boolean>>();
   private readonly decompressed = new Map<number, Promise<Buffer>>();
+  /** Decompressions another read took from `decompressed` (see takeDecompressed). */
+  private readonly handedOut = new WeakSet<Promise<Buffer>>();
   /** Input buffers for shared reads of compressed clusters, reused (see readCompressedGroup). */
   private readonly inputPool: Buffer[] = [];
   private snapshotViews: { name: string; node: BlockNode }[] = [];
@@ -205,23 +207,44 @@ export class Qcow2Node implements BlockNode, HasBacking {
     const buf = (pooled ?? Buffer.from(new SharedArrayBuffer(Math.max(stop - start, COMPRESSED_POOL_BYTES)))).subarray(0, stop - start);
     const shared = stop > start ? this.file.read(start, buf).then(() => buf) : Promise.resolve(buf);
     // Each cluster's promise is made now (so that overlapping reads share it) and
-    // settled once the bytes are read and the workers have inflated them.
-    const results = new Map<number, Promise<Buffer>>();
-    const todo: { run: Run; resolve: (b: Buffer) => void; reject: (e: unknown) => void }[] = [];
+    // settled once the bytes are read and the workers have inflated them. This
+    // request's own clusters are copied into dst straight from the workers' memory;
+    // a cluster's promise gets a copy of its bytes only if it is still kept or another
+    // read took it.
+    const others = new Map<number, Promise<Buffer>>();
+    const mine = new Map<number, { runs: Run[]; q: Promise<Buffer>; resolve: (b: Buffer) => void; reject: (e: unknown) => void }>();
     for (const run of group) {
-      if (results.has(run.cOffset)) continue;
-      let p = this.decompressed.get(run.cOffset);
-      if (!p) {
-        p = new Promise<Buffer>((resolve, reject) => todo.push({ run, resolve, reject }));
-        this.keepDecompressed(run.cOffset, p);
+      const m = mine.get(run.cOffset);
+      if (m) m.runs.push(run);
+      if (m || others.has(run.cOffset)) continue;
+      const p = this.takeDecompressed(run.cOffset);
+      if (p) {
+        others.set(run.cOffset, p);
+        continue;
       }
-      results.set(run.cOffset, p);
+      let settle!: { resolve: (b: Buffer) => void; reject: (e: unknown) => void };
+      const q = new Promise<Buffer>((resolve, reject) => (settle = { resolve, reject }));
+      mine.set(run.cOffset, { runs: [run], q, ...settle });
+      this.keepDecompressed(run.cOffset, q);
     }
+    const copy = (run: Run, c: Uint8Array): void => {
+      dst.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length), run.guest - base);
+    };
+    const todo = [...mine.values()];
     shared.then(
       (b) => {
-        const parts = todo.map(({ run }) => {
+        const parts = todo.map((t) => {
+          const run = t.runs[0]!;
           const from = run.cOffset - start;
-          return { from, to: Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start), what: `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}` };
+          return {
+            from,
+            to: Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start),
+            what: `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}`,
+            use: (bytes: Uint8Array) => {
+              for (const r of t.runs) copy(r, bytes);
+            },
+            keep: () => this.decompressed.get(run.cOffset) === t.q || this.handedOut.has(t.q),
+          };
         });
         try {
           this.useInflate();
@@ -234,12 +257,11 @@ export class Qcow2Node implements BlockNode, HasBacking {
         for (const t of todo) t.reject(err);
       },
     );
-    const done = group.map((run) =>
-      results.get(run.cOffset)!.then((c) => {
-        const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
-        sub.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length));
-      }),
-    );
+    const done: Promise<void>[] = todo.map((t) => t.q.then(() => undefined));
+    for (const run of group) {
+      const p = others.get(run.cOffset);
+      if (p) done.push(p.then((c) => copy(run, c)));
+    }
     // The input buffer goes back to the pool only once no inflate reads it any more.
     const settled = await Promise.allSettled(done);
     if (buf.buffer.byteLength === COMPRESSED_POOL_BYTES && this.inputPool.length < COMPRESSED_POOL_KEEP) this.inputPool.push(Buffer.from(buf.buffer, buf.byteOffset, COMPRESSED_POOL_BYTES));
@@ -265,7 +287,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
 
   /** The decompressed bytes of a compressed cluster (kept for a few clusters). */
   private readCompressed(cOffset: number, cLength: number, guest: number): Promise<Buffer> {
-    let p = this.decompressed.get(cOffset);
+    let p = this.takeDecompressed(cOffset);
     if (p) return p;
     p = (async () => {
       const n = Math.max(0, Math.min(cLength, this.file.size - cOffset));
@@ -275,6 +297,13 @@ export class Qcow2Node implements BlockNode, HasBacking {
       return decompressClusters(this.compressionType, buf, [{ from: 0, to: n, what: `${this.name}: guest offset 0x${guest.toString(16)}` }], this.cs)[0]!;
     })();
     this.keepDecompressed(cOffset, p);
+    return p;
+  }
+
+  /** A kept cluster's decompression, marked as taken (readCompressedGroup then keeps its bytes). */
+  private takeDecompressed(cOffset: number): Promise<Buffer> | undefined {
+    const p = this.decompressed.get(cOffset);
+    if (p) this.handedOut.add(p);
     return p;
   }
 
