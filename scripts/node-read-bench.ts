@@ -66,6 +66,15 @@ interface Measure {
   speed: number;
   /** CPU seconds (user + system, every thread) per GiB read. */
   cpu: number;
+  /** Of it, the main thread's (NaN for qemu-img). */
+  main: number;
+}
+
+/** CPU seconds the calling thread has used (/proc/thread-self/stat utime + stime; 10 ms resolution). */
+function threadCpu(): number {
+  const f = fs.readFileSync('/proc/thread-self/stat', 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 async function readAll(file: string, format: string, depth: number, req: number, reference: number | undefined): Promise<Measure> {
@@ -84,6 +93,7 @@ async function readAll(file: string, format: string, depth: number, req: number,
     const size = top.size;
     let next = 0;
     const c0 = process.cpuUsage();
+    const m0 = threadCpu();
     const t0 = process.hrtime.bigint();
     const worker = async (): Promise<void> => {
       const buf = Buffer.allocUnsafe(req);
@@ -103,7 +113,7 @@ async function readAll(file: string, format: string, depth: number, req: number,
     await Promise.all(Array.from({ length: depth }, worker));
     const s = Number(process.hrtime.bigint() - t0) / 1e9;
     const c = process.cpuUsage(c0);
-    return { speed: size / s, cpu: (c.user + c.system) / 1e6 / (size / GiB) };
+    return { speed: size / s, cpu: (c.user + c.system) / 1e6 / (size / GiB), main: (threadCpu() - m0) / (size / GiB) };
   } finally {
     await top.close();
   }
@@ -122,7 +132,7 @@ async function anchor(file: string, format: string, depth: number, req: number, 
   const m = /Run completed in ([\d.]+) seconds/.exec(r.stdout);
   const t = /(\d+)m([\d.]+)s (\d+)m([\d.]+)s\s*$/.exec(r.stdout.trim());
   const cpu = t ? Number(t[1]) * 60 + Number(t[2]) + Number(t[3]) * 60 + Number(t[4]) : NaN;
-  return { speed: (count * req) / (m ? Number(m[1]) : wall), cpu: cpu / ((count * req) / GiB) };
+  return { speed: (count * req) / (m ? Number(m[1]) : wall), cpu: cpu / ((count * req) / GiB), main: NaN };
 }
 
 function warm(file: string): void {
@@ -166,8 +176,8 @@ async function main(): Promise<void> {
     const vsize = args.anchor ? await virtualSize(t.file) : 0;
     for (let r = 0; r < args.reps; r++) {
       // Alternate which goes first.
-      let o: Measure = { speed: 0, cpu: 0 };
-      let c: Measure = { speed: 0, cpu: 0 };
+      let o: Measure = { speed: 0, cpu: 0, main: 0 };
+      let c: Measure = { speed: 0, cpu: 0, main: NaN };
       const doOurs = async (): Promise<void> => {
         o = await readAll(t.file, t.format, args.depth, args.req, ref);
       };
@@ -189,7 +199,7 @@ async function main(): Promise<void> {
     }
     if (ref !== undefined) fs.closeSync(ref);
     const speed = (ms: Measure[]): string => mb(median(ms.map((m) => m.speed)));
-    const cpu = (ms: Measure[]): string => `${median(ms.map((m) => m.cpu)).toFixed(2)} cpu-s/GiB`;
+    const cpu = (ms: Measure[]): string => `${median(ms.map((m) => m.cpu)).toFixed(2)} cpu-s/GiB${Number.isNaN(ms[0]!.main) ? '' : ` (main thread ${median(ms.map((m) => m.main)).toFixed(2)})`}`;
     const line = args.anchor
       ? `${t.name}: tsmount ${speed(ours)} ${cpu(ours)}; qemu-img bench ${speed(theirs)} ${cpu(theirs)}; speed ratio ${median(ratios).toFixed(2)} (${Math.min(...ratios).toFixed(2)}..${Math.max(...ratios).toFixed(2)}), cpu ratio (qemu/tsmount) ${(median(theirs.map((m) => m.cpu)) / median(ours.map((m) => m.cpu))).toFixed(2)}`
       : `${t.name}: tsmount ${speed(ours)} (${ours.map((x) => (x.speed / 1e6).toFixed(0)).join(', ')}) ${cpu(ours)}`;

@@ -177,6 +177,18 @@ describe('qcow2 compressed clusters read together (one pread per request)', func
     }
   });
 
+  it('overlapping reads in flight together share clusters and read the same bytes', async function () {
+    const node = await open(image);
+    try {
+      await Promise.all([readsAs(node, 0, MiB), readsAs(node, 65536, 512 * 1024), readsAs(node, 3 * 65536 + 100, 5000), readsAs(node, 200_000, 700_000)]);
+      await Promise.all([readsAs(node, 0, MiB), readsAs(node, 0, MiB), readsAs(node, 15 * 65536, 65536)]);
+      // Small reads inside clusters a group read kept.
+      for (let i = 0; i < 16; i++) await readsAs(node, i * 65536 + 1000, 3000);
+    } finally {
+      await node.close();
+    }
+  });
+
   it('a damaged cluster fails its request cleanly; its neighbours still read', async function () {
     const bad = Buffer.from(image);
     // Cluster 3's compressed bytes become an invalid deflate block type.

@@ -10,7 +10,7 @@ import { CorruptImageError, UnsupportedError } from '../../errors.js';
 export const COMPRESSION = { zlib: 0, zstd: 1 } as const;
 
 /** Output chunk room past the cluster size, so that zlib ends the stream inside the first chunk. */
-const INFLATE_SLACK = 1024;
+export const INFLATE_SLACK = 1024;
 
 /** Decompress one cluster; the result must be exactly clusterSize bytes. */
 export async function decompressCluster(type: number, input: Uint8Array, clusterSize: number, what: string): Promise<Buffer> {

@@ -8,7 +8,7 @@ import { closeLayers, readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
-import { decompressCluster } from './compress.js';
+import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
 import { HDR, LIMITS } from './header.js';
 import { Mutex } from './mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
@@ -74,6 +74,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
   /** In-place writes in flight; freed clusters are not handed out again until they end. */
   private readonly inflight = new Set<Promise<boolean>>();
   private readonly decompressed = new Map<number, Promise<Buffer>>();
+  /** Decompressions another read took from `decompressed` (see takeDecompressed). */
+  private readonly handedOut = new WeakSet<Promise<Buffer>>();
   /** Input buffers for shared reads of compressed clusters, reused (see readCompressedGroup). */
   private readonly inputPool: Buffer[] = [];
   private snapshotViews: { name: string; node: BlockNode }[] = [];
@@ -81,6 +83,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private readonly crypt: DataCrypt | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
+  /** Releases this node's use of the inflate workers (taken at the first compressed read). */
+  private releaseInflate: (() => void) | undefined;
 
   constructor(o: Qcow2NodeOptions) {
     this.file = o.file;
@@ -198,25 +202,66 @@ export class Qcow2Node implements BlockNode, HasBacking {
     // Past the end of the file there is nothing to read (a corrupt length); each
     // cluster then gets what there is, and fails to decompress as it would alone.
     const stop = Math.max(start, Math.min(end, this.file.size));
+    // Shared memory, so that the inflate workers read the compressed bytes in place.
     const pooled = stop - start <= COMPRESSED_POOL_BYTES ? this.inputPool.pop() : undefined;
-    const buf = (pooled ?? Buffer.allocUnsafe(Math.max(stop - start, stop - start <= COMPRESSED_POOL_BYTES ? COMPRESSED_POOL_BYTES : 0))).subarray(0, stop - start);
+    const buf = (pooled ?? Buffer.from(new SharedArrayBuffer(Math.max(stop - start, COMPRESSED_POOL_BYTES)))).subarray(0, stop - start);
     const shared = stop > start ? this.file.read(start, buf).then(() => buf) : Promise.resolve(buf);
-    const done = group.map((run) => {
-      const sub = dst.subarray(run.guest - base, run.guest - base + run.length);
-      let p = this.decompressed.get(run.cOffset);
-      if (!p) {
-        const what = `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}`;
-        p = shared.then((b) => {
-          const from = run.cOffset - start;
-          const to = Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start);
-          return decompressCluster(this.compressionType, b.subarray(from, to), this.cs, what);
-        });
-        this.keepDecompressed(run.cOffset, p);
+    // Each cluster's promise is made now (so that overlapping reads share it) and
+    // settled once the bytes are read and the workers have inflated them. This
+    // request's own clusters are copied into dst straight from the workers' memory;
+    // a cluster's promise gets a copy of its bytes only if it is still kept or another
+    // read took it.
+    const others = new Map<number, Promise<Buffer>>();
+    const mine = new Map<number, { runs: Run[]; q: Promise<Buffer>; resolve: (b: Buffer) => void; reject: (e: unknown) => void }>();
+    for (const run of group) {
+      const m = mine.get(run.cOffset);
+      if (m) m.runs.push(run);
+      if (m || others.has(run.cOffset)) continue;
+      const p = this.takeDecompressed(run.cOffset);
+      if (p) {
+        others.set(run.cOffset, p);
+        continue;
       }
-      return p.then((c) => {
-        sub.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length));
-      });
-    });
+      let settle!: { resolve: (b: Buffer) => void; reject: (e: unknown) => void };
+      const q = new Promise<Buffer>((resolve, reject) => (settle = { resolve, reject }));
+      mine.set(run.cOffset, { runs: [run], q, ...settle });
+      this.keepDecompressed(run.cOffset, q);
+    }
+    const copy = (run: Run, c: Uint8Array): void => {
+      dst.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length), run.guest - base);
+    };
+    const todo = [...mine.values()];
+    shared.then(
+      (b) => {
+        const parts = todo.map((t) => {
+          const run = t.runs[0]!;
+          const from = run.cOffset - start;
+          return {
+            from,
+            to: Math.max(from, Math.min(run.cOffset + run.cLength, stop) - start),
+            what: `${this.name}: guest offset 0x${run.clusterGuest.toString(16)}`,
+            use: (bytes: Uint8Array) => {
+              for (const r of t.runs) copy(r, bytes);
+            },
+            keep: () => this.decompressed.get(run.cOffset) === t.q || this.handedOut.has(t.q),
+          };
+        });
+        try {
+          this.useInflate();
+          decompressClusters(this.compressionType, b, parts, this.cs).forEach((p, i) => p.then(todo[i]!.resolve, todo[i]!.reject));
+        } catch (err) {
+          for (const t of todo) t.reject(err);
+        }
+      },
+      (err: unknown) => {
+        for (const t of todo) t.reject(err);
+      },
+    );
+    const done: Promise<void>[] = todo.map((t) => t.q.then(() => undefined));
+    for (const run of group) {
+      const p = others.get(run.cOffset);
+      if (p) done.push(p.then((c) => copy(run, c)));
+    }
     // The input buffer goes back to the pool only once no inflate reads it any more.
     const settled = await Promise.allSettled(done);
     if (buf.buffer.byteLength === COMPRESSED_POOL_BYTES && this.inputPool.length < COMPRESSED_POOL_KEEP) this.inputPool.push(Buffer.from(buf.buffer, buf.byteOffset, COMPRESSED_POOL_BYTES));
@@ -242,16 +287,29 @@ export class Qcow2Node implements BlockNode, HasBacking {
 
   /** The decompressed bytes of a compressed cluster (kept for a few clusters). */
   private readCompressed(cOffset: number, cLength: number, guest: number): Promise<Buffer> {
-    let p = this.decompressed.get(cOffset);
+    let p = this.takeDecompressed(cOffset);
     if (p) return p;
     p = (async () => {
       const n = Math.max(0, Math.min(cLength, this.file.size - cOffset));
       const buf = Buffer.allocUnsafe(n);
       if (n > 0) await this.file.read(cOffset, buf);
-      return decompressCluster(this.compressionType, buf, this.cs, `${this.name}: guest offset 0x${guest.toString(16)}`);
+      this.useInflate();
+      return decompressClusters(this.compressionType, buf, [{ from: 0, to: n, what: `${this.name}: guest offset 0x${guest.toString(16)}` }], this.cs)[0]!;
     })();
     this.keepDecompressed(cOffset, p);
     return p;
+  }
+
+  /** A kept cluster's decompression, marked as taken (readCompressedGroup then keeps its bytes). */
+  private takeDecompressed(cOffset: number): Promise<Buffer> | undefined {
+    const p = this.decompressed.get(cOffset);
+    if (p) this.handedOut.add(p);
+    return p;
+  }
+
+  /** Count this node as a user of the inflate workers (until close). */
+  private useInflate(): void {
+    if (!this.releaseInflate && !this.closed) this.releaseInflate = acquireInflatePool();
   }
 
   /** Remember a cluster's decompression (a failed one is forgotten, so a retry reads again). */
@@ -733,6 +791,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.releaseInflate?.();
     if (this.isView) return;
     await closeLayers(this, this.backing, this.data !== this.file ? this.data : undefined, this.file);
   }

@@ -1,0 +1,141 @@
+// The inflate workers give exactly what decompressCluster gives: the same bytes for
+// good clusters, the same error (class and message) for bad ones.
+import { expect } from 'chai';
+import zlib from 'node:zlib';
+import { COMPRESSION, decompressCluster } from '../drivers/format/qcow2/compress.js';
+import { acquireInflatePool, decompressClusters, inflateStats } from '../drivers/format/qcow2/inflate-pool.js';
+
+const CS = 64 * 1024;
+
+function noise(n: number, seed: number): Buffer {
+  const b = Buffer.alloc(n);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    b[i] = i % 3 === 0 ? x & 0xff : 0x41 + (x & 7);
+  }
+  return b;
+}
+
+/** One zstd frame holding `data` as a single raw block (RFC 8878), 2-byte content size. */
+function zstdRaw(data: Buffer): Buffer {
+  const h = Buffer.alloc(5 + 2 + 3);
+  h.writeUInt32LE(0xfd2fb528, 0);
+  h[4] = 0x60; // single segment, 2-byte frame content size
+  h.writeUInt16LE(data.length - 256, 5);
+  const bh = (data.length << 3) | 1; // last block, raw
+  h[7] = bh & 0xff;
+  h[8] = (bh >> 8) & 0xff;
+  h[9] = (bh >> 16) & 0xff;
+  return Buffer.concat([h, data]);
+}
+
+type Outcome = { bytes: Buffer } | { error: string; name: string };
+
+async function outcome(p: Promise<Buffer>): Promise<Outcome> {
+  try {
+    return { bytes: Buffer.from(await p) };
+  } catch (err) {
+    return { error: (err as Error).message, name: (err as Error).constructor.name };
+  }
+}
+
+describe('qcow2 inflate workers', function () {
+  const a = noise(CS, 1);
+  const b = noise(CS, 2);
+  const zlibCases: [string, Buffer][] = [
+    ['a cluster', zlib.deflateRawSync(a)],
+    ['a cluster and trailing bytes', Buffer.concat([zlib.deflateRawSync(b), Buffer.alloc(300, 0x5a)])],
+    ['an invalid block type', Buffer.alloc(64, 0xff)],
+    ['a stream cut short', zlib.deflateRawSync(a).subarray(0, 1000)],
+    ['a stream of more than a cluster', zlib.deflateRawSync(Buffer.concat([a, b.subarray(0, 100)]))],
+    ['a stream of far more than a cluster', zlib.deflateRawSync(Buffer.concat([a, b]))],
+    ['a stream of less than a cluster', zlib.deflateRawSync(a.subarray(0, CS - 1))],
+    ['nothing', Buffer.alloc(0)],
+  ];
+  const zstdCases: [string, Buffer][] = [
+    ['a zstd cluster', zstdRaw(b)],
+    ['a zstd cluster and trailing bytes', Buffer.concat([zstdRaw(a), Buffer.alloc(100, 1)])],
+    ['a short zstd frame', zstdRaw(a).subarray(0, 5000)],
+    ['not a zstd frame', Buffer.alloc(600, 7)],
+    ['a zstd frame of less than a cluster', zstdRaw(a.subarray(0, CS - 4096))],
+  ];
+
+  for (const [type, cases] of [
+    [COMPRESSION.zlib, zlibCases],
+    [COMPRESSION.zstd, zstdCases],
+  ] as const) {
+    it(`${type === COMPRESSION.zlib ? 'zlib' : 'zstd'}: one batch of good and bad clusters, as decompressCluster gives them`, async function () {
+      // Nodes other tests left open may hold the workers too.
+      const idle = inflateStats().running === 0;
+      const release = acquireInflatePool();
+      try {
+        // Packed back to back in shared memory, as readCompressedGroup reads them; then in a plain buffer (copied to the workers).
+        const total = cases.reduce((n, [, c]) => n + c.length, 0);
+        for (const shared of [true, false]) {
+          const src = shared ? Buffer.from(new SharedArrayBuffer(total)) : Buffer.alloc(total);
+          const parts = [];
+          let at = 0;
+          for (const [title, c] of cases) {
+            src.set(c, at);
+            parts.push({ from: at, to: at + c.length, what: `case ${title}` });
+            at += c.length;
+          }
+          const before = inflateStats();
+          const got = await Promise.all(decompressClusters(type, src, parts, CS).map(outcome));
+          const after = inflateStats();
+          let good = 0;
+          for (let i = 0; i < cases.length; i++) {
+            const want = await outcome(decompressCluster(type, cases[i]![1], CS, parts[i]!.what));
+            expect(got[i], `${cases[i]![0]} (shared ${shared})`).to.deep.equal(want);
+            if ('bytes' in want) good++;
+          }
+          if (process.env.TSMOUNT_INFLATE_WORKERS !== '0') {
+            // Every good cluster came from a worker; only the bad ones were redone in-thread (for their error).
+            expect(after.running).to.be.greaterThan(0);
+            expect(after.workers - before.workers, 'clusters from the workers').to.equal(good);
+            expect(after.inThread - before.inThread, 'clusters redone in-thread').to.equal(cases.length - good);
+          }
+        }
+      } finally {
+        release();
+      }
+      if (idle) expect(inflateStats().running, 'workers end with the last user').to.equal(0);
+    });
+  }
+
+  it('hands each cluster to `use`, and resolves to a copy only where `keep` says so', async function () {
+    const release = acquireInflatePool();
+    try {
+      const packed = [zlib.deflateRawSync(a), zlib.deflateRawSync(b), Buffer.alloc(64, 0xff)];
+      const src = Buffer.from(new SharedArrayBuffer(packed.reduce((n, c) => n + c.length, 0)));
+      const used: Buffer[] = [];
+      let at = 0;
+      const parts = packed.map((c, i) => {
+        src.set(c, at);
+        at += c.length;
+        return { from: at - c.length, to: at, what: `c${i}`, use: (x: Uint8Array) => void (used[i] = Buffer.from(x)), keep: () => i === 0 };
+      });
+      const got = await Promise.all(decompressClusters(COMPRESSION.zlib, src, parts, CS).map(outcome));
+      expect(used[0]!.equals(a) && used[1]!.equals(b)).to.equal(true);
+      expect(used[2]).to.equal(undefined);
+      expect(got[0]).to.deep.equal({ bytes: a });
+      expect(got[1]).to.deep.equal({ bytes: Buffer.alloc(0) });
+      expect(got[2]).to.deep.equal(await outcome(decompressCluster(COMPRESSION.zlib, packed[2]!, CS, 'c2')));
+    } finally {
+      release();
+    }
+  });
+
+  it('an unsupported compression type fails as decompressCluster fails', async function () {
+    const release = acquireInflatePool();
+    try {
+      const [p] = decompressClusters(2, Buffer.alloc(10), [{ from: 0, to: 10, what: 'x' }], CS);
+      expect(await outcome(p!)).to.deep.equal(await outcome(decompressCluster(2, Buffer.alloc(10), CS, 'x')));
+    } finally {
+      release();
+    }
+  });
+});
