@@ -36,6 +36,10 @@ interface Args {
   targets: { name: string; file: string; format: string }[];
 }
 
+const USAGE = `node dist/scripts/node-read-bench.js [--images DIR] [--reps N] [--depth D]
+     [--req BYTES] [--no-anchor] [--verify] [--only NAME,...] [IMAGE[:FMT]...]
+`;
+
 function parse(argv: string[]): Args {
   const a: Args = { images: '/tmp/tsm-perf/img', reps: 3, depth: 4, req: MiB, anchor: true, verify: false, only: undefined, targets: [] };
   for (let i = 0; i < argv.length; i++) {
@@ -52,7 +56,10 @@ function parse(argv: string[]): Args {
     else if (v === '--no-anchor') a.anchor = false;
     else if (v === '--verify') a.verify = true;
     else if (v === '--only') a.only = next().split(',');
-    else if (v.startsWith('--')) throw new Error(`unknown option ${v}`);
+    else if (v === '--help' || v === '-h') {
+      process.stdout.write(USAGE);
+      process.exit(0);
+    } else if (v.startsWith('--')) throw new Error(`unknown option ${v}`);
     else {
       const [file, format] = v.split(':');
       a.targets.push({ name: file!.split('/').pop()!, file: file!, format: format ?? '' });
