@@ -109,6 +109,36 @@ describe('FUSE layer: /dev/fuse served directly', function () {
     outs.forEach((o, i) => expect(o.equals(data.subarray(ranges[i]!.skip, ranges[i]!.skip + 8 * MiB)), `range ${i}`).to.equal(true));
   });
 
+  it('takes concurrent writers of large and odd-sized blocks, each range landing exactly', async () => {
+    const img = path.join(tmp.dir, 'pw.qcow2');
+    await createImage(img, 'qcow2', 64 * MiB);
+    const src = path.join(tmp.dir, 'pw.src');
+    const data = Buffer.alloc(64 * MiB);
+    for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2246822519) >>> 0, i);
+    fs.writeFileSync(src, data);
+    const dir = mp('pw');
+    await mounts.mount(['--rw', img, dir]);
+    const flat = path.join(dir, 'pw.raw');
+    // Eight writers at once, each its own 8 MiB range, block sizes from 4 KiB to 1 MiB
+    // and one that is not a multiple of the page size.
+    const sizes = [1 << 20, 4096, 200 * 1024, 1 << 20, 65536, 12345, 1 << 20, 300 * 1024];
+    await Promise.all(
+      sizes.map(
+        (bs, i) =>
+          new Promise<void>((resolve, reject) => {
+            const off = i * 8 * MiB;
+            const dd = spawn('dd', [`if=${src}`, `of=${flat}`, `bs=${bs}`, `skip=${off}`, `seek=${off}`, `count=${8 * MiB}`, 'iflag=skip_bytes,count_bytes', 'oflag=seek_bytes', 'conv=notrunc', 'status=none']);
+            dd.on('error', reject);
+            dd.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`dd bs=${bs} exited ${code}`))));
+          }),
+      ),
+    );
+    await mounts.unmount(dir);
+    const check = await checkImage(img, 'qcow2');
+    expect(check.code, check.output).to.equal(0);
+    expect(await rawMd5(img, 'qcow2')).to.equal(await md5File(src));
+  });
+
   it('keeps the set of files fixed: no create, mkdir, rename or unlink', async () => {
     const img = await filledQcow2('fixed.qcow2', 8 * MiB);
     const dir = mp('fixed');

@@ -29,6 +29,7 @@ const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, i
 const umount2Fn = libc.func('int umount2(const char *target, int flags)');
 const Iovec = koffi.struct('tsmount_iovec', { base: 'void *', len: 'size_t' });
 const preadv2Fn = libc.func('long preadv2(int fd, const tsmount_iovec *iov, int iovcnt, int64_t offset, int flags)');
+const readFn = libc.func('long read(int fd, _Out_ void *buf, size_t n)');
 const mountFn = libc.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)');
 
 
@@ -155,5 +156,11 @@ const RWF_NOWAIT = 0x08;
 export function preadNoWait(fd: number, buf: Uint8Array, offset: number): number {
   void Iovec;
   const r = Number(preadv2Fn(fd, [{ base: buf, len: buf.length }], 1, offset, RWF_NOWAIT));
+  return r >= 0 ? r : -errno();
+}
+
+/** read(2) on a non-blocking descriptor: the bytes read, or -errno (EAGAIN: nothing yet). */
+export function readNoBlock(fd: number, buf: Uint8Array): number {
+  const r = Number(readFn(fd, buf, buf.length));
   return r >= 0 ? r : -errno();
 }
