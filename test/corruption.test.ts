@@ -10,7 +10,7 @@ import { openImage } from '../drivers/open.js';
 import { TsmountError } from '../drivers/errors.js';
 import { formatDrivers } from '../drivers/format/index.js';
 import type { BlockNode } from '../drivers/types.js';
-import { md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
+import { md5File, qemuIo, run, runTimingPbkdf, tempDir } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;
 const SOAK = process.env.TSMOUNT_SOAK === '1';
@@ -90,9 +90,7 @@ describe('corrupt images of every format', function () {
       const base = path.join(tmp.dir, `base.${format}`);
       // luks needs its passphrase ('x', as exercise() opens with) as a secret object.
       const secretArgs = format === 'luks' ? ['--object', 'secret,id=sec0,data=x', '-o', 'key-secret=sec0,iter-time=10'] : [];
-      let made = await run('qemu-img', ['create', '-q', ...secretArgs, '-f', format, base, '16M']);
-      // qemu-img's LUKS iter-time benchmark sometimes fails here ("Unable to get accurate CPU usage").
-      for (let retry = 0; made.code !== 0 && format === 'luks' && retry < 3; retry++) made = await run('qemu-img', ['create', '-q', ...secretArgs, '-f', format, base, '16M']);
+      const made = await runTimingPbkdf('qemu-img', ['create', '-q', ...secretArgs, '-f', format, base, '16M']);
       if (made.code !== 0) this.skip();
       const io = ['write -P 0xab 0 100k', 'write -P 0xcd 3M 64k', 'write -P 0xef 15M 1M'];
       if (format !== 'luks') await qemuIo(base, format, io).catch(() => undefined);

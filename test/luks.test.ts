@@ -5,22 +5,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { openImage, type ImageOptions } from '../drivers/open.js';
 import { BadPassphraseError } from '../drivers/errors.js';
-import { run, runOk, tempDir, type RunResult } from './helpers/qemu.js';
+import { run, runOk, runTimingPbkdf, tempDir, type RunResult } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
 import { testOptions, tsimg } from './helpers/images.js';
 
 const MiB = 1 << 20;
 const PASS = 'correct horse';
 
-/** qemu-img's PBKDF benchmark sometimes fails here ("Unable to get accurate CPU usage"): retry. */
-async function retrying(cmd: string, args: string[]): Promise<RunResult> {
-  let r: RunResult = { code: 1, stdout: '', stderr: '' };
-  for (let i = 0; i < 40; i++) {
-    r = await run(cmd, args);
-    if (r.code === 0 || !/accurate CPU usage/.test(r.stderr)) return r;
-  }
-  return r;
-}
+const retrying = runTimingPbkdf;
 
 const secretArgs = (pass: string): string[] => ['--object', `secret,id=s0,data=${pass}`];
 const imageOpts = (file: string): string => `driver=luks,key-secret=s0,file.filename=${file}`;

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { BlockNode } from '../drivers/types.js';
-import { checkImage, convertToRaw, createImage, imageInfo, md5File, qemuImg, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
+import { checkImage, convertToRaw, createImage, imageInfo, md5File, qemuImg, qemuIo, rawMd5, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
 import { expectClean, nodeMd5, openTestImage, pattern } from './helpers/images.js';
 import { BadPassphraseError } from '../drivers/errors.js';
@@ -412,12 +412,8 @@ describe('qcow2 features', function () {
       { title: 'LUKS with extended L2 entries', options: 'encrypt.format=luks,encrypt.iter-time=10,extended_l2=on' },
     ];
     async function makeEncrypted(file: string, options: string): Promise<void> {
-      // qemu-img's pbkdf benchmark sometimes fails here ("Unable to get accurate CPU usage"): retry.
-      for (let attempt = 0; ; attempt++) {
-        const r = await run('qemu-img', ['create', '-q', '-f', 'qcow2', '--object', `secret,id=s0,data=${PASS}`, '-o', `${options},encrypt.key-secret=s0`, file, '16M']);
-        if (r.code === 0) break;
-        if (attempt >= 4) throw new Error(r.stderr);
-      }
+      const r = await runTimingPbkdf('qemu-img', ['create', '-q', '-f', 'qcow2', '--object', `secret,id=s0,data=${PASS}`, '-o', `${options},encrypt.key-secret=s0`, file, '16M']);
+      if (r.code !== 0) throw new Error(r.stderr);
       await runOk('qemu-io', [...img(file), '-c', 'write -P 0x41 4k 100k', '-c', `write -z ${MiB} 64k`, '-c', `write -P 0x42 ${2 * MiB} 8k`]);
     }
     async function qemuRawMd5(file: string): Promise<string> {

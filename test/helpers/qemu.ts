@@ -26,6 +26,23 @@ export function run(cmd: string, args: string[], opts: { cwd?: string; timeoutMs
   });
 }
 
+/**
+ * Run a qemu tool that times PBKDF iterations (LUKS creation with iter-time). Debian's
+ * QEMU 7.2 carries a fix whose sanity check misfires on fast machines: the first round
+ * of its benchmark can finish within one tick of thread CPU time, and it then gives up
+ * with "Unable to get accurate CPU usage" (a known QEMU bug, fixed upstream in 2025);
+ * seen several times in a row. Retry that one failure, a little apart; return the rest.
+ */
+export async function runTimingPbkdf(cmd: string, args: string[], attempts = 40): Promise<RunResult> {
+  let r: RunResult = { code: 1, stdout: '', stderr: '' };
+  for (let i = 0; i < attempts; i++) {
+    r = await run(cmd, args);
+    if (r.code === 0 || !/accurate CPU usage/.test(r.stderr)) return r;
+    await new Promise((res) => setTimeout(res, 50 * Math.min(i + 1, 10)));
+  }
+  return r;
+}
+
 /** Run a program and throw with its stderr if it fails. */
 export async function runOk(cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number } = {}): Promise<string> {
   const r = await run(cmd, args, opts);
