@@ -112,35 +112,41 @@ async function floorFile(w: Workload, dir: string): Promise<string> {
 async function runFloor(w: Workload, file: string, depth: number): Promise<Timing> {
   const fd = fs.openSync(file, w.write ? 'r+' : 'r');
   try {
-    const buffers = Array.from({ length: depth }, (_, i) => Buffer.alloc(w.requestSize, 0xa5 + i));
-    let next = 0;
-    let offset = 0;
-    const c0 = process.cpuUsage();
-    const m0 = threadCpu();
-    const t0 = process.hrtime.bigint();
     const io = (buf: Buffer, at: number): Promise<void> =>
       new Promise((resolve, reject) => {
         const cb = (err: Error | null): void => (err ? reject(err) : resolve());
         if (w.write) fs.write(fd, buf, 0, buf.length, at, cb);
         else fs.read(fd, buf, 0, buf.length, at, cb);
       });
-    await Promise.all(
-      buffers.map(async (buf) => {
-        while (next < w.count) {
-          next++;
-          const at = offset;
-          offset = (offset + w.step) % w.size;
-          await io(buf, at);
-        }
-      }),
-    );
-    if (w.flush) await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
-    const wall = Number(process.hrtime.bigint() - t0) / 1e9;
-    const c = process.cpuUsage(c0);
-    return { wall, cpu: (c.user + c.system) / 1e6, main: threadCpu() - m0 };
+    const flush = (): Promise<void> => new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+    return await timed(w, depth, io, flush);
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** The workload's requests, `depth` in flight, each through `io`; then `flush` if it flushes. */
+async function timed(w: Workload, depth: number, io: (buf: Buffer, at: number) => Promise<void>, flush: () => Promise<void>): Promise<Timing> {
+  const buffers = Array.from({ length: depth }, (_, i) => Buffer.alloc(w.requestSize, 0xa5 + i));
+  let next = 0;
+  let offset = 0;
+  const c0 = process.cpuUsage();
+  const m0 = threadCpu();
+  const t0 = process.hrtime.bigint();
+  await Promise.all(
+    buffers.map(async (buf) => {
+      while (next < w.count) {
+        next++;
+        const at = offset;
+        offset = (offset + w.step) % w.size;
+        await io(buf, at);
+      }
+    }),
+  );
+  if (w.flush) await flush();
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  const c = process.cpuUsage(c0);
+  return { wall, cpu: (c.user + c.system) / 1e6, main: threadCpu() - m0 };
 }
 
 /** A new empty 1 GiB qcow2 with 64 KiB clusters (replacing the previous run's). */
@@ -194,27 +200,7 @@ function threadCpu(): number {
 async function runNode(w: Workload, file: string, depth: number): Promise<Timing> {
   const node = await openLikeServer(file, w.format, w.write);
   try {
-    const buffers = Array.from({ length: depth }, (_, i) => Buffer.alloc(w.requestSize, 0xa5 + i));
-    let next = 0;
-    let offset = 0;
-    const c0 = process.cpuUsage();
-    const m0 = threadCpu();
-    const t0 = process.hrtime.bigint();
-    const worker = async (slot: number): Promise<void> => {
-      const buf = buffers[slot]!;
-      while (next < w.count) {
-        next++;
-        const at = offset;
-        offset = (offset + w.step) % w.size;
-        if (w.write) await node.write(at, buf);
-        else await node.read(at, buf);
-      }
-    };
-    await Promise.all(buffers.map((_, i) => worker(i)));
-    if (w.flush) await node.flush();
-    const wall = Number(process.hrtime.bigint() - t0) / 1e9;
-    const c = process.cpuUsage(c0);
-    return { wall, cpu: (c.user + c.system) / 1e6, main: threadCpu() - m0 };
+    return await timed(w, depth, (buf, at) => (w.write ? node.write(at, buf) : node.read(at, buf)), () => node.flush());
   } finally {
     await node.close();
   }
