@@ -15,11 +15,12 @@
 // only thread that could answer the kernel would be the one waiting.
 import fs from 'node:fs';
 import net from 'node:net';
+import { spawn } from 'node:child_process';
 import os, { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { errnoOf, messageOf, TsmountError } from '../drivers/errors.js';
-import { mount as sysMount, readNoBlock, umount2, MNT_DETACH, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/protocol/sys.js';
-import type { FsOps, FuseMount, MountOptions, Stat } from './fuse.js';
+import { mount as sysMount, readNoBlock, receiveFd, socketPair, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/protocol/sys.js';
+import { fusermount3, unmountSelf, type FsOps, type FuseMount, type MountOptions, type Stat } from './fuse.js';
 
 const debug = createDebug('tsmount:fuse');
 const E = osc.errno;
@@ -156,12 +157,46 @@ function pipeWrap(): PipeWrap {
 
 /** Whether this backend can serve here: root (mount(2)), /dev/fuse, Node's pipe binding. */
 export function available(): boolean {
-  if (process.getuid?.() !== 0) return false;
   try {
+    if (typeof pipeWrap().Pipe !== 'function') return false;
+    if (process.getuid?.() !== 0) return fusermount3() !== undefined;
     fs.accessSync('/dev/fuse', fs.constants.R_OK | fs.constants.W_OK);
-    return typeof pipeWrap().Pipe === 'function';
+    return true;
   } catch {
     return false;
+  }
+}
+
+/**
+ * Without root: fusermount3 opens /dev/fuse, mounts, and hands the descriptor back over
+ * a Unix socket (its _FUSE_COMMFD protocol, as libfuse uses it). It adds fd, rootmode,
+ * user_id and group_id itself, and always nosuid,nodev.
+ */
+async function mountWithFusermount(helper: string, mountpoint: string, fsname: string, cfg: DevConfig): Promise<number> {
+  const names: [number, string][] = [[MS_RDONLY, 'ro'], [MS_NOEXEC, 'noexec'], [MS_SYNCHRONOUS, 'sync'], [MS_DIRSYNC, 'dirsync'], [MS_NOATIME, 'noatime']];
+  const options = [`fsname=${fsname}`, 'subtype=tsmount', ...cfg.kernelOptions, ...names.filter(([f]) => cfg.flags & f).map(([, n]) => n)];
+  const [mine, theirs] = socketPair();
+  try {
+    const child = spawn(helper, ['-o', options.join(','), '--', mountpoint], {
+      stdio: ['ignore', 'ignore', 'pipe', theirs],
+      env: { ...process.env, _FUSE_COMMFD: '3' },
+    });
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    const code = await new Promise<number | null>((resolve, reject) => {
+      child.on('error', reject);
+      child.on('close', (c) => resolve(c));
+    });
+    const fd = receiveFd(mine);
+    if (code !== 0 || fd === undefined) {
+      if (fd !== undefined) fs.closeSync(fd);
+      const why = stderr.trim().split('\n').pop()?.replace(/^fusermount3: /, '');
+      throw new FuseError(`fusermount3 failed${why ? `: ${why}` : ''}`, E.EPERM);
+    }
+    return fd;
+  } finally {
+    fs.closeSync(mine);
+    fs.closeSync(theirs);
   }
 }
 
@@ -628,9 +663,18 @@ class Session implements FuseMount {
 export async function mountDev(mountpoint: string, ops: FsOps, opts: MountOptions): Promise<FuseMount> {
   const cfg = configure(opts);
   const st = fs.statSync(mountpoint);
-  const fd = fs.openSync('/dev/fuse', fs.constants.O_RDWR); // close-on-exec, as Node opens everything
+  let fd: number;
   let session: Session;
-  try {
+  // TSMOUNT_FUSE=fusermount takes the unprivileged path as root too (tests).
+  const helper = process.getuid?.() === 0 && process.env.TSMOUNT_FUSE !== 'fusermount' ? undefined : fusermount3();
+  if (helper) {
+    try {
+      fd = await mountWithFusermount(helper, mountpoint, opts.fsname, cfg);
+    } catch (err) {
+      throw new Error(`${mountpoint}: mount failed: ${messageOf(err)}`);
+    }
+  } else try {
+    fd = fs.openSync('/dev/fuse', fs.constants.O_RDWR); // close-on-exec, as Node opens everything
     const data = [
       `fd=${fd}`,
       `rootmode=${(st.mode & 0o170000).toString(8)}`,
@@ -638,14 +682,18 @@ export async function mountDev(mountpoint: string, ops: FsOps, opts: MountOption
       `group_id=${process.getgid?.() ?? 0}`,
       ...cfg.kernelOptions,
     ].join(',');
-    sysMount(opts.fsname, mountpoint, 'fuse.tsmount', cfg.flags, data);
+    try {
+      sysMount(opts.fsname, mountpoint, 'fuse.tsmount', cfg.flags, data);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
   } catch (err) {
-    fs.closeSync(fd);
     throw new Error(`${mountpoint}: mount failed: ${messageOf(err)}`);
   }
   const undo = (): void => {
     try {
-      umount2(mountpoint, MNT_DETACH);
+      unmountSelf(mountpoint, true);
     } catch {
       /* gone already */
     }
@@ -672,3 +720,4 @@ export async function mountDev(mountpoint: string, ops: FsOps, opts: MountOption
   }
   return session;
 }
+

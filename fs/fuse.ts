@@ -1,13 +1,19 @@
 // The FUSE layer's one interface. Everything else sees promise-based, path-based
 // operations and typed errors; which FUSE implementation serves them is chosen here:
-// - fuse-dev.ts speaks the kernel protocol on /dev/fuse from Node's event loop
-//   (root: it calls mount(2) itself). 1 MiB requests, no thread hand-offs.
-// - fuse-native.ts is libfuse 2 through fuse-native, for users who cannot mount(2)
-//   (the setuid fusermount does it for libfuse). 128 KiB requests.
-// TSMOUNT_FUSE=libfuse forces the second (for comparison and tests).
+// - fuse-dev.ts speaks the kernel protocol on /dev/fuse from Node's event loop. As
+//   root it calls mount(2) itself; otherwise fusermount3 mounts and hands the
+//   descriptor back. 1 MiB requests, no thread hand-offs.
+// - fuse-native.ts is libfuse 2 through fuse-native: the fallback where Node lacks
+//   the pipe binding fuse-dev.ts needs, or neither mount(2) nor fusermount3 is there.
+//   128 KiB requests.
+// TSMOUNT_FUSE=libfuse forces the second, TSMOUNT_FUSE=fusermount the fusermount3
+// path even as root (for comparison and tests).
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import createDebug from 'debug';
-import { messageOf } from '../drivers/errors.js';
+import { IoError, messageOf } from '../drivers/errors.js';
+import { umount2, MNT_DETACH } from '../drivers/protocol/sys.js';
 
 const debug = createDebug('tsmount:fuse');
 
@@ -104,4 +110,35 @@ export function setReadahead(mountpoint: string, kib: number, source: string): v
   } catch (err) {
     debug('readahead for %s not set: %s', mountpoint, messageOf(err));
   }
+}
+
+/** The setuid helper of fuse3, which mounts for users who may not call mount(2). */
+export function fusermount3(): string | undefined {
+  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(':')) {
+    const p = path.join(dir || '.', 'fusermount3');
+    try {
+      fs.accessSync(p, fs.constants.X_OK);
+      return p;
+    } catch {
+      /* next */
+    }
+  }
+  return undefined;
+}
+
+
+/**
+ * Unmount from the serving process: umount2 as root; otherwise fusermount3 -u (safe to
+ * spawn here: the /dev/fuse descriptor is close-on-exec, unlike libfuse 2's).
+ */
+export function unmountSelf(mountpoint: string, lazy: boolean): void {
+  try {
+    umount2(mountpoint, lazy ? MNT_DETACH : 0);
+    return;
+  } catch (err) {
+    const helper = process.getuid?.() === 0 ? undefined : fusermount3();
+    if (!helper) throw err;
+  }
+  const r = spawnSync(fusermount3()!, ['-u', ...(lazy ? ['-z'] : []), '--', mountpoint], { stdio: ['ignore', 'ignore', 'pipe'] });
+  if (r.status !== 0) throw new IoError(`fusermount3 -u: ${String(r.stderr).trim() || `status ${r.status}`}`, /busy/i.test(String(r.stderr)) ? 16 /* EBUSY */ : 1 /* EPERM */);
 }

@@ -9,10 +9,10 @@ import { UsageError, messageOf } from '../drivers/errors.js';
 import { openImage } from '../drivers/open.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
-import { umount2, MNT_DETACH, SysError } from '../drivers/protocol/sys.js';
+import { SysError } from '../drivers/protocol/sys.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
-import { mount, setReadahead, type FuseMount } from './fuse.js';
+import { mount, setReadahead, unmountSelf, type FuseMount } from './fuse.js';
 import { findMount } from './mounts.js';
 
 const debug = createDebug('tsmount:server');
@@ -198,12 +198,12 @@ export class Server {
       let code = 0;
       if (unmount && findMount(this.target.mountpoint, process.pid)) {
         try {
-          umount2(this.target.mountpoint, 0);
+          unmountSelf(this.target.mountpoint, false);
         } catch (err) {
           // Busy: detach it now, so no new request arrives; open files see errors.
-          debug('umount %s: %s, detaching', this.target.mountpoint, err instanceof SysError ? err.errno : String(err));
+          debug('umount %s: %s, detaching', this.target.mountpoint, err instanceof SysError ? err.errno : messageOf(err));
           try {
-            umount2(this.target.mountpoint, MNT_DETACH);
+            unmountSelf(this.target.mountpoint, true);
           } catch {
             /* gone already */
           }

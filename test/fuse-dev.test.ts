@@ -162,6 +162,26 @@ describe('FUSE layer: /dev/fuse served directly', function () {
     expect(await md5File(path.join(dir, 'opts.raw'))).to.equal(await rawMd5(img, 'qcow2'));
   });
 
+  it('mounts through fusermount3 and its descriptor passing, the path without root (TSMOUNT_FUSE=fusermount)', async () => {
+    const img = await filledQcow2('fm.qcow2', 16 * MiB);
+    const dir = mp('fm');
+    process.env.TSMOUNT_FUSE = 'fusermount';
+    try {
+      await mounts.mount(['--rw', img, dir]);
+    } finally {
+      delete process.env.TSMOUNT_FUSE;
+    }
+    const flat = path.join(dir, 'fm.raw');
+    const fd = fs.openSync(flat, 'r+');
+    fs.writeSync(fd, Buffer.alloc(2 * MiB + 7, 0x6b), 0, 2 * MiB + 7, 3 * MiB);
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    await mounts.unmount(dir);
+    const check = await checkImage(img, 'qcow2');
+    expect(check.code, check.output).to.equal(0);
+    await qemuIo(img, 'qcow2', [`read -P 0x6b ${3 * MiB} ${2 * MiB + 7}`, `read -P 0x11 0 ${3 * MiB}`]);
+  });
+
   it('falls back to libfuse 2 (TSMOUNT_FUSE=libfuse) with the same bytes and writes', async () => {
     const img = await filledQcow2('native.qcow2', 16 * MiB);
     const dir = mp('native');

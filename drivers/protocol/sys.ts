@@ -164,3 +164,48 @@ export function readNoBlock(fd: number, buf: Uint8Array): number {
   const r = Number(readFn(fd, buf, buf.length));
   return r >= 0 ? r : -errno();
 }
+
+// Unix sockets with descriptor passing, for fusermount3's _FUSE_COMMFD protocol.
+const socketpairFn = libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)');
+const Msghdr = koffi.struct('tsmount_msghdr', {
+  msg_name: 'void *',
+  msg_namelen: 'uint32_t',
+  msg_iov: 'tsmount_iovec *',
+  msg_iovlen: 'size_t',
+  msg_control: 'void *',
+  msg_controllen: 'size_t',
+  msg_flags: 'int',
+});
+const recvmsgFn = libc.func('long recvmsg(int fd, _Inout_ tsmount_msghdr *msg, int flags)');
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_CLOEXEC = 0x80000;
+const MSG_DONTWAIT = 0x40;
+const MSG_CMSG_CLOEXEC = 0x40000000;
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+
+/** A connected pair of Unix stream sockets, both close-on-exec. */
+export function socketPair(): [number, number] {
+  const sv = [0, 0];
+  if ((socketpairFn(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) as number) !== 0) throw new SysError('socketpair', errno());
+  return [sv[0]!, sv[1]!];
+}
+
+/**
+ * Receive one descriptor sent with SCM_RIGHTS, without waiting (the sender has already
+ * sent it); it arrives close-on-exec. Undefined if nothing or no descriptor came.
+ */
+export function receiveFd(sock: number): number | undefined {
+  void Msghdr;
+  const data = Buffer.alloc(8);
+  const control = Buffer.alloc(64);
+  const msg = { msg_name: null, msg_namelen: 0, msg_iov: [{ base: data, len: data.length }], msg_iovlen: 1, msg_control: control, msg_controllen: control.length, msg_flags: 0 };
+  const r = Number(recvmsgFn(sock, msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC));
+  if (r < 0) return undefined;
+  // struct cmsghdr: size_t cmsg_len; int cmsg_level; int cmsg_type; then the data.
+  const len = Number(control.readBigUInt64LE(0));
+  if (len < 20 || control.readInt32LE(8) !== SOL_SOCKET || control.readInt32LE(12) !== SCM_RIGHTS) return undefined;
+  return control.readInt32LE(16);
+}
