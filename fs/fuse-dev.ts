@@ -10,7 +10,8 @@
 // kernel matches replies by their `unique`. We negotiate FUSE_MAX_PAGES, so a 1 MiB
 // read(2) or write(2) is one request.
 //
-// The mount needs CAP_SYS_ADMIN (root); fs/fuse.ts falls back to libfuse otherwise.
+// As root the mount is our own mount(2); otherwise fusermount3 mounts and passes the
+// descriptor back (mountWithFusermount).
 // The server must never make a synchronous file system call on its own mount: the
 // only thread that could answer the kernel would be the one waiting.
 import fs from 'node:fs';
