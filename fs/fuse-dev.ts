@@ -21,7 +21,7 @@ import os, { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { errnoOf, messageOf, TsmountError } from '../drivers/errors.js';
 import { mount as sysMount, readNoBlock, receiveFd, socketPair, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/protocol/sys.js';
-import { fusermount3, unmountSelf, type FsOps, type FuseMount, type MountOptions, type Stat } from './fuse.js';
+import { fusermountHelper, unmountFuse, type FsOps, type FuseMount, type MountOptions, type Stat } from './fuse.js';
 
 const debug = createDebug('tsmount:fuse');
 const E = osc.errno;
@@ -118,6 +118,7 @@ function configure(opts: MountOptions): DevConfig {
     pageCache: 'auto',
   };
   const flagOpts: Record<string, number> = { ro: MS_RDONLY, noexec: MS_NOEXEC, sync: MS_SYNCHRONOUS, dirsync: MS_DIRSYNC, noatime: MS_NOATIME };
+  const clearOpts: Record<string, number> = { rw: MS_RDONLY, exec: MS_NOEXEC, atime: MS_NOATIME };
   const size = (o: string, v: string | undefined, min: number, max: number): number => {
     const n = Number(v);
     if (v === undefined || !/^\d+$/.test(v) || n < min || n > max) throw new FuseError(`-o ${o}: needs a number from ${min} to ${max}`, E.EINVAL);
@@ -127,7 +128,7 @@ function configure(opts: MountOptions): DevConfig {
     for (const o of opt.split(',').filter(Boolean)) {
       const [key, value] = o.split('=', 2) as [string, string | undefined];
       if (key in flagOpts) cfg.flags |= flagOpts[key]!;
-      else if (key === 'rw' || key === 'exec' || key === 'atime') cfg.flags &= ~(flagOpts[key === 'rw' ? 'ro' : key === 'exec' ? 'noexec' : 'noatime']!);
+      else if (key in clearOpts) cfg.flags &= ~clearOpts[key]!;
       else if (key === 'allow_other' || key === 'default_permissions') {
         if (!cfg.kernelOptions.includes(key)) cfg.kernelOptions.push(key);
       } else if (key === 'max_read') cfg.kernelOptions.push(`max_read=${size(key, value, PAGE, 1 << 30)}`);
@@ -160,7 +161,7 @@ function pipeWrap(): PipeWrap {
 export function available(): boolean {
   try {
     if (typeof pipeWrap().Pipe !== 'function') return false;
-    if (process.getuid?.() !== 0) return fusermount3() !== undefined;
+    if (process.getuid?.() !== 0) return fusermountHelper() !== undefined;
     fs.accessSync('/dev/fuse', fs.constants.R_OK | fs.constants.W_OK);
     return true;
   } catch {
@@ -667,7 +668,7 @@ export async function mountDev(mountpoint: string, ops: FsOps, opts: MountOption
   let fd: number;
   let session: Session;
   // TSMOUNT_FUSE=fusermount takes the unprivileged path as root too (tests).
-  const helper = process.getuid?.() === 0 && process.env.TSMOUNT_FUSE !== 'fusermount' ? undefined : fusermount3();
+  const helper = process.getuid?.() === 0 && process.env.TSMOUNT_FUSE !== 'fusermount' ? undefined : fusermountHelper();
   if (helper) {
     try {
       fd = await mountWithFusermount(helper, mountpoint, opts.fsname, cfg);
@@ -694,7 +695,7 @@ export async function mountDev(mountpoint: string, ops: FsOps, opts: MountOption
   }
   const undo = (): void => {
     try {
-      unmountSelf(mountpoint, true);
+      unmountFuse(mountpoint, true);
     } catch {
       /* gone already */
     }

@@ -112,15 +112,17 @@ export function setReadahead(mountpoint: string, kib: number, source: string): v
   }
 }
 
-/** The setuid helper of fuse3, which mounts for users who may not call mount(2). */
-export function fusermount3(): string | undefined {
-  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(':')) {
-    const p = path.join(dir || '.', 'fusermount3');
-    try {
-      fs.accessSync(p, fs.constants.X_OK);
-      return p;
-    } catch {
-      /* next */
+/** The setuid mount helper (fuse3's fusermount3, or fuse 2's fusermount), for users who may not call mount(2). */
+export function fusermountHelper(): string | undefined {
+  for (const name of ['fusermount3', 'fusermount']) {
+    for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(':')) {
+      const p = path.join(dir || '.', name);
+      try {
+        fs.accessSync(p, fs.constants.X_OK);
+        return p;
+      } catch {
+        /* next */
+      }
     }
   }
   return undefined;
@@ -128,17 +130,19 @@ export function fusermount3(): string | undefined {
 
 
 /**
- * Unmount from the serving process: umount2 as root; otherwise fusermount3 -u (safe to
- * spawn here: the /dev/fuse descriptor is close-on-exec, unlike libfuse 2's).
+ * Unmount a FUSE mount: umount2 as root; otherwise the setuid helper's -u (safe to
+ * spawn from the serving process: its /dev/fuse descriptor is close-on-exec, unlike
+ * libfuse 2's). The one way both the server and `tsmount -u` unmount. Throws an error
+ * whose errno is EBUSY when a file on the mount is open.
  */
-export function unmountSelf(mountpoint: string, lazy: boolean): void {
+export function unmountFuse(mountpoint: string, lazy: boolean): void {
+  const helper = process.getuid?.() === 0 ? undefined : fusermountHelper();
   try {
     umount2(mountpoint, lazy ? MNT_DETACH : 0);
     return;
   } catch (err) {
-    const helper = process.getuid?.() === 0 ? undefined : fusermount3();
     if (!helper) throw err;
   }
-  const r = spawnSync(fusermount3()!, ['-u', ...(lazy ? ['-z'] : []), '--', mountpoint], { stdio: ['ignore', 'ignore', 'pipe'] });
-  if (r.status !== 0) throw new IoError(`fusermount3 -u: ${String(r.stderr).trim() || `status ${r.status}`}`, /busy/i.test(String(r.stderr)) ? 16 /* EBUSY */ : 1 /* EPERM */);
+  const r = spawnSync(helper, ['-u', ...(lazy ? ['-z'] : []), '--', mountpoint], { stdio: ['ignore', 'ignore', 'pipe'] });
+  if (r.status !== 0) throw new IoError(`${path.basename(helper)} -u: ${String(r.stderr).trim() || `status ${r.status}`}`, /busy/i.test(String(r.stderr)) ? 16 /* EBUSY */ : 1 /* EPERM */);
 }

@@ -12,7 +12,7 @@ import type { LockingMode } from '../drivers/protocol/lock.js';
 import { SysError } from '../drivers/protocol/sys.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
-import { mount, setReadahead, unmountSelf, type FuseMount } from './fuse.js';
+import { mount, setReadahead, unmountFuse, type FuseMount } from './fuse.js';
 import { findMount } from './mounts.js';
 
 const debug = createDebug('tsmount:server');
@@ -198,12 +198,12 @@ export class Server {
       let code = 0;
       if (unmount && findMount(this.target.mountpoint, process.pid)) {
         try {
-          unmountSelf(this.target.mountpoint, false);
+          unmountFuse(this.target.mountpoint, false);
         } catch (err) {
           // Busy: detach it now, so no new request arrives; open files see errors.
           debug('umount %s: %s, detaching', this.target.mountpoint, err instanceof SysError ? err.errno : messageOf(err));
           try {
-            unmountSelf(this.target.mountpoint, true);
+            unmountFuse(this.target.mountpoint, true);
           } catch {
             /* gone already */
           }

@@ -1,37 +1,21 @@
 // tsmount -u: unmount, then wait until the server has written everything and exited.
-import { spawnSync } from 'node:child_process';
 import path from 'node:path';
-import { UsageError, IoError } from '../drivers/errors.js';
+import { UsageError, IoError, messageOf } from '../drivers/errors.js';
 import { findMount, serverAlive } from '../fs/mounts.js';
 
 const EBUSY = 16;
-const EPERM = 1;
-
-function fusermount(mp: string): boolean {
-  for (const helper of ['fusermount', 'fusermount3']) {
-    const r = spawnSync(helper, ['-u', mp], { stdio: ['ignore', 'ignore', 'pipe'] });
-    if (r.status === 0) return true;
-    if (r.error === undefined && /busy/i.test(String(r.stderr))) throw new IoError(`${mp}: busy (a file on it is still open)`, EBUSY);
-  }
-  return false;
-}
-
 
 export async function unmount(mountpoint: string, timeoutMs = 300_000): Promise<void> {
   const mp = path.resolve(mountpoint);
   const m = findMount(mp);
   if (!m) throw new UsageError(`${mountpoint}: not a tsmount mount`);
   // koffi loads here, not when tsmount starts a mount (it would cost every mount ~12 ms).
-  const { umount2, SysError } = await import('../drivers/protocol/sys.js');
+  const { unmountFuse } = await import('../fs/fuse.js');
   try {
-    umount2(mp, 0);
+    unmountFuse(mp, false);
   } catch (err) {
-    if (err instanceof SysError && err.errno === EBUSY) throw new IoError(`${mountpoint}: busy (a file on it is still open)`, EBUSY);
-    // Not root: the setuid helper may unmount what this user mounted. Only this
-    // process spawns it, never the server (it would inherit /dev/fuse).
-    if (!(err instanceof SysError && err.errno === EPERM) || !fusermount(mp)) {
-      throw new IoError(`${mountpoint}: unmount failed: ${(err as Error).message}`);
-    }
+    if ((err as { errno?: number }).errno === EBUSY) throw new IoError(`${mountpoint}: busy (a file on it is still open)`, EBUSY);
+    throw new IoError(`${mountpoint}: unmount failed: ${messageOf(err)}`);
   }
   if (m.pid <= 0) return;
   // The server notices the unmount by itself; the signal only saves it the wait.
