@@ -178,6 +178,10 @@ export class ClusterCache implements BlockNode {
     await this.inner.truncate(size);
   }
 
+  get backing(): BlockNode | undefined {
+    return this.inner.backing;
+  }
+
   get hasTruncate(): boolean {
     return typeof this.inner.truncate === 'function';
   }

@@ -48,6 +48,16 @@ export class IoError extends TsmountError {
   }
 }
 
+/**
+ * An operation the caller may not do here, with the errno it comes to (ENOENT for a
+ * name that is not in the mount, ENOTDIR, EPERM, EINVAL for a bad mount option...).
+ */
+export class ErrnoError extends TsmountError {
+  constructor(message: string, override readonly errno: number) {
+    super(message);
+  }
+}
+
 /** The errno a FUSE reply should carry for any thrown value. */
 export function errnoOf(err: unknown): number {
   if (err instanceof TsmountError) return err.errno;

@@ -42,6 +42,8 @@ export interface BlockNode {
    * <stem>@<name>.raw; owned by this node (closing them is a no-op).
    */
   snapshots?(): { name: string; node: BlockNode }[];
+  /** The node that answers for this layer's 'unallocated' ranges (a format's backing file). */
+  readonly backing?: BlockNode | undefined;
   close(): Promise<void>;
 }
 

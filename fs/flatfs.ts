@@ -1,20 +1,19 @@
 // The file system tsmount presents: each image as one flat file, MOUNTPOINT/<stem>.raw,
-// or the mountpoint itself when it is a regular file. Turns typed errors into errno.
+// or the mountpoint itself when it is a regular file. Files are known by node id: the
+// root is 1, the flat files 2, 3, ... in order, fixed for the life of the mount, so a
+// name is resolved once (LOOKUP) and every later request indexes an array. Turns typed
+// errors into errno.
+import fs from 'node:fs';
 import { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import type { BlockNode } from '../drivers/types.js';
-import { ReadOnlyError, TsmountError, messageOf } from '../drivers/errors.js';
-import type { FsOps, Stat } from './fuse.js';
+import { ErrnoError, ReadOnlyError, messageOf } from '../drivers/errors.js';
+import { ROOT_ID, type DirEntry, type Entry, type FsOps, type Opened, type Stat } from './fuse.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/protocol/sys.js';
+import { allocatedBytes, seek } from './extents.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
-
-class ErrnoError extends TsmountError {
-  constructor(message: string, override readonly errno: number) {
-    super(message);
-  }
-}
 
 export interface FlatFile {
   /** File name inside the mount, e.g. "disk.raw"; '' for a mount over a regular file. */
@@ -24,7 +23,34 @@ export interface FlatFile {
   uid: number;
   gid: number;
   mtime: Date;
+  /**
+   * The local image file, whose allocation st_blocks falls back to when the chain's
+   * block status is too costly to add up; undefined for remote images.
+   */
+  hostFile?: string;
 }
+
+/** A flat file as the tree holds it: its node id and what st_blocks needs. */
+interface Inode {
+  ino: number;
+  file: FlatFile;
+  /** Bytes allocated through the chain, computed on the first stat after a change. */
+  allocated: Promise<number> | undefined;
+  /** Bumped by every write, zero and resize: a count made before it is stale. */
+  gen: number;
+}
+
+/**
+ * st_blocks is the data through the backing chain (what `du`, `cp --sparse` and `tar
+ * --sparse` look at to decide whether to look for holes), added up from block status
+ * at the first stat after a change. Block status is per table (a qcow2 L2 table, a
+ * VMDK grain table), so even a 1 TiB sparse image answers in milliseconds; a huge
+ * fragmented image or a slow remote one could not, so the count stops after this many
+ * runs or this long and falls back to the host image file's allocation (which also
+ * counts metadata, and not the backing files), or to the virtual size for remote ones.
+ */
+const ALLOCATION_MAX_RUNS = 1 << 18;
+const ALLOCATION_MAX_MS = 500;
 
 /** A node that can grow; a cache in front says whether the node under it can. */
 function hasTruncate(node: BlockNode): boolean {
@@ -37,7 +63,9 @@ const O_ACCMODE = 3;
 const O_RDONLY = 0;
 
 export class FlatFs implements FsOps {
-  private readonly byPath = new Map<string, FlatFile>();
+  /** By node id; [0] and [ROOT_ID] are empty unless the root is the one file. */
+  private readonly inodes: (Inode | undefined)[] = [];
+  private readonly byName = new Map<string, Inode>();
   private nextFd = 1;
   /** Files with writes not yet flushed, so a close(2) after reads costs nothing. */
   private readonly dirty = new Set<FlatFile>();
@@ -45,22 +73,48 @@ export class FlatFs implements FsOps {
 
   /** overFile: the mountpoint is a regular file and '/' is the one image. */
   constructor(private readonly files: FlatFile[], private readonly overFile: boolean, private readonly onIoError: (msg: string) => void = () => {}) {
-    for (const f of files) this.byPath.set(overFile ? '/' : `/${f.name}`, f);
+    files.forEach((file, i) => {
+      const ino = overFile ? ROOT_ID : ROOT_ID + 1 + i;
+      const inode: Inode = { ino, file, allocated: undefined, gen: 0 };
+      this.inodes[ino] = inode;
+      this.byName.set(file.name, inode);
+    });
   }
 
-  private file(path: string): FlatFile {
-    const f = this.byPath.get(path);
-    if (!f) throw new ErrnoError(`${path}: no such file`, E.ENOENT);
+  private inode(ino: number): Inode {
+    const f = this.inodes[ino];
+    if (!f) throw new ErrnoError(`node ${ino}: no such file`, ino === ROOT_ID ? E.EISDIR : E.ENOENT);
     return f;
   }
 
-  async getattr(path: string): Promise<Stat> {
-    if (path === '/' && !this.overFile) {
+  private file(ino: number): FlatFile {
+    return this.inode(ino).file;
+  }
+
+  /**
+   * A write, zero or resize finished: st_blocks is counted again at the next stat. (A
+   * count that ran during the change may have missed it; allocated() drops it.)
+   */
+  private changed(i: Inode): void {
+    i.gen++;
+    i.allocated = undefined;
+  }
+
+  async lookup(parent: number, name: string): Promise<Entry> {
+    if (parent !== ROOT_ID || this.overFile) throw new ErrnoError(`node ${parent}: not a directory`, E.ENOTDIR);
+    const f = this.byName.get(name);
+    if (!f) throw new ErrnoError(`/${name}: no such file`, E.ENOENT);
+    return { ino: f.ino, attr: await this.getattr(f.ino) };
+  }
+
+  async getattr(ino: number): Promise<Stat> {
+    if (ino === ROOT_ID && !this.overFile) {
       const anyWritable = this.files.some((f) => f.writable);
       const t = this.mountTime;
       return { mode: 0o040000 | (anyWritable ? 0o755 : 0o555), size: 4096, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mtime: t, atime: t, ctime: t, nlink: 2 };
     }
-    const f = this.file(path);
+    const i = this.inode(ino);
+    const f = i.file;
     const size = f.node.size;
     return {
       mode: 0o100000 | (f.writable ? 0o644 : 0o444),
@@ -72,25 +126,51 @@ export class FlatFs implements FsOps {
       ctime: f.mtime,
       nlink: 1,
       blksize: 4096,
-      blocks: Math.ceil(size / 512),
+      blocks: Math.ceil((await this.allocated(i)) / 512),
     };
   }
 
-  async readdir(path: string): Promise<string[]> {
-    if (path !== '/' || this.overFile) throw new ErrnoError(`${path}: not a directory`, E.ENOTDIR);
-    return ['.', '..', ...this.files.map((f) => f.name)];
+  /** Data bytes through the chain, counted once per change (ALLOCATION_MAX_RUNS says how). */
+  private allocated(i: Inode): Promise<number> {
+    if (i.allocated) return i.allocated;
+    const gen = i.gen;
+    const p = this.countAllocated(i.file).catch((err: unknown) => {
+      debug('%s: counting allocated bytes failed: %s', i.file.node.name, messageOf(err));
+      return i.file.node.size;
+    });
+    i.allocated = p;
+    // A change while counting: this count may have missed it; the next stat counts again.
+    void p.then(() => {
+      if (i.gen !== gen && i.allocated === p) i.allocated = undefined;
+    });
+    return p;
   }
 
-  async open(path: string, flags: number): Promise<number> {
-    const f = this.file(path);
-    if ((flags & O_ACCMODE) !== O_RDONLY && !f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
-    return this.nextFd++;
+  private async countAllocated(f: FlatFile): Promise<number> {
+    const size = f.node.size;
+    const n = await allocatedBytes(f.node, size, { maxRuns: ALLOCATION_MAX_RUNS, deadline: Date.now() + ALLOCATION_MAX_MS });
+    if (n !== undefined) return n;
+    if (!f.hostFile) return size;
+    debug('%s: block status too costly to add up; st_blocks from the image file', f.node.name);
+    return Math.min(size, (await fs.promises.stat(f.hostFile)).blocks * 512);
+  }
+
+  async readdir(ino: number): Promise<DirEntry[]> {
+    if (ino !== ROOT_ID || this.overFile) throw new ErrnoError(`node ${ino}: not a directory`, E.ENOTDIR);
+    return [...this.byName.values()].map((i) => ({ name: i.file.name, ino: i.ino, dir: false }));
+  }
+
+  /** Whether the file can change is known from its node: no second getattr. */
+  async open(ino: number, flags: number): Promise<Opened> {
+    const f = this.file(ino);
+    if ((flags & O_ACCMODE) !== O_RDONLY && !f.writable) throw new ReadOnlyError(`${f.node.name}: mounted read-only`);
+    return { fh: this.nextFd++, writable: f.writable, size: f.node.size };
   }
 
   async release(): Promise<void> {}
 
-  async read(path: string, _fd: number, buf: Buffer, length: number, position: number): Promise<number> {
-    const f = this.file(path);
+  async read(ino: number, _fh: number, buf: Buffer, length: number, position: number): Promise<number> {
+    const f = this.file(ino);
     const size = f.node.size;
     if (position >= size) return 0;
     const n = Math.min(length, size - position);
@@ -103,12 +183,13 @@ export class FlatFs implements FsOps {
     return n;
   }
 
-  async write(path: string, _fd: number, buf: Buffer, length: number, position: number): Promise<number> {
-    const f = this.file(path);
-    if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
+  async write(ino: number, _fh: number, buf: Buffer, length: number, position: number): Promise<number> {
+    const i = this.inode(ino);
+    const f = i.file;
+    if (!f.writable) throw new ReadOnlyError(`${f.node.name}: mounted read-only`);
     const size = f.node.size;
     // The flat file has the disk's size: a write past the end is a full disk.
-    if (position >= size) throw new ErrnoError(`${path}: write past the end of the disk`, E.ENOSPC);
+    if (position >= size) throw new ErrnoError(`${f.node.name}: write past the end of the disk`, E.ENOSPC);
     const n = Math.min(length, size - position);
     this.dirty.add(f);
     try {
@@ -116,18 +197,21 @@ export class FlatFs implements FsOps {
     } catch (err) {
       this.report('write', f, position, n, err);
       throw err;
+    } finally {
+      this.changed(i);
     }
     return n;
   }
 
-  async truncate(path: string, size: number): Promise<void> {
-    const f = this.file(path);
+  async truncate(ino: number, size: number): Promise<void> {
+    const i = this.inode(ino);
+    const f = i.file;
     if (size === f.node.size) return;
-    if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
+    if (!f.writable) throw new ReadOnlyError(`${f.node.name}: mounted read-only`);
     // Shrinking a disk through `>` or O_TRUNC would destroy it: never. Growing is
     // `qemu-img resize`, where the format can.
-    if (size < f.node.size) throw new ErrnoError(`${path}: the disk cannot be shrunk through this mount`, E.EPERM);
-    if (!hasTruncate(f.node)) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
+    if (size < f.node.size) throw new ErrnoError(`${f.node.name}: the disk cannot be shrunk through this mount`, E.EPERM);
+    if (!hasTruncate(f.node)) throw new ErrnoError(`${f.node.name}: this image format cannot be resized`, E.EPERM);
     this.dirty.add(f);
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
@@ -136,6 +220,8 @@ export class FlatFs implements FsOps {
     } catch (err) {
       this.report('truncate', f, size, 0, err);
       throw err;
+    } finally {
+      this.changed(i);
     }
   }
 
@@ -145,34 +231,37 @@ export class FlatFs implements FsOps {
    * on a loop device, `fstrim`); plain allocation inside the disk is a no-op, as every
    * byte of the disk already exists. The disk never grows this way.
    */
-  async fallocate(path: string, mode: number, offset: number, length: number): Promise<void> {
-    const f = this.file(path);
-    if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
+  async fallocate(ino: number, _fh: number, mode: number, offset: number, length: number): Promise<void> {
+    const i = this.inode(ino);
+    const f = i.file;
+    if (!f.writable) throw new ReadOnlyError(`${f.node.name}: mounted read-only`);
     const size = f.node.size;
     const known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
     if (mode & ~known || (mode & FALLOC_FL_PUNCH_HOLE && !(mode & FALLOC_FL_KEEP_SIZE)) || (mode & FALLOC_FL_PUNCH_HOLE && mode & FALLOC_FL_ZERO_RANGE)) {
-      throw new ErrnoError(`${path}: fallocate mode ${mode} is not supported`, E.EOPNOTSUPP);
+      throw new ErrnoError(`${f.node.name}: fallocate mode ${mode} is not supported`, E.EOPNOTSUPP);
     }
-    if (!(mode & FALLOC_FL_KEEP_SIZE) && offset + length > size) throw new ErrnoError(`${path}: fallocate past the end of the disk`, E.ENOSPC);
+    if (!(mode & FALLOC_FL_KEEP_SIZE) && offset + length > size) throw new ErrnoError(`${f.node.name}: fallocate past the end of the disk`, E.ENOSPC);
     const n = Math.min(length, Math.max(0, size - offset));
     if (n === 0 || !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))) return;
-    if (!f.node.zero) throw new ErrnoError(`${path}: this image cannot zero ranges`, E.EOPNOTSUPP);
+    if (!f.node.zero) throw new ErrnoError(`${f.node.name}: this image cannot zero ranges`, E.EOPNOTSUPP);
     this.dirty.add(f);
     try {
       await f.node.zero(offset, n, (mode & FALLOC_FL_PUNCH_HOLE) !== 0);
     } catch (err) {
       this.report('fallocate', f, offset, n, err);
       throw err;
+    } finally {
+      this.changed(i);
     }
   }
 
-  async flush(path: string): Promise<void> {
-    const f = this.byPath.get(path);
+  async flush(ino: number): Promise<void> {
+    const f = this.inodes[ino]?.file;
     if (f && this.dirty.has(f)) await this.flushFile(f);
   }
 
-  async fsync(path: string): Promise<void> {
-    const f = this.file(path);
+  async fsync(ino: number): Promise<void> {
+    const f = this.file(ino);
     if (f.writable) await this.flushFile(f);
   }
 
@@ -185,6 +274,21 @@ export class FlatFs implements FsOps {
       this.report('flush', f, 0, 0, err);
       throw err;
     }
+  }
+
+  /**
+   * lseek(2) SEEK_DATA/SEEK_HOLE from the image's block status through its backing
+   * chain: `cp --sparse`, `tar --sparse` and `qemu-img map` then skip what the image
+   * never stored, and a range punched with `fallocate -p` is a hole afterwards.
+   */
+  async lseek(ino: number, _fh: number, offset: number, whence: number): Promise<number> {
+    const f = this.file(ino);
+    return seek(f.node, f.node.size, offset, whence);
+  }
+
+  /** The kernel ends the session (DESTROY, sent for fuseblk mounts): write everything. */
+  destroy(): Promise<void> {
+    return this.flushAll();
   }
 
   /** Flush every file; used before unmounting and on exit. */
@@ -200,14 +304,14 @@ export class FlatFs implements FsOps {
 
   async utimens(): Promise<void> {}
 
-  async chmod(path: string): Promise<void> {
-    this.file(path);
-    throw new ErrnoError(`${path}: mode is fixed`, E.EPERM);
+  async chmod(ino: number): Promise<void> {
+    const f = this.file(ino);
+    throw new ErrnoError(`${f.node.name}: mode is fixed`, E.EPERM);
   }
 
-  async chown(path: string): Promise<void> {
-    this.file(path);
-    throw new ErrnoError(`${path}: owner is fixed`, E.EPERM);
+  async chown(ino: number): Promise<void> {
+    const f = this.file(ino);
+    throw new ErrnoError(`${f.node.name}: owner is fixed`, E.EPERM);
   }
 
   private report(op: string, f: FlatFile, offset: number, length: number, err: unknown): void {

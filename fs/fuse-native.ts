@@ -13,11 +13,13 @@
 // - Fuse.unmount shells out to fusermount, and a child of the serving process
 //   inherits /dev/fuse (no close-on-exec) and can keep a dead mount alive: the
 //   serving process never spawns; it unmounts with umount2(2).
+// libfuse 2's high-level API names files by path; FsOps knows node ids. PathOps maps
+// one to the other, resolving each path once by LOOKUP from the root.
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import createDebug from 'debug';
 import { errnoOf, messageOf } from '../drivers/errors.js';
-import type { FsOps, FuseMount, MountOptions } from './fuse.js';
+import { ROOT_ID, type FsOps, type FuseMount, type MountOptions, type Stat } from './fuse.js';
 
 const require = createRequire(import.meta.url);
 const debug = createDebug('tsmount:fuse');
@@ -77,7 +79,66 @@ function adapt<A extends unknown[], R>(name: string, fn: (...args: A) => Promise
   };
 }
 
-export function mountNative(mountpoint: string, ops: FsOps, opts: MountOptions): Promise<FuseMount> {
+/** FsOps by path, for libfuse 2: each path resolved to its node id once. */
+class PathOps {
+  private readonly ids = new Map<string, number>([['/', ROOT_ID]]);
+
+  constructor(private readonly ops: FsOps) {}
+
+  async ino(path: string): Promise<number> {
+    const known = this.ids.get(path);
+    if (known !== undefined) return known;
+    const slash = path.lastIndexOf('/');
+    const parent = await this.ino(slash <= 0 ? '/' : path.slice(0, slash));
+    const { ino } = await this.ops.lookup(parent, path.slice(slash + 1));
+    this.ids.set(path, ino);
+    return ino;
+  }
+
+  async getattr(path: string): Promise<Stat> {
+    return this.ops.getattr(await this.ino(path));
+  }
+  async readdir(path: string): Promise<string[]> {
+    const entries = await this.ops.readdir(await this.ino(path));
+    return ['.', '..', ...entries.map((e) => e.name)];
+  }
+  async open(path: string, flags: number): Promise<number> {
+    return (await this.ops.open(await this.ino(path), flags)).fh;
+  }
+  async release(path: string, fh: number): Promise<void> {
+    return this.ops.release(await this.ino(path), fh);
+  }
+  async read(path: string, fh: number, buf: Buffer, length: number, position: number): Promise<number> {
+    return this.ops.read(await this.ino(path), fh, buf, length, position);
+  }
+  async write(path: string, fh: number, buf: Buffer, length: number, position: number): Promise<number> {
+    return this.ops.write(await this.ino(path), fh, buf, length, position);
+  }
+  async truncate(path: string, size: number): Promise<void> {
+    return this.ops.truncate(await this.ino(path), size);
+  }
+  async flush(path: string, fh: number): Promise<void> {
+    return this.ops.flush(await this.ino(path), fh);
+  }
+  async fsync(path: string, datasync: boolean, fh: number): Promise<void> {
+    return this.ops.fsync(await this.ino(path), fh, datasync);
+  }
+  async statfs(path: string): Promise<Record<string, number>> {
+    return this.ops.statfs(await this.ino(path));
+  }
+  async utimens(path: string): Promise<void> {
+    return this.ops.utimens(await this.ino(path));
+  }
+  async chmod(path: string, mode: number): Promise<void> {
+    return this.ops.chmod(await this.ino(path), mode);
+  }
+  async chown(path: string, uid: number, gid: number): Promise<void> {
+    return this.ops.chown(await this.ino(path), uid, gid);
+  }
+}
+
+export function mountNative(mountpoint: string, fsOps: FsOps, opts: MountOptions): Promise<FuseMount> {
+  const ops = new PathOps(fsOps);
   const handlers: Record<string, unknown> = {
     getattr: adapt('getattr', ops.getattr.bind(ops), (cb, st) => cb(0, st)),
     fgetattr: adapt('fgetattr', (p: string) => ops.getattr(p), (cb, st) => cb(0, st)),

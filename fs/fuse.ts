@@ -1,11 +1,12 @@
-// The FUSE layer's one interface. Everything else sees promise-based, path-based
-// operations and typed errors; which FUSE implementation serves them is chosen here:
-// - fuse-dev.ts speaks the kernel protocol on /dev/fuse from Node's event loop. As
-//   root it calls mount(2) itself; otherwise fusermount3 mounts and hands the
-//   descriptor back. 1 MiB requests, no thread hand-offs.
+// The FUSE layer's one interface. Everything else sees promise-based operations keyed
+// by node id, and typed errors; which FUSE implementation serves them is chosen here:
+// - /dev/fuse spoken from Node's event loop: fuse-dev.ts mounts (mount(2) as root;
+//   otherwise fusermount3 mounts and hands the descriptor back) and parses -o,
+//   fuse-session.ts is the transport, fuse-codec.ts the wire format. 1 MiB requests,
+//   no thread hand-offs.
 // - fuse-native.ts is libfuse 2 through fuse-native: the fallback where Node lacks
 //   the pipe binding fuse-dev.ts needs, or neither mount(2) nor fusermount3 is there.
-//   128 KiB requests.
+//   128 KiB requests; libfuse 2 names files by path, so it maps paths to node ids.
 // TSMOUNT_FUSE=libfuse forces the second, TSMOUNT_FUSE=fusermount the fusermount3
 // path even as root (for comparison and tests).
 import { spawnSync } from 'node:child_process';
@@ -30,26 +31,61 @@ export interface Stat {
   blksize?: number;
 }
 
-/** Promise-based operations; a thrown error becomes errnoOf(err). */
+/** The node id of the mount's root (FUSE_ROOT_ID). */
+export const ROOT_ID = 1;
+
+/** What LOOKUP finds: the name's node id, and its attributes. */
+export interface Entry {
+  ino: number;
+  attr: Stat;
+}
+
+export interface DirEntry {
+  name: string;
+  ino: number;
+  dir: boolean;
+}
+
+/** What OPEN hands back: the file handle, and what the page-cache policy needs to know. */
+export interface Opened {
+  fh: number;
+  /** The file's bytes can change while it is open (a writable flat file). */
+  writable: boolean;
+  size: number;
+}
+
+/**
+ * Promise-based operations keyed by node id (`ino`) and file handle (`fh`), as the
+ * kernel names files: LOOKUP resolves a name once, every later request carries the
+ * node id. A thrown error becomes errnoOf(err).
+ */
 export interface FsOps {
-  getattr(path: string): Promise<Stat>;
-  readdir(path: string): Promise<string[]>;
-  open(path: string, flags: number): Promise<number>;
-  release(path: string, fd: number): Promise<void>;
+  lookup(parent: number, name: string): Promise<Entry>;
+  /** The kernel dropped its last reference to `ino` (its lookup count reached zero). */
+  forget?(ino: number): void;
+  getattr(ino: number): Promise<Stat>;
+  /** The entries of a directory, without '.' and '..'. */
+  readdir(ino: number): Promise<DirEntry[]>;
+  open(ino: number, flags: number): Promise<Opened>;
+  release(ino: number, fh: number): Promise<void>;
   /** Fill buf (done with it when this resolves); returns bytes read. */
-  read(path: string, fd: number, buf: Buffer, length: number, position: number): Promise<number>;
+  read(ino: number, fh: number, buf: Buffer, length: number, position: number): Promise<number>;
   /** buf is the handler's to keep until this resolves. */
-  write(path: string, fd: number, buf: Buffer, length: number, position: number): Promise<number>;
-  truncate(path: string, size: number): Promise<void>;
+  write(ino: number, fh: number, buf: Buffer, length: number, position: number): Promise<number>;
+  truncate(ino: number, size: number): Promise<void>;
   /** Called on every close(2) of a file descriptor. */
-  flush(path: string, fd: number): Promise<void>;
-  fsync(path: string, datasync: boolean, fd: number): Promise<void>;
+  flush(ino: number, fh: number): Promise<void>;
+  fsync(ino: number, fh: number, datasync: boolean): Promise<void>;
   /** fallocate(2) modes: 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE]. */
-  fallocate?(path: string, mode: number, offset: number, length: number): Promise<void>;
-  statfs(path: string): Promise<Record<string, number>>;
-  utimens(path: string): Promise<void>;
-  chmod(path: string, mode: number): Promise<void>;
-  chown(path: string, uid: number, gid: number): Promise<void>;
+  fallocate?(ino: number, fh: number, mode: number, offset: number, length: number): Promise<void>;
+  /** lseek(2) with SEEK_DATA (3) or SEEK_HOLE (4): the offset found; ENXIO past the end. */
+  lseek?(ino: number, fh: number, offset: number, whence: number): Promise<number>;
+  statfs(ino: number): Promise<Record<string, number>>;
+  utimens(ino: number): Promise<void>;
+  chmod(ino: number, mode: number): Promise<void>;
+  chown(ino: number, uid: number, gid: number): Promise<void>;
+  /** The kernel ends the session (DESTROY): write everything out. */
+  destroy?(): Promise<void>;
 }
 
 export interface MountOptions {

@@ -147,8 +147,9 @@ export class Server {
     }
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner and time to the flat file; a remote one, the server's.
-      const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
-      return { name: target.names[i]!, node, writable: opts.rw, uid: st?.uid ?? process.getuid?.() ?? 0, gid: st?.gid ?? process.getgid?.() ?? 0, mtime: st?.mtime ?? new Date() };
+      const local = protocolFor(opts.images[i]!) === fileProtocol ? opts.images[i]!.replace(/^file:/, '') : undefined;
+      const st = local !== undefined ? fs.statSync(local) : undefined;
+      return { name: target.names[i]!, node, writable: opts.rw, uid: st?.uid ?? process.getuid?.() ?? 0, gid: st?.gid ?? process.getgid?.() ?? 0, mtime: st?.mtime ?? new Date(), hostFile: local };
     });
     if (!target.overFile) files.push(...snapshotFiles(files, formatNodes));
     const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`));

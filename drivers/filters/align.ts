@@ -27,7 +27,7 @@ export class AlignFilter implements BlockNode {
     return this.inner.name;
   }
   get backing(): BlockNode | undefined {
-    return (this.inner as { backing?: BlockNode }).backing;
+    return this.inner.backing;
   }
 
   async read(offset: number, dst: Uint8Array): Promise<void> {

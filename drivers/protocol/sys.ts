@@ -31,6 +31,7 @@ const Iovec = koffi.struct('tsmount_iovec', { base: 'void *', len: 'size_t' });
 const preadv2Fn = libc.func('long preadv2(int fd, const tsmount_iovec *iov, int iovcnt, int64_t offset, int flags)');
 const readFn = libc.func('long read(int fd, _Out_ void *buf, size_t n)');
 const mountFn = libc.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)');
+const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
 
 
 export const F_RDLCK = 0;
@@ -144,6 +145,18 @@ export function umount2(target: string, flags: number): void {
 export function mount(source: string, target: string, fstype: string, flags: number, data: string): void {
   const r = mountFn(source, target, fstype, flags, data) as number;
   if (r !== 0) throw new SysError('mount', errno());
+}
+
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+
+/**
+ * lseek(2), for SEEK_DATA and SEEK_HOLE, which Node does not offer: the new offset, or
+ * -errno (ENXIO: no data, or no hole, at or after `offset`).
+ */
+export function lseek(fd: number, offset: number, whence: number): number {
+  const r = Number(lseekFn(fd, offset, whence));
+  return r >= 0 ? r : -errno();
 }
 
 const RWF_NOWAIT = 0x08;
