@@ -193,16 +193,22 @@ const recvmsgFn = libc.func('long recvmsg(int fd, _Inout_ tsmount_msghdr *msg, i
 
 const AF_UNIX = 1;
 const SOCK_STREAM = 1;
+const SOCK_SEQPACKET = 5;
+const SOCK_NONBLOCK = 0x800;
 const SOCK_CLOEXEC = 0x80000;
 const MSG_DONTWAIT = 0x40;
 const MSG_CMSG_CLOEXEC = 0x40000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
 
-/** A connected pair of Unix stream sockets, both close-on-exec. */
-export function socketPair(): [number, number] {
+/**
+ * A connected pair of Unix sockets, both close-on-exec: stream sockets, or with
+ * `messages` non-blocking sequenced-packet ones, which keep message boundaries as
+ * /dev/fuse does (tests serve a FUSE session over one).
+ */
+export function socketPair(messages = false): [number, number] {
   const sv = [0, 0];
-  if ((socketpairFn(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) as number) !== 0) throw new SysError('socketpair', errno());
+  if ((socketpairFn(AF_UNIX, (messages ? SOCK_SEQPACKET | SOCK_NONBLOCK : SOCK_STREAM) | SOCK_CLOEXEC, 0, sv) as number) !== 0) throw new SysError('socketpair', errno());
   return [sv[0]!, sv[1]!];
 }
 
