@@ -71,7 +71,7 @@ export async function chainStatus(node: BlockNode, offset: number, length: numbe
 }
 
 /** How much of the disk one block-status question covers, first and at most. */
-const FIRST_WINDOW = 16 << 20;
+const FIRST_WINDOW = 2 << 20;
 const MAX_WINDOW = 1 << 30;
 
 /**

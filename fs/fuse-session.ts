@@ -45,6 +45,12 @@ const REPLY_POOL_KEEP = 8;
 /** Interrupted requests still running, at most; beyond it the oldest are forgotten. */
 const INTERRUPTED_KEEP = 1024;
 
+/**
+ * How long an interrupted request may still finish normally before it is answered
+ * EINTR (interrupt() says why not at once).
+ */
+export const INTERRUPT_GRACE_MS = 1000;
+
 /** What the session needs of the mount's configuration (fuse-dev.ts configure()). */
 export interface SessionConfig {
   maxWrite: number;
@@ -55,6 +61,8 @@ export interface SessionConfig {
    * and 'direct' force one way for every file (-o kernel_cache, -o direct_io).
    */
   pageCache: 'auto' | 'kernel' | 'direct';
+  /** INTERRUPT_GRACE_MS unless given (tests: 0). */
+  interruptGraceMs?: number;
 }
 
 /** The pipe binding lets a non-socket descriptor live in the event loop (epoll). */
@@ -103,6 +111,8 @@ export class Session implements FuseMount {
    * late answer is dropped. Insertion order is age order.
    */
   private readonly interrupted = new Set<number>();
+  /** Interrupted requests in their grace period: the timer that answers them EINTR. */
+  private readonly graced = new Map<number, NodeJS.Timeout>();
 
   private requestBuffer(): Buffer {
     this.current ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE);
@@ -145,6 +155,8 @@ export class Session implements FuseMount {
   private end(): void {
     if (this.closedFlag) return;
     this.closedFlag = true;
+    for (const timer of this.graced.values()) clearTimeout(timer);
+    this.graced.clear();
     this.initDone(new ErrnoError(`${this.mountpoint}: the FUSE session ended before it started`, E.ENODEV));
     this.socket.destroy();
     this.endDone();
@@ -170,6 +182,7 @@ export class Session implements FuseMount {
   }
 
   private send(b: Buffer, unique: number, error = 0, len = b.length): void {
+    if (this.graced.size !== 0) this.ungrace(unique);
     // Answered EINTR already: the kernel has moved on, this late answer is dropped.
     if (this.interrupted.size !== 0 && this.interrupted.delete(unique)) return;
     this.writeReply(b, unique, error, len);
@@ -260,16 +273,39 @@ export class Session implements FuseMount {
   }
 
   /**
-   * INTERRUPT: a signal reached the process waiting for request `unique`. Answer it
-   * EINTR now, so the caller gets its error without waiting for the image; the
-   * handler runs on (its effect on the image may still happen, as with a signal during
-   * any write) and its answer is dropped. If the answer went out already, the kernel
-   * refuses ours (ENOENT) and nothing is remembered.
+   * INTERRUPT: a signal reached the process waiting for request `unique`. A fatal
+   * signal needs nothing from us (the kernel lets the process die without our answer);
+   * this is a signal the process handles, and EINTR makes read(2) or write(2) fail with
+   * EINTR even under SA_RESTART, which programs rarely expect from a regular file. So a
+   * request that finishes within INTERRUPT_GRACE_MS is answered normally; one that
+   * does not (a hung remote image) is answered EINTR then, the handler runs on (its
+   * effect on the image may still happen, as with a signal during any write) and its
+   * late answer is dropped. If the answer went out already, the kernel refuses our
+   * EINTR (ENOENT) and nothing is remembered.
    */
   private interrupt(unique: number): void {
+    const grace = this.cfg.interruptGraceMs ?? INTERRUPT_GRACE_MS;
+    if (grace <= 0) return this.answerInterrupted(unique);
+    if (this.graced.has(unique) || this.graced.size >= INTERRUPTED_KEEP) return;
+    const timer = setTimeout(() => {
+      this.graced.delete(unique);
+      this.answerInterrupted(unique);
+    }, grace);
+    timer.unref();
+    this.graced.set(unique, timer);
+  }
+
+  private ungrace(unique: number): void {
+    const timer = this.graced.get(unique);
+    if (timer === undefined) return;
+    clearTimeout(timer);
+    this.graced.delete(unique);
+  }
+
+  private answerInterrupted(unique: number): void {
     const errno = this.writeReply(Buffer.alloc(OutHeader.SIZE), unique, E.EINTR, OutHeader.SIZE);
     if (errno !== 0) return;
-    debug('request %d interrupted', unique);
+    debug('request %d interrupted: answered EINTR', unique);
     if (this.interrupted.size >= INTERRUPTED_KEEP) {
       const oldest = this.interrupted.values().next();
       if (!oldest.done) this.interrupted.delete(oldest.value);

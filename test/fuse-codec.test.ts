@@ -346,7 +346,7 @@ describe('FUSE session over a socket pair', () => {
 
   before(() => {
     [kernelFd, serverFd] = socketPair(true);
-    session = new Session('/nowhere', serverFd, ops, { maxWrite: 1 << 20, maxReadahead: 1 << 20, pageCache: 'auto' });
+    session = new Session('/nowhere', serverFd, ops, { maxWrite: 1 << 20, maxReadahead: 1 << 20, pageCache: 'auto', interruptGraceMs: 300 });
     kernel = new FakeKernel(kernelFd);
   });
   after(() => {
@@ -369,13 +369,30 @@ describe('FUSE session over a socket pair', () => {
     expect(forgotten).to.deep.equal([2]);
   });
 
-  it('answers an interrupted request EINTR once, and drops its late answer', async () => {
+  const interruptIn = (unique: number): Buffer => body(InterruptIn.SIZE, (b) => putU64(b, InterruptIn.unique, unique));
+
+  it('answers an interrupted request normally when it finishes within the grace period', async () => {
+    const slow = kernel.send(Op.READ, 2, readIn(512 * 1024, 4096));
+    await kernel.poll(() => releaseRead !== undefined);
+    kernel.send(Op.INTERRUPT, 0, interruptIn(slow));
+    await kernel.poll(() => false, 50);
+    releaseRead!();
+    releaseRead = undefined;
+    expect((await kernel.reply(slow)).error).to.equal(0);
+    await kernel.poll(() => false, 500);
+    expect(kernel.replies.get(slow)).to.have.length(1);
+  });
+
+  it('answers a request still running after the grace period EINTR once, and drops its late answer', async () => {
     const slow = kernel.send(Op.READ, 2, readIn(512 * 1024, 4096));
     const fast = kernel.send(Op.READ, 2, readIn(0, 4096));
     expect((await kernel.reply(fast)).error).to.equal(0);
-    kernel.send(Op.INTERRUPT, 0, body(InterruptIn.SIZE, (b) => putU64(b, InterruptIn.unique, slow)));
+    kernel.send(Op.INTERRUPT, 0, interruptIn(slow));
+    const started = Date.now();
     expect((await kernel.reply(slow)).error).to.equal(E.EINTR);
+    expect(Date.now() - started).to.be.at.least(250);
     releaseRead!();
+    releaseRead = undefined;
     // Anything after it is answered; the slow read's own answer never comes.
     expect((await kernel.reply(kernel.send(Op.GETATTR, 2, Buffer.alloc(16)))).error).to.equal(0);
     await kernel.poll(() => false, 100);

@@ -123,6 +123,27 @@ describe('Holes in the flat file (SEEK_DATA/SEEK_HOLE, st_blocks)', function () 
     expect(fs.statSync(path.join(mp, 'e.raw')).blocks).to.equal(0);
   });
 
+  it("shows a sparse raw image's holes, also as the backing file of a qcow2", async () => {
+    const raw = path.join(tmp.dir, 'sparse.raw');
+    fs.writeFileSync(raw, '');
+    fs.truncateSync(raw, 32 * MiB);
+    const fd = fs.openSync(raw, 'r+');
+    fs.writeSync(fd, Buffer.alloc(2 * MiB, 0x5a), 0, 2 * MiB, 4 * MiB);
+    fs.closeSync(fd);
+    const top = path.join(tmp.dir, 'over-raw.qcow2');
+    await createImage(top, 'qcow2', 32 * MiB, {}, { file: raw, format: 'raw' });
+    await qemuIo(top, 'qcow2', ['write -P 0x5b 16M 1M']);
+    // The host file system may allocate around the written range: its own map is the oracle.
+    const hostData = await mapRanges(raw, 'raw');
+    expect(bytes(hostData)).to.be.lessThan(8 * MiB);
+    const mp = dir('m-raw');
+    await mounts.mount(['-f', 'raw', raw, mp]);
+    expect(seekRanges(path.join(mp, 'sparse.raw'))).to.deep.equal(hostData);
+    await mounts.unmount(mp);
+    await mounts.mount([top, mp]);
+    expect(seekRanges(path.join(mp, 'over-raw.raw'))).to.deep.equal(await mapRanges(top, 'qcow2'));
+  });
+
   it('lets cp --sparse=always and tar --sparse skip the holes, with the same bytes', async () => {
     const img = await chain('qcow2');
     const mp = dir('m-cp');

@@ -8,7 +8,10 @@ import { IoError, ReadOnlyError, UsageError } from '../errors.js';
 import {
   blockDeviceSize,
   fallocate,
+  lseek,
   preadNoWait,
+  SEEK_DATA,
+  SEEK_HOLE,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
@@ -212,8 +215,29 @@ export class FileNode implements BlockNode {
     }
   }
 
+  /**
+   * The host file's data and holes (SEEK_DATA/SEEK_HOLE, as QEMU's file-posix answers
+   * block status): a hole reads as zeros, so it is 'zero', and a sparse raw image shows
+   * its holes through the mount. Where the host cannot tell (a block device, a file
+   * system without SEEK_DATA), everything is data.
+   */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, kind: 'data' }];
+    const end = offset + length;
+    const out: Extent[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const data = this.isBlockDevice ? pos : lseek(this.fd, pos, SEEK_DATA);
+      if (data === -E.ENXIO) break;
+      if (data < pos) return [...out, { offset: pos, length: end - pos, kind: 'data' }];
+      if (data > pos) out.push({ offset: pos, length: Math.min(data, end) - pos, kind: 'zero' });
+      if (data >= end) return out;
+      const hole = this.isBlockDevice ? end : lseek(this.fd, data, SEEK_HOLE);
+      const stop = hole > data ? Math.min(hole, end) : end;
+      out.push({ offset: data, length: stop - data, kind: 'data' });
+      pos = stop;
+    }
+    if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'zero' });
+    return out;
   }
 
   /** The lock held on this file, to change when a node is reopened read-write. */
