@@ -38,6 +38,8 @@ interface Inode {
   allocated: Promise<number> | undefined;
   /** Bumped by every write, zero and resize: a count made before it is stale. */
   gen: number;
+  /** A count ran out of budget once: later stats take the fallback straight away. */
+  tooCostly: boolean;
 }
 
 /**
@@ -46,8 +48,9 @@ interface Inode {
  * at the first stat after a change. Block status is per table (a qcow2 L2 table, a
  * VMDK grain table), so even a 1 TiB sparse image answers in milliseconds; a huge
  * fragmented image or a slow remote one could not, so the count stops after this many
- * runs or this long and falls back to the host image file's allocation (which also
- * counts metadata, and not the backing files), or to the virtual size for remote ones.
+ * runs or this long and falls back, for the life of the mount, to the host image
+ * file's allocation (which also counts metadata, and not the backing files), or to the
+ * virtual size for remote images.
  */
 const ALLOCATION_MAX_RUNS = 1 << 18;
 const ALLOCATION_MAX_MS = 500;
@@ -75,7 +78,7 @@ export class FlatFs implements FsOps {
   constructor(private readonly files: FlatFile[], private readonly overFile: boolean, private readonly onIoError: (msg: string) => void = () => {}) {
     files.forEach((file, i) => {
       const ino = overFile ? ROOT_ID : ROOT_ID + 1 + i;
-      const inode: Inode = { ino, file, allocated: undefined, gen: 0 };
+      const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false };
       this.inodes[ino] = inode;
       this.byName.set(file.name, inode);
     });
@@ -134,7 +137,7 @@ export class FlatFs implements FsOps {
   private allocated(i: Inode): Promise<number> {
     if (i.allocated) return i.allocated;
     const gen = i.gen;
-    const p = this.countAllocated(i.file).catch((err: unknown) => {
+    const p = this.countAllocated(i).catch((err: unknown) => {
       debug('%s: counting allocated bytes failed: %s', i.file.node.name, messageOf(err));
       return i.file.node.size;
     });
@@ -146,12 +149,16 @@ export class FlatFs implements FsOps {
     return p;
   }
 
-  private async countAllocated(f: FlatFile): Promise<number> {
+  private async countAllocated(i: Inode): Promise<number> {
+    const f = i.file;
     const size = f.node.size;
-    const n = await allocatedBytes(f.node, size, { maxRuns: ALLOCATION_MAX_RUNS, deadline: Date.now() + ALLOCATION_MAX_MS });
-    if (n !== undefined) return n;
+    if (!i.tooCostly) {
+      const n = await allocatedBytes(f.node, size, { maxRuns: ALLOCATION_MAX_RUNS, deadline: Date.now() + ALLOCATION_MAX_MS });
+      if (n !== undefined) return n;
+      debug('%s: block status too costly to add up; st_blocks from the image file from now on', f.node.name);
+      i.tooCostly = true;
+    }
     if (!f.hostFile) return size;
-    debug('%s: block status too costly to add up; st_blocks from the image file', f.node.name);
     return Math.min(size, (await fs.promises.stat(f.hostFile)).blocks * 512);
   }
 
