@@ -3,10 +3,12 @@
 // and `qemu-img map` of the flat file skip what the image never stored. The oracle is
 // `qemu-img map` of the image itself; lseek(2) comes from koffi (Node has no SEEK_DATA).
 import { expect } from 'chai';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { createImage, mapImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
-import { MountTracker } from './helpers/mount.js';
+import { MountTracker, waitFor } from './helpers/mount.js';
 import { lseek, SEEK_DATA, SEEK_HOLE } from '../drivers/protocol/sys.js';
 import { allocatedBytes, chainStatus, seek, type Run } from '../fs/extents.js';
 import type { BlockNode, Extent } from '../drivers/types.js';
@@ -189,6 +191,40 @@ describe('Holes in the flat file (SEEK_DATA/SEEK_HOLE, st_blocks)', function () 
     }
     expect(seekRanges(flat)).to.deep.equal([[0, 4 * MiB], [6 * MiB, 16 * MiB], [24 * MiB, 24 * MiB + 64 * KiB]]);
     expect(await blocksSettle(flat, 14 * MiB + 64 * KiB)).to.equal(14 * MiB + 64 * KiB);
+  });
+
+  it('answers a slow request EINTR once the grace period is over, when its caller was signalled', async () => {
+    // SEEK_DATA over NBD is a block-status request; nbdkit's delay filter makes it take 3 s.
+    const sock = path.join(tmp.dir, 'slow.sock');
+    const nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', sock, '--filter=delay', 'memory', '64M', 'delay-extents=3'], { stdio: 'ignore' });
+    mounts.trackChild(nbdkit);
+    await waitFor(() => fs.existsSync(sock), 10_000, 'nbdkit');
+    const mp = dir('m-intr');
+    await mounts.mount(['-f', 'raw', `nbd+unix:///?socket=${sock}`, mp]);
+    const flat = path.join(mp, fs.readdirSync(mp)[0]!);
+    // The first stat counts st_blocks (3 s, then the fallback); later lookups are quick.
+    await fs.promises.stat(flat);
+    const sys = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../drivers/protocol/sys.js');
+    const script = `
+      const { lseek, SEEK_DATA } = await import(${JSON.stringify(sys)});
+      const fs = await import('node:fs');
+      process.on('SIGHUP', () => {});
+      const fd = fs.openSync(${JSON.stringify(flat)}, 'r');
+      process.stdout.write('open\\n');
+      const t = Date.now();
+      const r = lseek(fd, 4096, SEEK_DATA);
+      process.stdout.write(JSON.stringify({ r, ms: Date.now() - t }) + '\\n');`;
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    mounts.trackChild(child);
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    await waitFor(() => out.includes('open'), 20_000, 'the seeking child to open the file');
+    await new Promise((r) => setTimeout(r, 300));
+    child.kill('SIGHUP');
+    await new Promise((r) => child.on('close', r));
+    const got = JSON.parse(out.split('\n')[1]!) as { r: number; ms: number };
+    expect(got.r, 'lseek fails with EINTR').to.equal(-4);
+    expect(got.ms).to.be.within(900, 2900);
   });
 
   it('answers ENXIO for SEEK_DATA past the last data and at the end, and SEEK_HOLE at the end of all-data', async () => {
