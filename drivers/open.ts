@@ -29,6 +29,18 @@ export function formatOf(node: BlockNode): string | undefined {
   return formats.get(node);
 }
 
+/** Images whose node, or a backing file under it, decrypts (BlockNode.encrypted). */
+const decrypting = new WeakSet<BlockNode>();
+
+/**
+ * Whether reading this image yields plaintext of an encrypted image: its own format
+ * decrypts, or an image in its backing chain does (an overlay shows the plaintext of
+ * every cluster it leaves to an encrypted backing file).
+ */
+export function decryptsInChain(node: BlockNode): boolean {
+  return decrypting.has(node);
+}
+
 /** Backing chains deeper than this are taken for a loop or a mistake. */
 export const MAX_BACKING_DEPTH = 256;
 
@@ -64,6 +76,7 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
   try {
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
+    let backingDecrypts = false;
     const imageLock = (file as { imageLock?: { update(r: ReturnType<typeof lockRequestFor>): void } }).imageLock;
     if (policy && format === undefined) imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
     const openOpts: OpenOptions = {
@@ -79,7 +92,9 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         try {
-          return await openChain(resolved, fmt, opts, depth + 1, seen);
+          const b = await openChain(resolved, fmt, opts, depth + 1, seen);
+          if (decrypting.has(b)) backingDecrypts = true;
+          return b;
         } catch (err) {
           if (err instanceof CorruptImageError && /backing chain/.test(err.message)) throw err;
           const why = messageOf(err).replace(`${resolved}: `, '');
@@ -90,6 +105,7 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
     };
     const node = await driver.open(file, openOpts);
     formats.set(node, driver.name);
+    if (node.encrypted || backingDecrypts) decrypting.add(node);
     return node;
   } catch (err) {
     await file.close().catch(() => undefined);

@@ -24,6 +24,11 @@ export interface BlockNode {
   /** A short description for messages: the file name, or the URI. */
   readonly name: string;
   /**
+   * The node decrypts what it reads (LUKS, qcow2 and qcow encryption): its bytes are
+   * plaintext that only those who can read the image should see (fs/access.ts).
+   */
+  readonly encrypted?: boolean;
+  /**
    * Fill dst with the bytes at [offset, offset + dst.length). Callers keep requests
    * inside [0, size); a node never re-checks bounds its caller already checked.
    */

@@ -5,6 +5,7 @@ import createDebug from 'debug';
 import type { BlockNode } from '../drivers/types.js';
 import { ReadOnlyError, TsmountError, messageOf } from '../drivers/errors.js';
 import type { FsOps, Stat } from './fuse.js';
+import type { Ownership } from './access.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/protocol/sys.js';
 
 const debug = createDebug('tsmount:fs');
@@ -21,9 +22,20 @@ export interface FlatFile {
   name: string;
   node: BlockNode;
   writable: boolean;
+  /** Owner, group and permission bits (fs/access.ts); chown and chmod change them. */
   uid: number;
   gid: number;
+  /** Permission bits while writable; getattr drops the write bits of a read-only file. */
+  mode: number;
   mtime: Date;
+}
+
+/** What the whole mount allows (fs/access.ts). */
+export interface FlatFsAccess {
+  /** The mount's root directory; undefined: the mounting user's, 0755 (0555). */
+  root?: Ownership;
+  /** Truncate may grow a disk (--growable); otherwise growing fails with EPERM. */
+  growable: boolean;
 }
 
 /** A node that can grow; a cache in front says whether the node under it can. */
@@ -44,7 +56,12 @@ export class FlatFs implements FsOps {
   private readonly mountTime = new Date();
 
   /** overFile: the mountpoint is a regular file and '/' is the one image. */
-  constructor(private readonly files: FlatFile[], private readonly overFile: boolean, private readonly onIoError: (msg: string) => void = () => {}) {
+  constructor(
+    private readonly files: FlatFile[],
+    private readonly overFile: boolean,
+    private readonly onIoError: (msg: string) => void = () => {},
+    private readonly access: FlatFsAccess = { growable: false },
+  ) {
     for (const f of files) this.byPath.set(overFile ? '/' : `/${f.name}`, f);
   }
 
@@ -58,12 +75,13 @@ export class FlatFs implements FsOps {
     if (path === '/' && !this.overFile) {
       const anyWritable = this.files.some((f) => f.writable);
       const t = this.mountTime;
-      return { mode: 0o040000 | (anyWritable ? 0o755 : 0o555), size: 4096, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mtime: t, atime: t, ctime: t, nlink: 2 };
+      const root = this.access.root ?? { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mode: anyWritable ? 0o755 : 0o555 };
+      return { mode: 0o040000 | root.mode, size: 4096, uid: root.uid, gid: root.gid, mtime: t, atime: t, ctime: t, nlink: 2 };
     }
     const f = this.file(path);
     const size = f.node.size;
     return {
-      mode: 0o100000 | (f.writable ? 0o644 : 0o444),
+      mode: 0o100000 | (f.writable ? f.mode : f.mode & ~0o222),
       size,
       uid: f.uid,
       gid: f.gid,
@@ -126,7 +144,9 @@ export class FlatFs implements FsOps {
     if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
     // Shrinking a disk through `>` or O_TRUNC would destroy it: never. Growing is
     // `qemu-img resize`, where the format can.
-    if (size < f.node.size) throw new ErrnoError(`${path}: the disk cannot be shrunk through this mount`, E.EPERM);
+    if (size < f.node.size) throw this.refuse(f, `shrinking the disk from ${f.node.size} to ${size} bytes refused: a disk cannot shrink through the mount`);
+    // Growing changes the guest's disk: only when asked for (QEMU's export has `growable`).
+    if (!this.access.growable) throw this.refuse(f, `growing the disk from ${f.node.size} to ${size} bytes refused: mount with --growable to allow it`);
     if (!hasTruncate(f.node)) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
     this.dirty.add(f);
     try {
@@ -200,14 +220,35 @@ export class FlatFs implements FsOps {
 
   async utimens(): Promise<void> {}
 
-  async chmod(path: string): Promise<void> {
-    this.file(path);
-    throw new ErrnoError(`${path}: mode is fixed`, E.EPERM);
+  /**
+   * chmod and chown change what getattr shows, for the life of the mount (the image
+   * file keeps its own). They arrive only on a writable mount (the kernel answers
+   * EROFS on a read-only one) and only from whom the kernel lets change them: with
+   * default_permissions it checks ownership and CAP_CHOWN itself.
+   */
+  async chmod(path: string, mode: number): Promise<void> {
+    const f = this.chattrTarget(path);
+    f.mode = mode & 0o7777;
   }
 
-  async chown(path: string): Promise<void> {
-    this.file(path);
-    throw new ErrnoError(`${path}: owner is fixed`, E.EPERM);
+  async chown(path: string, uid: number, gid: number): Promise<void> {
+    const f = this.chattrTarget(path);
+    // -1 (or its unsigned spelling from libfuse) leaves that id as it is.
+    if (uid >= 0 && uid !== 0xffffffff) f.uid = uid;
+    if (gid >= 0 && gid !== 0xffffffff) f.gid = gid;
+  }
+
+  private chattrTarget(path: string): FlatFile {
+    if (path === '/' && !this.overFile) throw new ErrnoError(`${path}: the mount's root directory keeps its owner and mode`, E.EPERM);
+    return this.file(path);
+  }
+
+  /** A refusal the user should be able to read about: logged, then EPERM. */
+  private refuse(f: FlatFile, why: string): ErrnoError {
+    const msg = `${f.node.name}: ${why}`;
+    debug(msg);
+    this.onIoError(msg);
+    return new ErrnoError(msg, E.EPERM);
   }
 
   private report(op: string, f: FlatFile, offset: number, length: number, err: unknown): void {

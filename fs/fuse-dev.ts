@@ -555,7 +555,9 @@ class Session implements FuseMount {
         const st = await this.ops.getattr(path);
         const out = replyBuf(16);
         putU64(out, OUT_HEADER, fh);
-        out.writeUInt32LE(this.openFlags((st.mode & 0o222) !== 0, st.size), OUT_HEADER + 8);
+        // Every file of a writable mount counts as writable: its mode does not tell (root
+        // writes a 0444 file, chmod changes it), and only snapshot files are not.
+        out.writeUInt32LE(this.openFlags((this.cfg.flags & MS_RDONLY) === 0, st.size), OUT_HEADER + 8);
         this.send(out, unique);
         return;
       }

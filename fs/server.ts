@@ -6,7 +6,7 @@ import path from 'node:path';
 import createDebug from 'debug';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
-import { openImage } from '../drivers/open.js';
+import { decryptsInChain, openImage } from '../drivers/open.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
 import { SysError } from '../drivers/protocol/sys.js';
@@ -14,6 +14,7 @@ import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
 import { mount, setReadahead, unmountFuse, type FuseMount } from './fuse.js';
 import { findMount } from './mounts.js';
+import { flatFileOwnership, rootOwnership, type MountAccess, type Ownership } from './access.js';
 
 const debug = createDebug('tsmount:server');
 
@@ -35,8 +36,10 @@ export interface ServeOptions {
   locking: LockingMode;
   forceShare: boolean;
   shareRw: boolean;
-  /** Extra libfuse -o options. */
+  /** Extra libfuse -o options (tsmount's own already taken out: fs/access.ts). */
   fuseOptions: string[];
+  /** Ownership choices, allow_other, growable; default: the image's, neither. */
+  access?: MountAccess;
   /** Passphrase for encrypted images. */
   secret?: string;
 }
@@ -145,20 +148,27 @@ export class Server {
       await Promise.allSettled(nodes.map((n) => n.close()));
       throw err;
     }
+    const access = opts.access ?? { allowOther: false, growable: false };
     const files: FlatFile[] = nodes.map((node, i) => {
-      // A local image lends its owner and time to the flat file; a remote one, the server's.
+      // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
       const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
-      return { name: target.names[i]!, node, writable: opts.rw, uid: st?.uid ?? process.getuid?.() ?? 0, gid: st?.gid ?? process.getgid?.() ?? 0, mtime: st?.mtime ?? new Date() };
+      // The other files the image reads (backing files, extents, a data file) narrow the mode: none yet.
+      const others: Ownership[] = [];
+      const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(formatNodes[i]!), choice: access });
+      return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date() };
     });
     if (!target.overFile) files.push(...snapshotFiles(files, formatNodes));
-    const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`));
+    const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`), {
+      root: rootOwnership(access, opts.rw),
+      growable: access.growable,
+    });
     const server = new Server(target, nodes, flat);
     const fsname = `tsmount:${process.pid}`;
     try {
       server.session = await mount(target.mountpoint, flat, {
         fsname,
         readOnly: !opts.rw,
-        allowOther: process.getuid?.() === 0,
+        allowOther: access.allowOther,
         extra: opts.fuseOptions,
       });
       setReadahead(target.mountpoint, READAHEAD_KIB, fsname);

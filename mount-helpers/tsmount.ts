@@ -18,6 +18,7 @@ import type { LockingMode } from '../drivers/protocol/lock.js';
 import type { Server } from '../fs/server.js';
 import { unmount } from './unmount.js';
 import { parseSize } from '../drivers/options.js';
+import { parseMountAccess } from '../fs/access.js';
 
 
 interface CliOptions {
@@ -33,6 +34,10 @@ interface CliOptions {
   secret?: string;
   secretFile?: string;
   option: string[];
+  uid?: string;
+  gid?: string;
+  umask?: string;
+  growable?: boolean;
   log?: string;
   readyFd?: string;
   imageOpts?: boolean;
@@ -70,7 +75,11 @@ function program(): Command {
     .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
-    .option('-o, --option <opt>', 'extra libfuse mount option (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('-o, --option <opt>', 'mount option (repeatable): allow_other, uid=N, gid=N, umask=M, growable, or a libfuse option', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--uid <n>', "owner of the flat files (default: the image file's)")
+    .option('--gid <n>', "group of the flat files (default: the image file's)")
+    .option('--umask <octal>', "flat files get mode 0666 & ~umask instead of the image file's")
+    .option('--growable', 'let truncate grow the disk (--rw; also -o growable, -o resize)')
     .option('--log <file>', 'where the detached server writes its messages')
     .addOption(new Option('--ready-fd <fd>').hideHelp())
     .showHelpAfterError(false)
@@ -101,6 +110,12 @@ async function main(argv: string[]): Promise<void> {
   if (!fs.existsSync(mountpoint)) fail(`${mountpoint}: mountpoint does not exist`);
   for (const img of images) if (isLocalPath(img) && !fs.existsSync(img.replace(/^file:/, ''))) fail(`${img}: no such file`);
   const secret = readSecret(opts);
+  let mountAccess: ReturnType<typeof parseMountAccess>;
+  try {
+    mountAccess = parseMountAccess(opts.option, opts);
+  } catch (err) {
+    fail(messageOf(err));
+  }
 
   if (!opts.foreground) {
     await daemonize(argv, opts.log);
@@ -123,7 +138,8 @@ async function main(argv: string[]): Promise<void> {
       locking: opts.locking,
       forceShare: !!opts.forceShare,
       shareRw: !!opts.shareRw,
-      fuseOptions: opts.option,
+      fuseOptions: mountAccess.rest,
+      access: mountAccess.access,
       secret,
     });
   } catch (err) {

@@ -26,6 +26,9 @@ export class AlignFilter implements BlockNode {
   get name(): string {
     return this.inner.name;
   }
+  get encrypted(): boolean | undefined {
+    return this.inner.encrypted;
+  }
   get backing(): BlockNode | undefined {
     return (this.inner as { backing?: BlockNode }).backing;
   }

@@ -12,6 +12,7 @@ import { CIPHER_MODES } from '../../crypto/magic.js';
 
 class LuksNode implements BlockNode {
   private readonly unit: number;
+  readonly encrypted = true;
 
   constructor(
     private readonly file: BlockNode,

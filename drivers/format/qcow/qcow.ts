@@ -41,6 +41,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   private readonly l1: number[];
   private readonly l1Offset: number;
   private readonly cipher: QcowCipher | undefined;
+  readonly encrypted: boolean;
   private readonly barriers: boolean;
   private readonly l2Cache: LRUCache<number, Buffer>;
   private readonly mutex = new Mutex();
@@ -60,6 +61,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     this.l1 = o.l1;
     this.l1Offset = o.header.l1TableOffset;
     this.cipher = o.cipher;
+    this.encrypted = o.cipher !== undefined;
     this.barriers = o.barriers;
     this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
   }

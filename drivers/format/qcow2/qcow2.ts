@@ -81,6 +81,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private snapshotViews: { name: string; node: BlockNode }[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
   private readonly crypt: DataCrypt | undefined;
+  readonly encrypted: boolean;
   private prepared: Promise<void> | undefined;
   private closed = false;
   /** Releases this node's use of the inflate workers (taken at the first compressed read). */
@@ -104,6 +105,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
     this.viewName = o.viewName;
     this.beforeFirstChange = o.beforeFirstChange;
     this.crypt = o.crypt;
+    this.encrypted = o.crypt !== undefined;
   }
 
   /** Data cluster bytes at `host` that guest offset `guest` maps to, decrypted. */
