@@ -574,7 +574,7 @@ describe('qcow2 features', function () {
 
       const img2 = path.join(tmp.dir, 'fuse-grow.qcow2');
       await createImage(img2, 'qcow2', 16 * MiB);
-      await mounts.mount(['--rw', img2, dir]);
+      await mounts.mount(['--rw', '--growable', img2, dir]);
       fs.truncateSync(path.join(dir, 'fuse-grow.raw'), 32 * MiB);
       expect(fs.statSync(path.join(dir, 'fuse-grow.raw')).size).to.equal(32 * MiB);
       expect(() => fs.truncateSync(path.join(dir, 'fuse-grow.raw'), 8 * MiB)).to.throw();
