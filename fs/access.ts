@@ -19,6 +19,11 @@ export interface Ownership {
   mode: number;
 }
 
+/** A file the image reads from; `written`: the mount writes it too (an extent, a data file on --rw). */
+export interface PulledFile extends Ownership {
+  written?: boolean;
+}
+
 /** What the user chose instead of the image's own ownership (--uid, --gid, --umask). */
 export interface AccessChoice {
   uid?: number;
@@ -90,15 +95,17 @@ const OTHER = 0o007;
  * extents, a data file): whoever reads the flat file reads those files' bytes too.
  * A user of the flat file's group is in each file's group only when the gids match;
  * otherwise that user may fall under the file's group or its other bits, and only
- * what both give is safe. The owner's bits are left alone: that the image's owner
- * may use the files it names is checked where they are opened.
+ * what both give is safe. A file only read (a backing file) limits reading, not
+ * writing. The owner's bits are left alone: that the image's owner may use the files
+ * it names is checked where they are opened.
  */
-export function intersectGroupOther(mode: number, gid: number, others: readonly Ownership[]): number {
+export function intersectGroupOther(mode: number, gid: number, others: readonly PulledFile[]): number {
   let g = (mode & GROUP) >> 3;
   let o = mode & OTHER;
   for (const f of others) {
-    const fg = (f.mode & GROUP) >> 3;
-    const fo = f.mode & OTHER;
+    const notWritten = f.written ? 0 : 0o2;
+    const fg = ((f.mode & GROUP) >> 3) | notWritten;
+    const fo = (f.mode & OTHER) | notWritten;
     if (f.gid === gid) {
       g &= fg;
       o &= fo;
@@ -117,7 +124,7 @@ export function intersectGroupOther(mode: number, gid: number, others: readonly 
  * --umask replaces the image's mode, except that an encrypted image never shows more
  * than its own file (and its chain) gives.
  */
-export function flatFileMode(image: Ownership | undefined, others: readonly Ownership[], o: { writable: boolean; encrypted: boolean; umask?: number }): number {
+export function flatFileMode(image: Ownership | undefined, others: readonly PulledFile[], o: { writable: boolean; encrypted: boolean; umask?: number }): number {
   let derived = image ? intersectGroupOther(image.mode & 0o666, image.gid, others) : 0o600;
   if (o.encrypted && o.umask === undefined) derived &= 0o600;
   let mode = o.umask === undefined ? derived : 0o666 & ~o.umask & (o.encrypted ? derived : 0o666);
@@ -126,7 +133,7 @@ export function flatFileMode(image: Ownership | undefined, others: readonly Owne
 }
 
 /** Owner, group and mode of one flat file. */
-export function flatFileOwnership(image: Ownership | undefined, others: readonly Ownership[], o: { writable: boolean; encrypted: boolean; choice: AccessChoice }): Ownership {
+export function flatFileOwnership(image: Ownership | undefined, others: readonly PulledFile[], o: { writable: boolean; encrypted: boolean; choice: AccessChoice }): Ownership {
   return {
     uid: o.choice.uid ?? image?.uid ?? process.getuid?.() ?? 0,
     gid: o.choice.gid ?? image?.gid ?? process.getgid?.() ?? 0,

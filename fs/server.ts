@@ -14,7 +14,7 @@ import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
 import { mount, setReadahead, unmountFuse, type FuseMount } from './fuse.js';
 import { findMount } from './mounts.js';
-import { flatFileOwnership, rootOwnership, type MountAccess, type Ownership } from './access.js';
+import { flatFileOwnership, rootOwnership, type MountAccess, type PulledFile } from './access.js';
 
 const debug = createDebug('tsmount:server');
 
@@ -152,8 +152,8 @@ export class Server {
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
       const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
-      // The other files the image reads (backing files, extents, a data file) narrow the mode: none yet.
-      const others: Ownership[] = [];
+      // The other files the image reads (backing files, extents, a data file) narrow the mode: none fed in yet.
+      const others: PulledFile[] = [];
       const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(formatNodes[i]!), choice: access });
       return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date() };
     });

@@ -11,6 +11,7 @@ import path from 'node:path';
 import { createImage, imageInfo, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir, type RunResult } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
 import { startServer, type RunningServer } from './helpers/servers.js';
+import { flatFileMode, intersectGroupOther } from '../fs/access.js';
 
 const MiB = 1 << 20;
 const PASS = 'correct horse';
@@ -252,5 +253,34 @@ describe('permissions: who may read and change the flat file', function () {
       expect(await md5File(flat)).to.equal(await md5File(raw));
       expect((await userReads(flat)).code).to.not.equal(0);
     });
+  });
+});
+
+describe('permissions: the mode policy (fs/access.ts)', function () {
+  const img = { uid: 1000, gid: 100, mode: 0o100664 };
+
+  it("takes the image file's bits without execute, and without write read-only", () => {
+    expect(flatFileMode({ ...img, mode: 0o775 }, [], { writable: true, encrypted: false })).to.equal(0o664);
+    expect(flatFileMode(img, [], { writable: false, encrypted: false })).to.equal(0o444);
+    expect(flatFileMode(undefined, [], { writable: true, encrypted: false })).to.equal(0o600);
+    expect(flatFileMode(undefined, [], { writable: false, encrypted: false })).to.equal(0o400);
+  });
+
+  it('is owner-only for an encrypted image; --umask may widen it only up to the image file', () => {
+    expect(flatFileMode(img, [], { writable: true, encrypted: true })).to.equal(0o600);
+    expect(flatFileMode(img, [], { writable: true, encrypted: true, umask: 0o002 })).to.equal(0o664);
+    expect(flatFileMode({ ...img, mode: 0o600 }, [], { writable: true, encrypted: true, umask: 0 })).to.equal(0o600);
+    expect(flatFileMode({ ...img, mode: 0o600 }, [], { writable: true, encrypted: false, umask: 0o022 })).to.equal(0o644);
+  });
+
+  it('gives group and other no more than every file the image reads gives them', () => {
+    // Same group: each class keeps what the file gives that class; a file only read limits reading.
+    expect(flatFileMode(img, [{ uid: 0, gid: 100, mode: 0o640 }], { writable: true, encrypted: false })).to.equal(0o660);
+    expect(flatFileMode(img, [{ uid: 0, gid: 100, mode: 0o640, written: true }], { writable: true, encrypted: false })).to.equal(0o640);
+    expect(flatFileMode(img, [{ uid: 0, gid: 100, mode: 0o600 }], { writable: true, encrypted: false })).to.equal(0o620);
+    // Another group: a user may fall under either of the file's classes.
+    expect(flatFileMode(img, [{ uid: 0, gid: 5, mode: 0o604 }], { writable: false, encrypted: false })).to.equal(0o400);
+    expect(flatFileMode(img, [{ uid: 0, gid: 5, mode: 0o644, written: true }, { uid: 0, gid: 100, mode: 0o666, written: true }], { writable: true, encrypted: false })).to.equal(0o644);
+    expect(intersectGroupOther(0o666, 100, [{ uid: 0, gid: 100, mode: 0o600, written: true }])).to.equal(0o600);
   });
 });
