@@ -35,6 +35,8 @@ export interface AccessChoice {
 export interface MountAccess extends AccessChoice {
   /** Let other users through the mount (-o allow_other); the mode still applies. */
   allowOther: boolean;
+  /** Let root through too, nobody else (-o allow_root, as libfuse); ignored with allowOther. */
+  allowRoot?: boolean;
   /** Truncate may grow the disk (--growable, -o growable, -o resize). */
   growable: boolean;
 }
@@ -53,7 +55,7 @@ function parseUmask(what: string, v: string | undefined): number {
 
 /**
  * Take tsmount's own options out of the -o list (uid=, gid=, umask=, allow_other,
- * growable, resize) and merge them with --uid/--gid/--umask/--growable; the rest is
+ * allow_root, growable, resize) and merge them with --uid/--gid/--umask/--growable; the rest is
  * left for the FUSE layer. A value given both ways must agree.
  */
 export function parseMountAccess(
@@ -79,6 +81,7 @@ export function parseMountAccess(
       else if (key === 'gid') set('gid', parseId(`-o ${o}`, value), `-o ${o}`);
       else if (key === 'umask') set('umask', parseUmask(`-o ${o}`, value), `-o ${o}`);
       else if (key === 'allow_other' && value === undefined) access.allowOther = true;
+      else if (key === 'allow_root' && value === undefined) access.allowRoot = true;
       else if ((key === 'growable' || key === 'resize') && value === undefined) access.growable = true;
       else kept.push(o);
     }

@@ -106,16 +106,28 @@ interface DevConfig {
    * and 'direct' force one way for every file (-o kernel_cache, -o direct_io).
    */
   pageCache: 'auto' | 'kernel' | 'direct';
+  /**
+   * allow_root: the kernel lets everyone through (allow_other) and the session turns
+   * away requests from users other than the mounting user and root, as libfuse does.
+   */
+  denyOthers: boolean;
 }
+
+/**
+ * Requests allow_root does not check (libfuse's list): they act on a file already open
+ * (and may come from the kernel on another user's behalf), or carry no reply.
+ */
+const UNCHECKED_OPS = new Set<number>([OP.INIT, OP.READ, OP.WRITE, OP.FSYNC, OP.RELEASE, OP.READDIR, OP.FSYNCDIR, OP.RELEASEDIR, OP.FORGET, OP.BATCH_FORGET, OP.INTERRUPT, OP.DESTROY]);
 
 /** Options libfuse users know; each maps to a kernel option, a flag, or our own setting. */
 function configure(opts: MountOptions): DevConfig {
   const cfg: DevConfig = {
     flags: MS_NOSUID | MS_NODEV | (opts.readOnly ? MS_RDONLY : 0),
-    kernelOptions: ['default_permissions', ...(opts.allowOther ? ['allow_other'] : [])],
+    kernelOptions: ['default_permissions', ...(opts.allowOther || opts.allowRoot ? ['allow_other'] : [])],
     maxWrite: DEFAULT_MAX_WRITE,
     maxReadahead: DEFAULT_MAX_WRITE,
     pageCache: 'auto',
+    denyOthers: !opts.allowOther && !!opts.allowRoot,
   };
   const flagOpts: Record<string, number> = { ro: MS_RDONLY, noexec: MS_NOEXEC, sync: MS_SYNCHRONOUS, dirsync: MS_DIRSYNC, noatime: MS_NOATIME };
   const clearOpts: Record<string, number> = { rw: MS_RDONLY, exec: MS_NOEXEC, atime: MS_NOATIME };
@@ -241,6 +253,8 @@ class Session implements FuseMount {
   private readonly paths = new Map<number, string>([[1, '/']]);
   private readonly ids = new Map<string, number>([['/', 1]]);
   private nextId = 2;
+  /** The mounting user (allow_root lets this user and root through). */
+  private readonly owner = process.getuid?.() ?? 0;
   private initDone!: (err?: Error) => void;
   readonly initialized: Promise<void>;
   private endDone!: () => void;
@@ -352,6 +366,13 @@ class Session implements FuseMount {
       return true;
     }
     const body = buf.subarray(IN_HEADER, n);
+    if (this.cfg.denyOthers && !UNCHECKED_OPS.has(opcode)) {
+      const uid = buf.readUInt32LE(24);
+      if (uid !== 0 && uid !== this.owner) {
+        this.sendError(unique, E.EACCES);
+        return true;
+      }
+    }
     switch (opcode) {
       case OP.FORGET:
       case OP.BATCH_FORGET:

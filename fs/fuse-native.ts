@@ -109,7 +109,7 @@ export function mountNative(mountpoint: string, ops: FsOps, opts: MountOptions):
     // pages across opens.
     'kernel_cache',
     'default_permissions',
-    ...(opts.allowOther ? ['allow_other'] : []),
+    ...(opts.allowOther ? ['allow_other'] : opts.allowRoot ? ['allow_root'] : []),
     'nonempty',
     ...(opts.readOnly ? ['ro'] : []),
     ...opts.extra,

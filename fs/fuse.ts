@@ -57,6 +57,8 @@ export interface MountOptions {
   fsname: string;
   readOnly: boolean;
   allowOther: boolean;
+  /** Only the mounting user and root (libfuse's allow_root); meaningless with allowOther. */
+  allowRoot?: boolean;
   /** Extra `-o` options from the command line, libfuse's names. */
   extra: string[];
 }

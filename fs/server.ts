@@ -169,6 +169,7 @@ export class Server {
         fsname,
         readOnly: !opts.rw,
         allowOther: access.allowOther,
+        allowRoot: access.allowRoot,
         extra: opts.fuseOptions,
       });
       setReadahead(target.mountpoint, READAHEAD_KIB, fsname);

@@ -75,7 +75,7 @@ function program(): Command {
     .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
-    .option('-o, --option <opt>', 'mount option (repeatable): allow_other, uid=N, gid=N, umask=M, growable, or a libfuse option', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('-o, --option <opt>', 'mount option (repeatable): allow_other, allow_root, uid=N, gid=N, umask=M, growable, or a libfuse option', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--uid <n>', "owner of the flat files (default: the image file's)")
     .option('--gid <n>', "group of the flat files (default: the image file's)")
     .option('--umask <octal>', "flat files get mode 0666 & ~umask instead of the image file's")

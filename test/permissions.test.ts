@@ -117,6 +117,15 @@ describe('permissions: who may read and change the flat file', function () {
     expect(r.stderr).to.match(/Permission denied/);
     // Root reads it, and so would the mounting user.
     expect(fs.readFileSync(path.join(dir, 'open.raw')).subarray(0, 4)).to.deep.equal(Buffer.alloc(4, 0x5a));
+    await mounts.unmount(dir);
+
+    // -o allow_root lets only the mounting user and root in (here both are root).
+    await mounts.mount(['-o', 'allow_root', img, dir]);
+    const r2 = await userReads(path.join(dir, 'open.raw'));
+    expect(r2.code).to.not.equal(0);
+    expect(r2.stderr).to.match(/Permission denied/);
+    expect((await asUser('ls', [dir])).stderr).to.match(/Permission denied/);
+    expect(fs.readFileSync(path.join(dir, 'open.raw')).subarray(0, 4)).to.deep.equal(Buffer.alloc(4, 0x5a));
   });
 
   it('lets other users read with -o allow_other where the mode allows, and not where it does not', async () => {
