@@ -166,6 +166,18 @@ describe('permissions: who may read and change the flat file', function () {
     const r2 = await userReads(path.join(dir, 'over-enc.raw'));
     expect(r2.code).to.not.equal(0);
     expect(r2.stderr).to.match(/Permission denied/);
+    await mounts.unmount(dir);
+
+    // AES-encrypted qcow2 and qcow (v1) images alike.
+    for (const fmt of ['qcow2', 'qcow']) {
+      const aes = path.join(tmp.dir, `aes-${fmt}.img`);
+      await runOk('qemu-img', ['create', '-q', '--object', `secret,id=s0,data=${PASS}`, '-f', fmt, '-o', 'encrypt.format=aes,encrypt.key-secret=s0', aes, '4M']);
+      fs.chmodSync(aes, 0o644);
+      await mounts.mount(['-o', 'allow_other', '--secret', PASS, aes, dir]);
+      expect(statOf(path.join(dir, `aes-${fmt}.raw`)).mode, fmt).to.equal(0o400);
+      expect((await userReads(path.join(dir, `aes-${fmt}.raw`))).stderr, fmt).to.match(/Permission denied/);
+      await mounts.unmount(dir);
+    }
   });
 
   it('gives the flat file the owner, group and mode --uid, --gid and --umask (or -o uid=,gid=,umask=) choose', async () => {
