@@ -143,9 +143,9 @@ export class FlatFs implements FsOps {
     if (size === f.node.size) return;
     if (!f.writable) throw new ReadOnlyError(`${path}: mounted read-only`);
     // Shrinking a disk through `>` or O_TRUNC would destroy it: never. Growing is
-    // `qemu-img resize`, where the format can.
+    // `qemu-img resize`, where the format can, and only when the mount was asked to.
     if (size < f.node.size) throw this.refuse(f, `shrinking the disk from ${f.node.size} to ${size} bytes refused: a disk cannot shrink through the mount`);
-    // Growing changes the guest's disk: only when asked for (QEMU's export has `growable`).
+    // Growing changes the guest's disk: a stray `truncate -s 1P` must not (QEMU's export has `growable`).
     if (!this.access.growable) throw this.refuse(f, `growing the disk from ${f.node.size} to ${size} bytes refused: mount with --growable to allow it`);
     if (!hasTruncate(f.node)) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
     this.dirty.add(f);
