@@ -7,6 +7,7 @@ import createDebug from 'debug';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
 import { openImage } from '../drivers/open.js';
+import type { NamedFilePolicy } from '../drivers/trust.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
 import { SysError } from '../drivers/protocol/sys.js';
@@ -39,6 +40,8 @@ export interface ServeOptions {
   fuseOptions: string[];
   /** Passphrase for encrypted images. */
   secret?: string;
+  /** Which files an image may name (drivers/trust.ts); 'owner' when absent. */
+  namedFiles?: NamedFilePolicy;
 }
 
 export interface MountTarget {
@@ -137,6 +140,7 @@ export class Server {
           forceShare: opts.forceShare,
           shareRw: opts.shareRw,
           secret: opts.secret,
+          namedFiles: opts.namedFiles,
         });
         formatNodes.push(node);
         nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
