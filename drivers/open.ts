@@ -37,7 +37,7 @@ export const MAX_BACKING_DEPTH = 256;
 
 /** Open an image (a path or a URI) and its backing chain; returns the top format node. */
 export async function openImage(spec: string, opts: ImageOptions): Promise<BlockNode> {
-  const guard = await NamedFileGuard.forImage(spec, protocolFor(spec) === fileProtocol, opts.namedFiles ?? 'owner');
+  const guard = new NamedFileGuard(opts.namedFiles ?? 'owner');
   const node = await openChain(spec, opts.format, opts, 0, new Set(), guard, undefined);
   recordNamedFiles(node, guard.files);
   return node;
@@ -80,7 +80,8 @@ async function openChain(
       ? undefined
       : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
   const lock = policy && lockRequestFor(policy);
-  const file = await guard.open(named, () => protocol.open(spec, { readOnly, lock, cache: opts.cache }));
+  const openFile = () => protocol.open(spec, { readOnly, lock, cache: opts.cache });
+  const file = depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile);
   try {
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).

@@ -126,43 +126,49 @@ function fstat(fd: number): Promise<fs.Stats> {
   return new Promise((resolve, reject) => fs.fstat(fd, (err, st) => (err ? reject(err) : resolve(st))));
 }
 
-function stripFile(spec: string): string {
-  return spec.startsWith('file:') ? spec.slice(5) : spec;
-}
-
 function isInside(dir: string, file: string): boolean {
   const rel = path.relative(dir, file);
   return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel);
 }
 
-/** The checks for one openImage: made for the top image, applied at every depth. */
+/** Where an open descriptor leads, from the kernel (not the name it was opened by). */
+async function pathOfFd(fd: number): Promise<string | undefined> {
+  return fs.promises.readlink(`/proc/self/fd/${fd}`).catch(() => undefined);
+}
+
+/**
+ * The checks for one openImage: made for the top image, applied at every depth. Whom
+ * they are made for is learnt from the top image's open descriptor, not its name, so
+ * a symlink swapped while it is opened cannot lend a user's image root's rights.
+ */
 export class NamedFileGuard {
   readonly files: NamedFile[] = [];
+  /** The top image's owner; undefined until it is open, and for a remote image. */
+  private who: Principal | undefined;
+  /** --confine: the real path of the top image's folder. */
+  private folder: string | undefined;
 
-  private constructor(
-    private readonly policy: NamedFilePolicy,
-    /** The top image's owner; undefined when the top image is not a local file. */
-    private readonly who: Principal | undefined,
-    /** --confine: the real path of the top image's folder. */
-    private readonly folder: string | undefined,
-  ) {}
+  constructor(private readonly policy: NamedFilePolicy) {}
 
-  /** `top` is the spec the user gave; the top image is never checked (they gave it). */
-  static async forImage(top: string, localTop: boolean, policy: NamedFilePolicy): Promise<NamedFileGuard> {
-    if (policy === 'trust') return new NamedFileGuard(policy, undefined, undefined);
-    if (!localTop) return new NamedFileGuard(policy, undefined, undefined);
-    const file = stripFile(top);
-    // The open of the top image reports a missing file in its own words.
-    const st = await fs.promises.stat(file).catch(() => undefined);
-    const who = st ? await principalOf(st.uid) : undefined;
-    const folder = policy === 'confine' ? await fs.promises.realpath(path.dirname(path.resolve(file))).catch(() => undefined) : undefined;
-    return new NamedFileGuard(policy, who, folder);
+  /** Open the image the user gave: never checked (they gave it); it decides whose rights count. */
+  async openTop(open: () => Promise<BlockNode>): Promise<BlockNode> {
+    const node = await open();
+    if (this.policy === 'trust' || !(node instanceof FileNode)) return node;
+    try {
+      this.who = await principalOf((await fstat(node.fd)).uid);
+      const real = await pathOfFd(node.fd);
+      this.folder = real === undefined ? undefined : path.dirname(real);
+      return node;
+    } catch (err) {
+      await node.close().catch(() => undefined);
+      throw err;
+    }
   }
 
   /**
    * Open a file an image names, through `open`, after the policy allows it. The file
    * opened must be the one checked (same device and inode), so swapping a symlink
-   * between the check and the open gains nothing. `req` undefined: the top image.
+   * between the check and the open gains nothing. `req` undefined: a remote file.
    */
   async open(req: NamedRequest | undefined, open: () => Promise<BlockNode>): Promise<BlockNode> {
     if (req === undefined || this.policy === 'trust') return open();
@@ -173,6 +179,10 @@ export class NamedFileGuard {
       if (st === undefined || checked === undefined || st.dev !== checked.dev || st.ino !== checked.ino) {
         throw new UntrustedFileError(`${req.naming}: ${req.role} "${req.name}" changed while it was being opened; refusing to open it`);
       }
+      if (this.policy === 'confine' && node instanceof FileNode) {
+        const real = await pathOfFd(node.fd);
+        if (real === undefined || this.folder === undefined || !isInside(this.folder, real)) this.refuse(req, `is outside the image's folder ${this.folder ?? '(unknown)'} (--confine)`);
+      }
       this.files.push({ path: req.resolved, stat: st, write: req.write });
       return node;
     } catch (err) {
@@ -181,13 +191,13 @@ export class NamedFileGuard {
     }
   }
 
+  private refuse(req: NamedRequest, why: string): never {
+    throw new UntrustedFileError(`${req.naming}: ${req.role} "${req.name}" ${why}; refusing to open it${req.write ? ' for writing' : ''}`);
+  }
+
   private async check(req: NamedRequest): Promise<fs.Stats | undefined> {
-    const refuse = (why: string): never => {
-      throw new UntrustedFileError(`${req.naming}: ${req.role} "${req.name}" ${why}; refusing to open it${req.write ? ' for writing' : ''}`);
-    };
     // A local file named by a remote image has no local owner to answer for it.
-    if (this.who === undefined) refuse('is a local file, named by an image that is not one');
-    const who = this.who!;
+    const who = this.who ?? this.refuse(req, 'is a local file, named by an image that is not one');
     let real: string;
     let st: fs.Stats;
     try {
@@ -198,16 +208,16 @@ export class NamedFileGuard {
       // appears meanwhile, open() refuses it as changed).
       return undefined;
     }
-    if (this.policy === 'confine') {
-      if (this.folder === undefined || !isInside(this.folder, real)) refuse(`is outside the image's folder ${this.folder ?? '(unknown)'} (--confine)`);
+    if (this.policy === 'confine' && (this.folder === undefined || !isInside(this.folder, real))) {
+      this.refuse(req, `is outside the image's folder ${this.folder ?? '(unknown)'} (--confine)`);
     }
     for (let dir = path.dirname(real); ; dir = path.dirname(dir)) {
       const d = await fs.promises.stat(dir).catch(() => undefined);
-      if (d === undefined || !allowed(d, who, 1)) refuse(`lies in a folder the image's owner (uid ${who.uid}) cannot enter (${dir})`);
+      if (d === undefined || !allowed(d, who, 1)) this.refuse(req, `lies in a folder the image's owner (uid ${who.uid}) cannot enter (${dir})`);
       if (dir === path.dirname(dir)) break;
     }
-    if (!allowed(st, who, 4)) refuse(`is not readable by the image's owner (uid ${who.uid})`);
-    if (req.write && !allowed(st, who, 2)) refuse(`is not writable by the image's owner (uid ${who.uid})`);
+    if (!allowed(st, who, 4)) this.refuse(req, `is not readable by the image's owner (uid ${who.uid})`);
+    if (req.write && !allowed(st, who, 2)) this.refuse(req, `is not writable by the image's owner (uid ${who.uid})`);
     return st;
   }
 }

@@ -29,6 +29,9 @@ describe('files an image names: never more than the image’s owner may read or 
   this.timeout(120_000);
   const mounts = new MountTracker();
   const user = `tsm12-${process.pid}`.slice(0, 31);
+  /** A supplementary group of the user's. */
+  const group = `tsm12g-${process.pid}`.slice(0, 31);
+  let groupGid = -1;
   let uid = -1;
   let gid = -1;
   let tmp: { dir: string; cleanup: () => void };
@@ -53,7 +56,9 @@ describe('files an image names: never more than the image’s owner may read or 
 
   before(async function () {
     if (!isRoot) this.skip();
-    execFileSync('useradd', ['-M', '-N', '-s', '/usr/sbin/nologin', user]);
+    execFileSync('groupadd', [group]);
+    groupGid = Number(execFileSync('getent', ['group', group], { encoding: 'utf8' }).split(':')[2]);
+    execFileSync('useradd', ['-M', '-N', '-G', group, '-s', '/usr/sbin/nologin', user]);
     uid = Number(execFileSync('id', ['-u', user], { encoding: 'utf8' }).trim());
     gid = Number(execFileSync('id', ['-g', user], { encoding: 'utf8' }).trim());
     tmp = tempDir('hostile');
@@ -75,6 +80,7 @@ describe('files an image names: never more than the image’s owner may read or 
   after(() => {
     tmp?.cleanup();
     if (uid >= 0) execFileSync('userdel', [user]);
+    if (groupGid >= 0) execFileSync('groupdel', [group]);
   });
 
   describe('a user’s hostile image, mounted by root', () => {
@@ -102,6 +108,15 @@ describe('files an image names: never more than the image’s owner may read or 
       const r = await tsimg(['info', evil]);
       expect(r.code).to.not.equal(0);
       expect(r.stderr.trim()).to.match(/^tsimg: .*extent "\/etc\/shadow" is not readable by the image's owner/);
+    });
+
+    it('judges a symlink to the image by the image it leads to', async () => {
+      const evil = at('linked-evil.vmdk');
+      fs.writeFileSync(evil, flatVmdk(secret, MiB / 512));
+      give(evil);
+      const link = at('root-link.vmdk');
+      fs.symlinkSync(evil, link);
+      await expectRefused([link], new RegExp(`: extent "${esc(secret)}" is not readable by the image's owner \\(uid ${uid}\\); refusing to open it$`));
     });
 
     it('refuses a file in a folder the owner cannot enter, even when the file itself is 0644', async () => {
@@ -214,6 +229,21 @@ describe('files an image names: never more than the image’s owner may read or 
       await mounts.mount(['--rw', img, mp]);
       expect(await md5File(path.join(mp, 'user-data.raw'))).to.equal(md5Sync(data));
       await mounts.unmount(mp);
+    });
+
+    it('opens a root file the user may read through a supplementary group', async () => {
+      const shared = at('group-shared.bin');
+      fs.writeFileSync(shared, pattern(MiB, 5));
+      fs.chownSync(shared, 0, groupGid);
+      fs.chmodSync(shared, 0o640);
+      const vmdk = at('group.vmdk');
+      fs.writeFileSync(vmdk, flatVmdk(shared, MiB / 512));
+      give(vmdk);
+      await mounts.mount([vmdk, mp]);
+      expect(await md5File(path.join(mp, 'group.raw'), MiB)).to.equal(md5Sync(shared));
+      await mounts.unmount(mp);
+      // Not writable by the group: --rw is refused.
+      await expectRefused(['--rw', vmdk], /is not writable by the image's owner/);
     });
 
     it('opens a root-owned vmdk naming a root-only file', async () => {
