@@ -80,8 +80,8 @@ async function openChain(
       ? undefined
       : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
   const lock = policy && lockRequestFor(policy);
-  const openFile = () => protocol.open(spec, { readOnly, lock, cache: opts.cache });
-  const file = depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile);
+  const openProtocol = () => protocol.open(spec, { readOnly, lock, cache: opts.cache });
+  const file = depth === 0 ? await guard.openTop(openProtocol) : await guard.open(named, openProtocol);
   try {
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
