@@ -61,3 +61,8 @@ export function messageOf(err: unknown): string {
   if (err instanceof Error) return err.message.split('\n')[0] ?? String(err);
   return String(err);
 }
+
+/** A file an image names that the policy (drivers/trust.ts) does not let it open. */
+export class UntrustedFileError extends TsmountError {
+  override readonly errno = E.EACCES;
+}

@@ -1,10 +1,11 @@
 // Building the block graph for one image: protocol node, format node, backing chain.
 import fs from 'node:fs';
 import type { BlockNode, CacheMode, FormatDriver, OpenOptions } from './types.js';
-import { CorruptImageError, TsmountError, UsageError, messageOf } from './errors.js';
+import { CorruptImageError, TsmountError, UntrustedFileError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';
-import { hasOwnProtocol, protocolFor } from './protocol/index.js';
+import { fileProtocol, hasOwnProtocol, protocolFor } from './protocol/index.js';
 import { formatByName, probeFormat, PROBE_BYTES } from './format/index.js';
+import { NamedFileGuard, recordNamedFiles, type NamedFilePolicy, type NamedRequest } from './trust.js';
 
 export interface ImageOptions {
   readOnly: boolean;
@@ -20,6 +21,8 @@ export interface ImageOptions {
   shareRw: boolean;
   /** Passphrase for encrypted images (--secret, --secret-file). */
   secret?: string;
+  /** Which files the image may name (drivers/trust.ts); 'owner' when absent. */
+  namedFiles?: NamedFilePolicy;
 }
 
 const formats = new WeakMap<BlockNode, string>();
@@ -46,7 +49,16 @@ export const MAX_BACKING_DEPTH = 256;
 
 /** Open an image (a path or a URI) and its backing chain; returns the top format node. */
 export async function openImage(spec: string, opts: ImageOptions): Promise<BlockNode> {
-  return openChain(spec, opts.format, opts, 0, new Set());
+  const guard = new NamedFileGuard(opts.namedFiles ?? 'owner');
+  const node = await openChain(spec, opts.format, opts, 0, new Set(), guard, undefined);
+  recordNamedFiles(node, guard.files);
+  return node;
+}
+
+/** A request to the guard for a name in `spec`, or undefined for a remote file (not checked). */
+function namedRequest(spec: string, role: string, name: string, resolved: string, write: boolean): NamedRequest | undefined {
+  if (protocolFor(resolved) !== fileProtocol) return undefined;
+  return { naming: spec, role, name, resolved: resolved.replace(/^file:/, ''), write };
 }
 
 /** One identity per object, so a loop in the chain is seen whatever the spelling. */
@@ -58,7 +70,15 @@ function identity(spec: string): string {
   }
 }
 
-async function openChain(spec: string, format: string | undefined, opts: ImageOptions, depth: number, seen: Set<string>): Promise<BlockNode> {
+async function openChain(
+  spec: string,
+  format: string | undefined,
+  opts: ImageOptions,
+  depth: number,
+  seen: Set<string>,
+  guard: NamedFileGuard,
+  named: NamedRequest | undefined,
+): Promise<BlockNode> {
   const isBacking = depth > 0;
   const readOnly = opts.readOnly || isBacking;
   const id = identity(spec);
@@ -72,7 +92,8 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       ? undefined
       : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
   const lock = policy && lockRequestFor(policy);
-  const file = await protocol.open(spec, { readOnly, lock, cache: opts.cache });
+  const openProtocol = () => protocol.open(spec, { readOnly, lock, cache: opts.cache });
+  const file = depth === 0 ? await guard.openTop(openProtocol) : await guard.open(named, openProtocol);
   try {
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
@@ -84,19 +105,21 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       cache: opts.cache,
       metadataCacheBytes: opts.metadataCacheBytes,
       secret: opts.secret,
-      openFile: async (name) => {
+      openFile: async (name, role = 'file') => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);
-        return p.open(resolved, { readOnly, lock: policy && lockRequestFor({ ...policy, format: driver.name }), cache: opts.cache });
+        const lockReq = policy && lockRequestFor({ ...policy, format: driver.name });
+        return guard.open(namedRequest(spec, role, name, resolved, !readOnly), () => p.open(resolved, { readOnly, lock: lockReq, cache: opts.cache }));
       },
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         try {
-          const b = await openChain(resolved, fmt, opts, depth + 1, seen);
+          const b = await openChain(resolved, fmt, opts, depth + 1, seen, guard, namedRequest(spec, 'backing file', name, resolved, false));
           if (decrypting.has(b)) backingDecrypts = true;
           return b;
         } catch (err) {
           if (err instanceof CorruptImageError && /backing chain/.test(err.message)) throw err;
+          if (err instanceof UntrustedFileError) throw err;
           const why = messageOf(err).replace(`${resolved}: `, '');
           const wrapped = new UsageError(`${spec}: cannot open backing file '${name}' (${resolved}): ${why}`);
           throw err instanceof TsmountError ? Object.assign(wrapped, { errno: err.errno }) : wrapped;

@@ -59,9 +59,10 @@ export interface OpenOptions {
   openBacking(name: string, format: string | undefined): Promise<BlockNode>;
   /**
    * Opens a plain file (a qcow2 external data file) by name, relative names resolved
-   * against the image, on its protocol, read-only when the image is.
+   * against the image, on its protocol, read-only when the image is. `role` names it
+   * in messages ('extent', 'data file'); local files pass drivers/trust.ts first.
    */
-  openFile?(name: string): Promise<BlockNode>;
+  openFile?(name: string, role?: string): Promise<BlockNode>;
   /** Passphrase for encrypted images. */
   secret?: string;
   /** Skip backing files entirely (qemu-img info's view). */

@@ -7,6 +7,7 @@ import createDebug from 'debug';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
 import { decryptsInChain, openImage } from '../drivers/open.js';
+import { namedFilesOf, type NamedFilePolicy } from '../drivers/trust.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
 import { SysError } from '../drivers/protocol/sys.js';
@@ -42,6 +43,8 @@ export interface ServeOptions {
   access?: MountAccess;
   /** Passphrase for encrypted images. */
   secret?: string;
+  /** Which files an image may name (drivers/trust.ts); 'owner' when absent. */
+  namedFiles?: NamedFilePolicy;
 }
 
 export interface MountTarget {
@@ -140,6 +143,7 @@ export class Server {
           forceShare: opts.forceShare,
           shareRw: opts.shareRw,
           secret: opts.secret,
+          namedFiles: opts.namedFiles,
         });
         formatNodes.push(node);
         nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
@@ -152,8 +156,8 @@ export class Server {
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
       const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
-      // The other files the image reads (backing files, extents, a data file) narrow the mode: none fed in yet.
-      const others: PulledFile[] = [];
+      // The other files the image reads (backing files, extents, a data file) narrow the mode.
+      const others: PulledFile[] = namedFilesOf(formatNodes[i]!).map((f) => ({ uid: f.stat.uid, gid: f.stat.gid, mode: f.stat.mode, written: f.write }));
       const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(formatNodes[i]!), choice: access });
       return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date() };
     });

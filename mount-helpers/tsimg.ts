@@ -10,6 +10,7 @@ import { CreateOptions, parseOptionString, parseSize } from '../drivers/options.
 import { formatByName } from '../drivers/format/index.js';
 import { formatOf as openedFormat, openImage, type ImageOptions } from '../drivers/open.js';
 import { protocolFor } from '../drivers/protocol/index.js';
+import type { NamedFilePolicy } from '../drivers/trust.js';
 
 function fail(msg: string): never {
   process.stderr.write(`tsimg: ${msg}\n`);
@@ -25,7 +26,7 @@ function readSecret(o: { secret?: string; secretFile?: string }): string | undef
   }
 }
 
-const readOnlyOpen = (format?: string, secret?: string): ImageOptions => ({
+const readOnlyOpen = (format?: string, secret?: string, namedFiles?: NamedFilePolicy): ImageOptions => ({
   readOnly: true,
   format,
   cache: 'writeback',
@@ -34,7 +35,13 @@ const readOnlyOpen = (format?: string, secret?: string): ImageOptions => ({
   forceShare: true,
   shareRw: false,
   secret,
+  namedFiles,
 });
+
+function namedFilePolicy(o: { confine?: boolean; trustImagePaths?: boolean }): NamedFilePolicy {
+  if (o.confine && o.trustImagePaths) throw new UsageError('give --confine or --trust-image-paths, not both');
+  return o.confine ? 'confine' : o.trustImagePaths ? 'trust' : 'owner';
+}
 
 
 interface CreateCli {
@@ -101,8 +108,8 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
   }
 }
 
-async function info(spec: string, o: { format?: string; output: string; secret?: string; secretFile?: string }): Promise<void> {
-  const node = await openImage(spec, readOnlyOpen(o.format, readSecret(o)));
+async function info(spec: string, o: { format?: string; output: string; secret?: string; secretFile?: string; confine?: boolean; trustImagePaths?: boolean }): Promise<void> {
+  const node = await openImage(spec, readOnlyOpen(o.format, readSecret(o), namedFilePolicy(o)));
   try {
     const chain: { filename: string; format: string; 'virtual-size': number }[] = [];
     let cur: BlockNode | undefined = node;
@@ -146,6 +153,8 @@ async function main(argv: string[]): Promise<void> {
     .option('--output <fmt>', 'human or json', 'human')
     .option('--secret <pass>', 'passphrase')
     .option('--secret-file <file>', 'read the passphrase from a file')
+    .option('--confine', "open only files under the image's own folder that the image names")
+    .option('--trust-image-paths', 'open every file an image names, as QEMU does (unsafe for images you did not write)')
     .action(async (file: string, o: { format?: string; output: string }) => info(file, o));
   await program.parseAsync(argv);
 }

@@ -41,6 +41,8 @@ interface CliOptions {
   log?: string;
   readyFd?: string;
   imageOpts?: boolean;
+  confine?: boolean;
+  trustImagePaths?: boolean;
 }
 
 function readSecret(opts: CliOptions): string | undefined {
@@ -72,6 +74,8 @@ function program(): Command {
     .addOption(new Option('--locking <mode>', 'image locking, as QEMU').choices(['on', 'off', 'auto']).default('auto'))
     .option('-U, --force-share', 'open read-only even while another process writes the image (like qemu-img -U)')
     .option('--share-rw', 'let other writers use the image too (like share-rw=on)')
+    .option('--confine', "open only files under the image's own folder that the image names (backing files, extents, data files)")
+    .option('--trust-image-paths', 'open every file an image names, as QEMU does, even one its owner cannot read (unsafe for images you did not write)')
     .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
@@ -103,6 +107,7 @@ async function main(argv: string[]): Promise<void> {
   if (opts.imageOpts) ({ images, format: opts.format } = await fromImageOpts(images, opts.format));
   const mountpoint = paths[paths.length - 1]!;
   if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
+  if (opts.confine && opts.trustImagePaths) fail('give --confine or --trust-image-paths, not both');
   const cacheSize = parseSize(opts.cacheSize, '--cache-size');
   if (cacheSize < 1 << 20) fail('--cache-size must be at least 1M');
   // Cheap checks before a server is started, so a typo fails fast; the server checks
@@ -138,6 +143,7 @@ async function main(argv: string[]): Promise<void> {
       locking: opts.locking,
       forceShare: !!opts.forceShare,
       shareRw: !!opts.shareRw,
+      namedFiles: opts.confine ? 'confine' : opts.trustImagePaths ? 'trust' : 'owner',
       fuseOptions: mountAccess.rest,
       access: mountAccess.access,
       secret,

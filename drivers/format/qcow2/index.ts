@@ -64,7 +64,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   if (h.incompatibleFeatures & INCOMPAT.dataFile) {
     if (h.dataFile === undefined) throw new CorruptImageError(`${name}: qcow2 image needs an external data file but names none`);
     if (!opts.openFile) throw new UnsupportedError(`${name}: qcow2 external data file cannot be opened on this protocol`);
-    dataFile = await opts.openFile(h.dataFile);
+    dataFile = await opts.openFile(h.dataFile, 'data file');
   }
   try {
     return await openWith(file, opts, h, headerCluster, dataFile, extendedL2);

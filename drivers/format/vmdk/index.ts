@@ -3,7 +3,7 @@
 // each opened through the image's protocol with the image's lock (OpenOptions.openFile).
 import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
 import { MAX_NODE_SIZE } from '../../types.js';
-import { CorruptImageError, TsmountError, UnsupportedError, UsageError, messageOf } from '../../errors.js';
+import { CorruptImageError, TsmountError, UnsupportedError, UntrustedFileError, UsageError, messageOf } from '../../errors.js';
 import { AlignFilter } from '../../filters/align.js';
 import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, probeDescriptor, readCid } from './descriptor.js';
 import { FlatExtent, SparseExtent, type VmdkExtent } from './extent.js';
@@ -85,10 +85,11 @@ async function openExtentFile(st: OpenState, fileName: string): Promise<BlockNod
   const name = st.image.name;
   if (!st.opts.openFile) throw new UnsupportedError(`${name}: this VMDK names extent files, which cannot be opened here`);
   try {
-    const node = await st.opts.openFile(fileName);
+    const node = await st.opts.openFile(fileName, 'extent');
     st.opened.push(node);
     return node;
   } catch (err) {
+    if (err instanceof UntrustedFileError) throw err;
     const wrapped = new UsageError(`${name}: cannot open VMDK extent '${fileName}': ${messageOf(err)}`);
     throw err instanceof TsmountError ? Object.assign(wrapped, { errno: err.errno }) : wrapped;
   }
