@@ -47,12 +47,14 @@ export class MetadataGuard {
 
   /** Record a table at [offset, offset + bytes), widened to whole clusters. */
   add(offset: number, bytes: number, what: string): void {
+    if (bytes <= 0) return;
     const a = this.floor(offset);
     this.ranges.add(a, this.ceil(offset + bytes) - a, what);
   }
 
   addAll(list: { offset: number; bytes: number; what: string }[]): void {
-    this.ranges.addAll(list.map((r) => ({ offset: this.floor(r.offset), length: this.ceil(r.offset + r.bytes) - this.floor(r.offset), what: r.what })));
+    const sized = list.filter((r) => r.bytes > 0);
+    this.ranges.addAll(sized.map((r) => ({ offset: this.floor(r.offset), length: this.ceil(r.offset + r.bytes) - this.floor(r.offset), what: r.what })));
   }
 
   /** Forget a table added at `offset` (freed, or no longer in use). */

@@ -743,6 +743,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
     const clusters = Math.ceil((entries * 8) / cs);
     const start = await this.refcounts.allocateContiguous(clusters);
     const offset = start * cs;
+    // Clusters the refcounts call free may still hold metadata (a corrupt image): check first.
+    await this.guard?.check(offset, clusters * cs);
     this.guard?.add(offset, entries * 8, OL.activeL1);
     const l1 = Buffer.alloc(entries * 8);
     this.map.l1Copy().copy(l1);

@@ -228,6 +228,8 @@ export class Refcounts {
       encodeReftable(newView, r, blockCluster * cs);
     }
     const newOffset = base * cs;
+    // Free by the refcounts is not proof in a corrupt image: the new table must overlap nothing.
+    await this.guard?.check(newOffset, newTable.length);
     this.guard?.add(newOffset, newTable.length, OL.refcountTable);
     await this.cache.flush();
     await this.file.write(newOffset, newTable);
