@@ -53,7 +53,9 @@ export async function readSnapshotTable(
     if (end > MAX_TABLE_BYTES) bad('is larger than the 64 MiB limit (QEMU\'s QCOW_MAX_SNAPSHOTS_SIZE)');
     if (end > limit) bad('runs past the end of the file');
     const next = Buffer.alloc(Math.min(limit, Math.max(end, buf.length * 2)));
-    await file.read(offset, next);
+    // Keep what was read; read only the rest.
+    buf.copy(next);
+    await file.read(offset + buf.length, next.subarray(buf.length));
     buf = next;
   };
   const out: SnapshotEntry[] = [];
