@@ -8,8 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { MetadataRanges } from '../drivers/format/metadata-ranges.js';
 import type { BlockNode } from '../drivers/types.js';
-import { firstL2Offset, nodeMd5, openTestImage, patch, readBytes, TSIMG, u32be, u64be } from './helpers/images.js';
-import { checkImage, convertToRaw, imageInfo, md5File, qemuImg, qemuIo, run, tempDir, type RunResult } from './helpers/qemu.js';
+import { expectClean, firstL2Offset, nodeMd5, openTestImage, patch, readBytes, TSIMG, u32be, u64be } from './helpers/images.js';
+import { convertToRaw, imageInfo, md5File, qemuImg, qemuIo, run, tempDir, type RunResult } from './helpers/qemu.js';
 import { mountedPid, MountTracker, tsmount } from './helpers/mount.js';
 
 const KiB = 1024;
@@ -184,21 +184,75 @@ describe('qcow2: hostile images', function () {
       });
     }
 
+    it('a refcount block that calls the L1 table free: the new L2 table written there is refused', async function () {
+      const file = path.join(tmp.dir, 'free-l1.qcow2');
+      await qemuImg('create', '-q', '-f', 'qcow2', file, '1G');
+      await qemuIo(file, 'qcow2', ['write -P 0xaa 0 64k']);
+      const l1 = u64(file, H.l1Offset);
+      const block = Number(readBytes(file, u64(file, H.reftableOffset), 8).readBigUInt64BE(0));
+      // 16-bit refcounts: the L1 table's cluster now counts as free, and is the first free one.
+      patch(file, block + (l1 / CS) * 2, Buffer.alloc(2));
+      const l1Before = readBytes(file, l1, CS);
+      const node = await openTestImage(file, { rw: true });
+      let err: unknown;
+      try {
+        // Past the first L2 table's 512 MiB: a new L2 table is allocated, at the L1 table.
+        await node.write(600 * MiB, Buffer.alloc(4096, 1));
+        await node.flush();
+      } catch (e) {
+        err = e;
+      }
+      expect(String(err)).to.match(/Preventing invalid write on metadata \(overlaps with active L1 table\)/);
+      expect(String(err).split('\n')).to.have.length(1);
+      await node.write(0, Buffer.alloc(512)).then(
+        () => expect.fail('a write after the corruption was taken'),
+        (e: unknown) => expect(String(e)).to.match(/marked corrupt/),
+      );
+      await node.close().catch(() => undefined);
+      expect(readBytes(file, l1, CS).equals(l1Before), 'L1 table unchanged').to.equal(true);
+      expect(((await imageInfo(file, 'qcow2'))['format-specific'] as { data?: { corrupt?: boolean } }).data?.corrupt).to.equal(true);
+    });
+
+    it('a v2 image (no corrupt bit) refuses the write and every later one, and is left as it was', async function () {
+      const file = path.join(tmp.dir, 'v2.qcow2');
+      await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', file, '16M');
+      await qemuIo(file, 'qcow2', ['write -P 0xaa 0 64k']);
+      patch(file, firstL2Offset(file), u64be(COPIED | BigInt(u64(file, H.reftableOffset))));
+      const before = await md5File(file);
+      const node = await openTestImage(file, { rw: true });
+      try {
+        for (const off of [0, 8 * MiB]) {
+          await node.write(off, Buffer.alloc(4096, 1)).then(
+            () => expect.fail(`write at ${off} was taken`),
+            (e: unknown) => expect(String(e)).to.match(off === 0 ? /overlaps with refcount table/ : /marked corrupt/),
+          );
+        }
+      } finally {
+        await node.close().catch(() => undefined);
+      }
+      expect(await md5File(file)).to.equal(before);
+    });
+
     it('a healthy image takes writes, grows its tables, and stays clean (no false alarm)', async function () {
       const file = path.join(tmp.dir, 'healthy.qcow2');
       // 512-byte clusters: many L2 tables, refcount blocks and a refcount table that must grow.
       await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', file, '64M');
+      const reftableBefore = u64(file, H.reftableOffset);
+      const l1Before = u64(file, H.l1Offset);
       const node = await openTestImage(file, { rw: true });
       try {
-        for (let off = 0; off < 64 * MiB; off += 4 * MiB + 4096) await node.write(off, Buffer.alloc(64 * KiB, off & 0xff));
+        // A larger L1 table (growth), then 10 MiB of data: the refcount table (8 MiB of clusters) grows too.
+        await node.truncate?.(128 * MiB);
+        for (let off = 0; off < 128 * MiB; off += 8 * MiB + 4096) await node.write(off, Buffer.alloc(640 * KiB, (off >> 20) + 1));
         await node.flush();
       } finally {
         await node.close();
       }
+      expect(u64(file, H.l1Offset), 'L1 table moved').to.not.equal(l1Before);
+      expect(u64(file, H.reftableOffset), 'refcount table moved').to.not.equal(reftableBefore);
       const info = await imageInfo(file, 'qcow2');
       expect((info['format-specific'] as { data?: { corrupt?: boolean } }).data?.corrupt).to.equal(false);
-      const c = await checkImage(file, 'qcow2');
-      expect(c.corruptions, c.output).to.equal(0);
+      await expectClean(file);
     });
   });
 
