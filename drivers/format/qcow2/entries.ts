@@ -133,8 +133,10 @@ export function encodeL2Ext(dv: DataView, index: number, host: number, copied: b
   dv.setUint32(index * 16 + 12, alloc >>> 0, false);
 }
 
-/** The L2 table offset in an L1 entry, validated; 0 when unallocated. */
-/** `entry`: the entry's number in its table, for messages (`index` when dv is the whole table). */
+/**
+ * The L2 table offset in an L1 entry, validated; 0 when unallocated. `entry` is the
+ * entry's number in its table, for messages (`index` when dv holds the whole table).
+ */
 export function decodeL1(dv: DataView, index: number, clusterSize: number, fileSize: number, name: string, entry = index): { offset: number; copied: boolean } {
   const hi = dv.getUint32(index * 8, false);
   const lo = dv.getUint32(index * 8 + 4, false);
