@@ -506,6 +506,10 @@ describe('qcow2 features', function () {
           const acked: number[] = [];
           let started: () => void = () => undefined;
           const ready = new Promise<void>((r) => (started = r));
+          // The first acknowledged flush: on a loaded machine the first batch can take
+          // longer than any fixed delay, and a kill before it proves nothing.
+          let firstAck: () => void = () => undefined;
+          const acknowledged = new Promise<void>((r) => (firstAck = r));
           let out = '';
           let stderr = '';
           proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -516,13 +520,18 @@ describe('qcow2 features', function () {
               const line = out.slice(0, nl);
               out = out.slice(nl + 1);
               if (line === 'ready') started();
-              if (line.startsWith('[')) acked.push(...(JSON.parse(line) as number[]));
+              if (line.startsWith('[')) {
+                acked.push(...(JSON.parse(line) as number[]));
+                if (acked.length >= 4) firstAck();
+              }
             }
           });
           const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
-          // Kill only once writing is under way (after 'ready'), at a different moment each round.
+          // Kill only once writing is under way (after 'ready' and a first acknowledged
+          // flush), at a different moment each round.
           await Promise.race([ready, exited]);
-          await new Promise((r) => setTimeout(r, 100 + round * 200));
+          await Promise.race([acknowledged, exited, new Promise((r) => setTimeout(r, 60_000))]);
+          await new Promise((r) => setTimeout(r, 50 + round * 150));
           proc.kill('SIGKILL');
           const code = await exited;
           expect(code === null || code === 0, stderr).to.equal(true);
