@@ -176,7 +176,8 @@ export function available(): boolean {
  */
 async function mountWithFusermount(helper: string, mountpoint: string, fsname: string, cfg: DevConfig): Promise<number> {
   const names: [number, string][] = [[MS_RDONLY, 'ro'], [MS_NOEXEC, 'noexec'], [MS_SYNCHRONOUS, 'sync'], [MS_DIRSYNC, 'dirsync'], [MS_NOATIME, 'noatime']];
-  const options = [`fsname=${fsname}`, 'subtype=tsmount', ...cfg.kernelOptions, ...names.filter(([f]) => cfg.flags & f).map(([, n]) => n)];
+  // fusermount3 splits -o at commas and takes `\,` as a comma in a value.
+  const options = [`fsname=${fsname.replace(/[\\,]/g, '\\$&')}`, 'subtype=tsmount', ...cfg.kernelOptions, ...names.filter(([f]) => cfg.flags & f).map(([, n]) => n)];
   const [mine, theirs] = socketPair();
   try {
     const child = spawn(helper, ['-o', options.join(','), '--', mountpoint], {

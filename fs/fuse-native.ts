@@ -98,7 +98,8 @@ export function mountNative(mountpoint: string, ops: FsOps, opts: MountOptions):
   };
   const fuse = new Fuse(mountpoint, handlers, { timeout: false });
   const options = [
-    `fsname=${opts.fsname}`,
+    // libfuse splits -o at commas and takes `\,` as a comma in a value.
+    `fsname=${opts.fsname.replace(/[\\,]/g, '\\$&')}`,
     'subtype=tsmount',
     // 128 KiB requests instead of 4 KiB ones (libfuse 2's most).
     'big_writes',
