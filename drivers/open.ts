@@ -1,10 +1,13 @@
 // Building the block graph for one image: protocol node, format node, backing chain.
 import fs from 'node:fs';
+import createDebug from 'debug';
 import type { BlockNode, CacheMode, FormatDriver, OpenOptions } from './types.js';
 import { CorruptImageError, TsmountError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';
 import { hasOwnProtocol, protocolFor } from './protocol/index.js';
 import { formatByName, probeFormat, PROBE_BYTES } from './format/index.js';
+
+const debug = createDebug('tsmount:open');
 
 export interface ImageOptions {
   readOnly: boolean;
@@ -90,6 +93,7 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
     };
     const node = await driver.open(file, openOpts);
     formats.set(node, driver.name);
+    debug('%s: %s, %d bytes%s%s', spec, driver.name, node.size, readOnly ? ', read-only' : '', isBacking ? `, backing file at depth ${depth}` : '');
     return node;
   } catch (err) {
     await file.close().catch(() => undefined);

@@ -33,6 +33,8 @@ const OP = {
   FSYNCDIR: 30, ACCESS: 34, INTERRUPT: 36, DESTROY: 38, BATCH_FORGET: 42, FALLOCATE: 43,
 } as const;
 
+const OP_NAMES = new Map<number, string>(Object.entries(OP).map(([k, v]) => [v, k.toLowerCase()]));
+
 /** symlink, mknod, mkdir, unlink, rmdir, rename, link, create, rename2, tmpfile. */
 const CHANGES_NAMES = new Set([6, 8, 9, 10, 11, 12, 13, 35, 45, 51]);
 
@@ -353,6 +355,11 @@ class Session implements FuseMount {
       return true;
     }
     const body = buf.subarray(IN_HEADER, n);
+    // DEBUG=tsmount:fuse: every request; the check keeps the hot path free when off.
+    if (debug.enabled) {
+      const io = opcode === OP.READ || opcode === OP.WRITE ? ` at ${u64(body, 8)}+${body.readUInt32LE(16)}` : '';
+      debug('request %d: %s node %d%s', unique, OP_NAMES.get(opcode) ?? `opcode ${opcode}`, nodeid, io);
+    }
     switch (opcode) {
       case OP.FORGET:
       case OP.BATCH_FORGET:

@@ -13,6 +13,9 @@ import { HDR, LIMITS } from './header.js';
 import { Mutex } from './mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { constants as osc } from 'node:os';
+import createDebug from 'debug';
+
+const debug = createDebug('tsmount:qcow2');
 
 export interface Qcow2NodeOptions {
   file: BlockNode;
@@ -148,6 +151,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     const runs = await this.map.map(offset, dst.length);
+    if (debug.enabled) debug('%s: read %d+%d maps to %s', this.name, offset, dst.length, runs.map((r) => `${r.kind} ${r.guest}+${r.length}${r.kind === 'compressed' ? ` at ${r.cOffset}` : r.kind === 'data' ? ` at ${r.host}` : ''}`).join(', '));
     if (runs.length === 1) return this.readRun(runs[0]!, offset, dst);
     const parts: Promise<void>[] = [];
     let i = 0;
