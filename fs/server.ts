@@ -47,7 +47,7 @@ export interface ServeOptions {
   beforeMount?: () => void;
 }
 
-/** The start was abandoned (the starting command went away): nothing stays mounted. */
+/** The start was abandoned (a signal, or the starting command went away): nothing stays mounted. */
 export class AbandonedError extends UsageError {}
 
 export interface MountTarget {
@@ -173,7 +173,7 @@ export class Server {
         });
         formatNodes.push(node);
         nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
-        if (opts.abandoned?.()) throw new AbandonedError('the starting command went away; not mounted');
+        if (opts.abandoned?.()) throw new AbandonedError('interrupted before the mount was ready; not mounted');
       }
     } catch (err) {
       await Promise.allSettled(nodes.map((n) => n.close()));
@@ -191,7 +191,7 @@ export class Server {
     opts.beforeMount?.();
     if (opts.abandoned?.()) {
       await Promise.allSettled(nodes.map((n) => n.close()));
-      throw new AbandonedError('the starting command went away; not mounted');
+      throw new AbandonedError('interrupted before the mount was ready; not mounted');
     }
     try {
       server.session = await mount(target.mountpoint, flat, {
@@ -213,7 +213,7 @@ export class Server {
     server.watch();
     if (opts.abandoned?.()) {
       await server.shutdown(true);
-      throw new AbandonedError('the starting command went away; unmounted');
+      throw new AbandonedError('interrupted before the mount was ready; unmounted');
     }
     return server;
   }

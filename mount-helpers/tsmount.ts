@@ -120,6 +120,7 @@ async function main(argv: string[]): Promise<void> {
   // which ends even a long key derivation at once, with nothing mounted; from then
   // on it marks the start abandoned, and the start unmounts before it returns.
   let abandoned = false;
+  let mounting = false;
   let server: Server | undefined;
   const parent = process.ppid;
   const orphaned = readyFd === undefined ? undefined : setInterval(() => {
@@ -127,7 +128,6 @@ async function main(argv: string[]): Promise<void> {
     if (!mounting) process.exit(1);
     abandoned = true;
   }, 100);
-  let mounting = false;
   const onSignal = (): void => {
     abandoned = true;
     void server?.shutdown(true);
