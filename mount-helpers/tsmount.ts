@@ -38,6 +38,7 @@ interface CliOptions {
   log?: string;
   readyFd?: string;
   syslog?: boolean;
+  starter?: string;
   imageOpts?: boolean;
 }
 
@@ -74,6 +75,7 @@ function program(): Command {
     .option('--log <file>', 'where the detached server writes its messages (default: syslog, see journalctl -t tsmount)')
     .addOption(new Option('--ready-fd <fd>').hideHelp())
     .addOption(new Option('--syslog').hideHelp())
+    .addOption(new Option('--starter <pid>').hideHelp())
     .showHelpAfterError(false)
     .configureOutput({ outputError: (str, write) => write(`tsmount: ${str.replace(/^error: /, '').trim()}\n`) })
     .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1));
@@ -122,7 +124,9 @@ async function main(argv: string[]): Promise<void> {
   let abandoned = false;
   let mounting = false;
   let server: Server | undefined;
-  const parent = process.ppid;
+  // The starter's pid comes from the starter: one that died before we ran this line
+  // would otherwise look like our parent (init) forever.
+  const parent = opts.starter !== undefined ? Number(opts.starter) : process.ppid;
   const orphaned = readyFd === undefined ? undefined : setInterval(() => {
     if (process.ppid === parent) return;
     if (!mounting) process.exit(1);
@@ -207,7 +211,7 @@ async function fromImageOpts(lists: string[], format: string | undefined): Promi
 /** Start the server detached and wait for its first word: OK, or ERR and a reason. */
 async function daemonize(argv: string[], log: string | undefined): Promise<void> {
   const script = fileURLToPath(import.meta.url);
-  const args = [...process.execArgv, script, ...argv.slice(2), '--foreground', '--ready-fd', '3', ...(log ? [] : ['--syslog'])];
+  const args = [...process.execArgv, script, ...argv.slice(2), '--foreground', '--ready-fd', '3', '--starter', String(process.pid), ...(log ? [] : ['--syslog'])];
   const logFd = log ? fs.openSync(path.resolve(log), 'a') : undefined;
   // Without --log, the server's stderr comes here until it is ready, so a crash at
   // startup still explains itself; after that it writes into a closed pipe, harmlessly.

@@ -388,6 +388,29 @@ describe('the mount\'s own life', function () {
     }
   });
 
+  it('a slow open (LUKS key derivation) stops at once when the starter is interrupted or killed', async function () {
+    this.timeout(300_000);
+    const pf = at('slow-pass');
+    fs.writeFileSync(pf, 'pass');
+    const img = at('slow.luks');
+    // qemu-img spends iter-time on its PBKDF benchmark; the open costs at least as long.
+    const r = await runTimingPbkdf('qemu-img', ['create', '-q', '--object', `secret,id=s0,file=${pf}`, '-f', 'luks', '-o', 'key-secret=s0,iter-time=3000', img, '4M']);
+    expect(r.code, r.stderr).to.equal(0);
+    const mp = newMp('slow');
+    for (const sig of ['SIGINT', 'SIGKILL'] as const) {
+      const starter = spawn(process.execPath, [TSMOUNT, '--secret-file', pf, img, mp], { stdio: 'ignore' });
+      mounts.trackChild(starter);
+      await waitFor(() => tsmountProcesses(mp).length === 2, 20_000, 'the server to start');
+      await new Promise((res) => setTimeout(res, 800));
+      starter.kill(sig);
+      const t0 = Date.now();
+      await exitOf(starter);
+      await waitFor(() => tsmountProcesses(mp).length === 0, 5_000, `the server to stop after ${sig}`);
+      expect(Date.now() - t0, sig).to.be.lessThan(5_000);
+      expect(findMount(mp)).to.equal(undefined);
+    }
+  });
+
   it('a mountpoint reached through a symlink: mounted at its real path, stays, and -u works through the link', async () => {
     const real = newMp('real-dir');
     const link = at('link');
