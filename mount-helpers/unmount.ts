@@ -107,14 +107,17 @@ export function holders(mp: string): string[] {
         /* closed meanwhile */
       }
     }
+    let cwd: string | undefined;
     try {
-      if (under(fs.readlinkSync(`/proc/${pid}/cwd`), mp)) files.add('its working directory');
+      cwd = fs.readlinkSync(`/proc/${pid}/cwd`);
     } catch {
       /* gone, or not ours to see */
     }
-    if (files.size === 0) continue;
+    const inside = cwd !== undefined && under(cwd, mp);
+    if (files.size === 0 && !inside) continue;
     const comm = readOr(`/proc/${pid}/comm`)?.trim() ?? '?';
-    out.push(`process ${pid} (${comm}) has ${[...files].join(', ')} open`);
+    const what = [...(files.size ? [`has ${[...files].join(', ')} open`] : []), ...(inside ? [`works in ${cwd}`] : [])];
+    out.push(`process ${pid} (${comm}) ${what.join(' and ')}`);
   }
   return out;
 }
