@@ -157,6 +157,8 @@ async function main(argv: string[]): Promise<void> {
       },
     });
   } catch (err) {
+    // Nobody may be listening for this one: say it where the server's messages go.
+    if (abandoned) log('warning', messageOf(err));
     if (readyFd !== undefined) {
       try {
         fs.writeSync(readyFd, `ERR ${messageOf(err)}\n`);
@@ -184,6 +186,7 @@ async function main(argv: string[]): Promise<void> {
       fs.closeSync(readyFd);
     } catch {
       // EPIPE: the starting command has gone, and nobody knows this mount exists.
+      log('warning', `${running.mountpoint}: interrupted before the mount was ready; unmounting`);
       await running.shutdown(true);
       process.exit(1);
     }
@@ -218,7 +221,9 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd ?? 'ignore', logFd ?? 'pipe', 'pipe'] });
   // Interrupted before the mount is ready (Ctrl-C, timeout): the server, in its own
   // process group, must stop too and leave nothing mounted. Wait a little for it.
+  let stopping = false;
   const interrupted = (sig: NodeJS.Signals, status: number): void => {
+    stopping = true;
     try {
       process.kill(-child.pid!, sig);
     } catch {
@@ -244,6 +249,8 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   // 'exit' can come before the last bytes of the pipe are read: let them arrive.
   await Promise.race([answered, new Promise((r) => setTimeout(r, 2000).unref())]);
   const line = said.split('\n')[0] ?? '';
+  // Interrupted: the server is stopping, whatever it said; the handler exits.
+  if (stopping) return new Promise(() => undefined);
   if (line === 'OK') {
     child.unref();
     (channel as unknown as { destroy(): void }).destroy();

@@ -364,6 +364,21 @@ describe('the mount\'s own life', function () {
       expect(findMount(mp), `${delay} ms`).to.equal(undefined);
       expect(fs.readdirSync(mp), `${delay} ms`).to.deep.equal([]);
     }
+    // Interrupted just as the mount appears: the server has mounted, not yet said OK.
+    for (let round = 0; round < 3; round++) {
+      const starter = spawn(process.execPath, [TSMOUNT, '--log', at('interrupted.log'), good, mp], { stdio: 'ignore' });
+      mounts.trackChild(starter);
+      await waitFor(() => findMount(mp) !== undefined || starter.exitCode !== null, 30_000, 'the mount to appear');
+      starter.kill('SIGINT');
+      const code = await exitOf(starter);
+      if (code === 0) {
+        await mounts.unmount(mp);
+        continue;
+      }
+      await waitFor(() => tsmountProcesses(mp).length === 0, 15_000, 'no server left');
+      expect(findMount(mp)).to.equal(undefined);
+      expect(fs.readdirSync(mp)).to.deep.equal([]);
+    }
   });
 
   it('a server whose starter is killed outright (SIGKILL) before it is ready stops and unmounts', async function () {
