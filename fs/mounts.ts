@@ -45,6 +45,21 @@ export interface TsmountMount {
   state?: MountState;
 }
 
+/**
+ * `p` with symlinks resolved, as the kernel names a mount. A dead mount (its server
+ * gone: ENOTCONN) cannot be resolved itself; its parent can. Throws ENOENT as fs does.
+ */
+export function realMountpoint(p: string): string {
+  const abs = path.resolve(p);
+  try {
+    return fs.realpathSync(abs);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR' || abs === '/') throw err;
+    return path.join(fs.realpathSync(path.dirname(abs)), path.basename(abs));
+  }
+}
+
 /** mountinfo escapes space, tab, newline and backslash as octal. */
 function unescape(field: string): string {
   return field.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
@@ -77,6 +92,7 @@ function stateFile(dir: string, dev: string): string {
 export function writeState(dev: string, state: MountState): string | undefined {
   const dir = runtimeDir(true);
   if (!dir) return undefined;
+  sweep(dir);
   const file = stateFile(dir, dev);
   const tmp = `${file}.${process.pid}.tmp`;
   try {
@@ -86,6 +102,25 @@ export function writeState(dev: string, state: MountState): string | undefined {
   } catch {
     fs.rmSync(tmp, { force: true });
     return undefined;
+  }
+}
+
+/** Remove state files whose server died without removing its own (SIGKILL, a crash). */
+function sweep(dir: string): void {
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(dir).filter((n) => /^\d+_\d+\.json$/.test(n));
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    try {
+      const s = JSON.parse(fs.readFileSync(path.join(dir, n), 'utf8')) as Partial<MountState>;
+      if (typeof s.pid === 'number' && serverAlive(s.pid)) continue;
+    } catch {
+      /* unreadable: stale too */
+    }
+    fs.rmSync(path.join(dir, n), { force: true });
   }
 }
 

@@ -211,6 +211,8 @@ export class Server {
       if (!server.stateFile) debug('no state file for %s: tsmount -u will not wait for this server', target.mountpoint);
     }
     server.watch();
+    // However the process ends, the registry must not name it.
+    process.once('exit', () => server.forget());
     if (opts.abandoned?.()) {
       await server.shutdown(true);
       throw new AbandonedError('interrupted before the mount was ready; unmounted');

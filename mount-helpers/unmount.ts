@@ -1,8 +1,7 @@
 // tsmount -u: unmount, then wait until the server has written everything and exited.
 import fs from 'node:fs';
-import path from 'node:path';
 import { UsageError, IoError, messageOf } from '../drivers/errors.js';
-import { findMount, serverAlive } from '../fs/mounts.js';
+import { findMount, realMountpoint, serverAlive } from '../fs/mounts.js';
 
 const EBUSY = 16;
 
@@ -18,7 +17,7 @@ export async function unmount(mountpoint: string, opts: UnmountOptions = {}): Pr
   let mp: string;
   try {
     // The kernel names the mount by its real path: resolve symlinks as the mount did.
-    mp = fs.realpathSync(path.resolve(mountpoint));
+    mp = realMountpoint(mountpoint);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     throw new UsageError(`${mountpoint}: ${code === 'ENOENT' ? 'no such file or directory' : messageOf(err)}`);

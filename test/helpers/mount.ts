@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { run, type RunResult } from './qemu.js';
-import { findMount, serverAlive } from '../../fs/mounts.js';
+import { findMount, realMountpoint, serverAlive } from '../../fs/mounts.js';
 
 export const TSMOUNT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../mount-helpers/tsmount.js');
 
@@ -17,9 +17,9 @@ export function tsmount(args: string[], opts: { cwd?: string; timeoutMs?: number
  * when nothing is mounted there: the product's own lookup (fs/mounts.ts).
  */
 export function mountedPid(mountpoint: string): number | undefined {
-  let mp = path.resolve(mountpoint);
+  let mp: string;
   try {
-    mp = fs.realpathSync(mp);
+    mp = realMountpoint(mountpoint);
   } catch {
     return undefined;
   }
