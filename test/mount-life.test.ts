@@ -326,6 +326,24 @@ describe('the mount\'s own life', function () {
       }
     });
 
+    it('unmounts a dead mount (its server killed), and the next server sweeps the stale state file', async () => {
+      const mp = newMp('dead');
+      await mounts.mount([good, mp]);
+      const m = findMount(mp)!;
+      const stateFile = path.join(runtimeDir(false)!, `${m.dev.replace(':', '_')}.json`);
+      process.kill(m.pid, 'SIGKILL');
+      await waitFor(() => !isAlive(m.pid), 10_000, 'the server to die');
+      expect(() => fs.readdirSync(mp)).to.throw(/ENOTCONN/);
+      expect(findMount(mp)?.pid).to.equal(0);
+      const r = await tsmount(['-u', mp]);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(findMount(mp)).to.equal(undefined);
+      expect(fs.existsSync(stateFile)).to.equal(true);
+      await mounts.mount([good, mp]);
+      expect(fs.existsSync(stateFile) && JSON.parse(fs.readFileSync(stateFile, 'utf8')).pid === m.pid).to.equal(false);
+      await mounts.unmount(mp);
+    });
+
     it('says so when PATH does not exist, and when it is not a tsmount mount', async () => {
       const missing = at('no-such-dir');
       const r = await tsmount(['-u', missing]);
