@@ -6,7 +6,6 @@
 // do, so the pid is no longer in it. A state file counts only while its mount has that
 // device number at that mountpoint and its server lives: a stale one never matches.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 
 /**
@@ -73,7 +72,8 @@ function unescape(field: string): string {
 export function runtimeDir(create: boolean): string | undefined {
   const uid = process.getuid?.() ?? 0;
   const xdg = process.env.XDG_RUNTIME_DIR;
-  const dir = process.env.TSMOUNT_RUNTIME_DIR ?? (uid === 0 ? '/run/tsmount' : xdg && path.isAbsolute(xdg) ? path.join(xdg, 'tsmount') : path.join(os.tmpdir(), `tsmount-${uid}`));
+  // Not $TMPDIR: the server and a later `tsmount -u` may see different ones.
+  const dir = uid === 0 ? '/run/tsmount' : xdg && path.isAbsolute(xdg) ? path.join(xdg, 'tsmount') : `/tmp/tsmount-${uid}`;
   try {
     if (create) fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const st = fs.lstatSync(dir);
