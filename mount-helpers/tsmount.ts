@@ -129,7 +129,9 @@ async function main(argv: string[]): Promise<void> {
   const parent = opts.starter !== undefined ? Number(opts.starter) : process.ppid;
   const orphaned = readyFd === undefined ? undefined : setInterval(() => {
     if (process.ppid === parent) return;
-    if (!mounting) process.exit(1);
+    // process.exit would wait for a key derivation running on the thread pool; the
+    // signal's default action (no handler yet) ends the process at once.
+    if (!mounting) process.kill(process.pid, 'SIGTERM');
     abandoned = true;
   }, 100);
   const onSignal = (): void => {
