@@ -22,10 +22,23 @@ export function syslogSocket(): string {
   return process.env.TSMOUNT_SYSLOG_SOCKET || '/dev/log';
 }
 
-/** Send messages to syslog from now on; without a syslog socket, they go nowhere more. */
+/** The real stderr write: log() uses it, so the tee below never sends a line twice. */
+const writeStderr = process.stderr.write.bind(process.stderr);
+
+/**
+ * Send messages to syslog from now on; without a syslog socket, they go nowhere more.
+ * Lines other modules write to stderr as "tsmount: ..." (lock warnings, NBD
+ * reconnects) go there too; DEBUG output does not.
+ */
 export function openSyslog(): void {
   syslogPath = syslogSocket();
   connect();
+  const tee = (chunk: string | Uint8Array, encoding?: BufferEncoding | ((err?: Error | null) => void), cb?: (err?: Error | null) => void): boolean => {
+    const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString();
+    for (const line of text.split('\n')) if (line.startsWith('tsmount: ')) toSyslog('warning', nameOnce(line.slice(9)));
+    return typeof encoding === 'function' ? writeStderr(chunk, encoding) : writeStderr(chunk, encoding, cb);
+  };
+  process.stderr.write = tee;
 }
 
 function connect(): boolean {
@@ -79,6 +92,6 @@ export function nameOnce(msg: string): string {
 /** One message, one line: stderr (as "tsmount: MSG") and, when open, syslog. */
 export function log(severity: Severity, msg: string): void {
   const text = nameOnce(msg).replace(/\n/g, ' ');
-  process.stderr.write(`tsmount: ${text}\n`);
+  writeStderr(`tsmount: ${text}\n`);
   toSyslog(severity, text);
 }
