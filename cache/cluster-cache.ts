@@ -8,6 +8,9 @@
 // its TableCaches until flush. A read that raced a write never inserts stale data.
 import { LRUCache } from 'lru-cache';
 import type { BlockNode, CacheMode, Extent } from '../drivers/types.js';
+import createDebug from 'debug';
+
+const debug = createDebug('tsmount:cache');
 
 export interface ClusterCacheOptions {
   mode: CacheMode;
@@ -164,6 +167,7 @@ export class ClusterCache implements BlockNode {
 
   /** cache=unsafe ignores flushes, as QEMU does; close() still writes everything. */
   async flush(): Promise<void> {
+    debug('%s: flush%s', this.inner.name, this.opts.mode === 'unsafe' ? ' ignored (cache=unsafe)' : '');
     if (this.opts.mode === 'unsafe') return;
     await this.inner.flush();
   }

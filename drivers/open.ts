@@ -1,11 +1,14 @@
 // Building the block graph for one image: protocol node, format node, backing chain.
 import fs from 'node:fs';
+import createDebug from 'debug';
 import type { BlockNode, CacheMode, FormatDriver, OpenOptions } from './types.js';
 import { CorruptImageError, TsmountError, UntrustedFileError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';
 import { fileProtocol, hasOwnProtocol, protocolFor } from './protocol/index.js';
 import { formatByName, probeFormat, PROBE_BYTES } from './format/index.js';
 import { NamedFileGuard, recordNamedFiles, type NamedFilePolicy, type NamedRequest } from './trust.js';
+
+const debug = createDebug('tsmount:open');
 
 export interface ImageOptions {
   readOnly: boolean;
@@ -129,6 +132,7 @@ async function openChain(
     const node = await driver.open(file, openOpts);
     formats.set(node, driver.name);
     if (node.encrypted || backingDecrypts) decrypting.add(node);
+    debug('%s: %s, %d bytes%s%s', spec, driver.name, node.size, readOnly ? ', read-only' : '', isBacking ? `, backing file at depth ${depth}` : '');
     return node;
   } catch (err) {
     await file.close().catch(() => undefined);

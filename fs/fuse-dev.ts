@@ -33,6 +33,8 @@ const OP = {
   FSYNCDIR: 30, ACCESS: 34, INTERRUPT: 36, DESTROY: 38, BATCH_FORGET: 42, FALLOCATE: 43,
 } as const;
 
+const OP_NAMES = new Map<number, string>(Object.entries(OP).map(([k, v]) => [v, k.toLowerCase()]));
+
 /** symlink, mknod, mkdir, unlink, rmdir, rename, link, create, rename2, tmpfile. */
 const CHANGES_NAMES = new Set([6, 8, 9, 10, 11, 12, 13, 35, 45, 51]);
 
@@ -188,7 +190,8 @@ export function available(): boolean {
  */
 async function mountWithFusermount(helper: string, mountpoint: string, fsname: string, cfg: DevConfig): Promise<number> {
   const names: [number, string][] = [[MS_RDONLY, 'ro'], [MS_NOEXEC, 'noexec'], [MS_SYNCHRONOUS, 'sync'], [MS_DIRSYNC, 'dirsync'], [MS_NOATIME, 'noatime']];
-  const options = [`fsname=${fsname}`, 'subtype=tsmount', ...cfg.kernelOptions, ...names.filter(([f]) => cfg.flags & f).map(([, n]) => n)];
+  // fusermount3 splits -o at commas and takes `\,` as a comma in a value.
+  const options = [`fsname=${fsname.replace(/[\\,]/g, '\\$&')}`, 'subtype=tsmount', ...cfg.kernelOptions, ...names.filter(([f]) => cfg.flags & f).map(([, n]) => n)];
   const [mine, theirs] = socketPair();
   try {
     const child = spawn(helper, ['-o', options.join(','), '--', mountpoint], {
@@ -372,6 +375,11 @@ class Session implements FuseMount {
         this.sendError(unique, E.EACCES);
         return true;
       }
+    }
+    // DEBUG=tsmount:fuse: every request; the check keeps the hot path free when off.
+    if (debug.enabled) {
+      const io = opcode === OP.READ || opcode === OP.WRITE ? ` at ${u64(body, 8)}+${body.readUInt32LE(16)}` : '';
+      debug('request %d: %s node %d%s', unique, OP_NAMES.get(opcode) ?? `opcode ${opcode}`, nodeid, io);
     }
     switch (opcode) {
       case OP.FORGET:

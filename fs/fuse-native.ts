@@ -66,6 +66,8 @@ function adapt<A extends unknown[], R>(name: string, fn: (...args: A) => Promise
   return (...argsAndCb: [...A, Cb]): void => {
     const cb = argsAndCb[argsAndCb.length - 1] as Cb;
     const args = argsAndCb.slice(0, -1) as A;
+    // DEBUG=tsmount:fuse: every request (the buffer left out); free when off.
+    if (debug.enabled) debug('request: %s(%o)', name, args.filter((a) => !Buffer.isBuffer(a)));
     fn(...args).then(
       (r) => reply(cb, r),
       (err: unknown) => {
@@ -98,7 +100,8 @@ export function mountNative(mountpoint: string, ops: FsOps, opts: MountOptions):
   };
   const fuse = new Fuse(mountpoint, handlers, { timeout: false });
   const options = [
-    `fsname=${opts.fsname}`,
+    // libfuse splits -o at commas and takes `\,` as a comma in a value.
+    `fsname=${opts.fsname.replace(/[\\,]/g, '\\$&')}`,
     'subtype=tsmount',
     // 128 KiB requests instead of 4 KiB ones (libfuse 2's most).
     'big_writes',

@@ -2,7 +2,6 @@
 // tsimg: make and inspect images, beside tsmount. Subcommands follow qemu-img's.
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
 //   tsimg info [-f FMT] [--output human|json] FILE
-import fs from 'node:fs';
 import { Command } from 'commander';
 import type { BlockNode, Creatable, CreateRequest, FormatDriver } from '../drivers/types.js';
 import { messageOf, UsageError } from '../drivers/errors.js';
@@ -11,6 +10,7 @@ import { formatByName } from '../drivers/format/index.js';
 import { formatOf as openedFormat, openImage, type ImageOptions } from '../drivers/open.js';
 import { protocolFor } from '../drivers/protocol/index.js';
 import type { NamedFilePolicy } from '../drivers/trust.js';
+import { readSecretFile } from './secret.js';
 
 function fail(msg: string): never {
   process.stderr.write(`tsimg: ${msg}\n`);
@@ -19,11 +19,7 @@ function fail(msg: string): never {
 
 function readSecret(o: { secret?: string; secretFile?: string }): string | undefined {
   if (o.secretFile === undefined) return o.secret;
-  try {
-    return fs.readFileSync(o.secretFile, 'utf8').replace(/\r?\n$/, '');
-  } catch {
-    throw new UsageError(`${o.secretFile}: cannot read the secret file`);
-  }
+  return readSecretFile(o.secretFile);
 }
 
 const readOnlyOpen = (format?: string, secret?: string, namedFiles?: NamedFilePolicy): ImageOptions => ({

@@ -6,6 +6,9 @@
 // already have a place on disk go straight there, without the driver's lock.
 import type { BlockNode, Extent } from '../types.js';
 import { readFromBacking } from './backing.js';
+import createDebug from 'debug';
+
+const debug = createDebug('tsmount:map');
 
 export type MappedRun =
   /** The guest bytes are at `host` in `file` (the image's file unless an extent says otherwise). */
@@ -24,6 +27,7 @@ export interface Mapper {
 /** Read [offset, offset + dst.length) through a mapper. */
 export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing: BlockNode | undefined, offset: number, dst: Uint8Array): Promise<void> {
   const runs = await mapper.mapRange(offset, dst.length);
+  if (debug.enabled) debug('%s: read %d+%d maps to %s', defaultFile.name, offset, dst.length, runs.map((r) => `${r.kind} ${r.offset}+${r.length}${r.kind === 'data' ? ` at ${r.host}` : ''}`).join(', '));
   const pending: Promise<void>[] = [];
   let i = 0;
   while (i < runs.length) {

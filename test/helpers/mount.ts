@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { run, type RunResult } from './qemu.js';
-import { serverAlive } from '../../fs/mounts.js';
+import { findMount, realMountpoint, serverAlive } from '../../fs/mounts.js';
 
 export const TSMOUNT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../mount-helpers/tsmount.js');
 
@@ -12,14 +12,18 @@ export function tsmount(args: string[], opts: { cwd?: string; timeoutMs?: number
   return run(process.execPath, [TSMOUNT, ...args], { cwd: opts.cwd, timeoutMs: opts.timeoutMs ?? 120_000 });
 }
 
-/** The serving pid of a tsmount mount, or undefined when nothing is mounted there. */
+/**
+ * The serving pid of a tsmount mount (0 when its state file is missing), or undefined
+ * when nothing is mounted there: the product's own lookup (fs/mounts.ts).
+ */
 export function mountedPid(mountpoint: string): number | undefined {
-  const mp = path.resolve(mountpoint);
-  for (const line of fs.readFileSync('/proc/mounts', 'utf8').split('\n')) {
-    const [src, target, type] = line.split(' ');
-    if (target === mp && type?.startsWith('fuse')) return Number(/^tsmount:(\d+)$/.exec(src ?? '')?.[1] ?? 0);
+  let mp: string;
+  try {
+    mp = realMountpoint(mountpoint);
+  } catch {
+    return undefined;
   }
-  return undefined;
+  return findMount(mp)?.pid;
 }
 
 /** The product's own liveness check: a zombie server counts as gone. */

@@ -14,6 +14,9 @@ import { Mutex } from './mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { OL, type MetadataGuard } from './overlap.js';
 import { constants as osc } from 'node:os';
+import createDebug from 'debug';
+
+const debug = createDebug('tsmount:qcow2');
 
 export interface Qcow2NodeOptions {
   file: BlockNode;
@@ -161,6 +164,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     const runs = await this.map.map(offset, dst.length);
+    if (debug.enabled) debug('%s: read %d+%d maps to %s', this.name, offset, dst.length, runs.map((r) => `${r.kind} ${r.guest}+${r.length}${r.kind === 'compressed' ? ` at ${r.cOffset}` : r.kind === 'data' ? ` at ${r.host}` : ''}`).join(', '));
     if (runs.length === 1) return this.readRun(runs[0]!, offset, dst);
     const parts: Promise<void>[] = [];
     let i = 0;
