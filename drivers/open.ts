@@ -1,10 +1,16 @@
-// Building the block graph for one image: protocol node, format node, backing chain.
+// Building the block graph: for each image its protocol node, format node and backing
+// chain (openImage), the alignment filter where a node asks for it, and the cluster
+// cache on top (openGraph). The server, tsimg, the benchmarks and the tests all build
+// graphs here and nowhere else.
 import fs from 'node:fs';
-import type { BlockNode, CacheMode, FormatDriver, OpenOptions } from './types.js';
-import { CorruptImageError, TsmountError, UsageError, messageOf } from './errors.js';
+import type { BlockNode, CacheMode, FormatDriver, OpenOptions, ProtocolOpenOptions } from './types.js';
+import { BackingChainError, TsmountError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';
 import { hasOwnProtocol, protocolFor } from './protocol/index.js';
 import { formatByName, probeFormat, PROBE_BYTES } from './format/index.js';
+import { aligned } from './filters/align.js';
+import { guarded } from './filters/read-only.js';
+import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 
 export interface ImageOptions {
   readOnly: boolean;
@@ -32,6 +38,52 @@ export function formatOf(node: BlockNode): string | undefined {
 /** Backing chains deeper than this are taken for a loop or a mistake. */
 export const MAX_BACKING_DEPTH = 256;
 
+export interface GraphOptions extends Omit<ImageOptions, 'metadataCacheBytes'> {
+  /** Bytes for the data cache and every node's metadata tables together (--cache-size). */
+  cacheSize: number;
+}
+
+/** --cache-size split between guest data and per-node metadata tables. */
+export function cacheBudget(total: number): { data: number; metadata: number } {
+  const metadata = Math.max(1 << 20, Math.floor(total / 4));
+  return { data: Math.max(0, total - metadata), metadata };
+}
+
+/**
+ * Open each image with its chain and put the cluster cache over it, the budget split
+ * evenly between the images. On failure nothing stays open.
+ */
+export async function openGraph(specs: string[], opts: GraphOptions): Promise<BlockNode[]> {
+  const budget = cacheBudget(opts.cacheSize);
+  const share = (n: number): number => Math.floor(n / Math.max(1, specs.length));
+  const nodes: BlockNode[] = [];
+  try {
+    for (const spec of specs) {
+      const node = await openImage(spec, { ...opts, metadataCacheBytes: share(budget.metadata) });
+      const top = new ClusterCache(node, { mode: opts.cache, maxBytes: share(budget.data), blockSize: DEFAULT_BLOCK_SIZE });
+      formats.set(top, formats.get(node)!);
+      nodes.push(top);
+    }
+  } catch (err) {
+    await Promise.allSettled(nodes.map((n) => n.close()));
+    throw err;
+  }
+  return nodes;
+}
+
+/**
+ * The filters every node gets from the graph builder, and nobody else: alignment
+ * where the node asks for it, the read-only check where it was opened read-only.
+ */
+function filtered(node: BlockNode): BlockNode {
+  return guarded(aligned(node));
+}
+
+/** A protocol node for `spec` (a path or a URI). */
+export async function openProtocol(spec: string, opts: ProtocolOpenOptions): Promise<BlockNode> {
+  return filtered(await protocolFor(spec).open(spec, opts));
+}
+
 /** Open an image (a path or a URI) and its backing chain; returns the top format node. */
 export async function openImage(spec: string, opts: ImageOptions): Promise<BlockNode> {
   return openChain(spec, opts.format, opts, 0, new Set());
@@ -50,8 +102,8 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
   const isBacking = depth > 0;
   const readOnly = opts.readOnly || isBacking;
   const id = identity(spec);
-  if (seen.has(id)) throw new CorruptImageError(`${spec}: backing chain loops back to this file`);
-  if (depth > MAX_BACKING_DEPTH) throw new CorruptImageError(`${spec}: backing chain deeper than ${MAX_BACKING_DEPTH}`);
+  if (seen.has(id)) throw new BackingChainError(`${spec}: backing chain loops back to this file`);
+  if (depth > MAX_BACKING_DEPTH) throw new BackingChainError(`${spec}: backing chain deeper than ${MAX_BACKING_DEPTH}`);
   seen.add(id);
 
   const protocol = protocolFor(spec);
@@ -60,12 +112,11 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       ? undefined
       : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
   const lock = policy && lockRequestFor(policy);
-  const file = await protocol.open(spec, { readOnly, lock, cache: opts.cache });
+  const file = await openProtocol(spec, { readOnly, lock, cache: opts.cache });
   try {
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
-    const imageLock = (file as { imageLock?: { update(r: ReturnType<typeof lockRequestFor>): void } }).imageLock;
-    if (policy && format === undefined) imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
+    if (policy && format === undefined) file.imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
     const openOpts: OpenOptions = {
       readOnly,
       cache: opts.cache,
@@ -73,22 +124,21 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       secret: opts.secret,
       openFile: async (name) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
-        const p = protocolFor(resolved);
-        return p.open(resolved, { readOnly, lock: policy && lockRequestFor({ ...policy, format: driver.name }), cache: opts.cache });
+        return openProtocol(resolved, { readOnly, lock: policy && lockRequestFor({ ...policy, format: driver.name }), cache: opts.cache });
       },
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         try {
           return await openChain(resolved, fmt, opts, depth + 1, seen);
         } catch (err) {
-          if (err instanceof CorruptImageError && /backing chain/.test(err.message)) throw err;
+          if (err instanceof BackingChainError) throw err;
           const why = messageOf(err).replace(`${resolved}: `, '');
-          const wrapped = new UsageError(`${spec}: cannot open backing file '${name}' (${resolved}): ${why}`);
-          throw err instanceof TsmountError ? Object.assign(wrapped, { errno: err.errno }) : wrapped;
+          const message = `${spec}: cannot open backing file '${name}' (${resolved}): ${why}`;
+          throw err instanceof TsmountError ? err.withMessage(message) : new UsageError(message, undefined, { cause: err });
         }
       },
     };
-    const node = await driver.open(file, openOpts);
+    const node = filtered(await driver.open(file, openOpts));
     formats.set(node, driver.name);
     return node;
   } catch (err) {
@@ -117,7 +167,7 @@ function driverNamed(format: string, spec: string): FormatDriver {
   try {
     return formatByName(format);
   } catch (err) {
-    if (err instanceof TsmountError) throw Object.assign(err, { message: `${spec}: ${err.message}` });
+    if (err instanceof TsmountError) throw err.withMessage(`${spec}: ${err.message}`);
     throw err;
   }
 }

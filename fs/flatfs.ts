@@ -5,7 +5,7 @@ import createDebug from 'debug';
 import type { BlockNode } from '../drivers/types.js';
 import { ReadOnlyError, TsmountError, messageOf } from '../drivers/errors.js';
 import type { FsOps, Stat } from './fuse.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/protocol/sys.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
@@ -24,12 +24,6 @@ export interface FlatFile {
   uid: number;
   gid: number;
   mtime: Date;
-}
-
-/** A node that can grow; a cache in front says whether the node under it can. */
-function hasTruncate(node: BlockNode): boolean {
-  const probe = (node as { hasTruncate?: boolean }).hasTruncate;
-  return typeof node.truncate === 'function' && probe !== false;
 }
 
 const O_ACCMODE = 3;
@@ -127,12 +121,12 @@ export class FlatFs implements FsOps {
     // Shrinking a disk through `>` or O_TRUNC would destroy it: never. Growing is
     // `qemu-img resize`, where the format can.
     if (size < f.node.size) throw new ErrnoError(`${path}: the disk cannot be shrunk through this mount`, E.EPERM);
-    if (!hasTruncate(f.node)) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
+    if (!f.node.truncate) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
     this.dirty.add(f);
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
       await f.node.flush();
-      await f.node.truncate!(size);
+      await f.node.truncate(size);
     } catch (err) {
       this.report('truncate', f, size, 0, err);
       throw err;

@@ -6,11 +6,10 @@ import path from 'node:path';
 import createDebug from 'debug';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
-import { openImage } from '../drivers/open.js';
+import { openGraph } from '../drivers/open.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
-import { SysError } from '../drivers/protocol/sys.js';
-import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
+import { SysError } from '../drivers/errors.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
 import { mount, setReadahead, unmountFuse, type FuseMount } from './fuse.js';
 import { findMount } from './mounts.js';
@@ -76,23 +75,17 @@ export function stemOf(spec: string): string {
   return (p.stem ?? fileProtocol.stem!)(spec);
 }
 
-/** Split --cache-size between guest data and per-node metadata tables. */
-function cacheBudget(total: number): { data: number; metadata: number } {
-  const metadata = Math.max(1 << 20, Math.floor(total / 4));
-  return { data: Math.max(0, total - metadata), metadata };
-}
-
 /**
  * Internal snapshots as read-only files beside their image: MOUNTPOINT/<stem>@<name>.raw
  * (the bytes of `qemu-img convert -l <name>`). Names that cannot be a file name, or
  * that another file already has, are left out with a warning.
  */
-function snapshotFiles(files: FlatFile[], formatNodes: BlockNode[]): FlatFile[] {
+function snapshotFiles(files: FlatFile[]): FlatFile[] {
   const out: FlatFile[] = [];
   const taken = new Set(files.map((f) => f.name));
-  files.forEach((f, i) => {
+  files.forEach((f) => {
     const stem = f.name.replace(/\.raw$/, '');
-    for (const s of formatNodes[i]?.snapshots?.() ?? []) {
+    for (const s of f.node.snapshots?.() ?? []) {
       const name = `${stem}@${s.name}.raw`;
       if (s.name === '' || /[/\0]/.test(s.name) || Buffer.byteLength(name) > 255 || taken.has(name)) {
         process.stderr.write(`tsmount: snapshot '${s.name}' of ${f.node.name} cannot be shown as a file; skipped\n`);
@@ -123,34 +116,22 @@ export class Server {
   /** Open every image, then mount; on any failure nothing stays open or mounted. */
   static async start(opts: ServeOptions): Promise<Server> {
     const target = planMount(opts.images, opts.mountpoint);
-    const budget = cacheBudget(opts.cacheSize);
-    const nodes: BlockNode[] = [];
-    const formatNodes: BlockNode[] = [];
-    try {
-      for (const image of opts.images) {
-        const node = await openImage(image, {
-          readOnly: !opts.rw,
-          format: opts.format,
-          cache: opts.cache,
-          metadataCacheBytes: Math.floor(budget.metadata / opts.images.length),
-          locking: opts.locking,
-          forceShare: opts.forceShare,
-          shareRw: opts.shareRw,
-          secret: opts.secret,
-        });
-        formatNodes.push(node);
-        nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
-      }
-    } catch (err) {
-      await Promise.allSettled(nodes.map((n) => n.close()));
-      throw err;
-    }
+    const nodes = await openGraph(opts.images, {
+      readOnly: !opts.rw,
+      format: opts.format,
+      cache: opts.cache,
+      cacheSize: opts.cacheSize,
+      locking: opts.locking,
+      forceShare: opts.forceShare,
+      shareRw: opts.shareRw,
+      secret: opts.secret,
+    });
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner and time to the flat file; a remote one, the server's.
       const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
       return { name: target.names[i]!, node, writable: opts.rw, uid: st?.uid ?? process.getuid?.() ?? 0, gid: st?.gid ?? process.getgid?.() ?? 0, mtime: st?.mtime ?? new Date() };
     });
-    if (!target.overFile) files.push(...snapshotFiles(files, formatNodes));
+    if (!target.overFile) files.push(...snapshotFiles(files));
     const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`));
     const server = new Server(target, nodes, flat);
     const fsname = `tsmount:${process.pid}`;

@@ -1,6 +1,6 @@
 // tsmount -u: unmount, then wait until the server has written everything and exited.
 import path from 'node:path';
-import { UsageError, IoError, messageOf } from '../drivers/errors.js';
+import { UsageError, IoError, TsmountError, messageOf } from '../drivers/errors.js';
 import { findMount, serverAlive } from '../fs/mounts.js';
 
 const EBUSY = 16;
@@ -14,7 +14,7 @@ export async function unmount(mountpoint: string, timeoutMs = 300_000): Promise<
   try {
     unmountFuse(mp, false);
   } catch (err) {
-    if ((err as { errno?: number }).errno === EBUSY) throw new IoError(`${mountpoint}: busy (a file on it is still open)`, EBUSY);
+    if (err instanceof TsmountError && err.errno === EBUSY) throw new IoError(`${mountpoint}: busy (a file on it is still open)`, EBUSY);
     throw new IoError(`${mountpoint}: unmount failed: ${messageOf(err)}`);
   }
   if (m.pid <= 0) return;

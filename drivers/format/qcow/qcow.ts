@@ -4,11 +4,11 @@
 // (copied from what the guest saw before) before the L2 or L1 entry points at it.
 import zlib from 'node:zlib';
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, Extent, HasBacking } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import { mappedStatus, pushRun, readMapped, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { COMPRESSED, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
 
@@ -29,7 +29,7 @@ type Where =
   | { kind: 'data'; host: number }
   | { kind: 'compressed'; host: number; length: number };
 
-export class QcowNode implements BlockNode, HasBacking, Mapper {
+export class QcowNode implements BlockNode, Mapper {
   readonly size: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -41,6 +41,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   private readonly l1: number[];
   private readonly l1Offset: number;
   private readonly cipher: QcowCipher | undefined;
+  readonly requestAlignment: number | undefined;
   private readonly barriers: boolean;
   private readonly l2Cache: LRUCache<number, Buffer>;
   private readonly mutex = new Mutex();
@@ -60,6 +61,8 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     this.l1 = o.l1;
     this.l1Offset = o.header.l1TableOffset;
     this.cipher = o.cipher;
+    // Encryption works on whole sectors: unaligned writes become read-modify-write above.
+    this.requestAlignment = o.cipher ? 512 : undefined;
     this.barriers = o.barriers;
     this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
   }
@@ -174,7 +177,6 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
 

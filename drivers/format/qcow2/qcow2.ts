@@ -1,8 +1,8 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, Extent, ExtentKind, HasBacking } from '../../types.js';
-import { IoError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
+import type { BlockNode, Extent, ExtentKind } from '../../types.js';
+import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
@@ -10,7 +10,7 @@ import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
 import { HDR, LIMITS } from './header.js';
-import { Mutex } from './mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { constants as osc } from 'node:os';
 
@@ -53,7 +53,7 @@ const COMPRESSED_SPAN = 4 << 20;
 const COMPRESSED_POOL_BYTES = 1 << 20;
 const COMPRESSED_POOL_KEEP = 4;
 
-export class Qcow2Node implements BlockNode, HasBacking {
+export class Qcow2Node implements BlockNode {
   private currentSize: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -81,6 +81,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private snapshotViews: { name: string; node: BlockNode }[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
   private readonly crypt: DataCrypt | undefined;
+  readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
   /** Releases this node's use of the inflate workers (taken at the first compressed read). */
@@ -104,6 +105,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
     this.viewName = o.viewName;
     this.beforeFirstChange = o.beforeFirstChange;
     this.crypt = o.crypt;
+    // Encrypted sectors are the unit: unaligned requests become aligned ones above.
+    this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
 
   /** Data cluster bytes at `host` that guest offset `guest` maps to, decrypted. */
@@ -322,7 +325,6 @@ export class Qcow2Node implements BlockNode, HasBacking {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.prepare();
     const inPlace = this.writeInPlace(offset, src);
     this.inflight.add(inPlace);
@@ -611,7 +613,6 @@ export class Qcow2Node implements BlockNode, HasBacking {
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.prepare();
     await this.mutex.run(() => this.zeroLocked(offset, length, unmap));
   }
@@ -699,7 +700,6 @@ export class Qcow2Node implements BlockNode, HasBacking {
    * then the header points at it, then the old one is freed), then the size field.
    */
   async truncate(size: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (size === this.size) return;
     if (size < this.size) throw new UnsupportedError(`${this.name}: shrinking a qcow2 image is not supported`);
     if (size % 512 !== 0) throw new UsageError(`${this.name}: the new size must be a multiple of 512`);
