@@ -2,7 +2,7 @@
 // tables in an LRU, clusters plain, deflate-compressed or AES-encrypted. New clusters
 // and L2 tables go at the end of the file, cluster aligned; each is written whole
 // (copied from what the guest saw before) before the L2 or L1 entry points at it.
-import zlib from 'node:zlib';
+import { decompress } from '../../util/decompress.js';
 import { LRUCache } from 'lru-cache';
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
@@ -156,13 +156,7 @@ export class QcowNode implements BlockNode, Mapper {
     if (this.inflated?.host === host) return this.inflated.data;
     const comp = Buffer.alloc(length);
     await this.file.read(host, comp);
-    let data: Buffer;
-    try {
-      data = zlib.inflateRawSync(comp, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs });
-    } catch {
-      throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} does not inflate`);
-    }
-    if (data.length !== this.cs) throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} inflates to ${data.length} bytes, not ${this.cs}`);
+    const data = await decompress('deflate-raw', comp, { size: this.cs, exact: true, what: `${this.name}: qcow compressed cluster at 0x${host.toString(16)}` });
     this.inflated = { host, data };
     return data;
   }
