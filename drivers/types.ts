@@ -1,6 +1,7 @@
 // The one node interface of the block graph (shared/DESIGN.md, "The block graph").
 // Protocol nodes, format nodes and filters all implement BlockNode; a format driver
 // turns a protocol node into a format node.
+import type { ImageLock } from './protocol/lock.js';
 
 /** What a range of one layer holds, as QEMU's block_status answers for its own layer. */
 export type ExtentKind =
@@ -47,8 +48,21 @@ export interface BlockNode {
    * <stem>@<name>.raw; owned by this node (closing them is a no-op).
    */
   snapshots?(): { name: string; node: BlockNode }[];
+  /** The next layer of a backing chain: what 'unallocated' extents of this node read from. */
+  readonly backing?: BlockNode | undefined;
+  /** The QEMU-compatible lock on the file under this node (the file protocol's). */
+  readonly imageLock?: ImageLock | undefined;
+  /**
+   * Requests must start and end on multiples of this many bytes (a sector-based
+   * format, an NBD export's minimum block). The graph builder puts the alignment
+   * filter over such a node once; nobody else looks at it.
+   */
+  readonly requestAlignment?: number | undefined;
+  /** A VMDK's content ID, which an overlay records as its parentCID. */
+  readonly vmdkCid?: number | undefined;
   close(): Promise<void>;
 }
+
 
 export interface OpenOptions {
   readOnly: boolean;
@@ -75,11 +89,6 @@ export interface FormatDriver {
   /** How sure the driver is that this is its format, 0..100 (QEMU's bdrv_probe). */
   probe(head: Uint8Array, filename: string): number;
   open(file: BlockNode, opts: OpenOptions): Promise<BlockNode>;
-}
-
-/** A format node's view of its own backing chain, for messages and locking. */
-export interface HasBacking {
-  readonly backing: BlockNode | undefined;
 }
 
 /** 2^53: the largest size any node may claim, so every offset is an exact number. */

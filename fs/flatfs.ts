@@ -6,7 +6,7 @@ import type { BlockNode } from '../drivers/types.js';
 import { ReadOnlyError, TsmountError, messageOf } from '../drivers/errors.js';
 import type { FsOps, Stat } from './fuse.js';
 import type { Ownership } from './access.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/protocol/sys.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
@@ -36,12 +36,6 @@ export interface FlatFsAccess {
   root?: Ownership;
   /** Truncate may grow a disk (--growable); otherwise growing fails with EPERM. */
   growable: boolean;
-}
-
-/** A node that can grow; a cache in front says whether the node under it can. */
-function hasTruncate(node: BlockNode): boolean {
-  const probe = (node as { hasTruncate?: boolean }).hasTruncate;
-  return typeof node.truncate === 'function' && probe !== false;
 }
 
 const O_ACCMODE = 3;
@@ -147,12 +141,12 @@ export class FlatFs implements FsOps {
     if (size < f.node.size) throw this.refuse(f, `shrinking the disk from ${f.node.size} to ${size} bytes refused: a disk cannot shrink through the mount`);
     // Growing changes the guest's disk: a stray `truncate -s 1P` must not (QEMU's export has `growable`).
     if (!this.access.growable) throw this.refuse(f, `growing the disk from ${f.node.size} to ${size} bytes refused: mount with --growable to allow it`);
-    if (!hasTruncate(f.node)) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
+    if (!f.node.truncate) throw new ErrnoError(`${path}: this image format cannot be resized`, E.EPERM);
     this.dirty.add(f);
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
       await f.node.flush();
-      await f.node.truncate!(size);
+      await f.node.truncate(size);
     } catch (err) {
       this.report('truncate', f, size, 0, err);
       throw err;

@@ -20,7 +20,7 @@ import { spawn } from 'node:child_process';
 import os, { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { errnoOf, messageOf, TsmountError } from '../drivers/errors.js';
-import { mount as sysMount, readNoBlock, receiveFd, socketPair, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/protocol/sys.js';
+import { mount as sysMount, readNoBlock, receiveFd, socketPair, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/util/sys.js';
 import { fusermountHelper, unmountFuse, type FsOps, type FuseMount, type MountOptions, type Stat } from './fuse.js';
 
 const debug = createDebug('tsmount:fuse');

@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import createDebug from 'debug';
 import { IoError, messageOf } from '../drivers/errors.js';
-import { umount2, MNT_DETACH } from '../drivers/protocol/sys.js';
+import { umount2, MNT_DETACH } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:fuse');
 

@@ -5,7 +5,7 @@
 // journal or rsyslog reads (`journalctl -t tsmount`, /var/log/syslog). The socket is
 // opened before anything is mounted: the serving process never spawns `logger`.
 import createDebug from 'debug';
-import { closeFd, connectDatagram, sendDatagram } from '../drivers/protocol/sys.js';
+import { closeFd, connectDatagram, sendDatagram } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:log');
 

@@ -6,12 +6,11 @@ import path from 'node:path';
 import createDebug from 'debug';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
-import { decryptsInChain, openImage } from '../drivers/open.js';
+import { decryptsInChain, openGraph } from '../drivers/open.js';
 import { namedFilesOf, type NamedFilePolicy } from '../drivers/trust.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
-import { SysError } from '../drivers/protocol/sys.js';
-import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
+import { SysError } from '../drivers/errors.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
 import { mount, setReadahead, unmountFuse, type FuseMount } from './fuse.js';
 import { flatFileOwnership, rootOwnership, type MountAccess, type PulledFile } from './access.js';
@@ -112,23 +111,17 @@ export function stemOf(spec: string): string {
   return (p.stem ?? fileProtocol.stem!)(spec);
 }
 
-/** Split --cache-size between guest data and per-node metadata tables. */
-function cacheBudget(total: number): { data: number; metadata: number } {
-  const metadata = Math.max(1 << 20, Math.floor(total / 4));
-  return { data: Math.max(0, total - metadata), metadata };
-}
-
 /**
  * Internal snapshots as read-only files beside their image: MOUNTPOINT/<stem>@<name>.raw
  * (the bytes of `qemu-img convert -l <name>`). Names that cannot be a file name, or
  * that another file already has, are left out with a warning.
  */
-function snapshotFiles(files: FlatFile[], formatNodes: BlockNode[]): FlatFile[] {
+function snapshotFiles(files: FlatFile[]): FlatFile[] {
   const out: FlatFile[] = [];
   const taken = new Set(files.map((f) => f.name));
-  files.forEach((f, i) => {
+  files.forEach((f) => {
     const stem = f.name.replace(/\.raw$/, '');
-    for (const s of formatNodes[i]?.snapshots?.() ?? []) {
+    for (const s of f.node.snapshots?.() ?? []) {
       const name = `${stem}@${s.name}.raw`;
       if (s.name === '' || /[/\0]/.test(s.name) || Buffer.byteLength(name) > 255 || taken.has(name)) {
         log('warning', `snapshot '${s.name}' of ${f.node.name} cannot be shown as a file; skipped`);
@@ -162,46 +155,34 @@ export class Server {
   /** Open every image, then mount; on any failure nothing stays open or mounted. */
   static async start(opts: ServeOptions): Promise<Server> {
     const target = planMount(opts.images, opts.mountpoint, opts.fuseOptions);
-    const budget = cacheBudget(opts.cacheSize);
-    const nodes: BlockNode[] = [];
-    const formatNodes: BlockNode[] = [];
-    try {
-      for (const image of opts.images) {
-        const node = await openImage(image, {
-          readOnly: !opts.rw,
-          format: opts.format,
-          cache: opts.cache,
-          metadataCacheBytes: Math.floor(budget.metadata / opts.images.length),
-          locking: opts.locking,
-          forceShare: opts.forceShare,
-          shareRw: opts.shareRw,
-          secret: opts.secret,
-          namedFiles: opts.namedFiles,
-        });
-        formatNodes.push(node);
-        nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
-        if (opts.abandoned?.()) throw new AbandonedError('interrupted before the mount was ready; not mounted');
-      }
-    } catch (err) {
-      await Promise.allSettled(nodes.map((n) => n.close()));
-      throw err;
-    }
+    if (opts.abandoned?.()) throw new AbandonedError('interrupted before the mount was ready; not mounted');
+    const nodes = await openGraph(opts.images, {
+      readOnly: !opts.rw,
+      format: opts.format,
+      cache: opts.cache,
+      cacheSize: opts.cacheSize,
+      locking: opts.locking,
+      forceShare: opts.forceShare,
+      shareRw: opts.shareRw,
+      secret: opts.secret,
+      namedFiles: opts.namedFiles,
+    });
     const access = opts.access ?? { allowOther: false, growable: false };
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
       const st = protocolFor(opts.images[i]!) === fileProtocol ? fs.statSync(opts.images[i]!.replace(/^file:/, '')) : undefined;
       // The other files the image reads (backing files, extents, a data file) narrow the mode.
-      const others: PulledFile[] = namedFilesOf(formatNodes[i]!).map((f) => ({ uid: f.stat.uid, gid: f.stat.gid, mode: f.stat.mode, written: f.write }));
-      const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(formatNodes[i]!), choice: access });
+      const others: PulledFile[] = namedFilesOf(node).map((f) => ({ uid: f.stat.uid, gid: f.stat.gid, mode: f.stat.mode, written: f.write }));
+      const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(node), choice: access });
       return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date() };
     });
-    if (!target.overFile) files.push(...snapshotFiles(files, formatNodes));
+    if (!target.overFile) files.push(...snapshotFiles(files));
     const flat = new FlatFs(files, target.overFile, (msg) => log('err', msg), {
       root: rootOwnership(access, opts.rw),
       growable: access.growable,
     });
     const server = new Server(target, nodes, flat);
-    server.ready = files.map((f, i) => readyLine(f, formatNodes[i] ?? f.node, opts.rw, target.mountpoint));
+    server.ready = files.map((f, i) => readyLine(f, f.node, opts.rw, target.mountpoint));
     opts.beforeMount?.();
     if (opts.abandoned?.()) {
       await Promise.allSettled(nodes.map((n) => n.close()));

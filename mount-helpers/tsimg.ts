@@ -7,7 +7,7 @@ import type { BlockNode, Creatable, CreateRequest, FormatDriver } from '../drive
 import { messageOf, UsageError } from '../drivers/errors.js';
 import { CreateOptions, parseOptionString, parseSize } from '../drivers/options.js';
 import { formatByName } from '../drivers/format/index.js';
-import { formatOf as openedFormat, openImage, type ImageOptions } from '../drivers/open.js';
+import { formatOf as openedFormat, openImage, openProtocol, type ImageOptions } from '../drivers/open.js';
 import { protocolFor } from '../drivers/protocol/index.js';
 import type { NamedFilePolicy } from '../drivers/trust.js';
 import { readSecretFile } from './secret.js';
@@ -65,7 +65,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
   if (!protocol.create) throw new UsageError(`${spec}: cannot create images on the ${protocol.name} protocol`);
   await protocol.create(spec);
   const made = [spec];
-  const file = await protocol.open(spec, { readOnly: false, cache: 'writeback' });
+  const file = await openProtocol(spec, { readOnly: false, cache: 'writeback' });
   const extra: BlockNode[] = [];
   let ok = false;
   try {
@@ -80,7 +80,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
         const target = protocol.resolveRelative(spec, name);
         await protocol.create!(target);
         made.push(target);
-        const node = await protocol.open(target, { readOnly: false, cache: 'writeback' });
+        const node = await openProtocol(target, { readOnly: false, cache: 'writeback' });
         extra.push(node);
         return node;
       },
@@ -112,7 +112,7 @@ async function info(spec: string, o: { format?: string; output: string; secret?:
     let name = spec;
     while (cur) {
       chain.push({ filename: name, format: openedFormat(cur) ?? 'unknown', 'virtual-size': cur.size });
-      const next: BlockNode | undefined = (cur as { backing?: BlockNode }).backing;
+      const next: BlockNode | undefined = cur.backing;
       if (next) name = next.name;
       cur = next;
     }

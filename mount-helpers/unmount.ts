@@ -1,6 +1,6 @@
 // tsmount -u: unmount, then wait until the server has written everything and exited.
 import fs from 'node:fs';
-import { UsageError, IoError, messageOf } from '../drivers/errors.js';
+import { UsageError, IoError, TsmountError, messageOf } from '../drivers/errors.js';
 import { findMount, realMountpoint, serverAlive } from '../fs/mounts.js';
 
 const EBUSY = 16;
@@ -29,7 +29,7 @@ export async function unmount(mountpoint: string, opts: UnmountOptions = {}): Pr
   try {
     unmountFuse(mp, !!opts.lazy);
   } catch (err) {
-    if ((err as { errno?: number }).errno === EBUSY) {
+    if (err instanceof TsmountError && err.errno === EBUSY) {
       const who = holders(mp);
       throw new IoError(`${mountpoint}: busy${who.length ? `: ${who.join('; ')}` : ' (a file on it is still open)'}; close them, or detach it now with tsmount -u --lazy`, EBUSY);
     }

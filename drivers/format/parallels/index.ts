@@ -1,7 +1,6 @@
 // The parallels driver: probe, open and create (QEMU's block/parallels.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
 import { DEFAULT_CLUSTER_SIZE, HDR, HEADER_BYTES, HEADER_VERSION, INUSE_MAGIC, MAGIC_V1, MAGIC_V2, MAX_IMAGE_FACTOR, magicOf, parseHeader, SECTOR } from './header.js';
 import { ParallelsNode } from './parallels.js';
 
@@ -32,8 +31,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     await file.write(HDR.inuse, mark);
     await file.flush();
   }
-  // Parallels works in sectors: unaligned writes become read-modify-write.
-  return new AlignFilter(new ParallelsNode(file, h, bat, opts.readOnly, opts.cache !== 'unsafe'), SECTOR);
+  return new ParallelsNode(file, h, bat, opts.readOnly, opts.cache !== 'unsafe');
 }
 
 async function create(req: CreateRequest): Promise<void> {

@@ -2,12 +2,14 @@
 // data_end, the end of the data area; the cluster's bytes go first, its BAT entry
 // after. The file is trimmed to data_end and the in-use mark cleared on close.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { HDR, HEADER_BYTES, SECTOR, type ParallelsHeader } from './header.js';
 
 export class ParallelsNode implements BlockNode, Mapper {
+  /** Parallels works in sectors: unaligned writes become read-modify-write above. */
+  readonly requestAlignment = SECTOR;
   readonly size: number;
   readonly readOnly: boolean;
   private readonly cs: number;
@@ -67,7 +69,6 @@ export class ParallelsNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }

@@ -4,7 +4,6 @@ import { BadPassphraseError, CorruptImageError, UsageError } from '../../errors.
 import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCOW_VERSION, type QcowHeader } from './header.js';
 import { QcowCipher } from './crypto.js';
 import { QcowNode } from './qcow.js';
-import { AlignFilter } from '../../filters/align.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -50,8 +49,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       metadataCacheBytes: opts.metadataCacheBytes,
       barriers: opts.cache !== 'unsafe',
     });
-    // Encryption works on whole sectors: unaligned writes become read-modify-write.
-    return cipher ? new AlignFilter(node, 512) : node;
+    return node;
   } catch (err) {
     await backing?.close();
     throw err;

@@ -2,13 +2,13 @@
 // tables in an LRU, clusters plain, deflate-compressed or AES-encrypted. New clusters
 // and L2 tables go at the end of the file, cluster aligned; each is written whole
 // (copied from what the guest saw before) before the L2 or L1 entry points at it.
-import zlib from 'node:zlib';
+import { decompress } from '../../util/decompress.js';
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, Extent, HasBacking } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import { mappedStatus, pushRun, readMapped, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { COMPRESSED, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
 
@@ -29,7 +29,7 @@ type Where =
   | { kind: 'data'; host: number }
   | { kind: 'compressed'; host: number; length: number };
 
-export class QcowNode implements BlockNode, HasBacking, Mapper {
+export class QcowNode implements BlockNode, Mapper {
   readonly size: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -42,6 +42,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   private readonly l1Offset: number;
   private readonly cipher: QcowCipher | undefined;
   readonly encrypted: boolean;
+  readonly requestAlignment: number | undefined;
   private readonly barriers: boolean;
   private readonly l2Cache: LRUCache<number, Buffer>;
   private readonly mutex = new Mutex();
@@ -62,6 +63,8 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     this.l1Offset = o.header.l1TableOffset;
     this.cipher = o.cipher;
     this.encrypted = o.cipher !== undefined;
+    // Encryption works on whole sectors: unaligned writes become read-modify-write above.
+    this.requestAlignment = o.cipher ? 512 : undefined;
     this.barriers = o.barriers;
     this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
   }
@@ -155,13 +158,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     if (this.inflated?.host === host) return this.inflated.data;
     const comp = Buffer.alloc(length);
     await this.file.read(host, comp);
-    let data: Buffer;
-    try {
-      data = zlib.inflateRawSync(comp, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs });
-    } catch {
-      throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} does not inflate`);
-    }
-    if (data.length !== this.cs) throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} inflates to ${data.length} bytes, not ${this.cs}`);
+    const data = await decompress('deflate-raw', comp, { size: this.cs, exact: true, what: `${this.name}: qcow compressed cluster at 0x${host.toString(16)}` });
     this.inflated = { host, data };
     return data;
   }
@@ -176,7 +173,6 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
 

@@ -24,9 +24,9 @@ import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirecto
 import { rebuildRefcounts } from './repair.js';
 import { createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
-import { AlignFilter } from '../../filters/align.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
 import type { SnapshotEntry } from './snapshot.js';
+import { guarded } from '../../filters/read-only.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < 8) return 0;
@@ -200,14 +200,10 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   // through the L2 cache: opening costs nothing per snapshot.
   for (const s of snaps) {
     const smap = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1Entries: s.l1Size, l1Offset: s.l1TableOffset, l2Cache });
-    views.push({ name: s.name, node: new Qcow2Node({ ...common, size: h.size, readOnly: true, map: smap, view: true, viewName: s.name }) });
+    views.push({ name: s.name, node: guarded(new Qcow2Node({ ...common, size: h.size, readOnly: true, map: smap, view: true, viewName: s.name })) });
   }
-  if (!crypt) {
-    node.setSnapshots(views);
-    return node;
-  }
-  // Encrypted sectors are the unit: unaligned requests become aligned ones, in shared code.
-  return new EncryptedQcow2(node, views.map((v) => ({ name: v.name, node: new AlignFilter(v.node, 512) })));
+  node.setSnapshots(views);
+  return node;
 }
 
 /** The LUKS header's place in the file (crypto header extension), if any. */
@@ -257,24 +253,6 @@ function metadataRanges(
   }
   if (crypto) out.push({ offset: crypto.offset, bytes: crypto.length, what: OL.cryptoHeader });
   return out;
-}
-
-/** An encrypted image behind AlignFilter, still offering growth and its snapshots. */
-class EncryptedQcow2 extends AlignFilter {
-  constructor(
-    private readonly qcow2: Qcow2Node,
-    private readonly views: { name: string; node: BlockNode }[],
-  ) {
-    super(qcow2, 512);
-  }
-
-  snapshots(): { name: string; node: BlockNode }[] {
-    return this.views;
-  }
-
-  truncate(size: number): Promise<void> {
-    return this.qcow2.truncate(size);
-  }
 }
 
 export const qcow2Driver: FormatDriver & Creatable = {

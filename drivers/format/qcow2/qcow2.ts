@@ -1,8 +1,8 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, Extent, ExtentKind, HasBacking } from '../../types.js';
-import { IoError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
+import type { BlockNode, Extent, ExtentKind } from '../../types.js';
+import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
@@ -10,7 +10,7 @@ import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
 import { HDR, LIMITS } from './header.js';
-import { Mutex } from './mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { OL, type MetadataGuard } from './overlap.js';
 import { constants as osc } from 'node:os';
@@ -59,7 +59,7 @@ const COMPRESSED_SPAN = 4 << 20;
 const COMPRESSED_POOL_BYTES = 1 << 20;
 const COMPRESSED_POOL_KEEP = 4;
 
-export class Qcow2Node implements BlockNode, HasBacking {
+export class Qcow2Node implements BlockNode {
   private currentSize: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -89,6 +89,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private readonly crypt: DataCrypt | undefined;
   readonly encrypted: boolean;
   private readonly guard: MetadataGuard | undefined;
+  readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
   /** Releases this node's use of the inflate workers (taken at the first compressed read). */
@@ -114,6 +115,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
     this.crypt = o.crypt;
     this.encrypted = o.crypt !== undefined;
     this.guard = o.guard;
+    // Encrypted sectors are the unit: unaligned requests become aligned ones above.
+    this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
 
   /** Data cluster bytes at `host` that guest offset `guest` maps to, decrypted. */
@@ -338,9 +341,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
     if (this.decompressed.size > DECOMPRESSED_KEEP) this.decompressed.delete(this.decompressed.keys().next().value!);
   }
 
-  /** Refuse changes to a read-only node, or to an image marked corrupt since it was opened. */
+  /** Refuse changes to an image marked corrupt since it was opened (read-only nodes: drivers/filters/read-only.ts). */
   private checkWritable(): void {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (this.guard?.corrupt) throw this.guard.refusal();
   }
 

@@ -2,11 +2,11 @@
 // the shared mapped read path, allocating writes in QEMU's order: the need-check
 // flag, then the data (and a flush when a backing file shows through), then a new
 // L2 table, then the L1 or L2 entry that points at it. The flag is cleared on flush.
-import type { BlockNode, Extent, HasBacking } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
 
@@ -22,7 +22,7 @@ export interface QedNodeOptions {
 /** Bytes written per request when zeroing has to write data. */
 const ZERO_CHUNK = 1 << 20;
 
-export class QedNode implements BlockNode, HasBacking, Mapper {
+export class QedNode implements BlockNode, Mapper {
   readonly size: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -117,7 +117,6 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src.length, src));
   }
@@ -246,7 +245,6 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
     void unmap;
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     const cs = this.cs;
     const end = offset + length;
     const a = Math.ceil(offset / cs) * cs;

@@ -2,10 +2,10 @@
 // A write to an unallocated block appends the whole block (written data, zeros
 // elsewhere), then points the block map at it, then counts it in the header.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { BMAP, HDR, type VdiHeader } from './header.js';
 
 export class VdiNode implements BlockNode, Mapper {
@@ -64,7 +64,6 @@ export class VdiNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }

@@ -2,7 +2,6 @@
 // and create, after QEMU 7.2's block/vhdx.c and the VHDX specification v1.0.
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
 import {
   ascii,
   BAT_OFFSET_MASK,
@@ -263,7 +262,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     barriers,
   });
   if (replayed) node.markVisibleWriteDone();
-  return new AlignFilter(node, 512);
+  return node;
 }
 
 /** QEMU's default block size for a disk size (vhdx_co_create). */

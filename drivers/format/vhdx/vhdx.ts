@@ -2,10 +2,10 @@
 // section 2.5), with every BAT change made durable through the metadata log first,
 // as QEMU's vhdx_co_writev does with vhdx_log_write_and_flush.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { BAT_OFFSET_MASK, encodeHeader, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SIZE, LOG_SECTOR, MiB, newGuid, PAYLOAD, type Header } from './layout.js';
 import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
 
@@ -68,6 +68,8 @@ export interface VhdxNodeOptions {
 }
 
 export class VhdxNode implements BlockNode, Mapper {
+  /** Sectors are the unit of the sector bitmaps and the log. */
+  readonly requestAlignment = 512;
   readonly size: number;
   readonly readOnly: boolean;
   private readonly file: BlockNode;
@@ -166,7 +168,6 @@ export class VhdxNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.firstWrite();
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));

@@ -1,7 +1,6 @@
 // The vpc (VHD) driver: probe, open, create (QEMU 7.2's block/vpc.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
 import {
   ascii,
   DISK_DIFFERENCING,
@@ -61,7 +60,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 
   if (!dynamic || footer.diskType === DISK_FIXED) {
     if (dynamic) throw new CorruptImageError(`${name}: VHD footer at the start of the file, but the disk type is fixed`);
-    return new AlignFilter(new VpcFixedNode(file, size, opts.readOnly), SECTOR);
+    return new VpcFixedNode(file, size, opts.readOnly);
   }
 
   if (footer.dataOffset > BigInt(file.size - DYN_HEADER_SIZE)) {
@@ -108,7 +107,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     freeOffset,
     barriers,
   });
-  return new AlignFilter(node, SECTOR);
+  return node;
 }
 
 async function create(req: CreateRequest): Promise<void> {

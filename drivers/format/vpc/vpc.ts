@@ -2,11 +2,11 @@
 // 2 MiB-ish blocks through the BAT, each block preceded by its sector bitmap
 // (QEMU's block/vpc.c). Reads go through the shared mapped-read path.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
-import { FOOTER_SIZE } from './footer.js';
+import { Mutex } from '../../util/mutex.js';
+import { FOOTER_SIZE, SECTOR } from './footer.js';
 
 export const BAT_UNUSED = 0xffffffff;
 
@@ -14,6 +14,7 @@ export const BAT_UNUSED = 0xffffffff;
 const ZERO_CHUNK = 1 << 20;
 
 export class VpcFixedNode implements BlockNode {
+  readonly requestAlignment = SECTOR;
   constructor(
     private readonly file: BlockNode,
     readonly size: number,
@@ -26,7 +27,6 @@ export class VpcFixedNode implements BlockNode {
     return this.file.read(offset, dst);
   }
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     // A geometry larger than the file would put guest data over the footer.
     if (offset + src.length > this.file.size - FOOTER_SIZE) {
       throw new CorruptImageError(`${this.name}: fixed VHD is shorter than its disk size; write at 0x${offset.toString(16)} would overwrite the footer`);
@@ -60,6 +60,8 @@ export interface VpcDynamicOptions {
 }
 
 export class VpcDynamicNode implements BlockNode, Mapper {
+  /** Sector bitmaps: the unit of allocation inside a block. */
+  readonly requestAlignment = SECTOR;
   readonly size: number;
   readonly readOnly: boolean;
   private readonly file: BlockNode;
@@ -121,7 +123,6 @@ export class VpcDynamicNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + src.length - 1) / this.blockSize);
     let ready = true;
@@ -184,7 +185,6 @@ export class VpcDynamicNode implements BlockNode, Mapper {
   }
 
   async zero(offset: number, length: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     // Unallocated blocks read as zeros already; only allocated ones are written.
     await this.mutex.run(async () => {
       for (const r of await this.mapRange(offset, length)) {

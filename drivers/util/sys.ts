@@ -2,6 +2,7 @@
 // binaries, so nothing is compiled at install): fcntl locks, ioctl for block device
 // sizes, fallocate for holes and zeroes, umount2. Linux x86_64/aarch64 layouts.
 import koffi from 'koffi';
+import { SysError } from '../errors.js';
 
 const libc = koffi.load('libc.so.6');
 
@@ -60,13 +61,6 @@ export const MS_NOATIME = 1024;
 
 function errno(): number {
   return koffi.errno();
-}
-
-/** Thrown with the C errno, so callers can tell EAGAIN from EINVAL. */
-export class SysError extends Error {
-  constructor(readonly call: string, readonly errno: number) {
-    super(`${call} failed: errno ${errno}`);
-  }
 }
 
 export type LockFlavour = 'ofd' | 'posix';
