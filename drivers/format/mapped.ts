@@ -6,6 +6,7 @@
 // already have a place on disk go straight there, without the driver's lock.
 import type { BlockNode, Extent } from '../types.js';
 import { readFromBacking } from './backing.js';
+import type { MetadataRanges } from './metadata-ranges.js';
 
 export type MappedRun =
   /** The guest bytes are at `host` in `file` (the image's file unless an extent says otherwise). */
@@ -19,6 +20,8 @@ export type MappedRun =
 export interface Mapper {
   /** Runs covering exactly [offset, offset + length), in order, without gaps. */
   mapRange(offset: number, length: number): Promise<MappedRun[]>;
+  /** The image file's metadata, which no data run written in place may overlap. */
+  readonly metadata?: MetadataRanges;
 }
 
 /** Read [offset, offset + dst.length) through a mapper. */
@@ -98,6 +101,9 @@ export function pushRun(out: MappedRun[], run: MappedRun): void {
 export async function writeInPlace(mapper: Mapper, defaultFile: BlockNode, offset: number, src: Uint8Array): Promise<boolean> {
   const runs = await mapper.mapRange(offset, src.length);
   if (!runs.every((r) => r.kind === 'data')) return false;
+  for (const r of runs) {
+    if (r.kind === 'data' && (r.file === undefined || r.file === defaultFile)) mapper.metadata?.assertNoOverlap(r.host, r.length, `guest offset 0x${r.offset.toString(16)}`);
+  }
   await Promise.all(runs.map((r) => (r.kind === 'data' ? (r.file ?? defaultFile).write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
   return true;
 }
