@@ -162,12 +162,16 @@ export interface Reader {
 
 /** The master key, or undefined when the passphrase opens no slot. */
 export async function unlockLuks1(h: Luks1Header, reader: Reader, passphrase: Uint8Array): Promise<Uint8Array | undefined> {
+  // Every active slot may be tried: each within the per-slot bound, all within the open's.
   const budget = new KdfBudget(reader.name);
   for (const slot of h.slots) {
     if (!slot.active) continue;
-    // Bounded when used: a slot tried before it may already open the image.
     checkPbkdf2Iterations(slot.iterations, `key slot ${slot.index}`, reader.name);
-    budget.charge(pbkdf2Cost(slot.iterations + h.mkDigestIter), `key slot ${slot.index}`);
+    budget.charge(pbkdf2Cost(slot.iterations + h.mkDigestIter));
+  }
+  budget.check();
+  for (const slot of h.slots) {
+    if (!slot.active) continue;
     const slotKey = await pbkdf2(h.hash, passphrase, slot.salt, slot.iterations, h.keyBytes);
     const material = new Uint8Array(materialSectors(h.keyBytes, slot.stripes) * SECTOR);
     await reader.read(slot.keyMaterialOffset, material);

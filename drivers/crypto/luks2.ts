@@ -138,7 +138,10 @@ export async function unlockLuks2(reader: Reader, passphrase: Uint8Array): Promi
     .filter((s) => s.prio > 0)
     .sort((a, b) => b.prio - a.prio || Number(a.id) - Number(b.id));
 
+  // Every slot's parameters are checked, and their work summed, before any derivation:
+  // a passphrase may be tried against all of them.
   const budget = new KdfBudget(name);
+  const attempts: (() => Promise<Luks2Volume | undefined>)[] = [];
   for (const { id, ks } of order) {
     const type = j.str(ks.type, `keyslot ${id} type`);
     if (type !== 'luks2') continue;
@@ -165,7 +168,7 @@ export async function unlockLuks2(reader: Reader, passphrase: Uint8Array): Promi
     let digestCost = 0;
     for (const [did, dv] of Object.entries(digests)) {
       const d = j.obj(dv, `digest ${did}`);
-      if (!(Array.isArray(d.keyslots) && d.keyslots.includes(id))) continue;
+      if (!(Array.isArray(d.keyslots) && d.keyslots.includes(id)) || d.type !== 'pbkdf2') continue;
       const iterations = j.int(d.iterations, `digest ${did} iterations`, MAX_PBKDF2_ITER);
       checkPbkdf2Iterations(iterations, `digest ${did}`, name);
       digestCost += pbkdf2Cost(iterations);
@@ -176,7 +179,7 @@ export async function unlockLuks2(reader: Reader, passphrase: Uint8Array): Promi
       if (!isHash(hash)) throw new UnsupportedError(`${name}: LUKS2 hash ${hash} is not supported`);
       const iterations = j.int(kdf.iterations, `keyslot ${id} iterations`, MAX_PBKDF2_ITER);
       checkPbkdf2Iterations(iterations, `keyslot ${id}`, name);
-      budget.charge(pbkdf2Cost(iterations) + digestCost, `keyslot ${id}`);
+      budget.charge(pbkdf2Cost(iterations) + digestCost);
       derive = () => pbkdf2(hash, passphrase, salt, iterations, areaKeySize);
     } else if (kdfType === 'argon2i' || kdfType === 'argon2id') {
       const p: Argon2Params = {
@@ -187,31 +190,39 @@ export async function unlockLuks2(reader: Reader, passphrase: Uint8Array): Promi
       };
       if (p.time < 1 || p.cpus < 1 || p.memory < 8 * p.cpus) j.bad(`keyslot ${id} argon2 parameters are invalid`);
       checkArgon2(p, `keyslot ${id}`, name);
-      budget.charge(argon2Cost(p) + digestCost, `keyslot ${id}`);
+      budget.charge(argon2Cost(p) + digestCost);
       derive = () => argon2(p, passphrase, salt, areaKeySize);
     } else {
       throw new UnsupportedError(`${name}: LUKS2 kdf ${kdfType} is not supported`);
     }
-    const slotKey = await derive();
-    const material = new Uint8Array(materialLen);
-    await reader.read(areaOffset, material);
-    sectorCipherFor(areaSpec, slotKey, name).decrypt(material, 0);
-    const vk = afMerge(afHash, material, keySize, stripes);
+    attempts.push(async () => {
+      const slotKey = await derive();
+      const material = new Uint8Array(materialLen);
+      await reader.read(areaOffset, material);
+      sectorCipherFor(areaSpec, slotKey, name).decrypt(material, 0);
+      const vk = afMerge(afHash, material, keySize, stripes);
 
-    for (const [did, dv] of Object.entries(digests)) {
-      const d = j.obj(dv, `digest ${did}`);
-      const slotsOf = Array.isArray(d.keyslots) ? d.keyslots : [];
-      if (!slotsOf.includes(id)) continue;
-      if (j.str(d.type, `digest ${did} type`) !== 'pbkdf2') throw new UnsupportedError(`${name}: LUKS2 digest type is not supported`);
-      const hash = j.str(d.hash, `digest ${did} hash`);
-      if (!isHash(hash)) throw new UnsupportedError(`${name}: LUKS2 hash ${hash} is not supported`);
-      const want = j.b64(d.digest, `digest ${did} digest`);
-      if (want.length === 0 || want.length > 64) j.bad(`digest ${did} has a bad length`);
-      const got = await pbkdf2(hash, vk, j.b64(d.salt, `digest ${did} salt`), j.int(d.iterations, `digest ${did} iterations`, MAX_PBKDF2_ITER), want.length);
-      if (!crypto.timingSafeEqual(got, want)) continue;
-      const segIds = (Array.isArray(d.segments) ? d.segments : []).filter((s): s is string => typeof s === 'string');
-      return segmentVolume(j, segments, segIds, vk, bin.uuid, name);
-    }
+      for (const [did, dv] of Object.entries(digests)) {
+        const d = j.obj(dv, `digest ${did}`);
+        const slotsOf = Array.isArray(d.keyslots) ? d.keyslots : [];
+        if (!slotsOf.includes(id)) continue;
+        if (j.str(d.type, `digest ${did} type`) !== 'pbkdf2') throw new UnsupportedError(`${name}: LUKS2 digest type is not supported`);
+        const hash = j.str(d.hash, `digest ${did} hash`);
+        if (!isHash(hash)) throw new UnsupportedError(`${name}: LUKS2 hash ${hash} is not supported`);
+        const want = j.b64(d.digest, `digest ${did} digest`);
+        if (want.length === 0 || want.length > 64) j.bad(`digest ${did} has a bad length`);
+        const got = await pbkdf2(hash, vk, j.b64(d.salt, `digest ${did} salt`), j.int(d.iterations, `digest ${did} iterations`, MAX_PBKDF2_ITER), want.length);
+        if (!crypto.timingSafeEqual(got, want)) continue;
+        const segIds = (Array.isArray(d.segments) ? d.segments : []).filter((s): s is string => typeof s === 'string');
+        return segmentVolume(j, segments, segIds, vk, bin.uuid, name);
+      }
+      return undefined;
+    });
+  }
+  budget.check();
+  for (const attempt of attempts) {
+    const v = await attempt();
+    if (v) return v;
   }
   return undefined;
 }

@@ -3,13 +3,14 @@
 // and L2 tables go at the end of the file, cluster aligned; each is written whole
 // (copied from what the guest saw before) before the L2 or L1 entry points at it.
 import zlib from 'node:zlib';
+import { MetadataRanges } from '../metadata-ranges.js';
 import { LRUCache } from 'lru-cache';
 import type { BlockNode, Extent, HasBacking } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import { mappedStatus, pushRun, readMapped, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
-import { COMPRESSED, type QcowHeader } from './header.js';
+import { COMPRESSED, HEADER_BYTES, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
 
 export interface QcowNodeOptions {
@@ -47,6 +48,8 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   /** The last cluster decompressed (QEMU's cluster_cache). */
   private inflated: { host: number; data: Buffer } | undefined;
   private closed = false;
+  /** Header and L1 table: no guest data may be written there. */
+  readonly metadata: MetadataRanges;
 
   constructor(o: QcowNodeOptions) {
     this.file = o.file;
@@ -62,6 +65,9 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     this.cipher = o.cipher;
     this.barriers = o.barriers;
     this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
+    this.metadata = new MetadataRanges(o.file.name)
+      .add(0, HEADER_BYTES, 'qcow header')
+      .add(this.l1Offset, this.l1.length * 8, 'qcow L1 table');
   }
 
   get name(): string {
@@ -213,6 +219,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
         }
         const a = Math.max(pos, (first + i) * cs);
         const b = Math.min(end, (first + j) * cs);
+        this.metadata.assertNoOverlap(w.host + (a - (first + i) * cs), b - a, `qcow cluster ${first + i}`);
         await this.file.write(w.host + (a - (first + i) * cs), this.sealed(data.subarray(a - pos, b - pos), a));
         i = j;
         continue;
@@ -227,6 +234,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
       const to = Math.min(end, (first + j) * cs);
       buf.set(data.subarray(from - pos, to - pos), from - g0);
       const host = this.allocate();
+      this.metadata.assertNoOverlap(host, buf.length, `new qcow cluster ${first + i}`);
       await this.file.write(host, this.sealed(buf, g0));
       for (let k = i; k < j; k++) updates.push({ gc: first + k, host: host + (k - i) * cs });
       i = j;

@@ -1,5 +1,6 @@
 // The vpc (VHD) driver: probe, open, create (QEMU 7.2's block/vpc.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
+import { MetadataRanges } from '../metadata-ranges.js';
 import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
 import { AlignFilter } from '../../filters/align.js';
 import {
@@ -107,6 +108,10 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     bitmapSize,
     freeOffset,
     barriers,
+    metadata: new MetadataRanges(name)
+      .add(0, FOOTER_SIZE, 'VHD footer copy')
+      .add(Number(footer.dataOffset), DYN_HEADER_SIZE, 'VHD dynamic header')
+      .add(batOffset, batBytes, 'VHD BAT'),
   });
   return new AlignFilter(node, SECTOR);
 }

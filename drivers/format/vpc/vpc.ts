@@ -4,6 +4,7 @@
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
+import type { MetadataRanges } from '../metadata-ranges.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { FOOTER_SIZE } from './footer.js';
@@ -57,6 +58,8 @@ export interface VpcDynamicOptions {
   /** Where the next block goes: past the BAT and every allocated block. */
   freeOffset: number;
   barriers: boolean;
+  /** Footer copy, dynamic header and BAT: no guest data may be written there. */
+  metadata: MetadataRanges;
 }
 
 export class VpcDynamicNode implements BlockNode, Mapper {
@@ -77,8 +80,10 @@ export class VpcDynamicNode implements BlockNode, Mapper {
    * Virtual PC never takes written sectors for unused ones.
    */
   private readonly bitmapSet = new Set<number>();
+  readonly metadata: MetadataRanges;
 
   constructor(o: VpcDynamicOptions) {
+    this.metadata = o.metadata;
     this.file = o.file;
     this.size = o.size;
     this.readOnly = o.readOnly;
@@ -142,6 +147,8 @@ export class VpcDynamicNode implements BlockNode, Mapper {
       if (host === undefined) {
         await this.allocate(idx, inBlock, data);
       } else {
+        // The block's bitmap and its data, as the BAT entry places them.
+        this.metadata.assertNoOverlap(host - this.bitmapSize, this.bitmapSize + this.blockSize, `VHD block ${idx}`);
         if (!this.bitmapSet.has(idx)) {
           await this.file.write(host - this.bitmapSize, Buffer.alloc(this.bitmapSize, 0xff));
           await this.barrier();
@@ -162,6 +169,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const start = this.freeOffset;
     const next = start + this.bitmapSize + this.blockSize;
     if (next / 512 > BAT_UNUSED) throw new CorruptImageError(`${this.name}: VHD is full (block offsets are 32-bit sector numbers)`);
+    this.metadata.assertNoOverlap(start, this.bitmapSize + this.blockSize, `new VHD block ${idx}`);
     const bitmap = Buffer.alloc(this.bitmapSize, 0xff);
     if (this.file.size > start + FOOTER_SIZE) {
       // Something lies past the footer: the unwritten part of the block would not read as zeros.
