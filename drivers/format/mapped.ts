@@ -10,7 +10,15 @@ import type { MetadataRanges } from './metadata-ranges.js';
 
 export type MappedRun =
   /** The guest bytes are at `host` in `file` (the image's file unless an extent says otherwise). */
-  | { kind: 'data'; offset: number; length: number; host: number; file?: BlockNode }
+  | {
+      kind: 'data';
+      offset: number;
+      length: number;
+      host: number;
+      file?: BlockNode;
+      /** Metadata of `file` a write here must not overlap (else the mapper's, for the image's file). */
+      metadata?: MetadataRanges;
+    }
   | { kind: 'zero'; offset: number; length: number }
   /** Not in this layer: the backing node answers, or zeros. */
   | { kind: 'unallocated'; offset: number; length: number }
@@ -102,7 +110,9 @@ export async function writeInPlace(mapper: Mapper, defaultFile: BlockNode, offse
   const runs = await mapper.mapRange(offset, src.length);
   if (!runs.every((r) => r.kind === 'data')) return false;
   for (const r of runs) {
-    if (r.kind === 'data' && (r.file === undefined || r.file === defaultFile)) mapper.metadata?.assertNoOverlap(r.host, r.length, `guest offset 0x${r.offset.toString(16)}`);
+    if (r.kind !== 'data') continue;
+    const guard = r.metadata ?? (r.file === undefined || r.file === defaultFile ? mapper.metadata : undefined);
+    guard?.assertNoOverlap(r.host, r.length, `guest offset 0x${r.offset.toString(16)}`);
   }
   await Promise.all(runs.map((r) => (r.kind === 'data' ? (r.file ?? defaultFile).write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
   return true;

@@ -92,6 +92,12 @@ export class PagedTable {
     return pg.view.getUint32((index - pg.first) * 4, true);
   }
 
+  /** For tables stored big-endian (vpc's BAT). */
+  async u32be(index: number): Promise<number> {
+    const pg = await this.page(index);
+    return pg.view.getUint32((index - pg.first) * 4, false);
+  }
+
   async u64(index: number): Promise<bigint> {
     const pg = await this.page(index);
     return pg.view.getBigUint64((index - pg.first) * 8, true);

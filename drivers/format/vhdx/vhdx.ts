@@ -194,6 +194,8 @@ export class VhdxNode implements BlockNode, Mapper {
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    // A BAT entry that is corrupt (or points at metadata) fails here, before the headers change.
+    await this.mapRange(offset, src.length);
     await this.firstWrite();
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));

@@ -220,7 +220,7 @@ export class SparseExtent implements VmdkExtent {
           if (e.host + inGrain + n > this.file.size) {
             throw new CorruptImageError(`${this.name}: VMDK grain at 0x${e.host.toString(16)} (guest 0x${offset.toString(16)}) lies outside the file`);
           }
-          out.push({ kind: 'data', offset, length: n, host: e.host + inGrain, file: this.file });
+          out.push({ kind: 'data', offset, length: n, host: e.host + inGrain, file: this.file, metadata: this.metadata });
         } else if (e.kind === 'compressed') {
           const host = e.host;
           out.push({ kind: 'custom', offset, length: n, read: (dst) => this.readCompressed(host, inGrain, dst) });

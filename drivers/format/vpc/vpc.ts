@@ -5,6 +5,7 @@ import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
+import type { PagedTable } from '../table-pages.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../qcow2/mutex.js';
 import { FOOTER_SIZE } from './footer.js';
@@ -51,7 +52,7 @@ export interface VpcDynamicOptions {
   readOnly: boolean;
   /** The footer as on disk (rewritten at the end of the file as it grows). */
   footer: Uint8Array;
-  bat: Uint32Array;
+  bat: PagedTable;
   batOffset: number;
   blockSize: number;
   bitmapSize: number;
@@ -67,7 +68,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
   readonly readOnly: boolean;
   private readonly file: BlockNode;
   private readonly footer: Uint8Array;
-  private readonly bat: Uint32Array;
+  private readonly bat: PagedTable;
   private readonly batOffset: number;
   private readonly blockSize: number;
   private readonly bitmapSize: number;
@@ -100,9 +101,15 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     return this.file.name;
   }
 
-  private blockHost(idx: number): number | undefined {
-    const e = idx < this.bat.length ? this.bat[idx]! : BAT_UNUSED;
-    return e === BAT_UNUSED ? undefined : e * 512 + this.bitmapSize;
+  /** Host offset of block idx's data, undefined when unallocated; checked as it is used. */
+  private async blockHost(idx: number): Promise<number | undefined> {
+    const e = idx < this.bat.entries ? await this.bat.u32be(idx) : BAT_UNUSED;
+    if (e === BAT_UNUSED) return undefined;
+    const host = e * 512 + this.bitmapSize;
+    if (host + this.blockSize > this.file.size) {
+      throw new CorruptImageError(`${this.name}: VHD block ${idx} at 0x${(e * 512).toString(16)} points past the end of the file; the image has been truncated`);
+    }
+    return host;
   }
 
   async mapRange(offset: number, length: number): Promise<MappedRun[]> {
@@ -113,7 +120,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
       const idx = Math.floor(pos / this.blockSize);
       const inBlock = pos - idx * this.blockSize;
       const n = Math.min(end - pos, this.blockSize - inBlock);
-      const host = this.blockHost(idx);
+      const host = await this.blockHost(idx);
       if (host === undefined) runs.push({ kind: 'zero', offset: pos, length: n });
       else runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
       pos += n;
@@ -130,7 +137,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + src.length - 1) / this.blockSize);
     let ready = true;
-    for (let i = first; i <= last && ready; i++) ready = this.blockHost(i) !== undefined && this.bitmapSet.has(i);
+    for (let i = first; i <= last && ready; i++) ready = (await this.blockHost(i)) !== undefined && this.bitmapSet.has(i);
     if (ready && (await writeInPlace(this, this.file, offset, src))) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
@@ -143,7 +150,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
       const inBlock = pos - idx * this.blockSize;
       const n = Math.min(end - pos, this.blockSize - inBlock);
       const data = src.subarray(pos - offset, pos - offset + n);
-      const host = this.blockHost(idx);
+      const host = await this.blockHost(idx);
       if (host === undefined) {
         await this.allocate(idx, inBlock, data);
       } else {
@@ -186,7 +193,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const entry = Buffer.alloc(4);
     entry.writeUInt32BE(start / 512, 0);
     await this.file.write(this.batOffset + idx * 4, entry);
-    this.bat[idx] = start / 512;
+    this.bat.patch(idx, entry);
     this.freeOffset = next;
     this.bitmapSet.add(idx);
   }
