@@ -14,13 +14,16 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 
 describe('metadata ranges', () => {
-  it('merges touching ranges and finds overlaps at both edges', () => {
+  it('keeps touching ranges apart, merges overlapping ones, and finds overlaps at both edges', () => {
     const m = new MetadataRanges('img').add(0, 512, 'header').add(4096, 4096, 'table').add(512, 512, 'more');
     expect(m.overlap(1024, 3072)).to.equal(undefined);
-    expect(m.overlap(1023, 1)).to.equal('header, more');
+    expect(m.overlap(1023, 1)).to.equal('more');
+    expect(m.overlap(511, 2)).to.equal('header');
     expect(m.overlap(8191, 100)).to.equal('table');
     expect(m.overlap(8192, 100)).to.equal(undefined);
     expect(m.overlap(0, 0)).to.equal(undefined);
+    m.add(8000, 300, 'overlapping');
+    expect(m.overlap(8250, 1)).to.equal('table, overlapping');
     expect(() => m.assertNoOverlap(4000, 200, 'guest offset 0x0'))
       .to.throw(CorruptImageError, /^img: preventing invalid write on metadata: guest offset 0x0 maps to 0xfa0\+0xc8, which overlaps the table; the image is corrupt$/);
   });
@@ -43,7 +46,8 @@ describe('table entries pointing at metadata: a write there fails with EIO and c
     return b;
   }
 
-  const cases: { format: string; what: string; make: (f: string) => Promise<void>; says: RegExp }[] = [
+  /** qemuOpens: false where QEMU itself refuses the damaged image (vhdx checks its whole BAT at open). */
+  const cases: { format: string; what: string; make: (f: string) => Promise<void>; says: RegExp; qemuOpens?: false }[] = [
     {
       format: 'vdi',
       what: 'a data offset of 0, so block 0 maps onto the header',
@@ -65,6 +69,7 @@ describe('table entries pointing at metadata: a write there fails with EIO and c
         patch(f, batAt, u64le((BigInt(batAt) << 0n) | 6n));
       },
       says: /VHDX BAT entry 0 \(0x200000\) overlaps the image metadata/,
+      qemuOpens: false,
     },
     {
       format: 'qed',
@@ -112,8 +117,10 @@ describe('table entries pointing at metadata: a write there fails with EIO and c
       expect((err as Error).message).to.match(c.says);
       expect((err as Error).message.startsWith(f)).to.equal(true);
       expect(await md5File(f), 'the image file is unchanged').to.equal(before);
-      const info = await run('qemu-img', ['info', '-f', c.format, f]);
-      expect(info.code, info.stderr).to.equal(0);
+      if (c.qemuOpens !== false) {
+        const info = await run('qemu-img', ['info', '-f', c.format, f]);
+        expect(info.code, info.stderr).to.equal(0);
+      }
     });
   }
 

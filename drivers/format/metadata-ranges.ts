@@ -9,7 +9,7 @@ import { CorruptImageError } from '../errors.js';
 const debug = createDebug('tsmount:overlap');
 
 export class MetadataRanges {
-  /** Sorted by start, disjoint (touching or overlapping ranges are merged). */
+  /** Sorted by start, disjoint (overlapping ranges are merged; touching ones keep their names). */
   private starts: number[] = [];
   private ends: number[] = [];
   private whats: string[] = [];
@@ -24,18 +24,13 @@ export class MetadataRanges {
     let end = offset + length;
     let i = this.firstEndingAfter(start);
     let label = what;
-    // Swallow every range this one touches.
+    // Swallow every range this one overlaps.
     let j = i;
-    while (j < this.starts.length && this.starts[j]! <= end) {
+    while (j < this.starts.length && this.starts[j]! < end) {
       start = Math.min(start, this.starts[j]!);
       end = Math.max(end, this.ends[j]!);
       if (this.whats[j] !== what) label = `${this.whats[j]!}, ${label}`;
       j++;
-    }
-    if (i > 0 && this.ends[i - 1]! === start) {
-      i--;
-      start = this.starts[i]!;
-      label = `${this.whats[i]!}, ${label}`;
     }
     this.starts.splice(i, j - i, start);
     this.ends.splice(i, j - i, end);
