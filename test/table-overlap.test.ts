@@ -25,7 +25,7 @@ describe('metadata ranges', () => {
     m.add(8000, 300, 'overlapping');
     expect(m.overlap(8250, 1)).to.equal('table, overlapping');
     expect(() => m.assertNoOverlap(4000, 200, 'guest offset 0x0'))
-      .to.throw(CorruptImageError, /^img: preventing invalid write on metadata: guest offset 0x0 maps to 0xfa0\+0xc8, which overlaps the table; the image is corrupt$/);
+      .to.throw(CorruptImageError, /^img: preventing invalid write on metadata: guest offset 0x0 maps to 0xfa0\+0xc8, which overlaps the table, overlapping; the image is corrupt$/);
   });
 });
 
