@@ -84,6 +84,31 @@ describe('table entries pointing at metadata: a write there fails with EIO and c
       says: /preventing invalid write on metadata: .*overlaps the qed L1 table/,
     },
     {
+      format: 'qcow',
+      what: 'an L2 entry pointing at its own L2 table',
+      make: async (f) => {
+        await createImage(f, 'qcow', '4M');
+        await qemuIo(f, 'qcow', ['write -P 0x11 0 4k']);
+        const l1 = Number(readBytes(f, 40, 8).readBigUInt64BE(0));
+        const l2 = readBytes(f, l1, 8);
+        patch(f, Number(l2.readBigUInt64BE(0)), l2);
+      },
+      says: /preventing invalid write on metadata: .*overlaps the qcow L2 table/,
+    },
+    {
+      format: 'vpc',
+      what: 'a BAT entry pointing at the dynamic header and the BAT',
+      make: async (f) => {
+        await createImage(f, 'vpc', '8M');
+        await qemuIo(f, 'vpc', ['write -P 0x11 0 64k']);
+        const bat = Number(readBytes(f, 512 + 16, 8).readBigUInt64BE(0));
+        const e = Buffer.alloc(4);
+        e.writeUInt32BE(1);
+        patch(f, bat, e);
+      },
+      says: /preventing invalid write on metadata: .*overlaps the VHD dynamic header/,
+    },
+    {
       format: 'vmdk',
       what: 'a grain table entry pointing at the grain directory',
       make: async (f) => {

@@ -98,6 +98,12 @@ export class PagedTable {
     return pg.view.getUint32((index - pg.first) * 4, false);
   }
 
+  /** For tables stored big-endian (qcow's L1). */
+  async u64be(index: number): Promise<bigint> {
+    const pg = await this.page(index);
+    return pg.view.getBigUint64((index - pg.first) * 8, false);
+  }
+
   async u64(index: number): Promise<bigint> {
     const pg = await this.page(index);
     return pg.view.getBigUint64((index - pg.first) * 8, true);

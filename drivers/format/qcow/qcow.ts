@@ -4,6 +4,7 @@
 // (copied from what the guest saw before) before the L2 or L1 entry points at it.
 import zlib from 'node:zlib';
 import { MetadataRanges } from '../metadata-ranges.js';
+import type { PagedTable } from '../table-pages.js';
 import { LRUCache } from 'lru-cache';
 import type { BlockNode, Extent, HasBacking } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
@@ -16,7 +17,8 @@ import type { QcowCipher } from './crypto.js';
 export interface QcowNodeOptions {
   file: BlockNode;
   header: QcowHeader;
-  l1: number[];
+  /** The L1 table, read a page at a time as needed. */
+  l1: PagedTable;
   readOnly: boolean;
   backing: BlockNode | undefined;
   cipher: QcowCipher | undefined;
@@ -39,7 +41,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   private readonly clusterBits: number;
   private readonly l2Entries: number;
   private readonly l2Span: number;
-  private readonly l1: number[];
+  private readonly l1: PagedTable;
   private readonly l1Offset: number;
   private readonly cipher: QcowCipher | undefined;
   private readonly barriers: boolean;
@@ -67,7 +69,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
     this.metadata = new MetadataRanges(o.file.name)
       .add(0, HEADER_BYTES, 'qcow header')
-      .add(this.l1Offset, this.l1.length * 8, 'qcow L1 table');
+      .add(this.l1Offset, this.l1.entries * 8, 'qcow L1 table');
   }
 
   get name(): string {
@@ -105,10 +107,18 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     return { kind: 'data', host };
   }
 
+  /** L1 entry l1i: an L2 table offset, 0 when none. */
+  private async l1Entry(l1i: number): Promise<number> {
+    if (l1i >= this.l1.entries) return 0;
+    const v = await this.l1.u64be(l1i);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw this.corrupt(`qcow L1 entry ${l1i} (0x${v.toString(16)}) is out of range`);
+    return Number(v);
+  }
+
   /** Where guest clusters [first, first + count) live; count stays inside one L2 table. */
   private async lookup(first: number, count: number): Promise<Where[]> {
     const l1i = Math.floor(first / this.l2Entries);
-    const l2Offset = this.l1[l1i] ?? 0;
+    const l2Offset = await this.l1Entry(l1i);
     if (l2Offset === 0) return new Array<Where>(count).fill({ kind: 'unallocated' });
     const table = await this.l2Table(l2Offset);
     const out: Where[] = [];
@@ -219,7 +229,11 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
         }
         const a = Math.max(pos, (first + i) * cs);
         const b = Math.min(end, (first + j) * cs);
-        this.metadata.assertNoOverlap(w.host + (a - (first + i) * cs), b - a, `qcow cluster ${first + i}`);
+        const at = w.host + (a - (first + i) * cs);
+        this.metadata.assertNoOverlap(at, b - a, `qcow cluster ${first + i}`);
+        // Nor on the L2 table that maps it.
+        const l2 = await this.l1Entry(Math.floor(first / this.l2Entries));
+        new MetadataRanges(this.name).add(l2, l2 === 0 ? 0 : this.l2Entries * 8, 'qcow L2 table').assertNoOverlap(at, b - a, `qcow cluster ${first + i}`);
         await this.file.write(w.host + (a - (first + i) * cs), this.sealed(data.subarray(a - pos, b - pos), a));
         i = j;
         continue;
@@ -266,7 +280,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   /** Point L2 entries at new clusters; a missing L2 table is written whole before the L1 entry. */
   private async setEntries(updates: { gc: number; host: number }[]): Promise<void> {
     const l1i = Math.floor(updates[0]!.gc / this.l2Entries);
-    let l2Offset = this.l1[l1i] ?? 0;
+    let l2Offset = await this.l1Entry(l1i);
     const encode = (u: { host: number }): Buffer => {
       const b = Buffer.alloc(8);
       b.writeBigUInt64BE(BigInt(u.host));
@@ -280,8 +294,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
       if (this.barriers) await this.file.flush();
       const e = Buffer.alloc(8);
       e.writeBigUInt64BE(BigInt(l2Offset));
-      await this.file.write(this.l1Offset + l1i * 8, e);
-      this.l1[l1i] = l2Offset;
+      await this.l1.write(l1i, e);
       this.l2Cache.set(l2Offset, table);
       return;
     }
