@@ -7,7 +7,9 @@ import { constants } from 'node:os';
 import path from 'node:path';
 import { CorruptImageError, TsmountError } from '../drivers/errors.js';
 import { MetadataRanges } from '../drivers/format/metadata-ranges.js';
+import fs from 'node:fs';
 import { createImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
+import { MountTracker } from './helpers/mount.js';
 import { openTestImage, patch, readBytes } from './helpers/images.js';
 
 const KiB = 1024;
@@ -148,6 +150,29 @@ describe('table entries pointing at metadata: a write there fails with EIO and c
       }
     });
   }
+
+  describe('through a --rw mount', () => {
+    const mounts = new MountTracker();
+    afterEach(() => mounts.cleanup());
+
+    it('vdi: the guest write fails with EIO, the log says why, the image is unchanged', async () => {
+      const f = path.join(t.dir, 'mounted.vdi');
+      await createImage(f, 'vdi', '4M');
+      await qemuIo(f, 'vdi', ['write -P 0x11 0 1M']);
+      patch(f, 0x158, u32le(0));
+      const before = await md5File(f);
+      const mp = path.join(t.dir, 'mnt');
+      fs.mkdirSync(mp, { recursive: true });
+      const log = path.join(t.dir, 'server.log');
+      await mounts.mount(['--rw', '--log', log, f, mp]);
+      const w = await run('dd', ['if=/dev/zero', `of=${path.join(mp, 'mounted.raw')}`, 'bs=4096', 'count=1', 'conv=notrunc,fsync', 'status=none'], { timeoutMs: 60_000 });
+      expect(w.code).to.not.equal(0);
+      expect(w.stderr).to.match(/Input\/output error/);
+      await mounts.unmount(mp);
+      expect(fs.readFileSync(log, 'utf8')).to.match(/mounted\.vdi.*preventing invalid write on metadata.*VDI header/);
+      expect(await md5File(f)).to.equal(before);
+    });
+  });
 
   it('writes to blocks that are where they should be still work (vdi, 1 MiB in place and a new block)', async () => {
     const f = path.join(t.dir, 'good.vdi');
