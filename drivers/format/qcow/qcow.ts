@@ -66,7 +66,8 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     this.l1Offset = o.header.l1TableOffset;
     this.cipher = o.cipher;
     this.barriers = o.barriers;
-    this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
+    // Three quarters of the metadata budget; the L1 pages have the rest (index.ts).
+    this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor((o.metadataCacheBytes * 3) / 4 / (this.l2Entries * 8))) });
     this.metadata = new MetadataRanges(o.file.name)
       .add(0, HEADER_BYTES, 'qcow header')
       .add(this.l1Offset, this.l1.entries * 8, 'qcow L1 table');
