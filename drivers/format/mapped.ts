@@ -9,10 +9,19 @@ import { readFromBacking } from './backing.js';
 import createDebug from 'debug';
 
 const debug = createDebug('tsmount:map');
+import type { MetadataRanges } from './metadata-ranges.js';
 
 export type MappedRun =
   /** The guest bytes are at `host` in `file` (the image's file unless an extent says otherwise). */
-  | { kind: 'data'; offset: number; length: number; host: number; file?: BlockNode }
+  | {
+      kind: 'data';
+      offset: number;
+      length: number;
+      host: number;
+      file?: BlockNode;
+      /** Metadata of `file` a write here must not overlap (else the mapper's, for the image's file). */
+      metadata?: MetadataRanges;
+    }
   | { kind: 'zero'; offset: number; length: number }
   /** Not in this layer: the backing node answers, or zeros. */
   | { kind: 'unallocated'; offset: number; length: number }
@@ -22,6 +31,8 @@ export type MappedRun =
 export interface Mapper {
   /** Runs covering exactly [offset, offset + length), in order, without gaps. */
   mapRange(offset: number, length: number): Promise<MappedRun[]>;
+  /** The image file's metadata, which no data run written in place may overlap. */
+  readonly metadata?: MetadataRanges;
 }
 
 /** Read [offset, offset + dst.length) through a mapper. */
@@ -102,6 +113,11 @@ export function pushRun(out: MappedRun[], run: MappedRun): void {
 export async function writeInPlace(mapper: Mapper, defaultFile: BlockNode, offset: number, src: Uint8Array): Promise<boolean> {
   const runs = await mapper.mapRange(offset, src.length);
   if (!runs.every((r) => r.kind === 'data')) return false;
+  for (const r of runs) {
+    if (r.kind !== 'data') continue;
+    const guard = r.metadata ?? (r.file === undefined || r.file === defaultFile ? mapper.metadata : undefined);
+    guard?.assertNoOverlap(r.host, r.length, `guest offset 0x${r.offset.toString(16)}`);
+  }
   await Promise.all(runs.map((r) => (r.kind === 'data' ? (r.file ?? defaultFile).write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
   return true;
 }

@@ -1,10 +1,18 @@
-// A set of byte ranges of an image file that hold metadata, each with what it is,
-// for overlap checks before a write (QEMU's qcow2_check_metadata_overlap, done with
-// a binary search instead of QEMU's walk over every table). Formats keep it up to
-// date as tables are allocated and freed, and ask find() before writing data.
+// Where an image keeps its own metadata (header, tables, BAT, grain directories),
+// each range with what it is, so that a data write whose host offset came from a
+// table entry can be refused when it would land on them: a corrupt or hostile entry
+// pointing at the header must not let a guest write overwrite it (QEMU's
+// qcow2_check_metadata_overlap, "Preventing invalid write on metadata", done with a
+// binary search instead of QEMU's walk over every table). One instance per image
+// file, for every format with tables; formats keep it up to date as tables are
+// allocated and freed.
 //
 // Ranges may overlap each other (a corrupt image) and may repeat (two table entries
 // naming one cluster): it is a multiset, remove() takes away one copy.
+import createDebug from 'debug';
+import { CorruptImageError } from '../errors.js';
+
+const debug = createDebug('tsmount:overlap');
 
 export interface MetadataRange {
   offset: number;
@@ -19,6 +27,9 @@ export class MetadataRanges {
   /** maxEnd[i]: the largest end among ranges[0..i], so a search can stop early. */
   private maxEnd: number[] = [];
 
+  /** `name` is the image, for messages. */
+  constructor(private readonly name = '') {}
+
   get count(): number {
     return this.ranges.length;
   }
@@ -30,12 +41,14 @@ export class MetadataRanges {
     this.recompute(0);
   }
 
-  add(offset: number, length: number, what: string): void {
-    if (length <= 0) return;
+  /** [offset, offset + length) holds `what`; empty ranges are ignored. */
+  add(offset: number, length: number, what: string): this {
+    if (length <= 0) return this;
     const i = this.upperBound(offset);
     this.ranges.splice(i, 0, { offset, length, what });
     this.maxEnd.splice(i, 0, 0);
     this.recompute(i);
+    return this;
   }
 
   /** Remove one range that starts at `offset` and holds `what`; false if there is none. */
@@ -66,6 +79,31 @@ export class MetadataRanges {
       if (r.offset + r.length > offset && r.offset < end && !(ignore && ignore.includes(r.what))) return r;
     }
     return undefined;
+  }
+
+  /** What [offset, offset + length) overlaps, every kind once in file order ("L2 table, header"), or undefined. */
+  overlap(offset: number, length: number): string | undefined {
+    if (length <= 0) return undefined;
+    const end = offset + length;
+    const hits: MetadataRange[] = [];
+    for (let i = this.upperBound(end - 1) - 1; i >= 0 && this.maxEnd[i]! > offset; i--) {
+      const r = this.ranges[i]!;
+      if (r.offset + r.length > offset && r.offset < end) hits.push(r);
+    }
+    if (hits.length === 0) return undefined;
+    return [...new Set(hits.reverse().map((r) => r.what))].join(', ');
+  }
+
+  /**
+   * Refuse (EIO) a data write of `length` bytes at host `offset` that would land on
+   * metadata; `what` says which guest data it is, for the message and the log.
+   */
+  assertNoOverlap(offset: number, length: number, what: string): void {
+    const hit = this.overlap(offset, length);
+    if (hit === undefined) return;
+    const msg = `${this.name}: preventing invalid write on metadata: ${what} maps to 0x${offset.toString(16)}+0x${length.toString(16)}, which overlaps the ${hit}; the image is corrupt`;
+    debug(msg);
+    throw new CorruptImageError(msg);
   }
 
   /** Index of the first range with offset > x. */

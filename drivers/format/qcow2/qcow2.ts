@@ -39,7 +39,7 @@ export interface Qcow2NodeOptions {
   view?: boolean;
   /** The snapshot name, for a view (used in its name). */
   viewName?: string;
-  /** Encrypted data clusters (requests then arrive 512-byte aligned, through AlignFilter). */
+  /** Encrypted data clusters (requests then arrive 512-byte aligned: requestAlignment). */
   crypt?: DataCrypt;
   /** Runs once before the first change to the image (bitmaps, autoclear bits). */
   beforeFirstChange?: () => Promise<void>;

@@ -5,6 +5,7 @@
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { closeLayers, readFromBacking } from '../backing.js';
+import { MetadataRanges } from '../metadata-ranges.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../../util/mutex.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
@@ -40,6 +41,8 @@ export class QedNode implements BlockNode, Mapper {
   private fileEnd: number;
   private features: bigint;
   private closed = false;
+  /** Header and L1 table: no guest data may be written there. */
+  readonly metadata: MetadataRanges;
 
   constructor(o: QedNodeOptions) {
     this.file = o.file;
@@ -55,6 +58,9 @@ export class QedNode implements BlockNode, Mapper {
     this.barriers = o.barriers;
     this.fileEnd = Math.floor(o.file.size / this.cs) * this.cs;
     this.features = o.header.features;
+    this.metadata = new MetadataRanges(o.file.name)
+      .add(0, this.headerBytes, 'qed header')
+      .add(o.header.l1TableOffset, this.tableEntries * 8, 'qed L1 table');
   }
 
   get name(): string {
@@ -172,8 +178,12 @@ export class QedNode implements BlockNode, Mapper {
         for (let k = i; k < j; k++) {
           const a = Math.max(from, (first + k) * cs);
           const b = Math.min(to, (first + k + 1) * cs);
-          if (zero) await this.zeroFile(entries[k]! + (a % cs), b - a);
-          else await this.file.write(entries[k]! + (a % cs), part(a, b));
+          const at = entries[k]! + (a % cs);
+          // Nor on the L2 table that maps it.
+          new MetadataRanges(this.name).add(l2, this.tableEntries * 8, 'qed L2 table').assertNoOverlap(at, b - a, `qed cluster ${first + k}`);
+          this.metadata.assertNoOverlap(at, b - a, `qed cluster ${first + k}`);
+          if (zero) await this.zeroFile(at, b - a);
+          else await this.file.write(at, part(a, b));
         }
       } else if (zero) {
         // Whole clusters only reach here when zeroing: mark them as zero clusters.

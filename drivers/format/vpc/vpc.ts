@@ -4,6 +4,8 @@
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
+import type { MetadataRanges } from '../metadata-ranges.js';
+import type { PagedTable } from '../table-pages.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { Mutex } from '../../util/mutex.js';
 import { FOOTER_SIZE, SECTOR } from './footer.js';
@@ -50,13 +52,15 @@ export interface VpcDynamicOptions {
   readOnly: boolean;
   /** The footer as on disk (rewritten at the end of the file as it grows). */
   footer: Uint8Array;
-  bat: Uint32Array;
+  bat: PagedTable;
   batOffset: number;
   blockSize: number;
   bitmapSize: number;
   /** Where the next block goes: past the BAT and every allocated block. */
   freeOffset: number;
   barriers: boolean;
+  /** Footer copy, dynamic header and BAT: no guest data may be written there. */
+  metadata: MetadataRanges;
 }
 
 export class VpcDynamicNode implements BlockNode, Mapper {
@@ -66,7 +70,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
   readonly readOnly: boolean;
   private readonly file: BlockNode;
   private readonly footer: Uint8Array;
-  private readonly bat: Uint32Array;
+  private readonly bat: PagedTable;
   private readonly batOffset: number;
   private readonly blockSize: number;
   private readonly bitmapSize: number;
@@ -79,8 +83,10 @@ export class VpcDynamicNode implements BlockNode, Mapper {
    * Virtual PC never takes written sectors for unused ones.
    */
   private readonly bitmapSet = new Set<number>();
+  readonly metadata: MetadataRanges;
 
   constructor(o: VpcDynamicOptions) {
+    this.metadata = o.metadata;
     this.file = o.file;
     this.size = o.size;
     this.readOnly = o.readOnly;
@@ -97,9 +103,15 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     return this.file.name;
   }
 
-  private blockHost(idx: number): number | undefined {
-    const e = idx < this.bat.length ? this.bat[idx]! : BAT_UNUSED;
-    return e === BAT_UNUSED ? undefined : e * 512 + this.bitmapSize;
+  /** Host offset of block idx's data, undefined when unallocated; checked as it is used. */
+  private async blockHost(idx: number): Promise<number | undefined> {
+    const e = idx < this.bat.entries ? await this.bat.u32be(idx) : BAT_UNUSED;
+    if (e === BAT_UNUSED) return undefined;
+    const host = e * 512 + this.bitmapSize;
+    if (host + this.blockSize > this.file.size) {
+      throw new CorruptImageError(`${this.name}: VHD block ${idx} at 0x${(e * 512).toString(16)} points past the end of the file; the image has been truncated`);
+    }
+    return host;
   }
 
   async mapRange(offset: number, length: number): Promise<MappedRun[]> {
@@ -110,7 +122,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
       const idx = Math.floor(pos / this.blockSize);
       const inBlock = pos - idx * this.blockSize;
       const n = Math.min(end - pos, this.blockSize - inBlock);
-      const host = this.blockHost(idx);
+      const host = await this.blockHost(idx);
       if (host === undefined) runs.push({ kind: 'zero', offset: pos, length: n });
       else runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
       pos += n;
@@ -126,7 +138,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + src.length - 1) / this.blockSize);
     let ready = true;
-    for (let i = first; i <= last && ready; i++) ready = this.blockHost(i) !== undefined && this.bitmapSet.has(i);
+    for (let i = first; i <= last && ready; i++) ready = (await this.blockHost(i)) !== undefined && this.bitmapSet.has(i);
     if (ready && (await writeInPlace(this, this.file, offset, src))) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
@@ -139,10 +151,12 @@ export class VpcDynamicNode implements BlockNode, Mapper {
       const inBlock = pos - idx * this.blockSize;
       const n = Math.min(end - pos, this.blockSize - inBlock);
       const data = src.subarray(pos - offset, pos - offset + n);
-      const host = this.blockHost(idx);
+      const host = await this.blockHost(idx);
       if (host === undefined) {
         await this.allocate(idx, inBlock, data);
       } else {
+        // The block's bitmap and its data, as the BAT entry places them.
+        this.metadata.assertNoOverlap(host - this.bitmapSize, this.bitmapSize + this.blockSize, `VHD block ${idx}`);
         if (!this.bitmapSet.has(idx)) {
           await this.file.write(host - this.bitmapSize, Buffer.alloc(this.bitmapSize, 0xff));
           await this.barrier();
@@ -163,6 +177,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const start = this.freeOffset;
     const next = start + this.bitmapSize + this.blockSize;
     if (next / 512 > BAT_UNUSED) throw new CorruptImageError(`${this.name}: VHD is full (block offsets are 32-bit sector numbers)`);
+    this.metadata.assertNoOverlap(start, this.bitmapSize + this.blockSize, `new VHD block ${idx}`);
     const bitmap = Buffer.alloc(this.bitmapSize, 0xff);
     if (this.file.size > start + FOOTER_SIZE) {
       // Something lies past the footer: the unwritten part of the block would not read as zeros.
@@ -179,7 +194,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const entry = Buffer.alloc(4);
     entry.writeUInt32BE(start / 512, 0);
     await this.file.write(this.batOffset + idx * 4, entry);
-    this.bat[idx] = start / 512;
+    this.bat.patch(idx, entry);
     this.freeOffset = next;
     this.bitmapSet.add(idx);
   }
