@@ -20,7 +20,7 @@ describe('metadata ranges', () => {
     const m = new MetadataRanges('img').add(0, 512, 'header').add(4096, 4096, 'table').add(512, 512, 'more');
     expect(m.overlap(1024, 3072)).to.equal(undefined);
     expect(m.overlap(1023, 1)).to.equal('more');
-    expect(m.overlap(511, 2)).to.equal('header');
+    expect(m.overlap(511, 2)).to.equal('header, more');
     expect(m.overlap(8191, 100)).to.equal('table');
     expect(m.overlap(8192, 100)).to.equal(undefined);
     expect(m.overlap(0, 0)).to.equal(undefined);
