@@ -14,7 +14,8 @@
 import fs from 'node:fs';
 import { openImage } from '../drivers/open.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
-import { run } from '../test/helpers/qemu.js';
+import { run } from './lib/qemu.js';
+import { median } from './lib/stats.js';
 import { Images } from './bench/images.js';
 import { GiB, MiB } from './bench/tools.js';
 
@@ -151,12 +152,6 @@ function warm(file: string): void {
     fs.closeSync(fd);
   }
 }
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((x, y) => x - y);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 async function main(): Promise<void> {
   const args = parse(process.argv.slice(2));
