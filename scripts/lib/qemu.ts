@@ -33,10 +33,10 @@ export function run(cmd: string, args: string[], opts: { cwd?: string; timeoutMs
  * with "Unable to get accurate CPU usage" (a known QEMU bug, fixed upstream in 2025);
  * seen several times in a row. Retry that one failure, a little apart; return the rest.
  */
-export async function runTimingPbkdf(cmd: string, args: string[], attempts = 40): Promise<RunResult> {
+export async function runTimingPbkdf(cmd: string, args: string[], attempts = 40, opts: { cwd?: string } = {}): Promise<RunResult> {
   let r: RunResult = { code: 1, stdout: '', stderr: '' };
   for (let i = 0; i < attempts; i++) {
-    r = await run(cmd, args);
+    r = await run(cmd, args, opts);
     if (r.code === 0 || !/accurate CPU usage/.test(r.stderr)) return r;
     await new Promise((res) => setTimeout(res, 50 * Math.min(i + 1, 10)));
   }
