@@ -13,26 +13,12 @@ import { formatDrivers } from '../drivers/format/index.js';
 import { formatOf } from '../drivers/open.js';
 import { imageInfo, md5File, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
-import { nodeMd5, openTestImage, pattern, tsimg } from './helpers/images.js';
+import { nodeMd5, openTestImage, tsimg, unalignedWrites } from './helpers/images.js';
 import { checkRef, compareRef, convertRef, formatTable, makeVariant, oracleMd5, qemuIoRef, type FormatEntry, type ImageRef } from './helpers/formats.js';
 import { exercise, withDeadline } from './helpers/corrupt.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** Writes at odd offsets and lengths: inside clusters and sectors, across them, and at the end of the disk. */
-function unalignedWrites(size: number): { offset: number; data: Buffer }[] {
-  const spots: [number, number][] = [
-    [1, 100],
-    [4095, 2],
-    [65536 - 7, 70000],
-    [MiB - 300, 600],
-    [3 * MiB + 12345, 200 * KiB + 3],
-    [size / 2 + 511, 513],
-    [size - 1000, 1000],
-  ];
-  return spots.filter(([o, l]) => o + l <= size).map(([offset, length], i) => ({ offset, data: pattern(length, i + 1) }));
-}
 
 /** fallocate ranges: punched (-p) and zeroed (-z), unaligned, over data and over nothing. */
 function holes(size: number): { mode: '-p' | '-z'; offset: number; length: number }[] {

@@ -10,25 +10,11 @@ import { formatOf } from '../drivers/open.js';
 import { TsmountError } from '../drivers/errors.js';
 import { checkImage, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { convertRef, formatTable, makeVariant as makeImage, oracleMd5 as refMd5 } from './helpers/formats.js';
-import { nodeMd5, openTestImage, patch, pattern, readBytes, TSIMG, tsimg } from './helpers/images.js';
+import { nodeMd5, openTestImage, patch, pattern, readBytes, TSIMG, tsimg, unalignedWrites } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SECRET = 'hunter2';
-
-/** Writes at odd offsets and lengths: inside clusters, across them, and at the end of the disk. */
-function unalignedWrites(size: number): { offset: number; data: Buffer }[] {
-  const spots: [number, number][] = [
-    [1, 100],
-    [4095, 2],
-    [65536 - 7, 70000],
-    [MiB - 300, 600],
-    [3 * MiB + 12345, 200 * KiB + 3],
-    [size / 2 + 511, 513],
-    [size - 1000, 1000],
-  ];
-  return spots.map(([offset, length], i) => ({ offset, data: pattern(length, i + 1) }));
-}
 
 /** The rows of test/helpers/formats.ts for these formats (their reads are in test/conformance.test.ts). */
 const variants = (['qed', 'qcow', 'vdi', 'parallels'] as const).flatMap((format) => {
