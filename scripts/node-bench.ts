@@ -20,7 +20,8 @@ import path from 'node:path';
 import os from 'node:os';
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
-import { run, runOk } from '../test/helpers/qemu.js';
+import { run, runOk } from './lib/qemu.js';
+import { median } from './lib/stats.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -212,11 +213,6 @@ async function runQemu(w: Workload, file: string, depth: number, count = w.count
   const c = /CPU ([0-9.]+) ([0-9.]+)/.exec(out);
   if (!m || !c) throw new Error(`qemu-img bench: unexpected output: ${out}`);
   return { wall: Number(m[1]), cpu: Number(c[1]) + Number(c[2]) };
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
 }
 
 function rate(w: Workload, secs: number): string {

@@ -13,7 +13,8 @@
 // request with the raw data the images were converted from.
 import fs from 'node:fs';
 import { openGraph } from '../drivers/open.js';
-import { run } from '../test/helpers/qemu.js';
+import { run } from './lib/qemu.js';
+import { median } from './lib/stats.js';
 import { Images } from './bench/images.js';
 import { GiB, MiB } from './bench/tools.js';
 
@@ -145,12 +146,6 @@ function warm(file: string): void {
     fs.closeSync(fd);
   }
 }
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((x, y) => x - y);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 async function main(): Promise<void> {
   const args = parse(process.argv.slice(2));

@@ -45,9 +45,11 @@ export class AlignFilter extends Filter {
     const a = this.align;
     if (offset % a === 0 && dst.length % a === 0) return this.next.read(offset, dst);
     const start = offset - (offset % a);
-    const end = Math.min(roundUp(offset + dst.length, a), roundUp(this.next.size, a));
+    const end = roundUp(offset + dst.length, a);
     const buf = new Uint8Array(end - start);
-    await this.next.read(start, buf);
+    // A node whose size is not a multiple of its unit: its last unit is partial, and
+    // nothing past its end is asked for.
+    await this.next.read(start, buf.subarray(0, Math.min(end, this.next.size) - start));
     dst.set(buf.subarray(offset - start, offset - start + dst.length));
   }
 
@@ -59,12 +61,14 @@ export class AlignFilter extends Filter {
       return;
     }
     const start = offset - (offset % a);
-    const alignedEnd = roundUp(end, a);
+    const alignedEnd = Math.min(roundUp(end, a), Math.max(end, this.next.size));
     await this.exclusive(start, alignedEnd, async () => {
       const buf = new Uint8Array(alignedEnd - start);
-      // Only the head and tail sectors need their old bytes.
-      await this.next.read(start, buf.subarray(0, a));
-      if (alignedEnd - a > start) await this.next.read(alignedEnd - a, buf.subarray(buf.length - a));
+      // Only the head and tail units need their old bytes (a partial last unit of
+      // the node only up to its end).
+      await this.next.read(start, buf.subarray(0, Math.min(a, alignedEnd - start)));
+      const tail = alignedEnd - (alignedEnd % a === 0 ? a : alignedEnd % a);
+      if (tail > start) await this.next.read(tail, buf.subarray(tail - start));
       buf.set(src, offset - start);
       await this.next.write(start, buf);
     });
