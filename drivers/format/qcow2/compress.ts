@@ -13,7 +13,7 @@ export const COMPRESSION = { zlib: 0, zstd: 1 } as const;
 const CODECS: Record<number, Codec> = { [COMPRESSION.zlib]: 'deflate-raw', [COMPRESSION.zstd]: 'zstd' };
 
 /** Decompress one cluster; the result is exactly clusterSize bytes. */
-export function decompressCluster(type: number, input: Uint8Array, clusterSize: number, what: string): Promise<Buffer> {
+export async function decompressCluster(type: number, input: Uint8Array, clusterSize: number, what: string): Promise<Buffer> {
   const codec = CODECS[type];
   if (!codec) throw new UnsupportedError(`${what}: qcow2 compression type ${type} is not supported`);
   return decompress(codec, input, { size: clusterSize, exact: true, what: `${what}: compressed cluster` });
