@@ -6,6 +6,7 @@
 // before anything is mounted: libfuse2 opens /dev/fuse without close-on-exec, so the
 // serving process itself must never spawn a child.
 import { spawn } from 'node:child_process';
+import type { Readable } from 'node:stream';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -261,7 +262,7 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   process.on('SIGINT', () => interrupted('SIGINT', 130));
   process.on('SIGTERM', () => interrupted('SIGTERM', 143));
   process.on('SIGHUP', () => interrupted('SIGHUP', 129));
-  const channel = child.stdio[3] as NodeJS.ReadableStream;
+  const channel = child.stdio[3] as Readable;
   let said = '';
   let stderr = '';
   channel.setEncoding('utf8');
@@ -277,7 +278,7 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   if (stopping) return new Promise(() => undefined);
   if (line === 'OK') {
     child.unref();
-    (channel as unknown as { destroy(): void }).destroy();
+    channel.destroy();
     child.stderr?.destroy();
     process.exit(0);
   }
