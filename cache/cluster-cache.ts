@@ -7,7 +7,11 @@
 // that was acknowledged; what "writeback" defers is the format's metadata, kept in
 // its TableCaches until flush. A read that raced a write never inserts stale data.
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, CacheMode, Extent } from '../drivers/types.js';
+import type { BlockNode, CacheMode } from '../drivers/types.js';
+import { Filter } from '../drivers/filters/filter.js';
+import createDebug from 'debug';
+
+const debug = createDebug('tsmount:cache');
 
 export interface ClusterCacheOptions {
   mode: CacheMode;
@@ -22,14 +26,15 @@ export const DEFAULT_BLOCK_SIZE = 64 * 1024;
 /** Reads of at least this many bytes bypass the LRU (see read). */
 export const SCAN_READ_MIN = 256 * 1024;
 
-export class ClusterCache implements BlockNode {
+export class ClusterCache extends Filter {
   private readonly lru: LRUCache<number, Buffer> | undefined;
   private readonly shift: number;
   private writesInFlight = 0;
   /** Bumped when a write or zero finishes; fills that saw it change are dropped. */
   private writeSeq = 0;
 
-  constructor(private readonly inner: BlockNode, private readonly opts: ClusterCacheOptions) {
+  constructor(next: BlockNode, private readonly opts: ClusterCacheOptions) {
+    super(next);
     if (!Number.isInteger(Math.log2(opts.blockSize))) throw new Error('cache block size must be a power of two');
     this.shift = Math.log2(opts.blockSize);
     // cache=none and directsync bypass host caches in QEMU; we bypass ours.
@@ -39,24 +44,14 @@ export class ClusterCache implements BlockNode {
     }
   }
 
-  get size(): number {
-    return this.inner.size;
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly;
-  }
-  get name(): string {
-    return this.inner.name;
-  }
-
-  async read(offset: number, dst: Uint8Array): Promise<void> {
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
     const lru = this.lru;
     // A large read is a scan (readahead of a sequential reader): it reads straight into
     // dst and is not cached, so a scan neither evicts what the LRU holds nor pays a copy
     // and a fresh buffer per block for data the kernel's page cache keeps anyway. This
     // doubled sequential reads. The node below always has the newest bytes (writes
     // pass straight down), so skipping cached blocks here is never stale.
-    if (!lru || dst.length >= SCAN_READ_MIN) return this.inner.read(offset, dst);
+    if (!lru || dst.length >= SCAN_READ_MIN) return this.next.read(offset, dst);
     const bs = this.opts.blockSize;
     const end = offset + dst.length;
     let block = Math.floor(offset / bs);
@@ -76,7 +71,7 @@ export class ClusterCache implements BlockNode {
         // just its bytes, straight into dst: filling the whole block would read and
         // copy 16 times as much, for a block the kernel's page cache already keeps
         // the part of that was asked for. Nothing is inserted, so no staleness.
-        return this.inner.read(offset, dst);
+        return this.next.read(offset, dst);
       }
       await this.fill(block, runEnd, offset, dst);
       block = runEnd;
@@ -86,13 +81,13 @@ export class ClusterCache implements BlockNode {
   private async fill(first: number, endBlock: number, offset: number, dst: Uint8Array): Promise<void> {
     const bs = this.opts.blockSize;
     const start = first * bs;
-    const stop = Math.min(endBlock * bs, this.inner.size);
+    const stop = Math.min(endBlock * bs, this.next.size);
     const seq = this.writeSeq;
     const reqStart = Math.max(start, offset);
     const reqEnd = Math.min(stop, offset + dst.length);
     // Whole blocks are read, so that they can be cached; the request is copied out.
     const buf = Buffer.allocUnsafe(stop - start);
-    await this.inner.read(start, buf);
+    await this.next.read(start, buf);
     dst.set(buf.subarray(reqStart - start, reqEnd - start), reqStart - offset);
     if (this.writesInFlight > 0 || this.writeSeq !== seq) return;
     for (let b = first; b < endBlock; b++) {
@@ -102,10 +97,10 @@ export class ClusterCache implements BlockNode {
     }
   }
 
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     this.writesInFlight++;
     try {
-      await this.inner.write(offset, src);
+      await this.next.write(offset, src);
       this.patch(offset, src);
     } catch (err) {
       this.invalidate(offset, src.length);
@@ -114,28 +109,33 @@ export class ClusterCache implements BlockNode {
       this.writesInFlight--;
       this.writeSeq++;
     }
-    if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await this.inner.flush();
+    if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await this.next.flush();
   }
 
-  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+  /** Always offered: where the node below cannot zero, zeros are written. */
+  override get zero(): (offset: number, length: number, unmap: boolean) => Promise<void> {
+    return (offset, length, unmap) => this.cachedZero(offset, length, unmap);
+  }
+
+  private async cachedZero(offset: number, length: number, unmap: boolean): Promise<void> {
     this.writesInFlight++;
     try {
       this.invalidate(offset, length);
-      if (this.inner.zero) await this.inner.zero(offset, length, unmap);
+      if (this.next.zero) await this.next.zero(offset, length, unmap);
       else await this.writeZeros(offset, length);
     } finally {
       this.invalidate(offset, length);
       this.writesInFlight--;
       this.writeSeq++;
     }
-    if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await this.inner.flush();
+    if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await this.next.flush();
   }
 
   private async writeZeros(offset: number, length: number): Promise<void> {
     const chunk = new Uint8Array(Math.min(length, 1 << 20));
     for (let done = 0; done < length; done += chunk.length) {
       const n = Math.min(chunk.length, length - done);
-      await this.inner.write(offset + done, chunk.subarray(0, n));
+      await this.next.write(offset + done, chunk.subarray(0, n));
     }
   }
 
@@ -163,32 +163,25 @@ export class ClusterCache implements BlockNode {
   }
 
   /** cache=unsafe ignores flushes, as QEMU does; close() still writes everything. */
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
+    debug('%s: flush%s', this.next.name, this.opts.mode === 'unsafe' ? ' ignored (cache=unsafe)' : '');
     if (this.opts.mode === 'unsafe') return;
-    await this.inner.flush();
+    await this.next.flush();
   }
 
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.blockStatus(offset, length);
+  /** Offered where the node below can grow; cached blocks go with the old size. */
+  override get truncate(): ((size: number) => Promise<void>) | undefined {
+    const next = this.next;
+    if (!next.truncate) return undefined;
+    return async (size) => {
+      this.lru?.clear();
+      await next.truncate!(size);
+    };
   }
 
-  async truncate(size: number): Promise<void> {
-    if (!this.inner.truncate) throw new Error(`${this.name}: this format cannot be resized`);
+  override async close(): Promise<void> {
     this.lru?.clear();
-    await this.inner.truncate(size);
-  }
-
-  get backing(): BlockNode | undefined {
-    return this.inner.backing;
-  }
-
-  get hasTruncate(): boolean {
-    return typeof this.inner.truncate === 'function';
-  }
-
-  async close(): Promise<void> {
-    this.lru?.clear();
-    await this.inner.close();
+    await this.next.close();
   }
 }
 

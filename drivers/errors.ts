@@ -4,47 +4,64 @@ import { constants } from 'node:os';
 
 const E = constants.errno;
 
+/**
+ * The base of every error the project throws. The errno is fixed when the error is
+ * made: each kind has its own (`defaultErrno`), and a caller that knows better (a
+ * system call's errno, a wrapped cause's) passes it.
+ */
 export class TsmountError extends Error {
-  readonly errno: number = E.EIO;
-  constructor(message: string) {
-    super(message);
+  static readonly defaultErrno: number = E.EIO;
+  readonly errno: number;
+  constructor(message: string, errno?: number, options?: ErrorOptions) {
+    super(message, options);
     this.name = new.target.name;
+    this.errno = errno ?? (new.target as typeof TsmountError).defaultErrno;
+  }
+
+  /** The same kind of error with a message that says more (which image, which file); this one is its cause. */
+  withMessage(message: string): TsmountError {
+    const Kind = this.constructor as new (message: string, errno?: number, options?: ErrorOptions) => TsmountError;
+    return new Kind(message, this.errno, { cause: this });
   }
 }
 
 /** The image's metadata is inconsistent or points where it must not. */
-export class CorruptImageError extends TsmountError {
-  override readonly errno = E.EIO;
-}
+export class CorruptImageError extends TsmountError {}
+
+/** A backing chain that loops or is deeper than any real one. */
+export class BackingChainError extends CorruptImageError {}
 
 /** A feature the image uses that tsmount does not implement (yet). */
 export class UnsupportedError extends TsmountError {
-  override readonly errno = E.ENOTSUP;
+  static override readonly defaultErrno: number = E.ENOTSUP;
 }
 
 /** Another process holds a lock that conflicts with ours. */
 export class LockedError extends TsmountError {
-  override readonly errno = E.EAGAIN;
+  static override readonly defaultErrno: number = E.EAGAIN;
 }
 
 export class BadPassphraseError extends TsmountError {
-  override readonly errno = E.EPERM;
+  static override readonly defaultErrno: number = E.EPERM;
 }
 
 /** A write to a read-only node. */
 export class ReadOnlyError extends TsmountError {
-  override readonly errno = E.EROFS;
+  static override readonly defaultErrno: number = E.EROFS;
 }
 
 /** Bad user input: an option, a path, a format name. */
 export class UsageError extends TsmountError {
-  override readonly errno = E.EINVAL;
+  static override readonly defaultErrno: number = E.EINVAL;
 }
 
 /** The file system under the image could not do what was asked (ENOSPC, EIO...). */
-export class IoError extends TsmountError {
-  constructor(message: string, override readonly errno: number = E.EIO) {
-    super(message);
+export class IoError extends TsmountError {}
+
+/** A system call failed; errno is the C errno, so callers can tell EAGAIN from EINVAL. */
+export class SysError extends TsmountError {
+  constructor(readonly call: string, errno: number) {
+    super(`${call} failed: errno ${errno}`, errno);
   }
 }
 
@@ -53,9 +70,17 @@ export class IoError extends TsmountError {
  * name that is not in the mount, ENOTDIR, EPERM, EINVAL for a bad mount option...).
  */
 export class ErrnoError extends TsmountError {
-  constructor(message: string, override readonly errno: number) {
-    super(message);
+  constructor(message: string, errno: number) {
+    super(message, errno);
   }
+}
+
+/** A remote server broke its protocol: the connection's state is unknown from here on. */
+export class ProtocolError extends TsmountError {}
+
+/** A remote server refused what we asked (no such export, TLS required...): a person's error. */
+export class RefusedError extends TsmountError {
+  static override readonly defaultErrno: number = E.ECONNREFUSED;
 }
 
 /** The errno a FUSE reply should carry for any thrown value. */
@@ -70,4 +95,9 @@ export function errnoOf(err: unknown): number {
 export function messageOf(err: unknown): string {
   if (err instanceof Error) return err.message.split('\n')[0] ?? String(err);
   return String(err);
+}
+
+/** A file an image names that the policy (drivers/trust.ts) does not let it open. */
+export class UntrustedFileError extends TsmountError {
+  override readonly errno = E.EACCES;
 }

@@ -1,10 +1,20 @@
-// Building the block graph for one image: protocol node, format node, backing chain.
+// Building the block graph: for each image its protocol node, format node and backing
+// chain (openImage), the alignment filter where a node asks for it, and the cluster
+// cache on top (openGraph). The server, tsimg, the benchmarks and the tests all build
+// graphs here and nowhere else.
 import fs from 'node:fs';
-import type { BlockNode, CacheMode, FormatDriver, OpenOptions } from './types.js';
-import { CorruptImageError, TsmountError, UsageError, messageOf } from './errors.js';
+import createDebug from 'debug';
+import type { BlockNode, CacheMode, FormatDriver, OpenOptions, ProtocolOpenOptions } from './types.js';
+import { BackingChainError, TsmountError, UntrustedFileError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';
-import { hasOwnProtocol, protocolFor } from './protocol/index.js';
+import { fileProtocol, hasOwnProtocol, protocolFor } from './protocol/index.js';
 import { formatByName, probeFormat, PROBE_BYTES } from './format/index.js';
+import { NamedFileGuard, namedFilesOf, recordNamedFiles, type NamedFilePolicy, type NamedRequest } from './trust.js';
+import { aligned } from './filters/align.js';
+import { guarded } from './filters/read-only.js';
+import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
+
+const debug = createDebug('tsmount:open');
 
 export interface ImageOptions {
   readOnly: boolean;
@@ -20,6 +30,8 @@ export interface ImageOptions {
   shareRw: boolean;
   /** Passphrase for encrypted images (--secret, --secret-file). */
   secret?: string;
+  /** Which files the image may name (drivers/trust.ts); 'owner' when absent. */
+  namedFiles?: NamedFilePolicy;
 }
 
 const formats = new WeakMap<BlockNode, string>();
@@ -29,12 +41,78 @@ export function formatOf(node: BlockNode): string | undefined {
   return formats.get(node);
 }
 
+/**
+ * Whether reading this image yields plaintext of an encrypted image: its own format
+ * decrypts, or an image in its backing chain does (an overlay shows the plaintext of
+ * every cluster it leaves to an encrypted backing file).
+ */
+export function decryptsInChain(node: BlockNode): boolean {
+  for (let n: BlockNode | undefined = node; n; n = n.backing) if (n.encrypted) return true;
+  return false;
+}
+
 /** Backing chains deeper than this are taken for a loop or a mistake. */
 export const MAX_BACKING_DEPTH = 256;
 
+export interface GraphOptions extends Omit<ImageOptions, 'metadataCacheBytes'> {
+  /** Bytes for the data cache and every node's metadata tables together (--cache-size). */
+  cacheSize: number;
+}
+
+/** --cache-size split between guest data and per-node metadata tables. */
+export function cacheBudget(total: number): { data: number; metadata: number } {
+  const metadata = Math.max(1 << 20, Math.floor(total / 4));
+  return { data: Math.max(0, total - metadata), metadata };
+}
+
+/**
+ * Open each image with its chain and put the cluster cache over it, the budget split
+ * evenly between the images. On failure nothing stays open.
+ */
+export async function openGraph(specs: string[], opts: GraphOptions): Promise<BlockNode[]> {
+  const budget = cacheBudget(opts.cacheSize);
+  const share = (n: number): number => Math.floor(n / Math.max(1, specs.length));
+  const nodes: BlockNode[] = [];
+  try {
+    for (const spec of specs) {
+      const node = await openImage(spec, { ...opts, metadataCacheBytes: share(budget.metadata) });
+      const top = new ClusterCache(node, { mode: opts.cache, maxBytes: share(budget.data), blockSize: DEFAULT_BLOCK_SIZE });
+      formats.set(top, formats.get(node)!);
+      recordNamedFiles(top, namedFilesOf(node));
+      nodes.push(top);
+    }
+  } catch (err) {
+    await Promise.allSettled(nodes.map((n) => n.close()));
+    throw err;
+  }
+  return nodes;
+}
+
+/**
+ * The filters every node gets from the graph builder, and nobody else: alignment
+ * where the node asks for it, the read-only check where it was opened read-only.
+ */
+function filtered(node: BlockNode): BlockNode {
+  return guarded(aligned(node));
+}
+
+/** A protocol node for `spec` (a path or a URI). */
+export async function openProtocol(spec: string, opts: ProtocolOpenOptions): Promise<BlockNode> {
+  return filtered(await protocolFor(spec).open(spec, opts));
+}
+
 /** Open an image (a path or a URI) and its backing chain; returns the top format node. */
 export async function openImage(spec: string, opts: ImageOptions): Promise<BlockNode> {
-  return openChain(spec, opts.format, opts, 0, new Set());
+  const guard = new NamedFileGuard(opts.namedFiles ?? 'owner');
+  const node = await openChain(spec, opts.format, opts, 0, new Set(), guard, undefined);
+  recordNamedFiles(node, guard.files);
+  return node;
+}
+
+/** A request to the guard for a name in `spec`, or undefined for a remote file (not checked). */
+function namedRequest(spec: string, role: string, name: string, resolved: string, write: boolean): NamedRequest | undefined {
+  if (protocolFor(resolved) !== fileProtocol) return undefined;
+  return { naming: spec, role, name, resolved: resolved.replace(/^file:/, ''), write };
 }
 
 /** One identity per object, so a loop in the chain is seen whatever the spelling. */
@@ -46,12 +124,20 @@ function identity(spec: string): string {
   }
 }
 
-async function openChain(spec: string, format: string | undefined, opts: ImageOptions, depth: number, seen: Set<string>): Promise<BlockNode> {
+async function openChain(
+  spec: string,
+  format: string | undefined,
+  opts: ImageOptions,
+  depth: number,
+  seen: Set<string>,
+  guard: NamedFileGuard,
+  named: NamedRequest | undefined,
+): Promise<BlockNode> {
   const isBacking = depth > 0;
   const readOnly = opts.readOnly || isBacking;
   const id = identity(spec);
-  if (seen.has(id)) throw new CorruptImageError(`${spec}: backing chain loops back to this file`);
-  if (depth > MAX_BACKING_DEPTH) throw new CorruptImageError(`${spec}: backing chain deeper than ${MAX_BACKING_DEPTH}`);
+  if (seen.has(id)) throw new BackingChainError(`${spec}: backing chain loops back to this file`);
+  if (depth > MAX_BACKING_DEPTH) throw new BackingChainError(`${spec}: backing chain deeper than ${MAX_BACKING_DEPTH}`);
   seen.add(id);
 
   const protocol = protocolFor(spec);
@@ -60,36 +146,39 @@ async function openChain(spec: string, format: string | undefined, opts: ImageOp
       ? undefined
       : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
   const lock = policy && lockRequestFor(policy);
-  const file = await protocol.open(spec, { readOnly, lock, cache: opts.cache });
+  // The guard sees the protocol node itself (it checks the opened descriptor); the filters go on after.
+  const openFile = () => protocol.open(spec, { readOnly, lock, cache: opts.cache });
+  const file = filtered(depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile));
   try {
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
-    const imageLock = (file as { imageLock?: { update(r: ReturnType<typeof lockRequestFor>): void } }).imageLock;
-    if (policy && format === undefined) imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
+    if (policy && format === undefined) file.imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
     const openOpts: OpenOptions = {
       readOnly,
       cache: opts.cache,
       metadataCacheBytes: opts.metadataCacheBytes,
       secret: opts.secret,
-      openFile: async (name) => {
+      openFile: async (name, role = 'file') => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);
-        return p.open(resolved, { readOnly, lock: policy && lockRequestFor({ ...policy, format: driver.name }), cache: opts.cache });
+        const lockReq = policy && lockRequestFor({ ...policy, format: driver.name });
+        return filtered(await guard.open(namedRequest(spec, role, name, resolved, !readOnly), () => p.open(resolved, { readOnly, lock: lockReq, cache: opts.cache })));
       },
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         try {
-          return await openChain(resolved, fmt, opts, depth + 1, seen);
+          return await openChain(resolved, fmt, opts, depth + 1, seen, guard, namedRequest(spec, 'backing file', name, resolved, false));
         } catch (err) {
-          if (err instanceof CorruptImageError && /backing chain/.test(err.message)) throw err;
+          if (err instanceof BackingChainError || err instanceof UntrustedFileError) throw err;
           const why = messageOf(err).replace(`${resolved}: `, '');
-          const wrapped = new UsageError(`${spec}: cannot open backing file '${name}' (${resolved}): ${why}`);
-          throw err instanceof TsmountError ? Object.assign(wrapped, { errno: err.errno }) : wrapped;
+          const message = `${spec}: cannot open backing file '${name}' (${resolved}): ${why}`;
+          throw err instanceof TsmountError ? err.withMessage(message) : new UsageError(message, undefined, { cause: err });
         }
       },
     };
-    const node = await driver.open(file, openOpts);
+    const node = filtered(await driver.open(file, openOpts));
     formats.set(node, driver.name);
+    debug('%s: %s, %d bytes%s%s', spec, driver.name, node.size, readOnly ? ', read-only' : '', isBacking ? `, backing file at depth ${depth}` : '');
     return node;
   } catch (err) {
     await file.close().catch(() => undefined);
@@ -117,7 +206,7 @@ function driverNamed(format: string, spec: string): FormatDriver {
   try {
     return formatByName(format);
   } catch (err) {
-    if (err instanceof TsmountError) throw Object.assign(err, { message: `${spec}: ${err.message}` });
+    if (err instanceof TsmountError) throw err.withMessage(`${spec}: ${err.message}`);
     throw err;
   }
 }

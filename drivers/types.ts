@@ -1,6 +1,7 @@
 // The one node interface of the block graph (shared/DESIGN.md, "The block graph").
 // Protocol nodes, format nodes and filters all implement BlockNode; a format driver
 // turns a protocol node into a format node.
+import type { ImageLock } from './protocol/lock.js';
 
 /** What a range of one layer holds, as QEMU's block_status answers for its own layer. */
 export type ExtentKind =
@@ -24,6 +25,11 @@ export interface BlockNode {
   /** A short description for messages: the file name, or the URI. */
   readonly name: string;
   /**
+   * The node decrypts what it reads (LUKS, qcow2 and qcow encryption): its bytes are
+   * plaintext that only those who can read the image should see (fs/access.ts).
+   */
+  readonly encrypted?: boolean;
+  /**
    * Fill dst with the bytes at [offset, offset + dst.length). Callers keep requests
    * inside [0, size); a node never re-checks bounds its caller already checked.
    */
@@ -42,10 +48,21 @@ export interface BlockNode {
    * <stem>@<name>.raw; owned by this node (closing them is a no-op).
    */
   snapshots?(): { name: string; node: BlockNode }[];
-  /** The node that answers for this layer's 'unallocated' ranges (a format's backing file). */
+  /** The next layer of a backing chain: what 'unallocated' extents of this node read from. */
   readonly backing?: BlockNode | undefined;
+  /** The QEMU-compatible lock on the file under this node (the file protocol's). */
+  readonly imageLock?: ImageLock | undefined;
+  /**
+   * Requests must start and end on multiples of this many bytes (a sector-based
+   * format, an NBD export's minimum block). The graph builder puts the alignment
+   * filter over such a node once; nobody else looks at it.
+   */
+  readonly requestAlignment?: number | undefined;
+  /** A VMDK's content ID, which an overlay records as its parentCID. */
+  readonly vmdkCid?: number | undefined;
   close(): Promise<void>;
 }
+
 
 export interface OpenOptions {
   readOnly: boolean;
@@ -56,9 +73,10 @@ export interface OpenOptions {
   openBacking(name: string, format: string | undefined): Promise<BlockNode>;
   /**
    * Opens a plain file (a qcow2 external data file) by name, relative names resolved
-   * against the image, on its protocol, read-only when the image is.
+   * against the image, on its protocol, read-only when the image is. `role` names it
+   * in messages ('extent', 'data file'); local files pass drivers/trust.ts first.
    */
-  openFile?(name: string): Promise<BlockNode>;
+  openFile?(name: string, role?: string): Promise<BlockNode>;
   /** Passphrase for encrypted images. */
   secret?: string;
   /** Skip backing files entirely (qemu-img info's view). */
@@ -71,11 +89,6 @@ export interface FormatDriver {
   /** How sure the driver is that this is its format, 0..100 (QEMU's bdrv_probe). */
   probe(head: Uint8Array, filename: string): number;
   open(file: BlockNode, opts: OpenOptions): Promise<BlockNode>;
-}
-
-/** A format node's view of its own backing chain, for messages and locking. */
-export interface HasBacking {
-  readonly backing: BlockNode | undefined;
 }
 
 /** 2^53: the largest size any node may claim, so every offset is an exact number. */

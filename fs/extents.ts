@@ -9,7 +9,7 @@ import { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { ErrnoError, messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
-import { SEEK_DATA } from '../drivers/protocol/sys.js';
+import { SEEK_DATA } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;

@@ -9,7 +9,8 @@ import createDebug from 'debug';
 import type { BlockNode } from '../drivers/types.js';
 import { ErrnoError, ReadOnlyError, messageOf } from '../drivers/errors.js';
 import { ROOT_ID, type DirEntry, type Entry, type FsOps, type Opened, type Stat } from './fuse.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/protocol/sys.js';
+import type { Ownership } from './access.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
 import { allocatedBytes, seek } from './extents.js';
 
 const debug = createDebug('tsmount:fs');
@@ -20,8 +21,11 @@ export interface FlatFile {
   name: string;
   node: BlockNode;
   writable: boolean;
+  /** Owner, group and permission bits (fs/access.ts); chown and chmod change them. */
   uid: number;
   gid: number;
+  /** Permission bits while writable; getattr drops the write bits of a read-only file. */
+  mode: number;
   mtime: Date;
   /**
    * The local image file, whose allocation st_blocks falls back to when the chain's
@@ -56,10 +60,12 @@ interface Inode {
 const ALLOCATION_MAX_RUNS = 1 << 18;
 const ALLOCATION_MAX_MS = 500;
 
-/** A node that can grow; a cache in front says whether the node under it can. */
-function hasTruncate(node: BlockNode): boolean {
-  const probe = (node as { hasTruncate?: boolean }).hasTruncate;
-  return typeof node.truncate === 'function' && probe !== false;
+/** What the whole mount allows (fs/access.ts). */
+export interface FlatFsAccess {
+  /** The mount's root directory; undefined: the mounting user's, 0755 (0555). */
+  root?: Ownership;
+  /** Truncate may grow a disk (--growable); otherwise growing fails with EPERM. */
+  growable: boolean;
 }
 
 const O_ACCMODE = 3;
@@ -76,7 +82,12 @@ export class FlatFs implements FsOps {
   private readonly mountTime = new Date();
 
   /** overFile: the mountpoint is a regular file and '/' is the one image. */
-  constructor(private readonly files: FlatFile[], private readonly overFile: boolean, private readonly onIoError: (msg: string) => void = () => {}) {
+  constructor(
+    private readonly files: FlatFile[],
+    private readonly overFile: boolean,
+    private readonly onIoError: (msg: string) => void = () => {},
+    private readonly access: FlatFsAccess = { growable: false },
+  ) {
     files.forEach((file, i) => {
       const ino = overFile ? ROOT_ID : ROOT_ID + 1 + i;
       const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false };
@@ -115,13 +126,14 @@ export class FlatFs implements FsOps {
     if (ino === ROOT_ID && !this.overFile) {
       const anyWritable = this.files.some((f) => f.writable);
       const t = this.mountTime;
-      return { mode: 0o040000 | (anyWritable ? 0o755 : 0o555), size: 4096, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mtime: t, atime: t, ctime: t, nlink: 2 };
+      const root = this.access.root ?? { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mode: anyWritable ? 0o755 : 0o555 };
+      return { mode: 0o040000 | root.mode, size: 4096, uid: root.uid, gid: root.gid, mtime: t, atime: t, ctime: t, nlink: 2 };
     }
     const i = this.inode(ino);
     const f = i.file;
     const size = f.node.size;
     return {
-      mode: 0o100000 | (f.writable ? 0o644 : 0o444),
+      mode: 0o100000 | (f.writable ? f.mode : f.mode & ~0o222),
       size,
       uid: f.uid,
       gid: f.gid,
@@ -217,14 +229,16 @@ export class FlatFs implements FsOps {
     if (size === f.node.size) return;
     if (!f.writable) throw new ReadOnlyError(`${f.node.name}: mounted read-only`);
     // Shrinking a disk through `>` or O_TRUNC would destroy it: never. Growing is
-    // `qemu-img resize`, where the format can.
-    if (size < f.node.size) throw new ErrnoError(`${f.node.name}: the disk cannot be shrunk through this mount`, E.EPERM);
-    if (!hasTruncate(f.node)) throw new ErrnoError(`${f.node.name}: this image format cannot be resized`, E.EPERM);
+    // `qemu-img resize`, where the format can, and only when the mount was asked to.
+    if (size < f.node.size) throw this.refuse(f, `shrinking the disk from ${f.node.size} to ${size} bytes refused: a disk cannot shrink through the mount`);
+    // Growing changes the guest's disk: a stray `truncate -s 1P` must not (QEMU's export has `growable`).
+    if (!this.access.growable) throw this.refuse(f, `growing the disk from ${f.node.size} to ${size} bytes refused: mount with --growable to allow it`);
+    if (!f.node.truncate) throw new ErrnoError(`${f.node.name}: this image format cannot be resized`, E.EPERM);
     this.dirty.add(f);
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
       await f.node.flush();
-      await f.node.truncate!(size);
+      await f.node.truncate(size);
     } catch (err) {
       this.report('truncate', f, size, 0, err);
       throw err;
@@ -312,14 +326,35 @@ export class FlatFs implements FsOps {
 
   async utimens(): Promise<void> {}
 
-  async chmod(ino: number): Promise<void> {
-    const f = this.file(ino);
-    throw new ErrnoError(`${f.node.name}: mode is fixed`, E.EPERM);
+  /**
+   * chmod and chown change what getattr shows, for the life of the mount (the image
+   * file keeps its own). They arrive only on a writable mount (the kernel answers
+   * EROFS on a read-only one) and only from whom the kernel lets change them: with
+   * default_permissions it checks ownership and CAP_CHOWN itself.
+   */
+  async chmod(ino: number, mode: number): Promise<void> {
+    const f = this.chattrTarget(ino);
+    f.mode = mode & 0o7777;
   }
 
-  async chown(ino: number): Promise<void> {
-    const f = this.file(ino);
-    throw new ErrnoError(`${f.node.name}: owner is fixed`, E.EPERM);
+  async chown(ino: number, uid: number, gid: number): Promise<void> {
+    const f = this.chattrTarget(ino);
+    // -1 (or its unsigned spelling from libfuse) leaves that id as it is.
+    if (uid >= 0 && uid !== 0xffffffff) f.uid = uid;
+    if (gid >= 0 && gid !== 0xffffffff) f.gid = gid;
+  }
+
+  private chattrTarget(ino: number): FlatFile {
+    if (ino === ROOT_ID && !this.overFile) throw new ErrnoError(`the mount's root directory keeps its owner and mode`, E.EPERM);
+    return this.file(ino);
+  }
+
+  /** A refusal the user should be able to read about: logged, then EPERM. */
+  private refuse(f: FlatFile, why: string): ErrnoError {
+    const msg = `${f.node.name}: ${why}`;
+    debug(msg);
+    this.onIoError(msg);
+    return new ErrnoError(msg, E.EPERM);
   }
 
   private report(op: string, f: FlatFile, offset: number, length: number, err: unknown): void {

@@ -23,6 +23,21 @@ export const Op = {
   SYNCFS: 50, TMPFILE: 51, STATX: 52,
 } as const;
 
+const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([k, v]) => [v, k.toLowerCase()]));
+
+/** The request's name for messages: "read", "lookup", or "opcode 99". */
+export function opName(opcode: number): string {
+  return OP_NAMES.get(opcode) ?? `opcode ${opcode}`;
+}
+
+/**
+ * Requests allow_root does not check (libfuse's list): they act on a file already open
+ * (and may come from the kernel on another user's behalf), or carry no reply.
+ */
+export const UNCHECKED_BY_ALLOW_ROOT: ReadonlySet<number> = new Set([
+  Op.INIT, Op.READ, Op.WRITE, Op.FSYNC, Op.RELEASE, Op.READDIR, Op.FSYNCDIR, Op.RELEASEDIR, Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT, Op.DESTROY,
+]);
+
 /** Requests that would create, link, rename or remove a name. */
 export const CHANGES_NAMES: ReadonlySet<number> = new Set([Op.SYMLINK, Op.MKNOD, Op.MKDIR, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.LINK, Op.CREATE, Op.RENAME2, Op.TMPFILE]);
 

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import { spawn } from 'node:child_process';
 import { constants as osc } from 'node:os';
 import { ErrnoError, messageOf } from '../drivers/errors.js';
-import { mount as sysMount, receiveFd, socketPair, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/protocol/sys.js';
+import { mount as sysMount, receiveFd, socketPair, MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_SYNCHRONOUS } from '../drivers/util/sys.js';
 import { fusermountHelper, unmountFuse, type FsOps, type FuseMount, type MountOptions } from './fuse.js';
 import { DEFAULT_MAX_WRITE, PAGE, Session, pipeWrap, type SessionConfig } from './fuse-session.js';
 
@@ -28,10 +28,11 @@ interface DevConfig extends SessionConfig {
 function configure(opts: MountOptions): DevConfig {
   const cfg: DevConfig = {
     flags: MS_NOSUID | MS_NODEV | (opts.readOnly ? MS_RDONLY : 0),
-    kernelOptions: ['default_permissions', ...(opts.allowOther ? ['allow_other'] : [])],
+    kernelOptions: ['default_permissions', ...(opts.allowOther || opts.allowRoot ? ['allow_other'] : [])],
     maxWrite: DEFAULT_MAX_WRITE,
     maxReadahead: DEFAULT_MAX_WRITE,
     pageCache: 'auto',
+    denyOthers: !opts.allowOther && !!opts.allowRoot,
   };
   const flagOpts: Record<string, number> = { ro: MS_RDONLY, noexec: MS_NOEXEC, sync: MS_SYNCHRONOUS, dirsync: MS_DIRSYNC, noatime: MS_NOATIME };
   const clearOpts: Record<string, number> = { rw: MS_RDONLY, exec: MS_NOEXEC, atime: MS_NOATIME };
@@ -79,7 +80,8 @@ export function available(): boolean {
  */
 async function mountWithFusermount(helper: string, mountpoint: string, fsname: string, cfg: DevConfig): Promise<number> {
   const names: [number, string][] = [[MS_RDONLY, 'ro'], [MS_NOEXEC, 'noexec'], [MS_SYNCHRONOUS, 'sync'], [MS_DIRSYNC, 'dirsync'], [MS_NOATIME, 'noatime']];
-  const options = [`fsname=${fsname}`, 'subtype=tsmount', ...cfg.kernelOptions, ...names.filter(([f]) => cfg.flags & f).map(([, n]) => n)];
+  // fusermount3 splits -o at commas and takes `\,` as a comma in a value.
+  const options = [`fsname=${fsname.replace(/[\\,]/g, '\\$&')}`, 'subtype=tsmount', ...cfg.kernelOptions, ...names.filter(([f]) => cfg.flags & f).map(([, n]) => n)];
   const [mine, theirs] = socketPair();
   try {
     const child = spawn(helper, ['-o', options.join(','), '--', mountpoint], {

@@ -68,6 +68,8 @@ function adapt<A extends unknown[], R>(name: string, fn: (...args: A) => Promise
   return (...argsAndCb: [...A, Cb]): void => {
     const cb = argsAndCb[argsAndCb.length - 1] as Cb;
     const args = argsAndCb.slice(0, -1) as A;
+    // DEBUG=tsmount:fuse: every request (the buffer left out); free when off.
+    if (debug.enabled) debug('request: %s(%o)', name, args.filter((a) => !Buffer.isBuffer(a)));
     fn(...args).then(
       (r) => reply(cb, r),
       (err: unknown) => {
@@ -159,7 +161,8 @@ export function mountNative(mountpoint: string, fsOps: FsOps, opts: MountOptions
   };
   const fuse = new Fuse(mountpoint, handlers, { timeout: false });
   const options = [
-    `fsname=${opts.fsname}`,
+    // libfuse splits -o at commas and takes `\,` as a comma in a value.
+    `fsname=${opts.fsname.replace(/[\\,]/g, '\\$&')}`,
     'subtype=tsmount',
     // 128 KiB requests instead of 4 KiB ones (libfuse 2's most).
     'big_writes',
@@ -170,7 +173,7 @@ export function mountNative(mountpoint: string, fsOps: FsOps, opts: MountOptions
     // pages across opens.
     'kernel_cache',
     'default_permissions',
-    ...(opts.allowOther ? ['allow_other'] : []),
+    ...(opts.allowOther ? ['allow_other'] : opts.allowRoot ? ['allow_root'] : []),
     'nonempty',
     ...(opts.readOnly ? ['ro'] : []),
     ...opts.extra,

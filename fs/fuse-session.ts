@@ -13,11 +13,11 @@ import net from 'node:net';
 import os, { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
-import { readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/protocol/sys.js';
+import { readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
 import {
-  AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, StatfsOut, WriteIn, WriteOut,
+  AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
   decodeHeader, decodeIo, decodeRequest, encodeAttrOut, encodeDirents, encodeEntryOut, encodeInitOut, encodeLseekOut,
-  encodeOpenOut, encodeOutHeader, encodeStatfsOut, encodeWriteOut, newHeader, newIoRequest, replyBuffer,
+  encodeOpenOut, encodeOutHeader, encodeStatfsOut, encodeWriteOut, newHeader, newIoRequest, opName, replyBuffer, u64,
   type DirEntryOut, type Request,
 } from './fuse-codec.js';
 import { ROOT_ID, type FsOps, type FuseMount } from './fuse.js';
@@ -63,6 +63,11 @@ export interface SessionConfig {
   pageCache: 'auto' | 'kernel' | 'direct';
   /** INTERRUPT_GRACE_MS unless given (tests: 0). */
   interruptGraceMs?: number;
+  /**
+   * allow_root: the kernel lets everyone through (allow_other) and the session turns
+   * away requests from users other than the mounting user and root, as libfuse does.
+   */
+  denyOthers?: boolean;
 }
 
 /** The pipe binding lets a non-socket descriptor live in the event loop (epoll). */
@@ -96,6 +101,8 @@ export class Session implements FuseMount {
   private current: Buffer | undefined;
   /** Request buffers given back by finished writes. */
   private readonly requestPool: Buffer[] = [];
+  /** The mounting user (allow_root lets this user and root through). */
+  private readonly owner = process.getuid?.() ?? 0;
   /** Reused for every request: decoding READ and WRITE allocates nothing. */
   private readonly header = newHeader();
   private readonly io = newIoRequest();
@@ -205,6 +212,15 @@ export class Session implements FuseMount {
     const nodeid = h.nodeid;
     const body = buf.subarray(InHeader.SIZE, n);
     const opcode = h.opcode;
+    if (this.cfg.denyOthers && h.uid !== 0 && h.uid !== this.owner && !UNCHECKED_BY_ALLOW_ROOT.has(opcode)) {
+      this.sendError(unique, E.EACCES);
+      return true;
+    }
+    // DEBUG=tsmount:fuse: every request; the check keeps the hot path free when off.
+    if (debug.enabled) {
+      const io = (opcode === Op.READ || opcode === Op.WRITE) && body.length >= ReadIn.SIZE ? ` at ${u64(body, ReadIn.offset)}+${body.readUInt32LE(ReadIn.size)}` : '';
+      debug('request %d: %s node %d%s', unique, opName(opcode), nodeid, io);
+    }
     if (opcode === Op.READ || opcode === Op.WRITE) {
       const io = this.io;
       try {

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import createDebug from 'debug';
 import { IoError, messageOf } from '../drivers/errors.js';
-import { umount2, MNT_DETACH } from '../drivers/protocol/sys.js';
+import { umount2, MNT_DETACH } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:fuse');
 
@@ -89,10 +89,12 @@ export interface FsOps {
 }
 
 export interface MountOptions {
-  /** The mount's source as /proc/mounts shows it (tsmount:PID). */
+  /** The mount's source as /proc/mounts shows it (tsmount#IMAGE). */
   fsname: string;
   readOnly: boolean;
   allowOther: boolean;
+  /** Only the mounting user and root (libfuse's allow_root); meaningless with allowOther. */
+  allowRoot?: boolean;
   /** Extra `-o` options from the command line, libfuse's names. */
   extra: string[];
 }
@@ -113,38 +115,19 @@ export async function mount(mountpoint: string, ops: FsOps, opts: MountOptions):
   return native.mountNative(mountpoint, ops, opts);
 }
 
-/** /proc/self/mountinfo escapes space, tab, newline and backslash as octal. */
-function escapeMountPath(p: string): string {
-  return p.replace(/[ \t\n\\]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
-}
-
 /**
- * Widen the kernel's readahead window for this mount (/sys/class/bdi/MAJ:MIN). The
- * window the kernel offers a FUSE mount at INIT is 128 KiB and INIT can only shrink
- * it; a wider one keeps several readahead requests in flight (async_read), which the
- * server answers concurrently. Needs root (sysfs); best effort, reads are correct
- * either way.
+ * Widen the kernel's readahead window for this mount (/sys/class/bdi/MAJ:MIN, `dev`
+ * from mountinfo). The window the kernel offers a FUSE mount at INIT is 128 KiB and
+ * INIT can only shrink it; a wider one keeps several readahead requests in flight
+ * (async_read), which the server answers concurrently. Needs root (sysfs); best
+ * effort, reads are correct either way.
  */
-export function setReadahead(mountpoint: string, kib: number, source: string): void {
-  let info: string;
-  try {
-    info = fs.readFileSync('/proc/self/mountinfo', 'utf8');
-  } catch {
-    return;
-  }
-  const mp = escapeMountPath(mountpoint);
-  let dev: string | undefined;
-  for (const line of info.split('\n')) {
-    const [pre, post] = line.split(' - ');
-    const f = pre?.split(' ') ?? [];
-    const [fstype, src] = post?.split(' ') ?? [];
-    if (f[4] === mp && fstype?.startsWith('fuse') && src === source) dev = f[2];
-  }
+export function setReadahead(dev: string, kib: number): void {
   if (!dev || !/^\d+:\d+$/.test(dev)) return;
   try {
     fs.writeFileSync(`/sys/class/bdi/${dev}/read_ahead_kb`, String(kib));
   } catch (err) {
-    debug('readahead for %s not set: %s', mountpoint, messageOf(err));
+    debug('readahead for %s not set: %s', dev, messageOf(err));
   }
 }
 

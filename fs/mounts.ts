@@ -1,6 +1,12 @@
-// Finding tsmount's mounts in /proc/mounts. The serving process's pid is in the
-// mount's source ("tsmount:PID"), so `tsmount -u` needs no state files.
+// Finding tsmount's mounts: the kernel's table (/proc/self/mountinfo, type
+// fuse.tsmount) says what is mounted where; a small registry says which server serves
+// it. Each server writes a state file (pid, mountpoint, images, rw) in a runtime dir of
+// its user, named after the mount's device number ("0:NN"), and removes it at exit.
+// The mount's source names the image (tsmount#/path/disk.qcow2), as FUSE file systems
+// do, so the pid is no longer in it. A state file counts only while its mount has that
+// device number at that mountpoint and its server lives: a stale one never matches.
 import fs from 'node:fs';
+import path from 'node:path';
 
 /**
  * Whether a server process still runs. A zombie has finished: the server is detached,
@@ -20,34 +26,184 @@ export function serverAlive(pid: number): boolean {
   }
 }
 
-export interface TsmountMount {
-  mountpoint: string;
+export interface MountState {
   pid: number;
+  mountpoint: string;
+  images: string[];
+  rw: boolean;
 }
 
-/** /proc/mounts escapes space, tab, newline and backslash as octal. */
+export interface TsmountMount {
+  mountpoint: string;
+  /** The mount's device number as mountinfo gives it ("0:NN"). */
+  dev: string;
+  /** The mount's source (tsmount#IMAGE). */
+  source: string;
+  /** The serving process, 0 when no live state file names one. */
+  pid: number;
+  state?: MountState;
+}
+
+/**
+ * `p` with symlinks resolved, as the kernel names a mount. A dead mount (its server
+ * gone: ENOTCONN) cannot be resolved itself; its parent can. Throws ENOENT as fs does.
+ */
+export function realMountpoint(p: string): string {
+  const abs = path.resolve(p);
+  try {
+    return fs.realpathSync(abs);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR' || abs === '/') throw err;
+    return path.join(fs.realpathSync(path.dirname(abs)), path.basename(abs));
+  }
+}
+
+/** mountinfo escapes space, tab, newline and backslash as octal. */
 function unescape(field: string): string {
   return field.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
 }
 
-export function listMounts(): TsmountMount[] {
+/**
+ * Where this user's state files live: /run/tsmount for root; otherwise
+ * $XDG_RUNTIME_DIR/tsmount, or /tmp/tsmount-UID. Made 0700; a directory this user
+ * does not own (someone else made it first in /tmp) is refused.
+ */
+export function runtimeDir(create: boolean): string | undefined {
+  const uid = process.getuid?.() ?? 0;
+  const xdg = process.env.XDG_RUNTIME_DIR;
+  // Not $TMPDIR: the server and a later `tsmount -u` may see different ones.
+  const dir = uid === 0 ? '/run/tsmount' : xdg && path.isAbsolute(xdg) ? path.join(xdg, 'tsmount') : `/tmp/tsmount-${uid}`;
+  try {
+    if (create) fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const st = fs.lstatSync(dir);
+    if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o022) !== 0) return undefined;
+    return dir;
+  } catch {
+    return undefined;
+  }
+}
+
+function stateFile(dir: string, dev: string): string {
+  return path.join(dir, `${dev.replace(':', '_')}.json`);
+}
+
+/** Record this server's mount; returns the file to remove at exit, or undefined. */
+export function writeState(dev: string, state: MountState): string | undefined {
+  const dir = runtimeDir(true);
+  if (!dir) return undefined;
+  sweep(dir);
+  const file = stateFile(dir, dev);
+  const tmp = `${file}.${process.pid}.tmp`;
+  try {
+    fs.writeFileSync(tmp, JSON.stringify(state), { mode: 0o600 });
+    fs.renameSync(tmp, file);
+    return file;
+  } catch {
+    fs.rmSync(tmp, { force: true });
+    return undefined;
+  }
+}
+
+/** Remove state files whose server died without removing its own (SIGKILL, a crash). */
+function sweep(dir: string): void {
+  let names: string[] = [];
+  try {
+    names = fs.readdirSync(dir).filter((n) => /^\d+_\d+\.json$/.test(n));
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    try {
+      const s = JSON.parse(fs.readFileSync(path.join(dir, n), 'utf8')) as Partial<MountState>;
+      if (typeof s.pid === 'number' && serverAlive(s.pid)) continue;
+    } catch {
+      /* unreadable: stale too */
+    }
+    fs.rmSync(path.join(dir, n), { force: true });
+  }
+}
+
+function readState(dir: string | undefined, dev: string, mountpoint: string): MountState | undefined {
+  if (!dir) return undefined;
+  try {
+    const s = JSON.parse(fs.readFileSync(stateFile(dir, dev), 'utf8')) as Partial<MountState>;
+    if (typeof s.pid !== 'number' || s.mountpoint !== mountpoint || !serverAlive(s.pid)) return undefined;
+    return { pid: s.pid, mountpoint: s.mountpoint, images: Array.isArray(s.images) ? s.images.map(String) : [], rw: !!s.rw };
+  } catch {
+    return undefined;
+  }
+}
+
+interface MountInfoEntry {
+  dev: string;
+  mountpoint: string;
+  fstype: string;
+  source: string;
+}
+
+function mountInfo(): MountInfoEntry[] {
   let text: string;
   try {
-    text = fs.readFileSync('/proc/self/mounts', 'utf8');
+    text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
   } catch {
     return [];
   }
-  const out: TsmountMount[] = [];
+  const out: MountInfoEntry[] = [];
   for (const line of text.split('\n')) {
-    const [source, target, type] = line.split(' ');
-    if (type !== 'fuse.tsmount' || !source || !target) continue;
-    const m = /^tsmount:(\d+)$/.exec(source);
-    out.push({ mountpoint: unescape(target), pid: m ? Number(m[1]) : 0 });
+    // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+    const sep = line.indexOf(' - ');
+    if (sep < 0) continue;
+    const pre = line.slice(0, sep).split(' ');
+    const [fstype, source] = line.slice(sep + 3).split(' ');
+    if (!pre[2] || !pre[4] || !fstype) continue;
+    out.push({ dev: pre[2], mountpoint: unescape(pre[4]), fstype, source: unescape(source ?? '') });
   }
   return out;
 }
 
-/** The tsmount mount at `mountpoint` (an absolute path), served by `pid` if given. */
+/** Every tsmount mount this process can see, the topmost last for stacked mountpoints. */
+export function listMounts(): TsmountMount[] {
+  const dir = runtimeDir(false);
+  return mountInfo()
+    .filter((e) => e.fstype === 'fuse.tsmount')
+    .map((e) => {
+      const state = readState(dir, e.dev, e.mountpoint);
+      return { mountpoint: e.mountpoint, dev: e.dev, source: e.source, pid: state?.pid ?? 0, state };
+    });
+}
+
+/**
+ * The tsmount mount at `mountpoint` (an absolute path, symlinks resolved), served by
+ * `pid` if given; the topmost one when several are stacked.
+ */
 export function findMount(mountpoint: string, pid?: number): TsmountMount | undefined {
-  return listMounts().find((m) => m.mountpoint === mountpoint && (pid === undefined || m.pid === pid));
+  return listMounts()
+    .filter((m) => m.mountpoint === mountpoint && (pid === undefined || m.pid === pid))
+    .pop();
+}
+
+/** The device number of the tsmount mount at `mountpoint`, whoever serves it. */
+export function mountDevice(mountpoint: string): string | undefined {
+  return mountInfo()
+    .filter((e) => e.fstype === 'fuse.tsmount' && e.mountpoint === mountpoint)
+    .pop()?.dev;
+}
+
+/** Whether the mount with device number `dev` is still at `mountpoint`. */
+export function stillMounted(mountpoint: string, dev: string): boolean {
+  return mountInfo().some((e) => e.dev === dev && e.mountpoint === mountpoint);
+}
+
+/** An image as messages and the registry show it: a local one absolute, a URI without its password. */
+export function shownImage(spec: string): string {
+  const local = spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec);
+  if (local) return path.resolve(spec.replace(/^file:/, ''));
+  return spec.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/@:]*):[^/@]*@/i, '$1@').replace(/([?&;]password=)[^&;]*/gi, '$1');
+}
+
+/** The mount's source: `tsmount#` and the first image (the rest are in the registry). */
+export function mountSource(images: string[]): string {
+  // A newline would break /proc/self/mounts' lines for every reader.
+  return `tsmount#${shownImage(images[0] ?? '').replace(/[\n\0]/g, '?')}`;
 }

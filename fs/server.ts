@@ -6,14 +6,17 @@ import path from 'node:path';
 import createDebug from 'debug';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
-import { openImage } from '../drivers/open.js';
+import { decryptsInChain, openGraph } from '../drivers/open.js';
+import { namedFilesOf, type NamedFilePolicy } from '../drivers/trust.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
-import { SysError } from '../drivers/protocol/sys.js';
-import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
+import { SysError } from '../drivers/errors.js';
 import { FlatFs, type FlatFile } from './flatfs.js';
 import { mount, setReadahead, unmountFuse, type FuseMount } from './fuse.js';
-import { findMount } from './mounts.js';
+import { flatFileOwnership, rootOwnership, type MountAccess, type PulledFile } from './access.js';
+import { findMount, mountDevice, mountSource, shownImage, stillMounted, writeState } from './mounts.js';
+import { log } from './log.js';
+import { formatOf } from '../drivers/open.js';
 
 const debug = createDebug('tsmount:server');
 
@@ -35,11 +38,22 @@ export interface ServeOptions {
   locking: LockingMode;
   forceShare: boolean;
   shareRw: boolean;
-  /** Extra libfuse -o options. */
+  /** Extra libfuse -o options (tsmount's own already taken out: fs/access.ts). */
   fuseOptions: string[];
+  /** Ownership choices, allow_other, growable; default: the image's, neither. */
+  access?: MountAccess;
   /** Passphrase for encrypted images. */
   secret?: string;
+  /** Which files an image may name (drivers/trust.ts); 'owner' when absent. */
+  namedFiles?: NamedFilePolicy;
+  /** Polled between steps of the start: true once whoever started us has gone. */
+  abandoned?: () => boolean;
+  /** Called once everything is open, just before mounting. */
+  beforeMount?: () => void;
 }
+
+/** The start was abandoned (a signal, or the starting command went away): nothing stays mounted. */
+export class AbandonedError extends UsageError {}
 
 export interface MountTarget {
   mountpoint: string;
@@ -49,10 +63,27 @@ export interface MountTarget {
   names: string[];
 }
 
+/**
+ * The mountpoint as the kernel will name it: symlinks resolved once, here, so the
+ * mount table, the registry and `tsmount -u` all see the same path.
+ */
+export function resolveMountpoint(mountpoint: string): string {
+  try {
+    return fs.realpathSync(path.resolve(mountpoint));
+  } catch {
+    throw new UsageError(`${mountpoint}: mountpoint does not exist`);
+  }
+}
+
+/** Whether -o nonempty is among the mount options. */
+function allowsNonempty(fuseOptions: string[]): boolean {
+  return fuseOptions.some((o) => o.split(',').includes('nonempty'));
+}
+
 /** `disk.qcow2` -> `disk.raw`; checked before anything is opened. */
-export function planMount(images: string[], mountpoint: string): MountTarget {
+export function planMount(images: string[], mountpoint: string, fuseOptions: string[] = []): MountTarget {
   if (images.length === 0) throw new UsageError('no image given');
-  const mp = path.resolve(mountpoint);
+  const mp = resolveMountpoint(mountpoint);
   let st: fs.Stats;
   try {
     st = fs.statSync(mp);
@@ -60,6 +91,10 @@ export function planMount(images: string[], mountpoint: string): MountTarget {
     throw new UsageError(`${mountpoint}: mountpoint does not exist`);
   }
   if (findMount(mp)) throw new UsageError(`${mountpoint}: already a tsmount mount`);
+  // The files in it would be hidden until unmount: libfuse's old default, and ours.
+  if (st.isDirectory() && !allowsNonempty(fuseOptions) && fs.readdirSync(mp).length > 0) {
+    throw new UsageError(`${mountpoint}: mountpoint is not empty (its files would be hidden until unmount); add -o nonempty to mount over them`);
+  }
   if (st.isFile()) {
     if (images.length !== 1) throw new UsageError(`${mountpoint}: a regular file can hold only one image, ${images.length} given`);
     return { mountpoint: mp, overFile: true, names: [''] };
@@ -76,26 +111,20 @@ export function stemOf(spec: string): string {
   return (p.stem ?? fileProtocol.stem!)(spec);
 }
 
-/** Split --cache-size between guest data and per-node metadata tables. */
-function cacheBudget(total: number): { data: number; metadata: number } {
-  const metadata = Math.max(1 << 20, Math.floor(total / 4));
-  return { data: Math.max(0, total - metadata), metadata };
-}
-
 /**
  * Internal snapshots as read-only files beside their image: MOUNTPOINT/<stem>@<name>.raw
  * (the bytes of `qemu-img convert -l <name>`). Names that cannot be a file name, or
  * that another file already has, are left out with a warning.
  */
-function snapshotFiles(files: FlatFile[], formatNodes: BlockNode[]): FlatFile[] {
+function snapshotFiles(files: FlatFile[]): FlatFile[] {
   const out: FlatFile[] = [];
   const taken = new Set(files.map((f) => f.name));
-  files.forEach((f, i) => {
+  files.forEach((f) => {
     const stem = f.name.replace(/\.raw$/, '');
-    for (const s of formatNodes[i]?.snapshots?.() ?? []) {
+    for (const s of f.node.snapshots?.() ?? []) {
       const name = `${stem}@${s.name}.raw`;
       if (s.name === '' || /[/\0]/.test(s.name) || Buffer.byteLength(name) > 255 || taken.has(name)) {
-        process.stderr.write(`tsmount: snapshot '${s.name}' of ${f.node.name} cannot be shown as a file; skipped\n`);
+        log('warning', `snapshot '${s.name}' of ${f.node.name} cannot be shown as a file; skipped`);
         continue;
       }
       taken.add(name);
@@ -111,6 +140,9 @@ export class Server {
   readonly exited: Promise<number>;
   private resolveExit!: (code: number) => void;
   private session: FuseMount | undefined;
+  /** The mount's device number ("0:NN"), which names it in the registry. */
+  private dev: string | undefined;
+  private stateFile: string | undefined;
 
   private constructor(
     private readonly target: MountTarget,
@@ -122,71 +154,106 @@ export class Server {
 
   /** Open every image, then mount; on any failure nothing stays open or mounted. */
   static async start(opts: ServeOptions): Promise<Server> {
-    const target = planMount(opts.images, opts.mountpoint);
-    const budget = cacheBudget(opts.cacheSize);
-    const nodes: BlockNode[] = [];
-    const formatNodes: BlockNode[] = [];
-    try {
-      for (const image of opts.images) {
-        const node = await openImage(image, {
-          readOnly: !opts.rw,
-          format: opts.format,
-          cache: opts.cache,
-          metadataCacheBytes: Math.floor(budget.metadata / opts.images.length),
-          locking: opts.locking,
-          forceShare: opts.forceShare,
-          shareRw: opts.shareRw,
-          secret: opts.secret,
-        });
-        formatNodes.push(node);
-        nodes.push(new ClusterCache(node, { mode: opts.cache, maxBytes: Math.floor(budget.data / opts.images.length), blockSize: DEFAULT_BLOCK_SIZE }));
-      }
-    } catch (err) {
-      await Promise.allSettled(nodes.map((n) => n.close()));
-      throw err;
-    }
+    const target = planMount(opts.images, opts.mountpoint, opts.fuseOptions);
+    if (opts.abandoned?.()) throw new AbandonedError('interrupted before the mount was ready; not mounted');
+    const nodes = await openGraph(opts.images, {
+      readOnly: !opts.rw,
+      format: opts.format,
+      cache: opts.cache,
+      cacheSize: opts.cacheSize,
+      locking: opts.locking,
+      forceShare: opts.forceShare,
+      shareRw: opts.shareRw,
+      secret: opts.secret,
+      namedFiles: opts.namedFiles,
+    });
+    const access = opts.access ?? { allowOther: false, growable: false };
     const files: FlatFile[] = nodes.map((node, i) => {
-      // A local image lends its owner and time to the flat file; a remote one, the server's.
+      // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
       const local = protocolFor(opts.images[i]!) === fileProtocol ? opts.images[i]!.replace(/^file:/, '') : undefined;
       const st = local !== undefined ? fs.statSync(local) : undefined;
-      return { name: target.names[i]!, node, writable: opts.rw, uid: st?.uid ?? process.getuid?.() ?? 0, gid: st?.gid ?? process.getgid?.() ?? 0, mtime: st?.mtime ?? new Date(), hostFile: local };
+      // The other files the image reads (backing files, extents, a data file) narrow the mode.
+      const others: PulledFile[] = namedFilesOf(node).map((f) => ({ uid: f.stat.uid, gid: f.stat.gid, mode: f.stat.mode, written: f.write }));
+      const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(node), choice: access });
+      return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date(), hostFile: local };
     });
-    if (!target.overFile) files.push(...snapshotFiles(files, formatNodes));
-    const flat = new FlatFs(files, target.overFile, (msg) => process.stderr.write(`tsmount: ${msg}\n`));
+    if (!target.overFile) files.push(...snapshotFiles(files));
+    const flat = new FlatFs(files, target.overFile, (msg) => log('err', msg), {
+      root: rootOwnership(access, opts.rw),
+      growable: access.growable,
+    });
     const server = new Server(target, nodes, flat);
-    const fsname = `tsmount:${process.pid}`;
+    server.ready = files.map((f, i) => readyLine(f, f.node, opts.rw, target.mountpoint));
+    opts.beforeMount?.();
+    if (opts.abandoned?.()) {
+      await Promise.allSettled(nodes.map((n) => n.close()));
+      throw new AbandonedError('interrupted before the mount was ready; not mounted');
+    }
     try {
       server.session = await mount(target.mountpoint, flat, {
-        fsname,
+        fsname: mountSource(opts.images),
         readOnly: !opts.rw,
-        allowOther: process.getuid?.() === 0,
+        allowOther: access.allowOther,
+        allowRoot: access.allowRoot,
         extra: opts.fuseOptions,
       });
-      setReadahead(target.mountpoint, READAHEAD_KIB, fsname);
     } catch (err) {
       await Promise.allSettled(nodes.map((n) => n.close()));
       throw err;
     }
+    server.dev = mountDevice(target.mountpoint);
+    if (server.dev) {
+      setReadahead(server.dev, READAHEAD_KIB);
+      server.stateFile = writeState(server.dev, { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw });
+      if (!server.stateFile) debug('no state file for %s: tsmount -u will not wait for this server', target.mountpoint);
+    }
     server.watch();
+    // However the process ends, the registry must not name it.
+    process.once('exit', () => server.forget());
+    if (opts.abandoned?.()) {
+      await server.shutdown(true);
+      throw new AbandonedError('interrupted before the mount was ready; unmounted');
+    }
     return server;
   }
+
+  /** One line per file: "disk.raw ready: 1 GiB, qcow2, read-only". */
+  ready: string[] = [];
 
   get mountpoint(): string {
     return this.target.mountpoint;
   }
 
-  /** A plain umount ends the FUSE session without telling us: look for it. */
+  /**
+   * A plain umount ends the FUSE session without telling us: look for it. Where the
+   * backend sees the session end, that alone counts: a lazy unmount (umount -l) leaves
+   * the mount table at once, but its users go on reading until they close.
+   */
   private watch(): void {
-    void this.session?.closed?.then(() => {
-      debug('FUSE session of %s ended', this.target.mountpoint);
-      void this.shutdown(false);
-    });
+    if (this.session?.closed) {
+      void this.session.closed.then(() => {
+        debug('FUSE session of %s ended', this.target.mountpoint);
+        void this.shutdown(false);
+      });
+      return;
+    }
     this.watcher = setInterval(() => {
-      if (!findMount(this.target.mountpoint, process.pid)) {
+      if (!this.mounted()) {
         debug('mount %s is gone', this.target.mountpoint);
         void this.shutdown(false);
       }
     }, 250);
+  }
+
+  /** Our mount is still in the mount table (not one someone mounted there since). */
+  private mounted(): boolean {
+    return this.dev ? stillMounted(this.target.mountpoint, this.dev) : !!findMount(this.target.mountpoint);
+  }
+
+  /** Remove the state file, from the exit path too (synchronously). */
+  forget(): void {
+    if (this.stateFile) fs.rmSync(this.stateFile, { force: true });
+    this.stateFile = undefined;
   }
 
   /**
@@ -197,12 +264,14 @@ export class Server {
     this.shuttingDown ??= (async () => {
       if (this.watcher) clearInterval(this.watcher);
       let code = 0;
-      if (unmount && findMount(this.target.mountpoint, process.pid)) {
+      if (unmount && this.mounted()) {
         try {
           unmountFuse(this.target.mountpoint, false);
         } catch (err) {
           // Busy: detach it now, so no new request arrives; open files see errors.
           debug('umount %s: %s, detaching', this.target.mountpoint, err instanceof SysError ? err.errno : messageOf(err));
+          log('warning', `${this.target.mountpoint}: busy; detached (files still open on it see errors)`);
+          code = 1;
           try {
             unmountFuse(this.target.mountpoint, true);
           } catch {
@@ -213,19 +282,38 @@ export class Server {
       try {
         await this.flat.flushAll();
       } catch (err) {
-        process.stderr.write(`tsmount: flushing on unmount failed: ${messageOf(err)}\n`);
+        log('err', `flushing on unmount failed: ${messageOf(err)}`);
         code = 1;
       }
       for (const n of this.nodes) {
         try {
           await n.close();
         } catch (err) {
-          process.stderr.write(`tsmount: closing ${n.name} failed: ${messageOf(err)}\n`);
+          log('err', `closing ${n.name} failed: ${messageOf(err)}`);
           code = 1;
         }
       }
+      this.forget();
       this.resolveExit(code);
     })();
     return this.shuttingDown;
   }
+}
+
+const UNITS = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+
+/** 1073741824 -> "1 GiB", 1610612736 -> "1.5 GiB". */
+export function humanSize(n: number): string {
+  let u = 0;
+  let v = n;
+  while (v >= 1024 && u < UNITS.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${u === 0 ? v : Number(v.toFixed(v < 10 ? 2 : 1))} ${UNITS[u]}`;
+}
+
+function readyLine(f: FlatFile, formatNode: BlockNode, rw: boolean, mountpoint: string): string {
+  const where = f.name === '' ? mountpoint : path.join(mountpoint, f.name);
+  return `${where} ready: ${humanSize(f.node.size)}, ${formatOf(formatNode) ?? 'raw'}, ${f.writable && rw ? 'read-write' : 'read-only'}`;
 }

@@ -2,14 +2,15 @@
 // tsimg: make and inspect images, beside tsmount. Subcommands follow qemu-img's.
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
 //   tsimg info [-f FMT] [--output human|json] FILE
-import fs from 'node:fs';
 import { Command } from 'commander';
 import type { BlockNode, Creatable, CreateRequest, FormatDriver } from '../drivers/types.js';
 import { messageOf, UsageError } from '../drivers/errors.js';
 import { CreateOptions, parseOptionString, parseSize } from '../drivers/options.js';
 import { formatByName } from '../drivers/format/index.js';
-import { formatOf as openedFormat, openImage, type ImageOptions } from '../drivers/open.js';
+import { formatOf as openedFormat, openImage, openProtocol, type ImageOptions } from '../drivers/open.js';
 import { protocolFor } from '../drivers/protocol/index.js';
+import type { NamedFilePolicy } from '../drivers/trust.js';
+import { readSecretFile } from './secret.js';
 
 function fail(msg: string): never {
   process.stderr.write(`tsimg: ${msg}\n`);
@@ -18,14 +19,10 @@ function fail(msg: string): never {
 
 function readSecret(o: { secret?: string; secretFile?: string }): string | undefined {
   if (o.secretFile === undefined) return o.secret;
-  try {
-    return fs.readFileSync(o.secretFile, 'utf8').replace(/\r?\n$/, '');
-  } catch {
-    throw new UsageError(`${o.secretFile}: cannot read the secret file`);
-  }
+  return readSecretFile(o.secretFile);
 }
 
-const readOnlyOpen = (format?: string, secret?: string): ImageOptions => ({
+const readOnlyOpen = (format?: string, secret?: string, namedFiles?: NamedFilePolicy): ImageOptions => ({
   readOnly: true,
   format,
   cache: 'writeback',
@@ -34,7 +31,13 @@ const readOnlyOpen = (format?: string, secret?: string): ImageOptions => ({
   forceShare: true,
   shareRw: false,
   secret,
+  namedFiles,
 });
+
+function namedFilePolicy(o: { confine?: boolean; trustImagePaths?: boolean }): NamedFilePolicy {
+  if (o.confine && o.trustImagePaths) throw new UsageError('give --confine or --trust-image-paths, not both');
+  return o.confine ? 'confine' : o.trustImagePaths ? 'trust' : 'owner';
+}
 
 
 interface CreateCli {
@@ -62,7 +65,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
   if (!protocol.create) throw new UsageError(`${spec}: cannot create images on the ${protocol.name} protocol`);
   await protocol.create(spec);
   const made = [spec];
-  const file = await protocol.open(spec, { readOnly: false, cache: 'writeback' });
+  const file = await openProtocol(spec, { readOnly: false, cache: 'writeback' });
   const extra: BlockNode[] = [];
   let ok = false;
   try {
@@ -77,7 +80,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
         const target = protocol.resolveRelative(spec, name);
         await protocol.create!(target);
         made.push(target);
-        const node = await protocol.open(target, { readOnly: false, cache: 'writeback' });
+        const node = await openProtocol(target, { readOnly: false, cache: 'writeback' });
         extra.push(node);
         return node;
       },
@@ -101,15 +104,15 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
   }
 }
 
-async function info(spec: string, o: { format?: string; output: string; secret?: string; secretFile?: string }): Promise<void> {
-  const node = await openImage(spec, readOnlyOpen(o.format, readSecret(o)));
+async function info(spec: string, o: { format?: string; output: string; secret?: string; secretFile?: string; confine?: boolean; trustImagePaths?: boolean }): Promise<void> {
+  const node = await openImage(spec, readOnlyOpen(o.format, readSecret(o), namedFilePolicy(o)));
   try {
     const chain: { filename: string; format: string; 'virtual-size': number }[] = [];
     let cur: BlockNode | undefined = node;
     let name = spec;
     while (cur) {
       chain.push({ filename: name, format: openedFormat(cur) ?? 'unknown', 'virtual-size': cur.size });
-      const next: BlockNode | undefined = (cur as { backing?: BlockNode }).backing;
+      const next: BlockNode | undefined = cur.backing;
       if (next) name = next.name;
       cur = next;
     }
@@ -146,6 +149,8 @@ async function main(argv: string[]): Promise<void> {
     .option('--output <fmt>', 'human or json', 'human')
     .option('--secret <pass>', 'passphrase')
     .option('--secret-file <file>', 'read the passphrase from a file')
+    .option('--confine', "open only files under the image's own folder that the image names")
+    .option('--trust-image-paths', 'open every file an image names, as QEMU does (unsafe for images you did not write)')
     .action(async (file: string, o: { format?: string; output: string }) => info(file, o));
   await program.parseAsync(argv);
 }

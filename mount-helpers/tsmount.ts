@@ -6,6 +6,7 @@
 // before anything is mounted: libfuse2 opens /dev/fuse without close-on-exec, so the
 // serving process itself must never spawn a child.
 import { spawn } from 'node:child_process';
+import type { Readable } from 'node:stream';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -18,10 +19,13 @@ import type { LockingMode } from '../drivers/protocol/lock.js';
 import type { Server } from '../fs/server.js';
 import { unmount } from './unmount.js';
 import { parseSize } from '../drivers/options.js';
+import { parseMountAccess } from '../fs/access.js';
+import { readSecretFile } from './secret.js';
 
 
 interface CliOptions {
   unmount?: boolean;
+  lazy?: boolean;
   rw?: boolean;
   format?: string;
   foreground?: boolean;
@@ -33,19 +37,23 @@ interface CliOptions {
   secret?: string;
   secretFile?: string;
   option: string[];
+  uid?: string;
+  gid?: string;
+  umask?: string;
+  growable?: boolean;
   log?: string;
   readyFd?: string;
+  syslog?: boolean;
+  starter?: string;
   imageOpts?: boolean;
+  confine?: boolean;
+  trustImagePaths?: boolean;
 }
 
 function readSecret(opts: CliOptions): string | undefined {
   if (opts.secret !== undefined && opts.secretFile !== undefined) fail('give --secret or --secret-file, not both');
   if (opts.secretFile === undefined) return opts.secret;
-  try {
-    return fs.readFileSync(opts.secretFile, 'utf8').replace(/\r?\n$/, '');
-  } catch {
-    fail(`${opts.secretFile}: cannot read the secret file`);
-  }
+  return readSecretFile(opts.secretFile);
 }
 
 function fail(msg: string, code = 1): never {
@@ -55,10 +63,11 @@ function fail(msg: string, code = 1): never {
 
 function program(): Command {
   return new Command('tsmount')
-    .usage('[options] IMAGE... MOUNTPOINT\n       tsmount -u MOUNTPOINT')
+    .usage('[options] IMAGE... MOUNTPOINT\n       tsmount -u [--lazy] MOUNTPOINT')
     .description('Present disk images as flat raw files: MOUNTPOINT/<stem>.raw')
     .argument('<paths...>', 'images, then the mountpoint')
     .option('-u, --unmount', 'unmount MOUNTPOINT; returns once every write is on disk and the server has exited')
+    .option('--lazy', 'with -u: detach now even if busy (umount -l); the server exits after the last user closes, -u returns at once')
     .option('--rw', 'mount read-write (default: read-only)')
     .option('-f, --format <fmt>', 'image format (raw, qcow2); probed when absent')
     .option('--foreground', 'keep the server attached to this terminal')
@@ -67,12 +76,20 @@ function program(): Command {
     .addOption(new Option('--locking <mode>', 'image locking, as QEMU').choices(['on', 'off', 'auto']).default('auto'))
     .option('-U, --force-share', 'open read-only even while another process writes the image (like qemu-img -U)')
     .option('--share-rw', 'let other writers use the image too (like share-rw=on)')
+    .option('--confine', "open only files under the image's own folder that the image names (backing files, extents, data files)")
+    .option('--trust-image-paths', 'open every file an image names, as QEMU does, even one its owner cannot read (unsafe for images you did not write)')
     .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
-    .option('-o, --option <opt>', 'extra libfuse mount option (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
-    .option('--log <file>', 'where the detached server writes its messages')
+    .option('-o, --option <opt>', 'mount option (repeatable): allow_other, allow_root, uid=N, gid=N, umask=M, growable, nonempty, or a libfuse option', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--uid <n>', "owner of the flat files (default: the image file's)")
+    .option('--gid <n>', "group of the flat files (default: the image file's)")
+    .option('--umask <octal>', "flat files get mode 0666 & ~umask instead of the image file's")
+    .option('--growable', 'let truncate grow the disk (--rw; also -o growable, -o resize)')
+    .option('--log <file>', 'where the detached server writes its messages (default: syslog, see journalctl -t tsmount)')
     .addOption(new Option('--ready-fd <fd>').hideHelp())
+    .addOption(new Option('--syslog').hideHelp())
+    .addOption(new Option('--starter <pid>').hideHelp())
     .showHelpAfterError(false)
     .configureOutput({ outputError: (str, write) => write(`tsmount: ${str.replace(/^error: /, '').trim()}\n`) })
     .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1));
@@ -86,14 +103,17 @@ async function main(argv: string[]): Promise<void> {
 
   if (opts.unmount) {
     if (paths.length !== 1) fail('-u takes exactly one MOUNTPOINT');
-    await unmount(paths[0]!);
+    const said = await unmount(paths[0]!, { lazy: !!opts.lazy });
+    if (said) process.stderr.write(`tsmount: ${said}\n`);
     return;
   }
+  if (opts.lazy) fail('--lazy goes with -u');
   if (paths.length < 2) fail('need at least one IMAGE and a MOUNTPOINT (see --help)');
   let images = paths.slice(0, -1);
   if (opts.imageOpts) ({ images, format: opts.format } = await fromImageOpts(images, opts.format));
   const mountpoint = paths[paths.length - 1]!;
   if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
+  if (opts.confine && opts.trustImagePaths) fail('give --confine or --trust-image-paths, not both');
   const cacheSize = parseSize(opts.cacheSize, '--cache-size');
   if (cacheSize < 1 << 20) fail('--cache-size must be at least 1M');
   // Cheap checks before a server is started, so a typo fails fast; the server checks
@@ -101,6 +121,12 @@ async function main(argv: string[]): Promise<void> {
   if (!fs.existsSync(mountpoint)) fail(`${mountpoint}: mountpoint does not exist`);
   for (const img of images) if (isLocalPath(img) && !fs.existsSync(img.replace(/^file:/, ''))) fail(`${img}: no such file`);
   const secret = readSecret(opts);
+  let mountAccess: ReturnType<typeof parseMountAccess>;
+  try {
+    mountAccess = parseMountAccess(opts.option, opts);
+  } catch (err) {
+    fail(messageOf(err));
+  }
 
   if (!opts.foreground) {
     await daemonize(argv, opts.log);
@@ -110,7 +136,29 @@ async function main(argv: string[]): Promise<void> {
   const readyFd = opts.readyFd !== undefined ? Number(opts.readyFd) : undefined;
   // Once the starting command is gone, its end of our stderr is closed.
   process.stderr.on('error', () => undefined);
-  let server: Server;
+  const { log, openSyslog } = await import('../fs/log.js');
+  if (opts.syslog) openSyslog();
+  // Started detached: if the starting command goes away before the mount is ready
+  // (Ctrl-C, timeout), stop. Until mounting begins, a signal keeps its default action,
+  // which ends even a long key derivation at once, with nothing mounted; from then
+  // on it marks the start abandoned, and the start unmounts before it returns.
+  let abandoned = false;
+  let mounting = false;
+  let server: Server | undefined;
+  // The starter's pid comes from the starter: one that died before we ran this line
+  // would otherwise look like our parent (init) forever.
+  const parent = opts.starter !== undefined ? Number(opts.starter) : process.ppid;
+  const orphaned = readyFd === undefined ? undefined : setInterval(() => {
+    if (process.ppid === parent) return;
+    // process.exit would wait for a key derivation running on the thread pool; the
+    // signal's default action (no handler yet) ends the process at once.
+    if (!mounting) process.kill(process.pid, 'SIGTERM');
+    abandoned = true;
+  }, 100);
+  const onSignal = (): void => {
+    abandoned = true;
+    void server?.shutdown(true);
+  };
   try {
     const { Server } = await import('../fs/server.js');
     server = await Server.start({
@@ -123,30 +171,54 @@ async function main(argv: string[]): Promise<void> {
       locking: opts.locking,
       forceShare: !!opts.forceShare,
       shareRw: !!opts.shareRw,
-      fuseOptions: opts.option,
+      namedFiles: opts.confine ? 'confine' : opts.trustImagePaths ? 'trust' : 'owner',
+      fuseOptions: mountAccess.rest,
+      access: mountAccess.access,
       secret,
+      abandoned: () => abandoned,
+      beforeMount: () => {
+        mounting = true;
+        for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, onSignal);
+      },
     });
   } catch (err) {
+    // Nobody may be listening for this one: say it where the server's messages go.
+    if (abandoned) log('warning', messageOf(err));
     if (readyFd !== undefined) {
-      fs.writeSync(readyFd, `ERR ${messageOf(err)}\n`);
+      try {
+        fs.writeSync(readyFd, `ERR ${messageOf(err)}\n`);
+      } catch {
+        /* nobody is listening any more */
+      }
       process.exit(1);
     }
     fail(messageOf(err));
   }
-  for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void server.shutdown(true));
+  const running = server;
   // A bug must not leave a dead mount behind: write out what we can, unmount, exit.
   const crash = (err: unknown): void => {
-    process.stderr.write(`tsmount: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    log('err', `internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
     setTimeout(() => process.exit(1), 10_000).unref();
-    void server.shutdown(true).finally(() => process.exit(1));
+    void running.shutdown(true).finally(() => process.exit(1));
   };
   process.on('uncaughtException', crash);
   process.on('unhandledRejection', crash);
   if (readyFd !== undefined) {
-    fs.writeSync(readyFd, 'OK\n');
-    fs.closeSync(readyFd);
+    clearInterval(orphaned);
+    try {
+      if (abandoned) throw new Error('abandoned');
+      fs.writeSync(readyFd, 'OK\n');
+      fs.closeSync(readyFd);
+    } catch {
+      // EPIPE: the starting command has gone, and nobody knows this mount exists.
+      log('warning', `${running.mountpoint}: interrupted before the mount was ready; unmounting`);
+      await running.shutdown(true);
+      process.exit(1);
+    }
   }
-  const code = await server.exited;
+  for (const line of running.ready) log('info', line);
+  const code = await running.exited;
+  log(code === 0 ? 'info' : 'err', `${running.mountpoint} ${code === 0 ? 'unmounted' : 'unmounted, not cleanly (see the messages above)'}`);
   process.exit(code);
 }
 
@@ -167,12 +239,30 @@ async function fromImageOpts(lists: string[], format: string | undefined): Promi
 /** Start the server detached and wait for its first word: OK, or ERR and a reason. */
 async function daemonize(argv: string[], log: string | undefined): Promise<void> {
   const script = fileURLToPath(import.meta.url);
-  const args = [...process.execArgv, script, ...argv.slice(2), '--foreground', '--ready-fd', '3'];
+  const args = [...process.execArgv, script, ...argv.slice(2), '--foreground', '--ready-fd', '3', '--starter', String(process.pid), ...(log ? [] : ['--syslog'])];
   const logFd = log ? fs.openSync(path.resolve(log), 'a') : undefined;
   // Without --log, the server's stderr comes here until it is ready, so a crash at
   // startup still explains itself; after that it writes into a closed pipe, harmlessly.
   const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd ?? 'ignore', logFd ?? 'pipe', 'pipe'] });
-  const channel = child.stdio[3] as NodeJS.ReadableStream;
+  // Interrupted before the mount is ready (Ctrl-C, timeout): the server, in its own
+  // process group, must stop too and leave nothing mounted. Wait a little for it.
+  let stopping = false;
+  const interrupted = (sig: NodeJS.Signals, status: number): void => {
+    stopping = true;
+    try {
+      process.kill(-child.pid!, sig);
+    } catch {
+      /* gone */
+    }
+    const quit = (): never => process.exit(status);
+    if (child.exitCode !== null || child.signalCode !== null) quit();
+    child.once('exit', quit);
+    setTimeout(quit, 5000).unref();
+  };
+  process.on('SIGINT', () => interrupted('SIGINT', 130));
+  process.on('SIGTERM', () => interrupted('SIGTERM', 143));
+  process.on('SIGHUP', () => interrupted('SIGHUP', 129));
+  const channel = child.stdio[3] as Readable;
   let said = '';
   let stderr = '';
   channel.setEncoding('utf8');
@@ -184,9 +274,11 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   // 'exit' can come before the last bytes of the pipe are read: let them arrive.
   await Promise.race([answered, new Promise((r) => setTimeout(r, 2000).unref())]);
   const line = said.split('\n')[0] ?? '';
+  // Interrupted: the server is stopping, whatever it said; the handler exits.
+  if (stopping) return new Promise(() => undefined);
   if (line === 'OK') {
     child.unref();
-    (channel as unknown as { destroy(): void }).destroy();
+    channel.destroy();
     child.stderr?.destroy();
     process.exit(0);
   }

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { imageInfo } from '../test/helpers/qemu.js';
+import { imageInfo } from './lib/qemu.js';
 import { Images, type Sizes } from './bench/images.js';
 import { cleanupAll, liveMounts, peakRss, withMount, type MountRequest, type System } from './bench/mounts.js';
 import { GiB, MiB, ddRead, ddWrite, drop, fio, have, loadAverage, machine, median, warm, type Machine } from './bench/tools.js';

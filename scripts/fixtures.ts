@@ -4,7 +4,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { createImage, imageInfo, qemuIo, rawMd5Sparse } from '../test/helpers/qemu.js';
+import { createImage, imageInfo, qemuIo, rawMd5Sparse } from './lib/qemu.js';
 
 export interface Fixture {
   name: string; // unique, readable: 'qcow2-v3-c512-refcount1', 'qcow2-backing-chain3-top'

@@ -1,5 +1,5 @@
 // Node-level micro-benchmark: the block graph without FUSE. Each workload opens its
-// image the way fs/server.ts does (openImage, wrapped in ClusterCache, default
+// image the way fs/server.ts does (openGraph, default
 // --cache-size split) and drives the node directly; the same I/O is then run by
 // `qemu-img bench` (C, QEMU's block layer, same image kind, same request sizes and
 // queue depth, writeback cache, the final flush included) as an anchor in the same run.
@@ -18,10 +18,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import os from 'node:os';
-import { openImage } from '../drivers/open.js';
-import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
+import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
-import { run, runOk } from '../test/helpers/qemu.js';
+import { run, runOk } from './lib/qemu.js';
+import { median } from './lib/stats.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -29,8 +29,6 @@ const GiB = 1024 * MiB;
 
 /** fs/server.ts's split of the default --cache-size (64M) for one image. */
 const CACHE_SIZE = 64 * MiB;
-const METADATA = Math.max(1 << 20, Math.floor(CACHE_SIZE / 4));
-const DATA = CACHE_SIZE - METADATA;
 
 interface Workload {
   name: string;
@@ -168,16 +166,9 @@ async function once(dir: string, name: string, make: (file: string) => Promise<v
 }
 
 async function openLikeServer(file: string, format: string, rw: boolean): Promise<BlockNode> {
-  const node = await openImage(file, {
-    readOnly: !rw,
-    format,
-    cache: 'writeback',
-    metadataCacheBytes: METADATA,
-    locking: 'auto',
-    forceShare: false,
-    shareRw: false,
-  });
-  return new ClusterCache(node, { mode: 'writeback', maxBytes: DATA, blockSize: DEFAULT_BLOCK_SIZE });
+  const [top] = await openGraph([file], { readOnly: !rw, format, cache: 'writeback', cacheSize: CACHE_SIZE, locking: 'auto', forceShare: false, shareRw: false });
+  if (!top) throw new Error('no node');
+  return top;
 }
 
 interface Timing {
@@ -222,11 +213,6 @@ async function runQemu(w: Workload, file: string, depth: number, count = w.count
   const c = /CPU ([0-9.]+) ([0-9.]+)/.exec(out);
   if (!m || !c) throw new Error(`qemu-img bench: unexpected output: ${out}`);
   return { wall: Number(m[1]), cpu: Number(c[1]) + Number(c[2]) };
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
 }
 
 function rate(w: Workload, secs: number): string {

@@ -1,5 +1,5 @@
 // Node-level sequential read benchmark: the block graph as fs/server.ts builds it
-// (openImage wrapped in a ClusterCache with the default cache budget), read in
+// (openGraph, as the server builds it, with the default cache budget), read in
 // 1 MiB requests with a few in flight, as the kernel's readahead would issue them.
 // No FUSE: this measures the format/cache path alone. `qemu-img bench` on the same
 // image in the same run is the C anchor; compare the ratios, not the MB/s.
@@ -12,18 +12,14 @@
 // monolithicSparse vmdk, fully allocated qcow2, vhdx. --verify compares every
 // request with the raw data the images were converted from.
 import fs from 'node:fs';
-import { openImage } from '../drivers/open.js';
-import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
-import { run } from '../test/helpers/qemu.js';
+import { openGraph } from '../drivers/open.js';
+import { run } from './lib/qemu.js';
+import { median } from './lib/stats.js';
 import { Images } from './bench/images.js';
 import { GiB, MiB } from './bench/tools.js';
 
-/** tsmount's --cache-size default, split as fs/server.ts cacheBudget() does. */
+/** tsmount's --cache-size default (openGraph splits it as the server does). */
 const CACHE_SIZE = 64 * MiB;
-const budget = (total: number): { data: number; metadata: number } => {
-  const metadata = Math.max(1 << 20, Math.floor(total / 4));
-  return { data: Math.max(0, total - metadata), metadata };
-};
 
 interface Args {
   images: string;
@@ -85,17 +81,16 @@ function threadCpu(): number {
 }
 
 async function readAll(file: string, format: string, depth: number, req: number, reference: number | undefined): Promise<Measure> {
-  const b = budget(CACHE_SIZE);
-  const node = await openImage(file, {
+  const [top] = await openGraph([file], {
     readOnly: true,
     format: format || undefined,
     cache: 'writeback',
-    metadataCacheBytes: b.metadata,
+    cacheSize: CACHE_SIZE,
     locking: 'off',
     forceShare: true,
     shareRw: false,
   });
-  const top = new ClusterCache(node, { mode: 'writeback', maxBytes: b.data, blockSize: DEFAULT_BLOCK_SIZE });
+  if (!top) throw new Error('no node');
   try {
     const size = top.size;
     let next = 0;
@@ -151,12 +146,6 @@ function warm(file: string): void {
     fs.closeSync(fd);
   }
 }
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((x, y) => x - y);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 async function main(): Promise<void> {
   const args = parse(process.argv.slice(2));

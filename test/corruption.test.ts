@@ -7,73 +7,14 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { openImage } from '../drivers/open.js';
-import { TsmountError } from '../drivers/errors.js';
 import { formatDrivers } from '../drivers/format/index.js';
 import type { BlockNode } from '../drivers/types.js';
 import { md5File, qemuIo, run, runTimingPbkdf, tempDir } from './helpers/qemu.js';
+import { exercise, isClean, rng, withDeadline } from './helpers/corrupt.js';
 
 const MiB = 1024 * 1024;
 const SOAK = process.env.TSMOUNT_SOAK === '1';
 const ROUNDS = SOAK ? 400 : 12;
-const DEADLINE_MS = 5000;
-/** Read at most this much of a mutated disk (a flipped size field may claim petabytes). */
-const READ_LIMIT = 64 * MiB;
-
-/** A small deterministic PRNG, so a failure can be replayed from its seed. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
-
-function isClean(err: unknown): boolean {
-  return err instanceof TsmountError && !/\n/.test(err.message);
-}
-
-async function readAll(node: BlockNode): Promise<void> {
-  const buf = Buffer.alloc(MiB);
-  const spans: [number, number][] = [[0, Math.min(node.size, READ_LIMIT)]];
-  if (node.size > READ_LIMIT) spans.push([Math.max(READ_LIMIT, node.size - MiB), node.size]);
-  for (const [a, b] of spans) {
-    for (let off = a; off < b; off += buf.length) {
-      const n = Math.min(buf.length, b - off);
-      try {
-        await node.read(off, buf.subarray(0, n));
-      } catch (err) {
-        if (!isClean(err)) throw err;
-      }
-    }
-  }
-}
-
-/** Open and read; resolves with what happened, rejects only on an unclean error. */
-async function exercise(file: string, format: string): Promise<'refused' | 'read'> {
-  let node: BlockNode;
-  try {
-    node = await openImage(file, { readOnly: true, format, cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false, secret: 'x' });
-  } catch (err) {
-    if (isClean(err)) return 'refused';
-    throw err;
-  }
-  try {
-    await readAll(node);
-  } finally {
-    await node.close().catch(() => undefined);
-  }
-  return 'read';
-}
-
-function withDeadline<T>(p: Promise<T>, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: no answer within ${DEADLINE_MS} ms (a hang)`)), DEADLINE_MS);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
 
 describe('corrupt images of every format', function () {
   this.timeout(SOAK ? 3_600_000 : 180_000);

@@ -42,7 +42,7 @@ class MemoryDisk implements BlockNode {
 }
 
 function file(name: string, node: BlockNode, writable: boolean): FlatFile {
-  return { name, node, writable, uid: 0, gid: 0, mtime: new Date(0) };
+  return { name, node, writable, uid: 0, gid: 0, mode: 0o644, mtime: new Date(0) };
 }
 
 async function errno(p: Promise<unknown>): Promise<number> {

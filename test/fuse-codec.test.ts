@@ -16,7 +16,7 @@ import {
 } from '../fs/fuse-codec.js';
 import { Session } from '../fs/fuse-session.js';
 import { ROOT_ID, type FsOps, type Stat } from '../fs/fuse.js';
-import { readNoBlock, SEEK_DATA, SEEK_HOLE, socketPair } from '../drivers/protocol/sys.js';
+import { readNoBlock, SEEK_DATA, SEEK_HOLE, socketPair } from '../drivers/util/sys.js';
 import { ErrnoError, errnoOf } from '../drivers/errors.js';
 
 const E = osc.errno;

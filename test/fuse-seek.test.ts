@@ -9,7 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createImage, mapImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
 import { MountTracker, waitFor } from './helpers/mount.js';
-import { lseek, SEEK_DATA, SEEK_HOLE } from '../drivers/protocol/sys.js';
+import { lseek, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
 import { allocatedBytes, chainStatus, seek, type Run } from '../fs/extents.js';
 import type { BlockNode, Extent } from '../drivers/types.js';
 
@@ -204,7 +204,7 @@ describe('Holes in the flat file (SEEK_DATA/SEEK_HOLE, st_blocks)', function () 
     const flat = path.join(mp, fs.readdirSync(mp)[0]!);
     // The first stat counts st_blocks (3 s, then the fallback); later lookups are quick.
     await fs.promises.stat(flat);
-    const sys = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../drivers/protocol/sys.js');
+    const sys = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../drivers/util/sys.js');
     const script = `
       const { lseek, SEEK_DATA } = await import(${JSON.stringify(sys)});
       const fs = await import('node:fs');

@@ -211,7 +211,8 @@ describe('luks: tsimg create', function () {
     expect(r1.code, r1.stderr).to.equal(0);
     expect((await qemuRaw(a)).length).to.equal(MiB);
     const pf = path.join(tmp.dir, 'pass.txt');
-    fs.writeFileSync(pf, `${PASS}\n`);
+    // Every byte of the file is the key, as QEMU's secret object reads it: no newline.
+    fs.writeFileSync(pf, PASS);
     const b = path.join(tmp.dir, 'sf.luks');
     const r2 = await tsimg(['create', '-q', '-f', 'luks', '--secret-file', pf, '-o', 'iter-time=10', b, '1M']);
     expect(r2.code, r2.stderr).to.equal(0);
@@ -365,7 +366,8 @@ describe('luks: through a real FUSE mount', function () {
     await qemuIo(file, ['write -P 0xe1 0 1M']);
     const before = await qemuRaw(file);
     const pf = path.join(tmp.dir, 'pass');
-    fs.writeFileSync(pf, `${PASS}\n`);
+    // Every byte of the file is the key, as QEMU's secret object reads it: no newline.
+    fs.writeFileSync(pf, PASS);
     const mp = path.join(tmp.dir, 'mnt');
     fs.mkdirSync(mp);
     await mounts.mount(['--rw', '--secret-file', pf, file, mp]);

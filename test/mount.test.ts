@@ -1,11 +1,11 @@
 // tsmount as a user sees it: real FUSE mounts, judged by qemu-img.
 import { expect } from 'chai';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { makeFixtures, type Fixture } from '../scripts/fixtures.js';
 import { checkImage, convertToRaw, createImage, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { FIXTURE_DIR, isAlive, mountedPid, MountTracker, tsmount, waitFor } from './helpers/mount.js';
+import { pattern } from './helpers/images.js';
 
 const MiB = 1 << 20;
 
@@ -54,7 +54,7 @@ describe('tsmount: mounting images as flat files', function () {
     disk.writeUInt32LE(2048, 446 + 8);
     disk.writeUInt32LE(10000, 446 + 12);
     disk.writeUInt16LE(0xaa55, 510);
-    pattern(7, MiB).copy(disk, MiB);
+    pattern(MiB, 7).copy(disk, MiB);
     fs.writeFileSync(ref, disk);
     const img = path.join(tmp.dir, 'parted.qcow2');
     await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', ref, img]);
@@ -136,16 +136,6 @@ describe('tsmount: mounting images as flat files', function () {
   });
 });
 
-/** Deterministic bytes for a write. */
-function pattern(seed: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  let h = crypto.createHash('sha256').update(String(seed)).digest();
-  for (let off = 0; off < length; off += h.length) {
-    h.copy(out, off, 0, Math.min(h.length, length - off));
-    h = crypto.createHash('sha256').update(h).digest();
-  }
-  return out;
-}
 
 export interface WriteCase {
   what: string;
@@ -173,7 +163,7 @@ async function applyWrites(flat: string, reference: string, cases: WriteCase[], 
   const ref = fs.openSync(reference, 'r+');
   try {
     for (const [i, c] of cases.entries()) {
-      const data = pattern(i, c.length);
+      const data = pattern(c.length, i);
       const src = path.join(tmpDir, `w${i}.bin`);
       fs.writeFileSync(src, data);
       await runOk('dd', [`if=${src}`, `of=${flat}`, 'bs=1M', `seek=${c.offset}`, 'oflag=seek_bytes', 'conv=notrunc', 'status=none']);
@@ -253,7 +243,7 @@ describe('tsmount --rw: writes through the flat file', function () {
     const dir = path.join(tmp.dir, 'mfsync');
     fs.mkdirSync(dir);
     await mounts.mount(['--rw', img, dir]);
-    const data = pattern(99, 3 * MiB + 17);
+    const data = pattern(3 * MiB + 17, 99);
     const fd = fs.openSync(path.join(dir, 'fsync.raw'), 'r+');
     fs.writeSync(fd, data, 0, data.length, 5 * MiB + 3);
     fs.fsyncSync(fd);

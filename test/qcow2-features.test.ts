@@ -1,7 +1,7 @@
 // qcow2 features beyond the core, against QEMU's own tools: compressed clusters
 // (zlib, zstd), extended L2 entries, external data files, lazy refcounts, dirty
-// bitmaps, internal snapshots, growing. One table of image variants; one suite runs
-// the read, write and check cycle on every row.
+// bitmaps, internal snapshots, growing. One table of image variants (test/helpers/
+// formats.ts); test/conformance.test.ts reads every row, this file writes and checks it.
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -12,66 +12,15 @@ import { checkImage, convertToRaw, createImage, imageInfo, md5File, qemuImg, qem
 import { MountTracker } from './helpers/mount.js';
 import { expectClean, nodeMd5, openTestImage, pattern } from './helpers/images.js';
 import { BadPassphraseError } from '../drivers/errors.js';
+import { makeVariant, qcow2FeatureVariants } from './helpers/formats.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 
-interface Variant {
-  title: string;
-  size: number;
-  options: Record<string, string | number>;
-  /** qemu-io commands that fill the image (`write -c` makes compressed clusters). */
-  fill: string[];
-  /** A backing file filled with this byte pattern. */
-  backing?: boolean;
-}
-
-const compressedFill = (cs: number): string[] => [
-  `write -c -P 0x11 0 ${cs}`,
-  `write -c -P 0x22 ${2 * cs} ${2 * cs}`,
-  `write -P 0x33 ${4 * cs} ${cs}`,
-  `write -c -P 0x44 ${8 * cs} ${cs}`,
-  `write -c -P 0x55 ${12 * cs} ${cs}`,
-];
-
-const variants: Variant[] = [
-  { title: 'zlib compressed clusters', size: 64 * MiB, options: {}, fill: compressedFill(64 * KiB) },
-  { title: 'zstd compressed clusters', size: 64 * MiB, options: { compression_type: 'zstd' }, fill: compressedFill(64 * KiB) },
-  { title: 'zlib compressed 4 KiB clusters', size: 8 * MiB, options: { cluster_size: 4096 }, fill: compressedFill(4 * KiB) },
-  { title: 'zstd compressed 2 MiB clusters', size: 64 * MiB, options: { cluster_size: 2 * MiB, compression_type: 'zstd' }, fill: compressedFill(2 * MiB) },
-  { title: 'zlib compressed 2 MiB clusters', size: 64 * MiB, options: { cluster_size: 2 * MiB }, fill: compressedFill(2 * MiB) },
-  { title: 'compressed clusters in a compat=0.10 image', size: 16 * MiB, options: { compat: '0.10' }, fill: compressedFill(64 * KiB) },
-  {
-    title: 'extended L2 entries',
-    size: 64 * MiB,
-    options: { extended_l2: 'on' },
-    fill: ['write -P 0x11 2k 1k', 'write -P 0x22 70k 3k', 'write -z 80k 4k', `write -P 0x33 ${MiB} 200k`, `write -z -u ${MiB + 64 * KiB} 4k`],
-  },
-  {
-    title: 'extended L2 entries over a backing file',
-    size: 32 * MiB,
-    options: { extended_l2: 'on' },
-    backing: true,
-    fill: ['write -P 0x11 2k 1k', 'write -z 10k 2k', 'write -P 0x22 130k 3k', `write -P 0x33 ${MiB} 64k`],
-  },
-  { title: 'extended L2 entries with compressed clusters', size: 32 * MiB, options: { extended_l2: 'on', cluster_size: 128 * KiB }, fill: compressedFill(128 * KiB) },
-  { title: 'extended L2 entries with 2 MiB clusters', size: 64 * MiB, options: { extended_l2: 'on', cluster_size: 2 * MiB }, fill: ['write -P 0x11 64k 64k', `write -P 0x22 ${3 * MiB} 100k`] },
-  {
-    title: 'an external data file',
-    size: 32 * MiB,
-    options: { data_file: 'data.bin' },
-    fill: ['write -P 0x11 0 100k', `write -P 0x22 ${MiB} 64k`, `write -z ${MiB} 4k`],
-  },
-  {
-    title: 'a raw external data file',
-    size: 32 * MiB,
-    options: { data_file: 'data.raw', data_file_raw: 'on' },
-    fill: ['write -P 0x11 0 100k', `write -P 0x22 ${MiB} 64k`],
-  },
-  { title: 'lazy refcounts', size: 32 * MiB, options: { lazy_refcounts: 'on' }, fill: ['write -P 0x11 0 100k', `write -P 0x22 ${5 * MiB} 1M`] },
-  { title: 'refcount_bits=1 and compressed clusters', size: 16 * MiB, options: { refcount_bits: 1 }, fill: ['write -P 0x11 0 64k', `write -P 0x22 ${MiB} 64k`] },
-];
+/** The variants (compressed clusters, extended L2, data files...): their reads are in test/conformance.test.ts. */
+const variants = qcow2FeatureVariants;
+type Variant = (typeof variants)[number];
 
 /** Writes every row takes: unaligned, across compressed and partial clusters. */
 function writesFor(size: number): { offset: number; data: Buffer }[] {
@@ -106,31 +55,11 @@ describe('qcow2 features', function () {
   async function make(v: Variant, name: string): Promise<string> {
     const dir = path.join(tmp.dir, name);
     fs.mkdirSync(dir, { recursive: true });
-    const file = path.join(dir, 'img.qcow2');
-    let backing: { file: string; format: string } | undefined;
-    if (v.backing) {
-      const b = path.join(dir, 'base.qcow2');
-      await createImage(b, 'qcow2', v.size);
-      await qemuIo(b, 'qcow2', ['write -P 0xb0 0 4M', `write -P 0xb1 ${v.size - MiB} 1M`]);
-      backing = { file: 'base.qcow2', format: 'qcow2' };
-    }
-    await createImage(file, 'qcow2', v.size, v.options, backing);
-    if (v.fill.length) await qemuIo(file, 'qcow2', v.fill);
-    return file;
+    return (await makeVariant(dir, 'qcow2', v, 'img')).file;
   }
 
-  describe('reading and writing every variant', function () {
+  describe('writing every variant', function () {
     variants.forEach((v, idx) => {
-      it(`reads an image with ${v.title} exactly as qemu-img convert does`, async function () {
-        const file = await make(v, `r${idx}`);
-        const node = await openTestImage(file);
-        try {
-          expect(await nodeMd5(node)).to.equal(await rawMd5(file, 'qcow2'));
-        } finally {
-          await node.close();
-        }
-      });
-
       it(`writes and zeroes an image with ${v.title}; qemu-img reads back what was written and check is clean`, async function () {
         const file = await make(v, `w${idx}`);
         const raw = path.join(path.dirname(file), 'expect.raw');
@@ -506,6 +435,10 @@ describe('qcow2 features', function () {
           const acked: number[] = [];
           let started: () => void = () => undefined;
           const ready = new Promise<void>((r) => (started = r));
+          // The first acknowledged flush: on a loaded machine the first batch can take
+          // longer than any fixed delay, and a kill before it proves nothing.
+          let firstAck: () => void = () => undefined;
+          const acknowledged = new Promise<void>((r) => (firstAck = r));
           let out = '';
           let stderr = '';
           proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -516,13 +449,18 @@ describe('qcow2 features', function () {
               const line = out.slice(0, nl);
               out = out.slice(nl + 1);
               if (line === 'ready') started();
-              if (line.startsWith('[')) acked.push(...(JSON.parse(line) as number[]));
+              if (line.startsWith('[')) {
+                acked.push(...(JSON.parse(line) as number[]));
+                if (acked.length >= 4) firstAck();
+              }
             }
           });
           const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
-          // Kill only once writing is under way (after 'ready'), at a different moment each round.
+          // Kill only once writing is under way (after 'ready' and a first acknowledged
+          // flush), at a different moment each round.
           await Promise.race([ready, exited]);
-          await new Promise((r) => setTimeout(r, 100 + round * 200));
+          await Promise.race([acknowledged, exited, new Promise((r) => setTimeout(r, 60_000))]);
+          await new Promise((r) => setTimeout(r, 50 + round * 150));
           proc.kill('SIGKILL');
           const code = await exited;
           expect(code === null || code === 0, stderr).to.equal(true);
@@ -574,7 +512,7 @@ describe('qcow2 features', function () {
 
       const img2 = path.join(tmp.dir, 'fuse-grow.qcow2');
       await createImage(img2, 'qcow2', 16 * MiB);
-      await mounts.mount(['--rw', img2, dir]);
+      await mounts.mount(['--rw', '--growable', img2, dir]);
       fs.truncateSync(path.join(dir, 'fuse-grow.raw'), 32 * MiB);
       expect(fs.statSync(path.join(dir, 'fuse-grow.raw')).size).to.equal(32 * MiB);
       expect(() => fs.truncateSync(path.join(dir, 'fuse-grow.raw'), 8 * MiB)).to.throw();

@@ -2,7 +2,7 @@
 // parse, unlock a key slot, and create the header QEMU's `qemu-img create -f luks` makes.
 import crypto from 'node:crypto';
 import { CorruptImageError, UnsupportedError } from '../errors.js';
-import { afMerge, afSplit, pbkdf2, pbkdf2IterationsPerSecond } from './kdf.js';
+import { afMerge, afSplit, checkPbkdf2Iterations, KDF_LIMITS, KdfBudget, pbkdf2, pbkdf2Cost, pbkdf2IterationsPerSecond } from './kdf.js';
 import { isHash } from './hash.js';
 import { makeSectorCipher, type SectorCipher } from './modes.js';
 import { parseModeSpec, type CipherSpec } from './spec.js';
@@ -42,7 +42,8 @@ const STRIPES = 4000;
 const ALIGN_SECTORS = 4096 / SECTOR;
 /** Caps on what a header may ask for: a corrupt one must not allocate or spin forever. */
 export const MAX_KEY_BYTES = 256;
-export const MAX_ITERATIONS = 2 ** 26;
+/** What we create stays within what we open (kdf.ts's bounds). */
+export const MAX_ITERATIONS = KDF_LIMITS.pbkdf2Iterations;
 const MAX_MATERIAL = 16 << 20;
 
 export interface Luks1Slot {
@@ -98,7 +99,8 @@ export function parseLuks1Header(b: Uint8Array, size: number, name: string): Luk
     throw new CorruptImageError(`${name}: LUKS key size ${keyBytes} bytes is invalid`);
   }
   const mkDigestIter = dv.getUint32(HDR.mkDigestIter, false);
-  if (mkDigestIter === 0 || mkDigestIter > MAX_ITERATIONS) throw new CorruptImageError(`${name}: LUKS master key iteration count ${mkDigestIter} is invalid`);
+  if (mkDigestIter === 0) throw new CorruptImageError(`${name}: LUKS master key iteration count ${mkDigestIter} is invalid`);
+  checkPbkdf2Iterations(mkDigestIter, 'master key digest', name);
   const payloadOffset = dv.getUint32(HDR.payloadOffset, false) * SECTOR;
   const slots: Luks1Slot[] = [];
   for (let i = 0; i < NUM_SLOTS; i++) {
@@ -115,7 +117,7 @@ export function parseLuks1Header(b: Uint8Array, size: number, name: string): Luk
     };
     if (slot.active) {
       const material = materialSectors(keyBytes, slot.stripes) * SECTOR;
-      if (slot.iterations === 0 || slot.iterations > MAX_ITERATIONS) throw new CorruptImageError(`${name}: LUKS key slot ${i} iteration count ${slot.iterations} is invalid`);
+      if (slot.iterations === 0) throw new CorruptImageError(`${name}: LUKS key slot ${i} iteration count ${slot.iterations} is invalid`);
       if (slot.stripes === 0 || keyBytes * slot.stripes > MAX_MATERIAL) throw new CorruptImageError(`${name}: LUKS key slot ${i} stripe count ${slot.stripes} is invalid`);
       if (slot.keyMaterialOffset < HDR.size || slot.keyMaterialOffset + material > size) {
         throw new CorruptImageError(`${name}: LUKS key slot ${i} key material lies outside the header`);
@@ -160,6 +162,14 @@ export interface Reader {
 
 /** The master key, or undefined when the passphrase opens no slot. */
 export async function unlockLuks1(h: Luks1Header, reader: Reader, passphrase: Uint8Array): Promise<Uint8Array | undefined> {
+  // Every active slot may be tried: each within the per-slot bound, all within the open's.
+  const budget = new KdfBudget(reader.name);
+  for (const slot of h.slots) {
+    if (!slot.active) continue;
+    checkPbkdf2Iterations(slot.iterations, `key slot ${slot.index}`, reader.name);
+    budget.charge(pbkdf2Cost(slot.iterations + h.mkDigestIter));
+  }
+  budget.check();
   for (const slot of h.slots) {
     if (!slot.active) continue;
     const slotKey = await pbkdf2(h.hash, passphrase, slot.salt, slot.iterations, h.keyBytes);

@@ -3,7 +3,7 @@
 // segments, and a secondary copy. QEMU cannot open these at all; cryptsetup makes them.
 import crypto from 'node:crypto';
 import { CorruptImageError, UnsupportedError } from '../errors.js';
-import { afMerge, argon2, pbkdf2, type Argon2Params } from './kdf.js';
+import { afMerge, argon2, argon2Cost, checkArgon2, checkPbkdf2Iterations, KdfBudget, pbkdf2, pbkdf2Cost, type Argon2Params } from './kdf.js';
 import { digest, isHash } from './hash.js';
 import { parseLuks2Encryption, type CipherSpec } from './spec.js';
 import { sectorCipherFor, type Reader } from './luks1.js';
@@ -15,9 +15,10 @@ const MAGIC_2ND = Uint8Array.from([0x53, 0x4b, 0x55, 0x4c, 0xba, 0xbe]); // "SKU
 const MAGIC_1ST = Uint8Array.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 /** The header sizes (binary + JSON) the spec allows; the secondary header sits at one of these. */
 const HDR_SIZES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096].map((k) => k * 1024);
+/** Field caps for parsing; the real bounds on the work are kdf.ts's KDF_LIMITS. */
 const MAX_ARGON_MEMORY_KIB = 4 * 1024 * 1024;
-const MAX_ARGON_TIME = 1000;
-const MAX_PBKDF2_ITER = 2 ** 26;
+const MAX_ARGON_TIME = 2 ** 32 - 1;
+const MAX_PBKDF2_ITER = 2 ** 32 - 1;
 const MAX_AREA = 64 << 20;
 
 type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
@@ -137,6 +138,10 @@ export async function unlockLuks2(reader: Reader, passphrase: Uint8Array): Promi
     .filter((s) => s.prio > 0)
     .sort((a, b) => b.prio - a.prio || Number(a.id) - Number(b.id));
 
+  // Every slot's parameters are checked, and their work summed, before any derivation:
+  // a passphrase may be tried against all of them.
+  const budget = new KdfBudget(name);
+  const attempts: (() => Promise<Luks2Volume | undefined>)[] = [];
   for (const { id, ks } of order) {
     const type = j.str(ks.type, `keyslot ${id} type`);
     if (type !== 'luks2') continue;
@@ -159,11 +164,23 @@ export async function unlockLuks2(reader: Reader, passphrase: Uint8Array): Promi
     const kdf = j.obj(ks.kdf, `keyslot ${id} kdf`);
     const kdfType = j.str(kdf.type, `keyslot ${id} kdf type`);
     const salt = j.b64(kdf.salt, `keyslot ${id} salt`);
-    let slotKey: Uint8Array;
+    // The digests this slot's key is checked against cost a PBKDF2 run each.
+    let digestCost = 0;
+    for (const [did, dv] of Object.entries(digests)) {
+      const d = j.obj(dv, `digest ${did}`);
+      if (!(Array.isArray(d.keyslots) && d.keyslots.includes(id)) || d.type !== 'pbkdf2') continue;
+      const iterations = j.int(d.iterations, `digest ${did} iterations`, MAX_PBKDF2_ITER);
+      checkPbkdf2Iterations(iterations, `digest ${did}`, name);
+      digestCost += pbkdf2Cost(iterations);
+    }
+    let derive: () => Promise<Uint8Array>;
     if (kdfType === 'pbkdf2') {
       const hash = j.str(kdf.hash, `keyslot ${id} kdf hash`);
       if (!isHash(hash)) throw new UnsupportedError(`${name}: LUKS2 hash ${hash} is not supported`);
-      slotKey = await pbkdf2(hash, passphrase, salt, j.int(kdf.iterations, `keyslot ${id} iterations`, MAX_PBKDF2_ITER), areaKeySize);
+      const iterations = j.int(kdf.iterations, `keyslot ${id} iterations`, MAX_PBKDF2_ITER);
+      checkPbkdf2Iterations(iterations, `keyslot ${id}`, name);
+      budget.charge(pbkdf2Cost(iterations) + digestCost);
+      derive = () => pbkdf2(hash, passphrase, salt, iterations, areaKeySize);
     } else if (kdfType === 'argon2i' || kdfType === 'argon2id') {
       const p: Argon2Params = {
         type: kdfType,
@@ -172,29 +189,40 @@ export async function unlockLuks2(reader: Reader, passphrase: Uint8Array): Promi
         cpus: j.int(kdf.cpus, `keyslot ${id} cpus`, 255),
       };
       if (p.time < 1 || p.cpus < 1 || p.memory < 8 * p.cpus) j.bad(`keyslot ${id} argon2 parameters are invalid`);
-      slotKey = await argon2(p, passphrase, salt, areaKeySize);
+      checkArgon2(p, `keyslot ${id}`, name);
+      budget.charge(argon2Cost(p) + digestCost);
+      derive = () => argon2(p, passphrase, salt, areaKeySize);
     } else {
       throw new UnsupportedError(`${name}: LUKS2 kdf ${kdfType} is not supported`);
     }
-    const material = new Uint8Array(materialLen);
-    await reader.read(areaOffset, material);
-    sectorCipherFor(areaSpec, slotKey, name).decrypt(material, 0);
-    const vk = afMerge(afHash, material, keySize, stripes);
+    attempts.push(async () => {
+      const slotKey = await derive();
+      const material = new Uint8Array(materialLen);
+      await reader.read(areaOffset, material);
+      sectorCipherFor(areaSpec, slotKey, name).decrypt(material, 0);
+      const vk = afMerge(afHash, material, keySize, stripes);
 
-    for (const [did, dv] of Object.entries(digests)) {
-      const d = j.obj(dv, `digest ${did}`);
-      const slotsOf = Array.isArray(d.keyslots) ? d.keyslots : [];
-      if (!slotsOf.includes(id)) continue;
-      if (j.str(d.type, `digest ${did} type`) !== 'pbkdf2') throw new UnsupportedError(`${name}: LUKS2 digest type is not supported`);
-      const hash = j.str(d.hash, `digest ${did} hash`);
-      if (!isHash(hash)) throw new UnsupportedError(`${name}: LUKS2 hash ${hash} is not supported`);
-      const want = j.b64(d.digest, `digest ${did} digest`);
-      if (want.length === 0 || want.length > 64) j.bad(`digest ${did} has a bad length`);
-      const got = await pbkdf2(hash, vk, j.b64(d.salt, `digest ${did} salt`), j.int(d.iterations, `digest ${did} iterations`, MAX_PBKDF2_ITER), want.length);
-      if (!crypto.timingSafeEqual(got, want)) continue;
-      const segIds = (Array.isArray(d.segments) ? d.segments : []).filter((s): s is string => typeof s === 'string');
-      return segmentVolume(j, segments, segIds, vk, bin.uuid, name);
-    }
+      for (const [did, dv] of Object.entries(digests)) {
+        const d = j.obj(dv, `digest ${did}`);
+        const slotsOf = Array.isArray(d.keyslots) ? d.keyslots : [];
+        if (!slotsOf.includes(id)) continue;
+        if (j.str(d.type, `digest ${did} type`) !== 'pbkdf2') throw new UnsupportedError(`${name}: LUKS2 digest type is not supported`);
+        const hash = j.str(d.hash, `digest ${did} hash`);
+        if (!isHash(hash)) throw new UnsupportedError(`${name}: LUKS2 hash ${hash} is not supported`);
+        const want = j.b64(d.digest, `digest ${did} digest`);
+        if (want.length === 0 || want.length > 64) j.bad(`digest ${did} has a bad length`);
+        const got = await pbkdf2(hash, vk, j.b64(d.salt, `digest ${did} salt`), j.int(d.iterations, `digest ${did} iterations`, MAX_PBKDF2_ITER), want.length);
+        if (!crypto.timingSafeEqual(got, want)) continue;
+        const segIds = (Array.isArray(d.segments) ? d.segments : []).filter((s): s is string => typeof s === 'string');
+        return segmentVolume(j, segments, segIds, vk, bin.uuid, name);
+      }
+      return undefined;
+    });
+  }
+  budget.check();
+  for (const attempt of attempts) {
+    const v = await attempt();
+    if (v) return v;
   }
   return undefined;
 }

@@ -1,10 +1,13 @@
-// Request alignment, once, for every driver that needs it (nbdkit's cow filter shape):
+// Request alignment, once, for every node that needs it (nbdkit's cow filter shape):
 // a write that does not start and end on `align` becomes read-modify-write of its
-// unaligned head and tail, and the aligned body passes through. Drivers whose
-// on-disk unit is a sector (vdi, vpc, vmdk, vhdx, parallels, luks) sit under this
-// and see only aligned writes. Overlapping read-modify-writes are serialised so two
-// unaligned writes into one sector cannot lose each other's bytes.
-import type { BlockNode, Extent } from '../types.js';
+// unaligned head and tail, and the aligned body passes through. A node declares its
+// unit as `requestAlignment` (sector-based formats: vdi, vpc, vmdk, vhdx, parallels,
+// luks, encrypted qcow/qcow2; NBD exports with a minimum block size) and the graph
+// builder (drivers/open.ts) puts this filter over it through `aligned()`. Overlapping
+// read-modify-writes are serialised so two unaligned writes into one sector cannot
+// lose each other's bytes.
+import type { BlockNode } from '../types.js';
+import { Filter } from './filter.js';
 
 interface Range {
   start: number;
@@ -12,50 +15,62 @@ interface Range {
   done: Promise<void>;
 }
 
-export class AlignFilter implements BlockNode {
+/** `node` itself where it takes any request, else `node` behind the alignment filter. */
+export function aligned(node: BlockNode): BlockNode {
+  const a = node.requestAlignment ?? 1;
+  return a > 1 ? new AlignFilter(node, a) : node;
+}
+
+export class AlignFilter extends Filter {
   private readonly busy = new Set<Range>();
+  private views: { name: string; node: BlockNode }[] | undefined;
 
-  constructor(private readonly inner: BlockNode, readonly align: number) {}
-
-  get size(): number {
-    return this.inner.size;
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly;
-  }
-  get name(): string {
-    return this.inner.name;
-  }
-  get backing(): BlockNode | undefined {
-    return this.inner.backing;
+  constructor(next: BlockNode, readonly align: number) {
+    super(next);
   }
 
-  async read(offset: number, dst: Uint8Array): Promise<void> {
+  /** Above this filter any request is fine. */
+  override get requestAlignment(): number | undefined {
+    return undefined;
+  }
+
+  /** Snapshot views share the image's unit: they get the filter too. */
+  override get snapshots(): (() => { name: string; node: BlockNode }[]) | undefined {
+    const next = this.next;
+    if (!next.snapshots) return undefined;
+    return () => (this.views ??= next.snapshots!().map((s) => ({ name: s.name, node: aligned(s.node) })));
+  }
+
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
     const a = this.align;
-    if (offset % a === 0 && dst.length % a === 0) return this.inner.read(offset, dst);
+    if (offset % a === 0 && dst.length % a === 0) return this.next.read(offset, dst);
     const start = offset - (offset % a);
-    const end = Math.min(roundUp(offset + dst.length, a), roundUp(this.inner.size, a));
+    const end = roundUp(offset + dst.length, a);
     const buf = new Uint8Array(end - start);
-    await this.inner.read(start, buf);
+    // A node whose size is not a multiple of its unit: its last unit is partial, and
+    // nothing past its end is asked for.
+    await this.next.read(start, buf.subarray(0, Math.min(end, this.next.size) - start));
     dst.set(buf.subarray(offset - start, offset - start + dst.length));
   }
 
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     const a = this.align;
     const end = offset + src.length;
     if (offset % a === 0 && end % a === 0) {
-      await this.exclusive(offset, end, () => this.inner.write(offset, src));
+      await this.exclusive(offset, end, () => this.next.write(offset, src));
       return;
     }
     const start = offset - (offset % a);
-    const alignedEnd = roundUp(end, a);
+    const alignedEnd = Math.min(roundUp(end, a), Math.max(end, this.next.size));
     await this.exclusive(start, alignedEnd, async () => {
       const buf = new Uint8Array(alignedEnd - start);
-      // Only the head and tail sectors need their old bytes.
-      await this.inner.read(start, buf.subarray(0, a));
-      if (alignedEnd - a > start) await this.inner.read(alignedEnd - a, buf.subarray(buf.length - a));
+      // Only the head and tail units need their old bytes (a partial last unit of
+      // the node only up to its end).
+      await this.next.read(start, buf.subarray(0, Math.min(a, alignedEnd - start)));
+      const tail = alignedEnd - (alignedEnd % a === 0 ? a : alignedEnd % a);
+      if (tail > start) await this.next.read(tail, buf.subarray(tail - start));
       buf.set(src, offset - start);
-      await this.inner.write(start, buf);
+      await this.next.write(start, buf);
     });
   }
 
@@ -77,28 +92,23 @@ export class AlignFilter implements BlockNode {
     }
   }
 
-  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+  /** Always offered: where the node below cannot zero, zeros are written. */
+  override get zero(): (offset: number, length: number, unmap: boolean) => Promise<void> {
+    return (offset, length, unmap) => this.alignedZero(offset, length, unmap);
+  }
+
+  private async alignedZero(offset: number, length: number, unmap: boolean): Promise<void> {
     const a = this.align;
     const end = offset + length;
     const bodyStart = roundUp(offset, a);
     const bodyEnd = end - (end % a);
-    if (bodyStart >= bodyEnd || !this.inner.zero) {
+    if (bodyStart >= bodyEnd || !this.next.zero) {
       await this.write(offset, new Uint8Array(length));
       return;
     }
     if (bodyStart > offset) await this.write(offset, new Uint8Array(bodyStart - offset));
-    await this.exclusive(bodyStart, bodyEnd, () => this.inner.zero!(bodyStart, bodyEnd - bodyStart, unmap));
+    await this.exclusive(bodyStart, bodyEnd, () => this.next.zero!(bodyStart, bodyEnd - bodyStart, unmap));
     if (end > bodyEnd) await this.write(bodyEnd, new Uint8Array(end - bodyEnd));
-  }
-
-  flush(): Promise<void> {
-    return this.inner.flush();
-  }
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.blockStatus(offset, length);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }
 

@@ -6,10 +6,22 @@
 // already have a place on disk go straight there, without the driver's lock.
 import type { BlockNode, Extent } from '../types.js';
 import { readFromBacking } from './backing.js';
+import createDebug from 'debug';
+
+const debug = createDebug('tsmount:map');
+import type { MetadataRanges } from './metadata-ranges.js';
 
 export type MappedRun =
   /** The guest bytes are at `host` in `file` (the image's file unless an extent says otherwise). */
-  | { kind: 'data'; offset: number; length: number; host: number; file?: BlockNode }
+  | {
+      kind: 'data';
+      offset: number;
+      length: number;
+      host: number;
+      file?: BlockNode;
+      /** Metadata of `file` a write here must not overlap (else the mapper's, for the image's file). */
+      metadata?: MetadataRanges;
+    }
   | { kind: 'zero'; offset: number; length: number }
   /** Not in this layer: the backing node answers, or zeros. */
   | { kind: 'unallocated'; offset: number; length: number }
@@ -19,11 +31,14 @@ export type MappedRun =
 export interface Mapper {
   /** Runs covering exactly [offset, offset + length), in order, without gaps. */
   mapRange(offset: number, length: number): Promise<MappedRun[]>;
+  /** The image file's metadata, which no data run written in place may overlap. */
+  readonly metadata?: MetadataRanges;
 }
 
 /** Read [offset, offset + dst.length) through a mapper. */
 export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing: BlockNode | undefined, offset: number, dst: Uint8Array): Promise<void> {
   const runs = await mapper.mapRange(offset, dst.length);
+  if (debug.enabled) debug('%s: read %d+%d maps to %s', defaultFile.name, offset, dst.length, runs.map((r) => `${r.kind} ${r.offset}+${r.length}${r.kind === 'data' ? ` at ${r.host}` : ''}`).join(', '));
   const pending: Promise<void>[] = [];
   let i = 0;
   while (i < runs.length) {
@@ -98,6 +113,11 @@ export function pushRun(out: MappedRun[], run: MappedRun): void {
 export async function writeInPlace(mapper: Mapper, defaultFile: BlockNode, offset: number, src: Uint8Array): Promise<boolean> {
   const runs = await mapper.mapRange(offset, src.length);
   if (!runs.every((r) => r.kind === 'data')) return false;
+  for (const r of runs) {
+    if (r.kind !== 'data') continue;
+    const guard = r.metadata ?? (r.file === undefined || r.file === defaultFile ? mapper.metadata : undefined);
+    guard?.assertNoOverlap(r.host, r.length, `guest offset 0x${r.offset.toString(16)}`);
+  }
   await Promise.all(runs.map((r) => (r.kind === 'data' ? (r.file ?? defaultFile).write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
   return true;
 }

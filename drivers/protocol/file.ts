@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { constants as osc } from 'node:os';
 import type { BlockNode, Extent } from '../types.js';
-import { IoError, ReadOnlyError, UsageError } from '../errors.js';
+import { IoError, SysError, UsageError } from '../errors.js';
 import {
   blockDeviceSize,
   fallocate,
@@ -15,8 +15,7 @@ import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
-  SysError,
-} from './sys.js';
+} from '../util/sys.js';
 import { ImageLock, type LockRequest } from './lock.js';
 
 const E = osc.errno;
@@ -139,7 +138,6 @@ export class FileNode implements BlockNode {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     let done = 0;
     if (src.length <= SYNC_WRITE_MAX && !this.isBlockDevice) {
       // A small buffered write is a copy into the page cache: cheaper on the JS thread
@@ -162,7 +160,6 @@ export class FileNode implements BlockNode {
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (!this.isBlockDevice && offset + length > this.currentSize) {
       // Zeroing past the end is growing the file: the new part reads as zeros anyway.
       const inside = Math.max(0, this.currentSize - offset);
@@ -196,7 +193,6 @@ export class FileNode implements BlockNode {
   }
 
   async truncate(size: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (this.isBlockDevice) throw new UsageError(`${this.name}: cannot resize a block device`);
     try {
       await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (e) => (e ? reject(e) : resolve())));

@@ -35,8 +35,8 @@
 // is refused for read-write opens ("force-share=on can only be used with read-only
 // images"). Backing files are held like read-only images: 100 201 203.
 import { constants } from 'node:os';
-import { IoError, LockedError, UsageError } from '../errors.js';
-import { F_RDLCK, F_UNLCK, F_WRLCK, hasOfdLocks, setByteLock, SysError, testByteLock, type LockFlavour } from './sys.js';
+import { IoError, LockedError, SysError, UsageError } from '../errors.js';
+import { F_RDLCK, F_UNLCK, F_WRLCK, hasOfdLocks, setByteLock, testByteLock, type LockFlavour } from '../util/sys.js';
 
 /** QEMU's BlockPermission bits (include/block/block-common.h). */
 export const PERM_CONSISTENT_READ = 0x01;

@@ -3,7 +3,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { runOk } from '../../test/helpers/qemu.js';
+import { runOk } from '../lib/qemu.js';
 import { MiB } from './tools.js';
 
 export interface Sizes {

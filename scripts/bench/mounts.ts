@@ -4,8 +4,8 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TSMOUNT, forceUnmount, isAlive, mountedPid } from '../../test/helpers/mount.js';
-import { run } from '../../test/helpers/qemu.js';
+import { TSMOUNT, forceUnmount, isAlive, mountedPid } from '../lib/mounts.js';
+import { run } from '../lib/qemu.js';
 
 export type System = 'tsmount' | 'qsd' | 'xmount';
 

@@ -1,7 +1,9 @@
 // The workloads (dd, fio), statistics, and what the report says about the machine.
 import fs from 'node:fs';
 import os from 'node:os';
-import { run, runOk } from '../../test/helpers/qemu.js';
+import { run, runOk } from '../lib/qemu.js';
+
+export { median } from '../lib/stats.js';
 
 export const MiB = 1 << 20;
 export const GiB = 1 << 30;
@@ -89,13 +91,6 @@ export async function warm(files: string[]): Promise<void> {
 /** Drop these files from the host page cache (posix_fadvise DONTNEED), touching nothing else. */
 export async function drop(files: string[]): Promise<void> {
   for (const f of files) await runOk('dd', [`if=${f}`, 'iflag=nocache', 'count=0']);
-}
-
-export function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const n = s.length;
-  if (n === 0) return NaN;
-  return n % 2 ? s[(n - 1) / 2]! : (s[n / 2 - 1]! + s[n / 2]!) / 2;
 }
 
 export function loadAverage(): string {

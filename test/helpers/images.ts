@@ -49,6 +49,21 @@ export function pattern(length: number, seed: number): Buffer {
   return b;
 }
 
+/** Writes at odd offsets and lengths: inside clusters and sectors, across them, and at the end of the disk. */
+export function unalignedWrites(size: number): { offset: number; data: Buffer }[] {
+  const MiB = 1 << 20;
+  const spots: [number, number][] = [
+    [1, 100],
+    [4095, 2],
+    [65536 - 7, 70000],
+    [MiB - 300, 600],
+    [3 * MiB + 12345, 200 * 1024 + 3],
+    [size / 2 + 511, 513],
+    [size - 1000, 1000],
+  ];
+  return spots.filter(([o, l]) => o >= 0 && o + l <= size).map(([offset, length], i) => ({ offset, data: pattern(length, i + 1) }));
+}
+
 /** Overwrite bytes of a file in place (to corrupt an image, or to write through a mount). */
 export function patch(file: string, offset: number, data: Uint8Array): void {
   const fd = fs.openSync(file, 'r+');

@@ -1,53 +1,21 @@
 // Running tsmount as a user would, and never leaving a mount behind.
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { run, type RunResult } from './qemu.js';
-import { serverAlive } from '../../fs/mounts.js';
+import { forceUnmount, mountedPid, TSMOUNT } from '../../scripts/lib/mounts.js';
 
-export const TSMOUNT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../mount-helpers/tsmount.js');
+export { forceUnmount, isAlive, mountedPid, TSMOUNT } from '../../scripts/lib/mounts.js';
 
 export function tsmount(args: string[], opts: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
   return run(process.execPath, [TSMOUNT, ...args], { cwd: opts.cwd, timeoutMs: opts.timeoutMs ?? 120_000 });
 }
-
-/** The serving pid of a tsmount mount, or undefined when nothing is mounted there. */
-export function mountedPid(mountpoint: string): number | undefined {
-  const mp = path.resolve(mountpoint);
-  for (const line of fs.readFileSync('/proc/mounts', 'utf8').split('\n')) {
-    const [src, target, type] = line.split(' ');
-    if (target === mp && type?.startsWith('fuse')) return Number(/^tsmount:(\d+)$/.exec(src ?? '')?.[1] ?? 0);
-  }
-  return undefined;
-}
-
-/** The product's own liveness check: a zombie server counts as gone. */
-export const isAlive = serverAlive;
 
 export async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!cond()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-/** Forcefully end a mount: lazy unmount and kill its server. For cleanup only. */
-export function forceUnmount(mountpoint: string): void {
-  const pid = mountedPid(mountpoint);
-  if (pid === undefined) return;
-  try {
-    execFileSync('umount', ['-l', path.resolve(mountpoint)], { stdio: 'ignore' });
-  } catch {
-    /* gone */
-  }
-  if (pid > 0 && isAlive(pid)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
   }
 }
 

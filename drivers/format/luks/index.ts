@@ -2,8 +2,7 @@
 // the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
 // does; LUKS2 headers made by cryptsetup open too (QEMU 7.2 cannot open those).
 import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, OpenOptions } from '../../types.js';
-import { CorruptImageError, ReadOnlyError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
+import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
 import { luksVersion } from '../../crypto/magic.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
@@ -12,6 +11,7 @@ import { CIPHER_MODES } from '../../crypto/magic.js';
 
 class LuksNode implements BlockNode {
   private readonly unit: number;
+  readonly encrypted = true;
 
   constructor(
     private readonly file: BlockNode,
@@ -27,14 +27,17 @@ class LuksNode implements BlockNode {
     return this.file.name;
   }
 
-  /** Requests arrive sector-aligned (AlignFilter). */
+  /** Requests arrive in whole encryption sectors (the alignment filter above). */
+  get requestAlignment(): number {
+    return this.unit;
+  }
+
   async read(offset: number, dst: Uint8Array): Promise<void> {
     await this.file.read(this.payloadOffset + offset, dst);
     this.cipher.decrypt(dst, offset / this.unit);
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     const buf = new Uint8Array(src);
     this.cipher.encrypt(buf, offset / this.unit);
     await this.file.write(this.payloadOffset + offset, buf);
@@ -72,7 +75,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   // LUKS2 devices hold whole encryption sectors only.
   const usable = v.version === 2 ? size - (size % v.sectorSize) : size;
   const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly);
-  return new AlignFilter(node, v.sectorSize);
+  return node;
 }
 
 const CIPHER_ALGS = [

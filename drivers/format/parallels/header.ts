@@ -58,8 +58,10 @@ export function parseHeader(buf: Uint8Array, fileSize: number, name: string): Pa
   if (tracks === 0) bad('invalid parallels image: zero sectors per track');
   if (tracks > Math.floor(0x7fffffff / 513)) bad('invalid parallels image: too big cluster');
   const batEntries = dv.getUint32(HDR.batEntries, true);
-  if (batEntries > Math.floor(0x7fffffff / 4)) bad('parallels catalog too large');
-  if (HEADER_BYTES + batEntries * 4 > fileSize) bad(`parallels BAT of ${batEntries} entries lies outside the file`);
+  if (batEntries > Math.floor(0x7fffffff / 4)) bad(`parallels catalog too large (${batEntries} entries, at most ${Math.floor(0x7fffffff / 4)})`);
+  // As QEMU: the BAT must lie in the file, so a header cannot claim more table than the file holds.
+  const batEnd = HEADER_BYTES + batEntries * 4;
+  if (batEnd > fileSize) bad(`parallels BAT of ${batEntries} entries (${batEnd} bytes with the header) does not fit in the file (${fileSize} bytes)`);
   let sectors64 = dv.getBigUint64(HDR.nbSectors, true);
   if (!ext) sectors64 &= 0xffffffffn;
   if (sectors64 * 512n > BigInt(Number.MAX_SAFE_INTEGER)) bad(`parallels disk of ${sectors64} sectors is too large`);

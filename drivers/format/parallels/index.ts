@@ -1,9 +1,10 @@
 // The parallels driver: probe, open and create (QEMU's block/parallels.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
-import { DEFAULT_CLUSTER_SIZE, HDR, HEADER_BYTES, HEADER_VERSION, INUSE_MAGIC, MAGIC_V1, MAGIC_V2, MAX_IMAGE_FACTOR, magicOf, parseHeader, SECTOR } from './header.js';
+import { DEFAULT_CLUSTER_SIZE, HDR, HEADER_BYTES, HEADER_VERSION, INUSE_MAGIC, MAGIC_V1, MAGIC_V2, MAX_IMAGE_FACTOR, magicOf, parseHeader, SECTOR, type ParallelsHeader } from './header.js';
 import { ParallelsNode } from './parallels.js';
+import { PagedTable, TablePageCache } from '../table-pages.js';
+import { MetadataRanges } from '../metadata-ranges.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -21,10 +22,11 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   if (!opts.readOnly && h.inuse === INUSE_MAGIC) {
     throw new CorruptImageError(`${name}: parallels image was not closed correctly; it cannot be opened read/write (repair with 'qemu-img check -r all')`);
   }
-  const raw = Buffer.alloc(h.batEntries * 4);
-  await file.read(HEADER_BYTES, raw);
-  const bat = new Uint32Array(h.batEntries);
-  for (let i = 0; i < h.batEntries; i++) bat[i] = raw.readUInt32LE(i * 4);
+  // The BAT lies inside the file (parseHeader checks), read a page at a time as needed.
+  const bat = new PagedTable(file, HEADER_BYTES, h.batEntries, 4, new TablePageCache(opts.metadataCacheBytes));
+  const metadata = new MetadataRanges(name).add(0, HEADER_BYTES + h.batEntries * 4, 'parallels header and BAT');
+  // Only a writer needs the end of the data area: one pass over the BAT, a page at a time.
+  const dataEnd = opts.readOnly ? 0 : await findDataEnd(h, bat);
   if (!opts.readOnly) {
     // In use until closed: a crash leaves the mark for qemu-img check to see.
     const mark = Buffer.alloc(4);
@@ -32,8 +34,18 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     await file.write(HDR.inuse, mark);
     await file.flush();
   }
-  // Parallels works in sectors: unaligned writes become read-modify-write.
-  return new AlignFilter(new ParallelsNode(file, h, bat, opts.readOnly, opts.cache !== 'unsafe'), SECTOR);
+  return new ParallelsNode(file, h, bat, metadata, dataEnd, opts.readOnly, opts.cache !== 'unsafe');
+}
+
+/** parallels_open's data_end, in sectors: data_off, or the end of the BAT; then past every cluster in use. */
+async function findDataEnd(h: ParallelsHeader, bat: PagedTable): Promise<number> {
+  const multiplier = h.ext ? h.tracks : 1;
+  let end = h.dataOff !== 0 ? h.dataOff : Math.ceil((HEADER_BYTES + h.batEntries * 4) / SECTOR);
+  await bat.scan((_i, view, at) => {
+    const e = view.getUint32(at, true);
+    if (e !== 0 && e * multiplier >= end) end = e * multiplier + h.tracks;
+  });
+  return end;
 }
 
 async function create(req: CreateRequest): Promise<void> {

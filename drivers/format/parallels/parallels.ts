@@ -2,12 +2,16 @@
 // data_end, the end of the data area; the cluster's bytes go first, its BAT entry
 // after. The file is trimmed to data_end and the in-use mark cleared on close.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
-import { HDR, HEADER_BYTES, SECTOR, type ParallelsHeader } from './header.js';
+import { Mutex } from '../../util/mutex.js';
+import { HDR, SECTOR, type ParallelsHeader } from './header.js';
+import type { PagedTable } from '../table-pages.js';
+import type { MetadataRanges } from '../metadata-ranges.js';
 
 export class ParallelsNode implements BlockNode, Mapper {
+  /** Parallels works in sectors: unaligned writes become read-modify-write above. */
+  readonly requestAlignment = SECTOR;
   readonly size: number;
   readonly readOnly: boolean;
   private readonly cs: number;
@@ -21,7 +25,10 @@ export class ParallelsNode implements BlockNode, Mapper {
   constructor(
     private readonly file: BlockNode,
     private readonly h: ParallelsHeader,
-    private readonly bat: Uint32Array,
+    private readonly bat: PagedTable,
+    readonly metadata: MetadataRanges,
+    /** End of the data area in sectors (0 when read-only: nothing is allocated). */
+    dataEnd: number,
     readOnly: boolean,
     private readonly barriers: boolean,
   ) {
@@ -29,10 +36,7 @@ export class ParallelsNode implements BlockNode, Mapper {
     this.readOnly = readOnly;
     this.cs = h.tracks * SECTOR;
     this.multiplier = h.ext ? h.tracks : 1;
-    // parallels_open: data_off, or the end of the BAT; then past every cluster in use.
-    let end = h.dataOff !== 0 ? h.dataOff : Math.ceil((HEADER_BYTES + h.batEntries * 4) / SECTOR);
-    for (const e of bat) if (e !== 0 && e * this.multiplier >= end) end = e * this.multiplier + h.tracks;
-    this.dataEnd = end;
+    this.dataEnd = dataEnd;
   }
 
   get name(): string {
@@ -40,9 +44,10 @@ export class ParallelsNode implements BlockNode, Mapper {
   }
 
   /** Host byte offset of cluster c, or undefined when unallocated; a bad entry throws. */
-  private host(c: number): number | undefined {
-    const e = this.bat[c];
-    if (e === undefined || e === 0) return undefined;
+  private async host(c: number): Promise<number | undefined> {
+    if (c >= this.bat.entries) return undefined;
+    const e = await this.bat.u32(c);
+    if (e === 0) return undefined;
     const host = e * this.multiplier * SECTOR;
     if (host > this.file.size) throw new CorruptImageError(`${this.name}: parallels cluster ${c} at 0x${host.toString(16)} lies outside the file`);
     return host;
@@ -54,7 +59,7 @@ export class ParallelsNode implements BlockNode, Mapper {
     for (let pos = offset; pos < end; ) {
       const c = Math.floor(pos / this.cs);
       const next = Math.min(end, (c + 1) * this.cs);
-      const h = this.host(c);
+      const h = await this.host(c);
       if (h === undefined) pushRun(out, { kind: 'unallocated', offset: pos, length: next - pos });
       else pushRun(out, { kind: 'data', offset: pos, length: next - pos, host: h + (pos % this.cs) });
       pos = next;
@@ -67,7 +72,6 @@ export class ParallelsNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
@@ -79,16 +83,18 @@ export class ParallelsNode implements BlockNode, Mapper {
     const count = Math.ceil(end / cs) - first;
     let i = 0;
     while (i < count) {
-      const allocated = this.host(first + i) !== undefined;
+      const allocated = (await this.host(first + i)) !== undefined;
       let j = i + 1;
-      while (j < count && (this.host(first + j) !== undefined) === allocated) j++;
+      while (j < count && ((await this.host(first + j)) !== undefined) === allocated) j++;
       const from = Math.max(offset, (first + i) * cs);
       const to = Math.min(end, (first + j) * cs);
       if (allocated) {
         for (let c = first + i; c < first + j; c++) {
           const a = Math.max(from, c * cs);
           const b = Math.min(to, (c + 1) * cs);
-          await this.file.write(this.host(c)! + (a % cs), src.subarray(a - offset, b - offset));
+          const host = (await this.host(c))! + (a % cs);
+          this.metadata.assertNoOverlap(host, b - a, `parallels cluster ${c}`);
+          await this.file.write(host, src.subarray(a - offset, b - offset));
         }
       } else {
         await this.allocate(first + i, j - i, from - (first + i) * cs, src.subarray(from - offset, to - offset));
@@ -102,6 +108,7 @@ export class ParallelsNode implements BlockNode, Mapper {
     if (c + n > this.h.batEntries) throw new CorruptImageError(`${this.name}: parallels BAT has no entry for cluster ${c + n - 1}`);
     const host = this.dataEnd * SECTOR;
     const bytes = n * this.cs;
+    this.metadata.assertNoOverlap(host, bytes, `new parallels cluster ${c}`);
     if (this.h.ext && this.dataEnd % this.multiplier !== 0) {
       throw new CorruptImageError(`${this.name}: parallels data end (sector ${this.dataEnd}) is not cluster aligned`);
     }
@@ -123,9 +130,8 @@ export class ParallelsNode implements BlockNode, Mapper {
     for (let k = 0; k < n; k++) {
       const v = (host / SECTOR + k * this.h.tracks) / this.multiplier;
       entries.writeUInt32LE(v, k * 4);
-      this.bat[c + k] = v;
     }
-    await this.file.write(HEADER_BYTES + c * 4, entries);
+    await this.bat.write(c, entries);
   }
 
   async flush(): Promise<void> {

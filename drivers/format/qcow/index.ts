@@ -1,10 +1,10 @@
 // The qcow (version 1) driver: probe, open and create (QEMU's block/qcow.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
+import { PagedTable, TablePageCache } from '../table-pages.js';
 import { BadPassphraseError, CorruptImageError, UsageError } from '../../errors.js';
 import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCOW_VERSION, type QcowHeader } from './header.js';
 import { QcowCipher } from './crypto.js';
 import { QcowNode } from './qcow.js';
-import { AlignFilter } from '../../filters/align.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -24,14 +24,8 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     if (opts.secret === undefined) throw new BadPassphraseError(`${name}: the qcow image is encrypted (AES); give the key with --secret`);
     cipher = new QcowCipher(opts.secret);
   }
-  const l1buf = Buffer.alloc(h.l1Size * 8);
-  await file.read(h.l1TableOffset, l1buf);
-  const l1: number[] = [];
-  for (let i = 0; i < h.l1Size; i++) {
-    const v = l1buf.readBigUInt64BE(i * 8);
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new CorruptImageError(`${name}: qcow L1 entry ${i} (0x${v.toString(16)}) is out of range`);
-    l1.push(Number(v));
-  }
+  // The L1 table lies in the file (parseHeader checks); it is read a page at a time as needed.
+  const l1 = new PagedTable(file, h.l1TableOffset, h.l1Size, 8, new TablePageCache(Math.floor(opts.metadataCacheBytes / 4)));
   let backing: BlockNode | undefined;
   if (h.backingFileOffset !== 0 && h.backingFileSize > 0 && !opts.noBacking) {
     const b = Buffer.alloc(h.backingFileSize);
@@ -50,8 +44,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       metadataCacheBytes: opts.metadataCacheBytes,
       barriers: opts.cache !== 'unsafe',
     });
-    // Encryption works on whole sectors: unaligned writes become read-modify-write.
-    return cipher ? new AlignFilter(node, 512) : node;
+    return node;
   } catch (err) {
     await backing?.close();
     throw err;

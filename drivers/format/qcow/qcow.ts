@@ -2,20 +2,23 @@
 // tables in an LRU, clusters plain, deflate-compressed or AES-encrypted. New clusters
 // and L2 tables go at the end of the file, cluster aligned; each is written whole
 // (copied from what the guest saw before) before the L2 or L1 entry points at it.
-import zlib from 'node:zlib';
+import { decompress } from '../../util/decompress.js';
+import { MetadataRanges } from '../metadata-ranges.js';
+import type { PagedTable } from '../table-pages.js';
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, Extent, HasBacking } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import { mappedStatus, pushRun, readMapped, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
-import { COMPRESSED, type QcowHeader } from './header.js';
+import { Mutex } from '../../util/mutex.js';
+import { COMPRESSED, HEADER_BYTES, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
 
 export interface QcowNodeOptions {
   file: BlockNode;
   header: QcowHeader;
-  l1: number[];
+  /** The L1 table, read a page at a time as needed. */
+  l1: PagedTable;
   readOnly: boolean;
   backing: BlockNode | undefined;
   cipher: QcowCipher | undefined;
@@ -29,7 +32,7 @@ type Where =
   | { kind: 'data'; host: number }
   | { kind: 'compressed'; host: number; length: number };
 
-export class QcowNode implements BlockNode, HasBacking, Mapper {
+export class QcowNode implements BlockNode, Mapper {
   readonly size: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -38,15 +41,19 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   private readonly clusterBits: number;
   private readonly l2Entries: number;
   private readonly l2Span: number;
-  private readonly l1: number[];
+  private readonly l1: PagedTable;
   private readonly l1Offset: number;
   private readonly cipher: QcowCipher | undefined;
+  readonly encrypted: boolean;
+  readonly requestAlignment: number | undefined;
   private readonly barriers: boolean;
   private readonly l2Cache: LRUCache<number, Buffer>;
   private readonly mutex = new Mutex();
   /** The last cluster decompressed (QEMU's cluster_cache). */
   private inflated: { host: number; data: Buffer } | undefined;
   private closed = false;
+  /** Header and L1 table: no guest data may be written there. */
+  readonly metadata: MetadataRanges;
 
   constructor(o: QcowNodeOptions) {
     this.file = o.file;
@@ -60,8 +67,15 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     this.l1 = o.l1;
     this.l1Offset = o.header.l1TableOffset;
     this.cipher = o.cipher;
+    this.encrypted = o.cipher !== undefined;
+    // Encryption works on whole sectors: unaligned writes become read-modify-write above.
+    this.requestAlignment = o.cipher ? 512 : undefined;
     this.barriers = o.barriers;
-    this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor(o.metadataCacheBytes / (this.l2Entries * 8))) });
+    // Three quarters of the metadata budget; the L1 pages have the rest (index.ts).
+    this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor((o.metadataCacheBytes * 3) / 4 / (this.l2Entries * 8))) });
+    this.metadata = new MetadataRanges(o.file.name)
+      .add(0, HEADER_BYTES, 'qcow header')
+      .add(this.l1Offset, this.l1.entries * 8, 'qcow L1 table');
   }
 
   get name(): string {
@@ -99,10 +113,18 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     return { kind: 'data', host };
   }
 
+  /** L1 entry l1i: an L2 table offset, 0 when none. */
+  private async l1Entry(l1i: number): Promise<number> {
+    if (l1i >= this.l1.entries) return 0;
+    const v = await this.l1.u64be(l1i);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw this.corrupt(`qcow L1 entry ${l1i} (0x${v.toString(16)}) is out of range`);
+    return Number(v);
+  }
+
   /** Where guest clusters [first, first + count) live; count stays inside one L2 table. */
   private async lookup(first: number, count: number): Promise<Where[]> {
     const l1i = Math.floor(first / this.l2Entries);
-    const l2Offset = this.l1[l1i] ?? 0;
+    const l2Offset = await this.l1Entry(l1i);
     if (l2Offset === 0) return new Array<Where>(count).fill({ kind: 'unallocated' });
     const table = await this.l2Table(l2Offset);
     const out: Where[] = [];
@@ -153,13 +175,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
     if (this.inflated?.host === host) return this.inflated.data;
     const comp = Buffer.alloc(length);
     await this.file.read(host, comp);
-    let data: Buffer;
-    try {
-      data = zlib.inflateRawSync(comp, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs });
-    } catch {
-      throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} does not inflate`);
-    }
-    if (data.length !== this.cs) throw this.corrupt(`qcow compressed cluster at 0x${host.toString(16)} inflates to ${data.length} bytes, not ${this.cs}`);
+    const data = await decompress('deflate-raw', comp, { size: this.cs, exact: true, what: `${this.name}: qcow compressed cluster at 0x${host.toString(16)}` });
     this.inflated = { host, data };
     return data;
   }
@@ -174,7 +190,6 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
 
@@ -213,6 +228,11 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
         }
         const a = Math.max(pos, (first + i) * cs);
         const b = Math.min(end, (first + j) * cs);
+        const at = w.host + (a - (first + i) * cs);
+        this.metadata.assertNoOverlap(at, b - a, `qcow cluster ${first + i}`);
+        // Nor on the L2 table that maps it.
+        const l2 = await this.l1Entry(Math.floor(first / this.l2Entries));
+        new MetadataRanges(this.name).add(l2, l2 === 0 ? 0 : this.l2Entries * 8, 'qcow L2 table').assertNoOverlap(at, b - a, `qcow cluster ${first + i}`);
         await this.file.write(w.host + (a - (first + i) * cs), this.sealed(data.subarray(a - pos, b - pos), a));
         i = j;
         continue;
@@ -227,6 +247,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
       const to = Math.min(end, (first + j) * cs);
       buf.set(data.subarray(from - pos, to - pos), from - g0);
       const host = this.allocate();
+      this.metadata.assertNoOverlap(host, buf.length, `new qcow cluster ${first + i}`);
       await this.file.write(host, this.sealed(buf, g0));
       for (let k = i; k < j; k++) updates.push({ gc: first + k, host: host + (k - i) * cs });
       i = j;
@@ -258,7 +279,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
   /** Point L2 entries at new clusters; a missing L2 table is written whole before the L1 entry. */
   private async setEntries(updates: { gc: number; host: number }[]): Promise<void> {
     const l1i = Math.floor(updates[0]!.gc / this.l2Entries);
-    let l2Offset = this.l1[l1i] ?? 0;
+    let l2Offset = await this.l1Entry(l1i);
     const encode = (u: { host: number }): Buffer => {
       const b = Buffer.alloc(8);
       b.writeBigUInt64BE(BigInt(u.host));
@@ -272,8 +293,7 @@ export class QcowNode implements BlockNode, HasBacking, Mapper {
       if (this.barriers) await this.file.flush();
       const e = Buffer.alloc(8);
       e.writeBigUInt64BE(BigInt(l2Offset));
-      await this.file.write(this.l1Offset + l1i * 8, e);
-      this.l1[l1i] = l2Offset;
+      await this.l1.write(l1i, e);
       this.l2Cache.set(l2Offset, table);
       return;
     }

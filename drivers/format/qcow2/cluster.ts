@@ -30,7 +30,14 @@ export interface ClusterMapOptions {
   dataLimit: () => number;
   /** Data clusters live in an external data file. */
   externalData?: boolean;
-  l1: Buffer;
+  /** The L1 table, held in memory (the active layer). */
+  l1?: Buffer;
+  /**
+   * Without `l1`: the number of L1 entries at l1Offset, read on demand through
+   * l2Cache a cluster at a time (snapshot views: QEMU too reads a snapshot's L1
+   * only when the snapshot is used, and 32 MiB per snapshot must not be held).
+   */
+  l1Entries?: number;
   l1Offset: number;
   l2Cache: TableCache;
 }
@@ -50,6 +57,8 @@ export class ClusterMap {
   private l1: Buffer;
   private l1View: DataView;
   private l1Offset: number;
+  /** Entries of an L1 table read on demand (see ClusterMapOptions.l1Entries), else undefined. */
+  private readonly lazyEntries: number | undefined;
   private readonly dataLimit: () => number;
   private readonly externalData: boolean;
   readonly l2Cache: TableCache;
@@ -63,8 +72,9 @@ export class ClusterMap {
     this.subclusterSize = o.extendedL2 ? this.clusterSize / SUBCLUSTERS : this.clusterSize;
     this.l2Entries = this.clusterSize / (o.extendedL2 ? 16 : 8);
     this.l2Span = this.clusterSize * this.l2Entries;
-    this.l1 = o.l1;
-    this.l1View = new DataView(o.l1.buffer, o.l1.byteOffset, o.l1.byteLength);
+    this.l1 = o.l1 ?? Buffer.alloc(0);
+    this.l1View = new DataView(this.l1.buffer, this.l1.byteOffset, this.l1.byteLength);
+    this.lazyEntries = o.l1 ? undefined : (o.l1Entries ?? 0);
     this.l1Offset = o.l1Offset;
     this.dataLimit = o.dataLimit;
     this.externalData = o.externalData ?? false;
@@ -72,7 +82,7 @@ export class ClusterMap {
   }
 
   get l1Size(): number {
-    return this.l1.length / 8;
+    return this.lazyEntries ?? this.l1.length / 8;
   }
 
   get l1TableOffset(): number {
@@ -97,8 +107,26 @@ export class ClusterMap {
 
   /** The L2 table offset for L1 index i (0: none), validated. */
   l1Entry(i: number): { offset: number; copied: boolean } {
+    if (this.lazyEntries !== undefined) throw new Error(`${this.name}: L1 entries of a snapshot are read with l1EntryAsync`);
     if (i >= this.l1Size) return { offset: 0, copied: false };
     return decodeL1(this.l1View, i, this.clusterSize, this.file.size, this.name);
+  }
+
+  /** L1 entry i, from memory or (lazy L1) from the file through the table cache. */
+  async l1EntryAsync(i: number): Promise<{ offset: number; copied: boolean }> {
+    if (this.lazyEntries === undefined) return this.l1Entry(i);
+    if (i >= this.lazyEntries) return { offset: 0, copied: false };
+    const cs = this.clusterSize;
+    const at = this.l1Offset + i * 8;
+    const cluster = Math.floor(at / cs) * cs;
+    if (cluster + cs <= this.file.size) {
+      const table = await this.l2Cache.get(cluster);
+      return decodeL1(table.view(), (at - cluster) / 8, cs, this.file.size, this.name, i);
+    }
+    // The table's last cluster is cut short by the end of the file: read just the entry.
+    const entry = Buffer.alloc(8);
+    await this.file.read(at, entry);
+    return decodeL1(new DataView(entry.buffer, entry.byteOffset, 8), 0, cs, this.file.size, this.name, i);
   }
 
   /** Point L1 entry i at an L2 table: on disk first, then in memory. */
@@ -127,7 +155,7 @@ export class ClusterMap {
     while (pos < end) {
       const l1i = Math.floor(pos / this.l2Span);
       const tableEnd = Math.min(end, (l1i + 1) * this.l2Span);
-      const { offset: l2Offset } = this.l1Entry(l1i);
+      const { offset: l2Offset } = this.lazyEntries === undefined ? this.l1Entry(l1i) : await this.l1EntryAsync(l1i);
       if (l2Offset === 0) {
         push(runs, pos, tableEnd - pos, 'unallocated', 0, false);
         pos = tableEnd;

@@ -133,15 +133,18 @@ export function encodeL2Ext(dv: DataView, index: number, host: number, copied: b
   dv.setUint32(index * 16 + 12, alloc >>> 0, false);
 }
 
-/** The L2 table offset in an L1 entry, validated; 0 when unallocated. */
-export function decodeL1(dv: DataView, index: number, clusterSize: number, fileSize: number, name: string): { offset: number; copied: boolean } {
+/**
+ * The L2 table offset in an L1 entry, validated; 0 when unallocated. `entry` is the
+ * entry's number in its table, for messages (`index` when dv holds the whole table).
+ */
+export function decodeL1(dv: DataView, index: number, clusterSize: number, fileSize: number, name: string, entry = index): { offset: number; copied: boolean } {
   const hi = dv.getUint32(index * 8, false);
   const lo = dv.getUint32(index * 8 + 4, false);
-  if (hi & HI.l1Reserved || lo & LO.l1Reserved) throw new CorruptImageError(`${name}: qcow2 L1 entry ${index} has reserved bits set`);
+  if (hi & HI.l1Reserved || lo & LO.l1Reserved) throw new CorruptImageError(`${name}: qcow2 L1 entry ${entry} has reserved bits set`);
   const offset = hostOffsetOf(hi, lo);
   if (offset === 0) return { offset: 0, copied: false };
-  if (offset % clusterSize !== 0) throw new CorruptImageError(`${name}: qcow2 L1 entry ${index} is not cluster aligned`);
-  if (offset >= fileSize) throw new CorruptImageError(`${name}: qcow2 L1 entry ${index} points past the end of the file`);
+  if (offset % clusterSize !== 0) throw new CorruptImageError(`${name}: qcow2 L1 entry ${entry} is not cluster aligned`);
+  if (offset >= fileSize) throw new CorruptImageError(`${name}: qcow2 L1 entry ${entry} points past the end of the file`);
   return { offset, copied: (hi & HI.copied) !== 0 };
 }
 

@@ -24,7 +24,9 @@ import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirecto
 import { rebuildRefcounts } from './repair.js';
 import { createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
-import { AlignFilter } from '../../filters/align.js';
+import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
+import type { SnapshotEntry } from './snapshot.js';
+import { guarded } from '../../filters/read-only.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < 8) return 0;
@@ -64,7 +66,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   if (h.incompatibleFeatures & INCOMPAT.dataFile) {
     if (h.dataFile === undefined) throw new CorruptImageError(`${name}: qcow2 image needs an external data file but names none`);
     if (!opts.openFile) throw new UnsupportedError(`${name}: qcow2 external data file cannot be opened on this protocol`);
-    dataFile = await opts.openFile(h.dataFile);
+    dataFile = await opts.openFile(h.dataFile, 'data file');
   }
   try {
     return await openWith(file, opts, h, headerCluster, dataFile, extendedL2);
@@ -152,8 +154,16 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
 
   const barriers = opts.cache !== 'unsafe';
   // Three quarters for L2 tables, a quarter for refcount blocks (QEMU's default ratio).
-  const l2Cache = new TableCache({ name: 'l2', file, tableSize: clusterSize, maxBytes: Math.floor((opts.metadataCacheBytes * 3) / 4), barriers });
-  const refcountCache = new TableCache({ name: 'refcount', file, tableSize: clusterSize, maxBytes: Math.floor(opts.metadataCacheBytes / 4), barriers });
+  // A writable node checks every write against the image's metadata (overlap.ts).
+  let guard: MetadataGuard | undefined;
+  if (!opts.readOnly) {
+    guard = new MetadataGuard(file, name, clusterSize, h.version === 3);
+    guard.addAll(metadataRanges(h, l1, reftable, snaps, snapshotTableBytes, bitmaps, cryptoHeaderRange(h, headerCluster)));
+  }
+  const l2File = guard ? new GuardedTableFile(file, guard, OL.activeL2) : file;
+  const refcountFile = guard ? new GuardedTableFile(file, guard, OL.refcountBlock) : file;
+  const l2Cache = new TableCache({ name: 'l2', file: l2File, tableSize: clusterSize, maxBytes: Math.floor((opts.metadataCacheBytes * 3) / 4), barriers });
+  const refcountCache = new TableCache({ name: 'refcount', file: refcountFile, tableSize: clusterSize, maxBytes: Math.floor(opts.metadataCacheBytes / 4), barriers });
   l2Cache.dependOn(refcountCache);
   const dataLimit = dataFile ? () => Number.MAX_SAFE_INTEGER : () => file.size;
   const map = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1, l1Offset: h.l1TableOffset, l2Cache });
@@ -166,6 +176,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
     tableOffset: h.refcountTableOffset,
     cache: refcountCache,
     barriers,
+    guard,
   });
 
   // Before the first change: clear the autoclear bits of features we do not keep
@@ -182,38 +193,66 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   };
 
   const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange });
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard });
   const views: { name: string; node: BlockNode }[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
+  // A snapshot's L1 table is read when the snapshot is read, a cluster at a time
+  // through the L2 cache: opening costs nothing per snapshot.
   for (const s of snaps) {
-    const sl1 = await readExactly(file, s.l1TableOffset, s.l1Size * 8);
-    const smap = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1: sl1, l1Offset: s.l1TableOffset, l2Cache });
-    views.push({ name: s.name, node: new Qcow2Node({ ...common, size: h.size, readOnly: true, map: smap, view: true, viewName: s.name }) });
+    const smap = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1Entries: s.l1Size, l1Offset: s.l1TableOffset, l2Cache });
+    views.push({ name: s.name, node: guarded(new Qcow2Node({ ...common, size: h.size, readOnly: true, map: smap, view: true, viewName: s.name })) });
   }
-  if (!crypt) {
-    node.setSnapshots(views);
-    return node;
-  }
-  // Encrypted sectors are the unit: unaligned requests become aligned ones, in shared code.
-  return new EncryptedQcow2(node, views.map((v) => ({ name: v.name, node: new AlignFilter(v.node, 512) })));
+  node.setSnapshots(views);
+  return node;
 }
 
-/** An encrypted image behind AlignFilter, still offering growth and its snapshots. */
-class EncryptedQcow2 extends AlignFilter {
-  constructor(
-    private readonly qcow2: Qcow2Node,
-    private readonly views: { name: string; node: BlockNode }[],
-  ) {
-    super(qcow2, 512);
-  }
+/** The LUKS header's place in the file (crypto header extension), if any. */
+function cryptoHeaderRange(h: Qcow2Header, headerCluster: Buffer): { offset: number; length: number } | undefined {
+  const ext = h.extensions.find((e) => e.type === EXT.cryptoHeader);
+  if (!ext || ext.length < 16) return undefined;
+  return { offset: Number(headerCluster.readBigUInt64BE(ext.offset)), length: Number(headerCluster.readBigUInt64BE(ext.offset + 8)) };
+}
 
-  snapshots(): { name: string; node: BlockNode }[] {
-    return this.views;
+/**
+ * Every host range the image's metadata holds at open, for the overlap checks
+ * (QEMU's "cached" set: header, active L1 and L2 tables, refcount table and blocks,
+ * snapshot table, snapshot L1 tables, bitmap directory; and bitmap tables and the
+ * LUKS header, which no data cluster may overlap either).
+ */
+function metadataRanges(
+  h: Qcow2Header,
+  l1: Buffer,
+  reftable: Buffer,
+  snaps: SnapshotEntry[],
+  snapshotTableBytes: number,
+  bitmaps: BitmapDirectory | undefined,
+  crypto: { offset: number; length: number } | undefined,
+): { offset: number; bytes: number; what: string }[] {
+  const cs = h.clusterSize;
+  const out: { offset: number; bytes: number; what: string }[] = [
+    { offset: 0, bytes: cs, what: OL.header },
+    { offset: h.l1TableOffset, bytes: h.l1Size * 8, what: OL.activeL1 },
+    { offset: h.refcountTableOffset, bytes: reftable.length, what: OL.refcountTable },
+    { offset: h.snapshotsOffset, bytes: snapshotTableBytes, what: OL.snapshotTable },
+  ];
+  // Table entries: host offset bits 9-55 (L1E_OFFSET_MASK); each distinct table once.
+  const tables = (buf: Buffer, what: string): void => {
+    const seen = new Set<number>();
+    for (let i = 0; i + 8 <= buf.length; i += 8) {
+      const off = (buf.readUInt32BE(i) & 0x00ffffff) * 2 ** 32 + ((buf.readUInt32BE(i + 4) & 0xfffffe00) >>> 0);
+      if (off !== 0 && !seen.has(off)) seen.add(off);
+    }
+    for (const off of seen) out.push({ offset: off, bytes: cs, what });
+  };
+  tables(l1, OL.activeL2);
+  tables(reftable, OL.refcountBlock);
+  for (const s of snaps) out.push({ offset: s.l1TableOffset, bytes: s.l1Size * 8, what: OL.inactiveL1 });
+  if (bitmaps) {
+    out.push({ offset: bitmaps.offset, bytes: bitmaps.data.length, what: OL.bitmapDirectory });
+    for (const t of bitmaps.tables) out.push({ offset: t.offset, bytes: t.entries * 8, what: OL.bitmapTable });
   }
-
-  truncate(size: number): Promise<void> {
-    return this.qcow2.truncate(size);
-  }
+  if (crypto) out.push({ offset: crypto.offset, bytes: crypto.length, what: OL.cryptoHeader });
+  return out;
 }
 
 export const qcow2Driver: FormatDriver & Creatable = {

@@ -1,8 +1,8 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, Extent, ExtentKind, HasBacking } from '../../types.js';
-import { IoError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
+import type { BlockNode, Extent, ExtentKind } from '../../types.js';
+import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
@@ -10,9 +10,13 @@ import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
 import { HDR, LIMITS } from './header.js';
-import { Mutex } from './mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
+import { OL, type MetadataGuard } from './overlap.js';
 import { constants as osc } from 'node:os';
+import createDebug from 'debug';
+
+const debug = createDebug('tsmount:qcow2');
 
 export interface Qcow2NodeOptions {
   file: BlockNode;
@@ -35,10 +39,12 @@ export interface Qcow2NodeOptions {
   view?: boolean;
   /** The snapshot name, for a view (used in its name). */
   viewName?: string;
-  /** Encrypted data clusters (requests then arrive 512-byte aligned, through AlignFilter). */
+  /** Encrypted data clusters (requests then arrive 512-byte aligned: requestAlignment). */
   crypt?: DataCrypt;
   /** Runs once before the first change to the image (bitmaps, autoclear bits). */
   beforeFirstChange?: () => Promise<void>;
+  /** Metadata overlap checks (writable nodes): where the tables are, and the corrupt state. */
+  guard?: MetadataGuard;
 }
 
 /** Zeros written per request when zeroing has to write data (v2 with a backing file). */
@@ -53,7 +59,7 @@ const COMPRESSED_SPAN = 4 << 20;
 const COMPRESSED_POOL_BYTES = 1 << 20;
 const COMPRESSED_POOL_KEEP = 4;
 
-export class Qcow2Node implements BlockNode, HasBacking {
+export class Qcow2Node implements BlockNode {
   private currentSize: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -81,6 +87,9 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private snapshotViews: { name: string; node: BlockNode }[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
   private readonly crypt: DataCrypt | undefined;
+  readonly encrypted: boolean;
+  private readonly guard: MetadataGuard | undefined;
+  readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
   /** Releases this node's use of the inflate workers (taken at the first compressed read). */
@@ -104,6 +113,10 @@ export class Qcow2Node implements BlockNode, HasBacking {
     this.viewName = o.viewName;
     this.beforeFirstChange = o.beforeFirstChange;
     this.crypt = o.crypt;
+    this.encrypted = o.crypt !== undefined;
+    this.guard = o.guard;
+    // Encrypted sectors are the unit: unaligned requests become aligned ones above.
+    this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
 
   /** Data cluster bytes at `host` that guest offset `guest` maps to, decrypted. */
@@ -113,6 +126,12 @@ export class Qcow2Node implements BlockNode, HasBacking {
   }
 
   private writeData(host: number, guest: number, src: Uint8Array): Promise<void> {
+    // A data cluster that is really a table of ours: refuse, mark the image corrupt.
+    // The data file holds no metadata (QEMU skips the check there too).
+    if (this.guard && this.data === this.file) {
+      const refused = this.guard.check(host, src.length);
+      if (refused) return refused;
+    }
     if (!this.crypt) return this.data.write(host, src);
     const buf = Uint8Array.from(src);
     this.crypt.cipher.encrypt(buf, (this.crypt.physical ? host : guest) / SECTOR);
@@ -148,6 +167,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     const runs = await this.map.map(offset, dst.length);
+    if (debug.enabled) debug('%s: read %d+%d maps to %s', this.name, offset, dst.length, runs.map((r) => `${r.kind} ${r.guest}+${r.length}${r.kind === 'compressed' ? ` at ${r.cOffset}` : r.kind === 'data' ? ` at ${r.host}` : ''}`).join(', '));
     if (runs.length === 1) return this.readRun(runs[0]!, offset, dst);
     const parts: Promise<void>[] = [];
     let i = 0;
@@ -321,8 +341,13 @@ export class Qcow2Node implements BlockNode, HasBacking {
     if (this.decompressed.size > DECOMPRESSED_KEEP) this.decompressed.delete(this.decompressed.keys().next().value!);
   }
 
+  /** Refuse changes to an image marked corrupt since it was opened (read-only nodes: drivers/filters/read-only.ts). */
+  private checkWritable(): void {
+    if (this.guard?.corrupt) throw this.guard.refusal();
+  }
+
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    this.checkWritable();
     await this.prepare();
     const inPlace = this.writeInPlace(offset, src);
     this.inflight.add(inPlace);
@@ -374,6 +399,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
     }
     const { start } = await this.refcounts.allocate(1);
     const offset = start * this.cs;
+    this.guard?.add(offset, this.cs, OL.activeL2);
     this.map.l2Cache.getNew(offset);
     // The table's refcount, then the (empty) table, then the L1 entry.
     await this.map.l2Cache.flush();
@@ -391,6 +417,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   private async copyL2(l1i: number, oldOffset: number): Promise<number> {
     const { start } = await this.refcounts.allocate(1);
     const offset = start * this.cs;
+    this.guard?.add(offset, this.cs, OL.activeL2);
     const old = await this.map.l2Cache.get(oldOffset);
     const table = this.map.l2Cache.getNew(offset);
     old.data.copy(table.data);
@@ -398,6 +425,8 @@ export class Qcow2Node implements BlockNode, HasBacking {
     await this.map.l2Cache.flush();
     await this.barrier();
     await this.map.setL1Entry(l1i, offset, true);
+    // The old table is now only a snapshot's (inactive L2: QEMU's cached mode does not check those).
+    this.guard?.remove(oldOffset, OL.activeL2);
     this.refcounts.queueFree(oldOffset);
     return offset;
   }
@@ -611,7 +640,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    this.checkWritable();
     await this.prepare();
     await this.mutex.run(() => this.zeroLocked(offset, length, unmap));
   }
@@ -699,7 +728,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
    * then the header points at it, then the old one is freed), then the size field.
    */
   async truncate(size: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    this.checkWritable();
     if (size === this.size) return;
     if (size < this.size) throw new UnsupportedError(`${this.name}: shrinking a qcow2 image is not supported`);
     if (size % 512 !== 0) throw new UsageError(`${this.name}: the new size must be a multiple of 512`);
@@ -722,6 +751,9 @@ export class Qcow2Node implements BlockNode, HasBacking {
     const clusters = Math.ceil((entries * 8) / cs);
     const start = await this.refcounts.allocateContiguous(clusters);
     const offset = start * cs;
+    // Clusters the refcounts call free may still hold metadata (a corrupt image): check first.
+    await this.guard?.check(offset, clusters * cs);
+    this.guard?.add(offset, entries * 8, OL.activeL1);
     const l1 = Buffer.alloc(entries * 8);
     this.map.l1Copy().copy(l1);
     // Every L1 entry in use is an L2 table of ours: QEMU writes them with COPIED set.
@@ -745,6 +777,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
     const oldOffset = this.map.l1TableOffset;
     const oldClusters = Math.ceil((this.map.l1Size * 8) / cs);
     this.map.replaceL1(l1, offset);
+    this.guard?.remove(oldOffset, OL.activeL1);
     for (let c = 0; c < oldClusters; c++) await this.refcounts.adjust(oldOffset / cs + c, -1);
   }
 
@@ -754,6 +787,7 @@ export class Qcow2Node implements BlockNode, HasBacking {
    */
   async flush(): Promise<void> {
     if (this.readOnly) return;
+    if (this.guard?.corrupt) return this.flushCorrupt(this.guard);
     await this.mutex.run(async () => {
       const frees = this.refcounts.takeFrees();
       await Promise.allSettled([...this.inflight]);
@@ -770,6 +804,15 @@ export class Qcow2Node implements BlockNode, HasBacking {
         await this.file.flush();
       }
     });
+  }
+
+  /**
+   * Once the image is marked corrupt no table is written any more (QEMU stops using
+   * the node altogether): what the caches still hold is dropped, and said so.
+   */
+  private async flushCorrupt(guard: MetadataGuard): Promise<void> {
+    await this.file.flush();
+    if (this.map.l2Cache.hasDirty() || this.refcountCache.hasDirty()) throw guard.refusal();
   }
 
   private async barrier(): Promise<void> {

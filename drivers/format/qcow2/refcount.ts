@@ -16,6 +16,7 @@ import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { constants as osc } from 'node:os';
 import { decodeRefcount, decodeReftable, encodeRefcount, encodeReftable } from './entries.js';
 import { encodeRefcountTableFields, HDR, LIMITS } from './header.js';
+import { OL, type MetadataGuard } from './overlap.js';
 
 export interface RefcountOptions {
   file: BlockNode;
@@ -27,6 +28,8 @@ export interface RefcountOptions {
   cache: TableCache;
   /** Flush the file between dependent writes (false for cache=unsafe). */
   barriers: boolean;
+  /** Told of every refcount block and table this class allocates or frees (overlap checks). */
+  guard?: MetadataGuard;
 }
 
 export class Refcounts {
@@ -44,6 +47,7 @@ export class Refcounts {
   private tableOffset: number;
   private readonly cache: TableCache;
   private readonly barriers: boolean;
+  private readonly guard: MetadataGuard | undefined;
   /** No free cluster below this index. */
   private freeHint = 0;
   private pendingFrees: number[] = [];
@@ -63,6 +67,7 @@ export class Refcounts {
     this.tableOffset = o.tableOffset;
     this.cache = o.cache;
     this.barriers = o.barriers;
+    this.guard = o.guard;
   }
 
   get tableEntries(): number {
@@ -163,6 +168,7 @@ export class Refcounts {
   /** A block for range r, at the first cluster of that range (so it counts itself). */
   private createBlock(r: number): Table {
     const off = r * this.perBlock * this.clusterSize;
+    this.guard?.add(off, this.clusterSize, OL.refcountBlock);
     const block = this.cache.getNew(off);
     this.setEntry(block, 0, 1);
     this.cache.markDirty(block);
@@ -213,6 +219,7 @@ export class Refcounts {
     for (let b = 0; b < blocks; b++) {
       const r = oldEntries + b;
       const blockCluster = base + tableClusters + b;
+      this.guard?.add(blockCluster * cs, cs, OL.refcountBlock);
       const block = this.cache.getNew(blockCluster * cs);
       const from = Math.max(base, r * this.perBlock);
       const to = Math.min(metaEnd, (r + 1) * this.perBlock);
@@ -221,6 +228,9 @@ export class Refcounts {
       encodeReftable(newView, r, blockCluster * cs);
     }
     const newOffset = base * cs;
+    // Free by the refcounts is not proof in a corrupt image: the new table must overlap nothing.
+    await this.guard?.check(newOffset, newTable.length);
+    this.guard?.add(newOffset, newTable.length, OL.refcountTable);
     await this.cache.flush();
     await this.file.write(newOffset, newTable);
     await this.barrier();
@@ -232,6 +242,7 @@ export class Refcounts {
     this.table = newTable;
     this.tableView = newView;
     this.tableOffset = newOffset;
+    this.guard?.remove(oldOffset, OL.refcountTable);
     // The header no longer points at the old table: free it now.
     for (let i = 0; i < oldClusters; i++) await this.adjust(oldOffset / cs + i, -1);
   }

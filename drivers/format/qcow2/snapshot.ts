@@ -50,9 +50,12 @@ export async function readSnapshotTable(
   await file.read(offset, buf);
   const ensure = async (end: number): Promise<void> => {
     if (end <= buf.length) return;
-    if (end > limit) bad('runs past the end of the file or QEMU\'s 64 MiB limit');
+    if (end > MAX_TABLE_BYTES) bad('is larger than the 64 MiB limit (QEMU\'s QCOW_MAX_SNAPSHOTS_SIZE)');
+    if (end > limit) bad('runs past the end of the file');
     const next = Buffer.alloc(Math.min(limit, Math.max(end, buf.length * 2)));
-    await file.read(offset, next);
+    // Keep what was read; read only the rest.
+    buf.copy(next);
+    await file.read(offset + buf.length, next.subarray(buf.length));
     buf = next;
   };
   const out: SnapshotEntry[] = [];
@@ -76,7 +79,7 @@ export async function readSnapshotTable(
       if (d >= 2n ** 53n) bad(`entry ${i} has a disk size out of range`);
       diskSize = Number(d);
     }
-    if (l1Size * 8 > LIMITS.maxL1Bytes) bad(`entry ${i} has an L1 table of ${l1Size} entries`);
+    if (l1Size * 8 > LIMITS.maxL1Bytes) bad(`entry ${i} has an L1 table of ${l1Size} entries, over the 32 MiB limit (QEMU's QCOW_MAX_L1_SIZE)`);
     if (l1Size > 0 && (l1TableOffset % clusterSize !== 0 || l1TableOffset + l1Size * 8 > file.size)) bad(`entry ${i} has its L1 table outside the file`);
     const id = buf.toString('utf8', extraAt + extra, extraAt + extra + idSize);
     const snapName = buf.toString('utf8', extraAt + extra + idSize, end);

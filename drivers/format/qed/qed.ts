@@ -2,11 +2,12 @@
 // the shared mapped read path, allocating writes in QEMU's order: the need-check
 // flag, then the data (and a flush when a backing file shows through), then a new
 // L2 table, then the L1 or L2 entry that points at it. The flag is cleared on flush.
-import type { BlockNode, Extent, HasBacking } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import type { BlockNode, Extent } from '../../types.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers, readFromBacking } from '../backing.js';
+import { MetadataRanges } from '../metadata-ranges.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
 
@@ -22,7 +23,7 @@ export interface QedNodeOptions {
 /** Bytes written per request when zeroing has to write data. */
 const ZERO_CHUNK = 1 << 20;
 
-export class QedNode implements BlockNode, HasBacking, Mapper {
+export class QedNode implements BlockNode, Mapper {
   readonly size: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -40,6 +41,8 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
   private fileEnd: number;
   private features: bigint;
   private closed = false;
+  /** Header and L1 table: no guest data may be written there. */
+  readonly metadata: MetadataRanges;
 
   constructor(o: QedNodeOptions) {
     this.file = o.file;
@@ -55,6 +58,9 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
     this.barriers = o.barriers;
     this.fileEnd = Math.floor(o.file.size / this.cs) * this.cs;
     this.features = o.header.features;
+    this.metadata = new MetadataRanges(o.file.name)
+      .add(0, this.headerBytes, 'qed header')
+      .add(o.header.l1TableOffset, this.tableEntries * 8, 'qed L1 table');
   }
 
   get name(): string {
@@ -117,7 +123,6 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src.length, src));
   }
@@ -173,8 +178,12 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
         for (let k = i; k < j; k++) {
           const a = Math.max(from, (first + k) * cs);
           const b = Math.min(to, (first + k + 1) * cs);
-          if (zero) await this.zeroFile(entries[k]! + (a % cs), b - a);
-          else await this.file.write(entries[k]! + (a % cs), part(a, b));
+          const at = entries[k]! + (a % cs);
+          // Nor on the L2 table that maps it.
+          new MetadataRanges(this.name).add(l2, this.tableEntries * 8, 'qed L2 table').assertNoOverlap(at, b - a, `qed cluster ${first + k}`);
+          this.metadata.assertNoOverlap(at, b - a, `qed cluster ${first + k}`);
+          if (zero) await this.zeroFile(at, b - a);
+          else await this.file.write(at, part(a, b));
         }
       } else if (zero) {
         // Whole clusters only reach here when zeroing: mark them as zero clusters.
@@ -246,7 +255,6 @@ export class QedNode implements BlockNode, HasBacking, Mapper {
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
     void unmap;
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     const cs = this.cs;
     const end = offset + length;
     const a = Math.ceil(offset / cs) * cs;

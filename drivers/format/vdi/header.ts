@@ -42,8 +42,13 @@ export const BMAP = { unallocated: 0xffffffff, discarded: 0xfffffffe } as const;
 
 export const SECTOR = 512;
 export const BLOCK_SIZE = 1024 * 1024;
-/** QEMU's VDI_BLOCKS_IN_IMAGE_MAX: a block map of at most 4 GiB. */
-export const MAX_BLOCKS = Math.floor(0xffffffff / 4);
+/**
+ * QEMU 7.2's VDI_BLOCKS_IN_IMAGE_MAX: a block map one request can read
+ * (BDRV_REQUEST_MAX_BYTES / 4), so just under 2 GiB of map and 512 TiB of disk.
+ */
+export const MAX_BLOCKS = 0x1fffff80;
+/** QEMU's VDI_DISK_SIZE_MAX. */
+export const MAX_DISK_SIZE = MAX_BLOCKS * BLOCK_SIZE;
 
 export interface VdiHeader {
   imageType: number;
@@ -69,9 +74,15 @@ export function parseHeader(buf: Uint8Array, fileSize: number, name: string): Vd
     throw new UnsupportedError(`${name}: unsupported VDI image (${msg})`);
   };
   if (buf.length < HEADER_BYTES) bad('file too short for a VDI header');
+  const hex = (v: number | bigint): string => `0x${v.toString(16)}`;
   const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   if (dv.getUint32(HDR.signature, true) !== VDI_SIGNATURE) bad('not a VDI image (bad signature)');
   const version = dv.getUint32(HDR.version, true);
+  const size64 = dv.getBigUint64(HDR.diskSize, true);
+  // vdi_open checks the size first, with this message.
+  if (size64 > BigInt(MAX_DISK_SIZE)) {
+    throw new UnsupportedError(`${name}: Unsupported VDI image size (size is ${hex(size64)}, max supported is ${hex(MAX_DISK_SIZE)})`);
+  }
   if (version !== VDI_VERSION_1_1) unsupported(`version ${version >>> 16}.${version & 0xffff}`);
   const offsetBmap = dv.getUint32(HDR.offsetBmap, true);
   const offsetData = dv.getUint32(HDR.offsetData, true);
@@ -81,7 +92,6 @@ export function parseHeader(buf: Uint8Array, fileSize: number, name: string): Vd
   if (sectorSize !== SECTOR) unsupported(`sector size ${sectorSize} is not ${SECTOR}`);
   const blockSize = dv.getUint32(HDR.blockSize, true);
   if (blockSize !== BLOCK_SIZE) unsupported(`block size ${blockSize} is not ${BLOCK_SIZE}`);
-  const size64 = dv.getBigUint64(HDR.diskSize, true);
   const blocksInImage = dv.getUint32(HDR.blocksInImage, true);
   if (blocksInImage > MAX_BLOCKS) unsupported(`too many blocks ${blocksInImage}, max is ${MAX_BLOCKS}`);
   if (size64 > BigInt(blocksInImage) * BigInt(blockSize)) {

@@ -4,6 +4,8 @@ import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } f
 import { CorruptImageError, UsageError } from '../../errors.js';
 import { BLOCK_SIZE, BMAP, HDR, HEADER_BYTES, IMAGE_TYPE, MAX_BLOCKS, parseHeader, SECTOR, VDI_SIGNATURE, VDI_TEXT, VDI_VERSION_1_1 } from './header.js';
 import { VdiNode } from './vdi.js';
+import { PagedTable, TablePageCache } from '../table-pages.js';
+import { MetadataRanges } from '../metadata-ranges.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -15,13 +17,13 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const head = Buffer.alloc(HEADER_BYTES);
   await file.read(0, head);
   const h = parseHeader(head, file.size, file.name);
-  // Only the entries the disk uses are read; the map may be longer.
+  // Only the entries the disk uses are read, a page at a time as the guest needs them.
   const used = Math.min(h.blocksInImage, Math.ceil(h.diskSize / h.blockSize));
-  const raw = Buffer.alloc(used * 4);
-  await file.read(h.offsetBmap, raw);
-  const bmap = new Uint32Array(used);
-  for (let i = 0; i < used; i++) bmap[i] = raw.readUInt32LE(i * 4);
-  return new VdiNode(file, h, bmap, opts.readOnly, opts.cache !== 'unsafe');
+  const bmap = new PagedTable(file, h.offsetBmap, used, 4, new TablePageCache(opts.metadataCacheBytes));
+  const metadata = new MetadataRanges(file.name)
+    .add(0, HEADER_BYTES, 'VDI header')
+    .add(h.offsetBmap, h.blocksInImage * 4, 'VDI block map');
+  return new VdiNode(file, h, bmap, metadata, opts.readOnly, opts.cache !== 'unsafe');
 }
 
 /** A random (version 4) UUID in the byte order QEMU's qemu_uuid_generate leaves on disk. */

@@ -2,11 +2,13 @@
 // A write to an unallocated block appends the whole block (written data, zeros
 // elsewhere), then points the block map at it, then counts it in the header.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { BMAP, HDR, type VdiHeader } from './header.js';
+import type { PagedTable } from '../table-pages.js';
+import type { MetadataRanges } from '../metadata-ranges.js';
 
 export class VdiNode implements BlockNode, Mapper {
   readonly size: number;
@@ -19,7 +21,8 @@ export class VdiNode implements BlockNode, Mapper {
   constructor(
     private readonly file: BlockNode,
     private readonly h: VdiHeader,
-    private readonly bmap: Uint32Array,
+    private readonly bmap: PagedTable,
+    readonly metadata: MetadataRanges,
     readOnly: boolean,
     private readonly barriers: boolean,
   ) {
@@ -34,9 +37,10 @@ export class VdiNode implements BlockNode, Mapper {
   }
 
   /** Host offset of block b's data, or a kind when it has none; a bad entry throws. */
-  private where(b: number): number | 'unallocated' | 'zero' {
-    const e = this.bmap[b];
-    if (e === undefined || e === BMAP.unallocated) return 'unallocated';
+  private async where(b: number): Promise<number | 'unallocated' | 'zero'> {
+    if (b >= this.bmap.entries) return 'unallocated';
+    const e = await this.bmap.u32(b);
+    if (e === BMAP.unallocated) return 'unallocated';
     if (e === BMAP.discarded) return 'zero';
     const host = this.h.offsetData + e * this.bs;
     if (e >= this.h.blocksInImage || host >= this.file.size) {
@@ -51,7 +55,7 @@ export class VdiNode implements BlockNode, Mapper {
     for (let pos = offset; pos < end; ) {
       const b = Math.floor(pos / this.bs);
       const next = Math.min(end, (b + 1) * this.bs);
-      const w = this.where(b);
+      const w = await this.where(b);
       if (typeof w === 'number') pushRun(out, { kind: 'data', offset: pos, length: next - pos, host: w + (pos % this.bs) });
       else pushRun(out, { kind: w, offset: pos, length: next - pos });
       pos = next;
@@ -64,7 +68,6 @@ export class VdiNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
@@ -75,8 +78,11 @@ export class VdiNode implements BlockNode, Mapper {
       const b = Math.floor(pos / this.bs);
       const next = Math.min(end, (b + 1) * this.bs);
       const part = src.subarray(pos - offset, next - offset);
-      const w = this.where(b);
-      if (typeof w === 'number') await this.file.write(w + (pos % this.bs), part);
+      const w = await this.where(b);
+      if (typeof w === 'number') {
+        this.metadata.assertNoOverlap(w + (pos % this.bs), part.length, `VDI block ${b}`);
+        await this.file.write(w + (pos % this.bs), part);
+      }
       else await this.allocate(b, pos % this.bs, part);
       pos = next;
     }
@@ -88,14 +94,14 @@ export class VdiNode implements BlockNode, Mapper {
     }
     const entry = this.blocksAllocated;
     const host = this.h.offsetData + entry * this.bs;
+    this.metadata.assertNoOverlap(host, this.bs, `new VDI block ${b}`);
     const block = Buffer.alloc(this.bs);
     block.set(data, at);
     await this.file.write(host, block);
     if (this.barriers) await this.file.flush();
     const e = Buffer.alloc(4);
     e.writeUInt32LE(entry);
-    await this.file.write(this.h.offsetBmap + b * 4, e);
-    this.bmap[b] = entry;
+    await this.bmap.write(b, e);
     this.blocksAllocated++;
     const n = Buffer.alloc(4);
     n.writeUInt32LE(this.blocksAllocated);

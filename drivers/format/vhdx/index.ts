@@ -2,10 +2,8 @@
 // and create, after QEMU 7.2's block/vhdx.c and the VHDX specification v1.0.
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
 import {
   ascii,
-  BAT_OFFSET_MASK,
   BLOCK_SIZE_MAX,
   BLOCK_SIZE_MIN,
   checksumValid,
@@ -37,6 +35,8 @@ import {
 } from './layout.js';
 import { checkReplayable, findActiveSequence, LogOverlay, replay } from './log.js';
 import { Headers, VhdxNode } from './vhdx.js';
+import { PagedTable, TablePageCache } from '../table-pages.js';
+import { MetadataRanges } from '../metadata-ranges.js';
 
 /** Logs larger than this are not read into memory. */
 const MAX_LOG_READ = 256 * MiB;
@@ -53,18 +53,16 @@ async function readAt(file: BlockNode, offset: number, length: number): Promise<
   return b;
 }
 
-/** Ranges of the file that hold metadata; payload blocks must not overlap them. */
+/** Ranges of the file that hold metadata; they must not overlap, nor payload blocks them. */
 class Regions {
-  private readonly list: { start: number; end: number; what: string }[] = [];
-  constructor(private readonly name: string) {}
-  add(start: number, length: number, what: string): void {
-    const end = start + length;
-    const clash = this.list.find((r) => start < r.end && r.start < end);
-    if (clash) throw new CorruptImageError(`${this.name}: VHDX ${what} (0x${start.toString(16)}+0x${length.toString(16)}) overlaps the ${clash.what}`);
-    this.list.push({ start, end, what });
+  readonly ranges: MetadataRanges;
+  constructor(private readonly name: string) {
+    this.ranges = new MetadataRanges(name);
   }
-  overlaps(start: number, length: number): boolean {
-    return this.list.some((r) => start < r.end && r.start < start + length);
+  add(start: number, length: number, what: string): void {
+    const clash = this.ranges.overlap(start, length);
+    if (clash !== undefined) throw new CorruptImageError(`${this.name}: VHDX ${what} (0x${start.toString(16)}+0x${length.toString(16)}) overlaps the ${clash}`);
+    this.ranges.add(start, length, what);
   }
 }
 
@@ -229,25 +227,12 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   if (entries * 8 > bat.length) throw new CorruptImageError(`${name}: VHDX BAT region (${bat.length} bytes) is too small for ${entries} entries`);
   if (entries * 8 > MAX_BAT_BYTES) throw new UnsupportedError(`${name}: VHDX BAT of ${entries} entries is too large`);
   if (bat.offset + entries * 8 > view.size) throw new CorruptImageError(`${name}: VHDX BAT lies past the end of the file; the image has been truncated`);
-  const raw = await readAt(view, bat.offset, entries * 8);
-  const table = new BigUint64Array(entries);
-  const bv = dv(raw);
-  const fileSize = view.size;
-  for (let i = 0; i < entries; i++) {
-    const e = bv.getBigUint64(i * 8, true);
-    table[i] = e;
-    if (Number(e & 7n) !== PAYLOAD.fullyPresent) continue;
-    // QEMU's vhdx_check_bat_entries: every present block inside the file, clear of metadata.
-    const isBitmap = i % (chunkRatio + 1) === chunkRatio;
-    if (isBitmap) continue;
-    const block = i - Math.floor(i / (chunkRatio + 1));
-    const off = e & BAT_OFFSET_MASK;
-    const blockLength = Math.min(md.blockSize, size - block * md.blockSize);
-    if (off >= BigInt(fileSize) || off + BigInt(blockLength) > BigInt(fileSize)) {
-      throw new CorruptImageError(`${name}: VHDX BAT entry ${i} points past the end of the file (0x${off.toString(16)}); the image has probably been truncated`);
-    }
-    if (regions.overlaps(Number(off), md.blockSize)) throw new CorruptImageError(`${name}: VHDX BAT entry ${i} overlaps the image metadata`);
-  }
+  // The header section too: no payload block may be written there.
+  regions.ranges.add(0, HEADER_SECTION_END, 'header section');
+  // The BAT is read a page at a time as the guest needs it, and each entry is
+  // checked when it is used (VhdxNode.entry), not all at open: a 64 TiB disk's
+  // BAT is 512 MiB.
+  const table = new PagedTable(view, bat.offset, entries, 8, new TablePageCache(opts.metadataCacheBytes));
 
   const node = new VhdxNode({
     file: view,
@@ -256,14 +241,14 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     blockSize: md.blockSize,
     chunkRatio,
     bat: table,
-    batOffset: bat.offset,
+    metadata: regions.ranges,
     headers: opts.readOnly ? undefined : headers,
     logOffset,
     logLength,
     barriers,
   });
   if (replayed) node.markVisibleWriteDone();
-  return new AlignFilter(node, 512);
+  return node;
 }
 
 /** QEMU's default block size for a disk size (vhdx_co_create). */

@@ -2,12 +2,14 @@
 // section 2.5), with every BAT change made durable through the metadata log first,
 // as QEMU's vhdx_co_writev does with vhdx_log_write_and_flush.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { BAT_OFFSET_MASK, encodeHeader, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SIZE, LOG_SECTOR, MiB, newGuid, PAYLOAD, type Header } from './layout.js';
 import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
+import type { PagedTable } from '../table-pages.js';
+import type { MetadataRanges } from '../metadata-ranges.js';
 
 /** The two header copies; updates always go to the older one (section 2.2.2.1). */
 export class Headers {
@@ -59,8 +61,9 @@ export interface VhdxNodeOptions {
   readOnly: boolean;
   blockSize: number;
   chunkRatio: number;
-  bat: BigUint64Array;
-  batOffset: number;
+  bat: PagedTable;
+  /** Header section, log, BAT and metadata regions: payload blocks must stay clear of them. */
+  metadata: MetadataRanges;
   headers: Headers | undefined;
   logOffset: number;
   logLength: number;
@@ -68,13 +71,17 @@ export interface VhdxNodeOptions {
 }
 
 export class VhdxNode implements BlockNode, Mapper {
+  /** Sectors are the unit of the sector bitmaps and the log. */
+  readonly requestAlignment = 512;
   readonly size: number;
   readonly readOnly: boolean;
   private readonly file: BlockNode;
   private readonly bs: number;
   private readonly chunkRatio: number;
-  private readonly bat: BigUint64Array;
-  private readonly batOffset: number;
+  private readonly bat: PagedTable;
+  readonly metadata: MetadataRanges;
+  /** BAT entries changed by the write in progress and not yet committed through the log. */
+  private readonly pending = new Map<number, bigint>();
   private readonly headers: Headers | undefined;
   private readonly logOffset: number;
   private readonly logLength: number;
@@ -90,7 +97,7 @@ export class VhdxNode implements BlockNode, Mapper {
     this.bs = o.blockSize;
     this.chunkRatio = o.chunkRatio;
     this.bat = o.bat;
-    this.batOffset = o.batOffset;
+    this.metadata = o.metadata;
     this.headers = o.headers;
     this.logOffset = o.logOffset;
     this.logLength = o.logLength;
@@ -106,9 +113,31 @@ export class VhdxNode implements BlockNode, Mapper {
     return block + Math.floor(block / this.chunkRatio);
   }
 
-  private entry(block: number): { state: number; offset: number } {
-    const e = this.bat[this.batIndex(block)] ?? 0n;
-    return { state: Number(e & 7n), offset: Number(e & BAT_OFFSET_MASK) };
+  private async rawEntry(idx: number): Promise<bigint> {
+    const p = this.pending.get(idx);
+    if (p !== undefined) return p;
+    return idx < this.bat.entries ? this.bat.u64(idx) : 0n;
+  }
+
+  /**
+   * The BAT entry of payload block `block`. A present block must lie inside the
+   * file and clear of metadata (QEMU's vhdx_check_bat_entries, done here entry by
+   * entry as the BAT is paged in rather than all at open).
+   */
+  private async entry(block: number): Promise<{ state: number; offset: number }> {
+    const idx = this.batIndex(block);
+    const e = await this.rawEntry(idx);
+    const state = Number(e & 7n);
+    const off = e & BAT_OFFSET_MASK;
+    if (state === PAYLOAD.fullyPresent) {
+      const blockLength = Math.min(this.bs, this.size - block * this.bs);
+      if (off + BigInt(blockLength) > BigInt(this.file.size)) {
+        throw new CorruptImageError(`${this.name}: VHDX BAT entry ${idx} points past the end of the file (0x${off.toString(16)}); the image has probably been truncated`);
+      }
+      const clash = this.metadata.overlap(Number(off), this.bs);
+      if (clash !== undefined) throw new CorruptImageError(`${this.name}: VHDX BAT entry ${idx} (0x${off.toString(16)}) overlaps the image metadata (${clash})`);
+    }
+    return { state, offset: Number(off) };
   }
 
   async mapRange(offset: number, length: number): Promise<MappedRun[]> {
@@ -119,7 +148,7 @@ export class VhdxNode implements BlockNode, Mapper {
       const block = Math.floor(pos / this.bs);
       const inBlock = pos - block * this.bs;
       const n = Math.min(end - pos, this.bs - inBlock);
-      const { state, offset: host } = this.entry(block);
+      const { state, offset: host } = await this.entry(block);
       switch (state) {
         case PAYLOAD.fullyPresent:
           runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
@@ -166,7 +195,8 @@ export class VhdxNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
+    // A BAT entry that is corrupt (or points at metadata) fails here, before the headers change.
+    await this.mapRange(offset, src.length);
     await this.firstWrite();
     if (await writeInPlace(this, this.file, offset, src)) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
@@ -174,7 +204,6 @@ export class VhdxNode implements BlockNode, Mapper {
 
   private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
     const changes = new Map<number, bigint>();
-    const olds = new Map<number, bigint>();
     const end = offset + src.length;
     let pos = offset;
     while (pos < end) {
@@ -182,7 +211,7 @@ export class VhdxNode implements BlockNode, Mapper {
       const inBlock = pos - block * this.bs;
       const n = Math.min(end - pos, this.bs - inBlock);
       const data = src.subarray(pos - offset, pos - offset + n);
-      const { state, offset: host } = this.entry(block);
+      const { state, offset: host } = await this.entry(block);
       if (state === PAYLOAD.fullyPresent) {
         await this.file.write(host + inBlock, data);
       } else if (state === PAYLOAD.partiallyPresent || state === 4 || state > 7) {
@@ -190,23 +219,28 @@ export class VhdxNode implements BlockNode, Mapper {
       } else {
         // A new block at the next MiB past the end; the rest of it reads as zeros.
         const start = Math.ceil(this.file.size / MiB) * MiB;
+        this.metadata.assertNoOverlap(start, this.bs, `new VHDX payload block ${block}`);
         if (this.file.truncate) await this.file.truncate(start + this.bs);
         else await this.file.write(start, Buffer.alloc(this.bs));
         await this.file.write(start + inBlock, data);
         changes.set(this.batIndex(block), BigInt(start) | BigInt(PAYLOAD.fullyPresent));
         // Later parts of this request may land in the same block: map it now.
-        olds.set(this.batIndex(block), this.bat[this.batIndex(block)]!);
-        this.bat[this.batIndex(block)] = BigInt(start) | BigInt(PAYLOAD.fullyPresent);
+        this.pending.set(this.batIndex(block), BigInt(start) | BigInt(PAYLOAD.fullyPresent));
       }
       pos += n;
     }
     if (changes.size === 0) return;
     try {
       await this.commitBat(changes);
-    } catch (err) {
-      // The blocks are not mapped on disk: forget them here too.
-      for (const [idx, e] of olds) this.bat[idx] = e;
-      throw err;
+      // On disk now: the cached BAT pages follow.
+      for (const [idx, e] of changes) {
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64LE(e);
+        this.bat.patch(idx, b);
+      }
+    } finally {
+      // Committed, or not mapped on disk and so forgotten here too.
+      this.pending.clear();
     }
   }
 
@@ -220,7 +254,7 @@ export class VhdxNode implements BlockNode, Mapper {
   private async commitBat(changes: Map<number, bigint>): Promise<void> {
     const sectors = new Map<number, Buffer>();
     for (const idx of changes.keys()) {
-      const at = this.batOffset + idx * 8;
+      const at = this.bat.offset + idx * 8;
       const sectorAt = at - (at % LOG_SECTOR);
       if (!sectors.has(sectorAt)) {
         const b = Buffer.alloc(LOG_SECTOR);
@@ -230,10 +264,10 @@ export class VhdxNode implements BlockNode, Mapper {
     }
     for (const [sectorAt, b] of sectors) {
       // Every entry the sector holds, from memory: the on-disk copy may predate earlier commits of this session.
-      const firstIdx = (sectorAt - this.batOffset) / 8;
+      const firstIdx = (sectorAt - this.bat.offset) / 8;
       for (let k = 0; k < LOG_SECTOR / 8; k++) {
-        const e = this.bat[firstIdx + k];
-        if (e !== undefined) b.writeBigUInt64LE(e, k * 8);
+        const idx = firstIdx + k;
+        if (idx >= 0 && idx < this.bat.entries && Number.isInteger(idx)) b.writeBigUInt64LE(await this.rawEntry(idx), k * 8);
       }
     }
     const all = [...sectors.entries()].sort((a, b) => a[0] - b[0]).map(([fileOffset, data]) => ({ fileOffset, data }));

@@ -115,7 +115,7 @@ export async function createVmdk(req: CreateRequest): Promise<void> {
   if (backingFile !== undefined) {
     const { node, format } = await req.openImage(backingFile);
     if (format !== 'vmdk') throw new UsageError(`${req.spec}: invalid backing file format: ${format}. Must be vmdk`);
-    const cid = (node as { vmdkCid?: number }).vmdkCid;
+    const cid = node.vmdkCid;
     if (cid === undefined) throw new UsageError(`${req.spec}: failed to read parent CID`);
     parentCid = cid;
     size ??= node.size;

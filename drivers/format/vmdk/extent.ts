@@ -2,6 +2,7 @@
 // grain directory of grain tables maps grains into the file; VMDK spec 1.1 and
 // QEMU 7.2's get_cluster_offset / vmdk_L2update / get_whole_cluster). Each extent
 // maps, reads and writes its own byte range; the node strings them together.
+import { MetadataRanges } from '../metadata-ranges.js';
 import { constants } from 'node:os';
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, IoError, UnsupportedError } from '../../errors.js';
@@ -109,6 +110,8 @@ export class SparseExtent implements VmdkExtent {
   private readonly grains = new Map<number, Buffer>();
   /** Next free sector for a new grain (QEMU's next_cluster_sector). */
   private nextSector: number;
+  /** Header, descriptor, grain directories and the tables QEMU preallocates before the first grain. */
+  private readonly metadata: MetadataRanges;
 
   private constructor(private readonly h: SparseHeader, o: SparseExtentOptions) {
     this.file = o.file;
@@ -126,6 +129,17 @@ export class SparseExtent implements VmdkExtent {
     this.gdAtEnd = h.gdAtEnd;
     this.maxTables = Math.max(16, Math.floor(o.cacheBytes / Math.max(1, this.gtBytes)));
     this.nextSector = Math.ceil(Math.ceil(o.file.size / 512) / h.grainSectors) * h.grainSectors;
+    this.metadata = new MetadataRanges(o.name)
+      .add(0, Math.max(512, h.grainOffset * 512), 'VMDK header and grain tables')
+      .add(h.gdOffset, h.l1Size * 4, 'VMDK grain directory')
+      .add(h.rgdOffset, h.rgdOffset === 0 ? 0 : h.l1Size * 4, 'VMDK redundant grain directory');
+  }
+
+  /** Refuse a grain write onto metadata, or onto the grain table l1i that maps it. */
+  private checkTarget(host: number, length: number, l1i: number, what: string): void {
+    this.metadata.assertNoOverlap(host, length, what);
+    const gt = (this.l1[l1i] ?? 0) * 512;
+    if (gt !== 0) new MetadataRanges(this.name).add(gt, this.gtBytes, 'VMDK grain table').assertNoOverlap(host, length, what);
   }
 
   static async open(o: SparseExtentOptions): Promise<SparseExtent> {
@@ -206,7 +220,7 @@ export class SparseExtent implements VmdkExtent {
           if (e.host + inGrain + n > this.file.size) {
             throw new CorruptImageError(`${this.name}: VMDK grain at 0x${e.host.toString(16)} (guest 0x${offset.toString(16)}) lies outside the file`);
           }
-          out.push({ kind: 'data', offset, length: n, host: e.host + inGrain, file: this.file });
+          out.push({ kind: 'data', offset, length: n, host: e.host + inGrain, file: this.file, metadata: this.metadata });
         } else if (e.kind === 'compressed') {
           const host = e.host;
           out.push({ kind: 'custom', offset, length: n, read: (dst) => this.readCompressed(host, inGrain, dst) });
@@ -285,6 +299,7 @@ export class SparseExtent implements VmdkExtent {
           const from = Math.max(pos, g * gb);
           const to = Math.min(tableEnd, h * gb);
           if (e.host + (to - g * gb) > this.file.size) throw new CorruptImageError(`${this.name}: VMDK grain at 0x${e.host.toString(16)} lies outside the file`);
+          this.checkTarget(e.host + (from - g * gb), to - from, l1i, `VMDK grain ${g}`);
           await this.file.write(e.host + (from - g * gb), src.subarray(from - rel, to - rel));
           g = h;
           continue;
@@ -327,6 +342,7 @@ export class SparseExtent implements VmdkExtent {
     await Promise.all([fill(first, 0, head), fill(last, tailStart, buf.length)]);
     buf.set(data, head);
     const sector = this.claim((h - g) * (gb / 512));
+    this.checkTarget(sector * 512, buf.length, l1i, `new VMDK grain ${g}`);
     await this.file.write(sector * 512, buf);
     await ctx.barrier(this.file);
     const values: number[] = [];

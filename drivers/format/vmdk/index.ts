@@ -3,8 +3,7 @@
 // each opened through the image's protocol with the image's lock (OpenOptions.openFile).
 import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
 import { MAX_NODE_SIZE } from '../../types.js';
-import { CorruptImageError, TsmountError, UnsupportedError, UsageError, messageOf } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
+import { CorruptImageError, TsmountError, UnsupportedError, UntrustedFileError, UsageError, messageOf } from '../../errors.js';
 import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, probeDescriptor, readCid } from './descriptor.js';
 import { FlatExtent, SparseExtent, type VmdkExtent } from './extent.js';
 import { parseVmdk3Header, peekVmdk4, readVmdk4Header, VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
@@ -20,16 +19,6 @@ function probe(head: Uint8Array): number {
   const m = be32(head);
   if (m === VMDK3_MAGIC || m === VMDK4_MAGIC) return 100;
   return probeDescriptor(head) ? 100 : 0;
-}
-
-/** The node tsmount sees: sector-aligned writes below, the CID above for overlays and tsimg create. */
-export class VmdkTop extends AlignFilter {
-  constructor(readonly vmdk: VmdkNode) {
-    super(vmdk, 512);
-  }
-  get vmdkCid(): number {
-    return this.vmdk.cid;
-  }
 }
 
 interface OpenState {
@@ -85,12 +74,13 @@ async function openExtentFile(st: OpenState, fileName: string): Promise<BlockNod
   const name = st.image.name;
   if (!st.opts.openFile) throw new UnsupportedError(`${name}: this VMDK names extent files, which cannot be opened here`);
   try {
-    const node = await st.opts.openFile(fileName);
+    const node = await st.opts.openFile(fileName, 'extent');
     st.opened.push(node);
     return node;
   } catch (err) {
-    const wrapped = new UsageError(`${name}: cannot open VMDK extent '${fileName}': ${messageOf(err)}`);
-    throw err instanceof TsmountError ? Object.assign(wrapped, { errno: err.errno }) : wrapped;
+    if (err instanceof UntrustedFileError) throw err;
+    const message = `${name}: cannot open VMDK extent '${fileName}': ${messageOf(err)}`;
+    throw err instanceof TsmountError ? err.withMessage(message) : new UsageError(message, undefined, { cause: err });
   }
 }
 
@@ -152,7 +142,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 
     if (hint !== undefined && hint !== '' && !opts.noBacking) {
       backing = await opts.openBacking(hint, 'vmdk');
-      const backingCid = (backing as { vmdkCid?: number }).vmdkCid;
+      const backingCid = backing.vmdkCid;
       if (backingCid !== parentCid) {
         const theirs = backingCid === undefined ? 'no CID' : `CID ${backingCid.toString(16)}`;
         throw new CorruptImageError(`${name}: parentCID ${parentCid.toString(16)} does not match ${theirs} of backing file '${hint}' (the backing file changed after this image was made)`);
@@ -170,7 +160,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       createType,
       barriers: opts.cache !== 'unsafe',
     });
-    return new VmdkTop(node);
+    return node;
   } catch (err) {
     await backing?.close().catch(() => undefined);
     for (const f of st.opened) await f.close().catch(() => undefined);

@@ -3,6 +3,7 @@
 import zlib from 'node:zlib';
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
+import { decompress } from '../../util/decompress.js';
 
 export const MARKER_HEADER = 12;
 
@@ -28,11 +29,7 @@ export async function readCompressedGrain(file: BlockNode, host: number, grainBy
     data = Buffer.alloc(n);
     await file.read(host, data);
   }
-  try {
-    return zlib.inflateSync(data, { maxOutputLength: grainBytes });
-  } catch {
-    throw new CorruptImageError(`${name}: ${where} does not decompress`);
-  }
+  return decompress('zlib', data, { size: grainBytes, exact: false, what: `${name}: ${where}` });
 }
 
 /** Marker + deflated grain, padded to whole sectors so the file stays sector-aligned. */

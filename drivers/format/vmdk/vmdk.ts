@@ -2,11 +2,10 @@
 // path, writes that allocate under one lock, and the CID rewritten on the first
 // write after open (QEMU 7.2's vmdk_pwritev / vmdk_write_cid).
 import crypto from 'node:crypto';
-import type { BlockNode, Extent, HasBacking } from '../../types.js';
-import { ReadOnlyError } from '../../errors.js';
+import type { BlockNode, Extent } from '../../types.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
 import { readFromBacking } from '../backing.js';
-import { Mutex } from '../qcow2/mutex.js';
+import { Mutex } from '../../util/mutex.js';
 import { DESC_SIZE, rewriteCid } from './descriptor.js';
 import type { VmdkExtent, WriteContext } from './extent.js';
 
@@ -25,7 +24,7 @@ export interface VmdkNodeOptions {
   barriers: boolean;
 }
 
-export class VmdkNode implements BlockNode, HasBacking, Mapper {
+export class VmdkNode implements BlockNode, Mapper {
   readonly size: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
@@ -67,6 +66,13 @@ export class VmdkNode implements BlockNode, HasBacking, Mapper {
   }
 
   /** The image's CID as on disk now. */
+  /** Sectors: grain tables and flat extents are addressed in them. */
+  readonly requestAlignment = 512;
+
+  get vmdkCid(): number {
+    return this.cid;
+  }
+
   get cid(): number {
     return this.currentCid;
   }
@@ -104,7 +110,6 @@ export class VmdkNode implements BlockNode, HasBacking, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     // The common case needs no lock: every byte already has a place on disk.
     if (!(await writeInPlace(this, this.file, offset, src))) {
       await this.mutex.run(async () => {
@@ -115,7 +120,6 @@ export class VmdkNode implements BlockNode, HasBacking, Mapper {
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     await this.mutex.run(async () => {
       for (const p of this.pieces(offset, length)) await p.e.zero(p.rel, p.n, unmap, this.ctx);
     });

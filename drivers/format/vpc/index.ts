@@ -1,7 +1,8 @@
 // The vpc (VHD) driver: probe, open, create (QEMU 7.2's block/vpc.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
+import { MetadataRanges } from '../metadata-ranges.js';
+import { PagedTable, TablePageCache } from '../table-pages.js';
 import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
 import {
   ascii,
   DISK_DIFFERENCING,
@@ -61,7 +62,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 
   if (!dynamic || footer.diskType === DISK_FIXED) {
     if (dynamic) throw new CorruptImageError(`${name}: VHD footer at the start of the file, but the disk type is fixed`);
-    return new AlignFilter(new VpcFixedNode(file, size, opts.readOnly), SECTOR);
+    return new VpcFixedNode(file, size, opts.readOnly);
   }
 
   if (footer.dataOffset > BigInt(file.size - DYN_HEADER_SIZE)) {
@@ -81,16 +82,18 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     throw new CorruptImageError(`${name}: VHD block allocation table at 0x${dyn.tableOffset.toString(16)} is outside the file`);
   }
   const batOffset = Number(dyn.tableOffset);
-  const raw = await readAt(file, batOffset, batBytes);
-  const bat = new Uint32Array(entries);
+  // The BAT is read a page at a time as the guest needs it; only a writer needs
+  // where free space starts, found in one pass a page at a time.
+  const bat = new PagedTable(file, batOffset, entries, 4, new TablePageCache(opts.metadataCacheBytes));
   let freeOffset = Math.ceil((batOffset + batBytes) / 512) * 512;
-  for (let i = 0; i < entries; i++) {
-    const e = raw.readUInt32BE(i * 4);
-    bat[i] = e;
-    if (e !== 0xffffffff) freeOffset = Math.max(freeOffset, e * 512 + bitmapSize + bs);
-  }
-  if (freeOffset > file.size) {
-    throw new CorruptImageError(`${name}: VHD blocks point past the end of the file (0x${freeOffset.toString(16)} > 0x${file.size.toString(16)}); the image has been truncated`);
+  if (!opts.readOnly) {
+    await bat.scan((_i, view, at) => {
+      const e = view.getUint32(at, false);
+      if (e !== 0xffffffff) freeOffset = Math.max(freeOffset, e * 512 + bitmapSize + bs);
+    });
+    if (freeOffset > file.size) {
+      throw new CorruptImageError(`${name}: VHD blocks point past the end of the file (0x${freeOffset.toString(16)} > 0x${file.size.toString(16)}); the image has been truncated`);
+    }
   }
   if (footer.diskType === DISK_DIFFERENCING && !opts.readOnly) {
     // QEMU reads a differencing VHD as if it had no parent; writing would only deepen that.
@@ -107,8 +110,12 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     bitmapSize,
     freeOffset,
     barriers,
+    metadata: new MetadataRanges(name)
+      .add(0, FOOTER_SIZE, 'VHD footer copy')
+      .add(Number(footer.dataOffset), DYN_HEADER_SIZE, 'VHD dynamic header')
+      .add(batOffset, batBytes, 'VHD BAT'),
   });
-  return new AlignFilter(node, SECTOR);
+  return node;
 }
 
 async function create(req: CreateRequest): Promise<void> {

@@ -2,11 +2,13 @@
 // 2 MiB-ish blocks through the BAT, each block preceded by its sector bitmap
 // (QEMU's block/vpc.c). Reads go through the shared mapped-read path.
 import type { BlockNode, Extent } from '../../types.js';
-import { CorruptImageError, ReadOnlyError } from '../../errors.js';
+import { CorruptImageError } from '../../errors.js';
 import { closeLayers } from '../backing.js';
+import type { MetadataRanges } from '../metadata-ranges.js';
+import type { PagedTable } from '../table-pages.js';
 import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../qcow2/mutex.js';
-import { FOOTER_SIZE } from './footer.js';
+import { Mutex } from '../../util/mutex.js';
+import { FOOTER_SIZE, SECTOR } from './footer.js';
 
 export const BAT_UNUSED = 0xffffffff;
 
@@ -14,6 +16,7 @@ export const BAT_UNUSED = 0xffffffff;
 const ZERO_CHUNK = 1 << 20;
 
 export class VpcFixedNode implements BlockNode {
+  readonly requestAlignment = SECTOR;
   constructor(
     private readonly file: BlockNode,
     readonly size: number,
@@ -26,7 +29,6 @@ export class VpcFixedNode implements BlockNode {
     return this.file.read(offset, dst);
   }
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     // A geometry larger than the file would put guest data over the footer.
     if (offset + src.length > this.file.size - FOOTER_SIZE) {
       throw new CorruptImageError(`${this.name}: fixed VHD is shorter than its disk size; write at 0x${offset.toString(16)} would overwrite the footer`);
@@ -50,21 +52,25 @@ export interface VpcDynamicOptions {
   readOnly: boolean;
   /** The footer as on disk (rewritten at the end of the file as it grows). */
   footer: Uint8Array;
-  bat: Uint32Array;
+  bat: PagedTable;
   batOffset: number;
   blockSize: number;
   bitmapSize: number;
   /** Where the next block goes: past the BAT and every allocated block. */
   freeOffset: number;
   barriers: boolean;
+  /** Footer copy, dynamic header and BAT: no guest data may be written there. */
+  metadata: MetadataRanges;
 }
 
 export class VpcDynamicNode implements BlockNode, Mapper {
+  /** Sector bitmaps: the unit of allocation inside a block. */
+  readonly requestAlignment = SECTOR;
   readonly size: number;
   readonly readOnly: boolean;
   private readonly file: BlockNode;
   private readonly footer: Uint8Array;
-  private readonly bat: Uint32Array;
+  private readonly bat: PagedTable;
   private readonly batOffset: number;
   private readonly blockSize: number;
   private readonly bitmapSize: number;
@@ -77,8 +83,10 @@ export class VpcDynamicNode implements BlockNode, Mapper {
    * Virtual PC never takes written sectors for unused ones.
    */
   private readonly bitmapSet = new Set<number>();
+  readonly metadata: MetadataRanges;
 
   constructor(o: VpcDynamicOptions) {
+    this.metadata = o.metadata;
     this.file = o.file;
     this.size = o.size;
     this.readOnly = o.readOnly;
@@ -95,9 +103,15 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     return this.file.name;
   }
 
-  private blockHost(idx: number): number | undefined {
-    const e = idx < this.bat.length ? this.bat[idx]! : BAT_UNUSED;
-    return e === BAT_UNUSED ? undefined : e * 512 + this.bitmapSize;
+  /** Host offset of block idx's data, undefined when unallocated; checked as it is used. */
+  private async blockHost(idx: number): Promise<number | undefined> {
+    const e = idx < this.bat.entries ? await this.bat.u32be(idx) : BAT_UNUSED;
+    if (e === BAT_UNUSED) return undefined;
+    const host = e * 512 + this.bitmapSize;
+    if (host + this.blockSize > this.file.size) {
+      throw new CorruptImageError(`${this.name}: VHD block ${idx} at 0x${(e * 512).toString(16)} points past the end of the file; the image has been truncated`);
+    }
+    return host;
   }
 
   async mapRange(offset: number, length: number): Promise<MappedRun[]> {
@@ -108,7 +122,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
       const idx = Math.floor(pos / this.blockSize);
       const inBlock = pos - idx * this.blockSize;
       const n = Math.min(end - pos, this.blockSize - inBlock);
-      const host = this.blockHost(idx);
+      const host = await this.blockHost(idx);
       if (host === undefined) runs.push({ kind: 'zero', offset: pos, length: n });
       else runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
       pos += n;
@@ -121,11 +135,10 @@ export class VpcDynamicNode implements BlockNode, Mapper {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + src.length - 1) / this.blockSize);
     let ready = true;
-    for (let i = first; i <= last && ready; i++) ready = this.blockHost(i) !== undefined && this.bitmapSet.has(i);
+    for (let i = first; i <= last && ready; i++) ready = (await this.blockHost(i)) !== undefined && this.bitmapSet.has(i);
     if (ready && (await writeInPlace(this, this.file, offset, src))) return;
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
@@ -138,10 +151,12 @@ export class VpcDynamicNode implements BlockNode, Mapper {
       const inBlock = pos - idx * this.blockSize;
       const n = Math.min(end - pos, this.blockSize - inBlock);
       const data = src.subarray(pos - offset, pos - offset + n);
-      const host = this.blockHost(idx);
+      const host = await this.blockHost(idx);
       if (host === undefined) {
         await this.allocate(idx, inBlock, data);
       } else {
+        // The block's bitmap and its data, as the BAT entry places them.
+        this.metadata.assertNoOverlap(host - this.bitmapSize, this.bitmapSize + this.blockSize, `VHD block ${idx}`);
         if (!this.bitmapSet.has(idx)) {
           await this.file.write(host - this.bitmapSize, Buffer.alloc(this.bitmapSize, 0xff));
           await this.barrier();
@@ -162,6 +177,7 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const start = this.freeOffset;
     const next = start + this.bitmapSize + this.blockSize;
     if (next / 512 > BAT_UNUSED) throw new CorruptImageError(`${this.name}: VHD is full (block offsets are 32-bit sector numbers)`);
+    this.metadata.assertNoOverlap(start, this.bitmapSize + this.blockSize, `new VHD block ${idx}`);
     const bitmap = Buffer.alloc(this.bitmapSize, 0xff);
     if (this.file.size > start + FOOTER_SIZE) {
       // Something lies past the footer: the unwritten part of the block would not read as zeros.
@@ -178,13 +194,12 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     const entry = Buffer.alloc(4);
     entry.writeUInt32BE(start / 512, 0);
     await this.file.write(this.batOffset + idx * 4, entry);
-    this.bat[idx] = start / 512;
+    this.bat.patch(idx, entry);
     this.freeOffset = next;
     this.bitmapSet.add(idx);
   }
 
   async zero(offset: number, length: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     // Unallocated blocks read as zeros already; only allocated ones are written.
     await this.mutex.run(async () => {
       for (const r of await this.mapRange(offset, length)) {

@@ -2,6 +2,7 @@
 // fixed newstyle negotiation, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT for
 // base:allocation, then NBD_OPT_GO (NBD_OPT_EXPORT_NAME when the server lacks GO).
 // It is fed the server's bytes and queues the client's; it never touches a socket.
+import { RefusedError } from '../../errors.js';
 import {
   MAX_OPTION_REPLY,
   NBD_CLISERV_MAGIC,
@@ -21,12 +22,7 @@ import {
 import { ByteQueue, encodeFields, encodeOption, getU64, NbdProtocolError } from './parser.js';
 
 /** The server refused what we asked (no such export, TLS required...): a person's error. */
-export class NbdRefusedError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'NbdRefusedError';
-  }
-}
+export class NbdRefusedError extends RefusedError {}
 
 export interface HandshakeParams {
   exportName: string;

@@ -2,8 +2,7 @@
 // advertises multi-conn) several. Large requests are split at the server's block
 // limits and kept in flight together; holes and zeros come from base:allocation.
 import type { BlockNode, CacheMode, Extent } from '../../types.js';
-import { IoError, ReadOnlyError, UsageError } from '../../errors.js';
-import { AlignFilter } from '../../filters/align.js';
+import { IoError, UsageError } from '../../errors.js';
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_ZERO } from './constants.js';
 import { NbdConnection, type ConnectOptions } from './client.js';
 import type { ExportInfo } from './handshake.js';
@@ -64,6 +63,11 @@ export class NbdNode implements BlockNode {
     this.piece = Math.max(info.minBlock, max - (max % info.minBlock));
   }
 
+  /** The export's minimum block size (proto.md, "Block size constraints"). */
+  get requestAlignment(): number | undefined {
+    return this.info.minBlock > 1 ? this.info.minBlock : undefined;
+  }
+
   static async open(spec: string, opts: NbdOpenOptions): Promise<BlockNode> {
     return NbdNode.openTarget(spec, parseNbdSpec(spec), opts);
   }
@@ -91,7 +95,7 @@ export class NbdNode implements BlockNode {
         if (c.info.size !== info.size) throw new IoError(`${name}: the export changed size between two connections`);
       }
       const node = new NbdNode(name, info, conns, opts.readOnly, opts.cache, connectOpts);
-      return info.minBlock > 1 ? new AlignFilter(node, info.minBlock) : node;
+      return node;
     } catch (err) {
       await Promise.allSettled(conns.map((c) => c.close()));
       throw err;
@@ -217,7 +221,6 @@ export class NbdNode implements BlockNode {
   }
 
   private writable(): void {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
   }
 
   private alignedLimit(): number {

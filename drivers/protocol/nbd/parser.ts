@@ -2,6 +2,7 @@
 // a byte queue that keeps leftovers between chunks, encoders for what the client sends,
 // and the transmission-phase reply parser. Everything here is fed bytes and returns
 // values or events; the transport (client.ts) owns the socket.
+import { ProtocolError } from '../../errors.js';
 import {
   MAX_PAYLOAD,
   NBD_CMD,
@@ -19,12 +20,7 @@ import {
 } from './constants.js';
 
 /** The server broke the protocol: the connection's state is unknown from here on. */
-export class NbdProtocolError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'NbdProtocolError';
-  }
-}
+export class NbdProtocolError extends ProtocolError {}
 
 const TWO_32 = 0x1_0000_0000;
 

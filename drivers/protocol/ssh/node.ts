@@ -6,7 +6,7 @@
 import { Client, type ServerHostKeyAlgorithm, type SFTPWrapper } from 'ssh2';
 import { constants as osc } from 'node:os';
 import type { BlockNode, Extent } from '../../types.js';
-import { IoError, ReadOnlyError, UsageError } from '../../errors.js';
+import { IoError, UsageError } from '../../errors.js';
 import { checkHostKey, parseHostKeyCheck, preferredAlgorithms } from './hostkey.js';
 import { formatSshUri, parseSshSpec, type SshTarget } from './uri.js';
 import { inParallel } from '../parallel.js';
@@ -274,7 +274,6 @@ export class SshNode implements BlockNode {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     this.alive();
     this.dirty = true;
     const buf = Buffer.from(src.buffer, src.byteOffset, src.byteLength);
@@ -297,7 +296,6 @@ export class SshNode implements BlockNode {
   }
 
   async truncate(size: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: opened read-only`);
     this.alive();
     try {
       await call<void>((cb) => this.session.sftp.fsetstat(this.handle, { size }, (e) => cb(e, undefined)));

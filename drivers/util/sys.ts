@@ -2,6 +2,7 @@
 // binaries, so nothing is compiled at install): fcntl locks, ioctl for block device
 // sizes, fallocate for holes and zeroes, umount2. Linux x86_64/aarch64 layouts.
 import koffi from 'koffi';
+import { SysError } from '../errors.js';
 
 const libc = koffi.load('libc.so.6');
 
@@ -61,13 +62,6 @@ export const MS_NOATIME = 1024;
 
 function errno(): number {
   return koffi.errno();
-}
-
-/** Thrown with the C errno, so callers can tell EAGAIN from EINVAL. */
-export class SysError extends Error {
-  constructor(readonly call: string, readonly errno: number) {
-    super(`${call} failed: errno ${errno}`);
-  }
 }
 
 export type LockFlavour = 'ofd' | 'posix';
@@ -227,4 +221,39 @@ export function receiveFd(sock: number): number | undefined {
   const len = Number(control.readBigUInt64LE(0));
   if (len < 20 || control.readInt32LE(8) !== SOL_SOCKET || control.readInt32LE(12) !== SCM_RIGHTS) return undefined;
   return control.readInt32LE(16);
+}
+
+// A Unix datagram socket connected to a path (the syslog socket, /dev/log): Node has
+// no Unix datagram sockets.
+const socketFn = libc.func('int socket(int domain, int type, int protocol)');
+const connectFn = libc.func('int connect(int fd, const void *addr, uint32_t len)');
+const sendFn = libc.func('long send(int fd, const void *buf, size_t len, int flags)');
+const closeFn = libc.func('int close(int fd)');
+const SOCK_DGRAM = 2;
+const MSG_NOSIGNAL = 0x4000;
+
+/** socket(AF_UNIX, SOCK_DGRAM) connected to `socketPath`; throws SysError. */
+export function connectDatagram(socketPath: string): number {
+  const name = Buffer.from(socketPath);
+  if (name.length >= 108) throw new SysError('connect', 36 /* ENAMETOOLONG */);
+  const addr = Buffer.alloc(110);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  name.copy(addr, 2);
+  const fd = socketFn(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0) as number;
+  if (fd < 0) throw new SysError('socket', errno());
+  if ((connectFn(fd, addr, 2 + name.length + 1) as number) !== 0) {
+    const e = errno();
+    closeFn(fd);
+    throw new SysError('connect', e);
+  }
+  return fd;
+}
+
+/** One datagram, never waiting (a full receiver loses it); throws SysError. */
+export function sendDatagram(fd: number, data: Buffer): void {
+  if ((sendFn(fd, data, data.length, MSG_DONTWAIT | MSG_NOSIGNAL) as number) < 0) throw new SysError('send', errno());
+}
+
+export function closeFd(fd: number): void {
+  closeFn(fd);
 }

@@ -1,0 +1,67 @@
+// The pass-through base of every filter (nbdkit's `next` model, shared/STYLE.md): a
+// filter changes one thing and forwards everything else to the node below it,
+// optional capabilities included. A capability is offered exactly when the next
+// node offers it, so wrapping a node never hides what it can do and no caller has
+// to reach through a filter. A filter that changes a capability overrides its
+// getter and still returns undefined where the next node lacks it.
+import type { BlockNode, Extent } from '../types.js';
+import type { ImageLock } from '../protocol/lock.js';
+
+export class Filter implements BlockNode {
+  constructor(protected readonly next: BlockNode) {}
+
+  get size(): number {
+    return this.next.size;
+  }
+  get readOnly(): boolean {
+    return this.next.readOnly;
+  }
+  get name(): string {
+    return this.next.name;
+  }
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return this.next.read(offset, dst);
+  }
+  write(offset: number, src: Uint8Array): Promise<void> {
+    return this.next.write(offset, src);
+  }
+  flush(): Promise<void> {
+    return this.next.flush();
+  }
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.next.blockStatus(offset, length);
+  }
+  close(): Promise<void> {
+    return this.next.close();
+  }
+
+  // Optional capabilities: present where the next node has them.
+  get zero(): ((offset: number, length: number, unmap: boolean) => Promise<void>) | undefined {
+    const next = this.next;
+    return next.zero && ((offset, length, unmap) => next.zero!(offset, length, unmap));
+  }
+  get truncate(): ((size: number) => Promise<void>) | undefined {
+    const next = this.next;
+    return next.truncate && ((size) => next.truncate!(size));
+  }
+  get snapshots(): (() => { name: string; node: BlockNode }[]) | undefined {
+    const next = this.next;
+    return next.snapshots && (() => next.snapshots!());
+  }
+  get backing(): BlockNode | undefined {
+    return this.next.backing;
+  }
+  get imageLock(): ImageLock | undefined {
+    return this.next.imageLock;
+  }
+  get requestAlignment(): number | undefined {
+    return this.next.requestAlignment;
+  }
+  get vmdkCid(): number | undefined {
+    return this.next.vmdkCid;
+  }
+  get encrypted(): boolean | undefined {
+    return this.next.encrypted;
+  }
+}

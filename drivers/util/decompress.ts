@@ -1,0 +1,90 @@
+// Decompression for every format that stores compressed data (qcow2 and qcow v1
+// clusters, streamOptimized VMDK grains, and the read-only compressed formats):
+// one place that runs the decoder off the event loop, bounds its output, and turns
+// every decoder failure into a CorruptImageError naming what was being read.
+// qcow2's worker pool (drivers/format/qcow2/inflate-pool.ts) batches clusters for
+// speed and falls back to this for any cluster it cannot do.
+import zlib from 'node:zlib';
+import { decompress as zstdDecompress } from 'fzstd';
+import { CorruptImageError } from '../errors.js';
+
+/** raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK), one zstd frame (qcow2). */
+export type Codec = 'deflate-raw' | 'zlib' | 'zstd';
+
+/** Output chunk room past the expected size, so that zlib ends the stream inside the first chunk. */
+export const INFLATE_SLACK = 1024;
+
+export interface DecompressOptions {
+  /** The most bytes that may come out (a cluster, a grain). */
+  size: number;
+  /** Fewer than `size` bytes is corruption (a cluster); otherwise a short result is returned as it is. */
+  exact: boolean;
+  /** What is being read, for messages: "disk.qcow2: compressed cluster at 0x1000". */
+  what: string;
+}
+
+/**
+ * Decompress `input`, which may carry trailing bytes after its stream (formats pad to
+ * sectors): the decoders stop at the end of their stream.
+ */
+export async function decompress(codec: Codec, input: Uint8Array, o: DecompressOptions): Promise<Buffer> {
+  let out: Buffer;
+  try {
+    if (codec === 'zstd') {
+      const frame = input.subarray(0, zstdFrameLength(input, o.what));
+      const dst = Buffer.alloc(o.size);
+      const res = zstdDecompress(frame, dst);
+      out = res === dst ? dst : Buffer.from(res.buffer, res.byteOffset, res.byteLength);
+    } else {
+      // One output chunk larger than the result: the stream inflates in a single
+      // thread-pool pass (the default 16 KiB chunks cost a round trip and a copy
+      // each). maxOutputLength still rejects a stream that inflates to more.
+      // Raw deflate clusters (qcow, qcow2) may end without a final block, as QEMU
+      // reads them; a zlib stream (VMDK) must end properly.
+      const finishFlush = codec === 'deflate-raw' ? zlib.constants.Z_SYNC_FLUSH : zlib.constants.Z_FINISH;
+      const opts = { finishFlush, maxOutputLength: o.size, chunkSize: o.size + INFLATE_SLACK };
+      out = await new Promise<Buffer>((resolve, reject) => {
+        const done = (err: Error | null, res: Buffer): void => (err ? reject(err) : resolve(res));
+        if (codec === 'deflate-raw') zlib.inflateRaw(input, opts, done);
+        else zlib.inflate(input, opts, done);
+      });
+    }
+  } catch (err) {
+    if (err instanceof CorruptImageError) throw err;
+    throw new CorruptImageError(`${o.what} does not decompress (${(err as Error).message})`);
+  }
+  if (o.exact && out.length < o.size) throw new CorruptImageError(`${o.what} decompresses to ${out.length} bytes, not ${o.size}`);
+  return out.length > o.size ? out.subarray(0, o.size) : out;
+}
+
+/**
+ * Length of the zstd frame at the start of `buf` (RFC 8878, "Frame Format"): frame
+ * header, blocks up to the one marked last, optional checksum.
+ */
+export function zstdFrameLength(buf: Uint8Array, what: string): number {
+  const bad = (): never => {
+    throw new CorruptImageError(`${what} is not a zstd frame`);
+  };
+  if (buf.length < 6) bad();
+  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  if (dv.getUint32(0, true) !== 0xfd2fb528) bad();
+  const fhd = buf[4]!;
+  const fcsFlag = fhd >> 6;
+  const single = (fhd >> 5) & 1;
+  const checksum = (fhd >> 2) & 1;
+  const dictFlag = fhd & 3;
+  let pos = 5 + (single ? 0 : 1) + [0, 1, 2, 4][dictFlag]! + [single ? 1 : 0, 2, 4, 8][fcsFlag]!;
+  for (;;) {
+    if (pos + 3 > buf.length) bad();
+    const h = buf[pos]! | (buf[pos + 1]! << 8) | (buf[pos + 2]! << 16);
+    const last = h & 1;
+    const type = (h >> 1) & 3;
+    const size = h >>> 3;
+    if (type === 3) bad();
+    pos += 3 + (type === 1 ? 1 : size);
+    if (last) break;
+  }
+  pos += checksum ? 4 : 0;
+  if (pos > buf.length) bad();
+  return pos;
+}
