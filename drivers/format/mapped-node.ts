@@ -4,6 +4,7 @@
 // that mutex, and a close that runs once. A driver keeps only its mapping and its
 // allocation.
 import type { BlockNode, Extent } from '../types.js';
+import { CorruptImageError } from '../errors.js';
 import { Mutex } from '../util/mutex.js';
 import { closeLayers } from './backing.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from './mapped.js';
@@ -123,4 +124,12 @@ export function* blockPieces(offset: number, length: number, blockSize: number):
     yield { block, inBlock, pos, n };
     pos += n;
   }
+}
+
+/** The image's first `bytes` (its header); a file shorter than that is corrupt. */
+export async function readHead(file: BlockNode, bytes: number, format: string): Promise<Buffer> {
+  if (file.size < bytes) throw new CorruptImageError(`${file.name}: file too short for a ${format} header`);
+  const head = Buffer.alloc(bytes);
+  await file.read(0, head);
+  return head;
 }
