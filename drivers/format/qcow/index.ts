@@ -1,6 +1,6 @@
 // The qcow (version 1) driver: probe, open and create (QEMU's block/qcow.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
-import { PagedTable, TablePageCache } from '../table-pages.js';
+import { PagedTable } from '../table-pages.js';
 import { BadPassphraseError, CorruptImageError, UsageError } from '../../errors.js';
 import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCOW_VERSION, type QcowHeader } from './header.js';
 import { QcowCipher } from './crypto.js';
@@ -25,7 +25,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     cipher = new QcowCipher(opts.secret);
   }
   // The L1 table lies in the file (parseHeader checks); it is read a page at a time as needed.
-  const l1 = new PagedTable(file, h.l1TableOffset, h.l1Size, 8, new TablePageCache(Math.floor(opts.metadataCacheBytes / 4)));
+  const l1 = new PagedTable(file, h.l1TableOffset, h.l1Size, 8, Math.floor(opts.metadataCacheBytes / 4));
   let backing: BlockNode | undefined;
   if (h.backingFileOffset !== 0 && h.backingFileSize > 0 && !opts.noBacking) {
     const b = Buffer.alloc(h.backingFileSize);
