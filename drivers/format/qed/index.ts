@@ -1,6 +1,6 @@
 // The qed driver: probe, open and create (docs/interop/qed_spec.txt; QEMU's block/qed.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
-import { CorruptImageError, UsageError } from '../../errors.js';
+import { UsageError } from '../../errors.js';
 import {
   encodeHeader,
   FEATURE,
@@ -17,6 +17,7 @@ import {
 import { TablePages } from './tables.js';
 import { checkAndRepair } from './check.js';
 import { QedNode } from './qed.js';
+import { readHead } from '../mapped-node.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -25,9 +26,7 @@ function probe(head: Uint8Array): number {
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
-  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${name}: file too short for a qed header`);
-  const head = Buffer.alloc(HEADER_BYTES);
-  await file.read(0, head);
+  const head = await readHead(file, HEADER_BYTES, 'qed');
   let h: QedHeader = parseHeader(head, file.size, name);
   const barriers = opts.cache !== 'unsafe';
 
