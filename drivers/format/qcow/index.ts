@@ -1,10 +1,11 @@
 // The qcow (version 1) driver: probe, open and create (QEMU's block/qcow.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { PagedTable } from '../table-pages.js';
-import { BadPassphraseError, CorruptImageError, UsageError } from '../../errors.js';
+import { BadPassphraseError, UsageError } from '../../errors.js';
 import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCOW_VERSION, type QcowHeader } from './header.js';
 import { QcowCipher } from './crypto.js';
 import { QcowNode } from './qcow.js';
+import { readHead } from '../mapped-node.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -14,9 +15,7 @@ function probe(head: Uint8Array): number {
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
-  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${name}: file too short for a qcow header`);
-  const head = Buffer.alloc(HEADER_BYTES);
-  await file.read(0, head);
+  const head = await readHead(file, HEADER_BYTES, 'qcow');
   const h = parseHeader(head, file.size, name);
   let cipher: QcowCipher | undefined;
   if (h.cryptMethod === CRYPT.aes) {

@@ -5,7 +5,7 @@
 import { decompress } from '../../util/decompress.js';
 import { MetadataRanges } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
-import { LRUCache } from 'lru-cache';
+import { TableCache } from '../../../cache/table-cache.js';
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { readFromBacking } from '../backing.js';
@@ -42,7 +42,7 @@ export class QcowNode extends MappedNode {
   private readonly cipher: QcowCipher | undefined;
   readonly encrypted: boolean;
   readonly requestAlignment: number | undefined;
-  private readonly l2Cache: LRUCache<number, Buffer>;
+  private readonly l2Cache: TableCache;
   /** The last cluster decompressed (QEMU's cluster_cache). */
   private inflated: { host: number; data: Buffer } | undefined;
   /** Header and L1 table: no guest data may be written there. */
@@ -61,7 +61,7 @@ export class QcowNode extends MappedNode {
     // Encryption works on whole sectors: unaligned writes become read-modify-write above.
     this.requestAlignment = o.cipher ? 512 : undefined;
     // Three quarters of the metadata budget; the L1 pages have the rest (index.ts).
-    this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor((o.metadataCacheBytes * 3) / 4 / (this.l2Entries * 8))) });
+    this.l2Cache = new TableCache({ name: 'qcow l2', file: o.file, tableSize: this.l2Entries * 8, maxBytes: Math.floor((o.metadataCacheBytes * 3) / 4), barriers: o.barriers });
     this.metadata = new MetadataRanges(o.file.name)
       .add(0, HEADER_BYTES, 'qcow header')
       .add(this.l1Offset, this.l1.entries * 8, 'qcow L1 table');
@@ -72,14 +72,8 @@ export class QcowNode extends MappedNode {
   }
 
   private async l2Table(l2Offset: number): Promise<Buffer> {
-    let t = this.l2Cache.get(l2Offset);
-    if (t) return t;
-    const bytes = this.l2Entries * 8;
-    if (l2Offset + bytes > this.file.size) throw this.corrupt(`qcow L2 table at 0x${l2Offset.toString(16)} lies outside the file`);
-    t = Buffer.alloc(bytes);
-    await this.file.read(l2Offset, t);
-    this.l2Cache.set(l2Offset, t);
-    return t;
+    if (l2Offset + this.l2Entries * 8 > this.file.size) throw this.corrupt(`qcow L2 table at 0x${l2Offset.toString(16)} lies outside the file`);
+    return (await this.l2Cache.get(l2Offset)).data;
   }
 
   /** The L2 entry of guest cluster gc, decoded and checked. */
@@ -276,14 +270,10 @@ export class QcowNode extends MappedNode {
       const e = Buffer.alloc(8);
       e.writeBigUInt64BE(BigInt(l2Offset));
       await this.l1.write(l1i, e);
-      this.l2Cache.set(l2Offset, table);
+      this.l2Cache.put(l2Offset, table);
       return;
     }
-    const table = await this.l2Table(l2Offset);
-    for (const u of updates) {
-      const b = encode(u);
-      await this.file.write(l2Offset + (u.gc % this.l2Entries) * 8, b);
-      b.copy(table, (u.gc % this.l2Entries) * 8);
-    }
+    await this.l2Table(l2Offset);
+    for (const u of updates) await this.l2Cache.writeThrough(l2Offset, (u.gc % this.l2Entries) * 8, encode(u));
   }
 }
