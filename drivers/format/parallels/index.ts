@@ -6,6 +6,7 @@ import { ParallelsNode } from './parallels.js';
 import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
 import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -50,9 +51,8 @@ async function findDataEnd(h: ParallelsHeader, bat: PagedTable): Promise<number>
 async function create(req: CreateRequest): Promise<void> {
   const requested = req.options.size('cluster_size') ?? DEFAULT_CLUSTER_SIZE;
   req.options.finish('parallels');
-  if (req.size === undefined) throw new UsageError(`${req.spec}: parallels images need a size`);
   // parallels_co_create_opts rounds both up to a sector silently.
-  const size = Math.ceil(req.size / SECTOR) * SECTOR;
+  const size = Math.ceil((await sizeWithBacking(req, undefined, undefined, 'parallels')) / SECTOR) * SECTOR;
   const cs = Math.ceil(requested / SECTOR) * SECTOR;
   if (cs === 0 || cs / SECTOR > Math.floor(0x7fffffff / 513)) throw new UsageError('Cluster size is too large');
   if (size >= MAX_IMAGE_FACTOR * cs) throw new UsageError('Image size is too large for this cluster size');

@@ -6,6 +6,7 @@ import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCO
 import { QcowCipher } from './crypto.js';
 import { QcowNode } from './qcow.js';
 import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -67,13 +68,7 @@ async function create(req: CreateRequest): Promise<void> {
   const nameBytes = Buffer.from(backingFile ?? '', 'utf8');
   if (nameBytes.length > LIMITS.maxBackingNameLength) throw new UsageError('backing file name too long');
 
-  let size = req.size;
-  if (backingFile !== undefined) {
-    const { node } = await req.openImage(backingFile, backingFmt);
-    size ??= node.size;
-  }
-  if (size === undefined) throw new UsageError(`${req.spec}: qcow images need a size`);
-  size = Math.floor(size / 512) * 512;
+  const size = Math.floor((await sizeWithBacking(req, backingFile, backingFmt, 'qcow')) / 512) * 512;
 
   // QEMU's choice: with a backing file, 512-byte clusters so nothing need be copied.
   const clusterBits = backingFile !== undefined ? 9 : 12;

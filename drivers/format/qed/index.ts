@@ -18,6 +18,7 @@ import { TablePages } from './tables.js';
 import { checkAndRepair } from './check.js';
 import { QedNode } from './qed.js';
 import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -73,14 +74,7 @@ async function create(req: CreateRequest): Promise<void> {
   if (backingFmt !== undefined && backingFile === undefined) throw new UsageError('backing_fmt needs a backing_file');
   if (backingFile !== undefined && Buffer.byteLength(backingFile) > LIMITS.maxBackingNameLength) throw new UsageError('backing file name too long');
 
-  let size = req.size;
-  if (backingFile !== undefined) {
-    // As qemu-img create: the backing file must open, and gives the size when none is given.
-    const { node } = await req.openImage(backingFile, backingFmt);
-    size ??= node.size;
-  }
-  if (size === undefined) throw new UsageError(`${req.spec}: qed images need a size`);
-  size = Math.ceil(size / 512) * 512;
+  const size = Math.ceil((await sizeWithBacking(req, backingFile, backingFmt, 'qed')) / 512) * 512;
   const max = maxImageSize(clusterSize, tableSize);
   if (size > max) throw new UsageError(`QED image size must be a non-zero multiple of cluster size and less than ${max} bytes`);
 

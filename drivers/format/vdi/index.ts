@@ -7,6 +7,7 @@ import { VdiNode } from './vdi.js';
 import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
 import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -36,8 +37,7 @@ function uuid(): Buffer {
 async function create(req: CreateRequest): Promise<void> {
   const isStatic = req.options.bool('static') ?? false;
   req.options.finish('vdi');
-  if (req.size === undefined) throw new UsageError(`${req.spec}: vdi images need a size`);
-  const bytes = Math.ceil(req.size / SECTOR) * SECTOR;
+  const bytes = Math.ceil((await sizeWithBacking(req, undefined, undefined, 'vdi')) / SECTOR) * SECTOR;
   if (bytes > MAX_BLOCKS * BLOCK_SIZE) throw new UsageError(`Unsupported VDI image size (size is 0x${bytes.toString(16)}, max supported is 0x${(MAX_BLOCKS * BLOCK_SIZE).toString(16)})`);
   const blocks = Math.ceil(bytes / BLOCK_SIZE);
   const bmapSize = Math.ceil((blocks * 4) / SECTOR) * SECTOR;
