@@ -1,5 +1,14 @@
-// A write-back cache of fixed-size metadata tables (qcow2 L2 tables and refcount
-// blocks, and the like for other formats), modelled on QEMU's qcow2-cache.c.
+// The one cache of metadata tables (qcow2 L2 tables and refcount blocks, qcow L2
+// tables, qed table pages, vmdk grain tables, the pages of flat block maps),
+// modelled on QEMU's qcow2-cache.c. Tables are fixed-size (a page of a larger table
+// counts as one), keyed by their offset in the file, within a byte budget.
+//
+// Two ways to change a table: write-back (qcow2: markDirty, written by flush or when
+// evicted) and write-through (every other format: writeThrough puts the bytes in
+// the cached table and in the file; patch records bytes that reached the file some
+// other way). A table with a write-through in flight is pinned, so it cannot be
+// evicted and read again from a file that does not hold the new bytes yet; a load
+// that raced such a change is not cached.
 //
 // Crash safety comes from ordering, not from syncing everything: a cache may depend
 // on another (L2 tables depend on refcount blocks). Before any dirty table of this
@@ -35,13 +44,19 @@ export interface TableCacheOptions {
   maxBytes: number;
   /** Flush the file between writing the dependency and this cache (false for cache=unsafe). */
   barriers: boolean;
+  /** Tables kept whatever maxBytes says, so one request never thrashes (default 4). */
+  minTables?: number;
 }
 
 export class TableCache {
   private readonly lru: LRUCache<number, Table>;
-  /** Dirty tables pushed out of the LRU that are not yet on disk; still served by get(). */
+  /** Dirty or pinned tables pushed out of the LRU; still served by get(). */
   private readonly spilled = new Map<number, Table>();
-  private readonly loading = new Map<number, Promise<Table>>();
+  private readonly loading = new Map<number, { load: Promise<Table>; epoch: number }>();
+  /** Write-through changes in flight, by table offset. */
+  private readonly pins = new Map<number, number>();
+  /** Bumped by every write-through change, so a load that raced one is neither cached nor joined. */
+  private epoch = 0;
   private dependency: TableCache | undefined;
   /** One flush at a time; a second caller waits for the first and then runs its own. */
   private flushing: Promise<void> = Promise.resolve();
@@ -51,15 +66,14 @@ export class TableCache {
 
   constructor(private readonly opts: TableCacheOptions) {
     // Keep at least a few tables, whatever the budget says.
-    const max = Math.max(opts.maxBytes, opts.tableSize * 4);
+    const max = Math.max(opts.maxBytes, opts.tableSize * (opts.minTables ?? 4));
     this.lru = new LRUCache<number, Table>({
       maxSize: max,
       sizeCalculation: () => opts.tableSize,
       dispose: (table, offset, reason) => {
-        if (reason === 'evict' && table.dirty) {
-          this.spilled.set(offset, table);
-          this.scheduleSpillWrite();
-        }
+        if (reason !== 'evict') return;
+        if (table.dirty || this.pins.has(offset)) this.spilled.set(offset, table);
+        if (table.dirty) this.scheduleSpillWrite();
       },
     });
   }
@@ -73,28 +87,78 @@ export class TableCache {
     this.dependency = other;
   }
 
-  /** The table at `offset`, read from the file on a miss. */
-  async get(offset: number): Promise<Table> {
+  /**
+   * The table at `offset`, read from the file on a miss: `length` bytes (the last
+   * page of a table may be shorter than tableSize).
+   */
+  async get(offset: number, length = this.opts.tableSize): Promise<Table> {
     const hit = this.lru.get(offset) ?? this.takeSpilled(offset);
     if (hit) return hit;
     const inFlight = this.loading.get(offset);
-    if (inFlight) return inFlight;
+    if (inFlight && inFlight.epoch === this.epoch) return inFlight.load;
+    const epoch = this.epoch;
     const load = (async () => {
-      const data = Buffer.allocUnsafe(this.opts.tableSize);
+      const data = Buffer.allocUnsafe(length);
       await this.opts.file.read(offset, data);
       const table = new Table(offset, data);
       // A getNew() for the same offset may have won the race while we read.
       const raced = this.lru.get(offset) ?? this.takeSpilled(offset);
       if (raced) return raced;
-      this.lru.set(offset, table);
+      // A write-through change while we read: these bytes may predate it.
+      if (this.epoch === epoch) this.lru.set(offset, table);
       return table;
     })();
-    this.loading.set(offset, load);
+    const entry = { load, epoch };
+    this.loading.set(offset, entry);
     try {
       return await load;
     } finally {
-      this.loading.delete(offset);
+      if (this.loading.get(offset) === entry) this.loading.delete(offset);
     }
+  }
+
+  /** The cached table at `offset`, without reading or touching the LRU order. */
+  peek(offset: number): Table | undefined {
+    return this.lru.peek(offset) ?? this.spilled.get(offset);
+  }
+
+  /**
+   * Write-through: `bytes` at byte `at` of the table at `offset`, in the cached
+   * table (if any) first and then in the file; the table stays pinned until the
+   * file has them. On failure the cached copy is dropped, to be read again.
+   */
+  async writeThrough(offset: number, at: number, bytes: Uint8Array): Promise<void> {
+    this.patch(offset, at, bytes);
+    this.pins.set(offset, (this.pins.get(offset) ?? 0) + 1);
+    try {
+      await this.opts.file.write(offset + at, bytes);
+    } catch (err) {
+      this.drop(offset);
+      throw err;
+    } finally {
+      const n = this.pins.get(offset)! - 1;
+      if (n > 0) this.pins.set(offset, n);
+      else {
+        this.pins.delete(offset);
+        const t = this.spilled.get(offset);
+        if (t && !t.dirty) this.spilled.delete(offset);
+      }
+    }
+  }
+
+  /** A whole table whose bytes are on disk already (written whole when it was made): cache it clean. */
+  put(offset: number, data: Buffer): Table {
+    this.epoch++;
+    const table = new Table(offset, data);
+    this.spilled.delete(offset);
+    this.lru.set(offset, table);
+    return table;
+  }
+
+  /** `bytes` at byte `at` of the table at `offset` reached the file some other way: update the cached copy. */
+  patch(offset: number, at: number, bytes: Uint8Array): void {
+    this.epoch++;
+    this.peek(offset)?.data.set(bytes, at);
   }
 
   /** A zero-filled table for a freshly allocated cluster: nothing is read. It starts dirty. */
@@ -122,7 +186,7 @@ export class TableCache {
   }
 
   hasDirty(): boolean {
-    if (this.spilled.size > 0) return true;
+    for (const t of this.spilled.values()) if (t.dirty) return true;
     for (const t of this.lru.values()) if (t.dirty) return true;
     return false;
   }
@@ -138,7 +202,7 @@ export class TableCache {
   }
 
   private async writeDirty(): Promise<void> {
-    const dirty: Table[] = [...this.spilled.values()];
+    const dirty: Table[] = [...this.spilled.values()].filter((t) => t.dirty);
     for (const t of this.lru.values()) if (t.dirty) dirty.push(t);
     if (this.pendingError !== undefined) {
       const err = this.pendingError;
@@ -170,7 +234,7 @@ export class TableCache {
   private async writeSnapshot(table: Table, generation: number, snapshot: Buffer): Promise<void> {
     await this.opts.file.write(table.offset, snapshot);
     if (generation > table.savedGeneration) table.savedGeneration = generation;
-    if (!table.dirty && this.spilled.get(table.offset) === table) this.spilled.delete(table.offset);
+    if (!table.dirty && !this.pins.has(table.offset) && this.spilled.get(table.offset) === table) this.spilled.delete(table.offset);
   }
 
   private takeSpilled(offset: number): Table | undefined {

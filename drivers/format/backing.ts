@@ -1,6 +1,7 @@
 // The layers under a format node, shared by every format: reading through to the
 // backing node, and closing the backing node and files when the node closes.
-import type { BlockNode } from '../types.js';
+import type { BlockNode, CreateRequest } from '../types.js';
+import { UsageError } from '../errors.js';
 
 /**
  * Fill dst with the backing node's bytes at offset; where the backing node is
@@ -33,4 +34,18 @@ async function closeInOrder(layers: (BlockNode | undefined)[]): Promise<void> {
   } finally {
     await closeInOrder(rest);
   }
+}
+
+/**
+ * A new image's size: the one given, else its backing file's. The backing file
+ * must open either way, as qemu-img create checks.
+ */
+export async function sizeWithBacking(req: CreateRequest, backingFile: string | undefined, backingFmt: string | undefined, format: string): Promise<number> {
+  let size = req.size;
+  if (backingFile !== undefined) {
+    const { node } = await req.openImage(backingFile, backingFmt);
+    size ??= node.size;
+  }
+  if (size === undefined) throw new UsageError(`${req.spec}: ${format} images need a size`);
+  return size;
 }

@@ -1,31 +1,17 @@
-// Flat tables (vdi block map, vhdx and parallels BATs) read in fixed 64 KiB pages
-// through one LRU per image, bounded by the metadata budget (OpenOptions.
-// metadataCacheBytes). Opening such an image then costs one header read whatever
-// size its table claims: a 64 TiB vhdx's 512 MiB BAT is read page by page as the
-// guest touches it, never whole (QEMU reads it whole at open).
+// Flat tables (vdi block map, vhdx, vpc and parallels BATs, qcow's L1) read in fixed
+// 64 KiB pages through the metadata table cache (cache/table-cache.ts), bounded by
+// the metadata budget (OpenOptions.metadataCacheBytes). Opening such an image then
+// costs one header read whatever size its table claims: a 64 TiB vhdx's 512 MiB BAT
+// is read page by page as the guest touches it, never whole (QEMU reads it whole at
+// open).
 //
-// Pages mirror the file: a driver writes an entry to the file first and then patches
-// the cached page, so an evicted page read again is still current.
-import { LRUCache } from 'lru-cache';
+// Pages are written through: a driver's entry reaches the cached page and the file
+// together (write), or the file first and the page after (patch), so an evicted
+// page read again is still current.
+import { TableCache } from '../../cache/table-cache.js';
 import type { BlockNode } from '../types.js';
 
 export const TABLE_PAGE_BYTES = 64 * 1024;
-
-/** The page LRU of one image, shared by all its tables. */
-export class TablePageCache {
-  readonly lru: LRUCache<string, Buffer>;
-  private nextId = 0;
-
-  constructor(maxBytes: number) {
-    // A few pages whatever the budget says, so one request never thrashes.
-    this.lru = new LRUCache<string, Buffer>({ max: Math.max(8, Math.floor(maxBytes / TABLE_PAGE_BYTES)) });
-  }
-
-  /** A key prefix unique to one table of this cache. */
-  newTableId(): number {
-    return this.nextId++;
-  }
-}
 
 /** The entries of one page: entry i of the table starts at byte (i - first) * entryBytes of view. */
 export interface TablePage {
@@ -36,11 +22,8 @@ export interface TablePage {
 }
 
 export class PagedTable {
-  private readonly id: number;
   private readonly perPage: number;
-  private readonly loading = new Map<number, Promise<Buffer>>();
-  /** Bumped by every patch, so a load that raced a patch is not cached stale. */
-  private epoch = 0;
+  private readonly cache: TableCache;
 
   constructor(
     private readonly file: BlockNode,
@@ -48,10 +31,11 @@ export class PagedTable {
     readonly offset: number,
     readonly entries: number,
     readonly entryBytes: 4 | 8,
-    private readonly cache: TablePageCache,
+    /** The table's share of the metadata budget; a few pages are kept whatever it says. */
+    maxBytes: number,
   ) {
-    this.id = cache.newTableId();
     this.perPage = TABLE_PAGE_BYTES / entryBytes;
+    this.cache = new TableCache({ name: 'pages', file, tableSize: TABLE_PAGE_BYTES, maxBytes, barriers: false, minTables: 8 });
   }
 
   /** The page holding entry `index` (< entries). */
@@ -59,32 +43,12 @@ export class PagedTable {
     const p = Math.floor(index / this.perPage);
     const first = p * this.perPage;
     const count = Math.min(this.perPage, this.entries - first);
-    const key = `${this.id}:${p}`;
-    let bytes = this.cache.lru.get(key);
-    if (!bytes) {
-      let load = this.loading.get(p);
-      if (!load) {
-        const epoch = this.epoch;
-        load = (async () => {
-          const b = Buffer.alloc(count * this.entryBytes);
-          await this.file.read(this.offset + first * this.entryBytes, b);
-          return b;
-        })();
-        this.loading.set(p, load);
-        const mine = load;
-        load.then(
-          (b) => {
-            if (this.loading.get(p) === mine) this.loading.delete(p);
-            if (this.epoch === epoch) this.cache.lru.set(key, b);
-          },
-          () => {
-            if (this.loading.get(p) === mine) this.loading.delete(p);
-          },
-        );
-      }
-      bytes = await load;
-    }
+    const bytes = (await this.cache.get(this.pageOffset(p), count * this.entryBytes)).data;
     return { first, count, bytes, view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
+  }
+
+  private pageOffset(p: number): number {
+    return this.offset + p * TABLE_PAGE_BYTES;
   }
 
   async u32(index: number): Promise<number> {
@@ -109,30 +73,30 @@ export class PagedTable {
     return pg.view.getBigUint64((index - pg.first) * 8, true);
   }
 
-  /**
-   * Entries [index, index + count) reached the file with these little-endian
-   * bytes: update the cached page, and make any read of it still in flight
-   * (which may have read the old bytes) reload instead of being cached.
-   */
-  patch(index: number, bytes: Uint8Array): void {
-    this.epoch++;
-    this.loading.clear();
+  /** Cut entries [index, index + bytes / entryBytes) at page boundaries: page number, byte in page, bytes. */
+  private *pieces(index: number, bytes: Uint8Array): Generator<{ p: number; at: number; part: Uint8Array }> {
     const count = bytes.length / this.entryBytes;
     for (let k = 0; k < count; ) {
       const i = index + k;
       const p = Math.floor(i / this.perPage);
-      const first = p * this.perPage;
-      const n = Math.min(count - k, first + this.perPage - i);
-      const page = this.cache.lru.peek(`${this.id}:${p}`);
-      page?.set(bytes.subarray(k * this.entryBytes, (k + n) * this.entryBytes), (i - first) * this.entryBytes);
+      const n = Math.min(count - k, (p + 1) * this.perPage - i);
+      yield { p, at: (i - p * this.perPage) * this.entryBytes, part: bytes.subarray(k * this.entryBytes, (k + n) * this.entryBytes) };
       k += n;
     }
   }
 
-  /** Write entries starting at `index` to the file, then to the cached page. */
+  /**
+   * Entries [index, index + count) reached the file with these bytes (as stored):
+   * update the cached page, and make any read of it still in flight (which may
+   * have read the old bytes) reload instead of being cached.
+   */
+  patch(index: number, bytes: Uint8Array): void {
+    for (const { p, at, part } of this.pieces(index, bytes)) this.cache.patch(this.pageOffset(p), at, part);
+  }
+
+  /** Write entries starting at `index` (bytes as stored) to the cached page and the file. */
   async write(index: number, bytes: Uint8Array): Promise<void> {
-    await this.file.write(this.offset + index * this.entryBytes, bytes);
-    this.patch(index, bytes);
+    for (const { p, at, part } of this.pieces(index, bytes)) await this.cache.writeThrough(this.pageOffset(p), at, part);
   }
 
   /**
@@ -141,11 +105,11 @@ export class PagedTable {
    */
   async scan(visit: (index: number, view: DataView, at: number) => void): Promise<void> {
     const buf = Buffer.alloc(TABLE_PAGE_BYTES);
-    for (let first = 0; first < this.entries; first += this.perPage) {
+    for (let first = 0, p = 0; first < this.entries; first += this.perPage, p++) {
       const count = Math.min(this.perPage, this.entries - first);
-      const cached = this.cache.lru.peek(`${this.id}:${first / this.perPage}`);
+      const cached = this.cache.peek(this.pageOffset(p));
       let b: Buffer;
-      if (cached) b = cached;
+      if (cached) b = cached.data;
       else {
         b = buf.subarray(0, count * this.entryBytes);
         await this.file.read(this.offset + first * this.entryBytes, b);

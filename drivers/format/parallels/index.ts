@@ -3,8 +3,10 @@ import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } f
 import { CorruptImageError, UsageError } from '../../errors.js';
 import { DEFAULT_CLUSTER_SIZE, HDR, HEADER_BYTES, HEADER_VERSION, INUSE_MAGIC, MAGIC_V1, MAGIC_V2, MAX_IMAGE_FACTOR, magicOf, parseHeader, SECTOR, type ParallelsHeader } from './header.js';
 import { ParallelsNode } from './parallels.js';
-import { PagedTable, TablePageCache } from '../table-pages.js';
+import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
+import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -15,15 +17,13 @@ function probe(head: Uint8Array): number {
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
-  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${name}: file too short for a parallels header`);
-  const head = Buffer.alloc(HEADER_BYTES);
-  await file.read(0, head);
+  const head = await readHead(file, HEADER_BYTES, 'parallels');
   const h = parseHeader(head, file.size, name);
   if (!opts.readOnly && h.inuse === INUSE_MAGIC) {
     throw new CorruptImageError(`${name}: parallels image was not closed correctly; it cannot be opened read/write (repair with 'qemu-img check -r all')`);
   }
   // The BAT lies inside the file (parseHeader checks), read a page at a time as needed.
-  const bat = new PagedTable(file, HEADER_BYTES, h.batEntries, 4, new TablePageCache(opts.metadataCacheBytes));
+  const bat = new PagedTable(file, HEADER_BYTES, h.batEntries, 4, opts.metadataCacheBytes);
   const metadata = new MetadataRanges(name).add(0, HEADER_BYTES + h.batEntries * 4, 'parallels header and BAT');
   // Only a writer needs the end of the data area: one pass over the BAT, a page at a time.
   const dataEnd = opts.readOnly ? 0 : await findDataEnd(h, bat);
@@ -51,9 +51,8 @@ async function findDataEnd(h: ParallelsHeader, bat: PagedTable): Promise<number>
 async function create(req: CreateRequest): Promise<void> {
   const requested = req.options.size('cluster_size') ?? DEFAULT_CLUSTER_SIZE;
   req.options.finish('parallels');
-  if (req.size === undefined) throw new UsageError(`${req.spec}: parallels images need a size`);
   // parallels_co_create_opts rounds both up to a sector silently.
-  const size = Math.ceil(req.size / SECTOR) * SECTOR;
+  const size = Math.ceil((await sizeWithBacking(req, undefined, undefined, 'parallels')) / SECTOR) * SECTOR;
   const cs = Math.ceil(requested / SECTOR) * SECTOR;
   if (cs === 0 || cs / SECTOR > Math.floor(0x7fffffff / 513)) throw new UsageError('Cluster size is too large');
   if (size >= MAX_IMAGE_FACTOR * cs) throw new UsageError('Image size is too large for this cluster size');

@@ -1,46 +1,37 @@
 // The Parallels format node (QEMU's block/parallels.c). Clusters are allocated at
 // data_end, the end of the data area; the cluster's bytes go first, its BAT entry
 // after. The file is trimmed to data_end and the in-use mark cleared on close.
-import type { BlockNode, Extent } from '../../types.js';
+import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../../util/mutex.js';
+import type { MappedRun } from '../mapped.js';
+import { MappedNode } from '../mapped-node.js';
 import { HDR, SECTOR, type ParallelsHeader } from './header.js';
 import type { PagedTable } from '../table-pages.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 
-export class ParallelsNode implements BlockNode, Mapper {
+export class ParallelsNode extends MappedNode {
   /** Parallels works in sectors: unaligned writes become read-modify-write above. */
   readonly requestAlignment = SECTOR;
-  readonly size: number;
-  readonly readOnly: boolean;
   private readonly cs: number;
   /** Sectors per BAT unit: a cluster for the "Ext" header, a sector for the old one. */
   private readonly multiplier: number;
-  private readonly mutex = new Mutex();
   /** End of the data area, in sectors. */
   private dataEnd: number;
-  private closed = false;
 
   constructor(
-    private readonly file: BlockNode,
+    file: BlockNode,
     private readonly h: ParallelsHeader,
     private readonly bat: PagedTable,
     readonly metadata: MetadataRanges,
     /** End of the data area in sectors (0 when read-only: nothing is allocated). */
     dataEnd: number,
     readOnly: boolean,
-    private readonly barriers: boolean,
+    barriers: boolean,
   ) {
-    this.size = h.sectors * SECTOR;
-    this.readOnly = readOnly;
+    super({ file, size: h.sectors * SECTOR, readOnly, barriers });
     this.cs = h.tracks * SECTOR;
     this.multiplier = h.ext ? h.tracks : 1;
     this.dataEnd = dataEnd;
-  }
-
-  get name(): string {
-    return this.file.name;
   }
 
   /** Host byte offset of cluster c, or undefined when unallocated; a bad entry throws. */
@@ -53,30 +44,11 @@ export class ParallelsNode implements BlockNode, Mapper {
     return host;
   }
 
-  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
-    const out: MappedRun[] = [];
-    const end = offset + length;
-    for (let pos = offset; pos < end; ) {
-      const c = Math.floor(pos / this.cs);
-      const next = Math.min(end, (c + 1) * this.cs);
-      const h = await this.host(c);
-      if (h === undefined) pushRun(out, { kind: 'unallocated', offset: pos, length: next - pos });
-      else pushRun(out, { kind: 'data', offset: pos, length: next - pos, host: h + (pos % this.cs) });
-      pos = next;
-    }
-    return out;
+  mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    return this.mapBlocks(offset, length, this.cs, async (c) => (await this.host(c)) ?? 'unallocated');
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return readMapped(this, this.file, undefined, offset, dst);
-  }
-
-  async write(offset: number, src: Uint8Array): Promise<void> {
-    if (await writeInPlace(this, this.file, offset, src)) return;
-    await this.mutex.run(() => this.writeLocked(offset, src));
-  }
-
-  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+  protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
     const cs = this.cs;
     const end = offset + src.length;
     const first = Math.floor(offset / cs);
@@ -125,7 +97,7 @@ export class ParallelsNode implements BlockNode, Mapper {
       else await this.file.write(host + bytes - 1, Buffer.alloc(1));
     }
     this.dataEnd += n * this.h.tracks;
-    if (this.barriers) await this.file.flush();
+    await this.barrier();
     const entries = Buffer.alloc(n * 4);
     for (let k = 0; k < n; k++) {
       const v = (host / SECTOR + k * this.h.tracks) / this.multiplier;
@@ -134,18 +106,7 @@ export class ParallelsNode implements BlockNode, Mapper {
     await this.bat.write(c, entries);
   }
 
-  async flush(): Promise<void> {
-    if (this.readOnly) return;
-    await this.mutex.run(() => this.file.flush());
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
+  protected override async closeLayers(): Promise<void> {
     try {
       if (!this.readOnly) {
         await this.flush();

@@ -1,10 +1,12 @@
 // The qcow (version 1) driver: probe, open and create (QEMU's block/qcow.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
-import { PagedTable, TablePageCache } from '../table-pages.js';
-import { BadPassphraseError, CorruptImageError, UsageError } from '../../errors.js';
+import { PagedTable } from '../table-pages.js';
+import { BadPassphraseError, UsageError } from '../../errors.js';
 import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCOW_VERSION, type QcowHeader } from './header.js';
 import { QcowCipher } from './crypto.js';
 import { QcowNode } from './qcow.js';
+import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -14,9 +16,7 @@ function probe(head: Uint8Array): number {
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
-  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${name}: file too short for a qcow header`);
-  const head = Buffer.alloc(HEADER_BYTES);
-  await file.read(0, head);
+  const head = await readHead(file, HEADER_BYTES, 'qcow');
   const h = parseHeader(head, file.size, name);
   let cipher: QcowCipher | undefined;
   if (h.cryptMethod === CRYPT.aes) {
@@ -25,7 +25,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     cipher = new QcowCipher(opts.secret);
   }
   // The L1 table lies in the file (parseHeader checks); it is read a page at a time as needed.
-  const l1 = new PagedTable(file, h.l1TableOffset, h.l1Size, 8, new TablePageCache(Math.floor(opts.metadataCacheBytes / 4)));
+  const l1 = new PagedTable(file, h.l1TableOffset, h.l1Size, 8, Math.floor(opts.metadataCacheBytes / 4));
   let backing: BlockNode | undefined;
   if (h.backingFileOffset !== 0 && h.backingFileSize > 0 && !opts.noBacking) {
     const b = Buffer.alloc(h.backingFileSize);
@@ -68,13 +68,7 @@ async function create(req: CreateRequest): Promise<void> {
   const nameBytes = Buffer.from(backingFile ?? '', 'utf8');
   if (nameBytes.length > LIMITS.maxBackingNameLength) throw new UsageError('backing file name too long');
 
-  let size = req.size;
-  if (backingFile !== undefined) {
-    const { node } = await req.openImage(backingFile, backingFmt);
-    size ??= node.size;
-  }
-  if (size === undefined) throw new UsageError(`${req.spec}: qcow images need a size`);
-  size = Math.floor(size / 512) * 512;
+  const size = Math.floor((await sizeWithBacking(req, backingFile, backingFmt, 'qcow')) / 512) * 512;
 
   // QEMU's choice: with a backing file, 512-byte clusters so nothing need be copied.
   const clusterBits = backingFile !== undefined ? 9 : 12;

@@ -5,12 +5,12 @@
 import { decompress } from '../../util/decompress.js';
 import { MetadataRanges } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
-import { LRUCache } from 'lru-cache';
-import type { BlockNode, Extent } from '../../types.js';
+import { TableCache } from '../../../cache/table-cache.js';
+import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import { closeLayers, readFromBacking } from '../backing.js';
-import { mappedStatus, pushRun, readMapped, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../../util/mutex.js';
+import { readFromBacking } from '../backing.js';
+import { pushRun, type MappedRun } from '../mapped.js';
+import { MappedNode } from '../mapped-node.js';
 import { COMPRESSED, HEADER_BYTES, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
 
@@ -32,11 +32,7 @@ type Where =
   | { kind: 'data'; host: number }
   | { kind: 'compressed'; host: number; length: number };
 
-export class QcowNode implements BlockNode, Mapper {
-  readonly size: number;
-  readonly readOnly: boolean;
-  readonly backing: BlockNode | undefined;
-  private readonly file: BlockNode;
+export class QcowNode extends MappedNode {
   private readonly cs: number;
   private readonly clusterBits: number;
   private readonly l2Entries: number;
@@ -46,20 +42,14 @@ export class QcowNode implements BlockNode, Mapper {
   private readonly cipher: QcowCipher | undefined;
   readonly encrypted: boolean;
   readonly requestAlignment: number | undefined;
-  private readonly barriers: boolean;
-  private readonly l2Cache: LRUCache<number, Buffer>;
-  private readonly mutex = new Mutex();
+  private readonly l2Cache: TableCache;
   /** The last cluster decompressed (QEMU's cluster_cache). */
   private inflated: { host: number; data: Buffer } | undefined;
-  private closed = false;
   /** Header and L1 table: no guest data may be written there. */
   readonly metadata: MetadataRanges;
 
   constructor(o: QcowNodeOptions) {
-    this.file = o.file;
-    this.size = Math.floor(o.header.size / 512) * 512;
-    this.readOnly = o.readOnly;
-    this.backing = o.backing;
+    super({ file: o.file, size: Math.floor(o.header.size / 512) * 512, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing });
     this.clusterBits = o.header.clusterBits;
     this.cs = 2 ** o.header.clusterBits;
     this.l2Entries = 2 ** o.header.l2Bits;
@@ -70,16 +60,11 @@ export class QcowNode implements BlockNode, Mapper {
     this.encrypted = o.cipher !== undefined;
     // Encryption works on whole sectors: unaligned writes become read-modify-write above.
     this.requestAlignment = o.cipher ? 512 : undefined;
-    this.barriers = o.barriers;
     // Three quarters of the metadata budget; the L1 pages have the rest (index.ts).
-    this.l2Cache = new LRUCache({ max: Math.max(4, Math.floor((o.metadataCacheBytes * 3) / 4 / (this.l2Entries * 8))) });
+    this.l2Cache = new TableCache({ name: 'qcow l2', file: o.file, tableSize: this.l2Entries * 8, maxBytes: Math.floor((o.metadataCacheBytes * 3) / 4), barriers: o.barriers });
     this.metadata = new MetadataRanges(o.file.name)
       .add(0, HEADER_BYTES, 'qcow header')
       .add(this.l1Offset, this.l1.entries * 8, 'qcow L1 table');
-  }
-
-  get name(): string {
-    return this.file.name;
   }
 
   private corrupt(msg: string): CorruptImageError {
@@ -87,14 +72,8 @@ export class QcowNode implements BlockNode, Mapper {
   }
 
   private async l2Table(l2Offset: number): Promise<Buffer> {
-    let t = this.l2Cache.get(l2Offset);
-    if (t) return t;
-    const bytes = this.l2Entries * 8;
-    if (l2Offset + bytes > this.file.size) throw this.corrupt(`qcow L2 table at 0x${l2Offset.toString(16)} lies outside the file`);
-    t = Buffer.alloc(bytes);
-    await this.file.read(l2Offset, t);
-    this.l2Cache.set(l2Offset, t);
-    return t;
+    if (l2Offset + this.l2Entries * 8 > this.file.size) throw this.corrupt(`qcow L2 table at 0x${l2Offset.toString(16)} lies outside the file`);
+    return (await this.l2Cache.get(l2Offset)).data;
   }
 
   /** The L2 entry of guest cluster gc, decoded and checked. */
@@ -185,15 +164,12 @@ export class QcowNode implements BlockNode, Mapper {
     dst.set(data.subarray(at, at + dst.length));
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return readMapped(this, this.file, this.backing, offset, dst);
-  }
-
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  /** Always under the lock: data is written with the L2 table's overlap check, encrypted where the image is. */
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
 
-  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+  protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
     const end = offset + src.length;
     let pos = offset;
     while (pos < end) {
@@ -253,7 +229,7 @@ export class QcowNode implements BlockNode, Mapper {
       i = j;
     }
     if (updates.length === 0) return;
-    if (this.barriers) await this.file.flush();
+    await this.barrier();
     await this.setEntries(updates);
   }
 
@@ -290,33 +266,14 @@ export class QcowNode implements BlockNode, Mapper {
       for (const u of updates) encode(u).copy(table, (u.gc % this.l2Entries) * 8);
       l2Offset = this.allocate();
       await this.file.write(l2Offset, table);
-      if (this.barriers) await this.file.flush();
+      await this.barrier();
       const e = Buffer.alloc(8);
       e.writeBigUInt64BE(BigInt(l2Offset));
       await this.l1.write(l1i, e);
-      this.l2Cache.set(l2Offset, table);
+      this.l2Cache.put(l2Offset, table);
       return;
     }
-    const table = await this.l2Table(l2Offset);
-    for (const u of updates) {
-      const b = encode(u);
-      await this.file.write(l2Offset + (u.gc % this.l2Entries) * 8, b);
-      b.copy(table, (u.gc % this.l2Entries) * 8);
-    }
-  }
-
-  async flush(): Promise<void> {
-    if (this.readOnly) return;
-    await this.mutex.run(() => this.file.flush());
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await closeLayers(this, this.backing, this.file);
+    await this.l2Table(l2Offset);
+    for (const u of updates) await this.l2Cache.writeThrough(l2Offset, (u.gc % this.l2Entries) * 8, encode(u));
   }
 }

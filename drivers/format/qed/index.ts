@@ -1,6 +1,6 @@
 // The qed driver: probe, open and create (docs/interop/qed_spec.txt; QEMU's block/qed.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
-import { CorruptImageError, UsageError } from '../../errors.js';
+import { UsageError } from '../../errors.js';
 import {
   encodeHeader,
   FEATURE,
@@ -17,6 +17,8 @@ import {
 import { TablePages } from './tables.js';
 import { checkAndRepair } from './check.js';
 import { QedNode } from './qed.js';
+import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -25,9 +27,7 @@ function probe(head: Uint8Array): number {
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
-  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${name}: file too short for a qed header`);
-  const head = Buffer.alloc(HEADER_BYTES);
-  await file.read(0, head);
+  const head = await readHead(file, HEADER_BYTES, 'qed');
   let h: QedHeader = parseHeader(head, file.size, name);
   const barriers = opts.cache !== 'unsafe';
 
@@ -74,14 +74,7 @@ async function create(req: CreateRequest): Promise<void> {
   if (backingFmt !== undefined && backingFile === undefined) throw new UsageError('backing_fmt needs a backing_file');
   if (backingFile !== undefined && Buffer.byteLength(backingFile) > LIMITS.maxBackingNameLength) throw new UsageError('backing file name too long');
 
-  let size = req.size;
-  if (backingFile !== undefined) {
-    // As qemu-img create: the backing file must open, and gives the size when none is given.
-    const { node } = await req.openImage(backingFile, backingFmt);
-    size ??= node.size;
-  }
-  if (size === undefined) throw new UsageError(`${req.spec}: qed images need a size`);
-  size = Math.ceil(size / 512) * 512;
+  const size = Math.ceil((await sizeWithBacking(req, backingFile, backingFmt, 'qed')) / 512) * 512;
   const max = maxImageSize(clusterSize, tableSize);
   if (size > max) throw new UsageError(`QED image size must be a non-zero multiple of cluster size and less than ${max} bytes`);
 

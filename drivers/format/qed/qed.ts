@@ -2,12 +2,12 @@
 // the shared mapped read path, allocating writes in QEMU's order: the need-check
 // flag, then the data (and a flush when a backing file shows through), then a new
 // L2 table, then the L1 or L2 entry that points at it. The flag is cleared on flush.
-import type { BlockNode, Extent } from '../../types.js';
+import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import { closeLayers, readFromBacking } from '../backing.js';
+import { readFromBacking } from '../backing.js';
 import { MetadataRanges } from '../metadata-ranges.js';
-import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../../util/mutex.js';
+import { pushRun, type MappedRun } from '../mapped.js';
+import { MappedNode } from '../mapped-node.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
 
@@ -23,11 +23,7 @@ export interface QedNodeOptions {
 /** Bytes written per request when zeroing has to write data. */
 const ZERO_CHUNK = 1 << 20;
 
-export class QedNode implements BlockNode, Mapper {
-  readonly size: number;
-  readonly readOnly: boolean;
-  readonly backing: BlockNode | undefined;
-  private readonly file: BlockNode;
+export class QedNode extends MappedNode {
   private readonly h: QedHeader;
   private readonly cs: number;
   private readonly tableEntries: number;
@@ -35,36 +31,25 @@ export class QedNode implements BlockNode, Mapper {
   private readonly l2Span: number;
   private readonly headerBytes: number;
   private readonly pages: TablePages;
-  private readonly barriers: boolean;
-  private readonly mutex = new Mutex();
   /** Where the next cluster goes: the file size rounded down to a cluster, then grown (QEMU's s->file_size). */
   private fileEnd: number;
   private features: bigint;
-  private closed = false;
   /** Header and L1 table: no guest data may be written there. */
   readonly metadata: MetadataRanges;
 
   constructor(o: QedNodeOptions) {
-    this.file = o.file;
+    super({ file: o.file, size: o.header.imageSize, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing });
     this.h = o.header;
-    this.size = o.header.imageSize;
-    this.readOnly = o.readOnly;
-    this.backing = o.backing;
     this.cs = o.header.clusterSize;
     this.tableEntries = (o.header.clusterSize * o.header.tableSize) / 8;
     this.l2Span = this.tableEntries * this.cs;
     this.headerBytes = o.header.headerSize * this.cs;
     this.pages = o.pages;
-    this.barriers = o.barriers;
     this.fileEnd = Math.floor(o.file.size / this.cs) * this.cs;
     this.features = o.header.features;
     this.metadata = new MetadataRanges(o.file.name)
       .add(0, this.headerBytes, 'qed header')
       .add(o.header.l1TableOffset, this.tableEntries * 8, 'qed L1 table');
-  }
-
-  get name(): string {
-    return this.file.name;
   }
 
   private corrupt(what: string, value: number): CorruptImageError {
@@ -118,20 +103,15 @@ export class QedNode implements BlockNode, Mapper {
     return out;
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return readMapped(this, this.file, this.backing, offset, dst);
-  }
-
-  async write(offset: number, src: Uint8Array): Promise<void> {
-    if (await writeInPlace(this, this.file, offset, src)) return;
-    await this.mutex.run(() => this.writeLocked(offset, src.length, src));
+  protected writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    return this.writeRange(offset, src.length, src);
   }
 
   /**
    * Write src at [offset, offset + length), or without src make whole clusters read
    * as zeros; the caller holds the mutex.
    */
-  private async writeLocked(offset: number, length: number, src: Uint8Array | undefined): Promise<void> {
+  private async writeRange(offset: number, length: number, src: Uint8Array | undefined): Promise<void> {
     const end = offset + length;
     let pos = offset;
     while (pos < end) {
@@ -206,14 +186,14 @@ export class QedNode implements BlockNode, Mapper {
     if (updates.length === 0) return;
     await this.markNeedCheck();
     // The data must be on disk before a table points at it, when the old bytes came from a backing file.
-    if (this.backing && this.barriers) await this.file.flush();
+    if (this.backing) await this.barrier();
     if (l2 === 0) {
       l2 = this.fileEnd;
       const tableBytes = this.tableEntries * 8;
       this.fileEnd += tableBytes;
       await this.zeroFile(l2, tableBytes);
       for (const u of updates) await this.file.write(l2 + u.index * 8, encodeEntries(u.values));
-      if (this.barriers) await this.file.flush();
+      await this.barrier();
       await this.pages.set(this.h.l1TableOffset, l1i, l2);
       return;
     }
@@ -250,7 +230,7 @@ export class QedNode implements BlockNode, Mapper {
     if (this.features & FEATURE.needCheck) return;
     this.features |= FEATURE.needCheck;
     await this.file.write(HDR.features, encodeFeatures(this.features));
-    if (this.barriers) await this.file.flush();
+    await this.barrier();
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
@@ -264,7 +244,7 @@ export class QedNode implements BlockNode, Mapper {
       if (a >= b) return this.zeroPartial(offset, end);
       if (offset < a) await this.zeroPartial(offset, a);
       // Unallocated clusters no backing file shows through stay as they are.
-      await this.writeLocked(a, b - a, undefined);
+      await this.writeRange(a, b - a, undefined);
       if (b < end) await this.zeroPartial(b, end);
     });
   }
@@ -272,31 +252,18 @@ export class QedNode implements BlockNode, Mapper {
   private async zeroPartial(a: number, b: number): Promise<void> {
     for (let pos = a; pos < b; pos += ZERO_CHUNK) {
       const n = Math.min(ZERO_CHUNK, b - pos);
-      await this.writeLocked(pos, n, Buffer.alloc(n));
+      await this.writeRange(pos, n, Buffer.alloc(n));
     }
   }
 
-  async flush(): Promise<void> {
-    if (this.readOnly) return;
-    await this.mutex.run(async () => {
+  protected override async flushLocked(): Promise<void> {
+    await this.file.flush();
+    // Clean again: the next open needs no check (bdrv_qed_close, qed_need_check_timer).
+    if (this.features & FEATURE.needCheck) {
+      this.features &= ~FEATURE.needCheck;
+      await this.file.write(HDR.features, encodeFeatures(this.features));
       await this.file.flush();
-      // Clean again: the next open needs no check (bdrv_qed_close, qed_need_check_timer).
-      if (this.features & FEATURE.needCheck) {
-        this.features &= ~FEATURE.needCheck;
-        await this.file.write(HDR.features, encodeFeatures(this.features));
-        await this.file.flush();
-      }
-    });
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await closeLayers(this, this.backing, this.file);
+    }
   }
 }
 

@@ -1,7 +1,8 @@
-// QED tables (L1 and L2) read in 4 KiB pages through a small LRU, so neither a
-// 1 GiB L2 table (64 MiB clusters, table_size 16) nor a large L1 is read whole.
-// An entry is a little-endian u64 file offset; 0 unallocated, 1 zero cluster.
-import { LRUCache } from 'lru-cache';
+// QED tables (L1 and L2) read in 4 KiB pages through the metadata table cache
+// (cache/table-cache.ts), so neither a 1 GiB L2 table (64 MiB clusters, table_size
+// 16) nor a large L1 is read whole. An entry is a little-endian u64 file offset; 0
+// unallocated, 1 zero cluster. Entries are written through.
+import { TableCache } from '../../../cache/table-cache.js';
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 
@@ -16,8 +17,7 @@ export interface Page {
 }
 
 export class TablePages {
-  private readonly lru: LRUCache<number, Buffer>;
-  private readonly loading = new Map<number, Promise<Buffer>>();
+  private readonly cache: TableCache;
 
   constructor(
     private readonly file: BlockNode,
@@ -25,34 +25,14 @@ export class TablePages {
     private readonly tableEntries: number,
     maxBytes: number,
   ) {
-    this.lru = new LRUCache<number, Buffer>({ max: Math.max(16, Math.floor(maxBytes / PAGE_BYTES)) });
+    this.cache = new TableCache({ name: 'qed', file, tableSize: PAGE_BYTES, maxBytes, barriers: false, minTables: 16 });
   }
 
   /** The page of the table at tableOffset that holds entry `index`. */
   async page(tableOffset: number, index: number): Promise<Page> {
     const first = index - (index % PAGE_ENTRIES);
     const count = Math.min(PAGE_ENTRIES, this.tableEntries - first);
-    const at = tableOffset + first * 8;
-    let buf = this.lru.get(at);
-    if (!buf) {
-      let p = this.loading.get(at);
-      if (!p) {
-        p = (async () => {
-          const b = Buffer.alloc(count * 8);
-          await this.file.read(at, b);
-          return b;
-        })();
-        this.loading.set(at, p);
-        p.then(
-          (b) => {
-            this.loading.delete(at);
-            this.lru.set(at, b);
-          },
-          () => this.loading.delete(at),
-        );
-      }
-      buf = await p;
-    }
+    const buf = (await this.cache.get(tableOffset + first * 8, count * 8)).data;
     return { first, count, view: new DataView(buf.buffer, buf.byteOffset, buf.byteLength) };
   }
 
@@ -62,20 +42,23 @@ export class TablePages {
     return entryAt(p, index, this.file.name);
   }
 
-  /** Write one entry through to the file and the cached page. */
-  async set(tableOffset: number, index: number, value: number): Promise<void> {
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64LE(BigInt(value));
-    await this.file.write(tableOffset + index * 8, b);
-    this.patch(tableOffset, index, value);
+  /** Write one entry to the cached page and the file. */
+  set(tableOffset: number, index: number, value: number): Promise<void> {
+    const first = index - (index % PAGE_ENTRIES);
+    return this.cache.writeThrough(tableOffset + first * 8, (index - first) * 8, encode(value));
   }
 
   /** Update a cached entry whose bytes reached the file some other way (a whole new table). */
   patch(tableOffset: number, index: number, value: number): void {
     const first = index - (index % PAGE_ENTRIES);
-    const buf = this.lru.get(tableOffset + first * 8);
-    buf?.writeBigUInt64LE(BigInt(value), (index - first) * 8);
+    this.cache.patch(tableOffset + first * 8, (index - first) * 8, encode(value));
   }
+}
+
+function encode(value: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(BigInt(value));
+  return b;
 }
 
 export function entryAt(p: Page, index: number, name: string): number {

@@ -1,11 +1,13 @@
 // The vdi driver: probe, open and create (VirtualBox 1.1 images; QEMU's block/vdi.c).
 import crypto from 'node:crypto';
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
-import { CorruptImageError, UsageError } from '../../errors.js';
+import { UsageError } from '../../errors.js';
 import { BLOCK_SIZE, BMAP, HDR, HEADER_BYTES, IMAGE_TYPE, MAX_BLOCKS, parseHeader, SECTOR, VDI_SIGNATURE, VDI_TEXT, VDI_VERSION_1_1 } from './header.js';
 import { VdiNode } from './vdi.js';
-import { PagedTable, TablePageCache } from '../table-pages.js';
+import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
+import { readHead } from '../mapped-node.js';
+import { sizeWithBacking } from '../backing.js';
 
 function probe(head: Uint8Array): number {
   if (head.length < HEADER_BYTES) return 0;
@@ -13,13 +15,11 @@ function probe(head: Uint8Array): number {
 }
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
-  if (file.size < HEADER_BYTES) throw new CorruptImageError(`${file.name}: file too short for a VDI header`);
-  const head = Buffer.alloc(HEADER_BYTES);
-  await file.read(0, head);
+  const head = await readHead(file, HEADER_BYTES, 'VDI');
   const h = parseHeader(head, file.size, file.name);
   // Only the entries the disk uses are read, a page at a time as the guest needs them.
   const used = Math.min(h.blocksInImage, Math.ceil(h.diskSize / h.blockSize));
-  const bmap = new PagedTable(file, h.offsetBmap, used, 4, new TablePageCache(opts.metadataCacheBytes));
+  const bmap = new PagedTable(file, h.offsetBmap, used, 4, opts.metadataCacheBytes);
   const metadata = new MetadataRanges(file.name)
     .add(0, HEADER_BYTES, 'VDI header')
     .add(h.offsetBmap, h.blocksInImage * 4, 'VDI block map');
@@ -37,8 +37,7 @@ function uuid(): Buffer {
 async function create(req: CreateRequest): Promise<void> {
   const isStatic = req.options.bool('static') ?? false;
   req.options.finish('vdi');
-  if (req.size === undefined) throw new UsageError(`${req.spec}: vdi images need a size`);
-  const bytes = Math.ceil(req.size / SECTOR) * SECTOR;
+  const bytes = Math.ceil((await sizeWithBacking(req, undefined, undefined, 'vdi')) / SECTOR) * SECTOR;
   if (bytes > MAX_BLOCKS * BLOCK_SIZE) throw new UsageError(`Unsupported VDI image size (size is 0x${bytes.toString(16)}, max supported is 0x${(MAX_BLOCKS * BLOCK_SIZE).toString(16)})`);
   const blocks = Math.ceil(bytes / BLOCK_SIZE);
   const bmapSize = Math.ceil((blocks * 4) / SECTOR) * SECTOR;

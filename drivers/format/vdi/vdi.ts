@@ -1,39 +1,29 @@
 // The VDI format node (QEMU's block/vdi.c): a block map of u32 entries, 1 MiB blocks.
 // A write to an unallocated block appends the whole block (written data, zeros
 // elsewhere), then points the block map at it, then counts it in the header.
-import type { BlockNode, Extent } from '../../types.js';
+import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import { closeLayers } from '../backing.js';
-import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../../util/mutex.js';
+import type { MappedRun } from '../mapped.js';
+import { blockPieces, MappedNode } from '../mapped-node.js';
 import { BMAP, HDR, type VdiHeader } from './header.js';
 import type { PagedTable } from '../table-pages.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 
-export class VdiNode implements BlockNode, Mapper {
-  readonly size: number;
-  readonly readOnly: boolean;
+export class VdiNode extends MappedNode {
   private readonly bs: number;
-  private readonly mutex = new Mutex();
   private blocksAllocated: number;
-  private closed = false;
 
   constructor(
-    private readonly file: BlockNode,
+    file: BlockNode,
     private readonly h: VdiHeader,
     private readonly bmap: PagedTable,
     readonly metadata: MetadataRanges,
     readOnly: boolean,
-    private readonly barriers: boolean,
+    barriers: boolean,
   ) {
-    this.size = h.diskSize;
-    this.readOnly = readOnly;
+    super({ file, size: h.diskSize, readOnly, barriers });
     this.bs = h.blockSize;
     this.blocksAllocated = h.blocksAllocated;
-  }
-
-  get name(): string {
-    return this.file.name;
   }
 
   /** Host offset of block b's data, or a kind when it has none; a bad entry throws. */
@@ -49,42 +39,18 @@ export class VdiNode implements BlockNode, Mapper {
     return host;
   }
 
-  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
-    const out: MappedRun[] = [];
-    const end = offset + length;
-    for (let pos = offset; pos < end; ) {
-      const b = Math.floor(pos / this.bs);
-      const next = Math.min(end, (b + 1) * this.bs);
-      const w = await this.where(b);
-      if (typeof w === 'number') pushRun(out, { kind: 'data', offset: pos, length: next - pos, host: w + (pos % this.bs) });
-      else pushRun(out, { kind: w, offset: pos, length: next - pos });
-      pos = next;
-    }
-    return out;
+  mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    return this.mapBlocks(offset, length, this.bs, (b) => this.where(b));
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return readMapped(this, this.file, undefined, offset, dst);
-  }
-
-  async write(offset: number, src: Uint8Array): Promise<void> {
-    if (await writeInPlace(this, this.file, offset, src)) return;
-    await this.mutex.run(() => this.writeLocked(offset, src));
-  }
-
-  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
-    const end = offset + src.length;
-    for (let pos = offset; pos < end; ) {
-      const b = Math.floor(pos / this.bs);
-      const next = Math.min(end, (b + 1) * this.bs);
-      const part = src.subarray(pos - offset, next - offset);
+  protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    for (const { block: b, inBlock, pos, n } of blockPieces(offset, src.length, this.bs)) {
+      const part = src.subarray(pos - offset, pos - offset + n);
       const w = await this.where(b);
       if (typeof w === 'number') {
-        this.metadata.assertNoOverlap(w + (pos % this.bs), part.length, `VDI block ${b}`);
-        await this.file.write(w + (pos % this.bs), part);
-      }
-      else await this.allocate(b, pos % this.bs, part);
-      pos = next;
+        this.metadata.assertNoOverlap(w + inBlock, n, `VDI block ${b}`);
+        await this.file.write(w + inBlock, part);
+      } else await this.allocate(b, inBlock, part);
     }
   }
 
@@ -98,7 +64,7 @@ export class VdiNode implements BlockNode, Mapper {
     const block = Buffer.alloc(this.bs);
     block.set(data, at);
     await this.file.write(host, block);
-    if (this.barriers) await this.file.flush();
+    await this.barrier();
     const e = Buffer.alloc(4);
     e.writeUInt32LE(entry);
     await this.bmap.write(b, e);
@@ -106,20 +72,5 @@ export class VdiNode implements BlockNode, Mapper {
     const n = Buffer.alloc(4);
     n.writeUInt32LE(this.blocksAllocated);
     await this.file.write(HDR.blocksAllocated, n);
-  }
-
-  async flush(): Promise<void> {
-    if (this.readOnly) return;
-    await this.mutex.run(() => this.file.flush());
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await closeLayers(this, this.file);
   }
 }

@@ -35,7 +35,7 @@ import {
 } from './layout.js';
 import { checkReplayable, findActiveSequence, LogOverlay, replay } from './log.js';
 import { Headers, VhdxNode } from './vhdx.js';
-import { PagedTable, TablePageCache } from '../table-pages.js';
+import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
 
 /** Logs larger than this are not read into memory. */
@@ -232,7 +232,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   // The BAT is read a page at a time as the guest needs it, and each entry is
   // checked when it is used (VhdxNode.entry), not all at open: a 64 TiB disk's
   // BAT is 512 MiB.
-  const table = new PagedTable(view, bat.offset, entries, 8, new TablePageCache(opts.metadataCacheBytes));
+  const table = new PagedTable(view, bat.offset, entries, 8, opts.metadataCacheBytes);
 
   const node = new VhdxNode({
     file: view,

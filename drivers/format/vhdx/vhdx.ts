@@ -1,11 +1,10 @@
 // The vhdx format node: payload blocks mapped through the BAT (specification
 // section 2.5), with every BAT change made durable through the metadata log first,
 // as QEMU's vhdx_co_writev does with vhdx_log_write_and_flush.
-import type { BlockNode, Extent } from '../../types.js';
+import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import { closeLayers } from '../backing.js';
-import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../../util/mutex.js';
+import type { MappedRun } from '../mapped.js';
+import { blockPieces, MappedNode, type BlockPlace } from '../mapped-node.js';
 import { BAT_OFFSET_MASK, encodeHeader, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SIZE, LOG_SECTOR, MiB, newGuid, PAYLOAD, type Header } from './layout.js';
 import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
 import type { PagedTable } from '../table-pages.js';
@@ -70,12 +69,9 @@ export interface VhdxNodeOptions {
   barriers: boolean;
 }
 
-export class VhdxNode implements BlockNode, Mapper {
+export class VhdxNode extends MappedNode {
   /** Sectors are the unit of the sector bitmaps and the log. */
   readonly requestAlignment = 512;
-  readonly size: number;
-  readonly readOnly: boolean;
-  private readonly file: BlockNode;
   private readonly bs: number;
   private readonly chunkRatio: number;
   private readonly bat: PagedTable;
@@ -85,27 +81,12 @@ export class VhdxNode implements BlockNode, Mapper {
   private readonly headers: Headers | undefined;
   private readonly logOffset: number;
   private readonly logLength: number;
-  private readonly barriers: boolean;
-  private readonly mutex = new Mutex();
   private visibleWrite: Promise<void> | undefined;
   private logSequence = 1n;
 
   constructor(o: VhdxNodeOptions) {
-    this.file = o.file;
-    this.size = o.size;
-    this.readOnly = o.readOnly;
-    this.bs = o.blockSize;
-    this.chunkRatio = o.chunkRatio;
-    this.bat = o.bat;
-    this.metadata = o.metadata;
-    this.headers = o.headers;
-    this.logOffset = o.logOffset;
-    this.logLength = o.logLength;
-    this.barriers = o.barriers;
-  }
-
-  get name(): string {
-    return this.file.name;
+    super(o);
+    ({ blockSize: this.bs, chunkRatio: this.chunkRatio, bat: this.bat, metadata: this.metadata, headers: this.headers, logOffset: this.logOffset, logLength: this.logLength } = o);
   }
 
   /** BAT index of payload block `block`: a sector bitmap entry follows every chunk. */
@@ -140,44 +121,31 @@ export class VhdxNode implements BlockNode, Mapper {
     return { state, offset: Number(off) };
   }
 
-  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
-    const runs: MappedRun[] = [];
-    const end = offset + length;
-    let pos = offset;
-    while (pos < end) {
-      const block = Math.floor(pos / this.bs);
-      const inBlock = pos - block * this.bs;
-      const n = Math.min(end - pos, this.bs - inBlock);
-      const { state, offset: host } = await this.entry(block);
-      switch (state) {
-        case PAYLOAD.fullyPresent:
-          runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
-          break;
-        case PAYLOAD.notPresent:
-        case PAYLOAD.undefined:
-        case PAYLOAD.zero:
-        case PAYLOAD.unmapped:
-        case PAYLOAD.unmappedV095:
-          runs.push({ kind: 'zero', offset: pos, length: n });
-          break;
-        default: {
-          const at = pos;
-          const why = state === PAYLOAD.partiallyPresent ? 'partially present (differencing images are not supported)' : `in unknown state ${state}`;
-          runs.push({
-            kind: 'custom',
-            offset: pos,
-            length: n,
-            read: () => Promise.reject(new CorruptImageError(`${this.name}: VHDX payload block at guest offset 0x${at.toString(16)} is ${why}`)),
-          });
-        }
-      }
-      pos += n;
-    }
-    return runs;
+  mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    return this.mapBlocks(offset, length, this.bs, (block, pos, n) => this.place(block, pos, n));
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return readMapped(this, this.file, undefined, offset, dst);
+  private async place(block: number, pos: number, n: number): Promise<BlockPlace> {
+    const { state, offset: host } = await this.entry(block);
+    switch (state) {
+      case PAYLOAD.fullyPresent:
+        return host;
+      case PAYLOAD.notPresent:
+      case PAYLOAD.undefined:
+      case PAYLOAD.zero:
+      case PAYLOAD.unmapped:
+      case PAYLOAD.unmappedV095:
+        return 'zero';
+      default: {
+        const why = state === PAYLOAD.partiallyPresent ? 'partially present (differencing images are not supported)' : `in unknown state ${state}`;
+        return {
+          kind: 'custom',
+          offset: pos,
+          length: n,
+          read: () => Promise.reject(new CorruptImageError(`${this.name}: VHDX payload block at guest offset 0x${pos.toString(16)} is ${why}`)),
+        };
+      }
+    }
   }
 
   /** The open already changed the data write GUID (replaying a log). */
@@ -194,22 +162,16 @@ export class VhdxNode implements BlockNode, Mapper {
     return this.visibleWrite;
   }
 
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     // A BAT entry that is corrupt (or points at metadata) fails here, before the headers change.
     await this.mapRange(offset, src.length);
     await this.firstWrite();
-    if (await writeInPlace(this, this.file, offset, src)) return;
-    await this.mutex.run(() => this.writeLocked(offset, src));
+    await super.write(offset, src);
   }
 
-  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+  protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
     const changes = new Map<number, bigint>();
-    const end = offset + src.length;
-    let pos = offset;
-    while (pos < end) {
-      const block = Math.floor(pos / this.bs);
-      const inBlock = pos - block * this.bs;
-      const n = Math.min(end - pos, this.bs - inBlock);
+    for (const { block, inBlock, pos, n } of blockPieces(offset, src.length, this.bs)) {
       const data = src.subarray(pos - offset, pos - offset + n);
       const { state, offset: host } = await this.entry(block);
       if (state === PAYLOAD.fullyPresent) {
@@ -227,7 +189,6 @@ export class VhdxNode implements BlockNode, Mapper {
         // Later parts of this request may land in the same block: map it now.
         this.pending.set(this.batIndex(block), BigInt(start) | BigInt(PAYLOAD.fullyPresent));
       }
-      pos += n;
     }
     if (changes.size === 0) return;
     try {
@@ -286,22 +247,5 @@ export class VhdxNode implements BlockNode, Mapper {
     for (const s of sectors) await this.file.write(s.fileOffset, s.data);
     await this.barrier();
     await headers.update({ logGuid: Buffer.alloc(16) });
-  }
-
-  private async barrier(): Promise<void> {
-    if (this.barriers) await this.file.flush();
-  }
-
-  async flush(): Promise<void> {
-    if (this.readOnly) return;
-    await this.mutex.run(() => this.file.flush());
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
-  }
-
-  close(): Promise<void> {
-    return closeLayers(this, this.file);
   }
 }

@@ -3,6 +3,7 @@
 // QEMU 7.2's get_cluster_offset / vmdk_L2update / get_whole_cluster). Each extent
 // maps, reads and writes its own byte range; the node strings them together.
 import { MetadataRanges } from '../metadata-ranges.js';
+import { TableCache } from '../../../cache/table-cache.js';
 import { constants } from 'node:os';
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, IoError, UnsupportedError } from '../../errors.js';
@@ -100,13 +101,10 @@ export class SparseExtent implements VmdkExtent {
   private readonly name: string;
   private readonly gtEntries: number;
   private readonly gtBytes: number;
-  private readonly maxTables: number;
   private l1: Uint32Array = new Uint32Array(0);
   private l1Backup: Uint32Array | undefined;
-  private readonly tables = new Map<number, Uint32Array>();
-  private readonly loading = new Map<number, Promise<Uint32Array>>();
-  /** Tables with a write to disk in flight stay cached, so a reload cannot see the old bytes. */
-  private readonly pinned = new Map<number, number>();
+  /** Grain tables, keyed by file offset; written through (a table being written is pinned). */
+  private readonly tables: TableCache;
   private readonly grains = new Map<number, Buffer>();
   /** Next free sector for a new grain (QEMU's next_cluster_sector). */
   private nextSector: number;
@@ -127,7 +125,7 @@ export class SparseExtent implements VmdkExtent {
     this.zeroGrain = (h.flags & FLAG_ZERO_GRAIN) !== 0 && h.magic === 'KDMV';
     this.version = h.version;
     this.gdAtEnd = h.gdAtEnd;
-    this.maxTables = Math.max(16, Math.floor(o.cacheBytes / Math.max(1, this.gtBytes)));
+    this.tables = new TableCache({ name: 'vmdk grain tables', file: o.file, tableSize: Math.max(1, this.gtBytes), maxBytes: o.cacheBytes, barriers: false, minTables: 16 });
     this.nextSector = Math.ceil(Math.ceil(o.file.size / 512) / h.grainSectors) * h.grainSectors;
     this.metadata = new MetadataRanges(o.name)
       .add(0, Math.max(512, h.grainOffset * 512), 'VMDK header and grain tables')
@@ -158,43 +156,17 @@ export class SparseExtent implements VmdkExtent {
   }
 
   /** The grain table for L1 index l1i, or undefined when the directory has none. */
-  private async table(l1i: number): Promise<Uint32Array | undefined> {
+  private async table(l1i: number): Promise<Buffer | undefined> {
     if (l1i >= this.l1.length) throw new CorruptImageError(`${this.name}: VMDK grain directory index ${l1i} out of range`);
     const sector = this.l1[l1i]!;
     if (sector === 0) return undefined;
-    const hit = this.tables.get(sector);
-    if (hit) {
-      this.tables.delete(sector);
-      this.tables.set(sector, hit);
-      return hit;
-    }
-    let p = this.loading.get(sector);
-    if (!p) {
-      p = this.loadTable(sector).finally(() => this.loading.delete(sector));
-      this.loading.set(sector, p);
-    }
-    return p;
-  }
-
-  private async loadTable(sector: number): Promise<Uint32Array> {
     const off = sector * 512;
     if (off + this.gtBytes > this.file.size) throw new CorruptImageError(`${this.name}: VMDK grain table at 0x${off.toString(16)} lies outside the file`);
-    const buf = new Uint8Array(this.gtBytes);
-    await this.file.read(off, buf);
-    const t = decodeLE32(buf);
-    const again = this.tables.get(sector);
-    if (again) return again;
-    this.tables.set(sector, t);
-    while (this.tables.size > this.maxTables) {
-      const victim = [...this.tables.keys()].find((k) => !this.pinned.has(k));
-      if (victim === undefined) break;
-      this.tables.delete(victim);
-    }
-    return t;
+    return (await this.tables.get(off, this.gtBytes)).data;
   }
 
-  private entry(t: Uint32Array | undefined, idx: number): Entry {
-    const v = t ? t[idx]! : 0;
+  private entry(t: Buffer | undefined, idx: number): Entry {
+    const v = t ? t.readUInt32LE(idx * 4) : 0;
     if (v === 0) return { kind: 'unallocated' };
     if (this.zeroGrain && v === GTE_ZEROED) return { kind: 'zero' };
     return this.compressed ? { kind: 'compressed', host: v * 512 } : { kind: 'data', host: v * 512 };
@@ -269,7 +241,7 @@ export class SparseExtent implements VmdkExtent {
     );
   }
 
-  private checkWritable(t: Uint32Array | undefined, l1i: number): Uint32Array {
+  private checkWritable(t: Buffer | undefined, l1i: number): Buffer {
     if (!t) throw new UnsupportedError(`${this.name}: VMDK grain directory entry ${l1i} has no grain table; writing there is not supported`);
     return t;
   }
@@ -352,23 +324,14 @@ export class SparseExtent implements VmdkExtent {
 
   /** Table entries [idx, idx + values.length) of table l1i, in memory and on disk (both copies). */
   private async setEntries(l1i: number, idx: number, values: number[]): Promise<void> {
-    const t = this.checkWritable(await this.table(l1i), l1i);
+    this.checkWritable(await this.table(l1i), l1i);
     const sector = this.l1[l1i]!;
-    this.pinned.set(sector, (this.pinned.get(sector) ?? 0) + 1);
-    try {
-      values.forEach((v, k) => (t[idx + k] = v));
-      const bytes = new Uint8Array(values.length * 4);
-      const v = new DataView(bytes.buffer);
-      values.forEach((x, k) => v.setUint32(k * 4, x, true));
-      await this.file.write(sector * 512 + idx * 4, bytes);
-      const backup = this.l1Backup?.[l1i] ?? 0;
-      // A redundant directory entry of 0 has no table to update (QEMU would write into the header).
-      if (backup !== 0 && backup * 512 + this.gtBytes <= this.file.size) await this.file.write(backup * 512 + idx * 4, bytes);
-    } finally {
-      const n = this.pinned.get(sector)! - 1;
-      if (n === 0) this.pinned.delete(sector);
-      else this.pinned.set(sector, n);
-    }
+    const bytes = Buffer.alloc(values.length * 4);
+    values.forEach((x, k) => bytes.writeUInt32LE(x, k * 4));
+    await this.tables.writeThrough(sector * 512, idx * 4, bytes);
+    const backup = this.l1Backup?.[l1i] ?? 0;
+    // A redundant directory entry of 0 has no table to update (QEMU would write into the header).
+    if (backup !== 0 && backup * 512 + this.gtBytes <= this.file.size) await this.file.write(backup * 512 + idx * 4, bytes);
   }
 
   /**

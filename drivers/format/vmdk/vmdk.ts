@@ -2,10 +2,10 @@
 // path, writes that allocate under one lock, and the CID rewritten on the first
 // write after open (QEMU 7.2's vmdk_pwritev / vmdk_write_cid).
 import crypto from 'node:crypto';
-import type { BlockNode, Extent } from '../../types.js';
-import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
+import type { BlockNode } from '../../types.js';
+import type { MappedRun } from '../mapped.js';
+import { MappedNode } from '../mapped-node.js';
 import { readFromBacking } from '../backing.js';
-import { Mutex } from '../../util/mutex.js';
 import { DESC_SIZE, rewriteCid } from './descriptor.js';
 import type { VmdkExtent, WriteContext } from './extent.js';
 
@@ -24,34 +24,25 @@ export interface VmdkNodeOptions {
   barriers: boolean;
 }
 
-export class VmdkNode implements BlockNode, Mapper {
-  readonly size: number;
-  readonly readOnly: boolean;
-  readonly backing: BlockNode | undefined;
+export class VmdkNode extends MappedNode {
+  /** Each extent guards its own file's metadata (the runs it maps carry it). */
+  readonly metadata = undefined;
   readonly extents: readonly VmdkExtent[];
   readonly createType: string;
   readonly parentCid: number;
-  private readonly file: BlockNode;
   private readonly descOffset: number;
-  private readonly barriers: boolean;
-  private readonly mutex = new Mutex();
   private readonly ctx: WriteContext;
   private currentCid: number;
   private cidUpdate: Promise<void> | undefined;
-  private closed = false;
 
   constructor(o: VmdkNodeOptions) {
-    this.file = o.file;
+    const last = o.extents[o.extents.length - 1];
+    super({ file: o.file, size: last ? last.start + last.length : 0, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing });
     this.extents = o.extents;
-    this.readOnly = o.readOnly;
-    this.backing = o.backing;
     this.descOffset = o.descOffset;
     this.currentCid = o.cid;
     this.parentCid = o.parentCid;
     this.createType = o.createType;
-    this.barriers = o.barriers;
-    const last = o.extents[o.extents.length - 1];
-    this.size = last ? last.start + last.length : 0;
     this.ctx = {
       hasBacking: o.backing !== undefined,
       readBacking: (off, dst) => readFromBacking(this.backing, off, dst),
@@ -61,11 +52,6 @@ export class VmdkNode implements BlockNode, Mapper {
     };
   }
 
-  get name(): string {
-    return this.file.name;
-  }
-
-  /** The image's CID as on disk now. */
   /** Sectors: grain tables and flat extents are addressed in them. */
   readonly requestAlignment = 512;
 
@@ -73,6 +59,7 @@ export class VmdkNode implements BlockNode, Mapper {
     return this.cid;
   }
 
+  /** The image's CID as on disk now. */
   get cid(): number {
     return this.currentCid;
   }
@@ -105,18 +92,13 @@ export class VmdkNode implements BlockNode, Mapper {
     return parts.flat();
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return readMapped(this, this.file, this.backing, offset, dst);
+  override async write(offset: number, src: Uint8Array): Promise<void> {
+    await super.write(offset, src);
+    await this.updateCid();
   }
 
-  async write(offset: number, src: Uint8Array): Promise<void> {
-    // The common case needs no lock: every byte already has a place on disk.
-    if (!(await writeInPlace(this, this.file, offset, src))) {
-      await this.mutex.run(async () => {
-        for (const p of this.pieces(offset, src.length)) await p.e.write(p.rel, src.subarray(p.at, p.at + p.n), this.ctx);
-      });
-    }
-    await this.updateCid();
+  protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    for (const p of this.pieces(offset, src.length)) await p.e.write(p.rel, src.subarray(p.at, p.at + p.n), this.ctx);
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
@@ -147,19 +129,15 @@ export class VmdkNode implements BlockNode, Mapper {
     return this.cidUpdate;
   }
 
-  async flush(): Promise<void> {
+  /** Every file of the image; not under the mutex (grain tables reach their file as they change). */
+  override async flush(): Promise<void> {
     if (this.readOnly) return;
     const files = new Set<BlockNode>([this.file, ...this.extents.map((e) => e.file)]);
     await Promise.all([...files].map((f) => f.flush()));
   }
 
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
+  /** The extent files too, before the backing node and the image file. */
+  protected override async closeLayers(): Promise<void> {
     const files = new Set<BlockNode>(this.extents.map((e) => e.file));
     files.delete(this.file);
     try {

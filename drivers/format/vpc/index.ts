@@ -1,7 +1,7 @@
 // The vpc (VHD) driver: probe, open, create (QEMU 7.2's block/vpc.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { MetadataRanges } from '../metadata-ranges.js';
-import { PagedTable, TablePageCache } from '../table-pages.js';
+import { PagedTable } from '../table-pages.js';
 import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
 import {
   ascii,
@@ -84,7 +84,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const batOffset = Number(dyn.tableOffset);
   // The BAT is read a page at a time as the guest needs it; only a writer needs
   // where free space starts, found in one pass a page at a time.
-  const bat = new PagedTable(file, batOffset, entries, 4, new TablePageCache(opts.metadataCacheBytes));
+  const bat = new PagedTable(file, batOffset, entries, 4, opts.metadataCacheBytes);
   let freeOffset = Math.ceil((batOffset + batBytes) / 512) * 512;
   if (!opts.readOnly) {
     await bat.scan((_i, view, at) => {

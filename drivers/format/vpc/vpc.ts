@@ -3,11 +3,10 @@
 // (QEMU's block/vpc.c). Reads go through the shared mapped-read path.
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import { closeLayers } from '../backing.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
-import { mappedStatus, readMapped, writeInPlace, type MappedRun, type Mapper } from '../mapped.js';
-import { Mutex } from '../../util/mutex.js';
+import { writeInPlace, type MappedRun } from '../mapped.js';
+import { blockPieces, MappedNode } from '../mapped-node.js';
 import { FOOTER_SIZE, SECTOR } from './footer.js';
 
 export const BAT_UNUSED = 0xffffffff;
@@ -63,20 +62,15 @@ export interface VpcDynamicOptions {
   metadata: MetadataRanges;
 }
 
-export class VpcDynamicNode implements BlockNode, Mapper {
+export class VpcDynamicNode extends MappedNode {
   /** Sector bitmaps: the unit of allocation inside a block. */
   readonly requestAlignment = SECTOR;
-  readonly size: number;
-  readonly readOnly: boolean;
-  private readonly file: BlockNode;
   private readonly footer: Uint8Array;
   private readonly bat: PagedTable;
   private readonly batOffset: number;
   private readonly blockSize: number;
   private readonly bitmapSize: number;
   private freeOffset: number;
-  private readonly barriers: boolean;
-  private readonly mutex = new Mutex();
   /**
    * Blocks whose bitmap this session has set to all ones. Other tools may leave
    * bits clear; QEMU sets them all before its first write to a block, so that
@@ -86,21 +80,14 @@ export class VpcDynamicNode implements BlockNode, Mapper {
   readonly metadata: MetadataRanges;
 
   constructor(o: VpcDynamicOptions) {
+    super(o);
     this.metadata = o.metadata;
-    this.file = o.file;
-    this.size = o.size;
-    this.readOnly = o.readOnly;
     this.footer = o.footer;
     this.bat = o.bat;
     this.batOffset = o.batOffset;
     this.blockSize = o.blockSize;
     this.bitmapSize = o.bitmapSize;
     this.freeOffset = o.freeOffset;
-    this.barriers = o.barriers;
-  }
-
-  get name(): string {
-    return this.file.name;
   }
 
   /** Host offset of block idx's data, undefined when unallocated; checked as it is used. */
@@ -114,27 +101,13 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     return host;
   }
 
-  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
-    const runs: MappedRun[] = [];
-    const end = offset + length;
-    let pos = offset;
-    while (pos < end) {
-      const idx = Math.floor(pos / this.blockSize);
-      const inBlock = pos - idx * this.blockSize;
-      const n = Math.min(end - pos, this.blockSize - inBlock);
-      const host = await this.blockHost(idx);
-      if (host === undefined) runs.push({ kind: 'zero', offset: pos, length: n });
-      else runs.push({ kind: 'data', offset: pos, length: n, host: host + inBlock });
-      pos += n;
-    }
-    return runs;
+  /** Unallocated blocks read as zeros: a VHD has no backing file here. */
+  mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    return this.mapBlocks(offset, length, this.blockSize, async (idx) => (await this.blockHost(idx)) ?? 'zero');
   }
 
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return readMapped(this, this.file, undefined, offset, dst);
-  }
-
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  /** In place only in blocks whose bitmap this session has set already. */
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     const first = Math.floor(offset / this.blockSize);
     const last = Math.floor((offset + src.length - 1) / this.blockSize);
     let ready = true;
@@ -143,13 +116,8 @@ export class VpcDynamicNode implements BlockNode, Mapper {
     await this.mutex.run(() => this.writeLocked(offset, src));
   }
 
-  private async writeLocked(offset: number, src: Uint8Array): Promise<void> {
-    const end = offset + src.length;
-    let pos = offset;
-    while (pos < end) {
-      const idx = Math.floor(pos / this.blockSize);
-      const inBlock = pos - idx * this.blockSize;
-      const n = Math.min(end - pos, this.blockSize - inBlock);
+  protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
+    for (const { block: idx, inBlock, pos, n } of blockPieces(offset, src.length, this.blockSize)) {
       const data = src.subarray(pos - offset, pos - offset + n);
       const host = await this.blockHost(idx);
       if (host === undefined) {
@@ -164,7 +132,6 @@ export class VpcDynamicNode implements BlockNode, Mapper {
         }
         await this.file.write(host + inBlock, data);
       }
-      pos += n;
     }
   }
 
@@ -210,22 +177,5 @@ export class VpcDynamicNode implements BlockNode, Mapper {
         }
       }
     });
-  }
-
-  private async barrier(): Promise<void> {
-    if (this.barriers) await this.file.flush();
-  }
-
-  async flush(): Promise<void> {
-    if (this.readOnly) return;
-    await this.mutex.run(() => this.file.flush());
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
-  }
-
-  close(): Promise<void> {
-    return closeLayers(this, this.file);
   }
 }

@@ -1,0 +1,135 @@
+// The one class shape of the table-mapped format nodes (vdi, vhdx, vpc dynamic,
+// parallels, qcow, qed, vmdk): reads, block status and in-place writes through the
+// runs a driver's mapRange gives (mapped.ts), allocation under one mutex, flush under
+// that mutex, and a close that runs once. A driver keeps only its mapping and its
+// allocation.
+import type { BlockNode, Extent } from '../types.js';
+import { CorruptImageError } from '../errors.js';
+import { Mutex } from '../util/mutex.js';
+import { closeLayers } from './backing.js';
+import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from './mapped.js';
+import type { MetadataRanges } from './metadata-ranges.js';
+
+export interface MappedNodeInit {
+  /** The image file: its name is the node's, and it is closed last. */
+  file: BlockNode;
+  size: number;
+  readOnly: boolean;
+  /** Flush the file between data and the table entry that points at it (false for cache=unsafe). */
+  barriers: boolean;
+  backing?: BlockNode | undefined;
+}
+
+/** Where one block of a block-mapped table lives: a host offset (of the block's first byte), or a kind, or a run of the driver's own. */
+export type BlockPlace = number | 'zero' | 'unallocated' | MappedRun;
+
+export abstract class MappedNode implements BlockNode, Mapper {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly backing: BlockNode | undefined;
+  protected readonly file: BlockNode;
+  protected readonly barriers: boolean;
+  /** Held by writes that allocate and by flush, so a flush sees no half-made allocation. */
+  protected readonly mutex = new Mutex();
+  private closed = false;
+
+  /** The image file's metadata, which no data written in place may overlap. */
+  abstract readonly metadata: MetadataRanges | undefined;
+
+  constructor(o: MappedNodeInit) {
+    this.file = o.file;
+    this.size = o.size;
+    this.readOnly = o.readOnly;
+    this.barriers = o.barriers;
+    this.backing = o.backing;
+  }
+
+  get name(): string {
+    return this.file.name;
+  }
+
+  abstract mapRange(offset: number, length: number): Promise<MappedRun[]>;
+
+  /**
+   * Write what some run of still needs a place: the caller holds the mutex, and
+   * `write` has found that [offset, offset + src.length) is not all in place.
+   */
+  protected abstract writeLocked(offset: number, src: Uint8Array): Promise<void>;
+
+  read(offset: number, dst: Uint8Array): Promise<void> {
+    return readMapped(this, this.file, this.backing, offset, dst);
+  }
+
+  /** In place without the lock when every byte has a place on disk (allocated blocks never move); else under the mutex. */
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    if (await writeInPlace(this, this.file, offset, src)) return;
+    await this.mutex.run(() => this.writeLocked(offset, src));
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.mutex.run(() => this.flushLocked());
+  }
+
+  /** The flush itself, under the mutex; formats with a dirty flag to clear add it here. */
+  protected flushLocked(): Promise<void> {
+    return this.file.flush();
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return mappedStatus(this, offset, length);
+  }
+
+  /** Closes once: a second close (the graph's and an owner's) does nothing. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.closeLayers();
+  }
+
+  /** Flush when writable, then close the backing node and the image file. */
+  protected closeLayers(): Promise<void> {
+    return closeLayers(this, this.backing, this.file);
+  }
+
+  /** Between data and the table entry that points at it, unless the cache mode is unsafe. */
+  protected async barrier(): Promise<void> {
+    if (this.barriers) await this.file.flush();
+  }
+
+  /**
+   * The runs of [offset, offset + length) for a table of fixed-size blocks: `place`
+   * says where block b lives (the host offset of its first byte, or a kind, or a
+   * run of its own covering [pos, pos + n)).
+   */
+  protected async mapBlocks(offset: number, length: number, blockSize: number, place: (block: number, pos: number, n: number) => Promise<BlockPlace>): Promise<MappedRun[]> {
+    const out: MappedRun[] = [];
+    for (const { block, inBlock, pos, n } of blockPieces(offset, length, blockSize)) {
+      const w = await place(block, pos, n);
+      if (typeof w === 'number') pushRun(out, { kind: 'data', offset: pos, length: n, host: w + inBlock });
+      else if (typeof w === 'string') pushRun(out, { kind: w, offset: pos, length: n });
+      else pushRun(out, w);
+    }
+    return out;
+  }
+}
+
+/** The pieces of [offset, offset + length) that fixed-size blocks cut it into, in order. */
+export function* blockPieces(offset: number, length: number, blockSize: number): Generator<{ block: number; inBlock: number; pos: number; n: number }> {
+  const end = offset + length;
+  for (let pos = offset; pos < end; ) {
+    const block = Math.floor(pos / blockSize);
+    const inBlock = pos - block * blockSize;
+    const n = Math.min(end - pos, blockSize - inBlock);
+    yield { block, inBlock, pos, n };
+    pos += n;
+  }
+}
+
+/** The image's first `bytes` (its header); a file shorter than that is corrupt. */
+export async function readHead(file: BlockNode, bytes: number, format: string): Promise<Buffer> {
+  if (file.size < bytes) throw new CorruptImageError(`${file.name}: file too short for a ${format} header`);
+  const head = Buffer.alloc(bytes);
+  await file.read(0, head);
+  return head;
+}
