@@ -1,41 +1,18 @@
 // The raw format: the guest disk is the file's bytes.
-import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver } from '../types.js';
+import type { Creatable, CreateRequest, FormatDriver } from '../types.js';
+import { Filter } from '../filters/filter.js';
 import { UsageError } from '../errors.js';
 
-class RawNode implements BlockNode {
-  constructor(private readonly file: BlockNode) {}
+/** The file itself, but for its size: a pass-through (drivers/filters/filter.ts). */
+class RawNode extends Filter {
   /** QEMU counts every node in 512-byte sectors, rounding a file's length up. */
-  get size(): number {
-    return Math.ceil(this.file.size / 512) * 512;
+  override get size(): number {
+    return Math.ceil(this.next.size / 512) * 512;
   }
-  get readOnly(): boolean {
-    return this.file.readOnly;
-  }
-  get name(): string {
-    return this.file.name;
-  }
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return this.file.read(offset, dst);
-  }
-  write(offset: number, src: Uint8Array): Promise<void> {
-    return this.file.write(offset, src);
-  }
-  zero(offset: number, length: number, unmap: boolean): Promise<void> {
-    if (this.file.zero) return this.file.zero(offset, length, unmap);
-    return this.file.write(offset, new Uint8Array(length));
-  }
-  flush(): Promise<void> {
-    return this.file.flush();
-  }
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.file.blockStatus(offset, length);
-  }
-  async truncate(size: number): Promise<void> {
-    if (!this.file.truncate) throw new Error(`${this.name}: cannot be resized`);
-    await this.file.truncate(size);
-  }
-  close(): Promise<void> {
-    return this.file.close();
+  /** Always offered: where the file cannot zero, zeros are written. */
+  override get zero(): (offset: number, length: number, unmap: boolean) => Promise<void> {
+    const file = this.next;
+    return (offset, length, unmap) => (file.zero ? file.zero(offset, length, unmap) : file.write(offset, new Uint8Array(length)));
   }
 }
 

@@ -8,9 +8,10 @@
 //
 // The metadata's host ranges are kept in a sorted set, updated as tables are
 // allocated and freed, so one check is a binary search.
-import type { BlockNode, Extent } from '../../types.js';
+import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { MetadataRanges } from '../metadata-ranges.js';
+import { Filter } from '../../filters/filter.js';
 import { HDR, INCOMPAT } from './header.js';
 
 /** What a range holds, in QEMU's words (metadata_ol_names). */
@@ -121,42 +122,20 @@ export class MetadataGuard {
  * the metadata of other kinds first (QEMU checks qcow2-cache.c's write-back the same
  * way, ignoring the cache's own kind).
  */
-export class GuardedTableFile implements BlockNode {
+export class GuardedTableFile extends Filter {
   constructor(
-    private readonly file: BlockNode,
+    file: BlockNode,
     private readonly guard: MetadataGuard,
     private readonly own: string,
-  ) {}
-
-  get size(): number {
-    return this.file.size;
+  ) {
+    super(file);
   }
 
-  get readOnly(): boolean {
-    return this.file.readOnly;
-  }
-
-  get name(): string {
-    return this.file.name;
-  }
-
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return this.file.read(offset, dst);
-  }
-
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     await this.guard.check(offset, src.length, [this.own]);
-    return this.file.write(offset, src);
-  }
-
-  flush(): Promise<void> {
-    return this.file.flush();
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.file.blockStatus(offset, length);
+    return this.next.write(offset, src);
   }
 
   /** The image file stays open: the qcow2 node closes it. */
-  async close(): Promise<void> {}
+  override async close(): Promise<void> {}
 }
