@@ -12,7 +12,7 @@ import { crc32cExcluding } from '../drivers/format/vhdx/crc32c.js';
 import { GUIDS } from '../drivers/format/vhdx/layout.js';
 import { batEntries } from '../drivers/format/vhdx/index.js';
 import { createImage, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
-import { patch, readBytes } from './helpers/images.js';
+import { patch, readBytes, u32le, u64le } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -45,17 +45,6 @@ function roundUp(v: number, to: number): number {
   return Math.ceil(v / to) * to;
 }
 
-function u32le(v: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32LE(v);
-  return b;
-}
-
-function u64le(v: number | bigint): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64LE(BigInt(v));
-  return b;
-}
 
 describe('bounded open: huge tables', function () {
   this.timeout(300_000);

@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
-import { fuseMountsUnder, isAlive, mountedPid, MountTracker, TSMOUNT, tsmount, waitFor } from './helpers/mount.js';
+import { fuseMountsUnder, isAlive, mountedPid, MountTracker, TSMOUNT, tsmount, tsmountProcesses, waitFor } from './helpers/mount.js';
 import { firstL2Offset, patch, readBytes, u32be, u64be } from './helpers/images.js';
 
 const MiB = 1 << 20;
@@ -13,21 +13,6 @@ const MiB = 1 << 20;
 const BOUND_MS = 20_000;
 const TIMEOUT_MS = 30_000;
 
-/** Processes running tsmount whose command line mentions `tag` (our temp dir). */
-function tsmountProcesses(tag: string): number[] {
-  const out: number[] = [];
-  for (const entry of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
-    let cmdline: string;
-    try {
-      cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8');
-    } catch {
-      continue;
-    }
-    if (cmdline.includes(TSMOUNT) && cmdline.includes(tag) && isAlive(Number(entry))) out.push(Number(entry));
-  }
-  return out;
-}
 
 describe('tsmount: bad input gets a one-line error and changes nothing', function () {
   this.timeout(120_000);

@@ -7,7 +7,7 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createImage, md5File, qemuIo, rawMd5, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
-import { isAlive, mountedPid, MountTracker, TSMOUNT, tsmount, waitFor } from './helpers/mount.js';
+import { isAlive, mountedPid, MountTracker, TSMOUNT, tsmount, tsmountProcesses, waitFor } from './helpers/mount.js';
 import { firstL2Offset, patch, u64be } from './helpers/images.js';
 import { findMount, mountSource, runtimeDir, shownImage } from '../fs/mounts.js';
 import { nameOnce } from '../fs/log.js';
@@ -19,21 +19,6 @@ function tsmountEnv(args: string[], env: NodeJS.ProcessEnv): ReturnType<typeof r
   return run(process.execPath, [TSMOUNT, ...args], { env: { ...process.env, ...env }, timeoutMs: 60_000 });
 }
 
-/** Live tsmount processes whose command line mentions `tag`. */
-function tsmountProcesses(tag: string): number[] {
-  const out: number[] = [];
-  for (const entry of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
-    let cmdline: string;
-    try {
-      cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8');
-    } catch {
-      continue;
-    }
-    if (cmdline.includes(TSMOUNT) && cmdline.includes(tag) && isAlive(Number(entry))) out.push(Number(entry));
-  }
-  return out;
-}
 
 function mountSourceOf(mp: string): string {
   return String(execFileSync('findmnt', ['-n', '-o', 'SOURCE', '--mountpoint', mp])).trim();

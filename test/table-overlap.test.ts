@@ -10,7 +10,7 @@ import { MetadataRanges } from '../drivers/format/metadata-ranges.js';
 import fs from 'node:fs';
 import { createImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
-import { openTestImage, patch, readBytes } from './helpers/images.js';
+import { openTestImage, patch, readBytes, u32le, u64le } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -38,16 +38,6 @@ describe('table entries pointing at metadata: a write there fails with EIO and c
   before(() => (t = tempDir('table-overlap')));
   after(() => t.cleanup());
 
-  function u32le(v: number): Buffer {
-    const b = Buffer.alloc(4);
-    b.writeUInt32LE(v);
-    return b;
-  }
-  function u64le(v: number | bigint): Buffer {
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64LE(BigInt(v));
-    return b;
-  }
 
   /** qemuOpens: false where QEMU itself refuses the damaged image (vhdx checks its whole BAT at open). */
   const cases: { format: string; what: string; make: (f: string) => Promise<void>; says: RegExp; qemuOpens?: false }[] = [

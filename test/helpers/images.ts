@@ -97,6 +97,18 @@ export function u64be(v: bigint): Buffer {
   return b;
 }
 
+export function u32le(v: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(v);
+  return b;
+}
+
+export function u64le(v: number | bigint): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(BigInt(v));
+  return b;
+}
+
 /** Host offset of the first L2 table of a qcow2 image (from L1 entry 0), read straight from the file. */
 export function firstL2Offset(file: string): number {
   const l1 = Number(readBytes(file, 40, 8).readBigUInt64BE(0));

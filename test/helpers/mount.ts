@@ -3,7 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { run, type RunResult } from './qemu.js';
-import { forceUnmount, mountedPid, TSMOUNT } from '../../scripts/lib/mounts.js';
+import { forceUnmount, isAlive, mountedPid, TSMOUNT } from '../../scripts/lib/mounts.js';
 
 export { forceUnmount, isAlive, mountedPid, TSMOUNT } from '../../scripts/lib/mounts.js';
 
@@ -96,4 +96,20 @@ export function fuseMountsUnder(prefix: string): string[] {
     .map((l) => l.split(' '))
     .filter((f) => f.length > 2 && /^fuse(\.|$)/.test(f[2] ?? '') && (f[1] ?? '').startsWith(prefix))
     .map((f) => (f[1] ?? '').replace(/\\040/g, ' '));
+}
+
+/** Live tsmount processes whose command line mentions `tag` (a test's temp dir). */
+export function tsmountProcesses(tag: string): number[] {
+  const out: number[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    let cmdline: string;
+    try {
+      cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8');
+    } catch {
+      continue;
+    }
+    if (cmdline.includes(TSMOUNT) && cmdline.includes(tag) && isAlive(Number(entry))) out.push(Number(entry));
+  }
+  return out;
 }
