@@ -6,8 +6,9 @@
 // before anything is mounted: libfuse2 opens /dev/fuse without close-on-exec, so the
 // serving process itself must never spawn a child.
 import { spawn } from 'node:child_process';
-import type { Readable } from 'node:stream';
+import type { Duplex } from 'node:stream';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, Option } from 'commander';
@@ -205,12 +206,10 @@ async function main(argv: string[]): Promise<void> {
   process.on('unhandledRejection', crash);
   if (readyFd !== undefined) {
     clearInterval(orphaned);
-    try {
-      if (abandoned) throw new Error('abandoned');
-      fs.writeSync(readyFd, 'OK\n');
-      fs.closeSync(readyFd);
-    } catch {
-      // EPIPE: the starting command has gone, and nobody knows this mount exists.
+    // The mount is the user's once the starter has acknowledged it, not once we said
+    // OK: a starter killed between reading OK and exiting would otherwise leave a mount
+    // nobody was told about (and a status that says it failed).
+    if (abandoned || !(await handOver(readyFd))) {
       log('warning', `${running.mountpoint}: interrupted before the mount was ready; unmounting`);
       await running.shutdown(true);
       process.exit(1);
@@ -220,6 +219,29 @@ async function main(argv: string[]): Promise<void> {
   const code = await running.exited;
   log(code === 0 ? 'info' : 'err', `${running.mountpoint} ${code === 0 ? 'unmounted' : 'unmounted, not cleanly (see the messages above)'}`);
   process.exit(code);
+}
+
+/**
+ * Say OK on the ready channel (a socket pair) and wait for the starter's ACK; false
+ * when the starter went away first (end of file, or an error).
+ */
+function handOver(fd: number): Promise<boolean> {
+  const channel = new net.Socket({ fd, readable: true, writable: true });
+  return new Promise((resolve) => {
+    let heard = '';
+    const done = (acked: boolean): void => {
+      channel.destroy();
+      resolve(acked);
+    };
+    channel.setEncoding('utf8');
+    channel.on('data', (chunk: string) => {
+      heard += chunk;
+      if (heard.includes('\n')) done(heard.startsWith('ACK\n'));
+    });
+    channel.on('end', () => done(false));
+    channel.on('error', () => done(false));
+    channel.write('OK\n');
+  });
 }
 
 /** --image-opts: each IMAGE becomes a name (a URI carrying its options) and one format for all. */
@@ -262,14 +284,21 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   process.on('SIGINT', () => interrupted('SIGINT', 130));
   process.on('SIGTERM', () => interrupted('SIGTERM', 143));
   process.on('SIGHUP', () => interrupted('SIGHUP', 129));
-  const channel = child.stdio[3] as Readable;
+  // A socket pair: the server says OK or ERR, and waits for our ACK before the mount is ours.
+  const channel = child.stdio[3] as Duplex;
   let said = '';
   let stderr = '';
   channel.setEncoding('utf8');
-  channel.on('data', (chunk: string) => (said += chunk));
+  channel.on('error', () => undefined);
+  const answered = new Promise<void>((resolve) => {
+    channel.on('data', (chunk: string) => {
+      said += chunk;
+      if (said.includes('\n')) resolve();
+    });
+    channel.on('end', resolve);
+  });
   child.stderr?.on('data', (chunk: Buffer) => (stderr = (stderr + chunk.toString()).slice(-4096)));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  const answered = new Promise<void>((resolve) => channel.on('end', resolve));
   await Promise.race([answered, exited]);
   // 'exit' can come before the last bytes of the pipe are read: let them arrive.
   await Promise.race([answered, new Promise((r) => setTimeout(r, 2000).unref())]);
@@ -278,9 +307,12 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   if (stopping) return new Promise(() => undefined);
   if (line === 'OK') {
     child.unref();
-    channel.destroy();
     child.stderr?.destroy();
-    process.exit(0);
+    // Exit as soon as the ACK is out; a server that died meanwhile cannot be helped.
+    const gone = 'the server exited as the mount became ready; nothing is mounted';
+    channel.write('ACK\n', (err) => (err ? fail(gone) : process.exit(0)));
+    setTimeout(() => fail(gone), 5000).unref();
+    return new Promise(() => undefined);
   }
   if (line.startsWith('ERR ')) fail(line.slice(4));
   const code = await exited;
