@@ -12,7 +12,9 @@
 //           (libvirt's base images in a pool, a golden image shared by many overlays),
 //           so confining them would break ordinary setups; checking the owner closes
 //           the privilege hole without that: an image gives nobody more than its
-//           owner already has.
+//           owner already has. An image its group or everyone may write could have
+//           been written by any of them: what it names must then be open to that
+//           group (or to everyone) as well as to the owner.
 //   confine (--confine) the owner check, and the file must also lie under the top
 //           image's own folder, after resolving symbolic links and `..`.
 //   trust   (--trust-image-paths) no checks, as QEMU behaves; only for images whose
@@ -127,6 +129,8 @@ export class NamedFileGuard {
   readonly files: NamedFile[] = [];
   /** The top image's owner; undefined until it is open, and for a remote image. */
   private who: Principal | undefined;
+  /** The top image is group- or world-writable: the least of those who may write it. */
+  private writers: (Principal & { what: string }) | undefined;
   /** --confine: the real path of the top image's folder. */
   private folder: string | undefined;
 
@@ -137,7 +141,12 @@ export class NamedFileGuard {
     const node = await open();
     if (this.policy === 'trust' || !(node instanceof FileNode)) return node;
     try {
-      this.who = await principalOf((await fstat(node.fd)).uid);
+      const st = await fstat(node.fd);
+      this.who = await principalOf(st.uid);
+      // An image its group or everyone may write speaks for all of them: what it names
+      // must be open to the least of them, not only to its owner (a root-owned image
+      // left mode 0666 must not lend root's rights to whoever edits it).
+      if (st.mode & 0o022) this.writers = { uid: -1, gids: new Set(st.mode & 0o002 ? [] : [st.gid]), what: st.mode & 0o002 ? 'everyone' : `group ${st.gid}` };
       const real = await pathOfFd(node.fd);
       this.folder = real === undefined ? undefined : path.dirname(real);
       return node;
@@ -193,13 +202,17 @@ export class NamedFileGuard {
     if (this.policy === 'confine' && (this.folder === undefined || !isInside(this.folder, real))) {
       this.refuse(req, `is outside the image's folder ${this.folder ?? '(unknown)'} (--confine)`);
     }
-    for (let dir = path.dirname(real); ; dir = path.dirname(dir)) {
-      const d = await fs.promises.stat(dir).catch(() => undefined);
-      if (d === undefined || !allowed(d, who, 1)) this.refuse(req, `lies in a folder the image's owner (uid ${who.uid}) cannot enter (${dir})`);
-      if (dir === path.dirname(dir)) break;
+    const principals: [Principal, string][] = [[who, `the image's owner (uid ${who.uid})`]];
+    if (this.writers) principals.push([this.writers, `${this.writers.what}, who may write the image`]);
+    for (const [p, name] of principals) {
+      for (let dir = path.dirname(real); ; dir = path.dirname(dir)) {
+        const d = await fs.promises.stat(dir).catch(() => undefined);
+        if (d === undefined || !allowed(d, p, 1)) this.refuse(req, `lies in a folder ${name} cannot enter (${dir})`);
+        if (dir === path.dirname(dir)) break;
+      }
+      if (!allowed(st, p, 4)) this.refuse(req, `is not readable by ${name}`);
+      if (req.write && !allowed(st, p, 2)) this.refuse(req, `is not writable by ${name}`);
     }
-    if (!allowed(st, who, 4)) this.refuse(req, `is not readable by the image's owner (uid ${who.uid})`);
-    if (req.write && !allowed(st, who, 2)) this.refuse(req, `is not writable by the image's owner (uid ${who.uid})`);
     return st;
   }
 }

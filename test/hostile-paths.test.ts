@@ -255,6 +255,37 @@ describe('files an image names: never more than the image’s owner may read or 
       await mounts.unmount(mp);
     });
 
+    it('refuses a root-owned image anyone may write (0666) that names a root-only file', async () => {
+      const vmdk = at('open-to-all.vmdk');
+      fs.writeFileSync(vmdk, flatVmdk(secret, MiB / 512));
+      fs.chmodSync(vmdk, 0o666);
+      await expectRefused([vmdk], new RegExp(`^tsmount: ${esc(vmdk)}: extent "${esc(secret)}" is not readable by everyone, who may write the image; refusing to open it$`));
+      // A file everyone may read is fine.
+      const open = at('open-to-all.bin');
+      fs.writeFileSync(open, pattern(MiB, 6), { mode: 0o644 });
+      fs.chmodSync(open, 0o644);
+      fs.writeFileSync(vmdk, flatVmdk(open, MiB / 512));
+      await mounts.mount([vmdk, mp]);
+      expect(await md5File(path.join(mp, 'open-to-all.raw'), MiB)).to.equal(md5Sync(open));
+      await mounts.unmount(mp);
+    });
+
+    it('judges a group-writable image by what its group may read', async () => {
+      const vmdk = at('group-writable.vmdk');
+      fs.writeFileSync(vmdk, flatVmdk(secret, MiB / 512));
+      fs.chownSync(vmdk, 0, groupGid);
+      fs.chmodSync(vmdk, 0o664);
+      await expectRefused([vmdk], new RegExp(`is not readable by group ${groupGid}, who may write the image; refusing to open it$`));
+      const shared = at('group-readable.bin');
+      fs.writeFileSync(shared, pattern(MiB, 7));
+      fs.chownSync(shared, 0, groupGid);
+      fs.chmodSync(shared, 0o640);
+      fs.writeFileSync(vmdk, flatVmdk(shared, MiB / 512));
+      await mounts.mount([vmdk, mp]);
+      expect(await md5File(path.join(mp, 'group-writable.raw'), MiB)).to.equal(md5Sync(shared));
+      await mounts.unmount(mp);
+    });
+
     it('opens a hostile image with --trust-image-paths, as QEMU would', async () => {
       const evil = at('trusted.vmdk');
       fs.writeFileSync(evil, flatVmdk(secret, MiB / 512));
