@@ -16,6 +16,7 @@ import { patch, readBytes, u32le, u64le } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
+const GiB = 1024 * MiB;
 const TiB = 1024 * 1024 * MiB;
 const PROBE = path.resolve(path.dirname(fileURLToPath(import.meta.url)), 'helpers/open-probe.js');
 /** Peak RSS allowed for any of these opens (node itself is about 50 MB). */
@@ -115,6 +116,26 @@ describe('bounded open: huge tables', function () {
     if (offsetData <= 0xffffffff) patch(f, offsetData, Buffer.alloc(MiB, 0x5a));
     else fs.truncateSync(f, mapEnd);
   }
+
+  it('opens --rw a qcow2 whose 32 MiB L1 names 4 million L2 tables within 300 MB (was 1.4 GB), and reads it', async () => {
+    // The largest L1 QEMU accepts (QCOW_MAX_L1_SIZE), every entry a distinct L2 table
+    // past the data: a writable open records each one for the overlap checks.
+    const f = path.join(t.dir, 'l1-32m.qcow2');
+    await createImage(f, 'qcow2', '2P');
+    const head = readBytes(f, 0, 48);
+    const entries = head.readUInt32BE(36);
+    const l1Offset = Number(head.readBigUInt64BE(40));
+    expect(entries).to.equal(4 * MiB);
+    const base = 4 * GiB;
+    const l1 = Buffer.alloc(entries * 8);
+    for (let i = 0; i < entries; i++) l1.writeBigUInt64BE(BigInt(base + i * 64 * KiB), i * 8);
+    patch(f, l1Offset, l1);
+    fs.truncateSync(f, base + entries * 64 * KiB);
+    const p = await probe(f, ['--rw', '0:65536']);
+    expect(p.ok, p.error).to.equal(true);
+    expect(p.reads).to.deep.equal([md5(Buffer.alloc(64 * KiB))]);
+    expect(p.peakKiB, 'peak RSS (KiB)').to.be.below(MAX_PEAK_KIB);
+  });
 
   it('opens a vdi with a 1 GiB block map (256 TiB) in under 3 s and 300 MB, and reads it', async () => {
     const f = path.join(t.dir, 'map1g.vdi');

@@ -22,46 +22,74 @@ export interface MetadataRange {
 }
 
 export class MetadataRanges {
-  /** Sorted by offset. */
-  private ranges: MetadataRange[] = [];
+  // Parallel typed arrays sorted by offset, not one object per range: a qcow2 image
+  // may have 4 million L2 tables (a 32 MiB L1), and an object each cost about 60 bytes
+  // more than these 26.
+  private n = 0;
+  private offsets = new Float64Array(16);
+  private lengths = new Float64Array(16);
+  /** Index into `names`. */
+  private kinds = new Uint16Array(16);
   /** maxEnd[i]: the largest end among ranges[0..i], so a search can stop early. */
-  private maxEnd: number[] = [];
+  private maxEnd = new Float64Array(16);
+  private readonly names: string[] = [];
+  private readonly kindIds = new Map<string, number>();
 
   /** `name` is the image, for messages. */
   constructor(private readonly name = '') {}
 
   get count(): number {
-    return this.ranges.length;
+    return this.n;
   }
 
-  /** Add many ranges at once (one sort). */
-  addAll(list: MetadataRange[]): void {
-    for (const r of list) if (r.length > 0) this.ranges.push({ ...r });
-    this.ranges.sort((a, b) => a.offset - b.offset);
-    this.recompute(0);
+  /** Add many ranges at once (one sort, one merge). */
+  addAll(list: readonly MetadataRange[]): void {
+    const sorted = list.filter((r) => r.length > 0).sort((a, b) => a.offset - b.offset);
+    this.merge(sorted.length, (i) => sorted[i]!.offset, (i) => sorted[i]!.length, (i) => this.kind(sorted[i]!.what));
+  }
+
+  /**
+   * Add one range of `length` bytes at each of `offsets` (a table of tables: every
+   * L2 table an L1 names); repeated offsets count once. `offsets` is sorted in place.
+   */
+  addUniform(offsets: Float64Array, length: number, what: string): void {
+    if (length <= 0 || offsets.length === 0) return;
+    offsets.sort();
+    let m = 0;
+    for (let i = 0; i < offsets.length; i++) if (i === 0 || offsets[i] !== offsets[i - 1]) offsets[m++] = offsets[i]!;
+    const k = this.kind(what);
+    this.merge(m, (i) => offsets[i]!, () => length, () => k);
   }
 
   /** [offset, offset + length) holds `what`; empty ranges are ignored. */
   add(offset: number, length: number, what: string): this {
     if (length <= 0) return this;
+    const k = this.kind(what);
     const i = this.upperBound(offset);
-    this.ranges.splice(i, 0, { offset, length, what });
-    this.maxEnd.splice(i, 0, 0);
+    this.reserve(this.n + 1);
+    this.offsets.copyWithin(i + 1, i, this.n);
+    this.lengths.copyWithin(i + 1, i, this.n);
+    this.kinds.copyWithin(i + 1, i, this.n);
+    this.offsets[i] = offset;
+    this.lengths[i] = length;
+    this.kinds[i] = k;
+    this.n++;
     this.recompute(i);
     return this;
   }
 
   /** Remove one range that starts at `offset` and holds `what`; false if there is none. */
   remove(offset: number, what: string): boolean {
-    let i = this.upperBound(offset) - 1;
-    while (i >= 0 && this.ranges[i]!.offset === offset) {
-      if (this.ranges[i]!.what === what) {
-        this.ranges.splice(i, 1);
-        this.maxEnd.splice(i, 1);
-        this.recompute(i);
-        return true;
-      }
-      i--;
+    const k = this.kindIds.get(what);
+    if (k === undefined) return false;
+    for (let i = this.upperBound(offset) - 1; i >= 0 && this.offsets[i] === offset; i--) {
+      if (this.kinds[i] !== k) continue;
+      this.offsets.copyWithin(i, i + 1, this.n);
+      this.lengths.copyWithin(i, i + 1, this.n);
+      this.kinds.copyWithin(i, i + 1, this.n);
+      this.n--;
+      this.recompute(i);
+      return true;
     }
     return false;
   }
@@ -75,8 +103,10 @@ export class MetadataRanges {
     // The last range starting before `end`; none before it can overlap once the
     // largest end up to it is at or before `offset`.
     for (let i = this.upperBound(end - 1) - 1; i >= 0 && this.maxEnd[i]! > offset; i--) {
-      const r = this.ranges[i]!;
-      if (r.offset + r.length > offset && r.offset < end && !(ignore && ignore.includes(r.what))) return r;
+      if (this.offsets[i]! + this.lengths[i]! > offset && this.offsets[i]! < end) {
+        const what = this.names[this.kinds[i]!]!;
+        if (!(ignore && ignore.includes(what))) return { offset: this.offsets[i]!, length: this.lengths[i]!, what };
+      }
     }
     return undefined;
   }
@@ -85,13 +115,12 @@ export class MetadataRanges {
   overlap(offset: number, length: number): string | undefined {
     if (length <= 0) return undefined;
     const end = offset + length;
-    const hits: MetadataRange[] = [];
+    const hits: string[] = [];
     for (let i = this.upperBound(end - 1) - 1; i >= 0 && this.maxEnd[i]! > offset; i--) {
-      const r = this.ranges[i]!;
-      if (r.offset + r.length > offset && r.offset < end) hits.push(r);
+      if (this.offsets[i]! + this.lengths[i]! > offset && this.offsets[i]! < end) hits.push(this.names[this.kinds[i]!]!);
     }
     if (hits.length === 0) return undefined;
-    return [...new Set(hits.reverse().map((r) => r.what))].join(', ');
+    return [...new Set(hits.reverse())].join(', ');
   }
 
   /**
@@ -106,24 +135,72 @@ export class MetadataRanges {
     throw new CorruptImageError(msg);
   }
 
+  private kind(what: string): number {
+    let k = this.kindIds.get(what);
+    if (k === undefined) {
+      k = this.names.length;
+      if (k > 0xffff) throw new CorruptImageError(`${this.name}: too many kinds of metadata`);
+      this.names.push(what);
+      this.kindIds.set(what, k);
+    }
+    return k;
+  }
+
+  private reserve(want: number): void {
+    if (want <= this.offsets.length) return;
+    let cap = this.offsets.length;
+    while (cap < want) cap *= 2;
+    const grow = <T extends Float64Array | Uint16Array>(a: T, make: (n: number) => T): T => {
+      const b = make(cap);
+      b.set(a.subarray(0, this.n));
+      return b;
+    };
+    this.offsets = grow(this.offsets, (c) => new Float64Array(c));
+    this.lengths = grow(this.lengths, (c) => new Float64Array(c));
+    this.kinds = grow(this.kinds, (c) => new Uint16Array(c));
+    this.maxEnd = grow(this.maxEnd, (c) => new Float64Array(c));
+  }
+
+  /** Merge `m` ranges sorted by offset into the sorted arrays, from the back, in place. */
+  private merge(m: number, off: (i: number) => number, len: (i: number) => number, kind: (i: number) => number): void {
+    if (m === 0) return;
+    this.reserve(this.n + m);
+    let i = this.n - 1;
+    let j = m - 1;
+    for (let w = this.n + m - 1; j >= 0; w--) {
+      // Equal offsets: the new range goes after the old ones (as add() does).
+      if (i >= 0 && this.offsets[i]! > off(j)) {
+        this.offsets[w] = this.offsets[i]!;
+        this.lengths[w] = this.lengths[i]!;
+        this.kinds[w] = this.kinds[i]!;
+        i--;
+      } else {
+        this.offsets[w] = off(j);
+        this.lengths[w] = len(j);
+        this.kinds[w] = kind(j);
+        j--;
+      }
+    }
+    this.n += m;
+    this.recompute(0);
+  }
+
   /** Index of the first range with offset > x. */
   private upperBound(x: number): number {
     let lo = 0;
-    let hi = this.ranges.length;
+    let hi = this.n;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      if (this.ranges[mid]!.offset <= x) lo = mid + 1;
+      if (this.offsets[mid]! <= x) lo = mid + 1;
       else hi = mid;
     }
     return lo;
   }
 
   private recompute(from: number): void {
-    this.maxEnd.length = this.ranges.length;
     let m = from > 0 ? this.maxEnd[from - 1]! : 0;
-    for (let i = from; i < this.ranges.length; i++) {
-      const r = this.ranges[i]!;
-      m = Math.max(m, r.offset + r.length);
+    for (let i = from; i < this.n; i++) {
+      m = Math.max(m, this.offsets[i]! + this.lengths[i]!);
       this.maxEnd[i] = m;
     }
   }

@@ -1,7 +1,7 @@
 // Run in a child process by the bounded-open tests: open one image read-only, read a
 // few ranges, and print one JSON line with how long the open took, the process's
 // peak resident memory (VmHWM) and what was read, or the error message.
-//   node open-probe.js FILE [--secret S] [OFFSET:LENGTH ...]
+//   node open-probe.js FILE [--rw] [--secret S] [OFFSET:LENGTH ...]
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { openImage } from '../../drivers/open.js';
@@ -16,13 +16,15 @@ async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const file = args.shift()!;
   let secret: string | undefined;
+  const rw = args[0] === '--rw';
+  if (rw) args.shift();
   if (args[0] === '--secret') {
     args.shift();
     secret = args.shift();
   }
   const start = performance.now();
   try {
-    const node = await openImage(file, { readOnly: true, cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false, secret });
+    const node = await openImage(file, { readOnly: !rw, cache: 'writeback', metadataCacheBytes: 1 << 20, locking: 'off', forceShare: false, shareRw: false, secret });
     const openMs = performance.now() - start;
     const reads: string[] = [];
     for (const a of args) {

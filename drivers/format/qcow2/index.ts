@@ -158,7 +158,9 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   let guard: MetadataGuard | undefined;
   if (!opts.readOnly) {
     guard = new MetadataGuard(file, name, clusterSize, h.version === 3);
-    guard.addAll(metadataRanges(h, l1, reftable, snaps, snapshotTableBytes, bitmaps, cryptoHeaderRange(h, headerCluster)));
+    guard.addAll(metadataRanges(h, reftable, snaps, snapshotTableBytes, bitmaps, cryptoHeaderRange(h, headerCluster)));
+    guard.addTables(tableOffsets(l1), OL.activeL2);
+    guard.addTables(tableOffsets(reftable), OL.refcountBlock);
   }
   const l2File = guard ? new GuardedTableFile(file, guard, OL.activeL2) : file;
   const refcountFile = guard ? new GuardedTableFile(file, guard, OL.refcountBlock) : file;
@@ -213,15 +215,26 @@ function cryptoHeaderRange(h: Qcow2Header, headerCluster: Buffer): { offset: num
   return { offset: Number(headerCluster.readBigUInt64BE(ext.offset)), length: Number(headerCluster.readBigUInt64BE(ext.offset + 8)) };
 }
 
+/** The host offsets a table of 64-bit entries names (bits 9-55, L1E_OFFSET_MASK), zeros left out. */
+function tableOffsets(buf: Buffer): Float64Array {
+  const out = new Float64Array(buf.length >>> 3);
+  let n = 0;
+  for (let i = 0; i + 8 <= buf.length; i += 8) {
+    const off = (buf.readUInt32BE(i) & 0x00ffffff) * 2 ** 32 + ((buf.readUInt32BE(i + 4) & 0xfffffe00) >>> 0);
+    if (off !== 0) out[n++] = off;
+  }
+  return out.subarray(0, n);
+}
+
 /**
  * Every host range the image's metadata holds at open, for the overlap checks
  * (QEMU's "cached" set: header, active L1 and L2 tables, refcount table and blocks,
  * snapshot table, snapshot L1 tables, bitmap directory; and bitmap tables and the
- * LUKS header, which no data cluster may overlap either).
+ * LUKS header, which no data cluster may overlap either), except the L2 tables and
+ * refcount blocks, which go in as one typed array each (tableOffsets).
  */
 function metadataRanges(
   h: Qcow2Header,
-  l1: Buffer,
   reftable: Buffer,
   snaps: SnapshotEntry[],
   snapshotTableBytes: number,
@@ -235,17 +248,6 @@ function metadataRanges(
     { offset: h.refcountTableOffset, bytes: reftable.length, what: OL.refcountTable },
     { offset: h.snapshotsOffset, bytes: snapshotTableBytes, what: OL.snapshotTable },
   ];
-  // Table entries: host offset bits 9-55 (L1E_OFFSET_MASK); each distinct table once.
-  const tables = (buf: Buffer, what: string): void => {
-    const seen = new Set<number>();
-    for (let i = 0; i + 8 <= buf.length; i += 8) {
-      const off = (buf.readUInt32BE(i) & 0x00ffffff) * 2 ** 32 + ((buf.readUInt32BE(i + 4) & 0xfffffe00) >>> 0);
-      if (off !== 0 && !seen.has(off)) seen.add(off);
-    }
-    for (const off of seen) out.push({ offset: off, bytes: cs, what });
-  };
-  tables(l1, OL.activeL2);
-  tables(reftable, OL.refcountBlock);
   for (const s of snaps) out.push({ offset: s.l1TableOffset, bytes: s.l1Size * 8, what: OL.inactiveL1 });
   if (bitmaps) {
     out.push({ offset: bitmaps.offset, bytes: bitmaps.data.length, what: OL.bitmapDirectory });

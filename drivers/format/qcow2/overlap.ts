@@ -58,6 +58,12 @@ export class MetadataGuard {
     this.ranges.addAll(sized.map((r) => ({ offset: this.floor(r.offset), length: this.ceil(r.offset + r.bytes) - this.floor(r.offset), what: r.what })));
   }
 
+  /** One cluster-sized table at each of `offsets` (every L2 table an L1 names). */
+  addTables(offsets: Float64Array, what: string): void {
+    for (let i = 0; i < offsets.length; i++) offsets[i] = this.floor(offsets[i]!);
+    this.ranges.addUniform(offsets, this.clusterSize, what);
+  }
+
   /** Forget a table added at `offset` (freed, or no longer in use). */
   remove(offset: number, what: string): void {
     this.ranges.remove(this.floor(offset), what);
