@@ -157,7 +157,7 @@ function valueTable(states: number, freq: Uint16Array, from: number, n: number, 
 }
 
 /** The fields of an LZFSE block header, v1 or v2 decoded to v1's shape. */
-interface BlockHeader {
+export interface BlockHeader {
   headerSize: number;
   nLiterals: number;
   nMatches: number;
@@ -196,7 +196,8 @@ function readV1Header(src: Uint8Array, at: number): BlockHeader {
   };
 }
 
-function readV2Header(src: Uint8Array, at: number): BlockHeader {
+/** The v2 ("bvx2") block header at `at`, unpacked (exported for the tests, which rewrite blocks as v1). */
+export function readV2Header(src: Uint8Array, at: number): BlockHeader {
   if (at + V2_FIXED_SIZE > src.length) fail('block header cut off');
   const dv = new DataView(src.buffer, src.byteOffset + at, V2_FIXED_SIZE);
   const v0 = dv.getBigUint64(8, true);
