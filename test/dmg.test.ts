@@ -337,6 +337,7 @@ describe('dmg: damaged images', function () {
       { what: 'a resource fork outside', field: 0x30, value: 1n << 50n, match: /resource fork .* outside the file/ },
       { what: 'data fork after the trailer', field: 0x18, value: 1n << 40n, match: /data fork starts after the trailer/ },
       { what: 'sector count beyond 2^53 bytes', field: 0x1ec, value: 1n << 62n, match: /out of range|too large/ },
+      { what: 'a segmented image', field: 56, value: (1n << 32n) | 3n, match: /segmented dmg images \(3 segments\) are not supported/ },
     ];
     for (const c of cases) {
       const b = Buffer.from(img.image);

@@ -9,7 +9,7 @@
 //     data fork plus the table's data offset). The tables are in the XML property list
 //     (base64 in <data> elements under resource-fork/blkx) or, in old images, in a
 //     binary resource fork.
-import { CorruptImageError } from '../../errors.js';
+import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import type { BlockNode } from '../../types.js';
 
 export const KOLY_SIZE = 512;
@@ -112,6 +112,9 @@ export async function readKoly(file: BlockNode): Promise<Koly> {
     xmlLength: u64(dv, 0xe0, 'property list length', name),
     sectorCount: u64(dv, 0x1ec, 'sector count', name),
   };
+  // A segmented image (.dmg, .002.dmgpart, ...) has its data fork spread over files this one does not name.
+  const segments = dv.getUint32(60, false);
+  if (segments > 1) throw new UnsupportedError(`${name}: segmented dmg images (${segments} segments) are not supported`);
   // As dmg_open: every fork lies before the trailer.
   if (koly.dataForkOffset > offset) throw new CorruptImageError(`${name}: dmg data fork starts after the trailer`);
   if (koly.rsrcForkLength > 0 && (koly.rsrcForkOffset >= offset || koly.rsrcForkLength > offset - koly.rsrcForkOffset)) {
