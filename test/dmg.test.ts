@@ -19,7 +19,7 @@ import { MountTracker, tsmount } from './helpers/mount.js';
 import { nodeMd5, openTestImage, testOptions } from './helpers/images.js';
 import { MemoryNode } from './helpers/memory-node.js';
 import { buildUdif, everyChunkImage, sampleData, writeUdif, type GenImage } from './helpers/udif.js';
-import { isClean } from './helpers/corrupt.js';
+import { isClean, rng } from './helpers/corrupt.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -381,13 +381,7 @@ describe('dmg: damaged images', function () {
 
   it('random damage to the tables and trailer: a clean line or clean reads, never a crash or a hang', async function () {
     const tablesStart = img.stored[img.stored.length - 1]!.offset + img.stored[img.stored.length - 1]!.length;
-    let x = 0x5eed;
-    const rnd = (): number => {
-      x ^= x << 13;
-      x ^= x >>> 17;
-      x ^= x << 5;
-      return (x >>> 0) / 2 ** 32;
-    };
+    const rnd = rng(0x5eed);
     for (let round = 0; round < 40; round++) {
       const b = Buffer.from(img.image);
       const flips = 1 + Math.floor(rnd() * 6);

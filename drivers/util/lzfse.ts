@@ -109,8 +109,11 @@ function checkFreq(freq: Uint16Array, from: number, n: number, states: number, w
   if (sum > states) fail(`${what} frequencies add up to more than ${states}`);
 }
 
-function symbolTable(states: number, freq: Uint16Array, from: number, n: number): SymbolTable {
-  const t: SymbolTable = { k: new Uint8Array(states), symbol: new Uint8Array(states), delta: new Int32Array(states) };
+/**
+ * The states of an FSE table (fse_init_decoder_table): symbol i owns freq[i]
+ * consecutive states; each state reads `k` bits and adds them to `delta` for the next.
+ */
+function spreadStates(states: number, freq: Uint16Array, from: number, n: number, set: (state: number, symbol: number, k: number, delta: number) => void): void {
   const nClz = clz32(states);
   let at = 0;
   for (let i = 0; i < n; i++) {
@@ -119,40 +122,31 @@ function symbolTable(states: number, freq: Uint16Array, from: number, n: number)
     const k = clz32(f) - nClz;
     const j0 = ((2 * states) >> k) - f;
     for (let j = 0; j < f; j++, at++) {
-      t.symbol[at] = i;
-      if (j < j0) {
-        t.k[at] = k;
-        t.delta[at] = ((f + j) << k) - states;
-      } else {
-        t.k[at] = k - 1;
-        t.delta[at] = (j - j0) << (k - 1);
-      }
+      if (j < j0) set(at, i, k, ((f + j) << k) - states);
+      else set(at, i, k - 1, (j - j0) << (k - 1));
     }
   }
+}
+
+function symbolTable(states: number, freq: Uint16Array, from: number, n: number): SymbolTable {
+  const t: SymbolTable = { k: new Uint8Array(states), symbol: new Uint8Array(states), delta: new Int32Array(states) };
+  spreadStates(states, freq, from, n, (at, symbol, k, delta) => {
+    t.symbol[at] = symbol;
+    t.k[at] = k;
+    t.delta[at] = delta;
+  });
   return t;
 }
 
+/** A value table (fse_init_value_decoder_table): each state also reads its symbol's extra bits, added to the symbol's base. */
 function valueTable(states: number, freq: Uint16Array, from: number, n: number, vbits: number[], vbase: number[]): ValueTable {
   const t: ValueTable = { totalBits: new Uint8Array(states), valueBits: new Uint8Array(states), delta: new Int32Array(states), vbase: new Int32Array(states) };
-  const nClz = clz32(states);
-  let at = 0;
-  for (let i = 0; i < n; i++) {
-    const f = freq[from + i]!;
-    if (f === 0) continue;
-    const k = clz32(f) - nClz;
-    const j0 = ((2 * states) >> k) - f;
-    for (let j = 0; j < f; j++, at++) {
-      t.valueBits[at] = vbits[i]!;
-      t.vbase[at] = vbase[i]!;
-      if (j < j0) {
-        t.totalBits[at] = k + vbits[i]!;
-        t.delta[at] = ((f + j) << k) - states;
-      } else {
-        t.totalBits[at] = k - 1 + vbits[i]!;
-        t.delta[at] = (j - j0) << (k - 1);
-      }
-    }
-  }
+  spreadStates(states, freq, from, n, (at, symbol, k, delta) => {
+    t.valueBits[at] = vbits[symbol]!;
+    t.vbase[at] = vbase[symbol]!;
+    t.totalBits[at] = k + vbits[symbol]!;
+    t.delta[at] = delta;
+  });
   return t;
 }
 

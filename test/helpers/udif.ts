@@ -8,6 +8,7 @@
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import zlib from 'node:zlib';
+import { rng } from './corrupt.js';
 
 const SECTOR = 512;
 
@@ -339,13 +340,8 @@ export function buildUdif(partitions: GenPartition[], opts: { tables?: 'xml' | '
 /** Bytes that compress somewhat: text-like runs, repeats and a few zero stretches, from a seed. */
 export function sampleData(length: number, seed: number): Buffer {
   const b = Buffer.alloc(length);
-  let x = seed >>> 0 || 1;
-  const next = (): number => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return x >>> 0;
-  };
+  const random = rng(seed);
+  const next = (): number => Math.floor(random() * 2 ** 32);
   let i = 0;
   while (i < length) {
     const r = next();

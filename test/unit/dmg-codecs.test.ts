@@ -11,6 +11,7 @@ import { adcDecode, AdcError } from '../../drivers/util/adc.js';
 import { decompress } from '../../drivers/util/decompress.js';
 import { CorruptImageError } from '../../drivers/errors.js';
 import { adcEncode, encodeChunk, lzfseEncode, sampleData } from '../helpers/udif.js';
+import { rng } from '../helpers/corrupt.js';
 
 const SAMPLE = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../../shared/samples/dmg/compression-lzfse.dmg');
 
@@ -145,13 +146,7 @@ describe('LZFSE decoder (unit)', function () {
   it('every truncation and many random flips of a real stream throw LzfseError or decode; none hangs or overruns', function () {
     const streams = fs.existsSync(SAMPLE) ? lzfseStreams(fs.readFileSync(SAMPLE)) : [];
     const inputs = [...streams, { stream: lzfseEncode(sampleData(100_000, 7)), size: 100_000 }];
-    let x = 99;
-    const rnd = (): number => {
-      x ^= x << 13;
-      x ^= x >>> 17;
-      x ^= x << 5;
-      return (x >>> 0) / 2 ** 32;
-    };
+    const rnd = rng(99);
     for (const { stream, size } of inputs) {
       const step = Math.max(1, Math.floor(stream.length / 200));
       for (let n = 0; n < stream.length; n += step) {
