@@ -7,10 +7,9 @@
 // speed and falls back to this for any cluster it cannot do.
 import zlib from 'node:zlib';
 import { decompress as zstdDecompress } from 'fzstd';
-import Bunzip from 'seek-bzip';
 import { CorruptImageError } from '../errors.js';
-import { adcDecode } from './adc.js';
-import { lzfseDecode } from './lzfse.js';
+import { isJsCodec } from './js-codecs.js';
+import { decodeOffThread } from './decode-pool.js';
 
 /**
  * raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, dmg UDZO), one zstd frame
@@ -37,15 +36,9 @@ export interface DecompressOptions {
 export async function decompress(codec: Codec, input: Uint8Array, o: DecompressOptions): Promise<Buffer> {
   let out: Buffer;
   try {
-    if (codec === 'bzip2') {
-      out = bunzip(input, o.size);
-    } else if (codec === 'adc') {
-      const dst = Buffer.alloc(o.size);
-      out = dst.subarray(0, adcDecode(input, dst));
-    } else if (codec === 'lzfse') {
-      // An LZFSE stream carries no total size: it must fill the room given exactly.
-      out = Buffer.alloc(o.size);
-      lzfseDecode(input, out);
+    if (isJsCodec(codec)) {
+      // Decoders written in JavaScript (bzip2, ADC, LZFSE) run in a worker thread.
+      out = await decodeOffThread(codec, input, o.size);
     } else if (codec === 'zstd') {
       const frame = input.subarray(0, zstdFrameLength(input, o.what));
       const dst = Buffer.alloc(o.size);
@@ -71,42 +64,6 @@ export async function decompress(codec: Codec, input: Uint8Array, o: DecompressO
   }
   if (o.exact && out.length < o.size) throw new CorruptImageError(`${o.what} decompresses to ${out.length} bytes, not ${o.size}`);
   return out.length > o.size ? out.subarray(0, o.size) : out;
-}
-
-/**
- * One bzip2 stream through seek-bzip, with byte streams of our own: reading past
- * the input or writing more than `size` bytes throws (the library's own buffers
- * would read undefined bytes or grow without bound).
- */
-function bunzip(input: Uint8Array, size: number): Buffer {
-  const out = Buffer.alloc(size);
-  let written = 0;
-  let pos = 0;
-  const inStream = {
-    readByte(): number {
-      if (pos >= input.length) throw new Error('bzip2 stream cut off');
-      return input[pos++]!;
-    },
-    read(buf: Uint8Array, at: number, length: number): number {
-      let n = 0;
-      while (n < length && pos < input.length) buf[at + n++] = input[pos++]!;
-      return n === 0 ? -1 : n;
-    },
-    seek(p: number): void {
-      pos = p;
-    },
-    eof(): boolean {
-      return pos >= input.length;
-    },
-  };
-  const outStream = {
-    writeByte(b: number): void {
-      if (written >= size) throw new Error(`bzip2 stream decodes to more than ${size} bytes`);
-      out[written++] = b;
-    },
-  };
-  Bunzip.decode(inStream, outStream, false);
-  return out.subarray(0, written);
 }
 
 /**

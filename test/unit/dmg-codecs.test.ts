@@ -206,4 +206,22 @@ describe('decompress(): the dmg codecs', function () {
       expect(e3).to.be.instanceOf(CorruptImageError);
     });
   }
+
+  it('bzip2, ADC and LZFSE decode in a worker thread: the event loop keeps turning meanwhile', async function () {
+    if (process.env.TSMOUNT_DECODE_WORKERS === '0') this.skip();
+    const big = sampleData(2 * 1024 * 1024, 12);
+    const enc = encodeChunk('bzip2', big);
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 5);
+    const started = Date.now();
+    try {
+      const out = await decompress('bzip2', enc, { size: big.length, exact: true, what: 'test.dmg: chunk' });
+      expect(out.equals(big)).to.equal(true);
+    } finally {
+      clearInterval(timer);
+    }
+    // Decoding 2 MiB of bzip2 in JavaScript takes hundreds of milliseconds; in-thread no tick would run.
+    const elapsed = Date.now() - started;
+    if (elapsed > 100) expect(ticks, `${elapsed} ms`).to.be.at.least(Math.floor(elapsed / 5 / 4));
+  });
 });
