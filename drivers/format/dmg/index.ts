@@ -20,6 +20,9 @@ const codecs: ReadonlyMap<number, { codec: Codec; name: string }> = new Map([
   [ChunkType.lzfse, { codec: 'lzfse', name: 'LZFSE (ULFO)' }],
 ]);
 
+/** hdiutil's ULMO (macOS 10.15 and later): known, not decoded here. */
+const LZMA = 0x80000008;
+
 export class DmgNode extends MappedNode {
   readonly metadata = undefined;
   private readonly chunks: ChunkTable;
@@ -95,7 +98,8 @@ export class DmgNode extends MappedNode {
     }
     const codec = codecs.get(type);
     if (!codec) {
-      const why = `${this.name}: dmg chunk at sector ${t.start[i]! / SECTOR} has type 0x${type.toString(16).padStart(8, '0')}, which tsmount cannot decode`;
+      const known = type === LZMA ? ' (LZMA, ULMO)' : '';
+      const why = `${this.name}: dmg chunk at sector ${t.start[i]! / SECTOR} has type 0x${type.toString(16).padStart(8, '0')}${known}, which tsmount cannot decode`;
       return { kind: 'custom', offset: pos, length: n, read: () => Promise.reject(new UnsupportedError(why, CorruptImageError.defaultErrno)) };
     }
     return {
