@@ -127,9 +127,13 @@ export class DmgNode extends MappedNode {
   }
 }
 
-/** The file's last bytes hold a koly trailer (QEMU probes by the .dmg name alone; the trailer is surer). */
+/**
+ * The file's last bytes hold a koly trailer (QEMU probes by the .dmg name alone; the
+ * trailer is surer). Below the formats known by their header (100): in those the last
+ * bytes are guest data, which may well end with a dmg (a qcow2 holding a .dmg file).
+ */
 function probe(_head: Uint8Array, _filename: string, tail?: Uint8Array): number {
-  return tail && hasKoly(tail) ? 100 : 0;
+  return tail && hasKoly(tail) ? 50 : 0;
 }
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
