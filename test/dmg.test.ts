@@ -258,6 +258,24 @@ describe('dmg: generated images with every chunk type', function () {
     }
   });
 
+  it('a qcow2 whose last cluster holds the end of a dmg is still probed as qcow2', async function () {
+    const img = everyChunkImage({ kinds: ['raw'] });
+    const raw = path.join(tmp.dir, 'holds-dmg.raw');
+    const pad = (64 * KiB - (img.image.length % (64 * KiB))) % (64 * KiB);
+    fs.writeFileSync(raw, Buffer.concat([Buffer.alloc(pad, 1), img.image]));
+    const q = path.join(tmp.dir, 'holds-dmg.qcow2');
+    const r = await run('qemu-img', ['convert', '-O', 'qcow2', raw, q]);
+    expect(r.code, r.stderr).to.equal(0);
+    const b = fs.readFileSync(q);
+    expect(b.toString('latin1', b.length - 512, b.length - 508), 'the file ends with a koly trailer').to.equal('koly');
+    const node = await openTestImage(q);
+    try {
+      expect(formatOf(node)).to.equal('qcow2');
+    } finally {
+      await node.close();
+    }
+  });
+
   it('refuses to open read-write, in one line', async function () {
     const file = path.join(tmp.dir, 'rw.dmg');
     writeUdif(file, everyChunkImage({ kinds: ['raw'] }));
