@@ -6,6 +6,7 @@
 // decompressed once by a sequential read; damaged tables, chunks and streams give one
 // clean line or EIO.
 import { expect } from 'chai';
+import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -15,7 +16,7 @@ import { dmgDriver, DmgNode } from '../drivers/format/dmg/index.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 import { TsmountError } from '../drivers/errors.js';
 import { md5File, run, tempDir } from './helpers/qemu.js';
-import { MountTracker, tsmount } from './helpers/mount.js';
+import { MountTracker, mountedPid, TSMOUNT, tsmount, waitFor } from './helpers/mount.js';
 import { nodeMd5, openTestImage, testOptions } from './helpers/images.js';
 import { MemoryNode } from './helpers/memory-node.js';
 import { buildUdif, everyChunkImage, sampleData, writeUdif, type GenImage } from './helpers/udif.js';
@@ -121,6 +122,33 @@ describe('dmg: through a real FUSE mount', function () {
       expect(() => fs.openSync(flat, 'r+'), 'the flat file is read-only').to.throw();
       await mounts.unmount(mp);
     }
+  });
+
+  it('cat of the flat file (kernel readahead, the default cache) decompresses each chunk once: 52 MiB in 1 MiB chunks, partitions off 64 KiB', async function () {
+    const MiB1 = 1024 * KiB;
+    const chunks = (kind: 'zlib' | 'bzip2' | 'lzfse' | 'adc', n: number, seed: number) => Array.from({ length: n }, (_, i) => ({ kind, data: sampleData(MiB1, seed + i) }));
+    const img = buildUdif([
+      { name: 'first (Apple_HFS : 0)', chunks: [...chunks('zlib', 40, 1000), { kind: 'raw', data: sampleData(7 * 512, 1) }] },
+      { name: 'second (Apple_HFS : 1)', chunks: [...chunks('bzip2', 4, 2000), ...chunks('lzfse', 4, 3000), ...chunks('adc', 4, 4000)] },
+    ]);
+    const file = path.join(tmp.dir, 'big.dmg');
+    writeUdif(file, img);
+    const mp = path.join(tmp.dir, 'mnt-big');
+    fs.mkdirSync(mp);
+    mounts.track(mp);
+    const child = spawn(process.execPath, [TSMOUNT, '--foreground', file, mp], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, DEBUG: 'tsmount:dmg' } });
+    mounts.trackChild(child);
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    await waitFor(() => mountedPid(mp) !== undefined || child.exitCode !== null, 30_000, 'the mount');
+    expect(mountedPid(mp), stderr).to.not.equal(undefined);
+    const cat = await run('sh', ['-c', `cat '${path.join(mp, 'big.raw')}' | md5sum`], { timeoutMs: 300_000 });
+    expect(cat.stdout.split(' ')[0]).to.equal(md5(img.disk));
+    await mounts.unmount(mp);
+    await new Promise((r) => (child.exitCode !== null ? r(undefined) : child.once('exit', r)));
+    const decoded = stderr.split('\n').filter((l) => /decode chunk \d+/.test(l)).map((l) => Number(/decode chunk (\d+)/.exec(l)![1]));
+    expect(decoded.length, 'decompressions').to.equal(52);
+    expect(new Set(decoded).size, 'distinct chunks').to.equal(52);
   });
 
   it('refuses --rw with one line naming the image, and mounts nothing', async function () {

@@ -5,6 +5,7 @@
 // decoded, and a chunk of a type nobody knows fails its reads with EIO and says why.
 // Decoded chunks are kept in a UnitCache within the metadata budget, so a sequential
 // reader decompresses each chunk once.
+import createDebug from 'debug';
 import type { BlockNode, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, ReadOnlyError, UnsupportedError } from '../../errors.js';
 import { decompress, type Codec } from '../../util/decompress.js';
@@ -19,6 +20,8 @@ const codecs: ReadonlyMap<number, { codec: Codec; name: string }> = new Map([
   [ChunkType.adc, { codec: 'adc', name: 'ADC (UDCO)' }],
   [ChunkType.lzfse, { codec: 'lzfse', name: 'LZFSE (ULFO)' }],
 ]);
+
+const debug = createDebug('tsmount:dmg');
 
 /** hdiutil's ULMO (macOS 10.15 and later): known, not decoded here. */
 const LZMA = 0x80000008;
@@ -118,6 +121,7 @@ export class DmgNode extends MappedNode {
     const input = Buffer.alloc(t.hostLength[i]!);
     await this.file.read(t.host[i]!, input);
     const what = `${this.name}: ${c.name} chunk at sector ${t.start[i]! / SECTOR} (file offset 0x${t.host[i]!.toString(16)})`;
+    debug('decode chunk %d: %s', i, what);
     return decompress(c.codec, input, { size: t.length[i]!, exact: true, what });
   }
 
