@@ -86,8 +86,12 @@ export interface OpenOptions {
 export interface FormatDriver {
   /** QEMU's driver name. */
   readonly name: string;
-  /** How sure the driver is that this is its format, 0..100 (QEMU's bdrv_probe). */
-  probe(head: Uint8Array, filename: string): number;
+  /**
+   * How sure the driver is that this is its format, 0..100 (QEMU's bdrv_probe), from
+   * the file's first bytes and, for formats identified by a trailer (dmg), its last
+   * PROBE_TAIL_BYTES.
+   */
+  probe(head: Uint8Array, filename: string, tail?: Uint8Array): number;
   open(file: BlockNode, opts: OpenOptions): Promise<BlockNode>;
 }
 

@@ -11,6 +11,7 @@ import { parallelsDriver } from './parallels/index.js';
 import { vpcDriver } from './vpc/index.js';
 import { vhdxDriver } from './vhdx/index.js';
 import { luksDriver } from './luks/index.js';
+import { dmgDriver } from './dmg/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
@@ -24,6 +25,7 @@ const drivers: FormatDriver[] = [
   vpcDriver,
   vhdxDriver,
   luksDriver,
+  dmgDriver,
 ];
 
 /** Formats tsmount can open, by QEMU's driver name. */
@@ -31,6 +33,8 @@ export const formatDrivers: ReadonlyMap<string, FormatDriver> = new Map(drivers.
 
 /** Bytes read from the start of an image for probing. */
 export const PROBE_BYTES = 4096;
+/** Bytes read from the end of an image for probing: a dmg trailer and the 511 bytes QEMU searches before it. */
+export const PROBE_TAIL_BYTES = 1024;
 
 /**
  * Signatures of formats QEMU knows and tsmount does not open yet. Recognising them
@@ -57,11 +61,11 @@ export function formatByName(name: string): FormatDriver {
 }
 
 /** The driver that claims the image best; raw only when nothing else does. */
-export function probeFormat(head: Uint8Array, filename: string): FormatDriver {
+export function probeFormat(head: Uint8Array, filename: string, tail?: Uint8Array): FormatDriver {
   let best: FormatDriver = rawDriver;
   let bestScore = 0;
   for (const d of formatDrivers.values()) {
-    const score = d.probe(head, filename);
+    const score = d.probe(head, filename, tail);
     if (score > bestScore) {
       best = d;
       bestScore = score;

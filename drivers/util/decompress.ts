@@ -1,5 +1,6 @@
 // Decompression for every format that stores compressed data (qcow2 and qcow v1
-// clusters, streamOptimized VMDK grains, and the read-only compressed formats):
+// clusters, streamOptimized VMDK grains, and the read-only compressed formats: dmg's
+// zlib, bzip2, ADC and LZFSE chunks):
 // one place that runs the decoder off the event loop, bounds its output, and turns
 // every decoder failure into a CorruptImageError naming what was being read.
 // qcow2's worker pool (drivers/format/qcow2/inflate-pool.ts) batches clusters for
@@ -7,9 +8,14 @@
 import zlib from 'node:zlib';
 import { decompress as zstdDecompress } from 'fzstd';
 import { CorruptImageError } from '../errors.js';
+import { isJsCodec } from './js-codecs.js';
+import { decodeOffThread } from './decode-pool.js';
 
-/** raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK), one zstd frame (qcow2). */
-export type Codec = 'deflate-raw' | 'zlib' | 'zstd';
+/**
+ * raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, dmg UDZO), one zstd frame
+ * (qcow2), one bzip2 stream (dmg UDBZ), Apple's ADC (dmg UDCO) and LZFSE (dmg ULFO).
+ */
+export type Codec = 'deflate-raw' | 'zlib' | 'zstd' | 'bzip2' | 'adc' | 'lzfse';
 
 /** Output chunk room past the expected size, so that zlib ends the stream inside the first chunk. */
 export const INFLATE_SLACK = 1024;
@@ -30,7 +36,10 @@ export interface DecompressOptions {
 export async function decompress(codec: Codec, input: Uint8Array, o: DecompressOptions): Promise<Buffer> {
   let out: Buffer;
   try {
-    if (codec === 'zstd') {
+    if (isJsCodec(codec)) {
+      // Decoders written in JavaScript (bzip2, ADC, LZFSE) run in a worker thread.
+      out = await decodeOffThread(codec, input, o.size);
+    } else if (codec === 'zstd') {
       const frame = input.subarray(0, zstdFrameLength(input, o.what));
       const dst = Buffer.alloc(o.size);
       const res = zstdDecompress(frame, dst);

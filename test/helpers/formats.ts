@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { md5File, md5Sparse, run, runOk, runTimingPbkdf, type RunResult } from './qemu.js';
 import { pattern, patch, readBytes } from './images.js';
+import { everyChunkImage, writeUdif } from './udif.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -31,6 +32,11 @@ export interface ImageVariant {
   afterCreate?: (file: string) => void;
   /** GiB-sized and sparse: hash the converted file by its data runs. */
   large?: boolean;
+  /**
+   * Makes the image itself, for formats qemu-img reads but cannot create (dmg): then
+   * `size`, `options` and `io` are not used.
+   */
+  make?: (file: string) => void;
 }
 
 export interface FormatEntry {
@@ -253,6 +259,17 @@ export const formatTable: Record<string, FormatEntry> = {
     backing: false,
     create: { args: [] },
   },
+  // Read-only, made by the test generator (qemu-img cannot create dmg): chunk types
+  // QEMU decodes, so qemu-img convert is the oracle; test/dmg.test.ts covers the rest.
+  dmg: {
+    ext: 'dmg',
+    read: [
+      { title: 'raw, zlib, zero and ignore chunks in three partitions (XML property list)', size: 0, io: [], make: (f) => writeUdif(f, everyChunkImage({ kinds: ['raw', 'zlib', 'zero', 'ignore'] })) },
+      { title: 'the same, tables in a binary resource fork', size: 0, io: [], make: (f) => writeUdif(f, everyChunkImage({ kinds: ['zlib', 'raw', 'ignore'], tables: 'rsrc' })) },
+    ],
+    checked: false,
+    backing: false,
+  },
   luks: {
     ext: 'luks',
     secretKey: 'key-secret',
@@ -328,6 +345,10 @@ export async function makeVariant(dir: string, format: string, v: ImageVariant, 
   const entry = formatTable[format];
   const file = path.join(dir, `${name}.${entry?.ext ?? format}`);
   const ref: ImageRef = { file, format, secret: v.secret, secretKey: entry?.secretKey };
+  if (v.make) {
+    v.make(file);
+    return ref;
+  }
   const args = ['create', '-q', '-f', format];
   if (v.secret) args.push('--object', `secret,id=s0,data=${v.secret}`);
   if (v.backing) {

@@ -1,0 +1,29 @@
+// Worker of decode-pool.ts: runs one JavaScript decoder per message and sends the
+// output back transferred, or the decoder's error message.
+import { parentPort } from 'node:worker_threads';
+import { decodeSync, type JsCodec } from './js-codecs.js';
+
+export interface DecodeJob {
+  id: number;
+  codec: JsCodec;
+  input: Uint8Array;
+  size: number;
+}
+
+export type DecodeReply = { id: number; out: Uint8Array } | { id: number; error: string };
+
+parentPort?.on('message', (job: DecodeJob) => {
+  let reply: DecodeReply;
+  try {
+    const out = decodeSync(job.codec, job.input, job.size);
+    // A copy of exactly the output, so that its whole buffer can be transferred.
+    const copy = new Uint8Array(out.length);
+    copy.set(out);
+    reply = { id: job.id, out: copy };
+    parentPort!.postMessage(reply, [copy.buffer]);
+    return;
+  } catch (err) {
+    reply = { id: job.id, error: err instanceof Error ? err.message : String(err) };
+  }
+  parentPort!.postMessage(reply);
+});
