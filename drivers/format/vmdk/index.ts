@@ -7,6 +7,7 @@ import { CorruptImageError, TsmountError, UnsupportedError, UntrustedFileError, 
 import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, probeDescriptor, readCid } from './descriptor.js';
 import { FlatExtent, SparseExtent, type VmdkExtent } from './extent.js';
 import { parseVmdk3Header, peekVmdk4, readVmdk4Header, VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
+import { SeSparseExtent } from './sesparse.js';
 import { VmdkNode } from './vmdk.js';
 import { createVmdk, VMDK_CREATE_OPTIONS } from './create.js';
 
@@ -88,8 +89,11 @@ async function openDescriptor(st: OpenState, text: string, depth: number): Promi
   const d = parseDescriptor(text, st.image.name);
   st.cacheBytes = Math.floor(st.opts.metadataCacheBytes / Math.max(1, d.extents.length));
   for (const line of d.extents) {
-    if (line.type === 'SESPARSE') throw new UnsupportedError(`${st.image.name}: VMDK seSparse extents are not supported yet`);
     const file = await openExtentFile(st, line.fileName);
+    if (line.type === 'SESPARSE') {
+      addExtent(st, await SeSparseExtent.open({ file, start: st.end, type: line.type, cacheBytes: st.cacheBytes }));
+      continue;
+    }
     if (line.type === 'FLAT' || line.type === 'VMFS') {
       addExtent(st, new FlatExtent(file, st.end, line.sectors * 512, line.flatOffset, line.type));
       continue;
@@ -131,6 +135,8 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 
     if (!opts.readOnly) {
       for (const e of st.extents) {
+        // As QEMU (vmdk_open_se_sparse): no write support for seSparse.
+        if (e instanceof SeSparseExtent) throw new UnsupportedError(`${e.file.name}: VMDK seSparse extents can only be opened read-only (no write support)`);
         if (!(e instanceof SparseExtent)) continue;
         if (e.version === 3 && !e.compressed) throw new UnsupportedError(`${e.file.name}: VMDK version 3 must be read only`);
         if (e.compressed && e.gdAtEnd) {
