@@ -181,3 +181,173 @@ export async function makeSeSparseChain(
   return { parent, child, extent };
 }
 
+
+// ---------------------------------------------------------------- VHDX differencing
+
+/** What a payload block of the child holds. */
+export type VhdxChildBlock =
+  | { kind: 'full'; seed: number }
+  /** Sector ranges [from, to) (logical sectors within the block) present in the child. */
+  | { kind: 'partial'; seed: number; sectors: [number, number][] }
+  | { kind: 'zero' }
+  | { kind: 'state'; state: number };
+
+export interface VhdxChildSpec {
+  size: number;
+  blockSize: number;
+  blocks: Map<number, VhdxChildBlock>;
+  /** Locator key/values; parent_linkage defaults to the parent's DataWriteGuid. */
+  locator?: (linkage: string) => [string, string][];
+  /** Edit the locator item, the BAT or the sector bitmap after they are made (corruption tests). */
+  mutate?: (file: string, l: { batOffset: number; metaOffset: number; locatorOffset: number; bitmapOffset: number | undefined; chunkRatio: number }) => void;
+}
+
+const HEADER_OFFSETS = [64 * KiB, 128 * KiB];
+
+function guidOnDisk(text: string): Buffer {
+  const b = Buffer.from(text.replace(/[-{}]/g, ''), 'hex');
+  b.subarray(0, 4).reverse();
+  b.subarray(4, 6).reverse();
+  b.subarray(6, 8).reverse();
+  return b;
+}
+
+function guidString(b: Buffer): string {
+  const h = Buffer.from(b);
+  h.subarray(0, 4).reverse();
+  h.subarray(4, 6).reverse();
+  h.subarray(6, 8).reverse();
+  const x = h.toString('hex');
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+}
+
+/** The current header's DataWriteGuid of a VHDX file (the copy with the higher sequence number). */
+export function vhdxDataWriteGuid(file: string): string {
+  const [a, b] = HEADER_OFFSETS.map((o) => readBytes(file, o, 64));
+  const cur = a!.readBigUInt64LE(8) >= b!.readBigUInt64LE(8) ? a! : b!;
+  return guidString(cur.subarray(32, 48));
+}
+
+/** Offsets of the BAT and the metadata region, from the first region table. */
+function vhdxRegions(file: string): { batOffset: number; metaOffset: number } {
+  const rt = readBytes(file, 192 * KiB, 64 * KiB);
+  const bat = guidOnDisk('2DC27766-F623-4200-9D64-115E9BFD4A08');
+  const meta = guidOnDisk('8B7CA206-4790-4B9A-B8FE-575F050F886E');
+  let batOffset = -1;
+  let metaOffset = -1;
+  for (let i = 0; i < rt.readUInt32LE(8); i++) {
+    const at = 16 + i * 32;
+    const id = rt.subarray(at, at + 16);
+    if (id.equals(bat)) batOffset = Number(rt.readBigUInt64LE(at + 16));
+    if (id.equals(meta)) metaOffset = Number(rt.readBigUInt64LE(at + 16));
+  }
+  return { batOffset, metaOffset };
+}
+
+/** A parent locator item (section 2.6.2.6): header, 12-byte entries, UTF-16LE keys and values. */
+export function parentLocatorItem(pairs: [string, string][]): Buffer {
+  const head = Buffer.alloc(20 + pairs.length * 12);
+  guidOnDisk('B04AEFB7-D19E-4A81-B789-25B8E9445913').copy(head, 0);
+  head.writeUInt16LE(pairs.length, 18);
+  const strings: Buffer[] = [];
+  let at = head.length;
+  pairs.forEach(([k, v], i) => {
+    const kb = Buffer.from(k, 'utf16le');
+    const vb = Buffer.from(v, 'utf16le');
+    head.writeUInt32LE(at, 20 + i * 12);
+    head.writeUInt32LE(at + kb.length, 20 + i * 12 + 4);
+    head.writeUInt16LE(kb.length, 20 + i * 12 + 8);
+    head.writeUInt16LE(vb.length, 20 + i * 12 + 10);
+    strings.push(kb, vb);
+    at += kb.length + vb.length;
+  });
+  return Buffer.concat([head, ...strings]);
+}
+
+/**
+ * A differencing VHDX over `parent` (a VHDX beside it): qemu-img makes an empty
+ * dynamic VHDX (every block not present); the parent locator item is added to its
+ * metadata and HasParent set; payload blocks (full and partial) and one sector bitmap
+ * block are appended, the BAT pointing at them. Sectors of a partial block that are
+ * not present hold 0xee, so reading them from the child instead of the parent shows.
+ * Returns what the child's own present sectors hold: guest offset -> bytes.
+ */
+export async function makeVhdxChild(child: string, parent: string, spec: VhdxChildSpec): Promise<Map<number, Buffer>> {
+  await createImage(child, 'vhdx', spec.size, { block_size: spec.blockSize, block_state_zero: 'off' });
+  const linkage = `{${vhdxDataWriteGuid(parent)}}`;
+  const pairs = spec.locator?.(linkage) ?? [
+    ['parent_linkage', linkage],
+    ['relative_path', `.\\${path.basename(parent)}`],
+    ['volume_path', `\\\\?\\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\\VMs\\${path.basename(parent)}`],
+    ['absolute_win32_path', `\\\\?\\D:\\VMs\\${path.basename(parent)}`],
+  ];
+  const { batOffset, metaOffset } = vhdxRegions(child);
+  const table = readBytes(child, metaOffset, 64 * KiB);
+  const count = table.readUInt16LE(10);
+  const fileParams = guidOnDisk('CAA16737-FA36-4D43-B3B6-33F0AA44E76B');
+  let fpOffset = -1;
+  for (let i = 0; i < count; i++) if (table.subarray(32 + i * 32, 48 + i * 32).equals(fileParams)) fpOffset = table.readUInt32LE(32 + i * 32 + 16);
+  const item = parentLocatorItem(pairs);
+  const locatorRel = 64 * KiB + 4 * KiB;
+  const e = 32 + count * 32;
+  guidOnDisk('A8D35F2D-B30B-454D-ABF7-D3D84834AB0C').copy(table, e);
+  table.writeUInt32LE(locatorRel, e + 16);
+  table.writeUInt32LE(item.length, e + 20);
+  table.writeUInt32LE(4, e + 24); // IsRequired
+  table.writeUInt16LE(count + 1, 10);
+  const fd = fs.openSync(child, 'r+');
+  const data = new Map<number, Buffer>();
+  let bitmapOffset: number | undefined;
+  const sector = 512;
+  const chunkRatio = ((1 << 23) * sector) / spec.blockSize;
+  try {
+    fs.writeSync(fd, table, 0, table.length, metaOffset);
+    fs.writeSync(fd, item, 0, item.length, metaOffset + locatorRel);
+    const bits = Buffer.alloc(4);
+    fs.readSync(fd, bits, 0, 4, metaOffset + fpOffset + 4);
+    bits.writeUInt32LE(bits.readUInt32LE(0) | 2, 0); // HasParent
+    fs.writeSync(fd, bits, 0, 4, metaOffset + fpOffset + 4);
+
+    let next = Math.ceil(fs.fstatSync(fd).size / MiB) * MiB;
+    const bitmap = Buffer.alloc(MiB);
+    const bat = (idx: number, v: bigint): void => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64LE(v);
+      fs.writeSync(fd, b, 0, 8, batOffset + idx * 8);
+    };
+    for (const [block, c] of [...spec.blocks.entries()].sort((a, b) => a[0] - b[0])) {
+      const idx = block + Math.floor(block / chunkRatio);
+      if (c.kind === 'zero') bat(idx, 2n);
+      else if (c.kind === 'state') bat(idx, BigInt(c.state));
+      else {
+        const bytes = pattern(spec.blockSize, c.seed);
+        if (c.kind === 'partial') {
+          const mask = Buffer.alloc(spec.blockSize, 0xee);
+          for (const [a, b] of c.sectors) {
+            bytes.copy(mask, a * sector, a * sector, b * sector);
+            data.set(block * spec.blockSize + a * sector, bytes.subarray(a * sector, b * sector));
+            for (let s = a; s < b; s++) {
+              const bit = (block % chunkRatio) * (spec.blockSize / sector) + s;
+              bitmap[bit >> 3]! |= 1 << (bit & 7);
+            }
+          }
+          fs.writeSync(fd, mask, 0, mask.length, next);
+        } else {
+          fs.writeSync(fd, bytes, 0, bytes.length, next);
+          data.set(block * spec.blockSize, bytes);
+        }
+        bat(idx, BigInt(next) | (c.kind === 'full' ? 6n : 7n));
+        next += spec.blockSize;
+      }
+    }
+    if ([...spec.blocks.values()].some((c) => c.kind === 'partial')) {
+      bitmapOffset = next;
+      fs.writeSync(fd, bitmap, 0, bitmap.length, bitmapOffset);
+      bat(chunkRatio, BigInt(bitmapOffset) | 6n);
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  spec.mutate?.(child, { batOffset, metaOffset, locatorOffset: metaOffset + locatorRel, bitmapOffset, chunkRatio });
+  return data;
+}
