@@ -10,7 +10,7 @@ import type { BlockNode } from '../drivers/types.js';
 import { convertToRaw, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
 import { nodeMd5, testOptions } from './helpers/images.js';
-import { makeSeSparseChain, seAllocatedEntry, type SeGrain } from './helpers/deltas.js';
+import { makeSeSparseChain, seAllocatedEntry, seSparseDescriptor, vmdkCid, writeSeSparse, type SeGrain } from './helpers/deltas.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -106,6 +106,27 @@ describe('vmdk seSparse deltas', function () {
       expect(fs.existsSync(parent)).to.equal(true);
     });
   }
+
+  it('reads a chain of two seSparse deltas as QEMU does', async () => {
+    const { child } = await makeSeSparseChain(t.dir, { size: SIZE, grains: grains(), fillParent });
+    const g = new Map<number, SeGrain>([
+      [0, { kind: 'zero' }],
+      [3, { kind: 'data', seed: 50 }],
+      [257, { kind: 'unmapped' }],
+      [4096 * 2 + 17, { kind: 'data', seed: 51 }],
+    ]);
+    writeSeSparse(path.join(t.dir, 'grand-sesparse.vmdk'), { size: SIZE, grains: g });
+    const grand = path.join(t.dir, 'grand.vmdk');
+    fs.writeFileSync(grand, seSparseDescriptor({ size: SIZE, extent: 'grand-sesparse.vmdk', parent: 'child.vmdk', parentCid: vmdkCid(child) }));
+    const want = await qemuRaw(grand, t.dir);
+    const node = await openImage(grand, testOptions());
+    try {
+      expect(node.backing?.backing?.name).to.match(/parent\.vmdk$/);
+      expect((await readAll(node)).equals(want)).to.equal(true);
+    } finally {
+      await node.close();
+    }
+  });
 
   it('refuses --rw with one line, as QEMU has no write support', async () => {
     const { child, extent } = await makeSeSparseChain(t.dir, { size: SIZE, grains: grains(), fillParent });

@@ -160,8 +160,8 @@ export class SeSparseExtent implements VmdkExtent {
     return (await this.tables.get(off)).view();
   }
 
-  /** A grain table entry: where the grain is, or what it reads as. */
-  private place(t: DataView | undefined, idx: number, offset: number): 'unallocated' | 'zero' | number {
+  /** A grain table entry: where the grain is (its first `need` bytes in the file), or what it reads as. */
+  private place(t: DataView | undefined, idx: number, offset: number, need: number): 'unallocated' | 'zero' | number {
     const e = t ? t.getBigUint64(idx * 8, true) : 0n;
     switch (e >> 60n) {
       case GTE.unallocated:
@@ -173,7 +173,8 @@ export class SeSparseExtent implements VmdkExtent {
       case GTE.allocated: {
         const grain = ((e & 0x0fff000000000000n) >> 48n) | ((e & 0x0000ffffffffffffn) << 12n);
         const host = (this.h.grainsOffset + grain * GRAIN_SECTORS) * 512n;
-        if (host + GRAIN_SECTORS * 512n > BigInt(this.file.size)) {
+        // The bytes this request reads of the grain must be in the file.
+        if (host + BigInt(need) > BigInt(this.file.size)) {
           throw new CorruptImageError(`${this.name}: seSparse grain at 0x${host.toString(16)} (guest 0x${offset.toString(16)}) lies outside the file`);
         }
         return Number(host);
@@ -195,7 +196,7 @@ export class SeSparseExtent implements VmdkExtent {
         const gi = Math.floor(pos / gb);
         const n = Math.min(tableEnd, (gi + 1) * gb) - pos;
         const offset = this.start + pos;
-        const p = this.place(t, gi % GT_ENTRIES, offset);
+        const p = this.place(t, gi % GT_ENTRIES, offset, pos - gi * gb + n);
         const run: MappedRun = typeof p === 'number' ? { kind: 'data', offset, length: n, host: p + (pos - gi * gb), file: this.file } : { kind: p, offset, length: n };
         pushRun(out, run);
         pos += n;
