@@ -8,10 +8,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { openImage, formatOf } from '../drivers/open.js';
 import { TsmountError, UnsupportedError, UntrustedFileError } from '../drivers/errors.js';
-import type { BlockNode } from '../drivers/types.js';
 import { convertToRaw, createImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
-import { nodeMd5, patch, testOptions } from './helpers/images.js';
+import { expectMountedReadOnly } from './helpers/deltas.js';
+import { nodeBytes, nodeMd5, patch, testOptions } from './helpers/images.js';
 import { makeVhdxChild, parentLocatorItem, type VhdxChildBlock } from './helpers/deltas.js';
 
 const KiB = 1024;
@@ -54,10 +54,15 @@ function expected(parent: Buffer, data: Map<number, Buffer>, spec: Map<number, V
   return out;
 }
 
-async function readAll(node: BlockNode): Promise<Buffer> {
-  const b = Buffer.alloc(node.size);
-  for (let off = 0; off < node.size; off += MiB) await node.read(off, b.subarray(off, Math.min(node.size, off + MiB)));
-  return b;
+
+/** parent.vhdx and child.avhdx over it, with blocks of every state. */
+async function chain(dir: string): Promise<{ parent: string; child: string; want: Buffer }> {
+  const parent = path.join(dir, 'parent.vhdx');
+  const parentBytes = await makeParent(parent);
+  const child = path.join(dir, 'child.avhdx');
+  const spec = blocks(MiB);
+  const data = await makeVhdxChild(child, parent, { size: SIZE, blockSize: MiB, blocks: spec });
+  return { parent, child, want: expected(parentBytes, data, spec, MiB) };
 }
 
 async function refusal(file: string, opts: { rw?: boolean; confine?: boolean } = {}): Promise<TsmountError> {
@@ -96,7 +101,7 @@ describe('vhdx differencing (Hyper-V checkpoints)', function () {
         expect(node.readOnly).to.equal(true);
         expect(node.size).to.equal(SIZE);
         expect(node.backing?.name).to.match(/parent\.vhdx$/);
-        expect((await readAll(node)).equals(want)).to.equal(true);
+        expect((await nodeBytes(node)).equals(want)).to.equal(true);
         // Reads that start and end inside partial blocks, across present and absent sectors.
         for (const [off, len] of [[bs + 3 * 512, 10 * 512], [bs + 99 * 512, 4096], [4 * bs - 1024, 3072], [2 * bs - 512, 1024]] as const) {
           const b = Buffer.alloc(len);
@@ -130,17 +135,14 @@ describe('vhdx differencing (Hyper-V checkpoints)', function () {
     const node = await openImage(c2, testOptions());
     try {
       expect(node.backing?.backing?.name).to.match(/base\.vhdx$/);
-      expect((await readAll(node)).equals(expected(mid, d2, s2, MiB))).to.equal(true);
+      expect((await nodeBytes(node)).equals(expected(mid, d2, s2, MiB))).to.equal(true);
     } finally {
       await node.close();
     }
   });
 
   it('refuses --rw with one line and leaves the files alone', async () => {
-    const parent = path.join(t.dir, 'parent.vhdx');
-    await makeParent(parent);
-    const child = path.join(t.dir, 'child.avhdx');
-    await makeVhdxChild(child, parent, { size: SIZE, blockSize: MiB, blocks: blocks(MiB) });
+    const { parent, child } = await chain(t.dir);
     const before = [await md5File(child), await md5File(parent)];
     const err = await refusal(child, { rw: true });
     expect(err).to.be.instanceOf(UnsupportedError);
@@ -165,7 +167,7 @@ describe('vhdx differencing (Hyper-V checkpoints)', function () {
     });
     const want = expected(parentBytes, data, spec, MiB);
     let node = await openImage(rel, testOptions());
-    expect((await readAll(node)).equals(want)).to.equal(true);
+    expect((await nodeBytes(node)).equals(want)).to.equal(true);
     await node.close();
     // With --confine the parent in another folder is refused, as backing files are.
     expect(await refusal(rel, { confine: true })).to.be.instanceOf(UntrustedFileError);
@@ -181,15 +183,12 @@ describe('vhdx differencing (Hyper-V checkpoints)', function () {
     });
     node = await openImage(abs, testOptions());
     expect(node.backing?.name).to.equal(path.join(snaps, 'disk.vhdx'));
-    expect((await readAll(node)).equals(expected(parentBytes, d2, spec, MiB))).to.equal(true);
+    expect((await nodeBytes(node)).equals(expected(parentBytes, d2, spec, MiB))).to.equal(true);
     await node.close();
   });
 
   it('a missing parent, or a parent that changed since, is one line naming it', async () => {
-    const parent = path.join(t.dir, 'parent.vhdx');
-    await makeParent(parent);
-    const child = path.join(t.dir, 'child.avhdx');
-    await makeVhdxChild(child, parent, { size: SIZE, blockSize: MiB, blocks: blocks(MiB) });
+    const { parent, child } = await chain(t.dir);
     fs.renameSync(parent, path.join(t.dir, 'moved.vhdx'));
     const missing = await refusal(child);
     expect(missing.message).to.match(/child\.avhdx: parent VHDX not found: tried 'parent\.vhdx'/);
@@ -268,22 +267,7 @@ describe('vhdx differencing: through a real FUSE mount', function () {
   after(() => t.cleanup());
 
   it('serves the checkpoint over its parent read-only; --rw is refused with one line', async () => {
-    const parent = path.join(t.dir, 'parent.vhdx');
-    const parentBytes = await makeParent(parent);
-    const child = path.join(t.dir, 'child.avhdx');
-    const spec = blocks(MiB);
-    const data = await makeVhdxChild(child, parent, { size: SIZE, blockSize: MiB, blocks: spec });
-    const mp = path.join(t.dir, 'mnt');
-    fs.mkdirSync(mp);
-    const rw = await tsmount(['--rw', child, mp]);
-    expect(rw.code).to.not.equal(0);
-    expect(rw.stderr.trim().split('\n')).to.have.length(1);
-    expect(rw.stderr).to.match(/read-only/);
-    await mounts.mount([child, mp]);
-    const flat = path.join(mp, 'child.raw');
-    expect(fs.statSync(flat).size).to.equal(SIZE);
-    expect(fs.readFileSync(flat).equals(expected(parentBytes, data, spec, MiB))).to.equal(true);
-    expect(() => fs.openSync(flat, 'r+')).to.throw(/EROFS|EACCES|EPERM/);
-    await mounts.unmount(mp);
+    const { child, want } = await chain(t.dir);
+    await expectMountedReadOnly(mounts, child, path.join(t.dir, 'mnt'), 'child.raw', want, /read-only/);
   });
 });

@@ -5,8 +5,11 @@
 // sector bitmap blocks of a differencing file (sections 2.4, 2.5).
 import fs from 'node:fs';
 import path from 'node:path';
+import { expect } from 'chai';
 import { createImage } from './qemu.js';
+import { tsmount, type MountTracker } from './mount.js';
 import { pattern, readBytes } from './images.js';
+import { guid, guidText } from '../../drivers/format/vhdx/layout.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -204,35 +207,18 @@ export interface VhdxChildSpec {
 
 const HEADER_OFFSETS = [64 * KiB, 128 * KiB];
 
-function guidOnDisk(text: string): Buffer {
-  const b = Buffer.from(text.replace(/[-{}]/g, ''), 'hex');
-  b.subarray(0, 4).reverse();
-  b.subarray(4, 6).reverse();
-  b.subarray(6, 8).reverse();
-  return b;
-}
-
-function guidString(b: Buffer): string {
-  const h = Buffer.from(b);
-  h.subarray(0, 4).reverse();
-  h.subarray(4, 6).reverse();
-  h.subarray(6, 8).reverse();
-  const x = h.toString('hex');
-  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
-}
-
 /** The current header's DataWriteGuid of a VHDX file (the copy with the higher sequence number). */
 export function vhdxDataWriteGuid(file: string): string {
   const [a, b] = HEADER_OFFSETS.map((o) => readBytes(file, o, 64));
   const cur = a!.readBigUInt64LE(8) >= b!.readBigUInt64LE(8) ? a! : b!;
-  return guidString(cur.subarray(32, 48));
+  return guidText(cur.subarray(32, 48));
 }
 
 /** Offsets of the BAT and the metadata region, from the first region table. */
 function vhdxRegions(file: string): { batOffset: number; metaOffset: number } {
   const rt = readBytes(file, 192 * KiB, 64 * KiB);
-  const bat = guidOnDisk('2DC27766-F623-4200-9D64-115E9BFD4A08');
-  const meta = guidOnDisk('8B7CA206-4790-4B9A-B8FE-575F050F886E');
+  const bat = guid('2DC27766-F623-4200-9D64-115E9BFD4A08');
+  const meta = guid('8B7CA206-4790-4B9A-B8FE-575F050F886E');
   let batOffset = -1;
   let metaOffset = -1;
   for (let i = 0; i < rt.readUInt32LE(8); i++) {
@@ -247,7 +233,7 @@ function vhdxRegions(file: string): { batOffset: number; metaOffset: number } {
 /** A parent locator item (section 2.6.2.6): header, 12-byte entries, UTF-16LE keys and values. */
 export function parentLocatorItem(pairs: [string, string][]): Buffer {
   const head = Buffer.alloc(20 + pairs.length * 12);
-  guidOnDisk('B04AEFB7-D19E-4A81-B789-25B8E9445913').copy(head, 0);
+  guid('B04AEFB7-D19E-4A81-B789-25B8E9445913').copy(head, 0);
   head.writeUInt16LE(pairs.length, 18);
   const strings: Buffer[] = [];
   let at = head.length;
@@ -284,13 +270,13 @@ export async function makeVhdxChild(child: string, parent: string, spec: VhdxChi
   const { batOffset, metaOffset } = vhdxRegions(child);
   const table = readBytes(child, metaOffset, 64 * KiB);
   const count = table.readUInt16LE(10);
-  const fileParams = guidOnDisk('CAA16737-FA36-4D43-B3B6-33F0AA44E76B');
+  const fileParams = guid('CAA16737-FA36-4D43-B3B6-33F0AA44E76B');
   let fpOffset = -1;
   for (let i = 0; i < count; i++) if (table.subarray(32 + i * 32, 48 + i * 32).equals(fileParams)) fpOffset = table.readUInt32LE(32 + i * 32 + 16);
   const item = parentLocatorItem(pairs);
   const locatorRel = 64 * KiB + 4 * KiB;
   const e = 32 + count * 32;
-  guidOnDisk('A8D35F2D-B30B-454D-ABF7-D3D84834AB0C').copy(table, e);
+  guid('A8D35F2D-B30B-454D-ABF7-D3D84834AB0C').copy(table, e);
   table.writeUInt32LE(locatorRel, e + 16);
   table.writeUInt32LE(item.length, e + 20);
   table.writeUInt32LE(4, e + 24); // IsRequired
@@ -350,4 +336,22 @@ export async function makeVhdxChild(child: string, parent: string, spec: VhdxChi
   }
   spec.mutate?.(child, { batOffset, metaOffset, locatorOffset: metaOffset + locatorRel, bitmapOffset, chunkRatio });
   return data;
+}
+
+/**
+ * `tsmount --rw image mp` fails with one line matching `rwRefusal`; a read-only mount
+ * serves `flat` with exactly `want`, refuses to open it for writing, and unmounts.
+ */
+export async function expectMountedReadOnly(mounts: MountTracker, image: string, mp: string, flat: string, want: Buffer, rwRefusal: RegExp): Promise<void> {
+  fs.mkdirSync(mp, { recursive: true });
+  const rw = await tsmount(['--rw', image, mp]);
+  expect(rw.code).to.not.equal(0);
+  expect(rw.stderr.trim().split('\n')).to.have.length(1);
+  expect(rw.stderr).to.match(rwRefusal);
+  await mounts.mount([image, mp]);
+  const file = path.join(mp, flat);
+  expect(fs.statSync(file).size).to.equal(want.length);
+  expect(fs.readFileSync(file).equals(want)).to.equal(true);
+  expect(() => fs.openSync(file, 'r+')).to.throw(/EROFS|EACCES|EPERM/);
+  await mounts.unmount(mp);
 }

@@ -8,6 +8,7 @@ import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { pushRun, type MappedRun } from '../mapped.js';
 import type { VmdkExtent } from './extent.js';
+import { dv } from './header.js';
 
 /** Little-endian u64 at the start of the extent file. */
 export const SESPARSE_CONST_MAGIC = 0xcafebaben;
@@ -57,10 +58,6 @@ export interface SeSparseHeader {
   /** Sectors. */
   tablesOffset: bigint;
   grainsOffset: bigint;
-}
-
-function dv(b: Uint8Array): DataView {
-  return new DataView(b.buffer, b.byteOffset, b.byteLength);
 }
 
 const hex = (v: bigint): string => `0x${v.toString(16).padStart(16, '0')}`;
