@@ -4,6 +4,7 @@
 // naming grain tables of 4096 64-bit entries, and 4 KiB grains. The format is not
 // documented; QEMU's checks are strict and so are these.
 import { TableCache } from '../../../cache/table-cache.js';
+import { PagedTable } from '../table-pages.js';
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { pushRun, type MappedRun } from '../mapped.js';
@@ -120,9 +121,11 @@ export class SeSparseExtent implements VmdkExtent {
   private readonly name: string;
   private readonly tables: TableCache;
 
+  /** The grain directory, paged in as the guest touches it (up to 256 MiB: not read whole at open). */
+  private readonly l1: PagedTable;
+
   private constructor(
     private readonly h: SeSparseHeader,
-    private readonly l1: BigUint64Array,
     o: SeSparseExtentOptions,
   ) {
     this.file = o.file;
@@ -130,23 +133,19 @@ export class SeSparseExtent implements VmdkExtent {
     this.start = o.start;
     this.length = h.sectors * SECTOR;
     this.type = o.type;
-    this.tables = new TableCache({ name: 'vmdk seSparse grain tables', file: o.file, tableSize: GT_BYTES, maxBytes: o.cacheBytes, barriers: false });
+    // A quarter of the budget for directory pages, the rest for grain tables.
+    this.l1 = new PagedTable(o.file, h.gdOffset, h.l1Size, 8, Math.floor(o.cacheBytes / 4));
+    this.tables = new TableCache({ name: 'vmdk seSparse grain tables', file: o.file, tableSize: GT_BYTES, maxBytes: o.cacheBytes - Math.floor(o.cacheBytes / 4), barriers: false });
   }
 
   static async open(o: SeSparseExtentOptions): Promise<SeSparseExtent> {
-    const h = await readSeSparseHeader(o.file, o.file.name);
-    const buf = new Uint8Array(h.l1Size * 8);
-    if (buf.length > 0) await o.file.read(h.gdOffset, buf);
-    const v = dv(buf);
-    const l1 = new BigUint64Array(h.l1Size);
-    for (let i = 0; i < l1.length; i++) l1[i] = v.getBigUint64(i * 8, true);
-    return new SeSparseExtent(h, l1, o);
+    return new SeSparseExtent(await readSeSparseHeader(o.file, o.file.name), o);
   }
 
   /** The grain table of directory entry l1i, or undefined when it has none. */
   private async table(l1i: number): Promise<DataView | undefined> {
-    if (l1i >= this.l1.length) throw new CorruptImageError(`${this.name}: seSparse grain directory index ${l1i} out of range (${this.l1.length} entries)`);
-    const e = this.l1[l1i]!;
+    if (l1i >= this.l1.entries) throw new CorruptImageError(`${this.name}: seSparse grain directory index ${l1i} out of range (${this.l1.entries} entries)`);
+    const e = await this.l1.u64(l1i);
     if (e === 0n) return undefined;
     // Top 32 bits 0x10000000: a table (QEMU's strict check; 64 TiB needs no more than 32 bits of index).
     if (e >> 32n !== GDE_ALLOCATED) throw new CorruptImageError(`${this.name}: seSparse grain directory entry ${l1i} is invalid (${hex(e)})`);
