@@ -223,6 +223,9 @@ describe('vhdx differencing (Hyper-V checkpoints)', function () {
     const badGuid = path.join(t.dir, 'badguid.avhdx');
     await makeVhdxChild(badGuid, parent, { size: SIZE, blockSize: MiB, blocks: blocks(MiB), locator: () => [['parent_linkage', '{nope}'], ['relative_path', 'parent.vhdx']] });
     expect((await refusal(badGuid)).message).to.match(/not a GUID/);
+    const uri = path.join(t.dir, 'uri.avhdx');
+    await makeVhdxChild(uri, parent, { size: SIZE, blockSize: MiB, blocks: blocks(MiB), locator: (l) => [['parent_linkage', l], ['relative_path', 'nbd://localhost/x'], ['absolute_win32_path', '\\\\?\\D:']] });
+    expect((await refusal(uri)).message).to.match(/names no path usable here/);
     expect(parentLocatorItem([['a', 'b']]).length).to.equal(20 + 12 + 4);
   });
 

@@ -73,13 +73,15 @@ function windowsBase(p: string): string {
  * Names to try, relative to the child: relative_path with its separators turned
  * around; then, since volume GUIDs and drive letters mean nothing here, the file
  * name of volume_path and absolute_win32_path beside the child (where a copied
- * checkpoint chain usually keeps its parent).
+ * checkpoint chain usually keeps its parent). Names with a ':' are not tried, so a
+ * locator cannot reach another protocol (nbd:, ssh:) or a drive path.
  */
 export function parentCandidates(loc: ParentLocator): { name: string; from: string }[] {
   const out: { name: string; from: string }[] = [];
   for (const { key, value } of loc.paths) {
     const name = key === 'relative_path' ? value.replace(/\\/g, '/').replace(/^(\.\/)+/, '') : windowsBase(value);
-    if (name === '' || out.some((c) => c.name === name)) continue;
+    // A ':' is a drive letter or a URI scheme (nbd:, ssh:): never a file beside the child.
+    if (name === '' || name.includes(':') || out.some((c) => c.name === name)) continue;
     out.push({ name, from: `${key} '${value}'` });
   }
   return out;
@@ -92,7 +94,11 @@ export function parentCandidates(loc: ParentLocator): { name: string; from: stri
  */
 export async function openParent(opts: OpenOptions, loc: ParentLocator, name: string, logicalSectorSize: number): Promise<BlockNode> {
   const tried: string[] = [];
-  for (const c of parentCandidates(loc)) {
+  const candidates = parentCandidates(loc);
+  if (candidates.length === 0) {
+    throw new CorruptImageError(`${name}: VHDX parent locator names no path usable here (${loc.paths.map((p) => `${p.key} '${p.value}'`).join(', ')})`);
+  }
+  for (const c of candidates) {
     let parent: BlockNode;
     try {
       parent = await opts.openBacking(c.name, 'vhdx');
