@@ -4,6 +4,7 @@
 // test/helpers/deltas.ts with blocks fully and partially present (sector bitmaps),
 // and the expected disk is the parent as qemu-img reads it plus the child's sectors.
 import { expect } from 'chai';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { openImage, formatOf } from '../drivers/open.js';
@@ -11,8 +12,10 @@ import { TsmountError, UnsupportedError, UntrustedFileError } from '../drivers/e
 import { convertToRaw, createImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
 import { expectMountedReadOnly } from './helpers/deltas.js';
-import { nodeBytes, nodeMd5, patch, testOptions } from './helpers/images.js';
-import { makeVhdxChild, parentLocatorItem, type VhdxChildBlock } from './helpers/deltas.js';
+import { nodeBytes, nodeMd5, patch, readBytes, testOptions } from './helpers/images.js';
+import { encodeLogEntry } from '../drivers/format/vhdx/log.js';
+import { crc32cExcluding } from '../drivers/format/vhdx/crc32c.js';
+import { makeVhdxChild, parentLocatorItem, vhdxRegions, type VhdxChildBlock } from './helpers/deltas.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -148,6 +151,34 @@ describe('vhdx differencing (Hyper-V checkpoints)', function () {
     expect(err).to.be.instanceOf(UnsupportedError);
     expect(err.message).to.match(/read-only/);
     expect([await md5File(child), await md5File(parent)]).to.deep.equal(before);
+  });
+
+  it('a checkpoint with a log to replay reads through the log; --rw is refused before anything is replayed', async () => {
+    const { parent, child, want } = await chain(t.dir);
+    // A log entry rewriting the first 4 KiB of payload block 0, and both headers pointing at it.
+    const { batOffset } = vhdxRegions(child);
+    const block0 = Number(readBytes(child, batOffset, 8).readBigUInt64LE(0) & ~0xfffffn);
+    const logGuid = crypto.randomBytes(16);
+    const logOffset = Number(readBytes(child, 64 * KiB + 72, 8).readBigUInt64LE(0));
+    patch(child, logOffset, encodeLogEntry({ sequenceNumber: 1n, logGuid, tail: 0, fileSize: fs.statSync(child).size, sectors: [{ fileOffset: block0, data: Buffer.alloc(4096, 0x99) }] }));
+    for (const at of [64 * KiB, 128 * KiB]) {
+      const h = readBytes(child, at, 4 * KiB);
+      logGuid.copy(h, 48);
+      h.writeUInt32LE(crc32cExcluding(h, 4), 4);
+      patch(child, at, h);
+    }
+    const before = [await md5File(child), await md5File(parent)];
+    expect((await refusal(child, { rw: true })).message).to.match(/read-only/);
+    expect([await md5File(child), await md5File(parent)]).to.deep.equal(before);
+    const node = await openImage(child, testOptions());
+    try {
+      const got = await nodeBytes(node);
+      expect(got.subarray(0, 4096).equals(Buffer.alloc(4096, 0x99))).to.equal(true);
+      expect(got.subarray(4096).equals(want.subarray(4096))).to.equal(true);
+    } finally {
+      await node.close();
+    }
+    expect(await md5File(child)).to.equal(before[0]);
   });
 
   it('finds the parent by relative_path in another folder, else by the file name of the Windows paths beside the child', async () => {

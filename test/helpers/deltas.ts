@@ -215,7 +215,7 @@ export function vhdxDataWriteGuid(file: string): string {
 }
 
 /** Offsets of the BAT and the metadata region, from the first region table. */
-function vhdxRegions(file: string): { batOffset: number; metaOffset: number } {
+export function vhdxRegions(file: string): { batOffset: number; metaOffset: number } {
   const rt = readBytes(file, 192 * KiB, 64 * KiB);
   const bat = guid('2DC27766-F623-4200-9D64-115E9BFD4A08');
   const meta = guid('8B7CA206-4790-4B9A-B8FE-575F050F886E');

@@ -178,6 +178,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   regions.add(logOffset, logLength, 'log');
   let view: BlockNode = file;
   let replayed = false;
+  let toReplay: Parameters<typeof replay>[1] | undefined;
   if (!isZero(hdr.logGuid) && logLength !== 0) {
     if (logLength % MiB !== 0) throw new CorruptImageError(`${name}: VHDX log length ${logLength} is not a multiple of 1 MiB`);
     if (logOffset + logLength > file.size) throw new CorruptImageError(`${name}: VHDX log lies past the end of the file; the image has been truncated`);
@@ -185,13 +186,9 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     const entries = findActiveSequence(await readAt(file, logOffset, logLength), hdr.logGuid, name);
     if (entries.length > 0) {
       checkReplayable(entries, file.size, name);
-      if (opts.readOnly) {
-        view = new LogOverlay(file, entries);
-      } else {
-        await replay(file, entries);
-        await headers.update({ newDataGuid: true, logGuid: Buffer.alloc(16) });
-        replayed = true;
-      }
+      // Read through the log until the image is known to be writable; replayed below, before the BAT is read.
+      view = new LogOverlay(file, entries);
+      if (!opts.readOnly) toReplay = entries;
     }
   }
 
@@ -235,8 +232,14 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const chunkRatio = (MAX_SECTORS_PER_BLOCK * md.logicalSectorSize) / md.blockSize;
   const size = Math.floor(md.virtualSize / md.logicalSectorSize) * md.logicalSectorSize;
   const differencing = md.parent !== undefined;
-  // QEMU has no write support for differencing images, and neither have we.
+  // QEMU has no write support for differencing images, and neither have we (refused before a log is replayed).
   if (differencing && !opts.readOnly) throw new UnsupportedError(`${name}: differencing VHDX images (Hyper-V checkpoints) can only be opened read-only`);
+  if (toReplay) {
+    await replay(file, toReplay);
+    await headers.update({ newDataGuid: true, logGuid: Buffer.alloc(16) });
+    replayed = true;
+    view = file;
+  }
   const entries = differencing ? differencingBatEntries(size, md.blockSize, chunkRatio) : batEntries(size, md.blockSize, chunkRatio);
   if (entries * 8 > bat.length) throw new CorruptImageError(`${name}: VHDX BAT region (${bat.length} bytes) is too small for ${entries} entries`);
   if (entries * 8 > MAX_BAT_BYTES) throw new UnsupportedError(`${name}: VHDX BAT of ${entries} entries is too large`);
@@ -265,7 +268,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     barriers,
     backing,
     differencing: differencing ? { logicalSectorSize: md.logicalSectorSize, bitmapCacheBytes: bitmapBytes } : undefined,
-    identity: { dataWriteGuid: guidText(hdr.dataWriteGuid), logicalSectorSize: md.logicalSectorSize },
+    identity: { dataWriteGuid: guidText(headers.active.dataWriteGuid), logicalSectorSize: md.logicalSectorSize },
   });
   if (replayed) node.markVisibleWriteDone();
   return node;

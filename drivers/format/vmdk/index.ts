@@ -89,6 +89,10 @@ async function openDescriptor(st: OpenState, text: string, depth: number): Promi
   const d = parseDescriptor(text, st.image.name);
   st.cacheBytes = Math.floor(st.opts.metadataCacheBytes / Math.max(1, d.extents.length));
   for (const line of d.extents) {
+    // As QEMU (vmdk_open_se_sparse): no write support for seSparse; refused before the extent is opened for writing.
+    if (line.type === 'SESPARSE' && !st.opts.readOnly) {
+      throw new UnsupportedError(`${st.image.name}: VMDK seSparse extent '${line.fileName}' can only be opened read-only (no write support)`);
+    }
     const file = await openExtentFile(st, line.fileName);
     if (line.type === 'SESPARSE') {
       addExtent(st, await SeSparseExtent.open({ file, start: st.end, type: line.type, cacheBytes: st.cacheBytes }));
@@ -135,8 +139,6 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 
     if (!opts.readOnly) {
       for (const e of st.extents) {
-        // As QEMU (vmdk_open_se_sparse): no write support for seSparse.
-        if (e instanceof SeSparseExtent) throw new UnsupportedError(`${e.file.name}: VMDK seSparse extents can only be opened read-only (no write support)`);
         if (!(e instanceof SparseExtent)) continue;
         if (e.version === 3 && !e.compressed) throw new UnsupportedError(`${e.file.name}: VMDK version 3 must be read only`);
         if (e.compressed && e.gdAtEnd) {
