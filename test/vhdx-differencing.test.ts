@@ -218,6 +218,20 @@ describe('vhdx differencing (Hyper-V checkpoints)', function () {
     await node.close();
   });
 
+  it("the parent passes the named-file policy: one the child's owner cannot read is refused", async function () {
+    if (process.getuid?.() !== 0) this.skip();
+    const { parent, child } = await chain(t.dir);
+    fs.chmodSync(t.dir, 0o755);
+    fs.chmodSync(parent, 0o600);
+    fs.chownSync(child, 54321, 54321);
+    const err = await refusal(child);
+    expect(err).to.be.instanceOf(UntrustedFileError);
+    expect(err.message).to.match(/child\.avhdx: backing file "parent\.vhdx" is not readable by the image's owner \(uid 54321\)/);
+    fs.chmodSync(parent, 0o644);
+    const node = await openImage(child, testOptions());
+    await node.close();
+  });
+
   it('a missing parent, or a parent that changed since, is one line naming it', async () => {
     const { parent, child } = await chain(t.dir);
     fs.renameSync(parent, path.join(t.dir, 'moved.vhdx'));
