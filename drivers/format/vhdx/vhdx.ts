@@ -156,7 +156,7 @@ export class VhdxNode extends MappedNode {
     for (const { block, inBlock, pos, n } of blockPieces(offset, length, this.bs)) {
       const { state, offset: host } = await this.entry(block);
       if (state !== PAYLOAD.partiallyPresent) {
-        const w = await this.place(block, pos, n);
+        const w = this.placeOf(state, host, pos, n);
         pushRun(out, typeof w === 'number' ? { kind: 'data', offset: pos, length: n, host: w + inBlock } : typeof w === 'string' ? { kind: w, offset: pos, length: n } : w);
         continue;
       }
@@ -171,6 +171,11 @@ export class VhdxNode extends MappedNode {
 
   private async place(block: number, pos: number, n: number): Promise<BlockPlace> {
     const { state, offset: host } = await this.entry(block);
+    return this.placeOf(state, host, pos, n);
+  }
+
+  /** Where a block in `state` at `host` reads from; [pos, pos + n) is the piece asked for. */
+  private placeOf(state: number, host: number, pos: number, n: number): BlockPlace {
     switch (state) {
       case PAYLOAD.fullyPresent:
         return host;
@@ -184,7 +189,7 @@ export class VhdxNode extends MappedNode {
       case PAYLOAD.unmappedV095:
         return 'zero';
       default: {
-        const why = state === PAYLOAD.partiallyPresent ? 'partially present (differencing images are not supported)' : `in unknown state ${state}`;
+        const why = state === PAYLOAD.partiallyPresent ? 'partially present, which only a differencing image may be' : `in unknown state ${state}`;
         return {
           kind: 'custom',
           offset: pos,
