@@ -60,6 +60,8 @@ export interface BlockNode {
   readonly requestAlignment?: number | undefined;
   /** A VMDK's content ID, which an overlay records as its parentCID. */
   readonly vmdkCid?: number | undefined;
+  /** A VHDX's DataWriteGuid (lowercase, no braces) and logical sector size, which a differencing child checks. */
+  readonly vhdxIdentity?: { readonly dataWriteGuid: string; readonly logicalSectorSize: number } | undefined;
   close(): Promise<void>;
 }
 

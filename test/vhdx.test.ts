@@ -412,7 +412,7 @@ describe('vhdx: broken images', function () {
     }
   });
 
-  it('refuses differencing images (with a parent) with an unsupported error', async () => {
+  it('refuses a parent flag without a parent locator, and unknown required regions', async () => {
     const f = path.join(t.dir, 'diff.vhdx');
     fs.copyFileSync(good, f);
     patch(f, 3 * MiB + 64 * KiB + 4, Buffer.from([2, 0, 0, 0]));

@@ -61,6 +61,9 @@ export class Filter implements BlockNode {
   get vmdkCid(): number | undefined {
     return this.next.vmdkCid;
   }
+  get vhdxIdentity(): BlockNode['vhdxIdentity'] {
+    return this.next.vhdxIdentity;
+  }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
   }

@@ -86,7 +86,7 @@ export class FileNode implements BlockNode {
       st = await fs.promises.stat(filename);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') throw new UsageError(`${name}: no such file`);
+      if (code === 'ENOENT') throw new UsageError(`${name}: no such file`, E.ENOENT);
       throw ioError('stat', name, err);
     }
     if (st.isDirectory()) throw new UsageError(`${name}: is a directory, not an image`);

@@ -36,6 +36,13 @@ export async function nodeMd5(node: BlockNode, chunk = 256 * KiB): Promise<strin
   return h.digest('hex');
 }
 
+/** The whole disk as the node reads it, in 1 MiB requests. */
+export async function nodeBytes(node: BlockNode): Promise<Buffer> {
+  const b = Buffer.alloc(node.size);
+  for (let off = 0; off < node.size; off += 1 << 20) await node.read(off, b.subarray(off, Math.min(node.size, off + (1 << 20))));
+  return b;
+}
+
 /** Deterministic bytes that differ per offset (xorshift32), so a misplaced write shows. */
 export function pattern(length: number, seed: number): Buffer {
   const b = Buffer.alloc(length);

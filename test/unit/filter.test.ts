@@ -17,6 +17,7 @@ import { pattern } from '../helpers/images.js';
 class CapableNode extends MemoryNode {
   readonly backing: BlockNode = new MemoryNode(4096, { name: 'base' });
   readonly vmdkCid = 0x1234;
+  readonly vhdxIdentity = { dataWriteGuid: '83ed0ec3-24c8-49a6-a959-5e4bf1288bfb', logicalSectorSize: 512 };
   readonly encrypted = true;
   readonly requestAlignment = 512;
   private readonly view = new MemoryNode(8192, { name: 'view', readOnly: true });
@@ -37,6 +38,7 @@ describe('Filter base (unit, in-memory node)', function () {
     expect([f.size, f.name, f.readOnly]).to.deep.equal([8192, 'memory', false]);
     expect(f.backing).to.equal(inner.backing);
     expect(f.vmdkCid).to.equal(0x1234);
+    expect(f.vhdxIdentity).to.equal(inner.vhdxIdentity);
     expect(f.encrypted).to.equal(true);
     expect(f.requestAlignment).to.equal(512);
     expect(f.snapshots!().map((s) => s.name)).to.deep.equal(['s1']);

@@ -13,6 +13,7 @@ import {
   FILE_PARAMS,
   GiB,
   GUIDS,
+  guidText,
   HEADER1_OFFSET,
   HEADER2_OFFSET,
   HEADER_BLOCK,
@@ -33,6 +34,7 @@ import {
   TiB,
   type Header,
 } from './layout.js';
+import { MAX_LOCATOR_BYTES, openParent, parseParentLocator, type ParentLocator } from './parent.js';
 import { checkReplayable, findActiveSequence, LogOverlay, replay } from './log.js';
 import { Headers, VhdxNode } from './vhdx.js';
 import { PagedTable } from '../table-pages.js';
@@ -89,6 +91,8 @@ interface Metadata {
   virtualSize: number;
   logicalSectorSize: number;
   physicalSectorSize: number;
+  /** A differencing image's parent locator. */
+  parent?: ParentLocator;
 }
 
 async function parseMetadata(view: BlockNode, offset: number, length: number, name: string): Promise<Metadata> {
@@ -97,7 +101,7 @@ async function parseMetadata(view: BlockNode, offset: number, length: number, na
   const count = dv(table).getUint16(META.entryCount, true);
   if (count > META.maxEntries || META.entries + count * META.entrySize > table.length) throw new CorruptImageError(`${name}: VHDX metadata table has too many entries (${count})`);
   const items = new Map<string, { offset: number; length: number }>();
-  const known = Object.entries(GUIDS).filter(([k]) => k !== 'bat' && k !== 'metadata');
+  const known = Object.entries(GUIDS).filter(([k]) => k !== 'bat' && k !== 'metadata' && k !== 'vhdxParentType');
   for (let i = 0; i < count; i++) {
     const at = META.entries + i * META.entrySize;
     const id = table.subarray(at, at + 16);
@@ -133,10 +137,17 @@ async function parseMetadata(view: BlockNode, offset: number, length: number, na
     physicalSectorSize: ps.getUint32(0, true),
   };
   if (md.dataBits & FILE_PARAMS.hasParent) {
-    if (items.has('parentLocator')) throw new UnsupportedError(`${name}: differencing VHDX images (with a parent) are not supported`);
-    throw new CorruptImageError(`${name}: VHDX has a parent but no parent locator`);
+    const it = items.get('parentLocator');
+    if (!it) throw new CorruptImageError(`${name}: VHDX has a parent but no parent locator`);
+    if (it.length > MAX_LOCATOR_BYTES) throw new CorruptImageError(`${name}: VHDX parent locator of ${it.length} bytes is larger than 1 MiB`);
+    md.parent = parseParentLocator(await readAt(view, offset + it.offset, it.length), name);
   }
   return md;
+}
+
+/** Section 2.5: a differencing image's BAT reaches the sector bitmap entry of its last chunk. */
+export function differencingBatEntries(virtualSize: number, blockSize: number, chunkRatio: number): number {
+  return Math.ceil(Math.ceil(virtualSize / blockSize) / chunkRatio) * (chunkRatio + 1);
 }
 
 /** QEMU's vhdx_calc_bat_entries, with its 32-bit arithmetic (an empty disk still gets a large BAT). */
@@ -167,6 +178,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   regions.add(logOffset, logLength, 'log');
   let view: BlockNode = file;
   let replayed = false;
+  let toReplay: Parameters<typeof replay>[1] | undefined;
   if (!isZero(hdr.logGuid) && logLength !== 0) {
     if (logLength % MiB !== 0) throw new CorruptImageError(`${name}: VHDX log length ${logLength} is not a multiple of 1 MiB`);
     if (logOffset + logLength > file.size) throw new CorruptImageError(`${name}: VHDX log lies past the end of the file; the image has been truncated`);
@@ -174,13 +186,9 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     const entries = findActiveSequence(await readAt(file, logOffset, logLength), hdr.logGuid, name);
     if (entries.length > 0) {
       checkReplayable(entries, file.size, name);
-      if (opts.readOnly) {
-        view = new LogOverlay(file, entries);
-      } else {
-        await replay(file, entries);
-        await headers.update({ newDataGuid: true, logGuid: Buffer.alloc(16) });
-        replayed = true;
-      }
+      // Read through the log until the image is known to be writable; replayed below, before the BAT is read.
+      view = new LogOverlay(file, entries);
+      if (!opts.readOnly) toReplay = entries;
     }
   }
 
@@ -223,7 +231,16 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   if (md.virtualSize > MAX_IMAGE_SIZE) throw new CorruptImageError(`${name}: VHDX virtual disk size ${md.virtualSize} is larger than 64 TiB`);
   const chunkRatio = (MAX_SECTORS_PER_BLOCK * md.logicalSectorSize) / md.blockSize;
   const size = Math.floor(md.virtualSize / md.logicalSectorSize) * md.logicalSectorSize;
-  const entries = batEntries(size, md.blockSize, chunkRatio);
+  const differencing = md.parent !== undefined;
+  // QEMU has no write support for differencing images, and neither have we (refused before a log is replayed).
+  if (differencing && !opts.readOnly) throw new UnsupportedError(`${name}: differencing VHDX images (Hyper-V checkpoints) can only be opened read-only`);
+  if (toReplay) {
+    await replay(file, toReplay);
+    await headers.update({ newDataGuid: true, logGuid: Buffer.alloc(16) });
+    replayed = true;
+    view = file;
+  }
+  const entries = differencing ? differencingBatEntries(size, md.blockSize, chunkRatio) : batEntries(size, md.blockSize, chunkRatio);
   if (entries * 8 > bat.length) throw new CorruptImageError(`${name}: VHDX BAT region (${bat.length} bytes) is too small for ${entries} entries`);
   if (entries * 8 > MAX_BAT_BYTES) throw new UnsupportedError(`${name}: VHDX BAT of ${entries} entries is too large`);
   if (bat.offset + entries * 8 > view.size) throw new CorruptImageError(`${name}: VHDX BAT lies past the end of the file; the image has been truncated`);
@@ -232,7 +249,10 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   // The BAT is read a page at a time as the guest needs it, and each entry is
   // checked when it is used (VhdxNode.entry), not all at open: a 64 TiB disk's
   // BAT is 512 MiB.
-  const table = new PagedTable(view, bat.offset, entries, 8, opts.metadataCacheBytes);
+  // A differencing image also caches sector bitmaps: a quarter of the budget.
+  const bitmapBytes = differencing ? Math.floor(opts.metadataCacheBytes / 4) : 0;
+  const table = new PagedTable(view, bat.offset, entries, 8, opts.metadataCacheBytes - bitmapBytes);
+  const backing = md.parent && !opts.noBacking ? await openParent(opts, md.parent, name, md.logicalSectorSize) : undefined;
 
   const node = new VhdxNode({
     file: view,
@@ -246,6 +266,9 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     logOffset,
     logLength,
     barriers,
+    backing,
+    differencing: differencing ? { logicalSectorSize: md.logicalSectorSize, bitmapCacheBytes: bitmapBytes } : undefined,
+    identity: { dataWriteGuid: guidText(headers.active.dataWriteGuid), logicalSectorSize: md.logicalSectorSize },
   });
   if (replayed) node.markVisibleWriteDone();
   return node;

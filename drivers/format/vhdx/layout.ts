@@ -37,6 +37,10 @@ export const PAYLOAD = {
   fullyPresent: 6,
   partiallyPresent: 7,
 } as const;
+/** Section 2.5.1.2: a sector bitmap block that is in the file. */
+export const SB_BLOCK_PRESENT = 6;
+/** Section 2.4: every sector bitmap block is 1 MiB. */
+export const SECTOR_BITMAP_BLOCK = 1 << 20;
 /** The file offset of a BAT entry, in MiB units in its upper 44 bits. */
 export const BAT_OFFSET_MASK = 0xfffffffffff00000n;
 
@@ -59,7 +63,19 @@ export const GUIDS = {
   logicalSectorSize: guid('8141BF1D-A96F-4709-BA47-F233A8FAAB5F'),
   physicalSectorSize: guid('CDA348C7-445D-4471-9CC9-E9885251C556'),
   parentLocator: guid('A8D35F2D-B30B-454D-ABF7-D3D84834AB0C'),
+  /** Section 2.6.2.6.3: the locator type of a VHDX parent. */
+  vhdxParentType: guid('B04AEFB7-D19E-4A81-B789-25B8E9445913'),
 } as const;
+
+/** A GUID's text form (lowercase, no braces) from its on-disk bytes; the inverse of guid(). */
+export function guidText(b: Uint8Array): string {
+  const h = Buffer.from(b.subarray(0, 16));
+  h.subarray(0, 4).reverse();
+  h.subarray(4, 6).reverse();
+  h.subarray(6, 8).reverse();
+  const x = h.toString('hex');
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+}
 
 export function dv(b: Uint8Array): DataView {
   return new DataView(b.buffer, b.byteOffset, b.byteLength);

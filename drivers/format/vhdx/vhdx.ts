@@ -3,9 +3,11 @@
 // as QEMU's vhdx_co_writev does with vhdx_log_write_and_flush.
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import type { MappedRun } from '../mapped.js';
+import { pushRun, type MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode, type BlockPlace } from '../mapped-node.js';
-import { BAT_OFFSET_MASK, encodeHeader, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SIZE, LOG_SECTOR, MiB, newGuid, PAYLOAD, type Header } from './layout.js';
+import type { VhdxIdentity } from './parent.js';
+import { SectorBitmaps } from './bitmap.js';
+import { BAT_OFFSET_MASK, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, encodeHeader, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SIZE, LOG_SECTOR, MiB, newGuid, PAYLOAD, type Header } from './layout.js';
 import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
 import type { PagedTable } from '../table-pages.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
@@ -67,6 +69,11 @@ export interface VhdxNodeOptions {
   logOffset: number;
   logLength: number;
   barriers: boolean;
+  /** A differencing image's parent (undefined when opened without backing files). */
+  backing?: BlockNode | undefined;
+  /** Set for a differencing image: blocks not present read from the parent, partial ones through sector bitmaps. */
+  differencing?: { logicalSectorSize: number; bitmapCacheBytes: number } | undefined;
+  identity: VhdxIdentity;
 }
 
 export class VhdxNode extends MappedNode {
@@ -83,10 +90,14 @@ export class VhdxNode extends MappedNode {
   private readonly logLength: number;
   private visibleWrite: Promise<void> | undefined;
   private logSequence = 1n;
+  readonly vhdxIdentity: VhdxIdentity;
+  private readonly bitmaps: SectorBitmaps | undefined;
 
   constructor(o: VhdxNodeOptions) {
     super(o);
     ({ blockSize: this.bs, chunkRatio: this.chunkRatio, bat: this.bat, metadata: this.metadata, headers: this.headers, logOffset: this.logOffset, logLength: this.logLength } = o);
+    this.vhdxIdentity = o.identity;
+    if (o.differencing) this.bitmaps = new SectorBitmaps(o.file, o.blockSize, o.differencing.logicalSectorSize, o.differencing.bitmapCacheBytes);
   }
 
   /** BAT index of payload block `block`: a sector bitmap entry follows every chunk. */
@@ -110,34 +121,75 @@ export class VhdxNode extends MappedNode {
     const e = await this.rawEntry(idx);
     const state = Number(e & 7n);
     const off = e & BAT_OFFSET_MASK;
-    if (state === PAYLOAD.fullyPresent) {
-      const blockLength = Math.min(this.bs, this.size - block * this.bs);
-      if (off + BigInt(blockLength) > BigInt(this.file.size)) {
-        throw new CorruptImageError(`${this.name}: VHDX BAT entry ${idx} points past the end of the file (0x${off.toString(16)}); the image has probably been truncated`);
-      }
-      const clash = this.metadata.overlap(Number(off), this.bs);
-      if (clash !== undefined) throw new CorruptImageError(`${this.name}: VHDX BAT entry ${idx} (0x${off.toString(16)}) overlaps the image metadata (${clash})`);
+    if (state === PAYLOAD.fullyPresent || (this.bitmaps && state === PAYLOAD.partiallyPresent)) {
+      this.checkPlace(idx, off, Math.min(this.bs, this.size - block * this.bs));
     }
     return { state, offset: Number(off) };
   }
 
-  mapRange(offset: number, length: number): Promise<MappedRun[]> {
-    return this.mapBlocks(offset, length, this.bs, (block, pos, n) => this.place(block, pos, n));
+  /** A present block (or sector bitmap block) lies inside the file and clear of metadata. */
+  private checkPlace(idx: number, off: bigint, length: number): void {
+    if (off + BigInt(length) > BigInt(this.file.size)) {
+      throw new CorruptImageError(`${this.name}: VHDX BAT entry ${idx} points past the end of the file (0x${off.toString(16)}); the image has probably been truncated`);
+    }
+    const clash = this.metadata.overlap(Number(off), length);
+    if (clash !== undefined) throw new CorruptImageError(`${this.name}: VHDX BAT entry ${idx} (0x${off.toString(16)}) overlaps the image metadata (${clash})`);
+  }
+
+  /** The sector bitmap block of the chunk holding payload block `block` (section 2.5): its file offset. */
+  private async bitmapBlock(block: number): Promise<number> {
+    const idx = (Math.floor(block / this.chunkRatio) + 1) * (this.chunkRatio + 1) - 1;
+    const e = await this.rawEntry(idx);
+    if (Number(e & 7n) !== SB_BLOCK_PRESENT) {
+      throw new CorruptImageError(`${this.name}: VHDX payload block ${block} is partially present, but its sector bitmap block (BAT entry ${idx}) is not present`);
+    }
+    const off = e & BAT_OFFSET_MASK;
+    this.checkPlace(idx, off, SECTOR_BITMAP_BLOCK);
+    return Number(off);
+  }
+
+  async mapRange(offset: number, length: number): Promise<MappedRun[]> {
+    const bitmaps = this.bitmaps;
+    if (!bitmaps) return this.mapBlocks(offset, length, this.bs, (block, pos, n) => this.place(block, pos, n));
+    // Differencing: a partially present block maps to several runs, by its sector bitmap.
+    const out: MappedRun[] = [];
+    for (const { block, inBlock, pos, n } of blockPieces(offset, length, this.bs)) {
+      const { state, offset: host } = await this.entry(block);
+      if (state !== PAYLOAD.partiallyPresent) {
+        const w = this.placeOf(state, host, pos, n);
+        pushRun(out, typeof w === 'number' ? { kind: 'data', offset: pos, length: n, host: w + inBlock } : typeof w === 'string' ? { kind: w, offset: pos, length: n } : w);
+        continue;
+      }
+      const sb = await this.bitmapBlock(block);
+      for (const r of await bitmaps.runs(sb, block % this.chunkRatio, inBlock, n)) {
+        const at = pos + (r.from - inBlock);
+        pushRun(out, r.present ? { kind: 'data', offset: at, length: r.to - r.from, host: host + r.from } : { kind: 'unallocated', offset: at, length: r.to - r.from });
+      }
+    }
+    return out;
   }
 
   private async place(block: number, pos: number, n: number): Promise<BlockPlace> {
     const { state, offset: host } = await this.entry(block);
+    return this.placeOf(state, host, pos, n);
+  }
+
+  /** Where a block in `state` at `host` reads from; [pos, pos + n) is the piece asked for. */
+  private placeOf(state: number, host: number, pos: number, n: number): BlockPlace {
     switch (state) {
       case PAYLOAD.fullyPresent:
         return host;
       case PAYLOAD.notPresent:
       case PAYLOAD.undefined:
+        // Not in a differencing file: the parent answers (section 2.5.1.1).
+        if (this.bitmaps) return 'unallocated';
+        return 'zero';
       case PAYLOAD.zero:
       case PAYLOAD.unmapped:
       case PAYLOAD.unmappedV095:
         return 'zero';
       default: {
-        const why = state === PAYLOAD.partiallyPresent ? 'partially present (differencing images are not supported)' : `in unknown state ${state}`;
+        const why = state === PAYLOAD.partiallyPresent ? 'partially present, which only a differencing image may be' : `in unknown state ${state}`;
         return {
           kind: 'custom',
           offset: pos,

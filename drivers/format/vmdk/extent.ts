@@ -28,7 +28,7 @@ export interface WriteContext {
 }
 
 export interface VmdkExtent {
-  readonly kind: 'flat' | 'sparse';
+  readonly kind: 'flat' | 'sparse' | 'sesparse';
   readonly file: BlockNode;
   /** Guest byte offset of the extent's first byte, and its length in bytes. */
   readonly start: number;

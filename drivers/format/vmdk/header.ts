@@ -68,7 +68,7 @@ export interface SparseHeader {
   gdAtEnd: boolean;
 }
 
-function dv(b: Uint8Array): DataView {
+export function dv(b: Uint8Array): DataView {
   return new DataView(b.buffer, b.byteOffset, b.byteLength);
 }
 

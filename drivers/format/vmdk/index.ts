@@ -7,6 +7,7 @@ import { CorruptImageError, TsmountError, UnsupportedError, UntrustedFileError, 
 import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, probeDescriptor, readCid } from './descriptor.js';
 import { FlatExtent, SparseExtent, type VmdkExtent } from './extent.js';
 import { parseVmdk3Header, peekVmdk4, readVmdk4Header, VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
+import { SeSparseExtent } from './sesparse.js';
 import { VmdkNode } from './vmdk.js';
 import { createVmdk, VMDK_CREATE_OPTIONS } from './create.js';
 
@@ -88,8 +89,15 @@ async function openDescriptor(st: OpenState, text: string, depth: number): Promi
   const d = parseDescriptor(text, st.image.name);
   st.cacheBytes = Math.floor(st.opts.metadataCacheBytes / Math.max(1, d.extents.length));
   for (const line of d.extents) {
-    if (line.type === 'SESPARSE') throw new UnsupportedError(`${st.image.name}: VMDK seSparse extents are not supported yet`);
+    // As QEMU (vmdk_open_se_sparse): no write support for seSparse; refused before the extent is opened for writing.
+    if (line.type === 'SESPARSE' && !st.opts.readOnly) {
+      throw new UnsupportedError(`${st.image.name}: VMDK seSparse extent '${line.fileName}' can only be opened read-only (no write support)`);
+    }
     const file = await openExtentFile(st, line.fileName);
+    if (line.type === 'SESPARSE') {
+      addExtent(st, await SeSparseExtent.open({ file, start: st.end, type: line.type, cacheBytes: st.cacheBytes }));
+      continue;
+    }
     if (line.type === 'FLAT' || line.type === 'VMFS') {
       addExtent(st, new FlatExtent(file, st.end, line.sectors * 512, line.flatOffset, line.type));
       continue;
