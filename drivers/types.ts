@@ -60,6 +60,12 @@ export interface BlockNode {
   readonly requestAlignment?: number | undefined;
   /** A VMDK's content ID, which an overlay records as its parentCID. */
   readonly vmdkCid?: number | undefined;
+  /**
+   * The node makes its bytes a whole chunk of this many at a time (a compressed
+   * block): reading any byte of a chunk costs the whole chunk. The graph builder then
+   * caches this node's data in chunks, scans included, so no chunk is decoded twice.
+   */
+  readonly chunkSize?: number | undefined;
   close(): Promise<void>;
 }
 

@@ -61,6 +61,9 @@ export class Filter implements BlockNode {
   get vmdkCid(): number | undefined {
     return this.next.vmdkCid;
   }
+  get chunkSize(): number | undefined {
+    return this.next.chunkSize;
+  }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
   }

@@ -11,6 +11,8 @@ import { parallelsDriver } from './parallels/index.js';
 import { vpcDriver } from './vpc/index.js';
 import { vhdxDriver } from './vhdx/index.js';
 import { luksDriver } from './luks/index.js';
+import { bochsDriver } from './bochs/index.js';
+import { cloopDriver } from './cloop/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
@@ -24,6 +26,8 @@ const drivers: FormatDriver[] = [
   vpcDriver,
   vhdxDriver,
   luksDriver,
+  bochsDriver,
+  cloopDriver,
 ];
 
 /** Formats tsmount can open, by QEMU's driver name. */
@@ -37,8 +41,6 @@ export const PROBE_BYTES = 4096;
  * keeps such an image from being taken for raw (and written to as raw).
  */
 const knownSignatures: { name: string; test: (h: Uint8Array) => boolean }[] = [
-  { name: 'bochs', test: (h) => ascii(h, 0, 22) === 'Bochs Virtual HD Image' },
-  { name: 'cloop', test: (h) => ascii(h, 0, 22) === '#!/bin/sh\n#V2.0 Format' },
 ];
 
 function ascii(h: Uint8Array, off: number, len: number): string {
