@@ -111,17 +111,19 @@ export class BochsNode extends ReadOnlyMappedNode {
         continue;
       }
       const start = this.h.dataAt + entry * this.h.extentStride;
-      // The whole extent must be in the file: bximage writes every extent whole.
-      if (start + this.h.extentStride > this.file.size) {
-        throw new CorruptImageError(`${this.name}: bochs extent ${block} (guest offset 0x${(block * this.h.extentBytes).toString(16)}) is at ${start}, past the end of the file`);
-      }
+      // bximage ends the file after the last sector it wrote, so only the bitmap and
+      // the sectors whose bits are set must be in the file.
+      const where = `${this.name}: bochs extent ${block} (guest offset 0x${(block * this.h.extentBytes).toString(16)}) at ${start}`;
+      if (start + this.bitmapUsed > this.file.size) throw new CorruptImageError(`${where}: its bitmap is past the end of the file`);
       const bitmap = (await this.bitmaps.get(start)).data;
       for (let at = inBlock; at < inBlock + n; ) {
         const sector = Math.floor(at / SECTOR);
         const next = Math.min(inBlock + n, (sector + 1) * SECTOR);
         const set = (bitmap[sector >> 3]! >> (sector & 7)) & 1;
         const guest = pos + at - inBlock;
-        if (set) pushRun(out, { kind: 'data', offset: guest, length: next - at, host: start + this.h.bitmapSpan + at });
+        const host = start + this.h.bitmapSpan + at;
+        if (set && host + next - at > this.file.size) throw new CorruptImageError(`${where}: sector ${sector} is past the end of the file`);
+        if (set) pushRun(out, { kind: 'data', offset: guest, length: next - at, host });
         else pushRun(out, { kind: 'unallocated', offset: guest, length: next - at });
         at = next;
       }
