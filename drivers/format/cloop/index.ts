@@ -28,8 +28,13 @@ function latin1(h: Uint8Array, from: number, to: number): string {
   return String.fromCharCode(...h.subarray(from, Math.min(to, h.length)));
 }
 
+/** Any version is claimed ("#V4.0 Format"...), so that open can name one it does not read. */
 function probe(head: Uint8Array): number {
-  return latin1(head, 0, SIGNATURE.length) === SIGNATURE && latin1(head, VERSION_AT, VERSION_AT + 11) === '2.0 Format\n' ? 100 : 0;
+  return latin1(head, 0, SIGNATURE.length) === SIGNATURE && /^\d\.\d+ Format\n/.test(latin1(head, VERSION_AT, VERSION_AT + 16)) ? 100 : 0;
+}
+
+function isV2(head: Uint8Array): boolean {
+  return latin1(head, VERSION_AT, VERSION_AT + 11) === '2.0 Format\n';
 }
 
 export class CloopNode extends ReadOnlyMappedNode {
@@ -74,7 +79,7 @@ export class CloopNode extends ReadOnlyMappedNode {
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   refuseWritable(file, opts, 'cloop');
   const head = await readHead(file, HEADER_BYTES, 'cloop');
-  if (probe(head) === 0) {
+  if (!isV2(head)) {
     const version = latin1(head, VERSION_AT, VERSION_AT + 4).replace(/[^\x20-\x7e]/g, '?');
     throw new UnsupportedError(`${file.name}: cloop version '${version}' is not supported (only V2.0)`);
   }
