@@ -7,9 +7,10 @@
 import zlib from 'node:zlib';
 import { decompress as zstdDecompress } from 'fzstd';
 import { CorruptImageError } from '../errors.js';
+import { lz4BlockDecode } from './lz4.js';
 
-/** raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK), one zstd frame (qcow2). */
-export type Codec = 'deflate-raw' | 'zlib' | 'zstd';
+/** raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, cloop), one zstd frame (qcow2), an LZ4 block (cloop V4). */
+export type Codec = 'deflate-raw' | 'zlib' | 'zstd' | 'lz4-block';
 
 /** Output chunk room past the expected size, so that zlib ends the stream inside the first chunk. */
 export const INFLATE_SLACK = 1024;
@@ -30,7 +31,11 @@ export interface DecompressOptions {
 export async function decompress(codec: Codec, input: Uint8Array, o: DecompressOptions): Promise<Buffer> {
   let out: Buffer;
   try {
-    if (codec === 'zstd') {
+    if (codec === 'lz4-block') {
+      // Blocks are small and the decoder is a tight loop: no thread-pool round trip.
+      const dst = Buffer.alloc(o.size);
+      out = dst.subarray(0, lz4BlockDecode(input, dst));
+    } else if (codec === 'zstd') {
       const frame = input.subarray(0, zstdFrameLength(input, o.what));
       const dst = Buffer.alloc(o.size);
       const res = zstdDecompress(frame, dst);
