@@ -8,7 +8,7 @@ import type { BlockNode, CacheMode, FormatDriver, OpenOptions, ProtocolOpenOptio
 import { BackingChainError, TsmountError, UntrustedFileError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';
 import { fileProtocol, hasOwnProtocol, protocolFor } from './protocol/index.js';
-import { formatByName, probeFormat, PROBE_BYTES } from './format/index.js';
+import { formatByName, probeFormat, PROBE_BYTES, PROBE_TAIL_BYTES } from './format/index.js';
 import { NamedFileGuard, namedFilesOf, recordNamedFiles, type NamedFilePolicy, type NamedRequest } from './trust.js';
 import { aligned } from './filters/align.js';
 import { guarded } from './filters/read-only.js';
@@ -196,15 +196,17 @@ async function chooseDriver(file: BlockNode, spec: string, format: string | unde
   if (file.size === 0) throw new UsageError(`${spec}: empty file, not a disk image`);
   const head = new Uint8Array(Math.min(PROBE_BYTES, file.size));
   await file.read(0, head);
+  const tail = new Uint8Array(Math.min(PROBE_TAIL_BYTES, file.size));
+  if (tail.length > 0) await file.read(file.size - tail.length, tail);
   if (format !== undefined) {
     const driver = driverNamed(format, spec);
-    if (driver.name !== 'raw' && driver.probe(head, spec) === 0) {
-      const probed = safeProbe(head, spec);
+    if (driver.name !== 'raw' && driver.probe(head, spec, tail) === 0) {
+      const probed = safeProbe(head, spec, tail);
       throw new UsageError(`${spec}: not a ${format} image${probed && probed !== 'raw' ? ` (it looks like ${probed})` : ''}`);
     }
     return driver;
   }
-  return probeFormat(head, spec);
+  return probeFormat(head, spec, tail);
 }
 
 /** formatByName, with the image named: `-f` and a backing_fmt apply to one file. */
@@ -217,9 +219,9 @@ function driverNamed(format: string, spec: string): FormatDriver {
   }
 }
 
-function safeProbe(head: Uint8Array, spec: string): string | undefined {
+function safeProbe(head: Uint8Array, spec: string, tail: Uint8Array): string | undefined {
   try {
-    return probeFormat(head, spec).name;
+    return probeFormat(head, spec, tail).name;
   } catch {
     return undefined;
   }

@@ -92,8 +92,13 @@ export interface OpenOptions {
 export interface FormatDriver {
   /** QEMU's driver name. */
   readonly name: string;
-  /** How sure the driver is that this is its format, 0..100 (QEMU's bdrv_probe). */
-  probe(head: Uint8Array, filename: string): number;
+  /**
+   * How sure the driver is that this is its format, 0..100 (QEMU's bdrv_probe), from
+   * the file's first bytes and, for a driver with `tailBytes`, its last ones.
+   */
+  probe(head: Uint8Array, filename: string, tail?: Uint8Array): number;
+  /** Bytes at the end of the file the probe needs too (a header kept at the end). */
+  readonly tailBytes?: number;
   open(file: BlockNode, opts: OpenOptions): Promise<BlockNode>;
 }
 

@@ -13,7 +13,8 @@ import type { BlockNode } from '../drivers/types.js';
 import { tempDir } from './helpers/qemu.js';
 import { MemoryNode } from './helpers/memory-node.js';
 import { nodeMd5, openTestImage, patch, readBytes, u32be, u64be } from './helpers/images.js';
-import { cloopCreate } from './helpers/ro-images.js';
+import { cloopCreate, cloopV4, type CloopV4Compressor } from './helpers/ro-images.js';
+import { exercise, rng, withDeadline } from './helpers/corrupt.js';
 import crypto from 'node:crypto';
 
 const KiB = 1024;
@@ -168,6 +169,79 @@ describe('cloop: images made by create_compressed_fs', function () {
       expect(buf.equals(want.subarray(0, BS))).to.equal(true);
     } finally {
       await node.close();
+    }
+  });
+});
+
+describe('cloop V4.0: built from the published layout (cloop.h); QEMU reads only V2.0', function () {
+  this.timeout(120_000);
+  let t: ReturnType<typeof tempDir>;
+  /** Text (LZ4 and zlib shrink it) and random bytes (stored as they are), not a block multiple. */
+  const data = Buffer.concat([
+    Buffer.from('a line of text that compresses well, again and again\n'.repeat(40_000)),
+    crypto.randomBytes(300 * KiB),
+    Buffer.alloc(200 * KiB),
+    Buffer.from('the end'),
+  ]);
+  const blocks = Math.ceil(data.length / BS);
+  const want = Buffer.concat([data, Buffer.alloc(blocks * BS - data.length)]);
+  const mixed = (i: number): CloopV4Compressor => (['zlib', 'lz4', 'none'] as const)[i % 3]!;
+  before(() => (t = tempDir('cloop-v4')));
+  after(() => t.cleanup());
+
+  for (const headerLast of [false, true]) {
+    const hows: [string, (i: number) => CloopV4Compressor][] = [['zlib', () => 'zlib'], ['lz4', () => 'lz4'], ['none', () => 'none'], ['mixed', mixed]];
+    for (const [name, how] of hows) {
+      it(`reads ${name} blocks with the header ${headerLast ? 'last' : 'first'} (probed), a short last block padded with zeros`, async () => {
+        const f = path.join(t.dir, `${name}-${headerLast}.cloop`);
+        await cloopV4(f, data, BS, how, headerLast);
+        const node = await openTestImage(f);
+        try {
+          expect(formatOf(node)).to.equal('cloop');
+          expect(node.size).to.equal(blocks * BS);
+          expect(await nodeMd5(node, 100_003)).to.equal(md5(want));
+        } finally {
+          await node.close();
+        }
+      });
+    }
+  }
+
+  it('a block of a compressor tsmount does not decode (xz) fails with EIO naming it; the others read', async () => {
+    const f = path.join(t.dir, 'xz.cloop');
+    await cloopV4(f, data, BS, (i) => (i === 5 ? 'xz' : 'zlib'), false);
+    const node = await openTestImage(f);
+    try {
+      const err = await failure(node.read(5 * BS, Buffer.alloc(512)));
+      expect(err).to.be.instanceOf(UnsupportedError);
+      expect((err as TsmountError).errno).to.equal(5);
+      expect((err as Error).message).to.match(/block 5 .*compressed with xz/);
+      const buf = Buffer.alloc(BS);
+      await node.read(6 * BS, buf);
+      expect(buf.equals(want.subarray(6 * BS, 7 * BS))).to.equal(true);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('damaged V4 images (either header place) give a clean error or EIO, never a crash or a hang', async () => {
+    const random = rng(0xc100);
+    for (const headerLast of [false, true]) {
+      const f = path.join(t.dir, `damaged-${headerLast}.cloop`);
+      await cloopV4(f, data, BS, mixed, headerLast);
+      const image = fs.readFileSync(f);
+      const mut = path.join(t.dir, 'mut.cloop');
+      for (let round = 0; round < 40; round++) {
+        let bytes = Buffer.from(image);
+        if (round % 4 === 3) bytes = bytes.subarray(0, Math.floor(random() * bytes.length));
+        else {
+          // The header and index, wherever they are, and the data after them.
+          const from = headerLast ? Math.max(0, bytes.length - 4096) : 0;
+          for (let k = 0; k < 1 + Math.floor(random() * 8); k++) bytes[from + Math.floor(random() * Math.min(4096, bytes.length - from))] = Math.floor(random() * 256);
+        }
+        fs.writeFileSync(mut, bytes);
+        await withDeadline(exercise(mut, 'cloop'), `V4 ${headerLast ? 'header last' : 'header first'}, round ${round}`);
+      }
     }
   });
 });

@@ -36,6 +36,9 @@ export const formatDrivers: ReadonlyMap<string, FormatDriver> = new Map(drivers.
 /** Bytes read from the start of an image for probing. */
 export const PROBE_BYTES = 4096;
 
+/** Bytes read from the end of an image for probing: as many as any driver asks. */
+export const PROBE_TAIL_BYTES = Math.max(0, ...drivers.map((d) => d.tailBytes ?? 0));
+
 /**
  * Signatures of formats QEMU knows and tsmount does not open yet. Recognising them
  * keeps such an image from being taken for raw (and written to as raw).
@@ -59,11 +62,11 @@ export function formatByName(name: string): FormatDriver {
 }
 
 /** The driver that claims the image best; raw only when nothing else does. */
-export function probeFormat(head: Uint8Array, filename: string): FormatDriver {
+export function probeFormat(head: Uint8Array, filename: string, tail?: Uint8Array): FormatDriver {
   let best: FormatDriver = rawDriver;
   let bestScore = 0;
   for (const d of formatDrivers.values()) {
-    const score = d.probe(head, filename);
+    const score = d.probe(head, filename, tail);
     if (score > bestScore) {
       best = d;
       bestScore = score;

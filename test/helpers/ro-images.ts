@@ -84,3 +84,55 @@ export async function cloopCreate(file: string, size: number, blockSize: number,
   await runOk('create_compressed_fs', ['-q', '-B', String(blockSize), src, file], { timeoutMs: 300_000 });
   return src;
 }
+
+/** How a cloop V4 block is stored: the compressor numbers of cloop.h. */
+export type CloopV4Compressor = 'zlib' | 'none' | 'xz' | 'lz4';
+const COMPRESSOR_FLAG: Record<CloopV4Compressor, bigint> = { zlib: 0n, none: 1n, xz: 2n, lz4: 3n };
+
+/** One LZ4 block of `data`, taken out of the frame the lz4 tool writes (lz4_Frame_format.md). */
+async function lz4Block(data: Buffer, tmp: string): Promise<{ bytes: Buffer; stored: boolean }> {
+  fs.writeFileSync(tmp, data);
+  // -B7: 4 MiB frame blocks, so one cloop block is one frame block.
+  await runOk('lz4', ['-q', '-f', '-B7', '--no-frame-crc', tmp, `${tmp}.lz4`]);
+  const frame = fs.readFileSync(`${tmp}.lz4`);
+  const flg = frame[4]!;
+  const at = 4 + 2 + (flg & 0x08 ? 8 : 0) + (flg & 0x01 ? 4 : 0) + 1;
+  const word = frame.readUInt32LE(at);
+  const size = word & 0x7fffffff;
+  return { bytes: frame.subarray(at + 4, at + 4 + size), stored: (word & 0x80000000) !== 0 };
+}
+
+/**
+ * A cloop V4.0 image, built from cloop.h's layout (no tool here makes one): the
+ * header and index first, or the data first and the index and header last; block i
+ * stored as `how(i)` says (an LZ4 block the tool stores uncompressed becomes 'none').
+ * The last block holds only the bytes the source has (V4 allows a short last block).
+ */
+export async function cloopV4(file: string, data: Buffer, blockSize: number, how: (block: number) => CloopV4Compressor, headerLast: boolean): Promise<void> {
+  const zlib = await import('node:zlib');
+  const blocks = Math.ceil(data.length / blockSize);
+  const header = Buffer.alloc(136);
+  header.write('#!/bin/sh\n#V4.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\nexit $?\n', 'latin1');
+  header.writeUInt32BE(blockSize, 128);
+  header.writeUInt32BE(blocks, 132);
+  const stored: { bytes: Buffer; flag: bigint }[] = [];
+  for (let i = 0; i < blocks; i++) {
+    const block = data.subarray(i * blockSize, Math.min(data.length, (i + 1) * blockSize));
+    const kind = how(i);
+    if (kind === 'zlib') stored.push({ bytes: zlib.deflateSync(block), flag: 0n });
+    else if (kind === 'xz') stored.push({ bytes: zlib.deflateSync(block), flag: COMPRESSOR_FLAG.xz });
+    else if (kind === 'lz4') {
+      const b = await lz4Block(block, `${file}.blk`);
+      stored.push({ bytes: b.bytes, flag: b.stored ? COMPRESSOR_FLAG.none : COMPRESSOR_FLAG.lz4 });
+    } else stored.push({ bytes: Buffer.from(block), flag: COMPRESSOR_FLAG.none });
+  }
+  const indexBytes = (blocks + 1) * 8;
+  let at = headerLast ? 0 : 136 + indexBytes;
+  const index = Buffer.alloc(indexBytes);
+  for (let i = 0; i <= blocks; i++) {
+    index.writeBigUInt64BE((stored[i]?.flag ?? 0n) << 60n | BigInt(at), i * 8);
+    at += stored[i]?.bytes.length ?? 0;
+  }
+  const body = Buffer.concat(stored.map((s) => s.bytes));
+  fs.writeFileSync(file, headerLast ? Buffer.concat([body, index, header]) : Buffer.concat([header, index, body]));
+}

@@ -41,9 +41,10 @@ function versionOf(head: Uint8Array): string | undefined {
   return /^(\d\.\d+) Format\n/.exec(latin1(head, VERSION_AT, VERSION_AT + 16))?.[1];
 }
 
-/** Any version at the start is claimed, so that open can name one it does not read (a V4 header at the end needs -f cloop). */
-function probe(head: Uint8Array): number {
-  return versionOf(head) !== undefined ? 100 : 0;
+/** Any version at the start is claimed, so that open can name one it does not read; V4 also at the end. */
+function probe(head: Uint8Array, _filename: string, tail?: Uint8Array): number {
+  if (versionOf(head) !== undefined) return 100;
+  return tail && tail.length >= HEADER_BYTES && versionOf(tail.subarray(tail.length - HEADER_BYTES)) === '4.0' ? 100 : 0;
 }
 
 export class CloopNode extends ReadOnlyMappedNode {
@@ -136,4 +137,4 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   return new CloopNode(file, blockSize, blocks, version === '4.0', index);
 }
 
-export const cloopDriver: FormatDriver = { name: 'cloop', probe, open };
+export const cloopDriver: FormatDriver = { name: 'cloop', probe, open, tailBytes: HEADER_BYTES };
