@@ -4,8 +4,10 @@
 // mount leave an image `qemu-img compare` finds equal to a raw file written the same
 // way, and `qemu-img check` passes; overlays over backing files read and write as
 // QEMU does; `tsimg create` makes images qemu-img accepts; damaged images give a
-// one-line error or EIO, never a crash or a hang. How qemu-img makes each format is
-// in test/helpers/formats.ts; a registered format without an entry there fails here.
+// one-line error or EIO, never a crash or a hang. Formats QEMU only reads (bochs,
+// cloop) are made by their own tools, refuse --rw and mount read-only instead of the
+// write cases. How each format is made is in test/helpers/formats.ts; a registered
+// format without an entry there fails here.
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';

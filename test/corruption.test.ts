@@ -25,7 +25,7 @@ describe('corrupt images of every format', function () {
   });
   after(() => tmp.cleanup());
 
-  // Every registered format qemu-img can make (raw has no metadata to corrupt).
+  // Every registered format (raw has no metadata to corrupt), made by qemu-img or by its own tool.
   const formats = [...formatDrivers.keys()].filter((f) => f !== 'raw');
   for (const format of formats) {
     it(`${format}: flipped bytes and truncation give a clean error or a full read, never a crash or hang`, async function () {
