@@ -21,6 +21,7 @@ export function lz4BlockDecode(src: Uint8Array, dst: Uint8Array): number {
   };
   if (src.length === 0) bad('empty input');
   for (;;) {
+    if (ip >= src.length) bad('block ends after a match, not with literals');
     const token = src[ip++]!;
     let literals = token >> 4;
     if (literals === 15) literals = more(literals);
