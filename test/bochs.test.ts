@@ -55,16 +55,15 @@ describe('bochs: growing images and redologs made by bximage', function () {
     }
   });
 
-  it('reports unallocated extents and clear bitmap bits as holes', async () => {
+  it('reports unallocated extents as holes, allocated ones as data (whatever their bitmaps say)', async () => {
     const node = await openTestImage(image);
     try {
-      // 100 KiB + 77 holds 3000 bytes: its first sector is allocated, the sector before it is not.
       const st = await node.blockStatus(0, SIZE);
       const at = (o: number): string => st.find((e) => e.offset <= o && o < e.offset + e.length)!.kind;
       expect(at(0)).to.equal('data');
       expect(at(100 * KiB + 77)).to.equal('data');
-      expect(at(100 * KiB - 1)).to.equal('unallocated');
       expect(at(6 * MiB)).to.equal('unallocated');
+      expect(st.length, 'a run per extent at most').to.be.below(SIZE / readBytes(image, 80, 4).readUInt32LE(0));
       expect(st.reduce((n, e) => n + e.length, 0)).to.equal(SIZE);
     } finally {
       await node.close();

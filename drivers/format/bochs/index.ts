@@ -5,7 +5,7 @@
 // then the extents in the order they were allocated, each a sector bitmap followed
 // by its sectors. A sector reads from the image where its extent is in the catalog
 // and its bit is set; everything else reads as zeros.
-import type { BlockNode, FormatDriver, OpenOptions } from '../../types.js';
+import type { BlockNode, Extent, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import { PagedTable } from '../table-pages.js';
@@ -100,6 +100,22 @@ export class BochsNode extends ReadOnlyMappedNode {
     super({ file, size: h.size, readOnly: true, barriers: false });
     this.bitmapUsed = Math.ceil(h.extentBytes / SECTOR / 8);
     this.bitmaps = new TableCache({ name: 'bochs bitmaps', file, tableSize: this.bitmapUsed, maxBytes: cacheBytes, barriers: false, minTables: 16 });
+  }
+
+  /**
+   * Extent by extent: an allocated extent counts as data (claiming data is always
+   * safe), so a status over a window of gigabytes is a run per extent at most, never
+   * a run per sector that a hostile bitmap could alternate.
+   */
+  override async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    for (const { block, pos, n } of blockPieces(offset, length, this.h.extentBytes)) {
+      const kind = (await this.catalog.u32(block)) === UNALLOCATED ? 'unallocated' : 'data';
+      const last = out[out.length - 1];
+      if (last && last.kind === kind) last.length += n;
+      else out.push({ offset: pos, length: n, kind });
+    }
+    return out;
   }
 
   async mapRange(offset: number, length: number): Promise<MappedRun[]> {

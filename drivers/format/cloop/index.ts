@@ -8,7 +8,7 @@
 // The node decodes whole blocks (chunkSize), so the cluster cache above keeps them
 // and no block is inflated twice by a sequential read.
 import { constants } from 'node:os';
-import type { BlockNode, FormatDriver, OpenOptions } from '../../types.js';
+import type { BlockNode, Extent, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { MAX_NODE_SIZE } from '../../types.js';
 import { PagedTable } from '../table-pages.js';
@@ -59,6 +59,11 @@ export class CloopNode extends ReadOnlyMappedNode {
   ) {
     super({ file, size: blocks * blockSize, readOnly: true, barriers: false });
     this.chunkSize = blockSize;
+  }
+
+  /** Every block holds data; one extent, not a run per block (a window may span millions). */
+  override blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return Promise.resolve([{ offset, length, kind: 'data' }]);
   }
 
   mapRange(offset: number, length: number): Promise<MappedRun[]> {
