@@ -47,8 +47,11 @@ export class ClusterCache extends Filter {
     if (opts.chunked ? !(Number.isSafeInteger(opts.blockSize) && opts.blockSize > 0) : !pow2) throw new Error('cache block size must be a power of two');
     // cache=none and directsync bypass host caches in QEMU; we bypass ours.
     const bypass = opts.mode === 'none' || opts.mode === 'directsync';
-    if (!bypass && opts.maxBytes >= opts.blockSize) {
-      this.lru = new LRUCache<number, Buffer>({ maxSize: opts.maxBytes, sizeCalculation: (b) => b.length });
+    // A chunk larger than the budget is still kept, one at a time: decoding it needs
+    // that much memory anyway, and without it every small read would decode it again.
+    const room = opts.chunked && opts.maxBytes > 0 ? Math.max(opts.maxBytes, opts.blockSize) : opts.maxBytes;
+    if (!bypass && room >= opts.blockSize) {
+      this.lru = new LRUCache<number, Buffer>({ maxSize: room, sizeCalculation: (b) => b.length });
     }
   }
 
