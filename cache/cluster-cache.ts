@@ -43,8 +43,9 @@ export class ClusterCache extends Filter {
 
   constructor(next: BlockNode, private readonly opts: ClusterCacheOptions) {
     super(next);
-    const pow2 = Number.isInteger(Math.log2(opts.blockSize));
-    if (opts.chunked ? !(Number.isSafeInteger(opts.blockSize) && opts.blockSize > 0) : !pow2) throw new Error('cache block size must be a power of two');
+    if (opts.chunked ? !(Number.isSafeInteger(opts.blockSize) && opts.blockSize > 0) : !Number.isInteger(Math.log2(opts.blockSize))) {
+      throw new Error(opts.chunked ? 'cache chunk size must be a positive integer' : 'cache block size must be a power of two');
+    }
     // cache=none and directsync bypass host caches in QEMU; we bypass ours.
     const bypass = opts.mode === 'none' || opts.mode === 'directsync';
     // A chunk larger than the budget is still kept, one at a time: decoding it needs
@@ -90,16 +91,37 @@ export class ClusterCache extends Filter {
     }
   }
 
-  /** Chunked mode: every block the request touches, whole, from the LRU or read once. */
+  /**
+   * Chunked mode: every block the request touches, whole, from the LRU or read once.
+   * A scan reads the blocks it covers whole straight into dst, uncached, as the block
+   * mode does (a sequential reader does not come back to them, and filling fresh cache
+   * memory cost a third of the CPU); the blocks at its edges, which the next request
+   * also needs, go through the LRU.
+   */
   private async readChunks(lru: LRUCache<number, Buffer>, offset: number, dst: Uint8Array): Promise<void> {
     const bs = this.opts.blockSize;
+    const end = offset + dst.length;
     const first = Math.floor(offset / bs);
-    const last = Math.floor((offset + dst.length - 1) / bs);
+    const last = Math.floor((end - 1) / bs);
+    const scan = dst.length >= SCAN_READ_MIN;
     const pending: Promise<void>[] = [];
     for (let b = first; b <= last; b++) {
       const cached = lru.get(b);
-      if (cached) copyOut(cached, b * bs, offset, dst);
-      else pending.push(this.chunk(lru, b).then((buf) => copyOut(buf, b * bs, offset, dst)));
+      if (cached) {
+        copyOut(cached, b * bs, offset, dst);
+        continue;
+      }
+      const whole = b * bs >= offset && Math.min((b + 1) * bs, this.next.size) <= end;
+      if (scan && whole && !this.loading.has(b)) {
+        // A run of such blocks is one request.
+        let runEnd = b + 1;
+        while (runEnd <= last && Math.min((runEnd + 1) * bs, this.next.size) <= end && !lru.has(runEnd) && !this.loading.has(runEnd)) runEnd++;
+        const to = Math.min(runEnd * bs, this.next.size);
+        pending.push(this.next.read(b * bs, dst.subarray(b * bs - offset, to - offset)));
+        b = runEnd - 1;
+        continue;
+      }
+      pending.push(this.chunk(lru, b).then((buf) => copyOut(buf, b * bs, offset, dst)));
     }
     await Promise.all(pending);
   }

@@ -3,7 +3,7 @@
 // included, and shares a chunk being read, so a sequential read of the whole disk
 // reads (decodes) every chunk exactly once, whatever the request size.
 import { expect } from 'chai';
-import { ClusterCache } from '../../cache/cluster-cache.js';
+import { ClusterCache, SCAN_READ_MIN } from '../../cache/cluster-cache.js';
 import { cacheBudget, cacheOver } from '../../drivers/open.js';
 import { MemoryNode, latch } from '../helpers/memory-node.js';
 import { pattern } from '../helpers/images.js';
@@ -19,10 +19,15 @@ class ChunkNode extends MemoryNode {
   constructor(data: Buffer, readonly chunkSize: number) {
     super(data, { readOnly: true });
   }
-  /** Reads below, by offset: each one is a chunk decoded. */
+  /** Chunks decoded, by chunk offset: every chunk a read below covered (such reads must cover whole chunks). */
   decoded(): Map<number, number> {
     const m = new Map<number, number>();
-    for (const o of this.ops) if (o.op === 'read') m.set(o.offset, (m.get(o.offset) ?? 0) + 1);
+    for (const o of this.ops) {
+      if (o.op !== 'read') continue;
+      const end = o.offset + o.length;
+      if (o.offset % this.chunkSize !== 0 || (end % this.chunkSize !== 0 && end !== this.size)) throw new Error(`read [${o.offset}, ${end}) is not whole chunks`);
+      for (let c = o.offset; c < end; c += this.chunkSize) m.set(c, (m.get(c) ?? 0) + 1);
+    }
     return m;
   }
 }
@@ -58,10 +63,11 @@ describe('ClusterCache over a node that decodes whole chunks (unit)', function (
           expect(offset % chunk, 'chunk-aligned').to.equal(0);
           expect(times, `chunk at ${offset} decoded`).to.equal(1);
         }
-        expect(inner.ops.filter((o) => o.op === 'read').every((o) => o.op === 'read' && o.length === Math.min(chunk, disk.length - o.offset)), 'whole chunks').to.equal(true);
-        // A second pass is served from the cache.
+        // A second pass is served from the cache, but for scans: they cache only the chunks at their edges.
+        if (request >= SCAN_READ_MIN) return;
+        const reads = inner.count('read');
         await readAll(top, request);
-        expect(inner.count('read')).to.equal(41);
+        expect(inner.count('read')).to.equal(reads);
       });
     }
   }
