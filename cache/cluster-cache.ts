@@ -21,9 +21,9 @@ export interface ClusterCacheOptions {
   blockSize: number;
   /**
    * The node below decodes whole chunks of blockSize bytes (BlockNode.chunkSize):
-   * every read goes through the LRU a whole block at a time, scans and small reads
-   * included, and a block being read is shared by every request that needs it, so
-   * a sequential read decodes each chunk once.
+   * reads fill the LRU a whole block at a time, small reads included (a scan only
+   * the blocks at its edges), and a block being read is shared by every request
+   * that needs it, so a sequential read decodes each chunk once.
    */
   chunked?: boolean;
 }

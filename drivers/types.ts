@@ -63,7 +63,7 @@ export interface BlockNode {
   /**
    * The node makes its bytes a whole chunk of this many at a time (a compressed
    * block): reading any byte of a chunk costs the whole chunk. The graph builder then
-   * caches this node's data in chunks, scans included, so no chunk is decoded twice.
+   * caches this node's data in chunks, so a sequential read decodes each chunk once.
    */
   readonly chunkSize?: number | undefined;
   close(): Promise<void>;
