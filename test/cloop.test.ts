@@ -10,7 +10,8 @@ import { cacheBudget, cacheOver, formatOf } from '../drivers/open.js';
 import { cloopDriver } from '../drivers/format/cloop/index.js';
 import { CorruptImageError, TsmountError, UnsupportedError } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
-import { tempDir } from './helpers/qemu.js';
+import { runOk, tempDir } from './helpers/qemu.js';
+import { probeFormat } from '../drivers/format/index.js';
 import { MemoryNode } from './helpers/memory-node.js';
 import { nodeMd5, openTestImage, patch, readBytes, u32be, u64be } from './helpers/images.js';
 import { cloopCreate, cloopV4, type CloopV4Compressor } from './helpers/ro-images.js';
@@ -206,6 +207,17 @@ describe('cloop V4.0: built from the published layout (cloop.h); QEMU reads only
       });
     }
   }
+
+  it('a V4 header at the end loses to a format whose header is at the start', async () => {
+    const v4 = path.join(t.dir, 'tail.cloop');
+    await cloopV4(v4, data, BS, () => 'zlib', true);
+    const tail = fs.readFileSync(v4).subarray(-136);
+    const q = path.join(t.dir, 'head.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', q, '1M']);
+    const head = fs.readFileSync(q).subarray(0, 4096);
+    expect(probeFormat(head, q, tail).name).to.equal('qcow2');
+    expect(probeFormat(Buffer.alloc(4096), v4, tail).name).to.equal('cloop');
+  });
 
   it('a block of a compressor tsmount does not decode (xz) fails with EIO naming it; the others read', async () => {
     const f = path.join(t.dir, 'xz.cloop');

@@ -41,10 +41,14 @@ function versionOf(head: Uint8Array): string | undefined {
   return /^(\d\.\d+) Format\n/.exec(latin1(head, VERSION_AT, VERSION_AT + 16))?.[1];
 }
 
-/** Any version at the start is claimed, so that open can name one it does not read; V4 also at the end. */
+/**
+ * Any version at the start is claimed, so that open can name one it does not read;
+ * V4 also at the end, less surely: a format whose header is at the start wins over
+ * bytes at the end that its data happens to end with.
+ */
 function probe(head: Uint8Array, _filename: string, tail?: Uint8Array): number {
   if (versionOf(head) !== undefined) return 100;
-  return tail && tail.length >= HEADER_BYTES && versionOf(tail.subarray(tail.length - HEADER_BYTES)) === '4.0' ? 100 : 0;
+  return tail && tail.length >= HEADER_BYTES && versionOf(tail.subarray(tail.length - HEADER_BYTES)) === '4.0' ? 50 : 0;
 }
 
 export class CloopNode extends ReadOnlyMappedNode {
