@@ -17,8 +17,15 @@ export interface ClusterCacheOptions {
   mode: CacheMode;
   /** Bytes of guest data to keep; 0 disables the data cache. */
   maxBytes: number;
-  /** Power of two; the unit of caching. */
+  /** The unit of caching: a power of two, or the node's chunk size when `chunked`. */
   blockSize: number;
+  /**
+   * The node below decodes whole chunks of blockSize bytes (BlockNode.chunkSize):
+   * reads fill the LRU a whole block at a time, small reads included (a scan only
+   * the blocks at its edges), and a block being read is shared by every request
+   * that needs it, so a sequential read decodes each chunk once.
+   */
+  chunked?: boolean;
 }
 
 export const DEFAULT_BLOCK_SIZE = 64 * 1024;
@@ -28,19 +35,24 @@ export const SCAN_READ_MIN = 256 * 1024;
 
 export class ClusterCache extends Filter {
   private readonly lru: LRUCache<number, Buffer> | undefined;
-  private readonly shift: number;
+  /** Chunked mode: blocks being read, shared by every request that needs them. */
+  private readonly loading = new Map<number, Promise<Buffer>>();
   private writesInFlight = 0;
   /** Bumped when a write or zero finishes; fills that saw it change are dropped. */
   private writeSeq = 0;
 
   constructor(next: BlockNode, private readonly opts: ClusterCacheOptions) {
     super(next);
-    if (!Number.isInteger(Math.log2(opts.blockSize))) throw new Error('cache block size must be a power of two');
-    this.shift = Math.log2(opts.blockSize);
+    if (opts.chunked ? !(Number.isSafeInteger(opts.blockSize) && opts.blockSize > 0) : !Number.isInteger(Math.log2(opts.blockSize))) {
+      throw new Error(opts.chunked ? 'cache chunk size must be a positive integer' : 'cache block size must be a power of two');
+    }
     // cache=none and directsync bypass host caches in QEMU; we bypass ours.
     const bypass = opts.mode === 'none' || opts.mode === 'directsync';
-    if (!bypass && opts.maxBytes >= opts.blockSize) {
-      this.lru = new LRUCache<number, Buffer>({ maxSize: opts.maxBytes, sizeCalculation: (b) => b.length });
+    // A chunk larger than the budget is still kept, one at a time: decoding it needs
+    // that much memory anyway, and without it every small read would decode it again.
+    const room = opts.chunked && opts.maxBytes > 0 ? Math.max(opts.maxBytes, opts.blockSize) : opts.maxBytes;
+    if (!bypass && room >= opts.blockSize) {
+      this.lru = new LRUCache<number, Buffer>({ maxSize: room, sizeCalculation: (b) => b.length });
     }
   }
 
@@ -51,6 +63,7 @@ export class ClusterCache extends Filter {
     // and a fresh buffer per block for data the kernel's page cache keeps anyway. This
     // doubled sequential reads. The node below always has the newest bytes (writes
     // pass straight down), so skipping cached blocks here is never stale.
+    if (lru && this.opts.chunked) return this.readChunks(lru, offset, dst);
     if (!lru || dst.length >= SCAN_READ_MIN) return this.next.read(offset, dst);
     const bs = this.opts.blockSize;
     const end = offset + dst.length;
@@ -76,6 +89,56 @@ export class ClusterCache extends Filter {
       await this.fill(block, runEnd, offset, dst);
       block = runEnd;
     }
+  }
+
+  /**
+   * Chunked mode: every block the request touches, whole, from the LRU or read once.
+   * A scan reads the blocks it covers whole straight into dst, uncached, as the block
+   * mode does (a sequential reader does not come back to them, and filling fresh cache
+   * memory cost a third of the CPU); the blocks at its edges, which the next request
+   * also needs, go through the LRU.
+   */
+  private async readChunks(lru: LRUCache<number, Buffer>, offset: number, dst: Uint8Array): Promise<void> {
+    const bs = this.opts.blockSize;
+    const end = offset + dst.length;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((end - 1) / bs);
+    const scan = dst.length >= SCAN_READ_MIN;
+    const pending: Promise<void>[] = [];
+    for (let b = first; b <= last; b++) {
+      const cached = lru.get(b);
+      if (cached) {
+        copyOut(cached, b * bs, offset, dst);
+        continue;
+      }
+      const whole = b * bs >= offset && Math.min((b + 1) * bs, this.next.size) <= end;
+      if (scan && whole && !this.loading.has(b)) {
+        // A run of such blocks is one request.
+        let runEnd = b + 1;
+        while (runEnd <= last && Math.min((runEnd + 1) * bs, this.next.size) <= end && !lru.has(runEnd) && !this.loading.has(runEnd)) runEnd++;
+        const to = Math.min(runEnd * bs, this.next.size);
+        pending.push(this.next.read(b * bs, dst.subarray(b * bs - offset, to - offset)));
+        b = runEnd - 1;
+        continue;
+      }
+      pending.push(this.chunk(lru, b).then((buf) => copyOut(buf, b * bs, offset, dst)));
+    }
+    await Promise.all(pending);
+  }
+
+  private chunk(lru: LRUCache<number, Buffer>, b: number): Promise<Buffer> {
+    const inFlight = this.loading.get(b);
+    if (inFlight) return inFlight;
+    const bs = this.opts.blockSize;
+    const seq = this.writeSeq;
+    const load = (async () => {
+      const buf = Buffer.allocUnsafe(Math.min(bs, this.next.size - b * bs));
+      await this.next.read(b * bs, buf);
+      if (this.writesInFlight === 0 && this.writeSeq === seq) lru.set(b, buf);
+      return buf;
+    })().finally(() => this.loading.delete(b));
+    this.loading.set(b, load);
+    return load;
   }
 
   private async fill(first: number, endBlock: number, offset: number, dst: Uint8Array): Promise<void> {

@@ -76,7 +76,7 @@ export async function openGraph(specs: string[], opts: GraphOptions): Promise<Bl
   try {
     for (const spec of specs) {
       const node = await openImage(spec, { ...opts, metadataCacheBytes: share(budget.metadata) });
-      const top = new ClusterCache(node, { mode: opts.cache, maxBytes: share(budget.data), blockSize: DEFAULT_BLOCK_SIZE });
+      const top = cacheOver(node, opts.cache, share(budget.data));
       formats.set(top, formats.get(node)!);
       recordNamedFiles(top, namedFilesOf(node));
       nodes.push(top);
@@ -86,6 +86,12 @@ export async function openGraph(specs: string[], opts: GraphOptions): Promise<Bl
     throw err;
   }
   return nodes;
+}
+
+/** The cluster cache over an image's top node: in the node's chunks where it decodes whole chunks. */
+export function cacheOver(node: BlockNode, mode: CacheMode, dataBytes: number): ClusterCache {
+  const chunk = node.chunkSize;
+  return new ClusterCache(node, { mode, maxBytes: dataBytes, blockSize: chunk ?? DEFAULT_BLOCK_SIZE, chunked: chunk !== undefined });
 }
 
 /**
@@ -191,7 +197,7 @@ async function chooseDriver(file: BlockNode, spec: string, format: string | unde
   const head = new Uint8Array(Math.min(PROBE_BYTES, file.size));
   await file.read(0, head);
   const tail = new Uint8Array(Math.min(PROBE_TAIL_BYTES, file.size));
-  await file.read(file.size - tail.length, tail);
+  if (tail.length > 0) await file.read(file.size - tail.length, tail);
   if (format !== undefined) {
     const driver = driverNamed(format, spec);
     if (driver.name !== 'raw' && driver.probe(head, spec, tail) === 0) {

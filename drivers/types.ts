@@ -62,6 +62,12 @@ export interface BlockNode {
   readonly vmdkCid?: number | undefined;
   /** A VHDX's DataWriteGuid (lowercase, no braces) and logical sector size, which a differencing child checks. */
   readonly vhdxIdentity?: { readonly dataWriteGuid: string; readonly logicalSectorSize: number } | undefined;
+  /**
+   * The node makes its bytes a whole chunk of this many at a time (a compressed
+   * block): reading any byte of a chunk costs the whole chunk. The graph builder then
+   * caches this node's data in chunks, so a sequential read decodes each chunk once.
+   */
+  readonly chunkSize?: number | undefined;
   close(): Promise<void>;
 }
 
@@ -90,10 +96,11 @@ export interface FormatDriver {
   readonly name: string;
   /**
    * How sure the driver is that this is its format, 0..100 (QEMU's bdrv_probe), from
-   * the file's first bytes and, for formats identified by a trailer (dmg), its last
-   * PROBE_TAIL_BYTES.
+   * the file's first bytes and, for a driver with `tailBytes`, its last ones.
    */
   probe(head: Uint8Array, filename: string, tail?: Uint8Array): number;
+  /** Bytes at the end of the file the probe needs too (a header kept at the end). */
+  readonly tailBytes?: number;
   open(file: BlockNode, opts: OpenOptions): Promise<BlockNode>;
 }
 

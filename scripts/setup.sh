@@ -14,6 +14,8 @@ PACKAGES=(
   nbdkit                            # NBD tests (memory, file plugins)
   openssh-server openssh-client     # SSH/SFTP tests: sshd, ssh-agent, ssh-keygen
   bximage                           # bochs, VMware4 vmdk and VHD images made by bochs' tool
+  cloop-utils                       # cloop images made by create_compressed_fs
+  lz4                               # LZ4 blocks for the cloop V4 tests
   cryptsetup-bin                    # LUKS1/LUKS2 headers made by cryptsetup
   time                              # /usr/bin/time: CPU and peak memory of a hostile open
   socat                             # a syslog socket of the tests' own (mount-life test)

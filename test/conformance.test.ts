@@ -4,15 +4,17 @@
 // mount leave an image `qemu-img compare` finds equal to a raw file written the same
 // way, and `qemu-img check` passes; overlays over backing files read and write as
 // QEMU does; `tsimg create` makes images qemu-img accepts; damaged images give a
-// one-line error or EIO, never a crash or a hang. How qemu-img makes each format is
-// in test/helpers/formats.ts; a registered format without an entry there fails here.
+// one-line error or EIO, never a crash or a hang. Formats QEMU only reads (bochs,
+// cloop) are made by their own tools, refuse --rw and mount read-only instead of the
+// write cases. How each format is made is in test/helpers/formats.ts; a registered
+// format without an entry there fails here.
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { formatDrivers } from '../drivers/format/index.js';
 import { formatOf } from '../drivers/open.js';
 import { imageInfo, md5File, runOk, tempDir } from './helpers/qemu.js';
-import { MountTracker } from './helpers/mount.js';
+import { MountTracker, tsmount } from './helpers/mount.js';
 import { nodeMd5, openTestImage, tsimg, unalignedWrites } from './helpers/images.js';
 import { checkRef, compareRef, convertRef, formatTable, makeVariant, oracleMd5, qemuIoRef, type FormatEntry, type ImageRef } from './helpers/formats.js';
 import { exercise, withDeadline } from './helpers/corrupt.js';
@@ -86,7 +88,23 @@ describe('conformance: every registered format against qemu-img', function () {
       });
 
       const w = entry.write;
-      if (!w) it(`writes through a mount (pending: ${name} is read-only here)`);
+      if (entry.readOnly)
+        it('is read-only: --rw is refused with one line and the image unchanged; a read-only mount (probed) reads as qemu-img does', async function () {
+          const dir = fresh(`${name}-ro-mount`);
+          const ref = await makeVariant(dir, name, entry.damaged ?? entry.read[0]!, 'disk');
+          const before = await md5File(ref.file);
+          const mp = path.join(dir, 'mnt');
+          fs.mkdirSync(mp);
+          const refused = await tsmount(['--rw', ref.file, mp]);
+          expect(refused.code, 'exit status of --rw').to.not.equal(0);
+          expect(refused.stderr.trim().split('\n'), refused.stderr).to.have.length(1);
+          expect(refused.stderr).to.include(ref.file).and.to.match(/read-only/);
+          await mounts.mount([ref.file, mp]);
+          expect(await md5File(path.join(mp, 'disk.raw')), 'reads through the mount').to.equal(await oracleMd5(ref));
+          await mounts.unmount(mp);
+          expect(await md5File(ref.file), 'the image is unchanged').to.equal(before);
+        });
+      else if (!w) it(`writes through a mount (pending: ${name} is read-only here)`);
       else
         it('takes unaligned writes, punched holes and zeroed ranges through a --rw mount (probed); compare and check agree', async function () {
           const dir = fresh(`${name}-mount`);
@@ -193,8 +211,8 @@ describe('conformance: every registered format against qemu-img', function () {
           }
         });
 
-      // A read-only format is damaged in the first image it reads.
-      const victim = w ?? entry.read[0];
+      // A read-only format is damaged in its own `damaged` image, or the first one it reads.
+      const victim = w ?? entry.damaged ?? entry.read[0];
       if (!victim) it(`corruption (pending: no image of ${name} to damage)`);
       else
         it('a truncated file or damaged header bytes give a one-line error or EIO, never a crash or a hang, and change nothing', async function () {

@@ -64,6 +64,10 @@ export class Filter implements BlockNode {
   get vhdxIdentity(): BlockNode['vhdxIdentity'] {
     return this.next.vhdxIdentity;
   }
+
+  get chunkSize(): number | undefined {
+    return this.next.chunkSize;
+  }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
   }

@@ -12,6 +12,8 @@ import { vpcDriver } from './vpc/index.js';
 import { vhdxDriver } from './vhdx/index.js';
 import { luksDriver } from './luks/index.js';
 import { dmgDriver } from './dmg/index.js';
+import { bochsDriver } from './bochs/index.js';
+import { cloopDriver } from './cloop/index.js';
 
 /** Formats tsmount can open; one line each. */
 const drivers: FormatDriver[] = [
@@ -26,6 +28,8 @@ const drivers: FormatDriver[] = [
   vhdxDriver,
   luksDriver,
   dmgDriver,
+  bochsDriver,
+  cloopDriver,
 ];
 
 /** Formats tsmount can open, by QEMU's driver name. */
@@ -33,16 +37,14 @@ export const formatDrivers: ReadonlyMap<string, FormatDriver> = new Map(drivers.
 
 /** Bytes read from the start of an image for probing. */
 export const PROBE_BYTES = 4096;
-/** Bytes read from the end of an image for probing: a dmg trailer and the 511 bytes QEMU searches before it. */
-export const PROBE_TAIL_BYTES = 1024;
+/** Bytes read from the end of an image for probing: as many as any driver asks. */
+export const PROBE_TAIL_BYTES = Math.max(0, ...drivers.map((d) => d.tailBytes ?? 0));
 
 /**
  * Signatures of formats QEMU knows and tsmount does not open yet. Recognising them
  * keeps such an image from being taken for raw (and written to as raw).
  */
 const knownSignatures: { name: string; test: (h: Uint8Array) => boolean }[] = [
-  { name: 'bochs', test: (h) => ascii(h, 0, 22) === 'Bochs Virtual HD Image' },
-  { name: 'cloop', test: (h) => ascii(h, 0, 22) === '#!/bin/sh\n#V2.0 Format' },
 ];
 
 function ascii(h: Uint8Array, off: number, len: number): string {

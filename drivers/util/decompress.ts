@@ -10,12 +10,14 @@ import { decompress as zstdDecompress } from 'fzstd';
 import { CorruptImageError } from '../errors.js';
 import { isJsCodec } from './js-codecs.js';
 import { decodeOffThread } from './decode-pool.js';
+import { lz4BlockDecode } from './lz4.js';
 
 /**
- * raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, dmg UDZO), one zstd frame
- * (qcow2), one bzip2 stream (dmg UDBZ), Apple's ADC (dmg UDCO) and LZFSE (dmg ULFO).
+ * raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, cloop, dmg UDZO), one zstd
+ * frame (qcow2), an LZ4 block (cloop V4), one bzip2 stream (dmg UDBZ), Apple's ADC
+ * (dmg UDCO) and LZFSE (dmg ULFO).
  */
-export type Codec = 'deflate-raw' | 'zlib' | 'zstd' | 'bzip2' | 'adc' | 'lzfse';
+export type Codec = 'deflate-raw' | 'zlib' | 'zstd' | 'lz4-block' | 'bzip2' | 'adc' | 'lzfse';
 
 /** Output chunk room past the expected size, so that zlib ends the stream inside the first chunk. */
 export const INFLATE_SLACK = 1024;
@@ -39,6 +41,10 @@ export async function decompress(codec: Codec, input: Uint8Array, o: DecompressO
     if (isJsCodec(codec)) {
       // Decoders written in JavaScript (bzip2, ADC, LZFSE) run in a worker thread.
       out = await decodeOffThread(codec, input, o.size);
+    } else if (codec === 'lz4-block') {
+      // Blocks are small and the decoder is a tight loop: no thread-pool round trip.
+      const dst = Buffer.alloc(o.size);
+      out = dst.subarray(0, lz4BlockDecode(input, dst));
     } else if (codec === 'zstd') {
       const frame = input.subarray(0, zstdFrameLength(input, o.what));
       const dst = Buffer.alloc(o.size);

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { md5File, md5Sparse, run, runOk, runTimingPbkdf, type RunResult } from './qemu.js';
 import { pattern, patch, readBytes } from './images.js';
 import { everyChunkImage, writeUdif } from './udif.js';
+import { bochsConvert, bochsCreate, bochsToV1, cloopCreate } from './ro-images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -33,10 +34,11 @@ export interface ImageVariant {
   /** GiB-sized and sparse: hash the converted file by its data runs. */
   large?: boolean;
   /**
-   * Makes the image itself, for formats qemu-img reads but cannot create (dmg): then
-   * `size`, `options` and `io` are not used.
+   * Makes the image itself, for formats qemu-img reads but cannot create: their own
+   * tool (bximage, create_compressed_fs) or the tests' generator (dmg); then `size`,
+   * `options` and `io` are not used.
    */
-  make?: (file: string) => void;
+  make?: (file: string) => void | Promise<unknown>;
 }
 
 export interface FormatEntry {
@@ -54,6 +56,10 @@ export interface FormatEntry {
   backing: boolean;
   /** Extra tsimg create arguments (a passphrase); absent when tsimg cannot create it. */
   create?: { args: string[]; options?: Record<string, string | number> };
+  /** Read-only here as in QEMU (no `write`): a --rw mount is refused, a read-only one reads. */
+  readOnly?: boolean;
+  /** The image the corruption case damages, when there is no `write` variant. */
+  damaged?: ImageVariant;
 }
 
 const SECRET = 'hunter2';
@@ -138,6 +144,10 @@ function qedProbeBacking(file: string): void {
   features[0]! &= ~4;
   patch(file, 16, features);
 }
+
+const made = (title: string, size: number, make: (file: string) => Promise<unknown>): ImageVariant => ({ title, size, io: [], make });
+const bochsData = made('growing, converted from raw data (bximage -func=convert)', 8 * MiB, (f) => bochsConvert(f, 8 * MiB));
+const cloopData = made('64 KiB blocks (create_compressed_fs -B 64K)', 6 * MiB, (f) => cloopCreate(f, 6 * MiB, 64 * KiB));
 
 export const formatTable: Record<string, FormatEntry> = {
   raw: {
@@ -279,6 +289,37 @@ export const formatTable: Record<string, FormatEntry> = {
     backing: false,
     create: { args: ['--secret', SECRET], options: { 'iter-time': 10 } },
   },
+  bochs: {
+    ext: 'img',
+    read: [
+      made('growing, empty (bximage -func=create)', 10 * MiB, (f) => bochsCreate(f, 10)),
+      bochsData,
+      made('header version 1', 8 * MiB, async (f) => {
+        await bochsConvert(f, 8 * MiB);
+        bochsToV1(f);
+      }),
+      made('300 MiB: 64 KiB extents, data at the end', 300 * MiB, (f) => bochsConvert(f, 300 * MiB)),
+    ],
+    checked: false,
+    backing: false,
+    readOnly: true,
+    damaged: bochsData,
+  },
+  cloop: {
+    ext: 'cloop',
+    read: [
+      made('4 KiB blocks', 6 * MiB, (f) => cloopCreate(f, 6 * MiB, 4 * KiB)),
+      cloopData,
+      made('512-byte blocks', MiB, (f) => cloopCreate(f, MiB, 512)),
+      made('1 MiB blocks', 6 * MiB, (f) => cloopCreate(f, 6 * MiB, MiB)),
+      made('size not a block multiple (the last block padded)', 5 * MiB + 12345, (f) => cloopCreate(f, 5 * MiB + 12345, 256 * KiB)),
+      made('all zeros', 3 * MiB, (f) => cloopCreate(f, 3 * MiB, 128 * KiB, [])),
+    ],
+    checked: false,
+    backing: false,
+    readOnly: true,
+    damaged: cloopData,
+  },
 };
 
 /** An image as QEMU's tools name it: plain, or through --image-opts with its passphrase. */
@@ -346,7 +387,7 @@ export async function makeVariant(dir: string, format: string, v: ImageVariant, 
   const file = path.join(dir, `${name}.${entry?.ext ?? format}`);
   const ref: ImageRef = { file, format, secret: v.secret, secretKey: entry?.secretKey };
   if (v.make) {
-    v.make(file);
+    await v.make(file);
     return ref;
   }
   const args = ['create', '-q', '-f', format];

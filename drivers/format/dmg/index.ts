@@ -148,4 +148,5 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   return new DmgNode(file, koly.sectorCount * SECTOR, chunks, opts.metadataCacheBytes);
 }
 
-export const dmgDriver: FormatDriver = { name: 'dmg', probe, open };
+/** The trailer and the 511 bytes before it that QEMU also searches. */
+export const dmgDriver: FormatDriver = { name: 'dmg', probe, open, tailBytes: 1024 };
