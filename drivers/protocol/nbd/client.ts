@@ -95,6 +95,9 @@ export class NbdConnection {
       // The raw socket until STARTTLS is acknowledged, the TLS socket over it from then on.
       let socket: net.Socket = raw;
       let secured: tls.TLSSocket | undefined;
+      // In TLS 1.3 a server checks our certificate after our side is done: one that
+      // rejects it (gnutls: without an alert) hangs up before its first reply.
+      let heardOverTls = false;
       let settled = false;
       const fail = (err: Error, politely = false): void => {
         if (settled) return;
@@ -113,6 +116,7 @@ export class NbdConnection {
       const timer = setTimeout(() => fail(new IoError(`${opts.name}: no NBD handshake from ${where} within ${opts.timeoutMs / 1000} s`, E.ETIMEDOUT)), opts.timeoutMs);
       const tlsFailed = (err: Error | undefined): void => fail(new UsageError(`${opts.name}: TLS with NBD server ${where} failed: ${describeTlsFailure(err, opts.tls!)}`));
       const onData = (chunk: Buffer): void => {
+        if (secured) heardOverTls = true;
         try {
           hs.feed(chunk);
           for (const b of hs.takeOutput()) socket.write(b);
@@ -139,7 +143,7 @@ export class NbdConnection {
         fail(new UsageError(`${opts.name}: cannot connect to NBD server ${where}: ${why}`));
       };
       const onClose = (): void => {
-        if (hs.state === 'TLS') return tlsFailed(undefined);
+        if (hs.state === 'TLS' || (secured && !heardOverTls)) return tlsFailed(undefined);
         fail(new UsageError(`${opts.name}: the NBD server ${where} hung up during the handshake (state ${hs.state})`));
       };
       // proto.md: after NBD_REP_ACK the client MUST upgrade at once; the rest of the
