@@ -307,6 +307,24 @@ describe('NBD TLS: qemu-nbd and nbdkit on loopback', function () {
     }
   });
 
+  it('opens a backing file as another export of the same TLS server, over a unix socket, with the same credentials', async () => {
+    const chain = path.join(tmp.dir, 'chain');
+    fs.mkdirSync(chain);
+    await createImage(path.join(chain, 'base.qcow2'), 'qcow2', '16M');
+    await qemuIo(path.join(chain, 'base.qcow2'), 'qcow2', ['write -P 0x44 0 4M']);
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2', '16M'], { cwd: chain });
+    await qemuIo(path.join(chain, 'top.qcow2'), 'qcow2', ['write -P 0x55 1M 1M']);
+    const sock = path.join(tmp.dir, 'tls-dir.sock');
+    servers.push(await startServer('nbdkit', ['-f', '-r', '--exit-with-parent', '-U', sock, '--tls=require', `--tls-certificates=${pki.server}`, 'file', `dir=${chain}`], { path: sock }));
+    const node = await openImage(`nbds+unix:///top.qcow2?socket=${sock}&tls-certificates=${pki.clientNoCert}`, ro);
+    try {
+      expect(await nodeMd5(node, 4 * MiB)).to.equal(await rawMd5(path.join(chain, 'top.qcow2')));
+      expect(node.backing?.name).to.equal(`nbds+unix:///base.qcow2?socket=${sock}&tls-certificates=${pki.clientNoCert}`);
+    } finally {
+      await node.close();
+    }
+  });
+
   it('reconnects over TLS after the server restarts, doing STARTTLS again', async () => {
     const file = path.join(tmp.dir, 'reconnect.raw');
     fs.writeFileSync(file, Buffer.alloc(8 * MiB));
