@@ -287,6 +287,19 @@ describe('NBD TLS: qemu-nbd and nbdkit on loopback', function () {
     expect(logs).to.deep.equal([]);
   });
 
+  it('with verify-peer off, connects to a server whose certificate its CA did not sign (encrypted, not authenticated)', async () => {
+    const port = await nbdkit(['--tls=require', `--tls-certificates=${pki.server}`], ['memory', '1M']);
+    const objs = parseObjects([`tls-creds-x509,id=t,dir=${pki.wrongCa},verify-peer=off`]);
+    const { spec } = imageOptsToSpec(`driver=nbd,server.host=127.0.0.1,server.port=${port},tls-creds=t,tls-hostname=wrong.example`, objs);
+    expect(spec).to.match(/tls-verify-peer=false/);
+    const node = await openImage(spec, ro);
+    try {
+      expect(node.size).to.equal(MiB);
+    } finally {
+      await node.close();
+    }
+  });
+
   it('reads over TLS-PSK from qemu-nbd (tls-creds-psk) and nbdkit --tls-psk', async () => {
     const want = await rawMd5(qcow2);
     const qPort = await qemuNbd(qcow2, { psk: true });

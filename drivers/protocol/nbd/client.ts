@@ -103,14 +103,17 @@ export class NbdConnection {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        const closeAll = (): void => {
+          socket.destroy();
+          if (socket !== raw) raw.destroy();
+        };
         // A refused option leaves the server waiting for the next one: say goodbye.
         if (politely) {
           socket.end(encodeOption(NBD_OPT.ABORT));
-          setTimeout(() => socket.destroy(), 1000).unref();
+          setTimeout(closeAll, 1000).unref();
         } else {
-          socket.destroy();
+          closeAll();
         }
-        raw.destroy();
         reject(err);
       };
       const timer = setTimeout(() => fail(new IoError(`${opts.name}: no NBD handshake from ${where} within ${opts.timeoutMs / 1000} s`, E.ETIMEDOUT)), opts.timeoutMs);
