@@ -47,6 +47,7 @@ interface CliOptions {
   syslog?: boolean;
   starter?: string;
   imageOpts?: boolean;
+  object: string[];
   confine?: boolean;
   trustImagePaths?: boolean;
 }
@@ -80,6 +81,7 @@ function program(): Command {
     .option('--confine', "open only files under the image's own folder that the image names (backing files, extents, data files)")
     .option('--trust-image-paths', 'open every file an image names, as QEMU does, even one its owner cannot read (unsafe for images you did not write)')
     .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
+    .option('--object <def>', 'QEMU object (repeatable): tls-creds-x509,id=ID,dir=DIR[,verify-peer=off] or tls-creds-psk,id=ID,dir=DIR[,username=NAME]; an image names it with tls-creds=ID', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-o, --option <opt>', 'mount option (repeatable): allow_other, allow_root, uid=N, gid=N, umask=M, growable, nonempty, or a libfuse option', (v: string, acc: string[]) => [...acc, v], [] as string[])
@@ -111,7 +113,7 @@ async function main(argv: string[]): Promise<void> {
   if (opts.lazy) fail('--lazy goes with -u');
   if (paths.length < 2) fail('need at least one IMAGE and a MOUNTPOINT (see --help)');
   let images = paths.slice(0, -1);
-  if (opts.imageOpts) ({ images, format: opts.format } = await fromImageOpts(images, opts.format));
+  if (opts.imageOpts || opts.object.length || images.some((i) => i.startsWith('json:'))) ({ images, format: opts.format } = await fromImageOpts(images, opts.format, !!opts.imageOpts, opts.object));
   const mountpoint = paths[paths.length - 1]!;
   if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
   if (opts.confine && opts.trustImagePaths) fail('give --confine or --trust-image-paths, not both');
@@ -250,9 +252,11 @@ function isLocalPath(spec: string): boolean {
   return spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec);
 }
 
-async function fromImageOpts(lists: string[], format: string | undefined): Promise<{ images: string[]; format: string | undefined }> {
-  const { imageOptsToSpec } = await import('../drivers/protocol/remote.js');
-  const parsed = lists.map(imageOptsToSpec);
+async function fromImageOpts(lists: string[], format: string | undefined, imageOpts: boolean, objectDefs: string[]): Promise<{ images: string[]; format: string | undefined }> {
+  const { imageOptsToSpec, jsonToSpec } = await import('../drivers/protocol/remote.js');
+  const objects = (await import('../drivers/objects.js')).parseObjects(objectDefs);
+  // QEMU's json:{...} names an image anywhere; without --image-opts, other names stay as they are.
+  const parsed = lists.map((l) => (l.startsWith('json:') ? jsonToSpec(l, objects) : imageOpts ? imageOptsToSpec(l, objects) : { spec: l, format }));
   const formats = new Set(parsed.map((p) => p.format));
   if (formats.size > 1 || (format !== undefined && !formats.has(format))) fail('--image-opts: every image needs the same driver, and -f must agree with it');
   return { images: parsed.map((p) => p.spec), format: parsed[0]?.format ?? format };

@@ -12,6 +12,7 @@ PACKAGES=(
   fdisk util-linux                  # fdisk -l, losetup in the tests
   fio xmount                        # benchmarks (npm run bench)
   nbdkit                            # NBD tests (memory, file plugins)
+  openssl                           # NBD over TLS tests: the CAs and certificates they make
   openssh-server openssh-client     # SSH/SFTP tests: sshd, ssh-agent, ssh-keygen
   bximage                           # bochs, VMware4 vmdk and VHD images made by bochs' tool
   cloop-utils                       # cloop images made by create_compressed_fs

@@ -5,7 +5,8 @@ import { UsageError } from '../errors.js';
 // The clients themselves (ssh2 alone takes ~40 ms to load) come in on first use, so
 // mounting a local image does not pay for them.
 import type { SshSessions } from './ssh/node.js';
-import { formatNbdUri, isNbdSpec, nbdStem, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
+import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
+import type { QemuObjects } from '../objects.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
 
 export const nbdProtocol: ProtocolDriver = {
@@ -81,8 +82,33 @@ const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh']);
  * format. The options become part of the name (a URI), so every file of the chain
  * opened relative to it keeps them.
  */
-export function imageOptsToSpec(text: string): { spec: string; format: string | undefined } {
-  const o = parseOptionList(text);
+export function imageOptsToSpec(text: string, objects: QemuObjects = new Map()): { spec: string; format: string | undefined } {
+  return optionsToSpec(parseOptionList(text), objects);
+}
+
+/**
+ * QEMU's `json:{...}` image name: the same options as --image-opts, nested; flattened
+ * to dotted keys (`{"file":{"server":{"host":"h"}}}` is file.server.host=h).
+ */
+export function jsonToSpec(text: string, objects: QemuObjects = new Map()): { spec: string; format: string | undefined } {
+  let tree: unknown;
+  try {
+    tree = JSON.parse(text.replace(/^json:/, ''));
+  } catch (err) {
+    throw new UsageError(`json: image name: ${err instanceof Error ? err.message : String(err)}`);
+  }
+  const o = new Map<string, string>();
+  const walk = (v: unknown, key: string): void => {
+    if (typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean') o.set(key, String(v));
+    else if (v !== null && typeof v === 'object' && !Array.isArray(v)) for (const [k, x] of Object.entries(v)) walk(x, key ? `${key}.${k}` : k);
+    else throw new UsageError(`json: image name: '${key}' is not a string, number, boolean or object`);
+  };
+  if (tree === null || typeof tree !== 'object' || Array.isArray(tree)) throw new UsageError('json: image name: expected an object');
+  walk(tree, '');
+  return optionsToSpec(o, objects);
+}
+
+function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: string; format: string | undefined } {
   const driver = o.get('driver');
   if (!driver) throw new UsageError(`--image-opts: 'driver' is required`);
   o.delete('driver');
@@ -136,6 +162,15 @@ export function imageOptsToSpec(text: string): { spec: string; format: string | 
         t = { address: { kind: 'tcp', host, port }, exportName };
       } else {
         throw new UsageError(`--image-opts: unsupported nbd server.type '${type}'`);
+      }
+      const credsId = take('tls-creds');
+      const tlsHostname = take('tls-hostname');
+      if (credsId !== undefined) {
+        const creds = objects.get(credsId);
+        if (!creds) throw new UsageError(`--image-opts: tls-creds=${credsId}: no --object with id '${credsId}'`);
+        t.tls = nbdTlsFromObject(creds, tlsHostname);
+      } else if (tlsHostname !== undefined) {
+        throw new UsageError(`--image-opts: ${prefix}tls-hostname needs ${prefix}tls-creds`);
       }
       spec = formatNbdUri(t);
       break;

@@ -3,11 +3,13 @@
 // the server breaks the protocol or hangs up, every request still waiting fails with
 // EIO and the reason is logged once; the connection is then dead (node.ts reconnects).
 import net from 'node:net';
+import tls from 'node:tls';
 import { IoError, UsageError } from '../../errors.js';
 import { NBD_CMD, NBD_ERRNO, NBD_OPT, type NbdCommand } from './constants.js';
 import { Handshake, NbdRefusedError, type ExportInfo, type HandshakeParams } from './handshake.js';
 import { encodeOption, encodeRequest, nbdErrnoName, NbdProtocolError, ReplyParser, type ReplyEvent } from './parser.js';
 import { describeAddress, type NbdAddress } from './uri.js';
+import { describeTlsFailure, type TlsSetup } from './tls.js';
 import { constants as osc } from 'node:os';
 
 const E = osc.errno;
@@ -19,6 +21,8 @@ export interface ConnectOptions extends HandshakeParams {
   /** Names the image in messages. */
   name: string;
   log: (msg: string) => void;
+  /** Present: STARTTLS with these credentials, and never plaintext. */
+  tls?: TlsSetup;
 }
 
 interface Pending {
@@ -85,25 +89,37 @@ export class NbdConnection {
   static connect(opts: ConnectOptions): Promise<NbdConnection> {
     const where = describeAddress(opts.address);
     return new Promise((resolve, reject) => {
-      const hs = new Handshake(opts);
-      const socket = opts.address.kind === 'unix' ? net.connect({ path: opts.address.path }) : net.connect({ host: opts.address.host, port: opts.address.port });
-      socket.setNoDelay(true);
+      const hs = new Handshake({ ...opts, startTls: !!opts.tls });
+      const raw = opts.address.kind === 'unix' ? net.connect({ path: opts.address.path }) : net.connect({ host: opts.address.host, port: opts.address.port });
+      raw.setNoDelay(true);
+      // The raw socket until STARTTLS is acknowledged, the TLS socket over it from then on.
+      let socket: net.Socket = raw;
+      let secured: tls.TLSSocket | undefined;
+      // In TLS 1.3 a server checks our certificate after our side is done: one that
+      // rejects it (gnutls: without an alert) hangs up before its first reply.
+      let heardOverTls = false;
       let settled = false;
       const fail = (err: Error, politely = false): void => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        const closeAll = (): void => {
+          socket.destroy();
+          if (socket !== raw) raw.destroy();
+        };
         // A refused option leaves the server waiting for the next one: say goodbye.
         if (politely) {
           socket.end(encodeOption(NBD_OPT.ABORT));
-          setTimeout(() => socket.destroy(), 1000).unref();
+          setTimeout(closeAll, 1000).unref();
         } else {
-          socket.destroy();
+          closeAll();
         }
         reject(err);
       };
       const timer = setTimeout(() => fail(new IoError(`${opts.name}: no NBD handshake from ${where} within ${opts.timeoutMs / 1000} s`, E.ETIMEDOUT)), opts.timeoutMs);
+      const tlsFailed = (err: Error | undefined): void => fail(new UsageError(`${opts.name}: TLS with NBD server ${where} failed: ${describeTlsFailure(err, opts.tls!)}`));
       const onData = (chunk: Buffer): void => {
+        if (secured) heardOverTls = true;
         try {
           hs.feed(chunk);
           for (const b of hs.takeOutput()) socket.write(b);
@@ -113,6 +129,7 @@ export class NbdConnection {
           else fail(err as Error);
           return;
         }
+        if (hs.state === 'TLS' && !secured) return startTls();
         const info = hs.export;
         if (info && !settled) {
           settled = true;
@@ -124,13 +141,39 @@ export class NbdConnection {
         }
       };
       const onError = (err: NodeJS.ErrnoException): void => {
+        if (secured) return tlsFailed(err);
         const why = err.code === 'ECONNREFUSED' ? 'connection refused' : err.code === 'ENOENT' ? 'no such socket' : err.code === 'ENOTFOUND' || err.code === 'EAI_AGAIN' ? 'unknown host' : (err.code ?? err.message);
         fail(new UsageError(`${opts.name}: cannot connect to NBD server ${where}: ${why}`));
       };
-      const onClose = (): void => fail(new UsageError(`${opts.name}: the NBD server ${where} hung up during the handshake (state ${hs.state})`));
-      socket.on('data', onData);
-      socket.on('error', onError);
-      socket.on('close', onClose);
+      const onClose = (): void => {
+        if (hs.state === 'TLS' || (secured && !heardOverTls)) return tlsFailed(undefined);
+        fail(new UsageError(`${opts.name}: the NBD server ${where} hung up during the handshake (state ${hs.state})`));
+      };
+      // proto.md: after NBD_REP_ACK the client MUST upgrade at once; the rest of the
+      // option haggling happens inside TLS. The TLS socket takes over the raw one.
+      const startTls = (): void => {
+        raw.off('data', onData);
+        raw.off('error', onError);
+        raw.off('close', onClose);
+        // The TLS socket reports what happens below it; this only keeps an unheard error quiet.
+        raw.on('error', () => undefined);
+        secured = tls.connect({ ...opts.tls!.options, socket: raw });
+        socket = secured;
+        secured.once('secureConnect', () => {
+          try {
+            hs.tlsEstablished();
+          } catch (err) {
+            return fail(err as Error);
+          }
+          for (const b of hs.takeOutput()) secured!.write(b);
+        });
+        secured.on('data', onData);
+        secured.on('error', onError);
+        secured.on('close', onClose);
+      };
+      raw.on('data', onData);
+      raw.on('error', onError);
+      raw.on('close', onClose);
     });
   }
 

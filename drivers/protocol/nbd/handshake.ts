@@ -1,6 +1,8 @@
 // The NBD handshake as a named state machine over the pure parser (libnbd's shape):
-// fixed newstyle negotiation, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT for
-// base:allocation, then NBD_OPT_GO (NBD_OPT_EXPORT_NAME when the server lacks GO).
+// fixed newstyle negotiation, NBD_OPT_STARTTLS first when TLS is wanted (proto.md, "TLS
+// support": the transport upgrades the socket in state TLS and calls tlsEstablished()),
+// NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT for base:allocation, then
+// NBD_OPT_GO (NBD_OPT_EXPORT_NAME when the server lacks GO).
 // It is fed the server's bytes and queues the client's; it never touches a socket.
 import { RefusedError } from '../../errors.js';
 import {
@@ -30,6 +32,8 @@ export interface HandshakeParams {
   structuredReplies: boolean;
   /** Meta contexts to ask for when structured replies are on, e.g. base:allocation. */
   metaContexts: string[];
+  /** Require TLS: NBD_OPT_STARTTLS before anything else, and no plaintext fallback. */
+  startTls?: boolean;
 }
 
 export interface ExportInfo {
@@ -49,6 +53,8 @@ export type HandshakeState =
   | 'SERVER_MAGIC'
   | 'SERVER_OPT_MAGIC'
   | 'HANDSHAKE_FLAGS'
+  | 'STARTTLS'
+  | 'TLS'
   | 'STRUCTURED_REPLY'
   | 'SET_META_CONTEXT'
   | 'GO'
@@ -126,17 +132,34 @@ export class Handshake {
         if (!(flags & NBD_FLAG_FIXED_NEWSTYLE)) throw new NbdRefusedError('the server does not speak fixed newstyle negotiation');
         this.noZeroes = !!(flags & NBD_FLAG_NO_ZEROES);
         this.send(encodeFields([{ u32: NBD_FLAG_C_FIXED_NEWSTYLE | (this.noZeroes ? NBD_FLAG_C_NO_ZEROES : 0) }]));
-        if (this.params.structuredReplies) {
-          this.send(encodeOption(NBD_OPT.STRUCTURED_REPLY));
-          this.st = 'STRUCTURED_REPLY';
+        if (this.params.startTls) {
+          // First, so that no option is haggled in the clear (proto.md, "Client-side requirements").
+          this.send(encodeOption(NBD_OPT.STARTTLS));
+          this.st = 'STARTTLS';
         } else {
-          this.sendGo();
+          this.sendOptions();
         }
         return true;
       }
+      case 'STARTTLS': {
+        const r = this.optionReply(NBD_OPT.STARTTLS);
+        if (!r) return false;
+        if (r.type !== NBD_REP.ACK) {
+          const why = r.type === NBD_REP.ERR_UNSUP ? 'it does not support TLS' : r.type === NBD_REP.ERR_POLICY ? 'TLS is off by its policy' : `NBD_OPT_STARTTLS refused (reply ${r.type >>> 0})`;
+          const text = r.data.length ? `: ${new TextDecoder().decode(r.data)}` : '';
+          throw new NbdRefusedError(`the NBD server does not offer TLS (${why}${text}); not connecting without it`);
+        }
+        // Anything the server sent after its ACK came in the clear where only TLS may come.
+        if (this.q.length) throw new NbdProtocolError('plaintext data after the STARTTLS acknowledgement');
+        this.st = 'TLS';
+        return false;
+      }
+      case 'TLS':
+        return false;
       case 'STRUCTURED_REPLY': {
         const r = this.optionReply(NBD_OPT.STRUCTURED_REPLY);
         if (!r) return false;
+        if (r.type === NBD_REP.ERR_TLS_REQD) throw this.refusal(r.type, r.data);
         this.structured = r.type === NBD_REP.ACK;
         if (this.structured && this.params.metaContexts.length) {
           const queries = this.params.metaContexts.map((str) => ({ str }));
@@ -196,8 +219,23 @@ export class Handshake {
     }
   }
 
+  /** The transport has completed the TLS handshake: negotiate the rest over it. */
+  tlsEstablished(): void {
+    if (this.st !== 'TLS') throw new NbdProtocolError(`TLS established in handshake state ${this.st}`);
+    this.sendOptions();
+  }
+
   private send(b: Uint8Array): void {
     this.out.push(b);
+  }
+
+  private sendOptions(): void {
+    if (this.params.structuredReplies) {
+      this.send(encodeOption(NBD_OPT.STRUCTURED_REPLY));
+      this.st = 'STRUCTURED_REPLY';
+    } else {
+      this.sendGo();
+    }
   }
 
   private sendGo(): void {
@@ -275,7 +313,7 @@ export class Handshake {
       case NBD_REP.ERR_POLICY:
         return new NbdRefusedError(`the server refused ${what} by policy${text}`);
       case NBD_REP.ERR_TLS_REQD:
-        return new NbdRefusedError(`the server requires TLS for ${what}${text}`);
+        return new NbdRefusedError(`the server requires TLS for ${what}${text} (use nbds:// or tls-creds)`);
       case NBD_REP.ERR_SHUTDOWN:
         return new NbdRefusedError(`the server is shutting down${text}`);
       case NBD_REP.ERR_BLOCK_SIZE_REQD:

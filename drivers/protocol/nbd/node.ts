@@ -8,6 +8,7 @@ import { NbdConnection, type ConnectOptions } from './client.js';
 import type { ExportInfo } from './handshake.js';
 import { parseNbdSpec, type NbdTarget } from './uri.js';
 import { inParallel } from '../parallel.js';
+import { loadTls } from './tls.js';
 
 export interface NbdOpenOptions {
   readOnly: boolean;
@@ -81,6 +82,8 @@ export class NbdNode implements BlockNode {
       timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       name,
       log: opts.log ?? defaultLog,
+      // Read once: every connection, and every reconnect, does STARTTLS with these.
+      tls: target.tls ? await loadTls(target.tls, target.address, name) : undefined,
     };
     const first = await NbdConnection.connect(connectOpts);
     const conns = [first];
