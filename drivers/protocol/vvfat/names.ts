@@ -16,12 +16,17 @@ const LFN_MAX = 255;
 
 /** Characters a short name may hold besides A-Z and 0-9 (QEMU's to_valid_short_char). */
 const SHORT_EXTRA = "$%'-_@~`!(){}^#&";
+/** For each ASCII code: the short-name character it becomes (upper case), or 0 where none. */
+const SHORT_CHAR = new Uint8Array(128);
+for (let c = 0; c < 128; c++) {
+  const ch = String.fromCharCode(c).toUpperCase();
+  if ((ch >= '0' && ch <= '9') || (ch >= 'A' && ch <= 'Z') || SHORT_EXTRA.includes(ch)) SHORT_CHAR[c] = ch.charCodeAt(0);
+}
 
-function shortChar(c: string): string | undefined {
-  const u = c.toUpperCase();
-  if (u.length !== 1) return undefined;
-  if ((u >= '0' && u <= '9') || (u >= 'A' && u <= 'Z') || SHORT_EXTRA.includes(u)) return u;
-  return undefined;
+/** A name character's short-name form; anything beyond ASCII has none (QEMU's rule). */
+function shortChar(code: number): string | undefined {
+  const v = code < 128 ? SHORT_CHAR[code]! : 0;
+  return v ? String.fromCharCode(v) : undefined;
 }
 
 /** Why a host name cannot be a FAT long name, or undefined when it can. */
@@ -39,15 +44,15 @@ export function shortBasis(name: string): { base: string; ext: string; lossy: bo
   const hasExt = dot > 0;
   const stem = hasExt ? name.slice(0, dot) : name;
   let base = '';
-  for (const c of stem) {
-    const v = c === '.' ? undefined : shortChar(c);
+  for (let i = 0; i < stem.length; i++) {
+    const v = shortChar(stem.charCodeAt(i));
     if (v !== undefined && base.length < 8) base += v;
     else lossy = true;
   }
   let ext = '';
   if (hasExt) {
-    for (const c of name.slice(dot + 1)) {
-      const v = shortChar(c);
+    for (let i = dot + 1; i < name.length; i++) {
+      const v = shortChar(name.charCodeAt(i));
       if (v !== undefined && ext.length < 3) ext += v;
       else lossy = true;
     }
@@ -56,12 +61,9 @@ export function shortBasis(name: string): { base: string; ext: string; lossy: bo
   return { base, ext, lossy };
 }
 
-/** The 11 bytes of a short name entry. */
-export function shortBytes(base: string, ext: string): Buffer {
-  const b = Buffer.alloc(11, 0x20);
-  b.write(base, 0, 'latin1');
-  b.write(ext, 8, 'latin1');
-  return b;
+/** The 11 bytes of a short name entry, as a latin1 string (space padded). */
+export function shortBytes(base: string, ext: string): string {
+  return base.padEnd(8, ' ') + ext.padEnd(3, ' ');
 }
 
 /** `BASE~N`, the tail replacing the end of the base where it would not fit. */
@@ -71,17 +73,16 @@ export function withTail(base: string, n: number): string {
 }
 
 /** The short name as a person (and a long-name comparison) reads it: `BASE.EXT`. */
-export function shortText(b: Uint8Array): string {
-  const s = Buffer.from(b).toString('latin1');
+export function shortText(s: string): string {
   const base = s.slice(0, 8).trimEnd();
   const ext = s.slice(8, 11).trimEnd();
   return ext ? `${base}.${ext}` : base;
 }
 
 /** The checksum of a short name that its LFN entries carry (FAT spec, ChkSum). */
-export function lfnChecksum(short: Uint8Array): number {
+export function lfnChecksum(short: string): number {
   let sum = 0;
-  for (let i = 0; i < 11; i++) sum = (((sum & 1) << 7) + (sum >> 1) + short[i]!) & 0xff;
+  for (let i = 0; i < 11; i++) sum = (((sum & 1) << 7) + (sum >> 1) + short.charCodeAt(i)) & 0xff;
   return sum;
 }
 
@@ -124,13 +125,36 @@ export function lfnPart(src: Uint8Array, at: number): string {
 const MIN_DOS = new Date(1980, 0, 1).getTime();
 const MAX_DOS = new Date(2107, 11, 31, 23, 59, 58).getTime();
 
+/**
+ * Local time changes by whole quarter hours (every zone offset is a multiple of 15
+ * minutes), so one Date per quarter hour serves every timestamp inside it: a scan of
+ * many files made together computes few dates.
+ */
+const QUARTER = 15 * 60 * 1000;
+const quarters = new Map<number, { date: number; hour: number; minute: number }>();
+
+function quarterOf(q: number): { date: number; hour: number; minute: number } {
+  let v = quarters.get(q);
+  if (!v) {
+    if (quarters.size > 4096) quarters.clear();
+    const d = new Date(q * QUARTER);
+    v = { date: ((d.getFullYear() - 1980) << 9) | ((d.getMonth() + 1) << 5) | d.getDate(), hour: d.getHours(), minute: d.getMinutes() };
+    quarters.set(q, v);
+  }
+  return v;
+}
+
 /** DOS date and time in local time (as QEMU's fat_datetime and every FAT driver), clamped to 1980..2107. */
 export function dosDateTime(ms: number): { date: number; time: number; tenths: number } {
-  const d = new Date(Math.min(MAX_DOS, Math.max(MIN_DOS, ms)));
+  const t = Math.min(MAX_DOS, Math.max(MIN_DOS, Math.floor(ms)));
+  const q = Math.floor(t / QUARTER);
+  const { date, hour, minute } = quarterOf(q);
+  const inQuarter = t - q * QUARTER;
+  const sec = Math.floor(inQuarter / 1000);
   return {
-    date: ((d.getFullYear() - 1980) << 9) | ((d.getMonth() + 1) << 5) | d.getDate(),
-    time: (d.getHours() << 11) | (d.getMinutes() << 5) | (d.getSeconds() >> 1),
-    tenths: (d.getSeconds() & 1) * 100 + Math.floor(d.getMilliseconds() / 10),
+    date,
+    time: (hour << 11) | ((minute + Math.floor(sec / 60)) << 5) | ((sec % 60) >> 1),
+    tenths: ((sec % 60) & 1) * 100 + Math.floor((inQuarter % 1000) / 10),
   };
 }
 

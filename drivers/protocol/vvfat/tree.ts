@@ -19,8 +19,8 @@ export interface FatNode {
   mtimeMs: number;
   atimeMs: number;
   ctimeMs: number;
-  /** 11 bytes, space padded. */
-  short: Buffer;
+  /** 11 bytes, space padded, as latin1. */
+  short: string;
   /** Whether the name needs LFN entries (it is not its own short name). */
   lfn: boolean;
   children: FatNode[];
@@ -105,7 +105,7 @@ function makeNode(name: string, hostPath: string, s: fs.Stats, parent: FatNode |
     mtimeMs: s.mtimeMs,
     atimeMs: s.atimeMs,
     ctimeMs: s.ctimeMs,
-    short: Buffer.alloc(0),
+    short: '',
     lfn: false,
     children: [],
     parent,
@@ -133,12 +133,16 @@ export function giveShortNames(dir: FatNode): void {
       later.push({ node, base, ext });
     }
   }
+  // The next tail to try for each basis: many names of one basis stay linear.
+  const tails = new Map<string, number>();
   for (const { node, base, ext } of later) {
-    for (let n = 1; ; n++) {
+    const key = `${base}.${ext}`;
+    for (let n = tails.get(key) ?? 1; ; n++) {
       const b = withTail(base, n);
       const text = ext ? `${b}.${ext}` : b;
       if (taken.has(text)) continue;
       taken.add(text);
+      tails.set(key, n + 1);
       node.short = shortBytes(b, ext);
       node.lfn = true;
       break;
@@ -204,9 +208,9 @@ function renderDirectory(d: FatNode, label: Buffer): Buffer {
     stamp(buf, 0, d);
     at = DIRENT;
   } else {
-    writeShort(buf, 0, Buffer.from('.          ', 'latin1'), ATTR_DIRECTORY, d.first, 0, d);
+    writeShort(buf, 0, '.          ', ATTR_DIRECTORY, d.first, 0, d);
     // `..` of a child of the root points at cluster 0 (FAT spec), FAT32 included.
-    writeShort(buf, DIRENT, Buffer.from('..         ', 'latin1'), ATTR_DIRECTORY, d.parent.parent ? d.parent.first : 0, 0, d);
+    writeShort(buf, DIRENT, '..         ', ATTR_DIRECTORY, d.parent.parent ? d.parent.first : 0, 0, d);
     at = 2 * DIRENT;
   }
   for (const c of d.children) {
@@ -217,8 +221,8 @@ function renderDirectory(d: FatNode, label: Buffer): Buffer {
   return buf;
 }
 
-function writeShort(buf: Buffer, at: number, short: Buffer, attr: number, first: number, size: number, times: FatNode): void {
-  short.copy(buf, at, 0, 11);
+function writeShort(buf: Buffer, at: number, short: string, attr: number, first: number, size: number, times: FatNode): void {
+  buf.write(short, at, 11, 'latin1');
   buf[at + 11] = attr;
   stamp(buf, at, times);
   buf.writeUInt16LE(first >>> 16, at + 20);
