@@ -70,7 +70,7 @@ export class VvfatNode implements BlockNode {
     if (this.closed) return;
     this.closed = true;
     try {
-      await this.writeBack?.commit();
+      await this.writeBack?.commit(true);
     } finally {
       await this.overlay?.close();
       await this.image.files.close();

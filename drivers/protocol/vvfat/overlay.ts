@@ -44,8 +44,11 @@ export class Overlay {
     return new Overlay(fd);
   }
 
-  /** Whole sectors (the node asks for sector alignment). */
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  /**
+   * Whole sectors (the node asks for sector alignment). `fresh` false: a copy the
+   * write-back makes itself, not a change to apply.
+   */
+  async write(offset: number, src: Uint8Array, fresh = true): Promise<void> {
     let done = 0;
     while (done < src.length) {
       done += await new Promise<number>((resolve, reject) =>
@@ -54,7 +57,7 @@ export class Overlay {
     }
     for (let s = offset / SECTOR; s < (offset + src.length) / SECTOR; s++) {
       mark(this.written, s);
-      mark(this.fresh, s);
+      if (fresh) mark(this.fresh, s);
     }
   }
 
@@ -77,7 +80,7 @@ export class Overlay {
     await Promise.all(pending);
   }
 
-  /** Whether anything was written since the last call; resets. */
+  /** The sectors written since the last call; resets. */
   takeFresh(): Bitmaps {
     const f = this.fresh;
     this.fresh = new Map();
