@@ -12,6 +12,7 @@ import { VvfatNode } from '../drivers/protocol/vvfat/node.js';
 import { run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
 import { listTree, makeTree, treeDiff } from './helpers/fat-tree.js';
+import { pattern } from './helpers/images.js';
 
 const MTOOLS_ENV = { ...process.env, MTOOLS_SKIP_CHECK: '1', LANG: 'C.UTF-8', LC_ALL: 'C.UTF-8' };
 const HD_OFFSET = 63 * 512;
@@ -251,6 +252,103 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
       const r = await run('sh', ['-c', `mcopy -n -i '${flat}@@${HD_OFFSET}' ::/big.bin - | cmp - '${big}'`], { env: MTOOLS_ENV, timeoutMs: 240_000 });
       expect(r, r.stderr).to.include({ code: 0 });
       await mounts.unmount(mp);
+    });
+  });
+
+  describe('rw: writes through the disk come back to the directory', () => {
+    for (const v of ['', '32:']) {
+      it(`fat:rw:${v}DIR with --rw: mcopy, mmd, mdel, mren and overwrites (larger, smaller, empty) land on the host`, async () => {
+        const dir = sub(`rw${v.replace(':', '')}`);
+        makeTree(dir, { seed: 77, depth: 2, width: 6, maxBytes: 4 << 20 });
+        fs.writeFileSync(path.join(dir, 'to delete.txt'), 'bye\n');
+        fs.writeFileSync(path.join(dir, 'Old Name.txt'), 'rename me\n');
+        fs.writeFileSync(path.join(dir, 'grow.bin'), Buffer.alloc(5000, 1));
+        fs.writeFileSync(path.join(dir, 'shrink.bin'), Buffer.alloc(300_000, 2));
+        fs.writeFileSync(path.join(dir, 'empty me.bin'), Buffer.alloc(1000, 3));
+        fs.mkdirSync(path.join(dir, 'gone dir'));
+        fs.writeFileSync(path.join(dir, 'gone dir', 'inside'), 'x');
+        const mp = sub(`mp-rw${v.replace(':', '')}`);
+        const log = path.join(tmp.dir, `rw${v.replace(':', '')}.log`);
+        await mounts.mount(['--rw', '--log', log, `fat:rw:${v}${dir}`, mp]);
+        const flat = path.join(mp, path.basename(dir) + '.raw');
+        const at = `${flat}@@${HD_OFFSET}`;
+        const src = (name: string, data: Buffer): string => {
+          const p = path.join(tmp.dir, name);
+          fs.writeFileSync(p, data);
+          return p;
+        };
+        const newData = pattern(123_457, 5);
+        await mtools('mcopy', ['-i', at, src('n1', newData), '::/brand new file.dat']);
+        await mtools('mmd', ['-i', at, '::/new dir']);
+        await mtools('mmd', ['-i', at, '::/new dir/nested']);
+        await mtools('mcopy', ['-i', at, src('n2', pattern(9000, 6)), '::/new dir/nested/ünïcødé ファイル.txt']);
+        await mtools('mdel', ['-i', at, '::/to delete.txt']);
+        await mtools('mdeltree', ['-i', at, '::/gone dir']);
+        await mtools('mren', ['-i', at, '::/Old Name.txt', '::/New Name.txt']);
+        await mtools('mmove', ['-i', at, '::/brand new file.dat', '::/new dir/Moved File.dat']);
+        await mtools('mcopy', ['-o', '-i', at, src('n3', pattern(70_000, 7)), '::/grow.bin']);
+        await mtools('mcopy', ['-o', '-i', at, src('n4', pattern(10, 8)), '::/shrink.bin']);
+        await mtools('mcopy', ['-o', '-i', at, src('n5', Buffer.alloc(0)), '::/empty me.bin']);
+
+        // Each mtools command closed the flat file, which flushed: the host has it all already.
+        const host = listTree(dir);
+        const expectFile = (rel: string, data: Buffer): void => {
+          expect(fs.readFileSync(path.join(dir, rel)).equals(data), rel).to.equal(true);
+        };
+        expectFile('new dir/Moved File.dat', newData);
+        expectFile('new dir/nested/ünïcødé ファイル.txt', pattern(9000, 6));
+        expectFile('New Name.txt', Buffer.from('rename me\n'));
+        expectFile('grow.bin', pattern(70_000, 7));
+        expectFile('shrink.bin', pattern(10, 8));
+        expectFile('empty me.bin', Buffer.alloc(0));
+        for (const gone of ['to delete.txt', 'Old Name.txt', 'gone dir', 'brand new file.dat']) expect(host.has(gone), gone).to.equal(false);
+
+        // The disk and the host agree, and the disk is still a clean FAT.
+        const out = path.join(tmp.dir, `rw-out${v.replace(':', '')}`);
+        await mcopyOut(flat, HD_OFFSET, out);
+        expect(treeDiff(host, listTree(out))).to.deep.equal([]);
+        const loop = (await runOk('losetup', ['-r', '-o', String(HD_OFFSET), '-f', '--show', flat])).trim();
+        try {
+          await fsckClean(loop);
+        } finally {
+          await runOk('losetup', ['-d', loop]);
+        }
+        await mounts.unmount(mp);
+        expect(treeDiff(host, listTree(dir))).to.deep.equal([]);
+        expect(fs.readFileSync(log, 'utf8')).to.not.match(/warning/);
+      });
+    }
+
+    it('refuses to overwrite a host file changed since the mount, with a log line', async () => {
+      const dir = sub('conflict');
+      fs.writeFileSync(path.join(dir, 'shared.txt'), 'original\n');
+      fs.writeFileSync(path.join(dir, 'other.txt'), 'other\n');
+      const mp = sub('mp-conflict');
+      const log = path.join(tmp.dir, 'conflict.log');
+      await mounts.mount(['--rw', '--log', log, `fat:rw:${dir}`, mp]);
+      const at = `${path.join(mp, 'conflict.raw')}@@${HD_OFFSET}`;
+      fs.writeFileSync(path.join(dir, 'shared.txt'), 'changed on the host\n');
+      const g = path.join(tmp.dir, 'guest.txt');
+      fs.writeFileSync(g, 'written by the guest\n');
+      await mtools('mcopy', ['-o', '-i', at, g, '::/shared.txt']);
+      await mtools('mdel', ['-i', at, '::/other.txt']);
+      await mounts.unmount(mp);
+      expect(fs.readFileSync(path.join(dir, 'shared.txt'), 'utf8')).to.equal('changed on the host\n');
+      expect(fs.existsSync(path.join(dir, 'other.txt'))).to.equal(false);
+      expect(fs.readFileSync(log, 'utf8')).to.match(/not applied to the host: changes to shared\.txt: the host file was changed since the mount/);
+    });
+
+    it('fat:rw:DIR without --rw mounts read-only and leaves the directory alone', async () => {
+      const dir = sub('rw-ro');
+      fs.writeFileSync(path.join(dir, 'keep.txt'), 'keep\n');
+      const mp = sub('mp-rw-ro');
+      await mounts.mount([`fat:rw:${dir}`, mp]);
+      const flat = path.join(mp, 'rw-ro.raw');
+      expect(fs.statSync(flat).mode & 0o222).to.equal(0);
+      const r = await run('mdel', ['-i', `${flat}@@${HD_OFFSET}`, '::/keep.txt'], { env: MTOOLS_ENV });
+      expect(r.code).to.not.equal(0);
+      await mounts.unmount(mp);
+      expect(fs.readFileSync(path.join(dir, 'keep.txt'), 'utf8')).to.equal('keep\n');
     });
   });
 });
