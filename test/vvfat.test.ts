@@ -7,7 +7,8 @@ import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { parseVvfatSpec, vvfatSpecFromOptions } from '../drivers/protocol/vvfat/spec.js';
 import { parseOptionList } from '../drivers/protocol/remote.js';
-import { lfnChecksum, shortBytes } from '../drivers/protocol/vvfat/names.js';
+import { lfnChecksum, shortBytes, writeLfn } from '../drivers/protocol/vvfat/names.js';
+import { parseDirectory } from '../drivers/protocol/vvfat/fat-reader.js';
 import { VvfatNode } from '../drivers/protocol/vvfat/node.js';
 import { run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
@@ -93,6 +94,20 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
       for (const c of Buffer.from('FILENA~1TXT', 'latin1')) ref = (((ref & 1) << 7) + (ref >> 1) + c) & 0xff;
       expect(sum('FILENA~1', 'TXT')).to.equal(ref);
       expect(sum('README', 'TXT')).to.not.equal(sum('README', 'TX'));
+    });
+  });
+
+  describe('long names', () => {
+    it('round-trip any Unicode name (surrogate pairs too) through LFN entries, and a wrong checksum falls back to the short name', () => {
+      const name = 'emoji-😀 ünïcødé ファイル with a long tail.txt';
+      const short = shortBytes('EMOJI-~1', 'TXT');
+      const buf = Buffer.alloc(32 * 8);
+      const end = writeLfn(buf, 0, name, lfnChecksum(short));
+      buf.write(short, end, 11, 'latin1');
+      buf[end + 11] = 0x20;
+      expect(parseDirectory(buf, false).map((e) => e.name)).to.deep.equal([name]);
+      buf[13] = (buf[13]! + 1) & 0xff; // the first LFN entry's checksum
+      expect(parseDirectory(buf, false).map((e) => e.name)).to.deep.equal(['EMOJI-~1.TXT']);
     });
   });
 
@@ -336,6 +351,27 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
       expect(fs.readFileSync(path.join(dir, 'shared.txt'), 'utf8')).to.equal('changed on the host\n');
       expect(fs.existsSync(path.join(dir, 'other.txt'))).to.equal(false);
       expect(fs.readFileSync(log, 'utf8')).to.match(/not applied to the host: changes to shared\.txt: the host file was changed since the mount/);
+    });
+
+    it('puts off a FAT in the middle of an update, and says so at close if it never becomes consistent', async () => {
+      const dir = sub('half-written');
+      const warnings: string[] = [];
+      const node = await VvfatNode.open(`fat:rw:${dir}`, { readOnly: false, cache: 'writeback', warn: (t) => warnings.push(t) });
+      // A root entry of 100,000 bytes whose first cluster is still free in the FAT.
+      const rootSector = Buffer.alloc(512);
+      const rootAt = (63 + 1 + 2 * 252) * 512;
+      await node.read(rootAt, rootSector);
+      rootSector.write('BAD     TXT', 32, 'latin1');
+      rootSector[32 + 11] = 0x20;
+      rootSector.writeUInt16LE(50, 32 + 26);
+      rootSector.writeUInt32LE(100_000, 32 + 28);
+      await node.write(rootAt, rootSector);
+      await node.flush();
+      expect(fs.readdirSync(dir)).to.deep.equal([]);
+      expect(warnings).to.deep.equal([]);
+      await node.close();
+      expect(fs.readdirSync(dir)).to.deep.equal([]);
+      expect(warnings.join('\n')).to.match(/writes not applied to .*half-written: the FAT is not consistent \(\/BAD\.TXT: chain points at cluster 0\)/);
     });
 
     it('fat:rw:DIR without --rw mounts read-only and leaves the directory alone', async () => {
