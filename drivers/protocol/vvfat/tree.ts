@@ -46,7 +46,7 @@ export function scanTree(root: string, warn: (text: string) => void): FatNode {
     throw new UsageError(`fat:${root}: cannot read the directory: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
   }
   if (!st.isDirectory()) throw new UsageError(`fat:${root}: not a directory`);
-  const top = makeNode('', root, st, undefined);
+  const top = makeNode('', path.resolve(root), st, undefined);
   const stack: FatNode[] = [top];
   while (stack.length) {
     const dir = stack.pop()!;
@@ -58,8 +58,9 @@ export function scanTree(root: string, warn: (text: string) => void): FatNode {
     }
     names.sort();
     const folded = new Set<string>();
+    const prefix = dir.hostPath === '/' ? '' : dir.hostPath;
     for (const name of names) {
-      const p = path.join(dir.hostPath, name);
+      const p = `${prefix}/${name}`;
       const skip = (why: string): void => warn(`fat:${root}: ${p} ${why}; left out of the disk`);
       const bad = name.includes('\ufffd') ? 'is not valid UTF-8' : badLongName(name);
       if (bad) {

@@ -68,8 +68,9 @@ export class WriteBack {
     walk(image.root, '');
   }
 
+  /** The directory, absolute (as every host path of the built disk). */
   private get root(): string {
-    return this.image.spec.dir;
+    return this.image.root.hostPath;
   }
 
   /** Apply what was written since the last commit; commits run one at a time. */
