@@ -18,25 +18,9 @@ import { pattern } from './helpers/images.js';
 const MTOOLS_ENV = { ...process.env, MTOOLS_SKIP_CHECK: '1', LANG: 'C.UTF-8', LC_ALL: 'C.UTF-8' };
 const HD_OFFSET = 63 * 512;
 
-async function openFat(spec: string, rw = false): Promise<BlockNode> {
-  const [node] = await openGraph([spec], { readOnly: !rw, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false });
+async function openFat(spec: string): Promise<BlockNode> {
+  const [node] = await openGraph([spec], { readOnly: true, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false });
   return node!;
-}
-
-/** The disk (from `from` on) as a sparse file: the blocks that are not all zeros. */
-async function dump(node: BlockNode, file: string, from = 0): Promise<void> {
-  const fd = fs.openSync(file, 'w');
-  try {
-    fs.ftruncateSync(fd, node.size - from);
-    const buf = Buffer.alloc(1 << 20);
-    for (let o = from; o < node.size; o += buf.length) {
-      const b = buf.subarray(0, Math.min(buf.length, node.size - o));
-      await node.read(o, b);
-      if (b.some((x) => x !== 0)) fs.writeSync(fd, b, 0, b.length, o - from);
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 /** fsck.fat -n must say nothing but its version and the summary line. */
@@ -57,6 +41,16 @@ async function mtools(cmd: string, args: string[]): Promise<string> {
 async function mcopyOut(image: string, offset: number, out: string): Promise<void> {
   fs.mkdirSync(out, { recursive: true });
   await mtools('mcopy', ['-s', '-n', '-m', '-i', `${image}@@${offset}`, '::/', out]);
+}
+
+/** fsck.fat -n of the file system at `offset` in `flat`, through a read-only loop device. */
+async function fsckAt(flat: string, offset: number): Promise<void> {
+  const loop = (await runOk('losetup', ['-r', '-o', String(offset), '-f', '--show', flat])).trim();
+  try {
+    await fsckClean(loop);
+  } finally {
+    await runOk('losetup', ['-d', loop]);
+  }
 }
 
 describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
@@ -140,20 +134,18 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
     }
 
     it('fat:32:DIR is a FAT32 that sfdisk and fsck.fat accept, with FSInfo and a backup boot sector', async () => {
-      const node = await openFat(`fat:32:${dir}`);
-      const img = path.join(tmp.dir, 'f32.raw');
+      const mp = sub('mp-f32');
+      await mounts.mount([`fat:32:${dir}`, mp]);
+      const flat = path.join(mp, 'small.raw');
+      expect(await runOk('sfdisk', ['-d', flat])).to.match(/start=\s*63, size=\s*\d+, type=b, bootable/);
+      await fsckAt(flat, HD_OFFSET);
+      const loop = (await runOk('losetup', ['-r', '-o', String(HD_OFFSET), '-f', '--show', flat])).trim();
       try {
-        await dump(node, img);
+        expect(await runOk('fsck.fat', ['-n', '-v', loop])).to.match(/32 bit entries/);
       } finally {
-        await node.close();
+        await runOk('losetup', ['-d', loop]);
       }
-      const sf = await runOk('sfdisk', ['-d', img]);
-      expect(sf).to.match(/start=\s*63, size=\s*\d+, type=b, bootable/);
-      const part = path.join(tmp.dir, 'f32.part');
-      await runOk('dd', [`if=${img}`, `of=${part}`, 'bs=512', 'skip=63', 'conv=sparse', 'status=none']);
-      await fsckClean(part);
-      const r = await runOk('fsck.fat', ['-n', '-v', part]);
-      expect(r).to.match(/32 bit entries/);
+      await mounts.unmount(mp);
     });
   });
 
@@ -170,24 +162,18 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
         const dir = sub(`tree${i}`);
         makeTree(dir, { seed: 1000 + i, depth: m.depth, width: m.width, maxBytes: m.bytes });
         const want = listTree(dir);
-        const node = await openFat(`fat:${m.v}${dir}`);
-        const img = path.join(tmp.dir, `tree${i}.raw`);
         const floppy = m.v.startsWith('floppy');
-        try {
-          await dump(node, img);
-        } finally {
-          await node.close();
-        }
-        const part = path.join(tmp.dir, `tree${i}.part`);
-        await runOk('dd', [`if=${img}`, `of=${part}`, 'bs=512', `skip=${floppy ? 0 : 63}`, 'conv=sparse', 'status=none']);
-        await fsckClean(part);
-        if (!floppy) expect(await runOk('sfdisk', ['-d', img])).to.match(/start=\s*63,.*bootable/);
+        const offset = floppy ? 0 : HD_OFFSET;
+        const mp = sub(`mp-tree${i}`);
+        await mounts.mount([`fat:${m.v}${dir}`, mp]);
+        const flat = path.join(mp, `tree${i}.raw`);
+        await fsckAt(flat, offset);
+        if (!floppy) expect(await runOk('sfdisk', ['-d', flat])).to.match(/start=\s*63,.*bootable/);
         const out = path.join(tmp.dir, `out${i}`);
-        await mcopyOut(img, floppy ? 0 : HD_OFFSET, out);
+        await mcopyOut(flat, offset, out);
         expect(treeDiff(want, listTree(out), { mtimes: true })).to.deep.equal([]);
-        fs.rmSync(out, { recursive: true });
-        fs.rmSync(img);
-        fs.rmSync(part);
+        await mounts.unmount(mp);
+
       });
     }
   });
@@ -201,12 +187,7 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
       await mounts.mount([`fat:${dir}`, mp]);
       const flat = path.join(mp, 'mounted.raw');
       expect(await runOk('fdisk', ['-l', flat])).to.match(/mounted\.raw1 \*\s+63\s+1032191\s+1032129/);
-      const loop = (await runOk('losetup', ['-r', '-o', String(HD_OFFSET), '-f', '--show', flat])).trim();
-      try {
-        await fsckClean(loop);
-      } finally {
-        await runOk('losetup', ['-d', loop]);
-      }
+      await fsckAt(flat, HD_OFFSET);
       const out = path.join(tmp.dir, 'out-mounted');
       await mcopyOut(flat, HD_OFFSET, out);
       expect(treeDiff(want, listTree(out), { mtimes: true })).to.deep.equal([]);
@@ -254,7 +235,7 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
       await node.close();
       // The goal is under a second (scripts/BENCHMARKS.md); the bound here leaves room for a busy machine.
       console.log(`      open of 10,001 files, ${((0xffffffff + 10e9) / 1e9).toFixed(1)} GB: ${ms.toFixed(0)} ms`);
-      expect(ms).to.be.below(5000);
+      expect(ms).to.be.below(10_000);
 
       const mp = sub('mp3');
       await mounts.mount([`fat:32:${dir}`, mp]);
@@ -280,6 +261,8 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
         fs.writeFileSync(path.join(dir, 'grow.bin'), Buffer.alloc(5000, 1));
         fs.writeFileSync(path.join(dir, 'shrink.bin'), Buffer.alloc(300_000, 2));
         fs.writeFileSync(path.join(dir, 'empty me.bin'), Buffer.alloc(1000, 3));
+        fs.mkdirSync(path.join(dir, 'old dir', 'deeper'), { recursive: true });
+        fs.writeFileSync(path.join(dir, 'old dir', 'deeper', 'kept.bin'), pattern(50_000, 9));
         fs.mkdirSync(path.join(dir, 'gone dir'));
         fs.writeFileSync(path.join(dir, 'gone dir', 'inside'), 'x');
         const mp = sub(`mp-rw${v.replace(':', '')}`);
@@ -301,6 +284,7 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
         await mtools('mdeltree', ['-i', at, '::/gone dir']);
         await mtools('mren', ['-i', at, '::/Old Name.txt', '::/New Name.txt']);
         await mtools('mmove', ['-i', at, '::/brand new file.dat', '::/new dir/Moved File.dat']);
+        await mtools('mren', ['-i', at, '::/old dir', '::/Renamed Dir']);
         await mtools('mcopy', ['-o', '-i', at, src('n3', pattern(70_000, 7)), '::/grow.bin']);
         await mtools('mcopy', ['-o', '-i', at, src('n4', pattern(10, 8)), '::/shrink.bin']);
         await mtools('mcopy', ['-o', '-i', at, src('n5', Buffer.alloc(0)), '::/empty me.bin']);
@@ -314,20 +298,16 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
         expectFile('new dir/nested/ünïcødé ファイル.txt', pattern(9000, 6));
         expectFile('New Name.txt', Buffer.from('rename me\n'));
         expectFile('grow.bin', pattern(70_000, 7));
+        expectFile('Renamed Dir/deeper/kept.bin', pattern(50_000, 9));
         expectFile('shrink.bin', pattern(10, 8));
         expectFile('empty me.bin', Buffer.alloc(0));
-        for (const gone of ['to delete.txt', 'Old Name.txt', 'gone dir', 'brand new file.dat']) expect(host.has(gone), gone).to.equal(false);
+        for (const gone of ['to delete.txt', 'Old Name.txt', 'gone dir', 'brand new file.dat', 'old dir']) expect(host.has(gone), gone).to.equal(false);
 
         // The disk and the host agree, and the disk is still a clean FAT.
         const out = path.join(tmp.dir, `rw-out${v.replace(':', '')}`);
         await mcopyOut(flat, HD_OFFSET, out);
         expect(treeDiff(host, listTree(out))).to.deep.equal([]);
-        const loop = (await runOk('losetup', ['-r', '-o', String(HD_OFFSET), '-f', '--show', flat])).trim();
-        try {
-          await fsckClean(loop);
-        } finally {
-          await runOk('losetup', ['-d', loop]);
-        }
+        await fsckAt(flat, HD_OFFSET);
         await mounts.unmount(mp);
         expect(treeDiff(host, listTree(dir))).to.deep.equal([]);
         expect(fs.readFileSync(log, 'utf8')).to.not.match(/warning/);

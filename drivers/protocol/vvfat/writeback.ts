@@ -44,6 +44,9 @@ interface Now extends ReadEntry {
   chain: number[];
 }
 
+/** A path whose folder is not inside the mounted directory (the host changed it). */
+class OutsideError extends Error {}
+
 export class WriteBack {
   private known: Known[];
   private running: Promise<void> = Promise.resolve();
@@ -155,8 +158,12 @@ export class WriteBack {
         continue;
       }
       const tmp = `.tsmount-vvfat-${process.pid}-${this.temp++}`;
-      await this.move(k.rel, tmp, k);
-      aside.set(n, tmp);
+      try {
+        await this.move(k.rel, tmp, k);
+        aside.set(n, tmp);
+      } catch (err) {
+        refuse(n, `rename of ${k.rel} to ${n.rel}`, errText(err));
+      }
     }
     // Deletions, deepest first.
     for (const k of deleted.sort((a, b) => depth(b.rel) - depth(a.rel))) {
@@ -174,34 +181,40 @@ export class WriteBack {
       }
       if (k.base) this.forgetBase(k.base);
     }
-    // New directories, moved items and files, parents first.
+    // New directories, moved items and files, parents first. Each on its own: one
+    // refused (its folder missing, say) does not stop the others.
     for (const n of nows) {
       const k = pairs.get(n);
       const tmp = aside.get(n);
-      if (tmp !== undefined) {
-        if (fs.existsSync(this.host(n.rel))) {
-          refuse(n, `rename of ${k!.rel} to ${n.rel}`, 'a file of that name appeared on the host');
-          await this.move(tmp, k!.rel, k!);
+      const what = tmp !== undefined ? `rename of ${k!.rel} to ${n.rel}` : n.dir ? `new directory ${n.rel}` : k ? `changes to ${n.rel}` : `new file ${n.rel}`;
+      try {
+        if (tmp !== undefined) {
+          if (exists(this.host(n.rel))) {
+            refuse(n, what, 'a file of that name appeared on the host');
+            await this.move(tmp, k!.rel, k!);
+            continue;
+          }
+          await this.move(tmp, n.rel, k!);
+        }
+        if (n.dir && !k) {
+          try {
+            fs.mkdirSync(this.host(n.rel));
+          } catch (err) {
+            if (!((err as NodeJS.ErrnoException).code === 'EEXIST' && fs.lstatSync(this.host(n.rel)).isDirectory())) throw err;
+          }
           continue;
         }
-        await this.move(tmp, n.rel, k!);
-      }
-      if (n.dir && !k) {
-        try {
-          fs.mkdirSync(this.host(n.rel));
-        } catch (err) {
-          if (!((err as NodeJS.ErrnoException).code === 'EEXIST' && fs.statSync(this.host(n.rel)).isDirectory())) refuse(n, `new directory ${n.rel}`, errText(err));
+        if (n.dir || refused.has(n)) continue;
+        if (!k) {
+          if (exists(this.host(n.rel))) refuse(n, what, 'a file of that name appeared on the host');
+          else await this.writeFile(n, reader);
+        } else if (changed.has(n)) {
+          const why = this.hostChanged(k, n.rel);
+          if (why) refuse(n, what, why);
+          else await this.writeFile(n, reader);
         }
-        continue;
-      }
-      if (n.dir || refused.has(n)) continue;
-      if (!k) {
-        if (fs.existsSync(this.host(n.rel))) refuse(n, `new file ${n.rel}`, 'a file of that name appeared on the host');
-        else await this.writeFile(n, reader);
-      } else if (changed.has(n)) {
-        const why = this.hostChanged(k, n.rel);
-        if (why) refuse(n, `changes to ${n.rel}`, why);
-        else await this.writeFile(n, reader);
+      } catch (err) {
+        refuse(n, what, errText(err));
       }
     }
     this.known = nows.map((n) => this.knownFrom(n, pairs.get(n), refused.has(n)));
@@ -236,8 +249,23 @@ export class WriteBack {
     return out;
   }
 
+  /**
+   * The host path of `rel`, after checking that its folder is really inside the
+   * directory: a folder the host swapped for a symbolic link must not lead a write
+   * out of the tree.
+   */
   private host(rel: string): string {
-    return path.join(this.root, rel);
+    const p = path.join(this.root, rel);
+    if (rel === '') return p;
+    let real: string;
+    try {
+      real = fs.realpathSync(path.dirname(p));
+    } catch {
+      return p; // a missing folder fails the operation itself
+    }
+    const top = fs.realpathSync(this.root);
+    if (real !== top && !real.startsWith(top === '/' ? '/' : `${top}/`)) throw new OutsideError(`${rel}: its folder leads outside ${this.root}`);
+    return p;
   }
 
   /** Why the host file no longer is what the disk last matched, or undefined. */
@@ -332,6 +360,16 @@ export class WriteBack {
       }
     }
     return { rel: n.rel, dir: n.dir, first: n.first, size: n.size, count: n.chain.length, list: contiguous ? undefined : n.chain, hostMtimeMs, hostSize, base: k?.base };
+  }
+}
+
+/** Whether anything (a dangling symbolic link too) has this name. */
+function exists(p: string): boolean {
+  try {
+    fs.lstatSync(p);
+    return true;
+  } catch {
+    return false;
   }
 }
 
