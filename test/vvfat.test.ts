@@ -308,6 +308,9 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
         await mtools('mcopy', ['-i', at, src('n2', pattern(9000, 6)), '::/new dir/nested/ünïcødé ファイル.txt']);
         await mtools('mdel', ['-i', at, '::/to delete.txt']);
         await mtools('mdeltree', ['-i', at, '::/gone dir']);
+        // A new directory in the freed cluster: known by its first cluster, it looks like a rename of the old one.
+        await mtools('mmd', ['-i', at, '::/reused cluster']);
+        await mtools('mcopy', ['-i', at, src('n6', pattern(3000, 10)), '::/reused cluster/only.bin']);
         await mtools('mren', ['-i', at, '::/Old Name.txt', '::/New Name.txt']);
         await mtools('mmove', ['-i', at, '::/brand new file.dat', '::/new dir/Moved File.dat']);
         await mtools('mren', ['-i', at, '::/old dir', '::/Renamed Dir']);
@@ -325,6 +328,7 @@ describe('vvfat: virtual FAT disks from a directory (fat:DIR)', function () {
         expectFile('New Name.txt', Buffer.from('rename me\n'));
         expectFile('grow.bin', pattern(70_000, 7));
         expectFile('Renamed Dir/deeper/kept.bin', pattern(50_000, 9));
+        expect(fs.readdirSync(path.join(dir, 'reused cluster'))).to.deep.equal(['only.bin']);
         expectFile('shrink.bin', pattern(10, 8));
         expectFile('empty me.bin', Buffer.alloc(0));
         for (const gone of ['to delete.txt', 'Old Name.txt', 'gone dir', 'brand new file.dat', 'old dir']) expect(host.has(gone), gone).to.equal(false);

@@ -294,6 +294,8 @@ export class WriteBack {
         b.hostPath = newPath + b.hostPath.slice(oldPath.length);
       }
     }
+    // What lies inside a moved directory moves with it.
+    if (k.dir) for (const d of this.known) if (d.rel.startsWith(`${k.rel}/`)) d.rel = to + d.rel.slice(k.rel.length);
     k.rel = to;
   }
 
