@@ -10,6 +10,7 @@ PACKAGES=(
   libfuse2 fuse3                    # FUSE: fuse-native links libfuse2; fusermount
   qemu-utils qemu-system-common     # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
   fdisk util-linux                  # fdisk -l, losetup in the tests
+  dosfstools mtools                 # virtual FAT tests: fsck.fat, mcopy/mdir/mmd/mdel/mren
   fio xmount                        # benchmarks (npm run bench)
   nbdkit                            # NBD tests (memory, file plugins)
   openssl                           # NBD over TLS tests: the CAs and certificates they make

@@ -5,6 +5,7 @@ import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
 import { FileNode } from './file.js';
 import { nbdProtocol, sshProtocol } from './remote.js';
+import { vvfatProtocol } from './vvfat/index.js';
 
 /** Local files and host block devices: every spec no other protocol claims. */
 export const fileProtocol: ProtocolDriver = {
@@ -43,6 +44,7 @@ export function registerProtocol(p: ProtocolDriver): void {
 }
 registerProtocol(nbdProtocol);
 registerProtocol(sshProtocol);
+registerProtocol(vvfatProtocol);
 
 export function protocolFor(spec: string): ProtocolDriver {
   for (const p of protocols) if (p.claims(spec)) return p;

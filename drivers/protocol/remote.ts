@@ -7,6 +7,7 @@ import { UsageError } from '../errors.js';
 import type { SshSessions } from './ssh/node.js';
 import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
 import type { QemuObjects } from '../objects.js';
+import { vvfatSpecFromOptions } from './vvfat/spec.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
 
 export const nbdProtocol: ProtocolDriver = {
@@ -112,6 +113,8 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
   const driver = o.get('driver');
   if (!driver) throw new UsageError(`--image-opts: 'driver' is required`);
   o.delete('driver');
+  // QEMU's vvfat is a protocol whose options make up its fat: name.
+  if (driver === 'vvfat') return { spec: vvfatSpecFromOptions(o), format: 'raw' };
   let format: string | undefined;
   let prefix = '';
   if (PROTOCOL_DRIVERS.has(driver)) {
