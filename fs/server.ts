@@ -17,6 +17,9 @@ import { flatFileOwnership, rootOwnership, type MountAccess, type PulledFile } f
 import { findMount, mountDevice, mountSource, shownImage, stillMounted, writeState } from './mounts.js';
 import { log } from './log.js';
 import { formatOf } from '../drivers/open.js';
+import { partitionFiles } from './partitions.js';
+import { prepareOverlays } from './overlay.js';
+import { layerFiles } from './layers.js';
 
 const debug = createDebug('tsmount:server');
 
@@ -48,6 +51,14 @@ export interface ServeOptions {
   namedFiles?: NamedFilePolicy;
   /** Polled between steps of the start: true once whoever started us has gone. */
   abandoned?: () => boolean;
+  /** Write into this qcow2 overlay over the image, made if missing (fs/overlay.ts). */
+  overlay?: string;
+  /** Write into a temporary overlay, discarded when the server exits. */
+  snapshot?: boolean;
+  /** Show each layer of the backing chain as <stem>@<layer>.raw too (fs/layers.ts). */
+  layers?: boolean;
+  /** Show each partition as <stem>-p<N>.raw too (fs/partitions.ts). */
+  partitions?: boolean;
   /** Called once everything is open, just before mounting. */
   beforeMount?: () => void;
 }
@@ -155,10 +166,14 @@ export class Server {
   /** Open every image, then mount; on any failure nothing stays open or mounted. */
   static async start(opts: ServeOptions): Promise<Server> {
     const target = planMount(opts.images, opts.mountpoint, opts.fuseOptions);
+    if (opts.partitions && target.overFile) throw new UsageError(`${opts.mountpoint}: --partitions needs a directory as the mountpoint`);
     if (opts.abandoned?.()) throw new AbandonedError('interrupted before the mount was ready; not mounted');
-    const nodes = await openGraph(opts.images, {
+    const overlays = await prepareOverlays(opts.images, opts);
+    // With an overlay the graph opens the overlay; the image is its (read-only) backing file.
+    const specs = overlays?.specs ?? opts.images;
+    const nodes = await openGraph(specs, {
       readOnly: !opts.rw,
-      format: opts.format,
+      format: overlays ? 'qcow2' : opts.format,
       cache: opts.cache,
       cacheSize: opts.cacheSize,
       locking: opts.locking,
@@ -166,11 +181,14 @@ export class Server {
       shareRw: opts.shareRw,
       secret: opts.secret,
       namedFiles: opts.namedFiles,
+    }).catch((err: unknown) => {
+      overlays?.discard();
+      throw err;
     });
     const access = opts.access ?? { allowOther: false, growable: false };
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
-      const local = protocolFor(opts.images[i]!) === fileProtocol ? opts.images[i]!.replace(/^file:/, '') : undefined;
+      const local = protocolFor(specs[i]!) === fileProtocol ? specs[i]!.replace(/^file:/, '') : undefined;
       const st = local !== undefined ? fs.statSync(local) : undefined;
       // The other files the image reads (backing files, extents, a data file) narrow the mode.
       const others: PulledFile[] = namedFilesOf(node).map((f) => ({ uid: f.stat.uid, gid: f.stat.gid, mode: f.stat.mode, written: f.write }));
@@ -178,6 +196,11 @@ export class Server {
       return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date(), hostFile: local };
     });
     if (!target.overFile) files.push(...snapshotFiles(files));
+    if (opts.layers && !target.overFile) files.push(...layerFiles(files.slice(0, nodes.length), new Set(files.map((f) => f.name)), (m) => log('warning', m)));
+    if (opts.partitions) {
+      const parts = await partitionFiles(files.slice(0, nodes.length), new Set(files.map((f) => f.name)), (m) => log('warning', m));
+      files.push(...parts.map((p) => p.file));
+    }
     const flat = new FlatFs(files, target.overFile, (msg) => log('err', msg), {
       root: rootOwnership(access, opts.rw),
       growable: access.growable,
