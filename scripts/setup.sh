@@ -10,6 +10,7 @@ PACKAGES=(
   libfuse2 fuse3                    # FUSE: fuse-native links libfuse2; fusermount
   qemu-utils qemu-system-common     # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
   fdisk util-linux                  # fdisk -l, losetup in the tests
+  gdisk e2fsprogs                   # sgdisk, mkfs.ext4, e2fsck, debugfs: --partitions tests
   fio xmount                        # benchmarks (npm run bench)
   nbdkit                            # NBD tests (memory, file plugins)
   openssh-server openssh-client     # SSH/SFTP tests: sshd, ssh-agent, ssh-keygen
