@@ -34,4 +34,9 @@ apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
 npm ci --no-audit --no-fund
 npm run build
 npm link --no-audit --no-fund >/dev/null
+# mount(8) looks for mount.fuse.tsmount in /sbin only (and mount.fuse3 runs `tsmount` from
+# /sbin:/usr/sbin:/bin:/usr/bin): fstab lines and `mount -t fuse.tsmount` need these links.
+bindir="$(npm prefix -g)/bin"
+ln -sf "$bindir/mount.fuse.tsmount" /sbin/mount.fuse.tsmount
+ln -sf "$bindir/tsmount" /usr/sbin/tsmount
 echo "setup.sh: done; try: tsmount --help"
