@@ -20,6 +20,9 @@ import { formatOf } from '../drivers/open.js';
 import { partitionFiles } from './partitions.js';
 import { prepareOverlays } from './overlay.js';
 import { layerFiles } from './layers.js';
+import { chainOf, StatusPublisher, type FileDetails, type MountDetails } from './status.js';
+import { CountingFilter, newCounters } from '../drivers/filters/counting.js';
+import { ClusterCache } from '../cache/cluster-cache.js';
 
 const debug = createDebug('tsmount:server');
 
@@ -154,6 +157,7 @@ export class Server {
   /** The mount's device number ("0:NN"), which names it in the registry. */
   private dev: string | undefined;
   private stateFile: string | undefined;
+  private status: StatusPublisher | undefined;
 
   private constructor(
     private readonly target: MountTarget,
@@ -186,6 +190,7 @@ export class Server {
       throw err;
     });
     const access = opts.access ?? { allowOther: false, growable: false };
+    const counters = newCounters();
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
       const local = protocolFor(specs[i]!) === fileProtocol ? specs[i]!.replace(/^file:/, '') : undefined;
@@ -193,20 +198,22 @@ export class Server {
       // The other files the image reads (backing files, extents, a data file) narrow the mode.
       const others: PulledFile[] = namedFilesOf(node).map((f) => ({ uid: f.stat.uid, gid: f.stat.gid, mode: f.stat.mode, written: f.write }));
       const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(node), choice: access });
-      return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date(), hostFile: local };
+      return { name: target.names[i]!, node: new CountingFilter(node, counters), writable: opts.rw, ...own, mtime: st?.mtime ?? new Date(), hostFile: local };
     });
     if (!target.overFile) files.push(...snapshotFiles(files));
     if (opts.layers && !target.overFile) files.push(...layerFiles(files.slice(0, nodes.length), new Set(files.map((f) => f.name)), (m) => log('warning', m)));
+    let partitionsOf = new Map<string, FileDetails['partition']>();
     if (opts.partitions) {
       const parts = await partitionFiles(files.slice(0, nodes.length), new Set(files.map((f) => f.name)), (m) => log('warning', m));
       files.push(...parts.map((p) => p.file));
+      partitionsOf = new Map(parts.map((p) => [p.file.name, { number: p.partition.number, scheme: p.partition.scheme, ...(p.partition.name ? { name: p.partition.name } : {}) }]));
     }
     const flat = new FlatFs(files, target.overFile, (msg) => log('err', msg), {
       root: rootOwnership(access, opts.rw),
       growable: access.growable,
     });
     const server = new Server(target, nodes, flat);
-    server.ready = files.map((f, i) => readyLine(f, f.node, opts.rw, target.mountpoint));
+    server.ready = files.map((f, i) => readyLine(f, nodes[i] ?? f.node, opts.rw, target.mountpoint));
     opts.beforeMount?.();
     if (opts.abandoned?.()) {
       await Promise.allSettled(nodes.map((n) => n.close()));
@@ -227,7 +234,18 @@ export class Server {
     server.dev = mountDevice(target.mountpoint);
     if (server.dev) {
       setReadahead(server.dev, READAHEAD_KIB);
-      server.stateFile = writeState(server.dev, { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw });
+      const details: MountDetails = {
+        chains: nodes.map((n, i) => chainOf(n, shownImage(specs[i]!))),
+        files: files.map((f) => ({ name: f.name, writable: f.writable, ...(partitionsOf.has(f.name) ? { partition: partitionsOf.get(f.name) } : {}) })),
+        ...(opts.overlay !== undefined ? { overlay: path.resolve(opts.overlay) } : opts.snapshot ? { overlay: 'temporary' } : {}),
+      };
+      const state = { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw, details };
+      server.stateFile = writeState(server.dev, state);
+      if (server.stateFile) {
+        server.status = new StatusPublisher(server.stateFile, state, counters, nodes.map((n) => (n instanceof ClusterCache ? n.stats : { hits: 0, misses: 0 })));
+        server.status.publish();
+        server.status.start();
+      }
       if (!server.stateFile) debug('no state file for %s: tsmount -u will not wait for this server', target.mountpoint);
     }
     server.watch();
@@ -286,6 +304,7 @@ export class Server {
   shutdown(unmount: boolean): Promise<void> {
     this.shuttingDown ??= (async () => {
       if (this.watcher) clearInterval(this.watcher);
+      this.status?.stop();
       let code = 0;
       if (unmount && this.mounted()) {
         try {

@@ -1,0 +1,54 @@
+// Counts what passes through (tsmount --list): requests, bytes, requests in flight,
+// failures. A few integer additions per request; whoever wants the numbers reads the
+// object it was given.
+import type { BlockNode } from '../types.js';
+import { Filter } from './filter.js';
+
+export interface IoCounters {
+  reads: number;
+  bytesRead: number;
+  writes: number;
+  bytesWritten: number;
+  inFlight: number;
+  errors: number;
+}
+
+export function newCounters(): IoCounters {
+  return { reads: 0, bytesRead: 0, writes: 0, bytesWritten: 0, inFlight: 0, errors: 0 };
+}
+
+export class CountingFilter extends Filter {
+  constructor(next: BlockNode, readonly counters: IoCounters) {
+    super(next);
+  }
+
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
+    const c = this.counters;
+    c.reads++;
+    c.inFlight++;
+    try {
+      await this.next.read(offset, dst);
+      c.bytesRead += dst.length;
+    } catch (err) {
+      c.errors++;
+      throw err;
+    } finally {
+      c.inFlight--;
+    }
+  }
+
+  override async write(offset: number, src: Uint8Array): Promise<void> {
+    const c = this.counters;
+    c.writes++;
+    c.inFlight++;
+    try {
+      await this.next.write(offset, src);
+      c.bytesWritten += src.length;
+    } catch (err) {
+      c.errors++;
+      throw err;
+    } finally {
+      c.inFlight--;
+    }
+  }
+}
