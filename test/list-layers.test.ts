@@ -5,8 +5,8 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { qemuIo, rawMd5, runOk, tempDir, md5File } from './helpers/qemu.js';
-import { MountTracker, mountedPid, tsmount } from './helpers/mount.js';
-import { pattern } from './helpers/images.js';
+import { MountTracker, mountedPid, tsmount, mountpointIn } from './helpers/mount.js';
+import { pattern, writeSynced } from './helpers/images.js';
 import type { ListedMount } from '../mount-helpers/list.js';
 
 const MiB = 1 << 20;
@@ -40,11 +40,7 @@ describe('tsmount --list and --layers', function () {
   afterEach(() => mounts.cleanup());
   after(() => tmp.cleanup());
 
-  const mp = (name: string): string => {
-    const p = path.join(tmp.dir, name);
-    fs.mkdirSync(p, { recursive: true });
-    return p;
-  };
+  const mp = (name: string): string => mountpointIn(tmp.dir, name);
 
   it('--layers shows each layer read-only, equal to qemu-img convert of it', async function () {
     const dir = mp('layers');
@@ -61,10 +57,7 @@ describe('tsmount --list and --layers', function () {
     const dir = mp('listed');
     await mounts.mount(['--rw', '--cache-size', '8M', top, dir]);
     const flat = path.join(dir, 'top.raw');
-    const fd = fs.openSync(flat, 'r+');
-    fs.writeSync(fd, pattern(MiB, 5), 0, MiB, 4 * MiB);
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
+    writeSynced(flat, 4 * MiB, pattern(MiB, 5));
     fs.readFileSync(flat);
     // The server publishes its counters about once a second.
     let m: ListedMount | undefined;

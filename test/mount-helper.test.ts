@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { checkImage, md5File, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
-import { MountTracker, forceUnmount, tsmountProcesses, waitFor } from './helpers/mount.js';
+import { MountTracker, forceUnmount, tsmountProcesses, waitFor, mountpointIn } from './helpers/mount.js';
 import { pattern } from './helpers/images.js';
 
 const HELPER = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../mount-helpers/mount-fuse.js');
@@ -36,11 +36,7 @@ describe('mount.fuse.tsmount: fstab and mount -t fuse.tsmount', function () {
   });
   after(() => tmp.cleanup());
 
-  const mp = (name: string): string => {
-    const p = path.join(tmp.dir, name);
-    fs.mkdirSync(p, { recursive: true });
-    return p;
-  };
+  const mp = (name: string): string => mountpointIn(tmp.dir, name);
 
   /** Run `script` in a private mount namespace where mount(8) finds our helper as mount.fuse. */
   async function inNamespace(script: string): Promise<string> {

@@ -7,21 +7,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { checkImage, md5File, run, runOk, tempDir } from './helpers/qemu.js';
-import { MountTracker, tsmount } from './helpers/mount.js';
-import { pattern } from './helpers/images.js';
+import { MountTracker, tsmount, mountpointIn } from './helpers/mount.js';
+import { pattern, writeSynced } from './helpers/images.js';
 
 const MiB = 1 << 20;
-
-/** Write `data` at `offset` of `file` and fsync it (through the mount). */
-function writeAt(file: string, offset: number, data: Buffer): void {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.writeSync(fd, data, 0, data.length, offset);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 function snapshotDirs(): string[] {
   return fs.readdirSync(os.tmpdir()).filter((n) => n.startsWith('tsmount-snapshot-'));
@@ -53,11 +42,7 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
     tmp.cleanup();
   });
 
-  const mp = (name: string): string => {
-    const p = path.join(tmp.dir, name);
-    fs.mkdirSync(p, { recursive: true });
-    return p;
-  };
+  const mp = (name: string): string => mountpointIn(tmp.dir, name);
 
   it('makes a read-only format writable through a new overlay, then reuses it; QEMU agrees with the mount', async function () {
     const refused = mp('refused');
@@ -70,7 +55,7 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
     await mounts.mount(['--overlay', overlay, image, dir]);
     const flat = path.join(dir, 'disk.raw');
     expect(fs.readdirSync(dir)).to.deep.equal(['disk.raw']);
-    writeAt(flat, 3 * MiB + 100, pattern(200_000, 9));
+    writeSynced(flat, 3 * MiB + 100, pattern(200_000, 9));
     const seen1 = path.join(tmp.dir, 'seen1.raw');
     fs.copyFileSync(flat, seen1);
     await mounts.unmount(dir);
@@ -86,7 +71,7 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
     // Mounted again with -o overlay=: the overlay is reused, earlier writes still there.
     await mounts.mount(['-o', `overlay=${overlay}`, image, dir]);
     expect(fs.readFileSync(flat).equals(fs.readFileSync(seen1))).to.equal(true);
-    writeAt(flat, 15 * MiB - 10, pattern(4096, 11));
+    writeSynced(flat, 15 * MiB - 10, pattern(4096, 11));
     const seen2 = path.join(tmp.dir, 'seen2.raw');
     fs.copyFileSync(flat, seen2);
     await mounts.unmount(dir);
@@ -101,7 +86,7 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
     await mounts.mount(['--snapshot', image, dir]);
     const flat = path.join(dir, 'disk.raw');
     const data = pattern(MiB, 21);
-    writeAt(flat, 5 * MiB, data);
+    writeSynced(flat, 5 * MiB, data);
     const back = Buffer.alloc(MiB);
     const fd = fs.openSync(flat, 'r');
     fs.readSync(fd, back, 0, MiB, 5 * MiB);

@@ -8,8 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { checkImage, run, runOk, tempDir } from './helpers/qemu.js';
-import { MountTracker, tsmount } from './helpers/mount.js';
-import { pattern } from './helpers/images.js';
+import { MountTracker, tsmount, mountpointIn } from './helpers/mount.js';
+import { pattern, readBytes } from './helpers/images.js';
 
 const MiB = 1 << 20;
 const S = 512;
@@ -20,14 +20,7 @@ function md5(b: Uint8Array): string {
 
 /** The bytes [start, start+length) of a file, by md5. */
 function md5Range(file: string, start: number, length: number): string {
-  const b = Buffer.alloc(length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.readSync(fd, b, 0, length, start);
-  } finally {
-    fs.closeSync(fd);
-  }
-  return md5(b);
+  return md5(readBytes(file, start, length));
 }
 
 describe('tsmount --partitions: MBR and GPT partitions as files', function () {
@@ -48,11 +41,7 @@ describe('tsmount --partitions: MBR and GPT partitions as files', function () {
   });
   after(() => tmp.cleanup());
 
-  const mp = (name: string): string => {
-    const p = path.join(tmp.dir, name);
-    fs.mkdirSync(p, { recursive: true });
-    return p;
-  };
+  const mp = (name: string): string => mountpointIn(tmp.dir, name);
 
   /** A 64 MiB raw disk with a pattern in each place a partition will be. */
   function patternedDisk(name: string): string {

@@ -22,28 +22,23 @@ export class CountingFilter extends Filter {
     super(next);
   }
 
-  override async read(offset: number, dst: Uint8Array): Promise<void> {
-    const c = this.counters;
-    c.reads++;
-    c.inFlight++;
-    try {
-      await this.next.read(offset, dst);
-      c.bytesRead += dst.length;
-    } catch (err) {
-      c.errors++;
-      throw err;
-    } finally {
-      c.inFlight--;
-    }
+  override read(offset: number, dst: Uint8Array): Promise<void> {
+    return this.count(this.next.read(offset, dst), dst.length, false);
   }
 
-  override async write(offset: number, src: Uint8Array): Promise<void> {
+  override write(offset: number, src: Uint8Array): Promise<void> {
+    return this.count(this.next.write(offset, src), src.length, true);
+  }
+
+  private async count(request: Promise<void>, bytes: number, write: boolean): Promise<void> {
     const c = this.counters;
-    c.writes++;
+    if (write) c.writes++;
+    else c.reads++;
     c.inFlight++;
     try {
-      await this.next.write(offset, src);
-      c.bytesWritten += src.length;
+      await request;
+      if (write) c.bytesWritten += bytes;
+      else c.bytesRead += bytes;
     } catch (err) {
       c.errors++;
       throw err;
