@@ -64,12 +64,30 @@ export async function prepareOverlays(images: string[], o: OverlayOptions): Prom
       const local = protocolFor(image) === fileProtocol ? image.replace(/^file:/, '') : undefined;
       if (local !== undefined && sameFile(local, overlay)) throw new UsageError(`${overlay}: the overlay cannot be the image itself`);
       if (!fs.existsSync(overlay)) await createOverlay(image, overlay, o);
+      else await checkOverlayOf(image, overlay, o);
       specs.push(overlay);
     }
     return { specs, discard };
   } catch (err) {
     discard();
     throw err;
+  }
+}
+
+/**
+ * A reused overlay must be one of this image: writes through an overlay of another
+ * image would show (and store) a disk that is neither. Local images are compared as
+ * files; a remote one by the name the overlay records.
+ */
+async function checkOverlayOf(image: string, overlay: string, o: OverlayOptions): Promise<void> {
+  const node = await openImage(overlay, readOnlyOpen('qcow2', o.secret, o.namedFiles));
+  try {
+    const below = node.backing?.name;
+    const local = protocolFor(image) === fileProtocol;
+    const same = below !== undefined && (local ? sameFile(image.replace(/^file:/, ''), below) : below === image);
+    if (!same) throw new UsageError(`${overlay}: an overlay of ${below ?? 'no backing file'}, not of ${image}; give another overlay file`);
+  } finally {
+    await node.close();
   }
 }
 

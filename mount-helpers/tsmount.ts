@@ -134,7 +134,7 @@ async function main(argv: string[]): Promise<void> {
   let images = paths.slice(0, -1);
   if (opts.imageOpts) ({ images, format: opts.format } = await fromImageOpts(images, opts.format));
   const mountpoint = paths[paths.length - 1]!;
-  if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
+  if (opts.forceShare && (opts.rw || opts.overlay !== undefined || opts.snapshot)) fail('--force-share works only read-only (without --rw, --overlay or --snapshot)');
   if (opts.confine && opts.trustImagePaths) fail('give --confine or --trust-image-paths, not both');
   const cacheSize = parseSize(opts.cacheSize, '--cache-size');
   if (cacheSize < 1 << 20) fail('--cache-size must be at least 1M');

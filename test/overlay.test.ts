@@ -106,12 +106,17 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
     await mounts.unmount(dir);
   });
 
-  it('refuses --overlay with two images, with --snapshot, and the image as its own overlay, changing nothing', async function () {
+  it('refuses --overlay with two images, with --snapshot, the image as its own overlay, and an overlay of another image, changing nothing', async function () {
     const dir = mp('bad');
+    // An overlay of another image is not reused for this one.
+    const other = path.join(tmp.dir, 'other-overlay.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(tmp.dir, 'src.raw'), '-F', 'raw', other]);
+    const otherMd5 = await md5File(other);
     const cases: [string[], RegExp][] = [
       [['--overlay', path.join(tmp.dir, 'x.qcow2'), image, path.join(tmp.dir, 'src.raw'), dir], /--overlay takes one image/],
       [['--overlay', path.join(tmp.dir, 'y.qcow2'), '--snapshot', image, dir], /--overlay or --snapshot, not both/],
       [['--overlay', image, image, dir], /cannot be the image itself/],
+      [['--overlay', other, image, dir], /an overlay of .*src\.raw, not of/],
     ];
     for (const [args, why] of cases) {
       const r = await tsmount(args);
@@ -119,6 +124,7 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
       expect(r.stderr.trim().split('\n'), r.stderr).to.have.length(1);
       expect(r.stderr).to.match(why);
     }
+    expect(await md5File(other)).to.equal(otherMd5);
     expect(fs.existsSync(path.join(tmp.dir, 'x.qcow2'))).to.equal(false);
     expect(fs.existsSync(path.join(tmp.dir, 'y.qcow2'))).to.equal(false);
     expect(await md5File(image)).to.equal(imageMd5);

@@ -131,6 +131,34 @@ describe('tsmount --partitions: MBR and GPT partitions as files', function () {
     await mounts.unmount(dir);
   });
 
+  it('mounts a disk with a hostile table: only sound partitions shown, the rest named in the log', async function () {
+    const raw = path.join(tmp.dir, 'hostile.raw');
+    const disk = Buffer.alloc(16 * MiB);
+    const entry = (at: number, i: number, type: number, start: number, count: number): void => {
+      const o = at + 446 + 16 * i;
+      disk[o + 4] = type;
+      disk.writeUInt32LE(start, o + 8);
+      disk.writeUInt32LE(count, o + 12);
+      disk.writeUInt16LE(0xaa55, at + 510);
+    };
+    entry(0, 0, 0x83, 2048, 4096);
+    entry(0, 1, 0x83, 4096, 4096); // overlaps partition 1
+    entry(0, 2, 0x83, 16384, 0x7fffffff); // far past the end
+    entry(0, 3, 0x05, 10240, 4096); // extended: a chain of EBRs that loops
+    entry(10240 * S, 0, 0x83, 1, 100);
+    entry(10240 * S, 1, 0x05, 200, 1);
+    entry((10240 + 200) * S, 0, 0x83, 1, 100);
+    entry((10240 + 200) * S, 1, 0x05, 200, 1); // the second EBR's link: itself
+    fs.writeFileSync(raw, disk);
+    const dir = mp('hostile');
+    const log = path.join(tmp.dir, 'hostile.log');
+    await mounts.mount(['--partitions', '--log', log, raw, dir]);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['hostile-p1.raw', 'hostile-p5.raw', 'hostile-p6.raw', 'hostile.raw']);
+    const said = fs.readFileSync(log, 'utf8');
+    expect(said).to.match(/partition 2 overlaps partition 1/).and.match(/partition 3 reaches past the end/).and.match(/loops back/);
+    await mounts.unmount(dir);
+  });
+
   it('refuses --partitions over a regular-file mountpoint with one line', async function () {
     const img = path.join(tmp.dir, 'plain.qcow2');
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
