@@ -261,6 +261,12 @@ export class Server {
   /** One line per file: "disk.raw ready: 1 GiB, qcow2, read-only". */
   ready: string[] = [];
 
+  /** The counters as one line, for the log line at exit; undefined without a state file. */
+  get summary(): string | undefined {
+    const c = this.status?.counters();
+    return c && `${c.reads} reads (${c.bytesRead} bytes), ${c.writes} writes (${c.bytesWritten} bytes), ${c.errors} errors, cache ${c.cacheHits} hits / ${c.cacheMisses} misses`;
+  }
+
   get mountpoint(): string {
     return this.target.mountpoint;
   }

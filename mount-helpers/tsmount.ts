@@ -243,6 +243,8 @@ async function main(argv: string[]): Promise<void> {
   }
   for (const line of running.ready) log('info', line);
   const code = await running.exited;
+  const summary = running.summary;
+  if (summary) log('info', `${running.mountpoint}: ${summary}`);
   log(code === 0 ? 'info' : 'err', `${running.mountpoint} ${code === 0 ? 'unmounted' : 'unmounted, not cleanly (see the messages above)'}`);
   process.exit(code);
 }
