@@ -93,6 +93,29 @@ describe('mount.fuse.tsmount: fstab and mount -t fuse.tsmount', function () {
     await waitFor(() => tsmountProcesses(tmp.dir).length === 0, 30_000, 'the server to exit');
   });
 
+  it("through Debian's own mount.fuse3 (mount -t fuse tsmount#IMAGE), which runs tsmount with -o dev,suid", async function () {
+    // A private /usr/sbin holding the real mount.fuse3 and `tsmount`, the one place its PATH and mount(8) both look.
+    const sbin = path.join(tmp.dir, 'sbin');
+    fs.mkdirSync(sbin);
+    fs.copyFileSync(fs.realpathSync('/sbin/mount.fuse'), path.join(sbin, 'mount.fuse3'));
+    fs.chmodSync(path.join(sbin, 'mount.fuse3'), 0o755);
+    fs.symlinkSync('mount.fuse3', path.join(sbin, 'mount.fuse'));
+    const tsmountJs = path.join(path.dirname(HELPER), 'tsmount.js');
+    fs.writeFileSync(path.join(sbin, 'tsmount'), `#!/bin/sh\nexec ${process.execPath} ${tsmountJs} "$@"\n`, { mode: 0o755 });
+    const dir = mp('fuse3');
+    const r = await run('unshare', ['--mount', '--propagation', 'private', 'sh', '-e', '-c', `
+      trap 'st=$?; umount -l ${dir} 2>/dev/null || true; exit $st' EXIT
+      mount --bind ${sbin} /usr/sbin
+      mount -t fuse -o ro,nofail,cache=none tsmount#${image} ${dir}
+      grep " ${dir} fuse.tsmount ro," /proc/mounts >/dev/null
+      md5sum < ${dir}/disk.raw
+      umount ${dir}
+    `]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stdout.split(/\s/)[0]).to.equal(await rawMd5(image, 'qcow2'));
+    await waitFor(() => tsmountProcesses(tmp.dir).length === 0, 30_000, 'the server to exit');
+  });
+
   it('runs as mount(8) runs it: SOURCE MOUNTPOINT -o OPTIONS -t fuse.tsmount, and says one line on a bad option', async function () {
     const dir = mp('direct');
     mounts.track(dir);
