@@ -5,7 +5,7 @@ import { UsageError } from './errors.js';
 import { CreateOptions, parseOptionString, parseSize } from './options.js';
 import { formatByName } from './format/index.js';
 import { formatOf as openedFormat, openImage, openProtocol, type ImageOptions } from './open.js';
-import { protocolFor } from './protocol/index.js';
+import { hasOwnProtocol, protocolFor } from './protocol/index.js';
 import type { NamedFilePolicy } from './trust.js';
 
 /** How an image is opened to be looked at: read-only, shared with writers (qemu-img -U). */
@@ -56,7 +56,8 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
       size,
       options,
       secret,
-      resolve: (name) => protocol.resolveRelative(spec, name),
+      // A backing file named by a URI (nbd://...) is that URI, as openBacking takes it.
+      resolve: (name) => (hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name)),
       createFile: async (name) => {
         const target = protocol.resolveRelative(spec, name);
         await protocol.create!(target);
@@ -66,7 +67,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
         return node;
       },
       openImage: async (name, format) => {
-        const node = await openImage(protocol.resolveRelative(spec, name), readOnlyOpen(format, secret));
+        const node = await openImage(req.resolve(name), readOnlyOpen(format, secret));
         extra.push(node);
         return { node, format: openedFormat(node) ?? 'unknown' };
       },

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { checkImage, md5File, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount, mountpointIn } from './helpers/mount.js';
 import { pattern, writeSynced } from './helpers/images.js';
+import { startServer } from './helpers/servers.js';
 
 const MiB = 1 << 20;
 
@@ -104,6 +105,30 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
     fs.closeSync(fd2);
     expect(again.equals(data)).to.equal(false);
     await mounts.unmount(dir);
+  });
+
+  it('--overlay over a remote image (NBD): the export is only read, the overlay names its URI', async function () {
+    const sock = path.join(tmp.dir, 'nbd.sock');
+    const server = await startServer('nbdkit', ['-f', '-U', sock, 'memory', '16M'], { path: sock });
+    try {
+      const uri = `nbd+unix:///?socket=${sock}`;
+      const overlay = path.join(tmp.dir, 'nbd-overlay.qcow2');
+      const dir = mp('nbd');
+      await mounts.mount(['--overlay', overlay, uri, dir]);
+      writeSynced(path.join(dir, 'nbd.raw'), 4096, Buffer.from('into the overlay'));
+      const seen = path.join(tmp.dir, 'nbd-seen.raw');
+      fs.copyFileSync(path.join(dir, 'nbd.raw'), seen);
+      await mounts.unmount(dir);
+      const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', overlay])) as Record<string, unknown>;
+      expect(info['backing-filename']).to.equal(uri);
+      expect(info['backing-filename-format']).to.equal('raw');
+      expect((await checkImage(overlay, 'qcow2')).code, 'qemu-img check').to.equal(0);
+      await runOk('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', overlay, seen]);
+      const export0 = await runOk('qemu-io', ['-f', 'raw', '-c', 'read -P 0 0 16M', uri]);
+      expect(export0, 'the export was not written').to.match(/read 16777216\/16777216 bytes/).and.not.match(/verification failed/i);
+    } finally {
+      await server.stop();
+    }
   });
 
   it('refuses --overlay with two images, with --snapshot, the image as its own overlay, and an overlay of another image, changing nothing', async function () {
