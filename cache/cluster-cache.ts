@@ -40,6 +40,8 @@ export class ClusterCache extends Filter {
   private writesInFlight = 0;
   /** Bumped when a write or zero finishes; fills that saw it change are dropped. */
   private writeSeq = 0;
+  /** Block lookups answered from the LRU, and reads that went to the node below (tsmount --list). */
+  readonly stats = { hits: 0, misses: 0 };
 
   constructor(next: BlockNode, private readonly opts: ClusterCacheOptions) {
     super(next);
@@ -64,7 +66,10 @@ export class ClusterCache extends Filter {
     // doubled sequential reads. The node below always has the newest bytes (writes
     // pass straight down), so skipping cached blocks here is never stale.
     if (lru && this.opts.chunked) return this.readChunks(lru, offset, dst);
-    if (!lru || dst.length >= SCAN_READ_MIN) return this.next.read(offset, dst);
+    if (!lru || dst.length >= SCAN_READ_MIN) {
+      this.stats.misses++;
+      return this.next.read(offset, dst);
+    }
     const bs = this.opts.blockSize;
     const end = offset + dst.length;
     let block = Math.floor(offset / bs);
@@ -72,11 +77,13 @@ export class ClusterCache extends Filter {
     while (block <= lastBlock) {
       const cached = lru.get(block);
       if (cached) {
+        this.stats.hits++;
         copyOut(cached, block * bs, offset, dst);
         block++;
         continue;
       }
       // A run of missing blocks is read with one request.
+      this.stats.misses++;
       let runEnd = block + 1;
       while (runEnd <= lastBlock && !lru.has(runEnd)) runEnd++;
       if (dst.length < bs && block === Math.floor(offset / bs) && block === lastBlock) {
@@ -108,9 +115,11 @@ export class ClusterCache extends Filter {
     for (let b = first; b <= last; b++) {
       const cached = lru.get(b);
       if (cached) {
+        this.stats.hits++;
         copyOut(cached, b * bs, offset, dst);
         continue;
       }
+      this.stats.misses++;
       const whole = b * bs >= offset && Math.min((b + 1) * bs, this.next.size) <= end;
       if (scan && whole && !this.loading.has(b)) {
         // A run of such blocks is one request.

@@ -31,6 +31,8 @@ export interface MountState {
   mountpoint: string;
   images: string[];
   rw: boolean;
+  /** Files, chains and counters for tsmount --list (fs/status.ts). */
+  details?: import('./status.js').MountDetails;
 }
 
 export interface TsmountMount {
@@ -93,7 +95,11 @@ export function writeState(dev: string, state: MountState): string | undefined {
   const dir = runtimeDir(true);
   if (!dir) return undefined;
   sweep(dir);
-  const file = stateFile(dir, dev);
+  return updateState(stateFile(dir, dev), state);
+}
+
+/** Replace the state file `file` in one step (write beside it, rename); returns it, or undefined. */
+export function updateState(file: string, state: MountState): string | undefined {
   const tmp = `${file}.${process.pid}.tmp`;
   try {
     fs.writeFileSync(tmp, JSON.stringify(state), { mode: 0o600 });
@@ -129,7 +135,9 @@ function readState(dir: string | undefined, dev: string, mountpoint: string): Mo
   try {
     const s = JSON.parse(fs.readFileSync(stateFile(dir, dev), 'utf8')) as Partial<MountState>;
     if (typeof s.pid !== 'number' || s.mountpoint !== mountpoint || !serverAlive(s.pid)) return undefined;
-    return { pid: s.pid, mountpoint: s.mountpoint, images: Array.isArray(s.images) ? s.images.map(String) : [], rw: !!s.rw };
+    // details is our own server's, in a folder only this user can write: shown as it is.
+    const details = typeof s.details === 'object' && s.details !== null ? s.details : undefined;
+    return { pid: s.pid, mountpoint: s.mountpoint, images: Array.isArray(s.images) ? s.images.map(String) : [], rw: !!s.rw, ...(details ? { details } : {}) };
   } catch {
     return undefined;
   }

@@ -17,6 +17,12 @@ import { flatFileOwnership, rootOwnership, type MountAccess, type PulledFile } f
 import { findMount, mountDevice, mountSource, shownImage, stillMounted, writeState } from './mounts.js';
 import { log } from './log.js';
 import { formatOf } from '../drivers/open.js';
+import { partitionFiles } from './partitions.js';
+import { prepareOverlays } from './overlay.js';
+import { layerFiles } from './layers.js';
+import { chainOf, StatusPublisher, type FileDetails, type MountDetails } from './status.js';
+import { CountingFilter, newCounters } from '../drivers/filters/counting.js';
+import { ClusterCache } from '../cache/cluster-cache.js';
 
 const debug = createDebug('tsmount:server');
 
@@ -48,6 +54,14 @@ export interface ServeOptions {
   namedFiles?: NamedFilePolicy;
   /** Polled between steps of the start: true once whoever started us has gone. */
   abandoned?: () => boolean;
+  /** Write into this qcow2 overlay over the image, made if missing (fs/overlay.ts). */
+  overlay?: string;
+  /** Write into a temporary overlay, discarded when the server exits. */
+  snapshot?: boolean;
+  /** Show each layer of the backing chain as <stem>@<layer>.raw too (fs/layers.ts). */
+  layers?: boolean;
+  /** Show each partition as <stem>-p<N>.raw too (fs/partitions.ts). */
+  partitions?: boolean;
   /** Called once everything is open, just before mounting. */
   beforeMount?: () => void;
 }
@@ -143,6 +157,7 @@ export class Server {
   /** The mount's device number ("0:NN"), which names it in the registry. */
   private dev: string | undefined;
   private stateFile: string | undefined;
+  private status: StatusPublisher | undefined;
 
   private constructor(
     private readonly target: MountTarget,
@@ -155,10 +170,14 @@ export class Server {
   /** Open every image, then mount; on any failure nothing stays open or mounted. */
   static async start(opts: ServeOptions): Promise<Server> {
     const target = planMount(opts.images, opts.mountpoint, opts.fuseOptions);
+    if (opts.partitions && target.overFile) throw new UsageError(`${opts.mountpoint}: --partitions needs a directory as the mountpoint`);
     if (opts.abandoned?.()) throw new AbandonedError('interrupted before the mount was ready; not mounted');
-    const nodes = await openGraph(opts.images, {
+    const overlays = await prepareOverlays(opts.images, opts);
+    // With an overlay the graph opens the overlay; the image is its (read-only) backing file.
+    const specs = overlays?.specs ?? opts.images;
+    const nodes = await openGraph(specs, {
       readOnly: !opts.rw,
-      format: opts.format,
+      format: overlays ? 'qcow2' : opts.format,
       cache: opts.cache,
       cacheSize: opts.cacheSize,
       locking: opts.locking,
@@ -166,24 +185,35 @@ export class Server {
       shareRw: opts.shareRw,
       secret: opts.secret,
       namedFiles: opts.namedFiles,
+    }).catch((err: unknown) => {
+      overlays?.discard();
+      throw err;
     });
     const access = opts.access ?? { allowOther: false, growable: false };
+    const counters = newCounters();
     const files: FlatFile[] = nodes.map((node, i) => {
       // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
-      const local = protocolFor(opts.images[i]!) === fileProtocol ? opts.images[i]!.replace(/^file:/, '') : undefined;
+      const local = protocolFor(specs[i]!) === fileProtocol ? specs[i]!.replace(/^file:/, '') : undefined;
       const st = local !== undefined ? fs.statSync(local) : undefined;
       // The other files the image reads (backing files, extents, a data file) narrow the mode.
       const others: PulledFile[] = namedFilesOf(node).map((f) => ({ uid: f.stat.uid, gid: f.stat.gid, mode: f.stat.mode, written: f.write }));
       const own = flatFileOwnership(st, others, { writable: opts.rw, encrypted: decryptsInChain(node), choice: access });
-      return { name: target.names[i]!, node, writable: opts.rw, ...own, mtime: st?.mtime ?? new Date(), hostFile: local };
+      return { name: target.names[i]!, node: new CountingFilter(node, counters), writable: opts.rw, ...own, mtime: st?.mtime ?? new Date(), hostFile: local };
     });
     if (!target.overFile) files.push(...snapshotFiles(files));
+    if (opts.layers && !target.overFile) files.push(...layerFiles(files.slice(0, nodes.length), new Set(files.map((f) => f.name)), (m) => log('warning', m)));
+    let partitionsOf = new Map<string, FileDetails['partition']>();
+    if (opts.partitions) {
+      const parts = await partitionFiles(files.slice(0, nodes.length), new Set(files.map((f) => f.name)), (m) => log('warning', m));
+      files.push(...parts.map((p) => p.file));
+      partitionsOf = new Map(parts.map((p) => [p.file.name, { number: p.partition.number, scheme: p.partition.scheme, ...(p.partition.name ? { name: p.partition.name } : {}) }]));
+    }
     const flat = new FlatFs(files, target.overFile, (msg) => log('err', msg), {
       root: rootOwnership(access, opts.rw),
       growable: access.growable,
     });
     const server = new Server(target, nodes, flat);
-    server.ready = files.map((f, i) => readyLine(f, f.node, opts.rw, target.mountpoint));
+    server.ready = files.map((f, i) => readyLine(f, nodes[i] ?? f.node, opts.rw, target.mountpoint));
     opts.beforeMount?.();
     if (opts.abandoned?.()) {
       await Promise.allSettled(nodes.map((n) => n.close()));
@@ -204,7 +234,18 @@ export class Server {
     server.dev = mountDevice(target.mountpoint);
     if (server.dev) {
       setReadahead(server.dev, READAHEAD_KIB);
-      server.stateFile = writeState(server.dev, { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw });
+      const details: MountDetails = {
+        chains: nodes.map((n, i) => chainOf(n, shownImage(specs[i]!))),
+        files: files.map((f) => ({ name: f.name, writable: f.writable, ...(partitionsOf.has(f.name) ? { partition: partitionsOf.get(f.name) } : {}) })),
+        ...(opts.overlay !== undefined ? { overlay: path.resolve(opts.overlay) } : opts.snapshot ? { overlay: 'temporary' } : {}),
+      };
+      const state = { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw, details };
+      server.stateFile = writeState(server.dev, state);
+      if (server.stateFile) {
+        server.status = new StatusPublisher(server.stateFile, state, counters, nodes.map((n) => (n instanceof ClusterCache ? n.stats : { hits: 0, misses: 0 })));
+        server.status.publish();
+        server.status.start();
+      }
       if (!server.stateFile) debug('no state file for %s: tsmount -u will not wait for this server', target.mountpoint);
     }
     server.watch();
@@ -219,6 +260,12 @@ export class Server {
 
   /** One line per file: "disk.raw ready: 1 GiB, qcow2, read-only". */
   ready: string[] = [];
+
+  /** The counters as one line, for the log line at exit; undefined without a state file. */
+  get summary(): string | undefined {
+    const c = this.status?.counters();
+    return c && `${c.reads} reads (${c.bytesRead} bytes), ${c.writes} writes (${c.bytesWritten} bytes), ${c.errors} errors, cache ${c.cacheHits} hits / ${c.cacheMisses} misses`;
+  }
 
   get mountpoint(): string {
     return this.target.mountpoint;
@@ -263,6 +310,7 @@ export class Server {
   shutdown(unmount: boolean): Promise<void> {
     this.shuttingDown ??= (async () => {
       if (this.watcher) clearInterval(this.watcher);
+      this.status?.stop();
       let code = 0;
       if (unmount && this.mounted()) {
         try {

@@ -3,12 +3,10 @@
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
 //   tsimg info [-f FMT] [--output human|json] FILE
 import { Command } from 'commander';
-import type { BlockNode, Creatable, CreateRequest, FormatDriver } from '../drivers/types.js';
+import type { BlockNode } from '../drivers/types.js';
 import { messageOf, UsageError } from '../drivers/errors.js';
-import { CreateOptions, parseOptionString, parseSize } from '../drivers/options.js';
-import { formatByName } from '../drivers/format/index.js';
-import { formatOf as openedFormat, openImage, openProtocol, type ImageOptions } from '../drivers/open.js';
-import { protocolFor } from '../drivers/protocol/index.js';
+import { formatOf as openedFormat, openImage } from '../drivers/open.js';
+import { createImage, readOnlyOpen, type CreateCli } from '../drivers/create.js';
 import type { NamedFilePolicy } from '../drivers/trust.js';
 import { readSecretFile } from './secret.js';
 
@@ -22,87 +20,11 @@ function readSecret(o: { secret?: string; secretFile?: string }): string | undef
   return readSecretFile(o.secretFile);
 }
 
-const readOnlyOpen = (format?: string, secret?: string, namedFiles?: NamedFilePolicy): ImageOptions => ({
-  readOnly: true,
-  format,
-  cache: 'writeback',
-  metadataCacheBytes: 4 << 20,
-  locking: 'auto',
-  forceShare: true,
-  shareRw: false,
-  secret,
-  namedFiles,
-});
-
 function namedFilePolicy(o: { confine?: boolean; trustImagePaths?: boolean }): NamedFilePolicy {
   if (o.confine && o.trustImagePaths) throw new UsageError('give --confine or --trust-image-paths, not both');
   return o.confine ? 'confine' : o.trustImagePaths ? 'trust' : 'owner';
 }
 
-
-interface CreateCli {
-  format: string;
-  options: string[];
-  backing?: string;
-  backingFormat?: string;
-  secret?: string;
-  secretFile?: string;
-  quiet?: boolean;
-}
-
-export async function createImage(spec: string, sizeText: string | undefined, o: CreateCli): Promise<void> {
-  const driver = formatByName(o.format) as FormatDriver & Partial<Creatable>;
-  if (!driver.create) throw new UsageError(`format '${o.format}' does not support image creation`);
-  const options = new CreateOptions(o.options.flatMap((t) => parseOptionString(t)));
-  if (o.backing !== undefined) options.set('backing_file', o.backing);
-  if (o.backingFormat !== undefined) options.set('backing_fmt', o.backingFormat);
-  let size = sizeText === undefined ? undefined : parseSize(sizeText, 'size');
-  // qemu-img also takes the size as -o size=...
-  const optSize = options.size('size');
-  if (size === undefined) size = optSize;
-  const secret = readSecret(o);
-  const protocol = protocolFor(spec);
-  if (!protocol.create) throw new UsageError(`${spec}: cannot create images on the ${protocol.name} protocol`);
-  await protocol.create(spec);
-  const made = [spec];
-  const file = await openProtocol(spec, { readOnly: false, cache: 'writeback' });
-  const extra: BlockNode[] = [];
-  let ok = false;
-  try {
-    const req: CreateRequest = {
-      spec,
-      file,
-      size,
-      options,
-      secret,
-      resolve: (name) => protocol.resolveRelative(spec, name),
-      createFile: async (name) => {
-        const target = protocol.resolveRelative(spec, name);
-        await protocol.create!(target);
-        made.push(target);
-        const node = await openProtocol(target, { readOnly: false, cache: 'writeback' });
-        extra.push(node);
-        return node;
-      },
-      openImage: async (name, format) => {
-        const node = await openImage(protocol.resolveRelative(spec, name), readOnlyOpen(format, secret));
-        extra.push(node);
-        return { node, format: openedFormat(node) ?? 'unknown' };
-      },
-    };
-    await driver.create(req);
-    ok = true;
-  } finally {
-    for (const n of extra) await n.close().catch(() => undefined);
-    await file.close();
-    // A failed create leaves nothing behind, as qemu-img's option checks do.
-    if (!ok) for (const m of made) await protocol.remove?.(m).catch(() => undefined);
-  }
-  if (!o.quiet) {
-    const opts = o.options.join(',');
-    process.stdout.write(`Formatting '${spec}', fmt=${driver.name}${opts ? ` ${opts}` : ''}${size !== undefined ? ` size=${size}` : ''}\n`);
-  }
-}
 
 async function info(spec: string, o: { format?: string; output: string; secret?: string; secretFile?: string; confine?: boolean; trustImagePaths?: boolean }): Promise<void> {
   const node = await openImage(spec, readOnlyOpen(o.format, readSecret(o), namedFilePolicy(o)));
@@ -140,7 +62,7 @@ async function main(argv: string[]): Promise<void> {
     .option('--secret <pass>', 'passphrase for encryption')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-q, --quiet', 'print nothing')
-    .action(async (file: string, size: string | undefined, o: CreateCli & { options: string[] }) => createImage(file, size, o));
+    .action(async (file: string, size: string | undefined, o: CreateCli & { secretFile?: string }) => createImage(file, size, { ...o, secret: readSecret(o) }));
   program
     .command('info')
     .description('show an image and its backing chain')

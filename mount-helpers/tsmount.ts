@@ -22,6 +22,7 @@ import { unmount } from './unmount.js';
 import { parseSize } from '../drivers/options.js';
 import { parseMountAccess } from '../fs/access.js';
 import { readSecretFile } from './secret.js';
+import { expandMountOptions } from './mount-options.js';
 
 
 interface CliOptions {
@@ -50,6 +51,12 @@ interface CliOptions {
   object: string[];
   confine?: boolean;
   trustImagePaths?: boolean;
+  partitions?: boolean;
+  overlay?: string;
+  snapshot?: boolean;
+  layers?: boolean;
+  list?: boolean;
+  output: string;
 }
 
 function readSecret(opts: CliOptions): string | undefined {
@@ -67,7 +74,7 @@ function program(): Command {
   return new Command('tsmount')
     .usage('[options] IMAGE... MOUNTPOINT\n       tsmount -u [--lazy] MOUNTPOINT')
     .description('Present disk images as flat raw files: MOUNTPOINT/<stem>.raw')
-    .argument('<paths...>', 'images, then the mountpoint')
+    .argument('[paths...]', 'images, then the mountpoint')
     .option('-u, --unmount', 'unmount MOUNTPOINT; returns once every write is on disk and the server has exited')
     .option('--lazy', 'with -u: detach now even if busy (umount -l); the server exits after the last user closes, -u returns at once')
     .option('--rw', 'mount read-write (default: read-only)')
@@ -89,6 +96,12 @@ function program(): Command {
     .option('--gid <n>', "group of the flat files (default: the image file's)")
     .option('--umask <octal>', "flat files get mode 0666 & ~umask instead of the image file's")
     .option('--growable', 'let truncate grow the disk (--rw; also -o growable, -o resize)')
+    .option('--partitions', 'show each MBR/GPT partition too, as <stem>-p<N>.raw (also -o partitions)')
+    .option('--overlay <file>', 'write into this qcow2 overlay over the image (made if missing); the image is never written; implies --rw')
+    .option('--snapshot', 'write into a temporary overlay, discarded at unmount; implies --rw')
+    .option('--layers', 'show each layer of the backing chain too, read-only, as <stem>@<layer>.raw')
+    .option('--list', 'list the tsmount mounts: images, read-only or not, server pid, counters')
+    .addOption(new Option('--output <fmt>', 'with --list: human or json').choices(['human', 'json']).default('human'))
     .option('--log <file>', 'where the detached server writes its messages (default: syslog, see journalctl -t tsmount)')
     .addOption(new Option('--ready-fd <fd>').hideHelp())
     .addOption(new Option('--syslog').hideHelp())
@@ -99,6 +112,8 @@ function program(): Command {
 }
 
 async function main(argv: string[]): Promise<void> {
+  // Every option also has an -o spelling (fstab, mount -t fuse.tsmount): rewritten first.
+  argv = [...argv.slice(0, 2), ...expandMountOptions(argv.slice(2))];
   const cmd = program();
   cmd.parse(argv);
   const opts = cmd.opts<CliOptions>();
@@ -110,12 +125,18 @@ async function main(argv: string[]): Promise<void> {
     if (said) process.stderr.write(`tsmount: ${said}\n`);
     return;
   }
+  if (opts.list) {
+    if (paths.length !== 0) fail('--list takes no other arguments');
+    const { listCommand } = await import('./list.js');
+    process.stdout.write(await listCommand(opts.output === 'json'));
+    return;
+  }
   if (opts.lazy) fail('--lazy goes with -u');
   if (paths.length < 2) fail('need at least one IMAGE and a MOUNTPOINT (see --help)');
   let images = paths.slice(0, -1);
   if (opts.imageOpts || opts.object.length || images.some((i) => i.startsWith('json:'))) ({ images, format: opts.format } = await fromImageOpts(images, opts.format, !!opts.imageOpts, opts.object));
   const mountpoint = paths[paths.length - 1]!;
-  if (opts.forceShare && opts.rw) fail('--force-share works only read-only (without --rw)');
+  if (opts.forceShare && (opts.rw || opts.overlay !== undefined || opts.snapshot)) fail('--force-share works only read-only (without --rw, --overlay or --snapshot)');
   if (opts.confine && opts.trustImagePaths) fail('give --confine or --trust-image-paths, not both');
   const cacheSize = parseSize(opts.cacheSize, '--cache-size');
   if (cacheSize < 1 << 20) fail('--cache-size must be at least 1M');
@@ -168,7 +189,12 @@ async function main(argv: string[]): Promise<void> {
       images,
       mountpoint,
       format: opts.format,
-      rw: !!opts.rw,
+      // An overlay exists to be written: the image under it never is.
+      rw: !!opts.rw || opts.overlay !== undefined || !!opts.snapshot,
+      overlay: opts.overlay,
+      snapshot: !!opts.snapshot,
+      partitions: !!opts.partitions,
+      layers: !!opts.layers,
       cache: opts.cache,
       cacheSize,
       locking: opts.locking,
@@ -219,6 +245,8 @@ async function main(argv: string[]): Promise<void> {
   }
   for (const line of running.ready) log('info', line);
   const code = await running.exited;
+  const summary = running.summary;
+  if (summary) log('info', `${running.mountpoint}: ${summary}`);
   log(code === 0 ? 'info' : 'err', `${running.mountpoint} ${code === 0 ? 'unmounted' : 'unmounted, not cleanly (see the messages above)'}`);
   process.exit(code);
 }

@@ -11,6 +11,7 @@ PACKAGES=(
   qemu-utils qemu-system-common     # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
   fdisk util-linux                  # fdisk -l, losetup in the tests
   dosfstools mtools                 # virtual FAT tests: fsck.fat, mcopy/mdir/mmd/mdel/mren
+  gdisk e2fsprogs                   # sgdisk, mkfs.ext4, e2fsck, debugfs: --partitions tests
   fio xmount                        # benchmarks (npm run bench)
   nbdkit                            # NBD tests (memory, file plugins)
   openssl                           # NBD over TLS tests: the CAs and certificates they make
@@ -38,4 +39,9 @@ apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
 npm ci --no-audit --no-fund
 npm run build
 npm link --no-audit --no-fund >/dev/null
+# mount(8) looks for mount.fuse.tsmount in /sbin only (and mount.fuse3 runs `tsmount` from
+# /sbin:/usr/sbin:/bin:/usr/bin): fstab lines and `mount -t fuse.tsmount` need these links.
+bindir="$(npm prefix -g)/bin"
+ln -sf "$bindir/mount.fuse.tsmount" /sbin/mount.fuse.tsmount
+ln -sf "$bindir/tsmount" /usr/sbin/tsmount
 echo "setup.sh: done; try: tsmount --help"

@@ -15,7 +15,7 @@ import { formatDrivers } from '../drivers/format/index.js';
 import { formatOf } from '../drivers/open.js';
 import { imageInfo, md5File, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
-import { nodeMd5, openTestImage, tsimg, unalignedWrites } from './helpers/images.js';
+import { nodeMd5, openTestImage, tsimg, unalignedWrites, writeSynced as writeAt } from './helpers/images.js';
 import { checkRef, compareRef, convertRef, formatTable, makeVariant, oracleMd5, qemuIoRef, type FormatEntry, type ImageRef } from './helpers/formats.js';
 import { exercise, withDeadline } from './helpers/corrupt.js';
 
@@ -30,16 +30,6 @@ function holes(size: number): { mode: '-p' | '-z'; offset: number; length: numbe
     { mode: '-p' as const, offset: 5 * MiB - 512, length: 2 * MiB },
     { mode: '-z' as const, offset: size - 3 * MiB, length: 2 * MiB + 1 },
   ].filter((h) => h.offset + h.length <= size);
-}
-
-function writeAt(file: string, offset: number, data: Buffer): void {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.writeSync(fd, data, 0, data.length, offset);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 describe('conformance: every registered format against qemu-img', function () {

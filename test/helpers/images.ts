@@ -81,6 +81,17 @@ export function patch(file: string, offset: number, data: Uint8Array): void {
   }
 }
 
+/** Write `data` at `offset` of `file` and fsync it (a flat file through a mount, say). */
+export function writeSynced(file: string, offset: number, data: Uint8Array): void {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    fs.writeSync(fd, data, 0, data.length, offset);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 export function readBytes(file: string, offset: number, length: number): Buffer {
   const b = Buffer.alloc(length);
   const fd = fs.openSync(file, 'r');

@@ -85,6 +85,13 @@ export class MountTracker {
   }
 }
 
+/** A mountpoint folder `name` in `dir`, made if missing. */
+export function mountpointIn(dir: string, name: string): string {
+  const p = path.join(dir, name);
+  fs.mkdirSync(p, { recursive: true });
+  return p;
+}
+
 /** Where the test fixtures live; kept between runs so that they are made once. */
 export const FIXTURE_DIR = process.env.TSMOUNT_FIXTURES ?? '/tmp/tsmount-fixtures';
 

@@ -1,0 +1,49 @@
+// Counts what passes through (tsmount --list): requests, bytes, requests in flight,
+// failures. A few integer additions per request; whoever wants the numbers reads the
+// object it was given.
+import type { BlockNode } from '../types.js';
+import { Filter } from './filter.js';
+
+export interface IoCounters {
+  reads: number;
+  bytesRead: number;
+  writes: number;
+  bytesWritten: number;
+  inFlight: number;
+  errors: number;
+}
+
+export function newCounters(): IoCounters {
+  return { reads: 0, bytesRead: 0, writes: 0, bytesWritten: 0, inFlight: 0, errors: 0 };
+}
+
+export class CountingFilter extends Filter {
+  constructor(next: BlockNode, readonly counters: IoCounters) {
+    super(next);
+  }
+
+  override read(offset: number, dst: Uint8Array): Promise<void> {
+    return this.count(this.next.read(offset, dst), dst.length, false);
+  }
+
+  override write(offset: number, src: Uint8Array): Promise<void> {
+    return this.count(this.next.write(offset, src), src.length, true);
+  }
+
+  private async count(request: Promise<void>, bytes: number, write: boolean): Promise<void> {
+    const c = this.counters;
+    if (write) c.writes++;
+    else c.reads++;
+    c.inFlight++;
+    try {
+      await request;
+      if (write) c.bytesWritten += bytes;
+      else c.bytesRead += bytes;
+    } catch (err) {
+      c.errors++;
+      throw err;
+    } finally {
+      c.inFlight--;
+    }
+  }
+}

@@ -1,0 +1,84 @@
+// What `tsmount --list` shows of a live mount beyond the kernel's table: the files, each
+// image's chain, and the server's counters, which the server publishes into its state
+// file (fs/mounts.ts) once a second while they change. The hot path only adds to
+// integers (drivers/filters/counting.ts, the cluster cache's hits and misses).
+import type { BlockNode } from '../drivers/types.js';
+import { formatOf } from '../drivers/open.js';
+import type { IoCounters } from '../drivers/filters/counting.js';
+import { shownImage, updateState, type MountState } from './mounts.js';
+
+export interface MountCounters extends IoCounters {
+  cacheHits: number;
+  cacheMisses: number;
+}
+
+export interface FileDetails {
+  name: string;
+  writable: boolean;
+  /** For a partition file: its number, and its GPT name if it has one. */
+  partition?: { number: number; scheme: string; name?: string };
+}
+
+export interface MountDetails {
+  /** Per image: each layer from the top down, its file and format. */
+  chains: { file: string; format: string }[][];
+  files: FileDetails[];
+  /** The overlay the mount writes into (--overlay), or 'temporary' (--snapshot). */
+  overlay?: string;
+  counters?: MountCounters;
+  /** When the counters were published (ISO time). */
+  updated?: string;
+}
+
+/** The layers of an opened image, top first. */
+export function chainOf(node: BlockNode, top: string): { file: string; format: string }[] {
+  const out: { file: string; format: string }[] = [];
+  let name = top;
+  for (let n: BlockNode | undefined = node, depth = 0; n && depth < 300; n = n.backing, depth++) {
+    out.push({ file: name, format: formatOf(n) ?? 'unknown' });
+    name = n.backing ? shownImage(n.backing.name) : '';
+  }
+  return out;
+}
+
+export class StatusPublisher {
+  private timer: NodeJS.Timeout | undefined;
+  private last = '';
+
+  constructor(
+    private readonly file: string,
+    private readonly state: MountState,
+    private readonly io: IoCounters,
+    private readonly caches: { hits: number; misses: number }[],
+  ) {}
+
+  counters(): MountCounters {
+    let cacheHits = 0;
+    let cacheMisses = 0;
+    for (const c of this.caches) {
+      cacheHits += c.hits;
+      cacheMisses += c.misses;
+    }
+    return { ...this.io, cacheHits, cacheMisses };
+  }
+
+  /** Write the counters into the state file if they changed since the last time. */
+  publish(): void {
+    const counters = this.counters();
+    const key = JSON.stringify(counters);
+    if (key === this.last) return;
+    this.last = key;
+    const details = this.state.details ? { ...this.state.details, counters, updated: new Date().toISOString() } : undefined;
+    updateState(this.file, { ...this.state, details });
+  }
+
+  start(intervalMs = 1000): void {
+    this.timer = setInterval(() => this.publish(), intervalMs);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+  }
+}
