@@ -13,6 +13,42 @@ export interface Extent {
   offset: number;
   length: number;
   kind: ExtentKind;
+  /**
+   * Where this layer's own file holds the range's first byte, the rest following it
+   * contiguously (qemu-img map's "offset"); absent when unknown, compressed or elsewhere.
+   */
+  host?: number;
+}
+
+/** One internal snapshot as qemu-img info lists it. */
+export interface SnapshotDescription {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  /** Absent in snapshots written before QEMU recorded it. */
+  icount?: number;
+}
+
+/**
+ * What one layer says of itself beyond its size, as qemu-img info shows it (QEMU's
+ * bdrv_get_info and ImageInfoSpecific). Every field is optional: a format leaves out
+ * what QEMU's driver leaves out.
+ */
+export interface ImageDescription {
+  clusterSize?: number;
+  /** Absent where the format has no such flag (qemu-img info then omits dirty-flag). */
+  dirty?: boolean;
+  /** The backing file as the image names it, and its format when recorded. */
+  backingFile?: string;
+  backingFormat?: string;
+  /** Encrypted, known from the header even when opened without the passphrase. */
+  encrypted?: boolean;
+  snapshots?: SnapshotDescription[];
+  /** qemu-img info's "format-specific": { type, data } with QEMU's key names. */
+  formatSpecific?: { type: string; data: Record<string, unknown> };
 }
 
 /** How the node above wants writes and flushes treated (QEMU's cache modes). */
@@ -60,6 +96,8 @@ export interface BlockNode {
   readonly requestAlignment?: number | undefined;
   /** A VMDK's content ID, which an overlay records as its parentCID. */
   readonly vmdkCid?: number | undefined;
+  /** What the format says of this layer (tsimg info); formats only. */
+  describe?(): ImageDescription;
   close(): Promise<void>;
 }
 
@@ -81,6 +119,11 @@ export interface OpenOptions {
   secret?: string;
   /** Skip backing files entirely (qemu-img info's view). */
   noBacking?: boolean;
+  /**
+   * Metadata only (qemu-img info's BDRV_O_NO_IO): an encrypted image opens without its
+   * passphrase, and the node refuses to read or write its data.
+   */
+  noIo?: boolean;
 }
 
 export interface FormatDriver {

@@ -1,9 +1,10 @@
 // The luks format (QEMU block/crypto.c over crypto/block-luks.c): a LUKS header, then
 // the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
 // does; LUKS2 headers made by cryptsetup open too (QEMU 7.2 cannot open those).
-import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, OpenOptions } from '../../types.js';
+import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
+import { HDR as LUKS1_HDR, parseLuks1Header } from '../../crypto/luks1.js';
 import { luksVersion } from '../../crypto/magic.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
@@ -17,10 +18,16 @@ class LuksNode implements BlockNode {
     private readonly file: BlockNode,
     private readonly payloadOffset: number,
     readonly size: number,
-    private readonly cipher: SectorCipher,
+    /** Undefined when opened for metadata only (no passphrase): never read then. */
+    private readonly cipher: SectorCipher | undefined,
     readonly readOnly: boolean,
   ) {
-    this.unit = cipher.sectorSize;
+    this.unit = cipher?.sectorSize ?? 512;
+  }
+
+  private sectorCipher(): SectorCipher {
+    if (!this.cipher) throw new UsageError(`${this.name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
+    return this.cipher;
   }
 
   get name(): string {
@@ -34,17 +41,22 @@ class LuksNode implements BlockNode {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     await this.file.read(this.payloadOffset + offset, dst);
-    this.cipher.decrypt(dst, offset / this.unit);
+    this.sectorCipher().decrypt(dst, offset / this.unit);
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     const buf = new Uint8Array(src);
-    this.cipher.encrypt(buf, offset / this.unit);
+    this.sectorCipher().encrypt(buf, offset / this.unit);
     await this.file.write(this.payloadOffset + offset, buf);
   }
 
   flush(): Promise<void> {
     return this.file.flush();
+  }
+
+  /** block_crypto_get_info: no cluster size, never dirty. */
+  describe(): ImageDescription {
+    return { dirty: false, encrypted: true };
   }
 
   /** Ciphertext is never zeros: everything is data, as QEMU reports it. */
@@ -61,8 +73,22 @@ function probe(head: Uint8Array): number {
   return luksVersion(head) ? 100 : 0;
 }
 
+/**
+ * Metadata only, without the passphrase (tsimg info): the size from a LUKS1 header.
+ * The node is never read: the graph builder refuses data requests on such an open.
+ */
+async function openHeaderOnly(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
+  const head = new Uint8Array(Math.min(LUKS1_HDR.size, file.size));
+  await file.read(0, head);
+  if (luksVersion(head) !== 1) throw new UsageError(`${file.name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
+  const h = parseLuks1Header(head, file.size, file.name);
+  if (h.payloadOffset > file.size) throw new CorruptImageError(`${file.name}: LUKS payload offset ${h.payloadOffset} lies past the end of the file`);
+  return new LuksNode(file, h.payloadOffset, file.size - h.payloadOffset, undefined, true);
+}
+
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
+  if (opts.secret === undefined && opts.noIo) return openHeaderOnly(file, opts);
   if (opts.secret === undefined) throw new UsageError(`${name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
   const { unlockLuks } = await import('../../crypto/index.js');
   const v = await unlockLuks(file, opts.secret);

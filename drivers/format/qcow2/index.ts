@@ -1,11 +1,12 @@
 // The qcow2 driver: probe and open (docs/interop/qcow2.txt; QEMU's qcow2_do_open),
 // and create (create.ts).
-import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
+import type { BlockNode, Creatable, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import {
   AUTOCLEAR,
   checkSupported,
+  COMPAT,
   encodeAutoclear,
   EXT,
   HDR,
@@ -139,7 +140,9 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
       cryptoHeader = { offset: Number(dv.getBigUint64(0, false)), length: Number(dv.getBigUint64(8, false)) };
     }
     try {
-      crypt = await openCrypt(file, h.cryptMethod, cryptoHeader, opts.secret);
+      // Metadata only (tsimg info): without the passphrase nothing is unlocked, and the
+      // graph builder refuses every data request (filters/no-io.ts).
+      if (!(opts.noIo && opts.secret === undefined)) crypt = await openCrypt(file, h.cryptMethod, cryptoHeader, opts.secret);
     } catch (err) {
       await backing?.close().catch(() => undefined);
       throw err;
@@ -193,7 +196,8 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   };
 
   const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard });
+  const description = describeQcow2(h, snaps);
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description });
   const views: { name: string; node: BlockNode }[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time
@@ -204,6 +208,32 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   }
   node.setSnapshots(views);
   return node;
+}
+
+/** qemu-img info's view of the header (qcow2_get_info, qcow2_get_specific_info). */
+function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[]): ImageDescription {
+  const v3 = h.version === 3;
+  const data: Record<string, unknown> = { compat: v3 ? '1.1' : '0.10', 'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib' };
+  if (v3) data['lazy-refcounts'] = (h.compatibleFeatures & COMPAT.lazyRefcounts) !== 0n;
+  data['refcount-bits'] = 2 ** h.refcountOrder;
+  if (h.dataFile !== undefined) {
+    data['data-file'] = h.dataFile;
+    data['data-file-raw'] = (h.autoclearFeatures & AUTOCLEAR.dataFileRaw) !== 0n;
+  }
+  if (v3) {
+    data.corrupt = (h.incompatibleFeatures & INCOMPAT.corrupt) !== 0n;
+    data['extended-l2'] = (h.incompatibleFeatures & INCOMPAT.extendedL2) !== 0n;
+  }
+  if (h.cryptMethod !== 0) data.encrypt = { format: h.cryptMethod === 1 ? 'aes' : 'luks' };
+  return {
+    clusterSize: h.clusterSize,
+    dirty: (h.incompatibleFeatures & INCOMPAT.dirty) !== 0n,
+    backingFile: h.backingFile,
+    backingFormat: h.backingFormat,
+    encrypted: h.cryptMethod !== 0,
+    snapshots: snaps.map((s) => ({ id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSec: s.dateSec, dateNsec: s.dateNsec, vmClockNsec: s.vmClockNsec, icount: s.icount })),
+    formatSpecific: { type: 'qcow2', data },
+  };
 }
 
 /** The LUKS header's place in the file (crypto header extension), if any. */

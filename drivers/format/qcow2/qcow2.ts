@@ -1,7 +1,7 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, Extent, ExtentKind } from '../../types.js';
+import type { BlockNode, Extent, ExtentKind, ImageDescription } from '../../types.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
@@ -45,6 +45,8 @@ export interface Qcow2NodeOptions {
   beforeFirstChange?: () => Promise<void>;
   /** Metadata overlap checks (writable nodes): where the tables are, and the corrupt state. */
   guard?: MetadataGuard;
+  /** What tsimg info shows (the active node only). */
+  description?: ImageDescription;
 }
 
 /** Zeros written per request when zeroing has to write data (v2 with a backing file). */
@@ -89,6 +91,7 @@ export class Qcow2Node implements BlockNode {
   private readonly crypt: DataCrypt | undefined;
   readonly encrypted: boolean;
   private readonly guard: MetadataGuard | undefined;
+  private readonly description: ImageDescription;
   readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
@@ -115,6 +118,7 @@ export class Qcow2Node implements BlockNode {
     this.crypt = o.crypt;
     this.encrypted = o.crypt !== undefined;
     this.guard = o.guard;
+    this.description = o.description ?? { clusterSize: this.cs };
     // Encrypted sectors are the unit: unaligned requests become aligned ones above.
     this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
@@ -159,6 +163,10 @@ export class Qcow2Node implements BlockNode {
   /** Internal snapshots as read-only nodes (fs/ shows them as <stem>@<name>.raw). */
   snapshots(): { name: string; node: BlockNode }[] {
     return this.snapshotViews;
+  }
+
+  describe(): ImageDescription {
+    return this.description;
   }
 
   setSnapshots(views: { name: string; node: BlockNode }[]): void {

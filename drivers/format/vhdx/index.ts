@@ -248,7 +248,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     barriers,
   });
   if (replayed) node.markVisibleWriteDone();
-  return node;
+  return node.describedAs({ clusterSize: md.blockSize, dirty: false });
 }
 
 /** QEMU's default block size for a disk size (vhdx_co_create). */

@@ -160,7 +160,14 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       createType,
       barriers: opts.cache !== 'unsafe',
     });
-    return node;
+    // vmdk_get_info: the first extent's grain when it is sparse; the format records no backing format.
+    const first = st.extents[0];
+    return node.describedAs({
+      clusterSize: first instanceof SparseExtent ? first.grainBytes : undefined,
+      dirty: false,
+      backingFile: hint || undefined,
+      formatSpecific: { type: 'vmdk', data: { cid, 'parent-cid': parentCid, 'create-type': createType } },
+    });
   } catch (err) {
     await backing?.close().catch(() => undefined);
     for (const f of st.opened) await f.close().catch(() => undefined);
