@@ -830,11 +830,15 @@ export class Qcow2Node implements BlockNode {
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const runs = await this.map.map(offset, length);
     const out: Extent[] = [];
+    // Host offsets as qemu-img map gives them: plain data clusters in the image file itself.
+    const hostKnown = this.data === this.file && !this.crypt;
     for (const r of runs) {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
+      const host = hostKnown && r.kind === 'data' ? r.host : undefined;
       const last = out[out.length - 1];
-      if (last && last.kind === kind) last.length += r.length;
-      else out.push({ offset: r.guest, length: r.length, kind });
+      const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
+      if (last && last.kind === kind && contiguous) last.length += r.length;
+      else out.push(host === undefined ? { offset: r.guest, length: r.length, kind } : { offset: r.guest, length: r.length, kind, host });
     }
     return out;
   }
