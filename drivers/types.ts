@@ -20,6 +20,23 @@ export interface Extent {
   host?: number;
 }
 
+/** What a consistency check found, in qemu-img check's terms (ImageCheck). */
+export interface CheckReport {
+  /** Metadata that is wrong: data may be corrupted, or later writes may corrupt it. */
+  corruptions: number;
+  /** Clusters allocated and used by nothing: wasted space only. */
+  leaks: number;
+  /** Problems that stopped the check itself (an unreadable table). */
+  checkErrors: number;
+  /** One line per problem, as qemu-img check prints them. */
+  messages: string[];
+  totalClusters?: number;
+  allocatedClusters?: number;
+  fragmentedClusters?: number;
+  compressedClusters?: number;
+  imageEndOffset?: number;
+}
+
 /** One internal snapshot as qemu-img info lists it. */
 export interface SnapshotDescription {
   id: string;
@@ -98,6 +115,8 @@ export interface BlockNode {
   readonly vmdkCid?: number | undefined;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
+  /** A consistency check of this layer's metadata, changing nothing (tsimg check). */
+  checkMetadata?(): Promise<CheckReport>;
   close(): Promise<void>;
 }
 

@@ -1,6 +1,6 @@
 // The qcow2 driver: probe and open (docs/interop/qcow2.txt; QEMU's qcow2_do_open),
 // and create (create.ts).
-import type { BlockNode, Creatable, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
+import type { BlockNode, CheckReport, Creatable, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import {
@@ -22,7 +22,8 @@ import { Refcounts } from './refcount.js';
 import { Qcow2Node } from './qcow2.js';
 import { readSnapshotTable } from './snapshot.js';
 import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
-import { rebuildRefcounts } from './repair.js';
+import { rebuildRefcounts, type RepairInput } from './repair.js';
+import { checkQcow2 } from './check.js';
 import { createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
@@ -96,15 +97,15 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   // Not closed cleanly with lazy refcounts: QEMU repairs the refcounts on a writable
   // open, and reads without repair on a read-only one. It runs once the backing file
   // and the passphrase are known good, so a refused open changes nothing.
-  const repairIfDirty = async (): Promise<void> => {
-    if (opts.readOnly || (h.incompatibleFeatures & INCOMPAT.dirty) === 0n) return;
+  // What the refcount walk needs (repair.ts): the lazy-refcount repair and tsimg check.
+  const repairInput = async (): Promise<RepairInput> => {
     const extraRanges = bitmaps ? await bitmapRanges(file, bitmaps, clusterSize, name) : [];
     const crypto = h.extensions.find((e) => e.type === EXT.cryptoHeader);
     if (crypto) {
       const hc = await readExactly(file, crypto.offset, 16);
       extraRanges.push({ offset: Number(hc.readBigUInt64BE(0)), length: Number(hc.readBigUInt64BE(8)) });
     }
-    await rebuildRefcounts({
+    return {
       file,
       name,
       clusterBits,
@@ -119,7 +120,11 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
       snapshotTableOffset: h.snapshotsOffset,
       snapshotTableBytes,
       extraRanges,
-    });
+    };
+  };
+  const repairIfDirty = async (): Promise<void> => {
+    if (opts.readOnly || (h.incompatibleFeatures & INCOMPAT.dirty) === 0n) return;
+    await rebuildRefcounts(await repairInput());
     const bits = Buffer.alloc(8);
     bits.writeBigUInt64BE(h.incompatibleFeatures & ~INCOMPAT.dirty);
     await file.write(HDR.incompatibleFeatures, bits);
@@ -197,7 +202,8 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
 
   const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
   const description = describeQcow2(h, snaps);
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description });
+  const check = async (): Promise<CheckReport> => checkQcow2(await repairInput(), h.size);
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check });
   const views: { name: string; node: BlockNode }[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time

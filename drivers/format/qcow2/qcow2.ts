@@ -1,7 +1,7 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, Extent, ExtentKind, ImageDescription } from '../../types.js';
+import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription } from '../../types.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
@@ -47,6 +47,8 @@ export interface Qcow2NodeOptions {
   guard?: MetadataGuard;
   /** What tsimg info shows (the active node only). */
   description?: ImageDescription;
+  /** The read-only consistency check (check.ts), for the active node only. */
+  check?: () => Promise<CheckReport>;
 }
 
 /** Zeros written per request when zeroing has to write data (v2 with a backing file). */
@@ -92,6 +94,7 @@ export class Qcow2Node implements BlockNode {
   readonly encrypted: boolean;
   private readonly guard: MetadataGuard | undefined;
   private readonly description: ImageDescription;
+  private readonly checkFn: (() => Promise<CheckReport>) | undefined;
   readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
@@ -119,6 +122,7 @@ export class Qcow2Node implements BlockNode {
     this.encrypted = o.crypt !== undefined;
     this.guard = o.guard;
     this.description = o.description ?? { clusterSize: this.cs };
+    this.checkFn = o.check;
     // Encrypted sectors are the unit: unaligned requests become aligned ones above.
     this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
@@ -167,6 +171,12 @@ export class Qcow2Node implements BlockNode {
 
   describe(): ImageDescription {
     return this.description;
+  }
+
+  /** Only the active node checks; an unflushed writer's refcounts would not be on disk yet. */
+  get checkMetadata(): (() => Promise<CheckReport>) | undefined {
+    const check = this.checkFn;
+    return check && this.readOnly ? check : undefined;
   }
 
   setSnapshots(views: { name: string; node: BlockNode }[]): void {
