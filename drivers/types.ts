@@ -61,6 +61,8 @@ export interface ImageDescription {
   /** The backing file as the image names it, and its format when recorded. */
   backingFile?: string;
   backingFormat?: string;
+  /** Other files that hold this layer (VMDK extents), by name: qemu-img info's actual-size counts them. */
+  otherFiles?: string[];
   /** Encrypted, known from the header even when opened without the passphrase. */
   encrypted?: boolean;
   snapshots?: SnapshotDescription[];

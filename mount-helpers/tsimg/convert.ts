@@ -43,16 +43,32 @@ async function writeSparse(dst: BlockNode, offset: number, buf: Uint8Array): Pro
   if (start >= 0) await dst.write(offset + start, buf.subarray(start));
 }
 
-/** Copy every data run of `src` into `dst` (fresh, reading zeros); `progress` gets the share done, 0..1. */
+/**
+ * Copy every data run of `src` into `dst`, a new image; `progress` gets the share done,
+ * 0..1. Where the source is a hole and the new image does not read as one (LUKS: its
+ * empty payload decrypts to noise; qemu's has_zero_init false), zeros are written.
+ */
 export async function copyImage(src: BlockNode, dst: BlockNode, progress?: (done: number) => void): Promise<void> {
   const buf = Buffer.alloc(CHUNK);
+  const zeros = new Uint8Array(CHUNK);
   for (let pos = 0; pos < src.size; pos += CHUNK) {
     const n = Math.min(CHUNK, src.size - pos);
+    const inDst = Math.min(n, dst.size - pos);
+    const fresh = inDst > 0 ? await chainStatus(dst, pos, inDst) : [];
     for (const r of await chainStatus(src, pos, n)) {
-      if (!r.data) continue;
-      const part = buf.subarray(0, r.length);
-      await src.read(r.offset, part);
-      await writeSparse(dst, r.offset, part);
+      if (r.data) {
+        const part = buf.subarray(0, r.length);
+        await src.read(r.offset, part);
+        await writeSparse(dst, r.offset, part);
+        continue;
+      }
+      for (const f of fresh) {
+        const s = Math.max(f.offset, r.offset);
+        const t = Math.min(f.offset + f.length, r.offset + r.length);
+        if (!f.data || t <= s) continue;
+        if (dst.zero) await dst.zero(s, t - s, false);
+        else await dst.write(s, zeros.subarray(0, t - s));
+      }
     }
     progress?.((pos + n) / src.size);
   }

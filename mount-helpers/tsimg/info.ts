@@ -42,7 +42,8 @@ function layerJson(spec: string, node: BlockNode): InfoJson {
   out.filename = spec;
   if (d.clusterSize !== undefined) out['cluster-size'] = d.clusterSize;
   out.format = formatOf(node) ?? 'unknown';
-  const actual = allocatedOnDisk(spec);
+  let actual = allocatedOnDisk(spec);
+  for (const f of d.otherFiles ?? []) if (actual !== undefined) actual += allocatedOnDisk(f) ?? 0;
   if (actual !== undefined) out['actual-size'] = actual;
   if (d.formatSpecific) out['format-specific'] = d.formatSpecific;
   if (d.encrypted || node.encrypted) out.encrypted = true;
