@@ -4,7 +4,7 @@
 import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
-import { HDR as LUKS1_HDR, parseLuks1Header } from '../../crypto/luks1.js';
+import { HDR as LUKS1_HDR, parseLuks1Header, type Luks1Header } from '../../crypto/luks1.js';
 import { luksVersion } from '../../crypto/magic.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
@@ -21,6 +21,8 @@ class LuksNode implements BlockNode {
     /** Undefined when opened for metadata only (no passphrase): never read then. */
     private readonly cipher: SectorCipher | undefined,
     readonly readOnly: boolean,
+    /** The LUKS1 header, for tsimg info (LUKS2 headers are not described). */
+    private readonly header?: Luks1Header,
   ) {
     this.unit = cipher?.sectorSize ?? 512;
   }
@@ -54,9 +56,11 @@ class LuksNode implements BlockNode {
     return this.file.flush();
   }
 
-  /** block_crypto_get_info: no cluster size, never dirty. */
+  /** block_crypto_get_info: no cluster size, never dirty; the LUKS1 header's fields. */
   describe(): ImageDescription {
-    return { dirty: false, encrypted: true };
+    const d: ImageDescription = { dirty: false, encrypted: true };
+    if (this.header) d.formatSpecific = { type: 'luks', data: luksSpecific(this.header) };
+    return d;
   }
 
   /** Ciphertext is never zeros: everything is data, as QEMU reports it. */
@@ -73,17 +77,39 @@ function probe(head: Uint8Array): number {
   return luksVersion(head) ? 100 : 0;
 }
 
+/** qemu-img info's format-specific data of a LUKS1 header (qcrypto_block_luks_get_info). */
+function luksSpecific(h: Luks1Header): Record<string, unknown> {
+  const familyBytes = h.spec.mode === 'xts' ? h.keyBytes / 2 : h.keyBytes;
+  const data: Record<string, unknown> = { 'ivgen-alg': h.spec.ivgen };
+  if (h.spec.ivHash !== undefined) data['ivgen-hash-alg'] = h.spec.ivHash;
+  Object.assign(data, {
+    'hash-alg': h.hash,
+    'cipher-alg': `${h.spec.cipher}-${familyBytes * 8}`,
+    uuid: h.uuid,
+    'cipher-mode': h.spec.mode,
+    slots: h.slots.map((s) => (s.active ? { active: true, iters: s.iterations, 'key-offset': s.keyMaterialOffset, stripes: s.stripes } : { active: false, 'key-offset': s.keyMaterialOffset })),
+    'payload-offset': h.payloadOffset,
+    'master-key-iters': h.mkDigestIter,
+  });
+  return data;
+}
+
+/** The LUKS1 header of `file`, or undefined for another version. */
+async function luks1Header(file: BlockNode): Promise<Luks1Header | undefined> {
+  const head = new Uint8Array(Math.min(LUKS1_HDR.size, file.size));
+  await file.read(0, head);
+  return luksVersion(head) === 1 ? parseLuks1Header(head, file.size, file.name) : undefined;
+}
+
 /**
  * Metadata only, without the passphrase (tsimg info): the size from a LUKS1 header.
  * The node is never read: the graph builder refuses data requests on such an open.
  */
 async function openHeaderOnly(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
-  const head = new Uint8Array(Math.min(LUKS1_HDR.size, file.size));
-  await file.read(0, head);
-  if (luksVersion(head) !== 1) throw new UsageError(`${file.name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
-  const h = parseLuks1Header(head, file.size, file.name);
+  const h = await luks1Header(file);
+  if (!h) throw new UsageError(`${file.name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
   if (h.payloadOffset > file.size) throw new CorruptImageError(`${file.name}: LUKS payload offset ${h.payloadOffset} lies past the end of the file`);
-  return new LuksNode(file, h.payloadOffset, file.size - h.payloadOffset, undefined, true);
+  return new LuksNode(file, h.payloadOffset, file.size - h.payloadOffset, undefined, true, h);
 }
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
@@ -100,7 +126,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   }
   // LUKS2 devices hold whole encryption sectors only.
   const usable = v.version === 2 ? size - (size % v.sectorSize) : size;
-  const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly);
+  const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly, v.version === 1 ? await luks1Header(file) : undefined);
   return node;
 }
 
