@@ -4,7 +4,7 @@
 import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
-import { HDR as LUKS1_HDR, parseLuks1Header, type Luks1Header } from '../../crypto/luks1.js';
+import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header, type Luks1Header } from '../../crypto/luks1.js';
 import { luksVersion } from '../../crypto/magic.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
@@ -59,7 +59,7 @@ class LuksNode implements BlockNode {
   /** block_crypto_get_info: no cluster size, never dirty; the LUKS1 header's fields. */
   describe(): ImageDescription {
     const d: ImageDescription = { dirty: false, encrypted: true };
-    if (this.header) d.formatSpecific = { type: 'luks', data: luksSpecific(this.header) };
+    if (this.header) d.formatSpecific = { type: 'luks', data: describeLuks1(this.header) };
     return d;
   }
 
@@ -75,23 +75,6 @@ class LuksNode implements BlockNode {
 
 function probe(head: Uint8Array): number {
   return luksVersion(head) ? 100 : 0;
-}
-
-/** qemu-img info's format-specific data of a LUKS1 header (qcrypto_block_luks_get_info). */
-function luksSpecific(h: Luks1Header): Record<string, unknown> {
-  const familyBytes = h.spec.mode === 'xts' ? h.keyBytes / 2 : h.keyBytes;
-  const data: Record<string, unknown> = { 'ivgen-alg': h.spec.ivgen };
-  if (h.spec.ivHash !== undefined) data['ivgen-hash-alg'] = h.spec.ivHash;
-  Object.assign(data, {
-    'hash-alg': h.hash,
-    'cipher-alg': `${h.spec.cipher}-${familyBytes * 8}`,
-    uuid: h.uuid,
-    'cipher-mode': h.spec.mode,
-    slots: h.slots.map((s) => (s.active ? { active: true, iters: s.iterations, 'key-offset': s.keyMaterialOffset, stripes: s.stripes } : { active: false, 'key-offset': s.keyMaterialOffset })),
-    'payload-offset': h.payloadOffset,
-    'master-key-iters': h.mkDigestIter,
-  });
-  return data;
 }
 
 /** The LUKS1 header of `file`, or undefined for another version. */

@@ -24,6 +24,8 @@ import { readSnapshotTable } from './snapshot.js';
 import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
 import { rebuildRefcounts, type RepairInput } from './repair.js';
 import { checkQcow2 } from './check.js';
+import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header } from '../../crypto/luks1.js';
+import { luksVersion } from '../../crypto/magic.js';
 import { createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
@@ -201,7 +203,14 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   };
 
   const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
-  const description = describeQcow2(h, snaps);
+  // The LUKS header inside the image, as qemu-img info shows it (read without the passphrase).
+  let luksInfo: Record<string, unknown> | undefined;
+  const cryptoRange = cryptoHeaderRange(h, headerCluster);
+  if (h.cryptMethod === 2 && cryptoRange && cryptoRange.length >= LUKS1_HDR.size && cryptoRange.offset + LUKS1_HDR.size <= file.size) {
+    const luksHead = await readExactly(file, cryptoRange.offset, LUKS1_HDR.size);
+    if (luksVersion(luksHead) === 1) luksInfo = describeLuks1(parseLuks1Header(luksHead, cryptoRange.length, name));
+  }
+  const description = describeQcow2(h, snaps, luksInfo);
   const check = async (): Promise<CheckReport> => checkQcow2(await repairInput(), h.size);
   const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check });
   const views: { name: string; node: BlockNode }[] = [];
@@ -217,7 +226,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
 }
 
 /** qemu-img info's view of the header (qcow2_get_info, qcow2_get_specific_info). */
-function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[]): ImageDescription {
+function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[], luks: Record<string, unknown> | undefined): ImageDescription {
   const v3 = h.version === 3;
   const data: Record<string, unknown> = { compat: v3 ? '1.1' : '0.10', 'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib' };
   if (v3) data['lazy-refcounts'] = (h.compatibleFeatures & COMPAT.lazyRefcounts) !== 0n;
@@ -226,11 +235,16 @@ function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[]): ImageDescription
     data['data-file'] = h.dataFile;
     data['data-file-raw'] = (h.autoclearFeatures & AUTOCLEAR.dataFileRaw) !== 0n;
   }
+  if (h.cryptMethod === 1) data.encrypt = { format: 'aes' };
+  else if (h.cryptMethod !== 0) {
+    // QEMU's key order: the LUKS fields with "format" after "uuid".
+    const { 'ivgen-alg': ivgen, 'hash-alg': hash, 'cipher-alg': cipher, uuid, ...rest } = luks ?? {};
+    data.encrypt = luks ? { 'ivgen-alg': ivgen, 'hash-alg': hash, 'cipher-alg': cipher, uuid, format: 'luks', ...rest } : { format: 'luks' };
+  }
   if (v3) {
     data.corrupt = (h.incompatibleFeatures & INCOMPAT.corrupt) !== 0n;
     data['extended-l2'] = (h.incompatibleFeatures & INCOMPAT.extendedL2) !== 0n;
   }
-  if (h.cryptMethod !== 0) data.encrypt = { format: h.cryptMethod === 1 ? 'aes' : 'luks' };
   return {
     clusterSize: h.clusterSize,
     dirty: (h.incompatibleFeatures & INCOMPAT.dirty) !== 0n,
