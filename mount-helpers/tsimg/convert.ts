@@ -59,7 +59,10 @@ export async function copyImage(src: BlockNode, dst: BlockNode, progress?: (done
       if (r.data) {
         const part = buf.subarray(0, r.length);
         await src.read(r.offset, part);
-        await writeSparse(dst, r.offset, part);
+        // Zeros may be left out only where the new image already reads as zeros.
+        const holeBelow = fresh.every((f) => !f.data || f.offset + f.length <= r.offset || f.offset >= r.offset + r.length);
+        if (holeBelow) await writeSparse(dst, r.offset, part);
+        else await dst.write(r.offset, part);
         continue;
       }
       for (const f of fresh) {
