@@ -1,6 +1,7 @@
 // tsimg info, map, compare, convert and check against qemu-img, the oracle, on images
 // the tests make with qemu-img and qemu-io.
 import { expect } from 'chai';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { md5File, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
@@ -132,6 +133,24 @@ describe('tsimg info against qemu-img info', function () {
     expect(chain.code).to.equal(1);
     expect(chain.stderr.trim().split('\n')).to.have.length(1);
     expect(chain.stderr).to.contain('gone.qcow2');
+  });
+
+  it('refuses an image another process writes, and shows it with -U, as qemu-img info', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'lock-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'l.qcow2', '1M'], { cwd: dir });
+    const writer = spawn('qemu-io', ['-f', 'qcow2', '-c', 'sleep 20000', 'l.qcow2'], { cwd: dir, stdio: 'ignore' });
+    try {
+      // Wait until the writer holds its lock (qemu-img info fails then).
+      for (let i = 0; i < 100 && (await run('qemu-img', ['info', 'l.qcow2'], { cwd: dir })).code === 0; i++) await new Promise((r) => setTimeout(r, 50));
+      const locked = await tsimg(['info', 'l.qcow2'], dir);
+      expect(locked.code).to.equal(1);
+      expect(locked.stderr).to.match(/^tsimg: l\.qcow2: Failed to get shared "write" lock/);
+      const shared = await tsimg(['info', '-U', 'l.qcow2'], dir);
+      expect(shared.code, shared.stderr).to.equal(0);
+      expect(shared.stdout).to.contain('file format: qcow2');
+    } finally {
+      writer.kill();
+    }
   });
 
   for (const [title, format, opts] of [
