@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { md5File, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
 import { formatTable, makeVariant, qemuIoRef, type ImageVariant } from './helpers/formats.js';
-import { patch, tsimg } from './helpers/images.js';
+import { patch, TSIMG, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -378,6 +378,12 @@ describe('tsimg convert, checked by qemu-img compare and check', function () {
     const r = await tsimg(['convert', '-p', '-O', 'qcow2', 'src.raw', 'p.qcow2'], dir);
     expect(r.code, r.stderr).to.equal(0);
     expect(r.stdout).to.contain('(100.00/100%)');
+    // Without -p: nothing when standard output is not a terminal, progress when it is (through script(1)'s pseudo-terminal).
+    const quiet = await tsimg(['convert', '-O', 'qcow2', 'src.raw', 'q.qcow2'], dir);
+    expect(quiet.stdout).to.equal('');
+    const pty = await run('script', ['-qec', `${process.execPath} ${TSIMG} convert -O qcow2 src.raw t.qcow2`, '/dev/null'], { cwd: dir });
+    expect(pty.code, pty.stderr).to.equal(0);
+    expect(pty.stdout).to.contain('(100.00/100%)');
     const bad = await tsimg(['convert', '-O', 'qcow2', '-o', 'cluster_size=3', 'src.raw', 'bad.qcow2'], dir);
     expect(bad.code).to.not.equal(0);
     expect(bad.stderr.trim().split('\n')).to.have.length(1);

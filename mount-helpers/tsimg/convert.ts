@@ -86,7 +86,8 @@ export async function convert(srcSpec: string, dstSpec: string, o: ConvertCli): 
     try {
       const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, secret: targetSecret, namedFiles: 'owner' }));
       try {
-        const show = o.progress ? (done: number) => print(`    (${(done * 100).toFixed(2)}/100%)\r`) : undefined;
+        // Progress on a terminal, or anywhere with -p (qemu-img's line, redrawn in place).
+        const show = o.progress || process.stdout.isTTY ? (done: number) => print(`    (${(done * 100).toFixed(2)}/100%)\r`) : undefined;
         show?.(0);
         await copyImage(src, dst, show);
         await dst.flush();
