@@ -12,6 +12,7 @@ import { formatByName, probeFormat, PROBE_BYTES, PROBE_TAIL_BYTES } from './form
 import { NamedFileGuard, namedFilesOf, recordNamedFiles, type NamedFilePolicy, type NamedRequest } from './trust.js';
 import { aligned } from './filters/align.js';
 import { guarded } from './filters/read-only.js';
+import { metadataOnly } from './filters/no-io.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 
 const debug = createDebug('tsmount:open');
@@ -32,6 +33,10 @@ export interface ImageOptions {
   secret?: string;
   /** Which files the image may name (drivers/trust.ts); 'owner' when absent. */
   namedFiles?: NamedFilePolicy;
+  /** Open no backing file (tsimg info opens each layer by itself, as qemu-img info). */
+  noBacking?: boolean;
+  /** Metadata only: encrypted images open without a passphrase, data is refused (OpenOptions.noIo). */
+  noIo?: boolean;
 }
 
 const formats = new WeakMap<BlockNode, string>();
@@ -164,6 +169,8 @@ async function openChain(
       cache: opts.cache,
       metadataCacheBytes: opts.metadataCacheBytes,
       secret: opts.secret,
+      noBacking: opts.noBacking,
+      noIo: opts.noIo,
       openFile: async (name, role = 'file') => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);
@@ -182,7 +189,7 @@ async function openChain(
         }
       },
     };
-    const node = filtered(await driver.open(file, openOpts));
+    const node = metadataOnly(filtered(await driver.open(file, openOpts)), opts.noIo);
     formats.set(node, driver.name);
     debug('%s: %s, %d bytes%s%s', spec, driver.name, node.size, readOnly ? ', read-only' : '', isBacking ? `, backing file at depth ${depth}` : '');
     return node;

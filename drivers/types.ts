@@ -13,6 +13,61 @@ export interface Extent {
   offset: number;
   length: number;
   kind: ExtentKind;
+  /**
+   * Where this layer's own file holds the range's first byte, the rest following it
+   * contiguously (qemu-img map's "offset"); absent when unknown, compressed or elsewhere.
+   */
+  host?: number;
+}
+
+/** What a consistency check found, in qemu-img check's terms (ImageCheck). */
+export interface CheckReport {
+  /** Metadata that is wrong: data may be corrupted, or later writes may corrupt it. */
+  corruptions: number;
+  /** Clusters allocated and used by nothing: wasted space only. */
+  leaks: number;
+  /** Problems that stopped the check itself (an unreadable table). */
+  checkErrors: number;
+  /** One line per problem, as qemu-img check prints them. */
+  messages: string[];
+  totalClusters?: number;
+  allocatedClusters?: number;
+  fragmentedClusters?: number;
+  compressedClusters?: number;
+  imageEndOffset?: number;
+}
+
+/** One internal snapshot as qemu-img info lists it. */
+export interface SnapshotDescription {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  /** Absent in snapshots written before QEMU recorded it. */
+  icount?: number;
+}
+
+/**
+ * What one layer says of itself beyond its size, as qemu-img info shows it (QEMU's
+ * bdrv_get_info and ImageInfoSpecific). Every field is optional: a format leaves out
+ * what QEMU's driver leaves out.
+ */
+export interface ImageDescription {
+  clusterSize?: number;
+  /** Absent where the format has no such flag (qemu-img info then omits dirty-flag). */
+  dirty?: boolean;
+  /** The backing file as the image names it, and its format when recorded. */
+  backingFile?: string;
+  backingFormat?: string;
+  /** Other files that hold this layer (VMDK extents), by name: qemu-img info's actual-size counts them. */
+  otherFiles?: string[];
+  /** Encrypted, known from the header even when opened without the passphrase. */
+  encrypted?: boolean;
+  snapshots?: SnapshotDescription[];
+  /** qemu-img info's "format-specific": { type, data } with QEMU's key names. */
+  formatSpecific?: { type: string; data: Record<string, unknown> };
 }
 
 /** How the node above wants writes and flushes treated (QEMU's cache modes). */
@@ -68,6 +123,10 @@ export interface BlockNode {
    * caches this node's data in chunks, so a sequential read decodes each chunk once.
    */
   readonly chunkSize?: number | undefined;
+  /** What the format says of this layer (tsimg info); formats only. */
+  describe?(): ImageDescription;
+  /** A consistency check of this layer's metadata, changing nothing (tsimg check). */
+  checkMetadata?(): Promise<CheckReport>;
   close(): Promise<void>;
 }
 
@@ -89,6 +148,11 @@ export interface OpenOptions {
   secret?: string;
   /** Skip backing files entirely (qemu-img info's view). */
   noBacking?: boolean;
+  /**
+   * Metadata only (qemu-img info's BDRV_O_NO_IO): an encrypted image opens without its
+   * passphrase, and the node refuses to read or write its data.
+   */
+  noIo?: boolean;
 }
 
 export interface FormatDriver {

@@ -20,31 +20,50 @@ export interface Run {
   data: boolean;
 }
 
+/**
+ * What a range of the whole chain is, and which layer answers for it (qemu-img map's
+ * view): `depth` 0 is the top; 'unallocated' means no layer has it, and `depth` is then
+ * the deepest layer asked (the one with no backing node, or a shorter one).
+ */
+export interface ChainRun {
+  offset: number;
+  length: number;
+  depth: number;
+  kind: 'data' | 'zero' | 'unallocated';
+  /** Where the answering layer's file holds it (Extent.host), when known. */
+  host?: number;
+}
+
 /** A backing chain deeper than this is not walked: the rest counts as data. */
 const MAX_DEPTH = 64;
 
-function push(out: Run[], offset: number, length: number, data: boolean): void {
-  if (length <= 0) return;
+function pushChain(out: ChainRun[], r: ChainRun): void {
+  if (r.length <= 0) return;
   const last = out[out.length - 1];
-  if (last && last.data === data && last.offset + last.length === offset) last.length += length;
-  else out.push({ offset, length, data });
+  const hostFollows = last?.host === undefined ? r.host === undefined : r.host === last.host + last.length;
+  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows) last.length += r.length;
+  else out.push({ ...r });
 }
 
 /**
- * Runs of data and holes covering exactly [offset, offset + length) of `node` (length
- * > 0, inside the node), merged, in order.
+ * Runs covering exactly [offset, offset + length) of `node` (length > 0, inside the
+ * node), merged, in order, each with the layer that answers for it. A layer whose
+ * block status fails counts as data when `strict` is false (safe for SEEK_DATA and
+ * st_blocks), and fails the walk when it is true (tsimg map).
  */
-export async function chainStatus(node: BlockNode, offset: number, length: number, out: Run[] = [], depth = 0): Promise<Run[]> {
+export async function chainExtents(node: BlockNode, offset: number, length: number, strict = false, out: ChainRun[] = [], depth = 0): Promise<ChainRun[]> {
   if (depth > MAX_DEPTH) {
-    push(out, offset, length, true);
+    if (strict) throw new ErrnoError(`${node.name}: backing chain deeper than ${MAX_DEPTH}`, E.ELOOP);
+    pushChain(out, { offset, length, depth, kind: 'data' });
     return out;
   }
   let extents;
   try {
     extents = await node.blockStatus(offset, length);
   } catch (err) {
+    if (strict) throw err;
     debug('%s: block status at %d+%d failed, counted as data: %s', node.name, offset, length, messageOf(err));
-    push(out, offset, length, true);
+    pushChain(out, { offset, length, depth, kind: 'data' });
     return out;
   }
   const end = offset + length;
@@ -54,19 +73,36 @@ export async function chainStatus(node: BlockNode, offset: number, length: numbe
     const s = Math.max(e.offset, pos);
     const t = Math.min(e.offset + e.length, end);
     if (t <= s) continue;
-    if (s > pos) push(out, pos, s - pos, true);
-    if (e.kind === 'data') push(out, s, t - s, true);
-    else if (e.kind === 'zero') push(out, s, t - s, false);
-    else {
+    if (s > pos) pushChain(out, { offset: pos, length: s - pos, depth, kind: 'data' });
+    if (e.kind !== 'unallocated') {
+      const run: ChainRun = { offset: s, length: t - s, depth, kind: e.kind };
+      if (e.host !== undefined) run.host = e.host + (s - e.offset);
+      pushChain(out, run);
+    } else {
       const backing = node.backing;
       const covered = backing ? Math.min(t, Math.max(s, backing.size)) : s;
-      if (backing && covered > s) await chainStatus(backing, s, covered - s, out, depth + 1);
+      if (backing && covered > s) await chainExtents(backing, s, covered - s, strict, out, depth + 1);
       // Past the end of a shorter backing node the bytes read as zeros.
-      push(out, covered, t - covered, false);
+      pushChain(out, { offset: covered, length: t - covered, depth, kind: 'unallocated' });
     }
     pos = t;
   }
-  if (pos < end) push(out, pos, end - pos, true);
+  if (pos < end) pushChain(out, { offset: pos, length: end - pos, depth, kind: 'data' });
+  return out;
+}
+
+/**
+ * Runs of data and holes covering exactly [offset, offset + length) of `node` (length
+ * > 0, inside the node), merged, in order.
+ */
+export async function chainStatus(node: BlockNode, offset: number, length: number): Promise<Run[]> {
+  const out: Run[] = [];
+  for (const r of await chainExtents(node, offset, length)) {
+    const data = r.kind === 'data';
+    const last = out[out.length - 1];
+    if (last && last.data === data && last.offset + last.length === r.offset) last.length += r.length;
+    else out.push({ offset: r.offset, length: r.length, data });
+  }
   return out;
 }
 

@@ -1,51 +1,43 @@
 #!/usr/bin/env node
-// tsimg: make and inspect images, beside tsmount. Subcommands follow qemu-img's.
+// tsimg: make and inspect images, beside tsmount. Subcommands follow qemu-img's, one
+// module each under tsimg/; every one opens images through drivers/open.ts.
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
-//   tsimg info [-f FMT] [--output human|json] FILE
+//   tsimg info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
+//   tsimg map [-f FMT] [--output human|json] [-U] FILE
+//   tsimg check [-f FMT] [--output human|json] [-U] FILE
+//   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
+//   tsimg convert [-p] [-f FMT] [-O FMT] [-o OPTIONS] SRC DST
 import { Command } from 'commander';
-import type { BlockNode } from '../drivers/types.js';
-import { messageOf, UsageError } from '../drivers/errors.js';
-import { formatOf as openedFormat, openImage } from '../drivers/open.js';
-import { createImage, readOnlyOpen, type CreateCli } from '../drivers/create.js';
-import type { NamedFilePolicy } from '../drivers/trust.js';
-import { readSecretFile } from './secret.js';
+import { messageOf } from '../drivers/errors.js';
+import { ExitError, readSecret } from './tsimg/common.js';
+import { createImage, type CreateCli } from '../drivers/create.js';
+import { info, type InfoCli } from './tsimg/info.js';
+import { map, type MapCli } from './tsimg/map.js';
+import { check, type CheckCli } from './tsimg/check.js';
+import { compare, type CompareCli } from './tsimg/compare.js';
+import { convert, type ConvertCli } from './tsimg/convert.js';
 
-function fail(msg: string): never {
+
+function fail(msg: string, code = 1): never {
   process.stderr.write(`tsimg: ${msg}\n`);
-  process.exit(1);
+  process.exit(code);
 }
 
-function readSecret(o: { secret?: string; secretFile?: string }): string | undefined {
-  if (o.secretFile === undefined) return o.secret;
-  return readSecretFile(o.secretFile);
-}
+const collect = (v: string, acc: string[]): string[] => [...acc, v];
 
-function namedFilePolicy(o: { confine?: boolean; trustImagePaths?: boolean }): NamedFilePolicy {
-  if (o.confine && o.trustImagePaths) throw new UsageError('give --confine or --trust-image-paths, not both');
-  return o.confine ? 'confine' : o.trustImagePaths ? 'trust' : 'owner';
-}
-
-
-async function info(spec: string, o: { format?: string; output: string; secret?: string; secretFile?: string; confine?: boolean; trustImagePaths?: boolean }): Promise<void> {
-  const node = await openImage(spec, readOnlyOpen(o.format, readSecret(o), namedFilePolicy(o)));
-  try {
-    const chain: { filename: string; format: string; 'virtual-size': number }[] = [];
-    let cur: BlockNode | undefined = node;
-    let name = spec;
-    while (cur) {
-      chain.push({ filename: name, format: openedFormat(cur) ?? 'unknown', 'virtual-size': cur.size });
-      const next: BlockNode | undefined = cur.backing;
-      if (next) name = next.name;
-      cur = next;
-    }
-    if (o.output === 'json') process.stdout.write(`${JSON.stringify(chain.length === 1 ? chain[0] : chain, null, 2)}\n`);
-    else for (const c of chain) process.stdout.write(`image: ${c.filename}\nfile format: ${c.format}\nvirtual size: ${c['virtual-size']}\n\n`);
-  } finally {
-    await node.close();
-  }
+/** The options of every subcommand that opens an image to read it. */
+function openOptions(c: Command, formatFlag = '-f, --format <fmt>'): Command {
+  return c
+    .option(formatFlag, 'image format (probed when absent)')
+    .option('-U, --force-share', 'open the image even when another process holds it')
+    .option('--secret <pass>', 'passphrase')
+    .option('--secret-file <file>', 'read the passphrase from a file')
+    .option('--confine', "open only files under the image's own folder that the image names")
+    .option('--trust-image-paths', 'open every file an image names, as QEMU does (unsafe for images you did not write)');
 }
 
 async function main(argv: string[]): Promise<void> {
+  let exitCode = 0;
   const program = new Command('tsimg')
     .description('Create and inspect disk images (subcommands as in qemu-img)')
     .configureOutput({ outputError: (str, write) => write(`tsimg: ${str.replace(/^error: /, '').trim()}\n`) })
@@ -56,28 +48,43 @@ async function main(argv: string[]): Promise<void> {
     .argument('<file>')
     .argument('[size]')
     .option('-f, --format <fmt>', 'image format', 'raw')
-    .option('-o, --options <opts>', 'format options, key=value,...', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('-o, --options <opts>', 'format options, key=value,...', collect, [] as string[])
     .option('-b, --backing <file>', 'backing file')
     .option('-F, --backing-format <fmt>', 'backing file format')
     .option('--secret <pass>', 'passphrase for encryption')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-q, --quiet', 'print nothing')
     .action(async (file: string, size: string | undefined, o: CreateCli & { secretFile?: string }) => createImage(file, size, { ...o, secret: readSecret(o) }));
-  program
-    .command('info')
-    .description('show an image and its backing chain')
-    .argument('<file>')
-    .option('-f, --format <fmt>', 'image format (probed when absent)')
+  openOptions(program.command('info').description('show an image (and with --backing-chain every layer under it)').argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')
-    .option('--secret <pass>', 'passphrase')
-    .option('--secret-file <file>', 'read the passphrase from a file')
-    .option('--confine', "open only files under the image's own folder that the image names")
-    .option('--trust-image-paths', 'open every file an image names, as QEMU does (unsafe for images you did not write)')
-    .action(async (file: string, o: { format?: string; output: string }) => info(file, o));
+    .option('--backing-chain', 'show every layer of the backing chain')
+    .action(async (file: string, o: InfoCli) => info(file, o));
+  openOptions(program.command('map').description('show where each run of the disk comes from, through the backing chain').argument('<file>'))
+    .option('--output <fmt>', 'human or json', 'human')
+    .action(async (file: string, o: MapCli) => map(file, o));
+  openOptions(program.command('check').description("check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks)").argument('<file>'))
+    .option('--output <fmt>', 'human or json', 'human')
+    .action(async (file: string, o: CheckCli) => {
+      exitCode = await check(file, o);
+    });
+  openOptions(program.command('compare').description('compare what two images read (exit 0 equal, 1 different, 2 error)').argument('<file1>').argument('<file2>'))
+    .option('-F, --second-format <fmt>', "the second image's format")
+    .option('-s, --strict', 'images of different sizes differ')
+    .action(async (a: string, b: string, o: CompareCli) => {
+      exitCode = await compare(a, b, o);
+    });
+  openOptions(program.command('convert').description('copy an image into a new image of any writable format, sparse').argument('<src>').argument('<dst>'))
+    .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
+    .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
+    .option('-p, --progress', 'show progress')
+    .option('--target-secret <pass>', 'passphrase of an encrypted new image')
+    .option('--target-secret-file <file>', "read the new image's passphrase from a file")
+    .action(async (src: string, dst: string, o: ConvertCli) => convert(src, dst, o));
   await program.parseAsync(argv);
+  process.exitCode = exitCode;
 }
 
 main(process.argv).catch((err: unknown) => {
   if (process.env.DEBUG) process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
-  fail(messageOf(err));
+  fail(messageOf(err), err instanceof ExitError ? err.code : 1);
 });

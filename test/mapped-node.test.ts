@@ -90,7 +90,7 @@ describe('MappedNode (the base of the table-mapped formats)', () => {
     expect(out.subarray(0, 16).every((b) => b === 0)).to.equal(true);
     expect(await node.blockStatus(0, 48)).to.deep.equal([
       { offset: 0, length: 16, kind: 'unallocated' },
-      { offset: 16, length: 16, kind: 'data' },
+      { offset: 16, length: 16, kind: 'data', host: 80 },
       { offset: 32, length: 16, kind: 'unallocated' },
     ]);
     expect(file.flushes).to.equal(0);

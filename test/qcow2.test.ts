@@ -59,7 +59,8 @@ describe('qcow2 format driver', function () {
       try {
         expect(await node.blockStatus(0, 4 * MiB)).to.deep.equal([
           { offset: 0, length: 64 * KiB, kind: 'unallocated' },
-          { offset: 64 * KiB, length: 64 * KiB, kind: 'data' },
+          // Where the image file holds it (qemu-img map's offset): after header, tables and L2.
+          { offset: 64 * KiB, length: 64 * KiB, kind: 'data', host: 5 * 64 * KiB },
           { offset: 128 * KiB, length: MiB - 128 * KiB, kind: 'unallocated' },
           { offset: MiB, length: 128 * KiB, kind: 'zero' },
           { offset: MiB + 128 * KiB, length: 3 * MiB - 128 * KiB, kind: 'unallocated' },
@@ -127,7 +128,10 @@ describe('qcow2 format driver', function () {
           expect((await readAt(node, off, len)).equals(readBytes(raw, off, len)), `at ${off}`).to.equal(true);
         }
         const st = await node.blockStatus(2 ** 32 - 64 * KiB, 128 * KiB);
-        expect(st).to.deep.equal([{ offset: 2 ** 32 - 64 * KiB, length: 128 * KiB, kind: 'data' }]);
+        // Two data extents when the clusters are not side by side in the file (each has its host offset).
+        expect(st.every((e) => e.kind === 'data' && e.host !== undefined)).to.equal(true);
+        expect(st[0]!.offset).to.equal(2 ** 32 - 64 * KiB);
+        expect(st.reduce((n, e) => n + e.length, 0)).to.equal(128 * KiB);
       } finally {
         await node.close();
       }

@@ -82,6 +82,23 @@ function familyKeyBytes(spec: CipherSpec, keyBytes: number): number {
   return spec.mode === 'xts' ? keyBytes / 2 : keyBytes;
 }
 
+/** qemu-img info's format-specific data of a LUKS1 header (qcrypto_block_luks_get_info). */
+export function describeLuks1(h: Luks1Header): Record<string, unknown> {
+  const familyBytes = familyKeyBytes(h.spec, h.keyBytes);
+  const data: Record<string, unknown> = { 'ivgen-alg': h.spec.ivgen };
+  if (h.spec.ivHash !== undefined) data['ivgen-hash-alg'] = h.spec.ivHash;
+  Object.assign(data, {
+    'hash-alg': h.hash,
+    'cipher-alg': `${h.spec.cipher}-${familyBytes * 8}`,
+    uuid: h.uuid,
+    'cipher-mode': h.spec.mode,
+    slots: h.slots.map((s) => (s.active ? { active: true, iters: s.iterations, 'key-offset': s.keyMaterialOffset, stripes: s.stripes } : { active: false, 'key-offset': s.keyMaterialOffset })),
+    'payload-offset': h.payloadOffset,
+    'master-key-iters': h.mkDigestIter,
+  });
+  return data;
+}
+
 /** Parse and validate a LUKS1 phdr; `size` is how many bytes the header's container holds. */
 export function parseLuks1Header(b: Uint8Array, size: number, name: string): Luks1Header {
   if (b.length < HDR.size) throw new CorruptImageError(`${name}: LUKS header truncated`);

@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, Extent } from '../types.js';
+import type { BlockNode, CheckReport, Extent, ImageDescription } from '../types.js';
 import type { ImageLock } from '../protocol/lock.js';
 
 export class Filter implements BlockNode {
@@ -70,5 +70,13 @@ export class Filter implements BlockNode {
   }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
+  }
+  get describe(): (() => ImageDescription) | undefined {
+    const next = this.next;
+    return next.describe && (() => next.describe!());
+  }
+  get checkMetadata(): (() => Promise<CheckReport>) | undefined {
+    const next = this.next;
+    return next.checkMetadata && (() => next.checkMetadata!());
   }
 }

@@ -3,7 +3,7 @@
 // runs a driver's mapRange gives (mapped.ts), allocation under one mutex, flush under
 // that mutex, and a close that runs once. A driver keeps only its mapping and its
 // allocation.
-import type { BlockNode, Extent } from '../types.js';
+import type { BlockNode, Extent, ImageDescription } from '../types.js';
 import { CorruptImageError } from '../errors.js';
 import { Mutex } from '../util/mutex.js';
 import { closeLayers } from './backing.js';
@@ -32,6 +32,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
   /** Held by writes that allocate and by flush, so a flush sees no half-made allocation. */
   protected readonly mutex = new Mutex();
   private closed = false;
+  private description: ImageDescription = {};
 
   /** The image file's metadata, which no data written in place may overlap. */
   abstract readonly metadata: MetadataRanges | undefined;
@@ -46,6 +47,16 @@ export abstract class MappedNode implements BlockNode, Mapper {
 
   get name(): string {
     return this.file.name;
+  }
+
+  /** What tsimg info shows of this layer: set once by the driver's open (describedAs). */
+  describe(): ImageDescription {
+    return this.description;
+  }
+
+  describedAs(d: ImageDescription): this {
+    this.description = d;
+    return this;
   }
 
   abstract mapRange(offset: number, length: number): Promise<MappedRun[]>;

@@ -82,9 +82,12 @@ export async function mappedStatus(mapper: Mapper, offset: number, length: numbe
   const out: Extent[] = [];
   for (const r of await mapper.mapRange(offset, length)) {
     const kind = r.kind === 'zero' ? 'zero' : r.kind === 'unallocated' ? 'unallocated' : 'data';
+    // Data in the image's own file has a host offset (qemu-img map's "offset").
+    const host = r.kind === 'data' && r.file === undefined ? r.host : undefined;
     const last = out[out.length - 1];
-    if (last && last.kind === kind && last.offset + last.length === r.offset) last.length += r.length;
-    else out.push({ offset: r.offset, length: r.length, kind });
+    const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
+    if (last && last.kind === kind && last.offset + last.length === r.offset && contiguous) last.length += r.length;
+    else out.push(host === undefined ? { offset: r.offset, length: r.length, kind } : { offset: r.offset, length: r.length, kind, host });
   }
   return out;
 }

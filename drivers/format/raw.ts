@@ -1,5 +1,5 @@
 // The raw format: the guest disk is the file's bytes.
-import type { Creatable, CreateRequest, FormatDriver } from '../types.js';
+import type { Creatable, CreateRequest, Extent, FormatDriver, ImageDescription } from '../types.js';
 import { Filter } from '../filters/filter.js';
 import { UsageError } from '../errors.js';
 
@@ -8,6 +8,14 @@ class RawNode extends Filter {
   /** QEMU counts every node in 512-byte sectors, rounding a file's length up. */
   override get size(): number {
     return Math.ceil(this.next.size / 512) * 512;
+  }
+  /** raw_get_info: no cluster size, never dirty. */
+  override get describe(): () => ImageDescription {
+    return () => ({ dirty: false });
+  }
+  /** The file's own status, at the same offsets (qemu-img map gives raw data its offset). */
+  override async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return (await this.next.blockStatus(offset, length)).map((e) => ({ ...e, host: e.offset }));
   }
   /** Always offered: where the file cannot zero, zeros are written. */
   override get zero(): (offset: number, length: number, unmap: boolean) => Promise<void> {

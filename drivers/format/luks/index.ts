@@ -1,9 +1,10 @@
 // The luks format (QEMU block/crypto.c over crypto/block-luks.c): a LUKS header, then
 // the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
 // does; LUKS2 headers made by cryptsetup open too (QEMU 7.2 cannot open those).
-import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, OpenOptions } from '../../types.js';
+import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
+import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header, type Luks1Header } from '../../crypto/luks1.js';
 import { luksVersion } from '../../crypto/magic.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
@@ -17,10 +18,18 @@ class LuksNode implements BlockNode {
     private readonly file: BlockNode,
     private readonly payloadOffset: number,
     readonly size: number,
-    private readonly cipher: SectorCipher,
+    /** Undefined when opened for metadata only (no passphrase): never read then. */
+    private readonly cipher: SectorCipher | undefined,
     readonly readOnly: boolean,
+    /** The LUKS1 header, for tsimg info (LUKS2 headers are not described). */
+    private readonly header?: Luks1Header,
   ) {
-    this.unit = cipher.sectorSize;
+    this.unit = cipher?.sectorSize ?? 512;
+  }
+
+  private sectorCipher(): SectorCipher {
+    if (!this.cipher) throw new UsageError(`${this.name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
+    return this.cipher;
   }
 
   get name(): string {
@@ -34,17 +43,24 @@ class LuksNode implements BlockNode {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     await this.file.read(this.payloadOffset + offset, dst);
-    this.cipher.decrypt(dst, offset / this.unit);
+    this.sectorCipher().decrypt(dst, offset / this.unit);
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     const buf = new Uint8Array(src);
-    this.cipher.encrypt(buf, offset / this.unit);
+    this.sectorCipher().encrypt(buf, offset / this.unit);
     await this.file.write(this.payloadOffset + offset, buf);
   }
 
   flush(): Promise<void> {
     return this.file.flush();
+  }
+
+  /** block_crypto_get_info: no cluster size, never dirty; the LUKS1 header's fields. */
+  describe(): ImageDescription {
+    const d: ImageDescription = { dirty: false, encrypted: true };
+    if (this.header) d.formatSpecific = { type: 'luks', data: describeLuks1(this.header) };
+    return d;
   }
 
   /** Ciphertext is never zeros: everything is data, as QEMU reports it. */
@@ -61,8 +77,27 @@ function probe(head: Uint8Array): number {
   return luksVersion(head) ? 100 : 0;
 }
 
+/** The LUKS1 header of `file`, or undefined for another version. */
+async function luks1Header(file: BlockNode): Promise<Luks1Header | undefined> {
+  const head = new Uint8Array(Math.min(LUKS1_HDR.size, file.size));
+  await file.read(0, head);
+  return luksVersion(head) === 1 ? parseLuks1Header(head, file.size, file.name) : undefined;
+}
+
+/**
+ * Metadata only, without the passphrase (tsimg info): the size from a LUKS1 header.
+ * The node is never read: the graph builder refuses data requests on such an open.
+ */
+async function openHeaderOnly(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
+  const h = await luks1Header(file);
+  if (!h) throw new UsageError(`${file.name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
+  if (h.payloadOffset > file.size) throw new CorruptImageError(`${file.name}: LUKS payload offset ${h.payloadOffset} lies past the end of the file`);
+  return new LuksNode(file, h.payloadOffset, file.size - h.payloadOffset, undefined, true, h);
+}
+
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
+  if (opts.secret === undefined && opts.noIo) return openHeaderOnly(file, opts);
   if (opts.secret === undefined) throw new UsageError(`${name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
   const { unlockLuks } = await import('../../crypto/index.js');
   const v = await unlockLuks(file, opts.secret);
@@ -74,7 +109,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   }
   // LUKS2 devices hold whole encryption sectors only.
   const usable = v.version === 2 ? size - (size % v.sectorSize) : size;
-  const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly);
+  const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly, v.version === 1 ? await luks1Header(file) : undefined);
   return node;
 }
 

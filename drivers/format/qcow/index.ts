@@ -21,17 +21,19 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   let cipher: QcowCipher | undefined;
   if (h.cryptMethod === CRYPT.aes) {
     // qcow stores nothing to check a key against: any key opens, a wrong one reads garbage.
-    if (opts.secret === undefined) throw new BadPassphraseError(`${name}: the qcow image is encrypted (AES); give the key with --secret`);
-    cipher = new QcowCipher(opts.secret);
+    if (opts.secret === undefined && !opts.noIo) throw new BadPassphraseError(`${name}: the qcow image is encrypted (AES); give the key with --secret`);
+    if (opts.secret !== undefined) cipher = new QcowCipher(opts.secret);
   }
   // The L1 table lies in the file (parseHeader checks); it is read a page at a time as needed.
   const l1 = new PagedTable(file, h.l1TableOffset, h.l1Size, 8, Math.floor(opts.metadataCacheBytes / 4));
   let backing: BlockNode | undefined;
-  if (h.backingFileOffset !== 0 && h.backingFileSize > 0 && !opts.noBacking) {
+  let backingName: string | undefined;
+  if (h.backingFileOffset !== 0 && h.backingFileSize > 0) {
     const b = Buffer.alloc(h.backingFileSize);
     await file.read(h.backingFileOffset, b);
+    backingName = b.toString('utf8');
     // Version 1 stores no backing format: it is probed.
-    backing = await opts.openBacking(b.toString('utf8'), undefined);
+    if (!opts.noBacking) backing = await opts.openBacking(backingName, undefined);
   }
   try {
     const node = new QcowNode({
@@ -43,7 +45,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       cipher,
       metadataCacheBytes: opts.metadataCacheBytes,
       barriers: opts.cache !== 'unsafe',
-    });
+    }).describedAs({ clusterSize: 2 ** h.clusterBits, dirty: false, backingFile: backingName, encrypted: h.cryptMethod === CRYPT.aes });
     return node;
   } catch (err) {
     await backing?.close();

@@ -1,11 +1,12 @@
 // The qcow2 driver: probe and open (docs/interop/qcow2.txt; QEMU's qcow2_do_open),
 // and create (create.ts).
-import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
+import type { BlockNode, CheckReport, Creatable, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import {
   AUTOCLEAR,
   checkSupported,
+  COMPAT,
   encodeAutoclear,
   EXT,
   HDR,
@@ -21,7 +22,10 @@ import { Refcounts } from './refcount.js';
 import { Qcow2Node } from './qcow2.js';
 import { readSnapshotTable } from './snapshot.js';
 import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
-import { rebuildRefcounts } from './repair.js';
+import { rebuildRefcounts, type RepairInput } from './repair.js';
+import { checkQcow2 } from './check.js';
+import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header } from '../../crypto/luks1.js';
+import { luksVersion } from '../../crypto/magic.js';
 import { createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
@@ -95,15 +99,15 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   // Not closed cleanly with lazy refcounts: QEMU repairs the refcounts on a writable
   // open, and reads without repair on a read-only one. It runs once the backing file
   // and the passphrase are known good, so a refused open changes nothing.
-  const repairIfDirty = async (): Promise<void> => {
-    if (opts.readOnly || (h.incompatibleFeatures & INCOMPAT.dirty) === 0n) return;
+  // What the refcount walk needs (repair.ts): the lazy-refcount repair and tsimg check.
+  const repairInput = async (): Promise<RepairInput> => {
     const extraRanges = bitmaps ? await bitmapRanges(file, bitmaps, clusterSize, name) : [];
     const crypto = h.extensions.find((e) => e.type === EXT.cryptoHeader);
     if (crypto) {
       const hc = await readExactly(file, crypto.offset, 16);
       extraRanges.push({ offset: Number(hc.readBigUInt64BE(0)), length: Number(hc.readBigUInt64BE(8)) });
     }
-    await rebuildRefcounts({
+    return {
       file,
       name,
       clusterBits,
@@ -118,7 +122,11 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
       snapshotTableOffset: h.snapshotsOffset,
       snapshotTableBytes,
       extraRanges,
-    });
+    };
+  };
+  const repairIfDirty = async (): Promise<void> => {
+    if (opts.readOnly || (h.incompatibleFeatures & INCOMPAT.dirty) === 0n) return;
+    await rebuildRefcounts(await repairInput());
     const bits = Buffer.alloc(8);
     bits.writeBigUInt64BE(h.incompatibleFeatures & ~INCOMPAT.dirty);
     await file.write(HDR.incompatibleFeatures, bits);
@@ -139,7 +147,9 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
       cryptoHeader = { offset: Number(dv.getBigUint64(0, false)), length: Number(dv.getBigUint64(8, false)) };
     }
     try {
-      crypt = await openCrypt(file, h.cryptMethod, cryptoHeader, opts.secret);
+      // Metadata only (tsimg info): without the passphrase nothing is unlocked, and the
+      // graph builder refuses every data request (filters/no-io.ts).
+      if (!(opts.noIo && opts.secret === undefined)) crypt = await openCrypt(file, h.cryptMethod, cryptoHeader, opts.secret);
     } catch (err) {
       await backing?.close().catch(() => undefined);
       throw err;
@@ -195,7 +205,16 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   };
 
   const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard });
+  // The LUKS header inside the image, as qemu-img info shows it (read without the passphrase).
+  let luksInfo: Record<string, unknown> | undefined;
+  const cryptoRange = cryptoHeaderRange(h, headerCluster);
+  if (h.cryptMethod === 2 && cryptoRange && cryptoRange.length >= LUKS1_HDR.size && cryptoRange.offset + LUKS1_HDR.size <= file.size) {
+    const luksHead = await readExactly(file, cryptoRange.offset, LUKS1_HDR.size);
+    if (luksVersion(luksHead) === 1) luksInfo = describeLuks1(parseLuks1Header(luksHead, cryptoRange.length, name));
+  }
+  const description = describeQcow2(h, snaps, luksInfo);
+  const check = async (): Promise<CheckReport> => checkQcow2(await repairInput(), h.size);
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check });
   const views: { name: string; node: BlockNode }[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time
@@ -206,6 +225,37 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   }
   node.setSnapshots(views);
   return node;
+}
+
+/** qemu-img info's view of the header (qcow2_get_info, qcow2_get_specific_info). */
+function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[], luks: Record<string, unknown> | undefined): ImageDescription {
+  const v3 = h.version === 3;
+  const data: Record<string, unknown> = { compat: v3 ? '1.1' : '0.10', 'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib' };
+  if (v3) data['lazy-refcounts'] = (h.compatibleFeatures & COMPAT.lazyRefcounts) !== 0n;
+  data['refcount-bits'] = 2 ** h.refcountOrder;
+  if (h.dataFile !== undefined) {
+    data['data-file'] = h.dataFile;
+    data['data-file-raw'] = (h.autoclearFeatures & AUTOCLEAR.dataFileRaw) !== 0n;
+  }
+  if (h.cryptMethod === 1) data.encrypt = { format: 'aes' };
+  else if (h.cryptMethod !== 0) {
+    // QEMU's key order: the LUKS fields with "format" after "uuid".
+    const { 'ivgen-alg': ivgen, 'hash-alg': hash, 'cipher-alg': cipher, uuid, ...rest } = luks ?? {};
+    data.encrypt = luks ? { 'ivgen-alg': ivgen, 'hash-alg': hash, 'cipher-alg': cipher, uuid, format: 'luks', ...rest } : { format: 'luks' };
+  }
+  if (v3) {
+    data.corrupt = (h.incompatibleFeatures & INCOMPAT.corrupt) !== 0n;
+    data['extended-l2'] = (h.incompatibleFeatures & INCOMPAT.extendedL2) !== 0n;
+  }
+  return {
+    clusterSize: h.clusterSize,
+    dirty: (h.incompatibleFeatures & INCOMPAT.dirty) !== 0n,
+    backingFile: h.backingFile,
+    backingFormat: h.backingFormat,
+    encrypted: h.cryptMethod !== 0,
+    snapshots: snaps.map((s) => ({ id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSec: s.dateSec, dateNsec: s.dateNsec, vmClockNsec: s.vmClockNsec, icount: s.icount })),
+    formatSpecific: { type: 'qcow2', data },
+  };
 }
 
 /** The LUKS header's place in the file (crypto header extension), if any. */

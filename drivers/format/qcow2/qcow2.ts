@@ -1,7 +1,7 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, Extent, ExtentKind } from '../../types.js';
+import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription } from '../../types.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
@@ -45,6 +45,10 @@ export interface Qcow2NodeOptions {
   beforeFirstChange?: () => Promise<void>;
   /** Metadata overlap checks (writable nodes): where the tables are, and the corrupt state. */
   guard?: MetadataGuard;
+  /** What tsimg info shows (the active node only). */
+  description?: ImageDescription;
+  /** The read-only consistency check (check.ts), for the active node only. */
+  check?: () => Promise<CheckReport>;
 }
 
 /** Zeros written per request when zeroing has to write data (v2 with a backing file). */
@@ -89,6 +93,8 @@ export class Qcow2Node implements BlockNode {
   private readonly crypt: DataCrypt | undefined;
   readonly encrypted: boolean;
   private readonly guard: MetadataGuard | undefined;
+  private readonly description: ImageDescription;
+  private readonly checkFn: (() => Promise<CheckReport>) | undefined;
   readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
@@ -115,6 +121,8 @@ export class Qcow2Node implements BlockNode {
     this.crypt = o.crypt;
     this.encrypted = o.crypt !== undefined;
     this.guard = o.guard;
+    this.description = o.description ?? { clusterSize: this.cs };
+    this.checkFn = o.check;
     // Encrypted sectors are the unit: unaligned requests become aligned ones above.
     this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
@@ -159,6 +167,16 @@ export class Qcow2Node implements BlockNode {
   /** Internal snapshots as read-only nodes (fs/ shows them as <stem>@<name>.raw). */
   snapshots(): { name: string; node: BlockNode }[] {
     return this.snapshotViews;
+  }
+
+  describe(): ImageDescription {
+    return this.description;
+  }
+
+  /** Only the active node checks; an unflushed writer's refcounts would not be on disk yet. */
+  get checkMetadata(): (() => Promise<CheckReport>) | undefined {
+    const check = this.checkFn;
+    return check && this.readOnly ? check : undefined;
   }
 
   setSnapshots(views: { name: string; node: BlockNode }[]): void {
@@ -822,11 +840,15 @@ export class Qcow2Node implements BlockNode {
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const runs = await this.map.map(offset, length);
     const out: Extent[] = [];
+    // Host offsets as qemu-img map gives them: plain data clusters in the image file itself.
+    const hostKnown = this.data === this.file && !this.crypt;
     for (const r of runs) {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
+      const host = hostKnown && r.kind === 'data' ? r.host : undefined;
       const last = out[out.length - 1];
-      if (last && last.kind === kind) last.length += r.length;
-      else out.push({ offset: r.guest, length: r.length, kind });
+      const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
+      if (last && last.kind === kind && contiguous) last.length += r.length;
+      else out.push(host === undefined ? { offset: r.guest, length: r.length, kind } : { offset: r.guest, length: r.length, kind, host });
     }
     return out;
   }

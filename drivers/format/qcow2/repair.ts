@@ -29,12 +29,26 @@ export interface RepairInput {
 /** Clusters one rebuild may track: 2^27 (1 GiB of counters at most 512 MiB). */
 const MAX_TRACKED = 2 ** 27;
 
-export async function rebuildRefcounts(r: RepairInput): Promise<void> {
+/** What every structure of the image references, cluster by cluster (qemu's calculate_refcounts). */
+export interface References {
+  /** References per host cluster, for every cluster of the file. */
+  counts: Float64Array;
+  /** Refcount block offsets, by reftable index (0: none). */
+  blocks: number[];
+  /** Clusters of the file. */
+  tracked: number;
+  /** Data clusters in use (allocated-clusters), and those compressed. */
+  dataClusters: number;
+  compressedClusters: number;
+  /** Active data clusters not right after the one before them (qemu's fragmented_clusters). */
+  fragmentedClusters: number;
+  /** Active L2 tables and data clusters with their COPIED flag (refcount one), for qemu's OFLAG_COPIED check. */
+  copied: { host: number; copied: boolean; what: 'L2 cluster' | 'data cluster' }[];
+}
+
+export async function countReferences(r: RepairInput): Promise<References> {
   const cs = 2 ** r.clusterBits;
-  const bits = 2 ** r.refcountOrder;
-  const perBlock = (cs * 8) / bits;
   const reftableEntries = r.reftable.length / 8;
-  const covered = reftableEntries * perBlock;
   const fileClusters = Math.ceil(r.file.size / cs);
   const tracked = Math.max(fileClusters, 1);
   if (tracked > MAX_TRACKED) throw new UnsupportedError(`${r.name}: qcow2 image too large to rebuild its refcounts; run 'qemu-img check -r all'`);
@@ -62,13 +76,19 @@ export async function rebuildRefcounts(r: RepairInput): Promise<void> {
 
   const layout: L2Layout = { clusterBits: r.clusterBits, extended: r.extendedL2, dataLimit: r.externalData ? Number.MAX_SAFE_INTEGER : r.file.size, externalData: r.externalData };
   const l2Buf = Buffer.alloc(cs);
-  const walkL1 = async (l1: Buffer, l1Offset: number): Promise<void> => {
+  let dataClusters = 0;
+  let compressedClusters = 0;
+  let fragmentedClusters = 0;
+  let nextContiguous = 0;
+  const copied: References['copied'] = [];
+  const walkL1 = async (l1: Buffer, l1Offset: number, active: boolean): Promise<void> => {
     ref(l1Offset, l1.length);
     const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     const entries = cs / (r.extendedL2 ? 16 : 8);
     for (let i = 0; i < l1.length / 8; i++) {
-      const { offset } = decodeL1(dv, i, cs, r.file.size, r.name);
+      const { offset, copied: l1Copied } = decodeL1(dv, i, cs, r.file.size, r.name);
       if (offset === 0) continue;
+      if (active) copied.push({ host: offset, copied: l1Copied, what: 'L2 cluster' });
       ref(offset, cs);
       await r.file.read(offset, l2Buf);
       const l2 = new DataView(l2Buf.buffer, l2Buf.byteOffset, l2Buf.byteLength);
@@ -76,15 +96,35 @@ export async function rebuildRefcounts(r: RepairInput): Promise<void> {
         const e = decodeL2(l2, k, layout, r.name, (i * entries + k) * cs);
         if (e.kind === 'compressed') ref(e.cOffset, e.cLength);
         else if (e.host !== 0 && !r.externalData) ref(e.host, cs);
+        if (!active || (e.kind !== 'compressed' && e.host === 0)) continue;
+        // qemu's check_refcounts_l2 with CHECK_FRAG_INFO: compressed clusters count as fragmented.
+        dataClusters++;
+        if (e.kind === 'compressed') {
+          compressedClusters++;
+          fragmentedClusters++;
+          continue;
+        }
+        if (dataClusters > 1 && e.host !== nextContiguous) fragmentedClusters++;
+        nextContiguous = e.host + cs;
+        if (!r.externalData) copied.push({ host: e.host, copied: e.copied, what: 'data cluster' });
       }
     }
   };
-  await walkL1(r.l1, r.l1Offset);
+  await walkL1(r.l1, r.l1Offset, true);
   for (const s of r.snapshots) {
     const l1 = Buffer.alloc(s.l1Size * 8);
     if (l1.length) await r.file.read(s.l1TableOffset, l1);
-    await walkL1(l1, s.l1TableOffset);
+    await walkL1(l1, s.l1TableOffset, false);
   }
+  return { counts, blocks, tracked, dataClusters, compressedClusters, fragmentedClusters, copied };
+}
+
+export async function rebuildRefcounts(r: RepairInput): Promise<void> {
+  const cs = 2 ** r.clusterBits;
+  const bits = 2 ** r.refcountOrder;
+  const perBlock = (cs * 8) / bits;
+  const covered = (r.reftable.length / 8) * perBlock;
+  const { counts, blocks, tracked } = await countReferences(r);
 
   // Every used cluster needs a refcount block; one missing would need a new block
   // (and maybe a larger table): leave that to qemu-img.

@@ -11,10 +11,17 @@ const SN = {
   l1Size: 8, // u32
   idSize: 12, // u16
   nameSize: 14, // u16
+  dateSec: 16, // u32
+  dateNsec: 20, // u32
+  vmClockNsec: 24, // u64
+  vmStateSize: 32, // u32
   extraDataSize: 36, // u32
   fixed: 40,
   /** Extra data: disk size of the snapshot (bytes 8-15 of the extra data). */
   extraDiskSize: 8,
+  /** Extra data: the large VM state size (bytes 0-7) and icount (bytes 16-23). */
+  extraVmStateSize: 0,
+  extraIcount: 16,
 } as const;
 
 /** QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE. */
@@ -28,6 +35,12 @@ export interface SnapshotEntry {
   l1Size: number;
   /** Virtual size when the snapshot was taken (the header's size if not recorded). */
   diskSize: number;
+  /** What qemu-img info lists (the snapshot's time, VM clock and state). */
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  vmStateSize: number;
+  icount: number | undefined;
 }
 
 export async function readSnapshotTable(
@@ -83,7 +96,22 @@ export async function readSnapshotTable(
     if (l1Size > 0 && (l1TableOffset % clusterSize !== 0 || l1TableOffset + l1Size * 8 > file.size)) bad(`entry ${i} has its L1 table outside the file`);
     const id = buf.toString('utf8', extraAt + extra, extraAt + extra + idSize);
     const snapName = buf.toString('utf8', extraAt + extra + idSize, end);
-    out.push({ id, name: snapName, l1TableOffset, l1Size, diskSize });
+    let vmStateSize = buf.readUInt32BE(pos + SN.vmStateSize);
+    if (extra >= SN.extraVmStateSize + 8) vmStateSize = Number(buf.readBigUInt64BE(extraAt + SN.extraVmStateSize) & 0x1fffffffffffffn);
+    const icountRaw = extra >= SN.extraIcount + 8 ? buf.readBigUInt64BE(extraAt + SN.extraIcount) : undefined;
+    out.push({
+      id,
+      name: snapName,
+      l1TableOffset,
+      l1Size,
+      diskSize,
+      dateSec: buf.readUInt32BE(pos + SN.dateSec),
+      dateNsec: buf.readUInt32BE(pos + SN.dateNsec),
+      vmClockNsec: Number(buf.readBigUInt64BE(pos + SN.vmClockNsec) & 0x1fffffffffffffn),
+      vmStateSize,
+      // QEMU writes all ones for "not recorded".
+      icount: icountRaw === undefined || icountRaw === 0xffffffffffffffffn ? undefined : Number(icountRaw & 0x1fffffffffffffn),
+    });
     pos = Math.ceil(end / 8) * 8;
   }
   return { entries: out, bytes: pos };

@@ -57,7 +57,13 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     backing = await opts.openBacking(backingName, h.features & FEATURE.backingFormatNoProbe ? 'raw' : undefined);
   }
   const pages = new TablePages(file, (h.clusterSize * h.tableSize) / 8, opts.metadataCacheBytes);
-  return new QedNode({ file, header: h, readOnly: opts.readOnly, backing, pages, barriers });
+  // qed_get_info: the need-check bit is the dirty flag; a raw backing format is recorded as 'raw'.
+  return new QedNode({ file, header: h, readOnly: opts.readOnly, backing, pages, barriers }).describedAs({
+    clusterSize: h.clusterSize,
+    dirty: (h.features & FEATURE.needCheck) !== 0n,
+    backingFile: backingName || undefined,
+    backingFormat: backingName && h.features & FEATURE.backingFormatNoProbe ? 'raw' : undefined,
+  });
 }
 
 async function create(req: CreateRequest): Promise<void> {

@@ -23,7 +23,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const metadata = new MetadataRanges(file.name)
     .add(0, HEADER_BYTES, 'VDI header')
     .add(h.offsetBmap, h.blocksInImage * 4, 'VDI block map');
-  return new VdiNode(file, h, bmap, metadata, opts.readOnly, opts.cache !== 'unsafe');
+  return new VdiNode(file, h, bmap, metadata, opts.readOnly, opts.cache !== 'unsafe').describedAs({ clusterSize: h.blockSize, dirty: false });
 }
 
 /** A random (version 4) UUID in the byte order QEMU's qemu_uuid_generate leaves on disk. */

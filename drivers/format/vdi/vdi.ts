@@ -30,7 +30,9 @@ export class VdiNode extends MappedNode {
   private async where(b: number): Promise<number | 'unallocated' | 'zero'> {
     if (b >= this.bmap.entries) return 'unallocated';
     const e = await this.bmap.u32(b);
-    if (e === BMAP.unallocated) return 'unallocated';
+    // A VDI has no backing file: its unallocated blocks read as zeros it answers for
+    // itself, as QEMU's vdi_co_block_status says (BDRV_BLOCK_ZERO; qemu-img map: present).
+    if (e === BMAP.unallocated) return 'zero';
     if (e === BMAP.discarded) return 'zero';
     const host = this.h.offsetData + e * this.bs;
     if (e >= this.h.blocksInImage || host >= this.file.size) {

@@ -271,7 +271,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     identity: { dataWriteGuid: guidText(headers.active.dataWriteGuid), logicalSectorSize: md.logicalSectorSize },
   });
   if (replayed) node.markVisibleWriteDone();
-  return node;
+  return node.describedAs({ clusterSize: md.blockSize, dirty: false });
 }
 
 /** QEMU's default block size for a disk size (vhdx_co_create). */

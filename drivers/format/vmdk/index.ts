@@ -168,7 +168,16 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       createType,
       barriers: opts.cache !== 'unsafe',
     });
-    return node;
+    // vmdk_get_info: the first extent's grain when it is sparse; a parent is always opened as vmdk.
+    const first = st.extents[0];
+    return node.describedAs({
+      clusterSize: first instanceof SparseExtent ? first.grainBytes : undefined,
+      dirty: false,
+      backingFile: hint || undefined,
+      backingFormat: hint ? 'vmdk' : undefined,
+      otherFiles: st.opened.map((f) => f.name),
+      formatSpecific: { type: 'vmdk', data: { cid, 'parent-cid': parentCid, 'create-type': createType } },
+    });
   } catch (err) {
     await backing?.close().catch(() => undefined);
     for (const f of st.opened) await f.close().catch(() => undefined);

@@ -114,7 +114,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       .add(0, FOOTER_SIZE, 'VHD footer copy')
       .add(Number(footer.dataOffset), DYN_HEADER_SIZE, 'VHD dynamic header')
       .add(batOffset, batBytes, 'VHD BAT'),
-  });
+  }).describedAs({ clusterSize: bs, dirty: false });
   return node;
 }
 

@@ -1,7 +1,7 @@
 // The vpc (VHD) format node: fixed disks are the file's bytes; dynamic disks map
 // 2 MiB-ish blocks through the BAT, each block preceded by its sector bitmap
 // (QEMU's block/vpc.c). Reads go through the shared mapped-read path.
-import type { BlockNode, Extent } from '../../types.js';
+import type { BlockNode, Extent, ImageDescription } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
@@ -38,7 +38,11 @@ export class VpcFixedNode implements BlockNode {
     return this.readOnly ? Promise.resolve() : this.file.flush();
   }
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, kind: 'data' }];
+    return [{ offset, length, kind: 'data', host: offset }];
+  }
+  /** vpc_get_info gives a fixed disk no cluster size. */
+  describe(): ImageDescription {
+    return { dirty: false };
   }
   close(): Promise<void> {
     return this.file.close();

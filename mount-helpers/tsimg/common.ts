@@ -1,0 +1,77 @@
+// What every tsimg subcommand shares: how an image is opened for reading (through
+// drivers/open.ts, like everything else), the passphrase and named-file options,
+// and the exit code a failure carries.
+import fs from 'node:fs';
+import type { BlockNode } from '../../drivers/types.js';
+import { UsageError } from '../../drivers/errors.js';
+import { openImage, type ImageOptions } from '../../drivers/open.js';
+import { fileProtocol, protocolFor } from '../../drivers/protocol/index.js';
+import type { NamedFilePolicy } from '../../drivers/trust.js';
+import { readSecretFile } from '../secret.js';
+
+/** Options every subcommand that opens an image takes. */
+export interface OpenCli {
+  format?: string;
+  secret?: string;
+  secretFile?: string;
+  confine?: boolean;
+  trustImagePaths?: boolean;
+  /** -U: open an image another process holds (qemu-img's force-share). */
+  forceShare?: boolean;
+}
+
+/** A failure with qemu-img's exit code for it (compare and check use 2, everything else 1). */
+export class ExitError extends Error {
+  constructor(
+    message: string,
+    readonly code: number,
+  ) {
+    super(message);
+  }
+}
+
+export function readSecret(o: { secret?: string; secretFile?: string }): string | undefined {
+  if (o.secretFile === undefined) return o.secret;
+  return readSecretFile(o.secretFile);
+}
+
+export function namedFilePolicy(o: { confine?: boolean; trustImagePaths?: boolean }): NamedFilePolicy {
+  if (o.confine && o.trustImagePaths) throw new UsageError('give --confine or --trust-image-paths, not both');
+  return o.confine ? 'confine' : o.trustImagePaths ? 'trust' : 'owner';
+}
+
+/** The read-only open of every subcommand but create's writes; -U lets others hold the image. */
+export function readOnlyOptions(o: OpenCli, extra: Partial<ImageOptions> = {}): ImageOptions {
+  return {
+    readOnly: true,
+    format: o.format,
+    cache: 'writeback',
+    metadataCacheBytes: 4 << 20,
+    locking: 'auto',
+    forceShare: o.forceShare ?? false,
+    shareRw: false,
+    secret: readSecret(o),
+    namedFiles: namedFilePolicy(o),
+    ...extra,
+  };
+}
+
+/** Open an image with its backing chain, read-only. */
+export function openForRead(spec: string, o: OpenCli): Promise<BlockNode> {
+  return openImage(spec, readOnlyOptions(o));
+}
+
+/** Bytes the file takes on disk (qemu-img's actual-size), for local files; undefined elsewhere. */
+export function allocatedOnDisk(spec: string): number | undefined {
+  if (protocolFor(spec) !== fileProtocol) return undefined;
+  try {
+    return fs.statSync(spec.replace(/^file:/, '')).blocks * 512;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Where output goes: one place, so a subcommand never mixes writers. */
+export function print(text: string): void {
+  process.stdout.write(text);
+}

@@ -1,0 +1,106 @@
+// tsimg convert: copy what a source image reads into a new image of any writable
+// format. The source is read through its whole chain (drivers/open.ts), the target is
+// made by the format's create() (tsimg create) and written through its node. Sparse:
+// ranges the chain reports as holes are skipped, and 4 KiB blocks of zeros inside data
+// are not written (qemu-img convert's default -S 4k), so the new image stays unallocated there.
+import type { BlockNode } from '../../drivers/types.js';
+import { chainStatus } from '../../fs/extents.js';
+import { openImage } from '../../drivers/open.js';
+import { protocolFor } from '../../drivers/protocol/index.js';
+import { createImage } from '../../drivers/create.js';
+import { openForRead, print, readOnlyOptions, readSecret, type OpenCli } from './common.js';
+
+export interface ConvertCli extends OpenCli {
+  outputFormat: string;
+  options: string[];
+  progress?: boolean;
+  targetSecret?: string;
+  targetSecretFile?: string;
+}
+
+const CHUNK = 1 << 20;
+/** qemu-img convert's -S default: zero runs this long (and aligned) are left unwritten. */
+const SPARSE = 4096;
+
+function allZero(b: Uint8Array): boolean {
+  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  return true;
+}
+
+/** Write `buf` (guest bytes at `offset`) to `dst`, skipping aligned SPARSE blocks of zeros. */
+async function writeSparse(dst: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+  let start = -1;
+  for (let i = 0; i < buf.length; ) {
+    const next = Math.min(buf.length, i + SPARSE - ((offset + i) % SPARSE));
+    const zero = allZero(buf.subarray(i, next));
+    if (!zero && start < 0) start = i;
+    if (zero && start >= 0) {
+      await dst.write(offset + start, buf.subarray(start, i));
+      start = -1;
+    }
+    i = next;
+  }
+  if (start >= 0) await dst.write(offset + start, buf.subarray(start));
+}
+
+/**
+ * Copy every data run of `src` into `dst`, a new image; `progress` gets the share done,
+ * 0..1. Where the source is a hole and the new image does not read as one (LUKS: its
+ * empty payload decrypts to noise; qemu's has_zero_init false), zeros are written.
+ */
+export async function copyImage(src: BlockNode, dst: BlockNode, progress?: (done: number) => void): Promise<void> {
+  const buf = Buffer.alloc(CHUNK);
+  const zeros = new Uint8Array(CHUNK);
+  for (let pos = 0; pos < src.size; pos += CHUNK) {
+    const n = Math.min(CHUNK, src.size - pos);
+    const inDst = Math.min(n, dst.size - pos);
+    const fresh = inDst > 0 ? await chainStatus(dst, pos, inDst) : [];
+    for (const r of await chainStatus(src, pos, n)) {
+      if (r.data) {
+        const part = buf.subarray(0, r.length);
+        await src.read(r.offset, part);
+        // Zeros may be left out only where the new image already reads as zeros.
+        const holeBelow = fresh.every((f) => !f.data || f.offset + f.length <= r.offset || f.offset >= r.offset + r.length);
+        if (holeBelow) await writeSparse(dst, r.offset, part);
+        else await dst.write(r.offset, part);
+        continue;
+      }
+      for (const f of fresh) {
+        const s = Math.max(f.offset, r.offset);
+        const t = Math.min(f.offset + f.length, r.offset + r.length);
+        if (!f.data || t <= s) continue;
+        if (dst.zero) await dst.zero(s, t - s, false);
+        else await dst.write(s, zeros.subarray(0, t - s));
+      }
+    }
+    progress?.((pos + n) / src.size);
+  }
+}
+
+export async function convert(srcSpec: string, dstSpec: string, o: ConvertCli): Promise<void> {
+  const src = await openForRead(srcSpec, o);
+  try {
+    const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
+    await createImage(dstSpec, String(src.size), { format: o.outputFormat, options: o.options, secret: targetSecret, quiet: true });
+    let ok = false;
+    try {
+      const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, secret: targetSecret, namedFiles: 'owner' }));
+      try {
+        // Progress on a terminal, or anywhere with -p (qemu-img's line, redrawn in place).
+        const show = o.progress || process.stdout.isTTY ? (done: number) => print(`    (${(done * 100).toFixed(2)}/100%)\r`) : undefined;
+        show?.(0);
+        await copyImage(src, dst, show);
+        await dst.flush();
+        if (show) print('\n');
+        ok = true;
+      } finally {
+        await dst.close();
+      }
+    } finally {
+      // A convert that failed leaves no half-written image behind.
+      if (!ok) await protocolFor(dstSpec).remove?.(dstSpec).catch(() => undefined);
+    }
+  } finally {
+    await src.close();
+  }
+}

@@ -1,0 +1,88 @@
+// tsimg map: where each run of the disk comes from, through the backing chain, with
+// qemu-img map's JSON fields. The walk is fs/extents.ts's (chainExtents), the one that
+// answers SEEK_DATA for a mount: each layer's own block status, 'unallocated' asking
+// the layer below.
+import type { BlockNode } from '../../drivers/types.js';
+import { chainExtents, type ChainRun } from '../../fs/extents.js';
+import { openForRead, print, type OpenCli } from './common.js';
+import { fullBackingName } from './info.js';
+
+export interface MapCli extends OpenCli {
+  output: string;
+}
+
+/** One entry of qemu-img map --output json (MapEntry). */
+export interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+/** Block status is asked in windows that grow, as fs/extents.ts's seek does. */
+const FIRST_WINDOW = 64 << 20;
+const MAX_WINDOW = 2 ** 34;
+
+/** The runs of the whole disk, merged across windows. */
+export async function mapRuns(node: BlockNode): Promise<ChainRun[]> {
+  const out: ChainRun[] = [];
+  let window = FIRST_WINDOW;
+  for (let pos = 0; pos < node.size; pos += window, window = Math.min(window * 2, MAX_WINDOW)) {
+    window = Math.min(window, node.size - pos);
+    await chainExtents(node, pos, window, true, out);
+  }
+  return out;
+}
+
+export function mapEntry(r: ChainRun): MapEntry {
+  const e: MapEntry = { start: r.offset, length: r.length, depth: r.depth, present: r.kind !== 'unallocated', zero: r.kind !== 'data', data: r.kind === 'data' };
+  if (r.host !== undefined) e.offset = r.host;
+  return e;
+}
+
+/** Each layer's file name as qemu-img map prints it: the image as given, then the backing names as they resolve. */
+function layerNames(spec: string, node: BlockNode): string[] {
+  const names: string[] = [];
+  let name = spec;
+  for (let n: BlockNode | undefined = node; n; n = n.backing) {
+    names.push(name);
+    const b = n.describe?.().backingFile;
+    name = b === undefined ? (n.backing?.name ?? '') : fullBackingName(name, b);
+  }
+  return names;
+}
+
+function hex(n: number): string {
+  return n === 0 ? '0' : `0x${n.toString(16)}`;
+}
+
+export async function map(spec: string, o: MapCli): Promise<void> {
+  if (o.output !== 'json' && o.output !== 'human') throw new Error(`--output must be human or json, not '${o.output}'`);
+  const node = await openForRead(spec, o);
+  try {
+    const runs = await mapRuns(node);
+    if (o.output === 'json') {
+      // qemu-img map's own layout: one entry a line, inside one array.
+      const lines = runs.map((r) => {
+        const e = mapEntry(r);
+        return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${e.offset !== undefined ? `, "offset": ${e.offset}` : ''}}`;
+      });
+      print(`[${lines.join(',\n')}]\n`);
+      return;
+    }
+    // The human form lists where data lives, file by file; data with no one place cannot be listed.
+    const names = layerNames(spec, node);
+    let out = `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`;
+    for (const r of runs) {
+      if (r.kind !== 'data') continue;
+      if (r.host === undefined) throw new Error(`${spec}: file contains external, encrypted or compressed clusters`);
+      out += `${hex(r.offset).padEnd(16)}${hex(r.length).padEnd(16)}${hex(r.host).padEnd(16)}${names[r.depth] ?? ''}\n`;
+    }
+    print(out);
+  } finally {
+    await node.close();
+  }
+}
