@@ -221,6 +221,23 @@ describe('vmdk', function () {
     });
   });
 
+  it('block status of a 1 TiB sparse vmdk is a few runs, not one per grain (SEEK_DATA took half a minute)', async () => {
+    const img = path.join(fresh('sparse-1t'), 'big.vmdk');
+    await createImage(img, 'vmdk', '1T');
+    await qemuIo(img, 'vmdk', ['write -P 7 900G 64k']);
+    const node = await openImage(img, opts());
+    try {
+      const runs = await node.blockStatus!(0, node.size);
+      expect(runs.map((r) => [r.offset / 2 ** 30, r.length, r.kind])).to.deep.equal([
+        [0, 900 * 2 ** 30, 'unallocated'],
+        [900, 64 * 1024, 'data'],
+        [900 + 64 / 2 ** 20, 124 * 2 ** 30 - 64 * 1024, 'unallocated'],
+      ]);
+    } finally {
+      await node.close();
+    }
+  });
+
   describe('probing', () => {
     it('recognises sparse files and a descriptor file that stands alone', async () => {
       const dir = fresh('probe');
