@@ -86,6 +86,42 @@ export function runtimeDir(create: boolean): string | undefined {
   }
 }
 
+/**
+ * The folders where the server of a mount made by `owner` (its user_id) may have left
+ * its state file, as this process can trust them: our own runtime dir first; then the
+ * owner's usual ones (/run/user/UID/tsmount, /tmp/tsmount-UID), which a mount made with
+ * another XDG_RUNTIME_DIR, or by another user when we are root, uses. A folder counts
+ * only if the owner owns it and nobody else may write it.
+ */
+export function stateDirsFor(owner: number): string[] {
+  const me = process.getuid?.() ?? 0;
+  const out: string[] = [];
+  const own = runtimeDir(false);
+  if (own && owner === me) out.push(own);
+  if (owner !== me && me !== 0) return out;
+  const usual = owner === 0 ? ['/run/tsmount'] : [`/run/user/${owner}/tsmount`, `/tmp/tsmount-${owner}`];
+  for (const dir of usual) {
+    if (out.includes(dir)) continue;
+    try {
+      const st = fs.lstatSync(dir);
+      if (st.isDirectory() && st.uid === owner && (st.mode & 0o022) === 0) out.push(dir);
+    } catch {
+      /* none */
+    }
+  }
+  return out;
+}
+
+/** The real uid of a process, from /proc (undefined when it is gone). */
+function processUid(pid: number): number | undefined {
+  try {
+    const m = /^Uid:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 function stateFile(dir: string, dev: string): string {
   return path.join(dir, `${dev.replace(':', '_')}.json`);
 }
@@ -130,13 +166,25 @@ function sweep(dir: string): void {
   }
 }
 
-function readState(dir: string | undefined, dev: string, mountpoint: string): MountState | undefined {
-  if (!dir) return undefined;
+/** The state of the mount of `dev` at `mountpoint`, made by `owner`, from wherever its server left it. */
+export function stateOf(owner: number, dev: string, mountpoint: string): MountState | undefined {
+  for (const dir of stateDirsFor(owner)) {
+    const state = readStateIn(dir, owner, dev, mountpoint);
+    if (state) return state;
+  }
+  return undefined;
+}
+
+function readStateIn(dir: string, owner: number, dev: string, mountpoint: string): MountState | undefined {
   try {
     const s = JSON.parse(fs.readFileSync(stateFile(dir, dev), 'utf8')) as Partial<MountState>;
-    if (typeof s.pid !== 'number' || s.mountpoint !== mountpoint || !serverAlive(s.pid)) return undefined;
-    // details is our own server's, in a folder only this user can write: shown as it is.
-    const details = typeof s.details === 'object' && s.details !== null ? s.details : undefined;
+    if (typeof s.pid !== 'number' || !Number.isSafeInteger(s.pid) || s.pid <= 0 || s.mountpoint !== mountpoint || !serverAlive(s.pid)) return undefined;
+    // -u signals this pid: a file another user wrote may only name that user's own
+    // process (what they could signal themselves), never one of root's.
+    if (owner !== (process.getuid?.() ?? 0) && processUid(s.pid) !== owner) return undefined;
+    // details is our own server's, in a folder only this user can write: shown as it is
+    // (another user's counters are not shown to root).
+    const details = typeof s.details === 'object' && s.details !== null && owner === (process.getuid?.() ?? 0) ? s.details : undefined;
     return { pid: s.pid, mountpoint: s.mountpoint, images: Array.isArray(s.images) ? s.images.map(String) : [], rw: !!s.rw, ...(details ? { details } : {}) };
   } catch {
     return undefined;
@@ -148,6 +196,8 @@ interface MountInfoEntry {
   mountpoint: string;
   fstype: string;
   source: string;
+  /** user_id= of a FUSE mount: who mounted it. */
+  owner: number;
 }
 
 function mountInfo(): MountInfoEntry[] {
@@ -163,20 +213,20 @@ function mountInfo(): MountInfoEntry[] {
     const sep = line.indexOf(' - ');
     if (sep < 0) continue;
     const pre = line.slice(0, sep).split(' ');
-    const [fstype, source] = line.slice(sep + 3).split(' ');
+    const [fstype, source, superOpts] = line.slice(sep + 3).split(' ');
     if (!pre[2] || !pre[4] || !fstype) continue;
-    out.push({ dev: pre[2], mountpoint: unescape(pre[4]), fstype, source: unescape(source ?? '') });
+    const owner = /(?:^|,)user_id=(\d+)(?:,|$)/.exec(superOpts ?? '');
+    out.push({ dev: pre[2], mountpoint: unescape(pre[4]), fstype, source: unescape(source ?? ''), owner: owner ? Number(owner[1]) : 0 });
   }
   return out;
 }
 
 /** Every tsmount mount this process can see, the topmost last for stacked mountpoints. */
 export function listMounts(): TsmountMount[] {
-  const dir = runtimeDir(false);
   return mountInfo()
     .filter((e) => e.fstype === 'fuse.tsmount')
     .map((e) => {
-      const state = readState(dir, e.dev, e.mountpoint);
+      const state = stateOf(e.owner, e.dev, e.mountpoint);
       return { mountpoint: e.mountpoint, dev: e.dev, source: e.source, pid: state?.pid ?? 0, state };
     });
 }
