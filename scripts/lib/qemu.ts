@@ -4,6 +4,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import type { MapEntry } from '../../mount-helpers/tsimg/map.js';
 
 export interface RunResult {
   stdout: string;
@@ -150,15 +151,8 @@ export function tempDir(prefix: string): { dir: string; cleanup: () => void } {
   return { dir, cleanup: () => fs.rmSync(dir, { recursive: true, force: true }) };
 }
 
-export interface MapExtent {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
+/** One entry of `qemu-img map --output json`: the same shape tsimg map prints. */
+export type MapExtent = MapEntry;
 
 /** qemu-img map --output=json: which runs hold data, zeros or nothing, and at which backing depth. */
 export async function mapImage(file: string, format?: string): Promise<MapExtent[]> {
