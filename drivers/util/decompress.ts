@@ -7,17 +7,18 @@
 // speed and falls back to this for any cluster it cannot do.
 import zlib from 'node:zlib';
 import { decompress as zstdDecompress } from 'fzstd';
-import { CorruptImageError } from '../errors.js';
+import { CorruptImageError, TsmountError } from '../errors.js';
 import { isJsCodec } from './js-codecs.js';
 import { decodeOffThread } from './decode-pool.js';
 import { lz4BlockDecode } from './lz4.js';
+import { decodeNative, isNativeCodec } from './native-codecs.js';
 
 /**
  * raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, cloop, dmg UDZO), one zstd
- * frame (qcow2), an LZ4 block (cloop V4), one bzip2 stream (dmg UDBZ), Apple's ADC
- * (dmg UDCO) and LZFSE (dmg ULFO).
+ * frame (qcow2), an LZ4 block, an xz stream and an LZO1X block (cloop V4), one bzip2
+ * stream (dmg UDBZ), Apple's ADC (dmg UDCO) and LZFSE (dmg ULFO).
  */
-export type Codec = 'deflate-raw' | 'zlib' | 'zstd' | 'lz4-block' | 'bzip2' | 'adc' | 'lzfse';
+export type Codec = 'deflate-raw' | 'zlib' | 'zstd' | 'lz4-block' | 'xz' | 'lzo1x' | 'bzip2' | 'adc' | 'lzfse';
 
 /** Output chunk room past the expected size, so that zlib ends the stream inside the first chunk. */
 export const INFLATE_SLACK = 1024;
@@ -41,6 +42,9 @@ export async function decompress(codec: Codec, input: Uint8Array, o: DecompressO
     if (isJsCodec(codec)) {
       // Decoders written in JavaScript (bzip2, ADC, LZFSE) run in a worker thread.
       out = await decodeOffThread(codec, input, o.size);
+    } else if (isNativeCodec(codec)) {
+      // The system's liblzma and liblzo2, on libuv's thread pool.
+      out = await decodeNative(codec, input, o.size);
     } else if (codec === 'lz4-block') {
       // Blocks are small and the decoder is a tight loop: no thread-pool round trip.
       const dst = Buffer.alloc(o.size);
@@ -66,6 +70,8 @@ export async function decompress(codec: Codec, input: Uint8Array, o: DecompressO
     }
   } catch (err) {
     if (err instanceof CorruptImageError) throw err;
+    // A decoder that is not there (a system library that cannot load): this read's EIO, named.
+    if (err instanceof TsmountError) throw err.withMessage(`${o.what}: ${err.message}`);
     throw new CorruptImageError(`${o.what} does not decompress (${(err as Error).message})`);
   }
   if (o.exact && out.length < o.size) throw new CorruptImageError(`${o.what} decompresses to ${out.length} bytes, not ${o.size}`);

@@ -86,8 +86,36 @@ export async function cloopCreate(file: string, size: number, blockSize: number,
 }
 
 /** How a cloop V4 block is stored: the compressor numbers of cloop.h. */
-export type CloopV4Compressor = 'zlib' | 'none' | 'xz' | 'lz4';
-const COMPRESSOR_FLAG: Record<CloopV4Compressor, bigint> = { zlib: 0n, none: 1n, xz: 2n, lz4: 3n };
+export type CloopV4Compressor = 'zlib' | 'none' | 'xz' | 'lz4' | 'lzo' | 'unknown';
+const COMPRESSOR_FLAG: Record<CloopV4Compressor, bigint> = { zlib: 0n, none: 1n, xz: 2n, lz4: 3n, lzo: 4n, unknown: 9n };
+
+/** One xz stream of `data`, as the xz tool writes it (CRC32 check, as the kernel's xz decoder reads). */
+async function xzStream(data: Buffer, tmp: string): Promise<Buffer> {
+  fs.writeFileSync(tmp, data);
+  await runOk('xz', ['-q', '-f', '-k', '--format=xz', '--check=crc32', tmp]);
+  return fs.readFileSync(`${tmp}.xz`);
+}
+
+/**
+ * One LZO1X block of `data`, taken out of the file lzop writes (its header, then per
+ * block: uncompressed and compressed length, checksums as its flags say, the bytes).
+ * lzop's default blocks are 256 KiB, so a cloop block is one lzop block.
+ */
+async function lzoBlock(data: Buffer, tmp: string): Promise<{ bytes: Buffer; stored: boolean }> {
+  fs.writeFileSync(tmp, data);
+  await runOk('lzop', ['-q', '-f', '-o', `${tmp}.lzo`, tmp]);
+  const f = fs.readFileSync(`${tmp}.lzo`);
+  let at = 9 + 2 + 2 + 2 + 1 + 1; // magic, version, library version, version needed, method, level
+  const flags = f.readUInt32BE(at);
+  at += 4 + (flags & 0x800 ? 4 : 0) + 4 + 4 + 4; // flags, filter, mode, mtime low and high
+  at += 1 + f[at]! + 4; // name, header checksum
+  if (flags & 0x40) at += 4 + f.readUInt32BE(at) + 4; // extra field
+  const dstLen = f.readUInt32BE(at);
+  const srcLen = f.readUInt32BE(at + 4);
+  at += 8 + (flags & 0x101 ? 4 : 0); // lengths, checksum of the uncompressed bytes
+  if (srcLen < dstLen && flags & 0x202) at += 4; // checksum of the compressed bytes
+  return { bytes: f.subarray(at, at + srcLen), stored: srcLen === dstLen };
+}
 
 /** One LZ4 block of `data`, taken out of the frame the lz4 tool writes (lz4_Frame_format.md). */
 async function lz4Block(data: Buffer, tmp: string): Promise<{ bytes: Buffer; stored: boolean }> {
@@ -105,7 +133,8 @@ async function lz4Block(data: Buffer, tmp: string): Promise<{ bytes: Buffer; sto
 /**
  * A cloop V4.0 image, built from cloop.h's layout (no tool here makes one): the
  * header and index first, or the data first and the index and header last; block i
- * stored as `how(i)` says (an LZ4 block the tool stores uncompressed becomes 'none').
+ * stored as `how(i)` says (an LZ4 or LZO block the tool stores uncompressed becomes
+ * 'none'; 'unknown' is a compressor number cloop.h does not define).
  * The last block holds only the bytes the source has (V4 allows a short last block).
  */
 export async function cloopV4(file: string, data: Buffer, blockSize: number, how: (block: number) => CloopV4Compressor, headerLast: boolean): Promise<void> {
@@ -120,10 +149,11 @@ export async function cloopV4(file: string, data: Buffer, blockSize: number, how
     const block = data.subarray(i * blockSize, Math.min(data.length, (i + 1) * blockSize));
     const kind = how(i);
     if (kind === 'zlib') stored.push({ bytes: zlib.deflateSync(block), flag: 0n });
-    else if (kind === 'xz') stored.push({ bytes: zlib.deflateSync(block), flag: COMPRESSOR_FLAG.xz });
-    else if (kind === 'lz4') {
-      const b = await lz4Block(block, `${file}.blk`);
-      stored.push({ bytes: b.bytes, flag: b.stored ? COMPRESSOR_FLAG.none : COMPRESSOR_FLAG.lz4 });
+    else if (kind === 'xz') stored.push({ bytes: await xzStream(block, `${file}.blk`), flag: COMPRESSOR_FLAG.xz });
+    else if (kind === 'unknown') stored.push({ bytes: zlib.deflateSync(block), flag: COMPRESSOR_FLAG.unknown });
+    else if (kind === 'lz4' || kind === 'lzo') {
+      const b = kind === 'lz4' ? await lz4Block(block, `${file}.blk`) : await lzoBlock(block, `${file}.blk`);
+      stored.push({ bytes: b.bytes, flag: b.stored ? COMPRESSOR_FLAG.none : COMPRESSOR_FLAG[kind] });
     } else stored.push({ bytes: Buffer.from(block), flag: COMPRESSOR_FLAG.none });
   }
   const indexBytes = (blocks + 1) * 8;

@@ -29,7 +29,7 @@ const MAX_COMPRESSED = 2 * MAX_BLOCK_SIZE;
 /** V4 index entries: compressor in the top 4 bits, offset in the other 60. */
 const OFFSET_MASK = (1n << 60n) - 1n;
 /** V4 compressors (cloop.h CLOOP_COMPRESSOR_*): a codec, 'none', or a name tsmount cannot decode. */
-const COMPRESSORS: readonly (Codec | 'none' | { unsupported: string })[] = ['zlib', 'none', { unsupported: 'xz' }, 'lz4-block', { unsupported: 'lzo1x' }];
+const COMPRESSORS: readonly (Codec | 'none')[] = ['zlib', 'none', 'xz', 'lz4-block', 'lzo1x'];
 
 function latin1(h: Uint8Array, from: number, to: number): string {
   return String.fromCharCode(...h.subarray(from, Math.min(to, h.length)));
@@ -97,9 +97,9 @@ export class CloopNode extends ReadOnlyMappedNode {
     const what = `${this.name}: cloop block ${block} (guest offset 0x${(block * this.blockSize).toString(16)})`;
     if (end < start || end - start > MAX_COMPRESSED) throw new CorruptImageError(`${what}: index gives a bad compressed length (${start}..${end})`);
     if (end > this.file.size) throw new CorruptImageError(`${what}: compressed bytes end at ${end}, past the end of the file (${this.file.size})`);
-    if (compressor === undefined || typeof compressor === 'object') {
+    if (compressor === undefined) {
       // EIO, as any block that cannot be read: the rest of the disk still reads.
-      throw new UnsupportedError(`${what}: compressed with ${compressor?.unsupported ?? 'an unknown compressor'}, which tsmount does not decode`, constants.errno.EIO);
+      throw new UnsupportedError(`${what}: compressed with an unknown compressor (${Number((await this.index.u64be(block)) >> 60n)}), which tsmount does not decode`, constants.errno.EIO);
     }
     const input = Buffer.allocUnsafe(end - start);
     if (input.length > 0) await this.file.read(start, input);

@@ -1,0 +1,84 @@
+// Decoders from the system's own C libraries, through koffi: xz streams (liblzma,
+// which every Debian system has: dpkg depends on it) and LZO1X blocks (liblzo2, the
+// library the cloop tools compress with). The calls run on libuv's thread pool
+// (koffi's async calls), never on the event loop. A library that cannot be loaded
+// makes its codec's reads fail with EIO naming the library; nothing else depends on it.
+import koffi from 'koffi';
+import { constants } from 'node:os';
+import { UnsupportedError } from '../errors.js';
+
+export type NativeCodec = 'xz' | 'lzo1x';
+
+export function isNativeCodec(codec: string): codec is NativeCodec {
+  return codec === 'xz' || codec === 'lzo1x';
+}
+
+type Callback = (err: unknown, res: number) => void;
+interface AsyncFn {
+  async: (...args: unknown[]) => void;
+}
+
+/** liblzma's return codes (lzma/base.h) worth naming. */
+const LZMA_OK = 0;
+const LZMA_MESSAGES: Record<number, string> = {
+  5: 'runs out of memory',
+  6: 'needs more memory than allowed',
+  7: 'is not an xz stream',
+  8: 'uses options liblzma does not support',
+  9: 'is corrupt',
+  10: 'is cut off or decodes to more bytes than a block',
+};
+/** LZO's (lzo/lzoconf.h): trailing bytes after the stream are padding, as the other decoders treat them. */
+const LZO_E_OK = 0;
+const LZO_E_INPUT_NOT_CONSUMED = -8;
+const LZO_MESSAGES: Record<number, string> = {
+  [-4]: 'is cut off',
+  [-5]: 'decodes to more bytes than a block',
+  [-6]: 'refers back before its start',
+};
+
+/** A whole xz stream decoded by one call needs at most a few dictionary sizes: 256 MiB covers `xz -9e`. */
+const XZ_MEMLIMIT = 256 * 1024 * 1024;
+
+const libs = new Map<NativeCodec, AsyncFn | Error>();
+
+function load(codec: NativeCodec): AsyncFn {
+  let fn = libs.get(codec);
+  if (fn === undefined) {
+    try {
+      fn =
+        codec === 'xz'
+          ? koffi
+              .load('liblzma.so.5')
+              .func(
+                'int lzma_stream_buffer_decode(_Inout_ uint64_t *memlimit, uint32_t flags, void *allocator, const void *in, _Inout_ size_t *in_pos, size_t in_size, void *out, _Inout_ size_t *out_pos, size_t out_size)',
+              )
+          : koffi.load('liblzo2.so.2').func('int lzo1x_decompress_safe(const void *src, size_t src_len, void *dst, _Inout_ size_t *dst_len, void *wrkmem)');
+    } catch (err) {
+      fn = new Error(`${codec === 'xz' ? 'liblzma' : 'liblzo2'} cannot be loaded (${(err as Error).message})`);
+    }
+    libs.set(codec, fn);
+  }
+  if (fn instanceof Error) throw new UnsupportedError(fn.message, constants.errno.EIO);
+  return fn;
+}
+
+function call(fn: AsyncFn, args: unknown[]): Promise<number> {
+  return new Promise((resolve, reject) => fn.async(...args, ((err, res) => (err ? reject(err as Error) : resolve(res))) as Callback));
+}
+
+/** Decode `input` into at most `size` bytes; throws (plain Error) on a damaged stream. */
+export async function decodeNative(codec: NativeCodec, input: Uint8Array, size: number): Promise<Buffer> {
+  const fn = load(codec);
+  const out = Buffer.alloc(size);
+  if (codec === 'xz') {
+    const outPos = [0];
+    const rc = await call(fn, [[XZ_MEMLIMIT], 0, null, input, [0], input.length, out, outPos, size]);
+    if (rc !== LZMA_OK) throw new Error(`the xz stream ${LZMA_MESSAGES[rc] ?? `fails (liblzma error ${rc})`}`);
+    return out.subarray(0, outPos[0]);
+  }
+  const outLen = [size];
+  const rc = await call(fn, [input, input.length, out, outLen, null]);
+  if (rc !== LZO_E_OK && rc !== LZO_E_INPUT_NOT_CONSUMED) throw new Error(`the LZO1X block ${LZO_MESSAGES[rc] ?? `fails (liblzo2 error ${rc})`}`);
+  return out.subarray(0, outLen[0]);
+}
