@@ -202,9 +202,12 @@ async function openChain(
 async function chooseDriver(file: BlockNode, spec: string, format: string | undefined): Promise<FormatDriver> {
   if (file.size === 0) throw new UsageError(`${spec}: empty file, not a disk image`);
   const head = new Uint8Array(Math.min(PROBE_BYTES, file.size));
-  await file.read(0, head);
   const tail = new Uint8Array(Math.min(PROBE_TAIL_BYTES, file.size));
-  if (tail.length > 0) await file.read(file.size - tail.length, tail);
+  // Both at once: over NBD or SSH that is one round trip, not two. A file no longer
+  // than the head has its tail in it already.
+  const tailInHead = file.size <= head.length;
+  await Promise.all([file.read(0, head), tail.length > 0 && !tailInHead ? file.read(file.size - tail.length, tail) : undefined]);
+  if (tailInHead) tail.set(head.subarray(head.length - tail.length));
   if (format !== undefined) {
     const driver = driverNamed(format, spec);
     if (driver.name !== 'raw' && driver.probe(head, spec, tail) === 0) {
