@@ -213,7 +213,7 @@ export class Server {
       growable: access.growable,
     });
     const server = new Server(target, nodes, flat);
-    server.ready = files.map((f, i) => readyLine(f, nodes[i] ?? f.node, opts.rw, target.mountpoint));
+    server.ready = files.map((f, i) => readyLine(f, nodes[i] ?? f.node, opts.rw, target.mountpoint, overlays !== undefined && i < nodes.length));
     opts.beforeMount?.();
     if (opts.abandoned?.()) {
       await Promise.allSettled(nodes.map((n) => n.close()));
@@ -361,7 +361,10 @@ export function humanSize(n: number): string {
   return `${u === 0 ? v : Number(v.toFixed(v < 10 ? 2 : 1))} ${UNITS[u]}`;
 }
 
-function readyLine(f: FlatFile, formatNode: BlockNode, rw: boolean, mountpoint: string): string {
+/** An image under an overlay (--overlay, --snapshot) is named by its own format: "vmdk under a qcow2 overlay". */
+function readyLine(f: FlatFile, formatNode: BlockNode, rw: boolean, mountpoint: string, overlaid: boolean): string {
   const where = f.name === '' ? mountpoint : path.join(mountpoint, f.name);
-  return `${where} ready: ${humanSize(f.node.size)}, ${formatOf(formatNode) ?? 'raw'}, ${f.writable && rw ? 'read-write' : 'read-only'}`;
+  const below = overlaid ? formatNode.backing : undefined;
+  const format = below ? `${formatOf(below) ?? 'raw'} under a ${formatOf(formatNode) ?? 'qcow2'} overlay` : (formatOf(formatNode) ?? 'raw');
+  return `${where} ready: ${humanSize(f.node.size)}, ${format}, ${f.writable && rw ? 'read-write' : 'read-only'}`;
 }

@@ -53,9 +53,11 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
 
     const overlay = path.join(tmp.dir, 'disk-overlay.qcow2');
     const dir = mp('ov');
-    await mounts.mount(['--overlay', overlay, image, dir]);
+    const log = path.join(tmp.dir, 'overlay.log');
+    await mounts.mount(['--overlay', overlay, '--log', log, image, dir]);
     const flat = path.join(dir, 'disk.raw');
     expect(fs.readdirSync(dir)).to.deep.equal(['disk.raw']);
+    expect(fs.readFileSync(log, 'utf8'), 'the ready line names the image under the overlay').to.match(/disk\.raw ready: .*, vmdk under a qcow2 overlay, read-write/);
     writeSynced(flat, 3 * MiB + 100, pattern(200_000, 9));
     const seen1 = path.join(tmp.dir, 'seen1.raw');
     fs.copyFileSync(flat, seen1);
