@@ -95,6 +95,22 @@ describe('tsmount --partitions: MBR and GPT partitions as files', function () {
       expect(md5(fs.readFileSync(f)), f).to.equal(md5Range(raw, p.start * S, p.size * S));
     }
     await mounts.unmount(dir);
+
+    // The primary GPT header wiped: the same partitions come from sgdisk's backup at the end, with a log line.
+    const fd = fs.openSync(raw, 'r+');
+    fs.writeSync(fd, Buffer.alloc(S), 0, S, S);
+    fs.closeSync(fd);
+    const wiped = path.join(tmp.dir, 'gpt-wiped.qcow2');
+    await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, wiped]);
+    const log = path.join(tmp.dir, 'gpt-wiped.log');
+    await mounts.mount(['--partitions', '--log', log, wiped, dir]);
+    expect(fs.readdirSync(dir).sort()).to.deep.equal(['gpt-wiped-p1.raw', 'gpt-wiped-p2.raw', 'gpt-wiped-p4.raw', 'gpt-wiped.raw']);
+    for (const p of table.partitiontable.partitions) {
+      const n = /(\d+)$/.exec(p.node)![1];
+      expect(md5(fs.readFileSync(path.join(dir, `gpt-wiped-p${n}.raw`)))).to.equal(md5Range(raw, p.start * S, p.size * S));
+    }
+    expect(fs.readFileSync(log, 'utf8')).to.match(/primary GPT: no GPT header at LBA 1; read the backup GPT at the end of the disk/);
+    await mounts.unmount(dir);
   });
 
   it('writes an ext4 through a partition file that e2fsck -n and a loop mount accept; qemu-img check stays clean', async function () {

@@ -169,55 +169,69 @@ async function readLogical(read: Reader, ext: { start: number; length: number },
   }
 }
 
-/** The GPT at LBA 1 (512-byte sectors, else 4096); undefined when there is none. */
+/**
+ * The GPT at LBA 1 (512-byte sectors, else 4096); undefined when there is none. A
+ * primary header or entry array that is damaged or missing gives way to the backup
+ * copy in the disk's last sector, with a warning, as the kernel and gdisk read it.
+ */
 async function readGpt(read: Reader, diskSize: number): Promise<PartitionTable | undefined> {
   for (const sector of [512, 4096]) {
     if (diskSize < 2 * sector) continue;
-    const h = await read(sector, sector);
-    if (Buffer.from(h.subarray(0, 8)).toString('latin1') !== 'EFI PART') continue;
-    const warnings: string[] = [];
-    const headerSize = u32(h, 12);
-    if (headerSize < 92 || headerSize > sector) return { scheme: 'gpt', partitions: [], warnings: [`GPT header size ${headerSize} is not possible; no partitions`] };
-    const header = Buffer.from(h.subarray(0, headerSize));
-    const crc = header.readUInt32LE(16);
-    header.writeUInt32LE(0, 16);
-    if (crc32(header) !== crc) return { scheme: 'gpt', partitions: [], warnings: ['GPT header checksum is wrong; no partitions'] };
-    const entriesLba = u64(h, 72);
-    let count = u32(h, 80);
-    const entrySize = u32(h, 84);
-    if (entrySize < 128 || entrySize > MAX_GPT_ENTRY_SIZE || entrySize % 8 !== 0) {
-      return { scheme: 'gpt', partitions: [], warnings: [`GPT entry size ${entrySize} is not possible; no partitions`] };
+    const primary = await gptAt(read, sector, sector, diskSize);
+    if (primary && 'table' in primary) return primary.table;
+    const lastLba = Math.floor(diskSize / sector) - 1;
+    const backup = lastLba > 1 ? await gptAt(read, lastLba * sector, sector, diskSize) : undefined;
+    if (backup && 'table' in backup) {
+      const why = primary ? primary.error : 'no GPT header at LBA 1';
+      backup.table.warnings.unshift(`primary GPT: ${why}; read the backup GPT at the end of the disk`);
+      return backup.table;
     }
-    if (count > MAX_GPT_ENTRIES) {
-      warnings.push(`GPT claims ${count} entries; only the first ${MAX_GPT_ENTRIES} read`);
-      count = MAX_GPT_ENTRIES;
-    }
-    const at = entriesLba * sector;
-    const bytes = count * entrySize;
-    if (!Number.isSafeInteger(at + bytes) || at < 2 * sector || at + bytes > diskSize) {
-      return { scheme: 'gpt', partitions: [], warnings: [`GPT entry array at LBA ${entriesLba} lies outside the disk; no partitions`] };
-    }
-    const array = await read(at, bytes);
-    // The checksum covers the whole array as the header gives it; checked only when we read all of it.
-    if (count === u32(h, 80) && crc32(array) !== u32(h, 88)) {
-      return { scheme: 'gpt', partitions: [], warnings: ['GPT entry array checksum is wrong; no partitions'] };
-    }
-    const taken = new Taken(diskSize);
-    taken.warnings.push(...warnings);
-    for (let i = 0; i < count; i++) {
-      const e = array.subarray(i * entrySize, (i + 1) * entrySize);
-      if (e.subarray(0, 16).every((x) => x === 0)) continue;
-      const first = u64(e, 32);
-      const last = u64(e, 40);
-      const what = `partition ${i + 1}`;
-      if (last < first) {
-        taken.warnings.push(`${what} ends before it starts; left out`);
-        continue;
-      }
-      const name = utf16z(e.subarray(56, Math.min(entrySize, 128)));
-      taken.add(what, { number: i + 1, start: first * sector, length: (last - first + 1) * sector, scheme: 'gpt', type: guid(e, 0), ...(name ? { name } : {}) });
-    }
-    return { scheme: 'gpt', partitions: taken.partitions, warnings: taken.warnings };
+    if (primary) return { scheme: 'gpt', partitions: [], warnings: [`${primary.error}; no partitions`] };
   }
   return undefined;
+}
+
+/** The GPT whose header is at byte `at`: its partitions, what is wrong with it, or undefined when there is no header there. */
+async function gptAt(read: Reader, at: number, sector: number, diskSize: number): Promise<{ table: PartitionTable } | { error: string } | undefined> {
+  const h = await read(at, sector);
+  if (Buffer.from(h.subarray(0, 8)).toString('latin1') !== 'EFI PART') return undefined;
+  const warnings: string[] = [];
+  const headerSize = u32(h, 12);
+  if (headerSize < 92 || headerSize > sector) return { error: `GPT header size ${headerSize} is not possible` };
+  const header = Buffer.from(h.subarray(0, headerSize));
+  const crc = header.readUInt32LE(16);
+  header.writeUInt32LE(0, 16);
+  if (crc32(header) !== crc) return { error: 'GPT header checksum is wrong' };
+  const entriesLba = u64(h, 72);
+  let count = u32(h, 80);
+  const entrySize = u32(h, 84);
+  if (entrySize < 128 || entrySize > MAX_GPT_ENTRY_SIZE || entrySize % 8 !== 0) return { error: `GPT entry size ${entrySize} is not possible` };
+  if (count > MAX_GPT_ENTRIES) {
+    warnings.push(`GPT claims ${count} entries; only the first ${MAX_GPT_ENTRIES} read`);
+    count = MAX_GPT_ENTRIES;
+  }
+  const arrayAt = entriesLba * sector;
+  const bytes = count * entrySize;
+  if (!Number.isSafeInteger(arrayAt + bytes) || arrayAt < 2 * sector || arrayAt + bytes > diskSize) {
+    return { error: `GPT entry array at LBA ${entriesLba} lies outside the disk` };
+  }
+  const array = await read(arrayAt, bytes);
+  // The checksum covers the whole array as the header gives it; checked only when we read all of it.
+  if (count === u32(h, 80) && crc32(array) !== u32(h, 88)) return { error: 'GPT entry array checksum is wrong' };
+  const taken = new Taken(diskSize);
+  taken.warnings.push(...warnings);
+  for (let i = 0; i < count; i++) {
+    const e = array.subarray(i * entrySize, (i + 1) * entrySize);
+    if (e.subarray(0, 16).every((x) => x === 0)) continue;
+    const first = u64(e, 32);
+    const last = u64(e, 40);
+    const what = `partition ${i + 1}`;
+    if (last < first) {
+      taken.warnings.push(`${what} ends before it starts; left out`);
+      continue;
+    }
+    const name = utf16z(e.subarray(56, Math.min(entrySize, 128)));
+    taken.add(what, { number: i + 1, start: first * sector, length: (last - first + 1) * sector, scheme: 'gpt', type: guid(e, 0), ...(name ? { name } : {}) });
+  }
+  return { table: { scheme: 'gpt', partitions: taken.partitions, warnings: taken.warnings } };
 }
