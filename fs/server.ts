@@ -192,7 +192,7 @@ export class Server {
     const access = opts.access ?? { allowOther: false, growable: false };
     const counters = newCounters();
     const files: FlatFile[] = nodes.map((node, i) => {
-      // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
+      // A local image lends its mode and time to the flat file; the owner is the mounting user.
       const local = protocolFor(specs[i]!) === fileProtocol ? specs[i]!.replace(/^file:/, '') : undefined;
       const st = local !== undefined ? fs.statSync(local) : undefined;
       // The other files the image reads (backing files, extents, a data file) narrow the mode.
