@@ -7,7 +7,7 @@ import { openImage, type ImageOptions } from '../drivers/open.js';
 import { BadPassphraseError } from '../drivers/errors.js';
 import { run, runOk, runTimingPbkdf, tempDir, type RunResult } from './helpers/qemu.js';
 import { MountTracker, mountpointIn, tsmount } from './helpers/mount.js';
-import { testOptions, tsimg } from './helpers/images.js';
+import { readBytes, testOptions, tsimg } from './helpers/images.js';
 
 const MiB = 1 << 20;
 const PASS = 'correct horse';
@@ -392,13 +392,7 @@ async function opensslPayload(file: string, length: number): Promise<Buffer> {
   const dump = await runOk('cryptsetup', ['luksDump', file]);
   const offset = Number(/offset:\s*(\d+) \[bytes\]/.exec(dump)?.[1]);
   const sector = Number(/sector:\s*(\d+) \[bytes\]/.exec(dump)?.[1]);
-  const ct = Buffer.alloc(length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.readSync(fd, ct, 0, length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
+  const ct = readBytes(file, offset, length);
   const out = Buffer.alloc(length);
   for (let s = 0; s * sector < length; s++) {
     const iv = Buffer.alloc(16);

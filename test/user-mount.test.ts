@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { checkImage, convertToRaw, tempDir } from './helpers/qemu.js';
 import { fuseMountsUnder, tsmountProcesses, TSMOUNT } from './helpers/mount.js';
-import { TSIMG } from './helpers/images.js';
+import { readBytes, TSIMG } from './helpers/images.js';
 import { makeTestUser, type TestUser } from './helpers/users.js';
 
 const MiB = 1 << 20;
@@ -126,10 +126,7 @@ describe('an ordinary user mounts, writes and unmounts (/dev/fuse 0666, setuid f
     expect(userCheck.code, userCheck.stdout + userCheck.stderr).to.equal(0);
     const raw = path.join(tmp!.dir, 'disk.raw');
     await convertToRaw(img, raw, 'qcow2');
-    const got = Buffer.alloc(data.length);
-    const fd = fs.openSync(raw, 'r');
-    fs.readSync(fd, got, 0, got.length, offset);
-    fs.closeSync(fd);
+    const got = readBytes(raw, offset, data.length);
     expect(got.equals(data), 'the image holds what the user wrote').to.equal(true);
   });
 });
