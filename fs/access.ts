@@ -2,11 +2,13 @@
 // options that choose otherwise. Kept free of driver imports: the starting command
 // parses these options too, before any server runs.
 //
-// The policy: a flat file shows no more than the image file itself gives. Owner and
-// group are the image file's; the mode is the image file's (execute bits dropped,
-// write bits only on a --rw mount), with group and other bits no wider than those of
-// every other file the image pulls in; an encrypted image's plaintext is owner-only.
-// A remote image belongs to the mounting user, mode 0600 (0400 read-only). Who gets
+// The policy: a flat file belongs to the user who mounted it, group included (or
+// --uid/--gid), and shows no more than the image file itself gives: the mode is the
+// image file's (execute bits dropped, write bits only on a --rw mount), its group bits
+// only what the image file gives the flat file's group (its other bits where the groups
+// differ), and group and other bits no wider than those of every other file the image
+// pulls in; an encrypted image's plaintext is owner-only.
+// A remote image's flat file has mode 0600 (0400 read-only). Who gets
 // past the mount at all is the kernel's business: without -o allow_other only the
 // mounting user, and default_permissions is always on so the kernel checks the mode.
 import { UsageError } from '../drivers/errors.js';
@@ -123,24 +125,28 @@ export function intersectGroupOther(mode: number, gid: number, others: readonly 
 /**
  * The permission bits of one flat file, as it shows while writable (getattr takes
  * the write bits away from files that are not). `image` is the image file's stat,
- * undefined for a remote image; `others`, the other files the image reads from.
+ * undefined for a remote image; `others`, the other files the image reads from;
+ * `gid`, the flat file's group (the image file's when absent): the image file is one
+ * more file its group bits are narrowed by, so a group the image does not name gets
+ * no more than the image's other bits.
  * --umask replaces the image's mode, except that an encrypted image never shows more
  * than its own file (and its chain) gives.
  */
-export function flatFileMode(image: Ownership | undefined, others: readonly PulledFile[], o: { writable: boolean; encrypted: boolean; umask?: number }): number {
-  let derived = image ? intersectGroupOther(image.mode & 0o666, image.gid, others) : 0o600;
+export function flatFileMode(image: Ownership | undefined, others: readonly PulledFile[], o: { writable: boolean; encrypted: boolean; umask?: number; gid?: number }): number {
+  let derived = image ? intersectGroupOther(image.mode & 0o666, o.gid ?? image.gid, [{ ...image, written: true }, ...others]) : 0o600;
   if (o.encrypted && o.umask === undefined) derived &= 0o600;
   let mode = o.umask === undefined ? derived : 0o666 & ~o.umask & (o.encrypted ? derived : 0o666);
   if (!o.writable) mode &= ~0o222;
   return mode;
 }
 
-/** Owner, group and mode of one flat file. */
+/** Owner, group and mode of one flat file: the mounting user's (or --uid/--gid's). */
 export function flatFileOwnership(image: Ownership | undefined, others: readonly PulledFile[], o: { writable: boolean; encrypted: boolean; choice: AccessChoice }): Ownership {
+  const gid = o.choice.gid ?? process.getgid?.() ?? 0;
   return {
-    uid: o.choice.uid ?? image?.uid ?? process.getuid?.() ?? 0,
-    gid: o.choice.gid ?? image?.gid ?? process.getgid?.() ?? 0,
-    mode: flatFileMode(image, others, { writable: o.writable, encrypted: o.encrypted, umask: o.choice.umask }),
+    uid: o.choice.uid ?? process.getuid?.() ?? 0,
+    gid,
+    mode: flatFileMode(image, others, { writable: o.writable, encrypted: o.encrypted, umask: o.choice.umask, gid }),
   };
 }
 

@@ -4,6 +4,10 @@
 // do: an RFC 3164 datagram (facility daemon, tag tsmount[PID]) on /dev/log, which the
 // journal or rsyslog reads (`journalctl -t tsmount`, /var/log/syslog). The socket is
 // opened before anything is mounted: the serving process never spawns `logger`.
+// Debug output (the `debug` package's namespaces tsmount:fuse, tsmount:qcow2,
+// tsmount:nbd, ...; enabled by DEBUG=... or --debug) goes to stderr too, so into the
+// --log file, never to syslog.
+import util from 'node:util';
 import createDebug from 'debug';
 import { closeFd, connectDatagram, sendDatagram } from '../drivers/util/sys.js';
 
@@ -24,6 +28,18 @@ export function syslogSocket(): string {
 
 /** The real stderr write: log() uses it, so the tee below never sends a line twice. */
 const writeStderr = process.stderr.write.bind(process.stderr);
+
+// debug's lines ("2026-12-02T21:00:00.000Z tsmount:fuse request 2: LOOKUP ...") go
+// where the server's messages go, past the syslog tee.
+createDebug.log = (...args: unknown[]): void => void writeStderr(`${util.format(...args)}\n`);
+
+/** The namespaces --debug turns on: every tsmount one, besides whatever DEBUG names. */
+export const DEBUG_ALL = 'tsmount:*';
+
+/** Turn on debug output for tsmount's namespaces (--debug, -o debug), keeping DEBUG's. */
+export function enableDebug(): void {
+  createDebug.enable([process.env.DEBUG, DEBUG_ALL].filter(Boolean).join(','));
+}
 
 /**
  * Send messages to syslog from now on; without a syslog socket, they go nowhere more.

@@ -20,8 +20,8 @@ import { formatOf } from '../drivers/open.js';
 import { partitionFiles } from './partitions.js';
 import { prepareOverlays } from './overlay.js';
 import { layerFiles } from './layers.js';
-import { chainOf, StatusPublisher, type FileDetails, type MountDetails } from './status.js';
-import { CountingFilter, newCounters } from '../drivers/filters/counting.js';
+import { chainOf, mountCounters, StatusPublisher, type FileDetails, type MountDetails } from './status.js';
+import { CountingFilter, newCounters, type IoCounters } from '../drivers/filters/counting.js';
 import { ClusterCache } from '../cache/cluster-cache.js';
 
 const debug = createDebug('tsmount:server');
@@ -192,7 +192,7 @@ export class Server {
     const access = opts.access ?? { allowOther: false, growable: false };
     const counters = newCounters();
     const files: FlatFile[] = nodes.map((node, i) => {
-      // A local image lends its owner, mode and time to the flat file; a remote one is the server's.
+      // A local image lends its mode and time to the flat file; the owner is the mounting user.
       const local = protocolFor(specs[i]!) === fileProtocol ? specs[i]!.replace(/^file:/, '') : undefined;
       const st = local !== undefined ? fs.statSync(local) : undefined;
       // The other files the image reads (backing files, extents, a data file) narrow the mode.
@@ -213,6 +213,8 @@ export class Server {
       growable: access.growable,
     });
     const server = new Server(target, nodes, flat);
+    server.io = counters;
+    server.caches = nodes.map((n) => (n instanceof ClusterCache ? n.stats : { hits: 0, misses: 0 }));
     server.ready = files.map((f, i) => readyLine(f, nodes[i] ?? f.node, opts.rw, target.mountpoint, overlays !== undefined && i < nodes.length));
     opts.beforeMount?.();
     if (opts.abandoned?.()) {
@@ -242,7 +244,7 @@ export class Server {
       const state = { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw, details };
       server.stateFile = writeState(server.dev, state);
       if (server.stateFile) {
-        server.status = new StatusPublisher(server.stateFile, state, counters, nodes.map((n) => (n instanceof ClusterCache ? n.stats : { hits: 0, misses: 0 })));
+        server.status = new StatusPublisher(server.stateFile, state, counters, server.caches);
         server.status.publish();
         server.status.start();
       }
@@ -261,10 +263,16 @@ export class Server {
   /** One line per file: "disk.raw ready: 1 GiB, qcow2, read-only". */
   ready: string[] = [];
 
-  /** The counters as one line, for the log line at exit; undefined without a state file. */
-  get summary(): string | undefined {
-    const c = this.status?.counters();
-    return c && `${c.reads} reads (${c.bytesRead} bytes), ${c.writes} writes (${c.bytesWritten} bytes), ${c.errors} errors, cache ${c.cacheHits} hits / ${c.cacheMisses} misses`;
+  /** When the mount was made (ms since the epoch), for the summary's uptime. */
+  private readonly startedAt = Date.now();
+  private io: IoCounters = newCounters();
+  private caches: { hits: number; misses: number }[] = [];
+
+  /** The one line logged when the server exits: uptime and the counters tsmount --list shows. */
+  get summary(): string {
+    const c = mountCounters(this.io, this.caches);
+    const up = (Date.now() - this.startedAt) / 1000;
+    return `up ${up.toFixed(1)} s: ${c.reads + c.writes} I/O requests (${c.reads} reads, ${c.writes} writes), ${c.bytesRead} bytes read, ${c.bytesWritten} bytes written, ${c.errors} errors, cache ${c.cacheHits} hits / ${c.cacheMisses} misses`;
   }
 
   get mountpoint(): string {

@@ -41,6 +41,17 @@ export function chainOf(node: BlockNode, top: string): { file: string; format: s
   return out;
 }
 
+/** The server's request counters with its cluster caches' hits and misses summed. */
+export function mountCounters(io: IoCounters, caches: readonly { hits: number; misses: number }[]): MountCounters {
+  let cacheHits = 0;
+  let cacheMisses = 0;
+  for (const c of caches) {
+    cacheHits += c.hits;
+    cacheMisses += c.misses;
+  }
+  return { ...io, cacheHits, cacheMisses };
+}
+
 export class StatusPublisher {
   private timer: NodeJS.Timeout | undefined;
   private last = '';
@@ -53,13 +64,7 @@ export class StatusPublisher {
   ) {}
 
   counters(): MountCounters {
-    let cacheHits = 0;
-    let cacheMisses = 0;
-    for (const c of this.caches) {
-      cacheHits += c.hits;
-      cacheMisses += c.misses;
-    }
-    return { ...this.io, cacheHits, cacheMisses };
+    return mountCounters(this.io, this.caches);
   }
 
   /** Write the counters into the state file if they changed since the last time. */

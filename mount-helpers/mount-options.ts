@@ -13,6 +13,7 @@ const FLAGS: Record<string, string> = {
   layers: '--layers',
   confine: '--confine',
   'trust-image-paths': '--trust-image-paths',
+  debug: '--debug',
 };
 
 /** `-o key=value` -> `--flag value`. */

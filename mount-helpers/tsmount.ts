@@ -46,6 +46,7 @@ interface CliOptions {
   log?: string;
   readyFd?: string;
   syslog?: boolean;
+  debug?: boolean;
   starter?: string;
   imageOpts?: boolean;
   object: string[];
@@ -92,8 +93,8 @@ function program(): Command {
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-o, --option <opt>', 'mount option (repeatable): allow_other, allow_root, uid=N, gid=N, umask=M, growable, nonempty, or a libfuse option', (v: string, acc: string[]) => [...acc, v], [] as string[])
-    .option('--uid <n>', "owner of the flat files (default: the image file's)")
-    .option('--gid <n>', "group of the flat files (default: the image file's)")
+    .option('--uid <n>', "owner of the flat files (default: the mounting user)")
+    .option('--gid <n>', "group of the flat files (default: the mounting user's group)")
     .option('--umask <octal>', "flat files get mode 0666 & ~umask instead of the image file's")
     .option('--growable', 'let truncate grow the disk (--rw; also -o growable, -o resize)')
     .option('--partitions', 'show each MBR/GPT partition too, as <stem>-p<N>.raw (also -o partitions)')
@@ -103,6 +104,7 @@ function program(): Command {
     .option('--list', 'list the tsmount mounts: images, read-only or not, server pid, counters')
     .addOption(new Option('--output <fmt>', 'with --list: human or json').choices(['human', 'json']).default('human'))
     .option('--log <file>', 'where the detached server writes its messages (default: syslog, see journalctl -t tsmount)')
+    .option('--debug', 'log the debug namespaces tsmount:* (as DEBUG=tsmount:* does) to --log, or the terminal with --foreground')
     .addOption(new Option('--ready-fd <fd>').hideHelp())
     .addOption(new Option('--syslog').hideHelp())
     .addOption(new Option('--starter <pid>').hideHelp())
@@ -160,8 +162,9 @@ async function main(argv: string[]): Promise<void> {
   const readyFd = opts.readyFd !== undefined ? Number(opts.readyFd) : undefined;
   // Once the starting command is gone, its end of our stderr is closed.
   process.stderr.on('error', () => undefined);
-  const { log, openSyslog } = await import('../fs/log.js');
+  const { enableDebug, log, openSyslog } = await import('../fs/log.js');
   if (opts.syslog) openSyslog();
+  if (opts.debug) enableDebug();
   // Started detached: if the starting command goes away before the mount is ready
   // (Ctrl-C, timeout), stop. Until mounting begins, a signal keeps its default action,
   // which ends even a long key derivation at once, with nothing mounted; from then
@@ -245,8 +248,7 @@ async function main(argv: string[]): Promise<void> {
   }
   for (const line of running.ready) log('info', line);
   const code = await running.exited;
-  const summary = running.summary;
-  if (summary) log('info', `${running.mountpoint}: ${summary}`);
+  log('info', `${running.mountpoint}: exiting: ${running.summary}`);
   log(code === 0 ? 'info' : 'err', `${running.mountpoint} ${code === 0 ? 'unmounted' : 'unmounted, not cleanly (see the messages above)'}`);
   process.exit(code);
 }

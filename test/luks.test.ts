@@ -6,8 +6,8 @@ import path from 'node:path';
 import { openImage, type ImageOptions } from '../drivers/open.js';
 import { BadPassphraseError } from '../drivers/errors.js';
 import { run, runOk, runTimingPbkdf, tempDir, type RunResult } from './helpers/qemu.js';
-import { MountTracker, tsmount } from './helpers/mount.js';
-import { testOptions, tsimg } from './helpers/images.js';
+import { MountTracker, mountpointIn, tsmount } from './helpers/mount.js';
+import { readBytes, testOptions, tsimg } from './helpers/images.js';
 
 const MiB = 1 << 20;
 const PASS = 'correct horse';
@@ -75,6 +75,31 @@ async function ourWrite(file: string, before: Buffer, pass = PASS): Promise<Buff
     await node.close();
   }
   return want;
+}
+
+async function luksFormat(file: string, size: number, args: string[], pass = PASS): Promise<void> {
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, size);
+  const keyFile = `${file}.key`;
+  fs.writeFileSync(keyFile, pass);
+  try {
+    await runOk('cryptsetup', ['luksFormat', '-q', '--batch-mode', '--key-file', keyFile, ...args, file]);
+  } finally {
+    fs.rmSync(keyFile);
+  }
+}
+
+/** The volume key cryptsetup itself unlocks, as the oracle for LUKS2 payloads. */
+async function volumeKey(file: string): Promise<Buffer> {
+  const kf = `${file}.key`;
+  fs.writeFileSync(kf, PASS);
+  try {
+    const out = await runOk('cryptsetup', ['luksDump', '--dump-volume-key', '--batch-mode', '--key-file', kf, file]);
+    const m = /MK dump:\s*([\s\S]*)$/.exec(out);
+    return Buffer.from((m?.[1] ?? '').replace(/[^0-9a-f]/gi, ''), 'hex');
+  } finally {
+    fs.rmSync(kf);
+  }
 }
 
 describe('luks: images made by qemu-img', function () {
@@ -245,18 +270,6 @@ describe('luks: headers made by cryptsetup', function () {
   before(() => (tmp = tempDir('luks-cs')));
   after(() => tmp?.cleanup());
 
-  async function luksFormat(file: string, size: number, args: string[], pass = PASS): Promise<void> {
-    fs.writeFileSync(file, '');
-    fs.truncateSync(file, size);
-    const keyFile = `${file}.key`;
-    fs.writeFileSync(keyFile, pass);
-    try {
-      await runOk('cryptsetup', ['luksFormat', '-q', '--batch-mode', '--key-file', keyFile, ...args, file]);
-    } finally {
-      fs.rmSync(keyFile);
-    }
-  }
-
   // cryptsetup here can only make what its userspace crypto has (no device-mapper): AES.
   const luks1: string[][] = [
     ['--cipher', 'aes-xts-plain64', '--key-size', '512'],
@@ -300,19 +313,6 @@ describe('luks: headers made by cryptsetup', function () {
     const want = await qemuRaw(file);
     expect((await ourRead(file, 'second passphrase')).equals(want)).to.equal(true);
   });
-
-  /** The volume key cryptsetup itself unlocks, as the oracle for LUKS2 payloads. */
-  async function volumeKey(file: string): Promise<Buffer> {
-    const kf = `${file}.key`;
-    fs.writeFileSync(kf, PASS);
-    try {
-      const out = await runOk('cryptsetup', ['luksDump', '--dump-volume-key', '--batch-mode', '--key-file', kf, file]);
-      const m = /MK dump:\s*([\s\S]*)$/.exec(out);
-      return Buffer.from((m?.[1] ?? '').replace(/[^0-9a-f]/gi, ''), 'hex');
-    } finally {
-      fs.rmSync(kf);
-    }
-  }
 
   const luks2: { args: string[]; sector: number }[] = [
     { args: ['--pbkdf', 'argon2id', '--pbkdf-memory', '1024', '--pbkdf-force-iterations', '4', '--sector-size', '4096'], sector: 4096 },
@@ -383,5 +383,125 @@ describe('luks: through a real FUSE mount', function () {
     const want = Buffer.from(before);
     data.copy(want, 123457);
     expect((await qemuRaw(file)).equals(want)).to.equal(true);
+  });
+});
+
+/** The payload decrypted with OpenSSL's aes-256-xts and the volume key cryptsetup unlocks: an oracle independent of our crypto code and of device-mapper. */
+async function opensslPayload(file: string, length: number): Promise<Buffer> {
+  const vk = await volumeKey(file);
+  const dump = await runOk('cryptsetup', ['luksDump', file]);
+  const offset = Number(/offset:\s*(\d+) \[bytes\]/.exec(dump)?.[1]);
+  const sector = Number(/sector:\s*(\d+) \[bytes\]/.exec(dump)?.[1]);
+  const ct = readBytes(file, offset, length);
+  const out = Buffer.alloc(length);
+  for (let s = 0; s * sector < length; s++) {
+    const iv = Buffer.alloc(16);
+    iv.writeBigUInt64LE(BigInt((s * sector) / 512)); // dm-crypt's 512-byte IV units (no iv_large_sectors)
+    const d = crypto.createDecipheriv('aes-256-xts', vk, iv);
+    Buffer.concat([d.update(ct.subarray(s * sector, (s + 1) * sector)), d.final()]).copy(out, s * sector);
+  }
+  return out;
+}
+
+/** Whether this kernel has device-mapper (cryptsetup open without --test-passphrase). */
+function hasDeviceMapper(): boolean {
+  try {
+    return /device-mapper/.test(fs.readFileSync('/proc/misc', 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+describe('luks: LUKS2 written and created (tsimg create -o luks-version=2), against cryptsetup', function () {
+  this.timeout(600_000);
+  const mounts = new MountTracker();
+  let tmp: { dir: string; cleanup: () => void };
+  let pf: string;
+  before(() => {
+    tmp = tempDir('luks2-rw');
+    pf = path.join(tmp.dir, 'pass');
+    fs.writeFileSync(pf, PASS);
+    fs.writeFileSync(path.join(tmp.dir, 'wrong'), 'wrong');
+    if (!hasDeviceMapper()) console.log('      (this kernel has no device-mapper: payloads are checked with OpenSSL and the volume key cryptsetup unlocks, not through cryptsetup open)');
+  });
+  afterEach(() => mounts.cleanup());
+  after(() => tmp.cleanup());
+
+  /** Mount --rw, write at unaligned offsets, fsync, unmount; a fresh mount reads it back. Returns the disk's new contents. */
+  async function writeThroughMount(file: string): Promise<Buffer> {
+    const mp = mountpointIn(tmp.dir, 'mnt');
+    await mounts.mount(['--rw', '--secret-file', pf, file, mp]);
+    const flat = path.join(mp, `${path.basename(file, path.extname(file))}.raw`);
+    const want = fs.readFileSync(flat);
+    const fd = fs.openSync(flat, 'r+');
+    for (const [off, len] of [[123457, 10000], [0, 700], [want.length - 5000, 5000]] as const) {
+      const data = crypto.randomBytes(len);
+      fs.writeSync(fd, data, 0, len, off);
+      data.copy(want, off);
+    }
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    await mounts.unmount(mp);
+    await mounts.mount(['--secret-file', pf, file, mp]);
+    expect(fs.readFileSync(flat).equals(want), 'a fresh mount reads what was written').to.equal(true);
+    await mounts.unmount(mp);
+    return want;
+  }
+
+  async function testPassphrase(file: string, keyFile: string): Promise<number> {
+    return (await run('cryptsetup', ['open', '--test-passphrase', '--batch-mode', '--key-file', keyFile, file])).code;
+  }
+
+  const made: { opts: string; kdf: string; sector: number }[] = [
+    { opts: 'pbkdf=argon2id,pbkdf-memory=8192,iter-time=20', kdf: 'argon2id', sector: 512 },
+    { opts: 'pbkdf=pbkdf2,hash-alg=sha512,iter-time=20,sector-size=4096', kdf: 'pbkdf2', sector: 4096 },
+  ];
+  for (const [i, c] of made.entries()) {
+    it(`tsimg create -f luks -o luks-version=2,${c.opts}: cryptsetup luksDump and --test-passphrase accept it; a --rw mount's writes decrypt`, async () => {
+      const file = path.join(tmp.dir, `made-${i}.luks`);
+      const r = await tsimg(['create', '-f', 'luks', '--secret-file', pf, '-o', `luks-version=2,${c.opts}`, file, '6M']);
+      expect(r.code, r.stderr).to.equal(0);
+      const dump = await runOk('cryptsetup', ['luksDump', file]);
+      expect(dump).to.match(/Version:\s*2/);
+      expect(dump).to.match(new RegExp(`PBKDF:\\s*${c.kdf}`));
+      expect(dump).to.match(new RegExp(`sector:\\s*${c.sector} \\[bytes\\]`));
+      expect(dump).to.match(/cipher: aes-xts-plain64/);
+      expect(await testPassphrase(file, pf), 'the passphrase opens it').to.equal(0);
+      expect(await testPassphrase(file, path.join(tmp.dir, 'wrong')), 'another does not').to.not.equal(0);
+      const want = await writeThroughMount(file);
+      expect(want.length).to.equal(6 * MiB);
+      expect((await opensslPayload(file, want.length)).equals(want), 'OpenSSL decrypts what the mount wrote').to.equal(true);
+      expect(await testPassphrase(file, pf), 'the header is unchanged by writes').to.equal(0);
+    });
+  }
+
+  const theirs: string[][] = [
+    ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--sector-size', '4096'],
+    ['--pbkdf', 'argon2id', '--pbkdf-memory', '1024', '--pbkdf-force-iterations', '4', '--sector-size', '512'],
+  ];
+  for (const [i, args] of theirs.entries()) {
+    it(`opens cryptsetup luksFormat --type luks2 ${args.slice(0, 2).join(' ')} read-write: writes decrypt with cryptsetup's key`, async () => {
+      const file = path.join(tmp.dir, `theirs-${i}.img`);
+      await luksFormat(file, 20 * MiB, ['--type', 'luks2', '--cipher', 'aes-xts-plain64', '--key-size', '512', ...args]);
+      const want = await writeThroughMount(file);
+      expect((await opensslPayload(file, want.length)).equals(want)).to.equal(true);
+      expect(await testPassphrase(file, pf)).to.equal(0);
+    });
+  }
+
+  it('opens through the secondary header when the primary is damaged; LUKS2-only options need luks-version=2', async () => {
+    const file = path.join(tmp.dir, 'copies.luks');
+    const r = await tsimg(['create', '-f', 'luks', '--secret-file', pf, '-o', 'luks-version=2,pbkdf=pbkdf2,iter-time=10', file, '1M']);
+    expect(r.code, r.stderr).to.equal(0);
+    const before = await ourRead(file);
+    const fd = fs.openSync(file, 'r+');
+    fs.writeSync(fd, Buffer.from('X'), 0, 1, 4096 + 2); // inside the primary JSON area: its checksum fails
+    fs.closeSync(fd);
+    expect((await ourRead(file)).equals(before)).to.equal(true);
+    const bad = await tsimg(['create', '-f', 'luks', '--secret-file', pf, '-o', 'pbkdf=argon2id', path.join(tmp.dir, 'v1.luks'), '1M']);
+    expect(bad.code).to.not.equal(0);
+    expect(bad.stderr.trim().split('\n')).to.have.length(1);
+    expect(bad.stderr).to.match(/pbkdf needs luks-version=2/);
+    expect(fs.existsSync(path.join(tmp.dir, 'v1.luks')), 'no file is left').to.equal(false);
   });
 });

@@ -42,7 +42,9 @@ describe('mount.fuse.tsmount: fstab and mount -t fuse.tsmount', function () {
   async function inNamespace(script: string): Promise<string> {
     const wrapper = path.join(tmp.dir, 'mount.fuse');
     fs.writeFileSync(wrapper, `#!/bin/sh\nexec ${process.execPath} ${HELPER} "$@"\n`, { mode: 0o755 });
-    const r = await run('unshare', ['--mount', '--propagation', 'private', 'sh', '-e', '-c', `mount --bind ${wrapper} "$(readlink -f /sbin/mount.fuse)"\n${script}`]);
+    // An installed mount.fuse.tsmount (scripts/setup.sh links one) would win over mount.fuse: ours replaces it too.
+    const bind = `mount --bind ${wrapper} "$(readlink -f /sbin/mount.fuse)"\nif [ -e /sbin/mount.fuse.tsmount ]; then mount --bind ${wrapper} "$(readlink -f /sbin/mount.fuse.tsmount)"; fi`;
+    const r = await run('unshare', ['--mount', '--propagation', 'private', 'sh', '-e', '-c', `${bind}\n${script}`]);
     if (r.code !== 0) throw new Error(`namespace script failed (${r.code}): ${r.stderr.trim()} ${r.stdout.trim()}`);
     return r.stdout;
   }
@@ -128,5 +130,53 @@ describe('mount.fuse.tsmount: fstab and mount -t fuse.tsmount', function () {
     expect(bad.stderr.trim().split('\n')).to.have.length(1);
     expect(bad.stderr).to.match(/sometimes/);
     forceUnmount(dir);
+  });
+
+  it("systemd: the unit systemd-fstab-generator makes from an fstab line, started and stopped with the commands systemd runs", async function () {
+    const generator = '/lib/systemd/system-generators/systemd-fstab-generator';
+    if (!fs.existsSync(generator)) {
+      console.log('      (skipped: no systemd-fstab-generator; the systemd package has it)');
+      this.skip();
+    }
+    const pid1 = fs.readFileSync('/proc/1/comm', 'utf8').trim();
+    // Never start units on the machine running the tests: mount(8) runs as the unit would run it.
+    if (pid1 !== 'systemd') console.log(`      (systemd is not PID 1 here (${pid1}): the generated unit's What/Where/Type/Options are checked and its mount/umount commands run by hand)`);
+    const where = mp('unit');
+    const options = 'ro,allow_other,nofail,cache=none';
+    const fstab = path.join(tmp.dir, 'fstab-systemd');
+    fs.writeFileSync(fstab, `${image} ${where} fuse.tsmount ${options} 0 0\n`);
+    const out = path.join(tmp.dir, 'generated');
+    const dirs = ['normal', 'early', 'late'].map((d) => path.join(out, d));
+    for (const d of dirs) fs.mkdirSync(d, { recursive: true });
+    // SYSTEMD_FSTAB and SYSTEMD_PROC_CMDLINE: the generator's own test hooks (no /etc/fstab, no kernel command line).
+    const g = await run(generator, dirs, { env: { ...process.env, SYSTEMD_FSTAB: fstab, SYSTEMD_PROC_CMDLINE: '' } });
+    expect(g.code, g.stderr).to.equal(0);
+    const unitName = (await runOk('systemd-escape', ['--path', '--suffix=mount', where])).trim();
+    const unit = fs.readFileSync(path.join(dirs[0]!, unitName), 'utf8');
+    const mount = Object.fromEntries(
+      unit
+        .slice(unit.indexOf('[Mount]'))
+        .split('\n')
+        .map((l) => /^(\w+)=(.*)$/.exec(l))
+        .filter((m): m is RegExpExecArray => m !== null)
+        .map((m) => [m[1]!, m[2]!]),
+    );
+    expect(mount).to.deep.equal({ What: image, Where: where, Type: 'fuse.tsmount', Options: options });
+    // nofail: local-fs.target wants the mount and does not fail without it.
+    expect(fs.existsSync(path.join(dirs[0]!, 'local-fs.target.wants', unitName))).to.equal(true);
+    const want = await rawMd5(image, 'qcow2');
+    // src/core/mount.c: ExecMount is `mount WHAT WHERE -t TYPE -o OPTIONS`, ExecUnmount `umount WHERE -c`.
+    const got = await inNamespace(`
+      trap 'st=$?; umount -l ${where} 2>/dev/null || true; exit $st' EXIT
+      mount ${mount.What} ${mount.Where} -t ${mount.Type} -o ${mount.Options}
+      grep " ${where} fuse.tsmount ro," /proc/mounts >/dev/null
+      md5sum < ${where}/disk.raw
+      umount ${mount.Where} -c
+      if grep " ${where} " /proc/mounts; then echo STILL-MOUNTED; fi
+    `);
+    expect(got.split(/\s/)[0]).to.equal(want);
+    expect(got).to.not.include('STILL-MOUNTED');
+    await waitFor(() => tsmountProcesses(tmp.dir).length === 0, 30_000, 'the server to exit');
+    expect((await checkImage(image, 'qcow2')).code, 'qemu-img check').to.equal(0);
   });
 });

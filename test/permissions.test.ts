@@ -1,5 +1,5 @@
-// Who may read a mount (issue 12): the flat file takes the image file's owner, group
-// and mode; an encrypted image's plaintext is owner-only; other users get through the
+// Who may read a mount (issue 12): the flat file belongs to the mounting user and takes
+// the image file's mode; an encrypted image's plaintext is owner-only; other users get through the
 // mount only with -o allow_other, and then the kernel checks the mode; --uid, --gid
 // and --umask choose otherwise; chmod and chown work on a --rw mount; truncate grows
 // the disk only with --growable. Another user is made by the test and removed after.
@@ -11,6 +11,7 @@ import path from 'node:path';
 import { createImage, imageInfo, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir, type RunResult } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
 import { startServer, type RunningServer } from './helpers/servers.js';
+import { makeTestUser, type TestUser } from './helpers/users.js';
 import { flatFileMode, intersectGroupOther } from '../fs/access.js';
 
 const MiB = 1 << 20;
@@ -20,43 +21,27 @@ describe('permissions: who may read and change the flat file', function () {
   this.timeout(300_000);
   const mounts = new MountTracker();
   let tmp: { dir: string; cleanup: () => void };
-  const user = `tsmount-test-${crypto.randomBytes(4).toString('hex')}`;
+  let user: TestUser | undefined;
   let uid = -1;
   let gid = -1;
-  let userMade = false;
-
-  const removeUser = (): void => {
-    if (!userMade) return;
-    userMade = false;
-    // Synchronous: this also runs from the exit hook. userdel removes the user's own group (-U) too.
-    try {
-      execFileSync('userdel', [user], { stdio: 'ignore' });
-    } catch {
-      process.stderr.write(`permissions test: could not remove user ${user}\n`);
-    }
-  };
 
   before(async function () {
     if (process.getuid?.() !== 0) this.skip();
     tmp = tempDir('perm');
     // Another user must reach the mountpoints: mkdtemp makes the folder 0700.
     fs.chmodSync(tmp.dir, 0o755);
-    await runOk('useradd', ['-M', '-U', '-s', '/usr/sbin/nologin', user]);
-    userMade = true;
-    process.once('exit', removeUser);
-    uid = Number((await runOk('id', ['-u', user])).trim());
-    gid = Number((await runOk('id', ['-g', user])).trim());
+    user = await makeTestUser();
+    ({ uid, gid } = user);
   });
   afterEach(() => mounts.cleanup());
   after(async () => {
     await mounts.cleanup();
-    removeUser();
+    user?.remove();
     tmp?.cleanup();
   });
 
   /** Run a command as the test's user, without root's groups. */
-  const asUser = (cmd: string, args: string[]): Promise<RunResult> =>
-    run('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', '--', cmd, ...args]);
+  const asUser = (cmd: string, args: string[]): Promise<RunResult> => user!.run(cmd, args);
 
   /** The first 16 bytes as the test's user sees them, or the error. */
   const userReads = (file: string): Promise<RunResult> => asUser('head', ['-c', '16', file]);
@@ -90,17 +75,23 @@ describe('permissions: who may read and change the flat file', function () {
     return { uid: st.uid, gid: st.gid, mode: st.mode & 0o7777 };
   };
 
-  it("shows the image file's owner, group and mode (no write bits read-only), and the root directory as the mounting user's", async () => {
+  it("belongs to the mounting user and group, with the image file's mode (group bits only what it gives that group, no write bits read-only)", async () => {
     const img = await qcow2('own.qcow2', 0o640);
     fs.chownSync(img, uid, gid);
     const dir = mp('own');
     await mounts.mount([img, dir]);
-    expect(statOf(path.join(dir, 'own.raw'))).to.deep.equal({ uid, gid, mode: 0o440 });
+    // The image's group is not the flat file's: its group bits give root's group nothing.
+    expect(statOf(path.join(dir, 'own.raw'))).to.deep.equal({ uid: 0, gid: 0, mode: 0o400 });
     expect(statOf(dir)).to.deep.equal({ uid: 0, gid: 0, mode: 0o555 });
     await mounts.unmount(dir);
     await mounts.mount(['--rw', img, dir]);
-    expect(statOf(path.join(dir, 'own.raw'))).to.deep.equal({ uid, gid, mode: 0o640 });
+    expect(statOf(path.join(dir, 'own.raw'))).to.deep.equal({ uid: 0, gid: 0, mode: 0o600 });
     expect(statOf(dir)).to.deep.equal({ uid: 0, gid: 0, mode: 0o755 });
+    await mounts.unmount(dir);
+    // The same group: its bits carry over.
+    fs.chownSync(img, uid, 0);
+    await mounts.mount(['--rw', img, dir]);
+    expect(statOf(path.join(dir, 'own.raw'))).to.deep.equal({ uid: 0, gid: 0, mode: 0o640 });
     await mounts.unmount(dir);
     // Execute bits never, and write bits only where the image file has them.
     fs.chmodSync(img, 0o555);
@@ -292,6 +283,12 @@ describe('permissions: the mode policy (fs/access.ts)', function () {
     expect(flatFileMode(img, [], { writable: true, encrypted: true, umask: 0o002 })).to.equal(0o664);
     expect(flatFileMode({ ...img, mode: 0o600 }, [], { writable: true, encrypted: true, umask: 0 })).to.equal(0o600);
     expect(flatFileMode({ ...img, mode: 0o600 }, [], { writable: true, encrypted: false, umask: 0o022 })).to.equal(0o644);
+  });
+
+  it("gives the flat file's group only what the image file gives it: its other bits when the groups differ", () => {
+    expect(flatFileMode({ ...img, mode: 0o640 }, [], { writable: true, encrypted: false, gid: 100 })).to.equal(0o640);
+    expect(flatFileMode({ ...img, mode: 0o640 }, [], { writable: true, encrypted: false, gid: 7 })).to.equal(0o600);
+    expect(flatFileMode({ ...img, mode: 0o664 }, [], { writable: false, encrypted: false, gid: 7 })).to.equal(0o444);
   });
 
   it('gives group and other no more than every file the image reads gives them', () => {

@@ -9,6 +9,7 @@ import type { CipherSpec } from './spec.js';
 export type { Reader as HeaderReader } from './luks1.js';
 export type { SectorCipher } from './modes.js';
 export { createLuks1, type Luks1CreateOptions, type Luks1Created } from './luks1.js';
+export { createLuks2, type Luks2CreateOptions, type Luks2Created } from './luks2.js';
 
 export interface UnlockedLuks {
   version: 1 | 2;

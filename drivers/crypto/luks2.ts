@@ -1,16 +1,17 @@
-// LUKS2 headers, read-only (cryptsetup's "LUKS2 On-Disk Format Specification" 1.1):
-// a binary header with a checksum, a JSON area describing keyslots, digests and
-// segments, and a secondary copy. QEMU cannot open these at all; cryptsetup makes them.
+// LUKS2 headers (cryptsetup's "LUKS2 On-Disk Format Specification" 1.1): a binary
+// header with a checksum, a JSON area describing keyslots, digests and segments, and a
+// secondary copy. Read here (unlockLuks2) and made here (createLuks2, laid out as
+// cryptsetup 2.6 lays out a default luksFormat); QEMU cannot open these at all.
 import crypto from 'node:crypto';
 import { CorruptImageError, UnsupportedError } from '../errors.js';
-import { afMerge, argon2, argon2Cost, checkArgon2, checkPbkdf2Iterations, KdfBudget, pbkdf2, pbkdf2Cost, type Argon2Params } from './kdf.js';
-import { digest, isHash } from './hash.js';
-import { parseLuks2Encryption, type CipherSpec } from './spec.js';
+import { afMerge, afSplit, argon2, argon2Cost, checkArgon2, checkPbkdf2Iterations, KDF_LIMITS, KdfBudget, pbkdf2, pbkdf2Cost, pbkdf2IterationsPerSecond, type Argon2Params } from './kdf.js';
+import { digest, hashLength, isHash } from './hash.js';
+import { modeSpecString, parseLuks2Encryption, type CipherSpec } from './spec.js';
 import { sectorCipherFor, type Reader } from './luks1.js';
 import type { SectorCipher } from './modes.js';
 
 /** Binary header fields (spec section 2.1), big-endian. */
-const BIN = { magic: 0, version: 6, hdrSize: 8, seqid: 16, checksumAlg: 72, csum: 448, csumLen: 64, size: 4096 } as const;
+const BIN = { magic: 0, version: 6, hdrSize: 8, seqid: 16, label: 24, checksumAlg: 72, salt: 104, uuid: 168, subsystem: 208, hdrOffset: 256, csum: 448, csumLen: 64, size: 4096 } as const;
 const MAGIC_2ND = Uint8Array.from([0x53, 0x4b, 0x55, 0x4c, 0xba, 0xbe]); // "SKUL\xba\xbe"
 const MAGIC_1ST = Uint8Array.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 /** The header sizes (binary + JSON) the spec allows; the secondary header sits at one of these. */
@@ -244,4 +245,128 @@ function segmentVolume(j: J, segments: { [k: string]: Json }, ids: string[], vk:
   // dm-crypt counts IVs in 512-byte sectors for LUKS2 (no iv_large_sectors).
   const sectorCipher = sectorCipherFor(spec, vk, name, { sectorSize, ivStep: sectorSize / 512, ivOffset });
   return { sectorCipher, spec, payloadOffset, payloadLength, sectorSize, uuid };
+}
+
+export interface Luks2CreateOptions {
+  /** The segment's and the keyslot area's encryption (cipher, mode, IV generator). */
+  spec: CipherSpec;
+  /** Volume key bytes (64 for aes-xts-plain64 with AES-256). */
+  keyBytes: number;
+  /** The anti-forensic and digest hash. */
+  hash: string;
+  kdf: 'pbkdf2' | 'argon2i' | 'argon2id';
+  /** Time the key slot's derivation should take here (cryptsetup's --iter-time). */
+  iterTimeMs: number;
+  /** Argon2 memory, KiB, and lanes (cryptsetup's --pbkdf-memory, --pbkdf-parallel). */
+  memoryKiB: number;
+  parallel: number;
+  /** Encryption sector size of the payload: 512 or 4096 (cryptsetup's --sector-size). */
+  sectorSize: number;
+  passphrase: Uint8Array;
+}
+
+export interface Luks2Created {
+  /** Both header copies and key slot 0's key material: write at offset 0. */
+  header: Uint8Array;
+  /** Bytes. */
+  payloadOffset: number;
+  masterKey: Uint8Array;
+  spec: CipherSpec;
+}
+
+/** cryptsetup 2.6's default layout: 16 KiB headers, the payload at 16 MiB. */
+const LAYOUT = { hdrSize: 16384, dataOffset: 16 << 20, stripes: 4000, saltLen: 32, align: 4096 } as const;
+/** cryptsetup's minimum argon2 time cost. */
+const MIN_ARGON2_TIME = 4;
+
+/** Passes of argon2 that take about `ms` here with this memory (cryptsetup benchmarks the same way). */
+async function argon2Passes(p: Omit<Argon2Params, 'time'>, ms: number): Promise<number> {
+  const start = process.hrtime.bigint();
+  await argon2({ ...p, time: 1 }, Buffer.from('benchmark'), Buffer.alloc(16, 0x5a), 32);
+  const one = Math.max(1, Number(process.hrtime.bigint() - start) / 1e6);
+  const cap = Math.max(MIN_ARGON2_TIME, Math.floor(KDF_LIMITS.argon2Work / p.memory));
+  return Math.min(cap, Math.max(MIN_ARGON2_TIME, Math.round(ms / one)));
+}
+
+/** One binary header plus the JSON area, checksummed (spec section 2.1: sha256 with the checksum field zeroed). */
+function binaryHeader(json: string, seqid: bigint, uuid: string, secondary: boolean): Uint8Array {
+  const h = new Uint8Array(LAYOUT.hdrSize);
+  const dv = new DataView(h.buffer);
+  h.set(secondary ? MAGIC_2ND : MAGIC_1ST, BIN.magic);
+  dv.setUint16(BIN.version, 2, false);
+  dv.setBigUint64(BIN.hdrSize, BigInt(LAYOUT.hdrSize), false);
+  dv.setBigUint64(BIN.seqid, seqid, false);
+  h.set(Buffer.from('sha256', 'latin1'), BIN.checksumAlg);
+  h.set(crypto.randomBytes(64), BIN.salt);
+  h.set(Buffer.from(uuid, 'latin1'), BIN.uuid);
+  dv.setBigUint64(BIN.hdrOffset, BigInt(secondary ? LAYOUT.hdrSize : 0), false);
+  const body = Buffer.from(json, 'utf8');
+  if (body.length >= LAYOUT.hdrSize - BIN.size) throw new UnsupportedError('LUKS2 metadata does not fit its JSON area');
+  h.set(body, BIN.size);
+  h.set(digest('sha256', h), BIN.csum);
+  return h;
+}
+
+/**
+ * A new LUKS2 header with one key slot (0), as `cryptsetup luksFormat --type luks2`
+ * makes it: primary and secondary header, the keyslot's AF-split key material after
+ * them, the payload at 16 MiB. The key slot is pbkdf2 or argon2i/argon2id.
+ */
+export async function createLuks2(o: Luks2CreateOptions, name: string): Promise<Luks2Created> {
+  const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
+  const masterKey = crypto.randomBytes(o.keyBytes);
+  // Fails early (UnsupportedError) for combinations the cipher code does not have.
+  sectorCipherFor(o.spec, masterKey, name, { sectorSize: o.sectorSize, ivStep: o.sectorSize / 512 });
+  const encryption = `${o.spec.cipher}-${modeSpecString(o.spec)}`;
+  const areaOffset = 2 * LAYOUT.hdrSize;
+  const material = o.keyBytes * LAYOUT.stripes;
+  const areaSize = Math.ceil(material / LAYOUT.align) * LAYOUT.align;
+  const salt = crypto.randomBytes(LAYOUT.saltLen);
+  const rate = pbkdf2IterationsPerSecond(o.hash);
+  let kdf: { [k: string]: Json };
+  let slotKey: Uint8Array;
+  if (o.kdf === 'pbkdf2') {
+    const iterations = Math.min(KDF_LIMITS.pbkdf2Iterations, Math.max(1000, Math.floor((rate * o.iterTimeMs) / 1000)));
+    kdf = { type: 'pbkdf2', hash: o.hash, iterations, salt: b64(salt) };
+    slotKey = await pbkdf2(o.hash, o.passphrase, salt, iterations, o.keyBytes);
+  } else {
+    const base = { type: o.kdf, memory: o.memoryKiB, cpus: o.parallel };
+    const p: Argon2Params = { ...base, time: await argon2Passes(base, o.iterTimeMs) };
+    checkArgon2(p, 'key slot 0', name);
+    kdf = { type: p.type, time: p.time, memory: p.memory, cpus: p.cpus, salt: b64(salt) };
+    slotKey = await argon2(p, o.passphrase, salt, o.keyBytes);
+  }
+  // The digest takes an eighth of the slot's time, at least 1000 iterations (cryptsetup's floor).
+  const digestIter = Math.min(KDF_LIMITS.pbkdf2Iterations, Math.max(1000, Math.floor((rate * o.iterTimeMs) / 8000)));
+  const digestSalt = crypto.randomBytes(LAYOUT.saltLen);
+  const mkDigest = await pbkdf2(o.hash, masterKey, digestSalt, digestIter, hashLength(o.hash));
+  const meta = {
+    keyslots: {
+      '0': {
+        type: 'luks2',
+        key_size: o.keyBytes,
+        af: { type: 'luks1', stripes: LAYOUT.stripes, hash: o.hash },
+        area: { type: 'raw', offset: String(areaOffset), size: String(areaSize), encryption, key_size: o.keyBytes },
+        kdf,
+      },
+    },
+    tokens: {},
+    segments: {
+      '0': { type: 'crypt', offset: String(LAYOUT.dataOffset), size: 'dynamic', iv_tweak: '0', encryption, sector_size: o.sectorSize },
+    },
+    digests: {
+      '0': { type: 'pbkdf2', keyslots: ['0'], segments: ['0'], hash: o.hash, iterations: digestIter, salt: b64(digestSalt), digest: b64(mkDigest) },
+    },
+    config: { json_size: String(LAYOUT.hdrSize - BIN.size), keyslots_size: String(LAYOUT.dataOffset - areaOffset) },
+  };
+  const json = JSON.stringify(meta);
+  const uuid = crypto.randomUUID();
+  const header = new Uint8Array(areaOffset + areaSize);
+  header.set(binaryHeader(json, 1n, uuid, false), 0);
+  header.set(binaryHeader(json, 1n, uuid, true), LAYOUT.hdrSize);
+  const area = header.subarray(areaOffset);
+  area.set(afSplit(o.hash, masterKey, LAYOUT.stripes));
+  // The key material is encrypted in 512-byte sectors from the area's start, as the reader decrypts it.
+  sectorCipherFor(o.spec, slotKey, name).encrypt(area, 0);
+  return { header, payloadOffset: LAYOUT.dataOffset, masterKey, spec: o.spec };
 }

@@ -1,6 +1,7 @@
 // The luks format (QEMU block/crypto.c over crypto/block-luks.c): a LUKS header, then
 // the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
-// does; LUKS2 headers made by cryptsetup open too (QEMU 7.2 cannot open those).
+// does; LUKS2 headers made by cryptsetup open read-write too, and `-o luks-version=2`
+// makes them (QEMU 7.2 can do neither).
 import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
@@ -120,15 +121,29 @@ const CIPHER_ALGS = [
   'cast5-128',
 ] as const;
 
+const LUKS2_KDFS = ['argon2id', 'argon2i', 'pbkdf2'] as const;
+/** Options only a LUKS2 header has (cryptsetup's --pbkdf, --pbkdf-memory, --pbkdf-parallel, --sector-size). */
+const LUKS2_ONLY = ['pbkdf', 'pbkdf-memory', 'pbkdf-parallel', 'sector-size'] as const;
+
 async function create(req: CreateRequest): Promise<void> {
   const o = req.options;
   const keySecret = o.string('key-secret');
+  const version = o.choice('luks-version', ['1', '2'] as const) ?? '1';
   const alg = o.choice('cipher-alg', CIPHER_ALGS) ?? 'aes-256';
   const mode = o.choice('cipher-mode', CIPHER_MODES) ?? 'xts';
   const ivgen = o.choice('ivgen-alg', QEMU_IVGENS) ?? 'plain64';
   let ivHash: string | undefined = o.choice('ivgen-hash-alg', QEMU_HASHES);
   const hash = o.choice('hash-alg', QEMU_HASHES) ?? 'sha256';
   const iterTime = o.int('iter-time', 1, 2 ** 31 - 1) ?? 2000;
+  const kdf = o.choice('pbkdf', LUKS2_KDFS) ?? 'argon2id';
+  // cryptsetup's default is up to 1 GiB, lowered by its benchmark; 64 MiB keeps a WebAssembly argon2 quick.
+  const memoryKiB = o.int('pbkdf-memory', 32, 1024 * 1024) ?? 64 * 1024;
+  const parallel = o.int('pbkdf-parallel', 1, 4) ?? 4;
+  const sectorSize = Number(o.choice('sector-size', ['512', '4096'] as const) ?? '512');
+  if (version === '1') {
+    const given = LUKS2_ONLY.find((k) => o.has(k));
+    if (given) throw new UsageError(`${req.spec}: ${given} needs luks-version=2`);
+  }
   o.finish('luks');
   // --secret/--secret-file name the passphrase; without them, key-secret is the passphrase.
   const secret = req.secret ?? keySecret;
@@ -136,14 +151,23 @@ async function create(req: CreateRequest): Promise<void> {
   if (req.size === undefined) throw new UsageError(`${req.spec}: luks images need a size`);
   if (ivgen === 'essiv' && ivHash === undefined) ivHash = 'sha256';
   const [family, bits] = alg.split('-') as [string, string];
-  const { createLuks1 } = await import('../../crypto/index.js');
-  const made = await createLuks1(
-    { cipher: family, cipherKeyBytes: Number(bits) / 8, mode, ivgen, ivHash, hash, iterTimeMs: iterTime, passphrase: Buffer.from(secret, 'utf8') },
-    req.spec,
-  );
+  const passphrase = Buffer.from(secret, 'utf8');
+  const crypto = await import('../../crypto/index.js');
+  let made: { header: Uint8Array; payloadOffset: number };
+  let size = req.size;
+  if (version === '2') {
+    if (memoryKiB < 8 * parallel) throw new UsageError(`${req.spec}: pbkdf-memory must be at least 8 KiB per pbkdf-parallel lane`);
+    const keyBytes = (Number(bits) / 8) * (mode === 'xts' ? 2 : 1);
+    const spec = { cipher: family, mode, ivgen, ivHash: ivgen === 'essiv' ? ivHash : undefined };
+    made = await crypto.createLuks2({ spec, keyBytes, hash, kdf, iterTimeMs: iterTime, memoryKiB, parallel, sectorSize, passphrase }, req.spec);
+    // A LUKS2 device holds whole encryption sectors.
+    size = Math.ceil(size / sectorSize) * sectorSize;
+  } else {
+    made = await crypto.createLuks1({ cipher: family, cipherKeyBytes: Number(bits) / 8, mode, ivgen, ivHash, hash, iterTimeMs: iterTime, passphrase }, req.spec);
+  }
   const file = req.file;
   if (!file.truncate) throw new UsageError(`${req.spec}: this protocol cannot be sized`);
-  await file.truncate(made.payloadOffset + req.size);
+  await file.truncate(made.payloadOffset + size);
   await file.write(0, made.header);
   await file.flush();
 }
@@ -152,6 +176,6 @@ export const luksDriver: FormatDriver & Creatable = {
   name: 'luks',
   probe,
   open,
-  createOptions: ['key-secret', 'cipher-alg', 'cipher-mode', 'ivgen-alg', 'ivgen-hash-alg', 'hash-alg', 'iter-time'],
+  createOptions: ['key-secret', 'cipher-alg', 'cipher-mode', 'ivgen-alg', 'ivgen-hash-alg', 'hash-alg', 'iter-time', 'luks-version', ...LUKS2_ONLY],
   create,
 };

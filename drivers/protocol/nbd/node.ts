@@ -1,6 +1,7 @@
 // The NBD protocol node: one export, over one connection or (where the server
 // advertises multi-conn) several. Large requests are split at the server's block
 // limits and kept in flight together; holes and zeros come from base:allocation.
+import createDebug from 'debug';
 import type { BlockNode, CacheMode, Extent } from '../../types.js';
 import { IoError, UsageError } from '../../errors.js';
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_ZERO } from './constants.js';
@@ -31,6 +32,8 @@ const WINDOW = 16;
 const MAX_NO_PAYLOAD = 1 << 30;
 /** After a failed reconnect, wait this long before the next try (requests fail meanwhile). */
 const RECONNECT_BACKOFF_MS = 1000;
+
+const debug = createDebug('tsmount:nbd');
 
 const defaultLog = (msg: string): void => void process.stderr.write(`tsmount: ${msg}\n`);
 
@@ -97,6 +100,11 @@ export class NbdNode implements BlockNode {
         conns.push(c);
         if (c.info.size !== info.size) throw new IoError(`${name}: the export changed size between two connections`);
       }
+      debug(
+        '%s: %d connection(s), %d bytes, flags %s, blocks %d/%d/%d, structured replies %s, meta contexts %s%s',
+        name, conns.length, info.size, info.flags.toString(16), info.minBlock, info.preferredBlock, info.maxBlock,
+        info.structuredReplies ? 'yes' : 'no', [...info.metaContexts.keys()].join(' ') || 'none', connectOpts.tls ? ', TLS' : '',
+      );
       const node = new NbdNode(name, info, conns, opts.readOnly, opts.cache, connectOpts);
       return node;
     } catch (err) {
@@ -256,6 +264,7 @@ export class NbdNode implements BlockNode {
     if (Date.now() - slot.failedAt < RECONNECT_BACKOFF_MS) return Promise.reject(new IoError(`${this.name}: the NBD server is unreachable`));
     const log = this.connectOpts.log;
     slot.reconnecting = (async () => {
+      debug('%s: connection lost; reconnecting', this.name);
       try {
         const c = await NbdConnection.connect(this.connectOpts);
         if (c.info.size !== this.info.size || c.info.structuredReplies !== this.info.structuredReplies || (c.info.flags & NBD_FLAG.READ_ONLY && !this.readOnly)) {
