@@ -171,7 +171,10 @@ export class Login {
     if ((b[0]! & 0x3f) !== OP.LOGIN_RESP) throw new Error(`expected a Login Response, got opcode 0x${(b[0]! & 0x3f).toString(16)}`);
     const cls = b[36]!;
     const detail = b[37]!;
-    if (cls !== 0) throw new LoginRefused(cls, detail, loginStatusText(cls, detail));
+    if (cls !== 0) {
+      if (cls === 2 && detail === 1 && this.p.user === undefined) throw new LoginRefused(cls, detail, 'the target requires CHAP: give a user and password (URL, LIBISCSI_CHAP_USERNAME/LIBISCSI_CHAP_PASSWORD, --iscsi)');
+      throw new LoginRefused(cls, detail, loginStatusText(cls, detail));
+    }
     this.expStatSN = (u32(b, 24) + 1) >>> 0;
     this.tsih = (b[14]! << 8) | b[15]!;
     const keys = decodeKeys(pdu.data);
