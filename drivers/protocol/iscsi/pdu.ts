@@ -26,8 +26,8 @@ export const OP = {
 export const BHS_LEN = 48;
 /** The reserved tag: "no task" (NOP-In pings from the target, unsolicited Data-Out). */
 export const RESERVED_TAG = 0xffffffff;
-/** A data segment larger than this is refused before it is buffered (we offer 256 KiB). */
-export const MAX_DATA_SEGMENT = 16 << 20;
+/** A data segment larger than this is refused before it is buffered (we offer 256 KiB as MaxRecvDataSegmentLength). */
+export const MAX_DATA_SEGMENT = 1 << 20;
 
 // --- CRC32C (Castagnoli), the digest of RFC 7143 section 13.1 -----------------------
 
