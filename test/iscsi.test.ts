@@ -78,8 +78,11 @@ class Tgtd {
 
   async stop(): Promise<void> {
     if (!this.server) return;
-    // tgtd ignores SIGTERM while it has targets (shared/TESTING.md).
-    await run('tgtadm', ['-C', String(this.ctl), '--op', 'delete', '--mode', 'system', '--force']);
+    // tgtd ignores SIGTERM while it has targets: delete them (`--mode system --force` is an
+    // invalid request for tgtadm 1.0.85), then the system, which ends tgtd.
+    const tids = new Set(this.config.filter((a) => a[1] === 'new' && a[3] === 'target').map((a) => a[5]!));
+    for (const tid of tids) await run('tgtadm', ['-C', String(this.ctl), '--op', 'delete', '--mode', 'target', '--tid', tid, '--force']);
+    await run('tgtadm', ['-C', String(this.ctl), '--op', 'delete', '--mode', 'system']);
     await this.server.stop();
     this.server = undefined;
   }
@@ -95,6 +98,7 @@ describe('iSCSI: LUNs on tgtd', function () {
   let disk: string;
   let qcow2: string;
   let cdFile: string;
+  let thin: string;
   let url: (target: string, lun?: number, user?: string) => string;
   const T: Record<string, string> = {};
 
@@ -119,6 +123,14 @@ describe('iSCSI: LUNs on tgtd', function () {
     T.digest = await tgtd.target(3, 'digest', [{ file: path.join(tmp.dir, 'digest.raw') }], { params: [['HeaderDigest', 'CRC32C']] });
     T.cd = await tgtd.target(4, 'cd', [{ file: cdFile, cd: true }]);
     // Only this initiator name may log in.
+    // Thin provisioning: the LUN advertises unmap (LBP VPD page) and punches holes in the file.
+    thin = path.join(tmp.dir, 'thin.raw');
+    fs.writeFileSync(thin, pattern(8 * MiB, 9));
+    await tgtd.configure(['--op', 'new', '--mode', 'target', '--tid', '6', '-T', `${IQN}:thin`]);
+    await tgtd.configure(['--op', 'new', '--mode', 'logicalunit', '--tid', '6', '--lun', '1', '-b', thin]);
+    await tgtd.configure(['--op', 'update', '--mode', 'logicalunit', '--tid', '6', '--lun', '1', '--params', 'thin_provisioning=1']);
+    await tgtd.configure(['--op', 'bind', '--mode', 'target', '--tid', '6', '-I', 'ALL']);
+    T.thin = `${IQN}:thin`;
     T.named = await tgtd.target(5, 'named', [{ file: disk }], { bind: ['--initiator-name', 'iqn.2026-12.org.tsmount.test:me'] });
     url = (target, lun = 1, user) => `iscsi://${user ? `${user}@` : ''}127.0.0.1:${tgtd.port}/${target}/${lun}`;
   });
@@ -268,6 +280,21 @@ describe('iSCSI: LUNs on tgtd', function () {
     fs.writeSync(rfd, pattern(2 * MiB, 3), 0, 2 * MiB, 9 * MiB + 4096);
     fs.closeSync(rfd);
     await runOk('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, qcow2]);
+  });
+
+  it('zeroes with unmap where the LUN advertises it: the space is freed in the file behind it', async () => {
+    const node = await openImage(url(T.thin!), testOptions({ format: 'raw', readOnly: false }));
+    const before = fs.statSync(thin).blocks;
+    try {
+      await node.zero!(MiB, 4 * MiB, true);
+      await node.flush();
+    } finally {
+      await node.close();
+    }
+    expect(fs.statSync(thin).blocks).to.be.below(before - (3 * MiB) / 512);
+    const want = pattern(8 * MiB, 9);
+    want.fill(0, MiB, 5 * MiB);
+    expect(md5(fs.readFileSync(thin))).to.equal(md5(want));
   });
 
   it('logs in again after the target restarts mid-read and retries the commands it lost', async () => {

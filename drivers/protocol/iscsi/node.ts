@@ -198,8 +198,20 @@ export class IscsiNode implements BlockNode {
     this.aligned(offset, length);
     this.dirty = true;
     const bs = this.blockSize;
+    const prov = this.provisioning;
+    // UNMAP alone where the LUN reads unmapped blocks as zeros but has no WRITE SAME unmap.
+    if (unmap && prov?.unmap && prov.zeroAfterUnmap && !prov.writeSame16Unmap) {
+      const maxBlocks = Math.min(this.limits.maxUnmapBlocks || 65536, 1 << 22);
+      for (let o = offset; o < offset + length; ) {
+        const blocks = Math.min(maxBlocks, (offset + length - o) / bs);
+        const u = scsi.unmap(o / bs, blocks);
+        await this.run({ lun: this.lun, cdb: u.cdb, data: u.data }, 'UNMAP', o);
+        o += blocks * bs;
+      }
+      return;
+    }
     if (this.writeSame) {
-      const useUnmap = unmap && !!this.provisioning?.writeSame16Unmap && this.provisioning.zeroAfterUnmap;
+      const useUnmap = unmap && !!prov?.writeSame16Unmap && prov.zeroAfterUnmap;
       const maxBlocks = Math.min(this.limits.maxWriteSame || 65536, 65536);
       try {
         for (let o = offset; o < offset + length; ) {
