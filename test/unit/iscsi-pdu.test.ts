@@ -8,15 +8,7 @@ import * as scsi from '../../drivers/protocol/iscsi/scsi.js';
 import { configureIscsi, DEFAULT_INITIATOR_NAME, iscsiStem, loginSettings, parseIscsiOption, parseIscsiSpec, parseReadconfig, redact } from '../../drivers/protocol/iscsi/uri.js';
 import { ProtocolError, UsageError } from '../../drivers/errors.js';
 
-function cat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
+const cat = (parts: Uint8Array[]): Uint8Array => Buffer.concat(parts);
 
 /** Feed `bytes` whole, then split at every byte into two feeds, then one byte at a time: the same PDUs each way. */
 function parseAllWays(bytes: Uint8Array, digests: Digests): Pdu[] {
@@ -75,7 +67,7 @@ describe('iSCSI PDUs (unit)', () => {
     const d = Uint8Array.of(1, 2, 3, 4);
     const bytes = cat(encodePdu(dataIn(1, 0, d), d, { header: true, data: true }));
     const flip = (at: number): Uint8Array => {
-      const b = bytes.slice();
+      const b = new Uint8Array(bytes);
       b[at]! ^= 1;
       return b;
     };

@@ -2,6 +2,7 @@
 // header digest, the data segment padded to 4 bytes and its optional data digest.
 // Pure: an encoder and a streaming parser that takes input split anywhere.
 import { ProtocolError } from '../../errors.js';
+import { crc32cUpdate } from '../../util/crc32c.js';
 
 export const OP = {
   NOP_OUT: 0x00,
@@ -29,22 +30,10 @@ export const RESERVED_TAG = 0xffffffff;
 /** A data segment larger than this is refused before it is buffered (we offer 256 KiB as MaxRecvDataSegmentLength). */
 export const MAX_DATA_SEGMENT = 1 << 20;
 
-// --- CRC32C (Castagnoli), the digest of RFC 7143 section 13.1 -----------------------
-
-const CRC_TABLE = (() => {
-  const t = new Uint32Array(256);
-  for (let i = 0; i < 256; i++) {
-    let c = i;
-    for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
-    t[i] = c >>> 0;
-  }
-  return t;
-})();
+// --- CRC32C (drivers/util/crc32c.ts), the digest of RFC 7143 section 13.1 ------------
 
 export function crc32c(data: Uint8Array, crc = 0): number {
-  let c = ~crc >>> 0;
-  for (let i = 0; i < data.length; i++) c = CRC_TABLE[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
-  return ~c >>> 0;
+  return (crc32cUpdate(~crc >>> 0, data) ^ 0xffffffff) >>> 0;
 }
 
 /** The digest goes on the wire little-endian (the CRC's bit order), RFC 7143 13.1. */
@@ -122,7 +111,8 @@ export class PduParser {
   digests: Digests = { header: false, data: false };
 
   feed(chunk: Uint8Array, emit: (pdu: Pdu) => void): void {
-    this.buf = this.buf.length ? concat(this.buf, chunk) : chunk;
+    // Views, never copies: no one writes into a chunk once it is fed (sockets give fresh ones).
+    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
     let pos = 0;
     for (;;) {
       const avail = this.buf.length - pos;
@@ -147,24 +137,16 @@ export class PduParser {
         const got = new DataView(this.buf.buffer, this.buf.byteOffset + dstart + padded, 4).getUint32(0, true);
         if (want !== got) throw new ProtocolError(`data digest mismatch (opcode 0x${opcodeOf(bhs).toString(16)})`);
       }
-      // Copies: the caller may keep them while the buffer is reused.
-      emit({ bhs: bhs.slice(), data: this.buf.slice(dstart, dstart + dlen) });
+      emit({ bhs, data: this.buf.subarray(dstart, dstart + dlen) });
       pos += total;
     }
-    this.buf = pos ? this.buf.slice(pos) : this.buf === chunk ? chunk.slice() : this.buf;
+    this.buf = this.buf.subarray(pos);
   }
 
   /** Bytes received but not yet a whole PDU. */
   get pending(): number {
     return this.buf.length;
   }
-}
-
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
 }
 
 // --- text keys (RFC 7143 section 6) -----------------------------------------------
