@@ -318,6 +318,22 @@ export class IscsiNode implements BlockNode {
     }
   }
 
+  /** The LUN's size in bytes as a new session sees it (past unit attentions). */
+  private async capacityOn(c: IscsiConnection): Promise<number> {
+    const sixteen = !this.isCdrom && this.rwSize === 16;
+    for (let i = 0; ; i++) {
+      const b = new Uint8Array(sixteen ? 32 : 8);
+      const r = await c.command({ lun: this.lun, cdb: sixteen ? scsi.readCapacity16() : scsi.readCapacity10(), dst: b });
+      const sense = r.status === scsi.STATUS.CHECK_CONDITION ? scsi.parseSense(r.senseData) : undefined;
+      if (r.status !== scsi.STATUS.GOOD) {
+        if (i < 8 && (r.status === scsi.STATUS.BUSY || (sense && scsi.senseRetryable(sense)))) continue;
+        throw commandError(this.name, 'READ CAPACITY', this.lun, r.status, sense);
+      }
+      const cap = sixteen ? scsi.parseCapacity16(b.subarray(0, r.received)) : scsi.parseCapacity10(b.subarray(0, r.received));
+      return cap.blocks * cap.blockSize;
+    }
+  }
+
   /** The live connection, or a new session in place of a dead one (tried every 500 ms). */
   private async connection(lostAt: number | undefined): Promise<IscsiConnection> {
     if (this.conn?.alive) return this.conn;
@@ -325,12 +341,22 @@ export class IscsiNode implements BlockNode {
     this.reconnecting ??= (async () => {
       try {
         const c = await IscsiConnection.connect(this.connectOpts);
+        const size = await this.capacityOn(c).catch(async (err: unknown) => {
+          await c.close().catch(() => undefined);
+          throw err;
+        });
+        if (size !== this.size) {
+          await c.close().catch(() => undefined);
+          throw new IoError(`${this.name}: the LUN is ${size} bytes now, not ${this.size}; not logging in again`);
+        }
         this.connectOpts.log(`${this.name}: logged in again`);
         this.conn = c;
         return c;
       } catch (err) {
         await sleep(500);
-        throw err instanceof TsmountError ? new ConnectionLost(err.message) : err;
+        if (err instanceof ConnectionLost || !(err instanceof TsmountError)) throw err;
+        // A refused login (the target not back yet) is tried again; a changed LUN is not.
+        throw /not logging in again/.test(err.message) ? err : new ConnectionLost(err.message);
       } finally {
         this.reconnecting = undefined;
       }
