@@ -25,6 +25,7 @@ const VALUED: Record<string, string> = {
   format: '--format',
   overlay: '--overlay',
   log: '--log',
+  readconfig: '--readconfig',
 };
 
 /**

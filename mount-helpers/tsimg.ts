@@ -33,7 +33,9 @@ function openOptions(c: Command, formatFlag = '-f, --format <fmt>'): Command {
     .option('--secret <pass>', 'passphrase')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('--confine', "open only files under the image's own folder that the image names")
-    .option('--trust-image-paths', 'open every file an image names, as QEMU does (unsafe for images you did not write)');
+    .option('--trust-image-paths', 'open every file an image names, as QEMU does (unsafe for images you did not write)')
+    .option('--iscsi <opts>', 'iSCSI login options: user=U,password=P,initiator-name=IQN,header-digest=...', collect, [] as string[])
+    .option('--readconfig <file>', 'QEMU config file with [iscsi] sections', collect, [] as string[]);
 }
 
 async function main(argv: string[]): Promise<void> {
@@ -41,7 +43,11 @@ async function main(argv: string[]): Promise<void> {
   const program = new Command('tsimg')
     .description('Create and inspect disk images (subcommands as in qemu-img)')
     .configureOutput({ outputError: (str, write) => write(`tsimg: ${str.replace(/^error: /, '').trim()}\n`) })
-    .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1));
+    .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1))
+    .hook('preAction', async (_program, action) => {
+      const o = action.opts<{ iscsi?: string[]; readconfig?: string[] }>();
+      if (o.iscsi?.length || o.readconfig?.length) (await import('../drivers/protocol/iscsi/uri.js')).configureIscsi(o);
+    });
   program
     .command('create')
     .description('create an image')

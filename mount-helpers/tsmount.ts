@@ -50,6 +50,8 @@ interface CliOptions {
   starter?: string;
   imageOpts?: boolean;
   object: string[];
+  iscsi: string[];
+  readconfig: string[];
   confine?: boolean;
   trustImagePaths?: boolean;
   partitions?: boolean;
@@ -90,6 +92,8 @@ function program(): Command {
     .option('--trust-image-paths', 'open every file an image names, as QEMU does, even one its owner cannot read (unsafe for images you did not write)')
     .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
     .option('--object <def>', 'QEMU object (repeatable): tls-creds-x509,id=ID,dir=DIR[,verify-peer=off] or tls-creds-psk,id=ID,dir=DIR[,username=NAME]; an image names it with tls-creds=ID', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--iscsi <opts>', 'iSCSI login options (repeatable): user=U,password=P,initiator-name=IQN,header-digest=CRC32C|CRC32C-NONE|NONE-CRC32C|NONE', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--readconfig <file>', "QEMU config file with [iscsi] and [iscsi \"TARGET-IQN\"] sections (repeatable)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--secret <pass>', 'passphrase for encrypted images')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-o, --option <opt>', 'mount option (repeatable): allow_other, allow_root, uid=N, gid=N, umask=M, growable, nonempty, or a libfuse option', (v: string, acc: string[]) => [...acc, v], [] as string[])
@@ -138,6 +142,13 @@ async function main(argv: string[]): Promise<void> {
   let images = paths.slice(0, -1);
   if (opts.imageOpts || opts.object.length || images.some((i) => i.startsWith('json:'))) ({ images, format: opts.format } = await fromImageOpts(images, opts.format, !!opts.imageOpts, opts.object));
   const mountpoint = paths[paths.length - 1]!;
+  if (opts.iscsi.length || opts.readconfig.length) {
+    try {
+      (await import('../drivers/protocol/iscsi/uri.js')).configureIscsi({ iscsi: opts.iscsi, readconfig: opts.readconfig });
+    } catch (err) {
+      fail(messageOf(err));
+    }
+  }
   if (opts.forceShare && (opts.rw || opts.overlay !== undefined || opts.snapshot)) fail('--force-share works only read-only (without --rw, --overlay or --snapshot)');
   if (opts.confine && opts.trustImagePaths) fail('give --confine or --trust-image-paths, not both');
   const cacheSize = parseSize(opts.cacheSize, '--cache-size');

@@ -23,6 +23,7 @@ PACKAGES=(
   cryptsetup-bin                    # LUKS1/LUKS2 headers made by cryptsetup
   time                              # /usr/bin/time: CPU and peak memory of a hostile open
   socat                             # a syslog socket of the tests' own (mount-life test)
+  tgt                               # iSCSI tests: tgtd and tgtadm serve LUNs on loopback
   dmg2img bzip2                     # dmg tests: an independent UDIF decoder; bzip2 chunks for the generator
   ca-certificates
 )

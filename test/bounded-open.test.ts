@@ -8,7 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { crc32cExcluding } from '../drivers/format/vhdx/crc32c.js';
+import { crc32cExcluding } from '../drivers/util/crc32c.js';
 import { GUIDS } from '../drivers/format/vhdx/layout.js';
 import { batEntries } from '../drivers/format/vhdx/index.js';
 import { createImage, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';

@@ -14,7 +14,7 @@ import { MountTracker, tsmount } from './helpers/mount.js';
 import { expectMountedReadOnly } from './helpers/deltas.js';
 import { nodeBytes, nodeMd5, patch, readBytes, testOptions } from './helpers/images.js';
 import { encodeLogEntry } from '../drivers/format/vhdx/log.js';
-import { crc32cExcluding } from '../drivers/format/vhdx/crc32c.js';
+import { crc32cExcluding } from '../drivers/util/crc32c.js';
 import { makeVhdxChild, parentLocatorItem, vhdxRegions, type VhdxChildBlock } from './helpers/deltas.js';
 
 const KiB = 1024;

@@ -10,7 +10,7 @@ import { TsmountError, UnsupportedError } from '../drivers/errors.js';
 import type { BlockNode, Extent } from '../drivers/types.js';
 import { fileProtocol } from '../drivers/protocol/index.js';
 import { vhdxDriver } from '../drivers/format/vhdx/index.js';
-import { crc32cExcluding } from '../drivers/format/vhdx/crc32c.js';
+import { crc32cExcluding } from '../drivers/util/crc32c.js';
 import { checkImage, convertToRaw, createImage, md5File, qemuIo, rawMd5, run, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
 import { expectCreateRefused, expectRefusedUnchanged, expectSameShape, nodeMd5, openTestImage, patch, pattern, readBytes, tsimg } from './helpers/images.js';

@@ -9,6 +9,7 @@ import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, r
 import type { QemuObjects } from '../objects.js';
 import { vvfatSpecFromOptions } from './vvfat/spec.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
+import { iscsiStem, isIscsiSpec, resolveIscsiRelative } from './iscsi/uri.js';
 
 export const nbdProtocol: ProtocolDriver = {
   name: 'nbd',
@@ -16,6 +17,14 @@ export const nbdProtocol: ProtocolDriver = {
   open: async (spec, opts) => (await import('./nbd/node.js')).NbdNode.open(spec, { readOnly: opts.readOnly, cache: opts.cache }),
   resolveRelative: resolveNbdRelative,
   stem: nbdStem,
+};
+
+export const iscsiProtocol: ProtocolDriver = {
+  name: 'iscsi',
+  claims: isIscsiSpec,
+  open: async (spec, opts) => (await import('./iscsi/node.js')).IscsiNode.open(spec, { readOnly: opts.readOnly, cache: opts.cache }),
+  resolveRelative: resolveIscsiRelative,
+  stem: iscsiStem,
 };
 
 /** The ssh driver with its sessions: nodes of one chain on one server share a connection. */

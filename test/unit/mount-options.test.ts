@@ -8,6 +8,7 @@ describe('expandMountOptions (unit)', function () {
       '--cache=none', '--cache-size=8M', '--locking=off', '--share-rw', '--secret-file=/k', '--format=qcow2', '--partitions', '--overlay=/o.qcow2', '-o', 'allow_other', 'd.qcow2', '/mnt/x', '--rw',
     ]);
     expect(expandMountOptions(['-oforce-share,snapshot,layers', '--option=noatime', 'a', 'b'])).to.deep.equal(['--force-share', '--snapshot', '--layers', '-o', 'noatime', 'a', 'b']);
+    expect(expandMountOptions(['-o', 'readconfig=/etc/qemu/iscsi.conf', 'iscsi://h/iqn.x:y/1', '/mnt/x'])).to.deep.equal(['--readconfig=/etc/qemu/iscsi.conf', 'iscsi://h/iqn.x:y/1', '/mnt/x']);
   });
 
   it('drops the options mount(8) gives every helper, and lets the last of rw and ro win', function () {

@@ -1,7 +1,7 @@
 // VHDX on-disk structures (VHDX Format Specification v1.0, and QEMU's block/vhdx.h).
 // Everything is little-endian; GUIDs are Microsoft GUIDs (first three fields LE).
 import crypto from 'node:crypto';
-import { crc32cExcluding } from './crc32c.js';
+import { crc32cExcluding } from '../../util/crc32c.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;

@@ -3,7 +3,7 @@
 // in memory for a read-only open, and encoding new entries.
 import type { BlockNode, Extent } from '../../types.js';
 import { CorruptImageError, ReadOnlyError } from '../../errors.js';
-import { crc32cUpdate } from './crc32c.js';
+import { crc32cUpdate } from '../../util/crc32c.js';
 import { ascii, DATA_SECTOR, DESC, descSectors, dv, LOG_SECTOR, LOGE, MiB, sealChecksum } from './layout.js';
 
 export type LogOp =

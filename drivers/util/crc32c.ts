@@ -1,5 +1,5 @@
-// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of every VHDX
-// header, region table and log entry (VHDX specification 1.0, section 2.2.2).
+// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78): the checksum of every VHDX
+// header, region table and log entry (VHDX 1.0, 2.2.2) and the iSCSI digests (RFC 7143 13.1).
 const TABLE = (() => {
   const t = new Uint32Array(256);
   for (let n = 0; n < 256; n++) {
