@@ -4,7 +4,7 @@ import path from 'node:path';
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
 import { FileNode } from './file.js';
-import { nbdProtocol, sshProtocol } from './remote.js';
+import { glusterProtocol, nbdProtocol, sshProtocol } from './remote.js';
 import { vvfatProtocol } from './vvfat/index.js';
 
 /** Local files and host block devices: every spec no other protocol claims. */
@@ -44,6 +44,7 @@ export function registerProtocol(p: ProtocolDriver): void {
 }
 registerProtocol(nbdProtocol);
 registerProtocol(sshProtocol);
+registerProtocol(glusterProtocol);
 registerProtocol(vvfatProtocol);
 
 export function protocolFor(spec: string): ProtocolDriver {

@@ -1,7 +1,10 @@
-// Remote protocol drivers (NBD, SSH) for the registry in index.ts, and QEMU's
-// --image-opts property syntax turned into an image name these drivers claim.
+// Remote protocol drivers (NBD, SSH, GlusterFS) for the registry in index.ts, what
+// every remote node shares (the per-request deadline), and QEMU's --image-opts
+// property syntax turned into an image name these drivers claim.
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
+import type { GlusterVolumes } from './gluster/node.js';
+import { glusterSpecFromOptions, glusterStem, isGlusterSpec, resolveGlusterRelative } from './gluster/uri.js';
 // The clients themselves (ssh2 alone takes ~40 ms to load) come in on first use, so
 // mounting a local image does not pay for them.
 import type { SshSessions } from './ssh/node.js';
@@ -48,6 +51,70 @@ export function makeSshProtocol(given?: SshSessions): ProtocolDriver {
 
 export const sshProtocol = makeSshProtocol();
 
+/** The gluster driver with its volumes: nodes of one chain on one volume share a glfs instance. */
+export function makeGlusterProtocol(given?: GlusterVolumes): ProtocolDriver {
+  let volumes = given;
+  const load = async () => {
+    const m = await import('./gluster/node.js');
+    volumes ??= new m.GlusterVolumes();
+    return { GlusterNode: m.GlusterNode, volumes };
+  };
+  return {
+    name: 'gluster',
+    claims: isGlusterSpec,
+    open: async (spec, opts) => {
+      const { GlusterNode, volumes: v } = await load();
+      return GlusterNode.open(spec, { readOnly: opts.readOnly, ignoreFlush: opts.cache === 'unsafe' }, v);
+    },
+    resolveRelative: resolveGlusterRelative,
+    create: async (spec) => {
+      const { GlusterNode, volumes: v } = await load();
+      return GlusterNode.create(spec, v);
+    },
+    remove: async (spec) => {
+      const { GlusterNode, volumes: v } = await load();
+      return GlusterNode.remove(spec, v);
+    },
+    stem: glusterStem,
+  };
+}
+
+export const glusterProtocol = makeGlusterProtocol();
+
+/** Default bound on one request to a remote server (TSMOUNT_REMOTE_TIMEOUT, in seconds). */
+export const DEFAULT_REMOTE_TIMEOUT_S = 30;
+
+/**
+ * How long a remote node waits for one answer before the request fails with EIO (and
+ * the connection is taken for dead, so the next request reconnects): the
+ * TSMOUNT_REMOTE_TIMEOUT environment variable in seconds, 30 by default, 0 for never.
+ */
+export function remoteTimeoutMs(): number {
+  const v = process.env.TSMOUNT_REMOTE_TIMEOUT;
+  if (v === undefined || v === '') return DEFAULT_REMOTE_TIMEOUT_S * 1000;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0) throw new UsageError(`TSMOUNT_REMOTE_TIMEOUT: '${v}' is not a number of seconds`);
+  return n === 0 ? 0 : Math.max(1, Math.round(n * 1000));
+}
+
+/** `p`, or the error `onTimeout` makes if it has not settled within `ms` (0: no bound). */
+export function withDeadline<T>(p: Promise<T>, ms: number, onTimeout: () => Error): Promise<T> {
+  if (!ms) return p;
+  return new Promise<T>((resolve, reject) => {
+    const timer = setTimeout(() => reject(onTimeout()), ms);
+    p.then(
+      (v) => {
+        clearTimeout(timer);
+        resolve(v);
+      },
+      (e: unknown) => {
+        clearTimeout(timer);
+        reject(e);
+      },
+    );
+  });
+}
+
 /** QEMU's option list: key=value pairs split at commas, ',,' standing for a comma. */
 export function parseOptionList(text: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -76,7 +143,7 @@ export function parseOptionList(text: string): Map<string, string> {
   return out;
 }
 
-const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh']);
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh', 'gluster']);
 
 /**
  * `driver=qcow2,file.driver=ssh,file.host=...,file.path=...` -> an image name and a
@@ -101,6 +168,8 @@ export function jsonToSpec(text: string, objects: QemuObjects = new Map()): { sp
   const o = new Map<string, string>();
   const walk = (v: unknown, key: string): void => {
     if (typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean') o.set(key, String(v));
+    // A list (gluster's "server": [...]) is QEMU's key.0, key.1, ...
+    else if (Array.isArray(v)) v.forEach((x, i) => walk(x, `${key}.${i}`));
     else if (v !== null && typeof v === 'object' && !Array.isArray(v)) for (const [k, x] of Object.entries(v)) walk(x, key ? `${key}.${k}` : k);
     else throw new UsageError(`json: image name: '${key}' is not a string, number, boolean or object`);
   };
@@ -178,6 +247,9 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       spec = formatNbdUri(t);
       break;
     }
+    case 'gluster':
+      spec = glusterSpecFromOptions(take, (k) => o.has(prefix + k));
+      break;
     case 'file':
     case 'host_device':
     case undefined: {
