@@ -23,6 +23,8 @@ PACKAGES=(
   time                              # /usr/bin/time: CPU and peak memory of a hostile open
   socat                             # a syslog socket of the tests' own (mount-life test)
   dmg2img bzip2                     # dmg tests: an independent UDIF decoder; bzip2 chunks for the generator
+  glusterfs-server libgfapi0        # GlusterFS: glusterd + bricks for the tests; libgfapi is what the gluster node calls
+  qemu-block-extra                  # qemu-img's own gluster driver, the gluster tests' second oracle
   ca-certificates
 )
 

@@ -19,7 +19,7 @@ const O_TRUNC = 0o1000;
 /** One glfs_pread/pwrite; larger requests become several in flight. */
 const PIECE = 1 << 20;
 /** Calls in flight per request (each holds a worker thread). */
-const WINDOW = 4;
+const WINDOW = 3;
 /** glfs_init against a server that does not answer retries for a long time; give up after this. */
 const INIT_TIMEOUT_MS = 10_000;
 
@@ -58,12 +58,15 @@ export class GlusterVolumes {
     return v;
   }
 
+  /**
+   * A volume nobody uses any more stays connected for the life of the process, ready
+   * for the next open: glfs_fini holds a worker thread of libuv's small pool for
+   * seconds (libgfapi tears its threads down slowly), stalling every other file
+   * operation of the process meanwhile, and the process ending closes the connections
+   * anyway. Everything written was fsynced at close.
+   */
   async release(v: Volume): Promise<void> {
-    if (--v.refs > 0) return;
-    this.volumes.delete(v.key);
-    // glfs_fini takes seconds (libgfapi tears its threads down slowly); everything is
-    // already fsynced and closed, so nobody waits for it (it keeps the process up until done).
-    void fini(v.fs);
+    v.refs--;
   }
 
   private async connect(t: GlusterTarget, key: string, name: string): Promise<Volume> {
