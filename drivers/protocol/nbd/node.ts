@@ -9,6 +9,8 @@ import type { ExportInfo } from './handshake.js';
 import { parseNbdSpec, type NbdTarget } from './uri.js';
 import { inParallel } from '../parallel.js';
 import { loadTls } from './tls.js';
+import { remoteTimeoutMs } from '../remote.js';
+import type { NbdCommand } from './constants.js';
 
 export interface NbdOpenOptions {
   readOnly: boolean;
@@ -84,6 +86,7 @@ export class NbdNode implements BlockNode {
       log: opts.log ?? defaultLog,
       // Read once: every connection, and every reconnect, does STARTTLS with these.
       tls: target.tls ? await loadTls(target.tls, target.address, name) : undefined,
+      requestTimeoutMs: remoteTimeoutMs(),
     };
     const first = await NbdConnection.connect(connectOpts);
     const conns = [first];
@@ -124,8 +127,7 @@ export class NbdNode implements BlockNode {
     const inside = Math.max(0, Math.min(dst.length, this.size - offset));
     if (inside < dst.length) dst.fill(0, inside);
     await inParallel(this.split(offset, inside, this.piece), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.READ, 0, o, n, { dst: dst.subarray(o - offset, o - offset + n) });
+      await this.send(NBD_CMD.READ, 0, o, n, { dst: dst.subarray(o - offset, o - offset + n) });
     });
   }
 
@@ -134,8 +136,7 @@ export class NbdNode implements BlockNode {
     if (!this.useFua) this.dirty = true;
     const flags = this.useFua ? NBD_CMD_FLAG.FUA : 0;
     await inParallel(this.split(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.WRITE, flags, o, n, { payload: src.subarray(o - offset, o - offset + n) });
+      await this.send(NBD_CMD.WRITE, flags, o, n, { payload: src.subarray(o - offset, o - offset + n) });
     });
   }
 
@@ -152,8 +153,7 @@ export class NbdNode implements BlockNode {
     // NO_HOLE keeps the range allocated unless the caller lets the server unmap.
     const flags = (unmap ? 0 : NBD_CMD_FLAG.NO_HOLE) | (this.useFua ? NBD_CMD_FLAG.FUA : 0);
     await inParallel(this.split(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.WRITE_ZEROES, flags, o, n);
+      await this.send(NBD_CMD.WRITE_ZEROES, flags, o, n);
     });
   }
 
@@ -163,8 +163,7 @@ export class NbdNode implements BlockNode {
     if (!(this.info.flags & NBD_FLAG.SEND_TRIM)) return;
     this.dirty = true;
     await inParallel(this.split(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.TRIM, 0, o, n);
+      await this.send(NBD_CMD.TRIM, 0, o, n);
     });
   }
 
@@ -174,7 +173,7 @@ export class NbdNode implements BlockNode {
     try {
       // With multi-conn, a flush on one connection covers writes completed on all of them
       // (proto.md, NBD_FLAG_CAN_MULTI_CONN); without it there is only one connection.
-      await (await this.pick()).request(NBD_CMD.FLUSH, 0, 0, 0);
+      await this.send(NBD_CMD.FLUSH, 0, 0, 0);
     } catch (err) {
       this.dirty = true;
       throw err;
@@ -193,8 +192,7 @@ export class NbdNode implements BlockNode {
     let pos = offset;
     while (pos < end) {
       const n = Math.min(end - pos, this.alignedLimit());
-      const conn = await this.pick();
-      const { status } = await conn.request(NBD_CMD.BLOCK_STATUS, 0, pos, n);
+      const { status } = await this.send(NBD_CMD.BLOCK_STATUS, 0, pos, n);
       if (!status || status.contextId !== this.contextId) throw new IoError(`${this.name}: block status for an unknown meta context`);
       const before = pos;
       for (const e of status.extents) {
@@ -235,6 +233,25 @@ export class NbdNode implements BlockNode {
     const out: [number, number][] = [];
     for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
     return out;
+  }
+
+  /**
+   * One request on the least busy live connection. When that connection dies under it
+   * (hung up, or no reply within the remote request timeout), the request is sent once
+   * more on a new connection: every NBD command here is idempotent (a read, a write of
+   * the same bytes at the same offset, zeroes, trim, flush, block status). A dead
+   * connection copies nothing more into a read's buffer.
+   */
+  private async send(cmd: NbdCommand, flags: number, offset: number, length: number, io?: { dst?: Uint8Array; payload?: Uint8Array }) {
+    for (let attempt = 0; ; attempt++) {
+      const conn = await this.pick();
+      try {
+        return await conn.request(cmd, flags, offset, length, io);
+      } catch (err) {
+        if (conn.alive || attempt > 0 || this.closed) throw err;
+        this.connectOpts.log(`${this.name}: retrying NBD request at ${offset} (+${length}) on a new connection`);
+      }
+    }
   }
 
   /** The live connection with the fewest requests in flight; reconnects a dead one. */
