@@ -215,7 +215,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       if (!host || !path) throw new UsageError(`--image-opts: ssh needs ${prefix}host and ${prefix}path`);
       const port = Number(take('port') ?? take('server.port') ?? SSH_DEFAULT_PORT);
       if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`--image-opts: bad ssh port`);
-      spec = formatSshUri({ user: take('user') ?? localUser(), host, port, path: path.startsWith('/') ? path : `/${path}`, hostKeyCheck: take('host_key_check') ?? 'yes' });
+      spec = formatSshUri({ user: take('user') ?? localUser(), host, port, path: path.startsWith('/') ? path : `/${path}`, hostKeyCheck: take('host_key_check') ?? sshHostKeyCheck(take) });
       break;
     }
     case 'nbd': {
@@ -261,6 +261,26 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
     default:
       throw new UsageError(`--image-opts: protocol driver '${proto}' is not supported here`);
   }
+  // Options that change nothing here: a node's name, and QEMU's choice of I/O engine.
+  for (const k of [...o.keys()]) if (/^(?:.*\.)?node-name$|^auto-read-only$|^(?:file\.)?aio$/.test(k)) o.delete(k);
   if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
   return { spec, format };
+}
+
+/**
+ * QEMU's structured host key check of the ssh driver (host-key-check.mode=none|hash|
+ * known_hosts, .type=md5|sha1|sha256, .hash=HEX) as the legacy host_key_check string.
+ */
+function sshHostKeyCheck(take: (k: string) => string | undefined): string {
+  const mode = take('host-key-check.mode');
+  const type = take('host-key-check.type');
+  const hash = take('host-key-check.hash');
+  if (mode === undefined || mode === 'known_hosts') {
+    if (type !== undefined || hash !== undefined) throw new UsageError(`--image-opts: ssh host-key-check.type and .hash need host-key-check.mode=hash`);
+    return 'yes';
+  }
+  if (mode === 'none') return 'no';
+  if (mode !== 'hash') throw new UsageError(`--image-opts: ssh host-key-check.mode must be none, hash or known_hosts, not '${mode}'`);
+  if (!type || !hash) throw new UsageError(`--image-opts: ssh host-key-check.mode=hash needs host-key-check.type and host-key-check.hash`);
+  return `${type}:${hash}`;
 }
