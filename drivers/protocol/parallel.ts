@@ -17,3 +17,10 @@ export async function inParallel<T>(items: T[], limit: number, fn: (item: T) => 
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
   if (firstError !== undefined) throw firstError;
 }
+
+/** [offset, length) cut into [offset, length] pieces of at most `piece` bytes. */
+export function pieces(offset: number, length: number, piece: number): [number, number][] {
+  const out: [number, number][] = [];
+  for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
+  return out;
+}

@@ -8,7 +8,7 @@ import type { BlockNode, Extent } from '../../types.js';
 import { IoError, UsageError } from '../../errors.js';
 import { callAsync, gfapi, STAT_BYTES, STAT_SIZE_OFFSET, type Ptr } from './gfapi.js';
 import { describeServers, formatGlusterUri, parseGlusterSpec, type GlusterTarget } from './uri.js';
-import { inParallel } from '../parallel.js';
+import { inParallel, pieces } from '../parallel.js';
 import { remoteTimeoutMs, withDeadline } from '../remote.js';
 
 const E = osc.errno;
@@ -187,7 +187,7 @@ export class GlusterNode implements BlockNode {
   async read(offset: number, dst: Uint8Array): Promise<void> {
     const inside = Math.max(0, Math.min(dst.length, this.currentSize - offset));
     if (inside < dst.length) dst.fill(0, inside);
-    await inParallel(pieces(offset, inside), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, inside, PIECE), WINDOW, async ([o, n]) => {
       // Into a buffer of our own: a call that times out may still complete later.
       const buf = new Uint8Array(n);
       let done = 0;
@@ -203,7 +203,7 @@ export class GlusterNode implements BlockNode {
 
   async write(offset: number, src: Uint8Array): Promise<void> {
     this.dirty = true;
-    await inParallel(pieces(offset, src.length), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, src.length, PIECE), WINDOW, async ([o, n]) => {
       let done = 0;
       while (done < n) {
         const put = await this.call(`write at ${o + done}`, 'glfs_pwrite', src.subarray(o - offset + done, o - offset + n), n - done, o + done, 0, null, null);
@@ -267,10 +267,4 @@ export class GlusterNode implements BlockNode {
       await this.volumes.release(this.volume);
     }
   }
-}
-
-function pieces(offset: number, length: number): [number, number][] {
-  const out: [number, number][] = [];
-  for (let o = offset; o < offset + length; o += PIECE) out.push([o, Math.min(PIECE, offset + length - o)]);
-  return out;
 }

@@ -7,7 +7,7 @@ import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_ZERO } from
 import { NbdConnection, type ConnectOptions } from './client.js';
 import type { ExportInfo } from './handshake.js';
 import { parseNbdSpec, type NbdTarget } from './uri.js';
-import { inParallel } from '../parallel.js';
+import { inParallel, pieces } from '../parallel.js';
 import { loadTls } from './tls.js';
 import { remoteTimeoutMs } from '../remote.js';
 import type { NbdCommand } from './constants.js';
@@ -126,7 +126,7 @@ export class NbdNode implements BlockNode {
     // Past the export's end (raw rounds sizes up to 512) reads as zeros, as for files.
     const inside = Math.max(0, Math.min(dst.length, this.size - offset));
     if (inside < dst.length) dst.fill(0, inside);
-    await inParallel(this.split(offset, inside, this.piece), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, inside, this.piece), WINDOW, async ([o, n]) => {
       await this.send(NBD_CMD.READ, 0, o, n, { dst: dst.subarray(o - offset, o - offset + n) });
     });
   }
@@ -135,7 +135,7 @@ export class NbdNode implements BlockNode {
     this.writable();
     if (!this.useFua) this.dirty = true;
     const flags = this.useFua ? NBD_CMD_FLAG.FUA : 0;
-    await inParallel(this.split(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
       await this.send(NBD_CMD.WRITE, flags, o, n, { payload: src.subarray(o - offset, o - offset + n) });
     });
   }
@@ -152,7 +152,7 @@ export class NbdNode implements BlockNode {
     if (!this.useFua) this.dirty = true;
     // NO_HOLE keeps the range allocated unless the caller lets the server unmap.
     const flags = (unmap ? 0 : NBD_CMD_FLAG.NO_HOLE) | (this.useFua ? NBD_CMD_FLAG.FUA : 0);
-    await inParallel(this.split(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
       await this.send(NBD_CMD.WRITE_ZEROES, flags, o, n);
     });
   }
@@ -162,7 +162,7 @@ export class NbdNode implements BlockNode {
     this.writable();
     if (!(this.info.flags & NBD_FLAG.SEND_TRIM)) return;
     this.dirty = true;
-    await inParallel(this.split(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
       await this.send(NBD_CMD.TRIM, 0, o, n);
     });
   }
@@ -229,11 +229,6 @@ export class NbdNode implements BlockNode {
     return MAX_NO_PAYLOAD - (MAX_NO_PAYLOAD % a);
   }
 
-  private split(offset: number, length: number, piece: number): [number, number][] {
-    const out: [number, number][] = [];
-    for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
-    return out;
-  }
 
   /**
    * One request on the least busy live connection. When that connection dies under it

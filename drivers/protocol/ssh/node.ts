@@ -9,7 +9,7 @@ import type { BlockNode, Extent } from '../../types.js';
 import { IoError, UsageError } from '../../errors.js';
 import { checkHostKey, parseHostKeyCheck, preferredAlgorithms } from './hostkey.js';
 import { formatSshUri, parseSshSpec, type SshTarget } from './uri.js';
-import { inParallel } from '../parallel.js';
+import { inParallel, pieces } from '../parallel.js';
 import { remoteTimeoutMs, withDeadline } from '../remote.js';
 
 const E = osc.errno;
@@ -176,11 +176,6 @@ function call<T>(fn: (cb: (err: Error | null | undefined, v: T) => void) => void
   return new Promise((resolve, reject) => fn((err, v) => (err ? reject(err) : resolve(v))));
 }
 
-function pieces(offset: number, length: number, piece: number): [number, number][] {
-  const out: [number, number][] = [];
-  for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
-  return out;
-}
 
 export class SshNode implements BlockNode {
   private closed = false;
