@@ -310,6 +310,29 @@ describe('NBD: images on NBD servers', function () {
       });
     }
 
+    it('reconnect-delay: requests wait for a server that is away for a while; open-timeout: the first connect waits for it too', async () => {
+      modes.length = 0;
+      const logs: string[] = [];
+      const node = await NbdNode.open(`nbd://127.0.0.1:${port}/x?reconnect-delay=10`, { readOnly: true, cache: 'writeback', log: (m) => logs.push(m) });
+      const away = async (ms: number): Promise<void> => {
+        await new Promise((r) => server.close(r));
+        for (const s of sockets) s.destroy();
+        setTimeout(() => server.listen(port, '127.0.0.1'), ms);
+      };
+      try {
+        await away(2500);
+        const b = new Uint8Array(4096);
+        await node.read(0, b);
+        expect(b.every((x) => x === 0x5a)).to.equal(true);
+        expect(logs.join('\n')).to.match(/reconnected/);
+      } finally {
+        await node.close();
+      }
+      await away(1500);
+      const later = await NbdNode.open(`nbd://127.0.0.1:${port}/x?open-timeout=10`, { readOnly: true, cache: 'writeback', log: () => undefined });
+      await later.close();
+    });
+
     it('a request the server never answers fails the connection after TSMOUNT_REMOTE_TIMEOUT and is retried on a new one', async () => {
       modes.splice(0, modes.length, 'good', 'silent', 'good');
       const saved = process.env.TSMOUNT_REMOTE_TIMEOUT;

@@ -8,7 +8,7 @@ import { glusterSpecFromOptions, glusterStem, isGlusterSpec, resolveGlusterRelat
 // The clients themselves (ssh2 alone takes ~40 ms to load) come in on first use, so
 // mounting a local image does not pay for them.
 import type { SshSessions } from './ssh/node.js';
-import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
+import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, parseSeconds, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
 import type { QemuObjects } from '../objects.js';
 import { vvfatSpecFromOptions } from './vvfat/spec.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
@@ -244,6 +244,10 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       } else if (tlsHostname !== undefined) {
         throw new UsageError(`--image-opts: ${prefix}tls-hostname needs ${prefix}tls-creds`);
       }
+      const rd = take('reconnect-delay');
+      if (rd !== undefined) t.reconnectDelay = parseSeconds(rd, `--image-opts: ${prefix}reconnect-delay`);
+      const ot = take('open-timeout');
+      if (ot !== undefined) t.openTimeout = parseSeconds(ot, `--image-opts: ${prefix}open-timeout`);
       spec = formatNbdUri(t);
       break;
     }

@@ -1,6 +1,7 @@
 import { expect } from 'chai';
 import { imageOptsToSpec, jsonToSpec } from '../../drivers/protocol/remote.js';
 import { UsageError } from '../../drivers/errors.js';
+import { parseNbdSpec } from '../../drivers/protocol/nbd/uri.js';
 
 describe('--image-opts: QEMU dotted options for every protocol', () => {
   it('ssh: the structured host-key-check of current QEMU', () => {
@@ -28,6 +29,12 @@ describe('--image-opts: QEMU dotted options for every protocol', () => {
       expect(got.spec.startsWith(spec.replace(/\?.*$/, '')), `${opts} -> ${got.spec}`).to.equal(true);
     }
     expect(jsonToSpec('json:{"driver":"raw","file":{"driver":"nbd","server":{"type":"inet","host":"h"},"export":"e"}}').spec).to.match(/^nbd:\/\/h(:10809)?\/e$/);
+  });
+
+  it('nbd: reconnect-delay and open-timeout travel in the name', () => {
+    expect(imageOptsToSpec('driver=nbd,server.host=h,export=e,reconnect-delay=5,open-timeout=3').spec).to.equal('nbd://h:10809/e?reconnect-delay=5&open-timeout=3');
+    expect(parseNbdSpec('nbd://h/e?reconnect-delay=5&open-timeout=3')).to.deep.include({ reconnectDelay: 5, openTimeout: 3 });
+    expect(() => imageOptsToSpec('driver=nbd,server.host=h,reconnect-delay=-1')).to.throw(UsageError, /whole number of seconds/);
   });
 
   it("ignores only what changes nothing here (node-name, aio), and refuses the rest in one line", () => {

@@ -42,6 +42,19 @@ interface Slot {
   failedAt: number;
 }
 
+/** Connect, trying again for up to `ms` (QEMU's open-timeout) while the server is not there. */
+async function connectWithin(opts: ConnectOptions, ms: number): Promise<NbdConnection> {
+  const until = Date.now() + ms;
+  for (;;) {
+    try {
+      return await NbdConnection.connect(opts);
+    } catch (err) {
+      if (Date.now() + RECONNECT_BACKOFF_MS > until) throw err;
+      await new Promise((r) => setTimeout(r, RECONNECT_BACKOFF_MS));
+    }
+  }
+}
+
 export class NbdNode implements BlockNode {
   private readonly slots: Slot[];
   private dirty = false;
@@ -57,6 +70,7 @@ export class NbdNode implements BlockNode {
     readonly readOnly: boolean,
     cache: CacheMode,
     private readonly connectOpts: ConnectOptions,
+    private readonly reconnectDelayMs = 0,
   ) {
     this.slots = conns.map((conn) => ({ conn, reconnecting: undefined, failedAt: 0 }));
     // Writethrough modes flush after every write; FUA makes each write durable by itself.
@@ -88,7 +102,7 @@ export class NbdNode implements BlockNode {
       tls: target.tls ? await loadTls(target.tls, target.address, name) : undefined,
       requestTimeoutMs: remoteTimeoutMs(),
     };
-    const first = await NbdConnection.connect(connectOpts);
+    const first = await connectWithin(connectOpts, (target.openTimeout ?? 0) * 1000);
     const conns = [first];
     try {
       const info = first.info;
@@ -100,7 +114,7 @@ export class NbdNode implements BlockNode {
         conns.push(c);
         if (c.info.size !== info.size) throw new IoError(`${name}: the export changed size between two connections`);
       }
-      const node = new NbdNode(name, info, conns, opts.readOnly, opts.cache, connectOpts);
+      const node = new NbdNode(name, info, conns, opts.readOnly, opts.cache, connectOpts, (target.reconnectDelay ?? 0) * 1000);
       return node;
     } catch (err) {
       await Promise.allSettled(conns.map((c) => c.close()));
@@ -238,13 +252,21 @@ export class NbdNode implements BlockNode {
    * connection copies nothing more into a read's buffer.
    */
   private async send(cmd: NbdCommand, flags: number, offset: number, length: number, io?: { dst?: Uint8Array; payload?: Uint8Array }) {
+    let until: number | undefined;
     for (let attempt = 0; ; attempt++) {
-      const conn = await this.pick();
+      let conn: NbdConnection | undefined;
       try {
+        conn = await this.pick();
         return await conn.request(cmd, flags, offset, length, io);
       } catch (err) {
-        if (conn.alive || attempt > 0 || this.closed) throw err;
-        this.connectOpts.log(`${this.name}: retrying NBD request at ${offset} (+${length}) on a new connection`);
+        // An error the server sent is its answer; and a closed node retries nothing.
+        if (conn?.alive || this.closed) throw err;
+        until ??= Date.now() + this.reconnectDelayMs;
+        // One retry at least; more while reconnect-delay lasts.
+        if (attempt > 0 && Date.now() >= until) throw err;
+        if (attempt > 0) await new Promise((r) => setTimeout(r, Math.min(RECONNECT_BACKOFF_MS, until! - Date.now())));
+        else if (conn) this.connectOpts.log(`${this.name}: retrying NBD request at ${offset} (+${length}) on a new connection`);
+        else if (!this.reconnectDelayMs) throw err;
       }
     }
   }
