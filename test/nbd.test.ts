@@ -315,8 +315,9 @@ describe('NBD: images on NBD servers', function () {
       const logs: string[] = [];
       const node = await NbdNode.open(`nbd://127.0.0.1:${port}/x?reconnect-delay=10`, { readOnly: true, cache: 'writeback', log: (m) => logs.push(m) });
       const away = async (ms: number): Promise<void> => {
-        await new Promise((r) => server.close(r));
+        const closed = new Promise((r) => server.close(r));
         for (const s of sockets) s.destroy();
+        await closed;
         setTimeout(() => server.listen(port, '127.0.0.1'), ms);
       };
       try {
