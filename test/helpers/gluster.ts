@@ -68,7 +68,8 @@ export class Glusterd {
       this.server = undefined;
       for (const f of [shd, ...listPidfiles('/var/run/gluster/shd')]) {
         const pid = readPid(f);
-        if (pid) {
+        // Only a gluster process of ours: a stale pidfile may name someone else by now.
+        if (pid && commOf(pid) === 'glusterfs') {
           try {
             process.kill(pid, 'SIGKILL');
           } catch {
@@ -92,6 +93,14 @@ function readPid(file: string): number | undefined {
   try {
     const pid = Number(fs.readFileSync(file, 'utf8').trim());
     return pid > 1 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function commOf(pid: number): string | undefined {
+  try {
+    return fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
   } catch {
     return undefined;
   }
