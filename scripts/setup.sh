@@ -25,6 +25,8 @@ PACKAGES=(
   socat                             # a syslog socket of the tests' own (mount-life test)
   tgt                               # iSCSI tests: tgtd and tgtadm serve LUNs on loopback
   dmg2img bzip2                     # dmg tests: an independent UDIF decoder; bzip2 chunks for the generator
+  glusterfs-server libgfapi0        # GlusterFS: glusterd + bricks for the tests; libgfapi is what the gluster node calls
+  qemu-block-extra                  # qemu-img's own gluster driver, the gluster tests' second oracle
   ca-certificates
 )
 

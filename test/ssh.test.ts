@@ -3,6 +3,7 @@
 // Needs openssh-server and openssh-client.
 import { expect } from 'chai';
 import crypto from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -242,6 +243,59 @@ describe('SSH: images on an SFTP server', function () {
       expect((err as Error).message, what).to.match(msg);
       expect((err as Error).message, what).to.not.include('\n');
       expect(Date.now() - t, what).to.be.lessThan(9000);
+    }
+  });
+
+  /** Signal sshd's per-connection processes (its children), not the listening sshd. */
+  const signalSessions = (sig: NodeJS.Signals): number => {
+    const pids = spawnSync('pgrep', ['-P', String(sshd!.child.pid)], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean).map(Number);
+    for (const pid of pids) process.kill(pid, sig);
+    return pids.length;
+  };
+  const readAllMd5 = async (node: BlockNode, during: (off: number) => void): Promise<string> => {
+    const h = crypto.createHash('md5');
+    const buf = Buffer.alloc(MiB);
+    for (let off = 0; off < node.size; off += MiB) {
+      const n = Math.min(MiB, node.size - off);
+      const p = node.read(off, buf.subarray(0, n));
+      during(off);
+      await p;
+      h.update(buf.subarray(0, n));
+    }
+    return h.digest('hex');
+  };
+
+  it('reconnects and re-opens the file when the connection drops mid-read; the reader sees no error', async () => {
+    const node = await openImage(url(raw), { ...ro, format: 'raw' });
+    try {
+      let killed = 0;
+      const md5 = await readAllMd5(node, (off) => {
+        if (off === 2 * MiB || off === 5 * MiB) killed += signalSessions('SIGKILL');
+      });
+      expect(killed).to.be.at.least(2);
+      expect(md5).to.equal(await rawMd5(raw, 'raw'));
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('a server that stays connected but never answers: the request is abandoned after TSMOUNT_REMOTE_TIMEOUT and retried on a new connection', async () => {
+    const saved = process.env.TSMOUNT_REMOTE_TIMEOUT;
+    process.env.TSMOUNT_REMOTE_TIMEOUT = '2';
+    const node = await openImage(url(raw), { ...ro, format: 'raw' });
+    let stopped = 0;
+    try {
+      const md5 = await readAllMd5(node, (off) => {
+        if (off === 3 * MiB) stopped = signalSessions('SIGSTOP');
+      });
+      expect(stopped).to.be.at.least(1);
+      expect(md5).to.equal(await rawMd5(raw, 'raw'));
+    } finally {
+      if (saved === undefined) delete process.env.TSMOUNT_REMOTE_TIMEOUT;
+      else process.env.TSMOUNT_REMOTE_TIMEOUT = saved;
+      await node.close();
+      // The stopped sessions: SIGKILL ends even a stopped process.
+      signalSessions('SIGKILL');
     }
   });
 

@@ -4,7 +4,7 @@ import path from 'node:path';
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
 import { FileNode } from './file.js';
-import { iscsiProtocol, nbdProtocol, sshProtocol } from './remote.js';
+import { glusterProtocol, iscsiProtocol, nbdProtocol, sshProtocol } from './remote.js';
 import { vvfatProtocol } from './vvfat/index.js';
 
 /** Local files and host block devices: every spec no other protocol claims. */
@@ -45,6 +45,7 @@ export function registerProtocol(p: ProtocolDriver): void {
 registerProtocol(nbdProtocol);
 registerProtocol(sshProtocol);
 registerProtocol(iscsiProtocol);
+registerProtocol(glusterProtocol);
 registerProtocol(vvfatProtocol);
 
 export function protocolFor(spec: string): ProtocolDriver {

@@ -18,8 +18,8 @@ export async function inParallel<T>(items: T[], limit: number, fn: (item: T) => 
   if (firstError !== undefined) throw firstError;
 }
 
-/** [offset, length] pieces of at most `piece` bytes covering offset..offset+length. */
-export function splitRange(offset: number, length: number, piece: number): [number, number][] {
+/** [offset, length) cut into [offset, length] pieces of at most `piece` bytes. */
+export function pieces(offset: number, length: number, piece: number): [number, number][] {
   const out: [number, number][] = [];
   for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
   return out;

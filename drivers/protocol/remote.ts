@@ -1,11 +1,14 @@
-// Remote protocol drivers (NBD, SSH) for the registry in index.ts, and QEMU's
-// --image-opts property syntax turned into an image name these drivers claim.
+// Remote protocol drivers (NBD, SSH, GlusterFS) for the registry in index.ts, what
+// every remote node shares (the per-request deadline), and QEMU's --image-opts
+// property syntax turned into an image name these drivers claim.
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
+import type { GlusterVolumes } from './gluster/node.js';
+import { glusterSpecFromOptions, glusterStem, isGlusterSpec, resolveGlusterRelative } from './gluster/uri.js';
 // The clients themselves (ssh2 alone takes ~40 ms to load) come in on first use, so
 // mounting a local image does not pay for them.
 import type { SshSessions } from './ssh/node.js';
-import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
+import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, parseSeconds, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
 import type { QemuObjects } from '../objects.js';
 import { vvfatSpecFromOptions } from './vvfat/spec.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
@@ -57,6 +60,70 @@ export function makeSshProtocol(given?: SshSessions): ProtocolDriver {
 
 export const sshProtocol = makeSshProtocol();
 
+/** The gluster driver with its volumes: nodes of one chain on one volume share a glfs instance. */
+export function makeGlusterProtocol(given?: GlusterVolumes): ProtocolDriver {
+  let volumes = given;
+  const load = async () => {
+    const m = await import('./gluster/node.js');
+    volumes ??= new m.GlusterVolumes();
+    return { GlusterNode: m.GlusterNode, volumes };
+  };
+  return {
+    name: 'gluster',
+    claims: isGlusterSpec,
+    open: async (spec, opts) => {
+      const { GlusterNode, volumes: v } = await load();
+      return GlusterNode.open(spec, { readOnly: opts.readOnly, ignoreFlush: opts.cache === 'unsafe' }, v);
+    },
+    resolveRelative: resolveGlusterRelative,
+    create: async (spec) => {
+      const { GlusterNode, volumes: v } = await load();
+      return GlusterNode.create(spec, v);
+    },
+    remove: async (spec) => {
+      const { GlusterNode, volumes: v } = await load();
+      return GlusterNode.remove(spec, v);
+    },
+    stem: glusterStem,
+  };
+}
+
+export const glusterProtocol = makeGlusterProtocol();
+
+/** Default bound on one request to a remote server (TSMOUNT_REMOTE_TIMEOUT, in seconds). */
+export const DEFAULT_REMOTE_TIMEOUT_S = 30;
+
+/**
+ * How long a remote node waits for one answer before the request fails with EIO (and
+ * the connection is taken for dead, so the next request reconnects): the
+ * TSMOUNT_REMOTE_TIMEOUT environment variable in seconds, 30 by default, 0 for never.
+ */
+export function remoteTimeoutMs(): number {
+  const v = process.env.TSMOUNT_REMOTE_TIMEOUT;
+  if (v === undefined || v === '') return DEFAULT_REMOTE_TIMEOUT_S * 1000;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0) throw new UsageError(`TSMOUNT_REMOTE_TIMEOUT: '${v}' is not a number of seconds`);
+  return n === 0 ? 0 : Math.max(1, Math.round(n * 1000));
+}
+
+/** `p`, or the error `onTimeout` makes if it has not settled within `ms` (0: no bound). */
+export function withDeadline<T>(p: Promise<T>, ms: number, onTimeout: () => Error): Promise<T> {
+  if (!ms) return p;
+  return new Promise<T>((resolve, reject) => {
+    const timer = setTimeout(() => reject(onTimeout()), ms);
+    p.then(
+      (v) => {
+        clearTimeout(timer);
+        resolve(v);
+      },
+      (e: unknown) => {
+        clearTimeout(timer);
+        reject(e);
+      },
+    );
+  });
+}
+
 /** QEMU's option list: key=value pairs split at commas, ',,' standing for a comma. */
 export function parseOptionList(text: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -85,7 +152,7 @@ export function parseOptionList(text: string): Map<string, string> {
   return out;
 }
 
-const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh']);
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh', 'gluster']);
 
 /**
  * `driver=qcow2,file.driver=ssh,file.host=...,file.path=...` -> an image name and a
@@ -110,6 +177,8 @@ export function jsonToSpec(text: string, objects: QemuObjects = new Map()): { sp
   const o = new Map<string, string>();
   const walk = (v: unknown, key: string): void => {
     if (typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean') o.set(key, String(v));
+    // A list (gluster's "server": [...]) is QEMU's key.0, key.1, ...
+    else if (Array.isArray(v)) v.forEach((x, i) => walk(x, `${key}.${i}`));
     else if (v !== null && typeof v === 'object' && !Array.isArray(v)) for (const [k, x] of Object.entries(v)) walk(x, key ? `${key}.${k}` : k);
     else throw new UsageError(`json: image name: '${key}' is not a string, number, boolean or object`);
   };
@@ -155,7 +224,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       if (!host || !path) throw new UsageError(`--image-opts: ssh needs ${prefix}host and ${prefix}path`);
       const port = Number(take('port') ?? take('server.port') ?? SSH_DEFAULT_PORT);
       if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`--image-opts: bad ssh port`);
-      spec = formatSshUri({ user: take('user') ?? localUser(), host, port, path: path.startsWith('/') ? path : `/${path}`, hostKeyCheck: take('host_key_check') ?? 'yes' });
+      spec = formatSshUri({ user: take('user') ?? localUser(), host, port, path: path.startsWith('/') ? path : `/${path}`, hostKeyCheck: take('host_key_check') ?? sshHostKeyCheck(take) });
       break;
     }
     case 'nbd': {
@@ -184,9 +253,16 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       } else if (tlsHostname !== undefined) {
         throw new UsageError(`--image-opts: ${prefix}tls-hostname needs ${prefix}tls-creds`);
       }
+      const rd = take('reconnect-delay');
+      if (rd !== undefined) t.reconnectDelay = parseSeconds(rd, `--image-opts: ${prefix}reconnect-delay`);
+      const ot = take('open-timeout');
+      if (ot !== undefined) t.openTimeout = parseSeconds(ot, `--image-opts: ${prefix}open-timeout`);
       spec = formatNbdUri(t);
       break;
     }
+    case 'gluster':
+      spec = glusterSpecFromOptions(take, (k) => o.has(prefix + k));
+      break;
     case 'file':
     case 'host_device':
     case undefined: {
@@ -198,6 +274,26 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
     default:
       throw new UsageError(`--image-opts: protocol driver '${proto}' is not supported here`);
   }
+  // Options that change nothing here: a node's name, and QEMU's choice of I/O engine.
+  for (const k of [...o.keys()]) if (/^(?:.*\.)?node-name$|^auto-read-only$|^(?:file\.)?aio$/.test(k)) o.delete(k);
   if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
   return { spec, format };
+}
+
+/**
+ * QEMU's structured host key check of the ssh driver (host-key-check.mode=none|hash|
+ * known_hosts, .type=md5|sha1|sha256, .hash=HEX) as the legacy host_key_check string.
+ */
+function sshHostKeyCheck(take: (k: string) => string | undefined): string {
+  const mode = take('host-key-check.mode');
+  const type = take('host-key-check.type');
+  const hash = take('host-key-check.hash');
+  if (mode === undefined || mode === 'known_hosts') {
+    if (type !== undefined || hash !== undefined) throw new UsageError(`--image-opts: ssh host-key-check.type and .hash need host-key-check.mode=hash`);
+    return 'yes';
+  }
+  if (mode === 'none') return 'no';
+  if (mode !== 'hash') throw new UsageError(`--image-opts: ssh host-key-check.mode must be none, hash or known_hosts, not '${mode}'`);
+  if (!type || !hash) throw new UsageError(`--image-opts: ssh host-key-check.mode=hash needs host-key-check.type and host-key-check.hash`);
+  return `${type}:${hash}`;
 }

@@ -6,7 +6,7 @@
 import type { BlockNode, CacheMode, Extent } from '../../types.js';
 import { IoError, ReadOnlyError, TsmountError, UsageError } from '../../errors.js';
 import { constants as osc } from 'node:os';
-import { inParallel, splitRange } from '../parallel.js';
+import { inParallel, pieces } from '../parallel.js';
 import { ConnectionLost, IscsiConnection, type ConnectOptions, type TaskRequest, type TaskResult } from './connection.js';
 import * as scsi from './scsi.js';
 import { loginSettings, parseIscsiSpec, redact } from './uri.js';
@@ -176,7 +176,7 @@ export class IscsiNode implements BlockNode {
     const inside = Math.max(0, Math.min(dst.length, this.size - offset));
     if (inside < dst.length) dst.fill(0, inside);
     this.aligned(offset, inside);
-    await inParallel(splitRange(offset, inside, this.piece), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, inside, this.piece), WINDOW, async ([o, n]) => {
       const part = dst.subarray(o - offset, o - offset + n);
       await this.readWrite(false, o, part);
     });
@@ -187,7 +187,7 @@ export class IscsiNode implements BlockNode {
     this.aligned(offset, src.length);
     if (offset + src.length > this.size) throw new IoError(`${this.name}: write past the end of the LUN`, E.ENOSPC);
     this.dirty = true;
-    await inParallel(splitRange(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
       await this.readWrite(true, o, src.subarray(o - offset, o - offset + n));
     });
   }

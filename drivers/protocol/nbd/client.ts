@@ -23,6 +23,8 @@ export interface ConnectOptions extends HandshakeParams {
   log: (msg: string) => void;
   /** Present: STARTTLS with these credentials, and never plaintext. */
   tls?: TlsSetup;
+  /** A request unanswered this long kills the connection (its requests fail, node.ts reconnects); 0: never. */
+  requestTimeoutMs?: number;
 }
 
 interface Pending {
@@ -193,6 +195,10 @@ export class NbdConnection {
   request(cmd: NbdCommand, flags: number, offset: number, length: number, io?: { dst?: Uint8Array; payload?: Uint8Array }): Promise<RequestResult> {
     if (this.deadReason !== undefined) return Promise.reject(new IoError(`${this.opts.name}: ${this.deadReason}`));
     const handle = this.nextHandle++;
+    const limit = this.opts.requestTimeoutMs ?? 0;
+    const timer = limit
+      ? setTimeout(() => this.die(`no reply to NBD ${CMD_NAMES[cmd] ?? cmd} at ${offset} within ${limit / 1000} s`), limit)
+      : undefined;
     const done = new Promise<RequestResult>((resolve, reject) => {
       this.pending.set(handle, { cmd, offset, length, dst: io?.dst, received: 0, resolve, reject });
       this.parser.expect(handle, { cmd, offset, length });
@@ -207,7 +213,10 @@ export class NbdConnection {
       }
     });
     this.outstanding.add(done);
-    const forget = (): void => void this.outstanding.delete(done);
+    const forget = (): void => {
+      clearTimeout(timer);
+      this.outstanding.delete(done);
+    };
     done.then(forget, forget);
     return done;
   }

@@ -8,8 +8,10 @@ import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_ZERO } from
 import { NbdConnection, type ConnectOptions } from './client.js';
 import type { ExportInfo } from './handshake.js';
 import { parseNbdSpec, type NbdTarget } from './uri.js';
-import { inParallel, splitRange } from '../parallel.js';
+import { inParallel, pieces } from '../parallel.js';
 import { loadTls } from './tls.js';
+import { remoteTimeoutMs } from '../remote.js';
+import type { NbdCommand } from './constants.js';
 
 export interface NbdOpenOptions {
   readOnly: boolean;
@@ -43,6 +45,19 @@ interface Slot {
   failedAt: number;
 }
 
+/** Connect, trying again for up to `ms` (QEMU's open-timeout) while the server is not there. */
+async function connectWithin(opts: ConnectOptions, ms: number): Promise<NbdConnection> {
+  const until = Date.now() + ms;
+  for (;;) {
+    try {
+      return await NbdConnection.connect(opts);
+    } catch (err) {
+      if (Date.now() + RECONNECT_BACKOFF_MS > until) throw err;
+      await new Promise((r) => setTimeout(r, RECONNECT_BACKOFF_MS));
+    }
+  }
+}
+
 export class NbdNode implements BlockNode {
   private readonly slots: Slot[];
   private dirty = false;
@@ -58,6 +73,7 @@ export class NbdNode implements BlockNode {
     readonly readOnly: boolean,
     cache: CacheMode,
     private readonly connectOpts: ConnectOptions,
+    private readonly reconnectDelayMs = 0,
   ) {
     this.slots = conns.map((conn) => ({ conn, reconnecting: undefined, failedAt: 0 }));
     // Writethrough modes flush after every write; FUA makes each write durable by itself.
@@ -87,8 +103,9 @@ export class NbdNode implements BlockNode {
       log: opts.log ?? defaultLog,
       // Read once: every connection, and every reconnect, does STARTTLS with these.
       tls: target.tls ? await loadTls(target.tls, target.address, name) : undefined,
+      requestTimeoutMs: remoteTimeoutMs(),
     };
-    const first = await NbdConnection.connect(connectOpts);
+    const first = await connectWithin(connectOpts, (target.openTimeout ?? 0) * 1000);
     const conns = [first];
     try {
       const info = first.info;
@@ -105,7 +122,7 @@ export class NbdNode implements BlockNode {
         name, conns.length, info.size, info.flags.toString(16), info.minBlock, info.preferredBlock, info.maxBlock,
         info.structuredReplies ? 'yes' : 'no', [...info.metaContexts.keys()].join(' ') || 'none', connectOpts.tls ? ', TLS' : '',
       );
-      const node = new NbdNode(name, info, conns, opts.readOnly, opts.cache, connectOpts);
+      const node = new NbdNode(name, info, conns, opts.readOnly, opts.cache, connectOpts, (target.reconnectDelay ?? 0) * 1000);
       return node;
     } catch (err) {
       await Promise.allSettled(conns.map((c) => c.close()));
@@ -131,9 +148,8 @@ export class NbdNode implements BlockNode {
     // Past the export's end (raw rounds sizes up to 512) reads as zeros, as for files.
     const inside = Math.max(0, Math.min(dst.length, this.size - offset));
     if (inside < dst.length) dst.fill(0, inside);
-    await inParallel(splitRange(offset, inside, this.piece), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.READ, 0, o, n, { dst: dst.subarray(o - offset, o - offset + n) });
+    await inParallel(pieces(offset, inside, this.piece), WINDOW, async ([o, n]) => {
+      await this.send(NBD_CMD.READ, 0, o, n, { dst: dst.subarray(o - offset, o - offset + n) });
     });
   }
 
@@ -141,9 +157,8 @@ export class NbdNode implements BlockNode {
     this.writable();
     if (!this.useFua) this.dirty = true;
     const flags = this.useFua ? NBD_CMD_FLAG.FUA : 0;
-    await inParallel(splitRange(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.WRITE, flags, o, n, { payload: src.subarray(o - offset, o - offset + n) });
+    await inParallel(pieces(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
+      await this.send(NBD_CMD.WRITE, flags, o, n, { payload: src.subarray(o - offset, o - offset + n) });
     });
   }
 
@@ -159,9 +174,8 @@ export class NbdNode implements BlockNode {
     if (!this.useFua) this.dirty = true;
     // NO_HOLE keeps the range allocated unless the caller lets the server unmap.
     const flags = (unmap ? 0 : NBD_CMD_FLAG.NO_HOLE) | (this.useFua ? NBD_CMD_FLAG.FUA : 0);
-    await inParallel(splitRange(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.WRITE_ZEROES, flags, o, n);
+    await inParallel(pieces(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
+      await this.send(NBD_CMD.WRITE_ZEROES, flags, o, n);
     });
   }
 
@@ -170,9 +184,8 @@ export class NbdNode implements BlockNode {
     this.writable();
     if (!(this.info.flags & NBD_FLAG.SEND_TRIM)) return;
     this.dirty = true;
-    await inParallel(splitRange(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
-      const conn = await this.pick();
-      await conn.request(NBD_CMD.TRIM, 0, o, n);
+    await inParallel(pieces(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
+      await this.send(NBD_CMD.TRIM, 0, o, n);
     });
   }
 
@@ -182,7 +195,7 @@ export class NbdNode implements BlockNode {
     try {
       // With multi-conn, a flush on one connection covers writes completed on all of them
       // (proto.md, NBD_FLAG_CAN_MULTI_CONN); without it there is only one connection.
-      await (await this.pick()).request(NBD_CMD.FLUSH, 0, 0, 0);
+      await this.send(NBD_CMD.FLUSH, 0, 0, 0);
     } catch (err) {
       this.dirty = true;
       throw err;
@@ -201,8 +214,7 @@ export class NbdNode implements BlockNode {
     let pos = offset;
     while (pos < end) {
       const n = Math.min(end - pos, this.alignedLimit());
-      const conn = await this.pick();
-      const { status } = await conn.request(NBD_CMD.BLOCK_STATUS, 0, pos, n);
+      const { status } = await this.send(NBD_CMD.BLOCK_STATUS, 0, pos, n);
       if (!status || status.contextId !== this.contextId) throw new IoError(`${this.name}: block status for an unknown meta context`);
       const before = pos;
       for (const e of status.extents) {
@@ -237,6 +249,34 @@ export class NbdNode implements BlockNode {
   private alignedLimit(): number {
     const a = this.info.minBlock;
     return MAX_NO_PAYLOAD - (MAX_NO_PAYLOAD % a);
+  }
+
+
+  /**
+   * One request on the least busy live connection. When that connection dies under it
+   * (hung up, or no reply within the remote request timeout), the request is sent once
+   * more on a new connection: every NBD command here is idempotent (a read, a write of
+   * the same bytes at the same offset, zeroes, trim, flush, block status). A dead
+   * connection copies nothing more into a read's buffer.
+   */
+  private async send(cmd: NbdCommand, flags: number, offset: number, length: number, io?: { dst?: Uint8Array; payload?: Uint8Array }) {
+    let until: number | undefined;
+    for (let attempt = 0; ; attempt++) {
+      let conn: NbdConnection | undefined;
+      try {
+        conn = await this.pick();
+        return await conn.request(cmd, flags, offset, length, io);
+      } catch (err) {
+        // An error the server sent is its answer; and a closed node retries nothing.
+        if (conn?.alive || this.closed) throw err;
+        until ??= Date.now() + this.reconnectDelayMs;
+        // One retry at least; more while reconnect-delay lasts.
+        if (attempt > 0 && Date.now() >= until) throw err;
+        if (attempt > 0) await new Promise((r) => setTimeout(r, Math.min(RECONNECT_BACKOFF_MS, until! - Date.now())));
+        else if (conn) this.connectOpts.log(`${this.name}: retrying NBD request at ${offset} (+${length}) on a new connection`);
+        else if (!this.reconnectDelayMs) throw err;
+      }
+    }
   }
 
   /** The live connection with the fewest requests in flight; reconnects a dead one. */

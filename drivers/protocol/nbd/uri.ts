@@ -36,6 +36,19 @@ export interface NbdTarget {
   exportName: string;
   /** Present: TLS is required (STARTTLS before any other option). */
   tls?: NbdTls;
+  /** QEMU's reconnect-delay: seconds requests wait for a lost connection to come back (default 0: one retry). */
+  reconnectDelay?: number;
+  /** QEMU's open-timeout: seconds the first connect keeps trying (default 0: once). */
+  openTimeout?: number;
+}
+
+/** QEMU's nbd options that the URI carries as tsmount's own query keys. */
+const TIMING_KEYS = ['reconnect-delay', 'open-timeout'];
+
+/** A whole number of seconds, as QEMU's reconnect-delay and open-timeout. */
+export function parseSeconds(v: string, what: string): number {
+  if (!/^\d{1,9}$/.test(v)) throw new UsageError(`${what}: '${v}' is not a whole number of seconds`);
+  return Number(v);
 }
 
 export function isNbdSpec(spec: string): boolean {
@@ -106,12 +119,17 @@ export function parseNbdSpec(spec: string): NbdTarget {
     const query = parseQuery(uri[5] ?? '', spec);
     for (const k of query.keys()) {
       if (k === 'socket' && transport === '+unix') continue;
+      if (TIMING_KEYS.includes(k)) continue;
       if (TLS_KEYS.includes(k) && secure) continue;
       if (TLS_KEYS.includes(k)) throw new UsageError(`${spec}: '${k}' needs TLS: use nbds${transport === '+unix' ? '+unix' : ''}://`);
       throw new UsageError(`${spec}: unknown NBD URI parameter '${k}'`);
     }
     if (!secure && user !== undefined) throw new UsageError(`${spec}: a user name is for TLS-PSK: use nbds${transport === '+unix' ? '+unix' : ''}://`);
-    const tls = secure ? { tls: parseTls(query, user, spec) } : {};
+    const tls: Partial<NbdTarget> = secure ? { tls: parseTls(query, user, spec) } : {};
+    const rd = query.get('reconnect-delay');
+    if (rd !== undefined) tls.reconnectDelay = parseSeconds(rd, `${spec}: reconnect-delay`);
+    const ot = query.get('open-timeout');
+    if (ot !== undefined) tls.openTimeout = parseSeconds(ot, `${spec}: open-timeout`);
     if (transport === '+unix') {
       if (authority) throw new UsageError(`${spec}: ${scheme} takes no host (${scheme}/EXPORT?socket=PATH)`);
       const socket = query.get('socket');
@@ -170,6 +188,8 @@ export function formatNbdUri(t: NbdTarget): string {
   if (t.tls?.pskFile) query.push(`tls-psk-file=${queryValue(t.tls.pskFile)}`);
   if (t.tls?.hostname) query.push(`tls-hostname=${queryValue(t.tls.hostname)}`);
   if (t.tls && !t.tls.verifyPeer) query.push('tls-verify-peer=false');
+  if (t.reconnectDelay) query.push(`reconnect-delay=${t.reconnectDelay}`);
+  if (t.openTimeout) query.push(`open-timeout=${t.openTimeout}`);
   const q = query.length ? `?${query.join('&')}` : '';
   if (t.address.kind === 'unix') return `nbd${s}+unix://${user}/${exp}${q}`;
   const host = t.address.host.includes(':') ? `[${t.address.host}]` : t.address.host;

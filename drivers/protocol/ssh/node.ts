@@ -9,7 +9,8 @@ import type { BlockNode, Extent } from '../../types.js';
 import { IoError, UsageError } from '../../errors.js';
 import { checkHostKey, parseHostKeyCheck, preferredAlgorithms } from './hostkey.js';
 import { formatSshUri, parseSshSpec, type SshTarget } from './uri.js';
-import { inParallel } from '../parallel.js';
+import { inParallel, pieces } from '../parallel.js';
+import { remoteTimeoutMs, withDeadline } from '../remote.js';
 
 const E = osc.errno;
 
@@ -88,8 +89,18 @@ export class SshSessions {
 
   release(s: Session): void {
     if (--s.refs > 0) return;
-    this.sessions.delete(s.key);
+    // A dead session's entry may already be its successor's.
+    if (!s.dead) this.sessions.delete(s.key);
     s.client.end();
+  }
+
+  /** Take a session for dead (a request went unanswered): it is closed, and the next acquire connects anew. */
+  abandon(s: Session, why: string): void {
+    if (s.dead) return;
+    s.dead = why;
+    this.log(`tsmount: ssh://${s.hostport}: ${why}; reconnecting`);
+    s.client.end();
+    s.client.destroy();
   }
 
   warnNoFsync(s: Session): void {
@@ -165,21 +176,20 @@ function call<T>(fn: (cb: (err: Error | null | undefined, v: T) => void) => void
   return new Promise((resolve, reject) => fn((err, v) => (err ? reject(err) : resolve(v))));
 }
 
-function pieces(offset: number, length: number, piece: number): [number, number][] {
-  const out: [number, number][] = [];
-  for (let o = offset; o < offset + length; o += piece) out.push([o, Math.min(piece, offset + length - o)]);
-  return out;
-}
 
 export class SshNode implements BlockNode {
   private closed = false;
   private dirty = false;
+  private readonly timeoutMs = remoteTimeoutMs();
+  /** The reconnect in progress, shared by the requests that found the session dead. */
+  private reopening: Promise<void> | undefined;
 
   private constructor(
     readonly name: string,
+    private readonly target: SshTarget,
     private readonly sessions: SshSessions,
-    private readonly session: Session,
-    private readonly handle: Buffer,
+    private session: Session,
+    private handle: Buffer,
     private currentSize: number,
     readonly readOnly: boolean,
     private readonly ignoreFlush: boolean,
@@ -187,25 +197,76 @@ export class SshNode implements BlockNode {
 
   static async open(spec: string, opts: { readOnly: boolean; ignoreFlush?: boolean }, sessions: SshSessions): Promise<SshNode> {
     const t = parseSshSpec(spec);
-    const name = spec;
+    const { session, handle, size } = await SshNode.openHandle(spec, t, opts.readOnly, sessions);
+    return new SshNode(spec, t, sessions, session, handle, size, opts.readOnly, !!opts.ignoreFlush);
+  }
+
+  /** A session, the file opened on it, and its size. */
+  private static async openHandle(name: string, t: SshTarget, readOnly: boolean, sessions: SshSessions): Promise<{ session: Session; handle: Buffer; size: number }> {
     const s = await sessions.acquire(t, name);
     try {
+      const ms = remoteTimeoutMs();
+      const timeout = (): IoError => new IoError(`${name}: no answer from the ssh server within ${ms / 1000} s`, E.ETIMEDOUT);
       let handle: Buffer;
       try {
-        handle = await call<Buffer>((cb) => s.sftp.open(t.path, opts.readOnly ? 'r' : 'r+', cb));
+        handle = await withDeadline(call<Buffer>((cb) => s.sftp.open(t.path, readOnly ? 'r' : 'r+', cb)), ms, timeout);
       } catch (err) {
+        if (err instanceof IoError) throw err;
         const errno = sftpErrno(err);
         if (errno === E.ENOENT) throw new UsageError(`${name}: no such file on the server`);
         throw new IoError(`${name}: cannot open on the server: ${sftpMessage(err)}`, errno);
       }
-      const st = await call<{ size?: number }>((cb) => s.sftp.fstat(handle, cb)).catch((err: unknown) => {
+      const st = await withDeadline(call<{ size?: number }>((cb) => s.sftp.fstat(handle, cb)), ms, timeout).catch((err: unknown) => {
+        if (err instanceof IoError) throw err;
         throw new IoError(`${name}: cannot stat on the server: ${sftpMessage(err)}`, sftpErrno(err));
       });
-      return new SshNode(name, sessions, s, handle, st.size ?? 0, opts.readOnly, !!opts.ignoreFlush);
+      return { session: s, handle, size: st.size ?? 0 };
     } catch (err) {
       sessions.release(s);
       throw err;
     }
+  }
+
+  /**
+   * One SFTP request on the current session and handle, bounded by the remote request
+   * timeout. When the connection is lost (or a request goes unanswered, which abandons
+   * the session), the node reconnects, re-opens its file, and runs the request once
+   * more: reads, writes at an offset, truncate and fsync are all idempotent.
+   */
+  private async request<T>(what: string, fn: (sftp: SFTPWrapper, handle: Buffer) => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      if (this.closed) throw new IoError(`${this.name}: closed`);
+      if (this.session.dead) await this.reopen();
+      const s = this.session;
+      try {
+        return await withDeadline(fn(s.sftp, this.handle), this.timeoutMs, () => {
+          this.sessions.abandon(s, `SFTP ${what}: no answer within ${this.timeoutMs / 1000} s`);
+          return new IoError(`${this.name}: SFTP ${what}: no answer from the server within ${this.timeoutMs / 1000} s`, E.EIO);
+        });
+      } catch (err) {
+        // Only a lost connection is retried; an error the server sent is the answer.
+        if (!s.dead || attempt > 0) throw this.ioError(what, err);
+      }
+    }
+  }
+
+  private reopen(): Promise<void> {
+    this.reopening ??= (async () => {
+      const old = this.session;
+      try {
+        const { session, handle, size } = await SshNode.openHandle(this.name, this.target, this.readOnly, this.sessions);
+        if (size !== this.currentSize && this.readOnly) {
+          this.sessions.release(session);
+          throw new IoError(`${this.name}: the file changed size while disconnected; not reconnecting`);
+        }
+        this.session = session;
+        this.handle = handle;
+        this.sessions.release(old);
+      } finally {
+        this.reopening = undefined;
+      }
+    })();
+    return this.reopening;
   }
 
   /** Make an empty file on the server (tsimg create); fails if the server refuses. */
@@ -236,18 +297,13 @@ export class SshNode implements BlockNode {
     return this.currentSize;
   }
 
-  private alive(): void {
-    if (this.closed) throw new IoError(`${this.name}: closed`);
-    if (this.session.dead) throw new IoError(`${this.name}: ${this.session.dead}`);
-  }
-
   private ioError(what: string, err: unknown): IoError {
     if (err instanceof IoError) return err;
-    return new IoError(`${this.name}: SFTP ${what} failed: ${this.session.dead ?? sftpMessage(err)}`, this.session.dead ? E.EIO : sftpErrno(err));
+    const dead = this.session.dead;
+    return new IoError(`${this.name}: SFTP ${what} failed: ${dead ?? sftpMessage(err)}`, dead ? E.EIO : sftpErrno(err));
   }
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
-    this.alive();
     const buf = Buffer.from(dst.buffer, dst.byteOffset, dst.byteLength);
     const inside = Math.max(0, Math.min(dst.length, this.currentSize - offset));
     if (inside < dst.length) buf.fill(0, inside);
@@ -255,14 +311,12 @@ export class SshNode implements BlockNode {
       let done = 0;
       while (done < n) {
         const at = o - offset + done;
-        let got: number;
-        try {
-          got = await new Promise<number>((resolve, reject) =>
-            this.session.sftp.read(this.handle, buf, at, n - done, o + done, (err, nb) => (err ? reject(err) : resolve(nb))),
-          );
-        } catch (err) {
-          throw this.ioError('read', err);
-        }
+        // Into a buffer of its own: a request that timed out may still be answered later.
+        const piece = Buffer.allocUnsafe(n - done);
+        const got = await this.request('read', (sftp, handle) =>
+          new Promise<number>((resolve, reject) => sftp.read(handle, piece, 0, piece.length, o + done, (err, nb) => (err ? reject(err) : resolve(nb)))),
+        );
+        piece.copy(buf, at, 0, got);
         if (got === 0) {
           // The file is shorter than it was: the rest reads as zeros, as for local files.
           buf.fill(0, at, o - offset + n);
@@ -274,15 +328,10 @@ export class SshNode implements BlockNode {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    this.alive();
     this.dirty = true;
     const buf = Buffer.from(src.buffer, src.byteOffset, src.byteLength);
     await inParallel(pieces(offset, src.length, SFTP_PIECE), WINDOW, async ([o, n]) => {
-      try {
-        await call<void>((cb) => this.session.sftp.write(this.handle, buf, o - offset, n, o, (e) => cb(e, undefined)));
-      } catch (err) {
-        throw this.ioError('write', err);
-      }
+      await this.request('write', (sftp, handle) => call<void>((cb) => sftp.write(handle, buf, o - offset, n, o, (e) => cb(e, undefined))));
     });
     if (offset + src.length > this.currentSize) this.currentSize = offset + src.length;
   }
@@ -296,19 +345,14 @@ export class SshNode implements BlockNode {
   }
 
   async truncate(size: number): Promise<void> {
-    this.alive();
-    try {
-      await call<void>((cb) => this.session.sftp.fsetstat(this.handle, { size }, (e) => cb(e, undefined)));
-    } catch (err) {
-      throw this.ioError('truncate', err);
-    }
+    await this.request('truncate', (sftp, handle) => call<void>((cb) => sftp.fsetstat(handle, { size }, (e) => cb(e, undefined))));
     this.currentSize = size;
     this.dirty = true;
   }
 
   async flush(): Promise<void> {
     if (this.readOnly || this.ignoreFlush || !this.dirty) return;
-    this.alive();
+    if (this.session.dead) await this.reopen();
     const ext = (this.session.sftp as unknown as { _extensions?: Record<string, string> })._extensions;
     if (ext?.['fsync@openssh.com'] !== '1') {
       this.sessions.warnNoFsync(this.session);
@@ -317,10 +361,10 @@ export class SshNode implements BlockNode {
     }
     this.dirty = false;
     try {
-      await call<void>((cb) => this.session.sftp.ext_openssh_fsync(this.handle, (e) => cb(e, undefined)));
+      await this.request('fsync', (sftp, handle) => call<void>((cb) => sftp.ext_openssh_fsync(handle, (e) => cb(e, undefined))));
     } catch (err) {
       this.dirty = true;
-      throw this.ioError('fsync', err);
+      throw err;
     }
   }
 
@@ -334,14 +378,19 @@ export class SshNode implements BlockNode {
       if (!this.session.dead) {
         const wasIgnoring = this.ignoreFlush;
         // cache=unsafe skips flushes, but close still makes writes durable.
-        if (wasIgnoring && this.dirty) await call<void>((cb) => this.session.sftp.ext_openssh_fsync(this.handle, (e) => cb(e, undefined))).catch(() => undefined);
+        if (wasIgnoring && this.dirty) await this.bounded(call<void>((cb) => this.session.sftp.ext_openssh_fsync(this.handle, (e) => cb(e, undefined)))).catch(() => undefined);
         else await this.flush();
       }
     } finally {
       this.closed = true;
-      if (!this.session.dead) await call<void>((cb) => this.session.sftp.close(this.handle, (e) => cb(e, undefined))).catch(() => undefined);
+      if (!this.session.dead) await this.bounded(call<void>((cb) => this.session.sftp.close(this.handle, (e) => cb(e, undefined)))).catch(() => undefined);
       this.sessions.release(this.session);
     }
+  }
+
+  /** A request that must not hang (close): bounded by the remote request timeout. */
+  private bounded<T>(p: Promise<T>): Promise<T> {
+    return withDeadline(p, this.timeoutMs, () => new IoError(`${this.name}: no answer from the ssh server within ${this.timeoutMs / 1000} s`));
   }
 
   /** The target with every option, for messages. */

@@ -1,0 +1,270 @@
+// The GlusterFS protocol node: a file on a gluster volume through libgfapi (gfapi.ts).
+// One glfs instance per server list, volume and log options is shared by every node of
+// a chain (a backing file on the same volume costs no second connection to glusterd).
+// libgfapi itself follows the volume's layout: on a replicated volume a brick that goes
+// away is left behind by the replication translator, and the writer sees nothing.
+import { constants as osc } from 'node:os';
+import type { BlockNode, Extent } from '../../types.js';
+import { IoError, UsageError } from '../../errors.js';
+import { callAsync, gfapi, STAT_BYTES, STAT_SIZE_OFFSET, type Ptr } from './gfapi.js';
+import { describeServers, formatGlusterUri, parseGlusterSpec, type GlusterTarget } from './uri.js';
+import { inParallel, pieces } from '../parallel.js';
+import { remoteTimeoutMs, withDeadline } from '../remote.js';
+
+const E = osc.errno;
+const O_RDONLY = 0;
+const O_RDWR = 2;
+const O_CREAT = 0o100;
+const O_TRUNC = 0o1000;
+/** One glfs_pread/pwrite; larger requests become several in flight. */
+const PIECE = 1 << 20;
+/** Calls in flight per request (each holds a worker thread). */
+const WINDOW = 3;
+/** glfs_init against a server that does not answer retries for a long time; give up after this. */
+const INIT_TIMEOUT_MS = 10_000;
+
+const defaultLog = (msg: string): void => void process.stderr.write(`tsmount: ${msg}\n`);
+
+function errnoName(errno: number): string {
+  const name = Object.entries(E).find(([, v]) => v === errno)?.[0];
+  return name ?? `errno ${errno}`;
+}
+
+interface Volume {
+  key: string;
+  fs: Ptr;
+  refs: number;
+}
+
+/** The glfs instances of one process, by servers, volume and log options; owned by the driver. */
+export class GlusterVolumes {
+  private readonly volumes = new Map<string, Promise<Volume>>();
+
+  constructor(readonly log: (msg: string) => void = defaultLog) {}
+
+  async acquire(t: GlusterTarget, name: string): Promise<Volume> {
+    if (t.rdma) this.log(`${name}: warning: the rdma transport is deprecated, using tcp instead (as QEMU does)`);
+    const key = formatGlusterUri({ ...t, path: '/' });
+    let p = this.volumes.get(key);
+    if (!p) {
+      p = this.connect(t, key, name);
+      this.volumes.set(key, p);
+      p.catch(() => {
+        if (this.volumes.get(key) === p) this.volumes.delete(key);
+      });
+    }
+    const v = await p;
+    v.refs++;
+    return v;
+  }
+
+  /**
+   * A volume nobody uses any more stays connected for the life of the process, ready
+   * for the next open: glfs_fini holds a worker thread of libuv's small pool for
+   * seconds (libgfapi tears its threads down slowly), stalling every other file
+   * operation of the process meanwhile, and the process ending closes the connections
+   * anyway. Everything written was fsynced at close.
+   */
+  async release(v: Volume): Promise<void> {
+    v.refs--;
+  }
+
+  private async connect(t: GlusterTarget, key: string, name: string): Promise<Volume> {
+    const g = gfapi();
+    const fs = g.glfs_new(t.volume);
+    if (!fs) throw new IoError(`${name}: glfs_new failed for volume '${t.volume}'`, E.ENOMEM);
+    const where = describeServers(t);
+    try {
+      for (const s of t.servers) {
+        const r = s.type === 'unix' ? g.glfs_set_volfile_server(fs, 'unix', s.socket, 0) : g.glfs_set_volfile_server(fs, 'tcp', s.host, s.port);
+        if (r !== 0) throw new UsageError(`${name}: libgfapi refused the server ${s.type === 'unix' ? s.socket : s.host}`);
+      }
+      if (g.glfs_set_logging(fs, t.logfile, t.debug) !== 0) throw new UsageError(`${name}: libgfapi cannot log to '${t.logfile}'`);
+    } catch (err) {
+      await fini(fs);
+      throw err;
+    }
+    const init = callAsync<number>(g.glfs_init, fs);
+    let result: { ret: number; errno: number };
+    try {
+      result = await withDeadline(init, INIT_TIMEOUT_MS, () => new UsageError(`${name}: no answer from glusterd at ${where} within ${INIT_TIMEOUT_MS / 1000} s`));
+    } catch (err) {
+      // The init goes on in its worker thread: free the instance once it gives up.
+      void init.then(() => fini(fs), () => undefined);
+      throw err;
+    }
+    if (result.ret !== 0) {
+      void fini(fs);
+      const why =
+        result.errno === E.ENOENT ? `glusterd has no volume '${t.volume}' (or it is not started)` : result.errno === E.ENOTCONN ? `glusterd unreachable (ENOTCONN)` : errnoName(result.errno);
+      throw new UsageError(`${name}: cannot connect to gluster volume '${t.volume}' at ${where}: ${why}`);
+    }
+    return { key, fs, refs: 0 };
+  }
+}
+
+async function fini(fs: Ptr): Promise<void> {
+  await callAsync<number>(gfapi().glfs_fini, fs).catch(() => undefined);
+}
+
+export class GlusterNode implements BlockNode {
+  private closed = false;
+  private dirty = false;
+  private readonly timeoutMs = remoteTimeoutMs();
+
+  private constructor(
+    readonly name: string,
+    private readonly volumes: GlusterVolumes,
+    private readonly volume: Volume,
+    private readonly fd: Ptr,
+    private currentSize: number,
+    readonly readOnly: boolean,
+    private readonly ignoreFlush: boolean,
+  ) {}
+
+  static async open(spec: string, opts: { readOnly: boolean; ignoreFlush?: boolean }, volumes: GlusterVolumes): Promise<GlusterNode> {
+    const t = parseGlusterSpec(spec);
+    const v = await volumes.acquire(t, spec);
+    try {
+      const g = gfapi();
+      const { ret: fd, errno } = await callAsync<Ptr>(g.glfs_open, v.fs, t.path, opts.readOnly ? O_RDONLY : O_RDWR);
+      if (!fd) {
+        if (errno === E.ENOENT) throw new UsageError(`${spec}: no such file on gluster volume '${t.volume}'`);
+        throw new IoError(`${spec}: cannot open on the gluster volume: ${errnoName(errno)}`, errno || E.EIO);
+      }
+      const st = new Uint8Array(STAT_BYTES);
+      const r = await callAsync<number>(g.glfs_fstat, fd, st);
+      if (r.ret !== 0) {
+        await callAsync(g.glfs_close, fd).catch(() => undefined);
+        throw new IoError(`${spec}: cannot stat on the gluster volume: ${errnoName(r.errno)}`, r.errno || E.EIO);
+      }
+      const size = Number(new DataView(st.buffer).getBigInt64(STAT_SIZE_OFFSET, true));
+      return new GlusterNode(spec, volumes, v, fd, size, opts.readOnly, !!opts.ignoreFlush);
+    } catch (err) {
+      await volumes.release(v);
+      throw err;
+    }
+  }
+
+  /** Make an empty file on the volume (tsimg create). */
+  static async create(spec: string, volumes: GlusterVolumes): Promise<void> {
+    const t = parseGlusterSpec(spec);
+    const v = await volumes.acquire(t, spec);
+    try {
+      const g = gfapi();
+      const { ret: fd, errno } = await callAsync<Ptr>(g.glfs_creat, v.fs, t.path, O_RDWR | O_CREAT | O_TRUNC, 0o644);
+      if (!fd) throw new UsageError(`${spec}: cannot create on gluster volume '${t.volume}': ${errnoName(errno)}`);
+      await callAsync(g.glfs_close, fd);
+    } finally {
+      await volumes.release(v);
+    }
+  }
+
+  static async remove(spec: string, volumes: GlusterVolumes): Promise<void> {
+    const t = parseGlusterSpec(spec);
+    const v = await volumes.acquire(t, spec);
+    try {
+      await callAsync(gfapi().glfs_unlink, v.fs, t.path);
+    } finally {
+      await volumes.release(v);
+    }
+  }
+
+  get size(): number {
+    return this.currentSize;
+  }
+
+  /** One libgfapi call on a worker thread, bounded by the remote request timeout; -1 becomes IoError. */
+  private async call(what: string, fn: keyof ReturnType<typeof gfapi>, ...args: unknown[]): Promise<number> {
+    if (this.closed) throw new IoError(`${this.name}: closed`);
+    const done = callAsync<number | bigint>(gfapi()[fn], this.fd, ...args);
+    const { ret, errno } = await withDeadline(done, this.timeoutMs, () => new IoError(`${this.name}: gluster ${what}: no answer within ${this.timeoutMs / 1000} s`, E.EIO));
+    const n = Number(ret);
+    if (n < 0) throw new IoError(`${this.name}: gluster ${what} failed: ${errnoName(errno)}`, errno || E.EIO);
+    return n;
+  }
+
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    const inside = Math.max(0, Math.min(dst.length, this.currentSize - offset));
+    if (inside < dst.length) dst.fill(0, inside);
+    await inParallel(pieces(offset, inside, PIECE), WINDOW, async ([o, n]) => {
+      // Into a buffer of our own: a call that times out may still complete later.
+      const buf = new Uint8Array(n);
+      let done = 0;
+      while (done < n) {
+        const got = await this.call(`read at ${o + done}`, 'glfs_pread', buf.subarray(done), n - done, o + done, 0, null);
+        if (got === 0) break; // shorter than it was: the rest reads as zeros
+        done += got;
+      }
+      buf.fill(0, done);
+      dst.set(buf, o - offset);
+    });
+  }
+
+  async write(offset: number, src: Uint8Array): Promise<void> {
+    this.dirty = true;
+    await inParallel(pieces(offset, src.length, PIECE), WINDOW, async ([o, n]) => {
+      let done = 0;
+      while (done < n) {
+        const put = await this.call(`write at ${o + done}`, 'glfs_pwrite', src.subarray(o - offset + done, o - offset + n), n - done, o + done, 0, null, null);
+        if (put === 0) throw new IoError(`${this.name}: gluster write at ${o + done} made no progress`);
+        done += put;
+      }
+    });
+    if (offset + src.length > this.currentSize) this.currentSize = offset + src.length;
+  }
+
+  /** glfs_discard (a hole, reading as zeros) where unmapping is allowed, else glfs_zerofill; zeros written where neither works. */
+  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+    this.dirty = true;
+    const end = Math.min(offset + length, this.currentSize);
+    if (end > offset) {
+      try {
+        if (unmap) await this.call(`discard at ${offset}`, 'glfs_discard', offset, end - offset);
+        else await this.call(`zerofill at ${offset}`, 'glfs_zerofill', offset, end - offset);
+      } catch (err) {
+        if (!(err instanceof IoError) || (err.errno !== E.EOPNOTSUPP && err.errno !== E.ENOSYS && err.errno !== E.EINVAL)) throw err;
+        const zeros = new Uint8Array(Math.min(end - offset, PIECE));
+        for (let o = offset; o < end; o += zeros.length) await this.write(o, zeros.subarray(0, Math.min(zeros.length, end - o)));
+      }
+    }
+    // Past the end the file grows, as a write of zeros would.
+    if (offset + length > this.currentSize) await this.truncate(offset + length);
+  }
+
+  async truncate(size: number): Promise<void> {
+    await this.call(`truncate to ${size}`, 'glfs_ftruncate', size, null, null);
+    this.currentSize = size;
+    this.dirty = true;
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly || this.ignoreFlush || !this.dirty) return;
+    this.dirty = false;
+    try {
+      await this.call('fsync', 'glfs_fsync', null, null);
+    } catch (err) {
+      this.dirty = true;
+      throw err;
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, kind: 'data' }];
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (this.dirty && !this.readOnly) {
+        this.dirty = false;
+        // cache=unsafe skips flushes, but close still makes writes durable.
+        await this.call('fsync', 'glfs_fsync', null, null);
+      }
+    } finally {
+      this.closed = true;
+      await callAsync(gfapi().glfs_close, this.fd).catch(() => undefined);
+      await this.volumes.release(this.volume);
+    }
+  }
+}

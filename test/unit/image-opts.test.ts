@@ -1,0 +1,44 @@
+import { expect } from 'chai';
+import { imageOptsToSpec, jsonToSpec } from '../../drivers/protocol/remote.js';
+import { UsageError } from '../../drivers/errors.js';
+import { parseNbdSpec } from '../../drivers/protocol/nbd/uri.js';
+
+describe('--image-opts: QEMU dotted options for every protocol', () => {
+  it('ssh: the structured host-key-check of current QEMU', () => {
+    const base = 'driver=qcow2,file.driver=ssh,file.server.host=h,file.server.port=2222,file.user=u,file.path=/i.qcow2';
+    expect(imageOptsToSpec(base).spec).to.equal('ssh://u@h:2222/i.qcow2');
+    expect(imageOptsToSpec(`${base},file.host-key-check.mode=none`).spec).to.equal('ssh://u@h:2222/i.qcow2?host_key_check=no');
+    expect(imageOptsToSpec(`${base},file.host-key-check.mode=hash,file.host-key-check.type=sha1,file.host-key-check.hash=abcd`).spec).to.equal('ssh://u@h:2222/i.qcow2?host_key_check=sha1:abcd');
+    expect(() => imageOptsToSpec(`${base},file.host-key-check.mode=hash`)).to.throw(UsageError, /needs host-key-check.type/);
+    expect(() => imageOptsToSpec(`${base},file.host-key-check.mode=maybe`)).to.throw(UsageError, /none, hash or known_hosts/);
+  });
+
+  it('every protocol driver, alone and under a format, in dotted and json: forms', () => {
+    const cases: [string, string, string][] = [
+      ['driver=raw,file.driver=file,file.filename=/x/d.img', '/x/d.img', 'raw'],
+      ['driver=file,filename=/x/d.img', '/x/d.img', 'raw'],
+      ['driver=host_device,filename=/dev/sdz', '/dev/sdz', 'raw'],
+      ['driver=nbd,server.type=inet,server.host=h,server.port=10810,export=e', 'nbd://h:10810/e', 'raw'],
+      ['driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=/s', 'nbd+unix:///?socket=/s', 'qcow2'],
+      ['driver=gluster,volume=v,path=d.img,server.0.type=tcp,server.0.host=h', 'gluster://h:24007/v/d.img', 'raw'],
+      ['driver=vmdk,file.driver=gluster,file.volume=v,file.path=/d.vmdk,file.server.0.type=unix,file.server.0.path=/s', 'gluster+unix:///v/d.vmdk?socket=/s', 'vmdk'],
+    ];
+    for (const [opts, spec, format] of cases) {
+      const got = imageOptsToSpec(opts);
+      expect(got.format, opts).to.equal(format);
+      expect(got.spec.startsWith(spec.replace(/\?.*$/, '')), `${opts} -> ${got.spec}`).to.equal(true);
+    }
+    expect(jsonToSpec('json:{"driver":"raw","file":{"driver":"nbd","server":{"type":"inet","host":"h"},"export":"e"}}').spec).to.match(/^nbd:\/\/h(:10809)?\/e$/);
+  });
+
+  it('nbd: reconnect-delay and open-timeout travel in the name', () => {
+    expect(imageOptsToSpec('driver=nbd,server.host=h,export=e,reconnect-delay=5,open-timeout=3').spec).to.equal('nbd://h:10809/e?reconnect-delay=5&open-timeout=3');
+    expect(parseNbdSpec('nbd://h/e?reconnect-delay=5&open-timeout=3')).to.deep.include({ reconnectDelay: 5, openTimeout: 3 });
+    expect(() => imageOptsToSpec('driver=nbd,server.host=h,reconnect-delay=-1')).to.throw(UsageError, /whole number of seconds/);
+  });
+
+  it("ignores only what changes nothing here (node-name, aio), and refuses the rest in one line", () => {
+    expect(imageOptsToSpec('driver=qcow2,node-name=top,file.driver=file,file.filename=/x.qcow2,file.node-name=f,file.aio=native').spec).to.equal('/x.qcow2');
+    expect(() => imageOptsToSpec('driver=qcow2,file.driver=file,file.filename=/x.qcow2,file.bogus=1')).to.throw(UsageError, /unsupported option 'file.bogus'/);
+  });
+});
