@@ -7,6 +7,12 @@
 //   tsimg check [-f FMT] [--output human|json] [-U] FILE
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
 //   tsimg convert [-p] [-f FMT] [-O FMT] [-o OPTIONS] SRC DST
+//   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
+//   tsimg resize [--shrink] FILE [+|-]SIZE
+//   tsimg commit [-p] [-d] FILE
+//   tsimg rebase [-u] [-p] -b NEW [-F FMT] FILE
+//   tsimg amend -o OPTIONS FILE
+//   tsimg measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | FILE)
 import { Command } from 'commander';
 import { messageOf } from '../drivers/errors.js';
 import { ExitError, readSecret } from './tsimg/common.js';
@@ -16,6 +22,13 @@ import { map, type MapCli } from './tsimg/map.js';
 import { check, type CheckCli } from './tsimg/check.js';
 import { compare, type CompareCli } from './tsimg/compare.js';
 import { convert, type ConvertCli } from './tsimg/convert.js';
+import { snapshot, type SnapshotCli } from './tsimg/snapshot.js';
+import { resize, type ResizeCli } from './tsimg/resize.js';
+import { commit, type CommitCli } from './tsimg/commit.js';
+import { rebase, type RebaseCli } from './tsimg/rebase.js';
+import { amend, type AmendCli } from './tsimg/amend.js';
+import { measure, type MeasureCli } from './tsimg/measure.js';
+import { packageVersion } from './version.js';
 
 
 function fail(msg: string, code = 1): never {
@@ -41,6 +54,7 @@ async function main(argv: string[]): Promise<void> {
   const program = new Command('tsimg')
     .description('Create and inspect disk images (subcommands as in qemu-img)')
     .configureOutput({ outputError: (str, write) => write(`tsimg: ${str.replace(/^error: /, '').trim()}\n`) })
+    .version(packageVersion(), '-V, --version')
     .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1));
   program
     .command('create')
@@ -80,6 +94,43 @@ async function main(argv: string[]): Promise<void> {
     .option('--target-secret <pass>', 'passphrase of an encrypted new image')
     .option('--target-secret-file <file>', "read the new image's passphrase from a file")
     .action(async (src: string, dst: string, o: ConvertCli) => convert(src, dst, o));
+  openOptions(program.command('snapshot').description('list, create, delete or apply internal snapshots (qcow2)').argument('<file>'))
+    .option('-l, --list', 'list the snapshots')
+    .option('-c, --create <name>', 'create a snapshot')
+    .option('-d, --delete <name>', 'delete a snapshot (by ID or name)')
+    .option('-a, --apply <name>', 'revert the disk to a snapshot (by ID or name)')
+    .addHelpText('after', '\nExample: tsimg snapshot -c before-upgrade disk.qcow2')
+    .action(async (file: string, o: SnapshotCli) => snapshot(file, o));
+  openOptions(program.command('resize').description('change the virtual size ([+|-]SIZE); a shrink needs --shrink').argument('<file>').argument('<size>'))
+    .option('--shrink', 'allow making the image smaller (data past the new end is lost)')
+    .option('-q, --quiet', 'print nothing')
+    .addHelpText('after', '\nExample: tsimg resize disk.qcow2 +10G')
+    .action(async (file: string, size: string, o: ResizeCli) => resize(file, size, o));
+  openOptions(program.command('commit').description('write the image into its backing file, then empty it').argument('<file>'))
+    .option('-p, --progress', 'show progress')
+    .option('-d, --drop', 'keep the image as it is after committing')
+    .option('-q, --quiet', 'print nothing')
+    .addHelpText('after', '\nExample: tsimg commit overlay.qcow2')
+    .action(async (file: string, o: CommitCli) => commit(file, o));
+  openOptions(program.command('rebase').description('change the backing file (safe: copies what would read differently; -u: header only)').argument('<file>'))
+    .requiredOption('-b, --backing <file>', "the new backing file ('' for none)")
+    .option('-F, --backing-format <fmt>', 'the new backing file format')
+    .option('-u, --unsafe', 'only rewrite the backing file name')
+    .option('-p, --progress', 'show progress')
+    .option('-q, --quiet', 'print nothing')
+    .addHelpText('after', '\nExample: tsimg rebase -b new-base.qcow2 -F qcow2 overlay.qcow2')
+    .action(async (file: string, o: RebaseCli) => rebase(file, o));
+  openOptions(program.command('amend').description('change format options in place (qcow2: compat, lazy_refcounts, backing_file, backing_fmt)').argument('<file>'))
+    .option('-o, --options <opts>', 'options, key=value,...', collect, [] as string[])
+    .addHelpText('after', '\nExample: tsimg amend -o lazy_refcounts=on disk.qcow2')
+    .action(async (file: string, o: AmendCli) => amend(file, o));
+  openOptions(program.command('measure').description('the size a new image would need (qemu-img measure)').argument('[file]'))
+    .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
+    .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
+    .option('--size <size>', 'measure an empty image of this size')
+    .option('--output <fmt>', 'human or json', 'human')
+    .addHelpText('after', '\nExample: tsimg measure -O qcow2 --output json disk.raw')
+    .action(async (file: string | undefined, o: MeasureCli) => measure(file, o));
   await program.parseAsync(argv);
   process.exitCode = exitCode;
 }

@@ -8,7 +8,7 @@ import { chainStatus } from '../../fs/extents.js';
 import { openImage } from '../../drivers/open.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
 import { createImage } from '../../drivers/create.js';
-import { openForRead, print, readOnlyOptions, readSecret, type OpenCli } from './common.js';
+import { openForRead, progress, readOnlyOptions, readSecret, type OpenCli } from './common.js';
 
 export interface ConvertCli extends OpenCli {
   outputFormat: string;
@@ -87,11 +87,10 @@ export async function convert(srcSpec: string, dstSpec: string, o: ConvertCli): 
       const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, secret: targetSecret, namedFiles: 'owner' }));
       try {
         // Progress on a terminal, or anywhere with -p (qemu-img's line, redrawn in place).
-        const show = o.progress || process.stdout.isTTY ? (done: number) => print(`    (${(done * 100).toFixed(2)}/100%)\r`) : undefined;
-        show?.(0);
-        await copyImage(src, dst, show);
+        const show = progress(o.progress);
+        await copyImage(src, dst, show?.update);
         await dst.flush();
-        if (show) print('\n');
+        show?.done();
         ok = true;
       } finally {
         await dst.close();

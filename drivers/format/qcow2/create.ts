@@ -150,7 +150,7 @@ async function readSettings(req: CreateRequest): Promise<Settings & { luks: Map<
 }
 
 /** Header extension: type, length, data padded to 8 bytes. */
-function extension(type: number, data: Uint8Array): Buffer {
+export function extension(type: number, data: Uint8Array): Buffer {
   const b = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
   b.writeUInt32BE(type, 0);
   b.writeUInt32BE(data.length, 4);
@@ -158,7 +158,7 @@ function extension(type: number, data: Uint8Array): Buffer {
   return b;
 }
 
-function featureTable(): Buffer {
+export function featureTable(): Buffer {
   const b = Buffer.alloc(FEATURE_NAMES.length * 48);
   FEATURE_NAMES.forEach(([type, bit, name], i) => {
     b[i * 48] = type;
