@@ -1,0 +1,252 @@
+// tsimg snapshot, resize, commit, rebase, amend and measure against qemu-img, the
+// oracle: each change is made by tsimg on one copy and by qemu-img on another, and
+// judged by qemu-img check (clean), qemu-img compare and qemu-img's own listings.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { md5File, run, runOk, tempDir } from './helpers/qemu.js';
+import { expectClean, readBytes, TSIMG, tsimg } from './helpers/images.js';
+
+const MiB = 1024 * 1024;
+
+async function ok(args: string[], cwd: string): Promise<string> {
+  const r = await tsimg(args, cwd);
+  expect(r.code, `tsimg ${args.join(' ')}: ${r.stderr}`).to.equal(0);
+  return r.stdout;
+}
+
+const qemuIo = (cwd: string, file: string, ...cmds: string[]): Promise<string> => runOk('qemu-io', [...cmds.flatMap((c) => ['-c', c]), file], { cwd });
+
+async function expectSame(cwd: string, a: string, b: string): Promise<void> {
+  const r = await run('qemu-img', ['compare', '-U', a, b], { cwd });
+  expect(r.code, `${a} vs ${b}: ${r.stdout}${r.stderr}`).to.equal(0);
+}
+
+/** qemu-img snapshot -l without the date column (the snapshots' times differ by when each tool ran). */
+async function snapshotNames(cwd: string, file: string): Promise<string[]> {
+  const out = await runOk('qemu-img', ['snapshot', '-U', '-l', file], { cwd });
+  return out
+    .split('\n')
+    .slice(2)
+    .filter((l) => l.trim())
+    .map((l) => l.split(/\s+/).slice(0, 2).join(' '));
+}
+
+describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-img', function () {
+  this.timeout(300_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('tsimg-modify')));
+  after(() => t.cleanup());
+
+  const variants: { name: string; make: (dir: string) => Promise<void> }[] = [
+    {
+      name: 'qcow2 v3',
+      make: async (dir) => {
+        await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'a.qcow2', '64M'], { cwd: dir });
+        await qemuIo(dir, 'a.qcow2', 'write -P 1 0 4M', 'write -P 2 10M 1M', 'write -z 12M 1M');
+      },
+    },
+    {
+      name: 'qcow2 v2 with compressed clusters',
+      make: async (dir) => {
+        await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'src.raw', '64M'], { cwd: dir });
+        await qemuIo(dir, 'src.raw', 'write -P 1 0 4M', 'write -P 2 10M 1M');
+        await runOk('qemu-img', ['convert', '-q', '-c', '-O', 'qcow2', '-o', 'compat=0.10', 'src.raw', 'a.qcow2'], { cwd: dir });
+      },
+    },
+    {
+      name: 'qcow2 extended L2, 32 KiB clusters',
+      make: async (dir) => {
+        await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=32k', 'a.qcow2', '64M'], { cwd: dir });
+        await qemuIo(dir, 'a.qcow2', 'write -P 1 0 4M', 'write -P 2 10M 5k', 'write -z 12M 1M');
+      },
+    },
+  ];
+
+  for (const v of variants) {
+    it(`snapshot -c, -l, -a, -d (${v.name}): qemu-img check clean, same content as qemu-img's`, async () => {
+      const dir = fs.mkdtempSync(path.join(t.dir, 'snap-'));
+      await v.make(dir);
+      await ok(['snapshot', '-c', 's1', 'a.qcow2'], dir);
+      await qemuIo(dir, 'a.qcow2', 'write -P 3 0 1M', 'write -P 4 20M 1M');
+      await runOk('qemu-img', ['snapshot', '-c', 'q2', 'a.qcow2'], { cwd: dir });
+      await ok(['snapshot', '-c', 's3', 'a.qcow2'], dir);
+      await expectClean(path.join(dir, 'a.qcow2'));
+      expect(await snapshotNames(dir, 'a.qcow2')).to.deep.equal(['1 s1', '2 q2', '3 s3']);
+      // -l prints qemu-img's listing.
+      expect(await ok(['snapshot', '-l', 'a.qcow2'], dir)).to.equal(await runOk('qemu-img', ['snapshot', '-l', 'a.qcow2'], { cwd: dir }));
+      // Each snapshot reads as qemu-img reads it.
+      for (const s of ['s1', 's3']) {
+        await runOk('qemu-img', ['convert', '-l', `snapshot.name=${s}`, '-O', 'raw', 'a.qcow2', `${s}.raw`], { cwd: dir });
+      }
+      await qemuIo(dir, 'a.qcow2', 'write -P 5 2M 2M');
+      fs.copyFileSync(path.join(dir, 'a.qcow2'), path.join(dir, 'b.qcow2'));
+      await ok(['snapshot', '-a', 's1', 'a.qcow2'], dir);
+      await runOk('qemu-img', ['snapshot', '-a', 's1', 'b.qcow2'], { cwd: dir });
+      await expectClean(path.join(dir, 'a.qcow2'));
+      await expectSame(dir, 'a.qcow2', 's1.raw');
+      await expectSame(dir, 'a.qcow2', 'b.qcow2');
+      // A write after the revert leaves the snapshot as it was.
+      await qemuIo(dir, 'a.qcow2', 'write -P 6 0 64k');
+      await expectClean(path.join(dir, 'a.qcow2'));
+      // Delete by name and by ID, ours and qemu-img's.
+      await ok(['snapshot', '-d', 's1', 'a.qcow2'], dir);
+      await ok(['snapshot', '-d', '2', 'a.qcow2'], dir);
+      await expectClean(path.join(dir, 'a.qcow2'));
+      expect(await snapshotNames(dir, 'a.qcow2')).to.deep.equal(['3 s3']);
+      await runOk('qemu-img', ['convert', '-l', 'snapshot.name=s3', '-O', 'raw', 'a.qcow2', 's3-after.raw'], { cwd: dir });
+      await expectSame(dir, 's3-after.raw', 's3.raw');
+      // An unknown snapshot: exit 1, one line, the image unchanged.
+      const before = await md5File(path.join(dir, 'a.qcow2'));
+      const bad = await tsimg(['snapshot', '-a', 'nope', 'a.qcow2'], dir);
+      expect(bad.code).to.equal(1);
+      expect(bad.stderr.trim().split('\n')).to.have.length(1);
+      expect(await md5File(path.join(dir, 'a.qcow2'))).to.equal(before);
+      await ok(['snapshot', '-d', 's3', 'a.qcow2'], dir);
+      await expectClean(path.join(dir, 'a.qcow2'));
+      expect(await ok(['snapshot', '-l', 'a.qcow2'], dir)).to.equal('');
+    });
+  }
+
+  it('snapshot refuses an image opened by a writer, and a format without snapshots', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'snapref-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'r.raw', '1M'], { cwd: dir });
+    const r = await tsimg(['snapshot', '-c', 'x', 'r.raw'], dir);
+    expect(r.code).to.equal(1);
+    expect(r.stderr).to.match(/does not support internal snapshots/);
+  });
+
+  it('resize: grow, shrink only with --shrink, as qemu-img resize (qcow2 and raw)', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'resize-'));
+    for (const fmt of ['qcow2', 'raw']) {
+      const a = `a.${fmt}`;
+      const b = `b.${fmt}`;
+      await runOk('qemu-img', ['create', '-q', '-f', fmt, a, '64M'], { cwd: dir });
+      await qemuIo(dir, a, 'write -P 5 0 1M', 'write -P 6 60M 4M');
+      fs.copyFileSync(path.join(dir, a), path.join(dir, b));
+      const before = await md5File(path.join(dir, a));
+      const refused = await tsimg(['resize', a, '--', '-8M'], dir);
+      expect(refused.code).to.equal(1);
+      expect(refused.stderr).to.contain('--shrink');
+      expect(await md5File(path.join(dir, a))).to.equal(before);
+      expect(await ok(['resize', '--shrink', a, '--', '-8M'], dir)).to.equal('Image resized.\n');
+      await runOk('qemu-img', ['resize', '-q', '-f', fmt, '--shrink', b, '--', '-8M'], { cwd: dir });
+      await expectSame(dir, a, b);
+      await ok(['resize', a, '+1G'], dir);
+      await runOk('qemu-img', ['resize', '-q', '-f', fmt, b, '+1G'], { cwd: dir });
+      await expectSame(dir, a, b);
+      await ok(['resize', a, '2G'], dir);
+      const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', a], { cwd: dir })) as { 'virtual-size': number };
+      expect(info['virtual-size']).to.equal(2 * 1024 * MiB);
+      if (fmt === 'qcow2') await expectClean(path.join(dir, a));
+    }
+  });
+
+  it('commit writes the overlay into its backing file and empties it, as qemu-img commit', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'commit-'));
+    for (const name of ['ours', 'theirs']) {
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', `${name}-base.qcow2`, '64M'], { cwd: dir });
+      await qemuIo(dir, `${name}-base.qcow2`, 'write -P 7 0 8M');
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', `${name}-base.qcow2`, '-F', 'qcow2', `${name}.qcow2`], { cwd: dir });
+      await qemuIo(dir, `${name}.qcow2`, 'write -P 8 1M 1M', 'write -z 4M 1M', 'write -P 9 30M 64k');
+    }
+    await runOk('qemu-img', ['convert', '-O', 'raw', 'ours.qcow2', 'expect.raw'], { cwd: dir });
+    const out = await ok(['commit', '-p', 'ours.qcow2'], dir);
+    expect(out).to.contain('(100.00/100%)');
+    expect(out).to.contain('Image committed.');
+    await runOk('qemu-img', ['commit', '-q', 'theirs.qcow2'], { cwd: dir });
+    for (const f of ['ours.qcow2', 'ours-base.qcow2']) await expectClean(path.join(dir, f));
+    await expectSame(dir, 'ours-base.qcow2', 'expect.raw');
+    await expectSame(dir, 'ours-base.qcow2', 'theirs-base.qcow2');
+    await expectSame(dir, 'ours.qcow2', 'expect.raw');
+    // The overlay holds nothing any more.
+    const map = JSON.parse(await runOk('qemu-img', ['map', '--output=json', 'ours.qcow2'], { cwd: dir })) as { depth: number; present: boolean }[];
+    expect(map.filter((e) => e.depth === 0 && e.present)).to.deep.equal([]);
+    // Progress on a terminal without -p (script(1)'s pseudo-terminal); nothing but the result line otherwise.
+    await qemuIo(dir, 'ours.qcow2', 'write -P 3 0 64k');
+    const pty = await run('script', ['-qec', `${process.execPath} ${TSIMG} commit ours.qcow2`, '/dev/null'], { cwd: dir });
+    expect(pty.code, pty.stderr).to.equal(0);
+    expect(pty.stdout).to.contain('(100.00/100%)');
+    await qemuIo(dir, 'ours.qcow2', 'write -P 4 0 64k');
+    expect(await ok(['commit', 'ours.qcow2'], dir)).to.equal('Image committed.\n');
+    const none = await tsimg(['commit', 'expect.raw'], dir);
+    expect(none.code).to.equal(1);
+    expect(none.stderr).to.contain('does not have a backing file');
+  });
+
+  it('rebase (safe, -u, and onto nothing) as qemu-img rebase', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'rebase-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'b1.qcow2', '64M'], { cwd: dir });
+    await qemuIo(dir, 'b1.qcow2', 'write -P 1 0 8M');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'b2.qcow2', '64M'], { cwd: dir });
+    await qemuIo(dir, 'b2.qcow2', 'write -P 1 0 4M', 'write -P 2 20M 1M');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'b1.qcow2', '-F', 'qcow2', 't.qcow2'], { cwd: dir });
+    await qemuIo(dir, 't.qcow2', 'write -P 9 2M 1M');
+    await runOk('qemu-img', ['convert', '-O', 'raw', 't.qcow2', 'expect.raw'], { cwd: dir });
+    for (const f of ['t2.qcow2', 't3.qcow2', 't4.qcow2']) fs.copyFileSync(path.join(dir, 't.qcow2'), path.join(dir, f));
+    await ok(['rebase', '-b', 'b2.qcow2', '-F', 'qcow2', 't.qcow2'], dir);
+    await runOk('qemu-img', ['rebase', '-b', 'b2.qcow2', '-F', 'qcow2', 't2.qcow2'], { cwd: dir });
+    await expectClean(path.join(dir, 't.qcow2'));
+    await expectSame(dir, 't.qcow2', 'expect.raw');
+    const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', 't.qcow2'], { cwd: dir })) as Record<string, unknown>;
+    expect(info['backing-filename']).to.equal('b2.qcow2');
+    expect(info['backing-filename-format']).to.equal('qcow2');
+    // The same clusters copied as qemu-img's.
+    expect(await runOk('qemu-img', ['map', '--output=json', 't.qcow2'], { cwd: dir })).to.equal(await runOk('qemu-img', ['map', '--output=json', 't2.qcow2'], { cwd: dir }));
+    // -u: the header only, as qemu-img rebase -u writes it.
+    await ok(['rebase', '-u', '-b', 'b2.qcow2', '-F', 'qcow2', 't3.qcow2'], dir);
+    await runOk('qemu-img', ['rebase', '-u', '-b', 'b2.qcow2', '-F', 'qcow2', 't4.qcow2'], { cwd: dir });
+    expect(readBytes(path.join(dir, 't3.qcow2'), 0, 65536).equals(readBytes(path.join(dir, 't4.qcow2'), 0, 65536))).to.equal(true);
+    await expectClean(path.join(dir, 't3.qcow2'));
+    // Onto nothing: everything the old chain showed is copied in.
+    await ok(['rebase', '-b', '', 't.qcow2'], dir);
+    const none = JSON.parse(await runOk('qemu-img', ['info', '--output=json', 't.qcow2'], { cwd: dir })) as Record<string, unknown>;
+    expect(none['backing-filename']).to.equal(undefined);
+    await expectClean(path.join(dir, 't.qcow2'));
+    await expectSame(dir, 't.qcow2', 'expect.raw');
+  });
+
+  it('amend -o compat=1.1,lazy_refcounts=on writes the header qemu-img amend writes', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'amend-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', 'a.qcow2', '64M'], { cwd: dir });
+    await qemuIo(dir, 'a.qcow2', 'write -P 1 0 1M');
+    fs.copyFileSync(path.join(dir, 'a.qcow2'), path.join(dir, 'b.qcow2'));
+    await ok(['amend', '-o', 'compat=1.1,lazy_refcounts=on', 'a.qcow2'], dir);
+    await runOk('qemu-img', ['amend', '-o', 'compat=1.1,lazy_refcounts=on', 'b.qcow2'], { cwd: dir });
+    expect(readBytes(path.join(dir, 'a.qcow2'), 0, 65536).equals(readBytes(path.join(dir, 'b.qcow2'), 0, 65536))).to.equal(true);
+    await expectClean(path.join(dir, 'a.qcow2'));
+    await ok(['amend', '-o', 'lazy_refcounts=off', 'a.qcow2'], dir);
+    await runOk('qemu-img', ['amend', '-o', 'lazy_refcounts=off', 'b.qcow2'], { cwd: dir });
+    expect(readBytes(path.join(dir, 'a.qcow2'), 0, 65536).equals(readBytes(path.join(dir, 'b.qcow2'), 0, 65536))).to.equal(true);
+    const bad = await tsimg(['amend', '-o', 'cluster_size=4k', 'a.qcow2'], dir);
+    expect(bad.code).to.equal(1);
+    expect(bad.stderr.trim().split('\n')).to.have.length(1);
+  });
+
+  it('measure gives qemu-img measure numbers', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'measure-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'm.raw', '100M'], { cwd: dir });
+    await qemuIo(dir, 'm.raw', 'write -P 1 0 3M', 'write -P 1 50M 100k');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'q.qcow2', '64M'], { cwd: dir });
+    await qemuIo(dir, 'q.qcow2', 'write -P 1 0 4M', 'write -P 2 20M 1M', 'write -z 30M 1M');
+    const cases = [
+      ['-O', 'qcow2', 'm.raw'],
+      ['-O', 'raw', 'm.raw'],
+      ['-O', 'qcow2', '--size', '10G'],
+      ['-O', 'qcow2', '-o', 'extended_l2=on,cluster_size=128k', '--size', '1T'],
+      ['-O', 'qcow2', '-o', 'refcount_bits=1', 'q.qcow2'],
+      ['-O', 'qcow2', '-o', 'preallocation=full', 'q.qcow2'],
+    ];
+    for (const c of cases) {
+      for (const output of c === cases[5] ? ['json', 'human'] : ['json']) {
+        const theirs = await runOk('qemu-img', ['measure', '--output', output, ...c], { cwd: dir });
+        expect(await ok(['measure', '--output', output, ...c], dir), c.join(' ')).to.equal(theirs);
+      }
+    }
+  });
+
+  it('--version', async () => {
+    const pkg = JSON.parse(fs.readFileSync(path.resolve(path.dirname(TSIMG), '../../package.json'), 'utf8')) as { version: string };
+    expect((await ok(['--version'], t.dir)).trim()).to.equal(pkg.version);
+  });
+});
