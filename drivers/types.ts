@@ -127,6 +127,12 @@ export interface BlockNode {
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */
   checkMetadata?(): Promise<CheckReport>;
+  /**
+   * Repair what checkMetadata finds (tsimg check -r): 'leaks' frees what nothing uses,
+   * 'all' also raises counts that are too low; writable nodes only, and nothing may be
+   * written through the node afterwards (close it and open again).
+   */
+  repairMetadata?(mode: 'leaks' | 'all'): Promise<void>;
   /** Create, delete and revert to internal snapshots (tsimg snapshot); writable qcow2 nodes. */
   readonly snapshotControl?: SnapshotControl | undefined;
   /** Make every cluster of this layer unallocated, so it reads its backing file (tsimg commit). */

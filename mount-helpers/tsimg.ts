@@ -4,7 +4,7 @@
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
 //   tsimg info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
 //   tsimg map [-f FMT] [--output human|json] [-U] FILE
-//   tsimg check [-f FMT] [--output human|json] [-U] FILE
+//   tsimg check [-f FMT] [-r leaks|all] [--output human|json] [-U] FILE
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
 //   tsimg convert [-p] [-f FMT] [-O FMT] [-o OPTIONS] SRC DST
 //   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
@@ -78,6 +78,9 @@ async function main(argv: string[]): Promise<void> {
     .action(async (file: string, o: MapCli) => map(file, o));
   openOptions(program.command('check').description("check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks)").argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')
+    .option('-r, --repair <what>', 'repair: leaks, or all (leaks and corruptions)')
+    .option('-p, --progress', 'show progress while repairing')
+    .addHelpText('after', '\nExample: tsimg check -r leaks disk.qcow2')
     .action(async (file: string, o: CheckCli) => {
       exitCode = await check(file, o);
     });

@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { md5File, run, runOk, tempDir } from './helpers/qemu.js';
-import { expectClean, readBytes, TSIMG, tsimg } from './helpers/images.js';
+import { expectClean, patch, readBytes, TSIMG, tsimg } from './helpers/images.js';
 
 const MiB = 1024 * 1024;
 
@@ -243,6 +243,48 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
         expect(await ok(['measure', '--output', output, ...c], dir), c.join(' ')).to.equal(theirs);
       }
     }
+  });
+
+  it('check -r leaks|all leaves a qcow2 image qemu-img check calls clean; check finds VDI corruptions as qemu-img does', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'repair-'));
+    const refcountAt = (cluster: number): number => 2 * 65536 + cluster * 2;
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'c.qcow2', '16M'], { cwd: dir });
+    await qemuIo(dir, 'c.qcow2', 'write -P 1 0 1M');
+    // A leak: a cluster past the data counted once (the file grown to hold it).
+    fs.truncateSync(path.join(dir, 'c.qcow2'), 2 * MiB);
+    const leak = path.join(dir, 'c.qcow2');
+    const bad = path.join(dir, 'd.qcow2');
+    fs.copyFileSync(leak, bad);
+    patch(leak, refcountAt(25), Buffer.from([0, 1]));
+    // A corruption: a data cluster (6: header, reftable, block, L1, L2, data from 5) counted zero times.
+    patch(bad, refcountAt(6), Buffer.from([0, 0]));
+    expect((await tsimg(['check', 'c.qcow2'], dir)).code).to.equal(3);
+    expect((await run('qemu-img', ['check', 'c.qcow2'], { cwd: dir })).code).to.equal(3);
+    const fixed = await tsimg(['check', '-r', 'leaks', 'c.qcow2'], dir);
+    expect(fixed.code, fixed.stderr).to.equal(0);
+    expect(fixed.stdout).to.contain('    1 leaked clusters\n    0 corruptions');
+    await expectClean(leak);
+    expect((await tsimg(['check', 'd.qcow2'], dir)).code).to.equal(2);
+    // -r leaks leaves a corruption as it is.
+    expect((await tsimg(['check', '-r', 'leaks', 'd.qcow2'], dir)).code).to.equal(2);
+    expect((await run('qemu-img', ['check', 'd.qcow2'], { cwd: dir })).code).to.equal(2);
+    const all = await tsimg(['check', '-r', 'all', '--output', 'json', 'd.qcow2'], dir);
+    expect(all.code, all.stderr).to.equal(0);
+    expect(JSON.parse(all.stdout)).to.have.property('corruptions-fixed');
+    await expectClean(bad);
+    await expectSame(dir, 'c.qcow2', 'd.qcow2');
+    // VDI: the header's count of allocated blocks, and a block map entry out of range.
+    await runOk('qemu-img', ['create', '-q', '-f', 'vdi', 'v.vdi', '16M'], { cwd: dir });
+    await qemuIo(dir, 'v.vdi', 'write -P 1 0 3M');
+    expect((await tsimg(['check', 'v.vdi'], dir)).code).to.equal(0);
+    patch(path.join(dir, 'v.vdi'), 0x184, Buffer.from([7]));
+    patch(path.join(dir, 'v.vdi'), 0x200 + 4, Buffer.from([0x40, 0, 0, 0]));
+    const ours = await tsimg(['check', '--output', 'json', 'v.vdi'], dir);
+    const theirs = await run('qemu-img', ['check', '--output', 'json', 'v.vdi'], { cwd: dir });
+    expect(ours.code).to.equal(theirs.code);
+    expect(ours.code).to.equal(2);
+    expect(JSON.parse(ours.stdout)).to.deep.equal(JSON.parse(theirs.stdout));
+    expect(ours.stderr).to.equal(theirs.stderr);
   });
 
   it('--version', async () => {

@@ -80,6 +80,10 @@ export class Filter implements BlockNode {
     const next = this.next;
     return next.checkMetadata && (() => next.checkMetadata!());
   }
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    const next = this.next;
+    return next.repairMetadata && ((mode) => next.repairMetadata!(mode));
+  }
   get snapshotControl(): SnapshotControl | undefined {
     return this.next.snapshotControl;
   }

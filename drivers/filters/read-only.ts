@@ -32,6 +32,10 @@ export class ReadOnlyFilter extends Filter {
     return this.next.truncate && (() => Promise.reject(this.refusal()));
   }
 
+  override get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    return this.next.repairMetadata && (() => Promise.reject(this.refusal()));
+  }
+
   override get makeEmpty(): (() => Promise<void>) | undefined {
     return this.next.makeEmpty && (() => Promise.reject(this.refusal()));
   }

@@ -52,6 +52,8 @@ export interface Qcow2NodeOptions {
   description?: ImageDescription;
   /** The read-only consistency check (check.ts), for the active node only. */
   check?: () => Promise<CheckReport>;
+  /** Rebuild the refcounts from the references (repair.ts), for the active node only. */
+  repair?: (leaksOnly: boolean) => Promise<void>;
   /** The header's snapshot fields, for the active node: what snapshot-ops.ts changes. */
   snapshotState?: SnapshotState;
 }
@@ -101,6 +103,7 @@ export class Qcow2Node implements BlockNode {
   private readonly description: ImageDescription;
   private readonly checkFn: (() => Promise<CheckReport>) | undefined;
   private readonly snapshotState: SnapshotState | undefined;
+  private readonly repairFn: ((leaksOnly: boolean) => Promise<void>) | undefined;
   readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
@@ -130,6 +133,7 @@ export class Qcow2Node implements BlockNode {
     this.description = o.description ?? { clusterSize: this.cs };
     this.checkFn = o.check;
     this.snapshotState = o.snapshotState;
+    this.repairFn = o.repair;
     // Encrypted sectors are the unit: unaligned requests become aligned ones above.
     this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
@@ -184,6 +188,16 @@ export class Qcow2Node implements BlockNode {
   get checkMetadata(): (() => Promise<CheckReport>) | undefined {
     const check = this.checkFn;
     return check && this.readOnly ? check : undefined;
+  }
+
+  /** qemu-img check -r: the refcounts rebuilt from what references each cluster (writable active node). */
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    const repair = this.repairFn;
+    if (!repair || this.readOnly || this.isView) return undefined;
+    return async (mode) => {
+      await this.flush();
+      await this.mutex.run(() => repair(mode === 'leaks'));
+    };
   }
 
   setSnapshots(views: { name: string; node: BlockNode }[]): void {
