@@ -6,7 +6,7 @@
 //   tsimg map [-f FMT] [--output human|json] [-U] FILE
 //   tsimg check [-f FMT] [-r leaks|all] [--output human|json] [-U] FILE
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
-//   tsimg convert [-p] [-f FMT] [-O FMT] [-o OPTIONS] SRC DST
+//   tsimg convert [-p] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC DST
 //   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
 //   tsimg resize [--shrink] FILE [+|-]SIZE
 //   tsimg commit [-p] [-d] FILE
@@ -94,6 +94,10 @@ async function main(argv: string[]): Promise<void> {
     .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
     .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
     .option('-p, --progress', 'show progress')
+    .option('-B, --backing-file <file>', 'make the new image an overlay of this file, holding only what differs from it')
+    .option('-F, --backing-format <fmt>', 'the format of the -B file')
+    .option('-n, --skip-create', 'write into an existing image instead of creating one')
+    .option('-W, --parallel', 'several requests in flight, written out of order')
     .option('--target-secret <pass>', 'passphrase of an encrypted new image')
     .option('--target-secret-file <file>', "read the new image's passphrase from a file")
     .action(async (src: string, dst: string, o: ConvertCli) => convert(src, dst, o));

@@ -287,6 +287,30 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     expect(ours.stderr).to.equal(theirs.stderr);
   });
 
+  it('convert -B (only the differences), -n (into an existing image), -W (out of order)', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'convert-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], { cwd: dir });
+    await qemuIo(dir, 'base.qcow2', 'write -P 1 0 8M');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], { cwd: dir });
+    await qemuIo(dir, 'top.qcow2', 'write -P 2 1M 1M', 'write -z 5M 1M', 'write -P 3 20M 1M');
+    await ok(['convert', '-O', 'qcow2', '-B', 'base.qcow2', '-F', 'qcow2', 'top.qcow2', 'out.qcow2'], dir);
+    await runOk('qemu-img', ['convert', '-O', 'qcow2', '-B', 'base.qcow2', '-F', 'qcow2', 'top.qcow2', 'q.qcow2'], { cwd: dir });
+    await expectClean(path.join(dir, 'out.qcow2'));
+    await expectSame(dir, 'out.qcow2', 'top.qcow2');
+    // The overlay holds what qemu-img's holds: the differences only.
+    const own = async (f: string): Promise<unknown[]> =>
+      (JSON.parse(await runOk('qemu-img', ['map', '--output=json', f], { cwd: dir })) as { depth: number; start: number; length: number; zero: boolean }[])
+        .filter((e) => e.depth === 0)
+        .map((e) => [e.start, e.length, e.zero]);
+    expect(await own('out.qcow2')).to.deep.equal(await own('q.qcow2'));
+    await ok(['convert', '-W', '-O', 'qcow2', 'top.qcow2', 'w.qcow2'], dir);
+    await expectSame(dir, 'w.qcow2', 'top.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'n.raw', '64M'], { cwd: dir });
+    await qemuIo(dir, 'n.raw', 'write -P 9 0 64M');
+    await ok(['convert', '-n', '-O', 'raw', 'top.qcow2', 'n.raw'], dir);
+    await expectSame(dir, 'n.raw', 'top.qcow2');
+  });
+
   it('--version', async () => {
     const pkg = JSON.parse(fs.readFileSync(path.resolve(path.dirname(TSIMG), '../../package.json'), 'utf8')) as { version: string };
     expect((await ok(['--version'], t.dir)).trim()).to.equal(pkg.version);
