@@ -311,6 +311,21 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     await expectSame(dir, 'n.raw', 'top.qcow2');
   });
 
+  it('the man pages name every subcommand and render', async () => {
+    const manDir = path.resolve(path.dirname(TSIMG), '../../mount-helpers/man');
+    const page = fs.readFileSync(path.join(manDir, 'tsimg.1'), 'utf8');
+    const help = await ok(['--help'], t.dir);
+    const subcommands = [...help.matchAll(/^  ([a-z]+) /gm)].map((m) => m[1]!).filter((c) => c !== 'help');
+    expect(subcommands.length).to.be.greaterThan(8);
+    for (const c of subcommands) expect(page, c).to.contain(`.B ${c}`);
+    for (const f of ['tsimg.1', 'tsmount.1']) {
+      const r = await run('man', ['-l', path.join(manDir, f)], { env: { ...process.env, MANPAGER: 'cat', MANWIDTH: '80' } });
+      if (r.code === 127 || /ENOENT/.test(r.stderr)) return; // man-db missing: setup.sh installs it
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stdout).to.contain('SYNOPSIS');
+    }
+  });
+
   it('--version', async () => {
     const pkg = JSON.parse(fs.readFileSync(path.resolve(path.dirname(TSIMG), '../../package.json'), 'utf8')) as { version: string };
     expect((await ok(['--version'], t.dir)).trim()).to.equal(pkg.version);
