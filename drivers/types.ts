@@ -240,5 +240,7 @@ export interface CreateRequest {
 export interface Creatable {
   /** Option names that create() accepts, as qemu-block-drivers(7) lists them. */
   readonly createOptions: readonly string[];
+  /** The value each option takes when not given, where there is one (tsimg create -o help). */
+  readonly createDefaults?: Readonly<Record<string, string>>;
   create(req: CreateRequest): Promise<void>;
 }

@@ -14,7 +14,7 @@
 //   tsimg amend -o OPTIONS FILE
 //   tsimg measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | FILE)
 import { Command } from 'commander';
-import { messageOf } from '../drivers/errors.js';
+import { messageOf, UsageError } from '../drivers/errors.js';
 import { ExitError, readSecret } from './tsimg/common.js';
 import { createImage, type CreateCli } from '../drivers/create.js';
 import { info, type InfoCli } from './tsimg/info.js';
@@ -58,8 +58,8 @@ async function main(argv: string[]): Promise<void> {
     .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1));
   program
     .command('create')
-    .description('create an image')
-    .argument('<file>')
+    .description('create an image (-o help: the format\'s options)')
+    .argument('[file]')
     .argument('[size]')
     .option('-f, --format <fmt>', 'image format', 'raw')
     .option('-o, --options <opts>', 'format options, key=value,...', collect, [] as string[])
@@ -68,7 +68,12 @@ async function main(argv: string[]): Promise<void> {
     .option('--secret <pass>', 'passphrase for encryption')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-q, --quiet', 'print nothing')
-    .action(async (file: string, size: string | undefined, o: CreateCli & { secretFile?: string }) => createImage(file, size, { ...o, secret: readSecret(o) }));
+    .addHelpText('after', '\nExamples: tsimg create -f qcow2 disk.qcow2 20G\n          tsimg create -f qcow2 -o help')
+    .action(async (file: string | undefined, size: string | undefined, o: CreateCli & { secretFile?: string }) => {
+      const help = o.options.some((t) => t.split(',').some((k) => k === 'help' || k === '?'));
+      if (file === undefined && !help) throw new UsageError("missing required argument 'file'");
+      await createImage(file ?? '', size, { ...o, secret: readSecret(o) });
+    });
   openOptions(program.command('info').description('show an image (and with --backing-chain every layer under it)').argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')
     .option('--backing-chain', 'show every layer of the backing chain')

@@ -326,6 +326,16 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     }
   });
 
+  it('create -o help lists the options qemu-img lists, with defaults, and creates nothing', async () => {
+    const ours = await ok(['create', '-f', 'qcow2', '-o', 'help'], t.dir);
+    const theirs = await runOk('qemu-img', ['create', '-f', 'qcow2', '-o', 'help'], { cwd: t.dir });
+    const names = [...ours.matchAll(/^  (\S+)/gm)].map((m) => m[1]!);
+    expect(names).to.include('cluster_size');
+    // nocow is the file protocol's, which qemu-img lists only with a file name.
+    for (const n of names.filter((x) => x !== 'nocow')) expect(theirs, n).to.match(new RegExp(`^\\s*${n.replace('.', '\\.')}=`, 'm'));
+    expect(ours).to.contain('cluster_size (default: 65536)');
+  });
+
   it('--version', async () => {
     const pkg = JSON.parse(fs.readFileSync(path.resolve(path.dirname(TSIMG), '../../package.json'), 'utf8')) as { version: string };
     expect((await ok(['--version'], t.dir)).trim()).to.equal(pkg.version);

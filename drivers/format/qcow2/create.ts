@@ -26,6 +26,20 @@ export const createOptions: readonly string[] = [
   'nocow',
 ];
 
+/** What readSettings takes when an option is not given (tsimg create -o help). */
+export const createDefaults: Readonly<Record<string, string>> = {
+  compat: '1.1',
+  cluster_size: '65536',
+  extended_l2: 'off',
+  preallocation: 'off',
+  lazy_refcounts: 'off',
+  refcount_bits: '16',
+  compression_type: 'zlib',
+  data_file_raw: 'off',
+  encryption: 'off',
+  nocow: 'off',
+};
+
 /** The v3 header QEMU 7.2 writes: 104 bytes plus compression_type, padded to 8. */
 const V3_HEADER_LENGTH = 112;
 /** Bytes written per request when preallocating. */

@@ -26,7 +26,7 @@ import { rebuildRefcounts, type RepairInput } from './repair.js';
 import { checkQcow2 } from './check.js';
 import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header } from '../../crypto/luks1.js';
 import { luksVersion } from '../../crypto/magic.js';
-import { createOptions, createQcow2 } from './create.js';
+import { createDefaults, createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
 import type { SnapshotEntry } from './snapshot.js';
@@ -312,5 +312,6 @@ export const qcow2Driver: FormatDriver & Creatable = {
   probe,
   open,
   createOptions,
+  createDefaults,
   create: createQcow2,
 };
