@@ -3,7 +3,7 @@
 // module each under tsimg/; every one opens images through drivers/open.ts.
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
 //   tsimg info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
-//   tsimg map [-f FMT] [--output human|json] [-U] FILE
+//   tsimg map [-f FMT] [--output human|json|svg] [-U] FILE
 //   tsimg check [-f FMT] [-r leaks|all] [--output human|json] [-U] FILE
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
 //   tsimg convert [-p] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC DST
@@ -79,7 +79,8 @@ async function main(argv: string[]): Promise<void> {
     .option('--backing-chain', 'show every layer of the backing chain')
     .action(async (file: string, o: InfoCli) => info(file, o));
   openOptions(program.command('map').description('show where each run of the disk comes from, through the backing chain').argument('<file>'))
-    .option('--output <fmt>', 'human or json', 'human')
+    .option('--output <fmt>', 'human, json, or svg (a picture, one row per layer)', 'human')
+    .addHelpText('after', '\nExample: tsimg map --output svg disk.qcow2 > map.svg')
     .action(async (file: string, o: MapCli) => map(file, o));
   openOptions(program.command('check').description("check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks)").argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')

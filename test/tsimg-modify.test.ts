@@ -336,6 +336,21 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     expect(ours).to.contain('cluster_size (default: 65536)');
   });
 
+  it('map --output svg draws one shape per run qemu-img map lists as present, one row per layer', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'svg-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'b.qcow2', '64M'], { cwd: dir });
+    await qemuIo(dir, 'b.qcow2', 'write -P 1 0 8M');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 't.qcow2'], { cwd: dir });
+    await qemuIo(dir, 't.qcow2', 'write -P 2 1M 1M', 'write -z 20M 4M');
+    const svg = await ok(['map', '--output', 'svg', 't.qcow2'], dir);
+    expect(svg.startsWith('<svg xmlns="http://www.w3.org/2000/svg"')).to.equal(true);
+    expect(svg.trimEnd().endsWith('</svg>')).to.equal(true);
+    const theirs = JSON.parse(await runOk('qemu-img', ['map', '--output=json', 't.qcow2'], { cwd: dir })) as { present: boolean; start: number; length: number; data: boolean }[];
+    const shapes = [...svg.matchAll(/<title>(\w+) (\d+)\+(\d+)<\/title>/g)].map((m) => [m[2], m[3], m[1] === 'data'].join(' '));
+    expect(shapes).to.deep.equal(theirs.filter((e) => e.present).map((e) => [e.start, e.length, e.data].join(' ')));
+    expect(svg).to.contain('0: t.qcow2').and.to.contain('1: b.qcow2');
+  });
+
   it('--version', async () => {
     const pkg = JSON.parse(fs.readFileSync(path.resolve(path.dirname(TSIMG), '../../package.json'), 'utf8')) as { version: string };
     expect((await ok(['--version'], t.dir)).trim()).to.equal(pkg.version);
