@@ -93,6 +93,7 @@ async function main(argv: string[]): Promise<void> {
   openOptions(program.command('compare').description('compare what two images read (exit 0 equal, 1 different, 2 error)').argument('<file1>').argument('<file2>'))
     .option('-F, --second-format <fmt>', "the second image's format")
     .option('-s, --strict', 'images of different sizes differ')
+    .option('-p, --progress', 'show progress')
     .action(async (a: string, b: string, o: CompareCli) => {
       exitCode = await compare(a, b, o);
     });

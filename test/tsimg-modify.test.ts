@@ -349,6 +349,10 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     const shapes = [...svg.matchAll(/<title>(\w+) (\d+)\+(\d+)<\/title>/g)].map((m) => [m[2], m[3], m[1] === 'data'].join(' '));
     expect(shapes).to.deep.equal(theirs.filter((e) => e.present).map((e) => [e.start, e.length, e.data].join(' ')));
     expect(svg).to.contain('0: t.qcow2').and.to.contain('1: b.qcow2');
+    // compare -p: the progress line, then the verdict.
+    const cmp = await ok(['compare', '-p', 't.qcow2', 't.qcow2'], dir);
+    expect(cmp).to.contain('(100.00/100%)').and.to.contain('Images are identical.');
+    expect(await ok(['compare', 't.qcow2', 't.qcow2'], dir)).to.equal('Images are identical.\n');
   });
 
   it('--version', async () => {
