@@ -108,7 +108,7 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     });
   }
 
-  it('snapshot refuses an image opened by a writer, and a format without snapshots', async () => {
+  it('snapshot refuses a format without internal snapshots', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'snapref-'));
     await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'r.raw', '1M'], { cwd: dir });
     const r = await tsimg(['snapshot', '-c', 'x', 'r.raw'], dir);
