@@ -34,6 +34,12 @@ export interface CreateCli {
 export async function createImage(spec: string, sizeText: string | undefined, o: CreateCli): Promise<void> {
   const driver = formatByName(o.format) as FormatDriver & Partial<Creatable>;
   if (!driver.create) throw new UsageError(`format '${o.format}' does not support image creation`);
+  // -o help (or ?): the format's options, with their defaults, and nothing created.
+  if (o.options.some((t) => t.split(',').some((k) => k === 'help' || k === '?'))) {
+    const lines = (driver.createOptions ?? []).map((k) => `  ${k}${driver.createDefaults?.[k] !== undefined ? ` (default: ${driver.createDefaults[k]})` : ''}`);
+    process.stdout.write(`Supported ${driver.name} options:\n${lines.join('\n')}\n`);
+    return;
+  }
   const options = new CreateOptions(o.options.flatMap((t) => parseOptionString(t)));
   if (o.backing !== undefined) options.set('backing_file', o.backing);
   if (o.backingFormat !== undefined) options.set('backing_fmt', o.backingFormat);

@@ -127,7 +127,29 @@ export interface BlockNode {
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */
   checkMetadata?(): Promise<CheckReport>;
+  /**
+   * Repair what checkMetadata finds (tsimg check -r): 'leaks' frees what nothing uses,
+   * 'all' also raises counts that are too low; writable nodes only, and nothing may be
+   * written through the node afterwards (close it and open again).
+   */
+  repairMetadata?(mode: 'leaks' | 'all'): Promise<void>;
+  /** Create, delete and revert to internal snapshots (tsimg snapshot); writable qcow2 nodes. */
+  readonly snapshotControl?: SnapshotControl | undefined;
+  /** Make every cluster of this layer unallocated, so it reads its backing file (tsimg commit). */
+  makeEmpty?(): Promise<void>;
+  /** Rewrite the header's backing file name and format (tsimg rebase, amend); nothing else changes. */
+  setBacking?(file: string | undefined, format: string | undefined): Promise<void>;
+  /** Change header options in place (tsimg amend -o), as QEMU's bdrv_amend_options. */
+  amend?(options: import('./options.js').CreateOptions): Promise<void>;
   close(): Promise<void>;
+}
+
+/** What tsimg snapshot does to a layer's internal snapshots (QEMU's bdrv_snapshot_*). */
+export interface SnapshotControl {
+  create(name: string): Promise<void>;
+  /** By ID first, then by name, as qemu-img finds a snapshot. */
+  remove(idOrName: string): Promise<void>;
+  apply(idOrName: string): Promise<void>;
 }
 
 
@@ -218,5 +240,7 @@ export interface CreateRequest {
 export interface Creatable {
   /** Option names that create() accepts, as qemu-block-drivers(7) lists them. */
   readonly createOptions: readonly string[];
+  /** The value each option takes when not given, where there is one (tsimg create -o help). */
+  readonly createDefaults?: Readonly<Record<string, string>>;
   create(req: CreateRequest): Promise<void>;
 }

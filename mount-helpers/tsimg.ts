@@ -3,12 +3,18 @@
 // module each under tsimg/; every one opens images through drivers/open.ts.
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
 //   tsimg info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
-//   tsimg map [-f FMT] [--output human|json] [-U] FILE
-//   tsimg check [-f FMT] [--output human|json] [-U] FILE
+//   tsimg map [-f FMT] [--output human|json|svg] [-U] FILE
+//   tsimg check [-f FMT] [-r leaks|all] [--output human|json] [-U] FILE
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
-//   tsimg convert [-p] [-f FMT] [-O FMT] [-o OPTIONS] SRC DST
+//   tsimg convert [-p] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC DST
+//   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
+//   tsimg resize [--shrink] FILE [+|-]SIZE
+//   tsimg commit [-p] [-d] FILE
+//   tsimg rebase [-u] [-p] -b NEW [-F FMT] FILE
+//   tsimg amend -o OPTIONS FILE
+//   tsimg measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | FILE)
 import { Command } from 'commander';
-import { messageOf } from '../drivers/errors.js';
+import { messageOf, UsageError } from '../drivers/errors.js';
 import { ExitError, readSecret } from './tsimg/common.js';
 import { createImage, type CreateCli } from '../drivers/create.js';
 import { info, type InfoCli } from './tsimg/info.js';
@@ -16,6 +22,13 @@ import { map, type MapCli } from './tsimg/map.js';
 import { check, type CheckCli } from './tsimg/check.js';
 import { compare, type CompareCli } from './tsimg/compare.js';
 import { convert, type ConvertCli } from './tsimg/convert.js';
+import { snapshot, type SnapshotCli } from './tsimg/snapshot.js';
+import { resize, type ResizeCli } from './tsimg/resize.js';
+import { commit, type CommitCli } from './tsimg/commit.js';
+import { rebase, type RebaseCli } from './tsimg/rebase.js';
+import { amend, type AmendCli } from './tsimg/amend.js';
+import { measure, type MeasureCli } from './tsimg/measure.js';
+import { packageVersion } from './version.js';
 
 
 function fail(msg: string, code = 1): never {
@@ -43,6 +56,7 @@ async function main(argv: string[]): Promise<void> {
   const program = new Command('tsimg')
     .description('Create and inspect disk images (subcommands as in qemu-img)')
     .configureOutput({ outputError: (str, write) => write(`tsimg: ${str.replace(/^error: /, '').trim()}\n`) })
+    .version(packageVersion(), '-V, --version')
     .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1))
     .hook('preAction', async (_program, action) => {
       const o = action.opts<{ iscsi?: string[]; readconfig?: string[] }>();
@@ -50,8 +64,8 @@ async function main(argv: string[]): Promise<void> {
     });
   program
     .command('create')
-    .description('create an image')
-    .argument('<file>')
+    .description('create an image (-o help: the format\'s options)')
+    .argument('[file]')
     .argument('[size]')
     .option('-f, --format <fmt>', 'image format', 'raw')
     .option('-o, --options <opts>', 'format options, key=value,...', collect, [] as string[])
@@ -60,22 +74,32 @@ async function main(argv: string[]): Promise<void> {
     .option('--secret <pass>', 'passphrase for encryption')
     .option('--secret-file <file>', 'read the passphrase from a file')
     .option('-q, --quiet', 'print nothing')
-    .action(async (file: string, size: string | undefined, o: CreateCli & { secretFile?: string }) => createImage(file, size, { ...o, secret: readSecret(o) }));
+    .addHelpText('after', '\nExamples: tsimg create -f qcow2 disk.qcow2 20G\n          tsimg create -f qcow2 -o help')
+    .action(async (file: string | undefined, size: string | undefined, o: CreateCli & { secretFile?: string }) => {
+      const help = o.options.some((t) => t.split(',').some((k) => k === 'help' || k === '?'));
+      if (file === undefined && !help) throw new UsageError("missing required argument 'file'");
+      await createImage(file ?? '', size, { ...o, secret: readSecret(o) });
+    });
   openOptions(program.command('info').description('show an image (and with --backing-chain every layer under it)').argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')
     .option('--backing-chain', 'show every layer of the backing chain')
     .action(async (file: string, o: InfoCli) => info(file, o));
   openOptions(program.command('map').description('show where each run of the disk comes from, through the backing chain').argument('<file>'))
-    .option('--output <fmt>', 'human or json', 'human')
+    .option('--output <fmt>', 'human, json, or svg (a picture, one row per layer)', 'human')
+    .addHelpText('after', '\nExample: tsimg map --output svg disk.qcow2 > map.svg')
     .action(async (file: string, o: MapCli) => map(file, o));
   openOptions(program.command('check').description("check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks)").argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')
+    .option('-r, --repair <what>', 'repair: leaks, or all (leaks and corruptions)')
+    .option('-p, --progress', 'show progress while repairing')
+    .addHelpText('after', '\nExample: tsimg check -r leaks disk.qcow2')
     .action(async (file: string, o: CheckCli) => {
       exitCode = await check(file, o);
     });
   openOptions(program.command('compare').description('compare what two images read (exit 0 equal, 1 different, 2 error)').argument('<file1>').argument('<file2>'))
     .option('-F, --second-format <fmt>', "the second image's format")
     .option('-s, --strict', 'images of different sizes differ')
+    .option('-p, --progress', 'show progress')
     .action(async (a: string, b: string, o: CompareCli) => {
       exitCode = await compare(a, b, o);
     });
@@ -83,9 +107,50 @@ async function main(argv: string[]): Promise<void> {
     .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
     .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
     .option('-p, --progress', 'show progress')
+    .option('-B, --backing-file <file>', 'make the new image an overlay of this file, holding only what differs from it')
+    .option('-F, --backing-format <fmt>', 'the format of the -B file')
+    .option('-n, --skip-create', 'write into an existing image instead of creating one')
+    .option('-W, --parallel', 'several requests in flight, written out of order')
     .option('--target-secret <pass>', 'passphrase of an encrypted new image')
     .option('--target-secret-file <file>', "read the new image's passphrase from a file")
     .action(async (src: string, dst: string, o: ConvertCli) => convert(src, dst, o));
+  openOptions(program.command('snapshot').description('list, create, delete or apply internal snapshots (qcow2)').argument('<file>'))
+    .option('-l, --list', 'list the snapshots')
+    .option('-c, --create <name>', 'create a snapshot')
+    .option('-d, --delete <name>', 'delete a snapshot (by ID or name)')
+    .option('-a, --apply <name>', 'revert the disk to a snapshot (by ID or name)')
+    .addHelpText('after', '\nExample: tsimg snapshot -c before-upgrade disk.qcow2')
+    .action(async (file: string, o: SnapshotCli) => snapshot(file, o));
+  openOptions(program.command('resize').description('change the virtual size ([+|-]SIZE); a shrink needs --shrink').argument('<file>').argument('<size>'))
+    .option('--shrink', 'allow making the image smaller (data past the new end is lost)')
+    .option('-q, --quiet', 'print nothing')
+    .addHelpText('after', '\nExample: tsimg resize disk.qcow2 +10G')
+    .action(async (file: string, size: string, o: ResizeCli) => resize(file, size, o));
+  openOptions(program.command('commit').description('write the image into its backing file, then empty it').argument('<file>'))
+    .option('-p, --progress', 'show progress')
+    .option('-d, --drop', 'keep the image as it is after committing')
+    .option('-q, --quiet', 'print nothing')
+    .addHelpText('after', '\nExample: tsimg commit overlay.qcow2')
+    .action(async (file: string, o: CommitCli) => commit(file, o));
+  openOptions(program.command('rebase').description('change the backing file (safe: copies what would read differently; -u: header only)').argument('<file>'))
+    .requiredOption('-b, --backing <file>', "the new backing file ('' for none)")
+    .option('-F, --backing-format <fmt>', 'the new backing file format')
+    .option('-u, --unsafe', 'only rewrite the backing file name')
+    .option('-p, --progress', 'show progress')
+    .option('-q, --quiet', 'print nothing')
+    .addHelpText('after', '\nExample: tsimg rebase -b new-base.qcow2 -F qcow2 overlay.qcow2')
+    .action(async (file: string, o: RebaseCli) => rebase(file, o));
+  openOptions(program.command('amend').description('change format options in place (qcow2: compat, lazy_refcounts, backing_file, backing_fmt)').argument('<file>'))
+    .option('-o, --options <opts>', 'options, key=value,...', collect, [] as string[])
+    .addHelpText('after', '\nExample: tsimg amend -o lazy_refcounts=on disk.qcow2')
+    .action(async (file: string, o: AmendCli) => amend(file, o));
+  openOptions(program.command('measure').description('the size a new image would need (qemu-img measure)').argument('[file]'))
+    .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
+    .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
+    .option('--size <size>', 'measure an empty image of this size')
+    .option('--output <fmt>', 'human or json', 'human')
+    .addHelpText('after', '\nExample: tsimg measure -O qcow2 --output json disk.raw')
+    .action(async (file: string | undefined, o: MeasureCli) => measure(file, o));
   await program.parseAsync(argv);
   process.exitCode = exitCode;
 }

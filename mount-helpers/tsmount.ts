@@ -23,6 +23,7 @@ import { parseSize } from '../drivers/options.js';
 import { parseMountAccess } from '../fs/access.js';
 import { readSecretFile } from './secret.js';
 import { expandMountOptions } from './mount-options.js';
+import { packageVersion } from './version.js';
 
 
 interface CliOptions {
@@ -114,6 +115,7 @@ function program(): Command {
     .addOption(new Option('--starter <pid>').hideHelp())
     .showHelpAfterError(false)
     .configureOutput({ outputError: (str, write) => write(`tsmount: ${str.replace(/^error: /, '').trim()}\n`) })
+    .version(packageVersion(), '-V, --version')
     .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 1));
 }
 

@@ -27,6 +27,7 @@ PACKAGES=(
   dmg2img bzip2                     # dmg tests: an independent UDIF decoder; bzip2 chunks for the generator
   glusterfs-server libgfapi0        # GlusterFS: glusterd + bricks for the tests; libgfapi is what the gluster node calls
   qemu-block-extra                  # qemu-img's own gluster driver, the gluster tests' second oracle
+  man-db                            # `man tsmount`, `man tsimg` (pages installed below)
   ca-certificates
 )
 
@@ -48,4 +49,9 @@ npm link --no-audit --no-fund >/dev/null
 bindir="$(npm prefix -g)/bin"
 ln -sf "$bindir/mount.fuse.tsmount" /sbin/mount.fuse.tsmount
 ln -sf "$bindir/tsmount" /usr/sbin/tsmount
+# The man pages: `man tsmount`, `man tsimg`.
+mandir=/usr/local/share/man/man1
+mkdir -p "$mandir"
+install -m 0644 mount-helpers/man/tsmount.1 mount-helpers/man/tsimg.1 "$mandir/"
+mandb -q >/dev/null 2>&1 || true
 echo "setup.sh: done; try: tsmount --help"

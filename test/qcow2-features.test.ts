@@ -317,16 +317,27 @@ describe('qcow2 features', function () {
       });
     }
 
-    it('refuses to shrink', async function () {
+    it('shrinks as qemu-img resize --shrink does, and refuses to with internal snapshots', async function () {
       const file = path.join(tmp.dir, 'shrink.qcow2');
       await createImage(file, 'qcow2', 16 * MiB);
+      await qemuIo(file, 'qcow2', ['write -P 0x11 0 4M', 'write -P 0x22 12M 4M']);
       const node = await openTestImage(file, { rw: true });
       try {
-        let err: unknown;
-        await node.truncate!(8 * MiB).catch((e: unknown) => (err = e));
-        expect(String(err)).to.match(/shrinking/);
+        await node.truncate!(8 * MiB);
+        expect(node.size).to.equal(8 * MiB);
       } finally {
         await node.close();
+      }
+      await expectClean(file);
+      await qemuIo(file, 'qcow2', ['read -P 0x11 0 4M', 'read -P 0 4M 4M']);
+      await runOk('qemu-img', ['snapshot', '-c', 's', file]);
+      const again = await openTestImage(file, { rw: true });
+      try {
+        let err: unknown;
+        await again.truncate!(4 * MiB).catch((e: unknown) => (err = e));
+        expect(String(err)).to.match(/snapshots/);
+      } finally {
+        await again.close();
       }
     });
   });

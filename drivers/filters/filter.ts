@@ -4,7 +4,8 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, CheckReport, Extent, ImageDescription } from '../types.js';
+import type { BlockNode, CheckReport, Extent, ImageDescription, SnapshotControl } from '../types.js';
+import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
 export class Filter implements BlockNode {
@@ -78,5 +79,24 @@ export class Filter implements BlockNode {
   get checkMetadata(): (() => Promise<CheckReport>) | undefined {
     const next = this.next;
     return next.checkMetadata && (() => next.checkMetadata!());
+  }
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    const next = this.next;
+    return next.repairMetadata && ((mode) => next.repairMetadata!(mode));
+  }
+  get snapshotControl(): SnapshotControl | undefined {
+    return this.next.snapshotControl;
+  }
+  get makeEmpty(): (() => Promise<void>) | undefined {
+    const next = this.next;
+    return next.makeEmpty && (() => next.makeEmpty!());
+  }
+  get setBacking(): ((file: string | undefined, format: string | undefined) => Promise<void>) | undefined {
+    const next = this.next;
+    return next.setBacking && ((file, format) => next.setBacking!(file, format));
+  }
+  get amend(): ((options: CreateOptions) => Promise<void>) | undefined {
+    const next = this.next;
+    return next.amend && ((options) => next.amend!(options));
   }
 }

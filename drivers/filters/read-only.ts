@@ -3,7 +3,8 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BlockNode } from '../types.js';
+import type { BlockNode, SnapshotControl } from '../types.js';
+import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
 import { Filter } from './filter.js';
 
@@ -29,6 +30,28 @@ export class ReadOnlyFilter extends Filter {
 
   override get truncate(): ((size: number) => Promise<void>) | undefined {
     return this.next.truncate && (() => Promise.reject(this.refusal()));
+  }
+
+  override get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    return this.next.repairMetadata && (() => Promise.reject(this.refusal()));
+  }
+
+  override get makeEmpty(): (() => Promise<void>) | undefined {
+    return this.next.makeEmpty && (() => Promise.reject(this.refusal()));
+  }
+
+  override get setBacking(): ((file: string | undefined, format: string | undefined) => Promise<void>) | undefined {
+    return this.next.setBacking && (() => Promise.reject(this.refusal()));
+  }
+
+  override get amend(): ((options: CreateOptions) => Promise<void>) | undefined {
+    return this.next.amend && (() => Promise.reject(this.refusal()));
+  }
+
+  override get snapshotControl(): SnapshotControl | undefined {
+    if (!this.next.snapshotControl) return undefined;
+    const refuse = (): Promise<void> => Promise.reject(this.refusal());
+    return { create: refuse, remove: refuse, apply: refuse };
   }
 
   /** Snapshot views are read-only whatever the image is. */

@@ -4,19 +4,30 @@
 import type { CheckReport } from '../../drivers/types.js';
 import { messageOf } from '../../drivers/errors.js';
 import { formatOf, openImage } from '../../drivers/open.js';
-import { ExitError, print, readOnlyOptions, type OpenCli } from './common.js';
+import { ExitError, print, progress, readOnlyOptions, writableOptions, type OpenCli } from './common.js';
 
 export interface CheckCli extends OpenCli {
   output: string;
+  /** -r leaks|all: repair, then check again. */
+  repair?: string;
+  progress?: boolean;
 }
 
-export function checkJson(spec: string, format: string, r: CheckReport): Record<string, unknown> {
+/** What a repair fixed (qemu-img's leaks_fixed, corruptions_fixed). */
+export interface Fixed {
+  leaks: number;
+  corruptions: number;
+}
+
+export function checkJson(spec: string, format: string, r: CheckReport, fixed?: Fixed): Record<string, unknown> {
   const j: Record<string, unknown> = {};
   if (r.imageEndOffset !== undefined) j['image-end-offset'] = r.imageEndOffset;
   if (r.totalClusters !== undefined) j['total-clusters'] = r.totalClusters;
   if (r.corruptions) j.corruptions = r.corruptions;
   j['check-errors'] = r.checkErrors;
   if (r.leaks) j.leaks = r.leaks;
+  if (fixed?.corruptions) j['corruptions-fixed'] = fixed.corruptions;
+  if (fixed?.leaks) j['leaks-fixed'] = fixed.leaks;
   if (r.fragmentedClusters) j['fragmented-clusters'] = r.fragmentedClusters;
   if (r.compressedClusters) j['compressed-clusters'] = r.compressedClusters;
   if (r.allocatedClusters !== undefined) j['allocated-clusters'] = r.allocatedClusters;
@@ -54,8 +65,8 @@ export function checkExitCode(r: CheckReport): number {
   return 0;
 }
 
-export async function check(spec: string, o: CheckCli): Promise<number> {
-  if (o.output !== 'json' && o.output !== 'human') throw new ExitError(`--output must be human or json, not '${o.output}'`, 1);
+/** The read-only check of one image: its format's report. */
+async function runCheck(spec: string, o: CheckCli): Promise<{ format: string; report: CheckReport }> {
   let node;
   try {
     // The check reads this layer's metadata only: no backing file, no passphrase needed.
@@ -66,12 +77,48 @@ export async function check(spec: string, o: CheckCli): Promise<number> {
   try {
     const format = formatOf(node) ?? 'unknown';
     if (!node.checkMetadata) throw new ExitError(`${spec}: this image format (${format}) does not support checks`, 1);
-    const r = await node.checkMetadata();
-    // The per-problem lines go to stderr, as qemu-img's do.
-    for (const m of r.messages) process.stderr.write(`${m}\n`);
-    print(o.output === 'json' ? `${JSON.stringify(checkJson(spec, format, r), null, 4)}\n` : checkHuman(r));
-    return checkExitCode(r);
+    return { format, report: await node.checkMetadata() };
   } finally {
     await node.close();
   }
+}
+
+/** -r: the writable open, the format's repair, closed before the image is checked again. */
+async function runRepair(spec: string, o: CheckCli, mode: 'leaks' | 'all', format: string): Promise<void> {
+  let node;
+  try {
+    node = await openImage(spec, writableOptions(o, { noBacking: true }));
+  } catch (err) {
+    throw new ExitError(messageOf(err), 1);
+  }
+  try {
+    if (!node.repairMetadata) throw new ExitError(`${spec}: this image format (${format}) does not support repairs`, 1);
+    await node.repairMetadata(mode);
+  } finally {
+    await node.close();
+  }
+}
+
+export async function check(spec: string, o: CheckCli): Promise<number> {
+  if (o.output !== 'json' && o.output !== 'human') throw new ExitError(`--output must be human or json, not '${o.output}'`, 1);
+  if (o.repair !== undefined && o.repair !== 'leaks' && o.repair !== 'all') throw new ExitError(`-r must be leaks or all, not '${o.repair}'`, 1);
+  const first = await runCheck(spec, o);
+  let r = first.report;
+  // The per-problem lines go to stderr, as qemu-img's do.
+  for (const m of r.messages) process.stderr.write(`${m}\n`);
+  let fixed: Fixed | undefined;
+  const needs = o.repair === 'all' ? r.leaks + r.corruptions > 0 : o.repair === 'leaks' && r.leaks > 0;
+  if (o.repair !== undefined && needs && r.checkErrors === 0) {
+    const show = o.output === 'human' ? progress(o.progress) : undefined;
+    await runRepair(spec, o, o.repair, first.format);
+    show?.done();
+    const again = (await runCheck(spec, o)).report;
+    fixed = { leaks: Math.max(0, r.leaks - again.leaks), corruptions: Math.max(0, r.corruptions - again.corruptions) };
+    if (o.output === 'human') {
+      print(`The following inconsistencies were found and repaired:\n\n    ${fixed.leaks} leaked clusters\n    ${fixed.corruptions} corruptions\n\nDouble checking the fixed image now...\n`);
+    }
+    r = again;
+  }
+  print(o.output === 'json' ? `${JSON.stringify(checkJson(spec, first.format, r, fixed), null, 4)}\n` : checkHuman(r));
+  return checkExitCode(r);
 }

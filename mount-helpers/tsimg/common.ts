@@ -75,3 +75,38 @@ export function allocatedOnDisk(spec: string): number | undefined {
 export function print(text: string): void {
   process.stdout.write(text);
 }
+
+/** The writable open of the subcommands that change an image (the image locks taken as qemu-img takes them). */
+export function writableOptions(o: OpenCli, extra: Partial<ImageOptions> = {}): ImageOptions {
+  return readOnlyOptions(o, { readOnly: false, ...extra });
+}
+
+export interface Progress {
+  /** Fraction done, 0..1. */
+  update(done: number): void;
+  /** The last redraw, and the end of the line. */
+  done(): void;
+}
+
+/**
+ * qemu-img's progress line, "    (12.34/100%)" redrawn in place: on a terminal, or
+ * anywhere with -p; undefined (nothing printed) otherwise.
+ */
+export function progress(forced: boolean | undefined): Progress | undefined {
+  if (!forced && !process.stdout.isTTY) return undefined;
+  let last = -1;
+  const draw = (done: number): void => {
+    const shown = Math.floor(Math.min(1, Math.max(0, done)) * 10000);
+    if (shown === last) return;
+    last = shown;
+    print(`    (${(shown / 100).toFixed(2)}/100%)\r`);
+  };
+  draw(0);
+  return {
+    update: draw,
+    done: () => {
+      draw(1);
+      print('\n');
+    },
+  };
+}

@@ -4,12 +4,13 @@
 import type { BlockNode } from '../../drivers/types.js';
 import { chainStatus } from '../../fs/extents.js';
 import { messageOf } from '../../drivers/errors.js';
-import { ExitError, openForRead, print, type OpenCli } from './common.js';
+import { ExitError, openForRead, print, progress, type OpenCli } from './common.js';
 
 export interface CompareCli extends OpenCli {
   /** -F: the second image's format. */
   secondFormat?: string;
   strict?: boolean;
+  progress?: boolean;
 }
 
 const CHUNK = 1 << 20;
@@ -32,8 +33,9 @@ function firstNonZero(a: Uint8Array): number {
 }
 
 /** The first offset where the two differ (qemu-img's sector), or undefined when they read the same. */
-export async function firstMismatch(a: BlockNode, b: BlockNode): Promise<number | undefined> {
+export async function firstMismatch(a: BlockNode, b: BlockNode, show?: (done: number) => void): Promise<number | undefined> {
   const common = Math.min(a.size, b.size);
+  const total = Math.max(1, a.size, b.size);
   const bufA = Buffer.alloc(CHUNK);
   const bufB = Buffer.alloc(CHUNK);
   for (let pos = 0; pos < common; pos += CHUNK) {
@@ -43,6 +45,7 @@ export async function firstMismatch(a: BlockNode, b: BlockNode): Promise<number 
     await b.read(pos, bufB.subarray(0, n));
     const at = firstDifference(bufA.subarray(0, n), bufB.subarray(0, n));
     if (at >= 0) return pos + at - (at % SECTOR);
+    show?.((pos + n) / total);
   }
   // The larger image's tail must read as zeros.
   const longer = a.size > b.size ? a : b;
@@ -74,8 +77,11 @@ export async function compare(spec1: string, spec2: string, o: CompareCli): Prom
       print('Warning: Image size mismatch!\n');
     }
     let at: number | undefined;
+    const show = progress(o.progress);
     try {
-      at = await firstMismatch(a, b);
+      at = await firstMismatch(a, b, show?.update);
+      if (at === undefined) show?.done();
+      else if (show) print('\n');
     } catch (err) {
       throw new ExitError(messageOf(err), 2);
     }

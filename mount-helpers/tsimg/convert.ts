@@ -8,7 +8,8 @@ import { chainStatus } from '../../fs/extents.js';
 import { openImage } from '../../drivers/open.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
 import { createImage } from '../../drivers/create.js';
-import { openForRead, print, readOnlyOptions, readSecret, type OpenCli } from './common.js';
+import { UsageError } from '../../drivers/errors.js';
+import { openForRead, progress, readOnlyOptions, readSecret, type OpenCli } from './common.js';
 
 export interface ConvertCli extends OpenCli {
   outputFormat: string;
@@ -16,6 +17,14 @@ export interface ConvertCli extends OpenCli {
   progress?: boolean;
   targetSecret?: string;
   targetSecretFile?: string;
+  /** -B: the new image is an overlay of this file, holding only the differences. */
+  backingFile?: string;
+  /** -F: the format of the -B file. */
+  backingFormat?: string;
+  /** -n: write into an existing image. */
+  skipCreate?: boolean;
+  /** -W: out-of-order writes, several requests in flight. */
+  parallel?: boolean;
 }
 
 const CHUNK = 1 << 20;
@@ -43,15 +52,29 @@ async function writeSparse(dst: BlockNode, offset: number, buf: Uint8Array): Pro
   if (start >= 0) await dst.write(offset + start, buf.subarray(start));
 }
 
+/** Requests in flight with -W (qemu-img convert's default -m 8). */
+const IN_FLIGHT = 8;
+/** With -B, the unit compared against the backing file and written where it differs. */
+const UNIT = 64 << 10;
+
+export interface CopyOptions {
+  /** Share done, 0..1. */
+  progress?: (done: number) => void;
+  /** -W: several chunks in flight, written out of order. */
+  parallel?: boolean;
+  /** -B: dst reads a backing file; write only what reads differently from it. */
+  onlyDifferences?: boolean;
+}
+
 /**
  * Copy every data run of `src` into `dst`, a new image; `progress` gets the share done,
  * 0..1. Where the source is a hole and the new image does not read as one (LUKS: its
- * empty payload decrypts to noise; qemu's has_zero_init false), zeros are written.
+ * empty payload decrypts to noise; qemu's has_zero_init false; a backing file under
+ * -B), zeros are written.
  */
-export async function copyImage(src: BlockNode, dst: BlockNode, progress?: (done: number) => void): Promise<void> {
-  const buf = Buffer.alloc(CHUNK);
+export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions = {}): Promise<void> {
   const zeros = new Uint8Array(CHUNK);
-  for (let pos = 0; pos < src.size; pos += CHUNK) {
+  const chunk = async (pos: number, buf: Buffer, cur: Buffer): Promise<void> => {
     const n = Math.min(CHUNK, src.size - pos);
     const inDst = Math.min(n, dst.size - pos);
     const fresh = inDst > 0 ? await chainStatus(dst, pos, inDst) : [];
@@ -62,6 +85,7 @@ export async function copyImage(src: BlockNode, dst: BlockNode, progress?: (done
         // Zeros may be left out only where the new image already reads as zeros.
         const holeBelow = fresh.every((f) => !f.data || f.offset + f.length <= r.offset || f.offset >= r.offset + r.length);
         if (holeBelow) await writeSparse(dst, r.offset, part);
+        else if (o.onlyDifferences) await writeDifferences(dst, r.offset, part, cur.subarray(0, r.length));
         else await dst.write(r.offset, part);
         continue;
       }
@@ -73,7 +97,30 @@ export async function copyImage(src: BlockNode, dst: BlockNode, progress?: (done
         else await dst.write(s, zeros.subarray(0, t - s));
       }
     }
-    progress?.((pos + n) / src.size);
+  };
+  const chunks = Math.ceil(src.size / CHUNK);
+  let next = 0;
+  let done = 0;
+  const worker = async (): Promise<void> => {
+    const buf = Buffer.alloc(CHUNK);
+    const cur = Buffer.alloc(o.onlyDifferences ? CHUNK : 0);
+    while (next < chunks) {
+      const i = next++;
+      await chunk(i * CHUNK, buf, cur);
+      done++;
+      o.progress?.(done / chunks);
+    }
+  };
+  await Promise.all(Array.from({ length: o.parallel ? Math.min(IN_FLIGHT, Math.max(1, chunks)) : 1 }, worker));
+}
+
+/** Write the UNIT pieces of `data` that differ from what `dst` reads there now (-B). */
+async function writeDifferences(dst: BlockNode, offset: number, data: Buffer, cur: Buffer): Promise<void> {
+  await dst.read(offset, cur);
+  for (let i = 0; i < data.length; ) {
+    const next = Math.min(data.length, i + UNIT - ((offset + i) % UNIT));
+    if (!data.subarray(i, next).equals(cur.subarray(i, next))) await dst.write(offset + i, data.subarray(i, next));
+    i = next;
   }
 }
 
@@ -81,24 +128,34 @@ export async function convert(srcSpec: string, dstSpec: string, o: ConvertCli): 
   const src = await openForRead(srcSpec, o);
   try {
     const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
-    await createImage(dstSpec, String(src.size), { format: o.outputFormat, options: o.options, secret: targetSecret, quiet: true });
+    if (!o.skipCreate) {
+      await createImage(dstSpec, String(src.size), {
+        format: o.outputFormat,
+        options: o.options,
+        secret: targetSecret,
+        quiet: true,
+        backing: o.backingFile,
+        backingFormat: o.backingFormat,
+      });
+    }
     let ok = false;
     try {
-      const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, secret: targetSecret, namedFiles: 'owner' }));
+      // With -B the new image opens with its backing file, so that only differences are written.
+      const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, secret: targetSecret, namedFiles: 'owner', noBacking: o.backingFile === undefined && !o.skipCreate }));
       try {
+        if (o.skipCreate && dst.size < src.size) throw new UsageError(`${dstSpec}: the target (${dst.size} bytes) is smaller than the source (${src.size} bytes)`);
         // Progress on a terminal, or anywhere with -p (qemu-img's line, redrawn in place).
-        const show = o.progress || process.stdout.isTTY ? (done: number) => print(`    (${(done * 100).toFixed(2)}/100%)\r`) : undefined;
-        show?.(0);
-        await copyImage(src, dst, show);
+        const show = progress(o.progress);
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, onlyDifferences: o.backingFile !== undefined || o.skipCreate === true });
         await dst.flush();
-        if (show) print('\n');
+        show?.done();
         ok = true;
       } finally {
         await dst.close();
       }
     } finally {
-      // A convert that failed leaves no half-written image behind.
-      if (!ok) await protocolFor(dstSpec).remove?.(dstSpec).catch(() => undefined);
+      // A convert that failed leaves no half-written image behind (-n: the image was there before).
+      if (!ok && !o.skipCreate) await protocolFor(dstSpec).remove?.(dstSpec).catch(() => undefined);
     }
   } finally {
     await src.close();

@@ -102,6 +102,22 @@ function pad(s: string, n: number): string {
   return s.length >= n ? s : s + ' '.repeat(n - s.length);
 }
 
+/** qemu-img's snapshot table (bdrv_snapshot_dump): `info` and `snapshot -l` print it. */
+export function snapshotList(snaps: Record<string, number | string>[]): string {
+  let out = '';
+  out += 'Snapshot list:\n';
+  out += `${pad('ID', 10)}${pad('TAG', 18)}${pad('VM SIZE', 23)}${pad('DATE', 9)}${pad('VM CLOCK', 13)}ICOUNT\n`;
+  for (const s of snaps) {
+    const date = new Date((s['date-sec'] as number) * 1000);
+    const p2 = (n: number): string => String(n).padStart(2, '0');
+    const when = `${date.getFullYear()}-${p2(date.getMonth() + 1)}-${p2(date.getDate())} ${p2(date.getHours())}:${p2(date.getMinutes())}:${p2(date.getSeconds())}`;
+    const sec = s['vm-clock-sec'] as number;
+    const clock = `${p2(Math.floor(sec / 3600))}:${p2(Math.floor(sec / 60) % 60)}:${p2(sec % 60)}.${String(Math.floor((s['vm-clock-nsec'] as number) / 1e6)).padStart(3, '0')}`;
+    out += `${pad(String(s.id), 10)}${pad(String(s.name), 18)}${humanSize(s['vm-state-size'] as number).padStart(7)}${when.padStart(20)}${clock.padStart(13)}${String(s.icount ?? '').padStart(11)}\n`;
+  }
+  return out;
+}
+
 /** qemu-img info's human output (bdrv_image_info_dump). */
 export function humanInfo(j: InfoJson): string {
   const lines = [`image: ${String(j.filename)}`, `file format: ${String(j.format)}`, `virtual size: ${humanSize(j['virtual-size'] as number)} (${String(j['virtual-size'])} bytes)`];
@@ -116,18 +132,7 @@ export function humanInfo(j: InfoJson): string {
   }
   let out = `${lines.join('\n')}\n`;
   const snaps = j.snapshots as Record<string, number | string>[] | undefined;
-  if (snaps) {
-    out += 'Snapshot list:\n';
-    out += `${pad('ID', 10)}${pad('TAG', 18)}${pad('VM SIZE', 23)}${pad('DATE', 9)}${pad('VM CLOCK', 13)}ICOUNT\n`;
-    for (const s of snaps) {
-      const date = new Date((s['date-sec'] as number) * 1000);
-      const p2 = (n: number): string => String(n).padStart(2, '0');
-      const when = `${date.getFullYear()}-${p2(date.getMonth() + 1)}-${p2(date.getDate())} ${p2(date.getHours())}:${p2(date.getMinutes())}:${p2(date.getSeconds())}`;
-      const sec = s['vm-clock-sec'] as number;
-      const clock = `${p2(Math.floor(sec / 3600))}:${p2(Math.floor(sec / 60) % 60)}:${p2(sec % 60)}.${String(Math.floor((s['vm-clock-nsec'] as number) / 1e6)).padStart(3, '0')}`;
-      out += `${pad(String(s.id), 10)}${pad(String(s.name), 18)}${humanSize(s['vm-state-size'] as number).padStart(7)}${when.padStart(20)}${clock.padStart(13)}${String(s.icount ?? '').padStart(11)}\n`;
-    }
-  }
+  if (snaps) out += snapshotList(snaps);
   const fs = j['format-specific'] as { data: Record<string, unknown> } | undefined;
   if (fs) out += `Format specific information:\n${humanTree(fs.data, '    ')}`;
   return out;

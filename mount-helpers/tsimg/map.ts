@@ -59,11 +59,56 @@ function hex(n: number): string {
   return n === 0 ? '0' : `0x${n.toString(16)}`;
 }
 
+const SVG_WIDTH = 1000;
+const ROW = 28;
+const LABEL = 260;
+const COLOURS = { data: '#3465a4', compressed: '#75507b', zero: '#edd400' } as const;
+
+function xmlEscape(t: string): string {
+  return t.replace(/[<>&"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+/**
+ * The map as a picture: one row per layer of the chain, each run drawn where it lies
+ * on the disk (data, data with no place of its own in the file such as compressed
+ * clusters, zeros); what a layer leaves to the one below is the grey background.
+ */
+export function mapSvg(runs: ChainRun[], names: string[], size: number): string {
+  const layers = Math.max(1, names.length);
+  const height = ROW * layers + 60;
+  const x = (off: number): number => LABEL + (off / Math.max(1, size)) * (SVG_WIDTH - LABEL - 10);
+  let out = `<svg xmlns="http://www.w3.org/2000/svg" width="${SVG_WIDTH}" height="${height}" font-family="sans-serif" font-size="12">\n`;
+  for (let d = 0; d < layers; d++) {
+    const y = 10 + d * ROW;
+    out += `<text x="4" y="${y + 16}">${xmlEscape(`${d}: ${names[d] ?? ''}`)}</text>\n`;
+    out += `<rect x="${LABEL}" y="${y}" width="${SVG_WIDTH - LABEL - 10}" height="${ROW - 6}" fill="#d3d7cf"/>\n`;
+  }
+  for (const r of runs) {
+    if (r.kind === 'unallocated') continue;
+    const colour = r.kind === 'zero' ? COLOURS.zero : r.host === undefined ? COLOURS.compressed : COLOURS.data;
+    const y = 10 + Math.min(r.depth, layers - 1) * ROW;
+    const w = Math.max(0.5, x(r.offset + r.length) - x(r.offset));
+    out += `<rect x="${x(r.offset).toFixed(2)}" y="${y}" width="${w.toFixed(2)}" height="${ROW - 6}" fill="${colour}"><title>${r.kind} ${r.offset}+${r.length}</title></rect>\n`;
+  }
+  const ly = 10 + layers * ROW + 20;
+  const legend: [string, string][] = [['data', COLOURS.data], ['data without a place of its own (compressed, encrypted)', COLOURS.compressed], ['zero', COLOURS.zero], ['unallocated (the layer below)', '#d3d7cf']];
+  let lx = 4;
+  for (const [label, colour] of legend) {
+    out += `<rect x="${lx}" y="${ly - 10}" width="12" height="12" fill="${colour}"/><text x="${lx + 16}" y="${ly}">${xmlEscape(label)}</text>\n`;
+    lx += 24 + label.length * 6.5;
+  }
+  return `${out}</svg>\n`;
+}
+
 export async function map(spec: string, o: MapCli): Promise<void> {
-  if (o.output !== 'json' && o.output !== 'human') throw new Error(`--output must be human or json, not '${o.output}'`);
+  if (o.output !== 'json' && o.output !== 'human' && o.output !== 'svg') throw new Error(`--output must be human, json or svg, not '${o.output}'`);
   const node = await openForRead(spec, o);
   try {
     const runs = await mapRuns(node);
+    if (o.output === 'svg') {
+      print(mapSvg(runs, layerNames(spec, node), node.size));
+      return;
+    }
     if (o.output === 'json') {
       // qemu-img map's own layout: one entry a line, inside one array.
       const lines = runs.map((r) => {

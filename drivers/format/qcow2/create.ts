@@ -26,6 +26,20 @@ export const createOptions: readonly string[] = [
   'nocow',
 ];
 
+/** What readSettings takes when an option is not given (tsimg create -o help). */
+export const createDefaults: Readonly<Record<string, string>> = {
+  compat: '1.1',
+  cluster_size: '65536',
+  extended_l2: 'off',
+  preallocation: 'off',
+  lazy_refcounts: 'off',
+  refcount_bits: '16',
+  compression_type: 'zlib',
+  data_file_raw: 'off',
+  encryption: 'off',
+  nocow: 'off',
+};
+
 /** The v3 header QEMU 7.2 writes: 104 bytes plus compression_type, padded to 8. */
 const V3_HEADER_LENGTH = 112;
 /** Bytes written per request when preallocating. */
@@ -150,7 +164,7 @@ async function readSettings(req: CreateRequest): Promise<Settings & { luks: Map<
 }
 
 /** Header extension: type, length, data padded to 8 bytes. */
-function extension(type: number, data: Uint8Array): Buffer {
+export function extension(type: number, data: Uint8Array): Buffer {
   const b = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
   b.writeUInt32BE(type, 0);
   b.writeUInt32BE(data.length, 4);
@@ -158,7 +172,7 @@ function extension(type: number, data: Uint8Array): Buffer {
   return b;
 }
 
-function featureTable(): Buffer {
+export function featureTable(): Buffer {
   const b = Buffer.alloc(FEATURE_NAMES.length * 48);
   FEATURE_NAMES.forEach(([type, bit, name], i) => {
     b[i * 48] = type;

@@ -26,7 +26,7 @@ import { rebuildRefcounts, type RepairInput } from './repair.js';
 import { checkQcow2 } from './check.js';
 import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header } from '../../crypto/luks1.js';
 import { luksVersion } from '../../crypto/magic.js';
-import { createOptions, createQcow2 } from './create.js';
+import { createDefaults, createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
 import type { SnapshotEntry } from './snapshot.js';
@@ -214,7 +214,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   }
   const description = describeQcow2(h, snaps, luksInfo);
   const check = async (): Promise<CheckReport> => checkQcow2(await repairInput(), h.size);
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check });
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check, repair: async (leaksOnly) => rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
   const views: { name: string; node: BlockNode }[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time
@@ -312,5 +312,6 @@ export const qcow2Driver: FormatDriver & Creatable = {
   probe,
   open,
   createOptions,
+  createDefaults,
   create: createQcow2,
 };

@@ -1,7 +1,10 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription } from '../../types.js';
+import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription, SnapshotControl } from '../../types.js';
+import type { CreateOptions } from '../../options.js';
+import { applySnapshot, createSnapshot, deleteSnapshot, type SnapshotContext, type SnapshotState } from './snapshot-ops.js';
+import { amendQcow2, rewriteHeader } from './amend.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
@@ -49,6 +52,10 @@ export interface Qcow2NodeOptions {
   description?: ImageDescription;
   /** The read-only consistency check (check.ts), for the active node only. */
   check?: () => Promise<CheckReport>;
+  /** Rebuild the refcounts from the references (repair.ts), for the active node only. */
+  repair?: (leaksOnly: boolean) => Promise<void>;
+  /** The header's snapshot fields, for the active node: what snapshot-ops.ts changes. */
+  snapshotState?: SnapshotState;
 }
 
 /** Zeros written per request when zeroing has to write data (v2 with a backing file). */
@@ -95,6 +102,8 @@ export class Qcow2Node implements BlockNode {
   private readonly guard: MetadataGuard | undefined;
   private readonly description: ImageDescription;
   private readonly checkFn: (() => Promise<CheckReport>) | undefined;
+  private readonly snapshotState: SnapshotState | undefined;
+  private readonly repairFn: ((leaksOnly: boolean) => Promise<void>) | undefined;
   readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
   private closed = false;
@@ -123,6 +132,8 @@ export class Qcow2Node implements BlockNode {
     this.guard = o.guard;
     this.description = o.description ?? { clusterSize: this.cs };
     this.checkFn = o.check;
+    this.snapshotState = o.snapshotState;
+    this.repairFn = o.repair;
     // Encrypted sectors are the unit: unaligned requests become aligned ones above.
     this.requestAlignment = o.crypt ? SECTOR : undefined;
   }
@@ -177,6 +188,16 @@ export class Qcow2Node implements BlockNode {
   get checkMetadata(): (() => Promise<CheckReport>) | undefined {
     const check = this.checkFn;
     return check && this.readOnly ? check : undefined;
+  }
+
+  /** qemu-img check -r: the refcounts rebuilt from what references each cluster (writable active node). */
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    const repair = this.repairFn;
+    if (!repair || this.readOnly || this.isView) return undefined;
+    return async (mode) => {
+      await this.flush();
+      await this.mutex.run(() => repair(mode === 'leaks'));
+    };
   }
 
   setSnapshots(views: { name: string; node: BlockNode }[]): void {
@@ -748,19 +769,120 @@ export class Qcow2Node implements BlockNode {
   async truncate(size: number): Promise<void> {
     this.checkWritable();
     if (size === this.size) return;
-    if (size < this.size) throw new UnsupportedError(`${this.name}: shrinking a qcow2 image is not supported`);
     if (size % 512 !== 0) throw new UsageError(`${this.name}: the new size must be a multiple of 512`);
     if (this.data !== this.file) throw new UnsupportedError(`${this.name}: resizing a qcow2 image with an external data file is not supported`);
+    // QEMU: internal snapshots hold the old size's clusters (qcow2_co_truncate refuses a shrink).
+    if (size < this.size && (this.snapshotState?.snapshots.length ?? 0) > 0) throw new UnsupportedError(`${this.name}: Can't shrink an image which has snapshots`);
     await this.prepare();
     await this.mutex.run(async () => {
+      if (size < this.size) {
+        // The clusters past the new end become unallocated (qcow2_cluster_discard), the
+        // partial last cluster stays as QEMU leaves it.
+        await this.discardClusters(Math.ceil(size / this.cs) * this.cs, Math.ceil(this.size / this.cs) * this.cs);
+      }
       const needed = Math.ceil(size / this.map.l2Span);
       if (needed > this.map.l1Size) await this.growL1(needed);
-      const field = Buffer.alloc(8);
-      field.writeBigUInt64BE(BigInt(size));
-      await this.file.write(HDR.size, field);
-      await this.barrier();
-      this.currentSize = size;
+      await this.setSize(size);
     });
+    await this.flush();
+  }
+
+  private async setSize(size: number): Promise<void> {
+    const field = Buffer.alloc(8);
+    field.writeBigUInt64BE(BigInt(size));
+    await this.file.write(HDR.size, field);
+    await this.barrier();
+    this.currentSize = size;
+  }
+
+  /**
+   * Make guest clusters [a, b) unallocated in this layer (QEMU's full discard): the
+   * entries are cleared, and what they held is freed once the change is on disk.
+   * The caller holds the mutex.
+   */
+  private async discardClusters(a: number, b: number): Promise<void> {
+    const cs = this.cs;
+    for (let pos = a; pos < b; ) {
+      const l1i = Math.floor(pos / this.map.l2Span);
+      const chunkEnd = Math.min(b, (l1i + 1) * this.map.l2Span);
+      const here = pos;
+      pos = chunkEnd;
+      if (this.map.l1Entry(l1i).offset === 0) continue;
+      const l2Offset = await this.l2ForWrite(l1i);
+      const table = await this.map.l2Cache.get(l2Offset);
+      const baseIndex = l1i * this.map.l2Entries;
+      const es = this.map.extended ? 16 : 8;
+      let changed = false;
+      for (let gc = here / cs; gc < chunkEnd / cs; gc++) {
+        const idx = gc - baseIndex;
+        const e = this.map.entry(table, idx, gc);
+        if (e.kind === 'unallocated' && e.zeros === 0 && e.alloc === 0) continue;
+        this.freeEntry(e);
+        table.data.fill(0, idx * es, (idx + 1) * es);
+        changed = true;
+      }
+      if (changed) this.map.l2Cache.markDirty(table);
+    }
+  }
+
+  /** Every cluster of this layer unallocated, so that it reads its backing file (qemu-img commit's make_empty). */
+  async makeEmpty(): Promise<void> {
+    this.checkWritable();
+    await this.prepare();
+    await this.mutex.run(() => this.discardClusters(0, Math.ceil(this.size / this.cs) * this.cs));
+    await this.flush();
+  }
+
+  /** Rewrite the backing file name and format in the header (qemu-img rebase). */
+  async setBacking(file: string | undefined, format: string | undefined): Promise<void> {
+    this.checkWritable();
+    await this.prepare();
+    await this.mutex.run(async () => {
+      const h = await rewriteHeader(this.file, this.cs, { setBacking: true, backingFile: file, backingFormat: file === undefined ? undefined : format });
+      if (this.snapshotState) this.snapshotState.header = h;
+    });
+  }
+
+  /** qemu-img amend -o: header options changed in place (amend.ts). */
+  async amend(options: CreateOptions): Promise<void> {
+    this.checkWritable();
+    await this.flush();
+    await this.mutex.run(() => amendQcow2(this.file, this.cs, options));
+  }
+
+  /** Internal snapshots changed in place (snapshot-ops.ts); the active writable node only. */
+  get snapshotControl(): SnapshotControl | undefined {
+    const state = this.snapshotState;
+    if (this.readOnly || this.isView || !state) return undefined;
+    const ctx: SnapshotContext = {
+      file: this.file,
+      name: this.name,
+      map: this.map,
+      refcounts: this.refcounts,
+      guard: this.guard,
+      state,
+      size: this.size,
+      growL1: (entries) => this.growL1(entries),
+      setSize: (size) => this.setSize(size),
+    };
+    const run = (op: (c: SnapshotContext) => Promise<void>) => async (): Promise<void> => {
+      this.checkWritable();
+      await this.prepare();
+      await this.flush();
+      await this.mutex.run(async () => {
+        ctx.size = this.size;
+        await op(ctx);
+        await this.refcountCache.flush();
+        await this.barrier();
+        await this.map.l2Cache.flush();
+      });
+      await this.flush();
+    };
+    return {
+      create: (name) => run((c) => createSnapshot(c, name))(),
+      remove: (id) => run((c) => deleteSnapshot(c, id))(),
+      apply: (id) => run((c) => applySnapshot(c, id))(),
+    };
   }
 
   private async growL1(entries: number): Promise<void> {

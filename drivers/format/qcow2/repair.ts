@@ -4,7 +4,7 @@
 // that holds a host cluster, and the refcount blocks are rewritten with the counts.
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
-import { decodeL1, decodeL2, decodeReftable, encodeRefcount, type L2Layout } from './entries.js';
+import { decodeL1, decodeL2, decodeReftable, decodeRefcount, encodeRefcount, type L2Layout } from './entries.js';
 import type { SnapshotEntry } from './snapshot.js';
 
 export interface RepairInput {
@@ -119,7 +119,11 @@ export async function countReferences(r: RepairInput): Promise<References> {
   return { counts, blocks, tracked, dataClusters, compressedClusters, fragmentedClusters, copied };
 }
 
-export async function rebuildRefcounts(r: RepairInput): Promise<void> {
+/**
+ * Write every refcount as the references count it. `leaksOnly` (qemu-img check -r
+ * leaks) lowers refcounts that are too high and leaves those too low as they are.
+ */
+export async function rebuildRefcounts(r: RepairInput, leaksOnly = false): Promise<void> {
   const cs = 2 ** r.clusterBits;
   const bits = 2 ** r.refcountOrder;
   const perBlock = (cs * 8) / bits;
@@ -142,7 +146,10 @@ export async function rebuildRefcounts(r: RepairInput): Promise<void> {
     if (!off) continue;
     block.fill(0);
     const base = i * perBlock;
-    for (let k = 0; k < perBlock && base + k < tracked; k++) encodeRefcount(block, r.refcountOrder, k, counts[base + k]!);
+    if (leaksOnly) await r.file.read(off, block);
+    for (let k = 0; k < perBlock && base + k < tracked; k++) {
+      encodeRefcount(block, r.refcountOrder, k, leaksOnly ? Math.min(counts[base + k]!, decodeRefcount(block, r.refcountOrder, k)) : counts[base + k]!);
+    }
     await r.file.write(off, block);
   }
   await r.file.flush();

@@ -116,3 +116,33 @@ export async function readSnapshotTable(
   }
   return { entries: out, bytes: pos };
 }
+
+/** Extra data QEMU writes: vm_state_size_large, disk_size, icount (QCowSnapshotExtraData). */
+const EXTRA_WRITTEN = 24;
+
+/** The snapshot table as qcow2_write_snapshots lays it out: entries padded to 8 bytes. */
+export function encodeSnapshotTable(entries: SnapshotEntry[]): Buffer {
+  const parts: Buffer[] = [];
+  for (const s of entries) {
+    const id = Buffer.from(s.id, 'utf8');
+    const name = Buffer.from(s.name, 'utf8');
+    const len = SN.fixed + EXTRA_WRITTEN + id.length + name.length;
+    const b = Buffer.alloc(Math.ceil(len / 8) * 8);
+    b.writeBigUInt64BE(BigInt(s.l1TableOffset), SN.l1TableOffset);
+    b.writeUInt32BE(s.l1Size, SN.l1Size);
+    b.writeUInt16BE(id.length, SN.idSize);
+    b.writeUInt16BE(name.length, SN.nameSize);
+    b.writeUInt32BE(s.dateSec >>> 0, SN.dateSec);
+    b.writeUInt32BE(s.dateNsec >>> 0, SN.dateNsec);
+    b.writeBigUInt64BE(BigInt(s.vmClockNsec), SN.vmClockNsec);
+    b.writeUInt32BE(Math.min(s.vmStateSize, 0xffffffff), SN.vmStateSize);
+    b.writeUInt32BE(EXTRA_WRITTEN, SN.extraDataSize);
+    b.writeBigUInt64BE(BigInt(s.vmStateSize), SN.fixed + SN.extraVmStateSize);
+    b.writeBigUInt64BE(BigInt(s.diskSize), SN.fixed + SN.extraDiskSize);
+    b.writeBigUInt64BE(s.icount === undefined ? 0xffffffffffffffffn : BigInt(s.icount), SN.fixed + SN.extraIcount);
+    id.copy(b, SN.fixed + EXTRA_WRITTEN);
+    name.copy(b, SN.fixed + EXTRA_WRITTEN + id.length);
+    parts.push(b);
+  }
+  return Buffer.concat(parts);
+}

@@ -1,0 +1,116 @@
+// Changing the header in place: the backing file (tsimg rebase, amend) and the options
+// qemu-img amend changes without moving data (QEMU's qcow2_update_header and
+// qcow2_amend_options): compat 0.10 -> 1.1, lazy_refcounts, backing_file, backing_fmt.
+// The header is read back from the file each time, so fields other code changed since
+// the open (snapshot table, L1 table) are kept.
+import type { BlockNode } from '../../types.js';
+import { UnsupportedError, UsageError } from '../../errors.js';
+import type { CreateOptions } from '../../options.js';
+import { COMPAT, EXT, HDR, INCOMPAT, LIMITS, parseHeader, V2_HEADER_LENGTH, type Qcow2Header } from './header.js';
+import { extension, featureTable } from './create.js';
+
+/** The v3 header QEMU writes (with compression_type), as create.ts does. */
+const V3_HEADER_LENGTH = 112;
+
+export interface HeaderChange {
+  backingFile?: string | undefined;
+  backingFormat?: string | undefined;
+  /** Replace the backing fields (both, even with undefined). */
+  setBacking?: boolean;
+  upgrade?: boolean;
+  lazyRefcounts?: boolean;
+}
+
+async function readHeader(file: BlockNode, clusterSize: number): Promise<{ buf: Buffer; h: Qcow2Header }> {
+  const buf = Buffer.alloc(clusterSize);
+  await file.read(0, buf);
+  return { buf, h: parseHeader(buf, file.size, file.name) };
+}
+
+/** Rewrite the header cluster with `c` applied; returns the header as now on disk. */
+export async function rewriteHeader(file: BlockNode, clusterSize: number, c: HeaderChange): Promise<Qcow2Header> {
+  const { buf, h } = await readHeader(file, clusterSize);
+  const out = Buffer.alloc(clusterSize);
+  const v3 = h.version === 3 || c.upgrade === true;
+  const fixed = h.version === 3 ? h.headerLength : V2_HEADER_LENGTH;
+  buf.copy(out, 0, 0, fixed);
+  let pos = fixed;
+  if (h.version === 2 && c.upgrade) {
+    out.writeUInt32BE(3, HDR.version);
+    out.writeBigUInt64BE(0n, HDR.incompatibleFeatures);
+    out.writeBigUInt64BE(0n, HDR.compatibleFeatures);
+    out.writeBigUInt64BE(0n, HDR.autoclearFeatures);
+    out.writeUInt32BE(4, HDR.refcountOrder);
+    out.writeUInt32BE(V3_HEADER_LENGTH, HDR.headerLength);
+    pos = V3_HEADER_LENGTH;
+  }
+  if (c.lazyRefcounts !== undefined) {
+    if (!v3) throw new UsageError(`${file.name}: Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)`);
+    const compat = out.readBigUInt64BE(HDR.compatibleFeatures);
+    out.writeBigUInt64BE(c.lazyRefcounts ? compat | COMPAT.lazyRefcounts : compat & ~COMPAT.lazyRefcounts, HDR.compatibleFeatures);
+  }
+  const backingFile = c.setBacking ? c.backingFile : h.backingFile;
+  const backingFormat = c.setBacking ? c.backingFormat : h.backingFormat;
+  // QEMU's order: backing format first, then the others as they were, feature table included.
+  const exts: Buffer[] = [];
+  if (backingFormat !== undefined && backingFile !== undefined) exts.push(extension(EXT.backingFormat, Buffer.from(backingFormat, 'latin1')));
+  let hasFeatureTable = false;
+  for (const e of h.extensions) {
+    if (e.type === EXT.backingFormat || e.type === EXT.end) continue;
+    if (e.type === EXT.featureTable) hasFeatureTable = true;
+    exts.push(extension(e.type, buf.subarray(e.offset, e.offset + e.length)));
+  }
+  if (v3 && !hasFeatureTable) exts.push(extension(EXT.featureTable, featureTable()));
+  exts.push(Buffer.alloc(8));
+  for (const e of exts) {
+    if (pos + e.length > clusterSize) throw new UsageError(`${file.name}: the header does not fit in one cluster`);
+    e.copy(out, pos);
+    pos += e.length;
+  }
+  if (backingFile !== undefined) {
+    const name = Buffer.from(backingFile, 'utf8');
+    if (name.length > LIMITS.maxBackingNameLength) throw new UsageError(`${file.name}: backing file name too long`);
+    if (pos + name.length > clusterSize) throw new UsageError(`${file.name}: the header does not fit in one cluster (backing file name too long?)`);
+    out.writeBigUInt64BE(BigInt(pos), HDR.backingFileOffset);
+    out.writeUInt32BE(name.length, HDR.backingFileSize);
+    name.copy(out, pos);
+  } else {
+    out.writeBigUInt64BE(0n, HDR.backingFileOffset);
+    out.writeUInt32BE(0, HDR.backingFileSize);
+  }
+  await file.write(0, out);
+  await file.flush();
+  return parseHeader(out, file.size, file.name);
+}
+
+/** qemu-img amend -o for qcow2: what can change without moving data. */
+export async function amendQcow2(file: BlockNode, clusterSize: number, o: CreateOptions): Promise<void> {
+  const { h } = await readHeader(file, clusterSize);
+  const c: HeaderChange = {};
+  const compat = o.choice('compat', ['0.10', '1.1', 'v2', 'v3'] as const);
+  if (compat !== undefined) {
+    const version = compat === '0.10' || compat === 'v2' ? 2 : 3;
+    if (version === 2 && h.version === 3) {
+      if (h.incompatibleFeatures & ~INCOMPAT.dirty || h.refcountOrder !== 4) throw new UnsupportedError(`${file.name}: cannot downgrade: the image uses compat=1.1 features`);
+      throw new UnsupportedError(`${file.name}: downgrading to compat=0.10 is not supported by tsimg (zero clusters would need writing out); use qemu-img amend`);
+    }
+    if (version === 3 && h.version === 2) c.upgrade = true;
+  }
+  const lazy = o.bool('lazy_refcounts');
+  if (lazy !== undefined) c.lazyRefcounts = lazy;
+  const backingFile = o.string('backing_file');
+  const backingFormat = o.string('backing_fmt');
+  if (backingFile !== undefined || backingFormat !== undefined) {
+    c.setBacking = true;
+    c.backingFile = backingFile ?? h.backingFile;
+    c.backingFormat = backingFormat ?? (backingFile === undefined ? h.backingFormat : undefined);
+  }
+  for (const k of o.unused()) {
+    if (['size', 'cluster_size', 'refcount_bits', 'extended_l2', 'encryption', 'encrypt.format', 'data_file', 'data_file_raw', 'preallocation', 'compression_type'].includes(k)) {
+      throw new UnsupportedError(`${file.name}: changing option '${k}' is not supported by tsimg amend`);
+    }
+  }
+  o.finish('qcow2');
+  if (c.upgrade && c.lazyRefcounts === undefined) c.lazyRefcounts = false;
+  await rewriteHeader(file, clusterSize, c);
+}
