@@ -123,6 +123,12 @@ export interface BlockNode {
    * caches this node's data in chunks, so a sequential read decodes each chunk once.
    */
   readonly chunkSize?: number | undefined;
+  /**
+   * A removable medium's change count (a CD-ROM or floppy drive under the file
+   * protocol): bumped at each insertion, removal or change, so nobody may keep its
+   * bytes across one. The graph builder gives such a node no data cache.
+   */
+  readonly mediumGeneration?: number | undefined;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */

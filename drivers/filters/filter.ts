@@ -68,6 +68,9 @@ export class Filter implements BlockNode {
   get chunkSize(): number | undefined {
     return this.next.chunkSize;
   }
+  get mediumGeneration(): number | undefined {
+    return this.next.mediumGeneration;
+  }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
   }

@@ -6,12 +6,15 @@ import { UsageError } from '../errors.js';
 import { FileNode } from './file.js';
 import { nbdProtocol, sshProtocol } from './remote.js';
 import { vvfatProtocol } from './vvfat/index.js';
+import { foreignHostProtocol } from './host-names.js';
+import { nvmeProtocol } from './nvme.js';
 
 /** Local files and host block devices: every spec no other protocol claims. */
 export const fileProtocol: ProtocolDriver = {
   name: 'file',
   claims: (spec) => spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec),
-  open: (spec, opts) => FileNode.open(stripFile(spec), { readOnly: opts.readOnly, lock: opts.lock, ignoreFlush: opts.cache === 'unsafe' }),
+  open: (spec, opts) =>
+    FileNode.open(stripFile(spec), { readOnly: opts.readOnly, lock: opts.lock, ignoreFlush: opts.cache === 'unsafe', direct: opts.cache === 'none' || opts.cache === 'directsync' }),
   resolveRelative: (base, name) => {
     const plain = stripFile(name);
     return path.isAbsolute(plain) ? plain : path.join(path.dirname(stripFile(base)), plain);
@@ -45,6 +48,8 @@ export function registerProtocol(p: ProtocolDriver): void {
 registerProtocol(nbdProtocol);
 registerProtocol(sshProtocol);
 registerProtocol(vvfatProtocol);
+registerProtocol(nvmeProtocol);
+registerProtocol(foreignHostProtocol);
 
 export function protocolFor(spec: string): ProtocolDriver {
   for (const p of protocols) if (p.claims(spec)) return p;

@@ -8,6 +8,7 @@ import type { SshSessions } from './ssh/node.js';
 import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
 import type { QemuObjects } from '../objects.js';
 import { vvfatSpecFromOptions } from './vvfat/spec.js';
+import { formatNvmeUri, nvmeTarget } from './nvme.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
 
 export const nbdProtocol: ProtocolDriver = {
@@ -76,7 +77,7 @@ export function parseOptionList(text: string): Map<string, string> {
   return out;
 }
 
-const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh']);
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'host_cdrom', 'nbd', 'ssh', 'nvme']);
 
 /**
  * `driver=qcow2,file.driver=ssh,file.host=...,file.path=...` -> an image name and a
@@ -178,8 +179,15 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       spec = formatNbdUri(t);
       break;
     }
+    case 'nvme': {
+      const device = take('device');
+      if (!device) throw new UsageError(`--image-opts: nvme needs ${prefix}device=DOMAIN:BUS:SLOT.FUNC`);
+      spec = formatNvmeUri(nvmeTarget(device, take('namespace') ?? '1', '--image-opts'));
+      break;
+    }
     case 'file':
     case 'host_device':
+    case 'host_cdrom':
     case undefined: {
       const f = take('filename');
       if (!f) throw new UsageError(`--image-opts: ${prefix}filename is required`);
