@@ -4,7 +4,7 @@ import path from 'node:path';
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
 import { FileNode } from './file.js';
-import { nbdProtocol, sshProtocol } from './remote.js';
+import { nbdProtocol, sheepdogProtocol, sshProtocol } from './remote.js';
 import { vvfatProtocol } from './vvfat/index.js';
 import { foreignHostProtocol } from './host-names.js';
 import { nvmeProtocol } from './nvme.js';
@@ -49,6 +49,7 @@ registerProtocol(nbdProtocol);
 registerProtocol(sshProtocol);
 registerProtocol(vvfatProtocol);
 registerProtocol(nvmeProtocol);
+registerProtocol(sheepdogProtocol);
 registerProtocol(foreignHostProtocol);
 
 export function protocolFor(spec: string): ProtocolDriver {
