@@ -87,6 +87,22 @@ describe('sheepdog', function () {
       expect(decodeResponse(encodeResponse(msgs[0]!.h)).vdiId).to.equal(0x42);
     });
 
+    it('requests split at every byte: data follows only a write (the data_length of a read is what it asks for)', () => {
+      const w = crypto.randomBytes(33);
+      const reqs: [Request, Buffer][] = [
+        [{ opcode: SD_OP_READ_OBJ, id: 1, dataLength: 4096, oid: vidToDataOid(5, 1), offset: 512 }, Buffer.alloc(0)],
+        [{ opcode: SD_OP_CREATE_AND_WRITE_OBJ, flags: SD_FLAG_CMD_WRITE, id: 2, dataLength: w.length, oid: vidToDataOid(5, 2) }, w],
+        [{ opcode: SD_OP_RELEASE_VDI, flags: SD_FLAG_CMD_WRITE, id: 3, dataLength: 3 }, Buffer.from('vm\0')],
+      ];
+      const stream = Buffer.concat(reqs.flatMap(([r, d]) => [encodeRequest(r), d]));
+      const expected = reqs.map(([r, d]) => ({ id: r.id, opcode: r.opcode, data: d.toString('hex') }));
+      for (let cut = 0; cut <= stream.length; cut++) {
+        const p = new MessageParser(decodeRequest, () => 1 << 20, true);
+        const out = [...p.push(stream.subarray(0, cut)), ...p.push(stream.subarray(cut))];
+        expect(out.map((o) => ({ id: o.header.id, opcode: o.header.opcode, data: o.data.toString('hex') })), `split at ${cut}`).to.deep.equal(expected);
+      }
+    });
+
     it('a header announcing more data than was asked for is a protocol error, before any is buffered', () => {
       const p = new MessageParser(decodeResponse, () => 4096);
       expect(() => p.push(encodeResponse({ opcode: SD_OP_READ_OBJ, id: 1, dataLength: 0xffffffff, result: 0 }))).to.throw(/announces 4294967295 bytes/);

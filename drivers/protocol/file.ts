@@ -207,11 +207,13 @@ export class FileNode implements BlockNode {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     if (this.medium) {
+      // Asked of the drive at most every poll interval (a drive's status query can be slow).
       const generation = this.medium.generation;
-      this.medium.refresh();
+      void this.medium.inserted;
       this.mediumCheck(offset + dst.length, generation);
     }
-    if (this.direct) return this.readDirect(offset, dst);
+    // O_DIRECT reads go through a buffer aligned in memory (AlignFilter aligns them on the device).
+    const into = this.direct ? alignedBuffer(dst.length) : dst;
     let done = 0;
     if (this.noWait && dst.length <= NOWAIT_READ_MAX) {
       const n = preadNoWait(this.fd, dst, offset);
@@ -223,7 +225,7 @@ export class FileNode implements BlockNode {
     while (done < dst.length) {
       let n: number;
       try {
-        n = await pread(this.fd, dst, done, dst.length - done, offset + done);
+        n = await pread(this.fd, into, done, dst.length - done, offset + done);
       } catch (err) {
         throw this.deviceError('read', err);
       }
@@ -236,24 +238,7 @@ export class FileNode implements BlockNode {
       }
       done += n;
     }
-    this.lastLogged = '';
-  }
-
-  /** O_DIRECT: through a buffer aligned in memory (the request is aligned on the device by AlignFilter). */
-  private async readDirect(offset: number, dst: Uint8Array): Promise<void> {
-    const bounce = alignedBuffer(dst.length);
-    let done = 0;
-    while (done < dst.length) {
-      let n: number;
-      try {
-        n = await pread(this.fd, bounce, done, dst.length - done, offset + done);
-      } catch (err) {
-        throw this.deviceError('read', err);
-      }
-      if (n === 0) throw this.deviceError('read', new IoError(`${this.name}: read failed: the device ends at ${offset + done} (it shrank or was detached)`, E.EIO));
-      done += n;
-    }
-    dst.set(bounce);
+    if (into !== dst) dst.set(into);
     this.lastLogged = '';
   }
 

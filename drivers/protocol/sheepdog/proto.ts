@@ -126,7 +126,8 @@ export function isObjectOp(opcode: number): boolean {
   return OBJECT_OPS.has(opcode);
 }
 
-export function encodeRequest(r: Request): Buffer {
+/** The 16 bytes every header starts with: proto_ver, opcode, flags, epoch, id, data_length. */
+function encodeCommon(r: { protoVer?: number; opcode: number; flags?: number; epoch?: number; id: number; dataLength: number }): Buffer {
   const b = Buffer.alloc(SD_HEADER_SIZE);
   b.writeUInt8(r.protoVer ?? SD_PROTO_VER, 0);
   b.writeUInt8(r.opcode, 1);
@@ -134,6 +135,11 @@ export function encodeRequest(r: Request): Buffer {
   b.writeUInt32LE(r.epoch ?? 0, 4);
   b.writeUInt32LE(r.id >>> 0, 8);
   b.writeUInt32LE(r.dataLength, 12);
+  return b;
+}
+
+export function encodeRequest(r: Request): Buffer {
+  const b = encodeCommon(r);
   if (isObjectOp(r.opcode)) {
     b.writeBigUInt64LE(r.oid ?? 0n, 16);
     b.writeBigUInt64LE(r.cowOid ?? 0n, 24);
@@ -179,13 +185,7 @@ export interface Response {
 }
 
 export function encodeResponse(r: Response): Buffer {
-  const b = Buffer.alloc(SD_HEADER_SIZE);
-  b.writeUInt8(r.protoVer ?? SD_PROTO_VER, 0);
-  b.writeUInt8(r.opcode, 1);
-  b.writeUInt16LE(r.flags ?? 0, 2);
-  b.writeUInt32LE(r.epoch ?? 0, 4);
-  b.writeUInt32LE(r.id >>> 0, 8);
-  b.writeUInt32LE(r.dataLength, 12);
+  const b = encodeCommon(r);
   b.writeUInt32LE(r.result, 16);
   if (r.opcode === SD_OP_GET_CLUSTER_DEFAULT) {
     b.writeUInt8(r.nrCopies ?? 0, 20);
