@@ -153,6 +153,29 @@ describe('host drives', function () {
     }
   });
 
+  itLoop('through a mount, a device that goes away gives EIO to the reader and the mount stays', async () => {
+    const file = randomFile('gone-mnt.img', 3 * MiB);
+    const dev = await loopDevice(file);
+    const mp = path.join(tmp.dir, 'mnt-gone');
+    fs.mkdirSync(mp);
+    await mounts.mount(['-f', 'raw', dev, mp]);
+    const flat = path.join(mp, `${path.basename(dev)}.raw`);
+    const fh = await fs.promises.open(flat, 'r');
+    try {
+      const buf = Buffer.alloc(4096);
+      await fh.read(buf, 0, buf.length, 0);
+      expect(buf.equals(fs.readFileSync(file).subarray(0, 4096))).to.equal(true);
+      fs.truncateSync(file, 0);
+      await runOk('losetup', ['-c', dev]);
+      const err = await fh.read(buf, 0, buf.length, 2 * MiB).then(() => undefined, (e: NodeJS.ErrnoException) => e);
+      expect(err?.code).to.equal('EIO');
+    } finally {
+      await fh.close();
+    }
+    expect(fs.statSync(flat).size).to.equal(3 * MiB);
+    await mounts.unmount(mp);
+  });
+
   itLoop('mounting a host device --rw prints the host-disk warning once; the flat file is the device', async () => {
     const file = randomFile('part.img', 3 * MiB);
     const dev = await loopDevice(file);
