@@ -37,7 +37,7 @@ import { imageOptsToSpec } from '../drivers/protocol/remote.js';
 import { LockedError, messageOf } from '../drivers/errors.js';
 import { startSheep, type SheepServer } from './helpers/sheepdog-server.js';
 import { freePort } from './helpers/servers.js';
-import { md5File, tempDir } from './helpers/qemu.js';
+import { md5File, qemuIo, rawMd5, tempDir } from './helpers/qemu.js';
 import { tsimg } from './helpers/images.js';
 import { MountTracker } from './helpers/mount.js';
 
@@ -272,6 +272,22 @@ describe('sheepdog', function () {
       expect(notSnap.code).not.to.equal(0);
       expect(notSnap.stderr.trim()).to.match(/cannot clone from a non snapshot vdi/);
       expect(notSnap.stderr.trim().split('\n')).to.have.length(1);
+    });
+
+    it('tsimg convert imports an image into a new VDI, as the man page shows', async () => {
+      const src = path.join(tmp.dir, 'src.qcow2');
+      await createImage(src, '6M', { format: 'qcow2', options: [], quiet: true });
+      await qemuIo(src, 'qcow2', ['write -P 0x5a 1M 2M', 'write -P 0x11 5M 4k']);
+      const r = await tsimg(['convert', '-O', 'raw', src, `${base}/imported`]);
+      expect(r.code, r.stderr).to.equal(0);
+      const node = await SheepdogNode.open(`${base}/imported`, { readOnly: true });
+      try {
+        const got = Buffer.alloc(node.size);
+        await node.read(0, got);
+        expect(md5(got)).to.equal(await rawMd5(src, 'qcow2'));
+      } finally {
+        await node.close();
+      }
     });
 
     it('one-line errors within seconds: no server, a missing tag, a missing VDI, an existing name', async () => {
