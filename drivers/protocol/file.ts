@@ -151,7 +151,8 @@ export class FileNode implements BlockNode {
       const full = path.resolve(name);
       const medium = removable ? new RemovableMedium(fd, full, opts.medium ?? realMediumIoctls, opts.mediumPollMs) : undefined;
       const size = medium ? 0 : device ? blockDeviceSize(fd) : st.size;
-      const sector = device && !medium ? blockDeviceSectorSize(fd) : device ? 2048 : 1;
+      // A drive without a medium cannot say its block size: a CD's is 2048, a floppy's 512.
+      const sector = !device ? 1 : medium ? (removableKind(st.rdev) === 'floppy' ? 512 : 2048) : blockDeviceSectorSize(fd);
       if (opts.lock) lock = ImageLock.acquire(fd, name, opts.lock);
       if (device && !opts.readOnly) warnHostWrite(full);
       return new FileNode(full, fd, size, opts.readOnly, device, lock, !!opts.ignoreFlush, sector, direct, medium);
@@ -317,7 +318,6 @@ export class FileNode implements BlockNode {
    */
   async discard(offset: number, length: number): Promise<boolean> {
     if (!this.isBlockDevice) return this.tryFallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, 'punch');
-    if (this.readOnly) throw new IoError(`${this.name}: discard on a read-only device`, E.EROFS);
     try {
       blockDeviceRange(this.fd, 'discard', offset, length);
       return true;

@@ -183,7 +183,6 @@ export class SheepdogNode implements BlockNode {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: read-only`);
     await Promise.all([...this.pieces(offset, src.length)].map(({ idx, at, len, done }) => this.writePiece(idx, at, src.subarray(done, done + len))));
   }
 
@@ -224,7 +223,6 @@ export class SheepdogNode implements BlockNode {
 
   /** Grow the VDI (sd_truncate): the inode's vdi_size, for tsimg create and --growable. */
   async truncate(size: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError(`${this.name}: read-only`);
     if (size < this.size) throw new UsageError(`${this.name}: a Sheepdog VDI cannot shrink`);
     if (size > this.objectSize * MAX_DATA_OBJS || size > MAX_NODE_SIZE) throw new UsageError(`${this.name}: ${size} bytes is more than a VDI can hold`);
     if (size === this.size) return;
