@@ -41,6 +41,16 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
     return;
   }
   const options = new CreateOptions(o.options.flatMap((t) => parseOptionString(t)));
+  const volumes = protocolFor(spec).createVolume;
+  if (volumes && driver.name === 'raw') {
+    // The protocol makes a sized volume (a Sheepdog VDI, sd_create): raw writes nothing.
+    if (o.backingFormat !== undefined && o.backingFormat !== 'raw') throw new UsageError(`${spec}: the backing file of a ${protocolFor(spec).name} volume is raw, not ${o.backingFormat}`);
+    const given = sizeText === undefined ? options.size('size') : parseSize(sizeText, 'size');
+    options.finish('raw');
+    const made = await volumes(spec, given, o.backing);
+    if (!o.quiet) process.stdout.write(`Formatting '${spec}', fmt=raw size=${made}${o.backing ? ` backing_file=${o.backing}` : ''}\n`);
+    return;
+  }
   if (o.backing !== undefined) options.set('backing_file', o.backing);
   if (o.backingFormat !== undefined) options.set('backing_fmt', o.backingFormat);
   let size = sizeText === undefined ? undefined : parseSize(sizeText, 'size');

@@ -96,7 +96,9 @@ export async function openGraph(specs: string[], opts: GraphOptions): Promise<Bl
 /** The cluster cache over an image's top node: in the node's chunks where it decodes whole chunks. */
 export function cacheOver(node: BlockNode, mode: CacheMode, dataBytes: number): ClusterCache {
   const chunk = node.chunkSize;
-  return new ClusterCache(node, { mode, maxBytes: dataBytes, blockSize: chunk ?? DEFAULT_BLOCK_SIZE, chunked: chunk !== undefined });
+  // A removable medium can change under any cached byte: its data is not cached.
+  const maxBytes = node.mediumGeneration !== undefined ? 0 : dataBytes;
+  return new ClusterCache(node, { mode, maxBytes, blockSize: chunk ?? DEFAULT_BLOCK_SIZE, chunked: chunk !== undefined });
 }
 
 /**
@@ -200,6 +202,8 @@ async function openChain(
 }
 
 async function chooseDriver(file: BlockNode, spec: string, format: string | undefined): Promise<FormatDriver> {
+  // A drive with no medium in is a raw disk of no bytes until one is inserted.
+  if (file.size === 0 && file.mediumGeneration !== undefined && (format === undefined || format === 'raw')) return driverNamed('raw', spec);
   if (file.size === 0) throw new UsageError(`${spec}: empty file, not a disk image`);
   const head = new Uint8Array(Math.min(PROBE_BYTES, file.size));
   const tail = new Uint8Array(Math.min(PROBE_TAIL_BYTES, file.size));

@@ -123,6 +123,17 @@ export interface BlockNode {
    * caches this node's data in chunks, so a sequential read decodes each chunk once.
    */
   readonly chunkSize?: number | undefined;
+  /**
+   * A removable medium's change count (a CD-ROM or floppy drive under the file
+   * protocol): bumped at each insertion, removal or change, so nobody may keep its
+   * bytes across one. The graph builder gives such a node no data cache.
+   */
+  readonly mediumGeneration?: number | undefined;
+  /**
+   * Take an internal snapshot named `tag` of the writable image (a Sheepdog VDI): what
+   * `tsimg snapshot -c` calls. The node goes on writing the image, not the snapshot.
+   */
+  createSnapshot?(tag: string): Promise<void>;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */
@@ -212,6 +223,12 @@ export interface ProtocolDriver {
   resolveRelative(base: string, name: string): string;
   /** Make an empty object to create an image in (tsimg create); open it with open(). */
   create?(spec: string): Promise<void>;
+  /**
+   * A protocol whose objects are volumes with a size of their own (a Sheepdog VDI):
+   * make one of `size` bytes, or a clone of the snapshot `backing` names, instead of
+   * create() and a raw format. Returns the size made.
+   */
+  createVolume?(spec: string, size: number | undefined, backing: string | undefined): Promise<number>;
   /** Remove what create() made, when creating the image failed. */
   remove?(spec: string): Promise<void>;
   /** The stem of the flat file name for this spec (`disk` for .../disk.qcow2). */

@@ -355,6 +355,8 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   if (line === 'OK') {
     child.unref();
     child.stderr?.destroy();
+    // Warnings the user must see at mount time (writing to a host disk) are passed on.
+    for (const l of stderr.split('\n')) if (l.startsWith('tsmount: WARNING: ')) process.stderr.write(`${l}\n`);
     // Exit as soon as the ACK is out; a server that died meanwhile cannot be helped.
     const gone = 'the server exited as the mount became ready; nothing is mounted';
     channel.write('ACK\n', (err) => (err ? fail(gone) : process.exit(0)));

@@ -69,6 +69,13 @@ export class Filter implements BlockNode {
   get chunkSize(): number | undefined {
     return this.next.chunkSize;
   }
+  get createSnapshot(): ((tag: string) => Promise<void>) | undefined {
+    const next = this.next;
+    return next.createSnapshot && ((tag) => next.createSnapshot!(tag));
+  }
+  get mediumGeneration(): number | undefined {
+    return this.next.mediumGeneration;
+  }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
   }

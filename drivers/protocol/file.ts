@@ -5,7 +5,10 @@ import path from 'node:path';
 import { constants as osc } from 'node:os';
 import type { BlockNode, Extent } from '../types.js';
 import { IoError, SysError, UsageError } from '../errors.js';
+import koffi from 'koffi';
 import {
+  blockDeviceRange,
+  blockDeviceSectorSize,
   blockDeviceSize,
   fallocate,
   lseek,
@@ -17,6 +20,7 @@ import {
   FALLOC_FL_ZERO_RANGE,
 } from '../util/sys.js';
 import { ImageLock, type LockRequest } from './lock.js';
+import { realMediumIoctls, removableKind, RemovableMedium, type MediumIoctls } from './removable.js';
 
 const E = osc.errno;
 
@@ -54,6 +58,36 @@ export interface FileOpenOptions {
   lock?: LockRequest;
   /** cache=unsafe: flush() does nothing until close. */
   ignoreFlush?: boolean;
+  /** cache=none/directsync: a block device is opened O_DIRECT (bypassing the host's page cache). */
+  direct?: boolean;
+  /** Treat the device as a removable drive with these ioctls (tests inject a fake drive). */
+  medium?: MediumIoctls;
+  /** How often the removable drive is asked again (ms); 0 asks at every look. */
+  mediumPollMs?: number;
+}
+
+/**
+ * qemu-block-drivers(7), "Using host drives": printed once per device for a writable
+ * open of a host block device.
+ */
+const warnedDevices = new Set<string>();
+function warnHostWrite(dev: string): void {
+  if (warnedDevices.has(dev)) return;
+  warnedDevices.add(dev);
+  process.stderr.write(
+    `tsmount: WARNING: ${dev} is a host device opened read-write: unless you know what you do, it is better to only make READ-ONLY accesses to the hard disk, otherwise you may corrupt your host data\n`,
+  );
+}
+
+/** Buffers for O_DIRECT are aligned to this (any logical block size up to a page). */
+const DIRECT_ALIGN = 4096;
+
+/** A buffer of `length` bytes whose address is a multiple of DIRECT_ALIGN. */
+function alignedBuffer(length: number): Buffer {
+  const raw = Buffer.allocUnsafeSlow(length + DIRECT_ALIGN);
+  const addr = Number(BigInt(koffi.address(raw) as bigint) % BigInt(DIRECT_ALIGN));
+  const skip = (DIRECT_ALIGN - addr) % DIRECT_ALIGN;
+  return raw.subarray(skip, skip + length);
 }
 
 function ioError(what: string, file: string, err: unknown): IoError {
@@ -77,7 +111,15 @@ export class FileNode implements BlockNode {
     readonly isBlockDevice: boolean,
     private readonly lock: ImageLock | undefined,
     private readonly ignoreFlush: boolean,
-  ) {}
+    private readonly sectorSize: number,
+    readonly direct: boolean,
+    private readonly medium: RemovableMedium | undefined,
+  ) {
+    if (direct) this.noWait = false;
+  }
+
+  /** The last device error logged, so a failing device logs once, not at every request. */
+  private lastLogged = '';
 
   static async open(filename: string, opts: FileOpenOptions): Promise<FileNode> {
     const name = filename;
@@ -91,17 +133,29 @@ export class FileNode implements BlockNode {
     }
     if (st.isDirectory()) throw new UsageError(`${name}: is a directory, not an image`);
     if (!st.isFile() && !st.isBlockDevice()) throw new UsageError(`${name}: not a regular file or block device`);
+    const device = st.isBlockDevice();
+    // A CD-ROM or floppy drive opens without a medium in only with O_NONBLOCK (as QEMU's host_cdrom).
+    const removable = device && (opts.medium !== undefined || removableKind(st.rdev) !== undefined);
+    const direct = device && !!opts.direct;
+    let flags = opts.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+    if (removable) flags |= fs.constants.O_NONBLOCK;
+    if (direct) flags |= fs.constants.O_DIRECT;
     let fd: number;
     try {
-      fd = fs.openSync(filename, opts.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR);
+      fd = fs.openSync(filename, flags);
     } catch (err) {
       throw ioError('open', name, err);
     }
     let lock: ImageLock | undefined;
     try {
-      const size = st.isBlockDevice() ? blockDeviceSize(fd) : st.size;
+      const full = path.resolve(name);
+      const medium = removable ? new RemovableMedium(fd, full, opts.medium ?? realMediumIoctls, opts.mediumPollMs) : undefined;
+      const size = medium ? 0 : device ? blockDeviceSize(fd) : st.size;
+      // A drive without a medium cannot say its block size: a CD's is 2048, a floppy's 512.
+      const sector = !device ? 1 : medium ? (removableKind(st.rdev) === 'floppy' ? 512 : 2048) : blockDeviceSectorSize(fd);
       if (opts.lock) lock = ImageLock.acquire(fd, name, opts.lock);
-      return new FileNode(path.resolve(name), fd, size, opts.readOnly, st.isBlockDevice(), lock, !!opts.ignoreFlush);
+      if (device && !opts.readOnly) warnHostWrite(full);
+      return new FileNode(full, fd, size, opts.readOnly, device, lock, !!opts.ignoreFlush, sector, direct, medium);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -109,10 +163,58 @@ export class FileNode implements BlockNode {
   }
 
   get size(): number {
-    return this.currentSize;
+    return this.medium ? this.medium.size : this.currentSize;
+  }
+
+  /**
+   * A host block device's logical block size (BLKSSZGET): the graph builder puts the
+   * alignment filter over the node, so unaligned requests become whole sectors (which
+   * O_DIRECT needs, and which a 4 KiB-sector device is written in anyway).
+   */
+  get requestAlignment(): number | undefined {
+    return this.isBlockDevice && this.sectorSize > 1 ? this.sectorSize : undefined;
+  }
+
+  /** Bumped when a removable medium is inserted, removed or changed; undefined for other files. */
+  get mediumGeneration(): number | undefined {
+    return this.medium?.generation;
+  }
+
+  /** The drive of a removable medium, to ask again now (tests, and a reader that wants no delay). */
+  get removableMedium(): RemovableMedium | undefined {
+    return this.medium;
+  }
+
+  /**
+   * An error of a host device (it vanished, shrank, failed): one log line per new
+   * error, not one per request, and EIO (or the call's errno) for the reader.
+   */
+  private deviceError(what: string, err: unknown): IoError {
+    const e = err instanceof IoError ? err : ioError(what, this.name, err);
+    if (this.isBlockDevice && e.message !== this.lastLogged) {
+      this.lastLogged = e.message;
+      process.stderr.write(`tsmount: ${e.message}\n`);
+    }
+    return e;
+  }
+
+  /** Before a request on a removable medium: ENOMEDIUM without one, EIO past its end. */
+  private mediumCheck(end: number, generation: number): void {
+    const m = this.medium;
+    if (!m) return;
+    const errno = m.check(end, generation);
+    if (errno) throw this.deviceError('read', new IoError(`${this.name}: ${errno === E.EIO ? 'medium changed or too small' : 'no medium'}`, errno));
   }
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
+    if (this.medium) {
+      // Asked of the drive at most every poll interval (a drive's status query can be slow).
+      const generation = this.medium.generation;
+      void this.medium.inserted;
+      this.mediumCheck(offset + dst.length, generation);
+    }
+    // O_DIRECT reads go through a buffer aligned in memory (AlignFilter aligns them on the device).
+    const into = this.direct ? alignedBuffer(dst.length) : dst;
     let done = 0;
     if (this.noWait && dst.length <= NOWAIT_READ_MAX) {
       const n = preadNoWait(this.fd, dst, offset);
@@ -124,21 +226,31 @@ export class FileNode implements BlockNode {
     while (done < dst.length) {
       let n: number;
       try {
-        n = await pread(this.fd, dst, done, dst.length - done, offset + done);
+        n = await pread(this.fd, into, done, dst.length - done, offset + done);
       } catch (err) {
-        throw ioError('read', this.name, err);
+        throw this.deviceError('read', err);
       }
       if (n === 0) {
+        // A device ends where it ends: reading short of the request means it shrank or went away.
+        if (this.isBlockDevice) throw this.deviceError('read', new IoError(`${this.name}: read failed: the device ends at ${offset + done} (it shrank or was detached)`, E.EIO));
         // Past the end of file reads as zeros, as QEMU's file-posix does.
         dst.fill(0, done);
         return;
       }
       done += n;
     }
+    if (into !== dst) dst.set(into);
+    this.lastLogged = '';
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
+    if (this.medium) this.mediumCheck(offset + src.length, this.medium.generation);
     let done = 0;
+    if (this.direct) {
+      const bounce = alignedBuffer(src.length);
+      bounce.set(src);
+      src = bounce;
+    }
     if (src.length <= SYNC_WRITE_MAX && !this.isBlockDevice) {
       // A small buffered write is a copy into the page cache: cheaper on the JS thread
       // than the two thread hand-offs of the pool (pwritev2 has no RWF_NOWAIT for
@@ -153,7 +265,7 @@ export class FileNode implements BlockNode {
       try {
         done += await pwrite(this.fd, src, done, src.length - done, offset + done);
       } catch (err) {
-        throw ioError('write', this.name, err);
+        throw this.deviceError('write', err);
       }
     }
     if (offset + src.length > this.currentSize && !this.isBlockDevice) this.currentSize = offset + src.length;
@@ -167,6 +279,7 @@ export class FileNode implements BlockNode {
       await this.truncate(offset + length);
       return;
     }
+    if (this.isBlockDevice && this.blockZero(offset, length, unmap)) return;
     if (!this.isBlockDevice) {
       // Punching a hole both frees the space and reads back as zeros.
       if (unmap && this.extentHint.punch && this.tryFallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, 'punch')) return;
@@ -176,6 +289,41 @@ export class FileNode implements BlockNode {
     for (let done = 0; done < length; done += chunk.length) {
       const n = Math.min(chunk.length, length - done);
       await this.write(offset + done, n === chunk.length ? chunk : chunk.subarray(0, n));
+    }
+  }
+
+  /**
+   * Zeroes on a host device without writing them: with `unmap`, fallocate's punch hole
+   * (the kernel discards where the device then reads zeros, and refuses otherwise),
+   * else BLKZEROOUT (WRITE ZEROES where the device has it). False where neither works.
+   */
+  private blockZero(offset: number, length: number, unmap: boolean): boolean {
+    if (unmap && this.extentHint.punch && this.tryFallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, 'punch')) return true;
+    if (!this.extentHint.zeroRange) return false;
+    try {
+      blockDeviceRange(this.fd, 'zeroout', offset, length);
+      return true;
+    } catch (err) {
+      if (err instanceof SysError && (err.errno === E.EOPNOTSUPP || err.errno === E.ENOTTY || err.errno === E.EINVAL)) {
+        this.extentHint.zeroRange = false;
+        return false;
+      }
+      throw this.deviceError('zero', new IoError(`${this.name}: BLKZEROOUT failed: errno ${(err as SysError).errno}`, (err as SysError).errno ?? E.EIO));
+    }
+  }
+
+  /**
+   * BLKDISCARD on a host device (QEMU's pdiscard): the range's blocks are given back;
+   * what it reads afterwards is up to the device. False where the device cannot discard.
+   */
+  async discard(offset: number, length: number): Promise<boolean> {
+    if (!this.isBlockDevice) return this.tryFallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, 'punch');
+    try {
+      blockDeviceRange(this.fd, 'discard', offset, length);
+      return true;
+    } catch (err) {
+      if (err instanceof SysError && (err.errno === E.EOPNOTSUPP || err.errno === E.ENOTTY)) return false;
+      throw this.deviceError('discard', new IoError(`${this.name}: BLKDISCARD failed: errno ${(err as SysError).errno}`, (err as SysError).errno ?? E.EIO));
     }
   }
 
@@ -207,7 +355,7 @@ export class FileNode implements BlockNode {
     try {
       await fdatasync(this.fd);
     } catch (err) {
-      throw ioError('fdatasync', this.name, err);
+      throw this.deviceError('fdatasync', err);
     }
   }
 

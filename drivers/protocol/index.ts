@@ -4,14 +4,17 @@ import path from 'node:path';
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
 import { FileNode } from './file.js';
-import { glusterProtocol, iscsiProtocol, nbdProtocol, sshProtocol } from './remote.js';
+import { glusterProtocol, iscsiProtocol, nbdProtocol, sheepdogProtocol, sshProtocol } from './remote.js';
 import { vvfatProtocol } from './vvfat/index.js';
+import { foreignHostProtocol } from './host-names.js';
+import { nvmeProtocol } from './nvme.js';
 
 /** Local files and host block devices: every spec no other protocol claims. */
 export const fileProtocol: ProtocolDriver = {
   name: 'file',
   claims: (spec) => spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec),
-  open: (spec, opts) => FileNode.open(stripFile(spec), { readOnly: opts.readOnly, lock: opts.lock, ignoreFlush: opts.cache === 'unsafe' }),
+  open: (spec, opts) =>
+    FileNode.open(stripFile(spec), { readOnly: opts.readOnly, lock: opts.lock, ignoreFlush: opts.cache === 'unsafe', direct: opts.cache === 'none' || opts.cache === 'directsync' }),
   resolveRelative: (base, name) => {
     const plain = stripFile(name);
     return path.isAbsolute(plain) ? plain : path.join(path.dirname(stripFile(base)), plain);
@@ -47,6 +50,9 @@ registerProtocol(sshProtocol);
 registerProtocol(iscsiProtocol);
 registerProtocol(glusterProtocol);
 registerProtocol(vvfatProtocol);
+registerProtocol(nvmeProtocol);
+registerProtocol(sheepdogProtocol);
+registerProtocol(foreignHostProtocol);
 
 export function protocolFor(spec: string): ProtocolDriver {
   for (const p of protocols) if (p.claims(spec)) return p;

@@ -11,6 +11,8 @@ import type { SshSessions } from './ssh/node.js';
 import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, parseSeconds, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
 import type { QemuObjects } from '../objects.js';
 import { vvfatSpecFromOptions } from './vvfat/spec.js';
+import { formatNvmeUri, nvmeTarget } from './nvme.js';
+import { formatSheepdogUri, isSheepdogSpec, parseSheepdogUri } from './sheepdog/proto.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
 import { iscsiStem, isIscsiSpec, resolveIscsiRelative } from './iscsi/uri.js';
 
@@ -124,6 +126,32 @@ export function withDeadline<T>(p: Promise<T>, ms: number, onTimeout: () => Erro
   });
 }
 
+/** Sheepdog VDIs (drivers/protocol/sheepdog/): raw volumes with a size, snapshots and clones of their own. */
+export const sheepdogProtocol: ProtocolDriver = {
+  name: 'sheepdog',
+  claims: isSheepdogSpec,
+  open: async (spec, opts) =>
+    (await import('./sheepdog/node.js')).SheepdogNode.open(spec, { readOnly: opts.readOnly, direct: opts.cache === 'none' || opts.cache === 'directsync', ignoreFlush: opts.cache === 'unsafe' }),
+  resolveRelative: (base, name) => {
+    // A bare name next to a VDI is another VDI on the same sheep.
+    if (isSheepdogSpec(name)) return name;
+    const t = parseSheepdogUri(base);
+    return formatSheepdogUri({ ...t, vdi: name, tag: '', snapId: 0 });
+  },
+  create: async (spec) => {
+    throw new UsageError(`${spec}: a Sheepdog VDI is a raw volume of its own: create it with -f raw and a size`);
+  },
+  createVolume: async (spec, size, backing) => (await import('./sheepdog/node.js')).createVdi(spec, size, backing),
+  stem: (spec) => {
+    try {
+      const t = parseSheepdogUri(spec);
+      return `${t.vdi.replace(/\//g, '_')}${t.tag ? `@${t.tag}` : t.snapId ? `@${t.snapId}` : ''}`;
+    } catch {
+      return 'sheepdog';
+    }
+  },
+};
+
 /** QEMU's option list: key=value pairs split at commas, ',,' standing for a comma. */
 export function parseOptionList(text: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -152,7 +180,7 @@ export function parseOptionList(text: string): Map<string, string> {
   return out;
 }
 
-const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'nbd', 'ssh', 'gluster']);
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'host_cdrom', 'nbd', 'ssh', 'gluster', 'nvme', 'sheepdog']);
 
 /**
  * `driver=qcow2,file.driver=ssh,file.host=...,file.path=...` -> an image name and a
@@ -263,8 +291,37 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
     case 'gluster':
       spec = glusterSpecFromOptions(take, (k) => o.has(prefix + k));
       break;
+    case 'sheepdog': {
+      // QEMU's BlockdevOptionsSheepdog: server.{type,host,port,path}, vdi, snap-id, tag.
+      const vdi = take('vdi');
+      if (!vdi) throw new UsageError(`--image-opts: sheepdog needs ${prefix}vdi`);
+      const type = take('server.type') ?? (o.has(`${prefix}server.path`) ? 'unix' : 'inet');
+      const snap = take('snap-id');
+      const tag = take('tag') ?? '';
+      let address: import('./sheepdog/proto.js').SheepdogTarget['address'];
+      if (type === 'unix') {
+        const p = take('server.path');
+        if (!p) throw new UsageError(`--image-opts: sheepdog over unix needs ${prefix}server.path`);
+        address = { kind: 'unix', path: p };
+      } else {
+        const port = Number(take('server.port') ?? 7000);
+        if (!Number.isInteger(port) || port < 1 || port > 65535) throw new UsageError(`--image-opts: bad sheepdog port`);
+        address = { kind: 'tcp', host: take('server.host') ?? 'localhost', port };
+      }
+      const snapId = snap === undefined ? 0 : Number(snap);
+      if (!Number.isInteger(snapId) || snapId < 0 || snapId > 0xffffffff) throw new UsageError(`--image-opts: bad sheepdog snap-id '${snap}'`);
+      spec = formatSheepdogUri({ address, vdi, tag, snapId });
+      break;
+    }
+    case 'nvme': {
+      const device = take('device');
+      if (!device) throw new UsageError(`--image-opts: nvme needs ${prefix}device=DOMAIN:BUS:SLOT.FUNC`);
+      spec = formatNvmeUri(nvmeTarget(device, take('namespace') ?? '1', '--image-opts'));
+      break;
+    }
     case 'file':
     case 'host_device':
+    case 'host_cdrom':
     case undefined: {
       const f = take('filename');
       if (!f) throw new UsageError(`--image-opts: ${prefix}filename is required`);

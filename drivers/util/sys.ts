@@ -26,6 +26,9 @@ interface FlockValue {
 
 const fcntlLock = libc.func('int fcntl(int fd, int cmd, _Inout_ tsmount_flock *lock)');
 const ioctlU64 = libc.func('int ioctl(int fd, unsigned long req, _Out_ uint64_t *out)');
+const ioctlInt = libc.func('int ioctl(int fd, unsigned long req, _Out_ int *out)');
+const ioctlRange = libc.func('int ioctl(int fd, unsigned long req, const uint64_t *range)');
+const ioctlArg = libc.func('int ioctl(int fd, unsigned long req, long arg)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const umount2Fn = libc.func('int umount2(const char *target, int flags)');
 const Iovec = koffi.struct('tsmount_iovec', { base: 'void *', len: 'size_t' });
@@ -122,6 +125,47 @@ export function blockDeviceSize(fd: number): number {
   const r = ioctlU64(fd, BLKGETSIZE64, out) as number;
   if (r !== 0) throw new SysError('ioctl(BLKGETSIZE64)', errno());
   return Number(out[0] ?? 0);
+}
+
+const BLKSSZGET = 0x1268;
+const BLKDISCARD = 0x1277;
+const BLKZEROOUT = 0x127f;
+const CDROM_MEDIA_CHANGED = 0x5325;
+const CDROM_DRIVE_STATUS = 0x5326;
+/** CDSL_CURRENT: the slot argument of the CD-ROM ioctls (linux/cdrom.h). */
+const CDSL_CURRENT = 0x7fffffff;
+
+/** Logical block size of a block device in bytes (BLKSSZGET): the unit O_DIRECT needs. */
+export function blockDeviceSectorSize(fd: number): number {
+  const out = [0];
+  const r = ioctlInt(fd, BLKSSZGET, out) as number;
+  if (r !== 0) throw new SysError('ioctl(BLKSSZGET)', errno());
+  return out[0] ?? 512;
+}
+
+/** BLKDISCARD or BLKZEROOUT over [offset, offset+length); throws SysError (EOPNOTSUPP where the device cannot). */
+export function blockDeviceRange(fd: number, op: 'discard' | 'zeroout', offset: number, length: number): void {
+  const r = ioctlRange(fd, op === 'discard' ? BLKDISCARD : BLKZEROOUT, [offset, length]) as number;
+  if (r !== 0) throw new SysError(op === 'discard' ? 'ioctl(BLKDISCARD)' : 'ioctl(BLKZEROOUT)', errno());
+}
+
+/** CDS_* of linux/cdrom.h: what CDROM_DRIVE_STATUS answers. */
+export const CDS_NO_INFO = 0;
+export const CDS_NO_DISC = 1;
+export const CDS_TRAY_OPEN = 2;
+export const CDS_DRIVE_NOT_READY = 3;
+export const CDS_DISC_OK = 4;
+
+/** CDROM_DRIVE_STATUS: a CDS_* value, or -errno (ENOTTY: not a CD-ROM drive). */
+export function cdromDriveStatus(fd: number): number {
+  const r = ioctlArg(fd, CDROM_DRIVE_STATUS, CDSL_CURRENT) as number;
+  return r >= 0 ? r : -errno();
+}
+
+/** CDROM_MEDIA_CHANGED: 1 if the medium changed since the last call, 0 if not, or -errno. */
+export function cdromMediaChanged(fd: number): number {
+  const r = ioctlArg(fd, CDROM_MEDIA_CHANGED, CDSL_CURRENT) as number;
+  return r >= 0 ? r : -errno();
 }
 
 /** fallocate(2); throws SysError (EOPNOTSUPP where the file system cannot). */
