@@ -129,11 +129,6 @@ export interface BlockNode {
    * bytes across one. The graph builder gives such a node no data cache.
    */
   readonly mediumGeneration?: number | undefined;
-  /**
-   * Take an internal snapshot named `tag` of the writable image (a Sheepdog VDI): what
-   * `tsimg snapshot -c` calls. The node goes on writing the image, not the snapshot.
-   */
-  createSnapshot?(tag: string): Promise<void>;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */
@@ -144,7 +139,7 @@ export interface BlockNode {
    * written through the node afterwards (close it and open again).
    */
   repairMetadata?(mode: 'leaks' | 'all'): Promise<void>;
-  /** Create, delete and revert to internal snapshots (tsimg snapshot); writable qcow2 nodes. */
+  /** Create, delete and revert to internal snapshots (tsimg snapshot); writable qcow2 nodes, and Sheepdog VDIs (create only). */
   readonly snapshotControl?: SnapshotControl | undefined;
   /** Make every cluster of this layer unallocated, so it reads its backing file (tsimg commit). */
   makeEmpty?(): Promise<void>;

@@ -244,13 +244,18 @@ describe('sheepdog', function () {
       expect(messageOf(writeSnap)).to.match(/a snapshot is read-only; clone it/);
     });
 
-    it('clones a snapshot with tsimg create -b; the clone reads the snapshot, writes stay in the clone', async () => {
+    it('tsimg snapshot -c takes a snapshot, tsimg create -b clones it; the clone reads the snapshot, writes stay in the clone', async () => {
       await createImage(`${base}/gold`, '4M', quiet);
       const pattern = crypto.randomBytes(4 * MiB);
       const g = await SheepdogNode.open(`${base}/gold`, { readOnly: false });
       await g.write(0, pattern);
-      await g.createSnapshot('v1');
       await g.close();
+      const taken = await tsimg(['snapshot', '-c', 'v1', `${base}/gold`]);
+      expect(taken.code, taken.stderr).to.equal(0);
+      const del = await tsimg(['snapshot', '-d', 'v1', `${base}/gold`]);
+      expect(del.code).to.equal(1);
+      expect(del.stderr.trim().split('\n')).to.have.length(1);
+      expect(del.stderr).to.match(/does not delete Sheepdog snapshots/);
       const r = await tsimg(['create', '-f', 'raw', '-b', `${base}/gold#v1`, `${base}/clone`]);
       expect(r.code, r.stderr).to.equal(0);
       expect(r.stdout).to.include(`Formatting '${base}/clone', fmt=raw size=${4 * MiB}`);

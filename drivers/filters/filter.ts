@@ -69,10 +69,6 @@ export class Filter implements BlockNode {
   get chunkSize(): number | undefined {
     return this.next.chunkSize;
   }
-  get createSnapshot(): ((tag: string) => Promise<void>) | undefined {
-    const next = this.next;
-    return next.createSnapshot && ((tag) => next.createSnapshot!(tag));
-  }
   get mediumGeneration(): number | undefined {
     return this.next.mediumGeneration;
   }

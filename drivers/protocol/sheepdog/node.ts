@@ -4,9 +4,9 @@
 // the table gives to another VDI (a parent snapshot) is copied on write: created in
 // this VDI with SD_FLAG_CMD_COW from the parent's object, and the table entry written
 // back to the inode. Snapshots and clones are new VDIs made by SD_OP_NEW_VDI.
-import type { BlockNode, Extent } from '../../types.js';
+import type { BlockNode, Extent, SnapshotControl } from '../../types.js';
 import { MAX_NODE_SIZE } from '../../types.js';
-import { IoError, LockedError, ProtocolError, ReadOnlyError, UsageError } from '../../errors.js';
+import { IoError, LockedError, ProtocolError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
 import { Mutex } from '../../util/mutex.js';
 import { SheepConnection } from './client.js';
 import {
@@ -238,6 +238,13 @@ export class SheepdogNode implements BlockNode {
    * makes a new current VDI of the same name whose objects are the snapshot's (copied
    * on write). This node goes on with the new VDI.
    */
+  /** What `tsimg snapshot` reaches: Sheepdog snapshots are taken here; deleting and reverting are the sheep tool's (dog vdi). */
+  get snapshotControl(): SnapshotControl {
+    const refuse = (what: string) => (name: string): Promise<void> =>
+      Promise.reject(new UnsupportedError(`${this.name}: tsmount does not ${what} Sheepdog snapshots ('${name}'); clone the snapshot instead (tsimg create -b IMAGE#TAG NEW)`));
+    return { create: (tag) => this.createSnapshot(tag), remove: refuse('delete'), apply: refuse('revert to') };
+  }
+
   async createSnapshot(tag: string): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: a snapshot needs the VDI opened read-write`);
     if (!tag || Buffer.byteLength(tag) >= 256 || /^\d+$/.test(tag)) throw new UsageError(`${this.name}: '${tag}' is not a valid snapshot tag`);
