@@ -106,7 +106,7 @@ class Coverage {
     const { result } = await this.session.post('Profiler.takePreciseCoverage');
     let fresh = 0;
     for (const script of result) {
-      if (!/\/dist\/(drivers|cache)\//.test(script.url)) continue;
+      if (!/\/(drivers|cache)\//.test(script.url) || /node_modules/.test(script.url)) continue;
       let id = this.urls.get(script.url);
       if (id === undefined) this.urls.set(script.url, (id = this.urls.size));
       for (const fn of script.functions) {
@@ -160,7 +160,10 @@ async function child(a: Args): Promise<void> {
       if (!known.has(where)) {
         known.add(where);
         const kind = /no answer within/.test(message) ? 'hang' : 'error';
-        say({ finding: { format, seed: seed.name, kind, message }, file });
+        // Kept under its own name before the next input overwrites this one.
+        const kept = path.join(path.dirname(file), `finding-${known.size}.${extOf(format)}`);
+        fs.writeFileSync(kept, data);
+        say({ finding: { format, seed: seed.name, kind, message }, file: kept });
       }
     }
     if (process.memoryUsage().rss > MAX_RSS) say({ finding: { format, seed: seed.name, kind: 'memory', message: `RSS ${process.memoryUsage().rss} over ${MAX_RSS}` }, file });
@@ -234,7 +237,8 @@ function fuzzFormat(format: string, a: Args, seedsDir: string, outDir: string, l
       }
     });
     const watch = setInterval(() => {
-      if (Date.now() - last > STUCK_MS) {
+      // Starting (loading, the first input of each seed) may be slow on a loaded machine.
+      if (Date.now() - last > (current ? STUCK_MS : 3 * STUCK_MS)) {
         clearInterval(watch);
         save({ format, seed: current?.seed ?? '?', kind: 'hang', message: `no progress for ${STUCK_MS} ms (a synchronous loop?)` }, current?.file);
         p.kill('SIGKILL');

@@ -11,7 +11,7 @@ const MiB = 1024 * 1024;
 /** Per open, per read: longer is a hang. */
 export const DEADLINE_MS = 5000;
 /** Read at most this much of a mutated disk (a flipped size field may claim petabytes). */
-const READ_LIMIT = 64 * MiB;
+const READ_LIMIT = 16 * MiB;
 /** The metadata cache the exercise opens with. */
 export const CACHE_BYTES = MiB;
 /**
@@ -98,6 +98,9 @@ export async function exercise(file: string, format: string, secret = 'x'): Prom
   }
   try {
     await readAll(node, what);
+    // What tsimg info shows, and the views a mount shows of internal snapshots (a few).
+    node.describe?.();
+    for (const snap of (node.snapshots?.() ?? []).slice(0, 4)) await readAll(snap.node, `${what}: snapshot ${snap.name}`);
   } finally {
     await node.close().catch(() => undefined);
   }
