@@ -28,8 +28,8 @@ import { mutate, rng, shapeOf, type MutationKind, type Shape } from './lib/mutat
 import { makeSeeds, SEED_FORMATS, type Seed } from './lib/seeds.js';
 
 const SELF = fileURLToPath(import.meta.url);
-/** A child silent this long is stuck (the per-read deadline is 5 s). */
-const STUCK_MS = 20_000;
+/** A child silent this long is stuck (a read slow past 5 s is retried with 30 s). */
+const STUCK_MS = 75_000;
 /** Peak RSS a child may reach: the node runtime, the corpus, and the bounded cache. */
 const MAX_RSS = 1024 * 1024 * 1024;
 /** The corpus of one format is kept under this many bytes. */

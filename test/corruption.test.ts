@@ -320,16 +320,18 @@ describe('every format and variant, every kind of mutation', function () {
 
   const PER_KIND = SOAK ? 20 : 1;
   for (const format of SEED_FORMATS) {
-    it(`${format}: ${MUTATION_KINDS.length} kinds of mutation of each variant`, async function () {
+    it(`${format}: ${MUTATION_KINDS.length} kinds of mutation over its variants`, async function () {
       const mine = seeds.filter((s) => s.format === format);
       if (mine.length === 0) this.skip();
       let tried = 0;
-      for (const seed of mine) {
+      // Each kind on one variant in turn (every variant gets every kind with TSMOUNT_SOAK=1).
+      for (const [v, seed] of mine.entries()) {
         const image = fs.readFileSync(seed.file);
         const shape = shapeOf(image);
         const random = rng(0x20 ^ seed.name.length * 131 ^ seed.name.charCodeAt(seed.name.length - 1));
         const file = path.join(path.dirname(seed.file), `mut.${path.extname(seed.file).slice(1)}`);
-        for (const kind of MUTATION_KINDS) {
+        for (const [k, kind] of MUTATION_KINDS.entries()) {
+          if (!SOAK && k % mine.length !== v) continue;
           for (let round = 0; round < PER_KIND; round++) {
             const { out, kind: done } = mutate(image, shape, random, { kind, other: image, selfName: path.basename(file) });
             fs.writeFileSync(file, out);
