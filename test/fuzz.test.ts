@@ -1,5 +1,5 @@
 // The coverage-guided fuzzer (scripts/fuzz.ts) over every format's open-and-read
-// path, for a fixed short budget in CI (TSMOUNT_FUZZ_SECONDS per format, 7 by
+// path, for a fixed short budget in CI (TSMOUNT_FUZZ_SECONDS per format, 5 by
 // default; set it higher for a long run). Nothing it finds is allowed: an unclean
 // error, a hang, a crash, an allocation over the cache plus the fixed bound, or a
 // write to the read-only image. What it found before is in fuzz-regressions.test.ts.
@@ -10,7 +10,7 @@ import { run } from './helpers/qemu.js';
 import { SEED_FORMATS } from '../scripts/lib/seeds.js';
 
 const FUZZ = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../scripts/fuzz.js');
-const SECONDS = Number(process.env.TSMOUNT_FUZZ_SECONDS ?? 7);
+const SECONDS = Number(process.env.TSMOUNT_FUZZ_SECONDS ?? 5);
 
 describe('fuzzer: every format, coverage-guided', function () {
   const budgetMs = (SEED_FORMATS.length * (SECONDS + 15) + 180) * 1000;
