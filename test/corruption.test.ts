@@ -9,8 +9,11 @@ import path from 'node:path';
 import { openImage } from '../drivers/open.js';
 import { formatDrivers } from '../drivers/format/index.js';
 import type { BlockNode } from '../drivers/types.js';
-import { md5File, qemuIo, run, runTimingPbkdf, tempDir } from './helpers/qemu.js';
-import { exercise, isClean, rng, withDeadline } from './helpers/corrupt.js';
+import { createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
+import { exercise, exerciseBounded, isClean, rng, withDeadline } from './helpers/corrupt.js';
+import { openTestImage } from './helpers/images.js';
+import { MUTATION_KINDS, mutate, shapeOf } from '../scripts/lib/mutate.js';
+import { makeSeeds, SEED_FORMATS, type Seed } from '../scripts/lib/seeds.js';
 import { formatTable } from './helpers/formats.js';
 import { everyChunkImage } from './helpers/udif.js';
 import { makeSeSparseChain, makeVhdxChild, type SeGrain, type SeSparseLayout, type VhdxChildBlock } from './helpers/deltas.js';
@@ -65,7 +68,7 @@ describe('corrupt images of every format', function () {
         const before = await md5File(file);
         const what = `${format} round ${round}`;
         try {
-          await withDeadline(exercise(file, format), what);
+          await exerciseBounded(file, format);
         } catch (err) {
           throw new Error(`${what}: ${(err as Error).stack ?? String(err)}`);
         }
@@ -103,7 +106,7 @@ describe('dmg: damage where its metadata is, at the end of the file', function (
       const before = await md5File(file);
       const what = `dmg round ${round}`;
       try {
-        await withDeadline(exercise(file, 'dmg'), what);
+        await exerciseBounded(file, 'dmg');
       } catch (err) {
         throw new Error(`${what}: ${(err as Error).stack ?? String(err)}`);
       }
@@ -293,5 +296,202 @@ describe('corrupt snapshot deltas (seSparse, differencing VHDX)', function () {
     const parentMd5 = await md5File(parent);
     await mutateAndExercise(child, child, 'vhdx', spans, 0xa7d);
     expect(await md5File(parent)).to.equal(parentMd5);
+  });
+});
+
+// Issue 20: every format and variant the fuzzer starts from (scripts/lib/seeds.ts:
+// qcow2 with snapshots, backing and compressed clusters, vmdk sparse, streamOptimized,
+// flat and a descriptor with extents, ...), each kind of mutation (scripts/lib/mutate.ts)
+// applied to each: bit flips in headers and tables, tables pointing at each other, at
+// metadata, at themselves or past the end, copied over each other, absurd values,
+// truncation, descriptor numbers, names and extent lists. Every open and read within a
+// deadline, no Buffer over the cache plus a fixed bound, the file not written (mtime
+// and content).
+describe('every format and variant, every kind of mutation', function () {
+  this.timeout(SOAK ? 3_600_000 : 240_000);
+  let tmp: ReturnType<typeof tempDir>;
+  let seeds: Seed[] = [];
+  before(async function () {
+    this.timeout(300_000);
+    tmp = tempDir('corrupt-kinds');
+    seeds = await makeSeeds(tmp.dir);
+  });
+  after(() => tmp.cleanup());
+
+  const PER_KIND = SOAK ? 20 : 1;
+  for (const format of SEED_FORMATS) {
+    it(`${format}: ${MUTATION_KINDS.length} kinds of mutation over its variants`, async function () {
+      const mine = seeds.filter((s) => s.format === format);
+      if (mine.length === 0) this.skip();
+      let tried = 0;
+      // Each kind on one variant in turn (every variant gets every kind with TSMOUNT_SOAK=1).
+      for (const [v, seed] of mine.entries()) {
+        const image = fs.readFileSync(seed.file);
+        const shape = shapeOf(image);
+        const random = rng(0x20 ^ seed.name.length * 131 ^ seed.name.charCodeAt(seed.name.length - 1));
+        const file = path.join(path.dirname(seed.file), `mut.${path.extname(seed.file).slice(1)}`);
+        for (const [k, kind] of MUTATION_KINDS.entries()) {
+          if (!SOAK && k % mine.length !== v) continue;
+          for (let round = 0; round < PER_KIND; round++) {
+            const { out, kind: done } = mutate(image, shape, random, { kind, other: image, selfName: path.basename(file) });
+            fs.writeFileSync(file, out);
+            const before = await md5File(file);
+            const what = `${seed.name} ${done} round ${round}`;
+            try {
+              await exerciseBounded(file, format);
+            } catch (err) {
+              throw new Error(`${what}: ${(err as Error).stack ?? String(err)}`);
+            }
+            expect(await md5File(file), `${what} changed the file`).to.equal(before);
+            tried++;
+          }
+        }
+      }
+      mutationsTried += tried;
+    });
+  }
+  after(() => console.log(`      ${mutationsTried} mutated images opened and read`));
+});
+let mutationsTried = 0;
+
+// Loops and absurd values made on purpose, which random mutation is unlikely to hit.
+describe('backing chains and extent lists that loop, absurd sizes, hostile snapshot tables', function () {
+  this.timeout(120_000);
+  let tmp: ReturnType<typeof tempDir>;
+  before(() => (tmp = tempDir('corrupt-loops')));
+  after(() => tmp.cleanup());
+
+  async function refusedOrRead(file: string, format: string): Promise<string> {
+    const before = await md5File(file);
+    const { outcome } = await exerciseBounded(file, format);
+    expect(await md5File(file), 'the file is unchanged').to.equal(before);
+    return outcome;
+  }
+
+  /** The error opening `file`, which must be refused. */
+  async function refusal(file: string, format: string): Promise<string> {
+    try {
+      const node = await openTestImage(file, { format });
+      await node.close();
+    } catch (err) {
+      expect(isClean(err), String(err)).to.equal(true);
+      return (err as Error).message;
+    }
+    throw new Error(`${file} opened`);
+  }
+
+  /** Rewrite the descriptor embedded in a monolithicSparse vmdk (in place, within its room). */
+  function editDescriptor(file: string, edit: (text: string) => string): void {
+    const b = fs.readFileSync(file);
+    const at = Number(b.readBigUInt64LE(28)) * 512;
+    const room = Number(b.readBigUInt64LE(36)) * 512;
+    const text = b.subarray(at, at + room).toString('latin1').replace(/\0+$/, '');
+    const out = Buffer.alloc(room);
+    out.write(edit(text), 'latin1');
+    out.copy(b, at);
+    fs.writeFileSync(file, b);
+  }
+
+  /** Make `child` name `parent` as its backing file (a loop when the chain comes back). */
+  async function setBacking(format: string, child: string, parent: string): Promise<void> {
+    const dir = path.dirname(child);
+    if (format !== 'vmdk') {
+      await runOk('qemu-img', ['rebase', '-u', '-f', format, '-b', path.basename(parent), '-F', format, child], { cwd: dir });
+      return;
+    }
+    // qemu-img cannot rebase a vmdk: the descriptor names the parent and its CID.
+    const cid = /^CID=(\w+)/m.exec(fs.readFileSync(parent).toString('latin1'))![1]!;
+    editDescriptor(child, (t) => t.replace(/^parentFileNameHint=.*\n/m, '').replace(/^parentCID=\w+/m, `parentCID=${cid}`).replace(/^(createType=.*)$/m, `$1\nparentFileNameHint="${path.basename(parent)}"`));
+  }
+
+  for (const format of ['qcow2', 'qed', 'vmdk']) {
+    it(`${format}: a backing file that is the image itself, and a -> b -> a, are refused cleanly`, async () => {
+      const dir = fs.mkdtempSync(path.join(tmp.dir, `${format}-`));
+      const a = path.join(dir, `a.${format}`);
+      const b = path.join(dir, `b.${format}`);
+      await createImage(a, format, '4M');
+      await qemuIo(a, format, ['write -P 0x11 0 64k']);
+      await createImage(b, format, '4M', {}, { file: `a.${format}`, format });
+      await setBacking(format, a, a);
+      expect(await refusal(a, format)).to.match(/loop|itself|chain|depth|backing|parent/i);
+      await refusedOrRead(a, format);
+      await setBacking(format, a, b);
+      expect(await refusal(b, format)).to.match(/loop|itself|chain|depth|backing|parent/i);
+      await refusedOrRead(b, format);
+    });
+  }
+
+  /** A descriptor for `extents` (lines "RW n SPARSE \"f\""). */
+  function descriptor(extents: string[], extra = ''): string {
+    return ['# Disk DescriptorFile', 'version=1', 'CID=fffffffe', 'parentCID=ffffffff', 'createType="twoGbMaxExtentSparse"', '', ...extents, '', 'ddb.virtualHWVersion = "4"', extra, ''].join('\n');
+  }
+
+  it('vmdk: an extent list naming the descriptor itself, the same extent thousands of times, and absurd extent sizes', async () => {
+    const dir = fs.mkdtempSync(path.join(tmp.dir, 'vmdk-ext-'));
+    const d = path.join(dir, 'd.vmdk');
+    await createImage(d, 'vmdk', '4M', { subformat: 'twoGbMaxExtentSparse' });
+    await qemuIo(d, 'vmdk', ['write -P 0x22 0 64k']);
+    const extent = fs.readdirSync(dir).find((f) => f !== 'd.vmdk')!;
+    const cases: [string, string][] = [
+      ['itself, sparse', descriptor(['RW 8192 SPARSE "d.vmdk"'])],
+      ['itself, flat', descriptor(['RW 8192 FLAT "d.vmdk" 0'])],
+      ['itself after a real one', descriptor([`RW 8192 SPARSE "${extent}"`, 'RW 8192 SPARSE "d.vmdk"'])],
+      ['one extent 5000 times', descriptor(Array.from({ length: 5000 }, () => `RW 8192 SPARSE "${extent}"`))],
+      ['2^53 sectors', descriptor([`RW 9007199254740992 SPARSE "${extent}"`])],
+      ['2^64 sectors', descriptor([`RW 18446744073709551616 SPARSE "${extent}"`])],
+      ['a flat extent at an offset past its end', descriptor([`RW 8192 FLAT "${extent}" 99999999999`])],
+      ['a parent that is itself', descriptor([`RW 8192 SPARSE "${extent}"`], 'parentFileNameHint="d.vmdk"').replace('parentCID=ffffffff', 'parentCID=fffffffe')],
+    ];
+    for (const [what, text] of cases) {
+      fs.writeFileSync(d, text);
+      const outcome = await refusedOrRead(d, 'vmdk').catch((err: unknown) => {
+        throw new Error(`${what}: ${String(err)}`);
+      });
+      if (/itself, sparse|after a real|2\^64/.test(what)) expect(outcome, what).to.equal('refused');
+    }
+    // One sparse file named twice reads (as QEMU), but is not opened for writing: each
+    // extent would allocate grains over the other's.
+    fs.writeFileSync(d, descriptor([`RW 8192 SPARSE "${extent}"`, `RW 8192 SPARSE "${extent}"`]));
+    const err = await openTestImage(d, { format: 'vmdk', rw: true }).then((n) => n.close().then(() => undefined), (e: unknown) => e);
+    expect(String(err)).to.match(/more than once: it can only be opened read-only/);
+  });
+
+  it('qcow2: an absurd disk size, a snapshot table over the header or the L1 table, a snapshot whose L1 is the header, 65536 snapshots', async () => {
+    const f = path.join(tmp.dir, 'snap.qcow2');
+    await createImage(f, 'qcow2', '4M', { cluster_size: '4k' });
+    await qemuIo(f, 'qcow2', ['write -P 0x33 0 64k']);
+    await runOk('qemu-img', ['snapshot', '-c', 's1', f]);
+    const pristine = fs.readFileSync(f);
+    const l1 = Number(pristine.readBigUInt64BE(40));
+    const snapTable = Number(pristine.readBigUInt64BE(64));
+    const be64 = (v: bigint): Buffer => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(v);
+      return b;
+    };
+    const be32 = (v: number): Buffer => {
+      const b = Buffer.alloc(4);
+      b.writeUInt32BE(v >>> 0);
+      return b;
+    };
+    const edits: [string, [number, Buffer][]][] = [
+      ['disk size 2^63 - 1', [[24, be64(2n ** 63n - 1n)]]],
+      ['disk size 2^56', [[24, be64(2n ** 56n)]]],
+      ['snapshot table at the header', [[64, be64(0n)]]],
+      ['snapshot table at the active L1 table', [[64, be64(BigInt(l1))]]],
+      ['snapshot table past the end', [[64, be64(BigInt(pristine.length + 65536))]]],
+      ['65536 snapshots', [[60, be32(65536)]]],
+      ['the snapshot L1 at the header, 2^30 entries', [[snapTable, be64(0n)], [snapTable + 8, be32(2 ** 30)]]],
+      ['the snapshot L1 at the snapshot table', [[snapTable, be64(BigInt(snapTable))]]],
+      ['a snapshot whose extra data claims 4 GiB', [[snapTable + 32, be32(0xffffffff)]]],
+    ];
+    for (const [what, patches] of edits) {
+      const b = Buffer.from(pristine);
+      for (const [at, v] of patches) v.copy(b, at);
+      fs.writeFileSync(f, b);
+      await refusedOrRead(f, 'qcow2').catch((err: unknown) => {
+        throw new Error(`${what}: ${String(err)}`);
+      });
+    }
   });
 });

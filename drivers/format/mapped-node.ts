@@ -32,6 +32,8 @@ export abstract class MappedNode implements BlockNode, Mapper {
   /** Held by writes that allocate and by flush, so a flush sees no half-made allocation. */
   protected readonly mutex = new Mutex();
   private closed = false;
+  /** A write was refused because the image is corrupt (metadata overlap): change nothing more at close. */
+  protected sawCorruption = false;
   private description: ImageDescription = {};
 
   /** The image file's metadata, which no data written in place may overlap. */
@@ -73,8 +75,13 @@ export abstract class MappedNode implements BlockNode, Mapper {
 
   /** In place without the lock when every byte has a place on disk (allocated blocks never move); else under the mutex. */
   async write(offset: number, src: Uint8Array): Promise<void> {
-    if (await writeInPlace(this, this.file, offset, src)) return;
-    await this.mutex.run(() => this.writeLocked(offset, src));
+    try {
+      if (await writeInPlace(this, this.file, offset, src)) return;
+      await this.mutex.run(() => this.writeLocked(offset, src));
+    } catch (err) {
+      if (err instanceof CorruptImageError) this.sawCorruption = true;
+      throw err;
+    }
   }
 
   async flush(): Promise<void> {

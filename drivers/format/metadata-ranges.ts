@@ -11,6 +11,7 @@
 // naming one cluster): it is a multiset, remove() takes away one copy.
 import createDebug from 'debug';
 import { CorruptImageError } from '../errors.js';
+import type { BlockNode } from '../types.js';
 
 const debug = createDebug('tsmount:overlap');
 
@@ -19,6 +20,28 @@ export interface MetadataRange {
   length: number;
   /** What the range holds, as a message names it ("active L1 table"). */
   what: string;
+}
+
+/**
+ * The host offsets a table of `entries` big-endian or little-endian words at `offset`
+ * names (`decode` turns a word into a byte offset, 0 for none), read a page at a time:
+ * what a writer registers with addTables() at open.
+ */
+export async function tableOffsets(file: BlockNode, offset: number, entries: number, entryBytes: 4 | 8, le: boolean, decode: (v: bigint) => number): Promise<number[]> {
+  const out: number[] = [];
+  const PAGE = 64 * 1024;
+  const total = Math.max(0, Math.min(entries * entryBytes, file.size - offset));
+  const buf = Buffer.alloc(Math.min(PAGE, total));
+  for (let done = 0; done < total; done += buf.length) {
+    const n = Math.min(buf.length, total - done);
+    await file.read(offset + done, buf.subarray(0, n));
+    for (let i = 0; i + entryBytes <= n; i += entryBytes) {
+      const v = entryBytes === 8 ? (le ? buf.readBigUInt64LE(i) : buf.readBigUInt64BE(i)) : BigInt(le ? buf.readUInt32LE(i) : buf.readUInt32BE(i));
+      const o = decode(v);
+      if (o !== 0) out.push(o);
+    }
+  }
+  return out;
 }
 
 export class MetadataRanges {
@@ -59,6 +82,16 @@ export class MetadataRanges {
     for (let i = 0; i < offsets.length; i++) if (i === 0 || offsets[i] !== offsets[i - 1]) offsets[m++] = offsets[i]!;
     const k = this.kind(what);
     this.merge(m, (i) => offsets[i]!, () => length, () => k);
+  }
+
+  /**
+   * Every table a table of tables names (qed and qcow L2 tables from their L1, vmdk
+   * grain tables from the grain directory): `length` bytes at each nonzero offset.
+   */
+  addTables(offsets: Iterable<number>, length: number, what: string): void {
+    const list: number[] = [];
+    for (const o of offsets) if (o !== 0) list.push(o);
+    this.addUniform(Float64Array.from(list), length, what);
   }
 
   /** [offset, offset + length) holds `what`; empty ranges are ignored. */

@@ -110,9 +110,10 @@ export class ParallelsNode extends MappedNode {
     try {
       if (!this.readOnly) {
         await this.flush();
-        // parallels_close: clean again, and no space past the data.
+        // parallels_close: clean again, and no space past the data (unless the BAT
+        // proved corrupt: then data_end may be short of clusters in use).
         await this.file.write(HDR.inuse, Buffer.alloc(4));
-        if (this.file.truncate && this.file.size !== this.dataEnd * SECTOR) await this.file.truncate(this.dataEnd * SECTOR);
+        if (this.file.truncate && !this.sawCorruption && this.file.size !== this.dataEnd * SECTOR) await this.file.truncate(this.dataEnd * SECTOR);
         await this.file.flush();
       }
     } finally {

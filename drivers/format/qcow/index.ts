@@ -46,6 +46,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       metadataCacheBytes: opts.metadataCacheBytes,
       barriers: opts.cache !== 'unsafe',
     }).describedAs({ clusterSize: 2 ** h.clusterBits, dirty: false, backingFile: backingName, encrypted: h.cryptMethod === CRYPT.aes });
+    if (!opts.readOnly) await node.trackTables();
     return node;
   } catch (err) {
     await backing?.close();

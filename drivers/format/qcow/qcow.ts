@@ -3,7 +3,7 @@
 // and L2 tables go at the end of the file, cluster aligned; each is written whole
 // (copied from what the guest saw before) before the L2 or L1 entry points at it.
 import { decompress } from '../../util/decompress.js';
-import { MetadataRanges } from '../metadata-ranges.js';
+import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import type { BlockNode } from '../../types.js';
@@ -45,7 +45,7 @@ export class QcowNode extends MappedNode {
   private readonly l2Cache: TableCache;
   /** The last cluster decompressed (QEMU's cluster_cache). */
   private inflated: { host: number; data: Buffer } | undefined;
-  /** Header and L1 table: no guest data may be written there. */
+  /** Header, L1 table and (for a writer) every L2 table: no guest data may be written there. */
   readonly metadata: MetadataRanges;
 
   constructor(o: QcowNodeOptions) {
@@ -65,6 +65,11 @@ export class QcowNode extends MappedNode {
     this.metadata = new MetadataRanges(o.file.name)
       .add(0, HEADER_BYTES, 'qcow header')
       .add(this.l1Offset, this.l1.entries * 8, 'qcow L1 table');
+  }
+
+  /** A writer knows every L2 table, so no data write lands on one (as qcow2's overlap checks). */
+  async trackTables(): Promise<void> {
+    this.metadata.addTables(await tableOffsets(this.file, this.l1Offset, this.l1.entries, 8, false, Number), this.l2Entries * 8, 'qcow L2 table');
   }
 
   private corrupt(msg: string): CorruptImageError {
@@ -206,9 +211,6 @@ export class QcowNode extends MappedNode {
         const b = Math.min(end, (first + j) * cs);
         const at = w.host + (a - (first + i) * cs);
         this.metadata.assertNoOverlap(at, b - a, `qcow cluster ${first + i}`);
-        // Nor on the L2 table that maps it.
-        const l2 = await this.l1Entry(Math.floor(first / this.l2Entries));
-        new MetadataRanges(this.name).add(l2, l2 === 0 ? 0 : this.l2Entries * 8, 'qcow L2 table').assertNoOverlap(at, b - a, `qcow cluster ${first + i}`);
         await this.file.write(w.host + (a - (first + i) * cs), this.sealed(data.subarray(a - pos, b - pos), a));
         i = j;
         continue;
@@ -265,6 +267,7 @@ export class QcowNode extends MappedNode {
       const table = Buffer.alloc(this.l2Entries * 8);
       for (const u of updates) encode(u).copy(table, (u.gc % this.l2Entries) * 8);
       l2Offset = this.allocate();
+      this.metadata.add(l2Offset, table.length, 'qcow L2 table');
       await this.file.write(l2Offset, table);
       await this.barrier();
       const e = Buffer.alloc(8);

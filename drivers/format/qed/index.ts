@@ -58,12 +58,19 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   }
   const pages = new TablePages(file, (h.clusterSize * h.tableSize) / 8, opts.metadataCacheBytes);
   // qed_get_info: the need-check bit is the dirty flag; a raw backing format is recorded as 'raw'.
-  return new QedNode({ file, header: h, readOnly: opts.readOnly, backing, pages, barriers }).describedAs({
+  const node = new QedNode({ file, header: h, readOnly: opts.readOnly, backing, pages, barriers }).describedAs({
     clusterSize: h.clusterSize,
     dirty: (h.features & FEATURE.needCheck) !== 0n,
     backingFile: backingName || undefined,
     backingFormat: backingName && h.features & FEATURE.backingFormatNoProbe ? 'raw' : undefined,
   });
+  if (!opts.readOnly) {
+    await node.trackTables().catch(async (err: unknown) => {
+      await backing?.close();
+      throw err;
+    });
+  }
+  return node;
 }
 
 async function create(req: CreateRequest): Promise<void> {

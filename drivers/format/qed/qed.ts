@@ -5,7 +5,7 @@
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { readFromBacking } from '../backing.js';
-import { MetadataRanges } from '../metadata-ranges.js';
+import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
 import { pushRun, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
@@ -34,7 +34,7 @@ export class QedNode extends MappedNode {
   /** Where the next cluster goes: the file size rounded down to a cluster, then grown (QEMU's s->file_size). */
   private fileEnd: number;
   private features: bigint;
-  /** Header and L1 table: no guest data may be written there. */
+  /** Header, L1 table and (for a writer) every L2 table: no guest data may be written there. */
   readonly metadata: MetadataRanges;
 
   constructor(o: QedNodeOptions) {
@@ -50,6 +50,11 @@ export class QedNode extends MappedNode {
     this.metadata = new MetadataRanges(o.file.name)
       .add(0, this.headerBytes, 'qed header')
       .add(o.header.l1TableOffset, this.tableEntries * 8, 'qed L1 table');
+  }
+
+  /** A writer knows every L2 table, so no data write lands on one (as qcow2's overlap checks). */
+  async trackTables(): Promise<void> {
+    this.metadata.addTables(await tableOffsets(this.file, this.h.l1TableOffset, this.tableEntries, 8, true, Number), this.tableEntries * 8, 'qed L2 table');
   }
 
   private corrupt(what: string, value: number): CorruptImageError {
@@ -159,8 +164,6 @@ export class QedNode extends MappedNode {
           const a = Math.max(from, (first + k) * cs);
           const b = Math.min(to, (first + k + 1) * cs);
           const at = entries[k]! + (a % cs);
-          // Nor on the L2 table that maps it.
-          new MetadataRanges(this.name).add(l2, this.tableEntries * 8, 'qed L2 table').assertNoOverlap(at, b - a, `qed cluster ${first + k}`);
           this.metadata.assertNoOverlap(at, b - a, `qed cluster ${first + k}`);
           if (zero) await this.zeroFile(at, b - a);
           else await this.file.write(at, part(a, b));
@@ -191,6 +194,7 @@ export class QedNode extends MappedNode {
       l2 = this.fileEnd;
       const tableBytes = this.tableEntries * 8;
       this.fileEnd += tableBytes;
+      this.metadata.add(l2, tableBytes, 'qed L2 table');
       await this.zeroFile(l2, tableBytes);
       for (const u of updates) await this.file.write(l2 + u.index * 8, encodeEntries(u.values));
       await this.barrier();

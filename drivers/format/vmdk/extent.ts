@@ -133,17 +133,18 @@ export class SparseExtent implements VmdkExtent {
       .add(h.rgdOffset, h.rgdOffset === 0 ? 0 : h.l1Size * 4, 'VMDK redundant grain directory');
   }
 
-  /** Refuse a grain write onto metadata, or onto the grain table l1i that maps it. */
-  private checkTarget(host: number, length: number, l1i: number, what: string): void {
+  /** Refuse a grain write onto metadata: the header, the directories, any grain table. */
+  private checkTarget(host: number, length: number, what: string): void {
     this.metadata.assertNoOverlap(host, length, what);
-    const gt = (this.l1[l1i] ?? 0) * 512;
-    if (gt !== 0) new MetadataRanges(this.name).add(gt, this.gtBytes, 'VMDK grain table').assertNoOverlap(host, length, what);
   }
 
   static async open(o: SparseExtentOptions): Promise<SparseExtent> {
     const e = new SparseExtent(o.header, o);
     e.l1 = await e.readDirectory(o.header.gdOffset, 'grain directory');
     if (o.header.rgdOffset !== 0) e.l1Backup = await e.readDirectory(o.header.rgdOffset, 'redundant grain directory');
+    // Every grain table the directories name: no grain may be written over one.
+    e.metadata.addTables(Array.from(e.l1, (s) => s * 512), e.gtBytes, 'VMDK grain table');
+    if (e.l1Backup) e.metadata.addTables(Array.from(e.l1Backup, (s) => s * 512), e.gtBytes, 'VMDK redundant grain table');
     return e;
   }
 
@@ -278,7 +279,7 @@ export class SparseExtent implements VmdkExtent {
           const from = Math.max(pos, g * gb);
           const to = Math.min(tableEnd, h * gb);
           if (e.host + (to - g * gb) > this.file.size) throw new CorruptImageError(`${this.name}: VMDK grain at 0x${e.host.toString(16)} lies outside the file`);
-          this.checkTarget(e.host + (from - g * gb), to - from, l1i, `VMDK grain ${g}`);
+          this.checkTarget(e.host + (from - g * gb), to - from, `VMDK grain ${g}`);
           await this.file.write(e.host + (from - g * gb), src.subarray(from - rel, to - rel));
           g = h;
           continue;
@@ -321,7 +322,7 @@ export class SparseExtent implements VmdkExtent {
     await Promise.all([fill(first, 0, head), fill(last, tailStart, buf.length)]);
     buf.set(data, head);
     const sector = this.claim((h - g) * (gb / 512));
-    this.checkTarget(sector * 512, buf.length, l1i, `new VMDK grain ${g}`);
+    this.checkTarget(sector * 512, buf.length, `new VMDK grain ${g}`);
     await this.file.write(sector * 512, buf);
     await ctx.barrier(this.file);
     const values: number[] = [];

@@ -22,21 +22,26 @@ function probe(head: Uint8Array): number {
   return probeDescriptor(head) ? 100 : 0;
 }
 
+/** What a sparse extent's header needs (KDMV or COWD), and its embedded descriptor's offset. */
+const SPARSE_HEAD_BYTES = 4096;
+
 interface OpenState {
   opts: OpenOptions;
   /** The image's file: extents named relative to it. */
   image: BlockNode;
   /** Extent files opened here, closed again if the open fails. */
   opened: BlockNode[];
+  /** The same files by the name the descriptor gives: a name listed again is opened once. */
+  byName: Map<string, BlockNode>;
   extents: VmdkExtent[];
   /** Guest bytes so far. */
   end: number;
   cacheBytes: number;
 }
 
-/** Bytes of a file from `offset`, as vmdk_read_desc reads them (at most 1 MiB - 1). */
-async function readHead(file: BlockNode, offset: number): Promise<Uint8Array> {
-  const n = Math.max(0, Math.min(file.size - offset, MAX_DESC_BYTES));
+/** Bytes of a file from `offset`, as vmdk_read_desc reads them (at most 1 MiB - 1, or `max`). */
+async function readHead(file: BlockNode, offset: number, max = MAX_DESC_BYTES): Promise<Uint8Array> {
+  const n = Math.max(0, Math.min(file.size - offset, max));
   const buf = new Uint8Array(n);
   if (n > 0) await file.read(offset, buf);
   return buf;
@@ -74,9 +79,12 @@ async function openSparse(st: OpenState, file: BlockNode, head: Uint8Array, type
 async function openExtentFile(st: OpenState, fileName: string): Promise<BlockNode> {
   const name = st.image.name;
   if (!st.opts.openFile) throw new UnsupportedError(`${name}: this VMDK names extent files, which cannot be opened here`);
+  const known = st.byName.get(fileName);
+  if (known) return known;
   try {
     const node = await st.opts.openFile(fileName, 'extent');
     st.opened.push(node);
+    st.byName.set(fileName, node);
     return node;
   } catch (err) {
     if (err instanceof UntrustedFileError) throw err;
@@ -93,7 +101,12 @@ async function openDescriptor(st: OpenState, text: string, depth: number): Promi
     if (line.type === 'SESPARSE' && !st.opts.readOnly) {
       throw new UnsupportedError(`${st.image.name}: VMDK seSparse extent '${line.fileName}' can only be opened read-only (no write support)`);
     }
+    const again = st.byName.has(line.fileName);
     const file = await openExtentFile(st, line.fileName);
+    // Two sparse extents in one file would each allocate at its end, over the other's grains.
+    if (again && line.type !== 'FLAT' && line.type !== 'VMFS' && !st.opts.readOnly) {
+      throw new UnsupportedError(`${st.image.name}: VMDK names the sparse extent '${line.fileName}' more than once: it can only be opened read-only`);
+    }
     if (line.type === 'SESPARSE') {
       addExtent(st, await SeSparseExtent.open({ file, start: st.end, type: line.type, cacheBytes: st.cacheBytes }));
       continue;
@@ -103,7 +116,8 @@ async function openDescriptor(st: OpenState, text: string, depth: number): Promi
       continue;
     }
     if (file.size < 4) throw new CorruptImageError(`${file.name}: file is too small, not a valid VMDK extent`);
-    const head = await readHead(file, 0);
+    // Its header only: a descriptor listing one file thousands of times reads it as often.
+    const head = await readHead(file, 0, SPARSE_HEAD_BYTES);
     const m = be32(head);
     if (m !== VMDK3_MAGIC && m !== VMDK4_MAGIC) throw new CorruptImageError(`${file.name}: VMDK extent is not in VMDK format`);
     await openSparse(st, file, head, line.type, depth);
@@ -114,7 +128,7 @@ async function openDescriptor(st: OpenState, text: string, depth: number): Promi
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
   if (file.size < 4) throw new CorruptImageError(`${name}: file is too small, not a valid VMDK image`);
-  const st: OpenState = { opts, image: file, opened: [], extents: [], end: 0, cacheBytes: opts.metadataCacheBytes };
+  const st: OpenState = { opts, image: file, opened: [], byName: new Map(), extents: [], end: 0, cacheBytes: opts.metadataCacheBytes };
   let backing: BlockNode | undefined;
   try {
     const head = await readHead(file, 0);
