@@ -14,7 +14,7 @@ import { vvfatSpecFromOptions } from './vvfat/spec.js';
 import { formatNvmeUri, nvmeTarget } from './nvme.js';
 import { formatSheepdogUri, isSheepdogSpec, parseSheepdogUri } from './sheepdog/proto.js';
 import { formatSshUri, isSshSpec, localUser, resolveSshRelative, sshStem, SSH_DEFAULT_PORT } from './ssh/uri.js';
-import { iscsiStem, isIscsiSpec, resolveIscsiRelative } from './iscsi/uri.js';
+import { iscsiSpecFromOptions, iscsiStem, isIscsiSpec, resolveIscsiRelative } from './iscsi/uri.js';
 
 export const nbdProtocol: ProtocolDriver = {
   name: 'nbd',
@@ -180,7 +180,7 @@ export function parseOptionList(text: string): Map<string, string> {
   return out;
 }
 
-const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'host_cdrom', 'nbd', 'ssh', 'gluster', 'nvme', 'sheepdog']);
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'host_cdrom', 'nbd', 'ssh', 'gluster', 'iscsi', 'nvme', 'sheepdog']);
 
 /**
  * `driver=qcow2,file.driver=ssh,file.host=...,file.path=...` -> an image name and a
@@ -313,6 +313,9 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       spec = formatSheepdogUri({ address, vdi, tag, snapId });
       break;
     }
+    case 'iscsi':
+      spec = iscsiSpecFromOptions(take);
+      break;
     case 'nvme': {
       const device = take('device');
       if (!device) throw new UsageError(`--image-opts: nvme needs ${prefix}device=DOMAIN:BUS:SLOT.FUNC`);

@@ -1,5 +1,6 @@
 import { expect } from 'chai';
 import { imageOptsToSpec, jsonToSpec } from '../../drivers/protocol/remote.js';
+import { loginSettings, parseIscsiSpec } from '../../drivers/protocol/iscsi/uri.js';
 import { UsageError } from '../../drivers/errors.js';
 import { parseNbdSpec } from '../../drivers/protocol/nbd/uri.js';
 
@@ -22,6 +23,8 @@ describe('--image-opts: QEMU dotted options for every protocol', () => {
       ['driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=/s', 'nbd+unix:///?socket=/s', 'qcow2'],
       ['driver=gluster,volume=v,path=d.img,server.0.type=tcp,server.0.host=h', 'gluster://h:24007/v/d.img', 'raw'],
       ['driver=vmdk,file.driver=gluster,file.volume=v,file.path=/d.vmdk,file.server.0.type=unix,file.server.0.path=/s', 'gluster+unix:///v/d.vmdk?socket=/s', 'vmdk'],
+      ['driver=iscsi,transport=tcp,portal=127.0.0.1:3261,target=iqn.2026-12.test:t,lun=2', 'iscsi://127.0.0.1:3261/iqn.2026-12.test:t/2', 'raw'],
+      ['driver=qcow2,file.driver=iscsi,file.portal=h,file.target=iqn.2026-12.test:q,file.user=u,file.header-digest=crc32c', 'iscsi://u@h/iqn.2026-12.test:q/0', 'qcow2'],
     ];
     for (const [opts, spec, format] of cases) {
       const got = imageOptsToSpec(opts);
@@ -29,6 +32,16 @@ describe('--image-opts: QEMU dotted options for every protocol', () => {
       expect(got.spec.startsWith(spec.replace(/\?.*$/, '')), `${opts} -> ${got.spec}`).to.equal(true);
     }
     expect(jsonToSpec('json:{"driver":"raw","file":{"driver":"nbd","server":{"type":"inet","host":"h"},"export":"e"}}').spec).to.match(/^nbd:\/\/h(:10809)?\/e$/);
+  });
+
+  it('iscsi: the login options a target is given stay with that target; what cannot be done is refused in one line', () => {
+    imageOptsToSpec('driver=iscsi,portal=h,target=iqn.2026-12.test:opts,lun=1,initiator-name=iqn.2026-12.test:me,header-digest=crc32c');
+    const login = loginSettings(parseIscsiSpec('iscsi://h/iqn.2026-12.test:opts/1'), {});
+    expect(login.initiatorName).to.equal('iqn.2026-12.test:me');
+    expect(login.headerDigest).to.equal('CRC32C');
+    expect(() => imageOptsToSpec('driver=iscsi,transport=iser,portal=h,target=iqn.x:y')).to.throw(/transport 'iser' is not supported/);
+    expect(() => imageOptsToSpec('driver=iscsi,portal=h')).to.throw(/needs portal=HOST\[:PORT\] and target=IQN/);
+    expect(() => imageOptsToSpec('driver=iscsi,portal=h,target=iqn.x:y,password-secret=s0')).to.throw(/password-secret/);
   });
 
   it('nbd: reconnect-delay and open-timeout travel in the name', () => {

@@ -153,6 +153,31 @@ export function configureIscsi(opts: { iscsi?: string[]; readconfig?: string[] }
   }
 }
 
+/**
+ * QEMU's `driver=iscsi` options (BlockdevOptionsIscsi: transport, portal, target, lun,
+ * user, initiator-name, header-digest, timeout) -> the iscsi:// URL; the login settings
+ * they give are kept for that target, as a `[iscsi "iqn"]` section of --readconfig would.
+ */
+export function iscsiSpecFromOptions(take: (k: string) => string | undefined): string {
+  const transport = take('transport') ?? 'tcp';
+  if (transport !== 'tcp') throw new UsageError(`--image-opts: iSCSI transport '${transport}' is not supported (only tcp)`);
+  const portal = take('portal');
+  const target = take('target');
+  if (!portal || !target) throw new UsageError(`--image-opts: iscsi needs portal=HOST[:PORT] and target=IQN`);
+  const lun = take('lun') ?? '0';
+  const user = take('user');
+  if (take('password-secret') !== undefined) throw new UsageError(`--image-opts: iscsi password-secret needs a secret object, which tsmount does not take: give the password in LIBISCSI_CHAP_PASSWORD or --iscsi password=`);
+  const entries: [string, string][] = [];
+  for (const k of ['initiator-name', 'header-digest', 'timeout']) {
+    const v = take(k);
+    if (v !== undefined) entries.push([k, v]);
+  }
+  const spec = `iscsi://${user ? `${encodeURIComponent(user)}@` : ''}${portal}/${target}/${lun}`;
+  const t = parseIscsiSpec(spec);
+  if (entries.length) fileSettings.set(t.iqn, { ...fileSettings.get(t.iqn), ...settingsFrom(entries, '--image-opts') });
+  return spec;
+}
+
 /** QEMU's default initiator name (block/iscsi.c, get_initiator_name): no VM UUID here. */
 export const DEFAULT_INITIATOR_NAME = 'iqn.2008-11.org.linux-kvm';
 
