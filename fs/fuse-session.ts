@@ -13,9 +13,9 @@ import net from 'node:net';
 import os, { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
-import { readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
+import { fuseBackingClose, fuseBackingOpen, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
 import {
-  AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
+  AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
   decodeHeader, decodeIo, decodeRequest, encodeAttrOut, encodeDirents, encodeEntryOut, encodeInitOut, encodeLseekOut,
   encodeOpenOut, encodeOutHeader, encodeStatfsOut, encodeWriteOut, newHeader, newIoRequest, opName, replyBuffer, u64,
   type DirEntryOut, type Request,
@@ -61,6 +61,11 @@ export interface SessionConfig {
    * and 'direct' force one way for every file (-o kernel_cache, -o direct_io).
    */
   pageCache: 'auto' | 'kernel' | 'direct';
+  /**
+   * FUSE passthrough (openFlags() says when): 'auto' for files that cannot change,
+   * 'on' for writable ones too (-o passthrough), 'off' never (-o nopassthrough).
+   */
+  passthrough?: 'auto' | 'on' | 'off';
   /** INTERRUPT_GRACE_MS unless given (tests: 0). */
   interruptGraceMs?: number;
   /**
@@ -120,6 +125,12 @@ export class Session implements FuseMount {
   private readonly interrupted = new Set<number>();
   /** Interrupted requests in their grace period: the timer that answers them EINTR. */
   private readonly graced = new Map<number, NodeJS.Timeout>();
+  /** The kernel agreed to FUSE_PASSTHROUGH at INIT. */
+  private passthrough = false;
+  /** Backing ids by host descriptor; -1: the kernel refused that file (every open then agrees). */
+  private readonly backing = new Map<number, number>();
+  /** Writable files opened for passthrough: their FLUSH (close) syncs, as writes never came here. */
+  private readonly passthroughWritable = new Set<number>();
 
   private requestBuffer(): Buffer {
     this.current ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE);
@@ -164,6 +175,15 @@ export class Session implements FuseMount {
     this.closedFlag = true;
     for (const timer of this.graced.values()) clearTimeout(timer);
     this.graced.clear();
+    // Open passthrough files keep their own references; the session's go.
+    for (const id of this.backing.values()) {
+      try {
+        if (id >= 0) fuseBackingClose(this.fd, id);
+      } catch {
+        /* the connection is gone, and the references with it */
+      }
+    }
+    this.backing.clear();
     this.initDone(new ErrnoError(`${this.mountpoint}: the FUSE session ended before it started`, E.ENODEV));
     this.socket.destroy();
     this.endDone();
@@ -397,7 +417,10 @@ export class Session implements FuseMount {
     const flags = (want & req.flags) | (req.flags & Init.INIT_EXT);
     // Shared mmap of a direct_io file (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6+): without
     // it, mmap of a writable flat file would fail with ENODEV.
-    const flags2 = req.flags2 & Init.DIRECT_IO_ALLOW_MMAP_HI;
+    // Passthrough (Linux 6.9+) as root: registering a backing file needs CAP_SYS_ADMIN.
+    const wantPassthrough = (this.cfg.passthrough ?? 'auto') !== 'off' && this.owner === 0 ? Init.PASSTHROUGH_HI : 0;
+    const flags2 = req.flags2 & (Init.DIRECT_IO_ALLOW_MMAP_HI | wantPassthrough);
+    this.passthrough = (flags2 & Init.PASSTHROUGH_HI) !== 0;
     // Without FUSE_MAX_PAGES (kernels before 4.20) the kernel caps requests at 32 pages.
     const maxWrite = flags & Init.MAX_PAGES ? this.cfg.maxWrite : Math.min(this.cfg.maxWrite, 32 * PAGE);
     this.maxRequest = maxWrite;
@@ -412,6 +435,8 @@ export class Session implements FuseMount {
       timeGran: 1, // nanoseconds
       maxPages: Math.ceil(maxWrite / PAGE),
       flags2,
+      // Backing files on a stacked file system (overlayfs) are refused (ELOOP) and served here.
+      maxStackDepth: this.passthrough ? 1 : 0,
     }, minor);
     this.send(out, unique, 0, len);
     debug('FUSE %d.%d, flags %s/%s, max_write %d', major, minor, flags.toString(16), flags2.toString(16), maxWrite);
@@ -469,14 +494,24 @@ export class Session implements FuseMount {
       case 'open': {
         const opened = await this.ops.open(nodeid, req.flags);
         const out = replyBuffer(OpenOut.SIZE);
+        const backingId = this.backingFor(opened);
+        if (backingId !== undefined) {
+          if (opened.writable) this.passthroughWritable.add(opened.fh);
+          this.send(out, unique, 0, encodeOpenOut(out, opened.fh, FOPEN_PASSTHROUGH, backingId));
+          return;
+        }
         this.send(out, unique, 0, encodeOpenOut(out, opened.fh, this.openFlags(opened.writable, opened.size)));
         return;
       }
       case 'release':
+        this.passthroughWritable.delete(req.fh);
         await this.ops.release(nodeid, req.fh);
         return this.ok(unique);
       case 'flush':
-        await this.ops.flush(nodeid, req.fh);
+        // A close after passthrough writes: they went to the image file without us, so
+        // the flush a close makes of a written file here is an fsync.
+        if (this.passthroughWritable.has(req.fh)) await this.ops.fsync(nodeid, req.fh, true);
+        else await this.ops.flush(nodeid, req.fh);
         return this.ok(unique);
       case 'fsync':
         await this.ops.fsync(nodeid, req.fh, req.datasync);
@@ -551,6 +586,36 @@ export class Session implements FuseMount {
    * file's), and a scan of a 4 GiB image then evicted the image's own pages mid-read
    * (0.4-1.4 GB/s through the page cache against 2.6-3.7 GB/s direct, same run).
    */
+  /**
+   * The backing id for an open the kernel should serve itself (FUSE passthrough), or
+   * undefined to serve it here. Only where the flat file is one host file 1:1 (a raw
+   * image on a local file, nothing in the graph that must see the I/O), and by
+   * default only for files that cannot change: a passthrough write past the end of
+   * the disk would grow the image file where tsmount answers ENOSPC, and writes skip
+   * st_blocks' recount, so writable files take it only with -o passthrough. The pages
+   * are the image file's own (no second copy in the flat file's page cache), so
+   * -o kernel_cache changes nothing and -o direct_io turns it off. Every open of a
+   * file agrees, as the kernel requires: a refused file is remembered.
+   */
+  private backingFor(opened: { writable: boolean; passthroughFd?: number }): number | undefined {
+    const fd = opened.passthroughFd;
+    const mode = this.cfg.passthrough ?? 'auto';
+    if (!this.passthrough || fd === undefined || mode === 'off') return undefined;
+    if (mode === 'auto' && (opened.writable || this.cfg.pageCache === 'direct')) return undefined;
+    let id = this.backing.get(fd);
+    if (id === undefined) {
+      try {
+        id = fuseBackingOpen(this.fd, fd);
+        debug('passthrough: host descriptor %d is backing file %d', fd, id);
+      } catch (err) {
+        debug('passthrough refused for host descriptor %d: %s', fd, messageOf(err));
+        id = -1;
+      }
+      this.backing.set(fd, id);
+    }
+    return id >= 0 ? id : undefined;
+  }
+
   private openFlags(writable: boolean, size: number): number {
     const direct = this.cfg.pageCache === 'direct' || (this.cfg.pageCache === 'auto' && (writable || size > os.totalmem() / 8));
     return direct ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE;

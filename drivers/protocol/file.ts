@@ -112,6 +112,11 @@ export class FileNode implements BlockNode {
     return this.currentSize;
   }
 
+  /** The file's bytes are the node's (FUSE passthrough, fs/fuse-session.ts). */
+  get passthroughFd(): number | undefined {
+    return this.closed ? undefined : this.fd;
+  }
+
   async read(offset: number, dst: Uint8Array): Promise<void> {
     let done = 0;
     if (this.noWait && dst.length <= NOWAIT_READ_MAX) {
