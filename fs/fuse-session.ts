@@ -34,8 +34,11 @@ export const DEFAULT_MAX_WRITE = MAX_PAGES * PAGE;
 /** How long the kernel may trust attributes and names we return. */
 const ATTR_VALID_S = 1;
 
-/** How long spin() looks for the next request (TSMOUNT_FUSE_SPIN_US, 0: never). */
+/** How long spin() looks for the next request at first (TSMOUNT_FUSE_SPIN_US, 0: never). */
 const SPIN_NS = BigInt(Math.round(Number(process.env.TSMOUNT_FUSE_SPIN_US ?? 50) * 1000));
+/** The window adapts (spin()) between 0 and this; TSMOUNT_FUSE_SPIN_ADAPT=0 keeps it fixed. */
+const SPIN_MAX_NS = SPIN_NS * 4n;
+const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT !== '0';
 const SPIN_CHAIN = 64;
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
@@ -100,6 +103,9 @@ export class Session implements FuseMount {
   /** Requests served in a row by spin() without the event loop running. */
   private spinChain = 0;
   private spinBuffer: Buffer | undefined;
+  /** The current spin window (ns), and when a spin that found nothing gave up (0n: none since). */
+  private spinNs = SPIN_NS;
+  private idleSince = 0n;
   /** Reply buffers of OutHeader.SIZE + maxWrite bytes, for large reads. */
   private readonly replyPool: Buffer[] = [];
   /** Where the next request is read; undefined once a write took it. */
@@ -157,6 +163,11 @@ export class Session implements FuseMount {
         buffer: () => this.requestBuffer(),
         callback: (n: number, buf: Uint8Array) => {
           this.spinChain = 0;
+          // Spinning had stopped, and a request came soon after all: spin again.
+          if (this.idleSince !== 0n) {
+            if (this.spinNs === 0n && process.hrtime.bigint() - this.idleSince < SPIN_NS) this.spinNs = SPIN_NS;
+            this.idleSince = 0n;
+          }
           return this.dispatch(buf as Buffer, n);
         },
       },
@@ -373,13 +384,23 @@ export class Session implements FuseMount {
    * still running when it comes: no wake-up of an idle CPU, which on these VMs cost
    * more than serving a 4 KiB request. After SPIN_CHAIN requests in a row the event
    * loop gets its turn (timers, the thread pool) before spinning again.
+   *
+   * The window adapts: it doubles (up to 4x TSMOUNT_FUSE_SPIN_US) when a request came
+   * within it, halves when none did, and reaches zero on an idle mount, which then
+   * costs no CPU after a reply; a request that arrives through epoll within the base
+   * window of the last reply starts spinning again.
    */
   private spin(): void {
     if (this.spinChain >= SPIN_CHAIN) {
       this.spinChain = 0;
       return;
     }
-    const deadline = process.hrtime.bigint() + SPIN_NS;
+    const start = process.hrtime.bigint();
+    if (this.spinNs === 0n) {
+      this.idleSince = start;
+      return;
+    }
+    const deadline = start + this.spinNs;
     // Its own buffer: the event loop's (this.current) may be read into at any time, and
     // dispatch copies a write out of any buffer that is not that one.
     const buf = (this.spinBuffer ??= Buffer.allocUnsafe(this.cfg.maxWrite + PAGE));
@@ -387,6 +408,7 @@ export class Session implements FuseMount {
       const n = readNoBlock(this.fd, buf);
       if (n > 0) {
         this.spinChain++;
+        if (SPIN_ADAPT && this.spinNs < SPIN_MAX_NS) this.spinNs *= 2n;
         this.dispatch(buf, n);
         return;
       }
@@ -394,6 +416,11 @@ export class Session implements FuseMount {
       if (n !== -E.EAGAIN) return;
     } while (process.hrtime.bigint() < deadline);
     this.spinChain = 0;
+    if (SPIN_ADAPT) {
+      this.spinNs /= 2n;
+      if (this.spinNs < SPIN_NS / 8n) this.spinNs = 0n;
+      this.idleSince = process.hrtime.bigint();
+    }
   }
 
   private init(req: Extract<Request, { kind: 'init' }>, unique: number): void {
