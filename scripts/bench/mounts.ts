@@ -106,9 +106,14 @@ async function mountQsd(req: MountRequest): Promise<Mounted> {
   const args = blockdevs.flatMap((b) => ['--blockdev', b]);
   args.push('--export', `type=fuse,id=e,node-name=q,mountpoint=${mp},writable=${req.rw ? 'on' : 'off'}`);
   // Not --daemonize: a daemonized qsd 7.2 leaves its mount behind when it gets SIGTERM.
+  return spawnServer('qsd', 'qemu-storage-daemon', args, mp, path.dirname(req.image));
+}
+
+/** A server that stays in the foreground and mounts `mp` itself; timed until its mount appears. */
+async function spawnServer(system: 'qsd' | 'ceiling', cmd: string, args: string[], mp: string, cwd?: string): Promise<Mounted> {
   const t0 = process.hrtime.bigint();
-  const child = spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: path.dirname(req.image) });
-  const m: Mounted = { system: 'qsd', file: mp, mountpoint: mp, pid: child.pid ?? 0, mountSeconds: 0, child };
+  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd });
+  const m: Mounted = { system, file: mp, mountpoint: mp, pid: child.pid ?? 0, mountSeconds: 0, child };
   live.set(mp, m);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -116,7 +121,7 @@ async function mountQsd(req: MountRequest): Promise<Mounted> {
   m.mountSeconds = seconds(t0);
   if (!ok || !fuseMounted(mp)) {
     await unmount(m);
-    throw new Error(`qemu-storage-daemon: ${stderr.trim() || 'mount did not appear'}`);
+    throw new Error(`${system === 'qsd' ? 'qemu-storage-daemon' : 'ceiling'}: ${stderr.trim() || 'mount did not appear'}`);
   }
   return m;
 }
@@ -151,21 +156,7 @@ export function ceiling(): string {
 async function mountCeiling(req: MountRequest): Promise<Mounted> {
   if (req.rw) throw new Error('ceiling: rows with writes do not use the ceiling server');
   if (req.size === undefined) throw new Error('ceiling: needs the virtual size');
-  const bin = ceiling();
-  const mp = path.resolve(req.target);
-  const t0 = process.hrtime.bigint();
-  const child = spawn(bin, [String(req.size), mp], { stdio: ['ignore', 'ignore', 'pipe'] });
-  const m: Mounted = { system: 'ceiling', file: mp, mountpoint: mp, pid: child.pid ?? 0, mountSeconds: 0, child };
-  live.set(mp, m);
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const ok = await waitUntil(() => fuseMounted(mp) || child.exitCode !== null || child.signalCode !== null, 60_000);
-  m.mountSeconds = seconds(t0);
-  if (!ok || !fuseMounted(mp)) {
-    await unmount(m);
-    throw new Error(`ceiling: ${stderr.trim() || 'mount did not appear'}`);
-  }
-  return m;
+  return spawnServer('ceiling', ceiling(), [String(req.size), path.resolve(req.target)], path.resolve(req.target));
 }
 
 /** xmount --in raw IMG DIR: read-only, the disk appears as DIR/<stem>.dd. */
