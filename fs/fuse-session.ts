@@ -36,9 +36,13 @@ const ATTR_VALID_S = 1;
 
 /** How long spin() looks for the next request at first (TSMOUNT_FUSE_SPIN_US, 0: never). */
 const SPIN_NS = BigInt(Math.round(Number(process.env.TSMOUNT_FUSE_SPIN_US ?? 50) * 1000));
-/** The window adapts (spin()) between 0 and this; TSMOUNT_FUSE_SPIN_ADAPT=0 keeps it fixed. */
+/**
+ * TSMOUNT_FUSE_SPIN_ADAPT=1: the window adapts (spin()) between 0 and this. Off by
+ * default: on the loaded 2-core machine it gained on 4 random readers and lost about
+ * 10 % on compressed sequential reads (scripts/BENCHMARKS.md, issue 21).
+ */
 const SPIN_MAX_NS = SPIN_NS * 4n;
-const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT !== '0';
+const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT === '1';
 const SPIN_CHAIN = 64;
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
@@ -385,7 +389,7 @@ export class Session implements FuseMount {
    * more than serving a 4 KiB request. After SPIN_CHAIN requests in a row the event
    * loop gets its turn (timers, the thread pool) before spinning again.
    *
-   * The window adapts: it doubles (up to 4x TSMOUNT_FUSE_SPIN_US) when a request came
+   * With TSMOUNT_FUSE_SPIN_ADAPT=1 the window adapts: it doubles (up to 4x TSMOUNT_FUSE_SPIN_US) when a request came
    * within it, halves when none did, and reaches zero on an idle mount, which then
    * costs no CPU after a reply; a request that arrives through epoll within the base
    * window of the last reply starts spinning again.
