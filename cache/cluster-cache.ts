@@ -58,6 +58,14 @@ export class ClusterCache extends Filter {
     }
   }
 
+  /**
+   * With passthrough no request reaches this cache, so it holds nothing stale. Not in
+   * writethrough and directsync, where every write must be flushed here.
+   */
+  override get passthroughFd(): number | undefined {
+    return this.opts.mode === 'writethrough' || this.opts.mode === 'directsync' ? undefined : this.next.passthroughFd;
+  }
+
   override async read(offset: number, dst: Uint8Array): Promise<void> {
     const lru = this.lru;
     // A large read is a scan (readahead of a sequential reader): it reads straight into

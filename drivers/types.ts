@@ -129,6 +129,14 @@ export interface BlockNode {
    * bytes across one. The graph builder gives such a node no data cache.
    */
   readonly mediumGeneration?: number | undefined;
+  /**
+   * A host file descriptor whose bytes are exactly this node's at the same offsets,
+   * with nothing in between that must see the I/O (a raw image on a local file): the
+   * FUSE layer may hand it to the kernel (FUSE passthrough), and then reads and writes
+   * of the flat file never reach tsmount. Filters do not forward it unless they
+   * change nothing a request sees.
+   */
+  readonly passthroughFd?: number | undefined;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */

@@ -184,7 +184,7 @@ export class FlatFs implements FsOps {
   async open(ino: number, flags: number): Promise<Opened> {
     const f = this.file(ino);
     if ((flags & O_ACCMODE) !== O_RDONLY && !f.writable) throw new ReadOnlyError(`${f.node.name}: mounted read-only`);
-    return { fh: this.nextFd++, writable: f.writable, size: f.node.size };
+    return { fh: this.nextFd++, writable: f.writable, size: f.node.size, passthroughFd: f.node.passthroughFd };
   }
 
   async release(): Promise<void> {}

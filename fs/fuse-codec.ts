@@ -51,11 +51,15 @@ export const Init = {
   INIT_EXT: 1 << 30,
   /** FUSE_DIRECT_IO_ALLOW_MMAP is bit 36: bit 4 of flags2 (7.39). */
   DIRECT_IO_ALLOW_MMAP_HI: 1 << 4,
+  /** FUSE_PASSTHROUGH is bit 37: bit 5 of flags2 (7.40). */
+  PASSTHROUGH_HI: 1 << 5,
 } as const;
 
 /** fuse_open_out.open_flags. */
 export const FOPEN_DIRECT_IO = 1 << 0;
 export const FOPEN_KEEP_CACHE = 1 << 1;
+/** The kernel does this open's reads and writes on a backing file itself (7.40). */
+export const FOPEN_PASSTHROUGH = 1 << 7;
 
 /** fuse_setattr_in.valid. */
 export const Fattr = { MODE: 1 << 0, UID: 1 << 1, GID: 1 << 2, SIZE: 1 << 3, ATIME: 1 << 4, MTIME: 1 << 5, FH: 1 << 6 } as const;
@@ -386,11 +390,11 @@ export function encodeEntryOut(b: Buffer, nodeid: number, st: Stat, validSeconds
   return o + EntryOut.SIZE;
 }
 
-export function encodeOpenOut(b: Buffer, fh: number, openFlags: number): number {
+export function encodeOpenOut(b: Buffer, fh: number, openFlags: number, backingId = 0): number {
   const o = OutHeader.SIZE;
   putU64(b, o + OpenOut.fh, fh);
   b.writeUInt32LE(openFlags, o + OpenOut.open_flags);
-  b.writeUInt32LE(0, o + OpenOut.backing_id);
+  b.writeInt32LE(backingId, o + OpenOut.backing_id);
   return o + OpenOut.SIZE;
 }
 
@@ -441,6 +445,8 @@ export interface InitReply {
   timeGran: number;
   maxPages: number;
   flags2: number;
+  /** With FUSE_PASSTHROUGH: how deep the backing files' own stacking may be. */
+  maxStackDepth?: number;
 }
 
 /** fuse_init_out, as long as the kernel's minor version knows it. */
@@ -457,6 +463,7 @@ export function encodeInitOut(b: Buffer, r: InitReply, kernelMinor: number): num
   b.writeUInt32LE(r.timeGran, o + InitOut.time_gran);
   b.writeUInt16LE(r.maxPages, o + InitOut.max_pages);
   b.writeUInt32LE(r.flags2 >>> 0, o + InitOut.flags2);
+  b.writeUInt32LE(r.maxStackDepth ?? 0, o + InitOut.max_stack_depth);
   return o + (kernelMinor < 23 ? InitOut.SIZE_OLD : InitOut.SIZE);
 }
 

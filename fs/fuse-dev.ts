@@ -32,6 +32,7 @@ function configure(opts: MountOptions): DevConfig {
     maxWrite: DEFAULT_MAX_WRITE,
     maxReadahead: DEFAULT_MAX_WRITE,
     pageCache: 'auto',
+    passthrough: 'auto',
     denyOthers: !opts.allowOther && !!opts.allowRoot,
   };
   const flagOpts: Record<string, number> = { ro: MS_RDONLY, noexec: MS_NOEXEC, sync: MS_SYNCHRONOUS, dirsync: MS_DIRSYNC, noatime: MS_NOATIME };
@@ -53,6 +54,8 @@ function configure(opts: MountOptions): DevConfig {
       else if (key === 'max_readahead') cfg.maxReadahead = size(key, value, 0, 1 << 30);
       else if (key === 'kernel_cache') cfg.pageCache = 'kernel';
       else if (key === 'direct_io') cfg.pageCache = 'direct';
+      else if (key === 'passthrough') cfg.passthrough = 'on';
+      else if (key === 'nopassthrough') cfg.passthrough = 'off';
       // libfuse 2 options that are how this backend always works, or mean nothing here.
       else if (['big_writes', 'async_read', 'nonempty', 'auto_cache', 'hard_remove', 'use_ino'].includes(key)) continue;
       else throw new ErrnoError(`-o ${o}: not a mount option tsmount knows`, E.EINVAL);

@@ -176,7 +176,8 @@ export function mountNative(mountpoint: string, fsOps: FsOps, opts: MountOptions
     ...(opts.allowOther ? ['allow_other'] : opts.allowRoot ? ['allow_root'] : []),
     'nonempty',
     ...(opts.readOnly ? ['ro'] : []),
-    ...opts.extra,
+    // Passthrough is the /dev/fuse backend's (fuse-session.ts); libfuse 2 has none.
+    ...opts.extra.flatMap((o) => o.split(',')).filter((o) => o !== 'passthrough' && o !== 'nopassthrough'),
   ].join(',');
   Object.assign(fuse, {
     _open: openWithoutDirCheck,

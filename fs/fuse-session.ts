@@ -13,9 +13,9 @@ import net from 'node:net';
 import os, { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
-import { readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
+import { fuseBackingClose, fuseBackingOpen, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
 import {
-  AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
+  AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
   decodeHeader, decodeIo, decodeRequest, encodeAttrOut, encodeDirents, encodeEntryOut, encodeInitOut, encodeLseekOut,
   encodeOpenOut, encodeOutHeader, encodeStatfsOut, encodeWriteOut, newHeader, newIoRequest, opName, replyBuffer, u64,
   type DirEntryOut, type Request,
@@ -34,8 +34,15 @@ export const DEFAULT_MAX_WRITE = MAX_PAGES * PAGE;
 /** How long the kernel may trust attributes and names we return. */
 const ATTR_VALID_S = 1;
 
-/** How long spin() looks for the next request (TSMOUNT_FUSE_SPIN_US, 0: never). */
+/** How long spin() looks for the next request at first (TSMOUNT_FUSE_SPIN_US, 0: never). */
 const SPIN_NS = BigInt(Math.round(Number(process.env.TSMOUNT_FUSE_SPIN_US ?? 50) * 1000));
+/**
+ * TSMOUNT_FUSE_SPIN_ADAPT=1: the window adapts (spin()) between 0 and this. Off by
+ * default: on the loaded 2-core machine it gained on 4 random readers and lost about
+ * 10 % on compressed sequential reads (scripts/BENCHMARKS.md, issue 21).
+ */
+const SPIN_MAX_NS = SPIN_NS * 4n;
+const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT === '1';
 const SPIN_CHAIN = 64;
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
@@ -61,6 +68,11 @@ export interface SessionConfig {
    * and 'direct' force one way for every file (-o kernel_cache, -o direct_io).
    */
   pageCache: 'auto' | 'kernel' | 'direct';
+  /**
+   * FUSE passthrough (openFlags() says when): 'auto' for files that cannot change,
+   * 'on' for writable ones too (-o passthrough), 'off' never (-o nopassthrough).
+   */
+  passthrough?: 'auto' | 'on' | 'off';
   /** INTERRUPT_GRACE_MS unless given (tests: 0). */
   interruptGraceMs?: number;
   /**
@@ -95,6 +107,9 @@ export class Session implements FuseMount {
   /** Requests served in a row by spin() without the event loop running. */
   private spinChain = 0;
   private spinBuffer: Buffer | undefined;
+  /** The current spin window (ns), and when a spin that found nothing gave up (0n: none since). */
+  private spinNs = SPIN_NS;
+  private idleSince = 0n;
   /** Reply buffers of OutHeader.SIZE + maxWrite bytes, for large reads. */
   private readonly replyPool: Buffer[] = [];
   /** Where the next request is read; undefined once a write took it. */
@@ -120,6 +135,12 @@ export class Session implements FuseMount {
   private readonly interrupted = new Set<number>();
   /** Interrupted requests in their grace period: the timer that answers them EINTR. */
   private readonly graced = new Map<number, NodeJS.Timeout>();
+  /** The kernel agreed to FUSE_PASSTHROUGH at INIT. */
+  private passthrough = false;
+  /** Backing ids by host descriptor; -1: the kernel refused that file (every open then agrees). */
+  private readonly backing = new Map<number, number>();
+  /** Writable files opened for passthrough: their FLUSH (close) syncs, as writes never came here. */
+  private readonly passthroughWritable = new Set<number>();
 
   private requestBuffer(): Buffer {
     this.current ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE);
@@ -146,6 +167,11 @@ export class Session implements FuseMount {
         buffer: () => this.requestBuffer(),
         callback: (n: number, buf: Uint8Array) => {
           this.spinChain = 0;
+          // Spinning had stopped, and a request came soon after all: spin again.
+          if (this.idleSince !== 0n) {
+            if (this.spinNs === 0n && process.hrtime.bigint() - this.idleSince < SPIN_NS) this.spinNs = SPIN_NS;
+            this.idleSince = 0n;
+          }
           return this.dispatch(buf as Buffer, n);
         },
       },
@@ -164,6 +190,15 @@ export class Session implements FuseMount {
     this.closedFlag = true;
     for (const timer of this.graced.values()) clearTimeout(timer);
     this.graced.clear();
+    // Open passthrough files keep their own references; the session's go.
+    for (const id of this.backing.values()) {
+      try {
+        if (id >= 0) fuseBackingClose(this.fd, id);
+      } catch {
+        /* the connection is gone, and the references with it */
+      }
+    }
+    this.backing.clear();
     this.initDone(new ErrnoError(`${this.mountpoint}: the FUSE session ended before it started`, E.ENODEV));
     this.socket.destroy();
     this.endDone();
@@ -353,13 +388,23 @@ export class Session implements FuseMount {
    * still running when it comes: no wake-up of an idle CPU, which on these VMs cost
    * more than serving a 4 KiB request. After SPIN_CHAIN requests in a row the event
    * loop gets its turn (timers, the thread pool) before spinning again.
+   *
+   * With TSMOUNT_FUSE_SPIN_ADAPT=1 the window adapts: it doubles (up to 4x TSMOUNT_FUSE_SPIN_US) when a request came
+   * within it, halves when none did, and reaches zero on an idle mount, which then
+   * costs no CPU after a reply; a request that arrives through epoll within the base
+   * window of the last reply starts spinning again.
    */
   private spin(): void {
     if (this.spinChain >= SPIN_CHAIN) {
       this.spinChain = 0;
       return;
     }
-    const deadline = process.hrtime.bigint() + SPIN_NS;
+    const start = process.hrtime.bigint();
+    if (this.spinNs === 0n) {
+      this.idleSince = start;
+      return;
+    }
+    const deadline = start + this.spinNs;
     // Its own buffer: the event loop's (this.current) may be read into at any time, and
     // dispatch copies a write out of any buffer that is not that one.
     const buf = (this.spinBuffer ??= Buffer.allocUnsafe(this.cfg.maxWrite + PAGE));
@@ -367,6 +412,7 @@ export class Session implements FuseMount {
       const n = readNoBlock(this.fd, buf);
       if (n > 0) {
         this.spinChain++;
+        if (SPIN_ADAPT && this.spinNs < SPIN_MAX_NS) this.spinNs *= 2n;
         this.dispatch(buf, n);
         return;
       }
@@ -374,6 +420,11 @@ export class Session implements FuseMount {
       if (n !== -E.EAGAIN) return;
     } while (process.hrtime.bigint() < deadline);
     this.spinChain = 0;
+    if (SPIN_ADAPT) {
+      this.spinNs /= 2n;
+      if (this.spinNs < SPIN_NS / 8n) this.spinNs = 0n;
+      this.idleSince = process.hrtime.bigint();
+    }
   }
 
   private init(req: Extract<Request, { kind: 'init' }>, unique: number): void {
@@ -397,7 +448,10 @@ export class Session implements FuseMount {
     const flags = (want & req.flags) | (req.flags & Init.INIT_EXT);
     // Shared mmap of a direct_io file (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6+): without
     // it, mmap of a writable flat file would fail with ENODEV.
-    const flags2 = req.flags2 & Init.DIRECT_IO_ALLOW_MMAP_HI;
+    // Passthrough (Linux 6.9+) as root: registering a backing file needs CAP_SYS_ADMIN.
+    const wantPassthrough = (this.cfg.passthrough ?? 'auto') !== 'off' && this.owner === 0 ? Init.PASSTHROUGH_HI : 0;
+    const flags2 = req.flags2 & (Init.DIRECT_IO_ALLOW_MMAP_HI | wantPassthrough);
+    this.passthrough = (flags2 & Init.PASSTHROUGH_HI) !== 0;
     // Without FUSE_MAX_PAGES (kernels before 4.20) the kernel caps requests at 32 pages.
     const maxWrite = flags & Init.MAX_PAGES ? this.cfg.maxWrite : Math.min(this.cfg.maxWrite, 32 * PAGE);
     this.maxRequest = maxWrite;
@@ -412,6 +466,8 @@ export class Session implements FuseMount {
       timeGran: 1, // nanoseconds
       maxPages: Math.ceil(maxWrite / PAGE),
       flags2,
+      // Backing files on a stacked file system (overlayfs) are refused (ELOOP) and served here.
+      maxStackDepth: this.passthrough ? 1 : 0,
     }, minor);
     this.send(out, unique, 0, len);
     debug('FUSE %d.%d, flags %s/%s, max_write %d', major, minor, flags.toString(16), flags2.toString(16), maxWrite);
@@ -469,14 +525,24 @@ export class Session implements FuseMount {
       case 'open': {
         const opened = await this.ops.open(nodeid, req.flags);
         const out = replyBuffer(OpenOut.SIZE);
+        const backingId = this.backingFor(opened);
+        if (backingId !== undefined) {
+          if (opened.writable) this.passthroughWritable.add(opened.fh);
+          this.send(out, unique, 0, encodeOpenOut(out, opened.fh, FOPEN_PASSTHROUGH, backingId));
+          return;
+        }
         this.send(out, unique, 0, encodeOpenOut(out, opened.fh, this.openFlags(opened.writable, opened.size)));
         return;
       }
       case 'release':
+        this.passthroughWritable.delete(req.fh);
         await this.ops.release(nodeid, req.fh);
         return this.ok(unique);
       case 'flush':
-        await this.ops.flush(nodeid, req.fh);
+        // A close after passthrough writes: they went to the image file without us, so
+        // the flush a close makes of a written file here is an fsync.
+        if (this.passthroughWritable.has(req.fh)) await this.ops.fsync(nodeid, req.fh, true);
+        else await this.ops.flush(nodeid, req.fh);
         return this.ok(unique);
       case 'fsync':
         await this.ops.fsync(nodeid, req.fh, req.datasync);
@@ -551,6 +617,36 @@ export class Session implements FuseMount {
    * file's), and a scan of a 4 GiB image then evicted the image's own pages mid-read
    * (0.4-1.4 GB/s through the page cache against 2.6-3.7 GB/s direct, same run).
    */
+  /**
+   * The backing id for an open the kernel should serve itself (FUSE passthrough), or
+   * undefined to serve it here. Only where the flat file is one host file 1:1 (a raw
+   * image on a local file, nothing in the graph that must see the I/O), and by
+   * default only for files that cannot change: a passthrough write past the end of
+   * the disk would grow the image file where tsmount answers ENOSPC, and writes skip
+   * st_blocks' recount, so writable files take it only with -o passthrough. The pages
+   * are the image file's own (no second copy in the flat file's page cache), so
+   * -o kernel_cache changes nothing and -o direct_io turns it off. Every open of a
+   * file agrees, as the kernel requires: a refused file is remembered.
+   */
+  private backingFor(opened: { writable: boolean; passthroughFd?: number }): number | undefined {
+    const fd = opened.passthroughFd;
+    const mode = this.cfg.passthrough ?? 'auto';
+    if (!this.passthrough || fd === undefined || mode === 'off') return undefined;
+    if (mode === 'auto' && (opened.writable || this.cfg.pageCache === 'direct')) return undefined;
+    let id = this.backing.get(fd);
+    if (id === undefined) {
+      try {
+        id = fuseBackingOpen(this.fd, fd);
+        debug('passthrough: host descriptor %d is backing file %d', fd, id);
+      } catch (err) {
+        debug('passthrough refused for host descriptor %d: %s', fd, messageOf(err));
+        id = -1;
+      }
+      this.backing.set(fd, id);
+    }
+    return id >= 0 ? id : undefined;
+  }
+
   private openFlags(writable: boolean, size: number): number {
     const direct = this.cfg.pageCache === 'direct' || (this.cfg.pageCache === 'auto' && (writable || size > os.totalmem() / 8));
     return direct ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE;

@@ -52,6 +52,8 @@ export interface Opened {
   /** The file's bytes can change while it is open (a writable flat file). */
   writable: boolean;
   size: number;
+  /** A host descriptor with exactly the file's bytes (BlockNode.passthroughFd). */
+  passthroughFd?: number;
 }
 
 /**

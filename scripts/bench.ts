@@ -37,6 +37,10 @@ export interface Row {
   tsmount: string;
   qsd: string;
   xmount: string;
+  /** The libfuse3 server of memory (scripts/bench/ceiling.c): the machine's FUSE limit. */
+  ceiling: string;
+  /** tsmount speed / ceiling speed: median (min..max). */
+  cratio: string;
   /** tsmount speed / qsd speed: median (min..max). */
   ratio: string;
   target: string;
@@ -100,6 +104,8 @@ interface Measured {
   samples: Record<System, number[]>;
   ratios: number[];
   xratios: number[];
+  /** tsmount / ceiling. */
+  cratios: number[];
   /** Why a system dropped out; a tsmount failure ends the row. */
   failed: Partial<Record<System, string>>;
 }
@@ -126,7 +132,7 @@ class Bench {
   }
 
   private request(system: System, image: string, format: string, extra: Partial<MountRequest> = {}): MountRequest {
-    return { image, format, rw: false, target: this.target(system), nodeArgs: system === 'tsmount' ? this.cfg.serverNodeArgs : undefined, ...extra };
+    return { image, format, rw: false, target: this.target(system), nodeArgs: system === 'tsmount' ? this.cfg.serverNodeArgs : undefined, size: this.cfg.sizes.main, ...extra };
   }
 
   /**
@@ -140,7 +146,7 @@ class Bench {
     higher: boolean,
     measure: (s: System) => Promise<number>,
   ): Promise<Measured> {
-    const res: Measured = { samples: { tsmount: [], qsd: [], xmount: [] }, ratios: [], xratios: [], failed: {} };
+    const res: Measured = { samples: { tsmount: [], qsd: [], xmount: [], ceiling: [] }, ratios: [], xratios: [], cratios: [], failed: {} };
     let active = systems.filter((s) => s !== 'xmount' || this.hasXmount);
     if (systems.includes('xmount') && !this.hasXmount) res.failed.xmount = 'xmount is not installed (apt-get install xmount)';
     if (!this.cfg.cold) await warm(files);
@@ -161,8 +167,10 @@ class Bench {
       const t = got.tsmount;
       const q = got.qsd;
       const x = got.xmount;
+      const c = got.ceiling;
       if (t !== undefined && q !== undefined) res.ratios.push(higher ? t / q : q / t);
       if (t !== undefined && x !== undefined) res.xratios.push(higher ? t / x : x / t);
+      if (t !== undefined && c !== undefined) res.cratios.push(higher ? t / c : c / t);
     }
     return res;
   }
@@ -170,35 +178,42 @@ class Bench {
   private push(row: Omit<Row, 'load'>, load: string): void {
     this.rows.push({ ...row, load });
     const r = this.rows[this.rows.length - 1]!;
-    process.stderr.write(`  ${r.id} ${r.what}: ${r.ratio}  [tsmount ${r.tsmount}, qsd ${r.qsd}${r.xmount !== '—' ? `, xmount ${r.xmount}` : ''}]${r.note ? `  ${r.note}` : ''}\n`);
+    process.stderr.write(
+      `  ${r.id} ${r.what}: ${r.ratio}  [tsmount ${r.tsmount}, qsd ${r.qsd}${r.xmount !== '—' ? `, xmount ${r.xmount}` : ''}${r.ceiling !== '—' ? `, ceiling ${r.ceiling}, tsmount/ceiling ${r.cratio}` : ''}]${r.note ? `  ${r.note}` : ''}\n`,
+    );
   }
 
   /** A row from a comparison: speeds, the ratio, the ≥ 1.0 target, and why anything dropped out. */
-  private report(id: string, what: string, m: Measured, fmt: (x: number) => string, load: string, target = '≥ 1.0', extraNote = ''): void {
+  private report(id: string, what: string, m: Measured, fmt: (x: number) => string, load: string, target = '≥ 1.0', extraNote = '', ceilingTarget?: number): void {
     const med = (s: System): string => (m.samples[s].length ? fmt(median(m.samples[s])) : '—');
     const notes: string[] = [];
     if (m.failed.tsmount) notes.push(`${isUnsupported(m.failed.tsmount) ? 'skipped: tsmount does not read this yet' : 'tsmount failed'}: ${m.failed.tsmount}`);
     if (m.failed.qsd) notes.push(`qemu-storage-daemon failed: ${m.failed.qsd}`);
     if (m.failed.xmount) notes.push(`xmount: ${m.failed.xmount}`);
+    if (m.failed.ceiling) notes.push(`ceiling: ${m.failed.ceiling}`);
     if (m.xratios.length) notes.push(`tsmount/xmount ${spread(m.xratios)}`);
     if (extraNote) notes.push(extraNote);
     const r = median(m.ratios);
-    const met = m.ratios.length === 0 ? '—' : `${target}: ${r >= 1 ? 'yes' : 'no'}`;
-    this.push({ id, what, tsmount: med('tsmount'), qsd: med('qsd'), xmount: med('xmount'), ratio: spread(m.ratios), target: met, note: notes.join('; ') }, load);
+    let met = m.ratios.length === 0 ? '—' : `${target}: ${r >= 1 ? 'yes' : 'no'}`;
+    if (ceilingTarget !== undefined && m.cratios.length) met += `; ≥ ${ceilingTarget} of ceiling: ${median(m.cratios) >= ceilingTarget ? 'yes' : 'no'}`;
+    this.push(
+      { id, what, tsmount: med('tsmount'), qsd: med('qsd'), xmount: med('xmount'), ceiling: med('ceiling'), cratio: spread(m.cratios), ratio: spread(m.ratios), target: met, note: notes.join('; ') },
+      load,
+    );
   }
 
   /** Sequential dd read of a whole image. */
   private async seqRead(id: string, what: string, image: string, format: string, systems: System[], files = [image]): Promise<void> {
     const load = loadAverage();
     const size = await virtualSize(image, format);
-    const m = await this.compare(systems, files, this.cfg.repeat, true, (s) => withMount(s, this.request(s, image, format), (mt) => ddRead(mt.file, size)));
-    this.report(id, what, m, mbps, load);
+    const m = await this.compare(systems, files, this.cfg.repeat, true, (s) => withMount(s, this.request(s, image, format, { size }), (mt) => ddRead(mt.file, size)));
+    this.report(id, what, m, mbps, load, '≥ 1.0', '', systems.includes('ceiling') ? 0.7 : undefined);
   }
 
   async row1(): Promise<void> {
     const size = fmtSize(this.cfg.sizes.main);
-    await this.seqRead('1', `sequential read, dd bs=1M, fully allocated ${size} qcow2 (64 KiB clusters)`, await this.images.fullQcow2(), 'qcow2', ['tsmount', 'qsd']);
-    await this.seqRead('1r', `the same on the ${size} raw image (xmount reads raw, not qcow2)`, await this.images.dataRaw(), 'raw', ['tsmount', 'qsd', 'xmount']);
+    await this.seqRead('1', `sequential read, dd bs=1M, fully allocated ${size} qcow2 (64 KiB clusters)`, await this.images.fullQcow2(), 'qcow2', ['tsmount', 'qsd', 'ceiling']);
+    await this.seqRead('1r', `the same on the ${size} raw image (xmount reads raw, not qcow2)`, await this.images.dataRaw(), 'raw', ['tsmount', 'qsd', 'xmount', 'ceiling']);
   }
 
   async row2(): Promise<void> {
@@ -206,17 +221,17 @@ class Bench {
     const size = this.cfg.sizes.main;
     for (const jobs of [1, 4]) {
       const load = loadAverage();
-      const m = await this.compare(['tsmount', 'qsd'], [img], this.cfg.repeat, true, (s) =>
+      const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [img], this.cfg.repeat, true, (s) =>
         withMount(s, this.request(s, img, 'qcow2'), (mt) => fio({ file: mt.file, rw: 'randread', jobs, size, runtime: this.cfg.fioRuntime })),
       );
-      this.report(`2${jobs === 1 ? 'a' : 'b'}`, `random 4 KiB reads, fio psync, ${jobs} job${jobs > 1 ? 's' : ''}, ${this.cfg.fioRuntime} s`, m, iops, load);
+      this.report(`2${jobs === 1 ? 'a' : 'b'}`, `random 4 KiB reads, fio psync, ${jobs} job${jobs > 1 ? 's' : ''}, ${this.cfg.fioRuntime} s`, m, iops, load, '≥ 1.0', '', 1.0);
     }
     const raw = await this.images.dataRaw();
     const load = loadAverage();
-    const m = await this.compare(['tsmount', 'qsd', 'xmount'], [raw], this.cfg.repeat, true, (s) =>
+    const m = await this.compare(['tsmount', 'qsd', 'xmount', 'ceiling'], [raw], this.cfg.repeat, true, (s) =>
       withMount(s, this.request(s, raw, 'raw'), (mt) => fio({ file: mt.file, rw: 'randread', jobs: 1, size, runtime: this.cfg.fioRuntime })),
     );
-    this.report('2r', 'random 4 KiB reads, 1 job, on the raw image (with xmount)', m, iops, load);
+    this.report('2r', 'random 4 KiB reads, 1 job, on the raw image (with xmount)', m, iops, load, '≥ 1.0', '', 1.0);
   }
 
   async row3(): Promise<void> {
@@ -242,9 +257,9 @@ class Bench {
 
   async row5(): Promise<void> {
     const size = fmtSize(this.cfg.sizes.main);
-    await this.seqRead('5a', `sequential read, ${size} vmdk (monolithicSparse)`, await this.images.vmdk(), 'vmdk', ['tsmount', 'qsd']);
-    await this.seqRead('5b', `sequential read, ${size} vhdx`, await this.images.vhdx(), 'vhdx', ['tsmount', 'qsd']);
-    await this.seqRead('5c', `sequential read, ${size} compressed qcow2`, await this.images.compressedQcow2(), 'qcow2', ['tsmount', 'qsd']);
+    await this.seqRead('5a', `sequential read, ${size} vmdk (monolithicSparse)`, await this.images.vmdk(), 'vmdk', ['tsmount', 'qsd', 'ceiling']);
+    await this.seqRead('5b', `sequential read, ${size} vhdx`, await this.images.vhdx(), 'vhdx', ['tsmount', 'qsd', 'ceiling']);
+    await this.seqRead('5c', `sequential read, ${size} compressed qcow2`, await this.images.compressedQcow2(), 'qcow2', ['tsmount', 'qsd', 'ceiling']);
   }
 
   async row6(): Promise<void> {
@@ -276,8 +291,8 @@ class Bench {
         return withMount(s, this.request(s, img, 'qcow2', { cacheSize }), async (mt) => {
           const speed = await ddRead(mt.file, size);
           const peak = peakRss(mt.pid);
-          if (peak !== undefined && s !== 'xmount') rss[s].push(peak);
-          if (!cacheSize && s !== 'xmount') this.bigSpeeds[s].push(speed);
+          if (peak !== undefined && (s === 'tsmount' || s === 'qsd')) rss[s].push(peak);
+          if (!cacheSize && (s === 'tsmount' || s === 'qsd')) this.bigSpeeds[s].push(speed);
           return speed;
         });
       });
@@ -294,6 +309,8 @@ class Bench {
           tsmount: rss.tsmount.length ? mib(t) : '—',
           qsd: rss.qsd.length ? mib(median(rss.qsd)) : cacheSize ? '(as 7a)' : '—',
           xmount: '—',
+          ceiling: '—',
+          cratio: '—',
           ratio: rss.qsd.length && rss.tsmount.length ? `qsd/tsmount memory ${(median(rss.qsd) / t).toFixed(2)}` : '—',
           target: rss.tsmount.length ? `≤ ${mib(limit)}: ${t <= limit ? 'yes' : 'no'}` : '—',
           note: notes.join('; '),
@@ -311,7 +328,7 @@ class Bench {
       await this.compare(['tsmount', 'qsd'], [big], this.cfg.repeat, true, (s) =>
         withMount(s, this.request(s, big, 'qcow2'), async (mt) => {
           const v = await ddRead(mt.file, this.cfg.sizes.big);
-          if (s !== 'xmount') this.bigSpeeds[s].push(v);
+          if (s === 'tsmount' || s === 'qsd') this.bigSpeeds[s].push(v);
           return v;
         }),
       );
@@ -331,6 +348,8 @@ class Bench {
         tsmount: both('tsmount'),
         qsd: both('qsd'),
         xmount: '—',
+        ceiling: '—',
+        cratio: '—',
         ratio: '—',
         target: Number.isFinite(ts) ? `≥ 0.90: ${ts >= 0.9 ? 'yes' : 'no'}` : '—',
         note: m.failed.tsmount ? `tsmount failed: ${m.failed.tsmount}` : 'each column: big-image speed / small-image speed (medians)',
@@ -361,9 +380,12 @@ function render(mach: Machine, cfg: BenchConfig, rows: Row[], loadStart: string,
     `- load average (1, 5, 15 min) at start: ${loadStart}; at end: ${loadEnd}`,
     `- repetitions: ${cfg.repeat}; rows: ${[...cfg.rows].join(',')}; run time ${(seconds / 60).toFixed(1)} min`,
     '',
-    '| row | what | tsmount | qsd | xmount | tsmount/qsd median (min..max) | target | load avg | note |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
-    ...rows.map((r) => `| ${[r.id, r.what, r.tsmount, r.qsd, r.xmount, r.ratio, r.target, r.load, r.note].map(esc).join(' | ')} |`),
+    'The ceiling is scripts/bench/ceiling.c: a libfuse3 low-level server that serves memory (no storage) with',
+    '1 MiB requests, built by the benchmark with gcc; it is the most any FUSE server can do on this machine.',
+    '',
+    '| row | what | tsmount | qsd | xmount | ceiling | tsmount/qsd median (min..max) | tsmount/ceiling median (min..max) | target | load avg | note |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...rows.map((r) => `| ${[r.id, r.what, r.tsmount, r.qsd, r.xmount, r.ceiling, r.ratio, r.cratio, r.target, r.load, r.note].map(esc).join(' | ')} |`),
     '',
     NOTES_MARKER,
     keptNotes.trimEnd(),
@@ -415,7 +437,7 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
         await rows[n]!();
       } catch (err) {
         // One broken row (a missing tool, a full disk) must not lose the others.
-        bench.rows.push({ id: String(n), what: `row ${n}`, tsmount: '—', qsd: '—', xmount: '—', ratio: '—', target: '—', note: `failed: ${err instanceof Error ? err.message : String(err)}`, load: loadAverage() });
+        bench.rows.push({ id: String(n), what: `row ${n}`, tsmount: '—', qsd: '—', xmount: '—', ceiling: '—', cratio: '—', ratio: '—', target: '—', note: `failed: ${err instanceof Error ? err.message : String(err)}`, load: loadAverage() });
         process.stderr.write(`  row ${n} failed: ${err instanceof Error ? err.message : String(err)}\n`);
       }
     }

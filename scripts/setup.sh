@@ -13,6 +13,7 @@ PACKAGES=(
   dosfstools mtools                 # virtual FAT tests: fsck.fat, mcopy/mdir/mmd/mdel/mren
   gdisk e2fsprogs                   # sgdisk, mkfs.ext4, e2fsck, debugfs: --partitions tests
   fio xmount                        # benchmarks (npm run bench)
+  gcc libc6-dev libfuse3-dev pkg-config  # the benchmark's FUSE ceiling server (scripts/bench/ceiling.c)
   nbdkit                            # NBD tests (memory, file plugins)
   openssl                           # NBD over TLS tests: the CAs and certificates they make
   openssh-server openssh-client     # SSH/SFTP tests: sshd, ssh-agent, ssh-keygen

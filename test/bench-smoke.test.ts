@@ -27,6 +27,8 @@ const enabled = process.env.TSMOUNT_BENCH === '1';
     expect(seq.tsmount).to.match(/MB\/s/);
     expect(seq.qsd).to.match(/MB\/s/);
     expect(seq.ratio).to.match(/^\d+\.\d\d/);
+    expect(seq.ceiling).to.match(/MB\/s/);
+    expect(seq.cratio).to.match(/^\d+\.\d\d/);
     const text = fs.readFileSync(out, 'utf8');
     expect(text).to.match(/nproc/).and.match(/load average/).and.match(/\| 6a \|/);
     expect(fuseMountsUnder(path.join(os.tmpdir(), 'bench-tsmount-'))).to.deep.equal([]);

@@ -235,6 +235,13 @@ describe('FUSE codec: replies', () => {
     expect(encodeInitOut(out, init, 22)).to.equal(OutHeader.SIZE + 24);
     expect(out.readUInt16LE(OutHeader.SIZE + InitOut.max_pages)).to.equal(256);
     expect(out.readUInt32LE(OutHeader.SIZE + InitOut.flags)).to.equal(((1 << 30) | (1 << 22)) >>> 0);
+    expect(out.readUInt32LE(OutHeader.SIZE + InitOut.max_stack_depth)).to.equal(0);
+    // FUSE passthrough (7.40): the stack depth in INIT, the backing id in OPEN.
+    encodeInitOut(out, { ...init, flags2: 16 | 32, maxStackDepth: 1 }, 45);
+    expect(out.readUInt32LE(OutHeader.SIZE + InitOut.max_stack_depth)).to.equal(1);
+    expect(out.readUInt32LE(OutHeader.SIZE + InitOut.flags2)).to.equal(48);
+    expect(encodeOpenOut(out, 7, 1 << 7, 5)).to.equal(OutHeader.SIZE + OpenOut.SIZE);
+    expect([out.readUInt32LE(OutHeader.SIZE + OpenOut.open_flags), out.readInt32LE(OutHeader.SIZE + OpenOut.backing_id)]).to.deep.equal([1 << 7, 5]);
   });
 
   it('packs directory entries as far as they fit, each pointing at the next', () => {

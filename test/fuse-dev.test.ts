@@ -190,4 +190,85 @@ describe('FUSE layer: /dev/fuse served directly', function () {
   it('falls back to libfuse 2 (TSMOUNT_FUSE=libfuse) with the same bytes and writes', async () => {
     await writeThrough('libfuse', 'native', 1_000_001, 300_000);
   });
+
+  describe('FUSE passthrough (the kernel serves a raw image file itself)', () => {
+    /** Mount with DEBUG=tsmount:fuse logging into `log`; whether the log says passthrough was negotiated and used. */
+    async function mountLogged(args: string[], log: string): Promise<{ negotiated: boolean; used: boolean }> {
+      const prev = process.env.DEBUG;
+      process.env.DEBUG = 'tsmount:fuse';
+      try {
+        await mounts.mount(['--log', log, ...args]);
+      } finally {
+        if (prev === undefined) delete process.env.DEBUG;
+        else process.env.DEBUG = prev;
+      }
+      return { negotiated: false, used: false };
+    }
+    function logged(log: string): { negotiated: boolean; used: boolean } {
+      const text = fs.readFileSync(log, 'utf8');
+      const m = /FUSE 7\.\d+, flags [0-9a-f]+\/([0-9a-f]+)/.exec(text);
+      return { negotiated: !!m && (parseInt(m[1]!, 16) & 0x20) !== 0, used: /passthrough: host descriptor \d+ is backing file/.test(text) };
+    }
+    async function filledRaw(name: string, size = 16 * MiB): Promise<string> {
+      const img = path.join(tmp.dir, name);
+      await createImage(img, 'raw', size);
+      await qemuIo(img, 'raw', [`write -P 0x22 0 ${size / 2}`, `write -P 0x33 ${size / 2} ${size / 2}`]);
+      return img;
+    }
+
+    it('hands a read-only raw image to the kernel: same bytes, mmap included; never a qcow2 or -o nopassthrough', async function () {
+      const img = await filledRaw('pt-ro.raw');
+      const dir = mp('pt-ro');
+      const log = path.join(tmp.dir, 'pt-ro.log');
+      await mountLogged([img, dir], log);
+      const flat = path.join(dir, 'pt-ro.raw');
+      expect(await md5File(flat)).to.equal(await rawMd5(img, 'raw'));
+      // mmap goes to the backing file too (python's mmap: a read through the mapping).
+      const mm = await run('python3', ['-c', `import mmap,sys; f=open(sys.argv[1],'rb'); m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ); print(m[${8 * MiB}:${8 * MiB + 2}].hex())`, flat]);
+      expect(mm.stdout.trim(), mm.stderr).to.equal('3333');
+      expect(() => fs.writeFileSync(flat, 'x', { flag: 'r+' })).to.throw(/EROFS|EACCES|EPERM/);
+      await mounts.unmount(dir);
+      const got = logged(log);
+      if (!got.negotiated) return this.skip(); // a kernel without CONFIG_FUSE_PASSTHROUGH (before 6.9): served as before
+      expect(got.used, fs.readFileSync(log, 'utf8')).to.equal(true);
+
+      const q = await filledQcow2('pt-q.qcow2', 8 * MiB);
+      const qlog = path.join(tmp.dir, 'pt-q.log');
+      await mountLogged([q, mp('pt-q')], qlog);
+      expect(await md5File(path.join(tmp.dir, 'pt-q', 'pt-q.raw'))).to.equal(await rawMd5(q, 'qcow2'));
+      await mounts.unmount(path.join(tmp.dir, 'pt-q'));
+      expect(logged(qlog).used).to.equal(false);
+
+      const offLog = path.join(tmp.dir, 'pt-off.log');
+      await mountLogged(['-o', 'nopassthrough', img, mp('pt-off')], offLog);
+      expect(await md5File(path.join(tmp.dir, 'pt-off', 'pt-ro.raw'))).to.equal(await rawMd5(img, 'raw'));
+      await mounts.unmount(path.join(tmp.dir, 'pt-off'));
+      expect(logged(offLog).used).to.equal(false);
+    });
+
+    it('serves a writable raw image here by default, and through the kernel with -o passthrough: writes and fsync land', async function () {
+      for (const [name, opts, want] of [['pt-rw', [], false], ['pt-rw-on', ['-o', 'passthrough'], true]] as const) {
+        const img = await filledRaw(`${name}.raw`);
+        const dir = mp(name);
+        const log = path.join(tmp.dir, `${name}.log`);
+        await mountLogged(['--rw', ...opts, img, dir], log);
+        const flat = path.join(dir, `${name}.raw`);
+        const fd = fs.openSync(flat, 'r+');
+        fs.writeSync(fd, Buffer.alloc(MiB + 3, 0x6b), 0, MiB + 3, 5 * MiB + 1);
+        fs.fsyncSync(fd);
+        fs.closeSync(fd);
+        const back = Buffer.alloc(4);
+        const rfd = fs.openSync(flat, 'r');
+        fs.readSync(rfd, back, 0, 4, 6 * MiB + 2);
+        fs.closeSync(rfd);
+        expect(back.toString('hex')).to.equal('6b6b2222');
+        await mounts.unmount(dir);
+        const got = logged(log);
+        if (want && !got.negotiated) return this.skip(); // no passthrough in this kernel
+        expect(got.used, name).to.equal(want);
+        expect(fs.statSync(img).size).to.equal(16 * MiB);
+        await qemuIo(img, 'raw', [`read -P 0x22 0 ${5 * MiB + 1}`, `read -P 0x6b ${5 * MiB + 1} ${MiB + 3}`, `read -P 0x22 ${6 * MiB + 4} ${2 * MiB - 4}`, `read -P 0x33 ${8 * MiB} ${8 * MiB}`]);
+      }
+    });
+  });
 });

@@ -22,6 +22,11 @@ export class CountingFilter extends Filter {
     super(next);
   }
 
+  /** Passthrough I/O is the kernel's alone: it is not counted (tsmount --list says so). */
+  override get passthroughFd(): number | undefined {
+    return this.next.passthroughFd;
+  }
+
   override read(offset: number, dst: Uint8Array): Promise<void> {
     return this.count(this.next.read(offset, dst), dst.length, false);
   }

@@ -72,6 +72,13 @@ export class Filter implements BlockNode {
   get mediumGeneration(): number | undefined {
     return this.next.mediumGeneration;
   }
+  /**
+   * Not forwarded: a filter exists to see (and maybe change) every request, and the
+   * kernel would go around it. A filter that changes nothing overrides this.
+   */
+  get passthroughFd(): number | undefined {
+    return undefined;
+  }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
   }

@@ -20,6 +20,11 @@ export class ReadOnlyFilter extends Filter {
     return true;
   }
 
+  /** Reads are unchanged; the flat file of a read-only node refuses opens for writing itself. */
+  override get passthroughFd(): number | undefined {
+    return this.next.passthroughFd;
+  }
+
   override write(): Promise<void> {
     return Promise.reject(this.refusal());
   }

@@ -9,6 +9,10 @@ class RawNode extends Filter {
   override get size(): number {
     return Math.ceil(this.next.size / 512) * 512;
   }
+  /** The file's bytes 1:1, unless the size was rounded up to a sector (the tail reads as zeros here). */
+  override get passthroughFd(): number | undefined {
+    return this.next.size % 512 === 0 ? this.next.passthroughFd : undefined;
+  }
   /** raw_get_info: no cluster size, never dirty. */
   override get describe(): () => ImageDescription {
     return () => ({ dirty: false });

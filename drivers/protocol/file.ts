@@ -206,6 +206,15 @@ export class FileNode implements BlockNode {
     if (errno) throw this.deviceError('read', new IoError(`${this.name}: ${errno === E.EIO ? 'medium changed or too small' : 'no medium'}`, errno));
   }
 
+  /**
+   * The file's bytes are the node's (FUSE passthrough, fs/fuse-session.ts); not for a
+   * removable medium (the node follows medium changes the kernel would not see) nor a
+   * device opened O_DIRECT (the kernel would pass unaligned reads to it as they come).
+   */
+  get passthroughFd(): number | undefined {
+    return this.closed || this.medium || this.direct ? undefined : this.fd;
+  }
+
   async read(offset: number, dst: Uint8Array): Promise<void> {
     if (this.medium) {
       // Asked of the drive at most every poll interval (a drive's status query can be slow).

@@ -29,6 +29,10 @@ const ioctlU64 = libc.func('int ioctl(int fd, unsigned long req, _Out_ uint64_t 
 const ioctlInt = libc.func('int ioctl(int fd, unsigned long req, _Out_ int *out)');
 const ioctlRange = libc.func('int ioctl(int fd, unsigned long req, const uint64_t *range)');
 const ioctlArg = libc.func('int ioctl(int fd, unsigned long req, long arg)');
+// struct fuse_backing_map (linux/fuse.h, 7.40): int32 fd, uint32 flags, uint64 padding.
+const FuseBackingMap = koffi.struct('tsmount_fuse_backing_map', { fd: 'int32_t', flags: 'uint32_t', padding: 'uint64_t' });
+const ioctlBackingOpen = libc.func('int ioctl(int fd, unsigned long req, const tsmount_fuse_backing_map *map)');
+const ioctlBackingClose = libc.func('int ioctl(int fd, unsigned long req, const uint32_t *id)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const umount2Fn = libc.func('int umount2(const char *target, int flags)');
 const Iovec = koffi.struct('tsmount_iovec', { base: 'void *', len: 'size_t' });
@@ -48,6 +52,9 @@ const F_OFD_SETLK = 37;
 const SEEK_SET = 0;
 
 const BLKGETSIZE64 = 0x80081272;
+/** _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t). */
+const FUSE_DEV_IOC_BACKING_OPEN = 0x4010e501;
+const FUSE_DEV_IOC_BACKING_CLOSE = 0x4004e502;
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -300,4 +307,19 @@ export function sendDatagram(fd: number, data: Buffer): void {
 
 export function closeFd(fd: number): void {
   closeFn(fd);
+}
+
+/**
+ * FUSE passthrough (Linux 6.9+, CAP_SYS_ADMIN): register `fd` as a backing file of the
+ * session on /dev/fuse descriptor `devFd`; the id goes into an open's reply.
+ */
+export function fuseBackingOpen(devFd: number, fd: number): number {
+  const r = ioctlBackingOpen(devFd, FUSE_DEV_IOC_BACKING_OPEN, { fd, flags: 0, padding: 0 }) as number;
+  if (r < 0) throw new SysError('ioctl(FUSE_DEV_IOC_BACKING_OPEN)', errno());
+  return r;
+}
+
+/** Drop the session's reference to a backing file (opens using it keep theirs). */
+export function fuseBackingClose(devFd: number, id: number): void {
+  if ((ioctlBackingClose(devFd, FUSE_DEV_IOC_BACKING_CLOSE, [id]) as number) < 0) throw new SysError('ioctl(FUSE_DEV_IOC_BACKING_CLOSE)', errno());
 }

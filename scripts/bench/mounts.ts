@@ -2,12 +2,16 @@
 // timing the mount, and never leaving a mount behind: every live mount is in one
 // registry that an exit or signal handler tears down synchronously.
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { TSMOUNT, forceUnmount, isAlive, mountedPid } from '../lib/mounts.js';
 import { run } from '../lib/qemu.js';
 
-export type System = 'tsmount' | 'qsd' | 'xmount';
+/** ceiling: scripts/bench/ceiling.c, a libfuse3 server of memory (the machine's FUSE limit). */
+export type System = 'tsmount' | 'qsd' | 'xmount' | 'ceiling';
 
 export interface Mounted {
   system: System;
@@ -35,6 +39,8 @@ export interface MountRequest {
   env?: NodeJS.ProcessEnv;
   /** Extra node options for the tsmount server, e.g. ['--cpu-prof']. */
   nodeArgs?: string[];
+  /** The disk's virtual size: the ceiling server serves this many bytes. */
+  size?: number;
 }
 
 const live = new Map<string, Mounted>();
@@ -100,9 +106,14 @@ async function mountQsd(req: MountRequest): Promise<Mounted> {
   const args = blockdevs.flatMap((b) => ['--blockdev', b]);
   args.push('--export', `type=fuse,id=e,node-name=q,mountpoint=${mp},writable=${req.rw ? 'on' : 'off'}`);
   // Not --daemonize: a daemonized qsd 7.2 leaves its mount behind when it gets SIGTERM.
+  return spawnServer('qsd', 'qemu-storage-daemon', args, mp, path.dirname(req.image));
+}
+
+/** A server that stays in the foreground and mounts `mp` itself; timed until its mount appears. */
+async function spawnServer(system: 'qsd' | 'ceiling', cmd: string, args: string[], mp: string, cwd?: string): Promise<Mounted> {
   const t0 = process.hrtime.bigint();
-  const child = spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: path.dirname(req.image) });
-  const m: Mounted = { system: 'qsd', file: mp, mountpoint: mp, pid: child.pid ?? 0, mountSeconds: 0, child };
+  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd });
+  const m: Mounted = { system, file: mp, mountpoint: mp, pid: child.pid ?? 0, mountSeconds: 0, child };
   live.set(mp, m);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -110,9 +121,42 @@ async function mountQsd(req: MountRequest): Promise<Mounted> {
   m.mountSeconds = seconds(t0);
   if (!ok || !fuseMounted(mp)) {
     await unmount(m);
-    throw new Error(`qemu-storage-daemon: ${stderr.trim() || 'mount did not appear'}`);
+    throw new Error(`${system === 'qsd' ? 'qemu-storage-daemon' : 'ceiling'}: ${stderr.trim() || 'mount did not appear'}`);
   }
   return m;
+}
+
+const CEILING_SOURCE = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../scripts/bench/ceiling.c');
+let ceilingBinary: string | undefined;
+
+/**
+ * The ceiling server, built from scripts/bench/ceiling.c with gcc against libfuse3
+ * (libfuse3-dev, pkg-config) the first time it is needed; the binary is named after
+ * the source's hash, so an edit rebuilds it.
+ */
+export function ceiling(): string {
+  if (ceilingBinary) return ceilingBinary;
+  const src = fs.readFileSync(CEILING_SOURCE);
+  const bin = path.join(os.tmpdir(), `tsmount-ceiling-${crypto.createHash('sha256').update(src).digest('hex').slice(0, 12)}`);
+  if (!fs.existsSync(bin)) {
+    let flags: string[];
+    try {
+      flags = execFileSync('pkg-config', ['--cflags', '--libs', 'fuse3'], { encoding: 'utf8' }).trim().split(/\s+/);
+    } catch {
+      throw new Error('the ceiling server needs pkg-config and libfuse3-dev (scripts/setup.sh installs them)');
+    }
+    const tmp = `${bin}.${process.pid}`;
+    execFileSync('gcc', ['-O2', '-Wall', '-o', tmp, CEILING_SOURCE, ...flags], { stdio: ['ignore', 'ignore', 'pipe'] });
+    fs.renameSync(tmp, bin);
+  }
+  return (ceilingBinary = bin);
+}
+
+/** The ceiling server over the target file, serving req.size bytes; timed until its mount appears. */
+async function mountCeiling(req: MountRequest): Promise<Mounted> {
+  if (req.rw) throw new Error('ceiling: rows with writes do not use the ceiling server');
+  if (req.size === undefined) throw new Error('ceiling: needs the virtual size');
+  return spawnServer('ceiling', ceiling(), [String(req.size), path.resolve(req.target)], path.resolve(req.target));
 }
 
 /** xmount --in raw IMG DIR: read-only, the disk appears as DIR/<stem>.dd. */
@@ -157,6 +201,8 @@ export function mountWith(system: System, req: MountRequest): Promise<Mounted> {
       return mountQsd(req);
     case 'xmount':
       return mountXmount(req);
+    case 'ceiling':
+      return mountCeiling(req);
   }
 }
 
@@ -179,7 +225,7 @@ export async function unmount(m: Mounted): Promise<void> {
         if (r.code !== 0) forceUnmount(m.mountpoint);
       }
       if (m.pid > 0) await waitUntil(() => !isAlive(m.pid), 10_000, 10);
-    } else if (m.system === 'qsd') {
+    } else if (m.system === 'qsd' || m.system === 'ceiling') {
       if (m.pid > 0 && isAlive(m.pid)) process.kill(m.pid, 'SIGTERM');
       await waitUntil(() => m.pid <= 0 || !isAlive(m.pid), 10_000, 10);
       if (fuseMounted(m.mountpoint)) execFileSync('umount', ['-l', m.mountpoint], { stdio: 'ignore' });
