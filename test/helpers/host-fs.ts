@@ -70,6 +70,12 @@ export async function fillUp(dir: string, name = 'filler'): Promise<string> {
 export interface MemoryCgroup {
   /** sh -c SCRIPT, run inside the cgroup. */
   argv(script: string): string[];
+  /** Write a pid here to move that process in. */
+  procsFile: string;
+  /** Times the limit was hit (reclaim forced): v1 memory.failcnt, v2 memory.events max. */
+  limitHits(): number;
+  /** Processes the kernel killed for want of memory in it. */
+  oomKills(): number;
   remove(): void;
 }
 
@@ -79,15 +85,18 @@ export function memoryCgroup(name: string, limit: number): MemoryCgroup | undefi
   const v1root = '/sys/fs/cgroup/memory';
   let dir: string;
   let limitFile: string;
+  let events: string;
   try {
     if (fs.existsSync(path.join(v2root, 'cgroup.controllers')) && fs.readFileSync(path.join(v2root, 'cgroup.controllers'), 'utf8').includes('memory')) {
       dir = path.join(v2root, name);
       fs.mkdirSync(dir);
       limitFile = 'memory.max';
+      events = 'memory.events';
     } else if (fs.existsSync(path.join(v1root, 'memory.limit_in_bytes'))) {
       dir = path.join(v1root, name);
       fs.mkdirSync(dir);
       limitFile = 'memory.limit_in_bytes';
+      events = 'memory.oom_control';
     } else {
       return undefined;
     }
@@ -98,6 +107,12 @@ export function memoryCgroup(name: string, limit: number): MemoryCgroup | undefi
   const procs = path.join(dir, 'cgroup.procs');
   return {
     argv: (script: string) => ['sh', '-c', `echo $$ > ${procs} && ${script}`],
+    procsFile: procs,
+    limitHits: () =>
+      limitFile === 'memory.max'
+        ? Number(/^max (\d+)/m.exec(fs.readFileSync(path.join(dir, events), 'utf8'))?.[1] ?? 0)
+        : Number(fs.readFileSync(path.join(dir, 'memory.failcnt'), 'utf8')),
+    oomKills: () => Number(/oom_kill (\d+)/.exec(fs.readFileSync(path.join(dir, events), 'utf8'))?.[1] ?? 0),
     remove: () => {
       // Anything left in it goes back to the root group first; rmdir then succeeds.
       try {
