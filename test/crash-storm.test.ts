@@ -13,7 +13,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { checkImage, tempDir } from './helpers/qemu.js';
 import { isAlive, mountedPid, MountTracker, waitFor } from './helpers/mount.js';
-import { firstLostByte, readJournal } from './helpers/crash-writer.js';
+import { firstLostByte, readJournal, rng } from './helpers/crash-writer.js';
 import { convertRef, formatTable, makeVariant, type ImageRef } from './helpers/formats.js';
 import { run } from './helpers/qemu.js';
 
@@ -21,17 +21,6 @@ const SOAK = process.env.TSMOUNT_SOAK === '1';
 const ROUNDS = Number(process.env.TSMOUNT_STORM_ROUNDS ?? (SOAK ? 60 : 8));
 const WRITER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers', 'crash-writer.js');
 const FORMATS = (process.env.TSMOUNT_STORM_FORMATS?.split(',') ?? Object.keys(formatTable)).filter((f) => formatTable[f]?.write);
-
-/** xorshift32: the same seed, the same kill moments. */
-function rng(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n: number): number => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) % n;
-  };
-}
 
 /** Kills survived, by format: the README's figures come from a TSMOUNT_SOAK=1 run. */
 const survived: Record<string, { kills: number; acknowledged: number; leaky: number; unclean: number }> = {};

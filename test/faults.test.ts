@@ -11,6 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { checkImage, convertToRaw, createImage, qemuIo, run, tempDir } from './helpers/qemu.js';
 import { isAlive, mountedPid, MountTracker } from './helpers/mount.js';
+import { readBytes } from './helpers/images.js';
 import { canLoopMount, fillUp, makeLoopFs, type LoopFs } from './helpers/host-fs.js';
 
 const MiB = 1 << 20;
@@ -18,17 +19,6 @@ const MiB = 1 << 20;
 /** dd SRC into the flat file at byte `seek`, flushed; the result, not thrown. */
 function ddInto(src: string, flat: string, seek: number, extra: string[] = []): ReturnType<typeof run> {
   return run('dd', [`if=${src}`, `of=${flat}`, 'bs=1M', `seek=${seek}`, 'oflag=seek_bytes', 'conv=notrunc,nocreat,fsync', 'status=none', ...extra]);
-}
-
-function readRange(file: string, offset: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.readSync(fd, out, 0, length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-  return out;
 }
 
 describe('faults: a full host file system and failing host I/O', function () {
@@ -68,7 +58,7 @@ describe('faults: a full host file system and failing host I/O', function () {
       expect(full.code, 'a write with no room left fails').to.not.equal(0);
       expect(full.stderr).to.match(/No space left on device/);
       expect(isAlive(pid), 'the server lives on').to.equal(true);
-      expect(readRange(flat, 0, 4 * MiB).equals(fs.readFileSync(a)), 'what was written before reads back').to.equal(true);
+      expect(readBytes(flat, 0, 4 * MiB).equals(fs.readFileSync(a)), 'what was written before reads back').to.equal(true);
 
       fs.rmSync(filler);
       await run('sync', []);
@@ -82,8 +72,8 @@ describe('faults: a full host file system and failing host I/O', function () {
       expect(c.checkErrors, c.output).to.equal(0);
       const raw = path.join(tmp.dir, `full-${format}.raw`);
       await convertToRaw(img, raw, format);
-      expect(readRange(raw, 0, 4 * MiB).equals(fs.readFileSync(a)), 'the first write, in the image').to.equal(true);
-      expect(readRange(raw, 32 * MiB, 16 * MiB).equals(fs.readFileSync(b)), 'the write made once space was freed').to.equal(true);
+      expect(readBytes(raw, 0, 4 * MiB).equals(fs.readFileSync(a)), 'the first write, in the image').to.equal(true);
+      expect(readBytes(raw, 32 * MiB, 16 * MiB).equals(fs.readFileSync(b)), 'the write made once space was freed').to.equal(true);
       fs.rmSync(raw);
     });
   }
@@ -122,7 +112,7 @@ describe('faults: a full host file system and failing host I/O', function () {
     fs.writeFileSync(control, '');
     const ok = await ddInto(data, flat, 20 * MiB, ['oflag=seek_bytes,direct']);
     expect(ok.code, `writing resumes: ${ok.stderr}`).to.equal(0);
-    expect(readRange(flat, 0, MiB).equals(Buffer.alloc(MiB, 0x5a))).to.equal(true);
+    expect(readBytes(flat, 0, MiB).equals(Buffer.alloc(MiB, 0x5a))).to.equal(true);
     await mounts.unmount(mp);
     delete process.env.TSMOUNT_FAULTS;
 
@@ -134,7 +124,7 @@ describe('faults: a full host file system and failing host I/O', function () {
     expect(c.checkErrors, c.output).to.equal(0);
     const raw = path.join(tmp.dir, 'eio.raw');
     await convertToRaw(img, raw, 'qcow2');
-    expect(readRange(raw, 0, 8 * MiB).equals(Buffer.alloc(8 * MiB, 0x5a)), 'the data from before').to.equal(true);
-    expect(readRange(raw, 20 * MiB, 2 * MiB).equals(fs.readFileSync(data)), 'the write made after the faults').to.equal(true);
+    expect(readBytes(raw, 0, 8 * MiB).equals(Buffer.alloc(8 * MiB, 0x5a)), 'the data from before').to.equal(true);
+    expect(readBytes(raw, 20 * MiB, 2 * MiB).equals(fs.readFileSync(data)), 'the write made after the faults').to.equal(true);
   });
 });

@@ -13,6 +13,17 @@ export function blockFor(i: number, length: number): Buffer {
   return b;
 }
 
+export /** xorshift32: the same seed, the same writes and kill moments. */
+function rng(seed: number): (n: number) => number {
+  let x = seed >>> 0 || 1;
+  return (n: number): number => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % n;
+  };
+}
+
 export interface Journal {
   /** Writes an fsync acknowledged, in order. */
   durable: { i: number; offset: number; length: number }[];
