@@ -13,6 +13,7 @@ import { NamedFileGuard, namedFilesOf, recordNamedFiles, type NamedFilePolicy, t
 import { aligned } from './filters/align.js';
 import { guarded } from './filters/read-only.js';
 import { metadataOnly } from './filters/no-io.js';
+import { withFaults } from './filters/faults.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 
 const debug = createDebug('tsmount:open');
@@ -109,6 +110,11 @@ function filtered(node: BlockNode): BlockNode {
   return guarded(aligned(node));
 }
 
+/** A protocol node's filters: those of every node, and injected faults in the fault tests (TSMOUNT_FAULTS). */
+function filteredProtocol(node: BlockNode): BlockNode {
+  return filtered(withFaults(node));
+}
+
 /** A protocol node for `spec` (a path or a URI). */
 export async function openProtocol(spec: string, opts: ProtocolOpenOptions): Promise<BlockNode> {
   return filtered(await protocolFor(spec).open(spec, opts));
@@ -161,7 +167,7 @@ async function openChain(
   const lock = policy && lockRequestFor(policy);
   // The guard sees the protocol node itself (it checks the opened descriptor); the filters go on after.
   const openFile = () => protocol.open(spec, { readOnly, lock, cache: opts.cache });
-  const file = filtered(depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile));
+  const file = filteredProtocol(depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile));
   try {
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
@@ -177,7 +183,7 @@ async function openChain(
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);
         const lockReq = policy && lockRequestFor({ ...policy, format: driver.name });
-        return filtered(await guard.open(namedRequest(spec, role, name, resolved, !readOnly), () => p.open(resolved, { readOnly, lock: lockReq, cache: opts.cache })));
+        return filteredProtocol(await guard.open(namedRequest(spec, role, name, resolved, !readOnly), () => p.open(resolved, { readOnly, lock: lockReq, cache: opts.cache })));
       },
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);

@@ -172,12 +172,16 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
 
+  // The serving process: PR_SET_IO_FLUSHER first, before Node starts its thread pool,
+  // so that every thread that reads or writes the image inherits it (sys.ts says why).
+  const ioFlusher = (await import('../drivers/util/sys.js')).setIoFlusher();
   const readyFd = opts.readyFd !== undefined ? Number(opts.readyFd) : undefined;
   // Once the starting command is gone, its end of our stderr is closed.
   process.stderr.on('error', () => undefined);
   const { enableDebug, log, openSyslog } = await import('../fs/log.js');
   if (opts.syslog) openSyslog();
   if (opts.debug) enableDebug();
+  if (ioFlusher !== 0) log('info', `cannot mark the server an I/O flusher (prctl errno ${ioFlusher}): a loop device over a --rw mount may stall under memory pressure`);
   // Started detached: if the starting command goes away before the mount is ready
   // (Ctrl-C, timeout), stop. Until mounting begins, a signal keeps its default action,
   // which ends even a long key derivation at once, with nothing mounted; from then

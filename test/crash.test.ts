@@ -8,22 +8,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { checkImage, createImage, md5File, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
 import { isAlive, mountedPid, MountTracker, waitFor } from './helpers/mount.js';
+import { rng } from './helpers/crash-writer.js';
 
 const MiB = 1 << 20;
 const SOAK = process.env.TSMOUNT_SOAK === '1';
 const ROUNDS = SOAK ? 30 : 3;
 const DISK = 48 * MiB;
 
-/** xorshift32: the same seed, the same writes and kill moments. */
-function rng(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n: number): number => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) % n;
-  };
-}
 
 function exited(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();

@@ -323,3 +323,18 @@ export function fuseBackingOpen(devFd: number, fd: number): number {
 export function fuseBackingClose(devFd: number, id: number): void {
   if ((ioctlBackingClose(devFd, FUSE_DEV_IOC_BACKING_CLOSE, [id]) as number) < 0) throw new SysError('ioctl(FUSE_DEV_IOC_BACKING_CLOSE)', errno());
 }
+
+const prctlFn = libc.func('int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)');
+const PR_SET_IO_FLUSHER = 57;
+
+/**
+ * prctl(PR_SET_IO_FLUSHER) (Linux 5.6+, needs CAP_SYS_RESOURCE): this thread, and the
+ * threads and processes it starts from now on, allocate memory without starting I/O
+ * (PF_MEMALLOC_NOIO) and are not throttled for other devices' dirty pages. A server
+ * that a loop device writes back into must not wait for that same write-back to free
+ * memory; libfuse servers, nbd-client and iscsid set it for that reason. Returns 0, or
+ * the errno (EPERM without the capability, EINVAL on an older kernel).
+ */
+export function setIoFlusher(): number {
+  return (prctlFn(PR_SET_IO_FLUSHER, 1, 0, 0, 0) as number) === 0 ? 0 : errno();
+}

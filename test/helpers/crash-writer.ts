@@ -13,6 +13,56 @@ export function blockFor(i: number, length: number): Buffer {
   return b;
 }
 
+export /** xorshift32: the same seed, the same writes and kill moments. */
+function rng(seed: number): (n: number) => number {
+  let x = seed >>> 0 || 1;
+  return (n: number): number => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % n;
+  };
+}
+
+export interface Journal {
+  /** Writes an fsync acknowledged, in order. */
+  durable: { i: number; offset: number; length: number }[];
+  /** Ranges written after the last acknowledged fsync: their bytes may be old or new. */
+  uncertain: [number, number][];
+}
+
+/** What a writer's journal says: the writes an fsync acknowledged, and the ranges left uncertain. */
+export function readJournal(file: string): Journal {
+  const writes: { i: number; offset: number; length: number }[] = [];
+  let synced = -1;
+  for (const line of fs.readFileSync(file, 'utf8').split('\n')) {
+    const f = line.split(' ');
+    if (f[0] === 'W' && f.length === 4) writes.push({ i: Number(f[1]), offset: Number(f[2]), length: Number(f[3]) });
+    if (f[0] === 'S' && f.length === 2) synced = Math.max(synced, Number(f[1]));
+  }
+  return {
+    durable: writes.filter((w) => w.i <= synced),
+    uncertain: writes.filter((w) => w.i > synced).map((w) => [w.offset, w.offset + w.length]),
+  };
+}
+
+/**
+ * Check `now` (the disk as QEMU reads it after a kill) against `model` (the disk before
+ * the writer ran) and the journal: every acknowledged write is there, bytes no write
+ * touched are unchanged. Returns the first differing byte, or -1.
+ */
+export function firstLostByte(model: Buffer, now: Buffer, j: Journal): number {
+  const sure = Buffer.from(model);
+  for (const w of j.durable) blockFor(w.i, w.length).copy(sure, w.offset);
+  // Bytes an unacknowledged write may have touched are whatever the image says.
+  for (const [a, b] of j.uncertain) now.copy(sure, a, a, b);
+  if (sure.length !== now.length) return Math.min(sure.length, now.length);
+  if (sure.equals(now)) return -1;
+  let k = 0;
+  while (sure[k] === now[k]) k++;
+  return k;
+}
+
 function main(flat: string, journal: string, seed: number, disk: number): void {
   let x = seed >>> 0 || 1;
   const rnd = (n: number): number => {
