@@ -5,6 +5,7 @@ import { expect } from 'chai';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import net from 'node:net';
 import {
   decodeInodeHeader,
   decodeRequest,
@@ -312,6 +313,22 @@ describe('sheepdog', function () {
       }
       const exists = await tsimg(['create', '-f', 'raw', `${base}/vm1`, '1M']);
       expect(exists.stderr.trim()).to.match(/a VDI named 'vm1' exists already$/);
+    });
+
+    it('a sheep that accepts and never answers: EIO in one line after TSMOUNT_REMOTE_TIMEOUT, not a hang', async () => {
+      const port = await freePort();
+      const silent = net.createServer(() => undefined);
+      await new Promise<void>((r) => silent.listen(port, '127.0.0.1', r));
+      const before = process.env.TSMOUNT_REMOTE_TIMEOUT;
+      process.env.TSMOUNT_REMOTE_TIMEOUT = '1';
+      try {
+        const err = await SheepdogNode.open(`sheepdog://127.0.0.1:${port}/vm`, { readOnly: true }).then(() => undefined, (e: unknown) => e);
+        expect(messageOf(err)).to.match(/sheep did not answer within 1 s/);
+      } finally {
+        if (before === undefined) delete process.env.TSMOUNT_REMOTE_TIMEOUT;
+        else process.env.TSMOUNT_REMOTE_TIMEOUT = before;
+        silent.close();
+      }
     });
 
     it('over a Unix socket, and mounted read-write through tsmount', async () => {

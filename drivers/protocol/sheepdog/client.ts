@@ -4,6 +4,7 @@
 // with EIO and the connection is dead.
 import net from 'node:net';
 import { IoError, RefusedError } from '../../errors.js';
+import { remoteTimeoutMs, withDeadline } from '../remote.js';
 import { decodeResponse, encodeRequest, MessageParser, SD_HEADER_SIZE, type Request, type Response, type SheepdogTarget } from './proto.js';
 
 /** The largest response a request may get: what it asked to read. */
@@ -78,10 +79,17 @@ export class SheepConnection {
     const id = this.nextId;
     this.nextId = (this.nextId + 1) >>> 0 || 1;
     const dataLength = r.dataLength ?? (data ? data.length : readLength);
-    return new Promise((resolve, reject) => {
+    const answer = new Promise<{ rsp: Response; data: Buffer }>((resolve, reject) => {
       this.pending.set(id, { expect: readLength, resolve, reject });
       const head = encodeRequest({ ...r, id, dataLength });
       this.socket.write(data && data.length ? Buffer.concat([head, data]) : head);
+    });
+    // A sheep that stays connected but never answers: the connection is taken for dead
+    // (every request on it fails with EIO), as for the other remote nodes (remote.ts).
+    const ms = remoteTimeoutMs();
+    return withDeadline(answer, ms, () => {
+      this.fail(`${this.name}: sheep did not answer within ${ms / 1000} s`);
+      return new IoError(this.dead!);
     });
   }
 
