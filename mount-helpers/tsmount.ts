@@ -181,7 +181,9 @@ async function main(argv: string[]): Promise<void> {
   const { enableDebug, log, openSyslog } = await import('../fs/log.js');
   if (opts.syslog) openSyslog();
   if (opts.debug) enableDebug();
-  if (ioFlusher !== 0) log('info', `cannot mark the server an I/O flusher (prctl errno ${ioFlusher}): a loop device over a --rw mount may stall under memory pressure`);
+  // Only a writable mount can have a loop device write back into it: said only there.
+  const writable = !!opts.rw || opts.overlay !== undefined || !!opts.snapshot;
+  if (ioFlusher !== 0 && writable) log('info', `cannot mark the server an I/O flusher (prctl errno ${ioFlusher}): a loop device over this mount may stall under memory pressure`);
   // Started detached: if the starting command goes away before the mount is ready
   // (Ctrl-C, timeout), stop. Until mounting begins, a signal keeps its default action,
   // which ends even a long key derivation at once, with nothing mounted; from then

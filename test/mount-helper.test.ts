@@ -42,8 +42,10 @@ describe('mount.fuse.tsmount: fstab and mount -t fuse.tsmount', function () {
   async function inNamespace(script: string): Promise<string> {
     const wrapper = path.join(tmp.dir, 'mount.fuse');
     fs.writeFileSync(wrapper, `#!/bin/sh\nexec ${process.execPath} ${HELPER} "$@"\n`, { mode: 0o755 });
-    // An installed mount.fuse.tsmount (scripts/setup.sh links one) would win over mount.fuse: ours replaces it too.
-    const bind = `mount --bind ${wrapper} "$(readlink -f /sbin/mount.fuse)"\nif [ -e /sbin/mount.fuse.tsmount ]; then mount --bind ${wrapper} "$(readlink -f /sbin/mount.fuse.tsmount)"; fi`;
+    // An installed mount.fuse.tsmount (scripts/setup.sh links one) would win over mount.fuse: ours replaces it
+    // too, unless it is ours already (CI's clone links its own build; a bind over it would hide the helper itself).
+    const helper = fs.realpathSync(HELPER);
+    const bind = `mount --bind ${wrapper} "$(readlink -f /sbin/mount.fuse)"\nif [ -e /sbin/mount.fuse.tsmount ] && [ "$(readlink -f /sbin/mount.fuse.tsmount)" != "${helper}" ]; then mount --bind ${wrapper} "$(readlink -f /sbin/mount.fuse.tsmount)"; fi`;
     const r = await run('unshare', ['--mount', '--propagation', 'private', 'sh', '-e', '-c', `${bind}\n${script}`]);
     if (r.code !== 0) throw new Error(`namespace script failed (${r.code}): ${r.stderr.trim()} ${r.stdout.trim()}`);
     return r.stdout;
