@@ -3,7 +3,9 @@
 // library the cloop tools compress with). The calls run on libuv's thread pool
 // (koffi's async calls), never on the event loop. A library that cannot be loaded
 // makes its codec's reads fail with EIO naming the library; nothing else depends on it.
-import koffi from 'koffi';
+// koffi itself is loaded on first use only: decompress.ts is imported by qcow2's inflate
+// worker threads too, and loading the addon in a worker while the main thread loads it
+// crashed the process (seen in CI).
 import { constants } from 'node:os';
 import { UnsupportedError } from '../errors.js';
 
@@ -42,10 +44,11 @@ const XZ_MEMLIMIT = 256 * 1024 * 1024;
 
 const libs = new Map<NativeCodec, AsyncFn | Error>();
 
-function load(codec: NativeCodec): AsyncFn {
+async function load(codec: NativeCodec): Promise<AsyncFn> {
   let fn = libs.get(codec);
   if (fn === undefined) {
     try {
+      const koffi = (await import('koffi')).default;
       fn =
         codec === 'xz'
           ? koffi
@@ -69,7 +72,7 @@ function call(fn: AsyncFn, args: unknown[]): Promise<number> {
 
 /** Decode `input` into at most `size` bytes; throws (plain Error) on a damaged stream. */
 export async function decodeNative(codec: NativeCodec, input: Uint8Array, size: number): Promise<Buffer> {
-  const fn = load(codec);
+  const fn = await load(codec);
   const out = Buffer.alloc(size);
   if (codec === 'xz') {
     const outPos = [0];
