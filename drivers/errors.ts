@@ -13,7 +13,9 @@ export class TsmountError extends Error {
   static readonly defaultErrno: number = E.EIO;
   readonly errno: number;
   constructor(message: string, errno?: number, options?: ErrorOptions) {
-    super(message, options);
+    // One line, whatever an image or a server put into the message (a name, a createType):
+    // control characters are shown escaped, never as line breaks.
+    super(oneLine(message), options);
     this.name = new.target.name;
     this.errno = errno ?? (new.target as typeof TsmountError).defaultErrno;
   }
@@ -23,6 +25,12 @@ export class TsmountError extends Error {
     const Kind = this.constructor as new (message: string, errno?: number, options?: ErrorOptions) => TsmountError;
     return new Kind(message, this.errno, { cause: this });
   }
+}
+
+/** `text` with control characters escaped (\n, \x1b...): what a one-line message may quote. */
+export function oneLine(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\x00-\x1f\x7f]/g, (c) => (c === '\n' ? '\\n' : c === '\t' ? ' ' : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`));
 }
 
 /** The image's metadata is inconsistent or points where it must not. */
