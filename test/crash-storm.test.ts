@@ -18,7 +18,7 @@ import { convertRef, formatTable, makeVariant, type ImageRef } from './helpers/f
 import { run } from './helpers/qemu.js';
 
 const SOAK = process.env.TSMOUNT_SOAK === '1';
-const ROUNDS = Number(process.env.TSMOUNT_STORM_ROUNDS ?? (SOAK ? 60 : 8));
+const ROUNDS = Number(process.env.TSMOUNT_STORM_ROUNDS ?? (SOAK ? 60 : 20));
 const WRITER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers', 'crash-writer.js');
 const FORMATS = (process.env.TSMOUNT_STORM_FORMATS?.split(',') ?? Object.keys(formatTable)).filter((f) => formatTable[f]?.write);
 
