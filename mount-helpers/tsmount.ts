@@ -24,6 +24,7 @@ import { parseMountAccess } from '../fs/access.js';
 import { readSecretFile } from './secret.js';
 import { expandMountOptions } from './mount-options.js';
 import { packageVersion } from './version.js';
+import { TSMOUNT_HELP_AFTER } from './help.js';
 
 
 interface CliOptions {
@@ -82,7 +83,7 @@ function program(): Command {
     .option('-u, --unmount', 'unmount MOUNTPOINT; returns once every write is on disk and the server has exited')
     .option('--lazy', 'with -u: detach now even if busy (umount -l); the server exits after the last user closes, -u returns at once')
     .option('--rw', 'mount read-write (default: read-only)')
-    .option('-f, --format <fmt>', 'image format (raw, qcow2); probed when absent')
+    .option('-f, --format <fmt>', 'image format (see Formats below); probed when absent')
     .option('--foreground', 'keep the server attached to this terminal')
     .addOption(new Option('--cache <mode>', 'cache mode, as QEMU').choices(['writeback', 'writethrough', 'none', 'directsync', 'unsafe']).default('writeback'))
     .option('--cache-size <bytes>', 'bytes of cache for data and metadata (suffixes K, M, G)', '64M')
@@ -113,6 +114,7 @@ function program(): Command {
     .addOption(new Option('--ready-fd <fd>').hideHelp())
     .addOption(new Option('--syslog').hideHelp())
     .addOption(new Option('--starter <pid>').hideHelp())
+    .addHelpText('after', TSMOUNT_HELP_AFTER)
     .showHelpAfterError(false)
     .configureOutput({ outputError: (str, write) => write(`tsmount: ${str.replace(/^error: /, '').trim()}\n`) })
     .version(packageVersion(), '-V, --version')
