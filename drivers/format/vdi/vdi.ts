@@ -77,11 +77,10 @@ export class VdiNode extends MappedNode {
   }
 
   /**
-   * qemu-img check for VDI (QEMU's vdi_co_check): every allocated block map entry must
-   * name a block inside the image that no other entry names, and the header's count of
-   * allocated blocks must match. Read from the file, changing nothing.
+   * The whole block map as on disk (blocksInImage entries, which the header check
+   * keeps inside the file), and what QEMU's vdi_co_check says of it.
    */
-  async checkMetadata(): Promise<CheckReport> {
+  private async scanMap(): Promise<{ map: Buffer; report: CheckReport }> {
     const report: CheckReport = { corruptions: 0, leaks: 0, checkErrors: 0, messages: [] };
     const n = this.h.blocksInImage;
     const map = Buffer.alloc(n * 4);
@@ -107,6 +106,82 @@ export class VdiNode extends MappedNode {
       report.corruptions++;
       report.messages.push(`ERROR: allocated blocks mismatch, is ${allocated}, should be ${this.h.blocksAllocated}`);
     }
-    return report;
+    return { map, report };
+  }
+
+  /**
+   * qemu-img check for VDI (QEMU's vdi_co_check): every allocated block map entry must
+   * name a block inside the image that no other entry names, and the header's count of
+   * allocated blocks must match. Read from the file, changing nothing.
+   */
+  async checkMetadata(): Promise<CheckReport> {
+    return (await this.scanMap()).report;
+  }
+
+  /**
+   * tsimg check -r all for VDI, which QEMU refuses (vdi_co_check returns ENOTSUP).
+   * Entries naming a block past the header's count or past the end of the file are
+   * unmapped (they read as zeros either way: QEMU reads zeros past the end), and of
+   * two entries naming one block the later one is unmapped (QEMU reports the later).
+   * A new block goes to index blocks_allocated, so the blocks still in use must be
+   * exactly 0..count-1 before the header may say count: a block above count is
+   * copied down into a hole, and only then is its entry pointed at the copy. Each
+   * step leaves an image no worse than before if the process dies in between.
+   */
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    if (this.readOnly) return undefined;
+    return (mode) => this.mutex.run(() => (mode === 'all' ? this.repairLocked() : Promise.resolve()));
+  }
+
+  private async setEntry(block: number, value: number): Promise<void> {
+    const e = Buffer.alloc(4);
+    e.writeUInt32LE(value);
+    // The paged table covers the blocks the disk uses; the rest of the map only the file.
+    if (block < this.bmap.entries) await this.bmap.write(block, e);
+    else await this.file.write(this.h.offsetBmap + block * 4, e);
+  }
+
+  private async repairLocked(): Promise<void> {
+    const { map } = await this.scanMap();
+    const n = this.h.blocksInImage;
+    const bs = this.bs;
+    // owner[e]: the block map index that keeps data block e.
+    const owner = new Uint32Array(n).fill(BMAP.unallocated);
+    for (let block = 0; block < n; block++) {
+      const e = map.readUInt32LE(block * 4);
+      if (e >= BMAP.discarded) continue;
+      if (e >= n || this.h.offsetData + e * bs >= this.file.size || owner[e] !== BMAP.unallocated) {
+        await this.setEntry(block, BMAP.unallocated);
+        continue;
+      }
+      owner[e] = block;
+    }
+    let count = 0;
+    for (let e = 0; e < n; e++) if (owner[e] !== BMAP.unallocated) count++;
+    await this.barrier();
+    // Fill each hole below count with the highest block in use at or above it.
+    let high = n - 1;
+    for (let hole = 0; hole < count; hole++) {
+      if (owner[hole] !== BMAP.unallocated) continue;
+      while (owner[high] === BMAP.unallocated) high--;
+      const from = this.h.offsetData + high * bs;
+      const to = this.h.offsetData + hole * bs;
+      this.metadata.assertNoOverlap(to, bs, `VDI block ${hole}`);
+      const data = Buffer.alloc(bs);
+      // The last block may end past the end of the file: the rest reads as zeros.
+      const have = Math.min(bs, this.file.size - from);
+      await this.file.read(from, data.subarray(0, have));
+      await this.file.write(to, data);
+      await this.barrier();
+      await this.setEntry(owner[high]!, hole);
+      await this.barrier();
+      owner[hole] = owner[high]!;
+      owner[high] = BMAP.unallocated;
+    }
+    const c = Buffer.alloc(4);
+    c.writeUInt32LE(count);
+    await this.file.write(HDR.blocksAllocated, c);
+    this.blocksAllocated = count;
+    await this.file.flush();
   }
 }
