@@ -241,7 +241,7 @@ export class VhdxNode extends MappedNode {
       if (idx % period === this.chunkRatio) return;
       const clash = this.metadata.find(Number(off), this.bs);
       if (clash) {
-        out.push({ message: `VHDX region ${off}-${off + bs} overlaps with region ${clash.offset}-${clash.offset + clash.length} (the ${clash.what})`, unmap: idx });
+        out.push({ message: `VHDX region ${off}-${off + bs} overlaps with region ${clash.offset}-${clash.offset + clash.length}`, unmap: idx });
         return;
       }
       used.push({ off: Number(off), idx });
