@@ -331,3 +331,82 @@ describe('tsimg check: vhdx against qemu-img check', function () {
     expect((await raw(f, 'vhdx')).equals(await raw(copy, 'vhdx'))).to.equal(true);
   });
 });
+
+describe('tsimg check: random bytes over the tables of vdi, vhdx and vmdk', function () {
+  this.timeout(300_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('check-vv-random')));
+  after(() => t.cleanup());
+
+  /** Deterministic bytes: the same seed, the same corruption. */
+  function noise(length: number, seed: number): Buffer {
+    const b = Buffer.alloc(length);
+    let x = seed >>> 0 || 1;
+    for (let i = 0; i < length; i++) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      b[i] = x & 0xff;
+    }
+    return b;
+  }
+
+  const cases: { format: string; make: (f: string) => Promise<number>; len: number; repairs: boolean }[] = [
+    {
+      format: 'vdi',
+      make: async (f) => {
+        await createImage(f, 'vdi', '16M');
+        await qemuIo(f, 'vdi', ['write -P 0x11 0 3M', 'write -P 0x22 9M 1M']);
+        return readBytes(f, 0x154, 4).readUInt32LE(0);
+      },
+      len: 64,
+      repairs: true,
+    },
+    {
+      format: 'vhdx',
+      make: async (f) => {
+        await createImage(f, 'vhdx', '64M', { block_size: '1M' });
+        await qemuIo(f, 'vhdx', ['write -P 0x11 0 3M', 'write -P 0x22 20M 1M']);
+        return 2 * MiB; // qemu-img's BAT offset for this layout (1 MiB log at 1 MiB)
+      },
+      len: 256,
+      repairs: true,
+    },
+    {
+      format: 'vmdk',
+      make: async (f) => {
+        await createImage(f, 'vmdk', '64M');
+        await qemuIo(f, 'vmdk', ['write -P 0x11 0 3M']);
+        const gd = Number(readBytes(f, 0, 512).readBigUInt64LE(56)) * 512;
+        return readBytes(f, gd, 4).readUInt32LE(0) * 512;
+      },
+      len: 256,
+      repairs: false,
+    },
+  ];
+  for (const c of cases) {
+    it(`${c.format}: no crash, no hang, a one-line error at most; -r all leaves what qemu-img calls clean`, async () => {
+      let corrupt = 0;
+      for (let seed = 1; seed <= 4; seed++) {
+        const f = path.join(t.dir, `r${seed}.${c.format}`);
+        const at = await c.make(f);
+        // Entries with small values are more interesting than huge ones: mask each byte's top bits at times.
+        const n = noise(c.len, seed * 7919);
+        if (seed % 2 === 0) for (let i = 3; i < n.length; i += 4) n[i] = 0;
+        patch(f, at, n);
+        const r = await tsimg(['check', '--output', 'json', f]);
+        expect([0, 1, 2, 3], r.stderr).to.include(r.code);
+        expect(r.stderr, 'a stack trace').not.to.match(/\n\s+at /);
+        if (r.code === 1) expect(r.stderr.trim().split('\n'), r.stderr).to.have.length(1);
+        else expect(json(r.stdout)?.format).to.equal(c.format);
+        if (r.code === 2) corrupt++;
+        if (!c.repairs || r.code !== 2) continue;
+        const fixed = await tsimg(['check', '-r', 'all', f]);
+        expect(fixed.stderr, 'a stack trace').not.to.match(/\n\s+at /);
+        const q = await run('qemu-img', ['check', f]);
+        expect(q.code, `seed ${seed}: ${q.stdout}${q.stderr}`).to.equal(0);
+      }
+      expect(corrupt, 'no seed made a corruption').to.be.greaterThan(0);
+    });
+  }
+});

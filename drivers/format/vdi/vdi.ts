@@ -7,6 +7,7 @@ import type { MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode } from '../mapped-node.js';
 import { BMAP, HDR, type VdiHeader } from './header.js';
 import type { PagedTable } from '../table-pages.js';
+import { addCorruption, emptyReport } from '../check-report.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 
 export class VdiNode extends MappedNode {
@@ -77,36 +78,40 @@ export class VdiNode extends MappedNode {
   }
 
   /**
-   * The whole block map as on disk (blocksInImage entries, which the header check
-   * keeps inside the file), and what QEMU's vdi_co_check says of it.
+   * The whole block map (blocksInImage entries, which the header check keeps inside
+   * the file), a megabyte at a time: visit(block, entry).
    */
-  private async scanMap(): Promise<{ map: Buffer; report: CheckReport }> {
-    const report: CheckReport = { corruptions: 0, leaks: 0, checkErrors: 0, messages: [] };
+  private async eachEntry(visit: (block: number, e: number) => void | Promise<void>): Promise<void> {
     const n = this.h.blocksInImage;
-    const map = Buffer.alloc(n * 4);
-    if (n > 0) await this.file.read(this.h.offsetBmap, map);
-    const owner = new Uint32Array(n).fill(BMAP.unallocated);
+    const chunk = Buffer.alloc(Math.min(n * 4, 1 << 20));
+    for (let first = 0; first < n; first += chunk.length / 4) {
+      const part = chunk.subarray(0, Math.min(chunk.length, (n - first) * 4));
+      await this.file.read(this.h.offsetBmap + first * 4, part);
+      for (let k = 0; k < part.length / 4; k++) await visit(first + k, part.readUInt32LE(k * 4));
+    }
+  }
+
+  /** What QEMU's vdi_co_check says of the block map; one bit per data block. */
+  private async scanMap(): Promise<CheckReport> {
+    const report = emptyReport();
+    const n = this.h.blocksInImage;
+    const seen = new Uint8Array(Math.ceil(n / 8));
     let allocated = 0;
-    for (let block = 0; block < n; block++) {
-      const e = map.readUInt32LE(block * 4);
-      if (e >= BMAP.discarded) continue;
+    await this.eachEntry((block, e) => {
+      if (e >= BMAP.discarded) return;
       if (e >= n) {
-        report.corruptions++;
-        report.messages.push(`ERROR: block index ${block} too large, is ${e}`);
-        continue;
+        addCorruption(report, `ERROR: block index ${block} too large, is ${e}`);
+        return;
       }
       allocated++;
-      if (owner[e] === BMAP.unallocated) owner[e] = e;
-      else {
-        report.corruptions++;
-        report.messages.push(`ERROR: block index ${owner[e]} also used by ${e}`);
-      }
-    }
+      // QEMU's message names the data block twice (it stores e in its copy of the map).
+      if (seen[e >>> 3]! & (1 << (e & 7))) addCorruption(report, `ERROR: block index ${e} also used by ${e}`);
+      else seen[e >>> 3]! |= 1 << (e & 7);
+    });
     if (allocated !== this.h.blocksAllocated) {
-      report.corruptions++;
-      report.messages.push(`ERROR: allocated blocks mismatch, is ${allocated}, should be ${this.h.blocksAllocated}`);
+      addCorruption(report, `ERROR: allocated blocks mismatch, is ${allocated}, should be ${this.h.blocksAllocated}`);
     }
-    return { map, report };
+    return report;
   }
 
   /**
@@ -114,8 +119,8 @@ export class VdiNode extends MappedNode {
    * name a block inside the image that no other entry names, and the header's count of
    * allocated blocks must match. Read from the file, changing nothing.
    */
-  async checkMetadata(): Promise<CheckReport> {
-    return (await this.scanMap()).report;
+  checkMetadata(): Promise<CheckReport> {
+    return this.scanMap();
   }
 
   /**
@@ -142,25 +147,25 @@ export class VdiNode extends MappedNode {
   }
 
   private async repairLocked(): Promise<void> {
-    const { map } = await this.scanMap();
     const n = this.h.blocksInImage;
     const bs = this.bs;
-    // owner[e]: the block map index that keeps data block e.
-    const owner = new Uint32Array(n).fill(BMAP.unallocated);
-    for (let block = 0; block < n; block++) {
-      const e = map.readUInt32LE(block * 4);
-      if (e >= BMAP.discarded) continue;
-      if (e >= n || this.h.offsetData + e * bs >= this.file.size || owner[e] !== BMAP.unallocated) {
+    // owner[e]: the block map index that keeps data block e. Only blocks inside the
+    // file can be kept, so the array is as long as the file has blocks, not the map.
+    const inFile = Math.max(0, Math.min(n, Math.ceil((this.file.size - this.h.offsetData) / bs)));
+    const owner = new Uint32Array(inFile).fill(BMAP.unallocated);
+    await this.eachEntry(async (block, e) => {
+      if (e >= BMAP.discarded) return;
+      if (e >= inFile || owner[e] !== BMAP.unallocated) {
         await this.setEntry(block, BMAP.unallocated);
-        continue;
+        return;
       }
       owner[e] = block;
-    }
+    });
     let count = 0;
-    for (let e = 0; e < n; e++) if (owner[e] !== BMAP.unallocated) count++;
+    for (let e = 0; e < inFile; e++) if (owner[e] !== BMAP.unallocated) count++;
     await this.barrier();
     // Fill each hole below count with the highest block in use at or above it.
-    let high = n - 1;
+    let high = inFile - 1;
     for (let hole = 0; hole < count; hole++) {
       if (owner[hole] !== BMAP.unallocated) continue;
       while (owner[high] === BMAP.unallocated) high--;

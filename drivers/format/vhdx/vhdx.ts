@@ -11,6 +11,7 @@ import { BAT_OFFSET_MASK, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, encodeHeader, H
 import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
 import type { PagedTable } from '../table-pages.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
+import { addCorruption, addMessage, emptyReport, MAX_CHECK_MESSAGES } from '../check-report.js';
 
 /** The two header copies; updates always go to the older one (section 2.2.2.1). */
 export class Headers {
@@ -217,12 +218,21 @@ export class VhdxNode extends MappedNode {
    * Beyond QEMU: a payload block on the header section, or on another payload block
    * (a write to one would show in the other). The BAT is scanned a page at a time.
    */
-  private async scanBat(): Promise<BatProblem[]> {
-    const out: BatProblem[] = [];
+  private async scanBat(): Promise<{ problems: BatProblem[]; count: number }> {
+    const problems: BatProblem[] = [];
+    let count = 0;
+    const found = (p: BatProblem): void => {
+      count++;
+      // Counted all; kept (for the lines and the repair) up to the report's limit.
+      if (problems.length < MAX_CHECK_MESSAGES) problems.push(p);
+    };
     const size = BigInt(this.file.size);
     const bs = BigInt(this.bs);
     const period = this.chunkRatio + 1;
-    const used: { off: number; idx: number }[] = [];
+    // Blocks start on a MiB and lie inside the file: owner[m] + 1 is the BAT entry
+    // whose block covers MiB m of the file (4 bytes per MiB of file, whatever the BAT says).
+    const owner = new Uint32Array(Math.ceil(this.file.size / MiB));
+    const perBlock = this.bs / MiB;
     await this.bat.scan((idx, view, at) => {
       const e = view.getBigUint64(at, true);
       if (Number(e & 7n) !== PAYLOAD.fullyPresent) return;
@@ -231,32 +241,30 @@ export class VhdxNode extends MappedNode {
       const left = BigInt(this.size) - BigInt(idx) * bs;
       const length = left > 0n && left < bs ? left : bs;
       if (off >= size) {
-        out.push({ message: `VHDX BAT entry ${idx} start offset ${off} points after end of file (${size}). Image has probably been truncated.`, unmap: idx });
+        found({ message: `VHDX BAT entry ${idx} start offset ${off} points after end of file (${size}). Image has probably been truncated.`, unmap: idx });
         return;
       }
       if (off + length > size) {
-        out.push({ message: `VHDX BAT entry ${idx} end offset ${off + length - 1n} points after end of file (${size}). Image has probably been truncated.`, unmap: idx });
+        found({ message: `VHDX BAT entry ${idx} end offset ${off + length - 1n} points after end of file (${size}). Image has probably been truncated.`, unmap: idx });
         return;
       }
       if (idx % period === this.chunkRatio) return;
       const clash = this.metadata.find(Number(off), this.bs);
       if (clash) {
-        out.push({ message: `VHDX region ${off}-${off + bs} overlaps with region ${clash.offset}-${clash.offset + clash.length}`, unmap: idx });
+        found({ message: `VHDX region ${off}-${off + bs} overlaps with region ${clash.offset}-${clash.offset + clash.length}`, unmap: idx });
         return;
       }
-      used.push({ off: Number(off), idx });
-    });
-    used.sort((a, b) => a.off - b.off || a.idx - b.idx);
-    for (let k = 1; k < used.length; k++) {
-      const a = used[k - 1]!;
-      const b = used[k]!;
-      if (b.off < a.off + this.bs) {
-        out.push({ message: `VHDX BAT entry ${b.idx} (block at ${b.off}) overlaps the block of BAT entry ${a.idx}`, unmap: b.idx });
-        // Keep the earlier one as the block the next is compared with.
-        used[k] = a;
+      // Blocks are all one length, so one that overlaps a block already seen covers its first or its last MiB.
+      const m = Number(off) / MiB;
+      const last = Math.min(owner.length - 1, m + perBlock - 1);
+      const other = owner[m] || owner[last];
+      if (other) {
+        found({ message: `VHDX BAT entry ${idx} (block at ${off}) overlaps the block of BAT entry ${other - 1}`, unmap: idx });
+        return;
       }
-    }
-    return out;
+      owner.fill(idx + 1, m, last + 1);
+    });
+    return { problems, count };
   }
 
   /**
@@ -264,16 +272,14 @@ export class VhdxNode extends MappedNode {
    * QEMU refuses the read-only open outright, and replays it on the open for -r.
    */
   async checkMetadata(): Promise<CheckReport> {
-    const report: CheckReport = { corruptions: 0, leaks: 0, checkErrors: 0, messages: [] };
+    const report = emptyReport();
     if (this.pendingLog) {
-      report.corruptions++;
-      report.messages.push(`VHDX image file '${this.name}' opened read-only, but contains a log that needs to be replayed`);
-      report.messages.push(`To replay the log, run: tsimg check -r all '${this.name}'`);
+      addCorruption(report, `VHDX image file '${this.name}' opened read-only, but contains a log that needs to be replayed`);
+      addMessage(report, `To replay the log, run: tsimg check -r all '${this.name}'`);
     }
-    for (const p of await this.scanBat()) {
-      report.corruptions++;
-      report.messages.push(p.message);
-    }
+    const { problems, count } = await this.scanBat();
+    for (const p of problems) addMessage(report, p.message);
+    report.corruptions += count;
     return report;
   }
 
@@ -288,7 +294,7 @@ export class VhdxNode extends MappedNode {
     return async (mode) => {
       if (mode !== 'all') return;
       const changes = new Map<number, bigint>();
-      for (const p of await this.scanBat()) if (p.unmap !== undefined) changes.set(p.unmap, BigInt(PAYLOAD.notPresent));
+      for (const p of (await this.scanBat()).problems) if (p.unmap !== undefined) changes.set(p.unmap, BigInt(PAYLOAD.notPresent));
       if (changes.size === 0) return;
       await this.firstWrite();
       await this.mutex.run(async () => {

@@ -10,6 +10,7 @@ import { CorruptImageError, IoError, UnsupportedError } from '../../errors.js';
 import { pushRun, type MappedRun } from '../mapped.js';
 import { FLAG_MARKER, FLAG_ZERO_GRAIN, type SparseHeader } from './header.js';
 import { encodeCompressedGrain, readCompressedGrain } from './stream.js';
+import { addCorruption } from '../check-report.js';
 
 /** Grain table entry 1 with the zeroed-grain flag: the grain reads as zeros (VMDK_GTE_ZEROED). */
 const GTE_ZEROED = 1;
@@ -419,10 +420,7 @@ export class SparseExtent implements VmdkExtent {
       .add(this.h.gdOffset, this.h.l1Size * 4, 'VMDK grain directory')
       .add(this.h.rgdOffset, this.h.rgdOffset === 0 ? 0 : this.h.l1Size * 4, 'VMDK redundant grain directory');
     const t = Buffer.alloc(this.gtBytes);
-    const bad = (msg: string): void => {
-      report.corruptions++;
-      report.messages.push(`ERROR: ${msg}`);
-    };
+    const bad = (msg: string): void => addCorruption(report, `ERROR: ${msg}`);
     for (let l1i = 0; l1i < tables; l1i++) {
       const sector = this.l1[l1i]!;
       if (sector === 0) continue;

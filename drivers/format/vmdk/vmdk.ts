@@ -6,6 +6,7 @@ import type { BlockNode, CheckReport } from '../../types.js';
 import type { MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { readFromBacking } from '../backing.js';
+import { emptyReport } from '../check-report.js';
 import { DESC_SIZE, rewriteCid } from './descriptor.js';
 import { SparseExtent, type VmdkExtent, type WriteContext } from './extent.js';
 
@@ -134,7 +135,7 @@ export class VmdkNode extends MappedNode {
    * extents hold no metadata to check). seSparse extents are not checked.
    */
   async checkMetadata(): Promise<CheckReport> {
-    const report: CheckReport = { corruptions: 0, leaks: 0, checkErrors: 0, messages: [] };
+    const report = emptyReport();
     for (const e of this.extents) if (e instanceof SparseExtent) await e.check(report);
     return report;
   }
