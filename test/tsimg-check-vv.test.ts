@@ -9,6 +9,7 @@ import path from 'node:path';
 import { convertToRaw, createImage, md5File, qemuIo, run, tempDir, type RunResult } from './helpers/qemu.js';
 import { patch, readBytes, tsimg, u32le, u64le } from './helpers/images.js';
 import { CrashingFile } from './helpers/crashing-file.js';
+import { makeSeSparseChain, seAllocatedEntry, type SeGrain } from './helpers/deltas.js';
 import { fileProtocol } from '../drivers/protocol/index.js';
 import { vhdxDriver } from '../drivers/format/vhdx/index.js';
 
@@ -198,6 +199,28 @@ describe('tsimg check: vmdk against qemu-img check', function () {
     expect(b.rj?.corruptions).to.equal(1);
     expectSameLines(b);
   });
+
+  for (const broken of [false, true]) {
+    it(`a seSparse delta${broken ? ' with grains past the end' : ', clean'}`, async () => {
+      const dir = path.join(t.dir, `se-${broken}`);
+      fs.mkdirSync(dir);
+      const grains = new Map<number, SeGrain>([
+        [0, { kind: 'data', seed: 1 }],
+        [3, { kind: 'zero' }],
+        [4100, { kind: 'data', seed: 2 }],
+      ]);
+      if (broken) {
+        grains.set(5, { kind: 'raw', entry: seAllocatedEntry(1n << 30n) });
+        grains.set(4200, { kind: 'raw', entry: seAllocatedEntry(1n << 31n) });
+      }
+      const { child } = await makeSeSparseChain(dir, { size: 64 * MiB, grains, fillParent: (p) => qemuIo(p, 'vmdk', ['write -P 0x5a 0 1M']) });
+      const b = await checkBoth(child);
+      expect(b.q.code, b.q.stderr).to.equal(broken ? 1 : 0);
+      expect(b.r.code, b.r.stderr).to.equal(broken ? 2 : 0);
+      expect(b.rj?.corruptions ?? 0).to.equal(broken ? 2 : 0);
+      expectSameLines(b);
+    });
+  }
 
   it('beyond QEMU: a grain on the grain directory and a grain table past the end are corruptions', async () => {
     const f = path.join(t.dir, 'meta.vmdk');

@@ -9,6 +9,7 @@ import { readFromBacking } from '../backing.js';
 import { emptyReport } from '../check-report.js';
 import { DESC_SIZE, rewriteCid } from './descriptor.js';
 import { SparseExtent, type VmdkExtent, type WriteContext } from './extent.js';
+import { SeSparseExtent } from './sesparse.js';
 
 export interface VmdkNodeOptions {
   /** The image file: the descriptor, or the monolithic sparse file. */
@@ -132,11 +133,11 @@ export class VmdkNode extends MappedNode {
 
   /**
    * qemu-img check for vmdk: each sparse extent's grain directory and tables (flat
-   * extents hold no metadata to check). seSparse extents are not checked.
+   * extents hold no metadata to check), seSparse ones included.
    */
   async checkMetadata(): Promise<CheckReport> {
     const report = emptyReport();
-    for (const e of this.extents) if (e instanceof SparseExtent) await e.check(report);
+    for (const e of this.extents) if (e instanceof SparseExtent || e instanceof SeSparseExtent) await e.check(report);
     return report;
   }
 
