@@ -12,6 +12,7 @@ import { CrashingFile } from './helpers/crashing-file.js';
 import { makeSeSparseChain, seAllocatedEntry, type SeGrain } from './helpers/deltas.js';
 import { fileProtocol } from '../drivers/protocol/index.js';
 import { vhdxDriver } from '../drivers/format/vhdx/index.js';
+import { vdiDriver } from '../drivers/format/vdi/index.js';
 
 const MiB = 1024 * 1024;
 type Json = Record<string, unknown>;
@@ -45,6 +46,10 @@ async function expectAgree(file: string, code: number, corruptions = 0): Promise
   expect(b.r.code, b.r.stdout + b.r.stderr).to.equal(code);
   for (const k of ['corruptions', 'leaks', 'check-errors']) expect(b.rj?.[k], k).to.equal(b.qj?.[k]);
   expect(b.rj?.corruptions ?? 0).to.equal(corruptions);
+  // And the human report, line for line.
+  const qh = await run('qemu-img', ['check', file], { cwd: path.dirname(file) });
+  const rh = await tsimg(['check', file], path.dirname(file));
+  expect(rh.stdout).to.equal(qh.stdout);
   return b;
 }
 
@@ -54,6 +59,8 @@ function expectSameLines(b: Both): void {
   const ours = lines(b.r.stderr);
   for (const l of lines(b.q.stderr)) expect(ours, b.r.stderr).to.include(l);
 }
+
+const block = (b: Buffer, i: number): Buffer => b.subarray(i * MiB, (i + 1) * MiB);
 
 async function raw(file: string, format: string): Promise<Buffer> {
   const out = `${file}.raw`;
@@ -119,6 +126,36 @@ describe('tsimg check: vdi against qemu-img check', function () {
     expect(r.code, r.stdout + r.stderr).to.equal(0);
     await expectAgree(f, 0);
     expect((await raw(f, 'vdi')).equals(before)).to.equal(true);
+  });
+
+  it('-r all cut short at every write leaves the valid blocks readable, and a second -r all finishes', async () => {
+    const { f, bmap, before } = await base('crash.vdi');
+    patch(f, bmap + 1 * 4, u32le(1000));
+    patch(f, bmap + 5 * 4, u32le(0));
+    const seeded = path.join(t.dir, 'crash-seeded.vdi');
+    fs.copyFileSync(f, seeded);
+    const opts = { readOnly: false, cache: 'writeback' as const, metadataCacheBytes: 1 << 20, openBacking: () => Promise.reject(new Error('no backing')) };
+    let finished = false;
+    for (let budget = 0; !finished; budget++) {
+      expect(budget, 'the repair never finished').to.be.below(50);
+      fs.copyFileSync(seeded, f);
+      const inner = await fileProtocol.open(f, { readOnly: false, cache: 'writeback' });
+      const crashing = new CrashingFile(inner, budget);
+      try {
+        const node = await vdiDriver.open(crashing, opts);
+        await node.repairMetadata!('all').then(() => (finished = true), () => undefined);
+      } finally {
+        await inner.close();
+      }
+      const now = await raw(f, 'vdi');
+      for (const blk of [0, 9]) expect(block(now, blk).equals(block(before, blk)), `budget ${budget}: block ${blk}`).to.equal(true);
+      const r = await tsimg(['check', '-r', 'all', f]);
+      expect(r.code, `budget ${budget}: ${r.stdout}${r.stderr}`).to.equal(0);
+      const q = await run('qemu-img', ['check', f]);
+      expect(q.code, `budget ${budget}: ${q.stdout}${q.stderr}`).to.equal(0);
+      const fixed = await raw(f, 'vdi');
+      for (const blk of [0, 9]) expect(block(fixed, blk).equals(block(before, blk)), `budget ${budget}: block ${blk} after the second repair`).to.equal(true);
+    }
   });
 
   it('-r all on a clean image changes nothing', async () => {
@@ -261,8 +298,6 @@ describe('tsimg check: vhdx against qemu-img check', function () {
     return { f, bat, before: await raw(f, 'vhdx') };
   }
   const present = (off: number): Buffer => u64le(BigInt(off) | 6n);
-  const block = (b: Buffer, i: number): Buffer => b.subarray(i * MiB, (i + 1) * MiB);
-
   it('a clean image checks clean', async () => {
     const { f } = await base('clean.vhdx');
     await expectAgree(f, 0);
