@@ -110,7 +110,8 @@ export function progress(forced: boolean | undefined): Progress | undefined {
     const bar = new SingleBar(
       {
         stream: process.stdout,
-        format: '{bar} {pct}%',
+        // qemu-img's numbers beside the bar.
+        format: '{bar} ({pct}/100%)',
         barsize: 40,
         fps: 10,
         hideCursor: false,
@@ -118,7 +119,7 @@ export function progress(forced: boolean | undefined): Progress | undefined {
       },
       Presets.shades_classic,
     );
-    const pct = (v: number): { pct: string } => ({ pct: (v / 100).toFixed(2).padStart(6) });
+    const pct = (v: number): { pct: string } => ({ pct: (v / 100).toFixed(2) });
     bar.start(10000, 0, pct(0));
     last = 0;
     return {
