@@ -114,7 +114,10 @@ export function progress(forced: boolean | undefined): Progress | undefined {
         format: '{bar} ({pct}/100%)',
         barsize: 40,
         fps: 10,
+        // Nothing the terminal would keep if the command ended mid-bar (an error, Ctrl-C):
+        // the cursor stays visible and line wrapping on (the line is cut to the width instead).
         hideCursor: false,
+        linewrap: true,
         clearOnComplete: false,
       },
       Presets.shades_classic,
