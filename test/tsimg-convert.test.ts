@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { run, runOk, tempDir } from './helpers/qemu.js';
-import { expectClean, patch, TSIMG, tsimg } from './helpers/images.js';
+import { expectClean, openTestImage, patch, TSIMG, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -89,6 +89,58 @@ describe('tsimg convert -c, several sources, progress', function () {
       expect(at(5 * MiB + 64 * KiB).offset).to.be.a('number');
       expect(at(2 * MiB).data).to.equal(false);
       expect(fs.statSync(path.join(dir, `out.${c.fmt}`)).size).to.be.lessThan(fs.statSync(path.join(dir, `plain.${c.fmt}`)).size);
+    });
+  }
+
+  for (const fmt of ['qcow2', 'qcow']) {
+    it(`${fmt} writeCompressed through the node: packed, then overwritten in part, fallen back on allocated clusters`, async () => {
+      const dir = fs.mkdtempSync(path.join(t.dir, 'node-'));
+      const img = path.join(dir, `n.${fmt}`);
+      await runOk('qemu-img', ['create', '-q', '-f', fmt, ...(fmt === 'qcow2' ? ['-o', 'cluster_size=4k'] : []), img, '1M'], { cwd: dir });
+      const expected = Buffer.alloc(MiB);
+      const node = await openTestImage(img, { rw: true });
+      try {
+        const cs = node.compressedClusterSize!;
+        expect(cs).to.equal(4096);
+        const cluster = (seed: number): Buffer => Buffer.from(`cluster ${seed} `.repeat(cs)).subarray(0, cs);
+        // Many small streams: several share a host cluster (qcow2) or follow each other (qcow).
+        const writes = [];
+        for (let i = 0; i < 64; i++) {
+          expected.set(cluster(i), i * cs);
+          writes.push(node.writeCompressed!(i * cs, cluster(i)));
+        }
+        await Promise.all(writes);
+        // A cluster that does not shrink is written plain.
+        const noise = crypto.randomBytes(cs);
+        expected.set(noise, 100 * cs);
+        await node.writeCompressed!(100 * cs, noise);
+        // A partial write into a compressed cluster; a compressed write onto allocated clusters.
+        const part = Buffer.alloc(1000, 0x5a);
+        expected.set(part, 3 * cs + 100);
+        await node.write(3 * cs + 100, part);
+        expected.set(cluster(200), 3 * cs);
+        await node.writeCompressed!(3 * cs, cluster(200));
+        expected.set(cluster(201), 5 * cs);
+        await node.writeCompressed!(5 * cs, cluster(201));
+        await node.flush();
+        // After clusters were freed (qcow2 at flush), new streams still land somewhere safe.
+        expected.set(cluster(300), 150 * cs);
+        await node.writeCompressed!(150 * cs, cluster(300));
+        await node.flush();
+        // Not a whole cluster: refused.
+        let err: unknown;
+        await node.writeCompressed!(7 * cs + 1, cluster(1)).catch((e: unknown) => (err = e));
+        expect(String(err)).to.match(/whole cluster/);
+      } finally {
+        await node.close();
+      }
+      if (fmt === 'qcow2') await expectClean(img);
+      fs.writeFileSync(path.join(dir, 'expected.raw'), expected);
+      await expectSame(dir, 'expected.raw', img);
+      const map = await qemuMap(dir, img);
+      const at = (g: number): MapEntry => map.find((e) => e.start <= g && e.start + e.length > g)!;
+      expect(at(10 * 4096).offset).to.equal(undefined);
+      expect(at(100 * 4096).offset).to.be.a('number');
     });
   }
 
