@@ -103,7 +103,7 @@ async function main(argv: string[]): Promise<void> {
     .action(async (a: string, b: string, o: CompareCli) => {
       exitCode = await compare(a, b, o);
     });
-  openOptions(program.command('convert').description('copy an image (several: one after the other) into a new image of any writable format, sparse').argument('<src...>', 'source images, then the new image'))
+  openOptions(program.command('convert').description('copy an image (several: one after the other) into a new image of any writable format, sparse').argument('<src...>', 'source images, then the new image').usage('[options] SRC... DST'))
     .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
     .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
     .option('-p, --progress', 'show progress')
