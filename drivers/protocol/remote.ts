@@ -243,6 +243,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       if (credsId !== undefined) {
         const creds = objects.get(credsId);
         if (!creds) throw new UsageError(`--image-opts: tls-creds=${credsId}: no --object with id '${credsId}'`);
+        if (creds.type === 'secret') throw new UsageError(`--image-opts: tls-creds=${credsId}: '${credsId}' is a secret, not TLS credentials`);
         t.tls = nbdTlsFromObject(creds, tlsHostname);
       } else if (tlsHostname !== undefined) {
         throw new UsageError(`--image-opts: ${prefix}tls-hostname needs ${prefix}tls-creds`);
@@ -280,7 +281,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       break;
     }
     case 'iscsi':
-      spec = iscsiSpecFromOptions(take);
+      spec = iscsiSpecFromOptions(take, objects);
       break;
     case 'nvme': {
       const device = take('device');

@@ -90,6 +90,8 @@ export class IscsiNode extends RemoteNode {
       initiatorName: login.initiatorName,
       user: login.user,
       password: login.password,
+      targetUser: login.targetUser,
+      targetPassword: login.targetPassword,
       headerDigest: login.headerDigest,
       timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       taskTimeoutMs: TASK_TIMEOUT_MS,
