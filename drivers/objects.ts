@@ -1,8 +1,10 @@
 // QEMU's --object, for the objects tsmount and tsimg take (qemu-img's spelling):
 //   --object tls-creds-x509,id=ID,dir=DIR[,endpoint=client][,verify-peer=on|off]
 //   --object tls-creds-psk,id=ID,dir=DIR[,endpoint=client][,username=NAME]
-// Images name them by id (the nbd driver's tls-creds=ID). The type may also be given
+//   --object secret,id=ID,data=TEXT|file=FILE[,format=raw|base64]
+// Images name them by id (the nbd driver's tls-creds=ID, the iscsi driver's password-secret=ID). The type may also be given
 // as qom-type=TYPE; ',,' is a comma, as in every QEMU option list.
+import fs from 'node:fs';
 import { UsageError } from './errors.js';
 import { parseOptionString } from './options.js';
 
@@ -17,7 +19,14 @@ export interface TlsCredsObject {
   username: string;
 }
 
-export type QemuObject = TlsCredsObject;
+/** QEMU's secret object: a password given out of the image name (qemu-img(1), "secret"). */
+export interface SecretObject {
+  type: 'secret';
+  id: string;
+  data: string;
+}
+
+export type QemuObject = TlsCredsObject | SecretObject;
 
 /** The objects by id. */
 export type QemuObjects = ReadonlyMap<string, QemuObject>;
@@ -49,10 +58,39 @@ export function parseObject(text: string): QemuObject {
   };
   const type = bare ?? take('qom-type');
   if (!type) throw new UsageError(`--object: '${text}' names no object type`);
-  if (!isTlsCreds(type)) throw new UsageError(`--object: type '${type}' is not supported here (only tls-creds-x509, tls-creds-psk)`);
+  if (!isTlsCreds(type) && type !== 'secret') throw new UsageError(`--object: type '${type}' is not supported here (only tls-creds-x509, tls-creds-psk, secret)`);
   const id = take('id');
   if (!id) throw new UsageError(`--object ${type}: id=ID is required`);
   if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) throw new UsageError(`--object ${type}: '${id}' is not a valid id`);
+  const rest = (): void => {
+    const k = [...props.keys()][0];
+    if (k !== undefined) throw new UsageError(`--object ${type},id=${id}: property '${k}' is not supported`);
+  };
+  if (type === 'secret') {
+    const data = take('data');
+    const file = take('file');
+    const format = take('format') ?? 'raw';
+    if ((data === undefined) === (file === undefined)) throw new UsageError(`--object secret,id=${id}: give data= or file=, one of them`);
+    if (format !== 'raw' && format !== 'base64') throw new UsageError(`--object secret,id=${id}: format must be raw or base64`);
+    if (props.has('keyid') || props.has('iv')) throw new UsageError(`--object secret,id=${id}: encrypted secrets (keyid=, iv=) are not supported`);
+    rest();
+    let text: string;
+    if (file !== undefined) {
+      try {
+        // As QEMU: the file's bytes, a trailing newline included.
+        text = fs.readFileSync(file, 'utf8');
+      } catch (err) {
+        throw new UsageError(`--object secret,id=${id}: ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+      }
+    } else {
+      text = data!;
+    }
+    if (format === 'base64') {
+      if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text.trim())) throw new UsageError(`--object secret,id=${id}: not base64`);
+      text = Buffer.from(text.trim(), 'base64').toString('utf8');
+    }
+    return { type, id, data: text };
+  }
   const dir = take('dir');
   if (!dir) throw new UsageError(`--object ${type},id=${id}: dir=DIR is required`);
   const endpoint = take('endpoint') ?? 'client';
@@ -61,8 +99,7 @@ export function parseObject(text: string): QemuObject {
   const username = type === 'tls-creds-psk' ? (take('username') ?? 'qemu') : 'qemu';
   // QEMU checks its own client certificate before use; Node's TLS does the same when loading it.
   take('sanity-check');
-  const rest = [...props.keys()][0];
-  if (rest !== undefined) throw new UsageError(`--object ${type},id=${id}: property '${rest}' is not supported`);
+  rest();
   return { type, id, dir, verifyPeer, username };
 }
 

@@ -87,6 +87,30 @@ describe('GlusterFS: images on a gluster volume through libgfapi', function () {
     }
   });
 
+  it('closing the last node on a volume frees its glfs instance (glfs_fini): its threads end, and the volume opens again', async () => {
+    const threads = (): number => fs.readdirSync('/proc/self/task').length;
+    const spec = url(vol, 'disk.img');
+    const first = await openProtocol(spec, { readOnly: true, cache: 'writeback' });
+    const second = await openProtocol(spec, { readOnly: true, cache: 'writeback' });
+    const open = threads();
+    // One node closed: the other still reads through the shared instance.
+    await first.close();
+    const head = Buffer.alloc(4096);
+    await second.read(0, head);
+    expect(head.equals(pattern(3 * MiB, 1).subarray(0, 4096))).to.equal(true);
+    await second.close();
+    const until = Date.now() + 60_000;
+    while (threads() >= open && Date.now() < until) await new Promise((r) => setTimeout(r, 200));
+    expect(threads(), 'threads after glfs_fini').to.be.below(open);
+    const again = await openProtocol(spec, { readOnly: true, cache: 'writeback' });
+    try {
+      await again.read(0, head);
+      expect(head.equals(pattern(3 * MiB, 1).subarray(0, 4096))).to.equal(true);
+    } finally {
+      await again.close();
+    }
+  });
+
   it("agrees with qemu-img's own gluster driver", async function () {
     if (!(await run('qemu-img', ['--help'])).stdout.includes('gluster')) {
       console.log('    skipped: this qemu-img has no gluster driver (qemu-block-extra)');

@@ -7,6 +7,8 @@ import crypto from 'node:crypto';
 import { openImage } from '../drivers/open.js';
 import { IscsiNode } from '../drivers/protocol/iscsi/node.js';
 import { configureIscsi } from '../drivers/protocol/iscsi/uri.js';
+import { imageOptsToSpec } from '../drivers/protocol/remote.js';
+import { parseObjects } from '../drivers/objects.js';
 import { TsmountError } from '../drivers/errors.js';
 import { createImage, md5File, qemuIo, rawMd5, run, runOk, tempDir, checkImage } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
@@ -57,11 +59,12 @@ class Tgtd {
   }
 
   /** A target; bound last, so a restarted tgtd lets nobody in before it is whole. */
-  async target(tid: number, name: string, luns: { file: string; cd?: boolean }[], o: { bind?: string[]; params?: [string, string][]; account?: string } = {}): Promise<string> {
+  async target(tid: number, name: string, luns: { file: string; cd?: boolean }[], o: { bind?: string[]; params?: [string, string][]; account?: string; outgoing?: string } = {}): Promise<string> {
     await this.configure(['--op', 'new', '--mode', 'target', '--tid', String(tid), '-T', `${IQN}:${name}`]);
     for (const [i, l] of luns.entries()) await this.configure(['--op', 'new', '--mode', 'logicalunit', '--tid', String(tid), '--lun', String(i + 1), '-b', l.file, ...(l.cd ? ['--device-type=cd'] : [])]);
     for (const [k, v] of o.params ?? []) await this.configure(['--mode', 'target', '--op', 'update', '--tid', String(tid), '--name', k, '--value', v]);
     if (o.account) await this.configure(['--mode', 'account', '--op', 'bind', '--tid', String(tid), '--user', o.account]);
+    if (o.outgoing) await this.configure(['--mode', 'account', '--op', 'bind', '--tid', String(tid), '--user', o.outgoing, '--outgoing']);
     await this.configure(['--op', 'bind', '--mode', 'target', '--tid', String(tid), ...(o.bind ?? ['-I', 'ALL'])]);
     return `${IQN}:${name}`;
   }
@@ -132,6 +135,9 @@ describe('iSCSI: LUNs on tgtd', function () {
     await tgtd.configure(['--op', 'bind', '--mode', 'target', '--tid', '6', '-I', 'ALL']);
     T.thin = `${IQN}:thin`;
     T.named = await tgtd.target(5, 'named', [{ file: disk }], { bind: ['--initiator-name', 'iqn.2026-12.org.tsmount.test:me'] });
+    // Mutual CHAP: alice logs in, and the target answers as hatter (an outgoing account).
+    await tgtd.configure(['--mode', 'account', '--op', 'new', '--user', 'hatter', '--password', 'teaparty1234']);
+    T.mutual = await tgtd.target(7, 'mutual', [{ file: path.join(tmp.dir, 'chap.raw') }], { account: 'alice', outgoing: 'hatter' });
     url = (target, lun = 1, user) => `iscsi://${user ? `${user}@` : ''}127.0.0.1:${tgtd.port}/${target}/${lun}`;
   });
 
@@ -184,6 +190,47 @@ describe('iSCSI: LUNs on tgtd', function () {
     expect(files).to.deep.equal(['chap-lun1.raw']);
     expect(await md5File(path.join(mp, files[0]!))).to.equal(want);
     await mounts.unmount(mp);
+  });
+
+  it('mutual CHAP: the target proves itself with LIBISCSI_CHAP_TARGET_*; a wrong target secret or a target that cannot is refused in one line', async () => {
+    const want = await md5File(path.join(tmp.dir, 'chap.raw'));
+    const mutual = { LIBISCSI_CHAP_TARGET_USERNAME: 'hatter', LIBISCSI_CHAP_TARGET_PASSWORD: 'teaparty1234' };
+    const node = await IscsiNode.open(url(T.mutual!, 1, 'alice%wonderland12'), { readOnly: true, cache: 'writeback', env: mutual });
+    try {
+      expect(await nodeMd5(node, MiB)).to.equal(want);
+    } finally {
+      await node.close();
+    }
+    const refused = async (target: string, env: NodeJS.ProcessEnv): Promise<string> => {
+      const err = await IscsiNode.open(url(target, 1, 'alice%wonderland12'), { readOnly: true, cache: 'writeback', env }).then(() => undefined, (e: unknown) => e);
+      expect(err).to.be.instanceOf(TsmountError);
+      const msg = (err as Error).message;
+      expect(msg.split('\n')).to.have.length(1);
+      return msg;
+    };
+    expect(await refused(T.mutual!, { ...mutual, LIBISCSI_CHAP_TARGET_PASSWORD: 'wrongwrong12' })).to.match(/failed mutual CHAP/);
+    expect(await refused(T.mutual!, { ...mutual, LIBISCSI_CHAP_TARGET_USERNAME: 'march-hare' })).to.match(/failed mutual CHAP/);
+    // A target with no outgoing account has nothing to prove itself with.
+    expect(await refused(T.chap!, mutual)).to.match(/mutual CHAP|did not authenticate|authentication failed/);
+    // Without mutual CHAP asked for, the target's outgoing account changes nothing.
+    const plain = await IscsiNode.open(url(T.mutual!, 1, 'alice%wonderland12'), { readOnly: true, cache: 'writeback', env: {} });
+    await plain.close();
+  });
+
+  it('logs in with password-secret= naming a secret object (QEMU --image-opts), data= or file=', async () => {
+    const want = await md5File(path.join(tmp.dir, 'chap.raw'));
+    const file = path.join(tmp.dir, 'chap-secret');
+    fs.writeFileSync(file, 'wonderland12', { mode: 0o600 });
+    for (const def of ['secret,id=sec0,data=wonderland12', `secret,id=sec0,file=${file}`]) {
+      configureIscsi({});
+      const { spec, format } = imageOptsToSpec(`driver=raw,file.driver=iscsi,file.portal=127.0.0.1:${tgtd.port},file.target=${T.chap},file.lun=1,file.user=alice,file.password-secret=sec0`, parseObjects([def]));
+      const node = await openImage(spec, testOptions({ format }));
+      try {
+        expect(await nodeMd5(node, MiB)).to.equal(want);
+      } finally {
+        await node.close();
+      }
+    }
   });
 
   it('takes credentials and the initiator name from --iscsi and --readconfig', async () => {

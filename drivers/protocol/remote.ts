@@ -1,6 +1,6 @@
-// Remote protocol drivers (NBD, SSH, GlusterFS) for the registry in index.ts, what
-// every remote node shares (the per-request deadline), and QEMU's --image-opts
-// property syntax turned into an image name these drivers claim.
+// Remote protocol drivers (NBD, SSH, iSCSI, GlusterFS, Sheepdog) for the registry in
+// index.ts, and QEMU's --image-opts property syntax turned into an image name these
+// drivers claim. What their nodes share is in remote-node.ts.
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
 import type { GlusterVolumes } from './gluster/node.js';
@@ -91,40 +91,6 @@ export function makeGlusterProtocol(given?: GlusterVolumes): ProtocolDriver {
 }
 
 export const glusterProtocol = makeGlusterProtocol();
-
-/** Default bound on one request to a remote server (TSMOUNT_REMOTE_TIMEOUT, in seconds). */
-export const DEFAULT_REMOTE_TIMEOUT_S = 30;
-
-/**
- * How long a remote node waits for one answer before the request fails with EIO (and
- * the connection is taken for dead, so the next request reconnects): the
- * TSMOUNT_REMOTE_TIMEOUT environment variable in seconds, 30 by default, 0 for never.
- */
-export function remoteTimeoutMs(): number {
-  const v = process.env.TSMOUNT_REMOTE_TIMEOUT;
-  if (v === undefined || v === '') return DEFAULT_REMOTE_TIMEOUT_S * 1000;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < 0) throw new UsageError(`TSMOUNT_REMOTE_TIMEOUT: '${v}' is not a number of seconds`);
-  return n === 0 ? 0 : Math.max(1, Math.round(n * 1000));
-}
-
-/** `p`, or the error `onTimeout` makes if it has not settled within `ms` (0: no bound). */
-export function withDeadline<T>(p: Promise<T>, ms: number, onTimeout: () => Error): Promise<T> {
-  if (!ms) return p;
-  return new Promise<T>((resolve, reject) => {
-    const timer = setTimeout(() => reject(onTimeout()), ms);
-    p.then(
-      (v) => {
-        clearTimeout(timer);
-        resolve(v);
-      },
-      (e: unknown) => {
-        clearTimeout(timer);
-        reject(e);
-      },
-    );
-  });
-}
 
 /** Sheepdog VDIs (drivers/protocol/sheepdog/): raw volumes with a size, snapshots and clones of their own. */
 export const sheepdogProtocol: ProtocolDriver = {
@@ -277,6 +243,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       if (credsId !== undefined) {
         const creds = objects.get(credsId);
         if (!creds) throw new UsageError(`--image-opts: tls-creds=${credsId}: no --object with id '${credsId}'`);
+        if (creds.type === 'secret') throw new UsageError(`--image-opts: tls-creds=${credsId}: '${credsId}' is a secret, not TLS credentials`);
         t.tls = nbdTlsFromObject(creds, tlsHostname);
       } else if (tlsHostname !== undefined) {
         throw new UsageError(`--image-opts: ${prefix}tls-hostname needs ${prefix}tls-creds`);
@@ -314,7 +281,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
       break;
     }
     case 'iscsi':
-      spec = iscsiSpecFromOptions(take);
+      spec = iscsiSpecFromOptions(take, objects);
       break;
     case 'nvme': {
       const device = take('device');

@@ -68,7 +68,8 @@ const MAX_WRITE = 1 << 26;
 export async function startSheep(opts: { socketPath?: string } = {}): Promise<SheepServer> {
   const vdis = new Map<number, Vdi>();
   const objects = new Map<bigint, Buffer>();
-  const locks = new Set<string>();
+  // By vid, as sheep's vdi_state: a snapshot and the current VDI of one name lock apart.
+  const locks = new Set<number>();
   const ops: number[] = [];
   const sockets = new Set<net.Socket>();
 
@@ -152,14 +153,15 @@ export async function startSheep(opts: { socketPath?: string } = {}): Promise<Sh
         const f = find(name, tag, r.snapid ?? 0);
         if (f.result !== SD_RES_SUCCESS) return { rsp: { result: f.result } };
         if (r.opcode === SD_OP_LOCK_VDI) {
-          if (locks.has(name)) return { rsp: { result: SD_RES_VDI_LOCKED } };
-          locks.add(name);
+          if (locks.has(f.vid!)) return { rsp: { result: SD_RES_VDI_LOCKED } };
+          locks.add(f.vid!);
         }
         return { rsp: { result: SD_RES_SUCCESS, vdiId: f.vid } };
       }
       case SD_OP_RELEASE_VDI: {
         const { name } = parseNameTag(data);
-        if (!locks.delete(name)) return { rsp: { result: SD_RES_VDI_NOT_LOCKED } };
+        const vid = r.baseVdiId || find(name, '', 0).vid;
+        if (vid === undefined || !locks.delete(vid)) return { rsp: { result: SD_RES_VDI_NOT_LOCKED } };
         return { rsp: { result: SD_RES_SUCCESS } };
       }
       case SD_OP_NEW_VDI: {

@@ -3,6 +3,7 @@ import { imageOptsToSpec, jsonToSpec } from '../../drivers/protocol/remote.js';
 import { loginSettings, parseIscsiSpec } from '../../drivers/protocol/iscsi/uri.js';
 import { UsageError } from '../../drivers/errors.js';
 import { parseNbdSpec } from '../../drivers/protocol/nbd/uri.js';
+import { parseObjects } from '../../drivers/objects.js';
 
 describe('--image-opts: QEMU dotted options for every protocol', () => {
   it('ssh: the structured host-key-check of current QEMU', () => {
@@ -42,6 +43,16 @@ describe('--image-opts: QEMU dotted options for every protocol', () => {
     expect(() => imageOptsToSpec('driver=iscsi,transport=iser,portal=h,target=iqn.x:y')).to.throw(/transport 'iser' is not supported/);
     expect(() => imageOptsToSpec('driver=iscsi,portal=h')).to.throw(/needs portal=HOST\[:PORT\] and target=IQN/);
     expect(() => imageOptsToSpec('driver=iscsi,portal=h,target=iqn.x:y,password-secret=s0')).to.throw(/password-secret/);
+  });
+
+  it('iscsi: password-secret takes the CHAP password from a secret object (data=, or base64)', () => {
+    const objs = parseObjects(['secret,id=s1,data=wonderland12', `secret,id=s2,format=base64,data=${Buffer.from('looking,glass').toString('base64')}`, 'tls-creds-psk,id=t,dir=/k']);
+    imageOptsToSpec('driver=iscsi,portal=h,target=iqn.2026-12.test:sec,lun=1,user=alice,password-secret=s1', objs);
+    expect(loginSettings(parseIscsiSpec('iscsi://h/iqn.2026-12.test:sec/1'), {})).to.deep.include({ user: 'alice', password: 'wonderland12' });
+    imageOptsToSpec('driver=iscsi,portal=h,target=iqn.2026-12.test:sec64,lun=1,user=bob,password-secret=s2', objs);
+    expect(loginSettings(parseIscsiSpec('iscsi://h/iqn.2026-12.test:sec64/1'), {})).to.deep.include({ user: 'bob', password: 'looking,glass' });
+    expect(() => imageOptsToSpec('driver=iscsi,portal=h,target=iqn.x:y,password-secret=s1', objs)).to.throw(UsageError, /needs user=/);
+    expect(() => imageOptsToSpec('driver=iscsi,portal=h,target=iqn.x:y,user=a,password-secret=t', objs)).to.throw(UsageError, /not a secret object/);
   });
 
   it('nbd: reconnect-delay and open-timeout travel in the name', () => {

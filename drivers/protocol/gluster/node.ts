@@ -4,12 +4,11 @@
 // libgfapi itself follows the volume's layout: on a replicated volume a brick that goes
 // away is left behind by the replication translator, and the writer sees nothing.
 import { constants as osc } from 'node:os';
-import type { BlockNode, Extent } from '../../types.js';
 import { IoError, UsageError } from '../../errors.js';
 import { callAsync, gfapi, STAT_BYTES, STAT_SIZE_OFFSET, type Ptr } from './gfapi.js';
 import { describeServers, formatGlusterUri, parseGlusterSpec, type GlusterTarget } from './uri.js';
 import { inParallel, pieces } from '../parallel.js';
-import { remoteTimeoutMs, withDeadline } from '../remote.js';
+import { RemoteNode, remoteLog, SharedConnections, withDeadline } from '../remote-node.js';
 
 const E = osc.errno;
 const O_RDONLY = 0;
@@ -23,8 +22,6 @@ const WINDOW = 3;
 /** glfs_init against a server that does not answer retries for a long time; give up after this. */
 const INIT_TIMEOUT_MS = 10_000;
 
-const defaultLog = (msg: string): void => void process.stderr.write(`tsmount: ${msg}\n`);
-
 function errnoName(errno: number): string {
   const name = Object.entries(E).find(([, v]) => v === errno)?.[0];
   return name ?? `errno ${errno}`;
@@ -34,39 +31,40 @@ interface Volume {
   key: string;
   fs: Ptr;
   refs: number;
+  /** libgfapi calls on this instance still running in a worker thread (some past their deadline). */
+  calls: Set<Promise<unknown>>;
 }
 
 /** The glfs instances of one process, by servers, volume and log options; owned by the driver. */
 export class GlusterVolumes {
-  private readonly volumes = new Map<string, Promise<Volume>>();
+  private readonly volumes = new SharedConnections<Volume>();
 
-  constructor(readonly log: (msg: string) => void = defaultLog) {}
+  constructor(readonly log: (msg: string) => void = remoteLog) {}
 
   async acquire(t: GlusterTarget, name: string): Promise<Volume> {
     if (t.rdma) this.log(`${name}: warning: the rdma transport is deprecated, using tcp instead (as QEMU does)`);
     const key = formatGlusterUri({ ...t, path: '/' });
-    let p = this.volumes.get(key);
-    if (!p) {
-      p = this.connect(t, key, name);
-      this.volumes.set(key, p);
-      p.catch(() => {
-        if (this.volumes.get(key) === p) this.volumes.delete(key);
-      });
-    }
-    const v = await p;
-    v.refs++;
-    return v;
+    return this.volumes.acquire(key, () => this.connect(t, key, name), () => true);
   }
 
   /**
-   * A volume nobody uses any more stays connected for the life of the process, ready
-   * for the next open: glfs_fini holds a worker thread of libuv's small pool for
-   * seconds (libgfapi tears its threads down slowly), stalling every other file
-   * operation of the process meanwhile, and the process ending closes the connections
-   * anyway. Everything written was fsynced at close.
+   * The last user of a volume gone, its glfs instance is freed with glfs_fini (each
+   * instance holds connections to glusterd and the bricks, and threads). glfs_fini
+   * blocks for seconds while libgfapi tears its threads down, so it runs on a worker
+   * thread, and only once every call on the instance has returned (a call past its
+   * deadline may still be running there). Nobody waits for it: the next open of the
+   * volume connects anew.
    */
   async release(v: Volume): Promise<void> {
-    v.refs--;
+    this.volumes.release(v.key, v, () => void Promise.allSettled([...v.calls]).then(() => fini(v.fs)));
+  }
+
+  /** A libgfapi call on one of the volume's files, counted until it returns. */
+  static track<T>(v: Volume, call: Promise<T>): Promise<T> {
+    v.calls.add(call);
+    const done = (): void => void v.calls.delete(call);
+    call.then(done, done);
+    return call;
   }
 
   private async connect(t: GlusterTarget, key: string, name: string): Promise<Volume> {
@@ -99,7 +97,7 @@ export class GlusterVolumes {
         result.errno === E.ENOENT ? `glusterd has no volume '${t.volume}' (or it is not started)` : result.errno === E.ENOTCONN ? `glusterd unreachable (ENOTCONN)` : errnoName(result.errno);
       throw new UsageError(`${name}: cannot connect to gluster volume '${t.volume}' at ${where}: ${why}`);
     }
-    return { key, fs, refs: 0 };
+    return { key, fs, refs: 0, calls: new Set() };
   }
 }
 
@@ -107,20 +105,18 @@ async function fini(fs: Ptr): Promise<void> {
   await callAsync<number>(gfapi().glfs_fini, fs).catch(() => undefined);
 }
 
-export class GlusterNode implements BlockNode {
-  private closed = false;
-  private dirty = false;
-  private readonly timeoutMs = remoteTimeoutMs();
-
+export class GlusterNode extends RemoteNode {
   private constructor(
-    readonly name: string,
+    name: string,
     private readonly volumes: GlusterVolumes,
     private readonly volume: Volume,
     private readonly fd: Ptr,
     private currentSize: number,
-    readonly readOnly: boolean,
-    private readonly ignoreFlush: boolean,
-  ) {}
+    readOnly: boolean,
+    ignoreFlush: boolean,
+  ) {
+    super(name, readOnly, ignoreFlush);
+  }
 
   static async open(spec: string, opts: { readOnly: boolean; ignoreFlush?: boolean }, volumes: GlusterVolumes): Promise<GlusterNode> {
     const t = parseGlusterSpec(spec);
@@ -176,18 +172,16 @@ export class GlusterNode implements BlockNode {
 
   /** One libgfapi call on a worker thread, bounded by the remote request timeout; -1 becomes IoError. */
   private async call(what: string, fn: keyof ReturnType<typeof gfapi>, ...args: unknown[]): Promise<number> {
-    if (this.closed) throw new IoError(`${this.name}: closed`);
-    const done = callAsync<number | bigint>(gfapi()[fn], this.fd, ...args);
-    const { ret, errno } = await withDeadline(done, this.timeoutMs, () => new IoError(`${this.name}: gluster ${what}: no answer within ${this.timeoutMs / 1000} s`, E.EIO));
+    this.checkOpen();
+    const done = GlusterVolumes.track(this.volume, callAsync<number | bigint>(gfapi()[fn], this.fd, ...args));
+    const { ret, errno } = await this.bounded(done, () => new IoError(`${this.name}: gluster ${what}: no answer within ${this.timeoutMs / 1000} s`, E.EIO));
     const n = Number(ret);
     if (n < 0) throw new IoError(`${this.name}: gluster ${what} failed: ${errnoName(errno)}`, errno || E.EIO);
     return n;
   }
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
-    const inside = Math.max(0, Math.min(dst.length, this.currentSize - offset));
-    if (inside < dst.length) dst.fill(0, inside);
-    await inParallel(pieces(offset, inside, PIECE), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, this.inside(offset, dst), PIECE), WINDOW, async ([o, n]) => {
       // Into a buffer of our own: a call that times out may still complete later.
       const buf = new Uint8Array(n);
       let done = 0;
@@ -224,8 +218,7 @@ export class GlusterNode implements BlockNode {
         else await this.call(`zerofill at ${offset}`, 'glfs_zerofill', offset, end - offset);
       } catch (err) {
         if (!(err instanceof IoError) || (err.errno !== E.EOPNOTSUPP && err.errno !== E.ENOSYS && err.errno !== E.EINVAL)) throw err;
-        const zeros = new Uint8Array(Math.min(end - offset, PIECE));
-        for (let o = offset; o < end; o += zeros.length) await this.write(o, zeros.subarray(0, Math.min(zeros.length, end - o)));
+        await this.writeZeros(offset, end - offset, PIECE);
       }
     }
     // Past the end the file grows, as a write of zeros would.
@@ -238,33 +231,12 @@ export class GlusterNode implements BlockNode {
     this.dirty = true;
   }
 
-  async flush(): Promise<void> {
-    if (this.readOnly || this.ignoreFlush || !this.dirty) return;
-    this.dirty = false;
-    try {
-      await this.call('fsync', 'glfs_fsync', null, null);
-    } catch (err) {
-      this.dirty = true;
-      throw err;
-    }
+  protected async sync(): Promise<void> {
+    await this.call('fsync', 'glfs_fsync', null, null);
   }
 
-  async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, kind: 'data' }];
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    try {
-      if (this.dirty && !this.readOnly) {
-        this.dirty = false;
-        // cache=unsafe skips flushes, but close still makes writes durable.
-        await this.call('fsync', 'glfs_fsync', null, null);
-      }
-    } finally {
-      this.closed = true;
-      await callAsync(gfapi().glfs_close, this.fd).catch(() => undefined);
-      await this.volumes.release(this.volume);
-    }
+  protected async disconnect(): Promise<void> {
+    await GlusterVolumes.track(this.volume, callAsync(gfapi().glfs_close, this.fd)).catch(() => undefined);
+    await this.volumes.release(this.volume);
   }
 }

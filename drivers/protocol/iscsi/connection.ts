@@ -19,6 +19,9 @@ export interface ConnectOptions {
   initiatorName: string;
   user?: string;
   password?: string;
+  /** Mutual CHAP: what the target must prove it knows. */
+  targetUser?: string;
+  targetPassword?: string;
   headerDigest: DigestChoice;
   /** Connect and login must finish within this time. */
   timeoutMs: number;
@@ -103,7 +106,7 @@ export class IscsiConnection {
       isid[0] = 0x80; // random qualifier format (RFC 7143 10.12.5)
       isid.set(crypto.randomBytes(5), 1);
       const cmdSN = crypto.randomBytes(4).readUInt32BE(0) >>> 8;
-      const login = new Login({ initiatorName: opts.initiatorName, targetName: opts.targetName, user: opts.user, password: opts.password, headerDigest: opts.headerDigest, isid, cmdSN });
+      const login = new Login({ initiatorName: opts.initiatorName, targetName: opts.targetName, user: opts.user, password: opts.password, targetUser: opts.targetUser, targetPassword: opts.targetPassword, headerDigest: opts.headerDigest, isid, cmdSN });
       const parser = new PduParser();
       const socket = net.connect({ host: opts.host, port: opts.port });
       socket.setNoDelay(true);

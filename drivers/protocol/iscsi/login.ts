@@ -1,5 +1,5 @@
 // The login phase (RFC 7143 section 6): security negotiation (None or CHAP with MD5,
-// RFC 1994) then operational negotiation, as a pure state machine: next() gives the
+// RFC 1994, one-way or mutual: RFC 7143 section 12.1.3) then operational negotiation, as a pure state machine: next() gives the
 // Login Request to send, answer() takes the target's Login Response.
 import crypto from 'node:crypto';
 import { decodeKeys, encodeKeys, newBhs, OP, setU32, u32, type Pdu } from './pdu.js';
@@ -11,6 +11,9 @@ export interface LoginParams {
   targetName: string;
   user?: string;
   password?: string;
+  /** Mutual CHAP: the name and secret the target must prove it knows (with user only). */
+  targetUser?: string;
+  targetPassword?: string;
   headerDigest: DigestChoice;
   isid: Uint8Array;
   cmdSN: number;
@@ -76,6 +79,15 @@ export function loginStatusText(cls: number, detail: number): string {
   return `status class ${cls} detail ${detail}`;
 }
 
+/** CHAP_R for an identifier, a secret and a challenge (RFC 1994: MD5 of the three). */
+function chapResponse(id: number, secret: string, challenge: Buffer): string {
+  const h = crypto.createHash('md5');
+  h.update(Buffer.from([id]));
+  h.update(Buffer.from(secret, 'utf8'));
+  h.update(challenge);
+  return `0x${h.digest('hex')}`;
+}
+
 export class Login {
   private stage: number = STAGE.SECURITY;
   private step: 'start' | 'chap-a' | 'chap-r' | 'transit' | 'operational' | 'done' = 'start';
@@ -83,6 +95,9 @@ export class Login {
   private expStatSN = 0;
   private readonly itt = 0;
   private chap: { id: number; challenge: Buffer } | undefined;
+  /** Mutual CHAP: the identifier and challenge we sent the target, until it answers them. */
+  private ours: { id: number; challenge: Buffer } | undefined;
+  private targetProven = false;
   private readonly got = new Map<string, string>();
   private result: Negotiated | undefined;
 
@@ -114,14 +129,18 @@ export class Login {
       keys = [['CHAP_A', '5']];
     } else if (this.step === 'chap-r') {
       const c = this.chap!;
-      const h = crypto.createHash('md5');
-      h.update(Buffer.from([c.id]));
-      h.update(Buffer.from(p.password ?? '', 'utf8'));
-      h.update(c.challenge);
       keys = [
         ['CHAP_N', p.user ?? ''],
-        ['CHAP_R', `0x${h.digest('hex')}`],
+        ['CHAP_R', chapResponse(c.id, p.password ?? '', c.challenge)],
       ];
+      if (p.targetUser !== undefined) {
+        // A challenge of our own, never the target's (RFC 7143 12.1.3: no reflection).
+        let challenge: Buffer;
+        do challenge = crypto.randomBytes(16);
+        while (challenge.equals(c.challenge));
+        this.ours = { id: crypto.randomInt(256), challenge };
+        keys.push(['CHAP_I', String(this.ours.id)], ['CHAP_C', `0x${challenge.toString('hex')}`]);
+      }
       transit = true;
       nsg = STAGE.OPERATIONAL;
     } else if (this.step === 'transit') {
@@ -201,7 +220,20 @@ export class Login {
         this.step = 'chap-r';
         return;
       }
+      if (this.ours) {
+        // The answer to our CHAP_R carries the target's proof: its name and response.
+        const o = this.ours;
+        this.ours = undefined;
+        const name = keys.get('CHAP_N');
+        const r = keys.get('CHAP_R');
+        if (name === undefined || r === undefined) throw new LoginRefused(2, 1, 'the target did not answer our CHAP challenge (mutual CHAP: is an outgoing account bound to the target?)');
+        if (name !== this.p.targetUser || r.toLowerCase() !== chapResponse(o.id, this.p.targetPassword ?? '', o.challenge)) {
+          throw new LoginRefused(2, 1, 'the target failed mutual CHAP (wrong target user or secret)');
+        }
+        this.targetProven = true;
+      }
       if (transit && nsg === STAGE.OPERATIONAL) {
+        if (this.p.targetUser !== undefined && !this.targetProven) throw new LoginRefused(2, 1, 'the target did not authenticate itself (mutual CHAP asked for)');
         this.stage = STAGE.OPERATIONAL;
         this.step = 'operational';
         return;

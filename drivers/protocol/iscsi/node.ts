@@ -3,10 +3,11 @@
 // (type 5, 2048-byte blocks) are read-only and read with READ(10)/(12). Large requests
 // are split at the LUN's block limits and kept in flight together. A dropped
 // connection is logged in again and the commands it took are sent again.
-import type { BlockNode, CacheMode, Extent } from '../../types.js';
+import type { CacheMode } from '../../types.js';
 import { IoError, ReadOnlyError, TsmountError, UsageError } from '../../errors.js';
 import { constants as osc } from 'node:os';
 import { inParallel, pieces } from '../parallel.js';
+import { Reconnect, RemoteNode, remoteLog, withDeadline } from '../remote-node.js';
 import { ConnectionLost, IscsiConnection, type ConnectOptions, type TaskRequest, type TaskResult } from './connection.js';
 import * as scsi from './scsi.js';
 import { loginSettings, parseIscsiSpec, redact } from './uri.js';
@@ -34,23 +35,19 @@ const WINDOW = 8;
 /** Sizes we believe: a block of 512 B to 64 KiB; the LUN under 2^53 bytes. */
 const MAX_BLOCK = 65536;
 
-const defaultLog = (msg: string): void => void process.stderr.write(`tsmount: ${msg}\n`);
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-export class IscsiNode implements BlockNode {
+export class IscsiNode extends RemoteNode {
   private conn: IscsiConnection | undefined;
-  private reconnecting: Promise<IscsiConnection> | undefined;
+  private readonly reconnecting = new Reconnect<IscsiConnection>();
   private rwSize: 10 | 16 = 16;
   private writeSame = true;
-  private dirty = false;
-  private closed = false;
   readonly size: number;
-  readonly readOnly: boolean;
   readonly isCdrom: boolean;
   private readonly piece: number;
 
   private constructor(
-    readonly name: string,
+    name: string,
     private readonly lun: number,
     private readonly connectOpts: ConnectOptions,
     private readonly reconnectForMs: number,
@@ -62,10 +59,11 @@ export class IscsiNode implements BlockNode {
     private readonly limits: scsi.BlockLimits,
     private readonly provisioning: scsi.Provisioning | undefined,
   ) {
+    const isCdrom = deviceType === scsi.DEVICE_TYPE.CDROM;
+    super(name, readOnly || isCdrom);
+    this.isCdrom = isCdrom;
     this.conn = conn;
     this.size = blocks * blockSize;
-    this.isCdrom = deviceType === scsi.DEVICE_TYPE.CDROM;
-    this.readOnly = readOnly || this.isCdrom;
     const byLimits = limits.maxTransfer > 0 ? limits.maxTransfer * blockSize : MAX_REQUEST;
     // READ(10) carries at most 65535 blocks.
     const lim = Math.min(MAX_REQUEST, byLimits, 65535 * blockSize);
@@ -92,18 +90,20 @@ export class IscsiNode implements BlockNode {
       initiatorName: login.initiatorName,
       user: login.user,
       password: login.password,
+      targetUser: login.targetUser,
+      targetPassword: login.targetPassword,
       headerDigest: login.headerDigest,
       timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       taskTimeoutMs: TASK_TIMEOUT_MS,
       name,
-      log: opts.log ?? defaultLog,
+      log: opts.log ?? remoteLog,
     };
     const conn = await IscsiConnection.connect(connectOpts);
     try {
       // A command on a fresh session: retried past unit attentions, failing fast otherwise.
       const once = async (req: TaskRequest, what: string): Promise<TaskResult> => {
         for (let i = 0; ; i++) {
-          const r = await withTimeout(conn.command(req), connectOpts.timeoutMs, `${name}: no answer to ${what}`);
+          const r = await withDeadline(conn.command(req), connectOpts.timeoutMs, () => new IoError(`${name}: no answer to ${what}`, E.ETIMEDOUT));
           const sense = r.status === scsi.STATUS.CHECK_CONDITION ? scsi.parseSense(r.senseData) : undefined;
           if (r.status === scsi.STATUS.GOOD) return r;
           if (i < 8 && (r.status === scsi.STATUS.BUSY || (sense && scsi.senseRetryable(sense)))) continue;
@@ -173,8 +173,7 @@ export class IscsiNode implements BlockNode {
   }
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
-    const inside = Math.max(0, Math.min(dst.length, this.size - offset));
-    if (inside < dst.length) dst.fill(0, inside);
+    const inside = this.inside(offset, dst);
     this.aligned(offset, inside);
     await inParallel(pieces(offset, inside, this.piece), WINDOW, async ([o, n]) => {
       const part = dst.subarray(o - offset, o - offset + n);
@@ -225,35 +224,21 @@ export class IscsiNode implements BlockNode {
         this.writeSame = false;
       }
     }
-    const zeros = new Uint8Array(Math.min(length, this.piece));
-    for (let done = 0; done < length; done += zeros.length) await this.write(offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)));
+    await this.writeZeros(offset, length, this.piece);
   }
 
-  async flush(): Promise<void> {
-    if (this.readOnly || !this.dirty) return;
-    this.dirty = false;
+  protected async sync(): Promise<void> {
     try {
       await this.run({ lun: this.lun, cdb: scsi.synchronizeCache(10) }, 'SYNCHRONIZE CACHE', 0);
     } catch (err) {
-      if (err instanceof TsmountError && err.errno === E.ENOTSUP) return;
-      this.dirty = true;
-      throw err;
+      // A LUN without a cache to synchronize.
+      if (!(err instanceof TsmountError && err.errno === E.ENOTSUP)) throw err;
     }
   }
 
-  async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, kind: 'data' }];
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    try {
-      await this.flush();
-    } finally {
-      this.closed = true;
-      await this.reconnecting?.catch(() => undefined);
-      await this.conn?.close();
-    }
+  protected async disconnect(): Promise<void> {
+    await this.reconnecting.settled();
+    await this.conn?.close();
   }
 
   private writable(): void {
@@ -299,7 +284,7 @@ export class IscsiNode implements BlockNode {
       if (this.closed && !this.conn?.alive) throw new IoError(`${this.name}: closed`);
       let r: TaskResult;
       try {
-        const conn = await this.connection(lostAt);
+        const conn = await this.connection();
         r = await conn.command(req);
       } catch (err) {
         if (!(err instanceof ConnectionLost)) throw err;
@@ -335,10 +320,10 @@ export class IscsiNode implements BlockNode {
   }
 
   /** The live connection, or a new session in place of a dead one (tried every 500 ms). */
-  private async connection(lostAt: number | undefined): Promise<IscsiConnection> {
+  private async connection(): Promise<IscsiConnection> {
     if (this.conn?.alive) return this.conn;
-    if (this.closed) throw new IoError(`${this.name}: closed`);
-    this.reconnecting ??= (async () => {
+    this.checkOpen();
+    return this.reconnecting.run(async () => {
       try {
         const c = await IscsiConnection.connect(this.connectOpts);
         const size = await this.capacityOn(c).catch(async (err: unknown) => {
@@ -357,12 +342,8 @@ export class IscsiNode implements BlockNode {
         if (err instanceof ConnectionLost || !(err instanceof TsmountError)) throw err;
         // A refused login (the target not back yet) is tried again; a changed LUN is not.
         throw /not logging in again/.test(err.message) ? err : new ConnectionLost(err.message);
-      } finally {
-        this.reconnecting = undefined;
       }
-    })();
-    void lostAt;
-    return this.reconnecting;
+    });
   }
 }
 
@@ -375,9 +356,4 @@ function commandError(name: string, what: string, lun: number, status: number, s
   }
   const s = status === scsi.STATUS.RESERVATION_CONFLICT ? 'reservation conflict' : `SCSI status 0x${status.toString(16)}`;
   return new IoError(`${name}: ${what}: ${s}`, status === scsi.STATUS.RESERVATION_CONFLICT ? E.EBUSY : E.EIO);
-}
-
-function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> {
-  let timer: NodeJS.Timeout;
-  return Promise.race([p, new Promise<T>((_, reject) => (timer = setTimeout(() => reject(new IoError(message, E.ETIMEDOUT)), ms)))]).finally(() => clearTimeout(timer));
 }

@@ -1,11 +1,13 @@
 // iSCSI image names and options, as QEMU takes them (qemu-block-drivers(7), "iSCSI LUNs"):
 //   iscsi://[user[%password]@]host[:port]/target-iqn/lun       (port 3260 by default)
-// credentials also from LIBISCSI_CHAP_USERNAME / LIBISCSI_CHAP_PASSWORD; `--iscsi
+// credentials also from LIBISCSI_CHAP_USERNAME / LIBISCSI_CHAP_PASSWORD, and for mutual
+// CHAP (the target proves itself too) LIBISCSI_CHAP_TARGET_USERNAME / _PASSWORD; `--iscsi
 // key=value,...` and `--readconfig FILE` ([iscsi] and [iscsi "iqn..."] sections) give
 // user, password, initiator-name and header-digest. Set once per process by the CLI.
 import fs from 'node:fs';
 import { UsageError } from '../../errors.js';
 import { parseOptionString } from '../../options.js';
+import type { QemuObjects } from '../../objects.js';
 import type { DigestChoice } from './login.js';
 
 export const ISCSI_DEFAULT_PORT = 3260;
@@ -158,7 +160,7 @@ export function configureIscsi(opts: { iscsi?: string[]; readconfig?: string[] }
  * user, initiator-name, header-digest, timeout) -> the iscsi:// URL; the login settings
  * they give are kept for that target, as a `[iscsi "iqn"]` section of --readconfig would.
  */
-export function iscsiSpecFromOptions(take: (k: string) => string | undefined): string {
+export function iscsiSpecFromOptions(take: (k: string) => string | undefined, objects: QemuObjects = new Map()): string {
   const transport = take('transport') ?? 'tcp';
   if (transport !== 'tcp') throw new UsageError(`--image-opts: iSCSI transport '${transport}' is not supported (only tcp)`);
   const portal = take('portal');
@@ -166,8 +168,16 @@ export function iscsiSpecFromOptions(take: (k: string) => string | undefined): s
   if (!portal || !target) throw new UsageError(`--image-opts: iscsi needs portal=HOST[:PORT] and target=IQN`);
   const lun = take('lun') ?? '0';
   const user = take('user');
-  if (take('password-secret') !== undefined) throw new UsageError(`--image-opts: iscsi password-secret needs a secret object, which tsmount does not take: give the password in LIBISCSI_CHAP_PASSWORD or --iscsi password=`);
   const entries: [string, string][] = [];
+  const secretId = take('password-secret');
+  if (secretId !== undefined) {
+    // QEMU's password-secret: the CHAP password from a secret object, for this user.
+    const o = objects.get(secretId);
+    if (!o) throw new UsageError(`--image-opts: iscsi password-secret=${secretId}: no --object with id '${secretId}'`);
+    if (o.type !== 'secret') throw new UsageError(`--image-opts: iscsi password-secret=${secretId}: '${secretId}' is not a secret object`);
+    if (user === undefined) throw new UsageError(`--image-opts: iscsi password-secret needs user=`);
+    entries.push(['user', user], ['password', o.data]);
+  }
   for (const k of ['initiator-name', 'header-digest', 'timeout']) {
     const v = take(k);
     if (v !== undefined) entries.push([k, v]);
@@ -184,6 +194,9 @@ export const DEFAULT_INITIATOR_NAME = 'iqn.2008-11.org.linux-kvm';
 export interface ResolvedLogin {
   user?: string;
   password?: string;
+  /** Mutual CHAP (libiscsi's LIBISCSI_CHAP_TARGET_*): the target proves it knows these. */
+  targetUser?: string;
+  targetPassword?: string;
   initiatorName: string;
   headerDigest: DigestChoice;
 }
@@ -205,7 +218,15 @@ export function loginSettings(t: IscsiTarget, env: NodeJS.ProcessEnv = process.e
     user = o.user;
     password = o.password;
   }
-  return { user, password: user !== undefined ? (password ?? '') : undefined, initiatorName: o.initiatorName ?? DEFAULT_INITIATOR_NAME, headerDigest: o.headerDigest ?? 'NONE-CRC32C' };
+  // The target authenticates itself only inside a CHAP exchange the initiator started.
+  const targetUser = user !== undefined ? env.LIBISCSI_CHAP_TARGET_USERNAME || undefined : undefined;
+  return {
+    user,
+    password: user !== undefined ? (password ?? '') : undefined,
+    ...(targetUser !== undefined ? { targetUser, targetPassword: env.LIBISCSI_CHAP_TARGET_PASSWORD ?? '' } : {}),
+    initiatorName: o.initiatorName ?? DEFAULT_INITIATOR_NAME,
+    headerDigest: o.headerDigest ?? 'NONE-CRC32C',
+  };
 }
 
 function definedOnly(s: IscsiSettings): IscsiSettings {

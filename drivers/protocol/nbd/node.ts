@@ -10,7 +10,7 @@ import type { ExportInfo } from './handshake.js';
 import { parseNbdSpec, type NbdTarget } from './uri.js';
 import { inParallel, pieces } from '../parallel.js';
 import { loadTls } from './tls.js';
-import { remoteTimeoutMs } from '../remote.js';
+import { Reconnect, RemoteNode, remoteLog, remoteTimeoutMs } from '../remote-node.js';
 import type { NbdCommand } from './constants.js';
 
 export interface NbdOpenOptions {
@@ -37,11 +37,9 @@ const RECONNECT_BACKOFF_MS = 1000;
 
 const debug = createDebug('tsmount:nbd');
 
-const defaultLog = (msg: string): void => void process.stderr.write(`tsmount: ${msg}\n`);
-
 interface Slot {
   conn: NbdConnection | undefined;
-  reconnecting: Promise<NbdConnection> | undefined;
+  reconnect: Reconnect<NbdConnection>;
   failedAt: number;
 }
 
@@ -58,24 +56,23 @@ async function connectWithin(opts: ConnectOptions, ms: number): Promise<NbdConne
   }
 }
 
-export class NbdNode implements BlockNode {
+export class NbdNode extends RemoteNode {
   private readonly slots: Slot[];
-  private dirty = false;
-  private closed = false;
   private readonly useFua: boolean;
   private readonly contextId: number | undefined;
   private readonly piece: number;
 
   private constructor(
-    readonly name: string,
+    name: string,
     private readonly info: ExportInfo,
     conns: NbdConnection[],
-    readonly readOnly: boolean,
+    readOnly: boolean,
     cache: CacheMode,
     private readonly connectOpts: ConnectOptions,
     private readonly reconnectDelayMs = 0,
   ) {
-    this.slots = conns.map((conn) => ({ conn, reconnecting: undefined, failedAt: 0 }));
+    super(name, readOnly);
+    this.slots = conns.map((conn) => ({ conn, reconnect: new Reconnect<NbdConnection>(), failedAt: 0 }));
     // Writethrough modes flush after every write; FUA makes each write durable by itself.
     this.useFua = (cache === 'writethrough' || cache === 'directsync') && !!(info.flags & NBD_FLAG.SEND_FUA);
     this.contextId = info.metaContexts.get(BASE_ALLOCATION);
@@ -100,7 +97,7 @@ export class NbdNode implements BlockNode {
       metaContexts: [BASE_ALLOCATION],
       timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       name,
-      log: opts.log ?? defaultLog,
+      log: opts.log ?? remoteLog,
       // Read once: every connection, and every reconnect, does STARTTLS with these.
       tls: target.tls ? await loadTls(target.tls, target.address, name) : undefined,
       requestTimeoutMs: remoteTimeoutMs(),
@@ -145,16 +142,12 @@ export class NbdNode implements BlockNode {
   }
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
-    // Past the export's end (raw rounds sizes up to 512) reads as zeros, as for files.
-    const inside = Math.max(0, Math.min(dst.length, this.size - offset));
-    if (inside < dst.length) dst.fill(0, inside);
-    await inParallel(pieces(offset, inside, this.piece), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, this.inside(offset, dst), this.piece), WINDOW, async ([o, n]) => {
       await this.send(NBD_CMD.READ, 0, o, n, { dst: dst.subarray(o - offset, o - offset + n) });
     });
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
-    this.writable();
     if (!this.useFua) this.dirty = true;
     const flags = this.useFua ? NBD_CMD_FLAG.FUA : 0;
     await inParallel(pieces(offset, src.length, this.piece), WINDOW, async ([o, n]) => {
@@ -163,14 +156,7 @@ export class NbdNode implements BlockNode {
   }
 
   async zero(offset: number, length: number, unmap: boolean): Promise<void> {
-    this.writable();
-    if (!(this.info.flags & NBD_FLAG.SEND_WRITE_ZEROES)) {
-      const zeros = new Uint8Array(Math.min(length, this.piece));
-      for (let done = 0; done < length; done += zeros.length) {
-        await this.write(offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)));
-      }
-      return;
-    }
+    if (!(this.info.flags & NBD_FLAG.SEND_WRITE_ZEROES)) return this.writeZeros(offset, length, this.piece);
     if (!this.useFua) this.dirty = true;
     // NO_HOLE keeps the range allocated unless the caller lets the server unmap.
     const flags = (unmap ? 0 : NBD_CMD_FLAG.NO_HOLE) | (this.useFua ? NBD_CMD_FLAG.FUA : 0);
@@ -181,7 +167,6 @@ export class NbdNode implements BlockNode {
 
   /** NBD_CMD_TRIM: the server may drop the range (reads then return anything). */
   async discard(offset: number, length: number): Promise<void> {
-    this.writable();
     if (!(this.info.flags & NBD_FLAG.SEND_TRIM)) return;
     this.dirty = true;
     await inParallel(pieces(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
@@ -189,17 +174,11 @@ export class NbdNode implements BlockNode {
     });
   }
 
-  async flush(): Promise<void> {
-    if (this.readOnly || !this.dirty || !(this.info.flags & NBD_FLAG.SEND_FLUSH)) return;
-    this.dirty = false;
-    try {
-      // With multi-conn, a flush on one connection covers writes completed on all of them
-      // (proto.md, NBD_FLAG_CAN_MULTI_CONN); without it there is only one connection.
-      await this.send(NBD_CMD.FLUSH, 0, 0, 0);
-    } catch (err) {
-      this.dirty = true;
-      throw err;
-    }
+  protected async sync(): Promise<void> {
+    if (!(this.info.flags & NBD_FLAG.SEND_FLUSH)) return;
+    // With multi-conn, a flush on one connection covers writes completed on all of them
+    // (proto.md, NBD_FLAG_CAN_MULTI_CONN); without it there is only one connection.
+    await this.send(NBD_CMD.FLUSH, 0, 0, 0);
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -230,20 +209,11 @@ export class NbdNode implements BlockNode {
     return out;
   }
 
-  async close(): Promise<void> {
-    if (this.closed) return;
-    try {
-      await this.flush();
-    } finally {
-      this.closed = true;
-      await Promise.allSettled(this.slots.map(async (s) => {
-        if (s.reconnecting) await s.reconnecting.catch(() => undefined);
-        await s.conn?.close();
-      }));
-    }
-  }
-
-  private writable(): void {
+  protected async disconnect(): Promise<void> {
+    await Promise.allSettled(this.slots.map(async (s) => {
+      await s.reconnect.settled();
+      await s.conn?.close();
+    }));
   }
 
   private alignedLimit(): number {
@@ -281,7 +251,7 @@ export class NbdNode implements BlockNode {
 
   /** The live connection with the fewest requests in flight; reconnects a dead one. */
   private async pick(): Promise<NbdConnection> {
-    if (this.closed) throw new IoError(`${this.name}: closed`);
+    this.checkOpen();
     let best: NbdConnection | undefined;
     for (const s of this.slots) if (s.conn?.alive && (!best || s.conn.inFlight < best.inFlight)) best = s.conn;
     if (best) return best;
@@ -294,10 +264,9 @@ export class NbdNode implements BlockNode {
    * only if the server still offers the same export.
    */
   private reconnect(slot: Slot): Promise<NbdConnection> {
-    if (slot.reconnecting) return slot.reconnecting;
-    if (Date.now() - slot.failedAt < RECONNECT_BACKOFF_MS) return Promise.reject(new IoError(`${this.name}: the NBD server is unreachable`));
     const log = this.connectOpts.log;
-    slot.reconnecting = (async () => {
+    return slot.reconnect.run(async () => {
+      if (Date.now() - slot.failedAt < RECONNECT_BACKOFF_MS) throw new IoError(`${this.name}: the NBD server is unreachable`);
       debug('%s: connection lost; reconnecting', this.name);
       try {
         const c = await NbdConnection.connect(this.connectOpts);
@@ -312,10 +281,7 @@ export class NbdNode implements BlockNode {
         slot.failedAt = Date.now();
         log(`${this.name}: reconnecting failed: ${err instanceof Error ? err.message : String(err)}`);
         throw err instanceof IoError ? err : new IoError(`${this.name}: the NBD server is unreachable`);
-      } finally {
-        slot.reconnecting = undefined;
       }
-    })();
-    return slot.reconnecting;
+    });
   }
 }

@@ -4,7 +4,7 @@
 // with EIO and the connection is dead.
 import net from 'node:net';
 import { IoError, RefusedError } from '../../errors.js';
-import { remoteTimeoutMs, withDeadline } from '../remote.js';
+import { remoteTimeoutMs, withDeadline } from '../remote-node.js';
 import { decodeResponse, encodeRequest, MessageParser, SD_HEADER_SIZE, type Request, type Response, type SheepdogTarget } from './proto.js';
 
 /** The largest response a request may get: what it asked to read. */

@@ -1,14 +1,15 @@
 // A Sheepdog VDI as a protocol node, as QEMU's block/sheepdog.c drives it: look the
-// VDI up (locked when opened read-write), read its inode (the header and the
+// VDI up and lock it (sd_open locks whether or not it writes), read its inode (the header and the
 // data_vdi_id table, one entry per object), then read and write objects. An object
 // the table gives to another VDI (a parent snapshot) is copied on write: created in
 // this VDI with SD_FLAG_CMD_COW from the parent's object, and the table entry written
 // back to the inode. Snapshots and clones are new VDIs made by SD_OP_NEW_VDI.
-import type { BlockNode, Extent, SnapshotControl } from '../../types.js';
+import type { Extent, SnapshotControl } from '../../types.js';
 import { MAX_NODE_SIZE } from '../../types.js';
 import { IoError, LockedError, ProtocolError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
 import { Mutex } from '../../util/mutex.js';
 import { SheepConnection } from './client.js';
+import { RemoteNode } from '../remote-node.js';
 import {
   decodeInodeHeader,
   encodeInodeHeader,
@@ -108,39 +109,40 @@ async function readInode(conn: SheepConnection, spec: string, vid: number, flags
   return { header, objectSize, table };
 }
 
-export class SheepdogNode implements BlockNode {
+export class SheepdogNode extends RemoteNode {
   private readonly allocation = new Mutex();
-  private closed = false;
 
   private constructor(
-    readonly name: string,
+    name: string,
     private readonly target: SheepdogTarget,
     private readonly conn: SheepConnection,
     private header: InodeHeader,
     private readonly objectSize: number,
     private readonly table: Uint32Array,
-    readonly readOnly: boolean,
-    private readonly locked: boolean,
+    readOnly: boolean,
+    /** The vid this node locked (a snapshot taken later moves the node to another). */
+    private readonly lockedVid: number,
     private readonly cacheFlags: number,
-    private readonly ignoreFlush: boolean,
-  ) {}
+    ignoreFlush: boolean,
+  ) {
+    super(name, readOnly, ignoreFlush);
+  }
 
   static async open(spec: string, opts: SheepdogOpenOptions): Promise<SheepdogNode> {
     const t = parseSheepdogUri(spec);
     const snapshot = t.tag !== '' || t.snapId !== 0;
     if (snapshot && !opts.readOnly) throw new ReadOnlyError(`${spec}: a snapshot is read-only; clone it to write (tsimg create -b ${spec} sheepdog:///NEW)`);
     const conn = await SheepConnection.connect(t, spec);
-    let locked = false;
+    let vid = 0;
     try {
-      // QEMU's sd_open locks the VDI; read-only opens here only look it up, so a
-      // mounted VDI can still be inspected (tsimg info) while it is in use.
-      const vid = await lookup(conn, spec, t, !opts.readOnly);
-      locked = !opts.readOnly;
+      // As QEMU's sd_open (find_vdi_name with lock set): read-only opens lock too, so
+      // a VDI in use by another client is refused whether we would write or not.
+      vid = await lookup(conn, spec, t, true);
       const cacheFlags = opts.direct ? SD_FLAG_CMD_DIRECT : SD_FLAG_CMD_CACHE;
       const { header, objectSize, table } = await readInode(conn, spec, vid, cacheFlags);
-      return new SheepdogNode(spec, t, conn, header, objectSize, table, opts.readOnly, locked, cacheFlags, !!opts.ignoreFlush);
+      return new SheepdogNode(spec, t, conn, header, objectSize, table, opts.readOnly, vid, cacheFlags, !!opts.ignoreFlush);
     } catch (err) {
-      if (locked) await release(conn, t.vdi).catch(() => undefined);
+      if (vid) await release(conn, t.vdi, vid).catch(() => undefined);
       conn.close();
       throw err;
     }
@@ -183,6 +185,7 @@ export class SheepdogNode implements BlockNode {
   }
 
   async write(offset: number, src: Uint8Array): Promise<void> {
+    this.dirty = true;
     await Promise.all([...this.pieces(offset, src.length)].map(({ idx, at, len, done }) => this.writePiece(idx, at, src.subarray(done, done + len))));
   }
 
@@ -203,8 +206,9 @@ export class SheepdogNode implements BlockNode {
     });
   }
 
-  async flush(): Promise<void> {
-    if (this.readOnly || this.ignoreFlush || this.cacheFlags !== SD_FLAG_CMD_CACHE) return;
+  /** SD_OP_FLUSH_VDI writes the sheep's object cache back; with cache=none (direct) there is none. */
+  protected async sync(): Promise<void> {
+    if (this.cacheFlags !== SD_FLAG_CMD_CACHE) return;
     const { rsp } = await this.conn.request({ opcode: SD_OP_FLUSH_VDI, oid: vidToVdiOid(this.header.vdiId) });
     if (rsp.result !== SD_RES_SUCCESS) throw new IoError(`${this.name}: flush failed: ${resultText(rsp.result)}`);
   }
@@ -228,6 +232,7 @@ export class SheepdogNode implements BlockNode {
     if (size === this.size) return;
     if (Math.ceil(size / this.objectSize) > this.table.length) throw new UsageError(`${this.name}: growing past the objects the VDI was opened with needs a reopen`);
     const header = { ...this.header, vdiSize: size };
+    this.dirty = true;
     await writeObject(this.conn, this.name, vidToVdiOid(header.vdiId), 0, encodeInodeHeader(header), { flags: this.cacheFlags, copies: header.nrCopies, copyPolicy: header.copyPolicy });
     this.header = header;
   }
@@ -252,17 +257,15 @@ export class SheepdogNode implements BlockNode {
     const tagged = { ...this.header, tag };
     const common = { flags: this.cacheFlags, copies: tagged.nrCopies, copyPolicy: tagged.copyPolicy };
     await writeObject(this.conn, this.name, vidToVdiOid(tagged.vdiId), 0, encodeInodeHeader(tagged), common);
+    this.dirty = true;
     const vid = await newVdi(this.conn, this.name, { name: tagged.name, size: tagged.vdiSize, baseVdiId: tagged.vdiId, snapshot: true, copies: tagged.nrCopies, copyPolicy: tagged.copyPolicy, blockSizeShift: tagged.blockSizeShift });
     const { header } = await readInode(this.conn, this.name, vid, this.cacheFlags);
     this.header = header;
   }
 
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
+  protected async disconnect(): Promise<void> {
     try {
-      if (!this.readOnly) await this.flush();
-      if (this.locked) await release(this.conn, this.target.vdi, this.header.vdiId);
+      await release(this.conn, this.target.vdi, this.lockedVid);
     } finally {
       this.conn.close();
     }

@@ -5,12 +5,11 @@
 // requests that are all kept in flight, so throughput is not one round trip per request.
 import { Client, type ServerHostKeyAlgorithm, type SFTPWrapper } from 'ssh2';
 import { constants as osc } from 'node:os';
-import type { BlockNode, Extent } from '../../types.js';
 import { IoError, UsageError } from '../../errors.js';
 import { checkHostKey, parseHostKeyCheck, preferredAlgorithms } from './hostkey.js';
 import { formatSshUri, parseSshSpec, type SshTarget } from './uri.js';
 import { inParallel, pieces } from '../parallel.js';
-import { remoteTimeoutMs, withDeadline } from '../remote.js';
+import { Reconnect, RemoteNode, remoteTimeoutMs, SharedConnections, withDeadline } from '../remote-node.js';
 
 const E = osc.errno;
 
@@ -62,36 +61,17 @@ interface Session {
  * Owned by the ssh protocol driver (one per registry), not module state.
  */
 export class SshSessions {
-  private readonly sessions = new Map<string, Promise<Session>>();
+  private readonly sessions = new SharedConnections<Session>();
 
   constructor(private readonly log: (msg: string) => void = defaultLog) {}
 
-  async acquire(t: SshTarget, name: string): Promise<Session> {
+  acquire(t: SshTarget, name: string): Promise<Session> {
     const key = `${t.user}@${t.host}:${t.port}?${t.hostKeyCheck}`;
-    let p = this.sessions.get(key);
-    if (p) {
-      const s = await p.catch(() => undefined);
-      if (s && !s.dead) {
-        s.refs++;
-        return s;
-      }
-      if (this.sessions.get(key) === p) this.sessions.delete(key);
-    }
-    p = this.connect(t, key, name);
-    this.sessions.set(key, p);
-    p.catch(() => {
-      if (this.sessions.get(key) === p) this.sessions.delete(key);
-    });
-    const s = await p;
-    s.refs++;
-    return s;
+    return this.sessions.acquire(key, () => this.connect(t, key, name), (s) => !s.dead);
   }
 
   release(s: Session): void {
-    if (--s.refs > 0) return;
-    // A dead session's entry may already be its successor's.
-    if (!s.dead) this.sessions.delete(s.key);
-    s.client.end();
+    this.sessions.release(s.key, s, () => s.client.end());
   }
 
   /** Take a session for dead (a request went unanswered): it is closed, and the next acquire connects anew. */
@@ -177,23 +157,21 @@ function call<T>(fn: (cb: (err: Error | null | undefined, v: T) => void) => void
 }
 
 
-export class SshNode implements BlockNode {
-  private closed = false;
-  private dirty = false;
-  private readonly timeoutMs = remoteTimeoutMs();
-  /** The reconnect in progress, shared by the requests that found the session dead. */
-  private reopening: Promise<void> | undefined;
+export class SshNode extends RemoteNode {
+  private readonly reopening = new Reconnect<void>();
 
   private constructor(
-    readonly name: string,
+    name: string,
     private readonly target: SshTarget,
     private readonly sessions: SshSessions,
     private session: Session,
     private handle: Buffer,
     private currentSize: number,
-    readonly readOnly: boolean,
-    private readonly ignoreFlush: boolean,
-  ) {}
+    readOnly: boolean,
+    ignoreFlush: boolean,
+  ) {
+    super(name, readOnly, ignoreFlush);
+  }
 
   static async open(spec: string, opts: { readOnly: boolean; ignoreFlush?: boolean }, sessions: SshSessions): Promise<SshNode> {
     const t = parseSshSpec(spec);
@@ -235,11 +213,11 @@ export class SshNode implements BlockNode {
    */
   private async request<T>(what: string, fn: (sftp: SFTPWrapper, handle: Buffer) => Promise<T>): Promise<T> {
     for (let attempt = 0; ; attempt++) {
-      if (this.closed) throw new IoError(`${this.name}: closed`);
+      this.checkOpen();
       if (this.session.dead) await this.reopen();
       const s = this.session;
       try {
-        return await withDeadline(fn(s.sftp, this.handle), this.timeoutMs, () => {
+        return await this.bounded(fn(s.sftp, this.handle), () => {
           this.sessions.abandon(s, `SFTP ${what}: no answer within ${this.timeoutMs / 1000} s`);
           return new IoError(`${this.name}: SFTP ${what}: no answer from the server within ${this.timeoutMs / 1000} s`, E.EIO);
         });
@@ -251,22 +229,17 @@ export class SshNode implements BlockNode {
   }
 
   private reopen(): Promise<void> {
-    this.reopening ??= (async () => {
+    return this.reopening.run(async () => {
       const old = this.session;
-      try {
-        const { session, handle, size } = await SshNode.openHandle(this.name, this.target, this.readOnly, this.sessions);
-        if (size !== this.currentSize && this.readOnly) {
-          this.sessions.release(session);
-          throw new IoError(`${this.name}: the file changed size while disconnected; not reconnecting`);
-        }
-        this.session = session;
-        this.handle = handle;
-        this.sessions.release(old);
-      } finally {
-        this.reopening = undefined;
+      const { session, handle, size } = await SshNode.openHandle(this.name, this.target, this.readOnly, this.sessions);
+      if (size !== this.currentSize && this.readOnly) {
+        this.sessions.release(session);
+        throw new IoError(`${this.name}: the file changed size while disconnected; not reconnecting`);
       }
-    })();
-    return this.reopening;
+      this.session = session;
+      this.handle = handle;
+      this.sessions.release(old);
+    });
   }
 
   /** Make an empty file on the server (tsimg create); fails if the server refuses. */
@@ -305,9 +278,7 @@ export class SshNode implements BlockNode {
 
   async read(offset: number, dst: Uint8Array): Promise<void> {
     const buf = Buffer.from(dst.buffer, dst.byteOffset, dst.byteLength);
-    const inside = Math.max(0, Math.min(dst.length, this.currentSize - offset));
-    if (inside < dst.length) buf.fill(0, inside);
-    await inParallel(pieces(offset, inside, SFTP_PIECE), WINDOW, async ([o, n]) => {
+    await inParallel(pieces(offset, this.inside(offset, dst), SFTP_PIECE), WINDOW, async ([o, n]) => {
       let done = 0;
       while (done < n) {
         const at = o - offset + done;
@@ -337,11 +308,8 @@ export class SshNode implements BlockNode {
   }
 
   async zero(offset: number, length: number): Promise<void> {
-    // SFTP has no way to zero or punch a range: write zeros.
-    const zeros = new Uint8Array(Math.min(length, 1 << 20));
-    for (let done = 0; done < length; done += zeros.length) {
-      await this.write(offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)));
-    }
+    // SFTP has no way to zero or punch a range.
+    await this.writeZeros(offset, length, 1 << 20);
   }
 
   async truncate(size: number): Promise<void> {
@@ -350,47 +318,21 @@ export class SshNode implements BlockNode {
     this.dirty = true;
   }
 
-  async flush(): Promise<void> {
-    if (this.readOnly || this.ignoreFlush || !this.dirty) return;
+  protected async sync(): Promise<void> {
     if (this.session.dead) await this.reopen();
     const ext = (this.session.sftp as unknown as { _extensions?: Record<string, string> })._extensions;
-    if (ext?.['fsync@openssh.com'] !== '1') {
-      this.sessions.warnNoFsync(this.session);
-      this.dirty = false;
-      return;
-    }
-    this.dirty = false;
-    try {
-      await this.request('fsync', (sftp, handle) => call<void>((cb) => sftp.ext_openssh_fsync(handle, (e) => cb(e, undefined))));
-    } catch (err) {
-      this.dirty = true;
-      throw err;
-    }
+    if (ext?.['fsync@openssh.com'] !== '1') return this.sessions.warnNoFsync(this.session);
+    await this.request('fsync', (sftp, handle) => call<void>((cb) => sftp.ext_openssh_fsync(handle, (e) => cb(e, undefined))));
   }
 
-  async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, kind: 'data' }];
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    try {
-      if (!this.session.dead) {
-        const wasIgnoring = this.ignoreFlush;
-        // cache=unsafe skips flushes, but close still makes writes durable.
-        if (wasIgnoring && this.dirty) await this.bounded(call<void>((cb) => this.session.sftp.ext_openssh_fsync(this.handle, (e) => cb(e, undefined)))).catch(() => undefined);
-        else await this.flush();
-      }
-    } finally {
-      this.closed = true;
-      if (!this.session.dead) await this.bounded(call<void>((cb) => this.session.sftp.close(this.handle, (e) => cb(e, undefined)))).catch(() => undefined);
-      this.sessions.release(this.session);
+  protected async disconnect(): Promise<void> {
+    await this.reopening.settled();
+    const s = this.session;
+    if (!s.dead) {
+      const closing = call<void>((cb) => s.sftp.close(this.handle, (e) => cb(e, undefined)));
+      await this.bounded(closing, () => new IoError(`${this.name}: no answer from the ssh server within ${this.timeoutMs / 1000} s`)).catch(() => undefined);
     }
-  }
-
-  /** A request that must not hang (close): bounded by the remote request timeout. */
-  private bounded<T>(p: Promise<T>): Promise<T> {
-    return withDeadline(p, this.timeoutMs, () => new IoError(`${this.name}: no answer from the ssh server within ${this.timeoutMs / 1000} s`));
+    this.sessions.release(s);
   }
 
   /** The target with every option, for messages. */
