@@ -94,6 +94,11 @@ export abstract class MappedNode implements BlockNode, Mapper {
     return this.file.flush();
   }
 
+  /** mappedStatus gives host offsets only for runs in the image's own file; none for an encrypted image. */
+  get hostFd(): number | undefined {
+    return (this as BlockNode).encrypted ? undefined : this.file.hostFd;
+  }
+
   blockStatus(offset: number, length: number): Promise<Extent[]> {
     return mappedStatus(this, offset, length);
   }
