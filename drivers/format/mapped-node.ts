@@ -100,7 +100,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
+    return mappedStatus(this, offset, length, this.file);
   }
 
   /** Closes once: a second close (the graph's and an owner's) does nothing. */
