@@ -34,7 +34,8 @@ export class ReadMap {
   readonly table = newTable();
   /** Windows whose map was published, with the granules that could be (bit per granule). */
   private readonly windows = new Map<number, Uint8Array>();
-  private readonly busy = new Set<number>();
+  /** Windows being walked, and the walk. */
+  private readonly busy = new Map<number, Promise<void>>();
   /** Changes in flight, and a count bumped at each start and end: a walk that saw either move is stale. */
   private writes = 0;
   private gen = 0;
@@ -65,8 +66,13 @@ export class ReadMap {
         if (!(bits[i >> 3]! & (1 << (i & 7))) || lookup(this.table, g, this.hit)) continue;
       }
       lastWindow = w;
-      if (!this.busy.has(w)) void this.publishWindow(w);
+      if (!this.busy.has(w)) this.busy.set(w, this.publishWindow(w).finally(() => this.busy.delete(w)));
     }
+  }
+
+  /** Resolves when every walk started so far has published (or dropped) its map (tests). */
+  async idle(): Promise<void> {
+    await Promise.all(this.busy.values());
   }
 
   /** Before a write, zero or discard of [offset, offset + length): nothing there may be read from the map. */
@@ -115,7 +121,6 @@ export class ReadMap {
     if (start >= size) return;
     const length = Math.min(WINDOW, size - start);
     const gen = this.gen;
-    this.busy.add(w);
     try {
       const runs = await chainExtents(this.top, start, length);
       // A change started or ended meanwhile: what was walked may be stale.
@@ -151,8 +156,6 @@ export class ReadMap {
       this.windows.set(w, bits);
     } catch (err) {
       debug('%s: read map at %d not published: %s', this.top.name, start, messageOf(err));
-    } finally {
-      this.busy.delete(w);
     }
   }
 }

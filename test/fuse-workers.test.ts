@@ -10,6 +10,10 @@ import path from 'node:path';
 import { convertToRaw, createImage, md5File, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker, mountedPid, tsmount } from './helpers/mount.js';
 import type { ListedMount } from '../mount-helpers/list.js';
+import { openGraph } from '../drivers/open.js';
+import type { BlockNode } from '../drivers/types.js';
+import { ReadMap } from '../fs/read-map.js';
+import { GRANULE, lookup } from '../fs/read-map-table.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -251,5 +255,91 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       await fd.close();
     }
     await mounts.unmount(mp);
+  });
+});
+
+describe('the read map (fs/read-map.ts), in-process', function () {
+  this.timeout(120_000);
+  let tmp: { dir: string; cleanup: () => void };
+  before(() => (tmp = tempDir('read-map')));
+  after(() => tmp.cleanup());
+
+  const open = async (file: string, readOnly: boolean): Promise<BlockNode> =>
+    (await openGraph([file], { readOnly, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false }))[0]!;
+
+  it('publishes data, zeros and backing data as host locations holding exactly the guest bytes; never a compressed cluster', async () => {
+    const base = path.join(tmp.dir, 'b.qcow2');
+    await createImage(base, 'qcow2', 8 * MiB);
+    await qemuIo(base, 'qcow2', ['write -P 0x21 0 2M', 'write -c -P 0x22 4M 64k']);
+    const top = path.join(tmp.dir, 't.qcow2');
+    await createImage(top, 'qcow2', 8 * MiB, {}, { file: base, format: 'qcow2' });
+    await qemuIo(top, 'qcow2', ['write -P 0x31 1M 256k', 'write -z 1536k 64k', 'write -c -P 0x32 3M 64k']);
+    const node = await open(top, true);
+    try {
+      const map = new ReadMap(node);
+      map.miss(0, 4096);
+      await map.idle();
+      const hit = [0, 0];
+      let published = 0;
+      for (let g = 0; g < (8 * MiB) / GRANULE; g++) {
+        if (!lookup(map.table, g, hit)) {
+          // Only the compressed clusters are left out.
+          expect([3 * MiB, 4 * MiB], `granule at ${g * GRANULE}`).to.include(g * GRANULE);
+          continue;
+        }
+        published++;
+        const want = Buffer.alloc(GRANULE);
+        await node.read(g * GRANULE, want);
+        const got = Buffer.alloc(GRANULE);
+        if (hit[0]! >= 0) fs.readSync(hit[0]!, got, 0, GRANULE, hit[1]!);
+        expect(got.equals(want), `granule at ${g * GRANULE}`).to.equal(true);
+      }
+      expect(published).to.equal((8 * MiB) / GRANULE - 2);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('forgets what a write changes before it starts, and drops a walk that a change overlapped', async () => {
+    const img = path.join(tmp.dir, 'w.qcow2');
+    await createImage(img, 'qcow2', 8 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x41 0 4M']);
+    const node = await open(img, false);
+    try {
+      const map = new ReadMap(node);
+      const hit = [0, 0];
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit)).to.equal(true);
+      expect(lookup(map.table, 100, hit)).to.equal(true);
+      map.beginWrite(GRANULE - 1, 2);
+      expect(lookup(map.table, 0, hit), 'granule 0, written').to.equal(false);
+      expect(lookup(map.table, 1, hit), 'granule 1, written').to.equal(false);
+      expect(lookup(map.table, 2, hit), 'granule 2, untouched').to.equal(true);
+      // No walk while a change is in flight.
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit)).to.equal(false);
+      await node.write(GRANULE - 1, Buffer.from([1, 2]));
+      map.endWrite();
+      // A walk that a change starts during is thrown away.
+      map.miss(0, 4096);
+      map.beginWrite(6 * MiB, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit), 'walk overlapped by a change').to.equal(false);
+      map.endWrite();
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit)).to.equal(true);
+      const got = Buffer.alloc(GRANULE);
+      fs.readSync(hit[0]!, got, 0, GRANULE, hit[1]!);
+      expect(got[GRANULE - 1]).to.equal(1);
+      // A resize forgets everything.
+      map.beginResize();
+      expect(lookup(map.table, 2, hit)).to.equal(false);
+      map.endResize();
+    } finally {
+      await node.close();
+    }
   });
 });
