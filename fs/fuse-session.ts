@@ -2,7 +2,10 @@
 // non-blocking descriptor in Node's own event loop (epoll, like qemu-storage-daemon's
 // export): a request is read on the JS thread, its handler runs there, and the reply is
 // one write(2) from the same thread. Several requests are in flight at once because
-// handlers are asynchronous; the kernel matches replies by their `unique`.
+// handlers are asynchronous; the kernel matches replies by their `unique`. Once INIT
+// is answered, worker threads on cloned descriptors (fuse-worker.ts) take over the
+// reading: they answer READs the read map covers themselves and hand the rest here,
+// and each such reply goes back to the descriptor its request came from.
 // fuse-codec.ts knows the bytes; this file knows the buffers, the event loop, which
 // operation answers which request, and the page-cache policy of an open.
 //
