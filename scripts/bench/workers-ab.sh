@@ -2,8 +2,9 @@
 # A/B of the FUSE worker threads (issue 21): TSMOUNT_FUSE_WORKERS=0 against the default,
 # interleaved (the order flips every round), a fresh mount per measurement, the host
 # image files warm in the page cache. Prints one line per measurement: row, mode,
-# result, and the server's CPU use over the measurement (CPU seconds / wall seconds:
-# above 1.0 means more than one core). Usage: workers-ab.sh [ROUNDS] [WORKDIR]
+# result, and the server's CPU seconds over the measurement, on the JS thread (main)
+# and on all its other threads (workers, libuv's pool, GC), and their sum over the wall
+# time (above 1.0: more than one core at once). Usage: workers-ab.sh [ROUNDS] [WORKDIR]
 set -euo pipefail
 ROUNDS=${1:-3}
 W=${2:-/tmp/tsmount-workers-ab}
@@ -20,6 +21,7 @@ cat "$W/full.qcow2" "$W/full.vmdk" > /dev/null
 
 pid_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);console.log(m?m.pid:0)})' "$1"; }
 cpu_of() { awk '{print $14+$15}' "/proc/$1/stat"; }
+main_of() { awk '{print $14+$15}' "/proc/$1/task/$1/stat"; }
 
 measure() { # row mode image cmd...
   local row=$1 mode=$2 img=$3; shift 3
@@ -27,12 +29,13 @@ measure() { # row mode image cmd...
   local flat="$W/mp/$(basename "${img%.*}").raw" pid; pid=$(pid_of "$W/mp")
   # The workers start within a second or two of the mount.
   sleep 2
-  local c0 t0 out c1 t1; c0=$(cpu_of "$pid"); t0=$(date +%s.%N)
+  local c0 m0 t0 out c1 m1 t1; c0=$(cpu_of "$pid"); m0=$(main_of "$pid"); t0=$(date +%s.%N)
   out=$("$@" "$flat")
-  c1=$(cpu_of "$pid"); t1=$(date +%s.%N)
-  local threads; threads=$(ls "/proc/$pid/task" | wc -l)
+  c1=$(cpu_of "$pid"); m1=$(main_of "$pid"); t1=$(date +%s.%N)
   $TSMOUNT -u "$W/mp" >/dev/null
-  echo "$row mode=$mode $out cpu=$(echo "($c1-$c0)/100/($t1-$t0)" | bc -l | cut -c1-4) threads=$threads"
+  local main other
+  main=$(echo "($m1-$m0)/100" | bc -l); other=$(echo "($c1-$c0-$m1+$m0)/100" | bc -l)
+  printf '%s mode=%s %s main_cpu=%.2fs other_cpu=%.2fs cores=%.2f\n' "$row" "$mode" "$out" "$main" "$other" "$(echo "($c1-$c0)/100/($t1-$t0)" | bc -l)"
 }
 
 dd_read() { dd if="$1" of=/dev/null bs=1M 2>&1 | sed -n 's/.*copied, \([0-9.]*\) s, \(.*\)/\2/p' | tr -d ' '; }
