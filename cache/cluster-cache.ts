@@ -66,6 +66,14 @@ export class ClusterCache extends Filter {
     return this.opts.mode === 'writethrough' || this.opts.mode === 'directsync' ? undefined : this.next.passthroughFd;
   }
 
+  /**
+   * Writes pass straight down, so the image file always has the newest bytes once a
+   * write is answered (fs/read-map.ts reads it around this cache).
+   */
+  override get hostFd(): number | undefined {
+    return this.next.hostFd;
+  }
+
   override async read(offset: number, dst: Uint8Array): Promise<void> {
     const lru = this.lru;
     // A large read is a scan (readahead of a sequential reader): it reads straight into

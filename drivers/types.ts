@@ -148,6 +148,15 @@ export interface BlockNode {
    * does not shrink, or one already allocated, is written as write() would.
    */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * The host file descriptor that this layer's block status `host` offsets refer to
+   * (its own image file), where reading those bytes with pread(2) gives exactly the
+   * guest data: no encryption, no O_DIRECT, no removable medium. The FUSE layer's
+   * worker threads read plain data runs from it themselves (fs/read-map.ts). Filters
+   * forward it only where they change nothing a reader sees; anything unsure leaves
+   * it undefined.
+   */
+  readonly hostFd?: number | undefined;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */

@@ -12,6 +12,7 @@ import { ROOT_ID, type DirEntry, type Entry, type FsOps, type Opened, type Stat 
 import type { Ownership } from './access.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
 import { allocatedBytes, seek } from './extents.js';
+import { hasHostFd, ReadMap } from './read-map.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
@@ -44,6 +45,8 @@ interface Inode {
   gen: number;
   /** A count ran out of budget once: later stats take the fallback straight away. */
   tooCostly: boolean;
+  /** The FUSE workers' read map (readMapFor); null: the file has none. */
+  map?: ReadMap | null;
 }
 
 /**
@@ -113,6 +116,41 @@ export class FlatFs implements FsOps {
   private changed(i: Inode): void {
     i.gen++;
     i.allocated = undefined;
+  }
+
+  /**
+   * The read map FUSE worker threads serve this file's READs from (fs/read-map.ts), made
+   * on first use. Every read-only file whose chain has a layer that can be read around
+   * the graph (BlockNode.hostFd) has one; a writable file only when it is the mount's one
+   * writable file: the map is invalidated by that file's own writes, and a second
+   * writable file (a partition of it, with --partitions) could change its bytes
+   * unseen.
+   */
+  readMapFor(ino: number): Int32Array | undefined {
+    const i = this.inodes[ino];
+    if (!i) return undefined;
+    if (i.map === undefined) {
+      const f = i.file;
+      const ok = hasHostFd(f.node) && (!f.writable || this.files.filter((x) => x.writable).length === 1);
+      i.map = ok ? new ReadMap(f.node) : null;
+    }
+    return i.map?.table;
+  }
+
+  readMiss(ino: number, position: number, length: number): void {
+    this.inodes[ino]?.map?.miss(position, length);
+  }
+
+  /** Reads the worker threads served from the read maps, for the server's counters. */
+  workerReads(): { reads: number; kib: number } {
+    const sum = { reads: 0, kib: 0 };
+    for (const i of this.inodes) {
+      if (!i?.map) continue;
+      const s = i.map.served();
+      sum.reads += s.reads;
+      sum.kib += s.kib;
+    }
+    return sum;
   }
 
   async lookup(parent: number, name: string): Promise<Entry> {
@@ -212,12 +250,14 @@ export class FlatFs implements FsOps {
     if (position >= size) throw new ErrnoError(`${f.node.name}: write past the end of the disk`, E.ENOSPC);
     const n = Math.min(length, size - position);
     this.dirty.add(f);
+    i.map?.beginWrite(position, n);
     try {
       await f.node.write(position, buf.subarray(0, n));
     } catch (err) {
       this.report('write', f, position, n, err);
       throw err;
     } finally {
+      i.map?.endWrite();
       this.changed(i);
     }
     return n;
@@ -235,6 +275,8 @@ export class FlatFs implements FsOps {
     if (!this.access.growable) throw this.refuse(f, `growing the disk from ${f.node.size} to ${size} bytes refused: mount with --growable to allow it`);
     if (!f.node.truncate) throw new ErrnoError(`${f.node.name}: this image format cannot be resized`, E.EPERM);
     this.dirty.add(f);
+    const map = i.map;
+    map?.beginResize();
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
       await f.node.flush();
@@ -243,6 +285,7 @@ export class FlatFs implements FsOps {
       this.report('truncate', f, size, 0, err);
       throw err;
     } finally {
+      map?.endResize();
       this.changed(i);
     }
   }
@@ -267,12 +310,14 @@ export class FlatFs implements FsOps {
     if (n === 0 || !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))) return;
     if (!f.node.zero) throw new ErrnoError(`${f.node.name}: this image cannot zero ranges`, E.EOPNOTSUPP);
     this.dirty.add(f);
+    i.map?.beginWrite(offset, n);
     try {
       await f.node.zero(offset, n, (mode & FALLOC_FL_PUNCH_HOLE) !== 0);
     } catch (err) {
       this.report('fallocate', f, offset, n, err);
       throw err;
     } finally {
+      i.map?.endWrite();
       this.changed(i);
     }
   }

@@ -2,7 +2,10 @@
 // non-blocking descriptor in Node's own event loop (epoll, like qemu-storage-daemon's
 // export): a request is read on the JS thread, its handler runs there, and the reply is
 // one write(2) from the same thread. Several requests are in flight at once because
-// handlers are asynchronous; the kernel matches replies by their `unique`.
+// handlers are asynchronous; the kernel matches replies by their `unique`. Once INIT
+// is answered, worker threads on cloned descriptors (fuse-worker.ts) take over the
+// reading: they answer READs the read map covers themselves and hand the rest here,
+// and each such reply goes back to the descriptor its request came from.
 // fuse-codec.ts knows the bytes; this file knows the buffers, the event loop, which
 // operation answers which request, and the page-cache policy of an open.
 //
@@ -13,7 +16,9 @@ import net from 'node:net';
 import os, { constants as osc } from 'node:os';
 import createDebug from 'debug';
 import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
-import { fuseBackingClose, fuseBackingOpen, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
+import { Worker } from 'node:worker_threads';
+import { closeFd, fuseBackingClose, fuseBackingOpen, fuseDevClone, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
+import { CTL_MAIL, CTL_STOP, CTL_WORDS, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
 import {
   AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
   decodeHeader, decodeIo, decodeRequest, encodeAttrOut, encodeDirents, encodeEntryOut, encodeInitOut, encodeLseekOut,
@@ -44,6 +49,27 @@ const SPIN_NS = BigInt(Math.round(Number(process.env.TSMOUNT_FUSE_SPIN_US ?? 50)
 const SPIN_MAX_NS = SPIN_NS * 4n;
 const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT === '1';
 const SPIN_CHAIN = 64;
+
+/**
+ * Worker threads serving cloned /dev/fuse descriptors (fuse-worker.ts): TSMOUNT_FUSE_WORKERS,
+ * default one per core (at most 4); 0 serves everything on the JS thread as before.
+ */
+function fuseWorkerCount(): number {
+  const env = process.env.TSMOUNT_FUSE_WORKERS;
+  if (env !== undefined && env !== '' && Number.isInteger(Number(env))) return Math.max(0, Math.min(16, Number(env)));
+  const cores = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+  return Math.max(1, Math.min(4, cores));
+}
+
+/** How long a worker may take to start (load koffi, answer) before the session gives up on workers. */
+const WORKER_START_MS = 10_000;
+
+/** One worker: its thread and its cloned descriptor. */
+interface FuseWorker {
+  thread: Worker;
+  fd: number;
+  port: import('node:worker_threads').MessagePort;
+}
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
 const REPLY_POOL_MIN = 32 * 1024;
@@ -141,6 +167,14 @@ export class Session implements FuseMount {
   private readonly backing = new Map<number, number>();
   /** Writable files opened for passthrough: their FLUSH (close) syncs, as writes never came here. */
   private readonly passthroughWritable = new Set<number>();
+  /** Worker threads on cloned descriptors; empty: this thread reads every request. */
+  private workers: FuseWorker[] = [];
+  /** Shared with the workers: stop flag and mail count (fuse-worker.ts CTL_*). */
+  private readonly ctl = new Int32Array(new SharedArrayBuffer(CTL_WORDS * 4));
+  /** Requests read from a worker's descriptor and being served here: the descriptor to answer on. */
+  private readonly replyFds = new Map<number, number>();
+  /** Node ids whose read map (or its absence) the workers have been told of. */
+  private readonly announced = new Set<number>();
 
   private requestBuffer(): Buffer {
     this.current ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE);
@@ -199,6 +233,7 @@ export class Session implements FuseMount {
       }
     }
     this.backing.clear();
+    this.stopWorkers();
     this.initDone(new ErrnoError(`${this.mountpoint}: the FUSE session ended before it started`, E.ENODEV));
     this.socket.destroy();
     this.endDone();
@@ -209,11 +244,11 @@ export class Session implements FuseMount {
   }
 
   /** Write one reply; the errno of write(2), 0 when it went out. */
-  private writeReply(b: Buffer, unique: number, error: number, len: number): number {
+  private writeReply(b: Buffer, unique: number, error: number, len: number, fd = this.fd): number {
     if (this.closedFlag) return E.ENODEV;
     encodeOutHeader(b, len, error, unique);
     try {
-      fs.writeSync(this.fd, b, 0, len);
+      fs.writeSync(fd, b, 0, len);
       return 0;
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
@@ -223,11 +258,23 @@ export class Session implements FuseMount {
     }
   }
 
+  /**
+   * Answer request `unique` on the descriptor it was read from: the kernel looks a reply
+   * up in that descriptor's own list of requests being processed.
+   */
   private send(b: Buffer, unique: number, error = 0, len = b.length): void {
+    let fd = this.fd;
+    if (this.replyFds.size !== 0) {
+      const to = this.replyFds.get(unique);
+      if (to !== undefined) {
+        fd = to;
+        this.replyFds.delete(unique);
+      }
+    }
     if (this.graced.size !== 0) this.ungrace(unique);
     // Answered EINTR already: the kernel has moved on, this late answer is dropped.
     if (this.interrupted.size !== 0 && this.interrupted.delete(unique)) return;
-    this.writeReply(b, unique, error, len);
+    this.writeReply(b, unique, error, len, fd);
   }
 
   private sendError(unique: number, errno: number): void {
@@ -235,7 +282,7 @@ export class Session implements FuseMount {
   }
 
   /** Parse one request out of the shared buffer, synchronously; serve it asynchronously. */
-  private dispatch(buf: Buffer, n: number): boolean {
+  private dispatch(buf: Buffer, n: number, fromFd = this.fd): boolean {
     const h = this.header;
     try {
       if (!decodeHeader(buf, n, h)) return true;
@@ -247,6 +294,9 @@ export class Session implements FuseMount {
     const nodeid = h.nodeid;
     const body = buf.subarray(InHeader.SIZE, n);
     const opcode = h.opcode;
+    // Read by a worker: every reply to it goes back to that worker's descriptor. FORGET
+    // and INTERRUPT get none (an INTERRUPT's EINTR goes where its request came from).
+    if (fromFd !== this.fd && opcode !== Op.FORGET && opcode !== Op.BATCH_FORGET && opcode !== Op.INTERRUPT) this.replyFds.set(unique, fromFd);
     if (this.cfg.denyOthers && h.uid !== 0 && h.uid !== this.owner && !UNCHECKED_BY_ALLOW_ROOT.has(opcode)) {
       this.sendError(unique, E.EACCES);
       return true;
@@ -269,6 +319,11 @@ export class Session implements FuseMount {
         return true;
       }
       const data = body.subarray(WriteIn.SIZE, WriteIn.SIZE + io.size);
+      // A worker's request is a buffer of its own: the write keeps it, no copy.
+      if (fromFd !== this.fd) {
+        this.serve(unique, this.write(nodeid, io.fh, io.offset, data, unique));
+        return true;
+      }
       if (io.size < REPLY_POOL_MIN || buf !== this.current) {
         // Small: a copy is cheaper than a buffer of a megabyte.
         this.serve(unique, this.write(nodeid, io.fh, io.offset, Buffer.from(data), unique));
@@ -320,7 +375,7 @@ export class Session implements FuseMount {
   }
 
   private finished(): void {
-    if (--this.inFlight === 0 && SPIN_NS > 0 && !this.closedFlag) this.spin();
+    if (--this.inFlight === 0 && SPIN_NS > 0 && !this.closedFlag && this.workers.length === 0) this.spin();
   }
 
   /**
@@ -354,7 +409,10 @@ export class Session implements FuseMount {
   }
 
   private answerInterrupted(unique: number): void {
-    const errno = this.writeReply(Buffer.alloc(OutHeader.SIZE), unique, E.EINTR, OutHeader.SIZE);
+    // A request a worker answers itself is not known here: it is answered within
+    // microseconds anyway, and EINTR on the main descriptor would only be refused.
+    const fd = this.replyFds.get(unique) ?? this.fd;
+    const errno = this.writeReply(Buffer.alloc(OutHeader.SIZE), unique, E.EINTR, OutHeader.SIZE, fd);
     if (errno !== 0) return;
     debug('request %d interrupted: answered EINTR', unique);
     if (this.interrupted.size >= INTERRUPTED_KEEP) {
@@ -472,6 +530,131 @@ export class Session implements FuseMount {
     this.send(out, unique, 0, len);
     debug('FUSE %d.%d, flags %s/%s, max_write %d', major, minor, flags.toString(16), flags2.toString(16), maxWrite);
     this.initDone();
+    const n = fuseWorkerCount();
+    if (n > 0) {
+      this.startWorkers(n).catch((err: unknown) => {
+        debug('FUSE workers not used, serving on the JS thread: %s', messageOf(err));
+        this.stopWorkers();
+      });
+    }
+  }
+
+  /** Worker threads running (tests). */
+  get workerCount(): number {
+    return this.workers.length;
+  }
+
+  /**
+   * Start `n` workers, one at a time (koffi loading in two threads at once crashed
+   * once: decode-pool.ts), each on a clone of this session's descriptor. This is the
+   * self-test too: a clone that fails, a worker that does not start, and the session
+   * stays on this thread alone. Once all run, this thread stops reading its own
+   * descriptor (the workers read every request, and hand here what they do not serve).
+   */
+  private async startWorkers(n: number): Promise<void> {
+    const url = new URL('./fuse-worker.js', import.meta.url);
+    const started: FuseWorker[] = [];
+    const { MessageChannel } = await import('node:worker_threads');
+    try {
+      for (let i = 0; i < n; i++) {
+        if (this.closedFlag) throw new Error('the session ended');
+        const fd = fs.openSync('/dev/fuse', fs.constants.O_RDWR | fs.constants.O_NONBLOCK);
+        try {
+          fuseDevClone(fd, this.fd);
+        } catch (err) {
+          closeFd(fd);
+          throw err;
+        }
+        const { port1, port2 } = new MessageChannel();
+        const init: WorkerInit = {
+          fd, maxRequest: this.maxRequest, ctl: this.ctl, port: port2, denyOthers: !!this.cfg.denyOthers, owner: this.owner,
+          spinNs: Number(SPIN_NS),
+        };
+        const thread = new Worker(url, { workerData: init, transferList: [port2] });
+        const w: FuseWorker = { thread, fd, port: port1 };
+        started.push(w);
+        await new Promise<void>((resolve, reject) => {
+          const timer = setTimeout(() => reject(new Error('a worker did not start')), WORKER_START_MS);
+          thread.once('message', (m: WorkerMessage) => {
+            clearTimeout(timer);
+            if (m.type === 'ready') resolve();
+            else reject(new Error(`a worker answered ${m.type}`));
+          });
+          thread.once('error', (err) => {
+            clearTimeout(timer);
+            reject(err);
+          });
+        });
+        thread.on('message', (m: WorkerMessage) => this.fromWorker(w, m));
+        thread.on('error', (err) => this.workerLost(w, err.message));
+        thread.on('exit', (code) => this.workerLost(w, `exited with code ${code}`));
+        // Kept referenced: with this thread's descriptor paused, the workers are what
+        // keeps the process serving. stopWorkers() lets go of them.
+      }
+    } catch (err) {
+      for (const w of started) this.retire(w);
+      throw err;
+    }
+    if (this.closedFlag) {
+      for (const w of started) this.retire(w);
+      return;
+    }
+    this.workers = started;
+    // The workers read from now on: this thread's spin and epoll stop.
+    this.socket.pause();
+    debug('FUSE: %d worker threads on cloned descriptors', started.length);
+  }
+
+  private fromWorker(w: FuseWorker, m: WorkerMessage): void {
+    if (m.type === 'request') {
+      this.dispatch(Buffer.from(m.buf), m.buf.byteLength, w.fd);
+      return;
+    }
+    if (m.type === 'end') {
+      // ENODEV: unmounted; every worker and this thread see it.
+      if (m.errno !== E.ENODEV && m.errno !== 0) debug('/dev/fuse worker: errno %d', m.errno);
+      this.end();
+    }
+  }
+
+  /** A worker died (a bug): the requests it held are lost, later ones are served here again. */
+  private workerLost(w: FuseWorker, why: string): void {
+    if (this.closedFlag || !this.workers.includes(w)) return;
+    debug('FUSE worker %s: back to the JS thread', why);
+    this.workers = this.workers.filter((x) => x !== w);
+    this.retire(w);
+    if (this.workers.length === 0) this.socket.resume();
+  }
+
+  private retire(w: FuseWorker): void {
+    w.thread.removeAllListeners('exit');
+    w.thread.on('exit', () => closeFd(w.fd));
+    void w.thread.terminate().catch(() => undefined);
+    w.port.close();
+  }
+
+  private stopWorkers(): void {
+    Atomics.store(this.ctl, CTL_STOP, 1);
+    const all = this.workers;
+    this.workers = [];
+    for (const w of all) {
+      // The loop sees the stop flag within its poll timeout and returns; its descriptor is closed once it has.
+      w.thread.removeAllListeners('exit');
+      w.thread.removeAllListeners('error');
+      w.thread.on('error', () => undefined);
+      w.thread.on('exit', () => closeFd(w.fd));
+      w.thread.unref();
+      w.port.close();
+    }
+  }
+
+  /** Tell the workers about node `nodeid`'s read map, once. */
+  private announce(nodeid: number): void {
+    this.announced.add(nodeid);
+    const table = this.ops.readMapFor?.(nodeid);
+    if (!table) return;
+    for (const w of this.workers) w.port.postMessage({ ino: nodeid, table });
+    Atomics.add(this.ctl, CTL_MAIL, 1);
   }
 
   private async read(nodeid: number, fh: number, offset: number, size: number, unique: number): Promise<void> {
@@ -483,6 +666,11 @@ export class Session implements FuseMount {
     const out = big ? (this.replyPool.pop() ?? Buffer.allocUnsafe(OutHeader.SIZE + this.cfg.maxWrite)) : Buffer.allocUnsafe(OutHeader.SIZE + size);
     const got = await this.ops.read(nodeid, fh, out.subarray(OutHeader.SIZE, OutHeader.SIZE + size), size, offset);
     this.send(out, unique, 0, OutHeader.SIZE + got);
+    // Served here: publish the map that lets the workers serve the next ones.
+    if (this.workers.length !== 0) {
+      if (!this.announced.has(nodeid)) this.announce(nodeid);
+      this.ops.readMiss?.(nodeid, offset, got);
+    }
     if (big && this.replyPool.length < REPLY_POOL_KEEP) this.replyPool.push(out);
   }
 

@@ -88,6 +88,13 @@ export interface FsOps {
   chown(ino: number, uid: number, gid: number): Promise<void>;
   /** The kernel ends the session (DESTROY): write everything out. */
   destroy?(): Promise<void>;
+  /**
+   * The shared read map of a flat file (fs/read-map.ts), which FUSE worker threads
+   * answer READs from; undefined where the file has none.
+   */
+  readMapFor?(ino: number): Int32Array | undefined;
+  /** A READ of [position, position + length) was served on the JS thread: publish the map around it. */
+  readMiss?(ino: number, position: number, length: number): void;
 }
 
 export interface MountOptions {

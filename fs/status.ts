@@ -10,7 +10,12 @@ import { shownImage, updateState, type MountState } from './mounts.js';
 export interface MountCounters extends IoCounters {
   cacheHits: number;
   cacheMisses: number;
+  /** Of `reads`, those a FUSE worker thread answered from a read map (their bytes counted in whole KiB). */
+  workerReads?: number;
 }
+
+/** What the FUSE worker threads answered without the graph (FlatFs.workerReads). */
+export type WorkerReads = () => { reads: number; kib: number };
 
 export interface FileDetails {
   name: string;
@@ -42,14 +47,16 @@ export function chainOf(node: BlockNode, top: string): { file: string; format: s
 }
 
 /** The server's request counters with its cluster caches' hits and misses summed. */
-export function mountCounters(io: IoCounters, caches: readonly { hits: number; misses: number }[]): MountCounters {
+export function mountCounters(io: IoCounters, caches: readonly { hits: number; misses: number }[], workers?: WorkerReads): MountCounters {
   let cacheHits = 0;
   let cacheMisses = 0;
   for (const c of caches) {
     cacheHits += c.hits;
     cacheMisses += c.misses;
   }
-  return { ...io, cacheHits, cacheMisses };
+  if (!workers) return { ...io, cacheHits, cacheMisses };
+  const w = workers();
+  return { ...io, reads: io.reads + w.reads, bytesRead: io.bytesRead + w.kib * 1024, cacheHits, cacheMisses, workerReads: w.reads };
 }
 
 export class StatusPublisher {
@@ -61,10 +68,11 @@ export class StatusPublisher {
     private readonly state: MountState,
     private readonly io: IoCounters,
     private readonly caches: { hits: number; misses: number }[],
+    private readonly workers?: WorkerReads,
   ) {}
 
   counters(): MountCounters {
-    return mountCounters(this.io, this.caches);
+    return mountCounters(this.io, this.caches, this.workers);
   }
 
   /** Write the counters into the state file if they changed since the last time. */

@@ -30,6 +30,11 @@ export class AlignFilter extends Filter {
   }
 
   /** Above this filter any request is fine. */
+  /** Only the shape of requests changes here, never the bytes (an O_DIRECT file offers no host descriptor). */
+  override get hostFd(): number | undefined {
+    return this.next.hostFd;
+  }
+
   override get requestAlignment(): number | undefined {
     return undefined;
   }

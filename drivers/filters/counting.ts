@@ -26,6 +26,9 @@ export class CountingFilter extends Filter {
   override get passthroughFd(): number | undefined {
     return this.next.passthroughFd;
   }
+  override get hostFd(): number | undefined {
+    return this.next.hostFd;
+  }
 
   override read(offset: number, dst: Uint8Array): Promise<void> {
     return this.count(this.next.read(offset, dst), dst.length, false);

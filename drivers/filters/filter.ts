@@ -79,6 +79,10 @@ export class Filter implements BlockNode {
   get passthroughFd(): number | undefined {
     return undefined;
   }
+  /** Not forwarded either, for the same reason (fs/read-map.ts reads around the filter). */
+  get hostFd(): number | undefined {
+    return undefined;
+  }
   get compressedClusterSize(): number | undefined {
     return this.next.writeCompressed ? this.next.compressedClusterSize : undefined;
   }

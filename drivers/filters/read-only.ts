@@ -24,6 +24,9 @@ export class ReadOnlyFilter extends Filter {
   override get passthroughFd(): number | undefined {
     return this.next.passthroughFd;
   }
+  override get hostFd(): number | undefined {
+    return this.next.hostFd;
+  }
 
   override write(): Promise<void> {
     return Promise.reject(this.refusal());

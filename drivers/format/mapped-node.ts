@@ -94,8 +94,13 @@ export abstract class MappedNode implements BlockNode, Mapper {
     return this.file.flush();
   }
 
+  /** mappedStatus gives host offsets only for runs in the image's own file; none for an encrypted image. */
+  get hostFd(): number | undefined {
+    return (this as BlockNode).encrypted ? undefined : this.file.hostFd;
+  }
+
   blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length);
+    return mappedStatus(this, offset, length, this.file);
   }
 
   /** Closes once: a second close (the graph's and an owner's) does nothing. */

@@ -78,12 +78,13 @@ export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing
 }
 
 /** Block status from the same runs: this layer only. */
-export async function mappedStatus(mapper: Mapper, offset: number, length: number): Promise<Extent[]> {
+export async function mappedStatus(mapper: Mapper, offset: number, length: number, ownFile?: BlockNode): Promise<Extent[]> {
   const out: Extent[] = [];
   for (const r of await mapper.mapRange(offset, length)) {
     const kind = r.kind === 'zero' ? 'zero' : r.kind === 'unallocated' ? 'unallocated' : 'data';
-    // Data in the image's own file has a host offset (qemu-img map's "offset").
-    const host = r.kind === 'data' && r.file === undefined ? r.host : undefined;
+    // Data in the image's own file has a host offset (qemu-img map's "offset"): runs
+    // that name no file, or name the image file itself (a monolithic sparse vmdk).
+    const host = r.kind === 'data' && (r.file === undefined || r.file === ownFile) ? r.host : undefined;
     const last = out[out.length - 1];
     const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
     if (last && last.kind === kind && last.offset + last.length === r.offset && contiguous) last.length += r.length;

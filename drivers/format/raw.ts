@@ -13,6 +13,10 @@ class RawNode extends Filter {
   override get passthroughFd(): number | undefined {
     return this.next.size % 512 === 0 ? this.next.passthroughFd : undefined;
   }
+  /** Block status gives the file's own offsets. */
+  override get hostFd(): number | undefined {
+    return this.next.hostFd;
+  }
   /** raw_get_info: no cluster size, never dirty. */
   override get describe(): () => ImageDescription {
     return () => ({ dirty: false });

@@ -215,6 +215,11 @@ export class FileNode implements BlockNode {
     return this.closed || this.medium || this.direct ? undefined : this.fd;
   }
 
+  /** The same descriptor for block status offsets (fs/read-map.ts), with the same exclusions. */
+  get hostFd(): number | undefined {
+    return this.passthroughFd;
+  }
+
   async read(offset: number, dst: Uint8Array): Promise<void> {
     if (this.medium) {
       // Asked of the drive at most every poll interval (a drive's status query can be slow).

@@ -33,6 +33,7 @@ const ioctlArg = libc.func('int ioctl(int fd, unsigned long req, long arg)');
 const FuseBackingMap = koffi.struct('tsmount_fuse_backing_map', { fd: 'int32_t', flags: 'uint32_t', padding: 'uint64_t' });
 const ioctlBackingOpen = libc.func('int ioctl(int fd, unsigned long req, const tsmount_fuse_backing_map *map)');
 const ioctlBackingClose = libc.func('int ioctl(int fd, unsigned long req, const uint32_t *id)');
+const ioctlClone = libc.func('int ioctl(int fd, unsigned long req, const uint32_t *oldfd)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const umount2Fn = libc.func('int umount2(const char *target, int flags)');
 const Iovec = koffi.struct('tsmount_iovec', { base: 'void *', len: 'size_t' });
@@ -55,6 +56,8 @@ const BLKGETSIZE64 = 0x80081272;
 /** _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t). */
 const FUSE_DEV_IOC_BACKING_OPEN = 0x4010e501;
 const FUSE_DEV_IOC_BACKING_CLOSE = 0x4004e502;
+/** _IOR(229, 0, uint32_t): attach a new /dev/fuse descriptor to an existing session. */
+const FUSE_DEV_IOC_CLONE = 0x8004e500;
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -322,6 +325,16 @@ export function fuseBackingOpen(devFd: number, fd: number): number {
 /** Drop the session's reference to a backing file (opens using it keep theirs). */
 export function fuseBackingClose(devFd: number, id: number): void {
   if ((ioctlBackingClose(devFd, FUSE_DEV_IOC_BACKING_CLOSE, [id]) as number) < 0) throw new SysError('ioctl(FUSE_DEV_IOC_BACKING_CLOSE)', errno());
+}
+
+/**
+ * FUSE_DEV_IOC_CLONE: make `newFd` (a freshly opened /dev/fuse) a second descriptor of
+ * the session on `devFd`. Requests of the session can then be read from either; a
+ * reply must go to the descriptor its request was read from (each keeps its own list
+ * of requests being processed).
+ */
+export function fuseDevClone(newFd: number, devFd: number): void {
+  if ((ioctlClone(newFd, FUSE_DEV_IOC_CLONE, [devFd]) as number) < 0) throw new SysError('ioctl(FUSE_DEV_IOC_CLONE)', errno());
 }
 
 const prctlFn = libc.func('int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)');

@@ -1053,6 +1053,11 @@ export class Qcow2Node implements BlockNode {
     if (this.barriers) await this.file.flush();
   }
 
+  /** blockStatus gives host offsets only in the image file itself, and never for encrypted clusters. */
+  get hostFd(): number | undefined {
+    return this.data === this.file && !this.crypt ? this.file.hostFd : undefined;
+  }
+
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const runs = await this.map.map(offset, length);
     const out: Extent[] = [];

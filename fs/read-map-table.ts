@@ -1,0 +1,101 @@
+// The shared read map's memory layout, and the two sides of its seqlock: the main
+// thread (fs/read-map.ts) is the only writer, the FUSE worker threads
+// (fs/fuse-worker.ts) only read. Pure: no imports, so a worker loads nothing else.
+//
+// One map per flat file: a SharedArrayBuffer of Int32 words, a header, then a table of
+// entries indexed by granule number modulo the capacity (a newer entry overwrites the
+// one in its slot). An entry says how one whole granule of the flat file reads: as
+// zeros (fd -1) or as the bytes at `host` in host descriptor `fd`, contiguous.
+// Each entry has a sequence word, odd while the writer changes the entry: a reader
+// takes the entry only if the word was even and the same before and after it read the
+// other words. Atomics order the words, so a reader never sees half an entry.
+
+/** The unit of the map: 64 KiB of the flat file (a qcow2 cluster, a vmdk grain). */
+export const GRANULE_SHIFT = 16;
+export const GRANULE = 1 << GRANULE_SHIFT;
+/** Entries per file: 64Ki x 64 KiB covers 4 GiB without a collision. */
+export const CAPACITY = 1 << 16;
+
+const H_SIZE_LO = 0;
+const H_SIZE_HI = 1;
+/** Reads the workers answered and their bytes (in KiB), for the counters. */
+export const H_READS = 2;
+export const H_KIB = 3;
+const HEADER_WORDS = 8;
+
+const E_SEQ = 0;
+const E_KEY = 1;
+const E_FD = 2;
+const E_HOST_LO = 3;
+const E_HOST_HI = 4;
+const ENTRY_WORDS = 6;
+
+const TWO32 = 0x1_0000_0000;
+
+export function newTable(): Int32Array {
+  return new Int32Array(new SharedArrayBuffer((HEADER_WORDS + CAPACITY * ENTRY_WORDS) * 4));
+}
+
+export function setTableSize(t: Int32Array, size: number): void {
+  Atomics.store(t, H_SIZE_LO, size % TWO32 | 0);
+  Atomics.store(t, H_SIZE_HI, Math.floor(size / TWO32));
+}
+
+export function tableSize(t: Int32Array): number {
+  return (Atomics.load(t, H_SIZE_LO) >>> 0) + (Atomics.load(t, H_SIZE_HI) >>> 0) * TWO32;
+}
+
+function base(granule: number): number {
+  return HEADER_WORDS + (granule % CAPACITY) * ENTRY_WORDS;
+}
+
+/** Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd`. */
+export function publish(t: Int32Array, g: number, fd: number, host: number): void {
+  const b = base(g);
+  const seq = Atomics.load(t, b + E_SEQ);
+  Atomics.store(t, b + E_SEQ, seq + 1);
+  Atomics.store(t, b + E_KEY, (g + 1) | 0);
+  Atomics.store(t, b + E_FD, fd);
+  Atomics.store(t, b + E_HOST_LO, host % TWO32 | 0);
+  Atomics.store(t, b + E_HOST_HI, Math.floor(host / TWO32));
+  Atomics.store(t, b + E_SEQ, seq + 2);
+}
+
+/** Writer only: forget granule `g` if its slot holds it. */
+export function invalidate(t: Int32Array, g: number): void {
+  const b = base(g);
+  if (Atomics.load(t, b + E_KEY) !== ((g + 1) | 0)) return;
+  const seq = Atomics.load(t, b + E_SEQ);
+  Atomics.store(t, b + E_SEQ, seq + 1);
+  Atomics.store(t, b + E_KEY, 0);
+  Atomics.store(t, b + E_SEQ, seq + 2);
+}
+
+/** Writer only: forget every entry. */
+export function invalidateAll(t: Int32Array): void {
+  for (let i = 0; i < CAPACITY; i++) {
+    const b = HEADER_WORDS + i * ENTRY_WORDS;
+    if (Atomics.load(t, b + E_KEY) === 0) continue;
+    const seq = Atomics.load(t, b + E_SEQ);
+    Atomics.store(t, b + E_SEQ, seq + 1);
+    Atomics.store(t, b + E_KEY, 0);
+    Atomics.store(t, b + E_SEQ, seq + 2);
+  }
+}
+
+/**
+ * Reader: granule `g`'s entry into out ([fd, host]); false if the map does not hold it
+ * (never published, overwritten, invalidated, or being changed right now).
+ */
+export function lookup(t: Int32Array, g: number, out: number[]): boolean {
+  const b = base(g);
+  const s1 = Atomics.load(t, b + E_SEQ);
+  if (s1 & 1) return false;
+  if (Atomics.load(t, b + E_KEY) !== ((g + 1) | 0)) return false;
+  const fd = Atomics.load(t, b + E_FD);
+  const host = (Atomics.load(t, b + E_HOST_LO) >>> 0) + (Atomics.load(t, b + E_HOST_HI) >>> 0) * TWO32;
+  if (Atomics.load(t, b + E_SEQ) !== s1) return false;
+  out[0] = fd;
+  out[1] = host;
+  return true;
+}

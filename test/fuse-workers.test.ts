@@ -1,0 +1,347 @@
+// FUSE worker threads (fs/fuse-worker.ts): cloned /dev/fuse descriptors whose threads
+// answer READs from the shared read map (fs/read-map.ts) with pread(2) from the host
+// files, and hand everything else to the main thread. The oracle is qemu-img convert
+// -O raw; reads go around the page cache (iflag=direct) so that they reach the server.
+// That the workers really answered is read from the counters tsmount --list shows.
+import { expect } from 'chai';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { convertToRaw, createImage, md5File, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
+import { MountTracker, mountedPid, tsmount } from './helpers/mount.js';
+import type { ListedMount } from '../mount-helpers/list.js';
+import { openGraph } from '../drivers/open.js';
+import type { BlockNode } from '../drivers/types.js';
+import { ReadMap } from '../fs/read-map.js';
+import { GRANULE, lookup } from '../fs/read-map-table.js';
+
+const KiB = 1024;
+const MiB = 1 << 20;
+
+/** md5 of a flat file read with O_DIRECT (through the server, not the page cache). */
+async function directMd5(file: string, bs = '1M', skip?: number, count?: number): Promise<string> {
+  const range = skip !== undefined ? ` skip=${skip} count=${count}` : '';
+  const r = await run('sh', ['-c', `dd if='${file}' iflag=direct bs=${bs}${range} status=none | md5sum`]);
+  expect(r.code, r.stderr).to.equal(0);
+  return r.stdout.split(' ')[0]!;
+}
+
+/** md5 of [skip*bs, (skip+count)*bs) of a plain file. */
+async function pieceMd5(file: string, bs: number, skip: number, count: number): Promise<string> {
+  const h = crypto.createHash('md5');
+  const stream = fs.createReadStream(file, { start: skip * bs, end: (skip + count) * bs - 1, highWaterMark: MiB });
+  for await (const chunk of stream) h.update(chunk as Buffer);
+  return h.digest('hex');
+}
+
+async function counters(mp: string): Promise<NonNullable<ListedMount['counters']>> {
+  const r = await tsmount(['--list', '--output', 'json']);
+  expect(r.code, r.stderr).to.equal(0);
+  const m = (JSON.parse(r.stdout) as ListedMount[]).find((x) => x.mountpoint === mp);
+  expect(m?.counters, `counters of ${mp}`).to.not.equal(undefined);
+  return m!.counters!;
+}
+
+/** The workers' read count once the server has published it (once a second). */
+async function workerReads(mp: string, atLeast = 1): Promise<number> {
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    const n = (await counters(mp)).workerReads ?? 0;
+    if (n >= atLeast || Date.now() > deadline) return n;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+/**
+ * Read the whole flat file until the workers answer some of it: they start after the
+ * mount is ready (a second or so on a loaded machine), and the map fills on misses.
+ */
+async function untilWorkersServe(flat: string, mp: string, want: string, atLeast: number): Promise<number> {
+  for (let pass = 0; ; pass++) {
+    expect(await directMd5(flat), `pass ${pass}`).to.equal(want);
+    const n = await workerReads(mp, atLeast);
+    if (n >= atLeast || pass >= 10) return n;
+  }
+}
+
+/** Run `fn` with TSMOUNT_FUSE_WORKERS set (the mounts it starts inherit it). */
+async function withWorkers<T>(n: string | undefined, fn: () => Promise<T>): Promise<T> {
+  const old = process.env.TSMOUNT_FUSE_WORKERS;
+  if (n === undefined) delete process.env.TSMOUNT_FUSE_WORKERS;
+  else process.env.TSMOUNT_FUSE_WORKERS = n;
+  try {
+    return await fn();
+  } finally {
+    if (old === undefined) delete process.env.TSMOUNT_FUSE_WORKERS;
+    else process.env.TSMOUNT_FUSE_WORKERS = old;
+  }
+}
+
+describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () {
+  this.timeout(600_000);
+  const mounts = new MountTracker();
+  let tmp: { dir: string; cleanup: () => void };
+  before(() => {
+    tmp = tempDir('fuse-workers');
+    delete process.env.TSMOUNT_FUSE_WORKERS;
+  });
+  afterEach(() => mounts.cleanup());
+  after(() => tmp.cleanup());
+
+  const dir = (name: string): string => {
+    const p = path.join(tmp.dir, name);
+    fs.mkdirSync(p, { recursive: true });
+    return p;
+  };
+
+  /** Data, zeros written as such, holes and a run at the very end: every kind of granule. */
+  const writes = ['write -P 0x11 0 3M', 'write -P 0x22 5M 64k', 'write -z 6M 1M', 'write -P 0x33 7M 2M', 'write -P 0x44 20M 5M', 'write -P 0x55 63M 1M'];
+
+  const cases: [format: string, opts: Record<string, string>][] = [
+    ['qcow2', {}],
+    ['vmdk', { subformat: 'monolithicSparse' }],
+    ['vhdx', { block_size: '1M' }],
+  ];
+  for (const [format, opts] of cases) {
+    it(`reads a ${format} as qemu-img convert does, served by the workers, with 4 concurrent readers`, async () => {
+      const img = path.join(tmp.dir, `img.${format}`);
+      await createImage(img, format, 64 * MiB, opts);
+      await qemuIo(img, format, writes);
+      const raw = path.join(tmp.dir, `img-${format}.raw`);
+      await convertToRaw(img, raw, format);
+      const mp = dir(`m-${format}`);
+      await mounts.mount([img, mp]);
+      const flat = path.join(mp, 'img.raw');
+      const want = await md5File(raw);
+      // The first pass publishes the map (misses served on the JS thread); the next ones hit it.
+      expect(await untilWorkersServe(flat, mp, want, 32), 'reads answered by the workers').to.be.at.least(32);
+      expect(await directMd5(flat)).to.equal(want);
+      // Four readers at once, 64 KiB requests over different quarters, twice over.
+      const quarter = 16 * MiB / (64 * KiB);
+      const jobs = [];
+      for (let round = 0; round < 2; round++) {
+        for (let q = 0; q < 4; q++) jobs.push(Promise.all([directMd5(flat, '64k', q * quarter, quarter), pieceMd5(raw, 64 * KiB, q * quarter, quarter)]));
+      }
+      for (const [got, exp] of await Promise.all(jobs)) expect(got).to.equal(exp);
+      // Unaligned reads across granules and across data and zeros.
+      const fd = await fs.promises.open(flat, 'r');
+      const rawFd = await fs.promises.open(raw, 'r');
+      try {
+        for (const [at, n] of [[5 * MiB - 100, 200 * KiB], [6 * MiB + 1, 1536 * KiB], [64 * MiB - 4096, 4096], [3 * MiB - 1, 2]] as const) {
+          const a = Buffer.alloc(n);
+          const b = Buffer.alloc(n);
+          await fd.read(a, 0, n, at);
+          await rawFd.read(b, 0, n, at);
+          expect(a.equals(b), `bytes at ${at}+${n}`).to.equal(true);
+        }
+      } finally {
+        await fd.close();
+        await rawFd.close();
+      }
+      // Unmounting with the workers running leaves nothing behind.
+      await mounts.unmount(mp);
+      expect(mountedPid(mp)).to.equal(undefined);
+    });
+  }
+
+  it('reads a backing chain (qcow2 over qcow2 over raw) as qemu-img convert does', async () => {
+    const base = path.join(tmp.dir, 'base.raw');
+    fs.writeFileSync(base, '');
+    fs.truncateSync(base, 32 * MiB);
+    const fd = fs.openSync(base, 'r+');
+    fs.writeSync(fd, Buffer.alloc(4 * MiB, 0x61), 0, 4 * MiB, 2 * MiB);
+    fs.writeSync(fd, Buffer.alloc(MiB, 0x62), 0, MiB, 20 * MiB);
+    fs.closeSync(fd);
+    const mid = path.join(tmp.dir, 'mid.qcow2');
+    await createImage(mid, 'qcow2', 32 * MiB, {}, { file: base, format: 'raw' });
+    await qemuIo(mid, 'qcow2', ['write -P 0x71 3M 64k', 'write -z 4M 512k', 'write -P 0x72 10M 2M']);
+    const top = path.join(tmp.dir, 'top.qcow2');
+    await createImage(top, 'qcow2', 32 * MiB, {}, { file: mid, format: 'qcow2' });
+    await qemuIo(top, 'qcow2', ['write -P 0x81 2M 128k', 'write -P 0x82 11M 64k', 'write -z 20M 256k']);
+    const raw = path.join(tmp.dir, 'top.raw.out');
+    await convertToRaw(top, raw, 'qcow2');
+    const mp = dir('m-chain');
+    await mounts.mount([top, mp]);
+    const flat = path.join(mp, 'top.raw');
+    const want = await md5File(raw);
+    expect(await untilWorkersServe(flat, mp, want, 16)).to.be.at.least(16);
+    for (const bs of ['1M', '64k', '4k']) expect(await directMd5(flat, bs), `bs=${bs}`).to.equal(want);
+  });
+
+  for (const [format, opts] of cases) {
+    it(`a read after a write sees the new data in a ${format} (two writer/reader pairs, many rounds)`, async () => {
+      const img = path.join(tmp.dir, `rw.${format}`);
+      await createImage(img, format, 64 * MiB, opts);
+      await qemuIo(img, format, ['write -P 0x11 0 16M', 'write -P 0x22 32M 16M']);
+      const mp = dir(`m-rw-${format}`);
+      await mounts.mount(['--rw', img, mp]);
+      const flat = path.join(mp, 'rw.raw');
+      // Reads first, so the map holds the ranges the writes then change.
+      const rawOut = path.join(tmp.dir, `rw-${format}.raw.out`);
+      await convertToRaw(img, rawOut, format);
+      await untilWorkersServe(flat, mp, await md5File(rawOut), 16);
+      const fd = await fs.promises.open(flat, 'r+');
+      try {
+        // Two pairs, each in its own half: allocated data (0-32M) and clusters that
+        // start unallocated (the second half has holes until written).
+        const pair = async (seed: number, base: number): Promise<void> => {
+          let x = seed;
+          const rand = (n: number): number => {
+            x = (x * 1103515245 + 12345) % 2147483648;
+            return x % n;
+          };
+          for (let round = 0; round < 60; round++) {
+            const len = (1 + rand(16)) * 64 * KiB - (rand(2) ? 512 * rand(4) : 0);
+            const at = base + rand(32 * MiB - len);
+            // A read of the range just before the write: the map has it.
+            const before = Buffer.alloc(len);
+            await fd.read(before, 0, len, at);
+            const data = crypto.randomBytes(len);
+            const w = await fd.write(data, 0, len, at);
+            expect(w.bytesWritten).to.equal(len);
+            const after = Buffer.alloc(len);
+            const r = await fd.read(after, 0, len, at);
+            expect(r.bytesRead).to.equal(len);
+            expect(after.equals(data), `round ${round}: ${at}+${len} reads what was written`).to.equal(true);
+          }
+        };
+        await Promise.all([pair(7, 0), pair(11, 32 * MiB)]);
+      } finally {
+        await fd.close();
+      }
+      const served = (await counters(mp)).workerReads ?? 0;
+      expect(served, 'reads answered by the workers on a writable file').to.be.at.least(16);
+      await mounts.unmount(mp);
+      // The image is consistent for qemu-img after all that.
+      const check = await run('qemu-img', ['check', '-q', '-f', format, img]);
+      expect(check.code, check.stdout + check.stderr).to.equal(0);
+    });
+  }
+
+  it('serves everything on the JS thread with TSMOUNT_FUSE_WORKERS=0', async () => {
+    const img = path.join(tmp.dir, 'nw.qcow2');
+    await createImage(img, 'qcow2', 64 * MiB);
+    await qemuIo(img, 'qcow2', writes);
+    const raw = path.join(tmp.dir, 'nw.raw.out');
+    await convertToRaw(img, raw, 'qcow2');
+    const mp = dir('m-nw');
+    await withWorkers('0', () => mounts.mount([img, mp]));
+    const flat = path.join(mp, 'nw.raw');
+    const want = await md5File(raw);
+    expect(await directMd5(flat)).to.equal(want);
+    expect(await directMd5(flat)).to.equal(want);
+    const c = await counters(mp);
+    expect(c.workerReads ?? 0).to.equal(0);
+    expect(c.reads).to.be.at.least(64);
+    await mounts.unmount(mp);
+  });
+
+  it('serves a writable raw image (no passthrough by default) through the workers, writes included', async () => {
+    const img = path.join(tmp.dir, 'plain.img');
+    fs.writeFileSync(img, crypto.randomBytes(8 * MiB));
+    const mp = dir('m-raw');
+    await mounts.mount(['--rw', '-f', 'raw', img, mp]);
+    const flat = path.join(mp, 'plain.raw');
+    expect(await untilWorkersServe(flat, mp, await md5File(img), 4)).to.be.at.least(4);
+    const fd = await fs.promises.open(flat, 'r+');
+    try {
+      for (let i = 0; i < 32; i++) {
+        const at = ((i * 7919) % 120) * 64 * KiB + (i % 3) * 512;
+        const data = crypto.randomBytes(64 * KiB);
+        await fd.write(data, 0, data.length, at);
+        const back = Buffer.alloc(data.length);
+        await fd.read(back, 0, back.length, at);
+        expect(back.equals(data), `write ${i} at ${at}`).to.equal(true);
+      }
+    } finally {
+      await fd.close();
+    }
+    await mounts.unmount(mp);
+  });
+});
+
+describe('the read map (fs/read-map.ts), in-process', function () {
+  this.timeout(120_000);
+  let tmp: { dir: string; cleanup: () => void };
+  before(() => (tmp = tempDir('read-map')));
+  after(() => tmp.cleanup());
+
+  const open = async (file: string, readOnly: boolean): Promise<BlockNode> =>
+    (await openGraph([file], { readOnly, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false }))[0]!;
+
+  it('publishes data, zeros and backing data as host locations holding exactly the guest bytes; never a compressed cluster', async () => {
+    const base = path.join(tmp.dir, 'b.qcow2');
+    await createImage(base, 'qcow2', 8 * MiB);
+    await qemuIo(base, 'qcow2', ['write -P 0x21 0 2M', 'write -c -P 0x22 4M 64k']);
+    const top = path.join(tmp.dir, 't.qcow2');
+    await createImage(top, 'qcow2', 8 * MiB, {}, { file: base, format: 'qcow2' });
+    await qemuIo(top, 'qcow2', ['write -P 0x31 1M 256k', 'write -z 1536k 64k', 'write -c -P 0x32 3M 64k']);
+    const node = await open(top, true);
+    try {
+      const map = new ReadMap(node);
+      map.miss(0, 4096);
+      await map.idle();
+      const hit = [0, 0];
+      let published = 0;
+      for (let g = 0; g < (8 * MiB) / GRANULE; g++) {
+        if (!lookup(map.table, g, hit)) {
+          // Only the compressed clusters are left out.
+          expect([3 * MiB, 4 * MiB], `granule at ${g * GRANULE}`).to.include(g * GRANULE);
+          continue;
+        }
+        published++;
+        const want = Buffer.alloc(GRANULE);
+        await node.read(g * GRANULE, want);
+        const got = Buffer.alloc(GRANULE);
+        if (hit[0]! >= 0) fs.readSync(hit[0]!, got, 0, GRANULE, hit[1]!);
+        expect(got.equals(want), `granule at ${g * GRANULE}`).to.equal(true);
+      }
+      expect(published).to.equal((8 * MiB) / GRANULE - 2);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('forgets what a write changes before it starts, and drops a walk that a change overlapped', async () => {
+    const img = path.join(tmp.dir, 'w.qcow2');
+    await createImage(img, 'qcow2', 8 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x41 0 4M']);
+    const node = await open(img, false);
+    try {
+      const map = new ReadMap(node);
+      const hit = [0, 0];
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit)).to.equal(true);
+      expect(lookup(map.table, 100, hit)).to.equal(true);
+      map.beginWrite(GRANULE - 1, 2);
+      expect(lookup(map.table, 0, hit), 'granule 0, written').to.equal(false);
+      expect(lookup(map.table, 1, hit), 'granule 1, written').to.equal(false);
+      expect(lookup(map.table, 2, hit), 'granule 2, untouched').to.equal(true);
+      // No walk while a change is in flight.
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit)).to.equal(false);
+      await node.write(GRANULE - 1, Buffer.from([1, 2]));
+      map.endWrite();
+      // A walk that a change starts during is thrown away.
+      map.miss(0, 4096);
+      map.beginWrite(6 * MiB, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit), 'walk overlapped by a change').to.equal(false);
+      map.endWrite();
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit)).to.equal(true);
+      const got = Buffer.alloc(GRANULE);
+      fs.readSync(hit[0]!, got, 0, GRANULE, hit[1]!);
+      expect(got[GRANULE - 1]).to.equal(1);
+      // A resize forgets everything.
+      map.beginResize();
+      expect(lookup(map.table, 2, hit)).to.equal(false);
+      map.endResize();
+    } finally {
+      await node.close();
+    }
+  });
+});
