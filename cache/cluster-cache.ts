@@ -192,6 +192,24 @@ export class ClusterCache extends Filter {
     if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await this.next.flush();
   }
 
+  /** The cached blocks the cluster covers are dropped: the node below may store it in any form. */
+  override get writeCompressed(): ((offset: number, data: Uint8Array) => Promise<void>) | undefined {
+    const next = this.next;
+    if (!next.writeCompressed) return undefined;
+    return async (offset, data) => {
+      this.writesInFlight++;
+      try {
+        this.invalidate(offset, data.length);
+        await next.writeCompressed!(offset, data);
+      } finally {
+        this.invalidate(offset, data.length);
+        this.writesInFlight--;
+        this.writeSeq++;
+      }
+      if (this.opts.mode === 'writethrough' || this.opts.mode === 'directsync') await next.flush();
+    };
+  }
+
   /** Always offered: where the node below cannot zero, zeros are written. */
   override get zero(): (offset: number, length: number, unmap: boolean) => Promise<void> {
     return (offset, length, unmap) => this.cachedZero(offset, length, unmap);

@@ -153,6 +153,17 @@ export interface BlockNode {
    * change nothing a request sees.
    */
   readonly passthroughFd?: number | undefined;
+  /**
+   * Compressed writes (qemu-img convert -c, QEMU's bdrv_co_pwritev_compressed): the
+   * cluster size they work in, present exactly when writeCompressed is.
+   */
+  readonly compressedClusterSize?: number | undefined;
+  /**
+   * Write one whole cluster compressed: `offset` a multiple of compressedClusterSize,
+   * `data` that many bytes (less only for the last cluster of the disk). A cluster that
+   * does not shrink, or one already allocated, is written as write() would.
+   */
+  writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */

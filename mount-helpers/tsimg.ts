@@ -6,7 +6,7 @@
 //   tsimg map [-f FMT] [--output human|json|svg] [-U] FILE
 //   tsimg check [-f FMT] [-r leaks|all] [--output human|json] [-U] FILE
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
-//   tsimg convert [-p] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC DST
+//   tsimg convert [-p] [-c] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC... DST
 //   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
 //   tsimg resize [--shrink] FILE [+|-]SIZE
 //   tsimg commit [-p] [-d] FILE
@@ -103,7 +103,7 @@ async function main(argv: string[]): Promise<void> {
     .action(async (a: string, b: string, o: CompareCli) => {
       exitCode = await compare(a, b, o);
     });
-  openOptions(program.command('convert').description('copy an image into a new image of any writable format, sparse').argument('<src>').argument('<dst>'))
+  openOptions(program.command('convert').description('copy an image (several: one after the other) into a new image of any writable format, sparse').argument('<src...>', 'source images, then the new image').usage('[options] SRC... DST'))
     .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
     .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
     .option('-p, --progress', 'show progress')
@@ -111,9 +111,14 @@ async function main(argv: string[]): Promise<void> {
     .option('-F, --backing-format <fmt>', 'the format of the -B file')
     .option('-n, --skip-create', 'write into an existing image instead of creating one')
     .option('-W, --parallel', 'several requests in flight, written out of order')
+    .option('-c, --compress', 'compress the data clusters (qcow2, qcow; vmdk streamOptimized always is)')
     .option('--target-secret <pass>', 'passphrase of an encrypted new image')
     .option('--target-secret-file <file>', "read the new image's passphrase from a file")
-    .action(async (src: string, dst: string, o: ConvertCli) => convert(src, dst, o));
+    .addHelpText('after', '\nExamples: tsimg convert -p -O qcow2 disk.vmdk disk.qcow2\n          tsimg convert -c -O qcow2 part1.raw part2.raw joined.qcow2')
+    .action(async (args: string[], o: ConvertCli) => {
+      if (args.length < 2) throw new UsageError('convert needs a source and a target: SRC... DST');
+      await convert(args.slice(0, -1), args[args.length - 1]!, o);
+    });
   openOptions(program.command('snapshot').description('list, create, delete or apply internal snapshots (qcow2)').argument('<file>'))
     .option('-l, --list', 'list the snapshots')
     .option('-c, --create <name>', 'create a snapshot')

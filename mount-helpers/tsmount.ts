@@ -24,6 +24,7 @@ import { parseMountAccess } from '../fs/access.js';
 import { readSecretFile } from './secret.js';
 import { expandMountOptions } from './mount-options.js';
 import { packageVersion } from './version.js';
+import { TSMOUNT_HELP_AFTER } from './help.js';
 
 
 interface CliOptions {
@@ -82,7 +83,7 @@ function program(): Command {
     .option('-u, --unmount', 'unmount MOUNTPOINT; returns once every write is on disk and the server has exited')
     .option('--lazy', 'with -u: detach now even if busy (umount -l); the server exits after the last user closes, -u returns at once')
     .option('--rw', 'mount read-write (default: read-only)')
-    .option('-f, --format <fmt>', 'image format (raw, qcow2); probed when absent')
+    .option('-f, --format <fmt>', 'image format (see Formats below); probed when absent')
     .option('--foreground', 'keep the server attached to this terminal')
     .addOption(new Option('--cache <mode>', 'cache mode, as QEMU').choices(['writeback', 'writethrough', 'none', 'directsync', 'unsafe']).default('writeback'))
     .option('--cache-size <bytes>', 'bytes of cache for data and metadata (suffixes K, M, G)', '64M')
@@ -113,6 +114,7 @@ function program(): Command {
     .addOption(new Option('--ready-fd <fd>').hideHelp())
     .addOption(new Option('--syslog').hideHelp())
     .addOption(new Option('--starter <pid>').hideHelp())
+    .addHelpText('after', TSMOUNT_HELP_AFTER)
     .showHelpAfterError(false)
     .configureOutput({ outputError: (str, write) => write(`tsmount: ${str.replace(/^error: /, '').trim()}\n`) })
     .version(packageVersion(), '-V, --version')
@@ -168,7 +170,7 @@ async function main(argv: string[]): Promise<void> {
   }
 
   if (!opts.foreground) {
-    await daemonize(argv, opts.log);
+    await daemonize(argv, opts.log, images);
     return;
   }
 
@@ -205,6 +207,8 @@ async function main(argv: string[]): Promise<void> {
     abandoned = true;
     void server?.shutdown(true);
   };
+  // Run by hand in the foreground on a terminal: the same word on a slow open as the starter's.
+  const quiet = readyFd === undefined ? slowNotice(images) : () => undefined;
   try {
     const { Server } = await import('../fs/server.js');
     server = await Server.start({
@@ -233,6 +237,7 @@ async function main(argv: string[]): Promise<void> {
       },
     });
   } catch (err) {
+    quiet();
     // Nobody may be listening for this one: say it where the server's messages go.
     if (abandoned) log('warning', messageOf(err));
     if (readyFd !== undefined) {
@@ -245,6 +250,7 @@ async function main(argv: string[]): Promise<void> {
     }
     fail(messageOf(err));
   }
+  quiet();
   const running = server;
   // A bug must not leave a dead mount behind: write out what we can, unmount, exit.
   const crash = (err: unknown): void => {
@@ -311,8 +317,27 @@ async function fromImageOpts(lists: string[], format: string | undefined, imageO
   return { images: parsed.map((p) => p.spec), format: parsed[0]?.format ?? format };
 }
 
+/** How long an open may take before tsmount says on the terminal what it waits for. */
+const SLOW_OPEN_MS = 1000;
+
+/**
+ * Opening may take long: a remote image's first connection, a vvfat tree of many files,
+ * a key derivation. On a terminal, once SLOW_OPEN_MS have passed, one line on stderr
+ * says what the mount waits for; elsewhere (a script, a pipe) nothing. The returned
+ * function cancels it, once the wait is over.
+ */
+function slowNotice(images: string[]): () => void {
+  if (!process.stderr.isTTY) return () => undefined;
+  const fat = images.find((i) => i.startsWith('fat:'));
+  const remote = images.find((i) => /^[a-z][a-z0-9+.-]*:\/\//i.test(i));
+  const why = fat !== undefined ? ' (reading the directory tree of the virtual FAT disk)' : remote !== undefined ? ' (the remote server)' : '';
+  const timer = setTimeout(() => process.stderr.write(`tsmount: waiting for ${images.join(', ')} to open${why}...\n`), SLOW_OPEN_MS);
+  timer.unref();
+  return () => clearTimeout(timer);
+}
+
 /** Start the server detached and wait for its first word: OK, or ERR and a reason. */
-async function daemonize(argv: string[], log: string | undefined): Promise<void> {
+async function daemonize(argv: string[], log: string | undefined, images: string[]): Promise<void> {
   const script = fileURLToPath(import.meta.url);
   const args = [...process.execArgv, script, ...argv.slice(2), '--foreground', '--ready-fd', '3', '--starter', String(process.pid), ...(log ? [] : ['--syslog'])];
   const logFd = log ? fs.openSync(path.resolve(log), 'a') : undefined;
@@ -352,7 +377,9 @@ async function daemonize(argv: string[], log: string | undefined): Promise<void>
   });
   child.stderr?.on('data', (chunk: Buffer) => (stderr = (stderr + chunk.toString()).slice(-4096)));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  const quiet = slowNotice(images);
   await Promise.race([answered, exited]);
+  quiet();
   // 'exit' can come before the last bytes of the pipe are read: let them arrive.
   await Promise.race([answered, new Promise((r) => setTimeout(r, 2000).unref())]);
   const line = said.split('\n')[0] ?? '';

@@ -303,3 +303,23 @@ describe('tsmount: bad input gets a one-line error and changes nothing', functio
     });
   });
 });
+
+describe('tsmount --help', function () {
+  it('names every format and source tsmount opens, both forms, the -o values, and examples', async () => {
+    const { formatDrivers } = await import('../drivers/format/index.js');
+    const { FORMATS_RO, FORMATS_RW } = await import('../mount-helpers/help.js');
+    const r = await tsmount(['--help']);
+    expect(r.code).to.equal(0);
+    const help = r.stdout;
+    // Every registered format is listed, once, read-write or read-only.
+    expect([...FORMATS_RW, ...FORMATS_RO].sort()).to.deep.equal([...formatDrivers.keys()].sort());
+    for (const f of formatDrivers.keys()) expect(help).to.match(new RegExp(`\\b${f}\\b`));
+    for (const source of ['/dev/', 'nvme://', 'fat:', 'nbd://', 'nbd+unix://', 'nbd:HOST', 'nbds://', 'ssh://', 'iscsi://', 'gluster', 'sheepdog', 'json:{', '--image-opts']) expect(help).to.contain(source);
+    expect(help).to.contain('tsmount IMAGE FILE');
+    for (const o of ['allow_other', 'uid=N', 'umask=M', 'max_write=N', 'growable', 'cache=', 'partitions']) expect(help).to.contain(o);
+    expect(help).to.contain('Examples:');
+    // Each -o key the rewriter or the FUSE layer accepts is one the help names.
+    const probe = ['ro', 'rw', 'noatime', 'noexec', 'allow_root', 'default_permissions', 'nonempty', 'kernel_cache', 'direct_io', 'passthrough', 'nopassthrough', 'max_read=N', 'max_readahead=N', 'gid=N', 'locking=', 'format=', 'secret-file=', 'overlay=', 'log=', 'readconfig=', 'force-share', 'share-rw', 'snapshot', 'layers', 'confine', 'trust-image-paths', 'debug'];
+    for (const o of probe) expect(help).to.contain(o);
+  });
+});

@@ -443,3 +443,67 @@ describe('tsimg check against qemu-img check (qcow2)', function () {
     expect(r.stderr.trim().split('\n')).to.have.length(1);
   });
 });
+
+describe('tsimg convert: round trips between every pair of writable formats', function () {
+  this.timeout(900_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('tsimg-matrix')));
+  after(() => t.cleanup());
+
+  /** qemu-img's view of `file` (a LUKS image through its secret), as arguments for convert and compare. */
+  const qemuArgs = (format: string, file: string): string[] =>
+    format === 'luks' ? ['--object', `secret,id=s0,data=${SECRET}`, '--image-opts', `driver=luks,file.filename=${file},key-secret=s0`] : ['-f', format, file];
+
+  // One source per format, written by qemu-img (not by us) from the same raw disk: data,
+  // a run of zeros inside data, holes, and data up to the last byte.
+  const sourceOf = new Map<string, string>();
+  before(async function () {
+    this.timeout(300_000);
+    const base = path.join(t.dir, 'base.raw');
+    fs.writeFileSync(base, Buffer.alloc(0));
+    fs.truncateSync(base, 6 * MiB);
+    const fd = fs.openSync(base, 'r+');
+    const put = (offset: number, length: number, seed: number): void => {
+      const b = Buffer.alloc(length, seed);
+      for (let i = 0; i < length; i += 512) b.writeUInt32LE(offset + i, i);
+      fs.writeSync(fd, b, 0, length, offset);
+    };
+    put(0, 64 * KiB, 1);
+    put(MiB + 512, 300 * KiB, 2);
+    fs.writeSync(fd, Buffer.alloc(128 * KiB), 0, 128 * KiB, 2 * MiB);
+    put(5 * MiB, MiB, 3);
+    fs.closeSync(fd);
+    for (const [format, entry] of writable) {
+      const file = path.join(t.dir, `src.${entry.ext}`);
+      if (format === 'luks') {
+        await runTimingPbkdf('qemu-img', ['convert', '-f', 'raw', base, '--object', `secret,id=s0,data=${SECRET}`, '-O', 'luks', '-o', 'key-secret=s0,iter-time=10', file]);
+      } else await runOk('qemu-img', ['convert', '-f', 'raw', base, '-O', format, file]);
+      sourceOf.set(format, file);
+    }
+  });
+
+  for (const [from] of writable) {
+    it(`from ${from} to every writable format`, async () => {
+      const src = sourceOf.get(from)!;
+      const dir = fs.mkdtempSync(path.join(t.dir, `${from}-`));
+      for (const [to, entry] of writable) {
+        const out = path.join(dir, `out.${entry.ext}`);
+        const args = ['convert', '-f', from, '-O', to, ...(from === 'luks' ? ['--secret', SECRET] : []), ...(to === 'luks' ? ['--target-secret', SECRET, '-o', 'iter-time=10'] : []), src, out];
+        let r = await tsimg(args, dir);
+        for (let i = 0; i < 20 && r.code !== 0 && /accurate CPU usage/.test(r.stderr); i++) r = await tsimg(args, dir);
+        expect(r.code, `${from} -> ${to}: ${r.stderr}`).to.equal(0);
+        // What the target reads is what the base disk reads (sizes may round up: vpc's geometry).
+        const back = path.join(dir, `back-${to}.raw`);
+        await runOk('qemu-img', ['convert', ...qemuArgs(to, out), '-O', 'raw', back]);
+        const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', back, path.join(t.dir, 'base.raw')]);
+        expect(cmp.code, `${from} -> ${to}: ${cmp.stdout}${cmp.stderr}`).to.equal(0);
+        if (entry.checked) {
+          const c = await run('qemu-img', ['check', '-f', to, out]);
+          expect(c.code, `${from} -> ${to}: ${c.stdout}${c.stderr}`).to.equal(0);
+        }
+        fs.rmSync(out, { force: true });
+        fs.rmSync(back, { force: true });
+      }
+    });
+  }
+});

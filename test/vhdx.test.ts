@@ -7,12 +7,13 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { TsmountError, UnsupportedError } from '../drivers/errors.js';
-import type { BlockNode, Extent } from '../drivers/types.js';
+import type { BlockNode } from '../drivers/types.js';
 import { fileProtocol } from '../drivers/protocol/index.js';
 import { vhdxDriver } from '../drivers/format/vhdx/index.js';
 import { crc32cExcluding } from '../drivers/util/crc32c.js';
 import { checkImage, convertToRaw, createImage, md5File, qemuIo, rawMd5, run, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { CrashingFile } from './helpers/crashing-file.js';
 import { expectCreateRefused, expectRefusedUnchanged, expectSameShape, nodeMd5, openTestImage, patch, pattern, readBytes, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
@@ -29,50 +30,6 @@ function reseal(file: string, offset: number, length: number): void {
   const b = readBytes(file, offset, length);
   b.writeUInt32LE(crc32cExcluding(b, 4), 4);
   patch(file, offset, b);
-}
-
-/**
- * A file that "loses power" after `budget` changing operations: every write or
- * truncate after that fails and changes nothing. What was written before stays.
- */
-class CrashingFile implements BlockNode {
-  ops = 0;
-  constructor(
-    private readonly inner: BlockNode,
-    private readonly budget: number,
-  ) {}
-  get size(): number {
-    return this.inner.size;
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly;
-  }
-  get name(): string {
-    return this.inner.name;
-  }
-  read(offset: number, dst: Uint8Array): Promise<void> {
-    return this.inner.read(offset, dst);
-  }
-  private spend(): void {
-    if (this.ops++ >= this.budget) throw new Error('power lost');
-  }
-  async write(offset: number, src: Uint8Array): Promise<void> {
-    this.spend();
-    await this.inner.write(offset, src);
-  }
-  async truncate(size: number): Promise<void> {
-    this.spend();
-    await this.inner.truncate!(size);
-  }
-  flush(): Promise<void> {
-    return this.inner.flush();
-  }
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.blockStatus(offset, length);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
-  }
 }
 
 describe('vhdx: reading images qemu-img makes', function () {

@@ -35,6 +35,11 @@ export class CountingFilter extends Filter {
     return this.count(this.next.write(offset, src), src.length, true);
   }
 
+  override get writeCompressed(): ((offset: number, data: Uint8Array) => Promise<void>) | undefined {
+    const next = this.next;
+    return next.writeCompressed && ((offset, data) => this.count(next.writeCompressed!(offset, data), data.length, true));
+  }
+
   private async count(request: Promise<void>, bytes: number, write: boolean): Promise<void> {
     const c = this.counters;
     if (write) c.writes++;

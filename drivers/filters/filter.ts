@@ -79,6 +79,13 @@ export class Filter implements BlockNode {
   get passthroughFd(): number | undefined {
     return undefined;
   }
+  get compressedClusterSize(): number | undefined {
+    return this.next.writeCompressed ? this.next.compressedClusterSize : undefined;
+  }
+  get writeCompressed(): ((offset: number, data: Uint8Array) => Promise<void>) | undefined {
+    const next = this.next;
+    return next.writeCompressed && ((offset, data) => next.writeCompressed!(offset, data));
+  }
   get encrypted(): boolean | undefined {
     return this.next.encrypted;
   }

@@ -21,6 +21,12 @@ class NoIoFilter extends Filter {
   override get zero(): undefined {
     return undefined;
   }
+  override get writeCompressed(): undefined {
+    return undefined;
+  }
+  override get compressedClusterSize(): undefined {
+    return undefined;
+  }
   override get truncate(): undefined {
     return undefined;
   }

@@ -33,6 +33,10 @@ export class ReadOnlyFilter extends Filter {
     return this.next.zero && (() => Promise.reject(this.refusal()));
   }
 
+  override get writeCompressed(): ((offset: number, data: Uint8Array) => Promise<void>) | undefined {
+    return this.next.writeCompressed && (() => Promise.reject(this.refusal()));
+  }
+
   override get truncate(): ((size: number) => Promise<void>) | undefined {
     return this.next.truncate && (() => Promise.reject(this.refusal()));
   }

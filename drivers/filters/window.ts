@@ -48,6 +48,13 @@ export class WindowFilter extends Filter {
     const next = this.next;
     return next.zero && ((offset, length, unmap) => next.zero!(this.offset + offset, length, unmap));
   }
+  /** A partition need not start on a cluster of the image: its writes are never whole clusters of it. */
+  override get writeCompressed(): undefined {
+    return undefined;
+  }
+  override get compressedClusterSize(): undefined {
+    return undefined;
+  }
   /** A partition does not grow: its neighbour starts where it ends. */
   override get truncate(): undefined {
     return undefined;

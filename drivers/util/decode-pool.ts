@@ -1,13 +1,13 @@
 // The decoders written in JavaScript (js-codecs.ts: bzip2, ADC, LZFSE) take tens to
 // hundreds of milliseconds a chunk: on the event loop that would stall every FUSE
-// request meanwhile. They run in a few worker threads, started on first use and
+// request meanwhile. Compression for tsimg convert -c (deflate) runs here too. They run in a few worker threads, started on first use and
 // unref'd while idle (so they never keep the process alive). If a worker cannot
 // start or dies, its jobs and every later one are decoded in-thread instead.
 // TSMOUNT_DECODE_WORKERS=0 decodes in-thread from the start.
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import createDebug from 'debug';
-import { decodeSync, type JsCodec } from './js-codecs.js';
+import { decodeSync, encodeSync, type EncodeCodec, type JsCodec } from './js-codecs.js';
 import type { DecodeJob, DecodeReply } from './decode-worker.js';
 
 const debug = createDebug('tsmount:decode');
@@ -85,9 +85,22 @@ function getSlots(): Slot[] | undefined {
 
 /** Decode in a worker thread (in-thread where none can run); rejects with the decoder's message. */
 export function decodeOffThread(codec: JsCodec, input: Uint8Array, size: number): Promise<Buffer> {
+  return run({ codec, size }, input, () => decodeSync(codec, input, size));
+}
+
+/**
+ * Compress in a worker thread (in-thread where none can run): the stream, or undefined
+ * where it would be longer than `limit` bytes (qcow2 and qcow clusters, tsimg convert -c).
+ */
+export async function encodeOffThread(codec: EncodeCodec, input: Uint8Array, limit: number): Promise<Buffer | undefined> {
+  const out = await run({ codec, size: limit, encode: true }, input, () => encodeSync(codec, input, limit) ?? Buffer.alloc(0));
+  return out.length === 0 ? undefined : out;
+}
+
+function run(what: Omit<DecodeJob, 'id' | 'input'>, input: Uint8Array, sync: () => Buffer): Promise<Buffer> {
   const inThread = (): Promise<Buffer> => {
     try {
-      return Promise.resolve(decodeSync(codec, input, size));
+      return Promise.resolve(sync());
     } catch (err) {
       return Promise.reject(err instanceof Error ? err : new Error(String(err)));
     }
@@ -103,7 +116,7 @@ export function decodeOffThread(codec: JsCodec, input: Uint8Array, size: number)
     // A copy goes to the worker: the caller's buffer stays usable.
     const copy = new ArrayBuffer(input.length);
     new Uint8Array(copy).set(input);
-    const job: DecodeJob = { id, codec, input: new Uint8Array(copy), size };
+    const job = { ...what, id, input: new Uint8Array(copy) } as DecodeJob;
     slot.worker.postMessage(job, [copy]);
   });
 }

@@ -1,21 +1,18 @@
-// Worker of decode-pool.ts: runs one JavaScript decoder per message and sends the
-// output back transferred, or the decoder's error message.
+// Worker of decode-pool.ts: runs one JavaScript decoder (or one compression) per
+// message and sends the output back transferred, or the decoder's error message.
 import { parentPort } from 'node:worker_threads';
-import { decodeSync, type JsCodec } from './js-codecs.js';
+import { decodeSync, encodeSync, type EncodeCodec, type JsCodec } from './js-codecs.js';
 
-export interface DecodeJob {
-  id: number;
-  codec: JsCodec;
-  input: Uint8Array;
-  size: number;
-}
+/** Decode `input` into at most `size` bytes, or (encode) compress it into at most `size` bytes. */
+export type DecodeJob = { id: number; codec: JsCodec; input: Uint8Array; size: number; encode?: false } | { id: number; codec: EncodeCodec; input: Uint8Array; size: number; encode: true };
 
 export type DecodeReply = { id: number; out: Uint8Array } | { id: number; error: string };
 
 parentPort?.on('message', (job: DecodeJob) => {
   let reply: DecodeReply;
   try {
-    const out = decodeSync(job.codec, job.input, job.size);
+    // A compression that does not fit comes back empty (no stream is empty).
+    const out = job.encode ? (encodeSync(job.codec, job.input, job.size) ?? new Uint8Array(0)) : decodeSync(job.codec, job.input, job.size);
     // A copy of exactly the output, so that its whole buffer can be transferred.
     const copy = new Uint8Array(out.length);
     copy.set(out);

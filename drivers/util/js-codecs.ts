@@ -1,6 +1,7 @@
 // The decoders written in JavaScript (bzip2 through seek-bzip, ADC and LZFSE written
 // here), synchronous: decode-pool.ts runs them in a worker thread, and in-thread when
 // no worker can. Each bounds its output to the size it is given.
+import zlib from 'node:zlib';
 import Bunzip from 'seek-bzip';
 import { adcDecode } from './adc.js';
 import { lzfseDecode } from './lzfse.js';
@@ -65,3 +66,20 @@ function bunzip(input: Uint8Array, size: number): Buffer {
   return out.subarray(0, written);
 }
 
+
+/** What decode-pool.ts also compresses off the event loop. */
+export type EncodeCodec = 'deflate-raw';
+
+/**
+ * Compress `input` as QEMU's qcow and qcow2 do (qcow2-threads.c, qcow.c): a raw deflate
+ * stream, default level, a 4 KiB window (windowBits -12, which their inflate expects)
+ * and memLevel 9. Undefined when the result would be longer than `limit` bytes.
+ */
+export function encodeSync(codec: EncodeCodec, input: Uint8Array, limit: number): Buffer | undefined {
+  switch (codec) {
+    case 'deflate-raw': {
+      const out = zlib.deflateRawSync(input, { level: zlib.constants.Z_DEFAULT_COMPRESSION, windowBits: 12, memLevel: 9 });
+      return out.length <= limit ? out : undefined;
+    }
+  }
+}

@@ -85,3 +85,29 @@ export async function decodeNative(codec: NativeCodec, input: Uint8Array, size: 
   if (rc !== LZO_E_OK && rc !== LZO_E_INPUT_NOT_CONSUMED) throw new Error(`the LZO1X block ${LZO_MESSAGES[rc] ?? `fails (liblzo2 error ${rc})`}`);
   return out.subarray(0, outLen[0]);
 }
+
+let zstdCompress: AsyncFn | Error | undefined;
+
+/** ZSTD_CLEVEL_DEFAULT: what QEMU's qcow2_zstd_compress gets by setting no level. */
+const ZSTD_LEVEL = 3;
+
+/**
+ * One zstd frame of `input` through the system's libzstd (qcow2 compression_type=zstd,
+ * tsimg convert -c), on libuv's thread pool; undefined when it would be longer than
+ * `limit` bytes. fzstd, the decoder, has no encoder.
+ */
+export async function encodeZstd(input: Uint8Array, limit: number): Promise<Buffer | undefined> {
+  if (zstdCompress === undefined) {
+    try {
+      const koffi = (await import('koffi')).default;
+      zstdCompress = koffi.load('libzstd.so.1').func('size_t ZSTD_compress(void *dst, size_t dstCapacity, const void *src, size_t srcSize, int compressionLevel)');
+    } catch (err) {
+      zstdCompress = new Error(`libzstd cannot be loaded (${(err as Error).message})`);
+    }
+  }
+  if (zstdCompress instanceof Error) throw new UnsupportedError(zstdCompress.message, constants.errno.EIO);
+  const out = Buffer.alloc(limit);
+  // An error (dstSize_tooSmall among them) is a size_t near 2^64: more than limit.
+  const n: unknown = await call(zstdCompress, [out, limit, input, input.length, ZSTD_LEVEL]);
+  return typeof n === 'number' && n > 0 && n <= limit ? out.subarray(0, n) : undefined;
+}

@@ -2,6 +2,7 @@
 // drivers/open.ts, like everything else), the passphrase and named-file options,
 // and the exit code a failure carries.
 import fs from 'node:fs';
+import { Presets, SingleBar } from 'cli-progress';
 import type { BlockNode } from '../../drivers/types.js';
 import { UsageError } from '../../drivers/errors.js';
 import { openImage, type ImageOptions } from '../../drivers/open.js';
@@ -88,24 +89,67 @@ export interface Progress {
   done(): void;
 }
 
+/** Redraws of the line without a terminal (-p into a pipe or file): every this many hundredths of a percent, as qemu-img's 1% steps. */
+const PIPE_STEP = 100;
+
 /**
- * qemu-img's progress line, "    (12.34/100%)" redrawn in place: on a terminal, or
- * anywhere with -p; undefined (nothing printed) otherwise.
+ * Progress of long work (convert, commit, rebase, compare, check -r). On a terminal, a
+ * bar redrawn in place by cli-progress (at most every 100 ms, and only when the shown
+ * value changed); with -p and no terminal, qemu-img's own output, "    (12.00/100%)\r"
+ * at each whole percent and a newline at the end, so scripts written for qemu-img -p
+ * read it; otherwise undefined, and nothing is printed. update() is a compare and
+ * a return between redraws, so -p costs nothing measurable.
  */
 export function progress(forced: boolean | undefined): Progress | undefined {
-  if (!forced && !process.stdout.isTTY) return undefined;
+  const tty = process.stdout.isTTY === true;
+  if (!forced && !tty) return undefined;
   let last = -1;
-  const draw = (done: number): void => {
-    const shown = Math.floor(Math.min(1, Math.max(0, done)) * 10000);
-    if (shown === last) return;
-    last = shown;
-    print(`    (${(shown / 100).toFixed(2)}/100%)\r`);
+  /** The share in hundredths of a percent, 0..10000. */
+  const scaled = (done: number): number => Math.floor(Math.min(1, Math.max(0, done)) * 10000);
+  if (tty) {
+    const bar = new SingleBar(
+      {
+        stream: process.stdout,
+        // qemu-img's numbers beside the bar.
+        format: '{bar} ({pct}/100%)',
+        barsize: 40,
+        fps: 10,
+        // Nothing the terminal would keep if the command ended mid-bar (an error, Ctrl-C):
+        // the cursor stays visible and line wrapping on (the line is cut to the width instead).
+        hideCursor: false,
+        linewrap: true,
+        clearOnComplete: false,
+      },
+      Presets.shades_classic,
+    );
+    const pct = (v: number): { pct: string } => ({ pct: (v / 100).toFixed(2) });
+    bar.start(10000, 0, pct(0));
+    last = 0;
+    return {
+      update: (done) => {
+        const v = scaled(done);
+        if (v === last) return;
+        last = v;
+        bar.update(v, pct(v));
+      },
+      done: () => {
+        bar.update(10000, pct(10000));
+        bar.stop();
+      },
+    };
+  }
+  const draw = (v: number): void => {
+    last = v;
+    print(`    (${(v / 100).toFixed(2)}/100%)\r`);
   };
   draw(0);
   return {
-    update: draw,
+    update: (done) => {
+      const v = scaled(done);
+      if (v >= last + PIPE_STEP) draw(v - (v % PIPE_STEP));
+    },
     done: () => {
-      draw(1);
+      if (last !== 10000) draw(10000);
       print('\n');
     },
   };

@@ -3,12 +3,15 @@
 // made by the format's create() (tsimg create) and written through its node. Sparse:
 // ranges the chain reports as holes are skipped, and 4 KiB blocks of zeros inside data
 // are not written (qemu-img convert's default -S 4k), so the new image stays unallocated there.
-import type { BlockNode } from '../../drivers/types.js';
+// Several sources are concatenated, as qemu-img does. -c writes whole clusters through
+// the node's writeCompressed (qcow2, qcow); vmdk takes -c and compresses exactly when the
+// extents are streamOptimized, as QEMU's vmdk; every other format refuses it.
+import type { BlockNode, Extent } from '../../drivers/types.js';
 import { chainStatus } from '../../fs/extents.js';
 import { openImage } from '../../drivers/open.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
 import { createImage } from '../../drivers/create.js';
-import { UsageError } from '../../drivers/errors.js';
+import { ReadOnlyError, UsageError } from '../../drivers/errors.js';
 import { openForRead, progress, readOnlyOptions, readSecret, type OpenCli } from './common.js';
 
 export interface ConvertCli extends OpenCli {
@@ -25,6 +28,8 @@ export interface ConvertCli extends OpenCli {
   skipCreate?: boolean;
   /** -W: out-of-order writes, several requests in flight. */
   parallel?: boolean;
+  /** -c: compress where the format can (qcow2, qcow; vmdk streamOptimized always does). */
+  compress?: boolean;
 }
 
 const CHUNK = 1 << 20;
@@ -64,6 +69,13 @@ export interface CopyOptions {
   parallel?: boolean;
   /** -B: dst reads a backing file; write only what reads differently from it. */
   onlyDifferences?: boolean;
+  /** -c: whole clusters of data go through dst.writeCompressed. */
+  compress?: boolean;
+}
+
+/** Whether any of `runs` holds data inside [a, b). */
+function dataIn(runs: { offset: number; length: number; data: boolean }[], a: number, b: number): boolean {
+  return runs.some((f) => f.data && f.offset < b && f.offset + f.length > a);
 }
 
 /**
@@ -73,12 +85,46 @@ export interface CopyOptions {
  * -B), zeros are written.
  */
 export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions = {}): Promise<void> {
-  const zeros = new Uint8Array(CHUNK);
+  const cs = o.compress ? dst.compressedClusterSize : undefined;
+  if (o.compress && (cs === undefined || !dst.writeCompressed)) throw new UsageError(`${dst.name}: Compression not supported for this file format`);
+  // A chunk holds whole clusters (qcow2's go up to 2 MiB).
+  const chunkSize = cs === undefined ? CHUNK : Math.max(CHUNK, cs);
+  const zeros = new Uint8Array(chunkSize);
+
+  /** -c: the clusters of the chunk that hold data, read whole and written compressed, all in flight at once. */
+  const compressed = async (pos: number, n: number, runs: { offset: number; length: number; data: boolean }[], fresh: typeof runs, buf: Buffer, cur: Buffer): Promise<void> => {
+    const writes: Promise<void>[] = [];
+    for (let a = pos; a < pos + n; a += cs!) {
+      const b = Math.min(a + cs!, src.size);
+      if (!dataIn(runs, a, b)) continue;
+      writes.push(
+        (async () => {
+          const part = buf.subarray(a - pos, b - pos);
+          await src.read(a, part);
+          // Zeros are left out where the new image reads zeros already; -B writes only what differs.
+          if (!dataIn(fresh, a, b)) {
+            if (allZero(part)) return;
+          } else if (o.onlyDifferences) {
+            const now = cur.subarray(a - pos, b - pos);
+            await dst.read(a, now);
+            if (part.equals(now)) return;
+          }
+          // Only the disk's last cluster may be short; a shorter source's last cluster is written as it is.
+          if (b - a === cs || b === dst.size) await dst.writeCompressed!(a, part);
+          else await dst.write(a, part);
+        })(),
+      );
+    }
+    await Promise.all(writes);
+  };
+
   const chunk = async (pos: number, buf: Buffer, cur: Buffer): Promise<void> => {
-    const n = Math.min(CHUNK, src.size - pos);
+    const n = Math.min(chunkSize, src.size - pos);
     const inDst = Math.min(n, dst.size - pos);
     const fresh = inDst > 0 ? await chainStatus(dst, pos, inDst) : [];
-    for (const r of await chainStatus(src, pos, n)) {
+    const runs = await chainStatus(src, pos, n);
+    for (const r of runs) {
+      if (r.data && cs !== undefined) continue;
       if (r.data) {
         const part = buf.subarray(0, r.length);
         await src.read(r.offset, part);
@@ -97,16 +143,17 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
         else await dst.write(s, zeros.subarray(0, t - s));
       }
     }
+    if (cs !== undefined) await compressed(pos, n, runs, fresh, buf, cur);
   };
-  const chunks = Math.ceil(src.size / CHUNK);
+  const chunks = Math.ceil(src.size / chunkSize);
   let next = 0;
   let done = 0;
   const worker = async (): Promise<void> => {
-    const buf = Buffer.alloc(CHUNK);
-    const cur = Buffer.alloc(o.onlyDifferences ? CHUNK : 0);
+    const buf = Buffer.alloc(chunkSize);
+    const cur = Buffer.alloc(o.onlyDifferences ? chunkSize : 0);
     while (next < chunks) {
       const i = next++;
-      await chunk(i * CHUNK, buf, cur);
+      await chunk(i * chunkSize, buf, cur);
       done++;
       o.progress?.(done / chunks);
     }
@@ -124,8 +171,81 @@ async function writeDifferences(dst: BlockNode, offset: number, data: Buffer, cu
   }
 }
 
-export async function convert(srcSpec: string, dstSpec: string, o: ConvertCli): Promise<void> {
-  const src = await openForRead(srcSpec, o);
+/**
+ * Several sources as one disk, one after the other (qemu-img convert SRC1 SRC2 ... DST):
+ * reads and block status go to the source that holds the bytes. Each source's status
+ * is already resolved through its own chain, so this node has no backing.
+ */
+class Concatenation implements BlockNode {
+  readonly readOnly = true;
+  readonly size: number;
+  private readonly starts: number[] = [];
+
+  constructor(private readonly parts: BlockNode[]) {
+    let at = 0;
+    for (const p of parts) {
+      this.starts.push(at);
+      at += p.size;
+    }
+    this.size = at;
+  }
+
+  get name(): string {
+    return this.parts.map((p) => p.name).join(' + ');
+  }
+
+  /** The pieces of [offset, offset + length) per source: [source, offset in it, length, offset here]. */
+  private pieces(offset: number, length: number): [BlockNode, number, number, number][] {
+    const out: [BlockNode, number, number, number][] = [];
+    this.parts.forEach((p, i) => {
+      const s = Math.max(offset, this.starts[i]!);
+      const t = Math.min(offset + length, this.starts[i]! + p.size);
+      if (t > s) out.push([p, s - this.starts[i]!, t - s, s]);
+    });
+    return out;
+  }
+
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    await Promise.all(this.pieces(offset, dst.length).map(([p, at, n, here]) => p.read(at, dst.subarray(here - offset, here - offset + n))));
+  }
+
+  write(): Promise<void> {
+    return Promise.reject(new ReadOnlyError(`${this.name}: the sources of a convert are read only`));
+  }
+
+  async flush(): Promise<void> {}
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    for (const [p, at, n, here] of this.pieces(offset, length)) {
+      for (const r of await chainStatus(p, at, n)) out.push({ offset: r.offset - at + here, length: r.length, kind: r.data ? 'data' : 'zero' });
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    for (const p of this.parts) await p.close();
+  }
+}
+
+/** Open every source, read-only; one that fails closes those opened before it. */
+async function openSources(specs: string[], o: ConvertCli): Promise<BlockNode> {
+  const opened: BlockNode[] = [];
+  try {
+    for (const spec of specs) opened.push(await openForRead(spec, o));
+  } catch (err) {
+    for (const n of opened) await n.close().catch(() => undefined);
+    throw err;
+  }
+  return opened.length === 1 ? opened[0]! : new Concatenation(opened);
+}
+
+/** Formats that take -c without a compressed write of their own: vmdk compresses its streamOptimized extents always (QEMU's vmdk_co_pwritev_compressed is its plain write). */
+const COMPRESSING_FORMATS = new Set(['vmdk']);
+
+export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli): Promise<void> {
+  if (srcSpecs.length === 0) throw new UsageError('convert needs a source and a target');
+  const src = await openSources(srcSpecs, o);
   try {
     const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
     if (!o.skipCreate) {
@@ -144,9 +264,12 @@ export async function convert(srcSpec: string, dstSpec: string, o: ConvertCli): 
       const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, secret: targetSecret, namedFiles: 'owner', noBacking: o.backingFile === undefined && !o.skipCreate }));
       try {
         if (o.skipCreate && dst.size < src.size) throw new UsageError(`${dstSpec}: the target (${dst.size} bytes) is smaller than the source (${src.size} bytes)`);
-        // Progress on a terminal, or anywhere with -p (qemu-img's line, redrawn in place).
+        // qemu-img's refusal, before anything is written.
+        const compress = o.compress === true && !COMPRESSING_FORMATS.has(o.outputFormat);
+        if (compress && !dst.writeCompressed) throw new UsageError(`${dstSpec}: Compression not supported for this file format`);
+        // Progress on a terminal, or anywhere with -p.
         const show = progress(o.progress);
-        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, onlyDifferences: o.backingFile !== undefined || o.skipCreate === true });
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, onlyDifferences: o.backingFile !== undefined || o.skipCreate === true, compress });
         await dst.flush();
         show?.done();
         ok = true;

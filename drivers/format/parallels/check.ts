@@ -5,14 +5,15 @@
 // counted, as QEMU 7.2 does not count them (so exit codes agree with qemu-img).
 import type { BlockNode, CheckReport } from '../../types.js';
 import { ClusterBitmap, MAX_BITMAP_CLUSTERS } from '../cluster-bitmap.js';
+import { addCorruption, addMessage } from '../check-report.js';
 import type { PagedTable } from '../table-pages.js';
 import { HEADER_BYTES, INUSE_MAGIC, SECTOR, type ParallelsHeader } from './header.js';
 
 export interface ParallelsCheck extends CheckReport {
   /** Where the data ends: past the last cluster in use, and never inside the header and BAT. */
   imageEnd: number;
-  /** BAT indexes whose cluster lies past the end of the file. */
-  outside: number[];
+  /** BAT entries whose cluster lies past the end of the file. */
+  outside: number;
 }
 
 /** Where the data area starts, in bytes (parallels_open's data_end before any cluster). */
@@ -38,12 +39,9 @@ export async function parallelsCheck(file: BlockNode, h: ParallelsHeader, bat: P
     fragmentedClusters: 0,
     compressedClusters: 0,
     imageEnd: 0,
-    outside: [],
+    outside: 0,
   };
-  if (h.inuse === INUSE_MAGIC) {
-    r.corruptions++;
-    r.messages.push('ERROR image was not closed correctly');
-  }
+  if (h.inuse === INUSE_MAGIC) addCorruption(r, 'ERROR image was not closed correctly');
   // Shared clusters are looked for where the file is small enough to track.
   const fileClusters = Math.ceil(size / cs);
   const owner = fileClusters <= MAX_BITMAP_CLUSTERS ? new ClusterBitmap(fileClusters) : undefined;
@@ -58,9 +56,8 @@ export async function parallelsCheck(file: BlockNode, h: ParallelsHeader, bat: P
     }
     // QEMU 7.2 tests the cluster's start only: one starting at the end of the file passes.
     if (off > size) {
-      r.corruptions++;
-      r.outside.push(i);
-      r.messages.push(`ERROR cluster ${i} is outside image`);
+      r.outside++;
+      addCorruption(r, `ERROR cluster ${i} is outside image`);
       if (dropOutside) {
         prevOff = 0;
         return;
@@ -75,12 +72,12 @@ export async function parallelsCheck(file: BlockNode, h: ParallelsHeader, bat: P
     if (prevOff !== 0 && prevOff + cs !== off) r.fragmentedClusters!++;
     prevOff = off;
   });
-  if (shared) r.messages.push(`Warning: ${shared} BAT entries point at clusters another entry uses (not counted, as QEMU 7.2)`);
+  if (shared) addMessage(r, `Warning: ${shared} BAT entries point at clusters another entry uses (not counted, as QEMU 7.2)`);
   r.imageEnd = Math.max(highOff >= 0 ? highOff + cs : 0, dataStart(h));
   r.imageEndOffset = r.imageEnd;
   if (size > r.imageEnd) {
     r.leaks = Math.ceil((size - r.imageEnd) / cs);
-    r.messages.push(`ERROR space leaked at the end of the image ${size - r.imageEnd}`);
+    addMessage(r, `ERROR space leaked at the end of the image ${size - r.imageEnd}`);
   }
   return r;
 }

@@ -112,7 +112,7 @@ export class ParallelsNode extends MappedNode {
   /** qemu-img check: parallels_co_check's report, reading the header and the BAT only. */
   async checkMetadata(): Promise<CheckReport> {
     return this.mutex.run(async () => {
-      const r: CheckReport & { imageEnd?: number; outside?: number[] } = await parallelsCheck(this.file, this.h, this.bat);
+      const r: CheckReport & { imageEnd?: number; outside?: number } = await parallelsCheck(this.file, this.h, this.bat);
       delete r.imageEnd;
       delete r.outside;
       return r;
@@ -132,8 +132,7 @@ export class ParallelsNode extends MappedNode {
         const found = await parallelsCheck(this.file, this.h, this.bat, all);
         const fixed: RepairFixed = { leaks: 0, corruptions: 0 };
         if (all) {
-          for (const i of found.outside) await this.bat.write(i, Buffer.alloc(4));
-          if (found.outside.length) await this.file.flush();
+          if (found.outside) await this.dropOutside();
           // The in-use mark counts as fixed here; close clears it.
           fixed.corruptions = found.corruptions;
         }
@@ -144,6 +143,19 @@ export class ParallelsNode extends MappedNode {
         if (found.leaks && this.file.truncate) fixed.leaks = found.leaks;
         return fixed;
       });
+  }
+
+  /** Unmap every BAT entry whose cluster starts past the end of the file, a page at a time. */
+  private async dropOutside(): Promise<void> {
+    const size = this.file.size;
+    for (let i = 0; i < this.bat.entries; ) {
+      const pg = await this.bat.page(i);
+      const bad: number[] = [];
+      for (let k = 0; k < pg.count; k++) if (pg.view.getUint32(k * 4, true) * this.multiplier * SECTOR > size) bad.push(pg.first + k);
+      for (const b of bad) await this.bat.write(b, Buffer.alloc(4));
+      i = pg.first + pg.count;
+    }
+    await this.file.flush();
   }
 
   protected override async closeLayers(): Promise<void> {

@@ -125,6 +125,21 @@ export function encodeL2(dv: DataView, index: number, host: number, copied: bool
   dv.setUint32(index * 8 + 4, ((host >>> 0) | (zero ? LO.zero : 0)) >>> 0, false);
 }
 
+/**
+ * A compressed cluster's L2 entry (qcow2.txt, "Compressed Clusters Descriptor"): bit 62
+ * set, COPIED clear, the byte offset in bits 0..x-1 and the 512-byte sectors it
+ * reaches into, less one, in bits x..61 (x = 62 - (cluster_bits - 8)); an extended
+ * entry's bitmaps are zero. `length` is the compressed stream's length in bytes.
+ */
+export function encodeL2Compressed(dv: DataView, index: number, extended: boolean, clusterBits: number, offset: number, length: number): void {
+  const x = BigInt(62 - (clusterBits - 8));
+  // QEMU's qcow2_alloc_compressed_cluster_offset: sectors from the first byte's to the last byte's, less one.
+  const extra = BigInt(Math.floor((offset + length - 1) / 512) - Math.floor(offset / 512));
+  const at = index * (extended ? 16 : 8);
+  dv.setBigUint64(at, (1n << 62n) | (extra << x) | BigInt(offset), false);
+  if (extended) dv.setBigUint64(at + 8, 0n, false);
+}
+
 /** An extended L2 entry (16 bytes): descriptor, then zero bitmap (high) and allocation bitmap (low). */
 export function encodeL2Ext(dv: DataView, index: number, host: number, copied: boolean, alloc: number, zeros: number): void {
   dv.setUint32(index * 16, ((copied ? HI.copied : 0) | Math.floor(host / TWO32)) >>> 0, false);

@@ -10,7 +10,9 @@ import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
-import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
+import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
+import { compressBlock, type CompressCodec } from '../../util/compress.js';
+import { COMPRESSION } from './compress.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
 import { HDR, LIMITS } from './header.js';
 import { Mutex } from '../../util/mutex.js';
@@ -109,6 +111,13 @@ export class Qcow2Node implements BlockNode {
   private closed = false;
   /** Releases this node's use of the inflate workers (taken at the first compressed read). */
   private releaseInflate: (() => void) | undefined;
+  /**
+   * Where the next compressed cluster may start: the byte after the last one, inside a
+   * host cluster that holds it (QEMU's free_byte_offset); 0 for none.
+   */
+  private compressedTail = 0;
+  /** The refcounts' decrement count when compressedTail was set: a free since then forgets the tail. */
+  private tailDecrements = 0;
 
   constructor(o: Qcow2NodeOptions) {
     this.file = o.file;
@@ -407,6 +416,91 @@ export class Qcow2Node implements BlockNode {
     if (runs.length === 1) await this.writeData(runs[0]!.host, offset, src);
     else await Promise.all(runs.map((r) => this.writeData(r.host, r.guest, sub(r))));
     return true;
+  }
+
+  /** The codec of this image's compressed clusters, where this node may write them. */
+  private compressCodec(): CompressCodec | undefined {
+    // QEMU refuses compressed writes with an external data file; encrypted clusters are never compressed.
+    if (this.readOnly || this.isView || this.data !== this.file || this.crypt) return undefined;
+    return this.compressionType === COMPRESSION.zlib ? 'deflate-raw' : this.compressionType === COMPRESSION.zstd ? 'zstd' : undefined;
+  }
+
+  get compressedClusterSize(): number | undefined {
+    return this.compressCodec() ? this.cs : undefined;
+  }
+
+  get writeCompressed(): ((offset: number, data: Uint8Array) => Promise<void>) | undefined {
+    const codec = this.compressCodec();
+    return codec && ((offset, data) => this.compressedWrite(codec, offset, data));
+  }
+
+  /**
+   * One whole cluster, compressed (QEMU's qcow2_co_pwritev_compressed): compressed off
+   * the event loop, then under the mutex given bytes packed after the last compressed
+   * cluster, a reference on every host cluster they touch, and the L2 entry. A cluster
+   * that does not shrink, or one that already has a host cluster, is written normally.
+   */
+  private async compressedWrite(codec: CompressCodec, offset: number, data: Uint8Array): Promise<void> {
+    const cs = this.cs;
+    if (offset % cs !== 0 || data.length === 0 || data.length > cs || (data.length < cs && offset + data.length !== this.size)) {
+      throw new UsageError(`${this.name}: a compressed write must be one whole cluster (${data.length} bytes at ${offset})`);
+    }
+    this.checkWritable();
+    await this.prepare();
+    let whole = data;
+    if (data.length < cs) {
+      // The last cluster of a disk whose size is not a multiple of clusters: zero padded.
+      whole = new Uint8Array(cs);
+      whole.set(data);
+    }
+    const packed = await compressBlock(codec, whole, cs - 1);
+    if (!packed) return this.write(offset, data);
+    await this.mutex.run(async () => {
+      const gc = offset / cs;
+      const l1i = Math.floor(offset / this.map.l2Span);
+      const baseIndex = l1i * this.map.l2Entries;
+      const l2Offset = await this.l2ForWrite(l1i);
+      const old = this.map.entry(await this.map.l2Cache.get(l2Offset), gc - baseIndex, gc);
+      if (old.kind === 'compressed' || hasHost(old)) return this.writeLocked(offset, data);
+      const host = await this.allocateBytes(packed.length);
+      // Written to the end of its last sector, so the file never ends inside one (the
+      // padding is the next compressed cluster's place, which overwrites it).
+      const end = Math.ceil((host + packed.length) / SECTOR) * SECTOR;
+      const out = Buffer.alloc(end - host);
+      out.set(packed);
+      await this.writeData(host, offset, out);
+      const table = await this.map.l2Cache.get(l2Offset);
+      encodeL2Compressed(table.view(), gc - baseIndex, this.map.extended, this.map.clusterBits, host, packed.length);
+      this.map.l2Cache.markDirty(table);
+    });
+  }
+
+  /**
+   * `size` bytes (less than a cluster) for compressed data, counted (QEMU's
+   * qcow2_alloc_bytes): after the last compressed cluster while they fit in its host
+   * cluster or the one after it is free, else at the start of a new cluster. Every host
+   * cluster the bytes touch gets one reference more. The caller holds the mutex.
+   */
+  private async allocateBytes(size: number): Promise<number> {
+    const cs = this.cs;
+    let offset = this.compressedTail;
+    if (offset !== 0) {
+      const stale = this.refcounts.decrements !== this.tailDecrements;
+      if (stale || (await this.refcounts.refcount(Math.floor(offset / cs))) >= this.refcounts.maxRefcount) offset = 0;
+    }
+    const room = offset === 0 ? 0 : cs - (offset % cs);
+    if (offset !== 0 && room >= size) {
+      await this.refcounts.adjust(Math.floor(offset / cs), 1);
+    } else {
+      const { start } = await this.refcounts.allocate(1);
+      // The new cluster counts its reference already; the one before it, when the bytes start there, gets one more.
+      if (offset !== 0 && start * cs === offset + room) await this.refcounts.adjust(Math.floor(offset / cs), 1);
+      else offset = start * cs;
+    }
+    const end = offset + size;
+    this.compressedTail = end % cs === 0 ? 0 : end;
+    this.tailDecrements = this.refcounts.decrements;
+    return offset;
   }
 
   /** Write with allocation; the caller holds the mutex. */

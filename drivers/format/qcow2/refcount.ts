@@ -39,7 +39,9 @@ export class Refcounts {
   private readonly order: number;
   private readonly bits: number;
   /** 2^bits - 1; for 64-bit refcounts only compared against, never reached. */
-  private readonly maxRefcount: number;
+  readonly maxRefcount: number;
+  /** Refcounts lowered so far: whoever keeps a cluster index across awaits sees a free happen. */
+  decrements = 0;
   /** Refcounts per block. */
   readonly perBlock: number;
   private table: Buffer;
@@ -132,6 +134,7 @@ export class Refcounts {
     if (v > this.maxRefcount) throw new IoError(`${this.name}: qcow2 refcount overflow for cluster 0x${(cluster * this.clusterSize).toString(16)}`, osc.errno.EOVERFLOW);
     this.setEntry(block, i, v);
     this.cache.markDirty(block);
+    if (delta < 0) this.decrements++;
     if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
   }
 

@@ -10,6 +10,7 @@
 // flag is cleared only when nothing is left to fix.
 import type { BlockNode, CheckReport } from '../../types.js';
 import { messageOf } from '../../errors.js';
+import { addMessage } from '../check-report.js';
 import { ClusterBitmap, MAX_BITMAP_CLUSTERS } from '../cluster-bitmap.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, validTableOffset, type QedHeader } from './header.js';
 
@@ -52,7 +53,7 @@ export async function qedCheck(file: BlockNode, h: QedHeader, fix: boolean, want
       used = new ClusterBitmap(nclusters);
     } catch (err) {
       r.checkErrors++;
-      r.messages.push(`ERROR ${file.name}: ${messageOf(err)}`);
+      addMessage(r, `ERROR ${file.name}: ${messageOf(err)}`);
       return r;
     }
   }
@@ -64,7 +65,7 @@ export async function qedCheck(file: BlockNode, h: QedHeader, fix: boolean, want
     const again = used.mark(offset / cs, n);
     if (again === 0) return true;
     r.corruptions += again;
-    r.messages.push(`ERROR ${what} at ${hex(offset)} shares ${again} cluster(s) with other metadata or data`);
+    addMessage(r, `ERROR ${what} at ${hex(offset)} shares ${again} cluster(s) with other metadata or data`);
     return false;
   };
   /** A bad entry: dropped with fix, counted without. */
@@ -72,10 +73,10 @@ export async function qedCheck(file: BlockNode, h: QedHeader, fix: boolean, want
     if (fix) {
       await file.write(at, zero);
       r.corruptionsFixed++;
-      r.messages.push(`Repairing ${what}`);
+      addMessage(r, `Repairing ${what}`);
     } else {
       r.corruptions++;
-      r.messages.push(`ERROR ${what}`);
+      addMessage(r, `ERROR ${what}`);
     }
   };
   /** Visit each entry of a table, a chunk at a time (a table may be 1 GiB). */
@@ -121,14 +122,14 @@ export async function qedCheck(file: BlockNode, h: QedHeader, fix: boolean, want
     });
   } catch (err) {
     r.checkErrors++;
-    r.messages.push(`ERROR ${messageOf(err)}`);
+    addMessage(r, `ERROR ${messageOf(err)}`);
     r.error = err;
     return r;
   }
   // Leaks only when every table was read (qed_check_for_leaks).
   if (used) {
     r.leaks = used.countClear(h.headerSize, nclusters);
-    if (r.leaks) r.messages.push(`Leaked clusters: ${r.leaks} cluster(s) past the header are referenced by nothing`);
+    if (r.leaks) addMessage(r, `Leaked clusters: ${r.leaks} cluster(s) past the header are referenced by nothing`);
   }
   return r;
 }

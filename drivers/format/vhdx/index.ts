@@ -269,6 +269,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
     backing,
     differencing: differencing ? { logicalSectorSize: md.logicalSectorSize, bitmapCacheBytes: bitmapBytes } : undefined,
     identity: { dataWriteGuid: guidText(headers.active.dataWriteGuid), logicalSectorSize: md.logicalSectorSize },
+    pendingLog: view !== file,
   });
   if (replayed) node.markVisibleWriteDone();
   return node.describedAs({ clusterSize: md.blockSize, dirty: false });

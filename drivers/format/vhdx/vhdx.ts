@@ -1,7 +1,7 @@
 // The vhdx format node: payload blocks mapped through the BAT (specification
 // section 2.5), with every BAT change made durable through the metadata log first,
 // as QEMU's vhdx_co_writev does with vhdx_log_write_and_flush.
-import type { BlockNode } from '../../types.js';
+import type { BlockNode, CheckReport } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { pushRun, type MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode, type BlockPlace } from '../mapped-node.js';
@@ -11,6 +11,7 @@ import { BAT_OFFSET_MASK, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK, encodeHeader, H
 import { encodeLogEntry, maxSectorsPerEntry } from './log.js';
 import type { PagedTable } from '../table-pages.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
+import { addCorruption, addMessage, emptyReport, MAX_CHECK_MESSAGES } from '../check-report.js';
 
 /** The two header copies; updates always go to the older one (section 2.2.2.1). */
 export class Headers {
@@ -74,6 +75,14 @@ export interface VhdxNodeOptions {
   /** Set for a differencing image: blocks not present read from the parent, partial ones through sector bitmaps. */
   differencing?: { logicalSectorSize: number; bitmapCacheBytes: number } | undefined;
   identity: VhdxIdentity;
+  /** Opened read-only with a log that needs replaying (read through it, not replayed). */
+  pendingLog?: boolean;
+}
+
+/** One problem vhdx check finds in the BAT, and the entry a repair unmaps (if any). */
+interface BatProblem {
+  message: string;
+  unmap?: number;
 }
 
 export class VhdxNode extends MappedNode {
@@ -92,9 +101,11 @@ export class VhdxNode extends MappedNode {
   private logSequence = 1n;
   readonly vhdxIdentity: VhdxIdentity;
   private readonly bitmaps: SectorBitmaps | undefined;
+  private readonly pendingLog: boolean;
 
   constructor(o: VhdxNodeOptions) {
     super(o);
+    this.pendingLog = o.pendingLog ?? false;
     ({ blockSize: this.bs, chunkRatio: this.chunkRatio, bat: this.bat, metadata: this.metadata, headers: this.headers, logOffset: this.logOffset, logLength: this.logLength } = o);
     this.vhdxIdentity = o.identity;
     if (o.differencing) this.bitmaps = new SectorBitmaps(o.file, o.blockSize, o.differencing.logicalSectorSize, o.differencing.bitmapCacheBytes);
@@ -198,6 +209,108 @@ export class VhdxNode extends MappedNode {
         };
       }
     }
+  }
+
+  /**
+   * QEMU 7.2's vhdx_check_bat_entries: every fully present BAT entry (payload or
+   * sector bitmap block) must start and end inside the file, and a payload block must
+   * not overlap the log, the BAT or the metadata region; its messages word for word.
+   * Beyond QEMU: a payload block on the header section, or on another payload block
+   * (a write to one would show in the other). The BAT is scanned a page at a time.
+   */
+  private async scanBat(): Promise<{ problems: BatProblem[]; count: number }> {
+    const problems: BatProblem[] = [];
+    let count = 0;
+    const found = (p: BatProblem): void => {
+      count++;
+      // Counted all; kept (for the lines and the repair) up to the report's limit.
+      if (problems.length < MAX_CHECK_MESSAGES) problems.push(p);
+    };
+    const size = BigInt(this.file.size);
+    const bs = BigInt(this.bs);
+    const period = this.chunkRatio + 1;
+    // Blocks start on a MiB and lie inside the file: owner[m] + 1 is the BAT entry
+    // whose block covers MiB m of the file (4 bytes per MiB of file, whatever the BAT says).
+    const owner = new Uint32Array(Math.ceil(this.file.size / MiB));
+    const perBlock = this.bs / MiB;
+    await this.bat.scan((idx, view, at) => {
+      const e = view.getBigUint64(at, true);
+      if (Number(e & 7n) !== PAYLOAD.fullyPresent) return;
+      const off = e & BAT_OFFSET_MASK;
+      // QEMU measures against the virtual size with the BAT index, bitmap entries included.
+      const left = BigInt(this.size) - BigInt(idx) * bs;
+      const length = left > 0n && left < bs ? left : bs;
+      if (off >= size) {
+        found({ message: `VHDX BAT entry ${idx} start offset ${off} points after end of file (${size}). Image has probably been truncated.`, unmap: idx });
+        return;
+      }
+      if (off + length > size) {
+        found({ message: `VHDX BAT entry ${idx} end offset ${off + length - 1n} points after end of file (${size}). Image has probably been truncated.`, unmap: idx });
+        return;
+      }
+      if (idx % period === this.chunkRatio) return;
+      const clash = this.metadata.find(Number(off), this.bs);
+      if (clash) {
+        found({ message: `VHDX region ${off}-${off + bs} overlaps with region ${clash.offset}-${clash.offset + clash.length}`, unmap: idx });
+        return;
+      }
+      // Blocks are all one length, so one that overlaps a block already seen covers its first or its last MiB.
+      const m = Number(off) / MiB;
+      const last = Math.min(owner.length - 1, m + perBlock - 1);
+      const other = owner[m] || owner[last];
+      if (other) {
+        found({ message: `VHDX BAT entry ${idx} (block at ${off}) overlaps the block of BAT entry ${other - 1}`, unmap: idx });
+        return;
+      }
+      owner.fill(idx + 1, m, last + 1);
+    });
+    return { problems, count };
+  }
+
+  /**
+   * qemu-img check for vhdx. A log that needs replaying counts as one corruption:
+   * QEMU refuses the read-only open outright, and replays it on the open for -r.
+   */
+  async checkMetadata(): Promise<CheckReport> {
+    const report = emptyReport();
+    if (this.pendingLog) {
+      addCorruption(report, `VHDX image file '${this.name}' opened read-only, but contains a log that needs to be replayed`);
+      addMessage(report, `To replay the log, run: tsimg check -r all '${this.name}'`);
+    }
+    const { problems, count } = await this.scanBat();
+    for (const p of problems) addMessage(report, p.message);
+    report.corruptions += count;
+    return report;
+  }
+
+  /**
+   * tsimg check -r all: the log was replayed by the writable open already. Beyond
+   * QEMU (which leaves them): each bad BAT entry becomes "not present", so the block
+   * reads as zeros, as a block past the end of the file read under QEMU anyway;
+   * the change goes through the log like any BAT update.
+   */
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+    if (this.readOnly || !this.headers) return undefined;
+    return async (mode) => {
+      if (mode !== 'all') return;
+      const changes = new Map<number, bigint>();
+      for (const p of (await this.scanBat()).problems) if (p.unmap !== undefined) changes.set(p.unmap, BigInt(PAYLOAD.notPresent));
+      if (changes.size === 0) return;
+      await this.firstWrite();
+      await this.mutex.run(async () => {
+        for (const [idx, e] of changes) this.pending.set(idx, e);
+        try {
+          await this.commitBat(changes);
+          for (const [idx, e] of changes) {
+            const b = Buffer.alloc(8);
+            b.writeBigUInt64LE(e);
+            this.bat.patch(idx, b);
+          }
+        } finally {
+          this.pending.clear();
+        }
+      });
+    };
   }
 
   /** The open already changed the data write GUID (replaying a log). */

@@ -2,12 +2,14 @@
 // path, writes that allocate under one lock, and the CID rewritten on the first
 // write after open (QEMU 7.2's vmdk_pwritev / vmdk_write_cid).
 import crypto from 'node:crypto';
-import type { BlockNode } from '../../types.js';
+import type { BlockNode, CheckReport } from '../../types.js';
 import type { MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { readFromBacking } from '../backing.js';
+import { emptyReport } from '../check-report.js';
 import { DESC_SIZE, rewriteCid } from './descriptor.js';
-import type { VmdkExtent, WriteContext } from './extent.js';
+import { SparseExtent, type VmdkExtent, type WriteContext } from './extent.js';
+import { SeSparseExtent } from './sesparse.js';
 
 export interface VmdkNodeOptions {
   /** The image file: the descriptor, or the monolithic sparse file. */
@@ -127,6 +129,16 @@ export class VmdkNode extends MappedNode {
       throw err;
     });
     return this.cidUpdate;
+  }
+
+  /**
+   * qemu-img check for vmdk: each sparse extent's grain directory and tables (flat
+   * extents hold no metadata to check), seSparse ones included.
+   */
+  async checkMetadata(): Promise<CheckReport> {
+    const report = emptyReport();
+    for (const e of this.extents) if (e instanceof SparseExtent || e instanceof SeSparseExtent) await e.check(report);
+    return report;
   }
 
   /** Every file of the image; not under the mutex (grain tables reach their file as they change). */

@@ -1,0 +1,240 @@
+// tsimg convert -c (compressed clusters in qcow2, zlib and zstd, and qcow), several
+// sources concatenated, and the progress output, against qemu-img: qemu-img check must
+// call the image clean, qemu-img compare equal, and qemu-img map must show the
+// compressed clusters (QEMU 7.2 gives no host offset for them).
+import { expect } from 'chai';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { run, runOk, tempDir } from './helpers/qemu.js';
+import { expectClean, openTestImage, patch, TSIMG, tsimg } from './helpers/images.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const TSMOUNT = path.resolve(path.dirname(TSIMG), 'tsmount.js');
+
+interface MapEntry {
+  start: number;
+  length: number;
+  data: boolean;
+  offset?: number;
+}
+
+async function qemuMap(dir: string, file: string): Promise<MapEntry[]> {
+  return JSON.parse(await runOk('qemu-img', ['map', '--output=json', file], { cwd: dir })) as MapEntry[];
+}
+
+async function expectSame(dir: string, a: string, b: string): Promise<void> {
+  const r = await run('qemu-img', ['compare', a, b], { cwd: dir });
+  expect(r.code, `${a} vs ${b}: ${r.stdout}${r.stderr}`).to.equal(0);
+}
+
+async function ok(args: string[], dir: string): Promise<string> {
+  const r = await tsimg(args, dir);
+  expect(r.code, `tsimg ${args.join(' ')}: ${r.stderr}`).to.equal(0);
+  return r.stdout;
+}
+
+/**
+ * A raw source of `size` bytes: compressible data at 0 (1 MiB) and at 6 MiB (text),
+ * zeros written at 2 MiB (must stay unallocated), a short compressible run at 3 MiB,
+ * and random bytes at 5 MiB (clusters that do not shrink, written uncompressed).
+ */
+function makeSource(file: string, size: number): void {
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, size);
+  patch(file, 0, Buffer.alloc(MiB, 0x41));
+  patch(file, 3 * MiB, Buffer.alloc(100 * KiB, 0x33));
+  patch(file, 5 * MiB, crypto.randomBytes(200 * KiB));
+  if (size > 6 * MiB) patch(file, 6 * MiB, Buffer.from('hello world, '.repeat(5000)).subarray(0, Math.min(65000, size - 6 * MiB)));
+}
+
+describe('tsimg convert -c, several sources, progress', function () {
+  this.timeout(300_000);
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('tsimg-convert')));
+  after(() => t.cleanup());
+
+  for (const c of [
+    { what: 'qcow2 (zlib)', fmt: 'qcow2', opts: [] as string[] },
+    { what: 'qcow2 (zstd)', fmt: 'qcow2', opts: ['-o', 'compression_type=zstd'] },
+    { what: 'qcow2 (512-byte clusters)', fmt: 'qcow2', opts: ['-o', 'cluster_size=512'] },
+    { what: 'qcow2 (extended L2)', fmt: 'qcow2', opts: ['-o', 'extended_l2=on'] },
+    { what: 'qcow2 (refcount_bits=1: no cluster shared)', fmt: 'qcow2', opts: ['-o', 'refcount_bits=1'] },
+    { what: 'qcow', fmt: 'qcow', opts: [] as string[] },
+  ]) {
+    it(`convert -c into ${c.what}: clean, equal, compressed`, async () => {
+      const dir = fs.mkdtempSync(path.join(t.dir, 'c-'));
+      // An unaligned size: the last cluster is short (QEMU pads it with zeros).
+      makeSource(path.join(dir, 'src.raw'), 7 * MiB - 3 * 512);
+      await ok(['convert', '-c', '-O', c.fmt, ...c.opts, 'src.raw', `out.${c.fmt}`], dir);
+      await ok(['convert', '-O', c.fmt, ...c.opts, 'src.raw', `plain.${c.fmt}`], dir);
+      if (c.fmt === 'qcow2') {
+        await expectClean(path.join(dir, 'out.qcow2'));
+        const check = JSON.parse(await runOk('qemu-img', ['check', '--output=json', 'out.qcow2'], { cwd: dir })) as { 'compressed-clusters': number };
+        expect(check['compressed-clusters']).to.be.greaterThan(0);
+        if (c.opts.includes('compression_type=zstd')) expect(await runOk('qemu-img', ['info', 'out.qcow2'], { cwd: dir })).to.match(/compression type: zstd/);
+      }
+      await expectSame(dir, 'src.raw', `out.${c.fmt}`);
+      // Ours reads it back too.
+      expect((await tsimg(['compare', 'src.raw', `out.${c.fmt}`], dir)).code).to.equal(0);
+      const map = await qemuMap(dir, `out.${c.fmt}`);
+      const at = (g: number): MapEntry => map.find((e) => e.start <= g && e.start + e.length > g)!;
+      // Compressed: data with no host offset; the random bytes stay plain (with one); zeros are not written.
+      expect(at(0).data).to.equal(true);
+      expect(at(0).offset).to.equal(undefined);
+      expect(at(3 * MiB).offset).to.equal(undefined);
+      expect(at(6 * MiB).offset).to.equal(undefined);
+      expect(at(5 * MiB + 64 * KiB).offset).to.be.a('number');
+      expect(at(2 * MiB).data).to.equal(false);
+      expect(fs.statSync(path.join(dir, `out.${c.fmt}`)).size).to.be.lessThan(fs.statSync(path.join(dir, `plain.${c.fmt}`)).size);
+    });
+  }
+
+  for (const fmt of ['qcow2', 'qcow']) {
+    it(`${fmt} writeCompressed through the node: packed, then overwritten in part, fallen back on allocated clusters`, async () => {
+      const dir = fs.mkdtempSync(path.join(t.dir, 'node-'));
+      const img = path.join(dir, `n.${fmt}`);
+      await runOk('qemu-img', ['create', '-q', '-f', fmt, ...(fmt === 'qcow2' ? ['-o', 'cluster_size=4k'] : []), img, '1M'], { cwd: dir });
+      const expected = Buffer.alloc(MiB);
+      const node = await openTestImage(img, { rw: true });
+      try {
+        const cs = node.compressedClusterSize!;
+        expect(cs).to.equal(4096);
+        const cluster = (seed: number): Buffer => Buffer.from(`cluster ${seed} `.repeat(cs)).subarray(0, cs);
+        // Many small streams: several share a host cluster (qcow2) or follow each other (qcow).
+        const writes = [];
+        for (let i = 0; i < 64; i++) {
+          expected.set(cluster(i), i * cs);
+          writes.push(node.writeCompressed!(i * cs, cluster(i)));
+        }
+        await Promise.all(writes);
+        // A cluster that does not shrink is written plain.
+        const noise = crypto.randomBytes(cs);
+        expected.set(noise, 100 * cs);
+        await node.writeCompressed!(100 * cs, noise);
+        // A partial write into a compressed cluster; a compressed write onto allocated clusters.
+        const part = Buffer.alloc(1000, 0x5a);
+        expected.set(part, 3 * cs + 100);
+        await node.write(3 * cs + 100, part);
+        expected.set(cluster(200), 3 * cs);
+        await node.writeCompressed!(3 * cs, cluster(200));
+        expected.set(cluster(201), 5 * cs);
+        await node.writeCompressed!(5 * cs, cluster(201));
+        await node.flush();
+        // After clusters were freed (qcow2 at flush), new streams still land somewhere safe.
+        expected.set(cluster(300), 150 * cs);
+        await node.writeCompressed!(150 * cs, cluster(300));
+        await node.flush();
+        // Not a whole cluster: refused.
+        let err: unknown;
+        await node.writeCompressed!(7 * cs + 1, cluster(1)).catch((e: unknown) => (err = e));
+        expect(String(err)).to.match(/whole cluster/);
+      } finally {
+        await node.close();
+      }
+      if (fmt === 'qcow2') await expectClean(img);
+      fs.writeFileSync(path.join(dir, 'expected.raw'), expected);
+      await expectSame(dir, 'expected.raw', img);
+      const map = await qemuMap(dir, img);
+      const at = (g: number): MapEntry => map.find((e) => e.start <= g && e.start + e.length > g)!;
+      expect(at(10 * 4096).offset).to.equal(undefined);
+      expect(at(100 * 4096).offset).to.be.a('number');
+    });
+  }
+
+  it('convert -c of a compressed qcow2 into another, with -W', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'cc-'));
+    makeSource(path.join(dir, 'src.raw'), 8 * MiB);
+    await runOk('qemu-img', ['convert', '-c', '-O', 'qcow2', 'src.raw', 'q.qcow2'], { cwd: dir });
+    await ok(['convert', '-c', '-W', '-O', 'qcow2', '-o', 'cluster_size=16k', 'q.qcow2', 'out.qcow2'], dir);
+    await expectClean(path.join(dir, 'out.qcow2'));
+    await expectSame(dir, 'src.raw', 'out.qcow2');
+  });
+
+  it('convert -c into vmdk streamOptimized (compressed always) is accepted; into raw refused as qemu-img', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'refuse-'));
+    makeSource(path.join(dir, 'src.raw'), 8 * MiB);
+    await ok(['convert', '-c', '-O', 'vmdk', '-o', 'subformat=streamOptimized', 'src.raw', 'out.vmdk'], dir);
+    await expectSame(dir, 'src.raw', 'out.vmdk');
+    for (const fmt of ['raw', 'vdi', 'vpc']) {
+      const r = await tsimg(['convert', '-c', '-O', fmt, 'src.raw', `out.${fmt}`], dir);
+      expect(r.code, fmt).to.equal(1);
+      expect(r.stderr.trim().split('\n'), fmt).to.have.length(1);
+      expect(r.stderr).to.contain(`out.${fmt}: Compression not supported for this file format`);
+      // Nothing half made is left behind.
+      expect(fs.existsSync(path.join(dir, `out.${fmt}`)), fmt).to.equal(false);
+    }
+  });
+
+  it('several sources are concatenated, as qemu-img convert SRC1 SRC2 DST', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'cat-'));
+    makeSource(path.join(dir, 'a.raw'), 7 * MiB - 512);
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'b.qcow2', '5M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 64k 1M', '-c', 'write -z 2M 1M', '-c', 'write -P 9 4M 512k', 'b.qcow2'], { cwd: dir });
+    await runOk('qemu-img', ['convert', '-O', 'raw', 'a.raw', 'b.qcow2', 'a.raw', 'theirs.raw'], { cwd: dir });
+    await ok(['convert', '-O', 'qcow2', 'a.raw', 'b.qcow2', 'a.raw', 'ours.qcow2'], dir);
+    await ok(['convert', '-c', '-O', 'qcow2', 'a.raw', 'b.qcow2', 'a.raw', 'ours-c.qcow2'], dir);
+    for (const f of ['ours.qcow2', 'ours-c.qcow2']) {
+      await expectClean(path.join(dir, f));
+      await expectSame(dir, 'theirs.raw', f);
+      const info = JSON.parse(await runOk('qemu-img', ['info', '--output=json', f], { cwd: dir })) as { 'virtual-size': number };
+      expect(info['virtual-size']).to.equal(fs.statSync(path.join(dir, 'theirs.raw')).size);
+    }
+    const one = await tsimg(['convert', 'a.raw'], dir);
+    expect(one.code).to.equal(1);
+    expect(one.stderr).to.match(/source and a target/);
+  });
+
+  it('progress: a bar redrawn on a terminal, qemu-img lines with -p into a pipe, nothing otherwise', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'progress-'));
+    makeSource(path.join(dir, 'src.raw'), 32 * MiB);
+    // script(1) gives the command a pseudo-terminal; what it printed comes out on our stdout.
+    const pty = await run('script', ['-qec', `${process.execPath} ${TSIMG} convert -c -O qcow2 src.raw pty.qcow2`, '/dev/null'], { cwd: dir });
+    expect(pty.code, pty.stderr).to.equal(0);
+    const draws = pty.stdout.match(/\((\d+\.\d\d)\/100%\)/g) ?? [];
+    expect(draws.length, pty.stdout).to.be.greaterThan(1);
+    expect(draws[0]).to.equal('(0.00/100%)');
+    expect(draws[draws.length - 1]).to.equal('(100.00/100%)');
+    // Redrawn in place: back to the start of the line, never a new line until the end.
+    expect(pty.stdout).to.contain('\x1b[1G');
+    expect(pty.stdout.trimEnd().split('\n')).to.have.length(1);
+    await expectSame(dir, 'src.raw', 'pty.qcow2');
+
+    const piped = await ok(['convert', '-p', '-O', 'qcow2', 'src.raw', 'p.qcow2'], dir);
+    expect(piped.startsWith('    (0.00/100%)\r'), JSON.stringify(piped)).to.equal(true);
+    expect(piped.endsWith('    (100.00/100%)\r\n'), JSON.stringify(piped)).to.equal(true);
+    // Whole percents only (qemu-img's steps), so -p into a log stays short.
+    for (const d of piped.trim().split('\r')) expect(d.trim()).to.match(/^\(\d+\.00\/100%\)$/);
+    expect(await ok(['convert', '-O', 'qcow2', 'src.raw', 'q.qcow2'], dir)).to.equal('');
+  });
+
+  it('tsmount says on a terminal what a slow open waits for, after a second; nothing into a pipe', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'slow-'));
+    const mnt = path.join(dir, 'mnt');
+    fs.mkdirSync(mnt);
+    // An NBD "server" that answers nothing for two seconds, then hangs up: the mount fails, slowly.
+    const sockets = new Set<net.Socket>();
+    const server = net.createServer((s) => {
+      sockets.add(s);
+      setTimeout(() => s.destroy(), 2000);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as net.AddressInfo).port;
+    const uri = `nbd://127.0.0.1:${port}/x`;
+    try {
+      const pty = await run('script', ['-qec', `${process.execPath} ${TSMOUNT} ${uri} ${mnt}`, '/dev/null'], { cwd: dir });
+      expect(pty.stdout).to.contain(`tsmount: waiting for ${uri} to open (the remote server)...`);
+      expect(pty.stdout).to.match(/hung up|closed|handshake/);
+      const piped = await run(process.execPath, [TSMOUNT, uri, mnt], { cwd: dir });
+      expect(piped.code).to.equal(1);
+      expect(piped.stderr).to.not.contain('waiting for');
+      expect(piped.stderr.trim().split('\n')).to.have.length(1);
+    } finally {
+      for (const s of sockets) s.destroy();
+      server.close();
+    }
+    expect(fs.readFileSync('/proc/mounts', 'utf8')).to.not.contain(mnt);
+  });
+});
