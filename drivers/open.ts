@@ -38,6 +38,8 @@ export interface ImageOptions {
   noBacking?: boolean;
   /** Metadata only: encrypted images open without a passphrase, data is refused (OpenOptions.noIo). */
   noIo?: boolean;
+  /** Opened for a repair (tsimg check -r): OpenOptions.check. */
+  check?: boolean;
 }
 
 const formats = new WeakMap<BlockNode, string>();
@@ -179,6 +181,7 @@ async function openChain(
       secret: opts.secret,
       noBacking: opts.noBacking,
       noIo: opts.noIo,
+      check: opts.check,
       openFile: async (name, role = 'file') => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);

@@ -35,6 +35,22 @@ export interface CheckReport {
   fragmentedClusters?: number;
   compressedClusters?: number;
   imageEndOffset?: number;
+  /**
+   * Any -r runs the repair, whatever was found (QED: QEMU's check fixes whatever it
+   * can under either mode, and clears the need-check flag).
+   */
+  repairAlways?: boolean;
+}
+
+/**
+ * What a repair fixed, when the repair counts it itself (qemu-img's leaks_fixed,
+ * corruptions_fixed): a fix can uncover more to fix in the same pass (a dropped
+ * entry leaves its cluster leaked, and the cut that frees it), which the difference
+ * of two checks does not see.
+ */
+export interface RepairFixed {
+  leaks: number;
+  corruptions: number;
 }
 
 /** One internal snapshot as qemu-img info lists it. */
@@ -166,7 +182,7 @@ export interface BlockNode {
    * 'all' also raises counts that are too low; writable nodes only, and nothing may be
    * written through the node afterwards (close it and open again).
    */
-  repairMetadata?(mode: 'leaks' | 'all'): Promise<void>;
+  repairMetadata?(mode: 'leaks' | 'all'): Promise<RepairFixed | void>;
   /** Create, delete and revert to internal snapshots (tsimg snapshot); writable qcow2 nodes, and Sheepdog VDIs (create only). */
   readonly snapshotControl?: SnapshotControl | undefined;
   /** Make every cluster of this layer unallocated, so it reads its backing file (tsimg commit). */
@@ -209,6 +225,12 @@ export interface OpenOptions {
    * passphrase, and the node refuses to read or write its data.
    */
   noIo?: boolean;
+  /**
+   * Opened to be checked and repaired (tsimg check -r; QEMU's BDRV_O_CHECK): a format
+   * that refuses a dirty image read/write, or repairs it on open, leaves that to
+   * repairMetadata.
+   */
+  check?: boolean;
 }
 
 export interface FormatDriver {

@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, CheckReport, Extent, ImageDescription, SnapshotControl } from '../types.js';
+import type { BlockNode, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
@@ -101,7 +101,7 @@ export class Filter implements BlockNode {
     const next = this.next;
     return next.checkMetadata && (() => next.checkMetadata!());
   }
-  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<RepairFixed | void>) | undefined {
     const next = this.next;
     return next.repairMetadata && ((mode) => next.repairMetadata!(mode));
   }

@@ -3,7 +3,7 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BlockNode, SnapshotControl } from '../types.js';
+import type { BlockNode, RepairFixed, SnapshotControl } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
 import { Filter } from './filter.js';
@@ -44,7 +44,7 @@ export class ReadOnlyFilter extends Filter {
     return this.next.truncate && (() => Promise.reject(this.refusal()));
   }
 
-  override get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<void>) | undefined {
+  override get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<RepairFixed | void>) | undefined {
     return this.next.repairMetadata && (() => Promise.reject(this.refusal()));
   }
 

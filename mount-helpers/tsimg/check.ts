@@ -30,7 +30,7 @@ export function checkJson(spec: string, format: string, r: CheckReport, fixed?: 
   if (fixed?.leaks) j['leaks-fixed'] = fixed.leaks;
   if (r.fragmentedClusters) j['fragmented-clusters'] = r.fragmentedClusters;
   if (r.compressedClusters) j['compressed-clusters'] = r.compressedClusters;
-  if (r.allocatedClusters !== undefined) j['allocated-clusters'] = r.allocatedClusters;
+  if (r.allocatedClusters) j['allocated-clusters'] = r.allocatedClusters;
   j.filename = spec;
   j.format = format;
   return j;
@@ -49,7 +49,7 @@ export function checkHuman(r: CheckReport): string {
     if (r.leaks) out += `\n${r.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
     if (r.checkErrors) out += `\n${r.checkErrors} internal errors have occurred during the check.\n`;
   }
-  if (r.totalClusters && r.allocatedClusters !== undefined) {
+  if (r.totalClusters && r.allocatedClusters) {
     const a = r.allocatedClusters;
     out += `${a}/${r.totalClusters} = ${percent(a, r.totalClusters)}% allocated, ${percent(r.fragmentedClusters ?? 0, a)}% fragmented, ${percent(r.compressedClusters ?? 0, a)}% compressed clusters\n`;
   }
@@ -84,16 +84,16 @@ async function runCheck(spec: string, o: CheckCli): Promise<{ format: string; re
 }
 
 /** -r: the writable open, the format's repair, closed before the image is checked again. */
-async function runRepair(spec: string, o: CheckCli, mode: 'leaks' | 'all', format: string): Promise<void> {
+async function runRepair(spec: string, o: CheckCli, mode: 'leaks' | 'all', format: string): Promise<Fixed | void> {
   let node;
   try {
-    node = await openImage(spec, writableOptions(o, { noBacking: true }));
+    node = await openImage(spec, writableOptions(o, { noBacking: true, check: true }));
   } catch (err) {
     throw new ExitError(messageOf(err), 1);
   }
   try {
     if (!node.repairMetadata) throw new ExitError(`${spec}: this image format (${format}) does not support repairs`, 1);
-    await node.repairMetadata(mode);
+    return await node.repairMetadata(mode);
   } finally {
     await node.close();
   }
@@ -107,14 +107,14 @@ export async function check(spec: string, o: CheckCli): Promise<number> {
   // The per-problem lines go to stderr, as qemu-img's do.
   for (const m of r.messages) process.stderr.write(`${m}\n`);
   let fixed: Fixed | undefined;
-  const needs = o.repair === 'all' ? r.leaks + r.corruptions > 0 : o.repair === 'leaks' && r.leaks > 0;
+  const needs = r.repairAlways || (o.repair === 'all' ? r.leaks + r.corruptions > 0 : o.repair === 'leaks' && r.leaks > 0);
   if (o.repair !== undefined && needs && r.checkErrors === 0) {
     const show = o.output === 'human' ? progress(o.progress) : undefined;
-    await runRepair(spec, o, o.repair, first.format);
+    const counted = await runRepair(spec, o, o.repair, first.format);
     show?.done();
     const again = (await runCheck(spec, o)).report;
-    fixed = { leaks: Math.max(0, r.leaks - again.leaks), corruptions: Math.max(0, r.corruptions - again.corruptions) };
-    if (o.output === 'human') {
+    fixed = counted ?? { leaks: Math.max(0, r.leaks - again.leaks), corruptions: Math.max(0, r.corruptions - again.corruptions) };
+    if (o.output === 'human' && fixed.leaks + fixed.corruptions > 0) {
       print(`The following inconsistencies were found and repaired:\n\n    ${fixed.leaks} leaked clusters\n    ${fixed.corruptions} corruptions\n\nDouble checking the fixed image now...\n`);
     }
     r = again;

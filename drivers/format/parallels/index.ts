@@ -19,7 +19,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
   const head = await readHead(file, HEADER_BYTES, 'parallels');
   const h = parseHeader(head, file.size, name);
-  if (!opts.readOnly && h.inuse === INUSE_MAGIC) {
+  if (!opts.readOnly && h.inuse === INUSE_MAGIC && !opts.check) {
     throw new CorruptImageError(`${name}: parallels image was not closed correctly; it cannot be opened read/write (repair with 'qemu-img check -r all')`);
   }
   // The BAT lies inside the file (parseHeader checks), read a page at a time as needed.

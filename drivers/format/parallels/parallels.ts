@@ -1,11 +1,12 @@
 // The Parallels format node (QEMU's block/parallels.c). Clusters are allocated at
 // data_end, the end of the data area; the cluster's bytes go first, its BAT entry
 // after. The file is trimmed to data_end and the in-use mark cleared on close.
-import type { BlockNode } from '../../types.js';
+import type { BlockNode, CheckReport, RepairFixed } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import type { MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
-import { HDR, SECTOR, type ParallelsHeader } from './header.js';
+import { HDR, INUSE_MAGIC, SECTOR, type ParallelsHeader } from './header.js';
+import { parallelsCheck } from './check.js';
 import type { PagedTable } from '../table-pages.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 
@@ -17,6 +18,8 @@ export class ParallelsNode extends MappedNode {
   private readonly multiplier: number;
   /** End of the data area, in sectors. */
   private dataEnd: number;
+  /** A repair of leaks only leaves the in-use mark (a corruption) for a repair of all. */
+  private keepInuse = false;
 
   constructor(
     file: BlockNode,
@@ -106,13 +109,64 @@ export class ParallelsNode extends MappedNode {
     await this.bat.write(c, entries);
   }
 
+  /** qemu-img check: parallels_co_check's report, reading the header and the BAT only. */
+  async checkMetadata(): Promise<CheckReport> {
+    return this.mutex.run(async () => {
+      const r: CheckReport & { imageEnd?: number; outside?: number } = await parallelsCheck(this.file, this.h, this.bat);
+      delete r.imageEnd;
+      delete r.outside;
+      return r;
+    });
+  }
+
+  /**
+   * qemu-img check -r: 'all' drops BAT entries past the end of the file and clears the
+   * in-use mark; both modes cut the file after the last cluster in use. The cut and
+   * the mark happen at close, which trims the file to data_end.
+   */
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<RepairFixed>) | undefined {
+    if (this.readOnly) return undefined;
+    return (mode) =>
+      this.mutex.run(async () => {
+        const all = mode === 'all';
+        const found = await parallelsCheck(this.file, this.h, this.bat, all);
+        const fixed: RepairFixed = { leaks: 0, corruptions: 0 };
+        if (all) {
+          if (found.outside) await this.dropOutside();
+          // The in-use mark counts as fixed here; close clears it.
+          fixed.corruptions = found.corruptions;
+        }
+        this.keepInuse = !all && this.h.inuse === INUSE_MAGIC;
+        // data_end follows the BAT as repaired; close trims the file to it (or, for a
+        // cluster starting right at the end, extends it over that cluster).
+        if (all || found.leaks) this.dataEnd = found.imageEnd / SECTOR;
+        if (found.leaks && this.file.truncate) fixed.leaks = found.leaks;
+        return fixed;
+      });
+  }
+
+  /** Unmap every BAT entry whose cluster starts past the end of the file, a page at a time. */
+  private async dropOutside(): Promise<void> {
+    const size = this.file.size;
+    for (let i = 0; i < this.bat.entries; ) {
+      const pg = await this.bat.page(i);
+      const bad: number[] = [];
+      for (let k = 0; k < pg.count; k++) if (pg.view.getUint32(k * 4, true) * this.multiplier * SECTOR > size) bad.push(pg.first + k);
+      for (const b of bad) await this.bat.write(b, Buffer.alloc(4));
+      i = pg.first + pg.count;
+    }
+    await this.file.flush();
+  }
+
   protected override async closeLayers(): Promise<void> {
     try {
       if (!this.readOnly) {
         await this.flush();
         // parallels_close: clean again, and no space past the data (unless the BAT
         // proved corrupt: then data_end may be short of clusters in use).
-        await this.file.write(HDR.inuse, Buffer.alloc(4));
+        const mark = Buffer.alloc(4);
+        if (this.keepInuse) mark.writeUInt32LE(INUSE_MAGIC);
+        await this.file.write(HDR.inuse, mark);
         if (this.file.truncate && !this.sawCorruption && this.file.size !== this.dataEnd * SECTOR) await this.file.truncate(this.dataEnd * SECTOR);
         await this.file.flush();
       }

@@ -45,8 +45,9 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       await file.write(0, encodeHeader(h));
       await file.flush();
     }
-    // Left dirty by a writer that did not close it: check and repair, as QEMU does.
-    if (h.features & FEATURE.needCheck) {
+    // Left dirty by a writer that did not close it: check and repair, as QEMU does
+    // (not when opened for tsimg check -r, which runs the same walk itself).
+    if (h.features & FEATURE.needCheck && !opts.check) {
       const { features } = await checkAndRepair(file, h, barriers);
       h = { ...h, features };
     }

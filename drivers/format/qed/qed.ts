@@ -2,7 +2,7 @@
 // the shared mapped read path, allocating writes in QEMU's order: the need-check
 // flag, then the data (and a flush when a backing file shows through), then a new
 // L2 table, then the L1 or L2 entry that points at it. The flag is cleared on flush.
-import type { BlockNode } from '../../types.js';
+import type { BlockNode, CheckReport, RepairFixed } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { readFromBacking } from '../backing.js';
 import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
@@ -10,6 +10,7 @@ import { pushRun, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
+import { checkAndRepair, qedCheck } from './check.js';
 
 export interface QedNodeOptions {
   file: BlockNode;
@@ -258,6 +259,31 @@ export class QedNode extends MappedNode {
       const n = Math.min(ZERO_CHUNK, b - pos);
       await this.writeRange(pos, n, Buffer.alloc(n));
     }
+  }
+
+  /** qemu-img check: the walk of block/qed-check.c without fixing anything. */
+  async checkMetadata(): Promise<CheckReport> {
+    return this.mutex.run(async () => {
+      const r: CheckReport & { error?: unknown; corruptionsFixed?: number } = await qedCheck(this.file, this.h, false);
+      delete r.error;
+      delete r.corruptionsFixed;
+      return { ...r, repairAlways: true };
+    });
+  }
+
+  /**
+   * qemu-img check -r: QEMU's qed check fixes whatever it can under either mode
+   * (bdrv_qed_co_check passes !!fix), so 'leaks' drops bad entries too. Leaks
+   * themselves stay: QED has no way to free a cluster.
+   */
+  get repairMetadata(): ((mode: 'leaks' | 'all') => Promise<RepairFixed>) | undefined {
+    if (this.readOnly) return undefined;
+    return () =>
+      this.mutex.run(async () => {
+        const { result, features } = await checkAndRepair(this.file, { ...this.h, features: this.features }, this.barriers);
+        this.features = features;
+        return { leaks: 0, corruptions: result.corruptionsFixed };
+      });
   }
 
   protected override async flushLocked(): Promise<void> {
