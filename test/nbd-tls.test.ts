@@ -137,7 +137,7 @@ describe('NBD TLS: nbds:// names, --object tls-creds-*, tls-creds= in --image-op
       [['tls-creds-x509,id=a,dir=/d,endpoint=server'], /endpoint must be client/],
       [['tls-creds-x509,id=a'], /dir=DIR is required/],
       [['tls-creds-x509,dir=/d'], /id=ID is required/],
-      [['secret,id=s,data=x'], /not supported here/],
+      [['iothread,id=s'], /not supported here/], [['secret,id=s'], /data=TEXT or file=FILE/],
       [['tls-creds-x509,id=a,dir=/d,priority=NORMAL'], /'priority' is not supported/],
       [['tls-creds-x509,id=a,dir=/d', 'tls-creds-psk,id=a,dir=/e'], /given twice/],
     ];
