@@ -68,6 +68,11 @@ export interface ImageDescription {
   snapshots?: SnapshotDescription[];
   /** qemu-img info's "format-specific": { type, data } with QEMU's key names. */
   formatSpecific?: { type: string; data: Record<string, unknown> };
+  /**
+   * Persistent dirty bitmaps (qcow2 v3): present, possibly empty, where the layer can
+   * hold them; each bitmap covers the layer's virtual size (qemu-img measure sizes them).
+   */
+  bitmaps?: { name: string; granularity: number; flags: string[] }[];
 }
 
 /** How the node above wants writes and flushes treated (QEMU's cache modes). */
