@@ -4,7 +4,8 @@
 import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription, SnapshotControl } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, type SnapshotContext, type SnapshotState } from './snapshot-ops.js';
-import { amendQcow2, rewriteHeader } from './amend.js';
+import { amendQcow2, rewriteHeader, type Downgrader } from './amend.js';
+import { checkDowngrade, expandZeroClusters, hasCompressedClusters } from './downgrade.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
@@ -12,7 +13,7 @@ import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
-import { HDR, LIMITS } from './header.js';
+import { EXT, HDR, INCOMPAT, LIMITS } from './header.js';
 import { Mutex } from '../../util/mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { OL, type MetadataGuard } from './overlap.js';
@@ -847,7 +848,37 @@ export class Qcow2Node implements BlockNode {
   async amend(options: CreateOptions): Promise<void> {
     this.checkWritable();
     await this.flush();
-    await this.mutex.run(() => amendQcow2(this.file, this.cs, options));
+    const state = this.snapshotState;
+    const ctx: SnapshotContext | undefined = state && {
+      file: this.file,
+      name: this.name,
+      map: this.map,
+      refcounts: this.refcounts,
+      guard: this.guard,
+      state,
+      size: this.size,
+      growL1: (entries) => this.growL1(entries),
+      setSize: (size) => this.setSize(size),
+    };
+    // compat=0.10 (downgrade.ts): refusals first, then the zero clusters written out,
+    // refcounts before the tables that name the new clusters.
+    const downgrader: Downgrader | undefined = ctx && {
+      check: async (h) => {
+        checkDowngrade(h, ctx, h.extensions.some((e) => e.type === EXT.bitmaps));
+        if ((h.incompatibleFeatures & INCOMPAT.compression) !== 0n && (await hasCompressedClusters(ctx))) {
+          throw new UnsupportedError(`${this.name}: Cannot downgrade an image with zstd compression type and existing compressed clusters`);
+        }
+      },
+      expand: async (h) => {
+        await this.prepare();
+        await expandZeroClusters(ctx, h.backingFile !== undefined);
+        await this.refcountCache.flush();
+        await this.barrier();
+        await this.map.l2Cache.flush();
+        await this.file.flush();
+      },
+    };
+    await this.mutex.run(() => amendQcow2(this.file, this.cs, options, downgrader));
   }
 
   /** Internal snapshots changed in place (snapshot-ops.ts); the active writable node only. */
