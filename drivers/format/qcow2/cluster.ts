@@ -167,6 +167,17 @@ export class ClusterMap {
       let index = gc - l1i * this.l2Entries;
       while (pos < tableEnd) {
         const cstart = gc * cs;
+        if (!this.extended && dv.getUint32(index * 8) === 0 && dv.getUint32(index * 8 + 4) === 0) {
+          // Empty entries (most of a sparse disk) need no decoding: one run for all in a row.
+          let k = index + 1;
+          while (cstart + (k - index) * cs < tableEnd && dv.getUint32(k * 8) === 0 && dv.getUint32(k * 8 + 4) === 0) k++;
+          const stop = Math.min(tableEnd, cstart + (k - index) * cs);
+          push(runs, pos, stop - pos, 'unallocated', 0, false);
+          pos = stop;
+          gc += k - index;
+          index = k;
+          continue;
+        }
         const next = Math.min(tableEnd, cstart + cs);
         const e = decodeL2(dv, index, layout, this.name, cstart);
         if (e.kind === 'compressed') {
