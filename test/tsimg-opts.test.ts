@@ -248,3 +248,73 @@ describe('tsimg amend -o compat=0.10: the downgrade', function () {
     expect(fs.readFileSync(bm).equals(bytes)).to.equal(true);
   });
 });
+
+describe('tsimg map: past the end and zeros, field by field against qemu-img map', function () {
+  this.timeout(120_000);
+  let tmp: { dir: string; cleanup: () => void };
+  before(() => (tmp = tempDir('tsimg-map')));
+  after(() => tmp.cleanup());
+
+  const same = async (args: string[]): Promise<void> => {
+    const theirs = await runOk('qemu-img', ['map', '--output', 'json', ...args]);
+    const ours = await tsimg(['map', '--output', 'json', ...args]);
+    expect(ours.stderr, args.join(' ')).to.equal('');
+    // The same text: every entry, every field, in qemu-img's order and layout.
+    expect(ours.stdout, args.join(' ')).to.equal(theirs);
+    // And the human form (data runs with their file and offset).
+    const human = await run('qemu-img', ['map', ...args]);
+    const oursHuman = await tsimg(['map', ...args]);
+    if (human.code === 0) expect(oursHuman.stdout, args.join(' ')).to.equal(human.stdout);
+    else expect(oursHuman.code).to.equal(1);
+  };
+
+  it('a qcow2 over shorter backing files (raw of an odd size, qcow2), a raw file, a sparse raw file of an odd size', async () => {
+    const d = tmp.dir;
+    // A raw backing file of 3000000 bytes (not a cluster multiple) with data inside and at its last bytes.
+    const rawBase = path.join(d, 'base.raw');
+    fs.writeFileSync(rawBase, Buffer.alloc(0));
+    fs.truncateSync(rawBase, 3_000_000);
+    const fd = fs.openSync(rawBase, 'r+');
+    fs.writeSync(fd, Buffer.alloc(80 * 1024, 0x5a), 0, 80 * 1024, 40 * 1024);
+    fs.writeSync(fd, Buffer.from('end'), 0, 3, 2_999_990);
+    fs.closeSync(fd);
+    const overRaw = path.join(d, 'over-raw.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', rawBase, '-F', 'raw', overRaw, '10000000']);
+    await qemuIo(overRaw, 'qcow2', ['write -P 2 1M 64k', 'write -z 5M 64k']);
+    await same([overRaw]);
+    // 4 KiB clusters: compressed, unmapped zeros, data across the backing file's end.
+    const small = path.join(d, 'small-clusters.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', rawBase, '-F', 'raw', small, '8M']);
+    await qemuIo(small, 'qcow2', ['write -c -P 7 0 64k', 'write -z -u 2M 64k', 'write -P 1 2990080 8k']);
+    await same([small]);
+    // Three layers, each longer than the one below, zero clusters over data.
+    const b3 = path.join(d, 'b3.qcow2');
+    await createImage(b3, 'qcow2', '2M');
+    await qemuIo(b3, 'qcow2', ['write -P 1 0 2M']);
+    const m3 = path.join(d, 'm3.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', b3, '-F', 'qcow2', m3, '4M']);
+    await qemuIo(m3, 'qcow2', ['write -z 1M 64k', 'write -P 3 3M 64k']);
+    const t3 = path.join(d, 't3.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', m3, '-F', 'qcow2', t3, '6M']);
+    await qemuIo(t3, 'qcow2', ['write -P 4 0 64k', 'write -z 2M 64k']);
+    await same([t3]);
+    // An overlay shorter than its backing file.
+    const shortTop = path.join(d, 'short.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', rawBase, '-F', 'raw', shortTop, '1000000']);
+    await same([shortTop]);
+    // Raw: fully written, and sparse with data, written zeros and an odd size.
+    const plain = path.join(d, 'plain.raw');
+    fs.writeFileSync(plain, Buffer.alloc(3 << 20, 0x11));
+    await same(['-f', 'raw', plain]);
+    const sparse = path.join(d, 'sparse.raw');
+    fs.writeFileSync(sparse, Buffer.alloc(0));
+    fs.truncateSync(sparse, 100 * 1024 * 1024 + 1);
+    const sfd = fs.openSync(sparse, 'r+');
+    fs.writeSync(sfd, Buffer.alloc(192 * 1024, 0x33), 0, 192 * 1024, 6_553_600);
+    fs.writeSync(sfd, Buffer.alloc(192 * 1024, 0), 0, 192 * 1024, 19_660_800);
+    fs.writeSync(sfd, Buffer.from('abc'), 0, 3, 50 * 1024 * 1024 + 7);
+    fs.writeSync(sfd, Buffer.from('z'), 0, 1, 100 * 1024 * 1024);
+    fs.closeSync(sfd);
+    await same(['-f', 'raw', sparse]);
+  });
+});
