@@ -317,4 +317,20 @@ describe('tsimg map: past the end and zeros, field by field against qemu-img map
     fs.closeSync(sfd);
     await same(['-f', 'raw', sparse]);
   });
+
+  it('preallocated zero clusters keep their offset; metadata preallocation: data clusters the file holds as holes read as zeros', async () => {
+    const d = tmp.dir;
+    const za = path.join(d, 'zero-alloc.qcow2');
+    await createImage(za, 'qcow2', '12M');
+    await qemuIo(za, 'qcow2', ['write -P 2 4M 64k', 'write -z 4M 64k', 'write -P 4 8M 192k', 'write -z 8M 192k', 'write -z -u 10M 64k']);
+    await same([za]);
+    // QEMU asks the file under a metadata-preallocated image (qcow2_detect_metadata_preallocation).
+    const cases: [string, string][] = [['pm.qcow2', 'preallocation=metadata'], ['pm4k.qcow2', 'preallocation=metadata,cluster_size=4k'], ['pf.qcow2', 'preallocation=falloc']];
+    for (const [name, opts] of cases) {
+      const f = path.join(d, name);
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts, f, '5M']);
+      await qemuIo(f, 'qcow2', ['write -P 1 0 64k', 'write -P 2 1M 4k', 'write -z 2M 64k']);
+      await same([f]);
+    }
+  });
 });

@@ -183,7 +183,8 @@ export class ClusterMap {
         if (e.kind === 'compressed') {
           runs.push({ guest: pos, length: next - pos, kind: 'compressed', host: 0, copied: false, cOffset: e.cOffset, cLength: e.cLength, clusterGuest: cstart });
         } else if (!this.extended) {
-          push(runs, pos, next - pos, e.kind, e.kind === 'data' ? e.host + (pos - cstart) : 0, e.copied);
+          // A preallocated zero cluster keeps its host offset (qemu-img map shows it).
+          push(runs, pos, next - pos, e.kind, (e.kind === 'data' || e.kind === 'zero') && e.host !== 0 ? e.host + (pos - cstart) : 0, e.copied);
         } else {
           // One run per subcluster, merged by push().
           const scs = this.subclusterSize;
@@ -211,7 +212,9 @@ function push(runs: Run[], guest: number, length: number, kind: ClusterKind, hos
     last &&
     last.kind === kind &&
     kind !== 'compressed' &&
-    (kind !== 'data' || (last.copied === copied && last.host + last.length === host))
+    (kind === 'unallocated' ||
+      (kind === 'zero' && (last.host === 0) === (host === 0) && (host === 0 || last.host + last.length === host)) ||
+      (kind === 'data' && last.copied === copied && last.host + last.length === host))
   ) {
     last.length += length;
     return;

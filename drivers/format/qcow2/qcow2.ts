@@ -997,13 +997,56 @@ export class Qcow2Node implements BlockNode {
     const hostKnown = this.data === this.file && !this.crypt;
     for (const r of runs) {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
-      const host = hostKnown && r.kind === 'data' ? r.host : undefined;
+      const host = hostKnown && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? r.host : undefined;
       const last = out[out.length - 1];
       const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
       if (last && last.kind === kind && contiguous) last.length += r.length;
       else out.push(host === undefined ? { offset: r.guest, length: r.length, kind } : { offset: r.guest, length: r.length, kind, host });
     }
-    return out;
+    if (!hostKnown || !(await this.metadataPreallocated())) return out;
+    // Preallocated metadata: a data cluster may still be a hole of the file, which reads
+    // as zeros; asked of the file as QEMU's block status does (BDRV_BLOCK_RECURSE).
+    const split: Extent[] = [];
+    for (const e of out) {
+      if (e.kind !== 'data' || e.host === undefined) {
+        split.push(e);
+        continue;
+      }
+      let pos = e.host;
+      for (const f of await this.file.blockStatus(e.host, e.length)) {
+        const s = Math.max(f.offset, pos);
+        const t = Math.min(f.offset + f.length, e.host + e.length);
+        if (t <= s) continue;
+        const part: Extent = { offset: e.offset + (s - e.host), length: t - s, kind: 'data', host: s };
+        if (f.kind !== 'data') part.zeroData = true;
+        split.push(part);
+        pos = t;
+      }
+      if (pos < e.host + e.length) split.push({ offset: e.offset + (pos - e.host), length: e.host + e.length - pos, kind: 'data', host: pos });
+    }
+    return split;
+  }
+
+  private preallocated: Promise<boolean> | undefined;
+
+  /**
+   * QEMU's qcow2_detect_metadata_preallocation: more clusters counted by the refcounts
+   * than the file holds on disk (10/9 of them, or 2 more) means preallocated metadata.
+   * Asked once; answered at once (no scan) where the file is nearly all on disk.
+   */
+  private metadataPreallocated(): Promise<boolean> {
+    this.preallocated ??= (async () => {
+      const real = await this.file.allocatedBytes?.();
+      if (real === undefined) return false;
+      const realClusters = Math.floor(real / this.cs);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const end = Math.ceil(this.file.size / this.cs);
+      if (threshold > end) return false;
+      let counted = 0;
+      for (let c = 0; c < end && counted < threshold; c++) if ((await this.refcounts.refcount(c)) !== 0) counted++;
+      return counted >= threshold;
+    })().catch(() => false);
+    return this.preallocated;
   }
 
   async close(): Promise<void> {
