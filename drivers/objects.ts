@@ -2,11 +2,12 @@
 //   --object tls-creds-x509,id=ID,dir=DIR[,endpoint=client][,verify-peer=on|off]
 //   --object tls-creds-psk,id=ID,dir=DIR[,endpoint=client][,username=NAME]
 //   --object secret,id=ID,data=TEXT|file=FILE[,format=raw|base64]
-// Images name them by id (the nbd driver's tls-creds=ID, the iscsi driver's password-secret=ID). The type may also be given
+// Images name them by id (the nbd driver's tls-creds=ID, the iscsi driver's
+// password-secret=ID, luks's key-secret=ID, qcow2's encrypt.key-secret=ID). The type may also be given
 // as qom-type=TYPE; ',,' is a comma, as in every QEMU option list.
-import fs from 'node:fs';
 import { UsageError } from './errors.js';
 import { parseOptionString } from './options.js';
+import fs from 'node:fs';
 
 export interface TlsCredsObject {
   type: 'tls-creds-x509' | 'tls-creds-psk';
@@ -19,10 +20,11 @@ export interface TlsCredsObject {
   username: string;
 }
 
-/** QEMU's secret object: a password given out of the image name (qemu-img(1), "secret"). */
+/** QEMU's secret object: a passphrase, given inline or in a file. */
 export interface SecretObject {
   type: 'secret';
   id: string;
+  /** The passphrase, decoded (format=base64) and read (file=). */
   data: string;
 }
 
@@ -58,7 +60,7 @@ export function parseObject(text: string): QemuObject {
   };
   const type = bare ?? take('qom-type');
   if (!type) throw new UsageError(`--object: '${text}' names no object type`);
-  if (!isTlsCreds(type) && type !== 'secret') throw new UsageError(`--object: type '${type}' is not supported here (only tls-creds-x509, tls-creds-psk, secret)`);
+  if (!isTlsCreds(type) && type !== 'secret') throw new UsageError(`--object: type '${type}' is not supported here (only secret, tls-creds-x509, tls-creds-psk)`);
   const id = take('id');
   if (!id) throw new UsageError(`--object ${type}: id=ID is required`);
   if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) throw new UsageError(`--object ${type}: '${id}' is not a valid id`);
@@ -70,26 +72,15 @@ export function parseObject(text: string): QemuObject {
     const data = take('data');
     const file = take('file');
     const format = take('format') ?? 'raw';
-    if ((data === undefined) === (file === undefined)) throw new UsageError(`--object secret,id=${id}: give data= or file=, one of them`);
-    if (format !== 'raw' && format !== 'base64') throw new UsageError(`--object secret,id=${id}: format must be raw or base64`);
+    if ((data === undefined) === (file === undefined)) throw new UsageError(`--object secret,id=${id}: give data=TEXT or file=FILE (one of them)`);
+    if (format !== 'raw' && format !== 'base64') throw new UsageError(`--object secret,id=${id}: format must be raw or base64, not '${format}'`);
     if (props.has('keyid') || props.has('iv')) throw new UsageError(`--object secret,id=${id}: encrypted secrets (keyid=, iv=) are not supported`);
     rest();
-    let text: string;
-    if (file !== undefined) {
-      try {
-        // As QEMU: the file's bytes, a trailing newline included.
-        text = fs.readFileSync(file, 'utf8');
-      } catch (err) {
-        throw new UsageError(`--object secret,id=${id}: ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
-      }
-    } else {
-      text = data!;
-    }
-    if (format === 'base64') {
-      if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text.trim())) throw new UsageError(`--object secret,id=${id}: not base64`);
-      text = Buffer.from(text.trim(), 'base64').toString('utf8');
-    }
-    return { type, id, data: text };
+    // The file is read whole, as QEMU's secret object reads it (a trailing newline is part of the key).
+    const text = data ?? readSecretFile(file!);
+    if (format === 'raw') return { type, id, data: text };
+    if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text.trim())) throw new UsageError(`--object secret,id=${id}: the data is not base64`);
+    return { type, id, data: Buffer.from(text.trim(), 'base64').toString('utf8') };
   }
   const dir = take('dir');
   if (!dir) throw new UsageError(`--object ${type},id=${id}: dir=DIR is required`);
@@ -112,4 +103,18 @@ export function parseObjects(texts: readonly string[]): QemuObjects {
     out.set(o.id, o);
   }
   return out;
+}
+
+/**
+ * The passphrase in `file`, every byte of it, as QEMU's `secret` object with `file=`
+ * reads it (g_file_get_contents, nothing stripped): a file written by `echo pass`
+ * holds "pass\n", and an image made by qemu-img from that file has "pass\n" as its
+ * key. Use `printf %s pass` (or `echo -n`) for a key without the newline.
+ */
+export function readSecretFile(file: string): string {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch {
+    throw new UsageError(`${file}: cannot read the secret file`);
+  }
 }

@@ -18,6 +18,11 @@ export interface Extent {
    * contiguously (qemu-img map's "offset"); absent when unknown, compressed or elsewhere.
    */
   host?: number;
+  /**
+   * 'data' that reads as zeros all the same: the layer's file holds a hole there (a
+   * metadata-preallocated qcow2; qemu-img map's "data": true with "zero": true).
+   */
+  zeroData?: boolean;
 }
 
 /** What a consistency check found, in qemu-img check's terms (ImageCheck). */
@@ -84,6 +89,11 @@ export interface ImageDescription {
   snapshots?: SnapshotDescription[];
   /** qemu-img info's "format-specific": { type, data } with QEMU's key names. */
   formatSpecific?: { type: string; data: Record<string, unknown> };
+  /**
+   * Persistent dirty bitmaps (qcow2 v3): present, possibly empty, where the layer can
+   * hold them; each bitmap covers the layer's virtual size (qemu-img measure sizes them).
+   */
+  bitmaps?: { name: string; granularity: number; flags: string[] }[];
 }
 
 /** How the node above wants writes and flushes treated (QEMU's cache modes). */
@@ -123,6 +133,8 @@ export interface BlockNode {
   readonly backing?: BlockNode | undefined;
   /** The QEMU-compatible lock on the file under this node (the file protocol's). */
   readonly imageLock?: ImageLock | undefined;
+  /** Bytes the file takes on its disk (st_blocks), where the protocol knows (the file protocol). */
+  allocatedBytes?(): Promise<number>;
   /**
    * Requests must start and end on multiples of this many bytes (a sector-based
    * format, an NBD export's minimum block). The graph builder puts the alignment

@@ -32,6 +32,8 @@ export interface ChainRun {
   kind: 'data' | 'zero' | 'unallocated';
   /** Where the answering layer's file holds it (Extent.host), when known. */
   host?: number;
+  /** Data that reads as zeros (Extent.zeroData). */
+  zeroData?: boolean;
 }
 
 /** A backing chain deeper than this is not walked: the rest counts as data. */
@@ -41,7 +43,7 @@ function pushChain(out: ChainRun[], r: ChainRun): void {
   if (r.length <= 0) return;
   const last = out[out.length - 1];
   const hostFollows = last?.host === undefined ? r.host === undefined : r.host === last.host + last.length;
-  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows) last.length += r.length;
+  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && last.zeroData === r.zeroData) last.length += r.length;
   else out.push({ ...r });
 }
 
@@ -77,6 +79,7 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
     if (e.kind !== 'unallocated') {
       const run: ChainRun = { offset: s, length: t - s, depth, kind: e.kind };
       if (e.host !== undefined) run.host = e.host + (s - e.offset);
+      if (e.zeroData) run.zeroData = true;
       pushChain(out, run);
     } else {
       const backing = node.backing;

@@ -2,6 +2,7 @@
 // tsimg: make and inspect images, beside tsmount. Subcommands follow qemu-img's, one
 // module each under tsimg/; every one opens images through drivers/open.ts.
 //   tsimg create [-f FMT] [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]
+//   (every subcommand that opens an image also takes --image-opts, --object, json: names)
 //   tsimg info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE
 //   tsimg map [-f FMT] [--output human|json|svg] [-U] FILE
 //   tsimg check [-f FMT] [-r leaks|all] [--output human|json] [-U] FILE
@@ -15,7 +16,7 @@
 //   tsimg measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | FILE)
 import { Command } from 'commander';
 import { messageOf, UsageError } from '../drivers/errors.js';
-import { ExitError, readSecret } from './tsimg/common.js';
+import { ExitError, readSecret, resolveImageArgs } from './tsimg/common.js';
 import { createImage, type CreateCli } from '../drivers/create.js';
 import { info, type InfoCli } from './tsimg/info.js';
 import { map, type MapCli } from './tsimg/map.js';
@@ -45,6 +46,8 @@ function openOptions(c: Command, formatFlag = '-f, --format <fmt>'): Command {
     .option('-U, --force-share', 'open the image even when another process holds it')
     .option('--secret <pass>', 'passphrase')
     .option('--secret-file <file>', 'read the passphrase from a file')
+    .option('--image-opts', "each image is QEMU's key=value list (driver=qcow2,file.driver=nbd,file.server.path=...)")
+    .option('--object <def>', 'QEMU object (repeatable): secret,id=ID,file=FILE|data=TEXT (key-secret=ID names it), tls-creds-x509/-psk,id=ID,dir=DIR', collect, [] as string[])
     .option('--confine', "open only files under the image's own folder that the image names")
     .option('--trust-image-paths', 'open every file an image names, as QEMU does (unsafe for images you did not write)')
     .option('--iscsi <opts>', 'iSCSI login options: user=U,password=P,initiator-name=IQN,header-digest=...', collect, [] as string[])
@@ -61,6 +64,8 @@ async function main(argv: string[]): Promise<void> {
     .hook('preAction', async (_program, action) => {
       const o = action.opts<{ iscsi?: string[]; readconfig?: string[] }>();
       if (o.iscsi?.length || o.readconfig?.length) (await import('../drivers/protocol/iscsi/uri.js')).configureIscsi(o);
+      // The images a subcommand opens are its first arguments: compare's two, convert's source.
+      if (action.name() !== 'create') await resolveImageArgs(action.processedArgs as unknown[], action.opts(), action.name() === 'compare' ? 2 : 1);
     });
   program
     .command('create')

@@ -22,6 +22,7 @@ import { unmount } from './unmount.js';
 import { parseSize } from '../drivers/options.js';
 import { parseMountAccess } from '../fs/access.js';
 import { readSecretFile } from './secret.js';
+import { needsResolving, oneSecret, resolveImageNames } from './image-opts.js';
 import { expandMountOptions } from './mount-options.js';
 import { packageVersion } from './version.js';
 import { TSMOUNT_HELP_AFTER } from './help.js';
@@ -93,7 +94,7 @@ function program(): Command {
     .option('--confine', "open only files under the image's own folder that the image names (backing files, extents, data files)")
     .option('--trust-image-paths', 'open every file an image names, as QEMU does, even one its owner cannot read (unsafe for images you did not write)')
     .option('--image-opts', "each IMAGE is QEMU's key=value list (driver=qcow2,file.driver=ssh,file.host=...)")
-    .option('--object <def>', 'QEMU object (repeatable): tls-creds-x509,id=ID,dir=DIR[,verify-peer=off] or tls-creds-psk,id=ID,dir=DIR[,username=NAME]; an image names it with tls-creds=ID', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--object <def>', 'QEMU object (repeatable): secret,id=ID,file=FILE|data=TEXT (an image names it with key-secret=ID), tls-creds-x509,id=ID,dir=DIR[,verify-peer=off] or tls-creds-psk,id=ID,dir=DIR[,username=NAME]; an image names it with tls-creds=ID', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--iscsi <opts>', 'iSCSI login options (repeatable): user=U,password=P,initiator-name=IQN,header-digest=CRC32C|CRC32C-NONE|NONE-CRC32C|NONE', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--readconfig <file>', "QEMU config file with [iscsi] and [iscsi \"TARGET-IQN\"] sections (repeatable)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--secret <pass>', 'passphrase for encrypted images')
@@ -144,7 +145,18 @@ async function main(argv: string[]): Promise<void> {
   if (opts.lazy) fail('--lazy goes with -u');
   if (paths.length < 2) fail('need at least one IMAGE and a MOUNTPOINT (see --help)');
   let images = paths.slice(0, -1);
-  if (opts.imageOpts || opts.object.length || images.some((i) => i.startsWith('json:'))) ({ images, format: opts.format } = await fromImageOpts(images, opts.format, !!opts.imageOpts, opts.object));
+  let keySecret: string | undefined;
+  if (needsResolving(images, opts)) {
+    try {
+      const resolved = await resolveImageNames(images, opts.format, opts);
+      if (new Set(resolved.map((p) => p.format)).size > 1) fail('--image-opts: every image needs the same driver, and -f must agree with it');
+      keySecret = oneSecret(resolved, undefined);
+      images = resolved.map((p) => p.spec);
+      opts.format = resolved[0]?.format ?? opts.format;
+    } catch (err) {
+      fail(messageOf(err));
+    }
+  }
   const mountpoint = paths[paths.length - 1]!;
   if (opts.iscsi.length || opts.readconfig.length) {
     try {
@@ -161,7 +173,8 @@ async function main(argv: string[]): Promise<void> {
   // everything again (planMount) and reports through the ready channel.
   if (!fs.existsSync(mountpoint)) fail(`${mountpoint}: mountpoint does not exist`);
   for (const img of images) if (isLocalPath(img) && !fs.existsSync(img.replace(/^file:/, ''))) fail(`${img}: no such file`);
-  const secret = readSecret(opts);
+  if (keySecret !== undefined && (opts.secret !== undefined || opts.secretFile !== undefined)) fail('give the passphrase by key-secret or by --secret/--secret-file, not both');
+  const secret = keySecret ?? readSecret(opts);
   let mountAccess: ReturnType<typeof parseMountAccess>;
   try {
     mountAccess = parseMountAccess(opts.option, opts);
@@ -301,20 +314,9 @@ function handOver(fd: number): Promise<boolean> {
   });
 }
 
-/** --image-opts: each IMAGE becomes a name (a URI carrying its options) and one format for all. */
 /** A plain path (or file:PATH), not a URI of another protocol. */
 function isLocalPath(spec: string): boolean {
   return spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec);
-}
-
-async function fromImageOpts(lists: string[], format: string | undefined, imageOpts: boolean, objectDefs: string[]): Promise<{ images: string[]; format: string | undefined }> {
-  const { imageOptsToSpec, jsonToSpec } = await import('../drivers/protocol/remote.js');
-  const objects = (await import('../drivers/objects.js')).parseObjects(objectDefs);
-  // QEMU's json:{...} names an image anywhere; without --image-opts, other names stay as they are.
-  const parsed = lists.map((l) => (l.startsWith('json:') ? jsonToSpec(l, objects) : imageOpts ? imageOptsToSpec(l, objects) : { spec: l, format }));
-  const formats = new Set(parsed.map((p) => p.format));
-  if (formats.size > 1 || (format !== undefined && !formats.has(format))) fail('--image-opts: every image needs the same driver, and -f must agree with it');
-  return { images: parsed.map((p) => p.spec), format: parsed[0]?.format ?? format };
 }
 
 /** How long an open may take before tsmount says on the terminal what it waits for. */

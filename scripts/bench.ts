@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { imageInfo } from './lib/qemu.js';
 import { Images, type Sizes } from './bench/images.js';
 import { cleanupAll, liveMounts, peakRss, withMount, type MountRequest, type System } from './bench/mounts.js';
+import { convertSeconds, halfDataRaw, qemuImgSeconds, scattered1T, tsimgSeconds } from './bench/tsimg.js';
 import { GiB, MiB, ddRead, ddWrite, drop, fio, have, loadAverage, machine, median, warm, type Machine } from './bench/tools.js';
 
 export interface BenchConfig {
@@ -48,7 +49,7 @@ export interface Row {
   load: string;
 }
 
-const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8];
+const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 export const NOTES_MARKER = '<!-- Everything below this line is kept when scripts/bench.ts rewrites the file. -->';
 
 function parseArgs(argv: string[]): BenchConfig {
@@ -64,7 +65,7 @@ function parseArgs(argv: string[]): BenchConfig {
   for (const a of argv) if (a.startsWith('--') && !known.has(a)) throw new Error(`unknown option ${a}`);
   const rowsArg = value('--rows');
   const rows = new Set(rowsArg ? rowsArg.split(',').map((s) => Number(s.trim())) : ALL_ROWS);
-  for (const r of rows) if (!ALL_ROWS.includes(r)) throw new Error(`--rows: no row ${r} (rows are 1..8)`);
+  for (const r of rows) if (!ALL_ROWS.includes(r)) throw new Error(`--rows: no row ${r} (rows are 1..${ALL_ROWS.length})`);
   const repeat = Number(value('--repeat') ?? (quick ? 1 : 3));
   if (!Number.isInteger(repeat) || repeat < 1 || repeat > 50) throw new Error('--repeat must be 1..50');
   const cpuProf = value('--cpu-prof');
@@ -357,6 +358,49 @@ class Bench {
       load,
     );
   }
+
+  /**
+   * Row 9: tsimg convert -O qcow2 of the big (4 GiB) raw image, half data and half
+   * holes, against qemu-img convert of the same image (the tsmount column is tsimg,
+   * the qsd column qemu-img); then the cost of -p, tsimg with it against without.
+   */
+  async row9(): Promise<void> {
+    const src = await halfDataRaw(this.images.dir, this.cfg.sizes.big);
+    const dst = path.join(this.work, 'convert-out.qcow2');
+    const what = `convert -O qcow2 of a ${fmtSize(this.cfg.sizes.big)} raw image, half data (64 MiB runs) and half holes`;
+    let load = loadAverage();
+    const m = await this.compare(['tsmount', 'qsd'], [src], this.cfg.repeat, false, (s) => convertSeconds(s === 'tsmount' ? 'tsimg' : 'qemu-img', src, dst));
+    this.report('9a', `tsimg ${what}, against qemu-img convert`, m, secs, load, '≥ 1.0', 'tsmount column: tsimg; qsd column: qemu-img; ratio: qemu-img time / tsimg time');
+    load = loadAverage();
+    const p = await this.compare(['tsmount', 'qsd'], [src], this.cfg.repeat, false, (s) => convertSeconds('tsimg', src, dst, s === 'tsmount' ? ['-p'] : []));
+    const r = median(p.ratios);
+    this.push(
+      {
+        id: '9b',
+        what: `the cost of -p: tsimg ${what}, with -p against without`,
+        tsmount: p.samples.tsmount.length ? secs(median(p.samples.tsmount)) : '—',
+        qsd: p.samples.qsd.length ? secs(median(p.samples.qsd)) : '—',
+        xmount: '—',
+        ceiling: '—',
+        cratio: '—',
+        ratio: spread(p.ratios, 3),
+        target: p.ratios.length ? `≥ 0.98 (-p costs under 2%): ${r >= 0.98 ? 'yes' : 'no'}` : '—',
+        note: `tsmount column: tsimg -p; qsd column: tsimg without -p; ratio: time without / time with${p.failed.tsmount ? `; failed: ${p.failed.tsmount}` : ''}`,
+      },
+      load,
+    );
+  }
+
+  /** Row 10: tsimg map --output json of a 1 TiB sparse qcow2 with scattered data, qemu-img map as the anchor. */
+  async row10(): Promise<void> {
+    const img = await scattered1T(this.images.dir);
+    const load = loadAverage();
+    const args = ['map', '--output', 'json', '-f', 'qcow2', img];
+    const m = await this.compare(['tsmount', 'qsd'], [img], Math.max(this.cfg.repeat * 2, 4), false, (s) => (s === 'tsmount' ? tsimgSeconds(args) : qemuImgSeconds(args)));
+    const t = median(m.samples.tsmount);
+    const target = m.samples.tsmount.length ? `< 1 s: ${t < 1 ? 'yes' : 'no'}; ` : '';
+    this.report('10', 'tsimg map --output json of a 1 TiB sparse qcow2, 64 KiB of data at 200 places, against qemu-img map', m, secs, load, `${target}≥ 1.0`, 'tsmount column: tsimg; qsd column: qemu-img; times include process start (node\'s too); ratio: qemu-img time / tsimg time');
+  }
 }
 
 async function virtualSize(image: string, format: string): Promise<number> {
@@ -429,6 +473,8 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
       6: () => bench.row6(),
       7: () => bench.row7(),
       8: () => bench.row8(),
+      9: () => bench.row9(),
+      10: () => bench.row10(),
     };
     for (const n of ALL_ROWS) {
       if (!cfg.rows.has(n)) continue;

@@ -138,7 +138,7 @@ describe('NBD TLS: nbds:// names, --object tls-creds-*, tls-creds= in --image-op
       [['tls-creds-x509,id=a'], /dir=DIR is required/],
       [['tls-creds-x509,dir=/d'], /id=ID is required/],
       [['iothread,id=s'], /not supported here/],
-      [['secret,id=s'], /data= or file=/],
+      [['secret,id=s'], /data=TEXT or file=FILE/],
       [['secret,id=s,data=x,keyid=k,iv=i'], /encrypted secrets/],
       [['tls-creds-x509,id=a,dir=/d,priority=NORMAL'], /'priority' is not supported/],
       [['tls-creds-x509,id=a,dir=/d', 'tls-creds-psk,id=a,dir=/e'], /given twice/],

@@ -56,6 +56,10 @@ export class Filter implements BlockNode {
   get imageLock(): ImageLock | undefined {
     return this.next.imageLock;
   }
+  get allocatedBytes(): (() => Promise<number>) | undefined {
+    const next = this.next;
+    return next.allocatedBytes && (() => next.allocatedBytes!());
+  }
   get requestAlignment(): number | undefined {
     return this.next.requestAlignment;
   }

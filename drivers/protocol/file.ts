@@ -398,6 +398,11 @@ export class FileNode implements BlockNode {
     return out;
   }
 
+  /** st_blocks in bytes (qcow2's detection of metadata preallocation, as QEMU's bdrv_get_allocated_file_size). */
+  allocatedBytes(): Promise<number> {
+    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(new IoError(`${this.name}: fstat: ${err.message}`)) : resolve(st.blocks * 512))));
+  }
+
   /** The lock held on this file, to change when a node is reopened read-write. */
   get imageLock(): ImageLock | undefined {
     return this.lock;

@@ -153,7 +153,7 @@ const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'host_cdrom', 'nbd', 's
  * format. The options become part of the name (a URI), so every file of the chain
  * opened relative to it keeps them.
  */
-export function imageOptsToSpec(text: string, objects: QemuObjects = new Map()): { spec: string; format: string | undefined } {
+export function imageOptsToSpec(text: string, objects: QemuObjects = new Map()): ImageOptsSpec {
   return optionsToSpec(parseOptionList(text), objects);
 }
 
@@ -161,7 +161,7 @@ export function imageOptsToSpec(text: string, objects: QemuObjects = new Map()):
  * QEMU's `json:{...}` image name: the same options as --image-opts, nested; flattened
  * to dotted keys (`{"file":{"server":{"host":"h"}}}` is file.server.host=h).
  */
-export function jsonToSpec(text: string, objects: QemuObjects = new Map()): { spec: string; format: string | undefined } {
+export function jsonToSpec(text: string, objects: QemuObjects = new Map()): ImageOptsSpec {
   let tree: unknown;
   try {
     tree = JSON.parse(text.replace(/^json:/, ''));
@@ -181,12 +181,33 @@ export function jsonToSpec(text: string, objects: QemuObjects = new Map()): { sp
   return optionsToSpec(o, objects);
 }
 
-function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: string; format: string | undefined } {
+/** An image name with its options folded in, its format, and the passphrase a key-secret named. */
+export interface ImageOptsSpec {
+  spec: string;
+  format: string | undefined;
+  /** Present only when the options name a secret object (luks key-secret, qcow/qcow2 encrypt.key-secret). */
+  secret?: string;
+}
+
+function optionsToSpec(o: Map<string, string>, objects: QemuObjects): ImageOptsSpec {
   const driver = o.get('driver');
   if (!driver) throw new UsageError(`--image-opts: 'driver' is required`);
   o.delete('driver');
+  // The passphrase of an encrypted format is a secret object named by id; the format
+  // of qcow2's encryption is read from its header, so encrypt.format adds nothing.
+  const secretKey = driver === 'luks' ? 'key-secret' : driver === 'qcow2' || driver === 'qcow' ? 'encrypt.key-secret' : undefined;
+  let secret: string | undefined;
+  if (secretKey !== undefined && o.has(secretKey)) {
+    const id = o.get(secretKey)!;
+    o.delete(secretKey);
+    const obj = objects.get(id);
+    if (obj?.type !== 'secret') throw new UsageError(`--image-opts: ${secretKey}=${id}: no --object secret with id '${id}'`);
+    secret = obj.data;
+  }
+  if (driver !== 'luks') o.delete('encrypt.format');
+  const withSecret = (r: { spec: string; format: string | undefined }): ImageOptsSpec => (secret === undefined ? r : { ...r, secret });
   // QEMU's vvfat is a protocol whose options make up its fat: name.
-  if (driver === 'vvfat') return { spec: vvfatSpecFromOptions(o), format: 'raw' };
+  if (driver === 'vvfat') return withSecret({ spec: vvfatSpecFromOptions(o), format: 'raw' });
   let format: string | undefined;
   let prefix = '';
   if (PROTOCOL_DRIVERS.has(driver)) {
@@ -201,7 +222,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
     if (plain !== undefined) {
       o.delete('file');
       if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
-      return { spec: plain, format };
+      return withSecret({ spec: plain, format });
     }
   }
   const take = (k: string): string | undefined => {
@@ -304,7 +325,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): { spec: st
   // Options that change nothing here: a node's name, and QEMU's choice of I/O engine.
   for (const k of [...o.keys()]) if (/^(?:.*\.)?node-name$|^auto-read-only$|^(?:file\.)?aio$/.test(k)) o.delete(k);
   if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
-  return { spec, format };
+  return withSecret({ spec, format });
 }
 
 /**

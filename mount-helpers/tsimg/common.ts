@@ -9,6 +9,7 @@ import { openImage, type ImageOptions } from '../../drivers/open.js';
 import { fileProtocol, protocolFor } from '../../drivers/protocol/index.js';
 import type { NamedFilePolicy } from '../../drivers/trust.js';
 import { readSecretFile } from '../secret.js';
+import { needsResolving, oneSecret, resolveImageNames } from '../image-opts.js';
 
 /** Options every subcommand that opens an image takes. */
 export interface OpenCli {
@@ -19,6 +20,29 @@ export interface OpenCli {
   trustImagePaths?: boolean;
   /** -U: open an image another process holds (qemu-img's force-share). */
   forceShare?: boolean;
+  /** --image-opts: each image argument is QEMU's option list. */
+  imageOpts?: boolean;
+  /** --object definitions (secret, tls-creds) the options name by id. */
+  object?: string[];
+}
+
+/**
+ * --image-opts, json: names and --object for the first `count` arguments (the images
+ * a subcommand opens; compare's second takes its format from -F): each becomes a plain
+ * name, its format the driver's, and a key-secret the passphrase, in place, before the
+ * subcommand runs, so no subcommand knows these spellings.
+ */
+export async function resolveImageArgs(args: unknown[], o: OpenCli & { secondFormat?: string }, count: number): Promise<void> {
+  const names = args.slice(0, count).filter((a): a is string => typeof a === 'string');
+  if (!needsResolving(names, o)) return;
+  const resolved = await Promise.all(names.map(async (n, i) => (await resolveImageNames([n], i === 1 ? o.secondFormat : o.format, o))[0]!));
+  resolved.forEach((r, i) => (args[i] = r.spec));
+  o.format = resolved[0]?.format;
+  if (resolved.length > 1) o.secondFormat = resolved[1]?.format;
+  const secret = oneSecret(resolved, undefined);
+  if (secret === undefined) return;
+  if (o.secret !== undefined || o.secretFile !== undefined) throw new UsageError('give the passphrase by key-secret or by --secret/--secret-file, not both');
+  o.secret = secret;
 }
 
 /** A failure with qemu-img's exit code for it (compare and check use 2, everything else 1). */

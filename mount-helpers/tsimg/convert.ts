@@ -32,7 +32,8 @@ export interface ConvertCli extends OpenCli {
   compress?: boolean;
 }
 
-const CHUNK = 1 << 20;
+/** qemu-img convert's IO_BUF_SIZE: half the write requests of 1 MiB ones (counted with strace). */
+const CHUNK = 2 << 20;
 /** qemu-img convert's -S default: zero runs this long (and aligned) are left unwritten. */
 const SPARSE = 4096;
 
@@ -261,7 +262,10 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
     let ok = false;
     try {
       // With -B the new image opens with its backing file, so that only differences are written.
-      const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, secret: targetSecret, namedFiles: 'owner', noBacking: o.backingFile === undefined && !o.skipCreate }));
+      // cache=unsafe, qemu-img convert's default for the target (-t): no flush until the
+      // end is worth anything for an image nobody uses before convert returns; strace
+      // counted 10 fdatasync calls for a 1 GiB convert before, qemu-img makes none.
+      const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, cache: 'unsafe', secret: targetSecret, namedFiles: 'owner', noBacking: o.backingFile === undefined && !o.skipCreate }));
       try {
         if (o.skipCreate && dst.size < src.size) throw new UsageError(`${dstSpec}: the target (${dst.size} bytes) is smaller than the source (${src.size} bytes)`);
         // qemu-img's refusal, before anything is written.

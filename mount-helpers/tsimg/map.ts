@@ -38,7 +38,7 @@ export async function mapRuns(node: BlockNode): Promise<ChainRun[]> {
 }
 
 export function mapEntry(r: ChainRun): MapEntry {
-  const e: MapEntry = { start: r.offset, length: r.length, depth: r.depth, present: r.kind !== 'unallocated', zero: r.kind !== 'data', data: r.kind === 'data' };
+  const e: MapEntry = { start: r.offset, length: r.length, depth: r.depth, present: r.kind !== 'unallocated', zero: r.kind !== 'data' || r.zeroData === true, data: r.kind === 'data' };
   if (r.host !== undefined) e.offset = r.host;
   return e;
 }
@@ -122,7 +122,8 @@ export async function map(spec: string, o: MapCli): Promise<void> {
     const names = layerNames(spec, node);
     let out = `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`;
     for (const r of runs) {
-      if (r.kind !== 'data') continue;
+      // qemu-img lists data that is not known to read as zeros.
+      if (r.kind !== 'data' || r.zeroData) continue;
       if (r.host === undefined) throw new Error(`${spec}: file contains external, encrypted or compressed clusters`);
       out += `${hex(r.offset).padEnd(16)}${hex(r.length).padEnd(16)}${hex(r.host).padEnd(16)}${names[r.depth] ?? ''}\n`;
     }

@@ -7,7 +7,6 @@ import { CreateOptions, parseOptionString, parseSize } from '../../drivers/optio
 import { mapRuns } from './map.js';
 import type { BlockNode } from '../../drivers/types.js';
 import { openForRead, print, type OpenCli } from './common.js';
-import { formatOf } from '../../drivers/open.js';
 
 export interface MeasureCli extends OpenCli {
   outputFormat: string;
@@ -73,7 +72,24 @@ async function dataBytes(src: BlockNode, clusterSize: number): Promise<number> {
   return required;
 }
 
-export async function measureImage(src: BlockNode | undefined, sizeOpt: number | undefined, format: string, o: CreateOptions, srcFormat?: string): Promise<Measure> {
+/**
+ * qcow2_get_persistent_dirty_bitmap_size: the source's bitmaps copied into a new image
+ * of this cluster size, every bitmap cluster counted as allocated, with its table,
+ * and the directory (24-byte entries with the name, each padded to 8 bytes).
+ */
+export function bitmapsSize(bitmaps: readonly { name: string; granularity: number }[], virtualSize: number, clusterSize: number): number {
+  let size = 0;
+  let directory = 0;
+  for (const b of bitmaps) {
+    const bytes = Math.ceil(Math.ceil(virtualSize / b.granularity) / 8);
+    const clusters = Math.ceil(bytes / clusterSize);
+    size += clusters * clusterSize + roundUp(clusters * 8, clusterSize);
+    directory += roundUp(24 + Buffer.byteLength(b.name, 'utf8'), 8);
+  }
+  return size + roundUp(directory, clusterSize);
+}
+
+export async function measureImage(src: BlockNode | undefined, sizeOpt: number | undefined, format: string, o: CreateOptions): Promise<Measure> {
   if (format === 'raw') {
     o.finish('raw');
     const size = src ? src.size : roundUp(sizeOpt ?? 0, 512);
@@ -98,8 +114,10 @@ export async function measureImage(src: BlockNode | undefined, sizeOpt: number |
   if (src) required = backing ? virtual : await dataBytes(src, clusterSize);
   if (prealloc === 'full' || prealloc === 'falloc') required = virtual;
   const full = qcow2PreallocSize(virtual, clusterSize, Math.log2(refcountBits), extendedL2);
-  // Bitmaps are shown when source and target could both hold them (a qcow2 source; none are measured here).
-  const bitmaps = version >= 3 && src && srcFormat === 'qcow2' ? { bitmaps: 0 } : {};
+  // Bitmaps are shown when source and target could both hold them: a v3 target, and a
+  // source layer that can (a qcow2 v3 describes its list, maybe empty).
+  const srcBitmaps = src?.describe?.().bitmaps;
+  const bitmaps = version >= 3 && srcBitmaps ? { bitmaps: bitmapsSize(srcBitmaps, src!.size, clusterSize) } : {};
   // qemu-img's key order.
   return { ...bitmaps, required: full - virtual + required, 'fully-allocated': full };
 }
@@ -110,7 +128,7 @@ export async function measure(spec: string | undefined, o: MeasureCli): Promise<
   const options = new CreateOptions(o.options.flatMap((t) => parseOptionString(t)));
   const src = spec === undefined ? undefined : await openForRead(spec, o);
   try {
-    const m = await measureImage(src, o.size === undefined ? undefined : parseSize(o.size, 'size'), o.outputFormat, options, src && formatOf(src));
+    const m = await measureImage(src, o.size === undefined ? undefined : parseSize(o.size, 'size'), o.outputFormat, options);
     if (o.output === 'json') print(`${JSON.stringify(m, null, 4)}\n`);
     else print(`required size: ${m.required}\nfully allocated size: ${m['fully-allocated']}\n${m.bitmaps !== undefined ? `bitmaps size: ${m.bitmaps}\n` : ''}`);
   } finally {

@@ -1,12 +1,13 @@
 // Changing the header in place: the backing file (tsimg rebase, amend) and the options
 // qemu-img amend changes without moving data (QEMU's qcow2_update_header and
-// qcow2_amend_options): compat 0.10 -> 1.1, lazy_refcounts, backing_file, backing_fmt.
+// qcow2_amend_options): compat 0.10 <-> 1.1 (the downgrade's zero clusters in
+// downgrade.ts), lazy_refcounts, backing_file, backing_fmt.
 // The header is read back from the file each time, so fields other code changed since
 // the open (snapshot table, L1 table) are kept.
 import type { BlockNode } from '../../types.js';
 import { UnsupportedError, UsageError } from '../../errors.js';
 import type { CreateOptions } from '../../options.js';
-import { COMPAT, EXT, HDR, INCOMPAT, LIMITS, parseHeader, V2_HEADER_LENGTH, type Qcow2Header } from './header.js';
+import { COMPAT, EXT, HDR, LIMITS, parseHeader, V2_HEADER_LENGTH, type Qcow2Header } from './header.js';
 import { extension, featureTable } from './create.js';
 
 /** The v3 header QEMU writes (with compression_type), as create.ts does. */
@@ -18,6 +19,8 @@ export interface HeaderChange {
   /** Replace the backing fields (both, even with undefined). */
   setBacking?: boolean;
   upgrade?: boolean;
+  /** To version 2: the v2 header, feature bits and the feature table dropped (zero clusters already expanded). */
+  downgrade?: boolean;
   lazyRefcounts?: boolean;
 }
 
@@ -31,10 +34,12 @@ async function readHeader(file: BlockNode, clusterSize: number): Promise<{ buf: 
 export async function rewriteHeader(file: BlockNode, clusterSize: number, c: HeaderChange): Promise<Qcow2Header> {
   const { buf, h } = await readHeader(file, clusterSize);
   const out = Buffer.alloc(clusterSize);
-  const v3 = h.version === 3 || c.upgrade === true;
-  const fixed = h.version === 3 ? h.headerLength : V2_HEADER_LENGTH;
+  const v3 = (h.version === 3 || c.upgrade === true) && c.downgrade !== true;
+  const fixed = h.version === 3 && v3 ? h.headerLength : V2_HEADER_LENGTH;
   buf.copy(out, 0, 0, fixed);
   let pos = fixed;
+  // A v2 header ends at the snapshot table offset: no feature bits, no refcount order, no compression type.
+  if (h.version === 3 && c.downgrade) out.writeUInt32BE(2, HDR.version);
   if (h.version === 2 && c.upgrade) {
     out.writeUInt32BE(3, HDR.version);
     out.writeBigUInt64BE(0n, HDR.incompatibleFeatures);
@@ -57,6 +62,7 @@ export async function rewriteHeader(file: BlockNode, clusterSize: number, c: Hea
   let hasFeatureTable = false;
   for (const e of h.extensions) {
     if (e.type === EXT.backingFormat || e.type === EXT.end) continue;
+    if (e.type === EXT.featureTable && !v3) continue;
     if (e.type === EXT.featureTable) hasFeatureTable = true;
     exts.push(extension(e.type, buf.subarray(e.offset, e.offset + e.length)));
   }
@@ -83,21 +89,31 @@ export async function rewriteHeader(file: BlockNode, clusterSize: number, c: Hea
   return parseHeader(out, file.size, file.name);
 }
 
-/** qemu-img amend -o for qcow2: what can change without moving data. */
-export async function amendQcow2(file: BlockNode, clusterSize: number, o: CreateOptions): Promise<void> {
+/**
+ * What a downgrade needs of the node (qcow2.ts): its refusals checked against the
+ * header as on disk, then every zero cluster expanded (downgrade.ts).
+ */
+export interface Downgrader {
+  check(h: Qcow2Header): Promise<void>;
+  expand(h: Qcow2Header): Promise<void>;
+}
+
+/** qemu-img amend -o for qcow2: what can change in place (a downgrade writes out zero clusters). */
+export async function amendQcow2(file: BlockNode, clusterSize: number, o: CreateOptions, downgrader?: Downgrader): Promise<void> {
   const { h } = await readHeader(file, clusterSize);
   const c: HeaderChange = {};
   const compat = o.choice('compat', ['0.10', '1.1', 'v2', 'v3'] as const);
+  let downgrade = false;
   if (compat !== undefined) {
     const version = compat === '0.10' || compat === 'v2' ? 2 : 3;
-    if (version === 2 && h.version === 3) {
-      if (h.incompatibleFeatures & ~INCOMPAT.dirty || h.refcountOrder !== 4) throw new UnsupportedError(`${file.name}: cannot downgrade: the image uses compat=1.1 features`);
-      throw new UnsupportedError(`${file.name}: downgrading to compat=0.10 is not supported by tsimg (zero clusters would need writing out); use qemu-img amend`);
-    }
+    if (version === 2 && h.version === 3) downgrade = true;
     if (version === 3 && h.version === 2) c.upgrade = true;
   }
+  if (downgrade && !downgrader) throw new UnsupportedError(`${file.name}: downgrading to compat=0.10 needs the image opened writable`);
   const lazy = o.bool('lazy_refcounts');
   if (lazy !== undefined) c.lazyRefcounts = lazy;
+  // QEMU sets lazy refcounts before the downgrade and refuses them for a v2 target.
+  if (downgrade && lazy === true) throw new UsageError(`${file.name}: Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)`);
   const backingFile = o.string('backing_file');
   const backingFormat = o.string('backing_fmt');
   if (backingFile !== undefined || backingFormat !== undefined) {
@@ -112,5 +128,12 @@ export async function amendQcow2(file: BlockNode, clusterSize: number, o: Create
   }
   o.finish('qcow2');
   if (c.upgrade && c.lazyRefcounts === undefined) c.lazyRefcounts = false;
-  await rewriteHeader(file, clusterSize, c);
+  // Everything refused before anything is written.
+  if (downgrade) await downgrader!.check(h);
+  const now = await rewriteHeader(file, clusterSize, c);
+  // Downgrade last, as QEMU does: the other changes are in the header first.
+  if (downgrade) {
+    await downgrader!.expand(now);
+    await rewriteHeader(file, clusterSize, { downgrade: true, lazyRefcounts: undefined });
+  }
 }

@@ -8,8 +8,9 @@ import { CorruptImageError } from '../../errors.js';
 /** Bitmaps extension layout. */
 const EXT = { nbBitmaps: 0, directorySize: 8, directoryOffset: 16, length: 24 } as const;
 /** Bitmap directory entry layout. */
-const DIR = { flags: 12, nameSize: 18, extraDataSize: 20, fixed: 24 } as const;
+const DIR = { flags: 12, granularityBits: 17, nameSize: 18, extraDataSize: 20, fixed: 24 } as const;
 export const BME_FLAG_IN_USE = 1;
+const BME_FLAG_AUTO = 2;
 /** QEMU's QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE. */
 const MAX_BITMAPS = 65535;
 const MAX_DIRECTORY = 65535 * 1024;
@@ -22,6 +23,8 @@ export interface BitmapDirectory {
   flagOffsets: number[];
   /** Each bitmap's table: offset and entry count. */
   tables: { offset: number; entries: number }[];
+  /** Each bitmap as qemu-img info lists it (QEMU's flag names, in-use before auto). */
+  bitmaps: { flags: string[]; name: string; granularity: number }[];
 }
 
 /** Every byte range the bitmaps hold a reference to: directory, tables, data clusters. */
@@ -59,6 +62,7 @@ export async function readBitmapDirectory(file: BlockNode, ext: Uint8Array, name
   await file.read(Number(offset), data);
   const flagOffsets: number[] = [];
   const tables: { offset: number; entries: number }[] = [];
+  const bitmaps: BitmapDirectory['bitmaps'] = [];
   let pos = 0;
   for (let i = 0; i < nb; i++) {
     if (pos + DIR.fixed > data.length) bad(`entry ${i} runs past the directory`);
@@ -70,9 +74,18 @@ export async function readBitmapDirectory(file: BlockNode, ext: Uint8Array, name
     const t = data.readBigUInt64BE(pos);
     if (t >= 2n ** 53n) bad(`entry ${i} has a table offset out of range`);
     tables.push({ offset: Number(t), entries: data.readUInt32BE(pos + 8) });
+    const flags = data.readUInt32BE(pos + DIR.flags);
+    const bits = data[pos + DIR.granularityBits]!;
+    // QEMU refuses granularities outside 2^9..2^31 (BME_MIN/MAX_GRANULARITY_BITS).
+    if (bits < 9 || bits > 31) bad(`entry ${i} has granularity bits ${bits}`);
+    bitmaps.push({
+      flags: [...(flags & BME_FLAG_IN_USE ? ['in-use'] : []), ...(flags & BME_FLAG_AUTO ? ['auto'] : [])],
+      name: data.toString('utf8', end - nameSize, end),
+      granularity: 2 ** bits,
+    });
     pos = Math.ceil(end / 8) * 8;
   }
-  return { offset: Number(offset), data, flagOffsets, tables };
+  return { offset: Number(offset), data, flagOffsets, tables, bitmaps };
 }
 
 /** Set the in-use flag of every bitmap, in place; true if anything changed. */

@@ -167,12 +167,24 @@ export class ClusterMap {
       let index = gc - l1i * this.l2Entries;
       while (pos < tableEnd) {
         const cstart = gc * cs;
+        if (!this.extended && dv.getUint32(index * 8) === 0 && dv.getUint32(index * 8 + 4) === 0) {
+          // Empty entries (most of a sparse disk) need no decoding: one run for all in a row.
+          let k = index + 1;
+          while (cstart + (k - index) * cs < tableEnd && dv.getUint32(k * 8) === 0 && dv.getUint32(k * 8 + 4) === 0) k++;
+          const stop = Math.min(tableEnd, cstart + (k - index) * cs);
+          push(runs, pos, stop - pos, 'unallocated', 0, false);
+          pos = stop;
+          gc += k - index;
+          index = k;
+          continue;
+        }
         const next = Math.min(tableEnd, cstart + cs);
         const e = decodeL2(dv, index, layout, this.name, cstart);
         if (e.kind === 'compressed') {
           runs.push({ guest: pos, length: next - pos, kind: 'compressed', host: 0, copied: false, cOffset: e.cOffset, cLength: e.cLength, clusterGuest: cstart });
         } else if (!this.extended) {
-          push(runs, pos, next - pos, e.kind, e.kind === 'data' ? e.host + (pos - cstart) : 0, e.copied);
+          // A preallocated zero cluster keeps its host offset (qemu-img map shows it).
+          push(runs, pos, next - pos, e.kind, (e.kind === 'data' || e.kind === 'zero') && e.host !== 0 ? e.host + (pos - cstart) : 0, e.copied);
         } else {
           // One run per subcluster, merged by push().
           const scs = this.subclusterSize;
@@ -200,7 +212,9 @@ function push(runs: Run[], guest: number, length: number, kind: ClusterKind, hos
     last &&
     last.kind === kind &&
     kind !== 'compressed' &&
-    (kind !== 'data' || (last.copied === copied && last.host + last.length === host))
+    (kind === 'unallocated' ||
+      (kind === 'zero' && (last.host === 0) === (host === 0) && (host === 0 || last.host + last.length === host)) ||
+      (kind === 'data' && last.copied === copied && last.host + last.length === host))
   ) {
     last.length += length;
     return;

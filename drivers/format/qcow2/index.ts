@@ -212,7 +212,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
     const luksHead = await readExactly(file, cryptoRange.offset, LUKS1_HDR.size);
     if (luksVersion(luksHead) === 1) luksInfo = describeLuks1(parseLuks1Header(luksHead, cryptoRange.length, name));
   }
-  const description = describeQcow2(h, snaps, luksInfo);
+  const description = describeQcow2(h, snaps, luksInfo, bitmaps);
   const check = async (): Promise<CheckReport> => checkQcow2(await repairInput(), h.size);
   const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check, repair: async (leaksOnly) => rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
   const views: { name: string; node: BlockNode }[] = [];
@@ -228,10 +228,13 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
 }
 
 /** qemu-img info's view of the header (qcow2_get_info, qcow2_get_specific_info). */
-function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[], luks: Record<string, unknown> | undefined): ImageDescription {
+function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[], luks: Record<string, unknown> | undefined, bitmapDir: BitmapDirectory | undefined): ImageDescription {
   const v3 = h.version === 3;
   const data: Record<string, unknown> = { compat: v3 ? '1.1' : '0.10', 'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib' };
   if (v3) data['lazy-refcounts'] = (h.compatibleFeatures & COMPAT.lazyRefcounts) !== 0n;
+  // qemu-img info lists the bitmaps only when there are some, after lazy-refcounts.
+  const bitmaps = v3 ? (bitmapDir?.bitmaps ?? []) : undefined;
+  if (bitmaps?.length) data.bitmaps = bitmaps;
   data['refcount-bits'] = 2 ** h.refcountOrder;
   if (h.dataFile !== undefined) {
     data['data-file'] = h.dataFile;
@@ -255,6 +258,7 @@ function describeQcow2(h: Qcow2Header, snaps: SnapshotEntry[], luks: Record<stri
     encrypted: h.cryptMethod !== 0,
     snapshots: snaps.map((s) => ({ id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSec: s.dateSec, dateNsec: s.dateNsec, vmClockNsec: s.vmClockNsec, icount: s.icount })),
     formatSpecific: { type: 'qcow2', data },
+    ...(bitmaps ? { bitmaps } : {}),
   };
 }
 

@@ -4,7 +4,8 @@
 import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription, SnapshotControl } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, type SnapshotContext, type SnapshotState } from './snapshot-ops.js';
-import { amendQcow2, rewriteHeader } from './amend.js';
+import { amendQcow2, rewriteHeader, type Downgrader } from './amend.js';
+import { checkDowngrade, expandZeroClusters, hasCompressedClusters } from './downgrade.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
@@ -14,7 +15,7 @@ import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, enco
 import { compressBlock, type CompressCodec } from '../../util/compress.js';
 import { COMPRESSION } from './compress.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
-import { HDR, LIMITS } from './header.js';
+import { EXT, HDR, INCOMPAT, LIMITS } from './header.js';
 import { Mutex } from '../../util/mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { OL, type MetadataGuard } from './overlap.js';
@@ -941,7 +942,37 @@ export class Qcow2Node implements BlockNode {
   async amend(options: CreateOptions): Promise<void> {
     this.checkWritable();
     await this.flush();
-    await this.mutex.run(() => amendQcow2(this.file, this.cs, options));
+    const state = this.snapshotState;
+    const ctx: SnapshotContext | undefined = state && {
+      file: this.file,
+      name: this.name,
+      map: this.map,
+      refcounts: this.refcounts,
+      guard: this.guard,
+      state,
+      size: this.size,
+      growL1: (entries) => this.growL1(entries),
+      setSize: (size) => this.setSize(size),
+    };
+    // compat=0.10 (downgrade.ts): refusals first, then the zero clusters written out,
+    // refcounts before the tables that name the new clusters.
+    const downgrader: Downgrader | undefined = ctx && {
+      check: async (h) => {
+        checkDowngrade(h, ctx, h.extensions.some((e) => e.type === EXT.bitmaps));
+        if ((h.incompatibleFeatures & INCOMPAT.compression) !== 0n && (await hasCompressedClusters(ctx))) {
+          throw new UnsupportedError(`${this.name}: Cannot downgrade an image with zstd compression type and existing compressed clusters`);
+        }
+      },
+      expand: async (h) => {
+        await this.prepare();
+        await expandZeroClusters(ctx, h.backingFile !== undefined);
+        await this.refcountCache.flush();
+        await this.barrier();
+        await this.map.l2Cache.flush();
+        await this.file.flush();
+      },
+    };
+    await this.mutex.run(() => amendQcow2(this.file, this.cs, options, downgrader));
   }
 
   /** Internal snapshots changed in place (snapshot-ops.ts); the active writable node only. */
@@ -1065,13 +1096,56 @@ export class Qcow2Node implements BlockNode {
     const hostKnown = this.data === this.file && !this.crypt;
     for (const r of runs) {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
-      const host = hostKnown && r.kind === 'data' ? r.host : undefined;
+      const host = hostKnown && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? r.host : undefined;
       const last = out[out.length - 1];
       const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
       if (last && last.kind === kind && contiguous) last.length += r.length;
       else out.push(host === undefined ? { offset: r.guest, length: r.length, kind } : { offset: r.guest, length: r.length, kind, host });
     }
-    return out;
+    if (!hostKnown || !(await this.metadataPreallocated())) return out;
+    // Preallocated metadata: a data cluster may still be a hole of the file, which reads
+    // as zeros; asked of the file as QEMU's block status does (BDRV_BLOCK_RECURSE).
+    const split: Extent[] = [];
+    for (const e of out) {
+      if (e.kind !== 'data' || e.host === undefined) {
+        split.push(e);
+        continue;
+      }
+      let pos = e.host;
+      for (const f of await this.file.blockStatus(e.host, e.length)) {
+        const s = Math.max(f.offset, pos);
+        const t = Math.min(f.offset + f.length, e.host + e.length);
+        if (t <= s) continue;
+        const part: Extent = { offset: e.offset + (s - e.host), length: t - s, kind: 'data', host: s };
+        if (f.kind !== 'data') part.zeroData = true;
+        split.push(part);
+        pos = t;
+      }
+      if (pos < e.host + e.length) split.push({ offset: e.offset + (pos - e.host), length: e.host + e.length - pos, kind: 'data', host: pos });
+    }
+    return split;
+  }
+
+  private preallocated: Promise<boolean> | undefined;
+
+  /**
+   * QEMU's qcow2_detect_metadata_preallocation: more clusters counted by the refcounts
+   * than the file holds on disk (10/9 of them, or 2 more) means preallocated metadata.
+   * Asked once; answered at once (no scan) where the file is nearly all on disk.
+   */
+  private metadataPreallocated(): Promise<boolean> {
+    this.preallocated ??= (async () => {
+      const real = await this.file.allocatedBytes?.();
+      if (real === undefined) return false;
+      const realClusters = Math.floor(real / this.cs);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const end = Math.ceil(this.file.size / this.cs);
+      if (threshold > end) return false;
+      let counted = 0;
+      for (let c = 0; c < end && counted < threshold; c++) if ((await this.refcounts.refcount(c)) !== 0) counted++;
+      return counted >= threshold;
+    })().catch(() => false);
+    return this.preallocated;
   }
 
   async close(): Promise<void> {
