@@ -247,7 +247,7 @@ class Bench {
    * it overwrites): what the machine writes with no FUSE server in the way.
    */
   private async seqWrite(id: string, what: string, format: 'qcow2' | 'raw', overwrite: boolean): Promise<void> {
-    const src = await this.dataRaw();
+    const src = await this.images.dataRaw();
     const size = this.cfg.sizes.main;
     const load = loadAverage();
     // Overwrites reuse one allocated image (and one allocated dd target) for every measurement.
@@ -260,10 +260,6 @@ class Bench {
       return withMount(s, this.request(s, img, format, { rw: true }), (mt) => ddWrite(src, mt.file, size));
     });
     this.report(id, what, m, mbps, load, '≥ 1.0', 'ceiling column: the same dd straight into a host file on the same disk', 0.9);
-  }
-
-  private dataRaw(): Promise<string> {
-    return this.images.dataRaw();
   }
 
   async row3(): Promise<void> {
