@@ -116,6 +116,14 @@ export interface BlockNode {
    */
   read(offset: number, dst: Uint8Array): Promise<void>;
   write(offset: number, src: Uint8Array): Promise<void>;
+  /**
+   * Write `parts` laid end to end from `offset` as one request (pwritev): a format
+   * puts new data between the old bytes of a cluster's head and tail without copying
+   * it into one buffer. Only nodes that write a host file themselves offer it; filters
+   * do not forward it (a filter that changes writes would be gone around), so a caller
+   * falls back to one buffer and write() where it is missing.
+   */
+  writev?(offset: number, parts: Uint8Array[]): Promise<void>;
   /** Make [offset, offset+length) read as zeros; unmap lets the node deallocate. */
   zero?(offset: number, length: number, unmap: boolean): Promise<void>;
   /** Everything written so far is durable when this resolves. */

@@ -88,6 +88,24 @@ export class Images {
     return file;
   }
 
+  /** A fresh sparse raw file of the main size (allocating writes into raw, and their dd anchor). */
+  sparseRaw(name: string): string {
+    const file = path.join(this.dir, name);
+    fs.rmSync(file, { force: true });
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, this.sizes.main);
+    return file;
+  }
+
+  /** A private, fully allocated copy of the guest data as a raw file (overwrites into raw, and their dd anchor). */
+  async rawCopy(name: string): Promise<string> {
+    const src = await this.dataRaw();
+    const file = path.join(this.dir, name);
+    fs.rmSync(file, { force: true });
+    await runOk('cp', ['--sparse=never', src, file], { timeoutMs: 600_000 });
+    return file;
+  }
+
   sparse1T(): Promise<string> {
     return this.once('sparse-1t.qcow2', 'sparse 1T v1', (file) => runOk('qemu-img', ['create', '-q', '-f', 'qcow2', file, '1T']).then(() => undefined));
   }

@@ -10,8 +10,12 @@ import { fileURLToPath } from 'node:url';
 import { TSMOUNT, forceUnmount, isAlive, mountedPid } from '../lib/mounts.js';
 import { run } from '../lib/qemu.js';
 
-/** ceiling: scripts/bench/ceiling.c, a libfuse3 server of memory (the machine's FUSE limit). */
-export type System = 'tsmount' | 'qsd' | 'xmount' | 'ceiling';
+/**
+ * ceiling: scripts/bench/ceiling.c, a libfuse3 server of memory (the machine's FUSE limit).
+ * dd: no server at all, the workload straight into a host file on the same disk (the
+ * anchor of the write rows); nothing is mounted for it.
+ */
+export type System = 'tsmount' | 'qsd' | 'xmount' | 'ceiling' | 'dd';
 
 export interface Mounted {
   system: System;
@@ -154,9 +158,10 @@ export function ceiling(): string {
 
 /** The ceiling server over the target file, serving req.size bytes; timed until its mount appears. */
 async function mountCeiling(req: MountRequest): Promise<Mounted> {
-  if (req.rw) throw new Error('ceiling: rows with writes do not use the ceiling server');
   if (req.size === undefined) throw new Error('ceiling: needs the virtual size');
-  return spawnServer('ceiling', ceiling(), [String(req.size), path.resolve(req.target)], path.resolve(req.target));
+  // Writable: direct I/O, as tsmount and qsd serve writable files, so every write reaches the server.
+  const args = [String(req.size), path.resolve(req.target), ...(req.rw ? ['--direct'] : [])];
+  return spawnServer('ceiling', ceiling(), args, path.resolve(req.target));
 }
 
 /** xmount --in raw IMG DIR: read-only, the disk appears as DIR/<stem>.dd. */
@@ -203,6 +208,8 @@ export function mountWith(system: System, req: MountRequest): Promise<Mounted> {
       return mountXmount(req);
     case 'ceiling':
       return mountCeiling(req);
+    case 'dd':
+      throw new Error('dd writes a host file itself: nothing is mounted');
   }
 }
 

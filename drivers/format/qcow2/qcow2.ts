@@ -167,6 +167,23 @@ export class Qcow2Node implements BlockNode {
     return this.data.write(host, buf);
   }
 
+  /**
+   * Data laid end to end from `host` as one write: a pwritev where the data node
+   * offers it (the file protocol), else one buffer. Encrypted data is joined anyway,
+   * since it is encrypted in a copy.
+   */
+  private writeDataParts(host: number, guest: number, parts: Uint8Array[]): Promise<void> {
+    if (parts.length === 1) return this.writeData(host, guest, parts[0]!);
+    if (this.crypt || !this.data.writev) return this.writeData(host, guest, Buffer.concat(parts));
+    if (this.guard && this.data === this.file) {
+      let length = 0;
+      for (const p of parts) length += p.length;
+      const refused = this.guard.check(host, length);
+      if (refused) return refused;
+    }
+    return this.data.writev(host, parts);
+  }
+
   /** Run the before-first-change hook once; a failure is retried by the next change. */
   private prepare(): Promise<void> {
     if (!this.beforeFirstChange) return Promise.resolve();
@@ -629,13 +646,20 @@ export class Qcow2Node implements BlockNode {
         continue;
       }
       if (reusable(i)) {
-        await this.writeUnits(first + i, first + i + 1, e.host, [e], pos, data, false);
+        // A run of them, contiguous on the host, is one write.
+        let j = i + 1;
+        while (j < count && reusable(j) && entries[j]!.host === e.host + (j - i) * cs) j++;
+        await this.writeUnits(first + i, first + j, e.host, entries.slice(i, j), pos, data, false);
         const table = await this.map.l2Cache.get(l2Offset);
-        const m = mask(i);
-        if (ext) encodeL2Ext(table.view(), first + i - baseIndex, e.host, true, (e.alloc | m) >>> 0, (e.zeros & ~m) >>> 0);
-        else encodeL2(table.view(), first + i - baseIndex, e.host, true, false);
+        const dv = table.view();
+        for (let k = i; k < j; k++) {
+          const old = entries[k]!;
+          const m = mask(k);
+          if (ext) encodeL2Ext(dv, first + k - baseIndex, old.host, true, (old.alloc | m) >>> 0, (old.zeros & ~m) >>> 0);
+          else encodeL2(dv, first + k - baseIndex, old.host, true, false);
+        }
         this.map.l2Cache.markDirty(table);
-        i++;
+        i = j;
         continue;
       }
       let j = i + 1;
@@ -701,7 +725,9 @@ export class Qcow2Node implements BlockNode {
    * Write guest clusters [c0, c1) to host clusters from `host`: the written bytes,
    * and the parts of the first and last unit (subcluster with extended L2, else
    * cluster) the write does not cover with what they read as before. `full`
-   * widens the first and last unit to the whole cluster.
+   * widens the first and last unit to the whole cluster. One write for all of it
+   * (QEMU's merge_cow): the old head, the new bytes, the old tail, with no copy of
+   * the new bytes.
    */
   private async writeUnits(c0: number, c1: number, host: number, olds: L2Entry[], pos: number, data: Uint8Array, full: boolean): Promise<void> {
     const cs = this.cs;
@@ -710,32 +736,17 @@ export class Qcow2Node implements BlockNode {
     const to = Math.min(pos + data.length, c1 * cs);
     const a = Math.floor(from / u) * u;
     const b = Math.ceil(to / u) * u;
-    const h = (g: number): number => host + (g - c0 * cs);
-    const body = (x: number, y: number): Uint8Array => data.subarray(x - pos, y - pos);
-    if (a === from && b === to) return this.writeData(h(from), from, body(from, to));
-    const headEnd = a === from ? a : a + u;
-    const tailStart = b === to ? b : b - u;
-    if (to <= headEnd || from >= tailStart || b - a <= 2 * u) {
-      const buf = Buffer.alloc(b - a);
-      await Promise.all([this.cowFill(c0, olds, a, from, buf.subarray(0, from - a)), this.cowFill(c0, olds, to, b, buf.subarray(to - a))]);
-      buf.set(body(from, to), from - a);
-      return this.writeData(h(a), a, buf);
-    }
-    const writes: Promise<void>[] = [];
-    if (headEnd > a) {
-      const buf = Buffer.alloc(headEnd - a);
-      await this.cowFill(c0, olds, a, from, buf.subarray(0, from - a));
-      buf.set(body(from, headEnd), from - a);
-      writes.push(this.writeData(h(a), a, buf));
-    }
-    if (tailStart < b) {
-      const buf = Buffer.alloc(b - tailStart);
-      await this.cowFill(c0, olds, to, b, buf.subarray(to - tailStart));
-      buf.set(body(tailStart, to), 0);
-      writes.push(this.writeData(h(tailStart), tailStart, buf));
-    }
-    if (tailStart > headEnd) writes.push(this.writeData(h(headEnd), headEnd, body(headEnd, tailStart)));
-    await Promise.all(writes);
+    const body = data.subarray(from - pos, to - pos);
+    if (a === from && b === to) return this.writeData(host + (from - c0 * cs), from, body);
+    // Zeroed buffers: cowFill leaves zero subclusters and bytes past the disk's end as they are.
+    const head = from > a ? Buffer.alloc(from - a) : undefined;
+    const tail = b > to ? Buffer.alloc(b - to) : undefined;
+    await Promise.all([head && this.cowFill(c0, olds, a, from, head), tail && this.cowFill(c0, olds, to, b, tail)]);
+    const parts: Uint8Array[] = [];
+    if (head) parts.push(head);
+    parts.push(body);
+    if (tail) parts.push(tail);
+    await this.writeDataParts(host + (a - c0 * cs), a, parts);
   }
 
   /** Guest bytes [ga, gb) as they read before the write (olds: entries of clusters from c0). */
