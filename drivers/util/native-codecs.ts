@@ -1,6 +1,6 @@
 // Decoders from the system's own C libraries, through koffi: xz streams (liblzma,
-// which every Debian system has: dpkg depends on it) and LZO1X blocks (liblzo2, the
-// library the cloop tools compress with). The calls run on libuv's thread pool
+// which every Debian system has: dpkg depends on it), LZO1X blocks (liblzo2, the
+// library the cloop tools compress with) and zstd frames (libzstd, see zstdNative). The calls run on libuv's thread pool
 // (koffi's async calls), never on the event loop. A library that cannot be loaded
 // makes its codec's reads fail with EIO naming the library; nothing else depends on it.
 // koffi itself is loaded on first use only: decompress.ts is imported by qcow2's inflate
