@@ -142,10 +142,12 @@ export function zstdNative(): Promise<ZstdNative | undefined> {
       const isError = lib.func('unsigned int ZSTD_isError(size_t code)') as unknown as (code: number | bigint) => number;
       const compressBound = lib.func('size_t ZSTD_compressBound(size_t srcSize)') as unknown as (n: number) => number | bigint;
       const compress = lib.func('size_t ZSTD_compress(void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)') as unknown as (...a: unknown[]) => number | bigint;
-      const fn: ZstdNative = async (frame, dst) => {
-        const rc = await call(decompress, [dst, dst.length, frame, frame.length]);
-        return isError(rc) ? -1 : Number(rc);
-      };
+      // Any failure of the call itself is a refusal too: fzstd then decides.
+      const fn: ZstdNative = (frame, dst) =>
+        call(decompress, [dst, dst.length, frame, frame.length]).then(
+          (rc) => (isError(rc) ? -1 : Number(rc)),
+          () => -1,
+        );
       // Self-test: a frame libzstd makes decodes the same through libzstd and fzstd,
       // also from and into shared memory (the qcow2 reader's buffers).
       const { decompress: fzstd } = await import('fzstd');
