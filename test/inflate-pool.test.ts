@@ -2,7 +2,9 @@
 // good clusters, the same error (class and message) for bad ones.
 import { expect } from 'chai';
 import zlib from 'node:zlib';
-import { COMPRESSION, decompressCluster } from '../drivers/format/qcow2/compress.js';
+import { decompress as fzstdDecompress } from 'fzstd';
+import { COMPRESSION, decompressCluster, zstdFrameLength } from '../drivers/format/qcow2/compress.js';
+import { zstdNative } from '../drivers/util/native-codecs.js';
 import { acquireInflatePool, decompressClusters, inflateStats } from '../drivers/format/qcow2/inflate-pool.js';
 
 const CS = 64 * 1024;
@@ -70,6 +72,8 @@ describe('qcow2 inflate workers', function () {
     it(`${type === COMPRESSION.zlib ? 'zlib' : 'zstd'}: one batch of good and bad clusters, as decompressCluster gives them`, async function () {
       // Nodes other tests left open may hold the workers too.
       const idle = inflateStats().running === 0;
+      // With libzstd loaded, zstd clusters skip the workers (native-codecs.ts).
+      const native = type === COMPRESSION.zstd && (await zstdNative()) !== undefined;
       const release = acquireInflatePool();
       try {
         // Packed back to back in shared memory, as readCompressedGroup reads them; then in a plain buffer (copied to the workers).
@@ -92,7 +96,10 @@ describe('qcow2 inflate workers', function () {
             expect(got[i], `${cases[i]![0]} (shared ${shared})`).to.deep.equal(want);
             if ('bytes' in want) good++;
           }
-          if (process.env.TSMOUNT_INFLATE_WORKERS !== '0') {
+          if (native) {
+            expect(after.workers - before.workers, 'clusters from the workers').to.equal(0);
+            expect(after.inThread - before.inThread, 'clusters through libzstd').to.equal(cases.length);
+          } else if (process.env.TSMOUNT_INFLATE_WORKERS !== '0') {
             // Every good cluster came from a worker; only the bad ones were redone in-thread (for their error).
             expect(after.running).to.be.greaterThan(0);
             expect(after.workers - before.workers, 'clusters from the workers').to.equal(good);
@@ -105,6 +112,28 @@ describe('qcow2 inflate workers', function () {
       if (idle) expect(inflateStats().running, 'workers end with the last user').to.equal(0);
     });
   }
+
+  it('zstd: libzstd (when it loads) decodes every frame fzstd decodes to a cluster, to the same bytes', async function () {
+    const native = await zstdNative();
+    if (!native) this.skip();
+    for (const [title, c] of zstdCases) {
+      let ref: Uint8Array | undefined;
+      try {
+        ref = fzstdDecompress(c.subarray(0, zstdFrameLength(c, title)));
+      } catch {
+        ref = undefined;
+      }
+      const dst = new Uint8Array(CS);
+      let n = -1;
+      try {
+        n = await native(c.subarray(0, zstdFrameLength(c, title)), dst);
+      } catch {
+        n = -1;
+      }
+      if (n === CS) expect(ref && Buffer.from(ref).equals(Buffer.from(dst)), title).to.equal(true);
+      else expect(ref === undefined || ref.length !== CS, `${title}: libzstd refused what fzstd decodes to a cluster`).to.equal(true);
+    }
+  });
 
   it('hands each cluster to `use`, and resolves to a copy only where `keep` says so', async function () {
     const release = acquireInflatePool();

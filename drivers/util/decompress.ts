@@ -11,7 +11,7 @@ import { CorruptImageError, TsmountError } from '../errors.js';
 import { isJsCodec } from './js-codecs.js';
 import { decodeOffThread } from './decode-pool.js';
 import { lz4BlockDecode } from './lz4.js';
-import { decodeNative, isNativeCodec } from './native-codecs.js';
+import { decodeNative, isNativeCodec, zstdNative } from './native-codecs.js';
 
 /**
  * raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, cloop, dmg UDZO), one zstd
@@ -52,8 +52,15 @@ export async function decompress(codec: Codec, input: Uint8Array, o: DecompressO
     } else if (codec === 'zstd') {
       const frame = input.subarray(0, zstdFrameLength(input, o.what));
       const dst = Buffer.alloc(o.size);
-      const res = zstdDecompress(frame, dst);
-      out = res === dst ? dst : Buffer.from(res.buffer, res.byteOffset, res.byteLength);
+      // libzstd when it is there (native-codecs.ts); a frame it does not decode to
+      // exactly `size` bytes goes to fzstd, whose answer is the reference.
+      const native = await zstdNative();
+      if (native && (await native(frame, dst)) === o.size) out = dst;
+      else {
+        dst.fill(0);
+        const res = zstdDecompress(frame, dst);
+        out = res === dst ? dst : Buffer.from(res.buffer, res.byteOffset, res.byteLength);
+      }
     } else {
       // One output chunk larger than the result: the stream inflates in a single
       // thread-pool pass (the default 16 KiB chunks cost a round trip and a copy

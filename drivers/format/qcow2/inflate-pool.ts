@@ -13,6 +13,7 @@ import { Worker } from 'node:worker_threads';
 import createDebug from 'debug';
 import { COMPRESSION, INFLATE_SLACK, decompressCluster } from './compress.js';
 import type { InflateJob, InflateResult } from './inflate-worker.js';
+import { zstdNativeNow } from '../../util/native-codecs.js';
 
 const debug = createDebug('tsmount:inflate');
 
@@ -179,7 +180,9 @@ export function decompressClusters(type: number, src: Uint8Array, parts: Cluster
     counts.inThread++;
     return decompressCluster(type, src.subarray(p.from, p.to), clusterSize, p.what);
   };
-  const pl = type === COMPRESSION.zlib || type === COMPRESSION.zstd ? getPool() : undefined;
+  // zstd clusters go to libzstd on libuv's thread pool once it has loaded (in
+  // parallel there, and many times faster than fzstd in the workers).
+  const pl = type === COMPRESSION.zlib || (type === COMPRESSION.zstd && !zstdNativeNow()) ? getPool() : undefined;
   if (!pl || parts.length === 0)
     return parts.map((p) =>
       inThread(p).then((b) => {

@@ -311,7 +311,11 @@ export class Qcow2Node implements BlockNode {
       let settle!: { resolve: (b: Buffer) => void; reject: (e: unknown) => void };
       const q = new Promise<Buffer>((resolve, reject) => (settle = { resolve, reject }));
       mine.set(run.cOffset, { runs: [run], q, ...settle });
-      this.keepDecompressed(run.cOffset, q);
+      // A cluster this request reads whole is not kept for later reads: a sequential
+      // reader never comes back to it, and keeping it cost a 64 KiB copy out of the
+      // workers' memory (and its garbage) per cluster. Partly read clusters are kept,
+      // for the next small read that continues into them.
+      if (run.guest !== run.clusterGuest || run.length !== this.cs) this.keepDecompressed(run.cOffset, q);
     }
     const copy = (run: Run, c: Uint8Array): void => {
       dst.set(c.subarray(run.guest - run.clusterGuest, run.guest - run.clusterGuest + run.length), run.guest - base);
