@@ -33,12 +33,28 @@ export interface OpenCli {
  * subcommand runs, so no subcommand knows these spellings.
  */
 export async function resolveImageArgs(args: unknown[], o: OpenCli & { secondFormat?: string }, count: number): Promise<void> {
+  // convert's one argument is its sources, then the new image (a plain name): the
+  // sources share one format (-f), as in tsmount.
+  if (Array.isArray(args[0])) {
+    const all = (args[0] as unknown[]).filter((a): a is string => typeof a === 'string');
+    const sources = all.slice(0, -1);
+    if (!needsResolving(sources, o)) return;
+    const resolved = await resolveImageNames(sources, o.format, o);
+    args[0] = [...resolved.map((r) => r.spec), ...all.slice(-1)];
+    o.format = resolved[0]?.format;
+    return takeSecret(resolved, o);
+  }
   const names = args.slice(0, count).filter((a): a is string => typeof a === 'string');
   if (!needsResolving(names, o)) return;
   const resolved = await Promise.all(names.map(async (n, i) => (await resolveImageNames([n], i === 1 ? o.secondFormat : o.format, o))[0]!));
   resolved.forEach((r, i) => (args[i] = r.spec));
   o.format = resolved[0]?.format;
   if (resolved.length > 1) o.secondFormat = resolved[1]?.format;
+  takeSecret(resolved, o);
+}
+
+/** The passphrase a key-secret named, unless --secret or --secret-file gave one too. */
+function takeSecret(resolved: Parameters<typeof oneSecret>[0], o: OpenCli): void {
   const secret = oneSecret(resolved, undefined);
   if (secret === undefined) return;
   if (o.secret !== undefined || o.secretFile !== undefined) throw new UsageError('give the passphrase by key-secret or by --secret/--secret-file, not both');
