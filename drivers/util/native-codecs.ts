@@ -87,6 +87,13 @@ export async function decodeNative(codec: NativeCodec, input: Uint8Array, size: 
 }
 
 let zstdCompress: AsyncFn | Error | undefined;
+let zstdLib: Promise<import('koffi').LibraryHandle> | undefined;
+
+/** libzstd, loaded once for the encoder and the decoder alike (a rejection: it cannot be loaded). */
+function libzstd(): Promise<import('koffi').LibraryHandle> {
+  zstdLib ??= import('koffi').then((k) => k.default.load('libzstd.so.1'));
+  return zstdLib;
+}
 
 /** ZSTD_CLEVEL_DEFAULT: what QEMU's qcow2_zstd_compress gets by setting no level. */
 const ZSTD_LEVEL = 3;
@@ -99,8 +106,7 @@ const ZSTD_LEVEL = 3;
 export async function encodeZstd(input: Uint8Array, limit: number): Promise<Buffer | undefined> {
   if (zstdCompress === undefined) {
     try {
-      const koffi = (await import('koffi')).default;
-      zstdCompress = koffi.load('libzstd.so.1').func('size_t ZSTD_compress(void *dst, size_t dstCapacity, const void *src, size_t srcSize, int compressionLevel)');
+      zstdCompress = (await libzstd()).func('size_t ZSTD_compress(void *dst, size_t dstCapacity, const void *src, size_t srcSize, int compressionLevel)');
     } catch (err) {
       zstdCompress = new Error(`libzstd cannot be loaded (${(err as Error).message})`);
     }
@@ -136,8 +142,7 @@ export function zstdNative(): Promise<ZstdNative | undefined> {
   zstdState ??= (async () => {
     if (process.env.TSMOUNT_NATIVE_ZSTD === '0') return undefined;
     try {
-      const koffi = (await import('koffi')).default;
-      const lib = koffi.load('libzstd.so.1');
+      const lib = await libzstd();
       const decompress = lib.func('size_t ZSTD_decompress(void *dst, size_t dstCapacity, const void *src, size_t srcSize)') as unknown as AsyncFn & ((...a: unknown[]) => number | bigint);
       const isError = lib.func('unsigned int ZSTD_isError(size_t code)') as unknown as (code: number | bigint) => number;
       const compressBound = lib.func('size_t ZSTD_compressBound(size_t srcSize)') as unknown as (n: number) => number | bigint;
