@@ -7,7 +7,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { convertToRaw, createImage, md5File, qemuIo, run, tempDir, type RunResult } from './helpers/qemu.js';
-import { patch, readBytes, tsimg, u32le, u64le } from './helpers/images.js';
+import { patch, pattern, readBytes, tsimg, u32le, u64le } from './helpers/images.js';
 import { CrashingFile } from './helpers/crashing-file.js';
 import { makeSeSparseChain, seAllocatedEntry, type SeGrain } from './helpers/deltas.js';
 import { fileProtocol } from '../drivers/protocol/index.js';
@@ -396,19 +396,6 @@ describe('tsimg check: random bytes over the tables of vdi, vhdx and vmdk', func
   before(() => (t = tempDir('check-vv-random')));
   after(() => t.cleanup());
 
-  /** Deterministic bytes: the same seed, the same corruption. */
-  function noise(length: number, seed: number): Buffer {
-    const b = Buffer.alloc(length);
-    let x = seed >>> 0 || 1;
-    for (let i = 0; i < length; i++) {
-      x ^= x << 13;
-      x ^= x >>> 17;
-      x ^= x << 5;
-      b[i] = x & 0xff;
-    }
-    return b;
-  }
-
   const cases: { format: string; make: (f: string) => Promise<number>; len: number; repairs: boolean }[] = [
     {
       format: 'vdi',
@@ -449,7 +436,7 @@ describe('tsimg check: random bytes over the tables of vdi, vhdx and vmdk', func
         const f = path.join(t.dir, `r${seed}.${c.format}`);
         const at = await c.make(f);
         // Entries with small values are more interesting than huge ones: mask each byte's top bits at times.
-        const n = noise(c.len, seed * 7919);
+        const n = pattern(c.len, seed * 7919);
         if (seed % 2 === 0) for (let i = 3; i < n.length; i += 4) n[i] = 0;
         patch(f, at, n);
         const r = await tsimg(['check', '--output', 'json', f]);

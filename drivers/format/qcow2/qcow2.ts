@@ -957,18 +957,7 @@ export class Qcow2Node implements BlockNode {
   async amend(options: CreateOptions): Promise<void> {
     this.checkWritable();
     await this.flush();
-    const state = this.snapshotState;
-    const ctx: SnapshotContext | undefined = state && {
-      file: this.file,
-      name: this.name,
-      map: this.map,
-      refcounts: this.refcounts,
-      guard: this.guard,
-      state,
-      size: this.size,
-      growL1: (entries) => this.growL1(entries),
-      setSize: (size) => this.setSize(size),
-    };
+    const ctx = this.snapshotContext();
     // compat=0.10 (downgrade.ts): refusals first, then the zero clusters written out,
     // refcounts before the tables that name the new clusters.
     const downgrader: Downgrader | undefined = ctx && {
@@ -990,21 +979,28 @@ export class Qcow2Node implements BlockNode {
     await this.mutex.run(() => amendQcow2(this.file, this.cs, options, downgrader));
   }
 
+  /** What snapshot-ops.ts and downgrade.ts work on: this node's tables, refcounts and snapshot list. */
+  private snapshotContext(state = this.snapshotState): SnapshotContext | undefined {
+    return (
+      state && {
+        file: this.file,
+        name: this.name,
+        map: this.map,
+        refcounts: this.refcounts,
+        guard: this.guard,
+        state,
+        size: this.size,
+        growL1: (entries) => this.growL1(entries),
+        setSize: (size) => this.setSize(size),
+      }
+    );
+  }
+
   /** Internal snapshots changed in place (snapshot-ops.ts); the active writable node only. */
   get snapshotControl(): SnapshotControl | undefined {
     const state = this.snapshotState;
     if (this.readOnly || this.isView || !state) return undefined;
-    const ctx: SnapshotContext = {
-      file: this.file,
-      name: this.name,
-      map: this.map,
-      refcounts: this.refcounts,
-      guard: this.guard,
-      state,
-      size: this.size,
-      growL1: (entries) => this.growL1(entries),
-      setSize: (size) => this.setSize(size),
-    };
+    const ctx = this.snapshotContext(state)!;
     const run = (op: (c: SnapshotContext) => Promise<void>) => async (): Promise<void> => {
       this.checkWritable();
       await this.prepare();
