@@ -299,16 +299,7 @@ export class VhdxNode extends MappedNode {
       await this.firstWrite();
       await this.mutex.run(async () => {
         for (const [idx, e] of changes) this.pending.set(idx, e);
-        try {
-          await this.commitBat(changes);
-          for (const [idx, e] of changes) {
-            const b = Buffer.alloc(8);
-            b.writeBigUInt64LE(e);
-            this.bat.patch(idx, b);
-          }
-        } finally {
-          this.pending.clear();
-        }
+        await this.commitPending(changes);
       });
     };
   }
@@ -356,6 +347,11 @@ export class VhdxNode extends MappedNode {
       }
     }
     if (changes.size === 0) return;
+    await this.commitPending(changes);
+  }
+
+  /** BAT entries through the log, then the cached BAT pages; `pending` is emptied either way. */
+  private async commitPending(changes: Map<number, bigint>): Promise<void> {
     try {
       await this.commitBat(changes);
       // On disk now: the cached BAT pages follow.
