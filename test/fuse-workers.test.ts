@@ -230,7 +230,9 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     const want = await md5File(raw);
     expect(await directMd5(flat)).to.equal(want);
     expect(await directMd5(flat)).to.equal(want);
-    const c = await counters(mp);
+    // The server publishes its counters once a second: wait for the reads to show.
+    let c = await counters(mp);
+    for (const deadline = Date.now() + 5000; (c.reads ?? 0) < 64 && Date.now() < deadline; c = await counters(mp)) await new Promise((r) => setTimeout(r, 200));
     expect(c.workerReads ?? 0).to.equal(0);
     expect(c.reads).to.be.at.least(64);
     await mounts.unmount(mp);
