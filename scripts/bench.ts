@@ -13,7 +13,7 @@ import { imageInfo } from './lib/qemu.js';
 import { Images, type Sizes } from './bench/images.js';
 import { cleanupAll, liveMounts, peakRss, withMount, type MountRequest, type System } from './bench/mounts.js';
 import { convertSeconds, halfDataRaw, qemuImgSeconds, scattered1T, tsimgSeconds } from './bench/tsimg.js';
-import { GiB, MiB, ddRead, ddWrite, drop, fio, have, loadAverage, machine, median, warm, type Machine } from './bench/tools.js';
+import { GiB, MiB, ddRead, ddReadParallel, ddWrite, drop, fio, have, loadAverage, machine, median, warm, type Machine } from './bench/tools.js';
 
 export interface BenchConfig {
   quick: boolean;
@@ -52,7 +52,7 @@ export interface Row {
   load: string;
 }
 
-const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
 export const NOTES_MARKER = '<!-- Everything below this line is kept when scripts/bench.ts rewrites the file. -->';
 
 function parseArgs(argv: string[]): BenchConfig {
@@ -428,6 +428,37 @@ class Bench {
     );
   }
 
+  /**
+   * Row 11: both cores. Four sequential readers at once on the fully allocated qcow2:
+   * tsmount as it runs by default (FUSE worker threads) against tsmount serving every
+   * request on its one JS thread (TSMOUNT_FUSE_WORKERS=0), with the ceiling server.
+   */
+  async row11(): Promise<void> {
+    const img = await this.images.fullQcow2();
+    const size = this.cfg.sizes.main;
+    const load = loadAverage();
+    // The qsd slot carries the one-thread tsmount here; the ratio is workers / one thread.
+    const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [img], this.cfg.repeat, true, (s) =>
+      withMount(s === 'qsd' ? 'tsmount' : s, this.request(s, img, 'qcow2', s === 'qsd' ? { env: { TSMOUNT_FUSE_WORKERS: '0' } } : {}), (mt) => ddReadParallel(mt.file, size, 4)),
+    );
+    const r = median(m.ratios);
+    this.push(
+      {
+        id: '11',
+        what: `both cores: 4 sequential readers at once (dd bs=1M, a quarter each) of the ${fmtSize(size)} qcow2, worker threads against one JS thread`,
+        tsmount: m.samples.tsmount.length ? mbps(median(m.samples.tsmount)) : '—',
+        qsd: m.samples.qsd.length ? mbps(median(m.samples.qsd)) : '—',
+        xmount: '—',
+        ceiling: m.samples.ceiling.length ? mbps(median(m.samples.ceiling)) : '—',
+        cratio: spread(m.cratios),
+        ratio: spread(m.ratios),
+        target: m.ratios.length ? `workers past one thread (> 1.0): ${r > 1 ? 'yes' : 'no'}` : '—',
+        note: `tsmount column: default (worker threads); qsd column: tsmount with TSMOUNT_FUSE_WORKERS=0; ratio: workers / one thread${m.failed.tsmount ? `; failed: ${m.failed.tsmount}` : ''}${m.failed.qsd ? `; one thread failed: ${m.failed.qsd}` : ''}`,
+      },
+      load,
+    );
+  }
+
   /** Row 10: tsimg map --output json of a 1 TiB sparse qcow2 with scattered data, qemu-img map as the anchor. */
   async row10(): Promise<void> {
     const img = await scattered1T(this.images.dir);
@@ -514,6 +545,7 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
       8: () => bench.row8(),
       9: () => bench.row9(),
       10: () => bench.row10(),
+      11: () => bench.row11(),
     };
     for (const n of ALL_ROWS) {
       if (!cfg.rows.has(n)) continue;

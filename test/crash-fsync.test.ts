@@ -45,6 +45,10 @@ describe('tsmount --rw: writes acknowledged by fsync survive a kill of the serve
         const pid = mountedPid(dir)!;
         const writer = spawn(process.execPath, [WRITER, flat, journal, String(seed + round * 101 + (lazy ? 7 : 0)), String(DISK)], { stdio: 'ignore' });
         mounts.trackChild(writer);
+        // The first round kills only after an fsync was acknowledged, so every run checks
+        // durable writes even when a loaded machine starts node slowly; later rounds
+        // also kill during the writer's first writes.
+        if (round === 0) await waitFor(() => fs.existsSync(journal) && readJournal(journal).durable.length > 0, 60_000, `the first acknowledged fsync (${what})`);
         await new Promise((r) => setTimeout(r, 300 + ((seed + round * 37) % 700)));
         process.kill(pid, 'SIGKILL');
         await waitFor(() => !isAlive(pid), 10_000, `server ${pid} to die (${what})`);

@@ -35,6 +35,17 @@ export async function ddWrite(src: string, file: string, bytes: number): Promise
   return bytes / r.seconds;
 }
 
+/**
+ * `n` sequential readers at once, each dd bs=1M over its own 1/n of the file; bytes per
+ * second of all of them together, by the wall clock from the first start to the last end.
+ */
+export async function ddReadParallel(file: string, bytes: number, n: number): Promise<number> {
+  const each = Math.ceil(bytes / MiB / n);
+  const t0 = process.hrtime.bigint();
+  await Promise.all(Array.from({ length: n }, (_, i) => timed('dd', [`if=${file}`, 'of=/dev/null', 'bs=1M', `skip=${i * each}`, `count=${each}`])));
+  return bytes / (Number(process.hrtime.bigint() - t0) / 1e9);
+}
+
 function ddSeconds(stderr: string, fallback: number): number {
   const m = /copied, ([\d.]+) s/.exec(stderr);
   return m ? Number(m[1]) : fallback;
