@@ -429,34 +429,42 @@ class Bench {
   }
 
   /**
-   * Row 11: both cores. Four sequential readers at once on the fully allocated qcow2:
-   * tsmount as it runs by default (FUSE worker threads) against tsmount serving every
-   * request on its one JS thread (TSMOUNT_FUSE_WORKERS=0), with the ceiling server.
+   * Row 11: both cores. Four readers at once on the fully allocated qcow2: tsmount as it
+   * runs by default (FUSE worker threads) against tsmount serving every request on its
+   * one JS thread (TSMOUNT_FUSE_WORKERS=0; its preads still run on libuv's pool), with
+   * the ceiling server. 11a: random 4 KiB reads (the cost per request decides);
+   * 11b: sequential 1 MiB reads, a quarter of the disk each (the cost per byte decides).
    */
   async row11(): Promise<void> {
     const img = await this.images.fullQcow2();
     const size = this.cfg.sizes.main;
-    const load = loadAverage();
-    // The qsd slot carries the one-thread tsmount here; the ratio is workers / one thread.
-    const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [img], this.cfg.repeat, true, (s) =>
-      withMount(s === 'qsd' ? 'tsmount' : s, this.request(s, img, 'qcow2', s === 'qsd' ? { env: { TSMOUNT_FUSE_WORKERS: '0' } } : {}), (mt) => ddReadParallel(mt.file, size, 4)),
-    );
-    const r = median(m.ratios);
-    this.push(
-      {
-        id: '11',
-        what: `both cores: 4 sequential readers at once (dd bs=1M, a quarter each) of the ${fmtSize(size)} qcow2, worker threads against one JS thread`,
-        tsmount: m.samples.tsmount.length ? mbps(median(m.samples.tsmount)) : '—',
-        qsd: m.samples.qsd.length ? mbps(median(m.samples.qsd)) : '—',
-        xmount: '—',
-        ceiling: m.samples.ceiling.length ? mbps(median(m.samples.ceiling)) : '—',
-        cratio: spread(m.cratios),
-        ratio: spread(m.ratios),
-        target: m.ratios.length ? `workers past one thread (> 1.0): ${r > 1 ? 'yes' : 'no'}` : '—',
-        note: `tsmount column: default (worker threads); qsd column: tsmount with TSMOUNT_FUSE_WORKERS=0; ratio: workers / one thread${m.failed.tsmount ? `; failed: ${m.failed.tsmount}` : ''}${m.failed.qsd ? `; one thread failed: ${m.failed.qsd}` : ''}`,
-      },
-      load,
-    );
+    const cases: [string, string, (file: string) => Promise<number>, (x: number) => string][] = [
+      ['11a', `both cores: random 4 KiB reads, fio psync, 4 jobs, ${this.cfg.fioRuntime} s, worker threads against one JS thread`, (f) => fio({ file: f, rw: 'randread', jobs: 4, size, runtime: this.cfg.fioRuntime }), iops],
+      ['11b', `both cores: 4 sequential readers at once (dd bs=1M, a quarter each) of the ${fmtSize(size)} qcow2, worker threads against one JS thread`, (f) => ddReadParallel(f, size, 4), mbps],
+    ];
+    for (const [id, what, work, fmt] of cases) {
+      const load = loadAverage();
+      // The qsd slot carries the one-thread tsmount here; the ratio is workers / one thread.
+      const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [img], this.cfg.repeat, true, (s) =>
+        withMount(s === 'qsd' ? 'tsmount' : s, this.request(s, img, 'qcow2', s === 'qsd' ? { env: { TSMOUNT_FUSE_WORKERS: '0' } } : {}), (mt) => work(mt.file)),
+      );
+      const r = median(m.ratios);
+      this.push(
+        {
+          id,
+          what,
+          tsmount: m.samples.tsmount.length ? fmt(median(m.samples.tsmount)) : '—',
+          qsd: m.samples.qsd.length ? fmt(median(m.samples.qsd)) : '—',
+          xmount: '—',
+          ceiling: m.samples.ceiling.length ? fmt(median(m.samples.ceiling)) : '—',
+          cratio: spread(m.cratios),
+          ratio: spread(m.ratios),
+          target: m.ratios.length ? `workers past one thread (> 1.0): ${r > 1 ? 'yes' : 'no'}` : '—',
+          note: `tsmount column: default (worker threads); qsd column: tsmount with TSMOUNT_FUSE_WORKERS=0; ratio: workers / one thread${m.failed.tsmount ? `; failed: ${m.failed.tsmount}` : ''}${m.failed.qsd ? `; one thread failed: ${m.failed.qsd}` : ''}`,
+        },
+        load,
+      );
+    }
   }
 
   /** Row 10: tsimg map --output json of a 1 TiB sparse qcow2 with scattered data, qemu-img map as the anchor. */
