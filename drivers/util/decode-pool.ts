@@ -65,6 +65,10 @@ function getSlots(): Slot[] | undefined {
     for (let i = 0; i < n; i++) {
       const slot: Slot = { worker: new Worker(url), jobs: new Map() };
       slot.worker.unref();
+      // Node 20 refs a worker's port again when it comes online (inflate-pool.ts).
+      slot.worker.once('online', () => {
+        if (slot.jobs.size === 0) slot.worker.unref();
+      });
       slot.worker.on('message', (r: DecodeReply) => {
         const p = slot.jobs.get(r.id);
         if (!p) return;

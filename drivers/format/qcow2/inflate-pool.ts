@@ -52,6 +52,11 @@ class Pool {
       const worker = new Worker(url);
       const slot = new Slot(worker);
       worker.unref();
+      // Node 20 refs a worker's port again when it comes online: an idle pool must not
+      // keep the process alive (mocha without --exit hung on this).
+      worker.once('online', () => {
+        if (slot.jobs.size === 0) worker.unref();
+      });
       worker.on('message', (r: InflateResult) => this.done(slot, r));
       worker.on('error', (err) => this.fail(err));
       worker.on('exit', (code) => this.fail(new Error(`inflate worker exited with code ${code}`)));
