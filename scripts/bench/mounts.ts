@@ -161,7 +161,23 @@ async function mountCeiling(req: MountRequest): Promise<Mounted> {
   if (req.size === undefined) throw new Error('ceiling: needs the virtual size');
   // Writable: direct I/O, as tsmount and qsd serve writable files, so every write reaches the server.
   const args = [String(req.size), path.resolve(req.target), ...(req.rw ? ['--direct'] : [])];
-  return spawnServer('ceiling', ceiling(), args, path.resolve(req.target));
+  const m = await spawnServer('ceiling', ceiling(), args, path.resolve(req.target));
+  // 1 MiB requests, as tsmount gets them: the kernel gives a FUSE mount a 128 KiB
+  // readahead window, and only root widens it through sysfs (fs/fuse.ts setReadahead).
+  widenReadahead(m.mountpoint, 1024);
+  return m;
+}
+
+/** read_ahead_kb of the mount at `mountpoint` (its MAJ:MIN from mountinfo); best effort. */
+function widenReadahead(mountpoint: string, kib: number): void {
+  try {
+    for (const line of fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+      const f = line.split(' ');
+      if (f[4] === mountpoint && f[2] && /^\d+:\d+$/.test(f[2])) fs.writeFileSync(`/sys/class/bdi/${f[2]}/read_ahead_kb`, String(kib));
+    }
+  } catch {
+    /* not root: the kernel's window stays */
+  }
 }
 
 /** xmount --in raw IMG DIR: read-only, the disk appears as DIR/<stem>.dd. */
