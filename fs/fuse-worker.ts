@@ -59,13 +59,16 @@ const O_CLOEXEC = 0o2000000;
 const F_SETPIPE_SZ = 1031;
 
 /**
- * TSMOUNT_FUSE_SPLICE=1: answer a worker's READ by splicing the host file's pages
- * through a pipe into /dev/fuse (one copy, kernel to kernel) instead of pread into a
- * JS buffer and write (two copies). Off by default: see scripts/BENCHMARKS.md,
- * "Splice (issue 21)". Read here, not in the session: a worker inherits the
- * server's environment.
+ * Answer a worker's READ of at least SPLICE_MIN bytes by splicing the host file's
+ * pages through a pipe into /dev/fuse (one copy, kernel to kernel) instead of pread
+ * into a JS buffer and write (two copies): 1.4x on 1 MiB sequential reads, 45 % less
+ * worker CPU (scripts/BENCHMARKS.md, "Splice (issue 21)"). TSMOUNT_FUSE_SPLICE=0 turns
+ * it off. Smaller reads keep pread: splice costs a system call more per reply, and
+ * what it saves is a copy of the data. Read here, not in the session: a worker
+ * inherits the server's environment.
  */
-const SPLICE = process.env.TSMOUNT_FUSE_SPLICE === '1';
+const SPLICE = process.env.TSMOUNT_FUSE_SPLICE !== '0';
+const SPLICE_MIN = GRANULE;
 
 interface Sys {
   read(fd: number, buf: Buffer, n: number): number;
@@ -360,7 +363,7 @@ class Worker {
     out.writeInt32LE(0, 4);
     buf.copy(out, 8, 8, 16); // unique
     const sp = this.splicer;
-    if (sp && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len)) {
+    if (sp && size >= SPLICE_MIN && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len)) {
       Atomics.add(table, H_SPLICED, 1);
     } else {
       let at = OUT_HEADER;

@@ -12,7 +12,7 @@ export interface MountCounters extends IoCounters {
   cacheMisses: number;
   /** Of `reads`, those a FUSE worker thread answered from a read map (their bytes counted in whole KiB). */
   workerReads?: number;
-  /** Of `workerReads`, those answered by splice(2) (TSMOUNT_FUSE_SPLICE=1). */
+  /** Of `workerReads`, those answered by splice(2) (on unless TSMOUNT_FUSE_SPLICE=0). */
   splicedReads?: number;
 }
 

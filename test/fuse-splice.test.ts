@@ -1,4 +1,4 @@
-// The FUSE workers' splice path (fs/fuse-worker.ts Splicer, TSMOUNT_FUSE_SPLICE=1): a
+// The FUSE workers' splice path (fs/fuse-worker.ts Splicer, on unless TSMOUNT_FUSE_SPLICE=0): a
 // READ the read map covers goes from the host file through a pipe into /dev/fuse. The
 // oracle is qemu-img convert -O raw; reads go around the page cache (iflag=direct) so
 // that they reach the server, and the counters tsmount --list shows say that splice
@@ -55,7 +55,7 @@ async function untilSpliced(flat: string, mp: string, want: string, atLeast: num
   }
 }
 
-describe('FUSE workers: the splice path (TSMOUNT_FUSE_SPLICE=1)', function () {
+describe('FUSE workers: the splice path (TSMOUNT_FUSE_SPLICE)', function () {
   this.timeout(600_000);
   const mounts = new MountTracker();
   let tmp: { dir: string; cleanup: () => void };
@@ -108,6 +108,7 @@ describe('FUSE workers: the splice path (TSMOUNT_FUSE_SPLICE=1)', function () {
       [4 * KiB, 1023, 2, 'a page each side of the zero cluster boundary at 4M'],
       [128 * KiB, 63, 3, 'data, zeros and data around 8M'],
       [MiB, 63, 2, 'the last MiB and the cut cluster, up to the end'],
+      [244 * KiB, 268, 1, 'the last 244 KiB, ending exactly at the end (crossing into the cut granule)'],
       [4 * KiB, (size - 8 * KiB) / (4 * KiB), 2, 'the last two pages'],
       [4 * KiB, (size - 8 * KiB) / (4 * KiB), 8, 'the last two pages, asked past the end'],
       [36 * KiB, (64 * MiB) / (36 * KiB) | 0, 3, 'unaligned to the granules, into the end'],
@@ -128,6 +129,32 @@ describe('FUSE workers: the splice path (TSMOUNT_FUSE_SPLICE=1)', function () {
       after = (await counters(mp)).splicedReads ?? 0;
     }
     expect(after, 'the ranges were spliced').to.be.above(before);
+    await mounts.unmount(mp);
+  });
+
+  it('TSMOUNT_FUSE_SPLICE=0: the workers answer with pread, none by splice', async () => {
+    const img = path.join(tmp.dir, 'off.qcow2');
+    await createImage(img, 'qcow2', 16 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x66 0 16M']);
+    const raw = path.join(tmp.dir, 'off.raw.out');
+    await convertToRaw(img, raw, 'qcow2');
+    const mp = dir('m-off');
+    process.env.TSMOUNT_FUSE_SPLICE = '0';
+    try {
+      await mounts.mount([img, mp]);
+    } finally {
+      process.env.TSMOUNT_FUSE_SPLICE = '1';
+    }
+    const flat = path.join(mp, 'off.raw');
+    const want = await md5File(raw);
+    let c = await counters(mp);
+    for (let pass = 0; pass < 10 && (c.workerReads ?? 0) < 16; pass++) {
+      expect(await directMd5(flat, 256 * KiB)).to.equal(want);
+      await new Promise((r) => setTimeout(r, 1200));
+      c = await counters(mp);
+    }
+    expect(c.workerReads ?? 0).to.be.at.least(16);
+    expect(c.splicedReads ?? 0).to.equal(0);
     await mounts.unmount(mp);
   });
 
