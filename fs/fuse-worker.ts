@@ -109,9 +109,9 @@ function loadSys(): Sys {
  * pipe (references to the host file's page cache pages, no copy), and the pipe is
  * spliced into /dev/fuse, where the kernel copies the pages into the reply once. The
  * pipe must hold a whole reply (the kernel takes a reply from a pipe only whole):
- * header + max_write needs more than the 1 MiB a user may give a pipe
- * (/proc/sys/fs/pipe-max-size), which only root may pass; a READ that would not fit
- * takes the pread path. Without SPLICE_F_MOVE: for readahead the kernel would steal
+ * header + max_write needs more than the 1 MiB /proc/sys/fs/pipe-max-size allows by
+ * default, which only CAP_SYS_RESOURCE may pass (root in a container may lack it); a
+ * READ that would not fit takes the pread path. Without SPLICE_F_MOVE: for readahead the kernel would steal
  * the spliced pages out of the image file's own page cache into the flat file's.
  *
  * Both ends are non-blocking, so a pipe that is fuller than counted fails (EAGAIN)
@@ -264,6 +264,10 @@ class Worker {
     }
   }
 
+  close(): void {
+    this.splicer?.close();
+  }
+
   private mail(): void {
     const ctl = this.init.ctl;
     const seen = Atomics.load(ctl, CTL_MAIL);
@@ -411,7 +415,10 @@ function main(): void {
     throw new Error(`koffi: ${(err as Error).message}`);
   }
   parentPort!.postMessage({ type: 'ready' } satisfies WorkerMessage);
-  const errno = new Worker(sys, init).run();
+  const worker = new Worker(sys, init);
+  const errno = worker.run();
+  // The pipe goes with the loop: a server in a test process mounts many times.
+  worker.close();
   parentPort!.postMessage({ type: 'end', errno } satisfies WorkerMessage);
 }
 
