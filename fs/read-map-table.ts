@@ -21,6 +21,8 @@ const H_SIZE_HI = 1;
 /** Reads the workers answered and their bytes (in KiB), for the counters. */
 export const H_READS = 2;
 export const H_KIB = 3;
+/** Of those, the reads answered by splice(2) (TSMOUNT_FUSE_SPLICE). */
+export const H_SPLICED = 4;
 const HEADER_WORDS = 8;
 
 const E_SEQ = 0;

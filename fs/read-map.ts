@@ -14,7 +14,7 @@ import createDebug from 'debug';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
-import { GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_KIB, H_READS } from './read-map-table.js';
+import { GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_KIB, H_READS, H_SPLICED } from './read-map-table.js';
 
 const debug = createDebug('tsmount:fuse');
 
@@ -45,9 +45,9 @@ export class ReadMap {
     setTableSize(this.table, top.size);
   }
 
-  /** Reads the workers answered, and their KiB (the server's counters). */
-  served(): { reads: number; kib: number } {
-    return { reads: Atomics.load(this.table, H_READS) >>> 0, kib: Atomics.load(this.table, H_KIB) >>> 0 };
+  /** Reads the workers answered, their KiB, and how many of them by splice (the server's counters). */
+  served(): { reads: number; kib: number; spliced: number } {
+    return { reads: Atomics.load(this.table, H_READS) >>> 0, kib: Atomics.load(this.table, H_KIB) >>> 0, spliced: Atomics.load(this.table, H_SPLICED) >>> 0 };
   }
 
   /** A READ the main thread served: publish what would let the next ones be served by a worker. */

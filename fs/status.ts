@@ -12,10 +12,12 @@ export interface MountCounters extends IoCounters {
   cacheMisses: number;
   /** Of `reads`, those a FUSE worker thread answered from a read map (their bytes counted in whole KiB). */
   workerReads?: number;
+  /** Of `workerReads`, those answered by splice(2) (on unless TSMOUNT_FUSE_SPLICE=0). */
+  splicedReads?: number;
 }
 
 /** What the FUSE worker threads answered without the graph (FlatFs.workerReads). */
-export type WorkerReads = () => { reads: number; kib: number };
+export type WorkerReads = () => { reads: number; kib: number; spliced?: number };
 
 export interface FileDetails {
   name: string;
@@ -56,7 +58,7 @@ export function mountCounters(io: IoCounters, caches: readonly { hits: number; m
   }
   if (!workers) return { ...io, cacheHits, cacheMisses };
   const w = workers();
-  return { ...io, reads: io.reads + w.reads, bytesRead: io.bytesRead + w.kib * 1024, cacheHits, cacheMisses, workerReads: w.reads };
+  return { ...io, reads: io.reads + w.reads, bytesRead: io.bytesRead + w.kib * 1024, cacheHits, cacheMisses, workerReads: w.reads, ...(w.spliced ? { splicedReads: w.spliced } : {}) };
 }
 
 export class StatusPublisher {

@@ -44,7 +44,7 @@ function human(m: ListedMount): string {
   }
   const c = m.counters;
   if (c) {
-    lines.push(`  reads ${c.reads} (${c.bytesRead} bytes), writes ${c.writes} (${c.bytesWritten} bytes), in flight ${c.inFlight}, errors ${c.errors}, cache hits ${c.cacheHits}, misses ${c.cacheMisses}${c.workerReads ? `, reads by FUSE workers ${c.workerReads}` : ''}`);
+    lines.push(`  reads ${c.reads} (${c.bytesRead} bytes), writes ${c.writes} (${c.bytesWritten} bytes), in flight ${c.inFlight}, errors ${c.errors}, cache hits ${c.cacheHits}, misses ${c.cacheMisses}${c.workerReads ? `, reads by FUSE workers ${c.workerReads}${c.splicedReads ? ` (${c.splicedReads} spliced)` : ''}` : ''}`);
   }
   return lines.join('\n');
 }
