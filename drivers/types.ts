@@ -181,7 +181,8 @@ export interface BlockNode {
   /**
    * Write one whole cluster compressed: `offset` a multiple of compressedClusterSize,
    * `data` that many bytes (less only for the last cluster of the disk). A cluster that
-   * does not shrink, or one already allocated, is written as write() would.
+   * does not shrink is written as write() would; onto one already allocated, qcow2
+   * refuses (IoError, as QEMU's EIO) and qcow writes plain.
    */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
   /**

@@ -7,7 +7,7 @@
 //   tsimg map [-f FMT] [--output human|json|svg] [-U] FILE
 //   tsimg check [-f FMT] [-r leaks|all] [--output human|json] [-U] FILE
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
-//   tsimg convert [-p] [-c] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC... DST
+//   tsimg convert [-p] [-c] [-n] [-W] [-m N] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC... DST
 //   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
 //   tsimg resize [--shrink] FILE [+|-]SIZE
 //   tsimg commit [-p] [-d] FILE
@@ -115,7 +115,8 @@ async function main(argv: string[]): Promise<void> {
     .option('-B, --backing-file <file>', 'make the new image an overlay of this file, holding only what differs from it')
     .option('-F, --backing-format <fmt>', 'the format of the -B file')
     .option('-n, --skip-create', 'write into an existing image instead of creating one')
-    .option('-W, --parallel', 'several requests in flight, written out of order')
+    .option('-W, --parallel', 'write each chunk as soon as it is read, out of order')
+    .option('-m, --coroutines <n>', 'chunks in flight, 1 to 16 (default 8); written in order unless -W')
     .option('-c, --compress', 'compress the data clusters (qcow2, qcow; vmdk streamOptimized always is)')
     .option('--target-secret <pass>', 'passphrase of an encrypted new image')
     .option('--target-secret-file <file>', "read the new image's passphrase from a file")

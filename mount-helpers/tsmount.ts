@@ -160,7 +160,7 @@ async function main(argv: string[]): Promise<void> {
   const mountpoint = paths[paths.length - 1]!;
   if (opts.iscsi.length || opts.readconfig.length) {
     try {
-      (await import('../drivers/protocol/iscsi/uri.js')).configureIscsi({ iscsi: opts.iscsi, readconfig: opts.readconfig });
+      (await import('../drivers/protocol/iscsi/uri.js')).configureIscsi({ iscsi: opts.iscsi, readconfig: opts.readconfig, object: opts.object });
     } catch (err) {
       fail(messageOf(err));
     }

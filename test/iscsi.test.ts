@@ -233,7 +233,7 @@ describe('iSCSI: LUNs on tgtd', function () {
     }
   });
 
-  it('takes credentials and the initiator name from --iscsi and --readconfig', async () => {
+  it('takes credentials (password= or password-secret=) and the initiator name from --iscsi and --readconfig', async () => {
     const conf = path.join(tmp.dir, 'qemu.conf');
     fs.writeFileSync(conf, `[iscsi]\n  initiator-name = "iqn.2026-12.org.tsmount.test:me"\n\n[iscsi "${T.chap}"]\n  user = "alice"\n  password = "wonderland12"\n`);
     let r = await tsimg(['info', '--readconfig', conf, url(T.chap!)]);
@@ -243,6 +243,16 @@ describe('iSCSI: LUNs on tgtd', function () {
     expect(r.code, r.stderr).to.equal(0);
     r = await tsimg(['info', '--iscsi', 'user=alice,password=wonderland12', url(T.chap!)]);
     expect(r.code, r.stderr).to.equal(0);
+    // password-secret=ID naming an --object secret, in --iscsi and in a [iscsi "IQN"] section.
+    r = await tsimg(['info', '--object', 'secret,id=chap0,data=wonderland12', '--iscsi', 'user=alice,password-secret=chap0', url(T.chap!)]);
+    expect(r.code, r.stderr).to.equal(0);
+    const secretConf = path.join(tmp.dir, 'qemu-secret.conf');
+    fs.writeFileSync(secretConf, `[iscsi "${T.chap}"]\n  user = "alice"\n  password-secret = "chap0"\n`);
+    r = await tsimg(['info', '--object', 'secret,id=chap0,data=wonderland12', '--readconfig', secretConf, url(T.chap!)]);
+    expect(r.code, r.stderr).to.equal(0);
+    r = await tsimg(['info', '--readconfig', secretConf, url(T.chap!)]);
+    expect(r.code).to.equal(1);
+    expect(r.stderr).to.match(/no --object with id 'chap0'/);
     // The default name (QEMU's iqn.2008-11.org.linux-kvm) is not the one this target allows.
     r = await tsimg(['info', url(T.named!)]);
     expect(r.code).to.equal(1);

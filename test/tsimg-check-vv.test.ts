@@ -347,7 +347,7 @@ describe('tsimg check: vhdx against qemu-img check', function () {
     expect(b.r.stderr).to.match(/BAT entry 30 .* overlaps the block of BAT entry 0/);
   });
 
-  it('a log that needs replaying: reported read-only, replayed by -r all as by qemu-img check -r all', async () => {
+  it('a log that needs replaying: reported read-only, replayed by -r leaks and -r all as by qemu-img check -r', async () => {
     const { f } = await base('log.vhdx');
     const pristine = path.join(t.dir, 'log-pristine.vhdx');
     fs.copyFileSync(f, pristine);
@@ -377,6 +377,26 @@ describe('tsimg check: vhdx against qemu-img check', function () {
     expect(b.rj?.corruptions).to.equal(1);
     expect(b.r.stderr).to.match(/opened read-only, but contains a log that needs to be replayed/);
     expect(b.r.stderr).to.match(/tsimg check -r all/);
+
+    // -r leaks opens the image writable too, which replays the log: clean, exit 0, as QEMU.
+    const leaksQ = path.join(t.dir, 'log-leaks-qemu.vhdx');
+    const leaksR = path.join(t.dir, 'log-leaks.vhdx');
+    fs.copyFileSync(f, leaksQ);
+    fs.copyFileSync(f, leaksR);
+    const lq = await run('qemu-img', ['check', '-r', 'leaks', '--output=json', leaksQ]);
+    const lr = await tsimg(['check', '-r', 'leaks', '--output', 'json', leaksR]);
+    expect(lq.code, lq.stdout + lq.stderr).to.equal(0);
+    expect(lr.code, lr.stdout + lr.stderr).to.equal(0);
+    for (const k of ['corruptions', 'leaks', 'check-errors', 'corruptions-fixed', 'leaks-fixed']) expect(json(lr.stdout)?.[k], k).to.equal(json(lq.stdout)?.[k]);
+    // And the human report of the repair, line for line.
+    fs.copyFileSync(f, leaksQ);
+    fs.copyFileSync(f, leaksR);
+    const hq = await run('qemu-img', ['check', '-r', 'leaks', leaksQ]);
+    const hr = await tsimg(['check', '-r', 'leaks', leaksR]);
+    expect(hr.code, hr.stderr).to.equal(hq.code);
+    expect(hr.stdout).to.equal(hq.stdout);
+    await expectAgree(leaksR, 0);
+    expect((await raw(leaksR, 'vhdx')).equals(await raw(leaksQ, 'vhdx'))).to.equal(true);
 
     const copy = path.join(t.dir, 'log-qemu.vhdx');
     fs.copyFileSync(f, copy);

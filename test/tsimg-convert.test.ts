@@ -8,7 +8,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { run, runOk, tempDir } from './helpers/qemu.js';
-import { expectClean, openTestImage, patch, TSIMG, tsimg } from './helpers/images.js';
+import { expectClean, openTestImage, patch, readBytes, TSIMG, tsimg } from './helpers/images.js';
+import { IoError } from '../drivers/errors.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -93,7 +94,7 @@ describe('tsimg convert -c, several sources, progress', function () {
   }
 
   for (const fmt of ['qcow2', 'qcow']) {
-    it(`${fmt} writeCompressed through the node: packed, then overwritten in part, fallen back on allocated clusters`, async () => {
+    it(`${fmt} writeCompressed through the node: packed, then overwritten in part; onto allocated clusters refused (qcow2) or written plain (qcow)`, async () => {
       const dir = fs.mkdtempSync(path.join(t.dir, 'node-'));
       const img = path.join(dir, `n.${fmt}`);
       await runOk('qemu-img', ['create', '-q', '-f', fmt, ...(fmt === 'qcow2' ? ['-o', 'cluster_size=4k'] : []), img, '1M'], { cwd: dir });
@@ -118,10 +119,20 @@ describe('tsimg convert -c, several sources, progress', function () {
         const part = Buffer.alloc(1000, 0x5a);
         expected.set(part, 3 * cs + 100);
         await node.write(3 * cs + 100, part);
-        expected.set(cluster(200), 3 * cs);
-        await node.writeCompressed!(3 * cs, cluster(200));
-        expected.set(cluster(201), 5 * cs);
-        await node.writeCompressed!(5 * cs, cluster(201));
+        if (fmt === 'qcow2') {
+          // qcow2 refuses it, as QEMU 7.2 does (EIO), allocated plain or compressed, changing nothing.
+          for (const [i, seed] of [[3, 200], [5, 201]] as const) {
+            let refused: unknown;
+            await node.writeCompressed!(i * cs, cluster(seed)).catch((e: unknown) => (refused = e));
+            expect(refused).to.be.instanceOf(IoError);
+            expect(String(refused)).to.match(/error while writing at byte \d+: Input\/output error/);
+          }
+        } else {
+          expected.set(cluster(200), 3 * cs);
+          await node.writeCompressed!(3 * cs, cluster(200));
+          expected.set(cluster(201), 5 * cs);
+          await node.writeCompressed!(5 * cs, cluster(201));
+        }
         await node.flush();
         // After clusters were freed (qcow2 at flush), new streams still land somewhere safe.
         expected.set(cluster(300), 150 * cs);
@@ -143,6 +154,89 @@ describe('tsimg convert -c, several sources, progress', function () {
       expect(at(100 * 4096).offset).to.be.a('number');
     });
   }
+
+  it('convert -n -c onto allocated clusters fails as qemu-img convert does: exit 1, one line, the image still clean', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'nc-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'src.raw', '4M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 0 4M', 'src.raw'], { cwd: dir });
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'base.qcow2', '4M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 1M 64k', 'base.qcow2'], { cwd: dir });
+    fs.copyFileSync(path.join(dir, 'base.qcow2'), path.join(dir, 'theirs.qcow2'));
+    fs.copyFileSync(path.join(dir, 'base.qcow2'), path.join(dir, 'ours.qcow2'));
+    const q = await run('qemu-img', ['convert', '-n', '-c', '-f', 'raw', '-O', 'qcow2', 'src.raw', 'theirs.qcow2'], { cwd: dir });
+    const r = await tsimg(['convert', '-n', '-c', '-f', 'raw', '-O', 'qcow2', 'src.raw', 'ours.qcow2'], dir);
+    expect(q.code, q.stderr).to.equal(1);
+    expect(r.code, r.stderr).to.equal(1);
+    const at = /error while writing at byte (\d+): Input\/output error/;
+    expect(q.stderr).to.match(at);
+    expect(r.stderr).to.match(at);
+    expect(r.stderr.match(at)![1]).to.equal(q.stderr.match(at)![1]);
+    expect(r.stderr).to.contain('ours.qcow2');
+    expect(r.stderr.trim().split('\n')).to.have.length(1);
+    // Not corrupted: the refused cluster keeps its data, and nothing leaked.
+    for (const f of ['theirs.qcow2', 'ours.qcow2']) await expectClean(path.join(dir, f));
+    const cluster = async (f: string): Promise<Buffer> => {
+      await runOk('qemu-img', ['convert', '-O', 'raw', f, `${f}.raw`], { cwd: dir });
+      return readBytes(path.join(dir, `${f}.raw`), MiB, 64 * KiB);
+    };
+    expect((await cluster('ours.qcow2')).equals(Buffer.alloc(64 * KiB, 0x11))).to.equal(true);
+    expect((await cluster('theirs.qcow2')).equals(Buffer.alloc(64 * KiB, 0x11))).to.equal(true);
+    // Onto an image with nothing allocated it works, as qemu-img's.
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'empty.qcow2', '4M'], { cwd: dir });
+    await ok(['convert', '-n', '-c', '-f', 'raw', '-O', 'qcow2', 'src.raw', 'empty.qcow2'], dir);
+    await expectClean(path.join(dir, 'empty.qcow2'));
+    await expectSame(dir, 'src.raw', 'empty.qcow2');
+  });
+
+  it('convert -m N: N chunks read at once, written in order (host clusters in guest order); -m outside 1..16 refused as qemu-img', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'm-'));
+    // 24 MiB, data in every other MiB, with a different byte in each.
+    const src = path.join(dir, 'src.raw');
+    fs.writeFileSync(src, '');
+    fs.truncateSync(src, 24 * MiB);
+    for (let i = 0; i < 24; i += 2) patch(src, i * MiB + 4096, crypto.randomBytes(MiB - 8192));
+    for (const m of ['1', '3', '16']) {
+      await ok(['convert', '-m', m, '-O', 'qcow2', 'src.raw', `m${m}.qcow2`], dir);
+      await expectClean(path.join(dir, `m${m}.qcow2`));
+      await expectSame(dir, 'src.raw', `m${m}.qcow2`);
+      // In order: every data run lies after the one before it in the file, as qemu-img's do.
+      const offsets = (await qemuMap(dir, `m${m}.qcow2`)).filter((e) => e.data).map((e) => e.offset!);
+      expect(offsets.length).to.be.greaterThan(1);
+      expect(offsets, `-m ${m}`).to.deep.equal([...offsets].sort((a, b) => a - b));
+    }
+    await ok(['convert', '-m', '16', '-W', '-O', 'qcow2', 'src.raw', 'w.qcow2'], dir);
+    await expectClean(path.join(dir, 'w.qcow2'));
+    await expectSame(dir, 'src.raw', 'w.qcow2');
+    for (const m of ['0', '17', 'x']) {
+      const q = await run('qemu-img', ['convert', '-m', m, '-O', 'qcow2', 'src.raw', 'bad.qcow2'], { cwd: dir });
+      const r = await tsimg(['convert', '-m', m, '-O', 'qcow2', 'src.raw', 'bad.qcow2'], dir);
+      expect(r.code).to.equal(q.code).and.to.equal(1);
+      expect(r.stderr.replace(/^tsimg: /, '')).to.equal(q.stderr.replace(/^qemu-img: /, ''));
+      expect(fs.existsSync(path.join(dir, 'bad.qcow2'))).to.equal(false);
+    }
+  });
+
+  it('a source that fails to read mid-way: one line, exit 1, no target left, nothing pending (with and without -W)', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'fail-'));
+    const src = path.join(dir, 'src.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', src, '64M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x31 0 64M', src], { cwd: dir });
+    // The L2 entry of the cluster at 40 MiB: an unaligned host offset, which every read of it refuses.
+    const l1 = Number(readBytes(src, 40, 8).readBigUInt64BE(0));
+    const l2 = Number(readBytes(src, l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
+    const e = l2 + (40 * MiB) / (64 * KiB) * 8;
+    const entry = readBytes(src, e, 8).readBigUInt64BE(0);
+    const bad = Buffer.alloc(8);
+    bad.writeBigUInt64BE(entry | 0x200n);
+    patch(src, e, bad);
+    for (const extra of [[], ['-W'], ['-m', '1']]) {
+      const r = await tsimg(['convert', ...extra, '-O', 'qcow2', 'src.qcow2', 'out.qcow2'], dir);
+      expect(r.code, r.stderr).to.equal(1);
+      expect(r.stderr.trim().split('\n'), r.stderr).to.have.length(1);
+      expect(r.stderr).to.contain('src.qcow2');
+      expect(fs.existsSync(path.join(dir, 'out.qcow2'))).to.equal(false);
+    }
+  });
 
   it('convert -c of a compressed qcow2 into another, with -W', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'cc-'));

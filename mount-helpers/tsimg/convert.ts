@@ -26,8 +26,10 @@ export interface ConvertCli extends OpenCli {
   backingFormat?: string;
   /** -n: write into an existing image. */
   skipCreate?: boolean;
-  /** -W: out-of-order writes, several requests in flight. */
+  /** -W: out-of-order writes. */
   parallel?: boolean;
+  /** -m N: chunks in flight (qemu-img's num_coroutines, 1..16, default 8). */
+  coroutines?: string;
   /** -c: compress where the format can (qcow2, qcow; vmdk streamOptimized always does). */
   compress?: boolean;
 }
@@ -58,20 +60,32 @@ async function writeSparse(dst: BlockNode, offset: number, buf: Uint8Array): Pro
   if (start >= 0) await dst.write(offset + start, buf.subarray(start));
 }
 
-/** Requests in flight with -W (qemu-img convert's default -m 8). */
-const IN_FLIGHT = 8;
+/** qemu-img convert's default -m: chunks in flight, read ahead of the one being written. */
+export const IN_FLIGHT = 8;
+/** qemu-img convert's MAX_COROUTINES: the most -m takes. */
+export const MAX_IN_FLIGHT = 16;
 /** With -B, the unit compared against the backing file and written where it differs. */
 const UNIT = 64 << 10;
 
 export interface CopyOptions {
   /** Share done, 0..1. */
   progress?: (done: number) => void;
-  /** -W: several chunks in flight, written out of order. */
+  /** -W: chunks written as soon as they are read, out of order. */
   parallel?: boolean;
+  /** -m: chunks in flight (1..16; qemu-img's default 8). */
+  inFlight?: number;
   /** -B: dst reads a backing file; write only what reads differently from it. */
   onlyDifferences?: boolean;
   /** -c: whole clusters of data go through dst.writeCompressed. */
   compress?: boolean;
+}
+
+/** -m N as qemu-img reads it: a whole number from 1 to 16, its error message otherwise. */
+export function parseInFlight(text: string | undefined): number {
+  if (text === undefined) return IN_FLIGHT;
+  const n = /^\s*[0-9]+\s*$/.test(text) ? Number(text) : NaN;
+  if (!(n >= 1 && n <= MAX_IN_FLIGHT)) throw new UsageError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_IN_FLIGHT}`);
+  return n;
 }
 
 /** Whether any of `runs` holds data inside [a, b). */
@@ -79,11 +93,26 @@ function dataIn(runs: { offset: number; length: number; data: boolean }[], a: nu
   return runs.some((f) => f.data && f.offset < b && f.offset + f.length > a);
 }
 
+/** Wait for every promise, then throw the first error: nothing is left running behind a failure. */
+async function settle(all: Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(all);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+}
+
+/** The writes of one chunk, decided once its reads are done. */
+type Writes = () => Promise<void>;
+
 /**
  * Copy every data run of `src` into `dst`, a new image; `progress` gets the share done,
  * 0..1. Where the source is a hole and the new image does not read as one (LUKS: its
  * empty payload decrypts to noise; qemu's has_zero_init false; a backing file under
  * -B), zeros are written.
+ *
+ * As qemu-img convert: up to `inFlight` chunks are read at once, each into its own
+ * buffer (memory stays at inFlight chunks), and written in order, each chunk after the
+ * one before it is written, so the new image's clusters are laid out in guest order;
+ * -W writes each chunk as soon as it is read. The first error stops the taking of new
+ * chunks, every request already issued is waited for, and that error is thrown.
  */
 export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions = {}): Promise<void> {
   const cs = o.compress ? dst.compressedClusterSize : undefined;
@@ -92,79 +121,119 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   const chunkSize = cs === undefined ? CHUNK : Math.max(CHUNK, cs);
   const zeros = new Uint8Array(chunkSize);
 
-  /** -c: the clusters of the chunk that hold data, read whole and written compressed, all in flight at once. */
-  const compressed = async (pos: number, n: number, runs: { offset: number; length: number; data: boolean }[], fresh: typeof runs, buf: Buffer, cur: Buffer): Promise<void> => {
-    const writes: Promise<void>[] = [];
+  /**
+   * -c: the clusters of the chunk that hold data, read whole (all at once); the writes
+   * returned send them compressed, all in flight at once (compression runs off the
+   * event loop, so the clusters of a chunk compress side by side).
+   */
+  const compressed = async (pos: number, n: number, runs: { offset: number; length: number; data: boolean }[], fresh: typeof runs, buf: Buffer, cur: Buffer): Promise<Writes> => {
+    const reads: Promise<(() => Promise<void>) | undefined>[] = [];
     for (let a = pos; a < pos + n; a += cs!) {
       const b = Math.min(a + cs!, src.size);
       if (!dataIn(runs, a, b)) continue;
-      writes.push(
+      reads.push(
         (async () => {
           const part = buf.subarray(a - pos, b - pos);
           await src.read(a, part);
           // Zeros are left out where the new image reads zeros already; -B writes only what differs.
           if (!dataIn(fresh, a, b)) {
-            if (allZero(part)) return;
+            if (allZero(part)) return undefined;
           } else if (o.onlyDifferences) {
             const now = cur.subarray(a - pos, b - pos);
             await dst.read(a, now);
-            if (part.equals(now)) return;
+            if (part.equals(now)) return undefined;
           }
           // Only the disk's last cluster may be short; a shorter source's last cluster is written as it is.
-          if (b - a === cs || b === dst.size) await dst.writeCompressed!(a, part);
-          else await dst.write(a, part);
+          return b - a === cs || b === dst.size ? () => dst.writeCompressed!(a, part) : () => dst.write(a, part);
         })(),
       );
     }
-    await Promise.all(writes);
+    await settle(reads);
+    const writes = (await Promise.all(reads)).filter((w) => w !== undefined);
+    return () => settle(writes.map((w) => w()));
   };
 
-  const chunk = async (pos: number, buf: Buffer, cur: Buffer): Promise<void> => {
+  /** Read one chunk (block status of both images, the data runs); return its writes. */
+  const chunk = async (pos: number, buf: Buffer, cur: Buffer): Promise<Writes> => {
     const n = Math.min(chunkSize, src.size - pos);
     const inDst = Math.min(n, dst.size - pos);
     const fresh = inDst > 0 ? await chainStatus(dst, pos, inDst) : [];
     const runs = await chainStatus(src, pos, n);
+    const reads: Promise<void>[] = [];
+    const writes: Writes[] = [];
     for (const r of runs) {
       if (r.data && cs !== undefined) continue;
       if (r.data) {
-        const part = buf.subarray(0, r.length);
-        await src.read(r.offset, part);
+        // Each run reads into its own place in the chunk's buffer, so all of them are read at once.
+        const part = buf.subarray(r.offset - pos, r.offset - pos + r.length);
         // Zeros may be left out only where the new image already reads as zeros.
         const holeBelow = fresh.every((f) => !f.data || f.offset + f.length <= r.offset || f.offset >= r.offset + r.length);
-        if (holeBelow) await writeSparse(dst, r.offset, part);
-        else if (o.onlyDifferences) await writeDifferences(dst, r.offset, part, cur.subarray(0, r.length));
-        else await dst.write(r.offset, part);
+        if (holeBelow) {
+          reads.push(src.read(r.offset, part));
+          writes.push(() => writeSparse(dst, r.offset, part));
+        } else if (o.onlyDifferences) {
+          const now = cur.subarray(r.offset - pos, r.offset - pos + r.length);
+          reads.push(src.read(r.offset, part), dst.read(r.offset, now));
+          writes.push(() => writeDifferences(dst, r.offset, part, now));
+        } else {
+          reads.push(src.read(r.offset, part));
+          writes.push(() => dst.write(r.offset, part));
+        }
         continue;
       }
       for (const f of fresh) {
         const s = Math.max(f.offset, r.offset);
         const t = Math.min(f.offset + f.length, r.offset + r.length);
         if (!f.data || t <= s) continue;
-        if (dst.zero) await dst.zero(s, t - s, false);
-        else await dst.write(s, zeros.subarray(0, t - s));
+        writes.push(async () => {
+          if (dst.zero) await dst.zero(s, t - s, false);
+          else await dst.write(s, zeros.subarray(0, t - s));
+        });
       }
     }
-    if (cs !== undefined) await compressed(pos, n, runs, fresh, buf, cur);
+    await settle(reads);
+    if (cs !== undefined) writes.push(await compressed(pos, n, runs, fresh, buf, cur));
+    return async () => {
+      for (const w of writes) await w();
+    };
   };
+
   const chunks = Math.ceil(src.size / chunkSize);
+  const inOrder = !o.parallel;
   let next = 0;
   let done = 0;
+  let failure: { err: unknown } | undefined;
+  // Resolved once the chunk taken last is written (or given up): the next one in order waits for it.
+  let written: Promise<void> = Promise.resolve();
   const worker = async (): Promise<void> => {
     const buf = Buffer.alloc(chunkSize);
     const cur = Buffer.alloc(o.onlyDifferences ? chunkSize : 0);
-    while (next < chunks) {
+    while (!failure && next < chunks) {
       const i = next++;
-      await chunk(i * chunkSize, buf, cur);
-      done++;
-      o.progress?.(done / chunks);
+      const before = written;
+      let release!: () => void;
+      written = new Promise((resolve) => (release = resolve));
+      try {
+        const writes = await chunk(i * chunkSize, buf, cur);
+        if (inOrder) await before;
+        if (failure) return;
+        await writes();
+        done++;
+        o.progress?.(done / chunks);
+      } catch (err) {
+        failure ??= { err };
+      } finally {
+        release();
+      }
     }
   };
-  await Promise.all(Array.from({ length: o.parallel ? Math.min(IN_FLIGHT, Math.max(1, chunks)) : 1 }, worker));
+  const n = Math.max(1, Math.min(o.inFlight ?? IN_FLIGHT, chunks));
+  await Promise.all(Array.from({ length: n }, worker));
+  if (failure) throw failure.err;
 }
 
-/** Write the UNIT pieces of `data` that differ from what `dst` reads there now (-B). */
+/** Write the UNIT pieces of `data` that differ from `cur`, what `dst` reads there now (-B). */
 async function writeDifferences(dst: BlockNode, offset: number, data: Buffer, cur: Buffer): Promise<void> {
-  await dst.read(offset, cur);
   for (let i = 0; i < data.length; ) {
     const next = Math.min(data.length, i + UNIT - ((offset + i) % UNIT));
     if (!data.subarray(i, next).equals(cur.subarray(i, next))) await dst.write(offset + i, data.subarray(i, next));
@@ -246,6 +315,7 @@ const COMPRESSING_FORMATS = new Set(['vmdk']);
 
 export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli): Promise<void> {
   if (srcSpecs.length === 0) throw new UsageError('convert needs a source and a target');
+  const inFlight = parseInFlight(o.coroutines);
   const src = await openSources(srcSpecs, o);
   try {
     const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
@@ -273,7 +343,7 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         if (compress && !dst.writeCompressed) throw new UsageError(`${dstSpec}: Compression not supported for this file format`);
         // Progress on a terminal, or anywhere with -p.
         const show = progress(o.progress);
-        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, onlyDifferences: o.backingFile !== undefined || o.skipCreate === true, compress });
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined || o.skipCreate === true, compress });
         await dst.flush();
         show?.done();
         ok = true;

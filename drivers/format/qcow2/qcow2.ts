@@ -460,7 +460,8 @@ export class Qcow2Node implements BlockNode {
    * One whole cluster, compressed (QEMU's qcow2_co_pwritev_compressed): compressed off
    * the event loop, then under the mutex given bytes packed after the last compressed
    * cluster, a reference on every host cluster they touch, and the L2 entry. A cluster
-   * that does not shrink, or one that already has a host cluster, is written normally.
+   * that does not shrink is written normally; one that already has a host cluster is
+   * refused, as QEMU refuses it (qemu-img convert -n -c onto an allocated image).
    */
   private async compressedWrite(codec: CompressCodec, offset: number, data: Uint8Array): Promise<void> {
     const cs = this.cs;
@@ -483,7 +484,10 @@ export class Qcow2Node implements BlockNode {
       const baseIndex = l1i * this.map.l2Entries;
       const l2Offset = await this.l2ForWrite(l1i);
       const old = this.map.entry(await this.map.l2Cache.get(l2Offset), gc - baseIndex, gc);
-      if (old.kind === 'compressed' || hasHost(old)) return this.writeLocked(offset, data);
+      // QEMU 7.2's qcow2_alloc_compressed_cluster_offset: compressed data never overwrites
+      // a cluster that has a host offset (data, preallocated zeros, or compressed), -EIO,
+      // before anything is allocated, so the image stays consistent.
+      if (old.kind === 'compressed' || hasHost(old)) throw new IoError(`${this.name}: error while writing at byte ${offset}: Input/output error (compressed data cannot overwrite an allocated cluster)`);
       const host = await this.allocateBytes(packed.length);
       // Written to the end of its last sector, so the file never ends inside one (the
       // padding is the next compressed cluster's place, which overwrites it).

@@ -269,13 +269,15 @@ export class VhdxNode extends MappedNode {
 
   /**
    * qemu-img check for vhdx. A log that needs replaying counts as one corruption:
-   * QEMU refuses the read-only open outright, and replays it on the open for -r.
+   * QEMU refuses the read-only open outright, and replays it on the open for -r, of
+   * either kind (repairAlways: -r leaks too opens the image writable, which replays it).
    */
   async checkMetadata(): Promise<CheckReport> {
     const report = emptyReport();
     if (this.pendingLog) {
       addCorruption(report, `VHDX image file '${this.name}' opened read-only, but contains a log that needs to be replayed`);
       addMessage(report, `To replay the log, run: tsimg check -r all '${this.name}'`);
+      report.repairAlways = true;
     }
     const { problems, count } = await this.scanBat();
     for (const p of problems) addMessage(report, p.message);

@@ -3,11 +3,12 @@
 // credentials also from LIBISCSI_CHAP_USERNAME / LIBISCSI_CHAP_PASSWORD, and for mutual
 // CHAP (the target proves itself too) LIBISCSI_CHAP_TARGET_USERNAME / _PASSWORD; `--iscsi
 // key=value,...` and `--readconfig FILE` ([iscsi] and [iscsi "iqn..."] sections) give
-// user, password, initiator-name and header-digest. Set once per process by the CLI.
+// user, password (or password-secret, naming an --object secret), initiator-name and
+// header-digest. Set once per process by the CLI.
 import fs from 'node:fs';
 import { UsageError } from '../../errors.js';
 import { parseOptionString } from '../../options.js';
-import type { QemuObjects } from '../../objects.js';
+import { parseObjects, type QemuObjects } from '../../objects.js';
 import type { DigestChoice } from './login.js';
 
 export const ISCSI_DEFAULT_PORT = 3260;
@@ -82,15 +83,27 @@ export interface IscsiSettings {
   headerDigest?: DigestChoice;
 }
 
-const KEYS = new Set(['user', 'password', 'initiator-name', 'header-digest', 'timeout']);
+const KEYS = new Set(['user', 'password', 'password-secret', 'initiator-name', 'header-digest', 'timeout']);
 const DIGESTS = ['CRC32C', 'CRC32C-NONE', 'NONE-CRC32C', 'NONE'] as const;
 
-function settingsFrom(entries: [string, string][], where: string): IscsiSettings {
+/** QEMU's password-secret=ID: the CHAP password held by the --object secret of that id. */
+function secretPassword(id: string, objects: QemuObjects, where: string): string {
+  const o = objects.get(id);
+  if (!o) throw new UsageError(`${where}: iscsi password-secret=${id}: no --object with id '${id}'`);
+  if (o.type !== 'secret') throw new UsageError(`${where}: iscsi password-secret=${id}: '${id}' is not a secret object`);
+  return o.data;
+}
+
+function settingsFrom(entries: [string, string][], where: string, objects: QemuObjects = new Map()): IscsiSettings {
   const s: IscsiSettings = {};
+  const keys = new Set(entries.map(([k]) => k));
+  // As QEMU's apply_chap: one of the two, never both.
+  if (keys.has('password') && keys.has('password-secret')) throw new UsageError(`${where}: 'password' and 'password-secret' properties are mutually exclusive`);
   for (const [k, v] of entries) {
-    if (!KEYS.has(k)) throw new UsageError(`${where}: unknown iSCSI option '${k}' (user, password, initiator-name, header-digest)`);
+    if (!KEYS.has(k)) throw new UsageError(`${where}: unknown iSCSI option '${k}' (user, password, password-secret, initiator-name, header-digest)`);
     if (k === 'user') s.user = v;
     else if (k === 'password') s.password = v;
+    else if (k === 'password-secret') s.password = secretPassword(v, objects, where);
     else if (k === 'initiator-name') s.initiatorName = v;
     else if (k === 'header-digest') {
       const d = v.toUpperCase();
@@ -101,21 +114,21 @@ function settingsFrom(entries: [string, string][], where: string): IscsiSettings
   return s;
 }
 
-/** `--iscsi user=u,password=p,initiator-name=iqn...,header-digest=CRC32C` */
-export function parseIscsiOption(text: string): IscsiSettings {
-  return settingsFrom(parseOptionString(text), '--iscsi');
+/** `--iscsi user=u,password=p|password-secret=ID,initiator-name=iqn...,header-digest=CRC32C` */
+export function parseIscsiOption(text: string, objects?: QemuObjects): IscsiSettings {
+  return settingsFrom(parseOptionString(text), '--iscsi', objects);
 }
 
 /**
  * QEMU's -readconfig file: `[group "id"]` sections of `key = "value"` lines. The
  * iSCSI sections, by id ('' for a plain `[iscsi]`); other groups are skipped.
  */
-export function parseReadconfig(text: string, file: string): Map<string, IscsiSettings> {
+export function parseReadconfig(text: string, file: string, objects?: QemuObjects): Map<string, IscsiSettings> {
   const out = new Map<string, IscsiSettings>();
   let current: [string, string][] | undefined;
   let id = '';
   const close = (): void => {
-    if (current) out.set(id, { ...out.get(id), ...settingsFrom(current, `${file} [iscsi${id ? ` "${id}"` : ''}]`) });
+    if (current) out.set(id, { ...out.get(id), ...settingsFrom(current, `${file} [iscsi${id ? ` "${id}"` : ''}]`, objects) });
   };
   const lines = text.split(/\r?\n/);
   lines.forEach((raw, i) => {
@@ -139,10 +152,14 @@ export function parseReadconfig(text: string, file: string): Map<string, IscsiSe
 let cliSettings: IscsiSettings = {};
 let fileSettings = new Map<string, IscsiSettings>();
 
-/** The CLI's --iscsi and --readconfig, for every iSCSI node this process opens. */
-export function configureIscsi(opts: { iscsi?: string[]; readconfig?: string[] }): void {
+/**
+ * The CLI's --iscsi and --readconfig, for every iSCSI node this process opens; their
+ * password-secret=ID names one of the --object secrets.
+ */
+export function configureIscsi(opts: { iscsi?: string[]; readconfig?: string[]; object?: string[] }): void {
+  const objects = opts.object?.length ? parseObjects(opts.object) : undefined;
   cliSettings = {};
-  for (const o of opts.iscsi ?? []) cliSettings = { ...cliSettings, ...parseIscsiOption(o) };
+  for (const o of opts.iscsi ?? []) cliSettings = { ...cliSettings, ...parseIscsiOption(o, objects) };
   fileSettings = new Map();
   for (const f of opts.readconfig ?? []) {
     let text: string;
@@ -151,7 +168,7 @@ export function configureIscsi(opts: { iscsi?: string[]; readconfig?: string[] }
     } catch (err) {
       throw new UsageError(`--readconfig ${f}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
     }
-    for (const [k, v] of parseReadconfig(text, f)) fileSettings.set(k, { ...fileSettings.get(k), ...v });
+    for (const [k, v] of parseReadconfig(text, f, objects)) fileSettings.set(k, { ...fileSettings.get(k), ...v });
   }
 }
 
@@ -172,11 +189,9 @@ export function iscsiSpecFromOptions(take: (k: string) => string | undefined, ob
   const secretId = take('password-secret');
   if (secretId !== undefined) {
     // QEMU's password-secret: the CHAP password from a secret object, for this user.
-    const o = objects.get(secretId);
-    if (!o) throw new UsageError(`--image-opts: iscsi password-secret=${secretId}: no --object with id '${secretId}'`);
-    if (o.type !== 'secret') throw new UsageError(`--image-opts: iscsi password-secret=${secretId}: '${secretId}' is not a secret object`);
+    const password = secretPassword(secretId, objects, '--image-opts');
     if (user === undefined) throw new UsageError(`--image-opts: iscsi password-secret needs user=`);
-    entries.push(['user', user], ['password', o.data]);
+    entries.push(['user', user], ['password', password]);
   }
   for (const k of ['initiator-name', 'header-digest', 'timeout']) {
     const v = take(k);
