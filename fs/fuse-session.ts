@@ -555,7 +555,7 @@ export class Session implements FuseMount {
    * start, the kernel is told (a refused REGISTER), and /dev/fuse serves as before.
    */
   private startUring(): void {
-    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner);
+    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, Number(SPIN_NS));
     this.uringQueues = q;
     q.start((w, m) => this.fromWorker(w, m)).then(
       (ws) => {

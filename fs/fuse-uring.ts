@@ -81,6 +81,8 @@ export interface UringInit {
   wakeFd: number;
   denyOthers: boolean;
   owner: number;
+  /** How long to look for the next completion before sleeping (ns; 0: never). */
+  spinNs: number;
 }
 
 export type UringMessage =
@@ -217,6 +219,16 @@ class Ring {
     return n;
   }
 
+  /** SQEs queued and not yet submitted. */
+  pending(): number {
+    return this.queued;
+  }
+
+  /** A completion is waiting. */
+  ready(): boolean {
+    return Atomics.load(this.u32, this.cqTail) !== Atomics.load(this.u32, this.cqHead);
+  }
+
   /** Hand each completion to fn(userData, res), then give the slots back. */
   reap(fn: (userData: number, res: number) => void): void {
     let head = Atomics.load(this.u32, this.cqHead);
@@ -305,7 +317,7 @@ export class UringQueues {
   readonly workers: UringWorker[] = [];
 
   constructor(private readonly devFd: number, private readonly maxPayload: number, private readonly ctl: Int32Array,
-    private readonly denyOthers: boolean, private readonly owner: number) {}
+    private readonly denyOthers: boolean, private readonly owner: number, private readonly spinNs: number) {}
 
   /**
    * One worker per possible CPU, started one after the other (koffi loading in two
@@ -322,7 +334,7 @@ export class UringQueues {
       const { port1, port2 } = new MessageChannel();
       const init: UringInit = {
         fuseUring: true, fd: this.devFd, qid, maxPayload: this.maxPayload, ctl: this.ctl, port: port2, wakeFd,
-        denyOthers: this.denyOthers, owner: this.owner,
+        denyOthers: this.denyOthers, owner: this.owner, spinNs: this.spinNs,
       };
       const thread = new Worker(url, { workerData: init, transferList: [port2] });
       const w: UringWorker = { thread, fd: -1 - qid, port: port1 };
@@ -438,9 +450,19 @@ class Queue {
 
   run(): number {
     for (const [ud, res] of this.early.splice(0)) this.complete(ud, res);
+    const spinNs = BigInt(this.init.spinNs);
     for (;;) {
       if (Atomics.load(this.init.ctl, 0) !== 0) return 0;
-      const n = this.ring.enter(1);
+      // A reader that waits on each reply sends its next request within microseconds:
+      // submit the commits and look at the completion ring a little while before
+      // sleeping in io_uring_enter (fuse-worker.ts does the same with read(2)).
+      let n = 0;
+      if (spinNs > 0n) {
+        if (this.ring.pending() > 0) n = this.ring.enter(0);
+        const deadline = process.hrtime.bigint() + spinNs;
+        while (!this.ring.ready() && process.hrtime.bigint() < deadline);
+      }
+      if (n >= 0 && !this.ring.ready()) n = this.ring.enter(1);
       if (n < 0 && n !== -EINTR) return -n;
       this.ring.reap((ud, res) => this.complete(ud, res));
       if (this.ended) return this.ended;

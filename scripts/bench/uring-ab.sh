@@ -2,7 +2,8 @@
 # A/B of FUSE over io_uring (issue 21, fs/fuse-uring.ts): the default transport (worker
 # threads on cloned /dev/fuse descriptors) against TSMOUNT_FUSE_URING=1, interleaved
 # (the order flips every round), a fresh mount per measurement, host files warm. Sets
-# fuse.enable_uring=Y for the run (root) and puts the old value back at the end.
+# fuse.enable_uring=Y for the run (root) and puts the old value back at the end. Modes:
+# workers, uring, uring-nospin (TSMOUNT_FUSE_SPIN_US=0: the queues sleep at once).
 # Prints one line per measurement: row, mode, result, and the server's CPU seconds
 # (JS thread and the rest). Usage: uring-ab.sh [ROUNDS] [WORKDIR]
 set -euo pipefail
@@ -28,8 +29,9 @@ main_of() { awk '{print $14+$15}' "/proc/$1/task/$1/stat"; }
 
 measure() { # row mode image cmd...
   local row=$1 mode=$2 img=$3; shift 3
-  local uring=0; [ "$mode" = uring ] && uring=1
-  TSMOUNT_FUSE_URING=$uring $TSMOUNT "$img" "$W/mp" >/dev/null
+  local uring=0 spin=${TSMOUNT_FUSE_SPIN_US:-50}
+  case $mode in uring) uring=1 ;; uring-nospin) uring=1 spin=0 ;; esac
+  TSMOUNT_FUSE_URING=$uring TSMOUNT_FUSE_SPIN_US=$spin $TSMOUNT "$img" "$W/mp" >/dev/null
   local flat="$W/mp/$(basename "${img%.*}").raw" pid; pid=$(pid_of "$W/mp")
   sleep 2
   # A first pass fills the read map (misses go to the JS thread in both modes).
@@ -52,7 +54,7 @@ fio1() { fio_rand 1 "$1"; }
 fio4() { fio_rand 4 "$1"; }
 
 for r in $(seq 1 "$ROUNDS"); do
-  if [ $((r % 2)) -eq 1 ]; then modes="workers uring"; else modes="uring workers"; fi
+  if [ $((r % 2)) -eq 1 ]; then modes="workers uring uring-nospin"; else modes="uring-nospin uring workers"; fi
   echo "# round $r, load $(cut -d' ' -f1-3 /proc/loadavg)"
   for m in $modes; do measure seq-qcow2 "$m" "$W/full.qcow2" dd_read; done
   for m in $modes; do measure rand1-qcow2 "$m" "$W/full.qcow2" fio1; done
