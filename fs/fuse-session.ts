@@ -568,6 +568,13 @@ export class Session implements FuseMount {
         q.stop();
         this.uringQueues = undefined;
         uringRefuse(this.fd);
+        const n = fuseWorkerCount();
+        if (n > 0 && !this.closedFlag) {
+          this.startWorkers(n).catch((e: unknown) => {
+            debug('FUSE workers not used, serving on the JS thread: %s', messageOf(e));
+            this.stopWorkers();
+          });
+        }
       },
     );
   }

@@ -75,7 +75,10 @@ export interface UringInit {
   fd: number;
   qid: number;
   maxPayload: number;
+  /** The session's control words: [1] counts read-map mail (fuse-worker.ts CTL_MAIL). */
   ctl: Int32Array;
+  /** This transport's own stop word: stopping it must not stop a /dev/fuse worker started after. */
+  stop: Int32Array;
   port: MessagePort;
   /** Written by the main thread after each reply it posts. */
   wakeFd: number;
@@ -314,6 +317,7 @@ const START_MS = 10_000;
 /** Main thread: the queue workers of one session. */
 export class UringQueues {
   private readonly wakeFds: number[] = [];
+  private readonly stopWord = new Int32Array(new SharedArrayBuffer(4));
   readonly workers: UringWorker[] = [];
 
   constructor(private readonly devFd: number, private readonly maxPayload: number, private readonly ctl: Int32Array,
@@ -333,7 +337,7 @@ export class UringQueues {
       this.wakeFds.push(wakeFd);
       const { port1, port2 } = new MessageChannel();
       const init: UringInit = {
-        fuseUring: true, fd: this.devFd, qid, maxPayload: this.maxPayload, ctl: this.ctl, port: port2, wakeFd,
+        fuseUring: true, fd: this.devFd, qid, maxPayload: this.maxPayload, ctl: this.ctl, stop: this.stopWord, port: port2, wakeFd,
         denyOthers: this.denyOthers, owner: this.owner, spinNs: this.spinNs,
       };
       const thread = new Worker(url, { workerData: init, transferList: [port2] });
@@ -351,7 +355,10 @@ export class UringQueues {
           reject(err);
         });
       });
-      thread.on('message', (m: UringMessage) => onMessage(w, m));
+      // Once stopped, a worker's last words ('end') are not the session's end.
+      thread.on('message', (m: UringMessage) => {
+        if (Atomics.load(this.stopWord, 0) === 0) onMessage(w, m);
+      });
     }
     return this.workers;
   }
@@ -366,7 +373,7 @@ export class UringQueues {
 
   /** Stop every worker and close the eventfds (the rings go with their threads' descriptors). */
   stop(): void {
-    Atomics.store(this.ctl, 0, 1);
+    Atomics.store(this.stopWord, 0, 1);
     // A worker waits in io_uring_enter(2), where terminate() cannot reach it: the
     // eventfd wakes it, and it returns on seeing the stop flag.
     for (const fd of this.wakeFds.splice(0)) {
@@ -452,7 +459,7 @@ class Queue {
     for (const [ud, res] of this.early.splice(0)) this.complete(ud, res);
     const spinNs = BigInt(this.init.spinNs);
     for (;;) {
-      if (Atomics.load(this.init.ctl, 0) !== 0) return 0;
+      if (Atomics.load(this.init.stop, 0) !== 0) return 0;
       // A reader that waits on each reply sends its next request within microseconds:
       // submit the commits and look at the completion ring a little while before
       // sleeping in io_uring_enter (fuse-worker.ts does the same with read(2)).
@@ -602,6 +609,8 @@ function fill(fd: number, host: number, out: Buffer, at: number, length: number)
 
 function main(): void {
   const init = workerData as UringInit;
+  // Tests only: this queue fails to start, as a real failure would (the fallback's test).
+  if (process.env.TSMOUNT_FUSE_URING_FAIL_QUEUE === String(init.qid)) throw new Error(`queue ${init.qid}: failure asked for by TSMOUNT_FUSE_URING_FAIL_QUEUE`);
   const s = sys();
   const q = new Queue(s, init);
   const r = q.start();
