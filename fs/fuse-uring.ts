@@ -68,6 +68,7 @@ const EINTR = 4;
 const ENOTCONN = 107;
 const ECANCELED = 125;
 const ENODEV = 19;
+const EIO = 5;
 
 export interface UringInit {
   fuseUring: true;
@@ -343,6 +344,18 @@ export class UringQueues {
       const thread = new Worker(url, { workerData: init, transferList: [port2] });
       const w: UringWorker = { thread, fd: -1 - qid, port: port1 };
       this.workers.push(w);
+      // Listening before 'ready': once the last queue registers, requests may follow it at
+      // once. Once stopped, a worker's last words ('end') are not the session's end.
+      let started = false;
+      thread.on('message', (m: UringMessage) => {
+        if (m.type !== 'ready' && Atomics.load(this.stopWord, 0) === 0) onMessage(w, m);
+      });
+      // A queue thread that dies (a bug) strands its CPU's requests, and the kernel
+      // cannot go back to /dev/fuse once the ring runs: the session ends (EIO), as it
+      // does when a worker reports an error.
+      thread.on('error', () => {
+        if (started && Atomics.load(this.stopWord, 0) === 0) onMessage(w, { type: 'end', errno: EIO });
+      });
       await new Promise<void>((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error('an io_uring queue worker did not start')), START_MS);
         thread.once('message', (m: UringMessage) => {
@@ -355,10 +368,7 @@ export class UringQueues {
           reject(err);
         });
       });
-      // Once stopped, a worker's last words ('end') are not the session's end.
-      thread.on('message', (m: UringMessage) => {
-        if (Atomics.load(this.stopWord, 0) === 0) onMessage(w, m);
-      });
+      started = true;
     }
     return this.workers;
   }
