@@ -18,6 +18,7 @@ import createDebug from 'debug';
 import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
 import { Worker } from 'node:worker_threads';
 import { closeFd, fuseBackingClose, fuseBackingOpen, fuseDevClone, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
+import { INIT_OVER_IO_URING_HI, UringQueues, probe as uringProbe, refuse as uringRefuse, uringWanted } from './fuse-uring.js';
 import { CTL_MAIL, CTL_STOP, CTL_WORDS, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
 import {
   AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
@@ -173,6 +174,8 @@ export class Session implements FuseMount {
   private readonly ctl = new Int32Array(new SharedArrayBuffer(CTL_WORDS * 4));
   /** Requests read from a worker's descriptor and being served here: the descriptor to answer on. */
   private readonly replyFds = new Map<number, number>();
+  /** TSMOUNT_FUSE_URING=1 and the kernel agreed: the io_uring queues (fuse-uring.ts). */
+  private uringQueues: UringQueues | undefined;
   /** Node ids whose read map (or its absence) the workers have been told of. */
   private readonly announced = new Set<number>();
 
@@ -234,6 +237,7 @@ export class Session implements FuseMount {
     }
     this.backing.clear();
     this.stopWorkers();
+    this.uringQueues?.stop();
     this.initDone(new ErrnoError(`${this.mountpoint}: the FUSE session ended before it started`, E.ENODEV));
     this.socket.destroy();
     this.endDone();
@@ -247,6 +251,8 @@ export class Session implements FuseMount {
   private writeReply(b: Buffer, unique: number, error: number, len: number, fd = this.fd): number {
     if (this.closedFlag) return E.ENODEV;
     encodeOutHeader(b, len, error, unique);
+    // A request that came through an io_uring queue: its worker commits the reply.
+    if (fd < 0 && this.uringQueues) return this.uringQueues.reply(fd, b, len);
     try {
       fs.writeSync(fd, b, 0, len);
       return 0;
@@ -508,7 +514,9 @@ export class Session implements FuseMount {
     // it, mmap of a writable flat file would fail with ENODEV.
     // Passthrough (Linux 6.9+) as root: registering a backing file needs CAP_SYS_ADMIN.
     const wantPassthrough = (this.cfg.passthrough ?? 'auto') !== 'off' && this.owner === 0 ? Init.PASSTHROUGH_HI : 0;
-    const flags2 = req.flags2 & (Init.DIRECT_IO_ALLOW_MMAP_HI | wantPassthrough);
+    // FUSE over io_uring (TSMOUNT_FUSE_URING=1, an experiment): offered only when a ring can be made here.
+    const wantUring = uringWanted() && (req.flags2 & INIT_OVER_IO_URING_HI) !== 0 && uringProbe() ? INIT_OVER_IO_URING_HI : 0;
+    const flags2 = req.flags2 & (Init.DIRECT_IO_ALLOW_MMAP_HI | wantPassthrough | wantUring);
     this.passthrough = (flags2 & Init.PASSTHROUGH_HI) !== 0;
     // Without FUSE_MAX_PAGES (kernels before 4.20) the kernel caps requests at 32 pages.
     const maxWrite = flags & Init.MAX_PAGES ? this.cfg.maxWrite : Math.min(this.cfg.maxWrite, 32 * PAGE);
@@ -531,12 +539,44 @@ export class Session implements FuseMount {
     debug('FUSE %d.%d, flags %s/%s, max_write %d', major, minor, flags.toString(16), flags2.toString(16), maxWrite);
     this.initDone();
     const n = fuseWorkerCount();
-    if (n > 0) {
+    if (flags2 & INIT_OVER_IO_URING_HI) {
+      this.startUring();
+    } else if (n > 0) {
       this.startWorkers(n).catch((err: unknown) => {
         debug('FUSE workers not used, serving on the JS thread: %s', messageOf(err));
         this.stopWorkers();
       });
     }
+  }
+
+  /**
+   * The io_uring queues instead of the workers (fuse-uring.ts). This thread keeps
+   * reading /dev/fuse: FORGET and INTERRUPT still come that way. If the queues do not
+   * start, the kernel is told (a refused REGISTER), and /dev/fuse serves as before.
+   */
+  private startUring(): void {
+    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, Number(SPIN_NS));
+    this.uringQueues = q;
+    q.start((w, m) => this.fromWorker(w, m)).then(
+      (ws) => {
+        if (this.closedFlag) return q.stop();
+        this.workers = ws;
+        debug('FUSE over io_uring: %d queues', ws.length);
+      },
+      (err: unknown) => {
+        debug('FUSE over io_uring not used: %s', messageOf(err));
+        q.stop();
+        this.uringQueues = undefined;
+        uringRefuse(this.fd);
+        const n = fuseWorkerCount();
+        if (n > 0 && !this.closedFlag) {
+          this.startWorkers(n).catch((e: unknown) => {
+            debug('FUSE workers not used, serving on the JS thread: %s', messageOf(e));
+            this.stopWorkers();
+          });
+        }
+      },
+    );
   }
 
   /** Worker threads running (tests). */
