@@ -239,6 +239,35 @@ class Bench {
       withMount(s, this.request(s, raw, 'raw'), (mt) => fio({ file: mt.file, rw: 'randread', jobs: 1, size, runtime: this.cfg.fioRuntime })),
     );
     this.report('2r', 'random 4 KiB reads, 1 job, on the raw image (with xmount)', m, iops, load, '≥ 1.0', '', 1.0);
+    await this.row2Uring(img, size);
+  }
+
+  /**
+   * Rows 2u/2ub: rows 2a/2b with tsmount's opt-in transport, FUSE over io_uring
+   * (TSMOUNT_FUSE_URING=1). The kernel offers it only with fuse.enable_uring=Y: the
+   * row sets it for its own mounts (root) and puts the old value back.
+   */
+  private async row2Uring(img: string, size: number): Promise<void> {
+    const param = '/sys/module/fuse/parameters/enable_uring';
+    let old: string;
+    try {
+      old = fs.readFileSync(param, 'utf8').trim();
+      fs.writeFileSync(param, 'Y');
+    } catch (err) {
+      process.stderr.write(`  2u skipped: ${param}: ${err instanceof Error ? err.message : String(err)}\n`);
+      return;
+    }
+    try {
+      for (const jobs of [1, 4]) {
+        const load = loadAverage();
+        const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [img], this.cfg.repeat, true, (s) =>
+          withMount(s, this.request(s, img, 'qcow2', s === 'tsmount' ? { env: { TSMOUNT_FUSE_URING: '1' } } : {}), (mt) => fio({ file: mt.file, rw: 'randread', jobs, size, runtime: this.cfg.fioRuntime })),
+        );
+        this.report(jobs === 1 ? '2u' : '2ub', `random 4 KiB reads, ${jobs} job${jobs > 1 ? 's' : ''}, tsmount over FUSE io_uring (TSMOUNT_FUSE_URING=1, opt-in)`, m, iops, load, '≥ 1.0', '', 1.0);
+      }
+    } finally {
+      fs.writeFileSync(param, old === 'Y' ? 'Y' : 'N');
+    }
   }
 
   /**
