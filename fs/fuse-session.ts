@@ -18,7 +18,7 @@ import createDebug from 'debug';
 import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
 import { Worker } from 'node:worker_threads';
 import { closeFd, fuseBackingClose, fuseBackingOpen, fuseDevClone, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
-import { CTL_MAIL, CTL_STOP, CTL_WORDS, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
+import { CTL_MAIL, CTL_STOP, CTL_WORDS, SLOTS, slotSize, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
 import {
   AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
   decodeHeader, decodeIo, decodeRequest, encodeAttrOut, encodeDirents, encodeEntryOut, encodeInitOut, encodeLseekOut,
@@ -69,6 +69,9 @@ interface FuseWorker {
   thread: Worker;
   fd: number;
   port: import('node:worker_threads').MessagePort;
+  /** The worker's request slots (fuse-worker.ts SLOTS) and their state words (1: being served here). */
+  slots: Buffer[];
+  slotState: Int32Array;
 }
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
@@ -175,6 +178,12 @@ export class Session implements FuseMount {
   private readonly replyFds = new Map<number, number>();
   /** Node ids whose read map (or its absence) the workers have been told of. */
   private readonly announced = new Set<number>();
+  /**
+   * While a worker's request slot is being dispatched: what gives the slot back. A WRITE
+   * takes it (its data is written from the slot) and gives it back when done; for
+   * anything else fromWorker gives it back once dispatch has parsed the request.
+   */
+  private releaseSlot: (() => void) | undefined;
 
   private requestBuffer(): Buffer {
     this.current ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE);
@@ -319,9 +328,11 @@ export class Session implements FuseMount {
         return true;
       }
       const data = body.subarray(WriteIn.SIZE, WriteIn.SIZE + io.size);
-      // A worker's request is a buffer of its own: the write keeps it, no copy.
+      // A worker's request is a buffer of its own, or its slot until the write is done: no copy.
       if (fromFd !== this.fd) {
-        this.serve(unique, this.write(nodeid, io.fh, io.offset, data, unique));
+        const release = this.releaseSlot;
+        this.releaseSlot = undefined;
+        this.serve(unique, release ? this.write(nodeid, io.fh, io.offset, data, unique).finally(release) : this.write(nodeid, io.fh, io.offset, data, unique));
         return true;
       }
       if (io.size < REPLY_POOL_MIN || buf !== this.current) {
@@ -566,12 +577,16 @@ export class Session implements FuseMount {
           throw err;
         }
         const { port1, port2 } = new MessageChannel();
+        const size = slotSize(this.maxRequest);
+        const memory = new SharedArrayBuffer(SLOTS * size);
+        const slotState = new Int32Array(new SharedArrayBuffer(SLOTS * 4));
         const init: WorkerInit = {
           fd, maxRequest: this.maxRequest, ctl: this.ctl, port: port2, denyOthers: !!this.cfg.denyOthers, owner: this.owner,
-          spinNs: Number(SPIN_NS),
+          spinNs: Number(SPIN_NS), slots: memory, slotState,
         };
         const thread = new Worker(url, { workerData: init, transferList: [port2] });
-        const w: FuseWorker = { thread, fd, port: port1 };
+        const slots = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory, i * size, size));
+        const w: FuseWorker = { thread, fd, port: port1, slots, slotState };
         started.push(w);
         await new Promise<void>((resolve, reject) => {
           const timer = setTimeout(() => reject(new Error('a worker did not start')), WORKER_START_MS);
@@ -607,7 +622,20 @@ export class Session implements FuseMount {
 
   private fromWorker(w: FuseWorker, m: WorkerMessage): void {
     if (m.type === 'request') {
-      this.dispatch(Buffer.from(m.buf), m.buf.byteLength, w.fd);
+      if ('buf' in m) {
+        this.dispatch(Buffer.from(m.buf), m.buf.byteLength, w.fd);
+        return;
+      }
+      const { slot } = m;
+      this.releaseSlot = () => Atomics.store(w.slotState, slot, 0);
+      try {
+        this.dispatch(w.slots[slot]!, m.n, w.fd);
+      } finally {
+        // Not taken by a write: the request was parsed, the slot is the worker's again.
+        const release = this.releaseSlot;
+        this.releaseSlot = undefined;
+        release?.();
+      }
       return;
     }
     if (m.type === 'end') {
