@@ -335,13 +335,16 @@ export class Session implements FuseMount {
         this.serve(unique, release ? this.write(nodeid, io.fh, io.offset, data, unique).finally(release) : this.write(nodeid, io.fh, io.offset, data, unique));
         return true;
       }
-      if (io.size < REPLY_POOL_MIN || buf !== this.current) {
+      if (io.size < REPLY_POOL_MIN || (buf !== this.current && buf !== this.spinBuffer)) {
         // Small: a copy is cheaper than a buffer of a megabyte.
         this.serve(unique, this.write(nodeid, io.fh, io.offset, Buffer.from(data), unique));
         return true;
       }
-      // Large: the write keeps the request buffer; it comes back when the write is done.
-      this.current = undefined;
+      // Large: the write keeps the request buffer (the event loop's or the spin poll's);
+      // it comes back when the write is done. A fresh megabyte for each copy instead cost
+      // its page faults every time (issue 21).
+      if (buf === this.current) this.current = undefined;
+      else this.spinBuffer = undefined;
       this.serve(unique, this.write(nodeid, io.fh, io.offset, data, unique).finally(() => {
         if (this.requestPool.length < REPLY_POOL_KEEP) this.requestPool.push(buf);
       }));
@@ -474,9 +477,9 @@ export class Session implements FuseMount {
       return;
     }
     const deadline = start + this.spinNs;
-    // Its own buffer: the event loop's (this.current) may be read into at any time, and
-    // dispatch copies a write out of any buffer that is not that one.
-    const buf = (this.spinBuffer ??= Buffer.allocUnsafe(this.cfg.maxWrite + PAGE));
+    // Its own buffer: the event loop's (this.current) may be read into at any time. A
+    // large write keeps this one (dispatch), and the next spin takes another from the pool.
+    const buf = (this.spinBuffer ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE));
     do {
       const n = readNoBlock(this.fd, buf);
       if (n > 0) {
