@@ -270,8 +270,9 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     const mp = dir('m-slots');
     await mounts.mount(['--rw', img, mp]);
     const flat = path.join(mp, 'slots.raw');
-    // Give the workers time to start (the first requests may still be read here).
-    await workerReads(mp, 0);
+    // Until the workers run (they start after the mount is ready): they read every request from then on.
+    const zeros = crypto.createHash('md5').update(Buffer.alloc(24 * MiB)).digest('hex');
+    expect(await untilWorkersServe(flat, mp, zeros, 4), 'reads answered by the workers').to.be.at.least(4);
     for (let round = 0; round < 2; round++) {
       await Promise.all(
         Array.from({ length: 12 }, (_, w) =>
