@@ -135,10 +135,8 @@ class Worker {
       const buf = this.slots[this.slot]!;
       const n = this.sys.read(fd, buf, buf.length);
       if (n > 0) {
-        // Only after a reply of its own: a request handed over is answered by the main
-        // thread, and a reader that waits for that answer sends nothing meanwhile, so
-        // spinning then only took a core from the main thread (random 4 KiB writes).
-        if (this.handle(n) && spinNs > 0) lastServed = process.hrtime.bigint();
+        this.handle(n);
+        if (spinNs > 0) lastServed = process.hrtime.bigint();
         continue;
       }
       const e = n < 0 ? this.sys.errno() : 0;
@@ -156,12 +154,10 @@ class Worker {
     }
   }
 
-  /** Serve or hand over the request just read; true if this thread answered it. */
-  private handle(n: number): boolean {
+  private handle(n: number): void {
     const buf = this.slots[this.slot]!;
-    if (n >= IN_HEADER + READ_IN && buf.readUInt32LE(4) === OP_READ && buf.readUInt32LE(0) === n && this.serveRead(buf)) return true;
+    if (n >= IN_HEADER + READ_IN && buf.readUInt32LE(4) === OP_READ && buf.readUInt32LE(0) === n && this.serveRead(buf)) return;
     this.handOver(buf, n);
-    return false;
   }
 
   /**
