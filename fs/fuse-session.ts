@@ -19,7 +19,7 @@ import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
 import { Worker } from 'node:worker_threads';
 import { closeFd, fuseBackingClose, fuseBackingOpen, fuseDevClone, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
 import { INIT_OVER_IO_URING_HI, UringQueues, probe as uringProbe, refuse as uringRefuse, uringWanted } from './fuse-uring.js';
-import { CTL_MAIL, CTL_STOP, CTL_WORDS, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
+import { CTL_MAIL, CTL_STOP, CTL_WORDS, SLOTS, slotSize, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
 import {
   AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
   decodeHeader, decodeIo, decodeRequest, encodeAttrOut, encodeDirents, encodeEntryOut, encodeInitOut, encodeLseekOut,
@@ -70,6 +70,9 @@ interface FuseWorker {
   thread: Worker;
   fd: number;
   port: import('node:worker_threads').MessagePort;
+  /** The worker's request slots (fuse-worker.ts SLOTS) and their state words (1: being served here); io_uring queues have none. */
+  slots?: Buffer[];
+  slotState?: Int32Array;
 }
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
@@ -178,6 +181,12 @@ export class Session implements FuseMount {
   private uringQueues: UringQueues | undefined;
   /** Node ids whose read map (or its absence) the workers have been told of. */
   private readonly announced = new Set<number>();
+  /**
+   * While a worker's request slot is being dispatched: what gives the slot back. A WRITE
+   * takes it (its data is written from the slot) and gives it back when done; for
+   * anything else fromWorker gives it back once dispatch has parsed the request.
+   */
+  private releaseSlot: (() => void) | undefined;
 
   private requestBuffer(): Buffer {
     this.current ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE);
@@ -325,18 +334,23 @@ export class Session implements FuseMount {
         return true;
       }
       const data = body.subarray(WriteIn.SIZE, WriteIn.SIZE + io.size);
-      // A worker's request is a buffer of its own: the write keeps it, no copy.
+      // A worker's request is a buffer of its own, or its slot until the write is done: no copy.
       if (fromFd !== this.fd) {
-        this.serve(unique, this.write(nodeid, io.fh, io.offset, data, unique));
+        const release = this.releaseSlot;
+        this.releaseSlot = undefined;
+        this.serve(unique, release ? this.write(nodeid, io.fh, io.offset, data, unique).finally(release) : this.write(nodeid, io.fh, io.offset, data, unique));
         return true;
       }
-      if (io.size < REPLY_POOL_MIN || buf !== this.current) {
+      if (io.size < REPLY_POOL_MIN || (buf !== this.current && buf !== this.spinBuffer)) {
         // Small: a copy is cheaper than a buffer of a megabyte.
         this.serve(unique, this.write(nodeid, io.fh, io.offset, Buffer.from(data), unique));
         return true;
       }
-      // Large: the write keeps the request buffer; it comes back when the write is done.
-      this.current = undefined;
+      // Large: the write keeps the request buffer (the event loop's or the spin poll's);
+      // it comes back when the write is done. A fresh megabyte for each copy instead cost
+      // its page faults every time (issue 21).
+      if (buf === this.current) this.current = undefined;
+      else this.spinBuffer = undefined;
       this.serve(unique, this.write(nodeid, io.fh, io.offset, data, unique).finally(() => {
         if (this.requestPool.length < REPLY_POOL_KEEP) this.requestPool.push(buf);
       }));
@@ -469,9 +483,9 @@ export class Session implements FuseMount {
       return;
     }
     const deadline = start + this.spinNs;
-    // Its own buffer: the event loop's (this.current) may be read into at any time, and
-    // dispatch copies a write out of any buffer that is not that one.
-    const buf = (this.spinBuffer ??= Buffer.allocUnsafe(this.cfg.maxWrite + PAGE));
+    // Its own buffer: the event loop's (this.current) may be read into at any time. A
+    // large write keeps this one (dispatch), and the next spin takes another from the pool.
+    const buf = (this.spinBuffer ??= this.requestPool.pop() ?? Buffer.allocUnsafe(this.cfg.maxWrite + PAGE));
     do {
       const n = readNoBlock(this.fd, buf);
       if (n > 0) {
@@ -606,12 +620,16 @@ export class Session implements FuseMount {
           throw err;
         }
         const { port1, port2 } = new MessageChannel();
+        const size = slotSize(this.maxRequest);
+        const memory = new SharedArrayBuffer(SLOTS * size);
+        const slotState = new Int32Array(new SharedArrayBuffer(SLOTS * 4));
         const init: WorkerInit = {
           fd, maxRequest: this.maxRequest, ctl: this.ctl, port: port2, denyOthers: !!this.cfg.denyOthers, owner: this.owner,
-          spinNs: Number(SPIN_NS),
+          spinNs: Number(SPIN_NS), slots: memory, slotState,
         };
         const thread = new Worker(url, { workerData: init, transferList: [port2] });
-        const w: FuseWorker = { thread, fd, port: port1 };
+        const slots = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory, i * size, size));
+        const w: FuseWorker = { thread, fd, port: port1, slots, slotState };
         started.push(w);
         await new Promise<void>((resolve, reject) => {
           const timer = setTimeout(() => reject(new Error('a worker did not start')), WORKER_START_MS);
@@ -647,7 +665,22 @@ export class Session implements FuseMount {
 
   private fromWorker(w: FuseWorker, m: WorkerMessage): void {
     if (m.type === 'request') {
-      this.dispatch(Buffer.from(m.buf), m.buf.byteLength, w.fd);
+      if ('buf' in m) {
+        this.dispatch(Buffer.from(m.buf), m.buf.byteLength, w.fd);
+        return;
+      }
+      const { slot } = m;
+      const { slots, slotState } = w;
+      if (!slots || !slotState) return;
+      this.releaseSlot = () => Atomics.store(slotState, slot, 0);
+      try {
+        this.dispatch(slots[slot]!, m.n, w.fd);
+      } finally {
+        // Not taken by a write: the request was parsed, the slot is the worker's again.
+        const release = this.releaseSlot;
+        this.releaseSlot = undefined;
+        release?.();
+      }
       return;
     }
     if (m.type === 'end') {

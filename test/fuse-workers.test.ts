@@ -260,6 +260,33 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     }
     await mounts.unmount(mp);
   });
+
+  it('takes 1 MiB writes from 12 writers at once through the workers\' request slots, every byte where it belongs', async () => {
+    // A WRITE the workers hand over stays in a shared request slot until it is written.
+    const src = path.join(tmp.dir, 'slots-src.raw');
+    fs.writeFileSync(src, crypto.randomBytes(24 * MiB));
+    const img = path.join(tmp.dir, 'slots.qcow2');
+    await createImage(img, 'qcow2', 24 * MiB);
+    const mp = dir('m-slots');
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, 'slots.raw');
+    // Until the workers run (they start after the mount is ready): they read every request from then on.
+    const zeros = crypto.createHash('md5').update(Buffer.alloc(24 * MiB)).digest('hex');
+    expect(await untilWorkersServe(flat, mp, zeros, 4), 'reads answered by the workers').to.be.at.least(4);
+    for (let round = 0; round < 2; round++) {
+      await Promise.all(
+        Array.from({ length: 12 }, (_, w) =>
+          runOk('sh', ['-c', `for i in 0 1; do dd if='${src}' of='${flat}' bs=1M skip=$((${w} * 2 + $i)) seek=$((${w} * 2 + $i)) count=1 conv=notrunc status=none; done`]),
+        ),
+      );
+      expect(await directMd5(flat), `round ${round}`).to.equal(await md5File(src));
+    }
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    const back = path.join(tmp.dir, 'slots-back.raw');
+    await convertToRaw(img, back, 'qcow2');
+    expect(await md5File(back)).to.equal(await md5File(src));
+  });
 });
 
 describe('the read map (fs/read-map.ts), in-process', function () {
