@@ -14,7 +14,6 @@ import {
   INCOMPAT,
   parseHeader,
   peekClusterBits,
-  QCOW2_MAGIC,
   type Qcow2Header,
 } from './header.js';
 import { ClusterMap } from './cluster.js';
@@ -31,12 +30,7 @@ import { openCrypt, type DataCrypt } from './crypt.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
 import type { SnapshotEntry } from './snapshot.js';
 import { guarded } from '../../filters/read-only.js';
-
-function probe(head: Uint8Array): number {
-  if (head.length < 8) return 0;
-  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
-  return dv.getUint32(0, false) === QCOW2_MAGIC && dv.getUint32(4, false) >= 2 ? 100 : 0;
-}
+import { probe } from './probe.js';
 
 async function readExactly(file: BlockNode, offset: number, length: number): Promise<Buffer> {
   const buf = Buffer.alloc(length);
