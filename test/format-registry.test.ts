@@ -15,7 +15,7 @@ const REGISTER = path.resolve(path.dirname(fileURLToPath(import.meta.url)), 'hel
 async function modulesLoaded(args: string[], dir: string): Promise<string[]> {
   const trace = path.join(dir, `trace-${args[0]}.txt`);
   fs.rmSync(trace, { force: true });
-  const r = await run(process.execPath, ['--import', REGISTER, TSIMG, ...args], { cwd: dir, env: { ...process.env, TSMOUNT_LOAD_TRACE: trace } });
+  const r = await run(process.execPath, ['--import', REGISTER, TSIMG, ...args], { cwd: dir, env: { ...process.env, DEBUG: '', TSMOUNT_LOAD_TRACE: trace } });
   expect(r.code, r.stderr).to.equal(0);
   const dist = path.resolve(path.dirname(TSIMG), '..');
   return fs
@@ -44,7 +44,7 @@ describe('format registry: lazy drivers', function () {
   it('tsimg --version loads no driver, no codec, no FFI', async () => {
     const mods = await modulesLoaded(['--version'], t.dir);
     expect(mods.filter((m) => m.startsWith('drivers/format/') || m.startsWith('drivers/protocol/') || m.startsWith('drivers/util/'))).to.deep.equal([]);
-    for (const pkg of ['koffi', 'cli-progress', 'hash-wasm', 'fzstd', 'seek-bzip', 'ssh2']) expect(mods).to.not.include(pkg);
+    for (const pkg of ['koffi', 'cli-progress', 'hash-wasm', 'fzstd', 'seek-bzip', 'ssh2', 'debug']) expect(mods).to.not.include(pkg);
   });
 
   it('tsimg info and map of a qcow2 load the qcow2 driver and no other', async () => {
@@ -54,7 +54,9 @@ describe('format registry: lazy drivers', function () {
       const mods = await modulesLoaded([cmd, '--output', 'json', img], t.dir);
       const drivers = new Set(mods.filter((m) => /^drivers\/format\/[^/]+\/index\.js$/.test(m)).map((m) => m.split('/')[2]));
       expect([...drivers], cmd).to.deep.equal(['qcow2']);
-      for (const pkg of ['hash-wasm', 'ssh2']) expect(mods, cmd).to.not.include(pkg);
+      // No cipher, no codec and no debug package for an unencrypted image read with debug output off.
+      for (const pkg of ['hash-wasm', 'ssh2', 'fzstd', 'seek-bzip', 'debug']) expect(mods, cmd).to.not.include(pkg);
+      expect(mods.filter((m) => m.startsWith('drivers/crypto/') && m !== 'drivers/crypto/magic.js'), cmd).to.deep.equal([]);
     }
   });
 });

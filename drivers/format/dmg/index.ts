@@ -5,7 +5,7 @@
 // decoded, and a chunk of a type nobody knows fails its reads with EIO and says why.
 // Decoded chunks are kept in a UnitCache within the metadata budget, so a sequential
 // reader decompresses each chunk once.
-import createDebug from 'debug';
+import createDebug from '../../util/debug.js';
 import type { BlockNode, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, ReadOnlyError, UnsupportedError } from '../../errors.js';
 import { decompress, type Codec } from '../../util/decompress.js';

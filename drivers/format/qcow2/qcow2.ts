@@ -20,7 +20,7 @@ import { Mutex } from '../../util/mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { OL, type MetadataGuard } from './overlap.js';
 import { constants as osc } from 'node:os';
-import createDebug from 'debug';
+import createDebug from '../../util/debug.js';
 
 const debug = createDebug('tsmount:qcow2');
 
