@@ -9,7 +9,7 @@
 import { LRUCache } from 'lru-cache';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { Filter } from '../drivers/filters/filter.js';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 
 const debug = createDebug('tsmount:cache');
 

@@ -17,7 +17,7 @@
 // referenced on disk before its refcount is; killing the process at any moment
 // leaks clusters at worst.
 import { LRUCache } from 'lru-cache';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import type { BlockNode } from '../drivers/types.js';
 
 const debug = createDebug('tsmount:table-cache');

@@ -1,6 +1,6 @@
 // Creating an image: what `tsimg create` does, shared with tsmount --overlay and
 // --snapshot, which create their qcow2 overlay the same way.
-import type { BlockNode, Creatable, CreateRequest, FormatDriver } from './types.js';
+import type { BlockNode, CreateRequest } from './types.js';
 import { UsageError } from './errors.js';
 import { CreateOptions, parseOptionString, parseSize } from './options.js';
 import { formatByName } from './format/index.js';
@@ -32,7 +32,7 @@ export interface CreateCli {
 }
 
 export async function createImage(spec: string, sizeText: string | undefined, o: CreateCli): Promise<void> {
-  const driver = formatByName(o.format) as FormatDriver & Partial<Creatable>;
+  const driver = await formatByName(o.format).load();
   if (!driver.create) throw new UsageError(`format '${o.format}' does not support image creation`);
   // -o help (or ?): the format's options, with their defaults, and nothing created.
   if (o.options.some((t) => t.split(',').some((k) => k === 'help' || k === '?'))) {

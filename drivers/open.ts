@@ -3,7 +3,7 @@
 // cache on top (openGraph). The server, tsimg, the benchmarks and the tests all build
 // graphs here and nowhere else.
 import fs from 'node:fs';
-import createDebug from 'debug';
+import createDebug from './util/debug.js';
 import type { BlockNode, CacheMode, FormatDriver, OpenOptions, ProtocolOpenOptions } from './types.js';
 import { BackingChainError, TsmountError, UntrustedFileError, UsageError, messageOf } from './errors.js';
 import { lockRequestFor, type LockingMode } from './protocol/lock.js';

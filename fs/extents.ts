@@ -6,7 +6,7 @@
 // data where there is a hole is always safe (a copy reads zeros it could have skipped),
 // never the reverse, so whatever cannot be told counts as data.
 import { constants as osc } from 'node:os';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import { ErrnoError, messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
 import { SEEK_DATA } from '../drivers/util/sys.js';

@@ -5,7 +5,7 @@
 // errors into errno.
 import fs from 'node:fs';
 import { constants as osc } from 'node:os';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import type { BlockNode } from '../drivers/types.js';
 import { ErrnoError, ReadOnlyError, messageOf } from '../drivers/errors.js';
 import { ROOT_ID, type DirEntry, type Entry, type FsOps, type Opened, type Stat } from './fuse.js';

@@ -17,7 +17,7 @@
 // one to the other, resolving each path once by LOOKUP from the root.
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import { errnoOf, messageOf } from '../drivers/errors.js';
 import { ROOT_ID, type FsOps, type FuseMount, type MountOptions, type Stat } from './fuse.js';
 

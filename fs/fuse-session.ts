@@ -14,7 +14,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import os, { constants as osc } from 'node:os';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
 import { Worker } from 'node:worker_threads';
 import { closeFd, fuseBackingClose, fuseBackingOpen, fuseDevClone, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';

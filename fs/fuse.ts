@@ -12,7 +12,7 @@
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import { IoError, messageOf } from '../drivers/errors.js';
 import { umount2, MNT_DETACH } from '../drivers/util/sys.js';
 

@@ -8,7 +8,7 @@
 // tsmount:nbd, ...; enabled by DEBUG=... or --debug) goes to stderr too, so into the
 // --log file, never to syslog.
 import util from 'node:util';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import { closeFd, connectDatagram, sendDatagram } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:log');

@@ -10,7 +10,7 @@
 // since) is thrown away, not published. Writes pass straight down to the image file
 // (the cluster cache keeps no dirty data), so once a write is answered the host file
 // has its bytes and a later miss publishes them.
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
 import { chainExtents } from './extents.js';

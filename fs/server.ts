@@ -3,7 +3,7 @@
 // before it exits.
 import fs from 'node:fs';
 import path from 'node:path';
-import createDebug from 'debug';
+import createDebug from '../drivers/util/debug.js';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
 import { decryptsInChain, openGraph } from '../drivers/open.js';

@@ -16,19 +16,21 @@
 //   tsimg measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | FILE)
 import { Command } from 'commander';
 import { messageOf, UsageError } from '../drivers/errors.js';
-import { ExitError, readSecret, resolveImageArgs } from './tsimg/common.js';
-import { createImage, type CreateCli } from '../drivers/create.js';
-import { info, type InfoCli } from './tsimg/info.js';
-import { map, type MapCli } from './tsimg/map.js';
-import { check, type CheckCli } from './tsimg/check.js';
-import { compare, type CompareCli } from './tsimg/compare.js';
-import { convert, type ConvertCli } from './tsimg/convert.js';
-import { snapshot, type SnapshotCli } from './tsimg/snapshot.js';
-import { resize, type ResizeCli } from './tsimg/resize.js';
-import { commit, type CommitCli } from './tsimg/commit.js';
-import { rebase, type RebaseCli } from './tsimg/rebase.js';
-import { amend, type AmendCli } from './tsimg/amend.js';
-import { measure, type MeasureCli } from './tsimg/measure.js';
+import { ExitError } from './tsimg/exit-error.js';
+// Only the types here: each subcommand's module (and the drivers it needs) is imported
+// when that subcommand runs, so `tsimg --version` or `info` does not load convert's.
+import type { CreateCli } from '../drivers/create.js';
+import type { InfoCli } from './tsimg/info.js';
+import type { MapCli } from './tsimg/map.js';
+import type { CheckCli } from './tsimg/check.js';
+import type { CompareCli } from './tsimg/compare.js';
+import type { ConvertCli } from './tsimg/convert.js';
+import type { SnapshotCli } from './tsimg/snapshot.js';
+import type { ResizeCli } from './tsimg/resize.js';
+import type { CommitCli } from './tsimg/commit.js';
+import type { RebaseCli } from './tsimg/rebase.js';
+import type { AmendCli } from './tsimg/amend.js';
+import type { MeasureCli } from './tsimg/measure.js';
 import { packageVersion } from './version.js';
 
 
@@ -65,7 +67,7 @@ async function main(argv: string[]): Promise<void> {
       const o = action.opts<{ iscsi?: string[]; readconfig?: string[] }>();
       if (o.iscsi?.length || o.readconfig?.length) (await import('../drivers/protocol/iscsi/uri.js')).configureIscsi(o);
       // The images a subcommand opens are its first arguments: compare's two, convert's source.
-      if (action.name() !== 'create') await resolveImageArgs(action.processedArgs as unknown[], action.opts(), action.name() === 'compare' ? 2 : 1);
+      if (action.name() !== 'create') await (await import('./tsimg/common.js')).resolveImageArgs(action.processedArgs as unknown[], action.opts(), action.name() === 'compare' ? 2 : 1);
     });
   program
     .command('create')
@@ -83,30 +85,31 @@ async function main(argv: string[]): Promise<void> {
     .action(async (file: string | undefined, size: string | undefined, o: CreateCli & { secretFile?: string }) => {
       const help = o.options.some((t) => t.split(',').some((k) => k === 'help' || k === '?'));
       if (file === undefined && !help) throw new UsageError("missing required argument 'file'");
-      await createImage(file ?? '', size, { ...o, secret: readSecret(o) });
+      const { readSecret } = await import('./tsimg/common.js');
+      await (await import('../drivers/create.js')).createImage(file ?? '', size, { ...o, secret: readSecret(o) });
     });
   openOptions(program.command('info').description('show an image (and with --backing-chain every layer under it)').argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')
     .option('--backing-chain', 'show every layer of the backing chain')
-    .action(async (file: string, o: InfoCli) => info(file, o));
+    .action(async (file: string, o: InfoCli) => (await import('./tsimg/info.js')).info(file, o));
   openOptions(program.command('map').description('show where each run of the disk comes from, through the backing chain').argument('<file>'))
     .option('--output <fmt>', 'human, json, or svg (a picture, one row per layer)', 'human')
     .addHelpText('after', '\nExample: tsimg map --output svg disk.qcow2 > map.svg')
-    .action(async (file: string, o: MapCli) => map(file, o));
+    .action(async (file: string, o: MapCli) => (await import('./tsimg/map.js')).map(file, o));
   openOptions(program.command('check').description("check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks)").argument('<file>'))
     .option('--output <fmt>', 'human or json', 'human')
     .option('-r, --repair <what>', 'repair: leaks, or all (leaks and corruptions)')
     .option('-p, --progress', 'show progress while repairing')
     .addHelpText('after', '\nExample: tsimg check -r leaks disk.qcow2')
     .action(async (file: string, o: CheckCli) => {
-      exitCode = await check(file, o);
+      exitCode = await (await import('./tsimg/check.js')).check(file, o);
     });
   openOptions(program.command('compare').description('compare what two images read (exit 0 equal, 1 different, 2 error)').argument('<file1>').argument('<file2>'))
     .option('-F, --second-format <fmt>', "the second image's format")
     .option('-s, --strict', 'images of different sizes differ')
     .option('-p, --progress', 'show progress')
     .action(async (a: string, b: string, o: CompareCli) => {
-      exitCode = await compare(a, b, o);
+      exitCode = await (await import('./tsimg/compare.js')).compare(a, b, o);
     });
   openOptions(program.command('convert').description('copy an image (several: one after the other) into a new image of any writable format, sparse').argument('<src...>', 'source images, then the new image').usage('[options] SRC... DST'))
     .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
@@ -123,7 +126,7 @@ async function main(argv: string[]): Promise<void> {
     .addHelpText('after', '\nExamples: tsimg convert -p -O qcow2 disk.vmdk disk.qcow2\n          tsimg convert -c -O qcow2 part1.raw part2.raw joined.qcow2')
     .action(async (args: string[], o: ConvertCli) => {
       if (args.length < 2) throw new UsageError('convert needs a source and a target: SRC... DST');
-      await convert(args.slice(0, -1), args[args.length - 1]!, o);
+      await (await import('./tsimg/convert.js')).convert(args.slice(0, -1), args[args.length - 1]!, o);
     });
   openOptions(program.command('snapshot').description('list, create, delete or apply internal snapshots (qcow2)').argument('<file>'))
     .option('-l, --list', 'list the snapshots')
@@ -131,18 +134,18 @@ async function main(argv: string[]): Promise<void> {
     .option('-d, --delete <name>', 'delete a snapshot (by ID or name)')
     .option('-a, --apply <name>', 'revert the disk to a snapshot (by ID or name)')
     .addHelpText('after', '\nExample: tsimg snapshot -c before-upgrade disk.qcow2')
-    .action(async (file: string, o: SnapshotCli) => snapshot(file, o));
+    .action(async (file: string, o: SnapshotCli) => (await import('./tsimg/snapshot.js')).snapshot(file, o));
   openOptions(program.command('resize').description('change the virtual size ([+|-]SIZE); a shrink needs --shrink').argument('<file>').argument('<size>'))
     .option('--shrink', 'allow making the image smaller (data past the new end is lost)')
     .option('-q, --quiet', 'print nothing')
     .addHelpText('after', '\nExample: tsimg resize disk.qcow2 +10G')
-    .action(async (file: string, size: string, o: ResizeCli) => resize(file, size, o));
+    .action(async (file: string, size: string, o: ResizeCli) => (await import('./tsimg/resize.js')).resize(file, size, o));
   openOptions(program.command('commit').description('write the image into its backing file, then empty it').argument('<file>'))
     .option('-p, --progress', 'show progress')
     .option('-d, --drop', 'keep the image as it is after committing')
     .option('-q, --quiet', 'print nothing')
     .addHelpText('after', '\nExample: tsimg commit overlay.qcow2')
-    .action(async (file: string, o: CommitCli) => commit(file, o));
+    .action(async (file: string, o: CommitCli) => (await import('./tsimg/commit.js')).commit(file, o));
   openOptions(program.command('rebase').description('change the backing file (safe: copies what would read differently; -u: header only)').argument('<file>'))
     .requiredOption('-b, --backing <file>', "the new backing file ('' for none)")
     .option('-F, --backing-format <fmt>', 'the new backing file format')
@@ -150,18 +153,18 @@ async function main(argv: string[]): Promise<void> {
     .option('-p, --progress', 'show progress')
     .option('-q, --quiet', 'print nothing')
     .addHelpText('after', '\nExample: tsimg rebase -b new-base.qcow2 -F qcow2 overlay.qcow2')
-    .action(async (file: string, o: RebaseCli) => rebase(file, o));
+    .action(async (file: string, o: RebaseCli) => (await import('./tsimg/rebase.js')).rebase(file, o));
   openOptions(program.command('amend').description('change format options in place (qcow2: compat, lazy_refcounts, backing_file, backing_fmt)').argument('<file>'))
     .option('-o, --options <opts>', 'options, key=value,...', collect, [] as string[])
     .addHelpText('after', '\nExample: tsimg amend -o lazy_refcounts=on disk.qcow2')
-    .action(async (file: string, o: AmendCli) => amend(file, o));
+    .action(async (file: string, o: AmendCli) => (await import('./tsimg/amend.js')).amend(file, o));
   openOptions(program.command('measure').description('the size a new image would need (qemu-img measure)').argument('[file]'))
     .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
     .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
     .option('--size <size>', 'measure an empty image of this size')
     .option('--output <fmt>', 'human or json', 'human')
     .addHelpText('after', '\nExample: tsimg measure -O qcow2 --output json disk.raw')
-    .action(async (file: string | undefined, o: MeasureCli) => measure(file, o));
+    .action(async (file: string | undefined, o: MeasureCli) => (await import('./tsimg/measure.js')).measure(file, o));
   await program.parseAsync(argv);
   process.exitCode = exitCode;
 }

@@ -1,7 +1,6 @@
 // Key derivation and anti-forensic splitting for LUKS (LUKS1 on-disk format spec,
 // sections 2.4 and 2.5; LUKS2 adds argon2i/argon2id).
 import crypto from 'node:crypto';
-import { argon2i, argon2id } from 'hash-wasm';
 import { digest, hashLength, opensslHash } from './hash.js';
 import { UnsupportedError } from '../errors.js';
 
@@ -98,6 +97,8 @@ export interface Argon2Params {
 }
 
 export async function argon2(p: Argon2Params, password: Uint8Array, salt: Uint8Array, length: number): Promise<Uint8Array> {
+  // hash-wasm (its WebAssembly modules inlined, 2 MB) is loaded only for an argon2 key slot.
+  const { argon2i, argon2id } = await import('hash-wasm');
   const fn = p.type === 'argon2i' ? argon2i : argon2id;
   return fn({ password, salt, iterations: p.time, memorySize: p.memory, parallelism: p.cpus, hashLength: length, outputType: 'binary' });
 }

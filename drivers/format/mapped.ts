@@ -6,7 +6,7 @@
 // already have a place on disk go straight there, without the driver's lock.
 import type { BlockNode, Extent } from '../types.js';
 import { readFromBacking } from './backing.js';
-import createDebug from 'debug';
+import createDebug from '../util/debug.js';
 
 const debug = createDebug('tsmount:map');
 import type { MetadataRanges } from './metadata-ranges.js';

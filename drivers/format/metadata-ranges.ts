@@ -9,7 +9,7 @@
 //
 // Ranges may overlap each other (a corrupt image) and may repeat (two table entries
 // naming one cluster): it is a multiset, remove() takes away one copy.
-import createDebug from 'debug';
+import createDebug from '../util/debug.js';
 import { CorruptImageError } from '../errors.js';
 import type { BlockNode } from '../types.js';
 

@@ -6,7 +6,7 @@
 // TSMOUNT_DECODE_WORKERS=0 decodes in-thread from the start.
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
-import createDebug from 'debug';
+import createDebug from './debug.js';
 import { decodeSync, encodeSync, type EncodeCodec, type JsCodec } from './js-codecs.js';
 import type { DecodeJob, DecodeReply } from './decode-worker.js';
 

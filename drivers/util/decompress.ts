@@ -6,7 +6,6 @@
 // qcow2's worker pool (drivers/format/qcow2/inflate-pool.ts) batches clusters for
 // speed and falls back to this for any cluster it cannot do.
 import zlib from 'node:zlib';
-import { decompress as zstdDecompress } from 'fzstd';
 import { CorruptImageError, TsmountError } from '../errors.js';
 import { isJsCodec } from './js-codecs.js';
 import { decodeOffThread } from './decode-pool.js';
@@ -58,7 +57,8 @@ export async function decompress(codec: Codec, input: Uint8Array, o: DecompressO
       if (native && (await native(frame, dst)) === o.size) out = dst;
       else {
         dst.fill(0);
-        const res = zstdDecompress(frame, dst);
+        // fzstd is imported only here, when libzstd did not decode the frame.
+        const res = (await import('fzstd')).decompress(frame, dst);
         out = res === dst ? dst : Buffer.from(res.buffer, res.byteOffset, res.byteLength);
       }
     } else {

@@ -2,7 +2,7 @@
 // here), synchronous: decode-pool.ts runs them in a worker thread, and in-thread when
 // no worker can. Each bounds its output to the size it is given.
 import zlib from 'node:zlib';
-import Bunzip from 'seek-bzip';
+import { createRequire } from 'node:module';
 import { adcDecode } from './adc.js';
 import { lzfseDecode } from './lzfse.js';
 
@@ -62,6 +62,8 @@ function bunzip(input: Uint8Array, size: number): Buffer {
       out[written++] = b;
     },
   };
+  // seek-bzip (CommonJS) is required on the first bzip2 stream, not by every process that decodes.
+  const Bunzip = createRequire(import.meta.url)('seek-bzip') as (typeof import('seek-bzip'))['default'];
   Bunzip.decode(inStream, outStream, false);
   return out.subarray(0, written);
 }

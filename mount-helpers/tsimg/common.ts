@@ -2,7 +2,7 @@
 // drivers/open.ts, like everything else), the passphrase and named-file options,
 // and the exit code a failure carries.
 import fs from 'node:fs';
-import { Presets, SingleBar } from 'cli-progress';
+import { createRequire } from 'node:module';
 import type { BlockNode } from '../../drivers/types.js';
 import { UsageError } from '../../drivers/errors.js';
 import { openImage, type ImageOptions } from '../../drivers/open.js';
@@ -61,15 +61,7 @@ function takeSecret(resolved: Parameters<typeof oneSecret>[0], o: OpenCli): void
   o.secret = secret;
 }
 
-/** A failure with qemu-img's exit code for it (compare and check use 2, everything else 1). */
-export class ExitError extends Error {
-  constructor(
-    message: string,
-    readonly code: number,
-  ) {
-    super(message);
-  }
-}
+export { ExitError } from './exit-error.js';
 
 export function readSecret(o: { secret?: string; secretFile?: string }): string | undefined {
   if (o.secretFile === undefined) return o.secret;
@@ -147,6 +139,8 @@ export function progress(forced: boolean | undefined): Progress | undefined {
   /** The share in hundredths of a percent, 0..10000. */
   const scaled = (done: number): number => Math.floor(Math.min(1, Math.max(0, done)) * 10000);
   if (tty) {
+    // cli-progress (CommonJS) is loaded only when a bar is drawn.
+    const { Presets, SingleBar } = createRequire(import.meta.url)('cli-progress') as typeof import('cli-progress');
     const bar = new SingleBar(
       {
         stream: process.stdout,

@@ -12,10 +12,10 @@ import { PagedTable } from '../table-pages.js';
 import { blockPieces, readHead } from '../mapped-node.js';
 import { pushRun, type MappedRun } from '../mapped.js';
 import { ReadOnlyMappedNode, refuseWritable } from '../read-only-format.js';
+import { field, probe } from './probe.js';
 
 const HEADER_BYTES = 512;
 const SECTOR = 512;
-const MAGIC = 'Bochs Virtual HD Image';
 const VERSION_1 = 0x00010000;
 const VERSION_2 = 0x00020000;
 /** The subtypes laid out as a growing image; QEMU opens only Growing. */
@@ -25,20 +25,8 @@ const UNALLOCATED = 0xffffffff;
 const MAX_CATALOG = 0x100000;
 const MAX_EXTENT = 0x800000;
 
-/** A NUL-terminated string field of the header. */
-function field(h: Uint8Array, at: number, len: number): string {
-  const f = h.subarray(at, Math.min(at + len, h.length));
-  const nul = f.indexOf(0);
-  return String.fromCharCode(...(nul < 0 ? f : f.subarray(0, nul)));
-}
-
 function printable(s: string): string {
   return s.replace(/[^\x20-\x7e]/g, '?');
-}
-
-/** Every bochs image with the magic is claimed, so that open can name what it refuses. */
-function probe(head: Uint8Array): number {
-  return head.length >= 64 && field(head, 0, 32) === MAGIC ? 100 : 0;
 }
 
 export interface BochsHeader {

@@ -16,12 +16,8 @@ import { blockPieces } from '../mapped-node.js';
 import type { MappedRun } from '../mapped.js';
 import { ReadOnlyMappedNode, refuseWritable } from '../read-only-format.js';
 import { decompress, type Codec } from '../../util/decompress.js';
+import { HEADER_BYTES, PREAMBLE, probe, versionOf } from './probe.js';
 
-const PREAMBLE = 128;
-const HEADER_BYTES = PREAMBLE + 8;
-const SIGNATURE = '#!/bin/sh\n#V';
-/** Where the version ("2.0") stands in the preamble; the module compares 4 bytes from the 'V' before it. */
-const VERSION_AT = 12;
 /** QEMU's MAX_BLOCK_SIZE: no real image has larger blocks, and a block is held in memory whole. */
 export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
 /** QEMU's bound on one compressed block (a block that compressed badly is a little larger). */
@@ -30,26 +26,6 @@ const MAX_COMPRESSED = 2 * MAX_BLOCK_SIZE;
 const OFFSET_MASK = (1n << 60n) - 1n;
 /** V4 compressors (cloop.h CLOOP_COMPRESSOR_*): a codec, 'none', or a name tsmount cannot decode. */
 const COMPRESSORS: readonly (Codec | 'none')[] = ['zlib', 'none', 'xz', 'lz4-block', 'lzo1x'];
-
-function latin1(h: Uint8Array, from: number, to: number): string {
-  return String.fromCharCode(...h.subarray(from, Math.min(to, h.length)));
-}
-
-/** "2.0", "4.0"... when the preamble is cloop's, else undefined. */
-function versionOf(head: Uint8Array): string | undefined {
-  if (latin1(head, 0, SIGNATURE.length) !== SIGNATURE) return undefined;
-  return /^(\d\.\d+) Format\n/.exec(latin1(head, VERSION_AT, VERSION_AT + 16))?.[1];
-}
-
-/**
- * Any version at the start is claimed, so that open can name one it does not read;
- * V4 also at the end, less surely: a format whose header is at the start wins over
- * bytes at the end that its data happens to end with.
- */
-function probe(head: Uint8Array, _filename: string, tail?: Uint8Array): number {
-  if (versionOf(head) !== undefined) return 100;
-  return tail && tail.length >= HEADER_BYTES && versionOf(tail.subarray(tail.length - HEADER_BYTES)) === '4.0' ? 50 : 0;
-}
 
 export class CloopNode extends ReadOnlyMappedNode {
   readonly chunkSize: number;

@@ -5,14 +5,15 @@
 // decoded, and a chunk of a type nobody knows fails its reads with EIO and says why.
 // Decoded chunks are kept in a UnitCache within the metadata budget, so a sequential
 // reader decompresses each chunk once.
-import createDebug from 'debug';
+import createDebug from '../../util/debug.js';
 import type { BlockNode, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, ReadOnlyError, UnsupportedError } from '../../errors.js';
 import { decompress, type Codec } from '../../util/decompress.js';
 import { UnitCache } from '../../../cache/unit-cache.js';
 import { MappedNode } from '../mapped-node.js';
 import { pushRun, type MappedRun } from '../mapped.js';
-import { ChunkType, hasKoly, readChunks, readKoly, SECTOR, type ChunkTable } from './udif.js';
+import { ChunkType, readChunks, readKoly, SECTOR, type ChunkTable } from './udif.js';
+import { probe, TAIL_BYTES } from './probe.js';
 
 const codecs: ReadonlyMap<number, { codec: Codec; name: string }> = new Map([
   [ChunkType.zlib, { codec: 'zlib', name: 'zlib (UDZO)' }],
@@ -131,15 +132,6 @@ export class DmgNode extends MappedNode {
   }
 }
 
-/**
- * The file's last bytes hold a koly trailer (QEMU probes by the .dmg name alone; the
- * trailer is surer). Below the formats known by their header (100): in those the last
- * bytes are guest data, which may well end with a dmg (a qcow2 holding a .dmg file).
- */
-function probe(_head: Uint8Array, _filename: string, tail?: Uint8Array): number {
-  return tail && hasKoly(tail) ? 50 : 0;
-}
-
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;
   if (!opts.readOnly) throw new UnsupportedError(`${name}: dmg images can only be opened read-only`);
@@ -149,4 +141,4 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 }
 
 /** The trailer and the 511 bytes before it that QEMU also searches. */
-export const dmgDriver: FormatDriver = { name: 'dmg', probe, open, tailBytes: 1024 };
+export const dmgDriver: FormatDriver = { name: 'dmg', probe, open, tailBytes: TAIL_BYTES };

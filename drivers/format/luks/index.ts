@@ -10,6 +10,7 @@ import { luksVersion } from '../../crypto/magic.js';
 import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
 import { CIPHER_MODES } from '../../crypto/magic.js';
+import { probe } from './probe.js';
 
 class LuksNode implements BlockNode {
   private readonly unit: number;
@@ -72,10 +73,6 @@ class LuksNode implements BlockNode {
   close(): Promise<void> {
     return this.file.close();
   }
-}
-
-function probe(head: Uint8Array): number {
-  return luksVersion(head) ? 100 : 0;
 }
 
 /** The LUKS1 header of `file`, or undefined for another version. */

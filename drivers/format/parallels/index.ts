@@ -1,19 +1,13 @@
 // The parallels driver: probe, open and create (QEMU's block/parallels.c).
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
-import { DEFAULT_CLUSTER_SIZE, HDR, HEADER_BYTES, HEADER_VERSION, INUSE_MAGIC, MAGIC_V1, MAGIC_V2, MAX_IMAGE_FACTOR, magicOf, parseHeader, SECTOR, type ParallelsHeader } from './header.js';
+import { DEFAULT_CLUSTER_SIZE, HDR, HEADER_BYTES, HEADER_VERSION, INUSE_MAGIC, MAGIC_V2, MAX_IMAGE_FACTOR, parseHeader, SECTOR, type ParallelsHeader } from './header.js';
 import { ParallelsNode } from './parallels.js';
 import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
 import { readHead } from '../mapped-node.js';
 import { sizeWithBacking } from '../backing.js';
-
-function probe(head: Uint8Array): number {
-  if (head.length < HEADER_BYTES) return 0;
-  const magic = magicOf(head);
-  const version = new DataView(head.buffer, head.byteOffset, head.byteLength).getUint32(HDR.version, true);
-  return (magic === MAGIC_V1 || magic === MAGIC_V2) && version === HEADER_VERSION ? 100 : 0;
-}
+import { probe } from './probe.js';
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;

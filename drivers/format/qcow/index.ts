@@ -2,17 +2,12 @@
 import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } from '../../types.js';
 import { PagedTable } from '../table-pages.js';
 import { BadPassphraseError, UsageError } from '../../errors.js';
-import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, QCOW_MAGIC, QCOW_VERSION, type QcowHeader } from './header.js';
+import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, type QcowHeader } from './header.js';
 import { QcowCipher } from './crypto.js';
 import { QcowNode } from './qcow.js';
 import { readHead } from '../mapped-node.js';
 import { sizeWithBacking } from '../backing.js';
-
-function probe(head: Uint8Array): number {
-  if (head.length < HEADER_BYTES) return 0;
-  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
-  return dv.getUint32(0, false) === QCOW_MAGIC && dv.getUint32(4, false) === QCOW_VERSION ? 100 : 0;
-}
+import { probe } from './probe.js';
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;

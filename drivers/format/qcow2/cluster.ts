@@ -168,9 +168,10 @@ export class ClusterMap {
       while (pos < tableEnd) {
         const cstart = gc * cs;
         if (!this.extended && dv.getUint32(index * 8) === 0 && dv.getUint32(index * 8 + 4) === 0) {
-          // Empty entries (most of a sparse disk) need no decoding: one run for all in a row.
-          let k = index + 1;
-          while (cstart + (k - index) * cs < tableEnd && dv.getUint32(k * 8) === 0 && dv.getUint32(k * 8 + 4) === 0) k++;
+          // Empty entries (most of a sparse disk) need no decoding: one run for all in a row,
+          // found by zeroBytes (a few memcmp calls, not a JavaScript step per entry).
+          const entries = Math.ceil((tableEnd - cstart) / cs);
+          const k = index + Math.max(1, zeroBytes(table.data, index * 8, (index + entries) * 8) / 8);
           const stop = Math.min(tableEnd, cstart + (k - index) * cs);
           push(runs, pos, stop - pos, 'unallocated', 0, false);
           pos = stop;
@@ -204,6 +205,27 @@ export class ClusterMap {
     }
     return runs;
   }
+}
+
+const ZEROS = Buffer.alloc(64 * 1024);
+
+/**
+ * How many bytes of `data` from `from` (up to `to`) are zeros, in whole 8-byte
+ * entries: spans are compared with zeros natively, halved where one is not all zeros.
+ * A one-shot walk (tsimg map of a sparse 1 TiB disk: 200 L2 tables of 8192 entries)
+ * runs mostly before the JIT has compiled an entry-by-entry loop; this makes it some
+ * twenty native calls a table.
+ */
+export function zeroBytes(data: Buffer, from: number, to: number): number {
+  const stop = Math.min(to, data.length);
+  let pos = from;
+  let n = Math.min(stop - pos, ZEROS.length);
+  while (n >= 8 && pos < stop) {
+    n = Math.min(n, stop - pos, ZEROS.length);
+    if (data.compare(ZEROS, 0, n, pos, pos + n) === 0) pos += n;
+    else n = Math.floor(n / 16) * 8;
+  }
+  return pos - from;
 }
 
 function push(runs: Run[], guest: number, length: number, kind: ClusterKind, host: number, copied: boolean): void {

@@ -8,8 +8,6 @@ import crypto from 'node:crypto';
 import type { BlockNode } from '../../types.js';
 import { BadPassphraseError, CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
-import { QEMU_HASHES } from '../../crypto/hash.js';
-import { QEMU_IVGENS } from '../../crypto/ivgen.js';
 import { CIPHER_MODES } from '../../crypto/magic.js';
 
 export const SECTOR = 512;
@@ -85,6 +83,8 @@ export async function openCrypt(file: BlockNode, method: number, cryptoHeader: {
 
 /** A LUKS1 header for encrypt.format=luks, padded to its payload offset (QEMU reserves all key slots). */
 export async function createLuksHeader(opts: Map<string, string>, secret: string, spec: string): Promise<{ header: Uint8Array }> {
+  // The hash and IV generator modules bring the ciphers with them: only creating an encrypted image needs them.
+  const [{ QEMU_HASHES }, { QEMU_IVGENS }] = await Promise.all([import('../../crypto/hash.js'), import('../../crypto/ivgen.js')]);
   const pick = <T extends string>(key: string, allowed: readonly T[], dflt: T | undefined): T | undefined => {
     const v = opts.get(key);
     if (v === undefined) return dflt;

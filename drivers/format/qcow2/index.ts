@@ -14,7 +14,6 @@ import {
   INCOMPAT,
   parseHeader,
   peekClusterBits,
-  QCOW2_MAGIC,
   type Qcow2Header,
 } from './header.js';
 import { ClusterMap } from './cluster.js';
@@ -22,21 +21,16 @@ import { Refcounts } from './refcount.js';
 import { Qcow2Node } from './qcow2.js';
 import { readSnapshotTable } from './snapshot.js';
 import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
-import { rebuildRefcounts, type RepairInput } from './repair.js';
-import { checkQcow2 } from './check.js';
-import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header } from '../../crypto/luks1.js';
+// Repair, check and the LUKS header reader are imported where they are used: an
+// image opened to be read needs none of them.
+import type { RepairInput } from './repair.js';
 import { luksVersion } from '../../crypto/magic.js';
 import { createDefaults, createOptions, createQcow2 } from './create.js';
 import { openCrypt, type DataCrypt } from './crypt.js';
 import { GuardedTableFile, MetadataGuard, OL } from './overlap.js';
 import type { SnapshotEntry } from './snapshot.js';
 import { guarded } from '../../filters/read-only.js';
-
-function probe(head: Uint8Array): number {
-  if (head.length < 8) return 0;
-  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
-  return dv.getUint32(0, false) === QCOW2_MAGIC && dv.getUint32(4, false) >= 2 ? 100 : 0;
-}
+import { probe } from './probe.js';
 
 async function readExactly(file: BlockNode, offset: number, length: number): Promise<Buffer> {
   const buf = Buffer.alloc(length);
@@ -126,7 +120,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   };
   const repairIfDirty = async (): Promise<void> => {
     if (opts.readOnly || (h.incompatibleFeatures & INCOMPAT.dirty) === 0n) return;
-    await rebuildRefcounts(await repairInput());
+    await (await import('./repair.js')).rebuildRefcounts(await repairInput());
     const bits = Buffer.alloc(8);
     bits.writeBigUInt64BE(h.incompatibleFeatures & ~INCOMPAT.dirty);
     await file.write(HDR.incompatibleFeatures, bits);
@@ -208,13 +202,14 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   // The LUKS header inside the image, as qemu-img info shows it (read without the passphrase).
   let luksInfo: Record<string, unknown> | undefined;
   const cryptoRange = cryptoHeaderRange(h, headerCluster);
-  if (h.cryptMethod === 2 && cryptoRange && cryptoRange.length >= LUKS1_HDR.size && cryptoRange.offset + LUKS1_HDR.size <= file.size) {
-    const luksHead = await readExactly(file, cryptoRange.offset, LUKS1_HDR.size);
-    if (luksVersion(luksHead) === 1) luksInfo = describeLuks1(parseLuks1Header(luksHead, cryptoRange.length, name));
+  const luks1 = h.cryptMethod === 2 && cryptoRange ? await import('../../crypto/luks1.js') : undefined;
+  if (luks1 && cryptoRange && cryptoRange.length >= luks1.HDR.size && cryptoRange.offset + luks1.HDR.size <= file.size) {
+    const luksHead = await readExactly(file, cryptoRange.offset, luks1.HDR.size);
+    if (luksVersion(luksHead) === 1) luksInfo = luks1.describeLuks1(luks1.parseLuks1Header(luksHead, cryptoRange.length, name));
   }
   const description = describeQcow2(h, snaps, luksInfo, bitmaps);
-  const check = async (): Promise<CheckReport> => checkQcow2(await repairInput(), h.size);
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check, repair: async (leaksOnly) => rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
+  const check = async (): Promise<CheckReport> => (await import('./check.js')).checkQcow2(await repairInput(), h.size);
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check, repair: async (leaksOnly) => (await import('./repair.js')).rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
   const views: { name: string; node: BlockNode }[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time

@@ -10,7 +10,7 @@
 // decompressed in-thread with decompressCluster, as before.
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
-import createDebug from 'debug';
+import createDebug from '../../util/debug.js';
 import { COMPRESSION, INFLATE_SLACK, decompressCluster } from './compress.js';
 import type { InflateJob, InflateResult } from './inflate-worker.js';
 import { zstdNativeNow } from '../../util/native-codecs.js';

@@ -3,9 +3,9 @@
 // and decides the order in which data and metadata reach the disk.
 import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription, SnapshotControl } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
-import { applySnapshot, createSnapshot, deleteSnapshot, type SnapshotContext, type SnapshotState } from './snapshot-ops.js';
-import { amendQcow2, rewriteHeader, type Downgrader } from './amend.js';
-import { checkDowngrade, expandZeroClusters, hasCompressedClusters } from './downgrade.js';
+// Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
+import type { SnapshotContext, SnapshotState } from './snapshot-ops.js';
+import type { Downgrader } from './amend.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
@@ -20,7 +20,7 @@ import { Mutex } from '../../util/mutex.js';
 import { SECTOR, type DataCrypt } from './crypt.js';
 import { OL, type MetadataGuard } from './overlap.js';
 import { constants as osc } from 'node:os';
-import createDebug from 'debug';
+import createDebug from '../../util/debug.js';
 
 const debug = createDebug('tsmount:qcow2');
 
@@ -952,7 +952,7 @@ export class Qcow2Node implements BlockNode {
     this.checkWritable();
     await this.prepare();
     await this.mutex.run(async () => {
-      const h = await rewriteHeader(this.file, this.cs, { setBacking: true, backingFile: file, backingFormat: file === undefined ? undefined : format });
+      const h = await (await import('./amend.js')).rewriteHeader(this.file, this.cs, { setBacking: true, backingFile: file, backingFormat: file === undefined ? undefined : format });
       if (this.snapshotState) this.snapshotState.header = h;
     });
   }
@@ -962,6 +962,7 @@ export class Qcow2Node implements BlockNode {
     this.checkWritable();
     await this.flush();
     const ctx = this.snapshotContext();
+    const [{ amendQcow2 }, { checkDowngrade, expandZeroClusters, hasCompressedClusters }] = await Promise.all([import('./amend.js'), import('./downgrade.js')]);
     // compat=0.10 (downgrade.ts): refusals first, then the zero clusters written out,
     // refcounts before the tables that name the new clusters.
     const downgrader: Downgrader | undefined = ctx && {
@@ -1019,9 +1020,9 @@ export class Qcow2Node implements BlockNode {
       await this.flush();
     };
     return {
-      create: (name) => run((c) => createSnapshot(c, name))(),
-      remove: (id) => run((c) => deleteSnapshot(c, id))(),
-      apply: (id) => run((c) => applySnapshot(c, id))(),
+      create: (name) => run(async (c) => (await import('./snapshot-ops.js')).createSnapshot(c, name))(),
+      remove: (id) => run(async (c) => (await import('./snapshot-ops.js')).deleteSnapshot(c, id))(),
+      apply: (id) => run(async (c) => (await import('./snapshot-ops.js')).applySnapshot(c, id))(),
     };
   }
 

@@ -9,7 +9,6 @@ import {
   LIMITS,
   maxImageSize,
   parseHeader,
-  QED_MAGIC,
   validClusterSize,
   validTableSize,
   type QedHeader,
@@ -19,11 +18,7 @@ import { checkAndRepair } from './check.js';
 import { QedNode } from './qed.js';
 import { readHead } from '../mapped-node.js';
 import { sizeWithBacking } from '../backing.js';
-
-function probe(head: Uint8Array): number {
-  if (head.length < HEADER_BYTES) return 0;
-  return new DataView(head.buffer, head.byteOffset, head.byteLength).getUint32(0, true) === QED_MAGIC ? 100 : 0;
-}
+import { probe } from './probe.js';
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const name = file.name;

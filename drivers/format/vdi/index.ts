@@ -8,11 +8,7 @@ import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
 import { readHead } from '../mapped-node.js';
 import { sizeWithBacking } from '../backing.js';
-
-function probe(head: Uint8Array): number {
-  if (head.length < HEADER_BYTES) return 0;
-  return new DataView(head.buffer, head.byteOffset, head.byteLength).getUint32(HDR.signature, true) === VDI_SIGNATURE ? 100 : 0;
-}
+import { probe } from './probe.js';
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   const head = await readHead(file, HEADER_BYTES, 'VDI');

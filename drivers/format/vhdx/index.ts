@@ -39,15 +39,12 @@ import { checkReplayable, findActiveSequence, LogOverlay, replay } from './log.j
 import { Headers, VhdxNode } from './vhdx.js';
 import { PagedTable } from '../table-pages.js';
 import { MetadataRanges } from '../metadata-ranges.js';
+import { probe } from './probe.js';
 
 /** Logs larger than this are not read into memory. */
 const MAX_LOG_READ = 256 * MiB;
 /** A BAT larger than this is refused (64 TiB of 1 MiB blocks needs 512 MiB). */
 const MAX_BAT_BYTES = 1024 * MiB;
-
-function probe(head: Uint8Array): number {
-  return head.length >= 8 && ascii(head, 0, 8) === 'vhdxfile' ? 100 : 0;
-}
 
 async function readAt(file: BlockNode, offset: number, length: number): Promise<Buffer> {
   const b = Buffer.alloc(length);

@@ -4,23 +4,13 @@
 import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
 import { MAX_NODE_SIZE } from '../../types.js';
 import { CorruptImageError, TsmountError, UnsupportedError, UntrustedFileError, UsageError, messageOf } from '../../errors.js';
-import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, probeDescriptor, readCid } from './descriptor.js';
+import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, readCid } from './descriptor.js';
 import { FlatExtent, SparseExtent, type VmdkExtent } from './extent.js';
 import { parseVmdk3Header, peekVmdk4, readVmdk4Header, VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
 import { SeSparseExtent } from './sesparse.js';
 import { VmdkNode } from './vmdk.js';
 import { createVmdk, VMDK_CREATE_OPTIONS } from './create.js';
-
-function be32(b: Uint8Array): number {
-  return b.length < 4 ? -1 : new DataView(b.buffer, b.byteOffset, 4).getUint32(0, false);
-}
-
-function probe(head: Uint8Array): number {
-  if (head.length < 4) return 0;
-  const m = be32(head);
-  if (m === VMDK3_MAGIC || m === VMDK4_MAGIC) return 100;
-  return probeDescriptor(head) ? 100 : 0;
-}
+import { be32, probe } from './probe.js';
 
 /** What a sparse extent's header needs (KDMV or COWD), and its embedded descriptor's offset. */
 const SPARSE_HEAD_BYTES = 4096;

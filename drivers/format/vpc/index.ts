@@ -19,20 +19,12 @@ import {
   VHD_MAX_SECTORS,
 } from './footer.js';
 import { VpcDynamicNode, VpcFixedNode } from './vpc.js';
+import { probe } from './probe.js';
 
 /** QEMU's new images use 2 MiB blocks. */
 const CREATE_BLOCK_SIZE = 0x200000;
 /** The largest block size we accept from an image (a block is read into memory when allocated). */
 const MAX_BLOCK_SIZE = 1 << 30;
-
-/**
- * A dynamic VHD starts with a footer copy; a fixed one has its footer only at the
- * end, which probing cannot see. Like QEMU, probing takes a fixed VHD for raw; the
- * 1 ("could be a fixed VHD") lets `-f vpc` open one, while raw still wins ties.
- */
-function probe(head: Uint8Array): number {
-  return head.length >= 8 && ascii(head, 0, 8) === 'conectix' ? 100 : 1;
-}
 
 async function readAt(file: BlockNode, offset: number, length: number): Promise<Buffer> {
   const b = Buffer.alloc(length);

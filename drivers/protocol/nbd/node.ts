@@ -1,7 +1,7 @@
 // The NBD protocol node: one export, over one connection or (where the server
 // advertises multi-conn) several. Large requests are split at the server's block
 // limits and kept in flight together; holes and zeros come from base:allocation.
-import createDebug from 'debug';
+import createDebug from '../../util/debug.js';
 import type { BlockNode, CacheMode, Extent } from '../../types.js';
 import { IoError, UsageError } from '../../errors.js';
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_ZERO } from './constants.js';

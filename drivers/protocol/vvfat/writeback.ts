@@ -11,7 +11,7 @@
 // overwritten or deleted: that change is refused with a warning.
 import fs from 'node:fs';
 import path from 'node:path';
-import createDebug from 'debug';
+import createDebug from '../../util/debug.js';
 import { messageOf } from '../../errors.js';
 import type { FatImage } from './image.js';
 import type { Overlay } from './overlay.js';
