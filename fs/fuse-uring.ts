@@ -27,7 +27,8 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
-import { GRANULE, H_KIB, H_READS, lookup, tableSize } from './read-map-table.js';
+import { H_KIB, H_READS, tableSize } from './read-map-table.js';
+import { fillFromHost, readRuns } from './read-map-runs.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
 export const INIT_OVER_IO_URING_HI = 1 << 9;
@@ -409,6 +410,7 @@ class Queue {
   /** Requests handed to the main thread: unique -> entry. */
   private readonly pending = new Map<number, number>();
   private readonly hit = [0, 0];
+  private readonly runs: number[] = [];
   private mailSeen = 0;
   private ended = 0;
   /** Completions start() saw, for run(). */
@@ -575,46 +577,18 @@ class Queue {
     const size = h.readUInt32LE(at + HDR_OP_IN + 16);
     if (size === 0 || size > this.init.maxPayload || offset + size > tableSize(table)) return false;
     const out = this.payloads[ent]!;
-    const end = offset + size;
-    let pos = offset;
-    while (pos < end) {
-      const g = Math.floor(pos / GRANULE);
-      if (!lookup(table, g, this.hit)) return false;
-      const [fd, gHost] = this.hit as [number, number];
-      // Runs of granules of one file that continue each other are read at once.
-      let next = Math.min(end, (g + 1) * GRANULE);
-      while (next < end && fd >= 0) {
-        const g2 = next / GRANULE;
-        if (!lookup(table, g2, this.hit) || this.hit[0] !== fd || this.hit[1] !== gHost + (g2 - g) * GRANULE) break;
-        next = Math.min(end, (g2 + 1) * GRANULE);
-      }
-      if (!fill(fd, gHost + (pos - g * GRANULE), out, pos - offset, next - pos)) return false;
-      pos = next;
+    const runs = this.runs;
+    const count = readRuns(table, offset, size, this.hit, runs);
+    if (count < 0) return false;
+    for (let i = 0, at = 0; i < count; i += 3) {
+      if (!fillFromHost(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!)) return false;
+      at += runs[i + 2]!;
     }
     this.commit(ent, unique, 0, size);
     Atomics.add(table, H_READS, 1);
     Atomics.add(table, H_KIB, size >> 10);
     return true;
   }
-}
-
-/** `length` bytes at `at` in out: zeros (fd < 0) or the host file's; false on a short read or an error. */
-function fill(fd: number, host: number, out: Buffer, at: number, length: number): boolean {
-  if (fd < 0) {
-    out.fill(0, at, at + length);
-    return true;
-  }
-  let done = 0;
-  try {
-    while (done < length) {
-      const n = fs.readSync(fd, out, at + done, length - done, host + done);
-      if (n <= 0) return false;
-      done += n;
-    }
-  } catch {
-    return false;
-  }
-  return true;
 }
 
 function main(): void {

@@ -14,7 +14,8 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { GRANULE, H_KIB, H_READS, H_SPLICED, lookup, tableSize } from './read-map-table.js';
+import { GRANULE, H_KIB, H_READS, H_SPLICED, tableSize } from './read-map-table.js';
+import { fillFromHost, readRuns } from './read-map-runs.js';
 
 export interface WorkerInit {
   /** The cloned /dev/fuse descriptor, non-blocking. */
@@ -386,40 +387,10 @@ class Worker {
     const size = buf.readUInt32LE(IN_HEADER + 16);
     // Past the end, or larger than negotiated: the main thread answers those.
     if (size === 0 || size > this.init.maxRequest || offset + size > tableSize(table)) return false;
-    const end = offset + size;
     const out = this.reply;
-    const hit = this.hit;
     const runs = this.runs;
-    // Runs of granules that continue each other (zeros, or the same file contiguously) are read at once.
-    let count = 0;
-    let runFd = 0;
-    let runHost = 0;
-    let runFrom = offset;
-    let pos = offset;
-    let first = true;
-    while (pos < end) {
-      const g = Math.floor(pos / GRANULE);
-      if (!lookup(table, g, hit)) return false;
-      const [fd, gHost] = hit as [number, number];
-      const host = gHost + (pos - g * GRANULE);
-      const next = Math.min(end, (g + 1) * GRANULE);
-      if (first) {
-        first = false;
-        runFd = fd;
-        runHost = host;
-      } else if (fd !== runFd || (fd >= 0 && host !== runHost + (pos - runFrom))) {
-        runs[count++] = runFd;
-        runs[count++] = runHost;
-        runs[count++] = pos - runFrom;
-        runFd = fd;
-        runHost = host;
-        runFrom = pos;
-      }
-      pos = next;
-    }
-    runs[count++] = runFd;
-    runs[count++] = runHost;
-    runs[count++] = end - runFrom;
+    const count = readRuns(table, offset, size, this.hit, runs);
+    if (count < 0) return false;
     const len = OUT_HEADER + size;
     out.writeUInt32LE(len, 0);
     out.writeInt32LE(0, 4);
@@ -430,7 +401,7 @@ class Worker {
     } else {
       let at = OUT_HEADER;
       for (let i = 0; i < count; i += 3) {
-        if (!this.fill(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!)) return false;
+        if (!fillFromHost(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!)) return false;
         at += runs[i + 2]!;
       }
       try {
@@ -441,25 +412,6 @@ class Worker {
     }
     Atomics.add(table, H_READS, 1);
     Atomics.add(table, H_KIB, size >> 10);
-    return true;
-  }
-
-  /** `length` bytes at `at` in out: zeros (fd < 0) or the host file's bytes; false on a short read or an error. */
-  private fill(fd: number, host: number, out: Buffer, at: number, length: number): boolean {
-    if (fd < 0) {
-      out.fill(0, at, at + length);
-      return true;
-    }
-    let done = 0;
-    try {
-      while (done < length) {
-        const n = fs.readSync(fd, out, at + done, length - done, host + done);
-        if (n <= 0) return false;
-        done += n;
-      }
-    } catch {
-      return false;
-    }
     return true;
   }
 }

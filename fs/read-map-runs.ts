@@ -1,0 +1,64 @@
+// What the threads that answer READs from a read map share (fs/fuse-worker.ts, the
+// /dev/fuse workers, and fs/fuse-uring.ts, the io_uring queues): a READ's range as runs
+// of host-file bytes or zeros, and the bytes of one run read into a reply. Imports only
+// the map's layout, so a worker loads nothing of the block graph.
+import fs from 'node:fs';
+import { GRANULE, lookup } from './read-map-table.js';
+
+/**
+ * The runs of [offset, offset + size) in `table`, as triples (fd, host offset, length)
+ * in `runs`: granules that continue each other (zeros, or one file contiguously) make
+ * one run. Returns the number of words written, or -1 when a granule is not in the map
+ * (the main thread answers then). `hit` is the caller's scratch pair for lookup().
+ */
+export function readRuns(table: Int32Array, offset: number, size: number, hit: number[], runs: number[]): number {
+  const end = offset + size;
+  let count = 0;
+  let runFd = 0;
+  let runHost = 0;
+  let runFrom = offset;
+  let pos = offset;
+  let first = true;
+  while (pos < end) {
+    const g = Math.floor(pos / GRANULE);
+    if (!lookup(table, g, hit)) return -1;
+    const fd = hit[0]!;
+    const host = hit[1]! + (pos - g * GRANULE);
+    if (first) {
+      first = false;
+      runFd = fd;
+      runHost = host;
+    } else if (fd !== runFd || (fd >= 0 && host !== runHost + (pos - runFrom))) {
+      runs[count++] = runFd;
+      runs[count++] = runHost;
+      runs[count++] = pos - runFrom;
+      runFd = fd;
+      runHost = host;
+      runFrom = pos;
+    }
+    pos = Math.min(end, (g + 1) * GRANULE);
+  }
+  runs[count++] = runFd;
+  runs[count++] = runHost;
+  runs[count++] = end - runFrom;
+  return count;
+}
+
+/** `length` bytes at `at` in out: zeros (fd < 0) or the host file's bytes; false on a short read or an error. */
+export function fillFromHost(fd: number, host: number, out: Buffer, at: number, length: number): boolean {
+  if (fd < 0) {
+    out.fill(0, at, at + length);
+    return true;
+  }
+  let done = 0;
+  try {
+    while (done < length) {
+      const n = fs.readSync(fd, out, at + done, length - done, host + done);
+      if (n <= 0) return false;
+      done += n;
+    }
+  } catch {
+    return false;
+  }
+  return true;
+}
