@@ -8,8 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { convertToRaw, createImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
-import { MountTracker, tsmount } from './helpers/mount.js';
-import type { ListedMount } from '../mount-helpers/list.js';
+import { MountTracker, mountCounters, pieceMd5, tsmount } from './helpers/mount.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -22,23 +21,6 @@ async function directMd5(file: string, bs: number, skip?: number, count?: number
   return r.stdout.split(' ')[0]!;
 }
 
-/** md5 of [skip*bs, (skip+count)*bs) of a plain file, clipped at its end. */
-async function pieceMd5(file: string, bs: number, skip: number, count: number): Promise<string> {
-  const h = crypto.createHash('md5');
-  const end = Math.min(fs.statSync(file).size, (skip + count) * bs) - 1;
-  const stream = fs.createReadStream(file, { start: skip * bs, end, highWaterMark: MiB });
-  for await (const chunk of stream) h.update(chunk as Buffer);
-  return h.digest('hex');
-}
-
-async function counters(mp: string): Promise<NonNullable<ListedMount['counters']>> {
-  const r = await tsmount(['--list', '--output', 'json']);
-  expect(r.code, r.stderr).to.equal(0);
-  const m = (JSON.parse(r.stdout) as ListedMount[]).find((x) => x.mountpoint === mp);
-  expect(m?.counters, `counters of ${mp}`).to.not.equal(undefined);
-  return m!.counters!;
-}
-
 /** Read the whole file until splice has answered `atLeast` reads (workers start after the mount; the map fills on misses). */
 async function untilSpliced(flat: string, mp: string, want: string, atLeast: number): Promise<number> {
   for (let pass = 0; ; pass++) {
@@ -47,7 +29,7 @@ async function untilSpliced(flat: string, mp: string, want: string, atLeast: num
     const deadline = Date.now() + 3000;
     let n = 0;
     for (;;) {
-      n = (await counters(mp)).splicedReads ?? 0;
+      n = (await mountCounters(mp)).splicedReads ?? 0;
       if (n >= atLeast || Date.now() > deadline) break;
       await new Promise((r) => setTimeout(r, 250));
     }
@@ -101,7 +83,7 @@ describe('FUSE workers: the splice path (TSMOUNT_FUSE_SPLICE)', function () {
     const want = await md5File(raw);
     expect(await untilSpliced(flat, mp, want, 32), 'reads answered by splice').to.be.at.least(32);
     // The map is full now: every range below is answered by a worker, most by splice.
-    const before = (await counters(mp)).splicedReads ?? 0;
+    const before = (await mountCounters(mp)).splicedReads ?? 0;
     const ranges: [bs: number, skip: number, count: number, what: string][] = [
       [MiB, 0, 4, 'data, a zero cluster, data, a hole'],
       [64 * KiB, 15, 3, 'across the zero cluster at 1M'],
@@ -126,7 +108,7 @@ describe('FUSE workers: the splice path (TSMOUNT_FUSE_SPLICE)', function () {
     let after = before;
     for (const deadline = Date.now() + 5000; after <= before && Date.now() < deadline; ) {
       await new Promise((r) => setTimeout(r, 250));
-      after = (await counters(mp)).splicedReads ?? 0;
+      after = (await mountCounters(mp)).splicedReads ?? 0;
     }
     expect(after, 'the ranges were spliced').to.be.above(before);
     await mounts.unmount(mp);
@@ -147,11 +129,11 @@ describe('FUSE workers: the splice path (TSMOUNT_FUSE_SPLICE)', function () {
     }
     const flat = path.join(mp, 'off.raw');
     const want = await md5File(raw);
-    let c = await counters(mp);
+    let c = await mountCounters(mp);
     for (let pass = 0; pass < 10 && (c.workerReads ?? 0) < 16; pass++) {
       expect(await directMd5(flat, 256 * KiB)).to.equal(want);
       await new Promise((r) => setTimeout(r, 1200));
-      c = await counters(mp);
+      c = await mountCounters(mp);
     }
     expect(c.workerReads ?? 0).to.be.at.least(16);
     expect(c.splicedReads ?? 0).to.equal(0);

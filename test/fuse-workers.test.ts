@@ -8,8 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { convertToRaw, createImage, md5File, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
-import { MountTracker, mountedPid, tsmount } from './helpers/mount.js';
-import type { ListedMount } from '../mount-helpers/list.js';
+import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './helpers/mount.js';
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { ReadMap } from '../fs/read-map.js';
@@ -26,27 +25,11 @@ async function directMd5(file: string, bs = '1M', skip?: number, count?: number)
   return r.stdout.split(' ')[0]!;
 }
 
-/** md5 of [skip*bs, (skip+count)*bs) of a plain file. */
-async function pieceMd5(file: string, bs: number, skip: number, count: number): Promise<string> {
-  const h = crypto.createHash('md5');
-  const stream = fs.createReadStream(file, { start: skip * bs, end: (skip + count) * bs - 1, highWaterMark: MiB });
-  for await (const chunk of stream) h.update(chunk as Buffer);
-  return h.digest('hex');
-}
-
-async function counters(mp: string): Promise<NonNullable<ListedMount['counters']>> {
-  const r = await tsmount(['--list', '--output', 'json']);
-  expect(r.code, r.stderr).to.equal(0);
-  const m = (JSON.parse(r.stdout) as ListedMount[]).find((x) => x.mountpoint === mp);
-  expect(m?.counters, `counters of ${mp}`).to.not.equal(undefined);
-  return m!.counters!;
-}
-
 /** The workers' read count once the server has published it (once a second). */
 async function workerReads(mp: string, atLeast = 1): Promise<number> {
   const deadline = Date.now() + 5000;
   for (;;) {
-    const n = (await counters(mp)).workerReads ?? 0;
+    const n = (await mountCounters(mp)).workerReads ?? 0;
     if (n >= atLeast || Date.now() > deadline) return n;
     await new Promise((r) => setTimeout(r, 250));
   }
@@ -209,7 +192,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       } finally {
         await fd.close();
       }
-      const served = (await counters(mp)).workerReads ?? 0;
+      const served = (await mountCounters(mp)).workerReads ?? 0;
       expect(served, 'reads answered by the workers on a writable file').to.be.at.least(16);
       await mounts.unmount(mp);
       // The image is consistent for qemu-img after all that.
@@ -231,8 +214,8 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(await directMd5(flat)).to.equal(want);
     expect(await directMd5(flat)).to.equal(want);
     // The server publishes its counters once a second: wait for the reads to show.
-    let c = await counters(mp);
-    for (const deadline = Date.now() + 5000; (c.reads ?? 0) < 64 && Date.now() < deadline; c = await counters(mp)) await new Promise((r) => setTimeout(r, 200));
+    let c = await mountCounters(mp);
+    for (const deadline = Date.now() + 5000; (c.reads ?? 0) < 64 && Date.now() < deadline; c = await mountCounters(mp)) await new Promise((r) => setTimeout(r, 200));
     expect(c.workerReads ?? 0).to.equal(0);
     expect(c.reads).to.be.at.least(64);
     await mounts.unmount(mp);

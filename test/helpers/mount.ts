@@ -1,9 +1,11 @@
 // Running tsmount as a user would, and never leaving a mount behind.
 import { spawn, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { run, type RunResult } from './qemu.js';
 import { forceUnmount, isAlive, mountedPid, TSMOUNT } from '../../scripts/lib/mounts.js';
+import type { ListedMount } from '../../mount-helpers/list.js';
 
 export { forceUnmount, isAlive, mountedPid, TSMOUNT } from '../../scripts/lib/mounts.js';
 
@@ -119,4 +121,22 @@ export function tsmountProcesses(tag: string): number[] {
     if (cmdline.includes(TSMOUNT) && cmdline.includes(tag) && isAlive(Number(entry))) out.push(Number(entry));
   }
   return out;
+}
+
+/** md5 of [skip*bs, (skip+count)*bs) of a plain file (not one on a mount this process serves), clipped at its end. */
+export async function pieceMd5(file: string, bs: number, skip: number, count: number): Promise<string> {
+  const h = crypto.createHash('md5');
+  const end = Math.min(fs.statSync(file).size, (skip + count) * bs) - 1;
+  const stream = fs.createReadStream(file, { start: skip * bs, end, highWaterMark: 1 << 20 });
+  for await (const chunk of stream) h.update(chunk as Buffer);
+  return h.digest('hex');
+}
+
+/** The counters `tsmount --list --output json` shows for the mount at `mp` (published once a second: poll). */
+export async function mountCounters(mp: string): Promise<NonNullable<ListedMount['counters']>> {
+  const r = await tsmount(['--list', '--output', 'json']);
+  if (r.code !== 0) throw new Error(`tsmount --list: ${r.stderr.trim()}`);
+  const m = (JSON.parse(r.stdout) as ListedMount[]).find((x) => x.mountpoint === mp);
+  if (!m?.counters) throw new Error(`tsmount --list shows no counters for ${mp}`);
+  return m.counters;
 }
