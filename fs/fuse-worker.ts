@@ -319,8 +319,10 @@ class Worker {
       const buf = this.slots[this.slot]!;
       const n = this.sys.read(fd, buf, buf.length);
       if (n > 0) {
-        this.handle(n);
-        if (spinNs > 0) lastServed = process.hrtime.bigint();
+        // Only after a reply of its own: a request handed over is answered by the main
+        // thread, and a reader that waits for that answer sends nothing meanwhile, so
+        // spinning then only took a core from the main thread (random 4 KiB writes).
+        if (this.handle(n) && spinNs > 0) lastServed = process.hrtime.bigint();
         continue;
       }
       const e = n < 0 ? this.sys.errno() : 0;
@@ -338,10 +340,12 @@ class Worker {
     }
   }
 
-  private handle(n: number): void {
+  /** Serve or hand over the request just read; true if this thread answered it. */
+  private handle(n: number): boolean {
     const buf = this.slots[this.slot]!;
-    if (n >= IN_HEADER + READ_IN && buf.readUInt32LE(4) === OP_READ && buf.readUInt32LE(0) === n && this.serveRead(buf)) return;
+    if (n >= IN_HEADER + READ_IN && buf.readUInt32LE(4) === OP_READ && buf.readUInt32LE(0) === n && this.serveRead(buf)) return true;
     this.handOver(buf, n);
+    return false;
   }
 
   /**
