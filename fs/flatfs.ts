@@ -47,6 +47,8 @@ interface Inode {
   tooCostly: boolean;
   /** The FUSE workers' read map (readMapFor); null: the file has none. */
   map?: ReadMap | null;
+  /** Writes, zeros and resizes in flight: a read map is not made while any is (readMapFor). */
+  changing: number;
 }
 
 /**
@@ -93,7 +95,7 @@ export class FlatFs implements FsOps {
   ) {
     files.forEach((file, i) => {
       const ino = overFile ? ROOT_ID : ROOT_ID + 1 + i;
-      const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false };
+      const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false, changing: 0 };
       this.inodes[ino] = inode;
       this.byName.set(file.name, inode);
     });
@@ -125,16 +127,43 @@ export class FlatFs implements FsOps {
    * writable file: the map is invalidated by that file's own writes, and a second
    * writable file (a partition of it, with --partitions) could change its bytes
    * unseen.
+   *
+   * Not while a change is in flight (undefined: ask again later): the map would not
+   * know of that change, and could publish what its walk saw before it ended. (It did:
+   * a map made during a write had its count of writes in flight go to -1 at that
+   * write's end, so it later published a window while another write was halfway, and
+   * fio's verify on a --rw qcow2 read zeros where it had written.)
    */
-  readMapFor(ino: number): Int32Array | undefined {
+  readMapFor(ino: number): Int32Array | null | undefined {
     const i = this.inodes[ino];
-    if (!i) return undefined;
+    if (!i) return null;
     if (i.map === undefined) {
+      if (i.changing !== 0) return undefined;
       const f = i.file;
       const ok = hasHostFd(f.node) && (!f.writable || this.files.filter((x) => x.writable).length === 1);
       i.map = ok ? new ReadMap(f.node) : null;
     }
-    return i.map?.table;
+    return i.map ? i.map.table : null;
+  }
+
+  /**
+   * A change of [offset, offset + length) starts (a resize: length < 0): returns the
+   * map to tell its end, the one told of its start even if the map is made meanwhile.
+   */
+  private beginChange(i: Inode, offset: number, length: number): ReadMap | null | undefined {
+    i.changing++;
+    this.dirty.add(i.file);
+    const map = i.map;
+    if (length < 0) map?.beginResize();
+    else map?.beginWrite(offset, length);
+    return map;
+  }
+
+  private endChange(i: Inode, map: ReadMap | null | undefined, resize = false): void {
+    i.changing--;
+    if (resize) map?.endResize();
+    else map?.endWrite();
+    this.changed(i);
   }
 
   readMiss(ino: number, position: number, length: number): void {
@@ -250,16 +279,14 @@ export class FlatFs implements FsOps {
     // The flat file has the disk's size: a write past the end is a full disk.
     if (position >= size) throw new ErrnoError(`${f.node.name}: write past the end of the disk`, E.ENOSPC);
     const n = Math.min(length, size - position);
-    this.dirty.add(f);
-    i.map?.beginWrite(position, n);
+    const map = this.beginChange(i, position, n);
     try {
       await f.node.write(position, buf.subarray(0, n));
     } catch (err) {
       this.report('write', f, position, n, err);
       throw err;
     } finally {
-      i.map?.endWrite();
-      this.changed(i);
+      this.endChange(i, map);
     }
     return n;
   }
@@ -275,9 +302,7 @@ export class FlatFs implements FsOps {
     // Growing changes the guest's disk: a stray `truncate -s 1P` must not (QEMU's export has `growable`).
     if (!this.access.growable) throw this.refuse(f, `growing the disk from ${f.node.size} to ${size} bytes refused: mount with --growable to allow it`);
     if (!f.node.truncate) throw new ErrnoError(`${f.node.name}: this image format cannot be resized`, E.EPERM);
-    this.dirty.add(f);
-    const map = i.map;
-    map?.beginResize();
+    const map = this.beginChange(i, 0, -1);
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
       await f.node.flush();
@@ -286,8 +311,7 @@ export class FlatFs implements FsOps {
       this.report('truncate', f, size, 0, err);
       throw err;
     } finally {
-      map?.endResize();
-      this.changed(i);
+      this.endChange(i, map, true);
     }
   }
 
@@ -310,16 +334,14 @@ export class FlatFs implements FsOps {
     const n = Math.min(length, Math.max(0, size - offset));
     if (n === 0 || !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))) return;
     if (!f.node.zero) throw new ErrnoError(`${f.node.name}: this image cannot zero ranges`, E.EOPNOTSUPP);
-    this.dirty.add(f);
-    i.map?.beginWrite(offset, n);
+    const map = this.beginChange(i, offset, n);
     try {
       await f.node.zero(offset, n, (mode & FALLOC_FL_PUNCH_HOLE) !== 0);
     } catch (err) {
       this.report('fallocate', f, offset, n, err);
       throw err;
     } finally {
-      i.map?.endWrite();
-      this.changed(i);
+      this.endChange(i, map);
     }
   }
 

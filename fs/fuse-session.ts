@@ -721,10 +721,11 @@ export class Session implements FuseMount {
     }
   }
 
-  /** Tell the workers about node `nodeid`'s read map, once. */
+  /** Tell the workers about node `nodeid`'s read map, once (again at a later READ while it cannot be made yet). */
   private announce(nodeid: number): void {
-    this.announced.add(nodeid);
     const table = this.ops.readMapFor?.(nodeid);
+    if (table === undefined && this.ops.readMapFor) return;
+    this.announced.add(nodeid);
     if (!table) return;
     for (const w of this.workers) w.port.postMessage({ ino: nodeid, table });
     Atomics.add(this.ctl, CTL_MAIL, 1);

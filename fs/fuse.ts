@@ -90,9 +90,10 @@ export interface FsOps {
   destroy?(): Promise<void>;
   /**
    * The shared read map of a flat file (fs/read-map.ts), which FUSE worker threads
-   * answer READs from; undefined where the file has none.
+   * answer READs from; null where the file has none, undefined when it cannot be
+   * made now (a write is in flight): asked again at a later READ.
    */
-  readMapFor?(ino: number): Int32Array | undefined;
+  readMapFor?(ino: number): Int32Array | null | undefined;
   /** A READ of [position, position + length) was served on the JS thread: publish the map around it. */
   readMiss?(ino: number, position: number, length: number): void;
 }

@@ -7,6 +7,7 @@ import { FlatFs, type FlatFile } from '../fs/flatfs.js';
 import { ROOT_ID } from '../fs/fuse.js';
 import { errnoOf } from '../drivers/errors.js';
 import type { BlockNode, Extent } from '../drivers/types.js';
+import { GRANULE, lookup } from '../fs/read-map-table.js';
 
 const E = osc.errno;
 const BLOCK = 64 * 1024;
@@ -103,4 +104,65 @@ describe('FlatFs: the file tree by node id', () => {
     expect(await fsys.lseek(2, 1, BLOCK, 3)).to.equal(3 * BLOCK);
     expect(await fsys.lseek(2, 1, 3 * BLOCK, 4)).to.equal(4 * BLOCK);
   });
+
+  it('makes no read map while a write is in flight, and never publishes what a write in flight changes', async () => {
+    // The soak's zeros (session 6): a map made while a write was in flight counted -1
+    // writes in flight at its end; during the next write it then published the window
+    // the walk saw before that write landed, and a worker served zeros from it for good.
+    const disk = new GatedDisk('g', 16 * GRANULE);
+    const fsys = new FlatFs([file('g.raw', disk, true)], false);
+    const ino = 2;
+    const data = Buffer.alloc(4096, 0xac);
+    const a = fsys.write(ino, 1, data, data.length, 0);
+    expect(fsys.readMapFor(ino), 'no map while a write is in flight').to.equal(undefined);
+    disk.allow();
+    await a;
+    const table = fsys.readMapFor(ino);
+    expect(table).to.be.instanceOf(Int32Array);
+    // Unwritten granules are published as zeros by a miss.
+    fsys.readMiss(ino, 8 * GRANULE, 4096);
+    await settle();
+    const hit = [0, 0];
+    expect(lookup(table!, 8, hit) && hit[0]).to.equal(-1);
+    // A write in flight: a miss publishes nothing, and its granule is gone from the map.
+    disk.hold();
+    const b = fsys.write(ino, 1, data, data.length, 8 * GRANULE);
+    expect(lookup(table!, 8, hit), 'invalidated before the write').to.equal(false);
+    fsys.readMiss(ino, 8 * GRANULE, 4096);
+    await settle();
+    expect(lookup(table!, 8, hit), 'nothing published during the write').to.equal(false);
+    disk.allow();
+    await b;
+    // After it, a miss publishes what the disk now has (data without a host offset here: not served by workers).
+    fsys.readMiss(ino, 8 * GRANULE, 4096);
+    await settle();
+    expect(lookup(table!, 8, hit) && hit[0], 'written granule never served as zeros').to.not.equal(-1);
+    expect(lookup(table!, 9, hit) && hit[0]).to.equal(-1);
+  });
 });
+
+/** A MemoryDisk with a host descriptor (its unallocated blocks go into a read map) whose writes wait while closed. */
+class GatedDisk extends MemoryDisk {
+  readonly hostFd = 99;
+  private gate: Promise<void> | undefined;
+  private release: (() => void) | undefined;
+  constructor(name: string, size: number) {
+    super(name, size);
+    this.hold();
+  }
+  hold(): void {
+    this.gate = new Promise((r) => (this.release = r));
+  }
+  allow(): void {
+    this.release?.();
+  }
+  override async write(offset: number, src: Uint8Array): Promise<void> {
+    await this.gate;
+    return super.write(offset, src);
+  }
+}
+
+async function settle(): Promise<void> {
+  for (let k = 0; k < 10; k++) await new Promise((r) => setImmediate(r));
+}
+
