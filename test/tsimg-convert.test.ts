@@ -181,6 +181,16 @@ describe('tsimg convert -c, several sources, progress', function () {
     };
     expect((await cluster('ours.qcow2')).equals(Buffer.alloc(64 * KiB, 0x11))).to.equal(true);
     expect((await cluster('theirs.qcow2')).equals(Buffer.alloc(64 * KiB, 0x11))).to.equal(true);
+    // Onto an allocated cluster that already holds the same bytes too: -n compares nothing, as qemu-img's.
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'same.qcow2', '4M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 1M 64k', 'same.qcow2'], { cwd: dir });
+    fs.copyFileSync(path.join(dir, 'same.qcow2'), path.join(dir, 'same-q.qcow2'));
+    const qs = await run('qemu-img', ['convert', '-n', '-c', '-f', 'raw', '-O', 'qcow2', 'src.raw', 'same-q.qcow2'], { cwd: dir });
+    const rs = await tsimg(['convert', '-n', '-c', '-f', 'raw', '-O', 'qcow2', 'src.raw', 'same.qcow2'], dir);
+    expect(qs.code, qs.stderr).to.equal(1);
+    expect(rs.code, rs.stderr).to.equal(1);
+    expect(rs.stderr.match(at)?.[1]).to.equal(qs.stderr.match(at)![1]);
+    await expectClean(path.join(dir, 'same.qcow2'));
     // Onto an image with nothing allocated it works, as qemu-img's.
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'empty.qcow2', '4M'], { cwd: dir });
     await ok(['convert', '-n', '-c', '-f', 'raw', '-O', 'qcow2', 'src.raw', 'empty.qcow2'], dir);

@@ -343,7 +343,9 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         if (compress && !dst.writeCompressed) throw new UsageError(`${dstSpec}: Compression not supported for this file format`);
         // Progress on a terminal, or anywhere with -p.
         const show = progress(o.progress);
-        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined || o.skipCreate === true, compress });
+        // -n writes every data run as qemu-img does (no compare with what the target holds:
+        // onto an identical allocated cluster, -n -c fails as qemu-img's does).
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress });
         await dst.flush();
         show?.done();
         ok = true;
