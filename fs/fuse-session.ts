@@ -65,6 +65,60 @@ function fuseWorkerCount(): number {
 /** How long a worker may take to start (load koffi, answer) before the session gives up on workers. */
 const WORKER_START_MS = 10_000;
 
+const WORKER_URL = new URL('./fuse-worker.js', import.meta.url);
+
+/** Worker threads started ahead of any session (prewarmFuseWorkers): koffi loaded, waiting for an init. */
+const warmWorkers: Promise<Worker | undefined>[] = [];
+
+/**
+ * Start the FUSE worker threads now, before there is a session: the serving process
+ * calls this first thing, so that the threads' start (an isolate each, then koffi:
+ * 100-370 ms each on this loaded 2-core VM) overlaps opening the image and mounting,
+ * instead of following FUSE_INIT. Reads right after the mount were served by the JS
+ * thread alone until then (a dd of 1 GiB straight after mounting: its first 100-200
+ * MiB). One after the other, as startWorkers (koffi loading in two threads at once
+ * crashed once: decode-pool.ts; and all at once took a core from opening the image:
+ * mounts 50-80 ms slower); unreferenced until a session takes them, so unused ones
+ * (io_uring, the libfuse fallback, a failed mount) keep nothing alive. The main thread
+ * must have loaded koffi already (drivers/util/sys.js).
+ */
+export function prewarmFuseWorkers(): void {
+  if (warmWorkers.length !== 0 || uringWanted()) return;
+  let prev: Promise<unknown> = Promise.resolve();
+  for (let i = 0; i < fuseWorkerCount(); i++) {
+    const p = prev.then(() => spawnWorker(false)).catch((err: unknown) => {
+      debug('FUSE worker not started ahead: %s', messageOf(err));
+      return undefined;
+    });
+    warmWorkers.push(p);
+    prev = p;
+  }
+}
+
+/** A worker thread with koffi loaded, waiting for its init (`ref`: keeps the process alive). */
+function spawnWorker(ref: boolean): Promise<Worker> {
+  const thread = new Worker(WORKER_URL);
+  if (!ref) thread.unref();
+  // An error before a session listens (a warm thread that died) must not be uncaught.
+  thread.on('error', () => undefined);
+  return new Promise<Worker>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      void thread.terminate();
+      reject(new Error('a worker did not start'));
+    }, WORKER_START_MS);
+    timer.unref();
+    thread.once('message', (m: WorkerMessage) => {
+      clearTimeout(timer);
+      if (m.type === 'loaded') resolve(thread);
+      else reject(new Error(`a worker answered ${m.type}`));
+    });
+    thread.once('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+  });
+}
+
 /** One worker: its thread and its cloned descriptor. */
 interface FuseWorker {
   thread: Worker;
@@ -73,6 +127,8 @@ interface FuseWorker {
   /** The worker's request slots (fuse-worker.ts SLOTS) and their state words (1: being served here); io_uring queues have none. */
   slots?: Buffer[];
   slotState?: Int32Array;
+  /** Retired or stopped: its descriptor is closed when its thread exits. */
+  stopped?: boolean;
 }
 
 /** Reads larger than this reply from pooled buffers; at most this many are kept. */
@@ -606,7 +662,6 @@ export class Session implements FuseMount {
    * descriptor (the workers read every request, and hand here what they do not serve).
    */
   private async startWorkers(n: number): Promise<void> {
-    const url = new URL('./fuse-worker.js', import.meta.url);
     const started: FuseWorker[] = [];
     const { MessageChannel } = await import('node:worker_threads');
     try {
@@ -627,39 +682,55 @@ export class Session implements FuseMount {
           fd, maxRequest: this.maxRequest, ctl: this.ctl, port: port2, denyOthers: !!this.cfg.denyOthers, owner: this.owner,
           spinNs: Number(SPIN_NS), slots: memory, slotState,
         };
-        const thread = new Worker(url, { workerData: init, transferList: [port2] });
+        // One started ahead (prewarmFuseWorkers), or one started now.
+        let thread = warmWorkers.length !== 0 ? await warmWorkers.shift()! : undefined;
+        if (thread) thread.ref();
+        else thread = await spawnWorker(true).catch((err: unknown) => {
+          closeFd(fd);
+          throw err;
+        });
         const slots = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory, i * size, size));
         const w: FuseWorker = { thread, fd, port: port1, slots, slotState };
         started.push(w);
+        const t = thread;
         await new Promise<void>((resolve, reject) => {
           const timer = setTimeout(() => reject(new Error('a worker did not start')), WORKER_START_MS);
-          thread.once('message', (m: WorkerMessage) => {
+          t.once('message', (m: WorkerMessage) => {
             clearTimeout(timer);
             if (m.type === 'ready') resolve();
             else reject(new Error(`a worker answered ${m.type}`));
           });
-          thread.once('error', (err) => {
+          t.once('error', (err) => {
             clearTimeout(timer);
             reject(err);
           });
+          t.postMessage({ init }, [port2]);
         });
         thread.on('message', (m: WorkerMessage) => this.fromWorker(w, m));
         thread.on('error', (err) => this.workerLost(w, err.message));
         thread.on('exit', (code) => this.workerLost(w, `exited with code ${code}`));
         // Kept referenced: with this thread's descriptor paused, the workers are what
         // keeps the process serving. stopWorkers() lets go of them.
+        if (this.closedFlag) throw new Error('the session ended');
+        // Serving from now on, with every read map announced so far: a READ right after
+        // the mount need not wait for the other workers.
+        this.workers.push(w);
+        for (const nodeid of this.announced) {
+          const table = this.ops.readMapFor?.(nodeid);
+          if (table) w.port.postMessage({ ino: nodeid, table });
+        }
+        Atomics.add(this.ctl, CTL_MAIL, 1);
+        // The workers read every request from the first on: this thread's spin and epoll stop.
+        if (this.workers.length === 1) this.socket.pause();
       }
     } catch (err) {
-      for (const w of started) this.retire(w);
+      this.workers = this.workers.filter((w) => !started.includes(w));
+      if (this.workers.length === 0) this.socket.resume();
+      // stopWorkers() took care of those it saw (the session ended meanwhile).
+      for (const w of started) if (!w.stopped) this.retire(w);
+      if (this.closedFlag) return;
       throw err;
     }
-    if (this.closedFlag) {
-      for (const w of started) this.retire(w);
-      return;
-    }
-    this.workers = started;
-    // The workers read from now on: this thread's spin and epoll stop.
-    this.socket.pause();
     debug('FUSE: %d worker threads on cloned descriptors', started.length);
   }
 
@@ -683,6 +754,10 @@ export class Session implements FuseMount {
       }
       return;
     }
+    if (m.type === 'ahead') {
+      this.ops.readMiss?.(m.ino, m.offset, 1);
+      return;
+    }
     if (m.type === 'end') {
       // ENODEV: unmounted; every worker and this thread see it.
       if (m.errno !== E.ENODEV && m.errno !== 0) debug('/dev/fuse worker: errno %d', m.errno);
@@ -700,6 +775,7 @@ export class Session implements FuseMount {
   }
 
   private retire(w: FuseWorker): void {
+    w.stopped = true;
     w.thread.removeAllListeners('exit');
     w.thread.on('exit', () => closeFd(w.fd));
     void w.thread.terminate().catch(() => undefined);
@@ -711,6 +787,7 @@ export class Session implements FuseMount {
     const all = this.workers;
     this.workers = [];
     for (const w of all) {
+      w.stopped = true;
       // The loop sees the stop flag within its poll timeout and returns; its descriptor is closed once it has.
       w.thread.removeAllListeners('exit');
       w.thread.removeAllListeners('error');

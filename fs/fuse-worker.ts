@@ -13,8 +13,8 @@
 // thread has loaded it.
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
-import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { GRANULE, H_KIB, H_READS, H_SPLICED, tableSize } from './read-map-table.js';
+import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { GRANULE, H_KIB, H_READS, H_SPLICED, lookup, tableSize, WINDOW } from './read-map-table.js';
 import { fillFromHost, readRuns } from './read-map-runs.js';
 
 export interface WorkerInit {
@@ -40,10 +40,14 @@ export interface WorkerInit {
 }
 
 export type WorkerMessage =
+  /** koffi is loaded: the thread waits for its WorkerInit ({ init }, the port transferred). */
+  | { type: 'loaded' }
   | { type: 'ready' }
   /** A request the main thread serves: in slot `slot` (n bytes), or copied into `buf`. */
   | { type: 'request'; slot: number; n: number }
   | { type: 'request'; buf: ArrayBuffer }
+  /** The map lacks what lies a window past a READ this thread served: publish around `offset`. */
+  | { type: 'ahead'; ino: number; offset: number }
   | { type: 'end'; errno: number };
 
 /**
@@ -278,6 +282,8 @@ class Worker {
   private readonly runs: number[] = [];
   private readonly splicer: Splicer | undefined;
   private mailSeen = 0;
+  /** Per file, the window this thread last asked the main thread to publish (lookAhead). */
+  private readonly asked = new Map<number, number>();
 
   constructor(private readonly sys: Sys, private readonly init: WorkerInit) {
     const size = slotSize(init.maxRequest);
@@ -381,7 +387,8 @@ class Worker {
 
   /** A READ from the map alone, or false to hand it to the main thread. */
   private serveRead(buf: Buffer): boolean {
-    const table = this.maps.get(Number(buf.readBigUInt64LE(16)));
+    const ino = Number(buf.readBigUInt64LE(16));
+    const table = this.maps.get(ino);
     if (!table) return false;
     if (this.init.denyOthers) {
       const uid = buf.readUInt32LE(24);
@@ -416,18 +423,43 @@ class Worker {
     }
     Atomics.add(table, H_READS, 1);
     Atomics.add(table, H_KIB, size >> 10);
+    this.lookAhead(ino, table, offset + size);
     return true;
+  }
+
+  /**
+   * A window past a READ this thread served, not in the map: ask the main thread to
+   * publish it (once per window), so that a sequential reader, which only this thread
+   * sees, never reaches a part of the file the map does not hold yet. Without it each
+   * new 64 MiB window cost its first 10-40 reads on the main thread (vmdk: half the reads).
+   */
+  private lookAhead(ino: number, table: Int32Array, end: number): void {
+    const at = end + WINDOW;
+    if (at >= tableSize(table)) return;
+    const w = Math.floor(at / WINDOW);
+    if (this.asked.get(ino) === w || lookup(table, Math.floor(at / GRANULE), this.hit)) return;
+    this.asked.set(ino, w);
+    parentPort!.postMessage({ type: 'ahead', ino, offset: at } satisfies WorkerMessage);
   }
 }
 
+/**
+ * Load koffi, say so, and wait for the init: the server starts its workers ahead of the
+ * session (fuse-session.ts prewarmFuseWorkers), while the image opens and the kernel
+ * mounts, and hands each its descriptor once FUSE_INIT has said the request size.
+ */
 function main(): void {
-  const init = workerData as WorkerInit;
   let sys: Sys;
   try {
     sys = loadSys();
   } catch (err) {
     throw new Error(`koffi: ${(err as Error).message}`);
   }
+  parentPort!.postMessage({ type: 'loaded' } satisfies WorkerMessage);
+  parentPort!.once('message', (m: { init: WorkerInit }) => serve(sys, m.init));
+}
+
+function serve(sys: Sys, init: WorkerInit): void {
   parentPort!.postMessage({ type: 'ready' } satisfies WorkerMessage);
   const worker = new Worker(sys, init);
   const errno = worker.run();

@@ -13,6 +13,13 @@
 /** The unit of the map: 64 KiB of the flat file (a qcow2 cluster, a vmdk grain). */
 export const GRANULE_SHIFT = 16;
 export const GRANULE = 1 << GRANULE_SHIFT;
+/**
+ * What one walk of the chain publishes (fs/read-map.ts): a miss publishes its window and
+ * the next, and a thread that served a READ from the map asks for the window one
+ * WINDOW past it when the map lacks it (fuse-worker.ts), so a sequential reader finds
+ * the map filled before it gets there.
+ */
+export const WINDOW = 64 * 1024 * 1024;
 /** Entries per file: 64Ki x 64 KiB covers 4 GiB without a collision. */
 export const CAPACITY = 1 << 16;
 

@@ -14,12 +14,10 @@ import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
-import { GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_KIB, H_READS, H_SPLICED } from './read-map-table.js';
+import { GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_KIB, H_READS, H_SPLICED, WINDOW } from './read-map-table.js';
 
 const debug = createDebug('tsmount:fuse');
 
-/** How much of the map one miss publishes: the next sequential requests then hit. */
-const WINDOW = 64 * 1024 * 1024;
 const PER_WINDOW = WINDOW / GRANULE;
 
 interface Span {
@@ -50,7 +48,11 @@ export class ReadMap {
     return { reads: Atomics.load(this.table, H_READS) >>> 0, kib: Atomics.load(this.table, H_KIB) >>> 0, spliced: Atomics.load(this.table, H_SPLICED) >>> 0 };
   }
 
-  /** A READ the main thread served: publish what would let the next ones be served by a worker. */
+  /**
+   * A READ the main thread served: publish what would let the next ones be served by a
+   * worker, and the window after it (a sequential reader is there next). Also what a
+   * worker asks for ahead of its reads (fuse-worker.ts lookAhead, with length 1).
+   */
   miss(offset: number, length: number): void {
     if (this.writes !== 0 || length <= 0) return;
     const first = Math.floor(offset / GRANULE);
@@ -59,15 +61,22 @@ export class ReadMap {
     for (let g = first; g <= last; g++) {
       const w = Math.floor(g / PER_WINDOW);
       if (w === lastWindow) continue;
-      const bits = this.windows.get(w);
-      // Published already: again only if a granule that could be served was overwritten in its slot.
-      if (bits) {
-        const i = g - w * PER_WINDOW;
-        if (!(bits[i >> 3]! & (1 << (i & 7))) || lookup(this.table, g, this.hit)) continue;
-      }
       lastWindow = w;
-      if (!this.busy.has(w)) this.busy.set(w, this.publishWindow(w).finally(() => this.busy.delete(w)));
+      this.want(w, g);
     }
+    const next = (lastWindow + 1) * PER_WINDOW;
+    if (next * GRANULE < tableSize(this.table)) this.want(lastWindow + 1, next);
+  }
+
+  /** Walk window `w` unless it is published with granule `g` (or being walked). */
+  private want(w: number, g: number): void {
+    const bits = this.windows.get(w);
+    // Published already: again only if a granule that could be served was overwritten in its slot.
+    if (bits) {
+      const i = g - w * PER_WINDOW;
+      if (!(bits[i >> 3]! & (1 << (i & 7))) || lookup(this.table, g, this.hit)) return;
+    }
+    if (!this.busy.has(w)) this.busy.set(w, this.publishWindow(w).finally(() => this.busy.delete(w)));
   }
 
   /** Resolves when every walk started so far has published (or dropped) its map (tests). */

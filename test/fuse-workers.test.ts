@@ -12,7 +12,7 @@ import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './he
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { ReadMap } from '../fs/read-map.js';
-import { GRANULE, lookup } from '../fs/read-map-table.js';
+import { GRANULE, lookup, WINDOW } from '../fs/read-map-table.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -270,6 +270,37 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     await convertToRaw(img, back, 'qcow2');
     expect(await md5File(back)).to.equal(await md5File(src));
   });
+  it('serves a sequential reader from the workers all the way (the map is published ahead of it)', async () => {
+    const img = path.join(tmp.dir, 'seq.qcow2');
+    await createImage(img, 'qcow2', 4 * WINDOW);
+    await qemuIo(img, 'qcow2', [`write -P 0x5a 0 ${4 * WINDOW}`]);
+    const mp = dir('m-seq');
+    await mounts.mount([img, mp]);
+    const flat = path.join(mp, 'seq.raw');
+    // Only the first MiB until the workers answer it (they start with the mount; its miss published windows 0 and 1).
+    const head = await directMd5(flat, '1M', 0, 1);
+    for (let pass = 0; pass < 40 && (await mountCounters(mp)).workerReads === undefined; pass++) {
+      expect(await directMd5(flat, '1M', 0, 1)).to.equal(head);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    let before = await mountCounters(mp);
+    for (const deadline = Date.now() + 5000; Date.now() < deadline; ) {
+      await new Promise((r) => setTimeout(r, 1100));
+      const c = await mountCounters(mp);
+      if (c.reads === before.reads) break;
+      before = c;
+    }
+    // One more pass, sequential, 1 MiB at a time: every read by a worker, none on the JS thread.
+    const r = await run('dd', [`if=${flat}`, 'of=/dev/null', 'iflag=direct', 'bs=1M', 'status=none']);
+    expect(r.code, r.stderr).to.equal(0);
+    let after = await mountCounters(mp);
+    for (const deadline = Date.now() + 5000; (after.reads ?? 0) < (before.reads ?? 0) + 256 && Date.now() < deadline; after = await mountCounters(mp)) await new Promise((res) => setTimeout(res, 250));
+    const reads = (after.reads ?? 0) - (before.reads ?? 0);
+    const byWorkers = (after.workerReads ?? 0) - (before.workerReads ?? 0);
+    expect(reads).to.be.at.least(256);
+    expect(reads - byWorkers, `reads on the JS thread out of ${reads}`).to.be.at.most(2);
+    await mounts.unmount(mp);
+  });
 });
 
 describe('the read map (fs/read-map.ts), in-process', function () {
@@ -356,4 +387,29 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       await node.close();
     }
   });
+
+  it('publishes the window after a miss too, and the window a worker asks for ahead of its reads', async () => {
+    const img = path.join(tmp.dir, 'ahead.qcow2');
+    await createImage(img, 'qcow2', 4 * WINDOW);
+    const node = await open(img, true);
+    try {
+      const map = new ReadMap(node);
+      const hit = [0, 0];
+      const per = WINDOW / GRANULE;
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit), 'window 0').to.equal(true);
+      expect(lookup(map.table, per, hit), 'window 1, after the miss').to.equal(true);
+      expect(lookup(map.table, 2 * per, hit), 'window 2').to.equal(false);
+      // What a worker sends (type 'ahead'): one byte in window 2.
+      map.miss(2 * WINDOW + 5, 1);
+      await map.idle();
+      expect(lookup(map.table, 2 * per + 7, hit), 'window 2, asked ahead').to.equal(true);
+      expect(lookup(map.table, 3 * per, hit), 'window 3').to.equal(true);
+    } finally {
+      await node.close();
+    }
+  });
+
 });
+
