@@ -67,39 +67,16 @@ const WORKER_START_MS = 10_000;
 
 const WORKER_URL = new URL('./fuse-worker.js', import.meta.url);
 
-/** Worker threads started ahead of any session (prewarmFuseWorkers): koffi loaded, waiting for an init. */
-const warmWorkers: Promise<Worker | undefined>[] = [];
-
 /**
- * Start the FUSE worker threads now, before there is a session: the serving process
- * calls this first thing, so that the threads' start (an isolate each, then koffi:
- * 100-370 ms each on this loaded 2-core VM) overlaps opening the image and mounting,
- * instead of following FUSE_INIT. Reads right after the mount were served by the JS
- * thread alone until then (a dd of 1 GiB straight after mounting: its first 100-200
- * MiB). One after the other, as startWorkers (koffi loading in two threads at once
- * crashed once: decode-pool.ts; and all at once took a core from opening the image:
- * mounts 50-80 ms slower); unreferenced until a session takes them, so unused ones
- * (io_uring, the libfuse fallback, a failed mount) keep nothing alive. The main thread
- * must have loaded koffi already (drivers/util/sys.js).
+ * A worker thread with koffi loaded, waiting for its init. (Starting them ahead of the
+ * session, while the image opens, was tried: reads right after the mount then never
+ * reached the JS thread, but mounts took 25-45 ms longer in a quiet A/B, the threads'
+ * start competing with the server's own, and dd right after the mount gained nothing
+ * measurable: scripts/BENCHMARKS.md.)
  */
-export function prewarmFuseWorkers(): void {
-  if (warmWorkers.length !== 0 || uringWanted()) return;
-  let prev: Promise<unknown> = Promise.resolve();
-  for (let i = 0; i < fuseWorkerCount(); i++) {
-    const p = prev.then(() => spawnWorker(false)).catch((err: unknown) => {
-      debug('FUSE worker not started ahead: %s', messageOf(err));
-      return undefined;
-    });
-    warmWorkers.push(p);
-    prev = p;
-  }
-}
-
-/** A worker thread with koffi loaded, waiting for its init (`ref`: keeps the process alive). */
-function spawnWorker(ref: boolean): Promise<Worker> {
+function spawnWorker(): Promise<Worker> {
   const thread = new Worker(WORKER_URL);
-  if (!ref) thread.unref();
-  // An error before a session listens (a warm thread that died) must not be uncaught.
+  // An error before the session listens must not be uncaught.
   thread.on('error', () => undefined);
   return new Promise<Worker>((resolve, reject) => {
     const timer = setTimeout(() => {
@@ -682,10 +659,7 @@ export class Session implements FuseMount {
           fd, maxRequest: this.maxRequest, ctl: this.ctl, port: port2, denyOthers: !!this.cfg.denyOthers, owner: this.owner,
           spinNs: Number(SPIN_NS), slots: memory, slotState,
         };
-        // One started ahead (prewarmFuseWorkers), or one started now.
-        let thread = warmWorkers.length !== 0 ? await warmWorkers.shift()! : undefined;
-        if (thread) thread.ref();
-        else thread = await spawnWorker(true).catch((err: unknown) => {
+        const thread = await spawnWorker().catch((err: unknown) => {
           closeFd(fd);
           throw err;
         });

@@ -443,11 +443,7 @@ class Worker {
   }
 }
 
-/**
- * Load koffi, say so, and wait for the init: the server starts its workers ahead of the
- * session (fuse-session.ts prewarmFuseWorkers), while the image opens and the kernel
- * mounts, and hands each its descriptor once FUSE_INIT has said the request size.
- */
+/** Load koffi, say so, and wait for the init (the descriptor, the request size: fuse-session.ts startWorkers). */
 function main(): void {
   let sys: Sys;
   try {

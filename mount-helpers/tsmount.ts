@@ -190,8 +190,6 @@ async function main(argv: string[]): Promise<void> {
   // The serving process: PR_SET_IO_FLUSHER first, before Node starts its thread pool,
   // so that every thread that reads or writes the image inherits it (sys.ts says why).
   const ioFlusher = (await import('../drivers/util/sys.js')).setIoFlusher();
-  // The FUSE worker threads start now (koffi is loaded: sys.js), alongside opening the image.
-  (await import('../fs/fuse-session.js')).prewarmFuseWorkers();
   const readyFd = opts.readyFd !== undefined ? Number(opts.readyFd) : undefined;
   // Once the starting command is gone, its end of our stderr is closed.
   process.stderr.on('error', () => undefined);
