@@ -48,6 +48,14 @@ const SPIN_NS = BigInt(Math.round(Number(process.env.TSMOUNT_FUSE_SPIN_US ?? 50)
  * 10 % on compressed sequential reads (scripts/BENCHMARKS.md, issue 21).
  */
 const SPIN_MAX_NS = SPIN_NS * 4n;
+/**
+ * The io_uring queue threads' spin (TSMOUNT_FUSE_URING_SPIN_US), none by default: each
+ * queue serves the CPU that issued the request, and a queue thread spinning there kept
+ * the reader from issuing its next one until the spin ended. Quiet A/B, 3 rounds: one
+ * random reader 13.1-14.3k IOPS with the 50 us spin, 27.1-28.6k without; four readers
+ * 32-81k against 47-83k (scripts/BENCHMARKS.md, "io_uring without the spin").
+ */
+const URING_SPIN_NS = Math.round(Number(process.env.TSMOUNT_FUSE_URING_SPIN_US ?? 0) * 1000);
 const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT === '1';
 const SPIN_CHAIN = 64;
 
@@ -602,7 +610,7 @@ export class Session implements FuseMount {
    * start, the kernel is told (a refused REGISTER), and /dev/fuse serves as before.
    */
   private startUring(): void {
-    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, Number(SPIN_NS));
+    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, URING_SPIN_NS);
     this.uringQueues = q;
     q.start((w, m) => this.fromWorker(w, m)).then(
       (ws) => {
