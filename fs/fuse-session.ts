@@ -82,11 +82,17 @@ const WORKER_URL = new URL('./fuse-worker.js', import.meta.url);
  * start competing with the server's own, and dd right after the mount gained nothing
  * measurable: scripts/BENCHMARKS.md.)
  */
-function spawnWorker(): Promise<Worker> {
+async function spawnWorker(): Promise<Worker> {
   const thread = new Worker(WORKER_URL);
   // An error before the session listens must not be uncaught.
   thread.on('error', () => undefined);
-  return new Promise<Worker>((resolve, reject) => {
+  await workerSays(thread, 'loaded');
+  return thread;
+}
+
+/** Resolves when `thread`'s next message is `type`; rejects on another, an error, or WORKER_START_MS. */
+function workerSays(thread: Worker, type: WorkerMessage['type']): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => {
       void thread.terminate();
       reject(new Error('a worker did not start'));
@@ -94,7 +100,7 @@ function spawnWorker(): Promise<Worker> {
     timer.unref();
     thread.once('message', (m: WorkerMessage) => {
       clearTimeout(timer);
-      if (m.type === 'loaded') resolve(thread);
+      if (m.type === type) resolve();
       else reject(new Error(`a worker answered ${m.type}`));
     });
     thread.once('error', (err) => {
@@ -643,8 +649,9 @@ export class Session implements FuseMount {
    * Start `n` workers, one at a time (koffi loading in two threads at once crashed
    * once: decode-pool.ts), each on a clone of this session's descriptor. This is the
    * self-test too: a clone that fails, a worker that does not start, and the session
-   * stays on this thread alone. Once all run, this thread stops reading its own
-   * descriptor (the workers read every request, and hand here what they do not serve).
+   * stays on this thread alone. Each serves as soon as it is up, and with the first
+   * this thread stops reading its own descriptor (the workers read every request, and
+   * hand here what they do not serve).
    */
   private async startWorkers(n: number): Promise<void> {
     const started: FuseWorker[] = [];
@@ -674,20 +681,9 @@ export class Session implements FuseMount {
         const slots = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory, i * size, size));
         const w: FuseWorker = { thread, fd, port: port1, slots, slotState };
         started.push(w);
-        const t = thread;
-        await new Promise<void>((resolve, reject) => {
-          const timer = setTimeout(() => reject(new Error('a worker did not start')), WORKER_START_MS);
-          t.once('message', (m: WorkerMessage) => {
-            clearTimeout(timer);
-            if (m.type === 'ready') resolve();
-            else reject(new Error(`a worker answered ${m.type}`));
-          });
-          t.once('error', (err) => {
-            clearTimeout(timer);
-            reject(err);
-          });
-          t.postMessage({ init }, [port2]);
-        });
+        const ready = workerSays(thread, 'ready');
+        thread.postMessage({ init }, [port2]);
+        await ready;
         thread.on('message', (m: WorkerMessage) => this.fromWorker(w, m));
         thread.on('error', (err) => this.workerLost(w, err.message));
         thread.on('exit', (code) => this.workerLost(w, `exited with code ${code}`));
