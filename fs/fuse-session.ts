@@ -75,21 +75,6 @@ const WORKER_START_MS = 10_000;
 
 const WORKER_URL = new URL('./fuse-worker.js', import.meta.url);
 
-/**
- * A worker thread with koffi loaded, waiting for its init. (Starting them ahead of the
- * session, while the image opens, was tried: reads right after the mount then never
- * reached the JS thread, but mounts took 25-45 ms longer in a quiet A/B, the threads'
- * start competing with the server's own, and dd right after the mount gained nothing
- * measurable: scripts/BENCHMARKS.md.)
- */
-async function spawnWorker(): Promise<Worker> {
-  const thread = new Worker(WORKER_URL);
-  // An error before the session listens must not be uncaught.
-  thread.on('error', () => undefined);
-  await workerSays(thread, 'loaded');
-  return thread;
-}
-
 /** Resolves when `thread`'s next message is `type`; rejects on another, an error, or WORKER_START_MS. */
 function workerSays(thread: Worker, type: WorkerMessage['type']): Promise<void> {
   return new Promise<void>((resolve, reject) => {
@@ -674,16 +659,11 @@ export class Session implements FuseMount {
           fd, maxRequest: this.maxRequest, ctl: this.ctl, port: port2, denyOthers: !!this.cfg.denyOthers, owner: this.owner,
           spinNs: Number(SPIN_NS), slots: memory, slotState,
         };
-        const thread = await spawnWorker().catch((err: unknown) => {
-          closeFd(fd);
-          throw err;
-        });
+        const thread = new Worker(WORKER_URL, { workerData: init, transferList: [port2] });
         const slots = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory, i * size, size));
         const w: FuseWorker = { thread, fd, port: port1, slots, slotState };
         started.push(w);
-        const ready = workerSays(thread, 'ready');
-        thread.postMessage({ init }, [port2]);
-        await ready;
+        await workerSays(thread, 'ready');
         thread.on('message', (m: WorkerMessage) => this.fromWorker(w, m));
         thread.on('error', (err) => this.workerLost(w, err.message));
         thread.on('exit', (code) => this.workerLost(w, `exited with code ${code}`));

@@ -13,7 +13,7 @@
 // thread has loaded it.
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
-import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { GRANULE, H_KIB, H_READS, H_SPLICED, lookup, tableSize, WINDOW } from './read-map-table.js';
 import { fillFromHost, readRuns } from './read-map-runs.js';
 
@@ -40,8 +40,6 @@ export interface WorkerInit {
 }
 
 export type WorkerMessage =
-  /** koffi is loaded: the thread waits for its WorkerInit ({ init }, the port transferred). */
-  | { type: 'loaded' }
   | { type: 'ready' }
   /** A request the main thread serves: in slot `slot` (n bytes), or copied into `buf`. */
   | { type: 'request'; slot: number; n: number }
@@ -443,19 +441,14 @@ class Worker {
   }
 }
 
-/** Load koffi, say so, and wait for the init (the descriptor, the request size: fuse-session.ts startWorkers). */
 function main(): void {
+  const init = workerData as WorkerInit;
   let sys: Sys;
   try {
     sys = loadSys();
   } catch (err) {
     throw new Error(`koffi: ${(err as Error).message}`);
   }
-  parentPort!.postMessage({ type: 'loaded' } satisfies WorkerMessage);
-  parentPort!.once('message', (m: { init: WorkerInit }) => serve(sys, m.init));
-}
-
-function serve(sys: Sys, init: WorkerInit): void {
   parentPort!.postMessage({ type: 'ready' } satisfies WorkerMessage);
   const worker = new Worker(sys, init);
   const errno = worker.run();
