@@ -171,13 +171,13 @@ export class FlatFs implements FsOps {
   }
 
   /** Reads the worker threads served from the read maps, for the server's counters. */
-  workerReads(): { reads: number; kib: number; spliced: number } {
-    const sum = { reads: 0, kib: 0, spliced: 0 };
+  workerReads(): { reads: number; bytes: number; spliced: number } {
+    const sum = { reads: 0, bytes: 0, spliced: 0 };
     for (const i of this.inodes) {
       if (!i?.map) continue;
       const s = i.map.served();
       sum.reads += s.reads;
-      sum.kib += s.kib;
+      sum.bytes += s.bytes;
       sum.spliced += s.spliced;
     }
     return sum;

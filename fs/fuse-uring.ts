@@ -27,7 +27,7 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
-import { H_KIB, H_READS, tableSize } from './read-map-table.js';
+import { countServed, tableSize } from './read-map-table.js';
 import { fillFromHost, readRuns } from './read-map-runs.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
@@ -585,8 +585,7 @@ class Queue {
       at += runs[i + 2]!;
     }
     this.commit(ent, unique, 0, size);
-    Atomics.add(table, H_READS, 1);
-    Atomics.add(table, H_KIB, size >> 10);
+    countServed(table, size, false);
     return true;
   }
 }

@@ -14,7 +14,7 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { GRANULE, H_KIB, H_READS, H_SPLICED, lookup, tableSize, WINDOW } from './read-map-table.js';
+import { countServed, GRANULE, lookup, tableSize, WINDOW } from './read-map-table.js';
 import { fillFromHost, readRuns } from './read-map-runs.js';
 
 export interface WorkerInit {
@@ -405,9 +405,8 @@ class Worker {
     out.writeInt32LE(0, 4);
     buf.copy(out, 8, 8, 16); // unique
     const sp = this.splicer;
-    if (sp && size >= SPLICE_MIN && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len)) {
-      Atomics.add(table, H_SPLICED, 1);
-    } else {
+    const spliced = !!sp && size >= SPLICE_MIN && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len);
+    if (!spliced) {
       let at = OUT_HEADER;
       for (let i = 0; i < count; i += 3) {
         if (!fillFromHost(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!)) return false;
@@ -419,8 +418,7 @@ class Worker {
         // ENOENT: interrupted meanwhile, the kernel no longer waits; ENODEV: the read loop ends.
       }
     }
-    Atomics.add(table, H_READS, 1);
-    Atomics.add(table, H_KIB, size >> 10);
+    countServed(table, size, spliced);
     this.lookAhead(ino, table, offset + size);
     return true;
   }

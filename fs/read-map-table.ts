@@ -25,12 +25,32 @@ export const CAPACITY = 1 << 16;
 
 const H_SIZE_LO = 0;
 const H_SIZE_HI = 1;
-/** Reads the workers answered and their bytes (in KiB), for the counters. */
+/** Reads the workers answered, for the counters (their bytes: servedBytes). */
 export const H_READS = 2;
-export const H_KIB = 3;
 /** Of those, the reads answered by splice(2) (TSMOUNT_FUSE_SPLICE). */
 export const H_SPLICED = 4;
 const HEADER_WORDS = 8;
+/** The bytes of those reads, exact: an int64 over header words 6 and 7. */
+const B_BYTES = 3;
+const bytesViews = new WeakMap<Int32Array, BigInt64Array>();
+
+function bytesView(t: Int32Array): BigInt64Array {
+  let v = bytesViews.get(t);
+  if (!v) bytesViews.set(t, (v = new BigInt64Array(t.buffer, 0, HEADER_WORDS / 2)));
+  return v;
+}
+
+/** A thread answered a READ of `bytes` from the map (`spliced`: by splice(2)): count it. */
+export function countServed(t: Int32Array, bytes: number, spliced: boolean): void {
+  Atomics.add(t, H_READS, 1);
+  if (spliced) Atomics.add(t, H_SPLICED, 1);
+  Atomics.add(bytesView(t), B_BYTES, BigInt(bytes));
+}
+
+/** The bytes of the READs answered from the map. */
+export function servedBytes(t: Int32Array): number {
+  return Number(Atomics.load(bytesView(t), B_BYTES));
+}
 
 const E_SEQ = 0;
 const E_KEY = 1;

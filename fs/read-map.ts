@@ -14,7 +14,7 @@ import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
-import { GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_KIB, H_READS, H_SPLICED, WINDOW } from './read-map-table.js';
+import { GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_READS, H_SPLICED, servedBytes, WINDOW } from './read-map-table.js';
 
 const debug = createDebug('tsmount:fuse');
 
@@ -44,8 +44,8 @@ export class ReadMap {
   }
 
   /** Reads the workers answered, their KiB, and how many of them by splice (the server's counters). */
-  served(): { reads: number; kib: number; spliced: number } {
-    return { reads: Atomics.load(this.table, H_READS) >>> 0, kib: Atomics.load(this.table, H_KIB) >>> 0, spliced: Atomics.load(this.table, H_SPLICED) >>> 0 };
+  served(): { reads: number; bytes: number; spliced: number } {
+    return { reads: Atomics.load(this.table, H_READS) >>> 0, bytes: servedBytes(this.table), spliced: Atomics.load(this.table, H_SPLICED) >>> 0 };
   }
 
   /**

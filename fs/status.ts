@@ -17,7 +17,7 @@ export interface MountCounters extends IoCounters {
 }
 
 /** What the FUSE worker threads answered without the graph (FlatFs.workerReads). */
-export type WorkerReads = () => { reads: number; kib: number; spliced?: number };
+export type WorkerReads = () => { reads: number; bytes: number; spliced?: number };
 
 export interface FileDetails {
   name: string;
@@ -58,7 +58,7 @@ export function mountCounters(io: IoCounters, caches: readonly { hits: number; m
   }
   if (!workers) return { ...io, cacheHits, cacheMisses };
   const w = workers();
-  return { ...io, reads: io.reads + w.reads, bytesRead: io.bytesRead + w.kib * 1024, cacheHits, cacheMisses, workerReads: w.reads, ...(w.spliced ? { splicedReads: w.spliced } : {}) };
+  return { ...io, reads: io.reads + w.reads, bytesRead: io.bytesRead + w.bytes, cacheHits, cacheMisses, workerReads: w.reads, ...(w.spliced ? { splicedReads: w.spliced } : {}) };
 }
 
 export class StatusPublisher {
