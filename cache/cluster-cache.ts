@@ -74,6 +74,23 @@ export class ClusterCache extends Filter {
     return this.next.hostFd;
   }
 
+  /**
+   * Writes around this cache only where it flushes nothing per write; what it holds
+   * of them goes stale, so the FUSE layer calls dropCachedData before its next read.
+   */
+  override get inPlaceWrites(): boolean | undefined {
+    return this.opts.mode === 'writethrough' || this.opts.mode === 'directsync' ? undefined : this.next.inPlaceWrites;
+  }
+
+  /** Forget every cached block; a read in flight inserts nothing it read before (writeSeq). */
+  override get dropCachedData(): () => void {
+    return () => {
+      this.lru?.clear();
+      this.writeSeq++;
+      this.next.dropCachedData?.();
+    };
+  }
+
   override async read(offset: number, dst: Uint8Array): Promise<void> {
     const lru = this.lru;
     // A large read is a scan (readahead of a sequential reader): it reads straight into

@@ -23,6 +23,13 @@ export interface Extent {
    * metadata-preallocated qcow2; qemu-img map's "data": true with "zero": true).
    */
   zeroData?: boolean;
+  /**
+   * 'data' with a `host` that a write may overwrite there and nothing else: the layer
+   * would change none of its metadata for it (qcow2: a plain cluster with the COPIED
+   * flag, clear of every table; raw: the file's data), so the FUSE workers may write
+   * it with pwrite(2) (fs/read-map.ts), where the node allows it (inPlaceWrites).
+   */
+  inPlace?: boolean;
 }
 
 /** What a consistency check found, in qemu-img check's terms (ImageCheck). */
@@ -194,6 +201,24 @@ export interface BlockNode {
    * it undefined.
    */
   readonly hostFd?: number | undefined;
+  /**
+   * Writes of ranges whose block status says `inPlace` may go around the graph, with
+   * pwrite(2) to hostFd (the FUSE workers, fs/read-map.ts): nothing in or above this
+   * node must see them. Formats say so where an overwrite in place needs nothing of
+   * them (after whatever the first write must do); filters only where they change
+   * nothing a write sees, and the cluster cache only in a cache mode that does not
+   * flush each write (it drops its data when told: dropCachedData).
+   */
+  readonly inPlaceWrites?: boolean | undefined;
+  /**
+   * Bumped whenever this layer allocates or frees host space (qcow2: a refcount
+   * changed): a range that was writable in place may since have become something
+   * else, so the FUSE layer asks block status again before writing around the graph.
+   * Absent: the layer never moves data (raw).
+   */
+  readonly layoutGeneration?: number | undefined;
+  /** Forget every cached byte of guest data (the FUSE workers wrote around the graph). */
+  dropCachedData?(): void;
   /** What the format says of this layer (tsimg info); formats only. */
   describe?(): ImageDescription;
   /** A consistency check of this layer's metadata, changing nothing (tsimg check). */

@@ -34,6 +34,8 @@ export interface ChainRun {
   host?: number;
   /** Data that reads as zeros (Extent.zeroData). */
   zeroData?: boolean;
+  /** Data a write may overwrite at `host` without the format (Extent.inPlace). */
+  inPlace?: boolean;
 }
 
 /** A backing chain deeper than this is not walked: the rest counts as data. */
@@ -43,7 +45,7 @@ function pushChain(out: ChainRun[], r: ChainRun): void {
   if (r.length <= 0) return;
   const last = out[out.length - 1];
   const hostFollows = last?.host === undefined ? r.host === undefined : r.host === last.host + last.length;
-  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && last.zeroData === r.zeroData) last.length += r.length;
+  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && last.zeroData === r.zeroData && last.inPlace === r.inPlace) last.length += r.length;
   else out.push({ ...r });
 }
 
@@ -80,6 +82,7 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
       const run: ChainRun = { offset: s, length: t - s, depth, kind: e.kind };
       if (e.host !== undefined) run.host = e.host + (s - e.offset);
       if (e.zeroData) run.zeroData = true;
+      if (e.inPlace && e.host !== undefined) run.inPlace = true;
       pushChain(out, run);
     } else {
       const backing = node.backing;

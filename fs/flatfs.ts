@@ -12,7 +12,7 @@ import { ROOT_ID, type DirEntry, type Entry, type FsOps, type Opened, type Stat 
 import type { Ownership } from './access.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
 import { allocatedBytes, seek } from './extents.js';
-import { hasHostFd, ReadMap } from './read-map.js';
+import { hasHostFd, ReadMap, type MapChange } from './read-map.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
@@ -49,6 +49,14 @@ interface Inode {
   map?: ReadMap | null;
   /** Writes, zeros and resizes in flight: a read map is not made while any is (readMapFor). */
   changing: number;
+  /** The map's count of the workers' writes when the main thread last read: when it moved, cached data goes. */
+  workerWritesSeen: number;
+}
+
+/** A change in flight: the map told of its start (if any), to tell of its end. */
+interface Change {
+  map: ReadMap | null | undefined;
+  change?: MapChange;
 }
 
 /**
@@ -95,7 +103,7 @@ export class FlatFs implements FsOps {
   ) {
     files.forEach((file, i) => {
       const ino = overFile ? ROOT_ID : ROOT_ID + 1 + i;
-      const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false, changing: 0 };
+      const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false, changing: 0, workerWritesSeen: 0 };
       this.inodes[ino] = inode;
       this.byName.set(file.name, inode);
     });
@@ -148,37 +156,43 @@ export class FlatFs implements FsOps {
 
   /**
    * A change of [offset, offset + length) starts (a resize: length < 0): returns the
-   * map to tell its end, the one told of its start even if the map is made meanwhile.
+   * map to tell its end, the one told of its start even if the map is made meanwhile,
+   * once the workers' writes in flight (which never start during a change) ended.
    */
-  private beginChange(i: Inode, offset: number, length: number): ReadMap | null | undefined {
+  private async beginChange(i: Inode, offset: number, length: number): Promise<Change> {
     i.changing++;
     this.dirty.add(i.file);
     const map = i.map;
-    if (length < 0) map?.beginResize();
-    else map?.beginWrite(offset, length);
-    return map;
+    if (!map) return { map };
+    const { change, drained } = length < 0 ? map.beginResize() : map.beginWrite(offset, length);
+    if (drained) await drained;
+    return { map, change };
   }
 
-  private endChange(i: Inode, map: ReadMap | null | undefined, resize = false): void {
+  private endChange(i: Inode, c: Change, failed: boolean, resize = false): void {
     i.changing--;
-    if (resize) map?.endResize();
-    else map?.endWrite();
+    if (c.map && c.change) {
+      if (resize) c.map.endResize(c.change, failed);
+      else c.map.endWrite(c.change, failed);
+    }
     this.changed(i);
   }
 
-  readMiss(ino: number, position: number, length: number): void {
+  mapMiss(ino: number, position: number, length: number): void {
     this.inodes[ino]?.map?.miss(position, length);
   }
 
-  /** Reads the worker threads served from the read maps, for the server's counters. */
-  workerReads(): { reads: number; bytes: number; spliced: number } {
-    const sum = { reads: 0, bytes: 0, spliced: 0 };
+  /** What the worker threads served from the read maps (reads, and writes in place), for the server's counters. */
+  workerIo(): { reads: number; bytes: number; spliced: number; writes: number; bytesWritten: number } {
+    const sum = { reads: 0, bytes: 0, spliced: 0, writes: 0, bytesWritten: 0 };
     for (const i of this.inodes) {
       if (!i?.map) continue;
       const s = i.map.served();
       sum.reads += s.reads;
       sum.bytes += s.bytes;
       sum.spliced += s.spliced;
+      sum.writes += s.writes;
+      sum.bytesWritten += s.bytesWritten;
     }
     return sum;
   }
@@ -258,7 +272,16 @@ export class FlatFs implements FsOps {
   async release(): Promise<void> {}
 
   async read(ino: number, _fh: number, buf: Buffer, length: number, position: number): Promise<number> {
-    const f = this.file(ino);
+    const i = this.inode(ino);
+    const f = i.file;
+    // Workers wrote around the graph since: what the cluster cache holds may be stale.
+    if (i.map) {
+      const w = i.map.workerWrites();
+      if (w !== i.workerWritesSeen) {
+        i.workerWritesSeen = w;
+        f.node.dropCachedData?.();
+      }
+    }
     const size = f.node.size;
     if (position >= size) return 0;
     const n = Math.min(length, size - position);
@@ -279,14 +302,16 @@ export class FlatFs implements FsOps {
     // The flat file has the disk's size: a write past the end is a full disk.
     if (position >= size) throw new ErrnoError(`${f.node.name}: write past the end of the disk`, E.ENOSPC);
     const n = Math.min(length, size - position);
-    const map = this.beginChange(i, position, n);
+    const c = await this.beginChange(i, position, n);
+    let failed = true;
     try {
       await f.node.write(position, buf.subarray(0, n));
+      failed = false;
     } catch (err) {
       this.report('write', f, position, n, err);
       throw err;
     } finally {
-      this.endChange(i, map);
+      this.endChange(i, c, failed);
     }
     return n;
   }
@@ -302,16 +327,18 @@ export class FlatFs implements FsOps {
     // Growing changes the guest's disk: a stray `truncate -s 1P` must not (QEMU's export has `growable`).
     if (!this.access.growable) throw this.refuse(f, `growing the disk from ${f.node.size} to ${size} bytes refused: mount with --growable to allow it`);
     if (!f.node.truncate) throw new ErrnoError(`${f.node.name}: this image format cannot be resized`, E.EPERM);
-    const map = this.beginChange(i, 0, -1);
+    const c = await this.beginChange(i, 0, -1);
+    let failed = true;
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
       await f.node.flush();
       await f.node.truncate(size);
+      failed = false;
     } catch (err) {
       this.report('truncate', f, size, 0, err);
       throw err;
     } finally {
-      this.endChange(i, map, true);
+      this.endChange(i, c, failed, true);
     }
   }
 
@@ -334,20 +361,25 @@ export class FlatFs implements FsOps {
     const n = Math.min(length, Math.max(0, size - offset));
     if (n === 0 || !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))) return;
     if (!f.node.zero) throw new ErrnoError(`${f.node.name}: this image cannot zero ranges`, E.EOPNOTSUPP);
-    const map = this.beginChange(i, offset, n);
+    const c = await this.beginChange(i, offset, n);
+    let failed = true;
     try {
       await f.node.zero(offset, n, (mode & FALLOC_FL_PUNCH_HOLE) !== 0);
+      failed = false;
     } catch (err) {
       this.report('fallocate', f, offset, n, err);
       throw err;
     } finally {
-      this.endChange(i, map);
+      this.endChange(i, c, failed);
     }
   }
 
   async flush(ino: number): Promise<void> {
-    const f = this.inodes[ino]?.file;
-    if (f && this.dirty.has(f)) await this.flushFile(f);
+    const i = this.inodes[ino];
+    if (!i) return;
+    // Taken first: a worker's write after this point marks the file again.
+    const workersWrote = i.map?.takeDirty() ?? false;
+    if (this.dirty.has(i.file) || workersWrote) await this.flushFile(i.file);
   }
 
   async fsync(ino: number): Promise<void> {

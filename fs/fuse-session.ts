@@ -713,7 +713,7 @@ export class Session implements FuseMount {
       return;
     }
     if (m.type === 'ahead') {
-      this.ops.readMiss?.(m.ino, m.offset, 1);
+      this.ops.mapMiss?.(m.ino, m.offset, 1);
       return;
     }
     if (m.type === 'end') {
@@ -776,10 +776,7 @@ export class Session implements FuseMount {
     const got = await this.ops.read(nodeid, fh, out.subarray(OutHeader.SIZE, OutHeader.SIZE + size), size, offset);
     this.send(out, unique, 0, OutHeader.SIZE + got);
     // Served here: publish the map that lets the workers serve the next ones.
-    if (this.workers.length !== 0) {
-      if (!this.announced.has(nodeid)) this.announce(nodeid);
-      this.ops.readMiss?.(nodeid, offset, got);
-    }
+    this.served(nodeid, offset, got);
     if (big && this.replyPool.length < REPLY_POOL_KEEP) this.replyPool.push(out);
   }
 
@@ -787,6 +784,15 @@ export class Session implements FuseMount {
     const n = await this.ops.write(nodeid, fh, data, data.length, offset);
     const out = replyBuffer(WriteOut.SIZE);
     this.send(out, unique, 0, encodeWriteOut(out, n));
+    // An overwrite there may be the workers' next time (read-map.ts).
+    this.served(nodeid, offset, n);
+  }
+
+  /** A READ or WRITE served here: with workers, announce the file's map and publish it around the request. */
+  private served(nodeid: number, offset: number, length: number): void {
+    if (this.workers.length === 0) return;
+    if (!this.announced.has(nodeid)) this.announce(nodeid);
+    this.ops.mapMiss?.(nodeid, offset, length);
   }
 
   private async attrReply(unique: number, nodeid: number): Promise<void> {

@@ -409,7 +409,7 @@ class Queue {
   private readonly maps = new Map<number, Int32Array>();
   /** Requests handed to the main thread: unique -> entry. */
   private readonly pending = new Map<number, number>();
-  private readonly hit = [0, 0];
+  private readonly hit = [0, 0, 0];
   private readonly runs: number[] = [];
   private mailSeen = 0;
   private ended = 0;

@@ -2,7 +2,9 @@
 // as QEMU's FUSE export does per iothread). It reads requests in a loop of its own,
 // answers a READ whose whole range the shared read map covers (read-map-table.ts) with
 // pread(2) from the host files straight into the reply and one write(2) (or, with
-// TSMOUNT_FUSE_SPLICE, splice(2) through a pipe: Splicer below), and hands
+// TSMOUNT_FUSE_SPLICE, splice(2) through a pipe: Splicer below), writes a WRITE whose
+// whole range the map says is writable in place with pwrite(2) (an overwrite of
+// clusters the format would only overwrite too), and hands
 // every other request to the main thread, which owns the file tree and the format
 // drivers and writes that reply to this worker's descriptor (the kernel wants the
 // reply on the descriptor the request was read from). No JS state is shared: the
@@ -14,8 +16,8 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { countServed, GRANULE, lookup, tableSize, WINDOW } from './read-map-table.js';
-import { fillFromHost, readRuns } from './read-map-runs.js';
+import { countServed, countWritten, GRANULE, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup, tableSize, WINDOW } from './read-map-table.js';
+import { fillFromHost, readRuns, writeToHost } from './read-map-runs.js';
 
 export interface WorkerInit {
   /** The cloned /dev/fuse descriptor, non-blocking. */
@@ -67,9 +69,12 @@ export const CTL_MAIL = 1;
 export const CTL_WORDS = 2;
 
 const OP_READ = 15;
+const OP_WRITE = 16;
 const IN_HEADER = 40;
 const OUT_HEADER = 16;
 const READ_IN = 40;
+const WRITE_IN = 40;
+const WRITE_OUT = 8;
 const EINTR = 4;
 const EAGAIN = 11;
 const ENOENT = 2;
@@ -82,6 +87,12 @@ const PAGE = 4096;
 const O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000;
 const F_SETPIPE_SZ = 1031;
+
+/**
+ * Workers write in place where the map allows it; TSMOUNT_FUSE_WORKER_WRITES=0 hands
+ * every WRITE to the main thread (for comparison: scripts/bench/ab.sh).
+ */
+const WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
 
 /**
  * Answer a worker's READ of at least SPLICE_MIN bytes by splicing the host file's
@@ -274,8 +285,9 @@ class Worker {
   /** The slot the next request is read into (SLOTS: the private buffer, every slot was handed over). */
   private slot = 0;
   private readonly reply: Buffer;
+  private readonly writeReply = Buffer.alloc(OUT_HEADER + WRITE_OUT);
   private readonly pollfd = Buffer.alloc(8);
-  private readonly hit = [0, 0];
+  private readonly hit = [0, 0, 0];
   /** The runs of the READ being served: [fd, host, length] triples. */
   private readonly runs: number[] = [];
   private readonly splicer: Splicer | undefined;
@@ -347,7 +359,11 @@ class Worker {
   /** Serve or hand over the request just read; true if this thread answered it. */
   private handle(n: number): boolean {
     const buf = this.slots[this.slot]!;
-    if (n >= IN_HEADER + READ_IN && buf.readUInt32LE(4) === OP_READ && buf.readUInt32LE(0) === n && this.serveRead(buf)) return true;
+    if (n >= IN_HEADER + READ_IN && buf.readUInt32LE(0) === n) {
+      const op = buf.readUInt32LE(4);
+      if (op === OP_READ && this.serveRead(buf)) return true;
+      if (op === OP_WRITE && WRITES && this.serveWrite(buf, n)) return true;
+    }
     this.handOver(buf, n);
     return false;
   }
@@ -420,6 +436,53 @@ class Worker {
     }
     countServed(table, size, spliced);
     this.lookAhead(ino, table, offset + size);
+    return true;
+  }
+
+  /**
+   * A WRITE straight into the host file, or false to hand it to the main thread: only
+   * where every granule it touches is published as writable in place in the current
+   * epoch, and only while the main thread changes nothing of the file (read-map-table.ts
+   * says how the two sides keep out of each other's way). Counted, and the file marked
+   * for the next flush, before the reply: an fsync that follows it flushes the file.
+   */
+  private serveWrite(buf: Buffer, n: number): boolean {
+    const ino = Number(buf.readBigUInt64LE(16));
+    const table = this.maps.get(ino);
+    if (!table) return false;
+    if (this.init.denyOthers) {
+      const uid = buf.readUInt32LE(24);
+      if (uid !== 0 && uid !== this.init.owner) return false;
+    }
+    const offset = Number(buf.readBigUInt64LE(IN_HEADER + 8));
+    const size = buf.readUInt32LE(IN_HEADER + 16);
+    if (size === 0 || n !== IN_HEADER + WRITE_IN + size || offset + size > tableSize(table)) return false;
+    Atomics.add(table, H_WRITES_IN_FLIGHT, 1);
+    try {
+      if (Atomics.load(table, H_CHANGING) !== 0 || Atomics.load(table, H_WRITABLE) !== 1) return false;
+      const runs = this.runs;
+      const count = readRuns(table, offset, size, this.hit, runs, true);
+      if (count < 0) return false;
+      // A run that fails (a host error) leaves the rest to the main thread, which writes it all again and reports.
+      let at = IN_HEADER + WRITE_IN;
+      for (let i = 0; i < count; i += 3) {
+        if (!writeToHost(runs[i]!, runs[i + 1]!, buf, at, runs[i + 2]!)) return false;
+        at += runs[i + 2]!;
+      }
+      countWritten(table, size);
+    } finally {
+      Atomics.sub(table, H_WRITES_IN_FLIGHT, 1);
+    }
+    const out = this.writeReply;
+    out.writeUInt32LE(OUT_HEADER + WRITE_OUT, 0);
+    out.writeInt32LE(0, 4);
+    buf.copy(out, 8, 8, 16); // unique
+    out.writeUInt32LE(size, OUT_HEADER);
+    try {
+      fs.writeSync(this.init.fd, out, 0, OUT_HEADER + WRITE_OUT);
+    } catch {
+      // ENOENT: interrupted meanwhile; ENODEV: the read loop ends.
+    }
     return true;
   }
 

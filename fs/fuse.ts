@@ -90,12 +90,13 @@ export interface FsOps {
   destroy?(): Promise<void>;
   /**
    * The shared read map of a flat file (fs/read-map.ts), which FUSE worker threads
-   * answer READs from; null where the file has none, undefined when it cannot be
-   * made now (a write is in flight): asked again at a later READ.
+   * answer READs (and overwrites in place) from; null where the file has none,
+   * undefined when it cannot be made now (a write is in flight): asked again at a
+   * later READ or WRITE.
    */
   readMapFor?(ino: number): Int32Array | null | undefined;
-  /** A READ of [position, position + length) was served on the JS thread: publish the map around it. */
-  readMiss?(ino: number, position: number, length: number): void;
+  /** A READ or WRITE of [position, position + length) was served on the JS thread: publish the map around it. */
+  mapMiss?(ino: number, position: number, length: number): void;
 }
 
 export interface MountOptions {

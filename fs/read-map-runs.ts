@@ -9,9 +9,10 @@ import { GRANULE, lookup } from './read-map-table.js';
  * The runs of [offset, offset + size) in `table`, as triples (fd, host offset, length)
  * in `runs`: granules that continue each other (zeros, or one file contiguously) make
  * one run. Returns the number of words written, or -1 when a granule is not in the map
- * (the main thread answers then). `hit` is the caller's scratch pair for lookup().
+ * (the main thread answers then). `hit` is the caller's scratch triple for lookup().
+ * `inPlace`: for a WRITE, every granule must be writable in place (else -1).
  */
-export function readRuns(table: Int32Array, offset: number, size: number, hit: number[], runs: number[]): number {
+export function readRuns(table: Int32Array, offset: number, size: number, hit: number[], runs: number[], inPlace = false): number {
   const end = offset + size;
   let count = 0;
   let runFd = 0;
@@ -21,7 +22,7 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
   let first = true;
   while (pos < end) {
     const g = Math.floor(pos / GRANULE);
-    if (!lookup(table, g, hit)) return -1;
+    if (!lookup(table, g, hit) || (inPlace && hit[2] !== 1)) return -1;
     const fd = hit[0]!;
     const host = hit[1]! + (pos - g * GRANULE);
     if (first) {
@@ -54,6 +55,21 @@ export function fillFromHost(fd: number, host: number, out: Buffer, at: number, 
   try {
     while (done < length) {
       const n = fs.readSync(fd, out, at + done, length - done, host + done);
+      if (n <= 0) return false;
+      done += n;
+    }
+  } catch {
+    return false;
+  }
+  return true;
+}
+
+/** `length` bytes from `src` at `at` written to `host` in `fd`; false on a short write or an error. */
+export function writeToHost(fd: number, host: number, src: Buffer, at: number, length: number): boolean {
+  let done = 0;
+  try {
+    while (done < length) {
+      const n = fs.writeSync(fd, src, at + done, length - done, host + done);
       if (n <= 0) return false;
       done += n;
     }

@@ -9,6 +9,14 @@
 // Each entry has a sequence word, odd while the writer changes the entry: a reader
 // takes the entry only if the word was even and the same before and after it read the
 // other words. Atomics order the words, so a reader never sees half an entry.
+//
+// Writes in place: an entry may also say a WRITE of its granule can go straight to
+// `host` (F_IN_PLACE: the format changes nothing for it, fs/read-map.ts says when), as
+// long as the table's epoch is still the one the entry was published in. A worker
+// announces its write (H_WORKER_WRITES_IN_FLIGHT) before it looks, and writes only
+// while the main thread changes nothing of the file (H_CHANGING): each side stores its
+// word, then reads the other's, so one of them always sees the other (fs/read-map.ts
+// beginWrite waits for the workers' writes to end).
 
 /** The unit of the map: 64 KiB of the flat file (a qcow2 cluster, a vmdk grain). */
 export const GRANULE_SHIFT = 16;
@@ -29,9 +37,23 @@ const H_SIZE_HI = 1;
 export const H_READS = 2;
 /** Of those, the reads answered by splice(2) (TSMOUNT_FUSE_SPLICE). */
 export const H_SPLICED = 4;
-const HEADER_WORDS = 8;
+/** Writes the workers wrote in place (their bytes: writtenBytes). */
+export const H_WRITES = 8;
+/** Workers' writes in flight: between announcing one and answering it. */
+export const H_WRITES_IN_FLIGHT = 9;
+/** Main-thread changes (write, zero, resize) of the file in flight: no worker writes meanwhile. */
+export const H_CHANGING = 10;
+/** Entries published in another epoch are not written in place (a change moved clusters). */
+export const H_EPOCH = 11;
+/** 1 while workers may write at all (cleared after a failed change: the image may be marked corrupt). */
+export const H_WRITABLE = 12;
+/** Set by a worker's write, taken by the main thread's next flush (fs/flatfs.ts). */
+export const H_DIRTY = 13;
+const HEADER_WORDS = 16;
 /** The bytes of those reads, exact: an int64 over header words 6 and 7. */
 const B_BYTES = 3;
+/** The bytes the workers wrote, over header words 14 and 15. */
+const B_WRITTEN = 7;
 const bytesViews = new WeakMap<Int32Array, BigInt64Array>();
 
 function bytesView(t: Int32Array): BigInt64Array {
@@ -47,6 +69,18 @@ export function countServed(t: Int32Array, bytes: number, spliced: boolean): voi
   Atomics.add(bytesView(t), B_BYTES, BigInt(bytes));
 }
 
+/** A worker wrote `bytes` in place: count it, and mark the file for the next flush. */
+export function countWritten(t: Int32Array, bytes: number): void {
+  Atomics.add(t, H_WRITES, 1);
+  Atomics.add(bytesView(t), B_WRITTEN, BigInt(bytes));
+  Atomics.store(t, H_DIRTY, 1);
+}
+
+/** The bytes the workers wrote in place. */
+export function writtenBytes(t: Int32Array): number {
+  return Number(Atomics.load(bytesView(t), B_WRITTEN));
+}
+
 /** The bytes of the READs answered from the map. */
 export function servedBytes(t: Int32Array): number {
   return Number(Atomics.load(bytesView(t), B_BYTES));
@@ -57,7 +91,11 @@ const E_KEY = 1;
 const E_FD = 2;
 const E_HOST_LO = 3;
 const E_HOST_HI = 4;
+/** The epoch the entry was published in, shifted left once; bit 0: F_IN_PLACE. */
+const E_FLAGS = 5;
 const ENTRY_WORDS = 6;
+/** A WRITE of the granule may go straight to `host` (while the epoch holds). */
+const F_IN_PLACE = 1;
 
 const TWO32 = 0x1_0000_0000;
 
@@ -78,8 +116,8 @@ function base(granule: number): number {
   return HEADER_WORDS + (granule % CAPACITY) * ENTRY_WORDS;
 }
 
-/** Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd`. */
-export function publish(t: Int32Array, g: number, fd: number, host: number): void {
+/** Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`: writable there too). */
+export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false): void {
   const b = base(g);
   const seq = Atomics.load(t, b + E_SEQ);
   Atomics.store(t, b + E_SEQ, seq + 1);
@@ -87,6 +125,7 @@ export function publish(t: Int32Array, g: number, fd: number, host: number): voi
   Atomics.store(t, b + E_FD, fd);
   Atomics.store(t, b + E_HOST_LO, host % TWO32 | 0);
   Atomics.store(t, b + E_HOST_HI, Math.floor(host / TWO32));
+  Atomics.store(t, b + E_FLAGS, inPlace && fd >= 0 ? ((Atomics.load(t, H_EPOCH) << 1) | F_IN_PLACE) : 0);
   Atomics.store(t, b + E_SEQ, seq + 2);
 }
 
@@ -112,9 +151,16 @@ export function invalidateAll(t: Int32Array): void {
   }
 }
 
+/** Writer only: no entry published so far may be written in place any more (reads still may). */
+export function newEpoch(t: Int32Array): void {
+  // 30 bits of epoch: a wrap would need a billion changes that moved clusters meanwhile.
+  Atomics.store(t, H_EPOCH, (Atomics.load(t, H_EPOCH) + 1) & 0x3fffffff);
+}
+
 /**
- * Reader: granule `g`'s entry into out ([fd, host]); false if the map does not hold it
- * (never published, overwritten, invalidated, or being changed right now).
+ * Reader: granule `g`'s entry into out ([fd, host, writable in place]); false if the
+ * map does not hold it (never published, overwritten, invalidated, or being changed
+ * right now).
  */
 export function lookup(t: Int32Array, g: number, out: number[]): boolean {
   const b = base(g);
@@ -123,8 +169,10 @@ export function lookup(t: Int32Array, g: number, out: number[]): boolean {
   if (Atomics.load(t, b + E_KEY) !== ((g + 1) | 0)) return false;
   const fd = Atomics.load(t, b + E_FD);
   const host = (Atomics.load(t, b + E_HOST_LO) >>> 0) + (Atomics.load(t, b + E_HOST_HI) >>> 0) * TWO32;
+  const flags = Atomics.load(t, b + E_FLAGS);
   if (Atomics.load(t, b + E_SEQ) !== s1) return false;
   out[0] = fd;
   out[1] = host;
+  out[2] = flags & F_IN_PLACE && flags >>> 1 === Atomics.load(t, H_EPOCH) ? 1 : 0;
   return true;
 }

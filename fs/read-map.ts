@@ -5,20 +5,44 @@
 // its one owner: the map is computed here from block status down the backing chain
 // (extents.ts chainExtents and each layer's BlockNode.hostFd), never by a worker.
 //
-// Writes: every entry a write, zero or resize may change is invalidated before the
-// change starts, and a map computed while any change was in flight (or that started
-// since) is thrown away, not published. Writes pass straight down to the image file
-// (the cluster cache keeps no dirty data), so once a write is answered the host file
-// has its bytes and a later miss publishes them.
+// Writes by the main thread: every entry a write, zero or resize may change is
+// invalidated before the change starts, and a window walked while a change of it was
+// in flight (or that started since) is thrown away, not published. Writes pass straight
+// down to the image file (the cluster cache keeps no dirty data), so once a write is
+// answered the host file has its bytes and a later miss publishes them.
+//
+// Writes by the workers: a granule the top layer's block status calls writable in place
+// (Extent.inPlace: an overwrite that changes nothing in the format, under a graph that
+// lets writes go around it, BlockNode.inPlaceWrites) is published so, and a worker
+// writes it with pwrite(2) itself. Such a write never runs while the main thread
+// changes the file (H_CHANGING, and each change waits for the workers' writes in
+// flight), and a change that moved host space (BlockNode.layoutGeneration: a cluster
+// allocated or freed, which a corrupt image may give to metadata) starts a new epoch,
+// in which no entry published before is written in place. The main thread drops its
+// cached data when workers wrote (dataSeen), and flushes a file they wrote (takeDirty).
 import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
-import { GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_READS, H_SPLICED, servedBytes, WINDOW } from './read-map-table.js';
+import {
+  GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_READS, H_SPLICED, servedBytes, WINDOW,
+  H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes,
+} from './read-map-table.js';
 
 const debug = createDebug('tsmount:fuse');
 
 const PER_WINDOW = WINDOW / GRANULE;
+/** A change over more windows than this counts as one of the whole file (a resize, a huge zero). */
+const MAX_TRACKED_WINDOWS = 16;
+
+/** A change in flight (beginWrite), which endWrite ends. */
+export interface MapChange {
+  /** Its windows, or first > last for a change of the whole file. */
+  first: number;
+  last: number;
+  /** The top node's layoutGeneration when it began. */
+  layout: number | undefined;
+}
 
 interface Span {
   offset: number;
@@ -26,6 +50,8 @@ interface Span {
   /** -1: zeros. */
   fd: number;
   host: number;
+  /** A worker may write it in place (fs/read-map-table.ts). */
+  inPlace: boolean;
 }
 
 export class ReadMap {
@@ -34,18 +60,43 @@ export class ReadMap {
   private readonly windows = new Map<number, Uint8Array>();
   /** Windows being walked, and the walk. */
   private readonly busy = new Map<number, Promise<void>>();
-  /** Changes in flight, and a count bumped at each start and end: a walk that saw either move is stale. */
-  private writes = 0;
+  /**
+   * Changes in flight per window, and per window a count bumped at each start and end:
+   * a walk of a window that saw either move is stale. Changes of the whole file count
+   * in `everywhere` and `gen` instead.
+   */
+  private readonly changing = new Map<number, number>();
+  private readonly touched = new Map<number, number>();
+  private everywhere = 0;
   private gen = 0;
-  private readonly hit = [0, 0];
+  /** Changes in flight on the file. */
+  private inFlight = 0;
+  private readonly hit = [0, 0, 0];
 
   constructor(private readonly top: BlockNode) {
     setTableSize(this.table, top.size);
+    Atomics.store(this.table, H_WRITABLE, 1);
   }
 
-  /** Reads the workers answered, their KiB, and how many of them by splice (the server's counters). */
-  served(): { reads: number; bytes: number; spliced: number } {
-    return { reads: Atomics.load(this.table, H_READS) >>> 0, bytes: servedBytes(this.table), spliced: Atomics.load(this.table, H_SPLICED) >>> 0 };
+  /** Reads the workers answered, their bytes, how many by splice; writes they wrote and their bytes (the server's counters). */
+  served(): { reads: number; bytes: number; spliced: number; writes: number; bytesWritten: number } {
+    const t = this.table;
+    return { reads: Atomics.load(t, H_READS) >>> 0, bytes: servedBytes(t), spliced: Atomics.load(t, H_SPLICED) >>> 0, writes: Atomics.load(t, H_WRITES) >>> 0, bytesWritten: writtenBytes(t) };
+  }
+
+  /** How many writes the workers wrote so far: when it moved, data cached by the main thread may be stale. */
+  workerWrites(): number {
+    return Atomics.load(this.table, H_WRITES);
+  }
+
+  /** Whether workers wrote since the last call (the file needs a flush at its close). */
+  takeDirty(): boolean {
+    return Atomics.exchange(this.table, H_DIRTY, 0) !== 0;
+  }
+
+  /** A change failed: the image may be marked corrupt now, so workers write nothing more. */
+  stopWorkerWrites(): void {
+    Atomics.store(this.table, H_WRITABLE, 0);
   }
 
   /**
@@ -54,7 +105,7 @@ export class ReadMap {
    * worker asks for ahead of its reads (fuse-worker.ts lookAhead, with length 1).
    */
   miss(offset: number, length: number): void {
-    if (this.writes !== 0 || length <= 0) return;
+    if (this.everywhere !== 0 || length <= 0) return;
     const first = Math.floor(offset / GRANULE);
     const last = Math.floor((offset + length - 1) / GRANULE);
     let lastWindow = -1;
@@ -76,6 +127,7 @@ export class ReadMap {
       const i = g - w * PER_WINDOW;
       if (!(bits[i >> 3]! & (1 << (i & 7))) || lookup(this.table, g, this.hit)) return;
     }
+    if ((this.changing.get(w) ?? 0) !== 0) return;
     if (!this.busy.has(w)) this.busy.set(w, this.publishWindow(w).finally(() => this.busy.delete(w)));
   }
 
@@ -84,37 +136,88 @@ export class ReadMap {
     await Promise.all(this.busy.values());
   }
 
-  /** Before a write, zero or discard of [offset, offset + length): nothing there may be read from the map. */
-  beginWrite(offset: number, length: number): void {
-    this.writes++;
-    this.gen++;
+  /**
+   * Before a write, zero or discard of [offset, offset + length): nothing there may be
+   * read from the map, and no worker writes while it runs. Returns the change, and a
+   * promise when workers' writes are in flight, which the change must wait for.
+   */
+  beginWrite(offset: number, length: number): { change: MapChange; drained: Promise<void> | undefined } {
     const first = Math.floor(offset / GRANULE);
     const last = Math.floor((offset + Math.max(1, length) - 1) / GRANULE);
+    const firstW = Math.floor(first / PER_WINDOW);
+    const lastW = Math.floor(last / PER_WINDOW);
+    const whole = lastW - firstW + 1 > MAX_TRACKED_WINDOWS;
+    const change = this.begin(whole ? 1 : firstW, whole ? 0 : lastW);
     if (last - first + 1 >= CAPACITY) {
       invalidateAll(this.table);
       this.windows.clear();
-      return;
+    } else {
+      for (let g = first; g <= last; g++) invalidate(this.table, g);
+      for (let w = firstW; w <= lastW; w++) this.windows.delete(w);
     }
-    for (let g = first; g <= last; g++) invalidate(this.table, g);
-    for (let w = Math.floor(first / PER_WINDOW); w <= Math.floor(last / PER_WINDOW); w++) this.windows.delete(w);
-  }
-
-  endWrite(): void {
-    this.writes--;
-    this.gen++;
+    return { change, drained: this.drain() };
   }
 
   /** Before a resize: the whole map goes (a shrink or growth moves the end of the disk). */
-  beginResize(): void {
-    this.writes++;
-    this.gen++;
+  beginResize(): { change: MapChange; drained: Promise<void> | undefined } {
+    const change = this.begin(1, 0);
     invalidateAll(this.table);
     this.windows.clear();
+    return { change, drained: this.drain() };
   }
 
-  endResize(): void {
+  private begin(first: number, last: number): MapChange {
+    // First the word the workers look at, then their count (drain): see read-map-table.ts.
+    this.inFlight++;
+    Atomics.store(this.table, H_CHANGING, this.inFlight);
+    if (first > last) {
+      this.everywhere++;
+      this.gen++;
+    } else {
+      for (let w = first; w <= last; w++) {
+        this.changing.set(w, (this.changing.get(w) ?? 0) + 1);
+        this.touched.set(w, (this.touched.get(w) ?? 0) + 1);
+      }
+    }
+    return { first, last, layout: this.top.layoutGeneration };
+  }
+
+  /** Resolves when no worker's write is in flight; undefined when none is now. */
+  private drain(): Promise<void> | undefined {
+    if (Atomics.load(this.table, H_WRITES_IN_FLIGHT) === 0) return undefined;
+    // A worker's write is one pwrite(2): look again at the next turn of the event loop.
+    return new Promise<void>((resolve) => {
+      const look = (): void => {
+        if (Atomics.load(this.table, H_WRITES_IN_FLIGHT) === 0) resolve();
+        else setImmediate(look);
+      };
+      setImmediate(look);
+    });
+  }
+
+  /** The change ended (`failed`: with an error, and the image may be marked corrupt now). */
+  endWrite(change: MapChange, failed = false): void {
+    if (failed) this.stopWorkerWrites();
+    // Host space allocated or freed: what was writable in place may not be any more.
+    if (this.top.layoutGeneration !== change.layout) newEpoch(this.table);
+    if (change.first > change.last) {
+      this.everywhere--;
+      this.gen++;
+    } else {
+      for (let w = change.first; w <= change.last; w++) {
+        const n = (this.changing.get(w) ?? 1) - 1;
+        if (n === 0) this.changing.delete(w);
+        else this.changing.set(w, n);
+        this.touched.set(w, (this.touched.get(w) ?? 0) + 1);
+      }
+    }
+    this.inFlight--;
+    Atomics.store(this.table, H_CHANGING, this.inFlight);
+  }
+
+  endResize(change: MapChange, failed = false): void {
     setTableSize(this.table, this.top.size);
-    this.endWrite();
+    this.endWrite(change, failed);
   }
 
   /** The node at `depth` of the chain below the top (0: the top). */
@@ -130,25 +233,30 @@ export class ReadMap {
     if (start >= size) return;
     const length = Math.min(WINDOW, size - start);
     const gen = this.gen;
+    const touched = this.touched.get(w) ?? 0;
+    // Asked now, before the walk: a graph that stops letting writes around it never gains an entry that does.
+    const writable = this.top.inPlaceWrites === true;
     try {
       const runs = await chainExtents(this.top, start, length);
-      // A change started or ended meanwhile: what was walked may be stale.
-      if (this.gen !== gen || this.writes !== 0) return;
+      // A change of this window (or of the whole file) started or ended meanwhile: what was walked may be stale.
+      if (this.gen !== gen || this.everywhere !== 0 || (this.touched.get(w) ?? 0) !== touched || (this.changing.get(w) ?? 0) !== 0) return;
       const spans: Span[] = [];
       for (const r of runs) {
         let fd = -1;
         let host = 0;
+        let inPlace = false;
         if (r.kind === 'data') {
           const layer = this.layer(r.depth);
           if (r.host === undefined || !layer || layer.encrypted || layer.hostFd === undefined) continue;
           fd = layer.hostFd;
           host = r.host;
+          inPlace = writable && r.depth === 0 && r.inPlace === true && !r.zeroData;
         }
         const end = r.offset + r.length;
         const last = spans[spans.length - 1];
         // Zeros from any layer, and data that continues in the same file, make one span.
-        if (last && last.end === r.offset && last.fd === fd && (fd < 0 || last.host + (last.end - last.offset) === host)) last.end = end;
-        else spans.push({ offset: r.offset, end, fd, host });
+        if (last && last.end === r.offset && last.fd === fd && last.inPlace === inPlace && (fd < 0 || last.host + (last.end - last.offset) === host)) last.end = end;
+        else spans.push({ offset: r.offset, end, fd, host, inPlace });
       }
       const bits = new Uint8Array(PER_WINDOW / 8);
       for (const s of spans) {
@@ -157,7 +265,7 @@ export class ReadMap {
         const stop = s.end >= size ? Math.ceil(size / GRANULE) : Math.floor(s.end / GRANULE);
         for (let g = first; g < stop; g++) {
           const at = g * GRANULE;
-          publish(this.table, g, s.fd, s.fd < 0 ? 0 : s.host + (at - s.offset));
+          publish(this.table, g, s.fd, s.fd < 0 ? 0 : s.host + (at - s.offset), s.inPlace);
           const i = g - w * PER_WINDOW;
           bits[i >> 3]! |= 1 << (i & 7);
         }

@@ -244,7 +244,7 @@ export class Server {
       const state = { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw, details };
       server.stateFile = writeState(server.dev, state);
       if (server.stateFile) {
-        server.status = new StatusPublisher(server.stateFile, state, counters, server.caches, () => flat.workerReads());
+        server.status = new StatusPublisher(server.stateFile, state, counters, server.caches, () => flat.workerIo());
         server.status.publish();
         server.status.start();
       }
@@ -270,7 +270,7 @@ export class Server {
 
   /** The one line logged when the server exits: uptime and the counters tsmount --list shows. */
   get summary(): string {
-    const c = mountCounters(this.io, this.caches, () => this.flat.workerReads());
+    const c = mountCounters(this.io, this.caches, () => this.flat.workerIo());
     const up = (Date.now() - this.startedAt) / 1000;
     return `up ${up.toFixed(1)} s: ${c.reads + c.writes} I/O requests (${c.reads} reads, ${c.writes} writes), ${c.bytesRead} bytes read, ${c.bytesWritten} bytes written, ${c.errors} errors, cache ${c.cacheHits} hits / ${c.cacheMisses} misses`;
   }

@@ -14,10 +14,12 @@ export interface MountCounters extends IoCounters {
   workerReads?: number;
   /** Of `workerReads`, those answered by splice(2) (on unless TSMOUNT_FUSE_SPLICE=0). */
   splicedReads?: number;
+  /** Of `writes`, those a FUSE worker thread wrote in place (fs/read-map.ts). */
+  workerWrites?: number;
 }
 
-/** What the FUSE worker threads answered without the graph (FlatFs.workerReads). */
-export type WorkerReads = () => { reads: number; bytes: number; spliced?: number };
+/** What the FUSE worker threads served without the graph (FlatFs.workerIo). */
+export type WorkerIo = () => { reads: number; bytes: number; spliced?: number; writes?: number; bytesWritten?: number };
 
 export interface FileDetails {
   name: string;
@@ -49,7 +51,7 @@ export function chainOf(node: BlockNode, top: string): { file: string; format: s
 }
 
 /** The server's request counters with its cluster caches' hits and misses summed. */
-export function mountCounters(io: IoCounters, caches: readonly { hits: number; misses: number }[], workers?: WorkerReads): MountCounters {
+export function mountCounters(io: IoCounters, caches: readonly { hits: number; misses: number }[], workers?: WorkerIo): MountCounters {
   let cacheHits = 0;
   let cacheMisses = 0;
   for (const c of caches) {
@@ -58,7 +60,18 @@ export function mountCounters(io: IoCounters, caches: readonly { hits: number; m
   }
   if (!workers) return { ...io, cacheHits, cacheMisses };
   const w = workers();
-  return { ...io, reads: io.reads + w.reads, bytesRead: io.bytesRead + w.bytes, cacheHits, cacheMisses, workerReads: w.reads, ...(w.spliced ? { splicedReads: w.spliced } : {}) };
+  return {
+    ...io,
+    reads: io.reads + w.reads,
+    bytesRead: io.bytesRead + w.bytes,
+    writes: io.writes + (w.writes ?? 0),
+    bytesWritten: io.bytesWritten + (w.bytesWritten ?? 0),
+    cacheHits,
+    cacheMisses,
+    workerReads: w.reads,
+    ...(w.spliced ? { splicedReads: w.spliced } : {}),
+    ...(w.writes ? { workerWrites: w.writes } : {}),
+  };
 }
 
 export class StatusPublisher {
@@ -70,7 +83,7 @@ export class StatusPublisher {
     private readonly state: MountState,
     private readonly io: IoCounters,
     private readonly caches: { hits: number; misses: number }[],
-    private readonly workers?: WorkerReads,
+    private readonly workers?: WorkerIo,
   ) {}
 
   counters(): MountCounters {

@@ -120,7 +120,7 @@ describe('FlatFs: the file tree by node id', () => {
     const table = fsys.readMapFor(ino);
     expect(table).to.be.instanceOf(Int32Array);
     // Unwritten granules are published as zeros by a miss.
-    fsys.readMiss(ino, 8 * GRANULE, 4096);
+    fsys.mapMiss(ino, 8 * GRANULE, 4096);
     await settle();
     const hit = [0, 0];
     expect(lookup(table!, 8, hit) && hit[0]).to.equal(-1);
@@ -128,13 +128,13 @@ describe('FlatFs: the file tree by node id', () => {
     disk.hold();
     const b = fsys.write(ino, 1, data, data.length, 8 * GRANULE);
     expect(lookup(table!, 8, hit), 'invalidated before the write').to.equal(false);
-    fsys.readMiss(ino, 8 * GRANULE, 4096);
+    fsys.mapMiss(ino, 8 * GRANULE, 4096);
     await settle();
     expect(lookup(table!, 8, hit), 'nothing published during the write').to.equal(false);
     disk.allow();
     await b;
     // After it, a miss publishes what the disk now has (data without a host offset here: not served by workers).
-    fsys.readMiss(ino, 8 * GRANULE, 4096);
+    fsys.mapMiss(ino, 8 * GRANULE, 4096);
     await settle();
     expect(lookup(table!, 8, hit) && hit[0], 'written granule never served as zeros').to.not.equal(-1);
     expect(lookup(table!, 9, hit) && hit[0]).to.equal(-1);

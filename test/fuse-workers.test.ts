@@ -12,7 +12,8 @@ import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './he
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { ReadMap } from '../fs/read-map.js';
-import { GRANULE, lookup, WINDOW } from '../fs/read-map-table.js';
+import { countWritten, GRANULE, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, WINDOW } from '../fs/read-map-table.js';
+import { FlatFs } from '../fs/flatfs.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -270,6 +271,47 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     await convertToRaw(img, back, 'qcow2');
     expect(await md5File(back)).to.equal(await md5File(src));
   });
+  it('overwrites allocated qcow2 clusters from the workers in place, and leaves allocating writes to the JS thread, every byte where qemu-img finds it', async () => {
+    const img = path.join(tmp.dir, 'inplace.qcow2');
+    await createImage(img, 'qcow2', 16 * MiB);
+    // The first half allocated (COPIED clusters), the second never written.
+    await qemuIo(img, 'qcow2', ['write -P 0x11 0 8M']);
+    const ref = Buffer.alloc(16 * MiB);
+    ref.fill(0x11, 0, 8 * MiB);
+    const mp = dir('m-inplace');
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, 'inplace.raw');
+    let writes = 0;
+    let served = 0;
+    const fd = await fs.promises.open(flat, 'r+');
+    try {
+      // Until the workers run and the map has the clusters: the first writes are the JS thread's.
+      for (let pass = 0; pass < 20 && served === 0; pass++) {
+        for (let i = 0; i < 64; i++) {
+          const at = crypto.randomInt(0, (16 * MiB) / 4096) * 4096 + (i % 4 === 0 ? 512 : 0);
+          const data = crypto.randomBytes(i % 8 === 0 ? 3 * 4096 : 4096);
+          const n = Math.min(data.length, 16 * MiB - at);
+          await fd.write(data, 0, n, at);
+          data.copy(ref, at, 0, n);
+          writes++;
+        }
+        served = (await mountCounters(mp)).workerWrites ?? 0;
+        if (served === 0) await new Promise((r) => setTimeout(r, 300));
+      }
+    } finally {
+      await fd.close();
+    }
+    expect(served, 'writes the workers wrote in place').to.be.greaterThan(0);
+    expect(await directMd5(flat), 'read back through the mount').to.equal(crypto.createHash('md5').update(ref).digest('hex'));
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    const back = path.join(tmp.dir, 'inplace-back.raw');
+    await convertToRaw(img, back, 'qcow2');
+    expect(await md5File(back)).to.equal(crypto.createHash('md5').update(ref).digest('hex'));
+    // Clusters of the second half that a write allocated are the JS thread's: qemu-img map shows them allocated.
+    expect(writes).to.be.greaterThan(served);
+  });
+
   it('serves a sequential reader from the workers all the way (the map is published ahead of it)', async () => {
     const img = path.join(tmp.dir, 'seq.qcow2');
     await createImage(img, 'qcow2', 4 * WINDOW);
@@ -357,7 +399,8 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       await map.idle();
       expect(lookup(map.table, 0, hit)).to.equal(true);
       expect(lookup(map.table, 100, hit)).to.equal(true);
-      map.beginWrite(GRANULE - 1, 2);
+      const first = map.beginWrite(GRANULE - 1, 2);
+      expect(first.drained, 'no worker writes in flight').to.equal(undefined);
       expect(lookup(map.table, 0, hit), 'granule 0, written').to.equal(false);
       expect(lookup(map.table, 1, hit), 'granule 1, written').to.equal(false);
       expect(lookup(map.table, 2, hit), 'granule 2, untouched').to.equal(true);
@@ -366,13 +409,13 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       await map.idle();
       expect(lookup(map.table, 0, hit)).to.equal(false);
       await node.write(GRANULE - 1, Buffer.from([1, 2]));
-      map.endWrite();
-      // A walk that a change starts during is thrown away.
+      map.endWrite(first.change);
+      // A walk that a change of its window starts during is thrown away.
       map.miss(0, 4096);
-      map.beginWrite(6 * MiB, 4096);
+      const second = map.beginWrite(6 * MiB, 4096);
       await map.idle();
       expect(lookup(map.table, 0, hit), 'walk overlapped by a change').to.equal(false);
-      map.endWrite();
+      map.endWrite(second.change);
       map.miss(0, 4096);
       await map.idle();
       expect(lookup(map.table, 0, hit)).to.equal(true);
@@ -380,9 +423,101 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       fs.readSync(hit[0]!, got, 0, GRANULE, hit[1]!);
       expect(got[GRANULE - 1]).to.equal(1);
       // A resize forgets everything.
-      map.beginResize();
+      const resize = map.beginResize();
       expect(lookup(map.table, 2, hit)).to.equal(false);
-      map.endResize();
+      map.endResize(resize.change);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('publishes COPIED clusters as writable in place; a change keeps the workers out, waits for their writes, and a new epoch follows an allocation', async () => {
+    const img = path.join(tmp.dir, 'wip.qcow2');
+    await createImage(img, 'qcow2', 8 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x41 0 4M']);
+    const ro = await open(img, true);
+    try {
+      const map = new ReadMap(ro);
+      const hit = [0, 0, 0];
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit) && hit[2], 'read-only: never writable').to.equal(0);
+    } finally {
+      await ro.close();
+    }
+    const node = await open(img, false);
+    try {
+      const map = new ReadMap(node);
+      const hit = [0, 0, 0];
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 0, hit) && hit[2], 'before the first write (its hook has not run)').to.equal(0);
+      const first = map.beginWrite(0, 4096);
+      await node.write(0, Buffer.alloc(4096, 0x42));
+      map.endWrite(first.change);
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 1, hit), 'granule 1').to.equal(true);
+      expect(hit[2], 'an allocated COPIED cluster').to.equal(1);
+      expect(lookup(map.table, 100, hit), 'granule 100 (unallocated)').to.equal(true);
+      expect(hit[0], 'zeros').to.equal(-1);
+      expect(hit[2], 'never written in place').to.equal(0);
+      // A worker's write in flight: the change waits for it, and keeps the workers out meanwhile.
+      Atomics.add(map.table, H_WRITES_IN_FLIGHT, 1);
+      const alloc = map.beginWrite(6 * MiB, 4096);
+      expect(Atomics.load(map.table, H_CHANGING), 'workers see the change').to.equal(1);
+      expect(alloc.drained, 'waits for the worker').to.be.instanceOf(Promise);
+      let drained = false;
+      void alloc.drained!.then(() => (drained = true));
+      await new Promise((r) => setTimeout(r, 20));
+      expect(drained).to.equal(false);
+      Atomics.sub(map.table, H_WRITES_IN_FLIGHT, 1);
+      await alloc.drained;
+      // An allocating write: refcounts change, so nothing published before is writable any more.
+      await node.write(6 * MiB, Buffer.alloc(4096, 0x43));
+      map.endWrite(alloc.change);
+      expect(Atomics.load(map.table, H_CHANGING)).to.equal(0);
+      expect(lookup(map.table, 1, hit), 'still read from the map').to.equal(true);
+      expect(hit[2], 'not written in place after an allocation').to.equal(0);
+      // An overwrite changes no refcount: the epoch holds.
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 1, hit) && hit[2], 'published again').to.equal(1);
+      const over = map.beginWrite(2 * MiB, 4096);
+      await node.write(2 * MiB, Buffer.alloc(4096, 0x44));
+      map.endWrite(over.change);
+      expect(lookup(map.table, 1, hit) && hit[2], 'an overwrite keeps the epoch').to.equal(1);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('drops the cluster cache\'s copy after the workers wrote around it, and flushes a file only they wrote', async () => {
+    const img = path.join(tmp.dir, 'drop.qcow2');
+    await createImage(img, 'qcow2', 4 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x41 0 4M']);
+    const node = await open(img, false);
+    try {
+      const fsys = new FlatFs([{ name: 'drop.raw', node, writable: true, uid: 0, gid: 0, mode: 0o644, mtime: new Date() }], false);
+      const ino = 2;
+      const table = fsys.readMapFor(ino)!;
+      const buf = Buffer.alloc(8192);
+      await fsys.write(ino, 0, Buffer.alloc(4096, 0x42), 4096, 0);
+      // Cached now: a read across two blocks fills both into the LRU.
+      const at = GRANULE - 4096;
+      await fsys.read(ino, 0, buf, 8192, at);
+      expect(buf[0]).to.equal(0x41);
+      fsys.mapMiss(ino, at, 8192);
+      await new Promise((r) => setTimeout(r, 50));
+      const hit = [0, 0, 0];
+      expect(lookup(table, 0, hit) && hit[2], 'granule 0 writable in place').to.equal(1);
+      // What a worker does: pwrite(2) to the host location, then count it.
+      fs.writeSync(hit[0]!, Buffer.alloc(4096, 0x45), 0, 4096, hit[1]! + at);
+      countWritten(table, 4096);
+      await fsys.read(ino, 0, buf, 4096, at);
+      expect(buf[0], 'not the cached copy').to.equal(0x45);
+      await fsys.flush(ino);
+      expect(fsys.workerIo().writes).to.equal(1);
     } finally {
       await node.close();
     }

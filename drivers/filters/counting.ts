@@ -29,6 +29,10 @@ export class CountingFilter extends Filter {
   override get hostFd(): number | undefined {
     return this.next.hostFd;
   }
+  /** The workers count their writes themselves (fs/read-map-table.ts), as their reads. */
+  override get inPlaceWrites(): boolean | undefined {
+    return this.next.inPlaceWrites;
+  }
 
   override read(offset: number, dst: Uint8Array): Promise<void> {
     return this.count(this.next.read(offset, dst), dst.length, false);

@@ -87,6 +87,17 @@ export class Filter implements BlockNode {
   get hostFd(): number | undefined {
     return undefined;
   }
+  /** Not forwarded: the FUSE workers would write around the filter. */
+  get inPlaceWrites(): boolean | undefined {
+    return undefined;
+  }
+  get layoutGeneration(): number | undefined {
+    return this.next.layoutGeneration;
+  }
+  get dropCachedData(): (() => void) | undefined {
+    const next = this.next;
+    return next.dropCachedData && (() => next.dropCachedData!());
+  }
   get compressedClusterSize(): number | undefined {
     return this.next.writeCompressed ? this.next.compressedClusterSize : undefined;
   }

@@ -17,6 +17,10 @@ class RawNode extends Filter {
   override get hostFd(): number | undefined {
     return this.next.hostFd;
   }
+  /** Nothing of the format changes on a write: where the file allows it, writes may go around. */
+  override get inPlaceWrites(): boolean | undefined {
+    return this.next.inPlaceWrites;
+  }
   /** raw_get_info: no cluster size, never dirty. */
   override get describe(): () => ImageDescription {
     return () => ({ dirty: false });

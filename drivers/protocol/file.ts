@@ -240,6 +240,14 @@ export class FileNode implements BlockNode {
     return this.passthroughFd;
   }
 
+  /**
+   * A writable regular file (no device, no O_DIRECT, no removable medium): its data may
+   * be overwritten by the FUSE workers with pwrite(2) on hostFd, as write() would.
+   */
+  get inPlaceWrites(): boolean {
+    return !this.readOnly && !this.isBlockDevice && this.hostFd !== undefined;
+  }
+
   async read(offset: number, dst: Uint8Array): Promise<void> {
     if (this.medium) {
       // Asked of the drive at most every poll interval (a drive's status query can be slow).
@@ -429,16 +437,18 @@ export class FileNode implements BlockNode {
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const end = offset + length;
     const out: Extent[] = [];
+    // Data (not a hole: filling one would change st_blocks unseen) may be written in place.
+    const inPlace = this.inPlaceWrites;
     let pos = offset;
     while (pos < end) {
       const data = this.isBlockDevice ? pos : lseek(this.fd, pos, SEEK_DATA);
       if (data === -E.ENXIO) break;
-      if (data < pos) return [...out, { offset: pos, length: end - pos, kind: 'data' }];
+      if (data < pos) return [...out, { offset: pos, length: end - pos, kind: 'data', ...(inPlace ? { inPlace } : {}) }];
       if (data > pos) out.push({ offset: pos, length: Math.min(data, end) - pos, kind: 'zero' });
       if (data >= end) return out;
       const hole = this.isBlockDevice ? end : lseek(this.fd, data, SEEK_HOLE);
       const stop = hole > data ? Math.min(hole, end) : end;
-      out.push({ offset: data, length: stop - data, kind: 'data' });
+      out.push({ offset: data, length: stop - data, kind: 'data', ...(inPlace ? { inPlace } : {}) });
       pos = stop;
     }
     if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'zero' });

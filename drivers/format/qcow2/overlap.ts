@@ -82,6 +82,13 @@ export class MetadataGuard {
     return this.signal(`Preventing invalid write on metadata (overlaps with ${hit.what})`, offset, length);
   }
 
+  /** Whether a data write at [offset, offset + length) would be refused (check), without refusing it. */
+  touches(offset: number, length: number): boolean {
+    if (this.corruptReason !== undefined) return true;
+    const a = this.floor(offset);
+    return this.ranges.find(a, this.ceil(offset + length) - a) !== undefined;
+  }
+
   /** The error for any write after the image was marked corrupt. */
   refusal(): CorruptImageError {
     return new CorruptImageError(`${this.name}: qcow2 image is marked corrupt (${this.corruptReason ?? 'unknown reason'}); writes are refused until 'qemu-img check -r all' repairs it`);

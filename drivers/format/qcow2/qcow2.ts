@@ -109,6 +109,7 @@ export class Qcow2Node implements BlockNode {
   private readonly repairFn: ((leaksOnly: boolean) => Promise<void>) | undefined;
   readonly requestAlignment: number | undefined;
   private prepared: Promise<void> | undefined;
+  private preparedDone = false;
   private closed = false;
   /** Releases this node's use of the inflate workers (taken at the first compressed read). */
   private releaseInflate: (() => void) | undefined;
@@ -187,11 +188,30 @@ export class Qcow2Node implements BlockNode {
   /** Run the before-first-change hook once; a failure is retried by the next change. */
   private prepare(): Promise<void> {
     if (!this.beforeFirstChange) return Promise.resolve();
-    this.prepared ??= this.beforeFirstChange().catch((err: unknown) => {
-      this.prepared = undefined;
-      throw err;
-    });
+    this.prepared ??= this.beforeFirstChange().then(
+      () => {
+        this.preparedDone = true;
+      },
+      (err: unknown) => {
+        this.prepared = undefined;
+        throw err;
+      },
+    );
     return this.prepared;
+  }
+
+  /**
+   * Overwrites of plain COPIED clusters may go around this node (blockStatus marks them
+   * inPlace), as writeInPlace() would write them: once the first change's hook ran,
+   * where the data is in the image file itself and plain, and never once corrupt.
+   */
+  get inPlaceWrites(): boolean {
+    return !this.readOnly && !this.isView && this.data === this.file && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && !this.guard?.corrupt && this.file.inPlaceWrites === true;
+  }
+
+  /** Refcounts changed: host clusters were allocated or freed. */
+  get layoutGeneration(): number {
+    return this.refcounts.changes;
   }
 
   get size(): number {
@@ -1110,13 +1130,17 @@ export class Qcow2Node implements BlockNode {
     const out: Extent[] = [];
     // Host offsets as qemu-img map gives them: plain data clusters in the image file itself.
     const hostKnown = this.data === this.file && !this.crypt;
+    const writable = this.inPlaceWrites;
     for (const r of runs) {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
       const host = hostKnown && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? r.host : undefined;
+      // As writeInPlace() decides, and clear of every table (what writeData's guard checks).
+      const inPlace = writable && r.kind === 'data' && r.copied && !this.guard?.touches(r.host, r.length);
       const last = out[out.length - 1];
       const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
-      if (last && last.kind === kind && contiguous) last.length += r.length;
-      else out.push(host === undefined ? { offset: r.guest, length: r.length, kind } : { offset: r.guest, length: r.length, kind, host });
+      if (last && last.kind === kind && contiguous && (last.inPlace === true) === inPlace) last.length += r.length;
+      else if (host === undefined) out.push({ offset: r.guest, length: r.length, kind });
+      else out.push(inPlace ? { offset: r.guest, length: r.length, kind, host, inPlace } : { offset: r.guest, length: r.length, kind, host });
     }
     if (!hostKnown || !(await this.metadataPreallocated())) return out;
     // Preallocated metadata: a data cluster may still be a hole of the file, which reads
@@ -1134,10 +1158,11 @@ export class Qcow2Node implements BlockNode {
         if (t <= s) continue;
         const part: Extent = { offset: e.offset + (s - e.host), length: t - s, kind: 'data', host: s };
         if (f.kind !== 'data') part.zeroData = true;
+        else if (e.inPlace) part.inPlace = true;
         split.push(part);
         pos = t;
       }
-      if (pos < e.host + e.length) split.push({ offset: e.offset + (pos - e.host), length: e.host + e.length - pos, kind: 'data', host: pos });
+      if (pos < e.host + e.length) split.push({ offset: e.offset + (pos - e.host), length: e.host + e.length - pos, kind: 'data', host: pos, ...(e.inPlace ? { inPlace: true } : {}) });
     }
     return split;
   }

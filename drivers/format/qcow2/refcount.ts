@@ -42,6 +42,8 @@ export class Refcounts {
   readonly maxRefcount: number;
   /** Refcounts lowered so far: whoever keeps a cluster index across awaits sees a free happen. */
   decrements = 0;
+  /** Refcounts set so far: host space allocated or freed (BlockNode.layoutGeneration). */
+  changes = 0;
   /** Refcounts per block. */
   readonly perBlock: number;
   private table: Buffer;
@@ -261,6 +263,7 @@ export class Refcounts {
 
   private setEntry(block: Table, i: number, v: number): void {
     encodeRefcount(block.data, this.order, i, v);
+    this.changes++;
   }
 }
 
