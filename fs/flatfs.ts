@@ -81,6 +81,9 @@ export interface FlatFsAccess {
   growable: boolean;
 }
 
+/** As fs/fuse-worker.ts reads it: whether the workers write in place at all. */
+const WORKER_WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
+
 const O_ACCMODE = 3;
 
 const O_RDONLY = 0;
@@ -178,8 +181,12 @@ export class FlatFs implements FsOps {
     this.changed(i);
   }
 
-  mapMiss(ino: number, position: number, length: number): void {
-    this.inodes[ino]?.map?.miss(position, length);
+  mapMiss(ino: number, position: number, length: number, write = false): void {
+    const map = this.inodes[ino]?.map;
+    if (!map) return;
+    if (!write) map.miss(position, length);
+    // Workers that hand every write over (TSMOUNT_FUSE_WORKER_WRITES=0, for comparison) need no map for them.
+    else if (WORKER_WRITES) map.wrote(position, length);
   }
 
   /** What the worker threads served from the read maps (reads, and writes in place), for the server's counters. */

@@ -785,14 +785,14 @@ export class Session implements FuseMount {
     const out = replyBuffer(WriteOut.SIZE);
     this.send(out, unique, 0, encodeWriteOut(out, n));
     // An overwrite there may be the workers' next time (read-map.ts).
-    this.served(nodeid, offset, n);
+    this.served(nodeid, offset, n, true);
   }
 
   /** A READ or WRITE served here: with workers, announce the file's map and publish it around the request. */
-  private served(nodeid: number, offset: number, length: number): void {
+  private served(nodeid: number, offset: number, length: number, write = false): void {
     if (this.workers.length === 0) return;
     if (!this.announced.has(nodeid)) this.announce(nodeid);
-    this.ops.mapMiss?.(nodeid, offset, length);
+    this.ops.mapMiss?.(nodeid, offset, length, write);
   }
 
   private async attrReply(unique: number, nodeid: number): Promise<void> {

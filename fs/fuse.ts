@@ -95,8 +95,8 @@ export interface FsOps {
    * later READ or WRITE.
    */
   readMapFor?(ino: number): Int32Array | null | undefined;
-  /** A READ or WRITE of [position, position + length) was served on the JS thread: publish the map around it. */
-  mapMiss?(ino: number, position: number, length: number): void;
+  /** A READ (or a WRITE: `write`) of [position, position + length) was served on the JS thread: publish the map around it. */
+  mapMiss?(ino: number, position: number, length: number, write?: boolean): void;
 }
 
 export interface MountOptions {
