@@ -12,7 +12,8 @@
 // FORGET and INTERRUPT, which the main thread goes on reading.
 //
 // A worker answers READs the shared read map covers (read-map-table.ts) with pread(2)
-// straight into the entry's payload, as fuse-worker.ts does, and hands every other
+// straight into the entry's payload, and writes WRITEs it publishes as writable in
+// place from the payload (read-map-runs.ts writeInPlace), as fuse-worker.ts does, and hands every other
 // request to the main thread in the /dev/fuse layout; the main thread's reply comes
 // back by message, and an eventfd read armed in the ring wakes the worker for it.
 //
@@ -28,7 +29,7 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, tableSize } from './read-map-table.js';
-import { fillFromHost, readRuns } from './read-map-runs.js';
+import { fillFromHost, readRuns, writeInPlace } from './read-map-runs.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
 export const INIT_OVER_IO_URING_HI = 1 << 9;
@@ -60,6 +61,11 @@ const IN_HEADER = 40;
 const OUT_HEADER = 16;
 const OP_READ = 15;
 const READ_IN = 40;
+const OP_WRITE = 16;
+const WRITE_IN = 40;
+const WRITE_OUT = 8;
+/** As fs/fuse-worker.ts: TSMOUNT_FUSE_WORKER_WRITES=0 hands every WRITE to the main thread. */
+const WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
 /** Entries per queue: requests each queue can hold at once (readahead keeps several busy). */
 const DEPTH = 8;
 /** user_data of the eventfd read. */
@@ -522,6 +528,7 @@ class Queue {
     // The op header's size is not in the entry; the in header's len covers all three parts.
     const opSize = Math.max(0, Math.min(128, len - IN_HEADER - payloadSz));
     if (opcode === OP_READ && opSize >= READ_IN && this.serveRead(ent, unique)) return;
+    if (opcode === OP_WRITE && WRITES && opSize >= WRITE_IN && this.serveWrite(ent, unique, payloadSz)) return;
     const n = IN_HEADER + opSize + payloadSz;
     const copy = new ArrayBuffer(n);
     const c = Buffer.from(copy);
@@ -561,6 +568,28 @@ class Queue {
 
   close(): void {
     this.ring.close();
+  }
+
+  /** A WRITE in place (as fuse-worker.ts: read-map-runs.ts writeInPlace), or false to hand it on. */
+  private serveWrite(ent: number, unique: number, payloadSz: number): boolean {
+    const h = this.headers;
+    const at = ent * HDR_SLOT;
+    const table = this.maps.get(Number(h.readBigUInt64LE(at + 16)));
+    if (!table) return false;
+    if (this.init.denyOthers) {
+      const uid = h.readUInt32LE(at + 24);
+      if (uid !== 0 && uid !== this.init.owner) return false;
+    }
+    const offset = Number(h.readBigUInt64LE(at + HDR_OP_IN + 8));
+    const size = h.readUInt32LE(at + HDR_OP_IN + 16);
+    if (size === 0 || size !== payloadSz || offset + size > tableSize(table)) return false;
+    const payload = this.payloads[ent]!;
+    if (!writeInPlace(table, offset, size, payload, 0, this.hit, this.runs)) return false;
+    // struct fuse_write_out: the size written, and padding.
+    payload.writeUInt32LE(size, 0);
+    payload.writeUInt32LE(0, 4);
+    this.commit(ent, unique, 0, WRITE_OUT);
+    return true;
   }
 
   /** A READ from the read map alone (as fuse-worker.ts), or false to hand it on. */

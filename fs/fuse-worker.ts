@@ -16,8 +16,8 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { countServed, countWritten, GRANULE, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup, tableSize, WINDOW } from './read-map-table.js';
-import { fillFromHost, readRuns, writeToHost } from './read-map-runs.js';
+import { countServed, GRANULE, lookup, tableSize, WINDOW } from './read-map-table.js';
+import { fillFromHost, readRuns, writeInPlace } from './read-map-runs.js';
 
 export interface WorkerInit {
   /** The cloned /dev/fuse descriptor, non-blocking. */
@@ -439,13 +439,7 @@ class Worker {
     return true;
   }
 
-  /**
-   * A WRITE straight into the host file, or false to hand it to the main thread: only
-   * where every granule it touches is published as writable in place in the current
-   * epoch, and only while the main thread changes nothing of the file (read-map-table.ts
-   * says how the two sides keep out of each other's way). Counted, and the file marked
-   * for the next flush, before the reply: an fsync that follows it flushes the file.
-   */
+  /** A WRITE straight into the host files (read-map-runs.ts writeInPlace), or false to hand it to the main thread. */
   private serveWrite(buf: Buffer, n: number): boolean {
     const ino = Number(buf.readBigUInt64LE(16));
     const table = this.maps.get(ino);
@@ -457,22 +451,7 @@ class Worker {
     const offset = Number(buf.readBigUInt64LE(IN_HEADER + 8));
     const size = buf.readUInt32LE(IN_HEADER + 16);
     if (size === 0 || n !== IN_HEADER + WRITE_IN + size || offset + size > tableSize(table)) return false;
-    Atomics.add(table, H_WRITES_IN_FLIGHT, 1);
-    try {
-      if (Atomics.load(table, H_CHANGING) !== 0 || Atomics.load(table, H_WRITABLE) !== 1) return false;
-      const runs = this.runs;
-      const count = readRuns(table, offset, size, this.hit, runs, true);
-      if (count < 0) return false;
-      // A run that fails (a host error) leaves the rest to the main thread, which writes it all again and reports.
-      let at = IN_HEADER + WRITE_IN;
-      for (let i = 0; i < count; i += 3) {
-        if (!writeToHost(runs[i]!, runs[i + 1]!, buf, at, runs[i + 2]!)) return false;
-        at += runs[i + 2]!;
-      }
-      countWritten(table, size);
-    } finally {
-      Atomics.sub(table, H_WRITES_IN_FLIGHT, 1);
-    }
+    if (!writeInPlace(table, offset, size, buf, IN_HEADER + WRITE_IN, this.hit, this.runs)) return false;
     const out = this.writeReply;
     out.writeUInt32LE(OUT_HEADER + WRITE_OUT, 0);
     out.writeInt32LE(0, 4);

@@ -1,9 +1,10 @@
 // What the threads that answer READs from a read map share (fs/fuse-worker.ts, the
 // /dev/fuse workers, and fs/fuse-uring.ts, the io_uring queues): a READ's range as runs
-// of host-file bytes or zeros, and the bytes of one run read into a reply. Imports only
-// the map's layout, so a worker loads nothing of the block graph.
+// of host-file bytes or zeros, the bytes of one run read into a reply, and a WRITE
+// written in place. Imports only the map's layout, so a worker loads nothing of the
+// block graph.
 import fs from 'node:fs';
-import { GRANULE, lookup } from './read-map-table.js';
+import { countWritten, GRANULE, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup } from './read-map-table.js';
 
 /**
  * The runs of [offset, offset + size) in `table`, as triples (fd, host offset, length)
@@ -64,8 +65,33 @@ export function fillFromHost(fd: number, host: number, out: Buffer, at: number, 
   return true;
 }
 
+/**
+ * A WRITE of [offset, offset + size), its bytes in `src` from `at`, straight into the
+ * host files: only where every granule is published writable in place in the current
+ * epoch, and only while the main thread changes nothing of the file (read-map-table.ts
+ * says how the two sides keep out of each other's way). Counted, and the file marked
+ * for the next flush, before the caller replies. False: the main thread writes it (all
+ * of it again, if a host error stopped this halfway, and reports the error).
+ */
+export function writeInPlace(table: Int32Array, offset: number, size: number, src: Buffer, at: number, hit: number[], runs: number[]): boolean {
+  Atomics.add(table, H_WRITES_IN_FLIGHT, 1);
+  try {
+    if (Atomics.load(table, H_CHANGING) !== 0 || Atomics.load(table, H_WRITABLE) !== 1) return false;
+    const count = readRuns(table, offset, size, hit, runs, true);
+    if (count < 0) return false;
+    for (let i = 0; i < count; i += 3) {
+      if (!writeToHost(runs[i]!, runs[i + 1]!, src, at, runs[i + 2]!)) return false;
+      at += runs[i + 2]!;
+    }
+    countWritten(table, size);
+    return true;
+  } finally {
+    Atomics.sub(table, H_WRITES_IN_FLIGHT, 1);
+  }
+}
+
 /** `length` bytes from `src` at `at` written to `host` in `fd`; false on a short write or an error. */
-export function writeToHost(fd: number, host: number, src: Buffer, at: number, length: number): boolean {
+function writeToHost(fd: number, host: number, src: Buffer, at: number, length: number): boolean {
   let done = 0;
   try {
     while (done < length) {

@@ -18,8 +18,9 @@
 // changes the file (H_CHANGING, and each change waits for the workers' writes in
 // flight), and a change that moved host space (BlockNode.layoutGeneration: a cluster
 // allocated or freed, which a corrupt image may give to metadata) starts a new epoch,
-// in which no entry published before is written in place. The main thread drops its
-// cached data when workers wrote (dataSeen), and flushes a file they wrote (takeDirty).
+// in which no entry published before is written in place (nor one a walk found while
+// host space moved: its block status may predate the move). The main thread drops its
+// cached data when workers wrote (workerWrites), and flushes a file they wrote (takeDirty).
 import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
@@ -77,6 +78,8 @@ export class ReadMap {
   private inFlight = 0;
   /** The change that ended last allocated or freed host space (wrote() then refreshes nothing). */
   private lastMoved = false;
+  /** Changes that allocated or freed host space so far (each started an epoch). */
+  private moves = 0;
   private readonly hit = [0, 0, 0];
 
   constructor(private readonly top: BlockNode) {
@@ -206,7 +209,10 @@ export class ReadMap {
     if (failed) this.stopWorkerWrites();
     // Host space allocated or freed: what was writable in place may not be any more.
     this.lastMoved = this.top.layoutGeneration !== change.layout;
-    if (this.lastMoved) newEpoch(this.table);
+    if (this.lastMoved) {
+      this.moves++;
+      newEpoch(this.table);
+    }
     if (change.first > change.last) {
       this.everywhere--;
       this.gen++;
@@ -289,11 +295,14 @@ export class ReadMap {
     const touched: number[] = [];
     for (let w = firstW; w <= lastW; w++) touched.push(this.touched.get(w) ?? 0);
     // Asked now, before the walk: a graph that stops letting writes around it never gains an entry that does.
-    const writable = this.top.inPlaceWrites === true;
+    const moves = this.moves;
+    let writable = this.top.inPlaceWrites === true;
     try {
       const runs = await chainExtents(this.top, start, length);
       // A change of these windows (or of the whole file) started or ended meanwhile: what was walked may be stale.
       if (this.gen !== gen || this.everywhere !== 0) return false;
+      // Host space moved elsewhere meanwhile (a cluster the walk saw as data may be a table now): read-only entries.
+      if (this.moves !== moves) writable = false;
       for (let w = firstW; w <= lastW; w++) if ((this.touched.get(w) ?? 0) !== touched[w - firstW] || (this.changing.get(w) ?? 0) !== 0) return false;
       const spans: Span[] = [];
       for (const r of runs) {

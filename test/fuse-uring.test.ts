@@ -8,7 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { convertToRaw, createImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
-import { MountTracker, mountedPid, tsmount } from './helpers/mount.js';
+import { MountTracker, mountCounters, mountedPid, tsmount } from './helpers/mount.js';
 import type { ListedMount } from '../mount-helpers/list.js';
 import { possibleCpus } from '../fs/fuse-uring.js';
 
@@ -145,7 +145,7 @@ describe('FUSE over io_uring (TSMOUNT_FUSE_URING=1)', function () {
     }
   });
 
-  it('writes through the queues: qemu-img sees them after the unmount', async () => {
+  it('writes through the queues, overwrites in place from the queues themselves: qemu-img sees them after the unmount', async () => {
     const img = path.join(tmp.dir, 'rw.qcow2');
     await createImage(img, 'qcow2', 32 * MiB, {});
     const mp = dir('m-rw');
@@ -159,6 +159,20 @@ describe('FUSE over io_uring (TSMOUNT_FUSE_URING=1)', function () {
         data.copy(expected, at);
         expect((await fd.write(data, 0, n, at)).bytesWritten).to.equal(n);
       }
+      await fd.sync();
+      // Overwrites of what is allocated now: once the map has it, the queues write them.
+      let inPlace = 0;
+      for (let pass = 0; pass < 20 && inPlace === 0; pass++) {
+        for (let i = 0; i < 32; i++) {
+          const at = crypto.randomInt(0, MiB / 4096) * 4096;
+          const data = crypto.randomBytes(4096);
+          data.copy(expected, at);
+          await fd.write(data, 0, 4096, at);
+        }
+        inPlace = (await mountCounters(mp)).workerWrites ?? 0;
+        if (inPlace === 0) await new Promise((r) => setTimeout(r, 300));
+      }
+      expect(inPlace, 'writes the queues wrote in place').to.be.greaterThan(0);
       await fd.sync();
       const back = Buffer.alloc(32 * MiB);
       await fd.read(back, 0, back.length, 0);
