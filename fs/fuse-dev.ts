@@ -22,6 +22,8 @@ const E = osc.errno;
 interface DevConfig extends SessionConfig {
   flags: number;
   kernelOptions: string[];
+  /** The kernel's max_read mount option: the largest READ it sends. */
+  maxRead: number;
 }
 
 /** Options libfuse users know; each maps to a kernel option, a flag, or our own setting. */
@@ -31,6 +33,7 @@ function configure(opts: MountOptions): DevConfig {
     kernelOptions: ['default_permissions', ...(opts.allowOther || opts.allowRoot ? ['allow_other'] : [])],
     maxWrite: DEFAULT_MAX_WRITE,
     maxReadahead: DEFAULT_MAX_WRITE,
+    maxRead: DEFAULT_MAX_READ,
     pageCache: 'auto',
     passthrough: 'auto',
     denyOthers: !opts.allowOther && !!opts.allowRoot,
@@ -49,7 +52,7 @@ function configure(opts: MountOptions): DevConfig {
       else if (key in clearOpts) cfg.flags &= ~clearOpts[key]!;
       else if (key === 'allow_other' || key === 'default_permissions') {
         if (!cfg.kernelOptions.includes(key)) cfg.kernelOptions.push(key);
-      } else if (key === 'max_read') cfg.kernelOptions.push(`max_read=${size(key, value, PAGE, 1 << 30)}`);
+      } else if (key === 'max_read') cfg.maxRead = size(key, value, PAGE, 1 << 30);
       else if (key === 'max_write') cfg.maxWrite = size(key, value, PAGE, DEFAULT_MAX_WRITE);
       else if (key === 'max_readahead') cfg.maxReadahead = size(key, value, 0, 1 << 30);
       else if (key === 'kernel_cache') cfg.pageCache = 'kernel';
@@ -61,8 +64,19 @@ function configure(opts: MountOptions): DevConfig {
       else throw new ErrnoError(`-o ${o}: not a mount option tsmount knows`, E.EINVAL);
     }
   }
+  cfg.kernelOptions.push(`max_read=${cfg.maxRead}`);
   return cfg;
 }
+
+/**
+ * READs of at most 1020 KiB by default: header and data then fill one 1 MiB pipe (256
+ * pages), the most /proc/sys/fs/pipe-max-size gives without CAP_SYS_RESOURCE, so a
+ * worker splices every readahead request (fuse-worker.ts Splicer); a 1 MiB READ needs a
+ * 2 MiB pipe and was read into a buffer instead. 1 GiB read through the page cache:
+ * qcow2 +13 %, vmdk +18 % (3 rounds, scripts/BENCHMARKS.md "Session 7"); the kernel's
+ * readahead window is cut to match (fs/server.ts). Writes keep 1 MiB requests.
+ */
+export const DEFAULT_MAX_READ = DEFAULT_MAX_WRITE - PAGE;
 
 /** Whether this backend can serve here: root (mount(2)), /dev/fuse, Node's pipe binding. */
 export function available(): boolean {

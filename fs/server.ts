@@ -27,11 +27,13 @@ import { ClusterCache } from '../cache/cluster-cache.js';
 const debug = createDebug('tsmount:server');
 
 /**
- * Kernel readahead per mount (fuse.ts setReadahead says why): one full request. With
- * 512 KiB, a reader's 1 MiB read(2) was served in two halves, one after the other
- * (850 MB/s against 1.7 GB/s with 1 MiB, on the same image, same run).
+ * Kernel readahead per mount (fuse.ts setReadahead says why): one full READ, 1020 KiB
+ * (fuse-dev.ts DEFAULT_MAX_READ, a READ a worker can splice). With 512 KiB, a reader's
+ * 1 MiB read(2) was served in two halves, one after the other (850 MB/s against 1.7
+ * GB/s with 1 MiB, on the same image, same run); a 1 MiB window over 1020 KiB READs
+ * would end each window with a 4 KiB one.
  */
-const READAHEAD_KIB = Number(process.env.TSMOUNT_READAHEAD_KIB ?? 1024);
+const READAHEAD_KIB = Number(process.env.TSMOUNT_READAHEAD_KIB ?? 1020);
 
 export interface ServeOptions {
   images: string[];
