@@ -417,6 +417,9 @@ class Queue {
   private readonly pending = new Map<number, number>();
   private readonly hit = [0, 0, 0];
   private readonly runs: number[] = [];
+  /** The range of the request target() looked at. */
+  private offset = 0;
+  private size = 0;
   private mailSeen = 0;
   private ended = 0;
   /** Completions start() saw, for run(). */
@@ -570,19 +573,30 @@ class Queue {
     this.ring.close();
   }
 
-  /** A WRITE in place (as fuse-worker.ts: read-map-runs.ts writeInPlace), or false to hand it on. */
-  private serveWrite(ent: number, unique: number, payloadSz: number): boolean {
+  /**
+   * The map of entry `ent`'s READ or WRITE (their arguments start alike), its range in
+   * `offset` and `size`; undefined to hand it on (as fuse-worker.ts target()).
+   */
+  private target(ent: number): Int32Array | undefined {
     const h = this.headers;
     const at = ent * HDR_SLOT;
     const table = this.maps.get(Number(h.readBigUInt64LE(at + 16)));
-    if (!table) return false;
+    if (!table) return undefined;
     if (this.init.denyOthers) {
       const uid = h.readUInt32LE(at + 24);
-      if (uid !== 0 && uid !== this.init.owner) return false;
+      if (uid !== 0 && uid !== this.init.owner) return undefined;
     }
-    const offset = Number(h.readBigUInt64LE(at + HDR_OP_IN + 8));
-    const size = h.readUInt32LE(at + HDR_OP_IN + 16);
-    if (size === 0 || size !== payloadSz || offset + size > tableSize(table)) return false;
+    const offset = (this.offset = Number(h.readBigUInt64LE(at + HDR_OP_IN + 8)));
+    const size = (this.size = h.readUInt32LE(at + HDR_OP_IN + 16));
+    return size === 0 || size > this.init.maxPayload || offset + size > tableSize(table) ? undefined : table;
+  }
+
+  /** A WRITE in place (as fuse-worker.ts: read-map-runs.ts writeInPlace), or false to hand it on. */
+  private serveWrite(ent: number, unique: number, payloadSz: number): boolean {
+    const table = this.target(ent);
+    if (!table) return false;
+    const { offset, size } = this;
+    if (size !== payloadSz) return false;
     const payload = this.payloads[ent]!;
     if (!writeInPlace(table, offset, size, payload, 0, this.hit, this.runs)) return false;
     // struct fuse_write_out: the size written, and padding.
@@ -594,17 +608,9 @@ class Queue {
 
   /** A READ from the read map alone (as fuse-worker.ts), or false to hand it on. */
   private serveRead(ent: number, unique: number): boolean {
-    const h = this.headers;
-    const at = ent * HDR_SLOT;
-    const table = this.maps.get(Number(h.readBigUInt64LE(at + 16)));
+    const table = this.target(ent);
     if (!table) return false;
-    if (this.init.denyOthers) {
-      const uid = h.readUInt32LE(at + 24);
-      if (uid !== 0 && uid !== this.init.owner) return false;
-    }
-    const offset = Number(h.readBigUInt64LE(at + HDR_OP_IN + 8));
-    const size = h.readUInt32LE(at + HDR_OP_IN + 16);
-    if (size === 0 || size > this.init.maxPayload || offset + size > tableSize(table)) return false;
+    const { offset, size } = this;
     const out = this.payloads[ent]!;
     const runs = this.runs;
     const count = readRuns(table, offset, size, this.hit, runs);

@@ -286,6 +286,9 @@ class Worker {
   private slot = 0;
   private readonly reply: Buffer;
   private readonly writeReply = Buffer.alloc(OUT_HEADER + WRITE_OUT);
+  /** The range of the request target() looked at. */
+  private offset = 0;
+  private size = 0;
   private readonly pollfd = Buffer.alloc(8);
   private readonly hit = [0, 0, 0];
   /** The runs of the READ being served: [fd, host, length] triples. */
@@ -399,19 +402,28 @@ class Worker {
     return SLOTS;
   }
 
-  /** A READ from the map alone, or false to hand it to the main thread. */
-  private serveRead(buf: Buffer): boolean {
-    const ino = Number(buf.readBigUInt64LE(16));
-    const table = this.maps.get(ino);
-    if (!table) return false;
+  /**
+   * The map of a READ's or WRITE's file (their arguments start alike: offset, size),
+   * with the range in `offset` and `size`; undefined to hand the request on (no map,
+   * another user under allow_root, empty, larger than negotiated, past the end).
+   */
+  private target(buf: Buffer): Int32Array | undefined {
+    const table = this.maps.get(Number(buf.readBigUInt64LE(16)));
+    if (!table) return undefined;
     if (this.init.denyOthers) {
       const uid = buf.readUInt32LE(24);
-      if (uid !== 0 && uid !== this.init.owner) return false;
+      if (uid !== 0 && uid !== this.init.owner) return undefined;
     }
-    const offset = Number(buf.readBigUInt64LE(IN_HEADER + 8));
-    const size = buf.readUInt32LE(IN_HEADER + 16);
-    // Past the end, or larger than negotiated: the main thread answers those.
-    if (size === 0 || size > this.init.maxRequest || offset + size > tableSize(table)) return false;
+    const offset = (this.offset = Number(buf.readBigUInt64LE(IN_HEADER + 8)));
+    const size = (this.size = buf.readUInt32LE(IN_HEADER + 16));
+    return size === 0 || size > this.init.maxRequest || offset + size > tableSize(table) ? undefined : table;
+  }
+
+  /** A READ from the map alone, or false to hand it to the main thread. */
+  private serveRead(buf: Buffer): boolean {
+    const table = this.target(buf);
+    if (!table) return false;
+    const { offset, size } = this;
     const out = this.reply;
     const runs = this.runs;
     const count = readRuns(table, offset, size, this.hit, runs);
@@ -435,22 +447,16 @@ class Worker {
       }
     }
     countServed(table, size, spliced);
-    this.lookAhead(ino, table, offset + size);
+    this.lookAhead(Number(buf.readBigUInt64LE(16)), table, offset + size);
     return true;
   }
 
   /** A WRITE straight into the host files (read-map-runs.ts writeInPlace), or false to hand it to the main thread. */
   private serveWrite(buf: Buffer, n: number): boolean {
-    const ino = Number(buf.readBigUInt64LE(16));
-    const table = this.maps.get(ino);
+    const table = this.target(buf);
     if (!table) return false;
-    if (this.init.denyOthers) {
-      const uid = buf.readUInt32LE(24);
-      if (uid !== 0 && uid !== this.init.owner) return false;
-    }
-    const offset = Number(buf.readBigUInt64LE(IN_HEADER + 8));
-    const size = buf.readUInt32LE(IN_HEADER + 16);
-    if (size === 0 || n !== IN_HEADER + WRITE_IN + size || offset + size > tableSize(table)) return false;
+    const { offset, size } = this;
+    if (n !== IN_HEADER + WRITE_IN + size) return false;
     if (!writeInPlace(table, offset, size, buf, IN_HEADER + WRITE_IN, this.hit, this.runs)) return false;
     const out = this.writeReply;
     out.writeUInt32LE(OUT_HEADER + WRITE_OUT, 0);
