@@ -13,6 +13,7 @@ import type { Ownership } from './access.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
 import { allocatedBytes, seek } from './extents.js';
 import { hasHostFd, ReadMap, type MapChange } from './read-map.js';
+import { WORKER_WRITES } from './read-map-runs.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
@@ -80,9 +81,6 @@ export interface FlatFsAccess {
   /** Truncate may grow a disk (--growable); otherwise growing fails with EPERM. */
   growable: boolean;
 }
-
-/** As fs/fuse-worker.ts reads it: whether the workers write in place at all. */
-const WORKER_WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
 
 const O_ACCMODE = 3;
 

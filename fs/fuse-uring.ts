@@ -64,8 +64,6 @@ const READ_IN = 40;
 const OP_WRITE = 16;
 const WRITE_IN = 40;
 const WRITE_OUT = 8;
-/** As fs/fuse-worker.ts: TSMOUNT_FUSE_WORKER_WRITES=0 hands every WRITE to the main thread. */
-const WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
 /** Entries per queue: requests each queue can hold at once (readahead keeps several busy). */
 const DEPTH = 8;
 /** user_data of the eventfd read. */
@@ -531,7 +529,7 @@ class Queue {
     // The op header's size is not in the entry; the in header's len covers all three parts.
     const opSize = Math.max(0, Math.min(128, len - IN_HEADER - payloadSz));
     if (opcode === OP_READ && opSize >= READ_IN && this.serveRead(ent, unique)) return;
-    if (opcode === OP_WRITE && WRITES && opSize >= WRITE_IN && this.serveWrite(ent, unique, payloadSz)) return;
+    if (opcode === OP_WRITE && opSize >= WRITE_IN && this.serveWrite(ent, unique, payloadSz)) return;
     const n = IN_HEADER + opSize + payloadSz;
     const copy = new ArrayBuffer(n);
     const c = Buffer.from(copy);

@@ -89,12 +89,6 @@ const O_CLOEXEC = 0o2000000;
 const F_SETPIPE_SZ = 1031;
 
 /**
- * Workers write in place where the map allows it; TSMOUNT_FUSE_WORKER_WRITES=0 hands
- * every WRITE to the main thread (for comparison: scripts/bench/ab.sh).
- */
-const WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
-
-/**
  * Answer a worker's READ of at least SPLICE_MIN bytes by splicing the host file's
  * pages through a pipe into /dev/fuse (one copy, kernel to kernel) instead of pread
  * into a JS buffer and write (two copies): 1.4x on 1 MiB sequential reads, 45 % less
@@ -365,7 +359,7 @@ class Worker {
     if (n >= IN_HEADER + READ_IN && buf.readUInt32LE(0) === n) {
       const op = buf.readUInt32LE(4);
       if (op === OP_READ && this.serveRead(buf)) return true;
-      if (op === OP_WRITE && WRITES && this.serveWrite(buf, n)) return true;
+      if (op === OP_WRITE && this.serveWrite(buf, n)) return true;
     }
     this.handOver(buf, n);
     return false;

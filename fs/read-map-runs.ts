@@ -66,6 +66,14 @@ export function fillFromHost(fd: number, host: number, out: Buffer, at: number, 
 }
 
 /**
+ * Whether the threads write in place at all: TSMOUNT_FUSE_WORKER_WRITES=0 hands every
+ * WRITE to the main thread (for comparison: scripts/bench/ab.sh; the main thread then
+ * keeps no map for writes either, fs/flatfs.ts). Read in each thread: a worker inherits
+ * the server's environment.
+ */
+export const WORKER_WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
+
+/**
  * A WRITE of [offset, offset + size), its bytes in `src` from `at`, straight into the
  * host files: only where every granule is published writable in place in the current
  * epoch, and only while the main thread changes nothing of the file (read-map-table.ts
@@ -74,6 +82,7 @@ export function fillFromHost(fd: number, host: number, out: Buffer, at: number, 
  * of it again, if a host error stopped this halfway, and reports the error).
  */
 export function writeInPlace(table: Int32Array, offset: number, size: number, src: Buffer, at: number, hit: number[], runs: number[]): boolean {
+  if (!WORKER_WRITES) return false;
   Atomics.add(table, H_WRITES_IN_FLIGHT, 1);
   try {
     if (Atomics.load(table, H_CHANGING) !== 0 || Atomics.load(table, H_WRITABLE) !== 1) return false;

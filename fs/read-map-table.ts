@@ -13,7 +13,7 @@
 // Writes in place: an entry may also say a WRITE of its granule can go straight to
 // `host` (F_IN_PLACE: the format changes nothing for it, fs/read-map.ts says when), as
 // long as the table's epoch is still the one the entry was published in. A worker
-// announces its write (H_WORKER_WRITES_IN_FLIGHT) before it looks, and writes only
+// announces its write (H_WRITES_IN_FLIGHT) before it looks, and writes only
 // while the main thread changes nothing of the file (H_CHANGING): each side stores its
 // word, then reads the other's, so one of them always sees the other (fs/read-map.ts
 // beginWrite waits for the workers' writes to end).
