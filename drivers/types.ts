@@ -300,6 +300,20 @@ export interface ProtocolOpenOptions {
   readOnly: boolean;
   lock?: import('./protocol/lock.js').LockRequest;
   cache: CacheMode;
+  /**
+   * false: under cache=unsafe, close leaves what was written to the host's writeback
+   * instead of syncing it, as QEMU's unsafe mode never syncs (tsimg convert's default
+   * -t unsafe, as qemu-img's). Local files honour it; remote protocols sync at close.
+   * Absent: a writable image is synced at close whatever the cache mode.
+   */
+  syncOnClose?: boolean;
+  /**
+   * Writes up to this many bytes to a local regular file are made on the JS thread
+   * (absent: 64 KiB, TSMOUNT_SYNC_WRITE_MAX). A server keeps its thread free; a copy
+   * whose in-order writes are its critical path (tsimg convert) saves the two thread
+   * hand-offs of the pool per write.
+   */
+  syncWriteMax?: number;
 }
 
 /**

@@ -120,6 +120,7 @@ async function main(argv: string[]): Promise<void> {
     .option('-n, --skip-create', 'write into an existing image instead of creating one')
     .option('-W, --parallel', 'write each chunk as soon as it is read, out of order')
     .option('-m, --coroutines <n>', 'chunks in flight, 1 to 16 (default 8); written in order unless -W')
+    .option('-t, --cache <mode>', 'cache mode of the new image, as qemu-img: unsafe (the default: nothing is synced, the host writes it back later), writeback, writethrough, none or directsync (synced before convert returns)', 'unsafe')
     .option('-c, --compress', 'compress the data clusters (qcow2, qcow; vmdk streamOptimized always is)')
     .option('--target-secret <pass>', 'passphrase of an encrypted new image')
     .option('--target-secret-file <file>', "read the new image's passphrase from a file")

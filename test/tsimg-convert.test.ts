@@ -10,6 +10,7 @@ import path from 'node:path';
 import { run, runOk, tempDir } from './helpers/qemu.js';
 import { expectClean, openTestImage, patch, readBytes, TSIMG, tsimg } from './helpers/images.js';
 import { IoError } from '../drivers/errors.js';
+import { fileOpenOptions } from '../drivers/protocol/file.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -223,6 +224,33 @@ describe('tsimg convert -c, several sources, progress', function () {
       expect(r.code).to.equal(q.code).and.to.equal(1);
       expect(r.stderr.replace(/^tsimg: /, '')).to.equal(q.stderr.replace(/^qemu-img: /, ''));
       expect(fs.existsSync(path.join(dir, 'bad.qcow2'))).to.equal(false);
+    }
+  });
+
+  it('convert -t: every cache mode writes the same image (unsafe, the default, leaves the sync to the host); another value refused as qemu-img, before anything is made', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 't-'));
+    const src = path.join(dir, 'src.raw');
+    fs.writeFileSync(src, '');
+    fs.truncateSync(src, 8 * MiB);
+    patch(src, MiB, crypto.randomBytes(3 * MiB));
+    for (const mode of ['unsafe', 'writeback', 'writethrough', 'none', 'directsync']) {
+      await ok(['convert', '-t', mode, '-O', 'qcow2', 'src.raw', `${mode}.qcow2`], dir);
+      await expectClean(path.join(dir, `${mode}.qcow2`));
+      await expectSame(dir, 'src.raw', `${mode}.qcow2`);
+    }
+    const q = await run('qemu-img', ['convert', '-t', 'bogus', '-O', 'qcow2', 'src.raw', 'q.qcow2'], { cwd: dir });
+    const r = await tsimg(['convert', '-t', 'bogus', '-O', 'qcow2', 'src.raw', 'bad.qcow2'], dir);
+    expect(r.code).to.equal(q.code).and.to.equal(1);
+    expect(r.stderr.replace(/^tsimg: /, '')).to.equal(q.stderr.replace(/^qemu-img: /, ''));
+    // qemu-img 7.2 has made its image by then; tsimg refuses first.
+    expect(fs.existsSync(path.join(dir, 'bad.qcow2'))).to.equal(false);
+  });
+
+  it('fileOpenOptions: only cache=unsafe may leave the sync at close out; every other mode syncs whatever the caller asks', () => {
+    expect(fileOpenOptions({ readOnly: false, cache: 'unsafe' })).to.include({ ignoreFlush: true, syncOnClose: true });
+    expect(fileOpenOptions({ readOnly: false, cache: 'unsafe', syncOnClose: false })).to.include({ ignoreFlush: true, syncOnClose: false });
+    for (const cache of ['writeback', 'writethrough', 'none', 'directsync'] as const) {
+      expect(fileOpenOptions({ readOnly: false, cache, syncOnClose: false }), cache).to.include({ ignoreFlush: false, syncOnClose: true });
     }
   });
 

@@ -3,7 +3,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { constants as osc } from 'node:os';
-import type { BlockNode, Extent } from '../types.js';
+import type { BlockNode, Extent, ProtocolOpenOptions } from '../types.js';
 import { IoError, SysError, UsageError } from '../errors.js';
 import koffi from 'koffi';
 import {
@@ -78,12 +78,29 @@ export interface FileOpenOptions {
   lock?: LockRequest;
   /** cache=unsafe: flush() does nothing until close. */
   ignoreFlush?: boolean;
+  /** false: close does not sync either (ProtocolOpenOptions.syncOnClose). */
+  syncOnClose?: boolean;
+  /** ProtocolOpenOptions.syncWriteMax. */
+  syncWriteMax?: number;
   /** cache=none/directsync: a block device is opened O_DIRECT (bypassing the host's page cache). */
   direct?: boolean;
   /** Treat the device as a removable drive with these ioctls (tests inject a fake drive). */
   medium?: MediumIoctls;
   /** How often the removable drive is asked again (ms); 0 asks at every look. */
   mediumPollMs?: number;
+}
+
+/** What a protocol's open options mean for a local file or device (the file and nvme protocols). */
+export function fileOpenOptions(opts: ProtocolOpenOptions): FileOpenOptions {
+  const unsafe = opts.cache === 'unsafe';
+  return {
+    readOnly: opts.readOnly,
+    lock: opts.lock,
+    ignoreFlush: unsafe,
+    syncOnClose: !unsafe || opts.syncOnClose !== false,
+    syncWriteMax: opts.syncWriteMax,
+    direct: opts.cache === 'none' || opts.cache === 'directsync',
+  };
 }
 
 /**
@@ -131,6 +148,8 @@ export class FileNode implements BlockNode {
     readonly isBlockDevice: boolean,
     private readonly lock: ImageLock | undefined,
     private readonly ignoreFlush: boolean,
+    private readonly syncOnClose: boolean,
+    private readonly syncWriteMax: number,
     private readonly sectorSize: number,
     readonly direct: boolean,
     private readonly medium: RemovableMedium | undefined,
@@ -175,7 +194,7 @@ export class FileNode implements BlockNode {
       const sector = !device ? 1 : medium ? (removableKind(st.rdev) === 'floppy' ? 512 : 2048) : blockDeviceSectorSize(fd);
       if (opts.lock) lock = ImageLock.acquire(fd, name, opts.lock);
       if (device && !opts.readOnly) warnHostWrite(full);
-      return new FileNode(full, fd, size, opts.readOnly, device, lock, !!opts.ignoreFlush, sector, direct, medium);
+      return new FileNode(full, fd, size, opts.readOnly, device, lock, !!opts.ignoreFlush, opts.syncOnClose !== false, opts.syncWriteMax ?? SYNC_WRITE_MAX, sector, direct, medium);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -293,7 +312,7 @@ export class FileNode implements BlockNode {
       bounce.set(src);
       src = bounce;
     }
-    if (src.length <= SYNC_WRITE_MAX && !this.isBlockDevice) {
+    if (src.length <= this.syncWriteMax && !this.isBlockDevice) {
       // A small buffered write is a copy into the page cache: cheaper on the JS thread
       // than the two thread hand-offs of the pool (pwritev2 has no RWF_NOWAIT for
       // buffered writes on ext4).
@@ -323,7 +342,7 @@ export class FileNode implements BlockNode {
     for (const p of parts) total += p.length;
     if (this.direct || this.medium || parts.length === 1) return this.write(offset, parts.length === 1 ? parts[0]! : Buffer.concat(parts));
     let done = 0;
-    if (total <= SYNC_WRITE_MAX && !this.isBlockDevice) {
+    if (total <= this.syncWriteMax && !this.isBlockDevice) {
       try {
         while (done < total) done += fs.writevSync(this.fd, partsFrom(parts, done), offset + done);
       } catch (err) {
@@ -469,7 +488,7 @@ export class FileNode implements BlockNode {
     if (this.closed) return;
     this.closed = true;
     try {
-      if (!this.readOnly) await fdatasync(this.fd);
+      if (!this.readOnly && this.syncOnClose) await fdatasync(this.fd);
     } finally {
       this.lock?.release();
       fs.closeSync(this.fd);

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { ProtocolDriver } from '../types.js';
 import { UsageError } from '../errors.js';
-import { FileNode } from './file.js';
+import { FileNode, fileOpenOptions } from './file.js';
 import { glusterProtocol, iscsiProtocol, nbdProtocol, sheepdogProtocol, sshProtocol } from './remote.js';
 import { vvfatProtocol } from './vvfat/index.js';
 import { foreignHostProtocol } from './host-names.js';
@@ -14,7 +14,7 @@ export const fileProtocol: ProtocolDriver = {
   name: 'file',
   claims: (spec) => spec.startsWith('file:') || !/^[a-z][a-z0-9+.-]*:/i.test(spec),
   open: (spec, opts) =>
-    FileNode.open(stripFile(spec), { readOnly: opts.readOnly, lock: opts.lock, ignoreFlush: opts.cache === 'unsafe', direct: opts.cache === 'none' || opts.cache === 'directsync' }),
+    FileNode.open(stripFile(spec), fileOpenOptions(opts)),
   resolveRelative: (base, name) => {
     const plain = stripFile(name);
     return path.isAbsolute(plain) ? plain : path.join(path.dirname(stripFile(base)), plain);

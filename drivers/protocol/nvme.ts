@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { ProtocolDriver } from '../types.js';
 import { UnsupportedError, UsageError } from '../errors.js';
-import { FileNode } from './file.js';
+import { FileNode, fileOpenOptions } from './file.js';
 
 export interface NvmeTarget {
   /** The PCI address, DOMAIN:BUS:SLOT.FUNC, lower case. */
@@ -100,7 +100,7 @@ export function makeNvmeProtocol(sysfsRoot = '/sys', devRoot = '/dev'): Protocol
     claims: isNvmeSpec,
     open: async (spec, opts) => {
       const device = resolveNvme(parseNvmeUri(spec), sysfsRoot, devRoot);
-      return FileNode.open(device, { readOnly: opts.readOnly, lock: opts.lock, ignoreFlush: opts.cache === 'unsafe', direct: opts.cache === 'none' || opts.cache === 'directsync' });
+      return FileNode.open(device, fileOpenOptions(opts));
     },
     resolveRelative: (_base, name) => name,
     stem: (spec) => {
