@@ -42,8 +42,6 @@ export interface ImageOptions {
   check?: boolean;
   /** ProtocolOpenOptions.syncOnClose, for every file of the image (tsimg convert -t unsafe). */
   syncOnClose?: boolean;
-  /** ProtocolOpenOptions.syncWriteMax, for every file of the image (tsimg convert). */
-  syncWriteMax?: number;
 }
 
 const formats = new WeakMap<BlockNode, string>();
@@ -172,8 +170,7 @@ async function openChain(
       : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
   const lock = policy && lockRequestFor(policy);
   // The guard sees the protocol node itself (it checks the opened descriptor); the filters go on after.
-  const fileTuning = { syncOnClose: opts.syncOnClose, syncWriteMax: opts.syncWriteMax };
-  const openFile = () => protocol.open(spec, { readOnly, lock, cache: opts.cache, ...fileTuning });
+  const openFile = () => protocol.open(spec, { readOnly, lock, cache: opts.cache, syncOnClose: opts.syncOnClose });
   const file = filteredProtocol(depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile));
   try {
     const driver = await chooseDriver(file, spec, format);
@@ -191,7 +188,7 @@ async function openChain(
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);
         const lockReq = policy && lockRequestFor({ ...policy, format: driver.name });
-        return filteredProtocol(await guard.open(namedRequest(spec, role, name, resolved, !readOnly), () => p.open(resolved, { readOnly, lock: lockReq, cache: opts.cache, ...fileTuning })));
+        return filteredProtocol(await guard.open(namedRequest(spec, role, name, resolved, !readOnly), () => p.open(resolved, { readOnly, lock: lockReq, cache: opts.cache, syncOnClose: opts.syncOnClose })));
       },
       openBacking: async (name, fmt) => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);

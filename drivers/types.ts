@@ -307,13 +307,6 @@ export interface ProtocolOpenOptions {
    * Absent: a writable image is synced at close whatever the cache mode.
    */
   syncOnClose?: boolean;
-  /**
-   * Writes up to this many bytes to a local regular file are made on the JS thread
-   * (absent: 64 KiB, TSMOUNT_SYNC_WRITE_MAX). A server keeps its thread free; a copy
-   * whose in-order writes are its critical path (tsimg convert) saves the two thread
-   * hand-offs of the pool per write.
-   */
-  syncWriteMax?: number;
 }
 
 /**

@@ -69,8 +69,16 @@ function fdatasync(fd: number): Promise<void> {
  */
 const NOWAIT_READ_MAX = Number(process.env.TSMOUNT_NOWAIT_READ_MAX ?? 256 * 1024);
 
-/** Writes up to this size to a regular file are made on the JS thread (see write). */
-const SYNC_WRITE_MAX = Number(process.env.TSMOUNT_SYNC_WRITE_MAX ?? 64 * 1024);
+/**
+ * Writes up to this size to a regular file are made on the JS thread (see write): a
+ * FUSE WRITE (1 MiB at most) and a tsimg convert chunk (2 MiB). The pool's two
+ * hand-offs cost more than the copy blocks the thread: allocating dd through a mount
+ * +4..10 % (qcow2) and +4..25 % (raw) in 7 alternated pairs, convert 0.97 -> 0.87 s
+ * (scripts/BENCHMARKS.md, session 8). Overwrites are the FUSE workers' own (in place);
+ * reads go to the workers, so what waits meanwhile is the rest of the main thread's
+ * requests. Three earlier tries of 1 MiB (sessions 3-5) were within their noise.
+ */
+const SYNC_WRITE_MAX = Number(process.env.TSMOUNT_SYNC_WRITE_MAX ?? 2 * 1024 * 1024);
 
 export interface FileOpenOptions {
   readOnly: boolean;
@@ -80,8 +88,6 @@ export interface FileOpenOptions {
   ignoreFlush?: boolean;
   /** false: close does not sync either (ProtocolOpenOptions.syncOnClose). */
   syncOnClose?: boolean;
-  /** ProtocolOpenOptions.syncWriteMax. */
-  syncWriteMax?: number;
   /** cache=none/directsync: a block device is opened O_DIRECT (bypassing the host's page cache). */
   direct?: boolean;
   /** Treat the device as a removable drive with these ioctls (tests inject a fake drive). */
@@ -98,7 +104,6 @@ export function fileOpenOptions(opts: ProtocolOpenOptions): FileOpenOptions {
     lock: opts.lock,
     ignoreFlush: unsafe,
     syncOnClose: !unsafe || opts.syncOnClose !== false,
-    syncWriteMax: opts.syncWriteMax,
     direct: opts.cache === 'none' || opts.cache === 'directsync',
   };
 }
@@ -149,7 +154,6 @@ export class FileNode implements BlockNode {
     private readonly lock: ImageLock | undefined,
     private readonly ignoreFlush: boolean,
     private readonly syncOnClose: boolean,
-    private readonly syncWriteMax: number,
     private readonly sectorSize: number,
     readonly direct: boolean,
     private readonly medium: RemovableMedium | undefined,
@@ -194,7 +198,7 @@ export class FileNode implements BlockNode {
       const sector = !device ? 1 : medium ? (removableKind(st.rdev) === 'floppy' ? 512 : 2048) : blockDeviceSectorSize(fd);
       if (opts.lock) lock = ImageLock.acquire(fd, name, opts.lock);
       if (device && !opts.readOnly) warnHostWrite(full);
-      return new FileNode(full, fd, size, opts.readOnly, device, lock, !!opts.ignoreFlush, opts.syncOnClose !== false, opts.syncWriteMax ?? SYNC_WRITE_MAX, sector, direct, medium);
+      return new FileNode(full, fd, size, opts.readOnly, device, lock, !!opts.ignoreFlush, opts.syncOnClose !== false, sector, direct, medium);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -312,10 +316,10 @@ export class FileNode implements BlockNode {
       bounce.set(src);
       src = bounce;
     }
-    if (src.length <= this.syncWriteMax && !this.isBlockDevice) {
-      // A small buffered write is a copy into the page cache: cheaper on the JS thread
-      // than the two thread hand-offs of the pool (pwritev2 has no RWF_NOWAIT for
-      // buffered writes on ext4).
+    if (src.length <= SYNC_WRITE_MAX && !this.isBlockDevice) {
+      // A buffered write is a copy into the page cache: cheaper on the JS thread than
+      // the two thread hand-offs of the pool (pwritev2 has no RWF_NOWAIT for buffered
+      // writes on ext4).
       try {
         while (done < src.length) done += fs.writeSync(this.fd, src, done, src.length - done, offset + done);
       } catch (err) {
@@ -342,7 +346,7 @@ export class FileNode implements BlockNode {
     for (const p of parts) total += p.length;
     if (this.direct || this.medium || parts.length === 1) return this.write(offset, parts.length === 1 ? parts[0]! : Buffer.concat(parts));
     let done = 0;
-    if (total <= this.syncWriteMax && !this.isBlockDevice) {
+    if (total <= SYNC_WRITE_MAX && !this.isBlockDevice) {
       try {
         while (done < total) done += fs.writevSync(this.fd, partsFrom(parts, done), offset + done);
       } catch (err) {

@@ -47,12 +47,6 @@ export function parseCacheMode(text: string | undefined): CacheMode {
 
 /** qemu-img convert's IO_BUF_SIZE: half the write requests of 1 MiB ones (counted with strace). */
 const CHUNK = 2 << 20;
-/**
- * Writes up to this size are made on the JS thread, not the pool: a chunk's writes are
- * in order, one after the other, and the pool's two hand-offs per write cost 10 % of
- * a 4 GiB convert here (0.97 -> 0.87 s, 4 alternated pairs).
- */
-const WRITE_ON_THREAD_MAX = 4 << 20;
 /** qemu-img convert's -S default: zero runs this long (and aligned) are left unwritten. */
 const SPARSE = 4096;
 
@@ -375,9 +369,8 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
       // -t unsafe, qemu-img convert's default: no flush is worth anything for an image
       // nobody uses before convert returns, and as qemu-img's the new image is not synced
       // at all (the host writes it back; the fdatasync of 2 GiB took 1.1 s of a 2.2 s
-      // convert here). Any other mode flushes at the end and syncs at close. The chunks'
-      // writes are made on this thread (syncWriteMax): they are the in-order critical path.
-      const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, cache, syncOnClose: cache !== 'unsafe', syncWriteMax: WRITE_ON_THREAD_MAX, secret: targetSecret, namedFiles: 'owner', noBacking: o.backingFile === undefined && !o.skipCreate }));
+      // convert here). Any other mode flushes at the end and syncs at close.
+      const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, cache, syncOnClose: cache !== 'unsafe', secret: targetSecret, namedFiles: 'owner', noBacking: o.backingFile === undefined && !o.skipCreate }));
       try {
         if (o.skipCreate && dst.size < src.size) throw new UsageError(`${dstSpec}: the target (${dst.size} bytes) is smaller than the source (${src.size} bytes)`);
         // qemu-img's refusal, before anything is written.
