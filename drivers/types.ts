@@ -106,6 +106,9 @@ export interface ImageDescription {
 /** How the node above wants writes and flushes treated (QEMU's cache modes). */
 export type CacheMode = 'writeback' | 'writethrough' | 'none' | 'directsync' | 'unsafe';
 
+/** Every cache mode, in the order QEMU documents them (tsmount --cache, tsimg convert -t). */
+export const CACHE_MODES: readonly CacheMode[] = ['writeback', 'writethrough', 'none', 'directsync', 'unsafe'];
+
 export interface BlockNode {
   /** Bytes; always < 2^53. */
   readonly size: number;

@@ -12,7 +12,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, Option } from 'commander';
-import type { CacheMode } from '../drivers/types.js';
+import { CACHE_MODES, type CacheMode } from '../drivers/types.js';
 import { messageOf, UsageError } from '../drivers/errors.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
 // Only light modules load up front: the command that starts a server never needs the
@@ -86,7 +86,7 @@ function program(): Command {
     .option('--rw', 'mount read-write (default: read-only)')
     .option('-f, --format <fmt>', 'image format (see Formats below); probed when absent')
     .option('--foreground', 'keep the server attached to this terminal')
-    .addOption(new Option('--cache <mode>', 'cache mode, as QEMU').choices(['writeback', 'writethrough', 'none', 'directsync', 'unsafe']).default('writeback'))
+    .addOption(new Option('--cache <mode>', 'cache mode, as QEMU').choices([...CACHE_MODES]).default('writeback'))
     .option('--cache-size <bytes>', 'bytes of cache for data and metadata (suffixes K, M, G)', '64M')
     .addOption(new Option('--locking <mode>', 'image locking, as QEMU').choices(['on', 'off', 'auto']).default('auto'))
     .option('-U, --force-share', 'open read-only even while another process writes the image (like qemu-img -U)')

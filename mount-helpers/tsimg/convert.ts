@@ -6,7 +6,7 @@
 // Several sources are concatenated, as qemu-img does. -c writes whole clusters through
 // the node's writeCompressed (qcow2, qcow); vmdk takes -c and compresses exactly when the
 // extents are streamOptimized, as QEMU's vmdk; every other format refuses it.
-import type { BlockNode, CacheMode, Extent } from '../../drivers/types.js';
+import { CACHE_MODES, type BlockNode, type CacheMode, type Extent } from '../../drivers/types.js';
 import { chainStatus } from '../../fs/extents.js';
 import { openImage } from '../../drivers/open.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
@@ -36,7 +36,6 @@ export interface ConvertCli extends OpenCli {
   cache?: string;
 }
 
-const CACHE_MODES: readonly CacheMode[] = ['writeback', 'writethrough', 'none', 'directsync', 'unsafe'];
 
 /** -t MODE as qemu-img reads it (its error message otherwise). */
 export function parseCacheMode(text: string | undefined): CacheMode {
