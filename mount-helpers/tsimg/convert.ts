@@ -36,7 +36,6 @@ export interface ConvertCli extends OpenCli {
   cache?: string;
 }
 
-
 /** -t MODE as qemu-img reads it (its error message otherwise). */
 export function parseCacheMode(text: string | undefined): CacheMode {
   if (text === undefined) return 'unsafe';
