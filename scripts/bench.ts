@@ -1,4 +1,4 @@
-// npm run bench [-- --quick] [--rows 1,2,3] [--repeat N] [--out FILE] [--images DIR] [--cold]
+// npm run bench [-- --quick] [--rows 1,2,3] [--repeat N] [--out FILE] [--images DIR] [--cold] [--no-warm-memory]
 //
 // tsmount against qemu-storage-daemon's FUSE export (and xmount where it reads the
 // format), on the same images, in one run (issue 6). Every measurement gets a fresh
@@ -13,7 +13,7 @@ import { imageInfo } from './lib/qemu.js';
 import { Images, type Sizes } from './bench/images.js';
 import { cleanupAll, liveMounts, peakRss, withMount, type MountRequest, type System } from './bench/mounts.js';
 import { convertSeconds, halfDataRaw, qemuImgSeconds, scattered1T, tsimgSeconds } from './bench/tsimg.js';
-import { GiB, MiB, ddRead, ddReadParallel, ddWrite, drop, fio, have, loadAverage, machine, median, warm, type Machine } from './bench/tools.js';
+import { GiB, MiB, ddRead, ddReadParallel, ddWrite, drop, fio, have, loadAverage, machine, median, warm, warmFreeMemory, type Machine } from './bench/tools.js';
 
 export interface BenchConfig {
   quick: boolean;
@@ -30,6 +30,8 @@ export interface BenchConfig {
   fioWriteBytes: number;
   /** Node options for the tsmount server, e.g. --cpu-prof (profiling runs). */
   serverNodeArgs: string[];
+  /** Bytes of memory freed just before each measurement (tools.ts warmFreeMemory; --no-warm-memory: 0). */
+  warmMemory: number;
 }
 
 export interface Row {
@@ -64,7 +66,7 @@ function parseArgs(argv: string[]): BenchConfig {
     if (v === undefined || v.startsWith('--')) throw new Error(`${flag} needs a value`);
     return v;
   };
-  const known = new Set(['--quick', '--rows', '--repeat', '--out', '--images', '--keep-images', '--cold', '--cpu-prof']);
+  const known = new Set(['--quick', '--rows', '--repeat', '--out', '--images', '--keep-images', '--cold', '--cpu-prof', '--no-warm-memory']);
   for (const a of argv) if (a.startsWith('--') && !known.has(a)) throw new Error(`unknown option ${a}`);
   const rowsArg = value('--rows');
   const rows = new Set(rowsArg ? rowsArg.split(',').map((s) => Number(s.trim())) : ALL_ROWS);
@@ -84,6 +86,8 @@ function parseArgs(argv: string[]): BenchConfig {
     fioRuntime: quick ? 1 : 5,
     fioWriteBytes: quick ? 8 * MiB : 128 * MiB,
     serverNodeArgs: cpuProf ? ['--cpu-prof', `--cpu-prof-dir=${path.resolve(cpuProf)}`] : [],
+    // More than any one measurement puts into the page cache (row 9's 2 GiB of data, row 1's flat file).
+    warmMemory: argv.includes('--no-warm-memory') ? 0 : quick ? 256 * MiB : 3 * GiB,
   };
 }
 
@@ -159,6 +163,7 @@ class Bench {
       const got: Partial<Record<System, number>> = {};
       for (const s of order) {
         if (this.cfg.cold) await drop(files);
+        warmFreeMemory(this.cfg.warmMemory);
         try {
           got[s] = await measure(s);
           res.samples[s].push(got[s]!);
@@ -525,6 +530,7 @@ function render(mach: Machine, cfg: BenchConfig, rows: Row[], loadStart: string,
     'Each measurement mounts afresh (no page cache of the mounted file is reused); tsmount and',
     'qemu-storage-daemon (qsd) alternate which goes first; a row\'s ratio is the median of the',
     'per-repetition ratios tsmount speed / qsd speed, with the spread (min..max) in brackets.',
+    ...(cfg.warmMemory > 0 ? [`Before each measurement ${fmtSize(cfg.warmMemory)} of tmpfs is filled and freed, so both sides start on memory the hypervisor still backs (tools.ts warmFreeMemory; --no-warm-memory leaves it out).`] : []),
     `The image files are ${cfg.cold ? 'dropped from the host page cache before every measurement (--cold)' : 'read into the host page cache before each row (both servers start warm; --cold drops them instead)'}.`,
     '',
     `- date: ${mach.date}`,
@@ -634,7 +640,7 @@ async function main(): Promise<void> {
   try {
     cfg = parseArgs(process.argv.slice(2));
   } catch (err) {
-    process.stderr.write(`bench: ${(err as Error).message}\nusage: npm run bench -- [--quick] [--rows 1,2,...] [--repeat N] [--out FILE] [--images DIR] [--keep-images] [--cold] [--cpu-prof DIR]\n`);
+    process.stderr.write(`bench: ${(err as Error).message}\nusage: npm run bench -- [--quick] [--rows 1,2,...] [--repeat N] [--out FILE] [--images DIR] [--keep-images] [--cold] [--cpu-prof DIR] [--no-warm-memory]\n`);
     process.exit(2);
   }
   if (process.getuid?.() !== 0) process.stderr.write('bench: not root; FUSE mounts may fail\n');

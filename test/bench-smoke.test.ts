@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import { parseArgs, runBench } from '../scripts/bench.js';
+import { warmFreeMemory } from '../scripts/bench/tools.js';
 import { fuseMountsUnder } from './helpers/mount.js';
 
 const enabled = process.env.TSMOUNT_BENCH === '1';
@@ -32,5 +33,15 @@ const enabled = process.env.TSMOUNT_BENCH === '1';
     const text = fs.readFileSync(out, 'utf8');
     expect(text).to.match(/nproc/).and.match(/load average/).and.match(/\| 6a \|/);
     expect(fuseMountsUnder(path.join(os.tmpdir(), 'bench-tsmount-'))).to.deep.equal([]);
+  });
+});
+
+describe('benchmark: freeing memory before a measurement (warmFreeMemory)', () => {
+  it('fills and frees tmpfs, leaving no file behind; --no-warm-memory turns it off', () => {
+    const mine = (): string[] => (fs.existsSync('/dev/shm') ? fs.readdirSync('/dev/shm').filter((f) => f === `tsmount-bench-warm-${process.pid}`) : []);
+    warmFreeMemory(8 * 1024 * 1024);
+    expect(mine()).to.deep.equal([]);
+    expect(parseArgs(['--quick']).warmMemory).to.be.greaterThan(0);
+    expect(parseArgs(['--quick', '--no-warm-memory']).warmMemory).to.equal(0);
   });
 });

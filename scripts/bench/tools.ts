@@ -99,6 +99,33 @@ export async function warm(files: string[]): Promise<void> {
   for (const f of files) await runOk('dd', [`if=${f}`, 'of=/dev/null', 'bs=4M']);
 }
 
+/**
+ * Give the next measurement free memory the hypervisor still backs. This VM's kernel
+ * reports free memory to the host (`page_reporting.page_reporting_order=11` on its
+ * command line): memory that stays free for a few seconds is handed back, and the next
+ * first touch of each page faults on the host. Writing 2 GiB into a new host file's
+ * page cache took 0.32-0.36 s on memory freed just before and 2.2-4.7 s after 5-10 s
+ * idle (dd, the same file; BENCHMARKS.md, session 9), so whichever command of a pair
+ * ran after a pause paid several times over: the bimodal copies of sessions 6-8.
+ * Filling `bytes` of tmpfs and freeing it at once, just before a measurement, lets
+ * both sides start on recently freed memory. Best effort: without /dev/shm, nothing.
+ */
+export function warmFreeMemory(bytes: number): void {
+  if (bytes <= 0) return;
+  const file = `/dev/shm/tsmount-bench-warm-${process.pid}`;
+  const block = Buffer.alloc(4 * MiB, 1);
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(file, 'w', 0o600);
+    for (let done = 0; done < bytes; done += block.length) fs.writeSync(fd, block);
+  } catch {
+    // No tmpfs, or it is full: measure as before.
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+    fs.rmSync(file, { force: true });
+  }
+}
+
 /** Drop these files from the host page cache (posix_fadvise DONTNEED), touching nothing else. */
 export async function drop(files: string[]): Promise<void> {
   for (const f of files) await runOk('dd', [`if=${f}`, 'iflag=nocache', 'count=0']);
