@@ -13,7 +13,7 @@ import { imageInfo } from './lib/qemu.js';
 import { Images, type Sizes } from './bench/images.js';
 import { cleanupAll, liveMounts, peakRss, withMount, type MountRequest, type System } from './bench/mounts.js';
 import { convertSeconds, halfDataRaw, qemuImgSeconds, scattered1T, tsimgSeconds } from './bench/tsimg.js';
-import { GiB, MiB, ddRead, ddReadParallel, ddWrite, drop, fio, have, loadAverage, machine, median, warm, warmFreeMemory, type Machine } from './bench/tools.js';
+import { GiB, MiB, ddRead, ddReadParallel, ddWrite, drop, fio, have, loadAverage, machine, median, warm, holdFreeMemory, warmFreeMemory, type Machine } from './bench/tools.js';
 
 export interface BenchConfig {
   quick: boolean;
@@ -30,7 +30,7 @@ export interface BenchConfig {
   fioWriteBytes: number;
   /** Node options for the tsmount server, e.g. --cpu-prof (profiling runs). */
   serverNodeArgs: string[];
-  /** Bytes of memory freed just before each measurement (tools.ts warmFreeMemory; --no-warm-memory: 0). */
+  /** Bytes of memory freed just before each measurement (tools.ts warmFreeMemory; --no-warm-memory: 0, and no holdFreeMemory). */
   warmMemory: number;
 }
 
@@ -530,7 +530,7 @@ function render(mach: Machine, cfg: BenchConfig, rows: Row[], loadStart: string,
     'Each measurement mounts afresh (no page cache of the mounted file is reused); tsmount and',
     'qemu-storage-daemon (qsd) alternate which goes first; a row\'s ratio is the median of the',
     'per-repetition ratios tsmount speed / qsd speed, with the spread (min..max) in brackets.',
-    ...(cfg.warmMemory > 0 ? [`Before each measurement ${fmtSize(cfg.warmMemory)} of tmpfs is filled and freed, so both sides start on memory the hypervisor still backs (tools.ts warmFreeMemory; --no-warm-memory leaves it out).`] : []),
+    ...(cfg.warmMemory > 0 ? [`Before each measurement ${fmtSize(cfg.warmMemory)} of tmpfs is filled and freed, and the kernel holds freed memory back from the hypervisor for the run, so both sides start on backed memory (tools.ts warmFreeMemory, holdFreeMemory; --no-warm-memory leaves both out).`] : []),
     `The image files are ${cfg.cold ? 'dropped from the host page cache before every measurement (--cold)' : 'read into the host page cache before each row (both servers start warm; --cold drops them instead)'}.`,
     '',
     `- date: ${mach.date}`,
@@ -566,13 +566,19 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
   const t0 = Date.now();
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-tsmount-'));
   const imagesDir = cfg.imagesDir ? path.resolve(cfg.imagesDir) : path.join(work, 'images');
+  // Freed memory stays backed while the rows run (tools.ts holdFreeMemory); put back at the end.
+  const release = cfg.warmMemory > 0 ? holdFreeMemory() : () => undefined;
   const onSignal = (sig: NodeJS.Signals): void => {
     process.stderr.write(`\nbench: ${sig}, unmounting everything\n`);
+    release();
     cleanupAll();
     removeWork(work);
     process.exit(130);
   };
-  const onExit = (): void => cleanupAll();
+  const onExit = (): void => {
+    release();
+    cleanupAll();
+  };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   process.on('exit', onExit);
@@ -610,6 +616,7 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
     else process.stdout.write(text);
     return bench.rows;
   } finally {
+    release();
     cleanupAll();
     if (liveMounts() === 0) {
       if (cfg.imagesDir && !cfg.keepImages) {

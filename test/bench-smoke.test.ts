@@ -6,7 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { expect } from 'chai';
 import { parseArgs, runBench } from '../scripts/bench.js';
-import { warmFreeMemory } from '../scripts/bench/tools.js';
+import { holdFreeMemory, warmFreeMemory } from '../scripts/bench/tools.js';
 import { fuseMountsUnder } from './helpers/mount.js';
 
 const enabled = process.env.TSMOUNT_BENCH === '1';
@@ -43,5 +43,20 @@ describe('benchmark: freeing memory before a measurement (warmFreeMemory)', () =
     expect(mine()).to.deep.equal([]);
     expect(parseArgs(['--quick']).warmMemory).to.be.greaterThan(0);
     expect(parseArgs(['--quick', '--no-warm-memory']).warmMemory).to.equal(0);
+  });
+});
+
+describe('benchmark: holding freed memory back from the hypervisor (holdFreeMemory)', () => {
+  it('raises min_free_ms for the run and puts the old value back, where the kernel has it', () => {
+    const param = '/sys/module/page_reporting/parameters/min_free_ms';
+    const before = fs.existsSync(param) ? fs.readFileSync(param, 'utf8').trim() : undefined;
+    const release = holdFreeMemory();
+    try {
+      if (before !== undefined && process.getuid?.() === 0) expect(fs.readFileSync(param, 'utf8').trim()).to.equal('100000');
+    } finally {
+      release();
+      release();
+    }
+    if (before !== undefined) expect(fs.readFileSync(param, 'utf8').trim()).to.equal(before);
   });
 });
