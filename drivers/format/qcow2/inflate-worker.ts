@@ -108,7 +108,12 @@ function pickInflater(): Inflater {
   }
 }
 
-const inflate = pickInflater();
+/**
+ * Picked at the first job, not when the worker loads: a worker ended during its start-up
+ * (a short convert releases the pool at once) then holds no zlib stream. Node aborts the
+ * process when it tears down a stream whose init had not run (seen once in CI).
+ */
+let inflate: Inflater | undefined;
 
 /** Cluster i of the job into out at i * clusterSize; out has INFLATE_SLACK bytes past the last cluster. */
 function decompressInto(job: InflateJob, i: number, out: Uint8Array): boolean {
@@ -118,6 +123,7 @@ function decompressInto(job: InflateJob, i: number, out: Uint8Array): boolean {
     // The room past the cluster (the next cluster's place, written after this one)
     // shows a stream that inflates to more than a cluster.
     currentClusterSize = cs;
+    inflate ??= pickInflater();
     return inflate(input, out.subarray(i * cs, (i + 1) * cs + INFLATE_SLACK)) === cs;
   }
   if (job.type === COMPRESSION.zstd) {
