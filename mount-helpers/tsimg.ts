@@ -32,6 +32,7 @@ import type { RebaseCli } from './tsimg/rebase.js';
 import type { AmendCli } from './tsimg/amend.js';
 import type { MeasureCli } from './tsimg/measure.js';
 import { packageVersion } from './version.js';
+import { settleWorkers } from '../drivers/util/worker-pools.js';
 
 
 function fail(msg: string, code = 1): never {
@@ -170,7 +171,10 @@ async function main(argv: string[]): Promise<void> {
   process.exitCode = exitCode;
 }
 
-main(process.argv).catch((err: unknown) => {
+main(process.argv).catch(async (err: unknown) => {
   if (process.env.DEBUG) process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
+  // A failed convert may leave compression jobs in worker threads: stopping a worker
+  // inside one can abort the process (worker-pools.ts).
+  await settleWorkers();
   fail(messageOf(err), err instanceof ExitError ? err.code : 1);
 });

@@ -26,6 +26,7 @@ import { needsResolving, oneSecret, resolveImageNames } from './image-opts.js';
 import { expandMountOptions } from './mount-options.js';
 import { packageVersion } from './version.js';
 import { TSMOUNT_HELP_AFTER } from './help.js';
+import { settleWorkers } from '../drivers/util/worker-pools.js';
 
 
 interface CliOptions {
@@ -259,8 +260,10 @@ async function main(argv: string[]): Promise<void> {
       } catch {
         /* nobody is listening any more */
       }
+      await settleWorkers();
       process.exit(1);
     }
+    await settleWorkers();
     fail(messageOf(err));
   }
   quiet();
@@ -288,6 +291,8 @@ async function main(argv: string[]): Promise<void> {
   const code = await running.exited;
   log('info', `${running.mountpoint}: exiting: ${running.summary}`);
   log(code === 0 ? 'info' : 'err', `${running.mountpoint} ${code === 0 ? 'unmounted' : 'unmounted, not cleanly (see the messages above)'}`);
+  // Worker threads inside a job must not be stopped (worker-pools.ts).
+  await settleWorkers();
   process.exit(code);
 }
 

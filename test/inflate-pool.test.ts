@@ -2,10 +2,12 @@
 // good clusters, the same error (class and message) for bad ones.
 import { expect } from 'chai';
 import zlib from 'node:zlib';
+import { spawn } from 'node:child_process';
 import { decompress as fzstdDecompress } from 'fzstd';
 import { COMPRESSION, decompressCluster, zstdFrameLength } from '../drivers/format/qcow2/compress.js';
 import { zstdNative } from '../drivers/util/native-codecs.js';
 import { acquireInflatePool, decompressClusters, inflateStats } from '../drivers/format/qcow2/inflate-pool.js';
+import { poolExits, settleWorkers } from '../drivers/util/worker-pools.js';
 
 const CS = 64 * 1024;
 
@@ -167,4 +169,55 @@ describe('qcow2 inflate workers', function () {
       release();
     }
   });
+});
+
+describe('worker pools end without aborting the process', function () {
+  // Node aborts a process whose worker was stopped while it built a zlib stream (seen
+  // once in CI, from a short tsimg convert). Each run is a new process; TSMOUNT_SOAK=1 runs many more.
+  const runs = process.env.TSMOUNT_SOAK === '1' ? 300 : 12;
+  this.timeout(process.env.TSMOUNT_SOAK === '1' ? 1_800_000 : 180_000);
+  const child = new URL('./helpers/pool-exit.js', import.meta.url).pathname;
+
+  it('the last release ends the workers by a message: they exit by themselves (code 0), none is terminated', async function () {
+    if (inflateStats().running !== 0 || process.env.TSMOUNT_INFLATE_WORKERS === '0') this.skip();
+    const before = poolExits();
+    const release = acquireInflatePool();
+    const packed = zlib.deflateRawSync(noise(CS, 3));
+    const running = await (async () => {
+      try {
+        // One cluster per worker first (a worker stopped before it started exits with 0 too),
+        // then a batch in flight when the pool is released, as an abandoned read leaves one.
+        const n = inflateStats().running || 4;
+        const parts = Array.from({ length: n }, () => ({ from: 0, to: packed.length, what: 'x' }));
+        await Promise.all(decompressClusters(COMPRESSION.zlib, packed, parts, CS));
+        const all = decompressClusters(COMPRESSION.zlib, packed, parts, CS);
+        for (const p of all) p.catch(() => undefined);
+        return inflateStats().running;
+      } finally {
+        release();
+      }
+    })();
+    expect(running).to.be.greaterThan(0);
+    await settleWorkers(5000);
+    for (let i = 0; i < 100 && poolExits().clean - before.clean < running; i++) await new Promise((r) => setTimeout(r, 50));
+    const after = poolExits();
+    expect({ clean: after.clean - before.clean, other: after.other - before.other }).to.deep.equal({ clean: running, other: 0 });
+  });
+  for (const [mode, what] of [
+    ['first', 'one cluster inflated, the pool released, the process ends by itself'],
+    ['inflight', 'the pool released with batches in the workers, then process.exit after settleWorkers'],
+    ['encode', 'deflate jobs in the decode pool, then process.exit after settleWorkers'],
+  ] as const) {
+    it(`${what} (${runs} processes)`, async function () {
+      for (let i = 0; i < runs; i++) {
+        const r = await new Promise<{ code: number | null; signal: string | null; stderr: string }>((resolve) => {
+          const p = spawn(process.execPath, [child, mode], { stdio: ['ignore', 'ignore', 'pipe'] });
+          let stderr = '';
+          p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+          p.on('close', (code, signal) => resolve({ code, signal, stderr }));
+        });
+        expect(r, `run ${i}`).to.deep.equal({ code: 0, signal: null, stderr: '' });
+      }
+    });
+  }
 });

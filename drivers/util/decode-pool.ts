@@ -3,12 +3,14 @@
 // request meanwhile. Compression for tsimg convert -c (deflate) runs here too. They run in a few worker threads, started on first use and
 // unref'd while idle (so they never keep the process alive). If a worker cannot
 // start or dies, its jobs and every later one are decoded in-thread instead.
-// TSMOUNT_DECODE_WORKERS=0 decodes in-thread from the start.
+// TSMOUNT_DECODE_WORKERS=0 decodes in-thread from the start. Workers are ended by a
+// message between jobs, never terminated in the middle of one (worker-pools.ts).
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import createDebug from './debug.js';
 import { decodeSync, encodeSync, type EncodeCodec, type JsCodec } from './js-codecs.js';
 import type { DecodeJob, DecodeReply } from './decode-worker.js';
+import { Busy, END, noteExit, registerPool } from './worker-pools.js';
 
 const debug = createDebug('tsmount:decode');
 
@@ -24,6 +26,8 @@ interface Pending {
 interface Slot {
   worker: Worker;
   jobs: Map<number, Pending>;
+  /** Jobs inside the worker, including those redone in-thread after broken(). */
+  busy: Busy;
 }
 
 let slots: Slot[] | undefined;
@@ -45,12 +49,26 @@ function broken(err: Error): void {
   slots = undefined;
   for (const s of all) {
     s.worker.removeAllListeners('exit');
-    s.worker.on('exit', () => undefined);
-    void s.worker.terminate().catch(() => undefined);
+    s.worker.removeAllListeners('error');
+    s.worker.on('error', () => undefined);
+    if (s.worker.threadId >= 0) {
+      ending.add(s);
+      s.worker.on('exit', (code) => {
+        noteExit(code);
+        s.busy.gone();
+        ending.delete(s);
+      });
+      s.worker.postMessage(END);
+      s.worker.unref();
+    }
     for (const p of s.jobs.values()) p.redo();
     s.jobs.clear();
   }
 }
+
+/** Workers asked to end and not gone yet. */
+const ending = new Set<Slot>();
+registerPool(() => Promise.all([...(slots ?? []), ...ending].map((s) => s.busy.idle())).then(() => undefined));
 
 function getSlots(): Slot[] | undefined {
   if (slots || disabled) return slots;
@@ -63,13 +81,14 @@ function getSlots(): Slot[] | undefined {
     const url = new URL('./decode-worker.js', import.meta.url);
     slots = [];
     for (let i = 0; i < n; i++) {
-      const slot: Slot = { worker: new Worker(url), jobs: new Map() };
+      const slot: Slot = { worker: new Worker(url), jobs: new Map(), busy: new Busy() };
       slot.worker.unref();
       // Node 20 refs a worker's port again when it comes online (inflate-pool.ts).
       slot.worker.once('online', () => {
         if (slot.jobs.size === 0) slot.worker.unref();
       });
       slot.worker.on('message', (r: DecodeReply) => {
+        slot.busy.done();
         const p = slot.jobs.get(r.id);
         if (!p) return;
         slot.jobs.delete(r.id);
@@ -78,7 +97,11 @@ function getSlots(): Slot[] | undefined {
         else p.resolve(Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength));
       });
       slot.worker.on('error', (err) => broken(err));
-      slot.worker.on('exit', (code) => broken(new Error(`decode worker exited with code ${code}`)));
+      slot.worker.on('exit', (code) => {
+        noteExit(code);
+        slot.busy.gone();
+        broken(new Error(`decode worker exited with code ${code}`));
+      });
       slots.push(slot);
     }
   } catch (err) {
@@ -117,6 +140,7 @@ function run(what: Omit<DecodeJob, 'id' | 'input'>, input: Uint8Array, sync: () 
   return new Promise<Buffer>((resolve, reject) => {
     if (slot.jobs.size === 0) slot.worker.ref();
     slot.jobs.set(id, { resolve, reject, redo: () => inThread().then(resolve, reject) });
+    slot.busy.start();
     // A copy goes to the worker: the caller's buffer stays usable.
     const copy = new ArrayBuffer(input.length);
     new Uint8Array(copy).set(input);

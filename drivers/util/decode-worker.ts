@@ -2,6 +2,7 @@
 // message and sends the output back transferred, or the decoder's error message.
 import { parentPort } from 'node:worker_threads';
 import { decodeSync, encodeSync, type EncodeCodec, type JsCodec } from './js-codecs.js';
+import { isEnd } from './worker-pools.js';
 
 /** Decode `input` into at most `size` bytes, or (encode) compress it into at most `size` bytes. */
 export type DecodeJob = { id: number; codec: JsCodec; input: Uint8Array; size: number; encode?: false } | { id: number; codec: EncodeCodec; input: Uint8Array; size: number; encode: true };
@@ -9,6 +10,8 @@ export type DecodeJob = { id: number; codec: JsCodec; input: Uint8Array; size: n
 export type DecodeReply = { id: number; out: Uint8Array } | { id: number; error: string };
 
 parentPort?.on('message', (job: DecodeJob) => {
+  // Asked to end between jobs (worker-pools.ts).
+  if (isEnd(job)) return parentPort!.close();
   let reply: DecodeReply;
   try {
     // A compression that does not fit comes back empty (no stream is empty).

@@ -7,13 +7,15 @@
 // The pool is shared by every node of the process: acquireInflatePool() counts its
 // users and the workers end when the last one releases it. Idle workers are unref'd
 // and never keep the process alive. If the workers cannot start or die, clusters are
-// decompressed in-thread with decompressCluster, as before.
+// decompressed in-thread with decompressCluster, as before. Workers are ended by a
+// message between jobs, never terminated in the middle of one (worker-pools.ts).
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import createDebug from '../../util/debug.js';
 import { COMPRESSION, INFLATE_SLACK, decompressCluster } from './compress.js';
 import type { InflateJob, InflateResult } from './inflate-worker.js';
 import { zstdNativeNow } from '../../util/native-codecs.js';
+import { Busy, END, noteExit, registerPool } from '../../util/worker-pools.js';
 
 const debug = createDebug('tsmount:inflate');
 
@@ -38,6 +40,8 @@ class Slot {
   readonly jobs = new Map<number, Pending>();
   /** Clusters sent and not yet back. */
   load = 0;
+  /** Batches inside the worker, including those whose promises were rejected at the end. */
+  readonly busy = new Busy();
   constructor(readonly worker: Worker) {}
 }
 
@@ -57,9 +61,16 @@ class Pool {
       worker.once('online', () => {
         if (slot.jobs.size === 0) worker.unref();
       });
-      worker.on('message', (r: InflateResult) => this.done(slot, r));
+      worker.on('message', (r: InflateResult) => {
+        slot.busy.done();
+        this.done(slot, r);
+      });
       worker.on('error', (err) => this.fail(err));
-      worker.on('exit', (code) => this.fail(new Error(`inflate worker exited with code ${code}`)));
+      worker.on('exit', (code) => {
+        noteExit(code);
+        slot.busy.gone();
+        this.fail(new Error(`inflate worker exited with code ${code}`));
+      });
       this.slots.push(slot);
     }
   }
@@ -74,6 +85,7 @@ class Pool {
       if (slot.jobs.size === 0) slot.worker.ref();
       slot.jobs.set(id, { resolve, reject, clusters });
       slot.load += clusters;
+      slot.busy.start();
       slot.worker.postMessage({ ...job, id }, transfer);
     });
   }
@@ -97,21 +109,45 @@ class Pool {
     this.broken = true;
     disabled = true;
     if (pool === this) pool = undefined;
-    this.terminate(err);
+    this.end(err);
   }
 
-  terminate(err = new Error('inflate pool closed')): void {
+  /**
+   * Reject what is pending and ask every worker to end after the batch it runs (a
+   * worker stopped inside a batch can abort the process: worker-pools.ts). Ended
+   * workers stay in `ending` until they are gone, for settleWorkers().
+   */
+  end(err = new Error('inflate pool closed')): void {
     for (const s of this.slots) {
       for (const p of s.jobs.values()) p.reject(err);
       s.jobs.clear();
       s.load = 0;
       s.worker.removeAllListeners('exit');
-      s.worker.on('exit', () => undefined);
-      void s.worker.terminate().catch(() => undefined);
+      s.worker.removeAllListeners('error');
+      s.worker.on('error', () => undefined);
+      // threadId is -1 once the worker is gone (fail() after its exit).
+      if (s.worker.threadId < 0) continue;
+      ending.add(s);
+      s.worker.on('exit', (code) => {
+        noteExit(code);
+        s.busy.gone();
+        ending.delete(s);
+      });
+      s.worker.postMessage(END);
+      s.worker.unref();
     }
     this.slots.length = 0;
   }
+
+  /** Resolves when no worker of this pool runs a batch. */
+  idle(): Promise<void> {
+    return Promise.all(this.slots.map((s) => s.busy.idle())).then(() => undefined);
+  }
 }
+
+/** Workers asked to end and not gone yet. */
+const ending = new Set<Slot>();
+registerPool(() => Promise.all([pool?.idle(), ...[...ending].map((s) => s.busy.idle())]).then(() => undefined));
 
 let pool: Pool | undefined;
 let users = 0;
@@ -126,7 +162,7 @@ export function acquireInflatePool(): () => void {
     if (released) return;
     released = true;
     if (--users === 0 && pool) {
-      pool.terminate();
+      pool.end();
       pool = undefined;
     }
   };

@@ -7,6 +7,7 @@ import { parentPort } from 'node:worker_threads';
 import zlib from 'node:zlib';
 import { decompress as zstdDecompress } from 'fzstd';
 import { COMPRESSION, INFLATE_SLACK, zstdFrameLength } from './compress.js';
+import { isEnd } from '../../util/worker-pools.js';
 
 /** One batch: clusters whose compressed bytes are buf[ranges[2i], ranges[2i+1]). */
 export interface InflateJob {
@@ -25,8 +26,8 @@ export interface InflateResult {
   ok: Uint8Array;
 }
 
-/** Inflates `input` into `dst`; returns the bytes produced, or -1 on a zlib error. */
-type Inflater = (input: Uint8Array, dst: Uint8Array) => number;
+/** Inflates `input` into `dst`; returns the bytes produced, or -1 on a zlib error. `close` frees its zlib stream. */
+type Inflater = ((input: Uint8Array, dst: Uint8Array) => number) & { close?: () => void };
 
 /**
  * zlib.inflateRawSync makes a zlib stream object per call, which costs about as much
@@ -57,7 +58,7 @@ function handleInflater(): Inflater | undefined {
     return true;
   };
   if (!open()) return undefined;
-  return (input, dst) => {
+  const run: Inflater = (input, dst) => {
     if (!handle) open();
     failed = false;
     handle!.reset();
@@ -71,6 +72,11 @@ function handleInflater(): Inflater | undefined {
     }
     return dst.length - state![0]!;
   };
+  run.close = () => {
+    engine?.close();
+    engine = handle = state = undefined;
+  };
+  return run;
 }
 
 /** zlib.inflateRawSync with decompressCluster's options: the reference, and the fallback. */
@@ -102,7 +108,9 @@ function pickInflater(): Inflater {
     const ok = h(packed, a) === plain.length && Buffer.from(a.buffer, 0, plain.length).equals(plain);
     const bad = h(new Uint8Array(64).fill(0xff), a) === -1;
     const again = h(packed, a) === plain.length && Buffer.from(a.buffer, 0, plain.length).equals(plain);
-    return ok && bad && again ? h : reference;
+    if (ok && bad && again) return h;
+    h.close?.();
+    return reference;
   } catch {
     return reference;
   }
@@ -143,6 +151,13 @@ function decompressInto(job: InflateJob, i: number, out: Uint8Array): boolean {
 const port = parentPort;
 if (port) {
   port.on('message', (job: InflateJob) => {
+    if (isEnd(job)) {
+      // Asked to end (worker-pools.ts): between jobs, with the zlib stream closed first.
+      inflate?.close?.();
+      inflate = undefined;
+      port.close();
+      return;
+    }
     const n = job.ranges.length / 2;
     const view = new Uint8Array(job.out, 0, n * job.clusterSize + INFLATE_SLACK);
     const ok = new Uint8Array(n);
