@@ -32,7 +32,6 @@ import type { RebaseCli } from './tsimg/rebase.js';
 import type { AmendCli } from './tsimg/amend.js';
 import type { MeasureCli } from './tsimg/measure.js';
 import { packageVersion } from './version.js';
-import { settleWorkers } from '../drivers/util/worker-pools.js';
 
 
 function fail(msg: string, code = 1): never {
@@ -175,6 +174,7 @@ main(process.argv).catch(async (err: unknown) => {
   if (process.env.DEBUG) process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
   // A failed convert may leave compression jobs in worker threads: stopping a worker
   // inside one can abort the process (worker-pools.ts).
-  await settleWorkers();
+  // (Imported here: --version and friends load nothing of drivers/, format-registry.test.ts.)
+  await (await import('../drivers/util/worker-pools.js')).settleWorkers();
   fail(messageOf(err), err instanceof ExitError ? err.code : 1);
 });
