@@ -24,10 +24,11 @@ export interface Extent {
    */
   zeroData?: boolean;
   /**
-   * 'data' with a `host` that a write may overwrite there and nothing else: the layer
-   * would change none of its metadata for it (qcow2: a plain cluster with the COPIED
-   * flag, clear of every table; raw: the file's data), so the FUSE workers may write
-   * it with pwrite(2) (fs/read-map.ts), where the node allows it (inPlaceWrites).
+   * A run with a `host` that a write may overwrite there and nothing else: the layer
+   * would change none of its metadata for it (qcow2: a plain 'data' cluster with the
+   * COPIED flag, clear of every table; raw: the file's data and its holes, 'zero'), so
+   * the FUSE workers may write it with pwrite(2) (fs/read-map.ts), where the node allows
+   * it (inPlaceWrites).
    */
   inPlace?: boolean;
 }

@@ -52,6 +52,8 @@ interface Inode {
   changing: number;
   /** The map's count of the workers' writes when the main thread last read: when it moved, cached data goes. */
   workerWritesSeen: number;
+  /** The same count when st_blocks was last counted: a worker's write may have filled a hole. */
+  workerWritesCounted: number;
 }
 
 /** A change in flight: the map told of its start (if any), to tell of its end. */
@@ -104,7 +106,7 @@ export class FlatFs implements FsOps {
   ) {
     files.forEach((file, i) => {
       const ino = overFile ? ROOT_ID : ROOT_ID + 1 + i;
-      const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false, changing: 0, workerWritesSeen: 0 };
+      const inode: Inode = { ino, file, allocated: undefined, gen: 0, tooCostly: false, changing: 0, workerWritesSeen: 0, workerWritesCounted: 0 };
       this.inodes[ino] = inode;
       this.byName.set(file.name, inode);
     });
@@ -235,6 +237,12 @@ export class FlatFs implements FsOps {
 
   /** Data bytes through the chain, counted once per change (ALLOCATION_MAX_RUNS says how). */
   private allocated(i: Inode): Promise<number> {
+    // The workers write in place around the main thread, holes of a raw image included.
+    const w = i.map ? i.map.workerWrites() : 0;
+    if (w !== i.workerWritesCounted) {
+      i.workerWritesCounted = w;
+      i.allocated = undefined;
+    }
     if (i.allocated) return i.allocated;
     const gen = i.gen;
     const p = this.countAllocated(i).catch((err: unknown) => {

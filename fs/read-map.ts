@@ -309,7 +309,11 @@ export class ReadMap {
         let fd = -1;
         let host = 0;
         let inPlace = false;
-        if (r.kind === 'data') {
+        // A hole of the top layer's own file that a write may fill in place (a raw image's)
+        // is published as that file's bytes: they read as zeros all the same, and a worker's
+        // write there is read back by every thread (an entry that said zeros would not be).
+        const hole = r.kind === 'zero' && writable && r.depth === 0 && r.inPlace === true && r.host !== undefined;
+        if (r.kind === 'data' || hole) {
           const layer = this.layer(r.depth);
           if (r.host === undefined || !layer || layer.encrypted || layer.hostFd === undefined) continue;
           fd = layer.hostFd;

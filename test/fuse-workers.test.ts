@@ -245,6 +245,57 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     await mounts.unmount(mp);
   });
 
+  it('fills a sparse raw image\'s holes from the workers in place: every byte where it belongs, holes left read as zeros, st_blocks grows', async () => {
+    const img = path.join(tmp.dir, 'sparse.img');
+    fs.closeSync(fs.openSync(img, 'w'));
+    fs.truncateSync(img, 32 * MiB);
+    const ref = Buffer.alloc(32 * MiB);
+    const mp = dir('m-sparse');
+    await mounts.mount(['--rw', '-f', 'raw', img, mp]);
+    const flat = path.join(mp, 'sparse.raw');
+    const zeros = crypto.createHash('md5').update(ref).digest('hex');
+    // Until the workers run and the map has the holes (published as the file's bytes).
+    expect(await untilWorkersServe(flat, mp, zeros, 4), 'reads answered by the workers').to.be.at.least(4);
+    const blocksBefore = fs.statSync(flat).blocks;
+    const fd = await fs.promises.open(flat, 'r+');
+    try {
+      // Every MiB a hole when its 1 MiB write comes (dd: one page-aligned request each): the
+      // workers write (nearly) all of them.
+      const src = path.join(tmp.dir, 'sparse-src.raw');
+      fs.writeFileSync(src, crypto.randomBytes(32 * MiB));
+      const order = [...Array(32).keys()].sort(() => Math.random() - 0.5);
+      await runOk('sh', ['-c', order.map((m) => `dd if='${src}' of='${flat}' bs=1M skip=${m} seek=${m} count=1 conv=notrunc status=none`).join(' && ')]);
+      fs.readFileSync(src).copy(ref);
+      // And a few unaligned small ones over them.
+      for (let i = 0; i < 8; i++) {
+        const at = crypto.randomInt(0, 32 * MiB - 5000);
+        const data = crypto.randomBytes(3000 + i);
+        await fd.write(data, 0, data.length, at);
+        data.copy(ref, at);
+      }
+    } finally {
+      await fd.close();
+    }
+    // The counters reach tsmount --list once a second.
+    let served = 0;
+    for (let i = 0; i < 20 && served < 16; i++) {
+      served = (await mountCounters(mp)).workerWrites ?? 0;
+      if (served < 16) await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(served, 'writes the workers wrote in place').to.be.at.least(16);
+    const want = crypto.createHash('md5').update(ref).digest('hex');
+    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+    // st_blocks is counted again after the workers' writes (the kernel keeps attributes for a second).
+    let blocks = 0;
+    for (let i = 0; i < 30 && blocks < blocksBefore + 8 * 2048; i++) {
+      blocks = (await fs.promises.stat(flat)).blocks;
+      if (blocks < blocksBefore + 8 * 2048) await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(blocks, 'st_blocks after the writes').to.be.at.least(blocksBefore + 8 * 2048);
+    await mounts.unmount(mp);
+    expect(await md5File(img)).to.equal(want);
+  });
+
   it('takes 1 MiB writes from 12 writers at once through the workers\' request slots, every byte where it belongs', async () => {
     // A WRITE the workers hand over stays in a shared request slot until it is written.
     const src = path.join(tmp.dir, 'slots-src.raw');

@@ -460,21 +460,23 @@ export class FileNode implements BlockNode {
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const end = offset + length;
     const out: Extent[] = [];
-    // Data (not a hole: filling one would change st_blocks unseen) may be written in place.
+    // Data and holes alike may be written in place: a hole filled so reads as written, and
+    // st_blocks is counted again after the workers' writes (fs/flatfs.ts).
     const inPlace = this.inPlaceWrites;
+    const zeros = (at: number, length: number): Extent => ({ offset: at, length, kind: 'zero', ...(inPlace ? { inPlace } : {}) });
     let pos = offset;
     while (pos < end) {
       const data = this.isBlockDevice ? pos : lseek(this.fd, pos, SEEK_DATA);
       if (data === -E.ENXIO) break;
       if (data < pos) return [...out, { offset: pos, length: end - pos, kind: 'data', ...(inPlace ? { inPlace } : {}) }];
-      if (data > pos) out.push({ offset: pos, length: Math.min(data, end) - pos, kind: 'zero' });
+      if (data > pos) out.push(zeros(pos, Math.min(data, end) - pos));
       if (data >= end) return out;
       const hole = this.isBlockDevice ? end : lseek(this.fd, data, SEEK_HOLE);
       const stop = hole > data ? Math.min(hole, end) : end;
       out.push({ offset: data, length: stop - data, kind: 'data', ...(inPlace ? { inPlace } : {}) });
       pos = stop;
     }
-    if (pos < end) out.push({ offset: pos, length: end - pos, kind: 'zero' });
+    if (pos < end) out.push(zeros(pos, end - pos));
     return out;
   }
 
