@@ -70,6 +70,28 @@ describe('GlusterFS: images on a gluster volume through libgfapi', function () {
     tmp?.cleanup();
   });
 
+  it('opens and closes of a volume in a row do not wait for glfs_fini (~10 s each): each open answers well inside its 10 s deadline', async () => {
+    // Each close of the volume's last node used to free its instance at once; freed
+    // concurrently, they made every glfs_init meanwhile wait ~10 s (9-10 s measured), and
+    // one in CI ran out of its deadline. Now an instance lingers 2 s for the next open,
+    // and instances are freed one at a time. A hang check against the product's own
+    // deadline, not a timing.
+    const waits: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const t0 = Date.now();
+      const node = await openProtocol(url(vol, 'disk.img'), ro);
+      waits.push(Date.now() - t0);
+      await node.close();
+    }
+    expect(Math.max(...waits), `ms per open: ${waits.join(', ')}`).to.be.below(5000);
+    const node = await openProtocol(url(vol, 'disk.img'), ro);
+    try {
+      expect(await nodeMd5(node)).to.equal(await md5File(local.raw));
+    } finally {
+      await node.close();
+    }
+  });
+
   it('writes land: the brick holds what was written through the node', async () => {
     expect(await md5File(path.join(single[0]!, 'disk.img'))).to.equal(await md5File(local.raw));
     expect(await md5File(path.join(single[0]!, 'disk.qcow2'))).to.equal(await md5File(local.qcow2));
@@ -87,7 +109,7 @@ describe('GlusterFS: images on a gluster volume through libgfapi', function () {
     }
   });
 
-  it('closing the last node on a volume frees its glfs instance (glfs_fini): its threads end, and the volume opens again', async () => {
+  it('closing the last node on a volume frees its glfs instance (glfs_fini, after 2 s of lingering): its threads end, and the volume opens again', async () => {
     const threads = (): number => fs.readdirSync('/proc/self/task').length;
     const spec = url(vol, 'disk.img');
     const first = await openProtocol(spec, { readOnly: true, cache: 'writeback' });

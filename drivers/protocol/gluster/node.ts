@@ -21,6 +21,8 @@ const PIECE = 1 << 20;
 const WINDOW = 3;
 /** glfs_init against a server that does not answer retries for a long time; give up after this. */
 const INIT_TIMEOUT_MS = 10_000;
+/** How long an instance nobody uses waits for its next user before glfs_fini (GlusterVolumes.release). */
+const LINGER_MS = 2000;
 
 function errnoName(errno: number): string {
   const name = Object.entries(E).find(([, v]) => v === errno)?.[0];
@@ -38,25 +40,48 @@ interface Volume {
 /** The glfs instances of one process, by servers, volume and log options; owned by the driver. */
 export class GlusterVolumes {
   private readonly volumes = new SharedConnections<Volume>();
+  /** Instances nobody uses, kept LINGER_MS for the next open of the same volume. */
+  private readonly lingering = new Map<string, { v: Volume; timer: NodeJS.Timeout }>();
 
   constructor(readonly log: (msg: string) => void = remoteLog) {}
 
   async acquire(t: GlusterTarget, name: string): Promise<Volume> {
     if (t.rdma) this.log(`${name}: warning: the rdma transport is deprecated, using tcp instead (as QEMU does)`);
     const key = formatGlusterUri({ ...t, path: '/' });
+    const idle = this.lingering.get(key);
+    if (idle) {
+      clearTimeout(idle.timer);
+      this.lingering.delete(key);
+      return this.volumes.acquire(key, () => Promise.resolve(idle.v), () => true);
+    }
     return this.volumes.acquire(key, () => this.connect(t, key, name), () => true);
   }
 
   /**
-   * The last user of a volume gone, its glfs instance is freed with glfs_fini (each
-   * instance holds connections to glusterd and the bricks, and threads). glfs_fini
-   * blocks for seconds while libgfapi tears its threads down, so it runs on a worker
-   * thread, and only once every call on the instance has returned (a call past its
-   * deadline may still be running there). Nobody waits for it: the next open of the
-   * volume connects anew.
+   * The last user of a volume gone, its glfs instance stays LINGER_MS for the next open
+   * (tsimg create opens a volume twice in a row; an overlay and its backing file, one
+   * after the other), then is freed with glfs_fini (each instance holds connections to
+   * glusterd and the bricks, and threads). glfs_fini blocks for about 10 s while
+   * libgfapi tears its threads down, so it runs on a worker thread, one at a time (see
+   * fini), and only once every call on the instance has returned (a call past its
+   * deadline may still be running there). The wait is unref'd: a process that ends
+   * meanwhile does not wait for it (its files were closed and synced by then; the
+   * connections end with the process), where qemu-img spends those 10 s at exit.
    */
   async release(v: Volume): Promise<void> {
-    this.volumes.release(v.key, v, () => void Promise.allSettled([...v.calls]).then(() => fini(v.fs)));
+    this.volumes.release(v.key, v, () => {
+      const timer = setTimeout(() => {
+        if (this.lingering.get(v.key)?.v === v) this.lingering.delete(v.key);
+        void Promise.allSettled([...v.calls]).then(() => fini(v.fs));
+      }, LINGER_MS);
+      timer.unref();
+      const old = this.lingering.get(v.key);
+      if (old) {
+        clearTimeout(old.timer);
+        void Promise.allSettled([...old.v.calls]).then(() => fini(old.v.fs));
+      }
+      this.lingering.set(v.key, { v, timer });
+    });
   }
 
   /** A libgfapi call on one of the volume's files, counted until it returns. */
@@ -79,7 +104,7 @@ export class GlusterVolumes {
       }
       if (g.glfs_set_logging(fs, t.logfile, t.debug) !== 0) throw new UsageError(`${name}: libgfapi cannot log to '${t.logfile}'`);
     } catch (err) {
-      await fini(fs);
+      void fini(fs);
       throw err;
     }
     const init = callAsync<number>(g.glfs_init, fs);
@@ -101,8 +126,24 @@ export class GlusterVolumes {
   }
 }
 
-async function fini(fs: Ptr): Promise<void> {
-  await callAsync<number>(gfapi().glfs_fini, fs).catch(() => undefined);
+/** The glfs_fini calls of the process, one after another (fini below). */
+let finis: Promise<void> = Promise.resolve();
+
+/**
+ * Free a glfs instance. glfs_fini blocks its thread for about 10 s here (libgfapi's
+ * teardown), and it runs on libuv's thread pool (4 threads by default), which every
+ * file read and write of the process shares: a few instances freed at once (volumes
+ * opened and closed in turn) once left no thread for anything else, and the next
+ * open's glfs_init waited out its deadline (seen in CI). So they run one at a time,
+ * holding at most one thread of the pool.
+ */
+function fini(fs: Ptr): Promise<void> {
+  const p = finis.then(() => callAsync<number>(gfapi().glfs_fini, fs)).then(
+    () => undefined,
+    () => undefined,
+  );
+  finis = p;
+  return p;
 }
 
 export class GlusterNode extends RemoteNode {
