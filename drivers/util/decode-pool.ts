@@ -10,7 +10,7 @@ import { Worker } from 'node:worker_threads';
 import createDebug from './debug.js';
 import { decodeSync, encodeSync, type EncodeCodec, type JsCodec } from './js-codecs.js';
 import type { DecodeJob, DecodeReply } from './decode-worker.js';
-import { Busy, END, noteExit, registerPool } from './worker-pools.js';
+import { Busy, endWorker, noteExit, registerPool } from './worker-pools.js';
 
 const debug = createDebug('tsmount:decode');
 
@@ -48,27 +48,13 @@ function broken(err: Error): void {
   const all = slots ?? [];
   slots = undefined;
   for (const s of all) {
-    s.worker.removeAllListeners('exit');
-    s.worker.removeAllListeners('error');
-    s.worker.on('error', () => undefined);
-    if (s.worker.threadId >= 0) {
-      ending.add(s);
-      s.worker.on('exit', (code) => {
-        noteExit(code);
-        s.busy.gone();
-        ending.delete(s);
-      });
-      s.worker.postMessage(END);
-      s.worker.unref();
-    }
+    endWorker(s.worker, s.busy);
     for (const p of s.jobs.values()) p.redo();
     s.jobs.clear();
   }
 }
 
-/** Workers asked to end and not gone yet. */
-const ending = new Set<Slot>();
-registerPool(() => Promise.all([...(slots ?? []), ...ending].map((s) => s.busy.idle())).then(() => undefined));
+registerPool(() => Promise.all((slots ?? []).map((s) => s.busy.idle())).then(() => undefined));
 
 function getSlots(): Slot[] | undefined {
   if (slots || disabled) return slots;

@@ -9,6 +9,7 @@
 // briefly, for the jobs still inside workers: settleWorkers().
 //
 // A worker that is idle when the process exits is safe: it runs no JavaScript.
+import type { Worker } from 'node:worker_threads';
 
 /** The message that ends a pool worker between jobs. */
 export const END = 'tsmount:end';
@@ -39,18 +40,42 @@ export function registerPool(settle: Settle): void {
   pools.add(settle);
 }
 
+/** Workers asked to end (endWorker) and not gone yet. */
+const ending = new Set<Busy>();
+
+/**
+ * Ask a pool's worker to end after the job it runs (END), with its listeners replaced:
+ * its exit is only recorded from now on. A worker already gone is left alone.
+ */
+export function endWorker(worker: Worker, busy: Busy): void {
+  worker.removeAllListeners('exit');
+  worker.removeAllListeners('error');
+  worker.on('error', () => undefined);
+  // threadId is -1 once the worker is gone.
+  if (worker.threadId < 0) return;
+  ending.add(busy);
+  worker.on('exit', (code) => {
+    noteExit(code);
+    busy.gone();
+    ending.delete(busy);
+  });
+  worker.postMessage(END);
+  worker.unref();
+}
+
 /**
  * Resolves once no pool worker runs a job (those jobs' results are dropped), or after
  * `ms`. Call before process.exit where a failure may leave compression jobs running.
  */
 export async function settleWorkers(ms = 2000): Promise<void> {
-  if (pools.size === 0) return;
+  if (pools.size === 0 && ending.size === 0) return;
   let timer: NodeJS.Timeout | undefined;
   const late = new Promise<void>((resolve) => {
     timer = setTimeout(resolve, ms);
   });
   try {
-    await Promise.race([Promise.all([...pools].map((s) => s().catch(() => undefined))), late]);
+    const all = [...[...pools].map((s) => s().catch(() => undefined)), ...[...ending].map((b) => b.idle())];
+    await Promise.race([Promise.all(all), late]);
   } finally {
     clearTimeout(timer);
   }

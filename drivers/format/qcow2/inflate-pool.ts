@@ -15,7 +15,7 @@ import createDebug from '../../util/debug.js';
 import { COMPRESSION, INFLATE_SLACK, decompressCluster } from './compress.js';
 import type { InflateJob, InflateResult } from './inflate-worker.js';
 import { zstdNativeNow } from '../../util/native-codecs.js';
-import { Busy, END, noteExit, registerPool } from '../../util/worker-pools.js';
+import { Busy, endWorker, noteExit, registerPool } from '../../util/worker-pools.js';
 
 const debug = createDebug('tsmount:inflate');
 
@@ -114,27 +114,14 @@ class Pool {
 
   /**
    * Reject what is pending and ask every worker to end after the batch it runs (a
-   * worker stopped inside a batch can abort the process: worker-pools.ts). Ended
-   * workers stay in `ending` until they are gone, for settleWorkers().
+   * worker stopped inside a batch can abort the process: worker-pools.ts).
    */
   end(err = new Error('inflate pool closed')): void {
     for (const s of this.slots) {
       for (const p of s.jobs.values()) p.reject(err);
       s.jobs.clear();
       s.load = 0;
-      s.worker.removeAllListeners('exit');
-      s.worker.removeAllListeners('error');
-      s.worker.on('error', () => undefined);
-      // threadId is -1 once the worker is gone (fail() after its exit).
-      if (s.worker.threadId < 0) continue;
-      ending.add(s);
-      s.worker.on('exit', (code) => {
-        noteExit(code);
-        s.busy.gone();
-        ending.delete(s);
-      });
-      s.worker.postMessage(END);
-      s.worker.unref();
+      endWorker(s.worker, s.busy);
     }
     this.slots.length = 0;
   }
@@ -145,9 +132,7 @@ class Pool {
   }
 }
 
-/** Workers asked to end and not gone yet. */
-const ending = new Set<Slot>();
-registerPool(() => Promise.all([pool?.idle(), ...[...ending].map((s) => s.busy.idle())]).then(() => undefined));
+registerPool(() => pool?.idle() ?? Promise.resolve());
 
 let pool: Pool | undefined;
 let users = 0;
