@@ -132,12 +132,12 @@ class Pool {
   }
 }
 
-registerPool(() => pool?.idle() ?? Promise.resolve());
-
 let pool: Pool | undefined;
 let users = 0;
 /** Set once the workers failed: the process decompresses in-thread from then on. */
 let disabled = false;
+
+registerPool(() => pool?.idle() ?? Promise.resolve());
 
 /** Count a user of the pool; the returned function releases it (once). The last release ends the workers. */
 export function acquireInflatePool(): () => void {
