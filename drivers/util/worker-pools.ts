@@ -102,10 +102,6 @@ export class Busy {
     this.wake();
   }
 
-  get running(): number {
-    return this.n;
-  }
-
   idle(): Promise<void> {
     return this.n === 0 ? Promise.resolve() : new Promise<void>((resolve) => this.waiters.push(resolve));
   }
