@@ -78,6 +78,27 @@ describe('qcow2 write path', function () {
     return fs.readFileSync(raw);
   }
 
+  /** As checkBytes, for images of 2 GiB and more: only `length` bytes at each offset are read back. */
+  async function checkRanges(name: string, bytes: Buffer, offsets: number[], length: number): Promise<Buffer[]> {
+    const img = path.join(tmp.dir, name);
+    fs.writeFileSync(img, bytes);
+    const c = await checkImage(img, 'qcow2');
+    expect(c.code, c.output).to.equal(0);
+    const raw = `${img}.raw`;
+    await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, raw]);
+    const fd = fs.openSync(raw, 'r');
+    try {
+      return offsets.map((o) => {
+        const b = Buffer.alloc(length);
+        fs.readSync(fd, b, 0, length, o);
+        return b;
+      });
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(raw);
+    }
+  }
+
   const cases: { what: string; offset: number; length: number; options?: Record<string, string> }[] = [
     { what: 'a 1 MiB write on cluster boundaries', offset: 4 * MiB, length: MiB },
     { what: 'an unaligned write across 5 clusters (old head and tail in the same write)', offset: 4 * MiB + 1000, length: 4 * CS + 5000 },
@@ -132,6 +153,71 @@ describe('qcow2 write path', function () {
     const want = Buffer.alloc(MiB);
     second.copy(want, CS + 100);
     expect(raw.subarray(0, MiB).equals(want)).to.equal(true);
+  });
+
+  /** The L1 table's offset and entries from the header at the start of the image. */
+  function l1Of(bytes: Buffer): { offset: number; size: number } {
+    return { offset: Number(bytes.readBigUInt64BE(40)), size: bytes.readUInt32BE(36) };
+  }
+
+  it('writes a new L2 table\'s L1 entry at the flush, after the table and a barrier, and flushes nothing before', async () => {
+    // 64 KiB clusters: one L2 table maps 512 MiB, so these three writes need three tables.
+    const img = path.join(tmp.dir, 'l1-later.qcow2');
+    await createImage(img, 'qcow2', 2048 * MiB, { cluster_size: CS });
+    const file = new CountingFile(fs.readFileSync(img));
+    const node = await openOver(file);
+    const l1 = l1Of(file.data);
+    const at = [0, 512 * MiB, 1024 * MiB + CS];
+    const data = at.map(() => crypto.randomBytes(MiB));
+    file.ops.length = 0;
+    for (let i = 0; i < at.length; i++) await node.write(at[i]!, data[i]!);
+    // QEMU's l2_allocate flushes the file twice per new table: a writeback of all
+    // that was written so far, in the middle of a long write. Not here.
+    expect(file.ops.filter((o) => o.op === 'flush'), 'flushes during the writes').to.have.length(0);
+    expect(file.data.subarray(l1.offset, l1.offset + l1.size * 8).every((b) => b === 0), 'L1 on disk before the flush').to.equal(true);
+    const back = Buffer.alloc(MiB);
+    await node.read(at[1]!, back);
+    expect(back.equals(data[1]!)).to.equal(true);
+
+    file.ops.length = 0;
+    await node.flush();
+    const ops = file.ops;
+    const tables = [0, 1, 2].map((i) => Number(file.data.readBigUInt64BE(l1.offset + i * 8) & 0x00fffffffffffe00n));
+    expect(tables.every((t) => t > 0)).to.equal(true);
+    const inL1 = (o: (typeof ops)[number]): boolean => o.op === 'write' && o.offset >= l1.offset && o.offset < l1.offset + l1.size * 8;
+    const firstL1 = ops.findIndex(inL1);
+    let lastTable = -1;
+    ops.forEach((o, i) => {
+      if (o.op === 'write' && tables.includes(o.offset)) lastTable = i;
+    });
+    expect(firstL1, JSON.stringify(ops)).to.be.greaterThan(-1);
+    expect(lastTable, JSON.stringify(ops)).to.be.greaterThan(-1).and.lessThan(firstL1);
+    expect(ops.slice(lastTable, firstL1).some((o) => o.op === 'flush'), 'a barrier between the tables and the L1 entries').to.equal(true);
+    expect(ops.slice(firstL1).some((o) => o.op === 'flush'), 'the L1 entries flushed').to.equal(true);
+    // The three neighbouring entries are one write.
+    expect(ops.filter(inL1)).to.have.length(1);
+    await node.close();
+    const got = await checkRanges('l1-later-out.qcow2', file.data, at, MiB);
+    for (let i = 0; i < at.length; i++) expect(got[i]!.equals(data[i]!), `data at ${at[i]}`).to.equal(true);
+  });
+
+  it('writes pending L1 entries before it grows the L1 table', async () => {
+    const img = path.join(tmp.dir, 'l1-grow.qcow2');
+    await createImage(img, 'qcow2', 1024 * MiB, { cluster_size: CS });
+    const file = new CountingFile(fs.readFileSync(img));
+    const node = await openOver(file);
+    const data = crypto.randomBytes(MiB);
+    await node.write(600 * MiB, data);
+    // 3 GiB needs 6 L1 entries where the table has 2: a new table, copied from memory.
+    await node.truncate!(3072 * MiB);
+    const more = crypto.randomBytes(MiB);
+    await node.write(2560 * MiB, more);
+    await node.flush();
+    await node.close();
+    expect(l1Of(file.data).size).to.equal(6);
+    const [a, b] = await checkRanges('l1-grow-out.qcow2', file.data, [600 * MiB, 2560 * MiB], MiB);
+    expect(a!.equals(data)).to.equal(true);
+    expect(b!.equals(more)).to.equal(true);
   });
 
   describe('through a mount', function () {

@@ -57,6 +57,8 @@ export class ClusterMap {
   private l1: Buffer;
   private l1View: DataView;
   private l1Offset: number;
+  /** L1 entries changed in memory and not yet written (setL1EntryLater). */
+  private readonly pendingL1 = new Set<number>();
   /** Entries of an L1 table read on demand (see ClusterMapOptions.l1Entries), else undefined. */
   private readonly lazyEntries: number | undefined;
   private readonly dataLimit: () => number;
@@ -89,13 +91,15 @@ export class ClusterMap {
     return this.l1Offset;
   }
 
-  /** A copy of the in-memory L1 table. */
+  /** A copy of the in-memory L1 table, as on disk (no entry waits to be written). */
   l1Copy(): Buffer {
+    this.assertNoPendingL1('copied');
     return Buffer.from(this.l1);
   }
 
   /** Switch to a new (larger) L1 table, already on disk and in the header. */
   replaceL1(l1: Buffer, offset: number): void {
+    this.assertNoPendingL1('replaced');
     this.l1 = l1;
     this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     this.l1Offset = offset;
@@ -135,6 +139,47 @@ export class ClusterMap {
     encodeL1(new DataView(entry.buffer, entry.byteOffset, 8), 0, offset, copied);
     await this.file.write(this.l1Offset + i * 8, entry);
     entry.copy(this.l1, i * 8);
+    this.pendingL1.delete(i);
+  }
+
+  /**
+   * Point L1 entry i at an L2 table in memory now, on disk at the next
+   * writePendingL1: the owner writes the tables the entry names, then a barrier,
+   * then the entries (qcow2.ts settleL1), so no barrier is paid per new table.
+   */
+  setL1EntryLater(i: number, offset: number, copied: boolean): void {
+    encodeL1(this.l1View, i, offset, copied);
+    this.pendingL1.add(i);
+  }
+
+  get hasPendingL1(): boolean {
+    return this.pendingL1.size > 0;
+  }
+
+  /** Write the entries setL1EntryLater changed, a run of neighbours at a time. */
+  async writePendingL1(): Promise<void> {
+    const indices = [...this.pendingL1].sort((a, b) => a - b);
+    let k = 0;
+    while (k < indices.length) {
+      let j = k + 1;
+      while (j < indices.length && indices[j] === indices[j - 1]! + 1) j++;
+      const first = indices[k]!;
+      const count = j - k;
+      await this.file.write(this.l1Offset + first * 8, Buffer.from(this.l1.subarray(first * 8, (first + count) * 8)));
+      for (let n = k; n < j; n++) this.pendingL1.delete(indices[n]!);
+      k = j;
+    }
+  }
+
+  /** Forget entries that will never be written (a corrupt image writes no table). */
+  dropPendingL1(): boolean {
+    const had = this.pendingL1.size > 0;
+    this.pendingL1.clear();
+    return had;
+  }
+
+  private assertNoPendingL1(what: string): void {
+    if (this.pendingL1.size > 0) throw new Error(`${this.name}: internal error: the L1 table ${what} with ${this.pendingL1.size} entries not yet written`);
   }
 
   /** Decode entry `index` of an L2 table that maps guest cluster `guestCluster`. */

@@ -563,8 +563,10 @@ export class Qcow2Node implements BlockNode {
   }
 
   /**
-   * The L2 table for L1 index l1i, made writable: allocated if missing (written
-   * before the L1 entry points at it), its COPIED flag set if its refcount is one.
+   * The L2 table for L1 index l1i, made writable: allocated if missing, its COPIED
+   * flag set if its refcount is one. A new table's L1 entry reaches the file at the
+   * next flush, after the table (settleL1): QEMU's l2_allocate flushes the file twice
+   * here instead, which in a long write is a writeback of everything written so far.
    */
   private async l2ForWrite(l1i: number): Promise<number> {
     const e = this.map.l1Entry(l1i);
@@ -580,17 +582,36 @@ export class Qcow2Node implements BlockNode {
     const offset = start * this.cs;
     this.guard?.add(offset, this.cs, OL.activeL2);
     this.map.l2Cache.getNew(offset);
-    // The table's refcount, then the (empty) table, then the L1 entry.
-    await this.map.l2Cache.flush();
-    await this.barrier();
-    await this.map.setL1Entry(l1i, offset, true);
+    await this.coverTable(offset);
+    this.map.setL1EntryLater(l1i, offset, true);
     return offset;
   }
 
   /**
+   * A new table past the end of the file is written (empty) at once, so that the
+   * file covers what the L1 entry names (decodeL1 checks it); its bytes proper follow
+   * with the cache's, before the entry is written.
+   */
+  private async coverTable(offset: number): Promise<void> {
+    if (offset + this.cs > this.file.size) await this.file.write(offset, Buffer.alloc(this.cs));
+  }
+
+  /**
+   * Write the L1 entries of new tables: refcount blocks, barrier, L2 tables,
+   * barrier, then the entries (the order l2_allocate keeps, once per flush instead
+   * of once per table). The caller holds the mutex.
+   */
+  private async settleL1(): Promise<void> {
+    if (!this.map.hasPendingL1) return;
+    await this.map.l2Cache.flush();
+    await this.barrier();
+    await this.map.writePendingL1();
+  }
+
+  /**
    * Copy an L2 table shared with a snapshot (QEMU's qcow2-cluster.c l2_allocate with
-   * an existing table): the copy's refcount, the copy, then the L1 entry; the old
-   * table loses this reference only once the L1 entry is on disk. The data clusters
+   * an existing table): the copy's refcount, the copy, then the L1 entry (at the next
+   * flush, settleL1); the old table loses this reference only once the L1 entry is on disk. The data clusters
    * keep their counts: the snapshot's table and the copy each hold them once.
    */
   private async copyL2(l1i: number, oldOffset: number): Promise<number> {
@@ -601,10 +622,10 @@ export class Qcow2Node implements BlockNode {
     const table = this.map.l2Cache.getNew(offset);
     old.data.copy(table.data);
     this.map.l2Cache.markDirty(table);
-    await this.map.l2Cache.flush();
-    await this.barrier();
-    await this.map.setL1Entry(l1i, offset, true);
+    await this.coverTable(offset);
+    this.map.setL1EntryLater(l1i, offset, true);
     // The old table is now only a snapshot's (inactive L2: QEMU's cached mode does not check those).
+    // Its reference goes at the flush, after the new entry is on disk (settleL1, then the frees).
     this.guard?.remove(oldOffset, OL.activeL2);
     this.refcounts.queueFree(oldOffset);
     return offset;
@@ -1055,6 +1076,7 @@ export class Qcow2Node implements BlockNode {
     // Clusters the refcounts call free may still hold metadata (a corrupt image): check first.
     await this.guard?.check(offset, clusters * cs);
     this.guard?.add(offset, entries * 8, OL.activeL1);
+    await this.settleL1();
     const l1 = Buffer.alloc(entries * 8);
     this.map.l1Copy().copy(l1);
     // Every L1 entry in use is an L2 table of ours: QEMU writes them with COPIED set.
@@ -1098,6 +1120,7 @@ export class Qcow2Node implements BlockNode {
         await this.barrier();
       }
       await this.map.l2Cache.flush();
+      await this.settleL1();
       await this.file.flush();
       if (frees.length > 0) {
         await this.refcounts.applyFrees(frees);
@@ -1113,7 +1136,8 @@ export class Qcow2Node implements BlockNode {
    */
   private async flushCorrupt(guard: MetadataGuard): Promise<void> {
     await this.file.flush();
-    if (this.map.l2Cache.hasDirty() || this.refcountCache.hasDirty()) throw guard.refusal();
+    const pendingL1 = this.map.dropPendingL1();
+    if (pendingL1 || this.map.l2Cache.hasDirty() || this.refcountCache.hasDirty()) throw guard.refusal();
   }
 
   private async barrier(): Promise<void> {
