@@ -15,7 +15,10 @@
 // cache reaches the file, every dirty table of the cache it depends on is written
 // and, unless the mode is unsafe, the file is flushed. So a cluster is never
 // referenced on disk before its refcount is; killing the process at any moment
-// leaks clusters at worst.
+// leaks clusters at worst. A cache may also have a tail (TableTail): the entries
+// of a higher table that point at its new tables (qcow2's L1 entries of new L2
+// tables, refcount table entries of new refcount blocks), written after its tables
+// and a flush, so creating a table costs no flush of its own.
 import { LRUCache } from 'lru-cache';
 import createDebug from '../drivers/util/debug.js';
 import type { BlockNode } from '../drivers/types.js';
@@ -48,6 +51,17 @@ export interface TableCacheOptions {
   minTables?: number;
 }
 
+/**
+ * What must reach the file after a cache's tables, behind a barrier: the entries
+ * that name its new tables. take() snapshots the pending entries together with the
+ * tables a flush writes (an entry made later waits for the next flush, as its table
+ * may not be in this one) and returns their write, or undefined when none wait.
+ */
+export interface TableTail {
+  pending(): boolean;
+  take(): (() => Promise<void>) | undefined;
+}
+
 export class TableCache {
   private readonly lru: LRUCache<number, Table>;
   /** Dirty or pinned tables pushed out of the LRU; still served by get(). */
@@ -58,6 +72,7 @@ export class TableCache {
   /** Bumped by every write-through change, so a load that raced one is neither cached nor joined. */
   private epoch = 0;
   private dependency: TableCache | undefined;
+  private tail: TableTail | undefined;
   /** One flush at a time; a second caller waits for the first and then runs its own. */
   private flushing: Promise<void> = Promise.resolve();
   private spillWriter: Promise<void> | undefined;
@@ -85,6 +100,11 @@ export class TableCache {
   /** Tables of this cache reach the disk only after every dirty table of `other`. */
   dependOn(other: TableCache): void {
     this.dependency = other;
+  }
+
+  /** Entries that point at this cache's new tables, written after them (TableTail). */
+  setTail(tail: TableTail): void {
+    this.tail = tail;
   }
 
   /**
@@ -188,12 +208,13 @@ export class TableCache {
   hasDirty(): boolean {
     for (const t of this.spilled.values()) if (t.dirty) return true;
     for (const t of this.lru.values()) if (t.dirty) return true;
-    return false;
+    return this.tail?.pending() ?? false;
   }
 
   /**
-   * Write every dirty table (after the dependency's), without flushing the file
-   * afterwards: the caller decides when the file itself must be durable.
+   * Write every dirty table (after the dependency's), then the tail behind a
+   * barrier, without flushing the file afterwards: the caller decides when the file
+   * itself must be durable.
    */
   flush(): Promise<void> {
     const run = this.flushing.then(() => this.writeDirty());
@@ -209,7 +230,8 @@ export class TableCache {
       this.pendingError = undefined;
       throw err;
     }
-    if (dirty.length === 0) return;
+    const tail = this.tail?.take();
+    if (dirty.length === 0 && !tail) return;
     dirty.sort((a, b) => a.offset - b.offset);
     // Snapshot before writing the dependency: a table change made while the
     // dependency is being written (a new L2 entry whose refcount was raised after
@@ -218,6 +240,10 @@ export class TableCache {
     const snapshots = dirty.map((t) => ({ table: t, generation: t.generation, data: Buffer.from(t.data) }));
     await this.flushDependency();
     await Promise.all(snapshots.map((s) => this.writeSnapshot(s.table, s.generation, s.data)));
+    if (tail) {
+      if (this.opts.barriers) await this.opts.file.flush();
+      await tail();
+    }
   }
 
   private async flushDependency(): Promise<void> {

@@ -201,6 +201,47 @@ describe('qcow2 write path', function () {
     for (let i = 0; i < at.length; i++) expect(got[i]!.equals(data[i]!), `data at ${at[i]}`).to.equal(true);
   });
 
+  it('writes new refcount blocks, their table entries, the L2 tables and the L1 entries in that order at the flush, 512-byte clusters', async () => {
+    // 512-byte clusters with 16-bit refcounts: a refcount block counts 128 KiB and an
+    // L2 table maps 32 KiB, so 1 MiB of new data makes dozens of each.
+    const img = path.join(tmp.dir, 'small-clusters.qcow2');
+    await createImage(img, 'qcow2', 64 * MiB, { cluster_size: 512 });
+    const file = new CountingFile(fs.readFileSync(img));
+    const node = await openOver(file);
+    const l1 = l1Of(file.data);
+    const reftable = { offset: Number(file.data.readBigUInt64BE(48)), bytes: file.data.readUInt32BE(56) * 512 };
+    const data = crypto.randomBytes(MiB);
+    file.ops.length = 0;
+    await node.write(3 * MiB, data);
+    expect(file.ops.filter((o) => o.op === 'flush'), 'flushes during the write').to.have.length(0);
+    file.ops.length = 0;
+    await node.flush();
+    type Op = (typeof file.ops)[number];
+    const ops = file.ops;
+    const within = (o: Op, at: number, bytes: number): boolean => o.op === 'write' && o.offset >= at && o.offset < at + bytes;
+    const inReftable = (o: Op): boolean => within(o, reftable.offset, reftable.bytes);
+    const inL1 = (o: Op): boolean => within(o, l1.offset, l1.size * 8);
+    const isTable = (o: Op): boolean => o.op === 'write' && !inReftable(o) && !inL1(o);
+    /** The last op before `end` that `f` picks, or -1. */
+    const lastBefore = (end: number, f: (o: Op) => boolean): number => {
+      for (let i = end - 1; i >= 0; i--) if (f(ops[i]!)) return i;
+      return -1;
+    };
+    const flushBetween = (a: number, b: number): boolean => a >= 0 && b > a && ops.slice(a, b).some((o) => o.op === 'flush');
+    const refAt = ops.findIndex(inReftable);
+    const l1At = ops.findIndex(inL1);
+    expect(refAt, JSON.stringify(ops.slice(0, 40))).to.be.greaterThan(0);
+    expect(l1At).to.be.greaterThan(refAt);
+    expect(ops.filter(isTable).length, 'L2 tables and refcount blocks written').to.be.greaterThan(8);
+    // Blocks, flush, refcount table entries, flush, L2 tables, flush, L1 entries.
+    expect(flushBetween(lastBefore(refAt, isTable), refAt), 'a flush after the blocks').to.equal(true);
+    expect(flushBetween(lastBefore(l1At, inReftable), ops.findIndex((o, i) => i > refAt && isTable(o))), 'a flush after the refcount table entries').to.equal(true);
+    expect(flushBetween(lastBefore(l1At, isTable), l1At), 'a flush after the L2 tables').to.equal(true);
+    await node.close();
+    const [got] = await checkRanges('small-clusters-out.qcow2', file.data, [3 * MiB], MiB);
+    expect(got!.equals(data)).to.equal(true);
+  });
+
   it('writes pending L1 entries before it grows the L1 table', async () => {
     const img = path.join(tmp.dir, 'l1-grow.qcow2');
     await createImage(img, 'qcow2', 1024 * MiB, { cluster_size: CS });

@@ -2,7 +2,7 @@
 // mapping" and "Extended L2 Entries"; QEMU's qcow2-cluster.c). Mapping only: no
 // data I/O happens here.
 import type { BlockNode } from '../../types.js';
-import type { Table, TableCache } from '../../../cache/table-cache.js';
+import type { Table, TableCache, TableTail } from '../../../cache/table-cache.js';
 import { decodeL1, decodeL2, encodeL1, SUBCLUSTERS, subclusterKind, type ClusterKind, type L2Entry, type L2Layout } from './entries.js';
 
 /** A stretch of guest bytes that one kind of I/O answers. */
@@ -143,9 +143,9 @@ export class ClusterMap {
   }
 
   /**
-   * Point L1 entry i at an L2 table in memory now, on disk at the next
-   * writePendingL1: the owner writes the tables the entry names, then a barrier,
-   * then the entries (qcow2.ts settleL1), so no barrier is paid per new table.
+   * Point L1 entry i at a new L2 table in memory now; the entry reaches the file
+   * with the L2 cache's next flush, after the tables and a barrier (l1Tail), so no
+   * flush is paid per new table.
    */
   setL1EntryLater(i: number, offset: number, copied: boolean): void {
     encodeL1(this.l1View, i, offset, copied);
@@ -156,19 +156,27 @@ export class ClusterMap {
     return this.pendingL1.size > 0;
   }
 
-  /** Write the entries setL1EntryLater changed, a run of neighbours at a time. */
-  async writePendingL1(): Promise<void> {
-    const indices = [...this.pendingL1].sort((a, b) => a - b);
-    let k = 0;
-    while (k < indices.length) {
-      let j = k + 1;
-      while (j < indices.length && indices[j] === indices[j - 1]! + 1) j++;
-      const first = indices[k]!;
-      const count = j - k;
-      await this.file.write(this.l1Offset + first * 8, Buffer.from(this.l1.subarray(first * 8, (first + count) * 8)));
-      for (let n = k; n < j; n++) this.pendingL1.delete(indices[n]!);
-      k = j;
-    }
+  /** The L2 cache's tail (cache/table-cache.ts TableTail): the L1 entries setL1EntryLater changed. */
+  l1Tail(): TableTail {
+    return {
+      pending: () => this.pendingL1.size > 0,
+      take: () => {
+        if (this.pendingL1.size === 0) return undefined;
+        const taken = [...this.pendingL1].sort((a, b) => a - b).map((i) => ({ i, bytes: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
+        return async () => {
+          let k = 0;
+          while (k < taken.length) {
+            // A run of neighbouring entries is one write, at the table's offset as it is now.
+            let j = k + 1;
+            while (j < taken.length && taken[j]!.i === taken[j - 1]!.i + 1) j++;
+            await this.file.write(this.l1Offset + taken[k]!.i * 8, Buffer.concat(taken.slice(k, j).map((t) => t.bytes)));
+            k = j;
+          }
+          // An entry changed again meanwhile is written by the next flush.
+          for (const t of taken) if (this.l1.subarray(t.i * 8, t.i * 8 + 8).equals(t.bytes)) this.pendingL1.delete(t.i);
+        };
+      },
+    };
   }
 
   /** Forget entries that will never be written (a corrupt image writes no table). */

@@ -173,6 +173,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   l2Cache.dependOn(refcountCache);
   const dataLimit = dataFile ? () => Number.MAX_SAFE_INTEGER : () => file.size;
   const map = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1, l1Offset: h.l1TableOffset, l2Cache });
+  l2Cache.setTail(map.l1Tail());
   const refcounts = new Refcounts({
     file,
     name,

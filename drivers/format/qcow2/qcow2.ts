@@ -564,9 +564,10 @@ export class Qcow2Node implements BlockNode {
 
   /**
    * The L2 table for L1 index l1i, made writable: allocated if missing, its COPIED
-   * flag set if its refcount is one. A new table's L1 entry reaches the file at the
-   * next flush, after the table (settleL1): QEMU's l2_allocate flushes the file twice
-   * here instead, which in a long write is a writeback of everything written so far.
+   * flag set if its refcount is one. A new table's L1 entry reaches the file with the
+   * L2 cache's next flush, after the table and a barrier (ClusterMap.l1Tail): QEMU's
+   * l2_allocate flushes the file twice here instead, which in a long write is a
+   * writeback of everything written so far.
    */
   private async l2ForWrite(l1i: number): Promise<number> {
     const e = this.map.l1Entry(l1i);
@@ -596,22 +597,11 @@ export class Qcow2Node implements BlockNode {
     if (offset + this.cs > this.file.size) await this.file.write(offset, Buffer.alloc(this.cs));
   }
 
-  /**
-   * Write the L1 entries of new tables: refcount blocks, barrier, L2 tables,
-   * barrier, then the entries (the order l2_allocate keeps, once per flush instead
-   * of once per table). The caller holds the mutex.
-   */
-  private async settleL1(): Promise<void> {
-    if (!this.map.hasPendingL1) return;
-    await this.map.l2Cache.flush();
-    await this.barrier();
-    await this.map.writePendingL1();
-  }
 
   /**
    * Copy an L2 table shared with a snapshot (QEMU's qcow2-cluster.c l2_allocate with
-   * an existing table): the copy's refcount, the copy, then the L1 entry (at the next
-   * flush, settleL1); the old table loses this reference only once the L1 entry is on disk. The data clusters
+   * an existing table): the copy's refcount, the copy, then the L1 entry (with the L2
+   * cache's next flush); the old table loses this reference only once the L1 entry is on disk. The data clusters
    * keep their counts: the snapshot's table and the copy each hold them once.
    */
   private async copyL2(l1i: number, oldOffset: number): Promise<number> {
@@ -625,7 +615,7 @@ export class Qcow2Node implements BlockNode {
     await this.coverTable(offset);
     this.map.setL1EntryLater(l1i, offset, true);
     // The old table is now only a snapshot's (inactive L2: QEMU's cached mode does not check those).
-    // Its reference goes at the flush, after the new entry is on disk (settleL1, then the frees).
+    // Its reference goes at the flush, after the new entry is on disk (the L2 cache's tail, then the frees).
     this.guard?.remove(oldOffset, OL.activeL2);
     this.refcounts.queueFree(oldOffset);
     return offset;
@@ -1076,7 +1066,8 @@ export class Qcow2Node implements BlockNode {
     // Clusters the refcounts call free may still hold metadata (a corrupt image): check first.
     await this.guard?.check(offset, clusters * cs);
     this.guard?.add(offset, entries * 8, OL.activeL1);
-    await this.settleL1();
+    // The new table is copied from memory: the entries of new L2 tables go to the old one first.
+    await this.map.l2Cache.flush();
     const l1 = Buffer.alloc(entries * 8);
     this.map.l1Copy().copy(l1);
     // Every L1 entry in use is an L2 table of ours: QEMU writes them with COPIED set.
@@ -1119,8 +1110,8 @@ export class Qcow2Node implements BlockNode {
         await this.refcountCache.flush();
         await this.barrier();
       }
+      // The tables, then (behind a barrier) the L1 entries of new ones.
       await this.map.l2Cache.flush();
-      await this.settleL1();
       await this.file.flush();
       if (frees.length > 0) {
         await this.refcounts.applyFrees(frees);

@@ -12,7 +12,7 @@
 //   (queueFree / takeFrees / applyFrees, driven by the node's flush).
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, IoError } from '../../errors.js';
-import type { Table, TableCache } from '../../../cache/table-cache.js';
+import type { Table, TableCache, TableTail } from '../../../cache/table-cache.js';
 import { constants as osc } from 'node:os';
 import { decodeRefcount, decodeReftable, encodeRefcount, encodeReftable } from './entries.js';
 import { encodeRefcountTableFields, HDR, LIMITS } from './header.js';
@@ -55,8 +55,11 @@ export class Refcounts {
   /** No free cluster below this index. */
   private freeHint = 0;
   private pendingFrees: number[] = [];
-  /** Refcount table entries set in memory whose block is not yet on disk. */
-  private newBlocks: number[] = [];
+  /**
+   * Refcount table entries of new blocks, set in memory and written with the
+   * refcount cache's next flush, after the blocks and a barrier (reftableTail).
+   */
+  private readonly newBlocks = new Set<number>();
 
   constructor(o: RefcountOptions) {
     this.file = o.file;
@@ -72,6 +75,7 @@ export class Refcounts {
     this.cache = o.cache;
     this.barriers = o.barriers;
     this.guard = o.guard;
+    this.cache.setTail(this.reftableTail());
   }
 
   get tableEntries(): number {
@@ -104,7 +108,6 @@ export class Refcounts {
       for (let i = 0; i < n; i++) this.setEntry(block, c + i - base, 1);
       this.cache.markDirty(block);
       this.freeHint = c + n;
-      await this.commitNewBlocks();
       return { start: c, count: n };
     }
   }
@@ -161,13 +164,10 @@ export class Refcounts {
 
   private async block(r: number): Promise<Table | undefined> {
     if (r >= this.tableEntries) return undefined;
-    const off = decodeReftable(this.tableView, r, this.clusterSize, this.blockLimit(), this.name);
+    // A new block may lie past the end of the file until the cache writes it.
+    const limit = this.newBlocks.has(r) ? Number.MAX_SAFE_INTEGER : this.file.size;
+    const off = decodeReftable(this.tableView, r, this.clusterSize, limit, this.name);
     return off === 0 ? undefined : this.cache.get(off);
-  }
-
-  /** Blocks may lie past the end of the file only while being created. */
-  private blockLimit(): number {
-    return this.newBlocks.length > 0 ? Number.MAX_SAFE_INTEGER : this.file.size;
   }
 
   /** A block for range r, at the first cluster of that range (so it counts itself). */
@@ -178,21 +178,30 @@ export class Refcounts {
     this.setEntry(block, 0, 1);
     this.cache.markDirty(block);
     encodeReftable(this.tableView, r, off);
-    this.newBlocks.push(r);
+    this.newBlocks.add(r);
     return block;
   }
 
-  /** Write new blocks, then the refcount table entries that point at them. */
-  private async commitNewBlocks(): Promise<void> {
-    if (this.newBlocks.length === 0) return;
-    await this.cache.flush();
-    await this.barrier();
-    const indices = [...new Set(this.newBlocks)].sort((a, b) => a - b);
-    for (const r of indices) {
-      await this.file.write(this.tableOffset + r * 8, Buffer.from(this.table.subarray(r * 8, r * 8 + 8)));
-    }
-    await this.barrier();
-    this.newBlocks = [];
+  /**
+   * The refcount cache's tail (cache/table-cache.ts TableTail): the table entries of
+   * new blocks, written after the blocks and a barrier. QEMU's alloc_refcount_block
+   * flushes the file twice per new block instead (with 512-byte clusters and 16-bit
+   * refcounts, once per 128 KiB of new data). The L2 cache depends on this cache, so
+   * no L2 entry reaches the disk before the counts of what it names are reachable.
+   */
+  private reftableTail(): TableTail {
+    return {
+      pending: () => this.newBlocks.size > 0,
+      take: () => {
+        if (this.newBlocks.size === 0) return undefined;
+        const taken = [...this.newBlocks].sort((a, b) => a - b);
+        return async () => {
+          // At the table's offset as it is when written: grow() may have moved it (its copy holds these entries too).
+          for (const r of taken) await this.file.write(this.tableOffset + r * 8, Buffer.from(this.table.subarray(r * 8, r * 8 + 8)));
+          for (const r of taken) this.newBlocks.delete(r);
+        };
+      },
+    };
   }
 
   /**
