@@ -11,6 +11,9 @@ import { TsmountError } from '../drivers/errors.js';
 import { checkImage, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { convertRef, formatTable, makeVariant as makeImage, oracleMd5 as refMd5 } from './helpers/formats.js';
 import { nodeMd5, openTestImage, patch, pattern, readBytes, TSIMG, tsimg, unalignedWrites } from './helpers/images.js';
+import { MemoryNode } from './helpers/memory-node.js';
+import { vdiDriver } from '../drivers/format/vdi/index.js';
+import { HDR as VDI_HDR } from '../drivers/format/vdi/header.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -71,6 +74,52 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
           expect(c.code, c.output).to.equal(0);
         }
       });
+    });
+
+    it('writes a vdi\'s new block map entries and count at the flush, behind a barrier after the data', async () => {
+      /** The image file in memory, growing as a file does. */
+      class GrowingFile extends MemoryNode {
+        override async write(offset: number, src: Uint8Array): Promise<void> {
+          if (offset + src.length > this.data.length) {
+            const next = Buffer.alloc(offset + src.length);
+            this.data.copy(next);
+            this.data = next;
+          }
+          await super.write(offset, src);
+        }
+      }
+      const img = path.join(tmp.dir, 'later.vdi');
+      await createImage(img, 'vdi', 64 * MiB);
+      const file = new GrowingFile(fs.readFileSync(img));
+      const bmapAt = file.data.readUInt32LE(VDI_HDR.offsetBmap);
+      const countAt = VDI_HDR.blocksAllocated;
+      const node = await vdiDriver.open(file, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: () => Promise.reject(new Error('none')) });
+      const blocks = [5, 6, 40].map((b) => ({ b, data: Buffer.alloc(MiB, b) }));
+      file.ops.length = 0;
+      for (const { b, data } of blocks) await node.write(b * MiB, data);
+      await node.write(20 * MiB + 1000, Buffer.alloc(3000, 0x77));
+      expect(file.ops.filter((o) => o.op === 'flush'), 'flushes during the writes').to.have.length(0);
+      expect(file.data.readUInt32LE(bmapAt + 5 * 4), 'block 5 on disk before the flush').to.equal(0xffffffff);
+      const back = Buffer.alloc(MiB);
+      await node.read(6 * MiB, back);
+      expect(back.equals(blocks[1]!.data)).to.equal(true);
+      file.ops.length = 0;
+      await node.flush();
+      const ops = file.ops;
+      const firstMeta = ops.findIndex((o) => o.op === 'write' && ((o.offset >= bmapAt && o.offset < bmapAt + 64 * 4) || o.offset === countAt));
+      expect(firstMeta, JSON.stringify(ops)).to.be.greaterThan(0);
+      expect(ops[firstMeta - 1]!.op, 'a barrier before the entries').to.equal('flush');
+      expect(ops[ops.length - 1]!.op).to.equal('flush');
+      expect(file.data.readUInt32LE(countAt)).to.equal(4);
+      await node.close();
+      fs.writeFileSync(img, file.data);
+      const c = await checkImage(img, 'vdi');
+      expect(c.code, c.output).to.equal(0);
+      const raw = path.join(tmp.dir, 'later.raw');
+      await runOk('qemu-img', ['convert', '-O', 'raw', img, raw]);
+      for (const { b, data } of blocks) expect(readBytes(raw, b * MiB, MiB).equals(data), `block ${b}`).to.equal(true);
+      expect(readBytes(raw, 20 * MiB + 1000, 3000).every((x) => x === 0x77)).to.equal(true);
+      expect(readBytes(raw, 20 * MiB, 1000).every((x) => x === 0)).to.equal(true);
     });
 
     it('overwrites part of a compressed qcow cluster, keeping the rest of it', async () => {
