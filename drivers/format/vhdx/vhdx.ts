@@ -92,7 +92,11 @@ export class VhdxNode extends MappedNode {
   private readonly chunkRatio: number;
   private readonly bat: PagedTable;
   readonly metadata: MetadataRanges;
-  /** BAT entries changed by the write in progress and not yet committed through the log. */
+  /**
+   * BAT entries of new blocks, not yet committed through the log: the next flush
+   * commits them all in one log transaction (QEMU commits one per new block, three
+   * flushes each, a writeback of everything written so far every block).
+   */
   private readonly pending = new Map<number, bigint>();
   private readonly headers: Headers | undefined;
   private readonly logOffset: number;
@@ -273,6 +277,8 @@ export class VhdxNode extends MappedNode {
    * either kind (repairAlways: -r leaks too opens the image writable, which replays it).
    */
   async checkMetadata(): Promise<CheckReport> {
+    // The scan reads the BAT pages: new blocks' entries go through the log first.
+    if (!this.readOnly) await this.mutex.run(() => this.commitAllPending());
     const report = emptyReport();
     if (this.pendingLog) {
       addCorruption(report, `VHDX image file '${this.name}' opened read-only, but contains a log that needs to be replayed`);
@@ -295,6 +301,7 @@ export class VhdxNode extends MappedNode {
     if (this.readOnly || !this.headers) return undefined;
     return async (mode) => {
       if (mode !== 'all') return;
+      await this.mutex.run(() => this.commitAllPending());
       const changes = new Map<number, bigint>();
       for (const p of (await this.scanBat()).problems) if (p.unmap !== undefined) changes.set(p.unmap, BigInt(PAYLOAD.notPresent));
       if (changes.size === 0) return;
@@ -328,7 +335,6 @@ export class VhdxNode extends MappedNode {
   }
 
   protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
-    const changes = new Map<number, bigint>();
     for (const { block, inBlock, pos, n } of blockPieces(offset, src.length, this.bs)) {
       const data = src.subarray(pos - offset, pos - offset + n);
       const { state, offset: host } = await this.entry(block);
@@ -343,13 +349,20 @@ export class VhdxNode extends MappedNode {
         if (this.file.truncate) await this.file.truncate(start + this.bs);
         else await this.file.write(start, Buffer.alloc(this.bs));
         await this.file.write(start + inBlock, data);
-        changes.set(this.batIndex(block), BigInt(start) | BigInt(PAYLOAD.fullyPresent));
-        // Later parts of this request may land in the same block: map it now.
+        // Mapped in memory now (rawEntry reads it first), through the log at the next flush.
         this.pending.set(this.batIndex(block), BigInt(start) | BigInt(PAYLOAD.fullyPresent));
       }
     }
-    if (changes.size === 0) return;
-    await this.commitPending(changes);
+  }
+
+  protected override async flushLocked(): Promise<void> {
+    await this.commitAllPending();
+    await this.file.flush();
+  }
+
+  /** Every BAT entry still in memory only, through the log. The caller holds the mutex. */
+  private async commitAllPending(): Promise<void> {
+    if (this.pending.size > 0) await this.commitPending(new Map(this.pending));
   }
 
   /** BAT entries through the log, then the cached BAT pages; `pending` is emptied either way. */
