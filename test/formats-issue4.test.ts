@@ -13,6 +13,7 @@ import { convertRef, formatTable, makeVariant as makeImage, oracleMd5 as refMd5 
 import { nodeMd5, openTestImage, patch, pattern, readBytes, TSIMG, tsimg, unalignedWrites } from './helpers/images.js';
 import { MemoryNode } from './helpers/memory-node.js';
 import { vdiDriver } from '../drivers/format/vdi/index.js';
+import { parallelsDriver } from '../drivers/format/parallels/index.js';
 import { HDR as VDI_HDR } from '../drivers/format/vdi/header.js';
 
 const KiB = 1024;
@@ -33,6 +34,18 @@ async function makeVariant(dir: string, v: Variant, name: string): Promise<strin
 /** qemu-img convert's md5 of an image, with the key for encrypted qcow. */
 function oracleMd5(file: string, format: string, secret?: string): Promise<string> {
   return refMd5({ file, format, secret, secretKey: 'encrypt.key-secret' });
+}
+
+/** The image file in memory, growing as a file does. */
+class GrowingFile extends MemoryNode {
+  override async write(offset: number, src: Uint8Array): Promise<void> {
+    if (offset + src.length > this.data.length) {
+      const next = Buffer.alloc(offset + src.length);
+      this.data.copy(next);
+      this.data = next;
+    }
+    await super.write(offset, src);
+  }
 }
 
 describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
@@ -77,17 +90,6 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
     });
 
     it('writes a vdi\'s new block map entries and count at the flush, behind a barrier after the data', async () => {
-      /** The image file in memory, growing as a file does. */
-      class GrowingFile extends MemoryNode {
-        override async write(offset: number, src: Uint8Array): Promise<void> {
-          if (offset + src.length > this.data.length) {
-            const next = Buffer.alloc(offset + src.length);
-            this.data.copy(next);
-            this.data = next;
-          }
-          await super.write(offset, src);
-        }
-      }
       const img = path.join(tmp.dir, 'later.vdi');
       await createImage(img, 'vdi', 64 * MiB);
       const file = new GrowingFile(fs.readFileSync(img));
@@ -120,6 +122,35 @@ describe('formats qed, qcow, vdi and parallels (issue 4)', function () {
       for (const { b, data } of blocks) expect(readBytes(raw, b * MiB, MiB).equals(data), `block ${b}`).to.equal(true);
       expect(readBytes(raw, 20 * MiB + 1000, 3000).every((x) => x === 0x77)).to.equal(true);
       expect(readBytes(raw, 20 * MiB, 1000).every((x) => x === 0)).to.equal(true);
+    });
+
+    it('writes a parallels image\'s new BAT entries at the flush, behind a barrier after the data', async () => {
+      const img = path.join(tmp.dir, 'later.parallels');
+      await createImage(img, 'parallels', 64 * MiB);
+      const file = new GrowingFile(fs.readFileSync(img));
+      const BAT = 64; // the BAT follows the 64-byte header
+      const node = await parallelsDriver.open(file, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: () => Promise.reject(new Error('none')) });
+      const blocks = [3, 4, 30].map((b) => ({ b, data: Buffer.alloc(MiB, 0x40 + b) }));
+      file.ops.length = 0;
+      for (const { b, data } of blocks) await node.write(b * MiB, data);
+      expect(file.ops.filter((o) => o.op === 'flush'), 'flushes during the writes').to.have.length(0);
+      expect(file.data.readUInt32LE(BAT + 3 * 4), 'cluster 3 on disk before the flush').to.equal(0);
+      const back = Buffer.alloc(MiB);
+      await node.read(30 * MiB, back);
+      expect(back.equals(blocks[2]!.data)).to.equal(true);
+      file.ops.length = 0;
+      await node.flush();
+      const ops = file.ops;
+      const firstBat = ops.findIndex((o) => o.op === 'write' && o.offset >= BAT && o.offset < BAT + 64 * 4);
+      expect(firstBat, JSON.stringify(ops)).to.be.greaterThan(0);
+      expect(ops[firstBat - 1]!.op, 'a barrier before the entries').to.equal('flush');
+      await node.close();
+      fs.writeFileSync(img, file.data);
+      const c = await checkImage(img, 'parallels');
+      expect(c.code, c.output).to.equal(0);
+      const raw = path.join(tmp.dir, 'later-parallels.raw');
+      await runOk('qemu-img', ['convert', '-O', 'raw', img, raw]);
+      for (const { b, data } of blocks) expect(readBytes(raw, b * MiB, MiB).equals(data), `cluster ${b}`).to.equal(true);
     });
 
     it('overwrites part of a compressed qcow cluster, keeping the rest of it', async () => {

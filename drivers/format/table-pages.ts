@@ -7,7 +7,10 @@
 //
 // Pages are written through: a driver's entry reaches the cached page and the file
 // together (write), or the file first and the page after (patch), so an evicted
-// page read again is still current.
+// page read again is still current. An entry that names newly written data may
+// instead wait in memory (later: read before the page, written by writeLater), so a
+// format writes the entries of its new blocks at a flush, behind one barrier after
+// all their data, instead of a barrier per block (vdi, parallels).
 import { TableCache } from '../../cache/table-cache.js';
 import type { BlockNode } from '../types.js';
 
@@ -24,6 +27,8 @@ export interface TablePage {
 export class PagedTable {
   private readonly perPage: number;
   private readonly cache: TableCache;
+  /** Entries set with later(), not yet in the file nor the page: index -> bytes as stored. */
+  private readonly waiting = new Map<number, Buffer>();
 
   constructor(
     private readonly file: BlockNode,
@@ -52,23 +57,31 @@ export class PagedTable {
   }
 
   async u32(index: number): Promise<number> {
+    const w = this.waiting.get(index);
+    if (w) return viewOf(w).getUint32(0, true);
     const pg = await this.page(index);
     return pg.view.getUint32((index - pg.first) * 4, true);
   }
 
   /** For tables stored big-endian (vpc's BAT). */
   async u32be(index: number): Promise<number> {
+    const w = this.waiting.get(index);
+    if (w) return viewOf(w).getUint32(0, false);
     const pg = await this.page(index);
     return pg.view.getUint32((index - pg.first) * 4, false);
   }
 
   /** For tables stored big-endian (qcow's L1). */
   async u64be(index: number): Promise<bigint> {
+    const w = this.waiting.get(index);
+    if (w) return viewOf(w).getBigUint64(0, false);
     const pg = await this.page(index);
     return pg.view.getBigUint64((index - pg.first) * 8, false);
   }
 
   async u64(index: number): Promise<bigint> {
+    const w = this.waiting.get(index);
+    if (w) return viewOf(w).getBigUint64(0, true);
     const pg = await this.page(index);
     return pg.view.getBigUint64((index - pg.first) * 8, true);
   }
@@ -100,10 +113,39 @@ export class PagedTable {
   }
 
   /**
+   * Set entry `index` (bytes as stored) in memory only: reads see it at once, the
+   * file and the page when writeLater runs. The owner writes the data the entry
+   * names first, and a barrier, then calls writeLater.
+   */
+  later(index: number, bytes: Uint8Array): void {
+    if (bytes.length !== this.entryBytes) throw new Error(`later: one entry of ${this.entryBytes} bytes, not ${bytes.length}`);
+    this.waiting.set(index, Buffer.from(bytes));
+  }
+
+  get hasLater(): boolean {
+    return this.waiting.size > 0;
+  }
+
+  /** Write the entries later() set, neighbours together, through the page to the file. */
+  async writeLater(): Promise<void> {
+    const taken = [...this.waiting].sort((a, b) => a[0] - b[0]);
+    let k = 0;
+    while (k < taken.length) {
+      let j = k + 1;
+      while (j < taken.length && taken[j]![0] === taken[j - 1]![0] + 1) j++;
+      await this.write(taken[k]![0], Buffer.concat(taken.slice(k, j).map(([, b]) => b)));
+      // Set again meanwhile: the next writeLater writes the newer bytes.
+      for (let n = k; n < j; n++) if (this.waiting.get(taken[n]![0]) === taken[n]![1]) this.waiting.delete(taken[n]![0]);
+      k = j;
+    }
+  }
+
+  /**
    * Visit every entry in order, reading the file in pages that are not cached (a
    * full scan must not flush the LRU nor hold the table): memory stays one page.
    */
   async scan(visit: (index: number, view: DataView, at: number) => void): Promise<void> {
+    if (this.waiting.size > 0) throw new Error('scan: entries set with later() are not written yet (writeLater first)');
     const buf = Buffer.alloc(TABLE_PAGE_BYTES);
     for (let first = 0, p = 0; first < this.entries; first += this.perPage, p++) {
       const count = Math.min(this.perPage, this.entries - first);
@@ -118,4 +160,8 @@ export class PagedTable {
       for (let k = 0; k < count; k++) visit(first + k, view, k * this.entryBytes);
     }
   }
+}
+
+function viewOf(b: Buffer): DataView {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength);
 }

@@ -100,18 +100,31 @@ export class ParallelsNode extends MappedNode {
       else await this.file.write(host + bytes - 1, Buffer.alloc(1));
     }
     this.dataEnd += n * this.h.tracks;
-    await this.barrier();
-    const entries = Buffer.alloc(n * 4);
+    // The BAT entries reach the file at the next flush, behind one barrier after all
+    // new clusters (table-pages.ts later), not behind a barrier each.
     for (let k = 0; k < n; k++) {
-      const v = (host / SECTOR + k * this.h.tracks) / this.multiplier;
-      entries.writeUInt32LE(v, k * 4);
+      const e = Buffer.alloc(4);
+      e.writeUInt32LE((host / SECTOR + k * this.h.tracks) / this.multiplier);
+      this.bat.later(c + k, e);
     }
-    await this.bat.write(c, entries);
+  }
+
+  protected override async flushLocked(): Promise<void> {
+    await this.writeLater();
+    await this.file.flush();
+  }
+
+  /** The BAT entries of new clusters, behind a barrier after their data. The caller holds the mutex. */
+  private async writeLater(): Promise<void> {
+    if (!this.bat.hasLater) return;
+    await this.barrier();
+    await this.bat.writeLater();
   }
 
   /** qemu-img check: parallels_co_check's report, reading the header and the BAT only. */
   async checkMetadata(): Promise<CheckReport> {
     return this.mutex.run(async () => {
+      await this.writeLater();
       const r: CheckReport & { imageEnd?: number; outside?: number } = await parallelsCheck(this.file, this.h, this.bat);
       delete r.imageEnd;
       delete r.outside;
@@ -128,6 +141,7 @@ export class ParallelsNode extends MappedNode {
     if (this.readOnly) return undefined;
     return (mode) =>
       this.mutex.run(async () => {
+        await this.writeLater();
         const all = mode === 'all';
         const found = await parallelsCheck(this.file, this.h, this.bat, all);
         const fixed: RepairFixed = { leaks: 0, corruptions: 0 };

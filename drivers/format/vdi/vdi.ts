@@ -15,8 +15,6 @@ import type { MetadataRanges } from '../metadata-ranges.js';
 export class VdiNode extends MappedNode {
   private readonly bs: number;
   private blocksAllocated: number;
-  /** Block map entries of new blocks (block -> data block), not yet in the file: writePending. */
-  private readonly pending = new Map<number, number>();
 
   constructor(
     file: BlockNode,
@@ -34,7 +32,7 @@ export class VdiNode extends MappedNode {
   /** Host offset of block b's data, or a kind when it has none; a bad entry throws. */
   private async where(b: number): Promise<number | 'unallocated' | 'zero'> {
     if (b >= this.bmap.entries) return 'unallocated';
-    const e = this.pending.get(b) ?? (await this.bmap.u32(b));
+    const e = await this.bmap.u32(b);
     // A VDI has no backing file: its unallocated blocks read as zeros it answers for
     // itself, as QEMU's vdi_co_block_status says (BDRV_BLOCK_ZERO; qemu-img map: present).
     if (e === BMAP.unallocated) return 'zero';
@@ -75,7 +73,9 @@ export class VdiNode extends MappedNode {
       block.set(data, at);
       await this.file.write(host, block);
     }
-    this.pending.set(b, entry);
+    const e = Buffer.alloc(4);
+    e.writeUInt32LE(entry);
+    this.bmap.later(b, e);
     this.blocksAllocated++;
   }
 
@@ -86,13 +86,12 @@ export class VdiNode extends MappedNode {
 
   /** The map entries of new blocks and the header's count, after a barrier behind their data. The caller holds the mutex. */
   private async writePending(): Promise<void> {
-    if (this.pending.size === 0) return;
+    if (!this.bmap.hasLater) return;
     await this.barrier();
-    for (const [block, e] of [...this.pending].sort((a, b) => a[0] - b[0])) await this.setEntry(block, e);
+    await this.bmap.writeLater();
     const n = Buffer.alloc(4);
     n.writeUInt32LE(this.blocksAllocated);
     await this.file.write(HDR.blocksAllocated, n);
-    this.pending.clear();
   }
 
   /**
