@@ -67,25 +67,25 @@ describe('qcow2 write path', function () {
     return fs.readFileSync(img);
   }
 
-  /** Write the in-memory image out and have qemu-img check it, and read it back as raw. */
-  async function checkBytes(name: string, bytes: Buffer): Promise<Buffer> {
+  /** Write the in-memory image out, have qemu-img check it, and convert it to raw: the raw file's name. */
+  async function checkedRaw(name: string, bytes: Buffer): Promise<string> {
     const img = path.join(tmp.dir, name);
     fs.writeFileSync(img, bytes);
     const c = await checkImage(img, 'qcow2');
     expect(c.code, c.output).to.equal(0);
     const raw = `${img}.raw`;
     await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, raw]);
-    return fs.readFileSync(raw);
+    return raw;
   }
 
-  /** As checkBytes, for images of 2 GiB and more: only `length` bytes at each offset are read back. */
+  /** checkedRaw, read back whole. */
+  async function checkBytes(name: string, bytes: Buffer): Promise<Buffer> {
+    return fs.readFileSync(await checkedRaw(name, bytes));
+  }
+
+  /** checkedRaw for images of 2 GiB and more: only `length` bytes at each offset are read back. */
   async function checkRanges(name: string, bytes: Buffer, offsets: number[], length: number): Promise<Buffer[]> {
-    const img = path.join(tmp.dir, name);
-    fs.writeFileSync(img, bytes);
-    const c = await checkImage(img, 'qcow2');
-    expect(c.code, c.output).to.equal(0);
-    const raw = `${img}.raw`;
-    await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, raw]);
+    const raw = await checkedRaw(name, bytes);
     const fd = fs.openSync(raw, 'r');
     try {
       return offsets.map((o) => {
