@@ -13,6 +13,7 @@
 // all their data, instead of a barrier per block (vdi, parallels).
 import { TableCache } from '../../cache/table-cache.js';
 import type { BlockNode } from '../types.js';
+import { indexRuns } from '../util/index-runs.js';
 
 export const TABLE_PAGE_BYTES = 64 * 1024;
 
@@ -128,15 +129,10 @@ export class PagedTable {
 
   /** Write the entries later() set, neighbours together, through the page to the file. */
   async writeLater(): Promise<void> {
-    const taken = [...this.waiting].sort((a, b) => a[0] - b[0]);
-    let k = 0;
-    while (k < taken.length) {
-      let j = k + 1;
-      while (j < taken.length && taken[j]![0] === taken[j - 1]![0] + 1) j++;
-      await this.write(taken[k]![0], Buffer.concat(taken.slice(k, j).map(([, b]) => b)));
+    for (const run of indexRuns([...this.waiting].map(([index, bytes]) => ({ index, bytes })))) {
+      await this.write(run[0]!.index, Buffer.concat(run.map((e) => e.bytes)));
       // Set again meanwhile: the next writeLater writes the newer bytes.
-      for (let n = k; n < j; n++) if (this.waiting.get(taken[n]![0]) === taken[n]![1]) this.waiting.delete(taken[n]![0]);
-      k = j;
+      for (const e of run) if (this.waiting.get(e.index) === e.bytes) this.waiting.delete(e.index);
     }
   }
 

@@ -3,6 +3,7 @@
 // data I/O happens here.
 import type { BlockNode } from '../../types.js';
 import type { Table, TableCache, TableTail } from '../../../cache/table-cache.js';
+import { indexRuns } from '../../util/index-runs.js';
 import { decodeL1, decodeL2, encodeL1, SUBCLUSTERS, subclusterKind, type ClusterKind, type L2Entry, type L2Layout } from './entries.js';
 
 /** A stretch of guest bytes that one kind of I/O answers. */
@@ -152,28 +153,18 @@ export class ClusterMap {
     this.pendingL1.add(i);
   }
 
-  get hasPendingL1(): boolean {
-    return this.pendingL1.size > 0;
-  }
-
   /** The L2 cache's tail (cache/table-cache.ts TableTail): the L1 entries setL1EntryLater changed. */
   l1Tail(): TableTail {
     return {
       pending: () => this.pendingL1.size > 0,
       take: () => {
         if (this.pendingL1.size === 0) return undefined;
-        const taken = [...this.pendingL1].sort((a, b) => a - b).map((i) => ({ i, bytes: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
+        const taken = [...this.pendingL1].map((index) => ({ index, bytes: Buffer.from(this.l1.subarray(index * 8, index * 8 + 8)) }));
         return async () => {
-          let k = 0;
-          while (k < taken.length) {
-            // A run of neighbouring entries is one write, at the table's offset as it is now.
-            let j = k + 1;
-            while (j < taken.length && taken[j]!.i === taken[j - 1]!.i + 1) j++;
-            await this.file.write(this.l1Offset + taken[k]!.i * 8, Buffer.concat(taken.slice(k, j).map((t) => t.bytes)));
-            k = j;
-          }
+          // A run of neighbouring entries is one write, at the table's offset as it is now.
+          for (const run of indexRuns(taken)) await this.file.write(this.l1Offset + run[0]!.index * 8, Buffer.concat(run.map((t) => t.bytes)));
           // An entry changed again meanwhile is written by the next flush.
-          for (const t of taken) if (this.l1.subarray(t.i * 8, t.i * 8 + 8).equals(t.bytes)) this.pendingL1.delete(t.i);
+          for (const t of taken) if (this.l1.subarray(t.index * 8, t.index * 8 + 8).equals(t.bytes)) this.pendingL1.delete(t.index);
         };
       },
     };
