@@ -43,6 +43,11 @@ export function registerPool(settle: Settle): void {
 /** Workers asked to end (endWorker) and not gone yet. */
 const ending = new Set<Busy>();
 
+/** How many workers were asked to end and have not exited yet (tests wait for none). */
+export function workersEnding(): number {
+  return ending.size;
+}
+
 /**
  * Ask a pool's worker to end after the job it runs (END), with its listeners replaced:
  * its exit is only recorded from now on. A worker already gone is left alone.
