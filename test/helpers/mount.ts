@@ -21,6 +21,12 @@ export async function waitFor(cond: () => boolean, timeoutMs: number, what: stri
   }
 }
 
+/** Every tracker a test file made: one exit hook for all (one each passed Node's listener limit at 11 files). */
+const trackers = new Set<MountTracker>();
+process.once('exit', () => {
+  for (const t of trackers) t.atExit();
+});
+
 /**
  * Tracks the mounts a test file makes; `cleanup()` (in an afterEach) unmounts what a
  * failed test left, gracefully first. A process exit hook catches the rest.
@@ -30,10 +36,13 @@ export class MountTracker {
   private readonly children = new Set<ChildProcess>();
 
   constructor() {
-    process.once('exit', () => {
-      for (const mp of this.mountpoints) forceUnmount(mp);
-      for (const c of this.children) c.kill('SIGKILL');
-    });
+    trackers.add(this);
+  }
+
+  /** At process exit: what no cleanup() reached. */
+  atExit(): void {
+    for (const mp of this.mountpoints) forceUnmount(mp);
+    for (const c of this.children) c.kill('SIGKILL');
   }
 
   /** tsmount ARGS...; the last argument is the mountpoint. Throws if it fails. */
