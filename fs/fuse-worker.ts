@@ -66,7 +66,9 @@ export function slotSize(maxRequest: number): number {
 
 export const CTL_STOP = 0;
 export const CTL_MAIL = 1;
-export const CTL_WORDS = 2;
+/** Requests handed to the main thread so far: its spin stops when this moves. */
+export const CTL_HANDED = 2;
+export const CTL_WORDS = 3;
 
 const OP_READ = 15;
 const OP_WRITE = 16;
@@ -374,6 +376,7 @@ class Worker {
    */
   private handOver(buf: Buffer, n: number): void {
     const state = this.init.slotState;
+    Atomics.add(this.init.ctl, CTL_HANDED, 1);
     if (n >= SLOT_MIN && this.slot < SLOTS) {
       const slot = this.slot;
       Atomics.store(state, slot, 1);

@@ -363,6 +363,53 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(writes).to.be.greaterThan(served);
   });
 
+  it('takes a writer\'s allocating 4 KiB writes on the JS thread\'s own descriptor, with readers beside it, every byte where qemu-img finds it', async () => {
+    // After a WRITE it served, the JS thread reads the next request itself (spinForWrites):
+    // a WRITE or, with the readers, a READ the workers would have served. Both kinds of
+    // reply must reach the descriptor the request came from.
+    const size = 32 * MiB;
+    const img = path.join(tmp.dir, 'jsspin.qcow2');
+    await createImage(img, 'qcow2', size);
+    const ref = Buffer.alloc(size);
+    const mp = dir('m-jsspin');
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, 'jsspin.raw');
+    const fd = await fs.promises.open(flat, 'r+');
+    let writing = true;
+    try {
+      const reader = async (): Promise<void> => {
+        const buf = Buffer.alloc(64 * KiB);
+        while (writing) await fd.read(buf, 0, buf.length, crypto.randomInt(0, size / buf.length) * buf.length);
+      };
+      const readers = [reader(), reader()];
+      try {
+        for (let i = 0; i < 1500; i++) {
+          const at = crypto.randomInt(0, size / 4096) * 4096;
+          const data = crypto.randomBytes(4096);
+          await fd.write(data, 0, data.length, at);
+          data.copy(ref, at);
+          // A writer alone for a while, then beside the readers again.
+          if (i === 500) {
+            writing = false;
+            await Promise.all(readers);
+          }
+        }
+      } finally {
+        writing = false;
+        await Promise.all(readers);
+      }
+    } finally {
+      await fd.close();
+    }
+    const want = crypto.createHash('md5').update(ref).digest('hex');
+    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    const back = path.join(tmp.dir, 'jsspin-back.raw');
+    await convertToRaw(img, back, 'qcow2');
+    expect(await md5File(back)).to.equal(want);
+  });
+
   it('serves a sequential reader from the workers all the way (the map is published ahead of it)', async () => {
     const img = path.join(tmp.dir, 'seq.qcow2');
     await createImage(img, 'qcow2', 4 * WINDOW);
