@@ -26,7 +26,7 @@ import {
   encodeOpenOut, encodeOutHeader, encodeStatfsOut, encodeWriteOut, newHeader, newIoRequest, opName, replyBuffer, u64,
   type DirEntryOut, type Request,
 } from './fuse-codec.js';
-import { ROOT_ID, type FsOps, type FuseMount } from './fuse.js';
+import { ROOT_ID, type FsOps, type FuseMount, type TransportCounters } from './fuse.js';
 
 const debug = createDebug('tsmount:fuse');
 const E = osc.errno;
@@ -184,6 +184,8 @@ export class Session implements FuseMount {
   private lastWrite = false;
   /** WRITEs to serve before spinning after one again (spinForWrites). */
   private spinBackoff = 0;
+  /** Requests this thread's spin read from its own descriptor while workers served (transportCounters). */
+  private spinTakes = 0;
   private idleSince = 0n;
   /** Reply buffers of OutHeader.SIZE + maxWrite bytes, for large reads. */
   private readonly replyPool: Buffer[] = [];
@@ -517,6 +519,16 @@ export class Session implements FuseMount {
     this.ops.forget?.(ino);
   }
 
+  /**
+   * With workers: the requests they handed to this thread (a message and a wake-up
+   * each), and those this thread's spin read from its own descriptor instead (after a
+   * small WRITE it served: spinForWrites). Undefined while no worker serves.
+   */
+  transportCounters(): TransportCounters | undefined {
+    if (this.workers.length === 0) return undefined;
+    return { handedOver: Atomics.load(this.ctl, CTL_HANDED) >>> 0, spinTakes: this.spinTakes };
+  }
+
   /** The kernel's lookup count of `ino` (tests). */
   lookupCount(ino: number): number {
     return this.lookups.get(ino) ?? 0;
@@ -555,7 +567,10 @@ export class Session implements FuseMount {
     do {
       const n = readNoBlock(this.fd, buf);
       if (n > 0) {
-        if (workers && (n < InHeader.SIZE || buf.readUInt32LE(4) !== Op.WRITE)) this.spinBackoff = SPIN_BACKOFF;
+        if (workers) {
+          this.spinTakes++;
+          if (n < InHeader.SIZE || buf.readUInt32LE(4) !== Op.WRITE) this.spinBackoff = SPIN_BACKOFF;
+        }
         this.spinChain++;
         if (SPIN_ADAPT && this.spinNs < SPIN_MAX_NS) this.spinNs *= 2n;
         this.dispatch(buf, n);

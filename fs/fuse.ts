@@ -114,6 +114,14 @@ export interface FuseMount {
   readonly mountpoint: string;
   /** Resolves when the kernel ends the session (unmounted), where the backend can tell. */
   readonly closed?: Promise<void>;
+  /** How requests moved between the FUSE worker threads and the JS thread, where the backend has workers. */
+  transportCounters?(): TransportCounters | undefined;
+}
+
+/** Requests the FUSE workers handed to the JS thread, and those its spin read itself instead (fs/fuse-session.ts). */
+export interface TransportCounters {
+  handedOver: number;
+  spinTakes: number;
 }
 
 export async function mount(mountpoint: string, ops: FsOps, opts: MountOptions): Promise<FuseMount> {

@@ -20,7 +20,7 @@ import { formatOf } from '../drivers/open.js';
 import { partitionFiles } from './partitions.js';
 import { prepareOverlays } from './overlay.js';
 import { layerFiles } from './layers.js';
-import { chainOf, mountCounters, StatusPublisher, type FileDetails, type MountDetails } from './status.js';
+import { chainOf, mountCounters, StatusPublisher, type FileDetails, type MountDetails, type WorkerIo } from './status.js';
 import { CountingFilter, newCounters, type IoCounters } from '../drivers/filters/counting.js';
 import { ClusterCache } from '../cache/cluster-cache.js';
 
@@ -246,7 +246,7 @@ export class Server {
       const state = { pid: process.pid, mountpoint: target.mountpoint, images: opts.images.map(shownImage), rw: opts.rw, details };
       server.stateFile = writeState(server.dev, state);
       if (server.stateFile) {
-        server.status = new StatusPublisher(server.stateFile, state, counters, server.caches, () => flat.workerIo());
+        server.status = new StatusPublisher(server.stateFile, state, counters, server.caches, () => server.workerIo());
         server.status.publish();
         server.status.start();
       }
@@ -270,9 +270,14 @@ export class Server {
   private io: IoCounters = newCounters();
   private caches: { hits: number; misses: number }[] = [];
 
+  /** What the FUSE workers served from the read maps, and how requests moved between them and the JS thread. */
+  private workerIo(): ReturnType<WorkerIo> {
+    return { ...this.flat.workerIo(), ...this.session?.transportCounters?.() };
+  }
+
   /** The one line logged when the server exits: uptime and the counters tsmount --list shows. */
   get summary(): string {
-    const c = mountCounters(this.io, this.caches, () => this.flat.workerIo());
+    const c = mountCounters(this.io, this.caches, () => this.workerIo());
     const up = (Date.now() - this.startedAt) / 1000;
     return `up ${up.toFixed(1)} s: ${c.reads + c.writes} I/O requests (${c.reads} reads, ${c.writes} writes), ${c.bytesRead} bytes read, ${c.bytesWritten} bytes written, ${c.errors} errors, cache ${c.cacheHits} hits / ${c.cacheMisses} misses`;
   }

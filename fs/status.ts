@@ -5,6 +5,7 @@
 import type { BlockNode } from '../drivers/types.js';
 import { formatOf } from '../drivers/open.js';
 import type { IoCounters } from '../drivers/filters/counting.js';
+import type { TransportCounters } from './fuse.js';
 import { shownImage, updateState, type MountState } from './mounts.js';
 
 export interface MountCounters extends IoCounters {
@@ -16,10 +17,14 @@ export interface MountCounters extends IoCounters {
   splicedReads?: number;
   /** Of `writes`, those a FUSE worker thread wrote in place (fs/read-map.ts). */
   workerWrites?: number;
+  /** Requests (of any kind) a FUSE worker read and handed to the JS thread, which owns the graph. */
+  handedOver?: number;
+  /** Requests the JS thread read from its own descriptor while workers served (its spin after a small WRITE). */
+  spinTakes?: number;
 }
 
 /** What the FUSE worker threads served without the graph (FlatFs.workerIo). */
-export type WorkerIo = () => { reads: number; bytes: number; spliced?: number; writes?: number; bytesWritten?: number };
+export type WorkerIo = () => { reads: number; bytes: number; spliced?: number; writes?: number; bytesWritten?: number } & Partial<TransportCounters>;
 
 export interface FileDetails {
   name: string;
@@ -71,6 +76,7 @@ export function mountCounters(io: IoCounters, caches: readonly { hits: number; m
     workerReads: w.reads,
     ...(w.spliced ? { splicedReads: w.spliced } : {}),
     ...(w.writes ? { workerWrites: w.writes } : {}),
+    ...(w.handedOver !== undefined ? { handedOver: w.handedOver, spinTakes: w.spinTakes ?? 0 } : {}),
   };
 }
 

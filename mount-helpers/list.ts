@@ -44,7 +44,13 @@ function human(m: ListedMount): string {
   }
   const c = m.counters;
   if (c) {
-    lines.push(`  reads ${c.reads} (${c.bytesRead} bytes), writes ${c.writes} (${c.bytesWritten} bytes), in flight ${c.inFlight}, errors ${c.errors}, cache hits ${c.cacheHits}, misses ${c.cacheMisses}${c.workerReads ? `, reads by FUSE workers ${c.workerReads}${c.splicedReads ? ` (${c.splicedReads} spliced)` : ''}` : ''}`);
+    lines.push(`  reads ${c.reads} (${c.bytesRead} bytes), writes ${c.writes} (${c.bytesWritten} bytes), in flight ${c.inFlight}, errors ${c.errors}, cache hits ${c.cacheHits}, misses ${c.cacheMisses}`);
+    if (c.workerReads || c.handedOver !== undefined) {
+      // Of the counts above, what the FUSE worker threads did themselves, and what went to the JS thread.
+      const parts = [`reads ${c.workerReads ?? 0}${c.splicedReads ? ` (${c.splicedReads} spliced)` : ''}`, `writes in place ${c.workerWrites ?? 0}`];
+      if (c.handedOver !== undefined) parts.push(`requests handed to the main thread ${c.handedOver}`, `read by its spin instead ${c.spinTakes ?? 0}`);
+      lines.push(`  FUSE workers: ${parts.join(', ')}`);
+    }
   }
   return lines.join('\n');
 }

@@ -410,6 +410,53 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(await md5File(back)).to.equal(want);
   });
 
+  it('counts the requests the workers hand over and those the JS thread\'s spin reads instead (tsmount --list), spin on and off', async () => {
+    // 4 KiB clusters: each 4 KiB write of dd allocates, so each is the JS thread's to serve.
+    const count = 1024;
+    const data = path.join(tmp.dir, 'spin-src.raw');
+    fs.writeFileSync(data, crypto.randomBytes(count * 4096));
+    const counted = async (spin: boolean): Promise<{ handedOver: number; spinTakes: number }> => {
+      const img = path.join(tmp.dir, `spin-${spin}.qcow2`);
+      await createImage(img, 'qcow2', 16 * MiB, { cluster_size: '4096' });
+      const mp = dir(`m-spin-${spin}`);
+      const old = process.env.TSMOUNT_FUSE_JS_SPIN;
+      process.env.TSMOUNT_FUSE_JS_SPIN = spin ? '1' : '0';
+      try {
+        await mounts.mount(['--rw', img, mp]);
+      } finally {
+        if (old === undefined) delete process.env.TSMOUNT_FUSE_JS_SPIN;
+        else process.env.TSMOUNT_FUSE_JS_SPIN = old;
+      }
+      const flat = path.join(mp, `spin-${spin}.raw`);
+      // The counters appear once the workers serve (they start after the mount is ready).
+      let before = await mountCounters(mp);
+      for (const deadline = Date.now() + 10_000; before.handedOver === undefined && Date.now() < deadline; before = await mountCounters(mp)) {
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      expect(before.handedOver, 'workers up').to.not.equal(undefined);
+      const r = await run('dd', [`if=${data}`, `of=${flat}`, 'bs=4k', 'oflag=direct', 'conv=notrunc', 'status=none']);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(await directMd5(flat, '1M', 0, (count * 4096) / MiB)).to.equal(await md5File(data));
+      let after = await mountCounters(mp);
+      for (const deadline = Date.now() + 5000; (after.handedOver ?? 0) + (after.spinTakes ?? 0) - before.handedOver! - before.spinTakes! < count && Date.now() < deadline; ) {
+        await new Promise((r) => setTimeout(r, 250));
+        after = await mountCounters(mp);
+      }
+      const human = await tsmount(['--list']);
+      expect(human.stdout).to.match(/FUSE workers: reads \d+.*, requests handed to the main thread \d+, read by its spin instead \d+/);
+      await mounts.unmount(mp);
+      await runOk('qemu-img', ['check', img]);
+      return { handedOver: after.handedOver! - before.handedOver!, spinTakes: after.spinTakes! - before.spinTakes! };
+    };
+    const on = await counted(true);
+    // Every allocating WRITE went to the JS thread one way or the other (and dd's other requests too).
+    expect(on.handedOver + on.spinTakes, JSON.stringify(on)).to.be.at.least(count);
+    expect(on.spinTakes, JSON.stringify(on)).to.be.above(0);
+    const off = await counted(false);
+    expect(off.spinTakes, JSON.stringify(off)).to.equal(0);
+    expect(off.handedOver, JSON.stringify(off)).to.be.at.least(count);
+  });
+
   it('serves a sequential reader from the workers all the way (the map is published ahead of it)', async () => {
     const img = path.join(tmp.dir, 'seq.qcow2');
     await createImage(img, 'qcow2', 4 * WINDOW);

@@ -42,7 +42,7 @@ fi
 cat "$W/full.qcow2" "$W/full.vmdk" > /dev/null
 
 pid_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);console.log(m?m.pid:0)})' "$1"; }
-counters_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);const c=(m&&m.counters)||{};console.log(`reads=${c.reads} worker=${c.workerReads??0} spliced=${c.splicedReads??0}`)})' "$1"; }
+counters_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);const c=(m&&m.counters)||{};console.log(`reads=${c.reads} worker=${c.workerReads??0} spliced=${c.splicedReads??0} handed=${c.handedOver??0} spin=${c.spinTakes??0}`)})' "$1"; }
 cpu_of() { awk '{print $14+$15}' "/proc/$1/stat"; }
 main_of() { awk '{print $14+$15}' "/proc/$1/task/$1/stat"; }
 bdi_of() { awk -v mp="$1" '$5 == mp { print $3 }' /proc/self/mountinfo | tail -1; }
