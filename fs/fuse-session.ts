@@ -19,7 +19,7 @@ import { ErrnoError, errnoOf, messageOf } from '../drivers/errors.js';
 import { Worker } from 'node:worker_threads';
 import { closeFd, fuseBackingClose, fuseBackingOpen, fuseDevClone, readNoBlock, SEEK_DATA, SEEK_HOLE } from '../drivers/util/sys.js';
 import { INIT_OVER_IO_URING_HI, UringQueues, probe as uringProbe, refuse as uringRefuse, uringWanted } from './fuse-uring.js';
-import { CTL_HANDED, CTL_MAIL, CTL_STOP, CTL_WORDS, SLOTS, slotSize, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
+import { CTL_HANDED, CTL_MAIL, CTL_PARK, CTL_SERVED, CTL_STOP, CTL_WORDS, SLOTS, slotSize, type WorkerInit, type WorkerMessage } from './fuse-worker.js';
 import {
   AttrOut, DT_DIR, DT_REG, EntryOut, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, Fattr, InHeader, Init, InitOut, LseekOut, OpenOut, OutHeader, Op, ReadIn, StatfsOut, UNCHECKED_BY_ALLOW_ROOT, WriteIn, WriteOut,
   decodeHeader, decodeIo, decodeRequest, encodeAttrOut, encodeDirents, encodeEntryOut, encodeInitOut, encodeLseekOut,
@@ -61,6 +61,20 @@ const SPIN_CHAIN = 64;
 /** With workers, the JS thread spins on its own descriptor after a WRITE it served (spinForWrites); TSMOUNT_FUSE_JS_SPIN=0: never. */
 const JS_SPIN = process.env.TSMOUNT_FUSE_JS_SPIN !== '0';
 const SPIN_BACKOFF = 256;
+/**
+ * With workers: after this many WRITEs in a row came to the JS thread (handed over, or
+ * read by its spin), it parks the workers and reads its own descriptor, as without
+ * workers, until a request of another kind comes (park()). TSMOUNT_FUSE_PARK=0: never.
+ */
+const PARK_AFTER = 16;
+/**
+ * Parked, the workers are let go again after this many WRITEs all the same: a writer
+ * that went on from allocating into clusters it may overwrite in place is theirs to serve
+ * (the next streak parks them again if not; that costs an allocating writer PARK_AFTER
+ * hand-overs per PARK_SPAN writes).
+ */
+const PARK_SPAN = 256;
+const PARK = process.env.TSMOUNT_FUSE_PARK !== '0';
 /**
  * Only after WRITEs up to this size (request bytes): a writer of 1 MiB blocks takes longer
  * than the spin to send its next one (dd reads its source meanwhile), and the spin only
@@ -186,6 +200,13 @@ export class Session implements FuseMount {
   private spinBackoff = 0;
   /** Requests this thread's spin read from its own descriptor while workers served (transportCounters). */
   private spinTakes = 0;
+  /** WRITEs in a row that came to this thread with workers up; whether the workers are parked (park()), and how often they were. */
+  private writeStreak = 0;
+  /** CTL_SERVED when the streak was last looked at: the workers served something meanwhile, the streak starts again. */
+  private servedSeen = 0;
+  private parked = false;
+  private parkedWrites = 0;
+  private parks = 0;
   private idleSince = 0n;
   /** Reply buffers of OutHeader.SIZE + maxWrite bytes, for large reads. */
   private readonly replyPool: Buffer[] = [];
@@ -357,6 +378,7 @@ export class Session implements FuseMount {
     const body = buf.subarray(InHeader.SIZE, n);
     const opcode = h.opcode;
     this.lastWrite = opcode === Op.WRITE && n <= SPIN_WRITE_MAX;
+    if (this.workers.length !== 0) this.writerMode(opcode === Op.WRITE);
     // Read by a worker: every reply to it goes back to that worker's descriptor. FORGET
     // and INTERRUPT get none (an INTERRUPT's EINTR goes where its request came from).
     if (fromFd !== this.fd && opcode !== Op.FORGET && opcode !== Op.BATCH_FORGET && opcode !== Op.INTERRUPT) this.replyFds.set(unique, fromFd);
@@ -460,7 +482,53 @@ export class Session implements FuseMount {
   }
 
   private finished(): void {
-    if (--this.inFlight === 0 && SPIN_NS > 0 && !this.closedFlag && (this.workers.length === 0 || this.spinForWrites())) this.spin();
+    if (--this.inFlight === 0 && SPIN_NS > 0 && !this.closedFlag && (this.workers.length === 0 || this.parked || this.spinForWrites())) this.spin();
+  }
+
+  /**
+   * With workers: a writer whose every WRITE comes here (allocating writes, which only
+   * this thread may serve) gains nothing from them: each WRITE is read by a worker and
+   * handed over (a message and a wake-up), or raced for by this thread's spin while the
+   * polling workers wake for nothing. After PARK_AFTER WRITEs in a row, the workers wait
+   * on CTL_PARK and this thread reads its own descriptor (epoll and the spin), as with
+   * no workers: 1 MiB allocating writes ~1.2x, 4 KiB ones 1.2-1.6x (scripts/BENCHMARKS.md,
+   * session 13). A request the workers answered themselves meanwhile starts the count
+   * again (a random read/write mix, parked at every 8th write, lost a quarter); the
+   * first request of another kind that comes here (a READ, an FSYNC), or PARK_SPAN
+   * writes, let them go. Correct either way: every request is answered on the
+   * descriptor it was read from, whoever read it.
+   */
+  private writerMode(write: boolean): void {
+    if (!write) {
+      this.writeStreak = 0;
+      if (this.parked) this.unpark();
+      return;
+    }
+    if (this.parked) {
+      if (++this.parkedWrites >= PARK_SPAN) this.unpark();
+      return;
+    }
+    // Only a writer alone: READs (or overwrites) the workers served between these WRITEs start the count again.
+    const served = Atomics.load(this.ctl, CTL_SERVED);
+    if (served !== this.servedSeen) {
+      this.servedSeen = served;
+      this.writeStreak = 0;
+    }
+    if (++this.writeStreak < PARK_AFTER || !PARK || this.closedFlag) return;
+    this.parked = true;
+    this.parkedWrites = 0;
+    this.parks++;
+    Atomics.store(this.ctl, CTL_PARK, 1);
+    this.socket.resume();
+  }
+
+  private unpark(): void {
+    if (!this.parked) return;
+    this.parked = false;
+    this.writeStreak = 0;
+    Atomics.store(this.ctl, CTL_PARK, 0);
+    Atomics.notify(this.ctl, CTL_PARK);
+    if (this.workers.length !== 0) this.socket.pause();
   }
 
   /**
@@ -526,7 +594,7 @@ export class Session implements FuseMount {
    */
   transportCounters(): TransportCounters | undefined {
     if (this.workers.length === 0) return undefined;
-    return { handedOver: Atomics.load(this.ctl, CTL_HANDED) >>> 0, spinTakes: this.spinTakes };
+    return { handedOver: Atomics.load(this.ctl, CTL_HANDED) >>> 0, spinTakes: this.spinTakes, parks: this.parks };
   }
 
   /** The kernel's lookup count of `ino` (tests). */
@@ -793,6 +861,9 @@ export class Session implements FuseMount {
 
   private stopWorkers(): void {
     Atomics.store(this.ctl, CTL_STOP, 1);
+    this.parked = false;
+    Atomics.store(this.ctl, CTL_PARK, 0);
+    Atomics.notify(this.ctl, CTL_PARK);
     const all = this.workers;
     this.workers = [];
     for (const w of all) {

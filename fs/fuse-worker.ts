@@ -68,7 +68,14 @@ export const CTL_STOP = 0;
 export const CTL_MAIL = 1;
 /** Requests handed to the main thread so far: its spin stops when this moves. */
 export const CTL_HANDED = 2;
-export const CTL_WORDS = 3;
+/**
+ * 1: the main thread reads its own descriptor for a writer whose every WRITE is its to
+ * serve (fuse-session.ts park()); workers wait on this word instead of reading. 0: serve.
+ */
+export const CTL_PARK = 3;
+/** Requests the workers answered themselves so far: a writer the main thread parks for sees none. */
+export const CTL_SERVED = 4;
+export const CTL_WORDS = 5;
 
 const OP_READ = 15;
 const OP_WRITE = 16;
@@ -328,6 +335,13 @@ class Worker {
     let lastServed = 0n;
     for (;;) {
       if (Atomics.load(ctl, CTL_STOP) !== 0) return 0;
+      if (Atomics.load(ctl, CTL_PARK) !== 0) {
+        // A request read while parking began is served as usual; from here on, none until
+        // the main thread lets go (a notify), or the timeout looks at the stop flag again.
+        Atomics.wait(ctl, CTL_PARK, 1, POLL_MS);
+        lastServed = 0n;
+        continue;
+      }
       this.mail();
       // Every slot was handed over: back to one as soon as the main thread gave one back.
       if (this.slot === SLOTS) this.slot = this.freeSlot(0);
@@ -337,7 +351,10 @@ class Worker {
         // Only after a reply of its own: a request handed over is answered by the main
         // thread, and a reader that waits for that answer sends nothing meanwhile, so
         // spinning then only took a core from the main thread (random 4 KiB writes).
-        if (this.handle(n) && spinNs > 0) lastServed = process.hrtime.bigint();
+        if (this.handle(n)) {
+          Atomics.add(ctl, CTL_SERVED, 1);
+          if (spinNs > 0) lastServed = process.hrtime.bigint();
+        }
         continue;
       }
       const e = n < 0 ? this.sys.errno() : 0;

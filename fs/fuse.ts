@@ -122,6 +122,8 @@ export interface FuseMount {
 export interface TransportCounters {
   handedOver: number;
   spinTakes: number;
+  /** Times a writer's WRITEs made the JS thread park the workers and read them itself. */
+  parks: number;
 }
 
 export async function mount(mountpoint: string, ops: FsOps, opts: MountOptions): Promise<FuseMount> {

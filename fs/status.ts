@@ -21,6 +21,8 @@ export interface MountCounters extends IoCounters {
   handedOver?: number;
   /** Requests the JS thread read from its own descriptor while workers served (its spin after a small WRITE). */
   spinTakes?: number;
+  /** Times a writer's WRITEs made the JS thread park the workers and read its own descriptor (fs/fuse-session.ts writerMode). */
+  writerParks?: number;
 }
 
 /** What the FUSE worker threads served without the graph (FlatFs.workerIo). */
@@ -76,7 +78,7 @@ export function mountCounters(io: IoCounters, caches: readonly { hits: number; m
     workerReads: w.reads,
     ...(w.spliced ? { splicedReads: w.spliced } : {}),
     ...(w.writes ? { workerWrites: w.writes } : {}),
-    ...(w.handedOver !== undefined ? { handedOver: w.handedOver, spinTakes: w.spinTakes ?? 0 } : {}),
+    ...(w.handedOver !== undefined ? { handedOver: w.handedOver, spinTakes: w.spinTakes ?? 0, writerParks: w.parks ?? 0 } : {}),
   };
 }
 

@@ -48,7 +48,7 @@ function human(m: ListedMount): string {
     if (c.workerReads || c.handedOver !== undefined) {
       // Of the counts above, what the FUSE worker threads did themselves, and what went to the JS thread.
       const parts = [`reads ${c.workerReads ?? 0}${c.splicedReads ? ` (${c.splicedReads} spliced)` : ''}`, `writes in place ${c.workerWrites ?? 0}`];
-      if (c.handedOver !== undefined) parts.push(`requests handed to the main thread ${c.handedOver}`, `read by its spin instead ${c.spinTakes ?? 0}`);
+      if (c.handedOver !== undefined) parts.push(`requests handed to the main thread ${c.handedOver}`, `read by its spin instead ${c.spinTakes ?? 0}`, `parked for a writer ${c.writerParks ?? 0} times`);
       lines.push(`  FUSE workers: ${parts.join(', ')}`);
     }
   }

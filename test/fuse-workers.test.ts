@@ -410,52 +410,93 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(await md5File(back)).to.equal(want);
   });
 
-  it('counts the requests the workers hand over and those the JS thread\'s spin reads instead (tsmount --list), spin on and off', async () => {
-    // 4 KiB clusters: each 4 KiB write of dd allocates, so each is the JS thread's to serve.
-    const count = 1024;
-    const data = path.join(tmp.dir, 'spin-src.raw');
-    fs.writeFileSync(data, crypto.randomBytes(count * 4096));
-    const counted = async (spin: boolean): Promise<{ handedOver: number; spinTakes: number }> => {
-      const img = path.join(tmp.dir, `spin-${spin}.qcow2`);
-      await createImage(img, 'qcow2', 16 * MiB, { cluster_size: '4096' });
-      const mp = dir(`m-spin-${spin}`);
-      const old = process.env.TSMOUNT_FUSE_JS_SPIN;
-      process.env.TSMOUNT_FUSE_JS_SPIN = spin ? '1' : '0';
-      try {
-        await mounts.mount(['--rw', img, mp]);
-      } finally {
-        if (old === undefined) delete process.env.TSMOUNT_FUSE_JS_SPIN;
-        else process.env.TSMOUNT_FUSE_JS_SPIN = old;
+  /**
+   * dd `count` writes of `bs` bytes into a new qcow2 of `cluster` clusters (each write
+   * allocates, so each is the JS thread's to serve) under `env`; every byte read back
+   * through the mount and qemu-img check; the transport counters' change over the dd.
+   */
+  const countedWriter = async (
+    name: string,
+    env: Record<string, string>,
+    o: { count: number; bs: number; cluster: number },
+  ): Promise<{ handedOver: number; spinTakes: number; writerParks: number; workerReadsAfter: number }> => {
+    const data = path.join(tmp.dir, `${name}-src.raw`);
+    fs.writeFileSync(data, crypto.randomBytes(o.count * o.bs));
+    const img = path.join(tmp.dir, `${name}.qcow2`);
+    await createImage(img, 'qcow2', Math.max(16 * MiB, 2 * o.count * o.bs), { cluster_size: String(o.cluster) });
+    const mp = dir(`m-${name}`);
+    const old = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+    Object.assign(process.env, env);
+    try {
+      await mounts.mount(['--rw', img, mp]);
+    } finally {
+      for (const [k, v] of Object.entries(old)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
       }
-      const flat = path.join(mp, `spin-${spin}.raw`);
-      // The counters appear once the workers serve (they start after the mount is ready).
-      let before = await mountCounters(mp);
-      for (const deadline = Date.now() + 10_000; before.handedOver === undefined && Date.now() < deadline; before = await mountCounters(mp)) {
-        await new Promise((r) => setTimeout(r, 250));
-      }
-      expect(before.handedOver, 'workers up').to.not.equal(undefined);
-      const r = await run('dd', [`if=${data}`, `of=${flat}`, 'bs=4k', 'oflag=direct', 'conv=notrunc', 'status=none']);
-      expect(r.code, r.stderr).to.equal(0);
-      expect(await directMd5(flat, '1M', 0, (count * 4096) / MiB)).to.equal(await md5File(data));
-      let after = await mountCounters(mp);
-      for (const deadline = Date.now() + 5000; (after.handedOver ?? 0) + (after.spinTakes ?? 0) - before.handedOver! - before.spinTakes! < count && Date.now() < deadline; ) {
-        await new Promise((r) => setTimeout(r, 250));
-        after = await mountCounters(mp);
-      }
-      const human = await tsmount(['--list']);
-      expect(human.stdout).to.match(/FUSE workers: reads \d+.*, requests handed to the main thread \d+, read by its spin instead \d+/);
-      await mounts.unmount(mp);
-      await runOk('qemu-img', ['check', img]);
-      return { handedOver: after.handedOver! - before.handedOver!, spinTakes: after.spinTakes! - before.spinTakes! };
+    }
+    const flat = path.join(mp, `${name}.raw`);
+    // The counters appear once the workers serve (they start after the mount is ready).
+    let before = await mountCounters(mp);
+    for (const deadline = Date.now() + 10_000; before.handedOver === undefined && Date.now() < deadline; before = await mountCounters(mp)) {
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(before.handedOver, 'workers up').to.not.equal(undefined);
+    const r = await run('dd', [`if=${data}`, `of=${flat}`, `bs=${o.bs}`, 'oflag=direct', 'conv=notrunc', 'status=none']);
+    expect(r.code, r.stderr).to.equal(0);
+    let after = await mountCounters(mp);
+    for (const deadline = Date.now() + 5000; (after.handedOver ?? 0) + (after.spinTakes ?? 0) - before.handedOver! - before.spinTakes! < o.count && Date.now() < deadline; ) {
+      await new Promise((r) => setTimeout(r, 250));
+      after = await mountCounters(mp);
+    }
+    // A reader after the writer: the workers serve it again (a parked writer's mount lets them go at its first READ).
+    const mib = (o.count * o.bs) / MiB;
+    expect(await directMd5(flat, '1M', 0, mib)).to.equal(await md5File(data));
+    expect(await directMd5(flat, '1M', 0, mib), 'read again').to.equal(await md5File(data));
+    // The counters are published once a second.
+    let read = await mountCounters(mp);
+    for (const deadline = Date.now() + 5000; (read.workerReads ?? 0) === (after.workerReads ?? 0) && Date.now() < deadline; ) {
+      await new Promise((r) => setTimeout(r, 250));
+      expect(await directMd5(flat, '1M', 0, mib), 'read again').to.equal(await md5File(data));
+      read = await mountCounters(mp);
+    }
+    const human = await tsmount(['--list']);
+    expect(human.stdout).to.match(/FUSE workers: reads \d+.*, requests handed to the main thread \d+, read by its spin instead \d+, parked for a writer \d+ times/);
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    return {
+      handedOver: after.handedOver! - before.handedOver!,
+      spinTakes: after.spinTakes! - before.spinTakes!,
+      writerParks: after.writerParks! - before.writerParks!,
+      workerReadsAfter: (read.workerReads ?? 0) - (after.workerReads ?? 0),
     };
-    const on = await counted(true);
+  };
+
+  it('counts the requests the workers hand over and those the JS thread\'s spin reads instead (tsmount --list), spin on and off', async () => {
+    const o = { count: 1024, bs: 4096, cluster: 4096 };
+    const on = await countedWriter('spin-on', { TSMOUNT_FUSE_JS_SPIN: '1', TSMOUNT_FUSE_PARK: '0' }, o);
     // Every allocating WRITE went to the JS thread one way or the other (and dd's other requests too).
-    expect(on.handedOver + on.spinTakes, JSON.stringify(on)).to.be.at.least(count);
+    expect(on.handedOver + on.spinTakes, JSON.stringify(on)).to.be.at.least(o.count);
     expect(on.spinTakes, JSON.stringify(on)).to.be.above(0);
-    const off = await counted(false);
+    expect(on.writerParks, JSON.stringify(on)).to.equal(0);
+    const off = await countedWriter('spin-off', { TSMOUNT_FUSE_JS_SPIN: '0', TSMOUNT_FUSE_PARK: '0' }, o);
     expect(off.spinTakes, JSON.stringify(off)).to.equal(0);
-    expect(off.handedOver, JSON.stringify(off)).to.be.at.least(count);
+    expect(off.handedOver, JSON.stringify(off)).to.be.at.least(o.count);
   });
+
+  for (const [bs, cluster] of [[MiB, 64 * KiB], [4096, 4096]] as const) {
+    it(`parks the workers for a writer whose every WRITE allocates (${bs / KiB} KiB writes), and lets them go for the next reader`, async () => {
+      const o = { count: bs === MiB ? 64 : 2048, bs, cluster };
+      const parked = await countedWriter(`park-${bs}`, { TSMOUNT_FUSE_JS_SPIN: '1' }, o);
+      expect(parked.writerParks, JSON.stringify(parked)).to.be.at.least(1);
+      // The first WRITEs are handed over until the streak is long enough; the rest the JS thread reads itself.
+      expect(parked.handedOver, JSON.stringify(parked)).to.be.below(o.count / 2);
+      expect(parked.workerReadsAfter, JSON.stringify(parked)).to.be.above(0);
+      const not = await countedWriter(`nopark-${bs}`, { TSMOUNT_FUSE_JS_SPIN: '0', TSMOUNT_FUSE_PARK: '0' }, o);
+      expect(not.writerParks, JSON.stringify(not)).to.equal(0);
+      expect(not.handedOver, JSON.stringify(not)).to.be.at.least(o.count);
+    });
+  }
 
   it('serves a sequential reader from the workers all the way (the map is published ahead of it)', async () => {
     const img = path.join(tmp.dir, 'seq.qcow2');
