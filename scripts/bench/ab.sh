@@ -13,7 +13,6 @@
 #     workers: MODES="one=TSMOUNT_FUSE_WORKERS=0 workers="
 #     splice:  MODES="pread=TSMOUNT_FUSE_SPLICE=0 splice= ceiling"
 #     uring:   MODES="workers= uring=TSMOUNT_FUSE_URING=1 uring-nospin=TSMOUNT_FUSE_URING=1,TSMOUNT_FUSE_SPIN_US=0"
-#     park:    MODES="nopark=TSMOUNT_FUSE_PARK=0 park=" (writes: by hand, see BENCHMARKS session 13)
 # TESTS (default "seq-qcow2 seq-vmdk rand1 rand4"): dd bs=1M of the 1 GiB qcow2 and
 #   vmdk, fio 4 KiB random reads (O_DIRECT) with 1 and 4 jobs on the qcow2.
 # A mode with TSMOUNT_FUSE_URING=1 needs fuse.enable_uring=Y: the script sets it (root)
