@@ -64,7 +64,7 @@ const SPIN_BACKOFF = 256;
 /**
  * With workers: after this many WRITEs in a row came to the JS thread (handed over, or
  * read by its spin), it parks the workers and reads its own descriptor, as without
- * workers, until a request of another kind comes (park()). TSMOUNT_FUSE_PARK=0: never.
+ * workers, until a request of another kind comes (writerMode). TSMOUNT_FUSE_PARK=0: never.
  */
 const PARK_AFTER = 16;
 /**
@@ -200,7 +200,7 @@ export class Session implements FuseMount {
   private spinBackoff = 0;
   /** Requests this thread's spin read from its own descriptor while workers served (transportCounters). */
   private spinTakes = 0;
-  /** WRITEs in a row that came to this thread with workers up; whether the workers are parked (park()), and how often they were. */
+  /** WRITEs in a row that came to this thread with workers up; whether the workers are parked (writerMode), and how often they were. */
   private writeStreak = 0;
   /** CTL_SERVED when the streak was last looked at: the workers served something meanwhile, the streak starts again. */
   private servedSeen = 0;
@@ -589,12 +589,13 @@ export class Session implements FuseMount {
 
   /**
    * With workers: the requests they handed to this thread (a message and a wake-up
-   * each), and those this thread's spin read from its own descriptor instead (after a
-   * small WRITE it served: spinForWrites). Undefined while no worker serves.
+   * each), those this thread's spin read from its own descriptor instead (after a small
+   * WRITE it served: spinForWrites, or while parked), and the parks (writerMode).
+   * Undefined while no worker serves.
    */
   transportCounters(): TransportCounters | undefined {
     if (this.workers.length === 0) return undefined;
-    return { handedOver: Atomics.load(this.ctl, CTL_HANDED) >>> 0, spinTakes: this.spinTakes, parks: this.parks };
+    return { handedOver: Atomics.load(this.ctl, CTL_HANDED) >>> 0, spinTakes: this.spinTakes, writerParks: this.parks };
   }
 
   /** The kernel's lookup count of `ino` (tests). */

@@ -70,7 +70,7 @@ export const CTL_MAIL = 1;
 export const CTL_HANDED = 2;
 /**
  * 1: the main thread reads its own descriptor for a writer whose every WRITE is its to
- * serve (fuse-session.ts park()); workers wait on this word instead of reading. 0: serve.
+ * serve (fuse-session.ts writerMode); workers wait on this word instead of reading. 0: serve.
  */
 export const CTL_PARK = 3;
 /** Requests the workers answered themselves so far: a writer the main thread parks for sees none. */

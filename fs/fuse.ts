@@ -118,12 +118,14 @@ export interface FuseMount {
   transportCounters?(): TransportCounters | undefined;
 }
 
-/** Requests the FUSE workers handed to the JS thread, and those its spin read itself instead (fs/fuse-session.ts). */
+/**
+ * Requests the FUSE workers handed to the JS thread, those its spin read itself instead,
+ * and the times a writer made it park the workers (fs/fuse-session.ts writerMode).
+ */
 export interface TransportCounters {
   handedOver: number;
   spinTakes: number;
-  /** Times a writer's WRITEs made the JS thread park the workers and read them itself. */
-  parks: number;
+  writerParks: number;
 }
 
 export async function mount(mountpoint: string, ops: FsOps, opts: MountOptions): Promise<FuseMount> {

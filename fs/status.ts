@@ -78,7 +78,7 @@ export function mountCounters(io: IoCounters, caches: readonly { hits: number; m
     workerReads: w.reads,
     ...(w.spliced ? { splicedReads: w.spliced } : {}),
     ...(w.writes ? { workerWrites: w.writes } : {}),
-    ...(w.handedOver !== undefined ? { handedOver: w.handedOver, spinTakes: w.spinTakes ?? 0, writerParks: w.parks ?? 0 } : {}),
+    ...(w.handedOver !== undefined ? { handedOver: w.handedOver, spinTakes: w.spinTakes ?? 0, writerParks: w.writerParks ?? 0 } : {}),
   };
 }
 
