@@ -48,16 +48,20 @@ async function untilWorkersServe(flat: string, mp: string, want: string, atLeast
   }
 }
 
-/** Run `fn` with TSMOUNT_FUSE_WORKERS set (the mounts it starts inherit it). */
-async function withWorkers<T>(n: string | undefined, fn: () => Promise<T>): Promise<T> {
-  const old = process.env.TSMOUNT_FUSE_WORKERS;
-  if (n === undefined) delete process.env.TSMOUNT_FUSE_WORKERS;
-  else process.env.TSMOUNT_FUSE_WORKERS = n;
+/** Run `fn` with these environment variables set (undefined: unset); the mounts it starts inherit them. */
+async function withEnv<T>(env: Record<string, string | undefined>, fn: () => Promise<T>): Promise<T> {
+  const old = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+  const set = (vars: Record<string, string | undefined>): void => {
+    for (const [k, v] of Object.entries(vars)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  };
+  set(env);
   try {
     return await fn();
   } finally {
-    if (old === undefined) delete process.env.TSMOUNT_FUSE_WORKERS;
-    else process.env.TSMOUNT_FUSE_WORKERS = old;
+    set(old);
   }
 }
 
@@ -209,7 +213,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     const raw = path.join(tmp.dir, 'nw.raw.out');
     await convertToRaw(img, raw, 'qcow2');
     const mp = dir('m-nw');
-    await withWorkers('0', () => mounts.mount([img, mp]));
+    await withEnv({ TSMOUNT_FUSE_WORKERS: '0' }, () => mounts.mount([img, mp]));
     const flat = path.join(mp, 'nw.raw');
     const want = await md5File(raw);
     expect(await directMd5(flat)).to.equal(want);
@@ -421,20 +425,13 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     o: { count: number; bs: number; cluster: number },
   ): Promise<{ handedOver: number; spinTakes: number; writerParks: number; workerReadsAfter: number }> => {
     const data = path.join(tmp.dir, `${name}-src.raw`);
-    fs.writeFileSync(data, crypto.randomBytes(o.count * o.bs));
+    const bytes = crypto.randomBytes(o.count * o.bs);
+    fs.writeFileSync(data, bytes);
+    const want = crypto.createHash('md5').update(bytes).digest('hex');
     const img = path.join(tmp.dir, `${name}.qcow2`);
     await createImage(img, 'qcow2', Math.max(16 * MiB, 2 * o.count * o.bs), { cluster_size: String(o.cluster) });
     const mp = dir(`m-${name}`);
-    const old = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
-    Object.assign(process.env, env);
-    try {
-      await mounts.mount(['--rw', img, mp]);
-    } finally {
-      for (const [k, v] of Object.entries(old)) {
-        if (v === undefined) delete process.env[k];
-        else process.env[k] = v;
-      }
-    }
+    await withEnv(env, () => mounts.mount(['--rw', img, mp]));
     const flat = path.join(mp, `${name}.raw`);
     // The counters appear once the workers serve (they start after the mount is ready).
     let before = await mountCounters(mp);
@@ -451,13 +448,13 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     }
     // A reader after the writer: the workers serve it again (a parked writer's mount lets them go at its first READ).
     const mib = (o.count * o.bs) / MiB;
-    expect(await directMd5(flat, '1M', 0, mib)).to.equal(await md5File(data));
-    expect(await directMd5(flat, '1M', 0, mib), 'read again').to.equal(await md5File(data));
+    expect(await directMd5(flat, '1M', 0, mib)).to.equal(want);
+    expect(await directMd5(flat, '1M', 0, mib), 'read again').to.equal(want);
     // The counters are published once a second.
     let read = await mountCounters(mp);
     for (const deadline = Date.now() + 5000; (read.workerReads ?? 0) === (after.workerReads ?? 0) && Date.now() < deadline; ) {
       await new Promise((r) => setTimeout(r, 250));
-      expect(await directMd5(flat, '1M', 0, mib), 'read again').to.equal(await md5File(data));
+      expect(await directMd5(flat, '1M', 0, mib), 'read again').to.equal(want);
       read = await mountCounters(mp);
     }
     const human = await tsmount(['--list']);
