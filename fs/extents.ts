@@ -112,6 +112,92 @@ export async function chainStatus(node: BlockNode, offset: number, length: numbe
   return out;
 }
 
+/** The index of the first of `runs` (in order) that ends after `offset`; runs.length when none does. */
+function runAfter(runs: Run[], offset: number): number {
+  let lo = 0;
+  let hi = runs.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    const r = runs[mid]!;
+    if (r.offset + r.length <= offset) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** The runs of `runs` (merged, in order, covering at least [offset, offset + length)) inside that range, cut to it. */
+function clipRuns(runs: Run[], offset: number, length: number): Run[] {
+  const end = offset + length;
+  const out: Run[] = [];
+  for (let i = runAfter(runs, offset); i < runs.length && runs[i]!.offset < end; i++) {
+    const r = runs[i]!;
+    const s = Math.max(r.offset, offset);
+    out.push({ offset: s, length: Math.min(r.offset + r.length, end) - s, data: r.data });
+  }
+  return out;
+}
+
+/** The first span StatusAhead asks for, and its bounds as it adapts. */
+const AHEAD_FIRST = 64 << 20;
+const AHEAD_MIN = 2 << 20;
+const AHEAD_MAX = 2 ** 34;
+
+/**
+ * chainStatus for a caller that walks a node from its start to its end in chunks
+ * (tsimg convert, compare): the status of a whole span ahead is asked at once and the
+ * chunks inside it are answered from that, as qemu-img convert keeps the status it got
+ * for the sectors ahead (sector_next_status). A block-status question has a fixed cost
+ * (about 0.5 ms for qcow2, two lseek(2) for a raw file, a round trip for NBD), so
+ * asking once per 2 MiB chunk made a convert of a 100 GiB sparse qcow2 take 0.6 s where
+ * qemu-img took 0.04 s. The span doubles while answers come back in few runs (a long
+ * hole, a long run of data) and halves when they come back in many, so what one
+ * answer holds stays small.
+ *
+ * Asked in order (each call's offset at or past the last one's, as chunks are taken),
+ * and valid while the node's allocation inside a span changes only where its caller
+ * writes a chunk after asking about it: convert asks about each chunk before writing
+ * it, and a span starts at a chunk nobody has taken yet.
+ */
+export class StatusAhead {
+  private span?: { from: number; to: number; runs: Promise<Run[]> };
+  /** The last span answered. */
+  private known?: { from: number; to: number; runs: Run[] };
+  private ahead = AHEAD_FIRST;
+
+  constructor(private readonly node: BlockNode) {}
+
+  /**
+   * Where the hole at `offset` ends, from a span already answered (no question asked):
+   * `offset` itself when it is data or not known yet. For skipping whole chunks of holes
+   * without asking about each (a 1 TiB sparse convert).
+   */
+  holeEnd(offset: number): number {
+    const k = this.known;
+    if (!k || offset < k.from || offset >= k.to) return offset;
+    const r = k.runs[runAfter(k.runs, offset)];
+    // Runs are merged: a hole's run is the whole hole the span saw.
+    return r && !r.data ? Math.min(k.to, r.offset + r.length) : offset;
+  }
+
+  /** The runs of [offset, offset + length), as chainStatus(node, offset, length) answers. */
+  async status(offset: number, length: number): Promise<Run[]> {
+    let span = this.span;
+    if (!span || offset < span.from || offset + length > span.to) {
+      const to = Math.min(this.node.size, offset + Math.max(length, this.ahead));
+      const from = offset;
+      const runs = chainStatus(this.node, from, to - from).then((got) => {
+        if (got.length <= 16) this.ahead = Math.min(this.ahead * 2, AHEAD_MAX);
+        else if (got.length > 1024) this.ahead = Math.max(this.ahead / 2, AHEAD_MIN);
+        this.known = { from, to, runs: got };
+        return got;
+      });
+      span = { from: offset, to, runs };
+      this.span = span;
+    }
+    return clipRuns(await span.runs, offset, length);
+  }
+}
+
 /**
  * How much of the disk one block-status question covers, first and at most. Each
  * question has a fixed cost in the format (0.5 ms for qcow2 and vdi here), so a scan of

@@ -11,6 +11,7 @@ import { run, runOk, tempDir } from './helpers/qemu.js';
 import { expectClean, openTestImage, patch, readBytes, TSIMG, tsimg } from './helpers/images.js';
 import { IoError } from '../drivers/errors.js';
 import { fileOpenOptions } from '../drivers/protocol/file.js';
+import { chainStatus, StatusAhead } from '../fs/extents.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -368,5 +369,88 @@ describe('tsimg convert -c, several sources, progress', function () {
       server.close();
     }
     expect(fs.readFileSync('/proc/mounts', 'utf8')).to.not.contain(mnt);
+  });
+});
+
+describe('tsimg convert and compare of large sparse images: block status asked a span ahead', function () {
+  this.timeout(300_000);
+  const GiB = 1024 * MiB;
+  const TiB = 1024 * GiB;
+  let t: ReturnType<typeof tempDir>;
+  before(() => (t = tempDir('tsimg-sparse')));
+  after(() => t.cleanup());
+
+  it('StatusAhead answers each chunk of an in-order walk as chainStatus does, and a hole it reports ahead is a hole', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'ahead-'));
+    const raw = path.join(dir, 'runs.raw');
+    // 4 KiB of data every 8 KiB over the first 16 MiB (thousands of runs: the span
+    // halves), then a long hole, 1 MiB of data at 40 MiB, and a hole to the end.
+    fs.writeFileSync(raw, '');
+    fs.truncateSync(raw, 48 * MiB);
+    const fd = fs.openSync(raw, 'r+');
+    try {
+      for (let o = 0; o < 16 * MiB; o += 8 * KiB) fs.writeSync(fd, crypto.randomBytes(4 * KiB), 0, 4 * KiB, o);
+      fs.writeSync(fd, crypto.randomBytes(MiB), 0, MiB, 40 * MiB);
+    } finally {
+      fs.closeSync(fd);
+    }
+    const node = await openTestImage(raw, { format: 'raw' });
+    try {
+      let holesAhead = 0;
+      for (const chunk of [2 * MiB, 3 * MiB + 4 * KiB, 64 * KiB]) {
+        const ahead = new StatusAhead(node);
+        for (let pos = 0; pos < node.size; pos += chunk) {
+          const n = Math.min(chunk, node.size - pos);
+          const holeEnd = ahead.holeEnd(pos);
+          expect(await ahead.status(pos, n), `${chunk} at ${pos}`).to.deep.equal(await chainStatus(node, pos, n));
+          if (holeEnd > pos) {
+            holesAhead++;
+            expect(await chainStatus(node, pos, holeEnd - pos), `hole ${pos}..${holeEnd}`).to.deep.equal([{ offset: pos, length: holeEnd - pos, data: false }]);
+          }
+        }
+      }
+      expect(holesAhead).to.be.greaterThan(0);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('a 1 TiB sparse qcow2 converts to qcow2 and raw equal and as sparse as qemu-img makes it; -n writes zeros where the target has data under a hole', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'big-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'big.qcow2', '1T'], { cwd: dir });
+    await runOk('qemu-io', ['-c', 'write -P 0x11 0 64k', '-c', `write -P 0x22 ${300 * GiB + 4 * KiB} 4k`, '-c', `write -P 0x33 ${TiB - 64 * KiB} 64k`, 'big.qcow2'], { cwd: dir });
+    await ok(['convert', '-O', 'qcow2', 'big.qcow2', 'ours.qcow2'], dir);
+    await runOk('qemu-img', ['convert', '-O', 'qcow2', 'big.qcow2', 'theirs.qcow2'], { cwd: dir });
+    await expectSame(dir, 'big.qcow2', 'ours.qcow2');
+    await expectClean(path.join(dir, 'ours.qcow2'));
+    const dataOf = async (f: string): Promise<number[][]> => (await qemuMap(dir, f)).filter((e) => e.data).map((e) => [e.start, e.length]);
+    expect(await dataOf('ours.qcow2')).to.deep.equal(await dataOf('theirs.qcow2'));
+    expect(await dataOf('ours.qcow2')).to.have.length(3);
+
+    await ok(['convert', '-O', 'raw', 'big.qcow2', 'ours.raw'], dir);
+    await expectSame(dir, 'big.qcow2', 'ours.raw');
+    expect(fs.statSync(path.join(dir, 'ours.raw')).blocks * 512).to.be.at.most(MiB);
+
+    // -n into an image that holds data where the source has holes (and where it has data).
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'n.qcow2', '1T'], { cwd: dir });
+    await runOk('qemu-io', ['-c', 'write -P 0x55 0 1M', '-c', `write -P 0x66 ${500 * GiB} 1M`, '-c', `write -P 0x77 ${TiB - 3 * MiB} 3M`, 'n.qcow2'], { cwd: dir });
+    await ok(['convert', '-n', '-O', 'qcow2', 'big.qcow2', 'n.qcow2'], dir);
+    await expectSame(dir, 'big.qcow2', 'n.qcow2');
+    await expectClean(path.join(dir, 'n.qcow2'));
+  });
+
+  it('compare of two 1 TiB sparse images names the sector of a byte changed near the end, as qemu-img compare does', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'cmp-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'a.qcow2', '1T'], { cwd: dir });
+    await runOk('qemu-io', ['-c', 'write -P 0x11 0 64k', '-c', `write -P 0x22 ${700 * GiB} 64k`, 'a.qcow2'], { cwd: dir });
+    await runOk('qemu-img', ['convert', '-O', 'qcow2', 'a.qcow2', 'b.qcow2'], { cwd: dir });
+    const same = await tsimg(['compare', 'a.qcow2', 'b.qcow2'], dir);
+    expect(same.code, same.stderr).to.equal(0);
+    await runOk('qemu-io', ['-c', `write -P 0x99 ${900 * GiB + 12 * KiB} 512`, 'b.qcow2'], { cwd: dir });
+    const ours = await tsimg(['compare', 'a.qcow2', 'b.qcow2'], dir);
+    const theirs = await run('qemu-img', ['compare', 'a.qcow2', 'b.qcow2'], { cwd: dir });
+    expect(theirs.code).to.equal(1);
+    expect([ours.code, ours.stdout]).to.deep.equal([theirs.code, theirs.stdout]);
+    expect(ours.stdout).to.contain(`Content mismatch at offset ${900 * GiB + 12 * KiB}!`);
   });
 });

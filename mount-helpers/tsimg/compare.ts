@@ -2,7 +2,7 @@
 // identical, 1 different (the first differing 512-byte sector named), 2 an error. A
 // size difference is allowed when the larger image's tail reads as zeros (unless -s).
 import type { BlockNode } from '../../drivers/types.js';
-import { chainStatus } from '../../fs/extents.js';
+import { StatusAhead } from '../../fs/extents.js';
 import { messageOf } from '../../drivers/errors.js';
 import { ExitError, openForRead, print, progress, type OpenCli } from './common.js';
 
@@ -16,9 +16,9 @@ export interface CompareCli extends OpenCli {
 const CHUNK = 1 << 20;
 const SECTOR = 512;
 
-/** Whether [offset, offset + length) of `node` reads as zeros without a byte stored for it. */
-async function isHole(node: BlockNode, offset: number, length: number): Promise<boolean> {
-  const runs = await chainStatus(node, offset, length);
+/** Whether [offset, offset + length) of a node reads as zeros without a byte stored for it. */
+async function isHole(node: StatusAhead, offset: number, length: number): Promise<boolean> {
+  const runs = await node.status(offset, length);
   return runs.every((r) => !r.data);
 }
 
@@ -38,9 +38,11 @@ export async function firstMismatch(a: BlockNode, b: BlockNode, show?: (done: nu
   const total = Math.max(1, a.size, b.size);
   const bufA = Buffer.alloc(CHUNK);
   const bufB = Buffer.alloc(CHUNK);
+  const statusA = new StatusAhead(a);
+  const statusB = new StatusAhead(b);
   for (let pos = 0; pos < common; pos += CHUNK) {
     const n = Math.min(CHUNK, common - pos);
-    if ((await isHole(a, pos, n)) && (await isHole(b, pos, n))) continue;
+    if ((await isHole(statusA, pos, n)) && (await isHole(statusB, pos, n))) continue;
     await a.read(pos, bufA.subarray(0, n));
     await b.read(pos, bufB.subarray(0, n));
     const at = firstDifference(bufA.subarray(0, n), bufB.subarray(0, n));
@@ -49,9 +51,10 @@ export async function firstMismatch(a: BlockNode, b: BlockNode, show?: (done: nu
   }
   // The larger image's tail must read as zeros.
   const longer = a.size > b.size ? a : b;
+  const statusLonger = a.size > b.size ? statusA : statusB;
   for (let pos = common; pos < longer.size; pos += CHUNK) {
     const n = Math.min(CHUNK, longer.size - pos);
-    if (await isHole(longer, pos, n)) continue;
+    if (await isHole(statusLonger, pos, n)) continue;
     await longer.read(pos, bufA.subarray(0, n));
     const at = firstNonZero(bufA.subarray(0, n));
     if (at >= 0) return pos + at - ((pos + at) % SECTOR);

@@ -7,7 +7,7 @@
 // the node's writeCompressed (qcow2, qcow); vmdk takes -c and compresses exactly when the
 // extents are streamOptimized, as QEMU's vmdk; every other format refuses it.
 import { CACHE_MODES, type BlockNode, type CacheMode, type Extent } from '../../drivers/types.js';
-import { chainStatus } from '../../fs/extents.js';
+import { chainStatus, StatusAhead } from '../../fs/extents.js';
 import { openImage } from '../../drivers/open.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
 import { createImage } from '../../drivers/create.js';
@@ -150,6 +150,8 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   // A chunk holds whole clusters (qcow2's go up to 2 MiB).
   const chunkSize = cs === undefined ? CHUNK : Math.max(CHUNK, cs);
   const zeros = new Uint8Array(chunkSize);
+  const srcStatus = new StatusAhead(src);
+  const dstStatus = new StatusAhead(dst);
 
   /**
    * -c: the clusters of the chunk that hold data, read whole (all at once); the writes
@@ -187,8 +189,8 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   const chunk = async (pos: number, buf: Buffer, cur: Buffer): Promise<Writes> => {
     const n = Math.min(chunkSize, src.size - pos);
     const inDst = Math.min(n, dst.size - pos);
-    const fresh = inDst > 0 ? await chainStatus(dst, pos, inDst) : [];
-    const runs = await chainStatus(src, pos, n);
+    // Both asked at once, before any await: a span of status starts at a chunk nobody has taken yet (StatusAhead).
+    const [fresh, runs] = await Promise.all([inDst > 0 ? dstStatus.status(pos, inDst) : [], srcStatus.status(pos, n)]);
     const reads: Promise<void>[] = [];
     const writes: Writes[] = [];
     for (const r of runs) {
@@ -236,10 +238,26 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   let failure: { err: unknown } | undefined;
   // Resolved once the chunk taken last is written (or given up): the next one in order waits for it.
   let written: Promise<void> = Promise.resolve();
+  /**
+   * The chunk after the run of whole chunks from `first` on that both images are
+   * already known to have as holes (nothing to read or write there): `first` when none.
+   */
+  const pastHoles = (first: number): number => {
+    const pos = first * chunkSize;
+    const end = Math.min(srcStatus.holeEnd(pos), pos >= dst.size ? Infinity : dstStatus.holeEnd(pos));
+    return end >= src.size ? chunks : Math.max(first, Math.floor(end / chunkSize));
+  };
   const worker = async (): Promise<void> => {
     const buf = Buffer.alloc(chunkSize);
     const cur = Buffer.alloc(o.onlyDifferences ? chunkSize : 0);
     while (!failure && next < chunks) {
+      const skip = pastHoles(next);
+      if (skip > next) {
+        done += skip - next;
+        next = skip;
+        o.progress?.(done / chunks);
+        continue;
+      }
       const i = next++;
       const before = written;
       let release!: () => void;
