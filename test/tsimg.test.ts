@@ -290,6 +290,17 @@ describe('tsimg compare against qemu-img compare', function () {
     await same(['e.raw', 'a.raw']);
     await same(['-s', 'a.raw', 'd.raw']);
     await same(['a.raw', 'missing.raw']);
+    // The first of several differences in one chunk (compare halves a chunk with native
+    // compares), one at a chunk's last byte, the first non-zero byte of a longer tail.
+    mk('a8.raw', 8 * MiB, [[100, 1]]);
+    mk('f.raw', 8 * MiB, [[100, 1], [3 * MiB + 9, 3], [MiB + 5, 2], [4 * MiB - 1, 4]]);
+    mk('g.raw', 8 * MiB, [[100, 1], [4 * MiB - 1, 7]]);
+    mk('h.raw', 12 * MiB, [[100, 1], [11 * MiB, 6], [9 * MiB + 3, 5]]);
+    await same(['a8.raw', 'f.raw']);
+    await same(['f.raw', 'a8.raw']);
+    await same(['a8.raw', 'g.raw']);
+    await same(['a8.raw', 'h.raw']);
+    expect((await tsimg(['compare', 'a8.raw', 'f.raw'], d)).stdout).to.contain(`Content mismatch at offset ${MiB}!`);
   });
 });
 

@@ -13,7 +13,7 @@ export interface CompareCli extends OpenCli {
   progress?: boolean;
 }
 
-const CHUNK = 1 << 20;
+const CHUNK = 4 << 20;
 const SECTOR = 512;
 
 /** Whether [offset, offset + length) of a node reads as zeros without a byte stored for it. */
@@ -22,13 +22,21 @@ async function isHole(node: StatusAhead, offset: number, length: number): Promis
   return runs.every((r) => !r.data);
 }
 
-function firstDifference(a: Uint8Array, b: Uint8Array): number {
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
-  return -1;
-}
-
-function firstNonZero(a: Uint8Array): number {
-  for (let i = 0; i < a.length; i++) if (a[i] !== 0) return i;
+/**
+ * The first index where `a` and `b` (as long) differ, -1 where nowhere. Native compares
+ * (memcmp) halve the range down to a block, whose bytes are then looked at: a byte loop
+ * over every chunk made compare 6x slower than qemu-img's on 2 GiB of data.
+ */
+function firstDifference(a: Buffer, b: Buffer): number {
+  if (a.equals(b)) return -1;
+  let lo = 0;
+  let hi = a.length;
+  while (hi - lo > 4096) {
+    const mid = lo + ((hi - lo) >> 1);
+    if (a.subarray(lo, mid).equals(b.subarray(lo, mid))) lo = mid;
+    else hi = mid;
+  }
+  for (let i = lo; i < hi; i++) if (a[i] !== b[i]) return i;
   return -1;
 }
 
@@ -38,13 +46,13 @@ export async function firstMismatch(a: BlockNode, b: BlockNode, show?: (done: nu
   const total = Math.max(1, a.size, b.size);
   const bufA = Buffer.alloc(CHUNK);
   const bufB = Buffer.alloc(CHUNK);
+  const zeros = Buffer.alloc(CHUNK);
   const statusA = new StatusAhead(a);
   const statusB = new StatusAhead(b);
   for (let pos = 0; pos < common; pos += CHUNK) {
     const n = Math.min(CHUNK, common - pos);
     if ((await isHole(statusA, pos, n)) && (await isHole(statusB, pos, n))) continue;
-    await a.read(pos, bufA.subarray(0, n));
-    await b.read(pos, bufB.subarray(0, n));
+    await Promise.all([a.read(pos, bufA.subarray(0, n)), b.read(pos, bufB.subarray(0, n))]);
     const at = firstDifference(bufA.subarray(0, n), bufB.subarray(0, n));
     if (at >= 0) return pos + at - (at % SECTOR);
     show?.((pos + n) / total);
@@ -56,7 +64,7 @@ export async function firstMismatch(a: BlockNode, b: BlockNode, show?: (done: nu
     const n = Math.min(CHUNK, longer.size - pos);
     if (await isHole(statusLonger, pos, n)) continue;
     await longer.read(pos, bufA.subarray(0, n));
-    const at = firstNonZero(bufA.subarray(0, n));
+    const at = firstDifference(bufA.subarray(0, n), zeros.subarray(0, n));
     if (at >= 0) return pos + at - ((pos + at) % SECTOR);
   }
   return undefined;
