@@ -372,7 +372,7 @@ describe('tsimg convert -c, several sources, progress', function () {
   });
 });
 
-describe('tsimg convert and compare of large sparse images: block status asked a span ahead', function () {
+describe('tsimg convert and compare: large sparse images (block status asked a span ahead), zeros inside data', function () {
   this.timeout(300_000);
   const GiB = 1024 * MiB;
   const TiB = 1024 * GiB;
@@ -437,6 +437,34 @@ describe('tsimg convert and compare of large sparse images: block status asked a
     await ok(['convert', '-n', '-O', 'qcow2', 'big.qcow2', 'n.qcow2'], dir);
     await expectSame(dir, 'big.qcow2', 'n.qcow2');
     await expectClean(path.join(dir, 'n.qcow2'));
+  });
+
+  it('zeros inside data: every 4 KiB block of zeros is left unwritten, one with a single byte set anywhere is written, as qemu-img convert -S 4k', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'zeros-'));
+    // 8 MiB, all of it written: per 4 KiB block, in turn, random bytes, zeros, zeros but
+    // for a middle byte, zeros but for the last byte, zeros but for the first byte.
+    const src = Buffer.alloc(8 * MiB);
+    for (let b = 0; b < src.length / (4 * KiB); b++) {
+      const at = b * 4 * KiB;
+      const kind = b % 5;
+      if (kind === 0) crypto.randomFillSync(src, at, 4 * KiB);
+      else if (kind === 2) src[at + 2048] = 1;
+      else if (kind === 3) src[at + 4 * KiB - 1] = 1;
+      else if (kind === 4) src[at] = 1;
+    }
+    fs.writeFileSync(path.join(dir, 'src.raw'), src);
+    const dataOf = async (f: string): Promise<number[][]> => (await qemuMap(dir, f)).filter((e) => e.data).map((e) => [e.start, e.length]);
+    for (const [fmt, opts] of [['qcow2', ['-o', 'cluster_size=4096']], ['raw', []]] as const) {
+      await ok(['convert', '-f', 'raw', '-O', fmt, ...opts, 'src.raw', `ours.${fmt}`], dir);
+      await runOk('qemu-img', ['convert', '-f', 'raw', '-O', fmt, ...opts, 'src.raw', `theirs.${fmt}`], { cwd: dir });
+      await expectSame(dir, 'src.raw', `ours.${fmt}`);
+      const ours = await dataOf(`ours.${fmt}`);
+      expect(ours, fmt).to.deep.equal(await dataOf(`theirs.${fmt}`));
+      // Every block that holds a byte is written; the blocks of zeros are left out.
+      let written = 0;
+      for (let b = 0; b < src.length / (4 * KiB); b++) if (b % 5 !== 1) written += 4 * KiB;
+      expect(ours.reduce((n, [, len]) => n + len!, 0), fmt).to.equal(written);
+    }
   });
 
   it('compare of two 1 TiB sparse images names the sector of a byte changed near the end, as qemu-img compare does', async () => {
