@@ -206,6 +206,34 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     await expectSame(dir, 't.qcow2', 'expect.raw');
   });
 
+  it('rebase of a sparse 16 GiB chain onto a shorter one: the disk unchanged, the same clusters copied as qemu-img\'s, holes of both chains skipped', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'rebase-sparse-'));
+    const GiB = 1024 * MiB;
+    const mk = async (name: string, size: string, backing?: string): Promise<void> => {
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', ...(backing ? ['-b', backing, '-F', 'qcow2'] : []), name, size], { cwd: dir });
+    };
+    // The old chain is two deep; the new backing file is half as long as the image.
+    await mk('b0.qcow2', '16G');
+    await qemuIo(dir, 'b0.qcow2', `write -P 5 ${9 * GiB} 1M`, `write -P 6 ${15 * GiB} 64k`);
+    await mk('b1.qcow2', '16G', 'b0.qcow2');
+    await qemuIo(dir, 'b1.qcow2', `write -P 1 ${GiB} 1M`, `write -P 3 ${5 * GiB + 4096} 4k`);
+    await mk('b2.qcow2', '8G');
+    await qemuIo(dir, 'b2.qcow2', `write -P 1 ${GiB} 1M`, `write -P 2 ${3 * GiB} 1M`, `write -P 7 ${8 * GiB - 64 * 1024} 64k`);
+    await mk('t.qcow2', '16G', 'b1.qcow2');
+    await qemuIo(dir, 't.qcow2', `write -P 9 ${2 * GiB} 1M`, `write -P 8 ${3 * GiB} 64k`);
+    await runOk('qemu-img', ['convert', '-O', 'qcow2', 't.qcow2', 'expect.qcow2'], { cwd: dir });
+    fs.copyFileSync(path.join(dir, 't.qcow2'), path.join(dir, 't2.qcow2'));
+    await ok(['rebase', '-b', 'b2.qcow2', '-F', 'qcow2', 't.qcow2'], dir);
+    await runOk('qemu-img', ['rebase', '-b', 'b2.qcow2', '-F', 'qcow2', 't2.qcow2'], { cwd: dir });
+    await expectClean(path.join(dir, 't.qcow2'));
+    await expectSame(dir, 't.qcow2', 'expect.qcow2');
+    const own = async (f: string): Promise<unknown[]> =>
+      (JSON.parse(await runOk('qemu-img', ['map', '--output=json', f], { cwd: dir })) as { start: number; length: number; depth: number; data: boolean }[])
+        .filter((e) => e.depth === 0 && e.data)
+        .map((e) => [e.start, e.length]);
+    expect(await own('t.qcow2')).to.deep.equal(await own('t2.qcow2'));
+  });
+
   it('amend -o compat=1.1,lazy_refcounts=on writes the header qemu-img amend writes', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'amend-'));
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', 'a.qcow2', '64M'], { cwd: dir });
