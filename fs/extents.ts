@@ -164,7 +164,11 @@ export class StatusAhead {
   private known?: { from: number; to: number; runs: Run[] };
   private ahead = AHEAD_FIRST;
 
-  constructor(private readonly node: BlockNode) {}
+  /** `ask`: the status of a range (chainStatus, the whole chain; another view, such as one layer's own). */
+  constructor(
+    private readonly node: BlockNode,
+    private readonly ask: (node: BlockNode, offset: number, length: number) => Promise<Run[]> = chainStatus,
+  ) {}
 
   /**
    * Where the hole at `offset` ends, from a span already answered (no question asked):
@@ -179,13 +183,13 @@ export class StatusAhead {
     return r && !r.data ? Math.min(k.to, r.offset + r.length) : offset;
   }
 
-  /** The runs of [offset, offset + length), as chainStatus(node, offset, length) answers. */
+  /** The runs of [offset, offset + length), as `ask` answers. */
   async status(offset: number, length: number): Promise<Run[]> {
     let span = this.span;
     if (!span || offset < span.from || offset + length > span.to) {
       const to = Math.min(this.node.size, offset + Math.max(length, this.ahead));
       const from = offset;
-      const runs = chainStatus(this.node, from, to - from).then((got) => {
+      const runs = this.ask(this.node, from, to - from).then((got) => {
         if (got.length <= 16) this.ahead = Math.min(this.ahead * 2, AHEAD_MAX);
         else if (got.length > 1024) this.ahead = Math.max(this.ahead / 2, AHEAD_MIN);
         this.known = { from, to, runs: got };
