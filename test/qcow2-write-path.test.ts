@@ -11,6 +11,7 @@ import type { BlockNode } from '../drivers/types.js';
 import { MemoryNode } from './helpers/memory-node.js';
 import { checkImage, createImage, run, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
+import { openTestImage } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -259,6 +260,48 @@ describe('qcow2 write path', function () {
     const [a, b] = await checkRanges('l1-grow-out.qcow2', file.data, [600 * MiB, 2560 * MiB], MiB);
     expect(a!.equals(data)).to.equal(true);
     expect(b!.equals(more)).to.equal(true);
+  });
+
+  it('pads writes into new clusters with zeros, or with the backing file\'s bytes where it has them: 200 partial writes each, read back whole', async () => {
+    // Without a backing file the pads come from one shared zero buffer (qcow2.ts
+    // cowPart): a buffer written into by mistake would show here in a later pad.
+    /** 200 writes of 1 byte to a cluster and a bit, each into clusters nobody wrote yet, at odd places. */
+    const writes = (): [number, Buffer][] =>
+      Array.from({ length: 200 }, (_, i) => [i * 3 * CS + ((i * 4093) % CS), crypto.randomBytes(1 + ((i * 7919) % (CS + 5000)))]);
+    for (const options of [{}, { extended_l2: 'on' }] as Record<string, string>[]) {
+      const file = new CountingFile(await emptyImage('pads.qcow2', options));
+      const node = await openOver(file);
+      const want = Buffer.alloc(64 * MiB);
+      for (const [off, data] of writes()) {
+        await node.write(off, data);
+        data.copy(want, off);
+      }
+      await node.flush();
+      await node.close();
+      expect((await checkBytes('pads-out.qcow2', file.data)).equals(want), JSON.stringify(options)).to.equal(true);
+    }
+    // Over a raw backing file of 40 MiB of random bytes (the image is 64 MiB): pads inside
+    // it are its bytes, pads past its end zeros, and one pad across its end both.
+    const base = path.join(tmp.dir, 'pads-base.raw');
+    const baseBytes = crypto.randomBytes(40 * MiB);
+    fs.writeFileSync(base, baseBytes);
+    for (const options of [{}, { extended_l2: 'on' }] as Record<string, string>[]) {
+      const img = path.join(tmp.dir, 'pads-over.qcow2');
+      await createImage(img, 'qcow2', 64 * MiB, { cluster_size: CS, ...options }, { file: base, format: 'raw' });
+      const node = await openTestImage(img, { rw: true });
+      const want = Buffer.alloc(64 * MiB);
+      baseBytes.copy(want);
+      for (const [off, data] of [...writes(), [40 * MiB - 300, crypto.randomBytes(100)] as [number, Buffer]]) {
+        await node.write(off, data);
+        data.copy(want, off);
+      }
+      await node.flush();
+      await node.close();
+      const c = await checkImage(img, 'qcow2');
+      expect(c.code, c.output).to.equal(0);
+      await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, `${img}.raw`]);
+      expect(fs.readFileSync(`${img}.raw`).equals(want), JSON.stringify(options)).to.equal(true);
+    }
   });
 
   describe('through a mount', function () {
