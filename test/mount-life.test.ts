@@ -261,6 +261,38 @@ describe('the mount\'s own life', function () {
     expect(info.code, info.stderr).to.equal(0);
   });
 
+  it("the detached server's command line shows the image and the mountpoint, never --secret's passphrase, started early or (with --log) late", async () => {
+    const img = at('shown.luks');
+    const pass = 'Sw0rdf1sh-shown';
+    const r = await runTimingPbkdf('qemu-img', ['create', '-q', '--object', `secret,id=s0,data=${pass}`, '-f', 'luks', '-o', 'key-secret=s0,iter-time=10', img, '4M']);
+    expect(r.code, r.stderr).to.equal(0);
+    for (const extra of [[], ['--log', at('shown.log')], [`--secret=${pass}`]]) {
+      const mp = newMp(`shown${extra.length}`);
+      const secretArgs = extra[0]?.startsWith('--secret=') ? extra : ['--secret', pass, ...extra];
+      await mounts.mount([...secretArgs, img, mp]);
+      const pid = findMount(mp)!.pid;
+      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      expect(argv, `${extra.join(' ')}`).to.include(img).and.to.include(mp);
+      expect(argv.join(' '), `${extra.join(' ')}`).to.not.include(pass);
+      expect(tsmountProcesses(mp), 'one server, no spare').to.deep.equal([pid]);
+      await mounts.unmount(mp);
+    }
+  });
+
+  it('a command that starts no server leaves no server process: errors found before and after a server was started, --help, -u', async () => {
+    const mp = newMp('none');
+    // Refused by the command itself (the early server is killed unused), by the server
+    // (a mountpoint that is a file), and commands that never serve.
+    const file = at('none.txt');
+    fs.writeFileSync(file, 'x');
+    for (const args of [['--cache-size', '1K', good, mp], [good, at('missing-dir')], ['--locking', 'sometimes', good, mp], [good, good, file], ['--help', good, mp], ['-u', mp]]) {
+      const res = await tsmount(args);
+      if (!args.includes('--help')) expect(res.code, args.join(' ')).to.not.equal(0);
+      await waitFor(() => tsmountProcesses(dir).length === 0, 5000, `${args.join(' ')}: no server left`);
+      expect(findMount(mp)).to.equal(undefined);
+    }
+  });
+
   it('refuses a non-empty mountpoint unless -o nonempty', async () => {
     const mp = newMp('nonempty');
     fs.writeFileSync(path.join(mp, 'precious'), 'x');

@@ -11,7 +11,7 @@ import { IoError } from '../../drivers/errors.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-/** The default --cache-size (mount-helpers/tsmount.ts). */
+/** The default --cache-size (mount-helpers/tsmount-cli.ts). */
 const DEFAULT_CACHE = 64 * MiB;
 
 /** A node that makes its bytes a chunk at a time: the counter is the decodes it did. */
