@@ -89,13 +89,12 @@ interface Starter {
 }
 
 /**
- * The detached server's entry: load the server while the command checks the command
- * line, then serve what it sends. A command that goes away first (it found an error,
+ * The detached server (after tsmount-server.cts, which says whether it is an I/O
+ * flusher): load the server while the command checks the command line, then serve
+ * what it sends. A command that goes away first (it found an error,
  * or was killed) ends this process with nothing done.
  */
-export async function serveStarted(starterPid: number): Promise<void> {
-  // PR_SET_IO_FLUSHER before Node's own threads do any I/O for the image (sys.ts).
-  const ioFlusher = (await import('../drivers/util/sys.js')).setIoFlusher();
+export async function serveStarted(starterPid: number, ioFlusher: number): Promise<void> {
   const channel = new ReadyChannel(READY_FD);
   // The starter's pid comes from the starter: one that died before we ran this line
   // would otherwise look like our parent (init) forever.
@@ -225,8 +224,10 @@ export async function serve(plan: MountPlan, ioFlusher: number, starter?: Starte
 
 /** Serve in this process (--foreground): the same as a detached server, errors on stderr. */
 export async function serveHere(plan: MountPlan): Promise<never> {
-  // The serving process: PR_SET_IO_FLUSHER first, so that the threads it starts from
-  // now on (FUSE workers, io_uring queues) inherit it (sys.ts says why).
+  // PR_SET_IO_FLUSHER first, so that the threads started from now on (FUSE workers,
+  // io_uring queues) inherit it (sys.ts says why). Libuv's pool, started before this
+  // ES module ran, does not: only the detached server (tsmount-server.cts) has it
+  // there too.
   const ioFlusher = (await import('../drivers/util/sys.js')).setIoFlusher();
   return serve(plan, ioFlusher);
 }

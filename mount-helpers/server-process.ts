@@ -9,13 +9,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
-/** The server's first argument: `tsmount.js --serve STARTER-PID -- ARGS...` (ARGS only for ps). */
-export const SERVE_FLAG = '--serve';
-
 /** The ready channel's descriptor in the server. */
 export const READY_FD = 3;
 
-const ENTRY = fileURLToPath(new URL('./tsmount.js', import.meta.url));
+/** The server's entry (CommonJS: tsmount-server.cts says why). */
+export const SERVER_ENTRY = fileURLToPath(new URL('./tsmount-server.cjs', import.meta.url));
 
 /**
  * Whether the command line (after -o expansion) can start a detached server, so that
@@ -25,7 +23,7 @@ const ENTRY = fileURLToPath(new URL('./tsmount.js', import.meta.url));
  * is started after parsing.
  */
 export function mayStartServer(args: readonly string[]): boolean {
-  const never = new Set(['-u', '--unmount', '--foreground', '--list', '-h', '--help', '-V', '--version', SERVE_FLAG]);
+  const never = new Set(['-u', '--unmount', '--foreground', '--list', '-h', '--help', '-V', '--version']);
   for (const a of args) {
     if (a === '--') break;
     if (never.has(a) || a.startsWith('--log')) return false;
@@ -42,7 +40,7 @@ export function mayStartServer(args: readonly string[]): boolean {
  * until the mount is ready, so a crash at startup still explains itself.
  */
 export function startServer(shown: readonly string[], logFd?: number): ChildProcess {
-  const args = [...process.execArgv, ENTRY, SERVE_FLAG, String(process.pid), '--', ...withoutSecrets(shown)];
+  const args = [...process.execArgv, SERVER_ENTRY, String(process.pid), '--', ...withoutSecrets(shown)];
   return spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd ?? 'ignore', logFd ?? 'pipe', 'pipe'] });
 }
 

@@ -116,7 +116,10 @@ export function fuseMountsUnder(prefix: string): string[] {
     .map((f) => (f[1] ?? '').replace(/\\040/g, ' '));
 }
 
-/** Live tsmount processes whose command line mentions `tag` (a test's temp dir). */
+/** The detached server's entry (mount-helpers/tsmount-server.cts). */
+const TSMOUNT_SERVER = path.join(path.dirname(TSMOUNT), 'tsmount-server.cjs');
+
+/** Live tsmount processes (commands and servers) whose command line mentions `tag` (a test's temp dir). */
 export function tsmountProcesses(tag: string): number[] {
   const out: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
@@ -127,7 +130,7 @@ export function tsmountProcesses(tag: string): number[] {
     } catch {
       continue;
     }
-    if (cmdline.includes(TSMOUNT) && cmdline.includes(tag) && isAlive(Number(entry))) out.push(Number(entry));
+    if ((cmdline.includes(TSMOUNT) || cmdline.includes(TSMOUNT_SERVER)) && cmdline.includes(tag) && isAlive(Number(entry))) out.push(Number(entry));
   }
   return out;
 }
