@@ -103,6 +103,8 @@ export async function serveStarted(starterPid: number, ioFlusher: number): Promi
   }, 100);
   // Loaded now, while the command parses; the signal's default action still ends this.
   const loading = Promise.all([import('../fs/server.js'), import('../fs/log.js')]);
+  // Said on the channel once the command asks, not as an unhandled rejection now.
+  loading.catch(() => undefined);
   const line = await channel.line();
   if (line === undefined) process.exit(0);
   clearInterval(orphaned);
@@ -110,11 +112,11 @@ export async function serveStarted(starterPid: number, ioFlusher: number): Promi
   try {
     const req = JSON.parse(line) as ServeRequest;
     plan = await planMount(req.opts, req.paths);
+    await loading;
   } catch (err) {
     await channel.say(`ERR ${messageOf(err)}`);
     process.exit(1);
   }
-  await loading;
   await serve(plan, ioFlusher, { channel, pid: starterPid });
 }
 
