@@ -109,8 +109,11 @@ export async function run(argv: string[], early: ChildProcess | undefined): Prom
       await (await import('./serve.js')).serveHere(plan);
       return;
     }
+    // A --log file must be the server's stderr from its start: a server started before
+    // parsing (server-process.ts does not, but an option spelled otherwise might) is replaced.
+    if (opts.log !== undefined) discard();
     handed = true;
-    await daemonize({ opts, paths }, early, plan.images);
+    await daemonize({ opts, paths }, opts.log === undefined ? early : undefined, plan.images);
   } catch (err) {
     if (!(err instanceof UsageError) && process.env.DEBUG) process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
     fail(messageOf(err));
