@@ -1030,20 +1030,6 @@ export class Session implements FuseMount {
   }
 
   /**
-   * A file that cannot change keeps its pages across opens (FOPEN_KEEP_CACHE): reads
-   * get the kernel's readahead and re-reads cost nothing. A writable file bypasses the
-   * page cache (FOPEN_DIRECT_IO, as qemu-storage-daemon's export does): every open of
-   * it alike, so no reader holds pages a writer made stale. A write is then one copy
-   * from the writer's buffer into the request, not a copy into page cache pages first:
-   * measured 1.6-2x on 1 MiB sequential writes. Readers of a writable file get
-   * requests as large as their read(2) calls instead of readahead.
-   *
-   * A read-only file larger than an eighth of the memory bypasses it too: reading it
-   * through the page cache holds every byte twice (the image's pages and the flat
-   * file's), and a scan of a 4 GiB image then evicted the image's own pages mid-read
-   * (0.4-1.4 GB/s through the page cache against 2.6-3.7 GB/s direct, same run).
-   */
-  /**
    * The backing id for an open the kernel should serve itself (FUSE passthrough), or
    * undefined to serve it here. Only where the flat file is one host file 1:1 (a raw
    * image on a local file, nothing in the graph that must see the I/O), and by
@@ -1073,6 +1059,24 @@ export class Session implements FuseMount {
     return id >= 0 ? id : undefined;
   }
 
+  /**
+   * A file that cannot change keeps its pages across opens (FOPEN_KEEP_CACHE): reads
+   * get the kernel's readahead and re-reads cost nothing. A writable file bypasses the
+   * page cache (FOPEN_DIRECT_IO, as qemu-storage-daemon's export does): every open of
+   * it alike, so no reader holds pages a writer made stale. A write is then one copy
+   * from the writer's buffer into the request, not a copy into page cache pages first:
+   * measured 1.6-2x on 1 MiB sequential writes. Readers of a writable file get
+   * requests as large as their read(2) calls instead of readahead. The kernel's
+   * writeback cache (FUSE_WRITEBACK_CACHE: the writer returns once its pages are dirty,
+   * the server writes them back meanwhile) was no faster on 1 MiB writes here
+   * (scripts/BENCHMARKS.md, session 16) and would let a write past the end of the disk
+   * succeed until the write-back fails: not offered.
+   *
+   * A read-only file larger than an eighth of the memory bypasses it too: reading it
+   * through the page cache holds every byte twice (the image's pages and the flat
+   * file's), and a scan of a 4 GiB image then evicted the image's own pages mid-read
+   * (0.4-1.4 GB/s through the page cache against 2.6-3.7 GB/s direct, same run).
+   */
   private openFlags(writable: boolean, size: number): number {
     const direct = this.cfg.pageCache === 'direct' || (this.cfg.pageCache === 'auto' && (writable || size > os.totalmem() / 8));
     return direct ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE;
