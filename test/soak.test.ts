@@ -41,7 +41,7 @@ describe(`soak: fio with verify, 4 jobs, ${SECONDS} s per format on a --rw mount
           '--numjobs=4', '--size=96M', '--offset_increment=128M', '--verify=crc32c', '--verify_backlog=256',
           '--time_based', `--runtime=${SECONDS}`, '--direct=1', '--ioengine=libaio', '--iodepth=8',
           '--group_reporting', '--output-format=terse', '--terse-version=3',
-        ], { timeoutMs: SECONDS * 1000 * 3 + 60_000 });
+        ], { timeoutMs: SECONDS * 1000 * 3 + 60_000, cwd: tmp.dir }); // fio leaves its verify state files in its folder
       } finally {
         clearInterval(timer);
       }
