@@ -8,7 +8,10 @@
 # MODES: space-separated NAME=SETTINGS, SETTINGS a comma-separated list of environment
 #   assignments for the tsmount server (NAME= alone: the defaults), or the word
 #   `ceiling`: the ceiling server (scripts/bench/ceiling.c, built by scripts/bench.ts;
-#   CEILING=path overrides), mounted over a file with a 1 MiB readahead as the bench does.
+#   CEILING=path overrides), mounted over a file with a 1 MiB readahead as the bench does;
+#   or the word `cfile`: the same server with --file, serving the raw copy of the qcow2
+#   from storage (pread/pwrite in C on libfuse3: tsmount's storage work without
+#   tsmount), for the random rows.
 #   The earlier per-experiment scripts are these:
 #     workers: MODES="one=TSMOUNT_FUSE_WORKERS=0 workers="
 #     splice:  MODES="pread=TSMOUNT_FUSE_SPLICE=0 splice= ceiling"
@@ -39,6 +42,10 @@ if [ ! -f "$W/full.qcow2" ]; then
   qemu-img convert -O vmdk -o subformat=monolithicSparse "$W/src.raw" "$W/full.vmdk"
   rm -f "$W/src.raw"
 fi
+if [[ " ${MODES:-} " == *" cfile "* ]]; then
+  [ -f "$W/full.raw" ] || qemu-img convert -O raw "$W/full.qcow2" "$W/full.raw"
+  cat "$W/full.raw" > /dev/null
+fi
 cat "$W/full.qcow2" "$W/full.vmdk" > /dev/null
 
 pid_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);console.log(m?m.pid:0)})' "$1"; }
@@ -58,10 +65,12 @@ measure() { # test mode
   [[ $2 == *=* ]] && settings=${2#*=}
   [ "$test" = seq-vmdk ] && img=$W/full.vmdk
   case $test in seq-*) work=dd_read ;; rand1) work="fio_rand 1" ;; rand4) work="fio_rand 4" ;; *) echo "unknown test $test" >&2; exit 2 ;; esac
-  if [ "$name" = ceiling ]; then
+  if [ "$name" = ceiling ] || [ "$name" = cfile ]; then
     local ceiling=${CEILING:-$(ls -t /tmp/tsmount-ceiling-* 2>/dev/null | grep -v '\.' | head -1)}
+    local -a cargs=()
+    [ "$name" = cfile ] && cargs=(--file "$W/full.raw")
     : > "$W/cfile"
-    "$ceiling" "$SIZE" "$W/cfile" >/dev/null 2>&1 & cpid=$!
+    "$ceiling" "$SIZE" "$W/cfile" "${cargs[@]}" >/dev/null 2>&1 & cpid=$!
     for _ in $(seq 100); do grep -q " $W/cfile " /proc/mounts && break; sleep 0.05; done
     echo 1024 > "/sys/class/bdi/$(bdi_of "$W/cfile")/read_ahead_kb"
     flat=$W/cfile; pid=$cpid
@@ -97,7 +106,7 @@ for r in $(seq 1 "$ROUNDS"); do
   for t in "${TEST_LIST[@]}"; do
     for m in "${modes[@]}"; do
       # The ceiling serves memory: one file is enough, vmdk adds nothing.
-      [ "${m%%=*}" = ceiling ] && [ "$t" = seq-vmdk ] && continue
+      case ${m%%=*} in ceiling | cfile) [ "$t" = seq-vmdk ] && continue ;; esac
       measure "$t" "$m"
     done
   done

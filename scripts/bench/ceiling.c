@@ -4,11 +4,15 @@
 // buffer and WRITE by counting the bytes: what remains is the kernel, /dev/fuse and
 // libfuse's own loop. scripts/bench.ts builds it with gcc and pkg-config fuse3.
 //
-//   ceiling SIZE MOUNTPOINT [--single] [--direct]
+//   ceiling SIZE MOUNTPOINT [--single] [--direct] [--file PATH]
 //
 // --single: one thread (fuse_session_loop) instead of libfuse's worker threads.
 // --direct: FOPEN_DIRECT_IO on every open; otherwise the page cache is kept
 //   (FOPEN_KEEP_CACHE), as tsmount does for files that cannot change.
+// --file PATH: not memory but PATH, a raw image: READ preads it into a per-thread buffer,
+//   WRITE pwrites it. The same storage work as tsmount's on a raw image, done in C on
+//   libfuse3 (an anchor for the random 4 KiB rows, not the ceiling: scripts/bench/ab.sh
+//   says how to run it).
 // It runs in the foreground until the mount goes away (umount, fusermount3 -u) or a
 // signal.
 #define FUSE_USE_VERSION 34
@@ -19,6 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #define MAX_IO (1024 * 1024)
@@ -26,6 +31,8 @@
 static char data[MAX_IO];
 static off_t disk_size;
 static int direct_io;
+static int file_fd = -1;
+static __thread char file_buf[MAX_IO] __attribute__((aligned(4096)));
 
 static void fill_stat(struct stat *st) {
   memset(st, 0, sizeof(*st));
@@ -80,18 +87,31 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
   if (off >= disk_size) size = 0;
   else if ((off_t)size > disk_size - off) size = disk_size - off;
   if (size > MAX_IO) size = MAX_IO;
+  if (file_fd >= 0) {
+    ssize_t n = pread(file_fd, file_buf, size, off);
+    if (n < 0) fuse_reply_err(req, errno);
+    else fuse_reply_buf(req, file_buf, n);
+    return;
+  }
   fuse_reply_buf(req, data, size);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
   (void)ino;
-  (void)buf;
   (void)fi;
   if (off >= disk_size) {
     fuse_reply_err(req, ENOSPC);
     return;
   }
   if ((off_t)size > disk_size - off) size = disk_size - off;
+  if (file_fd >= 0) {
+    ssize_t n = pwrite(file_fd, buf, size, off);
+    if (n < 0) {
+      fuse_reply_err(req, errno);
+      return;
+    }
+    size = n;
+  }
   fuse_reply_write(req, size);
 }
 
@@ -120,7 +140,7 @@ static const struct fuse_lowlevel_ops ops = {
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: %s SIZE MOUNTPOINT [--single] [--direct]\n", argv[0]);
+    fprintf(stderr, "usage: %s SIZE MOUNTPOINT [--single] [--direct] [--file PATH]\n", argv[0]);
     return 2;
   }
   disk_size = strtoll(argv[1], NULL, 10);
@@ -129,6 +149,13 @@ int main(int argc, char **argv) {
   for (int i = 3; i < argc; i++) {
     if (strcmp(argv[i], "--single") == 0) single = 1;
     else if (strcmp(argv[i], "--direct") == 0) direct_io = 1;
+    else if (strcmp(argv[i], "--file") == 0 && i + 1 < argc) {
+      file_fd = open(argv[++i], O_RDWR);
+      if (file_fd < 0) {
+        perror(argv[i]);
+        return 2;
+      }
+    }
     else {
       fprintf(stderr, "%s: unknown option %s\n", argv[0], argv[i]);
       return 2;
