@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #define MAX_IO (1024 * 1024)
@@ -32,7 +33,10 @@ static char data[MAX_IO];
 static off_t disk_size;
 static int direct_io;
 static int file_fd = -1;
-static __thread char file_buf[MAX_IO] __attribute__((aligned(4096)));
+/* --file: each libfuse thread's read buffer, made on its first READ (not in static TLS,
+   which every new thread would zero) and freed when the thread ends. */
+static __thread char *file_buf;
+static pthread_key_t file_buf_key;
 
 static void fill_stat(struct stat *st) {
   memset(st, 0, sizeof(*st));
@@ -88,6 +92,14 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
   else if ((off_t)size > disk_size - off) size = disk_size - off;
   if (size > MAX_IO) size = MAX_IO;
   if (file_fd >= 0) {
+    if (!file_buf) {
+      if (posix_memalign((void **)&file_buf, 4096, MAX_IO) != 0) {
+        file_buf = NULL;
+        fuse_reply_err(req, ENOMEM);
+        return;
+      }
+      pthread_setspecific(file_buf_key, file_buf);
+    }
     ssize_t n = pread(file_fd, file_buf, size, off);
     if (n < 0) fuse_reply_err(req, errno);
     else fuse_reply_buf(req, file_buf, n);
@@ -151,6 +163,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[i], "--direct") == 0) direct_io = 1;
     else if (strcmp(argv[i], "--file") == 0 && i + 1 < argc) {
       file_fd = open(argv[++i], O_RDWR);
+      pthread_key_create(&file_buf_key, free);
       if (file_fd < 0) {
         perror(argv[i]);
         return 2;
