@@ -15,8 +15,8 @@ import { freePort, startServer, type RunningServer } from './helpers/servers.js'
 
 const MiB = 1 << 20;
 
-/** Write `data` at `offset` of the flat file and fsync it (async: the mount is served by another process, but stays off this event loop). */
-async function writeSynced(file: string, offset: number, data: Buffer): Promise<void> {
+/** Write `data` at `offset` of the flat file and fsync it; asynchronous (unlike helpers/images.ts writeSynced), so a mount that hangs meets the test timeout instead of blocking it. */
+async function writeFsynced(file: string, offset: number, data: Buffer): Promise<void> {
   const fh = await fs.promises.open(file, 'r+');
   try {
     await fh.write(data, 0, data.length, offset);
@@ -75,7 +75,7 @@ describe('NBD: a mount outlives its server being killed and restarted', function
     const flat = path.join(mp, 'vm.raw');
 
     const acknowledged = pattern(8 * MiB, 1);
-    await writeSynced(flat, 0, acknowledged);
+    await writeFsynced(flat, 0, acknowledged);
 
     // A writer streams 1 MiB writes (no fsync) from 16 MiB on; the server is killed under it.
     const writer = spawn('dd', ['if=/dev/urandom', `of=${flat}`, 'bs=1M', 'seek=16', 'count=40', 'conv=notrunc'], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -106,7 +106,7 @@ describe('NBD: a mount outlives its server being killed and restarted', function
     expect(back.equals(acknowledged.subarray(0, MiB))).to.equal(true);
 
     const later = pattern(4 * MiB, 3);
-    await writeSynced(flat, 32 * MiB, later);
+    await writeFsynced(flat, 32 * MiB, later);
     expect((await readAt(flat, 0, 8 * MiB)).equals(acknowledged)).to.equal(true);
     await mounts.unmount(mp);
     await server.stop();
