@@ -17,7 +17,11 @@
 #     splice:  MODES="pread=TSMOUNT_FUSE_SPLICE=0 splice= ceiling"
 #     uring:   MODES="workers= uring=TSMOUNT_FUSE_URING=1 uring-nospin=TSMOUNT_FUSE_URING=1,TSMOUNT_FUSE_SPIN_US=0"
 # TESTS (default "seq-qcow2 seq-vmdk rand1 rand4"): dd bs=1M of the 1 GiB qcow2 and
-#   vmdk, fio 4 KiB random reads (O_DIRECT) with 1 and 4 jobs on the qcow2.
+#   vmdk, fio 4 KiB random reads (O_DIRECT) with 1 and 4 jobs on the qcow2; wrand1 and
+#   wrand4 are the bench's row 4/4b: 128 MiB of random 4 KiB writes (psync) into the
+#   allocated qcow2 (tsmount --rw) or its raw copy (cfile), then one fsync, counted in
+#   the rate as the bench counts it (the ceiling and cfile serve them as direct I/O, as
+#   tsmount serves a writable file; cfile's fsync is fdatasync of the file).
 # A mode with TSMOUNT_FUSE_URING=1 needs fuse.enable_uring=Y: the script sets it (root)
 # and puts the old value back at the end.
 set -euo pipefail
@@ -60,15 +64,32 @@ fio_rand() { # jobs file
     --group_reporting --time_based --runtime=5 --output-format=json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s.slice(s.indexOf("{")));console.log(Math.round(j.jobs[0].read.iops)+"iops")})'
 }
 
+fio_wrand() { # jobs file
+  local t0 t1 out
+  t0=$(date +%s.%N)
+  out=$(fio --name=ab --filename="$2" --rw=randwrite --bs=4k --ioengine=psync --numjobs="$1" --size=1G \
+    --io_size=$((128 / $1))M --end_fsync=1 --fallocate=none --group_reporting --output-format=json)
+  t1=$(date +%s.%N)
+  node -e 'const s=process.argv[1];const j=JSON.parse(s.slice(s.indexOf("{")));console.log(Math.round(j.jobs[0].write.io_bytes/4096/Number(process.argv[2]))+"iops")' "$out" "$(echo "$t1-$t0" | bc -l)"
+}
+
 measure() { # test mode
   local test=$1 name=${2%%=*} settings= img=$W/full.qcow2 flat pid cpid= work
   [[ $2 == *=* ]] && settings=${2#*=}
   [ "$test" = seq-vmdk ] && img=$W/full.vmdk
-  case $test in seq-*) work=dd_read ;; rand1) work="fio_rand 1" ;; rand4) work="fio_rand 4" ;; *) echo "unknown test $test" >&2; exit 2 ;; esac
+  local -a rw=() direct=()
+  case $test in
+    seq-*) work=dd_read ;;
+    rand1) work="fio_rand 1" ;;
+    rand4) work="fio_rand 4" ;;
+    wrand1 | wrand4) work="fio_wrand ${test#wrand}"; rw=(--rw); direct=(--direct) ;;
+    *) echo "unknown test $test" >&2; exit 2 ;;
+  esac
   if [ "$name" = ceiling ] || [ "$name" = cfile ]; then
     local ceiling=${CEILING:-$(ls -t /tmp/tsmount-ceiling-* 2>/dev/null | grep -v '\.' | head -1)}
     local -a cargs=()
     [ "$name" = cfile ] && cargs=(--file "$W/full.raw")
+    cargs+=("${direct[@]}")
     : > "$W/cfile"
     "$ceiling" "$SIZE" "$W/cfile" "${cargs[@]}" >/dev/null 2>&1 & cpid=$!
     for _ in $(seq 100); do grep -q " $W/cfile " /proc/mounts && break; sleep 0.05; done
@@ -77,7 +98,7 @@ measure() { # test mode
   else
     local -a envs=()
     [ -n "$settings" ] && IFS=, read -r -a envs <<< "$settings"
-    env "${envs[@]}" $TSMOUNT "$img" "$W/mp" >/dev/null
+    env "${envs[@]}" $TSMOUNT "${rw[@]}" "$img" "$W/mp" >/dev/null
     flat="$W/mp/$(basename "${img%.*}").raw"; pid=$(pid_of "$W/mp")
     # The workers (or queues) start within a second or two; a first pass fills the read map.
     sleep 2
