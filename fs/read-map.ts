@@ -61,8 +61,13 @@ export class ReadMap {
   private readonly windows = new Map<number, Uint8Array>();
   /** Windows being walked, and the walk. */
   private readonly busy = new Map<number, Promise<void>>();
-  /** Windows published at least once (a write then refreshes only its own granules: wrote). */
-  private readonly walked = new Set<number>();
+  /**
+   * Windows published at least once (a write then refreshes only its own granules:
+   * wrote), each with whether workers could write in place when it was walked: one
+   * walked before (a file read before its first write; qcow2 takes writes around it only
+   * once its first change ran) is walked again whole at its next write.
+   */
+  private readonly walked = new Map<number, boolean>();
   /** Walks of written granules in flight (wrote). */
   private readonly refreshing = new Set<Promise<boolean>>();
   /**
@@ -245,13 +250,14 @@ export class ReadMap {
     const start = w * WINDOW;
     if (start >= size) return;
     const bits = new Uint8Array(PER_WINDOW / 8);
+    const inPlace = this.top.inPlaceWrites === true;
     const done = await this.publishRange(start, Math.min(WINDOW, size - start), w, w, (g) => {
       const i = g - w * PER_WINDOW;
       bits[i >> 3]! |= 1 << (i & 7);
     });
     if (done) {
       this.windows.set(w, bits);
-      this.walked.add(w);
+      this.walked.set(w, inPlace);
     }
   }
 
@@ -270,7 +276,7 @@ export class ReadMap {
     const last = Math.floor((Math.min(offset + length, size) - 1) / GRANULE);
     let all = true;
     for (let w = Math.floor(first / PER_WINDOW); w <= Math.floor(last / PER_WINDOW); w++) {
-      if (this.walked.has(w)) continue;
+      if (this.walked.get(w) === true) continue;
       all = false;
       this.want(w, Math.max(first, w * PER_WINDOW));
     }

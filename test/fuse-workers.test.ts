@@ -367,6 +367,52 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(writes).to.be.greaterThan(served);
   });
 
+  it('overwrites a qcow2 read whole before its first write from the workers in place (the read map walked again at that write)', async () => {
+    const size = 16 * MiB;
+    const img = path.join(tmp.dir, 'readfirst.qcow2');
+    await createImage(img, 'qcow2', size);
+    await qemuIo(img, 'qcow2', [`write -P 0x61 0 ${size}`]);
+    const ref = Buffer.alloc(size, 0x61);
+    const mp = dir('m-readfirst');
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, 'readfirst.raw');
+    // Read whole until the workers answer: the map's windows are walked before any write.
+    expect(await untilWorkersServe(flat, mp, crypto.createHash('md5').update(ref).digest('hex'), 4), 'reads answered by the workers').to.be.at.least(4);
+    const fd = await fs.promises.open(flat, 'r+');
+    let served = 0;
+    try {
+      // The first write (the JS thread's: qcow2's first change runs its hook) walks its window again.
+      const first = crypto.randomBytes(4096);
+      await fd.write(first, 0, first.length, 0);
+      first.copy(ref, 0);
+      await new Promise((r) => setTimeout(r, 300));
+      // Then one 4 KiB write into each of 64 other granules, none written before: a map that
+      // kept the read-only entries hands every one of them to the JS thread.
+      const granules = [...Array(size / GRANULE - 1).keys()].map((g) => g + 1).sort(() => Math.random() - 0.5).slice(0, 64);
+      for (const g of granules) {
+        const data = crypto.randomBytes(4096);
+        const at = g * GRANULE + crypto.randomInt(0, GRANULE / 4096) * 4096;
+        await fd.write(data, 0, data.length, at);
+        data.copy(ref, at);
+      }
+    } finally {
+      await fd.close();
+    }
+    // The counters reach tsmount --list once a second.
+    for (let i = 0; i < 20 && served < 48; i++) {
+      served = (await mountCounters(mp)).workerWrites ?? 0;
+      if (served < 48) await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(served, 'writes the workers wrote in place, of 64').to.be.at.least(48);
+    const want = crypto.createHash('md5').update(ref).digest('hex');
+    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    const back = path.join(tmp.dir, 'readfirst-back.raw');
+    await convertToRaw(img, back, 'qcow2');
+    expect(await md5File(back)).to.equal(want);
+  });
+
   it('takes a writer\'s allocating 4 KiB writes on the JS thread\'s own descriptor, with readers beside it, every byte where qemu-img finds it', async () => {
     // After a WRITE it served, the JS thread reads the next request itself (spinForWrites):
     // a WRITE or, with the readers, a READ the workers would have served. Both kinds of
@@ -670,6 +716,40 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       await node.write(2 * MiB, Buffer.alloc(4096, 0x44));
       map.endWrite(over.change);
       expect(lookup(map.table, 1, hit) && hit[2], 'an overwrite keeps the epoch').to.equal(1);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('walks a window again whole at the first write after it was walked read-only, so its other clusters become writable in place', async () => {
+    // A file read before its first write (a filesystem on a loop device, mounted, then
+    // written): its windows were walked while qcow2 took no writes around it. A write
+    // refreshing only its own granules left every other entry read-only for good.
+    const img = path.join(tmp.dir, 'rewalk.qcow2');
+    await createImage(img, 'qcow2', 8 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x51 0 8M']);
+    const node = await open(img, false);
+    try {
+      const map = new ReadMap(node);
+      const hit = [0, 0, 0];
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, 1, hit) && hit[2], 'walked before the first write').to.equal(0);
+      const c = map.beginWrite(0, 4096);
+      await node.write(0, Buffer.alloc(4096, 0x52));
+      map.endWrite(c.change);
+      // What the server does after a write it served (no READ comes to miss()).
+      map.wrote(0, 4096);
+      await map.idle();
+      for (const g of [0, 1, 100]) expect(lookup(map.table, g, hit) && hit[2], `granule ${g} writable in place`).to.equal(1);
+      // Walked writable now: a further overwrite refreshes its own granules only, and they stay writable.
+      const d = map.beginWrite(5 * MiB, 4096);
+      await node.write(5 * MiB, Buffer.alloc(4096, 0x53));
+      map.endWrite(d.change);
+      map.wrote(5 * MiB, 4096);
+      await map.idle();
+      expect(lookup(map.table, (5 * MiB) / GRANULE, hit) && hit[2], 'the granule written').to.equal(1);
+      expect(lookup(map.table, 1, hit) && hit[2], 'granule 1 still').to.equal(1);
     } finally {
       await node.close();
     }
