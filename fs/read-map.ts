@@ -33,6 +33,13 @@ import {
 const debug = createDebug('tsmount:fuse');
 
 const PER_WINDOW = WINDOW / GRANULE;
+/**
+ * Overwrites in a row (writes the main thread served that moved no host space) before
+ * a window walked in an epoch since ended is walked again whole: with allocations
+ * among the writes each walk is out of date at the next one (random 4 KiB writes into a
+ * half-allocated qcow2 ran at a third of the speed when every overwrite walked).
+ */
+const STALE_WALK_AFTER = 16;
 /** A change over more windows than this counts as one of the whole file (a resize, a huge zero). */
 const MAX_TRACKED_WINDOWS = 16;
 
@@ -63,11 +70,12 @@ export class ReadMap {
   private readonly busy = new Map<number, Promise<void>>();
   /**
    * Windows published at least once (a write then refreshes only its own granules:
-   * wrote), each with whether workers could write in place when it was walked: one
-   * walked before (a file read before its first write; qcow2 takes writes around it only
-   * once its first change ran) is walked again whole at its next write.
+   * wrote), each with the epoch (`moves`) it was walked in, or -1 if the workers could
+   * not write in place then (a file read before its first write: qcow2 takes writes
+   * around it only once its first change ran). A window walked so, or in an epoch
+   * since ended, has no entry a worker may write: wrote() walks it again whole.
    */
-  private readonly walked = new Map<number, boolean>();
+  private readonly walked = new Map<number, number>();
   /** Walks of written granules in flight (wrote). */
   private readonly refreshing = new Set<Promise<boolean>>();
   /**
@@ -85,6 +93,8 @@ export class ReadMap {
   private lastMoved = false;
   /** Changes that allocated or freed host space so far (each started an epoch). */
   private moves = 0;
+  /** Writes the main thread served since the last one that moved host space (wrote). */
+  private overwrites = 0;
   private readonly hit = [0, 0, 0];
 
   constructor(private readonly top: BlockNode) {
@@ -250,33 +260,36 @@ export class ReadMap {
     const start = w * WINDOW;
     if (start >= size) return;
     const bits = new Uint8Array(PER_WINDOW / 8);
-    const inPlace = this.top.inPlaceWrites === true;
+    const stamp = this.top.inPlaceWrites === true ? this.moves : -1;
     const done = await this.publishRange(start, Math.min(WINDOW, size - start), w, w, (g) => {
       const i = g - w * PER_WINDOW;
       bits[i >> 3]! |= 1 << (i & 7);
     });
     if (done) {
       this.windows.set(w, bits);
-      this.walked.set(w, inPlace);
+      this.walked.set(w, stamp);
     }
   }
 
   /**
    * A write the main thread served: an overwrite there may be the workers' next time.
    * Its window is walked the first time (the map of a file only ever written fills
-   * as a read's does), afterwards only its own granules (a walk of a whole window after
-   * every write made 4 KiB random writes 4x slower), and not after a write that
-   * allocated (1 MiB allocating writes were 4 % slower for it). Only where writes can
-   * go around the graph at all.
+   * as a read's does), and again whole once its walk was read-only, or is of an epoch
+   * that ended and STALE_WALK_AFTER overwrites came in a row (`walked`); otherwise only
+   * its own granules are (a walk of a whole window after every write made 4 KiB random
+   * writes 4x slower), and none after a write that allocated (1 MiB allocating writes
+   * were 4 % slower for it). Only where writes can go around the graph at all.
    */
   wrote(offset: number, length: number): void {
     if (this.everywhere !== 0 || length <= 0 || this.top.inPlaceWrites !== true) return;
+    this.overwrites = this.lastMoved ? 0 : this.overwrites + 1;
     const size = tableSize(this.table);
     const first = Math.floor(offset / GRANULE);
     const last = Math.floor((Math.min(offset + length, size) - 1) / GRANULE);
     let all = true;
     for (let w = Math.floor(first / PER_WINDOW); w <= Math.floor(last / PER_WINDOW); w++) {
-      if (this.walked.get(w) === true) continue;
+      const stamp = this.walked.get(w);
+      if (stamp === this.moves || (stamp !== undefined && stamp >= 0 && this.overwrites < STALE_WALK_AFTER)) continue;
       all = false;
       this.want(w, Math.max(first, w * PER_WINDOW));
     }

@@ -755,6 +755,36 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
+  it('walks a window of an epoch that ended again whole after 16 overwrites in a row, not after fewer (writes among allocations walk nothing)', async () => {
+    const img = path.join(tmp.dir, 'stale.qcow2');
+    await createImage(img, 'qcow2', 8 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x61 0 4M']);
+    const node = await open(img, false);
+    const write = async (map: ReadMap, at: number): Promise<void> => {
+      const c = map.beginWrite(at, 4096);
+      await node.write(at, Buffer.alloc(4096, 0x62));
+      map.endWrite(c.change);
+      map.wrote(at, 4096);
+      await map.idle();
+    };
+    try {
+      const map = new ReadMap(node);
+      const hit = [0, 0, 0];
+      await write(map, 0);
+      expect(lookup(map.table, 10, hit) && hit[2], 'walked at the first write').to.equal(1);
+      // An allocating write: a new epoch, and no walk for it.
+      await write(map, 6 * MiB);
+      expect(lookup(map.table, 10, hit) && hit[2], 'after the allocation').to.equal(0);
+      for (let i = 0; i < 15; i++) await write(map, GRANULE);
+      expect(lookup(map.table, 10, hit) && hit[2], 'after 15 overwrites').to.equal(0);
+      expect(lookup(map.table, 1, hit) && hit[2], 'the granule written, refreshed').to.equal(1);
+      await write(map, GRANULE);
+      expect(lookup(map.table, 10, hit) && hit[2], 'after 16 overwrites in a row').to.equal(1);
+    } finally {
+      await node.close();
+    }
+  });
+
   it('drops the cluster cache\'s copy after the workers wrote around it, and flushes a file only they wrote', async () => {
     const img = path.join(tmp.dir, 'drop.qcow2');
     await createImage(img, 'qcow2', 4 * MiB);

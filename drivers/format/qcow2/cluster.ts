@@ -4,7 +4,7 @@
 import type { BlockNode } from '../../types.js';
 import type { Table, TableCache, TableTail } from '../../../cache/table-cache.js';
 import { indexRuns } from '../../util/index-runs.js';
-import { decodeL1, decodeL2, encodeL1, SUBCLUSTERS, subclusterKind, type ClusterKind, type L2Entry, type L2Layout } from './entries.js';
+import { decodeL1, decodeL2, encodeL1, HI, hostOffsetOf, LO, SUBCLUSTERS, subclusterKind, type ClusterKind, type L2Entry, type L2Layout } from './entries.js';
 
 /** A stretch of guest bytes that one kind of I/O answers. */
 export interface Run {
@@ -224,6 +224,20 @@ export class ClusterMap {
           continue;
         }
         const next = Math.min(tableEnd, cstart + cs);
+        if (!this.extended) {
+          // A plain data cluster, the usual entry, without an L2Entry made for it (a walk
+          // of the read map passes 1024 of them): decodeL2 checks the same and names what is wrong.
+          const hi = dv.getUint32(index * 8);
+          const lo = dv.getUint32(index * 8 + 4);
+          const host = hostOffsetOf(hi, lo);
+          if ((hi & (HI.compressed | HI.l2Reserved)) === 0 && (lo & (LO.l2Reserved | LO.zero)) === 0 && host !== 0 && host % cs === 0 && host < layout.dataLimit) {
+            push(runs, pos, next - pos, 'data', host + (pos - cstart), (hi & HI.copied) !== 0);
+            pos = next;
+            gc++;
+            index++;
+            continue;
+          }
+        }
         const e = decodeL2(dv, index, layout, this.name, cstart);
         if (e.kind === 'compressed') {
           runs.push({ guest: pos, length: next - pos, kind: 'compressed', host: 0, copied: false, cOffset: e.cOffset, cLength: e.cLength, clusterGuest: cstart });

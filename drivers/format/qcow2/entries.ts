@@ -74,7 +74,7 @@ export function decodeL2(dv: DataView, index: number, layout: L2Layout, name: st
   const at = index * (layout.extended ? 16 : 8);
   const hi = dv.getUint32(at, false);
   const lo = dv.getUint32(at + 4, false);
-  const here = (): string => `${name}: qcow2 L2 entry for guest offset 0x${where.toString(16)}`;
+  // Messages are made only when thrown: this runs for every cluster a walk of the map passes.
   if (hi & HI.compressed) {
     // qcow2.txt "Compressed Clusters Descriptor": x = 62 - (cluster_bits - 8).
     const x = 62 - (layout.clusterBits - 8);
@@ -82,29 +82,31 @@ export function decodeL2(dv: DataView, index: number, layout: L2Layout, name: st
     const cOffset = Number(v & ((1n << BigInt(x)) - 1n));
     const sectors = Number((v >> BigInt(x)) & ((1n << BigInt(62 - x)) - 1n)) + 1;
     const cLength = sectors * 512 - (cOffset % 512);
-    if (cOffset === 0 || cOffset >= layout.dataLimit) throw new CorruptImageError(`${here()} points compressed data past the end of the file`);
+    if (cOffset === 0 || cOffset >= layout.dataLimit) throw new CorruptImageError(`${l2Where(name, where)} points compressed data past the end of the file`);
     if (layout.extended && (dv.getUint32(at + 8, false) | dv.getUint32(at + 12, false)) !== 0) {
-      throw new CorruptImageError(`${here()} is compressed but has a subcluster bitmap`);
+      throw new CorruptImageError(`${l2Where(name, where)} is compressed but has a subcluster bitmap`);
     }
     return { kind: 'compressed', host: 0, copied: false, alloc: 0, zeros: 0, cOffset, cLength };
   }
-  if (hi & HI.l2Reserved || lo & LO.l2Reserved) throw new CorruptImageError(`${here()} has reserved bits set`);
+  if (hi & HI.l2Reserved || lo & LO.l2Reserved) throw new CorruptImageError(`${l2Where(name, where)} has reserved bits set`);
   const host = hostOffsetOf(hi, lo);
   const copied = (hi & HI.copied) !== 0;
   const allocated = host !== 0 || (copied && layout.externalData === true);
-  if (host % clusterSize !== 0) throw new CorruptImageError(`${here()} is not cluster aligned`);
-  if (host >= layout.dataLimit) throw new CorruptImageError(`${here()} points past the end of the file`);
+  if (host % clusterSize !== 0) throw new CorruptImageError(`${l2Where(name, where)} is not cluster aligned`);
+  if (host >= layout.dataLimit) throw new CorruptImageError(`${l2Where(name, where)} points past the end of the file`);
   if (layout.extended) {
     const zeros = dv.getUint32(at + 8, false);
     const alloc = dv.getUint32(at + 12, false);
-    if ((zeros & alloc) !== 0) throw new CorruptImageError(`${here()} has subclusters both allocated and zero`);
-    if (!allocated && alloc !== 0) throw new CorruptImageError(`${here()} has allocated subclusters but no host cluster`);
+    if ((zeros & alloc) !== 0) throw new CorruptImageError(`${l2Where(name, where)} has subclusters both allocated and zero`);
+    if (!allocated && alloc !== 0) throw new CorruptImageError(`${l2Where(name, where)} has allocated subclusters but no host cluster`);
     return { kind: allocated ? 'data' : 'unallocated', host, copied: allocated && copied, alloc, zeros, cOffset: 0, cLength: 0 };
   }
-  const e = { host, copied, alloc: 0, zeros: 0, cOffset: 0, cLength: 0 };
-  if (lo & LO.zero) return { kind: 'zero', ...e };
-  if (!allocated) return { kind: 'unallocated', ...e, copied: false };
-  return { kind: 'data', ...e };
+  const kind: ClusterKind = lo & LO.zero ? 'zero' : allocated ? 'data' : 'unallocated';
+  return { kind, host, copied: kind === 'unallocated' ? false : copied, alloc: 0, zeros: 0, cOffset: 0, cLength: 0 };
+}
+
+function l2Where(name: string, where: number): string {
+  return `${name}: qcow2 L2 entry for guest offset 0x${where.toString(16)}`;
 }
 
 /** What subcluster `s` of an entry reads as (standard entries: the whole cluster). */
