@@ -582,6 +582,14 @@ describe('the read map (fs/read-map.ts), in-process', function () {
 
   const open = async (file: string, readOnly: boolean): Promise<BlockNode> =>
     (await openGraph([file], { readOnly, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false }))[0]!;
+  /** A 4 KiB write as the server serves one on the JS thread: the change around it, then wrote() and its walks. */
+  const serveWrite = async (map: ReadMap, node: BlockNode, at: number, fill: number): Promise<void> => {
+    const c = map.beginWrite(at, 4096);
+    await node.write(at, Buffer.alloc(4096, fill));
+    map.endWrite(c.change);
+    map.wrote(at, 4096);
+    await map.idle();
+  };
 
   it('publishes data, zeros and backing data as host locations holding exactly the guest bytes; never a compressed cluster', async () => {
     const base = path.join(tmp.dir, 'b.qcow2');
@@ -735,19 +743,11 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       map.miss(0, 4096);
       await map.idle();
       expect(lookup(map.table, 1, hit) && hit[2], 'walked before the first write').to.equal(0);
-      const c = map.beginWrite(0, 4096);
-      await node.write(0, Buffer.alloc(4096, 0x52));
-      map.endWrite(c.change);
-      // What the server does after a write it served (no READ comes to miss()).
-      map.wrote(0, 4096);
-      await map.idle();
+      // No READ comes to miss() after it: wrote() alone must walk the window again.
+      await serveWrite(map, node, 0, 0x52);
       for (const g of [0, 1, 100]) expect(lookup(map.table, g, hit) && hit[2], `granule ${g} writable in place`).to.equal(1);
       // Walked writable now: a further overwrite refreshes its own granules only, and they stay writable.
-      const d = map.beginWrite(5 * MiB, 4096);
-      await node.write(5 * MiB, Buffer.alloc(4096, 0x53));
-      map.endWrite(d.change);
-      map.wrote(5 * MiB, 4096);
-      await map.idle();
+      await serveWrite(map, node, 5 * MiB, 0x53);
       expect(lookup(map.table, (5 * MiB) / GRANULE, hit) && hit[2], 'the granule written').to.equal(1);
       expect(lookup(map.table, 1, hit) && hit[2], 'granule 1 still').to.equal(1);
     } finally {
@@ -760,13 +760,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     await createImage(img, 'qcow2', 8 * MiB);
     await qemuIo(img, 'qcow2', ['write -P 0x61 0 4M']);
     const node = await open(img, false);
-    const write = async (map: ReadMap, at: number): Promise<void> => {
-      const c = map.beginWrite(at, 4096);
-      await node.write(at, Buffer.alloc(4096, 0x62));
-      map.endWrite(c.change);
-      map.wrote(at, 4096);
-      await map.idle();
-    };
+    const write = (map: ReadMap, at: number): Promise<void> => serveWrite(map, node, at, 0x62);
     try {
       const map = new ReadMap(node);
       const hit = [0, 0, 0];
