@@ -77,8 +77,11 @@ describe('NBD: a mount outlives its server being killed and restarted', function
     const acknowledged = pattern(8 * MiB, 1);
     await writeFsynced(flat, 0, acknowledged);
 
-    // A writer streams 1 MiB writes (no fsync) from 16 MiB on; the server is killed under it.
-    const writer = spawn('dd', ['if=/dev/urandom', `of=${flat}`, 'bs=1M', 'seek=16', 'count=40', 'conv=notrunc'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // A writer streams 1 MiB writes from 16 MiB on, 40 MiB and an fsync at a time, over and
+    // over until one fails: the server is killed under it. (A single 40 MiB dd could finish
+    // before the kill on a fast machine and exit 0: CI saw that once.)
+    const ddArgs = `if=/dev/urandom of='${flat}' bs=1M seek=16 count=40 conv=notrunc,fsync status=none`;
+    const writer = spawn('sh', ['-c', `while dd ${ddArgs}; do :; done; exit 1`], { stdio: ['ignore', 'ignore', 'pipe'] });
     mounts.trackChild(writer);
     const writerDone = new Promise<number>((resolve) => writer.once('exit', (code) => resolve(code ?? -1)));
     await new Promise((r) => setTimeout(r, 200));
