@@ -215,12 +215,19 @@ export interface BlockNode {
    */
   readonly inPlaceWrites?: boolean | undefined;
   /**
-   * Bumped whenever this layer allocates or frees host space (qcow2: a refcount
-   * changed): a range that was writable in place may since have become something
-   * else, so the FUSE layer asks block status again before writing around the graph.
-   * Absent: the layer never moves data (raw).
+   * Bumped whenever host space this layer allocates or frees may change what a range
+   * writable in place is (qcow2: a refcount changed, except for the data clusters a write
+   * allocated): it may since have become something else, a table say, so the FUSE layer
+   * asks block status again before writing around the graph. Absent: the layer never
+   * moves data (raw).
    */
   readonly layoutGeneration?: number | undefined;
+  /**
+   * Bumped at every allocation or free of host space, data clusters included (a hint:
+   * the FUSE layer does not refresh its map after a write that allocated, which is
+   * seldom overwritten next). Absent: the layer never allocates.
+   */
+  readonly allocationGeneration?: number | undefined;
   /** Forget every cached byte of guest data (the FUSE workers wrote around the graph). */
   dropCachedData?(): void;
   /** What the format says of this layer (tsimg info); formats only. */

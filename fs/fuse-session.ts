@@ -81,6 +81,14 @@ const PARK = process.env.TSMOUNT_FUSE_PARK !== '0';
  * took a core from it (allocating 1 MiB writes ~8 % slower with it, same loop).
  */
 const SPIN_WRITE_MAX = 64 * 1024 + PAGE;
+/**
+ * WRITEs up to this size that this thread read itself are written around the graph
+ * where the read map lets a worker do so (FsOps.writeAround): a synchronous pwrite(2)
+ * on this thread, so only small ones (as drivers/protocol/file.ts writes small ones
+ * synchronously). TSMOUNT_FUSE_JS_AROUND=0: never (for comparison, scripts/bench/ab.sh).
+ */
+const AROUND_WRITE_MAX = process.env.TSMOUNT_FUSE_JS_AROUND === '0' ? 0 : 64 * 1024;
+const DONE = Promise.resolve();
 
 /**
  * Worker threads serving cloned /dev/fuse descriptors (fuse-worker.ts): TSMOUNT_FUSE_WORKERS,
@@ -401,6 +409,16 @@ export class Session implements FuseMount {
       }
       if (opcode === Op.READ) {
         this.serve(unique, this.read(nodeid, io.fh, io.offset, io.size, unique));
+        return true;
+      }
+      // Read here (the spin, or this descriptor while the workers are parked): an overwrite
+      // the map lets a worker write in place is written so now (a worker's read came here
+      // because it could not be).
+      if (fromFd === this.fd && io.size <= AROUND_WRITE_MAX && this.workers.length !== 0 && this.ops.writeAround?.(nodeid, io.offset, body, WriteIn.SIZE, io.size) === true) {
+        const out = replyBuffer(WriteOut.SIZE);
+        this.send(out, unique, 0, encodeWriteOut(out, io.size));
+        // Finished as the others are (a spin after it), a turn later.
+        this.serve(unique, DONE);
         return true;
       }
       const data = body.subarray(WriteIn.SIZE, WriteIn.SIZE + io.size);

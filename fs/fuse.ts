@@ -97,6 +97,11 @@ export interface FsOps {
   readMapFor?(ino: number): Int32Array | null | undefined;
   /** A READ (or a WRITE: `write`) of [position, position + length) was served on the JS thread: publish the map around it. */
   mapMiss?(ino: number, position: number, length: number, write?: boolean): void;
+  /**
+   * A WRITE the JS thread read, written as a worker writes an overwrite in place (the
+   * read map publishes all of it so), synchronously; false: serve it with write().
+   */
+  writeAround?(ino: number, position: number, src: Buffer, at: number, length: number): boolean;
 }
 
 export interface MountOptions {

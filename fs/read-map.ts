@@ -16,8 +16,9 @@
 // lets writes go around it, BlockNode.inPlaceWrites) is published so, and a worker
 // writes it with pwrite(2) itself. Such a write never runs while the main thread
 // changes the file (H_CHANGING, and each change waits for the workers' writes in
-// flight), and a change that moved host space (BlockNode.layoutGeneration: a cluster
-// allocated or freed, which a corrupt image may give to metadata) starts a new epoch,
+// flight), and a change that moved host space (BlockNode.layoutGeneration: a table
+// allocated, which a corrupt image may put where a data cluster was, or a cluster freed;
+// not a data cluster a write allocated, which holds data only) starts a new epoch,
 // in which no entry published before is written in place (nor one a walk found while
 // host space moved: its block status may predate the move). The main thread drops its
 // cached data when workers wrote (workerWrites), and flushes a file they wrote (takeDirty).
@@ -34,10 +35,11 @@ const debug = createDebug('tsmount:fuse');
 
 const PER_WINDOW = WINDOW / GRANULE;
 /**
- * Overwrites in a row (writes the main thread served that moved no host space) before
- * a window walked in an epoch since ended is walked again whole: with allocations
- * among the writes each walk is out of date at the next one (random 4 KiB writes into a
- * half-allocated qcow2 ran at a third of the speed when every overwrite walked).
+ * Writes in a row that started no epoch (the main thread served them) before a window
+ * walked in an epoch since ended is walked again whole: with epochs ending among the
+ * writes each walk is out of date at the next one (random 4 KiB writes into a
+ * half-allocated qcow2 ran at a third of the speed when every overwrite walked, while
+ * each new data cluster still started an epoch).
  */
 const STALE_WALK_AFTER = 16;
 /** A change over more windows than this counts as one of the whole file (a resize, a huge zero). */
@@ -48,8 +50,9 @@ export interface MapChange {
   /** Its windows, or first > last for a change of the whole file. */
   first: number;
   last: number;
-  /** The top node's layoutGeneration when it began. */
+  /** The top node's layoutGeneration and allocationGeneration when it began. */
   layout: number | undefined;
+  allocations: number | undefined;
 }
 
 interface Span {
@@ -89,8 +92,10 @@ export class ReadMap {
   private gen = 0;
   /** Changes in flight on the file. */
   private inFlight = 0;
-  /** The change that ended last allocated or freed host space (wrote() then refreshes nothing). */
+  /** The change that ended last started an epoch (wrote() then refreshes nothing, and its streak starts again). */
   private lastMoved = false;
+  /** The change that ended last allocated or freed host space, data clusters too (wrote() then refreshes nothing). */
+  private lastAllocated = false;
   /** Changes that allocated or freed host space so far (each started an epoch). */
   private moves = 0;
   /** Writes the main thread served since the last one that moved host space (wrote). */
@@ -203,7 +208,7 @@ export class ReadMap {
         this.touched.set(w, (this.touched.get(w) ?? 0) + 1);
       }
     }
-    return { first, last, layout: this.top.layoutGeneration };
+    return { first, last, layout: this.top.layoutGeneration, allocations: this.top.allocationGeneration };
   }
 
   /** Resolves when no worker's write is in flight; undefined when none is now. */
@@ -222,8 +227,9 @@ export class ReadMap {
   /** The change ended (`failed`: with an error, and the image may be marked corrupt now). */
   endWrite(change: MapChange, failed = false): void {
     if (failed) this.stopWorkerWrites();
-    // Host space allocated or freed: what was writable in place may not be any more.
+    // A table allocated or space freed: what was writable in place may not be any more.
     this.lastMoved = this.top.layoutGeneration !== change.layout;
+    this.lastAllocated = this.lastMoved || this.top.allocationGeneration !== change.allocations;
     if (this.lastMoved) {
       this.moves++;
       newEpoch(this.table);
@@ -294,7 +300,7 @@ export class ReadMap {
       this.want(w, Math.max(first, w * PER_WINDOW));
     }
     // An allocating write (a sequential writer's, mostly) is seldom overwritten next: not worth a walk each.
-    if (!all || this.lastMoved) return;
+    if (!all || this.lastAllocated) return;
     const firstW = Math.floor(first / PER_WINDOW);
     const lastW = Math.floor(last / PER_WINDOW);
     for (let w = firstW; w <= lastW; w++) if ((this.changing.get(w) ?? 0) !== 0) return;

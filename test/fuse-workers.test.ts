@@ -413,6 +413,95 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(await md5File(back)).to.equal(want);
   });
 
+  it('writes the overwrites of a writer that allocates every other write in place (the workers, or the JS thread when its spin took them), every byte where qemu-img finds it', async () => {
+    // A new data cluster starts no epoch (only tables and frees do), so the overwrites
+    // between allocations stay writable in place; those the JS thread's spin reads are
+    // written in place there too (FsOps.writeAround). Before: 0-5 of 128.
+    const size = 16 * MiB;
+    const img = path.join(tmp.dir, 'mixed.qcow2');
+    await createImage(img, 'qcow2', size);
+    await qemuIo(img, 'qcow2', ['write -P 0x31 0 8M']);
+    const ref = Buffer.alloc(size);
+    ref.fill(0x31, 0, 8 * MiB);
+    const mp = dir('m-mixed');
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, 'mixed.raw');
+    const fd = await fs.promises.open(flat, 'r+');
+    const write = async (at: number): Promise<void> => {
+      const data = crypto.randomBytes(4096);
+      await fd.write(data, 0, data.length, at);
+      data.copy(ref, at);
+    };
+    let served = 0;
+    try {
+      // The first write runs qcow2's first-change hook and walks its window.
+      await write(0);
+      await new Promise((r) => setTimeout(r, 300));
+      // 128 new clusters of the second half, one 4 KiB write each, each after an overwrite in the first.
+      const fresh = [...Array(128).keys()].sort(() => Math.random() - 0.5);
+      for (const c of fresh) {
+        await write(crypto.randomInt(1, (8 * MiB) / 4096) * 4096);
+        await write(8 * MiB + c * 64 * KiB + crypto.randomInt(0, 16) * 4096);
+      }
+    } finally {
+      await fd.close();
+    }
+    for (let i = 0; i < 20 && served < 96; i++) {
+      served = (await mountCounters(mp)).workerWrites ?? 0;
+      if (served < 96) await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(served, 'overwrites written in place, of 128').to.be.at.least(96);
+    const want = crypto.createHash('md5').update(ref).digest('hex');
+    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    const back = path.join(tmp.dir, 'mixed-back.raw');
+    await convertToRaw(img, back, 'qcow2');
+    expect(await md5File(back)).to.equal(want);
+  });
+
+  it('with the workers parked for an allocating writer, writes its overwrites in place on the JS thread (no change through the graph), every byte where qemu-img finds it', async () => {
+    const size = 16 * MiB;
+    const img = path.join(tmp.dir, 'parked.qcow2');
+    await createImage(img, 'qcow2', size);
+    await qemuIo(img, 'qcow2', ['write -P 0x41 0 8M']);
+    const ref = Buffer.alloc(size);
+    ref.fill(0x41, 0, 8 * MiB);
+    const mp = dir('m-parked');
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, 'parked.raw');
+    const fd = await fs.promises.open(flat, 'r+');
+    const write = async (at: number): Promise<void> => {
+      const data = crypto.randomBytes(4096);
+      await fd.write(data, 0, data.length, at);
+      data.copy(ref, at);
+    };
+    try {
+      await write(0);
+      await new Promise((r) => setTimeout(r, 300));
+      // 32 allocating writes in a row park the workers (fs/fuse-session.ts writerMode, after 16)...
+      for (let c = 0; c < 32; c++) await write(8 * MiB + c * 64 * KiB);
+      // ...and the JS thread reads the 64 overwrites that follow itself (it lets the workers go after 256).
+      for (let i = 0; i < 64; i++) await write(crypto.randomInt(1, (8 * MiB) / 4096) * 4096);
+    } finally {
+      await fd.close();
+    }
+    let c = await mountCounters(mp);
+    for (let i = 0; i < 20 && (c.workerWrites ?? 0) < 64; i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      c = await mountCounters(mp);
+    }
+    expect(c.writerParks, 'the workers parked').to.be.at.least(1);
+    expect(c.workerWrites, 'overwrites written in place, of 64').to.be.at.least(64);
+    const want = crypto.createHash('md5').update(ref).digest('hex');
+    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    const back = path.join(tmp.dir, 'parked-back.raw');
+    await convertToRaw(img, back, 'qcow2');
+    expect(await md5File(back)).to.equal(want);
+  });
+
   it('takes a writer\'s allocating 4 KiB writes on the JS thread\'s own descriptor, with readers beside it, every byte where qemu-img finds it', async () => {
     // After a WRITE it served, the JS thread reads the next request itself (spinForWrites):
     // a WRITE or, with the readers, a READ the workers would have served. Both kinds of
@@ -668,9 +757,10 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
-  it('publishes COPIED clusters as writable in place; a change keeps the workers out, waits for their writes, and a new epoch follows an allocation', async () => {
+  it('publishes COPIED clusters as writable in place; a change keeps the workers out, waits for their writes, and a new epoch follows a table\'s allocation, not a data cluster\'s', async () => {
     const img = path.join(tmp.dir, 'wip.qcow2');
-    await createImage(img, 'qcow2', 8 * MiB);
+    // 1 GiB: a write past the first L2 table's 512 MiB allocates a table.
+    await createImage(img, 'qcow2', 1024 * MiB);
     await qemuIo(img, 'qcow2', ['write -P 0x41 0 4M']);
     const ro = await open(img, true);
     try {
@@ -710,12 +800,17 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       expect(drained).to.equal(false);
       Atomics.sub(map.table, H_WRITES_IN_FLIGHT, 1);
       await alloc.drained;
-      // An allocating write: refcounts change, so nothing published before is writable any more.
+      // A write that allocates a data cluster (in a table that exists): the cluster holds data only, the epoch holds.
       await node.write(6 * MiB, Buffer.alloc(4096, 0x43));
       map.endWrite(alloc.change);
       expect(Atomics.load(map.table, H_CHANGING)).to.equal(0);
+      expect(lookup(map.table, 1, hit) && hit[2], 'writable in place after a data cluster was allocated').to.equal(1);
+      // A write that allocates an L2 table: nothing published before is writable any more.
+      const table = map.beginWrite(600 * MiB, 4096);
+      await node.write(600 * MiB, Buffer.alloc(4096, 0x45));
+      map.endWrite(table.change);
       expect(lookup(map.table, 1, hit), 'still read from the map').to.equal(true);
-      expect(hit[2], 'not written in place after an allocation').to.equal(0);
+      expect(hit[2], 'not written in place after a table was allocated').to.equal(0);
       // An overwrite changes no refcount: the epoch holds.
       map.miss(0, 4096);
       await map.idle();
@@ -726,6 +821,70 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       expect(lookup(map.table, 1, hit) && hit[2], 'an overwrite keeps the epoch').to.equal(1);
     } finally {
       await node.close();
+    }
+  });
+
+  it('a corrupt image whose refcounts call a writable cluster free: a table allocated there ends its entry\'s writability; a data cluster allocated there is written there by the JS thread alike', async () => {
+    // The data cluster of guest 0..64K gets refcount 0, so it is the first free cluster
+    // (after the header, the refcount table and block, the L1 and the L2 table).
+    const corrupt = async (name: string): Promise<{ img: string; host: number }> => {
+      const img = path.join(tmp.dir, name);
+      await createImage(img, 'qcow2', 1024 * MiB);
+      await qemuIo(img, 'qcow2', ['write -P 0x71 0 4M']);
+      const head = Buffer.alloc(64);
+      const fd = fs.openSync(img, 'r+');
+      try {
+        fs.readSync(fd, head, 0, 64, 0);
+        const l1 = Number(head.readBigUInt64BE(40));
+        const reftable = Number(head.readBigUInt64BE(48));
+        const e = Buffer.alloc(8);
+        fs.readSync(fd, e, 0, 8, l1);
+        fs.readSync(fd, e, 0, 8, Number(e.readBigUInt64BE(0) & 0x00fffffffffffe00n));
+        const host = Number(e.readBigUInt64BE(0) & 0x00fffffffffffe00n);
+        fs.readSync(fd, e, 0, 8, reftable);
+        // 16-bit refcounts, 64 KiB clusters.
+        fs.writeSync(fd, Buffer.alloc(2), 0, 2, Number(e.readBigUInt64BE(0)) + (host / (64 * KiB)) * 2);
+        return { img, host };
+      } finally {
+        fs.closeSync(fd);
+      }
+    };
+    const hit = [0, 0, 0];
+
+    // A table there: the workers must not write guest 0 in place any more, and the JS thread refuses it (the overlap check).
+    const t = await corrupt('alias-table.qcow2');
+    let node = await open(t.img, false);
+    try {
+      const map = new ReadMap(node);
+      await serveWrite(map, node, GRANULE, 0x72);
+      expect(lookup(map.table, 0, hit) && hit[2], 'granule 0 writable in place').to.equal(1);
+      expect(hit[1], 'at the cluster the refcounts call free').to.equal(t.host);
+      await serveWrite(map, node, 600 * MiB, 0x73);
+      expect(lookup(map.table, 0, hit) && hit[2], 'granule 0 after an L2 table was allocated at its cluster').to.equal(0);
+      await node.write(0, Buffer.alloc(4096, 0x74)).then(
+        () => expect.fail('the JS thread wrote over the new table'),
+        (e: unknown) => expect(String(e)).to.match(/overlaps with active L2 table/),
+      );
+    } finally {
+      await node.close().catch(() => undefined);
+    }
+
+    // A data cluster there: guest 0 and guest 6M share it, whoever writes; the workers may go on writing it.
+    const d = await corrupt('alias-data.qcow2');
+    node = await open(d.img, false);
+    try {
+      const map = new ReadMap(node);
+      await serveWrite(map, node, GRANULE, 0x75);
+      await serveWrite(map, node, 6 * MiB, 0x76);
+      expect(lookup(map.table, 0, hit) && hit[2], 'granule 0 after a data cluster was allocated at its cluster').to.equal(1);
+      expect(hit[1]).to.equal(d.host);
+      // The JS thread's own write of guest 0 lands where a worker's would: guest 6M reads it.
+      await node.write(0, Buffer.alloc(4096, 0x77));
+      const back = Buffer.alloc(4096);
+      await node.read(6 * MiB, back);
+      expect(back.equals(Buffer.alloc(4096, 0x77)), 'guest 6M shares the host cluster of guest 0').to.equal(true);
+    } finally {
+      await node.close().catch(() => undefined);
     }
   });
 
@@ -757,7 +916,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
 
   it('walks a window of an epoch that ended again whole after 16 overwrites in a row, not after fewer (writes among allocations walk nothing)', async () => {
     const img = path.join(tmp.dir, 'stale.qcow2');
-    await createImage(img, 'qcow2', 8 * MiB);
+    await createImage(img, 'qcow2', 1024 * MiB);
     await qemuIo(img, 'qcow2', ['write -P 0x61 0 4M']);
     const node = await open(img, false);
     const write = (map: ReadMap, at: number): Promise<void> => serveWrite(map, node, at, 0x62);
@@ -766,8 +925,12 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       const hit = [0, 0, 0];
       await write(map, 0);
       expect(lookup(map.table, 10, hit) && hit[2], 'walked at the first write').to.equal(1);
-      // An allocating write: a new epoch, and no walk for it.
+      // A write that allocates data only: the epoch holds, and no walk for it.
       await write(map, 6 * MiB);
+      expect(lookup(map.table, 10, hit) && hit[2], 'after a data cluster was allocated').to.equal(1);
+      expect(lookup(map.table, (6 * MiB) / GRANULE, hit), 'the granule allocated, not walked').to.equal(false);
+      // One that allocates an L2 table: a new epoch, and no walk for it.
+      await write(map, 600 * MiB);
       expect(lookup(map.table, 10, hit) && hit[2], 'after the allocation').to.equal(0);
       for (let i = 0; i < 15; i++) await write(map, GRANULE);
       expect(lookup(map.table, 10, hit) && hit[2], 'after 15 overwrites').to.equal(0);

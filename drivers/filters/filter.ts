@@ -94,6 +94,9 @@ export class Filter implements BlockNode {
   get layoutGeneration(): number | undefined {
     return this.next.layoutGeneration;
   }
+  get allocationGeneration(): number | undefined {
+    return this.next.allocationGeneration;
+  }
   get dropCachedData(): (() => void) | undefined {
     const next = this.next;
     return next.dropCachedData && (() => next.dropCachedData!());

@@ -216,8 +216,19 @@ export class Qcow2Node implements BlockNode {
     return !this.readOnly && !this.isView && this.data === this.file && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && !this.guard?.corrupt && this.file.inPlaceWrites === true;
   }
 
-  /** Refcounts changed: host clusters were allocated or freed. */
+  /**
+   * Refcounts changed other than for data clusters a write allocated: a table or
+   * refcount block may now be where a writable cluster was (a corrupt image's refcounts
+   * can call a cluster in use free), or space was freed. A new data cluster is not one
+   * of these: it holds guest data only, and where a corrupt image's L2 entry names it
+   * too, this node's own writes to either guest cluster land there alike.
+   */
   get layoutGeneration(): number {
+    return this.refcounts.changes - this.refcounts.dataChanges;
+  }
+
+  /** Refcounts changed at all: host clusters were allocated (data too) or freed. */
+  get allocationGeneration(): number {
     return this.refcounts.changes;
   }
 
@@ -715,7 +726,7 @@ export class Qcow2Node implements BlockNode {
         // With a data file, QEMU puts each data cluster at its guest offset and counts none of them.
         host = (first + i) * cs;
       } else {
-        const got = await this.refcounts.allocate(j - i);
+        const got = await this.refcounts.allocate(j - i, true);
         j = i + got.count;
         host = got.start * cs;
       }

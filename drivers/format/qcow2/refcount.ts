@@ -42,8 +42,14 @@ export class Refcounts {
   readonly maxRefcount: number;
   /** Refcounts lowered so far: whoever keeps a cluster index across awaits sees a free happen. */
   decrements = 0;
-  /** Refcounts set so far: host space allocated or freed (BlockNode.layoutGeneration). */
+  /** Refcounts set so far: host space allocated or freed (BlockNode.allocationGeneration). */
   changes = 0;
+  /**
+   * Of `changes`, those of data clusters allocate() handed out for guest data: unlike
+   * the rest (tables, refcount blocks, frees), one cannot turn a range that was
+   * writable in place into metadata (BlockNode.layoutGeneration leaves them out).
+   */
+  dataChanges = 0;
   /** Refcounts per block. */
   readonly perBlock: number;
   private table: Buffer;
@@ -91,9 +97,11 @@ export class Refcounts {
 
   /**
    * Allocate up to `max` contiguous free clusters (at least one) and count them;
-   * returns the first cluster index and how many were allocated.
+   * returns the first cluster index and how many were allocated. `data`: they will
+   * hold guest data and nothing else (counted in dataChanges; a refcount block or a
+   * larger table this needs still counts as a change of the layout).
    */
-  async allocate(max: number): Promise<{ start: number; count: number }> {
+  async allocate(max: number, data = false): Promise<{ start: number; count: number }> {
     let c = this.freeHint;
     for (;;) {
       const r = Math.floor(c / this.perBlock);
@@ -106,6 +114,7 @@ export class Refcounts {
       let n = 1;
       while (n < max && c + n < end && this.entry(block, c + n - base) === 0) n++;
       for (let i = 0; i < n; i++) this.setEntry(block, c + i - base, 1);
+      if (data) this.dataChanges += n;
       this.cache.markDirty(block);
       this.freeHint = c + n;
       return { start: c, count: n };
