@@ -135,6 +135,14 @@ export interface BlockNode {
    * falls back to one buffer and write() where it is missing.
    */
   writev?(offset: number, parts: Uint8Array[]): Promise<void>;
+  /**
+   * Make [offset, offset + length) read as zeros, allocated as a write of zeros would
+   * leave it (the file grows to cover it), without writing them: QEMU's write_zeroes with
+   * BDRV_REQ_NO_FALLBACK, which qcow2 uses for the untouched part of a new cluster
+   * (handle_alloc_space). False, with nothing done, where this node cannot do it so;
+   * the caller writes the zeros. Offered and forwarded as writev is.
+   */
+  allocateZeros?(offset: number, length: number): Promise<boolean>;
   /** Make [offset, offset+length) read as zeros; unmap lets the node deallocate. */
   zero?(offset: number, length: number, unmap: boolean): Promise<void>;
   /** Everything written so far is durable when this resolves. */

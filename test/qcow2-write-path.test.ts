@@ -47,6 +47,25 @@ class CountingFile extends MemoryNode {
 
 }
 
+/** CountingFile with the file protocol's allocateZeros (fallocate ZERO_RANGE), which can be told to refuse. */
+class ZeroingFile extends CountingFile {
+  readonly zeroed: { offset: number; length: number }[] = [];
+  refuse = false;
+
+  async allocateZeros(offset: number, length: number): Promise<boolean> {
+    if (this.refuse) return false;
+    this.zeroed.push({ offset, length });
+    // Grows the file as a write does, and reads as zeros.
+    if (offset + length > this.data.length) {
+      const next = Buffer.alloc(offset + length);
+      this.data.copy(next);
+      this.data = next;
+    }
+    this.data.fill(0, offset, offset + length);
+    return true;
+  }
+}
+
 async function openOver(file: BlockNode): Promise<BlockNode> {
   return qcow2Driver.open(file, {
     readOnly: false,
@@ -134,6 +153,83 @@ describe('qcow2 write path', function () {
       expect(raw.subarray(c.offset - CS, c.offset).every((x) => x === 0)).to.equal(true);
     });
   }
+
+  it('allocates the zeros of a new cluster\'s head and tail without writing them where the file can (QEMU\'s handle_alloc_space), and writes them where it cannot or they are not zeros', async () => {
+    for (const options of [{}, { extended_l2: 'on' }] as Record<string, string>[]) {
+      const unit = options.extended_l2 === 'on' ? CS / 32 : CS;
+      const file = new ZeroingFile(await emptyImage('zr.qcow2', options));
+      const node = await openOver(file);
+      await node.write(0, Buffer.from([1]));
+      await node.flush();
+      file.writes.length = 0;
+      file.zeroed.length = 0;
+      // 4 KiB at 8 KiB + 1000 into a new cluster: the unit(s) it touches zeroed, then the 4 KiB alone.
+      const at = 4 * MiB + 8 * KiB + 1000;
+      const data = crypto.randomBytes(4 * KiB);
+      await node.write(at, data);
+      expect(file.zeroed, JSON.stringify(options)).to.have.length(1);
+      const a = Math.floor(at / unit) * unit;
+      const b = Math.ceil((at + data.length) / unit) * unit;
+      expect(file.zeroed[0]!.length).to.equal(b - a);
+      expect(file.writes, JSON.stringify(file.writes)).to.deep.equal([{ offset: file.zeroed[0]!.offset + (at - a), length: data.length, parts: 1 }]);
+      // An overwrite of that cluster: in place, nothing zeroed.
+      await node.write(at + 100, Buffer.alloc(10, 7));
+      data.fill(7, 100, 110);
+      expect(file.zeroed).to.have.length(1);
+      // Where the file says no: the zeros are written with the data, as one write.
+      file.refuse = true;
+      file.writes.length = 0;
+      const other = crypto.randomBytes(3000);
+      await node.write(8 * MiB + 5000, other);
+      expect(file.writes).to.have.length(1);
+      expect(file.writes[0]!.length).to.equal(Math.ceil((8 * MiB + 8000) / unit) * unit - Math.floor((8 * MiB + 5000) / unit) * unit);
+      await node.flush();
+      await node.close();
+      const raw = await checkBytes('zr-out.qcow2', file.data);
+      const want = Buffer.alloc(64 * MiB);
+      want[0] = 1;
+      data.copy(want, at);
+      other.copy(want, 8 * MiB + 5000);
+      expect(raw.equals(want), JSON.stringify(options)).to.equal(true);
+    }
+    // Over a backing file with data there: the head and tail are its bytes, written with the data.
+    const base = path.join(tmp.dir, 'zr-base.raw');
+    fs.writeFileSync(base, crypto.randomBytes(8 * MiB));
+    const img = path.join(tmp.dir, 'zr-over.qcow2');
+    await createImage(img, 'qcow2', 64 * MiB, { cluster_size: CS }, { file: base, format: 'raw' });
+    const over = new ZeroingFile(fs.readFileSync(img));
+    const node = await qcow2Driver.open(over, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: async () => openTestImage(base, { rw: false }) });
+    try {
+      await node.write(MiB + 100, Buffer.alloc(100, 9));
+      expect(over.zeroed, 'inside the backing file').to.have.length(0);
+      await node.write(20 * MiB + 100, Buffer.alloc(100, 9));
+      expect(over.zeroed, 'past its end').to.have.length(1);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('leaves a new cluster\'s zeros allocated in a real image file (fallocate), as qemu-img reads them: 200 partial writes, read back whole', async () => {
+    const img = path.join(tmp.dir, 'zr-real.qcow2');
+    await createImage(img, 'qcow2', 64 * MiB, { cluster_size: CS });
+    const node = await openTestImage(img, { rw: true });
+    const want = Buffer.alloc(64 * MiB);
+    for (let i = 0; i < 200; i++) {
+      const off = i * 3 * CS + ((i * 4093) % CS);
+      const data = crypto.randomBytes(1 + ((i * 7919) % (CS + 5000)));
+      await node.write(off, data);
+      data.copy(want, off);
+    }
+    await node.flush();
+    await node.close();
+    const c = await checkImage(img, 'qcow2');
+    expect(c.code, c.output).to.equal(0);
+    await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, `${img}.raw`]);
+    expect(fs.readFileSync(`${img}.raw`).equals(want)).to.equal(true);
+    // Allocated as written data would be (no holes for a later open to take for preallocated metadata).
+    const st = fs.statSync(img);
+    expect(st.blocks * 512, 'blocks on disk').to.be.at.least(st.size - 4 * CS);
+  });
 
   it('keeps the old bytes of the head and tail when it reallocates over existing data', async () => {
     // Zeroed clusters that keep their host cluster (v3, no unmap) are written in place

@@ -337,6 +337,21 @@ export class FileNode implements BlockNode {
   }
 
   /**
+   * fallocate(FALLOC_FL_ZERO_RANGE) without FALLOC_FL_KEEP_SIZE: unwritten extents
+   * (counted in st_blocks, read as zeros), and the file grows past its end to cover
+   * them. Not on a host device (BLKZEROOUT may write the zeros itself) nor a medium; a
+   * file system without it answers false from then on. On the JS thread, as small
+   * writes are: one system call with no data (a 64 KiB write of zeros cost 10x as much
+   * here, scripts/BENCHMARKS.md session 18).
+   */
+  async allocateZeros(offset: number, length: number): Promise<boolean> {
+    if (this.isBlockDevice || this.medium || !this.extentHint.zeroRange || this.readOnly) return false;
+    if (!this.tryFallocate(FALLOC_FL_ZERO_RANGE, offset, length, 'zeroRange')) return false;
+    if (offset + length > this.currentSize) this.currentSize = offset + length;
+    return true;
+  }
+
+  /**
    * One pwritev of the parts (qcow2 writes a new cluster's old head, the new data and
    * its old tail this way, as QEMU's merge_cow does): one system call, no copy. Small
    * ones on the JS thread, as write() does; O_DIRECT goes through write()'s bounce buffer.

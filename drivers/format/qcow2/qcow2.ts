@@ -733,7 +733,7 @@ export class Qcow2Node implements BlockNode {
       // Extended L2: a cluster shared with a snapshot is copied whole.
       const full = ext && entries.slice(i, j).some(hasHost);
       // New data first; the L2 entries that point at it after.
-      await this.writeUnits(first + i, first + j, host, entries.slice(i, j), pos, data, full);
+      await this.writeUnits(first + i, first + j, host, entries.slice(i, j), pos, data, full, this.data === this.file);
       const table = await this.map.l2Cache.get(l2Offset);
       const dv = table.view();
       for (let k = i; k < j; k++) {
@@ -784,9 +784,12 @@ export class Qcow2Node implements BlockNode {
    * cluster) the write does not cover with what they read as before. `full`
    * widens the first and last unit to the whole cluster. One write for all of it
    * (QEMU's merge_cow): the old head, the new bytes, the old tail, with no copy of
-   * the new bytes.
+   * the new bytes. `fresh`: the host clusters were just allocated for this write, so
+   * where the head and tail read as zeros, zeros allocated without writing them do
+   * (QEMU's handle_alloc_space): a 4 KiB write into a new 64 KiB cluster, 136 us as one
+   * zero-filled write, 14 us so (scripts/BENCHMARKS.md, session 18).
    */
-  private async writeUnits(c0: number, c1: number, host: number, olds: L2Entry[], pos: number, data: Uint8Array, full: boolean): Promise<void> {
+  private async writeUnits(c0: number, c1: number, host: number, olds: L2Entry[], pos: number, data: Uint8Array, full: boolean, fresh = false): Promise<void> {
     const cs = this.cs;
     const u = full ? cs : this.map.subclusterSize;
     const from = Math.max(pos, c0 * cs);
@@ -795,6 +798,13 @@ export class Qcow2Node implements BlockNode {
     const b = Math.ceil(to / u) * u;
     const body = data.subarray(from - pos, to - pos);
     if (a === from && b === to) return this.writeData(host + (from - c0 * cs), from, body);
+    if (fresh && !this.crypt && this.data === this.file && this.file.allocateZeros && this.readsAsZeros(c0, olds, a, from) && this.readsAsZeros(c0, olds, to, b)) {
+      // Free by the refcounts is not proof in a corrupt image: the zeros must overlap no table either.
+      const at = host + (a - c0 * cs);
+      const refused = this.guard?.check(at, b - a);
+      if (refused) return refused;
+      if (await this.file.allocateZeros(at, b - a)) return this.writeData(host + (from - c0 * cs), from, body);
+    }
     const head = from > a ? this.cowPart(c0, olds, a, from) : undefined;
     const tail = b > to ? this.cowPart(c0, olds, to, b) : undefined;
     await Promise.all([head?.fill, tail?.fill]);
