@@ -21,7 +21,9 @@
 #   wrand4 are the bench's row 4/4b: 128 MiB of random 4 KiB writes (psync) into the
 #   allocated qcow2 (tsmount --rw) or its raw copy (cfile), then one fsync, counted in
 #   the rate as the bench counts it (the ceiling and cfile serve them as direct I/O, as
-#   tsmount serves a writable file; cfile's fsync is fdatasync of the file).
+#   tsmount serves a writable file; cfile's fsync is fdatasync of the file). whalf1 and
+#   whalf4 write the same into a fresh copy of a qcow2 whose every other cluster is
+#   allocated (a quarter of the writes allocate, the rest overwrite; cfile: the raw copy).
 # A mode with TSMOUNT_FUSE_URING=1 needs fuse.enable_uring=Y: the script sets it (root)
 # and puts the old value back at the end.
 set -euo pipefail
@@ -50,10 +52,17 @@ if [[ " ${MODES:-} " == *" cfile "* ]]; then
   [ -f "$W/full.raw" ] || qemu-img convert -O raw "$W/full.qcow2" "$W/full.raw"
   cat "$W/full.raw" > /dev/null
 fi
+if [[ " ${TESTS:-} " == *" whalf"* ]] && [ ! -f "$W/half.qcow2" ]; then
+  # Every other 64 KiB cluster random, the rest zeros (left unallocated by the convert).
+  node -e 'const fs=require("fs"),c=require("crypto");const fd=fs.openSync(process.argv[1],"w");const z=Buffer.alloc(65536);
+    for(let i=0;i<16384;i++)fs.writeSync(fd,i%2?z:c.randomBytes(65536));fs.closeSync(fd)' "$W/half.raw"
+  qemu-img convert -O qcow2 "$W/half.raw" "$W/half.qcow2"
+  rm -f "$W/half.raw"
+fi
 cat "$W/full.qcow2" "$W/full.vmdk" > /dev/null
 
 pid_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);console.log(m?m.pid:0)})' "$1"; }
-counters_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);const c=(m&&m.counters)||{};console.log(`reads=${c.reads} worker=${c.workerReads??0} spliced=${c.splicedReads??0} handed=${c.handedOver??0} spin=${c.spinTakes??0}`)})' "$1"; }
+counters_of() { $TSMOUNT --list --output json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const m=JSON.parse(s).find(x=>x.mountpoint===process.argv[1]);const c=(m&&m.counters)||{};console.log(`reads=${c.reads} worker=${c.workerReads??0} spliced=${c.splicedReads??0} wwrites=${c.workerWrites??0} handed=${c.handedOver??0} spin=${c.spinTakes??0}`)})' "$1"; }
 cpu_of() { awk '{print $14+$15}' "/proc/$1/stat"; }
 main_of() { awk '{print $14+$15}' "/proc/$1/task/$1/stat"; }
 bdi_of() { awk -v mp="$1" '$5 == mp { print $3 }' /proc/self/mountinfo | tail -1; }
@@ -77,12 +86,17 @@ measure() { # test mode
   local test=$1 name=${2%%=*} settings= img=$W/full.qcow2 flat pid cpid= work
   [[ $2 == *=* ]] && settings=${2#*=}
   [ "$test" = seq-vmdk ] && img=$W/full.vmdk
+  if [[ $test == whalf* ]]; then
+    cp "$W/half.qcow2" "$W/half-run.qcow2"
+    img=$W/half-run.qcow2
+  fi
   local -a rw=() direct=()
   case $test in
     seq-*) work=dd_read ;;
     rand1) work="fio_rand 1" ;;
     rand4) work="fio_rand 4" ;;
     wrand1 | wrand4) work="fio_wrand ${test#wrand}"; rw=(--rw); direct=(--direct) ;;
+    whalf1 | whalf4) work="fio_wrand ${test#whalf}"; rw=(--rw); direct=(--direct) ;;
     *) echo "unknown test $test" >&2; exit 2 ;;
   esac
   if [ "$name" = ceiling ] || [ "$name" = cfile ]; then
