@@ -6,6 +6,8 @@ import path from 'node:path';
 import { runOk } from '../lib/qemu.js';
 import { MiB } from './tools.js';
 
+const CLUSTER = 64 * 1024;
+
 export interface Sizes {
   /** Rows 1-5: the "1 GiB" images. */
   main: number;
@@ -69,6 +71,31 @@ export class Images {
   }
   compressedQcow2(): Promise<string> {
     return this.fromData('compressed.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536']);
+  }
+
+  /** Every other 64 KiB cluster allocated (random bytes), the rest never written. */
+  halfQcow2(): Promise<string> {
+    const size = this.sizes.main;
+    return this.once('half.qcow2', `half v1 ${size}`, async (file) => {
+      const raw = `${file}.raw`;
+      const fd = fs.openSync(raw, 'w');
+      try {
+        for (let pos = 0; pos < size; pos += 2 * CLUSTER) fs.writeSync(fd, crypto.randomBytes(Math.min(CLUSTER, size - pos)), 0, Math.min(CLUSTER, size - pos), pos);
+        fs.ftruncateSync(fd, size);
+      } finally {
+        fs.closeSync(fd);
+      }
+      await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=65536', raw, file], { timeoutMs: 900_000 });
+      fs.rmSync(raw);
+    });
+  }
+
+  /** A private copy of `src` (made anew for every write measurement that allocates). */
+  async copyOf(src: string, name: string): Promise<string> {
+    const file = path.join(this.dir, name);
+    fs.rmSync(file, { force: true });
+    await runOk('cp', ['--sparse=always', src, file], { timeoutMs: 600_000 });
+    return file;
   }
 
   /** A fresh empty qcow2 of the main size (made anew for every write measurement). */
