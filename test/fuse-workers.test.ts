@@ -416,7 +416,8 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
   it('writes the overwrites of a writer that allocates every other write in place (the workers, or the JS thread when its spin took them), every byte where qemu-img finds it', async () => {
     // A new data cluster starts no epoch (only tables and frees do), so the overwrites
     // between allocations stay writable in place; those the JS thread's spin reads are
-    // written in place there too (FsOps.writeAround). Before: 0-5 of 128.
+    // written in place there too (FsOps.writeAround). With every allocation an epoch, the
+    // test fails (checked).
     const size = 16 * MiB;
     const img = path.join(tmp.dir, 'mixed.qcow2');
     await createImage(img, 'qcow2', size);
