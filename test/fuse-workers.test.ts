@@ -82,6 +82,17 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     return p;
   };
 
+  /** The flat file reads `ref` through the mount; unmounted, the qcow2 is `qemu-img check` clean and converts to `ref`. */
+  const expectWrittenQcow2 = async (mp: string, flat: string, img: string, ref: Buffer): Promise<void> => {
+    const want = crypto.createHash('md5').update(ref).digest('hex');
+    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+    await mounts.unmount(mp);
+    await runOk('qemu-img', ['check', img]);
+    const back = `${img}-back.raw`;
+    await convertToRaw(img, back, 'qcow2');
+    expect(await md5File(back)).to.equal(want);
+  };
+
   /** Data, zeros written as such, holes and a run at the very end: every kind of granule. */
   const writes = ['write -P 0x11 0 3M', 'write -P 0x22 5M 64k', 'write -z 6M 1M', 'write -P 0x33 7M 2M', 'write -P 0x44 20M 5M', 'write -P 0x55 63M 1M'];
 
@@ -404,13 +415,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       if (served < 48) await new Promise((r) => setTimeout(r, 250));
     }
     expect(served, 'writes the workers wrote in place, of 64').to.be.at.least(48);
-    const want = crypto.createHash('md5').update(ref).digest('hex');
-    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
-    await mounts.unmount(mp);
-    await runOk('qemu-img', ['check', img]);
-    const back = path.join(tmp.dir, 'readfirst-back.raw');
-    await convertToRaw(img, back, 'qcow2');
-    expect(await md5File(back)).to.equal(want);
+    await expectWrittenQcow2(mp, flat, img, ref);
   });
 
   it('writes the overwrites of a writer that allocates every other write in place (the workers, or the JS thread when its spin took them), every byte where qemu-img finds it', async () => {
@@ -452,13 +457,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       if (served < 96) await new Promise((r) => setTimeout(r, 250));
     }
     expect(served, 'overwrites written in place, of 128').to.be.at.least(96);
-    const want = crypto.createHash('md5').update(ref).digest('hex');
-    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
-    await mounts.unmount(mp);
-    await runOk('qemu-img', ['check', img]);
-    const back = path.join(tmp.dir, 'mixed-back.raw');
-    await convertToRaw(img, back, 'qcow2');
-    expect(await md5File(back)).to.equal(want);
+    await expectWrittenQcow2(mp, flat, img, ref);
   });
 
   it('with the workers parked for an allocating writer, writes its overwrites in place on the JS thread (no change through the graph), every byte where qemu-img finds it', async () => {
@@ -494,13 +493,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     }
     expect(c.writerParks, 'the workers parked').to.be.at.least(1);
     expect(c.workerWrites, 'overwrites written in place, of 64').to.be.at.least(64);
-    const want = crypto.createHash('md5').update(ref).digest('hex');
-    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
-    await mounts.unmount(mp);
-    await runOk('qemu-img', ['check', img]);
-    const back = path.join(tmp.dir, 'parked-back.raw');
-    await convertToRaw(img, back, 'qcow2');
-    expect(await md5File(back)).to.equal(want);
+    await expectWrittenQcow2(mp, flat, img, ref);
   });
 
   it('takes a writer\'s allocating 4 KiB writes on the JS thread\'s own descriptor, with readers beside it, every byte where qemu-img finds it', async () => {
@@ -541,13 +534,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     } finally {
       await fd.close();
     }
-    const want = crypto.createHash('md5').update(ref).digest('hex');
-    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
-    await mounts.unmount(mp);
-    await runOk('qemu-img', ['check', img]);
-    const back = path.join(tmp.dir, 'jsspin-back.raw');
-    await convertToRaw(img, back, 'qcow2');
-    expect(await md5File(back)).to.equal(want);
+    await expectWrittenQcow2(mp, flat, img, ref);
   });
 
   /**

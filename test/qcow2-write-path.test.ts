@@ -98,6 +98,18 @@ describe('qcow2 write path', function () {
     return raw;
   }
 
+  /** 200 writes of 1 byte to a cluster and a bit, each into clusters nobody wrote yet, at odd places. */
+  const partialWrites = (): [number, Buffer][] =>
+    Array.from({ length: 200 }, (_, i) => [i * 3 * CS + ((i * 4093) % CS), crypto.randomBytes(1 + ((i * 7919) % (CS + 5000)))]);
+
+  /** The image file on disk: `qemu-img check` clean, and its guest bytes `want`. */
+  async function expectImageHolds(img: string, want: Buffer, label = ''): Promise<void> {
+    const c = await checkImage(img, 'qcow2');
+    expect(c.code, c.output).to.equal(0);
+    await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, `${img}.raw`]);
+    expect(fs.readFileSync(`${img}.raw`).equals(want), label).to.equal(true);
+  }
+
   /** checkedRaw, read back whole. */
   async function checkBytes(name: string, bytes: Buffer): Promise<Buffer> {
     return fs.readFileSync(await checkedRaw(name, bytes));
@@ -214,18 +226,13 @@ describe('qcow2 write path', function () {
     await createImage(img, 'qcow2', 64 * MiB, { cluster_size: CS });
     const node = await openTestImage(img, { rw: true });
     const want = Buffer.alloc(64 * MiB);
-    for (let i = 0; i < 200; i++) {
-      const off = i * 3 * CS + ((i * 4093) % CS);
-      const data = crypto.randomBytes(1 + ((i * 7919) % (CS + 5000)));
+    for (const [off, data] of partialWrites()) {
       await node.write(off, data);
       data.copy(want, off);
     }
     await node.flush();
     await node.close();
-    const c = await checkImage(img, 'qcow2');
-    expect(c.code, c.output).to.equal(0);
-    await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, `${img}.raw`]);
-    expect(fs.readFileSync(`${img}.raw`).equals(want)).to.equal(true);
+    await expectImageHolds(img, want);
     // Allocated as written data would be (no holes for a later open to take for preallocated metadata).
     const st = fs.statSync(img);
     expect(st.blocks * 512, 'blocks on disk').to.be.at.least(st.size - 4 * CS);
@@ -361,9 +368,7 @@ describe('qcow2 write path', function () {
   it('pads writes into new clusters with zeros, or with the backing file\'s bytes where it has them: 200 partial writes each, read back whole', async () => {
     // Without a backing file the pads come from one shared zero buffer (qcow2.ts
     // cowPart): a buffer written into by mistake would show here in a later pad.
-    /** 200 writes of 1 byte to a cluster and a bit, each into clusters nobody wrote yet, at odd places. */
-    const writes = (): [number, Buffer][] =>
-      Array.from({ length: 200 }, (_, i) => [i * 3 * CS + ((i * 4093) % CS), crypto.randomBytes(1 + ((i * 7919) % (CS + 5000)))]);
+    const writes = partialWrites;
     for (const options of [{}, { extended_l2: 'on' }] as Record<string, string>[]) {
       const file = new CountingFile(await emptyImage('pads.qcow2', options));
       const node = await openOver(file);
@@ -393,10 +398,7 @@ describe('qcow2 write path', function () {
       }
       await node.flush();
       await node.close();
-      const c = await checkImage(img, 'qcow2');
-      expect(c.code, c.output).to.equal(0);
-      await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, `${img}.raw`]);
-      expect(fs.readFileSync(`${img}.raw`).equals(want), JSON.stringify(options)).to.equal(true);
+      await expectImageHolds(img, want, JSON.stringify(options));
     }
   });
 
