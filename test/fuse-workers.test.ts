@@ -36,6 +36,16 @@ async function workerReads(mp: string, atLeast = 1): Promise<number> {
   }
 }
 
+/** The mount's counters once the workers' in-place writes reach `atLeast` (published once a second), or after 5 s. */
+async function untilWorkerWrites(mp: string, atLeast: number): Promise<Awaited<ReturnType<typeof mountCounters>>> {
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    const c = await mountCounters(mp);
+    if ((c.workerWrites ?? 0) >= atLeast || Date.now() > deadline) return c;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
 /**
  * Read the whole flat file until the workers answer some of it: they start after the
  * mount is ready (a second or so on a loaded machine), and the map fills on misses.
@@ -80,6 +90,37 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     const p = path.join(tmp.dir, name);
     fs.mkdirSync(p, { recursive: true });
     return p;
+  };
+
+  /**
+   * A 16 MiB qcow2 whose first half qemu-io wrote with `fill`, mounted --rw, its flat file
+   * open, and its first 4 KiB written (qcow2's first-change hook ran, its window walked):
+   * `write(at)` writes 4 KiB of random bytes there and keeps `ref` in step.
+   */
+  const halfWrittenMount = async (name: string, fill: number) => {
+    const size = 16 * MiB;
+    const img = path.join(tmp.dir, `${name}.qcow2`);
+    await createImage(img, 'qcow2', size);
+    await qemuIo(img, 'qcow2', [`write -P 0x${fill.toString(16)} 0 8M`]);
+    const ref = Buffer.alloc(size);
+    ref.fill(fill, 0, 8 * MiB);
+    const mp = dir(`m-${name}`);
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, `${name}.raw`);
+    const fd = await fs.promises.open(flat, 'r+');
+    const write = async (at: number): Promise<void> => {
+      const data = crypto.randomBytes(4096);
+      await fd.write(data, 0, data.length, at);
+      data.copy(ref, at);
+    };
+    try {
+      await write(0);
+    } catch (err) {
+      await fd.close();
+      throw err;
+    }
+    await new Promise((r) => setTimeout(r, 300));
+    return { img, ref, mp, flat, fd, write };
   };
 
   /** The flat file reads `ref` through the mount; unmounted, the qcow2 is `qemu-img check` clean and converts to `ref`. */
@@ -390,7 +431,6 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     // Read whole until the workers answer: the map's windows are walked before any write.
     expect(await untilWorkersServe(flat, mp, crypto.createHash('md5').update(ref).digest('hex'), 4), 'reads answered by the workers').to.be.at.least(4);
     const fd = await fs.promises.open(flat, 'r+');
-    let served = 0;
     try {
       // The first write (the JS thread's: qcow2's first change runs its hook) walks its window again.
       const first = crypto.randomBytes(4096);
@@ -409,11 +449,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     } finally {
       await fd.close();
     }
-    // The counters reach tsmount --list once a second.
-    for (let i = 0; i < 20 && served < 48; i++) {
-      served = (await mountCounters(mp)).workerWrites ?? 0;
-      if (served < 48) await new Promise((r) => setTimeout(r, 250));
-    }
+    const served = (await untilWorkerWrites(mp, 48)).workerWrites ?? 0;
     expect(served, 'writes the workers wrote in place, of 64').to.be.at.least(48);
     await expectWrittenQcow2(mp, flat, img, ref);
   });
@@ -423,26 +459,8 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     // between allocations stay writable in place; those the JS thread's spin reads are
     // written in place there too (FsOps.writeAround). With every allocation an epoch, the
     // test fails (checked).
-    const size = 16 * MiB;
-    const img = path.join(tmp.dir, 'mixed.qcow2');
-    await createImage(img, 'qcow2', size);
-    await qemuIo(img, 'qcow2', ['write -P 0x31 0 8M']);
-    const ref = Buffer.alloc(size);
-    ref.fill(0x31, 0, 8 * MiB);
-    const mp = dir('m-mixed');
-    await mounts.mount(['--rw', img, mp]);
-    const flat = path.join(mp, 'mixed.raw');
-    const fd = await fs.promises.open(flat, 'r+');
-    const write = async (at: number): Promise<void> => {
-      const data = crypto.randomBytes(4096);
-      await fd.write(data, 0, data.length, at);
-      data.copy(ref, at);
-    };
-    let served = 0;
+    const { img, ref, mp, flat, fd, write } = await halfWrittenMount('mixed', 0x31);
     try {
-      // The first write runs qcow2's first-change hook and walks its window.
-      await write(0);
-      await new Promise((r) => setTimeout(r, 300));
       // 128 new clusters of the second half, one 4 KiB write each, each after an overwrite in the first.
       const fresh = [...Array(128).keys()].sort(() => Math.random() - 0.5);
       for (const c of fresh) {
@@ -452,33 +470,13 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     } finally {
       await fd.close();
     }
-    for (let i = 0; i < 20 && served < 96; i++) {
-      served = (await mountCounters(mp)).workerWrites ?? 0;
-      if (served < 96) await new Promise((r) => setTimeout(r, 250));
-    }
-    expect(served, 'overwrites written in place, of 128').to.be.at.least(96);
+    expect((await untilWorkerWrites(mp, 96)).workerWrites, 'overwrites written in place, of 128').to.be.at.least(96);
     await expectWrittenQcow2(mp, flat, img, ref);
   });
 
   it('with the workers parked for an allocating writer, writes its overwrites in place on the JS thread (no change through the graph), every byte where qemu-img finds it', async () => {
-    const size = 16 * MiB;
-    const img = path.join(tmp.dir, 'parked.qcow2');
-    await createImage(img, 'qcow2', size);
-    await qemuIo(img, 'qcow2', ['write -P 0x41 0 8M']);
-    const ref = Buffer.alloc(size);
-    ref.fill(0x41, 0, 8 * MiB);
-    const mp = dir('m-parked');
-    await mounts.mount(['--rw', img, mp]);
-    const flat = path.join(mp, 'parked.raw');
-    const fd = await fs.promises.open(flat, 'r+');
-    const write = async (at: number): Promise<void> => {
-      const data = crypto.randomBytes(4096);
-      await fd.write(data, 0, data.length, at);
-      data.copy(ref, at);
-    };
+    const { img, ref, mp, flat, fd, write } = await halfWrittenMount('parked', 0x41);
     try {
-      await write(0);
-      await new Promise((r) => setTimeout(r, 300));
       // 32 allocating writes in a row park the workers (fs/fuse-session.ts writerMode, after 16)...
       for (let c = 0; c < 32; c++) await write(8 * MiB + c * 64 * KiB);
       // ...and the JS thread reads the 64 overwrites that follow itself (it lets the workers go after 256).
@@ -486,11 +484,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     } finally {
       await fd.close();
     }
-    let c = await mountCounters(mp);
-    for (let i = 0; i < 20 && (c.workerWrites ?? 0) < 64; i++) {
-      await new Promise((r) => setTimeout(r, 250));
-      c = await mountCounters(mp);
-    }
+    const c = await untilWorkerWrites(mp, 64);
     expect(c.writerParks, 'the workers parked').to.be.at.least(1);
     expect(c.workerWrites, 'overwrites written in place, of 64').to.be.at.least(64);
     await expectWrittenQcow2(mp, flat, img, ref);
