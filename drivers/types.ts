@@ -140,7 +140,8 @@ export interface BlockNode {
    * leave it (the file grows to cover it), without writing them: QEMU's write_zeroes with
    * BDRV_REQ_NO_FALLBACK, which qcow2 uses for the untouched part of a new cluster
    * (handle_alloc_space). False, with nothing done, where this node cannot do it so;
-   * the caller writes the zeros. Offered and forwarded as writev is.
+   * the caller writes the zeros. Offered as writev is, by nodes that write a host file
+   * themselves; filters do not forward it.
    */
   allocateZeros?(offset: number, length: number): Promise<boolean>;
   /** Make [offset, offset+length) read as zeros; unmap lets the node deallocate. */
