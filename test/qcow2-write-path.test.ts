@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { qcow2Driver } from '../drivers/format/qcow2/index.js';
 import type { BlockNode } from '../drivers/types.js';
-import { MemoryNode } from './helpers/memory-node.js';
+import { CountingFile, ZeroingFile } from './helpers/counting-file.js';
 import { checkImage, createImage, run, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
 import { openTestImage } from './helpers/images.js';
@@ -16,55 +16,6 @@ import { openTestImage } from './helpers/images.js';
 const KiB = 1024;
 const MiB = 1 << 20;
 const CS = 64 * KiB;
-
-/** The image file in memory, growing as a file does, counting writes, with a pwritev as the file protocol has. */
-class CountingFile extends MemoryNode {
-  readonly writes: { offset: number; length: number; parts: number }[] = [];
-
-  override async write(offset: number, src: Uint8Array): Promise<void> {
-    this.writes.push({ offset, length: src.length, parts: 1 });
-    this.grow(offset + src.length);
-    await super.write(offset, src);
-  }
-
-  async writev(offset: number, parts: Uint8Array[]): Promise<void> {
-    const length = parts.reduce((n, p) => n + p.length, 0);
-    this.writes.push({ offset, length, parts: parts.length });
-    this.grow(offset + length);
-    let at = offset;
-    for (const p of parts) {
-      await super.write(at, p);
-      at += p.length;
-    }
-  }
-
-  private grow(end: number): void {
-    if (end <= this.data.length) return;
-    const next = Buffer.alloc(end);
-    this.data.copy(next);
-    this.data = next;
-  }
-
-}
-
-/** CountingFile with the file protocol's allocateZeros (fallocate ZERO_RANGE), which can be told to refuse. */
-class ZeroingFile extends CountingFile {
-  readonly zeroed: { offset: number; length: number }[] = [];
-  refuse = false;
-
-  async allocateZeros(offset: number, length: number): Promise<boolean> {
-    if (this.refuse) return false;
-    this.zeroed.push({ offset, length });
-    // Grows the file as a write does, and reads as zeros.
-    if (offset + length > this.data.length) {
-      const next = Buffer.alloc(offset + length);
-      this.data.copy(next);
-      this.data = next;
-    }
-    this.data.fill(0, offset, offset + length);
-    return true;
-  }
-}
 
 async function openOver(file: BlockNode): Promise<BlockNode> {
   return qcow2Driver.open(file, {

@@ -125,3 +125,19 @@ export async function writeInPlace(mapper: Mapper, defaultFile: BlockNode, offse
   await Promise.all(runs.map((r) => (r.kind === 'data' ? (r.file ?? defaultFile).write(r.host, src.subarray(r.offset - offset, r.offset - offset + r.length)) : undefined)));
   return true;
 }
+
+/**
+ * Write `data` at `host + at` into [host, host + length), space just claimed for it
+ * whose other bytes must read as zeros (a new VDI block, VMDK grain, qcow cluster).
+ * Where the file can, the zeros are allocated without writing them (allocateZeros:
+ * one fallocate, not a megabyte of zeros per 4 KiB write into a new VDI block), then
+ * the data goes on top; else zeros and data go as one write. Length is capped by
+ * the caller (a block or grain size the header check bounded).
+ */
+export async function writeIntoNew(file: BlockNode, host: number, length: number, at: number, data: Uint8Array): Promise<void> {
+  if (at === 0 && data.length === length) return file.write(host, data);
+  if (file.allocateZeros && (await file.allocateZeros(host, length))) return file.write(host + at, data);
+  const whole = Buffer.alloc(length);
+  whole.set(data, at);
+  await file.write(host, whole);
+}

@@ -24,6 +24,8 @@
 #   tsmount serves a writable file; cfile's fsync is fdatasync of the file). whalf1 and
 #   whalf4 write the same into a fresh copy of a qcow2 whose every other cluster is
 #   allocated (a quarter of the writes allocate, the rest overwrite; cfile: the raw copy).
+#   wnew-FMT (vdi, vmdk, qcow, qcow2...) writes the same into a new empty 1 GiB image
+#   of format FMT (qemu-img create defaults): every block's first write allocates it.
 # A mode with TSMOUNT_FUSE_URING=1 needs fuse.enable_uring=Y: the script sets it (root)
 # and puts the old value back at the end.
 set -euo pipefail
@@ -90,6 +92,11 @@ measure() { # test mode
     cp "$W/half.qcow2" "$W/half-run.qcow2"
     img=$W/half-run.qcow2
   fi
+  if [[ $test == wnew-* ]]; then
+    img=$W/new-run.${test#wnew-}
+    rm -f "$img"
+    qemu-img create -q -f "${test#wnew-}" "$img" "$SIZE"
+  fi
   local -a rw=() direct=()
   case $test in
     seq-*) work=dd_read ;;
@@ -97,6 +104,7 @@ measure() { # test mode
     rand4) work="fio_rand 4" ;;
     wrand1 | wrand4) work="fio_wrand ${test#wrand}"; rw=(--rw); direct=(--direct) ;;
     whalf1 | whalf4) work="fio_wrand ${test#whalf}"; rw=(--rw); direct=(--direct) ;;
+    wnew-*) work="fio_wrand 1"; rw=(--rw); direct=(--direct) ;;
     *) echo "unknown test $test" >&2; exit 2 ;;
   esac
   if [ "$name" = ceiling ] || [ "$name" = cfile ]; then

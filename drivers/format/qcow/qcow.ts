@@ -10,7 +10,7 @@ import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import { compressBlock } from '../../util/compress.js';
 import { readFromBacking } from '../backing.js';
-import { pushRun, type MappedRun } from '../mapped.js';
+import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { COMPRESSED, HEADER_BYTES, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
@@ -258,20 +258,33 @@ export class QcowNode extends MappedNode {
       let j = i + 1;
       while (j < count && wheres[j]!.kind !== 'data') j++;
       const g0 = (first + i) * cs;
-      const buf = Buffer.alloc((j - i) * cs);
-      for (let k = i; k < j; k++) await this.oldContent(first + k, wheres[k]!, buf.subarray((k - i) * cs, (k - i + 1) * cs));
+      const bytes = (j - i) * cs;
       const from = Math.max(pos, g0);
       const to = Math.min(end, (first + j) * cs);
-      buf.set(data.subarray(from - pos, to - pos), from - g0);
+      // Only the first and last cluster can keep old bytes; where those read as zeros
+      // (and nothing is encrypted) writeIntoNew need not write them.
+      const keepsOld = (gc: number, keeps: boolean): boolean => keeps && !this.readsAsZeros(gc, wheres[gc - first]!);
+      let whole: Buffer | undefined;
+      if (this.cipher || keepsOld(first + i, from > g0) || keepsOld(first + j - 1, to < g0 + bytes)) {
+        whole = Buffer.alloc(bytes);
+        for (let k = i; k < j; k++) await this.oldContent(first + k, wheres[k]!, whole.subarray((k - i) * cs, (k - i + 1) * cs));
+        whole.set(data.subarray(from - pos, to - pos), from - g0);
+      }
       const host = this.allocate();
-      this.metadata.assertNoOverlap(host, buf.length, `new qcow cluster ${first + i}`);
-      await this.file.write(host, this.sealed(buf, g0));
+      this.metadata.assertNoOverlap(host, bytes, `new qcow cluster ${first + i}`);
+      if (whole) await this.file.write(host, this.sealed(whole, g0));
+      else await writeIntoNew(this.file, host, bytes, from - g0, data.subarray(from - pos, to - pos));
       for (let k = i; k < j; k++) updates.push({ gc: first + k, entry: BigInt(host + (k - i) * cs) });
       i = j;
     }
     if (updates.length === 0) return;
     await this.barrier();
     await this.setEntries(updates);
+  }
+
+  /** Guest cluster gc, not placed on disk, reads as zeros without a read: unallocated over no backing data. */
+  private readsAsZeros(gc: number, w: Where): boolean {
+    return w.kind === 'unallocated' && (this.backing === undefined || this.backing.size <= gc * this.cs);
   }
 
   /** What guest cluster gc reads as now, into dst (a whole cluster). */

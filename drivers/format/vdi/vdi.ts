@@ -1,11 +1,11 @@
 // The VDI format node (QEMU's block/vdi.c): a block map of u32 entries, 1 MiB blocks.
 // A write to an unallocated block appends the whole block (written data, zeros
-// elsewhere); the block map entry that points at it and the header's count reach the
+// elsewhere, allocated without writing them where the file can); the block map entry that points at it and the header's count reach the
 // file at the next flush, behind a barrier after the data (QEMU writes both at once
 // with no barrier; a barrier per block, as here before, cost a writeback per MiB).
 import type { BlockNode, CheckReport } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
-import type { MappedRun } from '../mapped.js';
+import { writeIntoNew, type MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode } from '../mapped-node.js';
 import { BMAP, HDR, type VdiHeader } from './header.js';
 import type { PagedTable } from '../table-pages.js';
@@ -66,13 +66,7 @@ export class VdiNode extends MappedNode {
     const entry = this.blocksAllocated;
     const host = this.h.offsetData + entry * this.bs;
     this.metadata.assertNoOverlap(host, this.bs, `new VDI block ${b}`);
-    if (at === 0 && data.length === this.bs) {
-      await this.file.write(host, data);
-    } else {
-      const block = Buffer.alloc(this.bs);
-      block.set(data, at);
-      await this.file.write(host, block);
-    }
+    await writeIntoNew(this.file, host, this.bs, at, data);
     const e = Buffer.alloc(4);
     e.writeUInt32LE(entry);
     this.bmap.later(b, e);

@@ -7,7 +7,7 @@ import { TableCache } from '../../../cache/table-cache.js';
 import { constants } from 'node:os';
 import type { BlockNode, CheckReport } from '../../types.js';
 import { CorruptImageError, IoError, UnsupportedError } from '../../errors.js';
-import { pushRun, type MappedRun } from '../mapped.js';
+import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { FLAG_MARKER, FLAG_ZERO_GRAIN, type SparseHeader } from './header.js';
 import { encodeCompressedGrain, readCompressedGrain } from './stream.js';
 import { addCorruption } from '../check-report.js';
@@ -18,12 +18,16 @@ const GTE_ZEROED = 1;
 const MAX_EXTENT_SECTORS = 2 ** 32;
 /** Decompressed grains kept per extent, so sequential small reads inflate each grain once. */
 const GRAIN_CACHE = 8;
+/** New grains whose table entries may wait in memory for the next flush. */
+const WAITING_MAX = 65536;
 
 /** What an extent needs from the node above when it writes. */
 export interface WriteContext {
   /** Guest bytes as they read below this layer (backing file, or zeros). */
   readBacking(guestOffset: number, dst: Uint8Array): Promise<void>;
   hasBacking: boolean;
+  /** Guest bytes past this read as zeros below this layer (the backing file's size; 0 without one). */
+  backingEnd: number;
   /** Make everything written so far durable before metadata points at it. */
   barrier(file: BlockNode): Promise<void>;
 }
@@ -41,6 +45,8 @@ export interface VmdkExtent {
   write(rel: number, src: Uint8Array, ctx: WriteContext): Promise<void>;
   /** Zero [rel, rel+length); returns ranges (extent-relative) that still need zeros written. */
   zero(rel: number, length: number, unmap: boolean, ctx: WriteContext): Promise<void>;
+  /** Table entries still in memory to the file, behind a barrier after their data (sparse extents). */
+  writeWaiting?(ctx: WriteContext): Promise<void>;
 }
 
 export class FlatExtent implements VmdkExtent {
@@ -107,6 +113,12 @@ export class SparseExtent implements VmdkExtent {
   /** Grain tables, keyed by file offset; written through (a table being written is pinned). */
   private readonly tables: TableCache;
   private readonly grains = new Map<number, Buffer>();
+  /**
+   * Table entries of new grains not yet in the file (grain index -> sector): written
+   * at the next flush behind one barrier after all their data, as vdi's and
+   * parallels' are, instead of a barrier per allocation; lookups see them first.
+   */
+  private readonly waiting = new Map<number, number>();
   /** Next free sector for a new grain (QEMU's next_cluster_sector). */
   private nextSector: number;
   /** Header, descriptor, grain directories and the tables QEMU preallocates before the first grain. */
@@ -167,8 +179,10 @@ export class SparseExtent implements VmdkExtent {
     return (await this.tables.get(off, this.gtBytes)).data;
   }
 
-  private entry(t: Buffer | undefined, idx: number): Entry {
-    const v = t ? t.readUInt32LE(idx * 4) : 0;
+  /** Entry idx of grain table l1i (t, its bytes): a new grain's entry waiting for the next flush first. */
+  private entry(t: Buffer | undefined, l1i: number, idx: number): Entry {
+    const waiting = this.waiting.size > 0 ? this.waiting.get(l1i * this.gtEntries + idx) : undefined;
+    const v = waiting ?? (t ? t.readUInt32LE(idx * 4) : 0);
     if (v === 0) return { kind: 'unallocated' };
     if (this.zeroGrain && v === GTE_ZEROED) return { kind: 'zero' };
     return this.compressed ? { kind: 'compressed', host: v * 512 } : { kind: 'data', host: v * 512 };
@@ -195,7 +209,7 @@ export class SparseExtent implements VmdkExtent {
         const g = Math.floor(pos / gb);
         const n = Math.min(tableEnd, (g + 1) * gb) - pos;
         const inGrain = pos - g * gb;
-        const e = this.entry(t, g % this.gtEntries);
+        const e = this.entry(t, l1i, g % this.gtEntries);
         const offset = this.start + pos;
         if (e.kind === 'data') {
           if (e.host + inGrain + n > this.file.size) {
@@ -268,12 +282,12 @@ export class SparseExtent implements VmdkExtent {
       const g1 = Math.ceil(tableEnd / gb);
       let g = g0;
       while (g < g1) {
-        const e = this.entry(t, g % this.gtEntries);
+        const e = this.entry(t, l1i, g % this.gtEntries);
         if (e.kind === 'data') {
           // In place; neighbours contiguous on disk go in one write.
           let h = g + 1;
           while (h < g1) {
-            const n = this.entry(t, h % this.gtEntries);
+            const n = this.entry(t, l1i, h % this.gtEntries);
             if (n.kind !== 'data' || n.host !== e.host + (h - g) * gb) break;
             h++;
           }
@@ -286,7 +300,7 @@ export class SparseExtent implements VmdkExtent {
           continue;
         }
         let h = g + 1;
-        while (h < g1 && this.entry(t, h % this.gtEntries).kind !== 'data') h++;
+        while (h < g1 && this.entry(t, l1i, h % this.gtEntries).kind !== 'data') h++;
         await this.allocate(g, h, l1i, Math.max(pos, g * gb), Math.min(tableEnd, h * gb), src.subarray(Math.max(pos, g * gb) - rel, Math.min(tableEnd, h * gb) - rel), ctx);
         g = h;
       }
@@ -304,31 +318,57 @@ export class SparseExtent implements VmdkExtent {
 
   /**
    * New grains [g, h) (all in table l1i) holding the guest bytes [from, to): the grains
-   * are written whole (the rest from the backing file unless zeroed, else zeros), then
-   * after a barrier the table entries, primary and redundant, point at them.
+   * are written whole (the rest from the backing file unless zeroed, else zeros, which
+   * writeIntoNew allocates without writing where the file can); their table entries
+   * wait in memory for the next flush (writeWaiting).
    */
   private async allocate(g: number, h: number, l1i: number, from: number, to: number, data: Uint8Array, ctx: WriteContext): Promise<void> {
     const gb = this.grainBytes;
     const t = this.checkWritable(await this.table(l1i), l1i);
-    const first = this.entry(t, g % this.gtEntries);
-    const last = this.entry(t, (h - 1) % this.gtEntries);
-    const buf = Buffer.alloc((h - g) * gb);
+    const first = this.entry(t, l1i, g % this.gtEntries);
+    const last = this.entry(t, l1i, (h - 1) % this.gtEntries);
+    const bytes = (h - g) * gb;
     const head = from - g * gb;
     const tailStart = to - g * gb;
-    const fill = async (e: Entry, a: number, b: number): Promise<void> => {
-      const lim = Math.min(b, this.length - g * gb);
-      if (lim <= a || e.kind !== 'unallocated' || !ctx.hasBacking) return;
-      await ctx.readBacking(this.start + g * gb + a, buf.subarray(a, lim));
-    };
-    await Promise.all([fill(first, 0, head), fill(last, tailStart, buf.length)]);
-    buf.set(data, head);
-    const sector = this.claim((h - g) * (gb / 512));
-    this.checkTarget(sector * 512, buf.length, `new VMDK grain ${g}`);
-    await this.file.write(sector * 512, buf);
+    // Of grain bytes [a, b) the write leaves, how many read from the backing file (none past the extent or the backing file's end).
+    const backed = (e: Entry, a: number, b: number): number => (e.kind === 'unallocated' ? Math.max(0, Math.min(b, this.length - g * gb, ctx.backingEnd - this.start - g * gb) - a) : 0);
+    let buf: Buffer | undefined;
+    if (backed(first, 0, head) > 0 || backed(last, tailStart, bytes) > 0) {
+      const whole = Buffer.alloc(bytes);
+      const fill = async (e: Entry, a: number, b: number): Promise<void> => {
+        const n = backed(e, a, b);
+        if (n > 0) await ctx.readBacking(this.start + g * gb + a, whole.subarray(a, a + n));
+      };
+      await Promise.all([fill(first, 0, head), fill(last, tailStart, bytes)]);
+      whole.set(data, head);
+      buf = whole;
+    }
+    const sector = this.claim(bytes / 512);
+    this.checkTarget(sector * 512, bytes, `new VMDK grain ${g}`);
+    if (buf) await this.file.write(sector * 512, buf);
+    else await writeIntoNew(this.file, sector * 512, bytes, head, data);
+    for (let k = g; k < h; k++) this.waiting.set(k, sector + (k - g) * (gb / 512));
+    // Bounded memory between flushes: 64 Ki entries (4 GiB of 64 KiB grains) at most.
+    if (this.waiting.size >= WAITING_MAX) await this.writeWaiting(ctx);
+  }
+
+  /**
+   * The table entries of new grains (both copies), behind a barrier after their data:
+   * at a flush, before a check reads the tables, and when many wait. The caller holds
+   * the node's mutex.
+   */
+  async writeWaiting(ctx: WriteContext): Promise<void> {
+    if (this.waiting.size === 0) return;
     await ctx.barrier(this.file);
-    const values: number[] = [];
-    for (let k = g; k < h; k++) values.push(sector + (k - g) * (gb / 512));
-    await this.setEntries(l1i, g % this.gtEntries, values);
+    const grains = [...this.waiting.keys()].sort((a, b) => a - b);
+    for (let i = 0; i < grains.length; ) {
+      // Neighbours in one table go together.
+      const l1i = Math.floor(grains[i]! / this.gtEntries);
+      let j = i + 1;
+      while (j < grains.length && grains[j] === grains[j - 1]! + 1 && Math.floor(grains[j]! / this.gtEntries) === l1i) j++;
+      await this.setEntries(l1i, grains[i]! % this.gtEntries, grains.slice(i, j).map((g) => this.waiting.get(g)!));
+      i = j;
+    }
   }
 
   /** Table entries [idx, idx + values.length) of table l1i, in memory and on disk (both copies). */
@@ -338,6 +378,8 @@ export class SparseExtent implements VmdkExtent {
     const bytes = Buffer.alloc(values.length * 4);
     values.forEach((x, k) => bytes.writeUInt32LE(x, k * 4));
     await this.tables.writeThrough(sector * 512, idx * 4, bytes);
+    // On disk now: an older entry waiting for these grains must not follow it there.
+    if (this.waiting.size > 0) for (let k = 0; k < values.length; k++) this.waiting.delete(l1i * this.gtEntries + idx + k);
     const backup = this.l1Backup?.[l1i] ?? 0;
     // A redundant directory entry of 0 has no table to update (QEMU would write into the header).
     if (backup !== 0 && backup * 512 + this.gtBytes <= this.file.size) await this.file.write(backup * 512 + idx * 4, bytes);
@@ -385,7 +427,7 @@ export class SparseExtent implements VmdkExtent {
       const l1i = Math.floor(g / this.gtEntries);
       const gEnd = Math.min(end, (g + 1) * gb);
       const t = await this.table(l1i);
-      const e = this.entry(t, g % this.gtEntries);
+      const e = this.entry(t, l1i, g % this.gtEntries);
       const whole = pos === g * gb && gEnd === (g + 1) * gb;
       if (e.kind === 'zero' || (e.kind === 'unallocated' && !ctx.hasBacking)) {
         // Already reads as zeros.
@@ -438,7 +480,7 @@ export class SparseExtent implements VmdkExtent {
       await this.file.read(off, t);
       const n = Math.min(this.gtEntries, grains - l1i * this.gtEntries);
       for (let i = 0; i < n; i++) {
-        const e = this.entry(t, i);
+        const e = this.entry(t, l1i, i);
         if (e.kind !== 'data' && e.kind !== 'compressed') continue;
         const sectorNum = first + (i * gb) / 512;
         // QEMU's own message for the one problem it finds.

@@ -47,6 +47,7 @@ export class VmdkNode extends MappedNode {
     this.createType = o.createType;
     this.ctx = {
       hasBacking: o.backing !== undefined,
+      backingEnd: o.backing?.size ?? 0,
       readBacking: (off, dst) => readFromBacking(this.backing, off, dst),
       barrier: async (f) => {
         if (this.barriers) await f.flush();
@@ -136,14 +137,22 @@ export class VmdkNode extends MappedNode {
    * extents hold no metadata to check), seSparse ones included.
    */
   async checkMetadata(): Promise<CheckReport> {
-    const report = emptyReport();
-    for (const e of this.extents) if (e instanceof SparseExtent || e instanceof SeSparseExtent) await e.check(report);
-    return report;
+    return this.mutex.run(async () => {
+      // The check reads the tables from the files: new grains' entries go there first.
+      if (!this.readOnly) await this.writeWaiting();
+      const report = emptyReport();
+      for (const e of this.extents) if (e instanceof SparseExtent || e instanceof SeSparseExtent) await e.check(report);
+      return report;
+    });
   }
 
-  /** Every file of the image; not under the mutex (grain tables reach their file as they change). */
-  override async flush(): Promise<void> {
-    if (this.readOnly) return;
+  private async writeWaiting(): Promise<void> {
+    for (const e of this.extents) await e.writeWaiting?.(this.ctx);
+  }
+
+  /** New grains' table entries behind a barrier, then every file of the image. */
+  protected override async flushLocked(): Promise<void> {
+    await this.writeWaiting();
     const files = new Set<BlockNode>([this.file, ...this.extents.map((e) => e.file)]);
     await Promise.all([...files].map((f) => f.flush()));
   }
