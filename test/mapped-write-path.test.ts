@@ -28,12 +28,14 @@ interface Case {
   /** qemu-img check knows the format (qcow v1 it does not). */
   checks: boolean;
   backing: boolean;
+  /** New blocks' table entries wait for the flush: the flushes of the test's flush (barriers included). */
+  deferred?: { flushes: number };
 }
 
 const CASES: Case[] = [
   { format: 'vdi', driver: vdiDriver, unit: MiB, options: {}, checks: true, backing: false },
-  { format: 'vmdk', driver: vmdkDriver, unit: 64 * KiB, options: { subformat: 'monolithicSparse' }, checks: true, backing: true },
-  { format: 'qcow', driver: qcowDriver, unit: 4 * KiB, options: {}, checks: false, backing: true },
+  { format: 'vmdk', driver: vmdkDriver, unit: 64 * KiB, options: { subformat: 'monolithicSparse' }, checks: true, backing: true, deferred: { flushes: 2 } },
+  { format: 'qcow', driver: qcowDriver, unit: 4 * KiB, options: {}, checks: false, backing: true, deferred: { flushes: 3 } },
 ];
 
 function openOver(c: Case, file: BlockNode, base?: string): Promise<BlockNode> {
@@ -136,10 +138,11 @@ describe('mapped formats: a new block\'s zeros', function () {
       });
     }
 
-    if (c.format === 'vmdk') {
-      it('vmdk: new grains\' table entries wait for the flush, behind one barrier (not one per grain); the image before it reads as before the writes', async () => {
-        const img = path.join(tmp.dir, 'later.vmdk');
-        await createImage(img, 'vmdk', SIZE, c.options);
+    if (c.deferred) {
+      const { flushes } = c.deferred;
+      it(`${c.format}: new blocks' table entries wait for the flush, behind one barrier (not one per block); the image before it reads as before the writes`, async () => {
+        const img = path.join(tmp.dir, `later.${c.format}`);
+        await createImage(img, c.format, SIZE, c.options);
         const file = new ZeroingFile(fs.readFileSync(img));
         const node = await openOver(c, file);
         const want = Buffer.alloc(SIZE);
@@ -155,16 +158,47 @@ describe('mapped formats: a new block\'s zeros', function () {
         const before = Buffer.from(file.data);
         const flushesBefore = file.count('flush');
         await node.flush();
-        // One barrier before the entries, one flush after them (the CID's own flush came with the first write).
-        expect(file.count('flush') - flushesBefore).to.equal(2);
+        // One barrier before the entries (and one before the L1 entries of new tables), one flush after them.
+        expect(file.count('flush') - flushesBefore).to.equal(flushes);
         await node.close();
         // Killed before the flush: a clean image without the new grains (they leak, as QEMU's do).
-        const early = path.join(tmp.dir, 'later-early.vmdk');
+        const early = path.join(tmp.dir, `later-early.${c.format}`);
         fs.writeFileSync(early, before);
         await expectImageHolds(c, early, Buffer.alloc(SIZE));
-        const out = path.join(tmp.dir, 'later-out.vmdk');
+        const out = path.join(tmp.dir, `later-out.${c.format}`);
         fs.writeFileSync(out, file.data);
         await expectImageHolds(c, out, want);
+      });
+    }
+
+    if (c.format === 'qcow') {
+      it('qcow: past 64 Ki waiting entries (256 MiB of 4 KiB clusters) they go to the file without a flush; all read back after it', async () => {
+        const img = path.join(tmp.dir, 'many.qcow');
+        const size = 320 * MiB;
+        await createImage(img, 'qcow', size);
+        const node = await openTestImage(img, { rw: true });
+        const want = Buffer.alloc(size);
+        try {
+          const chunk = crypto.randomBytes(MiB);
+          for (let at = 0; at < 260 * MiB; at += MiB) {
+            chunk.writeUInt32LE(at, 0);
+            await node.write(at, chunk);
+            chunk.copy(want, at);
+          }
+          // The header's L1 offset (byte 40), and the first L1 entry on disk already.
+          const fd = fs.openSync(img, 'r');
+          const head = Buffer.alloc(48);
+          fs.readSync(fd, head, 0, 48, 0);
+          const l1 = Buffer.alloc(8);
+          fs.readSync(fd, l1, 0, 8, Number(head.readBigUInt64BE(40)));
+          fs.closeSync(fd);
+          expect(l1.readBigUInt64BE(0), 'L1 entry 0 before the flush').to.not.equal(0n);
+          await node.flush();
+        } finally {
+          await node.close();
+        }
+        await run('qemu-img', ['convert', '-f', 'qcow', '-O', 'raw', img, `${img}.raw`]);
+        expect(fs.readFileSync(`${img}.raw`).equals(want)).to.equal(true);
       });
     }
 

@@ -1,7 +1,8 @@
 // The qcow (version 1) format node (QEMU's block/qcow.c): one L1 table in memory, L2
 // tables in an LRU, clusters plain, deflate-compressed or AES-encrypted. New clusters
 // and L2 tables go at the end of the file, cluster aligned; each is written whole
-// (copied from what the guest saw before) before the L2 or L1 entry points at it.
+// (copied from what the guest saw before, zeros allocated without writing them)
+// before the L2 or L1 entry points at it: new clusters' entries at the next flush.
 import { decompress } from '../../util/decompress.js';
 import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
@@ -10,10 +11,14 @@ import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import { compressBlock } from '../../util/compress.js';
 import { readFromBacking } from '../backing.js';
+import { indexRuns } from '../../util/index-runs.js';
 import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { COMPRESSED, HEADER_BYTES, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
+
+/** New clusters whose L2 entries may wait in memory for the next flush. */
+const WAITING_MAX = 65536;
 
 export interface QcowNodeOptions {
   file: BlockNode;
@@ -48,6 +53,12 @@ export class QcowNode extends MappedNode {
   private inflated: { host: number; data: Buffer } | undefined;
   /** Header, L1 table and (for a writer) every L2 table: no guest data may be written there. */
   readonly metadata: MetadataRanges;
+  /**
+   * L2 entries of new clusters not yet in the file (guest cluster -> entry): written at
+   * the next flush behind one barrier after all their data (writeWaiting), as vdi's
+   * and vmdk's are, instead of a barrier per allocating write; lookups see them first.
+   */
+  private readonly waiting = new Map<number, bigint>();
 
   constructor(o: QcowNodeOptions) {
     super({ file: o.file, size: Math.floor(o.header.size / 512) * 512, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing });
@@ -110,12 +121,20 @@ export class QcowNode extends MappedNode {
   private async lookup(first: number, count: number): Promise<Where[]> {
     const l1i = Math.floor(first / this.l2Entries);
     const l2Offset = await this.l1Entry(l1i);
-    if (l2Offset === 0) return new Array<Where>(count).fill({ kind: 'unallocated' });
-    const table = await this.l2Table(l2Offset);
     const out: Where[] = [];
-    for (let k = 0; k < count; k++) {
-      const i = (first + k) % this.l2Entries;
-      out.push(this.decode(table.readBigUInt64BE(i * 8), first + k));
+    if (l2Offset === 0) out.push(...new Array<Where>(count).fill({ kind: 'unallocated' }));
+    else {
+      const table = await this.l2Table(l2Offset);
+      for (let k = 0; k < count; k++) {
+        const i = (first + k) % this.l2Entries;
+        out.push(this.decode(table.readBigUInt64BE(i * 8), first + k));
+      }
+    }
+    if (this.waiting.size > 0) {
+      for (let k = 0; k < count; k++) {
+        const e = this.waiting.get(first + k);
+        if (e !== undefined) out[k] = this.decode(e, first + k);
+      }
     }
     return out;
   }
@@ -277,9 +296,41 @@ export class QcowNode extends MappedNode {
       for (let k = i; k < j; k++) updates.push({ gc: first + k, entry: BigInt(host + (k - i) * cs) });
       i = j;
     }
-    if (updates.length === 0) return;
+    for (const u of updates) this.waiting.set(u.gc, u.entry);
+    // Bounded memory between flushes: 64 Ki entries at most.
+    if (this.waiting.size >= WAITING_MAX) await this.writeWaiting();
+  }
+
+  /**
+   * The L2 entries of new clusters, behind a barrier after their data; new L2 tables
+   * are written whole with their entries, and their L1 entries follow behind a second
+   * barrier (two per flush, not one per table). The caller holds the mutex.
+   */
+  private async writeWaiting(): Promise<void> {
+    if (this.waiting.size === 0) return;
     await this.barrier();
-    await this.setEntries(updates);
+    const byTable = new Map<number, { gc: number; entry: bigint }[]>();
+    for (const [gc, entry] of [...this.waiting].sort((a, b) => a[0] - b[0])) {
+      const l1i = Math.floor(gc / this.l2Entries);
+      let list = byTable.get(l1i);
+      if (!list) byTable.set(l1i, (list = []));
+      list.push({ gc, entry });
+    }
+    const newTables: { l1i: number; l2Offset: number; table: Buffer }[] = [];
+    for (const [l1i, updates] of byTable) {
+      if ((await this.l1Entry(l1i)) === 0) newTables.push(await this.newTable(l1i, updates));
+      else await this.setEntries(updates);
+    }
+    if (newTables.length > 0) {
+      await this.barrier();
+      for (const t of newTables) await this.pointAt(t);
+    }
+    this.waiting.clear();
+  }
+
+  protected override async flushLocked(): Promise<void> {
+    await this.writeWaiting();
+    await this.file.flush();
   }
 
   /** Guest cluster gc, not placed on disk, reads as zeros without a read: unallocated over no backing data. */
@@ -309,26 +360,39 @@ export class QcowNode extends MappedNode {
   /** Set L2 entries (new clusters, compressed ones); a missing L2 table is written whole before the L1 entry. */
   private async setEntries(updates: { gc: number; entry: bigint }[]): Promise<void> {
     const l1i = Math.floor(updates[0]!.gc / this.l2Entries);
-    let l2Offset = await this.l1Entry(l1i);
-    const encode = (u: { entry: bigint }): Buffer => {
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(u.entry);
-      return b;
-    };
+    const l2Offset = await this.l1Entry(l1i);
+    // On disk from here: an older entry waiting for these clusters must not follow.
+    for (const u of updates) this.waiting.delete(u.gc);
     if (l2Offset === 0) {
-      const table = Buffer.alloc(this.l2Entries * 8);
-      for (const u of updates) encode(u).copy(table, (u.gc % this.l2Entries) * 8);
-      l2Offset = this.allocate();
-      this.metadata.add(l2Offset, table.length, 'qcow L2 table');
-      await this.file.write(l2Offset, table);
+      const t = await this.newTable(l1i, updates);
       await this.barrier();
-      const e = Buffer.alloc(8);
-      e.writeBigUInt64BE(BigInt(l2Offset));
-      await this.l1.write(l1i, e);
-      this.l2Cache.put(l2Offset, table);
+      await this.pointAt(t);
       return;
     }
     await this.l2Table(l2Offset);
-    for (const u of updates) await this.l2Cache.writeThrough(l2Offset, (u.gc % this.l2Entries) * 8, encode(u));
+    // Neighbouring entries in one write.
+    for (const run of indexRuns(updates.map((u) => ({ index: u.gc, entry: u.entry })))) {
+      const bytes = Buffer.alloc(run.length * 8);
+      run.forEach((u, k) => bytes.writeBigUInt64BE(u.entry, k * 8));
+      await this.l2Cache.writeThrough(l2Offset, (run[0]!.index % this.l2Entries) * 8, bytes);
+    }
+  }
+
+  /** A new L2 table for L1 index l1i holding `updates`, written whole at the end of the file; nothing points at it yet. */
+  private async newTable(l1i: number, updates: { gc: number; entry: bigint }[]): Promise<{ l1i: number; l2Offset: number; table: Buffer }> {
+    const table = Buffer.alloc(this.l2Entries * 8);
+    for (const u of updates) table.writeBigUInt64BE(u.entry, (u.gc % this.l2Entries) * 8);
+    const l2Offset = this.allocate();
+    this.metadata.add(l2Offset, table.length, 'qcow L2 table');
+    await this.file.write(l2Offset, table);
+    return { l1i, l2Offset, table };
+  }
+
+  /** The L1 entry of a table newTable wrote, after a barrier behind it. */
+  private async pointAt(t: { l1i: number; l2Offset: number; table: Buffer }): Promise<void> {
+    const e = Buffer.alloc(8);
+    e.writeBigUInt64BE(BigInt(t.l2Offset));
+    await this.l1.write(t.l1i, e);
+    this.l2Cache.put(t.l2Offset, t.table);
   }
 }
