@@ -54,7 +54,7 @@ export interface Row {
   load: string;
 }
 
-const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 export const NOTES_MARKER = '<!-- Everything below this line is kept when scripts/bench.ts rewrites the file. -->';
 
 function parseArgs(argv: string[]): BenchConfig {
@@ -347,6 +347,25 @@ class Bench {
     }
   }
 
+  /**
+   * Rows 12*: random 4 KiB writes into a new empty image of each writable format (a new
+   * VM disk being filled): nearly every block's first write allocates it, so each
+   * format's allocation path decides (zeros of a new block, table entries, barriers).
+   */
+  async row12(): Promise<void> {
+    const bytes = this.cfg.fioWriteBytes;
+    const formats = ['qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx', 'qed', 'qcow', 'parallels'];
+    for (const [k, format] of formats.entries()) {
+      const load = loadAverage();
+      const probe = await this.images.emptyImage(format, `new-probe.${format}`);
+      const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [probe], this.cfg.repeat, true, async (s) => {
+        const img = s === 'ceiling' ? probe : await this.images.emptyImage(format, `new-${s}.${format}`);
+        return withMount(s, this.request(s, img, format, { rw: true }), (mt) => fio({ file: mt.file, rw: 'randwrite', jobs: 1, size: this.cfg.sizes.main, ioSize: bytes }));
+      });
+      this.report(`12${String.fromCharCode(97 + k)}`, `random 4 KiB writes into a new empty ${fmtSize(this.cfg.sizes.main)} ${format}, fio psync, 1 job, ${fmtSize(bytes)} then fsync`, m, iops, load, '≥ 1.0', '', 1.0);
+    }
+  }
+
   async row5(): Promise<void> {
     const size = fmtSize(this.cfg.sizes.main);
     await this.seqRead('5a', `sequential read, ${size} vmdk (monolithicSparse)`, await this.images.vmdk(), 'vmdk', ['tsmount', 'qsd', 'ceiling']);
@@ -619,6 +638,7 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
       9: () => bench.row9(),
       10: () => bench.row10(),
       11: () => bench.row11(),
+      12: () => bench.row12(),
     };
     for (const n of ALL_ROWS) {
       if (!cfg.rows.has(n)) continue;

@@ -99,10 +99,20 @@ export class Images {
   }
 
   /** A fresh empty qcow2 of the main size (made anew for every write measurement). */
-  async emptyQcow2(name: string): Promise<string> {
+  emptyQcow2(name: string): Promise<string> {
+    return this.emptyImage('qcow2', name);
+  }
+
+  /**
+   * A fresh empty image of the main size in `format`, qemu-img create's defaults (made
+   * anew for every write measurement); a vpc exactly that size (force_size), not the
+   * CHS geometry's rounding of it.
+   */
+  async emptyImage(format: string, name: string): Promise<string> {
     const file = path.join(this.dir, name);
     fs.rmSync(file, { force: true });
-    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', file, String(this.sizes.main)]);
+    const options = format === 'qcow2' ? ['-o', 'cluster_size=65536'] : format === 'vpc' ? ['-o', 'force_size=on'] : [];
+    await runOk('qemu-img', ['create', '-q', '-f', format, ...options, file, String(this.sizes.main)]);
     return file;
   }
 
