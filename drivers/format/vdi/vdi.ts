@@ -1,8 +1,9 @@
 // The VDI format node (QEMU's block/vdi.c): a block map of u32 entries, 1 MiB blocks.
 // A write to an unallocated block appends the whole block (written data, zeros
-// elsewhere, allocated without writing them where the file can); the block map entry that points at it and the header's count reach the
-// file at the next flush, behind a barrier after the data (QEMU writes both at once
-// with no barrier; a barrier per block, as here before, cost a writeback per MiB).
+// elsewhere, allocated without writing them where the file can: writeIntoNew); the
+// block map entry that points at it and the header's count reach the file at the next
+// flush, behind a barrier after the data (QEMU writes both at once with no barrier; a
+// barrier per block, as here before, cost a writeback per MiB).
 import type { BlockNode, CheckReport } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { writeIntoNew, type MappedRun } from '../mapped.js';
