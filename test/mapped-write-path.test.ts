@@ -1,5 +1,5 @@
 // The allocating writes of the table-mapped formats that write a new block whole (vdi,
-// vmdk, qcow): the block's zeros are allocated without writing them where the file
+// vmdk, qed, qcow): the block's zeros are allocated without writing them where the file
 // can (writeIntoNew -> allocateZeros), so a 4 KiB write into a new 1 MiB VDI block
 // writes 4 KiB, not a megabyte; where the file cannot, or the rest of the block reads
 // from a backing file, the block goes as one write as before. qemu-img is the judge.
@@ -8,6 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { qcowDriver } from '../drivers/format/qcow/index.js';
+import { qedDriver } from '../drivers/format/qed/index.js';
 import { vdiDriver } from '../drivers/format/vdi/index.js';
 import { vmdkDriver } from '../drivers/format/vmdk/index.js';
 import type { BlockNode, FormatDriver } from '../drivers/types.js';
@@ -30,11 +31,15 @@ interface Case {
   backing: boolean;
   /** New blocks' table entries wait for the flush: the flushes of the test's flush (barriers included). */
   deferred?: { flushes: number };
+  /** Bytes of the file its metadata may leave as holes. */
+  holes?: number;
 }
 
 const CASES: Case[] = [
   { format: 'vdi', driver: vdiDriver, unit: MiB, options: {}, checks: true, backing: false },
   { format: 'vmdk', driver: vmdkDriver, unit: 64 * KiB, options: { subformat: 'monolithicSparse' }, checks: true, backing: true, deferred: { flushes: 2 } },
+  // qed's L2 tables (4 clusters) are made by growing the file: holes until written.
+  { format: 'qed', driver: qedDriver, unit: 64 * KiB, options: {}, checks: true, backing: true, holes: 4 * 64 * KiB },
   { format: 'qcow', driver: qcowDriver, unit: 4 * KiB, options: {}, checks: false, backing: true, deferred: { flushes: 3 } },
 ];
 
@@ -221,7 +226,7 @@ describe('mapped formats: a new block\'s zeros', function () {
       await expectImageHolds(c, img, want);
       // Allocated as written zeros would be: no holes inside the blocks.
       const st = fs.statSync(img);
-      expect(st.blocks * 512, 'blocks on disk').to.be.at.least(st.size - c.unit);
+      expect(st.blocks * 512, 'blocks on disk').to.be.at.least(st.size - c.unit - (c.holes ?? 0));
     });
   }
 });

@@ -6,6 +6,16 @@ import { MemoryNode } from './memory-node.js';
 export class CountingFile extends MemoryNode {
   readonly writes: { offset: number; length: number; parts: number }[] = [];
 
+  constructor(data: Buffer) {
+    super(data);
+    // Zeroing past the end grows the file, as the file protocol's zero does.
+    const zero = this.zero!;
+    this.zero = (offset, length, unmap) => {
+      this.grow(offset + length);
+      return zero(offset, length, unmap);
+    };
+  }
+
   override async write(offset: number, src: Uint8Array): Promise<void> {
     this.writes.push({ offset, length: src.length, parts: 1 });
     this.grow(offset + src.length);
@@ -23,7 +33,7 @@ export class CountingFile extends MemoryNode {
     }
   }
 
-  private grow(end: number): void {
+  protected grow(end: number): void {
     if (end <= this.data.length) return;
     const next = Buffer.alloc(end);
     this.data.copy(next);
@@ -40,11 +50,7 @@ export class ZeroingFile extends CountingFile {
     if (this.refuse) return false;
     this.zeroed.push({ offset, length });
     // Grows the file as a write does, and reads as zeros.
-    if (offset + length > this.data.length) {
-      const next = Buffer.alloc(offset + length);
-      this.data.copy(next);
-      this.data = next;
-    }
+    this.grow(offset + length);
     this.data.fill(0, offset, offset + length);
     return true;
   }

@@ -6,7 +6,7 @@ import type { BlockNode, CheckReport, RepairFixed } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { readFromBacking } from '../backing.js';
 import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
-import { pushRun, type MappedRun } from '../mapped.js';
+import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
@@ -177,10 +177,16 @@ export class QedNode extends MappedNode {
       } else {
         await this.markNeedCheck();
         const host = this.fileEnd;
+        const g0 = (first + i) * cs;
         this.fileEnd += (j - i) * cs;
-        await this.fillNew(first + i, host, entries[i]!, (first + i) * cs, from);
-        await this.file.write(host + (from - (first + i) * cs), part(from, to));
-        await this.fillNew(first + j - 1, host + (j - 1 - i) * cs, entries[j - 1]!, to, (first + j) * cs);
+        if (this.backedBytes(entries[i]!, g0, from) === 0 && this.backedBytes(entries[j - 1]!, to, (first + j) * cs) === 0) {
+          // Zeros around the data: allocated without writing them where the file can.
+          await writeIntoNew(this.file, host, (j - i) * cs, from - g0, part(from, to));
+        } else {
+          await this.fillNew(first + i, host, entries[i]!, g0, from);
+          await this.file.write(host + (from - g0), part(from, to));
+          await this.fillNew(first + j - 1, host + (j - 1 - i) * cs, entries[j - 1]!, to, (first + j) * cs);
+        }
         const values: number[] = [];
         for (let k = i; k < j; k++) values.push(host + (k - i) * cs);
         updates.push({ index: first + i - base, values });
@@ -215,13 +221,18 @@ export class QedNode extends MappedNode {
   private async fillNew(gc: number, host: number, old: number, a: number, b: number): Promise<void> {
     if (b <= a) return;
     const at = host + (a - gc * this.cs);
-    const backed = old === ENTRY.unallocated && this.backing ? Math.max(0, Math.min(b, this.backing.size) - a) : 0;
+    const backed = this.backedBytes(old, a, b);
     if (backed > 0) {
       const buf = Buffer.alloc(backed);
       await readFromBacking(this.backing, a, buf);
       await this.file.write(at, buf);
     }
     if (a + backed < b) await this.zeroFile(at + backed, b - a - backed);
+  }
+
+  /** Of guest bytes [a, b) of a cluster whose entry is `old`, how many read from the backing file (the rest read as zeros). */
+  private backedBytes(old: number, a: number, b: number): number {
+    return old === ENTRY.unallocated && this.backing ? Math.max(0, Math.min(b, this.backing.size) - a) : 0;
   }
 
   private async zeroFile(at: number, length: number): Promise<void> {
