@@ -121,15 +121,9 @@ export class QcowNode extends MappedNode {
   private async lookup(first: number, count: number): Promise<Where[]> {
     const l1i = Math.floor(first / this.l2Entries);
     const l2Offset = await this.l1Entry(l1i);
-    const out: Where[] = [];
-    if (l2Offset === 0) out.push(...new Array<Where>(count).fill({ kind: 'unallocated' }));
-    else {
-      const table = await this.l2Table(l2Offset);
-      for (let k = 0; k < count; k++) {
-        const i = (first + k) % this.l2Entries;
-        out.push(this.decode(table.readBigUInt64BE(i * 8), first + k));
-      }
-    }
+    const table = l2Offset === 0 ? undefined : await this.l2Table(l2Offset);
+    const out: Where[] = new Array<Where>(count);
+    for (let k = 0; k < count; k++) out[k] = table ? this.decode(table.readBigUInt64BE(((first + k) % this.l2Entries) * 8), first + k) : { kind: 'unallocated' };
     if (this.waiting.size > 0) {
       for (let k = 0; k < count; k++) {
         const e = this.waiting.get(first + k);
