@@ -7,6 +7,8 @@ import path from 'node:path';
 import { formatOf } from '../drivers/open.js';
 import { CorruptImageError, ReadOnlyError, TsmountError } from '../drivers/errors.js';
 import { calculateGeometry, roundedImageSize, vpcChecksum } from '../drivers/format/vpc/footer.js';
+import { vpcDriver } from '../drivers/format/vpc/index.js';
+import { CountingFile } from './helpers/counting-file.js';
 import { convertToRaw, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
 import { expectCreateRefused, expectRefusedUnchanged, expectSameShape, nodeMd5, openTestImage, patch, pattern, readBytes, tsimg } from './helpers/images.js';
@@ -179,6 +181,41 @@ describe('vpc: writing', function () {
       expect(fs.readFileSync(out).equals(model)).to.equal(true);
     });
   }
+
+  it('after a crash before the flush (new blocks written, their BAT entries not), a new block over the leaked ones reads as zeros around its data', async () => {
+    const f = path.join(t.dir, 'leak.vhd');
+    await createImage(f, 'vpc', '16M', { force_size: 'on' });
+    const empty = fs.readFileSync(f);
+    // The BAT entries of new blocks wait for the flush: no flush during the writes.
+    const file = new CountingFile(empty);
+    const node = await vpcDriver.open(file, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: () => Promise.reject(new Error('none')) });
+    for (const b of [1, 2, 5]) await node.write(b * 2 * MiB, Buffer.alloc(2 * MiB, 0xa0 + b));
+    expect(file.count('flush'), 'flushes during the writes').to.equal(0);
+    const killed = Buffer.from(file.data);
+    await node.close();
+    expect(file.count('flush'), 'a barrier, then the flush').to.equal(2);
+    // Killed before the flush: the BAT as it was, the three blocks leaked past it.
+    fs.writeFileSync(f, killed);
+    expect(killed.length).to.be.greaterThan(empty.length + 3 * 2 * MiB);
+    await convertToRaw(f, path.join(t.dir, 'leak-before.raw'), 'vpc');
+    expect(fs.readFileSync(path.join(t.dir, 'leak-before.raw')).every((x) => x === 0), 'the leaked blocks are not the guest\'s').to.equal(true);
+    // A new block now lands on the first leaked one: its other bytes must read as zeros.
+    const again = await openTestImage(f, { rw: true, format: 'vpc' });
+    const model = Buffer.alloc(16 * MiB);
+    try {
+      const data = pattern(4096, 5);
+      await again.write(3 * 2 * MiB + 100 * KiB, data);
+      data.copy(model, 3 * 2 * MiB + 100 * KiB);
+      const back = Buffer.alloc(2 * MiB);
+      await again.read(3 * 2 * MiB, back);
+      expect(back.equals(model.subarray(3 * 2 * MiB, 4 * 2 * MiB))).to.equal(true);
+    } finally {
+      await again.close();
+    }
+    const out = path.join(t.dir, 'leak-after.raw');
+    await convertToRaw(f, out, 'vpc');
+    expect(fs.readFileSync(out).equals(model)).to.equal(true);
+  });
 
   it('refuses writes on a read-only open', async () => {
     const f = path.join(t.dir, 'ro.vhd');

@@ -10,12 +10,20 @@
 // page read again is still current. An entry that names newly written data may
 // instead wait in memory (later: read before the page, written by writeLater), so a
 // format writes the entries of its new blocks at a flush, behind one barrier after
-// all their data, instead of a barrier per block (vdi, parallels).
+// all their data, instead of a barrier per block (vdi, vpc, parallels). At most
+// WAITING_MAX entries wait (laterFull): past that the owner writes them without a flush.
 import { TableCache } from '../../cache/table-cache.js';
 import type { BlockNode } from '../types.js';
 import { indexRuns } from '../util/index-runs.js';
 
 export const TABLE_PAGE_BYTES = 64 * 1024;
+
+/**
+ * Table entries of new blocks that may wait in memory for the next flush, in any
+ * format that defers them (PagedTable.later; qcow's L2 and vmdk's grain tables keep
+ * their own maps under the same bound): memory stays bounded without a flush.
+ */
+export const WAITING_MAX = 65536;
 
 /** The entries of one page: entry i of the table starts at byte (i - first) * entryBytes of view. */
 export interface TablePage {
@@ -125,6 +133,11 @@ export class PagedTable {
 
   get hasLater(): boolean {
     return this.waiting.size > 0;
+  }
+
+  /** WAITING_MAX entries wait: the owner writes them (barrier, writeLater) before more. */
+  get laterFull(): boolean {
+    return this.waiting.size >= WAITING_MAX;
   }
 
   /** Write the entries later() set, neighbours together, through the page to the file. */

@@ -107,6 +107,7 @@ export class ParallelsNode extends MappedNode {
       e.writeUInt32LE((host / SECTOR + k * this.h.tracks) / this.multiplier);
       this.bat.later(c + k, e);
     }
+    if (this.bat.laterFull) await this.writeLater();
   }
 
   protected override async flushLocked(): Promise<void> {

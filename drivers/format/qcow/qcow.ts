@@ -5,7 +5,7 @@
 // before the L2 or L1 entry points at it: new clusters' entries at the next flush.
 import { decompress } from '../../util/decompress.js';
 import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
-import type { PagedTable } from '../table-pages.js';
+import { WAITING_MAX, type PagedTable } from '../table-pages.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
@@ -16,9 +16,6 @@ import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
 import { COMPRESSED, HEADER_BYTES, type QcowHeader } from './header.js';
 import type { QcowCipher } from './crypto.js';
-
-/** New clusters whose L2 entries may wait in memory for the next flush. */
-const WAITING_MAX = 65536;
 
 export interface QcowNodeOptions {
   file: BlockNode;

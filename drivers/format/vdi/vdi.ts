@@ -72,6 +72,7 @@ export class VdiNode extends MappedNode {
     e.writeUInt32LE(entry);
     this.bmap.later(b, e);
     this.blocksAllocated++;
+    if (this.bmap.laterFull) await this.writePending();
   }
 
   protected override async flushLocked(): Promise<void> {

@@ -3,6 +3,7 @@
 // QEMU 7.2's get_cluster_offset / vmdk_L2update / get_whole_cluster). Each extent
 // maps, reads and writes its own byte range; the node strings them together.
 import { MetadataRanges } from '../metadata-ranges.js';
+import { WAITING_MAX } from '../table-pages.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import { constants } from 'node:os';
 import type { BlockNode, CheckReport } from '../../types.js';
@@ -18,9 +19,6 @@ const GTE_ZEROED = 1;
 const MAX_EXTENT_SECTORS = 2 ** 32;
 /** Decompressed grains kept per extent, so sequential small reads inflate each grain once. */
 const GRAIN_CACHE = 8;
-/** New grains whose table entries may wait in memory for the next flush. */
-const WAITING_MAX = 65536;
-
 /** What an extent needs from the node above when it writes. */
 export interface WriteContext {
   /** Guest bytes as they read below this layer (backing file, or zeros). */

@@ -5,7 +5,7 @@ import type { BlockNode, Extent, ImageDescription } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
-import { writeInPlace, type MappedRun } from '../mapped.js';
+import { writeInPlace, writeIntoNew, type MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode } from '../mapped-node.js';
 import { FOOTER_SIZE, SECTOR } from './footer.js';
 
@@ -140,9 +140,13 @@ export class VpcDynamicNode extends MappedNode {
   }
 
   /**
-   * A new block at the end of the file, where the footer was: bitmap and data
-   * first, then the footer after the block, then the BAT entry that makes the
-   * block live. A crash before the BAT entry leaves the block unreferenced.
+   * A new block at the end of the file, where the footer was: bitmap, data and the
+   * footer after the block written together (the footer's bytes do not change, only
+   * its place; QEMU reads a dynamic disk's copy at offset 0). The BAT entry that makes
+   * the block live waits for the next flush, behind one barrier after the data of
+   * every new block (PagedTable.later, as vdi's and parallels' do; QEMU syncs three
+   * times per block, this did twice). A crash before the flush leaves the new blocks
+   * unreferenced, the old mapping whole.
    */
   private async allocate(idx: number, inBlock: number, data: Uint8Array): Promise<void> {
     const start = this.freeOffset;
@@ -150,24 +154,31 @@ export class VpcDynamicNode extends MappedNode {
     if (next / 512 > BAT_UNUSED) throw new CorruptImageError(`${this.name}: VHD is full (block offsets are 32-bit sector numbers)`);
     this.metadata.assertNoOverlap(start, this.bitmapSize + this.blockSize, `new VHD block ${idx}`);
     const bitmap = Buffer.alloc(this.bitmapSize, 0xff);
-    if (this.file.size > start + FOOTER_SIZE) {
-      // Something lies past the footer: the unwritten part of the block would not read as zeros.
-      const whole = Buffer.alloc(this.bitmapSize + this.blockSize);
-      whole.set(bitmap, 0);
-      whole.set(data, this.bitmapSize + inBlock);
-      await this.file.write(start, whole);
-    } else {
-      await Promise.all([this.file.write(start, bitmap), this.file.write(start + this.bitmapSize + inBlock, data)]);
-    }
-    await this.barrier();
-    await this.file.write(next, this.footer);
-    await this.barrier();
+    const pastFooter = this.file.size > start + FOOTER_SIZE;
+    const writes = [this.file.write(start, bitmap), this.file.write(next, this.footer)];
+    // Past the end of the file the block reads as zeros; something lying past the
+    // footer is overwritten with them (writeIntoNew).
+    if (pastFooter) writes.push(writeIntoNew(this.file, start + this.bitmapSize, this.blockSize, inBlock, data));
+    else writes.push(this.file.write(start + this.bitmapSize + inBlock, data));
+    await Promise.all(writes);
     const entry = Buffer.alloc(4);
     entry.writeUInt32BE(start / 512, 0);
-    await this.file.write(this.batOffset + idx * 4, entry);
-    this.bat.patch(idx, entry);
+    this.bat.later(idx, entry);
     this.freeOffset = next;
     this.bitmapSet.add(idx);
+    if (this.bat.laterFull) await this.writeLater();
+  }
+
+  protected override async flushLocked(): Promise<void> {
+    await this.writeLater();
+    await this.file.flush();
+  }
+
+  /** The BAT entries of new blocks, behind a barrier after their data. The caller holds the mutex. */
+  private async writeLater(): Promise<void> {
+    if (!this.bat.hasLater) return;
+    await this.barrier();
+    await this.bat.writeLater();
   }
 
   async zero(offset: number, length: number): Promise<void> {
