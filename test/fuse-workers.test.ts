@@ -419,6 +419,55 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(writes).to.be.greaterThan(served);
   });
 
+  // The table-mapped formats take overwrites of allocated blocks from the workers too,
+  // byte-granular ones included (vpc, vmdk, vhdx and parallels sit behind the alignment filter).
+  const mappedWrites: [format: string, opts: Record<string, string>][] = [
+    ['vdi', {}],
+    ['vpc', { force_size: 'on' }],
+    ['vmdk', { subformat: 'monolithicSparse' }],
+    ['vhdx', { block_size: '1M' }],
+    ['parallels', {}],
+    ['qed', {}],
+  ];
+  for (const [format, opts] of mappedWrites) {
+    it(`overwrites allocated ${format} blocks from the workers in place, unaligned writes included, every byte where qemu-img finds it`, async () => {
+      const size = 16 * MiB;
+      const img = path.join(tmp.dir, `inplace-mapped.${format}`);
+      await createImage(img, format, size, opts);
+      await qemuIo(img, format, ['write -P 0x11 0 8M']);
+      const ref = Buffer.alloc(size);
+      ref.fill(0x11, 0, 8 * MiB);
+      const mp = dir(`m-inplace-${format}`);
+      await mounts.mount(['--rw', img, mp]);
+      const flat = path.join(mp, `inplace-mapped.raw`);
+      let served = 0;
+      const fd = await fs.promises.open(flat, 'r+');
+      try {
+        for (let pass = 0; pass < 20 && served === 0; pass++) {
+          for (let i = 0; i < 64; i++) {
+            const at = crypto.randomInt(0, (8 * MiB) / 4096) * 4096 + (i % 4 === 0 ? 100 : 0);
+            const data = crypto.randomBytes(i % 8 === 0 ? 3 * 4096 : 4096);
+            await fd.write(data, 0, data.length, at);
+            data.copy(ref, at);
+          }
+          served = (await mountCounters(mp)).workerWrites ?? 0;
+          if (served === 0) await new Promise((r) => setTimeout(r, 300));
+        }
+      } finally {
+        await fd.close();
+      }
+      expect(served, 'writes the workers wrote in place').to.be.greaterThan(0);
+      const want = crypto.createHash('md5').update(ref).digest('hex');
+      expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+      await mounts.unmount(mp);
+      // qemu-img check does not know vpc.
+      if (format !== 'vpc') await runOk('qemu-img', ['check', '-f', format, img]);
+      const back = path.join(tmp.dir, `inplace-mapped-${format}.raw`);
+      await convertToRaw(img, back, format);
+      expect(await md5File(back)).to.equal(want);
+    });
+  }
+
   it('overwrites a qcow2 read whole before its first write from the workers in place (the read map walked again at that write)', async () => {
     const size = 16 * MiB;
     const img = path.join(tmp.dir, 'readfirst.qcow2');
@@ -805,6 +854,59 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       await node.close();
     }
   });
+
+  // The table-mapped formats (MappedNode): an allocated block is writable in place once the
+  // format allows it (vmdk: its CID changed; vhdx: its data write GUID; vpc: the block's
+  // bitmap set this session), a new table (qed) starts a new epoch, a new data block not.
+  const mappedCases: { format: string; opts: Record<string, string>; beforeFirstWrite: number }[] = [
+    { format: 'vdi', opts: {}, beforeFirstWrite: 1 },
+    { format: 'parallels', opts: {}, beforeFirstWrite: 1 },
+    // 4 KiB clusters and two-cluster tables: an L2 table maps 4 MiB.
+    { format: 'qed', opts: { cluster_size: '4K', table_size: '2' }, beforeFirstWrite: 1 },
+    { format: 'vpc', opts: { force_size: 'on' }, beforeFirstWrite: 0 },
+    { format: 'vmdk', opts: { subformat: 'monolithicSparse' }, beforeFirstWrite: 0 },
+    { format: 'vhdx', opts: { block_size: '1M' }, beforeFirstWrite: 0 },
+  ];
+  for (const c of mappedCases) {
+    it(`publishes a ${c.format} image's allocated blocks as writable in place ${c.beforeFirstWrite ? 'from the start' : 'after its first write'}${c.format === 'qed' ? '; a new L2 table starts a new epoch, a new data cluster not' : ''}`, async () => {
+      const img = path.join(tmp.dir, `wip-mapped.${c.format}`);
+      await createImage(img, c.format, 64 * MiB, c.opts);
+      await qemuIo(img, c.format, ['write -P 0x41 0 2M']);
+      const node = await open(img, false);
+      try {
+        const map = new ReadMap(node);
+        const hit = [0, 0, 0];
+        map.miss(0, 4096);
+        await map.idle();
+        expect(lookup(map.table, 1, hit), 'granule 1 published').to.equal(true);
+        expect(hit[0], 'in the image file').to.be.at.least(0);
+        expect(hit[2], 'writable in place before the first write').to.equal(c.beforeFirstWrite);
+        expect(lookup(map.table, 100, hit) && hit[2], 'granule 100 (unallocated): never').to.equal(0);
+        // The first write (the format's hook; vpc: the block's bitmap, under the lock, so
+        // nothing is walked after it), then an overwrite in place, which walks its granule.
+        await serveWrite(map, node, 0, 0x42);
+        await serveWrite(map, node, 0, 0x43);
+        expect(lookup(map.table, 0, hit), 'granule 0 published after the writes').to.equal(true);
+        expect(hit[2], 'writable in place after the first write').to.equal(1);
+        // vpc: the rest of the block was walked while it was locked; its granules are the workers' once written once.
+        expect(lookup(map.table, 1, hit) && hit[2], 'granule 1').to.equal(c.format === 'vpc' ? 0 : 1);
+        if (c.format === 'qed') {
+          // A data cluster in the first table: the epoch holds.
+          await serveWrite(map, node, 3 * MiB, 0x43);
+          expect(lookup(map.table, 1, hit) && hit[2], 'after a new data cluster').to.equal(1);
+          // A write past the first table's 2 MiB allocates a table: nothing published before is writable.
+          const table = map.beginWrite(40 * MiB, 4096);
+          await node.write(40 * MiB, Buffer.alloc(4096, 0x45));
+          map.endWrite(table.change);
+          expect(lookup(map.table, 1, hit), 'still read from the map').to.equal(true);
+          expect(hit[2], 'not written in place after a table was allocated').to.equal(0);
+        }
+      } finally {
+        await node.close();
+      }
+      if (c.format !== 'vpc') await runOk('qemu-img', ['check', '-f', c.format, img]);
+    });
+  }
 
   it('a corrupt image whose refcounts call a writable cluster free: a table allocated there ends its entry\'s writability; a data cluster allocated there is written there by the JS thread alike', async () => {
     // The data cluster of guest 0..64K gets refcount 0, so it is the first free cluster

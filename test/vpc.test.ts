@@ -217,6 +217,35 @@ describe('vpc: writing', function () {
     expect(fs.readFileSync(out).equals(model)).to.equal(true);
   });
 
+  it('sets a block\'s sector bitmap at its first write only where a bit is clear (one write and barrier), and writes a set one not at all', async () => {
+    const f = path.join(t.dir, 'bitmap.vhd');
+    await createImage(f, 'vpc', '8M', { force_size: 'on' });
+    await qemuIo(f, 'vpc', ['write -P 0x11 0 4M']);
+    const d = fs.readFileSync(f);
+    const bat = Number(d.readBigUInt64BE(Number(d.readBigUInt64BE(16)) + 16));
+    const bitmapAt = (block: number): number => d.readUInt32BE(bat + block * 4) * 512;
+    // Block 1's bitmap as a tool that sets only the bits it wrote leaves it.
+    d.fill(0, bitmapAt(1), bitmapAt(1) + 512);
+    const file = new CountingFile(d);
+    const node = await vpcDriver.open(file, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: () => Promise.reject(new Error('none')) });
+    try {
+      await node.write(100 * KiB, Buffer.alloc(4096, 0x22));
+      expect(file.count('flush'), 'block 0: its bitmap is set').to.equal(0);
+      expect(file.writes.map((w) => w.offset)).to.deep.equal([bitmapAt(0) + 512 + 100 * KiB]);
+      await node.write(2 * MiB + 100 * KiB, Buffer.alloc(4096, 0x33));
+      expect(file.count('flush'), 'block 1: a barrier behind its bitmap').to.equal(1);
+      expect(file.writes.map((w) => w.offset)).to.deep.equal([bitmapAt(0) + 512 + 100 * KiB, bitmapAt(1), bitmapAt(1) + 512 + 100 * KiB]);
+      expect(file.data.subarray(bitmapAt(1), bitmapAt(1) + 512).every((x) => x === 0xff)).to.equal(true);
+      // Again in either block: in place, nothing more.
+      await node.write(2 * MiB + 200 * KiB, Buffer.alloc(4096, 0x44));
+      await node.write(200 * KiB, Buffer.alloc(4096, 0x44));
+      expect(file.writes).to.have.length(5);
+      expect(file.count('flush')).to.equal(1);
+    } finally {
+      await node.close();
+    }
+  });
+
   it('refuses writes on a read-only open', async () => {
     const f = path.join(t.dir, 'ro.vhd');
     await createImage(f, 'vpc', '4M');

@@ -39,6 +39,16 @@ export class AlignFilter extends Filter {
     return undefined;
   }
 
+  /**
+   * What the node below lets the FUSE workers write around it, any bytes of it: a range
+   * it calls writable in place is plain data in its host file, where a pwrite(2) of part
+   * of a sector is what this filter's read-modify-write would do, and the workers never
+   * write while a change through the graph (this filter's included) runs (fs/read-map.ts).
+   */
+  override get inPlaceWrites(): boolean | undefined {
+    return this.next.inPlaceWrites;
+  }
+
   /** Snapshot views share the image's unit: they get the filter too. */
   override get snapshots(): (() => { name: string; node: BlockNode }[]) | undefined {
     const next = this.next;

@@ -78,6 +78,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
     try {
       if (await writeInPlace(this, this.file, offset, src)) return;
       await this.mutex.run(() => this.writeLocked(offset, src));
+      this.lockedWrites++;
     } catch (err) {
       if (err instanceof CorruptImageError) this.sawCorruption = true;
       throw err;
@@ -100,8 +101,40 @@ export abstract class MappedNode implements BlockNode, Mapper {
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length, this.file);
+    return mappedStatus(this, offset, length, this.file, this.inPlaceWrites);
   }
+
+  /**
+   * Whether what writeInPlace writes (data runs in the image's own file, not locked,
+   * clear of metadata: block status's inPlace) may instead be written by the FUSE
+   * workers with pwrite(2) on hostFd, around this node (fs/read-map.ts): only where the
+   * format opts in (writesAroundReady) and the file takes such writes. Allocated blocks
+   * never move in these formats; a table allocated or freed (the metadata's generation)
+   * is a layout change.
+   */
+  get inPlaceWrites(): boolean {
+    return !this.readOnly && !this.sawCorruption && this.hostFd !== undefined && this.file.inPlaceWrites === true && this.writesAroundReady();
+  }
+
+  /**
+   * The format lets an overwrite of allocated data go around it: it needs nothing of
+   * the format (no flag, no counter, no entry), or the first write's hook already ran.
+   * Formats opt in; those whose every write takes the lock do not.
+   */
+  protected writesAroundReady(): boolean {
+    return false;
+  }
+
+  /** Tables allocated or freed in the image's file (MetadataRanges.generation); vmdk sums its extents'. */
+  get layoutGeneration(): number | undefined {
+    return this.metadata?.generation;
+  }
+
+  /** Writes that took the lock (they may have allocated): a hint for the read map (BlockNode.allocationGeneration). */
+  get allocationGeneration(): number {
+    return this.lockedWrites;
+  }
+  private lockedWrites = 0;
 
   /** Closes once: a second close (the graph's and an owner's) does nothing. */
   async close(): Promise<void> {

@@ -21,6 +21,12 @@ export type MappedRun =
       file?: BlockNode;
       /** Metadata of `file` a write here must not overlap (else the mapper's, for the image's file). */
       metadata?: MetadataRanges;
+      /**
+       * A write here needs the driver's lock first (vpc: a block whose sector bitmap
+       * this session has not set yet): not in place (writeInPlace), nor by the FUSE
+       * workers (blockStatus's inPlace).
+       */
+      locked?: true;
     }
   | { kind: 'zero'; offset: number; length: number }
   /** Not in this layer: the backing node answers, or zeros. */
@@ -77,18 +83,28 @@ export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing
   await Promise.all(pending);
 }
 
-/** Block status from the same runs: this layer only. */
-export async function mappedStatus(mapper: Mapper, offset: number, length: number, ownFile?: BlockNode): Promise<Extent[]> {
+/**
+ * Block status from the same runs: this layer only. With `inPlace`, data in the image's
+ * own file that writeInPlace would write (not locked, clear of metadata) is marked so
+ * (Extent.inPlace): the FUSE workers may overwrite it with pwrite(2).
+ */
+export async function mappedStatus(mapper: Mapper, offset: number, length: number, ownFile?: BlockNode, inPlace = false): Promise<Extent[]> {
   const out: Extent[] = [];
   for (const r of await mapper.mapRange(offset, length)) {
     const kind = r.kind === 'zero' ? 'zero' : r.kind === 'unallocated' ? 'unallocated' : 'data';
     // Data in the image's own file has a host offset (qemu-img map's "offset"): runs
     // that name no file, or name the image file itself (a monolithic sparse vmdk).
-    const host = r.kind === 'data' && (r.file === undefined || r.file === ownFile) ? r.host : undefined;
+    const own = r.kind === 'data' && (r.file === undefined || r.file === ownFile);
+    const host = own ? r.host : undefined;
+    const writable = inPlace && own && !r.locked && (r.metadata ?? mapper.metadata)?.find(r.host, r.length) === undefined;
     const last = out[out.length - 1];
     const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
-    if (last && last.kind === kind && last.offset + last.length === r.offset && contiguous) last.length += r.length;
-    else out.push(host === undefined ? { offset: r.offset, length: r.length, kind } : { offset: r.offset, length: r.length, kind, host });
+    if (last && last.kind === kind && last.offset + last.length === r.offset && contiguous && (last.inPlace === true) === writable) last.length += r.length;
+    else {
+      const e: Extent = host === undefined ? { offset: r.offset, length: r.length, kind } : { offset: r.offset, length: r.length, kind, host };
+      if (writable) e.inPlace = true;
+      out.push(e);
+    }
   }
   return out;
 }
@@ -104,7 +120,7 @@ export function pushRun(out: MappedRun[], run: MappedRun): void {
     last !== undefined &&
     last.kind === run.kind &&
     run.kind !== 'custom' &&
-    (run.kind !== 'data' || (last.kind === 'data' && last.file === run.file && last.host + last.length === run.host));
+    (run.kind !== 'data' || (last.kind === 'data' && last.file === run.file && last.host + last.length === run.host && last.locked === run.locked));
   if (continues) last.length += run.length;
   else out.push(run);
 }
@@ -116,7 +132,7 @@ export function pushRun(out: MappedRun[], run: MappedRun): void {
  */
 export async function writeInPlace(mapper: Mapper, defaultFile: BlockNode, offset: number, src: Uint8Array): Promise<boolean> {
   const runs = await mapper.mapRange(offset, src.length);
-  if (!runs.every((r) => r.kind === 'data')) return false;
+  if (!runs.every((r) => r.kind === 'data' && !r.locked)) return false;
   for (const r of runs) {
     if (r.kind !== 'data') continue;
     const guard = r.metadata ?? (r.file === undefined || r.file === defaultFile ? mapper.metadata : undefined);

@@ -65,6 +65,15 @@ export class MetadataRanges {
     return this.n;
   }
 
+  /**
+   * Bumped by every add and remove: a table allocated or freed moved host space, so a
+   * range found writable in place may since be metadata (MappedNode.layoutGeneration).
+   */
+  get generation(): number {
+    return this.changes;
+  }
+  private changes = 0;
+
   /** Add many ranges at once (one sort, one merge). */
   addAll(list: readonly MetadataRange[]): void {
     const sorted = list.filter((r) => r.length > 0).sort((a, b) => a.offset - b.offset);
@@ -97,6 +106,7 @@ export class MetadataRanges {
   /** [offset, offset + length) holds `what`; empty ranges are ignored. */
   add(offset: number, length: number, what: string): this {
     if (length <= 0) return this;
+    this.changes++;
     const k = this.kind(what);
     const i = this.upperBound(offset);
     this.reserve(this.n + 1);
@@ -117,6 +127,7 @@ export class MetadataRanges {
     if (k === undefined) return false;
     for (let i = this.upperBound(offset) - 1; i >= 0 && this.offsets[i] === offset; i--) {
       if (this.kinds[i] !== k) continue;
+      this.changes++;
       this.offsets.copyWithin(i, i + 1, this.n);
       this.lengths.copyWithin(i, i + 1, this.n);
       this.kinds.copyWithin(i, i + 1, this.n);
@@ -196,6 +207,7 @@ export class MetadataRanges {
 
   /** Merge `m` ranges sorted by offset into the sorted arrays, from the back, in place. */
   private merge(m: number, off: (i: number) => number, len: (i: number) => number, kind: (i: number) => number): void {
+    this.changes++;
     if (m === 0) return;
     this.reserve(this.n + m);
     let i = this.n - 1;

@@ -26,6 +26,8 @@
 #   allocated (a quarter of the writes allocate, the rest overwrite; cfile: the raw copy).
 #   wnew-FMT (vdi, vmdk, qcow, qcow2...) writes the same into a new empty 1 GiB image
 #   of format FMT (qemu-img create defaults): every block's first write allocates it.
+#   wfull-FMT writes the same into a copy of the allocated image converted to FMT: every
+#   write an overwrite (the FUSE workers' in place, where the format lets them).
 # A mode with TSMOUNT_FUSE_URING=1 needs fuse.enable_uring=Y: the script sets it (root)
 # and puts the old value back at the end.
 set -euo pipefail
@@ -92,6 +94,12 @@ measure() { # test mode
     cp "$W/half.qcow2" "$W/half-run.qcow2"
     img=$W/half-run.qcow2
   fi
+  if [[ $test == wfull-* ]]; then
+    local fmt=${test#wfull-}
+    [ -f "$W/full.$fmt" ] || qemu-img convert -O "$fmt" "$W/full.qcow2" "$W/full.$fmt"
+    img=$W/full-run.$fmt
+    cp "$W/full.$fmt" "$img"
+  fi
   if [[ $test == wnew-* ]]; then
     img=$W/new-run.${test#wnew-}
     rm -f "$img"
@@ -104,7 +112,7 @@ measure() { # test mode
     rand4) work="fio_rand 4" ;;
     wrand1 | wrand4) work="fio_wrand ${test#wrand}"; rw=(--rw); direct=(--direct) ;;
     whalf1 | whalf4) work="fio_wrand ${test#whalf}"; rw=(--rw); direct=(--direct) ;;
-    wnew-*) work="fio_wrand 1"; rw=(--rw); direct=(--direct) ;;
+    wnew-* | wfull-*) work="fio_wrand 1"; rw=(--rw); direct=(--direct) ;;
     *) echo "unknown test $test" >&2; exit 2 ;;
   esac
   if [ "$name" = ceiling ] || [ "$name" = cfile ]; then

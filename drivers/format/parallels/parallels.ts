@@ -78,6 +78,11 @@ export class ParallelsNode extends MappedNode {
     }
   }
 
+  /** An overwrite of an allocated cluster needs nothing of the format: the FUSE workers may write it. */
+  protected override writesAroundReady(): boolean {
+    return true;
+  }
+
   /** Place clusters [c, c + n) at data_end with `data` at byte `at` in them; the rest reads as zeros. */
   private async allocate(c: number, n: number, at: number, data: Uint8Array): Promise<void> {
     if (c + n > this.h.batEntries) throw new CorruptImageError(`${this.name}: parallels BAT has no entry for cluster ${c + n - 1}`);

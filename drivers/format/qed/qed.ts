@@ -215,6 +215,15 @@ export class QedNode extends MappedNode {
   }
 
   /**
+   * An overwrite of an allocated cluster needs nothing of the format (the need-check
+   * flag is for table changes): the FUSE workers may write it. New L2 tables are added
+   * to the metadata, which ends what the workers may write (layoutGeneration).
+   */
+  protected override writesAroundReady(): boolean {
+    return true;
+  }
+
+  /**
    * Guest bytes [a, b) of guest cluster gc (newly placed at host) as they read before:
    * from the backing file, or zeros (for a zero cluster, or past the backing file).
    */

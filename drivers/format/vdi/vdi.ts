@@ -49,6 +49,11 @@ export class VdiNode extends MappedNode {
     return this.mapBlocks(offset, length, this.bs, (b) => this.where(b));
   }
 
+  /** An overwrite of an allocated block needs nothing of the format: the FUSE workers may write it. */
+  protected override writesAroundReady(): boolean {
+    return true;
+  }
+
   protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
     for (const { block: b, inBlock, pos, n } of blockPieces(offset, src.length, this.bs)) {
       const part = src.subarray(pos - offset, pos - offset + n);

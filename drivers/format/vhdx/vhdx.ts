@@ -102,6 +102,7 @@ export class VhdxNode extends MappedNode {
   private readonly logOffset: number;
   private readonly logLength: number;
   private visibleWrite: Promise<void> | undefined;
+  private guidChanged = false;
   private logSequence = 1n;
   readonly vhdxIdentity: VhdxIdentity;
   private readonly bitmaps: SectorBitmaps | undefined;
@@ -316,13 +317,22 @@ export class VhdxNode extends MappedNode {
   /** The open already changed the data write GUID (replaying a log). */
   markVisibleWriteDone(): void {
     this.visibleWrite = Promise.resolve();
+    this.guidChanged = true;
+  }
+
+  /** The data write GUID changed (firstWrite ran): overwrites of present blocks may go around the node (the FUSE workers). */
+  protected override writesAroundReady(): boolean {
+    return this.guidChanged;
   }
 
   /** Per the spec, the data write GUID changes before the first guest-visible write. */
   private firstWrite(): Promise<void> {
     if (!this.visibleWrite) {
       this.visibleWrite = this.mutex.run(() => this.headers!.update({ newDataGuid: true }));
-      this.visibleWrite.catch(() => (this.visibleWrite = undefined));
+      this.visibleWrite.then(
+        () => (this.guidChanged = true),
+        () => (this.visibleWrite = undefined),
+      );
     }
     return this.visibleWrite;
   }

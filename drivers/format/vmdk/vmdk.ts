@@ -36,6 +36,8 @@ export class VmdkNode extends MappedNode {
   private readonly ctx: WriteContext;
   private currentCid: number;
   private cidUpdate: Promise<void> | undefined;
+  /** The first write's new CID is in the descriptor (updateCid ran): overwrites may go around the node. */
+  private cidWritten = false;
 
   constructor(o: VmdkNodeOptions) {
     const last = o.extents[o.extents.length - 1];
@@ -124,12 +126,27 @@ export class VmdkNode extends MappedNode {
       await this.file.write(this.descOffset, next.subarray(0, len));
       await this.file.flush();
       this.currentCid = cid;
-    })().catch((err: unknown) => {
-      // Try again on the next write rather than failing every write from now on.
-      this.cidUpdate = undefined;
-      throw err;
-    });
+    })().then(
+      () => {
+        this.cidWritten = true;
+      },
+      (err: unknown) => {
+        // Try again on the next write rather than failing every write from now on.
+        this.cidUpdate = undefined;
+        throw err;
+      },
+    );
     return this.cidUpdate;
+  }
+
+  /**
+   * Once the first write changed the CID, an overwrite of an allocated grain in the
+   * image's own file (a monolithic sparse vmdk's; other extents' files have no host
+   * offset in block status) needs nothing of the format: the FUSE workers may write it.
+   * Grain tables never move after open (layoutGeneration stays undefined).
+   */
+  protected override writesAroundReady(): boolean {
+    return this.cidWritten;
   }
 
   /**

@@ -5,7 +5,7 @@ import type { BlockNode, Extent, ImageDescription } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
-import { writeInPlace, writeIntoNew, type MappedRun } from '../mapped.js';
+import { writeIntoNew, type MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode } from '../mapped-node.js';
 import { FOOTER_SIZE, SECTOR } from './footer.js';
 
@@ -105,19 +105,23 @@ export class VpcDynamicNode extends MappedNode {
     return host;
   }
 
-  /** Unallocated blocks read as zeros: a VHD has no backing file here. */
+  /**
+   * Unallocated blocks read as zeros: a VHD has no backing file here. A block whose
+   * sector bitmap this session has not set yet is `locked`: its first write sets the
+   * bitmap, under the lock (then in place, by the FUSE workers too).
+   */
   mapRange(offset: number, length: number): Promise<MappedRun[]> {
-    return this.mapBlocks(offset, length, this.blockSize, async (idx) => (await this.blockHost(idx)) ?? 'zero');
+    return this.mapBlocks(offset, length, this.blockSize, async (idx, pos, n) => {
+      const host = await this.blockHost(idx);
+      if (host === undefined) return 'zero';
+      if (this.bitmapSet.has(idx)) return host;
+      return { kind: 'data', offset: pos, length: n, host: host + (pos - idx * this.blockSize), locked: true };
+    });
   }
 
-  /** In place only in blocks whose bitmap this session has set already. */
-  override async write(offset: number, src: Uint8Array): Promise<void> {
-    const first = Math.floor(offset / this.blockSize);
-    const last = Math.floor((offset + src.length - 1) / this.blockSize);
-    let ready = true;
-    for (let i = first; i <= last && ready; i++) ready = (await this.blockHost(i)) !== undefined && this.bitmapSet.has(i);
-    if (ready && (await writeInPlace(this, this.file, offset, src))) return;
-    await this.mutex.run(() => this.writeLocked(offset, src));
+  /** An overwrite in a block whose bitmap is set needs nothing of the format: the FUSE workers may write it. */
+  protected override writesAroundReady(): boolean {
+    return true;
   }
 
   protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
@@ -130,8 +134,13 @@ export class VpcDynamicNode extends MappedNode {
         // The block's bitmap and its data, as the BAT entry places them.
         this.metadata.assertNoOverlap(host - this.bitmapSize, this.bitmapSize + this.blockSize, `VHD block ${idx}`);
         if (!this.bitmapSet.has(idx)) {
-          await this.file.write(host - this.bitmapSize, Buffer.alloc(this.bitmapSize, 0xff));
-          await this.barrier();
+          // Set already (QEMU sets every bit when it allocates a block): no write, no barrier.
+          const bitmap = Buffer.alloc(this.bitmapSize);
+          await this.file.read(host - this.bitmapSize, bitmap);
+          if (!bitmap.every((b) => b === 0xff)) {
+            await this.file.write(host - this.bitmapSize, bitmap.fill(0xff));
+            await this.barrier();
+          }
           this.bitmapSet.add(idx);
         }
         await this.file.write(host + inBlock, data);
