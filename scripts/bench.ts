@@ -54,7 +54,7 @@ export interface Row {
   load: string;
 }
 
-const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+const ALL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
 export const NOTES_MARKER = '<!-- Everything below this line is kept when scripts/bench.ts rewrites the file. -->';
 
 function parseArgs(argv: string[]): BenchConfig {
@@ -366,6 +366,25 @@ class Bench {
     }
   }
 
+  /**
+   * Rows 13*: random 4 KiB overwrites into a fresh copy of an allocated image of each
+   * writable format: no allocation, so the request path decides (the FUSE workers write
+   * in place where the format lets them; qcow takes its lock for every write).
+   */
+  async row13(): Promise<void> {
+    const bytes = this.cfg.fioWriteBytes;
+    const formats = ['qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx', 'qed', 'qcow', 'parallels'];
+    for (const [k, format] of formats.entries()) {
+      const load = loadAverage();
+      const full = await this.images.fullImage(format);
+      const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [full], this.cfg.repeat, true, async (s) => {
+        const img = s === 'ceiling' ? full : await this.images.copyOf(full, `over-${s}.${format}`);
+        return withMount(s, this.request(s, img, format, { rw: true }), (mt) => fio({ file: mt.file, rw: 'randwrite', jobs: 1, size: this.cfg.sizes.main, ioSize: bytes }));
+      });
+      this.report(`13${String.fromCharCode(97 + k)}`, `random 4 KiB overwrites into an allocated ${fmtSize(this.cfg.sizes.main)} ${format}, fio psync, 1 job, ${fmtSize(bytes)} then fsync`, m, iops, load, '≥ 1.0', '', 1.0);
+    }
+  }
+
   async row5(): Promise<void> {
     const size = fmtSize(this.cfg.sizes.main);
     await this.seqRead('5a', `sequential read, ${size} vmdk (monolithicSparse)`, await this.images.vmdk(), 'vmdk', ['tsmount', 'qsd', 'ceiling']);
@@ -639,6 +658,7 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
       10: () => bench.row10(),
       11: () => bench.row11(),
       12: () => bench.row12(),
+      13: () => bench.row13(),
     };
     for (const n of ALL_ROWS) {
       if (!cfg.rows.has(n)) continue;

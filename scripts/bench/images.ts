@@ -69,6 +69,13 @@ export class Images {
   vhdx(): Promise<string> {
     return this.fromData('full.vhdx', ['-O', 'vhdx']);
   }
+  /** The data converted to `format`, every block allocated (qemu-img's defaults; vpc exactly the main size). */
+  fullImage(format: string): Promise<string> {
+    if (format === 'qcow2') return this.fullQcow2();
+    if (format === 'vmdk') return this.vmdk();
+    if (format === 'vhdx') return this.vhdx();
+    return this.fromData(`full.${format}`, ['-O', format, ...(format === 'vpc' ? ['-o', 'force_size=on'] : [])]);
+  }
   compressedQcow2(): Promise<string> {
     return this.fromData('compressed.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536']);
   }
