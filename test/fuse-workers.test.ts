@@ -123,6 +123,35 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     return { img, ref, mp, flat, fd, write };
   };
 
+  /**
+   * Random 4 KiB writes (every eighth 12 KiB, every fourth `unaligned` bytes past a page)
+   * into [0, range) of the mounted flat file, keeping `ref` in step, 64 at a time until
+   * the workers wrote some in place (the first are the JS thread's, until the workers run
+   * and the map has the blocks), or 20 rounds: how many were written, and by the workers.
+   */
+  const writeUntilWorkersDo = async (mp: string, flat: string, ref: Buffer, range: number, unaligned: number): Promise<{ writes: number; served: number }> => {
+    let writes = 0;
+    let served = 0;
+    const fd = await fs.promises.open(flat, 'r+');
+    try {
+      for (let pass = 0; pass < 20 && served === 0; pass++) {
+        for (let i = 0; i < 64; i++) {
+          const at = crypto.randomInt(0, range / 4096) * 4096 + (i % 4 === 0 ? unaligned : 0);
+          const data = crypto.randomBytes(i % 8 === 0 ? 3 * 4096 : 4096);
+          const n = Math.min(data.length, ref.length - at);
+          await fd.write(data, 0, n, at);
+          data.copy(ref, at, 0, n);
+          writes++;
+        }
+        served = (await mountCounters(mp)).workerWrites ?? 0;
+        if (served === 0) await new Promise((r) => setTimeout(r, 300));
+      }
+    } finally {
+      await fd.close();
+    }
+    return { writes, served };
+  };
+
   /** The flat file reads `ref` through the mount; unmounted, the qcow2 is `qemu-img check` clean and converts to `ref`. */
   const expectWrittenQcow2 = async (mp: string, flat: string, img: string, ref: Buffer): Promise<void> => {
     const want = crypto.createHash('md5').update(ref).digest('hex');
@@ -388,26 +417,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     const mp = dir('m-inplace');
     await mounts.mount(['--rw', img, mp]);
     const flat = path.join(mp, 'inplace.raw');
-    let writes = 0;
-    let served = 0;
-    const fd = await fs.promises.open(flat, 'r+');
-    try {
-      // Until the workers run and the map has the clusters: the first writes are the JS thread's.
-      for (let pass = 0; pass < 20 && served === 0; pass++) {
-        for (let i = 0; i < 64; i++) {
-          const at = crypto.randomInt(0, (16 * MiB) / 4096) * 4096 + (i % 4 === 0 ? 512 : 0);
-          const data = crypto.randomBytes(i % 8 === 0 ? 3 * 4096 : 4096);
-          const n = Math.min(data.length, 16 * MiB - at);
-          await fd.write(data, 0, n, at);
-          data.copy(ref, at, 0, n);
-          writes++;
-        }
-        served = (await mountCounters(mp)).workerWrites ?? 0;
-        if (served === 0) await new Promise((r) => setTimeout(r, 300));
-      }
-    } finally {
-      await fd.close();
-    }
+    const { writes, served } = await writeUntilWorkersDo(mp, flat, ref, 16 * MiB, 512);
     expect(served, 'writes the workers wrote in place').to.be.greaterThan(0);
     expect(await directMd5(flat), 'read back through the mount').to.equal(crypto.createHash('md5').update(ref).digest('hex'));
     await mounts.unmount(mp);
@@ -440,22 +450,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       const mp = dir(`m-inplace-${format}`);
       await mounts.mount(['--rw', img, mp]);
       const flat = path.join(mp, `inplace-mapped.raw`);
-      let served = 0;
-      const fd = await fs.promises.open(flat, 'r+');
-      try {
-        for (let pass = 0; pass < 20 && served === 0; pass++) {
-          for (let i = 0; i < 64; i++) {
-            const at = crypto.randomInt(0, (8 * MiB) / 4096) * 4096 + (i % 4 === 0 ? 100 : 0);
-            const data = crypto.randomBytes(i % 8 === 0 ? 3 * 4096 : 4096);
-            await fd.write(data, 0, data.length, at);
-            data.copy(ref, at);
-          }
-          served = (await mountCounters(mp)).workerWrites ?? 0;
-          if (served === 0) await new Promise((r) => setTimeout(r, 300));
-        }
-      } finally {
-        await fd.close();
-      }
+      const { served } = await writeUntilWorkersDo(mp, flat, ref, 8 * MiB, 100);
       expect(served, 'writes the workers wrote in place').to.be.greaterThan(0);
       const want = crypto.createHash('md5').update(ref).digest('hex');
       expect(await directMd5(flat), 'read back through the mount').to.equal(want);
@@ -894,7 +889,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
           // A data cluster in the first table: the epoch holds.
           await serveWrite(map, node, 3 * MiB, 0x43);
           expect(lookup(map.table, 1, hit) && hit[2], 'after a new data cluster').to.equal(1);
-          // A write past the first table's 2 MiB allocates a table: nothing published before is writable.
+          // A write past the first table's 4 MiB allocates a table: nothing published before is writable (before a walk in the new epoch).
           const table = map.beginWrite(40 * MiB, 4096);
           await node.write(40 * MiB, Buffer.alloc(4096, 0x45));
           map.endWrite(table.change);

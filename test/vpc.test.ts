@@ -9,12 +9,18 @@ import { CorruptImageError, ReadOnlyError, TsmountError } from '../drivers/error
 import { calculateGeometry, roundedImageSize, vpcChecksum } from '../drivers/format/vpc/footer.js';
 import { vpcDriver } from '../drivers/format/vpc/index.js';
 import { CountingFile } from './helpers/counting-file.js';
+import type { BlockNode } from '../drivers/types.js';
 import { convertToRaw, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
 import { expectCreateRefused, expectRefusedUnchanged, expectSameShape, nodeMd5, openTestImage, patch, pattern, readBytes, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
+
+/** The vpc driver over an image file in memory, writable, writeback. */
+function openWritable(file: BlockNode): Promise<BlockNode> {
+  return vpcDriver.open(file, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: () => Promise.reject(new Error('none')) });
+}
 
 /** Rewrite the footer (at `at`) with `edit` applied and a correct checksum. */
 function editFooter(file: string, at: number, edit: (b: Buffer) => void): void {
@@ -188,7 +194,7 @@ describe('vpc: writing', function () {
     const empty = fs.readFileSync(f);
     // The BAT entries of new blocks wait for the flush: no flush during the writes.
     const file = new CountingFile(empty);
-    const node = await vpcDriver.open(file, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: () => Promise.reject(new Error('none')) });
+    const node = await openWritable(file);
     for (const b of [1, 2, 5]) await node.write(b * 2 * MiB, Buffer.alloc(2 * MiB, 0xa0 + b));
     expect(file.count('flush'), 'flushes during the writes').to.equal(0);
     const killed = Buffer.from(file.data);
@@ -227,7 +233,7 @@ describe('vpc: writing', function () {
     // Block 1's bitmap as a tool that sets only the bits it wrote leaves it.
     d.fill(0, bitmapAt(1), bitmapAt(1) + 512);
     const file = new CountingFile(d);
-    const node = await vpcDriver.open(file, { readOnly: false, cache: 'writeback', metadataCacheBytes: MiB, openBacking: () => Promise.reject(new Error('none')) });
+    const node = await openWritable(file);
     try {
       await node.write(100 * KiB, Buffer.alloc(4096, 0x22));
       expect(file.count('flush'), 'block 0: its bitmap is set').to.equal(0);

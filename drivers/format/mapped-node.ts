@@ -9,6 +9,7 @@ import { Mutex } from '../util/mutex.js';
 import { closeLayers } from './backing.js';
 import { mappedStatus, pushRun, readMapped, writeInPlace, type MappedRun, type Mapper } from './mapped.js';
 import type { MetadataRanges } from './metadata-ranges.js';
+import type { PagedTable } from './table-pages.js';
 
 export interface MappedNodeInit {
   /** The image file: its name is the node's, and it is closed last. */
@@ -146,6 +147,17 @@ export abstract class MappedNode implements BlockNode, Mapper {
   /** Flush when writable, then close the backing node and the image file. */
   protected closeLayers(): Promise<void> {
     return closeLayers(this, this.backing, this.file);
+  }
+
+  /**
+   * The entries `table` holds back (PagedTable.later: new blocks' entries), behind one
+   * barrier after their data; false when none wait. The caller holds the mutex.
+   */
+  protected async writeLater(table: PagedTable): Promise<boolean> {
+    if (!table.hasLater) return false;
+    await this.barrier();
+    await table.writeLater();
+    return true;
   }
 
   /** Between data and the table entry that points at it, unless the cache mode is unsafe. */

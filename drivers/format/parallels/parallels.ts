@@ -112,25 +112,18 @@ export class ParallelsNode extends MappedNode {
       e.writeUInt32LE((host / SECTOR + k * this.h.tracks) / this.multiplier);
       this.bat.later(c + k, e);
     }
-    if (this.bat.laterFull) await this.writeLater();
+    if (this.bat.laterFull) await this.writeLater(this.bat);
   }
 
   protected override async flushLocked(): Promise<void> {
-    await this.writeLater();
+    await this.writeLater(this.bat);
     await this.file.flush();
-  }
-
-  /** The BAT entries of new clusters, behind a barrier after their data. The caller holds the mutex. */
-  private async writeLater(): Promise<void> {
-    if (!this.bat.hasLater) return;
-    await this.barrier();
-    await this.bat.writeLater();
   }
 
   /** qemu-img check: parallels_co_check's report, reading the header and the BAT only. */
   async checkMetadata(): Promise<CheckReport> {
     return this.mutex.run(async () => {
-      await this.writeLater();
+      await this.writeLater(this.bat);
       const r: CheckReport & { imageEnd?: number; outside?: number } = await parallelsCheck(this.file, this.h, this.bat);
       delete r.imageEnd;
       delete r.outside;
@@ -147,7 +140,7 @@ export class ParallelsNode extends MappedNode {
     if (this.readOnly) return undefined;
     return (mode) =>
       this.mutex.run(async () => {
-        await this.writeLater();
+        await this.writeLater(this.bat);
         const all = mode === 'all';
         const found = await parallelsCheck(this.file, this.h, this.bat, all);
         const fixed: RepairFixed = { leaks: 0, corruptions: 0 };

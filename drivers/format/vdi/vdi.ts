@@ -87,9 +87,7 @@ export class VdiNode extends MappedNode {
 
   /** The map entries of new blocks and the header's count, after a barrier behind their data. The caller holds the mutex. */
   private async writePending(): Promise<void> {
-    if (!this.bmap.hasLater) return;
-    await this.barrier();
-    await this.bmap.writeLater();
+    if (!(await this.writeLater(this.bmap))) return;
     const n = Buffer.alloc(4);
     n.writeUInt32LE(this.blocksAllocated);
     await this.file.write(HDR.blocksAllocated, n);

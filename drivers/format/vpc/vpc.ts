@@ -175,19 +175,12 @@ export class VpcDynamicNode extends MappedNode {
     this.bat.later(idx, entry);
     this.freeOffset = next;
     this.bitmapSet.add(idx);
-    if (this.bat.laterFull) await this.writeLater();
+    if (this.bat.laterFull) await this.writeLater(this.bat);
   }
 
   protected override async flushLocked(): Promise<void> {
-    await this.writeLater();
+    await this.writeLater(this.bat);
     await this.file.flush();
-  }
-
-  /** The BAT entries of new blocks, behind a barrier after their data. The caller holds the mutex. */
-  private async writeLater(): Promise<void> {
-    if (!this.bat.hasLater) return;
-    await this.barrier();
-    await this.bat.writeLater();
   }
 
   async zero(offset: number, length: number): Promise<void> {
