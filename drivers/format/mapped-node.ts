@@ -126,7 +126,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
     return false;
   }
 
-  /** Tables allocated or freed in the image's file (MetadataRanges.generation); vmdk sums its extents'. */
+  /** Tables allocated or freed in the image's file (MetadataRanges.generation); undefined for vmdk, whose grain tables never move after open. */
   get layoutGeneration(): number | undefined {
     return this.metadata?.generation;
   }
