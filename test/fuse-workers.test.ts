@@ -697,11 +697,15 @@ describe('the read map (fs/read-map.ts), in-process', function () {
 
   const open = async (file: string, readOnly: boolean): Promise<BlockNode> =>
     (await openGraph([file], { readOnly, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false }))[0]!;
-  /** A 4 KiB write as the server serves one on the JS thread: the change around it, then wrote() and its walks. */
-  const serveWrite = async (map: ReadMap, node: BlockNode, at: number, fill: number): Promise<void> => {
+  /** A 4 KiB write with the map's change around it, and no walk after: the map as the change left it. */
+  const changeWrite = async (map: ReadMap, node: BlockNode, at: number, fill: number): Promise<void> => {
     const c = map.beginWrite(at, 4096);
     await node.write(at, Buffer.alloc(4096, fill));
     map.endWrite(c.change);
+  };
+  /** A 4 KiB write as the server serves one on the JS thread: the change around it, then wrote() and its walks. */
+  const serveWrite = async (map: ReadMap, node: BlockNode, at: number, fill: number): Promise<void> => {
+    await changeWrite(map, node, at, fill);
     map.wrote(at, 4096);
     await map.idle();
   };
@@ -805,9 +809,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       map.miss(0, 4096);
       await map.idle();
       expect(lookup(map.table, 0, hit) && hit[2], 'before the first write (its hook has not run)').to.equal(0);
-      const first = map.beginWrite(0, 4096);
-      await node.write(0, Buffer.alloc(4096, 0x42));
-      map.endWrite(first.change);
+      await changeWrite(map, node, 0, 0x42);
       map.miss(0, 4096);
       await map.idle();
       expect(lookup(map.table, 1, hit), 'granule 1').to.equal(true);
@@ -832,18 +834,14 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       expect(Atomics.load(map.table, H_CHANGING)).to.equal(0);
       expect(lookup(map.table, 1, hit) && hit[2], 'writable in place after a data cluster was allocated').to.equal(1);
       // A write that allocates an L2 table: nothing published before is writable any more.
-      const table = map.beginWrite(600 * MiB, 4096);
-      await node.write(600 * MiB, Buffer.alloc(4096, 0x45));
-      map.endWrite(table.change);
+      await changeWrite(map, node, 600 * MiB, 0x45);
       expect(lookup(map.table, 1, hit), 'still read from the map').to.equal(true);
       expect(hit[2], 'not written in place after a table was allocated').to.equal(0);
       // An overwrite changes no refcount: the epoch holds.
       map.miss(0, 4096);
       await map.idle();
       expect(lookup(map.table, 1, hit) && hit[2], 'published again').to.equal(1);
-      const over = map.beginWrite(2 * MiB, 4096);
-      await node.write(2 * MiB, Buffer.alloc(4096, 0x44));
-      map.endWrite(over.change);
+      await changeWrite(map, node, 2 * MiB, 0x44);
       expect(lookup(map.table, 1, hit) && hit[2], 'an overwrite keeps the epoch').to.equal(1);
     } finally {
       await node.close();
@@ -890,9 +888,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
           await serveWrite(map, node, 3 * MiB, 0x43);
           expect(lookup(map.table, 1, hit) && hit[2], 'after a new data cluster').to.equal(1);
           // A write past the first table's 4 MiB allocates a table: nothing published before is writable (before a walk in the new epoch).
-          const table = map.beginWrite(40 * MiB, 4096);
-          await node.write(40 * MiB, Buffer.alloc(4096, 0x45));
-          map.endWrite(table.change);
+          await changeWrite(map, node, 40 * MiB, 0x45);
           expect(lookup(map.table, 1, hit), 'still read from the map').to.equal(true);
           expect(hit[2], 'not written in place after a table was allocated').to.equal(0);
         }
