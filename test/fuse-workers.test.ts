@@ -75,6 +75,9 @@ async function withEnv<T>(env: Record<string, string | undefined>, fn: () => Pro
   }
 }
 
+/** qemu-img check knows the format (not vpc, not qcow v1). */
+const qemuChecks = (format: string): boolean => format !== 'vpc' && format !== 'qcow';
+
 describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () {
   this.timeout(600_000);
   const mounts = new MountTracker();
@@ -438,6 +441,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     ['vhdx', { block_size: '1M' }],
     ['parallels', {}],
     ['qed', {}],
+    ['qcow', {}],
   ];
   for (const [format, opts] of mappedWrites) {
     it(`overwrites allocated ${format} blocks from the workers in place, unaligned writes included, every byte where qemu-img finds it`, async () => {
@@ -455,8 +459,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       const want = crypto.createHash('md5').update(ref).digest('hex');
       expect(await directMd5(flat), 'read back through the mount').to.equal(want);
       await mounts.unmount(mp);
-      // qemu-img check does not know vpc.
-      if (format !== 'vpc') await runOk('qemu-img', ['check', '-f', format, img]);
+      if (qemuChecks(format)) await runOk('qemu-img', ['check', '-f', format, img]);
       const back = path.join(tmp.dir, `inplace-mapped-${format}.raw`);
       await convertToRaw(img, back, format);
       expect(await md5File(back)).to.equal(want);
@@ -856,6 +859,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     { format: 'parallels', opts: {}, beforeFirstWrite: 1 },
     // 4 KiB clusters and two-cluster tables: an L2 table maps 4 MiB.
     { format: 'qed', opts: { cluster_size: '4K', table_size: '2' }, beforeFirstWrite: 1 },
+    { format: 'qcow', opts: {}, beforeFirstWrite: 1 },
     { format: 'vpc', opts: { force_size: 'on' }, beforeFirstWrite: 0 },
     { format: 'vmdk', opts: { subformat: 'monolithicSparse' }, beforeFirstWrite: 0 },
     { format: 'vhdx', opts: { block_size: '1M' }, beforeFirstWrite: 0 },
@@ -895,9 +899,37 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       } finally {
         await node.close();
       }
-      if (c.format !== 'vpc') await runOk('qemu-img', ['check', '-f', c.format, img]);
+      if (qemuChecks(c.format)) await runOk('qemu-img', ['check', '-f', c.format, img]);
     });
   }
+
+  it('never publishes an AES-encrypted qcow\'s clusters as writable in place (they are sealed under the lock); a plain qcow\'s from the start', async () => {
+    const img = path.join(tmp.dir, 'wip-aes.qcow');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow', '--object', 'secret,id=s0,data=wip', '-o', 'encrypt.format=aes,encrypt.key-secret=s0', img, '16M']);
+    const node = (await openGraph([img], { readOnly: false, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false, secret: 'wip' }))[0]!;
+    try {
+      expect(node.inPlaceWrites, 'an encrypted qcow').to.not.equal(true);
+      const map = new ReadMap(node);
+      await serveWrite(map, node, 0, 0x42);
+      await serveWrite(map, node, 0, 0x43);
+      const hit = [0, 0, 0];
+      // Not published at all (no host descriptor), or published read-only.
+      expect(lookup(map.table, 0, hit) ? hit[2] : 0, 'granule 0 writable after two writes').to.equal(0);
+      const back = Buffer.alloc(4096);
+      await node.read(0, back);
+      expect(back.equals(Buffer.alloc(4096, 0x43)), 'read back decrypted').to.equal(true);
+    } finally {
+      await node.close();
+    }
+    const plain = path.join(tmp.dir, 'wip-plain.qcow');
+    await createImage(plain, 'qcow', 16 * MiB);
+    const p = await open(plain, false);
+    try {
+      expect(p.inPlaceWrites, 'a plain qcow').to.equal(true);
+    } finally {
+      await p.close();
+    }
+  });
 
   it('a corrupt image whose refcounts call a writable cluster free: a table allocated there ends its entry\'s writability; a data cluster allocated there is written there by the JS thread alike', async () => {
     // The data cluster of guest 0..64K gets refcount 0, so it is the first free cluster

@@ -180,9 +180,15 @@ export class QcowNode extends MappedNode {
     dst.set(data.subarray(at, at + dst.length));
   }
 
-  /** Always under the lock: data is written with the L2 table's overlap check, encrypted where the image is. */
-  override async write(offset: number, src: Uint8Array): Promise<void> {
-    await this.mutex.run(() => this.writeLocked(offset, src));
+  /**
+   * An overwrite of a plain allocated cluster needs nothing of the format (clusters
+   * never move; new L2 tables join the metadata, which ends what the workers may
+   * write): MappedNode.write writes it in place without the lock, and the FUSE workers
+   * may too. An encrypted image's clusters map as `custom` runs (sealed under the lock)
+   * and compressed ones are placed anew, so neither is ever in place.
+   */
+  protected override writesAroundReady(): boolean {
+    return this.cipher === undefined;
   }
 
   protected async writeLocked(offset: number, src: Uint8Array): Promise<void> {
