@@ -10,6 +10,7 @@ import { calculateGeometry, roundedImageSize, vpcChecksum } from '../drivers/for
 import { vpcDriver } from '../drivers/format/vpc/index.js';
 import { CountingFile } from './helpers/counting-file.js';
 import type { BlockNode } from '../drivers/types.js';
+import type { Mapper } from '../drivers/format/mapped.js';
 import { convertToRaw, createImage, imageInfo, md5File, qemuIo, rawMd5, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker } from './helpers/mount.js';
 import { expectCreateRefused, expectRefusedUnchanged, expectSameShape, nodeMd5, openTestImage, patch, pattern, readBytes, tsimg } from './helpers/images.js';
@@ -223,7 +224,7 @@ describe('vpc: writing', function () {
     expect(fs.readFileSync(out).equals(model)).to.equal(true);
   });
 
-  it('sets a block\'s sector bitmap at its first write only where a bit is clear (one write and barrier), and writes a set one not at all', async () => {
+  it('sets a block\'s sector bitmap at its first write only where a bit is clear (one write and barrier), and writes a set one not at all; a set one is in place before any write', async () => {
     const f = path.join(t.dir, 'bitmap.vhd');
     await createImage(f, 'vpc', '8M', { force_size: 'on' });
     await qemuIo(f, 'vpc', ['write -P 0x11 0 4M']);
@@ -234,7 +235,15 @@ describe('vpc: writing', function () {
     d.fill(0, bitmapAt(1), bitmapAt(1) + 512);
     const file = new CountingFile(d);
     const node = await openWritable(file);
+    const locked = async (block: number): Promise<boolean> => {
+      const runs = await (node as unknown as Mapper).mapRange(block * 2 * MiB, 2 * MiB);
+      return runs.some((r) => r.kind === 'data' && r.locked === true);
+    };
     try {
+      // Mapped before any write: block 0 (all set) in place from the start; block 1 waits for its first write.
+      expect(await locked(0), 'block 0 locked before its first write').to.equal(false);
+      expect(await locked(1), 'block 1 locked before its first write').to.equal(true);
+      expect(file.writes, 'mapping writes nothing').to.have.length(0);
       await node.write(100 * KiB, Buffer.alloc(4096, 0x22));
       expect(file.count('flush'), 'block 0: its bitmap is set').to.equal(0);
       expect(file.writes.map((w) => w.offset)).to.deep.equal([bitmapAt(0) + 512 + 100 * KiB]);
@@ -242,6 +251,7 @@ describe('vpc: writing', function () {
       expect(file.count('flush'), 'block 1: a barrier behind its bitmap').to.equal(1);
       expect(file.writes.map((w) => w.offset)).to.deep.equal([bitmapAt(0) + 512 + 100 * KiB, bitmapAt(1), bitmapAt(1) + 512 + 100 * KiB]);
       expect(file.data.subarray(bitmapAt(1), bitmapAt(1) + 512).every((x) => x === 0xff)).to.equal(true);
+      expect(await locked(1), 'block 1 locked after its first write').to.equal(false);
       // Again in either block: in place, nothing more.
       await node.write(2 * MiB + 200 * KiB, Buffer.alloc(4096, 0x44));
       await node.write(200 * KiB, Buffer.alloc(4096, 0x44));

@@ -81,6 +81,8 @@ export class VpcDynamicNode extends MappedNode {
    * Virtual PC never takes written sectors for unused ones.
    */
   private readonly bitmapSet = new Set<number>();
+  /** Blocks whose bitmap was found with a bit clear (not set yet): mapRange need not read it again. */
+  private readonly bitmapPartial = new Set<number>();
   readonly metadata: MetadataRanges;
 
   constructor(o: VpcDynamicOptions) {
@@ -107,16 +109,32 @@ export class VpcDynamicNode extends MappedNode {
 
   /**
    * Unallocated blocks read as zeros: a VHD has no backing file here. A block whose
-   * sector bitmap this session has not set yet is `locked`: its first write sets the
-   * bitmap, under the lock (then in place, by the FUSE workers too).
+   * sector bitmap has a bit clear is `locked`: its first write sets the bitmap, under
+   * the lock (then in place, by the FUSE workers too). A writer reads a block's bitmap
+   * the first time it maps the block, so one QEMU left all set (it sets every bit when
+   * it allocates) is in place from the start.
    */
   mapRange(offset: number, length: number): Promise<MappedRun[]> {
     return this.mapBlocks(offset, length, this.blockSize, async (idx, pos, n) => {
       const host = await this.blockHost(idx);
       if (host === undefined) return 'zero';
-      if (this.bitmapSet.has(idx)) return host;
+      if (this.bitmapSet.has(idx) || (!this.readOnly && !this.bitmapPartial.has(idx) && (await this.bitmapFull(idx, host)))) return host;
       return { kind: 'data', offset: pos, length: n, host: host + (pos - idx * this.blockSize), locked: true };
     });
+  }
+
+  /** Whether block idx's sector bitmap (before its data at host) has every bit set; remembered either way. */
+  private async bitmapFull(idx: number, host: number): Promise<boolean> {
+    const bitmap = Buffer.alloc(this.bitmapSize);
+    await this.file.read(host - this.bitmapSize, bitmap);
+    // Set meanwhile by a write (under the lock): set it stays.
+    if (this.bitmapSet.has(idx)) return true;
+    if (!bitmap.every((b) => b === 0xff)) {
+      this.bitmapPartial.add(idx);
+      return false;
+    }
+    this.bitmapSet.add(idx);
+    return true;
   }
 
   /** An overwrite in a block whose bitmap is set needs nothing of the format: the FUSE workers may write it. */
@@ -142,6 +160,7 @@ export class VpcDynamicNode extends MappedNode {
             await this.barrier();
           }
           this.bitmapSet.add(idx);
+          this.bitmapPartial.delete(idx);
         }
         await this.file.write(host + inBlock, data);
       }
