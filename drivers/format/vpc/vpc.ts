@@ -76,9 +76,9 @@ export class VpcDynamicNode extends MappedNode {
   private readonly bitmapSize: number;
   private freeOffset: number;
   /**
-   * Blocks whose bitmap this session has set to all ones. Other tools may leave
-   * bits clear; QEMU sets them all before its first write to a block, so that
-   * Virtual PC never takes written sectors for unused ones.
+   * Blocks whose bitmap is all ones: found so, or set so by this session. Other tools
+   * may leave bits clear; QEMU sets them all before its first write to a block, so
+   * that Virtual PC never takes written sectors for unused ones.
    */
   private readonly bitmapSet = new Set<number>();
   /** Blocks whose bitmap was found with a bit clear (not set yet): mapRange need not read it again. */
