@@ -151,14 +151,10 @@ export class VpcDynamicNode extends MappedNode {
       } else {
         // The block's bitmap and its data, as the BAT entry places them.
         this.metadata.assertNoOverlap(host - this.bitmapSize, this.bitmapSize + this.blockSize, `VHD block ${idx}`);
-        if (!this.bitmapSet.has(idx)) {
-          // Set already (QEMU sets every bit when it allocates a block): no write, no barrier.
-          const bitmap = Buffer.alloc(this.bitmapSize);
-          await this.file.read(host - this.bitmapSize, bitmap);
-          if (!bitmap.every((b) => b === 0xff)) {
-            await this.file.write(host - this.bitmapSize, bitmap.fill(0xff));
-            await this.barrier();
-          }
+        // Set already (QEMU sets every bit when it allocates a block): no write, no barrier.
+        if (!this.bitmapSet.has(idx) && (this.bitmapPartial.has(idx) || !(await this.bitmapFull(idx, host)))) {
+          await this.file.write(host - this.bitmapSize, Buffer.alloc(this.bitmapSize, 0xff));
+          await this.barrier();
           this.bitmapSet.add(idx);
           this.bitmapPartial.delete(idx);
         }
