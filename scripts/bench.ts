@@ -369,7 +369,7 @@ class Bench {
   /**
    * Rows 13*: random 4 KiB overwrites into a fresh copy of an allocated image of each
    * writable format: no allocation, so the request path decides (the FUSE workers write
-   * in place where the format lets them; qcow takes its lock for every write).
+   * in place where the format lets them).
    */
   async row13(): Promise<void> {
     const bytes = this.cfg.fioWriteBytes;
