@@ -698,8 +698,8 @@ describe('the read map (fs/read-map.ts), in-process', function () {
   before(() => (tmp = tempDir('read-map')));
   after(() => tmp.cleanup());
 
-  const open = async (file: string, readOnly: boolean): Promise<BlockNode> =>
-    (await openGraph([file], { readOnly, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false }))[0]!;
+  const open = async (file: string, readOnly: boolean, secret?: string): Promise<BlockNode> =>
+    (await openGraph([file], { readOnly, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false, secret }))[0]!;
   /** A 4 KiB write with the map's change around it, and no walk after: the map as the change left it. */
   const changeWrite = async (map: ReadMap, node: BlockNode, at: number, fill: number): Promise<void> => {
     const c = map.beginWrite(at, 4096);
@@ -905,7 +905,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
   it('never publishes an AES-encrypted qcow\'s clusters as writable in place (they are sealed under the lock); a plain qcow\'s from the start', async () => {
     const img = path.join(tmp.dir, 'wip-aes.qcow');
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow', '--object', 'secret,id=s0,data=wip', '-o', 'encrypt.format=aes,encrypt.key-secret=s0', img, '16M']);
-    const node = (await openGraph([img], { readOnly: false, cache: 'writeback', cacheSize: 32 << 20, locking: 'off', forceShare: false, shareRw: false, secret: 'wip' }))[0]!;
+    const node = await open(img, false, 'wip');
     try {
       expect(node.inPlaceWrites, 'an encrypted qcow').to.not.equal(true);
       const map = new ReadMap(node);
