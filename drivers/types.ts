@@ -237,6 +237,13 @@ export interface BlockNode {
    * seldom overwritten next). Absent: the layer never allocates.
    */
   readonly allocationGeneration?: number | undefined;
+  /**
+   * The span one allocation maps at once, aligned to it (a cluster, a block): a write
+   * that allocates may change what block status says of the rest of its unit (a hint
+   * for the FUSE layer's map: it walks those granules again). Absent: only what a write
+   * writes changes.
+   */
+  readonly allocationUnit?: number | undefined;
   /** Forget every cached byte of guest data (the FUSE workers wrote around the graph). */
   dropCachedData?(): void;
   /** What the format says of this layer (tsimg info); formats only. */

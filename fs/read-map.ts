@@ -42,6 +42,8 @@ const PER_WINDOW = WINDOW / GRANULE;
  * each new data cluster still started an epoch).
  */
 const STALE_WALK_AFTER = 16;
+/** Runs of granules a change touched in a window past which a miss walks the whole window again instead. */
+const MEND_RUNS = 64;
 /** A change over more windows than this counts as one of the whole file (a resize, a huge zero). */
 const MAX_TRACKED_WINDOWS = 16;
 
@@ -67,10 +69,21 @@ interface Span {
 
 export class ReadMap {
   readonly table = newTable();
-  /** Windows whose map was published, with the granules that could be (bit per granule). */
-  private readonly windows = new Map<number, Uint8Array>();
+  /**
+   * Windows whose map was published: the granules that could be (`bits`), and those a
+   * change touched since (`dirty`, bit per granule), which a miss walks again alone
+   * instead of the whole window (a file of small clusters written at random, qcow's
+   * 4 KiB, walked 64 MiB of its map per write the main thread served). A change marks
+   * the allocation units it touches (BlockNode.allocationUnit: a new 1 MiB vdi block
+   * maps more than the granules written). The whole window is walked again instead when
+   * it was walked in an epoch since ended (so that the workers may write its overwrites
+   * again), or when its touched granules are many runs.
+   */
+  private readonly windows = new Map<number, { bits: Uint8Array; dirty: Uint8Array; dirtyCount: number }>();
   /** Windows being walked, and the walk. */
   private readonly busy = new Map<number, Promise<void>>();
+  /** Windows whose dirty granules are being walked again, and the walk. */
+  private readonly mending = new Map<number, Promise<void>>();
   /**
    * Windows published at least once (a write then refreshes only its own granules:
    * wrote), each with the epoch (`moves`) it was walked in, or -1 if the workers could
@@ -137,32 +150,83 @@ export class ReadMap {
     if (this.everywhere !== 0 || length <= 0) return;
     const first = Math.floor(offset / GRANULE);
     const last = Math.floor((offset + length - 1) / GRANULE);
-    let lastWindow = -1;
-    for (let g = first; g <= last; g++) {
-      const w = Math.floor(g / PER_WINDOW);
-      if (w === lastWindow) continue;
-      lastWindow = w;
-      this.want(w, g);
-    }
-    const next = (lastWindow + 1) * PER_WINDOW;
-    if (next * GRANULE < tableSize(this.table)) this.want(lastWindow + 1, next);
+    const lastW = Math.floor(last / PER_WINDOW);
+    for (let w = Math.floor(first / PER_WINDOW); w <= lastW; w++) this.want(w, Math.max(first, w * PER_WINDOW), Math.min(last, (w + 1) * PER_WINDOW - 1));
+    const next = (lastW + 1) * PER_WINDOW;
+    if (next * GRANULE < tableSize(this.table)) this.want(lastW + 1, next, next);
   }
 
-  /** Walk window `w` unless it is published with granule `g` (or being walked). */
-  private want(w: number, g: number): void {
-    const bits = this.windows.get(w);
-    // Published already: again only if a granule that could be served was overwritten in its slot.
-    if (bits) {
-      const i = g - w * PER_WINDOW;
-      if (!(bits[i >> 3]! & (1 << (i & 7))) || lookup(this.table, g, this.hit)) return;
+  /**
+   * Granules [a, b] of window `w` were missed: walk again those a change touched since
+   * the window was published; walk the whole window unless it is published with
+   * granule `a` (or being walked).
+   */
+  private want(w: number, a: number, b: number): void {
+    const win = this.windows.get(w);
+    if (win) {
+      if (win.dirtyCount > 0) {
+        if (this.top.inPlaceWrites === true && this.walked.get(w) !== this.moves) return this.walkWindow(w);
+        return this.mend(w, win.dirty);
+      }
+      // Published already: again only if a granule that could be served was overwritten in its slot.
+      if (!bitAt(win.bits, a - w * PER_WINDOW) || lookup(this.table, a, this.hit)) return;
     }
+    this.walkWindow(w);
+  }
+
+  private walkWindow(w: number): void {
     if ((this.changing.get(w) ?? 0) !== 0) return;
     if (!this.busy.has(w)) this.busy.set(w, this.publishWindow(w).finally(() => this.busy.delete(w)));
   }
 
+  /** Walk the granules of published window `w` a change touched (`dirty`) again, run by run; the whole window if they are many runs. */
+  private mend(w: number, dirty: Uint8Array): void {
+    if ((this.changing.get(w) ?? 0) !== 0 || this.busy.has(w) || this.mending.has(w)) return;
+    const runs: [number, number][] = [];
+    for (let i = 0; i < PER_WINDOW; i++) {
+      if (dirty[i >> 3] === 0) {
+        i |= 7;
+        continue;
+      }
+      if (!bitAt(dirty, i)) continue;
+      const last = runs[runs.length - 1];
+      if (last && last[1] === w * PER_WINDOW + i - 1) last[1]++;
+      else runs.push([w * PER_WINDOW + i, w * PER_WINDOW + i]);
+    }
+    if (runs.length > MEND_RUNS) return this.walkWindow(w);
+    const size = tableSize(this.table);
+    const walk = (async () => {
+      for (const [lo, hi] of runs) {
+        const start = lo * GRANULE;
+        if (start >= size) return;
+        const published: number[] = [];
+        if (!(await this.publishRange(start, Math.min((hi + 1) * GRANULE, size) - start, w, w, (g) => published.push(g)))) return;
+        this.settle(w, lo, hi, published);
+      }
+    })();
+    this.mending.set(w, walk.finally(() => this.mending.delete(w)));
+  }
+
+  /** Granules [lo, hi] of window `w` were walked again: `published` are in the map, the rest could not be. */
+  private settle(w: number, lo: number, hi: number, published: number[]): void {
+    const win = this.windows.get(w);
+    if (!win) return;
+    for (let g = lo; g <= hi; g++) {
+      const i = g - w * PER_WINDOW;
+      if (bitAt(win.dirty, i)) win.dirtyCount--;
+      win.dirty[i >> 3]! &= ~(1 << (i & 7));
+      win.bits[i >> 3]! &= ~(1 << (i & 7));
+    }
+    for (const g of published) {
+      if (g < lo || g > hi) continue;
+      const i = g - w * PER_WINDOW;
+      win.bits[i >> 3]! |= 1 << (i & 7);
+    }
+  }
+
   /** Resolves when every walk started so far has published (or dropped) its map (tests). */
   async idle(): Promise<void> {
-    await Promise.all([...this.busy.values(), ...this.refreshing]);
+    await Promise.all([...this.busy.values(), ...this.mending.values(), ...this.refreshing]);
   }
 
   /**
@@ -182,7 +246,19 @@ export class ReadMap {
       this.windows.clear();
     } else {
       for (let g = first; g <= last; g++) invalidate(this.table, g);
-      for (let w = firstW; w <= lastW; w++) this.windows.delete(w);
+      // What the next miss walks again: the allocation units the change touched (an allocating write may map them whole).
+      const unit = Math.max(GRANULE, this.top.allocationUnit ?? 0);
+      const from = Math.floor((Math.floor(offset / unit) * unit) / GRANULE);
+      const to = Math.min(Math.ceil(tableSize(this.table) / GRANULE), Math.ceil((Math.ceil((offset + Math.max(1, length)) / unit) * unit) / GRANULE)) - 1;
+      for (let g = from; g <= to; g++) {
+        const w = Math.floor(g / PER_WINDOW);
+        const win = this.windows.get(w);
+        const i = g - w * PER_WINDOW;
+        if (win && !bitAt(win.dirty, i)) {
+          win.dirty[i >> 3]! |= 1 << (i & 7);
+          win.dirtyCount++;
+        }
+      }
     }
     return { change, drained: this.drain() };
   }
@@ -272,7 +348,7 @@ export class ReadMap {
       bits[i >> 3]! |= 1 << (i & 7);
     });
     if (done) {
-      this.windows.set(w, bits);
+      this.windows.set(w, { bits, dirty: new Uint8Array(PER_WINDOW / 8), dirtyCount: 0 });
       this.walked.set(w, stamp);
     }
   }
@@ -297,7 +373,7 @@ export class ReadMap {
       const stamp = this.walked.get(w);
       if (stamp === this.moves || (stamp !== undefined && stamp >= 0 && this.overwrites < STALE_WALK_AFTER)) continue;
       all = false;
-      this.want(w, Math.max(first, w * PER_WINDOW));
+      this.walkWindow(w);
     }
     // An allocating write (a sequential writer's, mostly) is seldom overwritten next: not worth a walk each.
     if (!all || this.lastAllocated) return;
@@ -305,7 +381,11 @@ export class ReadMap {
     const lastW = Math.floor(last / PER_WINDOW);
     for (let w = firstW; w <= lastW; w++) if ((this.changing.get(w) ?? 0) !== 0) return;
     const start = first * GRANULE;
-    const p = this.publishRange(start, Math.min((last + 1) * GRANULE, size) - start, firstW, lastW, () => undefined);
+    const published: number[] = [];
+    const p = this.publishRange(start, Math.min((last + 1) * GRANULE, size) - start, firstW, lastW, (g) => published.push(g));
+    void p.then((done) => {
+      if (done) for (let w = firstW; w <= lastW; w++) this.settle(w, Math.max(first, w * PER_WINDOW), Math.min(last, (w + 1) * PER_WINDOW - 1), published);
+    });
     this.refreshing.add(p);
     void p.finally(() => this.refreshing.delete(p));
   }
@@ -367,6 +447,10 @@ export class ReadMap {
       return false;
     }
   }
+}
+
+function bitAt(bits: Uint8Array, i: number): boolean {
+  return (bits[i >> 3]! & (1 << (i & 7))) !== 0;
 }
 
 /** Whether any layer of `node`'s chain can be read around the graph. */

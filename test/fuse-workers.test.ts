@@ -1079,6 +1079,47 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
+  it('walks only the granules a write touched at the next miss, unless the window\'s epoch ended (then the whole window)', async () => {
+    const img = path.join(tmp.dir, 'mend.qcow2');
+    await createImage(img, 'qcow2', 1024 * MiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x61 0 4M']);
+    const node = await open(img, false);
+    // Every block-status walk of the top node, as [offset, length].
+    const walks: number[][] = [];
+    const status = node.blockStatus.bind(node);
+    node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
+    const hit = [0, 0, 0];
+    try {
+      const map = new ReadMap(node);
+      // qcow2 lets writes around it after its first change: that write walks the window (in place from then on).
+      await serveWrite(map, node, 0, 0x61);
+      expect(walks[0], 'the first write walks the whole window').to.deep.equal([0, WINDOW]);
+      // An overwrite on the JS thread (no allocation: the epoch holds), then a miss of a 1 MiB read over it.
+      await changeWrite(map, node, MiB + 4096, 0x62);
+      expect(lookup(map.table, MiB / GRANULE, hit), 'invalidated by the write').to.equal(false);
+      walks.length = 0;
+      map.miss(MiB, MiB);
+      await map.idle();
+      // (The miss also walks the window after it, never walked yet: a sequential reader goes there next.)
+      expect(walks.filter((w) => w[0]! < WINDOW), 'only the granule written').to.deep.equal([[MiB, GRANULE]]);
+      expect(lookup(map.table, MiB / GRANULE, hit) && hit[2], 'published again, writable in place').to.equal(1);
+      walks.length = 0;
+      map.miss(MiB, MiB);
+      await map.idle();
+      expect(walks.filter((w) => w[0]! < WINDOW), 'nothing left to walk').to.deep.equal([]);
+      // An allocation of an L2 table ends the epoch: a miss after the next write walks the window whole.
+      await changeWrite(map, node, 600 * MiB, 0x63);
+      await changeWrite(map, node, 2 * MiB, 0x64);
+      walks.length = 0;
+      map.miss(2 * MiB, 4096);
+      await map.idle();
+      expect(walks.filter((w) => w[0]! < WINDOW), 'the whole window, in the new epoch').to.deep.equal([[0, WINDOW]]);
+      expect(lookup(map.table, 10, hit) && hit[2], 'the window writable in place again').to.equal(1);
+    } finally {
+      await node.close();
+    }
+  });
+
   it('publishes the window after a miss too, and the window a worker asks for ahead of its reads', async () => {
     const img = path.join(tmp.dir, 'ahead.qcow2');
     await createImage(img, 'qcow2', 4 * WINDOW);

@@ -97,6 +97,9 @@ export class Filter implements BlockNode {
   get allocationGeneration(): number | undefined {
     return this.next.allocationGeneration;
   }
+  get allocationUnit(): number | undefined {
+    return this.next.allocationUnit;
+  }
   get dropCachedData(): (() => void) | undefined {
     const next = this.next;
     return next.dropCachedData && (() => next.dropCachedData!());

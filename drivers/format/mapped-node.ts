@@ -19,6 +19,8 @@ export interface MappedNodeInit {
   /** Flush the file between data and the table entry that points at it (false for cache=unsafe). */
   barriers: boolean;
   backing?: BlockNode | undefined;
+  /** The cluster or block one allocation maps (BlockNode.allocationUnit). */
+  allocationUnit?: number | undefined;
 }
 
 /** Where one block of a block-mapped table lives: a host offset (of the block's first byte), or a kind, or a run of the driver's own. */
@@ -28,6 +30,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
   readonly size: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
+  readonly allocationUnit: number | undefined;
   protected readonly file: BlockNode;
   protected readonly barriers: boolean;
   /** Held by writes that allocate and by flush, so a flush sees no half-made allocation. */
@@ -46,6 +49,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
     this.readOnly = o.readOnly;
     this.barriers = o.barriers;
     this.backing = o.backing;
+    this.allocationUnit = o.allocationUnit;
   }
 
   get name(): string {

@@ -31,7 +31,7 @@ export class ParallelsNode extends MappedNode {
     readOnly: boolean,
     barriers: boolean,
   ) {
-    super({ file, size: h.sectors * SECTOR, readOnly, barriers });
+    super({ file, size: h.sectors * SECTOR, readOnly, barriers, allocationUnit: h.tracks * SECTOR });
     this.cs = h.tracks * SECTOR;
     this.multiplier = h.ext ? h.tracks : 1;
     this.dataEnd = dataEnd;

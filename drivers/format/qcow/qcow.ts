@@ -29,11 +29,12 @@ export interface QcowNodeOptions {
   barriers: boolean;
 }
 
-/** Where one guest cluster lives. */
+/** Where one guest cluster lives (never changed once made: UNALLOCATED is shared). */
 type Where =
   | { kind: 'unallocated' }
   | { kind: 'data'; host: number }
   | { kind: 'compressed'; host: number; length: number };
+const UNALLOCATED: Where = Object.freeze({ kind: 'unallocated' });
 
 export class QcowNode extends MappedNode {
   private readonly cs: number;
@@ -58,7 +59,7 @@ export class QcowNode extends MappedNode {
   private readonly waiting = new Map<number, bigint>();
 
   constructor(o: QcowNodeOptions) {
-    super({ file: o.file, size: Math.floor(o.header.size / 512) * 512, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing });
+    super({ file: o.file, size: Math.floor(o.header.size / 512) * 512, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing, allocationUnit: 2 ** o.header.clusterBits });
     this.clusterBits = o.header.clusterBits;
     this.cs = 2 ** o.header.clusterBits;
     this.l2Entries = 2 ** o.header.l2Bits;
@@ -90,9 +91,24 @@ export class QcowNode extends MappedNode {
     return (await this.l2Cache.get(l2Offset)).data;
   }
 
+  /**
+   * Entry i of an L2 table (guest cluster gc): a plain cluster offset below 2^53 read as
+   * two 32-bit halves (a 64 MiB window of 4 KiB clusters is 16384 entries), anything
+   * else through decode, which names the fault.
+   */
+  private entry(table: Buffer, i: number, gc: number): Where {
+    const hi = table.readUInt32BE(i * 8);
+    const lo = table.readUInt32BE(i * 8 + 4);
+    if (hi === 0 && lo === 0) return UNALLOCATED;
+    if (hi >= 2 ** 21) return this.decode(table.readBigUInt64BE(i * 8), gc);
+    const host = hi * 2 ** 32 + lo;
+    if (host % 512 !== 0 || host >= this.file.size) return this.decode(BigInt(host), gc);
+    return { kind: 'data', host };
+  }
+
   /** The L2 entry of guest cluster gc, decoded and checked. */
   private decode(raw: bigint, gc: number): Where {
-    if (raw === 0n) return { kind: 'unallocated' };
+    if (raw === 0n) return UNALLOCATED;
     if (raw & COMPRESSED) {
       const shift = BigInt(63 - this.clusterBits);
       const length = Number((raw >> shift) & BigInt(this.cs - 1));
@@ -120,7 +136,7 @@ export class QcowNode extends MappedNode {
     const l2Offset = await this.l1Entry(l1i);
     const table = l2Offset === 0 ? undefined : await this.l2Table(l2Offset);
     const out: Where[] = new Array<Where>(count);
-    for (let k = 0; k < count; k++) out[k] = table ? this.decode(table.readBigUInt64BE(((first + k) % this.l2Entries) * 8), first + k) : { kind: 'unallocated' };
+    for (let k = 0; k < count; k++) out[k] = table ? this.entry(table, (first + k) % this.l2Entries, first + k) : UNALLOCATED;
     if (this.waiting.size > 0) {
       for (let k = 0; k < count; k++) {
         const e = this.waiting.get(first + k);

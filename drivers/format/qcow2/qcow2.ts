@@ -232,6 +232,11 @@ export class Qcow2Node implements BlockNode {
     return this.refcounts.changes;
   }
 
+  /** A write allocates whole clusters. */
+  get allocationUnit(): number {
+    return this.cs;
+  }
+
   get size(): number {
     return this.currentSize;
   }

@@ -39,7 +39,7 @@ export class QedNode extends MappedNode {
   readonly metadata: MetadataRanges;
 
   constructor(o: QedNodeOptions) {
-    super({ file: o.file, size: o.header.imageSize, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing });
+    super({ file: o.file, size: o.header.imageSize, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing, allocationUnit: o.header.clusterSize });
     this.h = o.header;
     this.cs = o.header.clusterSize;
     this.tableEntries = (o.header.clusterSize * o.header.tableSize) / 8;

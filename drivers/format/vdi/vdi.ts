@@ -25,7 +25,7 @@ export class VdiNode extends MappedNode {
     readOnly: boolean,
     barriers: boolean,
   ) {
-    super({ file, size: h.diskSize, readOnly, barriers });
+    super({ file, size: h.diskSize, readOnly, barriers, allocationUnit: h.blockSize });
     this.bs = h.blockSize;
     this.blocksAllocated = h.blocksAllocated;
   }

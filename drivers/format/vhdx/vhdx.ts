@@ -109,7 +109,7 @@ export class VhdxNode extends MappedNode {
   private readonly pendingLog: boolean;
 
   constructor(o: VhdxNodeOptions) {
-    super(o);
+    super({ ...o, allocationUnit: o.blockSize });
     this.pendingLog = o.pendingLog ?? false;
     ({ blockSize: this.bs, chunkRatio: this.chunkRatio, bat: this.bat, metadata: this.metadata, headers: this.headers, logOffset: this.logOffset, logLength: this.logLength } = o);
     this.vhdxIdentity = o.identity;

@@ -41,7 +41,8 @@ export class VmdkNode extends MappedNode {
 
   constructor(o: VmdkNodeOptions) {
     const last = o.extents[o.extents.length - 1];
-    super({ file: o.file, size: last ? last.start + last.length : 0, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing });
+    const grain = o.extents.reduce((g, e) => Math.max(g, 'grainBytes' in e && typeof e.grainBytes === 'number' ? e.grainBytes : 0), 0);
+    super({ file: o.file, size: last ? last.start + last.length : 0, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing, allocationUnit: grain || undefined });
     this.extents = o.extents;
     this.descOffset = o.descOffset;
     this.currentCid = o.cid;

@@ -86,7 +86,7 @@ export class VpcDynamicNode extends MappedNode {
   readonly metadata: MetadataRanges;
 
   constructor(o: VpcDynamicOptions) {
-    super(o);
+    super({ ...o, allocationUnit: o.blockSize });
     this.metadata = o.metadata;
     this.footer = o.footer;
     this.bat = o.bat;
