@@ -1120,6 +1120,33 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
+  it('walks again the whole allocation unit a write touched (a new 1 MiB vdi block), published writable in place', async () => {
+    const img = path.join(tmp.dir, 'unit.vdi');
+    await createImage(img, 'vdi', 64 * MiB);
+    await qemuIo(img, 'vdi', ['write -P 0x61 0 1M']);
+    const node = await open(img, false);
+    expect(node.allocationUnit, 'the vdi block').to.equal(MiB);
+    const walks: number[][] = [];
+    const status = node.blockStatus.bind(node);
+    node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
+    const hit = [0, 0, 0];
+    try {
+      const map = new ReadMap(node);
+      map.miss(0, 4096);
+      await map.idle();
+      expect(lookup(map.table, (5 * MiB) / GRANULE, hit) && hit[0], 'an unallocated block: zeros').to.equal(-1);
+      // 4 KiB into block 5 allocates all of it; a miss elsewhere in the block walks the block.
+      await changeWrite(map, node, 5 * MiB + 4096, 0x62);
+      walks.length = 0;
+      map.miss(5 * MiB + 512 * 1024, 4096);
+      await map.idle();
+      expect(walks, 'the block, not the window').to.deep.equal([[5 * MiB, MiB]]);
+      for (let g = (5 * MiB) / GRANULE; g < (6 * MiB) / GRANULE; g++) expect(lookup(map.table, g, hit) && hit[2], `granule ${g}: the block's data, writable in place`).to.equal(1);
+    } finally {
+      await node.close();
+    }
+  });
+
   it('publishes the window after a miss too, and the window a worker asks for ahead of its reads', async () => {
     const img = path.join(tmp.dir, 'ahead.qcow2');
     await createImage(img, 'qcow2', 4 * WINDOW);
