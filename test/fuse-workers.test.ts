@@ -706,6 +706,13 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     await node.write(at, Buffer.alloc(4096, fill));
     map.endWrite(c.change);
   };
+  /** Every block-status walk of the node from now on, as [offset, length]. */
+  const recordWalks = (node: BlockNode): number[][] => {
+    const walks: number[][] = [];
+    const status = node.blockStatus.bind(node);
+    node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
+    return walks;
+  };
   /** A 4 KiB write as the server serves one on the JS thread: the change around it, then wrote() and its walks. */
   const serveWrite = async (map: ReadMap, node: BlockNode, at: number, fill: number): Promise<void> => {
     await changeWrite(map, node, at, fill);
@@ -1084,10 +1091,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     await createImage(img, 'qcow2', 1024 * MiB);
     await qemuIo(img, 'qcow2', ['write -P 0x61 0 4M']);
     const node = await open(img, false);
-    // Every block-status walk of the top node, as [offset, length].
-    const walks: number[][] = [];
-    const status = node.blockStatus.bind(node);
-    node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
+    const walks = recordWalks(node);
     const hit = [0, 0, 0];
     try {
       const map = new ReadMap(node);
@@ -1126,9 +1130,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     await qemuIo(img, 'vdi', ['write -P 0x61 0 1M']);
     const node = await open(img, false);
     expect(node.allocationUnit, 'the vdi block').to.equal(MiB);
-    const walks: number[][] = [];
-    const status = node.blockStatus.bind(node);
-    node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
+    const walks = recordWalks(node);
     const hit = [0, 0, 0];
     try {
       const map = new ReadMap(node);
