@@ -151,17 +151,17 @@ export class ReadMap {
     const first = Math.floor(offset / GRANULE);
     const last = Math.floor((offset + length - 1) / GRANULE);
     const lastW = Math.floor(last / PER_WINDOW);
-    for (let w = Math.floor(first / PER_WINDOW); w <= lastW; w++) this.want(w, Math.max(first, w * PER_WINDOW), Math.min(last, (w + 1) * PER_WINDOW - 1));
+    for (let w = Math.floor(first / PER_WINDOW); w <= lastW; w++) this.want(w, Math.max(first, w * PER_WINDOW));
     const next = (lastW + 1) * PER_WINDOW;
-    if (next * GRANULE < tableSize(this.table)) this.want(lastW + 1, next, next);
+    if (next * GRANULE < tableSize(this.table)) this.want(lastW + 1, next);
   }
 
   /**
-   * Granules [a, b] of window `w` were missed: walk again those a change touched since
-   * the window was published; walk the whole window unless it is published with
-   * granule `a` (or being walked).
+   * Granule `a` of window `w` was missed: walk again what a change touched in the window
+   * since it was published (mend); else walk the whole window unless it is published
+   * with granule `a` (or being walked).
    */
-  private want(w: number, a: number, b: number): void {
+  private want(w: number, a: number): void {
     const win = this.windows.get(w);
     if (win) {
       if (win.dirtyCount > 0) {
