@@ -246,8 +246,9 @@ export class ReadMap {
       this.windows.clear();
     } else {
       for (let g = first; g <= last; g++) invalidate(this.table, g);
-      // What the next miss walks again: the allocation units the change touched (an allocating write may map them whole).
-      const unit = Math.max(GRANULE, this.top.allocationUnit ?? 0);
+      // What the next miss walks again: the allocation units the change touched (an allocating write may map them whole),
+      // a window at most (the unit comes from the image's header: a parallels cluster may claim 2 GiB).
+      const unit = Math.min(WINDOW, Math.max(GRANULE, this.top.allocationUnit ?? 0));
       const from = Math.floor((Math.floor(offset / unit) * unit) / GRANULE);
       const to = Math.min(Math.ceil(tableSize(this.table) / GRANULE), Math.ceil((Math.ceil((offset + Math.max(1, length)) / unit) * unit) / GRANULE)) - 1;
       for (let g = from; g <= to; g++) {
