@@ -251,11 +251,12 @@ export class ReadMap {
       const unit = Math.min(WINDOW, Math.max(GRANULE, this.top.allocationUnit ?? 0));
       const from = Math.floor((Math.floor(offset / unit) * unit) / GRANULE);
       const to = Math.min(Math.ceil(tableSize(this.table) / GRANULE), Math.ceil((Math.ceil((offset + Math.max(1, length)) / unit) * unit) / GRANULE)) - 1;
-      for (let g = from; g <= to; g++) {
-        const w = Math.floor(g / PER_WINDOW);
+      for (let w = Math.floor(from / PER_WINDOW); w <= Math.floor(to / PER_WINDOW); w++) {
         const win = this.windows.get(w);
-        const i = g - w * PER_WINDOW;
-        if (win && !bitAt(win.dirty, i)) {
+        if (!win) continue;
+        const end = Math.min(to, (w + 1) * PER_WINDOW - 1) - w * PER_WINDOW;
+        for (let i = Math.max(from, w * PER_WINDOW) - w * PER_WINDOW; i <= end; i++) {
+          if (bitAt(win.dirty, i)) continue;
           win.dirty[i >> 3]! |= 1 << (i & 7);
           win.dirtyCount++;
         }
