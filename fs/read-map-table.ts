@@ -87,13 +87,15 @@ export function servedBytes(t: Int32Array): number {
 }
 
 const E_SEQ = 0;
-const E_KEY = 1;
-const E_FD = 2;
-const E_HOST_LO = 3;
-const E_HOST_HI = 4;
+/** The granule's number plus one, over two words (0: no entry): one word would take granule 2^32 (at 256 TiB) for granule 0. */
+const E_KEY_LO = 1;
+const E_KEY_HI = 2;
+const E_FD = 3;
+const E_HOST_LO = 4;
+const E_HOST_HI = 5;
 /** The epoch the entry was published in, shifted left once; bit 0: F_IN_PLACE. */
-const E_FLAGS = 5;
-const ENTRY_WORDS = 6;
+const E_FLAGS = 6;
+const ENTRY_WORDS = 7;
 /** A WRITE of the granule may go straight to `host` (while the epoch holds). */
 const F_IN_PLACE = 1;
 
@@ -116,12 +118,21 @@ function base(granule: number): number {
   return HEADER_WORDS + (granule % CAPACITY) * ENTRY_WORDS;
 }
 
+function keyLo(g: number): number {
+  return (g + 1) % TWO32 | 0;
+}
+
+function keyHi(g: number): number {
+  return Math.floor((g + 1) / TWO32);
+}
+
 /** Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`: writable there too). */
 export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false): void {
   const b = base(g);
   const seq = Atomics.load(t, b + E_SEQ);
   Atomics.store(t, b + E_SEQ, seq + 1);
-  Atomics.store(t, b + E_KEY, (g + 1) | 0);
+  Atomics.store(t, b + E_KEY_LO, keyLo(g));
+  Atomics.store(t, b + E_KEY_HI, keyHi(g));
   Atomics.store(t, b + E_FD, fd);
   Atomics.store(t, b + E_HOST_LO, host % TWO32 | 0);
   Atomics.store(t, b + E_HOST_HI, Math.floor(host / TWO32));
@@ -132,10 +143,11 @@ export function publish(t: Int32Array, g: number, fd: number, host: number, inPl
 /** Writer only: forget granule `g` if its slot holds it. */
 export function invalidate(t: Int32Array, g: number): void {
   const b = base(g);
-  if (Atomics.load(t, b + E_KEY) !== ((g + 1) | 0)) return;
+  if (Atomics.load(t, b + E_KEY_LO) !== keyLo(g) || Atomics.load(t, b + E_KEY_HI) !== keyHi(g)) return;
   const seq = Atomics.load(t, b + E_SEQ);
   Atomics.store(t, b + E_SEQ, seq + 1);
-  Atomics.store(t, b + E_KEY, 0);
+  Atomics.store(t, b + E_KEY_LO, 0);
+  Atomics.store(t, b + E_KEY_HI, 0);
   Atomics.store(t, b + E_SEQ, seq + 2);
 }
 
@@ -143,10 +155,11 @@ export function invalidate(t: Int32Array, g: number): void {
 export function invalidateAll(t: Int32Array): void {
   for (let i = 0; i < CAPACITY; i++) {
     const b = HEADER_WORDS + i * ENTRY_WORDS;
-    if (Atomics.load(t, b + E_KEY) === 0) continue;
+    if (Atomics.load(t, b + E_KEY_LO) === 0 && Atomics.load(t, b + E_KEY_HI) === 0) continue;
     const seq = Atomics.load(t, b + E_SEQ);
     Atomics.store(t, b + E_SEQ, seq + 1);
-    Atomics.store(t, b + E_KEY, 0);
+    Atomics.store(t, b + E_KEY_LO, 0);
+    Atomics.store(t, b + E_KEY_HI, 0);
     Atomics.store(t, b + E_SEQ, seq + 2);
   }
 }
@@ -166,7 +179,7 @@ export function lookup(t: Int32Array, g: number, out: number[]): boolean {
   const b = base(g);
   const s1 = Atomics.load(t, b + E_SEQ);
   if (s1 & 1) return false;
-  if (Atomics.load(t, b + E_KEY) !== ((g + 1) | 0)) return false;
+  if (Atomics.load(t, b + E_KEY_LO) !== keyLo(g) || Atomics.load(t, b + E_KEY_HI) !== keyHi(g)) return false;
   const fd = Atomics.load(t, b + E_FD);
   const host = (Atomics.load(t, b + E_HOST_LO) >>> 0) + (Atomics.load(t, b + E_HOST_HI) >>> 0) * TWO32;
   const flags = Atomics.load(t, b + E_FLAGS);

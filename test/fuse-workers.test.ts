@@ -12,7 +12,8 @@ import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './he
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { ReadMap } from '../fs/read-map.js';
-import { countWritten, GRANULE, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, WINDOW } from '../fs/read-map-table.js';
+import { countWritten, GRANULE, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, WINDOW } from '../fs/read-map-table.js';
+import { fillFromHost, readRuns } from '../fs/read-map-runs.js';
 import { FlatFs } from '../fs/flatfs.js';
 
 const KiB = 1024;
@@ -1144,6 +1145,38 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       await map.idle();
       expect(walks, 'the block, not the window').to.deep.equal([[5 * MiB, MiB]]);
       for (let g = (5 * MiB) / GRANULE; g < (6 * MiB) / GRANULE; g++) expect(lookup(map.table, g, hit) && hit[2], `granule ${g}: the block's data, writable in place`).to.equal(1);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('never takes one granule for another 2^32 granules away (a qcow2 of 300 TiB, data at 0 and at 256 TiB)', async () => {
+    const TiB = 2 ** 40;
+    const t = newTable();
+    const hit = [0, 0, 0];
+    publish(t, 5, 3, 4096);
+    expect(lookup(t, 5 + 2 ** 32, hit)).to.equal(false);
+    publish(t, 5 + 2 ** 32, 3, 8192);
+    expect(lookup(t, 5, hit), 'granule 5, its slot taken').to.equal(false);
+    expect(lookup(t, 5 + 2 ** 32, hit) && hit[1]).to.equal(8192);
+    const img = path.join(tmp.dir, 'huge.qcow2');
+    await createImage(img, 'qcow2', 300 * TiB);
+    await qemuIo(img, 'qcow2', ['write -P 0x11 0 64k', 'write -P 0x22 256T 64k']);
+    const node = await open(img, true);
+    try {
+      const map = new ReadMap(node);
+      map.miss(0, 4096);
+      await map.idle();
+      const runs: number[] = [];
+      expect(readRuns(map.table, 0, 4096, hit, runs), 'granule 0, published').to.equal(3);
+      // Granule 2^32 is not in the map yet: the main thread must answer.
+      expect(readRuns(map.table, 256 * TiB, 4096, hit, runs), 'the granule at 256 TiB').to.equal(-1);
+      map.miss(256 * TiB, 4096);
+      await map.idle();
+      expect(readRuns(map.table, 256 * TiB, 4096, hit, runs)).to.equal(3);
+      const got = Buffer.alloc(4096);
+      expect(fillFromHost(runs[0]!, runs[1]!, got, 0, 4096)).to.equal(true);
+      expect(got.every((b) => b === 0x22), 'the bytes at 256 TiB').to.equal(true);
     } finally {
       await node.close();
     }
