@@ -16,7 +16,7 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { countServed, GRANULE, lookup, tableSize, WINDOW } from './read-map-table.js';
+import { countServed, GRANULE, granuleOf, lookup, tableSize, WINDOW } from './read-map-table.js';
 import { fillFromHost, readRuns, writeInPlace } from './read-map-runs.js';
 
 export interface WorkerInit {
@@ -495,7 +495,7 @@ class Worker {
     const at = end + WINDOW;
     if (at >= tableSize(table)) return;
     const w = Math.floor(at / WINDOW);
-    if (this.asked.get(ino) === w || lookup(table, Math.floor(at / GRANULE), this.hit)) return;
+    if (this.asked.get(ino) === w || lookup(table, Math.floor(at / granuleOf(table)), this.hit)) return;
     this.asked.set(ino, w);
     parentPort!.postMessage({ type: 'ahead', ino, offset: at } satisfies WorkerMessage);
   }

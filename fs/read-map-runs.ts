@@ -4,7 +4,7 @@
 // written in place. Imports only the map's layout, so a worker loads nothing of the
 // block graph.
 import fs from 'node:fs';
-import { countWritten, GRANULE, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup } from './read-map-table.js';
+import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup } from './read-map-table.js';
 
 /**
  * The runs of [offset, offset + size) in `table`, as triples (fd, host offset, length)
@@ -15,6 +15,7 @@ import { countWritten, GRANULE, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, look
  */
 export function readRuns(table: Int32Array, offset: number, size: number, hit: number[], runs: number[], inPlace = false): number {
   const end = offset + size;
+  const granule = granuleOf(table);
   let count = 0;
   let runFd = 0;
   let runHost = 0;
@@ -22,10 +23,10 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
   let pos = offset;
   let first = true;
   while (pos < end) {
-    const g = Math.floor(pos / GRANULE);
+    const g = Math.floor(pos / granule);
     if (!lookup(table, g, hit) || (inPlace && hit[2] !== 1)) return -1;
     const fd = hit[0]!;
-    const host = hit[1]! + (pos - g * GRANULE);
+    const host = hit[1]! + (pos - g * granule);
     if (first) {
       first = false;
       runFd = fd;
@@ -38,7 +39,7 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
       runHost = host;
       runFrom = pos;
     }
-    pos = Math.min(end, (g + 1) * GRANULE);
+    pos = Math.min(end, (g + 1) * granule);
   }
   runs[count++] = runFd;
   runs[count++] = runHost;

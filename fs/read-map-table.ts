@@ -18,9 +18,16 @@
 // word, then reads the other's, so one of them always sees the other (fs/read-map.ts
 // beginWrite waits for the workers' writes to end).
 
-/** The unit of the map: 64 KiB of the flat file (a qcow2 cluster, a vmdk grain). */
+/**
+ * The unit of the map at most: 64 KiB of the flat file (a qcow2 cluster, a vmdk grain).
+ * A file whose clusters are smaller (qcow's 4 KiB, qcow2 made with a small cluster_size)
+ * gets a finer map, down to MIN_GRANULE_SHIFT (newTable): a granule is served from the
+ * map only when it is one run in one host file, and such clusters seldom lie together.
+ */
 export const GRANULE_SHIFT = 16;
 export const GRANULE = 1 << GRANULE_SHIFT;
+/** The finest map: a page (what a READ of the page cache asks for). */
+export const MIN_GRANULE_SHIFT = 12;
 /**
  * What one walk of the chain publishes (fs/read-map.ts): a miss publishes its window and
  * the next, and a thread that served a READ from the map asks for the window one
@@ -28,8 +35,8 @@ export const GRANULE = 1 << GRANULE_SHIFT;
  * the map filled before it gets there.
  */
 export const WINDOW = 64 * 1024 * 1024;
-/** Entries per file: 64Ki x 64 KiB covers 4 GiB without a collision. */
-export const CAPACITY = 1 << 16;
+/** The file a map holds without a collision, whatever its granule: 64Ki x 64 KiB, or 1Mi x 4 KiB. */
+const COVERAGE = 2 ** 32;
 
 const H_SIZE_LO = 0;
 const H_SIZE_HI = 1;
@@ -49,7 +56,10 @@ export const H_EPOCH = 11;
 export const H_WRITABLE = 12;
 /** Set by a worker's write, taken by the main thread's next flush (fs/flatfs.ts). */
 export const H_DIRTY = 13;
-const HEADER_WORDS = 16;
+/** The granule's shift and the number of entries: set by newTable, never changed. */
+const H_SHIFT = 16;
+const H_CAPACITY = 17;
+const HEADER_WORDS = 18;
 /** The bytes of those reads, exact: an int64 over header words 6 and 7. */
 const B_BYTES = 3;
 /** The bytes the workers wrote, over header words 14 and 15. */
@@ -87,7 +97,7 @@ export function servedBytes(t: Int32Array): number {
 }
 
 const E_SEQ = 0;
-/** The granule's number plus one, over two words (0: no entry): one word would take granule 2^32 (at 256 TiB) for granule 0. */
+/** The granule's number plus one, over two words (0: no entry): one word would take granule 2^32 for granule 0 (at 256 TiB; at 16 TiB with 4 KiB granules). */
 const E_KEY_LO = 1;
 const E_KEY_HI = 2;
 const E_FD = 3;
@@ -101,8 +111,28 @@ const F_IN_PLACE = 1;
 
 const TWO32 = 0x1_0000_0000;
 
-export function newTable(): Int32Array {
-  return new Int32Array(new SharedArrayBuffer((HEADER_WORDS + CAPACITY * ENTRY_WORDS) * 4));
+/**
+ * A map of granules of 2^shift bytes (MIN_GRANULE_SHIFT..GRANULE_SHIFT), with as many
+ * entries as cover COVERAGE bytes (28 MiB of shared memory for 4 KiB granules, touched
+ * only as entries are published).
+ */
+export function newTable(shift = GRANULE_SHIFT): Int32Array {
+  if (!Number.isInteger(shift) || shift < MIN_GRANULE_SHIFT || shift > GRANULE_SHIFT) throw new RangeError(`read map granule shift ${shift}`);
+  const capacity = COVERAGE / 2 ** shift;
+  const t = new Int32Array(new SharedArrayBuffer((HEADER_WORDS + capacity * ENTRY_WORDS) * 4));
+  t[H_SHIFT] = shift;
+  t[H_CAPACITY] = capacity;
+  return t;
+}
+
+/** The map's granule in bytes. */
+export function granuleOf(t: Int32Array): number {
+  return 2 ** t[H_SHIFT]!;
+}
+
+/** The map's number of entries (a change of more granules than this forgets them all). */
+export function capacityOf(t: Int32Array): number {
+  return t[H_CAPACITY]!;
 }
 
 export function setTableSize(t: Int32Array, size: number): void {
@@ -114,8 +144,8 @@ export function tableSize(t: Int32Array): number {
   return (Atomics.load(t, H_SIZE_LO) >>> 0) + (Atomics.load(t, H_SIZE_HI) >>> 0) * TWO32;
 }
 
-function base(granule: number): number {
-  return HEADER_WORDS + (granule % CAPACITY) * ENTRY_WORDS;
+function base(t: Int32Array, granule: number): number {
+  return HEADER_WORDS + (granule % t[H_CAPACITY]!) * ENTRY_WORDS;
 }
 
 function keyLo(g: number): number {
@@ -128,7 +158,7 @@ function keyHi(g: number): number {
 
 /** Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`: writable there too). */
 export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false): void {
-  const b = base(g);
+  const b = base(t, g);
   const seq = Atomics.load(t, b + E_SEQ);
   Atomics.store(t, b + E_SEQ, seq + 1);
   Atomics.store(t, b + E_KEY_LO, keyLo(g));
@@ -142,7 +172,7 @@ export function publish(t: Int32Array, g: number, fd: number, host: number, inPl
 
 /** Writer only: forget granule `g` if its slot holds it. */
 export function invalidate(t: Int32Array, g: number): void {
-  const b = base(g);
+  const b = base(t, g);
   if (Atomics.load(t, b + E_KEY_LO) !== keyLo(g) || Atomics.load(t, b + E_KEY_HI) !== keyHi(g)) return;
   const seq = Atomics.load(t, b + E_SEQ);
   Atomics.store(t, b + E_SEQ, seq + 1);
@@ -153,7 +183,8 @@ export function invalidate(t: Int32Array, g: number): void {
 
 /** Writer only: forget every entry. */
 export function invalidateAll(t: Int32Array): void {
-  for (let i = 0; i < CAPACITY; i++) {
+  const capacity = t[H_CAPACITY]!;
+  for (let i = 0; i < capacity; i++) {
     const b = HEADER_WORDS + i * ENTRY_WORDS;
     if (Atomics.load(t, b + E_KEY_LO) === 0 && Atomics.load(t, b + E_KEY_HI) === 0) continue;
     const seq = Atomics.load(t, b + E_SEQ);
@@ -176,7 +207,7 @@ export function newEpoch(t: Int32Array): void {
  * right now).
  */
 export function lookup(t: Int32Array, g: number, out: number[]): boolean {
-  const b = base(g);
+  const b = base(t, g);
   const s1 = Atomics.load(t, b + E_SEQ);
   if (s1 & 1) return false;
   if (Atomics.load(t, b + E_KEY_LO) !== keyLo(g) || Atomics.load(t, b + E_KEY_HI) !== keyHi(g)) return false;

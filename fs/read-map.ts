@@ -1,7 +1,8 @@
-// The read map of one flat file, main-thread side: which 64 KiB granules of the file
-// are plain data in one host file (or zeros), published into shared memory
-// (read-map-table.ts) so the FUSE worker threads (fuse-worker.ts) can answer a READ
-// with pread(2) from the host file, without the main thread. The format driver keeps
+// The read map of one flat file, main-thread side: which granules of the file (64 KiB,
+// finer for small clusters: granuleShift) are plain data in one host file (or zeros),
+// published into shared memory (read-map-table.ts) so the FUSE worker threads
+// (fuse-worker.ts) can answer a READ with pread(2) from the host file, without the main
+// thread. The format driver keeps
 // its one owner: the map is computed here from block status down the backing chain
 // (extents.ts chainExtents and each layer's BlockNode.hostFd), never by a worker.
 //
@@ -27,13 +28,12 @@ import { messageOf } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
 import {
-  GRANULE, lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, CAPACITY, H_READS, H_SPLICED, servedBytes, WINDOW,
-  H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes,
+  lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, capacityOf, H_READS, H_SPLICED, servedBytes, WINDOW,
+  H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT,
 } from './read-map-table.js';
 
 const debug = createDebug('tsmount:fuse');
 
-const PER_WINDOW = WINDOW / GRANULE;
 /**
  * Writes in a row that started no epoch (the main thread served them) before a window
  * walked in an epoch since ended is walked again whole: with epochs ending among the
@@ -68,7 +68,10 @@ interface Span {
 }
 
 export class ReadMap {
-  readonly table = newTable();
+  readonly table: Int32Array;
+  /** The map's unit (granuleShift) and the granules of a window. */
+  private readonly granule: number;
+  private readonly perWindow: number;
   /**
    * Windows whose map was published: the granules that could be (`bits`), and those a
    * change touched since (`dirty`, bit per granule), which a miss walks again alone
@@ -116,6 +119,9 @@ export class ReadMap {
   private readonly hit = [0, 0, 0];
 
   constructor(private readonly top: BlockNode) {
+    this.table = newTable(granuleShift(top));
+    this.granule = 2 ** granuleShift(top);
+    this.perWindow = WINDOW / this.granule;
     setTableSize(this.table, top.size);
     Atomics.store(this.table, H_WRITABLE, 1);
   }
@@ -148,12 +154,12 @@ export class ReadMap {
    */
   miss(offset: number, length: number): void {
     if (this.everywhere !== 0 || length <= 0) return;
-    const first = Math.floor(offset / GRANULE);
-    const last = Math.floor((offset + length - 1) / GRANULE);
-    const lastW = Math.floor(last / PER_WINDOW);
-    for (let w = Math.floor(first / PER_WINDOW); w <= lastW; w++) this.want(w, Math.max(first, w * PER_WINDOW));
-    const next = (lastW + 1) * PER_WINDOW;
-    if (next * GRANULE < tableSize(this.table)) this.want(lastW + 1, next);
+    const first = Math.floor(offset / this.granule);
+    const last = Math.floor((offset + length - 1) / this.granule);
+    const lastW = Math.floor(last / this.perWindow);
+    for (let w = Math.floor(first / this.perWindow); w <= lastW; w++) this.want(w, Math.max(first, w * this.perWindow));
+    const next = (lastW + 1) * this.perWindow;
+    if (next * this.granule < tableSize(this.table)) this.want(lastW + 1, next);
   }
 
   /**
@@ -169,7 +175,7 @@ export class ReadMap {
         return this.mend(w, win.dirty);
       }
       // Published already: again only if a granule that could be served was overwritten in its slot.
-      if (!bitAt(win.bits, a - w * PER_WINDOW) || lookup(this.table, a, this.hit)) return;
+      if (!bitAt(win.bits, a - w * this.perWindow) || lookup(this.table, a, this.hit)) return;
     }
     this.walkWindow(w);
   }
@@ -183,24 +189,24 @@ export class ReadMap {
   private mend(w: number, dirty: Uint8Array): void {
     if ((this.changing.get(w) ?? 0) !== 0 || this.busy.has(w) || this.mending.has(w)) return;
     const runs: [number, number][] = [];
-    for (let i = 0; i < PER_WINDOW; i++) {
+    for (let i = 0; i < this.perWindow; i++) {
       if (dirty[i >> 3] === 0) {
         i |= 7;
         continue;
       }
       if (!bitAt(dirty, i)) continue;
       const last = runs[runs.length - 1];
-      if (last && last[1] === w * PER_WINDOW + i - 1) last[1]++;
-      else runs.push([w * PER_WINDOW + i, w * PER_WINDOW + i]);
+      if (last && last[1] === w * this.perWindow + i - 1) last[1]++;
+      else runs.push([w * this.perWindow + i, w * this.perWindow + i]);
     }
     if (runs.length > MEND_RUNS) return this.walkWindow(w);
     const size = tableSize(this.table);
     const walk = (async () => {
       for (const [lo, hi] of runs) {
-        const start = lo * GRANULE;
+        const start = lo * this.granule;
         if (start >= size) return;
         const published: number[] = [];
-        if (!(await this.publishRange(start, Math.min((hi + 1) * GRANULE, size) - start, w, w, (g) => published.push(g)))) return;
+        if (!(await this.publishRange(start, Math.min((hi + 1) * this.granule, size) - start, w, w, (g) => published.push(g)))) return;
         this.settle(w, lo, hi, published);
       }
     })();
@@ -212,14 +218,14 @@ export class ReadMap {
     const win = this.windows.get(w);
     if (!win) return;
     for (let g = lo; g <= hi; g++) {
-      const i = g - w * PER_WINDOW;
+      const i = g - w * this.perWindow;
       if (bitAt(win.dirty, i)) win.dirtyCount--;
       win.dirty[i >> 3]! &= ~(1 << (i & 7));
       win.bits[i >> 3]! &= ~(1 << (i & 7));
     }
     for (const g of published) {
       if (g < lo || g > hi) continue;
-      const i = g - w * PER_WINDOW;
+      const i = g - w * this.perWindow;
       win.bits[i >> 3]! |= 1 << (i & 7);
     }
   }
@@ -235,27 +241,27 @@ export class ReadMap {
    * promise when workers' writes are in flight, which the change must wait for.
    */
   beginWrite(offset: number, length: number): { change: MapChange; drained: Promise<void> | undefined } {
-    const first = Math.floor(offset / GRANULE);
-    const last = Math.floor((offset + Math.max(1, length) - 1) / GRANULE);
-    const firstW = Math.floor(first / PER_WINDOW);
-    const lastW = Math.floor(last / PER_WINDOW);
+    const first = Math.floor(offset / this.granule);
+    const last = Math.floor((offset + Math.max(1, length) - 1) / this.granule);
+    const firstW = Math.floor(first / this.perWindow);
+    const lastW = Math.floor(last / this.perWindow);
     const whole = lastW - firstW + 1 > MAX_TRACKED_WINDOWS;
     const change = this.begin(whole ? 1 : firstW, whole ? 0 : lastW);
-    if (last - first + 1 >= CAPACITY) {
+    if (last - first + 1 >= capacityOf(this.table)) {
       invalidateAll(this.table);
       this.windows.clear();
     } else {
       for (let g = first; g <= last; g++) invalidate(this.table, g);
       // What the next miss walks again: the allocation units the change touched (an allocating write may map them whole),
       // a window at most (the unit comes from the image's header: a parallels cluster may claim 2 GiB).
-      const unit = Math.min(WINDOW, Math.max(GRANULE, this.top.allocationUnit ?? 0));
-      const from = Math.floor((Math.floor(offset / unit) * unit) / GRANULE);
-      const to = Math.min(Math.ceil(tableSize(this.table) / GRANULE), Math.ceil((Math.ceil((offset + Math.max(1, length)) / unit) * unit) / GRANULE)) - 1;
-      for (let w = Math.floor(from / PER_WINDOW); w <= Math.floor(to / PER_WINDOW); w++) {
+      const unit = Math.min(WINDOW, Math.max(this.granule, this.top.allocationUnit ?? 0));
+      const from = Math.floor((Math.floor(offset / unit) * unit) / this.granule);
+      const to = Math.min(Math.ceil(tableSize(this.table) / this.granule), Math.ceil((Math.ceil((offset + Math.max(1, length)) / unit) * unit) / this.granule)) - 1;
+      for (let w = Math.floor(from / this.perWindow); w <= Math.floor(to / this.perWindow); w++) {
         const win = this.windows.get(w);
         if (!win) continue;
-        const end = Math.min(to, (w + 1) * PER_WINDOW - 1) - w * PER_WINDOW;
-        for (let i = Math.max(from, w * PER_WINDOW) - w * PER_WINDOW; i <= end; i++) {
+        const end = Math.min(to, (w + 1) * this.perWindow - 1) - w * this.perWindow;
+        for (let i = Math.max(from, w * this.perWindow) - w * this.perWindow; i <= end; i++) {
           if (bitAt(win.dirty, i)) continue;
           win.dirty[i >> 3]! |= 1 << (i & 7);
           win.dirtyCount++;
@@ -343,14 +349,14 @@ export class ReadMap {
     const size = tableSize(this.table);
     const start = w * WINDOW;
     if (start >= size) return;
-    const bits = new Uint8Array(PER_WINDOW / 8);
+    const bits = new Uint8Array(this.perWindow / 8);
     const stamp = this.top.inPlaceWrites === true ? this.moves : -1;
     const done = await this.publishRange(start, Math.min(WINDOW, size - start), w, w, (g) => {
-      const i = g - w * PER_WINDOW;
+      const i = g - w * this.perWindow;
       bits[i >> 3]! |= 1 << (i & 7);
     });
     if (done) {
-      this.windows.set(w, { bits, dirty: new Uint8Array(PER_WINDOW / 8), dirtyCount: 0 });
+      this.windows.set(w, { bits, dirty: new Uint8Array(this.perWindow / 8), dirtyCount: 0 });
       this.walked.set(w, stamp);
     }
   }
@@ -368,10 +374,10 @@ export class ReadMap {
     if (this.everywhere !== 0 || length <= 0 || this.top.inPlaceWrites !== true) return;
     this.overwrites = this.lastMoved ? 0 : this.overwrites + 1;
     const size = tableSize(this.table);
-    const first = Math.floor(offset / GRANULE);
-    const last = Math.floor((Math.min(offset + length, size) - 1) / GRANULE);
+    const first = Math.floor(offset / this.granule);
+    const last = Math.floor((Math.min(offset + length, size) - 1) / this.granule);
     let all = true;
-    for (let w = Math.floor(first / PER_WINDOW); w <= Math.floor(last / PER_WINDOW); w++) {
+    for (let w = Math.floor(first / this.perWindow); w <= Math.floor(last / this.perWindow); w++) {
       const stamp = this.walked.get(w);
       if (stamp === this.moves || (stamp !== undefined && stamp >= 0 && this.overwrites < STALE_WALK_AFTER)) continue;
       all = false;
@@ -379,14 +385,14 @@ export class ReadMap {
     }
     // An allocating write (a sequential writer's, mostly) is seldom overwritten next: not worth a walk each.
     if (!all || this.lastAllocated) return;
-    const firstW = Math.floor(first / PER_WINDOW);
-    const lastW = Math.floor(last / PER_WINDOW);
+    const firstW = Math.floor(first / this.perWindow);
+    const lastW = Math.floor(last / this.perWindow);
     for (let w = firstW; w <= lastW; w++) if ((this.changing.get(w) ?? 0) !== 0) return;
-    const start = first * GRANULE;
+    const start = first * this.granule;
     const published: number[] = [];
-    const p = this.publishRange(start, Math.min((last + 1) * GRANULE, size) - start, firstW, lastW, (g) => published.push(g));
+    const p = this.publishRange(start, Math.min((last + 1) * this.granule, size) - start, firstW, lastW, (g) => published.push(g));
     void p.then((done) => {
-      if (done) for (let w = firstW; w <= lastW; w++) this.settle(w, Math.max(first, w * PER_WINDOW), Math.min(last, (w + 1) * PER_WINDOW - 1), published);
+      if (done) for (let w = firstW; w <= lastW; w++) this.settle(w, Math.max(first, w * this.perWindow), Math.min(last, (w + 1) * this.perWindow - 1), published);
     });
     this.refreshing.add(p);
     void p.finally(() => this.refreshing.delete(p));
@@ -435,10 +441,10 @@ export class ReadMap {
       }
       for (const s of spans) {
         // Whole granules only; the disk's last granule counts as whole when the span reaches the end.
-        const first = Math.ceil(s.offset / GRANULE);
-        const stop = s.end >= size ? Math.ceil(size / GRANULE) : Math.floor(s.end / GRANULE);
+        const first = Math.ceil(s.offset / this.granule);
+        const stop = s.end >= size ? Math.ceil(size / this.granule) : Math.floor(s.end / this.granule);
         for (let g = first; g < stop; g++) {
-          const at = g * GRANULE;
+          const at = g * this.granule;
           publish(this.table, g, s.fd, s.fd < 0 ? 0 : s.host + (at - s.offset), s.inPlace);
           each(g);
         }
@@ -449,6 +455,22 @@ export class ReadMap {
       return false;
     }
   }
+}
+
+/**
+ * The granule a map of `top` needs: 64 KiB, or the smallest allocation unit of a layer
+ * that can be read around the graph, down to a page. A granule is served from the map
+ * only if it is one run in one host file: 4 KiB qcow clusters allocated at random
+ * seldom make 64 KiB runs, and their requests all stayed the main thread's.
+ */
+export function granuleShift(top: BlockNode): number {
+  let shift = GRANULE_SHIFT;
+  for (let n: BlockNode | undefined = top, i = 0; n && i < 64; n = n.backing, i++) {
+    const unit = n.allocationUnit;
+    if (n.hostFd === undefined || unit === undefined || !(unit > 0)) continue;
+    shift = Math.min(shift, Math.max(MIN_GRANULE_SHIFT, Math.floor(Math.log2(unit))));
+  }
+  return shift;
 }
 
 function bitAt(bits: Uint8Array, i: number): boolean {

@@ -11,8 +11,8 @@ import { convertToRaw, createImage, md5File, qemuIo, run, runOk, tempDir } from 
 import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './helpers/mount.js';
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
-import { ReadMap } from '../fs/read-map.js';
-import { countWritten, GRANULE, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, WINDOW } from '../fs/read-map-table.js';
+import { granuleShift, ReadMap } from '../fs/read-map.js';
+import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, WINDOW } from '../fs/read-map-table.js';
 import { fillFromHost, readRuns } from '../fs/read-map-runs.js';
 import { FlatFs } from '../fs/flatfs.js';
 
@@ -467,6 +467,37 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     });
   }
 
+  it('reads and overwrites a qcow whose 4 KiB clusters were written in random order (no two together in the file) from the workers, every byte where qemu-img finds it', async () => {
+    const size = 32 * MiB;
+    const img = path.join(tmp.dir, 'scattered.qcow');
+    await createImage(img, 'qcow', size);
+    // The first 8 MiB cluster by cluster in a shuffled order, each its own pattern: a 64 KiB
+    // piece of the disk is 16 clusters from all over the file, never one host run.
+    const clusters = [...Array((8 * MiB) / 4096).keys()].sort(() => Math.random() - 0.5);
+    for (let i = 0; i < clusters.length; i += 512) {
+      await qemuIo(img, 'qcow', clusters.slice(i, i + 512).map((c) => `write -P 0x${((c % 251) + 1).toString(16)} ${c * 4096} 4k`));
+    }
+    const raw = path.join(tmp.dir, 'scattered.raw');
+    await convertToRaw(img, raw, 'qcow');
+    const ref = fs.readFileSync(raw);
+    const mp = dir('m-scattered');
+    await mounts.mount(['--rw', img, mp]);
+    const flat = path.join(mp, 'scattered.raw');
+    expect(await untilWorkersServe(flat, mp, await md5File(raw), 8), 'reads answered by the workers').to.be.at.least(8);
+    // 4 KiB reads of every scattered cluster: one granule of the map each.
+    const before = await workerReads(mp);
+    expect(await directMd5(flat, '4k', 0, 2048)).to.equal(await pieceMd5(raw, 4096, 0, 2048));
+    expect((await workerReads(mp, before + 1024)) - before, 'of 2048 scattered 4 KiB reads, by the workers').to.be.at.least(1024);
+    const { served } = await writeUntilWorkersDo(mp, flat, ref, 8 * MiB, 100);
+    expect(served, 'overwrites of scattered clusters the workers wrote in place').to.be.greaterThan(0);
+    const want = crypto.createHash('md5').update(ref).digest('hex');
+    expect(await directMd5(flat), 'read back through the mount').to.equal(want);
+    await mounts.unmount(mp);
+    const back = path.join(tmp.dir, 'scattered-back.raw');
+    await convertToRaw(img, back, 'qcow');
+    expect(await md5File(back)).to.equal(want);
+  });
+
   it('overwrites a qcow2 read whole before its first write from the workers in place (the read map walked again at that write)', async () => {
     const size = 16 * MiB;
     const img = path.join(tmp.dir, 'readfirst.qcow2');
@@ -880,27 +911,29 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       const node = await open(img, false);
       try {
         const map = new ReadMap(node);
+        // Granules by their offset (qcow and this qed map 4 KiB granules).
+        const at = (offset: number): number => offset / granuleOf(map.table);
         const hit = [0, 0, 0];
         map.miss(0, 4096);
         await map.idle();
-        expect(lookup(map.table, 1, hit), 'granule 1 published').to.equal(true);
+        expect(lookup(map.table, at(64 * KiB), hit), 'granule at 64 KiB published').to.equal(true);
         expect(hit[0], 'in the image file').to.be.at.least(0);
         expect(hit[2], 'writable in place before the first write').to.equal(c.beforeFirstWrite);
-        expect(lookup(map.table, 100, hit) && hit[2], 'granule 100 (unallocated): never').to.equal(0);
+        expect(lookup(map.table, at(6400 * KiB), hit) && hit[2], 'granule at 6400 KiB (unallocated): never').to.equal(0);
         // The first write (the format's hook, under the lock, so nothing is walked after
         // it), then an overwrite in place, which walks its granule.
         await serveWrite(map, node, 0, 0x42);
         await serveWrite(map, node, 0, 0x43);
         expect(lookup(map.table, 0, hit), 'granule 0 published after the writes').to.equal(true);
         expect(hit[2], 'writable in place after the first write').to.equal(1);
-        expect(lookup(map.table, 1, hit) && hit[2], 'granule 1').to.equal(1);
+        expect(lookup(map.table, at(64 * KiB), hit) && hit[2], 'granule at 64 KiB').to.equal(1);
         if (c.format === 'qed') {
           // A data cluster in the first table: the epoch holds.
           await serveWrite(map, node, 3 * MiB, 0x43);
-          expect(lookup(map.table, 1, hit) && hit[2], 'after a new data cluster').to.equal(1);
+          expect(lookup(map.table, at(64 * KiB), hit) && hit[2], 'after a new data cluster').to.equal(1);
           // A write past the first table's 4 MiB allocates a table: nothing published before is writable (before a walk in the new epoch).
           await changeWrite(map, node, 40 * MiB, 0x45);
-          expect(lookup(map.table, 1, hit), 'still read from the map').to.equal(true);
+          expect(lookup(map.table, at(64 * KiB), hit), 'still read from the map').to.equal(true);
           expect(hit[2], 'not written in place after a table was allocated').to.equal(0);
         }
       } finally {
@@ -1150,15 +1183,83 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
-  it('never takes one granule for another 2^32 granules away (a qcow2 of 300 TiB, data at 0 and at 256 TiB)', async () => {
+  it('maps small clusters finely: a 4 KiB granule for qcow and for qcow2 with clusters under 64 KiB (a page at least), 64 KiB for the rest and for raw', async () => {
+    const cases: [name: string, format: string, opts: Record<string, string>, granule: number][] = [
+      ['g.qcow', 'qcow', {}, 4096],
+      ['g4k.qcow2', 'qcow2', { cluster_size: '4096' }, 4096],
+      ['g16k.qcow2', 'qcow2', { cluster_size: '16384' }, 16384],
+      ['g512.qcow2', 'qcow2', { cluster_size: '512' }, 4096],
+      ['g.qcow2', 'qcow2', {}, GRANULE],
+      ['g.vdi', 'vdi', {}, GRANULE],
+      ['g.raw', 'raw', {}, GRANULE],
+    ];
+    for (const [name, format, opts, granule] of cases) {
+      const img = path.join(tmp.dir, name);
+      await createImage(img, format, 8 * MiB, opts);
+      const node = await open(img, true);
+      try {
+        expect(2 ** granuleShift(node), name).to.equal(granule);
+        expect(granuleOf(new ReadMap(node).table), name).to.equal(granule);
+      } finally {
+        await node.close();
+      }
+    }
+    // A 64 KiB qcow2 over a qcow: the backing file's clusters decide.
+    const base = path.join(tmp.dir, 'g-base.qcow');
+    await createImage(base, 'qcow', 8 * MiB);
+    const top = path.join(tmp.dir, 'g-top.qcow2');
+    await createImage(top, 'qcow2', 8 * MiB, {}, { file: base, format: 'qcow' });
+    const node = await open(top, true);
+    try {
+      expect(granuleShift(node)).to.equal(12);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('publishes each of a qcow\'s clusters written in random order where it lies, and a read across them reads back as qemu-img reads it', async () => {
+    const img = path.join(tmp.dir, 'scatter.qcow');
+    await createImage(img, 'qcow', 8 * MiB);
+    const clusters = [...Array(256).keys()].sort(() => Math.random() - 0.5);
+    await qemuIo(img, 'qcow', clusters.map((c) => `write -P 0x${((c % 251) + 1).toString(16)} ${c * 4096} 4k`));
+    const node = await open(img, true);
+    try {
+      const map = new ReadMap(node);
+      map.miss(0, 4096);
+      await map.idle();
+      const hit = [0, 0, 0];
+      for (let g = 0; g < 512; g++) {
+        expect(lookup(map.table, g, hit), `granule ${g}`).to.equal(true);
+        if (g >= 256) expect(hit[0], `granule ${g}: never written, zeros`).to.equal(-1);
+      }
+      // 1 MiB written in random order and 1 MiB of zeros, 100 bytes in: runs of the host file and zeros.
+      const runs: number[] = [];
+      const count = readRuns(map.table, 100, 2 * MiB, hit, runs);
+      expect(count, 'in the map').to.be.greaterThan(3 * 64);
+      const got = Buffer.alloc(2 * MiB);
+      for (let i = 0, at = 0; i < count; i += 3) {
+        expect(fillFromHost(runs[i]!, runs[i + 1]!, got, at, runs[i + 2]!)).to.equal(true);
+        at += runs[i + 2]!;
+      }
+      const want = Buffer.alloc(2 * MiB);
+      await node.read(100, want);
+      expect(got.equals(want)).to.equal(true);
+    } finally {
+      await node.close();
+    }
+  });
+
+  it('never takes one granule for another 2^32 granules away (a qcow2 of 300 TiB, data at 0 and at 256 TiB; a map of 4 KiB granules past 16 TiB)', async () => {
     const TiB = 2 ** 40;
-    const t = newTable();
-    const hit = [0, 0, 0];
-    publish(t, 5, 3, 4096);
-    expect(lookup(t, 5 + 2 ** 32, hit)).to.equal(false);
-    publish(t, 5 + 2 ** 32, 3, 8192);
-    expect(lookup(t, 5, hit), 'granule 5, its slot taken').to.equal(false);
-    expect(lookup(t, 5 + 2 ** 32, hit) && hit[1]).to.equal(8192);
+    for (const shift of [12, 16]) {
+      const t = newTable(shift);
+      const hit = [0, 0, 0];
+      publish(t, 5, 3, 4096);
+      expect(lookup(t, 5 + 2 ** 32, hit), `shift ${shift}`).to.equal(false);
+      publish(t, 5 + 2 ** 32, 3, 8192);
+      expect(lookup(t, 5, hit), `shift ${shift}: granule 5, its slot taken`).to.equal(false);
+      expect(lookup(t, 5 + 2 ** 32, hit) && hit[1], `shift ${shift}`).to.equal(8192);
+    }
     const img = path.join(tmp.dir, 'huge.qcow2');
     await createImage(img, 'qcow2', 300 * TiB);
     await qemuIo(img, 'qcow2', ['write -P 0x11 0 64k', 'write -P 0x22 256T 64k']);
@@ -1167,6 +1268,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       const map = new ReadMap(node);
       map.miss(0, 4096);
       await map.idle();
+      const hit = [0, 0, 0];
       const runs: number[] = [];
       expect(readRuns(map.table, 0, 4096, hit, runs), 'granule 0, published').to.equal(3);
       // Granule 2^32 is not in the map yet: the main thread must answer.
