@@ -745,6 +745,18 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
     return walks;
   };
+  /** [offset, offset + length) as a worker answers it from the map (read-map-runs.ts), or undefined when the map lacks some of it. */
+  const readFromMap = (map: ReadMap, offset: number, length: number): Buffer | undefined => {
+    const runs: number[] = [];
+    const count = readRuns(map.table, offset, length, [0, 0, 0], runs);
+    if (count < 0) return undefined;
+    const out = Buffer.alloc(length);
+    for (let i = 0, at = 0; i < count; i += 3) {
+      expect(fillFromHost(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!), `the run at ${at}`).to.equal(true);
+      at += runs[i + 2]!;
+    }
+    return out;
+  };
   /** A 4 KiB write as the server serves one on the JS thread: the change around it, then wrote() and its walks. */
   const serveWrite = async (map: ReadMap, node: BlockNode, at: number, fill: number): Promise<void> => {
     await changeWrite(map, node, at, fill);
@@ -1233,17 +1245,10 @@ describe('the read map (fs/read-map.ts), in-process', function () {
         if (g >= 256) expect(hit[0], `granule ${g}: never written, zeros`).to.equal(-1);
       }
       // 1 MiB written in random order and 1 MiB of zeros, 100 bytes in: runs of the host file and zeros.
-      const runs: number[] = [];
-      const count = readRuns(map.table, 100, 2 * MiB, hit, runs);
-      expect(count, 'in the map').to.be.greaterThan(3 * 64);
-      const got = Buffer.alloc(2 * MiB);
-      for (let i = 0, at = 0; i < count; i += 3) {
-        expect(fillFromHost(runs[i]!, runs[i + 1]!, got, at, runs[i + 2]!)).to.equal(true);
-        at += runs[i + 2]!;
-      }
+      const got = readFromMap(map, 100, 2 * MiB);
       const want = Buffer.alloc(2 * MiB);
       await node.read(100, want);
-      expect(got.equals(want)).to.equal(true);
+      expect(got?.equals(want), 'the map\'s runs read as the node reads').to.equal(true);
     } finally {
       await node.close();
     }
@@ -1268,17 +1273,12 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       const map = new ReadMap(node);
       map.miss(0, 4096);
       await map.idle();
-      const hit = [0, 0, 0];
-      const runs: number[] = [];
-      expect(readRuns(map.table, 0, 4096, hit, runs), 'granule 0, published').to.equal(3);
+      expect(readFromMap(map, 0, 4096)?.every((b) => b === 0x11), 'granule 0, published').to.equal(true);
       // Granule 2^32 is not in the map yet: the main thread must answer.
-      expect(readRuns(map.table, 256 * TiB, 4096, hit, runs), 'the granule at 256 TiB').to.equal(-1);
+      expect(readFromMap(map, 256 * TiB, 4096), 'the granule at 256 TiB').to.equal(undefined);
       map.miss(256 * TiB, 4096);
       await map.idle();
-      expect(readRuns(map.table, 256 * TiB, 4096, hit, runs)).to.equal(3);
-      const got = Buffer.alloc(4096);
-      expect(fillFromHost(runs[0]!, runs[1]!, got, 0, 4096)).to.equal(true);
-      expect(got.every((b) => b === 0x22), 'the bytes at 256 TiB').to.equal(true);
+      expect(readFromMap(map, 256 * TiB, 4096)?.every((b) => b === 0x22), 'the bytes at 256 TiB').to.equal(true);
     } finally {
       await node.close();
     }
