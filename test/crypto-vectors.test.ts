@@ -106,7 +106,7 @@ describe('crypto: sector modes against OpenSSL', () => {
     { mode: 'ecb', keyLen: 32, openssl: 'aes-256-ecb' },
   ];
   for (const n of native) {
-    it(`aes ${n.mode}-plain64 with a ${n.keyLen * 8}-bit key equals OpenSSL ${n.openssl} per sector`, () => {
+    it(`aes ${n.mode}-plain64 with a ${n.keyLen * 8}-bit key equals OpenSSL ${n.openssl} per sector, on 32-bit words and on bytes at an odd address`, () => {
       const key = crypto.randomBytes(n.keyLen);
       const data = crypto.randomBytes(512 * sectors);
       const want = Buffer.alloc(data.length);
@@ -117,11 +117,14 @@ describe('crypto: sector modes against OpenSSL', () => {
         Buffer.concat([c.update(data.subarray(s * 512, (s + 1) * 512)), c.final()]).copy(want, s * 512);
       }
       const sc = makeSectorCipher({ cipher: 'aes', mode: n.mode, ivgen: 'plain64', key });
-      const buf = Uint8Array.from(data);
-      sc.encrypt(buf, first);
-      expect(Buffer.from(buf).equals(want)).to.equal(true);
-      sc.decrypt(buf, first);
-      expect(Buffer.from(buf).equals(data)).to.equal(true);
+      for (const at of [0, 1]) {
+        const buf = new Uint8Array(data.length + at).subarray(at);
+        buf.set(data);
+        sc.encrypt(buf, first);
+        expect(Buffer.from(buf).equals(want), `at ${at}`).to.equal(true);
+        sc.decrypt(buf, first);
+        expect(Buffer.from(buf).equals(data), `at ${at}`).to.equal(true);
+      }
     });
   }
 
@@ -148,6 +151,32 @@ describe('crypto: sector modes against OpenSSL', () => {
     const buf = Uint8Array.from(data);
     makeSectorCipher({ cipher: 'aes', mode: 'cbc', ivgen: 'essiv', ivHash: 'sha256', key }).encrypt(buf, 77);
     expect(Buffer.from(buf).equals(want)).to.equal(true);
+  });
+
+  it('aes-cbc over 4096-byte sectors and Serpent-cbc over a run of sectors equal the same cipher sector by sector (CAST5: 8-byte blocks, plain64)', () => {
+    for (const [cipher, keyLen, sectorSize] of [['aes', 32, 4096], ['serpent', 32, 512], ['cast5', 16, 512]] as const) {
+      const key = crypto.randomBytes(keyLen);
+      const sc = makeSectorCipher({ cipher, mode: 'cbc', ivgen: cipher === 'cast5' ? 'plain64' : 'essiv', ivHash: 'sha256', key, sectorSize });
+      const data = crypto.randomBytes(sectorSize * 5);
+      const run = Uint8Array.from(data);
+      sc.encrypt(run, 40);
+      for (let s = 0; s < 5; s++) {
+        const one = Uint8Array.from(data.subarray(s * sectorSize, (s + 1) * sectorSize));
+        sc.encrypt(one, 40 + s);
+        expect(Buffer.from(one).equals(Buffer.from(run.subarray(s * sectorSize, (s + 1) * sectorSize))), `${cipher} sector ${s}`).to.equal(true);
+      }
+      if (cipher === 'aes') {
+        // One sector against OpenSSL's CBC with essiv's IV.
+        const salt = crypto.createHash('sha256').update(key).digest();
+        const ivPlain = Buffer.alloc(16);
+        ivPlain.writeBigUInt64LE(40n);
+        const iv = crypto.createCipheriv('aes-256-ecb', salt, null).setAutoPadding(false).update(ivPlain);
+        const want = crypto.createCipheriv('aes-256-cbc', key, iv).setAutoPadding(false).update(data.subarray(0, sectorSize));
+        expect(Buffer.from(run.subarray(0, sectorSize)).equals(want), 'aes against OpenSSL').to.equal(true);
+      }
+      sc.decrypt(run, 40);
+      expect(Buffer.from(run).equals(data), cipher).to.equal(true);
+    }
   });
 
   it('LUKS2 4096-byte sectors take IVs counted in 512-byte sectors', () => {

@@ -79,20 +79,8 @@ class ModeCipher implements SectorCipher {
         return this.xts(data, firstSector, count, true);
       case 'ctr':
         return this.ctr(data, firstSector, count);
-      case 'cbc': {
-        const bs = this.data.blockSize;
-        const ivs = this.ivs(firstSector, count);
-        for (let s = 0; s < count; s++) {
-          let prev = ivs.subarray(s * bs, (s + 1) * bs);
-          for (let off = s * this.sectorSize, end = off + this.sectorSize; off < end; off += bs) {
-            const block = data.subarray(off, off + bs);
-            for (let i = 0; i < bs; i++) block[i]! ^= prev[i]!;
-            this.data.encrypt(block, block);
-            prev = block;
-          }
-        }
-        return undefined;
-      }
+      case 'cbc':
+        return this.cbcEncrypt(data, firstSector, count);
     }
   }
 
@@ -105,20 +93,54 @@ class ModeCipher implements SectorCipher {
         return this.xts(data, firstSector, count, false);
       case 'ctr':
         return this.ctr(data, firstSector, count);
-      case 'cbc': {
-        // Every block's predecessor is known up front: one cipher call for the run.
-        const bs = this.data.blockSize;
-        const ivs = this.ivs(firstSector, count);
-        // A copy, never a view: data may be a Buffer, whose slice() shares memory.
-        const cipherText = new Uint8Array(data);
-        this.data.decrypt(data, data);
-        for (let s = 0; s < count; s++) {
-          const base = s * this.sectorSize;
-          for (let i = 0; i < bs; i++) data[base + i]! ^= ivs[s * bs + i]!;
-          for (let off = base + bs, end = base + this.sectorSize; off < end; off++) data[off]! ^= cipherText[off - bs]!;
-        }
-        return undefined;
+      case 'cbc':
+        return this.cbcDecrypt(data, firstSector, count);
+    }
+  }
+
+  /** CBC decryption: every block's predecessor is known up front, so one cipher call for the run. */
+  private cbcDecrypt(data: Uint8Array, firstSector: number, count: number): void {
+    const ss = this.sectorSize;
+    const bs = this.data.blockSize;
+    const ivs = this.ivs(firstSector, count);
+    // A copy, never a view: data may be a Buffer, whose slice() shares memory.
+    const cipherText = new Uint8Array(data);
+    this.data.decrypt(data, data);
+    const [d, iv, c] = lanes(data, ivs, cipherText);
+    const u = unitOf(d!);
+    const sw = ss / u;
+    const bw = bs / u;
+    for (let s = 0; s < count; s++) {
+      const base = s * sw;
+      for (let k = 0; k < bw; k++) d![base + k]! ^= iv![s * bw + k]!;
+      for (let k = base + bw, end = base + sw; k < end; k++) d![k]! ^= c![k - bw]!;
+    }
+  }
+
+  /**
+   * CBC encryption chains the blocks of a sector, but sectors are independent: block j
+   * of every sector of the run goes to the cipher in one call, XORed first with block
+   * j - 1 of its sector, already encrypted (its IV for j = 0). As many cipher calls as
+   * a sector has blocks (32), not as the run has (a call per 16 bytes ran at 14-21 MB/s).
+   */
+  private cbcEncrypt(data: Uint8Array, firstSector: number, count: number): void {
+    const ss = this.sectorSize;
+    const bs = this.data.blockSize;
+    const ivs = this.ivs(firstSector, count);
+    const lane = new Uint8Array(count * bs);
+    const [d, iv, l] = lanes(data, ivs, lane);
+    const u = unitOf(d!);
+    const sw = ss / u;
+    const bw = bs / u;
+    for (let j = 0; j < sw; j += bw) {
+      for (let s = 0; s < count; s++) {
+        const at = s * sw + j;
+        const prev = j === 0 ? iv! : d!;
+        const from = j === 0 ? s * bw : at - bw;
+        for (let k = 0; k < bw; k++) l![s * bw + k] = d![at + k]! ^ prev[from + k]!;
       }
+      this.data.encrypt(lane, lane);
+      for (let s = 0; s < count; s++) for (let k = 0; k < bw; k++) d![s * sw + j + k] = l![s * bw + k]!;
     }
   }
 
@@ -142,28 +164,84 @@ class ModeCipher implements SectorCipher {
       }
     }
     this.data.encrypt(stream, stream);
-    for (let i = 0; i < data.length; i++) data[i]! ^= stream[i]!;
+    xor(data, stream);
   }
 
-  /** XTS (IEEE 1619) without ciphertext stealing: sectors are whole blocks. */
+  /**
+   * XTS (IEEE 1619) without ciphertext stealing: sectors are whole blocks. The tweaks of
+   * the whole run are made first (each block's the one before it times x in GF(2^128)),
+   * then one cipher call between two XORs with them.
+   */
   private xts(data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
     const perSector = this.sectorSize / 16;
     const ivs = this.ivs(firstSector, count);
     this.tweak!.encrypt(ivs, ivs);
     const t = new Uint8Array(data.length);
-    for (let s = 0; s < count; s++) {
-      let off = s * this.sectorSize;
-      t.set(ivs.subarray(s * 16, s * 16 + 16), off);
-      for (let b = 1; b < perSector; b++, off += 16) {
-        // Multiply the previous tweak by x in GF(2^128), little-endian.
-        const carry = t[off + 15]! >> 7;
-        for (let i = 15; i > 0; i--) t[off + 16 + i] = ((t[off + i]! << 1) | (t[off + i - 1]! >> 7)) & 0xff;
-        t[off + 16] = ((t[off]! << 1) & 0xff) ^ (carry ? 0x87 : 0);
+    if (LITTLE_ENDIAN) {
+      // A tweak as four 32-bit words, least significant first: the 128-bit shift is four word shifts.
+      const t32 = new Uint32Array(t.buffer, t.byteOffset, t.length >> 2);
+      const iv32 = new Uint32Array(ivs.buffer.slice(ivs.byteOffset, ivs.byteOffset + ivs.length));
+      for (let s = 0; s < count; s++) {
+        let w0 = iv32[s * 4]!;
+        let w1 = iv32[s * 4 + 1]!;
+        let w2 = iv32[s * 4 + 2]!;
+        let w3 = iv32[s * 4 + 3]!;
+        let o = s * perSector * 4;
+        t32[o] = w0;
+        t32[o + 1] = w1;
+        t32[o + 2] = w2;
+        t32[o + 3] = w3;
+        for (let b = 1; b < perSector; b++) {
+          const carry = w3 >>> 31;
+          w3 = (w3 << 1) | (w2 >>> 31);
+          w2 = (w2 << 1) | (w1 >>> 31);
+          w1 = (w1 << 1) | (w0 >>> 31);
+          w0 = (w0 << 1) ^ (carry * 0x87);
+          o += 4;
+          t32[o] = w0;
+          t32[o + 1] = w1;
+          t32[o + 2] = w2;
+          t32[o + 3] = w3;
+        }
+      }
+    } else {
+      for (let s = 0; s < count; s++) {
+        let off = s * this.sectorSize;
+        t.set(ivs.subarray(s * 16, s * 16 + 16), off);
+        for (let b = 1; b < perSector; b++, off += 16) {
+          // Multiply the previous tweak by x in GF(2^128), little-endian.
+          const carry = t[off + 15]! >> 7;
+          for (let i = 15; i > 0; i--) t[off + 16 + i] = ((t[off + i]! << 1) | (t[off + i - 1]! >> 7)) & 0xff;
+          t[off + 16] = ((t[off]! << 1) & 0xff) ^ (carry ? 0x87 : 0);
+        }
       }
     }
-    for (let i = 0; i < data.length; i++) data[i]! ^= t[i]!;
+    xor(data, t);
     if (encrypt) this.data.encrypt(data, data);
     else this.data.decrypt(data, data);
-    for (let i = 0; i < data.length; i++) data[i]! ^= t[i]!;
+    xor(data, t);
   }
+}
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+type Lane = Uint8Array | Uint32Array;
+
+/**
+ * The arrays as 32-bit words where every one of them allows it (XOR and copies do not
+ * care for byte order), else as bytes: a quarter of the loop iterations.
+ */
+function lanes(...arrays: Uint8Array[]): Lane[] {
+  if (arrays.every((a) => a.byteOffset % 4 === 0 && a.length % 4 === 0)) return arrays.map((a) => new Uint32Array(a.buffer, a.byteOffset, a.length >> 2));
+  return arrays;
+}
+
+function unitOf(a: Lane): number {
+  return a.BYTES_PER_ELEMENT;
+}
+
+/** dst ^= src, of equal length. */
+function xor(dst: Uint8Array, src: Uint8Array): void {
+  const [d, s] = lanes(dst, src);
+  for (let i = 0; i < d!.length; i++) d![i]! ^= s![i]!;
 }
