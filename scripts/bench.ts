@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { imageInfo } from './lib/qemu.js';
-import { Images, type Sizes } from './bench/images.js';
+import { Images, LUKS_SECRET, type Sizes } from './bench/images.js';
 import { cleanupAll, liveMounts, peakRss, withMount, type MountRequest, type System } from './bench/mounts.js';
 import { convertSeconds, halfDataRaw, qemuImgSeconds, scattered1T, tsimgSeconds } from './bench/tsimg.js';
 import { GiB, MiB, ddRead, ddReadParallel, ddWrite, drop, fio, have, loadAverage, machine, median, warm, holdFreeMemory, warmFreeMemory, type Machine } from './bench/tools.js';
@@ -215,10 +215,10 @@ class Bench {
   }
 
   /** Sequential dd read of a whole image. */
-  private async seqRead(id: string, what: string, image: string, format: string, systems: System[], files = [image]): Promise<void> {
+  private async seqRead(id: string, what: string, image: string, format: string, systems: System[], files = [image], extra: Partial<MountRequest> = {}): Promise<void> {
     const load = loadAverage();
-    const size = await virtualSize(image, format);
-    const m = await this.compare(systems, files, this.cfg.repeat, true, (s) => withMount(s, this.request(s, image, format, { size }), (mt) => ddRead(mt.file, size)));
+    const size = extra.size ?? (await virtualSize(image, format));
+    const m = await this.compare(systems, files, this.cfg.repeat, true, (s) => withMount(s, this.request(s, image, format, { size, ...extra }), (mt) => ddRead(mt.file, size)));
     this.report(id, what, m, mbps, load, '≥ 1.0', '', systems.includes('ceiling') ? 0.7 : undefined);
   }
 
@@ -281,18 +281,20 @@ class Bench {
    * the same disk (a fresh sparse file where the row allocates, an allocated one where
    * it overwrites): what the machine writes with no FUSE server in the way.
    */
-  private async seqWrite(id: string, what: string, format: 'qcow2' | 'raw', overwrite: boolean): Promise<void> {
+  private async seqWrite(id: string, what: string, format: 'qcow2' | 'raw' | 'luks', overwrite: boolean): Promise<void> {
     const src = await this.images.dataRaw();
     const size = this.cfg.sizes.main;
     const load = loadAverage();
     // Overwrites reuse one allocated image (and one allocated dd target) for every measurement.
-    const over = overwrite ? { qcow2: format === 'qcow2' ? await this.images.writableCopy(`over-${id}.qcow2`) : undefined, raw: await this.images.rawCopy(`over-${id}.raw`) } : undefined;
+    const image = !overwrite || format === 'raw' ? undefined : format === 'luks' ? await this.images.luksCopy(`over-${id}.luks`) : await this.images.writableCopy(`over-${id}.qcow2`);
+    const over = overwrite ? { image, raw: await this.images.rawCopy(`over-${id}.raw`) } : undefined;
+    const extra: Partial<MountRequest> = { rw: true, ...(format === 'luks' ? { secret: LUKS_SECRET } : {}) };
     const m = await this.compare(['tsmount', 'qsd', 'dd'], [src], this.cfg.repeat, true, async (s) => {
       if (s === 'dd') return ddWrite(src, over ? over.raw : this.images.sparseRaw(`alloc-${id}-dd.raw`), size);
       let img: string;
-      if (over) img = over.qcow2 ?? over.raw;
+      if (over) img = over.image ?? over.raw;
       else img = format === 'qcow2' ? await this.images.emptyQcow2(`write-${s}.qcow2`) : this.images.sparseRaw(`alloc-${id}-${s}.raw`);
-      return withMount(s, this.request(s, img, format, { rw: true }), (mt) => ddWrite(src, mt.file, size));
+      return withMount(s, this.request(s, img, format, extra), (mt) => ddWrite(src, mt.file, size));
     });
     this.report(id, what, m, mbps, load, '≥ 1.0', 'ceiling column: the same dd straight into a host file on the same disk', 0.9);
   }
@@ -303,6 +305,7 @@ class Bench {
     await this.seqWrite('3o', `sequential overwrite, dd bs=1M conv=fsync into a fully allocated ${size} qcow2`, 'qcow2', true);
     await this.seqWrite('3r', `sequential write that allocates, dd bs=1M conv=fsync into a sparse ${size} raw image`, 'raw', false);
     await this.seqWrite('3ro', `sequential overwrite, dd bs=1M conv=fsync into an allocated ${size} raw image`, 'raw', true);
+    await this.seqWrite('3l', `sequential overwrite, dd bs=1M conv=fsync into a ${size} luks image (aes-256-xts-plain64)`, 'luks', true);
   }
 
   async row4(): Promise<void> {
@@ -390,6 +393,8 @@ class Bench {
     await this.seqRead('5a', `sequential read, ${size} vmdk (monolithicSparse)`, await this.images.vmdk(), 'vmdk', ['tsmount', 'qsd', 'ceiling']);
     await this.seqRead('5b', `sequential read, ${size} vhdx`, await this.images.vhdx(), 'vhdx', ['tsmount', 'qsd', 'ceiling']);
     await this.seqRead('5c', `sequential read, ${size} compressed qcow2`, await this.images.compressedQcow2(), 'qcow2', ['tsmount', 'qsd', 'ceiling']);
+    const luks = await this.images.luks();
+    await this.seqRead('5d', `sequential read, ${size} luks (aes-256-xts-plain64)`, luks, 'luks', ['tsmount', 'qsd', 'ceiling'], [luks], { secret: LUKS_SECRET, size: this.cfg.sizes.main });
   }
 
   async row6(): Promise<void> {
@@ -599,7 +604,7 @@ function render(mach: Machine, cfg: BenchConfig, rows: Row[], loadStart: string,
     '',
     'The ceiling is scripts/bench/ceiling.c: a libfuse3 low-level server that serves memory (no storage) with',
     '1 MiB requests, built by the benchmark with gcc; it is the most any FUSE server can do on this machine.',
-    'On the sequential write rows (3, 3o, 3r, 3ro) the ceiling column is instead the same dd straight into a',
+    'On the sequential write rows (3, 3o, 3r, 3ro, 3l) the ceiling column is instead the same dd straight into a',
     'host file on the same disk (no FUSE at all), and the ratio next to it is tsmount / dd.',
     '',
     '| row | what | tsmount | qsd | xmount | ceiling | tsmount/qsd median (min..max) | tsmount/ceiling median (min..max) | target | load avg | note |',
@@ -680,7 +685,7 @@ export async function runBench(cfg: BenchConfig): Promise<Row[]> {
     cleanupAll();
     if (liveMounts() === 0) {
       if (cfg.imagesDir && !cfg.keepImages) {
-        const written = ['write-tsmount.qcow2', 'write-qsd.qcow2', 'random-write.qcow2', 'over-3o.qcow2', 'over-3o.raw', 'over-3ro.raw'];
+        const written = ['write-tsmount.qcow2', 'write-qsd.qcow2', 'random-write.qcow2', 'over-3o.qcow2', 'over-3o.raw', 'over-3ro.raw', 'over-3l.luks', 'over-3l.raw'];
         for (const id of ['3', '3r']) for (const s of ['tsmount', 'qsd', 'dd']) written.push(`alloc-${id}-${s}.raw`);
         for (const f of written) fs.rmSync(path.join(imagesDir, f), { force: true });
       }

@@ -3,8 +3,11 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { runOk } from '../lib/qemu.js';
+import { runOk, runTimingPbkdf } from '../lib/qemu.js';
 import { MiB } from './tools.js';
+
+/** The benchmark's LUKS image's passphrase. */
+export const LUKS_SECRET = 'tsmount-bench';
 
 const CLUSTER = 64 * 1024;
 
@@ -76,6 +79,21 @@ export class Images {
     if (format === 'vhdx') return this.vhdx();
     return this.fromData(`full.${format}`, ['-O', format, ...(format === 'vpc' ? ['-o', 'force_size=on'] : [])]);
   }
+  /** The data as a LUKS1 image (QEMU's defaults: aes-256-xts-plain64), passphrase LUKS_SECRET. */
+  luks(): Promise<string> {
+    return this.dataRaw().then((src) =>
+      this.once('full.luks', `luks ${this.sizes.main}`, async (file) => {
+        const r = await runTimingPbkdf('qemu-img', ['convert', '-f', 'raw', '--object', `secret,id=s0,data=${LUKS_SECRET}`, '-O', 'luks', '-o', 'key-secret=s0,iter-time=10', src, file]);
+        if (r.code !== 0) throw new Error(`qemu-img convert -O luks: ${r.stderr.trim()}`);
+      }),
+    );
+  }
+
+  /** A private copy of the LUKS image (overwrites). */
+  async luksCopy(name: string): Promise<string> {
+    return this.copyOf(await this.luks(), name);
+  }
+
   compressedQcow2(): Promise<string> {
     return this.fromData('compressed.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536']);
   }

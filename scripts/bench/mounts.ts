@@ -45,6 +45,8 @@ export interface MountRequest {
   nodeArgs?: string[];
   /** The disk's virtual size: the ceiling server serves this many bytes. */
   size?: number;
+  /** The passphrase of an encrypted image (luks): tsmount --secret, a secret object for qsd. */
+  secret?: string;
 }
 
 const live = new Map<string, Mounted>();
@@ -82,6 +84,7 @@ async function mountTsmount(req: MountRequest): Promise<Mounted> {
   const args = [...(req.nodeArgs ?? []), TSMOUNT, '-f', req.format];
   if (req.rw) args.push('--rw');
   if (req.cacheSize) args.push('--cache-size', req.cacheSize);
+  if (req.secret !== undefined) args.push('--secret', req.secret);
   args.push(req.image, req.target);
   const mp = path.resolve(req.target);
   // Registered before it exists, so an interrupt during the mount still cleans up.
@@ -106,8 +109,9 @@ async function mountQsd(req: MountRequest): Promise<Mounted> {
   const blockdevs =
     req.format === 'raw'
       ? [`driver=file,node-name=f,filename=${req.image}`, `driver=raw,node-name=q,file=f`]
-      : [`driver=file,node-name=f,filename=${req.image}`, `driver=${req.format},node-name=q,file=f`];
-  const args = blockdevs.flatMap((b) => ['--blockdev', b]);
+      : [`driver=file,node-name=f,filename=${req.image}`, `driver=${req.format},node-name=q,file=f${req.secret !== undefined ? ',key-secret=s0' : ''}`];
+  const args = req.secret !== undefined ? ['--object', `secret,id=s0,data=${req.secret}`] : [];
+  args.push(...blockdevs.flatMap((b) => ['--blockdev', b]));
   args.push('--export', `type=fuse,id=e,node-name=q,mountpoint=${mp},writable=${req.rw ? 'on' : 'off'}`);
   // Not --daemonize: a daemonized qsd 7.2 leaves its mount behind when it gets SIGTERM.
   return spawnServer('qsd', 'qemu-storage-daemon', args, mp, path.dirname(req.image));
