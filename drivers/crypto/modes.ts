@@ -38,6 +38,16 @@ export function makeSectorCipher(spec: SectorCipherSpec): SectorCipher {
   return new ModeCipher(spec);
 }
 
+/**
+ * The legacy "aes" of qcow and qcow2 (QEMU's crypto/block-qcow.c): AES-128-CBC per
+ * 512-byte sector, IV plain64, the key the passphrase's first 16 bytes (UTF-8), zero-padded.
+ */
+export function legacyAesCipher(passphrase: string): SectorCipher {
+  const key = new Uint8Array(16);
+  key.set(Buffer.from(passphrase, 'utf8').subarray(0, 16));
+  return makeSectorCipher({ cipher: 'aes', mode: 'cbc', ivgen: 'plain64', key });
+}
+
 class ModeCipher implements SectorCipher {
   readonly sectorSize: number;
   private readonly data: BlockCipher;

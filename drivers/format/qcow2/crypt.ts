@@ -4,11 +4,11 @@
 //   (zero-padded), IV plain64 of the guest sector (512 bytes);
 // - method 2, LUKS: a LUKS1 header in clusters of the image; data sectors are
 //   numbered by their host offset (crypt_physical_offset).
-import crypto from 'node:crypto';
 import type { BlockNode } from '../../types.js';
 import { BadPassphraseError, CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
 import { CIPHER_MODES } from '../../crypto/magic.js';
+import { legacyAesCipher } from '../../crypto/modes.js';
 
 export const SECTOR = 512;
 
@@ -30,43 +30,11 @@ export interface DataCrypt {
   physical: boolean;
 }
 
-/** qcow's "aes": AES-128-CBC with a plain64 IV per 512-byte sector. */
-class LegacyAes implements SectorCipher {
-  readonly sectorSize = SECTOR;
-  private readonly key: Buffer;
-
-  constructor(passphrase: string) {
-    this.key = Buffer.alloc(16);
-    Buffer.from(passphrase, 'utf8').copy(this.key, 0, 0, 16);
-  }
-
-  private run(data: Uint8Array, firstSector: number, encrypt: boolean): void {
-    const iv = Buffer.alloc(16);
-    for (let off = 0, s = firstSector; off < data.length; off += SECTOR, s++) {
-      iv.writeBigUInt64LE(BigInt(s), 0);
-      const c = encrypt ? crypto.createCipheriv('aes-128-cbc', this.key, iv) : crypto.createDecipheriv('aes-128-cbc', this.key, iv);
-      c.setAutoPadding(false);
-      const sector = data.subarray(off, off + SECTOR);
-      const out = c.update(sector);
-      sector.set(out);
-      c.final();
-    }
-  }
-
-  encrypt(data: Uint8Array, firstSector: number): void {
-    this.run(data, firstSector, true);
-  }
-
-  decrypt(data: Uint8Array, firstSector: number): void {
-    this.run(data, firstSector, false);
-  }
-}
-
 /** The data cipher of an encrypted image, or a one-line error. */
 export async function openCrypt(file: BlockNode, method: number, cryptoHeader: { offset: number; length: number } | undefined, secret: string | undefined): Promise<DataCrypt> {
   const name = file.name;
   if (secret === undefined) throw new BadPassphraseError(`${name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
-  if (method === 1) return { cipher: new LegacyAes(secret), physical: false };
+  if (method === 1) return { cipher: legacyAesCipher(secret), physical: false };
   if (method !== 2) throw new UnsupportedError(`${name}: qcow2 encryption method ${method} is not supported`);
   if (!cryptoHeader) throw new CorruptImageError(`${name}: qcow2 LUKS encryption without a crypto header extension`);
   if (cryptoHeader.offset + cryptoHeader.length > file.size) throw new CorruptImageError(`${name}: qcow2 LUKS header lies outside the file`);
