@@ -119,8 +119,9 @@ export class ReadMap {
   private readonly hit = [0, 0, 0];
 
   constructor(private readonly top: BlockNode) {
-    this.table = newTable(granuleShift(top));
-    this.granule = 2 ** granuleShift(top);
+    const shift = granuleShift(top);
+    this.table = newTable(shift);
+    this.granule = 2 ** shift;
     this.perWindow = WINDOW / this.granule;
     setTableSize(this.table, top.size);
     Atomics.store(this.table, H_WRITABLE, 1);

@@ -117,7 +117,7 @@ class ModeCipher implements SectorCipher {
     const cipherText = new Uint8Array(data);
     this.data.decrypt(data, data);
     const [d, iv, c] = lanes(data, ivs, cipherText);
-    const u = unitOf(d!);
+    const u = d!.BYTES_PER_ELEMENT;
     const sw = ss / u;
     const bw = bs / u;
     for (let s = 0; s < count; s++) {
@@ -139,7 +139,7 @@ class ModeCipher implements SectorCipher {
     const ivs = this.ivs(firstSector, count);
     const lane = new Uint8Array(count * bs);
     const [d, iv, l] = lanes(data, ivs, lane);
-    const u = unitOf(d!);
+    const u = d!.BYTES_PER_ELEMENT;
     const sw = ss / u;
     const bw = bs / u;
     for (let j = 0; j < sw; j += bw) {
@@ -244,10 +244,6 @@ type Lane = Uint8Array | Uint32Array;
 function lanes(...arrays: Uint8Array[]): Lane[] {
   if (arrays.every((a) => a.byteOffset % 4 === 0 && a.length % 4 === 0)) return arrays.map((a) => new Uint32Array(a.buffer, a.byteOffset, a.length >> 2));
   return arrays;
-}
-
-function unitOf(a: Lane): number {
-  return a.BYTES_PER_ELEMENT;
 }
 
 /** dst ^= src, of equal length. */
