@@ -3,7 +3,7 @@ import type { BlockNode, Creatable, CreateRequest, FormatDriver, OpenOptions } f
 import { PagedTable } from '../table-pages.js';
 import { BadPassphraseError, UsageError } from '../../errors.js';
 import { CRYPT, encodeHeader, HEADER_BYTES, LIMITS, parseHeader, type QcowHeader } from './header.js';
-import { QcowCipher } from './crypto.js';
+import type { QcowCipher } from './crypto.js';
 import { QcowNode } from './qcow.js';
 import { readHead } from '../mapped-node.js';
 import { sizeWithBacking } from '../backing.js';
@@ -17,7 +17,8 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   if (h.cryptMethod === CRYPT.aes) {
     // qcow stores nothing to check a key against: any key opens, a wrong one reads garbage.
     if (opts.secret === undefined && !opts.noIo) throw new BadPassphraseError(`${name}: the qcow image is encrypted (AES); give the key with --secret`);
-    if (opts.secret !== undefined) cipher = new QcowCipher(opts.secret);
+    // The cipher's code loads only for an image that needs it.
+    if (opts.secret !== undefined) cipher = new (await import('./crypto.js')).QcowCipher(opts.secret);
   }
   // The L1 table lies in the file (parseHeader checks); it is read a page at a time as needed.
   const l1 = new PagedTable(file, h.l1TableOffset, h.l1Size, 8, Math.floor(opts.metadataCacheBytes / 4));

@@ -8,7 +8,6 @@ import type { BlockNode } from '../../types.js';
 import { BadPassphraseError, CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
 import { CIPHER_MODES } from '../../crypto/magic.js';
-import { legacyAesCipher } from '../../crypto/modes.js';
 
 export const SECTOR = 512;
 
@@ -34,7 +33,10 @@ export interface DataCrypt {
 export async function openCrypt(file: BlockNode, method: number, cryptoHeader: { offset: number; length: number } | undefined, secret: string | undefined): Promise<DataCrypt> {
   const name = file.name;
   if (secret === undefined) throw new BadPassphraseError(`${name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
-  if (method === 1) return { cipher: legacyAesCipher(secret), physical: false };
+  if (method === 1) {
+    const { legacyAesCipher } = await import('../../crypto/modes.js');
+    return { cipher: legacyAesCipher(secret), physical: false };
+  }
   if (method !== 2) throw new UnsupportedError(`${name}: qcow2 encryption method ${method} is not supported`);
   if (!cryptoHeader) throw new CorruptImageError(`${name}: qcow2 LUKS encryption without a crypto header extension`);
   if (cryptoHeader.offset + cryptoHeader.length > file.size) throw new CorruptImageError(`${name}: qcow2 LUKS header lies outside the file`);
