@@ -196,6 +196,15 @@ describe('luks: images made by qemu-img', function () {
     }
     expect((err as Error).message.split('\n')).to.have.length(1);
   });
+
+  it('a LUKS1 file cut inside its last sector: the disk is whole sectors as QEMU\'s, and reads as qemu-img reads it', async () => {
+    const file = path.join(tmp.dir, 'cut.luks');
+    fs.copyFileSync(shared, file);
+    fs.truncateSync(file, fs.statSync(file).size - 100);
+    const want = await qemuRaw(file);
+    expect(want.length % 512, 'QEMU rounds the disk up to a sector').to.equal(0);
+    expect((await ourRead(file)).equals(want)).to.equal(true);
+  });
 });
 
 describe('luks: tsimg create', function () {

@@ -76,12 +76,18 @@ class ModeCipher implements SectorCipher {
     if (spec.mode !== 'ecb') this.ivgen = new IvGenerator(spec.ivgen, this.data.blockSize, spec.cipher, spec.key, spec.ivHash);
   }
 
+  /** The whole sectors `data` holds; the nodes give whole sectors only. */
+  private sectors(data: Uint8Array): number {
+    if (data.length % this.sectorSize !== 0) throw new RangeError(`${data.length} bytes are not whole ${this.sectorSize}-byte encryption sectors`);
+    return data.length / this.sectorSize;
+  }
+
   private ivs(firstSector: number, count: number): Uint8Array {
     return this.ivgen!.generate(this.ivOffset + firstSector * this.ivStep, count, this.ivStep);
   }
 
   encrypt(data: Uint8Array, firstSector: number): void {
-    const count = data.length / this.sectorSize;
+    const count = this.sectors(data);
     switch (this.mode) {
       case 'ecb':
         return this.data.encrypt(data, data);
@@ -95,7 +101,7 @@ class ModeCipher implements SectorCipher {
   }
 
   decrypt(data: Uint8Array, firstSector: number): void {
-    const count = data.length / this.sectorSize;
+    const count = this.sectors(data);
     switch (this.mode) {
       case 'ecb':
         return this.data.decrypt(data, data);

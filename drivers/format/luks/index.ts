@@ -90,7 +90,7 @@ async function openHeaderOnly(file: BlockNode, opts: OpenOptions): Promise<Block
   const h = await luks1Header(file);
   if (!h) throw new UsageError(`${file.name}: the image is encrypted; give its passphrase with --secret or --secret-file`);
   if (h.payloadOffset > file.size) throw new CorruptImageError(`${file.name}: LUKS payload offset ${h.payloadOffset} lies past the end of the file`);
-  return new LuksNode(file, h.payloadOffset, file.size - h.payloadOffset, undefined, true, h);
+  return new LuksNode(file, h.payloadOffset, Math.ceil((file.size - h.payloadOffset) / 512) * 512, undefined, true, h);
 }
 
 async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
@@ -105,8 +105,11 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   if (v.payloadLength !== undefined && v.payloadLength > available) {
     throw new CorruptImageError(`${name}: LUKS2 segment of ${v.payloadLength} bytes runs past the end of the file`);
   }
-  // LUKS2 devices hold whole encryption sectors only.
-  const usable = v.version === 2 ? size - (size % v.sectorSize) : size;
+  // LUKS2 devices hold whole encryption sectors only. A LUKS1 payload that ends inside a
+  // sector (a truncated file) counts the sector whole, as QEMU does (its disk is whole
+  // 512-byte sectors, rounded up): the file reads as zeros past its end, and the cipher
+  // is only ever given whole sectors.
+  const usable = v.version === 2 ? size - (size % v.sectorSize) : Math.ceil(size / v.sectorSize) * v.sectorSize;
   const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly, v.version === 1 ? await luks1Header(file) : undefined);
   return node;
 }
