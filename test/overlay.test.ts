@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { checkImage, md5File, run, runOk, tempDir } from './helpers/qemu.js';
-import { MountTracker, tsmount, mountpointIn } from './helpers/mount.js';
+import { MountTracker, tsmount, mountpointIn, waitFor } from './helpers/mount.js';
 import { pattern, writeSynced } from './helpers/images.js';
 import { startServer } from './helpers/servers.js';
 
@@ -57,6 +57,8 @@ describe('tsmount --overlay and --snapshot: writes into a qcow2 overlay, the ima
     await mounts.mount(['--overlay', overlay, '--log', log, image, dir]);
     const flat = path.join(dir, 'disk.raw');
     expect(fs.readdirSync(dir)).to.deep.equal(['disk.raw']);
+    // The server logs its ready line once tsmount has acknowledged the mount, so just after tsmount returns.
+    await waitFor(() => fs.readFileSync(log, 'utf8').includes(' ready: '), 15_000, 'the ready line');
     expect(fs.readFileSync(log, 'utf8'), 'the ready line names the image under the overlay').to.match(/disk\.raw ready: .*, vmdk under a qcow2 overlay, read-write/);
     writeSynced(flat, 3 * MiB + 100, pattern(200_000, 9));
     const seen1 = path.join(tmp.dir, 'seen1.raw');
