@@ -7,7 +7,7 @@
 // that was acknowledged; what "writeback" defers is the format's metadata, kept in
 // its TableCaches until flush. A read that raced a write never inserts stale data.
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, CacheMode } from '../drivers/types.js';
+import type { BlockNode, CacheMode, HostCipher } from '../drivers/types.js';
 import { Filter } from '../drivers/filters/filter.js';
 import createDebug from '../drivers/util/debug.js';
 
@@ -72,6 +72,9 @@ export class ClusterCache extends Filter {
    */
   override get hostFd(): number | undefined {
     return this.next.hostFd;
+  }
+  override get hostCipher(): HostCipher | undefined {
+    return this.next.hostCipher;
   }
 
   /**

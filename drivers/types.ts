@@ -2,6 +2,7 @@
 // Protocol nodes, format nodes and filters all implement BlockNode; a format driver
 // turns a protocol node into a format node.
 import type { ImageLock } from './protocol/lock.js';
+import type { SectorCipher } from './crypto/modes.js';
 
 /** What a range of one layer holds, as QEMU's block_status answers for its own layer. */
 export type ExtentKind =
@@ -31,6 +32,23 @@ export interface Extent {
    * it (inPlaceWrites).
    */
   inPlace?: boolean;
+  /**
+   * Where this layer's own file holds the range's ciphertext, contiguously, for an
+   * encrypted layer that offers hostCipher: not a place of the guest's bytes, so
+   * qemu-img map's "offset" (`host`) stays absent there, as QEMU leaves it.
+   */
+  cipherHost?: number;
+}
+
+/**
+ * How an encrypted layer's ciphertext reads around the graph (fs/read-map.ts): the
+ * bytes at a block status `cipherHost` in `fd` are whole sectors of `cipher`, sector
+ * number (cipherHost - ivBase) / cipher.sectorSize.
+ */
+export interface HostCipher {
+  readonly fd: number;
+  readonly cipher: SectorCipher;
+  readonly ivBase: number;
 }
 
 /** What a consistency check found, in qemu-img check's terms (ImageCheck). */
@@ -214,6 +232,12 @@ export interface BlockNode {
    * it undefined.
    */
   readonly hostFd?: number | undefined;
+  /**
+   * An encrypted layer's hostFd: its block status gives `cipherHost` where reading
+   * those bytes with pread(2) and decrypting them with this gives exactly the guest
+   * data. Filters forward it where they forward hostFd; anything unsure leaves it out.
+   */
+  readonly hostCipher?: HostCipher | undefined;
   /**
    * Writes of ranges whose block status says `inPlace` may go around the graph, with
    * pwrite(2) to hostFd (the FUSE workers, fs/read-map.ts): nothing in or above this

@@ -36,6 +36,8 @@ export interface ChainRun {
   zeroData?: boolean;
   /** Data a write may overwrite at `host` without the format (Extent.inPlace). */
   inPlace?: boolean;
+  /** Where the answering layer's file holds its ciphertext (Extent.cipherHost). */
+  cipherHost?: number;
 }
 
 /** A backing chain deeper than this is not walked: the rest counts as data. */
@@ -45,17 +47,25 @@ function pushChain(out: ChainRun[], r: ChainRun): void {
   if (r.length <= 0) return;
   const last = out[out.length - 1];
   const hostFollows = last?.host === undefined ? r.host === undefined : r.host === last.host + last.length;
-  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && last.zeroData === r.zeroData && last.inPlace === r.inPlace) last.length += r.length;
+  const cipherFollows = last?.cipherHost === undefined ? r.cipherHost === undefined : r.cipherHost === last.cipherHost + last.length;
+  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && cipherFollows && last.zeroData === r.zeroData && last.inPlace === r.inPlace) last.length += r.length;
   else out.push({ ...r });
+}
+
+/** How chainExtents walks. */
+export interface ChainWalk {
+  /** A layer whose block status fails fails the walk (tsimg map); else it counts as data (safe for SEEK_DATA and st_blocks). */
+  strict?: boolean;
+  /** Keep where encrypted layers hold their ciphertext (Extent.cipherHost: the read map); else runs merge across it. */
+  ciphertext?: boolean;
 }
 
 /**
  * Runs covering exactly [offset, offset + length) of `node` (length > 0, inside the
- * node), merged, in order, each with the layer that answers for it. A layer whose
- * block status fails counts as data when `strict` is false (safe for SEEK_DATA and
- * st_blocks), and fails the walk when it is true (tsimg map).
+ * node), merged, in order, each with the layer that answers for it.
  */
-export async function chainExtents(node: BlockNode, offset: number, length: number, strict = false, out: ChainRun[] = [], depth = 0): Promise<ChainRun[]> {
+export async function chainExtents(node: BlockNode, offset: number, length: number, walk: ChainWalk = {}, out: ChainRun[] = [], depth = 0): Promise<ChainRun[]> {
+  const strict = walk.strict === true;
   if (depth > MAX_DEPTH) {
     if (strict) throw new ErrnoError(`${node.name}: backing chain deeper than ${MAX_DEPTH}`, E.ELOOP);
     pushChain(out, { offset, length, depth, kind: 'data' });
@@ -83,11 +93,12 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
       if (e.host !== undefined) run.host = e.host + (s - e.offset);
       if (e.zeroData) run.zeroData = true;
       if (e.inPlace && e.host !== undefined) run.inPlace = true;
+      if (e.cipherHost !== undefined && walk.ciphertext) run.cipherHost = e.cipherHost + (s - e.offset);
       pushChain(out, run);
     } else {
       const backing = node.backing;
       const covered = backing ? Math.min(t, Math.max(s, backing.size)) : s;
-      if (backing && covered > s) await chainExtents(backing, s, covered - s, strict, out, depth + 1);
+      if (backing && covered > s) await chainExtents(backing, s, covered - s, walk, out, depth + 1);
       // Past the end of a shorter backing node the bytes read as zeros.
       pushChain(out, { offset: covered, length: t - covered, depth, kind: 'unallocated' });
     }

@@ -12,8 +12,8 @@ import { ROOT_ID, type DirEntry, type Entry, type FsOps, type Opened, type Stat 
 import type { Ownership } from './access.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
 import { allocatedBytes, seek } from './extents.js';
-import { hasHostFd, ReadMap, type MapChange } from './read-map.js';
-import { WORKER_WRITES, writeInPlace } from './read-map-runs.js';
+import { readableAround, ReadMap, type MapChange } from './read-map.js';
+import { WORKER_WRITES, writeInPlace, type MapShare } from './read-map-runs.js';
 
 const debug = createDebug('tsmount:fs');
 const E = osc.errno;
@@ -94,7 +94,7 @@ export class FlatFs implements FsOps {
   private readonly byName = new Map<string, Inode>();
   private nextFd = 1;
   /** writeAround's scratch (read-map-runs.ts readRuns). */
-  private readonly aroundHit = [0, 0, 0];
+  private readonly aroundHit = [0, 0, 0, 0];
   private readonly aroundRuns: number[] = [];
   /** Files with writes not yet flushed, so a close(2) after reads costs nothing. */
   private readonly dirty = new Set<FlatFile>();
@@ -148,16 +148,16 @@ export class FlatFs implements FsOps {
    * write's end, so it later published a window while another write was halfway, and
    * fio's verify on a --rw qcow2 read zeros where it had written.)
    */
-  readMapFor(ino: number): Int32Array | null | undefined {
+  readMapFor(ino: number): MapShare | null | undefined {
     const i = this.inodes[ino];
     if (!i) return null;
     if (i.map === undefined) {
       if (i.changing !== 0) return undefined;
       const f = i.file;
-      const ok = hasHostFd(f.node) && (!f.writable || this.files.filter((x) => x.writable).length === 1);
+      const ok = readableAround(f.node) && (!f.writable || this.files.filter((x) => x.writable).length === 1);
       i.map = ok ? new ReadMap(f.node) : null;
     }
-    return i.map ? i.map.table : null;
+    return i.map ? i.map.share() : null;
   }
 
   /**

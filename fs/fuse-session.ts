@@ -812,8 +812,8 @@ export class Session implements FuseMount {
         // the mount need not wait for the other workers.
         this.workers.push(w);
         for (const nodeid of this.announced) {
-          const table = this.ops.readMapFor?.(nodeid);
-          if (table) w.port.postMessage({ ino: nodeid, table });
+          const share = this.ops.readMapFor?.(nodeid);
+          if (share) w.port.postMessage({ ino: nodeid, ...share });
         }
         Atomics.add(this.ctl, CTL_MAIL, 1);
         // The workers read every request from the first on: this thread's spin and epoll stop.
@@ -899,11 +899,11 @@ export class Session implements FuseMount {
 
   /** Tell the workers about node `nodeid`'s read map, once (again at a later READ while it cannot be made yet). */
   private announce(nodeid: number): void {
-    const table = this.ops.readMapFor?.(nodeid);
-    if (table === undefined && this.ops.readMapFor) return;
+    const share = this.ops.readMapFor?.(nodeid);
+    if (share === undefined && this.ops.readMapFor) return;
     this.announced.add(nodeid);
-    if (!table) return;
-    for (const w of this.workers) w.port.postMessage({ ino: nodeid, table });
+    if (!share) return;
+    for (const w of this.workers) w.port.postMessage({ ino: nodeid, ...share });
     Atomics.add(this.ctl, CTL_MAIL, 1);
   }
 

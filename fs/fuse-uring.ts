@@ -29,7 +29,7 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, tableSize } from './read-map-table.js';
-import { fillFromHost, readRuns, writeInPlace } from './read-map-runs.js';
+import { fillRuns, readRuns, writeInPlace } from './read-map-runs.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
 export const INIT_OVER_IO_URING_HI = 1 << 9;
@@ -413,7 +413,7 @@ class Queue {
   private readonly maps = new Map<number, Int32Array>();
   /** Requests handed to the main thread: unique -> entry. */
   private readonly pending = new Map<number, number>();
-  private readonly hit = [0, 0, 0];
+  private readonly hit = [0, 0, 0, 0];
   private readonly runs: number[] = [];
   /** The range of the request target() looked at. */
   private offset = 0;
@@ -612,11 +612,8 @@ class Queue {
     const out = this.payloads[ent]!;
     const runs = this.runs;
     const count = readRuns(table, offset, size, this.hit, runs);
-    if (count < 0) return false;
-    for (let i = 0, at = 0; i < count; i += 3) {
-      if (!fillFromHost(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!)) return false;
-      at += runs[i + 2]!;
-    }
+    // No ciphers here: an encrypted file's READs are the main thread's (fuse-worker.ts decrypts).
+    if (count < 0 || !fillRuns(runs, count, out, 0)) return false;
     this.commit(ent, unique, 0, size);
     countServed(table, size, false);
     return true;

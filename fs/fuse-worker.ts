@@ -17,7 +17,8 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, GRANULE, granuleOf, lookup, tableSize, WINDOW } from './read-map-table.js';
-import { fillFromHost, readRuns, writeInPlace } from './read-map-runs.js';
+import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
+import { fillRuns, readRuns, RUN, writeInPlace, type MapShare, type RunCipher } from './read-map-runs.js';
 
 export interface WorkerInit {
   /** The cloned /dev/fuse descriptor, non-blocking. */
@@ -26,7 +27,7 @@ export interface WorkerInit {
   maxRequest: number;
   /** Shared control words (CTL_*). */
   ctl: Int32Array;
-  /** Maps arrive here ({ ino, table }) while the loop runs; CTL_MAIL says when. */
+  /** Maps arrive here ({ ino, ...MapShare }) while the loop runs; CTL_MAIL says when. */
   port: MessagePort;
   /** allow_root: only these users' READs are served here, the rest go to the main thread. */
   denyOthers: boolean;
@@ -209,10 +210,12 @@ class Splicer {
   fits(runs: number[], count: number): boolean {
     if (this.slots === 0) return false;
     let need = 1;
-    for (let i = 0; i < count; i += 3) {
+    for (let i = 0; i < count; i += RUN) {
       const fd = runs[i]!;
       const host = runs[i + 1]!;
       const length = runs[i + 2]!;
+      // Ciphertext is decrypted in a buffer, never spliced.
+      if (runs[i + 3] !== 0) return false;
       need += fd < 0 ? Math.ceil(length / PAGE) + 1 : Math.floor((host + length - 1) / PAGE) - Math.floor(host / PAGE) + 1;
     }
     return need <= this.slots;
@@ -220,7 +223,7 @@ class Splicer {
 
   /**
    * Send the reply `header` (16 bytes, its length the whole reply) and the runs
-   * ([fd, host, length] triples; fd < 0: zeros) on `fuseFd`. False: nothing was sent.
+   * (read-map-runs.ts readRuns, none encrypted: fits) on `fuseFd`. False: nothing was sent.
    */
   send(fuseFd: number, header: Buffer, runs: number[], count: number, total: number): boolean {
     const sys = this.sys;
@@ -247,7 +250,7 @@ class Splicer {
     } catch {
       return false;
     }
-    for (let i = 0; i < count; i += 3) {
+    for (let i = 0; i < count; i += RUN) {
       const fd = runs[i]!;
       let host = runs[i + 1]!;
       let left = runs[i + 2]!;
@@ -293,9 +296,14 @@ class Worker {
   private offset = 0;
   private size = 0;
   private readonly pollfd = Buffer.alloc(8);
-  private readonly hit = [0, 0, 0];
-  /** The runs of the READ being served: [fd, host, length] triples. */
+  private readonly hit = [0, 0, 0, 0];
+  /** The runs of the READ being served (read-map-runs.ts readRuns). */
   private readonly runs: number[] = [];
+  /** Per file, the ciphers its map names (by number), once this thread made them. */
+  private readonly ciphers = new Map<number, (RunCipher | undefined)[]>();
+  /** Maps whose ciphers wait for the cipher code (loadCiphers); null: it cannot load here. */
+  private pendingCiphers: Map<number, NonNullable<MapShare['ciphers']>> | null = new Map();
+  private makeCipher: ((spec: SectorCipherSpec) => SectorCipher) | undefined;
   private readonly splicer: Splicer | undefined;
   private mailSeen = 0;
   /** Per file, the window this thread last asked the main thread to publish (lookAhead). */
@@ -324,12 +332,51 @@ class Worker {
     if (seen === this.mailSeen) return;
     this.mailSeen = seen;
     for (let m = receiveMessageOnPort(this.init.port); m; m = receiveMessageOnPort(this.init.port)) {
-      const { ino, table } = m.message as { ino: number; table: Int32Array };
+      const { ino, table, ciphers } = m.message as MapShare & { ino: number };
       this.maps.set(ino, table);
+      // Until its ciphers are made, the file's ciphertext is the main thread's (fillRuns).
+      this.ciphers.delete(ino);
+      if (!ciphers) continue;
+      if (this.makeCipher) this.ciphers.set(ino, this.cipherList(ino, ciphers));
+      else this.pendingCiphers?.set(ino, ciphers);
     }
   }
 
-  /** The loop; returns the errno that ended it (0: stopped). */
+  /** Whether the loop must stop for the cipher code to load (loadCiphers): a mounted file is encrypted. */
+  needsCiphers(): boolean {
+    return !this.makeCipher && !!this.pendingCiphers?.size;
+  }
+
+  /**
+   * Load the cipher code (only a mount of an encrypted image needs it: 11 ms and 5 MiB
+   * per thread) and make the ciphers of the maps waiting for it. If it cannot load,
+   * those files' ciphertext stays the main thread's.
+   */
+  async loadCiphers(): Promise<void> {
+    try {
+      this.makeCipher = (await import('../drivers/crypto/modes.js')).makeSectorCipher;
+    } catch {
+      this.pendingCiphers = null;
+      return;
+    }
+    for (const [ino, ciphers] of this.pendingCiphers!) this.ciphers.set(ino, this.cipherList(ino, ciphers));
+    this.pendingCiphers!.clear();
+  }
+
+  /** A map's ciphers by number (index 0 unused); one that cannot be made here stays out. */
+  private cipherList(ino: number, ciphers: NonNullable<MapShare['ciphers']>): (RunCipher | undefined)[] {
+    const out: (RunCipher | undefined)[] = [undefined];
+    for (const c of ciphers) {
+      try {
+        out.push({ cipher: this.makeCipher!(c.spec), ivBase: c.ivBase });
+      } catch {
+        out.push(undefined);
+      }
+    }
+    return out;
+  }
+
+  /** The loop; returns the errno that ended it (0: stopped), or NEED_CIPHERS (loadCiphers, then run again). */
   run(): number {
     const { fd, ctl, spinNs } = this.init;
     let lastServed = 0n;
@@ -343,6 +390,7 @@ class Worker {
         continue;
       }
       this.mail();
+      if (this.needsCiphers()) return NEED_CIPHERS;
       // Every slot was handed over: back to one as soon as the main thread gave one back.
       if (this.slot === SLOTS) this.slot = this.freeSlot(0);
       const buf = this.slots[this.slot]!;
@@ -449,11 +497,7 @@ class Worker {
     const sp = this.splicer;
     const spliced = !!sp && size >= SPLICE_MIN && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len);
     if (!spliced) {
-      let at = OUT_HEADER;
-      for (let i = 0; i < count; i += 3) {
-        if (!fillFromHost(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!)) return false;
-        at += runs[i + 2]!;
-      }
+      if (!fillRuns(runs, count, out, OUT_HEADER, this.ciphers.get(Number(buf.readBigUInt64LE(16))))) return false;
       try {
         fs.writeSync(this.init.fd, out, 0, len);
       } catch {
@@ -501,7 +545,10 @@ class Worker {
   }
 }
 
-function main(): void {
+/** What run() returns when a mounted file's ciphers wait for the cipher code (Worker.loadCiphers). */
+const NEED_CIPHERS = -1;
+
+async function main(): Promise<void> {
   const init = workerData as WorkerInit;
   let sys: Sys;
   try {
@@ -511,10 +558,11 @@ function main(): void {
   }
   parentPort!.postMessage({ type: 'ready' } satisfies WorkerMessage);
   const worker = new Worker(sys, init);
-  const errno = worker.run();
+  let errno = worker.run();
+  for (; errno === NEED_CIPHERS; errno = worker.run()) await worker.loadCiphers();
   // The pipe goes with the loop: a server in a test process mounts many times.
   worker.close();
   parentPort!.postMessage({ type: 'end', errno } satisfies WorkerMessage);
 }
 
-if (parentPort) main();
+if (parentPort) void main();

@@ -15,6 +15,7 @@ import path from 'node:path';
 import createDebug from '../drivers/util/debug.js';
 import { IoError, messageOf } from '../drivers/errors.js';
 import { umount2, MNT_DETACH } from '../drivers/util/sys.js';
+import type { MapShare } from './read-map-runs.js';
 
 const debug = createDebug('tsmount:fuse');
 
@@ -90,11 +91,11 @@ export interface FsOps {
   destroy?(): Promise<void>;
   /**
    * The shared read map of a flat file (fs/read-map.ts), which FUSE worker threads
-   * answer READs (and overwrites in place) from; null where the file has none,
-   * undefined when it cannot be made now (a write is in flight): asked again at a
-   * later READ or WRITE.
+   * answer READs (and overwrites in place) from, with the ciphers its entries name;
+   * null where the file has none, undefined when it cannot be made now (a write is in
+   * flight): asked again at a later READ or WRITE.
    */
-  readMapFor?(ino: number): Int32Array | null | undefined;
+  readMapFor?(ino: number): MapShare | null | undefined;
   /** A READ (or a WRITE: `write`) of [position, position + length) was served on the JS thread: publish the map around it. */
   mapMiss?(ino: number, position: number, length: number, write?: boolean): void;
   /**

@@ -1,17 +1,38 @@
 // What the threads that answer READs from a read map share (fs/fuse-worker.ts, the
 // /dev/fuse workers, and fs/fuse-uring.ts, the io_uring queues): a READ's range as runs
-// of host-file bytes or zeros, the bytes of one run read into a reply, and a WRITE
-// written in place. Imports only the map's layout, so a worker loads nothing of the
-// block graph.
+// of host-file bytes, ciphertext or zeros, those runs read (and decrypted) into a reply,
+// and a WRITE written in place. Imports only the map's layout, so a worker loads nothing
+// of the block graph (a thread that decrypts loads the ciphers itself: fuse-worker.ts).
 import fs from 'node:fs';
+import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
 import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup } from './read-map-table.js';
 
+/** Words per run in readRuns' output: fd (-1: zeros), host offset, length, cipher (0: none). */
+export const RUN = 4;
+
+/** A map's cipher as a reading thread holds it: sector n of it lies at ivBase + n * sectorSize. */
+export interface RunCipher {
+  cipher: SectorCipher;
+  ivBase: number;
+}
+
 /**
- * The runs of [offset, offset + size) in `table`, as triples (fd, host offset, length)
- * in `runs`: granules that continue each other (zeros, or one file contiguously) make
- * one run. Returns the number of words written, or -1 when a granule is not in the map
- * (the main thread answers then). `hit` is the caller's scratch triple for lookup().
- * `inPlace`: for a WRITE, every granule must be writable in place (else -1).
+ * A read map as the main thread hands it to the reading threads: the shared table, and
+ * what its entries' cipher numbers n stand for (ciphers[n - 1]: the spec a thread makes
+ * its own cipher from, and its ivBase). No ciphers: no entry has one.
+ */
+export interface MapShare {
+  table: Int32Array;
+  ciphers?: { spec: Readonly<SectorCipherSpec>; ivBase: number }[];
+}
+
+/**
+ * The runs of [offset, offset + size) in `table`, RUN words each (fd, host offset,
+ * length, cipher) in `runs`: granules that continue each other (zeros, or one file
+ * contiguously under the same cipher) make one run. Returns the number of words
+ * written, or -1 when a granule is not in the map (the main thread answers then). `hit`
+ * is the caller's scratch for lookup(). `inPlace`: for a WRITE, every granule must be
+ * writable in place (else -1).
  */
 export function readRuns(table: Int32Array, offset: number, size: number, hit: number[], runs: number[], inPlace = false): number {
   const end = offset + size;
@@ -19,6 +40,7 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
   let count = 0;
   let runFd = 0;
   let runHost = 0;
+  let runCipher = 0;
   let runFrom = offset;
   let pos = offset;
   let first = true;
@@ -27,16 +49,20 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
     if (!lookup(table, g, hit) || (inPlace && hit[2] !== 1)) return -1;
     const fd = hit[0]!;
     const host = hit[1]! + (pos - g * granule);
+    const cipher = hit[3]!;
     if (first) {
       first = false;
       runFd = fd;
       runHost = host;
-    } else if (fd !== runFd || (fd >= 0 && host !== runHost + (pos - runFrom))) {
+      runCipher = cipher;
+    } else if (fd !== runFd || cipher !== runCipher || (fd >= 0 && host !== runHost + (pos - runFrom))) {
       runs[count++] = runFd;
       runs[count++] = runHost;
       runs[count++] = pos - runFrom;
+      runs[count++] = runCipher;
       runFd = fd;
       runHost = host;
+      runCipher = cipher;
       runFrom = pos;
     }
     pos = Math.min(end, (g + 1) * granule);
@@ -44,7 +70,40 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
   runs[count++] = runFd;
   runs[count++] = runHost;
   runs[count++] = end - runFrom;
+  runs[count++] = runCipher;
   return count;
+}
+
+/**
+ * The `count` words of runs (readRuns) read into `out` from `at` on, ciphertext
+ * decrypted with `ciphers` (by the map's cipher number). False, for the main thread to
+ * answer, on a short read or an error, and for a run of a cipher this thread was not
+ * given or not of whole sectors (a READ not aligned to them).
+ */
+export function fillRuns(runs: number[], count: number, out: Buffer, at: number, ciphers?: readonly (RunCipher | undefined)[]): boolean {
+  for (let i = 0; i < count; i += RUN) {
+    const fd = runs[i]!;
+    const host = runs[i + 1]!;
+    const length = runs[i + 2]!;
+    const c = runs[i + 3]!;
+    if (c === 0) {
+      if (!fillFromHost(fd, host, out, at, length)) return false;
+    } else {
+      const k = ciphers?.[c];
+      if (!k) return false;
+      const unit = k.cipher.sectorSize;
+      const sector = (host - k.ivBase) / unit;
+      if (!Number.isInteger(sector) || sector < 0 || length % unit !== 0) return false;
+      if (!fillFromHost(fd, host, out, at, length)) return false;
+      try {
+        k.cipher.decrypt(out.subarray(at, at + length), sector);
+      } catch {
+        return false;
+      }
+    }
+    at += length;
+  }
+  return true;
 }
 
 /** `length` bytes at `at` in out: zeros (fd < 0) or the host file's bytes; false on a short read or an error. */
@@ -89,7 +148,7 @@ export function writeInPlace(table: Int32Array, offset: number, size: number, sr
     if (Atomics.load(table, H_CHANGING) !== 0 || Atomics.load(table, H_WRITABLE) !== 1) return false;
     const count = readRuns(table, offset, size, hit, runs, true);
     if (count < 0) return false;
-    for (let i = 0; i < count; i += 3) {
+    for (let i = 0; i < count; i += RUN) {
       if (!writeToHost(runs[i]!, runs[i + 1]!, src, at, runs[i + 2]!)) return false;
       at += runs[i + 2]!;
     }

@@ -5,7 +5,9 @@
 // One map per flat file: a SharedArrayBuffer of Int32 words, a header, then a table of
 // entries indexed by granule number modulo the capacity (a newer entry overwrites the
 // one in its slot). An entry says how one whole granule of the flat file reads: as
-// zeros (fd -1) or as the bytes at `host` in host descriptor `fd`, contiguous.
+// zeros (fd -1) or as the bytes at `host` in host descriptor `fd`, contiguous, or as
+// ciphertext there that cipher number `cipher` of the map decrypts (fs/read-map.ts
+// ciphers: the thread that reads it was given the cipher with the map).
 // Each entry has a sequence word, odd while the writer changes the entry: a reader
 // takes the entry only if the word was even and the same before and after it read the
 // other words. Atomics order the words, so a reader never sees half an entry.
@@ -105,7 +107,9 @@ const E_HOST_LO = 4;
 const E_HOST_HI = 5;
 /** The epoch the entry was published in, shifted left once; bit 0: F_IN_PLACE. */
 const E_FLAGS = 6;
-const ENTRY_WORDS = 7;
+/** 0: the bytes are the guest's; n: ciphertext of the map's cipher n (never written in place). */
+const E_CIPHER = 7;
+const ENTRY_WORDS = 8;
 /** A WRITE of the granule may go straight to `host` (while the epoch holds). */
 const F_IN_PLACE = 1;
 
@@ -113,7 +117,7 @@ const TWO32 = 0x1_0000_0000;
 
 /**
  * A map of granules of 2^shift bytes (MIN_GRANULE_SHIFT..GRANULE_SHIFT), with as many
- * entries as cover COVERAGE bytes (28 MiB of shared memory for 4 KiB granules, touched
+ * entries as cover COVERAGE bytes (32 MiB of shared memory for 4 KiB granules, touched
  * only as entries are published).
  */
 export function newTable(shift = GRANULE_SHIFT): Int32Array {
@@ -156,8 +160,11 @@ function keyHi(g: number): number {
   return Math.floor((g + 1) / TWO32);
 }
 
-/** Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`: writable there too). */
-export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false): void {
+/**
+ * Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`:
+ * writable there too), or as ciphertext there of the map's cipher number `cipher`.
+ */
+export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false, cipher = 0): void {
   const b = base(t, g);
   const seq = Atomics.load(t, b + E_SEQ);
   Atomics.store(t, b + E_SEQ, seq + 1);
@@ -166,7 +173,8 @@ export function publish(t: Int32Array, g: number, fd: number, host: number, inPl
   Atomics.store(t, b + E_FD, fd);
   Atomics.store(t, b + E_HOST_LO, host % TWO32 | 0);
   Atomics.store(t, b + E_HOST_HI, Math.floor(host / TWO32));
-  Atomics.store(t, b + E_FLAGS, inPlace && fd >= 0 ? ((Atomics.load(t, H_EPOCH) << 1) | F_IN_PLACE) : 0);
+  Atomics.store(t, b + E_FLAGS, inPlace && fd >= 0 && cipher === 0 ? ((Atomics.load(t, H_EPOCH) << 1) | F_IN_PLACE) : 0);
+  Atomics.store(t, b + E_CIPHER, fd >= 0 ? cipher : 0);
   Atomics.store(t, b + E_SEQ, seq + 2);
 }
 
@@ -202,7 +210,7 @@ export function newEpoch(t: Int32Array): void {
 }
 
 /**
- * Reader: granule `g`'s entry into out ([fd, host, writable in place]); false if the
+ * Reader: granule `g`'s entry into out ([fd, host, writable in place, cipher]); false if the
  * map does not hold it (never published, overwritten, invalidated, or being changed
  * right now).
  */
@@ -214,9 +222,11 @@ export function lookup(t: Int32Array, g: number, out: number[]): boolean {
   const fd = Atomics.load(t, b + E_FD);
   const host = (Atomics.load(t, b + E_HOST_LO) >>> 0) + (Atomics.load(t, b + E_HOST_HI) >>> 0) * TWO32;
   const flags = Atomics.load(t, b + E_FLAGS);
+  const cipher = Atomics.load(t, b + E_CIPHER);
   if (Atomics.load(t, b + E_SEQ) !== s1) return false;
   out[0] = fd;
   out[1] = host;
   out[2] = flags & F_IN_PLACE && flags >>> 1 === Atomics.load(t, H_EPOCH) ? 1 : 0;
+  out[3] = cipher;
   return true;
 }

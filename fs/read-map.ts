@@ -25,8 +25,9 @@
 // cached data when workers wrote (workerWrites), and flushes a file they wrote (takeDirty).
 import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
-import type { BlockNode } from '../drivers/types.js';
+import type { BlockNode, HostCipher } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
+import type { MapShare } from './read-map-runs.js';
 import {
   lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, capacityOf, H_READS, H_SPLICED, servedBytes, WINDOW,
   H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT,
@@ -65,6 +66,8 @@ interface Span {
   host: number;
   /** A worker may write it in place (fs/read-map-table.ts). */
   inPlace: boolean;
+  /** 0, or the number of the cipher whose ciphertext lies at `host` (ciphers). */
+  cipher: number;
 }
 
 export class ReadMap {
@@ -116,15 +119,31 @@ export class ReadMap {
   private moves = 0;
   /** Writes the main thread served since the last one that moved host space (wrote). */
   private overwrites = 0;
-  private readonly hit = [0, 0, 0];
+  private readonly hit = [0, 0, 0, 0];
+  /**
+   * The encrypted layers of the chain that can be read around the graph
+   * (BlockNode.hostCipher): an entry of ciphertext names its layer's by number, its
+   * index plus one. The reading threads get them with the table (share).
+   */
+  private readonly ciphers: HostCipher[] = [];
 
   constructor(private readonly top: BlockNode) {
+    for (let n: BlockNode | undefined = top, i = 0; n && i < 64; n = n.backing, i++) {
+      const c = n.encrypted ? n.hostCipher : undefined;
+      if (c && !this.ciphers.includes(c)) this.ciphers.push(c);
+    }
     const shift = granuleShift(top);
     this.table = newTable(shift);
     this.granule = 2 ** shift;
     this.perWindow = WINDOW / this.granule;
     setTableSize(this.table, top.size);
     Atomics.store(this.table, H_WRITABLE, 1);
+  }
+
+  /** What the reading threads are given: the table, and the ciphers its entries name (the keys go to those threads, in this process). */
+  share(): MapShare {
+    if (this.ciphers.length === 0) return { table: this.table };
+    return { table: this.table, ciphers: this.ciphers.map((c) => ({ spec: c.cipher.spec, ivBase: c.ivBase })) };
   }
 
   /** Reads the workers answered, their bytes, how many by splice; writes they wrote and their bytes (the server's counters). */
@@ -412,7 +431,7 @@ export class ReadMap {
     const moves = this.moves;
     let writable = this.top.inPlaceWrites === true;
     try {
-      const runs = await chainExtents(this.top, start, length);
+      const runs = await chainExtents(this.top, start, length, { ciphertext: this.ciphers.length > 0 });
       // A change of these windows (or of the whole file) started or ended meanwhile: what was walked may be stale.
       if (this.gen !== gen || this.everywhere !== 0) return false;
       // Host space moved elsewhere meanwhile (a cluster the walk saw as data may be a table now): read-only entries.
@@ -423,22 +442,33 @@ export class ReadMap {
         let fd = -1;
         let host = 0;
         let inPlace = false;
+        let cipher = 0;
         // A hole of the top layer's own file that a write may fill in place (a raw image's)
         // is published as that file's bytes: they read as zeros all the same, and a worker's
         // write there is read back by every thread (an entry that said zeros would not be).
         const hole = r.kind === 'zero' && writable && r.depth === 0 && r.inPlace === true && r.host !== undefined;
         if (r.kind === 'data' || hole) {
           const layer = this.layer(r.depth);
-          if (r.host === undefined || !layer || layer.encrypted || layer.hostFd === undefined) continue;
-          fd = layer.hostFd;
-          host = r.host;
-          inPlace = writable && r.depth === 0 && r.inPlace === true && !r.zeroData;
+          if (!layer) continue;
+          if (layer.encrypted) {
+            // Ciphertext of a cipher the threads were given: they decrypt it.
+            const c = layer.hostCipher;
+            cipher = c ? this.ciphers.indexOf(c) + 1 : 0;
+            if (!c || cipher === 0 || r.kind !== 'data' || r.zeroData || r.cipherHost === undefined) continue;
+            fd = c.fd;
+            host = r.cipherHost;
+          } else {
+            if (r.host === undefined || layer.hostFd === undefined) continue;
+            fd = layer.hostFd;
+            host = r.host;
+            inPlace = writable && r.depth === 0 && r.inPlace === true && !r.zeroData;
+          }
         }
         const end = r.offset + r.length;
         const last = spans[spans.length - 1];
-        // Zeros from any layer, and data that continues in the same file, make one span.
-        if (last && last.end === r.offset && last.fd === fd && last.inPlace === inPlace && (fd < 0 || last.host + (last.end - last.offset) === host)) last.end = end;
-        else spans.push({ offset: r.offset, end, fd, host, inPlace });
+        // Zeros from any layer, and data that continues in the same file (and cipher), make one span.
+        if (last && last.end === r.offset && last.fd === fd && last.inPlace === inPlace && last.cipher === cipher && (fd < 0 || last.host + (last.end - last.offset) === host)) last.end = end;
+        else spans.push({ offset: r.offset, end, fd, host, inPlace, cipher });
       }
       for (const s of spans) {
         // Whole granules only; the disk's last granule counts as whole when the span reaches the end.
@@ -446,7 +476,7 @@ export class ReadMap {
         const stop = s.end >= size ? Math.ceil(size / this.granule) : Math.floor(s.end / this.granule);
         for (let g = first; g < stop; g++) {
           const at = g * this.granule;
-          publish(this.table, g, s.fd, s.fd < 0 ? 0 : s.host + (at - s.offset), s.inPlace);
+          publish(this.table, g, s.fd, s.fd < 0 ? 0 : s.host + (at - s.offset), s.inPlace, s.cipher);
           each(g);
         }
       }
@@ -468,7 +498,7 @@ export function granuleShift(top: BlockNode): number {
   let shift = GRANULE_SHIFT;
   for (let n: BlockNode | undefined = top, i = 0; n && i < 64; n = n.backing, i++) {
     const unit = n.allocationUnit;
-    if (n.hostFd === undefined || unit === undefined || !(unit > 0)) continue;
+    if (!aroundGraph(n) || unit === undefined || !(unit > 0)) continue;
     shift = Math.min(shift, Math.max(MIN_GRANULE_SHIFT, Math.floor(Math.log2(unit))));
   }
   return shift;
@@ -478,8 +508,13 @@ function bitAt(bits: Uint8Array, i: number): boolean {
   return (bits[i >> 3]! & (1 << (i & 7))) !== 0;
 }
 
+/** Whether a layer's data can be read around the graph: plain (hostFd) or encrypted (hostCipher). */
+function aroundGraph(n: BlockNode): boolean {
+  return n.encrypted ? n.hostCipher !== undefined : n.hostFd !== undefined;
+}
+
 /** Whether any layer of `node`'s chain can be read around the graph. */
-export function hasHostFd(node: BlockNode): boolean {
-  for (let n: BlockNode | undefined = node, i = 0; n && i < 64; n = n.backing, i++) if (n.hostFd !== undefined) return true;
+export function readableAround(node: BlockNode): boolean {
+  for (let n: BlockNode | undefined = node, i = 0; n && i < 64; n = n.backing, i++) if (aroundGraph(n)) return true;
   return false;
 }

@@ -117,7 +117,7 @@ describe('FlatFs: the file tree by node id', () => {
     expect(fsys.readMapFor(ino), 'no map while a write is in flight').to.equal(undefined);
     disk.allow();
     await a;
-    const table = fsys.readMapFor(ino);
+    const table = fsys.readMapFor(ino)?.table;
     expect(table).to.be.instanceOf(Int32Array);
     // Unwritten granules are published as zeros by a miss.
     fsys.mapMiss(ino, 8 * GRANULE, 4096);

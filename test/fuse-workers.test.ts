@@ -7,13 +7,15 @@ import { expect } from 'chai';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { convertToRaw, createImage, md5File, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
+import { convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
+import { tsimg } from './helpers/images.js';
+import { makeSectorCipher } from '../drivers/crypto/modes.js';
 import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './helpers/mount.js';
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { granuleShift, ReadMap } from '../fs/read-map.js';
 import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, WINDOW } from '../fs/read-map-table.js';
-import { fillFromHost, readRuns } from '../fs/read-map-runs.js';
+import { fillRuns, readRuns, RUN, type RunCipher } from '../fs/read-map-runs.js';
 import { FlatFs } from '../fs/flatfs.js';
 
 const KiB = 1024;
@@ -498,6 +500,48 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     expect(await md5File(back)).to.equal(want);
   });
 
+  for (const c of [
+    { name: 'luks', format: 'luks', opts: 'key-secret=s0,iter-time=10', driver: 'driver=luks,key-secret=s0' },
+    { name: 'qcow2 with LUKS encryption', format: 'qcow2', opts: 'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', driver: 'driver=qcow2,encrypt.key-secret=s0' },
+  ]) {
+    it(`decrypts a mounted ${c.name} image in the workers: every byte as qemu-img reads it, before and after writes through the mount`, async () => {
+      const pass = 'worker pass';
+      const secret = ['--object', `secret,id=s0,data=${pass}`];
+      const img = path.join(tmp.dir, `enc.${c.format}`);
+      const opts = (file: string): string => `${c.driver},file.filename=${file}`;
+      const made = await runTimingPbkdf('qemu-img', ['create', '-q', ...secret, '-f', c.format, '-o', c.opts, img, '16M']);
+      expect(made.code, made.stderr).to.equal(0);
+      // Pieces written last first: a qcow2's clusters lie against the guest's order (its IVs count host sectors).
+      const io = [...Array(16).keys()].reverse().map((i) => `write -P 0x${(0x41 + i).toString(16)} ${i * MiB} 640k`);
+      await runOk('qemu-io', [...secret, '--image-opts', ...io.flatMap((x) => ['-c', x]), opts(img)]);
+      const raw = path.join(tmp.dir, `enc-${c.format}.raw`);
+      await runOk('qemu-img', ['convert', ...secret, '--image-opts', opts(img), '-O', 'raw', raw]);
+      const ref = fs.readFileSync(raw);
+      const mp = dir(`m-enc-${c.format}`);
+      await mounts.mount(['--rw', '--secret', pass, img, mp]);
+      const flat = path.join(mp, 'enc.raw');
+      const md5 = (b: Buffer): string => crypto.createHash('md5').update(b).digest('hex');
+      expect(await untilWorkersServe(flat, mp, md5(ref), 8), 'reads the workers decrypted').to.be.at.least(8);
+      // Writes through the mount (the main thread encrypts them), then read by the workers again.
+      const fd = await fs.promises.open(flat, 'r+');
+      try {
+        for (let i = 0; i < 24; i++) {
+          const at = Math.floor(Math.random() * 4095) * 4096 + (i % 3 === 0 ? 512 : 0);
+          const data = crypto.randomBytes(4096);
+          await fd.write(data, 0, data.length, at);
+          data.copy(ref, at);
+        }
+      } finally {
+        await fd.close();
+      }
+      const before = await workerReads(mp);
+      expect(await untilWorkersServe(flat, mp, md5(ref), before + 8) - before, 'reads the workers decrypted after the writes').to.be.at.least(8);
+      await mounts.unmount(mp);
+      await runOk('qemu-img', ['convert', ...secret, '--image-opts', opts(img), '-O', 'raw', raw]);
+      expect(await md5File(raw), 'qemu-img reads what the mount wrote').to.equal(md5(ref));
+    });
+  }
+
   it('overwrites a qcow2 read whole before its first write from the workers in place (the read map walked again at that write)', async () => {
     const size = 16 * MiB;
     const img = path.join(tmp.dir, 'readfirst.qcow2');
@@ -745,16 +789,15 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
     return walks;
   };
+  /** The map's ciphers as a worker makes them from what it is given (fuse-worker.ts cipherList). */
+  const threadCiphers = (map: ReadMap): (RunCipher | undefined)[] => [undefined, ...(map.share().ciphers ?? []).map((c) => ({ cipher: makeSectorCipher(structuredClone(c.spec)), ivBase: c.ivBase }))];
   /** [offset, offset + length) as a worker answers it from the map (read-map-runs.ts), or undefined when the map lacks some of it. */
   const readFromMap = (map: ReadMap, offset: number, length: number): Buffer | undefined => {
     const runs: number[] = [];
-    const count = readRuns(map.table, offset, length, [0, 0, 0], runs);
+    const count = readRuns(map.table, offset, length, [0, 0, 0, 0], runs);
     if (count < 0) return undefined;
     const out = Buffer.alloc(length);
-    for (let i = 0, at = 0; i < count; i += 3) {
-      expect(fillFromHost(runs[i]!, runs[i + 1]!, out, at, runs[i + 2]!), `the run at ${at}`).to.equal(true);
-      at += runs[i + 2]!;
-    }
+    expect(fillRuns(runs, count, out, 0, threadCiphers(map)), `the runs of ${offset}+${length}`).to.equal(true);
     return out;
   };
   /** A 4 KiB write as the server serves one on the JS thread: the change around it, then wrote() and its walks. */
@@ -955,6 +998,61 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     });
   }
 
+  it('publishes encrypted data (LUKS1, LUKS2 with 4 KiB sectors, qcow2 with LUKS) as ciphertext and its cipher, which a reading thread decrypts to the guest bytes; legacy AES (guest-numbered sectors) stays the main thread\'s', async () => {
+    const pass = 'map pass';
+    const size = 8 * MiB;
+    const cases = [
+      { file: 'e1.luks', args: ['-f', 'luks', '-o', 'iter-time=10'], sector: 512 },
+      { file: 'e2.luks', args: ['-f', 'luks', '-o', 'luks-version=2,sector-size=4096,pbkdf=pbkdf2,iter-time=10'], sector: 4096 },
+      { file: 'e3.qcow2', args: ['-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.iter-time=10,cluster_size=4096'], sector: 512 },
+      { file: 'e4.qcow2', args: ['-f', 'qcow2', '-o', 'encrypt.format=aes'], sector: 512, legacy: true },
+    ];
+    for (const c of cases) {
+      const file = path.join(tmp.dir, c.file);
+      const r = await tsimg(['create', '-q', '--secret', pass, ...c.args, file, String(size)]);
+      expect(r.code, r.stderr).to.equal(0);
+      const node = await open(file, false, pass);
+      try {
+        // 64 KiB pieces written last first: a qcow2's clusters lie against the guest's order (its IVs count host sectors).
+        for (let i = 31; i >= 0; i--) await node.write(i * 256 * KiB, crypto.randomBytes(64 * KiB));
+        await node.flush();
+        const map = new ReadMap(node);
+        map.miss(0, 4096);
+        await map.idle();
+        const want = Buffer.alloc(size);
+        await node.read(0, want);
+        if (c.legacy) {
+          expect(map.share().ciphers, `${c.file}: no cipher given out`).to.equal(undefined);
+          expect(readFromMap(map, 0, 64 * KiB), `${c.file}: its data not in the map`).to.equal(undefined);
+          continue;
+        }
+        expect(map.share().ciphers, `${c.file}: one cipher`).to.have.length(1);
+        const got = readFromMap(map, 0, size);
+        expect(got, `${c.file}: the whole disk in the map`).to.not.equal(undefined);
+        expect(got!.equals(want), `${c.file}: decrypted from the map as the node reads it`).to.equal(true);
+        const part = readFromMap(map, 3 * MiB + 8 * KiB, 100 * KiB);
+        expect(part!.equals(want.subarray(3 * MiB + 8 * KiB, 3 * MiB + 108 * KiB)), `${c.file}: a read inside`).to.equal(true);
+        // Not whole sectors: the thread gives it to the main thread.
+        const runs: number[] = [];
+        const count = readRuns(map.table, c.sector / 2, c.sector, [0, 0, 0, 0], runs);
+        expect(count, `${c.file}: one run`).to.equal(RUN);
+        expect(runs[3], `${c.file}: of the cipher`).to.equal(1);
+        expect(fillRuns(runs, count, Buffer.alloc(c.sector), 0, threadCiphers(map)), `${c.file}: half sectors`).to.equal(false);
+        expect(fillRuns(runs, count, Buffer.alloc(c.sector), 0), `${c.file}: without the cipher`).to.equal(false);
+        // A write through the node: what the map says afterwards is decrypted as the node reads it.
+        const change = map.beginWrite(MiB, 4096);
+        await node.write(MiB, Buffer.alloc(4096, 0x5a));
+        map.endWrite(change.change);
+        expect(readFromMap(map, MiB, 4096), `${c.file}: forgotten at the write`).to.equal(undefined);
+        map.miss(MiB, 4096);
+        await map.idle();
+        expect(readFromMap(map, MiB, 4096)!.equals(Buffer.alloc(4096, 0x5a)), `${c.file}: the written bytes`).to.equal(true);
+      } finally {
+        await node.close();
+      }
+    }
+  });
+
   it('never publishes an AES-encrypted qcow\'s clusters as writable in place (they are sealed under the lock); a plain qcow\'s from the start', async () => {
     const img = path.join(tmp.dir, 'wip-aes.qcow');
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow', '--object', 'secret,id=s0,data=wip', '-o', 'encrypt.format=aes,encrypt.key-secret=s0', img, '16M']);
@@ -964,7 +1062,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       const map = new ReadMap(node);
       await serveWrite(map, node, 0, 0x42);
       await serveWrite(map, node, 0, 0x43);
-      const hit = [0, 0, 0];
+      const hit = [0, 0, 0, 0];
       // Not published at all (no host descriptor), or published read-only.
       expect(lookup(map.table, 0, hit) ? hit[2] : 0, 'granule 0 writable after two writes').to.equal(0);
       const back = Buffer.alloc(4096);
@@ -1109,7 +1207,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     try {
       const fsys = new FlatFs([{ name: 'drop.raw', node, writable: true, uid: 0, gid: 0, mode: 0o644, mtime: new Date() }], false);
       const ino = 2;
-      const table = fsys.readMapFor(ino)!;
+      const table = fsys.readMapFor(ino)!.table;
       const buf = Buffer.alloc(8192);
       await fsys.write(ino, 0, Buffer.alloc(4096, 0x42), 4096, 0);
       // Cached now: a read across two blocks fills both into the LRU.

@@ -29,6 +29,8 @@ export interface SectorCipherSpec {
 /** Encrypts and decrypts whole sectors in place. */
 export interface SectorCipher {
   readonly sectorSize: number;
+  /** What makes this cipher again (makeSectorCipher): another thread makes its own from it (fs/read-map.ts). */
+  readonly spec: Readonly<SectorCipherSpec>;
   /** data.length is a multiple of sectorSize; firstSector counts sectorSize units. */
   encrypt(data: Uint8Array, firstSector: number): void;
   decrypt(data: Uint8Array, firstSector: number): void;
@@ -50,6 +52,7 @@ export function legacyAesCipher(passphrase: string): SectorCipher {
 
 class ModeCipher implements SectorCipher {
   readonly sectorSize: number;
+  readonly spec: Readonly<SectorCipherSpec>;
   private readonly data: BlockCipher;
   private readonly tweak: BlockCipher | undefined;
   private readonly ivgen: IvGenerator | undefined;
@@ -58,6 +61,7 @@ class ModeCipher implements SectorCipher {
   private readonly ivOffset: number;
 
   constructor(spec: SectorCipherSpec) {
+    this.spec = { ...spec, key: new Uint8Array(spec.key) };
     this.mode = spec.mode;
     this.sectorSize = spec.sectorSize ?? 512;
     this.ivStep = spec.ivStep ?? 1;

@@ -6,7 +6,7 @@
 // builder (drivers/open.ts) puts this filter over it through `aligned()`. Overlapping
 // read-modify-writes are serialised so two unaligned writes into one sector cannot
 // lose each other's bytes.
-import type { BlockNode } from '../types.js';
+import type { BlockNode, HostCipher } from '../types.js';
 import { Filter } from './filter.js';
 
 interface Range {
@@ -33,6 +33,9 @@ export class AlignFilter extends Filter {
   /** Only the shape of requests changes here, never the bytes (an O_DIRECT file offers no host descriptor). */
   override get hostFd(): number | undefined {
     return this.next.hostFd;
+  }
+  override get hostCipher(): HostCipher | undefined {
+    return this.next.hostCipher;
   }
 
   override get requestAlignment(): number | undefined {

@@ -1,7 +1,7 @@
 // Counts what passes through (tsmount --list): requests, bytes, requests in flight,
 // failures. A few integer additions per request; whoever wants the numbers reads the
 // object it was given.
-import type { BlockNode } from '../types.js';
+import type { BlockNode, HostCipher } from '../types.js';
 import { Filter } from './filter.js';
 
 export interface IoCounters {
@@ -28,6 +28,9 @@ export class CountingFilter extends Filter {
   }
   override get hostFd(): number | undefined {
     return this.next.hostFd;
+  }
+  override get hostCipher(): HostCipher | undefined {
+    return this.next.hostCipher;
   }
   /** The workers count their writes themselves (fs/read-map-table.ts), as their reads. */
   override get inPlaceWrites(): boolean | undefined {

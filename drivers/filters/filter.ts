@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl } from '../types.js';
+import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
@@ -85,6 +85,10 @@ export class Filter implements BlockNode {
   }
   /** Not forwarded either, for the same reason (fs/read-map.ts reads around the filter). */
   get hostFd(): number | undefined {
+    return undefined;
+  }
+  /** Nor is an encrypted layer's (BlockNode.hostCipher): forwarded where hostFd is. */
+  get hostCipher(): HostCipher | undefined {
     return undefined;
   }
   /** Not forwarded: the FUSE workers would write around the filter. */

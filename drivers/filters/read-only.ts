@@ -3,7 +3,7 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BlockNode, RepairFixed, SnapshotControl } from '../types.js';
+import type { BlockNode, HostCipher, RepairFixed, SnapshotControl } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
 import { Filter } from './filter.js';
@@ -26,6 +26,9 @@ export class ReadOnlyFilter extends Filter {
   }
   override get hostFd(): number | undefined {
     return this.next.hostFd;
+  }
+  override get hostCipher(): HostCipher | undefined {
+    return this.next.hostCipher;
   }
 
   override write(): Promise<void> {

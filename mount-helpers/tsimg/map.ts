@@ -32,7 +32,7 @@ export async function mapRuns(node: BlockNode): Promise<ChainRun[]> {
   let window = FIRST_WINDOW;
   for (let pos = 0; pos < node.size; pos += window, window = Math.min(window * 2, MAX_WINDOW)) {
     window = Math.min(window, node.size - pos);
-    await chainExtents(node, pos, window, true, out);
+    await chainExtents(node, pos, window, { strict: true }, out);
   }
   return out;
 }

@@ -2,7 +2,7 @@
 // the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
 // does; LUKS2 headers made by cryptsetup open read-write too, and `-o luks-version=2`
 // makes them (QEMU 7.2 can do neither).
-import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
+import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, HostCipher, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
 import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header, type Luks1Header } from '../../crypto/luks1.js';
@@ -15,6 +15,7 @@ import { probe } from './probe.js';
 class LuksNode implements BlockNode {
   private readonly unit: number;
   readonly encrypted = true;
+  private around: HostCipher | undefined;
 
   constructor(
     private readonly file: BlockNode,
@@ -36,6 +37,17 @@ class LuksNode implements BlockNode {
 
   get name(): string {
     return this.file.name;
+  }
+
+  /**
+   * The payload is the file's bytes from payloadOffset on, sector numbers counting from
+   * there: the FUSE workers can read and decrypt it themselves (fs/read-map.ts).
+   */
+  get hostCipher(): HostCipher | undefined {
+    const fd = this.file.hostFd;
+    if (fd === undefined || !this.cipher) return undefined;
+    if (this.around?.fd !== fd) this.around = { fd, cipher: this.cipher, ivBase: this.payloadOffset };
+    return this.around;
   }
 
   /** Requests arrive in whole encryption sectors (the alignment filter above). */
@@ -67,7 +79,8 @@ class LuksNode implements BlockNode {
 
   /** Ciphertext is never zeros: everything is data, as QEMU reports it. */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, kind: 'data' }];
+    if (!this.hostCipher) return [{ offset, length, kind: 'data' }];
+    return [{ offset, length, kind: 'data', cipherHost: this.payloadOffset + offset }];
   }
 
   close(): Promise<void> {

@@ -1,7 +1,7 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import type { BlockNode, CheckReport, Extent, ExtentKind, ImageDescription, SnapshotControl } from '../../types.js';
+import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, SnapshotControl } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
 import type { SnapshotContext, SnapshotState } from './snapshot-ops.js';
@@ -1203,20 +1203,40 @@ export class Qcow2Node implements BlockNode {
     return this.data === this.file && !this.crypt ? this.file.hostFd : undefined;
   }
 
+  private around: HostCipher | undefined;
+
+  /**
+   * LUKS-encrypted clusters in the image file itself, their sectors numbered by host
+   * offset: the FUSE workers can read and decrypt them (fs/read-map.ts). Not the legacy
+   * AES, whose sectors count guest offsets.
+   */
+  get hostCipher(): HostCipher | undefined {
+    const c = this.crypt;
+    const fd = this.file.hostFd;
+    if (!c || !c.physical || c.cipher.sectorSize !== SECTOR || this.data !== this.file || fd === undefined) return undefined;
+    if (this.around?.fd !== fd) this.around = { fd, cipher: c.cipher, ivBase: 0 };
+    return this.around;
+  }
+
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const runs = await this.map.map(offset, length);
     const out: Extent[] = [];
     // Host offsets as qemu-img map gives them: plain data clusters in the image file itself.
     const hostKnown = this.data === this.file && !this.crypt;
+    // Encrypted clusters have no host offset in the map, but the workers read their ciphertext there (hostCipher).
+    const cipherKnown = this.hostCipher !== undefined;
     const writable = this.inPlaceWrites;
     for (const r of runs) {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
       const host = hostKnown && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? r.host : undefined;
+      const cipherHost = cipherKnown && r.kind === 'data' ? r.host : undefined;
       // As writeInPlace() decides, and clear of every table (what writeData's guard checks).
       const inPlace = writable && r.kind === 'data' && r.copied && !this.guard?.touches(r.host, r.length);
       const last = out[out.length - 1];
       const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
-      if (last && last.kind === kind && contiguous && (last.inPlace === true) === inPlace) last.length += r.length;
+      const cipherContiguous = last?.cipherHost === undefined ? cipherHost === undefined : cipherHost === last.cipherHost + last.length;
+      if (last && last.kind === kind && contiguous && cipherContiguous && (last.inPlace === true) === inPlace) last.length += r.length;
+      else if (cipherHost !== undefined) out.push({ offset: r.guest, length: r.length, kind, cipherHost });
       else if (host === undefined) out.push({ offset: r.guest, length: r.length, kind });
       else out.push(inPlace ? { offset: r.guest, length: r.length, kind, host, inPlace } : { offset: r.guest, length: r.length, kind, host });
     }
