@@ -1051,6 +1051,23 @@ describe('the read map (fs/read-map.ts), in-process', function () {
         await node.close();
       }
     }
+    // A plain qcow2 over a LUKS backing file: its own clusters plain, the rest the backing file's ciphertext.
+    const top = path.join(tmp.dir, 'over-luks.qcow2');
+    const r = await tsimg(['create', '-q', '-f', 'qcow2', '--secret', pass, '-b', path.join(tmp.dir, 'e1.luks'), '-F', 'luks', top, String(size)]);
+    expect(r.code, r.stderr).to.equal(0);
+    const node = await open(top, false, pass);
+    try {
+      for (let i = 0; i < 8; i++) await node.write(i * MiB + 64 * KiB, crypto.randomBytes(64 * KiB));
+      const map = new ReadMap(node);
+      map.miss(0, 4096);
+      await map.idle();
+      expect(map.share().ciphers, 'the backing file\'s cipher').to.have.length(1);
+      const want = Buffer.alloc(size);
+      await node.read(0, want);
+      expect(readFromMap(map, 0, size)!.equals(want), 'the chain read from the map').to.equal(true);
+    } finally {
+      await node.close();
+    }
   });
 
   it('never publishes an AES-encrypted qcow\'s clusters as writable in place (they are sealed under the lock); a plain qcow\'s from the start', async () => {
