@@ -15,7 +15,7 @@ import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { granuleShift, ReadMap } from '../fs/read-map.js';
 import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, WINDOW } from '../fs/read-map-table.js';
-import { fillRuns, readRuns, RUN, type RunCipher } from '../fs/read-map-runs.js';
+import { fillRuns, readRuns, RUN, writeInPlace, type RunCipher } from '../fs/read-map-runs.js';
 import { FlatFs } from '../fs/flatfs.js';
 
 const KiB = 1024;
@@ -522,12 +522,12 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       const flat = path.join(mp, 'enc.raw');
       const md5 = (b: Buffer): string => crypto.createHash('md5').update(b).digest('hex');
       expect(await untilWorkersServe(flat, mp, md5(ref), 8), 'reads the workers decrypted').to.be.at.least(8);
-      // Writes through the mount (the main thread encrypts them), then read by the workers again.
+      // Writes through the mount (the main thread encrypts them; parts of sectors too), then read by the workers again.
       const fd = await fs.promises.open(flat, 'r+');
       try {
-        for (let i = 0; i < 24; i++) {
-          const at = Math.floor(Math.random() * 4095) * 4096 + (i % 3 === 0 ? 512 : 0);
-          const data = crypto.randomBytes(4096);
+        for (let i = 0; i < 48; i++) {
+          const at = i % 2 === 0 ? crypto.randomInt(0, 4095) * 4096 + (i % 3 === 0 ? 512 : 0) : crypto.randomInt(1, 16 * MiB - 8192);
+          const data = crypto.randomBytes(i % 2 === 0 ? 4096 : 1 + crypto.randomInt(0, 6000));
           await fd.write(data, 0, data.length, at);
           data.copy(ref, at);
         }
@@ -536,7 +536,9 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       }
       const before = await workerReads(mp);
       expect(await untilWorkersServe(flat, mp, md5(ref), before + 8) - before, 'reads the workers decrypted after the writes').to.be.at.least(8);
+      expect((await mountCounters(mp)).workerWrites ?? 0, 'nothing encrypted is written around the graph').to.equal(0);
       await mounts.unmount(mp);
+      if (c.format === 'qcow2') await runOk('qemu-img', ['check', ...secret, '--image-opts', opts(img)]);
       await runOk('qemu-img', ['convert', ...secret, '--image-opts', opts(img), '-O', 'raw', raw]);
       expect(await md5File(raw), 'qemu-img reads what the mount wrote').to.equal(md5(ref));
     });
@@ -1047,6 +1049,10 @@ describe('the read map (fs/read-map.ts), in-process', function () {
         map.miss(MiB, 4096);
         await map.idle();
         expect(readFromMap(map, MiB, 4096)!.equals(Buffer.alloc(4096, 0x5a)), `${c.file}: the written bytes`).to.equal(true);
+        // Ciphertext is never written in place (the JS thread encrypts every write).
+        const hit = [0, 0, 0, 0];
+        expect(lookup(map.table, MiB / granuleOf(map.table), hit) && hit[2], `${c.file}: read-only entries`).to.equal(0);
+        expect(writeInPlace(map.table, MiB, 4096, Buffer.alloc(4096), 0, hit, []), `${c.file}: no write around the graph`).to.equal(false);
       } finally {
         await node.close();
       }
