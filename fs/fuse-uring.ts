@@ -12,7 +12,7 @@
 // FORGET and INTERRUPT, which the main thread goes on reading.
 //
 // A worker answers READs the shared read map covers (read-map-table.ts) with pread(2)
-// straight into the entry's payload, and writes WRITEs it publishes as writable in
+// straight into the entry's payload (decrypting ciphertext, as fuse-worker.ts: ThreadCiphers), and writes WRITEs it publishes as writable in
 // place from the payload (read-map-runs.ts writeInPlace), as fuse-worker.ts does, and hands every other
 // request to the main thread in the /dev/fuse layout; the main thread's reply comes
 // back by message, and an eventfd read armed in the ring wakes the worker for it.
@@ -29,7 +29,7 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, tableSize } from './read-map-table.js';
-import { fillRuns, readRuns, writeInPlace } from './read-map-runs.js';
+import { fillRuns, NEED_CIPHERS, readRuns, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
 export const INIT_OVER_IO_URING_HI = 1 << 9;
@@ -411,6 +411,8 @@ class Queue {
   private readonly wakeBuf: Buffer;
   private readonly ctlBase: bigint;
   private readonly maps = new Map<number, Int32Array>();
+  /** Per file, the ciphers its map names. */
+  readonly ciphers = new ThreadCiphers();
   /** Requests handed to the main thread: unique -> entry. */
   private readonly pending = new Map<number, number>();
   private readonly hit = [0, 0, 0, 0];
@@ -492,6 +494,7 @@ class Queue {
       if (n < 0 && n !== -EINTR) return -n;
       this.ring.reap((ud, res) => this.complete(ud, res));
       if (this.ended) return this.ended;
+      if (this.ciphers.waiting) return NEED_CIPHERS;
     }
   }
 
@@ -511,9 +514,12 @@ class Queue {
 
   private mail(): void {
     for (let m = receiveMessageOnPort(this.init.port); m; m = receiveMessageOnPort(this.init.port)) {
-      const msg = m.message as { reply?: ArrayBuffer; ino?: number; table?: Int32Array };
+      const msg = m.message as { reply?: ArrayBuffer; ino?: number } & Partial<MapShare>;
       if (msg.reply) this.replyFromMain(Buffer.from(msg.reply));
-      else if (msg.table) this.maps.set(msg.ino!, msg.table);
+      else if (msg.table) {
+        this.maps.set(msg.ino!, msg.table);
+        this.ciphers.got(msg.ino!, msg.ciphers);
+      }
     }
     this.mailSeen = Atomics.load(this.init.ctl, 1);
   }
@@ -612,15 +618,14 @@ class Queue {
     const out = this.payloads[ent]!;
     const runs = this.runs;
     const count = readRuns(table, offset, size, this.hit, runs);
-    // No ciphers here: an encrypted file's READs are the main thread's (fuse-worker.ts decrypts).
-    if (count < 0 || !fillRuns(runs, count, out, 0)) return false;
+    if (count < 0 || !fillRuns(runs, count, out, 0, this.ciphers.of(Number(this.headers.readBigUInt64LE(ent * HDR_SLOT + 16))))) return false;
     this.commit(ent, unique, 0, size);
     countServed(table, size, false);
     return true;
   }
 }
 
-function main(): void {
+async function main(): Promise<void> {
   const init = workerData as UringInit;
   // Tests only: this queue fails to start, as a real failure would (the fallback's test).
   if (process.env.TSMOUNT_FUSE_URING_FAIL_QUEUE === String(init.qid)) throw new Error(`queue ${init.qid}: failure asked for by TSMOUNT_FUSE_URING_FAIL_QUEUE`);
@@ -632,9 +637,10 @@ function main(): void {
     throw new Error(`FUSE_IO_URING_CMD_REGISTER of queue ${init.qid}: errno ${-r}`);
   }
   parentPort!.postMessage({ type: 'ready' } satisfies UringMessage);
-  const errno = q.run();
+  let errno = q.run();
+  for (; errno === NEED_CIPHERS; errno = q.run()) await q.ciphers.load();
   q.close();
   parentPort!.postMessage({ type: 'end', errno } satisfies UringMessage);
 }
 
-if (parentPort && (workerData as Partial<UringInit> | null)?.fuseUring === true) main();
+if (parentPort && (workerData as Partial<UringInit> | null)?.fuseUring === true) void main();

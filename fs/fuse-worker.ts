@@ -17,8 +17,7 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, GRANULE, granuleOf, lookup, tableSize, WINDOW } from './read-map-table.js';
-import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
-import { fillRuns, readRuns, RUN, writeInPlace, type MapShare, type RunCipher } from './read-map-runs.js';
+import { fillRuns, NEED_CIPHERS, readRuns, RUN, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
 
 export interface WorkerInit {
   /** The cloned /dev/fuse descriptor, non-blocking. */
@@ -299,11 +298,8 @@ class Worker {
   private readonly hit = [0, 0, 0, 0];
   /** The runs of the READ being served (read-map-runs.ts readRuns). */
   private readonly runs: number[] = [];
-  /** Per file, the ciphers its map names (by number), once this thread made them. */
-  private readonly ciphers = new Map<number, (RunCipher | undefined)[]>();
-  /** Maps whose ciphers wait for the cipher code (loadCiphers); null: it cannot load here. */
-  private pendingCiphers: Map<number, NonNullable<MapShare['ciphers']>> | null = new Map();
-  private makeCipher: ((spec: SectorCipherSpec) => SectorCipher) | undefined;
+  /** Per file, the ciphers its map names. */
+  readonly ciphers = new ThreadCiphers();
   private readonly splicer: Splicer | undefined;
   private mailSeen = 0;
   /** Per file, the window this thread last asked the main thread to publish (lookAhead). */
@@ -334,49 +330,11 @@ class Worker {
     for (let m = receiveMessageOnPort(this.init.port); m; m = receiveMessageOnPort(this.init.port)) {
       const { ino, table, ciphers } = m.message as MapShare & { ino: number };
       this.maps.set(ino, table);
-      // Until its ciphers are made, the file's ciphertext is the main thread's (fillRuns).
-      this.ciphers.delete(ino);
-      if (!ciphers) continue;
-      if (this.makeCipher) this.ciphers.set(ino, this.cipherList(ino, ciphers));
-      else this.pendingCiphers?.set(ino, ciphers);
+      this.ciphers.got(ino, ciphers);
     }
   }
 
-  /** Whether the loop must stop for the cipher code to load (loadCiphers): a mounted file is encrypted. */
-  needsCiphers(): boolean {
-    return !this.makeCipher && !!this.pendingCiphers?.size;
-  }
-
-  /**
-   * Load the cipher code (only a mount of an encrypted image needs it: 11 ms and 5 MiB
-   * per thread) and make the ciphers of the maps waiting for it. If it cannot load,
-   * those files' ciphertext stays the main thread's.
-   */
-  async loadCiphers(): Promise<void> {
-    try {
-      this.makeCipher = (await import('../drivers/crypto/modes.js')).makeSectorCipher;
-    } catch {
-      this.pendingCiphers = null;
-      return;
-    }
-    for (const [ino, ciphers] of this.pendingCiphers!) this.ciphers.set(ino, this.cipherList(ino, ciphers));
-    this.pendingCiphers!.clear();
-  }
-
-  /** A map's ciphers by number (index 0 unused); one that cannot be made here stays out. */
-  private cipherList(ino: number, ciphers: NonNullable<MapShare['ciphers']>): (RunCipher | undefined)[] {
-    const out: (RunCipher | undefined)[] = [undefined];
-    for (const c of ciphers) {
-      try {
-        out.push({ cipher: this.makeCipher!(c.spec), ivBase: c.ivBase });
-      } catch {
-        out.push(undefined);
-      }
-    }
-    return out;
-  }
-
-  /** The loop; returns the errno that ended it (0: stopped), or NEED_CIPHERS (loadCiphers, then run again). */
+  /** The loop; returns the errno that ended it (0: stopped), or NEED_CIPHERS (ciphers.load(), then run again). */
   run(): number {
     const { fd, ctl, spinNs } = this.init;
     let lastServed = 0n;
@@ -390,7 +348,7 @@ class Worker {
         continue;
       }
       this.mail();
-      if (this.needsCiphers()) return NEED_CIPHERS;
+      if (this.ciphers.waiting) return NEED_CIPHERS;
       // Every slot was handed over: back to one as soon as the main thread gave one back.
       if (this.slot === SLOTS) this.slot = this.freeSlot(0);
       const buf = this.slots[this.slot]!;
@@ -497,7 +455,7 @@ class Worker {
     const sp = this.splicer;
     const spliced = !!sp && size >= SPLICE_MIN && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len);
     if (!spliced) {
-      if (!fillRuns(runs, count, out, OUT_HEADER, this.ciphers.get(Number(buf.readBigUInt64LE(16))))) return false;
+      if (!fillRuns(runs, count, out, OUT_HEADER, this.ciphers.of(Number(buf.readBigUInt64LE(16))))) return false;
       try {
         fs.writeSync(this.init.fd, out, 0, len);
       } catch {
@@ -545,9 +503,6 @@ class Worker {
   }
 }
 
-/** What run() returns when a mounted file's ciphers wait for the cipher code (Worker.loadCiphers). */
-const NEED_CIPHERS = -1;
-
 async function main(): Promise<void> {
   const init = workerData as WorkerInit;
   let sys: Sys;
@@ -559,7 +514,7 @@ async function main(): Promise<void> {
   parentPort!.postMessage({ type: 'ready' } satisfies WorkerMessage);
   const worker = new Worker(sys, init);
   let errno = worker.run();
-  for (; errno === NEED_CIPHERS; errno = worker.run()) await worker.loadCiphers();
+  for (; errno === NEED_CIPHERS; errno = worker.run()) await worker.ciphers.load();
   // The pipe goes with the loop: a server in a test process mounts many times.
   worker.close();
   parentPort!.postMessage({ type: 'end', errno } satisfies WorkerMessage);

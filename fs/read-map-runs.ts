@@ -27,6 +27,64 @@ export interface MapShare {
 }
 
 /**
+ * A reading thread's ciphers, per file, made from the maps it is given. The cipher code
+ * is loaded only once a map names a cipher (11 ms and 5 MiB per thread): the thread's
+ * loop, which never yields, returns while `waiting`, awaits load(), and runs again.
+ * Until then (and for good if the code cannot load here) the file's ciphertext is the
+ * main thread's: fillRuns refuses a run of a cipher it is not given.
+ */
+export class ThreadCiphers {
+  private readonly byFile = new Map<number, (RunCipher | undefined)[]>();
+  private pending: Map<number, NonNullable<MapShare['ciphers']>> | null = new Map();
+  private make: ((spec: SectorCipherSpec) => SectorCipher) | undefined;
+
+  /** File `ino`'s map (again): its ciphers, if any. */
+  got(ino: number, ciphers: MapShare['ciphers']): void {
+    this.byFile.delete(ino);
+    if (!ciphers) return;
+    if (this.make) this.byFile.set(ino, this.list(ciphers));
+    else this.pending?.set(ino, ciphers);
+  }
+
+  /** Whether a map waits for load(). */
+  get waiting(): boolean {
+    return !this.make && !!this.pending?.size;
+  }
+
+  async load(): Promise<void> {
+    try {
+      this.make = (await import('../drivers/crypto/modes.js')).makeSectorCipher;
+    } catch {
+      this.pending = null;
+      return;
+    }
+    for (const [ino, ciphers] of this.pending!) this.byFile.set(ino, this.list(ciphers));
+    this.pending!.clear();
+  }
+
+  /** File `ino`'s ciphers by the map's number (index 0 unused). */
+  of(ino: number): readonly (RunCipher | undefined)[] | undefined {
+    return this.byFile.get(ino);
+  }
+
+  /** One that cannot be made here stays out. */
+  private list(ciphers: NonNullable<MapShare['ciphers']>): (RunCipher | undefined)[] {
+    const out: (RunCipher | undefined)[] = [undefined];
+    for (const c of ciphers) {
+      try {
+        out.push({ cipher: this.make!(c.spec), ivBase: c.ivBase });
+      } catch {
+        out.push(undefined);
+      }
+    }
+    return out;
+  }
+}
+
+/** What a reading thread's loop returns when a map's ciphers wait for ThreadCiphers.load(). */
+export const NEED_CIPHERS = -1;
+
+/**
  * The runs of [offset, offset + size) in `table`, RUN words each (fd, host offset,
  * length, cipher) in `runs`: granules that continue each other (zeros, or one file
  * contiguously under the same cipher) make one run. Returns the number of words

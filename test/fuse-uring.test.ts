@@ -7,7 +7,7 @@ import { expect } from 'chai';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { convertToRaw, createImage, md5File, qemuIo, run, tempDir } from './helpers/qemu.js';
+import { convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
 import { MountTracker, mountCounters, mountedPid, tsmount } from './helpers/mount.js';
 import type { ListedMount } from '../mount-helpers/list.js';
 import { possibleCpus } from '../fs/fuse-uring.js';
@@ -103,6 +103,29 @@ describe('FUSE over io_uring (TSMOUNT_FUSE_URING=1)', function () {
     for (const got of all) expect(got).to.equal(want);
     await mounts.unmount(mp);
     expect(mountedPid(mp)).to.equal(undefined);
+  });
+
+  it('decrypts a LUKS image in the queues (the cipher code loaded once its map names a cipher), as qemu-img reads it', async () => {
+    const secret = ['--object', 'secret,id=s0,data=ring pass'];
+    const img = path.join(tmp.dir, 'enc.luks');
+    const opts = `driver=luks,key-secret=s0,file.filename=${img}`;
+    const made = await runTimingPbkdf('qemu-img', ['create', '-q', ...secret, '-f', 'luks', '-o', 'key-secret=s0,iter-time=10', img, '16M']);
+    expect(made.code, made.stderr).to.equal(0);
+    await runOk('qemu-io', [...secret, '--image-opts', '-c', 'write -P 0x5c 1M 3M', '-c', 'write -P 0x6d 9M 5M', opts]);
+    const raw = path.join(tmp.dir, 'enc.raw.out');
+    await runOk('qemu-img', ['convert', ...secret, '--image-opts', opts, '-O', 'raw', raw]);
+    const want = await md5File(raw);
+    const mp = dir('m-enc');
+    await mounts.mount(['--secret', 'ring pass', img, mp]);
+    const flat = path.join(mp, 'enc.raw');
+    let served = 0;
+    for (let pass = 0; pass < 10 && served < 16; pass++) {
+      expect(await directMd5(flat), `pass ${pass}`).to.equal(want);
+      served = await queueReads(mp, 16);
+    }
+    expect(served, 'reads the io_uring queues decrypted').to.be.at.least(16);
+    for (const bs of ['64k', '4k']) expect(await directMd5(flat, bs), `bs=${bs}`).to.equal(want);
+    await mounts.unmount(mp);
   });
 
   it('serves through /dev/fuse when the kernel does not offer io_uring (enable_uring=N)', async () => {
