@@ -134,7 +134,8 @@ export async function serve(plan: MountPlan, ioFlusher: number, starter?: Starte
   if (opts.debug) enableDebug();
   // Only a writable mount can have a loop device write back into it: said only there.
   const writable = !!opts.rw || opts.overlay !== undefined || !!opts.snapshot;
-  if (ioFlusher !== 0 && writable) log('info', `cannot mark the server an I/O flusher (prctl errno ${ioFlusher}): a loop device over this mount may stall under memory pressure`);
+  const why = ioFlusher === 1 ? 'EPERM: this process lacks CAP_SYS_RESOURCE' : ioFlusher === 22 ? 'EINVAL: the kernel is older than 5.6' : ioFlusher < 0 ? 'prctl could not be called' : `prctl errno ${ioFlusher}`;
+  if (ioFlusher !== 0 && writable) log('info', `cannot mark the server an I/O flusher (${why}): a loop device over this mount may stall under memory pressure`);
   // Started detached: if the starting command goes away before the mount is ready
   // (Ctrl-C, timeout), stop. Until mounting begins, a signal keeps its default action,
   // which ends even a long key derivation at once, with nothing mounted; from then
