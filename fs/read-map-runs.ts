@@ -2,7 +2,7 @@
 // /dev/fuse workers, and fs/fuse-uring.ts, the io_uring queues): a READ's range as runs
 // of host-file bytes, ciphertext or zeros, those runs read (and decrypted) into a reply,
 // and a WRITE written in place. Imports only the map's layout, so a worker loads nothing
-// of the block graph (a thread that decrypts loads the ciphers itself: fuse-worker.ts).
+// of the block graph (the cipher code only once a map names a cipher: ThreadCiphers).
 import fs from 'node:fs';
 import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
 import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup } from './read-map-table.js';
