@@ -417,7 +417,8 @@ class Queue {
   private readonly pending = new Map<number, number>();
   private readonly hit = [0, 0, 0, 0];
   private readonly runs: number[] = [];
-  /** The range of the request target() looked at. */
+  /** The file and range of the request target() looked at. */
+  private ino = 0;
   private offset = 0;
   private size = 0;
   private mailSeen = 0;
@@ -584,7 +585,7 @@ class Queue {
   private target(ent: number): Int32Array | undefined {
     const h = this.headers;
     const at = ent * HDR_SLOT;
-    const table = this.maps.get(Number(h.readBigUInt64LE(at + 16)));
+    const table = this.maps.get((this.ino = Number(h.readBigUInt64LE(at + 16))));
     if (!table) return undefined;
     if (this.init.denyOthers) {
       const uid = h.readUInt32LE(at + 24);
@@ -618,7 +619,7 @@ class Queue {
     const out = this.payloads[ent]!;
     const runs = this.runs;
     const count = readRuns(table, offset, size, this.hit, runs);
-    if (count < 0 || !fillRuns(runs, count, out, 0, this.ciphers.of(Number(this.headers.readBigUInt64LE(ent * HDR_SLOT + 16))))) return false;
+    if (count < 0 || !fillRuns(runs, count, out, 0, this.ciphers.of(this.ino))) return false;
     this.commit(ent, unique, 0, size);
     countServed(table, size, false);
     return true;

@@ -291,7 +291,8 @@ class Worker {
   private slot = 0;
   private readonly reply: Buffer;
   private readonly writeReply = Buffer.alloc(OUT_HEADER + WRITE_OUT);
-  /** The range of the request target() looked at. */
+  /** The file and range of the request target() looked at. */
+  private ino = 0;
   private offset = 0;
   private size = 0;
   private readonly pollfd = Buffer.alloc(8);
@@ -428,7 +429,7 @@ class Worker {
    * another user under allow_root, empty, larger than negotiated, past the end).
    */
   private target(buf: Buffer): Int32Array | undefined {
-    const table = this.maps.get(Number(buf.readBigUInt64LE(16)));
+    const table = this.maps.get((this.ino = Number(buf.readBigUInt64LE(16))));
     if (!table) return undefined;
     if (this.init.denyOthers) {
       const uid = buf.readUInt32LE(24);
@@ -455,7 +456,7 @@ class Worker {
     const sp = this.splicer;
     const spliced = !!sp && size >= SPLICE_MIN && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len);
     if (!spliced) {
-      if (!fillRuns(runs, count, out, OUT_HEADER, this.ciphers.of(Number(buf.readBigUInt64LE(16))))) return false;
+      if (!fillRuns(runs, count, out, OUT_HEADER, this.ciphers.of(this.ino))) return false;
       try {
         fs.writeSync(this.init.fd, out, 0, len);
       } catch {
@@ -463,7 +464,7 @@ class Worker {
       }
     }
     countServed(table, size, spliced);
-    this.lookAhead(Number(buf.readBigUInt64LE(16)), table, offset + size);
+    this.lookAhead(this.ino, table, offset + size);
     return true;
   }
 
