@@ -49,13 +49,18 @@ const SPIN_NS = BigInt(Math.round(Number(process.env.TSMOUNT_FUSE_SPIN_US ?? 50)
  */
 const SPIN_MAX_NS = SPIN_NS * 4n;
 /**
- * The io_uring queue threads' spin (TSMOUNT_FUSE_URING_SPIN_US), none by default: each
- * queue serves the CPU that issued the request, and a queue thread spinning there kept
- * the reader from issuing its next one until the spin ended. Quiet A/B, 3 rounds: one
- * random reader 13.1-14.3k IOPS with the 50 us spin, 27.1-28.6k without; four readers
- * 32-81k against 47-83k (scripts/BENCHMARKS.md, "io_uring without the spin").
+ * The io_uring queue threads' spin (TSMOUNT_FUSE_URING_SPIN_US, 50 us by default), and
+ * each queue's thread pinned to the CPU it serves (TSMOUNT_FUSE_URING_PIN=0: not). The
+ * kernel puts a request on the queue of the CPU its caller runs on. Unpinned, a queue
+ * thread spinning after its reply often sat on the reader's own CPU and kept it from
+ * issuing the next request (one random reader 13-14k IOPS with the spin, 27-28k without:
+ * session 3). Pinned (libfuse pins its queues too), the spin pays: one random reader
+ * 49-53k IOPS against 15-16k unpinned without spin, four readers and dd unchanged or
+ * better (scripts/BENCHMARKS.md, session 25). An unpinned queue (its CPU outside the
+ * process's affinity) does not spin.
  */
-const URING_SPIN_NS = Math.round(Number(process.env.TSMOUNT_FUSE_URING_SPIN_US ?? 0) * 1000);
+const URING_SPIN_NS = Math.round(Number(process.env.TSMOUNT_FUSE_URING_SPIN_US ?? 50) * 1000);
+const URING_PIN = process.env.TSMOUNT_FUSE_URING_PIN !== '0';
 const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT === '1';
 const SPIN_CHAIN = 64;
 /** With workers, the JS thread spins on its own descriptor after a WRITE it served (spinForWrites); TSMOUNT_FUSE_JS_SPIN=0: never. */
@@ -739,7 +744,7 @@ export class Session implements FuseMount {
    * start, the kernel is told (a refused REGISTER), and /dev/fuse serves as before.
    */
   private startUring(): void {
-    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, URING_SPIN_NS);
+    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, URING_SPIN_NS, URING_PIN);
     this.uringQueues = q;
     q.start((w, m) => this.fromWorker(w, m)).then(
       (ws) => {

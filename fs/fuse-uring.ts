@@ -90,8 +90,10 @@ export interface UringInit {
   wakeFd: number;
   denyOthers: boolean;
   owner: number;
-  /** How long to look for the next completion before sleeping (ns; 0: never). */
+  /** How long to look for the next completion before sleeping (ns; 0: never); only a queue pinned to its CPU spins. */
   spinNs: number;
+  /** Bind the queue's thread to the CPU it serves (queue qid serves CPU qid), as libfuse does. */
+  pin: boolean;
 }
 
 export type UringMessage =
@@ -106,6 +108,8 @@ interface Sys {
   mmap(len: number, prot: number, flags: number, fd: number, off: number): unknown;
   eventfd(init: number, flags: number): number;
   close(fd: number): number;
+  /** Bind the calling thread to one CPU it may already run on (sched_setaffinity); false if not allowed or refused. */
+  pin(cpu: number): boolean;
   errno(): number;
 }
 
@@ -121,6 +125,9 @@ function sys(): Sys {
   const mmap = libc.func('void *mmap(void *addr, size_t len, int prot, int flags, int fd, int64_t off)');
   const eventfd = libc.func('int eventfd(unsigned int init, int flags)');
   const close = libc.func('int close(int fd)');
+  // pid 0: the calling thread. The mask is a cpu_set_t of 1024 CPUs (glibc's size).
+  const setaffinity = libc.func('int sched_setaffinity(int pid, size_t size, const uint8_t *mask)');
+  const getaffinity = libc.func('int sched_getaffinity(int pid, size_t size, _Out_ uint8_t *mask)');
   sysCache = {
     koffi,
     setup: (entries, params) => Number(setup(SYS_IO_URING_SETUP, entries, params)),
@@ -128,6 +135,15 @@ function sys(): Sys {
     mmap: (len, prot, flags, fd, off) => mmap(null, len, prot, flags, fd, off),
     eventfd: (init, flags) => eventfd(init, flags) as number,
     close: (fd) => close(fd) as number,
+    pin: (cpu) => {
+      if (cpu < 0 || cpu >= 1024) return false;
+      const mask = Buffer.alloc(128);
+      // Never outside the CPUs the process was given (taskset, a cpuset): pin within them only.
+      if (getaffinity(0, mask.length, mask) !== 0 || (mask[cpu >> 3]! & (1 << (cpu & 7))) === 0) return false;
+      mask.fill(0);
+      mask[cpu >> 3] = 1 << (cpu & 7);
+      return setaffinity(0, mask.length, mask) === 0;
+    },
     errno: () => koffi.errno(),
   };
   return sysCache;
@@ -327,7 +343,7 @@ export class UringQueues {
   readonly workers: UringWorker[] = [];
 
   constructor(private readonly devFd: number, private readonly maxPayload: number, private readonly ctl: Int32Array,
-    private readonly denyOthers: boolean, private readonly owner: number, private readonly spinNs: number) {}
+    private readonly denyOthers: boolean, private readonly owner: number, private readonly spinNs: number, private readonly pin: boolean) {}
 
   /**
    * One worker per possible CPU, started one after the other (koffi loading in two
@@ -344,7 +360,7 @@ export class UringQueues {
       const { port1, port2 } = new MessageChannel();
       const init: UringInit = {
         fuseUring: true, fd: this.devFd, qid, maxPayload: this.maxPayload, ctl: this.ctl, stop: this.stopWord, port: port2, wakeFd,
-        denyOthers: this.denyOthers, owner: this.owner, spinNs: this.spinNs,
+        denyOthers: this.denyOthers, owner: this.owner, spinNs: this.spinNs, pin: this.pin,
       };
       const thread = new Worker(url, { workerData: init, transferList: [port2] });
       const w: UringWorker = { thread, fd: -1 - qid, port: port1 };
@@ -425,6 +441,8 @@ class Queue {
   private ended = 0;
   /** Completions start() saw, for run(). */
   private readonly early: [number, number][] = [];
+  /** Set by main(): the thread runs on the CPU whose requests it gets. */
+  pinned = false;
 
   constructor(private readonly s: Sys, private readonly init: UringInit) {
     this.ring = new Ring(s, 2 * DEPTH + 2);
@@ -479,7 +497,9 @@ class Queue {
 
   run(): number {
     for (const [ud, res] of this.early.splice(0)) this.complete(ud, res);
-    const spinNs = BigInt(this.init.spinNs);
+    // Only a queue pinned to its CPU spins (fs/fuse-session.ts, URING_SPIN_NS): unpinned,
+    // the spinning thread often sat on the CPU of the very reader it waited for.
+    const spinNs = this.pinned ? BigInt(this.init.spinNs) : 0n;
     for (;;) {
       if (Atomics.load(this.init.stop, 0) !== 0) return 0;
       // A reader that waits on each reply sends its next request within microseconds:
@@ -631,7 +651,9 @@ async function main(): Promise<void> {
   // Tests only: this queue fails to start, as a real failure would (the fallback's test).
   if (process.env.TSMOUNT_FUSE_URING_FAIL_QUEUE === String(init.qid)) throw new Error(`queue ${init.qid}: failure asked for by TSMOUNT_FUSE_URING_FAIL_QUEUE`);
   const s = sys();
+  const pinned = init.pin && s.pin(init.qid);
   const q = new Queue(s, init);
+  q.pinned = pinned;
   const r = q.start();
   if (r < 0) {
     q.close();

@@ -8,7 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
-import { MountTracker, mountCounters, mountedPid, tsmount } from './helpers/mount.js';
+import { MountTracker, mountCounters, mountedPid, TSMOUNT, tsmount } from './helpers/mount.js';
 import type { ListedMount } from '../mount-helpers/list.js';
 import { possibleCpus } from '../fs/fuse-uring.js';
 
@@ -20,6 +20,26 @@ async function directMd5(file: string, bs = '1M'): Promise<string> {
   const r = await run('sh', ['-c', `dd if='${file}' iflag=direct bs=${bs} status=none | md5sum`]);
   expect(r.code, r.stderr).to.equal(0);
   return r.stdout.split(' ')[0]!;
+}
+
+/** A kernel CPU list ("0-1,4") as numbers. */
+function cpuList(text: string): number[] {
+  const out: number[] = [];
+  for (const part of text.trim().split(',').filter(Boolean)) {
+    const [a, b] = part.split('-').map(Number);
+    for (let c = a!; c <= (b ?? a!); c++) out.push(c);
+  }
+  return out;
+}
+
+/** Each thread of process `pid`: the CPUs it may run on. */
+function threadCpus(pid: number): number[][] {
+  const out: number[][] = [];
+  for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+    const m = /^Cpus_allowed_list:\s*(\S+)$/m.exec(fs.readFileSync(`/proc/${pid}/task/${t}/status`, 'utf8'));
+    if (m) out.push(cpuList(m[1]!));
+  }
+  return out;
 }
 
 async function queueReads(mp: string, atLeast: number): Promise<number> {
@@ -103,6 +123,41 @@ describe('FUSE over io_uring (TSMOUNT_FUSE_URING=1)', function () {
     for (const got of all) expect(got).to.equal(want);
     await mounts.unmount(mp);
     expect(mountedPid(mp)).to.equal(undefined);
+  });
+
+  it('pins each queue thread to the CPU it serves, and never outside the CPUs the server was given (taskset)', async function () {
+    const mine = cpuList(/^Cpus_allowed_list:\s*(\S+)$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]!);
+    const queues = [...Array(possibleCpus()).keys()].filter((c) => mine.includes(c));
+    if (queues.length < 2) {
+      // eslint-disable-next-line no-console
+      console.log(`      skipped: the test process may run on CPUs ${mine.join(',')} only; pinning needs two`);
+      this.skip();
+    }
+    const img = path.join(tmp.dir, 'pin.qcow2');
+    await createImage(img, 'qcow2', 16 * MiB, {});
+    await qemuIo(img, 'qcow2', ['write -P 0x3c 0 5M', 'write -P 0x4d 9M 2M']);
+    const raw = path.join(tmp.dir, 'pin.raw.out');
+    await convertToRaw(img, raw, 'qcow2');
+    const want = await md5File(raw);
+
+    const mp = dir('m-pin');
+    await mounts.mount([img, mp]);
+    const pid = mountedPid(mp)!;
+    const pinned = threadCpus(pid).filter((c) => c.length === 1).map((c) => c[0]!);
+    for (const q of queues) expect(pinned, `a thread pinned to CPU ${q} (queue ${q})`).to.include(q);
+    expect(await directMd5(path.join(mp, 'pin.raw'), '64k')).to.equal(want);
+    await mounts.unmount(mp);
+
+    // Started on CPU 0 alone (taskset): queue 1's thread must not pin itself to CPU 1;
+    // every thread of the server stays on CPU 0, and the mount serves as before.
+    const mp0 = dir('m-pin0');
+    mounts.track(mp0);
+    await runOk('taskset', ['-c', '0', process.execPath, TSMOUNT, img, mp0]);
+    const all = threadCpus(mountedPid(mp0)!);
+    expect(all.length).to.be.above(2);
+    for (const c of all) expect(c, 'CPUs a thread of the server may run on').to.deep.equal([0]);
+    for (let pass = 0; pass < 3; pass++) expect(await directMd5(path.join(mp0, 'pin.raw'), '64k')).to.equal(want);
+    await mounts.unmount(mp0);
   });
 
   it('decrypts a LUKS image in the queues (the cipher code loaded once its map names a cipher), as qemu-img reads it', async () => {
