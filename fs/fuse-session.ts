@@ -61,6 +61,14 @@ const SPIN_MAX_NS = SPIN_NS * 4n;
  */
 const URING_SPIN_NS = Math.round(Number(process.env.TSMOUNT_FUSE_URING_SPIN_US ?? 50) * 1000);
 const URING_PIN = process.env.TSMOUNT_FUSE_URING_PIN !== '0';
+/**
+ * A pinned queue's spin gives the CPU away at each turn (sched_yield; TSMOUNT_FUSE_URING_YIELD=0:
+ * not): the reader it waits for runs on that CPU. Four random readers 243k -> 318-355k
+ * IOPS, one unchanged (rows 2ub/2u, session 25). The /dev/fuse workers and the JS
+ * thread, unpinned, gained nothing from it (row 2a 38.6-40.5k against 44.0k without,
+ * 2b 216-237k against 231k): their spins do not yield.
+ */
+const URING_YIELD = process.env.TSMOUNT_FUSE_URING_YIELD !== '0';
 const SPIN_ADAPT = process.env.TSMOUNT_FUSE_SPIN_ADAPT === '1';
 const SPIN_CHAIN = 64;
 /** With workers, the JS thread spins on its own descriptor after a WRITE it served (spinForWrites); TSMOUNT_FUSE_JS_SPIN=0: never. */
@@ -744,7 +752,7 @@ export class Session implements FuseMount {
    * start, the kernel is told (a refused REGISTER), and /dev/fuse serves as before.
    */
   private startUring(): void {
-    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, URING_SPIN_NS, URING_PIN);
+    const q = new UringQueues(this.fd, this.maxRequest, this.ctl, !!this.cfg.denyOthers, this.owner, { spinNs: URING_SPIN_NS, spinYield: URING_YIELD, pin: URING_PIN });
     this.uringQueues = q;
     q.start((w, m) => this.fromWorker(w, m)).then(
       (ws) => {

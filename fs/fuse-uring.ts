@@ -92,9 +92,14 @@ export interface UringInit {
   owner: number;
   /** How long to look for the next completion before sleeping (ns; 0: never); only a queue pinned to its CPU spins. */
   spinNs: number;
+  /** sched_yield between looks (fuse-session.ts URING_YIELD): the reader this queue waits for runs on the same CPU. */
+  spinYield: boolean;
   /** Bind the queue's thread to the CPU it serves (queue qid serves CPU qid), as libfuse does. */
   pin: boolean;
 }
+
+/** How the queue threads wait: UringInit's spinNs, spinYield and pin. */
+export type UringSpin = Pick<UringInit, 'spinNs' | 'spinYield' | 'pin'>;
 
 export type UringMessage =
   | { type: 'ready' }
@@ -108,6 +113,7 @@ interface Sys {
   mmap(len: number, prot: number, flags: number, fd: number, off: number): unknown;
   eventfd(init: number, flags: number): number;
   close(fd: number): number;
+  yield(): number;
   /** Bind the calling thread to one CPU it may already run on (sched_setaffinity); false if not allowed or refused. */
   pin(cpu: number): boolean;
   errno(): number;
@@ -125,6 +131,7 @@ function sys(): Sys {
   const mmap = libc.func('void *mmap(void *addr, size_t len, int prot, int flags, int fd, int64_t off)');
   const eventfd = libc.func('int eventfd(unsigned int init, int flags)');
   const close = libc.func('int close(int fd)');
+  const schedYield = libc.func('int sched_yield()');
   // pid 0: the calling thread. The mask is a cpu_set_t of 1024 CPUs (glibc's size).
   const setaffinity = libc.func('int sched_setaffinity(int pid, size_t size, const uint8_t *mask)');
   const getaffinity = libc.func('int sched_getaffinity(int pid, size_t size, _Out_ uint8_t *mask)');
@@ -135,6 +142,7 @@ function sys(): Sys {
     mmap: (len, prot, flags, fd, off) => mmap(null, len, prot, flags, fd, off),
     eventfd: (init, flags) => eventfd(init, flags) as number,
     close: (fd) => close(fd) as number,
+    yield: () => schedYield() as number,
     pin: (cpu) => {
       if (cpu < 0 || cpu >= 1024) return false;
       const mask = Buffer.alloc(128);
@@ -343,7 +351,7 @@ export class UringQueues {
   readonly workers: UringWorker[] = [];
 
   constructor(private readonly devFd: number, private readonly maxPayload: number, private readonly ctl: Int32Array,
-    private readonly denyOthers: boolean, private readonly owner: number, private readonly spinNs: number, private readonly pin: boolean) {}
+    private readonly denyOthers: boolean, private readonly owner: number, private readonly spin: UringSpin) {}
 
   /**
    * One worker per possible CPU, started one after the other (koffi loading in two
@@ -360,7 +368,7 @@ export class UringQueues {
       const { port1, port2 } = new MessageChannel();
       const init: UringInit = {
         fuseUring: true, fd: this.devFd, qid, maxPayload: this.maxPayload, ctl: this.ctl, stop: this.stopWord, port: port2, wakeFd,
-        denyOthers: this.denyOthers, owner: this.owner, spinNs: this.spinNs, pin: this.pin,
+        denyOthers: this.denyOthers, owner: this.owner, ...this.spin,
       };
       const thread = new Worker(url, { workerData: init, transferList: [port2] });
       const w: UringWorker = { thread, fd: -1 - qid, port: port1 };
@@ -509,7 +517,8 @@ class Queue {
       if (spinNs > 0n) {
         if (this.ring.pending() > 0) n = this.ring.enter(0);
         const deadline = process.hrtime.bigint() + spinNs;
-        while (!this.ring.ready() && process.hrtime.bigint() < deadline);
+        const y = this.init.spinYield;
+        while (!this.ring.ready() && process.hrtime.bigint() < deadline) if (y) this.s.yield();
       }
       if (n >= 0 && !this.ring.ready()) n = this.ring.enter(1);
       if (n < 0 && n !== -EINTR) return -n;
