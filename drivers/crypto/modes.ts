@@ -4,9 +4,8 @@
 // sectors go to the cipher in one call wherever the mode allows it.
 import { makeBlockCipher, type BlockCipher } from './cipher.js';
 import { IvGenerator, type IvGenName } from './ivgen.js';
-
 import type { CipherMode } from './magic.js';
-
+import { DATA, IVS, TWEAKS, XTS_CHUNK, xtsWasm, type XtsWasm } from './xts-wasm.js';
 export { CIPHER_MODES, type CipherMode } from './magic.js';
 
 export interface SectorCipherSpec {
@@ -193,6 +192,8 @@ class ModeCipher implements SectorCipher {
    * then one cipher call between two XORs with them.
    */
   private xts(data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
+    const w = xtsWasm();
+    if (w) return this.xtsWasm(w, data, firstSector, count, encrypt);
     const perSector = this.sectorSize / 16;
     const ivs = this.ivs(firstSector, count);
     this.tweak!.encrypt(ivs, ivs);
@@ -240,6 +241,33 @@ class ModeCipher implements SectorCipher {
     if (encrypt) this.data.encrypt(data, data);
     else this.data.decrypt(data, data);
     xor(data, t);
+  }
+
+  /**
+   * xts() with the tweak work in WebAssembly (xts-wasm.ts), a chunk of at most
+   * XTS_CHUNK bytes at a time: the data is copied into the module's memory, XORed with
+   * the tweaks there, through the block cipher and back into that memory, XORed again,
+   * and copied back.
+   */
+  private xtsWasm(w: XtsWasm, data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
+    const ss = this.sectorSize;
+    const per = ss / 16;
+    const step = Math.floor(XTS_CHUNK / ss);
+    for (let s = 0; s < count; s += step) {
+      const n = Math.min(step, count - s);
+      const part = data.subarray(s * ss, (s + n) * ss);
+      const ivs = this.ivs(firstSector + s, n);
+      this.tweak!.encrypt(ivs, ivs);
+      const m = w.bytes;
+      m.set(part, DATA);
+      m.set(ivs, IVS);
+      w.prep(DATA, TWEAKS, IVS, n, per);
+      const chunk = m.subarray(DATA, DATA + part.length);
+      if (encrypt) this.data.encrypt(chunk, chunk);
+      else this.data.decrypt(chunk, chunk);
+      w.xor(DATA, TWEAKS, part.length);
+      part.set(chunk);
+    }
   }
 }
 

@@ -1,0 +1,47 @@
+;; XTS's tweak work (IEEE 1619) for drivers/crypto/modes.ts, as WebAssembly: the part of
+;; XTS that OpenSSL cannot do for us when every sector has its own tweak. Assembled into
+;; xts-wasm.ts (test/xts-wasm.test.ts checks that the bytes there are this file's).
+;;
+;; prep(data, tw, ivs, count, per): for each of `count` sectors, its encrypted IV (16
+;;   bytes at ivs) is the tweak of its first block; each of its `per` 16-byte blocks
+;;   gets data ^= tweak, the tweak is kept at tw (for the XOR after the block cipher),
+;;   and the next block's tweak is this one times x in GF(2^128) (a 128-bit
+;;   little-endian shift left by one, 0x87 folded in for the bit that falls off).
+;; xor(a, b, len): a ^= b over len bytes, len a multiple of 16.
+(module
+  (memory (export "mem") 34)
+  (func (export "prep") (param $data i32) (param $tw i32) (param $ivs i32) (param $count i32) (param $per i32)
+    (local $s i32) (local $b i32) (local $lo i64) (local $hi i64) (local $c i64)
+    (block $done
+      (loop $sector
+        (br_if $done (i32.ge_u (local.get $s) (local.get $count)))
+        (local.set $lo (i64.load (local.get $ivs)))
+        (local.set $hi (i64.load offset=8 (local.get $ivs)))
+        (local.set $ivs (i32.add (local.get $ivs) (i32.const 16)))
+        (local.set $b (i32.const 0))
+        (block $blocksDone
+          (loop $block
+            (br_if $blocksDone (i32.ge_u (local.get $b) (local.get $per)))
+            (i64.store (local.get $tw) (local.get $lo))
+            (i64.store offset=8 (local.get $tw) (local.get $hi))
+            (i64.store (local.get $data) (i64.xor (i64.load (local.get $data)) (local.get $lo)))
+            (i64.store offset=8 (local.get $data) (i64.xor (i64.load offset=8 (local.get $data)) (local.get $hi)))
+            (local.set $c (i64.shr_u (local.get $hi) (i64.const 63)))
+            (local.set $hi (i64.or (i64.shl (local.get $hi) (i64.const 1)) (i64.shr_u (local.get $lo) (i64.const 63))))
+            (local.set $lo (i64.xor (i64.shl (local.get $lo) (i64.const 1)) (i64.mul (local.get $c) (i64.const 0x87))))
+            (local.set $tw (i32.add (local.get $tw) (i32.const 16)))
+            (local.set $data (i32.add (local.get $data) (i32.const 16)))
+            (local.set $b (i32.add (local.get $b) (i32.const 1)))
+            (br $block)))
+        (local.set $s (i32.add (local.get $s) (i32.const 1)))
+        (br $sector))))
+  (func (export "xor") (param $a i32) (param $b i32) (param $len i32)
+    (local $end i32)
+    (local.set $end (i32.add (local.get $a) (local.get $len)))
+    (block $done
+      (loop $l
+        (br_if $done (i32.ge_u (local.get $a) (local.get $end)))
+        (v128.store (local.get $a) (v128.xor (v128.load (local.get $a)) (v128.load (local.get $b))))
+        (local.set $a (i32.add (local.get $a) (i32.const 16)))
+        (local.set $b (i32.add (local.get $b) (i32.const 16)))
+        (br $l)))))
