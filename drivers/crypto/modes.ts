@@ -5,7 +5,7 @@
 import { makeBlockCipher, type BlockCipher } from './cipher.js';
 import { IvGenerator, type IvGenName } from './ivgen.js';
 import type { CipherMode } from './magic.js';
-import { DATA, IVS, TWEAKS, XTS_CHUNK, xtsWasm, type XtsWasm } from './xts-wasm.js';
+import { DATA, IVS, IVS_ROOM, TWEAKS, XTS_CHUNK, xtsWasm, type XtsWasm } from './xts-wasm.js';
 export { CIPHER_MODES, type CipherMode } from './magic.js';
 
 export interface SectorCipherSpec {
@@ -192,7 +192,8 @@ class ModeCipher implements SectorCipher {
    * then one cipher call between two XORs with them.
    */
   private xts(data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
-    const w = xtsWasm();
+    // Sectors of fewer than 128 bytes (no format makes them) would not leave the IVs room.
+    const w = (XTS_CHUNK / this.sectorSize) * 16 <= IVS_ROOM ? xtsWasm() : undefined;
     if (w) return this.xtsWasm(w, data, firstSector, count, encrypt);
     const perSector = this.sectorSize / 16;
     const ivs = this.ivs(firstSector, count);

@@ -15,6 +15,8 @@ export const XTS_CHUNK = 1 << 20;
 export const DATA = 0;
 export const TWEAKS = XTS_CHUNK;
 export const IVS = 2 * XTS_CHUNK;
+/** Room for IVs at IVS (the memory's 34 pages end 128 KiB after it): 16 bytes per sector of a chunk. */
+export const IVS_ROOM = 34 * 65536 - IVS;
 
 export interface XtsWasm {
   /** data ^= tweaks of `count` sectors of `per` blocks, the tweaks kept at `tw`. */
