@@ -5,7 +5,7 @@
 import { makeBlockCipher, type BlockCipher } from './cipher.js';
 import { IvGenerator, type IvGenName } from './ivgen.js';
 import type { CipherMode } from './magic.js';
-import { DATA, IVS, IVS_ROOM, TWEAKS, XTS_CHUNK, xtsWasm, type XtsWasm } from './xts-wasm.js';
+import { CHUNK, DATA, IVS, IVS_ROOM, modesWasm, SECOND, type ModesWasm } from './modes-wasm.js';
 export { CIPHER_MODES, type CipherMode } from './magic.js';
 
 export interface SectorCipherSpec {
@@ -119,6 +119,8 @@ class ModeCipher implements SectorCipher {
 
   /** CBC decryption: every block's predecessor is known up front, so one cipher call for the run. */
   private cbcDecrypt(data: Uint8Array, firstSector: number, count: number): void {
+    const w = this.wasm();
+    if (w) return this.cbcDecryptWasm(w, data, firstSector, count);
     const ss = this.sectorSize;
     const bs = this.data.blockSize;
     const ivs = this.ivs(firstSector, count);
@@ -192,8 +194,7 @@ class ModeCipher implements SectorCipher {
    * then one cipher call between two XORs with them.
    */
   private xts(data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
-    // Sectors of fewer than 128 bytes (no format makes them) would not leave the IVs room.
-    const w = (XTS_CHUNK / this.sectorSize) * 16 <= IVS_ROOM ? xtsWasm() : undefined;
+    const w = this.wasm();
     if (w) return this.xtsWasm(w, data, firstSector, count, encrypt);
     const perSector = this.sectorSize / 16;
     const ivs = this.ivs(firstSector, count);
@@ -245,15 +246,23 @@ class ModeCipher implements SectorCipher {
   }
 
   /**
-   * xts() with the tweak work in WebAssembly (xts-wasm.ts), a chunk of at most
-   * XTS_CHUNK bytes at a time: the data is copied into the module's memory, XORed with
-   * the tweaks there, through the block cipher and back into that memory, XORed again,
-   * and copied back.
+   * The WebAssembly module (modes-wasm.ts) for this cipher's modes, if it runs here and
+   * fits: blocks of 16 bytes, and sectors of at least 128 bytes (no format makes fewer),
+   * so that a chunk's IVs have room in its memory.
    */
-  private xtsWasm(w: XtsWasm, data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
+  private wasm(): ModesWasm | undefined {
+    return this.data.blockSize === 16 && (CHUNK / this.sectorSize) * 16 <= IVS_ROOM ? modesWasm() : undefined;
+  }
+
+  /**
+   * xts() with the tweak work in WebAssembly, a chunk of at most CHUNK bytes at a
+   * time: the data is copied into the module's memory, XORed with the tweaks there,
+   * through the block cipher and back into that memory, XORed again, and copied back.
+   */
+  private xtsWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
     const ss = this.sectorSize;
     const per = ss / 16;
-    const step = Math.floor(XTS_CHUNK / ss);
+    const step = Math.floor(CHUNK / ss);
     for (let s = 0; s < count; s += step) {
       const n = Math.min(step, count - s);
       const part = data.subarray(s * ss, (s + n) * ss);
@@ -262,12 +271,33 @@ class ModeCipher implements SectorCipher {
       const m = w.bytes;
       m.set(part, DATA);
       m.set(ivs, IVS);
-      w.prep(DATA, TWEAKS, IVS, n, per);
+      w.prep(DATA, SECOND, IVS, n, per);
       const chunk = m.subarray(DATA, DATA + part.length);
       if (encrypt) this.data.encrypt(chunk, chunk);
       else this.data.decrypt(chunk, chunk);
-      w.xor(DATA, TWEAKS, part.length);
+      w.xor(DATA, SECOND, part.length);
       part.set(chunk);
+    }
+  }
+
+  /**
+   * cbcDecrypt() with the XORs in WebAssembly, a chunk at a time: the ciphertext copied
+   * into the module's memory, decrypted by the block cipher into its second chunk, each
+   * block XORed there with its predecessor (the sector's IV for the first), copied back.
+   */
+  private cbcDecryptWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number): void {
+    const ss = this.sectorSize;
+    const step = Math.floor(CHUNK / ss);
+    for (let s = 0; s < count; s += step) {
+      const n = Math.min(step, count - s);
+      const part = data.subarray(s * ss, (s + n) * ss);
+      const m = w.bytes;
+      m.set(part, DATA);
+      m.set(this.ivs(firstSector + s, n), IVS);
+      const plain = m.subarray(SECOND, SECOND + part.length);
+      this.data.decrypt(m.subarray(DATA, DATA + part.length), plain);
+      w.cbcdec(SECOND, DATA, IVS, n, ss);
+      part.set(plain);
     }
   }
 }

@@ -1,13 +1,20 @@
-;; XTS's tweak work (IEEE 1619) for drivers/crypto/modes.ts, as WebAssembly: the part of
-;; XTS that OpenSSL cannot do for us when every sector has its own tweak. Assembled into
-;; xts-wasm.ts (test/xts-wasm.test.ts checks that the bytes there are this file's).
+;; The sector modes' own work around the block cipher (drivers/crypto/modes.ts), as
+;; WebAssembly: what OpenSSL cannot do for us when every sector has its own IV or tweak.
+;; Assembled into modes-wasm.ts (test/modes-wasm.test.ts checks that the bytes there are
+;; this file's).
 ;;
+;; XTS (IEEE 1619):
 ;; prep(data, tw, ivs, count, per): for each of `count` sectors, its encrypted IV (16
 ;;   bytes at ivs) is the tweak of its first block; each of its `per` 16-byte blocks
 ;;   gets data ^= tweak, the tweak is kept at tw (for the XOR after the block cipher),
 ;;   and the next block's tweak is this one times x in GF(2^128) (a 128-bit
 ;;   little-endian shift left by one, 0x87 folded in for the bit that falls off).
 ;; xor(a, b, len): a ^= b over len bytes, len a multiple of 16.
+;;
+;; CBC decryption, after the block cipher decrypted every block (ECB):
+;; cbcdec(plain, cipher, ivs, count, ss): for each of `count` sectors of `ss` bytes, its
+;;   first block ^= its IV (16 bytes at ivs), every other block ^= the ciphertext block
+;;   before it (at cipher, the sector's ciphertext).
 (module
   (memory (export "mem") 34)
   (func (export "prep") (param $data i32) (param $tw i32) (param $ivs i32) (param $count i32) (param $per i32)
@@ -44,4 +51,25 @@
         (v128.store (local.get $a) (v128.xor (v128.load (local.get $a)) (v128.load (local.get $b))))
         (local.set $a (i32.add (local.get $a) (i32.const 16)))
         (local.set $b (i32.add (local.get $b) (i32.const 16)))
-        (br $l)))))
+        (br $l))))
+  (func (export "cbcdec") (param $plain i32) (param $cipher i32) (param $ivs i32) (param $count i32) (param $ss i32)
+    (local $s i32) (local $p i32) (local $end i32)
+    (block $done
+      (loop $sector
+        (br_if $done (i32.ge_u (local.get $s) (local.get $count)))
+        (v128.store (local.get $plain) (v128.xor (v128.load (local.get $plain)) (v128.load (local.get $ivs))))
+        (local.set $end (i32.add (local.get $plain) (local.get $ss)))
+        (local.set $p (i32.add (local.get $plain) (i32.const 16)))
+        (block $blocksDone
+          (loop $block
+            (br_if $blocksDone (i32.ge_u (local.get $p) (local.get $end)))
+            (v128.store (local.get $p) (v128.xor (v128.load (local.get $p)) (v128.load (local.get $cipher))))
+            (local.set $p (i32.add (local.get $p) (i32.const 16)))
+            (local.set $cipher (i32.add (local.get $cipher) (i32.const 16)))
+            (br $block)))
+        ;; The last ciphertext block of a sector chains nothing: skip it.
+        (local.set $cipher (i32.add (local.get $cipher) (i32.const 16)))
+        (local.set $plain (local.get $end))
+        (local.set $ivs (i32.add (local.get $ivs) (i32.const 16)))
+        (local.set $s (i32.add (local.get $s) (i32.const 1)))
+        (br $sector)))))
