@@ -144,6 +144,11 @@ export interface BlockNode {
    * inside [0, size); a node never re-checks bounds its caller already checked.
    */
   read(offset: number, dst: Uint8Array): Promise<void>;
+  /**
+   * Write src at offset. Once the promise resolves src is the caller's again (it may be
+   * reused for another write: modes.ts writeEncrypted); a node that needs the bytes
+   * later keeps a copy.
+   */
   write(offset: number, src: Uint8Array): Promise<void>;
   /**
    * Write `parts` laid end to end from `offset` as one request (pwritev): a format

@@ -10,6 +10,7 @@ import { makeBlockCipher } from '../drivers/crypto/cipher.js';
 import { EvpEcb, evpEcb, setEvp } from '../drivers/crypto/evp.js';
 import { makeSectorCipher, type SectorCipherSpec } from '../drivers/crypto/modes.js';
 import { setModesWasm } from '../drivers/crypto/modes-wasm.js';
+import { writeEncrypted } from '../drivers/crypto/write-encrypted.js';
 
 const FAMILIES: [family: string, openssl: (bits: number) => string, keyLens: number[]][] = [
   ['aes', (b) => `aes-${b}-ecb`, [16, 24, 32]],
@@ -129,3 +130,50 @@ describe('ECB in place through EVP (evp.ts)', () => {
     });
   }
 });
+
+describe('writeEncrypted: ciphertext in buffers kept from write to write (write-encrypted.ts)', () => {
+  const key = crypto.randomBytes(64);
+  const spec = { cipher: 'aes', mode: 'xts', ivgen: 'plain64', key } as const;
+
+  it('gives writes in flight at once buffers of their own, each the ciphertext of its data, and leaves src alone', async () => {
+    const c = makeSectorCipher(spec);
+    const srcs = [0, 1, 2, 3, 4, 5].map((i) => Buffer.alloc(4096 * (i + 1), i + 1));
+    const seen: Uint8Array[] = [];
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const writes = srcs.map((src, i) =>
+      writeEncrypted(c, src, i * 100, async (buf) => {
+        seen[i] = buf;
+        await gate;
+      }),
+    );
+    release();
+    await Promise.all(writes);
+    srcs.forEach((src, i) => {
+      expect(src.equals(Buffer.alloc(4096 * (i + 1), i + 1)), 'src changed').to.equal(true);
+      const want = Buffer.from(src);
+      makeSectorCipher(spec).encrypt(want, i * 100);
+      expect(Buffer.from(seen[i]!).equals(want), `write ${i}`).to.equal(true);
+    });
+  });
+
+  it('uses a buffer again after its write resolved, never after one failed', async () => {
+    const c = makeSectorCipher(spec);
+    const big = 3 * 1024 * 1024 + 512; // larger than any buffer kept so far: a new one
+    let first: ArrayBufferLike | undefined;
+    await writeEncrypted(c, Buffer.alloc(big, 1), 0, async (buf) => void (first = buf.buffer));
+    let again: ArrayBufferLike | undefined;
+    await writeEncrypted(c, Buffer.alloc(big, 2), 0, async (buf) => void (again = buf.buffer));
+    expect(again).to.equal(first);
+    const failing = writeEncrypted(c, Buffer.alloc(big, 3), 0, async (buf) => {
+      again = buf.buffer;
+      throw new Error('the disk went away');
+    });
+    await failing.then(() => expect.fail('resolved'), (err: Error) => expect(err.message).to.equal('the disk went away'));
+    expect(again).to.equal(first);
+    let after: ArrayBufferLike | undefined;
+    await writeEncrypted(c, Buffer.alloc(big, 4), 0, async (buf) => void (after = buf.buffer));
+    expect(after, 'the failed write\'s buffer was used again').to.not.equal(first);
+  });
+});
+

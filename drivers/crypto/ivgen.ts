@@ -22,6 +22,7 @@ export class IvGenerator {
   private readonly essiv: BlockCipher | undefined;
 
   constructor(private readonly kind: IvGenName, private readonly niv: number, cipher: string, key: Uint8Array, hash?: string) {
+    if (niv !== 8 && niv !== 16) throw new RangeError(`no IVs of ${niv} bytes: block ciphers here have 8 or 16-byte blocks`);
     if (kind === 'essiv') {
       if (!hash) throw new RangeError('essiv needs a hash');
       essivKeyLength(cipher, hash);
@@ -35,23 +36,21 @@ export class IvGenerator {
     const niv = this.niv;
     const out = new Uint8Array(count * niv);
     if (this.kind === 'null') return out;
-    const dv = new DataView(out.buffer);
-    const tmp = new DataView(new ArrayBuffer(8));
+    const dv = new DataView(out.buffer, out.byteOffset, out.byteLength);
+    // Block ciphers have 8 or 16-byte blocks: plain's 4 bytes and plain64's 8 always fit.
     for (let i = 0; i < count; i++) {
       const n = first + i * step;
       const lo = n >>> 0;
       const hi = Math.floor(n / 2 ** 32) >>> 0;
       const off = i * niv;
       if (this.kind === 'plain') {
-        tmp.setUint32(0, lo, true);
-        for (let j = 0; j < Math.min(4, niv); j++) out[off + j] = tmp.getUint8(j);
+        dv.setUint32(off, lo, true);
       } else if (this.kind === 'plain64be') {
         dv.setUint32(off + niv - 8, hi, false);
         dv.setUint32(off + niv - 4, lo, false);
       } else {
-        tmp.setUint32(0, lo, true);
-        tmp.setUint32(4, hi, true);
-        for (let j = 0; j < Math.min(8, niv); j++) out[off + j] = tmp.getUint8(j);
+        dv.setUint32(off, lo, true);
+        dv.setUint32(off + 4, hi, true);
       }
     }
     if (this.essiv) this.essiv.encrypt(out, out);

@@ -2,6 +2,7 @@
 // the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
 // does; LUKS2 headers made by cryptsetup open read-write too, and `-o luks-version=2`
 // makes them (QEMU 7.2 can do neither).
+import { writeEncrypted } from '../../crypto/write-encrypted.js';
 import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, HostCipher, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
@@ -60,10 +61,8 @@ class LuksNode implements BlockNode {
     this.sectorCipher().decrypt(dst, offset / this.unit);
   }
 
-  async write(offset: number, src: Uint8Array): Promise<void> {
-    const buf = new Uint8Array(src);
-    this.sectorCipher().encrypt(buf, offset / this.unit);
-    await this.file.write(this.payloadOffset + offset, buf);
+  write(offset: number, src: Uint8Array): Promise<void> {
+    return writeEncrypted(this.sectorCipher(), src, offset / this.unit, (buf) => this.file.write(this.payloadOffset + offset, buf));
   }
 
   flush(): Promise<void> {

@@ -1,6 +1,7 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
+import { writeEncrypted } from '../../crypto/write-encrypted.js';
 import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, SnapshotControl } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
@@ -170,9 +171,7 @@ export class Qcow2Node implements BlockNode {
       if (refused) return refused;
     }
     if (!this.crypt) return this.data.write(host, src);
-    const buf = Uint8Array.from(src);
-    this.crypt.cipher.encrypt(buf, (this.crypt.physical ? host : guest) / SECTOR);
-    return this.data.write(host, buf);
+    return writeEncrypted(this.crypt.cipher, src, (this.crypt.physical ? host : guest) / SECTOR, (buf) => this.data.write(host, buf));
   }
 
   /**
