@@ -325,7 +325,7 @@ export class Server {
   shutdown(unmount: boolean): Promise<void> {
     this.shuttingDown ??= (async () => {
       if (this.watcher) clearInterval(this.watcher);
-      this.status?.stop();
+      await this.status?.stop();
       let code = 0;
       if (unmount && this.mounted()) {
         try {

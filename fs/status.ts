@@ -6,7 +6,7 @@ import type { BlockNode } from '../drivers/types.js';
 import { formatOf } from '../drivers/open.js';
 import type { IoCounters } from '../drivers/filters/counting.js';
 import type { TransportCounters } from './fuse.js';
-import { shownImage, updateState, type MountState } from './mounts.js';
+import { shownImage, updateStateAsync, type MountState } from './mounts.js';
 
 export interface MountCounters extends IoCounters {
   cacheHits: number;
@@ -85,6 +85,8 @@ export function mountCounters(io: IoCounters, caches: readonly { hits: number; m
 export class StatusPublisher {
   private timer: NodeJS.Timeout | undefined;
   private last = '';
+  private writing: Promise<void> | undefined;
+  private stopped = false;
 
   constructor(
     private readonly file: string,
@@ -98,14 +100,18 @@ export class StatusPublisher {
     return mountCounters(this.io, this.caches, this.workers);
   }
 
-  /** Write the counters into the state file if they changed since the last time. */
+  /**
+   * Write the counters into the state file if they changed since the last time, off
+   * this thread (updateStateAsync); while a write is in flight, the next tick's waits.
+   */
   publish(): void {
+    if (this.writing || this.stopped) return;
     const counters = this.counters();
     const key = JSON.stringify(counters);
     if (key === this.last) return;
     this.last = key;
     const details = this.state.details ? { ...this.state.details, counters, updated: new Date().toISOString() } : undefined;
-    updateState(this.file, { ...this.state, details });
+    this.writing = updateStateAsync(this.file, { ...this.state, details }, () => this.stopped).finally(() => (this.writing = undefined));
   }
 
   start(intervalMs = 1000): void {
@@ -113,8 +119,12 @@ export class StatusPublisher {
     this.timer.unref();
   }
 
-  stop(): void {
+  /** No more writes; resolves once the one in flight, if any, is done. */
+  stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = undefined;
+    this.stopped = true;
+    return this.writing ?? Promise.resolve();
   }
+
 }
