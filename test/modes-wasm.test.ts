@@ -1,6 +1,6 @@
 // The sector modes' work in WebAssembly (drivers/crypto/modes-wasm.ts, modes.wat): the
-// module is what modes.wat assembles to, it loads here, and XTS and CBC decryption with
-// it and without it (modes.ts's JavaScript loops) equal OpenSSL's XTS and CBC run one
+// module is what modes.wat assembles to, it loads here, and XTS and CBC (decryption's
+// XORs, encryption's lanes) with it and without it (modes.ts's JavaScript loops) equal OpenSSL's XTS and CBC run one
 // sector at a time, for 512- and 4096-byte sectors and runs longer than the module's
 // chunk; ciphers OpenSSL has not (Serpent: the block cipher works on the module's
 // memory) and ESSIV give the same bytes both ways.

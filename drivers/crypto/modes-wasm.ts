@@ -1,16 +1,17 @@
 // The sector modes' work around the block cipher in WebAssembly (modes.wat, assembled
 // into MODES_WASM below): XTS's tweaks (making each block's and XORing it in before and
 // after the block cipher took two thirds of XTS's time in JavaScript: 1 MiB in about
-// 1 ms of the 1.4, OpenSSL's ECB the rest) and CBC decryption's XORs. Used when the
+// 1 ms of the 1.4, OpenSSL's ECB the rest), CBC decryption's XORs, and CBC encryption's
+// lanes (a block position of every sector gathered, chained, and put back). Used when the
 // module validates and passes its self-test; else modes.ts keeps its JavaScript loops.
 // TSMOUNT_MODES_WASM=0 turns it off (A/B).
 //
 // Memory (34 pages, fixed): a chunk of up to CHUNK bytes of data at DATA, a second
-// chunk at SECOND (XTS's tweaks, CBC's plaintext), the sectors' IVs at IVS.
+// chunk at SECOND (XTS's tweaks, CBC's plaintext or lane), the sectors' IVs at IVS.
 
 /** modes.wat, assembled (wabt; test/modes-wasm.test.ts assembles it again and compares). */
 export const MODES_WASM =
-  'AGFzbQEAAAABDwJgBX9/f39/AGADf39/AAMEAwABAAUDAQAiBx0EA21lbQIABHByZXAAAAN4b3IAAQZjYmNkZWMAAgrjAgOjAQICfwN+AkADQCAFIANPDQEgAikDACEHIAIpAwghCCACQRBqIQJBACEGAkADQCAGIARPDQEgASAHNwMAIAEgCDcDCCAAIAApAwAgB4U3AwAgACAAKQMIIAiFNwMIIAhCP4ghCSAIQgGGIAdCP4iEIQggB0IBhiAJQocBfoUhByABQRBqIQEgAEEQaiEAIAZBAWohBgwACwsgBUEBaiEFDAALCws8AQF/IAAgAmohAwJAA0AgACADTw0BIAAgAP0ABAAgAf0ABAD9Uf0LBAAgAEEQaiEAIAFBEGohAQwACwsLfwEDfwJAA0AgBSADTw0BIAAgAP0ABAAgAv0ABAD9Uf0LBAAgACAEaiEHIABBEGohBgJAA0AgBiAHTw0BIAYgBv0ABAAgAf0ABAD9Uf0LBAAgBkEQaiEGIAFBEGohAQwACwsgAUEQaiEBIAchACACQRBqIQIgBUEBaiEFDAALCws=';
+  'AGFzbQEAAAABGANgBX9/f39/AGADf39/AGAGf39/f39/AAMGBQABAAIABQMBACIHNgYDbWVtAgAEcHJlcAAAA3hvcgABBmNiY2RlYwACCWNiY2dhdGhlcgADCmNiY3NjYXR0ZXIABAr5AwWjAQICfwN+AkADQCAFIANPDQEgAikDACEHIAIpAwghCCACQRBqIQJBACEGAkADQCAGIARPDQEgASAHNwMAIAEgCDcDCCAAIAApAwAgB4U3AwAgACAAKQMIIAiFNwMIIAhCP4ghCSAIQgGGIAdCP4iEIQggB0IBhiAJQocBfoUhByABQRBqIQEgAEEQaiEAIAZBAWohBgwACwsgBUEBaiEFDAALCws8AQF/IAAgAmohAwJAA0AgACADTw0BIAAgAP0ABAAgAf0ABAD9Uf0LBAAgAEEQaiEAIAFBEGohAQwACwsLfwEDfwJAA0AgBSADTw0BIAAgAP0ABAAgAv0ABAD9Uf0LBAAgACAEaiEHIABBEGohBgJAA0AgBiAHTw0BIAYgBv0ABAAgAf0ABAD9Uf0LBAAgBkEQaiEGIAFBEGohAQwACwsgAUEQaiEBIAchACACQRBqIQIgBUEBaiEFDAALCwtZAQJ/IAEgBWohBwJAA0AgBiADTw0BIAAgB/0ABAAgBQR7IAdBEGv9AAQABSAC/QAEAAv9Uf0LBAAgAEEQaiEAIAJBEGohAiAHIARqIQcgBkEBaiEGDAALCws7AQJ/IAAgBGohBgJAA0AgBSACTw0BIAYgAf0ABAD9CwQAIAFBEGohASAGIANqIQYgBUEBaiEFDAALCws=';
 
 export const CHUNK = 1 << 20;
 export const DATA = 0;
@@ -26,6 +27,10 @@ export interface ModesWasm {
   xor(a: number, b: number, len: number): void;
   /** CBC after ECB decryption: each sector's first block ^= its IV, every other ^= the ciphertext block before it. */
   cbcdec(plain: number, cipher: number, ivs: number, count: number, sectorSize: number): void;
+  /** CBC encryption, block position `off` of `count` sectors: lane block s = that block ^ the (encrypted) block before it, or the sector's IV. */
+  cbcgather(lane: number, data: number, ivs: number, count: number, sectorSize: number, off: number): void;
+  /** Block position `off` of each sector = lane block s (after the block cipher). */
+  cbcscatter(data: number, lane: number, count: number, sectorSize: number, off: number): void;
   /** The module's memory. */
   bytes: Uint8Array;
 }
@@ -52,8 +57,17 @@ function load(): ModesWasm | null {
       prep: ModesWasm['prep'];
       xor: ModesWasm['xor'];
       cbcdec: ModesWasm['cbcdec'];
+      cbcgather: ModesWasm['cbcgather'];
+      cbcscatter: ModesWasm['cbcscatter'];
     };
-    const w: ModesWasm = { prep: exp.prep, xor: exp.xor, cbcdec: exp.cbcdec, bytes: new Uint8Array(exp.mem.buffer) };
+    const w: ModesWasm = {
+      prep: exp.prep,
+      xor: exp.xor,
+      cbcdec: exp.cbcdec,
+      cbcgather: exp.cbcgather,
+      cbcscatter: exp.cbcscatter,
+      bytes: new Uint8Array(exp.mem.buffer),
+    };
     return selfTest(w) ? w : null;
   } catch {
     return null;
@@ -102,5 +116,19 @@ function selfTest(w: ModesWasm): boolean {
   w.cbcdec(SECOND, DATA, IVS, 2, 32);
   const expect = Buffer.from(plain);
   for (let i = 0; i < 64; i++) expect[i]! ^= i % 32 < 16 ? ivs[(i >> 5) * 16 + (i % 16)]! : cipher[i - 16]!;
-  return view.subarray(SECOND, SECOND + 64).equals(expect);
+  if (!view.subarray(SECOND, SECOND + 64).equals(expect)) return false;
+  // CBC encryption's lanes, the same two sectors: block 1 of each ^ block 0, then back.
+  m.set(plain, DATA);
+  w.cbcgather(SECOND, DATA, IVS, 2, 32, 16);
+  const lane = Buffer.alloc(32);
+  for (let i = 0; i < 32; i++) lane[i] = plain[(i >> 4) * 32 + 16 + (i % 16)]! ^ plain[(i >> 4) * 32 + (i % 16)]!;
+  if (!view.subarray(SECOND, SECOND + 32).equals(lane)) return false;
+  w.cbcgather(SECOND, DATA, IVS, 2, 32, 0);
+  for (let i = 0; i < 32; i++) lane[i] = plain[(i >> 4) * 32 + (i % 16)]! ^ ivs[i]!;
+  if (!view.subarray(SECOND, SECOND + 32).equals(lane)) return false;
+  w.cbcscatter(DATA, SECOND, 2, 32, 16);
+  const placed = Buffer.from(plain);
+  lane.copy(placed, 16, 0, 16);
+  lane.copy(placed, 48, 16, 32);
+  return view.subarray(DATA, DATA + 64).equals(placed);
 }

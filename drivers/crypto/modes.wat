@@ -15,6 +15,12 @@
 ;; cbcdec(plain, cipher, ivs, count, ss): for each of `count` sectors of `ss` bytes, its
 ;;   first block ^= its IV (16 bytes at ivs), every other block ^= the ciphertext block
 ;;   before it (at cipher, the sector's ciphertext).
+;;
+;; CBC encryption chains the blocks of a sector, but sectors are independent: block
+;; position `off` of every sector goes through the block cipher at once, in a lane.
+;; cbcgather(lane, data, ivs, count, ss, off): lane block s = block `off` of sector s
+;;   ^ the block before it in that sector, already encrypted (its IV at ivs for off 0).
+;; cbcscatter(data, lane, count, ss, off): block `off` of sector s = lane block s.
 (module
   (memory (export "mem") 34)
   (func (export "prep") (param $data i32) (param $tw i32) (param $ivs i32) (param $count i32) (param $per i32)
@@ -71,5 +77,32 @@
         (local.set $cipher (i32.add (local.get $cipher) (i32.const 16)))
         (local.set $plain (local.get $end))
         (local.set $ivs (i32.add (local.get $ivs) (i32.const 16)))
+        (local.set $s (i32.add (local.get $s) (i32.const 1)))
+        (br $sector))))
+  (func (export "cbcgather") (param $lane i32) (param $data i32) (param $ivs i32) (param $count i32) (param $ss i32) (param $off i32)
+    (local $s i32) (local $p i32)
+    (local.set $p (i32.add (local.get $data) (local.get $off)))
+    (block $done
+      (loop $sector
+        (br_if $done (i32.ge_u (local.get $s) (local.get $count)))
+        (v128.store (local.get $lane)
+          (v128.xor (v128.load (local.get $p))
+            (if (result v128) (local.get $off)
+              (then (v128.load (i32.sub (local.get $p) (i32.const 16))))
+              (else (v128.load (local.get $ivs))))))
+        (local.set $lane (i32.add (local.get $lane) (i32.const 16)))
+        (local.set $ivs (i32.add (local.get $ivs) (i32.const 16)))
+        (local.set $p (i32.add (local.get $p) (local.get $ss)))
+        (local.set $s (i32.add (local.get $s) (i32.const 1)))
+        (br $sector))))
+  (func (export "cbcscatter") (param $data i32) (param $lane i32) (param $count i32) (param $ss i32) (param $off i32)
+    (local $s i32) (local $p i32)
+    (local.set $p (i32.add (local.get $data) (local.get $off)))
+    (block $done
+      (loop $sector
+        (br_if $done (i32.ge_u (local.get $s) (local.get $count)))
+        (v128.store (local.get $p) (v128.load (local.get $lane)))
+        (local.set $lane (i32.add (local.get $lane) (i32.const 16)))
+        (local.set $p (i32.add (local.get $p) (local.get $ss)))
         (local.set $s (i32.add (local.get $s) (i32.const 1)))
         (br $sector)))))
