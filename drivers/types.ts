@@ -245,7 +245,8 @@ export interface BlockNode {
   readonly hostCipher?: HostCipher | undefined;
   /**
    * Writes of ranges whose block status says `inPlace` may go around the graph, with
-   * pwrite(2) to hostFd (the FUSE workers, fs/read-map.ts): nothing in or above this
+   * pwrite(2) to hostFd (the FUSE workers, fs/read-map.ts), or for an encrypted layer
+   * encrypted with hostCipher's cipher and written at `cipherHost`: nothing in or above this
    * node must see them. Formats say so where an overwrite in place needs nothing of
    * them (after whatever the first write must do); filters only where they change
    * nothing a write sees, and the cluster cache only in a cache mode that does not

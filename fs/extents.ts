@@ -34,7 +34,7 @@ export interface ChainRun {
   host?: number;
   /** Data that reads as zeros (Extent.zeroData). */
   zeroData?: boolean;
-  /** Data a write may overwrite at `host` without the format (Extent.inPlace). */
+  /** Data a write may overwrite at `host` (or encrypted, at `cipherHost`) without the format (Extent.inPlace). */
   inPlace?: boolean;
   /** Where the answering layer's file holds its ciphertext (Extent.cipherHost). */
   cipherHost?: number;
@@ -92,7 +92,7 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
       const run: ChainRun = { offset: s, length: t - s, depth, kind: e.kind };
       if (e.host !== undefined) run.host = e.host + (s - e.offset);
       if (e.zeroData) run.zeroData = true;
-      if (e.inPlace && e.host !== undefined) run.inPlace = true;
+      if (e.inPlace && (e.host !== undefined || (e.cipherHost !== undefined && walk.ciphertext))) run.inPlace = true;
       if (e.cipherHost !== undefined && walk.ciphertext) run.cipherHost = e.cipherHost + (s - e.offset);
       pushChain(out, run);
     } else {

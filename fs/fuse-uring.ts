@@ -632,7 +632,7 @@ class Queue {
     const { offset, size } = this;
     if (size !== payloadSz) return false;
     const payload = this.payloads[ent]!;
-    if (!writeInPlace(table, offset, size, payload, 0, this.hit, this.runs)) return false;
+    if (!writeInPlace(table, offset, size, payload, 0, this.hit, this.runs, this.ciphers.of(this.ino))) return false;
     // struct fuse_write_out: the size written, and padding.
     payload.writeUInt32LE(size, 0);
     payload.writeUInt32LE(0, 4);

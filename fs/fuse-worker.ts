@@ -474,7 +474,7 @@ class Worker {
     if (!table) return false;
     const { offset, size } = this;
     if (n !== IN_HEADER + WRITE_IN + size) return false;
-    if (!writeInPlace(table, offset, size, buf, IN_HEADER + WRITE_IN, this.hit, this.runs)) return false;
+    if (!writeInPlace(table, offset, size, buf, IN_HEADER + WRITE_IN, this.hit, this.runs, this.ciphers.of(this.ino))) return false;
     const out = this.writeReply;
     out.writeUInt32LE(OUT_HEADER + WRITE_OUT, 0);
     out.writeInt32LE(0, 4);

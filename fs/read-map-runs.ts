@@ -148,13 +148,11 @@ export function fillRuns(runs: number[], count: number, out: Buffer, at: number,
       if (!fillFromHost(fd, host, out, at, length)) return false;
     } else {
       const k = ciphers?.[c];
-      if (!k) return false;
-      const unit = k.cipher.sectorSize;
-      const sector = (host - k.ivBase) / unit;
-      if (!Number.isInteger(sector) || sector < 0 || length % unit !== 0) return false;
+      const sector = sectorOf(host, length, k);
+      if (sector < 0) return false;
       if (!fillFromHost(fd, host, out, at, length)) return false;
       try {
-        k.cipher.decrypt(out.subarray(at, at + length), sector);
+        k!.cipher.decrypt(out.subarray(at, at + length), sector);
       } catch {
         return false;
       }
@@ -197,17 +195,23 @@ export const WORKER_WRITES = process.env.TSMOUNT_FUSE_WORKER_WRITES !== '0';
  * epoch, and only while the main thread changes nothing of the file (read-map-table.ts
  * says how the two sides keep out of each other's way). Counted, and the file marked
  * for the next flush, before the caller replies. False: the main thread writes it (all
- * of it again, if a host error stopped this halfway, and reports the error).
+ * of it again, if a host error stopped this halfway, and reports the error). A run of
+ * ciphertext is encrypted first with the thread's copy of its cipher (`ciphers`, by the
+ * map's number); without it, the main thread writes the WRITE.
  */
-export function writeInPlace(table: Int32Array, offset: number, size: number, src: Buffer, at: number, hit: number[], runs: number[]): boolean {
+export function writeInPlace(table: Int32Array, offset: number, size: number, src: Buffer, at: number, hit: number[], runs: number[], ciphers?: readonly (RunCipher | undefined)[]): boolean {
   if (!WORKER_WRITES) return false;
   Atomics.add(table, H_WRITES_IN_FLIGHT, 1);
   try {
     if (Atomics.load(table, H_CHANGING) !== 0 || Atomics.load(table, H_WRITABLE) !== 1) return false;
     const count = readRuns(table, offset, size, hit, runs, true);
     if (count < 0) return false;
+    // Ciphertext is written only by a thread given its cipher, in whole sectors: all checked before a byte is written.
+    for (let i = 0; i < count; i += RUN) if (runs[i + 3] !== 0 && sectorOf(runs[i + 1]!, runs[i + 2]!, ciphers?.[runs[i + 3]!]) < 0) return false;
     for (let i = 0; i < count; i += RUN) {
-      if (!writeToHost(runs[i]!, runs[i + 1]!, src, at, runs[i + 2]!)) return false;
+      const c = runs[i + 3]!;
+      const ok = c === 0 ? writeToHost(runs[i]!, runs[i + 1]!, src, at, runs[i + 2]!) : writeSealed(runs[i]!, runs[i + 1]!, src, at, runs[i + 2]!, ciphers![c]!);
+      if (!ok) return false;
       at += runs[i + 2]!;
     }
     countWritten(table, size);
@@ -215,6 +219,30 @@ export function writeInPlace(table: Int32Array, offset: number, size: number, sr
   } finally {
     Atomics.sub(table, H_WRITES_IN_FLIGHT, 1);
   }
+}
+
+/** The first sector of `length` bytes of ciphertext at `host` under `k`, or -1: no cipher here, or not whole sectors. */
+function sectorOf(host: number, length: number, k: RunCipher | undefined): number {
+  if (!k) return -1;
+  const unit = k.cipher.sectorSize;
+  const sector = (host - k.ivBase) / unit;
+  return Number.isInteger(sector) && sector >= 0 && length % unit === 0 ? sector : -1;
+}
+
+/** This thread's buffer for ciphertext on its way to the host file (grown as needed, never shrunk: at most a request). */
+let sealed = Buffer.alloc(0);
+
+/** `length` bytes of `src` from `at`, encrypted with `k`, written at `host` in `fd`; false on an error. */
+function writeSealed(fd: number, host: number, src: Buffer, at: number, length: number, k: RunCipher): boolean {
+  if (sealed.length < length) sealed = Buffer.alloc(length);
+  const buf = sealed.subarray(0, length);
+  src.copy(buf, 0, at, at + length);
+  try {
+    k.cipher.encrypt(buf, sectorOf(host, length, k));
+  } catch {
+    return false;
+  }
+  return writeToHost(fd, host, buf, 0, length);
 }
 
 /** `length` bytes from `src` at `at` written to `host` in `fd`; false on a short write or an error. */

@@ -162,7 +162,8 @@ function keyHi(g: number): number {
 
 /**
  * Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`:
- * writable there too), or as ciphertext there of the map's cipher number `cipher`.
+ * writable there too), or as ciphertext there of the map's cipher number `cipher`
+ * (writable too with `inPlace`: encrypted by the writing thread).
  */
 export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false, cipher = 0): void {
   const b = base(t, g);
@@ -173,7 +174,8 @@ export function publish(t: Int32Array, g: number, fd: number, host: number, inPl
   Atomics.store(t, b + E_FD, fd);
   Atomics.store(t, b + E_HOST_LO, host % TWO32 | 0);
   Atomics.store(t, b + E_HOST_HI, Math.floor(host / TWO32));
-  Atomics.store(t, b + E_FLAGS, inPlace && fd >= 0 && cipher === 0 ? ((Atomics.load(t, H_EPOCH) << 1) | F_IN_PLACE) : 0);
+  // Ciphertext too: a writer thread encrypts it with its own copy of the cipher (read-map-runs.ts writeInPlace).
+  Atomics.store(t, b + E_FLAGS, inPlace && fd >= 0 ? ((Atomics.load(t, H_EPOCH) << 1) | F_IN_PLACE) : 0);
   Atomics.store(t, b + E_CIPHER, fd >= 0 ? cipher : 0);
   Atomics.store(t, b + E_SEQ, seq + 2);
 }

@@ -457,6 +457,8 @@ export class ReadMap {
             if (!c || cipher === 0 || r.kind !== 'data' || r.zeroData || r.cipherHost === undefined) continue;
             fd = c.fd;
             host = r.cipherHost;
+            // A writer thread encrypts with its own copy of the cipher (read-map-runs.ts writeInPlace).
+            inPlace = writable && r.depth === 0 && r.inPlace === true;
           } else {
             if (r.host === undefined || layer.hostFd === undefined) continue;
             fd = layer.hostFd;

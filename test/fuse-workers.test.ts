@@ -504,7 +504,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     { name: 'luks', format: 'luks', opts: 'key-secret=s0,iter-time=10', driver: 'driver=luks,key-secret=s0' },
     { name: 'qcow2 with LUKS encryption', format: 'qcow2', opts: 'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', driver: 'driver=qcow2,encrypt.key-secret=s0' },
   ]) {
-    it(`decrypts a mounted ${c.name} image in the workers: every byte as qemu-img reads it, before and after writes through the mount`, async () => {
+    it(`decrypts a mounted ${c.name} image in the workers: every byte as qemu-img reads it, before and after writes through the mount${c.format === 'luks' ? ', overwrites of whole sectors encrypted and written by the workers' : ''}`, async () => {
       const pass = 'worker pass';
       const secret = ['--object', `secret,id=s0,data=${pass}`];
       const img = path.join(tmp.dir, `enc.${c.format}`);
@@ -522,7 +522,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       const flat = path.join(mp, 'enc.raw');
       const md5 = (b: Buffer): string => crypto.createHash('md5').update(b).digest('hex');
       expect(await untilWorkersServe(flat, mp, md5(ref), 8), 'reads the workers decrypted').to.be.at.least(8);
-      // Writes through the mount (the main thread encrypts them; parts of sectors too), then read by the workers again.
+      // Writes through the mount (parts of sectors too: the main thread's), then read by the workers again.
       const fd = await fs.promises.open(flat, 'r+');
       try {
         for (let i = 0; i < 48; i++) {
@@ -534,9 +534,15 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       } finally {
         await fd.close();
       }
+      if (c.format === 'luks') {
+        // LUKS: an overwrite needs nothing of the format; a worker encrypts it with its own cipher (read-map-runs.ts writeInPlace).
+        const { served } = await writeUntilWorkersDo(mp, flat, ref, 16 * MiB, 100);
+        expect(served, 'overwrites the workers encrypted and wrote').to.be.greaterThan(0);
+      }
       const before = await workerReads(mp);
       expect(await untilWorkersServe(flat, mp, md5(ref), before + 8) - before, 'reads the workers decrypted after the writes').to.be.at.least(8);
-      expect((await mountCounters(mp)).workerWrites ?? 0, 'nothing encrypted is written around the graph').to.equal(0);
+      // qcow2's encrypted clusters stay the main thread's (Qcow2Node.inPlaceWrites).
+      if (c.format === 'qcow2') expect((await mountCounters(mp)).workerWrites ?? 0, 'nothing of an encrypted qcow2 is written around the graph').to.equal(0);
       await mounts.unmount(mp);
       if (c.format === 'qcow2') await runOk('qemu-img', ['check', ...secret, '--image-opts', opts(img)]);
       await runOk('qemu-img', ['convert', ...secret, '--image-opts', opts(img), '-O', 'raw', raw]);
@@ -1000,9 +1006,10 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     });
   }
 
-  it('publishes encrypted data (LUKS1, LUKS2 with 4 KiB sectors, qcow2 with LUKS) as ciphertext and its cipher, which a reading thread decrypts to the guest bytes; legacy AES (guest-numbered sectors) stays the main thread\'s', async () => {
+  it('publishes encrypted data (LUKS1, LUKS2 with 4 KiB sectors, qcow2 with LUKS) as ciphertext and its cipher, which a reading thread decrypts to the guest bytes, and a LUKS overwrite of whole sectors encrypts and writes; legacy AES (guest-numbered sectors) stays the main thread\'s', async () => {
     const pass = 'map pass';
     const size = 8 * MiB;
+    const written: { file: string; at: number; data: Buffer }[] = [];
     const cases = [
       { file: 'e1.luks', args: ['-f', 'luks', '-o', 'iter-time=10'], sector: 512 },
       { file: 'e2.luks', args: ['-f', 'luks', '-o', 'luks-version=2,sector-size=4096,pbkdf=pbkdf2,iter-time=10'], sector: 4096 },
@@ -1051,10 +1058,31 @@ describe('the read map (fs/read-map.ts), in-process', function () {
         map.miss(MiB, 4096);
         await map.idle();
         expect(readFromMap(map, MiB, 4096)!.equals(Buffer.alloc(4096, 0x5a)), `${c.file}: the written bytes`).to.equal(true);
-        // Ciphertext is never written in place (the JS thread encrypts every write).
+        // LUKS: overwrites go around the graph, encrypted by the writing thread; qcow2's stay the main thread's.
+        const luks = c.file.endsWith('.luks');
         const hit = [0, 0, 0, 0];
-        expect(lookup(map.table, MiB / granuleOf(map.table), hit) && hit[2], `${c.file}: read-only entries`).to.equal(0);
-        expect(writeInPlace(map.table, MiB, 4096, Buffer.alloc(4096), 0, hit, []), `${c.file}: no write around the graph`).to.equal(false);
+        expect(lookup(map.table, MiB / granuleOf(map.table), hit) && hit[2], `${c.file}: ${luks ? 'writable' : 'read-only'} entries`).to.equal(luks ? 1 : 0);
+        expect(writeInPlace(map.table, MiB, 4096, Buffer.alloc(4096), 0, hit, []), `${c.file}: without its cipher, no write around the graph`).to.equal(false);
+        if (!luks) continue;
+        expect(writeInPlace(map.table, MiB + c.sector / 2, c.sector, Buffer.alloc(c.sector), 0, hit, [], threadCiphers(map)), `${c.file}: half sectors`).to.equal(false);
+        const at = 2 * MiB + c.sector;
+        const data = crypto.randomBytes(3 * c.sector + 8192);
+        // Given at an offset in a larger buffer, as a worker holds a WRITE after its header.
+        const request = Buffer.concat([Buffer.alloc(80, 0xee), data]);
+        expect(writeInPlace(map.table, at, data.length, request, 80, hit, [], threadCiphers(map)), `${c.file}: whole sectors with the cipher`).to.equal(true);
+        written.push({ file, at, data });
+      } finally {
+        await node.close();
+      }
+    }
+    // Read back by the main thread's own decryption (sector numbers from guest offsets, not the host's).
+    expect(written, 'LUKS1, LUKS2 and Serpent written around the graph').to.have.length(3);
+    for (const w of written) {
+      const node = await open(w.file, true, pass);
+      try {
+        const back = Buffer.alloc(w.data.length + 1024);
+        await node.read(w.at - 512, back);
+        expect(back.subarray(512, 512 + w.data.length).equals(w.data), `${path.basename(w.file)}: the bytes a thread encrypted and wrote`).to.equal(true);
       } finally {
         await node.close();
       }

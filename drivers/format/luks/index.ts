@@ -76,10 +76,18 @@ class LuksNode implements BlockNode {
     return d;
   }
 
+  /**
+   * Overwrites need nothing of the format (no header, no table): the FUSE workers may
+   * encrypt them and write them around this node (fs/read-map-runs.ts writeInPlace).
+   */
+  get inPlaceWrites(): boolean {
+    return !this.readOnly && this.hostCipher !== undefined && this.file.inPlaceWrites === true;
+  }
+
   /** Ciphertext is never zeros: everything is data, as QEMU reports it. */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     if (!this.hostCipher) return [{ offset, length, kind: 'data' }];
-    return [{ offset, length, kind: 'data', cipherHost: this.payloadOffset + offset }];
+    return [{ offset, length, kind: 'data', cipherHost: this.payloadOffset + offset, ...(this.inPlaceWrites ? { inPlace: true } : {}) }];
   }
 
   close(): Promise<void> {
