@@ -257,74 +257,70 @@ class ModeCipher implements SectorCipher {
   }
 
   /**
-   * xts() with the tweak work in WebAssembly, a chunk of at most CHUNK bytes at a
-   * time: the data is copied into the module's memory, XORed with the tweaks there,
-   * through the block cipher and back into that memory, XORed again, and copied back.
+   * Run `work` over `data` a chunk of at most CHUNK bytes at a time in the module's
+   * memory: each chunk's sectors copied to DATA and their IVs to IVS; `work(n, length)`
+   * (n sectors, length bytes) returns where in the memory it left the result, which is
+   * copied back.
+   */
+  private inModule(w: ModesWasm, data: Uint8Array, firstSector: number, count: number, work: (n: number, length: number) => number): void {
+    const ss = this.sectorSize;
+    const step = Math.floor(CHUNK / ss);
+    for (let s = 0; s < count; s += step) {
+      const n = Math.min(step, count - s);
+      const part = data.subarray(s * ss, (s + n) * ss);
+      w.bytes.set(part, DATA);
+      w.bytes.set(this.ivs(firstSector + s, n), IVS);
+      const at = work(n, part.length);
+      part.set(w.bytes.subarray(at, at + part.length));
+    }
+  }
+
+  /**
+   * xts() with the tweak work in WebAssembly: the IVs encrypted into the first tweaks,
+   * the chunk XORed with its tweaks (kept at SECOND), through the block cipher, XORed again.
    */
   private xtsWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
-    const ss = this.sectorSize;
-    const per = ss / 16;
-    const step = Math.floor(CHUNK / ss);
-    for (let s = 0; s < count; s += step) {
-      const n = Math.min(step, count - s);
-      const part = data.subarray(s * ss, (s + n) * ss);
-      const ivs = this.ivs(firstSector + s, n);
+    const per = this.sectorSize / 16;
+    this.inModule(w, data, firstSector, count, (n, length) => {
+      const ivs = w.bytes.subarray(IVS, IVS + n * 16);
       this.tweak!.encrypt(ivs, ivs);
-      const m = w.bytes;
-      m.set(part, DATA);
-      m.set(ivs, IVS);
       w.prep(DATA, SECOND, IVS, n, per);
-      const chunk = m.subarray(DATA, DATA + part.length);
+      const chunk = w.bytes.subarray(DATA, DATA + length);
       if (encrypt) this.data.encrypt(chunk, chunk);
       else this.data.decrypt(chunk, chunk);
-      w.xor(DATA, SECOND, part.length);
-      part.set(chunk);
-    }
+      w.xor(DATA, SECOND, length);
+      return DATA;
+    });
   }
 
   /**
-   * cbcDecrypt() with the XORs in WebAssembly, a chunk at a time: the ciphertext copied
-   * into the module's memory, decrypted by the block cipher into its second chunk, each
-   * block XORed there with its predecessor (the sector's IV for the first), copied back.
+   * cbcDecrypt() with the XORs in WebAssembly: the chunk decrypted by the block cipher
+   * into SECOND, each block XORed there with its predecessor (the sector's IV for the first).
    */
   private cbcDecryptWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number): void {
-    const ss = this.sectorSize;
-    const step = Math.floor(CHUNK / ss);
-    for (let s = 0; s < count; s += step) {
-      const n = Math.min(step, count - s);
-      const part = data.subarray(s * ss, (s + n) * ss);
-      const m = w.bytes;
-      m.set(part, DATA);
-      m.set(this.ivs(firstSector + s, n), IVS);
-      const plain = m.subarray(SECOND, SECOND + part.length);
-      this.data.decrypt(m.subarray(DATA, DATA + part.length), plain);
-      w.cbcdec(SECOND, DATA, IVS, n, ss);
-      part.set(plain);
-    }
+    this.inModule(w, data, firstSector, count, (n, length) => {
+      this.data.decrypt(w.bytes.subarray(DATA, DATA + length), w.bytes.subarray(SECOND, SECOND + length));
+      w.cbcdec(SECOND, DATA, IVS, n, this.sectorSize);
+      return SECOND;
+    });
   }
 
   /**
-   * cbcEncrypt() with the lanes in WebAssembly, a chunk at a time: for each block
-   * position, that block of every sector gathered into a lane at SECOND (XORed with the
-   * block before it, already encrypted, or the IV), encrypted there, and put back.
+   * cbcEncrypt() with the lanes in WebAssembly: for each block position, that block of
+   * every sector gathered into a lane at SECOND (XORed with the block before it, already
+   * encrypted, or the IV), encrypted there, and put back.
    */
   private cbcEncryptWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number): void {
     const ss = this.sectorSize;
-    const step = Math.floor(CHUNK / ss);
-    for (let s = 0; s < count; s += step) {
-      const n = Math.min(step, count - s);
-      const part = data.subarray(s * ss, (s + n) * ss);
-      const m = w.bytes;
-      m.set(part, DATA);
-      m.set(this.ivs(firstSector + s, n), IVS);
-      const lane = m.subarray(SECOND, SECOND + n * 16);
+    this.inModule(w, data, firstSector, count, (n) => {
+      const lane = w.bytes.subarray(SECOND, SECOND + n * 16);
       for (let off = 0; off < ss; off += 16) {
         w.cbcgather(SECOND, DATA, IVS, n, ss, off);
         this.data.encrypt(lane, lane);
         w.cbcscatter(DATA, SECOND, n, ss, off);
       }
-      part.set(m.subarray(DATA, DATA + part.length));
-    }
+      return DATA;
+    });
   }
 }
 
