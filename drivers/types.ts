@@ -146,7 +146,7 @@ export interface BlockNode {
   read(offset: number, dst: Uint8Array): Promise<void>;
   /**
    * Write src at offset. Once the promise resolves src is the caller's again (it may be
-   * reused for another write: crypto/write-encrypted.ts); a node that needs the bytes
+   * reused for another write: util/write-encrypted.ts); a node that needs the bytes
    * later keeps a copy.
    */
   write(offset: number, src: Uint8Array): Promise<void>;

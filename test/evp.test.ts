@@ -10,7 +10,7 @@ import { makeBlockCipher } from '../drivers/crypto/cipher.js';
 import { EvpEcb, evpEcb, setEvp } from '../drivers/crypto/evp.js';
 import { makeSectorCipher, type SectorCipherSpec } from '../drivers/crypto/modes.js';
 import { setModesWasm } from '../drivers/crypto/modes-wasm.js';
-import { writeEncrypted } from '../drivers/crypto/write-encrypted.js';
+import { writeEncrypted } from '../drivers/util/write-encrypted.js';
 
 const FAMILIES: [family: string, openssl: (bits: number) => string, keyLens: number[]][] = [
   ['aes', (b) => `aes-${b}-ecb`, [16, 24, 32]],
@@ -131,7 +131,7 @@ describe('ECB in place through EVP (evp.ts)', () => {
   }
 });
 
-describe('writeEncrypted: ciphertext in buffers kept from write to write (write-encrypted.ts)', () => {
+describe('writeEncrypted: ciphertext in buffers kept from write to write (drivers/util/write-encrypted.ts)', () => {
   const key = crypto.randomBytes(64);
   const spec = { cipher: 'aes', mode: 'xts', ivgen: 'plain64', key } as const;
 

@@ -2,7 +2,7 @@
 // the payload encrypted sector by sector. LUKS1 reads, writes and is created as QEMU
 // does; LUKS2 headers made by cryptsetup open read-write too, and `-o luks-version=2`
 // makes them (QEMU 7.2 can do neither).
-import { writeEncrypted } from '../../crypto/write-encrypted.js';
+import { writeEncrypted } from '../../util/write-encrypted.js';
 import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, HostCipher, ImageDescription, OpenOptions } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';

@@ -1,7 +1,7 @@
 // The qcow2 format node: read, write, zero, flush, grow, block status (QEMU's qcow2.c).
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
-import { writeEncrypted } from '../../crypto/write-encrypted.js';
+import { writeEncrypted } from '../../util/write-encrypted.js';
 import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, SnapshotControl } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.

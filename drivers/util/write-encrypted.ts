@@ -1,7 +1,7 @@
-// The ciphertext of a write, in buffers kept from one write to the next. Imports no
-// cipher code (types only): qcow2 and luks import it at load, before any image needs
-// a cipher.
-import type { SectorCipher } from './modes.js';
+// The ciphertext of a write, in buffers kept from one write to the next. Here, not in
+// drivers/crypto/, and importing no cipher code (types only): qcow2 and luks import it
+// at load, and an unencrypted image loads nothing of crypto/ (format-registry.test.ts).
+import type { SectorCipher } from '../crypto/modes.js';
 
 /** Buffers kept for writeEncrypted(), at most SPARE_COUNT of at most SPARE_MAX bytes. */
 const spares: Uint8Array[] = [];
