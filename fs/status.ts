@@ -126,5 +126,4 @@ export class StatusPublisher {
     this.stopped = true;
     return this.writing ?? Promise.resolve();
   }
-
 }

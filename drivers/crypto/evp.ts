@@ -148,9 +148,7 @@ export class EvpEcb {
     }
     for (let at = 0; at < src.length; at += MAX_CALL) {
       const n = Math.min(MAX_CALL, src.length - at);
-      const s = at === 0 && n === src.length ? src : src.subarray(at, at + n);
-      const d = at === 0 && n === dst.length ? dst : dst.subarray(at, at + n);
-      if (this.f.update(ctx, d, this.outl, s, n) !== 1 || this.outl[0] !== n) throw new Error('EVP_CipherUpdate failed');
+      if (this.f.update(ctx, dst.subarray(at, at + n), this.outl, src.subarray(at, at + n), n) !== 1 || this.outl[0] !== n) throw new Error('EVP_CipherUpdate failed');
     }
   }
 }
