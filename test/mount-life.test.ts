@@ -101,11 +101,19 @@ describe('the mount\'s own life', function () {
       const m = findMount(mp)!;
       const stateFile = path.join(runtimeDir(false)!, `${m.dev.replace(':', '_')}.json`);
       const saved = fs.readFileSync(stateFile, 'utf8');
-      // Another mountpoint, or a dead pid: not this mount's server.
-      fs.writeFileSync(stateFile, JSON.stringify({ ...JSON.parse(saved), mountpoint: '/elsewhere' }));
-      expect(findMount(mp)?.pid).to.equal(0);
-      fs.writeFileSync(stateFile, JSON.stringify({ ...JSON.parse(saved), pid: 2 ** 22 + 1 }));
-      expect(findMount(mp)?.pid).to.equal(0);
+      // Another mountpoint, or a dead pid: not this mount's server. The server rewrites
+      // its file (the counters, once a second, off its JS thread): a pid counts only if
+      // the file still held the forged state after findMount asked.
+      const pidWith = (forged: string): number | undefined => {
+        for (let i = 0; i < 50; i++) {
+          fs.writeFileSync(stateFile, forged);
+          const pid = findMount(mp)?.pid;
+          if (fs.readFileSync(stateFile, 'utf8') === forged) return pid;
+        }
+        throw new Error('the server kept replacing its state file');
+      };
+      expect(pidWith(JSON.stringify({ ...JSON.parse(saved), mountpoint: '/elsewhere' }))).to.equal(0);
+      expect(pidWith(JSON.stringify({ ...JSON.parse(saved), pid: 2 ** 22 + 1 }))).to.equal(0);
       fs.rmSync(stateFile);
       const r = await tsmount(['-u', mp]);
       expect(r.code, r.stderr).to.equal(0);
