@@ -38,6 +38,13 @@ export interface Extent {
    * qemu-img map's "offset" (`host`) stays absent there, as QEMU leaves it.
    */
   cipherHost?: number;
+  /**
+   * One whole cluster of 'data' stored compressed as raw deflate (qcow2 with zlib),
+   * `length` bytes of stream at `host` in this layer's own file (its last bytes may lie
+   * past the end of the file, as QEMU counts them): the read map's threads inflate it
+   * (fs/read-map.ts). Never merged with a neighbour; absent for other codecs.
+   */
+  compressed?: { host: number; length: number };
 }
 
 /**

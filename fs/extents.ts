@@ -38,6 +38,8 @@ export interface ChainRun {
   inPlace?: boolean;
   /** Where the answering layer's file holds its ciphertext (Extent.cipherHost). */
   cipherHost?: number;
+  /** A whole compressed cluster of the answering layer (Extent.compressed; only with ChainWalk.compressed). */
+  compressed?: { host: number; length: number };
 }
 
 /** A backing chain deeper than this is not walked: the rest counts as data. */
@@ -48,7 +50,7 @@ function pushChain(out: ChainRun[], r: ChainRun): void {
   const last = out[out.length - 1];
   const hostFollows = last?.host === undefined ? r.host === undefined : r.host === last.host + last.length;
   const cipherFollows = last?.cipherHost === undefined ? r.cipherHost === undefined : r.cipherHost === last.cipherHost + last.length;
-  if (last && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && cipherFollows && last.zeroData === r.zeroData && last.inPlace === r.inPlace) last.length += r.length;
+  if (last && !last.compressed && !r.compressed && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && cipherFollows && last.zeroData === r.zeroData && last.inPlace === r.inPlace) last.length += r.length;
   else out.push({ ...r });
 }
 
@@ -58,6 +60,8 @@ export interface ChainWalk {
   strict?: boolean;
   /** Keep where encrypted layers hold their ciphertext (Extent.cipherHost: the read map); else runs merge across it. */
   ciphertext?: boolean;
+  /** Keep whole compressed clusters apart with their streams (Extent.compressed: the read map); else runs merge across them. */
+  compressed?: boolean;
 }
 
 /**
@@ -94,6 +98,7 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
       if (e.zeroData) run.zeroData = true;
       if (e.inPlace && (e.host !== undefined || (e.cipherHost !== undefined && walk.ciphertext))) run.inPlace = true;
       if (e.cipherHost !== undefined && walk.ciphertext) run.cipherHost = e.cipherHost + (s - e.offset);
+      if (e.compressed && walk.compressed && s === e.offset && t === e.offset + e.length) run.compressed = e.compressed;
       pushChain(out, run);
     } else {
       const backing = node.backing;

@@ -28,7 +28,7 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
-import { countServed, tableSize } from './read-map-table.js';
+import { countServed, granuleOf, tableSize } from './read-map-table.js';
 import { fillRuns, NEED_CIPHERS, readRuns, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
@@ -648,7 +648,7 @@ class Queue {
     const out = this.payloads[ent]!;
     const runs = this.runs;
     const count = readRuns(table, offset, size, this.hit, runs);
-    if (count < 0 || !fillRuns(runs, count, out, 0, this.ciphers.of(this.ino))) return false;
+    if (count < 0 || !fillRuns(runs, count, out, 0, this.ciphers.of(this.ino), granuleOf(table))) return false;
     this.commit(ent, unique, 0, size);
     countServed(table, size, false);
     return true;

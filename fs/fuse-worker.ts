@@ -18,6 +18,7 @@ import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, GRANULE, granuleOf, lookup, tableSize, WINDOW } from './read-map-table.js';
 import { fillRuns, NEED_CIPHERS, readRuns, RUN, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
+import { INFLATE_SLACK } from '../drivers/util/raw-inflater.js';
 
 export interface WorkerInit {
   /** The cloned /dev/fuse descriptor, non-blocking. */
@@ -310,7 +311,8 @@ class Worker {
     const size = slotSize(init.maxRequest);
     for (let i = 0; i < SLOTS; i++) this.slots.push(Buffer.from(init.slots, i * size, size));
     this.slots.push(Buffer.allocUnsafe(size));
-    this.reply = Buffer.allocUnsafe(OUT_HEADER + init.maxRequest);
+    // Room past the largest reply: a compressed cluster at its end inflates in place (read-map-runs.ts inflateRun).
+    this.reply = Buffer.allocUnsafe(OUT_HEADER + init.maxRequest + INFLATE_SLACK);
     this.pollfd.writeInt32LE(init.fd, 0);
     this.pollfd.writeInt16LE(POLLIN, 4);
     if (SPLICE) {
@@ -456,7 +458,7 @@ class Worker {
     const sp = this.splicer;
     const spliced = !!sp && size >= SPLICE_MIN && sp.fits(runs, count) && sp.send(this.init.fd, out, runs, count, len);
     if (!spliced) {
-      if (!fillRuns(runs, count, out, OUT_HEADER, this.ciphers.of(this.ino))) return false;
+      if (!fillRuns(runs, count, out, OUT_HEADER, this.ciphers.of(this.ino), granuleOf(table))) return false;
       try {
         fs.writeSync(this.init.fd, out, 0, len);
       } catch {

@@ -5,10 +5,19 @@
 // of the block graph (the cipher code only once a map names a cipher: ThreadCiphers).
 import fs from 'node:fs';
 import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
+import { INFLATE_SLACK, rawInflater, type Inflater } from '../drivers/util/raw-inflater.js';
 import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup } from './read-map-table.js';
 
-/** Words per run in readRuns' output: fd (-1: zeros), host offset, length, cipher (0: none). */
-export const RUN = 4;
+/**
+ * Words per run in readRuns' output: fd (-1: zeros), host offset, length, cipher (0:
+ * none; negative: a compressed cluster, -cipher bytes of raw deflate at the host offset,
+ * read-map-table.ts publishCompressed), and where in its cluster the run starts (0 but
+ * for a compressed run).
+ */
+export const RUN = 5;
+
+/** A compressed cluster's stream is read only up to this many times the cluster (qcow2 counts at most a cluster and a sector). */
+export const MAX_COMPRESSED = 2;
 
 /** A map's cipher as a reading thread holds it: sector n of it lies at ivBase + n * sectorSize. */
 export interface RunCipher {
@@ -101,44 +110,56 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
   let runCipher = 0;
   let runFrom = offset;
   let pos = offset;
-  let first = true;
+  let open = false;
+  const close = (to: number): void => {
+    runs[count++] = runFd;
+    runs[count++] = runHost;
+    runs[count++] = to - runFrom;
+    runs[count++] = runCipher;
+    runs[count++] = 0;
+    open = false;
+  };
   while (pos < end) {
     const g = Math.floor(pos / granule);
     if (!lookup(table, g, hit) || (inPlace && hit[2] !== 1)) return -1;
+    const next = Math.min(end, (g + 1) * granule);
     const fd = hit[0]!;
-    const host = hit[1]! + (pos - g * granule);
     const cipher = hit[3]!;
-    if (first) {
-      first = false;
-      runFd = fd;
-      runHost = host;
-      runCipher = cipher;
-    } else if (fd !== runFd || cipher !== runCipher || (fd >= 0 && host !== runHost + (pos - runFrom))) {
-      runs[count++] = runFd;
-      runs[count++] = runHost;
-      runs[count++] = pos - runFrom;
-      runs[count++] = runCipher;
+    if (cipher < 0) {
+      // A compressed cluster is a run of its own: the whole stream at its host offset, and where in the cluster the run starts.
+      if (open) close(pos);
+      runs[count++] = fd;
+      runs[count++] = hit[1]!;
+      runs[count++] = next - pos;
+      runs[count++] = cipher;
+      runs[count++] = pos - g * granule;
+      pos = next;
+      continue;
+    }
+    const host = hit[1]! + (pos - g * granule);
+    if (open && (fd !== runFd || cipher !== runCipher || (fd >= 0 && host !== runHost + (pos - runFrom)))) close(pos);
+    if (!open) {
+      open = true;
       runFd = fd;
       runHost = host;
       runCipher = cipher;
       runFrom = pos;
     }
-    pos = Math.min(end, (g + 1) * granule);
+    pos = next;
   }
-  runs[count++] = runFd;
-  runs[count++] = runHost;
-  runs[count++] = end - runFrom;
-  runs[count++] = runCipher;
+  if (open) close(end);
   return count;
 }
 
 /**
  * The `count` words of runs (readRuns) read into `out` from `at` on, ciphertext
- * decrypted with `ciphers` (by the map's cipher number). False, for the main thread to
- * answer, on a short read or an error, and for a run of a cipher this thread was not
- * given or not of whole sectors (a READ not aligned to them).
+ * decrypted with `ciphers` (by the map's cipher number), compressed clusters of `unit`
+ * bytes (the map's granule, granuleOf) inflated. False, for the main thread to answer,
+ * on a short read or an error, for a run of a cipher this thread was not given or not
+ * of whole sectors (a READ not aligned to them), and for a cluster that does not
+ * inflate to exactly `unit` bytes (the main thread then gives the error it gives).
  */
-export function fillRuns(runs: number[], count: number, out: Buffer, at: number, ciphers?: readonly (RunCipher | undefined)[]): boolean {
+export function fillRuns(runs: number[], count: number, out: Buffer, at: number, ciphers?: readonly (RunCipher | undefined)[], unit = 0): boolean {
   for (let i = 0; i < count; i += RUN) {
     const fd = runs[i]!;
     const host = runs[i + 1]!;
@@ -146,6 +167,8 @@ export function fillRuns(runs: number[], count: number, out: Buffer, at: number,
     const c = runs[i + 3]!;
     if (c === 0) {
       if (!fillFromHost(fd, host, out, at, length)) return false;
+    } else if (c < 0) {
+      if (!inflateRun(fd, host, -c, runs[i + 4]!, unit, out, at, length)) return false;
     } else {
       const k = ciphers?.[c];
       const sector = sectorOf(host, length, k);
@@ -159,6 +182,44 @@ export function fillRuns(runs: number[], count: number, out: Buffer, at: number,
     }
     at += length;
   }
+  return true;
+}
+
+/** This thread's inflater, made at its first compressed cluster (raw-inflater.ts). */
+let inflater: Inflater | undefined;
+/** This thread's buffers for a cluster's compressed bytes and, when a READ takes part of it, the cluster (grown as needed). */
+let packed = Buffer.alloc(0);
+let cluster = Buffer.alloc(0);
+
+/**
+ * Bytes [skip, skip + length) of the `unit`-byte cluster whose raw deflate stream is the
+ * `cLength` bytes at `host` in `fd` (fewer where the file ends first, as QEMU reads the
+ * last cluster of an image) into `out` at `at`. A cluster a READ takes whole inflates
+ * straight into the reply when the reply has room for the slack past it.
+ */
+function inflateRun(fd: number, host: number, cLength: number, skip: number, unit: number, out: Buffer, at: number, length: number): boolean {
+  if (unit <= 0 || cLength <= 0 || cLength > MAX_COMPRESSED * unit || skip + length > unit) return false;
+  if (packed.length < cLength) packed = Buffer.alloc(cLength);
+  let got = 0;
+  try {
+    while (got < cLength) {
+      const n = fs.readSync(fd, packed, got, cLength - got, host + got);
+      if (n <= 0) break;
+      got += n;
+    }
+  } catch {
+    return false;
+  }
+  if (got === 0) return false;
+  inflater ??= rawInflater();
+  const input = packed.subarray(0, got);
+  if (skip === 0 && length === unit && out.length - at >= unit + INFLATE_SLACK) {
+    // The room past the cluster (the next run's place, filled after it) shows a stream that inflates to more.
+    return inflater(input, out.subarray(at, at + unit + INFLATE_SLACK)) === unit;
+  }
+  if (cluster.length < unit + INFLATE_SLACK) cluster = Buffer.alloc(unit + INFLATE_SLACK);
+  if (inflater(input, cluster.subarray(0, unit + INFLATE_SLACK)) !== unit) return false;
+  cluster.copy(out, at, skip, skip + length);
   return true;
 }
 

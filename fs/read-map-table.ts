@@ -7,7 +7,8 @@
 // one in its slot). An entry says how one whole granule of the flat file reads: as
 // zeros (fd -1) or as the bytes at `host` in host descriptor `fd`, contiguous, or as
 // ciphertext there that cipher number `cipher` of the map decrypts (fs/read-map.ts
-// ciphers: the thread that reads it was given the cipher with the map).
+// ciphers: the thread that reads it was given the cipher with the map), or as one
+// compressed cluster (a qcow2 cluster of raw deflate as large as the granule) there.
 // Each entry has a sequence word, odd while the writer changes the entry: a reader
 // takes the entry only if the word was even and the same before and after it read the
 // other words. Atomics order the words, so a reader never sees half an entry.
@@ -107,7 +108,11 @@ const E_HOST_LO = 4;
 const E_HOST_HI = 5;
 /** The epoch the entry was published in, shifted left once; bit 0: F_IN_PLACE. */
 const E_FLAGS = 6;
-/** 0: the bytes are the guest's; n: ciphertext of the map's cipher n (never written in place). */
+/**
+ * 0: the bytes are the guest's; n > 0: ciphertext of the map's cipher n; n < 0: the
+ * granule is one compressed cluster, its raw deflate stream the -n bytes at `host`
+ * (read-map-runs.ts inflates it; never written in place).
+ */
 const E_CIPHER = 7;
 const ENTRY_WORDS = 8;
 /** A WRITE of the granule may go straight to `host` (while the epoch holds). */
@@ -163,7 +168,8 @@ function keyHi(g: number): number {
 /**
  * Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`:
  * writable there too), or as ciphertext there of the map's cipher number `cipher`
- * (writable too with `inPlace`: encrypted by the writing thread).
+ * (writable too with `inPlace`: encrypted by the writing thread), or with `cipher` -n
+ * as one compressed cluster, n bytes of raw deflate at `host` (inPlace false).
  */
 export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false, cipher = 0): void {
   const b = base(t, g);

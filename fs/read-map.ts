@@ -27,7 +27,7 @@ import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode, HostCipher } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
-import type { MapShare } from './read-map-runs.js';
+import { MAX_COMPRESSED, type MapShare } from './read-map-runs.js';
 import {
   lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, capacityOf, H_READS, H_SPLICED, servedBytes, WINDOW,
   H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT,
@@ -47,6 +47,12 @@ const STALE_WALK_AFTER = 16;
 const MEND_RUNS = 64;
 /** A change over more windows than this counts as one of the whole file (a resize, a huge zero). */
 const MAX_TRACKED_WINDOWS = 16;
+/**
+ * Whether compressed clusters go into the map, for the reading threads to inflate
+ * (Extent.compressed); TSMOUNT_FUSE_INFLATE=0 leaves them to the main thread and its
+ * inflate pool (for comparison: scripts/BENCHMARKS.md).
+ */
+const INFLATE_IN_THREADS = process.env.TSMOUNT_FUSE_INFLATE !== '0';
 
 /** A change in flight (beginWrite), which endWrite ends. */
 export interface MapChange {
@@ -66,7 +72,7 @@ interface Span {
   host: number;
   /** A worker may write it in place (fs/read-map-table.ts). */
   inPlace: boolean;
-  /** 0, or the number of the cipher whose ciphertext lies at `host` (ciphers). */
+  /** 0, the number of the cipher whose ciphertext lies at `host` (ciphers), or -n: a compressed cluster of n bytes there. */
   cipher: number;
 }
 
@@ -431,7 +437,7 @@ export class ReadMap {
     const moves = this.moves;
     let writable = this.top.inPlaceWrites === true;
     try {
-      const runs = await chainExtents(this.top, start, length, { ciphertext: this.ciphers.length > 0 });
+      const runs = await chainExtents(this.top, start, length, { ciphertext: this.ciphers.length > 0, compressed: INFLATE_IN_THREADS });
       // A change of these windows (or of the whole file) started or ended meanwhile: what was walked may be stale.
       if (this.gen !== gen || this.everywhere !== 0) return false;
       // Host space moved elsewhere meanwhile (a cluster the walk saw as data may be a table now): read-only entries.
@@ -447,6 +453,15 @@ export class ReadMap {
         // is published as that file's bytes: they read as zeros all the same, and a worker's
         // write there is read back by every thread (an entry that said zeros would not be).
         const hole = r.kind === 'zero' && writable && r.depth === 0 && r.inPlace === true && r.host !== undefined;
+        if (r.compressed) {
+          // A compressed cluster that is one whole granule: the threads read its stream and inflate it.
+          const layer = this.layer(r.depth);
+          const c = r.compressed;
+          if (!layer || layer.encrypted || layer.hostFd === undefined || r.length !== this.granule || r.offset % this.granule !== 0) continue;
+          if (c.length <= 0 || c.length > MAX_COMPRESSED * this.granule) continue;
+          spans.push({ offset: r.offset, end: r.offset + r.length, fd: layer.hostFd, host: c.host, inPlace: false, cipher: -c.length });
+          continue;
+        }
         if (r.kind === 'data' || hole) {
           const layer = this.layer(r.depth);
           if (!layer) continue;
@@ -469,7 +484,7 @@ export class ReadMap {
         const end = r.offset + r.length;
         const last = spans[spans.length - 1];
         // Zeros from any layer, and data that continues in the same file (and cipher), make one span.
-        if (last && last.end === r.offset && last.fd === fd && last.inPlace === inPlace && last.cipher === cipher && (fd < 0 || last.host + (last.end - last.offset) === host)) last.end = end;
+        if (last && last.cipher >= 0 && last.end === r.offset && last.fd === fd && last.inPlace === inPlace && last.cipher === cipher && (fd < 0 || last.host + (last.end - last.offset) === host)) last.end = end;
         else spans.push({ offset: r.offset, end, fd, host, inPlace, cipher });
       }
       for (const s of spans) {

@@ -219,6 +219,63 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     });
   }
 
+  it('inflates a compressed qcow2 (zlib) in the workers: every byte as qemu-img convert reads it, 4 readers, unaligned reads; a damaged cluster is the JS thread\'s EIO, its neighbours read', async () => {
+    // Per MiB: 512 KiB of random bytes (stored as they are: they do not shrink) and 512 KiB of hex text (compressed).
+    const src = Buffer.alloc(16 * MiB);
+    for (let at = 0; at < src.length; at += MiB) {
+      crypto.randomBytes(512 * KiB).copy(src, at);
+      Buffer.from(crypto.randomBytes(256 * KiB).toString('hex')).copy(src, at + 512 * KiB);
+    }
+    const raw = path.join(tmp.dir, 'zsrc.raw');
+    fs.writeFileSync(raw, src);
+    const img = path.join(tmp.dir, 'z.qcow2');
+    await runOk('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-c', '-o', 'cluster_size=65536', raw, img]);
+    const mp = dir('m-zlib');
+    await mounts.mount([img, mp]);
+    const flat = path.join(mp, 'z.raw');
+    const want = await md5File(raw);
+    // 16 READs of 1 MiB per pass: every one has compressed clusters.
+    expect(await untilWorkersServe(flat, mp, want, 16), 'reads answered by the workers').to.be.at.least(16);
+    const quarter = (4 * MiB) / (64 * KiB);
+    const jobs = [];
+    for (let q = 0; q < 4; q++) jobs.push(Promise.all([directMd5(flat, '64k', q * quarter, quarter), pieceMd5(raw, 64 * KiB, q * quarter, quarter)]));
+    for (const [got, exp] of await Promise.all(jobs)) expect(got).to.equal(exp);
+    const fd = await fs.promises.open(flat, 'r');
+    try {
+      for (const [at, n] of [[512 * KiB - 100, 200], [512 * KiB + 7, 64 * KiB], [MiB - 1, 2], [3 * MiB + 600 * KiB + 5, 900 * KiB], [16 * MiB - 4096, 4096]] as const) {
+        const a = Buffer.alloc(n);
+        await fd.read(a, 0, n, at);
+        expect(a.equals(src.subarray(at, at + n)), `bytes at ${at}+${n}`).to.equal(true);
+      }
+    } finally {
+      await fd.close();
+    }
+    await mounts.unmount(mp);
+    // The first compressed cluster (guest 512 KiB) damaged: EIO for it, and its reason on the JS thread's log.
+    const image = fs.readFileSync(img);
+    const l1 = Number(image.readBigUInt64BE(40));
+    const l2 = Number(image.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
+    const entry = image.readBigUInt64BE(l2 + 8 * 8);
+    expect(Number((entry >> 62n) & 1n), 'the cluster at 512 KiB is compressed').to.equal(1);
+    const bad = path.join(tmp.dir, 'z-bad.qcow2');
+    image.fill(0xff, Number(entry & ((1n << 54n) - 1n)), Number(entry & ((1n << 54n) - 1n)) + 64);
+    fs.writeFileSync(bad, image);
+    const log = path.join(tmp.dir, 'z-bad.log');
+    const mp2 = dir('m-zlib-bad');
+    await mounts.mount(['--log', log, bad, mp2]);
+    const flat2 = path.join(mp2, 'z-bad.raw');
+    for (let pass = 0; pass < 3; pass++) {
+      const r = await run('dd', [`if=${flat2}`, 'of=/dev/null', 'iflag=direct', 'bs=64k', 'skip=8', 'count=1']);
+      expect(r.code, 'the damaged cluster').to.not.equal(0);
+      expect(r.stderr).to.match(/Input\/output error/);
+      // Its neighbours, a whole MiB after it, with the workers serving them once the map has them.
+      expect(await directMd5(flat2, '64k', 9, 23)).to.equal(await pieceMd5(raw, 64 * KiB, 9, 23));
+    }
+    expect(await workerReads(mp2, 1)).to.be.at.least(1);
+    await mounts.unmount(mp2);
+    expect(fs.readFileSync(log, 'utf8')).to.match(/guest offset 0x80000/);
+  });
+
   it('reads a backing chain (qcow2 over qcow2 over raw) as qemu-img convert does', async () => {
     const base = path.join(tmp.dir, 'base.raw');
     fs.writeFileSync(base, '');
@@ -805,7 +862,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     const count = readRuns(map.table, offset, length, [0, 0, 0, 0], runs);
     if (count < 0) return undefined;
     const out = Buffer.alloc(length);
-    expect(fillRuns(runs, count, out, 0, threadCiphers(map)), `the runs of ${offset}+${length}`).to.equal(true);
+    expect(fillRuns(runs, count, out, 0, threadCiphers(map), granuleOf(map.table)), `the runs of ${offset}+${length}`).to.equal(true);
     return out;
   };
   /** A 4 KiB write as the server serves one on the JS thread: the change around it, then wrote() and its walks. */
@@ -815,7 +872,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     await map.idle();
   };
 
-  it('publishes data, zeros and backing data as host locations holding exactly the guest bytes; never a compressed cluster', async () => {
+  it('publishes data, zeros and backing data as host locations holding exactly the guest bytes, and whole zlib clusters as streams the threads inflate', async () => {
     const base = path.join(tmp.dir, 'b.qcow2');
     await createImage(base, 'qcow2', 8 * MiB);
     await qemuIo(base, 'qcow2', ['write -P 0x21 0 2M', 'write -c -P 0x22 4M 64k']);
@@ -827,24 +884,87 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       const map = new ReadMap(node);
       map.miss(0, 4096);
       await map.idle();
-      const hit = [0, 0];
-      let published = 0;
+      const hit = [0, 0, 0, 0];
+      const compressed: number[] = [];
       for (let g = 0; g < (8 * MiB) / GRANULE; g++) {
-        if (!lookup(map.table, g, hit)) {
-          // Only the compressed clusters are left out.
-          expect([3 * MiB, 4 * MiB], `granule at ${g * GRANULE}`).to.include(g * GRANULE);
-          continue;
-        }
-        published++;
+        expect(lookup(map.table, g, hit), `granule at ${g * GRANULE} published`).to.equal(true);
         const want = Buffer.alloc(GRANULE);
         await node.read(g * GRANULE, want);
+        if (hit[3]! < 0) {
+          // A compressed cluster (the top's at 3M, the backing file's at 4M): its stream, never written in place.
+          compressed.push(g * GRANULE);
+          expect(hit[2], 'not writable in place').to.equal(0);
+          expect(readFromMap(map, g * GRANULE, GRANULE)!.equals(want), `granule at ${g * GRANULE} inflated`).to.equal(true);
+          continue;
+        }
         const got = Buffer.alloc(GRANULE);
         if (hit[0]! >= 0) fs.readSync(hit[0]!, got, 0, GRANULE, hit[1]!);
         expect(got.equals(want), `granule at ${g * GRANULE}`).to.equal(true);
       }
-      expect(published).to.equal((8 * MiB) / GRANULE - 2);
+      expect(compressed).to.deep.equal([3 * MiB, 4 * MiB]);
+      // Reads that start, end or lie inside a compressed cluster, and the whole disk.
+      for (const [at, n] of [[3 * MiB - 5000, 70_000], [3 * MiB + 100, 1000], [4 * MiB - 1, 65_538], [4 * MiB + 65_535, 1], [0, 8 * MiB]] as const) {
+        const want = Buffer.alloc(n);
+        await node.read(at, want);
+        expect(readFromMap(map, at, n)!.equals(want), `bytes at ${at}+${n}`).to.equal(true);
+      }
+      // A damaged stream is refused (the main thread answers such a READ, with its error).
+      expect(lookup(map.table, (3 * MiB) / GRANULE, hit)).to.equal(true);
+      const fd = fs.openSync(top, 'r+');
+      try {
+        fs.writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, hit[1]!);
+      } finally {
+        fs.closeSync(fd);
+      }
+      const runs: number[] = [];
+      const count = readRuns(map.table, 3 * MiB, GRANULE, [0, 0, 0, 0], runs);
+      expect(count).to.equal(RUN);
+      expect(fillRuns(runs, count, Buffer.alloc(GRANULE), 0, undefined, granuleOf(map.table))).to.equal(false);
+      // Without the cluster size the threads inflate nothing.
+      const ok = readRuns(map.table, 4 * MiB, GRANULE, [0, 0, 0, 0], runs);
+      expect(fillRuns(runs, ok, Buffer.alloc(GRANULE), 0)).to.equal(false);
+      expect(fillRuns(runs, ok, Buffer.alloc(GRANULE), 0, undefined, GRANULE)).to.equal(true);
     } finally {
       await node.close();
+    }
+  });
+
+  it('leaves out compressed clusters the threads cannot inflate alone: zstd ones, and clusters larger than a granule; 4 KiB zlib clusters are 4 KiB granules', async () => {
+    // Hex text: each cluster compresses to about half, and no two clusters are alike.
+    const text = Buffer.from(crypto.randomBytes(MiB).toString('hex'));
+    const raw = path.join(tmp.dir, 'text.raw');
+    fs.writeFileSync(raw, text);
+    const cases = [
+      { name: 'zstd', opts: ['-o', 'cluster_size=65536,compression_type=zstd'], published: false },
+      { name: '128k', opts: ['-o', 'cluster_size=131072'], published: false },
+      { name: '4k', opts: ['-o', 'cluster_size=4096'], published: true },
+      { name: '64k', opts: ['-o', 'cluster_size=65536'], published: true },
+    ];
+    for (const c of cases) {
+      const img = path.join(tmp.dir, `c-${c.name}.qcow2`);
+      await runOk('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-c', ...c.opts, raw, img]);
+      const node = await open(img, true);
+      try {
+        const map = new ReadMap(node);
+        map.miss(0, 4096);
+        await map.idle();
+        const unit = granuleOf(map.table);
+        const hit = [0, 0, 0, 0];
+        let streams = 0;
+        for (let g = 0; g < (2 * MiB) / unit; g++) if (lookup(map.table, g, hit) && hit[3]! < 0) streams++;
+        if (!c.published) {
+          expect(streams, c.name).to.equal(0);
+          expect(readFromMap(map, 0, 4096), `${c.name}: the main thread's`).to.equal(undefined);
+          continue;
+        }
+        // qemu-img stores a cluster that does not shrink as it is: most are compressed here.
+        expect(streams, c.name).to.be.above((MiB / unit) * 1.5);
+        for (const [at, n] of [[0, 2 * MiB], [unit - 10, 20], [5 * unit + 3, 3 * unit]] as const) {
+          expect(readFromMap(map, at, n)!.equals(text.subarray(at, at + n)), `${c.name}: bytes at ${at}+${n}`).to.equal(true);
+        }
+      } finally {
+        await node.close();
+      }
     }
   });
 

@@ -11,6 +11,7 @@ import { isJsCodec } from './js-codecs.js';
 import { decodeOffThread } from './decode-pool.js';
 import { lz4BlockDecode } from './lz4.js';
 import { decodeNative, isNativeCodec, zstdNative } from './native-codecs.js';
+import { INFLATE_SLACK } from './raw-inflater.js';
 
 /**
  * raw deflate (qcow, qcow2), zlib-wrapped deflate (VMDK, cloop, dmg UDZO), one zstd
@@ -19,8 +20,8 @@ import { decodeNative, isNativeCodec, zstdNative } from './native-codecs.js';
  */
 export type Codec = 'deflate-raw' | 'zlib' | 'zstd' | 'lz4-block' | 'xz' | 'lzo1x' | 'bzip2' | 'adc' | 'lzfse';
 
-/** Output chunk room past the expected size, so that zlib ends the stream inside the first chunk. */
-export const INFLATE_SLACK = 1024;
+/** Output chunk room past the expected size, so that zlib ends the stream inside the first chunk (raw-inflater.ts). */
+export { INFLATE_SLACK };
 
 export interface DecompressOptions {
   /** The most bytes that may come out (a cluster, a grain). */

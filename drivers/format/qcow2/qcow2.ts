@@ -1225,7 +1225,13 @@ export class Qcow2Node implements BlockNode {
     // Encrypted clusters have no host offset in the map, but the workers read their ciphertext there (hostCipher).
     const cipherKnown = this.hostCipher !== undefined;
     const writable = this.inPlaceWrites;
+    // Whole zlib clusters, each with its stream (the read map's threads inflate them).
+    const zlibClusters = this.compressionType === COMPRESSION.zlib;
     for (const r of runs) {
+      if (r.kind === 'compressed' && zlibClusters && r.guest === r.clusterGuest && r.length === this.cs) {
+        out.push({ offset: r.guest, length: r.length, kind: 'data', compressed: { host: r.cOffset, length: r.cLength } });
+        continue;
+      }
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
       const host = hostKnown && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? r.host : undefined;
       const cipherHost = cipherKnown && r.kind === 'data' ? r.host : undefined;
@@ -1234,7 +1240,7 @@ export class Qcow2Node implements BlockNode {
       const last = out[out.length - 1];
       const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
       const cipherContiguous = last?.cipherHost === undefined ? cipherHost === undefined : cipherHost === last.cipherHost + last.length;
-      if (last && last.kind === kind && contiguous && cipherContiguous && (last.inPlace === true) === inPlace) last.length += r.length;
+      if (last && !last.compressed && last.kind === kind && contiguous && cipherContiguous && (last.inPlace === true) === inPlace) last.length += r.length;
       else if (cipherHost !== undefined) out.push({ offset: r.guest, length: r.length, kind, cipherHost });
       else if (host === undefined) out.push({ offset: r.guest, length: r.length, kind });
       else out.push(inPlace ? { offset: r.guest, length: r.length, kind, host, inPlace } : { offset: r.guest, length: r.length, kind, host });
