@@ -39,12 +39,21 @@ export interface Extent {
    */
   cipherHost?: number;
   /**
-   * One whole cluster of 'data' stored compressed as raw deflate (qcow2 with zlib),
-   * `length` bytes of stream at `host` in this layer's own file (its last bytes may lie
-   * past the end of the file, as QEMU counts them): the read map's threads inflate it
-   * (fs/read-map.ts). Never merged with a neighbour; absent for other codecs.
+   * One whole cluster of 'data' stored compressed in this layer's own file, its stream
+   * in the `length` bytes at `host` (the last of them may lie past the end of the file):
+   * 'deflate-raw', a qcow2 cluster of zlib's raw deflate filling them as QEMU counts
+   * them; 'vmdk-grain', a streamOptimized grain marker there and the zlib stream it
+   * sizes. The read map's threads inflate it (fs/read-map.ts). Never merged with a
+   * neighbour; absent for other codecs.
    */
-  compressed?: { host: number; length: number };
+  compressed?: CompressedCluster;
+}
+
+/** Where a whole compressed cluster's stream lies (Extent.compressed). */
+export interface CompressedCluster {
+  host: number;
+  length: number;
+  stream: 'deflate-raw' | 'vmdk-grain';
 }
 
 /**

@@ -8,7 +8,7 @@
 import { constants as osc } from 'node:os';
 import createDebug from '../drivers/util/debug.js';
 import { ErrnoError, messageOf } from '../drivers/errors.js';
-import type { BlockNode } from '../drivers/types.js';
+import type { BlockNode, CompressedCluster } from '../drivers/types.js';
 import { SEEK_DATA } from '../drivers/util/sys.js';
 
 const debug = createDebug('tsmount:fs');
@@ -39,7 +39,7 @@ export interface ChainRun {
   /** Where the answering layer's file holds its ciphertext (Extent.cipherHost). */
   cipherHost?: number;
   /** A whole compressed cluster of the answering layer (Extent.compressed; only with ChainWalk.compressed). */
-  compressed?: { host: number; length: number };
+  compressed?: CompressedCluster;
 }
 
 /** A backing chain deeper than this is not walked: the rest counts as data. */

@@ -6,17 +6,17 @@
 import fs from 'node:fs';
 import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
 import { INFLATE_SLACK, rawInflater, type Inflater } from '../drivers/util/raw-inflater.js';
-import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup } from './read-map-table.js';
+import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN } from './read-map-table.js';
 
 /**
  * Words per run in readRuns' output: fd (-1: zeros), host offset, length, cipher (0:
- * none; negative: a compressed cluster, -cipher bytes of raw deflate at the host offset,
- * read-map-table.ts publishCompressed), and where in its cluster the run starts (0 but
- * for a compressed run).
+ * none; negative: a compressed cluster, its stream in the -cipher bytes at the host
+ * offset, read-map-table.ts publish), and for a compressed run where in its cluster it
+ * starts and the stream's kind (STREAM_*); 0 and 0 for the others.
  */
-export const RUN = 5;
+export const RUN = 6;
 
-/** A compressed cluster's stream is read only up to this many times the cluster (qcow2 counts at most a cluster and a sector). */
+/** A compressed cluster's stream is read only up to this many times the cluster, and a grain marker (qcow2 counts at most a cluster and a sector; QEMU refuses a VMDK grain over twice the grain). */
 export const MAX_COMPRESSED = 2;
 
 /** A map's cipher as a reading thread holds it: sector n of it lies at ivBase + n * sectorSize. */
@@ -117,6 +117,7 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
     runs[count++] = to - runFrom;
     runs[count++] = runCipher;
     runs[count++] = 0;
+    runs[count++] = 0;
     open = false;
   };
   while (pos < end) {
@@ -133,6 +134,7 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
       runs[count++] = next - pos;
       runs[count++] = cipher;
       runs[count++] = pos - g * granule;
+      runs[count++] = hit[4]!;
       pos = next;
       continue;
     }
@@ -168,7 +170,7 @@ export function fillRuns(runs: number[], count: number, out: Buffer, at: number,
     if (c === 0) {
       if (!fillFromHost(fd, host, out, at, length)) return false;
     } else if (c < 0) {
-      if (!inflateRun(fd, host, -c, runs[i + 4]!, unit, out, at, length)) return false;
+      if (!inflateRun(fd, host, -c, runs[i + 5]!, runs[i + 4]!, unit, out, at, length)) return false;
     } else {
       const k = ciphers?.[c];
       const sector = sectorOf(host, length, k);
@@ -185,20 +187,27 @@ export function fillRuns(runs: number[], count: number, out: Buffer, at: number,
   return true;
 }
 
-/** This thread's inflater, made at its first compressed cluster (raw-inflater.ts). */
-let inflater: Inflater | undefined;
+/** This thread's inflaters, made at its first compressed cluster of each kind (raw-inflater.ts). */
+let rawDeflate: Inflater | undefined;
+let zlibStream: Inflater | undefined;
 /** This thread's buffers for a cluster's compressed bytes and, when a READ takes part of it, the cluster (grown as needed). */
 let packed = Buffer.alloc(0);
 let cluster = Buffer.alloc(0);
+/** A VMDK grain marker: the grain's sector (u64), then its stream's size (u32). */
+export const VMDK_MARKER = 12;
+const MARKER = VMDK_MARKER;
 
 /**
- * Bytes [skip, skip + length) of the `unit`-byte cluster whose raw deflate stream is the
- * `cLength` bytes at `host` in `fd` (fewer where the file ends first, as QEMU reads the
- * last cluster of an image) into `out` at `at`. A cluster a READ takes whole inflates
- * straight into the reply when the reply has room for the slack past it.
+ * Bytes [skip, skip + length) of the `unit`-byte cluster whose stream of kind `stream`
+ * lies in the `cLength` bytes at `host` in `fd` into `out` at `at`: raw deflate filling
+ * them (fewer where the file ends first, as QEMU reads the last cluster of an image),
+ * or a VMDK grain marker and the zlib stream it sizes. False unless exactly `unit`
+ * bytes come out. A cluster a READ takes whole inflates straight into the reply when
+ * the reply has room for the slack past it.
  */
-function inflateRun(fd: number, host: number, cLength: number, skip: number, unit: number, out: Buffer, at: number, length: number): boolean {
-  if (unit <= 0 || cLength <= 0 || cLength > MAX_COMPRESSED * unit || skip + length > unit) return false;
+function inflateRun(fd: number, host: number, cLength: number, stream: number, skip: number, unit: number, out: Buffer, at: number, length: number): boolean {
+  if (unit <= 0 || cLength <= 0 || cLength > MAX_COMPRESSED * unit + MARKER || skip + length > unit) return false;
+  if (stream !== STREAM_DEFLATE_RAW && stream !== STREAM_VMDK_GRAIN) return false;
   if (packed.length < cLength) packed = Buffer.alloc(cLength);
   let got = 0;
   try {
@@ -210,15 +219,25 @@ function inflateRun(fd: number, host: number, cLength: number, skip: number, uni
   } catch {
     return false;
   }
-  if (got === 0) return false;
-  inflater ??= rawInflater();
-  const input = packed.subarray(0, got);
+  let input: Buffer;
+  let inflate: Inflater;
+  if (stream === STREAM_VMDK_GRAIN) {
+    if (got < MARKER) return false;
+    const size = packed.readUInt32LE(8);
+    if (size === 0 || MARKER + size > got) return false;
+    input = packed.subarray(MARKER, MARKER + size);
+    inflate = zlibStream ??= rawInflater('zlib');
+  } else {
+    if (got === 0) return false;
+    input = packed.subarray(0, got);
+    inflate = rawDeflate ??= rawInflater('raw');
+  }
   if (skip === 0 && length === unit && out.length - at >= unit + INFLATE_SLACK) {
     // The room past the cluster (the next run's place, filled after it) shows a stream that inflates to more.
-    return inflater(input, out.subarray(at, at + unit + INFLATE_SLACK)) === unit;
+    return inflate(input, out.subarray(at, at + unit + INFLATE_SLACK)) === unit;
   }
   if (cluster.length < unit + INFLATE_SLACK) cluster = Buffer.alloc(unit + INFLATE_SLACK);
-  if (inflater(input, cluster.subarray(0, unit + INFLATE_SLACK)) !== unit) return false;
+  if (inflate(input, cluster.subarray(0, unit + INFLATE_SLACK)) !== unit) return false;
   cluster.copy(out, at, skip, skip + length);
   return true;
 }

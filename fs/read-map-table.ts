@@ -110,13 +110,18 @@ const E_HOST_HI = 5;
 const E_FLAGS = 6;
 /**
  * 0: the bytes are the guest's; n > 0: ciphertext of the map's cipher n; n < 0: the
- * granule is one compressed cluster, its raw deflate stream the -n bytes at `host`
- * (read-map-runs.ts inflates it; never written in place).
+ * granule is one compressed cluster, its stream (of the kind E_FLAGS names: STREAM_*)
+ * in the -n bytes at `host` (read-map-runs.ts inflates it; never written in place).
  */
 const E_CIPHER = 7;
 const ENTRY_WORDS = 8;
 /** A WRITE of the granule may go straight to `host` (while the epoch holds). */
 const F_IN_PLACE = 1;
+
+/** A compressed granule's stream (in E_FLAGS, shifted left once): raw deflate of exactly its bytes (qcow2). */
+export const STREAM_DEFLATE_RAW = 1;
+/** A VMDK grain: a marker (lba u64, size u32), then a zlib stream of `size` bytes (streamOptimized). */
+export const STREAM_VMDK_GRAIN = 2;
 
 const TWO32 = 0x1_0000_0000;
 
@@ -169,9 +174,10 @@ function keyHi(g: number): number {
  * Writer only: publish granule `g` as zeros (fd < 0) or as `host` in `fd` (`inPlace`:
  * writable there too), or as ciphertext there of the map's cipher number `cipher`
  * (writable too with `inPlace`: encrypted by the writing thread), or with `cipher` -n
- * as one compressed cluster, n bytes of raw deflate at `host` (inPlace false).
+ * as one compressed cluster, a stream of kind `stream` (STREAM_*) in the n bytes at
+ * `host` (inPlace false).
  */
-export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false, cipher = 0): void {
+export function publish(t: Int32Array, g: number, fd: number, host: number, inPlace = false, cipher = 0, stream = 0): void {
   const b = base(t, g);
   const seq = Atomics.load(t, b + E_SEQ);
   Atomics.store(t, b + E_SEQ, seq + 1);
@@ -181,7 +187,7 @@ export function publish(t: Int32Array, g: number, fd: number, host: number, inPl
   Atomics.store(t, b + E_HOST_LO, host % TWO32 | 0);
   Atomics.store(t, b + E_HOST_HI, Math.floor(host / TWO32));
   // Ciphertext too: a writer thread encrypts it with its own copy of the cipher (read-map-runs.ts writeInPlace).
-  Atomics.store(t, b + E_FLAGS, inPlace && fd >= 0 ? ((Atomics.load(t, H_EPOCH) << 1) | F_IN_PLACE) : 0);
+  Atomics.store(t, b + E_FLAGS, cipher < 0 ? stream << 1 : inPlace && fd >= 0 ? ((Atomics.load(t, H_EPOCH) << 1) | F_IN_PLACE) : 0);
   Atomics.store(t, b + E_CIPHER, fd >= 0 ? cipher : 0);
   Atomics.store(t, b + E_SEQ, seq + 2);
 }
@@ -218,7 +224,8 @@ export function newEpoch(t: Int32Array): void {
 }
 
 /**
- * Reader: granule `g`'s entry into out ([fd, host, writable in place, cipher]); false if the
+ * Reader: granule `g`'s entry into out ([fd, host, writable in place, cipher, stream]: the
+ * last STREAM_* for a compressed granule, else 0); false if the
  * map does not hold it (never published, overwritten, invalidated, or being changed
  * right now).
  */
@@ -234,7 +241,8 @@ export function lookup(t: Int32Array, g: number, out: number[]): boolean {
   if (Atomics.load(t, b + E_SEQ) !== s1) return false;
   out[0] = fd;
   out[1] = host;
-  out[2] = flags & F_IN_PLACE && flags >>> 1 === Atomics.load(t, H_EPOCH) ? 1 : 0;
+  out[2] = cipher >= 0 && flags & F_IN_PLACE && flags >>> 1 === Atomics.load(t, H_EPOCH) ? 1 : 0;
   out[3] = cipher;
+  out[4] = cipher < 0 ? flags >>> 1 : 0;
   return true;
 }

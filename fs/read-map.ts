@@ -27,10 +27,10 @@ import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode, HostCipher } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
-import { MAX_COMPRESSED, type MapShare } from './read-map-runs.js';
+import { MAX_COMPRESSED, VMDK_MARKER, type MapShare } from './read-map-runs.js';
 import {
   lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, capacityOf, H_READS, H_SPLICED, servedBytes, WINDOW,
-  H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT,
+  H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN,
 } from './read-map-table.js';
 
 const debug = createDebug('tsmount:fuse');
@@ -72,8 +72,10 @@ interface Span {
   host: number;
   /** A worker may write it in place (fs/read-map-table.ts). */
   inPlace: boolean;
-  /** 0, the number of the cipher whose ciphertext lies at `host` (ciphers), or -n: a compressed cluster of n bytes there. */
+  /** 0, the number of the cipher whose ciphertext lies at `host` (ciphers), or -n: a compressed cluster's stream in the n bytes there. */
   cipher: number;
+  /** The stream's kind (read-map-table.ts STREAM_*), for a compressed cluster. */
+  stream: number;
 }
 
 export class ReadMap {
@@ -458,8 +460,8 @@ export class ReadMap {
           const layer = this.layer(r.depth);
           const c = r.compressed;
           if (!layer || layer.encrypted || layer.hostFd === undefined || r.length !== this.granule || r.offset % this.granule !== 0) continue;
-          if (c.length <= 0 || c.length > MAX_COMPRESSED * this.granule) continue;
-          spans.push({ offset: r.offset, end: r.offset + r.length, fd: layer.hostFd, host: c.host, inPlace: false, cipher: -c.length });
+          if (c.length <= 0 || c.length > MAX_COMPRESSED * this.granule + (c.stream === 'vmdk-grain' ? VMDK_MARKER : 0)) continue;
+          spans.push({ offset: r.offset, end: r.offset + r.length, fd: layer.hostFd, host: c.host, inPlace: false, cipher: -c.length, stream: c.stream === 'vmdk-grain' ? STREAM_VMDK_GRAIN : STREAM_DEFLATE_RAW });
           continue;
         }
         if (r.kind === 'data' || hole) {
@@ -485,7 +487,7 @@ export class ReadMap {
         const last = spans[spans.length - 1];
         // Zeros from any layer, and data that continues in the same file (and cipher), make one span.
         if (last && last.cipher >= 0 && last.end === r.offset && last.fd === fd && last.inPlace === inPlace && last.cipher === cipher && (fd < 0 || last.host + (last.end - last.offset) === host)) last.end = end;
-        else spans.push({ offset: r.offset, end, fd, host, inPlace, cipher });
+        else spans.push({ offset: r.offset, end, fd, host, inPlace, cipher, stream: 0 });
       }
       for (const s of spans) {
         // Whole granules only; the disk's last granule counts as whole when the span reaches the end.
@@ -493,7 +495,7 @@ export class ReadMap {
         const stop = s.end >= size ? Math.ceil(size / this.granule) : Math.floor(s.end / this.granule);
         for (let g = first; g < stop; g++) {
           const at = g * this.granule;
-          publish(this.table, g, s.fd, s.fd < 0 ? 0 : s.host + (at - s.offset), s.inPlace, s.cipher);
+          publish(this.table, g, s.fd, s.fd < 0 ? 0 : s.host + (at - s.offset), s.inPlace, s.cipher, s.stream);
           each(g);
         }
       }

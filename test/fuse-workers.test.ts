@@ -14,7 +14,7 @@ import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './he
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { granuleShift, ReadMap } from '../fs/read-map.js';
-import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, WINDOW } from '../fs/read-map-table.js';
+import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN, WINDOW } from '../fs/read-map-table.js';
 import { fillRuns, readRuns, RUN, writeInPlace, type RunCipher } from '../fs/read-map-runs.js';
 import { FlatFs } from '../fs/flatfs.js';
 
@@ -219,62 +219,85 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     });
   }
 
-  it('inflates a compressed qcow2 (zlib) in the workers: every byte as qemu-img convert reads it, 4 readers, unaligned reads; a damaged cluster is the JS thread\'s EIO, its neighbours read', async () => {
-    // Per MiB: 512 KiB of random bytes (stored as they are: they do not shrink) and 512 KiB of hex text (compressed).
-    const src = Buffer.alloc(16 * MiB);
-    for (let at = 0; at < src.length; at += MiB) {
-      crypto.randomBytes(512 * KiB).copy(src, at);
-      Buffer.from(crypto.randomBytes(256 * KiB).toString('hex')).copy(src, at + 512 * KiB);
+  /** Where the compressed stream of the cluster (grain) at guest `at` starts in `file`, a 64 KiB-cluster qcow2 or a streamOptimized vmdk. */
+  const streamAt = (file: string, format: string, at: number): number => {
+    const image = fs.readFileSync(file);
+    if (format === 'qcow2') {
+      const l1 = Number(image.readBigUInt64BE(40));
+      const l2 = Number(image.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
+      const entry = image.readBigUInt64BE(l2 + (at / (64 * KiB)) * 8);
+      expect(Number((entry >> 62n) & 1n), `the cluster at ${at} is compressed`).to.equal(1);
+      return Number(entry & ((1n << 54n) - 1n));
     }
-    const raw = path.join(tmp.dir, 'zsrc.raw');
-    fs.writeFileSync(raw, src);
-    const img = path.join(tmp.dir, 'z.qcow2');
-    await runOk('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-c', '-o', 'cluster_size=65536', raw, img]);
-    const mp = dir('m-zlib');
-    await mounts.mount([img, mp]);
-    const flat = path.join(mp, 'z.raw');
-    const want = await md5File(raw);
-    // 16 READs of 1 MiB per pass: every one has compressed clusters.
-    expect(await untilWorkersServe(flat, mp, want, 16), 'reads answered by the workers').to.be.at.least(16);
-    const quarter = (4 * MiB) / (64 * KiB);
-    const jobs = [];
-    for (let q = 0; q < 4; q++) jobs.push(Promise.all([directMd5(flat, '64k', q * quarter, quarter), pieceMd5(raw, 64 * KiB, q * quarter, quarter)]));
-    for (const [got, exp] of await Promise.all(jobs)) expect(got).to.equal(exp);
-    const fd = await fs.promises.open(flat, 'r');
-    try {
-      for (const [at, n] of [[512 * KiB - 100, 200], [512 * KiB + 7, 64 * KiB], [MiB - 1, 2], [3 * MiB + 600 * KiB + 5, 900 * KiB], [16 * MiB - 4096, 4096]] as const) {
-        const a = Buffer.alloc(n);
-        await fd.read(a, 0, n, at);
-        expect(a.equals(src.subarray(at, at + n)), `bytes at ${at}+${n}`).to.equal(true);
+    // streamOptimized: the grain's marker (its sector number, then its stream's size) on a sector boundary.
+    for (let pos = 512; pos + 12 <= image.length; pos += 512) {
+      if (image.readBigUInt64LE(pos) === BigInt(at / 512) && image.readUInt32LE(pos + 8) > 0 && image.readUInt32LE(pos + 8) < 2 * 64 * KiB) return pos + 12;
+    }
+    throw new Error(`no grain marker for ${at}`);
+  };
+
+  const compressedCases = [
+    { format: 'qcow2', name: 'a compressed qcow2 (zlib)', opts: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536'], reason: /guest offset 0x80000/ },
+    { format: 'vmdk', name: 'a streamOptimized vmdk', opts: ['-O', 'vmdk', '-o', 'subformat=streamOptimized'], reason: /compressed grain at 0x/ },
+  ];
+  for (const c of compressedCases) {
+    it(`inflates ${c.name} in the workers: every byte as qemu-img convert reads it, 4 readers, unaligned reads; a damaged cluster is the JS thread's EIO, its neighbours read`, async () => {
+      // Per MiB: 512 KiB of random bytes (a qcow2 stores them as they are: they do not shrink) and 512 KiB of hex text.
+      const src = Buffer.alloc(16 * MiB);
+      for (let at = 0; at < src.length; at += MiB) {
+        crypto.randomBytes(512 * KiB).copy(src, at);
+        Buffer.from(crypto.randomBytes(256 * KiB).toString('hex')).copy(src, at + 512 * KiB);
       }
-    } finally {
-      await fd.close();
-    }
-    await mounts.unmount(mp);
-    // The first compressed cluster (guest 512 KiB) damaged: EIO for it, and its reason on the JS thread's log.
-    const image = fs.readFileSync(img);
-    const l1 = Number(image.readBigUInt64BE(40));
-    const l2 = Number(image.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
-    const entry = image.readBigUInt64BE(l2 + 8 * 8);
-    expect(Number((entry >> 62n) & 1n), 'the cluster at 512 KiB is compressed').to.equal(1);
-    const bad = path.join(tmp.dir, 'z-bad.qcow2');
-    image.fill(0xff, Number(entry & ((1n << 54n) - 1n)), Number(entry & ((1n << 54n) - 1n)) + 64);
-    fs.writeFileSync(bad, image);
-    const log = path.join(tmp.dir, 'z-bad.log');
-    const mp2 = dir('m-zlib-bad');
-    await mounts.mount(['--log', log, bad, mp2]);
-    const flat2 = path.join(mp2, 'z-bad.raw');
-    for (let pass = 0; pass < 3; pass++) {
-      const r = await run('dd', [`if=${flat2}`, 'of=/dev/null', 'iflag=direct', 'bs=64k', 'skip=8', 'count=1']);
-      expect(r.code, 'the damaged cluster').to.not.equal(0);
-      expect(r.stderr).to.match(/Input\/output error/);
-      // Its neighbours, a whole MiB after it, with the workers serving them once the map has them.
-      expect(await directMd5(flat2, '64k', 9, 23)).to.equal(await pieceMd5(raw, 64 * KiB, 9, 23));
-    }
-    expect(await workerReads(mp2, 1)).to.be.at.least(1);
-    await mounts.unmount(mp2);
-    expect(fs.readFileSync(log, 'utf8')).to.match(/guest offset 0x80000/);
-  });
+      const raw = path.join(tmp.dir, `zsrc-${c.format}.raw`);
+      fs.writeFileSync(raw, src);
+      const img = path.join(tmp.dir, `z.${c.format}`);
+      await runOk('qemu-img', ['convert', '-q', '-f', 'raw', ...c.opts, raw, img]);
+      const mp = dir(`m-z-${c.format}`);
+      await mounts.mount([img, mp]);
+      const flat = path.join(mp, 'z.raw');
+      const want = await md5File(raw);
+      // 16 READs of 1 MiB per pass: every one has compressed clusters.
+      expect(await untilWorkersServe(flat, mp, want, 16), 'reads answered by the workers').to.be.at.least(16);
+      const quarter = (4 * MiB) / (64 * KiB);
+      const jobs = [];
+      for (let q = 0; q < 4; q++) jobs.push(Promise.all([directMd5(flat, '64k', q * quarter, quarter), pieceMd5(raw, 64 * KiB, q * quarter, quarter)]));
+      for (const [got, exp] of await Promise.all(jobs)) expect(got).to.equal(exp);
+      const fd = await fs.promises.open(flat, 'r');
+      try {
+        for (const [at, n] of [[512 * KiB - 100, 200], [512 * KiB + 7, 64 * KiB], [MiB - 1, 2], [3 * MiB + 600 * KiB + 5, 900 * KiB], [16 * MiB - 4096, 4096]] as const) {
+          const a = Buffer.alloc(n);
+          await fd.read(a, 0, n, at);
+          expect(a.equals(src.subarray(at, at + n)), `bytes at ${at}+${n}`).to.equal(true);
+        }
+      } finally {
+        await fd.close();
+      }
+      await mounts.unmount(mp);
+      // The compressed cluster at 512 KiB damaged: EIO for it, and its reason in the log (the JS thread's).
+      const bad = path.join(tmp.dir, `z-bad.${c.format}`);
+      fs.copyFileSync(img, bad);
+      const fdw = fs.openSync(bad, 'r+');
+      try {
+        fs.writeSync(fdw, Buffer.alloc(64, 0xff), 0, 64, streamAt(img, c.format, 512 * KiB));
+      } finally {
+        fs.closeSync(fdw);
+      }
+      const log = path.join(tmp.dir, `z-bad-${c.format}.log`);
+      const mp2 = dir(`m-z-bad-${c.format}`);
+      await mounts.mount(['--log', log, bad, mp2]);
+      const flat2 = path.join(mp2, 'z-bad.raw');
+      for (let pass = 0; pass < 3; pass++) {
+        const r = await run('dd', [`if=${flat2}`, 'of=/dev/null', 'iflag=direct', 'bs=64k', 'skip=8', 'count=1']);
+        expect(r.code, 'the damaged cluster').to.not.equal(0);
+        expect(r.stderr).to.match(/Input\/output error/);
+        // Its neighbours, a MiB and more after it, the workers serving them once the map has them.
+        expect(await directMd5(flat2, '64k', 9, 23)).to.equal(await pieceMd5(raw, 64 * KiB, 9, 23));
+      }
+      expect(await workerReads(mp2, 1)).to.be.at.least(1);
+      await mounts.unmount(mp2);
+      expect(fs.readFileSync(log, 'utf8')).to.match(c.reason);
+    });
+  }
 
   it('reads a backing chain (qcow2 over qcow2 over raw) as qemu-img convert does', async () => {
     const base = path.join(tmp.dir, 'base.raw');
@@ -929,38 +952,59 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
-  it('leaves out compressed clusters the threads cannot inflate alone: zstd ones, and clusters larger than a granule; 4 KiB zlib clusters are 4 KiB granules', async () => {
+  it('leaves out compressed clusters the threads cannot inflate alone: zstd ones, and clusters larger than a granule; 4 KiB zlib clusters are 4 KiB granules; streamOptimized vmdk grains are marker and zlib stream', async () => {
     // Hex text: each cluster compresses to about half, and no two clusters are alike.
     const text = Buffer.from(crypto.randomBytes(MiB).toString('hex'));
     const raw = path.join(tmp.dir, 'text.raw');
     fs.writeFileSync(raw, text);
     const cases = [
-      { name: 'zstd', opts: ['-o', 'cluster_size=65536,compression_type=zstd'], published: false },
-      { name: '128k', opts: ['-o', 'cluster_size=131072'], published: false },
-      { name: '4k', opts: ['-o', 'cluster_size=4096'], published: true },
-      { name: '64k', opts: ['-o', 'cluster_size=65536'], published: true },
+      { name: 'zstd', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536,compression_type=zstd'], stream: 0 },
+      { name: '128k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=131072'], stream: 0 },
+      { name: '4k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=4096'], stream: STREAM_DEFLATE_RAW },
+      { name: '64k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536'], stream: STREAM_DEFLATE_RAW },
+      { name: 'vmdk', args: ['-O', 'vmdk', '-o', 'subformat=streamOptimized'], stream: STREAM_VMDK_GRAIN },
     ];
     for (const c of cases) {
-      const img = path.join(tmp.dir, `c-${c.name}.qcow2`);
-      await runOk('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-c', ...c.opts, raw, img]);
+      const img = path.join(tmp.dir, `c-${c.name}.img`);
+      await runOk('qemu-img', ['convert', '-q', '-f', 'raw', ...c.args, raw, img]);
       const node = await open(img, true);
       try {
         const map = new ReadMap(node);
         map.miss(0, 4096);
         await map.idle();
         const unit = granuleOf(map.table);
-        const hit = [0, 0, 0, 0];
+        const hit = [0, 0, 0, 0, 0];
         let streams = 0;
-        for (let g = 0; g < (2 * MiB) / unit; g++) if (lookup(map.table, g, hit) && hit[3]! < 0) streams++;
-        if (!c.published) {
+        for (let g = 0; g < (2 * MiB) / unit; g++) {
+          if (!lookup(map.table, g, hit) || hit[3]! >= 0) continue;
+          streams++;
+          expect(hit[4], `${c.name}: the stream's kind`).to.equal(c.stream);
+        }
+        if (c.stream === 0) {
           expect(streams, c.name).to.equal(0);
           expect(readFromMap(map, 0, 4096), `${c.name}: the main thread's`).to.equal(undefined);
           continue;
         }
-        // qemu-img stores a cluster that does not shrink as it is: most are compressed here.
+        // qemu-img stores a qcow2 cluster that does not shrink as it is: most are compressed here.
         expect(streams, c.name).to.be.above((MiB / unit) * 1.5);
         for (const [at, n] of [[0, 2 * MiB], [unit - 10, 20], [5 * unit + 3, 3 * unit]] as const) {
           expect(readFromMap(map, at, n)!.equals(text.subarray(at, at + n)), `${c.name}: bytes at ${at}+${n}`).to.equal(true);
+        }
+        if (c.stream !== STREAM_VMDK_GRAIN) continue;
+        // A grain marker whose size is 0, or says more than the entry reaches: refused (the main thread answers).
+        expect(lookup(map.table, 1, hit)).to.equal(true);
+        const runs: number[] = [];
+        const count = readRuns(map.table, unit, unit, [0, 0, 0, 0, 0], runs);
+        const fd = fs.openSync(img, 'r+');
+        try {
+          for (const size of [0, 3 * unit]) {
+            const b = Buffer.alloc(4);
+            b.writeUInt32LE(size);
+            fs.writeSync(fd, b, 0, 4, hit[1]! + 8);
+            expect(fillRuns(runs, count, Buffer.alloc(unit), 0, undefined, unit), `marker size ${size}`).to.equal(false);
+          }
+        } finally {
+          fs.closeSync(fd);
         }
       } finally {
         await node.close();

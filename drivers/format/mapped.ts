@@ -4,7 +4,7 @@
 // contiguous on disk, falls through to the backing node for unallocated runs, and
 // fills zeros (also past the end of a shorter backing node). Writes to bytes that
 // already have a place on disk go straight there, without the driver's lock.
-import type { BlockNode, Extent } from '../types.js';
+import type { BlockNode, CompressedCluster, Extent } from '../types.js';
 import { readFromBacking } from './backing.js';
 import createDebug from '../util/debug.js';
 
@@ -31,8 +31,12 @@ export type MappedRun =
   | { kind: 'zero'; offset: number; length: number }
   /** Not in this layer: the backing node answers, or zeros. */
   | { kind: 'unallocated'; offset: number; length: number }
-  /** The driver produces the bytes itself (compressed grains, encrypted sectors...). */
-  | { kind: 'custom'; offset: number; length: number; read(dst: Uint8Array): Promise<void> };
+  /**
+   * The driver produces the bytes itself (compressed grains, encrypted sectors...). A
+   * whole compressed cluster may say where its stream lies in `file` (`compressed`,
+   * Extent.compressed): the read map's threads inflate it if that is the image's file.
+   */
+  | { kind: 'custom'; offset: number; length: number; read(dst: Uint8Array): Promise<void>; compressed?: CompressedCluster; file?: BlockNode };
 
 export interface Mapper {
   /** Runs covering exactly [offset, offset + length), in order, without gaps. */
@@ -91,6 +95,10 @@ export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing
 export async function mappedStatus(mapper: Mapper, offset: number, length: number, ownFile?: BlockNode, inPlace = false): Promise<Extent[]> {
   const out: Extent[] = [];
   for (const r of await mapper.mapRange(offset, length)) {
+    if (r.kind === 'custom' && r.compressed && (r.file === undefined || r.file === ownFile) && r.offset >= offset && r.offset + r.length <= offset + length) {
+      out.push({ offset: r.offset, length: r.length, kind: 'data', compressed: r.compressed });
+      continue;
+    }
     const kind = r.kind === 'zero' ? 'zero' : r.kind === 'unallocated' ? 'unallocated' : 'data';
     // Data in the image's own file has a host offset (qemu-img map's "offset"): runs
     // that name no file, or name the image file itself (a monolithic sparse vmdk).
@@ -99,7 +107,7 @@ export async function mappedStatus(mapper: Mapper, offset: number, length: numbe
     const writable = inPlace && own && !r.locked && (r.metadata ?? mapper.metadata)?.find(r.host, r.length) === undefined;
     const last = out[out.length - 1];
     const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
-    if (last && last.kind === kind && last.offset + last.length === r.offset && contiguous && (last.inPlace === true) === writable) last.length += r.length;
+    if (last && !last.compressed && last.kind === kind && last.offset + last.length === r.offset && contiguous && (last.inPlace === true) === writable) last.length += r.length;
     else {
       const e: Extent = host === undefined ? { offset: r.offset, length: r.length, kind } : { offset: r.offset, length: r.length, kind, host };
       if (writable) e.inPlace = true;

@@ -1229,7 +1229,7 @@ export class Qcow2Node implements BlockNode {
     const zlibClusters = this.compressionType === COMPRESSION.zlib;
     for (const r of runs) {
       if (r.kind === 'compressed' && zlibClusters && r.guest === r.clusterGuest && r.length === this.cs) {
-        out.push({ offset: r.guest, length: r.length, kind: 'data', compressed: { host: r.cOffset, length: r.cLength } });
+        out.push({ offset: r.guest, length: r.length, kind: 'data', compressed: { host: r.cOffset, length: r.cLength, stream: 'deflate-raw' } });
         continue;
       }
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;

@@ -10,7 +10,7 @@ import type { BlockNode, CheckReport } from '../../types.js';
 import { CorruptImageError, IoError, UnsupportedError } from '../../errors.js';
 import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { FLAG_MARKER, FLAG_ZERO_GRAIN, type SparseHeader } from './header.js';
-import { encodeCompressedGrain, readCompressedGrain } from './stream.js';
+import { encodeCompressedGrain, MARKER_HEADER, readCompressedGrain } from './stream.js';
 import { addCorruption } from '../check-report.js';
 
 /** Grain table entry 1 with the zeroed-grain flag: the grain reads as zeros (VMDK_GTE_ZEROED). */
@@ -216,7 +216,13 @@ export class SparseExtent implements VmdkExtent {
           pushRun(out, { kind: 'data', offset, length: n, host: e.host + inGrain, file: this.file, metadata: this.metadata });
         } else if (e.kind === 'compressed') {
           const host = e.host;
-          out.push({ kind: 'custom', offset, length: n, read: (dst) => this.readCompressed(host, inGrain, dst) });
+          const run: MappedRun = { kind: 'custom', offset, length: n, read: (dst) => this.readCompressed(host, inGrain, dst) };
+          // A whole grain behind its marker: where its stream lies, for the read map's threads (at most what QEMU reads: twice a grain).
+          if (this.hasMarker && inGrain === 0 && n === gb && host < this.file.size) {
+            run.compressed = { host, length: Math.min(MARKER_HEADER + 2 * gb, this.file.size - host), stream: 'vmdk-grain' };
+            run.file = this.file;
+          }
+          out.push(run);
         } else {
           pushRun(out, { kind: e.kind, offset, length: n });
         }
