@@ -395,6 +395,7 @@ class Bench {
     await this.seqRead('5c', `sequential read, ${size} compressed qcow2`, await this.images.compressedQcow2(), 'qcow2', ['tsmount', 'qsd', 'ceiling']);
     const luks = await this.images.luks();
     await this.seqRead('5d', `sequential read, ${size} luks (aes-256-xts-plain64)`, luks, 'luks', ['tsmount', 'qsd', 'ceiling'], [luks], { secret: LUKS_SECRET, size: this.cfg.sizes.main });
+    await this.seqRead('5e', `sequential read, ${size} vmdk (streamOptimized)`, await this.images.streamVmdk(), 'vmdk', ['tsmount', 'qsd', 'ceiling']);
   }
 
   async row6(): Promise<void> {

@@ -98,6 +98,11 @@ export class Images {
     return this.fromData('compressed.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536']);
   }
 
+  /** Every grain deflated behind its marker (the random half too: vmdk stores no grain plain). */
+  streamVmdk(): Promise<string> {
+    return this.fromData('stream.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']);
+  }
+
   /** Every other 64 KiB cluster allocated (random bytes), the rest never written. */
   halfQcow2(): Promise<string> {
     const size = this.sizes.main;
