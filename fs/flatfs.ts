@@ -94,7 +94,7 @@ export class FlatFs implements FsOps {
   private readonly byName = new Map<string, Inode>();
   private nextFd = 1;
   /** writeAround's scratch (read-map-runs.ts readRuns). */
-  private readonly aroundHit = [0, 0, 0, 0];
+  private readonly aroundHit = [0, 0, 0, 0, 0];
   private readonly aroundRuns: number[] = [];
   /** Files with writes not yet flushed, so a close(2) after reads costs nothing. */
   private readonly dirty = new Set<FlatFile>();

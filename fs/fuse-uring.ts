@@ -439,7 +439,7 @@ class Queue {
   readonly ciphers = new ThreadCiphers();
   /** Requests handed to the main thread: unique -> entry. */
   private readonly pending = new Map<number, number>();
-  private readonly hit = [0, 0, 0, 0];
+  private readonly hit = [0, 0, 0, 0, 0];
   private readonly runs: number[] = [];
   /** The file and range of the request target() looked at. */
   private ino = 0;

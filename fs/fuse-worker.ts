@@ -297,7 +297,7 @@ class Worker {
   private offset = 0;
   private size = 0;
   private readonly pollfd = Buffer.alloc(8);
-  private readonly hit = [0, 0, 0, 0];
+  private readonly hit = [0, 0, 0, 0, 0];
   /** The runs of the READ being served (read-map-runs.ts readRuns). */
   private readonly runs: number[] = [];
   /** Per file, the ciphers its map names. */

@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
 import { INFLATE_SLACK, rawInflater, type Inflater } from '../drivers/util/raw-inflater.js';
+import { libdeflate, type WholeInflater } from '../drivers/util/libdeflate.js';
 import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN } from './read-map-table.js';
 
 /**
@@ -187,9 +188,11 @@ export function fillRuns(runs: number[], count: number, out: Buffer, at: number,
   return true;
 }
 
-/** This thread's inflaters, made at its first compressed cluster of each kind (raw-inflater.ts). */
+/** This thread's inflaters, made at its first compressed cluster of each kind (raw-inflater.ts), and libdeflate's where it loads (null: it does not). */
 let rawDeflate: Inflater | undefined;
 let zlibStream: Inflater | undefined;
+let fastRaw: WholeInflater | null | undefined;
+let fastZlib: WholeInflater | null | undefined;
 /** This thread's buffers for a cluster's compressed bytes and, when a READ takes part of it, the cluster (grown as needed). */
 let packed = Buffer.alloc(0);
 let cluster = Buffer.alloc(0);
@@ -220,25 +223,29 @@ function inflateRun(fd: number, host: number, cLength: number, stream: number, s
     return false;
   }
   let input: Buffer;
-  let inflate: Inflater;
+  let fast: WholeInflater | null;
   if (stream === STREAM_VMDK_GRAIN) {
     if (got < MARKER) return false;
     const size = packed.readUInt32LE(8);
     if (size === 0 || MARKER + size > got) return false;
     input = packed.subarray(MARKER, MARKER + size);
-    inflate = zlibStream ??= rawInflater('zlib');
+    fast = fastZlib ??= libdeflate('zlib') ?? null;
   } else {
     if (got === 0) return false;
     input = packed.subarray(0, got);
-    inflate = rawDeflate ??= rawInflater('raw');
+    fast = fastRaw ??= libdeflate('raw') ?? null;
   }
-  if (skip === 0 && length === unit && out.length - at >= unit + INFLATE_SLACK) {
-    // The room past the cluster (the next run's place, filled after it) shows a stream that inflates to more.
-    return inflate(input, out.subarray(at, at + unit + INFLATE_SLACK)) === unit;
+  // Straight into the reply when the READ takes the cluster whole and the reply has room
+  // past it: the room (the next run's place, filled after it) shows a stream that inflates to more.
+  const direct = skip === 0 && length === unit && out.length - at >= unit + INFLATE_SLACK;
+  if (!direct && cluster.length < unit + INFLATE_SLACK) cluster = Buffer.alloc(unit + INFLATE_SLACK);
+  const dst = direct ? out.subarray(at, at + unit + INFLATE_SLACK) : cluster.subarray(0, unit + INFLATE_SLACK);
+  // libdeflate first; what it does not decode to exactly the cluster, zlib decides.
+  if (!fast || fast(input, dst) !== unit) {
+    const inflate = stream === STREAM_VMDK_GRAIN ? (zlibStream ??= rawInflater('zlib')) : (rawDeflate ??= rawInflater('raw'));
+    if (inflate(input, dst) !== unit) return false;
   }
-  if (cluster.length < unit + INFLATE_SLACK) cluster = Buffer.alloc(unit + INFLATE_SLACK);
-  if (inflate(input, cluster.subarray(0, unit + INFLATE_SLACK)) !== unit) return false;
-  cluster.copy(out, at, skip, skip + length);
+  if (!direct) cluster.copy(out, at, skip, skip + length);
   return true;
 }
 

@@ -127,7 +127,7 @@ export class ReadMap {
   private moves = 0;
   /** Writes the main thread served since the last one that moved host space (wrote). */
   private overwrites = 0;
-  private readonly hit = [0, 0, 0, 0];
+  private readonly hit = [0, 0, 0, 0, 0];
   /**
    * The encrypted layers of the chain that can be read around the graph
    * (BlockNode.hostCipher): an entry of ciphertext names its layer's by number, its

@@ -22,6 +22,7 @@ PACKAGES=(
   lz4                               # LZ4 blocks for the cloop V4 tests
   liblzo2-2 lzop xz-utils           # cloop V4 LZO1X and xz blocks: the decoders (liblzo2, liblzma) and the tests' compressors
   libzstd1                          # zstd-compressed qcow2 clusters decoded by libzstd (native-codecs.ts; fzstd is the fallback)
+  libdeflate0                       # compressed qcow2 clusters and vmdk grains inflated by the FUSE workers (libdeflate.ts; zlib is the fallback)
   cryptsetup-bin                    # LUKS1/LUKS2 headers made by cryptsetup
   time                              # /usr/bin/time: CPU and peak memory of a hostile open
   socat                             # a syslog socket of the tests' own (mount-life test)
