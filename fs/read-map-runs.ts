@@ -112,15 +112,6 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
   let runFrom = offset;
   let pos = offset;
   let open = false;
-  const close = (to: number): void => {
-    runs[count++] = runFd;
-    runs[count++] = runHost;
-    runs[count++] = to - runFrom;
-    runs[count++] = runCipher;
-    runs[count++] = 0;
-    runs[count++] = 0;
-    open = false;
-  };
   while (pos < end) {
     const g = Math.floor(pos / granule);
     if (!lookup(table, g, hit) || (inPlace && hit[2] !== 1)) return -1;
@@ -129,18 +120,17 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
     const cipher = hit[3]!;
     if (cipher < 0) {
       // A compressed cluster is a run of its own: the whole stream at its host offset, and where in the cluster the run starts.
-      if (open) close(pos);
-      runs[count++] = fd;
-      runs[count++] = hit[1]!;
-      runs[count++] = next - pos;
-      runs[count++] = cipher;
-      runs[count++] = pos - g * granule;
-      runs[count++] = hit[4]!;
+      if (open) count = putRun(runs, count, runFd, runHost, pos - runFrom, runCipher, 0, 0);
+      open = false;
+      count = putRun(runs, count, fd, hit[1]!, next - pos, cipher, pos - g * granule, hit[4]!);
       pos = next;
       continue;
     }
     const host = hit[1]! + (pos - g * granule);
-    if (open && (fd !== runFd || cipher !== runCipher || (fd >= 0 && host !== runHost + (pos - runFrom)))) close(pos);
+    if (open && (fd !== runFd || cipher !== runCipher || (fd >= 0 && host !== runHost + (pos - runFrom)))) {
+      count = putRun(runs, count, runFd, runHost, pos - runFrom, runCipher, 0, 0);
+      open = false;
+    }
     if (!open) {
       open = true;
       runFd = fd;
@@ -150,8 +140,19 @@ export function readRuns(table: Int32Array, offset: number, size: number, hit: n
     }
     pos = next;
   }
-  if (open) close(end);
+  if (open) count = putRun(runs, count, runFd, runHost, end - runFrom, runCipher, 0, 0);
   return count;
+}
+
+/** One run's RUN words into `runs` at `count`; returns the count after them. */
+function putRun(runs: number[], count: number, fd: number, host: number, length: number, cipher: number, skip: number, stream: number): number {
+  runs[count] = fd;
+  runs[count + 1] = host;
+  runs[count + 2] = length;
+  runs[count + 3] = cipher;
+  runs[count + 4] = skip;
+  runs[count + 5] = stream;
+  return count + RUN;
 }
 
 /**
