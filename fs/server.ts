@@ -324,6 +324,8 @@ export class Server {
    */
   shutdown(unmount: boolean): Promise<void> {
     this.shuttingDown ??= (async () => {
+      // Always one line of why: a signal (tsmount -u sends one right after its umount) may come before the session's end is seen.
+      debug('shutting down %s: %s', this.target.mountpoint, unmount ? 'asked to (a signal)' : 'its mount went away');
       if (this.watcher) clearInterval(this.watcher);
       await this.status?.stop();
       let code = 0;
