@@ -199,7 +199,6 @@ let packed = Buffer.alloc(0);
 let cluster = Buffer.alloc(0);
 /** A VMDK grain marker: the grain's sector (u64), then its stream's size (u32). */
 export const VMDK_MARKER = 12;
-const MARKER = VMDK_MARKER;
 
 /**
  * Bytes [skip, skip + length) of the `unit`-byte cluster whose stream of kind `stream`
@@ -210,7 +209,7 @@ const MARKER = VMDK_MARKER;
  * the reply has room for the slack past it.
  */
 function inflateRun(fd: number, host: number, cLength: number, stream: number, skip: number, unit: number, out: Buffer, at: number, length: number): boolean {
-  if (unit <= 0 || cLength <= 0 || cLength > MAX_COMPRESSED * unit + MARKER || skip + length > unit) return false;
+  if (unit <= 0 || cLength <= 0 || cLength > MAX_COMPRESSED * unit + VMDK_MARKER || skip + length > unit) return false;
   if (stream !== STREAM_DEFLATE_RAW && stream !== STREAM_VMDK_GRAIN) return false;
   if (packed.length < cLength) packed = Buffer.alloc(cLength);
   let got = 0;
@@ -226,10 +225,10 @@ function inflateRun(fd: number, host: number, cLength: number, stream: number, s
   let input: Buffer;
   let fast: WholeInflater | null;
   if (stream === STREAM_VMDK_GRAIN) {
-    if (got < MARKER) return false;
+    if (got < VMDK_MARKER) return false;
     const size = packed.readUInt32LE(8);
-    if (size === 0 || MARKER + size > got) return false;
-    input = packed.subarray(MARKER, MARKER + size);
+    if (size === 0 || VMDK_MARKER + size > got) return false;
+    input = packed.subarray(VMDK_MARKER, VMDK_MARKER + size);
     fast = fastZlib ??= libdeflate('zlib') ?? null;
   } else {
     if (got === 0) return false;
