@@ -43,7 +43,8 @@ export interface Extent {
    * in the `length` bytes at `host` (the last of them may lie past the end of the file):
    * 'deflate-raw', a qcow2 cluster of zlib's raw deflate filling them as QEMU counts
    * them; 'vmdk-grain', a streamOptimized grain marker there and the zlib stream it
-   * sizes. The read map's threads inflate it (fs/read-map.ts). Never merged with a
+   * sizes; 'zstd', a qcow2 cluster's zstd frame at the start of them. The read map's
+   * threads inflate it (fs/read-map.ts). Never merged with a
    * neighbour; absent for other codecs.
    */
   compressed?: CompressedCluster;
@@ -53,7 +54,7 @@ export interface Extent {
 export interface CompressedCluster {
   host: number;
   length: number;
-  stream: 'deflate-raw' | 'vmdk-grain';
+  stream: 'deflate-raw' | 'vmdk-grain' | 'zstd';
 }
 
 /**

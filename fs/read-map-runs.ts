@@ -7,7 +7,8 @@ import fs from 'node:fs';
 import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
 import { INFLATE_SLACK, rawInflater, type Inflater } from '../drivers/util/raw-inflater.js';
 import { libdeflate, type WholeInflater } from '../drivers/util/libdeflate.js';
-import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN } from './read-map-table.js';
+import { libzstd } from '../drivers/util/libzstd.js';
+import { countWritten, granuleOf, H_CHANGING, H_WRITABLE, H_WRITES_IN_FLIGHT, lookup, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN, STREAM_ZSTD } from './read-map-table.js';
 
 /**
  * Words per run in readRuns' output: fd (-1: zeros), host offset, length, cipher (0:
@@ -189,11 +190,12 @@ export function fillRuns(runs: number[], count: number, out: Buffer, at: number,
   return true;
 }
 
-/** This thread's inflaters, made at its first compressed cluster of each kind (raw-inflater.ts), and libdeflate's where it loads (null: it does not). */
+/** This thread's inflaters, made at its first compressed cluster of each kind (raw-inflater.ts), and libdeflate's and libzstd's where they load (null: they do not). */
 let rawDeflate: Inflater | undefined;
 let zlibStream: Inflater | undefined;
 let fastRaw: WholeInflater | null | undefined;
 let fastZlib: WholeInflater | null | undefined;
+let zstd: WholeInflater | null | undefined;
 /** This thread's buffers for a cluster's compressed bytes and, when a READ takes part of it, the cluster (grown as needed). */
 let packed = Buffer.alloc(0);
 let cluster = Buffer.alloc(0);
@@ -204,13 +206,14 @@ export const VMDK_MARKER = 12;
  * Bytes [skip, skip + length) of the `unit`-byte cluster whose stream of kind `stream`
  * lies in the `cLength` bytes at `host` in `fd` into `out` at `at`: raw deflate filling
  * them (fewer where the file ends first, as QEMU reads the last cluster of an image),
- * or a VMDK grain marker and the zlib stream it sizes. False unless exactly `unit`
+ * a VMDK grain marker and the zlib stream it sizes, or a zstd frame and what is left of
+ * its last sector (libzstd only: decompress.ts decides the rest). False unless exactly `unit`
  * bytes come out. A cluster a READ takes whole inflates straight into the reply when
  * the reply has room for the slack past it.
  */
 function inflateRun(fd: number, host: number, cLength: number, stream: number, skip: number, unit: number, out: Buffer, at: number, length: number): boolean {
   if (unit <= 0 || cLength <= 0 || cLength > MAX_COMPRESSED * unit + VMDK_MARKER || skip + length > unit) return false;
-  if (stream !== STREAM_DEFLATE_RAW && stream !== STREAM_VMDK_GRAIN) return false;
+  if (stream !== STREAM_DEFLATE_RAW && stream !== STREAM_VMDK_GRAIN && stream !== STREAM_ZSTD) return false;
   if (packed.length < cLength) packed = Buffer.alloc(cLength);
   let got = 0;
   try {
@@ -233,15 +236,19 @@ function inflateRun(fd: number, host: number, cLength: number, stream: number, s
   } else {
     if (got === 0) return false;
     input = packed.subarray(0, got);
-    fast = fastRaw ??= libdeflate('raw') ?? null;
+    // zstd has only libzstd here: what it does not decode, the main thread decides.
+    fast = stream === STREAM_ZSTD ? (zstd ??= libzstd() ?? null) : (fastRaw ??= libdeflate('raw') ?? null);
   }
   // Straight into the reply when the READ takes the cluster whole and the reply has room
-  // past it: the room (the next run's place, filled after it) shows a stream that inflates to more.
-  const direct = skip === 0 && length === unit && out.length - at >= unit + INFLATE_SLACK;
-  if (!direct && cluster.length < unit + INFLATE_SLACK) cluster = Buffer.alloc(unit + INFLATE_SLACK);
-  const dst = direct ? out.subarray(at, at + unit + INFLATE_SLACK) : cluster.subarray(0, unit + INFLATE_SLACK);
+  // past it: the room (the next run's place, filled after it) shows a stream that inflates
+  // to more. libzstd needs none: it refuses a frame larger than its destination.
+  const slack = stream === STREAM_ZSTD ? 0 : INFLATE_SLACK;
+  const direct = skip === 0 && length === unit && out.length - at >= unit + slack;
+  if (!direct && cluster.length < unit + slack) cluster = Buffer.alloc(unit + slack);
+  const dst = direct ? out.subarray(at, at + unit + slack) : cluster.subarray(0, unit + slack);
   // libdeflate first; what it does not decode to exactly the cluster, zlib decides.
   if (!fast || fast(input, dst) !== unit) {
+    if (stream === STREAM_ZSTD) return false;
     const inflate = stream === STREAM_VMDK_GRAIN ? (zlibStream ??= rawInflater('zlib')) : (rawDeflate ??= rawInflater('raw'));
     if (inflate(input, dst) !== unit) return false;
   }

@@ -8,7 +8,7 @@
 // zeros (fd -1) or as the bytes at `host` in host descriptor `fd`, contiguous, or as
 // ciphertext there that cipher number `cipher` of the map decrypts (fs/read-map.ts
 // ciphers: the thread that reads it was given the cipher with the map), or as one
-// compressed cluster (a qcow2 cluster of raw deflate as large as the granule) there.
+// compressed cluster as large as the granule (its stream: STREAM_*) there.
 // Each entry has a sequence word, odd while the writer changes the entry: a reader
 // takes the entry only if the word was even and the same before and after it read the
 // other words. Atomics order the words, so a reader never sees half an entry.
@@ -122,6 +122,8 @@ const F_IN_PLACE = 1;
 export const STREAM_DEFLATE_RAW = 1;
 /** A VMDK grain: a marker (lba u64, size u32), then a zlib stream of `size` bytes (streamOptimized). */
 export const STREAM_VMDK_GRAIN = 2;
+/** A zstd frame, then whatever is left of its last sector (qcow2 compression_type=zstd). */
+export const STREAM_ZSTD = 3;
 
 const TWO32 = 0x1_0000_0000;
 

@@ -25,12 +25,12 @@
 // cached data when workers wrote (workerWrites), and flushes a file they wrote (takeDirty).
 import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
-import type { BlockNode, HostCipher } from '../drivers/types.js';
+import type { BlockNode, CompressedCluster, HostCipher } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
 import { MAX_COMPRESSED, VMDK_MARKER, type MapShare } from './read-map-runs.js';
 import {
   lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, capacityOf, H_READS, H_SPLICED, servedBytes, WINDOW,
-  H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN,
+  H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN, STREAM_ZSTD,
 } from './read-map-table.js';
 
 const debug = createDebug('tsmount:fuse');
@@ -53,6 +53,9 @@ const MAX_TRACKED_WINDOWS = 16;
  * inflate pool (for comparison: scripts/BENCHMARKS.md).
  */
 const INFLATE_IN_THREADS = process.env.TSMOUNT_FUSE_INFLATE !== '0';
+
+/** A compressed cluster's stream kind as the map's entries name it (read-map-table.ts). */
+const STREAMS: Record<CompressedCluster['stream'], number> = { 'deflate-raw': STREAM_DEFLATE_RAW, 'vmdk-grain': STREAM_VMDK_GRAIN, zstd: STREAM_ZSTD };
 
 /** A change in flight (beginWrite), which endWrite ends. */
 export interface MapChange {
@@ -461,7 +464,7 @@ export class ReadMap {
           const c = r.compressed;
           if (!layer || layer.encrypted || layer.hostFd === undefined || r.length !== this.granule || r.offset % this.granule !== 0) continue;
           if (c.length <= 0 || c.length > MAX_COMPRESSED * this.granule + (c.stream === 'vmdk-grain' ? VMDK_MARKER : 0)) continue;
-          spans.push({ offset: r.offset, end: r.offset + r.length, fd: layer.hostFd, host: c.host, inPlace: false, cipher: -c.length, stream: c.stream === 'vmdk-grain' ? STREAM_VMDK_GRAIN : STREAM_DEFLATE_RAW });
+          spans.push({ offset: r.offset, end: r.offset + r.length, fd: layer.hostFd, host: c.host, inPlace: false, cipher: -c.length, stream: STREAMS[c.stream] });
           continue;
         }
         if (r.kind === 'data' || hole) {

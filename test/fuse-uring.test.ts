@@ -183,12 +183,13 @@ describe('FUSE over io_uring (TSMOUNT_FUSE_URING=1)', function () {
     await mounts.unmount(mp);
   });
 
-  it('inflates compressed qcow2 clusters and streamOptimized vmdk grains in the queues, as qemu-img reads them', async () => {
+  it('inflates compressed qcow2 clusters (zlib and zstd) and streamOptimized vmdk grains in the queues, as qemu-img reads them', async () => {
     // Hex text: every cluster compresses, and no two are alike.
     const raw = path.join(tmp.dir, 'text.raw');
     fs.writeFileSync(raw, Buffer.from(crypto.randomBytes(8 * MiB).toString('hex')));
     const want = await md5File(raw);
-    for (const [name, args] of [['z.qcow2', ['-O', 'qcow2', '-c']], ['z.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']]] as const) {
+    const kinds = [['z.qcow2', ['-O', 'qcow2', '-c']], ['zs.qcow2', ['-O', 'qcow2', '-c', '-o', 'compression_type=zstd']], ['z.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']]] as const;
+    for (const [name, args] of kinds) {
       const img = path.join(tmp.dir, name);
       await runOk('qemu-img', ['convert', '-q', '-f', 'raw', ...args, raw, img]);
       const mp = dir(`m-${name}`);

@@ -14,7 +14,7 @@ import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './he
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { granuleShift, ReadMap } from '../fs/read-map.js';
-import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN, WINDOW } from '../fs/read-map-table.js';
+import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN, STREAM_ZSTD, WINDOW } from '../fs/read-map-table.js';
 import { fillRuns, readRuns, RUN, writeInPlace, type RunCipher } from '../fs/read-map-runs.js';
 import { FlatFs } from '../fs/flatfs.js';
 
@@ -237,8 +237,9 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
   };
 
   const compressedCases = [
-    { format: 'qcow2', name: 'a compressed qcow2 (zlib)', opts: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536'], reason: /guest offset 0x80000/ },
-    { format: 'vmdk', name: 'a streamOptimized vmdk', opts: ['-O', 'vmdk', '-o', 'subformat=streamOptimized'], reason: /compressed grain at 0x/ },
+    { format: 'qcow2', stem: 'z', name: 'a compressed qcow2 (zlib)', opts: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536'], reason: /guest offset 0x80000/ },
+    { format: 'qcow2', stem: 'zs', name: 'a compressed qcow2 (zstd)', opts: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536,compression_type=zstd'], reason: /guest offset 0x80000/ },
+    { format: 'vmdk', stem: 'z', name: 'a streamOptimized vmdk', opts: ['-O', 'vmdk', '-o', 'subformat=streamOptimized'], reason: /compressed grain at 0x/ },
   ];
   for (const c of compressedCases) {
     it(`inflates ${c.name} in the workers: every byte as qemu-img convert reads it, 4 readers, unaligned reads; a damaged cluster is the JS thread's EIO, its neighbours read`, async () => {
@@ -248,13 +249,13 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
         crypto.randomBytes(512 * KiB).copy(src, at);
         Buffer.from(crypto.randomBytes(256 * KiB).toString('hex')).copy(src, at + 512 * KiB);
       }
-      const raw = path.join(tmp.dir, `zsrc-${c.format}.raw`);
+      const raw = path.join(tmp.dir, `${c.stem}src-${c.format}.raw`);
       fs.writeFileSync(raw, src);
-      const img = path.join(tmp.dir, `z.${c.format}`);
+      const img = path.join(tmp.dir, `${c.stem}.${c.format}`);
       await runOk('qemu-img', ['convert', '-q', '-f', 'raw', ...c.opts, raw, img]);
-      const mp = dir(`m-z-${c.format}`);
+      const mp = dir(`m-${c.stem}-${c.format}`);
       await mounts.mount([img, mp]);
-      const flat = path.join(mp, 'z.raw');
+      const flat = path.join(mp, `${c.stem}.raw`);
       const want = await md5File(raw);
       // 16 READs of 1 MiB per pass: every one has compressed clusters.
       expect(await untilWorkersServe(flat, mp, want, 16), 'reads answered by the workers').to.be.at.least(16);
@@ -274,7 +275,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       }
       await mounts.unmount(mp);
       // The compressed cluster at 512 KiB damaged: EIO for it, and its reason in the log (the JS thread's).
-      const bad = path.join(tmp.dir, `z-bad.${c.format}`);
+      const bad = path.join(tmp.dir, `${c.stem}-bad.${c.format}`);
       fs.copyFileSync(img, bad);
       const fdw = fs.openSync(bad, 'r+');
       try {
@@ -282,10 +283,10 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       } finally {
         fs.closeSync(fdw);
       }
-      const log = path.join(tmp.dir, `z-bad-${c.format}.log`);
-      const mp2 = dir(`m-z-bad-${c.format}`);
+      const log = path.join(tmp.dir, `${c.stem}-bad-${c.format}.log`);
+      const mp2 = dir(`m-${c.stem}-bad-${c.format}`);
       await mounts.mount(['--log', log, bad, mp2]);
-      const flat2 = path.join(mp2, 'z-bad.raw');
+      const flat2 = path.join(mp2, `${c.stem}-bad.raw`);
       for (let pass = 0; pass < 3; pass++) {
         const r = await run('dd', [`if=${flat2}`, 'of=/dev/null', 'iflag=direct', 'bs=64k', 'skip=8', 'count=1']);
         expect(r.code, 'the damaged cluster').to.not.equal(0);
@@ -952,13 +953,13 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
-  it('leaves out compressed clusters the threads cannot inflate alone: zstd ones, and clusters larger than a granule; 4 KiB zlib clusters are 4 KiB granules; streamOptimized vmdk grains are marker and zlib stream', async () => {
+  it('leaves out compressed clusters larger than a granule; 4 KiB zlib clusters are 4 KiB granules; zstd clusters are their frames; streamOptimized vmdk grains are marker and zlib stream', async () => {
     // Hex text: each cluster compresses to about half, and no two clusters are alike.
     const text = Buffer.from(crypto.randomBytes(MiB).toString('hex'));
     const raw = path.join(tmp.dir, 'text.raw');
     fs.writeFileSync(raw, text);
     const cases = [
-      { name: 'zstd', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536,compression_type=zstd'], stream: 0 },
+      { name: 'zstd', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536,compression_type=zstd'], stream: STREAM_ZSTD },
       { name: '128k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=131072'], stream: 0 },
       { name: '4k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=4096'], stream: STREAM_DEFLATE_RAW },
       { name: '64k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536'], stream: STREAM_DEFLATE_RAW },

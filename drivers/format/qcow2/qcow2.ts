@@ -1225,11 +1225,11 @@ export class Qcow2Node implements BlockNode {
     // Encrypted clusters have no host offset in the map, but the workers read their ciphertext there (hostCipher).
     const cipherKnown = this.hostCipher !== undefined;
     const writable = this.inPlaceWrites;
-    // Whole zlib clusters, each with its stream (the read map's threads inflate them).
-    const zlibClusters = this.compressionType === COMPRESSION.zlib;
+    // Whole compressed clusters, each with its stream (the read map's threads inflate them).
+    const stream = this.compressionType === COMPRESSION.zlib ? 'deflate-raw' : this.compressionType === COMPRESSION.zstd ? 'zstd' : undefined;
     for (const r of runs) {
-      if (r.kind === 'compressed' && zlibClusters && r.guest === r.clusterGuest && r.length === this.cs) {
-        out.push({ offset: r.guest, length: r.length, kind: 'data', compressed: { host: r.cOffset, length: r.cLength, stream: 'deflate-raw' } });
+      if (r.kind === 'compressed' && stream && r.guest === r.clusterGuest && r.length === this.cs) {
+        out.push({ offset: r.guest, length: r.length, kind: 'data', compressed: { host: r.cOffset, length: r.cLength, stream } });
         continue;
       }
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
