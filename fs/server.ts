@@ -27,13 +27,29 @@ import { ClusterCache } from '../cache/cluster-cache.js';
 const debug = createDebug('tsmount:server');
 
 /**
- * Kernel readahead per mount (fuse.ts setReadahead says why): one full READ, 1020 KiB
- * (fuse-dev.ts DEFAULT_MAX_READ, a READ a worker can splice). With 512 KiB, a reader's
- * 1 MiB read(2) was served in two halves, one after the other (850 MB/s against 1.7
- * GB/s with 1 MiB, on the same image, same run); a 1 MiB window over 1020 KiB READs
- * would end each window with a 4 KiB one.
+ * Kernel readahead per mount (fuse.ts setReadahead says why): two full READs, 2 x 1020
+ * KiB (fuse-dev.ts DEFAULT_MAX_READ, a READ a worker can splice). With 512 KiB, a
+ * reader's 1 MiB read(2) was served in two halves, one after the other (850 MB/s against
+ * 1.7 GB/s with 1 MiB, on the same image, same run); a 1 MiB window over 1020 KiB READs
+ * would end each window with a 4 KiB one. One READ's window (1020 KiB, sessions 7-27)
+ * kept one READ in flight ahead of the reader: where a READ costs CPU (inflating,
+ * decrypting), one worker worked while the other waited. Two: a LUKS image +24 %, a
+ * compressed qcow2 +11 %, a streamOptimized vmdk +12 %, plain formats the same
+ * (scripts/BENCHMARKS.md, session 28). `-o max_readahead=N` sets it instead.
  */
-const READAHEAD_KIB = Number(process.env.TSMOUNT_READAHEAD_KIB ?? 1020);
+const READAHEAD_KIB = Number(process.env.TSMOUNT_READAHEAD_KIB ?? 2040);
+
+/** The readahead a `-o max_readahead=N` (bytes) among the mount options asks for, in KiB; undefined if none does. */
+export function askedReadahead(fuseOptions: readonly string[]): number | undefined {
+  let kib: number | undefined;
+  for (const opt of fuseOptions) {
+    for (const o of opt.split(',')) {
+      const m = /^max_readahead=(\d+)$/.exec(o);
+      if (m) kib = Math.ceil(Number(m[1]) / 1024);
+    }
+  }
+  return kib;
+}
 
 export interface ServeOptions {
   images: string[];
@@ -237,7 +253,7 @@ export class Server {
     }
     server.dev = mountDevice(target.mountpoint);
     if (server.dev) {
-      setReadahead(server.dev, READAHEAD_KIB);
+      setReadahead(server.dev, askedReadahead(opts.fuseOptions) ?? READAHEAD_KIB);
       const details: MountDetails = {
         chains: nodes.map((n, i) => chainOf(n, shownImage(specs[i]!))),
         files: files.map((f) => ({ name: f.name, writable: f.writable, ...(partitionsOf.has(f.name) ? { partition: partitionsOf.get(f.name) } : {}) })),

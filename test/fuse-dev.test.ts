@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { checkImage, createImage, md5File, qemuIo, rawMd5, run, tempDir } from './helpers/qemu.js';
 import { MountTracker, tsmount } from './helpers/mount.js';
+import { mountDevice } from '../fs/mounts.js';
 
 const MiB = 1 << 20;
 
@@ -160,6 +161,18 @@ describe('FUSE layer: /dev/fuse served directly', function () {
     await mounts.mount(['--rw', '-o', 'ro,max_read=131072,noatime', img, dir]);
     expect(() => fs.writeFileSync(path.join(dir, 'opts.raw'), 'x', { flag: 'r+' })).to.throw(/EROFS/);
     expect(await md5File(path.join(dir, 'opts.raw'))).to.equal(await rawMd5(img, 'qcow2'));
+  });
+
+  it('widens the kernel\'s readahead to two full READs (2040 KiB), or to what -o max_readahead asks', async () => {
+    const img = await filledQcow2('ra.qcow2', 8 * MiB);
+    const readahead = (dir: string): number => Number(fs.readFileSync(`/sys/class/bdi/${mountDevice(dir)}/read_ahead_kb`, 'utf8'));
+    const dir = mp('ra');
+    await mounts.mount([img, dir]);
+    expect(readahead(dir)).to.equal(2040);
+    await mounts.unmount(dir);
+    await mounts.mount(['-o', 'noatime,max_readahead=131072', img, dir]);
+    expect(readahead(dir)).to.equal(128);
+    expect(await md5File(path.join(dir, 'ra.raw'))).to.equal(await rawMd5(img, 'qcow2'));
   });
 
   /** Mount with TSMOUNT_FUSE=`backend`, write `length` bytes of 0x6b at `offset`, fsync, unmount; judge with qemu. */
