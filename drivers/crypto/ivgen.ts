@@ -33,10 +33,26 @@ export class IvGenerator {
 
   /** IVs for `count` sectors numbered first, first+step, ... in one buffer of count*niv bytes. */
   generate(first: number, count: number, step: number): Uint8Array {
+    const out = new Uint8Array(count * this.niv);
+    this.generateInto(out, first, count, step);
+    return out;
+  }
+
+  /** generate() into the first count*niv bytes of `out` (a sector cipher's module memory: no buffer of its own). */
+  generateInto(out: Uint8Array, first: number, count: number, step: number): void {
     const niv = this.niv;
-    const out = new Uint8Array(count * niv);
-    if (this.kind === 'null') return out;
-    const dv = new DataView(out.buffer, out.byteOffset, out.byteLength);
+    out.fill(0, 0, count * niv);
+    if (this.kind === 'null') return;
+    if (this.kind === 'plain64' && niv === 16 && LITTLE_ENDIAN && out.byteOffset % 4 === 0 && first + count * step <= Number.MAX_SAFE_INTEGER) {
+      // The usual case (LUKS's aes-xts-plain64): two little-endian words per IV, as 32-bit stores.
+      const w = new Uint32Array(out.buffer, out.byteOffset, count * 4);
+      for (let i = 0, n = first; i < count; i++, n += step) {
+        w[i * 4] = n >>> 0;
+        w[i * 4 + 1] = Math.floor(n / 2 ** 32) >>> 0;
+      }
+      return;
+    }
+    const dv = new DataView(out.buffer, out.byteOffset, count * niv);
     // Block ciphers have 8 or 16-byte blocks: plain's 4 bytes and plain64's 8 always fit.
     for (let i = 0; i < count; i++) {
       const n = first + i * step;
@@ -53,7 +69,11 @@ export class IvGenerator {
         dv.setUint32(off + 4, hi, true);
       }
     }
-    if (this.essiv) this.essiv.encrypt(out, out);
-    return out;
+    if (this.essiv) {
+      const ivs = out.subarray(0, count * niv);
+      this.essiv.encrypt(ivs, ivs);
+    }
   }
 }
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;

@@ -33,6 +33,22 @@ export interface SectorCipher {
   /** data.length is a multiple of sectorSize; firstSector counts sectorSize units. */
   encrypt(data: Uint8Array, firstSector: number): void;
   decrypt(data: Uint8Array, firstSector: number): void;
+  /**
+   * A reading thread's shortcut past one copy: where the ciphertext of `length` bytes
+   * (whole sectors) may be read to for decryptStaged (this thread's WebAssembly memory,
+   * modes-wasm.ts), or undefined where this cipher has no such place (then decrypt()).
+   * Valid until the next call of this thread's ciphers.
+   */
+  staging(length: number): Uint8Array | undefined;
+  /** The `length` bytes read to staging(length), sectors from firstSector on, decrypted into `out` at `at`. */
+  decryptStaged(length: number, firstSector: number, out: Uint8Array, at: number): void;
+  /**
+   * A writing thread's shortcut: `plain` (whole sectors from firstSector on, left as it
+   * is) encrypted in this thread's module memory, returned there for the write to the
+   * host file, valid until the next call of this thread's ciphers; undefined where it
+   * cannot be staged (then a copy and encrypt()).
+   */
+  encryptStaged(plain: Uint8Array, firstSector: number): Uint8Array | undefined;
 }
 
 export function makeSectorCipher(spec: SectorCipherSpec): SectorCipher {
@@ -87,6 +103,37 @@ class ModeCipher implements SectorCipher {
 
   private ivs(firstSector: number, count: number): Uint8Array {
     return this.ivgen!.generate(this.ivOffset + firstSector * this.ivStep, count, this.ivStep);
+  }
+
+  /** ivs() written straight to the module's memory at IVS. */
+  private ivsInModule(w: ModesWasm, firstSector: number, count: number): void {
+    this.ivgen!.generateInto(w.bytes.subarray(IVS, IVS + count * this.data.blockSize), this.ivOffset + firstSector * this.ivStep, count, this.ivStep);
+  }
+
+  staging(length: number): Uint8Array | undefined {
+    if ((this.mode !== 'xts' && this.mode !== 'cbc') || length <= 0 || length > CHUNK || length % this.sectorSize !== 0) return undefined;
+    return this.wasm()?.bytes.subarray(DATA, DATA + length);
+  }
+
+  encryptStaged(plain: Uint8Array, firstSector: number): Uint8Array | undefined {
+    const length = plain.length;
+    const stage = this.staging(length);
+    const w = this.wasm();
+    if (!stage || !w) return undefined;
+    stage.set(plain);
+    const n = length / this.sectorSize;
+    this.ivsInModule(w, firstSector, n);
+    const from = this.mode === 'xts' ? this.xtsChunk(w, n, length, true) : this.cbcEncryptChunk(w, n);
+    return w.bytes.subarray(from, from + length);
+  }
+
+  decryptStaged(length: number, firstSector: number, out: Uint8Array, at: number): void {
+    const w = this.wasm();
+    if (!w || this.staging(length) === undefined) throw new RangeError(`${length} bytes cannot be staged for this cipher`);
+    const n = length / this.sectorSize;
+    this.ivsInModule(w, firstSector, n);
+    const from = this.mode === 'xts' ? this.xtsChunk(w, n, length, false) : this.cbcDecryptChunk(w, n, length);
+    out.set(w.bytes.subarray(from, from + length), at);
   }
 
   encrypt(data: Uint8Array, firstSector: number): void {
@@ -269,7 +316,7 @@ class ModeCipher implements SectorCipher {
       const n = Math.min(step, count - s);
       const part = data.subarray(s * ss, (s + n) * ss);
       w.bytes.set(part, DATA);
-      w.bytes.set(this.ivs(firstSector + s, n), IVS);
+      this.ivsInModule(w, firstSector + s, n);
       const at = work(n, part.length);
       part.set(w.bytes.subarray(at, at + part.length));
     }
@@ -280,17 +327,19 @@ class ModeCipher implements SectorCipher {
    * the chunk XORed with its tweaks (kept at SECOND), through the block cipher, XORed again.
    */
   private xtsWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number, encrypt: boolean): void {
-    const per = this.sectorSize / 16;
-    this.inModule(w, data, firstSector, count, (n, length) => {
-      const ivs = w.bytes.subarray(IVS, IVS + n * 16);
-      this.tweak!.encrypt(ivs, ivs);
-      w.prep(DATA, SECOND, IVS, n, per);
-      const chunk = w.bytes.subarray(DATA, DATA + length);
-      if (encrypt) this.data.encrypt(chunk, chunk);
-      else this.data.decrypt(chunk, chunk);
-      w.xor(DATA, SECOND, length);
-      return DATA;
-    });
+    this.inModule(w, data, firstSector, count, (n, length) => this.xtsChunk(w, n, length, encrypt));
+  }
+
+  /** XTS of the `n` sectors (`length` bytes) at DATA whose IVs are at IVS; the result is at DATA. */
+  private xtsChunk(w: ModesWasm, n: number, length: number, encrypt: boolean): number {
+    const ivs = w.bytes.subarray(IVS, IVS + n * 16);
+    this.tweak!.encrypt(ivs, ivs);
+    w.prep(DATA, SECOND, IVS, n, this.sectorSize / 16);
+    const chunk = w.bytes.subarray(DATA, DATA + length);
+    if (encrypt) this.data.encrypt(chunk, chunk);
+    else this.data.decrypt(chunk, chunk);
+    w.xor(DATA, SECOND, length);
+    return DATA;
   }
 
   /**
@@ -298,11 +347,14 @@ class ModeCipher implements SectorCipher {
    * into SECOND, each block XORed there with its predecessor (the sector's IV for the first).
    */
   private cbcDecryptWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number): void {
-    this.inModule(w, data, firstSector, count, (n, length) => {
-      this.data.decrypt(w.bytes.subarray(DATA, DATA + length), w.bytes.subarray(SECOND, SECOND + length));
-      w.cbcdec(SECOND, DATA, IVS, n, this.sectorSize);
-      return SECOND;
-    });
+    this.inModule(w, data, firstSector, count, (n, length) => this.cbcDecryptChunk(w, n, length));
+  }
+
+  /** CBC decryption of the `n` sectors (`length` bytes) at DATA whose IVs are at IVS; the result is at SECOND. */
+  private cbcDecryptChunk(w: ModesWasm, n: number, length: number): number {
+    this.data.decrypt(w.bytes.subarray(DATA, DATA + length), w.bytes.subarray(SECOND, SECOND + length));
+    w.cbcdec(SECOND, DATA, IVS, n, this.sectorSize);
+    return SECOND;
   }
 
   /**
@@ -311,16 +363,19 @@ class ModeCipher implements SectorCipher {
    * encrypted, or the IV), encrypted there, and put back.
    */
   private cbcEncryptWasm(w: ModesWasm, data: Uint8Array, firstSector: number, count: number): void {
+    this.inModule(w, data, firstSector, count, (n) => this.cbcEncryptChunk(w, n));
+  }
+
+  /** CBC encryption of the `n` sectors at DATA whose IVs are at IVS; the result is at DATA. */
+  private cbcEncryptChunk(w: ModesWasm, n: number): number {
     const ss = this.sectorSize;
-    this.inModule(w, data, firstSector, count, (n) => {
-      const lane = w.bytes.subarray(SECOND, SECOND + n * 16);
-      for (let off = 0; off < ss; off += 16) {
-        w.cbcgather(SECOND, DATA, IVS, n, ss, off);
-        this.data.encrypt(lane, lane);
-        w.cbcscatter(DATA, SECOND, n, ss, off);
-      }
-      return DATA;
-    });
+    const lane = w.bytes.subarray(SECOND, SECOND + n * 16);
+    for (let off = 0; off < ss; off += 16) {
+      w.cbcgather(SECOND, DATA, IVS, n, ss, off);
+      this.data.encrypt(lane, lane);
+      w.cbcscatter(DATA, SECOND, n, ss, off);
+    }
+    return DATA;
   }
 }
 
