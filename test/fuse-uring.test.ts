@@ -7,7 +7,7 @@ import { expect } from 'chai';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
+import { convertFromRaw, convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
 import { MountTracker, mountCounters, mountedPid, TSMOUNT, tsmount } from './helpers/mount.js';
 import type { ListedMount } from '../mount-helpers/list.js';
 import { possibleCpus } from '../fs/fuse-uring.js';
@@ -183,15 +183,15 @@ describe('FUSE over io_uring (TSMOUNT_FUSE_URING=1)', function () {
     await mounts.unmount(mp);
   });
 
-  it('inflates compressed qcow2 clusters (zlib and zstd) and streamOptimized vmdk grains in the queues, as qemu-img reads them', async () => {
+  it('inflates compressed qcow2 clusters (zlib and zstd), streamOptimized vmdk grains and compressed qcow clusters in the queues, as qemu-img reads them', async () => {
     // Hex text: every cluster compresses, and no two are alike.
     const raw = path.join(tmp.dir, 'text.raw');
     fs.writeFileSync(raw, Buffer.from(crypto.randomBytes(8 * MiB).toString('hex')));
     const want = await md5File(raw);
-    const kinds = [['z.qcow2', ['-O', 'qcow2', '-c']], ['zs.qcow2', ['-O', 'qcow2', '-c', '-o', 'compression_type=zstd']], ['z.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']]] as const;
+    const kinds = [['z.qcow2', ['-O', 'qcow2', '-c']], ['zs.qcow2', ['-O', 'qcow2', '-c', '-o', 'compression_type=zstd']], ['z.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']], ['z.qcow', ['-O', 'qcow', '-c']]] as const;
     for (const [name, args] of kinds) {
       const img = path.join(tmp.dir, name);
-      await runOk('qemu-img', ['convert', '-q', '-f', 'raw', ...args, raw, img]);
+      await convertFromRaw(raw, img, [...args]);
       const mp = dir(`m-${name}`);
       await mounts.mount([img, mp]);
       const flat = path.join(mp, name.replace(/\.\w+$/, '.raw'));

@@ -7,7 +7,7 @@ import { expect } from 'chai';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
+import { convertFromRaw, convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
 import { tsimg } from './helpers/images.js';
 import { makeSectorCipher } from '../drivers/crypto/modes.js';
 import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './helpers/mount.js';
@@ -219,9 +219,18 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     });
   }
 
-  /** Where the compressed stream of the cluster (grain) at guest `at` starts in `file`, a 64 KiB-cluster qcow2 or a streamOptimized vmdk. */
+  /** Where the compressed stream of the cluster (grain) at guest `at` starts in `file`, a 64 KiB-cluster qcow2, a qcow or a streamOptimized vmdk. */
   const streamAt = (file: string, format: string, at: number): number => {
     const image = fs.readFileSync(file);
+    if (format === 'qcow') {
+      // QEMU's QCowHeader: cluster_bits at 32, l2_bits at 33, l1_table_offset at 40; an L2 entry's bit 63 marks a compressed cluster.
+      const cb = image[32]!;
+      const lb = image[33]!;
+      const l2 = Number(image.readBigUInt64BE(Number(image.readBigUInt64BE(40)) + Math.floor(at / 2 ** (cb + lb)) * 8));
+      const entry = image.readBigUInt64BE(l2 + (Math.floor(at / 2 ** cb) % 2 ** lb) * 8);
+      expect(Number(entry >> 63n), `the cluster at ${at} is compressed`).to.equal(1);
+      return Number(entry & ((1n << BigInt(63 - cb)) - 1n));
+    }
     if (format === 'qcow2') {
       const l1 = Number(image.readBigUInt64BE(40));
       const l2 = Number(image.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
@@ -240,6 +249,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     { format: 'qcow2', stem: 'z', name: 'a compressed qcow2 (zlib)', opts: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536'], reason: /guest offset 0x80000/ },
     { format: 'qcow2', stem: 'zs', name: 'a compressed qcow2 (zstd)', opts: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536,compression_type=zstd'], reason: /guest offset 0x80000/ },
     { format: 'vmdk', stem: 'z', name: 'a streamOptimized vmdk', opts: ['-O', 'vmdk', '-o', 'subformat=streamOptimized'], reason: /compressed grain at 0x/ },
+    { format: 'qcow', stem: 'z', name: 'a compressed qcow (v1)', opts: ['-O', 'qcow', '-c'], reason: /qcow compressed cluster at 0x/ },
   ];
   for (const c of compressedCases) {
     it(`inflates ${c.name} in the workers: every byte as qemu-img convert reads it, 4 readers, unaligned reads; a damaged cluster is the JS thread's EIO, its neighbours read`, async () => {
@@ -252,7 +262,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
       const raw = path.join(tmp.dir, `${c.stem}src-${c.format}.raw`);
       fs.writeFileSync(raw, src);
       const img = path.join(tmp.dir, `${c.stem}.${c.format}`);
-      await runOk('qemu-img', ['convert', '-q', '-f', 'raw', ...c.opts, raw, img]);
+      await convertFromRaw(raw, img, c.opts);
       const mp = dir(`m-${c.stem}-${c.format}`);
       await mounts.mount([img, mp]);
       const flat = path.join(mp, `${c.stem}.raw`);
@@ -953,7 +963,7 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     }
   });
 
-  it('leaves out compressed clusters larger than a granule; 4 KiB zlib clusters are 4 KiB granules; zstd clusters are their frames; streamOptimized vmdk grains are marker and zlib stream', async () => {
+  it('leaves out compressed clusters larger than a granule; 4 KiB zlib clusters are 4 KiB granules; zstd clusters are their frames; streamOptimized vmdk grains are marker and zlib stream; a qcow\'s clusters raw deflate of their exact length', async () => {
     // Hex text: each cluster compresses to about half, and no two clusters are alike.
     const text = Buffer.from(crypto.randomBytes(MiB).toString('hex'));
     const raw = path.join(tmp.dir, 'text.raw');
@@ -964,10 +974,11 @@ describe('the read map (fs/read-map.ts), in-process', function () {
       { name: '4k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=4096'], stream: STREAM_DEFLATE_RAW },
       { name: '64k', args: ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536'], stream: STREAM_DEFLATE_RAW },
       { name: 'vmdk', args: ['-O', 'vmdk', '-o', 'subformat=streamOptimized'], stream: STREAM_VMDK_GRAIN },
+      { name: 'qcow', args: ['-O', 'qcow', '-c'], stream: STREAM_DEFLATE_RAW },
     ];
     for (const c of cases) {
       const img = path.join(tmp.dir, `c-${c.name}.img`);
-      await runOk('qemu-img', ['convert', '-q', '-f', 'raw', ...c.args, raw, img]);
+      await convertFromRaw(raw, img, c.args);
       const node = await open(img, true);
       try {
         const map = new ReadMap(node);

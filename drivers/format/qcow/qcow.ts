@@ -158,7 +158,15 @@ export class QcowNode extends MappedNode {
         const a = Math.max(pos, (first + k) * this.cs);
         const b = Math.min(spanEnd, (first + k + 1) * this.cs);
         if (w.kind === 'unallocated') pushRun(out, { kind: 'unallocated', offset: a, length: b - a });
-        else if (w.kind === 'compressed') pushRun(out, { kind: 'custom', offset: a, length: b - a, read: (dst) => this.readCompressed(w.host, w.length, a % this.cs, dst) });
+        else if (w.kind === 'compressed') {
+          const run: MappedRun = { kind: 'custom', offset: a, length: b - a, read: (dst) => this.readCompressed(w.host, w.length, a % this.cs, dst) };
+          // A whole cluster: where its stream lies (raw deflate of exactly `length` bytes, as qcow2's), for the read map's threads.
+          if (a % this.cs === 0 && b - a === this.cs) {
+            run.compressed = { host: w.host, length: w.length, stream: 'deflate-raw' };
+            run.file = this.file;
+          }
+          out.push(run);
+        }
         else pushRun(out, { kind: 'data', offset: a, length: b - a, host: w.host + (a % this.cs) });
       });
       pos = spanEnd;
