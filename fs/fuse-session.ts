@@ -27,6 +27,7 @@ import {
   type DirEntryOut, type Request,
 } from './fuse-codec.js';
 import { ROOT_ID, type FsOps, type FuseMount, type TransportCounters } from './fuse.js';
+import { koffiWorkerData } from '../drivers/util/koffi-load.js';
 
 const debug = createDebug('tsmount:fuse');
 const E = osc.errno;
@@ -810,7 +811,7 @@ export class Session implements FuseMount {
           fd, maxRequest: this.maxRequest, ctl: this.ctl, port: port2, denyOthers: !!this.cfg.denyOthers, owner: this.owner,
           spinNs: Number(SPIN_NS), slots: memory, slotState,
         };
-        const thread = new Worker(WORKER_URL, { workerData: init, transferList: [port2] });
+        const thread = new Worker(WORKER_URL, { workerData: { ...init, ...koffiWorkerData() }, transferList: [port2] });
         const slots = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory, i * size, size));
         const w: FuseWorker = { thread, fd, port: port1, slots, slotState };
         started.push(w);

@@ -26,10 +26,10 @@
 // are stable and known; JS sees them through koffi.view (ArrayBuffers over that
 // memory). Ring heads and tails are read and written with Atomics.
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, granuleOf, tableSize } from './read-map-table.js';
 import { fillRuns, NEED_CIPHERS, readRuns, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
+import { koffiWorkerData, loadKoffi } from '../drivers/util/koffi-load.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
 export const INIT_OVER_IO_URING_HI = 1 << 9;
@@ -122,7 +122,7 @@ interface Sys {
 let sysCache: Sys | undefined;
 function sys(): Sys {
   if (sysCache) return sysCache;
-  const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+  const koffi = loadKoffi();
   const libc = koffi.load('libc.so.6');
   // syscall(2) is variadic; glibc's x86_64/aarch64 syscall only moves registers, so
   // fixed prototypes per call are safe there and cheaper than koffi's variadic calls.
@@ -370,7 +370,7 @@ export class UringQueues {
         fuseUring: true, fd: this.devFd, qid, maxPayload: this.maxPayload, ctl: this.ctl, stop: this.stopWord, port: port2, wakeFd,
         denyOthers: this.denyOthers, owner: this.owner, ...this.spin,
       };
-      const thread = new Worker(url, { workerData: init, transferList: [port2] });
+      const thread = new Worker(url, { workerData: { ...init, ...koffiWorkerData() }, transferList: [port2] });
       const w: UringWorker = { thread, fd: -1 - qid, port: port1 };
       this.workers.push(w);
       // Listening before 'ready': once the last queue registers, requests may follow it at

@@ -14,11 +14,11 @@
 // does not offer on a non-blocking character device) is loaded here, after the main
 // thread has loaded it.
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, GRANULE, granuleOf, lookup, tableSize, WINDOW } from './read-map-table.js';
 import { fillRuns, NEED_CIPHERS, readRuns, RUN, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
 import { INFLATE_SLACK } from '../drivers/util/raw-inflater.js';
+import { loadKoffi } from '../drivers/util/koffi-load.js';
 
 export interface WorkerInit {
   /** The cloned /dev/fuse descriptor, non-blocking. */
@@ -123,7 +123,7 @@ interface Sys {
 
 function loadSys(): Sys {
   // koffi's own CommonJS entry; loaded only now, in this thread.
-  const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+  const koffi = loadKoffi();
   const libc = koffi.load('libc.so.6');
   const read = libc.func('long read(int fd, _Out_ void *buf, size_t n)');
   const poll = libc.func('int poll(_Inout_ void *fds, unsigned long n, int timeout)');

@@ -11,7 +11,7 @@
 // in a worker while the main thread loads it crashed the process once
 // (native-codecs.ts); every thread that makes a cipher has loaded it by then.
 import crypto from 'node:crypto';
-import { createRequire } from 'node:module';
+import { loadKoffi } from '../util/koffi-load.js';
 
 /** An EVP_CIPHER_CTX *: koffi's opaque pointer. */
 type Ctx = unknown;
@@ -36,7 +36,7 @@ let contexts: FinalizationRegistry<Ctx[]> | undefined;
 
 function bind(): Lib | null {
   try {
-    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+    const koffi = loadKoffi();
     const self = koffi.load(null as unknown as string);
     const f = {
       newCtx: self.func('void *EVP_CIPHER_CTX_new()'),

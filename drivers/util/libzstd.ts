@@ -4,8 +4,8 @@
 // reply. A fast path only, as libdeflate.ts is for deflate: what it does not decode to
 // exactly the cluster goes to the main thread, whose decoder (drivers/util/decompress.ts:
 // libzstd on libuv's pool, fzstd for what that refuses) decides and gives the error.
-import { createRequire } from 'node:module';
 import type { WholeInflater } from './libdeflate.js';
+import { loadKoffi } from './koffi-load.js';
 
 /**
  * A decoder of the zstd frame at the start of its input (what follows the frame, the
@@ -17,7 +17,7 @@ import type { WholeInflater } from './libdeflate.js';
 export function libzstd(): WholeInflater | undefined {
   if (process.env.TSMOUNT_LIBZSTD === '0') return undefined;
   try {
-    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+    const koffi = loadKoffi();
     const lib = koffi.load('libzstd.so.1');
     const createDCtx = lib.func('void *ZSTD_createDCtx()');
     const frameSize = lib.func('size_t ZSTD_findFrameCompressedSize(const void *src, size_t srcSize)');

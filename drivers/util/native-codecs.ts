@@ -3,11 +3,12 @@
 // library the cloop tools compress with) and zstd frames (libzstd, see zstdNative). The calls run on libuv's thread pool
 // (koffi's async calls), never on the event loop. A library that cannot be loaded
 // makes its codec's reads fail with EIO naming the library; nothing else depends on it.
-// koffi itself is loaded on first use only: decompress.ts is imported by qcow2's inflate
-// worker threads too, and loading the addon in a worker while the main thread loads it
-// crashed the process (seen in CI).
+// koffi itself is loaded on first use only, under the process's lock (koffi-load.ts):
+// decompress.ts is imported by qcow2's inflate worker threads too, and loading the
+// addon in a worker while the main thread loads it crashed the process (seen in CI).
 import { constants } from 'node:os';
 import { UnsupportedError } from '../errors.js';
+import { loadKoffi } from './koffi-load.js';
 
 export type NativeCodec = 'xz' | 'lzo1x';
 
@@ -48,7 +49,7 @@ async function load(codec: NativeCodec): Promise<AsyncFn> {
   let fn = libs.get(codec);
   if (fn === undefined) {
     try {
-      const koffi = (await import('koffi')).default;
+      const koffi = loadKoffi();
       fn =
         codec === 'xz'
           ? koffi
@@ -91,7 +92,7 @@ let zstdLib: Promise<import('koffi').LibraryHandle> | undefined;
 
 /** libzstd, loaded once for the encoder and the decoder alike (a rejection: it cannot be loaded). */
 function libzstd(): Promise<import('koffi').LibraryHandle> {
-  zstdLib ??= import('koffi').then((k) => k.default.load('libzstd.so.1'));
+  zstdLib ??= Promise.resolve().then(() => loadKoffi().load('libzstd.so.1'));
   return zstdLib;
 }
 

@@ -15,6 +15,7 @@ import createDebug from '../../util/debug.js';
 import { COMPRESSION, INFLATE_SLACK, decompressCluster } from './compress.js';
 import type { InflateJob, InflateResult } from './inflate-worker.js';
 import { zstdNativeNow } from '../../util/native-codecs.js';
+import { koffiWorkerData } from '../../util/koffi-load.js';
 import { Busy, endWorker, noteExit, registerPool } from '../../util/worker-pools.js';
 
 const debug = createDebug('tsmount:inflate');
@@ -53,7 +54,8 @@ class Pool {
   constructor(n: number) {
     const url = new URL('./inflate-worker.js', import.meta.url);
     for (let i = 0; i < n; i++) {
-      const worker = new Worker(url);
+      // Its koffi (libdeflate) loads under the process's lock.
+      const worker = new Worker(url, { workerData: koffiWorkerData() });
       const slot = new Slot(worker);
       worker.unref();
       // Node 20 refs a worker's port again when it comes online: an idle pool must not
@@ -267,6 +269,7 @@ export function decompressClusters(type: number, src: Uint8Array, parts: Cluster
         slice.forEach((p, i) => {
           if (!r.ok[i]) return alone(p, i);
           counts.workers++;
+          if (r.ok[i] === 2) counts.libdeflate++;
           const bytes = new Uint8Array(slab, i * clusterSize, clusterSize);
           try {
             p.use?.(bytes);
@@ -284,10 +287,10 @@ export function decompressClusters(type: number, src: Uint8Array, parts: Cluster
   return out;
 }
 
-/** Clusters the workers decompressed, and clusters decompressed in-thread (no workers, or a worker could not). */
-const counts = { workers: 0, inThread: 0 };
+/** Clusters the workers decompressed (of them, through libdeflate), and clusters decompressed in-thread (no workers, or a worker could not). */
+const counts = { workers: 0, libdeflate: 0, inThread: 0 };
 
 /** Workers running now, and the counts above (for tests). */
-export function inflateStats(): { running: number; workers: number; inThread: number } {
+export function inflateStats(): { running: number; workers: number; libdeflate: number; inThread: number } {
   return { running: pool?.size ?? 0, ...counts };
 }
