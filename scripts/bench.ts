@@ -394,6 +394,7 @@ class Bench {
     await this.seqRead('5b', `sequential read, ${size} vhdx`, await this.images.vhdx(), 'vhdx', ['tsmount', 'qsd', 'ceiling']);
     await this.seqRead('5c', `sequential read, ${size} compressed qcow2`, await this.images.compressedQcow2(), 'qcow2', ['tsmount', 'qsd', 'ceiling']);
     await this.seqRead('5f', `sequential read, ${size} compressed qcow2 (compression_type=zstd)`, await this.images.zstdQcow2(), 'qcow2', ['tsmount', 'qsd', 'ceiling']);
+    await this.seqRead('5g', `sequential read, ${size} compressed qcow2 with 1 MiB clusters (the JS thread's inflate pool)`, await this.images.compressedQcow2Big(), 'qcow2', ['tsmount', 'qsd', 'ceiling']);
     const luks = await this.images.luks();
     await this.seqRead('5d', `sequential read, ${size} luks (aes-256-xts-plain64)`, luks, 'luks', ['tsmount', 'qsd', 'ceiling'], [luks], { secret: LUKS_SECRET, size: this.cfg.sizes.main });
     await this.seqRead('5e', `sequential read, ${size} vmdk (streamOptimized)`, await this.images.streamVmdk(), 'vmdk', ['tsmount', 'qsd', 'ceiling']);

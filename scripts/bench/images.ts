@@ -98,6 +98,14 @@ export class Images {
     return this.fromData('compressed.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536']);
   }
 
+  /**
+   * As compressedQcow2 with 1 MiB clusters: larger than the read map's granule, so its
+   * clusters are the JS thread's and its inflate pool's, not the FUSE workers'.
+   */
+  compressedQcow2Big(): Promise<string> {
+    return this.fromData('compressed-1m.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=1048576']);
+  }
+
   /** As compressedQcow2, each cluster a zstd frame (QEMU 5.1+). */
   zstdQcow2(): Promise<string> {
     return this.fromData('compressed-zstd.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536,compression_type=zstd']);
