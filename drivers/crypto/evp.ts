@@ -7,9 +7,9 @@
 // Used when the symbols are there and a known answer (FIPS-197 C.1) and a comparison
 // with Node's crypto for each algorithm come out right; otherwise cipher.ts feeds
 // Node's update() in 64 KiB pieces (its best size here, 4 GB/s). TSMOUNT_EVP=0 turns
-// this off (A/B). koffi is required on first use, never at import: loading the addon
-// in a worker while the main thread loads it crashed the process once
-// (native-codecs.ts); every thread that makes a cipher has loaded it by then.
+// this off (A/B). koffi is loaded on first use, never at import, and under the
+// process's lock (util/koffi-load.ts: two threads loading the addon at once crashed
+// the process once).
 import crypto from 'node:crypto';
 import { loadKoffi } from '../util/koffi-load.js';
 
