@@ -195,7 +195,16 @@ export class ClusterCache extends Filter {
     const reqEnd = Math.min(stop, offset + dst.length);
     // Whole blocks are read, so that they can be cached; the request is copied out.
     const buf = Buffer.allocUnsafe(stop - start);
-    await this.next.read(start, buf);
+    try {
+      await this.next.read(start, buf);
+    } catch (err) {
+      // The error may lie in the blocks but outside the request (a damaged cluster
+      // next to it): QEMU reads only what was asked, so read just that, uncached, and
+      // give its own error if it has one.
+      if (reqStart === start && reqEnd === stop) throw err;
+      await this.next.read(reqStart, dst.subarray(reqStart - offset, reqEnd - offset));
+      return;
+    }
     dst.set(buf.subarray(reqStart - start, reqEnd - start), reqStart - offset);
     if (this.writesInFlight > 0 || this.writeSeq !== seq) return;
     for (let b = first; b < endBlock; b++) {

@@ -6,7 +6,7 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
-import { openImage } from '../drivers/open.js';
+import { openGraph, openImage } from '../drivers/open.js';
 import { formatDrivers } from '../drivers/format/index.js';
 import type { BlockNode } from '../drivers/types.js';
 import { createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
@@ -203,6 +203,50 @@ describe('qcow2 compressed clusters read together (one pread per request)', func
       await readsAs(node, 0, 15 * 64 * 1024);
     } finally {
       await node.close();
+    }
+  });
+});
+
+// Found by the read map's differential test (read-map-hostile.test.ts): the cluster
+// cache reads whole 64 KiB blocks to cache them, so a read of clusters next to a damaged
+// one (4 KiB clusters, the same block) failed with the damaged cluster's error, where
+// QEMU reads only what was asked and succeeds.
+describe('a damaged cluster outside a request, inside the cache block it reads', function () {
+  this.timeout(60_000);
+  let tmp: ReturnType<typeof tempDir>;
+  before(() => (tmp = tempDir('damaged-neighbour')));
+  after(() => tmp.cleanup());
+
+  it('fails only the reads that include it, as qemu-io does; its neighbours read through the cache', async function () {
+    const src = Buffer.from(Buffer.from(Array.from({ length: 128 * 1024 }, (_, i) => (i * 2654435761) >>> 24)).toString('hex'));
+    const raw = path.join(tmp.dir, 'src.raw');
+    fs.writeFileSync(raw, src);
+    const file = path.join(tmp.dir, 'c4k.qcow2');
+    await runOk('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-c', '-o', 'cluster_size=4096', raw, file]);
+    const image = fs.readFileSync(file);
+    const l1 = Number(image.readBigUInt64BE(40));
+    const l2 = Number(image.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
+    // Cluster 10 (guest 0xa000): its compressed bytes an invalid deflate block type.
+    const e = image.readBigUInt64BE(l2 + 10 * 8);
+    expect(Number((e >> 62n) & 1n), 'cluster 10 is compressed').to.equal(1);
+    const at = Number(e & ((1n << 54n) - 1n));
+    image.fill(0xff, at, at + 32);
+    fs.writeFileSync(file, image);
+    // The oracle: a read across the first two 64 KiB blocks without cluster 10 succeeds, one with it fails.
+    expect((await run('qemu-io', ['-f', 'qcow2', '-r', '-c', 'read 0xf000 0x2000', file])).stdout).to.match(/read 8192\/8192 bytes/);
+    expect((await run('qemu-io', ['-f', 'qcow2', '-r', '-c', 'read 0x9000 0x8000', file])).stdout).to.match(/read failed/);
+    const [node] = await openGraph([file], { readOnly: true, format: 'qcow2', cache: 'writeback', cacheSize: 4 * MiB, locking: 'off', forceShare: false, shareRw: false });
+    try {
+      for (let round = 0; round < 2; round++) {
+        const buf = Buffer.alloc(0x2000);
+        await node!.read(0xf000, buf);
+        expect(buf.equals(src.subarray(0xf000, 0x11000)), 'bytes at 0xf000').to.equal(true);
+        const err = await node!.read(0x9000, Buffer.alloc(0x8000)).then(() => undefined, (x: unknown) => x);
+        expect(isClean(err), String(err)).to.equal(true);
+        expect((err as Error).message).to.match(/guest offset 0xa000/);
+      }
+    } finally {
+      await node!.close();
     }
   });
 });
