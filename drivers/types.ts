@@ -33,6 +33,15 @@ export interface Extent {
    */
   inPlace?: boolean;
   /**
+   * 'data' in another host file of this layer than its own (a vmdk extent's file):
+   * that file's descriptor and where in it the range's first byte lies, the rest
+   * following contiguously, reading it with pread(2) giving the guest bytes as for
+   * `host` in hostFd. For the read map (fs/read-map.ts); `host` stays absent (qemu-img
+   * map's "offset", which tsimg map gives only for the layer's own file). With
+   * `inPlace`, a write may overwrite it there with pwrite(2) as well.
+   */
+  elsewhere?: { fd: number; host: number };
+  /**
    * Where this layer's own file holds the range's ciphertext, contiguously, for an
    * encrypted layer that offers hostCipher: not a place of the guest's bytes, so
    * qemu-img map's "offset" (`host`) stays absent there, as QEMU leaves it.

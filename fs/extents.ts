@@ -32,6 +32,8 @@ export interface ChainRun {
   kind: 'data' | 'zero' | 'unallocated';
   /** Where the answering layer's file holds it (Extent.host), when known. */
   host?: number;
+  /** Data in another file of the answering layer (Extent.elsewhere; only with ChainWalk.elsewhere). */
+  elsewhere?: { fd: number; host: number };
   /** Data that reads as zeros (Extent.zeroData). */
   zeroData?: boolean;
   /** Data a write may overwrite at `host` (or encrypted, at `cipherHost`) without the format (Extent.inPlace). */
@@ -50,8 +52,12 @@ function pushChain(out: ChainRun[], r: ChainRun): void {
   const last = out[out.length - 1];
   const hostFollows = last?.host === undefined ? r.host === undefined : r.host === last.host + last.length;
   const cipherFollows = last?.cipherHost === undefined ? r.cipherHost === undefined : r.cipherHost === last.cipherHost + last.length;
-  if (last && !last.compressed && !r.compressed && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && cipherFollows && last.zeroData === r.zeroData && last.inPlace === r.inPlace) last.length += r.length;
-  else out.push({ ...r });
+  const otherFollows = last?.elsewhere === undefined ? r.elsewhere === undefined : r.elsewhere !== undefined && r.elsewhere.fd === last.elsewhere.fd && r.elsewhere.host === last.elsewhere.host + last.length;
+  if (last && !last.compressed && !r.compressed && last.kind === r.kind && last.depth === r.depth && last.offset + last.length === r.offset && hostFollows && cipherFollows && otherFollows && last.zeroData === r.zeroData && last.inPlace === r.inPlace) {
+    last.length += r.length;
+    return;
+  }
+  out.push({ ...r });
 }
 
 /** How chainExtents walks. */
@@ -62,6 +68,8 @@ export interface ChainWalk {
   ciphertext?: boolean;
   /** Keep whole compressed clusters apart with their streams (Extent.compressed: the read map); else runs merge across them. */
   compressed?: boolean;
+  /** Keep where data in a layer's other files lies (Extent.elsewhere: the read map); else runs merge across it. */
+  elsewhere?: boolean;
 }
 
 /**
@@ -96,7 +104,8 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
       const run: ChainRun = { offset: s, length: t - s, depth, kind: e.kind };
       if (e.host !== undefined) run.host = e.host + (s - e.offset);
       if (e.zeroData) run.zeroData = true;
-      if (e.inPlace && (e.host !== undefined || (e.cipherHost !== undefined && walk.ciphertext))) run.inPlace = true;
+      if (e.elsewhere && walk.elsewhere) run.elsewhere = { fd: e.elsewhere.fd, host: e.elsewhere.host + (s - e.offset) };
+      if (e.inPlace && (e.host !== undefined || run.elsewhere !== undefined || (e.cipherHost !== undefined && walk.ciphertext))) run.inPlace = true;
       if (e.cipherHost !== undefined && walk.ciphertext) run.cipherHost = e.cipherHost + (s - e.offset);
       if (e.compressed && walk.compressed && s === e.offset && t === e.offset + e.length) run.compressed = e.compressed;
       pushChain(out, run);

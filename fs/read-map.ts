@@ -442,7 +442,7 @@ export class ReadMap {
     const moves = this.moves;
     let writable = this.top.inPlaceWrites === true;
     try {
-      const runs = await chainExtents(this.top, start, length, { ciphertext: this.ciphers.length > 0, compressed: INFLATE_IN_THREADS });
+      const runs = await chainExtents(this.top, start, length, { ciphertext: this.ciphers.length > 0, compressed: INFLATE_IN_THREADS, elsewhere: true });
       // A change of these windows (or of the whole file) started or ended meanwhile: what was walked may be stale.
       if (this.gen !== gen || this.everywhere !== 0) return false;
       // Host space moved elsewhere meanwhile (a cluster the walk saw as data may be a table now): read-only entries.
@@ -480,9 +480,11 @@ export class ReadMap {
             // A writer thread encrypts with its own copy of the cipher (read-map-runs.ts writeInPlace).
             inPlace = writable && r.depth === 0 && r.inPlace === true;
           } else {
-            if (r.host === undefined || layer.hostFd === undefined) continue;
-            fd = layer.hostFd;
-            host = r.host;
+            // In the layer's own file, or in another of its files (a vmdk extent's).
+            const at = r.host !== undefined && layer.hostFd !== undefined ? { fd: layer.hostFd, host: r.host } : r.elsewhere;
+            if (!at) continue;
+            fd = at.fd;
+            host = at.host;
             inPlace = writable && r.depth === 0 && r.inPlace === true && !r.zeroData;
           }
         }

@@ -106,7 +106,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return mappedStatus(this, offset, length, this.file, this.inPlaceWrites);
+    return mappedStatus(this, offset, length, this.file, this.inPlaceWrites, this.hostFd !== undefined);
   }
 
   /**

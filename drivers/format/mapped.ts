@@ -88,11 +88,13 @@ export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing
 }
 
 /**
- * Block status from the same runs: this layer only. With `inPlace`, data in the image's
- * own file that writeInPlace would write (not locked, clear of metadata) is marked so
- * (Extent.inPlace): the FUSE workers may overwrite it with pwrite(2).
+ * Block status from the same runs: this layer only. With `inPlace`, data that
+ * writeInPlace would write (not locked, clear of metadata) is marked so
+ * (Extent.inPlace): the FUSE workers may overwrite it with pwrite(2). With
+ * `elsewhere`, data in the layer's other files (a vmdk's extents) says where it lies
+ * (Extent.elsewhere), writable in place where that file takes such writes too.
  */
-export async function mappedStatus(mapper: Mapper, offset: number, length: number, ownFile?: BlockNode, inPlace = false): Promise<Extent[]> {
+export async function mappedStatus(mapper: Mapper, offset: number, length: number, ownFile?: BlockNode, inPlace = false, elsewhere = false): Promise<Extent[]> {
   const out: Extent[] = [];
   for (const r of await mapper.mapRange(offset, length)) {
     if (r.kind === 'custom' && r.compressed && (r.file === undefined || r.file === ownFile) && r.offset >= offset && r.offset + r.length <= offset + length) {
@@ -104,12 +106,21 @@ export async function mappedStatus(mapper: Mapper, offset: number, length: numbe
     // that name no file, or name the image file itself (a monolithic sparse vmdk).
     const own = r.kind === 'data' && (r.file === undefined || r.file === ownFile);
     const host = own ? r.host : undefined;
-    const writable = inPlace && own && !r.locked && (r.metadata ?? mapper.metadata)?.find(r.host, r.length) === undefined;
+    const otherFd = elsewhere && r.kind === 'data' && !own ? r.file!.hostFd : undefined;
+    const other = otherFd === undefined ? undefined : { fd: otherFd, host: (r as { host: number }).host };
+    // writeInPlace's guard: the image file's metadata for its own runs, a run's own for another file's.
+    const writable =
+      inPlace &&
+      r.kind === 'data' &&
+      !r.locked &&
+      (own ? (r.metadata ?? mapper.metadata)?.find(r.host, r.length) === undefined : other !== undefined && r.file!.inPlaceWrites === true && r.metadata?.find(r.host, r.length) === undefined);
     const last = out[out.length - 1];
     const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
-    if (last && !last.compressed && last.kind === kind && last.offset + last.length === r.offset && contiguous && (last.inPlace === true) === writable) last.length += r.length;
+    const otherFollows = last?.elsewhere === undefined ? other === undefined : other !== undefined && other.fd === last.elsewhere.fd && other.host === last.elsewhere.host + last.length;
+    if (last && !last.compressed && last.kind === kind && last.offset + last.length === r.offset && contiguous && otherFollows && (last.inPlace === true) === writable) last.length += r.length;
     else {
       const e: Extent = host === undefined ? { offset: r.offset, length: r.length, kind } : { offset: r.offset, length: r.length, kind, host };
+      if (other) e.elsewhere = other;
       if (writable) e.inPlace = true;
       out.push(e);
     }

@@ -37,8 +37,24 @@ export class VpcFixedNode implements BlockNode {
   flush(): Promise<void> {
     return this.readOnly ? Promise.resolve() : this.file.flush();
   }
+  /** Block status gives the file's own offsets: the disk is the file's first bytes. */
+  get hostFd(): number | undefined {
+    return this.file.hostFd;
+  }
+  /**
+   * Nothing of the format changes on a write: where the file allows it, the FUSE
+   * workers may write around the node (fs/read-map.ts), up to the footer (blockStatus).
+   */
+  get inPlaceWrites(): boolean {
+    return !this.readOnly && this.file.inPlaceWrites === true;
+  }
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, kind: 'data', host: offset }];
+    // In place only before the footer, as write() allows (a disk size over the file's is corrupt).
+    const inPlaceEnd = this.inPlaceWrites ? Math.max(offset, Math.min(offset + length, this.file.size - FOOTER_SIZE)) : offset;
+    const out: Extent[] = [];
+    if (inPlaceEnd > offset) out.push({ offset, length: inPlaceEnd - offset, kind: 'data', host: offset, inPlace: true });
+    if (inPlaceEnd < offset + length) out.push({ offset: inPlaceEnd, length: offset + length - inPlaceEnd, kind: 'data', host: inPlaceEnd });
+    return out;
   }
   /** vpc_get_info gives a fixed disk no cluster size. */
   describe(): ImageDescription {
