@@ -37,6 +37,10 @@ export class AlignFilter extends Filter {
   override get hostCipher(): HostCipher | undefined {
     return this.next.hostCipher;
   }
+  /** Nor the bytes the kernel reads around it: a node offers passthrough only on a file that takes any request (no O_DIRECT). */
+  override get passthroughFd(): number | undefined {
+    return this.next.passthroughFd;
+  }
 
   override get requestAlignment(): number | undefined {
     return undefined;

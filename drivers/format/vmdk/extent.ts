@@ -53,7 +53,7 @@ export class FlatExtent implements VmdkExtent {
     readonly file: BlockNode,
     readonly start: number,
     readonly length: number,
-    private readonly flatOffset: number,
+    readonly flatOffset: number,
     readonly type: string,
   ) {}
 

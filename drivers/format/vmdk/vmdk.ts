@@ -8,7 +8,7 @@ import { MappedNode } from '../mapped-node.js';
 import { readFromBacking } from '../backing.js';
 import { emptyReport } from '../check-report.js';
 import { DESC_SIZE, rewriteCid } from './descriptor.js';
-import { SparseExtent, type VmdkExtent, type WriteContext } from './extent.js';
+import { FlatExtent, SparseExtent, type VmdkExtent, type WriteContext } from './extent.js';
 import { SeSparseExtent } from './sesparse.js';
 
 export interface VmdkNodeOptions {
@@ -138,6 +138,19 @@ export class VmdkNode extends MappedNode {
       },
     );
     return this.cidUpdate;
+  }
+
+  /**
+   * One flat extent that is its whole file, 1:1 (a monolithicFlat vmdk whose extent
+   * starts at 0 and whose file is exactly the disk's size): the kernel may read the
+   * file itself (FUSE passthrough, fs/fuse-session.ts backingFor). Read-only only: a
+   * write must change the descriptor's CID first, which the kernel would not do.
+   */
+  get passthroughFd(): number | undefined {
+    const e = this.extents[0];
+    if (!this.readOnly || this.extents.length !== 1 || !(e instanceof FlatExtent)) return undefined;
+    if (e.start !== 0 || e.flatOffset !== 0 || e.length !== this.size || e.file.size !== this.size) return undefined;
+    return e.file.passthroughFd;
   }
 
   /**
