@@ -398,6 +398,9 @@ class Bench {
     const luks = await this.images.luks();
     await this.seqRead('5d', `sequential read, ${size} luks (aes-256-xts-plain64)`, luks, 'luks', ['tsmount', 'qsd', 'ceiling'], [luks], { secret: LUKS_SECRET, size: this.cfg.sizes.main });
     await this.seqRead('5e', `sequential read, ${size} vmdk (streamOptimized)`, await this.images.streamVmdk(), 'vmdk', ['tsmount', 'qsd', 'ceiling']);
+    const flat = await this.images.flatVmdk();
+    await this.seqRead('5h', `sequential read, ${size} vmdk (monolithicFlat: FUSE passthrough of its extent file)`, flat, 'vmdk', ['tsmount', 'qsd', 'ceiling'], [flat, flat.replace(/\.vmdk$/, '-flat.vmdk')]);
+    await this.seqRead('5i', `sequential read, ${size} vpc (fixed VHD, the FUSE workers)`, await this.images.fixedVpc(), 'vpc', ['tsmount', 'qsd', 'ceiling']);
   }
 
   async row6(): Promise<void> {

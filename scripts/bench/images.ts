@@ -111,6 +111,16 @@ export class Images {
     return this.fromData('compressed-zstd.qcow2', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536,compression_type=zstd']);
   }
 
+  /** A descriptor and one flat extent file of exactly the disk (the kernel reads it: FUSE passthrough). */
+  flatVmdk(): Promise<string> {
+    return this.fromData('flat.vmdk', ['-O', 'vmdk', '-o', 'subformat=monolithicFlat']);
+  }
+
+  /** A fixed VHD: the disk's bytes, then the footer (probed as raw, as QEMU does: open it as vpc). */
+  fixedVpc(): Promise<string> {
+    return this.fromData('fixed.vpc', ['-O', 'vpc', '-o', 'subformat=fixed,force_size=on']);
+  }
+
   /** Every grain deflated behind its marker (the random half too: vmdk stores no grain plain). */
   streamVmdk(): Promise<string> {
     return this.fromData('stream.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']);
