@@ -140,6 +140,31 @@ describe('qcow2 features', function () {
     });
   });
 
+  describe('an external data file', function () {
+    // QEMU puts each data cluster at its guest offset in the data file, so guest cluster
+    // 0 lies at host 0: a read or write starting inside it was taken to start at the
+    // cluster's first byte (host 0 read as "no offset"), through the graph and in the
+    // FUSE workers' map alike.
+    it('reads and writes inside the cluster at host offset 0 where qemu-io finds them', async function () {
+      const file = path.join(tmp.dir, 'dfile.qcow2');
+      await createImage(file, 'qcow2', 4 * MiB, { data_file: `${file}.data` });
+      await qemuIo(file, 'qcow2', ['write -P 0x11 0 64k', 'write -P 0x22 0x6000 4k', 'write -P 0x33 64k 64k']);
+      const node = await openTestImage(file, { rw: true });
+      try {
+        for (const [at, n, want] of [[0x6000, 4096, 0x22], [0x6800, 100, 0x22], [0x5000, 4096, 0x11], [0x10100, 512, 0x33]] as const) {
+          const got = Buffer.alloc(n);
+          await node.read(at, got);
+          expect(got.equals(Buffer.alloc(n, want)), `bytes at 0x${at.toString(16)}`).to.equal(true);
+        }
+        await node.write(0x3000, Buffer.alloc(4096, 0x44));
+      } finally {
+        await node.close();
+      }
+      await qemuIo(file, 'qcow2', ['read -P 0x11 0 0x3000', 'read -P 0x44 0x3000 4k', 'read -P 0x11 0x4000 0x2000', 'read -P 0x22 0x6000 4k', 'read -P 0x11 0x7000 0x9000', 'read -P 0x33 64k 64k']);
+      await expectClean(file);
+    });
+  });
+
   describe('lazy refcounts and the dirty bit', function () {
     async function dirtyImage(name: string): Promise<{ file: string; md5: string }> {
       const file = path.join(tmp.dir, name);

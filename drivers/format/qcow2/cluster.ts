@@ -242,8 +242,11 @@ export class ClusterMap {
         if (e.kind === 'compressed') {
           runs.push({ guest: pos, length: next - pos, kind: 'compressed', host: 0, copied: false, cOffset: e.cOffset, cLength: e.cLength, clusterGuest: cstart });
         } else if (!this.extended) {
-          // A preallocated zero cluster keeps its host offset (qemu-img map shows it).
-          push(runs, pos, next - pos, e.kind, (e.kind === 'data' || e.kind === 'zero') && e.host !== 0 ? e.host + (pos - cstart) : 0, e.copied);
+          // A preallocated zero cluster keeps its host offset (qemu-img map shows it). A data
+          // cluster may lie at host 0 (the first cluster of an external data file): its
+          // offset is still where in it the run starts.
+          const host = e.kind === 'data' || (e.kind === 'zero' && e.host !== 0) ? e.host + (pos - cstart) : 0;
+          push(runs, pos, next - pos, e.kind, host, e.copied);
         } else {
           // One run per subcluster, merged by push().
           const scs = this.subclusterSize;
