@@ -181,14 +181,18 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     ['vmdk', { subformat: 'monolithicFlat' }],
     ['vmdk', { subformat: 'twoGbMaxExtentSparse' }],
     ['vpc', { subformat: 'fixed' }],
+    ['qcow2', { data_file: 'DATA' }],
   ];
-  /** An image's name for its case: the format, and the subformat where a format has several cases. */
-  const caseName = (format: string, opts: Record<string, string>): string => (opts.subformat && opts.subformat !== 'monolithicSparse' ? `${format}-${opts.subformat}` : format);
+  /** An image's name for its case: the format, and the subformat (or data file) where a format has several cases. */
+  const caseName = (format: string, opts: Record<string, string>): string =>
+    opts.data_file ? `${format}-datafile` : opts.subformat && opts.subformat !== 'monolithicSparse' ? `${format}-${opts.subformat}` : format;
+  /** The options for `img`: a data file named by absolute path beside it (qemu-img 7.2 resolves a relative one against its working directory). */
+  const optsFor = (opts: Record<string, string>, img: string): Record<string, string> => (opts.data_file ? { ...opts, data_file: `${img}.data` } : opts);
   for (const [format, opts] of cases) {
     const name = caseName(format, opts);
     it(`reads a ${name} as qemu-img convert does, served by the workers, with 4 concurrent readers`, async () => {
       const img = path.join(tmp.dir, `img-${name}.${format}`);
-      await createImage(img, format, 64 * MiB, opts);
+      await createImage(img, format, 64 * MiB, optsFor(opts, img));
       await qemuIo(img, format, writes);
       const raw = path.join(tmp.dir, `img-${name}.raw`);
       await convertToRaw(img, raw, format);
@@ -348,7 +352,7 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     const name = caseName(format, opts);
     it(`a read after a write sees the new data in a ${name} (two writer/reader pairs, many rounds)`, async () => {
       const img = path.join(tmp.dir, `rw-${name}.${format}`);
-      await createImage(img, format, 64 * MiB, opts);
+      await createImage(img, format, 64 * MiB, optsFor(opts, img));
       await qemuIo(img, format, ['write -P 0x11 0 16M', 'write -P 0x22 32M 16M']);
       const mp = dir(`m-rw-${name}`);
       await mounts.mount(['--rw', '-f', format, img, mp]);
@@ -552,13 +556,14 @@ describe('FUSE worker threads (cloned /dev/fuse, shared read map)', function () 
     ['vmdk', { subformat: 'monolithicFlat' }],
     ['vmdk', { subformat: 'twoGbMaxExtentSparse' }],
     ['vpc', { subformat: 'fixed', force_size: 'on' }],
+    ['qcow2', { data_file: 'DATA' }],
   ];
   for (const [format, opts] of mappedWrites) {
     const name = caseName(format, opts);
     it(`overwrites allocated ${name} blocks from the workers in place, unaligned writes included, every byte where qemu-img finds it`, async () => {
       const size = 16 * MiB;
       const img = path.join(tmp.dir, `inplace-${name}.${format}`);
-      await createImage(img, format, size, opts);
+      await createImage(img, format, size, optsFor(opts, img));
       await qemuIo(img, format, ['write -P 0x11 0 8M']);
       const ref = Buffer.alloc(size);
       ref.fill(0x11, 0, 8 * MiB);

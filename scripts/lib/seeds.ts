@@ -66,6 +66,8 @@ export const RECIPES: Recipe[] = [
       await runOk('qemu-img', ['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4k', src, f]);
     },
   },
+  // Data clusters in an external data file (absolute name: a mutated copy beside the seed finds it).
+  { name: 'qcow2-datafile', format: 'qcow2', make: (f) => qemuMade(f, 'qcow2', { data_file: `${f}.data` }) },
   { name: 'qed', format: 'qed', make: (f) => qemuMade(f, 'qed', { cluster_size: '4k', table_size: 2 }) },
   { name: 'qed-backing', format: 'qed', make: async (f) => qemuMade(f, 'qed', {}, IO.slice(0, 2), { file: path.basename(await rawBacking(path.dirname(f))), format: 'raw' }) },
   { name: 'qcow', format: 'qcow', make: (f) => qemuMade(f, 'qcow') },

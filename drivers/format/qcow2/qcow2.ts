@@ -209,10 +209,11 @@ export class Qcow2Node implements BlockNode {
   /**
    * Overwrites of plain COPIED clusters may go around this node (blockStatus marks them
    * inPlace), as writeInPlace() would write them: once the first change's hook ran,
-   * where the data is in the image file itself and plain, and never once corrupt.
+   * where the data is plain (in the image file, or in an external data file that takes
+   * such writes too), and never once corrupt.
    */
   get inPlaceWrites(): boolean {
-    return !this.readOnly && !this.isView && this.data === this.file && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && !this.guard?.corrupt && this.file.inPlaceWrites === true;
+    return !this.readOnly && !this.isView && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && !this.guard?.corrupt && this.file.inPlaceWrites === true && this.data.inPlaceWrites === true;
   }
 
   /**
@@ -1197,9 +1198,13 @@ export class Qcow2Node implements BlockNode {
     if (this.barriers) await this.file.flush();
   }
 
-  /** blockStatus gives host offsets only in the image file itself, and never for encrypted clusters. */
+  /**
+   * blockStatus gives host offsets only in the image file itself (where compressed
+   * clusters lie too), and never for encrypted clusters; an external data file's
+   * clusters say where they lie there (Extent.elsewhere).
+   */
   get hostFd(): number | undefined {
-    return this.data === this.file && !this.crypt ? this.file.hostFd : undefined;
+    return !this.crypt ? this.file.hostFd : undefined;
   }
 
   private around: HostCipher | undefined;
@@ -1222,6 +1227,8 @@ export class Qcow2Node implements BlockNode {
     const out: Extent[] = [];
     // Host offsets as qemu-img map gives them: plain data clusters in the image file itself.
     const hostKnown = this.data === this.file && !this.crypt;
+    // Plain data clusters in an external data file: where they lie there, for the read map.
+    const dataFd = this.data !== this.file && !this.crypt ? this.data.hostFd : undefined;
     // Encrypted clusters have no host offset in the map, but the workers read their ciphertext there (hostCipher).
     const cipherKnown = this.hostCipher !== undefined;
     const writable = this.inPlaceWrites;
@@ -1235,13 +1242,17 @@ export class Qcow2Node implements BlockNode {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
       const host = hostKnown && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? r.host : undefined;
       const cipherHost = cipherKnown && r.kind === 'data' ? r.host : undefined;
-      // As writeInPlace() decides, and clear of every table (what writeData's guard checks).
-      const inPlace = writable && r.kind === 'data' && r.copied && !this.guard?.touches(r.host, r.length);
+      const elsewhere = dataFd !== undefined && r.kind === 'data' ? { fd: dataFd, host: r.host } : undefined;
+      // As writeInPlace() decides, and clear of every table (what writeData's guard checks;
+      // the data file holds none).
+      const inPlace = writable && r.kind === 'data' && r.copied && (host !== undefined ? !this.guard?.touches(r.host, r.length) : elsewhere !== undefined);
       const last = out[out.length - 1];
       const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
       const cipherContiguous = last?.cipherHost === undefined ? cipherHost === undefined : cipherHost === last.cipherHost + last.length;
-      if (last && !last.compressed && last.kind === kind && contiguous && cipherContiguous && (last.inPlace === true) === inPlace) last.length += r.length;
+      const elsewhereContiguous = last?.elsewhere === undefined ? elsewhere === undefined : elsewhere !== undefined && elsewhere.host === last.elsewhere.host + last.length;
+      if (last && !last.compressed && last.kind === kind && contiguous && cipherContiguous && elsewhereContiguous && (last.inPlace === true) === inPlace) last.length += r.length;
       else if (cipherHost !== undefined) out.push({ offset: r.guest, length: r.length, kind, cipherHost });
+      else if (elsewhere !== undefined) out.push(inPlace ? { offset: r.guest, length: r.length, kind, elsewhere, inPlace } : { offset: r.guest, length: r.length, kind, elsewhere });
       else if (host === undefined) out.push({ offset: r.guest, length: r.length, kind });
       else out.push(inPlace ? { offset: r.guest, length: r.length, kind, host, inPlace } : { offset: r.guest, length: r.length, kind, host });
     }
