@@ -14,13 +14,14 @@ import { fileURLToPath } from 'node:url';
 import { checkImage, tempDir } from './helpers/qemu.js';
 import { isAlive, mountedPid, MountTracker, waitFor } from './helpers/mount.js';
 import { firstLostByte, readJournal, rng } from './helpers/crash-writer.js';
-import { convertRef, formatTable, makeVariant, type ImageRef } from './helpers/formats.js';
+import { convertRef, makeVariant, writableCases, type ImageRef } from './helpers/formats.js';
 import { run } from './helpers/qemu.js';
 
 const SOAK = process.env.TSMOUNT_SOAK === '1';
 const ROUNDS = Number(process.env.TSMOUNT_STORM_ROUNDS ?? (SOAK ? 60 : 20));
 const WRITER = path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers', 'crash-writer.js');
-const FORMATS = (process.env.TSMOUNT_STORM_FORMATS?.split(',') ?? Object.keys(formatTable)).filter((f) => formatTable[f]?.write);
+/** Every writable format, and the layouts whose data lies in other files (helpers/formats.ts writableLayouts). */
+const CASES = writableCases(process.env.TSMOUNT_STORM_FORMATS?.split(','));
 
 /** Kills survived, by format: the README's figures come from a TSMOUNT_SOAK=1 run. */
 const survived: Record<string, { kills: number; acknowledged: number; leaky: number; unclean: number }> = {};
@@ -38,24 +39,24 @@ describe('crash storms: every writable format survives SIGKILL of the server dur
     if (SOAK || process.env.TSMOUNT_CRASH_VERBOSE) console.log(`      seed ${seed}: ${JSON.stringify(survived)}`);
   });
 
-  for (const format of FORMATS) {
-    const entry = formatTable[format]!;
-    it(`${format}: killed ${ROUNDS} times at random moments, no corruption, nothing acknowledged lost`, async () => {
-      const rnd = rng(seed + format.length * 7919 + format.charCodeAt(0));
-      const ref: ImageRef = await makeVariant(tmp.dir, format, entry.write!, `storm-${format}`);
-      const dir = path.join(tmp.dir, `mnt-${format}`);
+  for (const { name, format, write, checked } of CASES) {
+    it(`${name}: killed ${ROUNDS} times at random moments, no corruption, nothing acknowledged lost`, async () => {
+      const rnd = rng(seed + name.length * 7919 + name.charCodeAt(0));
+      const ref: ImageRef = await makeVariant(tmp.dir, format, write, `storm-${name}`);
+      const dir = path.join(tmp.dir, `mnt-${name}`);
       fs.mkdirSync(dir);
-      const flat = path.join(dir, `storm-${format}.raw`);
-      const raw = path.join(tmp.dir, `now-${format}.raw`);
-      const args = ['--rw', ...(ref.secret ? ['--secret', ref.secret] : []), ref.file, dir];
+      const flat = path.join(dir, `storm-${name}.raw`);
+      const raw = path.join(tmp.dir, `now-${name}.raw`);
+      // The format named: a fixed VHD is probed as raw, as QEMU probes it.
+      const args = ['--rw', '-f', format, ...(ref.secret ? ['--secret', ref.secret] : []), ref.file, dir];
       await convertRef(ref, raw);
       let model = fs.readFileSync(raw);
       const disk = model.length;
-      const stats = (survived[format] = { kills: 0, acknowledged: 0, leaky: 0, unclean: 0 });
+      const stats = (survived[name] = { kills: 0, acknowledged: 0, leaky: 0, unclean: 0 });
 
       for (let round = 0; round < ROUNDS; round++) {
-        const what = `seed ${seed}, ${format}, round ${round}`;
-        const journal = path.join(tmp.dir, `journal-${format}-${round}`);
+        const what = `seed ${seed}, ${name}, round ${round}`;
+        const journal = path.join(tmp.dir, `journal-${name}-${round}`);
         await mounts.mount(args);
         const pid = mountedPid(dir)!;
         const writer = spawn(process.execPath, [WRITER, flat, journal, String(seed + round * 101), String(disk)], { stdio: 'ignore' });
@@ -70,7 +71,7 @@ describe('crash storms: every writable format survives SIGKILL of the server dur
         await waitFor(() => writer.exitCode !== null || writer.signalCode !== null, 10_000, `the writer to stop (${what})`).catch(() => writer.kill('SIGKILL'));
         stats.kills++;
 
-        if (entry.checked) {
+        if (checked) {
           let c = await checkImage(ref.file, format);
           if (format === 'parallels' && c.corruptions === 1 && /not closed correctly/.test(c.output)) {
             // The in-use mark a killed writer leaves, counted as one corruption by qemu-img

@@ -10,27 +10,12 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { run, runOk, tempDir } from './helpers/qemu.js';
-import { checkRef, compareRef, formatTable, makeVariant } from './helpers/formats.js';
+import { checkRef, compareRef, makeVariant, writableCases } from './helpers/formats.js';
 import { mountedPid, MountTracker } from './helpers/mount.js';
 
 const SECONDS = Number(process.env.TSMOUNT_SOAK_SECONDS ?? (process.env.TSMOUNT_SOAK ? 200 : 20));
-const PICKED = process.env.TSMOUNT_SOAK_FORMATS?.split(',');
-const FORMATS = (PICKED ?? Object.keys(formatTable)).filter((f) => formatTable[f]?.write);
-/**
- * Layouts beside each format's own variant whose data lies in files other than the
- * image's, which the FUSE workers read and overwrite there (session 30); picked by
- * name in TSMOUNT_SOAK_FORMATS as the formats are.
- */
-const LAYOUTS: { name: string; format: string; options: Record<string, string> }[] = [
-  { name: 'vmdk-flat', format: 'vmdk', options: { subformat: 'monolithicFlat' } },
-  { name: 'vmdk-2gsparse', format: 'vmdk', options: { subformat: 'twoGbMaxExtentSparse' } },
-  { name: 'vpc-fixed', format: 'vpc', options: { subformat: 'fixed', force_size: 'on' } },
-  { name: 'qcow2-datafile', format: 'qcow2', options: { data_file: 'soak-qcow2-datafile.data' } },
-];
-const CASES = [
-  ...FORMATS.map((f) => ({ name: f, format: f, variant: formatTable[f]!.write!, checked: formatTable[f]!.checked })),
-  ...LAYOUTS.filter((l) => !PICKED || PICKED.includes(l.name)).map((l) => ({ name: l.name, format: l.format, variant: { title: l.name, size: '512M', options: l.options, io: [] }, checked: formatTable[l.format]!.checked })),
-];
+/** Every writable format, and the layouts whose data lies in other files (helpers/formats.ts writableLayouts). */
+const CASES = writableCases(process.env.TSMOUNT_SOAK_FORMATS?.split(','));
 const MiB = 1 << 20;
 
 function rssOf(pid: number): number {
@@ -46,10 +31,10 @@ describe(`soak: fio with verify, 4 jobs, ${SECONDS} s per format on a --rw mount
   afterEach(() => mounts.cleanup());
   after(() => tmp.cleanup());
 
-  for (const { name: format, format: driver, variant, checked } of CASES) {
+  for (const { name: format, format: driver, write, checked } of CASES) {
     it(`${format}: no verify error, memory flat once warm, QEMU reads what the mount served`, async () => {
       // The format's write variant (its options and passphrase), 512 MiB and empty.
-      const ref = await makeVariant(tmp.dir, driver, { ...variant, size: '512M', io: [] }, `soak-${format}`);
+      const ref = await makeVariant(tmp.dir, driver, { ...write, size: '512M', io: [] }, `soak-${format}`);
       const mp = path.join(tmp.dir, `mp-${format}`);
       fs.mkdirSync(mp);
       // The format named: a fixed VHD is probed as raw, as QEMU probes it.

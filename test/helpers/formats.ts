@@ -149,6 +149,30 @@ const made = (title: string, size: number, make: (file: string) => Promise<unkno
 const bochsData = made('growing, converted from raw data (bximage -func=convert)', 8 * MiB, (f) => bochsConvert(f, 8 * MiB));
 const cloopData = made('64 KiB blocks (create_compressed_fs -B 64K)', 6 * MiB, (f) => cloopCreate(f, 6 * MiB, 64 * KiB));
 
+/**
+ * Writable layouts beside each format's own write variant whose data lies in files
+ * other than the image's, which the FUSE workers read and overwrite there (session
+ * 30): the soak and the crash storm run them too, picked by name as formats are.
+ */
+export interface Layout {
+  name: string;
+  format: string;
+  write: ImageVariant;
+  checked: boolean;
+}
+export const writableLayouts: Layout[] = [
+  { name: 'vmdk-flat', format: 'vmdk', write: small('a monolithicFlat vmdk', { options: { subformat: 'monolithicFlat' } }), checked: true },
+  { name: 'vmdk-2gsparse', format: 'vmdk', write: small('a twoGbMaxExtentSparse vmdk', { options: { subformat: 'twoGbMaxExtentSparse' } }), checked: true },
+  { name: 'vpc-fixed', format: 'vpc', write: small('a fixed VHD', { options: { subformat: 'fixed', force_size: 'on' }, probes: false }), checked: false },
+  { name: 'qcow2-datafile', format: 'qcow2', write: small('a qcow2 with an external data file', { options: { data_file: 'layout.data' } }), checked: true },
+];
+
+/** The formats' write variants and the layouts above, those named in `picked` (a list from the environment) or all. */
+export function writableCases(picked: string[] | undefined): Layout[] {
+  const formats = Object.keys(formatTable).filter((f) => formatTable[f]!.write && (!picked || picked.includes(f)));
+  return [...formats.map((f) => ({ name: f, format: f, write: formatTable[f]!.write!, checked: formatTable[f]!.checked })), ...writableLayouts.filter((l) => !picked || picked.includes(l.name))];
+}
+
 export const formatTable: Record<string, FormatEntry> = {
   raw: {
     ext: 'raw',
