@@ -9,14 +9,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { convertFromRaw, convertToRaw, createImage, md5File, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
 import { tsimg } from './helpers/images.js';
-import { makeSectorCipher } from '../drivers/crypto/modes.js';
 import { MountTracker, mountCounters, mountedPid, pieceMd5, tsmount } from './helpers/mount.js';
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
 import { granuleShift, ReadMap } from '../fs/read-map.js';
 import { countWritten, GRANULE, granuleOf, H_CHANGING, H_WRITES_IN_FLIGHT, lookup, newTable, publish, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN, STREAM_ZSTD, WINDOW } from '../fs/read-map-table.js';
-import { fillRuns, readRuns, RUN, writeInPlace, type RunCipher } from '../fs/read-map-runs.js';
+import { fillRuns, readRuns, RUN, writeInPlace } from '../fs/read-map-runs.js';
 import { FlatFs } from '../fs/flatfs.js';
+import { threadCiphers } from './helpers/read-map.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -910,8 +910,6 @@ describe('the read map (fs/read-map.ts), in-process', function () {
     node.blockStatus = (offset, length) => (walks.push([offset, length]), status(offset, length));
     return walks;
   };
-  /** The map's ciphers as a worker makes them from what it is given (fuse-worker.ts cipherList). */
-  const threadCiphers = (map: ReadMap): (RunCipher | undefined)[] => [undefined, ...(map.share().ciphers ?? []).map((c) => ({ cipher: makeSectorCipher(structuredClone(c.spec)), ivBase: c.ivBase }))];
   /** [offset, offset + length) as a worker answers it from the map (read-map-runs.ts), or undefined when the map lacks some of it. */
   const readFromMap = (map: ReadMap, offset: number, length: number): Buffer | undefined => {
     const runs: number[] = [];

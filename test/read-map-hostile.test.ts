@@ -11,14 +11,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { openGraph } from '../drivers/open.js';
 import type { BlockNode } from '../drivers/types.js';
-import { makeSectorCipher } from '../drivers/crypto/modes.js';
 import { ReadMap, readableAround } from '../fs/read-map.js';
-import { fillRuns, readRuns, type RunCipher } from '../fs/read-map-runs.js';
+import { fillRuns, readRuns } from '../fs/read-map-runs.js';
 import { granuleOf, lookup } from '../fs/read-map-table.js';
 import { MUTATION_KINDS, mutate, shapeOf } from '../scripts/lib/mutate.js';
 import { makeSeeds, SEED_FORMATS, type Seed } from '../scripts/lib/seeds.js';
 import { isClean, rng, withDeadline } from './helpers/corrupt.js';
 import { tempDir } from './helpers/qemu.js';
+import { threadCiphers } from './helpers/read-map.js';
 
 const MiB = 1024 * 1024;
 const SOAK = process.env.TSMOUNT_SOAK === '1';
@@ -40,11 +40,6 @@ interface Tally {
   served: number;
   /** Granules the map published whose graph read failed and which the map refused too. */
   refusedBoth: number;
-}
-
-/** The map's ciphers as a worker makes them (fuse-worker.ts, ThreadCiphers). */
-function threadCiphers(map: ReadMap): (RunCipher | undefined)[] {
-  return [undefined, ...(map.share().ciphers ?? []).map((c) => ({ cipher: makeSectorCipher(structuredClone(c.spec)), ivBase: c.ivBase }))];
 }
 
 /**
