@@ -12,6 +12,29 @@ export interface RunResult {
   code: number;
 }
 
+type ExecError = (Error & { code?: unknown; signal?: NodeJS.Signals | null; killed?: boolean }) | null;
+
+/** A child's status as a shell gives it: its exit code, 128 + the signal that ended it, 1 otherwise. */
+function exitCodeOf(err: ExecError): number {
+  if (!err) return 0;
+  if (typeof err.code === 'number') return err.code;
+  if (err.signal) return 128 + (os.constants.signals[err.signal] ?? 0);
+  return 1;
+}
+
+/**
+ * What the child's own stderr cannot say: that it was killed (by a signal or our
+ * timeout) or out-ran the output buffer. Appended to stderr, so a failing assertion that
+ * prints stderr tells an exit from a crash (once, a convert "exited 1" with nothing on
+ * stderr: the runner had turned a signal into 1).
+ */
+function howEnded(err: ExecError, timeoutMs: number): string {
+  if (!err || typeof err.code === 'number') return '';
+  if (err.killed && err.signal === 'SIGTERM') return `\n[run: killed after the ${timeoutMs} ms timeout]`;
+  if (err.signal) return `\n[run: ended by ${err.signal}]`;
+  return `\n[run: ${err.message.split('\n')[0]}]`;
+}
+
 /** Run a program; never throws for a non-zero exit (the caller asserts on code). */
 export function run(cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
   return new Promise((resolve) => {
@@ -20,8 +43,7 @@ export function run(cmd: string, args: string[], opts: { cwd?: string; timeoutMs
       args,
       { cwd: opts.cwd, timeout: opts.timeoutMs ?? 120_000, maxBuffer: 64 << 20, env: opts.env ?? process.env },
       (err, stdout, stderr) => {
-        const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0;
-        resolve({ stdout: String(stdout), stderr: String(stderr), code });
+        resolve({ stdout: String(stdout), stderr: String(stderr) + howEnded(err, opts.timeoutMs ?? 120_000), code: exitCodeOf(err) });
       },
     );
   });
