@@ -20,8 +20,10 @@ export interface Extent {
    */
   host?: number;
   /**
-   * 'data' that reads as zeros all the same: the layer's file holds a hole there (a
-   * metadata-preallocated qcow2; qemu-img map's "data": true with "zero": true).
+   * 'data' that reads as zeros all the same: the file beneath holds a hole there, or
+   * ends before it (QEMU's BDRV_BLOCK_RECURSE: a metadata-preallocated qcow2, a flat vmdk
+   * extent, a fixed VHD, a static VDI; qemu-img map's "data": true with "zero": true).
+   * splitByHoles (format/mapped.ts) finds them.
    */
   zeroData?: boolean;
   /**
@@ -33,14 +35,16 @@ export interface Extent {
    */
   inPlace?: boolean;
   /**
-   * 'data' in another host file of this layer than its own (a vmdk extent's file):
-   * that file's descriptor and where in it the range's first byte lies, the rest
-   * following contiguously, reading it with pread(2) giving the guest bytes as for
-   * `host` in hostFd. For the read map (fs/read-map.ts); `host` stays absent (qemu-img
-   * map's "offset", which tsimg map gives only for the layer's own file). With
-   * `inPlace`, a write may overwrite it there with pwrite(2) as well.
+   * 'data' in another host file of this layer than its own (a vmdk extent's file, a
+   * qcow2 data file): that file's descriptor and where in it the range's first byte
+   * lies, the rest following contiguously, reading it with pread(2) giving the guest
+   * bytes as for `host` in hostFd; and the file's name as the image gives it (the
+   * descriptor's extent name, the header's data file name), which tsimg map prints
+   * after the image's folder as qemu-img map does. `host` stays absent: it is a place in
+   * the layer's own file. With `inPlace`, a write may overwrite it there with pwrite(2).
+   * (A qcow2 data file's zero clusters that keep their place there carry it too.)
    */
-  elsewhere?: { fd: number; host: number };
+  elsewhere?: { fd: number; host: number; name: string };
   /**
    * Where this layer's own file holds the range's ciphertext, contiguously, for an
    * encrypted layer that offers hostCipher: not a place of the guest's bytes, so

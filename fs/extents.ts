@@ -33,7 +33,7 @@ export interface ChainRun {
   /** Where the answering layer's file holds it (Extent.host), when known. */
   host?: number;
   /** Data in another file of the answering layer (Extent.elsewhere; only with ChainWalk.elsewhere). */
-  elsewhere?: { fd: number; host: number };
+  elsewhere?: { fd: number; host: number; name: string };
   /** Data that reads as zeros (Extent.zeroData). */
   zeroData?: boolean;
   /** Data a write may overwrite at `host` (or encrypted, at `cipherHost`) without the format (Extent.inPlace). */
@@ -68,7 +68,7 @@ export interface ChainWalk {
   ciphertext?: boolean;
   /** Keep whole compressed clusters apart with their streams (Extent.compressed: the read map); else runs merge across them. */
   compressed?: boolean;
-  /** Keep where data in a layer's other files lies (Extent.elsewhere: the read map); else runs merge across it. */
+  /** Keep where data in a layer's other files lies (Extent.elsewhere: the read map, tsimg map); else runs merge across it. */
   elsewhere?: boolean;
 }
 
@@ -104,7 +104,7 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
       const run: ChainRun = { offset: s, length: t - s, depth, kind: e.kind };
       if (e.host !== undefined) run.host = e.host + (s - e.offset);
       if (e.zeroData) run.zeroData = true;
-      if (e.elsewhere && walk.elsewhere) run.elsewhere = { fd: e.elsewhere.fd, host: e.elsewhere.host + (s - e.offset) };
+      if (e.elsewhere && walk.elsewhere) run.elsewhere = { ...e.elsewhere, host: e.elsewhere.host + (s - e.offset) };
       if (e.inPlace && (e.host !== undefined || run.elsewhere !== undefined || (e.cipherHost !== undefined && walk.ciphertext))) run.inPlace = true;
       if (e.cipherHost !== undefined && walk.ciphertext) run.cipherHost = e.cipherHost + (s - e.offset);
       if (e.compressed && walk.compressed && s === e.offset && t === e.offset + e.length) run.compressed = e.compressed;

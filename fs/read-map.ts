@@ -485,7 +485,9 @@ export class ReadMap {
             if (!at) continue;
             fd = at.fd;
             host = at.host;
-            inPlace = writable && r.depth === 0 && r.inPlace === true && !r.zeroData;
+            // Data that reads as zeros (a hole of the file) is published as the file's bytes
+            // too, so a write there in place is read back as written: the layer says inPlace.
+            inPlace = writable && r.depth === 0 && r.inPlace === true;
           }
         }
         const end = r.offset + r.length;

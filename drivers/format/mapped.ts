@@ -27,6 +27,11 @@ export type MappedRun =
        * workers (blockStatus's inPlace).
        */
       locked?: true;
+      /**
+       * `file` may hold holes here, which read as zeros: block status asks it
+       * (splitByHoles; QEMU's BDRV_BLOCK_RECURSE: a flat vmdk extent, a static VDI).
+       */
+      recurse?: true;
     }
   | { kind: 'zero'; offset: number; length: number }
   /** Not in this layer: the backing node answers, or zeros. */
@@ -43,6 +48,8 @@ export interface Mapper {
   mapRange(offset: number, length: number): Promise<MappedRun[]>;
   /** The image file's metadata, which no data run written in place may overlap. */
   readonly metadata?: MetadataRanges;
+  /** The name the image gives `file`, one of its other files (a vmdk descriptor's extent name): Extent.elsewhere's. */
+  nameOf?(file: BlockNode): string | undefined;
 }
 
 /** Read [offset, offset + dst.length) through a mapper. */
@@ -92,10 +99,18 @@ export async function readMapped(mapper: Mapper, defaultFile: BlockNode, backing
  * writeInPlace would write (not locked, clear of metadata) is marked so
  * (Extent.inPlace): the FUSE workers may overwrite it with pwrite(2). With
  * `elsewhere`, data in the layer's other files (a vmdk's extents) says where it lies
- * (Extent.elsewhere), writable in place where that file takes such writes too.
+ * (Extent.elsewhere), writable in place where that file takes such writes too. Runs
+ * that say `recurse` are split where their file has holes (splitByHoles).
  */
 export async function mappedStatus(mapper: Mapper, offset: number, length: number, ownFile?: BlockNode, inPlace = false, elsewhere = false): Promise<Extent[]> {
   const out: Extent[] = [];
+  const push = (e: Extent): void => {
+    const last = out[out.length - 1];
+    const contiguous = last?.host === undefined ? e.host === undefined : e.host === last.host + last.length;
+    const otherFollows = last?.elsewhere === undefined ? e.elsewhere === undefined : e.elsewhere !== undefined && e.elsewhere.fd === last.elsewhere.fd && e.elsewhere.host === last.elsewhere.host + last.length;
+    if (last && !last.compressed && last.kind === e.kind && last.offset + last.length === e.offset && contiguous && otherFollows && last.inPlace === e.inPlace && last.zeroData === e.zeroData) last.length += e.length;
+    else out.push(e);
+  };
   for (const r of await mapper.mapRange(offset, length)) {
     if (r.kind === 'custom' && r.compressed && (r.file === undefined || r.file === ownFile) && r.offset >= offset && r.offset + r.length <= offset + length) {
       out.push({ offset: r.offset, length: r.length, kind: 'data', compressed: r.compressed });
@@ -107,24 +122,62 @@ export async function mappedStatus(mapper: Mapper, offset: number, length: numbe
     const own = r.kind === 'data' && (r.file === undefined || r.file === ownFile);
     const host = own ? r.host : undefined;
     const otherFd = elsewhere && r.kind === 'data' && !own ? r.file!.hostFd : undefined;
-    const other = otherFd === undefined ? undefined : { fd: otherFd, host: (r as { host: number }).host };
+    const otherFile = (r as { file?: BlockNode }).file;
+    const other = otherFd === undefined || !otherFile ? undefined : { fd: otherFd, host: (r as { host: number }).host, name: mapper.nameOf?.(otherFile) ?? otherFile.name };
     // writeInPlace's guard: the image file's metadata for its own runs, a run's own for another file's.
     const writable =
       inPlace &&
       r.kind === 'data' &&
       !r.locked &&
       (own ? (r.metadata ?? mapper.metadata)?.find(r.host, r.length) === undefined : other !== undefined && r.file!.inPlaceWrites === true && r.metadata?.find(r.host, r.length) === undefined);
-    const last = out[out.length - 1];
-    const contiguous = last?.host === undefined ? host === undefined : host === last.host + last.length;
-    const otherFollows = last?.elsewhere === undefined ? other === undefined : other !== undefined && other.fd === last.elsewhere.fd && other.host === last.elsewhere.host + last.length;
-    if (last && !last.compressed && last.kind === kind && last.offset + last.length === r.offset && contiguous && otherFollows && (last.inPlace === true) === writable) last.length += r.length;
-    else {
-      const e: Extent = host === undefined ? { offset: r.offset, length: r.length, kind } : { offset: r.offset, length: r.length, kind, host };
-      if (other) e.elsewhere = other;
-      if (writable) e.inPlace = true;
-      out.push(e);
-    }
+    const e: Extent = host === undefined ? { offset: r.offset, length: r.length, kind } : { offset: r.offset, length: r.length, kind, host };
+    if (other) e.elsewhere = other;
+    if (writable) e.inPlace = true;
+    if (r.kind === 'data' && r.recurse && (host !== undefined || other !== undefined)) {
+      for (const part of await splitByHoles(r.file ?? ownFile!, r.host, e)) push(part);
+    } else push(e);
   }
+  return out;
+}
+
+/**
+ * QEMU's BDRV_BLOCK_RECURSE: data of a layer whose file may hold holes there (a flat
+ * vmdk extent, a fixed VHD, a static VDI, a metadata-preallocated qcow2) asks that file
+ * where it has them. A hole, or a range past the file's end, reads as zeros: that part
+ * is data with zeroData (qemu-img map: "data": true, "zero": true). `e` lies at `at` in
+ * `file`; each part keeps `e`'s fields, its places moved along. A file that cannot
+ * tell leaves `e` whole (QEMU ignores the error too).
+ */
+export async function splitByHoles(file: BlockNode, at: number, e: Extent): Promise<Extent[]> {
+  let status: Extent[];
+  try {
+    status = await file.blockStatus(at, e.length);
+  } catch {
+    return [e];
+  }
+  const out: Extent[] = [];
+  const part = (from: number, to: number, hole: boolean): void => {
+    const d = from - at;
+    const p: Extent = { ...e, offset: e.offset + d, length: to - from };
+    if (e.host !== undefined) p.host = e.host + d;
+    if (e.elsewhere) p.elsewhere = { ...e.elsewhere, host: e.elsewhere.host + d };
+    if (hole) p.zeroData = true;
+    const last = out[out.length - 1];
+    if (last && (last.zeroData === true) === hole) last.length += p.length;
+    else out.push(p);
+  };
+  const end = at + e.length;
+  let pos = at;
+  for (const f of status) {
+    const s = Math.max(f.offset, pos);
+    const t = Math.min(f.offset + f.length, end);
+    if (t <= s) continue;
+    // A gap the file left out counts as data.
+    if (s > pos) part(pos, s, false);
+    part(s, t, f.kind === 'zero');
+    pos = t;
+  }
+  if (pos < end) part(pos, end, false);
   return out;
 }
 
@@ -139,7 +192,7 @@ export function pushRun(out: MappedRun[], run: MappedRun): void {
     last !== undefined &&
     last.kind === run.kind &&
     run.kind !== 'custom' &&
-    (run.kind !== 'data' || (last.kind === 'data' && last.file === run.file && last.host + last.length === run.host && last.locked === run.locked));
+    (run.kind !== 'data' || (last.kind === 'data' && last.file === run.file && last.host + last.length === run.host && last.locked === run.locked && last.recurse === run.recurse));
   if (continues) last.length += run.length;
   else out.push(run);
 }

@@ -32,14 +32,16 @@ export async function mapRuns(node: BlockNode): Promise<ChainRun[]> {
   let window = FIRST_WINDOW;
   for (let pos = 0; pos < node.size; pos += window, window = Math.min(window * 2, MAX_WINDOW)) {
     window = Math.min(window, node.size - pos);
-    await chainExtents(node, pos, window, { strict: true }, out);
+    await chainExtents(node, pos, window, { strict: true, elsewhere: true }, out);
   }
   return out;
 }
 
 export function mapEntry(r: ChainRun): MapEntry {
   const e: MapEntry = { start: r.offset, length: r.length, depth: r.depth, present: r.kind !== 'unallocated', zero: r.kind !== 'data' || r.zeroData === true, data: r.kind === 'data' };
-  if (r.host !== undefined) e.offset = r.host;
+  // In the layer's own file, or in another of its files (a vmdk extent, a qcow2 data file).
+  const offset = r.host ?? r.elsewhere?.host;
+  if (offset !== undefined) e.offset = offset;
   return e;
 }
 
@@ -85,7 +87,7 @@ export function mapSvg(runs: ChainRun[], names: string[], size: number): string 
   }
   for (const r of runs) {
     if (r.kind === 'unallocated') continue;
-    const colour = r.kind === 'zero' ? COLOURS.zero : r.host === undefined ? COLOURS.compressed : COLOURS.data;
+    const colour = r.kind === 'zero' ? COLOURS.zero : r.host === undefined && r.elsewhere === undefined ? COLOURS.compressed : COLOURS.data;
     const y = 10 + Math.min(r.depth, layers - 1) * ROW;
     const w = Math.max(0.5, x(r.offset + r.length) - x(r.offset));
     out += `<rect x="${x(r.offset).toFixed(2)}" y="${y}" width="${w.toFixed(2)}" height="${ROW - 6}" fill="${colour}"><title>${r.kind} ${r.offset}+${r.length}</title></rect>\n`;
@@ -124,8 +126,11 @@ export async function map(spec: string, o: MapCli): Promise<void> {
     for (const r of runs) {
       // qemu-img lists data that is not known to read as zeros.
       if (r.kind !== 'data' || r.zeroData) continue;
-      if (r.host === undefined) throw new Error(`${spec}: file contains external, encrypted or compressed clusters`);
-      out += `${hex(r.offset).padEnd(16)}${hex(r.length).padEnd(16)}${hex(r.host).padEnd(16)}${names[r.depth] ?? ''}\n`;
+      const layer = names[r.depth] ?? '';
+      // Another file of the layer: named as the image names it, after the layer's folder (QEMU's path_combine).
+      const at = r.host !== undefined ? { host: r.host, file: layer } : r.elsewhere && { host: r.elsewhere.host, file: fullBackingName(layer, r.elsewhere.name) };
+      if (!at) throw new Error(`${spec}: file contains external, encrypted or compressed clusters`);
+      out += `${hex(r.offset).padEnd(16)}${hex(r.length).padEnd(16)}${hex(at.host).padEnd(16)}${at.file}\n`;
     }
     print(out);
   } finally {

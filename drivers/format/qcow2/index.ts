@@ -199,7 +199,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
     if (changed) await file.flush();
   };
 
-  const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
+  const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileName: h.dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
   // The LUKS header inside the image, as qemu-img info shows it (read without the passphrase).
   let luksInfo: Record<string, unknown> | undefined;
   const cryptoRange = cryptoHeaderRange(h, headerCluster);

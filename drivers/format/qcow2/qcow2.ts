@@ -10,6 +10,7 @@ import type { Downgrader } from './amend.js';
 import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
+import { splitByHoles } from '../mapped.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
@@ -38,6 +39,8 @@ export interface Qcow2NodeOptions {
   barriers: boolean;
   /** External data file (qcow2.txt, "data file"); guest data lives there, not in `file`. */
   dataFile?: BlockNode;
+  /** The data file's name as the header gives it (Extent.elsewhere's). */
+  dataFileName?: string;
   /** data_file_raw: the data file is a valid raw image (host offset = guest offset). */
   dataFileRaw?: boolean;
   /** Header compression_type: 0 zlib, 1 zstd. */
@@ -89,6 +92,7 @@ export class Qcow2Node implements BlockNode {
   /** Where guest data clusters live: the external data file or the image file. */
   private readonly data: BlockNode;
   private readonly dataFileRaw: boolean;
+  private readonly dataFileName: string;
   private readonly compressionType: number;
   private readonly cs: number;
   private readonly v3: boolean;
@@ -133,6 +137,7 @@ export class Qcow2Node implements BlockNode {
     this.file = o.file;
     this.data = o.dataFile ?? o.file;
     this.dataFileRaw = o.dataFileRaw ?? false;
+    this.dataFileName = o.dataFileName ?? this.data.name;
     this.compressionType = o.compressionType ?? 0;
     this.currentSize = o.size;
     this.readOnly = o.readOnly;
@@ -1242,7 +1247,8 @@ export class Qcow2Node implements BlockNode {
       const kind: ExtentKind = r.kind === 'compressed' ? 'data' : r.kind;
       const host = hostKnown && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? r.host : undefined;
       const cipherHost = cipherKnown && r.kind === 'data' ? r.host : undefined;
-      const elsewhere = dataFd !== undefined && r.kind === 'data' ? { fd: dataFd, host: r.host } : undefined;
+      // A zero cluster that keeps its place (host 0: none, as QEMU's ZERO_PLAIN) says where too: qemu-img map's "offset".
+      const elsewhere = dataFd !== undefined && (r.kind === 'data' || (r.kind === 'zero' && r.host !== 0)) ? { fd: dataFd, host: r.host, name: this.dataFileName } : undefined;
       // As writeInPlace() decides, and clear of every table (what writeData's guard checks;
       // the data file holds none).
       const inPlace = writable && r.kind === 'data' && r.copied && (host !== undefined ? !this.guard?.touches(r.host, r.length) : elsewhere !== undefined);
@@ -1261,22 +1267,8 @@ export class Qcow2Node implements BlockNode {
     // as zeros; asked of the file as QEMU's block status does (BDRV_BLOCK_RECURSE).
     const split: Extent[] = [];
     for (const e of out) {
-      if (e.kind !== 'data' || e.host === undefined) {
-        split.push(e);
-        continue;
-      }
-      let pos = e.host;
-      for (const f of await this.file.blockStatus(e.host, e.length)) {
-        const s = Math.max(f.offset, pos);
-        const t = Math.min(f.offset + f.length, e.host + e.length);
-        if (t <= s) continue;
-        const part: Extent = { offset: e.offset + (s - e.host), length: t - s, kind: 'data', host: s };
-        if (f.kind !== 'data') part.zeroData = true;
-        else if (e.inPlace) part.inPlace = true;
-        split.push(part);
-        pos = t;
-      }
-      if (pos < e.host + e.length) split.push({ offset: e.offset + (pos - e.host), length: e.host + e.length - pos, kind: 'data', host: pos, ...(e.inPlace ? { inPlace: true } : {}) });
+      if (e.kind !== 'data' || e.host === undefined) split.push(e);
+      else split.push(...(await splitByHoles(this.file, e.host, e)));
     }
     return split;
   }

@@ -8,7 +8,7 @@ import type { BlockNode, CheckReport } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import { writeIntoNew, type MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode } from '../mapped-node.js';
-import { BMAP, HDR, type VdiHeader } from './header.js';
+import { BMAP, HDR, IMAGE_TYPE, type VdiHeader } from './header.js';
 import type { PagedTable } from '../table-pages.js';
 import { addCorruption, emptyReport } from '../check-report.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
@@ -46,7 +46,13 @@ export class VdiNode extends MappedNode {
   }
 
   mapRange(offset: number, length: number): Promise<MappedRun[]> {
-    return this.mapBlocks(offset, length, this.bs, (b) => this.where(b));
+    if (this.h.imageType !== IMAGE_TYPE.static) return this.mapBlocks(offset, length, this.bs, (b) => this.where(b));
+    // A static image's blocks are the file's from the start, holes and all: block status
+    // asks the file where it has holes (vdi_co_block_status's BDRV_BLOCK_RECURSE).
+    return this.mapBlocks(offset, length, this.bs, async (b, pos, n) => {
+      const w = await this.where(b);
+      return typeof w === 'number' ? { kind: 'data', offset: pos, length: n, host: w + (pos - b * this.bs), recurse: true } : w;
+    });
   }
 
   /** An overwrite of an allocated block needs nothing of the format: the FUSE workers may write it. */

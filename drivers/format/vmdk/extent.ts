@@ -62,7 +62,8 @@ export class FlatExtent implements VmdkExtent {
     if (host + length > this.file.size) {
       throw new CorruptImageError(`${this.file.name}: flat extent ends at 0x${(this.flatOffset + this.length).toString(16)}, past the end of its file (0x${this.file.size.toString(16)} bytes)`);
     }
-    return [{ kind: 'data', offset: this.start + rel, length, host, file: this.file }];
+    // Holes of the flat file read as zeros: block status asks it (vmdk_co_block_status's BDRV_BLOCK_RECURSE).
+    return [{ kind: 'data', offset: this.start + rel, length, host, file: this.file, recurse: true }];
   }
 
   write(rel: number, src: Uint8Array): Promise<void> {

@@ -171,6 +171,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       parentCid,
       createType,
       barriers: opts.cache !== 'unsafe',
+      fileNames: new Map([...st.byName].map(([n, f]) => [f, n])),
     });
     // vmdk_get_info: the first extent's grain when it is sparse; a parent is always opened as vmdk.
     const first = st.extents[0];

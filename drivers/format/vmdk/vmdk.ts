@@ -24,12 +24,15 @@ export interface VmdkNodeOptions {
   createType: string;
   /** Flush between data and the table entries that point at it (false for cache=unsafe). */
   barriers: boolean;
+  /** Each extent file's name as the descriptor gives it. */
+  fileNames?: ReadonlyMap<BlockNode, string>;
 }
 
 export class VmdkNode extends MappedNode {
   /** Each extent guards its own file's metadata (the runs it maps carry it). */
   readonly metadata = undefined;
   readonly extents: readonly VmdkExtent[];
+  private readonly fileNames: ReadonlyMap<BlockNode, string> | undefined;
   readonly createType: string;
   readonly parentCid: number;
   private readonly descOffset: number;
@@ -44,6 +47,7 @@ export class VmdkNode extends MappedNode {
     const grain = o.extents.reduce((g, e) => Math.max(g, 'grainBytes' in e && typeof e.grainBytes === 'number' ? e.grainBytes : 0), 0);
     super({ file: o.file, size: last ? last.start + last.length : 0, readOnly: o.readOnly, barriers: o.barriers, backing: o.backing, allocationUnit: grain || undefined });
     this.extents = o.extents;
+    this.fileNames = o.fileNames;
     this.descOffset = o.descOffset;
     this.currentCid = o.cid;
     this.parentCid = o.parentCid;
@@ -68,6 +72,10 @@ export class VmdkNode extends MappedNode {
   /** The image's CID as on disk now. */
   get cid(): number {
     return this.currentCid;
+  }
+
+  nameOf(file: BlockNode): string | undefined {
+    return this.fileNames?.get(file);
   }
 
   /** The extents that [offset, offset+length) touches, with extent-relative ranges. */

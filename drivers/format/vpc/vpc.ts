@@ -5,7 +5,7 @@ import type { BlockNode, Extent, ImageDescription } from '../../types.js';
 import { CorruptImageError } from '../../errors.js';
 import type { MetadataRanges } from '../metadata-ranges.js';
 import type { PagedTable } from '../table-pages.js';
-import { writeIntoNew, type MappedRun } from '../mapped.js';
+import { splitByHoles, writeIntoNew, type MappedRun } from '../mapped.js';
 import { blockPieces, MappedNode } from '../mapped-node.js';
 import { FOOTER_SIZE, SECTOR } from './footer.js';
 
@@ -54,7 +54,8 @@ export class VpcFixedNode implements BlockNode {
     const out: Extent[] = [];
     if (inPlaceEnd > offset) out.push({ offset, length: inPlaceEnd - offset, kind: 'data', host: offset, inPlace: true });
     if (inPlaceEnd < offset + length) out.push({ offset: inPlaceEnd, length: offset + length - inPlaceEnd, kind: 'data', host: inPlaceEnd });
-    return out;
+    // Holes of the file read as zeros: asked of it (vpc_co_block_status's BDRV_BLOCK_RECURSE).
+    return (await Promise.all(out.map((e) => splitByHoles(this.file, e.host!, e)))).flat();
   }
   /** vpc_get_info gives a fixed disk no cluster size. */
   describe(): ImageDescription {
