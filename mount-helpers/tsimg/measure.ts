@@ -56,7 +56,8 @@ export function qcow2PreallocSize(totalSize: number, clusterSize: number, refcou
 /** Bytes of the source that hold data, counted in whole clusters as qcow2_measure counts them. */
 async function dataBytes(src: BlockNode, clusterSize: number): Promise<number> {
   let required = 0;
-  const runs = (await mapRuns(src)).map((r) => ({ offset: r.offset, length: r.length, data: r.kind === 'data' }));
+  // Data that reads as zeros (a hole beneath a flat vmdk extent, a preallocated cluster) is skipped, as BDRV_BLOCK_ZERO is.
+  const runs = (await mapRuns(src)).map((r) => ({ offset: r.offset, length: r.length, data: r.kind === 'data' && r.zeroData !== true }));
   let offset = 0;
   for (const r of runs) {
     const end = r.offset + r.length;
