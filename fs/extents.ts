@@ -124,12 +124,15 @@ export async function chainExtents(node: BlockNode, offset: number, length: numb
 
 /**
  * Runs of data and holes covering exactly [offset, offset + length) of `node` (length
- * > 0, inside the node), merged, in order.
+ * > 0, inside the node), merged, in order. Data that reads as zeros (zeroData: a hole
+ * of the file beneath a flat vmdk extent, a fixed VHD, a static VDI, a preallocated
+ * qcow2 cluster) is a hole, as a raw image's holes are: SEEK_HOLE and st_blocks show it,
+ * and tsimg convert skips it as qemu-img convert does (BDRV_BLOCK_ZERO).
  */
 export async function chainStatus(node: BlockNode, offset: number, length: number): Promise<Run[]> {
   const out: Run[] = [];
   for (const r of await chainExtents(node, offset, length)) {
-    const data = r.kind === 'data';
+    const data = r.kind === 'data' && r.zeroData !== true;
     const last = out[out.length - 1];
     if (last && last.data === data && last.offset + last.length === r.offset) last.length += r.length;
     else out.push({ offset: r.offset, length: r.length, data });

@@ -108,6 +108,39 @@ describe('Holes in the flat file (SEEK_DATA/SEEK_HOLE, st_blocks)', function () 
     });
   }
 
+  // Data whose file beneath holds a hole reads as zeros: qemu-img map calls it zero
+  // (BDRV_BLOCK_RECURSE), and the flat file shows it as a hole, as a raw image's.
+  for (const [format, opts] of [
+    ['vmdk', { subformat: 'monolithicFlat' }],
+    ['vmdk', { subformat: 'twoGbMaxExtentFlat' }],
+    ['vpc', { subformat: 'fixed' }],
+    ['vdi', { static: 'on' }],
+    ['qcow2', { preallocation: 'metadata' }],
+  ] as const) {
+    it(`shows the holes beneath a ${format} ${Object.values(opts).join(' ')} as qemu-img map's zeros`, async () => {
+      const img = path.join(tmp.dir, `h-${Object.values(opts).join('')}.${format}`);
+      await createImage(img, format, 32 * MiB, opts);
+      await qemuIo(img, format, ['write -P 0x51 1M 64k', 'write -P 0x52 9M 3M', 'write -z 20M 1M', 'write -P 0x53 31M 1M']);
+      const expected = await mapRanges(img, format);
+      expect(bytes(expected), 'the fixture has holes').to.be.lessThan(8 * MiB);
+      const mp = dir(`m-h-${format}-${Object.values(opts).join('')}`);
+      // A fixed VHD probes as raw, as in QEMU: say its format.
+      await mounts.mount(['-f', format, img, mp]);
+      const flat = path.join(mp, fs.readdirSync(mp)[0]!);
+      expect(seekRanges(flat)).to.deep.equal(expected);
+      expect(fs.statSync(flat).blocks * 512).to.equal(bytes(expected));
+      expect(await md5File(flat)).to.equal(await md5File(await rawOf(img, format)));
+    });
+  }
+
+  /** The image's disk as a raw file, by qemu-img. */
+  async function rawOf(img: string, format: string): Promise<string> {
+    const out = `${img}.flat`;
+    const r = await run('qemu-img', ['convert', '-f', format, '-O', 'raw', img, out]);
+    expect(r.code, r.stderr).to.equal(0);
+    return out;
+  }
+
   it('reports a vhdx block by block, and an empty image as one hole', async () => {
     const img = path.join(tmp.dir, 'v.vhdx');
     await createImage(img, 'vhdx', 64 * MiB, { block_size: '1M' });
