@@ -143,7 +143,11 @@ export interface ImageDescription {
   /** Encrypted, known from the header even when opened without the passphrase. */
   encrypted?: boolean;
   snapshots?: SnapshotDescription[];
-  /** qemu-img info's "format-specific": { type, data } with QEMU's key names. */
+  /**
+   * qemu-img info's "format-specific": { type, data } with QEMU's key names. A
+   * "filename" in it (a vmdk extent's) is given from the image's folder, or absolute:
+   * tsimg info puts the folder of the image's name as typed in front (path_combine).
+   */
   formatSpecific?: { type: string; data: Record<string, unknown> };
   /**
    * Persistent dirty bitmaps (qcow2 v3): present, possibly empty, where the layer can

@@ -65,3 +65,13 @@ export function protocolFor(spec: string): ProtocolDriver {
 export function hasOwnProtocol(name: string): boolean {
   return protocols.some((p) => p.claims(name));
 }
+
+/**
+ * QEMU's path_combine: a name an image gives another file (a backing file, a vmdk
+ * extent, a data file) taken from the image's folder as the image's name was typed; a
+ * name that is absolute or a URI stands alone.
+ */
+export function pathCombine(spec: string, name: string): string {
+  if (path.isAbsolute(name) || hasOwnProtocol(name)) return name;
+  return spec.slice(0, spec.lastIndexOf('/') + 1) + name;
+}

@@ -6,7 +6,7 @@ import type { BlockNode } from '../../drivers/types.js';
 import { UsageError } from '../../drivers/errors.js';
 import { openImage } from '../../drivers/open.js';
 import { print, progress, writableOptions, type OpenCli, type Progress } from './common.js';
-import { fullBackingName } from './info.js';
+import { pathCombine } from '../../drivers/protocol/index.js';
 
 export interface CommitCli extends OpenCli {
   progress?: boolean;
@@ -41,7 +41,7 @@ export async function commit(spec: string, o: CommitCli): Promise<void> {
   try {
     const d = top.describe?.() ?? {};
     if (d.backingFile === undefined) throw new UsageError(`${spec}: Image does not have a backing file`);
-    const base = await openImage(fullBackingName(spec, d.backingFile), writableOptions({ ...o, format: d.backingFormat }));
+    const base = await openImage(pathCombine(spec, d.backingFile), writableOptions({ ...o, format: d.backingFormat }));
     try {
       // The backing file grows to the image's size, as qemu-img commit's does.
       if (base.size < top.size) {

@@ -2,10 +2,9 @@
 // itself, without its backing file and without its data (OpenOptions.noBacking and
 // noIo, qemu-img's BDRV_O_NO_BACKING | BDRV_O_NO_IO), so an image whose backing file
 // is missing, or one encrypted and opened without its passphrase, still shows.
-import path from 'node:path';
 import type { BlockNode, ImageDescription } from '../../drivers/types.js';
 import { formatOf, openImage } from '../../drivers/open.js';
-import { hasOwnProtocol } from '../../drivers/protocol/index.js';
+import { pathCombine } from '../../drivers/protocol/index.js';
 import { allocatedOnDisk, print, readOnlyOptions, type OpenCli } from './common.js';
 
 export interface InfoCli extends OpenCli {
@@ -16,10 +15,11 @@ export interface InfoCli extends OpenCli {
 /** One layer as qemu-img info --output json prints it (ImageInfo), keys in its order. */
 export type InfoJson = Record<string, unknown>;
 
-/** QEMU's path_combine: a relative backing name is taken from the image's folder, as typed. */
-export function fullBackingName(spec: string, name: string): string {
-  if (path.isAbsolute(name) || hasOwnProtocol(name)) return name;
-  return spec.slice(0, spec.lastIndexOf('/') + 1) + name;
+/** `data` with each "filename" in it taken from the folder of `spec` (ImageDescription.formatSpecific). */
+function fromFolderOf(spec: string, data: unknown): unknown {
+  if (Array.isArray(data)) return data.map((v) => fromFolderOf(spec, v));
+  if (data === null || typeof data !== 'object') return data;
+  return Object.fromEntries(Object.entries(data).map(([k, v]) => [k, k === 'filename' && typeof v === 'string' ? pathCombine(spec, v) : fromFolderOf(spec, v)]));
 }
 
 function layerJson(spec: string, node: BlockNode): InfoJson {
@@ -45,10 +45,10 @@ function layerJson(spec: string, node: BlockNode): InfoJson {
   let actual = allocatedOnDisk(spec);
   for (const f of d.otherFiles ?? []) if (actual !== undefined) actual += allocatedOnDisk(f) ?? 0;
   if (actual !== undefined) out['actual-size'] = actual;
-  if (d.formatSpecific) out['format-specific'] = d.formatSpecific;
+  if (d.formatSpecific) out['format-specific'] = { ...d.formatSpecific, data: fromFolderOf(spec, d.formatSpecific.data) as Record<string, unknown> };
   if (d.encrypted || node.encrypted) out.encrypted = true;
   if (d.backingFile !== undefined) {
-    out['full-backing-filename'] = fullBackingName(spec, d.backingFile);
+    out['full-backing-filename'] = pathCombine(spec, d.backingFile);
     out['backing-filename'] = d.backingFile;
   }
   if (d.dirty !== undefined) out['dirty-flag'] = d.dirty;
@@ -68,7 +68,7 @@ export async function infoJson(spec: string, o: OpenCli, chain: boolean): Promis
     for (let n: BlockNode | undefined = node; n; n = chain ? n.backing : undefined) {
       layers.push(layerJson(name, n));
       const backingFile = n.describe?.().backingFile;
-      name = backingFile === undefined ? (n.backing?.name ?? '') : fullBackingName(name, backingFile);
+      name = backingFile === undefined ? (n.backing?.name ?? '') : pathCombine(name, backingFile);
     }
     return layers;
   } finally {

@@ -5,7 +5,7 @@
 import type { BlockNode } from '../../drivers/types.js';
 import { chainExtents, type ChainRun } from '../../fs/extents.js';
 import { openForRead, print, type OpenCli } from './common.js';
-import { fullBackingName } from './info.js';
+import { pathCombine } from '../../drivers/protocol/index.js';
 
 export interface MapCli extends OpenCli {
   output: string;
@@ -52,7 +52,7 @@ function layerNames(spec: string, node: BlockNode): string[] {
   for (let n: BlockNode | undefined = node; n; n = n.backing) {
     names.push(name);
     const b = n.describe?.().backingFile;
-    name = b === undefined ? (n.backing?.name ?? '') : fullBackingName(name, b);
+    name = b === undefined ? (n.backing?.name ?? '') : pathCombine(name, b);
   }
   return names;
 }
@@ -128,7 +128,7 @@ export async function map(spec: string, o: MapCli): Promise<void> {
       if (r.kind !== 'data' || r.zeroData) continue;
       const layer = names[r.depth] ?? '';
       // Another file of the layer: named as the image names it, after the layer's folder (QEMU's path_combine).
-      const at = r.host !== undefined ? { host: r.host, file: layer } : r.elsewhere && { host: r.elsewhere.host, file: fullBackingName(layer, r.elsewhere.name) };
+      const at = r.host !== undefined ? { host: r.host, file: layer } : r.elsewhere && { host: r.elsewhere.host, file: pathCombine(layer, r.elsewhere.name) };
       if (!at) throw new Error(`${spec}: file contains external, encrypted or compressed clusters`);
       out += `${hex(r.offset).padEnd(16)}${hex(r.length).padEnd(16)}${hex(at.host).padEnd(16)}${at.file}\n`;
     }

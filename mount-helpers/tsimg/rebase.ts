@@ -6,7 +6,7 @@ import type { BlockNode } from '../../drivers/types.js';
 import { UsageError } from '../../drivers/errors.js';
 import { formatOf, openImage } from '../../drivers/open.js';
 import { progress, readOnlyOptions, writableOptions, type OpenCli, type Progress } from './common.js';
-import { fullBackingName } from './info.js';
+import { pathCombine } from '../../drivers/protocol/index.js';
 import { StatusAhead, type Run } from '../../fs/extents.js';
 
 export interface RebaseCli extends OpenCli {
@@ -114,7 +114,7 @@ export async function rebase(spec: string, o: RebaseCli): Promise<void> {
     try {
       if (!removing) {
         try {
-          newBase = await openImage(fullBackingName(spec, o.backing), readOnlyOptions({ ...o, format: o.backingFormat }, { forceShare: true }));
+          newBase = await openImage(pathCombine(spec, o.backing), readOnlyOptions({ ...o, format: o.backingFormat }, { forceShare: true }));
           format ??= formatOf(newBase);
         } catch (err) {
           // -u may name a backing file that is not there (yet): qemu-img records it all the same.

@@ -1,13 +1,14 @@
 // The vmdk driver: probe and open (QEMU 7.2's vmdk_probe / vmdk_open). An image is a
 // monolithic sparse file (KDMV or COWD) or a text descriptor naming extent files,
 // each opened through the image's protocol with the image's lock (OpenOptions.openFile).
+import path from 'node:path';
 import type { BlockNode, Creatable, FormatDriver, OpenOptions } from '../../types.js';
 import { MAX_NODE_SIZE } from '../../types.js';
 import { CorruptImageError, TsmountError, UnsupportedError, UntrustedFileError, UsageError, messageOf } from '../../errors.js';
 import { cString, DESC_SIZE, MAX_DESC_BYTES, parentHint, parseDescriptor, readCid } from './descriptor.js';
 import { FlatExtent, SparseExtent, type VmdkExtent } from './extent.js';
 import { parseVmdk3Header, peekVmdk4, readVmdk4Header, VMDK3_MAGIC, VMDK4_MAGIC } from './header.js';
-import { SeSparseExtent } from './sesparse.js';
+import { SeSparseExtent, SESPARSE_GRAIN } from './sesparse.js';
 import { VmdkNode } from './vmdk.js';
 import { createVmdk, VMDK_CREATE_OPTIONS } from './create.js';
 import { be32, probe } from './probe.js';
@@ -181,13 +182,30 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       backingFile: hint || undefined,
       backingFormat: hint ? 'vmdk' : undefined,
       otherFiles: st.opened.map((f) => f.name),
-      formatSpecific: { type: 'vmdk', data: { cid, 'parent-cid': parentCid, 'create-type': createType } },
+      formatSpecific: { type: 'vmdk', data: { cid, 'parent-cid': parentCid, 'create-type': createType, extents: st.extents.map((e) => extentInfo(st, e)) } },
     });
   } catch (err) {
     await backing?.close().catch(() => undefined);
     for (const f of st.opened) await f.close().catch(() => undefined);
     throw err;
   }
+}
+
+/** An extent as qemu-img info lists it (vmdk_get_extent_info), its keys in QEMU's order. */
+function extentInfo(st: OpenState, e: VmdkExtent): Record<string, unknown> {
+  // From the image's folder (ImageDescription.formatSpecific): the descriptor's name, or
+  // the image file's own for an extent in it. tsimg info puts the folder of the name as
+  // typed in front, as QEMU's node for the file has it (path_combine).
+  let filename = path.basename(e.file.name);
+  if (e.file !== st.image) for (const [n, f] of st.byName) if (f === e.file) filename = n;
+  const grain = e instanceof SparseExtent ? e.grainBytes : e instanceof SeSparseExtent ? SESPARSE_GRAIN : undefined;
+  return {
+    ...(e instanceof SparseExtent && e.compressed ? { compressed: true } : {}),
+    'virtual-size': e.length,
+    filename,
+    ...(grain !== undefined ? { 'cluster-size': grain } : {}),
+    format: e.type,
+  };
 }
 
 export const vmdkDriver: FormatDriver & Creatable = {

@@ -39,6 +39,8 @@ const VH = { magic: 0, replayJournal: 24, pad: 32 } as const;
 const SECTOR = 512;
 /** The only grain size QEMU accepts: 8 sectors. */
 const GRAIN_SECTORS = 8n;
+/** That grain in bytes (qemu-img info's extent cluster-size). */
+export const SESPARSE_GRAIN = Number(GRAIN_SECTORS) * 512;
 /** The only grain table size QEMU accepts: 64 sectors, 4096 entries. */
 const GT_SECTORS = 64n;
 const GT_ENTRIES = Number((GT_SECTORS * 512n) / 8n);
