@@ -4,7 +4,7 @@
 import type { CheckReport } from '../../drivers/types.js';
 import { messageOf } from '../../drivers/errors.js';
 import { formatOf, openImage } from '../../drivers/open.js';
-import { ExitError, print, progress, readOnlyOptions, writableOptions, type OpenCli } from './common.js';
+import { ExitError, print, progress, qdictOrder, readOnlyOptions, writableOptions, type OpenCli } from './common.js';
 
 export interface CheckCli extends OpenCli {
   output: string;
@@ -19,7 +19,12 @@ export interface Fixed {
   corruptions: number;
 }
 
+/** qemu-img check --output json's object (ImageCheck), its keys in the order QEMU prints them (qdictOrder). */
 export function checkJson(spec: string, format: string, r: CheckReport, fixed?: Fixed): Record<string, unknown> {
+  return qdictOrder(checkFields(spec, format, r, fixed));
+}
+
+function checkFields(spec: string, format: string, r: CheckReport, fixed?: Fixed): Record<string, unknown> {
   const j: Record<string, unknown> = {};
   if (r.imageEndOffset !== undefined) j['image-end-offset'] = r.imageEndOffset;
   if (r.totalClusters !== undefined) j['total-clusters'] = r.totalClusters;
@@ -76,7 +81,8 @@ async function runCheck(spec: string, o: CheckCli): Promise<{ format: string; re
   }
   try {
     const format = formatOf(node) ?? 'unknown';
-    if (!node.checkMetadata) throw new ExitError(`${spec}: this image format (${format}) does not support checks`, 1);
+    // qemu-img's status for it: 63 (its man page; 1 is a check that could not complete).
+    if (!node.checkMetadata) throw new ExitError(`${spec}: this image format (${format}) does not support checks`, 63);
     return { format, report: await node.checkMetadata() };
   } finally {
     await node.close();

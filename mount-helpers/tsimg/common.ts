@@ -188,3 +188,23 @@ export function progress(forced: boolean | undefined): Progress | undefined {
     },
   };
 }
+
+/**
+ * `o`'s keys in the order qemu-img prints a QDict: QEMU's JSON writer walks the dict's
+ * 512 hash buckets in turn (tdb_hash of the key), and each bucket newest key first. So
+ * which keys are present moves none of the others (qemu-img check's "fragmented-clusters"
+ * comes last, after "format").
+ */
+export function qdictOrder(o: Record<string, unknown>): Record<string, unknown> {
+  const keys = Object.keys(o).map((k, i) => ({ k, i, b: qdictBucket(k) }));
+  keys.sort((x, y) => x.b - y.b || y.i - x.i);
+  return Object.fromEntries(keys.map(({ k }) => [k, o[k]]));
+}
+
+/** QEMU's qdict bucket of a key: tdb_hash(key) % QDICT_BUCKET_MAX (512). */
+function qdictBucket(key: string): number {
+  const bytes = Buffer.from(key, 'utf8');
+  let v = Math.imul(0x238f13af, bytes.length) >>> 0;
+  for (let i = 0; i < bytes.length; i++) v = (v + ((bytes[i]! << ((i * 5) % 24)) >>> 0)) >>> 0;
+  return ((Math.imul(1103515243, v) + 12345) >>> 0) % 512;
+}

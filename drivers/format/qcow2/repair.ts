@@ -96,7 +96,9 @@ export async function countReferences(r: RepairInput): Promise<References> {
         const e = decodeL2(l2, k, layout, r.name, (i * entries + k) * cs);
         if (e.kind === 'compressed') ref(e.cOffset, e.cLength);
         else if (e.host !== 0 && !r.externalData) ref(e.host, cs);
-        if (!active || (e.kind !== 'compressed' && e.host === 0)) continue;
+        // Allocated as QEMU's qcow2_get_cluster_type says: a data cluster (at host 0 too in a
+        // data file: decodeL2), a zero cluster that keeps its place (ZERO_ALLOC), compressed.
+        if (!active || e.kind === 'unallocated' || (e.kind === 'zero' && e.host === 0)) continue;
         // qemu's check_refcounts_l2 with CHECK_FRAG_INFO: compressed clusters count as fragmented.
         dataClusters++;
         if (e.kind === 'compressed') {
