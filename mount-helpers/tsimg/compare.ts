@@ -80,12 +80,9 @@ export async function compare(spec1: string, spec2: string, o: CompareCli): Prom
     } catch (err) {
       throw new ExitError(messageOf(err), 2);
     }
-    if (a.size !== b.size) {
-      if (o.strict) {
-        print('Strict mode: Image size mismatch!\n');
-        return 1;
-      }
-      print('Warning: Image size mismatch!\n');
+    if (a.size !== b.size && o.strict) {
+      print('Strict mode: Image size mismatch!\n');
+      return 1;
     }
     let at: number | undefined;
     const show = progress(o.progress);
@@ -96,6 +93,9 @@ export async function compare(spec1: string, spec2: string, o: CompareCli): Prom
     } catch (err) {
       throw new ExitError(messageOf(err), 2);
     }
+    // As img_compare: the size warning only once the common part matched, before what
+    // the longer image holds past it.
+    if (a.size !== b.size && (at === undefined || at >= Math.min(a.size, b.size))) print('Warning: Image size mismatch!\n');
     if (at !== undefined) {
       print(`Content mismatch at offset ${at}!\n`);
       return 1;
