@@ -162,6 +162,8 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       }
     }
 
+    // Each extent file's name as the descriptor gives it (block status's, info's).
+    const fileNames = new Map([...st.byName].map(([n, f]) => [f, n]));
     const node = new VmdkNode({
       file,
       extents: st.extents,
@@ -172,7 +174,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       parentCid,
       createType,
       barriers: opts.cache !== 'unsafe',
-      fileNames: new Map([...st.byName].map(([n, f]) => [f, n])),
+      fileNames,
     });
     // vmdk_get_info: the first extent's grain when it is sparse; a parent is always opened as vmdk.
     const first = st.extents[0];
@@ -182,7 +184,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
       backingFile: hint || undefined,
       backingFormat: hint ? 'vmdk' : undefined,
       otherFiles: st.opened.map((f) => f.name),
-      formatSpecific: { type: 'vmdk', data: { cid, 'parent-cid': parentCid, 'create-type': createType, extents: st.extents.map((e) => extentInfo(st, e)) } },
+      formatSpecific: { type: 'vmdk', data: { cid, 'parent-cid': parentCid, 'create-type': createType, extents: st.extents.map((e) => extentInfo(st.image, fileNames, e)) } },
     });
   } catch (err) {
     await backing?.close().catch(() => undefined);
@@ -192,12 +194,11 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
 }
 
 /** An extent as qemu-img info lists it (vmdk_get_extent_info), its keys in QEMU's order. */
-function extentInfo(st: OpenState, e: VmdkExtent): Record<string, unknown> {
+function extentInfo(image: BlockNode, fileNames: ReadonlyMap<BlockNode, string>, e: VmdkExtent): Record<string, unknown> {
   // From the image's folder (ImageDescription.formatSpecific): the descriptor's name, or
   // the image file's own for an extent in it. tsimg info puts the folder of the name as
   // typed in front, as QEMU's node for the file has it (path_combine).
-  let filename = path.basename(e.file.name);
-  if (e.file !== st.image) for (const [n, f] of st.byName) if (f === e.file) filename = n;
+  const filename = (e.file !== image ? fileNames.get(e.file) : undefined) ?? path.basename(e.file.name);
   const grain = e instanceof SparseExtent ? e.grainBytes : e instanceof SeSparseExtent ? SESPARSE_GRAIN : undefined;
   return {
     ...(e instanceof SparseExtent && e.compressed ? { compressed: true } : {}),
