@@ -7,7 +7,7 @@
 // that was acknowledged; what "writeback" defers is the format's metadata, kept in
 // its TableCaches until flush. A read that raced a write never inserts stale data.
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, CacheMode, HostCipher } from '../drivers/types.js';
+import type { BlockNode, CacheMode, HostCipher, TruncateOptions } from '../drivers/types.js';
 import { Filter } from '../drivers/filters/filter.js';
 import createDebug from '../drivers/util/debug.js';
 
@@ -305,12 +305,12 @@ export class ClusterCache extends Filter {
   }
 
   /** Offered where the node below can grow; cached blocks go with the old size. */
-  override get truncate(): ((size: number) => Promise<void>) | undefined {
+  override get truncate(): ((size: number, o?: TruncateOptions) => Promise<void>) | undefined {
     const next = this.next;
     if (!next.truncate) return undefined;
-    return async (size) => {
+    return async (size, o) => {
       this.lru?.clear();
-      await next.truncate!(size);
+      await next.truncate!(size, o);
     };
   }
 

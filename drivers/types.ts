@@ -159,6 +159,21 @@ export interface ImageDescription {
 /** How the node above wants writes and flushes treated (QEMU's cache modes). */
 export type CacheMode = 'writeback' | 'writethrough' | 'none' | 'directsync' | 'unsafe';
 
+/** How a resize allocates the new area (qemu-img resize --preallocation). */
+export const PREALLOCATION_MODES = ['off', 'metadata', 'falloc', 'full'] as const;
+export type Preallocation = (typeof PREALLOCATION_MODES)[number];
+
+/** What a resize asks of a node besides the size (QEMU's bdrv_co_truncate arguments). */
+export interface TruncateOptions {
+  /** Growing only: allocate the new area (metadata: tables only; falloc: the host space too; full: zeros written). */
+  prealloc?: Preallocation;
+  /**
+   * Growing only: the new area must read as zeros although the backing file reaches
+   * into it (QEMU's BDRV_REQ_ZERO_WRITE); a node that cannot make it so refuses.
+   */
+  zeroNew?: boolean;
+}
+
 /** Every cache mode, in the order QEMU documents them (tsmount --cache, tsimg convert -t). */
 export const CACHE_MODES: readonly CacheMode[] = ['writeback', 'writethrough', 'none', 'directsync', 'unsafe'];
 
@@ -207,8 +222,11 @@ export interface BlockNode {
   flush(): Promise<void>;
   /** Allocation status of this layer only; the result covers [offset, offset+length). */
   blockStatus(offset: number, length: number): Promise<Extent[]>;
-  /** Change the size; only protocol nodes and formats that can grow implement it. */
-  truncate?(size: number): Promise<void>;
+  /**
+   * Change the size; only protocol nodes and formats that can resize implement it.
+   * Callers go through drivers/resize.ts resizeNode, which works out `zeroNew`.
+   */
+  truncate?(size: number, o?: TruncateOptions): Promise<void>;
   /**
    * Read-only views of the image's internal snapshots (qcow2), which fs/ shows as
    * <stem>@<name>.raw; owned by this node (closing them is a no-op).

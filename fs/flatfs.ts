@@ -8,6 +8,7 @@ import { constants as osc } from 'node:os';
 import createDebug from '../drivers/util/debug.js';
 import type { BlockNode } from '../drivers/types.js';
 import { ErrnoError, ReadOnlyError, messageOf } from '../drivers/errors.js';
+import { resizeNode } from '../drivers/resize.js';
 import { ROOT_ID, type DirEntry, type Entry, type FsOps, type Opened, type Stat } from './fuse.js';
 import type { Ownership } from './access.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../drivers/util/sys.js';
@@ -363,7 +364,7 @@ export class FlatFs implements FsOps {
     try {
       // Data still in the cache first: the cache drops its blocks when the size changes.
       await f.node.flush();
-      await f.node.truncate(size);
+      await resizeNode(f.node, size);
       failed = false;
     } catch (err) {
       this.report('truncate', f, size, 0, err);

@@ -9,7 +9,7 @@
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
 //   tsimg convert [-p] [-c] [-n] [-W] [-m N] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC... DST
 //   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
-//   tsimg resize [--shrink] FILE [+|-]SIZE
+//   tsimg resize [--shrink] [--preallocation MODE] FILE [+|-]SIZE
 //   tsimg commit [-p] [-d] FILE
 //   tsimg rebase [-u] [-p] -b NEW [-F FMT] FILE
 //   tsimg amend -o OPTIONS FILE
@@ -138,6 +138,7 @@ async function main(argv: string[]): Promise<void> {
     .action(async (file: string, o: SnapshotCli) => (await import('./tsimg/snapshot.js')).snapshot(file, o));
   openOptions(program.command('resize').description('change the virtual size ([+|-]SIZE); a shrink needs --shrink').argument('<file>').argument('<size>'))
     .option('--shrink', 'allow making the image smaller (data past the new end is lost)')
+    .option('--preallocation <mode>', 'allocate the new area: off, metadata (qcow2), falloc or full (raw, qcow2, luks)')
     .option('-q, --quiet', 'print nothing')
     .addHelpText('after', '\nExample: tsimg resize disk.qcow2 +10G')
     .action(async (file: string, size: string, o: ResizeCli) => (await import('./tsimg/resize.js')).resize(file, size, o));

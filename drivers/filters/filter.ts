@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl } from '../types.js';
+import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, TruncateOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
@@ -42,9 +42,9 @@ export class Filter implements BlockNode {
     const next = this.next;
     return next.zero && ((offset, length, unmap) => next.zero!(offset, length, unmap));
   }
-  get truncate(): ((size: number) => Promise<void>) | undefined {
+  get truncate(): ((size: number, o?: TruncateOptions) => Promise<void>) | undefined {
     const next = this.next;
-    return next.truncate && ((size) => next.truncate!(size));
+    return next.truncate && ((size, o) => next.truncate!(size, o));
   }
   get snapshots(): (() => { name: string; node: BlockNode }[]) | undefined {
     const next = this.next;

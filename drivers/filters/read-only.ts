@@ -3,7 +3,7 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BlockNode, HostCipher, RepairFixed, SnapshotControl } from '../types.js';
+import type { BlockNode, HostCipher, RepairFixed, SnapshotControl, TruncateOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
 import { Filter } from './filter.js';
@@ -43,7 +43,7 @@ export class ReadOnlyFilter extends Filter {
     return this.next.writeCompressed && (() => Promise.reject(this.refusal()));
   }
 
-  override get truncate(): ((size: number) => Promise<void>) | undefined {
+  override get truncate(): ((size: number, o?: TruncateOptions) => Promise<void>) | undefined {
     return this.next.truncate && (() => Promise.reject(this.refusal()));
   }
 

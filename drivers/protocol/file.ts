@@ -3,8 +3,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { constants as osc } from 'node:os';
-import type { BlockNode, Extent, ProtocolOpenOptions } from '../types.js';
-import { IoError, SysError, UsageError } from '../errors.js';
+import type { BlockNode, Extent, ProtocolOpenOptions, TruncateOptions } from '../types.js';
+import { IoError, SysError, UnsupportedError, UsageError } from '../errors.js';
 import koffi from 'koffi';
 import {
   blockDeviceRange,
@@ -79,6 +79,9 @@ const NOWAIT_READ_MAX = Number(process.env.TSMOUNT_NOWAIT_READ_MAX ?? 256 * 1024
  * requests. Three earlier tries of 1 MiB (sessions 3-5) were within their noise.
  */
 const SYNC_WRITE_MAX = Number(process.env.TSMOUNT_SYNC_WRITE_MAX ?? 2 * 1024 * 1024);
+
+/** Zeros written per request by a resize with preallocation=full. */
+const FULL_PREALLOC_CHUNK = 1 << 20;
 
 export interface FileOpenOptions {
   readOnly: boolean;
@@ -447,14 +450,35 @@ export class FileNode implements BlockNode {
     }
   }
 
-  async truncate(size: number): Promise<void> {
+  /**
+   * ftruncate, as QEMU's file-posix: a regular file grows with zeros (holes), so the
+   * new area reads as zeros whatever `zeroNew` asks. Preallocation (growing only):
+   * falloc reserves the new area (fallocate, posix_fallocate's call), full writes its
+   * zeros; metadata is no mode of a plain file.
+   */
+  async truncate(size: number, o: TruncateOptions = {}): Promise<void> {
     if (this.isBlockDevice) throw new UsageError(`${this.name}: cannot resize a block device`);
+    const prealloc = o.prealloc ?? 'off';
+    if (prealloc === 'metadata') throw new UnsupportedError(`Unsupported preallocation mode: ${prealloc}`);
+    const old = this.currentSize;
+    if (prealloc !== 'off' && size < old) throw new UsageError('Cannot use preallocation for shrinking files');
     try {
       await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (e) => (e ? reject(e) : resolve())));
     } catch (err) {
       throw ioError('truncate', this.name, err);
     }
     this.currentSize = size;
+    if (size <= old || prealloc === 'off') return;
+    if (prealloc === 'falloc') {
+      try {
+        fallocate(this.fd, 0, old, size - old);
+      } catch (err) {
+        throw new IoError(`${this.name}: Could not preallocate new data: errno ${(err as SysError).errno}`, (err as SysError).errno ?? E.EIO);
+      }
+      return;
+    }
+    const zeros = Buffer.alloc(Math.min(size - old, FULL_PREALLOC_CHUNK));
+    for (let pos = old; pos < size; pos += zeros.length) await this.write(pos, zeros.subarray(0, Math.min(zeros.length, size - pos)));
   }
 
   async flush(): Promise<void> {

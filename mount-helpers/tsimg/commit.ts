@@ -5,6 +5,7 @@
 import type { BlockNode } from '../../drivers/types.js';
 import { UsageError } from '../../drivers/errors.js';
 import { openImage } from '../../drivers/open.js';
+import { resizeNode } from '../../drivers/resize.js';
 import { print, progress, writableOptions, type OpenCli, type Progress } from './common.js';
 import { pathCombine } from '../../drivers/protocol/index.js';
 
@@ -46,7 +47,7 @@ export async function commit(spec: string, o: CommitCli): Promise<void> {
       // The backing file grows to the image's size, as qemu-img commit's does.
       if (base.size < top.size) {
         if (!base.truncate) throw new UsageError(`${base.name}: the backing file is smaller than the image and cannot grow`);
-        await base.truncate(top.size);
+        await resizeNode(base, top.size);
       }
       const show = o.quiet ? undefined : progress(o.progress);
       await copyAllocated(top, base, show);

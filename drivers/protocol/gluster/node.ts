@@ -5,6 +5,8 @@
 // away is left behind by the replication translator, and the writer sees nothing.
 import { constants as osc } from 'node:os';
 import { IoError, UsageError } from '../../errors.js';
+import type { TruncateOptions } from '../../types.js';
+import { refusePreallocation } from '../../resize.js';
 import { callAsync, gfapi, STAT_BYTES, STAT_SIZE_OFFSET, type Ptr } from './gfapi.js';
 import { describeServers, formatGlusterUri, parseGlusterSpec, type GlusterTarget } from './uri.js';
 import { inParallel, pieces } from '../parallel.js';
@@ -266,7 +268,8 @@ export class GlusterNode extends RemoteNode {
     if (offset + length > this.currentSize) await this.truncate(offset + length);
   }
 
-  async truncate(size: number): Promise<void> {
+  async truncate(size: number, o?: TruncateOptions): Promise<void> {
+    refusePreallocation(o);
     await this.call(`truncate to ${size}`, 'glfs_ftruncate', size, null, null);
     this.currentSize = size;
     this.dirty = true;

@@ -4,9 +4,10 @@
 // the table gives to another VDI (a parent snapshot) is copied on write: created in
 // this VDI with SD_FLAG_CMD_COW from the parent's object, and the table entry written
 // back to the inode. Snapshots and clones are new VDIs made by SD_OP_NEW_VDI.
-import type { Extent, SnapshotControl } from '../../types.js';
+import type { Extent, SnapshotControl, TruncateOptions } from '../../types.js';
 import { MAX_NODE_SIZE } from '../../types.js';
 import { IoError, LockedError, ProtocolError, ReadOnlyError, UnsupportedError, UsageError } from '../../errors.js';
+import { refusePreallocation } from '../../resize.js';
 import { Mutex } from '../../util/mutex.js';
 import { SheepConnection } from './client.js';
 import { RemoteNode } from '../remote-node.js';
@@ -226,7 +227,8 @@ export class SheepdogNode extends RemoteNode {
   }
 
   /** Grow the VDI (sd_truncate): the inode's vdi_size, for tsimg create and --growable. */
-  async truncate(size: number): Promise<void> {
+  async truncate(size: number, o?: TruncateOptions): Promise<void> {
+    refusePreallocation(o);
     if (size < this.size) throw new UsageError(`${this.name}: a Sheepdog VDI cannot shrink`);
     if (size > this.objectSize * MAX_DATA_OBJS || size > MAX_NODE_SIZE) throw new UsageError(`${this.name}: ${size} bytes is more than a VDI can hold`);
     if (size === this.size) return;

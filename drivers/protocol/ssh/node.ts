@@ -6,6 +6,8 @@
 import { Client, type ServerHostKeyAlgorithm, type SFTPWrapper } from 'ssh2';
 import { constants as osc } from 'node:os';
 import { IoError, UsageError } from '../../errors.js';
+import type { TruncateOptions } from '../../types.js';
+import { refusePreallocation } from '../../resize.js';
 import { checkHostKey, parseHostKeyCheck, preferredAlgorithms } from './hostkey.js';
 import { formatSshUri, parseSshSpec, type SshTarget } from './uri.js';
 import { inParallel, pieces } from '../parallel.js';
@@ -312,7 +314,8 @@ export class SshNode extends RemoteNode {
     await this.writeZeros(offset, length, 1 << 20);
   }
 
-  async truncate(size: number): Promise<void> {
+  async truncate(size: number, o?: TruncateOptions): Promise<void> {
+    refusePreallocation(o);
     await this.request('truncate', (sftp, handle) => call<void>((cb) => sftp.fsetstat(handle, { size }, (e) => cb(e, undefined))));
     this.currentSize = size;
     this.dirty = true;
