@@ -2,7 +2,7 @@
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
 import { writeEncrypted } from '../../util/write-encrypted.js';
-import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, SnapshotControl } from '../../types.js';
+import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, TruncateOptions } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
 import type { SnapshotContext, SnapshotState } from './snapshot-ops.js';
@@ -919,8 +919,13 @@ export class Qcow2Node implements BlockNode {
     return this.backing !== undefined && this.backing.size > guest;
   }
 
-  /** Zero whole clusters [a, b) (b may pass the disk end by less than a cluster). */
-  private async zeroClusters(a: number, b: number, unmap: boolean): Promise<void> {
+  /**
+   * Zero whole clusters [a, b) (b may pass the disk end by less than a cluster).
+   * Unallocated clusters no backing file reaches are left so, unless `every` (a grown
+   * disk's new area, which qcow2_co_truncate zeroes whole).
+   */
+  private async zeroClusters(a: number, b: number, unmap: boolean, every = false): Promise<void> {
+    const backingCovers = (guest: number): boolean => every || this.backingCovers(guest);
     const cs = this.cs;
     const ext = this.map.extended;
     if (!this.v3 && this.backing) {
@@ -944,7 +949,7 @@ export class Qcow2Node implements BlockNode {
       const chunkEnd = Math.min(b, (l1i + 1) * this.map.l2Span);
       const here = pos;
       pos = chunkEnd;
-      if (this.map.l1Entry(l1i).offset === 0 && !this.backingCovers(here)) continue;
+      if (this.map.l1Entry(l1i).offset === 0 && !backingCovers(here)) continue;
       const l2Offset = await this.l2ForWrite(l1i);
       const table = await this.map.l2Cache.get(l2Offset);
       const dv = table.view();
@@ -958,11 +963,11 @@ export class Qcow2Node implements BlockNode {
         // Keep the host cluster when not unmapping (as QEMU does) and always for a raw data file.
         const keep = (this.v3 || this.dataFileRaw) && hasHost(e) && e.copied && (!unmap || this.dataFileRaw);
         if (ext) {
-          if (e.kind !== 'compressed' && e.alloc === 0 && (e.zeros >>> 0 === ALL_SUBCLUSTERS || !this.backingCovers(gc * cs)) && (!hasHost(e) || keep)) continue;
+          if (e.kind !== 'compressed' && e.alloc === 0 && (e.zeros >>> 0 === ALL_SUBCLUSTERS || !backingCovers(gc * cs)) && (!hasHost(e) || keep)) continue;
           encodeL2Ext(dv, idx, keep ? e.host : 0, keep, 0, ALL_SUBCLUSTERS);
         } else if (this.v3) {
           if (e.kind === 'zero' && (!hasHost(e) || keep)) continue;
-          if (e.kind === 'unallocated' && !this.backingCovers(gc * cs)) continue;
+          if (e.kind === 'unallocated' && !backingCovers(gc * cs)) continue;
           encodeL2(dv, idx, keep ? e.host : 0, keep, true);
         } else {
           if (e.kind === 'unallocated') continue;
@@ -976,28 +981,153 @@ export class Qcow2Node implements BlockNode {
   }
 
   /**
-   * Grow the disk, as `qemu-img resize` does: a larger L1 table if needed (written,
-   * then the header points at it, then the old one is freed), then the size field.
+   * Resize the disk, as QEMU's qcow2_co_truncate. Shrinking: the clusters past the new
+   * end become unallocated, L2 tables past it are freed, then refcount blocks that count
+   * nothing but themselves, and the file is cut after its last cluster in use. Growing:
+   * a larger L1 table if needed; `prealloc` allocates the new clusters (metadata: the
+   * tables; falloc, full: the host space too), a raw data file forcing metadata; and
+   * `zeroNew` (a backing file longer than the old disk) makes the new area read as
+   * zeros: zero clusters, refused on v2, which has none. The size field goes last.
    */
-  async truncate(size: number): Promise<void> {
+  async truncate(size: number, o: TruncateOptions = {}): Promise<void> {
     this.checkWritable();
-    if (size === this.size) return;
-    if (size % 512 !== 0) throw new UsageError(`${this.name}: the new size must be a multiple of 512`);
-    if (this.data !== this.file) throw new UnsupportedError(`${this.name}: resizing a qcow2 image with an external data file is not supported`);
-    // QEMU: internal snapshots hold the old size's clusters (qcow2_co_truncate refuses a shrink).
-    if (size < this.size && (this.snapshotState?.snapshots.length ?? 0) > 0) throw new UnsupportedError(`${this.name}: Can't shrink an image which has snapshots`);
+    const old = this.size;
+    let prealloc = o.prealloc ?? 'off';
+    if (size === old && prealloc === 'off') return;
+    if (size % 512 !== 0) throw new UsageError(`${this.name}: The new size must be a multiple of 512`);
+    if (!this.v3 && (this.snapshotState?.snapshots.length ?? 0) > 0) throw new UnsupportedError(`${this.name}: Can't resize a v2 image which has snapshots`);
+    if (size < old && prealloc !== 'off') throw new UsageError(`${this.name}: Preallocation can't be used for shrinking an image`);
+    // QEMU preallocates these too, and they then read as noise: the clusters hold zeros, not encrypted zeros.
+    if (prealloc !== 'off' && this.crypt) throw new UnsupportedError(`${this.name}: preallocation of an encrypted image is not supported (its new clusters would read as noise)`);
+    if (size > old && this.dataFileRaw && prealloc === 'off') prealloc = 'metadata';
+    // A protocol that extends with zeros covers falloc and full without a zero flag (QEMU's subclusters_need_allocation).
+    const zeroFlags = o.zeroNew === true && size > old && !(this.data === this.file && (prealloc === 'falloc' || prealloc === 'full'));
+    if (zeroFlags && !this.v3) throw new UnsupportedError(`${this.name}: Failed to zero out new clusters: Operation not supported`);
     await this.prepare();
     await this.mutex.run(async () => {
-      if (size < this.size) {
-        // The clusters past the new end become unallocated (qcow2_cluster_discard), the
-        // partial last cluster stays as QEMU leaves it.
-        await this.discardClusters(Math.ceil(size / this.cs) * this.cs, Math.ceil(this.size / this.cs) * this.cs);
+      if (size < old) await this.shrinkLocked(size);
+      else {
+        const needed = Math.ceil(size / this.map.l2Span);
+        if (needed > this.map.l1Size) await this.growL1(needed);
       }
-      const needed = Math.ceil(size / this.map.l2Span);
-      if (needed > this.map.l1Size) await this.growL1(needed);
+      if (prealloc === 'off') {
+        if (this.data !== this.file) await this.data.truncate!(size);
+      } else {
+        await this.preallocate(old, size, prealloc, o.zeroNew === true);
+      }
+      if (zeroFlags) {
+        const zeroStart = Math.ceil(old / this.map.subclusterSize) * this.map.subclusterSize;
+        // The old last cluster's part past the old end: explicit zeros (what it held before stays).
+        if (zeroStart > old) await this.zeroPartial(old, Math.min(zeroStart, size));
+        if (size > zeroStart) await this.zeroClusters(zeroStart, Math.ceil(size / this.cs) * this.cs, false, true);
+      }
+      // Tables first: the new size must not name what they do not hold yet.
+      await this.flushLocked();
       await this.setSize(size);
     });
     await this.flush();
+  }
+
+  /**
+   * Allocate guest clusters [old, size) of this layer that hold nothing (QEMU's
+   * preallocate_co and its falloc/full path): each becomes a plain data cluster at new
+   * host space past the end of the file (never a freed cluster, whose old bytes would
+   * show), reading as zeros there; falloc reserves that space, full writes its zeros.
+   * With a data file the clusters are their guest offsets there, and the data file is
+   * sized with the same mode. Extended L2: the subclusters stay unallocated (they read
+   * zeros) unless the backing file would show through (`zeroNew`).
+   */
+  private async preallocate(old: number, size: number, mode: Preallocation, zeroNew: boolean): Promise<void> {
+    const cs = this.cs;
+    const ext = this.map.extended;
+    const external = this.data !== this.file;
+    // falloc, full: every L2 table first, so the new data clusters follow them in one run
+    // as QEMU's do (only a new refcount block, at the start of the range it counts, may
+    // cut it); metadata: each table before its clusters, as QEMU's allocation goes.
+    if (mode !== 'metadata') for (let l1i = Math.floor(old / this.map.l2Span); l1i * this.map.l2Span < size; l1i++) await this.l2ForWrite(l1i);
+    let from = Math.ceil(this.file.size / cs);
+    for (let pos = Math.floor(old / cs) * cs; pos < size; ) {
+      const l1i = Math.floor(pos / this.map.l2Span);
+      const chunkEnd = Math.min(Math.ceil(size / cs) * cs, (l1i + 1) * this.map.l2Span);
+      const here = pos;
+      pos = chunkEnd;
+      const l2Offset = await this.l2ForWrite(l1i);
+      const baseIndex = l1i * this.map.l2Entries;
+      const first = here / cs;
+      const entries = this.snapshotEntries(await this.map.l2Cache.get(l2Offset), first, chunkEnd / cs - first, baseIndex);
+      const hosts: number[] = [];
+      for (let k = 0; k < entries.length; ) {
+        // A cluster the old disk ends in keeps what it reads as (QEMU would allocate it; the bytes are the same).
+        if (hasHost(entries[k]!) || entries[k]!.kind === 'compressed' || (first + k) * cs < old) {
+          hosts.push(0);
+          k++;
+          continue;
+        }
+        if (external) {
+          hosts.push((first + k) * cs);
+          k++;
+          continue;
+        }
+        let n = 1;
+        while (k + n < entries.length && !hasHost(entries[k + n]!) && entries[k + n]!.kind !== 'compressed') n++;
+        // Past the end of the file: nothing was ever there.
+        const got = await this.refcounts.allocate(n, true, from);
+        from = got.start + got.count;
+        const host = got.start * cs;
+        const end = host + got.count * cs;
+        await this.guard?.check(host, end - host);
+        if (end > this.file.size) await this.file.truncate!(end);
+        if (mode === 'falloc' && !(this.file.allocateZeros && (await this.file.allocateZeros(host, end - host)))) mode = 'full';
+        if (mode === 'full') for (let at = host; at < end; at += ZERO_CHUNK) await this.file.write(at, sharedZeros(Math.min(ZERO_CHUNK, end - at)));
+        for (let c = 0; c < got.count; c++) hosts.push(host + c * cs);
+        k += got.count;
+      }
+      const table = await this.map.l2Cache.get(l2Offset);
+      const dv = table.view();
+      for (let k = 0; k < hosts.length; k++) {
+        const at = hosts[k]!;
+        if (at === 0) continue;
+        if (ext) encodeL2Ext(dv, first + k - baseIndex, at, true, zeroNew ? ALL_SUBCLUSTERS : 0, 0);
+        else encodeL2(dv, first + k - baseIndex, at, true, false);
+      }
+      this.map.l2Cache.markDirty(table);
+    }
+    // The data file covers the last new cluster whole, as preallocate_co leaves it.
+    const covered = Math.ceil(size / cs) * cs;
+    if (external && this.data.size < covered) await this.data.truncate!(covered, mode === 'metadata' ? {} : { prealloc: mode });
+  }
+
+  /**
+   * The shrinking half of qcow2_co_truncate, under the mutex: clusters past the new
+   * end unallocated (qcow2_cluster_discard), L2 tables past it freed
+   * (qcow2_shrink_l1_table), refcount blocks counting only themselves dropped
+   * (qcow2_shrink_reftable), the file cut after its last cluster in use.
+   */
+  private async shrinkLocked(size: number): Promise<void> {
+    const cs = this.cs;
+    // The partial last cluster stays as QEMU leaves it.
+    await this.discardClusters(Math.ceil(size / cs) * cs, Math.ceil(this.size / cs) * cs);
+    await this.flushLocked();
+    const keep = Math.ceil(size / this.map.l2Span);
+    const freed: number[] = [];
+    for (let i = keep; i < this.map.l1Size; i++) {
+      const e = this.map.l1Entry(i);
+      if (e.offset === 0) continue;
+      await this.map.setL1Entry(i, 0, false);
+      freed.push(e.offset);
+    }
+    if (freed.length > 0) {
+      await this.barrier();
+      for (const t of freed) {
+        this.map.l2Cache.drop(t);
+        this.guard?.remove(t, OL.activeL2);
+        await this.refcounts.adjust(t / cs, -1);
+      }
+      await this.flushLocked();
+    }
+    await this.refcounts.shrinkTable();
+    const last = await this.refcounts.lastInUse(Math.ceil(this.file.size / cs));
+    if ((last + 1) * cs < this.file.size && this.file.truncate) await this.file.truncate((last + 1) * cs);
   }
 
   private async setSize(size: number): Promise<void> {
@@ -1147,9 +1277,8 @@ export class Qcow2Node implements BlockNode {
     // Refcounts of the new table, the table, then the header.
     await this.refcountCache.flush();
     await this.barrier();
-    const padded = Buffer.alloc(clusters * cs);
-    l1.copy(padded);
-    await this.file.write(offset, padded);
+    // Its bytes only, as qcow2_grow_l1_table writes it: a table at the end of the file leaves the file ending there.
+    await this.file.write(offset, l1);
     await this.barrier();
     const hdr = Buffer.alloc(12);
     hdr.writeUInt32BE(entries, 0);
@@ -1170,23 +1299,26 @@ export class Qcow2Node implements BlockNode {
   async flush(): Promise<void> {
     if (this.readOnly) return;
     if (this.guard?.corrupt) return this.flushCorrupt(this.guard);
-    await this.mutex.run(async () => {
-      const frees = this.refcounts.takeFrees();
-      await Promise.allSettled([...this.inflight]);
-      if (this.data !== this.file) await this.data.flush();
-      if (this.refcountCache.hasDirty()) {
-        await this.refcountCache.flush();
-        await this.barrier();
-      }
-      // The tables, then (behind a barrier) the L1 entries of new ones.
-      await this.map.l2Cache.flush();
+    await this.mutex.run(() => this.flushLocked());
+  }
+
+  /** flush() for a caller that holds the mutex. */
+  private async flushLocked(): Promise<void> {
+    const frees = this.refcounts.takeFrees();
+    await Promise.allSettled([...this.inflight]);
+    if (this.data !== this.file) await this.data.flush();
+    if (this.refcountCache.hasDirty()) {
+      await this.refcountCache.flush();
+      await this.barrier();
+    }
+    // The tables, then (behind a barrier) the L1 entries of new ones.
+    await this.map.l2Cache.flush();
+    await this.file.flush();
+    if (frees.length > 0) {
+      await this.refcounts.applyFrees(frees);
+      await this.refcountCache.flush();
       await this.file.flush();
-      if (frees.length > 0) {
-        await this.refcounts.applyFrees(frees);
-        await this.refcountCache.flush();
-        await this.file.flush();
-      }
-    });
+    }
   }
 
   /**

@@ -99,10 +99,11 @@ export class Refcounts {
    * Allocate up to `max` contiguous free clusters (at least one) and count them;
    * returns the first cluster index and how many were allocated. `data`: they will
    * hold guest data and nothing else (counted in dataChanges; a refcount block or a
-   * larger table this needs still counts as a change of the layout).
+   * larger table this needs still counts as a change of the layout). `from`: search
+   * from this cluster on instead of the lowest free one (new space past the file's end).
    */
-  async allocate(max: number, data = false): Promise<{ start: number; count: number }> {
-    let c = this.freeHint;
+  async allocate(max: number, data = false, from?: number): Promise<{ start: number; count: number }> {
+    let c = from ?? this.freeHint;
     for (;;) {
       const r = Math.floor(c / this.perBlock);
       if (r >= this.tableEntries) await this.grow(r);
@@ -116,7 +117,8 @@ export class Refcounts {
       for (let i = 0; i < n; i++) this.setEntry(block, c + i - base, 1);
       if (data) this.dataChanges += n;
       this.cache.markDirty(block);
-      this.freeHint = c + n;
+      // Searched from elsewhere: the free clusters below were not looked at.
+      if (from === undefined) this.freeHint = c + n;
       return { start: c, count: n };
     }
   }
@@ -135,6 +137,51 @@ export class Refcounts {
       // Never referenced: give the too-short runs straight back.
       for (const c of skipped) await this.adjust(c, -1);
     }
+  }
+
+  /**
+   * The last cluster below `clusters` with a refcount, or -1 (QEMU's
+   * qcow2_get_last_cluster): ranges without a refcount block are skipped whole.
+   */
+  async lastInUse(clusters: number): Promise<number> {
+    for (let r = Math.min(this.tableEntries, Math.ceil(clusters / this.perBlock)) - 1; r >= 0; r--) {
+      const block = await this.block(r);
+      if (!block) continue;
+      for (let i = Math.min(this.perBlock, clusters - r * this.perBlock) - 1; i >= 0; i--) if (this.entry(block, i) !== 0) return r * this.perBlock + i;
+    }
+    return -1;
+  }
+
+  /**
+   * Drop the refcount blocks that count nothing but maybe themselves (QEMU's
+   * qcow2_shrink_reftable, after a shrink freed what they counted): the table is
+   * written without them, then their clusters are free. Pending changes go first.
+   */
+  async shrinkTable(): Promise<void> {
+    const cs = this.clusterSize;
+    const unused: { r: number; offset: number }[] = [];
+    for (let r = 0; r < this.tableEntries; r++) {
+      const block = await this.block(r);
+      if (!block) continue;
+      const offset = decodeReftable(this.tableView, r, cs, Number.MAX_SAFE_INTEGER, this.name);
+      const own = offset / cs - r * this.perBlock;
+      let empty = true;
+      for (let i = 0; i < this.perBlock && empty; i++) if (i !== own && this.entry(block, i) !== 0) empty = false;
+      if (empty) unused.push({ r, offset });
+    }
+    if (unused.length === 0) return;
+    await this.cache.flush();
+    for (const u of unused) encodeReftable(this.tableView, u.r, 0);
+    await this.file.write(this.tableOffset, this.table);
+    await this.barrier();
+    for (const u of unused) {
+      this.cache.drop(u.offset);
+      this.guard?.remove(u.offset, OL.refcountBlock);
+      // A block counted in another one gives that reference back; one that counted itself is gone with it.
+      const c = u.offset / cs;
+      if (Math.floor(c / this.perBlock) !== u.r && (await this.refcount(c)) > 0) await this.adjust(c, -1);
+    }
+    this.freeHint = Math.min(this.freeHint, ...unused.map((u) => u.r * this.perBlock));
   }
 
   /** Add `delta` to the refcount of cluster (whose block must exist). */
