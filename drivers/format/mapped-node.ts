@@ -27,7 +27,7 @@ export interface MappedNodeInit {
 export type BlockPlace = number | 'zero' | 'unallocated' | MappedRun;
 
 export abstract class MappedNode implements BlockNode, Mapper {
-  readonly size: number;
+  private diskSize: number;
   readonly readOnly: boolean;
   readonly backing: BlockNode | undefined;
   readonly allocationUnit: number | undefined;
@@ -45,7 +45,7 @@ export abstract class MappedNode implements BlockNode, Mapper {
 
   constructor(o: MappedNodeInit) {
     this.file = o.file;
-    this.size = o.size;
+    this.diskSize = o.size;
     this.readOnly = o.readOnly;
     this.barriers = o.barriers;
     this.backing = o.backing;
@@ -54,6 +54,15 @@ export abstract class MappedNode implements BlockNode, Mapper {
 
   get name(): string {
     return this.file.name;
+  }
+
+  get size(): number {
+    return this.diskSize;
+  }
+
+  /** A driver that resizes (qed) says the new size once it is on disk. */
+  protected sizeChanged(size: number): void {
+    this.diskSize = size;
   }
 
   /** What tsimg info shows of this layer: set once by the driver's open (describedAs). */

@@ -3,8 +3,8 @@
 // does; LUKS2 headers made by cryptsetup open read-write too, and `-o luks-version=2`
 // makes them (QEMU 7.2 can do neither).
 import { writeEncrypted } from '../../util/write-encrypted.js';
-import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, HostCipher, ImageDescription, OpenOptions } from '../../types.js';
-import { CorruptImageError, UsageError } from '../../errors.js';
+import type { BlockNode, Creatable, CreateRequest, Extent, FormatDriver, HostCipher, ImageDescription, OpenOptions, TruncateOptions } from '../../types.js';
+import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
 import type { SectorCipher } from '../../crypto/index.js';
 import { describeLuks1, HDR as LUKS1_HDR, parseLuks1Header, type Luks1Header } from '../../crypto/luks1.js';
 import { luksVersion } from '../../crypto/magic.js';
@@ -21,14 +21,34 @@ class LuksNode implements BlockNode {
   constructor(
     private readonly file: BlockNode,
     private readonly payloadOffset: number,
-    readonly size: number,
+    private diskSize: number,
     /** Undefined when opened for metadata only (no passphrase): never read then. */
     private readonly cipher: SectorCipher | undefined,
     readonly readOnly: boolean,
     /** The LUKS1 header, for tsimg info (LUKS2 headers are not described). */
     private readonly header?: Luks1Header,
+    /** A LUKS2 segment of a size the header gives: the payload does not follow the file's size. */
+    private readonly fixedLength = false,
   ) {
     this.unit = cipher?.sectorSize ?? 512;
+  }
+
+  get size(): number {
+    return this.diskSize;
+  }
+
+  /**
+   * The payload is the rest of the file (QEMU's block_crypto_co_truncate): the file is
+   * sized to the payload offset plus `size`, with the preallocation asked (the file's
+   * refusals are QEMU's). New sectors read as whatever zeros decrypt to, as in QEMU and
+   * dm-crypt. A LUKS2 segment of fixed length would need its header rewritten: refused.
+   */
+  async truncate(size: number, o: TruncateOptions = {}): Promise<void> {
+    if (!this.file.truncate) throw new UsageError(`${this.name}: this protocol cannot be sized`);
+    if (this.fixedLength) throw new UnsupportedError(`${this.name}: the LUKS2 segment has a fixed size in its header; resizing it is not supported`);
+    if (this.unit !== 512 && size % this.unit !== 0) throw new UsageError(`${this.name}: the new size must be a multiple of the ${this.unit}-byte encryption sector`);
+    await this.file.truncate(this.payloadOffset + size, o);
+    this.diskSize = Math.ceil(size / this.unit) * this.unit;
   }
 
   private sectorCipher(): SectorCipher {
@@ -130,7 +150,7 @@ async function open(file: BlockNode, opts: OpenOptions): Promise<BlockNode> {
   // 512-byte sectors, rounded up): the file reads as zeros past its end, and the cipher
   // is only ever given whole sectors.
   const usable = v.version === 2 ? size - (size % v.sectorSize) : Math.ceil(size / v.sectorSize) * v.sectorSize;
-  const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly, v.version === 1 ? await luks1Header(file) : undefined);
+  const node = new LuksNode(file, v.payloadOffset, usable, v.sectorCipher, opts.readOnly || file.readOnly, v.version === 1 ? await luks1Header(file) : undefined, v.payloadLength !== undefined);
   return node;
 }
 

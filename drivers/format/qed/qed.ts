@@ -2,13 +2,14 @@
 // the shared mapped read path, allocating writes in QEMU's order: the need-check
 // flag, then the data (and a flush when a backing file shows through), then a new
 // L2 table, then the L1 or L2 entry that points at it. The flag is cleared on flush.
-import type { BlockNode, CheckReport, RepairFixed } from '../../types.js';
-import { CorruptImageError } from '../../errors.js';
+import type { BlockNode, CheckReport, RepairFixed, TruncateOptions } from '../../types.js';
+import { CorruptImageError, UnsupportedError, UsageError } from '../../errors.js';
+import { refusePreallocation } from '../../resize.js';
 import { readFromBacking } from '../backing.js';
 import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
 import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
-import { ENTRY, encodeFeatures, FEATURE, HDR, type QedHeader } from './header.js';
+import { ENTRY, encodeFeatures, FEATURE, HDR, maxImageSize, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
 import { checkAndRepair, qedCheck } from './check.js';
 
@@ -25,7 +26,7 @@ export interface QedNodeOptions {
 const ZERO_CHUNK = 1 << 20;
 
 export class QedNode extends MappedNode {
-  private readonly h: QedHeader;
+  private h: QedHeader;
   private readonly cs: number;
   private readonly tableEntries: number;
   /** Guest bytes one L2 table maps. */
@@ -304,6 +305,29 @@ export class QedNode extends MappedNode {
         this.features = features;
         return { leaks: 0, corruptions: result.corruptionsFixed };
       });
+  }
+
+  /**
+   * Grow the disk (QEMU's bdrv_qed_co_truncate): the header's size is all there is to
+   * change, the L1 table spans the largest size the header allows already. QEMU's
+   * refusals, in its order: zeroing a new area a longer backing file would show (no
+   * zero flag in QED), preallocation, a size the tables cannot map, shrinking.
+   */
+  async truncate(size: number, o: TruncateOptions = {}): Promise<void> {
+    if (o.zeroNew) throw new UnsupportedError(`${this.name}: Block driver does not support requested flags`);
+    refusePreallocation(o);
+    if (size % 512 !== 0 || size > maxImageSize(this.cs, this.h.tableSize)) throw new UsageError(`${this.name}: Invalid image size specified`);
+    if (size < this.size) throw new UnsupportedError(`${this.name}: Shrinking images is currently not supported`);
+    if (size === this.size) return;
+    await this.mutex.run(async () => {
+      const field = Buffer.alloc(8);
+      field.writeBigUInt64LE(BigInt(size));
+      await this.file.write(HDR.imageSize, field);
+      // qed_write_header_sync
+      await this.file.flush();
+      this.h = { ...this.h, imageSize: size };
+      this.sizeChanged(size);
+    });
   }
 
   protected override async flushLocked(): Promise<void> {
