@@ -172,6 +172,24 @@ describe('tsimg resize against qemu-img resize', function () {
     }
   });
 
+  it('commit grows a shorter base as qemu-img commit does: over its own longer backing file, the grown part reads zeros', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'commit-'));
+    for (const x of ['q', 't']) {
+      await runOk('qemu-img', ['create', '-q', '-f', 'raw', `bb${x}.raw`, '128M'], { cwd: dir });
+      await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 9 0 128M', `bb${x}.raw`], { cwd: dir });
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', `bb${x}.raw`, '-F', 'raw', `b${x}.qcow2`, '64M'], { cwd: dir });
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', `b${x}.qcow2`, '-F', 'qcow2', `t${x}.qcow2`, '100M'], { cwd: dir });
+      await runOk('qemu-io', ['-c', 'write -P 3 1M 1M', `t${x}.qcow2`], { cwd: dir });
+    }
+    await runOk('qemu-img', ['commit', 'tq.qcow2'], { cwd: dir });
+    const r = await tsimg(['commit', 'tt.qcow2'], dir);
+    expect(r.code, r.stderr).to.equal(0);
+    expect((await run('qemu-img', ['compare', 'bq.qcow2', 'bt.qcow2'], { cwd: dir })).code).to.equal(0);
+    await runOk('qemu-io', ['-c', 'read -P 0 64M 36M', 'bt.qcow2'], { cwd: dir });
+    expect(await checked(dir, ['bt.qcow2'])).to.equal(await checked(dir, ['bq.qcow2']));
+    expect(await shape(dir, ['bt.qcow2'])).to.equal(await shape(dir, ['bq.qcow2']));
+  });
+
   it('a --growable mount grows a qcow2 overlay of a longer backing file as qemu-img resize does: zeros, not the backing file', async function () {
     if (process.getuid?.() !== 0) this.skip();
     const dir = fs.mkdtempSync(path.join(t.dir, 'mount-'));
