@@ -206,6 +206,48 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     await expectSame(dir, 't.qcow2', 'expect.raw');
   });
 
+  it('rebase of qed as of qcow2 (safe, -u, onto nothing), -F required as qemu-img 7.2 requires it, amend never changes the backing file', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'rebase-qed-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'old.raw', '64M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 64M', 'old.raw'], { cwd: dir });
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'short.raw', '32M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 16M', 'short.raw'], { cwd: dir });
+    const cases: string[][] = [['-b', 'short.raw', '-F', 'raw'], ['-u', '-b', 'other.qcow2', '-F', 'qcow2'], ['-b', ''], ['-b', 'short.raw'], ['-u', '-b', 'short.raw']];
+    for (const format of ['qed', 'qcow2']) {
+      for (const c of cases) {
+        for (const f of [`q.${format}`, `t.${format}`]) {
+          fs.rmSync(path.join(dir, f), { force: true });
+          await runOk('qemu-img', ['create', '-q', '-f', format, '-b', 'old.raw', '-F', 'raw', f, '100M'], { cwd: dir });
+          await runOk('qemu-io', ['-f', format, '-c', 'write -P 3 10M 1M', f], { cwd: dir });
+        }
+        const what = `${format} rebase ${c.join(' ')}`;
+        const before = fs.readFileSync(path.join(dir, `t.${format}`));
+        const q = await run('qemu-img', ['rebase', '-f', format, ...c, `q.${format}`], { cwd: dir });
+        const r = await tsimg(['rebase', '-f', format, ...c, `t.${format}`], dir);
+        expect(r.code, `${what}: ${r.stderr}`).to.equal(q.code);
+        if (r.code !== 0) {
+          // Without -F: refused before anything is copied (qemu-img copies first, then refuses).
+          expect(r.stderr).to.contain('backing format must be specified');
+          expect(fs.readFileSync(path.join(dir, `t.${format}`)).equals(before), what).to.equal(true);
+          continue;
+        }
+        // The same header, the same clusters copied: the same file, byte for byte.
+        expect(fs.readFileSync(path.join(dir, `t.${format}`)).equals(fs.readFileSync(path.join(dir, `q.${format}`))), what).to.equal(true);
+      }
+    }
+    // amend: backing_file and backing_fmt only as they are (qcow2_amend_options); a change is a rebase.
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'old.raw', '-F', 'raw', 'a.qcow2', '100M'], { cwd: dir });
+    for (const opts of ['backing_file=old.raw,backing_fmt=raw', 'backing_file=old.raw', 'backing_fmt=raw', 'backing_file=short.raw,backing_fmt=raw']) {
+      const before = fs.readFileSync(path.join(dir, 'a.qcow2'));
+      const q = await run('qemu-img', ['amend', '-o', opts, 'a.qcow2'], { cwd: dir });
+      fs.writeFileSync(path.join(dir, 'a.qcow2'), before);
+      const r = await tsimg(['amend', '-o', opts, 'a.qcow2'], dir);
+      expect(r.code, `amend ${opts}: ${r.stderr}`).to.equal(q.code);
+      if (r.code !== 0) expect(r.stderr).to.contain('Cannot amend the backing file');
+      expect(fs.readFileSync(path.join(dir, 'a.qcow2')).equals(before), opts).to.equal(true);
+    }
+  });
+
   it('rebase of a sparse 16 GiB chain onto a shorter one: the disk unchanged, the same clusters copied as qemu-img\'s, holes of both chains skipped', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'rebase-sparse-'));
     const GiB = 1024 * MiB;

@@ -4,7 +4,7 @@
 // setBacking capability).
 import type { BlockNode } from '../../drivers/types.js';
 import { UsageError } from '../../drivers/errors.js';
-import { formatOf, openImage } from '../../drivers/open.js';
+import { openImage } from '../../drivers/open.js';
 import { progress, readOnlyOptions, writableOptions, type OpenCli, type Progress } from './common.js';
 import { pathCombine } from '../../drivers/protocol/index.js';
 import { StatusAhead, type Run } from '../../fs/extents.js';
@@ -106,16 +106,18 @@ export async function copyDifferences(top: BlockNode, oldBase: BlockNode | undef
 export async function rebase(spec: string, o: RebaseCli): Promise<void> {
   const removing = o.backing === '';
   if (removing && o.backingFormat !== undefined) throw new UsageError('-F needs a backing file');
+  // As qemu-img 7.2: a probed format would let whatever the file holds (a raw disk's
+  // guest may have written a header) decide how it is read later.
+  if (!removing && o.backingFormat === undefined) throw new UsageError(`Could not change the backing file to '${o.backing}': backing format must be specified (-F)`);
   const top = await openImage(spec, writableOptions(o, { noBacking: o.unsafe === true }));
   try {
     if (!top.setBacking) throw new UsageError(`${spec}: this image format cannot change its backing file`);
-    let format = o.backingFormat;
+    const format = o.backingFormat;
     let newBase: BlockNode | undefined;
     try {
       if (!removing) {
         try {
           newBase = await openImage(pathCombine(spec, o.backing), readOnlyOptions({ ...o, format: o.backingFormat }, { forceShare: true }));
-          format ??= formatOf(newBase);
         } catch (err) {
           // -u may name a backing file that is not there (yet): qemu-img records it all the same.
           if (!o.unsafe) throw err;

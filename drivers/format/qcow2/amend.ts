@@ -116,10 +116,10 @@ export async function amendQcow2(file: BlockNode, clusterSize: number, o: Create
   if (downgrade && lazy === true) throw new UsageError(`${file.name}: Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)`);
   const backingFile = o.string('backing_file');
   const backingFormat = o.string('backing_fmt');
-  if (backingFile !== undefined || backingFormat !== undefined) {
-    c.setBacking = true;
-    c.backingFile = backingFile ?? h.backingFile;
-    c.backingFormat = backingFormat ?? (backingFile === undefined ? h.backingFormat : undefined);
+  // QEMU 7.2's qcow2_amend_options: the backing fields may only be given as they are
+  // (changing them is a rebase, which checks what the new chain reads).
+  if ((backingFile !== undefined || backingFormat !== undefined) && (backingFile !== h.backingFile || backingFormat !== h.backingFormat)) {
+    throw new UsageError(`${file.name}: Cannot amend the backing file (use tsimg rebase instead)`);
   }
   for (const k of o.unused()) {
     if (['size', 'cluster_size', 'refcount_bits', 'extended_l2', 'encryption', 'encrypt.format', 'data_file', 'data_file_raw', 'preallocation', 'compression_type'].includes(k)) {

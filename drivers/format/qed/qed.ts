@@ -9,7 +9,7 @@ import { readFromBacking } from '../backing.js';
 import { MetadataRanges, tableOffsets } from '../metadata-ranges.js';
 import { pushRun, writeIntoNew, type MappedRun } from '../mapped.js';
 import { MappedNode } from '../mapped-node.js';
-import { ENTRY, encodeFeatures, FEATURE, HDR, maxImageSize, type QedHeader } from './header.js';
+import { encodeFeatures, encodeHeader, ENTRY, FEATURE, HDR, HEADER_BYTES, LIMITS, maxImageSize, type QedHeader } from './header.js';
 import { entryAt, type TablePages } from './tables.js';
 import { checkAndRepair, qedCheck } from './check.js';
 
@@ -327,6 +327,29 @@ export class QedNode extends MappedNode {
       await this.file.flush();
       this.h = { ...this.h, imageSize: size };
       this.sizeChanged(size);
+    });
+  }
+
+  /**
+   * Name another backing file, or none (tsimg rebase; QEMU's
+   * bdrv_qed_change_backing_file): the header and the name right after it, in one
+   * write and a flush. The features say whether there is one and whether it is raw
+   * (read without probing, the only format QED records). The name must fit in the
+   * header clusters; an image with compat features this code does not know may lay
+   * out more after the header, so it takes no name, as in QEMU.
+   */
+  async setBacking(file: string | undefined, format: string | undefined): Promise<void> {
+    if (file !== undefined && this.h.compatFeatures !== 0n) throw new UnsupportedError(`${this.name}: Could not change the backing file to '${file}': Operation not supported`);
+    const name = Buffer.from(file ?? '', 'utf8');
+    if (name.length > LIMITS.maxBackingNameLength || HEADER_BYTES + name.length > this.headerBytes) throw new UsageError(`${this.name}: Could not change the backing file to '${file}': No space left on device`);
+    await this.mutex.run(async () => {
+      let features = this.features & ~(FEATURE.backingFile | FEATURE.backingFormatNoProbe);
+      if (file !== undefined) features |= format === 'raw' ? FEATURE.backingFile | FEATURE.backingFormatNoProbe : FEATURE.backingFile;
+      const h: QedHeader = { ...this.h, features, backingFilenameOffset: HEADER_BYTES, backingFilenameSize: name.length };
+      await this.file.write(0, Buffer.concat([encodeHeader(h), name]));
+      await this.file.flush();
+      this.h = h;
+      this.features = features;
     });
   }
 
