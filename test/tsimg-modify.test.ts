@@ -174,6 +174,37 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     expect(none.stderr).to.contain('does not have a backing file');
   });
 
+  it('commit empties the image as qemu-img commit does: qcow2 cut down to its tables (v3) or discarded in place (v2), qcow to its L1 table, qed kept', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'commit-empty-'));
+    const layouts: { format: string; opts: string[] }[] = [
+      { format: 'qcow2', opts: [] },
+      { format: 'qcow2', opts: ['-o', 'compat=0.10'] },
+      { format: 'qcow2', opts: ['-o', 'extended_l2=on'] },
+      { format: 'qcow2', opts: ['-o', 'cluster_size=4k'] },
+      { format: 'qcow', opts: [] },
+      { format: 'qed', opts: [] },
+    ];
+    for (const l of layouts) {
+      const what = `${l.format} ${l.opts.join(' ')}`;
+      for (const x of ['q', 't']) {
+        for (const f of [`base${x}.raw`, `o${x}.${l.format}`]) fs.rmSync(path.join(dir, f), { force: true });
+        await runOk('qemu-img', ['create', '-q', '-f', 'raw', `base${x}.raw`, '64M'], { cwd: dir });
+        await runOk('qemu-img', ['create', '-q', '-f', l.format, ...l.opts, '-b', `base${x}.raw`, '-F', 'raw', `o${x}.${l.format}`, '64M'], { cwd: dir });
+        await runOk('qemu-io', ['-f', l.format, '-c', 'write -P 3 10M 1M', '-c', 'write -P 4 30M 5M', `o${x}.${l.format}`], { cwd: dir });
+      }
+      await runOk('qemu-img', ['commit', '-f', l.format, `oq.${l.format}`], { cwd: dir });
+      await ok(['commit', '-f', l.format, `ot.${l.format}`], dir);
+      expect(fs.readFileSync(path.join(dir, 'baset.raw')).equals(fs.readFileSync(path.join(dir, 'baseq.raw'))), what).to.equal(true);
+      expect(fs.statSync(path.join(dir, `ot.${l.format}`)).size, `${what}: file size`).to.equal(fs.statSync(path.join(dir, `oq.${l.format}`)).size);
+      const map = async (x: string): Promise<string> => (await runOk('qemu-img', ['map', '--output=json', '-f', l.format, `o${x}.${l.format}`], { cwd: dir })).replace(/base[qt]/g, 'base');
+      expect(await map('t'), what).to.equal(await map('q'));
+      if (l.format !== 'qcow') {
+        const check = async (x: string): Promise<string> => (await runOk('qemu-img', ['check', '--output=json', '-f', l.format, `o${x}.${l.format}`], { cwd: dir })).replace(/"filename": "[^"]*"/, '');
+        expect(await check('t'), what).to.equal(await check('q'));
+      }
+    }
+  });
+
   it('rebase (safe, -u, and onto nothing) as qemu-img rebase', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'rebase-'));
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'b1.qcow2', '64M'], { cwd: dir });

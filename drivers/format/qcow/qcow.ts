@@ -354,6 +354,32 @@ export class QcowNode extends MappedNode {
     await this.file.flush();
   }
 
+  /**
+   * Every cluster unallocated (tsimg commit), as qcow_make_empty: the L1 table zeroed
+   * on disk, then the file cut right after it (every L2 table and cluster lay past it:
+   * this format allocates only at the end), the tables in memory forgotten.
+   */
+  get makeEmpty(): (() => Promise<void>) | undefined {
+    if (this.readOnly) return undefined;
+    return () =>
+      this.mutex.run(async () => {
+        await this.flushLocked();
+        const tables: number[] = [];
+        for (let i = 0; i < this.l1.entries; i++) {
+          const t = await this.l1Entry(i);
+          if (t !== 0) tables.push(t);
+        }
+        await this.l1.write(0, Buffer.alloc(this.l1.entries * 8));
+        await this.file.flush();
+        if (this.file.truncate) await this.file.truncate(this.l1Offset + this.l1.entries * 8);
+        for (const t of tables) {
+          this.l2Cache.drop(t);
+          this.metadata.remove(t, 'qcow L2 table');
+        }
+        this.inflated = undefined;
+      });
+  }
+
   /** Guest cluster gc, not placed on disk, reads as zeros without a read: unallocated over no backing data. */
   private readsAsZeros(gc: number, w: Where): boolean {
     return w.kind === 'unallocated' && (this.backing === undefined || this.backing.size <= gc * this.cs);

@@ -1107,6 +1107,17 @@ export class Qcow2Node implements BlockNode {
     const cs = this.cs;
     // The partial last cluster stays as QEMU leaves it.
     await this.discardClusters(Math.ceil(size / cs) * cs, Math.ceil(this.size / cs) * cs);
+    await this.releaseTables(size);
+  }
+
+  /**
+   * After the clusters from guest offset `size` on were discarded: the L2 tables that map
+   * only those are freed (qcow2_shrink_l1_table), then the refcount blocks that count
+   * nothing but themselves (qcow2_shrink_reftable), and the file is cut after its last
+   * cluster in use. The caller holds the mutex.
+   */
+  private async releaseTables(size: number): Promise<void> {
+    const cs = this.cs;
     await this.flushLocked();
     const keep = Math.ceil(size / this.map.l2Span);
     const freed: number[] = [];
@@ -1169,10 +1180,20 @@ export class Qcow2Node implements BlockNode {
   }
 
   /** Every cluster of this layer unallocated, so that it reads its backing file (qemu-img commit's make_empty). */
+  /**
+   * Every cluster of this layer unallocated (tsimg commit), as qcow2_make_empty: where
+   * QEMU empties the file itself (v3, no snapshots, no LUKS header, no data file) the L2
+   * tables go too and the file ends after the tables left, as small as QEMU's; otherwise
+   * the clusters are discarded and the file keeps its size, as QEMU's fallback does.
+   */
   async makeEmpty(): Promise<void> {
     this.checkWritable();
     await this.prepare();
-    await this.mutex.run(() => this.discardClusters(0, Math.ceil(this.size / this.cs) * this.cs));
+    const whole = this.v3 && (this.snapshotState?.snapshots.length ?? 0) === 0 && !this.crypt?.physical && this.data === this.file;
+    await this.mutex.run(async () => {
+      await this.discardClusters(0, Math.ceil(this.size / this.cs) * this.cs);
+      if (whole) await this.releaseTables(0);
+    });
     await this.flush();
   }
 
