@@ -190,6 +190,36 @@ describe('tsimg resize against qemu-img resize', function () {
     expect(await shape(dir, ['bt.qcow2'])).to.equal(await shape(dir, ['bq.qcow2']));
   });
 
+  it('a --growable mount grows qed and luks too; what is written past the old end reads back, and QEMU reads it', async function () {
+    if (process.getuid?.() !== 0) this.skip();
+    const dir = fs.mkdtempSync(path.join(t.dir, 'grow-'));
+    const blob = Buffer.alloc(4 << 20);
+    for (let i = 0; i < blob.length; i++) blob[i] = (i * 2654435761) >>> 24;
+    fs.writeFileSync(path.join(dir, 'pw'), PASS);
+    for (const l of [LAYOUTS.find((x) => x.name === 'qed')!, LAYOUTS.find((x) => x.name === 'luks')!]) {
+      const file = `g.${l.format}`;
+      await make(dir, l, file);
+      const mp = mountpointIn(dir, `mp-${l.format}`);
+      await mounts.mount(['--rw', '--growable', ...(l.luks ? ['--secret-file', path.join(dir, 'pw')] : []), path.join(dir, file), mp]);
+      const flat = path.join(mp, 'g.raw');
+      fs.truncateSync(flat, 128 << 20);
+      expect(fs.statSync(flat).size, l.name).to.equal(128 << 20);
+      const fd = fs.openSync(flat, 'r+');
+      try {
+        fs.writeSync(fd, blob, 0, blob.length, 120 << 20);
+        const back = Buffer.alloc(blob.length);
+        fs.readSync(fd, back, 0, back.length, 120 << 20);
+        expect(back.equals(blob), l.name).to.equal(true);
+      } finally {
+        fs.closeSync(fd);
+      }
+      await mounts.unmount(mp);
+      const args = l.luks ? luksOpts(file) : ['-f', l.format, file];
+      await runOk('qemu-io', [...args, '-c', `read -v ${120 << 20} 16`], { cwd: dir }).then((out) => expect(out, l.name).to.contain(blob.subarray(0, 4).toString('hex').replace(/(..)/g, '$1 ').trim()));
+      if (!l.luks) expect((await run('qemu-img', ['check', ...args], { cwd: dir })).code, l.name).to.equal(0);
+    }
+  });
+
   it('a --growable mount grows a qcow2 overlay of a longer backing file as qemu-img resize does: zeros, not the backing file', async function () {
     if (process.getuid?.() !== 0) this.skip();
     const dir = fs.mkdtempSync(path.join(t.dir, 'mount-'));
