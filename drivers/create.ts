@@ -1,6 +1,6 @@
 // Creating an image: what `tsimg create` does, shared with tsmount --overlay and
 // --snapshot, which create their qcow2 overlay the same way.
-import type { BlockNode, CreateRequest } from './types.js';
+import type { BlockNode, CreateRequest, FileAttributes } from './types.js';
 import { UsageError } from './errors.js';
 import { CreateOptions, parseOptionString, parseSize } from './options.js';
 import { formatByName } from './format/index.js';
@@ -60,7 +60,8 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
   const secret = o.secret;
   const protocol = protocolFor(spec);
   if (!protocol.create) throw new UsageError(`${spec}: cannot create images on the ${protocol.name} protocol`);
-  await protocol.create(spec);
+  const attrs = fileAttributes(options, driver.createOptions ?? []);
+  await protocol.create(spec, attrs);
   const made = [spec];
   const file = await openProtocol(spec, { readOnly: false, cache: 'writeback' });
   const extra: BlockNode[] = [];
@@ -76,7 +77,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
       resolve: (name) => (hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name)),
       createFile: async (name) => {
         const target = protocol.resolveRelative(spec, name);
-        await protocol.create!(target);
+        await protocol.create!(target, attrs);
         made.push(target);
         const node = await openProtocol(target, { readOnly: false, cache: 'writeback' });
         extra.push(node);
@@ -102,3 +103,22 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
   }
 }
 
+/** The file protocol's extent size hint when none is given (QEMU's file-posix default). */
+const DEFAULT_EXTENT_SIZE_HINT = 1 << 20;
+
+/**
+ * qemu-img create's protocol options, taken for any format (qemu-img passes them to the
+ * file it creates, each extent or data file included): nocow, extent_size_hint, and
+ * preallocation where the format has none of its own (a plain file cannot preallocate
+ * metadata; the rest changes nothing a format then writes, as in QEMU).
+ */
+function fileAttributes(options: CreateOptions, formatOptions: readonly string[]): FileAttributes {
+  const nocow = options.bool('nocow') ?? false;
+  const hint = options.size('extent_size_hint');
+  if (hint !== undefined && hint > 0xffffffff) throw new UsageError('Extent size hint is too large');
+  if (!formatOptions.includes('preallocation')) {
+    const p = options.choice('preallocation', ['off', 'metadata', 'falloc', 'full'] as const);
+    if (p === 'metadata') throw new UsageError('Unsupported preallocation mode: metadata');
+  }
+  return { nocow, extentSizeHint: hint ?? DEFAULT_EXTENT_SIZE_HINT, hintGiven: hint !== undefined };
+}

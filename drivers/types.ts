@@ -422,14 +422,29 @@ export interface ProtocolOpenOptions {
  * Where bytes live: a local file, NBD, SSH... A spec is what the user typed (a path,
  * a URI); each protocol claims the specs it understands, the file protocol the rest.
  */
+/**
+ * What QEMU's file protocol (file-posix raw_co_create) sets on a file it creates, from
+ * qemu-img create's protocol options, whatever the format: the btrfs NOCOW attribute
+ * (`nocow`) and the XFS extent size hint (`extent_size_hint`, 1 MiB unless given).
+ */
+export interface FileAttributes {
+  nocow: boolean;
+  extentSizeHint: number;
+  /** The hint was given: a file system that refuses it is then warned about, as QEMU does. */
+  hintGiven: boolean;
+}
+
 export interface ProtocolDriver {
   readonly name: string;
   claims(spec: string): boolean;
   open(spec: string, opts: ProtocolOpenOptions): Promise<BlockNode>;
   /** `name` (a backing file, an extent) relative to `base`, on the same protocol and with its options. */
   resolveRelative(base: string, name: string): string;
-  /** Make an empty object to create an image in (tsimg create); open it with open(). */
-  create?(spec: string): Promise<void>;
+  /**
+   * Make an empty object to create an image in (tsimg create); open it with open().
+   * `attrs`: what QEMU's file protocol sets on a new file; others ignore them.
+   */
+  create?(spec: string, attrs?: FileAttributes): Promise<void>;
   /**
    * A protocol whose objects are volumes with a size of their own (a Sheepdog VDI):
    * make one of `size` bytes, or a clone of the snapshot `backing` names, instead of

@@ -24,6 +24,7 @@ PACKAGES=(
   libzstd1                          # zstd-compressed qcow2 clusters decoded by libzstd (native-codecs.ts; fzstd is the fallback)
   libdeflate0                       # compressed qcow2 clusters and vmdk grains inflated by the FUSE workers (libdeflate.ts; zlib is the fallback)
   cryptsetup-bin                    # LUKS1/LUKS2 headers made by cryptsetup
+  btrfs-progs xfsprogs e2fsprogs    # create -o nocow / extent_size_hint checked on loop-mounted btrfs and xfs (mkfs, lsattr, xfs_io)
   time                              # /usr/bin/time: CPU and peak memory of a hostile open
   socat                             # a syslog socket of the tests' own (mount-life test)
   tgt                               # iSCSI tests: tgtd and tgtadm serve LUNs on loopback

@@ -34,6 +34,8 @@ const FuseBackingMap = koffi.struct('tsmount_fuse_backing_map', { fd: 'int32_t',
 const ioctlBackingOpen = libc.func('int ioctl(int fd, unsigned long req, const tsmount_fuse_backing_map *map)');
 const ioctlBackingClose = libc.func('int ioctl(int fd, unsigned long req, const uint32_t *id)');
 const ioctlClone = libc.func('int ioctl(int fd, unsigned long req, const uint32_t *oldfd)');
+const ioctlIntIn = libc.func('int ioctl(int fd, unsigned long req, const int *in)');
+const ioctlBuffer = libc.func('int ioctl(int fd, unsigned long req, void *buf)');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const umount2Fn = libc.func('int umount2(const char *target, int flags)');
 const Iovec = koffi.struct('tsmount_iovec', { base: 'void *', len: 'size_t' });
@@ -350,4 +352,29 @@ const PR_SET_IO_FLUSHER = 57;
  */
 export function setIoFlusher(): number {
   return (prctlFn(PR_SET_IO_FLUSHER, 1, 0, 0, 0) as number) === 0 ? 0 : errno();
+}
+
+/** _IOR('f', 1, long) and _IOW('f', 2, long): the inode flags (the kernel moves an int). */
+const FS_IOC_GETFLAGS = 0x80086601;
+const FS_IOC_SETFLAGS = 0x40086602;
+const FS_NOCOW_FL = 0x00800000;
+/** _IOR('X', 31, struct fsxattr) and _IOW('X', 32, struct fsxattr): 28 bytes. */
+const FS_IOC_FSGETXATTR = 0x801c581f;
+const FS_IOC_FSSETXATTR = 0x401c5820;
+const FS_XFLAG_EXTSIZE = 0x800;
+
+/** Set the NOCOW inode flag (btrfs; an empty file only); throws SysError where refused. */
+export function setNoCow(fd: number): void {
+  const flags = [0];
+  if ((ioctlInt(fd, FS_IOC_GETFLAGS, flags) as number) !== 0) throw new SysError('ioctl(FS_IOC_GETFLAGS)', errno());
+  if ((ioctlIntIn(fd, FS_IOC_SETFLAGS, [flags[0]! | FS_NOCOW_FL]) as number) !== 0) throw new SysError('ioctl(FS_IOC_SETFLAGS)', errno());
+}
+
+/** Set the extent size hint (XFS: FS_XFLAG_EXTSIZE); throws SysError where refused. */
+export function setExtentSizeHint(fd: number, bytes: number): void {
+  const attr = Buffer.alloc(28);
+  if ((ioctlBuffer(fd, FS_IOC_FSGETXATTR, attr) as number) !== 0) throw new SysError('ioctl(FS_IOC_FSGETXATTR)', errno());
+  attr.writeUInt32LE((attr.readUInt32LE(0) | FS_XFLAG_EXTSIZE) >>> 0, 0);
+  attr.writeUInt32LE(bytes, 4);
+  if ((ioctlBuffer(fd, FS_IOC_FSSETXATTR, attr) as number) !== 0) throw new SysError('ioctl(FS_IOC_FSSETXATTR)', errno());
 }

@@ -104,7 +104,7 @@ async function readSettings(req: CreateRequest): Promise<Settings & { luks: Map<
   const compression = o.choice('compression_type', ['zlib', 'zstd'] as const) ?? 'zlib';
   if (compression !== 'zlib' && version === 2) fail('Compression type selection is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
   let prealloc = o.choice('preallocation', ['off', 'metadata', 'falloc', 'full'] as const) ?? 'off';
-  o.bool('nocow'); // btrfs NOCOW attribute: a no-op on other file systems, and here
+  o.bool('nocow'); // btrfs NOCOW attribute: set on the new file by drivers/create.ts, as for any format
   const dataFile = o.string('data_file');
   const dataFileRaw = o.bool('data_file_raw') ?? false;
   if (dataFile !== undefined && version === 2) fail('Data file requires compatibility level 1.1 or above (use compat=1.1 or greater)');

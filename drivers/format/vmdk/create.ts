@@ -91,7 +91,8 @@ export async function createVmdk(req: CreateRequest): Promise<void> {
   const compat6 = o.bool('compat6') ?? false;
   const subformat = o.choice('subformat', SUBFORMATS) ?? 'monolithicSparse';
   const zeroedGrain = o.bool('zeroed_grain') ?? false;
-  // Options of the file protocol underneath; QEMU creates every extent file empty, so they change nothing.
+  // Options of the file protocol underneath: drivers/create.ts sets nocow and the extent size hint on every
+  // extent file; QEMU creates each empty, so preallocation changes nothing.
   o.choice('preallocation', ['off', 'falloc', 'full'] as const);
   o.size('extent_size_hint');
   o.bool('nocow');
