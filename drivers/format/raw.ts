@@ -36,25 +36,15 @@ class RawNode extends Filter {
   }
 }
 
-/** Bytes written per request by preallocation=full. */
-const FILL_CHUNK = 1 << 20;
-
 async function create(req: CreateRequest): Promise<void> {
   const prealloc = req.options.choice('preallocation', ['off', 'falloc', 'full'] as const) ?? 'off';
   req.options.finish('raw');
   if (req.size === undefined) throw new UsageError(`${req.spec}: raw images need a size`);
   const file = req.file;
   if (!file.truncate) throw new UsageError(`${req.spec}: this protocol cannot be sized`);
-  await file.truncate(req.size);
-  if (prealloc === 'falloc' && file.zero) {
-    // Allocating zeroes: fallocate without punching, as posix_fallocate would.
-    await file.zero(0, req.size, false);
-  } else if (prealloc === 'full') {
-    const zeros = new Uint8Array(Math.min(FILL_CHUNK, req.size));
-    for (let off = 0; off < req.size; off += zeros.length) {
-      await file.write(off, zeros.subarray(0, Math.min(zeros.length, req.size - off)));
-    }
-  }
+  // The file's own preallocation, as QEMU's raw create is file-posix's (a protocol
+  // without it refuses any but off).
+  await file.truncate(req.size, prealloc === 'off' ? {} : { prealloc });
   await file.flush();
 }
 

@@ -468,6 +468,16 @@ export class FileNode implements BlockNode {
       throw ioError('truncate', this.name, err);
     }
     this.currentSize = size;
+    // QEMU's allocate_first_block: a file grown from nothing gets its first block
+    // written (512 bytes, or 4 KiB from a 4 KiB file on), which helps later alignment
+    // probing; the same first block as qemu-img's, in qemu-img map and st_blocks.
+    if (old === 0 && size > 0 && prealloc !== 'full') {
+      try {
+        fs.writeSync(this.fd, Buffer.alloc(size < 4096 ? 512 : 4096), 0, size < 4096 ? Math.min(512, size) : 4096, 0);
+      } catch {
+        // An optimisation: a failure changes nothing else (QEMU ignores it too).
+      }
+    }
     if (size <= old || prealloc === 'off') return;
     if (prealloc === 'falloc') {
       try {

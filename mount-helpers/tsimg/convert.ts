@@ -6,6 +6,7 @@
 // Several sources are concatenated, as qemu-img does. -c writes whole clusters through
 // the node's writeCompressed (qcow2, qcow); vmdk takes -c and compresses exactly when the
 // extents are streamOptimized, as QEMU's vmdk; every other format refuses it.
+import fs from 'node:fs';
 import { CACHE_MODES, type BlockNode, type CacheMode, type Extent } from '../../drivers/types.js';
 import { chainStatus, StatusAhead } from '../../fs/extents.js';
 import { openImage } from '../../drivers/open.js';
@@ -107,6 +108,12 @@ export interface CopyOptions {
   onlyDifferences?: boolean;
   /** -c: whole clusters of data go through dst.writeCompressed. */
   compress?: boolean;
+  /**
+   * dst was just made and reads as zeros wherever nothing is written (QEMU's
+   * bdrv_has_zero_init): its block status is not asked (a new raw file's first block
+   * is allocated, yet reads as zeros).
+   */
+  zeroInit?: boolean;
 }
 
 /** -m N as qemu-img reads it: a whole number from 1 to 16, its error message otherwise. */
@@ -189,7 +196,7 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
     const n = Math.min(chunkSize, src.size - pos);
     const inDst = Math.min(n, dst.size - pos);
     // Both asked at once, before any await: a span of status starts at a chunk nobody has taken yet (StatusAhead).
-    const [fresh, runs] = await Promise.all([inDst > 0 ? dstStatus.status(pos, inDst) : [], srcStatus.status(pos, n)]);
+    const [fresh, runs] = await Promise.all([inDst > 0 && !o.zeroInit ? dstStatus.status(pos, inDst) : [], srcStatus.status(pos, n)]);
     const reads: Promise<void>[] = [];
     const writes: Writes[] = [];
     for (const r of runs) {
@@ -243,7 +250,7 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
    */
   const pastHoles = (first: number): number => {
     const pos = first * chunkSize;
-    const end = Math.min(srcStatus.holeEnd(pos), pos >= dst.size ? Infinity : dstStatus.holeEnd(pos));
+    const end = Math.min(srcStatus.holeEnd(pos), pos >= dst.size || o.zeroInit ? Infinity : dstStatus.holeEnd(pos));
     return end >= src.size ? chunks : Math.max(first, Math.floor(end / chunkSize));
   };
   const worker = async (): Promise<void> => {
@@ -368,6 +375,9 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
   const src = await openSources(srcSpecs, o);
   try {
     const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
+    // A new image reads as zeros where nothing is written, but for a LUKS payload (zeros
+    // decrypt to noise), an overlay (-B) and a host device (its old bytes stay): QEMU's has_zero_init.
+    const zeroInit = !o.skipCreate && o.backingFile === undefined && o.outputFormat !== 'luks' && !isBlockDevice(dstSpec);
     if (!o.skipCreate) {
       await createImage(dstSpec, String(src.size), {
         format: o.outputFormat,
@@ -395,7 +405,7 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         const show = progress(o.progress);
         // -n writes every data run as qemu-img does (no compare with what the target holds:
         // onto an identical allocated cluster, -n -c fails as qemu-img's does).
-        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress });
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress, zeroInit });
         await dst.flush();
         show?.done();
         ok = true;
@@ -408,5 +418,15 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
     }
   } finally {
     await src.close();
+  }
+}
+
+/** Whether a target spec names an existing host block device (file protocol). */
+function isBlockDevice(spec: string): boolean {
+  if (protocolFor(spec).name !== 'file') return false;
+  try {
+    return fs.statSync(spec.startsWith('file:') ? spec.slice(5) : spec).isBlockDevice();
+  } catch {
+    return false;
   }
 }

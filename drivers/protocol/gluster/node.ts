@@ -268,11 +268,18 @@ export class GlusterNode extends RemoteNode {
     if (offset + length > this.currentSize) await this.truncate(offset + length);
   }
 
-  async truncate(size: number, o?: TruncateOptions): Promise<void> {
-    refusePreallocation(o);
+  /**
+   * glfs_ftruncate; preallocation (growing only) as QEMU's qemu_gluster_do_truncate
+   * offers it: the new area zero-filled on the volume (falloc and full alike here).
+   */
+  async truncate(size: number, o: TruncateOptions = {}): Promise<void> {
+    const prealloc = o.prealloc ?? 'off';
+    if (prealloc === 'metadata') refusePreallocation(o);
+    const old = this.currentSize;
     await this.call(`truncate to ${size}`, 'glfs_ftruncate', size, null, null);
     this.currentSize = size;
     this.dirty = true;
+    if (prealloc !== 'off' && size > old) await this.zero(old, size - old, false);
   }
 
   protected async sync(): Promise<void> {
