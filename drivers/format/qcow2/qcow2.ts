@@ -1051,6 +1051,7 @@ export class Qcow2Node implements BlockNode {
     // as QEMU's do (only a new refcount block, at the start of the range it counts, may
     // cut it); metadata: each table before its clusters, as QEMU's allocation goes.
     if (mode !== 'metadata') for (let l1i = Math.floor(old / this.map.l2Span); l1i * this.map.l2Span < size; l1i++) await this.l2ForWrite(l1i);
+    // New host clusters only past the end of the file: nothing was ever there.
     let from = Math.ceil(this.file.size / cs);
     for (let pos = Math.floor(old / cs) * cs; pos < size; ) {
       const l1i = Math.floor(pos / this.map.l2Span);
@@ -1061,11 +1062,12 @@ export class Qcow2Node implements BlockNode {
       const baseIndex = l1i * this.map.l2Entries;
       const first = here / cs;
       const entries = this.snapshotEntries(await this.map.l2Cache.get(l2Offset), first, chunkEnd / cs - first, baseIndex);
+      // The host offset of each cluster, -1 where it stays as it is (a data file's first cluster is at 0).
       const hosts: number[] = [];
       for (let k = 0; k < entries.length; ) {
         // A cluster the old disk ends in keeps what it reads as (QEMU would allocate it; the bytes are the same).
         if (hasHost(entries[k]!) || entries[k]!.kind === 'compressed' || (first + k) * cs < old) {
-          hosts.push(0);
+          hosts.push(-1);
           k++;
           continue;
         }
@@ -1076,7 +1078,6 @@ export class Qcow2Node implements BlockNode {
         }
         let n = 1;
         while (k + n < entries.length && !hasHost(entries[k + n]!) && entries[k + n]!.kind !== 'compressed') n++;
-        // Past the end of the file: nothing was ever there.
         const got = await this.refcounts.allocate(n, true, from);
         from = got.start + got.count;
         const host = got.start * cs;
@@ -1092,7 +1093,7 @@ export class Qcow2Node implements BlockNode {
       const dv = table.view();
       for (let k = 0; k < hosts.length; k++) {
         const at = hosts[k]!;
-        if (at === 0) continue;
+        if (at < 0) continue;
         if (ext) encodeL2Ext(dv, first + k - baseIndex, at, true, zeroNew ? ALL_SUBCLUSTERS : 0, 0);
         else encodeL2(dv, first + k - baseIndex, at, true, false);
       }
