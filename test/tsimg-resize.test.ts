@@ -158,6 +158,16 @@ describe('tsimg resize against qemu-img resize', function () {
     });
   }
 
+  it('a qcow2 with a data file grown from nothing with preallocation=metadata maps its first cluster too', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'zero-'));
+    for (const x of ['q', 't']) await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `data_file=${path.join(dir, `${x}.data`)}`, `${x}.qcow2`, '0'], { cwd: dir });
+    await runOk('qemu-img', ['resize', '--preallocation=metadata', 'q.qcow2', '1M'], { cwd: dir });
+    const r = await tsimg(['resize', '--preallocation=metadata', 't.qcow2', '1M'], dir);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(await shape(dir, ['t.qcow2'])).to.equal(await shape(dir, ['q.qcow2']));
+    expect(await checked(dir, ['t.qcow2'])).to.equal(await checked(dir, ['q.qcow2']));
+  });
+
   it('formats QEMU cannot resize are refused alike, the image unchanged', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'no-'));
     for (const format of ['vdi', 'vmdk', 'vpc', 'vhdx', 'parallels', 'qcow']) {
