@@ -28,3 +28,9 @@ export async function resizeNode(node: BlockNode, size: number, o: { prealloc?: 
 export function refusePreallocation(o: TruncateOptions | undefined): void {
   if (o?.prealloc !== undefined && o.prealloc !== 'off') throw new UnsupportedError(`Unsupported preallocation mode '${o.prealloc}'`);
 }
+
+/** `file` where its protocol can size it; one that cannot (an NBD export) refuses in one line. */
+export function sizable(file: BlockNode): BlockNode & Required<Pick<BlockNode, 'truncate'>> {
+  if (!file.truncate) throw new UsageError(`${file.name}: this protocol cannot be sized`);
+  return file as BlockNode & Required<Pick<BlockNode, 'truncate'>>;
+}

@@ -12,6 +12,7 @@ import { QEMU_HASHES } from '../../crypto/hash.js';
 import { QEMU_IVGENS } from '../../crypto/ivgen.js';
 import { CIPHER_MODES } from '../../crypto/magic.js';
 import { probe } from './probe.js';
+import { sizable } from '../../resize.js';
 
 class LuksNode implements BlockNode {
   private readonly unit: number;
@@ -44,10 +45,10 @@ class LuksNode implements BlockNode {
    * dm-crypt. A LUKS2 segment of fixed length would need its header rewritten: refused.
    */
   async truncate(size: number, o: TruncateOptions = {}): Promise<void> {
-    if (!this.file.truncate) throw new UsageError(`${this.name}: this protocol cannot be sized`);
+    const file = sizable(this.file);
     if (this.fixedLength) throw new UnsupportedError(`${this.name}: the LUKS2 segment has a fixed size in its header; resizing it is not supported`);
     if (this.unit !== 512 && size % this.unit !== 0) throw new UsageError(`${this.name}: the new size must be a multiple of the ${this.unit}-byte encryption sector`);
-    await this.file.truncate(this.payloadOffset + size, o);
+    await file.truncate(this.payloadOffset + size, o);
     this.diskSize = Math.ceil(size / this.unit) * this.unit;
   }
 

@@ -11,6 +11,7 @@ import { IoError, UnsupportedError, UsageError } from '../../errors.js';
 import type { Table, TableCache } from '../../../cache/table-cache.js';
 import { closeLayers, readFromBacking } from '../backing.js';
 import { splitByHoles } from '../mapped.js';
+import { sizable } from '../../resize.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
@@ -76,12 +77,6 @@ const COMPRESSED_SPAN = 4 << 20;
 /** Shared reads up to this size use pooled buffers of this size; a few are kept per node. */
 const COMPRESSED_POOL_BYTES = 1 << 20;
 const COMPRESSED_POOL_KEEP = 4;
-
-/** `file` where it can be sized; a protocol that cannot (an NBD export) refuses in one line. */
-function sized(file: BlockNode): BlockNode & Required<Pick<BlockNode, 'truncate'>> {
-  if (!file.truncate) throw new UnsupportedError(`${file.name}: this protocol cannot be resized`);
-  return file as BlockNode & Required<Pick<BlockNode, 'truncate'>>;
-}
 
 /** Zeros nobody writes into, grown to the largest piece asked for (a cluster: 2 MiB at most). */
 let zeroPad = Buffer.alloc(0);
@@ -1017,7 +1012,7 @@ export class Qcow2Node implements BlockNode {
         if (needed > this.map.l1Size) await this.growL1(needed);
       }
       if (prealloc === 'off') {
-        if (this.data !== this.file) await sized(this.data).truncate(size);
+        if (this.data !== this.file) await sizable(this.data).truncate(size);
       } else {
         await this.preallocate(old, size, prealloc, o.zeroNew === true);
       }
@@ -1083,7 +1078,7 @@ export class Qcow2Node implements BlockNode {
         const host = got.start * cs;
         const end = host + got.count * cs;
         await this.guard?.check(host, end - host);
-        if (end > this.file.size) await sized(this.file).truncate(end);
+        if (end > this.file.size) await sizable(this.file).truncate(end);
         if (mode === 'falloc' && !(this.file.allocateZeros && (await this.file.allocateZeros(host, end - host)))) mode = 'full';
         if (mode === 'full') for (let at = host; at < end; at += ZERO_CHUNK) await this.file.write(at, sharedZeros(Math.min(ZERO_CHUNK, end - at)));
         for (let c = 0; c < got.count; c++) hosts.push(host + c * cs);
@@ -1101,7 +1096,7 @@ export class Qcow2Node implements BlockNode {
     }
     // The data file covers the last new cluster whole, as preallocate_co leaves it.
     const covered = Math.ceil(size / cs) * cs;
-    if (external && this.data.size < covered) await sized(this.data).truncate(covered, mode === 'metadata' ? {} : { prealloc: mode });
+    if (external && this.data.size < covered) await sizable(this.data).truncate(covered, mode === 'metadata' ? {} : { prealloc: mode });
   }
 
   /**
