@@ -1,7 +1,11 @@
 // Root hooks for every test file: no FUSE mount may outlive the suite.
 import { execFileSync } from 'node:child_process';
+import { config } from 'chai';
 import { fuseMountsUnder } from './helpers/mount.js';
 
+// A failing assertion prints its whole actual value: CI keeps only the log, and a cut
+// error message (chai's default is 40 characters) leaves the cause unknown.
+config.truncateThreshold = 0;
 
 export const mochaHooks = {
   afterAll(): void {
