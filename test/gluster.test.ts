@@ -194,6 +194,48 @@ describe('GlusterFS: images on a gluster volume through libgfapi', function () {
     expect(JSON.parse(execFileSync('qemu-img', ['info', '--output=json', brick], { encoding: 'utf8' }))['virtual-size']).to.equal(32 * MiB);
   });
 
+  it('preallocation on the volume as qemu_gluster_do_truncate: create and resize with off, falloc and full; shrinking with it refused', async () => {
+    const theirsToo = (await run('qemu-img', ['--help'])).stdout.includes('gluster');
+    const allocated = (name: string): number => fs.statSync(path.join(single[0]!, name)).blocks * 512;
+    for (const mode of ['off', 'falloc', 'full'] as const) {
+      const name = `pre-${mode}.img`;
+      const made = await tsimg(['create', '-f', 'raw', '-o', `preallocation=${mode}`, url(vol, name), '8M']);
+      expect(made.code, made.stderr).to.equal(0);
+      expect(fs.statSync(path.join(single[0]!, name)).size).to.equal(8 * MiB);
+      const grown = await tsimg(['resize', '-f', 'raw', `--preallocation=${mode}`, url(vol, name), '12M']);
+      expect(grown.code, grown.stderr).to.equal(0);
+      expect(fs.statSync(path.join(single[0]!, name)).size).to.equal(12 * MiB);
+      if (mode === 'off') expect(allocated(name), mode).to.be.below(MiB);
+      else expect(allocated(name), mode).to.be.at.least(12 * MiB);
+      expect(fs.readFileSync(path.join(single[0]!, name)).every((b) => b === 0), mode).to.equal(true);
+      if (theirsToo) {
+        // qemu-img's own gluster driver, the same file sizes and (where preallocated) the same allocation.
+        const q = `q${name}`;
+        const r1 = await run('qemu-img', ['create', '-q', '-f', 'raw', '-o', `preallocation=${mode}`, url(vol, q), '8M'], { timeoutMs: 90_000 });
+        expect(r1.code, r1.stderr).to.equal(0);
+        const r2 = await run('qemu-img', ['resize', '-q', '-f', 'raw', `--preallocation=${mode}`, url(vol, q), '12M'], { timeoutMs: 90_000 });
+        expect(r2.code, r2.stderr).to.equal(0);
+        expect(fs.statSync(path.join(single[0]!, q)).size).to.equal(12 * MiB);
+        if (mode !== 'off') expect(allocated(q), `qemu-img ${mode}`).to.be.at.least(12 * MiB);
+      }
+    }
+    const shrink = await tsimg(['resize', '-f', 'raw', '--shrink', '--preallocation=falloc', url(vol, 'pre-falloc.img'), '4M']);
+    expect(shrink.code).to.not.equal(0);
+    expect(shrink.stderr.trim()).to.match(/Preallocation can only be used for growing images/); // qemu-img's own check
+    expect(shrink.stderr.trim().split('\n')).to.have.length(1);
+    const node = await openProtocol(url(vol, 'pre-falloc.img'), { readOnly: false, cache: 'writeback' });
+    try {
+      const err = await node.truncate!(4 * MiB, { prealloc: 'full' }).then(() => undefined, (e: Error) => e);
+      expect(err?.message).to.match(/Cannot use preallocation for shrinking files/); // the protocol's, as QEMU's gluster driver
+    } finally {
+      await node.close();
+    }
+    expect(fs.statSync(path.join(single[0]!, 'pre-falloc.img')).size).to.equal(12 * MiB);
+    const meta = await tsimg(['create', '-f', 'raw', '-o', 'preallocation=metadata', url(vol, 'pre-meta.img'), '8M']);
+    expect(meta.code).to.not.equal(0);
+    expect(meta.stderr.trim().split('\n')).to.have.length(1);
+  });
+
   it('mounted with tsmount: reads match, and fallocate -p on the flat file frees the range on the brick (glfs_discard)', async () => {
     const local3 = path.join(tmp.dir, 'hole.img');
     fs.writeFileSync(local3, pattern(8 * MiB, 3));

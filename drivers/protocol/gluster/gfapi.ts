@@ -29,6 +29,7 @@ export interface Gfapi {
   glfs_ftruncate: Fn;
   glfs_discard: Fn;
   glfs_zerofill: Fn;
+  glfs_fallocate: Fn;
   glfs_unlink: Fn;
 }
 
@@ -62,6 +63,7 @@ export function gfapi(): Gfapi {
     glfs_ftruncate: f('int glfs_ftruncate(tsmount_glfs_fd_t *fd, int64_t length, void *prestat, void *poststat)'),
     glfs_discard: f('int glfs_discard(tsmount_glfs_fd_t *fd, int64_t offset, size_t len)'),
     glfs_zerofill: f('int glfs_zerofill(tsmount_glfs_fd_t *fd, int64_t offset, int64_t len)'),
+    glfs_fallocate: f('int glfs_fallocate(tsmount_glfs_fd_t *fd, int keep_size, int64_t offset, size_t len)'),
     glfs_unlink: f('int glfs_unlink(tsmount_glfs_t *fs, const char *path)'),
   };
   return loaded;

@@ -269,17 +269,25 @@ export class GlusterNode extends RemoteNode {
   }
 
   /**
-   * glfs_ftruncate; preallocation (growing only) as QEMU's qemu_gluster_do_truncate
-   * offers it: the new area zero-filled on the volume (falloc and full alike here).
+   * QEMU's qemu_gluster_do_truncate: glfs_ftruncate; growing with falloc is one
+   * glfs_fallocate of the new area, with full a glfs_zerofill of it after the truncate;
+   * preallocation does not shrink.
    */
   async truncate(size: number, o: TruncateOptions = {}): Promise<void> {
     const prealloc = o.prealloc ?? 'off';
     if (prealloc === 'metadata') refusePreallocation(o);
     const old = this.currentSize;
+    if (prealloc !== 'off' && size < old) throw new UsageError('Cannot use preallocation for shrinking files');
+    if (size === old) return;
+    this.dirty = true;
+    if (prealloc === 'falloc') {
+      await this.call(`fallocate at ${old}`, 'glfs_fallocate', 0, old, size - old);
+      this.currentSize = size;
+      return;
+    }
     await this.call(`truncate to ${size}`, 'glfs_ftruncate', size, null, null);
     this.currentSize = size;
-    this.dirty = true;
-    if (prealloc !== 'off' && size > old) await this.zero(old, size - old, false);
+    if (prealloc === 'full') await this.call(`zerofill at ${old}`, 'glfs_zerofill', old, size - old);
   }
 
   protected async sync(): Promise<void> {
