@@ -324,9 +324,17 @@ async function stopChild(child: ChildProcess): Promise<void> {
 /** Wait for `ready()` while the child lives; reject with its stderr if it dies first. */
 async function waitReady(child: ChildProcess, what: string, stderr: () => string, ready: () => boolean, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
+  // 'exit' can come before the child's last output is read: its message is only whole
+  // once the pipes have closed ('close'), so a refusal is never judged on half of it.
+  let closed = false;
+  const pipesClosed = new Promise<void>((resolve) => child.once('close', () => resolve(void (closed = true))));
   for (;;) {
     if (ready()) return;
-    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`${what} exited: ${stderr().trim()}`);
+    if (child.exitCode !== null || child.signalCode !== null) {
+      if (!closed) await Promise.race([pipesClosed, new Promise((r) => setTimeout(r, 5000))]);
+      const how = child.signalCode !== null ? `killed by ${child.signalCode}` : `exit code ${child.exitCode}`;
+      throw new Error(`${what} exited (${how}): ${stderr().trim()}`);
+    }
     if (Date.now() > deadline) {
       await stopChild(child);
       throw new Error(`${what} not ready after ${timeoutMs} ms: ${stderr().trim()}`);
