@@ -177,6 +177,13 @@ export interface TruncateOptions {
 /** Every cache mode, in the order QEMU documents them (tsmount --cache, tsimg convert -t). */
 export const CACHE_MODES: readonly CacheMode[] = ['writeback', 'writethrough', 'none', 'directsync', 'unsafe'];
 
+/** An internal snapshot as a read-only node: its ID and name (qcow2's), and what it reads. */
+export interface SnapshotView {
+  name: string;
+  id: string;
+  node: BlockNode;
+}
+
 export interface BlockNode {
   /** Bytes; always < 2^53. */
   readonly size: number;
@@ -231,7 +238,7 @@ export interface BlockNode {
    * Read-only views of the image's internal snapshots (qcow2), which fs/ shows as
    * <stem>@<name>.raw; owned by this node (closing them is a no-op).
    */
-  snapshots?(): { name: string; node: BlockNode }[];
+  snapshots?(): SnapshotView[];
   /** The next layer of a backing chain: what 'unallocated' extents of this node read from. */
   readonly backing?: BlockNode | undefined;
   /** The QEMU-compatible lock on the file under this node (the file protocol's). */

@@ -12,6 +12,9 @@ import { expectClean, openTestImage, patch, readBytes, TSIMG, tsimg } from './he
 import { IoError } from '../drivers/errors.js';
 import { fileOpenOptions } from '../drivers/protocol/file.js';
 import { chainStatus, StatusAhead } from '../fs/extents.js';
+import { copyImage } from '../mount-helpers/tsimg/convert.js';
+import { MemoryNode } from './helpers/memory-node.js';
+import type { Extent } from '../drivers/types.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -480,5 +483,196 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
     expect(theirs.code).to.equal(1);
     expect([ours.code, ours.stdout]).to.deep.equal([theirs.code, theirs.stdout]);
     expect(ours.stdout).to.contain(`Content mismatch at offset ${900 * GiB + 12 * KiB}!`);
+  });
+  /** Zero runs of many lengths between runs of data (a fixed seed): what -S decides about. */
+  function sparseSource(file: string): void {
+    let seed = 5;
+    const next = (n: number): number => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) % n);
+    const b = Buffer.alloc(8 * MiB);
+    const dataLens = [512, 1024, 3072, 4096, 8192, 20480, 65536, 131072, 300000];
+    const zeroLens = [512, 1024, 2048, 4096, 6144, 8192, 16384, 65536, MiB];
+    for (let pos = 0; pos < b.length; ) {
+      const d = dataLens[next(dataLens.length)]!;
+      const z = zeroLens[next(zeroLens.length)]!;
+      for (let i = pos; i < Math.min(b.length, pos + d); i++) b[i] = 1 + next(255);
+      pos += d + z;
+    }
+    fs.writeFileSync(file, b);
+  }
+
+  /**
+   * qemu-img map --output=json without host offsets, neighbours of the same kind merged
+   * (the layouts may differ, -W writes out of order; what is data may not).
+   */
+  async function mapShape(dir: string, file: string): Promise<string> {
+    const out: { start: number; length: number; kind: string }[] = [];
+    for (const { offset: _offset, start, length, ...rest } of await qemuMap(dir, file)) {
+      const kind = JSON.stringify(rest);
+      const last = out[out.length - 1];
+      if (last && last.kind === kind && last.start + last.length === start) last.length += length;
+      else out.push({ start, length, kind });
+    }
+    return JSON.stringify(out);
+  }
+
+  it('convert -S SIZE leaves zero runs out as qemu-img convert -S does (0: every byte written); a bad size refused alike', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'sparse-'));
+    sparseSource(path.join(dir, 'sp.raw'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'sp.qcow2', '12M'], { cwd: dir });
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', 'sp.raw', 'sp.qcow2'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -z 9M 1M', '-c', 'write -P 7 11M 4k', 'sp.qcow2'], { cwd: dir });
+    for (const S of ['0', '512', '6k', '8k', '64k', '16M']) {
+      for (const fmt of ['raw', 'qcow2']) {
+        for (const src of ['sp.raw', 'sp.qcow2']) {
+          const what = `-S ${S} ${src} -> ${fmt}`;
+          for (const f of [`q.${fmt}`, `t.${fmt}`]) fs.rmSync(path.join(dir, f), { force: true });
+          await runOk('qemu-img', ['convert', '-S', S, '-O', fmt, src, `q.${fmt}`], { cwd: dir });
+          await ok(['convert', '-S', S, '-O', fmt, src, `t.${fmt}`], dir);
+          await expectSame(dir, `q.${fmt}`, `t.${fmt}`);
+          expect(await mapShape(dir, `t.${fmt}`), what).to.equal(await mapShape(dir, `q.${fmt}`));
+          if (fmt === 'raw') expect(fs.statSync(path.join(dir, 't.raw')).blocks, what).to.equal(fs.statSync(path.join(dir, 'q.raw')).blocks);
+        }
+      }
+    }
+    for (const S of ['100', '17M']) {
+      const theirs = await run('qemu-img', ['convert', '-S', S, '-O', 'raw', 'sp.raw', 'x.raw'], { cwd: dir });
+      const ours = await tsimg(['convert', '-S', S, '-O', 'raw', 'sp.raw', 'y.raw'], dir);
+      expect([ours.code, ours.stderr.replace('tsimg: ', '')]).to.deep.equal([theirs.code, theirs.stderr.replace('qemu-img: ', '')]);
+      expect(fs.existsSync(path.join(dir, 'y.raw'))).to.equal(false);
+    }
+  });
+
+  it('convert -l converts an internal snapshot by ID, name or snapshot.id=/snapshot.name=, as qemu-img convert -l; a missing one, a raw source and several sources refused alike', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'snap-'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 's.qcow2', '16M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 1M', 's.qcow2'], { cwd: dir });
+    await runOk('qemu-img', ['snapshot', '-c', 'snap1', 's.qcow2'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 2 0 2M', 's.qcow2'], { cwd: dir });
+    // A snapshot named as the other's ID: -l tries IDs first.
+    await runOk('qemu-img', ['snapshot', '-c', '1', 's.qcow2'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 3 1M 3M', 's.qcow2'], { cwd: dir });
+    await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'r.raw', '1M'], { cwd: dir });
+    const cases: [string, string[]][] = [
+      ['snap1', ['s.qcow2']],
+      ['1', ['s.qcow2']],
+      ['2', ['s.qcow2']],
+      ['snapshot.id=1', ['s.qcow2']],
+      ['snapshot.name=1', ['s.qcow2']],
+      ['snapshot.id=2,snapshot.name=1', ['s.qcow2']],
+      ['snapshot.id=1,snapshot.name=1', ['s.qcow2']],
+      ['nosuch', ['s.qcow2']],
+      ['snapshot.foo=1', ['s.qcow2']],
+      ['x', ['r.raw']],
+      ['1', ['s.qcow2', 's.qcow2']],
+    ];
+    for (const [l, srcs] of cases) {
+      for (const f of ['q.qcow2', 't.qcow2']) fs.rmSync(path.join(dir, f), { force: true });
+      const theirs = await run('qemu-img', ['convert', '-O', 'qcow2', '-l', l, ...srcs, 'q.qcow2'], { cwd: dir });
+      const ours = await tsimg(['convert', '-O', 'qcow2', '-l', l, ...srcs, 't.qcow2'], dir);
+      expect(ours.code, `-l ${l}: ${ours.stderr}`).to.equal(theirs.code);
+      if (theirs.code === 0) {
+        await expectSame(dir, 'q.qcow2', 't.qcow2');
+        expect(await mapShape(dir, 't.qcow2'), l).to.equal(await mapShape(dir, 'q.qcow2'));
+      } else {
+        expect(ours.stderr.trim().split('\n'), l).to.have.length(1);
+        expect(fs.existsSync(path.join(dir, 't.qcow2')), l).to.equal(false);
+        // qemu-img's own words (its parse error says in two lines what ours says in one).
+        const last = theirs.stderr.trim().split('\n').pop()!.replace('qemu-img: ', '');
+        expect(ours.stderr, l).to.contain(last.replace(/ used by device '[^']*'/, ''));
+      }
+    }
+  });
+
+  it('convert --salvage: an unreadable cluster becomes zeros with a warning per sector, the rest is copied; the same image as qemu-img convert --salvage; -q says nothing', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'salvage-'));
+    const src = path.join(dir, 'src.qcow2');
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', src, '64M'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x31 0 64M', src], { cwd: dir });
+    // The L2 entry of the cluster at 40 MiB: an unaligned host offset, which every read of it refuses.
+    const l1 = Number(readBytes(src, 40, 8).readBigUInt64BE(0));
+    const l2 = Number(readBytes(src, l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
+    const e = l2 + ((40 * MiB) / (64 * KiB)) * 8;
+    const bad = Buffer.alloc(8);
+    bad.writeBigUInt64BE(readBytes(src, e, 8).readBigUInt64BE(0) | 0x200n);
+    patch(src, e, bad);
+    const before = fs.readFileSync(src);
+    await runOk('qemu-img', ['convert', '--salvage', '-O', 'qcow2', 'src.qcow2', 'q.qcow2'], { cwd: dir });
+    for (const extra of [[], ['-W'], ['-m', '1']]) {
+      fs.rmSync(path.join(dir, 't.qcow2'), { force: true });
+      const r = await tsimg(['convert', '--salvage', ...extra, '-O', 'qcow2', 'src.qcow2', 't.qcow2'], dir);
+      expect(r.code, r.stderr).to.equal(0);
+      const warnings = r.stderr.trim().split('\n');
+      expect(warnings, extra.join(' ')).to.have.length(128);
+      expect(warnings[0]).to.match(new RegExp(`^tsimg: warning: error while reading offset ${40 * MiB}: `));
+      await expectSame(dir, 'q.qcow2', 't.qcow2');
+      expect(await mapShape(dir, 't.qcow2')).to.equal(await mapShape(dir, 'q.qcow2'));
+      await expectClean(path.join(dir, 't.qcow2'), 'qcow2');
+    }
+    fs.rmSync(path.join(dir, 't.qcow2'));
+    const quiet = await tsimg(['convert', '--salvage', '-q', '-O', 'qcow2', 'src.qcow2', 't.qcow2'], dir);
+    expect([quiet.code, quiet.stdout, quiet.stderr]).to.deep.equal([0, '', '']);
+    expect(fs.readFileSync(src).equals(before), 'the source is never written').to.equal(true);
+  });
+
+  it('--salvage in copyImage: a block status that fails counts as data, unreadable sectors are zeros, a warning for each; without it the copy fails', async () => {
+    const size = 4 * MiB;
+    const bytes = crypto.randomBytes(size);
+    const badFrom = 3 * MiB + 4096;
+    const badTo = badFrom + 1024; // two sectors
+    const hits = (offset: number, length: number): boolean => offset < badTo && offset + length > badFrom;
+    class Damaged extends MemoryNode {
+      override async read(offset: number, dst: Uint8Array): Promise<void> {
+        if (hits(offset, dst.length)) throw new IoError(`damaged at ${offset}`, 5);
+        return super.read(offset, dst);
+      }
+      override async blockStatus(offset: number, length: number): Promise<Extent[]> {
+        if (hits(offset, length)) throw new IoError(`no status at ${offset}`, 5);
+        return super.blockStatus(offset, length);
+      }
+    }
+    const src = new Damaged(bytes, { readOnly: true });
+    const dst = new MemoryNode(size);
+    const warnings: string[] = [];
+    await copyImage(src, dst, { salvage: { warn: (w) => warnings.push(w) }, zeroInit: true });
+    const want = Buffer.from(bytes);
+    want.fill(0, badFrom, badTo);
+    expect(dst.data.equals(want)).to.equal(true);
+    expect(warnings).to.deep.equal([
+      `error while reading offset ${badFrom}: damaged at ${badFrom}`,
+      `error while reading offset ${badFrom + 512}: damaged at ${badFrom + 512}`,
+    ]);
+    // Without --salvage the first failure ends the copy.
+    const err = await copyImage(src, new MemoryNode(size)).then(() => undefined, (e: Error) => e);
+    expect(err?.message).to.match(/damaged at/);
+  });
+
+  it('convert -n --target-is-zero leaves the holes of the source unwritten, as qemu-img does (what the target held there stays); its refusals as qemu-img', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'tiz-'));
+    sparseSource(path.join(dir, 'sp.raw'));
+    for (const who of ['q', 't']) {
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', `${who}.qcow2`, '8M'], { cwd: dir });
+      // Data where the source has holes: a target that is not zero after all keeps it, in both tools.
+      await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x55 0 8M', `${who}.qcow2`], { cwd: dir });
+    }
+    await runOk('qemu-img', ['convert', '-n', '--target-is-zero', '-O', 'qcow2', 'sp.raw', 'q.qcow2'], { cwd: dir });
+    await ok(['convert', '-n', '--target-is-zero', '-O', 'qcow2', 'sp.raw', 't.qcow2'], dir);
+    await expectSame(dir, 'q.qcow2', 't.qcow2');
+    expect((await run('qemu-img', ['compare', 'sp.raw', 't.qcow2'], { cwd: dir })).code, 'the holes kept the 0x55').to.equal(1);
+    for (const args of [
+      ['--target-is-zero', '-O', 'raw', 'sp.raw', 'x.raw'],
+      ['-n', '--target-is-zero', '-B', 'sp.raw', '-O', 'qcow2', 'sp.raw', 't.qcow2'],
+      ['-n', '-o', 'cluster_size=4k', '-O', 'qcow2', 'sp.raw', 't.qcow2'],
+      ['-T', 'bogus', '-O', 'raw', 'sp.raw', 'x.raw'],
+    ]) {
+      const theirs = await run('qemu-img', ['convert', ...args], { cwd: dir });
+      const ours = await tsimg(['convert', ...args], dir);
+      expect(ours.stderr.replace('tsimg: ', ''), args.join(' ')).to.equal(theirs.stderr.replace('qemu-img: ', ''));
+      // qemu-img 7.2 exits 0 after its -B refusal (img_convert's ret is still 0 there): ours is an error.
+      expect(ours.code, args.join(' ')).to.equal(1);
+    }
+    expect(fs.existsSync(path.join(dir, 'x.raw'))).to.equal(false);
+    // -T takes qemu-img's cache modes for the sources.
+    await ok(['convert', '-T', 'none', '-O', 'raw', 'sp.raw', 'y.raw'], dir);
+    await expectSame(dir, 'sp.raw', 'y.raw');
   });
 });

@@ -6,7 +6,7 @@
 // builder (drivers/open.ts) puts this filter over it through `aligned()`. Overlapping
 // read-modify-writes are serialised so two unaligned writes into one sector cannot
 // lose each other's bytes.
-import type { BlockNode, HostCipher } from '../types.js';
+import type { BlockNode, HostCipher, SnapshotView } from '../types.js';
 import { Filter } from './filter.js';
 
 interface Range {
@@ -23,7 +23,7 @@ export function aligned(node: BlockNode): BlockNode {
 
 export class AlignFilter extends Filter {
   private readonly busy = new Set<Range>();
-  private views: { name: string; node: BlockNode }[] | undefined;
+  private views: SnapshotView[] | undefined;
 
   constructor(next: BlockNode, readonly align: number) {
     super(next);
@@ -57,10 +57,10 @@ export class AlignFilter extends Filter {
   }
 
   /** Snapshot views share the image's unit: they get the filter too. */
-  override get snapshots(): (() => { name: string; node: BlockNode }[]) | undefined {
+  override get snapshots(): (() => SnapshotView[]) | undefined {
     const next = this.next;
     if (!next.snapshots) return undefined;
-    return () => (this.views ??= next.snapshots!().map((s) => ({ name: s.name, node: aligned(s.node) })));
+    return () => (this.views ??= next.snapshots!().map((s) => ({ ...s, node: aligned(s.node) })));
   }
 
   override async read(offset: number, dst: Uint8Array): Promise<void> {

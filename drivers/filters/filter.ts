@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, TruncateOptions } from '../types.js';
+import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
@@ -46,7 +46,7 @@ export class Filter implements BlockNode {
     const next = this.next;
     return next.truncate && ((size, o) => next.truncate!(size, o));
   }
-  get snapshots(): (() => { name: string; node: BlockNode }[]) | undefined {
+  get snapshots(): (() => SnapshotView[]) | undefined {
     const next = this.next;
     return next.snapshots && (() => next.snapshots!());
   }

@@ -3,7 +3,7 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BlockNode, HostCipher, RepairFixed, SnapshotControl, TruncateOptions } from '../types.js';
+import type { BlockNode, HostCipher, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
 import { Filter } from './filter.js';
@@ -14,7 +14,7 @@ export function guarded(node: BlockNode): BlockNode {
 }
 
 export class ReadOnlyFilter extends Filter {
-  private views: { name: string; node: BlockNode }[] | undefined;
+  private views: SnapshotView[] | undefined;
 
   override get readOnly(): boolean {
     return true;
@@ -70,10 +70,10 @@ export class ReadOnlyFilter extends Filter {
   }
 
   /** Snapshot views are read-only whatever the image is. */
-  override get snapshots(): (() => { name: string; node: BlockNode }[]) | undefined {
+  override get snapshots(): (() => SnapshotView[]) | undefined {
     const next = this.next;
     if (!next.snapshots) return undefined;
-    return () => (this.views ??= next.snapshots!().map((s) => ({ name: s.name, node: guarded(s.node) })));
+    return () => (this.views ??= next.snapshots!().map((s) => ({ ...s, node: guarded(s.node) })));
   }
 
   private refusal(): ReadOnlyError {

@@ -9,11 +9,12 @@
 import fs from 'node:fs';
 import { CACHE_MODES, type BlockNode, type CacheMode, type Extent } from '../../drivers/types.js';
 import { chainStatus, StatusAhead } from '../../fs/extents.js';
-import { openImage } from '../../drivers/open.js';
+import { formatOf, openImage } from '../../drivers/open.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
 import { createImage } from '../../drivers/create.js';
-import { ReadOnlyError, UsageError } from '../../drivers/errors.js';
-import { openForRead, progress, readOnlyOptions, readSecret, type OpenCli } from './common.js';
+import { messageOf, ReadOnlyError, UsageError } from '../../drivers/errors.js';
+import { parseOptionString, parseSize } from '../../drivers/options.js';
+import { progress, readOnlyOptions, readSecret, type OpenCli } from './common.js';
 
 export interface ConvertCli extends OpenCli {
   outputFormat: string;
@@ -35,6 +36,31 @@ export interface ConvertCli extends OpenCli {
   compress?: boolean;
   /** -t: the new image's cache mode (qemu-img's default: unsafe). */
   cache?: string;
+  /** -T: the sources' cache mode (qemu-img's default: writeback). */
+  sourceCache?: string;
+  /** -S: zero runs at least this long are left unwritten; 0 writes every byte (qemu-img's default 4k). */
+  sparseSize?: string;
+  /** -l: convert an internal snapshot of the source: ID or name, or snapshot.id=ID,snapshot.name=NAME. */
+  snapshot?: string;
+  /** --target-is-zero (with -n): the target reads as zeros everywhere already. */
+  targetIsZero?: boolean;
+  /** --salvage: what cannot be read (or its block status) is taken as zeros (data), with a warning. */
+  salvage?: boolean;
+  /** -q: no progress, no warnings. */
+  quiet?: boolean;
+}
+
+/** qemu-img convert's MAX_BUF_SECTORS: the largest -S, in bytes. */
+const MAX_SPARSE = 32768 * 512;
+
+/** -S SIZE as qemu-img reads it: a multiple of 512 up to 16 MiB, 0 for none. */
+export function parseSparseSize(text: string | undefined): number {
+  if (text === undefined) return SPARSE;
+  const n = parseSize(text, 'sparse size');
+  if (n % 512 !== 0 || n > MAX_SPARSE) {
+    throw new UsageError(`Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to ${MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output).`);
+  }
+  return n;
 }
 
 /** -t MODE as qemu-img reads it (its error message otherwise). */
@@ -85,6 +111,66 @@ function nonZeroRuns(offset: number, buf: Buffer): [number, number][] {
   return runs;
 }
 
+/** The largest power of two not above n (n >= 1). */
+function pow2floor(n: number): number {
+  return 2 ** Math.floor(Math.log2(n));
+}
+
+/**
+ * qemu-img's is_allocated_sectors: whether sector `at` of `buf` holds data, and how many
+ * sectors from it share that state, the end moved to an `alignment` boundary (sectors).
+ */
+function allocatedSectors(buf: Buffer, at: number, n: number, sector: number, alignment: number): [boolean, number] {
+  const zero = (k: number): boolean => {
+    const a = k * 512;
+    const b = Math.min(buf.length, a + 512);
+    return buf.compare(ZERO_BLOCK, 0, b - a, a, b) === 0;
+  };
+  if (n <= 0) return [false, 0];
+  let isZero = zero(at);
+  let i = 1;
+  while (i < n && zero(at + i) === isZero) i++;
+  const tail = (sector + i) % alignment;
+  if (tail) {
+    // A zero run that is only a short tail counts as data; data ends aligned up, zeros aligned down.
+    if (isZero && i <= tail) isZero = false;
+    i = isZero ? i - tail : Math.min(n, i + alignment - tail);
+  }
+  return [!isZero, i];
+}
+
+/**
+ * qemu-img convert -S with any size but the default (is_allocated_sectors_min): the runs of
+ * `buf` (guest bytes at the sector-aligned `offset`) to write. Zero runs inside data are
+ * written unless at least `min` sectors long; the sectors are grouped by the largest power
+ * of two not above `min`.
+ */
+function nonZeroRunsMin(offset: number, buf: Buffer, minBytes: number): [number, number][] {
+  const total = Math.ceil(buf.length / 512);
+  const alignment = pow2floor(minBytes / 512);
+  const runs: [number, number][] = [];
+  let pos = 0;
+  while (pos < total) {
+    const n = total - pos;
+    const min = Math.min(minBytes / 512, n);
+    let [data, pnum] = allocatedSectors(buf, pos, n, offset / 512 + pos, alignment);
+    if (data) {
+      let used = pnum;
+      let checked = pnum;
+      while (checked < n) {
+        const [more, m] = allocatedSectors(buf, pos + checked, n - checked, offset / 512 + pos + checked, alignment);
+        checked += m;
+        if (more) used = checked;
+        else if (m >= min) break;
+      }
+      pnum = used;
+      runs.push([pos * 512, Math.min(buf.length, (pos + pnum) * 512)]);
+    }
+    pos += pnum;
+  }
+  return runs;
+}
+
 /** Write the runs of `buf` (guest bytes at `offset`) that nonZeroRuns kept. */
 async function writeRuns(dst: BlockNode, offset: number, buf: Uint8Array, runs: [number, number][]): Promise<void> {
   for (const [a, b] of runs) await dst.write(offset + a, buf.subarray(a, b));
@@ -108,6 +194,13 @@ export interface CopyOptions {
   onlyDifferences?: boolean;
   /** -c: whole clusters of data go through dst.writeCompressed. */
   compress?: boolean;
+  /** -S: zero runs this long are left out (default 4 KiB); 0 writes every byte, holes too. */
+  sparse?: number;
+  /**
+   * --salvage: a read that fails is read again a sector at a time, and the sectors that
+   * still fail are zeros, each with a line to `warn`.
+   */
+  salvage?: { warn: (text: string) => void };
   /**
    * dst was just made and reads as zeros wherever nothing is written (QEMU's
    * bdrv_has_zero_init): its block status is not asked (a new raw file's first block
@@ -156,8 +249,17 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   // A chunk holds whole clusters (qcow2's go up to 2 MiB).
   const chunkSize = cs === undefined ? CHUNK : Math.max(CHUNK, cs);
   const zeros = new Uint8Array(chunkSize);
+  const sparse = o.sparse ?? SPARSE;
+  const salvage = o.salvage;
+  // A block status that fails counts as data (chainStatus), so that its read decides: the
+  // one mechanism --salvage needs there (qemu-img narrows it down to a sector first).
   const srcStatus = new StatusAhead(src);
   const dstStatus = new StatusAhead(dst);
+  /** The runs of a read buffer to write: zero runs left out as -S says. */
+  const toWrite = (offset: number, part: Buffer): [number, number][] =>
+    sparse === 0 ? [[0, part.length]] : sparse === SPARSE || offset % 512 !== 0 ? nonZeroRuns(offset, part) : nonZeroRunsMin(offset, part, sparse);
+  /** src.read, or with --salvage what of it can be read (zeros elsewhere). */
+  const read = (offset: number, part: Buffer): Promise<void> => (salvage ? readSalvaging(src, offset, part, salvage.warn) : src.read(offset, part));
 
   /**
    * -c: the clusters of the chunk that hold data, read whole (all at once); the writes
@@ -172,10 +274,10 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
       reads.push(
         (async () => {
           const part = buf.subarray(a - pos, b - pos);
-          await src.read(a, part);
-          // Zeros are left out where the new image reads zeros already; -B writes only what differs.
+          await read(a, part);
+          // Zeros are left out where the new image reads zeros already (-S 0: never); -B writes only what differs.
           if (!dataIn(fresh, a, b)) {
-            if (allZero(part)) return undefined;
+            if (sparse !== 0 && allZero(part)) return undefined;
           } else if (o.onlyDifferences) {
             const now = cur.subarray(a - pos, b - pos);
             await dst.read(a, now);
@@ -196,7 +298,9 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
     const n = Math.min(chunkSize, src.size - pos);
     const inDst = Math.min(n, dst.size - pos);
     // Both asked at once, before any await: a span of status starts at a chunk nobody has taken yet (StatusAhead).
-    const [fresh, runs] = await Promise.all([inDst > 0 && !o.zeroInit ? dstStatus.status(pos, inDst) : [], srcStatus.status(pos, n)]);
+    const [fresh, status] = await Promise.all([inDst > 0 && !o.zeroInit ? dstStatus.status(pos, inDst) : [], srcStatus.status(pos, n)]);
+    // -S 0: every byte is written, holes as zeros (qemu-img: "fully allocates output"); -B still leaves what the backing file reads.
+    const runs = sparse === 0 && !o.onlyDifferences ? [{ offset: pos, length: n, data: true }] : status;
     const reads: Promise<void>[] = [];
     const writes: Writes[] = [];
     for (const r of runs) {
@@ -208,14 +312,14 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
         const holeBelow = fresh.every((f) => !f.data || f.offset + f.length <= r.offset || f.offset >= r.offset + r.length);
         if (holeBelow) {
           const kept: [number, number][] = [];
-          reads.push(src.read(r.offset, part).then(() => void kept.push(...nonZeroRuns(r.offset, part))));
+          reads.push(read(r.offset, part).then(() => void kept.push(...toWrite(r.offset, part))));
           writes.push(() => writeRuns(dst, r.offset, part, kept));
         } else if (o.onlyDifferences) {
           const now = cur.subarray(r.offset - pos, r.offset - pos + r.length);
-          reads.push(src.read(r.offset, part), dst.read(r.offset, now));
+          reads.push(read(r.offset, part), dst.read(r.offset, now));
           writes.push(() => writeDifferences(dst, r.offset, part, now));
         } else {
-          reads.push(src.read(r.offset, part));
+          reads.push(read(r.offset, part));
           writes.push(() => dst.write(r.offset, part));
         }
         continue;
@@ -249,6 +353,7 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
    * already known to have as holes (nothing to read or write there): `first` when none.
    */
   const pastHoles = (first: number): number => {
+    if (sparse === 0 && !o.onlyDifferences) return first;
     const pos = first * chunkSize;
     const end = Math.min(srcStatus.holeEnd(pos), pos >= dst.size || o.zeroInit ? Infinity : dstStatus.holeEnd(pos));
     return end >= src.size ? chunks : Math.max(first, Math.floor(end / chunkSize));
@@ -285,6 +390,30 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   const n = Math.max(1, Math.min(o.inFlight ?? IN_FLIGHT, chunks));
   await Promise.all(Array.from({ length: n }, worker));
   if (failure) throw failure.err;
+}
+
+const SECTOR = 512;
+
+/**
+ * --salvage's read (qemu-img's convert_co_read): the whole range first; if that fails,
+ * one sector at a time, each sector that still fails zeros and a warning.
+ */
+async function readSalvaging(src: BlockNode, offset: number, part: Buffer, warn: (text: string) => void): Promise<void> {
+  try {
+    await src.read(offset, part);
+    return;
+  } catch {
+    // Sector by sector below.
+  }
+  for (let i = 0; i < part.length; i += SECTOR) {
+    const piece = part.subarray(i, Math.min(part.length, i + SECTOR));
+    try {
+      await src.read(offset + i, piece);
+    } catch (err) {
+      warn(`error while reading offset ${offset + i}: ${messageOf(err)}`);
+      piece.fill(0);
+    }
+  }
 }
 
 /** Write the UNIT pieces of `data` that differ from `cur`, what `dst` reads there now (-B). */
@@ -356,13 +485,54 @@ class Concatenation implements BlockNode {
 /** Open every source, read-only; one that fails closes those opened before it. */
 async function openSources(specs: string[], o: ConvertCli): Promise<BlockNode> {
   const opened: BlockNode[] = [];
+  const cache = o.sourceCache === undefined ? undefined : parseSourceCache(o.sourceCache);
   try {
-    for (const spec of specs) opened.push(await openForRead(spec, o));
+    for (const spec of specs) opened.push(await openImage(spec, readOnlyOptions(o, cache ? { cache } : {})));
   } catch (err) {
     for (const n of opened) await n.close().catch(() => undefined);
     throw err;
   }
   return opened.length === 1 ? opened[0]! : new Concatenation(opened);
+}
+
+/** -T MODE: qemu-img's source cache modes (unsafe included), its message otherwise. */
+function parseSourceCache(text: string): CacheMode {
+  if (!(CACHE_MODES as readonly string[]).includes(text)) throw new UsageError(`Invalid source cache option: ${text}`);
+  return text as CacheMode;
+}
+
+/** What -l names: an ID or a name (either may match, the ID first), or snapshot.id= and/or snapshot.name=. */
+interface SnapshotChoice {
+  id?: string;
+  name?: string;
+  idOrName?: string;
+}
+
+/** -l as qemu-img reads it (internal_snapshot_opts when it starts with "snapshot."). */
+export function parseSnapshotParam(text: string): SnapshotChoice {
+  if (!text.startsWith('snapshot.')) return { idOrName: text };
+  const out: SnapshotChoice = {};
+  for (const [k, v] of parseOptionString(text)) {
+    if (k === 'snapshot.id') out.id = v;
+    else if (k === 'snapshot.name') out.name = v;
+    else throw new UsageError(`Failed in parsing snapshot param '${text}': Invalid parameter '${k}'`);
+  }
+  return out;
+}
+
+/**
+ * The source's internal snapshot that -l names, read-only (qemu-img's
+ * bdrv_snapshot_load_tmp_by_id_or_name): the snapshot's data at the image's current size.
+ */
+function snapshotOf(src: BlockNode, format: string | undefined, choice: SnapshotChoice): BlockNode {
+  const views = src.snapshots?.();
+  if (!views) throw new UsageError(`Failed to load snapshot: Block format '${format ?? 'raw'}' does not support temporarily loading internal snapshots`);
+  const hit =
+    choice.idOrName !== undefined
+      ? (views.find((v) => v.id === choice.idOrName) ?? views.find((v) => v.name === choice.idOrName))
+      : views.find((v) => (choice.id === undefined || v.id === choice.id) && (choice.name === undefined || v.name === choice.name));
+  if (!hit) throw new UsageError("Failed to load snapshot: Can't find snapshot");
+  return hit.node;
 }
 
 /** Formats that take -c without a compressed write of their own: vmdk compresses its streamOptimized extents always (QEMU's vmdk_co_pwritev_compressed is its plain write). */
@@ -372,12 +542,23 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
   if (srcSpecs.length === 0) throw new UsageError('convert needs a source and a target');
   const inFlight = parseInFlight(o.coroutines);
   const cache = parseCacheMode(o.cache);
-  const src = await openSources(srcSpecs, o);
+  const sparse = parseSparseSize(o.sparseSize);
+  const snapshot = o.snapshot === undefined ? undefined : parseSnapshotParam(o.snapshot);
+  // qemu-img's refusals, in its order, before anything is opened or made.
+  if (o.skipCreate && o.options.length > 0) throw new UsageError('-o has no effect when skipping image creation');
+  if (o.targetIsZero && !o.skipCreate) throw new UsageError('--target-is-zero requires use of -n flag');
+  if (o.sourceCache !== undefined) parseSourceCache(o.sourceCache);
+  if (snapshot && srcSpecs.length > 1) throw new UsageError('No support for concatenating multiple snapshot');
+  if (o.targetIsZero && o.backingFile !== undefined) throw new UsageError('Cannot use --target-is-zero when the destination image has a backing file');
+  const opened = await openSources(srcSpecs, o);
   try {
+    // -l: the snapshot's view, which the image owns (closing the image closes it).
+    const src = snapshot ? snapshotOf(opened, formatOf(opened) ?? o.format, snapshot) : opened;
     const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
     // A new image reads as zeros where nothing is written, but for a LUKS payload (zeros
     // decrypt to noise), an overlay (-B) and a host device (its old bytes stay): QEMU's has_zero_init.
-    const zeroInit = !o.skipCreate && o.backingFile === undefined && o.outputFormat !== 'luks' && !isBlockDevice(dstSpec);
+    // --target-is-zero: the user says so of an existing target (-n).
+    const zeroInit = o.targetIsZero === true || (!o.skipCreate && o.backingFile === undefined && o.outputFormat !== 'luks' && !isBlockDevice(dstSpec));
     if (!o.skipCreate) {
       await createImage(dstSpec, String(src.size), {
         format: o.outputFormat,
@@ -402,10 +583,11 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         const compress = o.compress === true && !COMPRESSING_FORMATS.has(o.outputFormat);
         if (compress && !dst.writeCompressed) throw new UsageError(`${dstSpec}: Compression not supported for this file format`);
         // Progress on a terminal, or anywhere with -p.
-        const show = progress(o.progress);
+        const show = o.quiet ? undefined : progress(o.progress);
+        const salvage = o.salvage ? { warn: (text: string) => void (o.quiet || process.stderr.write(`tsimg: warning: ${text}\n`)) } : undefined;
         // -n writes every data run as qemu-img does (no compare with what the target holds:
         // onto an identical allocated cluster, -n -c fails as qemu-img's does).
-        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress, zeroInit });
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress, zeroInit, sparse, salvage });
         await dst.flush();
         show?.done();
         ok = true;
@@ -417,7 +599,7 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
       if (!ok && !o.skipCreate) await protocolFor(dstSpec).remove?.(dstSpec).catch(() => undefined);
     }
   } finally {
-    await src.close();
+    await opened.close();
   }
 }
 

@@ -21,8 +21,8 @@ class CapableNode extends MemoryNode {
   readonly encrypted = true;
   readonly requestAlignment = 512;
   private readonly view = new MemoryNode(8192, { name: 'view', readOnly: true });
-  snapshots(): { name: string; node: BlockNode }[] {
-    return [{ name: 's1', node: this.view }];
+  snapshots(): { name: string; id: string; node: BlockNode }[] {
+    return [{ name: 's1', id: '1', node: this.view }];
   }
 }
 

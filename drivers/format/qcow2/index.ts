@@ -1,6 +1,6 @@
 // The qcow2 driver: probe and open (docs/interop/qcow2.txt; QEMU's qcow2_do_open),
 // and create (create.ts).
-import type { BlockNode, CheckReport, Creatable, FormatDriver, ImageDescription, OpenOptions } from '../../types.js';
+import type { BlockNode, CheckReport, Creatable, FormatDriver, ImageDescription, OpenOptions, SnapshotView } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import {
@@ -211,13 +211,13 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   const description = describeQcow2(h, snaps, luksInfo, bitmaps);
   const check = async (): Promise<CheckReport> => (await import('./check.js')).checkQcow2(await repairInput(), h.size);
   const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check, repair: async (leaksOnly) => (await import('./repair.js')).rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
-  const views: { name: string; node: BlockNode }[] = [];
+  const views: SnapshotView[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time
   // through the L2 cache: opening costs nothing per snapshot.
   for (const s of snaps) {
     const smap = new ClusterMap({ file, name, clusterBits, extendedL2, dataLimit, externalData: dataFile !== undefined, l1Entries: s.l1Size, l1Offset: s.l1TableOffset, l2Cache });
-    views.push({ name: s.name, node: guarded(new Qcow2Node({ ...common, size: h.size, readOnly: true, map: smap, view: true, viewName: s.name })) });
+    views.push({ name: s.name, id: s.id, node: guarded(new Qcow2Node({ ...common, size: h.size, readOnly: true, map: smap, view: true, viewName: s.name })) });
   }
   node.setSnapshots(views);
   return node;

@@ -2,7 +2,7 @@
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
 import { writeEncrypted } from '../../util/write-encrypted.js';
-import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, TruncateOptions } from '../../types.js';
+import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, SnapshotView, TruncateOptions } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
 import type { SnapshotContext, SnapshotState } from './snapshot-ops.js';
@@ -111,7 +111,7 @@ export class Qcow2Node implements BlockNode {
   private readonly handedOut = new WeakSet<Promise<Buffer>>();
   /** Input buffers for shared reads of compressed clusters, reused (see readCompressedGroup). */
   private readonly inputPool: Buffer[] = [];
-  private snapshotViews: { name: string; node: BlockNode }[] = [];
+  private snapshotViews: SnapshotView[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
   private readonly crypt: DataCrypt | undefined;
   readonly encrypted: boolean;
@@ -252,7 +252,7 @@ export class Qcow2Node implements BlockNode {
   }
 
   /** Internal snapshots as read-only nodes (fs/ shows them as <stem>@<name>.raw). */
-  snapshots(): { name: string; node: BlockNode }[] {
+  snapshots(): SnapshotView[] {
     return this.snapshotViews;
   }
 
@@ -276,7 +276,7 @@ export class Qcow2Node implements BlockNode {
     };
   }
 
-  setSnapshots(views: { name: string; node: BlockNode }[]): void {
+  setSnapshots(views: SnapshotView[]): void {
     this.snapshotViews = views;
   }
 
