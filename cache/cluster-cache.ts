@@ -7,7 +7,7 @@
 // that was acknowledged; what "writeback" defers is the format's metadata, kept in
 // its TableCaches until flush. A read that raced a write never inserts stale data.
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, CacheMode, HostCipher, TruncateOptions } from '../drivers/types.js';
+import type { BlockNode, CacheMode, HostCipher, TruncateOptions, ZeroOptions } from '../drivers/types.js';
 import { Filter } from '../drivers/filters/filter.js';
 import createDebug from '../drivers/util/debug.js';
 
@@ -248,15 +248,15 @@ export class ClusterCache extends Filter {
   }
 
   /** Always offered: where the node below cannot zero, zeros are written. */
-  override get zero(): (offset: number, length: number, unmap: boolean) => Promise<void> {
-    return (offset, length, unmap) => this.cachedZero(offset, length, unmap);
+  override get zero(): (offset: number, length: number, unmap: boolean, o?: ZeroOptions) => Promise<void> {
+    return (offset, length, unmap, o) => this.cachedZero(offset, length, unmap, o);
   }
 
-  private async cachedZero(offset: number, length: number, unmap: boolean): Promise<void> {
+  private async cachedZero(offset: number, length: number, unmap: boolean, o?: ZeroOptions): Promise<void> {
     this.writesInFlight++;
     try {
       this.invalidate(offset, length);
-      if (this.next.zero) await this.next.zero(offset, length, unmap);
+      if (this.next.zero) await this.next.zero(offset, length, unmap, o);
       else await this.writeZeros(offset, length);
     } finally {
       this.invalidate(offset, length);

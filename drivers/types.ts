@@ -177,6 +177,16 @@ export interface TruncateOptions {
 /** Every cache mode, in the order QEMU documents them (tsmount --cache, tsimg convert -t). */
 export const CACHE_MODES: readonly CacheMode[] = ['writeback', 'writethrough', 'none', 'directsync', 'unsafe'];
 
+/** How zero() goes about it. */
+export interface ZeroOptions {
+  /**
+   * Make the range read as zeros whatever backing file the image has next: a node that
+   * leaves alone what its current backing file already shows as zeros (past its end)
+   * marks it zero too. rebase sets it, before the backing file changes.
+   */
+  ignoreBacking?: boolean;
+}
+
 /** An internal snapshot as a read-only node: its ID and name (qcow2's), and what it reads. */
 export interface SnapshotView {
   name: string;
@@ -224,7 +234,7 @@ export interface BlockNode {
    */
   allocateZeros?(offset: number, length: number): Promise<boolean>;
   /** Make [offset, offset+length) read as zeros; unmap lets the node deallocate. */
-  zero?(offset: number, length: number, unmap: boolean): Promise<void>;
+  zero?(offset: number, length: number, unmap: boolean, o?: ZeroOptions): Promise<void>;
   /** Everything written so far is durable when this resolves. */
   flush(): Promise<void>;
   /** Allocation status of this layer only; the result covers [offset, offset+length). */

@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions } from '../types.js';
+import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
@@ -38,9 +38,9 @@ export class Filter implements BlockNode {
   }
 
   // Optional capabilities: present where the next node has them.
-  get zero(): ((offset: number, length: number, unmap: boolean) => Promise<void>) | undefined {
+  get zero(): ((offset: number, length: number, unmap: boolean, o?: ZeroOptions) => Promise<void>) | undefined {
     const next = this.next;
-    return next.zero && ((offset, length, unmap) => next.zero!(offset, length, unmap));
+    return next.zero && ((offset, length, unmap, o) => next.zero!(offset, length, unmap, o));
   }
   get truncate(): ((size: number, o?: TruncateOptions) => Promise<void>) | undefined {
     const next = this.next;

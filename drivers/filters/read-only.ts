@@ -3,7 +3,7 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BlockNode, HostCipher, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions } from '../types.js';
+import type { BlockNode, HostCipher, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
 import { Filter } from './filter.js';
@@ -35,7 +35,7 @@ export class ReadOnlyFilter extends Filter {
     return Promise.reject(this.refusal());
   }
 
-  override get zero(): ((offset: number, length: number, unmap: boolean) => Promise<void>) | undefined {
+  override get zero(): ((offset: number, length: number, unmap: boolean, o?: ZeroOptions) => Promise<void>) | undefined {
     return this.next.zero && (() => Promise.reject(this.refusal()));
   }
 

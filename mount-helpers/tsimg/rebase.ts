@@ -79,6 +79,7 @@ export async function copyDifferences(top: BlockNode, oldBase: BlockNode | undef
   const own = new StatusAhead(top, ownStatus);
   const oldStatus = oldBase && new StatusAhead(oldBase);
   const newStatus = newBase && new StatusAhead(newBase);
+  const oldSize = oldBase?.size ?? 0;
   for (let pos = 0; pos < top.size; pos += STEP) {
     const n = Math.min(STEP, top.size - pos);
     for (const r of await own.status(pos, n)) {
@@ -90,12 +91,18 @@ export async function copyDifferences(top: BlockNode, oldBase: BlockNode | undef
           at = zeros;
           continue;
         }
-        const len = Math.min(UNIT - (at % UNIT), end - at);
+        // As qemu-img: a piece never straddles the old backing file's end.
+        const len = Math.min(UNIT - (at % UNIT), end - at, at < oldSize ? oldSize - at : Infinity);
         const pa = a.subarray(0, len);
         const pb = b.subarray(0, len);
         await readBelow(oldBase, at, pa);
         await readBelow(newBase, at, pb);
-        if (!pa.equals(pb)) await top.write(at, pa);
+        if (!pa.equals(pb)) {
+          // Past the old backing file's end qemu-img writes zeros as zeros (blk_pwrite_zeroes:
+          // qcow2 zero clusters), which must hold once the new backing file is there.
+          if (at >= oldSize && top.zero) await top.zero(at, len, false, { ignoreBacking: true });
+          else await top.write(at, pa);
+        }
         at += len;
       }
     }

@@ -2,7 +2,7 @@
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
 import { writeEncrypted } from '../../util/write-encrypted.js';
-import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, SnapshotView, TruncateOptions } from '../../types.js';
+import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
 import type { SnapshotContext, SnapshotState } from './snapshot-ops.js';
@@ -892,27 +892,28 @@ export class Qcow2Node implements BlockNode {
     await Promise.all(parts);
   }
 
-  async zero(offset: number, length: number, unmap: boolean): Promise<void> {
+  async zero(offset: number, length: number, unmap: boolean, o: ZeroOptions = {}): Promise<void> {
     this.checkWritable();
     await this.prepare();
-    await this.mutex.run(() => this.zeroLocked(offset, length, unmap));
+    await this.mutex.run(() => this.zeroLocked(offset, length, unmap, o.ignoreBacking === true));
   }
 
-  private async zeroLocked(offset: number, length: number, unmap: boolean): Promise<void> {
+  /** `every`: unallocated clusters are marked zero even where no backing file reaches (ZeroOptions.ignoreBacking). */
+  private async zeroLocked(offset: number, length: number, unmap: boolean, every = false): Promise<void> {
     const cs = this.cs;
     const end = offset + length;
     const alignedStart = Math.ceil(offset / cs) * cs;
     // The last, partial cluster of the disk counts as whole.
     const alignedEnd = end === this.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
-    if (alignedStart >= alignedEnd) return this.zeroPartial(offset, end);
-    if (offset < alignedStart) await this.zeroPartial(offset, alignedStart);
-    await this.zeroClusters(alignedStart, alignedEnd, unmap);
-    if (alignedEnd < end) await this.zeroPartial(alignedEnd, end);
+    if (alignedStart >= alignedEnd) return this.zeroPartial(offset, end, every);
+    if (offset < alignedStart) await this.zeroPartial(offset, alignedStart, every);
+    await this.zeroClusters(alignedStart, alignedEnd, unmap, every);
+    if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, every);
   }
 
-  private async zeroPartial(a: number, b: number): Promise<void> {
+  private async zeroPartial(a: number, b: number, every = false): Promise<void> {
     const runs = await this.map.map(a, b - a);
-    const readsZero = runs.every((r) => r.kind === 'zero' || (r.kind === 'unallocated' && !this.backingCovers(r.guest)));
+    const readsZero = runs.every((r) => r.kind === 'zero' || (r.kind === 'unallocated' && !every && !this.backingCovers(r.guest)));
     if (!readsZero) await this.writeLocked(a, Buffer.alloc(b - a));
   }
 
@@ -929,8 +930,8 @@ export class Qcow2Node implements BlockNode {
     const backingCovers = (guest: number): boolean => every || this.backingCovers(guest);
     const cs = this.cs;
     const ext = this.map.extended;
-    if (!this.v3 && this.backing) {
-      // v2 has no zero flag, and unallocated would show the backing file.
+    if (!this.v3 && (this.backing || every)) {
+      // v2 has no zero flag, and unallocated would show the backing file (the next one, with `every`).
       const limit = Math.min(b, this.size);
       for (let pos = a; pos < limit; pos += ZERO_CHUNK) {
         const n = Math.min(ZERO_CHUNK, limit - pos);
