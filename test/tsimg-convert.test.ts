@@ -56,6 +56,23 @@ function makeSource(file: string, size: number): void {
   if (size > 6 * MiB) patch(file, 6 * MiB, Buffer.from('hello world, '.repeat(5000)).subarray(0, Math.min(65000, size - 6 * MiB)));
 }
 
+/**
+ * DIR/src.qcow2, 64 MiB of 0x31, whose cluster at 40 MiB has an L2 entry with an
+ * unaligned host offset, which every read of that cluster refuses (qemu-img's too).
+ */
+async function damagedQcow2(dir: string): Promise<string> {
+  const src = path.join(dir, 'src.qcow2');
+  await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', src, '64M'], { cwd: dir });
+  await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x31 0 64M', src], { cwd: dir });
+  const l1 = Number(readBytes(src, 40, 8).readBigUInt64BE(0));
+  const l2 = Number(readBytes(src, l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
+  const e = l2 + ((40 * MiB) / (64 * KiB)) * 8;
+  const bad = Buffer.alloc(8);
+  bad.writeBigUInt64BE(readBytes(src, e, 8).readBigUInt64BE(0) | 0x200n);
+  patch(src, e, bad);
+  return src;
+}
+
 describe('tsimg convert -c, several sources, progress', function () {
   this.timeout(300_000);
   let t: ReturnType<typeof tempDir>;
@@ -260,17 +277,7 @@ describe('tsimg convert -c, several sources, progress', function () {
 
   it('a source that fails to read mid-way: one line, exit 1, no target left, nothing pending (with and without -W)', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'fail-'));
-    const src = path.join(dir, 'src.qcow2');
-    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', src, '64M'], { cwd: dir });
-    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x31 0 64M', src], { cwd: dir });
-    // The L2 entry of the cluster at 40 MiB: an unaligned host offset, which every read of it refuses.
-    const l1 = Number(readBytes(src, 40, 8).readBigUInt64BE(0));
-    const l2 = Number(readBytes(src, l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
-    const e = l2 + (40 * MiB) / (64 * KiB) * 8;
-    const entry = readBytes(src, e, 8).readBigUInt64BE(0);
-    const bad = Buffer.alloc(8);
-    bad.writeBigUInt64BE(entry | 0x200n);
-    patch(src, e, bad);
+    await damagedQcow2(dir);
     for (const extra of [[], ['-W'], ['-m', '1']]) {
       const r = await tsimg(['convert', ...extra, '-O', 'qcow2', 'src.qcow2', 'out.qcow2'], dir);
       expect(r.code, r.stderr).to.equal(1);
@@ -585,16 +592,7 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
 
   it('convert --salvage: an unreadable cluster becomes zeros with a warning per sector, the rest is copied; the same image as qemu-img convert --salvage; -q says nothing', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'salvage-'));
-    const src = path.join(dir, 'src.qcow2');
-    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', src, '64M'], { cwd: dir });
-    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x31 0 64M', src], { cwd: dir });
-    // The L2 entry of the cluster at 40 MiB: an unaligned host offset, which every read of it refuses.
-    const l1 = Number(readBytes(src, 40, 8).readBigUInt64BE(0));
-    const l2 = Number(readBytes(src, l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
-    const e = l2 + ((40 * MiB) / (64 * KiB)) * 8;
-    const bad = Buffer.alloc(8);
-    bad.writeBigUInt64BE(readBytes(src, e, 8).readBigUInt64BE(0) | 0x200n);
-    patch(src, e, bad);
+    const src = await damagedQcow2(dir);
     const before = fs.readFileSync(src);
     await runOk('qemu-img', ['convert', '--salvage', '-O', 'qcow2', 'src.qcow2', 'q.qcow2'], { cwd: dir });
     for (const extra of [[], ['-W'], ['-m', '1']]) {
