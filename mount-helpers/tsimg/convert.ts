@@ -2,8 +2,10 @@
 // format. The source is read through its whole chain (drivers/open.ts), the target is
 // made by the format's create() (tsimg create) and written through its node. Sparse:
 // ranges the chain reports as holes are skipped, and 4 KiB blocks of zeros inside data
-// are not written (qemu-img convert's default -S 4k), so the new image stays unallocated there.
-// Several sources are concatenated, as qemu-img does. -c writes whole clusters through
+// are not written (qemu-img convert's default -S 4k; other sizes as qemu-img groups them,
+// -S 0 writes every byte), so the new image stays unallocated there. -l reads a qcow2
+// internal snapshot instead; --salvage reads what it can, a sector at a time after a
+// failure, and writes zeros for the rest. Several sources are concatenated, as qemu-img does. -c writes whole clusters through
 // the node's writeCompressed (qcow2, qcow); vmdk takes -c and compresses exactly when the
 // extents are streamOptimized, as QEMU's vmdk; every other format refuses it.
 import fs from 'node:fs';
@@ -44,7 +46,7 @@ export interface ConvertCli extends OpenCli {
   snapshot?: string;
   /** --target-is-zero (with -n): the target reads as zeros everywhere already. */
   targetIsZero?: boolean;
-  /** --salvage: what cannot be read (or its block status) is taken as zeros (data), with a warning. */
+  /** --salvage: what cannot be read is taken as zeros, with a warning per sector. */
   salvage?: boolean;
   /** -q: no progress, no warnings. */
   quiet?: boolean;
