@@ -549,6 +549,30 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
     }
   });
 
+  it('convert -C copies data runs whole, zeros and all, holes left out, as qemu-img convert -C; its refusals (-c, -S, --salvage) alike', async () => {
+    const dir = fs.mkdtempSync(path.join(t.dir, 'copy-range-'));
+    sparseSource(path.join(dir, 'sp.raw'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'sp.qcow2', '12M'], { cwd: dir });
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', 'sp.raw', 'sp.qcow2'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -z 9M 1M', '-c', 'write -P 0 10M 64k', 'sp.qcow2'], { cwd: dir });
+    for (const fmt of ['raw', 'qcow2']) {
+      for (const src of ['sp.raw', 'sp.qcow2']) {
+        const what = `-C ${src} -> ${fmt}`;
+        for (const f of [`q.${fmt}`, `t.${fmt}`]) fs.rmSync(path.join(dir, f), { force: true });
+        await runOk('qemu-img', ['convert', '-C', '-O', fmt, src, `q.${fmt}`], { cwd: dir });
+        await ok(['convert', '-C', '-O', fmt, src, `t.${fmt}`], dir);
+        await expectSame(dir, `q.${fmt}`, `t.${fmt}`);
+        expect(await mapShape(dir, `t.${fmt}`), what).to.equal(await mapShape(dir, `q.${fmt}`));
+      }
+    }
+    for (const extra of [['-c'], ['-S', '4k'], ['--salvage']]) {
+      const theirs = await run('qemu-img', ['convert', '-C', ...extra, '-O', 'qcow2', 'sp.raw', 'x.qcow2'], { cwd: dir });
+      const ours = await tsimg(['convert', '-C', ...extra, '-O', 'qcow2', 'sp.raw', 'y.qcow2'], dir);
+      expect([ours.code, ours.stderr.replace('tsimg: ', '')], extra.join(' ')).to.deep.equal([theirs.code, theirs.stderr.replace('qemu-img: ', '')]);
+      expect(fs.existsSync(path.join(dir, 'y.qcow2'))).to.equal(false);
+    }
+  });
+
   it('convert -l converts an internal snapshot by ID, name or snapshot.id=/snapshot.name=, as qemu-img convert -l; a missing one, a raw source and several sources refused alike', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'snap-'));
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 's.qcow2', '16M'], { cwd: dir });

@@ -50,6 +50,8 @@ export interface ConvertCli extends OpenCli {
   salvage?: boolean;
   /** -q: no progress, no warnings. */
   quiet?: boolean;
+  /** -C: qemu-img's copy offloading: data runs are copied whole, zeros and all. */
+  copyRange?: boolean;
 }
 
 /** qemu-img convert's MAX_BUF_SECTORS: the largest -S, in bytes. */
@@ -198,6 +200,8 @@ export interface CopyOptions {
   compress?: boolean;
   /** -S: zero runs this long are left out (default 4 KiB); 0 writes every byte, holes too. */
   sparse?: number;
+  /** -C: a data run is written whole (qemu-img's copy_range copies it as it is); holes stay holes. */
+  wholeData?: boolean;
   /**
    * --salvage: a read that fails is read again a sector at a time, and the sectors that
    * still fail are zeros, each with a line to `warn`.
@@ -259,7 +263,7 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   const dstStatus = new StatusAhead(dst);
   /** The runs of a read buffer to write: zero runs left out as -S says. */
   const toWrite = (offset: number, part: Buffer): [number, number][] =>
-    sparse === 0 ? [[0, part.length]] : sparse === SPARSE || offset % 512 !== 0 ? nonZeroRuns(offset, part) : nonZeroRunsMin(offset, part, sparse);
+    sparse === 0 || o.wholeData ? [[0, part.length]] : sparse === SPARSE || offset % 512 !== 0 ? nonZeroRuns(offset, part) : nonZeroRunsMin(offset, part, sparse);
   /** src.read, or with --salvage what of it can be read (zeros elsewhere). */
   const read = (offset: number, part: Buffer): Promise<void> => (salvage ? readSalvaging(src, offset, part, salvage.warn) : src.read(offset, part));
 
@@ -548,6 +552,9 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
   const snapshot = o.snapshot === undefined ? undefined : parseSnapshotParam(o.snapshot);
   // qemu-img's refusals, in its order, before anything is opened or made.
   if (o.skipCreate && o.options.length > 0) throw new UsageError('-o has no effect when skipping image creation');
+  if (o.copyRange && o.compress) throw new UsageError('Cannot enable copy offloading when -c is used');
+  if (o.copyRange && o.sparseSize !== undefined) throw new UsageError('Cannot enable copy offloading when -S is used');
+  if (o.copyRange && o.salvage) throw new UsageError('Cannot use copy offloading in salvaging mode');
   if (o.targetIsZero && !o.skipCreate) throw new UsageError('--target-is-zero requires use of -n flag');
   if (o.sourceCache !== undefined) parseSourceCache(o.sourceCache);
   if (snapshot && srcSpecs.length > 1) throw new UsageError('No support for concatenating multiple snapshot');
@@ -589,7 +596,7 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         const salvage = o.salvage ? { warn: (text: string) => void (o.quiet || process.stderr.write(`tsimg: warning: ${text}\n`)) } : undefined;
         // -n writes every data run as qemu-img does (no compare with what the target holds:
         // onto an identical allocated cluster, -n -c fails as qemu-img's does).
-        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress, zeroInit, sparse, salvage });
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress, zeroInit, sparse, salvage, wholeData: o.copyRange });
         await dst.flush();
         show?.done();
         ok = true;
