@@ -331,7 +331,8 @@ async function waitReady(child: ChildProcess, what: string, stderr: () => string
   for (;;) {
     if (ready()) return;
     if (child.exitCode !== null || child.signalCode !== null) {
-      if (!closed) await Promise.race([pipesClosed, new Promise((r) => setTimeout(r, 5000))]);
+      // (The timer is unref'd: it never holds the process open.)
+      if (!closed) await Promise.race([pipesClosed, new Promise((r) => setTimeout(r, 5000).unref())]);
       const how = child.signalCode !== null ? `killed by ${child.signalCode}` : `exit code ${child.exitCode}`;
       throw new Error(`${what} exited (${how}): ${stderr().trim()}`);
     }
