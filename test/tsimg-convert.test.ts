@@ -508,6 +508,17 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
   }
 
   /**
+   * DIR/sp.raw (sparseSource) and DIR/sp.qcow2, a 12 MiB qcow2 holding the same bytes,
+   * then changed by the qemu-io arguments `io` (zero clusters, data past the raw's end).
+   */
+  async function sparseSources(dir: string, io: string[]): Promise<void> {
+    sparseSource(path.join(dir, 'sp.raw'));
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'sp.qcow2', '12M'], { cwd: dir });
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', 'sp.raw', 'sp.qcow2'], { cwd: dir });
+    await runOk('qemu-io', ['-f', 'qcow2', ...io, 'sp.qcow2'], { cwd: dir });
+  }
+
+  /**
    * qemu-img map --output=json without host offsets, neighbours of the same kind merged
    * (the layouts may differ, -W writes out of order; what is data may not).
    */
@@ -524,10 +535,7 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
 
   it('convert -S SIZE leaves zero runs out as qemu-img convert -S does (0: every byte written); a bad size refused alike', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'sparse-'));
-    sparseSource(path.join(dir, 'sp.raw'));
-    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'sp.qcow2', '12M'], { cwd: dir });
-    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', 'sp.raw', 'sp.qcow2'], { cwd: dir });
-    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -z 9M 1M', '-c', 'write -P 7 11M 4k', 'sp.qcow2'], { cwd: dir });
+    await sparseSources(dir, ['-c', 'write -z 9M 1M', '-c', 'write -P 7 11M 4k']);
     for (const S of ['0', '512', '6k', '8k', '64k', '16M']) {
       for (const fmt of ['raw', 'qcow2']) {
         for (const src of ['sp.raw', 'sp.qcow2']) {
@@ -551,10 +559,7 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
 
   it('convert -C copies data runs whole, zeros and all, holes left out, as qemu-img convert -C; its refusals (-c, -S, --salvage) alike', async () => {
     const dir = fs.mkdtempSync(path.join(t.dir, 'copy-range-'));
-    sparseSource(path.join(dir, 'sp.raw'));
-    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', 'sp.qcow2', '12M'], { cwd: dir });
-    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', 'sp.raw', 'sp.qcow2'], { cwd: dir });
-    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -z 9M 1M', '-c', 'write -P 0 10M 64k', 'sp.qcow2'], { cwd: dir });
+    await sparseSources(dir, ['-c', 'write -z 9M 1M', '-c', 'write -P 0 10M 64k']);
     for (const fmt of ['raw', 'qcow2']) {
       for (const src of ['sp.raw', 'sp.qcow2']) {
         const what = `-C ${src} -> ${fmt}`;
