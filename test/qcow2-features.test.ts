@@ -209,37 +209,7 @@ describe('qcow2 features', function () {
     });
   });
 
-  describe('persistent dirty bitmaps', function () {
-    it('marks bitmaps in use before the first write, as QEMU does, and keeps the image clean', async function () {
-      const file = path.join(tmp.dir, 'bitmap.qcow2');
-      await createImage(file, 'qcow2', 16 * MiB);
-      await qemuImg('bitmap', '--add', file, 'b0');
-      await qemuIo(file, 'qcow2', ['write -P 1 0 64k']);
-      const node = await openTestImage(file, { rw: true });
-      try {
-        await node.write(MiB, pattern(4096, 1));
-      } finally {
-        await node.close();
-      }
-      const info = (await imageInfo(file)) as { 'format-specific'?: { data?: { bitmaps?: { name: string; flags: string[] }[] } } };
-      const bitmaps = info['format-specific']?.data?.bitmaps ?? [];
-      expect(bitmaps.map((b) => b.name)).to.deep.equal(['b0']);
-      expect(bitmaps[0]!.flags).to.include('in-use');
-      const c = await checkImage(file, 'qcow2');
-      expect(c.corruptions, c.output).to.equal(0);
-      expect(c.leaks, c.output).to.equal(0);
-    });
-
-    it('leaves bitmaps untouched when the image is only read', async function () {
-      const file = path.join(tmp.dir, 'bitmap-ro.qcow2');
-      await createImage(file, 'qcow2', 16 * MiB);
-      await qemuImg('bitmap', '--add', file, 'b0');
-      const before = await md5File(file);
-      const node = await openTestImage(file, { rw: true });
-      await node.close();
-      expect(await md5File(file)).to.equal(before);
-    });
-  });
+  // Persistent dirty bitmaps: test/qcow2-bitmaps.test.ts.
 
   describe('internal snapshots', function () {
     it('reads the active layer and every snapshot as qemu-img convert -l does', async function () {

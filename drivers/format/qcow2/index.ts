@@ -20,7 +20,7 @@ import { ClusterMap } from './cluster.js';
 import { Refcounts } from './refcount.js';
 import { Qcow2Node } from './qcow2.js';
 import { readSnapshotTable } from './snapshot.js';
-import { bitmapRanges, markBitmapsInUse, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
+import { BitmapTracker, bitmapRanges, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
 // Repair, check and the LUKS header reader are imported where they are used: an
 // image opened to be read needs none of them.
 import type { RepairInput } from './repair.js';
@@ -187,16 +187,31 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   });
 
   // Before the first change: clear the autoclear bits of features we do not keep
-  // up to date (QEMU knows only bitmaps and data_file_raw), and mark bitmaps in use.
+  // up to date (QEMU knows only bitmaps and data_file_raw), and load the bitmaps,
+  // which marks them in use until close() stores them (bitmap.ts).
   const known = AUTOCLEAR.bitmaps | AUTOCLEAR.dataFileRaw;
+  let autoclear = h.autoclearFeatures;
+  const tracker = bitmaps && !opts.readOnly
+    ? new BitmapTracker(bitmaps, {
+        file,
+        name,
+        clusterSize,
+        refcounts,
+        autoclear: () => autoclear,
+        guard,
+        flushRefcounts: async () => {
+          await refcountCache.flush();
+          if (barriers) await file.flush();
+        },
+      }, h.size)
+    : undefined;
   const beforeFirstChange = async (): Promise<void> => {
-    let changed = false;
-    if (h.version === 3 && (h.autoclearFeatures & ~known) !== 0n) {
-      await file.write(HDR.autoclearFeatures, encodeAutoclear(h.autoclearFeatures & known));
-      changed = true;
+    if (h.version === 3 && (autoclear & ~known) !== 0n) {
+      await file.write(HDR.autoclearFeatures, encodeAutoclear(autoclear & known));
+      await file.flush();
+      autoclear &= known;
     }
-    if (bitmaps && (await markBitmapsInUse(file, bitmaps))) changed = true;
-    if (changed) await file.flush();
+    await tracker?.load();
   };
 
   const common = { file, version: h.version, backing, refcounts, refcountCache, barriers, dataFile, dataFileName: h.dataFile, dataFileRaw, compressionType: h.compressionType, crypt };
@@ -210,7 +225,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   }
   const description = describeQcow2(h, snaps, luksInfo, bitmaps);
   const check = async (): Promise<CheckReport> => (await import('./check.js')).checkQcow2(await repairInput(), h.size);
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, guard, description, check, repair: async (leaksOnly) => (await import('./repair.js')).rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, bitmaps: tracker, guard, description, check, repair: async (leaksOnly) => (await import('./repair.js')).rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
   const views: SnapshotView[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time

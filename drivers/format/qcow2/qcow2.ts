@@ -14,6 +14,7 @@ import { splitByHoles } from '../mapped.js';
 import { sizable } from '../../resize.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
+import type { BitmapTracker } from './bitmap.js';
 import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
 import { compressBlock, type CompressCodec } from '../../util/compress.js';
 import { COMPRESSION } from './compress.js';
@@ -54,6 +55,8 @@ export interface Qcow2NodeOptions {
   crypt?: DataCrypt;
   /** Runs once before the first change to the image (bitmaps, autoclear bits). */
   beforeFirstChange?: () => Promise<void>;
+  /** The image's persistent bitmaps (bitmap.ts): loaded by beforeFirstChange, marked by every change, stored at close. */
+  bitmaps?: BitmapTracker;
   /** Metadata overlap checks (writable nodes): where the tables are, and the corrupt state. */
   guard?: MetadataGuard;
   /** What tsimg info shows (the active node only). */
@@ -113,6 +116,7 @@ export class Qcow2Node implements BlockNode {
   private readonly inputPool: Buffer[] = [];
   private snapshotViews: SnapshotView[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
+  private readonly bitmaps: BitmapTracker | undefined;
   private readonly crypt: DataCrypt | undefined;
   readonly encrypted: boolean;
   private readonly guard: MetadataGuard | undefined;
@@ -152,6 +156,7 @@ export class Qcow2Node implements BlockNode {
     this.isView = o.view ?? false;
     this.viewName = o.viewName;
     this.beforeFirstChange = o.beforeFirstChange;
+    this.bitmaps = o.bitmaps;
     this.crypt = o.crypt;
     this.encrypted = o.crypt !== undefined;
     this.guard = o.guard;
@@ -219,7 +224,7 @@ export class Qcow2Node implements BlockNode {
    * such writes too), and never once corrupt.
    */
   get inPlaceWrites(): boolean {
-    return !this.readOnly && !this.isView && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && !this.guard?.corrupt && this.file.inPlaceWrites === true && this.data.inPlaceWrites === true;
+    return !this.readOnly && !this.isView && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && !this.bitmaps?.tracking && !this.guard?.corrupt && this.file.inPlaceWrites === true && this.data.inPlaceWrites === true;
   }
 
   /**
@@ -468,6 +473,7 @@ export class Qcow2Node implements BlockNode {
   async write(offset: number, src: Uint8Array): Promise<void> {
     this.checkWritable();
     await this.prepare();
+    this.bitmaps?.mark(offset, src.length);
     const inPlace = this.writeInPlace(offset, src);
     this.inflight.add(inPlace);
     let done: boolean;
@@ -519,6 +525,7 @@ export class Qcow2Node implements BlockNode {
     }
     this.checkWritable();
     await this.prepare();
+    this.bitmaps?.mark(offset, data.length);
     let whole = data;
     if (data.length < cs) {
       // The last cluster of a disk whose size is not a multiple of clusters: zero padded.
@@ -895,6 +902,7 @@ export class Qcow2Node implements BlockNode {
   async zero(offset: number, length: number, unmap: boolean, o: ZeroOptions = {}): Promise<void> {
     this.checkWritable();
     await this.prepare();
+    this.bitmaps?.mark(offset, length);
     await this.mutex.run(() => this.zeroLocked(offset, length, unmap, o.ignoreBacking === true));
   }
 
@@ -1026,6 +1034,8 @@ export class Qcow2Node implements BlockNode {
       // Tables first: the new size must not name what they do not hold yet.
       await this.flushLocked();
       await this.setSize(size);
+      // The bitmaps follow, their new bits clean (QEMU's bdrv_dirty_bitmap_truncate).
+      this.bitmaps?.resize(size);
     });
     await this.flush();
   }
@@ -1275,7 +1285,12 @@ export class Qcow2Node implements BlockNode {
     return {
       create: (name) => run(async (c) => (await import('./snapshot-ops.js')).createSnapshot(c, name))(),
       remove: (id) => run(async (c) => (await import('./snapshot-ops.js')).deleteSnapshot(c, id))(),
-      apply: (id) => run(async (c) => (await import('./snapshot-ops.js')).applySnapshot(c, id))(),
+      apply: (id) =>
+        run(async (c) => {
+          await (await import('./snapshot-ops.js')).applySnapshot(c, id);
+          // The whole disk may read differently now (qcow2.txt: "auto" bitmaps reflect snapshot switching too).
+          this.bitmaps?.mark(0, this.size);
+        })(),
     };
   }
 
@@ -1324,6 +1339,13 @@ export class Qcow2Node implements BlockNode {
     if (this.readOnly) return;
     if (this.guard?.corrupt) return this.flushCorrupt(this.guard);
     await this.mutex.run(() => this.flushLocked());
+  }
+
+  /** flush(), then the bitmaps written back (close), unless the image is corrupt (they stay in use). */
+  private async flushAndStoreBitmaps(): Promise<void> {
+    await this.flush();
+    const bitmaps = this.bitmaps;
+    if (bitmaps && !this.guard?.corrupt) await this.mutex.run(() => bitmaps.store());
   }
 
   /** flush() for a caller that holds the mutex. */
@@ -1456,7 +1478,9 @@ export class Qcow2Node implements BlockNode {
     this.closed = true;
     this.releaseInflate?.();
     if (this.isView) return;
-    await closeLayers(this, this.backing, this.data !== this.file ? this.data : undefined, this.file);
+    // The bitmaps go back after everything else reached the file (QEMU stores them at close).
+    const node = { readOnly: this.readOnly, flush: () => this.flushAndStoreBitmaps() };
+    await closeLayers(node, this.backing, this.data !== this.file ? this.data : undefined, this.file);
   }
 }
 

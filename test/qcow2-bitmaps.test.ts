@@ -1,0 +1,216 @@
+// qcow2 persistent dirty bitmaps kept as QEMU keeps them (drivers/format/qcow2/bitmap.ts):
+// the same changes made by qemu-io to one copy of an image and by tsmount to another
+// leave the same bits in every bitmap, read back by QEMU itself (qemu-nbd exports a
+// bitmap, and qemu-img map over NBD's x-dirty-bitmap shows its set bits as "data":
+// false), the same flags in qemu-img info, and a clean qemu-img check.
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { checkImage, createImage, imageInfo, qemuImg, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
+import { startServer } from './helpers/servers.js';
+import { MountTracker, mountCounters } from './helpers/mount.js';
+import { openTestImage, pattern } from './helpers/images.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** A change of the disk, as qemu-io says it and as the node (or the mount) does it. */
+type Op = { kind: 'write'; offset: number; length: number } | { kind: 'zero'; offset: number; length: number; unmap: boolean };
+
+function qemuIoCommand(op: Op, i: number): string {
+  if (op.kind === 'write') return `write -P ${(i % 200) + 1} ${op.offset} ${op.length}`;
+  return `write -z${op.unmap ? ' -u' : ''} ${op.offset} ${op.length}`;
+}
+
+/** Bitmaps as qemu-img info lists them: name, flags, granularity. */
+async function bitmapInfo(file: string): Promise<{ name: string; flags: string[]; granularity: number }[]> {
+  const info = (await imageInfo(file)) as { 'format-specific'?: { data?: { bitmaps?: { name: string; flags: string[]; granularity: number }[] } } };
+  return info['format-specific']?.data?.bitmaps ?? [];
+}
+
+describe('qcow2 persistent dirty bitmaps', function () {
+  this.timeout(180_000);
+  let tmp: ReturnType<typeof tempDir>;
+  before(() => (tmp = tempDir('qcow2-bitmaps')));
+  after(() => tmp.cleanup());
+  const mounts = new MountTracker();
+  afterEach(() => mounts.cleanup());
+
+  let sockets = 0;
+  /** The set bits of `bitmap` as [offset, length] runs, as QEMU reads them (qemu-nbd -B, qemu-img map). */
+  async function dirtyRuns(file: string, bitmap: string): Promise<[number, number][]> {
+    const sock = path.join(tmp.dir, `nbd-${sockets++}.sock`);
+    const srv = await startServer('qemu-nbd', ['-k', sock, '-r', '-f', 'qcow2', '-B', bitmap, file], { path: sock });
+    try {
+      const out = await runOk('qemu-img', ['map', '--output=json', '--image-opts', `driver=nbd,server.type=unix,server.path=${sock},x-dirty-bitmap=qemu:dirty-bitmap:${bitmap}`]);
+      return (JSON.parse(out) as { start: number; length: number; data: boolean }[]).filter((e) => !e.data).map((e) => [e.start, e.length]);
+    } finally {
+      await srv.stop();
+    }
+  }
+
+  /**
+   * A 64 MiB qcow2 (cluster_size `cs`) with bitmaps of several granularities, one of them
+   * disabled, each with bits set already (data clusters in the file), copied twice: the
+   * copy for QEMU and the one for tsmount.
+   */
+  async function twins(name: string, bitmaps: { name: string; granularity?: number; disabled?: boolean }[], cs = 64 * KiB): Promise<{ q: string; t: string }> {
+    const base = path.join(tmp.dir, `${name}.qcow2`);
+    await createImage(base, 'qcow2', 64 * MiB, { cluster_size: String(cs) });
+    for (const b of bitmaps) await qemuImg('bitmap', '--add', ...(b.granularity ? ['-g', String(b.granularity)] : []), base, b.name);
+    await qemuIo(base, 'qcow2', ['write -P 9 3M 100k', 'write -P 8 40M 5k']);
+    for (const b of bitmaps) if (b.disabled) await qemuImg('bitmap', '--disable', base, b.name);
+    const q = path.join(tmp.dir, `${name}-q.qcow2`);
+    const t = path.join(tmp.dir, `${name}-t.qcow2`);
+    fs.copyFileSync(base, q);
+    fs.copyFileSync(base, t);
+    return { q, t };
+  }
+
+  /** Both copies: the same bits in every bitmap, the same flags, the same disk; tsmount's copy check-clean. */
+  async function expectSame(q: string, t: string, names: string[]): Promise<void> {
+    expect(await bitmapInfo(t)).to.deep.equal(await bitmapInfo(q));
+    for (const n of names) expect(await dirtyRuns(t, n), `bitmap ${n}`).to.deep.equal(await dirtyRuns(q, n));
+    const c = await checkImage(t, 'qcow2');
+    expect(c.code, c.output).to.equal(0);
+    await runOk('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', q, t]);
+  }
+
+  const ops: Op[] = [
+    { kind: 'write', offset: 0, length: 512 },
+    { kind: 'write', offset: 5000, length: 100 },
+    { kind: 'write', offset: 3 * MiB + 70 * KiB, length: 200 * KiB },
+    { kind: 'write', offset: 10 * MiB - 1, length: 2 },
+    { kind: 'write', offset: 17 * MiB + 3 * KiB, length: 1 * MiB + 4097 },
+    { kind: 'zero', offset: 24 * MiB, length: 64 * KiB, unmap: false },
+    { kind: 'zero', offset: 30 * MiB + 512, length: 3 * KiB, unmap: true },
+    { kind: 'zero', offset: 40 * MiB, length: 2 * MiB, unmap: true },
+    { kind: 'write', offset: 64 * MiB - 700, length: 700 },
+  ];
+  const granular = [
+    { name: 'g512', granularity: 512 },
+    { name: 'g64k' },
+    { name: 'g4k', granularity: 4096 },
+    { name: 'g2m', granularity: 2 * MiB },
+    { name: 'off', disabled: true },
+  ];
+
+  it('writes and zeroes through the driver set the bits qemu-io sets, granularities 512 B to 2 MiB; a disabled bitmap keeps its own', async () => {
+    const { q, t } = await twins('node', granular);
+    await qemuIo(q, 'qcow2', ops.map(qemuIoCommand));
+    const node = await openTestImage(t, { rw: true });
+    try {
+      for (const [i, op] of ops.entries()) {
+        if (op.kind === 'write') await node.write(op.offset, Buffer.alloc(op.length, (i % 200) + 1));
+        else await node.zero!(op.offset, op.length, op.unmap);
+      }
+    } finally {
+      await node.close();
+    }
+    await expectSame(q, t, granular.map((b) => b.name));
+    // Bits were set where none were before: new bitmap data clusters, counted.
+    expect((await dirtyRuns(t, 'g64k')).length).to.be.greaterThan(3);
+  });
+
+  it('while the image is open the bitmaps are in use; a process killed then leaves them so (QEMU: inconsistent)', async () => {
+    const { t } = await twins('killed', [{ name: 'b0' }, { name: 'off', disabled: true }]);
+    const node = await openTestImage(t, { rw: true });
+    try {
+      await node.write(MiB, pattern(4096, 1));
+      await node.flush();
+      // Another process's view of the file now: what a crash would leave.
+      const flags = (await bitmapInfo(t)).map((b) => [b.name, b.flags]);
+      expect(flags).to.deep.equal([
+        ['b0', ['in-use', 'auto']],
+        ['off', ['in-use']],
+      ]);
+      const nbd = await run('qemu-nbd', ['-k', path.join(tmp.dir, 'refused.sock'), '-r', '-f', 'qcow2', '-B', 'b0', t], { timeoutMs: 10_000 });
+      expect(nbd.code).to.not.equal(0);
+      expect(nbd.stderr).to.match(/inconsistent/);
+    } finally {
+      await node.close();
+    }
+    expect((await bitmapInfo(t)).map((b) => [b.name, b.flags])).to.deep.equal([
+      ['b0', ['auto']],
+      ['off', []],
+    ]);
+  });
+
+  it('an image only read keeps its bitmaps byte for byte', async () => {
+    const { q, t } = await twins('read', [{ name: 'b0' }]);
+    const node = await openTestImage(t, { rw: true });
+    const buf = Buffer.alloc(MiB);
+    await node.read(3 * MiB, buf);
+    await node.close();
+    expect(fs.readFileSync(t).equals(fs.readFileSync(q))).to.equal(true);
+  });
+
+  for (const [what, newSize] of [
+    ['grown', 96 * MiB],
+    ['shrunk', 40 * MiB - 512],
+  ] as const) {
+    it(`a disk ${what} with bitmaps: they follow it as QEMU's do (new bits clean), writes after it included`, async () => {
+      const { q, t } = await twins(`resize-${what}`, granular);
+      const before = ops.slice(0, 5);
+      const after: Op[] = [
+        { kind: 'write', offset: newSize - 4096, length: 4096 },
+        { kind: 'write', offset: 20 * MiB, length: 8 * KiB },
+      ];
+      await qemuIo(q, 'qcow2', before.map(qemuIoCommand));
+      await qemuImg('resize', ...(newSize < 64 * MiB ? ['--shrink'] : []), q, String(newSize));
+      await qemuIo(q, 'qcow2', after.map(qemuIoCommand));
+      const node = await openTestImage(t, { rw: true });
+      try {
+        for (const [i, op] of before.entries()) if (op.kind === 'write') await node.write(op.offset, Buffer.alloc(op.length, (i % 200) + 1));
+        await node.truncate!(newSize);
+        for (const [i, op] of after.entries()) if (op.kind === 'write') await node.write(op.offset, Buffer.alloc(op.length, (i % 200) + 1));
+      } finally {
+        await node.close();
+      }
+      await expectSame(q, t, granular.map((b) => b.name));
+    });
+  }
+
+  it('through a --rw mount: writes of every size, fallocate zero and punch, the bits qemu-io sets (the FUSE workers hand such writes to the driver)', async () => {
+    const names = [{ name: 'g4k', granularity: 4096 }, { name: 'g64k' }, { name: 'g1m', granularity: MiB }];
+    const { q, t } = await twins('mount', names);
+    // Allocated first, so that without bitmaps the FUSE workers would write these in place.
+    await qemuIo(q, 'qcow2', ['write -P 5 0 16M']);
+    await qemuIo(t, 'qcow2', ['write -P 5 0 16M']);
+    // Three passes of writes with a pause between them: time for the map to publish the
+    // allocated clusters, which the workers would then write in place but for the bitmaps.
+    const random = (pass: number): Op[] => Array.from({ length: 64 }, (_, i): Op => ({ kind: 'write', offset: ((i * 7919 + pass * 104729) % 4096) * 4096, length: 4096 }));
+    const passes: Op[][] = [Array.from({ length: 8 }, (_, i): Op => ({ kind: 'write', offset: i * MiB, length: MiB })), random(1), random(2)];
+    const mountOps: Op[] = [
+      ...passes.flat(),
+      { kind: 'write', offset: 9 * MiB + 4096, length: 12 * KiB },
+      { kind: 'zero', offset: 12 * MiB, length: 128 * KiB, unmap: false },
+      { kind: 'zero', offset: 50 * MiB, length: 1 * MiB, unmap: true },
+    ];
+    await qemuIo(q, 'qcow2', mountOps.map(qemuIoCommand));
+    const mp = path.join(tmp.dir, 'mnt');
+    fs.mkdirSync(mp, { recursive: true });
+    await mounts.mount(['--rw', t, mp]);
+    const flat = path.join(mp, path.basename(t).replace(/\.qcow2$/, '.raw'));
+    const fd = await fs.promises.open(flat, fs.constants.O_RDWR | fs.constants.O_DIRECT);
+    try {
+      for (const [i, op] of mountOps.entries()) {
+        if (i === passes[0]!.length || i === passes[0]!.length + passes[1]!.length) await new Promise((r) => setTimeout(r, 400));
+        if (op.kind === 'write') {
+          const buf = Buffer.alloc(op.length, (i % 200) + 1);
+          await fd.write(buf, 0, buf.length, op.offset);
+        }
+      }
+    } finally {
+      await fd.close();
+    }
+    for (const op of mountOps) {
+      if (op.kind !== 'zero') continue;
+      await runOk('fallocate', [...(op.unmap ? ['-p'] : ['-z']), '-o', String(op.offset), '-l', String(op.length), flat]);
+    }
+    const counters = await mountCounters(mp);
+    await mounts.unmount(mp);
+    expect(counters.workerWrites ?? 0, 'writes the workers made around the driver').to.equal(0);
+    await expectSame(q, t, names.map((b) => b.name));
+  });
+});
