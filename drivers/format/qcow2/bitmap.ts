@@ -25,6 +25,8 @@ const MAX_DIRECTORY = 65535 * 1024;
 /** QEMU's BME_MAX_TABLE_SIZE and BME_MAX_PHYS_SIZE (the bytes of one bitmap in memory). */
 const MAX_TABLE_ENTRIES = 0x8000000;
 const MAX_PHYS_BYTES = 0x20000000;
+/** Bytes all loaded bitmaps of one image may take (QEMU has no such limit: a hostile image could ask for 65535 x 512 MiB). */
+const MAX_LOADED_BYTES = 0x40000000;
 /** Bitmap table entries: bits 1-8 and 56-63 reserved, 9-55 the offset, bit 0 "all ones" where there is none. */
 const TABLE_RESERVED = 0xff000000000001fen;
 const TABLE_OFFSET = 0x00fffffffffffe00n;
@@ -182,11 +184,15 @@ export class BitmapTracker {
   async load(): Promise<void> {
     if (this.started) return;
     const { file, clusterSize: cs } = this.img;
+    let budget = MAX_LOADED_BYTES;
     for (let i = 0; i < this.dir.entries.length; i++) {
       const e = this.dir.entries[i]!;
-      if (e.flags & BME_FLAG_IN_USE) continue;
-      const l = await this.loadOne(e, this.dir.tables[i]!, cs, file).catch(() => undefined);
-      if (l) this.loaded.push(l);
+      const t = this.dir.tables[i]!;
+      if (e.flags & BME_FLAG_IN_USE || t.entries * cs > budget) continue;
+      const l = await this.loadOne(e, t, cs, file).catch(() => undefined);
+      if (!l) continue;
+      this.loaded.push(l);
+      budget -= l.data.length;
     }
     // Flags last: an entry this loaded becomes in use together with every other one.
     let changed = false;
