@@ -9,7 +9,7 @@ import path from 'node:path';
 import { checkImage, createImage, imageInfo, qemuImg, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
 import { startServer } from './helpers/servers.js';
 import { MountTracker, mountCounters } from './helpers/mount.js';
-import { openTestImage, pattern } from './helpers/images.js';
+import { openTestImage, pattern, tsimg } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -187,6 +187,26 @@ describe('qcow2 persistent dirty bitmaps', function () {
       ['good', ['auto']],
     ]);
     expect(await dirtyRuns(t, 'good')).to.deep.equal(await dirtyRuns(q, 'good'));
+  });
+
+  it('tsimg snapshot: -a refused while the image has bitmaps, as qemu-img refuses it (nothing changed); -c and -d keep them', async () => {
+    const { q, t } = await twins('snap', [{ name: 'b0' }, { name: 'off', disabled: true }]);
+    await qemuImg('snapshot', '-c', 'one', q);
+    expect((await tsimg(['snapshot', '-c', 'one', t])).code).to.equal(0);
+    const before = fs.readFileSync(t);
+    const qa = await run('qemu-img', ['snapshot', '-a', 'one', q]);
+    const ta = await tsimg(['snapshot', '-a', 'one', t]);
+    expect(qa.stderr).to.match(/Device has active dirty bitmaps/);
+    expect(ta.code).to.equal(1);
+    expect(ta.stderr.trim().split('\n')).to.have.length(1);
+    expect(ta.stderr).to.match(/Could not apply snapshot 'one': .*Device has active dirty bitmaps/);
+    expect(fs.readFileSync(t).equals(before), 'unchanged').to.equal(true);
+    await qemuImg('snapshot', '-d', 'one', q);
+    expect((await tsimg(['snapshot', '-d', 'one', t])).code).to.equal(0);
+    expect(await bitmapInfo(t)).to.deep.equal(await bitmapInfo(q));
+    expect(await dirtyRuns(t, 'b0')).to.deep.equal(await dirtyRuns(q, 'b0'));
+    const c = await checkImage(t, 'qcow2');
+    expect(c.code, c.output).to.equal(0);
   });
 
   for (const [what, newSize] of [

@@ -1285,12 +1285,11 @@ export class Qcow2Node implements BlockNode {
     return {
       create: (name) => run(async (c) => (await import('./snapshot-ops.js')).createSnapshot(c, name))(),
       remove: (id) => run(async (c) => (await import('./snapshot-ops.js')).deleteSnapshot(c, id))(),
-      apply: (id) =>
-        run(async (c) => {
-          await (await import('./snapshot-ops.js')).applySnapshot(c, id);
-          // The whole disk may read differently now (qcow2.txt: "auto" bitmaps reflect snapshot switching too).
-          this.bitmaps?.mark(0, this.size);
-        })(),
+      apply: async (id) => {
+        // As QEMU's bdrv_snapshot_goto: the bitmaps could not say what changed (any bitmap, enabled or not).
+        if (this.bitmaps) throw new UnsupportedError(`${this.name}: Device has active dirty bitmaps`);
+        await run(async (c) => (await import('./snapshot-ops.js')).applySnapshot(c, id))();
+      },
     };
   }
 
