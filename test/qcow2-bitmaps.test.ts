@@ -209,6 +209,53 @@ describe('qcow2 persistent dirty bitmaps', function () {
     expect(c.code, c.output).to.equal(0);
   });
 
+  it('tsimg commit into a base with bitmaps sets the bits qemu-img commit sets', async () => {
+    const names = [{ name: 'g4k', granularity: 4096 }, { name: 'g64k' }];
+    // commit: the base is written where the overlay has data.
+    const { q: qb, t: tb } = await twins('commit-base', names);
+    for (const [b, top] of [
+      [qb, 'commit-q-top.qcow2'],
+      [tb, 'commit-t-top.qcow2'],
+    ] as const) {
+      const f = path.join(tmp.dir, top);
+      await createImage(f, 'qcow2', 64 * MiB, {}, { file: path.basename(b), format: 'qcow2' });
+      await qemuIo(f, 'qcow2', ['write -P 3 1M 64k', 'write -P 4 7M 3k', 'write -z 20M 1M']);
+    }
+    await runOk('qemu-img', ['commit', '-q', path.join(tmp.dir, 'commit-q-top.qcow2')], { cwd: tmp.dir });
+    expect((await tsimg(['commit', path.join(tmp.dir, 'commit-t-top.qcow2')], tmp.dir)).code).to.equal(0);
+    await expectSame(qb, tb, names.map((b) => b.name));
+  });
+
+  it('tsimg convert -n into a target with bitmaps: the bits of every byte it changed, within those qemu-img sets', async () => {
+    // qemu-img zeroes every zero area of the source in the target (its whole disk here);
+    // tsimg zeroes only where the target does not read zeros already, so its bitmaps
+    // say less: what changed, and nothing that did not.
+    const names = [{ name: 'g4k', granularity: 4096 }, { name: 'g64k' }];
+    const { q, t } = await twins('convert-target', names);
+    const src = path.join(tmp.dir, 'convert-src.qcow2');
+    await createImage(src, 'qcow2', 64 * MiB);
+    const data: [number, number][] = [
+      [2 * MiB, MiB],
+      [33 * MiB, 4 * KiB],
+    ];
+    await qemuIo(src, 'qcow2', data.map(([o, l], i) => `write -P ${i + 6} ${o} ${l}`));
+    await runOk('qemu-img', ['convert', '-n', '-f', 'qcow2', '-O', 'qcow2', src, q]);
+    expect((await tsimg(['convert', '-n', '-f', 'qcow2', '-O', 'qcow2', src, t])).code).to.equal(0);
+    await runOk('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', q, t]);
+    const within = (runs: [number, number][], at: number, len: number): boolean => runs.some(([s, l]) => s <= at && at + len <= s + l);
+    // What the target held before the convert and reads differently now: its old data (twins) and the source's.
+    const changed: [number, number][] = [...data, [3 * MiB, 100 * KiB], [40 * MiB, 5 * KiB]];
+    for (const n of names.map((b) => b.name)) {
+      const ours = await dirtyRuns(t, n);
+      const theirs = await dirtyRuns(q, n);
+      for (const [o, l] of changed) expect(within(ours, o, l), `${n}: ${o}+${l} marked`).to.equal(true);
+      for (const [o, l] of ours) expect(within(theirs, o, l), `${n}: ${o}+${l} within qemu-img's`).to.equal(true);
+    }
+    expect(await bitmapInfo(t)).to.deep.equal(await bitmapInfo(q));
+    const c = await checkImage(t, 'qcow2');
+    expect(c.code, c.output).to.equal(0);
+  });
+
   for (const [what, newSize] of [
     ['grown', 96 * MiB],
     ['shrunk', 40 * MiB - 512],
