@@ -357,6 +357,10 @@ export interface BlockNode {
   repairMetadata?(mode: 'leaks' | 'all'): Promise<RepairFixed | void>;
   /** Create, delete and revert to internal snapshots (tsimg snapshot); writable qcow2 nodes, and Sheepdog VDIs (create only). */
   readonly snapshotControl?: SnapshotControl | undefined;
+  /** Persistent dirty bitmaps changed (tsimg bitmap); the active writable node only (qcow2). */
+  readonly bitmapControl?: BitmapControl | undefined;
+  /** One persistent dirty bitmap's bits as the image holds them (tsimg bitmap --merge -b: its source). */
+  readBitmap?(name: string): Promise<BitmapBits>;
   /** Make every cluster of this layer unallocated, so it reads its backing file (tsimg commit). */
   makeEmpty?(): Promise<void>;
   /** Rewrite the header's backing file name and format (tsimg rebase, amend); nothing else changes. */
@@ -364,6 +368,27 @@ export interface BlockNode {
   /** Change header options in place (tsimg amend -o), as QEMU's bdrv_amend_options. */
   amend?(options: import('./options.js').CreateOptions): Promise<void>;
   close(): Promise<void>;
+}
+
+/** What tsimg bitmap does to a layer's persistent dirty bitmaps (qemu-img bitmap; qcow2's bitmap.ts). */
+export interface BitmapControl {
+  /** A new enabled, empty bitmap; `granularity` in bytes (default: the cluster size within 4 KiB..64 KiB). */
+  add(name: string, granularity?: number): Promise<void>;
+  remove(name: string): Promise<void>;
+  clear(name: string): Promise<void>;
+  enable(name: string): Promise<void>;
+  disable(name: string): Promise<void>;
+  /** Set in `target` every granule `source` has set: a bitmap of this image, or of `from`. */
+  merge(target: string, source: string, from?: BlockNode): Promise<void>;
+}
+
+/** One bitmap's bits. */
+export interface BitmapBits {
+  /** The disk size the bitmap covers. */
+  size: number;
+  granularityBits: number;
+  /** LSB first, one bit per granule. */
+  data: Buffer;
 }
 
 /** What tsimg snapshot does to a layer's internal snapshots (QEMU's bdrv_snapshot_*). */

@@ -9,6 +9,7 @@
 //   tsimg compare [-f FMT] [-F FMT] [-s] [-U] FILE1 FILE2
 //   tsimg convert [-p] [-c] [-n] [-W] [-m N] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING] SRC... DST
 //   tsimg snapshot -l|-c NAME|-d NAME|-a NAME FILE
+//   tsimg bitmap (--add|--remove|--clear|--enable|--disable|--merge SRC)... [-g SIZE] [-b FILE [-F FMT]] FILE BITMAP
 //   tsimg resize [--shrink] [--preallocation MODE] FILE [+|-]SIZE
 //   tsimg commit [-p] [-d] FILE
 //   tsimg rebase [-u] [-p] -b NEW [-F FMT] FILE
@@ -26,6 +27,7 @@ import type { CheckCli } from './tsimg/check.js';
 import type { CompareCli } from './tsimg/compare.js';
 import type { ConvertCli } from './tsimg/convert.js';
 import type { SnapshotCli } from './tsimg/snapshot.js';
+import type { BitmapCli } from './tsimg/bitmap.js';
 import type { ResizeCli } from './tsimg/resize.js';
 import type { CommitCli } from './tsimg/commit.js';
 import type { RebaseCli } from './tsimg/rebase.js';
@@ -143,6 +145,18 @@ async function main(argv: string[]): Promise<void> {
     .option('-a, --apply <name>', 'revert the disk to a snapshot (by ID or name)')
     .addHelpText('after', '\nExample: tsimg snapshot -c before-upgrade disk.qcow2')
     .action(async (file: string, o: SnapshotCli) => (await import('./tsimg/snapshot.js')).snapshot(file, o));
+  openOptions(program.command('bitmap').description('add, remove, clear, enable, disable or merge persistent dirty bitmaps (qcow2), in the order given').argument('<file>').argument('<bitmap>'))
+    .option('--add', 'add a new, empty, enabled bitmap')
+    .option('--remove', 'remove the bitmap')
+    .option('--clear', 'clear every bit')
+    .option('--enable', 'enable it (it records changes)')
+    .option('--disable', 'disable it (it keeps its bits)')
+    .option('--merge <source>', 'set every bit the source bitmap has set (repeatable)', collect, [] as string[])
+    .option('-g, --granularity <size>', 'bytes per bit of a new bitmap (--add)')
+    .option('-b, --source-file <file>', "--merge's source bitmap is in this image")
+    .option('-F, --source-format <fmt>', 'the format of the -b image')
+    .addHelpText('after', '\nExample: tsimg bitmap --add -g 64k disk.qcow2 backup-1')
+    .action(async (file: string, name: string, o: BitmapCli) => (await import('./tsimg/bitmap.js')).bitmap(file, name, o, argv.slice(argv.indexOf('bitmap') + 1)));
   openOptions(program.command('resize').description('change the virtual size ([+|-]SIZE); a shrink needs --shrink').argument('<file>').argument('<size>'))
     .option('--shrink', 'allow making the image smaller (data past the new end is lost)')
     .option('--preallocation <mode>', 'allocate the new area: off, metadata (qcow2), falloc or full (raw, qcow2, luks)')

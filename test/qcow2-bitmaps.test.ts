@@ -324,4 +324,114 @@ describe('qcow2 persistent dirty bitmaps', function () {
     expect(counters.workerWrites ?? 0, 'writes the workers made around the driver').to.equal(0);
     await expectSame(q, t, names.map((b) => b.name));
   });
+
+  describe('tsimg bitmap, against qemu-img bitmap', function () {
+    /** Both tools' commands, step by step, on twin images; after each step the same bitmaps, bits and a clean check. */
+    async function sameSteps(name: string, steps: ({ qemu: string[] } | { io: string[] })[], opts: Record<string, string> = {}): Promise<{ q: string; t: string }> {
+      const q = path.join(tmp.dir, `${name}-q.qcow2`);
+      const t = path.join(tmp.dir, `${name}-t.qcow2`);
+      for (const f of [q, t]) await createImage(f, 'qcow2', 64 * MiB, opts);
+      for (const [i, step] of steps.entries()) {
+        if ('io' in step) {
+          await qemuIo(q, 'qcow2', step.io);
+          await qemuIo(t, 'qcow2', step.io);
+          continue;
+        }
+        const args = (f: string, a: string[]) => a.map((x) => (x === 'IMG' ? f : x));
+        await runOk('qemu-img', ['bitmap', ...args(q, step.qemu)]);
+        const r = await tsimg(['bitmap', ...args(t, step.qemu)]);
+        expect(r.code, `step ${i}: ${r.stderr}`).to.equal(0);
+        const info = await bitmapInfo(t);
+        expect(info, `step ${i}`).to.deep.equal(await bitmapInfo(q));
+        for (const b of info) if (!b.flags.includes('in-use')) expect(await dirtyRuns(t, b.name), `step ${i}: ${b.name}`).to.deep.equal(await dirtyRuns(q, b.name));
+        const c = await checkImage(t, 'qcow2');
+        expect(c.code, `step ${i}: ${c.output}`).to.equal(0);
+      }
+      await runOk('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', q, t]);
+      return { q, t };
+    }
+
+    it('--add (default and given granularities), writes, --disable, --add --merge, --clear, --enable, --remove down to none', async () => {
+      await sameSteps('cli', [
+        { qemu: ['--add', 'IMG', 'b0'] },
+        { qemu: ['--add', '-g', '4k', 'IMG', 'small'] },
+        { qemu: ['--add', '--granularity', '1M', 'IMG', 'big'] },
+        { io: ['write -P 1 1M 4k', 'write -P 2 5M 1k', 'write -z 9M 300k'] },
+        { qemu: ['--disable', 'IMG', 'b0'] },
+        { io: ['write -P 3 20M 64k'] },
+        { qemu: ['--add', '--merge', 'small', 'IMG', 'merged'] },
+        { qemu: ['--merge', 'big', '--merge', 'b0', 'IMG', 'small'] },
+        { qemu: ['--clear', 'IMG', 'big'] },
+        { qemu: ['--enable', 'IMG', 'b0'] },
+        { io: ['write -P 4 30M 8k'] },
+        { qemu: ['--remove', 'IMG', 'small'] },
+        { qemu: ['--add', '--remove', 'IMG', 'transient'] },
+        { qemu: ['--remove', 'IMG', 'b0'] },
+        { qemu: ['--remove', 'IMG', 'merged'] },
+        { qemu: ['--remove', 'IMG', 'big'] },
+        { qemu: ['--add', 'IMG', 'again'] },
+      ]);
+    });
+
+    it('the default granularity follows the cluster size within 4 KiB..64 KiB, as qemu-img', async () => {
+      for (const cs of ['512', '2M']) await sameSteps(`gran-${cs}`, [{ qemu: ['--add', 'IMG', 'b'] }, { io: ['write -P 1 1M 4k'] }], { cluster_size: cs });
+    });
+
+    it('--merge -b: a bitmap of another image of the same size; a different size refused in qemu-img words', async () => {
+      const other = path.join(tmp.dir, 'merge-src.qcow2');
+      await createImage(other, 'qcow2', 64 * MiB);
+      await qemuImg('bitmap', '--add', '-g', '8k', other, 'src');
+      await qemuIo(other, 'qcow2', ['write -P 1 3M 20k', 'write -P 2 60M 4k']);
+      await sameSteps('merge-b', [{ qemu: ['--add', 'IMG', 'dst'] }, { qemu: ['--merge', 'src', '-b', other, '-F', 'qcow2', 'IMG', 'dst'] }]);
+      const small = path.join(tmp.dir, 'merge-small.qcow2');
+      await createImage(small, 'qcow2', 32 * MiB);
+      await qemuImg('bitmap', '--add', small, 'src');
+      const t = path.join(tmp.dir, 'merge-b-t.qcow2');
+      const before = fs.readFileSync(t);
+      const r = await tsimg(['bitmap', '--merge', 'src', '-b', small, t, 'dst']);
+      expect(r.code).to.equal(1);
+      expect(r.stderr.trim()).to.equal(`tsimg: Operation merge on bitmap dst failed: Bitmaps are of different sizes (destination size is ${64 * MiB}, source size is ${32 * MiB}) and can't be merged`);
+      expect(fs.readFileSync(t).equals(before), 'unchanged bitmaps').to.equal(true);
+    });
+
+    it('refusals: qemu-img words, exit 1, one line; an inconsistent bitmap can only be removed', async () => {
+      const f = path.join(tmp.dir, 'refuse.qcow2');
+      await createImage(f, 'qcow2', 64 * MiB);
+      await qemuImg('bitmap', '--add', f, 'b0');
+      const v2 = path.join(tmp.dir, 'refuse-v2.qcow2');
+      await createImage(v2, 'qcow2', 64 * MiB, { compat: '0.10' });
+      const cases: [string[], RegExp][] = [
+        [['--add', f, 'b0'], /^tsimg: Operation add on bitmap b0 failed: Bitmap already exists: b0$/],
+        [['--add', '-g', '1000', f, 'g'], /^tsimg: Operation add on bitmap g failed: Granularity must be power of 2 and at least 512$/],
+        [['--add', '-g', '256', f, 'g'], /^tsimg: Operation add on bitmap g failed: Granularity must be power of 2 and at least 512$/],
+        [['--remove', f, 'nope'], /^tsimg: Operation remove on bitmap nope failed: Dirty bitmap 'nope' not found$/],
+        [['--merge', 'nope', f, 'b0'], /^tsimg: Operation merge on bitmap b0 failed: Dirty bitmap 'nope' not found$/],
+        [['--add', v2, 'b'], /^tsimg: Operation add on bitmap b failed: Can't make bitmap 'b' persistent in '.*refuse-v2.qcow2': Cannot store dirty bitmaps in qcow2 v2 files$/],
+        [['-g', '4096', '--remove', f, 'b0'], /^tsimg: granularity only supported with --add$/],
+        [['-F', 'qcow2', '--add', f, 'x'], /^tsimg: -F only supported with -b$/],
+        [['-b', f, '--add', f, 'x'], /^tsimg: Merge bitmap source file only supported with --merge$/],
+        [[f, 'b0'], /^tsimg: Need at least one of --add, --remove, --clear, --enable, --disable, or --merge$/],
+      ];
+      for (const [args, says] of cases) {
+        const before = [fs.readFileSync(f), fs.readFileSync(v2)];
+        const r = await tsimg(['bitmap', ...args]);
+        expect(r.code, args.join(' ')).to.equal(1);
+        expect(r.stderr.trim(), args.join(' ')).to.match(says);
+        expect(fs.readFileSync(f).equals(before[0]!) && fs.readFileSync(v2).equals(before[1]!), `${args.join(' ')}: unchanged`).to.equal(true);
+      }
+      // An inconsistent bitmap (in use, as a killed QEMU leaves it).
+      await run('qemu-io', ['-f', 'qcow2', '-c', 'write 0 4k', '-c', 'abort', f]);
+      expect((await bitmapInfo(f))[0]!.flags).to.include('in-use');
+      for (const op of ['--enable', '--disable', '--clear']) {
+        const r = await tsimg(['bitmap', op, f, 'b0']);
+        expect(r.code, op).to.equal(1);
+        expect(r.stderr.trim().split('\n'), op).to.have.length(1);
+        expect(r.stderr, op).to.match(/Bitmap 'b0' is inconsistent and cannot be used/);
+      }
+      expect((await tsimg(['bitmap', '--remove', f, 'b0'])).code).to.equal(0);
+      expect(await bitmapInfo(f)).to.deep.equal([]);
+      const c = await checkImage(f, 'qcow2');
+      expect(c.code, c.output).to.equal(0);
+    });
+  });
 });

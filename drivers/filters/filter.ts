@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
+import type { BitmapBits, BitmapControl, BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
@@ -132,6 +132,13 @@ export class Filter implements BlockNode {
   }
   get snapshotControl(): SnapshotControl | undefined {
     return this.next.snapshotControl;
+  }
+  get bitmapControl(): BitmapControl | undefined {
+    return this.next.bitmapControl;
+  }
+  get readBitmap(): ((name: string) => Promise<BitmapBits>) | undefined {
+    const next = this.next;
+    return next.readBitmap && ((name) => next.readBitmap!(name));
   }
   get makeEmpty(): (() => Promise<void>) | undefined {
     const next = this.next;

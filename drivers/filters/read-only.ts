@@ -3,7 +3,7 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BlockNode, HostCipher, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
+import type { BitmapControl, BlockNode, HostCipher, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
 import { Filter } from './filter.js';
@@ -67,6 +67,12 @@ export class ReadOnlyFilter extends Filter {
     if (!this.next.snapshotControl) return undefined;
     const refuse = (): Promise<void> => Promise.reject(this.refusal());
     return { create: refuse, remove: refuse, apply: refuse };
+  }
+
+  override get bitmapControl(): BitmapControl | undefined {
+    if (!this.next.bitmapControl) return undefined;
+    const refuse = (): Promise<void> => Promise.reject(this.refusal());
+    return { add: refuse, remove: refuse, clear: refuse, enable: refuse, disable: refuse, merge: refuse };
   }
 
   /** Snapshot views are read-only whatever the image is. */

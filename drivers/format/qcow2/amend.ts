@@ -7,7 +7,7 @@
 import type { BlockNode } from '../../types.js';
 import { UnsupportedError, UsageError } from '../../errors.js';
 import type { CreateOptions } from '../../options.js';
-import { COMPAT, EXT, HDR, LIMITS, parseHeader, V2_HEADER_LENGTH, type Qcow2Header } from './header.js';
+import { AUTOCLEAR, COMPAT, EXT, HDR, LIMITS, parseHeader, V2_HEADER_LENGTH, type Qcow2Header } from './header.js';
 import { extension, featureTable } from './create.js';
 
 /** The v3 header QEMU writes (with compression_type), as create.ts does. */
@@ -22,6 +22,11 @@ export interface HeaderChange {
   /** To version 2: the v2 header, feature bits and the feature table dropped (zero clusters already expanded). */
   downgrade?: boolean;
   lazyRefcounts?: boolean;
+  /**
+   * The bitmaps extension (bitmap.ts): its fields, written with the autoclear bit that
+   * says it is valid; null drops both (the last bitmap removed).
+   */
+  bitmaps?: { count: number; directorySize: number; directoryOffset: number } | null;
 }
 
 async function readHeader(file: BlockNode, clusterSize: number): Promise<{ buf: Buffer; h: Qcow2Header }> {
@@ -60,13 +65,35 @@ export async function rewriteHeader(file: BlockNode, clusterSize: number, c: Hea
   const exts: Buffer[] = [];
   if (backingFormat !== undefined && backingFile !== undefined) exts.push(extension(EXT.backingFormat, Buffer.from(backingFormat, 'latin1')));
   let hasFeatureTable = false;
+  let bitmapsExt: Buffer | undefined;
+  if (c.bitmaps) {
+    bitmapsExt = Buffer.alloc(24);
+    bitmapsExt.writeUInt32BE(c.bitmaps.count, 0);
+    bitmapsExt.writeBigUInt64BE(BigInt(c.bitmaps.directorySize), 8);
+    bitmapsExt.writeBigUInt64BE(BigInt(c.bitmaps.directoryOffset), 16);
+    const autoclear = out.readBigUInt64BE(HDR.autoclearFeatures);
+    out.writeBigUInt64BE(autoclear | AUTOCLEAR.bitmaps, HDR.autoclearFeatures);
+  } else if (c.bitmaps === null) {
+    const autoclear = out.readBigUInt64BE(HDR.autoclearFeatures);
+    out.writeBigUInt64BE(autoclear & ~AUTOCLEAR.bitmaps, HDR.autoclearFeatures);
+  }
   for (const e of h.extensions) {
     if (e.type === EXT.backingFormat || e.type === EXT.end) continue;
     if (e.type === EXT.featureTable && !v3) continue;
     if (e.type === EXT.featureTable) hasFeatureTable = true;
+    if (e.type === EXT.bitmaps && c.bitmaps !== undefined) {
+      // Replaced where it was, or dropped.
+      if (bitmapsExt) exts.push(extension(EXT.bitmaps, bitmapsExt));
+      bitmapsExt = undefined;
+      continue;
+    }
     exts.push(extension(e.type, buf.subarray(e.offset, e.offset + e.length)));
   }
-  if (v3 && !hasFeatureTable) exts.push(extension(EXT.featureTable, featureTable()));
+  if (bitmapsExt) exts.push(extension(EXT.bitmaps, bitmapsExt));
+  // The feature table only where it fits: QEMU leaves it out of a 512-byte cluster's header.
+  const table = v3 && !hasFeatureTable ? extension(EXT.featureTable, featureTable()) : undefined;
+  const used = pos + exts.reduce((a, e) => a + e.length, 0) + 8 + (backingFile !== undefined ? Buffer.byteLength(backingFile, 'utf8') : 0);
+  if (table && used + table.length <= clusterSize) exts.push(table);
   exts.push(Buffer.alloc(8));
   for (const e of exts) {
     if (pos + e.length > clusterSize) throw new UsageError(`${file.name}: the header does not fit in one cluster`);

@@ -6,8 +6,8 @@
 // cleared. A process killed meanwhile leaves them in use, which QEMU reads as
 // inconsistent, as after a QEMU that crashed. A bitmap this cannot load (a reserved flag
 // or type, extra data, a damaged table, already in use) is only marked in use, as before.
-import type { BlockNode } from '../../types.js';
-import { CorruptImageError } from '../../errors.js';
+import type { BitmapBits, BlockNode } from '../../types.js';
+import { CorruptImageError, UsageError } from '../../errors.js';
 import type { MetadataGuard } from './overlap.js';
 import { OL } from './overlap.js';
 import type { Refcounts } from './refcount.js';
@@ -125,25 +125,26 @@ export interface BitmapImage {
   file: BlockNode;
   name: string;
   clusterSize: number;
+  /** qcow2 v3 (v2 has no autoclear bits, so no bitmaps can be stored there). */
+  v3: boolean;
   refcounts: Refcounts;
   /** Refcount blocks to the file, behind a barrier (before anything names the new clusters). */
   flushRefcounts(): Promise<void>;
-  /** The image's autoclear bits as they are on disk (bit 0: the bitmaps extension is consistent). */
-  autoclear(): bigint;
   guard?: MetadataGuard;
 }
 
 /** One bitmap held in memory. */
 interface Loaded {
-  entry: BitmapEntry;
+  name: string;
   enabled: boolean;
   /** Disk bytes per bit, as a power of two. */
   bits: number;
   /** Bits that cover the disk. */
   nbits: number;
+  /** Where the table is in the file; 0 for none yet (a new bitmap, or one whose table must move). */
   tableOffset: number;
-  /** The table as in the file; a new one (`moved`) when the disk's size changed its length. */
   table: bigint[];
+  /** The table as it was in the file when it must go (moved or removed), with its clusters. */
   oldTable?: { offset: number; entries: bigint[] };
   /** Serialized bits (qcow2.txt "Bitmap data": LSB first), whole clusters. */
   data: Buffer;
@@ -151,29 +152,46 @@ interface Loaded {
   changed: Uint8Array;
 }
 
+/** A directory entry: a bitmap held in memory, or one left as it is (in use, or one this cannot load). */
+type Slot = { name: string; loaded: Loaded } | { name: string; raw: Buffer; table: { offset: number; entries: number } };
+
 /** Table entries a bitmap of `bits` granularity needs over `size` bytes (QEMU's serialization: whole 64-bit words). */
 function tableEntries(size: number, bits: number, cs: number): number {
   const nbits = Math.ceil(size / 2 ** bits);
   return Math.ceil((Math.ceil(nbits / 64) * 8) / cs);
 }
 
+/** QEMU's error for a bitmap it holds as inconsistent (on one line). */
+function inconsistent(name: string): UsageError {
+  return new UsageError(`Bitmap '${name}' is inconsistent and cannot be used (only --remove can delete it)`);
+}
+
 /**
  * The persistent bitmaps of a writable qcow2 node. load() runs before the first change
  * (the node's beforeFirstChange); mark() after every change of the disk; resize() with
- * the disk; store() at close.
+ * the disk; add/remove/clear/enable/disable/merge for tsimg bitmap; store() at close.
  */
 export class BitmapTracker {
-  private readonly loaded: Loaded[] = [];
+  private slots: Slot[] = [];
+  /** Tables (and their clusters) of bitmaps removed or moved: freed once the directory no longer names them. */
+  private readonly dropped: { offset: number; entries: bigint[] }[] = [];
   private started = false;
+  /** Something to write back at close. */
+  private dirty = false;
   constructor(
-    private readonly dir: BitmapDirectory,
+    private readonly dir: BitmapDirectory | undefined,
     private readonly img: BitmapImage,
     private size: number,
   ) {}
 
   /** Some enabled bitmap records changes (so every change must come through mark()). */
   get tracking(): boolean {
-    return this.loaded.some((b) => b.enabled);
+    return this.slots.some((s) => 'loaded' in s && s.loaded.enabled);
+  }
+
+  /** The image has bitmaps (loaded or not): QEMU refuses to revert it to a snapshot. */
+  get any(): boolean {
+    return this.started ? this.slots.length > 0 : (this.dir?.entries.length ?? 0) > 0;
   }
 
   /**
@@ -183,109 +201,191 @@ export class BitmapTracker {
    */
   async load(): Promise<void> {
     if (this.started) return;
+    const dir = this.dir;
+    if (!dir) {
+      this.started = true;
+      return;
+    }
     const { file, clusterSize: cs } = this.img;
     let budget = MAX_LOADED_BYTES;
-    for (let i = 0; i < this.dir.entries.length; i++) {
-      const e = this.dir.entries[i]!;
-      const t = this.dir.tables[i]!;
+    const loaded = new Map<BitmapEntry, Loaded>();
+    for (let i = 0; i < dir.entries.length; i++) {
+      const e = dir.entries[i]!;
+      const t = dir.tables[i]!;
       if (e.flags & BME_FLAG_IN_USE || t.entries * cs > budget) continue;
       const l = await this.loadOne(e, t, cs, file).catch(() => undefined);
       if (!l) continue;
-      this.loaded.push(l);
+      loaded.set(e, l);
       budget -= l.data.length;
     }
     // Flags last: an entry this loaded becomes in use together with every other one.
     let changed = false;
-    for (const e of this.dir.entries) {
+    for (const e of dir.entries) {
       if (e.flags & BME_FLAG_IN_USE) continue;
       e.flags |= BME_FLAG_IN_USE;
-      this.dir.data.writeUInt32BE(e.flags >>> 0, e.pos + DIR.flags);
+      dir.data.writeUInt32BE(e.flags >>> 0, e.pos + DIR.flags);
       changed = true;
     }
-    if (changed) await this.writeDirectory();
+    if (changed) await this.writeDirectoryInPlace(dir.offset, dir.data);
+    this.slots = dir.entries.map((e, i) => {
+      const l = loaded.get(e);
+      const end = i + 1 < dir.entries.length ? dir.entries[i + 1]!.pos : dir.data.length;
+      return l ? { name: e.name, loaded: l } : { name: e.name, raw: Buffer.from(dir.data.subarray(e.pos, end)), table: dir.tables[i]! };
+    });
+    this.dirty = loaded.size > 0;
     this.started = true;
   }
 
   private async loadOne(e: BitmapEntry, t: { offset: number; entries: number }, cs: number, file: BlockNode): Promise<Loaded | undefined> {
     // QEMU's check_dir_entry and bitmap_list_load: anything it would refuse is left alone.
     if ((e.flags & ~(BME_FLAG_IN_USE | BME_FLAG_AUTO)) !== 0 || e.type !== 1 || e.extraDataSize !== 0) return undefined;
-    const n = tableEntries(this.size, e.granularityBits, cs);
-    if (t.entries !== n || n === 0 || n > MAX_TABLE_ENTRIES || n * cs > MAX_PHYS_BYTES || t.offset % cs !== 0 || t.offset === 0) return undefined;
-    if (t.offset + n * 8 > file.size) return undefined;
-    const raw = Buffer.alloc(n * 8);
-    await file.read(t.offset, raw);
-    const table: bigint[] = [];
-    const data = Buffer.alloc(n * cs);
-    for (let i = 0; i < n; i++) {
-      const v = raw.readBigUInt64BE(i * 8);
-      const off = v & TABLE_OFFSET;
-      if ((v & TABLE_RESERVED) !== 0n || (off !== 0n && ((v & TABLE_ALL_ONES) !== 0n || off % BigInt(cs) !== 0n))) return undefined;
-      if (off !== 0n && Number(off) + cs > file.size) return undefined;
-      table.push(v);
-    }
-    const nbits = Math.ceil(this.size / 2 ** e.granularityBits);
-    for (let i = 0; i < n; i++) {
-      const v = table[i]!;
-      const off = Number(v & TABLE_OFFSET);
-      if (off !== 0) await file.read(off, data.subarray(i * cs, (i + 1) * cs));
-      else if (v & TABLE_ALL_ONES) setBits(data, i * cs * 8, Math.min(nbits, (i + 1) * cs * 8));
-    }
-    // Bits past the disk's end must be zero (qcow2.txt); a writer that left some is not trusted.
-    clearBits(data, nbits, data.length * 8);
-    return { entry: e, enabled: (e.flags & BME_FLAG_AUTO) !== 0, bits: e.granularityBits, nbits, tableOffset: t.offset, table, data, changed: new Uint8Array(n) };
+    const got = await readBits(file, t, e.granularityBits, cs, this.size);
+    if (!got) return undefined;
+    return { name: e.name, enabled: (e.flags & BME_FLAG_AUTO) !== 0, bits: e.granularityBits, nbits: got.nbits, tableOffset: t.offset, table: got.table, data: got.data, changed: new Uint8Array(got.table.length) };
   }
 
   /** The disk changed over [offset, offset + length): the bits of every enabled bitmap. */
   mark(offset: number, length: number): void {
+    for (const s of this.slots) if ('loaded' in s && s.loaded.enabled) this.setRange(s.loaded, offset, length);
+  }
+
+  private setRange(b: Loaded, offset: number, length: number): void {
     if (length <= 0) return;
     const end = Math.min(offset + length, this.size);
     if (offset >= end) return;
     const cs = this.img.clusterSize;
-    for (const b of this.loaded) {
-      if (!b.enabled) continue;
-      const g = 2 ** b.bits;
-      const from = Math.floor(offset / g);
-      const to = Math.floor((end - 1) / g) + 1;
-      setBits(b.data, from, to);
-      b.changed.fill(1, Math.floor(from / 8 / cs), Math.floor((to - 1) / 8 / cs) + 1);
-    }
+    const g = 2 ** b.bits;
+    const from = Math.floor(offset / g);
+    const to = Math.floor((end - 1) / g) + 1;
+    setBits(b.data, from, to);
+    b.changed.fill(1, Math.floor(from / 8 / cs), Math.floor((to - 1) / 8 / cs) + 1);
   }
 
   /** Every bitmap follows the disk to `size` (QEMU's bdrv_dirty_bitmap_truncate: new bits clean). */
   resize(size: number): void {
     const cs = this.img.clusterSize;
-    for (const b of this.loaded) {
+    for (const s of this.slots) {
+      if (!('loaded' in s)) continue;
+      const b = s.loaded;
       const n = tableEntries(size, b.bits, cs);
       const nbits = Math.ceil(size / 2 ** b.bits);
       const data = Buffer.alloc(n * cs);
       b.data.copy(data, 0, 0, Math.min(b.data.length, data.length));
       clearBits(data, nbits, data.length * 8);
-      b.oldTable ??= { offset: b.tableOffset, entries: b.table };
+      this.moveTable(b);
       const table = b.table.slice(0, n);
       while (table.length < n) table.push(0n);
-      const changed = new Uint8Array(n);
-      changed.set(b.changed.subarray(0, n));
-      // The cluster that held the old end may have lost bits, and the table's place changes.
-      changed.fill(1);
       b.table = table;
       b.nbits = nbits;
       b.data = data;
-      b.changed = changed;
+      // The cluster that held the old end may have lost bits, and every entry goes to a new table.
+      b.changed = new Uint8Array(n).fill(1);
     }
     this.size = size;
+    this.dirty = true;
+  }
+
+  /** The bitmap's table must be written elsewhere; the one in the file goes once the directory names the new one. */
+  private moveTable(b: Loaded): void {
+    if (b.tableOffset !== 0) b.oldTable = { offset: b.tableOffset, entries: b.table.slice() };
+    b.tableOffset = 0;
+  }
+
+  private find(name: string): Slot {
+    const s = this.slots.find((x) => x.name === name);
+    if (!s) throw new UsageError(`Dirty bitmap '${name}' not found`);
+    return s;
+  }
+
+  private usable(name: string): Loaded {
+    const s = this.find(name);
+    if (!('loaded' in s)) throw inconsistent(name);
+    return s.loaded;
+  }
+
+  /** qemu-img bitmap --add: a new enabled bitmap, empty (QEMU's default granularity: the cluster size within 4 KiB..64 KiB). */
+  add(name: string, granularity?: number): void {
+    const cs = this.img.clusterSize;
+    const where = `Can't make bitmap '${name}' persistent in '${this.img.name}'`;
+    if (this.slots.some((s) => s.name === name)) throw new UsageError(`Bitmap already exists: ${name}`);
+    const g = granularity ?? Math.min(65536, Math.max(4096, cs));
+    if (!Number.isSafeInteger(g) || g < 512 || g > 2 ** 31 || (g & (g - 1)) !== 0) throw new UsageError('Granularity must be power of 2 and at least 512');
+    if (!this.img.v3) throw new UsageError(`${where}: Cannot store dirty bitmaps in qcow2 v2 files`);
+    if (Buffer.byteLength(name) > 1023) throw new UsageError(`${where}: Name length exceeds maximum (1023 characters)`);
+    if (this.slots.length >= MAX_BITMAPS) throw new UsageError(`${where}: Maximum number of persistent bitmaps is already reached`);
+    const bits = Math.log2(g);
+    const n = tableEntries(this.size, bits, cs);
+    if (n * cs > MAX_PHYS_BYTES || n > MAX_TABLE_ENTRIES || Math.ceil(this.size / g / 8) > MAX_PHYS_BYTES) throw new UsageError(`${where}: Too much space will be occupied by the bitmap. Use larger granularity`);
+    const loadedBytes = this.slots.reduce((a, s) => a + ('loaded' in s ? s.loaded.data.length : 0), 0);
+    if (loadedBytes + n * cs > MAX_LOADED_BYTES) throw new UsageError(`${where}: the image's bitmaps would take more than ${MAX_LOADED_BYTES} bytes of memory`);
+    this.slots.push({ name, loaded: { name, enabled: true, bits, nbits: Math.ceil(this.size / g), tableOffset: 0, table: new Array<bigint>(n).fill(0n), data: Buffer.alloc(n * cs), changed: new Uint8Array(n) } });
+    this.dirty = true;
+  }
+
+  /** qemu-img bitmap --remove (an inconsistent bitmap too). */
+  remove(name: string): void {
+    const s = this.find(name);
+    this.slots = this.slots.filter((x) => x !== s);
+    if ('loaded' in s) {
+      const b = s.loaded;
+      this.moveTable(b);
+      if (b.oldTable) this.dropped.push(b.oldTable);
+    } else {
+      this.rawToDrop.push(s.table);
+    }
+    this.dirty = true;
+  }
+
+  /** Tables of removed bitmaps this did not load: their clusters are freed only where the table reads back valid. */
+  private readonly rawToDrop: { offset: number; entries: number }[] = [];
+
+  clear(name: string): void {
+    const b = this.usable(name);
+    b.data.fill(0);
+    b.changed.fill(1);
+    this.dirty = true;
+  }
+
+  enable(name: string, on: boolean): void {
+    this.usable(name).enabled = on;
+    this.dirty = true;
+  }
+
+  /** The bits of a bitmap of this image, for a merge. */
+  bitsOf(name: string): BitmapBits {
+    const b = this.usable(name);
+    return { size: this.size, granularityBits: b.bits, data: b.data };
+  }
+
+  /** qemu-img bitmap --merge: every granule `source` has set is set in `target` too (any granularities). */
+  merge(target: string, source: () => Promise<BitmapBits>): Promise<void> {
+    const t = this.usable(target);
+    return source().then((src) => {
+      if (src.size !== this.size) throw new UsageError(`Bitmaps are of different sizes (destination size is ${this.size}, source size is ${src.size}) and can't be merged`);
+      const g = 2 ** src.granularityBits;
+      const nbits = Math.ceil(src.size / g);
+      for (let byte = 0; byte * 8 < nbits; byte++) {
+        const v = src.data[byte]!;
+        if (v === 0) continue;
+        for (let k = 0; k < 8; k++) if (v & (1 << k)) this.setRange(t, (byte * 8 + k) * g, g);
+      }
+      this.dirty = true;
+    });
   }
 
   /**
    * Write the bitmaps back and clear their in-use flags (QEMU's
-   * qcow2_store_persistent_dirty_bitmaps, but in place where the table keeps its size:
-   * changed clusters rewritten where they are, a cluster of zeros that gained bits
-   * allocated). The caller holds the node's mutex and has flushed the node.
+   * qcow2_store_persistent_dirty_bitmaps, but in place where it can: changed clusters
+   * rewritten where they are, a cluster of zeros that gained bits allocated, a table
+   * moved only when its length changed, the directory rewritten where it is when its
+   * size is the same). The caller holds the node's mutex and has flushed the node.
    */
   async store(): Promise<void> {
-    if (!this.started || this.loaded.length === 0) return;
+    if (!this.started || !this.dirty) return;
     const { file, clusterSize: cs, refcounts, guard } = this.img;
     const frees: number[] = [];
-    for (const b of this.loaded) {
+    const loaded = this.slots.flatMap((s) => ('loaded' in s ? [s.loaded] : []));
+    for (const b of loaded) {
       for (let i = 0; i < b.table.length; i++) {
         if (!b.changed[i]) continue;
         const v = b.table[i]!;
@@ -306,44 +406,88 @@ export class BitmapTracker {
         }
         await file.write(at, chunk);
       }
+      b.changed.fill(0);
     }
     // The new clusters counted before the tables name them.
     await this.img.flushRefcounts();
-    for (const b of this.loaded) {
+    for (const b of loaded) {
       const raw = Buffer.alloc(b.table.length * 8);
       b.table.forEach((v, i) => raw.writeBigUInt64BE(v, i * 8));
-      if (b.oldTable) {
+      if (b.tableOffset === 0) {
         const clusters = Math.ceil(raw.length / cs);
-        const at = (await refcounts.allocateContiguous(clusters)) * cs;
-        await guard?.check(at, clusters * cs);
-        guard?.add(at, raw.length, OL.bitmapTable);
-        b.tableOffset = at;
-        // Data clusters past the new end, then the old table, once the directory names the new one.
-        for (let i = b.table.length; i < b.oldTable.entries.length; i++) {
-          const off = Number(b.oldTable.entries[i]! & TABLE_OFFSET);
-          if (off !== 0) frees.push(off / cs);
-        }
+        b.tableOffset = (await refcounts.allocateContiguous(clusters)) * cs;
+        await guard?.check(b.tableOffset, clusters * cs);
+        guard?.add(b.tableOffset, raw.length, OL.bitmapTable);
+        if (b.oldTable) this.dropped.push(b.oldTable);
+        b.oldTable = undefined;
       }
       await file.write(b.tableOffset, raw);
-      const pos = b.entry.pos;
-      this.dir.data.writeBigUInt64BE(BigInt(b.tableOffset), pos + DIR.tableOffset);
-      this.dir.data.writeUInt32BE(b.table.length, pos + DIR.tableSize);
-      b.entry.flags = b.enabled ? BME_FLAG_AUTO : 0;
-      this.dir.data.writeUInt32BE(b.entry.flags, pos + DIR.flags);
     }
     await this.img.flushRefcounts();
     await this.writeDirectory();
-    for (const b of this.loaded) {
-      if (!b.oldTable) continue;
-      guard?.remove(b.oldTable.offset, OL.bitmapTable);
-      const clusters = Math.ceil((b.oldTable.entries.length * 8) / cs);
-      for (let c = 0; c < clusters; c++) frees.push(b.oldTable.offset / cs + c);
-      this.dir.tables[this.dir.entries.indexOf(b.entry)] = { offset: b.tableOffset, entries: b.table.length };
-      b.oldTable = undefined;
+    // Nothing names them now: the tables of removed and moved bitmaps, and their clusters no table keeps.
+    const stillUsed = new Set(loaded.flatMap((b) => b.table.map((v) => Number(v & TABLE_OFFSET) / cs)));
+    for (const t of this.dropped) {
+      guard?.remove(t.offset, OL.bitmapTable);
+      for (const v of t.entries) {
+        const off = Number(v & TABLE_OFFSET);
+        if (off !== 0 && !stillUsed.has(off / cs)) frees.push(off / cs);
+      }
+      if (t.entries.length > 0) for (let c = 0; c < Math.ceil((t.entries.length * 8) / cs); c++) frees.push(t.offset / cs + c);
     }
+    for (const t of this.rawToDrop) {
+      guard?.remove(t.offset, OL.bitmapTable);
+      // Only a table that reads back valid is trusted to say which clusters are its own (else they leak).
+      const got = await readTable(file, t, cs).catch(() => undefined);
+      if (!got) continue;
+      for (const v of got) if ((v & TABLE_OFFSET) !== 0n) frees.push(Number(v & TABLE_OFFSET) / cs);
+      for (let c = 0; c < Math.ceil((t.entries * 8) / cs); c++) frees.push(t.offset / cs + c);
+    }
+    this.dropped.length = 0;
+    this.rawToDrop.length = 0;
     for (const c of frees) await refcounts.adjust(c, -1);
     await this.img.flushRefcounts();
-    this.loaded.length = 0;
+    this.dirty = false;
+  }
+
+  /** The new directory: in place when it keeps its size and count, else in new clusters named by a rewritten header. */
+  private async writeDirectory(): Promise<void> {
+    const { file, clusterSize: cs, refcounts } = this.img;
+    const parts = this.slots.map((s) => {
+      if (!('loaded' in s)) return s.raw;
+      const b = s.loaded;
+      const name = Buffer.from(b.name, 'utf8');
+      const e = Buffer.alloc(Math.ceil((DIR.fixed + name.length) / 8) * 8);
+      e.writeBigUInt64BE(BigInt(b.tableOffset), DIR.tableOffset);
+      e.writeUInt32BE(b.table.length, DIR.tableSize);
+      e.writeUInt32BE(b.enabled ? BME_FLAG_AUTO : 0, DIR.flags);
+      e[DIR.type] = 1;
+      e[DIR.granularityBits] = b.bits;
+      e.writeUInt16BE(name.length, DIR.nameSize);
+      name.copy(e, DIR.fixed);
+      return e;
+    });
+    const data = Buffer.concat(parts);
+    const old = this.dir;
+    if (data.length > MAX_DIRECTORY) throw new UsageError(`${this.img.name}: Bitmap directory is too large`);
+    if (old && data.length === old.data.length && this.slots.length === old.entries.length) {
+      await this.writeDirectoryInPlace(old.offset, data);
+      data.copy(old.data);
+      return;
+    }
+    const { rewriteHeader } = await import('./amend.js');
+    let offset = 0;
+    if (data.length > 0) {
+      const clusters = Math.ceil(data.length / cs);
+      offset = (await refcounts.allocateContiguous(clusters)) * cs;
+      await this.img.guard?.check(offset, clusters * cs);
+      await file.write(offset, data);
+      await this.img.flushRefcounts();
+    }
+    await rewriteHeader(file, cs, { bitmaps: data.length > 0 ? { count: this.slots.length, directorySize: data.length, directoryOffset: offset } : null });
+    this.img.guard?.remove(old?.offset ?? 0, OL.bitmapDirectory);
+    if (data.length > 0) this.img.guard?.add(offset, data.length, OL.bitmapDirectory);
+    if (old) for (let c = 0; c < Math.ceil(old.data.length / cs); c++) await refcounts.adjust(old.offset / cs + c, -1);
   }
 
   /**
@@ -351,16 +495,65 @@ export class BitmapTracker {
    * autoclear bit off (a torn directory is then ignored, not trusted), the directory,
    * the bit on again, each behind a flush.
    */
-  private async writeDirectory(): Promise<void> {
+  private async writeDirectoryInPlace(offset: number, data: Buffer): Promise<void> {
     const { file } = this.img;
-    const bits = this.img.autoclear();
+    const now = Buffer.alloc(8);
+    await file.read(HDR.autoclearFeatures, now);
+    const bits = now.readBigUInt64BE(0);
     await file.write(HDR.autoclearFeatures, encodeAutoclear(bits & ~AUTOCLEAR.bitmaps));
     await file.flush();
-    await file.write(this.dir.offset, this.dir.data);
+    await file.write(offset, data);
     await file.flush();
     await file.write(HDR.autoclearFeatures, encodeAutoclear(bits | AUTOCLEAR.bitmaps));
     await file.flush();
   }
+}
+
+/** A bitmap table read and checked as QEMU's bitmap_table_load (reserved bits, alignment, inside the file). */
+async function readTable(file: BlockNode, t: { offset: number; entries: number }, cs: number): Promise<bigint[] | undefined> {
+  const n = t.entries;
+  if (n === 0 || n > MAX_TABLE_ENTRIES || n * cs > MAX_PHYS_BYTES || t.offset % cs !== 0 || t.offset === 0 || t.offset + n * 8 > file.size) return undefined;
+  const raw = Buffer.alloc(n * 8);
+  await file.read(t.offset, raw);
+  const table: bigint[] = [];
+  for (let i = 0; i < n; i++) {
+    const v = raw.readBigUInt64BE(i * 8);
+    const off = v & TABLE_OFFSET;
+    if ((v & TABLE_RESERVED) !== 0n || (off !== 0n && ((v & TABLE_ALL_ONES) !== 0n || off % BigInt(cs) !== 0n))) return undefined;
+    if (off !== 0n && Number(off) + cs > file.size) return undefined;
+    table.push(v);
+  }
+  return table;
+}
+
+/** One bitmap's table and bits (whole clusters), or undefined where QEMU would not load it. */
+async function readBits(file: BlockNode, t: { offset: number; entries: number }, bits: number, cs: number, size: number): Promise<{ table: bigint[]; data: Buffer; nbits: number } | undefined> {
+  if (t.entries !== tableEntries(size, bits, cs)) return undefined;
+  const table = await readTable(file, t, cs);
+  if (!table) return undefined;
+  const n = table.length;
+  const data = Buffer.alloc(n * cs);
+  const nbits = Math.ceil(size / 2 ** bits);
+  for (let i = 0; i < n; i++) {
+    const v = table[i]!;
+    const off = Number(v & TABLE_OFFSET);
+    if (off !== 0) await file.read(off, data.subarray(i * cs, (i + 1) * cs));
+    else if (v & TABLE_ALL_ONES) setBits(data, i * cs * 8, Math.min(nbits, (i + 1) * cs * 8));
+  }
+  // Bits past the disk's end must be zero (qcow2.txt); a writer that left some is not trusted.
+  clearBits(data, nbits, data.length * 8);
+  return { table, data, nbits };
+}
+
+/** A bitmap of a qcow2 image opened read-only (tsimg bitmap --merge -b): its bits, as QEMU would load them. */
+export async function readBitmapBits(file: BlockNode, dir: BitmapDirectory | undefined, name: string, cs: number, size: number): Promise<BitmapBits> {
+  const i = dir ? dir.entries.findIndex((e) => e.name === name) : -1;
+  if (!dir || i < 0) throw new UsageError(`Dirty bitmap '${name}' not found`);
+  const e = dir.entries[i]!;
+  if (e.flags & BME_FLAG_IN_USE) throw inconsistent(name);
+  const got = (e.flags & ~(BME_FLAG_IN_USE | BME_FLAG_AUTO)) === 0 && e.type === 1 && e.extraDataSize === 0 ? await readBits(file, dir.tables[i]!, e.granularityBits, cs, size) : undefined;
+  if (!got) throw new CorruptImageError(`${file.name}: bitmap '${name}' cannot be read (a reserved flag, extra data or a damaged table)`);
+  return { size, granularityBits: e.granularityBits, data: got.data };
 }
 
 /** Set bits [from, to) (LSB first in each byte). */

@@ -24,7 +24,7 @@ export function checkDowngrade(h: Qcow2Header, ctx: SnapshotContext, hasBitmaps:
   if (rest !== 0n) throw new UnsupportedError(`${name}: Cannot downgrade an image with incompatible features 0x${rest.toString(16)} set`);
   // QEMU 7.2 keeps the bitmaps extension in the v2 header, where nothing can say it is
   // valid: the bitmaps become inconsistent and their clusters leak. Refused here instead.
-  if (hasBitmaps) throw new UnsupportedError(`${name}: Cannot downgrade an image with persistent bitmaps (remove them first: qemu-img bitmap --remove)`);
+  if (hasBitmaps) throw new UnsupportedError(`${name}: Cannot downgrade an image with persistent bitmaps (remove them first: tsimg bitmap --remove)`);
 }
 
 /**

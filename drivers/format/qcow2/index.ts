@@ -1,6 +1,6 @@
 // The qcow2 driver: probe and open (docs/interop/qcow2.txt; QEMU's qcow2_do_open),
 // and create (create.ts).
-import type { BlockNode, CheckReport, Creatable, FormatDriver, ImageDescription, OpenOptions, SnapshotView } from '../../types.js';
+import type { BitmapBits, BlockNode, CheckReport, Creatable, FormatDriver, ImageDescription, OpenOptions, SnapshotView } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
 import { TableCache } from '../../../cache/table-cache.js';
 import {
@@ -20,7 +20,7 @@ import { ClusterMap } from './cluster.js';
 import { Refcounts } from './refcount.js';
 import { Qcow2Node } from './qcow2.js';
 import { readSnapshotTable } from './snapshot.js';
-import { BitmapTracker, bitmapRanges, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
+import { BitmapTracker, bitmapRanges, readBitmapBits, readBitmapDirectory, type BitmapDirectory } from './bitmap.js';
 // Repair, check and the LUKS header reader are imported where they are used: an
 // image opened to be read needs none of them.
 import type { RepairInput } from './repair.js';
@@ -191,13 +191,13 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   // which marks them in use until close() stores them (bitmap.ts).
   const known = AUTOCLEAR.bitmaps | AUTOCLEAR.dataFileRaw;
   let autoclear = h.autoclearFeatures;
-  const tracker = bitmaps && !opts.readOnly
+  const tracker = !opts.readOnly
     ? new BitmapTracker(bitmaps, {
         file,
         name,
         clusterSize,
+        v3: h.version === 3,
         refcounts,
-        autoclear: () => autoclear,
         guard,
         flushRefcounts: async () => {
           await refcountCache.flush();
@@ -225,7 +225,8 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   }
   const description = describeQcow2(h, snaps, luksInfo, bitmaps);
   const check = async (): Promise<CheckReport> => (await import('./check.js')).checkQcow2(await repairInput(), h.size);
-  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, bitmaps: tracker, guard, description, check, repair: async (leaksOnly) => (await import('./repair.js')).rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
+  const readBitmap = (bm: string): Promise<BitmapBits> => readBitmapBits(file, bitmaps, bm, clusterSize, h.size);
+  const node = new Qcow2Node({ ...common, size: h.size, readOnly: opts.readOnly, map, beforeFirstChange, bitmaps: tracker, readBitmap, guard, description, check, repair: async (leaksOnly) => (await import('./repair.js')).rebuildRefcounts(await repairInput(), leaksOnly), snapshotState: { header: h, snapshots: snaps, tableBytes: snapshotTableBytes } });
   const views: SnapshotView[] = [];
   // qemu-img convert -l keeps the active layer's size: qcow2_snapshot_load_tmp only swaps the L1 table.
   // A snapshot's L1 table is read when the snapshot is read, a cluster at a time

@@ -2,7 +2,7 @@
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
 import { writeEncrypted } from '../../util/write-encrypted.js';
-import type { BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../../types.js';
+import type { BitmapBits, BitmapControl, BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
 import type { SnapshotContext, SnapshotState } from './snapshot-ops.js';
@@ -57,6 +57,8 @@ export interface Qcow2NodeOptions {
   beforeFirstChange?: () => Promise<void>;
   /** The image's persistent bitmaps (bitmap.ts): loaded by beforeFirstChange, marked by every change, stored at close. */
   bitmaps?: BitmapTracker;
+  /** A bitmap's bits as the file holds them (the active node: read-only or not). */
+  readBitmap?: (name: string) => Promise<BitmapBits>;
   /** Metadata overlap checks (writable nodes): where the tables are, and the corrupt state. */
   guard?: MetadataGuard;
   /** What tsimg info shows (the active node only). */
@@ -117,6 +119,7 @@ export class Qcow2Node implements BlockNode {
   private snapshotViews: SnapshotView[] = [];
   private readonly beforeFirstChange: (() => Promise<void>) | undefined;
   private readonly bitmaps: BitmapTracker | undefined;
+  private readonly readBitmapFn: ((name: string) => Promise<BitmapBits>) | undefined;
   private readonly crypt: DataCrypt | undefined;
   readonly encrypted: boolean;
   private readonly guard: MetadataGuard | undefined;
@@ -157,6 +160,7 @@ export class Qcow2Node implements BlockNode {
     this.viewName = o.viewName;
     this.beforeFirstChange = o.beforeFirstChange;
     this.bitmaps = o.bitmaps;
+    this.readBitmapFn = o.readBitmap;
     this.crypt = o.crypt;
     this.encrypted = o.crypt !== undefined;
     this.guard = o.guard;
@@ -1264,6 +1268,36 @@ export class Qcow2Node implements BlockNode {
     );
   }
 
+  /** Persistent dirty bitmaps changed (bitmap.ts), as qemu-img bitmap; stored at close. */
+  get bitmapControl(): BitmapControl | undefined {
+    const t = this.bitmaps;
+    if (!t || this.readOnly || this.isView) return undefined;
+    const run = async (op: () => void | Promise<void>): Promise<void> => {
+      this.checkWritable();
+      await this.prepare();
+      await this.mutex.run(async () => op());
+    };
+    return {
+      add: (name, granularity) => run(() => t.add(name, granularity)),
+      remove: (name) => run(() => t.remove(name)),
+      clear: (name) => run(() => t.clear(name)),
+      enable: (name) => run(() => t.enable(name, true)),
+      disable: (name) => run(() => t.enable(name, false)),
+      merge: (target, source, from) =>
+        run(() =>
+          t.merge(target, async () => {
+            if (!from) return t.bitsOf(source);
+            if (!from.readBitmap) throw new UsageError(`Dirty bitmap '${source}' not found`);
+            return from.readBitmap(source);
+          }),
+        ),
+    };
+  }
+
+  get readBitmap(): ((name: string) => Promise<BitmapBits>) | undefined {
+    return this.readBitmapFn;
+  }
+
   /** Internal snapshots changed in place (snapshot-ops.ts); the active writable node only. */
   get snapshotControl(): SnapshotControl | undefined {
     const state = this.snapshotState;
@@ -1287,7 +1321,7 @@ export class Qcow2Node implements BlockNode {
       remove: (id) => run(async (c) => (await import('./snapshot-ops.js')).deleteSnapshot(c, id))(),
       apply: async (id) => {
         // As QEMU's bdrv_snapshot_goto: the bitmaps could not say what changed (any bitmap, enabled or not).
-        if (this.bitmaps) throw new UnsupportedError(`${this.name}: Device has active dirty bitmaps`);
+        if (this.bitmaps?.any) throw new UnsupportedError(`${this.name}: Device has active dirty bitmaps`);
         await run(async (c) => (await import('./snapshot-ops.js')).applySnapshot(c, id))();
       },
     };
