@@ -129,6 +129,8 @@ async function main(argv: string[]): Promise<void> {
     .option('-n, --skip-create', 'write into an existing image instead of creating one')
     .option('--target-is-zero', 'with -n: the target reads zeros everywhere, so holes need no writing')
     .option('--salvage', 'carry on past read errors: what cannot be read is written as zeros, with a warning for each sector')
+    .option('--bitmaps', "copy the source's persistent bitmaps (qcow2 to qcow2)")
+    .option('--skip-broken-bitmaps', 'with --bitmaps: leave out inconsistent bitmaps, with a warning')
     .option('-T, --source-cache <mode>', 'cache mode of the sources (writeback, the default, writethrough, none, directsync, unsafe)')
     .option('-q, --quiet', 'print nothing: no progress, no warnings')
     .option('--target-secret <pass>', 'passphrase of an encrypted new image')

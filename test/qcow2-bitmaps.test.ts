@@ -434,4 +434,71 @@ describe('qcow2 persistent dirty bitmaps', function () {
       expect(c.code, c.output).to.equal(0);
     });
   });
+
+  describe('tsimg convert --bitmaps, against qemu-img convert --bitmaps', function () {
+    async function source(name: string): Promise<string> {
+      const f = path.join(tmp.dir, `${name}.qcow2`);
+      await createImage(f, 'qcow2', 64 * MiB);
+      await qemuImg('bitmap', '--add', f, 'a');
+      await qemuImg('bitmap', '--add', '-g', '4k', f, 'b');
+      await qemuIo(f, 'qcow2', ['write -P 1 1M 64k', 'write -P 2 7M 5k', 'write -z 30M 1M']);
+      await qemuImg('bitmap', '--disable', f, 'b');
+      await qemuIo(f, 'qcow2', ['write -P 3 50M 4k']);
+      return f;
+    }
+
+    it('copies every bitmap (granularity, enabled or not, bits) after the data; -n into an image that has none', async () => {
+      const src = await source('conv-src');
+      const q = path.join(tmp.dir, 'conv-q.qcow2');
+      const t = path.join(tmp.dir, 'conv-t.qcow2');
+      await runOk('qemu-img', ['convert', '--bitmaps', '-O', 'qcow2', src, q]);
+      expect((await tsimg(['convert', '--bitmaps', '-O', 'qcow2', src, t])).code).to.equal(0);
+      await expectSame(q, t, ['a', 'b']);
+      for (const f of [q, t]) fs.rmSync(f);
+      for (const f of [q, t]) await createImage(f, 'qcow2', 64 * MiB);
+      await runOk('qemu-img', ['convert', '-n', '--bitmaps', '-O', 'qcow2', src, q]);
+      expect((await tsimg(['convert', '-n', '--bitmaps', '-O', 'qcow2', src, t])).code).to.equal(0);
+      await expectSame(q, t, ['a', 'b']);
+    });
+
+    it('an inconsistent bitmap: refused, or left out with a warning (--skip-broken-bitmaps)', async () => {
+      const src = await source('conv-broken');
+      await run('qemu-io', ['-f', 'qcow2', '-c', 'write 0 4k', '-c', 'abort', src]);
+      await qemuImg('bitmap', '--add', src, 'fresh');
+      const t = path.join(tmp.dir, 'conv-broken-t.qcow2');
+      const r = await tsimg(['convert', '--bitmaps', '-O', 'qcow2', src, t]);
+      expect(r.code).to.equal(1);
+      expect(r.stderr.trim()).to.match(/^tsimg: Cannot copy inconsistent bitmap 'b' \(try --skip-broken-bitmaps/);
+      expect(fs.existsSync(t)).to.equal(false);
+      const q = path.join(tmp.dir, 'conv-broken-q.qcow2');
+      await runOk('qemu-img', ['convert', '--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2', src, q]);
+      const ok = await tsimg(['convert', '--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2', src, t]);
+      expect(ok.code).to.equal(0);
+      expect(ok.stderr.trim().split('\n')).to.deep.equal(["tsimg: warning: Skipping inconsistent bitmap 'b'", "tsimg: warning: Skipping inconsistent bitmap 'a'"]);
+      await expectSame(q, t, ['fresh']);
+    });
+
+    it("refusals in qemu-img's words, before any target is made", async () => {
+      const src = await source('conv-refuse');
+      const raw = path.join(tmp.dir, 'conv-refuse.raw');
+      await createImage(raw, 'raw', 64 * MiB);
+      const v2 = path.join(tmp.dir, 'conv-refuse-v2.qcow2');
+      await createImage(v2, 'qcow2', 64 * MiB, { compat: '0.10' });
+      const out = path.join(tmp.dir, 'conv-refuse-out');
+      const cases: [string[], string][] = [
+        [['--bitmaps', '-O', 'raw', src, out], "Format driver 'raw' does not support bitmaps"],
+        [['--bitmaps', '-O', 'qcow2', '-o', 'compat=0.10', src, out], "Format driver 'qcow2' does not support bitmaps"],
+        [['--bitmaps', '-O', 'qcow2', raw, out], 'Source lacks bitmap support'],
+        [['--bitmaps', '-O', 'qcow2', v2, out], 'Source lacks bitmap support'],
+        [['--bitmaps', '-O', 'qcow2', src, src, out], 'Copying bitmaps only possible with single source'],
+        [['--skip-broken-bitmaps', '-O', 'qcow2', src, out], 'Use of --skip-broken-bitmaps requires --bitmaps'],
+      ];
+      for (const [args, says] of cases) {
+        const r = await tsimg(['convert', ...args]);
+        expect(r.code, args.join(' ')).to.equal(1);
+        expect(r.stderr.trim(), args.join(' ')).to.equal(`tsimg: ${says}`);
+        expect(fs.existsSync(out), `${args.join(' ')}: no target left`).to.equal(false);
+      }
+    });
+  });
 });

@@ -52,6 +52,41 @@ export interface ConvertCli extends OpenCli {
   quiet?: boolean;
   /** -C: qemu-img's copy offloading: data runs are copied whole, zeros and all. */
   copyRange?: boolean;
+  /** --bitmaps: the source's persistent bitmaps copied too (after the data, as qemu-img). */
+  bitmaps?: boolean;
+  /** --skip-broken-bitmaps: inconsistent ones left out with a warning instead of refused. */
+  skipBrokenBitmaps?: boolean;
+}
+
+/** The bitmaps --bitmaps copies (qemu-img's convert_check_bitmaps): refused if inconsistent, unless skipped. */
+function bitmapsToCopy(src: BlockNode, o: ConvertCli): { name: string; granularity: number; enabled: boolean }[] {
+  const list = src.readBitmap ? src.describe?.().bitmaps : undefined;
+  if (!list) throw new UsageError('Source lacks bitmap support');
+  // QEMU walks them newest first.
+  for (const b of [...list].reverse()) {
+    if (!b.flags.includes('in-use')) continue;
+    if (!o.skipBrokenBitmaps) throw new UsageError(`Cannot copy inconsistent bitmap '${b.name}' (try --skip-broken-bitmaps, or 'tsimg bitmap --remove' to delete it)`);
+    if (!o.quiet) process.stderr.write(`tsimg: warning: Skipping inconsistent bitmap '${b.name}'\n`);
+  }
+  return list.filter((b) => !b.flags.includes('in-use')).map((b) => ({ name: b.name, granularity: b.granularity, enabled: b.flags.includes('auto') }));
+}
+
+/** Each bitmap made in the new image as it is in the source: its granularity, enabled or not, its bits. */
+async function copyBitmaps(src: BlockNode, dst: BlockNode, list: { name: string; granularity: number; enabled: boolean }[]): Promise<void> {
+  const control = dst.bitmapControl!;
+  for (const b of list) {
+    try {
+      await control.add(b.name, b.granularity);
+      if (!b.enabled) await control.disable(b.name);
+    } catch (err) {
+      throw new UsageError(`Failed to create bitmap ${b.name}: ${messageOf(err)}`);
+    }
+    try {
+      await control.merge(b.name, b.name, src);
+    } catch (err) {
+      throw new UsageError(`Failed to populate bitmap ${b.name}: ${messageOf(err)}`);
+    }
+  }
 }
 
 /** qemu-img convert's MAX_BUF_SECTORS: the largest -S, in bytes. */
@@ -559,8 +594,13 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
   if (o.sourceCache !== undefined) parseSourceCache(o.sourceCache);
   if (snapshot && srcSpecs.length > 1) throw new UsageError('No support for concatenating multiple snapshot');
   if (o.targetIsZero && o.backingFile !== undefined) throw new UsageError('Cannot use --target-is-zero when the destination image has a backing file');
+  if (o.skipBrokenBitmaps && !o.bitmaps) throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
+  if (o.bitmaps && srcSpecs.length > 1) throw new UsageError('Copying bitmaps only possible with single source');
   const opened = await openSources(srcSpecs, o);
   try {
+    const bitmaps = o.bitmaps ? bitmapsToCopy(opened, o) : undefined;
+    // qemu-img finds this once it has made the image (and leaves it); a format that has no bitmaps is known before.
+    if (bitmaps && o.outputFormat !== 'qcow2') throw new UsageError(`Format driver '${o.outputFormat}' does not support bitmaps`);
     // -l: the snapshot's view, which the image owns (closing the image closes it).
     const src = snapshot ? snapshotOf(opened, formatOf(opened) ?? o.format, snapshot) : opened;
     const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
@@ -588,6 +628,7 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
       const dst = await openImage(dstSpec, readOnlyOptions({ format: o.outputFormat }, { readOnly: false, cache, syncOnClose: cache !== 'unsafe', secret: targetSecret, namedFiles: 'owner', noBacking: o.backingFile === undefined && !o.skipCreate }));
       try {
         if (o.skipCreate && dst.size < src.size) throw new UsageError(`${dstSpec}: the target (${dst.size} bytes) is smaller than the source (${src.size} bytes)`);
+        if (bitmaps && (!dst.bitmapControl || !dst.describe?.().bitmaps)) throw new UsageError(`Format driver '${o.outputFormat}' does not support bitmaps`);
         // qemu-img's refusal, before anything is written.
         const compress = o.compress === true && !COMPRESSING_FORMATS.has(o.outputFormat);
         if (compress && !dst.writeCompressed) throw new UsageError(`${dstSpec}: Compression not supported for this file format`);
@@ -597,6 +638,8 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         // -n writes every data run as qemu-img does (no compare with what the target holds:
         // onto an identical allocated cluster, -n -c fails as qemu-img's does).
         await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress, zeroInit, sparse, salvage, wholeData: o.copyRange });
+        // After the data, as qemu-img: the copy's writes are not in them (the active layer's bitmaps, with -l too).
+        if (bitmaps) await copyBitmaps(opened, dst, bitmaps);
         await dst.flush();
         show?.done();
         ok = true;
