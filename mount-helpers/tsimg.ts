@@ -15,6 +15,7 @@
 //   tsimg rebase [-u] [-p] -b NEW [-F FMT] FILE
 //   tsimg amend -o OPTIONS FILE
 //   tsimg measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | FILE)
+//   tsimg dd [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
 import { Command } from 'commander';
 import { messageOf, UsageError } from '../drivers/errors.js';
 import { ExitError } from './tsimg/exit-error.js';
@@ -33,6 +34,7 @@ import type { CommitCli } from './tsimg/commit.js';
 import type { RebaseCli } from './tsimg/rebase.js';
 import type { AmendCli } from './tsimg/amend.js';
 import type { MeasureCli } from './tsimg/measure.js';
+import type { DdCli } from './tsimg/dd.js';
 import { packageVersion } from './version.js';
 
 
@@ -69,7 +71,7 @@ async function main(argv: string[]): Promise<void> {
       const o = action.opts<{ iscsi?: string[]; readconfig?: string[] }>();
       if (o.iscsi?.length || o.readconfig?.length) (await import('../drivers/protocol/iscsi/uri.js')).configureIscsi(o);
       // The images a subcommand opens are its first arguments: compare's two, convert's source.
-      if (action.name() !== 'create') await (await import('./tsimg/common.js')).resolveImageArgs(action.processedArgs as unknown[], action.opts(), action.name() === 'compare' ? 2 : 1);
+      if (action.name() !== 'create' && action.name() !== 'dd') await (await import('./tsimg/common.js')).resolveImageArgs(action.processedArgs as unknown[], action.opts(), action.name() === 'compare' ? 2 : 1);
     });
   program
     .command('create')
@@ -190,6 +192,10 @@ async function main(argv: string[]): Promise<void> {
     .option('--output <fmt>', 'human or json', 'human')
     .addHelpText('after', '\nExample: tsimg measure -O qcow2 --output json disk.raw')
     .action(async (file: string | undefined, o: MeasureCli) => (await import('./tsimg/measure.js')).measure(file, o));
+  openOptions(program.command('dd').description("copy bs-sized blocks of an image into a new one (qemu-img dd)").argument('<operands...>', 'bs=N, count=N, skip=N, if=INPUT, of=OUTPUT'))
+    .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
+    .addHelpText('after', '\nExample: tsimg dd -f qcow2 -O raw bs=1M count=64 if=disk.qcow2 of=head.raw')
+    .action(async (operands: string[], o: DdCli) => (await import('./tsimg/dd.js')).dd(operands, o));
   await program.parseAsync(argv);
   process.exitCode = exitCode;
 }

@@ -43,8 +43,8 @@ async function create(req: CreateRequest): Promise<void> {
   const file = req.file;
   if (!file.truncate) throw new UsageError(`${req.spec}: this protocol cannot be sized`);
   // The file's own preallocation, as QEMU's raw create is file-posix's (a protocol
-  // without it refuses any but off).
-  await file.truncate(req.size, prealloc === 'off' ? {} : { prealloc });
+  // without it refuses any but off); its size rounded up to whole sectors, as QEMU's protocols do.
+  await file.truncate(Math.ceil(req.size / 512) * 512, prealloc === 'off' ? {} : { prealloc });
   await file.flush();
 }
 
