@@ -187,6 +187,15 @@ describe('qcow2 persistent dirty bitmaps', function () {
       ['good', ['auto']],
     ]);
     expect(await dirtyRuns(t, 'good')).to.deep.equal(await dirtyRuns(q, 'good'));
+    // tsimg check counts the bad entry as QEMU's qcow2_check_bitmaps_refcounts counts it
+    // (a corruption, its cluster then a leak); qemu-img stops there instead ("Check failed").
+    const r = await tsimg(['check', '--output', 'json', t]);
+    expect(r.code, r.stderr).to.equal(2);
+    const j = JSON.parse(r.stdout) as { corruptions?: number; leaks?: number };
+    expect([j.corruptions, j.leaks]).to.deep.equal([1, 1]);
+    const q2 = await run('qemu-img', ['check', t]);
+    expect(q2.code).to.equal(1);
+    expect(q2.stderr).to.match(/Check failed: Invalid argument/);
   });
 
   it('tsimg snapshot: -a refused while the image has bitmaps, as qemu-img refuses it (nothing changed); -c and -d keep them', async () => {

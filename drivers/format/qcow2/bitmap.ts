@@ -56,18 +56,27 @@ export interface BitmapDirectory {
   bitmaps: { flags: string[]; name: string; granularity: number }[];
 }
 
-/** Every byte range the bitmaps hold a reference to: directory, tables, data clusters. */
-export async function bitmapRanges(file: BlockNode, dir: BitmapDirectory, clusterSize: number, name: string): Promise<{ offset: number; length: number }[]> {
+/**
+ * Every byte range the bitmaps hold a reference to: directory, tables, data clusters.
+ * A table entry QEMU's check_table_entry refuses (reserved bits, an unaligned offset)
+ * references nothing and is one corruption in `corrupt` (qcow2_check_bitmaps_refcounts).
+ */
+export async function bitmapRanges(file: BlockNode, dir: BitmapDirectory, clusterSize: number, name: string, corrupt?: string[]): Promise<{ offset: number; length: number }[]> {
   const out = [{ offset: dir.offset, length: dir.data.length }];
-  for (const t of dir.tables) {
+  for (const [k, t] of dir.tables.entries()) {
     if (t.entries === 0) continue;
     if (t.entries * 8 > 64 * 1024 * 1024 || t.offset + t.entries * 8 > file.size) throw new CorruptImageError(`${name}: qcow2 bitmap table lies outside the file`);
     out.push({ offset: t.offset, length: t.entries * 8 });
     const table = Buffer.alloc(t.entries * 8);
     await file.read(t.offset, table);
     for (let i = 0; i < t.entries; i++) {
-      const off = Number(table.readBigUInt64BE(i * 8) & 0x00fffffffffffe00n);
-      if (off !== 0) out.push({ offset: off, length: clusterSize });
+      const v = table.readBigUInt64BE(i * 8);
+      const off = v & TABLE_OFFSET;
+      if ((v & TABLE_RESERVED) !== 0n || (off !== 0n && ((v & TABLE_ALL_ONES) !== 0n || off % BigInt(clusterSize) !== 0n))) {
+        corrupt?.push(`ERROR bitmap '${dir.entries[k]?.name ?? k}': table entry ${i} is invalid (0x${v.toString(16)})`);
+        continue;
+      }
+      if (off !== 0n) out.push({ offset: Number(off), length: clusterSize });
     }
   }
   return out;

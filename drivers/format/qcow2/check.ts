@@ -20,6 +20,10 @@ export async function checkQcow2(r: RepairInput, virtualSize: number): Promise<C
     report.messages.push(`ERROR ${messageOf(err)}`);
     return report;
   }
+  for (const m of r.extraCorruptions ?? []) {
+    report.corruptions++;
+    report.messages.push(m);
+  }
   const perBlock = (cs * 8) / 2 ** r.refcountOrder;
   const blockCache = new Map<number, Buffer>();
   const refcountOf = async (c: number): Promise<number> => {

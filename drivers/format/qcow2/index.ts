@@ -95,7 +95,8 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
   // and the passphrase are known good, so a refused open changes nothing.
   // What the refcount walk needs (repair.ts): the lazy-refcount repair and tsimg check.
   const repairInput = async (): Promise<RepairInput> => {
-    const extraRanges = bitmaps ? await bitmapRanges(file, bitmaps, clusterSize, name) : [];
+    const extraCorruptions: string[] = [];
+    const extraRanges = bitmaps ? await bitmapRanges(file, bitmaps, clusterSize, name, extraCorruptions) : [];
     const crypto = h.extensions.find((e) => e.type === EXT.cryptoHeader);
     if (crypto) {
       const hc = await readExactly(file, crypto.offset, 16);
@@ -116,6 +117,7 @@ async function openWith(file: BlockNode, opts: OpenOptions, h: Qcow2Header, head
       snapshotTableOffset: h.snapshotsOffset,
       snapshotTableBytes,
       extraRanges,
+      extraCorruptions,
     };
   };
   const repairIfDirty = async (): Promise<void> => {

@@ -24,6 +24,8 @@ export interface RepairInput {
   snapshotTableBytes: number;
   /** Other byte ranges that hold a reference each (bitmap directory and tables, crypto header). */
   extraRanges: { offset: number; length: number }[];
+  /** Corruptions found while listing them (bitmap table entries QEMU refuses): counted by check. */
+  extraCorruptions?: string[];
 }
 
 /** Clusters one rebuild may track: 2^27 (1 GiB of counters at most 512 MiB). */
