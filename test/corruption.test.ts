@@ -40,7 +40,7 @@ describe('corrupt images of every format', function () {
       // Formats qemu-img cannot make (bochs, cloop, dmg) are made by their own tools or
       // generators, as the conformance table says (test/helpers/formats.ts).
       const own = formatTable[format]?.damaged ?? formatTable[format]?.read.find((v) => v.make);
-      if (own?.make) await own.make(base);
+      if (own?.make) await own.make(base, own);
       else {
         const made = await runTimingPbkdf('qemu-img', ['create', '-q', ...secretArgs, '-f', format, base, '16M']);
         if (made.code !== 0) this.skip();

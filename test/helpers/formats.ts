@@ -36,9 +36,9 @@ export interface ImageVariant {
   /**
    * Makes the image itself, for formats qemu-img reads but cannot create: their own
    * tool (bximage, create_compressed_fs) or the tests' generator (dmg); then `size`,
-   * `options` and `io` are not used.
+   * `options` and `io` are not used (unless `make` reads them from the variant it is given).
    */
-  make?: (file: string) => void | Promise<unknown>;
+  make?: (file: string, v: ImageVariant) => void | Promise<unknown>;
 }
 
 export interface FormatEntry {
@@ -152,7 +152,9 @@ const cloopData = made('64 KiB blocks (create_compressed_fs -B 64K)', 6 * MiB, (
 /**
  * Writable layouts beside each format's own write variant whose data lies in files
  * other than the image's, which the FUSE workers read and overwrite there (session
- * 30): the soak and the crash storm run them too, picked by name as formats are.
+ * 30), and a qcow2 with persistent dirty bitmaps, whose every write must reach the
+ * driver (stored at unmount, left in use by a kill): the soak and the crash storm run
+ * them too, picked by name as formats are.
  */
 export interface Layout {
   name: string;
@@ -165,6 +167,21 @@ export const writableLayouts: Layout[] = [
   { name: 'vmdk-2gsparse', format: 'vmdk', write: small('a twoGbMaxExtentSparse vmdk', { options: { subformat: 'twoGbMaxExtentSparse' } }), checked: true },
   { name: 'vpc-fixed', format: 'vpc', write: small('a fixed VHD', { options: { subformat: 'fixed', force_size: 'on' }, probes: false }), checked: false },
   { name: 'qcow2-datafile', format: 'qcow2', write: small('a qcow2 with an external data file', { options: { data_file: 'layout.data' } }), checked: true },
+  {
+    name: 'qcow2-bitmaps',
+    format: 'qcow2',
+    // Made here, at the size and with the writes the caller gives (the soak's are 512M and none).
+    write: {
+      ...small('a qcow2 with persistent dirty bitmaps (64 KiB and 4 KiB granularity)'),
+      make: async (f, v) => {
+        await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', f, String(v.size)]);
+        await runOk('qemu-img', ['bitmap', '--add', f, 'b0']);
+        await runOk('qemu-img', ['bitmap', '--add', '-g', '4k', f, 'b1']);
+        if (v.io.length > 0) await runOk('qemu-io', ['-f', 'qcow2', ...v.io.flatMap((c) => ['-c', c]), f]);
+      },
+    },
+    checked: true,
+  },
 ];
 
 /** The formats' write variants and the layouts above, those named in `picked` (a list from the environment) or all. */
@@ -411,7 +428,7 @@ export async function makeVariant(dir: string, format: string, v: ImageVariant, 
   const file = path.join(dir, `${name}.${entry?.ext ?? format}`);
   const ref: ImageRef = { file, format, secret: v.secret, secretKey: entry?.secretKey };
   if (v.make) {
-    await v.make(file);
+    await v.make(file, v);
     return ref;
   }
   const args = ['create', '-q', '-f', format];
