@@ -7,7 +7,7 @@
 // that was acknowledged; what "writeback" defers is the format's metadata, kept in
 // its TableCaches until flush. A read that raced a write never inserts stale data.
 import { LRUCache } from 'lru-cache';
-import type { BlockNode, CacheMode, HostCipher, TruncateOptions, ZeroOptions } from '../drivers/types.js';
+import type { BlockNode, CacheMode, HostCipher, TruncateOptions, WriteLog, ZeroOptions } from '../drivers/types.js';
 import { Filter } from '../drivers/filters/filter.js';
 import createDebug from '../drivers/util/debug.js';
 
@@ -83,6 +83,9 @@ export class ClusterCache extends Filter {
    */
   override get inPlaceWrites(): boolean | undefined {
     return this.opts.mode === 'writethrough' || this.opts.mode === 'directsync' ? undefined : this.next.inPlaceWrites;
+  }
+  override get writeLog(): WriteLog | undefined {
+    return this.opts.mode === 'writethrough' || this.opts.mode === 'directsync' ? undefined : this.next.writeLog;
   }
 
   /** Forget every cached block; a read in flight inserts nothing it read before (writeSeq). */

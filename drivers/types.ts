@@ -323,6 +323,12 @@ export interface BlockNode {
    */
   readonly inPlaceWrites?: boolean | undefined;
   /**
+   * Where whoever writes around this node (inPlaceWrites) records what it wrote: one bit
+   * per 2^granuleBits bytes, set with Atomics.or (qcow2's persistent bitmaps fold it in).
+   * Every filter that forwards inPlaceWrites forwards this too.
+   */
+  readonly writeLog?: WriteLog | undefined;
+  /**
    * Bumped whenever host space this layer allocates or frees may change what a range
    * writable in place is (qcow2: a refcount changed, except for the data clusters a write
    * allocated): it may since have become something else, a table say, so the FUSE layer
@@ -380,6 +386,12 @@ export interface BitmapControl {
   disable(name: string): Promise<void>;
   /** Set in `target` every granule `source` has set: a bitmap of this image, or of `from`. */
   merge(target: string, source: string, from?: BlockNode): Promise<void>;
+}
+
+/** A bitmap over a node's bytes, shared with the threads that write around it (BlockNode.writeLog). */
+export interface WriteLog {
+  words: Int32Array;
+  granuleBits: number;
 }
 
 /** One bitmap's bits. */

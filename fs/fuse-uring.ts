@@ -28,7 +28,7 @@
 import fs from 'node:fs';
 import { parentPort, receiveMessageOnPort, Worker, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, granuleOf, tableSize } from './read-map-table.js';
-import { fillRuns, NEED_CIPHERS, readRuns, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
+import { fillRuns, NEED_CIPHERS, readRuns, registerLog, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
 import { koffiWorkerData, loadKoffi } from '../drivers/util/koffi-load.js';
 
 /** FUSE_OVER_IO_URING is bit 41 of the INIT flags: bit 9 of flags2. */
@@ -549,6 +549,7 @@ class Queue {
       else if (msg.table) {
         this.maps.set(msg.ino!, msg.table);
         this.ciphers.got(msg.ino!, msg.ciphers);
+        registerLog({ table: msg.table, log: msg.log });
       }
     }
     this.mailSeen = Atomics.load(this.init.ctl, 1);

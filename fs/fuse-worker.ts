@@ -16,7 +16,7 @@
 import fs from 'node:fs';
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { countServed, GRANULE, granuleOf, lookup, tableSize, WINDOW } from './read-map-table.js';
-import { fillRuns, NEED_CIPHERS, readRuns, RUN, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
+import { fillRuns, NEED_CIPHERS, readRuns, registerLog, RUN, ThreadCiphers, writeInPlace, type MapShare } from './read-map-runs.js';
 import { INFLATE_SLACK } from '../drivers/util/raw-inflater.js';
 import { loadKoffi } from '../drivers/util/koffi-load.js';
 
@@ -331,9 +331,10 @@ class Worker {
     if (seen === this.mailSeen) return;
     this.mailSeen = seen;
     for (let m = receiveMessageOnPort(this.init.port); m; m = receiveMessageOnPort(this.init.port)) {
-      const { ino, table, ciphers } = m.message as MapShare & { ino: number };
-      this.maps.set(ino, table);
-      this.ciphers.got(ino, ciphers);
+      const share = m.message as MapShare & { ino: number };
+      this.maps.set(share.ino, share.table);
+      this.ciphers.got(share.ino, share.ciphers);
+      registerLog(share);
     }
   }
 

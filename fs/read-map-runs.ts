@@ -5,6 +5,7 @@
 // of the block graph (the cipher code only once a map names a cipher: ThreadCiphers).
 import fs from 'node:fs';
 import type { SectorCipher, SectorCipherSpec } from '../drivers/crypto/modes.js';
+import type { WriteLog } from '../drivers/types.js';
 import { INFLATE_SLACK, rawInflater, type Inflater } from '../drivers/util/raw-inflater.js';
 import { libdeflate, type WholeInflater } from '../drivers/util/libdeflate.js';
 import { libzstd } from '../drivers/util/libzstd.js';
@@ -35,6 +36,25 @@ export interface RunCipher {
 export interface MapShare {
   table: Int32Array;
   ciphers?: { spec: Readonly<SectorCipherSpec>; ivBase: number }[];
+  /** Where a write around the file is recorded (BlockNode.writeLog: qcow2's persistent bitmaps). */
+  log?: WriteLog;
+}
+
+/** This thread's write logs, by the table of the file they log (registered as maps arrive). */
+const logs = new WeakMap<ArrayBufferLike, WriteLog>();
+
+/** A map arrived in this thread (or was made, in the main thread): its log goes with its table. */
+export function registerLog(share: MapShare): void {
+  if (share.log) logs.set(share.table.buffer, share.log);
+}
+
+/** Bytes [offset, offset + size) of the file were written around the graph: their granules in its log. */
+function logWrite(table: Int32Array, offset: number, size: number): void {
+  const log = logs.get(table.buffer);
+  if (!log) return;
+  const first = Math.floor(offset / 2 ** log.granuleBits);
+  const last = Math.floor((offset + size - 1) / 2 ** log.granuleBits);
+  for (let g = first; g <= last; g++) Atomics.or(log.words, g >>> 5, 1 << (g & 31));
 }
 
 /**
@@ -315,6 +335,8 @@ export function writeInPlace(table: Int32Array, offset: number, size: number, sr
       if (!ok) return false;
       at += runs[i + 2]!;
     }
+    // Logged before the write counts as done (and before the reply): a close folds every bit of what was acknowledged.
+    logWrite(table, offset, size);
     countWritten(table, size);
     return true;
   } finally {

@@ -27,7 +27,7 @@ import createDebug from '../drivers/util/debug.js';
 import { messageOf } from '../drivers/errors.js';
 import type { BlockNode, CompressedCluster, HostCipher } from '../drivers/types.js';
 import { chainExtents } from './extents.js';
-import { MAX_COMPRESSED, VMDK_MARKER, type MapShare } from './read-map-runs.js';
+import { MAX_COMPRESSED, registerLog, VMDK_MARKER, type MapShare } from './read-map-runs.js';
 import {
   lookup, invalidate, invalidateAll, newTable, publish, setTableSize, tableSize, capacityOf, H_READS, H_SPLICED, servedBytes, WINDOW,
   H_CHANGING, H_DIRTY, H_WRITABLE, H_WRITES, H_WRITES_IN_FLIGHT, newEpoch, writtenBytes, GRANULE_SHIFT, MIN_GRANULE_SHIFT, STREAM_DEFLATE_RAW, STREAM_VMDK_GRAIN, STREAM_ZSTD,
@@ -153,8 +153,12 @@ export class ReadMap {
 
   /** What the reading threads are given: the table, and the ciphers its entries name (the keys go to those threads, in this process). */
   share(): MapShare {
-    if (this.ciphers.length === 0) return { table: this.table };
-    return { table: this.table, ciphers: this.ciphers.map((c) => ({ spec: c.cipher.spec, ivBase: c.ivBase })) };
+    const log = this.top.writeLog;
+    const share: MapShare = this.ciphers.length === 0 ? { table: this.table } : { table: this.table, ciphers: this.ciphers.map((c) => ({ spec: c.cipher.spec, ivBase: c.ivBase })) };
+    if (log) share.log = log;
+    // This thread writes around the graph too (flatfs.ts writeAround).
+    registerLog(share);
+    return share;
   }
 
   /** Reads the workers answered, their bytes, how many by splice; writes they wrote and their bytes (the server's counters). */

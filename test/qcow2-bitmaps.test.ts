@@ -291,15 +291,18 @@ describe('qcow2 persistent dirty bitmaps', function () {
     });
   }
 
-  it('through a --rw mount: writes of every size, fallocate zero and punch, the bits qemu-io sets (the FUSE workers hand such writes to the driver)', async () => {
+  it('through a --rw mount: writes of every size, fallocate zero and punch, the bits qemu-io sets (the writes the FUSE workers make around the driver logged)', async () => {
     const names = [{ name: 'g4k', granularity: 4096 }, { name: 'g64k' }, { name: 'g1m', granularity: MiB }];
     const { q, t } = await twins('mount', names);
-    // Allocated first, so that without bitmaps the FUSE workers would write these in place.
-    await qemuIo(q, 'qcow2', ['write -P 5 0 16M']);
-    await qemuIo(t, 'qcow2', ['write -P 5 0 16M']);
+    // Allocated first, so that the FUSE workers write these in place; the bitmaps then
+    // cleared, so that only what the mount writes is in them.
+    for (const f of [q, t]) {
+      await qemuIo(f, 'qcow2', ['write -P 5 0 16M']);
+      for (const b of names) await qemuImg('bitmap', '--clear', f, b.name);
+    }
     // Three passes of writes with a pause between them: time for the map to publish the
     // allocated clusters, which the workers would then write in place but for the bitmaps.
-    const random = (pass: number): Op[] => Array.from({ length: 64 }, (_, i): Op => ({ kind: 'write', offset: ((i * 7919 + pass * 104729) % 4096) * 4096, length: 4096 }));
+    const random = (pass: number): Op[] => Array.from({ length: 64 }, (_, i): Op => ({ kind: 'write', offset: 8 * MiB + ((i * 7919 + pass * 104729) % 2048) * 4096, length: 4096 }));
     const passes: Op[][] = [Array.from({ length: 8 }, (_, i): Op => ({ kind: 'write', offset: i * MiB, length: MiB })), random(1), random(2)];
     const mountOps: Op[] = [
       ...passes.flat(),
@@ -330,7 +333,8 @@ describe('qcow2 persistent dirty bitmaps', function () {
     }
     const counters = await mountCounters(mp);
     await mounts.unmount(mp);
-    expect(counters.workerWrites ?? 0, 'writes the workers made around the driver').to.equal(0);
+    // The workers write overwrites in place and log them; the close folds the log in.
+    expect(counters.workerWrites ?? 0, 'writes the workers made around the driver').to.be.greaterThan(0);
     await expectSame(q, t, names.map((b) => b.name));
   });
 

@@ -6,7 +6,7 @@
 // builder (drivers/open.ts) puts this filter over it through `aligned()`. Overlapping
 // read-modify-writes are serialised so two unaligned writes into one sector cannot
 // lose each other's bytes.
-import type { BlockNode, HostCipher, SnapshotView } from '../types.js';
+import type { BlockNode, HostCipher, SnapshotView, WriteLog } from '../types.js';
 import { Filter } from './filter.js';
 
 interface Range {
@@ -54,6 +54,9 @@ export class AlignFilter extends Filter {
    */
   override get inPlaceWrites(): boolean | undefined {
     return this.next.inPlaceWrites;
+  }
+  override get writeLog(): WriteLog | undefined {
+    return this.next.writeLog;
   }
 
   /** Snapshot views share the image's unit: they get the filter too. */

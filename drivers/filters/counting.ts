@@ -1,7 +1,7 @@
 // Counts what passes through (tsmount --list): requests, bytes, requests in flight,
 // failures. A few integer additions per request; whoever wants the numbers reads the
 // object it was given.
-import type { BlockNode, HostCipher } from '../types.js';
+import type { BlockNode, HostCipher, WriteLog } from '../types.js';
 import { Filter } from './filter.js';
 
 export interface IoCounters {
@@ -35,6 +35,9 @@ export class CountingFilter extends Filter {
   /** The workers count their writes themselves (fs/read-map-table.ts), as their reads. */
   override get inPlaceWrites(): boolean | undefined {
     return this.next.inPlaceWrites;
+  }
+  override get writeLog(): WriteLog | undefined {
+    return this.next.writeLog;
   }
 
   override read(offset: number, dst: Uint8Array): Promise<void> {

@@ -4,7 +4,7 @@
 // node offers it, so wrapping a node never hides what it can do and no caller has
 // to reach through a filter. A filter that changes a capability overrides its
 // getter and still returns undefined where the next node lacks it.
-import type { BitmapBits, BitmapControl, BlockNode, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
+import type { BitmapBits, BitmapControl, BlockNode, WriteLog, HostCipher, CheckReport, Extent, ImageDescription, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import type { ImageLock } from '../protocol/lock.js';
 
@@ -93,6 +93,10 @@ export class Filter implements BlockNode {
   }
   /** Not forwarded: the FUSE workers would write around the filter. */
   get inPlaceWrites(): boolean | undefined {
+    return undefined;
+  }
+  /** Forwarded with inPlaceWrites, by the filters that forward that (writes around them are logged below). */
+  get writeLog(): WriteLog | undefined {
     return undefined;
   }
   get layoutGeneration(): number | undefined {

@@ -1,5 +1,5 @@
 // The raw format: the guest disk is the file's bytes.
-import type { Creatable, CreateRequest, Extent, FormatDriver, ImageDescription } from '../types.js';
+import type { Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, WriteLog } from '../types.js';
 import { Filter } from '../filters/filter.js';
 import { UsageError } from '../errors.js';
 
@@ -20,6 +20,9 @@ class RawNode extends Filter {
   /** Nothing of the format changes on a write: where the file allows it, writes may go around. */
   override get inPlaceWrites(): boolean | undefined {
     return this.next.inPlaceWrites;
+  }
+  override get writeLog(): WriteLog | undefined {
+    return this.next.writeLog;
   }
   /** raw_get_info: no cluster size, never dirty. */
   override get describe(): () => ImageDescription {

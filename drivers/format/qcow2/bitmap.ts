@@ -6,7 +6,7 @@
 // cleared. A process killed meanwhile leaves them in use, which QEMU reads as
 // inconsistent, as after a QEMU that crashed. A bitmap this cannot load (a reserved flag
 // or type, extra data, a damaged table, already in use) is only marked in use, as before.
-import type { BitmapBits, BlockNode } from '../../types.js';
+import type { BitmapBits, BlockNode, WriteLog } from '../../types.js';
 import { CorruptImageError, UsageError } from '../../errors.js';
 import type { MetadataGuard } from './overlap.js';
 import { OL } from './overlap.js';
@@ -25,6 +25,8 @@ const MAX_DIRECTORY = 65535 * 1024;
 /** QEMU's BME_MAX_TABLE_SIZE and BME_MAX_PHYS_SIZE (the bytes of one bitmap in memory). */
 const MAX_TABLE_ENTRIES = 0x8000000;
 const MAX_PHYS_BYTES = 0x20000000;
+/** Bytes the write log of one image may take (one bit per granule of its finest enabled bitmap). */
+const MAX_LOG_BYTES = 64 << 20;
 /** Bytes all loaded bitmaps of one image may take (QEMU has no such limit: a hostile image could ask for 65535 x 512 MiB). */
 const MAX_LOADED_BYTES = 0x40000000;
 /** Bitmap table entries: bits 1-8 and 56-63 reserved, 9-55 the offset, bit 0 "all ones" where there is none. */
@@ -187,15 +189,57 @@ export class BitmapTracker {
   private started = false;
   /** Something to write back at close. */
   private dirty = false;
+  /**
+   * What the FUSE workers write around the node, one bit per granule of the finest
+   * bitmap that may be enabled (made at open, before any read map shares it); folded
+   * into the bitmaps at close. Given up (and writes around the node with it) once it
+   * cannot say enough: a resize, or a bitmap added or enabled (tsimg, no workers).
+   */
+  private readonly log: WriteLog | undefined;
+  private logUsable = true;
   constructor(
     private readonly dir: BitmapDirectory | undefined,
     private readonly img: BitmapImage,
     private size: number,
-  ) {}
+  ) {
+    const enabled = (dir?.entries ?? []).filter((e) => (e.flags & (BME_FLAG_IN_USE | BME_FLAG_AUTO)) === BME_FLAG_AUTO).map((e) => e.granularityBits);
+    if (enabled.length === 0) return;
+    const bits = Math.min(...enabled);
+    const words = Math.ceil(Math.ceil(size / 2 ** bits) / 32);
+    if (words * 4 <= MAX_LOG_BYTES) this.log = { words: new Int32Array(new SharedArrayBuffer(Math.max(4, words * 4))), granuleBits: bits };
+  }
 
-  /** Some enabled bitmap records changes (so every change must come through mark()). */
+  /** Some enabled bitmap records changes (so every change must come through mark() or the log). */
   get tracking(): boolean {
     return this.slots.some((s) => 'loaded' in s && s.loaded.enabled);
+  }
+
+  /** Writes may go around the node: nothing records changes, or what does reads the log. */
+  get aroundWrites(): boolean {
+    return !this.tracking || (this.log !== undefined && this.logUsable);
+  }
+
+  /** The log the writers around the node keep (BlockNode.writeLog). */
+  get writeLog(): WriteLog | undefined {
+    return this.logUsable ? this.log : undefined;
+  }
+
+  /** What was written around the node, into the bitmaps (each logged granule lies within the bits it sets). */
+  private foldLog(): void {
+    const log = this.log;
+    if (!log) return;
+    const g = 2 ** log.granuleBits;
+    for (let i = 0; i < log.words.length; i++) {
+      const v = Atomics.exchange(log.words, i, 0);
+      if (v === 0) continue;
+      for (let k = 0; k < 32; k++) if ((v >>> k) & 1) this.mark((i * 32 + k) * g, g);
+    }
+  }
+
+  /** The log stops here: folded, and no more writes around the node while a bitmap records. */
+  private retireLog(): void {
+    this.foldLog();
+    this.logUsable = false;
   }
 
   /** The image has bitmaps (loaded or not): QEMU refuses to revert it to a snapshot. */
@@ -272,6 +316,7 @@ export class BitmapTracker {
 
   /** Every bitmap follows the disk to `size` (QEMU's bdrv_dirty_bitmap_truncate: new bits clean). */
   resize(size: number): void {
+    this.retireLog();
     const cs = this.img.clusterSize;
     for (const s of this.slots) {
       if (!('loaded' in s)) continue;
@@ -327,6 +372,7 @@ export class BitmapTracker {
     if (n * cs > MAX_PHYS_BYTES || n > MAX_TABLE_ENTRIES || Math.ceil(this.size / g / 8) > MAX_PHYS_BYTES) throw new UsageError(`${where}: Too much space will be occupied by the bitmap. Use larger granularity`);
     const loadedBytes = this.slots.reduce((a, s) => a + ('loaded' in s ? s.loaded.data.length : 0), 0);
     if (loadedBytes + n * cs > MAX_LOADED_BYTES) throw new UsageError(`${where}: the image's bitmaps would take more than ${MAX_LOADED_BYTES} bytes of memory`);
+    this.retireLog();
     this.slots.push({ name, loaded: { name, enabled: true, bits, nbits: Math.ceil(this.size / g), tableOffset: 0, table: new Array<bigint>(n).fill(0n), data: Buffer.alloc(n * cs), changed: new Uint8Array(n) } });
     this.dirty = true;
   }
@@ -356,13 +402,16 @@ export class BitmapTracker {
   }
 
   enable(name: string, on: boolean): void {
-    this.usable(name).enabled = on;
+    const b = this.usable(name);
+    if (on && !b.enabled) this.retireLog();
+    b.enabled = on;
     this.dirty = true;
   }
 
   /** The bits of a bitmap of this image, for a merge. */
   bitsOf(name: string): BitmapBits {
     const b = this.usable(name);
+    this.foldLog();
     return { size: this.size, granularityBits: b.bits, data: b.data };
   }
 
@@ -390,7 +439,9 @@ export class BitmapTracker {
    * size is the same). The caller holds the node's mutex and has flushed the node.
    */
   async store(): Promise<void> {
-    if (!this.started || !this.dirty) return;
+    if (!this.started) return;
+    this.foldLog();
+    if (!this.dirty) return;
     const { file, clusterSize: cs, refcounts, guard } = this.img;
     const frees: number[] = [];
     const loaded = this.slots.flatMap((s) => ('loaded' in s ? [s.loaded] : []));

@@ -2,7 +2,7 @@
 // Mapping lives in cluster.ts, allocation in refcount.ts; this file does the I/O
 // and decides the order in which data and metadata reach the disk.
 import { writeEncrypted } from '../../util/write-encrypted.js';
-import type { BitmapBits, BitmapControl, BlockNode, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../../types.js';
+import type { BitmapBits, BitmapControl, BlockNode, WriteLog, CheckReport, Extent, ExtentKind, HostCipher, ImageDescription, Preallocation, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../../types.js';
 import type { CreateOptions } from '../../options.js';
 // Snapshot operations, amend and downgrade are imported when called: reading needs none of them.
 import type { SnapshotContext, SnapshotState } from './snapshot-ops.js';
@@ -228,7 +228,12 @@ export class Qcow2Node implements BlockNode {
    * such writes too), and never once corrupt.
    */
   get inPlaceWrites(): boolean {
-    return !this.readOnly && !this.isView && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && !this.bitmaps?.tracking && !this.guard?.corrupt && this.file.inPlaceWrites === true && this.data.inPlaceWrites === true;
+    return !this.readOnly && !this.isView && !this.crypt && (this.preparedDone || !this.beforeFirstChange) && (this.bitmaps?.aroundWrites ?? true) && !this.guard?.corrupt && this.file.inPlaceWrites === true && this.data.inPlaceWrites === true;
+  }
+
+  /** Where writes around this node are recorded for its persistent bitmaps (bitmap.ts), from the open on. */
+  get writeLog(): WriteLog | undefined {
+    return this.readOnly || this.isView ? undefined : this.bitmaps?.writeLog;
   }
 
   /**
