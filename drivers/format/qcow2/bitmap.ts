@@ -74,7 +74,7 @@ export async function bitmapRanges(file: BlockNode, dir: BitmapDirectory, cluste
     for (let i = 0; i < t.entries; i++) {
       const v = table.readBigUInt64BE(i * 8);
       const off = v & TABLE_OFFSET;
-      if ((v & TABLE_RESERVED) !== 0n || (off !== 0n && ((v & TABLE_ALL_ONES) !== 0n || off % BigInt(clusterSize) !== 0n))) {
+      if (badEntry(v, clusterSize)) {
         corrupt?.push(`ERROR bitmap '${dir.entries[k]?.name ?? k}': table entry ${i} is invalid (0x${v.toString(16)})`);
         continue;
       }
@@ -569,6 +569,12 @@ export class BitmapTracker {
   }
 }
 
+/** QEMU's check_table_entry: reserved bits set, or an offset with the all-ones bit or off a cluster boundary. */
+function badEntry(v: bigint, cs: number): boolean {
+  const off = v & TABLE_OFFSET;
+  return (v & TABLE_RESERVED) !== 0n || (off !== 0n && ((v & TABLE_ALL_ONES) !== 0n || off % BigInt(cs) !== 0n));
+}
+
 /** A bitmap table read and checked as QEMU's bitmap_table_load (reserved bits, alignment, inside the file). */
 async function readTable(file: BlockNode, t: { offset: number; entries: number }, cs: number): Promise<bigint[] | undefined> {
   const n = t.entries;
@@ -579,8 +585,7 @@ async function readTable(file: BlockNode, t: { offset: number; entries: number }
   for (let i = 0; i < n; i++) {
     const v = raw.readBigUInt64BE(i * 8);
     const off = v & TABLE_OFFSET;
-    if ((v & TABLE_RESERVED) !== 0n || (off !== 0n && ((v & TABLE_ALL_ONES) !== 0n || off % BigInt(cs) !== 0n))) return undefined;
-    if (off !== 0n && Number(off) + cs > file.size) return undefined;
+    if (badEntry(v, cs) || (off !== 0n && Number(off) + cs > file.size)) return undefined;
     table.push(v);
   }
   return table;
