@@ -547,7 +547,8 @@ export class BitmapTracker {
     await rewriteHeader(file, cs, { bitmaps: data.length > 0 ? { count: this.slots.length, directorySize: data.length, directoryOffset: offset } : null });
     this.img.guard?.remove(old?.offset ?? 0, OL.bitmapDirectory);
     if (data.length > 0) this.img.guard?.add(offset, data.length, OL.bitmapDirectory);
-    if (old) for (let c = 0; c < Math.ceil(old.data.length / cs); c++) await refcounts.adjust(old.offset / cs + c, -1);
+    // The old directory's clusters, where it starts on one (QEMU allocates it so; a hostile one just leaks).
+    if (old && old.offset % cs === 0) for (let c = 0; c < Math.ceil(old.data.length / cs); c++) await refcounts.adjust(old.offset / cs + c, -1);
   }
 
   /**
