@@ -8,8 +8,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BadPassphraseError, CorruptImageError, ReadOnlyError, UnsupportedError } from '../drivers/errors.js';
 import type { BlockNode } from '../drivers/types.js';
-import { checkImage, convertToRaw, createImage, md5File, qemuImg, qemuIo, rawMd5, tempDir } from './helpers/qemu.js';
-import { expectClean, firstL2Offset, nodeMd5, openTestImage, patch, pattern, readBytes, u32be, u64be } from './helpers/images.js';
+import { checkImage, convertToRaw, createImage, md5File, qemuImg, qemuIo, rawMd5, run, tempDir } from './helpers/qemu.js';
+import { expectClean, firstL2Offset, nodeMd5, openTestImage, patch, pattern, readBytes, tsimg, u32be, u64be } from './helpers/images.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -435,16 +435,58 @@ describe('qcow2 format driver', function () {
       await qemuIo(f, 'qcow2', ['write -P 1 0 8k']);
       const l2 = firstL2Offset(f);
       patch(f, l2, u64be((1n << 63n) | (1n << 40n)));
-      patch(f, l2 + 8, u64be((1n << 63n) | 4097n * 4096n + 0x100n)); // reserved bits
+      patch(f, l2 + 8, u64be((1n << 63n) | 4097n * 4096n + 0x100n)); // a reserved bit, masked off: past the end too
       const node = await openTestImage(f, { rw: true });
       try {
         await expectRejects(readAt(node, 0, 512), CorruptImageError, /past the end/);
-        await expectRejects(readAt(node, 4096, 512), CorruptImageError, /reserved bits/);
+        await expectRejects(readAt(node, 4096, 512), CorruptImageError, /past the end/);
         await expectRejects(node.write(0, Buffer.alloc(10)), CorruptImageError);
         expect((await readAt(node, 8192, 512)).every((b) => b === 0)).to.equal(true);
       } finally {
         await node.close();
       }
+    });
+
+    it('reads and writes through reserved bits of L1 and L2 entries as QEMU does, and check counts them as qemu-img check does', async function () {
+      // QEMU masks reserved bits off every offset it reads (L1E_OFFSET_MASK, L2E_OFFSET_MASK) and
+      // only qemu-img check calls them corruptions: an image another tool left them in still reads.
+      const mk = async (stem: string): Promise<string> => {
+        const f = file(stem);
+        await createImage(f, 'qcow2', 4 * MiB, { cluster_size: 4096 });
+        await qemuIo(f, 'qcow2', ['write -P 7 0 8k', 'write -P 8 1M 4k']);
+        const l1 = Number(readBytes(f, 40, 8).readBigUInt64BE());
+        const l2 = firstL2Offset(f);
+        patch(f, l1, u64be((1n << 63n) | (1n << 58n) | BigInt(l2) | 0x100n)); // bits 58 and 8
+        const e1 = readBytes(f, l2 + 8, 8).readBigUInt64BE();
+        patch(f, l2 + 8, u64be(e1 | (1n << 57n) | 0x2n)); // bits 57 and 1
+        return f;
+      };
+      const ours = await mk('rsv-ours.qcow2');
+      const theirs = await mk('rsv-theirs.qcow2');
+      const expected = ['ERROR found L1 entry with reserved bits set: 8400000000004100', /ERROR found l2 entry with reserved bits set: 82000000000[0-9a-f]{4}2/];
+      for (const f of [ours, theirs]) {
+        const q = await run('qemu-img', ['check', f]);
+        const t = await tsimg(['check', f]);
+        expect([q.code, t.code]).to.deep.equal([2, 2]);
+        expect(t.stderr).to.equal(q.stderr);
+        expect(t.stdout).to.equal(q.stdout);
+        expect(t.stderr.trim().split('\n')[0]).to.equal(expected[0]);
+        expect(t.stderr.trim().split('\n')[1]).to.match(expected[1] as RegExp);
+      }
+      const node = await openTestImage(ours, { rw: true });
+      try {
+        expect(await readAt(node, 0, 8192)).to.deep.equal(Buffer.alloc(8192, 7));
+        await node.write(4096, Buffer.alloc(4096, 9)); // in place, under both entries
+        await node.write(12288, Buffer.alloc(4096, 10)); // a new cluster, in the same L2 table
+      } finally {
+        await node.close();
+      }
+      await qemuIo(theirs, 'qcow2', ['write -P 9 4k 4k', 'write -P 10 12k 4k']);
+      expect(await rawMd5(ours, 'qcow2')).to.equal(await rawMd5(theirs, 'qcow2'));
+      expect((await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', ours, theirs])).code).to.equal(0);
+      const q = await run('qemu-img', ['check', ours]);
+      expect(q.stdout).to.match(/2 errors were found/); // the reserved bits only: nothing else went wrong
+      expect(q.stderr).to.not.match(/refcount=|OFLAG/);
     });
 
     it('refuses unknown incompatible feature bits at open', async function () {

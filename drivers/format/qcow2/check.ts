@@ -20,7 +20,7 @@ export async function checkQcow2(r: RepairInput, virtualSize: number): Promise<C
     report.messages.push(`ERROR ${messageOf(err)}`);
     return report;
   }
-  for (const m of r.extraCorruptions ?? []) {
+  for (const m of [...refs.reserved, ...(r.extraCorruptions ?? [])]) {
     report.corruptions++;
     report.messages.push(m);
   }

@@ -88,7 +88,8 @@ export function decodeL2(dv: DataView, index: number, layout: L2Layout, name: st
     }
     return { kind: 'compressed', host: 0, copied: false, alloc: 0, zeros: 0, cOffset, cLength };
   }
-  if (hi & HI.l2Reserved || lo & LO.l2Reserved) throw new CorruptImageError(`${l2Where(name, where)} has reserved bits set`);
+  // Reserved bits are left out of the offset and otherwise ignored, as QEMU reads them
+  // (qcow2_get_cluster_type, L2E_OFFSET_MASK); check counts them (l2ReservedBits).
   const host = hostOffsetOf(hi, lo);
   const copied = (hi & HI.copied) !== 0;
   const allocated = host !== 0 || (copied && layout.externalData === true);
@@ -157,12 +158,35 @@ export function encodeL2Ext(dv: DataView, index: number, host: number, copied: b
 export function decodeL1(dv: DataView, index: number, clusterSize: number, fileSize: number, name: string, entry = index): { offset: number; copied: boolean } {
   const hi = dv.getUint32(index * 8, false);
   const lo = dv.getUint32(index * 8 + 4, false);
-  if (hi & HI.l1Reserved || lo & LO.l1Reserved) throw new CorruptImageError(`${name}: qcow2 L1 entry ${entry} has reserved bits set`);
+  // Reserved bits are masked off as QEMU's reads do (L1E_OFFSET_MASK); check counts them (l1ReservedBits).
   const offset = hostOffsetOf(hi, lo);
   if (offset === 0) return { offset: 0, copied: false };
   if (offset % clusterSize !== 0) throw new CorruptImageError(`${name}: qcow2 L1 entry ${entry} is not cluster aligned`);
   if (offset >= fileSize) throw new CorruptImageError(`${name}: qcow2 L1 entry ${entry} points past the end of the file`);
   return { offset, copied: (hi & HI.copied) !== 0 };
+}
+
+/**
+ * The entry as QEMU's check prints it ("found L1 entry with reserved bits set: %x"),
+ * when any of its reserved bits is set (L1E_RESERVED_MASK); else undefined.
+ */
+export function l1ReservedBits(dv: DataView, index: number): string | undefined {
+  const hi = dv.getUint32(index * 8, false);
+  const lo = dv.getUint32(index * 8 + 4, false);
+  return hi & HI.l1Reserved || lo & LO.l1Reserved ? entryHex(hi, lo) : undefined;
+}
+
+/** The same for a standard cluster descriptor (L2E_STD_RESERVED_MASK; compressed ones have none). */
+export function l2ReservedBits(dv: DataView, index: number, extended: boolean): string | undefined {
+  const at = index * (extended ? 16 : 8);
+  const hi = dv.getUint32(at, false);
+  const lo = dv.getUint32(at + 4, false);
+  if (hi & HI.compressed) return undefined;
+  return hi & HI.l2Reserved || lo & LO.l2Reserved ? entryHex(hi, lo) : undefined;
+}
+
+function entryHex(hi: number, lo: number): string {
+  return hi === 0 ? (lo >>> 0).toString(16) : (hi >>> 0).toString(16) + (lo >>> 0).toString(16).padStart(8, '0');
 }
 
 export function encodeL1(dv: DataView, index: number, offset: number, copied: boolean): void {

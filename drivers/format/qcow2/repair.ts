@@ -4,7 +4,7 @@
 // that holds a host cluster, and the refcount blocks are rewritten with the counts.
 import type { BlockNode } from '../../types.js';
 import { CorruptImageError, UnsupportedError } from '../../errors.js';
-import { decodeL1, decodeL2, decodeReftable, decodeRefcount, encodeRefcount, type L2Layout } from './entries.js';
+import { decodeL1, decodeL2, decodeReftable, decodeRefcount, encodeRefcount, l1ReservedBits, l2ReservedBits, type L2Layout } from './entries.js';
 import type { SnapshotEntry } from './snapshot.js';
 
 export interface RepairInput {
@@ -46,6 +46,8 @@ export interface References {
   fragmentedClusters: number;
   /** Active L2 tables and data clusters with their COPIED flag (refcount one), for qemu's OFLAG_COPIED check. */
   copied: { host: number; copied: boolean; what: 'L2 cluster' | 'data cluster' }[];
+  /** Entries with reserved bits set, in QEMU's check's words: corruptions it counts and reads through. */
+  reserved: string[];
 }
 
 export async function countReferences(r: RepairInput): Promise<References> {
@@ -83,11 +85,14 @@ export async function countReferences(r: RepairInput): Promise<References> {
   let fragmentedClusters = 0;
   let nextContiguous = 0;
   const copied: References['copied'] = [];
+  const reserved: string[] = [];
   const walkL1 = async (l1: Buffer, l1Offset: number, active: boolean): Promise<void> => {
     ref(l1Offset, l1.length);
     const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     const entries = cs / (r.extendedL2 ? 16 : 8);
     for (let i = 0; i < l1.length / 8; i++) {
+      const l1Bits = l1ReservedBits(dv, i);
+      if (l1Bits) reserved.push(`ERROR found L1 entry with reserved bits set: ${l1Bits}`);
       const { offset, copied: l1Copied } = decodeL1(dv, i, cs, r.file.size, r.name);
       if (offset === 0) continue;
       if (active) copied.push({ host: offset, copied: l1Copied, what: 'L2 cluster' });
@@ -95,6 +100,8 @@ export async function countReferences(r: RepairInput): Promise<References> {
       await r.file.read(offset, l2Buf);
       const l2 = new DataView(l2Buf.buffer, l2Buf.byteOffset, l2Buf.byteLength);
       for (let k = 0; k < entries; k++) {
+        const l2Bits = l2ReservedBits(l2, k, r.extendedL2);
+        if (l2Bits) reserved.push(`ERROR found l2 entry with reserved bits set: ${l2Bits}`);
         const e = decodeL2(l2, k, layout, r.name, (i * entries + k) * cs);
         if (e.kind === 'compressed') ref(e.cOffset, e.cLength);
         else if (e.host !== 0 && !r.externalData) ref(e.host, cs);
@@ -120,7 +127,7 @@ export async function countReferences(r: RepairInput): Promise<References> {
     if (l1.length) await r.file.read(s.l1TableOffset, l1);
     await walkL1(l1, s.l1TableOffset, false);
   }
-  return { counts, blocks, tracked, dataClusters, compressedClusters, fragmentedClusters, copied };
+  return { counts, blocks, tracked, dataClusters, compressedClusters, fragmentedClusters, copied, reserved };
 }
 
 /**
