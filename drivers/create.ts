@@ -7,6 +7,7 @@ import { formatByName } from './format/index.js';
 import { formatOf as openedFormat, openImage, openProtocol, type ImageOptions } from './open.js';
 import { hasOwnProtocol, protocolFor } from './protocol/index.js';
 import type { NamedFilePolicy } from './trust.js';
+import { parseObjects } from './objects.js';
 
 /** How an image is opened to be looked at: read-only, shared with writers (qemu-img -U). */
 export const readOnlyOpen = (format?: string, secret?: string, namedFiles?: NamedFilePolicy): ImageOptions => ({
@@ -28,7 +29,32 @@ export interface CreateCli {
   backing?: string;
   backingFormat?: string;
   secret?: string;
+  /** --object definitions: a secret the new image's key-secret names. */
+  object?: string[];
   quiet?: boolean;
+}
+
+/** The option that names an encrypted format's passphrase (qemu-img's spelling). */
+function keySecretOption(format: string): string | undefined {
+  return format === 'luks' ? 'key-secret' : format === 'qcow2' || format === 'qcow' ? 'encrypt.key-secret' : undefined;
+}
+
+/**
+ * A new image's passphrase. With --object, luks's key-secret=ID and qcow/qcow2's
+ * encrypt.key-secret=ID name a secret object, as in qemu-img (an unknown id is
+ * qemu-img's "No secret with id"); without any --object the value is the passphrase
+ * itself (tsimg's shorthand). --secret/--secret-file give it instead, not as well as
+ * an object.
+ */
+export function createSecret(spec: string, format: string, options: readonly string[], objects: readonly string[] | undefined, given: string | undefined): string | undefined {
+  const key = keySecretOption(format);
+  const named = key === undefined ? undefined : options.flatMap((t) => parseOptionString(t)).filter(([k]) => k === key).pop()?.[1];
+  if (named === undefined) return given;
+  if (!objects?.length) return given ?? named;
+  const obj = parseObjects(objects).get(named);
+  if (obj?.type !== 'secret') throw new UsageError(`${spec}: No secret with id '${named}'`);
+  if (given !== undefined) throw new UsageError('give the passphrase by key-secret or by --secret/--secret-file, not both');
+  return obj.data;
 }
 
 export async function createImage(spec: string, sizeText: string | undefined, o: CreateCli): Promise<void> {
@@ -57,7 +83,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
   // qemu-img also takes the size as -o size=...
   const optSize = options.size('size');
   if (size === undefined) size = optSize;
-  const secret = o.secret;
+  const secret = createSecret(spec, driver.name, o.options, o.object, o.secret);
   const protocol = protocolFor(spec);
   if (!protocol.create) throw new UsageError(`${spec}: cannot create images on the ${protocol.name} protocol`);
   const attrs = fileAttributes(options, driver.createOptions ?? []);

@@ -84,6 +84,7 @@ async function main(argv: string[]): Promise<void> {
     .option('-F, --backing-format <fmt>', 'backing file format')
     .option('--secret <pass>', 'passphrase for encryption')
     .option('--secret-file <file>', 'read the passphrase from a file')
+    .option('--object <def>', 'QEMU object (repeatable): secret,id=ID,file=FILE|data=TEXT, named by key-secret=ID (luks) or encrypt.key-secret=ID (qcow2, qcow)', collect, [] as string[])
     .option('-q, --quiet', 'print nothing')
     .addHelpText('after', '\nExamples: tsimg create -f qcow2 disk.qcow2 20G\n          tsimg create -f qcow2 -o help')
     .action(async (file: string | undefined, size: string | undefined, o: CreateCli & { secretFile?: string }) => {

@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createImage, qemuIo, run, runOk, runTimingPbkdf, tempDir } from './helpers/qemu.js';
-import { tsimg } from './helpers/images.js';
+import { TSIMG, tsimg } from './helpers/images.js';
 import { startServer, type RunningServer } from './helpers/servers.js';
 
 const PASS = 'correct horse';
@@ -106,6 +106,49 @@ describe('tsimg --image-opts, json: and --object', function () {
     // The key by key-secret and by --secret at once is refused.
     const both = await tsimg(['info', ...obj, '--secret', PASS, '--image-opts', luksOpts]);
     expect(both.stderr).to.match(/not both/);
+  });
+
+  it('creates encrypted images with the key a --object secret holds, named by key-secret, as qemu-img create and convert do', async () => {
+    const dir = fs.mkdtempSync(path.join(tmp.dir, 'create-obj-'));
+    const obj = ['--object', `secret,id=sec0,data=${PASS}`];
+    const made: [string, string, string][] = [
+      ['luks', 'key-secret=sec0,iter-time=10', 'driver=luks,key-secret=sec0,file.filename='],
+      ['qcow2', 'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10', 'driver=qcow2,encrypt.key-secret=sec0,file.filename='],
+      ['qcow2', 'encrypt.format=aes,encrypt.key-secret=sec0', 'driver=qcow2,encrypt.key-secret=sec0,file.filename='],
+      ['qcow', 'encrypt.format=aes,encrypt.key-secret=sec0', 'driver=qcow,encrypt.key-secret=sec0,file.filename='],
+    ];
+    const src = path.join(dir, 'src.raw');
+    fs.writeFileSync(src, Buffer.alloc(1 << 20, 0x3e));
+    for (const [i, [format, opts, imageOpts]] of made.entries()) {
+      // create: qemu-io writes with the same object and reads it back.
+      const img = path.join(dir, `c${i}.${format}`);
+      const r = await runTimingPbkdf(process.execPath, [TSIMG, 'create', '-q', ...obj, '-f', format, '-o', opts, img, '1M']);
+      expect(r.code, r.stderr).to.equal(0);
+      await runOk('qemu-io', [...obj, '--image-opts', '-c', 'write -P 0x5c 0 64k', '-c', 'read -P 0x5c 0 64k', imageOpts + img]);
+      // convert: the new image's key is the object's, not its id.
+      const out = path.join(dir, `v${i}.${format}`);
+      const c = await runTimingPbkdf(process.execPath, [TSIMG, 'convert', ...obj, '-O', format, '-o', opts, src, out]);
+      expect(c.code, c.stderr).to.equal(0);
+      const cmp = await run('qemu-img', ['compare', ...obj, '--image-opts', `driver=raw,file.filename=${src}`, imageOpts + out]);
+      expect(cmp.code, `${format} ${opts}: ${cmp.stdout}${cmp.stderr}`).to.equal(0);
+    }
+    // An id no --object gives: qemu-img's words, and nothing left behind; a key given twice: refused.
+    for (const args of [
+      ['create', '--object', 'secret,id=other,data=x', '-f', 'luks', '-o', 'key-secret=sec0', 'bad.luks', '1M'],
+      ['convert', '--object', 'secret,id=other,data=x', '-O', 'luks', '-o', 'key-secret=sec0', src, 'bad.luks'],
+      ['create', ...obj, '--secret', PASS, '-f', 'qcow2', '-o', 'encrypt.format=aes,encrypt.key-secret=sec0', 'bad.qcow2', '1M'],
+    ]) {
+      const r = await tsimg(args, dir);
+      expect(r.code, args.join(' ')).to.equal(1);
+      expect(r.stderr.trim().split('\n')).to.have.length(1);
+      expect(r.stderr).to.match(args.includes('--secret') ? /not both/ : /No secret with id 'sec0'/);
+      expect(fs.existsSync(path.join(dir, 'bad.luks')) || fs.existsSync(path.join(dir, 'bad.qcow2'))).to.equal(false);
+    }
+    // Without any --object, key-secret is the passphrase itself (tsimg's shorthand), for qcow2 too.
+    const short = path.join(dir, 'short.qcow2');
+    const s = await tsimg(['create', '-q', '-f', 'qcow2', '-o', `encrypt.format=luks,encrypt.key-secret=${PASS},encrypt.iter-time=10`, short, '1M']);
+    expect(s.code, s.stderr).to.equal(0);
+    await runOk('qemu-io', [...obj, '--image-opts', '-c', 'read -P 0 0 64k', `driver=qcow2,encrypt.key-secret=sec0,file.filename=${short}`]);
   });
 });
 

@@ -13,7 +13,7 @@ import { CACHE_MODES, type BlockNode, type CacheMode, type Extent } from '../../
 import { chainStatus, StatusAhead } from '../../fs/extents.js';
 import { formatOf, openImage } from '../../drivers/open.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
-import { createImage } from '../../drivers/create.js';
+import { createImage, createSecret } from '../../drivers/create.js';
 import { messageOf, ReadOnlyError, UsageError } from '../../drivers/errors.js';
 import { parseOptionString, parseSize } from '../../drivers/options.js';
 import { progress, readOnlyOptions, readSecret, type OpenCli } from './common.js';
@@ -603,7 +603,8 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
     if (bitmaps && o.outputFormat !== 'qcow2') throw new UsageError(`Format driver '${o.outputFormat}' does not support bitmaps`);
     // -l: the snapshot's view, which the image owns (closing the image closes it).
     const src = snapshot ? snapshotOf(opened, formatOf(opened) ?? o.format, snapshot) : opened;
-    const targetSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
+    // The new image's passphrase: --target-secret, or a secret object its -o key-secret names.
+    const targetSecret = createSecret(dstSpec, o.outputFormat, o.options, o.object, readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile }));
     // A new image reads as zeros where nothing is written, but for a LUKS payload (zeros
     // decrypt to noise), an overlay (-B) and a host device (its old bytes stay): QEMU's has_zero_init.
     // --target-is-zero: the user says so of an existing target (-n).
@@ -613,6 +614,7 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         format: o.outputFormat,
         options: o.options,
         secret: targetSecret,
+        // No --object here: createImage keeps this passphrase rather than look the id up again.
         quiet: true,
         backing: o.backingFile,
         backingFormat: o.backingFormat,

@@ -168,7 +168,7 @@ const LUKS2_ONLY = ['pbkdf', 'pbkdf-memory', 'pbkdf-parallel', 'sector-size'] as
 
 async function create(req: CreateRequest): Promise<void> {
   const o = req.options;
-  const keySecret = o.string('key-secret');
+  o.string('key-secret'); // createImage's: the passphrase is req.secret
   const version = o.choice('luks-version', ['1', '2'] as const) ?? '1';
   const alg = o.choice('cipher-alg', CIPHER_ALGS) ?? 'aes-256';
   const mode = o.choice('cipher-mode', CIPHER_MODES) ?? 'xts';
@@ -186,8 +186,7 @@ async function create(req: CreateRequest): Promise<void> {
     if (given) throw new UsageError(`${req.spec}: ${given} needs luks-version=2`);
   }
   o.finish('luks');
-  // --secret/--secret-file name the passphrase; without them, key-secret is the passphrase.
-  const secret = req.secret ?? keySecret;
+  const secret = req.secret;
   if (secret === undefined) throw new UsageError(`${req.spec}: Parameter 'key-secret' is required for cipher (or give --secret)`);
   if (req.size === undefined) throw new UsageError(`${req.spec}: luks images need a size`);
   if (ivgen === 'essiv' && ivHash === undefined) ivHash = 'sha256';
