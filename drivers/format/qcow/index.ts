@@ -56,18 +56,19 @@ async function create(req: CreateRequest): Promise<void> {
   const backingFmt = o.string('backing_fmt');
   const legacy = o.bool('encryption');
   const format = o.choice('encrypt.format', ['aes'] as const);
-  const keySecret = o.string('encrypt.key-secret');
+  o.string('encrypt.key-secret'); // createImage's: the passphrase is req.secret
   o.finish('qcow');
   if (legacy !== undefined && format !== undefined) throw new UsageError("encryption and encrypt.format may not both be given (use encrypt.format=aes)");
   const encrypted = legacy === true || format === 'aes';
-  // Without secret objects, encrypt.key-secret carries the key when --secret does not.
-  const secret = req.secret ?? keySecret;
+  const secret = req.secret;
   if (encrypted && secret === undefined) throw new UsageError('encrypted qcow images need a key: --secret or encrypt.key-secret');
   if (backingFmt !== undefined && backingFile === undefined) throw new UsageError('backing_fmt needs a backing_file');
   const nameBytes = Buffer.from(backingFile ?? '', 'utf8');
   if (nameBytes.length > LIMITS.maxBackingNameLength) throw new UsageError('backing file name too long');
 
-  const size = Math.floor((await sizeWithBacking(req, backingFile, backingFmt, 'qcow')) / 512) * 512;
+  // qcow_co_create_opts rounds the size up to a sector; qcow_co_create refuses none at all.
+  const size = Math.ceil((await sizeWithBacking(req, backingFile, backingFmt, 'qcow')) / 512) * 512;
+  if (size === 0) throw new UsageError(`${req.spec}: Image size is too small, cannot be zero length`);
 
   // QEMU's choice: with a backing file, 512-byte clusters so nothing need be copied.
   const clusterBits = backingFile !== undefined ? 9 : 12;

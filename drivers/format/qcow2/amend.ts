@@ -79,7 +79,8 @@ export async function rewriteHeader(file: BlockNode, clusterSize: number, c: Hea
   }
   for (const e of h.extensions) {
     if (e.type === EXT.backingFormat || e.type === EXT.end) continue;
-    if (e.type === EXT.featureTable && !v3) continue;
+    // QEMU writes the feature table only into v3 headers of clusters over 4 KiB (qcow2_update_header).
+    if (e.type === EXT.featureTable && (!v3 || clusterSize <= 4096)) continue;
     if (e.type === EXT.featureTable) hasFeatureTable = true;
     if (e.type === EXT.bitmaps && c.bitmaps !== undefined) {
       // Replaced where it was, or dropped.
@@ -90,10 +91,7 @@ export async function rewriteHeader(file: BlockNode, clusterSize: number, c: Hea
     exts.push(extension(e.type, buf.subarray(e.offset, e.offset + e.length)));
   }
   if (bitmapsExt) exts.push(extension(EXT.bitmaps, bitmapsExt));
-  // The feature table only where it fits: QEMU leaves it out of a 512-byte cluster's header.
-  const table = v3 && !hasFeatureTable ? extension(EXT.featureTable, featureTable()) : undefined;
-  const used = pos + exts.reduce((a, e) => a + e.length, 0) + 8 + (backingFile !== undefined ? Buffer.byteLength(backingFile, 'utf8') : 0);
-  if (table && used + table.length <= clusterSize) exts.push(table);
+  if (v3 && clusterSize > 4096 && !hasFeatureTable) exts.push(extension(EXT.featureTable, featureTable()));
   exts.push(Buffer.alloc(8));
   for (const e of exts) {
     if (pos + e.length > clusterSize) throw new UsageError(`${file.name}: the header does not fit in one cluster`);

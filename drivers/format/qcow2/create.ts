@@ -189,7 +189,8 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
   const l2Entries = cs / (s.extendedL2 ? 16 : 8);
   const l1Size = Math.ceil(s.size / (cs * l2Entries));
   if (l1Size * 8 > LIMITS.maxL1Bytes) throw new UsageError(`${req.spec}: image size is too large for this cluster size`);
-  const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
+  // QEMU's qcow2_co_create: no L1 table for an empty disk (offset 0), else its own clusters.
+  const l1Clusters = Math.ceil((l1Size * 8) / cs);
   const prealloc = s.prealloc !== 'off';
   const l2Count = prealloc ? l1Size : 0;
   const guestClusters = Math.ceil(s.size / cs);
@@ -221,13 +222,20 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
     rt = Math.max(rt, nrt);
   }
   if (rt * cs > LIMITS.maxRefcountTableBytes) throw new UsageError(`${req.spec}: image would need a refcount table over 8 MiB; use larger clusters`);
-  const luksAt = 1;
-  const rtAt = luksAt + luksClusters;
+  // QEMU's order: header, refcount table and blocks, then what growing the disk
+  // allocates (L1, L2 tables, data), then the LUKS header (qcow2_co_create truncates
+  // before it sets up encryption).
+  const rtAt = 1;
   const rbAt = rtAt + rt;
   const l1At = rbAt + rb;
+  // Preallocation allocates as QEMU's preallocate_co does, one L2 table at a time: the
+  // table, then the data clusters it maps (when they are in this file), then the next.
   const l2At = l1At + l1Clusters;
-  const dataAt = l2At + l2Count;
-  const total = dataAt + dataInFile;
+  const perTable = dataInFile ? l2Entries : 0;
+  const tableAt = (t: number): number => l2At + t * (1 + perTable);
+  const dataOf = (gc: number): number => tableAt(Math.floor(gc / l2Entries)) + 1 + (gc % l2Entries);
+  const luksAt = l2At + l2Count + dataInFile;
+  const total = luksAt + luksClusters;
 
   // Header cluster.
   const hdr = Buffer.alloc(cs);
@@ -237,7 +245,7 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
   hdr.writeBigUInt64BE(BigInt(s.size), HDR.size);
   hdr.writeUInt32BE(s.encrypt === 'aes' ? 1 : s.encrypt === 'luks' ? 2 : 0, HDR.cryptMethod);
   hdr.writeUInt32BE(l1Size, HDR.l1Size);
-  hdr.writeBigUInt64BE(BigInt(l1At * cs), HDR.l1TableOffset);
+  hdr.writeBigUInt64BE(BigInt(l1Size === 0 ? 0 : l1At * cs), HDR.l1TableOffset);
   hdr.writeBigUInt64BE(BigInt(rtAt * cs), HDR.refcountTableOffset);
   hdr.writeUInt32BE(rt, HDR.refcountTableClusters);
   let pos = 72;
@@ -263,7 +271,8 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
     c.writeBigUInt64BE(BigInt(luks.header.length), 8);
     exts.push(extension(EXT.cryptoHeader, c));
   }
-  if (s.version === 3) exts.push(extension(EXT.featureTable, featureTable()));
+  // QEMU leaves the feature table out of clusters of 4 KiB and less (qcow2_update_header).
+  if (s.version === 3 && cs > 4096) exts.push(extension(EXT.featureTable, featureTable()));
   exts.push(Buffer.alloc(8)); // end of extensions
   const backingName = s.backingFile !== undefined ? Buffer.from(s.backingFile, 'utf8') : undefined;
   const need = pos + exts.reduce((a, e) => a + e.length, 0) + (backingName?.length ?? 0);
@@ -286,18 +295,23 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
   const blocks = Buffer.alloc(rb * cs);
   for (let c = 0; c < total; c++) encodeRefcount(blocks, s.refcountOrder, c, 1);
 
-  // L1 (and with preallocation, L2) tables.
-  const l1 = Buffer.alloc(l1Clusters * cs);
+  // L1 (and with preallocation, L2) tables. As QEMU's qcow2_grow_l1_table writes it, the
+  // L1 table is its entries' bytes only: without preallocation the file ends there.
+  const l1 = Buffer.alloc(l1Size * 8);
   const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-  for (let i = 0; i < l2Count; i++) encodeL1(l1View, i, (l2At + i) * cs, true);
+  for (let i = 0; i < l2Count; i++) encodeL1(l1View, i, tableAt(i) * cs, true);
 
   if (!file.truncate) throw new UnsupportedError(`${req.spec}: this protocol cannot be sized`);
-  await file.truncate(total * cs);
+  await file.truncate(prealloc || luks ? total * cs : l1At * cs + l1.length);
   await file.write(0, hdr);
-  if (luks) await file.write(luksAt * cs, luks.header);
+  if (luks) {
+    // qcow2_crypto_hdr_init_func: the clusters zeroed (allocated, not unmapped), then the header.
+    await file.zero?.(luksAt * cs, luksClusters * cs, false);
+    await writeNonZero(file, luksAt * cs, luks.header);
+  }
   await file.write(rtAt * cs, reftable);
   await file.write(rbAt * cs, blocks);
-  await file.write(l1At * cs, l1);
+  if (l1.length) await file.write(l1At * cs, l1);
   if (prealloc) {
     const table = Buffer.alloc(cs);
     const dv = new DataView(table.buffer, table.byteOffset, table.byteLength);
@@ -306,22 +320,45 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
       for (let k = 0; k < l2Entries; k++) {
         const gc = t * l2Entries + k;
         if (gc >= guestClusters) break;
-        const host = s.dataFile !== undefined ? gc * cs : (dataAt + gc) * cs;
+        const host = s.dataFile !== undefined ? gc * cs : dataOf(gc) * cs;
         // QEMU leaves preallocated subclusters unallocated (the backing file shows through).
         if (s.extendedL2) encodeL2Ext(dv, k, host, true, 0, 0);
         else encodeL2(dv, k, host, true, false);
       }
-      await file.write((l2At + t) * cs, table);
+      await file.write(tableAt(t) * cs, table);
     }
+    // falloc and full: the data clusters, each table's run of them (or the data file), allocated or written.
     const target = data ?? file;
-    const start = data ? 0 : dataAt * cs;
-    const length = data ? s.size : dataInFile * cs;
-    if (s.prealloc === 'falloc' && target.zero) await target.zero(start, length, false);
-    else if (s.prealloc === 'full' || s.prealloc === 'falloc') {
-      const zeros = new Uint8Array(Math.min(CHUNK, length));
-      for (let off = 0; off < length; off += zeros.length) await target.write(start + off, zeros.subarray(0, Math.min(zeros.length, length - off)));
+    const runs: [number, number][] = data
+      ? [[0, s.size]]
+      : Array.from({ length: l2Count }, (_, t) => [dataOf(t * l2Entries) * cs, Math.min(l2Entries, guestClusters - t * l2Entries) * cs]);
+    for (const [start, length] of s.prealloc === 'falloc' || s.prealloc === 'full' ? runs : []) {
+      if (s.prealloc === 'falloc' && target.zero) await target.zero(start, length, false);
+      else {
+        const zeros = new Uint8Array(Math.min(CHUNK, length));
+        for (let off = 0; off < length; off += zeros.length) await target.write(start + off, zeros.subarray(0, Math.min(zeros.length, length - off)));
+      }
     }
   }
   await data?.flush();
   await file.flush();
+}
+
+/**
+ * `data` at `offset` of a file that reads zeros there already, leaving out its 4 KiB
+ * blocks of zeros: QEMU zero-fills the LUKS header's clusters (holes) and writes what
+ * is not zero, so the unused key slots take no room.
+ */
+async function writeNonZero(file: BlockNode, offset: number, data: Uint8Array): Promise<void> {
+  const block = 4096;
+  const zero = (a: number, b: number): boolean => data.subarray(a, b).every((x) => x === 0);
+  let start = -1;
+  for (let i = 0; i <= data.length; i += block) {
+    const isData = i < data.length && !zero(i, Math.min(data.length, i + block));
+    if (isData && start < 0) start = i;
+    if (!isData && start >= 0) {
+      await file.write(offset + start, data.subarray(start, i));
+      start = -1;
+    }
+  }
 }
