@@ -63,8 +63,10 @@ async function create(req: CreateRequest): Promise<void> {
   h.writeUInt32LE(batSectors, HDR.dataOff);
   const file = req.file;
   await file.write(0, h);
+  // The BAT zeroed as parallels_co_create zeroes it: allocated (write_zeroes without unmap), not written.
   if (file.truncate) await file.truncate(batSectors * SECTOR);
-  else await file.write(SECTOR, Buffer.alloc((batSectors - 1) * SECTOR));
+  if (file.zero && file.truncate) await file.zero(SECTOR, (batSectors - 1) * SECTOR, false);
+  else if (!file.truncate) await file.write(SECTOR, Buffer.alloc((batSectors - 1) * SECTOR));
   await file.flush();
 }
 

@@ -108,10 +108,11 @@ async function create(req: CreateRequest): Promise<void> {
   const file = req.file;
   await file.write(HDR.magic, encodeHeader(h));
   if (nameBytes.length) await file.write(HEADER_BYTES, nameBytes);
-  // An empty L1 table fills the file up to its end.
-  const end = clusterSize * (1 + tableSize);
-  if (file.truncate) await file.truncate(end);
-  else await file.write(clusterSize, Buffer.alloc(clusterSize * tableSize));
+  // An empty L1 table fills the file up to its end, written as zeros as qed_co_create
+  // writes it (the same blocks allocated as qemu-img's), a MiB at a time.
+  const l1Bytes = clusterSize * tableSize;
+  const zeros = Buffer.alloc(Math.min(l1Bytes, 1 << 20));
+  for (let off = 0; off < l1Bytes; off += zeros.length) await file.write(clusterSize + off, zeros.subarray(0, Math.min(zeros.length, l1Bytes - off)));
   await file.flush();
 }
 
