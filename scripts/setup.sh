@@ -27,6 +27,7 @@ PACKAGES=(
   btrfs-progs xfsprogs e2fsprogs    # create -o nocow / extent_size_hint checked on loop-mounted btrfs and xfs (mkfs, lsattr, xfs_io)
   time                              # /usr/bin/time: CPU and peak memory of a hostile open
   socat                             # a syslog socket of the tests' own (mount-life test)
+  strace                            # delay injection: the server's writes slowed so kills land inside the bitmap store (crash-bitmap-store test)
   tgt                               # iSCSI tests: tgtd and tgtadm serve LUNs on loopback
   dmg2img bzip2                     # dmg tests: an independent UDIF decoder; bzip2 chunks for the generator
   glusterfs-server libgfapi0        # GlusterFS: glusterd + bricks for the tests; libgfapi is what the gluster node calls

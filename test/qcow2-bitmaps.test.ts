@@ -6,8 +6,8 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
-import { checkImage, createImage, imageInfo, qemuImg, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
-import { startServer } from './helpers/servers.js';
+import { checkImage, createImage, qemuImg, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
+import { bitmapInfo, dirtyRuns as bitmapRuns } from './helpers/bitmaps.js';
 import { MountTracker, mountCounters } from './helpers/mount.js';
 import { openTestImage, pattern, tsimg } from './helpers/images.js';
 
@@ -22,12 +22,6 @@ function qemuIoCommand(op: Op, i: number): string {
   return `write -z${op.unmap ? ' -u' : ''} ${op.offset} ${op.length}`;
 }
 
-/** Bitmaps as qemu-img info lists them: name, flags, granularity. */
-async function bitmapInfo(file: string): Promise<{ name: string; flags: string[]; granularity: number }[]> {
-  const info = (await imageInfo(file)) as { 'format-specific'?: { data?: { bitmaps?: { name: string; flags: string[]; granularity: number }[] } } };
-  return info['format-specific']?.data?.bitmaps ?? [];
-}
-
 describe('qcow2 persistent dirty bitmaps', function () {
   this.timeout(180_000);
   let tmp: ReturnType<typeof tempDir>;
@@ -36,18 +30,8 @@ describe('qcow2 persistent dirty bitmaps', function () {
   const mounts = new MountTracker();
   afterEach(() => mounts.cleanup());
 
-  let sockets = 0;
-  /** The set bits of `bitmap` as [offset, length] runs, as QEMU reads them (qemu-nbd -B, qemu-img map). */
-  async function dirtyRuns(file: string, bitmap: string): Promise<[number, number][]> {
-    const sock = path.join(tmp.dir, `nbd-${sockets++}.sock`);
-    const srv = await startServer('qemu-nbd', ['-k', sock, '-r', '-f', 'qcow2', '-B', bitmap, file], { path: sock });
-    try {
-      const out = await runOk('qemu-img', ['map', '--output=json', '--image-opts', `driver=nbd,server.type=unix,server.path=${sock},x-dirty-bitmap=qemu:dirty-bitmap:${bitmap}`]);
-      return (JSON.parse(out) as { start: number; length: number; data: boolean }[]).filter((e) => !e.data).map((e) => [e.start, e.length]);
-    } finally {
-      await srv.stop();
-    }
-  }
+  /** The set bits of `bitmap` as [offset, length] runs, as QEMU reads them. */
+  const dirtyRuns = (file: string, bitmap: string): Promise<[number, number][]> => bitmapRuns(tmp.dir, file, bitmap);
 
   /**
    * A 64 MiB qcow2 (cluster_size `cs`) with bitmaps of several granularities, one of them

@@ -198,7 +198,7 @@ export class BitmapTracker {
   private readonly log: WriteLog | undefined;
   private logUsable = true;
   constructor(
-    private readonly dir: BitmapDirectory | undefined,
+    private dir: BitmapDirectory | undefined,
     private readonly img: BitmapImage,
     private size: number,
   ) {
@@ -510,7 +510,13 @@ export class BitmapTracker {
     this.dirty = false;
   }
 
-  /** The new directory: in place when it keeps its size and count, else in new clusters named by a rewritten header. */
+  /**
+   * The new directory, always in new clusters named by a rewritten header, as QEMU's
+   * update_ext_header_and_dir: a kill before the header write leaves the old directory
+   * (its bitmaps in use), after it the new one. Rewriting it in place (the autoclear
+   * dance) would lose every bitmap to a kill between its steps (found by
+   * test/crash-bitmap-store.test.ts); QEMU does that only to mark bitmaps in use at load.
+   */
   private async writeDirectory(): Promise<void> {
     const { file, clusterSize: cs, refcounts } = this.img;
     const parts = this.slots.map((s) => {
@@ -530,11 +536,6 @@ export class BitmapTracker {
     const data = Buffer.concat(parts);
     const old = this.dir;
     if (data.length > MAX_DIRECTORY) throw new UsageError(`${this.img.name}: Bitmap directory is too large`);
-    if (old && data.length === old.data.length && this.slots.length === old.entries.length) {
-      await this.writeDirectoryInPlace(old.offset, data);
-      data.copy(old.data);
-      return;
-    }
     const { rewriteHeader } = await import('./amend.js');
     let offset = 0;
     if (data.length > 0) {
@@ -549,6 +550,8 @@ export class BitmapTracker {
     if (data.length > 0) this.img.guard?.add(offset, data.length, OL.bitmapDirectory);
     // The old directory's clusters, where it starts on one (QEMU allocates it so; a hostile one just leaks).
     if (old && old.offset % cs === 0) for (let c = 0; c < Math.ceil(old.data.length / cs); c++) await refcounts.adjust(old.offset / cs + c, -1);
+    // Freed: a later store must not free it again (it may leak the new one instead).
+    this.dir = undefined;
   }
 
   /**
