@@ -43,7 +43,7 @@ describe('crash: SIGKILL while the bitmaps are stored at unmount', function () {
     const template = path.join(tmp.dir, 'template.qcow2');
     await qemuImg('create', '-q', '-f', 'qcow2', template, String(16 * GiB));
     for (const b of BITMAPS) await qemuImg('bitmap', '--add', ...b.args, template, b.name);
-    const outcomes = { stored: 0, inUse: 0, mixed: 0, leaky: 0 };
+    const outcomes = { stored: 0, inUse: 0, mixed: 0, leaky: 0, storedGrown: 0 };
 
     for (let round = 0; round < ROUNDS; round++) {
       const what = `seed ${seed}, round ${round}`;
@@ -53,14 +53,20 @@ describe('crash: SIGKILL while the bitmaps are stored at unmount', function () {
       fs.copyFileSync(template, theirs);
       const writes = Array.from({ length: 120 }, () => ({ offset: rnd(16 * GiB / (4 * KiB)) * 4 * KiB, length: (1 + rnd(16)) * 4 * KiB }));
       await qemuIo(theirs, 'qcow2', writes.map((w, i) => `write -P ${(i % 250) + 1} ${w.offset} ${w.length}`));
+      // Odd rounds also grow the disk: the bitmaps' tables grow, so the store moves them and
+      // writes a new directory behind a header write; even rounds keep the tables in place
+      // and only the directory's flags change.
+      const grow = round % 2 === 1;
+      if (grow) await qemuImg('resize', '-q', '-f', 'qcow2', theirs, String(20 * GiB));
 
       const dir = path.join(tmp.dir, `mnt-${round}`);
       fs.mkdirSync(dir);
-      await mounts.mount(['--rw', ours, dir]);
+      await mounts.mount(['--rw', '--growable', ours, dir]);
       const pid = mountedPid(dir)!;
       const fd = fs.openSync(path.join(dir, `ours-${round}.raw`), 'r+');
       try {
         writes.forEach((w, i) => fs.writeSync(fd, Buffer.alloc(w.length, (i % 250) + 1), 0, w.length, w.offset));
+        if (grow) fs.ftruncateSync(fd, 20 * GiB);
         fs.fsyncSync(fd);
       } finally {
         fs.closeSync(fd);
@@ -96,7 +102,7 @@ describe('crash: SIGKILL while the bitmaps are stored at unmount', function () {
         expect(b.flags.includes('auto'), `${what}: ${b.name} ${b.flags.join(',')}`).to.equal(b.name !== 'off');
         expect(await dirtyRuns(tmp.dir, ours, b.name), `${what}: bits of ${b.name}`).to.deep.equal(await dirtyRuns(tmp.dir, theirs, b.name));
       }
-      if (inUse === 0) outcomes.stored++;
+      if (inUse === 0) outcomes[grow ? 'storedGrown' : 'stored']++;
       else if (inUse === listed.length) outcomes.inUse++;
       else outcomes.mixed++;
       fs.rmSync(ours);

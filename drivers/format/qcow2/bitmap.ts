@@ -511,11 +511,16 @@ export class BitmapTracker {
   }
 
   /**
-   * The new directory, always in new clusters named by a rewritten header, as QEMU's
+   * The new directory. Where it differs from the one on disk only in entries' flags (the
+   * bits were stored into the same tables), those words are rewritten in place: each is
+   * 4 bytes in one page, so a kill leaves every bitmap either in use or consistent with
+   * what was stored, and a command that changed nothing leaves the file as it was.
+   * Anything else goes to new clusters named by a rewritten header, as QEMU's
    * update_ext_header_and_dir: a kill before the header write leaves the old directory
-   * (its bitmaps in use), after it the new one. Rewriting it in place (the autoclear
-   * dance) would lose every bitmap to a kill between its steps (found by
-   * test/crash-bitmap-store.test.ts); QEMU does that only to mark bitmaps in use at load.
+   * (its bitmaps in use), after it the new one. Rewriting a changed directory in place
+   * behind the autoclear dance would lose every bitmap to a kill between its steps
+   * (found by test/crash-bitmap-store.test.ts); QEMU does that only to mark bitmaps in
+   * use at load.
    */
   private async writeDirectory(): Promise<void> {
     const { file, clusterSize: cs, refcounts } = this.img;
@@ -536,6 +541,12 @@ export class BitmapTracker {
     const data = Buffer.concat(parts);
     const old = this.dir;
     if (data.length > MAX_DIRECTORY) throw new UsageError(`${this.img.name}: Bitmap directory is too large`);
+    if (old && old.offset % 8 === 0 && onlyFlagsDiffer(old, data)) {
+      await file.write(old.offset, data);
+      await file.flush();
+      data.copy(old.data);
+      return;
+    }
     const { rewriteHeader } = await import('./amend.js');
     let offset = 0;
     if (data.length > 0) {
@@ -571,6 +582,14 @@ export class BitmapTracker {
     await file.write(HDR.autoclearFeatures, encodeAutoclear(bits | AUTOCLEAR.bitmaps));
     await file.flush();
   }
+}
+
+/** Whether `data` is `dir` with nothing but its entries' flag words changed. */
+function onlyFlagsDiffer(dir: BitmapDirectory, data: Buffer): boolean {
+  if (data.length !== dir.data.length) return false;
+  const masked = Buffer.from(dir.data);
+  for (const e of dir.entries) data.copy(masked, e.pos + DIR.flags, e.pos + DIR.flags, e.pos + DIR.flags + 4);
+  return masked.equals(data);
 }
 
 /** QEMU's check_table_entry: reserved bits set, or an offset with the all-ones bit or off a cluster boundary. */
