@@ -117,7 +117,8 @@ async function main(argv: string[]): Promise<void> {
       exitCode = await (await import('./tsimg/compare.js')).compare(a, b, o);
     });
   openOptions(program.command('convert').description('copy an image (several: one after the other) into a new image of any writable format, sparse').argument('<src...>', 'source images, then the new image').usage('[options] SRC... DST'))
-    .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
+    .option('-O, --output-format <fmt>', 'format of the new image (default: raw)')
+    .option('--target-image-opts', "with -n: DST is QEMU's driver=...,file.filename=... list (its key-secret names an --object secret)")
     .option('-o, --options <opts>', 'options of the new image, key=value,...', collect, [] as string[])
     .option('-p, --progress', 'show progress')
     .option('-B, --backing-file <file>', 'make the new image an overlay of this file, holding only what differs from it')

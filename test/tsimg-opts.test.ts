@@ -108,7 +108,7 @@ describe('tsimg --image-opts, json: and --object', function () {
     expect(both.stderr).to.match(/not both/);
   });
 
-  it('creates encrypted images with the key a --object secret holds, named by key-secret, as qemu-img create and convert do', async () => {
+  it('creates encrypted images with the key a --object secret holds, named by key-secret, as qemu-img create and convert do; convert -n --target-image-opts', async () => {
     const dir = fs.mkdtempSync(path.join(tmp.dir, 'create-obj-'));
     const obj = ['--object', `secret,id=sec0,data=${PASS}`];
     const made: [string, string, string][] = [
@@ -143,6 +143,25 @@ describe('tsimg --image-opts, json: and --object', function () {
       expect(r.stderr.trim().split('\n')).to.have.length(1);
       expect(r.stderr).to.match(args.includes('--secret') ? /not both/ : /No secret with id 'sec0'/);
       expect(fs.existsSync(path.join(dir, 'bad.luks')) || fs.existsSync(path.join(dir, 'bad.qcow2'))).to.equal(false);
+    }
+    // convert -n --target-image-opts: an existing encrypted target named by its options.
+    const target = path.join(dir, 'target.luks');
+    const mk = await runTimingPbkdf('qemu-img', ['create', '-q', ...obj, '-f', 'luks', '-o', 'key-secret=sec0,iter-time=10', target, '1M']);
+    expect(mk.code, mk.stderr).to.equal(0);
+    const targetOpts = `driver=luks,key-secret=sec0,file.filename=${target}`;
+    const n = await tsimg(['convert', '-n', '--target-image-opts', ...obj, src, targetOpts]);
+    expect(n.code, n.stderr).to.equal(0);
+    const same = await run('qemu-img', ['compare', ...obj, '--image-opts', `driver=raw,file.filename=${src}`, targetOpts]);
+    expect(same.code, same.stdout + same.stderr).to.equal(0);
+    // qemu-img's refusals, in its words: without -n, with -O.
+    for (const args of [
+      ['--target-image-opts', src, targetOpts],
+      ['-n', '-O', 'luks', '--target-image-opts', src, targetOpts],
+    ]) {
+      const q = await run('qemu-img', ['convert', ...obj, ...args]);
+      const t = await tsimg(['convert', ...obj, ...args]);
+      expect([q.code, t.code], args.join(' ')).to.deep.equal([1, 1]);
+      expect(t.stderr.replace(/^tsimg:/, 'qemu-img:'), args.join(' ')).to.equal(q.stderr);
     }
     // Without any --object, key-secret is the passphrase itself (tsimg's shorthand), for qcow2 too.
     const short = path.join(dir, 'short.qcow2');

@@ -17,9 +17,13 @@ import { createImage, createSecret } from '../../drivers/create.js';
 import { messageOf, ReadOnlyError, UsageError } from '../../drivers/errors.js';
 import { parseOptionString, parseSize } from '../../drivers/options.js';
 import { progress, readOnlyOptions, readSecret, type OpenCli } from './common.js';
+import { resolveImageNames } from '../image-opts.js';
 
 export interface ConvertCli extends OpenCli {
-  outputFormat: string;
+  /** -O (raw unless given; with --target-image-opts the options' driver). */
+  outputFormat?: string;
+  /** --target-image-opts: the target is named by QEMU's option list (with -n only). */
+  targetImageOpts?: boolean;
   options: string[];
   progress?: boolean;
   targetSecret?: string;
@@ -586,11 +590,22 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
   const sparse = parseSparseSize(o.sparseSize);
   const snapshot = o.snapshot === undefined ? undefined : parseSnapshotParam(o.snapshot);
   // qemu-img's refusals, in its order, before anything is opened or made.
-  if (o.skipCreate && o.options.length > 0) throw new UsageError('-o has no effect when skipping image creation');
   if (o.copyRange && o.compress) throw new UsageError('Cannot enable copy offloading when -c is used');
   if (o.copyRange && o.sparseSize !== undefined) throw new UsageError('Cannot enable copy offloading when -S is used');
   if (o.copyRange && o.salvage) throw new UsageError('Cannot use copy offloading in salvaging mode');
+  if (o.targetImageOpts && !o.skipCreate) throw new UsageError('--target-image-opts requires use of -n flag');
+  if (o.skipCreate && o.options.length > 0) throw new UsageError('-o has no effect when skipping image creation');
   if (o.targetIsZero && !o.skipCreate) throw new UsageError('--target-is-zero requires use of -n flag');
+  let namedSecret: string | undefined;
+  if (o.targetImageOpts) {
+    // The target by QEMU's option list: its driver is the format, its key-secret the passphrase.
+    if (o.outputFormat !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive');
+    const [r] = await resolveImageNames([dstSpec], undefined, { imageOpts: true, object: o.object });
+    dstSpec = r!.spec;
+    o.outputFormat = r!.format;
+    namedSecret = r!.secret;
+  }
+  o.outputFormat ??= 'raw';
   if (o.sourceCache !== undefined) parseSourceCache(o.sourceCache);
   if (snapshot && srcSpecs.length > 1) throw new UsageError('No support for concatenating multiple snapshot');
   if (o.targetIsZero && o.backingFile !== undefined) throw new UsageError('Cannot use --target-is-zero when the destination image has a backing file');
@@ -604,7 +619,9 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
     // -l: the snapshot's view, which the image owns (closing the image closes it).
     const src = snapshot ? snapshotOf(opened, formatOf(opened) ?? o.format, snapshot) : opened;
     // The new image's passphrase: --target-secret, or a secret object its -o key-secret names.
-    const targetSecret = createSecret(dstSpec, o.outputFormat, o.options, o.object, readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile }));
+    const givenSecret = readSecret({ secret: o.targetSecret, secretFile: o.targetSecretFile });
+    if (namedSecret !== undefined && givenSecret !== undefined) throw new UsageError('give the target passphrase by key-secret or by --target-secret/--target-secret-file, not both');
+    const targetSecret = namedSecret ?? createSecret(dstSpec, o.outputFormat, o.options, o.object, givenSecret);
     // A new image reads as zeros where nothing is written, but for a LUKS payload (zeros
     // decrypt to noise), an overlay (-B) and a host device (its old bytes stay): QEMU's has_zero_init.
     // --target-is-zero: the user says so of an existing target (-n).
