@@ -198,6 +198,22 @@ async function main(argv: string[]): Promise<void> {
     .option('-O, --output-format <fmt>', 'format of the new image', 'raw')
     .addHelpText('after', '\nExample: tsimg dd -f qcow2 -O raw bs=1M count=64 if=disk.qcow2 of=head.raw')
     .action(async (operands: string[], o: DdCli) => (await import('./tsimg/dd.js')).dd(operands, o));
+  openOptions(program.command('bench').description("run a simple I/O benchmark on an image (qemu-img bench)").argument('<file>'))
+    .option('-c, --count <n>', 'requests (default 75000)')
+    .option('-d, --depth <n>', 'requests in flight (default 64)')
+    .option('-o, --offset <offset>', 'offset of the first request (default 0)')
+    .option('-s, --size <size>', 'bytes per request (default 4096)')
+    .option('-S, --step-size <size>', 'offset step between requests (default: the size)')
+    .option('-t, --cache <mode>', 'cache mode (writeback, the default, writethrough, none, directsync, unsafe)')
+    .option('-w, --write', 'write instead of read')
+    .option('--pattern <byte>', 'the byte written (default 0)')
+    .option('--flush-interval <n>', 'flush every n requests (write tests)')
+    .option('--no-drain', 'flush without waiting for the requests in flight')
+    .option('-i, --aio <mode>', "qemu-img's AIO mode (threads, native, io_uring): accepted, the same I/O here")
+    .option('-n, --native', "qemu-img's -n (native AIO): accepted, the same I/O here")
+    .option('-q, --quiet', 'quiet')
+    .addHelpText('after', '\nExample: tsimg bench -w -c 10000 -d 16 -s 64k disk.qcow2')
+    .action(async (file: string, o: import('./tsimg/bench.js').BenchCli) => (await import('./tsimg/bench.js')).bench(file, o));
   await program.parseAsync(argv);
   process.exitCode = exitCode;
 }

@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import type { BlockNode } from '../../drivers/types.js';
 import { UsageError } from '../../drivers/errors.js';
+import { parseSize } from '../../drivers/options.js';
 import { openImage, type ImageOptions } from '../../drivers/open.js';
 import { fileProtocol, protocolFor } from '../../drivers/protocol/index.js';
 import type { NamedFilePolicy } from '../../drivers/trust.js';
@@ -207,4 +208,19 @@ function qdictBucket(key: string): number {
   let v = Math.imul(0x238f13af, bytes.length) >>> 0;
   for (let i = 0; i < bytes.length; i++) v = (v + ((bytes[i]! << ((i * 5) % 24)) >>> 0)) >>> 0;
   return ((Math.imul(1103515243, v) + 12345) >>> 0) % 512;
+}
+
+const SUFFIXES = 'You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.';
+
+/** qemu-img's cvtnum_full: a size with an optional suffix within [min, max], or its message (one line). */
+export function cvtnum(what: string, text: string, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+  let n: number;
+  try {
+    if (text.startsWith('-')) throw new Error();
+    n = parseSize(text, what);
+  } catch {
+    throw new UsageError(`Invalid ${what} specified. ${SUFFIXES}`);
+  }
+  if (n < min || n > max) throw new UsageError(`Invalid ${what} specified. Must be between ${min} and ${max}.`);
+  return n;
 }

@@ -7,7 +7,7 @@ import { openImage } from '../../drivers/open.js';
 import { createImage } from '../../drivers/create.js';
 import { parseSize } from '../../drivers/options.js';
 import { protocolFor } from '../../drivers/protocol/index.js';
-import { openForRead, readOnlyOptions, type OpenCli } from './common.js';
+import { cvtnum, openForRead, readOnlyOptions, type OpenCli } from './common.js';
 
 export interface DdCli extends OpenCli {
   outputFormat: string;
@@ -15,18 +15,6 @@ export interface DdCli extends OpenCli {
 
 /** Bytes read and written at a time: a larger bs is copied in pieces (the same bytes where they would go). */
 const PIECE = 4 << 20;
-const SUFFIXES = 'You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.';
-
-/** qemu-img's cvtnum: a size with an optional suffix, or its message. */
-function number(what: string, text: string): number {
-  try {
-    if (text.startsWith('-')) throw new Error();
-    return parseSize(text, what);
-  } catch {
-    throw new UsageError(`Invalid ${what} specified. ${SUFFIXES}`);
-  }
-}
-
 export async function dd(operands: string[], o: DdCli): Promise<void> {
   let bs = 512;
   let count: number | undefined;
@@ -46,8 +34,8 @@ export async function dd(operands: string[], o: DdCli): Promise<void> {
       }
       if (n === undefined || n < 1 || n > 2147483647) throw new UsageError('Invalid bs specified. Must be between 1 and 2147483647.');
       bs = n;
-    } else if (key === 'count') count = number('count', value);
-    else if (key === 'skip') skip = number('skip', value);
+    } else if (key === 'count') count = cvtnum('count', value);
+    else if (key === 'skip') skip = cvtnum('skip', value);
     else if (key === 'if') input = value;
     else output = value;
   }
