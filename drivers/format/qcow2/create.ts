@@ -1,6 +1,7 @@
 // `tsimg create -f qcow2`: a new image laid out as QEMU's qcow2_co_create lays it out
-// (header, refcount table, refcount blocks, L1 table; with preallocation the L2
-// tables and data clusters after them), with every option qemu-img 7.2 takes.
+// (header, refcount table, refcount blocks, the L1 table's bytes; with preallocation
+// each L2 table followed by the data clusters it maps; then a LUKS header), with every
+// option qemu-img 7.2 takes. test/tsimg-create-layout.test.ts holds it to qemu-img's file.
 import type { BlockNode, CreateRequest } from '../../types.js';
 import { UnsupportedError, UsageError } from '../../errors.js';
 import { AUTOCLEAR, COMPAT, EXT, HDR, INCOMPAT, LIMITS, QCOW2_MAGIC } from './header.js';
@@ -346,8 +347,8 @@ export async function createQcow2(req: CreateRequest): Promise<void> {
 
 /**
  * `data` at `offset` of a file that reads zeros there already, leaving out its 4 KiB
- * blocks of zeros: QEMU zero-fills the LUKS header's clusters (holes) and writes what
- * is not zero, so the unused key slots take no room.
+ * blocks of zeros: QEMU zeroes the LUKS header's clusters (allocated, no data written)
+ * and then writes the header, whose unused key slots are zeros it need not write again.
  */
 async function writeNonZero(file: BlockNode, offset: number, data: Uint8Array): Promise<void> {
   const block = 4096;
