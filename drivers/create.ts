@@ -57,6 +57,18 @@ export function createSecret(spec: string, format: string, options: readonly str
   return obj.data;
 }
 
+/**
+ * The options as "Formatting ..." shows them. A key-secret that is the passphrase itself
+ * (no --object: tsimg's shorthand) is shown as *** so the key does not reach a log; an
+ * id (with --object) is shown, as qemu-img shows it.
+ */
+function shownOptions(format: string, options: readonly string[], literalSecret: boolean): string {
+  const key = keySecretOption(format);
+  const pairs = options.flatMap((t) => parseOptionString(t));
+  if (!literalSecret || key === undefined || !pairs.some(([k]) => k === key)) return options.join(',');
+  return pairs.map(([k, v]) => `${k}=${k === key ? '***' : v.replace(/,/g, ',,')}`).join(',');
+}
+
 export async function createImage(spec: string, sizeText: string | undefined, o: CreateCli): Promise<void> {
   const driver = await formatByName(o.format).load();
   if (!driver.create) throw new UsageError(`format '${o.format}' does not support image creation`);
@@ -124,7 +136,7 @@ export async function createImage(spec: string, sizeText: string | undefined, o:
     if (!ok) for (const m of made) await protocol.remove?.(m).catch(() => undefined);
   }
   if (!o.quiet) {
-    const opts = o.options.join(',');
+    const opts = shownOptions(driver.name, o.options, !o.object?.length);
     process.stdout.write(`Formatting '${spec}', fmt=${driver.name}${opts ? ` ${opts}` : ''}${size !== undefined ? ` size=${size}` : ''}\n`);
   }
 }
