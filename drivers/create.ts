@@ -39,6 +39,12 @@ function keySecretOption(format: string): string | undefined {
   return format === 'luks' ? 'key-secret' : format === 'qcow2' || format === 'qcow' ? 'encrypt.key-secret' : undefined;
 }
 
+/** The value of that option among `options` (the last one given), if any. */
+function keySecretValue(format: string, options: readonly string[]): string | undefined {
+  const key = keySecretOption(format);
+  return key === undefined ? undefined : options.flatMap((t) => parseOptionString(t)).filter(([k]) => k === key).pop()?.[1];
+}
+
 /**
  * A new image's passphrase. With --object, luks's key-secret=ID and qcow/qcow2's
  * encrypt.key-secret=ID name a secret object, as in qemu-img (an unknown id is
@@ -47,8 +53,7 @@ function keySecretOption(format: string): string | undefined {
  * an object.
  */
 export function createSecret(spec: string, format: string, options: readonly string[], objects: readonly string[] | undefined, given: string | undefined): string | undefined {
-  const key = keySecretOption(format);
-  const named = key === undefined ? undefined : options.flatMap((t) => parseOptionString(t)).filter(([k]) => k === key).pop()?.[1];
+  const named = keySecretValue(format, options);
   if (named === undefined) return given;
   if (!objects?.length) return given ?? named;
   const obj = parseObjects(objects).get(named);
@@ -63,10 +68,12 @@ export function createSecret(spec: string, format: string, options: readonly str
  * id (with --object) is shown, as qemu-img shows it.
  */
 function shownOptions(format: string, options: readonly string[], literalSecret: boolean): string {
+  if (!literalSecret || keySecretValue(format, options) === undefined) return options.join(',');
   const key = keySecretOption(format);
-  const pairs = options.flatMap((t) => parseOptionString(t));
-  if (!literalSecret || key === undefined || !pairs.some(([k]) => k === key)) return options.join(',');
-  return pairs.map(([k, v]) => `${k}=${k === key ? '***' : v.replace(/,/g, ',,')}`).join(',');
+  return options
+    .flatMap((t) => parseOptionString(t))
+    .map(([k, v]) => `${k}=${k === key ? '***' : v.replace(/,/g, ',,')}`)
+    .join(',');
 }
 
 export async function createImage(spec: string, sizeText: string | undefined, o: CreateCli): Promise<void> {
