@@ -20,7 +20,11 @@ export async function checkQcow2(r: RepairInput, virtualSize: number): Promise<C
     report.messages.push(`ERROR ${messageOf(err)}`);
     return report;
   }
-  for (const m of [...refs.reserved, ...(r.extraCorruptions ?? [])]) {
+  report.corruptions += refs.reserved.count;
+  report.messages.push(...refs.reserved.lines);
+  const unlisted = refs.reserved.count - refs.reserved.lines.length;
+  if (unlisted > 0) report.messages.push(`ERROR ${unlisted} more entries with reserved bits set`);
+  for (const m of r.extraCorruptions ?? []) {
     report.corruptions++;
     report.messages.push(m);
   }

@@ -46,9 +46,15 @@ export interface References {
   fragmentedClusters: number;
   /** Active L2 tables and data clusters with their COPIED flag (refcount one), for qemu's OFLAG_COPIED check. */
   copied: { host: number; copied: boolean; what: 'L2 cluster' | 'data cluster' }[];
-  /** Entries with reserved bits set, in QEMU's check's words: corruptions it counts and reads through. */
-  reserved: string[];
+  /**
+   * Entries with reserved bits set (corruptions QEMU's check counts and its reads go
+   * through): how many, and QEMU's line for the first MAX_RESERVED_LINES of them.
+   */
+  reserved: { count: number; lines: string[] };
 }
+
+/** Lines kept for entries with reserved bits: a hostile image could set them in every entry. */
+const MAX_RESERVED_LINES = 10_000;
 
 export async function countReferences(r: RepairInput): Promise<References> {
   const cs = 2 ** r.clusterBits;
@@ -85,14 +91,17 @@ export async function countReferences(r: RepairInput): Promise<References> {
   let fragmentedClusters = 0;
   let nextContiguous = 0;
   const copied: References['copied'] = [];
-  const reserved: string[] = [];
+  const reserved: References['reserved'] = { count: 0, lines: [] };
+  const noteReserved = (line: string): void => {
+    if (reserved.count++ < MAX_RESERVED_LINES) reserved.lines.push(line);
+  };
   const walkL1 = async (l1: Buffer, l1Offset: number, active: boolean): Promise<void> => {
     ref(l1Offset, l1.length);
     const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     const entries = cs / (r.extendedL2 ? 16 : 8);
     for (let i = 0; i < l1.length / 8; i++) {
       const l1Bits = l1ReservedBits(dv, i);
-      if (l1Bits) reserved.push(`ERROR found L1 entry with reserved bits set: ${l1Bits}`);
+      if (l1Bits) noteReserved(`ERROR found L1 entry with reserved bits set: ${l1Bits}`);
       const { offset, copied: l1Copied } = decodeL1(dv, i, cs, r.file.size, r.name);
       if (offset === 0) continue;
       if (active) copied.push({ host: offset, copied: l1Copied, what: 'L2 cluster' });
@@ -101,7 +110,7 @@ export async function countReferences(r: RepairInput): Promise<References> {
       const l2 = new DataView(l2Buf.buffer, l2Buf.byteOffset, l2Buf.byteLength);
       for (let k = 0; k < entries; k++) {
         const l2Bits = l2ReservedBits(l2, k, r.extendedL2);
-        if (l2Bits) reserved.push(`ERROR found l2 entry with reserved bits set: ${l2Bits}`);
+        if (l2Bits) noteReserved(`ERROR found l2 entry with reserved bits set: ${l2Bits}`);
         const e = decodeL2(l2, k, layout, r.name, (i * entries + k) * cs);
         if (e.kind === 'compressed') ref(e.cOffset, e.cLength);
         else if (e.host !== 0 && !r.externalData) ref(e.host, cs);
