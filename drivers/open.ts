@@ -14,6 +14,7 @@ import { aligned } from './filters/align.js';
 import { guarded } from './filters/read-only.js';
 import { metadataOnly } from './filters/no-io.js';
 import { withFaults } from './filters/faults.js';
+import { preallocated, type PreallocateOptions } from './filters/preallocate.js';
 import { ClusterCache, DEFAULT_BLOCK_SIZE } from '../cache/cluster-cache.js';
 
 const debug = createDebug('tsmount:open');
@@ -42,6 +43,11 @@ export interface ImageOptions {
   check?: boolean;
   /** ProtocolOpenOptions.syncOnClose, for every file of the image (tsimg convert -t unsafe). */
   syncOnClose?: boolean;
+  /**
+   * QEMU's preallocate filter over the image's own file (file.driver=preallocate,
+   * tsmount --preallocate): writable opens only, not its backing files or other files.
+   */
+  preallocate?: PreallocateOptions;
 }
 
 const formats = new WeakMap<BlockNode, string>();
@@ -164,15 +170,19 @@ async function openChain(
   seen.add(id);
 
   const protocol = protocolFor(spec);
+  // The preallocate filter: the top image's own file, opened writable (QEMU's does nothing otherwise).
+  const prealloc = depth === 0 && !readOnly ? opts.preallocate : undefined;
   const policy =
     opts.locking === 'off'
       ? undefined
-      : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format };
+      : { readOnly, backing: isBacking, forceShare: opts.forceShare, shareRw: opts.shareRw, mode: opts.locking, format, preallocate: prealloc !== undefined };
   const lock = policy && lockRequestFor(policy);
   // The guard sees the protocol node itself (it checks the opened descriptor); the filters go on after.
   const openFile = () => protocol.open(spec, { readOnly, lock, cache: opts.cache, syncOnClose: opts.syncOnClose });
-  const file = filteredProtocol(depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile));
+  const opened = filteredProtocol(depth === 0 ? await guard.openTop(openFile) : await guard.open(named, openFile));
+  let file = opened;
   try {
+    if (prealloc) file = preallocated(opened, prealloc);
     const driver = await chooseDriver(file, spec, format);
     // Locked before probing as if raw; any other format refuses writers (--share-rw).
     if (policy && format === undefined) file.imageLock?.update(lockRequestFor({ ...policy, format: driver.name }));
@@ -187,7 +197,7 @@ async function openChain(
       openFile: async (name, role = 'file') => {
         const resolved = hasOwnProtocol(name) ? name : protocol.resolveRelative(spec, name);
         const p = protocolFor(resolved);
-        const lockReq = policy && lockRequestFor({ ...policy, format: driver.name });
+        const lockReq = policy && lockRequestFor({ ...policy, format: driver.name, preallocate: false });
         return filteredProtocol(await guard.open(namedRequest(spec, role, name, resolved, !readOnly), () => p.open(resolved, { readOnly, lock: lockReq, cache: opts.cache, syncOnClose: opts.syncOnClose })));
       },
       openBacking: async (name, fmt) => {

@@ -7,6 +7,7 @@ import createDebug from '../drivers/util/debug.js';
 import type { BlockNode, CacheMode } from '../drivers/types.js';
 import { UsageError, messageOf } from '../drivers/errors.js';
 import { decryptsInChain, openGraph } from '../drivers/open.js';
+import type { PreallocateOptions } from '../drivers/filters/preallocate.js';
 import { namedFilesOf, type NamedFilePolicy } from '../drivers/trust.js';
 import { fileProtocol, protocolFor } from '../drivers/protocol/index.js';
 import type { LockingMode } from '../drivers/protocol/lock.js';
@@ -70,6 +71,8 @@ export interface ServeOptions {
   secret?: string;
   /** Which files an image may name (drivers/trust.ts); 'owner' when absent. */
   namedFiles?: NamedFilePolicy;
+  /** QEMU's preallocate filter over each written image file (an overlay's, where there is one). */
+  preallocate?: PreallocateOptions;
   /** Polled between steps of the start: true once whoever started us has gone. */
   abandoned?: () => boolean;
   /** Write into this qcow2 overlay over the image, made if missing (fs/overlay.ts). */
@@ -203,6 +206,7 @@ export class Server {
       shareRw: opts.shareRw,
       secret: opts.secret,
       namedFiles: opts.namedFiles,
+      preallocate: opts.preallocate,
     }).catch((err: unknown) => {
       overlays?.discard();
       throw err;

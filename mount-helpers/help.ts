@@ -37,8 +37,8 @@ Mount options (-o, also for fstab and mount -t fuse.tsmount):
   max_read=N, max_write=N, max_readahead=N, kernel_cache, direct_io, passthrough,
   nopassthrough, uid=N, gid=N, umask=M, growable (resize), and every option above in
   its -o spelling: cache=, cache-size=, locking=, format=, secret-file=, overlay=,
-  log=, readconfig=, force-share, share-rw, partitions, snapshot, layers, confine,
-  trust-image-paths, debug
+  log=, readconfig=, prealloc-size=, prealloc-align=, force-share, share-rw,
+  partitions, snapshot, layers, confine, trust-image-paths, preallocate, debug
 
 Examples:
   tsmount disk.vmdk /mnt/x                      read-only: /mnt/x/disk.raw

@@ -14,6 +14,7 @@ const FLAGS: Record<string, string> = {
   confine: '--confine',
   'trust-image-paths': '--trust-image-paths',
   debug: '--debug',
+  preallocate: '--preallocate',
 };
 
 /** `-o key=value` -> `--flag value`. */
@@ -26,6 +27,8 @@ const VALUED: Record<string, string> = {
   overlay: '--overlay',
   log: '--log',
   readconfig: '--readconfig',
+  'prealloc-size': '--prealloc-size',
+  'prealloc-align': '--prealloc-align',
 };
 
 /**

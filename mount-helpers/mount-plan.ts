@@ -11,6 +11,7 @@ import { parseSize } from '../drivers/options.js';
 import { parseMountAccess } from '../fs/access.js';
 import { readSecretFile } from './secret.js';
 import { needsResolving, oneSecret, resolveImageNames } from './image-opts.js';
+import { preallocateOptions, type PreallocateOptions } from '../drivers/filters/preallocate.js';
 
 /** tsmount's options as commander parses them: plain JSON, so they cross to the server. */
 export interface CliOptions {
@@ -31,6 +32,9 @@ export interface CliOptions {
   gid?: string;
   umask?: string;
   growable?: boolean;
+  preallocate?: boolean;
+  preallocSize?: string;
+  preallocAlign?: string;
   log?: string;
   debug?: boolean;
   imageOpts?: boolean;
@@ -55,6 +59,8 @@ export interface MountPlan {
   cacheSize: number;
   secret: string | undefined;
   access: ReturnType<typeof parseMountAccess>;
+  /** QEMU's preallocate filter over the written file (--preallocate, or file.driver=preallocate). */
+  preallocate: PreallocateOptions | undefined;
 }
 
 /** A plain path (or file:PATH), not a URI of another protocol. */
@@ -68,11 +74,15 @@ export async function planMount(opts: CliOptions, paths: readonly string[]): Pro
   if (paths.length < 2) throw new UsageError('need at least one IMAGE and a MOUNTPOINT (see --help)');
   let images = paths.slice(0, -1);
   let keySecret: string | undefined;
+  let named: PreallocateOptions | undefined;
   const mountpoint = paths[paths.length - 1]!;
   if (needsResolving(images, opts)) {
     const resolved = await resolveImageNames(images, opts.format, opts);
     if (new Set(resolved.map((p) => p.format)).size > 1) throw new UsageError('--image-opts: every image needs the same driver, and -f must agree with it');
     keySecret = oneSecret(resolved, undefined);
+    const filters = new Set(resolved.map((p) => JSON.stringify(p.preallocate ?? null)));
+    if (filters.size > 1) throw new UsageError('--image-opts: every image needs the same preallocate filter options, or none');
+    named = resolved[0]?.preallocate;
     images = resolved.map((p) => p.spec);
     opts = { ...opts, format: resolved[0]?.format ?? opts.format };
   }
@@ -89,5 +99,18 @@ export async function planMount(opts: CliOptions, paths: readonly string[]): Pro
   if (keySecret !== undefined && (opts.secret !== undefined || opts.secretFile !== undefined)) throw new UsageError('give the passphrase by key-secret or by --secret/--secret-file, not both');
   if (opts.secret !== undefined && opts.secretFile !== undefined) throw new UsageError('give --secret or --secret-file, not both');
   const secret = keySecret ?? (opts.secretFile === undefined ? opts.secret : readSecretFile(opts.secretFile));
-  return { opts, images, mountpoint, cacheSize, secret, access: parseMountAccess(opts.option, opts) };
+  return { opts, images, mountpoint, cacheSize, secret, access: parseMountAccess(opts.option, opts), preallocate: preallocateFor(opts, named) };
+}
+
+/**
+ * The preallocate filter of a mount: --preallocate, --prealloc-size and --prealloc-align
+ * (each of the last two implies the first), or the filter an --image-opts list names;
+ * not both. It grows only a file that is written.
+ */
+function preallocateFor(opts: CliOptions, named: PreallocateOptions | undefined): PreallocateOptions | undefined {
+  const flagged = !!opts.preallocate || opts.preallocSize !== undefined || opts.preallocAlign !== undefined;
+  if (!flagged) return named;
+  if (named) throw new UsageError('give the preallocate filter by --image-opts (file.driver=preallocate) or by --preallocate, not both');
+  if (!opts.rw && opts.overlay === undefined && !opts.snapshot) throw new UsageError('--preallocate needs --rw (it grows only a file that is written)');
+  return preallocateOptions({ size: opts.preallocSize, align: opts.preallocAlign }, '--preallocate');
 }

@@ -177,6 +177,7 @@ export async function serve(plan: MountPlan, ioFlusher: number, starter?: Starte
       fuseOptions: plan.access.rest,
       access: plan.access.access,
       secret: plan.secret,
+      preallocate: plan.preallocate,
       abandoned: () => abandoned,
       beforeMount: () => {
         mounting = true;

@@ -294,6 +294,11 @@ export interface LockPolicy {
    * be probed) is taken as raw, and the caller tightens the lock once it knows.
    */
   format?: string;
+  /**
+   * QEMU's preallocate filter sits on the file: writable, it takes write and resize
+   * for itself alone (preallocate_child_perm), whatever share-rw asks.
+   */
+  preallocate?: boolean;
 }
 
 /**
@@ -312,6 +317,6 @@ export function lockRequestFor(p: LockPolicy): LockRequest {
   // A share-rw=on device over raw shares write and, being resizable, resize; any other
   // format still refuses both on its file (bdrv_default_perms_for_storage).
   const passthrough = p.format === undefined || p.format === 'raw';
-  if (p.shareRw && !p.backing && passthrough) shared |= PERM_WRITE | PERM_RESIZE;
+  if (p.shareRw && !p.backing && passthrough && !(p.preallocate && !readOnly)) shared |= PERM_WRITE | PERM_RESIZE;
   return { perm, shared, mode: p.mode };
 }

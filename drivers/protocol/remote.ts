@@ -10,6 +10,7 @@ import { glusterSpecFromOptions, glusterStem, isGlusterSpec, resolveGlusterRelat
 import type { SshSessions } from './ssh/node.js';
 import { formatNbdUri, isNbdSpec, nbdStem, nbdTlsFromObject, NBD_DEFAULT_PORT, parseSeconds, resolveNbdRelative, type NbdTarget } from './nbd/uri.js';
 import type { QemuObjects } from '../objects.js';
+import { preallocateOptions, type PreallocateOptions } from '../filters/preallocate.js';
 import { vvfatSpecFromOptions } from './vvfat/spec.js';
 import { formatNvmeUri, nvmeTarget } from './nvme.js';
 import { formatSheepdogUri, isSheepdogSpec, parseSheepdogUri } from './sheepdog/proto.js';
@@ -187,6 +188,8 @@ export interface ImageOptsSpec {
   format: string | undefined;
   /** Present only when the options name a secret object (luks key-secret, qcow/qcow2 encrypt.key-secret). */
   secret?: string;
+  /** Present only when the options put QEMU's preallocate filter over the image's file. */
+  preallocate?: PreallocateOptions;
 }
 
 function optionsToSpec(o: Map<string, string>, objects: QemuObjects): ImageOptsSpec {
@@ -205,24 +208,45 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): ImageOptsS
     secret = obj.data;
   }
   if (driver !== 'luks') o.delete('encrypt.format');
-  const withSecret = (r: { spec: string; format: string | undefined }): ImageOptsSpec => (secret === undefined ? r : { ...r, secret });
+  const withSecret = (r: ImageOptsSpec): ImageOptsSpec => (secret === undefined ? r : { ...r, secret });
   // QEMU's vvfat is a protocol whose options make up its fat: name.
   if (driver === 'vvfat') return withSecret({ spec: vvfatSpecFromOptions(o), format: 'raw' });
   let format: string | undefined;
   let prefix = '';
+  let preallocate: PreallocateOptions | undefined;
+  // QEMU's preallocate filter between the format and its file (file.driver=preallocate,
+  // the file then file.file), or alone over a file as the disk (driver=preallocate).
+  const takeFilter = (at: string): void => {
+    const given = { size: o.get(`${at}prealloc-size`), align: o.get(`${at}prealloc-align`) };
+    o.delete(`${at}prealloc-size`);
+    o.delete(`${at}prealloc-align`);
+    preallocate = preallocateOptions(given, '--image-opts: preallocate');
+  };
+  const withOptions = (r: { spec: string; format: string | undefined }): ImageOptsSpec => withSecret(preallocate ? { ...r, preallocate } : r);
   if (PROTOCOL_DRIVERS.has(driver)) {
     // A protocol node alone: its bytes are the disk.
     format = 'raw';
     o.set('driver', driver);
   } else {
-    format = driver;
-    prefix = 'file.';
+    if (driver === 'preallocate') {
+      format = 'raw';
+      takeFilter('');
+    } else {
+      format = driver;
+      if (o.get('file.driver') === 'preallocate') {
+        o.delete('file.driver');
+        takeFilter('file.');
+        prefix = 'file.';
+      }
+    }
+    prefix += 'file.';
     // A plain `file=NAME` is QEMU's shorthand for a file by name.
-    const plain = o.get('file');
+    const plainKey = prefix.slice(0, -1);
+    const plain = o.get(plainKey);
     if (plain !== undefined) {
-      o.delete('file');
+      o.delete(plainKey);
       if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
-      return withSecret({ spec: plain, format });
+      return withOptions({ spec: plain, format });
     }
   }
   const take = (k: string): string | undefined => {
@@ -325,7 +349,7 @@ function optionsToSpec(o: Map<string, string>, objects: QemuObjects): ImageOptsS
   // Options that change nothing here: a node's name, and QEMU's choice of I/O engine.
   for (const k of [...o.keys()]) if (/^(?:.*\.)?node-name$|^auto-read-only$|^(?:file\.)?aio$/.test(k)) o.delete(k);
   if (o.size) throw new UsageError(`--image-opts: unsupported option '${[...o.keys()][0]}'`);
-  return withSecret({ spec, format });
+  return withOptions({ spec, format });
 }
 
 /**

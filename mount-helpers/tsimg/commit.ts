@@ -42,7 +42,7 @@ export async function commit(spec: string, o: CommitCli): Promise<void> {
   try {
     const d = top.describe?.() ?? {};
     if (d.backingFile === undefined) throw new UsageError(`${spec}: Image does not have a backing file`);
-    const base = await openImage(pathCombine(spec, d.backingFile), writableOptions({ ...o, format: d.backingFormat }));
+    const base = await openImage(pathCombine(spec, d.backingFile), writableOptions({ ...o, format: d.backingFormat, preallocate: undefined }));
     try {
       // The backing file grows to the image's size, as qemu-img commit's does.
       if (base.size < top.size) {

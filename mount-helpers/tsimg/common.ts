@@ -11,6 +11,7 @@ import { fileProtocol, protocolFor } from '../../drivers/protocol/index.js';
 import type { NamedFilePolicy } from '../../drivers/trust.js';
 import { readSecretFile } from '../secret.js';
 import { needsResolving, oneSecret, resolveImageNames } from '../image-opts.js';
+import type { PreallocateOptions } from '../../drivers/filters/preallocate.js';
 
 /** Options every subcommand that opens an image takes. */
 export interface OpenCli {
@@ -25,6 +26,8 @@ export interface OpenCli {
   imageOpts?: boolean;
   /** --object definitions (secret, tls-creds) the options name by id. */
   object?: string[];
+  /** QEMU's preallocate filter, where the image's options name it (file.driver=preallocate): writable opens only. */
+  preallocate?: PreallocateOptions;
 }
 
 /**
@@ -50,6 +53,7 @@ export async function resolveImageArgs(args: unknown[], o: OpenCli & { secondFor
   const resolved = await Promise.all(names.map(async (n, i) => (await resolveImageNames([n], i === 1 ? o.secondFormat : o.format, o))[0]!));
   resolved.forEach((r, i) => (args[i] = r.spec));
   o.format = resolved[0]?.format;
+  o.preallocate = resolved[0]?.preallocate;
   if (resolved.length > 1) o.secondFormat = resolved[1]?.format;
   takeSecret(resolved, o);
 }
@@ -86,6 +90,7 @@ export function readOnlyOptions(o: OpenCli, extra: Partial<ImageOptions> = {}): 
     shareRw: false,
     secret: readSecret(o),
     namedFiles: namedFilePolicy(o),
+    preallocate: o.preallocate,
     ...extra,
   };
 }

@@ -384,10 +384,10 @@ function isMounted(mountpoint: string): boolean {
  * 'driver=qcow2,node-name=q,file=f']. Returns once the export is mounted; stop()
  * kills it and makes sure the mount is gone.
  */
-export async function startStorageDaemon(blockdevs: string[], node: string, mountpoint: string, opts: { writable?: boolean } = {}): Promise<QemuHolder> {
+export async function startStorageDaemon(blockdevs: string[], node: string, mountpoint: string, opts: { writable?: boolean; growable?: boolean } = {}): Promise<QemuHolder> {
   const args: string[] = [];
   for (const b of blockdevs) args.push('--blockdev', b);
-  args.push('--export', `type=fuse,id=exp0,node-name=${node},mountpoint=${mountpoint},writable=${opts.writable ? 'on' : 'off'}`);
+  args.push('--export', `type=fuse,id=exp0,node-name=${node},mountpoint=${mountpoint},writable=${opts.writable ? 'on' : 'off'}${opts.growable ? ',growable=on' : ''}`);
   const child = spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
   child.stdout?.on('data', (d: Buffer) => (err += String(d)));
