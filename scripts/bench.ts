@@ -281,14 +281,14 @@ class Bench {
    * the same disk (a fresh sparse file where the row allocates, an allocated one where
    * it overwrites): what the machine writes with no FUSE server in the way.
    */
-  private async seqWrite(id: string, what: string, format: 'qcow2' | 'raw' | 'luks', overwrite: boolean): Promise<void> {
+  private async seqWrite(id: string, what: string, format: 'qcow2' | 'raw' | 'luks', overwrite: boolean, preallocate = false): Promise<void> {
     const src = await this.images.dataRaw();
     const size = this.cfg.sizes.main;
     const load = loadAverage();
     // Overwrites reuse one allocated image (and one allocated dd target) for every measurement.
     const image = !overwrite || format === 'raw' ? undefined : format === 'luks' ? await this.images.luksCopy(`over-${id}.luks`) : await this.images.writableCopy(`over-${id}.qcow2`);
     const over = overwrite ? { image, raw: await this.images.rawCopy(`over-${id}.raw`) } : undefined;
-    const extra: Partial<MountRequest> = { rw: true, ...(format === 'luks' ? { secret: LUKS_SECRET } : {}) };
+    const extra: Partial<MountRequest> = { rw: true, ...(format === 'luks' ? { secret: LUKS_SECRET } : {}), ...(preallocate ? { preallocate } : {}) };
     const m = await this.compare(['tsmount', 'qsd', 'dd'], [src], this.cfg.repeat, true, async (s) => {
       if (s === 'dd') return ddWrite(src, over ? over.raw : this.images.sparseRaw(`alloc-${id}-dd.raw`), size);
       let img: string;
@@ -302,6 +302,7 @@ class Bench {
   async row3(): Promise<void> {
     const size = fmtSize(this.cfg.sizes.main);
     await this.seqWrite('3', `sequential write that allocates, dd bs=1M conv=fsync into an empty ${size} qcow2`, 'qcow2', false);
+    await this.seqWrite('3p', `the same through QEMU's preallocate filter (tsmount --preallocate; qsd: a preallocate blockdev), default 128 MiB ahead`, 'qcow2', false, true);
     await this.seqWrite('3o', `sequential overwrite, dd bs=1M conv=fsync into a fully allocated ${size} qcow2`, 'qcow2', true);
     await this.seqWrite('3r', `sequential write that allocates, dd bs=1M conv=fsync into a sparse ${size} raw image`, 'raw', false);
     await this.seqWrite('3ro', `sequential overwrite, dd bs=1M conv=fsync into an allocated ${size} raw image`, 'raw', true);
@@ -367,6 +368,14 @@ class Bench {
       });
       this.report(`12${String.fromCharCode(97 + k)}`, `random 4 KiB writes into a new empty ${fmtSize(this.cfg.sizes.main)} ${format}, fio psync, 1 job, ${fmtSize(bytes)} then fsync`, m, iops, load, '≥ 1.0', '', 1.0);
     }
+    // Row 12a again through QEMU's preallocate filter on both sides.
+    const load = loadAverage();
+    const probe = await this.images.emptyImage('qcow2', 'new-probe.qcow2');
+    const m = await this.compare(['tsmount', 'qsd', 'ceiling'], [probe], this.cfg.repeat, true, async (s) => {
+      const img = s === 'ceiling' ? probe : await this.images.emptyImage('qcow2', `new-${s}.qcow2`);
+      return withMount(s, this.request(s, img, 'qcow2', { rw: true, preallocate: s !== 'ceiling' }), (mt) => fio({ file: mt.file, rw: 'randwrite', jobs: 1, size: this.cfg.sizes.main, ioSize: bytes }));
+    });
+    this.report('12p', `row 12a through QEMU's preallocate filter (tsmount --preallocate; qsd: a preallocate blockdev)`, m, iops, load, '≥ 1.0', '', 1.0);
   }
 
   /**

@@ -47,6 +47,8 @@ export interface MountRequest {
   size?: number;
   /** The passphrase of an encrypted image (luks): tsmount --secret, a secret object for qsd. */
   secret?: string;
+  /** QEMU's preallocate filter over the image file: tsmount --preallocate, a preallocate blockdev for qsd. */
+  preallocate?: boolean;
 }
 
 const live = new Map<string, Mounted>();
@@ -85,6 +87,7 @@ async function mountTsmount(req: MountRequest): Promise<Mounted> {
   if (req.rw) args.push('--rw');
   if (req.cacheSize) args.push('--cache-size', req.cacheSize);
   if (req.secret !== undefined) args.push('--secret', req.secret);
+  if (req.preallocate) args.push('--preallocate');
   args.push(req.image, req.target);
   const mp = path.resolve(req.target);
   // Registered before it exists, so an interrupt during the mount still cleans up.
@@ -106,10 +109,12 @@ async function mountTsmount(req: MountRequest): Promise<Mounted> {
 /** qemu-storage-daemon's FUSE export over a regular file; timed until the mount appears. */
 async function mountQsd(req: MountRequest): Promise<Mounted> {
   const mp = path.resolve(req.target);
-  const blockdevs =
-    req.format === 'raw'
-      ? [`driver=file,node-name=f,filename=${req.image}`, `driver=raw,node-name=q,file=f`]
-      : [`driver=file,node-name=f,filename=${req.image}`, `driver=${req.format},node-name=q,file=f${req.secret !== undefined ? ',key-secret=s0' : ''}`];
+  const file = req.preallocate ? 'p' : 'f';
+  const blockdevs = [
+    `driver=file,node-name=f,filename=${req.image}`,
+    ...(req.preallocate ? ['driver=preallocate,node-name=p,file=f'] : []),
+    req.format === 'raw' ? `driver=raw,node-name=q,file=${file}` : `driver=${req.format},node-name=q,file=${file}${req.secret !== undefined ? ',key-secret=s0' : ''}`,
+  ];
   const args = req.secret !== undefined ? ['--object', `secret,id=s0,data=${req.secret}`] : [];
   args.push(...blockdevs.flatMap((b) => ['--blockdev', b]));
   args.push('--export', `type=fuse,id=e,node-name=q,mountpoint=${mp},writable=${req.rw ? 'on' : 'off'}`);

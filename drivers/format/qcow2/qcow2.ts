@@ -915,20 +915,43 @@ export class Qcow2Node implements BlockNode {
     await this.mutex.run(() => this.zeroLocked(offset, length, unmap, o.ignoreBacking === true));
   }
 
-  /** `every`: unallocated clusters are marked zero even where no backing file reaches (ZeroOptions.ignoreBacking). */
+  /**
+   * `every`: unallocated clusters are marked zero even where no backing file reaches
+   * (ZeroOptions.ignoreBacking). Without `unmap` (a write of zeros, QEMU's
+   * qcow2_co_pwrite_zeroes without BDRV_REQ_MAY_UNMAP: fallocate ZERO_RANGE, commit,
+   * convert) a v3 image marks every cluster of the range zero as QEMU's zero_in_l2_slice
+   * does, unallocated ones too (their L2 tables made where missing); with `unmap` (a
+   * punched hole: QEMU's discard) unallocated clusters no backing file reaches stay so.
+   */
   private async zeroLocked(offset: number, length: number, unmap: boolean, every = false): Promise<void> {
     const cs = this.cs;
     const end = offset + length;
     const alignedStart = Math.ceil(offset / cs) * cs;
     // The last, partial cluster of the disk counts as whole.
     const alignedEnd = end === this.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
-    if (alignedStart >= alignedEnd) return this.zeroPartial(offset, end, every);
-    if (offset < alignedStart) await this.zeroPartial(offset, alignedStart, every);
-    await this.zeroClusters(alignedStart, alignedEnd, unmap, every);
-    if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, every);
+    const markAll = this.v3 && !unmap;
+    if (alignedStart >= alignedEnd) return this.zeroPartial(offset, end, every, markAll);
+    if (offset < alignedStart) await this.zeroPartial(offset, alignedStart, every, markAll);
+    await this.zeroClusters(alignedStart, alignedEnd, unmap, every, markAll);
+    if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, every, markAll);
   }
 
-  private async zeroPartial(a: number, b: number, every = false): Promise<void> {
+  /**
+   * Zeros in part of one cluster. `markAll` (v3, a write of zeros, no subclusters): as
+   * qcow2_co_pwrite_zeroes, a cluster that is unallocated or zero, whose other bytes
+   * read as zeros, is marked zero whole; any other is written.
+   */
+  private async zeroPartial(a: number, b: number, every = false, markAll = false): Promise<void> {
+    if (markAll && !this.map.extended) {
+      const cs = this.cs;
+      const c0 = Math.floor(a / cs) * cs;
+      const c1 = Math.min(c0 + cs, this.size);
+      const [run] = await this.map.map(c0, c1 - c0);
+      // The rest of an unallocated cluster reads as zeros where no backing file reaches
+      // it (where one does, QEMU asks the chain; writing the zeros is the same bytes).
+      const restZero = run!.kind === 'zero' || (run!.kind === 'unallocated' && !this.backingCovers(c0 < a ? c0 : b));
+      if (restZero && (run!.kind === 'zero' || run!.kind === 'unallocated')) return this.zeroClusters(c0, c0 + cs, false, every, true);
+    }
     const runs = await this.map.map(a, b - a);
     const readsZero = runs.every((r) => r.kind === 'zero' || (r.kind === 'unallocated' && !every && !this.backingCovers(r.guest)));
     if (!readsZero) await this.writeLocked(a, Buffer.alloc(b - a));
@@ -943,8 +966,8 @@ export class Qcow2Node implements BlockNode {
    * Unallocated clusters no backing file reaches are left so, unless `every` (a grown
    * disk's new area, which qcow2_co_truncate zeroes whole).
    */
-  private async zeroClusters(a: number, b: number, unmap: boolean, every = false): Promise<void> {
-    const backingCovers = (guest: number): boolean => every || this.backingCovers(guest);
+  private async zeroClusters(a: number, b: number, unmap: boolean, every = false, markAll = false): Promise<void> {
+    const backingCovers = (guest: number): boolean => every || markAll || this.backingCovers(guest);
     const cs = this.cs;
     const ext = this.map.extended;
     if (!this.v3 && (this.backing || every)) {

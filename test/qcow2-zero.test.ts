@@ -1,0 +1,137 @@
+// Writes of zeros into qcow2 (fallocate ZERO_RANGE on a mount, tsimg commit and convert)
+// leave the image file qemu-io's `write -z` leaves (with discard=ignore, the default of
+// QEMU's -drive and qemu-storage-daemon nodes), byte for byte: on v3 every cluster
+// of the range is marked zero, unallocated ones too (QEMU's zero_in_l2_slice, L2 tables
+// made where missing), a partial cluster whose other bytes read as zeros is marked
+// zero whole, any other partial cluster is written; v2 gives allocated clusters back
+// where no backing file reaches (QEMU's fallback to discard) and writes zeros where one
+// does. A punched hole (unmap) stays QEMU's discard: unallocated clusters stay so (not
+// tested against QEMU here: its FUSE export and nodes ignore discards by default).
+import { expect } from 'chai';
+import fs from 'node:fs';
+import path from 'node:path';
+import { createImage, md5File, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
+import { MountTracker, mountpointIn } from './helpers/mount.js';
+import { openTestImage } from './helpers/images.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, fallocate } from '../drivers/util/sys.js';
+
+const KiB = 1024;
+const MiB = 1 << 20;
+
+/** Data first, then zeros: whole clusters, partial ones, over data, over nothing, in new L2 ranges. */
+const DATA: [number, number][] = [
+  [0, 3 * MiB],
+  [600 * MiB + 32 * KiB, 200 * KiB],
+];
+const ZEROS: [number, number][] = [
+  [900 * MiB, 64 * KiB], // unallocated, an L2 range with no table yet
+  [700 * MiB + 4 * KiB, 10 * KiB], // part of an unallocated cluster
+  [2 * MiB, 2 * MiB], // data and nothing, whole clusters
+  [128 * KiB + 512, 100 * KiB], // parts of data clusters
+  [600 * MiB, 64 * KiB + 512], // a cluster that is half data, then part of a data cluster
+  [1023 * MiB + 60 * KiB, 68 * KiB], // up to the end of the disk
+];
+
+describe('qcow2 writes of zeros: the file qemu-io write -z makes', function () {
+  this.timeout(120_000);
+  const mounts = new MountTracker();
+  let tmp: { dir: string; cleanup: () => void };
+  before(() => (tmp = tempDir('qcow2-zero')));
+  afterEach(() => mounts.cleanup());
+  after(() => tmp.cleanup());
+
+  async function pair(name: string, options: Record<string, string | number>, backing?: string): Promise<[string, string]> {
+    const files: string[] = [];
+    for (const who of ['qemu', 'ours']) {
+      const f = path.join(tmp.dir, `${name}-${who}.qcow2`);
+      await createImage(f, 'qcow2', 1024 * MiB, options, backing ? { file: backing, format: 'qcow2' } : undefined);
+      await qemuIo(f, 'qcow2', DATA.map(([o, l], i) => `write -P ${i + 1} ${o} ${l}`));
+      files.push(f);
+    }
+    await zerosByQemu(files[0]!, ZEROS);
+    return files as [string, string];
+  }
+
+  /**
+   * qemu-io write -z with discard=ignore, the default of qemu-storage-daemon's and
+   * -drive's nodes (qemu-io's own is unmap: clusters v2 frees would be punched in the file).
+   */
+  async function zerosByQemu(file: string, ranges: [number, number][]): Promise<void> {
+    await runOk('qemu-io', ['-d', 'ignore', '-f', 'qcow2', ...ranges.flatMap(([o, l]) => ['-c', `write -z ${o} ${l}`]), file], { cwd: tmp.dir });
+  }
+
+  async function expectSameFile(qemu: string, ours: string): Promise<void> {
+    const cmp = await run('qemu-img', ['compare', qemu, ours], { cwd: tmp.dir });
+    expect(cmp.code, cmp.stdout + cmp.stderr).to.equal(0);
+    const maps = await Promise.all([qemu, ours].map((f) => runOk('qemu-img', ['map', '--output=json', f], { cwd: tmp.dir })));
+    expect(maps[1], 'qemu-img map').to.equal(maps[0]);
+    expect(fs.statSync(ours).size).to.equal(fs.statSync(qemu).size);
+    expect(await md5File(ours), 'the same bytes').to.equal(await md5File(qemu));
+  }
+
+  for (const [what, options] of [
+    ['v3, 64 KiB clusters', {}],
+    ['v3, 4 KiB clusters', { cluster_size: 4096 }],
+    ['v3, 2 MiB clusters', { cluster_size: 2 * MiB }],
+    ['v2 (compat=0.10)', { compat: '0.10' }],
+  ] as [string, Record<string, string | number>][]) {
+    it(`${what}: the same file as qemu-io's`, async () => {
+      const [qemu, ours] = await pair(what.replace(/\W+/g, '-'), options);
+      const node = await openTestImage(ours, { rw: true, format: 'qcow2' });
+      try {
+        for (const [o, l] of ZEROS) await node.zero!(o, l, false);
+      } finally {
+        await node.close();
+      }
+      await expectSameFile(qemu, ours);
+    });
+  }
+
+  it('v3 over a backing file with data everywhere: the same file as qemu-io\'s', async () => {
+    const base = path.join(tmp.dir, 'base.qcow2');
+    await createImage(base, 'qcow2', 1024 * MiB, {});
+    await qemuIo(base, 'qcow2', ['write -P 9 0 4M', 'write -P 9 598M 4M', 'write -P 9 698M 4M', 'write -P 9 898M 4M', 'write -P 9 1020M 4M']);
+    const [qemu, ours] = await pair('backed', {}, 'base.qcow2');
+    const node = await openTestImage(ours, { rw: true, format: 'qcow2' });
+    try {
+      for (const [o, l] of ZEROS) await node.zero!(o, l, false);
+    } finally {
+      await node.close();
+    }
+    await expectSameFile(qemu, ours);
+  });
+
+  it('extended L2 (whole clusters): the same file as qemu-io\'s', async () => {
+    const files: string[] = [];
+    for (const who of ['qemu', 'ours']) {
+      const f = path.join(tmp.dir, `ext-${who}.qcow2`);
+      await createImage(f, 'qcow2', 1024 * MiB, { extended_l2: 'on', cluster_size: 128 * KiB });
+      await qemuIo(f, 'qcow2', ['write -P 1 0 3M']);
+      files.push(f);
+    }
+    const whole: [number, number][] = [[900 * MiB, 128 * KiB], [2 * MiB, 2 * MiB], [512 * MiB, MiB]];
+    await zerosByQemu(files[0]!, whole);
+    const node = await openTestImage(files[1]!, { rw: true, format: 'qcow2' });
+    try {
+      for (const [o, l] of whole) await node.zero!(o, l, false);
+    } finally {
+      await node.close();
+    }
+    await expectSameFile(files[0]!, files[1]!);
+  });
+
+  it('through a mount: fallocate ZERO_RANGE is QEMU\'s write of zeros (as its FUSE export makes it)', async () => {
+    const [qemu, ours] = await pair('mount', {});
+    const dir = mountpointIn(tmp.dir, 'm');
+    await mounts.mount(['--rw', ours, dir]);
+    const fd = fs.openSync(path.join(dir, 'mount-ours.raw'), 'r+');
+    try {
+      for (const [o, l] of ZEROS) fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, o, l);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    await mounts.unmount(dir);
+    await expectSameFile(qemu, ours);
+  });
+});
