@@ -235,6 +235,13 @@ export interface BlockNode {
   allocateZeros?(offset: number, length: number): Promise<boolean>;
   /** Make [offset, offset+length) read as zeros; unmap lets the node deallocate. */
   zero?(offset: number, length: number, unmap: boolean, o?: ZeroOptions): Promise<void>;
+  /**
+   * Give [offset, offset + length) back to the storage beneath (QEMU's pdiscard: a hole
+   * punched, BLKDISCARD): what the range reads afterwards is not promised. False where
+   * nothing was done. qcow2 gives back the clusters a guest's unmap freed; offered, as
+   * allocateZeros, by nodes that reach a host file themselves, and not forwarded by filters.
+   */
+  discard?(offset: number, length: number): Promise<boolean>;
   /** Everything written so far is durable when this resolves. */
   flush(): Promise<void>;
   /** Allocation status of this layer only; the result covers [offset, offset+length). */

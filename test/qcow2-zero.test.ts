@@ -1,19 +1,22 @@
 // Writes of zeros into qcow2 (fallocate ZERO_RANGE on a mount, tsimg commit and convert)
-// leave the image file qemu-io's `write -z` leaves (with discard=ignore, the default of
-// QEMU's -drive and qemu-storage-daemon nodes), byte for byte: on v3 every cluster
-// of the range is marked zero, unallocated ones too (QEMU's zero_in_l2_slice, L2 tables
-// made where missing), a partial cluster whose other bytes read as zeros is marked
-// zero whole, any other partial cluster is written; v2 gives allocated clusters back
-// where no backing file reaches (QEMU's fallback to discard) and writes zeros where one
-// does. A punched hole (unmap) stays QEMU's discard: unallocated clusters stay so (not
-// tested against QEMU here: its FUSE export and nodes ignore discards by default).
+// and punched holes leave the image file qemu-io leaves with `write -z` and `discard`
+// (its default discard=unmap: clusters a guest gives back are punched from the file too),
+// byte for byte: on v3 a write of zeros marks every cluster of the range zero,
+// unallocated ones too (QEMU's zero_in_l2_slice, L2 tables made where missing), a
+// partial cluster whose other bytes read as zeros is marked zero whole, any other
+// partial cluster is written; v2 gives allocated clusters back where no backing file
+// reaches (QEMU's fallback to discard) and writes zeros where one does. A punched hole
+// is QEMU's discard: allocated clusters become zero and their space goes back to the
+// file, unallocated ones stay so (QEMU leaves the partial clusters of a discard as they
+// were, which a punched hole cannot: tsmount writes their zeros, so only whole clusters
+// are compared).
 import { expect } from 'chai';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createImage, md5File, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
 import { MountTracker, mountpointIn } from './helpers/mount.js';
 import { openTestImage } from './helpers/images.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, fallocate } from '../drivers/util/sys.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate } from '../drivers/util/sys.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -52,12 +55,8 @@ describe('qcow2 writes of zeros: the file qemu-io write -z makes', function () {
     return files as [string, string];
   }
 
-  /**
-   * qemu-io write -z with discard=ignore, the default of qemu-storage-daemon's and
-   * -drive's nodes (qemu-io's own is unmap: clusters v2 frees would be punched in the file).
-   */
-  async function zerosByQemu(file: string, ranges: [number, number][]): Promise<void> {
-    await runOk('qemu-io', ['-d', 'ignore', '-f', 'qcow2', ...ranges.flatMap(([o, l]) => ['-c', `write -z ${o} ${l}`]), file], { cwd: tmp.dir });
+  async function zerosByQemu(file: string, ranges: [number, number][], command = 'write -z'): Promise<void> {
+    await runOk('qemu-io', ['-f', 'qcow2', ...ranges.flatMap(([o, l]) => ['-c', `${command} ${o} ${l}`]), file], { cwd: tmp.dir });
   }
 
   async function expectSameFile(qemu: string, ours: string): Promise<void> {
@@ -67,6 +66,9 @@ describe('qcow2 writes of zeros: the file qemu-io write -z makes', function () {
     expect(maps[1], 'qemu-img map').to.equal(maps[0]);
     expect(fs.statSync(ours).size).to.equal(fs.statSync(qemu).size);
     expect(await md5File(ours), 'the same bytes').to.equal(await md5File(qemu));
+    // The space given back: the same blocks allocated in the host file (give or take a table).
+    const blocks = [qemu, ours].map((f) => fs.statSync(f).blocks * 512);
+    expect(Math.abs(blocks[1]! - blocks[0]!), `st_blocks ${blocks.join(' ')}`).to.be.at.most(64 * KiB);
   }
 
   for (const [what, options] of [
@@ -117,6 +119,33 @@ describe('qcow2 writes of zeros: the file qemu-io write -z makes', function () {
     } finally {
       await node.close();
     }
+    await expectSameFile(files[0]!, files[1]!);
+  });
+
+  it('through a mount: fallocate PUNCH_HOLE is QEMU\'s discard, the clusters\' space given back to the file', async () => {
+    const holes: [number, number][] = [[0, MiB], [2 * MiB, 3 * MiB], [600 * MiB, 256 * KiB], [900 * MiB, 64 * KiB]];
+    const files: string[] = [];
+    for (const who of ['qemu', 'ours']) {
+      const f = path.join(tmp.dir, `punch-${who}.qcow2`);
+      await createImage(f, 'qcow2', 1024 * MiB, {});
+      await qemuIo(f, 'qcow2', ['write -P 1 0 8M', 'write -P 2 600M 1M', 'write -c -P 3 16M 1M']);
+      files.push(f);
+    }
+    const all: [number, number][] = [...holes, [16 * MiB, MiB]];
+    await zerosByQemu(files[0]!, all, 'discard');
+    const before = fs.statSync(files[1]!).blocks;
+    const dir = mountpointIn(tmp.dir, 'p');
+    await mounts.mount(['--rw', files[1]!, dir]);
+    const fd = fs.openSync(path.join(dir, 'punch-ours.raw'), 'r+');
+    try {
+      for (const [o, l] of all) fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, o, l);
+      fs.fsyncSync(fd);
+      // Given back at the flush (once the tables that dropped the clusters are on disk).
+      expect(fs.statSync(files[1]!).blocks * 512).to.be.below(before * 512 - 4 * MiB);
+    } finally {
+      fs.closeSync(fd);
+    }
+    await mounts.unmount(dir);
     await expectSameFile(files[0]!, files[1]!);
   });
 

@@ -145,6 +145,12 @@ export class PreallocateFilter extends Filter {
     return async (offset, length) => ((await this.handleWrite(offset, length, true)) ? true : next.allocateZeros!(offset, length));
   }
 
+  /** A discard changes no length (QEMU's filter passes it on as it is). */
+  get discard(): ((offset: number, length: number) => Promise<boolean>) | undefined {
+    const next = this.next;
+    return next.discard && ((offset, length) => next.discard!(offset, length));
+  }
+
   override get zero(): ((offset: number, length: number, unmap: boolean, o?: ZeroOptions) => Promise<void>) | undefined {
     const next = this.next;
     if (!next.zero) return undefined;

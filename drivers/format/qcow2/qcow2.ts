@@ -779,16 +779,35 @@ export class Qcow2Node implements BlockNode {
   }
 
   /** Give back what an entry pointed at, once the change is on disk. */
-  private freeEntry(old: L2Entry): void {
+  /** `discard`: freed at the guest's request (zero with unmap): the space goes back to the file too. */
+  private freeEntry(old: L2Entry, discard = false): void {
     if (this.data !== this.file) return; // data file clusters are not refcounted
     if (old.kind === 'compressed') {
       // Every host cluster the compressed bytes touch holds one reference (qcow2_free_any_cluster).
       const firstCluster = Math.floor(old.cOffset / this.cs);
       const lastCluster = Math.floor((old.cOffset + old.cLength - 1) / this.cs);
-      for (let c = firstCluster; c <= lastCluster; c++) this.refcounts.queueFree(c * this.cs);
+      for (let c = firstCluster; c <= lastCluster; c++) this.refcounts.queueFree(c * this.cs, discard);
       this.decompressed.delete(old.cOffset);
     } else if (old.host !== 0) {
-      this.refcounts.queueFree(old.host);
+      this.refcounts.queueFree(old.host, discard);
+    }
+  }
+
+  /**
+   * Give free host clusters back to the file (a hole punched, QEMU's discard passed
+   * down as with discard=unmap), in runs; never where a table of ours lies (a corrupt
+   * image's data entry may have named one).
+   */
+  private async discardHost(clusters: number[]): Promise<void> {
+    if (!this.file.discard || clusters.length === 0 || !this.guard) return;
+    const cs = this.cs;
+    for (let i = 0; i < clusters.length; ) {
+      let j = i + 1;
+      while (j < clusters.length && clusters[j] === clusters[j - 1]! + 1) j++;
+      const offset = clusters[i]! * cs;
+      const length = (j - i) * cs;
+      if (!this.guard.touches(offset, length)) await this.file.discard(offset, length);
+      i = j;
     }
   }
 
@@ -1015,7 +1034,8 @@ export class Qcow2Node implements BlockNode {
           if (e.kind === 'unallocated') continue;
           encodeL2(dv, idx, 0, false, false);
         }
-        if (!keep) this.freeEntry(e);
+        // Freed at the guest's request (QEMU's QCOW2_DISCARD_REQUEST), as unmap, a compressed cluster or v2 may.
+        if (!keep) this.freeEntry(e, true);
         changed = true;
       }
       if (changed) this.map.l2Cache.markDirty(table);
@@ -1421,9 +1441,10 @@ export class Qcow2Node implements BlockNode {
     // The tables, then (behind a barrier) the L1 entries of new ones.
     await this.map.l2Cache.flush();
     await this.file.flush();
-    if (frees.length > 0) {
-      await this.refcounts.applyFrees(frees);
+    if (frees.clusters.length > 0) {
+      const free = await this.refcounts.applyFrees(frees);
       await this.refcountCache.flush();
+      await this.discardHost(free);
       await this.file.flush();
     }
   }

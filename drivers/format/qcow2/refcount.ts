@@ -18,6 +18,13 @@ import { decodeRefcount, decodeReftable, encodeRefcount, encodeReftable } from '
 import { encodeRefcountTableFields, HDR, LIMITS } from './header.js';
 import { OL, type MetadataGuard } from './overlap.js';
 
+/** Frees queued until the L2 change that dropped them is on disk. */
+export interface PendingFrees {
+  clusters: number[];
+  /** Those to give back to the file once free. */
+  discard: number[];
+}
+
 export interface RefcountOptions {
   file: BlockNode;
   name: string;
@@ -61,6 +68,8 @@ export class Refcounts {
   /** No free cluster below this index. */
   private freeHint = 0;
   private pendingFrees: number[] = [];
+  /** Those of pendingFrees a guest's unmap freed (QEMU's QCOW2_DISCARD_REQUEST): given back to the file once free. */
+  private pendingDiscards: number[] = [];
   /**
    * Refcount table entries of new blocks, set in memory and written with the
    * refcount cache's next flush, after the blocks and a barrier (reftableTail).
@@ -199,23 +208,34 @@ export class Refcounts {
     if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
   }
 
-  /** Remember a host cluster to free once the reference dropped from it is on disk. */
-  queueFree(hostOffset: number): void {
-    this.pendingFrees.push(hostOffset / this.clusterSize);
+  /**
+   * Remember a host cluster to free once the reference dropped from it is on disk;
+   * `discard`: the guest asked for the space back (an unmap), so once the cluster is
+   * free its bytes are given back to the file too (applyFrees).
+   */
+  queueFree(hostOffset: number, discard = false): void {
+    const c = hostOffset / this.clusterSize;
+    this.pendingFrees.push(c);
+    if (discard) this.pendingDiscards.push(c);
   }
 
   hasPendingFrees(): boolean {
     return this.pendingFrees.length > 0;
   }
 
-  takeFrees(): number[] {
-    const f = this.pendingFrees;
+  takeFrees(): PendingFrees {
+    const f = { clusters: this.pendingFrees, discard: this.pendingDiscards };
     this.pendingFrees = [];
+    this.pendingDiscards = [];
     return f;
   }
 
-  async applyFrees(clusters: number[]): Promise<void> {
-    for (const c of clusters) await this.adjust(c, -1);
+  /** The decrements; returns the clusters to discard that are now free (in order). */
+  async applyFrees(f: PendingFrees): Promise<number[]> {
+    for (const c of f.clusters) await this.adjust(c, -1);
+    const free: number[] = [];
+    for (const c of new Set(f.discard)) if ((await this.refcount(c)) === 0) free.push(c);
+    return free.sort((a, b) => a - b);
   }
 
   private async block(r: number): Promise<Table | undefined> {

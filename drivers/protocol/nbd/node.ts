@@ -165,13 +165,14 @@ export class NbdNode extends RemoteNode {
     });
   }
 
-  /** NBD_CMD_TRIM: the server may drop the range (reads then return anything). */
-  async discard(offset: number, length: number): Promise<void> {
-    if (!(this.info.flags & NBD_FLAG.SEND_TRIM)) return;
+  /** NBD_CMD_TRIM: the server may drop the range (reads then return anything); false where it cannot. */
+  async discard(offset: number, length: number): Promise<boolean> {
+    if (!(this.info.flags & NBD_FLAG.SEND_TRIM)) return false;
     this.dirty = true;
     await inParallel(pieces(offset, length, this.alignedLimit()), WINDOW, async ([o, n]) => {
       await this.send(NBD_CMD.TRIM, 0, o, n);
     });
+    return true;
   }
 
   protected async sync(): Promise<void> {
