@@ -39,7 +39,12 @@ describe('crash storms: every writable format survives SIGKILL of the server dur
     if (SOAK || process.env.TSMOUNT_CRASH_VERBOSE) console.log(`      seed ${seed}: ${JSON.stringify(survived)}`);
   });
 
-  for (const { name, format, write, checked } of CASES) {
+  // qcow2 again with holes punched among the writes (clusters freed, then given back to
+  // the file at a flush) through QEMU's preallocate filter (the file grows ahead of the
+  // data and is cut back at close, or not, when killed).
+  const qcow2 = CASES.find((c) => c.name === 'qcow2');
+  const cases = [...CASES.map((c) => ({ ...c, extra: [] as string[], punch: false })), ...(qcow2 ? [{ ...qcow2, name: 'qcow2-punch-prealloc', extra: ['-o', 'preallocate,prealloc-size=4M'], punch: true }] : [])];
+  for (const { name, format, write, checked, extra, punch } of cases) {
     it(`${name}: killed ${ROUNDS} times at random moments, no corruption, nothing acknowledged lost`, async () => {
       const rnd = rng(seed + name.length * 7919 + name.charCodeAt(0));
       const ref: ImageRef = await makeVariant(tmp.dir, format, write, `storm-${name}`);
@@ -48,7 +53,7 @@ describe('crash storms: every writable format survives SIGKILL of the server dur
       const flat = path.join(dir, `storm-${name}.raw`);
       const raw = path.join(tmp.dir, `now-${name}.raw`);
       // The format named: a fixed VHD is probed as raw, as QEMU probes it.
-      const args = ['--rw', '-f', format, ...(ref.secret ? ['--secret', ref.secret] : []), ref.file, dir];
+      const args = ['--rw', '-f', format, ...extra, ...(ref.secret ? ['--secret', ref.secret] : []), ref.file, dir];
       await convertRef(ref, raw);
       let model = fs.readFileSync(raw);
       const disk = model.length;
@@ -59,7 +64,7 @@ describe('crash storms: every writable format survives SIGKILL of the server dur
         const journal = path.join(tmp.dir, `journal-${name}-${round}`);
         await mounts.mount(args);
         const pid = mountedPid(dir)!;
-        const writer = spawn(process.execPath, [WRITER, flat, journal, String(seed + round * 101), String(disk)], { stdio: 'ignore' });
+        const writer = spawn(process.execPath, [WRITER, flat, journal, String(seed + round * 101), String(disk), ...(punch ? ['punch'] : [])], { stdio: 'ignore' });
         mounts.trackChild(writer);
         // Once the writer has started (slow on a loaded machine), a random moment: before,
         // during and after its first fsyncs.

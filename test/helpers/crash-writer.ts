@@ -1,10 +1,13 @@
 // A writer for the kill tests, run as its own process: random writes into a flat file
 // with an fsync every few, and a journal (on a normal file system) that says which
 // writes were started and which an fsync acknowledged. The journal survives the
-// kill, so the test knows exactly which bytes must have reached the image.
-//   node crash-writer.js FLAT JOURNAL SEED DISK_BYTES
+// kill, so the test knows exactly which bytes must have reached the image. With
+// `punch`, some of the writes are holes punched (fallocate PUNCH_HOLE: zeros, the
+// space given back), mostly of whole 64 KiB clusters.
+//   node crash-writer.js FLAT JOURNAL SEED DISK_BYTES [punch]
 import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate } from '../../drivers/util/sys.js';
 
 /** The bytes of write number i: recomputable by the test from i alone. */
 export function blockFor(i: number, length: number): Buffer {
@@ -25,19 +28,20 @@ function rng(seed: number): (n: number) => number {
 }
 
 export interface Journal {
-  /** Writes an fsync acknowledged, in order. */
-  durable: { i: number; offset: number; length: number }[];
+  /** Writes an fsync acknowledged, in order (`punch`: a hole, zeros). */
+  durable: { i: number; offset: number; length: number; punch?: boolean }[];
   /** Ranges written after the last acknowledged fsync: their bytes may be old or new. */
   uncertain: [number, number][];
 }
 
 /** What a writer's journal says: the writes an fsync acknowledged, and the ranges left uncertain. */
 export function readJournal(file: string): Journal {
-  const writes: { i: number; offset: number; length: number }[] = [];
+  const writes: { i: number; offset: number; length: number; punch?: boolean }[] = [];
   let synced = -1;
   for (const line of fs.readFileSync(file, 'utf8').split('\n')) {
     const f = line.split(' ');
     if (f[0] === 'W' && f.length === 4) writes.push({ i: Number(f[1]), offset: Number(f[2]), length: Number(f[3]) });
+    if (f[0] === 'P' && f.length === 4) writes.push({ i: Number(f[1]), offset: Number(f[2]), length: Number(f[3]), punch: true });
     if (f[0] === 'S' && f.length === 2) synced = Math.max(synced, Number(f[1]));
   }
   return {
@@ -53,7 +57,10 @@ export function readJournal(file: string): Journal {
  */
 export function firstLostByte(model: Buffer, now: Buffer, j: Journal): number {
   const sure = Buffer.from(model);
-  for (const w of j.durable) blockFor(w.i, w.length).copy(sure, w.offset);
+  for (const w of j.durable) {
+    if (w.punch) sure.fill(0, w.offset, w.offset + w.length);
+    else blockFor(w.i, w.length).copy(sure, w.offset);
+  }
   // Bytes an unacknowledged write may have touched are whatever the image says.
   for (const [a, b] of j.uncertain) now.copy(sure, a, a, b);
   if (sure.length !== now.length) return Math.min(sure.length, now.length);
@@ -63,7 +70,7 @@ export function firstLostByte(model: Buffer, now: Buffer, j: Journal): number {
   return k;
 }
 
-function main(flat: string, journal: string, seed: number, disk: number): void {
+function main(flat: string, journal: string, seed: number, disk: number, punch: boolean): void {
   let x = seed >>> 0 || 1;
   const rnd = (n: number): number => {
     x ^= x << 13;
@@ -80,13 +87,19 @@ function main(flat: string, journal: string, seed: number, disk: number): void {
   } catch {
     process.exit(0);
   }
+  const CLUSTER = 64 * 1024;
   for (let i = 0; ; i++) {
-    const length = 512 * (1 + rnd(128));
-    const offset = 512 * rnd((disk - length) / 512);
+    const hole = punch && rnd(4) === 0;
+    // A hole: mostly whole clusters (freed and given back), sometimes any sectors.
+    const whole = hole && rnd(4) !== 0;
+    const unit = whole ? CLUSTER : 512;
+    const length = unit * (1 + rnd(whole ? 8 : 128));
+    const offset = unit * rnd(Math.floor((disk - length) / unit));
     // Intent first: a write that may have landed only partly is known to the test.
-    fs.writeSync(log, `W ${i} ${offset} ${length}\n`);
+    fs.writeSync(log, `${hole ? 'P' : 'W'} ${i} ${offset} ${length}\n`);
     try {
-      fs.writeSync(fd, blockFor(i, length), 0, length, offset);
+      if (hole) fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+      else fs.writeSync(fd, blockFor(i, length), 0, length, offset);
       if (i % 8 === 7) {
         fs.fsyncSync(fd);
         fs.writeSync(log, `S ${i}\n`);
@@ -100,6 +113,6 @@ function main(flat: string, journal: string, seed: number, disk: number): void {
 
 // Run only as a program, never when a test imports blockFor.
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  const [flat, journal, seed, disk] = process.argv.slice(2);
-  main(flat!, journal!, Number(seed), Number(disk));
+  const [flat, journal, seed, disk, mode] = process.argv.slice(2);
+  main(flat!, journal!, Number(seed), Number(disk), mode === 'punch');
 }
