@@ -15,7 +15,7 @@ import { sizable } from '../../resize.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import type { BitmapTracker } from './bitmap.js';
-import { ALL_SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
+import { ALL_SUBCLUSTERS, SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
 import { compressBlock, type CompressCodec } from '../../util/compress.js';
 import { COMPRESSION } from './compress.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
@@ -949,31 +949,102 @@ export class Qcow2Node implements BlockNode {
     // The last, partial cluster of the disk counts as whole.
     const alignedEnd = end === this.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
     const markAll = this.v3 && !unmap;
-    if (alignedStart >= alignedEnd) return this.zeroPartial(offset, end, every, markAll);
+    if (alignedStart >= alignedEnd) {
+      // No whole cluster: part of one, or the ends of two.
+      if (alignedStart <= offset || alignedStart >= end) return this.zeroPartial(offset, end, every, markAll);
+      await this.zeroPartial(offset, alignedStart, every, markAll);
+      return this.zeroPartial(alignedStart, end, every, markAll);
+    }
     if (offset < alignedStart) await this.zeroPartial(offset, alignedStart, every, markAll);
     await this.zeroClusters(alignedStart, alignedEnd, unmap, every, markAll);
     if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, every, markAll);
   }
 
   /**
-   * Zeros in part of one cluster. `markAll` (v3, a write of zeros, no subclusters): as
+   * Zeros in part of one cluster (never across two). `markAll` (v3, a write of zeros, no subclusters): as
    * qcow2_co_pwrite_zeroes, a cluster that is unallocated or zero, whose other bytes
    * read as zeros, is marked zero whole; any other is written.
    */
   private async zeroPartial(a: number, b: number, every = false, markAll = false): Promise<void> {
+    if (markAll && this.map.extended) return this.zeroSubclusters(a, b, every);
     if (markAll && !this.map.extended) {
       const cs = this.cs;
       const c0 = Math.floor(a / cs) * cs;
       const c1 = Math.min(c0 + cs, this.size);
       const [run] = await this.map.map(c0, c1 - c0);
-      // The rest of an unallocated cluster reads as zeros where no backing file reaches
-      // it (where one does, QEMU asks the chain; writing the zeros is the same bytes).
-      const restZero = run!.kind === 'zero' || (run!.kind === 'unallocated' && !this.backingCovers(c0 < a ? c0 : b));
-      if (restZero && (run!.kind === 'zero' || run!.kind === 'unallocated')) return this.zeroClusters(c0, c0 + cs, false, every, true);
+      const restZero = run!.kind === 'zero' || (run!.kind === 'unallocated' && !every && (await this.restReadsZero(c0, c1, a, b)));
+      if (restZero) return this.zeroClusters(c0, c0 + cs, false, every, true);
     }
     const runs = await this.map.map(a, b - a);
     const readsZero = runs.every((r) => r.kind === 'zero' || (r.kind === 'unallocated' && !every && !this.backingCovers(r.guest)));
     if (!readsZero) await this.writeLocked(a, Buffer.alloc(b - a));
+  }
+
+  /**
+   * Zeros in part of one cluster with subclusters (extended L2), as QEMU splits it: a
+   * partial subcluster at either end that is unallocated or zero, whose other bytes
+   * read as zeros, counts as whole; whole subclusters get their zero bits set and their
+   * allocation bits cleared (zero_l2_subclusters; the host cluster stays); the rest, and
+   * anything in a compressed cluster, is written.
+   */
+  private async zeroSubclusters(a: number, b: number, every: boolean): Promise<void> {
+    const cs = this.cs;
+    const sc = this.map.subclusterSize;
+    const c0 = Math.floor(a / cs) * cs;
+    const l1i = Math.floor(c0 / this.map.l2Span);
+    const gc = c0 / cs;
+    const idx = gc - l1i * this.map.l2Entries;
+    const current = async (): Promise<L2Entry> => {
+      const l2 = this.map.l1Entry(l1i).offset;
+      if (l2 === 0) return { kind: 'unallocated', host: 0, copied: false, alloc: 0, zeros: 0, cOffset: 0, cLength: 0 };
+      return this.map.entry(await this.map.l2Cache.get(l2), idx, gc);
+    };
+    // The end of the disk ends the last subcluster (QEMU's tail is 0 there).
+    const end = b === this.size ? Math.ceil(b / sc) * sc : b;
+    const first = Math.ceil(a / sc) * sc;
+    const last = Math.floor(end / sc) * sc;
+    const partial = async (p: number, q: number): Promise<void> => {
+      const e = await current();
+      const s = Math.floor((p - c0) / sc);
+      const bit = 1 << s;
+      const zero = e.kind !== 'compressed' && (e.zeros & bit) !== 0;
+      const unallocated = e.kind !== 'compressed' && !zero && (e.alloc & bit) === 0;
+      const start = c0 + s * sc;
+      const restZero = zero || (unallocated && !every && (await this.restReadsZero(start, Math.min(start + sc, this.size), p, q)));
+      if (restZero) await this.markSubclusters(l1i, idx, gc, s, s + 1);
+      else await this.writeLocked(p, Buffer.alloc(q - p));
+    };
+    // Strictly inside one subcluster.
+    if (first > last) return partial(a, b);
+    if (a < first) await partial(a, first);
+    if (last > first) {
+      const e = await current();
+      if (e.kind === 'compressed') await this.writeLocked(first, Buffer.alloc(Math.min(last, this.size) - first));
+      else await this.markSubclusters(l1i, idx, gc, (first - c0) / sc, (last - c0) / sc);
+    }
+    if (last < end) await partial(last, b);
+  }
+
+  /** Subclusters [s0, s1) of cluster gc read as zeros: zero bits set, allocation bits cleared. */
+  private async markSubclusters(l1i: number, idx: number, gc: number, s0: number, s1: number): Promise<void> {
+    const l2Offset = await this.l2ForWrite(l1i);
+    const table = await this.map.l2Cache.get(l2Offset);
+    const e = this.map.entry(table, idx, gc);
+    const mask = s1 - s0 >= SUBCLUSTERS ? ALL_SUBCLUSTERS : (((1 << (s1 - s0)) - 1) << s0) >>> 0;
+    const zeros = (e.zeros | mask) >>> 0;
+    const alloc = (e.alloc & ~mask) >>> 0;
+    if (zeros === e.zeros >>> 0 && alloc === e.alloc >>> 0) return;
+    encodeL2Ext(table.view(), idx, e.host, e.copied, alloc, zeros);
+    this.map.l2Cache.markDirty(table);
+  }
+
+  /**
+   * Whether [u0, u1) but [a, b), unallocated in this layer, reads as zeros through the
+   * backing chain (QEMU's is_zero: zero clusters, unallocated to the bottom, or past a
+   * layer's end; data is not, whatever it holds).
+   */
+  private async restReadsZero(u0: number, u1: number, a: number, b: number): Promise<boolean> {
+    return (await readsZeroBelow(this.backing, u0, a - u0)) && readsZeroBelow(this.backing, b, u1 - b);
   }
 
   private backingCovers(guest: number): boolean {
@@ -1569,4 +1640,16 @@ export class Qcow2Node implements BlockNode {
 /** The entry holds a host cluster (data, or a preallocated zero cluster). */
 function hasHost(e: L2Entry): boolean {
   return e.kind === 'data' || (e.kind === 'zero' && e.host !== 0);
+}
+
+/** Whether `node` and the layers under it read [offset, offset + length) as zeros without data (is_zero). */
+async function readsZeroBelow(node: BlockNode | undefined, offset: number, length: number): Promise<boolean> {
+  if (!node || length <= 0) return true;
+  const end = Math.min(offset + length, node.size);
+  if (end <= offset) return true;
+  for (const r of await node.blockStatus(offset, end - offset)) {
+    if (r.kind === 'data') return false;
+    if (r.kind === 'unallocated' && !(await readsZeroBelow(node.backing, r.offset, r.length))) return false;
+  }
+  return true;
 }
