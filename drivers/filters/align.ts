@@ -6,8 +6,8 @@
 // builder (drivers/open.ts) puts this filter over it through `aligned()`. Overlapping
 // read-modify-writes are serialised so two unaligned writes into one sector cannot
 // lose each other's bytes.
-import type { BlockNode, HostCipher, SnapshotView, WriteLog } from '../types.js';
-import { Filter } from './filter.js';
+import type { BlockNode, SnapshotView } from '../types.js';
+import { SameBytesFilter } from './filter.js';
 
 interface Range {
   start: number;
@@ -21,7 +21,15 @@ export function aligned(node: BlockNode): BlockNode {
   return a > 1 ? new AlignFilter(node, a) : node;
 }
 
-export class AlignFilter extends Filter {
+/**
+ * Only the shape of requests changes here, never the bytes, so going around it is the
+ * same (SameBytesFilter): an O_DIRECT file offers no host descriptor, and a node offers
+ * passthrough only on a file that takes any request; a range the node below calls
+ * writable in place is plain data in its host file, where a pwrite(2) of part of a
+ * sector is what this filter's read-modify-write would do, and the workers never write
+ * while a change through the graph (this filter's included) runs (fs/read-map.ts).
+ */
+export class AlignFilter extends SameBytesFilter {
   private readonly busy = new Set<Range>();
   private views: SnapshotView[] | undefined;
 
@@ -30,33 +38,8 @@ export class AlignFilter extends Filter {
   }
 
   /** Above this filter any request is fine. */
-  /** Only the shape of requests changes here, never the bytes (an O_DIRECT file offers no host descriptor). */
-  override get hostFd(): number | undefined {
-    return this.next.hostFd;
-  }
-  override get hostCipher(): HostCipher | undefined {
-    return this.next.hostCipher;
-  }
-  /** Nor the bytes the kernel reads around it: a node offers passthrough only on a file that takes any request (no O_DIRECT). */
-  override get passthroughFd(): number | undefined {
-    return this.next.passthroughFd;
-  }
-
   override get requestAlignment(): number | undefined {
     return undefined;
-  }
-
-  /**
-   * What the node below lets the FUSE workers write around it, any bytes of it: a range
-   * it calls writable in place is plain data in its host file, where a pwrite(2) of part
-   * of a sector is what this filter's read-modify-write would do, and the workers never
-   * write while a change through the graph (this filter's included) runs (fs/read-map.ts).
-   */
-  override get inPlaceWrites(): boolean | undefined {
-    return this.next.inPlaceWrites;
-  }
-  override get writeLog(): WriteLog | undefined {
-    return this.next.writeLog;
   }
 
   /** Snapshot views share the image's unit: they get the filter too. */

@@ -1,8 +1,8 @@
 // Counts what passes through (tsmount --list): requests, bytes, requests in flight,
 // failures. A few integer additions per request; whoever wants the numbers reads the
 // object it was given.
-import type { BlockNode, HostCipher, WriteLog } from '../types.js';
-import { Filter } from './filter.js';
+import type { BlockNode } from '../types.js';
+import { SameBytesFilter } from './filter.js';
 
 export interface IoCounters {
   reads: number;
@@ -17,27 +17,14 @@ export function newCounters(): IoCounters {
   return { reads: 0, bytesRead: 0, writes: 0, bytesWritten: 0, inFlight: 0, errors: 0 };
 }
 
-export class CountingFilter extends Filter {
+/**
+ * Counts, changes nothing (SameBytesFilter): passthrough I/O is the kernel's alone and is
+ * not counted (tsmount --list says so); the workers count their reads and writes
+ * themselves (fs/read-map-table.ts).
+ */
+export class CountingFilter extends SameBytesFilter {
   constructor(next: BlockNode, readonly counters: IoCounters) {
     super(next);
-  }
-
-  /** Passthrough I/O is the kernel's alone: it is not counted (tsmount --list says so). */
-  override get passthroughFd(): number | undefined {
-    return this.next.passthroughFd;
-  }
-  override get hostFd(): number | undefined {
-    return this.next.hostFd;
-  }
-  override get hostCipher(): HostCipher | undefined {
-    return this.next.hostCipher;
-  }
-  /** The workers count their writes themselves (fs/read-map-table.ts), as their reads. */
-  override get inPlaceWrites(): boolean | undefined {
-    return this.next.inPlaceWrites;
-  }
-  override get writeLog(): WriteLog | undefined {
-    return this.next.writeLog;
   }
 
   override read(offset: number, dst: Uint8Array): Promise<void> {

@@ -157,3 +157,28 @@ export class Filter implements BlockNode {
     return next.amend && ((options) => next.amend!(options));
   }
 }
+
+/**
+ * A filter that changes no byte and moves none (counting, alignment, preallocation): what
+ * the FUSE layer does around it (reads from the host descriptor, the workers' writes in
+ * place, the kernel's passthrough) is what it would do through it, so the descriptors and
+ * the in-place writes of the node below are offered here too. Each such filter says in
+ * its own comment why going around it is the same.
+ */
+export class SameBytesFilter extends Filter {
+  override get passthroughFd(): number | undefined {
+    return this.next.passthroughFd;
+  }
+  override get hostFd(): number | undefined {
+    return this.next.hostFd;
+  }
+  override get hostCipher(): HostCipher | undefined {
+    return this.next.hostCipher;
+  }
+  override get inPlaceWrites(): boolean | undefined {
+    return this.next.inPlaceWrites;
+  }
+  override get writeLog(): WriteLog | undefined {
+    return this.next.writeLog;
+  }
+}

@@ -11,10 +11,10 @@
 // resize permissions; backing files, extents and data files are opened without it, as
 // QEMU opens them by name without the filter).
 import createDebug from '../util/debug.js';
-import type { BlockNode, HostCipher, TruncateOptions, WriteLog, ZeroOptions } from '../types.js';
+import type { BlockNode, TruncateOptions, ZeroOptions } from '../types.js';
 import { UsageError, messageOf } from '../errors.js';
 import { parseSize } from '../options.js';
-import { Filter } from './filter.js';
+import { SameBytesFilter } from './filter.js';
 
 const debug = createDebug('tsmount:preallocate');
 
@@ -52,7 +52,12 @@ export function preallocated(file: BlockNode, o: PreallocateOptions): BlockNode 
 
 const alignUp = (n: number, a: number): number => Math.ceil(n / a) * a;
 
-export class PreallocateFilter extends Filter {
+/**
+ * Bytes are neither changed nor moved here, and every write around the filter (the FUSE
+ * workers' in-place writes, the kernel's passthrough) lands inside the data: only a
+ * change through the graph allocates past its end (SameBytesFilter).
+ */
+export class PreallocateFilter extends SameBytesFilter {
   /** The end of the data: the file's length when opened, or the end of a write past it. */
   private dataEnd: number;
   /** Where the zeros past the data begin (a write of zeros past the end moves dataEnd, not this). */
@@ -69,25 +74,6 @@ export class PreallocateFilter extends Filter {
   /** The file as long as its data: the format above never sees the zeros ahead of it. */
   override get size(): number {
     return this.dataEnd;
-  }
-
-  // Bytes are neither changed nor moved here, and every write around the filter (the
-  // FUSE workers' in-place writes, the kernel's passthrough) lands inside the data:
-  // only a change through the graph allocates past its end.
-  override get hostFd(): number | undefined {
-    return this.next.hostFd;
-  }
-  override get hostCipher(): HostCipher | undefined {
-    return this.next.hostCipher;
-  }
-  override get passthroughFd(): number | undefined {
-    return this.next.passthroughFd;
-  }
-  override get inPlaceWrites(): boolean | undefined {
-    return this.next.inPlaceWrites;
-  }
-  override get writeLog(): WriteLog | undefined {
-    return this.next.writeLog;
   }
 
   /**
