@@ -43,7 +43,7 @@ export function preallocateOptions(given: { size?: string; align?: string }, wha
   return { size, align };
 }
 
-/** The filter over `file`, or `file` itself where it has no alignment QEMU's check accepts. */
+/** The filter over `file`; refused where prealloc-align is no multiple of the file's request alignment (QEMU's check). */
 export function preallocated(file: BlockNode, o: PreallocateOptions): BlockNode {
   const unit = file.requestAlignment ?? 1;
   if (o.align % unit !== 0) throw new UsageError(`prealloc-align parameter of preallocate filter is not aligned to underlying node request alignment (${unit})`);
@@ -84,7 +84,13 @@ export class PreallocateFilter extends SameBytesFilter {
    */
   private async handleWrite(offset: number, length: number, mergeZero: boolean): Promise<boolean> {
     const end = offset + length;
-    if (end <= this.dataEnd) return false;
+    if (end <= this.dataEnd) {
+      // Data inside the data's end but past zeroStart: from there on the zeros are no
+      // longer known. (QEMU does not move zero_start here, so a later merged write of
+      // zeros over such data would be skipped; tsmount never skips it.)
+      if (!mergeZero && end > this.zeroStart) this.zeroStart = end;
+      return false;
+    }
     this.dataEnd = end;
     if (!mergeZero) this.zeroStart = end;
     const fileEnd = this.next.size;

@@ -778,8 +778,10 @@ export class Qcow2Node implements BlockNode {
     }
   }
 
-  /** Give back what an entry pointed at, once the change is on disk. */
-  /** `discard`: freed at the guest's request (zero with unmap): the space goes back to the file too. */
+  /**
+   * Give back what an entry pointed at, once the change is on disk; `discard`: freed at
+   * the guest's request (a zero that may free), so the space goes back to the file too.
+   */
   private freeEntry(old: L2Entry, discard = false): void {
     if (this.data !== this.file) return; // data file clusters are not refcounted
     if (old.kind === 'compressed') {
@@ -1054,7 +1056,8 @@ export class Qcow2Node implements BlockNode {
   /**
    * Zero whole clusters [a, b) (b may pass the disk end by less than a cluster).
    * Unallocated clusters no backing file reaches are left so, unless `every` (a grown
-   * disk's new area, which qcow2_co_truncate zeroes whole).
+   * disk's new area, which qcow2_co_truncate zeroes whole) or `markAll` (a write of
+   * zeros on v3, zeroLocked).
    */
   private async zeroClusters(a: number, b: number, unmap: boolean, every = false, markAll = false): Promise<void> {
     const backingCovers = (guest: number): boolean => every || markAll || this.backingCovers(guest);
