@@ -164,6 +164,28 @@ describe('NBD: images on NBD servers', function () {
     expect(buf.subarray(0, 3 * MiB).every((b) => b === 0)).to.equal(true);
   });
 
+  it('gives the clusters a punched hole frees back through TRIM (qcow2 over qemu-nbd --discard=unmap)', async () => {
+    const img = path.join(tmp.dir, 'trim.qcow2');
+    await createImage(img, 'qcow2', '64M');
+    await qemuIo(img, 'qcow2', ['write -P 0x66 0 16M']);
+    const before = fs.statSync(img).blocks * 512;
+    const sock = path.join(tmp.dir, 'trim.sock');
+    const server = await serve('qemu-nbd', ['-t', '-f', 'raw', '--discard=unmap', '-k', sock, img], { path: sock });
+    const node = await openImage(`nbd+unix:///?socket=${sock}`, rw);
+    try {
+      await node.zero!(0, 8 * MiB, true);
+      await node.flush();
+    } finally {
+      await node.close();
+    }
+    await server.stop();
+    const after = fs.statSync(img).blocks * 512;
+    expect(before - after, `st_blocks ${before} -> ${after}`).to.be.at.least(7 * MiB);
+    const check = await checkImage(img, 'qcow2');
+    expect(check.code, check.output).to.equal(0);
+    await qemuIo(img, 'qcow2', ['read -P 0 0 8M', 'read -P 0x66 8M 8M']);
+  });
+
   it('names exports: the legacy nbd:HOST:PORT:exportname= syntax and a named qemu-nbd export', async () => {
     const port = await freePort();
     await serve('qemu-nbd', ['-t', '-r', '-x', 'named export', '-f', 'qcow2', '-b', '127.0.0.1', '-p', String(port), qcow2], { port });
