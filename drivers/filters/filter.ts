@@ -159,13 +159,11 @@ export class Filter implements BlockNode {
 }
 
 /**
- * A filter that changes no byte and moves none (counting, alignment, preallocation): what
- * the FUSE layer does around it (reads from the host descriptor, the workers' writes in
- * place, the kernel's passthrough) is what it would do through it, so the descriptors and
- * the in-place writes of the node below are offered here too. Each such filter says in
- * its own comment why going around it is the same.
+ * A filter that changes no byte a read returns (read-only, and every SameBytesFilter):
+ * reading around it (the FUSE workers from the host descriptor, the kernel's passthrough)
+ * is reading through it, so the descriptors of the node below are offered here too.
  */
-export class SameBytesFilter extends Filter {
+export class SameReadsFilter extends Filter {
   override get passthroughFd(): number | undefined {
     return this.next.passthroughFd;
   }
@@ -175,6 +173,15 @@ export class SameBytesFilter extends Filter {
   override get hostCipher(): HostCipher | undefined {
     return this.next.hostCipher;
   }
+}
+
+/**
+ * A filter that changes no byte and moves none, written or read (counting, alignment,
+ * preallocation): what the FUSE layer does around it (the workers' writes in place too)
+ * is what it would do through it, so the in-place writes of the node below are offered
+ * here as well. Each such filter says in its own comment why going around it is the same.
+ */
+export class SameBytesFilter extends SameReadsFilter {
   override get inPlaceWrites(): boolean | undefined {
     return this.next.inPlaceWrites;
   }

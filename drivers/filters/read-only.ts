@@ -3,32 +3,22 @@
 // file, a snapshot view), so no driver or protocol repeats it. Reads and everything
 // else pass through; writes, zeroing and resizing fail with EROFS before any driver
 // sees them.
-import type { BitmapControl, BlockNode, HostCipher, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
+import type { BitmapControl, BlockNode, RepairFixed, SnapshotControl, SnapshotView, TruncateOptions, ZeroOptions } from '../types.js';
 import type { CreateOptions } from '../options.js';
 import { ReadOnlyError } from '../errors.js';
-import { Filter } from './filter.js';
+import { SameReadsFilter } from './filter.js';
 
 /** `node` itself when it is writable, else `node` behind the read-only filter. */
 export function guarded(node: BlockNode): BlockNode {
   return node.readOnly && !(node instanceof ReadOnlyFilter) ? new ReadOnlyFilter(node) : node;
 }
 
-export class ReadOnlyFilter extends Filter {
+/** Reads are unchanged (SameReadsFilter); the flat file of a read-only node refuses opens for writing itself. */
+export class ReadOnlyFilter extends SameReadsFilter {
   private views: SnapshotView[] | undefined;
 
   override get readOnly(): boolean {
     return true;
-  }
-
-  /** Reads are unchanged; the flat file of a read-only node refuses opens for writing itself. */
-  override get passthroughFd(): number | undefined {
-    return this.next.passthroughFd;
-  }
-  override get hostFd(): number | undefined {
-    return this.next.hostFd;
-  }
-  override get hostCipher(): HostCipher | undefined {
-    return this.next.hostCipher;
   }
 
   override write(): Promise<void> {
