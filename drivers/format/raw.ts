@@ -1,10 +1,15 @@
 // The raw format: the guest disk is the file's bytes.
-import type { Creatable, CreateRequest, Extent, FormatDriver, ImageDescription, WriteLog } from '../types.js';
-import { Filter } from '../filters/filter.js';
+import type { Creatable, CreateRequest, Extent, FormatDriver, ImageDescription } from '../types.js';
+import { SameBytesFilter } from '../filters/filter.js';
 import { UsageError } from '../errors.js';
 
-/** The file itself, but for its size: a pass-through (drivers/filters/filter.ts). */
-class RawNode extends Filter {
+/**
+ * The file itself, but for its size: a pass-through that changes no byte
+ * (SameBytesFilter, drivers/filters/filter.ts): block status gives the file's own
+ * offsets, and nothing of the format changes on a write, so where the file allows it
+ * reads and writes may go around.
+ */
+class RawNode extends SameBytesFilter {
   /** QEMU counts every node in 512-byte sectors, rounding a file's length up. */
   override get size(): number {
     return Math.ceil(this.next.size / 512) * 512;
@@ -12,17 +17,6 @@ class RawNode extends Filter {
   /** The file's bytes 1:1, unless the size was rounded up to a sector (the tail reads as zeros here). */
   override get passthroughFd(): number | undefined {
     return this.next.size % 512 === 0 ? this.next.passthroughFd : undefined;
-  }
-  /** Block status gives the file's own offsets. */
-  override get hostFd(): number | undefined {
-    return this.next.hostFd;
-  }
-  /** Nothing of the format changes on a write: where the file allows it, writes may go around. */
-  override get inPlaceWrites(): boolean | undefined {
-    return this.next.inPlaceWrites;
-  }
-  override get writeLog(): WriteLog | undefined {
-    return this.next.writeLog;
   }
   /** raw_get_info: no cluster size, never dirty. */
   override get describe(): () => ImageDescription {
