@@ -46,13 +46,22 @@ describe('qcow2 writes of zeros: the file qemu-io write -z makes', function () {
   afterEach(() => mounts.cleanup());
   after(() => tmp.cleanup());
 
-  async function pair(name: string, options: Record<string, string | number>, backing?: string): Promise<[string, string]> {
+  /** Two equal images with DATA (then an internal snapshot, with `snapshot`); qemu-io writes ZEROS into the first. */
+  async function pair(name: string, options: Record<string, string | number>, backing?: string, snapshot = false): Promise<[string, string]> {
     const files: string[] = [];
     for (const who of ['qemu', 'ours']) {
       const f = path.join(tmp.dir, `${name}-${who}.qcow2`);
       await createImage(f, 'qcow2', 1024 * MiB, options, backing ? { file: backing, format: 'qcow2' } : undefined);
       await qemuIo(f, 'qcow2', DATA.map(([o, l], i) => `write -P ${i + 1} ${o} ${l}`));
       files.push(f);
+    }
+    if (snapshot) {
+      // One snapshot, copied: two would differ in its time stamps. Both are copies (the same holes).
+      await runOk('qemu-img', ['snapshot', '-c', 's1', files[0]!]);
+      const made = `${files[0]!}.made`;
+      fs.renameSync(files[0]!, made);
+      for (const f of files) await runOk('cp', ['--sparse=always', made, f]);
+      fs.rmSync(made);
     }
     await zerosByQemu(files[0]!, ZEROS);
     return files as [string, string];
@@ -117,6 +126,38 @@ describe('qcow2 writes of zeros: the file qemu-io write -z makes', function () {
       const [qemu, ours] = await pair(`ext-${cluster}`, { extended_l2: 'on', cluster_size: cluster });
       await zerosByUs(ours);
       await expectSameFile(qemu, ours);
+    });
+  }
+
+  for (const [what, options] of [
+    ['v3', {}],
+    ['extended L2', { extended_l2: 'on', cluster_size: 128 * KiB }],
+  ] as [string, Record<string, string | number>][]) {
+    it(`${what} with an internal snapshot (clusters shared, not COPIED): the host cluster kept under the zero flag, as qemu-io's; a write after copies it`, async () => {
+      const name = `snap-${what.replace(/\W+/g, '-')}`;
+      const [qemu, ours] = await pair(name, options, undefined, true);
+      await zerosByUs(ours);
+      await expectSameFile(qemu, ours);
+      // A write into a zeroed shared cluster must not land in the snapshot's cluster.
+      const after = ['write -P 7 0 4k', 'write -P 8 130k 1k', `write -P 9 ${600 * MiB + 40 * KiB} 4k`];
+      await qemuIo(qemu, 'qcow2', after);
+      const node = await openTestImage(ours, { rw: true, format: 'qcow2' });
+      try {
+        await node.write(0, Buffer.alloc(4 * KiB, 7));
+        await node.write(130 * KiB, Buffer.alloc(KiB, 8));
+        await node.write(600 * MiB + 40 * KiB, Buffer.alloc(4 * KiB, 9));
+      } finally {
+        await node.close();
+      }
+      await expectSameFile(qemu, ours);
+      for (const f of [qemu, ours]) {
+        const check = await run('qemu-img', ['check', f]);
+        expect(check.code, check.stdout + check.stderr).to.equal(0);
+      }
+      // The snapshot still reads its data.
+      for (const f of [qemu, ours]) await runOk('qemu-img', ['snapshot', '-a', 's1', f]);
+      await expectSameFile(qemu, ours);
+      await qemuIo(ours, 'qcow2', ['read -P 1 0 3M']);
     });
   }
 

@@ -733,7 +733,7 @@ export class Qcow2Node implements BlockNode {
         // A run of them, contiguous on the host, is one write.
         let j = i + 1;
         while (j < count && reusable(j) && entries[j]!.host === e.host + (j - i) * cs) j++;
-        await this.writeUnits(first + i, first + j, e.host, entries.slice(i, j), pos, data, false);
+        await this.writeUnits(first + i, first + j, e.host, entries.slice(i, j), pos, data);
         const table = await this.map.l2Cache.get(l2Offset);
         const dv = table.view();
         for (let k = i; k < j; k++) {
@@ -757,19 +757,18 @@ export class Qcow2Node implements BlockNode {
         j = i + got.count;
         host = got.start * cs;
       }
-      // Extended L2: a cluster shared with a snapshot is copied whole.
-      const full = ext && entries.slice(i, j).some(hasHost);
+      // Extended L2: the copy of a cluster shared with a snapshot spans its allocated subclusters too.
+      const span = ext ? this.cowSpan(first + i, first + j, entries[i]!, entries[j - 1]!, pos, end) : undefined;
       // New data first; the L2 entries that point at it after.
-      await this.writeUnits(first + i, first + j, host, entries.slice(i, j), pos, data, full, this.data === this.file);
+      await this.writeUnits(first + i, first + j, host, entries.slice(i, j), pos, data, span, this.data === this.file);
       const table = await this.map.l2Cache.get(l2Offset);
       const dv = table.view();
       for (let k = i; k < j; k++) {
         const old = entries[k]!;
         const at = host + (k - i) * cs;
         if (ext) {
-          const m = mask(k);
-          if (full) encodeL2Ext(dv, first + k - baseIndex, at, true, ALL_SUBCLUSTERS, 0);
-          else encodeL2Ext(dv, first + k - baseIndex, at, true, m, (old.zeros & ~m) >>> 0);
+          const m = this.touched(first + k, span!.a, span!.b);
+          encodeL2Ext(dv, first + k - baseIndex, at, true, m, (old.zeros & ~m) >>> 0);
         } else encodeL2(dv, first + k - baseIndex, at, true, false);
         this.freeEntry(old);
       }
@@ -827,23 +826,41 @@ export class Qcow2Node implements BlockNode {
   }
 
   /**
+   * Extended L2: the guest range a write of [pos, end) into new host clusters for guest
+   * clusters [c0, c1) fills, as QEMU's calculate_l2_meta: subclusters the write touches,
+   * and where the old first or last cluster has a host cluster (shared with a snapshot,
+   * so copied), from its first allocated subcluster and to its last one, so that the new
+   * cluster holds every subcluster the old one held; zero and unallocated subclusters
+   * outside stay so.
+   */
+  private cowSpan(c0: number, c1: number, first: L2Entry, last: L2Entry, pos: number, end: number): { a: number; b: number } {
+    const cs = this.cs;
+    const scs = this.map.subclusterSize;
+    let a = Math.floor(Math.max(pos, c0 * cs) / scs) * scs;
+    let b = Math.min(Math.ceil(Math.min(end, c1 * cs) / scs) * scs, c1 * cs);
+    if (hasHost(first) && first.alloc !== 0) a = Math.min(a, c0 * cs + ctz32(first.alloc) * scs);
+    if (hasHost(last) && last.alloc !== 0) b = Math.max(b, c1 * cs - Math.clz32(last.alloc) * scs);
+    return { a, b };
+  }
+
+  /**
    * Write guest clusters [c0, c1) to host clusters from `host`: the written bytes,
    * and the parts of the first and last unit (subcluster with extended L2, else
-   * cluster) the write does not cover with what they read as before. `full`
-   * widens the first and last unit to the whole cluster. One write for all of it
+   * cluster) the write does not cover with what they read as before. `span` (extended
+   * L2, cowSpan) widens them to that guest range. One write for all of it
    * (QEMU's merge_cow): the old head, the new bytes, the old tail, with no copy of
    * the new bytes. `fresh`: the host clusters were just allocated for this write, so
    * where the head and tail read as zeros, zeros allocated without writing them do
    * (QEMU's handle_alloc_space): a 4 KiB write into a new 64 KiB cluster, 136 us as one
    * zero-filled write, 14 us so (scripts/BENCHMARKS.md, session 18).
    */
-  private async writeUnits(c0: number, c1: number, host: number, olds: L2Entry[], pos: number, data: Uint8Array, full: boolean, fresh = false): Promise<void> {
+  private async writeUnits(c0: number, c1: number, host: number, olds: L2Entry[], pos: number, data: Uint8Array, span?: { a: number; b: number }, fresh = false): Promise<void> {
     const cs = this.cs;
-    const u = full ? cs : this.map.subclusterSize;
+    const u = this.map.subclusterSize;
     const from = Math.max(pos, c0 * cs);
     const to = Math.min(pos + data.length, c1 * cs);
-    const a = Math.floor(from / u) * u;
-    const b = Math.ceil(to / u) * u;
+    const a = span?.a ?? Math.floor(from / u) * u;
+    const b = span?.b ?? Math.ceil(to / u) * u;
     const body = data.subarray(from - pos, to - pos);
     if (a === from && b === to) return this.writeData(host + (from - c0 * cs), from, body);
     if (fresh && !this.crypt && this.data === this.file && this.file.allocateZeros && this.readsAsZeros(c0, olds, a, from) && this.readsAsZeros(c0, olds, to, b)) {
@@ -1095,15 +1112,17 @@ export class Qcow2Node implements BlockNode {
       for (let gc = first; gc < last; gc++) {
         const idx = gc - baseIndex;
         const e = this.map.entry(table, idx, gc);
-        // Keep the host cluster when not unmapping (as QEMU does) and always for a raw data file.
-        const keep = (this.v3 || this.dataFileRaw) && hasHost(e) && e.copied && (!unmap || this.dataFileRaw);
+        // Keep the host cluster when not unmapping and always for a raw data file, as
+        // QEMU's zero_in_l2_slice keeps the entry: one shared with a snapshot (not
+        // COPIED) too, which the next write copies (the write path allocates for it).
+        const keep = (this.v3 || this.dataFileRaw) && hasHost(e) && (!unmap || this.dataFileRaw);
         if (ext) {
           if (e.kind !== 'compressed' && e.alloc === 0 && (e.zeros >>> 0 === ALL_SUBCLUSTERS || !backingCovers(gc * cs)) && (!hasHost(e) || keep)) continue;
-          encodeL2Ext(dv, idx, keep ? e.host : 0, keep, 0, ALL_SUBCLUSTERS);
+          encodeL2Ext(dv, idx, keep ? e.host : 0, keep && e.copied, 0, ALL_SUBCLUSTERS);
         } else if (this.v3) {
           if (e.kind === 'zero' && (!hasHost(e) || keep)) continue;
           if (e.kind === 'unallocated' && !backingCovers(gc * cs)) continue;
-          encodeL2(dv, idx, keep ? e.host : 0, keep, true);
+          encodeL2(dv, idx, keep ? e.host : 0, keep && e.copied, true);
         } else {
           if (e.kind === 'unallocated') continue;
           encodeL2(dv, idx, 0, false, false);
@@ -1641,6 +1660,11 @@ export class Qcow2Node implements BlockNode {
 }
 
 /** The entry holds a host cluster (data, or a preallocated zero cluster). */
+/** Trailing zero bits of a non-zero 32-bit mask. */
+function ctz32(x: number): number {
+  return 31 - Math.clz32((x & -x) >>> 0);
+}
+
 function hasHost(e: L2Entry): boolean {
   return e.kind === 'data' || (e.kind === 'zero' && e.host !== 0);
 }
