@@ -183,7 +183,12 @@ describe(`differential: ${OPS} random writes, holes and zeros per variant agains
       expect(same.code, `qemu-img compare: ${same.stdout}${same.stderr}; ${where()}`).to.equal(0);
       if (c.checked) {
         const check = await checkRef(ref);
-        expect(check.code, `qemu-img check: ${check.stdout}${check.stderr}; ${where()}`).to.equal(0);
+        // qed: qemu-img check counts a leaked cluster after some writes that QEMU's own
+        // qemu-io leaves the same way (the same write on the same image: the same map, file
+        // size and count; seed 7, 600 operations, "4 KiB clusters and table_size 2", found
+        // 2026-12-07), so leaks alone (exit 3) pass there; corruption never does.
+        const allowed = c.format === 'qed' ? [0, 3] : [0];
+        expect(allowed, `qemu-img check (exit ${check.code}): ${check.stdout}${check.stderr}; ${where()}`).to.include(check.code);
       }
       fs.rmSync(dir, { recursive: true, force: true });
     });
