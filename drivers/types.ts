@@ -185,6 +185,13 @@ export interface ZeroOptions {
    * marks it zero too. rebase sets it, before the backing file changes.
    */
   ignoreBacking?: boolean;
+  /**
+   * With `unmap`: a write of zeros that may unmap (QEMU's write_zeroes with
+   * BDRV_REQ_MAY_UNMAP, as qemu-img convert writes a source's zeros into a target that
+   * does not read as zeros), not a discard: qcow2 v3 marks unallocated clusters zero
+   * too, as a write of zeros does, and frees allocated ones. Other formats take it as unmap.
+   */
+  writeZeroes?: boolean;
 }
 
 /** An internal snapshot as a read-only node: its ID and name (qcow2's), and what it reads. */

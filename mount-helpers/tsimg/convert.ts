@@ -215,6 +215,18 @@ function nonZeroRunsMin(offset: number, buf: Buffer, minBytes: number): [number,
   return runs;
 }
 
+/** The parts of [0, length) between `runs` (sorted, apart). */
+function gaps(runs: [number, number][], length: number): [number, number][] {
+  const out: [number, number][] = [];
+  let at = 0;
+  for (const [a, b] of runs) {
+    if (a > at) out.push([at, a]);
+    at = Math.max(at, b);
+  }
+  if (at < length) out.push([at, length]);
+  return out;
+}
+
 /** Write the runs of `buf` (guest bytes at `offset`) that nonZeroRuns kept. */
 async function writeRuns(dst: BlockNode, offset: number, buf: Uint8Array, runs: [number, number][]): Promise<void> {
   for (const [a, b] of runs) await dst.write(offset + a, buf.subarray(a, b));
@@ -253,6 +265,14 @@ export interface CopyOptions {
    * is allocated, yet reads as zeros).
    */
   zeroInit?: boolean;
+  /**
+   * dst does not read as zeros where nothing is written (-n without --target-is-zero, a
+   * host device, a LUKS payload): every zero range of the source, holes and zero blocks
+   * of data alike, is written to it as zeros that may unmap, as qemu-img convert's
+   * blk_co_pwrite_zeroes(BDRV_REQ_MAY_UNMAP) when it has no zero init (a qcow2 v3 target
+   * gets zero clusters all over, its old clusters there freed). Not with -B.
+   */
+  writeZeroes?: boolean;
 }
 
 /** -m N as qemu-img reads it: a whole number from 1 to 16, its error message otherwise. */
@@ -304,6 +324,13 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   /** The runs of a read buffer to write: zero runs left out as -S says. */
   const toWrite = (offset: number, part: Buffer): [number, number][] =>
     sparse === 0 || o.wholeData ? [[0, part.length]] : sparse === SPARSE || offset % 512 !== 0 ? nonZeroRuns(offset, part) : nonZeroRunsMin(offset, part, sparse);
+  /** Guest [a, b) of dst (up to its end) as zeros that may unmap (writeZeroes). */
+  const zeroOut = async (a: number, b: number): Promise<void> => {
+    const end = Math.min(b, dst.size);
+    if (end <= a) return;
+    if (dst.zero) return dst.zero(a, end - a, true, { writeZeroes: true });
+    for (let p = a; p < end; p += zeros.length) await dst.write(p, zeros.subarray(0, Math.min(zeros.length, end - p)));
+  };
   /** src.read, or with --salvage what of it can be read (zeros elsewhere). */
   const read = (offset: number, part: Buffer): Promise<void> => (salvage ? readSalvaging(src, offset, part, salvage.warn) : src.read(offset, part));
 
@@ -344,7 +371,7 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
     const n = Math.min(chunkSize, src.size - pos);
     const inDst = Math.min(n, dst.size - pos);
     // Both asked at once, before any await: a span of status starts at a chunk nobody has taken yet (StatusAhead).
-    const [fresh, status] = await Promise.all([inDst > 0 && !o.zeroInit ? dstStatus.status(pos, inDst) : [], srcStatus.status(pos, n)]);
+    const [fresh, status] = await Promise.all([inDst > 0 && !o.zeroInit && !o.writeZeroes ? dstStatus.status(pos, inDst) : [], srcStatus.status(pos, n)]);
     // -S 0: every byte is written, holes as zeros (qemu-img: "fully allocates output"); -B still leaves what the backing file reads.
     const runs = sparse === 0 && !o.onlyDifferences ? [{ offset: pos, length: n, data: true }] : status;
     const reads: Promise<void>[] = [];
@@ -359,7 +386,11 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
         if (holeBelow) {
           const kept: [number, number][] = [];
           reads.push(read(r.offset, part).then(() => void kept.push(...toWrite(r.offset, part))));
-          writes.push(() => writeRuns(dst, r.offset, part, kept));
+          writes.push(async () => {
+            await writeRuns(dst, r.offset, part, kept);
+            // The zero blocks between them, as zeros (writeZeroes).
+            if (o.writeZeroes) for (const [a, b] of gaps(kept, part.length)) await zeroOut(r.offset + a, r.offset + b);
+          });
         } else if (o.onlyDifferences) {
           const now = cur.subarray(r.offset - pos, r.offset - pos + r.length);
           reads.push(read(r.offset, part), dst.read(r.offset, now));
@@ -368,6 +399,10 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
           reads.push(read(r.offset, part));
           writes.push(() => dst.write(r.offset, part));
         }
+        continue;
+      }
+      if (o.writeZeroes) {
+        writes.push(() => zeroOut(r.offset, r.offset + r.length));
         continue;
       }
       for (const f of fresh) {
@@ -401,7 +436,8 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
   const pastHoles = (first: number): number => {
     if (sparse === 0 && !o.onlyDifferences) return first;
     const pos = first * chunkSize;
-    const end = Math.min(srcStatus.holeEnd(pos), pos >= dst.size || o.zeroInit ? Infinity : dstStatus.holeEnd(pos));
+    // With writeZeroes the source's holes are skipped whatever dst holds (the worker zeros them).
+    const end = Math.min(srcStatus.holeEnd(pos), pos >= dst.size || o.zeroInit || o.writeZeroes ? Infinity : dstStatus.holeEnd(pos));
     return end >= src.size ? chunks : Math.max(first, Math.floor(end / chunkSize));
   };
   const worker = async (): Promise<void> => {
@@ -410,8 +446,25 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
     while (!failure && next < chunks) {
       const skip = pastHoles(next);
       if (skip > next) {
+        const from = next * chunkSize;
         done += skip - next;
         next = skip;
+        if (o.writeZeroes) {
+          // The source's holes, as zeros, in their place in the order.
+          const to = Math.min(skip * chunkSize, src.size);
+          const before = written;
+          let release!: () => void;
+          written = new Promise((resolve) => (release = resolve));
+          try {
+            if (inOrder) await before;
+            if (failure) return;
+            await zeroOut(from, to);
+          } catch (err) {
+            failure ??= { err };
+          } finally {
+            release();
+          }
+        }
         o.progress?.(done / chunks);
         continue;
       }
@@ -659,7 +712,7 @@ export async function convert(srcSpecs: string[], dstSpec: string, o: ConvertCli
         const salvage = o.salvage ? { warn: (text: string) => void (o.quiet || process.stderr.write(`tsimg: warning: ${text}\n`)) } : undefined;
         // -n writes every data run as qemu-img does (no compare with what the target holds:
         // onto an identical allocated cluster, -n -c fails as qemu-img's does).
-        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, compress, zeroInit, sparse, salvage, wholeData: o.copyRange });
+        await copyImage(src, dst, { progress: show?.update, parallel: o.parallel, inFlight, onlyDifferences: o.backingFile !== undefined, writeZeroes: !zeroInit && o.backingFile === undefined, compress, zeroInit, sparse, salvage, wholeData: o.copyRange });
         // After the data, as qemu-img: the copy's writes are not in them (the active layer's bitmaps, with -l too).
         if (bitmaps) await copyBitmaps(opened, dst, bitmaps);
         await dst.flush();

@@ -950,7 +950,7 @@ export class Qcow2Node implements BlockNode {
     this.checkWritable();
     await this.prepare();
     this.bitmaps?.mark(offset, length);
-    await this.mutex.run(() => this.zeroLocked(offset, length, unmap, o.ignoreBacking === true));
+    await this.mutex.run(() => this.zeroLocked(offset, length, unmap, o.ignoreBacking === true, o.writeZeroes === true));
   }
 
   /**
@@ -960,23 +960,26 @@ export class Qcow2Node implements BlockNode {
    * convert) a v3 image marks every cluster of the range zero as QEMU's zero_in_l2_slice
    * does, unallocated ones too (their L2 tables made where missing); with `unmap` (a
    * punched hole: QEMU's discard) unallocated clusters no backing file reaches stay so.
+   * `writeZeroes` with `unmap` (ZeroOptions.writeZeroes: qemu-img convert's zeros, write_zeroes
+   * with BDRV_REQ_MAY_UNMAP) marks as a write of zeros does and frees allocated clusters.
    */
-  private async zeroLocked(offset: number, length: number, unmap: boolean, every = false): Promise<void> {
+  private async zeroLocked(offset: number, length: number, unmap: boolean, every = false, writeZeroes = false): Promise<void> {
     const cs = this.cs;
     const end = offset + length;
     const alignedStart = Math.ceil(offset / cs) * cs;
     // The last, partial cluster of the disk counts as whole.
     const alignedEnd = end === this.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
-    const markAll = this.v3 && !unmap;
+    const markAll = this.v3 && (!unmap || writeZeroes);
+    const partUnmap = unmap && markAll;
     if (alignedStart >= alignedEnd) {
       // No whole cluster: part of one, or the ends of two.
-      if (alignedStart <= offset || alignedStart >= end) return this.zeroPartial(offset, end, every, markAll);
-      await this.zeroPartial(offset, alignedStart, every, markAll);
-      return this.zeroPartial(alignedStart, end, every, markAll);
+      if (alignedStart <= offset || alignedStart >= end) return this.zeroPartial(offset, end, every, markAll, partUnmap);
+      await this.zeroPartial(offset, alignedStart, every, markAll, partUnmap);
+      return this.zeroPartial(alignedStart, end, every, markAll, partUnmap);
     }
-    if (offset < alignedStart) await this.zeroPartial(offset, alignedStart, every, markAll);
+    if (offset < alignedStart) await this.zeroPartial(offset, alignedStart, every, markAll, partUnmap);
     await this.zeroClusters(alignedStart, alignedEnd, unmap, every, markAll);
-    if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, every, markAll);
+    if (alignedEnd < end) await this.zeroPartial(alignedEnd, end, every, markAll, partUnmap);
   }
 
   /**
@@ -984,7 +987,7 @@ export class Qcow2Node implements BlockNode {
    * qcow2_co_pwrite_zeroes, a cluster that is unallocated or zero, whose other bytes
    * read as zeros, is marked zero whole; any other is written.
    */
-  private async zeroPartial(a: number, b: number, every = false, markAll = false): Promise<void> {
+  private async zeroPartial(a: number, b: number, every = false, markAll = false, unmap = false): Promise<void> {
     if (markAll && this.map.extended) return this.zeroSubclusters(a, b, every);
     if (markAll && !this.map.extended) {
       const cs = this.cs;
@@ -992,7 +995,8 @@ export class Qcow2Node implements BlockNode {
       const c1 = Math.min(c0 + cs, this.size);
       const [run] = await this.map.map(c0, c1 - c0);
       const restZero = run!.kind === 'zero' || (run!.kind === 'unallocated' && !every && (await this.restReadsZero(c0, c1, a, b)));
-      if (restZero) return this.zeroClusters(c0, c0 + cs, false, every, true);
+      // Counted whole, as qcow2_co_pwrite_zeroes does (a preallocated zero cluster freed if it may unmap).
+      if (restZero) return this.zeroClusters(c0, c0 + cs, unmap, every, true);
     }
     const runs = await this.map.map(a, b - a);
     const readsZero = runs.every((r) => r.kind === 'zero' || (r.kind === 'unallocated' && !every && !this.backingCovers(r.guest)));
