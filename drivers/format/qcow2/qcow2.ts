@@ -15,7 +15,7 @@ import { sizable } from '../../resize.js';
 import type { ClusterMap, Run } from './cluster.js';
 import type { Refcounts } from './refcount.js';
 import type { BitmapTracker } from './bitmap.js';
-import { ALL_SUBCLUSTERS, SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
+import { ALL_SUBCLUSTERS, LO, SUBCLUSTERS, bitRange, encodeL1, encodeL2, encodeL2Compressed, encodeL2Ext, subclusterKind, type L2Entry } from './entries.js';
 import { compressBlock, type CompressCodec } from '../../util/compress.js';
 import { COMPRESSION } from './compress.js';
 import { acquireInflatePool, decompressClusters } from './inflate-pool.js';
@@ -1115,6 +1115,19 @@ export class Qcow2Node implements BlockNode {
       let changed = false;
       for (let gc = first; gc < last; gc++) {
         const idx = gc - baseIndex;
+        if (this.v3 && !ext) {
+          // Unallocated and plain zero entries, told by their words (no decode: a write of
+          // zeros over a 1 TiB disk has 16M of them).
+          const hi = dv.getUint32(idx * 8);
+          const lo = dv.getUint32(idx * 8 + 4);
+          if (hi === 0 && lo === LO.zero) continue;
+          if (hi === 0 && lo === 0) {
+            if (!backingCovers(gc * cs)) continue;
+            dv.setUint32(idx * 8 + 4, LO.zero);
+            changed = true;
+            continue;
+          }
+        }
         const e = this.map.entry(table, idx, gc);
         // Keep the host cluster when not unmapping and always for a raw data file, as
         // QEMU's zero_in_l2_slice keeps the entry: one shared with a snapshot (not
