@@ -20,6 +20,7 @@ import path from 'node:path';
 import { createImage, qemuIo, run, runOk, tempDir } from './helpers/qemu.js';
 import { checkRef, compareRef, convertRef, formatTable, makeVariant, writableLayouts, type ImageVariant } from './helpers/formats.js';
 import { MountTracker } from './helpers/mount.js';
+import { prng } from './helpers/random.js';
 
 const OPS = Number(process.env.TSMOUNT_DIFF_OPS ?? (process.env.TSMOUNT_SOAK ? 1500 : 60));
 const SEED = Number(process.env.TSMOUNT_DIFF_SEED ?? 20261207);
@@ -74,18 +75,6 @@ const snapshotVariants: ImageVariant[] = ([
     await qemuIo(file, 'qcow2', ['write -P 0x44 1M 100k', 'write -P 0x55 20M 2M']);
   },
 }));
-
-/** mulberry32: small, seeded, the same sequence on every machine. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** A seed per case, from the run's seed and the case's title (a case reruns alone with the same bytes). */
 function caseSeed(title: string): number {

@@ -5,18 +5,10 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { pattern } from './images.js';
+import { prng } from './random.js';
 
-/** A small deterministic PRNG (mulberry32), so a failing tree can be made again. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The seeded PRNG the trees are made with, so a failing tree can be made again. */
+export { prng };
 
 const NAMES = [
   'a.txt', 'README', 'Makefile', 'data.bin', 'x', 'UPPER.TXT', 'MiXeD.Case', '.hidden', 'a.b.c.d',
