@@ -1676,12 +1676,12 @@ export class Qcow2Node implements BlockNode {
   }
 }
 
-/** The entry holds a host cluster (data, or a preallocated zero cluster). */
 /** Trailing zero bits of a non-zero 32-bit mask. */
 function ctz32(x: number): number {
   return 31 - Math.clz32((x & -x) >>> 0);
 }
 
+/** The entry holds a host cluster (data, or a preallocated zero cluster). */
 function hasHost(e: L2Entry): boolean {
   return e.kind === 'data' || (e.kind === 'zero' && e.host !== 0);
 }
