@@ -679,7 +679,7 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
     // Data, a hole, zeros written as data, a 4 KiB block of zeros inside data, data at the end.
     await runOk('qemu-img', ['create', '-q', '-f', 'raw', 'src.raw', '64M'], { cwd: dir });
     await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 1M', '-c', 'write -z 4096 4096', '-c', 'write -P 2 10M 64k', '-c', 'write -P 0 30M 1M', '-c', 'write -P 3 40M 32k', '-c', 'write -P 4 63M 1M', 'src.raw'], { cwd: dir });
-    const mapOf = async (f: string, fmt: string): Promise<string> => (await runOk('qemu-img', ['map', '--output=json', '-f', fmt, f], { cwd: dir })).replace(/, "offset": [0-9]+/g, '');
+    const mapOf = async (f: string, fmt: string): Promise<string> => (await runOk('qemu-img', ['map', '--output=json', '-f', fmt, f], { cwd: dir })).replace(/"offset": [0-9]+/g, '"offset": N');
     for (const [fmt, opts] of [
       ['qcow2', []],
       ['qcow2', ['-o', 'compat=0.10']],
@@ -697,7 +697,7 @@ describe('tsimg convert and compare: large sparse images (block status asked a s
       await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', fmt, 'src.raw', `q.${fmt}`], { cwd: dir });
       await ok(['convert', '-n', '-f', 'raw', '-O', fmt, 'src.raw', `t.${fmt}`], dir);
       await expectSame(dir, 'src.raw', `t.${fmt}`);
-      // Where qcow2's allocations land differs (tsmount reuses a freed cluster only after the flush that frees it).
+      // Where qcow2's allocations land differs (tsmount reuses a freed cluster only after the flush that frees it): offsets by presence only.
       expect(await mapOf(`t.${fmt}`, fmt), what).to.equal(await mapOf(`q.${fmt}`, fmt));
       if (fmt === 'qcow2') {
         await expectClean(path.join(dir, `t.${fmt}`));

@@ -158,6 +158,11 @@ describe('tsimg snapshot, resize, commit, rebase, amend, measure against qemu-im
     for (const f of ['ours.qcow2', 'ours-base.qcow2']) await expectClean(path.join(dir, f));
     await expectSame(dir, 'ours-base.qcow2', 'expect.raw');
     await expectSame(dir, 'ours-base.qcow2', 'theirs-base.qcow2');
+    // The same layout: the zeros over base data free its clusters, as QEMU's commit (a
+    // mirror job with unmap) does. Where a later allocation lands may differ (tsmount reuses
+    // a freed cluster only after the flush that frees it), so offsets are compared by presence only.
+    const layout = async (f: string): Promise<string> => (await runOk('qemu-img', ['map', '--output=json', f], { cwd: dir })).replace(/"offset": [0-9]+/g, '"offset": N');
+    expect(await layout('ours-base.qcow2')).to.equal(await layout('theirs-base.qcow2'));
     await expectSame(dir, 'ours.qcow2', 'expect.raw');
     // The overlay holds nothing any more.
     const map = JSON.parse(await runOk('qemu-img', ['map', '--output=json', 'ours.qcow2'], { cwd: dir })) as { depth: number; present: boolean }[];

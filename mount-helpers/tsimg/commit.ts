@@ -17,7 +17,10 @@ export interface CommitCli extends OpenCli {
 
 const CHUNK = 4 << 20;
 
-/** Copy the runs `top` holds itself (data and zeros; not what it leaves to its backing file) onto `base`. */
+/**
+ * Copy the runs `top` holds itself (data and zeros; not what it leaves to its backing
+ * file) onto `base`; zeros as QEMU's commit (a mirror job with unmap on) writes them.
+ */
 export async function copyAllocated(top: BlockNode, base: BlockNode, show?: Progress): Promise<void> {
   const buf = Buffer.alloc(CHUNK);
   for (let pos = 0; pos < top.size; pos += CHUNK) {
@@ -25,7 +28,8 @@ export async function copyAllocated(top: BlockNode, base: BlockNode, show?: Prog
     for (const e of await top.blockStatus(pos, n)) {
       if (e.kind === 'unallocated') continue;
       if (e.kind === 'zero') {
-        if (base.zero) await base.zero(e.offset, e.length, false);
+        // As qemu-img commit's mirror job: zeros that may unmap (a qcow2 base's clusters there freed).
+        if (base.zero) await base.zero(e.offset, e.length, true, { writeZeroes: true });
         else await base.write(e.offset, buf.fill(0).subarray(0, e.length));
         continue;
       }
