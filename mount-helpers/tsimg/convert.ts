@@ -440,6 +440,28 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
     const end = Math.min(srcStatus.holeEnd(pos), pos >= dst.size || o.zeroInit || o.writeZeroes ? Infinity : dstStatus.holeEnd(pos));
     return end >= src.size ? chunks : Math.max(first, Math.floor(end / chunkSize));
   };
+  /**
+   * Take the next turn in the order of writes: `prepare` (the reads) runs at once, the
+   * writes it returns once the turn before is written (in order; -W: at once). False
+   * when the copy is failing (this turn's error, or another's).
+   */
+  const inTurn = async (prepare: () => Promise<Writes>): Promise<boolean> => {
+    const before = written;
+    let release!: () => void;
+    written = new Promise((resolve) => (release = resolve));
+    try {
+      const writes = await prepare();
+      if (inOrder) await before;
+      if (failure) return false;
+      await writes();
+      return true;
+    } catch (err) {
+      failure ??= { err };
+      return false;
+    } finally {
+      release();
+    }
+  };
   const worker = async (): Promise<void> => {
     const buf = Buffer.alloc(chunkSize);
     const cur = Buffer.alloc(o.onlyDifferences ? chunkSize : 0);
@@ -447,43 +469,18 @@ export async function copyImage(src: BlockNode, dst: BlockNode, o: CopyOptions =
       const skip = pastHoles(next);
       if (skip > next) {
         const from = next * chunkSize;
-        done += skip - next;
+        const skipped = skip - next;
         next = skip;
-        if (o.writeZeroes) {
-          // The source's holes, as zeros, in their place in the order.
-          const to = Math.min(skip * chunkSize, src.size);
-          const before = written;
-          let release!: () => void;
-          written = new Promise((resolve) => (release = resolve));
-          try {
-            if (inOrder) await before;
-            if (failure) return;
-            await zeroOut(from, to);
-          } catch (err) {
-            failure ??= { err };
-          } finally {
-            release();
-          }
-        }
+        // writeZeroes: the source's holes, as zeros, in their place in the order.
+        if (o.writeZeroes && !(await inTurn(async () => () => zeroOut(from, Math.min(skip * chunkSize, src.size))))) return;
+        done += skipped;
         o.progress?.(done / chunks);
         continue;
       }
       const i = next++;
-      const before = written;
-      let release!: () => void;
-      written = new Promise((resolve) => (release = resolve));
-      try {
-        const writes = await chunk(i * chunkSize, buf, cur);
-        if (inOrder) await before;
-        if (failure) return;
-        await writes();
-        done++;
-        o.progress?.(done / chunks);
-      } catch (err) {
-        failure ??= { err };
-      } finally {
-        release();
-      }
+      if (!(await inTurn(() => chunk(i * chunkSize, buf, cur)))) return;
+      done++;
+      o.progress?.(done / chunks);
     }
   };
   const n = Math.max(1, Math.min(o.inFlight ?? IN_FLIGHT, chunks));
